@@ -1,0 +1,482 @@
+//! Dump format v1 (DESIGN §4): the manifest, an atomic writer and a strict reader.
+//! Every file is written under a temporary name and renamed when whole, so a crashed
+//! engine leaves a readable partial dump; the reader trusts nothing it reads.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::Config;
+use crate::taps::{PositionSpec, Selection, Tap};
+
+pub const FORMAT: &str = "resbisect.dump";
+pub const VERSION: u32 = 1;
+const MANIFEST: &str = "manifest.json";
+const DATA: &str = "data";
+/// Larger manifests are refused rather than read into memory.
+const MAX_MANIFEST_BYTES: u64 = 256 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EngineInfo {
+    pub name: String,
+    pub version: String,
+    pub backend: String,
+    pub dtype: String,
+    pub device: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelInfo {
+    pub path: String,
+    pub fingerprint: String,
+    #[serde(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PromptRecord {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    pub tokens: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Running,
+    Complete,
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunError {
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub engine: EngineInfo,
+    pub model: ModelInfo,
+    pub prompts: Vec<PromptRecord>,
+    pub selection: Selection,
+    pub status: Status,
+    pub error: Option<RunError>,
+    pub created: String,
+}
+
+impl Manifest {
+    pub fn new(engine: EngineInfo, model: ModelInfo, prompts: Vec<PromptRecord>, selection: Selection) -> Self {
+        Self {
+            format: FORMAT.into(),
+            version: VERSION,
+            engine,
+            model,
+            prompts,
+            selection,
+            status: Status::Running,
+            error: None,
+            created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        }
+    }
+}
+
+/// `[A-Za-z0-9_.-]{1,64}`, and never `.` or `..` (they would name a directory).
+pub fn validate_prompt_id(id: &str) -> Result<()> {
+    let ok = (1..=64).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        && id != "."
+        && id != "..";
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::input(format!("bad prompt id {id:?}: ids are 1-64 characters of A-Z a-z 0-9 _ . -")))
+    }
+}
+
+/// Storage dtype of tap tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TapDType {
+    F32,
+    F16,
+    BF16,
+    F64,
+}
+
+impl TapDType {
+    fn safetensors(self) -> Dtype {
+        match self {
+            TapDType::F32 => Dtype::F32,
+            TapDType::F16 => Dtype::F16,
+            TapDType::BF16 => Dtype::BF16,
+            TapDType::F64 => Dtype::F64,
+        }
+    }
+
+    fn from_safetensors(d: Dtype) -> Option<Self> {
+        Some(match d {
+            Dtype::F32 => TapDType::F32,
+            Dtype::F16 => TapDType::F16,
+            Dtype::BF16 => TapDType::BF16,
+            Dtype::F64 => TapDType::F64,
+            _ => return None,
+        })
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            TapDType::F16 | TapDType::BF16 => 2,
+            TapDType::F32 => 4,
+            TapDType::F64 => 8,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TapDType::F32 => "F32",
+            TapDType::F16 => "F16",
+            TapDType::BF16 => "BF16",
+            TapDType::F64 => "F64",
+        }
+    }
+}
+
+/// One tap's rows as written: little-endian bytes of `[rows, width]` in `dtype`.
+#[derive(Debug, Clone)]
+pub struct TapTensor {
+    pub id: String,
+    pub dtype: TapDType,
+    pub rows: usize,
+    pub width: usize,
+    pub bytes: Vec<u8>,
+}
+
+fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    write(&tmp)?;
+    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Writes one dump directory. The manifest is written at creation with status
+/// `running`, and rewritten (atomically) when the status changes.
+pub struct DumpWriter {
+    root: PathBuf,
+    manifest: Manifest,
+}
+
+impl DumpWriter {
+    /// Create the dump. An existing dump at `root` is replaced only with `overwrite`;
+    /// any other non-empty directory is refused, so nothing unrelated is deleted.
+    pub fn create(root: &Path, manifest: Manifest, overwrite: bool) -> Result<Self> {
+        for p in &manifest.prompts {
+            validate_prompt_id(&p.id)?;
+        }
+        if root.exists() {
+            let is_dump = root.join(MANIFEST).is_file();
+            let empty = fs::read_dir(root).map_err(|e| Error::io(root, e))?.next().is_none();
+            if !empty && !(is_dump && overwrite) {
+                let hint = if is_dump { " (it is a dump: pass --overwrite to replace it)" } else { "" };
+                return Err(Error::input(format!("{}: output directory exists and is not empty{hint}", root.display())));
+            }
+            if is_dump {
+                fs::remove_file(root.join(MANIFEST)).map_err(|e| Error::io(root, e))?;
+                let data = root.join(DATA);
+                if data.exists() {
+                    fs::remove_dir_all(&data).map_err(|e| Error::io(&data, e))?;
+                }
+            }
+        }
+        for p in &manifest.prompts {
+            let dir = root.join(DATA).join(&p.id);
+            fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        let w = Self { root: root.to_path_buf(), manifest };
+        w.write_manifest()?;
+        Ok(w)
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    fn write_manifest(&self) -> Result<()> {
+        let path = self.root.join(MANIFEST);
+        let json = serde_json::to_vec_pretty(&self.manifest).map_err(|e| Error::input(format!("manifest: {e}")))?;
+        write_atomic(&path, |tmp| {
+            let mut f = fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
+            f.write_all(&json).and_then(|_| f.sync_all()).map_err(|e| Error::io(tmp, e))
+        })
+    }
+
+    /// Write `data/<prompt>/<stem>.safetensors` with its `positions` and tap tensors.
+    pub fn write_file(&self, prompt_id: &str, stem: &str, positions: &[usize], taps: &[TapTensor]) -> Result<()> {
+        validate_prompt_id(prompt_id)?;
+        if !self.manifest.prompts.iter().any(|p| p.id == prompt_id) {
+            return Err(Error::input(format!("prompt {prompt_id} is not in the manifest")));
+        }
+        let pos_bytes: Vec<u8> = positions.iter().flat_map(|&p| (p as i64).to_le_bytes()).collect();
+        let mut views: Vec<(String, TensorView)> = Vec::with_capacity(taps.len() + 1);
+        let view = |dtype, shape, data| TensorView::new(dtype, shape, data).map_err(|e| Error::input(format!("{stem}: {e}")));
+        views.push(("positions".into(), view(Dtype::I64, vec![positions.len()], &pos_bytes)?));
+        for t in taps {
+            if t.rows != positions.len() {
+                return Err(Error::input(format!("tap {} has {} rows for {} positions", t.id, t.rows, positions.len())));
+            }
+            views.push((t.id.clone(), view(t.dtype.safetensors(), vec![t.rows, t.width], &t.bytes)?));
+        }
+        let path = self.root.join(DATA).join(prompt_id).join(format!("{stem}.safetensors"));
+        write_atomic(&path, |tmp| {
+            safetensors::serialize_to_file(views, None, tmp).map_err(|e| Error::input(format!("{}: {e}", tmp.display())))
+        })
+    }
+
+    pub fn finish(&mut self, status: Status, error: Option<RunError>) -> Result<()> {
+        self.manifest.status = status;
+        self.manifest.error = error;
+        self.write_manifest()
+    }
+}
+
+/// A tap read back from a dump, converted to f64 for comparison.
+#[derive(Debug, Clone)]
+pub struct TapRows {
+    pub dtype: TapDType,
+    pub width: usize,
+    /// Row-major `[positions.len(), width]`.
+    pub values: Vec<f64>,
+}
+
+/// One dump file read back and validated.
+#[derive(Debug, Clone)]
+pub struct DumpFile {
+    pub positions: Vec<usize>,
+    pub taps: BTreeMap<String, TapRows>,
+}
+
+/// A dump opened for reading: a validated manifest, files read on demand.
+pub struct Dump {
+    pub root: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl Dump {
+    pub fn open(root: &Path) -> Result<Self> {
+        let path = root.join(MANIFEST);
+        let meta = fs::metadata(&path).map_err(|e| Error::input(format!("{}: not a dump ({e})", root.display())))?;
+        if meta.len() > MAX_MANIFEST_BYTES {
+            return Err(Error::input(format!("{}: manifest is {} bytes, over the {} limit", path.display(), meta.len(), MAX_MANIFEST_BYTES)));
+        }
+        let text = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| Error::input(format!("{}: bad manifest: {e}", path.display())))?;
+        if manifest.format != FORMAT {
+            return Err(Error::input(format!("{}: format is {:?}, expected {FORMAT:?}", path.display(), manifest.format)));
+        }
+        if manifest.version != VERSION {
+            return Err(Error::input(format!("{}: dump format version {} is not supported (this build reads {VERSION})", path.display(), manifest.version)));
+        }
+        let mut seen = HashSet::new();
+        for p in &manifest.prompts {
+            validate_prompt_id(&p.id).map_err(|e| Error::input(format!("{}: {e}", path.display())))?;
+            if !seen.insert(p.id.as_str()) {
+                return Err(Error::input(format!("{}: prompt id {} appears twice", path.display(), p.id)));
+            }
+            if let Some(&t) = p.tokens.iter().find(|&&t| t as usize >= manifest.model.config.n_vocab) {
+                return Err(Error::input(format!("{}: prompt {} has token {t} outside the vocabulary", path.display(), p.id)));
+            }
+        }
+        PositionSpec::parse(&manifest.selection.positions).map_err(|e| Error::input(format!("{}: selection: {e}", path.display())))?;
+        Ok(Self { root: root.to_path_buf(), manifest })
+    }
+
+    pub fn prompt(&self, id: &str) -> Result<&PromptRecord> {
+        self.manifest.prompts.iter().find(|p| p.id == id).ok_or_else(|| Error::input(format!("{}: no prompt {id:?} in the dump", self.root.display())))
+    }
+
+    /// Names of the files present for a prompt (stems, sorted), skipping temporaries
+    /// left by a crash.
+    pub fn files(&self, prompt_id: &str) -> Result<Vec<String>> {
+        self.prompt(prompt_id)?;
+        let dir = self.root.join(DATA).join(prompt_id);
+        let mut out = Vec::new();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(Error::io(&dir, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(&dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(stem) = name.strip_suffix(".safetensors") {
+                if !name.starts_with('.') {
+                    out.push(stem.to_string());
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Read and validate one file; `None` when it was never written.
+    pub fn read_file(&self, prompt_id: &str, stem: &str) -> Result<Option<DumpFile>> {
+        let prompt = self.prompt(prompt_id)?;
+        if !is_file_stem(stem, self.manifest.model.config.n_layer) {
+            return Err(Error::input(format!("{}: {stem:?} is not a dump file name", self.root.display())));
+        }
+        let path = self.root.join(DATA).join(prompt_id).join(format!("{stem}.safetensors"));
+        let meta = match fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        if !meta.is_file() {
+            return Err(Error::input(format!("{}: not a regular file (links out of the dump are refused)", path.display())));
+        }
+        let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        parse_file(&path, &bytes, stem, prompt.tokens.len(), &self.manifest.model.config).map(Some)
+    }
+}
+
+/// `embed`, `output` or `blk.L` with L a layer of the model, written without leading zeros.
+fn is_file_stem(stem: &str, n_layer: usize) -> bool {
+    match stem.strip_prefix("blk.") {
+        Some(l) => l.parse::<usize>().is_ok_and(|n| n < n_layer && n.to_string() == l),
+        None => stem == "embed" || stem == "output",
+    }
+}
+
+fn parse_file(path: &Path, bytes: &[u8], stem: &str, seq_len: usize, config: &Config) -> Result<DumpFile> {
+    let bad = |msg: String| Error::input(format!("{}: {msg}", path.display()));
+    let st = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("bad safetensors file: {e}")))?;
+    let pos_view = st.tensor("positions").map_err(|_| bad("missing the positions tensor".into()))?;
+    if pos_view.dtype() != Dtype::I64 || pos_view.shape().len() != 1 {
+        return Err(bad(format!("positions must be I64 [n], found {:?} {:?}", pos_view.dtype(), pos_view.shape())));
+    }
+    let mut positions = Vec::with_capacity(pos_view.shape()[0]);
+    for chunk in pos_view.data().chunks_exact(8) {
+        let p = i64::from_le_bytes(chunk.try_into().expect("chunks_exact gives 8 bytes"));
+        if p < 0 || p as u64 >= seq_len as u64 {
+            return Err(bad(format!("position {p} is outside the prompt's {seq_len} tokens")));
+        }
+        if positions.last().is_some_and(|&last| last >= p as usize) {
+            return Err(bad("positions are not strictly increasing".into()));
+        }
+        positions.push(p as usize);
+    }
+    let mut taps = BTreeMap::new();
+    for (name, view) in st.iter() {
+        if name == "positions" {
+            continue;
+        }
+        let tap = Tap::parse(name).ok_or_else(|| bad(format!("tensor {name:?} is not a canonical tap id")))?;
+        if tap.file_stem() != stem {
+            return Err(bad(format!("tap {name} belongs in {}.safetensors", tap.file_stem())));
+        }
+        let dtype = TapDType::from_safetensors(view.dtype()).ok_or_else(|| bad(format!("tap {name} has dtype {:?}; F32, F16, BF16 or F64 expected", view.dtype())))?;
+        let width = tap.width(config);
+        if view.shape() != [positions.len(), width] {
+            return Err(bad(format!("tap {name} has shape {:?}, expected [{}, {width}]", view.shape(), positions.len())));
+        }
+        taps.insert(name.to_string(), TapRows { dtype, width, values: decode(view.data(), dtype) });
+    }
+    Ok(DumpFile { positions, taps })
+}
+
+fn decode(data: &[u8], dtype: TapDType) -> Vec<f64> {
+    let n = dtype.size();
+    data.chunks_exact(n)
+        .map(|c| match dtype {
+            TapDType::F32 => f32::from_le_bytes(c.try_into().expect("4 bytes")) as f64,
+            TapDType::F64 => f64::from_le_bytes(c.try_into().expect("8 bytes")),
+            TapDType::F16 => f16::from_le_bytes(c.try_into().expect("2 bytes")).to_f64(),
+            TapDType::BF16 => bf16::from_le_bytes(c.try_into().expect("2 bytes")).to_f64(),
+        })
+        .collect()
+}
+
+/// One file for the background writer.
+pub struct FileJob {
+    pub prompt_id: String,
+    pub stem: String,
+    pub positions: std::sync::Arc<Vec<usize>>,
+    pub taps: Vec<TapTensor>,
+}
+
+struct WriterState {
+    writer: DumpWriter,
+    result: Result<()>,
+    /// (prompt id, last tap id) of the last file that reached the disk whole.
+    last_written: Option<(String, String)>,
+}
+
+/// Writes files on a thread of its own so the engine computes while data hits the
+/// disk; the bounded queue keeps at most two files in flight, bounding memory.
+pub struct BackgroundWriter {
+    tx: Option<std::sync::mpsc::SyncSender<FileJob>>,
+    handle: Option<std::thread::JoinHandle<WriterState>>,
+}
+
+impl BackgroundWriter {
+    pub fn spawn(writer: DumpWriter) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<FileJob>(2);
+        let handle = std::thread::spawn(move || {
+            let mut state = WriterState { writer, result: Ok(()), last_written: None };
+            for job in rx {
+                if let Err(e) = state.writer.write_file(&job.prompt_id, &job.stem, &job.positions, &job.taps) {
+                    state.result = Err(e);
+                    break;
+                }
+                if let Some(last) = job.taps.last() {
+                    state.last_written = Some((job.prompt_id, last.id.clone()));
+                }
+            }
+            state
+        });
+        Self { tx: Some(tx), handle: Some(handle) }
+    }
+
+    /// Queue a file; fails when the writer thread has stopped on an error.
+    pub fn send(&self, job: FileJob) -> Result<()> {
+        let tx = self.tx.as_ref().expect("sender lives until finish");
+        tx.send(job).map_err(|_| Error::engine("the dump writer stopped (see the error at the end of the run)"))
+    }
+
+    /// Wait for queued files, then mark the manifest complete, or failed with the engine's
+    /// error and the last tap that reached the disk. Returns the first error.
+    pub fn finish(mut self, outcome: Result<()>) -> Result<()> {
+        drop(self.tx.take());
+        let state = self.handle.take().expect("joined once").join().map_err(|_| Error::engine("the dump writer thread panicked"))?;
+        let WriterState { mut writer, result, last_written } = state;
+        let failure = match (outcome, result) {
+            (Ok(()), Ok(())) => None,
+            (Err(e), _) | (Ok(()), Err(e)) => Some(e),
+        };
+        match failure {
+            None => writer.finish(Status::Complete, None),
+            Some(e) => {
+                let message = match &last_written {
+                    Some((prompt, tap)) => format!("{e} (prompt {prompt}; last tap written: {tap})"),
+                    None => format!("{e} (no tap was written)"),
+                };
+                let error = RunError { message: e.to_string(), tap: last_written.map(|(_, tap)| tap), position: None };
+                writer.finish(Status::Failed, Some(error))?;
+                Err(match e {
+                    Error::Input(_) => Error::Input(message),
+                    Error::Engine(_) => Error::Engine(message),
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! The library's error type. Two kinds, because the CLI maps them to different exit
+//! codes (DESIGN §8): bad input from the user (2) and a failure of an engine (3).
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Usage or bad input: a clear one-line message, exit code 2.
+    #[error("{0}")]
+    Input(String),
+    /// An engine failed while computing; whatever it dumped is kept. Exit code 3.
+    #[error("{0}")]
+    Engine(String),
+}
+
+impl Error {
+    pub fn input(msg: impl Into<String>) -> Self {
+        Error::Input(msg.into())
+    }
+
+    pub fn engine(msg: impl Into<String>) -> Self {
+        Error::Engine(msg.into())
+    }
+
+    /// For I/O on paths the user named: always reported with the path.
+    pub fn io(path: &std::path::Path, err: std::io::Error) -> Self {
+        Error::Input(format!("{}: {err}", path.display()))
+    }
+}

@@ -1,0 +1,14 @@
+//! resbisect: find which tensor of an LLM inference engine diverges first from a
+//! reference, where, and by how much. This library holds everything but the CLI.
+
+pub mod dump;
+pub mod error;
+pub mod gguf;
+pub mod model;
+pub mod prompts;
+pub mod reference_engine;
+pub mod synth;
+pub mod taps;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

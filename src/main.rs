@@ -1,0 +1,254 @@
+//! The `resbisect` command line: argument parsing, terminal output, progress bars and
+//! exit codes (DESIGN §8). Everything else lives in the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use resbisect::dump::Dump;
+use resbisect::model::Model;
+use resbisect::prompts::{self, PromptSource};
+use resbisect::reference_engine::{self, Progress, RefPrecision};
+use resbisect::taps::Selection;
+use resbisect::tokenizer::Tokenizer;
+use resbisect::{gguf, synth, Error, Result};
+
+#[derive(Parser)]
+#[command(name = "resbisect", version, about = "Which tensor diverges first, where, and by how much?")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an engine on prompts and write its taps as a dump (format v1).
+    Dump(DumpArgs),
+    /// Describe a GGUF model or a dump directory.
+    Inspect {
+        /// A .gguf file or a dump directory.
+        path: PathBuf,
+        /// List every tensor of a model.
+        #[arg(long)]
+        tensors: bool,
+    },
+    /// Print the token ids of a text with the model's own tokenizer.
+    Tokenize {
+        #[arg(long)]
+        model: PathBuf,
+        /// Print one JSON array instead of comma-separated ids.
+        #[arg(long)]
+        json: bool,
+        text: String,
+    },
+    /// Write a synthetic llama model with random weights at real shapes.
+    Synth {
+        /// tiny, smollm2-135m or tinyllama-1.1b
+        #[arg(long)]
+        preset: String,
+        #[arg(long, default_value = "q8_0")]
+        quant: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum EngineKind {
+    Reference,
+}
+
+#[derive(Args)]
+struct DumpArgs {
+    #[arg(long, value_enum, default_value = "reference")]
+    engine: EngineKind,
+    #[arg(long)]
+    model: PathBuf,
+    /// A prompt text, tokenized with the model's tokenizer.
+    #[arg(long, group = "input")]
+    prompt: Option<String>,
+    /// Explicit token ids, e.g. 1,2,3.
+    #[arg(long, group = "input")]
+    tokens: Option<String>,
+    /// A JSONL prompt suite.
+    #[arg(long, group = "input")]
+    prompts: Option<PathBuf>,
+    /// Prompt id for --prompt or --tokens.
+    #[arg(long, default_value = "prompt")]
+    id: String,
+    /// Layers: 0,1,2,4,8 | 0..22 | all
+    #[arg(long, default_value = "all")]
+    layers: String,
+    /// Taps: resid_post,attn_out | all (embed, final_norm, logits too)
+    #[arg(long, default_value = "resid_post")]
+    taps: String,
+    /// Positions: all | last | 0..16,820..840 | -8..
+    #[arg(long, default_value = "all")]
+    positions: String,
+    /// Reference precision: f32 or f64.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Replace an existing dump at the output path.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+/// indicatif bars on stderr; indicatif draws nothing when stderr is not a terminal.
+struct Bars {
+    bar: Option<ProgressBar>,
+}
+
+impl Progress for Bars {
+    fn stage(&mut self, label: &str, total: usize) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+        let bar = ProgressBar::new(total as u64);
+        bar.set_style(ProgressStyle::with_template("{msg:>28} [{bar:30}] {pos}/{len} layers {elapsed}").expect("static template").progress_chars("=> "));
+        bar.set_message(label.to_string());
+        self.bar = Some(bar);
+    }
+
+    fn tick(&mut self) {
+        if let Some(b) = &self.bar {
+            b.inc(1);
+        }
+    }
+}
+
+impl Drop for Bars {
+    fn drop(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn cmd_dump(a: DumpArgs) -> Result<()> {
+    let model = Model::open(&a.model)?;
+    let selection = Selection::parse(&a.layers, &a.taps, &a.positions, model.config.n_layer)?;
+    let precision = RefPrecision::parse(&a.dtype)?;
+    let entries = match (&a.prompt, &a.tokens, &a.prompts) {
+        (Some(text), _, _) => vec![(a.id.clone(), Some(text.clone()), PromptSource::Text(text.clone()))],
+        (_, Some(list), _) => vec![(a.id.clone(), None, PromptSource::Tokens(prompts::parse_token_list(list)?))],
+        (_, _, Some(path)) => prompts::read_suite(path)?,
+        _ => return Err(Error::input("give one of --prompt, --tokens or --prompts")),
+    };
+    let needs_tokenizer = entries.iter().any(|(_, _, s)| matches!(s, PromptSource::Text(_)));
+    let tokenizer = if needs_tokenizer { Some(Tokenizer::from_gguf(&model.gguf)?) } else { None };
+    let records = prompts::resolve(entries, tokenizer.as_ref(), model.config.n_vocab, model.config.n_ctx)?;
+    let summary = match a.engine {
+        EngineKind::Reference => {
+            reference_engine::dump_reference(&model, records, selection, precision, &a.output, a.overwrite, &mut Bars { bar: None })?
+        }
+    };
+    eprintln!(
+        "wrote {} ({} prompt(s), {} tokens, {:.2} s, {:.1} tokens/s)",
+        a.output.display(),
+        summary.prompts,
+        summary.tokens,
+        summary.seconds,
+        summary.tokens as f64 / summary.seconds.max(1e-9)
+    );
+    Ok(())
+}
+
+fn inspect_model(path: &Path, tensors: bool) -> Result<()> {
+    let model = Model::open(path)?;
+    let c = &model.config;
+    println!("model        {}", path.display());
+    println!("fingerprint  {}", model.fingerprint);
+    println!("gguf         v{}, {} tensors, {} metadata keys, {} bytes", model.gguf.version, model.gguf.tensors.len(), model.gguf.metadata.len(), model.gguf.file_len());
+    println!("arch         {} ({} parameters)", c.arch, model.n_params());
+    println!("layers       {}", c.n_layer);
+    println!("n_embd       {}  heads {} (kv {}, head dim {})", c.n_embd, c.n_head, c.n_head_kv, c.head_dim());
+    println!("n_ff         {}", c.n_ff);
+    println!("vocab        {}  context {}", c.n_vocab, c.n_ctx);
+    println!("rope base    {}  rms eps {:e}", c.rope_base, c.rms_eps);
+    println!("output       {}", if model.tied_output { "tied to token_embd" } else { "output.weight" });
+    match Tokenizer::from_gguf(&model.gguf) {
+        Ok(t) => println!("tokenizer    {} (pre {}), {} tokens, bos {:?} eos {:?}, add_bos {}", t.kind, t.pre, t.vocab_size, t.bos_id, t.eos_id, t.add_bos),
+        Err(e) => println!("tokenizer    unusable: {e}"),
+    }
+    let mut counts = std::collections::BTreeMap::new();
+    for t in &model.gguf.tensors {
+        *counts.entry(gguf::dtype_name(t.dtype)).or_insert(0) += 1;
+    }
+    println!("types        {}", counts.iter().map(|(k, v)| format!("{k}×{v}")).collect::<Vec<_>>().join(" "));
+    if tensors {
+        for t in &model.gguf.tensors {
+            println!("  {:<32} {:<6} {:?}", t.name, gguf::dtype_name(t.dtype), t.dims);
+        }
+    }
+    Ok(())
+}
+
+fn inspect_dump(path: &Path) -> Result<()> {
+    let dump = Dump::open(path)?;
+    let m = &dump.manifest;
+    println!("dump         {} (format {} v{})", path.display(), m.format, m.version);
+    println!("status       {:?}{}", m.status, m.error.as_ref().map(|e| format!(": {}", e.message)).unwrap_or_default());
+    println!("engine       {} {} backend {} dtype {} on {}", m.engine.name, m.engine.version, m.engine.backend, m.engine.dtype, m.engine.device);
+    println!("model        {} ({})", m.model.path, m.model.fingerprint);
+    println!("selection    layers {:?} taps {} positions {}", m.selection.layers, m.selection.taps.join(","), m.selection.positions);
+    println!("created      {}", m.created);
+    for p in &m.prompts {
+        println!("prompt {} ({} tokens)", p.id, p.tokens.len());
+        for stem in dump.files(&p.id)? {
+            let Some(file) = dump.read_file(&p.id, &stem)? else { continue };
+            for (id, rows) in &file.taps {
+                println!("  {:<24} {:<5} [{}, {}]", id, rows.dtype.name(), file.positions.len(), rows.width);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Dump(a) => cmd_dump(a),
+        Command::Inspect { path, tensors } => {
+            if path.is_dir() {
+                inspect_dump(&path)
+            } else {
+                inspect_model(&path, tensors)
+            }
+        }
+        Command::Tokenize { model, json, text } => {
+            let gguf = gguf::GgufFile::open(&model)?;
+            let ids = Tokenizer::from_gguf(&gguf)?.encode(&text)?;
+            if json {
+                println!("{}", serde_json::to_string(&ids).expect("ids serialize"));
+            } else {
+                println!("{}", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
+            }
+            Ok(())
+        }
+        Command::Synth { preset, quant, seed, output } => {
+            let preset = synth::preset(&preset)?;
+            synth::write_model(&preset, synth::parse_quant(&quant)?, seed, &output)?;
+            eprintln!("wrote {} ({} preset, {quant}, seed {seed})", output.display(), preset.name);
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(match e {
+                Error::Input(_) => 2,
+                Error::Engine(_) => 3,
+            })
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! A llama-family model from a GGUF file: the configuration read from metadata (never
+//! hard-coded), every layer's tensors checked for presence, shape and type before any
+//! compute, and a cheap stable fingerprint. Shared by every engine; holds no numerics.
+
+use std::path::Path;
+
+use candle_core::quantized::GgmlDType;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::gguf::{dtype_name, GgufFile, TensorInfo};
+
+/// Architectures whose tensors and metadata follow the llama layout.
+const LLAMA_ARCHS: &[&str] = &["llama"];
+/// Bytes sampled from the tensor data for the fingerprint, and how many samples.
+const FINGERPRINT_SAMPLE: usize = 4096;
+const FINGERPRINT_SAMPLES: usize = 64;
+
+/// Model hyper-parameters, as recorded in a dump's manifest (DESIGN §4).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub arch: String,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub n_ff: usize,
+    pub n_vocab: usize,
+    pub n_ctx: usize,
+    pub rope_base: f64,
+    pub rms_eps: f64,
+}
+
+impl Config {
+    pub fn head_dim(&self) -> usize {
+        self.n_embd / self.n_head
+    }
+
+    /// Width of a tap row for each canonical layer tap (DESIGN §3).
+    pub fn q_width(&self) -> usize {
+        self.n_head * self.head_dim()
+    }
+
+    pub fn kv_width(&self) -> usize {
+        self.n_head_kv * self.head_dim()
+    }
+}
+
+/// Weight types the loader accepts: everything candle dequantizes exactly.
+pub fn is_supported_dtype(dtype: GgmlDType) -> bool {
+    !matches!(dtype, GgmlDType::Q8_1 | GgmlDType::Q8K)
+}
+
+pub struct Model {
+    pub gguf: GgufFile,
+    pub config: Config,
+    pub fingerprint: String,
+    /// True when the file has no `output.weight` and the output projection reuses the
+    /// token embedding.
+    pub tied_output: bool,
+}
+
+/// One expected weight: name and shape in ggml order.
+struct Expected {
+    name: String,
+    dims: Vec<u64>,
+}
+
+impl Model {
+    pub fn open(path: &Path) -> Result<Self> {
+        let gguf = GgufFile::open(path)?;
+        let config = read_config(&gguf)?;
+        let tied_output = gguf.tensor("output.weight").is_none();
+        validate_tensors(&gguf, &config, tied_output)?;
+        let fingerprint = fingerprint(&gguf);
+        Ok(Self { gguf, config, fingerprint, tied_output })
+    }
+
+    /// The tensor behind a weight name, with the tied output resolved.
+    pub fn weight(&self, name: &str) -> Result<&TensorInfo> {
+        let resolved = if name == "output.weight" && self.tied_output { "token_embd.weight" } else { name };
+        self.gguf.tensor(resolved).ok_or_else(|| Error::input(format!("{}: missing tensor {resolved}", self.gguf.path.display())))
+    }
+
+    pub fn weight_data(&self, info: &TensorInfo) -> &[u8] {
+        self.gguf.tensor_data(info)
+    }
+
+    /// Parameter count of the llama weights (for memory estimates and `inspect`).
+    pub fn n_params(&self) -> u64 {
+        self.gguf.tensors.iter().map(TensorInfo::n_elements).sum()
+    }
+}
+
+fn meta_u64(gguf: &GgufFile, key: &str) -> Result<Option<u64>> {
+    match gguf.get(key) {
+        None => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| Error::input(format!("{}: metadata {key} = {} is not a non-negative integer", gguf.path.display(), v.summary()))),
+    }
+}
+
+fn meta_f64(gguf: &GgufFile, key: &str) -> Result<Option<f64>> {
+    match gguf.get(key) {
+        None => Ok(None),
+        Some(v) => v.as_f64().map(Some).ok_or_else(|| Error::input(format!("{}: metadata {key} = {} is not a number", gguf.path.display(), v.summary()))),
+    }
+}
+
+fn required(gguf: &GgufFile, key: &str) -> Result<usize> {
+    let v = meta_u64(gguf, key)?.ok_or_else(|| Error::input(format!("{}: metadata key {key} is missing", gguf.path.display())))?;
+    usize::try_from(v).ok().filter(|&v| v > 0 && v <= 1 << 24).ok_or_else(|| Error::input(format!("{}: metadata {key} = {v} is out of range (1..=16M)", gguf.path.display())))
+}
+
+fn read_config(gguf: &GgufFile) -> Result<Config> {
+    let p = gguf.path.display();
+    let arch = gguf
+        .get("general.architecture")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| Error::input(format!("{p}: metadata general.architecture is missing")))?
+        .to_string();
+    if !LLAMA_ARCHS.contains(&arch.as_str()) {
+        return Err(Error::input(format!("{p}: architecture {arch:?} is not supported (supported: {})", LLAMA_ARCHS.join(", "))));
+    }
+    let key = |k: &str| format!("{arch}.{k}");
+    let n_layer = required(gguf, &key("block_count"))?;
+    let n_embd = required(gguf, &key("embedding_length"))?;
+    let n_ff = required(gguf, &key("feed_forward_length"))?;
+    let n_head = required(gguf, &key("attention.head_count"))?;
+    let n_head_kv = match gguf.get(&key("attention.head_count_kv")) {
+        Some(_) => required(gguf, &key("attention.head_count_kv"))?,
+        None => n_head,
+    };
+    let n_ctx = required(gguf, &key("context_length"))?;
+    let rope_base = meta_f64(gguf, &key("rope.freq_base"))?.unwrap_or(10_000.0);
+    let rms_eps = meta_f64(gguf, &key("attention.layer_norm_rms_epsilon"))?
+        .ok_or_else(|| Error::input(format!("{p}: metadata key {} is missing", key("attention.layer_norm_rms_epsilon"))))?;
+    if !(rope_base.is_finite() && rope_base > 1.0) {
+        return Err(Error::input(format!("{p}: {} = {rope_base} must be a finite number > 1", key("rope.freq_base"))));
+    }
+    if !(rms_eps.is_finite() && rms_eps > 0.0 && rms_eps < 1.0) {
+        return Err(Error::input(format!("{p}: {} = {rms_eps} must be in (0, 1)", key("attention.layer_norm_rms_epsilon"))));
+    }
+    if n_embd % n_head != 0 {
+        return Err(Error::input(format!("{p}: embedding_length {n_embd} is not divisible by head_count {n_head}")));
+    }
+    if n_head % n_head_kv != 0 {
+        return Err(Error::input(format!("{p}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")));
+    }
+    let head_dim = n_embd / n_head;
+    if head_dim % 2 != 0 {
+        return Err(Error::input(format!("{p}: head dim {head_dim} (= {n_embd}/{n_head}) is odd; RoPE needs pairs")));
+    }
+    if let Some(rope_dim) = meta_u64(gguf, &key("rope.dimension_count"))? {
+        if rope_dim != head_dim as u64 {
+            return Err(Error::input(format!("{p}: rope.dimension_count {rope_dim} differs from head dim {head_dim}; partial RoPE is not supported")));
+        }
+    }
+    let embd = gguf.tensor("token_embd.weight").ok_or_else(|| Error::input(format!("{p}: missing tensor token_embd.weight")))?;
+    let n_vocab_from_tensor = embd.dims.get(1).copied().unwrap_or(0) as usize;
+    let n_vocab = match meta_u64(gguf, &key("vocab_size"))? {
+        Some(v) => v as usize,
+        None => gguf.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len()).unwrap_or(n_vocab_from_tensor),
+    };
+    if n_vocab == 0 || n_vocab != n_vocab_from_tensor {
+        return Err(Error::input(format!("{p}: vocab size {n_vocab} disagrees with token_embd.weight {:?}", embd.dims)));
+    }
+    Ok(Config { arch, n_layer, n_embd, n_head, n_head_kv, n_ff, n_vocab, n_ctx, rope_base, rms_eps })
+}
+
+fn expected_tensors(c: &Config, tied_output: bool) -> Vec<Expected> {
+    let e = |name: String, dims: &[usize]| Expected { name, dims: dims.iter().map(|&d| d as u64).collect() };
+    let mut out = vec![e("token_embd.weight".into(), &[c.n_embd, c.n_vocab]), e("output_norm.weight".into(), &[c.n_embd])];
+    if !tied_output {
+        out.push(e("output.weight".into(), &[c.n_embd, c.n_vocab]));
+    }
+    for l in 0..c.n_layer {
+        let b = |s: &str| format!("blk.{l}.{s}.weight");
+        out.extend([
+            e(b("attn_norm"), &[c.n_embd]),
+            e(b("attn_q"), &[c.n_embd, c.q_width()]),
+            e(b("attn_k"), &[c.n_embd, c.kv_width()]),
+            e(b("attn_v"), &[c.n_embd, c.kv_width()]),
+            e(b("attn_output"), &[c.q_width(), c.n_embd]),
+            e(b("ffn_norm"), &[c.n_embd]),
+            e(b("ffn_gate"), &[c.n_embd, c.n_ff]),
+            e(b("ffn_up"), &[c.n_embd, c.n_ff]),
+            e(b("ffn_down"), &[c.n_ff, c.n_embd]),
+        ]);
+    }
+    out
+}
+
+fn validate_tensors(gguf: &GgufFile, c: &Config, tied_output: bool) -> Result<()> {
+    let p = gguf.path.display();
+    for exp in expected_tensors(c, tied_output) {
+        let info = gguf.tensor(&exp.name).ok_or_else(|| {
+            Error::input(format!("{p}: missing tensor {} (block_count says {} layers)", exp.name, c.n_layer))
+        })?;
+        if info.dims != exp.dims {
+            return Err(Error::input(format!("{p}: tensor {} has shape {:?}, expected {:?} from the metadata", exp.name, info.dims, exp.dims)));
+        }
+        if !is_supported_dtype(info.dtype) {
+            return Err(Error::input(format!("{p}: tensor {} has type {}, which is not supported for weights", exp.name, dtype_name(info.dtype))));
+        }
+    }
+    // Tensors of layers beyond block_count mean the metadata and the weights disagree
+    // about the depth of the model: refuse rather than silently ignore half of it.
+    for t in &gguf.tensors {
+        if let Some(layer) = t.name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|n| n.parse::<usize>().ok()) {
+            if layer >= c.n_layer {
+                return Err(Error::input(format!("{p}: tensor {} belongs to layer {layer} but block_count is {}", t.name, c.n_layer)));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Hash of metadata, tensor table, file size and sampled tensor data: cheap (reads
+/// about 256 KiB whatever the model size) and stable across copies of the same file.
+fn fingerprint(gguf: &GgufFile) -> String {
+    let bytes = gguf.bytes();
+    let mut h = Sha256::new();
+    h.update(b"resbisect-fingerprint-v1");
+    h.update((bytes.len() as u64).to_le_bytes());
+    h.update(&bytes[..gguf.header_len]);
+    let data_start = gguf.header_len;
+    let span = bytes.len() - data_start;
+    for i in 0..FINGERPRINT_SAMPLES {
+        let start = data_start + span / FINGERPRINT_SAMPLES * i;
+        let end = (start + FINGERPRINT_SAMPLE).min(bytes.len());
+        h.update(&bytes[start..end]);
+    }
+    let digest = h.finalize();
+    digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,98 @@
+//! Prompt inputs: a single text, an explicit token list, or a JSONL suite whose lines
+//! are `{"id": ..., "text": ...}` and/or `{"id": ..., "tokens": [...]}`.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::dump::{validate_prompt_id, PromptRecord};
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SuiteLine {
+    id: String,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    tokens: Option<Vec<u32>>,
+    /// Free-form notes for people reading the suite; ignored.
+    #[serde(default, rename = "note")]
+    _note: Option<String>,
+}
+
+/// Where a prompt's tokens come from before tokenization.
+pub enum PromptSource {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// Parse `1,2,3` (spaces allowed).
+pub fn parse_token_list(spec: &str) -> Result<Vec<u32>> {
+    let ids = spec
+        .split(',')
+        .map(|s| s.trim().parse::<u32>().map_err(|_| Error::input(format!("bad token id {s:?} in --tokens"))))
+        .collect::<Result<Vec<_>>>()?;
+    if ids.is_empty() {
+        return Err(Error::input("--tokens is empty"));
+    }
+    Ok(ids)
+}
+
+/// Read a JSONL prompt suite; blank lines are skipped, ids must be unique.
+pub fn read_suite(path: &Path) -> Result<Vec<(String, Option<String>, PromptSource)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut out: Vec<(String, Option<String>, PromptSource)> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{}:{}", path.display(), i + 1);
+        let entry: SuiteLine = serde_json::from_str(line).map_err(|e| Error::input(format!("{}: {e}", at())))?;
+        validate_prompt_id(&entry.id).map_err(|e| Error::input(format!("{}: {e}", at())))?;
+        if out.iter().any(|(id, _, _)| *id == entry.id) {
+            return Err(Error::input(format!("{}: prompt id {} appears twice", at(), entry.id)));
+        }
+        let source = match (&entry.tokens, &entry.text) {
+            (Some(t), _) if t.is_empty() => return Err(Error::input(format!("{}: tokens is empty", at()))),
+            (Some(t), _) => PromptSource::Tokens(t.clone()),
+            (None, Some(s)) => PromptSource::Text(s.clone()),
+            (None, None) => return Err(Error::input(format!("{}: a prompt needs text or tokens", at()))),
+        };
+        out.push((entry.id, entry.text, source));
+    }
+    if out.is_empty() {
+        return Err(Error::input(format!("{}: no prompts", path.display())));
+    }
+    Ok(out)
+}
+
+/// Resolve prompts to token ids, tokenizing text with the model's own tokenizer, and
+/// check every id against the vocabulary and the sequence against the context.
+pub fn resolve(
+    entries: Vec<(String, Option<String>, PromptSource)>,
+    tokenizer: Option<&Tokenizer>,
+    n_vocab: usize,
+    n_ctx: usize,
+) -> Result<Vec<PromptRecord>> {
+    entries
+        .into_iter()
+        .map(|(id, text, source)| {
+            let tokens = match source {
+                PromptSource::Tokens(t) => t,
+                PromptSource::Text(s) => tokenizer.ok_or_else(|| Error::input("text prompts need the model's tokenizer"))?.encode(&s)?,
+            };
+            if tokens.is_empty() {
+                return Err(Error::input(format!("prompt {id}: no tokens")));
+            }
+            if let Some(&t) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
+                return Err(Error::input(format!("prompt {id}: token id {t} is outside the vocabulary (size {n_vocab})")));
+            }
+            if tokens.len() > n_ctx {
+                return Err(Error::input(format!("prompt {id}: {} tokens exceed the model's context of {n_ctx}", tokens.len())));
+            }
+            Ok(PromptRecord { id, text, tokens })
+        })
+        .collect()
+}

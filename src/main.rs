@@ -41,6 +41,9 @@ enum Command {
         /// Print one JSON array instead of comma-separated ids.
         #[arg(long)]
         json: bool,
+        /// Decode: the argument is comma-separated ids, the output their text.
+        #[arg(long)]
+        decode: bool,
         text: String,
     },
     /// Write a synthetic llama model with random weights at real shapes.
@@ -220,9 +223,18 @@ fn run(cli: Cli) -> Result<()> {
                 inspect_model(&path, tensors)
             }
         }
-        Command::Tokenize { model, json, text } => {
+        Command::Tokenize { model, json, decode, text } => {
             let gguf = gguf::GgufFile::open(&model)?;
-            let ids = Tokenizer::from_gguf(&gguf)?.encode(&text)?;
+            let tokenizer = Tokenizer::from_gguf(&gguf)?;
+            if decode {
+                let ids = prompts::parse_token_list(&text)?;
+                if let Some(&t) = ids.iter().find(|&&t| t as usize >= tokenizer.vocab_size) {
+                    return Err(Error::input(format!("token id {t} is outside the vocabulary (size {})", tokenizer.vocab_size)));
+                }
+                print!("{}", tokenizer.decode(&ids)?);
+                return Ok(());
+            }
+            let ids = tokenizer.encode(&text)?;
             if json {
                 println!("{}", serde_json::to_string(&ids).expect("ids serialize"));
             } else {

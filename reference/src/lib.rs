@@ -8,7 +8,9 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, D};
+use num_traits::Float;
+use rayon::prelude::*;
 
 /// Layer taps in topological order (DESIGN §3), as the reference computes them.
 const LAYER_TAPS: [&str; 13] = [
@@ -17,7 +19,9 @@ const LAYER_TAPS: [&str; 13] = [
 
 /// Queries processed together in attention: bounds the score matrix to
 /// `n_head × ATTN_QUERY_CHUNK × seq` whatever the sequence length.
-const ATTN_QUERY_CHUNK: usize = 512;
+/// Small enough that the causal chunks skip most masked scores, large enough for
+/// efficient GEMMs.
+const ATTN_QUERY_CHUNK: usize = 128;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -240,7 +244,6 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &Config) -> Result<Tensor>
     let (n, _) = q.dims2()?;
     let (hd, h, hkv) = (cfg.head_dim(), cfg.n_head, cfg.n_head_kv);
     let group = h / hkv;
-    let dtype = q.dtype();
     // [h, n, hd] with heads of one kv group adjacent, then [hkv, group, n, hd].
     let q = q.reshape((n, h, hd))?.transpose(0, 1)?.contiguous()?.reshape((hkv, group, n, hd))?;
     let k = k.reshape((n, hkv, hd))?.transpose(0, 1)?.contiguous()?;
@@ -253,18 +256,56 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &Config) -> Result<Tensor>
         let qc = q.narrow(2, start, len)?.contiguous()?.reshape((hkv, group * len, hd))?;
         let kc = k.narrow(1, 0, keys)?;
         let vc = v.narrow(1, 0, keys)?;
-        let scores = (qc.matmul(&kc.t()?)? * scale)?.reshape((hkv, group, len, keys))?;
-        let mask: Vec<f32> = (0..len)
-            .flat_map(|i| (0..keys).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (len, keys), &Device::Cpu)?.to_dtype(dtype)?;
-        let scores = scores.broadcast_add(&mask)?;
-        let max = scores.max_keepdim(D::Minus1)?;
-        let e = scores.broadcast_sub(&max)?.exp()?;
-        let probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+        let scores = qc.matmul(&kc.t()?)?;
+        let probs = scores.apply_op1_no_bwd(&CausalSoftmax { scale, rows: len, first_pos: start })?;
         let out = probs.reshape((hkv, group * len, keys))?.matmul(&vc)?;
         // [hkv, group·len, hd] → [h, len, hd] → [len, h·hd]
         outs.push(out.reshape((h, len, hd))?.transpose(0, 1)?.contiguous()?.reshape((len, h * hd))?);
     }
     Ok(Tensor::cat(&outs, 0)?)
+}
+
+/// Scaled, causally masked softmax over the last dim of `[.., rows, keys]` scores, where
+/// row i is the query at absolute position `first_pos + i` and sees keys 0..=that.
+/// One pass per row instead of a chain of broadcast ops; masked entries are exact zeros.
+struct CausalSoftmax {
+    scale: f64,
+    rows: usize,
+    first_pos: usize,
+}
+
+impl CausalSoftmax {
+    fn apply<T: Float + Send + Sync>(&self, x: &[T], keys: usize) -> Vec<T> {
+        let mut out = vec![T::zero(); x.len()];
+        let scale = T::from(self.scale).unwrap_or_else(T::one);
+        out.par_chunks_mut(keys).zip(x.par_chunks(keys)).enumerate().for_each(|(r, (o, s))| {
+            let visible = (self.first_pos + r % self.rows + 1).min(keys);
+            let max = s[..visible].iter().fold(T::neg_infinity(), |m, &v| m.max(v * scale));
+            let mut sum = T::zero();
+            for (oi, &si) in o[..visible].iter_mut().zip(&s[..visible]) {
+                *oi = (si * scale - max).exp();
+                sum = sum + *oi;
+            }
+            let inv = T::one() / sum;
+            o[..visible].iter_mut().for_each(|v| *v = *v * inv);
+        });
+        out
+    }
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("causal-softmax needs contiguous scores".into()))?;
+        let keys = layout.dims()[layout.dims().len() - 1];
+        let out = match storage {
+            CpuStorage::F32(v) => CpuStorage::F32(self.apply(&v[start..end], keys)),
+            CpuStorage::F64(v) => CpuStorage::F64(self.apply(&v[start..end], keys)),
+            _ => return Err(candle_core::Error::Msg("causal-softmax computes in f32 or f64".into())),
+        };
+        Ok((out, layout.shape().clone()))
+    }
 }

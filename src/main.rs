@@ -55,6 +55,9 @@ enum Command {
         quant: String,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Tokenizer section: gpt2 (byte-level BPE) or llama (SentencePiece); default per preset.
+        #[arg(long)]
+        tokenizer: Option<String>,
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -90,7 +93,7 @@ struct DumpArgs {
     #[arg(long, default_value = "resid_post")]
     taps: String,
     /// Positions: all | last | 0..16,820..840 | -8..
-    #[arg(long, default_value = "all")]
+    #[arg(long, default_value = "all", allow_hyphen_values = true)]
     positions: String,
     /// Reference precision: f32 or f64.
     #[arg(long, default_value = "f32")]
@@ -242,8 +245,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Synth { preset, quant, seed, output } => {
-            let preset = synth::preset(&preset)?;
+        Command::Synth { preset, quant, seed, tokenizer, output } => {
+            let mut preset = synth::preset(&preset)?;
+            if let Some(kind) = tokenizer {
+                preset.tokenizer = synth::TokenizerKind::parse(&kind)?;
+            }
             synth::write_model(&preset, synth::parse_quant(&quant)?, seed, &output)?;
             eprintln!("wrote {} ({} preset, {quant}, seed {seed})", output.display(), preset.name);
             Ok(())
@@ -252,6 +258,12 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`resbisect inspect D | head`), as Unix tools do.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

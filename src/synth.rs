@@ -38,6 +38,16 @@ pub struct Preset {
     pub tokenizer: TokenizerKind,
 }
 
+impl TokenizerKind {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "gpt2" => Ok(Self::Gpt2),
+            "llama" | "spm" => Ok(Self::SentencePiece),
+            other => Err(Error::input(format!("unknown tokenizer kind {other:?} (gpt2, llama)"))),
+        }
+    }
+}
+
 pub const PRESET_NAMES: &[&str] = &["tiny", "smollm2-135m", "tinyllama-1.1b"];
 
 pub fn preset(name: &str) -> Result<Preset> {

@@ -134,7 +134,7 @@ impl Reference {
             bail!("position {p} is outside the {n}-token sequence");
         }
         let pos_idx = Tensor::from_vec(positions.iter().map(|&p| p as u32).collect::<Vec<_>>(), positions.len(), &Device::Cpu)?;
-        let gather = |t: &Tensor| -> Result<Tensor> { Ok(t.index_select(&pos_idx, 0)?) };
+        let gather = |t: &Tensor| -> Result<Tensor> { Ok(t.contiguous()?.index_select(&pos_idx, 0)?) };
 
         let ids = Tensor::from_vec(tokens.to_vec(), n, &Device::Cpu)?;
         let mut x = self.token_embd.index_select(&ids, 0)?;

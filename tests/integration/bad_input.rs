@@ -1,0 +1,178 @@
+//! Truncated, corrupted and hostile GGUF files, models whose metadata and tensors
+//! disagree, and bad selections: each is exit 2 with one clear line, never a panic.
+
+use candle_core::quantized::gguf_file::Value;
+
+use crate::util::*;
+
+fn inspect_refused(path: &std::path::Path, needle: &str) {
+    assert_refused(&resbisect(&["inspect", path_str(path)]), needle);
+}
+
+fn header(n_tensors: u64, n_kv: u64) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(n_tensors.to_le_bytes());
+    b.extend(n_kv.to_le_bytes());
+    b
+}
+
+#[test]
+fn truncated_and_corrupted_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), "q8_0", 1);
+    let bytes = std::fs::read(&model).unwrap();
+
+    let cut = dir.path().join("cut.gguf");
+    for len in [0, 3, 20, 1000, bytes.len() / 2, bytes.len() - 1] {
+        std::fs::write(&cut, &bytes[..len]).unwrap();
+        let out = resbisect(&["inspect", path_str(&cut)]);
+        assert_eq!(out.code, 2, "truncated at {len}: {}", out.stderr);
+        assert!(!out.stderr.contains("panicked"));
+    }
+    std::fs::write(&cut, &bytes[..bytes.len() - 1]).unwrap();
+    inspect_refused(&cut, "runs past the end of the file");
+
+    let mut bad = bytes.clone();
+    bad[..4].copy_from_slice(b"GGML");
+    std::fs::write(&cut, &bad).unwrap();
+    inspect_refused(&cut, "not a GGUF file");
+
+    let mut bad = bytes.clone();
+    bad[4..8].copy_from_slice(&9u32.to_le_bytes());
+    std::fs::write(&cut, &bad).unwrap();
+    inspect_refused(&cut, "unsupported GGUF version 9");
+}
+
+#[test]
+fn hostile_lengths_are_refused_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("hostile.gguf");
+
+    std::fs::write(&p, header(0, u64::MAX)).unwrap();
+    inspect_refused(&p, "more than the file can hold");
+
+    let mut b = header(0, 1);
+    b.extend((1u64 << 62).to_le_bytes()); // key length
+    b.extend([b'k'; 64]);
+    std::fs::write(&p, &b).unwrap();
+    inspect_refused(&p, "truncated?");
+
+    let mut b = header(0, 1);
+    b.extend(1u64.to_le_bytes());
+    b.extend(b"a");
+    b.extend(9u32.to_le_bytes()); // array
+    b.extend(4u32.to_le_bytes()); // of u32
+    b.extend((1u64 << 60).to_le_bytes());
+    b.extend([0u8; 64]);
+    std::fs::write(&p, &b).unwrap();
+    inspect_refused(&p, "array claims");
+
+    let mut b = header(0, 1);
+    b.extend(1u64.to_le_bytes());
+    b.extend(b"a");
+    b.extend(77u32.to_le_bytes());
+    std::fs::write(&p, &b).unwrap();
+    inspect_refused(&p, "unknown metadata value type 77");
+
+    // A tensor whose dims multiply past u64.
+    let mut b = header(1, 0);
+    b.extend(1u64.to_le_bytes());
+    b.extend(b"t");
+    b.extend(2u32.to_le_bytes());
+    b.extend(u64::MAX.to_le_bytes());
+    b.extend(u64::MAX.to_le_bytes());
+    b.extend(0u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    std::fs::write(&p, &b).unwrap();
+    inspect_refused(&p, "overflow");
+}
+
+#[test]
+fn metadata_and_tensors_that_disagree_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), "f16", 2);
+    let bad = dir.path().join("bad.gguf");
+    let all = |n: &str| Some(n.to_string());
+
+    // The original failure class: the scheduler's layer count is not the model's.
+    rewrite_gguf(&model, &bad, |m| set_meta(m, "llama.block_count", Value::U32(3)), all);
+    inspect_refused(&bad, "missing tensor blk.2.attn_norm.weight (block_count says 3 layers)");
+
+    rewrite_gguf(&model, &bad, |m| set_meta(m, "llama.block_count", Value::U32(1)), all);
+    inspect_refused(&bad, "belongs to layer 1 but block_count is 1");
+
+    rewrite_gguf(&model, &bad, |_| {}, |n| (n != "blk.1.ffn_down.weight").then(|| n.to_string()));
+    inspect_refused(&bad, "missing tensor blk.1.ffn_down.weight");
+
+    rewrite_gguf(&model, &bad, |_| {}, |n| {
+        Some(match n {
+            "blk.0.attn_q.weight" => "blk.0.attn_k.weight".into(),
+            "blk.0.attn_k.weight" => "blk.0.attn_q.weight".into(),
+            other => other.into(),
+        })
+    });
+    inspect_refused(&bad, "tensor blk.0.attn_q.weight has shape [256, 128], expected [256, 256]");
+
+    rewrite_gguf(&model, &bad, |m| set_meta(m, "llama.attention.head_count", Value::U32(5)), all);
+    inspect_refused(&bad, "embedding_length 256 is not divisible by head_count 5");
+
+    rewrite_gguf(&model, &bad, |m| set_meta(m, "llama.attention.head_count_kv", Value::U32(3)), all);
+    inspect_refused(&bad, "head_count 4 is not a multiple of head_count_kv 3");
+
+    rewrite_gguf(&model, &bad, |m| set_meta(m, "llama.rope.dimension_count", Value::U32(32)), all);
+    inspect_refused(&bad, "partial RoPE is not supported");
+
+    rewrite_gguf(&model, &bad, |m| set_meta(m, "general.architecture", Value::String("mamba".into())), all);
+    inspect_refused(&bad, "architecture \"mamba\" is not supported");
+
+    rewrite_gguf(&model, &bad, |m| m.retain(|(k, _)| k != "llama.embedding_length"), all);
+    inspect_refused(&bad, "metadata key llama.embedding_length is missing");
+
+    // Context too short for the prompt: refused before any compute.
+    rewrite_gguf(&model, &bad, |m| set_meta(m, "llama.context_length", Value::U32(8)), all);
+    let out_dir = dir.path().join("dump");
+    let out = resbisect(&["dump", "--model", path_str(&bad), "--tokens", "1,2,3,4,5,6,7,8,9", "-o", path_str(&out_dir)]);
+    assert_refused(&out, "9 tokens exceed the model's context of 8");
+    assert!(!out_dir.exists(), "nothing is written for a refused run");
+}
+
+#[test]
+fn bad_selections_and_prompts() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), "q8_0", 3);
+    let m = path_str(&model);
+    let o = dir.path().join("out");
+    let o = path_str(&o);
+    let dump = |extra: &[&str]| {
+        let mut args = vec!["dump", "--model", m, "-o", o];
+        args.extend_from_slice(extra);
+        resbisect(&args)
+    };
+    assert_refused(&dump(&["--tokens", "1,2,3", "--taps", "resid_pots"]), "unknown tap \"resid_pots\"");
+    assert_refused(&dump(&["--tokens", "1,2,3", "--layers", "0..32"]), "goes past the model's 2 layers");
+    assert_refused(&dump(&["--tokens", "1,2,3", "--layers", "1..1"]), "empty layer range");
+    assert_refused(&dump(&["--tokens", "1,2,3", "--positions", "2..9"]), "out of range for a 3-token sequence");
+    assert_refused(&dump(&["--tokens", "1,2,3", "--positions", "-5.."]), "out of range for a 3-token sequence");
+    assert_refused(&dump(&["--tokens", "1,2,3", "--positions", "x..y"]), "bad position \"x..y\"");
+    assert_refused(&dump(&["--tokens", "1,99999"]), "token id 99999 is outside the vocabulary");
+    assert_refused(&dump(&["--tokens", "1,,2"]), "bad token id");
+    assert_refused(&dump(&["--tokens", "1,2", "--id", "../escape"]), "bad prompt id");
+    assert_refused(&dump(&["--tokens", "1,2", "--dtype", "f16"]), "the reference computes in f32 or f64");
+
+    let suite = dir.path().join("suite.jsonl");
+    for (content, needle) in [
+        ("{\"id\": \"a\", \"text\": \"x\"}\n{\"id\": \"a\", \"text\": \"y\"}\n", "appears twice"),
+        ("{\"id\": \"a/b\", \"text\": \"x\"}\n", "bad prompt id"),
+        ("{\"id\": \"a\"}\n", "needs text or tokens"),
+        ("{\"id\": \"a\", \"text\": \"x\"\n", "suite.jsonl:1"),
+        ("\n\n", "no prompts"),
+    ] {
+        std::fs::write(&suite, content).unwrap();
+        assert_refused(&dump(&["--prompts", path_str(&suite)]), needle);
+    }
+    assert_refused(&dump(&["--prompts", "/nonexistent/suite.jsonl"]), "/nonexistent/suite.jsonl");
+    assert_refused(&resbisect(&["inspect", "/nonexistent/model.gguf"]), "cannot open");
+    assert_refused(&resbisect(&["synth", "--preset", "huge", "-o", o]), "unknown preset");
+    assert_refused(&resbisect(&["synth", "--preset", "tiny", "--quant", "q9_9", "-o", o]), "unknown quant type");
+}

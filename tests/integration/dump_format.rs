@@ -1,0 +1,135 @@
+//! Dump format v1: round trip, atomic files and failed-run manifests, and a reader that
+//! refuses hostile manifests, escaping paths and malformed tensor files.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use resbisect::dump::{BackgroundWriter, Dump, DumpWriter, EngineInfo, FileJob, Manifest, ModelInfo, PromptRecord, Status, TapDType, TapTensor};
+use resbisect::taps::Selection;
+use resbisect::{synth, Error};
+
+use crate::util::*;
+
+fn manifest(prompts: &[(&str, usize)]) -> Manifest {
+    let config = synth::preset("tiny").unwrap().config;
+    Manifest::new(
+        EngineInfo { name: "test".into(), version: "0".into(), backend: "none".into(), dtype: "f32".into(), device: "none".into() },
+        ModelInfo { path: "m.gguf".into(), fingerprint: "00".into(), config },
+        prompts.iter().map(|(id, n)| PromptRecord { id: id.to_string(), text: None, tokens: (0..*n as u32).collect() }).collect(),
+        Selection::parse("all", "resid_post", "all", 2).unwrap(),
+    )
+}
+
+fn resid_rows(layer: usize, positions: &[usize]) -> TapTensor {
+    let values: Vec<f32> = positions.iter().flat_map(|&p| (0..256).map(move |c| (p * 1000 + c) as f32 + layer as f32 * 0.5)).collect();
+    TapTensor { id: format!("blk.{layer}.resid_post"), dtype: TapDType::F32, rows: positions.len(), width: 256, bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect() }
+}
+
+#[test]
+fn round_trip_and_failed_run_keeps_partial_dump() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("d");
+    let writer = BackgroundWriter::spawn(DumpWriter::create(&root, manifest(&[("p1", 10)]), false).unwrap());
+    let positions = Arc::new(vec![0, 3, 9]);
+    writer.send(FileJob { prompt_id: "p1".into(), stem: "blk.0".into(), positions: positions.clone(), taps: vec![resid_rows(0, &positions)] }).unwrap();
+    // The engine dies before layer 1: the file written stays and the manifest says why.
+    let err = writer.finish(Err(Error::engine("illegal memory access in rms_norm"))).unwrap_err();
+    assert!(err.to_string().contains("last tap written: blk.0.resid_post"), "{err}");
+
+    let d = Dump::open(&root).unwrap();
+    assert_eq!(d.manifest.status, Status::Failed);
+    let e = d.manifest.error.as_ref().unwrap();
+    assert_eq!(e.message, "illegal memory access in rms_norm");
+    assert_eq!(e.tap.as_deref(), Some("blk.0.resid_post"));
+    let f = d.read_file("p1", "blk.0").unwrap().unwrap();
+    assert_eq!(f.positions, vec![0, 3, 9]);
+    assert_eq!(f.taps["blk.0.resid_post"].values[256 + 5], 3005.0);
+    assert!(d.read_file("p1", "blk.1").unwrap().is_none());
+    let leftovers: Vec<_> = std::fs::read_dir(root.join("data/p1")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers.len(), 1, "no temporary files remain: {leftovers:?}");
+
+    // An existing dump is only replaced on request, and never an unrelated directory.
+    assert!(DumpWriter::create(&root, manifest(&[("p1", 10)]), false).is_err());
+    assert!(DumpWriter::create(&root, manifest(&[("p1", 10)]), true).is_ok());
+    let other = dir.path().join("photos");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("cat.jpg"), b"x").unwrap();
+    assert!(DumpWriter::create(&other, manifest(&[("p1", 10)]), true).is_err());
+    assert!(other.join("cat.jpg").exists());
+}
+
+fn write_manifest(root: &Path, edit: impl Fn(&mut serde_json::Value)) {
+    let mut v = serde_json::to_value(manifest(&[("p1", 10)])).unwrap();
+    edit(&mut v);
+    std::fs::create_dir_all(root).unwrap();
+    std::fs::write(root.join("manifest.json"), serde_json::to_vec(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn hostile_manifests_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("d");
+    let cases: Vec<(Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+        (Box::new(|v| v["prompts"][0]["id"] = "../../etc".into()), "bad prompt id"),
+        (Box::new(|v| v["prompts"][0]["id"] = "..".into()), "bad prompt id"),
+        (Box::new(|v| v["format"] = "other".into()), "format is \"other\""),
+        (Box::new(|v| v["version"] = 2.into()), "version 2 is not supported"),
+        (Box::new(|v| v["prompts"][0]["tokens"][0] = 5000000.into()), "outside the vocabulary"),
+        (Box::new(|v| v["selection"]["positions"] = "1..x".into()), "bad position"),
+        (Box::new(|v| v["status"] = "exploded".into()), "bad manifest"),
+        (Box::new(|v| { v["prompts"] = serde_json::json!([{"id": "a", "tokens": [1]}, {"id": "a", "tokens": [1]}]); }), "appears twice"),
+    ];
+    for (edit, needle) in cases {
+        write_manifest(&root, edit);
+        assert_refused(&resbisect(&["inspect", path_str(&root)]), needle);
+    }
+    std::fs::write(root.join("manifest.json"), b"{\"format\": ").unwrap();
+    assert_refused(&resbisect(&["inspect", path_str(&root)]), "bad manifest");
+}
+
+#[test]
+fn malformed_tensor_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("d");
+    let w = DumpWriter::create(&root, manifest(&[("p1", 10)]), false).unwrap();
+    w.write_file("p1", "blk.0", &[1, 2], &[resid_rows(0, &[1, 2])]).unwrap();
+    let file = root.join("data/p1/blk.0.safetensors");
+    let good = std::fs::read(&file).unwrap();
+    let d = Dump::open(&root).unwrap();
+
+    let expect_err = |bytes: &[u8], needle: &str| {
+        std::fs::write(&file, bytes).unwrap();
+        let err = d.read_file("p1", "blk.0").unwrap_err().to_string();
+        assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+    };
+    expect_err(&good[..good.len() - 7], "bad safetensors file");
+    expect_err(&good[..5], "bad safetensors file");
+    expect_err(&[0xff; 64], "bad safetensors file");
+
+    // Well-formed safetensors whose content breaks the dump contract.
+    let st = |tensors: Vec<(&str, safetensors::Dtype, Vec<usize>, Vec<u8>)>| {
+        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+            .iter()
+            .map(|(n, d, s, b)| (n.to_string(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+            .collect();
+        safetensors::serialize(views, None).unwrap()
+    };
+    let pos = |ps: &[i64]| ps.iter().flat_map(|p| p.to_le_bytes()).collect::<Vec<u8>>();
+    let rows = |n: usize, w: usize| vec![0u8; n * w * 4];
+    use safetensors::Dtype::*;
+    expect_err(&st(vec![("positions", I64, vec![2], pos(&[1, 99])), ("blk.0.resid_post", F32, vec![2, 256], rows(2, 256))]), "position 99 is outside");
+    expect_err(&st(vec![("positions", I64, vec![2], pos(&[3, 1])), ("blk.0.resid_post", F32, vec![2, 256], rows(2, 256))]), "not strictly increasing");
+    expect_err(&st(vec![("positions", I64, vec![2], pos(&[1, 2])), ("blk.0.resid_post", F32, vec![2, 255], rows(2, 255))]), "expected [2, 256]");
+    expect_err(&st(vec![("positions", I64, vec![2], pos(&[1, 2])), ("blk.0.resid_post", I32, vec![2, 256], rows(2, 256))]), "dtype");
+    expect_err(&st(vec![("positions", I64, vec![2], pos(&[1, 2])), ("blk.1.resid_post", F32, vec![2, 256], rows(2, 256))]), "belongs in blk.1");
+    expect_err(&st(vec![("positions", I64, vec![2], pos(&[1, 2])), ("blk.0.resid_pots", F32, vec![2, 256], rows(2, 256))]), "not a canonical tap id");
+    expect_err(&st(vec![("blk.0.resid_post", F32, vec![2, 256], rows(2, 256))]), "missing the positions tensor");
+
+    // A link that leaves the dump is not followed.
+    std::fs::remove_file(&file).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", &file).unwrap();
+    let err = d.read_file("p1", "blk.0").unwrap_err().to_string();
+    assert!(err.contains("not a regular file"), "{err}");
+    assert!(d.read_file("p1", "../p1/blk.0").is_err());
+    assert!(d.read_file("p1", "blk.07").is_err());
+}

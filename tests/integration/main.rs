@@ -1,0 +1,9 @@
+//! The one integration-test binary: the CLI and the library end to end, on synthetic
+//! models made here and on the real SmolLM2 fixture (fetched by scripts/fetch-models.sh).
+
+mod util;
+
+mod bad_input;
+mod dump_format;
+mod reference;
+mod tokenizer;

@@ -155,12 +155,13 @@ fn cmd_dump(a: DumpArgs) -> Result<()> {
         }
     };
     eprintln!(
-        "wrote {} ({} prompt(s), {} tokens, {:.2} s, {:.1} tokens/s)",
+        "wrote {} ({} prompt(s), {} tokens; load {:.2} s, compute {:.2} s, {:.1} tokens/s)",
         a.output.display(),
         summary.prompts,
         summary.tokens,
-        summary.seconds,
-        summary.tokens as f64 / summary.seconds.max(1e-9)
+        summary.load_seconds,
+        summary.compute_seconds,
+        summary.tokens as f64 / summary.compute_seconds.max(1e-9)
     );
     Ok(())
 }

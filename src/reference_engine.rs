@@ -154,7 +154,10 @@ impl Progress for NoProgress {
 pub struct DumpSummary {
     pub prompts: usize,
     pub tokens: usize,
-    pub seconds: f64,
+    /// Loading and dequantizing the weights.
+    pub load_seconds: f64,
+    /// Forward passes and writing the dump.
+    pub compute_seconds: f64,
 }
 
 /// `resbisect dump --engine reference`: load the model on the reference, run every
@@ -186,10 +189,12 @@ pub fn dump_reference(
     let writer = BackgroundWriter::spawn(crate::dump::DumpWriter::create(out, manifest, overwrite)?);
 
     let start = std::time::Instant::now();
+    let mut load_seconds = 0.0;
     let n_layer = model.config.n_layer;
     let outcome = (|| {
         progress.stage("loading weights", n_layer);
         let engine = ReferenceEngine::load(model, precision, &mut |_| progress.tick())?;
+        load_seconds = start.elapsed().as_secs_f64();
         for (p, pos) in prompts.iter().zip(&positions) {
             progress.stage(&format!("{} ({} tokens)", p.id, p.tokens.len()), n_layer);
             engine.run_prompt(&p.id, &p.tokens, pos.clone(), &selection, n_layer, &writer, &mut |_| progress.tick())?;
@@ -197,5 +202,10 @@ pub fn dump_reference(
         Ok(())
     })();
     writer.finish(outcome)?;
-    Ok(DumpSummary { prompts: prompts.len(), tokens: prompts.iter().map(|p| p.tokens.len()).sum(), seconds: start.elapsed().as_secs_f64() })
+    Ok(DumpSummary {
+        prompts: prompts.len(),
+        tokens: prompts.iter().map(|p| p.tokens.len()).sum(),
+        load_seconds,
+        compute_seconds: start.elapsed().as_secs_f64() - load_seconds,
+    })
 }

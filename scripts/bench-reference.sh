@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Benchmark: the reference on SmolLM2, a 1024-token prompt, all resid_post taps at all
+# positions — tokens/s and peak RSS — next to HF transformers (torch f32,
+# output_hidden_states=True, same thread count) in the same run, with the machine's
+# f32 GEMM rate as the ceiling. Writes bench/results/reference-<host>-<date>.{json,md}.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+threads="${THREADS:-$(nproc)}"
+runs="${RUNS:-3}"
+"$root/scripts/fetch-models.sh" >/dev/null
+cargo build --release --quiet
+python3 -c "import torch, transformers, gguf, accelerate" 2>/dev/null || python3 -m pip install --quiet torch transformers gguf accelerate numpy
+export RAYON_NUM_THREADS="$threads"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+python3 - "$work/suite.jsonl" <<'PY'
+import json, sys
+line = next(json.loads(l) for l in open("fixtures/prompts/long.jsonl") if json.loads(l)["id"] == "long_2048")
+json.dump({"id": "bench_1024", "tokens": line["tokens"][:1024]}, open(sys.argv[1], "w"))
+PY
+ours=()
+for i in $(seq "$runs"); do
+  /usr/bin/time -f "%M" -o "$work/rss" target/release/resbisect dump --model fixtures/models/SmolLM2-135M-Instruct.Q4_1.gguf \
+    --prompts "$work/suite.jsonl" --layers all --taps resid_post --positions all -o "$work/dump" --overwrite 2> "$work/log"
+  line="$(grep wrote "$work/log")"
+  ours+=("$(echo "$line" | sed -E 's/.*load ([0-9.]+) s, compute ([0-9.]+) s.*/\1 \2/') $(cat "$work/rss")")
+done
+printf '%s\n' "${ours[@]}" > "$work/ours.txt"
+du -sb "$work/dump" | cut -f1 > "$work/bytes"
+python3 - "$work" "$threads" "$runs" <<'PY'
+import json, os, platform, resource, subprocess, sys, time, datetime
+import torch
+work, threads, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(threads)
+from transformers import AutoModelForCausalLM
+tokens = json.load(open(f"{work}/suite.jsonl"))["tokens"]
+n = len(tokens)
+model = AutoModelForCausalLM.from_pretrained("fixtures/models", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32).eval()
+ids = torch.tensor([tokens])
+hf = []
+with torch.no_grad():
+    for _ in range(runs):
+        t = time.perf_counter(); model(ids, output_hidden_states=True); hf.append(time.perf_counter() - t)
+hf_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# f32 GEMM ceiling at this thread count, on the model's MLP shape.
+a, b = torch.randn(n, 576), torch.randn(576, 1536)
+best = 1e9
+for _ in range(10):
+    t = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - t)
+gflops = 2 * n * 576 * 1536 / best / 1e9
+cfg = dict(n_layer=30, n_embd=576, n_head=9, n_kv=3, n_ff=1536, vocab=49152)
+hd = 64
+per_layer = 2 * n * cfg["n_embd"] * (cfg["n_embd"] + 2 * cfg["n_kv"] * hd + cfg["n_embd"] + 3 * cfg["n_ff"]) + 2 * 2 * cfg["n_head"] * hd * n * (n + 1) / 2
+body_flop = cfg["n_layer"] * per_layer
+ceiling_tps = gflops * 1e9 / (body_flop / n)
+ours = [tuple(map(float, l.split())) for l in open(f"{work}/ours.txt")]
+best_ours = min(ours, key=lambda r: r[1])
+ours_tps = n / best_ours[1]
+ours_e2e_tps = n / (best_ours[0] + best_ours[1])
+hf_tps = n / min(hf)
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+res = {
+  "date": datetime.date.today().isoformat(), "machine": f"{cpu}, {os.cpu_count()} cores, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB",
+  "threads": threads, "prompt_tokens": n, "taps": "resid_post x 30 layers x all positions",
+  "dump_bytes": int(open(f"{work}/bytes").read()),
+  "resbisect": {"compute_s": best_ours[1], "load_s": best_ours[0], "tokens_per_s": ours_tps, "tokens_per_s_incl_load": ours_e2e_tps, "peak_rss_mib": best_ours[2] / 1024},
+  "hf_transformers": {"forward_s": min(hf), "tokens_per_s": hf_tps, "peak_rss_mib": hf_rss_kb / 1024, "torch": torch.__version__},
+  "gemm_ceiling": {"gflops": gflops, "tokens_per_s": ceiling_tps},
+  "ratio_vs_hf": ours_tps / hf_tps,
+}
+host = platform.node() or "host"
+os.makedirs("bench/results", exist_ok=True)
+stem = f"bench/results/reference-{res['date']}"
+json.dump(res, open(stem + ".json", "w"), indent=1)
+md = f"""# reference benchmark, {res['date']}
+
+Machine: {res['machine']}; {threads} threads. SmolLM2-135M Q4_1, {n}-token prompt, {res['taps']} ({res['dump_bytes']/1e6:.1f} MB dumped).
+
+| engine | tokens/s | peak RSS |
+|---|---|---|
+| resbisect reference (forward + dump) | {ours_tps:.1f} | {best_ours[2]/1024:.0f} MiB |
+| resbisect reference incl. weight load | {ours_e2e_tps:.1f} | |
+| HF transformers f32, output_hidden_states | {hf_tps:.1f} | {hf_rss_kb/1024:.0f} MiB |
+| f32 GEMM ceiling ({gflops:.1f} GFLOP/s) | {ceiling_tps:.1f} | |
+
+Ratio resbisect / HF: **{ours_tps/hf_tps:.2f}x** (target >= 1.0). Best of {runs} runs each.
+"""
+open(stem + ".md", "w").write(md)
+print(md)
+PY

@@ -329,8 +329,8 @@ impl Dump {
         Ok(out)
     }
 
-    /// Read and validate one file; `None` when it was never written.
-    pub fn read_file(&self, prompt_id: &str, stem: &str) -> Result<Option<DumpFile>> {
+    /// Map and validate one file; `None` when it was never written.
+    pub fn map_file(&self, prompt_id: &str, stem: &str) -> Result<Option<MappedFile>> {
         let prompt = self.prompt(prompt_id)?;
         if !is_file_stem(stem, self.manifest.model.config.n_layer) {
             return Err(Error::input(format!("{}: {stem:?} is not a dump file name", self.root.display())));
@@ -344,8 +344,121 @@ impl Dump {
         if !meta.is_file() {
             return Err(Error::input(format!("{}: not a regular file (links out of the dump are refused)", path.display())));
         }
-        let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
-        parse_file(&path, &bytes, stem, prompt.tokens.len(), &self.manifest.model.config).map(Some)
+        let file = fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        // SAFETY: read-only map of a file the engine finished writing (renamed into place);
+        // every access below is bounds-checked by the safetensors header validation.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        MappedFile::parse(&path, mmap, stem, prompt.tokens.len(), &self.manifest.model.config).map(Some)
+    }
+
+    /// Read one file decoded to f64; `None` when it was never written.
+    pub fn read_file(&self, prompt_id: &str, stem: &str) -> Result<Option<DumpFile>> {
+        let Some(mapped) = self.map_file(prompt_id, stem)? else { return Ok(None) };
+        let taps = mapped
+            .taps
+            .iter()
+            .map(|(id, slice)| {
+                let view = mapped.view(slice);
+                let values = (0..view.rows * view.width).map(|i| view.get(i)).collect();
+                (id.clone(), TapRows { dtype: slice.dtype, width: slice.width, values })
+            })
+            .collect();
+        Ok(Some(DumpFile { positions: mapped.positions.clone(), taps }))
+    }
+}
+
+/// Where a tap's rows sit in a mapped file.
+#[derive(Debug, Clone, Copy)]
+pub struct TapSlice {
+    pub dtype: TapDType,
+    pub width: usize,
+    offset: usize,
+    len: usize,
+}
+
+/// A validated, memory-mapped dump file: comparing reads rows straight from the page
+/// cache without decoding whole tensors.
+pub struct MappedFile {
+    mmap: memmap2::Mmap,
+    pub positions: Vec<usize>,
+    pub taps: BTreeMap<String, TapSlice>,
+}
+
+/// Rows of one tap, read element by element in their stored dtype.
+#[derive(Clone, Copy)]
+pub struct TapView<'a> {
+    pub dtype: TapDType,
+    pub rows: usize,
+    pub width: usize,
+    pub bytes: &'a [u8],
+}
+
+impl TapView<'_> {
+    #[inline]
+    pub fn get(&self, i: usize) -> f64 {
+        let b = self.bytes;
+        match self.dtype {
+            TapDType::F32 => f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]) as f64,
+            TapDType::F64 => f64::from_le_bytes(b[8 * i..8 * i + 8].try_into().expect("8 bytes")),
+            TapDType::F16 => f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f64(),
+            TapDType::BF16 => bf16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f64(),
+        }
+    }
+
+    /// The bytes of row `r`.
+    pub fn row(&self, r: usize) -> TapView<'_> {
+        let n = self.width * self.dtype.size();
+        TapView { dtype: self.dtype, rows: 1, width: self.width, bytes: &self.bytes[r * n..(r + 1) * n] }
+    }
+}
+
+impl MappedFile {
+    fn parse(path: &Path, mmap: memmap2::Mmap, stem: &str, seq_len: usize, config: &Config) -> Result<Self> {
+        let bad = |msg: String| Error::input(format!("{}: {msg}", path.display()));
+        let base = mmap.as_ptr() as usize;
+        let st = SafeTensors::deserialize(&mmap).map_err(|e| bad(format!("bad safetensors file: {e}")))?;
+        let pos_view = st.tensor("positions").map_err(|_| bad("missing the positions tensor".into()))?;
+        if pos_view.dtype() != Dtype::I64 || pos_view.shape().len() != 1 {
+            return Err(bad(format!("positions must be I64 [n], found {:?} {:?}", pos_view.dtype(), pos_view.shape())));
+        }
+        let mut positions = Vec::with_capacity(pos_view.shape()[0]);
+        for chunk in pos_view.data().chunks_exact(8) {
+            let p = i64::from_le_bytes(chunk.try_into().expect("chunks_exact gives 8 bytes"));
+            if p < 0 || p as u64 >= seq_len as u64 {
+                return Err(bad(format!("position {p} is outside the prompt's {seq_len} tokens")));
+            }
+            if positions.last().is_some_and(|&last| last >= p as usize) {
+                return Err(bad("positions are not strictly increasing".into()));
+            }
+            positions.push(p as usize);
+        }
+        let mut taps = BTreeMap::new();
+        for (name, view) in st.iter() {
+            if name == "positions" {
+                continue;
+            }
+            let tap = Tap::parse(name).ok_or_else(|| bad(format!("tensor {name:?} is not a canonical tap id")))?;
+            if tap.file_stem() != stem {
+                return Err(bad(format!("tap {name} belongs in {}.safetensors", tap.file_stem())));
+            }
+            let dtype = TapDType::from_safetensors(view.dtype()).ok_or_else(|| bad(format!("tap {name} has dtype {:?}; F32, F16, BF16 or F64 expected", view.dtype())))?;
+            let width = tap.width(config);
+            if view.shape() != [positions.len(), width] {
+                return Err(bad(format!("tap {name} has shape {:?}, expected [{}, {width}]", view.shape(), positions.len())));
+            }
+            let data = view.data();
+            taps.insert(name.to_string(), TapSlice { dtype, width, offset: data.as_ptr() as usize - base, len: data.len() });
+        }
+        drop(st);
+        Ok(Self { mmap, positions, taps })
+    }
+
+    pub fn view(&self, slice: &TapSlice) -> TapView<'_> {
+        TapView { dtype: slice.dtype, rows: self.positions.len(), width: slice.width, bytes: &self.mmap[slice.offset..slice.offset + slice.len] }
+    }
+
+    pub fn tap(&self, id: &str) -> Option<TapView<'_>> {
+        self.taps.get(id).map(|s| self.view(s))
     }
 }
 
@@ -355,55 +468,6 @@ fn is_file_stem(stem: &str, n_layer: usize) -> bool {
         Some(l) => l.parse::<usize>().is_ok_and(|n| n < n_layer && n.to_string() == l),
         None => stem == "embed" || stem == "output",
     }
-}
-
-fn parse_file(path: &Path, bytes: &[u8], stem: &str, seq_len: usize, config: &Config) -> Result<DumpFile> {
-    let bad = |msg: String| Error::input(format!("{}: {msg}", path.display()));
-    let st = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("bad safetensors file: {e}")))?;
-    let pos_view = st.tensor("positions").map_err(|_| bad("missing the positions tensor".into()))?;
-    if pos_view.dtype() != Dtype::I64 || pos_view.shape().len() != 1 {
-        return Err(bad(format!("positions must be I64 [n], found {:?} {:?}", pos_view.dtype(), pos_view.shape())));
-    }
-    let mut positions = Vec::with_capacity(pos_view.shape()[0]);
-    for chunk in pos_view.data().chunks_exact(8) {
-        let p = i64::from_le_bytes(chunk.try_into().expect("chunks_exact gives 8 bytes"));
-        if p < 0 || p as u64 >= seq_len as u64 {
-            return Err(bad(format!("position {p} is outside the prompt's {seq_len} tokens")));
-        }
-        if positions.last().is_some_and(|&last| last >= p as usize) {
-            return Err(bad("positions are not strictly increasing".into()));
-        }
-        positions.push(p as usize);
-    }
-    let mut taps = BTreeMap::new();
-    for (name, view) in st.iter() {
-        if name == "positions" {
-            continue;
-        }
-        let tap = Tap::parse(name).ok_or_else(|| bad(format!("tensor {name:?} is not a canonical tap id")))?;
-        if tap.file_stem() != stem {
-            return Err(bad(format!("tap {name} belongs in {}.safetensors", tap.file_stem())));
-        }
-        let dtype = TapDType::from_safetensors(view.dtype()).ok_or_else(|| bad(format!("tap {name} has dtype {:?}; F32, F16, BF16 or F64 expected", view.dtype())))?;
-        let width = tap.width(config);
-        if view.shape() != [positions.len(), width] {
-            return Err(bad(format!("tap {name} has shape {:?}, expected [{}, {width}]", view.shape(), positions.len())));
-        }
-        taps.insert(name.to_string(), TapRows { dtype, width, values: decode(view.data(), dtype) });
-    }
-    Ok(DumpFile { positions, taps })
-}
-
-fn decode(data: &[u8], dtype: TapDType) -> Vec<f64> {
-    let n = dtype.size();
-    data.chunks_exact(n)
-        .map(|c| match dtype {
-            TapDType::F32 => f32::from_le_bytes(c.try_into().expect("4 bytes")) as f64,
-            TapDType::F64 => f64::from_le_bytes(c.try_into().expect("8 bytes")),
-            TapDType::F16 => f16::from_le_bytes(c.try_into().expect("2 bytes")).to_f64(),
-            TapDType::BF16 => bf16::from_le_bytes(c.try_into().expect("2 bytes")).to_f64(),
-        })
-        .collect()
 }
 
 /// One file for the background writer.

@@ -1,14 +1,18 @@
 //! resbisect: find which tensor of an LLM inference engine diverges first from a
 //! reference, where, and by how much. This library holds everything but the CLI.
 
+pub mod diff;
 pub mod dump;
 pub mod error;
 pub mod gguf;
+pub mod inject;
 pub mod model;
 pub mod prompts;
 pub mod reference_engine;
+pub mod report;
 pub mod synth;
 pub mod taps;
+pub mod tolerance;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -7,7 +7,10 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use resbisect::diff::{self, DiffOptions, DiffReport};
 use resbisect::dump::Dump;
+use resbisect::report;
+use resbisect::tolerance::Tolerances;
 use resbisect::model::Model;
 use resbisect::prompts::{self, PromptSource};
 use resbisect::reference_engine::{self, Progress, RefPrecision};
@@ -46,6 +49,40 @@ enum Command {
         decode: bool,
         text: String,
     },
+    /// Compare dump A (engine under test) with dump B (reference): first divergence.
+    Diff {
+        a: PathBuf,
+        b: PathBuf,
+        #[command(flatten)]
+        compare: CompareArgs,
+        /// Print the full report as JSON instead of the summary.
+        #[arg(long)]
+        json: bool,
+        /// Also write report.json, report.md and report.html into this directory.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// Measure the noise floor of known-good dump pairs (A B [A B ...]) and write a
+    /// tolerance file for --tolerances.
+    Calibrate {
+        #[arg(required = true, num_args = 2..)]
+        dumps: Vec<PathBuf>,
+        /// Multiply each tap kind's worst measured rel L2 by this.
+        #[arg(long, default_value_t = 4.0)]
+        margin: f64,
+        /// Never tolerate less than this rel L2.
+        #[arg(long, default_value_t = 1e-7)]
+        floor: f64,
+        #[arg(long)]
+        allow_model_mismatch: bool,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Reports: `report A B -o DIR` (JSON, Markdown, HTML), `report trend HISTORY -o DIR`.
+    Report {
+        #[command(subcommand)]
+        kind: ReportKind,
+    },
     /// Write a synthetic llama model with random weights at real shapes.
     Synth {
         /// tiny, smollm2-135m or tinyllama-1.1b
@@ -58,6 +95,41 @@ enum Command {
         /// Tokenizer section: gpt2 (byte-level BPE) or llama (SentencePiece); default per preset.
         #[arg(long)]
         tokenizer: Option<String>,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    /// Tolerance file (from `resbisect calibrate`).
+    #[arg(long)]
+    tolerances: Option<PathBuf>,
+    /// Compare dumps from different model files.
+    #[arg(long)]
+    allow_model_mismatch: bool,
+}
+
+#[derive(Subcommand)]
+enum ReportKind {
+    /// Diff A against B and write report.json, report.md, report.html.
+    Diff {
+        a: PathBuf,
+        b: PathBuf,
+        #[command(flatten)]
+        compare: CompareArgs,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Append this run's verdicts to a nightly history (JSONL).
+        #[arg(long)]
+        history: Option<PathBuf>,
+        /// Name of the run in the history.
+        #[arg(long, default_value = "run")]
+        run: String,
+    },
+    /// Turn a nightly history into trend.md and trend.html.
+    Trend {
+        history: PathBuf,
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -103,6 +175,10 @@ struct DumpArgs {
     /// Replace an existing dump at the output path.
     #[arg(long)]
     overwrite: bool,
+    /// Inject a fault: TAP:scale=V@POS, TAP:offset=V@POS, TAP:nan@POS, TAP:zero@POS,
+    /// [blk.L.]rope:shift=N@POS. Repeatable.
+    #[arg(long)]
+    inject: Vec<String>,
 }
 
 /// indicatif bars on stderr; indicatif draws nothing when stderr is not a terminal.
@@ -151,7 +227,7 @@ fn cmd_dump(a: DumpArgs) -> Result<()> {
     let records = prompts::resolve(entries, tokenizer.as_ref(), model.config.n_vocab, model.config.n_ctx)?;
     let summary = match a.engine {
         EngineKind::Reference => {
-            reference_engine::dump_reference(&model, records, selection, precision, &a.output, a.overwrite, &mut Bars { bar: None })?
+            reference_engine::dump_reference(&model, records, selection, precision, &a.inject, &a.output, a.overwrite, &mut Bars { bar: None })?
         }
     };
     eprintln!(
@@ -217,15 +293,83 @@ fn inspect_dump(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn compare(a: &Path, b: &Path, args: &CompareArgs) -> Result<DiffReport> {
+    let tolerances = match &args.tolerances {
+        Some(p) => Tolerances::load(p)?,
+        None => Tolerances::default(),
+    };
+    diff::diff(&Dump::open(a)?, &Dump::open(b)?, &DiffOptions { tolerances, allow_model_mismatch: args.allow_model_mismatch })
+}
+
+/// Exit 1 when a divergence was found (DESIGN §8).
+fn verdict(r: &DiffReport) -> ExitCode {
+    if r.diverged {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Dump(a) => cmd_dump(a),
+        Command::Diff { a, b, compare: args, json, report: dir } => {
+            let r = compare(&a, &b, &args)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).map_err(|e| Error::input(e.to_string()))?);
+            } else {
+                print!("{}", report::terminal_summary(&r));
+            }
+            if let Some(dir) = dir {
+                report::write_all(&r, &dir)?;
+            }
+            Ok(verdict(&r))
+        }
+        Command::Calibrate { dumps, margin, floor, allow_model_mismatch, output } => {
+            if dumps.len() % 2 != 0 {
+                return Err(Error::input("calibrate takes pairs of dumps: A B [A B ...]"));
+            }
+            if !(margin.is_finite() && margin >= 1.0) || !(floor.is_finite() && floor >= 0.0) {
+                return Err(Error::input("--margin must be >= 1 and --floor >= 0"));
+            }
+            let args = CompareArgs { tolerances: None, allow_model_mismatch };
+            let reports = dumps.chunks(2).map(|p| compare(&p[0], &p[1], &args)).collect::<Result<Vec<_>>>()?;
+            let t = diff::calibrate(&reports, margin, floor);
+            std::fs::write(&output, serde_json::to_string_pretty(&t).map_err(|e| Error::input(e.to_string()))? + "\n").map_err(|e| Error::io(&output, e))?;
+            for o in &t.taps {
+                println!("{:<22} rel_l2 <= {:.2e}", o.pattern, o.rel_l2);
+            }
+            eprintln!("wrote {}", output.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report { kind: ReportKind::Diff { a, b, compare: args, output, history, run } } => {
+            let r = compare(&a, &b, &args)?;
+            report::write_all(&r, &output)?;
+            if let Some(h) = history {
+                report::append_history(&h, &report::history_entry(&r, &run))?;
+            }
+            print!("{}", report::terminal_summary(&r));
+            eprintln!("wrote {}/report.{{json,md,html}}", output.display());
+            Ok(verdict(&r))
+        }
+        Command::Report { kind: ReportKind::Trend { history, output } } => {
+            let entries = report::read_history(&history)?;
+            let (md, html) = report::trend(&entries)?;
+            std::fs::create_dir_all(&output).map_err(|e| Error::io(&output, e))?;
+            for (name, text) in [("trend.md", &md), ("trend.html", &html)] {
+                let p = output.join(name);
+                std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
+            }
+            print!("{md}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dump(a) => cmd_dump(a).map(|_| ExitCode::SUCCESS),
         Command::Inspect { path, tensors } => {
             if path.is_dir() {
-                inspect_dump(&path)
+                inspect_dump(&path)?
             } else {
-                inspect_model(&path, tensors)
+                inspect_model(&path, tensors)?
             }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Tokenize { model, json, decode, text } => {
             let gguf = gguf::GgufFile::open(&model)?;
@@ -236,7 +380,7 @@ fn run(cli: Cli) -> Result<()> {
                     return Err(Error::input(format!("token id {t} is outside the vocabulary (size {})", tokenizer.vocab_size)));
                 }
                 print!("{}", tokenizer.decode(&ids)?);
-                return Ok(());
+                return Ok(ExitCode::SUCCESS);
             }
             let ids = tokenizer.encode(&text)?;
             if json {
@@ -244,7 +388,7 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 println!("{}", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Synth { preset, quant, seed, tokenizer, output } => {
             let mut preset = synth::preset(&preset)?;
@@ -253,7 +397,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             synth::write_model(&preset, synth::parse_quant(&quant)?, seed, &output)?;
             eprintln!("wrote {} ({} preset, {quant}, seed {seed})", output.display(), preset.name);
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -267,7 +411,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(match e {

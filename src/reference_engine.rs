@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use resbisect_reference::{Config as RefConfig, RawWeight, Reference, TapSink, WeightSource};
+use resbisect_reference::{Config as RefConfig, Faults, RawWeight, Reference, TapSink, WeightSource};
 
 use crate::dump::{BackgroundWriter, FileJob, TapDType, TapTensor};
 use crate::error::{Error, Result};
@@ -83,12 +83,13 @@ impl ReferenceEngine {
         tokens: &[u32],
         positions: Arc<Vec<usize>>,
         selection: &Selection,
+        faults: &Faults,
         n_layer: usize,
         writer: &BackgroundWriter,
         on_layer: &mut dyn FnMut(usize),
     ) -> Result<()> {
         let mut sink = DumpSink { prompt_id, positions: positions.clone(), selection, n_layer, writer, send_error: None };
-        let result = self.inner.forward(tokens, &positions, &mut sink, on_layer);
+        let result = self.inner.forward(tokens, &positions, faults, &mut sink, on_layer);
         if let Some(e) = sink.send_error {
             return Err(e);
         }
@@ -168,17 +169,20 @@ pub fn dump_reference(
     prompts: Vec<crate::dump::PromptRecord>,
     selection: Selection,
     precision: RefPrecision,
+    injections: &[String],
     out: &std::path::Path,
     overwrite: bool,
     progress: &mut dyn Progress,
 ) -> Result<DumpSummary> {
+    let faults = crate::inject::parse_all(injections, model.config.n_layer)?;
     let spec = crate::taps::PositionSpec::parse(&selection.positions)?;
     let positions: Vec<Arc<Vec<usize>>> = prompts
         .iter()
         .map(|p| spec.resolve(p.tokens.len()).map(Arc::new).map_err(|e| Error::input(format!("prompt {}: {e}", p.id))))
         .collect::<Result<_>>()?;
     let engine_info = crate::dump::EngineInfo {
-        name: "resbisect-reference".into(),
+        // Injected faults are part of the engine's identity: a dump says what was broken.
+        name: if injections.is_empty() { "resbisect-reference".into() } else { format!("resbisect-reference+inject({})", injections.join(";")) },
         version: env!("CARGO_PKG_VERSION").into(),
         backend: "candle-cpu".into(),
         dtype: precision.name().into(),
@@ -197,7 +201,7 @@ pub fn dump_reference(
         load_seconds = start.elapsed().as_secs_f64();
         for (p, pos) in prompts.iter().zip(&positions) {
             progress.stage(&format!("{} ({} tokens)", p.id, p.tokens.len()), n_layer);
-            engine.run_prompt(&p.id, &p.tokens, pos.clone(), &selection, n_layer, &writer, &mut |_| progress.tick())?;
+            engine.run_prompt(&p.id, &p.tokens, pos.clone(), &selection, &faults, n_layer, &writer, &mut |_| progress.tick())?;
         }
         Ok(())
     })();

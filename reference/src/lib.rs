@@ -23,6 +23,67 @@ const LAYER_TAPS: [&str; 13] = [
 /// efficient GEMMs.
 const ATTN_QUERY_CHUNK: usize = 128;
 
+/// A perturbation of one tap's rows from a position on, applied in the forward pass so
+/// it propagates downstream as a real bug would.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fault {
+    Scale(f64),
+    Offset(f64),
+    Nan,
+    Zero,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TapFault {
+    pub tap_id: String,
+    pub fault: Fault,
+    pub from: usize,
+}
+
+/// RoPE position corruption: queries and keys at positions ≥ `from` are rotated as if
+/// they sat at `position + shift`; `layer` None means every layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeFault {
+    pub layer: Option<usize>,
+    pub shift: i64,
+    pub from: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Faults {
+    pub taps: Vec<TapFault>,
+    pub rope: Vec<RopeFault>,
+}
+
+impl Faults {
+    /// Apply the faults aimed at `tap_id` to its rows.
+    fn apply(&self, tap_id: &str, t: Tensor) -> Result<Tensor> {
+        let mut t = t;
+        for f in self.taps.iter().filter(|f| f.tap_id == tap_id) {
+            let (n, _) = t.dims2()?;
+            if f.from >= n {
+                continue;
+            }
+            let hit: Vec<f64> = (0..n).map(|p| if p >= f.from { 1.0 } else { 0.0 }).collect();
+            let hit = Tensor::from_vec(hit, (n, 1), &Device::Cpu)?.to_dtype(t.dtype())?;
+            t = match f.fault {
+                Fault::Scale(s) => t.broadcast_mul(&((hit * (s - 1.0))? + 1.0)?)?,
+                Fault::Offset(o) => t.broadcast_add(&(hit * o)?)?,
+                Fault::Zero => t.broadcast_mul(&(1.0 - hit)?)?,
+                Fault::Nan => {
+                    let nan: Vec<f64> = (0..n).map(|p| if p >= f.from { f64::NAN } else { 0.0 }).collect();
+                    t.broadcast_add(&Tensor::from_vec(nan, (n, 1), &Device::Cpu)?.to_dtype(t.dtype())?)?
+                }
+            };
+        }
+        Ok(t)
+    }
+
+    fn rope_for(&self, layer: usize) -> Option<&RopeFault> {
+        self.rope.iter().find(|r| r.layer.is_none_or(|l| l == layer))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub n_layer: usize,
@@ -121,7 +182,7 @@ impl Reference {
 
     /// Run the whole sequence through the model, capturing the taps the sink wants at
     /// `positions` (sorted absolute positions). `on_layer` is called after each layer.
-    pub fn forward(&self, tokens: &[u32], positions: &[usize], sink: &mut dyn TapSink, on_layer: &mut dyn FnMut(usize)) -> Result<()> {
+    pub fn forward(&self, tokens: &[u32], positions: &[usize], faults: &Faults, sink: &mut dyn TapSink, on_layer: &mut dyn FnMut(usize)) -> Result<()> {
         let cfg = &self.cfg;
         let n = tokens.len();
         if n == 0 {
@@ -137,50 +198,48 @@ impl Reference {
         let gather = |t: &Tensor| -> Result<Tensor> { Ok(t.contiguous()?.index_select(&pos_idx, 0)?) };
 
         let ids = Tensor::from_vec(tokens.to_vec(), n, &Device::Cpu)?;
-        let mut x = self.token_embd.index_select(&ids, 0)?;
+        let mut x = faults.apply("embed", self.token_embd.index_select(&ids, 0)?)?;
         if sink.wants("embed") {
             sink.emit("embed", vec![("embed".into(), gather(&x)?)])?;
         }
-        let (cos, sin) = rope_tables(n, cfg.head_dim(), cfg.rope_base, self.dtype)?;
+        let true_positions: Vec<f64> = (0..n).map(|p| p as f64).collect();
+        let (cos, sin) = rope_tables(&true_positions, cfg.head_dim(), cfg.rope_base, self.dtype)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let ids: Vec<String> = LAYER_TAPS.iter().map(|t| format!("blk.{l}.{t}")).collect();
             let wanted: Vec<bool> = ids.iter().map(|id| sink.wants(id)).collect();
             let mut captured: Vec<(String, Tensor)> = Vec::new();
-            let mut capture = |i: usize, t: &Tensor| -> Result<()> {
+            // Perturb (when injected), capture (when wanted), and hand the tensor on.
+            let mut tap = |i: usize, t: Tensor| -> Result<Tensor> {
+                let t = faults.apply(&ids[i], t)?;
                 if wanted[i] {
-                    captured.push((ids[i].clone(), gather(t)?));
+                    captured.push((ids[i].clone(), gather(&t)?));
                 }
-                Ok(())
+                Ok(t)
             };
             let (qw, kvw) = (cfg.n_head * cfg.head_dim(), cfg.n_head_kv * cfg.head_dim());
-            let h = rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
-            capture(0, &h)?;
+            let faulty_rope = match faults.rope_for(l) {
+                Some(f) => {
+                    let shifted: Vec<f64> = (0..n).map(|p| if p >= f.from { p as f64 + f.shift as f64 } else { p as f64 }).collect();
+                    Some(rope_tables(&shifted, cfg.head_dim(), cfg.rope_base, self.dtype)?)
+                }
+                None => None,
+            };
+            let (cos, sin) = faulty_rope.as_ref().map(|(c, s)| (c, s)).unwrap_or((&cos, &sin));
+            let h = tap(0, rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?)?;
             let qkv = h.matmul(&layer.wqkv)?;
-            let q = rope(&qkv.narrow(1, 0, qw)?, cfg.n_head, &cos, &sin)?;
-            let k = rope(&qkv.narrow(1, qw, kvw)?, cfg.n_head_kv, &cos, &sin)?;
-            let v = qkv.narrow(1, qw + kvw, kvw)?.contiguous()?;
-            capture(1, &q)?;
-            capture(2, &k)?;
-            capture(3, &v)?;
-            let attn = attention(&q, &k, &v, cfg)?;
-            capture(4, &attn)?;
-            let attn_out = attn.matmul(&layer.wo)?;
-            capture(5, &attn_out)?;
-            let resid_mid = (&x + &attn_out)?;
-            capture(6, &resid_mid)?;
-            let h2 = rms_norm(&resid_mid, &layer.ffn_norm, cfg.rms_eps)?;
-            capture(7, &h2)?;
+            let q = tap(1, rope(&qkv.narrow(1, 0, qw)?, cfg.n_head, cos, sin)?)?;
+            let k = tap(2, rope(&qkv.narrow(1, qw, kvw)?, cfg.n_head_kv, cos, sin)?)?;
+            let v = tap(3, qkv.narrow(1, qw + kvw, kvw)?.contiguous()?)?;
+            let attn = tap(4, attention(&q, &k, &v, cfg)?)?;
+            let attn_out = tap(5, attn.matmul(&layer.wo)?)?;
+            let resid_mid = tap(6, (&x + &attn_out)?)?;
+            let h2 = tap(7, rms_norm(&resid_mid, &layer.ffn_norm, cfg.rms_eps)?)?;
             let gate_up = h2.matmul(&layer.w_gate_up)?;
-            let gate = gate_up.narrow(1, 0, cfg.n_ff)?;
-            let up = gate_up.narrow(1, cfg.n_ff, cfg.n_ff)?;
-            capture(8, &gate)?;
-            capture(9, &up)?;
-            let act = (gate.silu()? * &up)?;
-            capture(10, &act)?;
-            let ffn_out = act.matmul(&layer.w_down)?;
-            capture(11, &ffn_out)?;
-            x = (&resid_mid + &ffn_out)?;
-            capture(12, &x)?;
+            let gate = tap(8, gate_up.narrow(1, 0, cfg.n_ff)?)?;
+            let up = tap(9, gate_up.narrow(1, cfg.n_ff, cfg.n_ff)?)?;
+            let act = tap(10, (gate.silu()? * &up)?)?;
+            let ffn_out = tap(11, act.matmul(&layer.w_down)?)?;
+            x = tap(12, (&resid_mid + &ffn_out)?)?;
             if !captured.is_empty() {
                 sink.emit(&format!("blk.{l}"), captured)?;
             }
@@ -190,13 +249,22 @@ impl Reference {
         // per row, so this equals computing everything and gathering afterwards.
         let (want_norm, want_logits) = (sink.wants("final_norm"), sink.wants("logits"));
         if want_norm || want_logits {
-            let normed = rms_norm(&gather(&x)?, &self.output_norm, cfg.rms_eps)?;
+            // Faults address absolute positions; on gathered rows they apply by index.
+            let gathered_faults = Faults {
+                taps: faults
+                    .taps
+                    .iter()
+                    .map(|f| TapFault { from: positions.iter().position(|&p| p >= f.from).unwrap_or(positions.len()), ..f.clone() })
+                    .collect(),
+                rope: Vec::new(),
+            };
+            let normed = gathered_faults.apply("final_norm", rms_norm(&gather(&x)?, &self.output_norm, cfg.rms_eps)?)?;
             let mut out = Vec::new();
             if want_norm {
                 out.push(("final_norm".to_string(), normed.clone()));
             }
             if want_logits {
-                out.push(("logits".to_string(), normed.matmul(&self.output.t()?)?));
+                out.push(("logits".to_string(), gathered_faults.apply("logits", normed.matmul(&self.output.t()?)?)?));
             }
             sink.emit("output", out)?;
         }
@@ -211,13 +279,14 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// cos/sin of position × frequency, shaped [n, 1, head_dim/2, 1] for broadcasting.
 /// Angles are formed in f64 so that f32 runs carry no angle error at long positions.
-fn rope_tables(n: usize, head_dim: usize, base: f64, dtype: DType) -> Result<(Tensor, Tensor)> {
+fn rope_tables(positions: &[f64], head_dim: usize, base: f64, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let n = positions.len();
     let half = head_dim / 2;
     let mut cos = Vec::with_capacity(n * half);
     let mut sin = Vec::with_capacity(n * half);
-    for p in 0..n {
+    for &p in positions {
         for i in 0..half {
-            let angle = p as f64 * base.powf(-2.0 * i as f64 / head_dim as f64);
+            let angle = p * base.powf(-2.0 * i as f64 / head_dim as f64);
             cos.push(angle.cos());
             sin.push(angle.sin());
         }

@@ -1,0 +1,534 @@
+//! Comparing two dumps: align by prompt, tap and position; refuse mismatched tokens or
+//! models; compute per-row metrics (DESIGN §5) straight from the mapped files, one file
+//! pair at a time, rows in parallel; find the first divergence in topological order.
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::dump::{Dump, EngineInfo, MappedFile, RunError, Status, TapDType, TapView};
+use crate::error::{Error, Result};
+use crate::taps::{Tap, LAYER_TAPS};
+use crate::tolerance::{coarsest, engine_dtype, Tolerance, Tolerances};
+
+const TOP_CHANNELS: usize = 8;
+
+/// The compact per-row record kept for every compared (tap, position).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct RowStat {
+    pub rel_l2: f64,
+    pub max_abs: f64,
+    pub cosine: f64,
+    pub norm_b: f64,
+    pub nonfinite_a: u32,
+    pub nonfinite_b: u32,
+}
+
+impl RowStat {
+    pub fn nmse(&self) -> f64 {
+        self.rel_l2 * self.rel_l2
+    }
+
+    pub fn sqnr_db(&self) -> f64 {
+        -20.0 * self.rel_l2.log10()
+    }
+
+    pub fn diverges(&self, tol: &Tolerance) -> bool {
+        self.nonfinite_a + self.nonfinite_b > 0 || (self.rel_l2 > tol.rel_l2 && self.max_abs > tol.abs) || self.rel_l2.is_nan()
+    }
+}
+
+/// KL(P_b ‖ P_a) over softmaxed logits, top-1 agreement and top-5 overlap.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct LogitStat {
+    pub kl: f64,
+    pub top1_agree: bool,
+    pub top5_overlap: u8,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Metrics {
+    pub max_abs: f64,
+    pub rel_l2: f64,
+    pub cosine: f64,
+    pub nmse: f64,
+    pub sqnr_db: f64,
+    pub nonfinite_a: u32,
+    pub nonfinite_b: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logits: Option<LogitStat>,
+}
+
+impl Metrics {
+    fn new(s: &RowStat, logits: Option<LogitStat>) -> Self {
+        Self { max_abs: s.max_abs, rel_l2: s.rel_l2, cosine: s.cosine, nmse: s.nmse(), sqnr_db: s.sqnr_db(), nonfinite_a: s.nonfinite_a, nonfinite_b: s.nonfinite_b, logits }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TapDiff {
+    pub tap: String,
+    pub dtype_a: &'static str,
+    pub dtype_b: &'static str,
+    pub tolerance: Tolerance,
+    pub positions: Vec<usize>,
+    pub rows: Vec<RowStat>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub logits: Vec<LogitStat>,
+    /// Index into `positions` of the first row over tolerance.
+    pub first_bad: Option<usize>,
+    pub diverged_rows: usize,
+}
+
+impl TapDiff {
+    pub fn max_rel_l2(&self) -> f64 {
+        self.rows.iter().map(|r| if r.nonfinite_a + r.nonfinite_b > 0 { f64::INFINITY } else { r.rel_l2 }).fold(0.0, f64::max)
+    }
+
+    fn rel_at(&self, position: usize) -> Option<f64> {
+        self.positions.binary_search(&position).ok().map(|i| self.rows[i].rel_l2)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Channel {
+    pub index: usize,
+    pub a: f64,
+    pub b: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HeadError {
+    pub head: usize,
+    pub rel_l2: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Growth {
+    pub tap: String,
+    /// rel L2 at the first divergent position (None when that position was not dumped).
+    pub at_position: Option<f64>,
+    pub max_rel_l2: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FirstDivergence {
+    pub tap: String,
+    pub position: usize,
+    pub token: u32,
+    pub metrics: Metrics,
+    pub tolerance: Tolerance,
+    pub top_channels: Vec<Channel>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub heads: Vec<HeadError>,
+    pub growth: Vec<Growth>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PromptDiff {
+    pub id: String,
+    pub text: Option<String>,
+    pub n_tokens: usize,
+    pub taps: Vec<TapDiff>,
+    pub first: Option<FirstDivergence>,
+    /// Taps one dump has and the other lacks (a crashed engine's partial dump).
+    pub missing_in_a: Vec<String>,
+    pub missing_in_b: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DumpSide {
+    pub path: String,
+    pub engine: EngineInfo,
+    pub status: Status,
+    pub error: Option<RunError>,
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DiffReport {
+    pub version: u32,
+    pub a: DumpSide,
+    pub b: DumpSide,
+    pub n_layer: usize,
+    pub prompts: Vec<PromptDiff>,
+    pub notes: Vec<String>,
+    pub bytes_compared: u64,
+    pub diverged: bool,
+}
+
+pub struct DiffOptions {
+    pub tolerances: Tolerances,
+    pub allow_model_mismatch: bool,
+}
+
+fn side(d: &Dump) -> DumpSide {
+    DumpSide {
+        path: d.root.display().to_string(),
+        engine: d.manifest.engine.clone(),
+        status: d.manifest.status,
+        error: d.manifest.error.clone(),
+        fingerprint: d.manifest.model.fingerprint.clone(),
+    }
+}
+
+/// Compare dump `a` (engine under test) with dump `b` (the reference).
+pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
+    let (ma, mb) = (&a.manifest, &b.manifest);
+    let mut notes = Vec::new();
+    if ma.model.fingerprint != mb.model.fingerprint {
+        if !opts.allow_model_mismatch {
+            return Err(Error::input(format!(
+                "the dumps come from different models (fingerprints {} and {}); pass --allow-model-mismatch to compare anyway",
+                ma.model.fingerprint, mb.model.fingerprint
+            )));
+        }
+        notes.push(format!("model fingerprints differ ({} vs {}), compared on request", ma.model.fingerprint, mb.model.fingerprint));
+    }
+    if ma.model.config != mb.model.config {
+        return Err(Error::input(format!("the dumps disagree on the model config: {:?} vs {:?}", ma.model.config, mb.model.config)));
+    }
+    for (d, name) in [(ma, "A"), (mb, "B")] {
+        match d.status {
+            Status::Complete => {}
+            Status::Running => notes.push(format!("dump {name} is partial: its engine was still running or was killed")),
+            Status::Failed => notes.push(format!(
+                "dump {name} is partial: its engine failed: {}",
+                d.error.as_ref().map(|e| format!("{}{}", e.message, e.tap.as_ref().map(|t| format!(" (last tap written: {t})")).unwrap_or_default())).unwrap_or_default()
+            )),
+        }
+    }
+    let engine_dtypes: Vec<TapDType> = [&ma.engine.dtype, &mb.engine.dtype].iter().filter_map(|d| engine_dtype(d)).collect();
+    let mut prompts = Vec::new();
+    let mut bytes = 0u64;
+    for pa in &ma.prompts {
+        let Some(pb) = mb.prompts.iter().find(|p| p.id == pa.id) else {
+            notes.push(format!("prompt {} is only in A", pa.id));
+            continue;
+        };
+        let (pd, n) = diff_prompt(a, b, &pa.id, &engine_dtypes, opts)?;
+        bytes += n;
+        prompts.push(pd);
+        let _ = pb;
+    }
+    for pb in &mb.prompts {
+        if !ma.prompts.iter().any(|p| p.id == pb.id) {
+            notes.push(format!("prompt {} is only in B", pb.id));
+        }
+    }
+    if prompts.is_empty() {
+        return Err(Error::input("the dumps share no prompt id"));
+    }
+    let diverged = prompts.iter().any(|p| p.first.is_some());
+    Ok(DiffReport { version: 1, a: side(a), b: side(b), n_layer: ma.model.config.n_layer, prompts, notes, bytes_compared: bytes, diverged })
+}
+
+fn file_stems(n_layer: usize) -> Vec<String> {
+    let mut v = vec!["embed".to_string()];
+    v.extend((0..n_layer).map(|l| format!("blk.{l}")));
+    v.push("output".into());
+    v
+}
+
+fn diff_prompt(a: &Dump, b: &Dump, id: &str, engine_dtypes: &[TapDType], opts: &DiffOptions) -> Result<(PromptDiff, u64)> {
+    let (pa, pb) = (a.prompt(id)?, b.prompt(id)?);
+    let n_layer = a.manifest.model.config.n_layer;
+    let mut taps: Vec<TapDiff> = Vec::new();
+    let (mut missing_in_a, mut missing_in_b) = (Vec::new(), Vec::new());
+    let mut max_pos: Option<usize> = None;
+    let mut bytes = 0u64;
+    for stem in file_stems(n_layer) {
+        let (fa, fb) = (a.map_file(id, &stem)?, b.map_file(id, &stem)?);
+        let (fa, fb) = match (fa, fb) {
+            (Some(fa), Some(fb)) => (fa, fb),
+            (Some(fa), None) => {
+                missing_in_b.extend(fa.taps.keys().cloned());
+                continue;
+            }
+            (None, Some(fb)) => {
+                missing_in_a.extend(fb.taps.keys().cloned());
+                continue;
+            }
+            (None, None) => continue,
+        };
+        missing_in_b.extend(fa.taps.keys().filter(|k| !fb.taps.contains_key(*k)).cloned());
+        missing_in_a.extend(fb.taps.keys().filter(|k| !fa.taps.contains_key(*k)).cloned());
+        let (ia, ib): (Vec<usize>, Vec<usize>) = common_rows(&fa.positions, &fb.positions);
+        if ia.is_empty() {
+            continue;
+        }
+        let positions: Vec<usize> = ia.iter().map(|&i| fa.positions[i]).collect();
+        max_pos = max_pos.max(positions.last().copied());
+        let mut ids: Vec<&String> = fa.taps.keys().filter(|k| fb.taps.contains_key(*k)).collect();
+        ids.sort_by_key(|k| Tap::parse(k));
+        for tap_id in ids {
+            let (va, vb) = (fa.tap(tap_id).expect("listed"), fb.tap(tap_id).expect("listed"));
+            let mut dtypes = engine_dtypes.to_vec();
+            dtypes.extend([va.dtype, vb.dtype]);
+            let tolerance = opts.tolerances.for_tap(tap_id, coarsest(&dtypes));
+            let rows: Vec<RowStat> = ia.par_iter().zip(&ib).map(|(&i, &j)| row_stat(&va.row(i), &vb.row(j))).collect();
+            let logits = if tap_id == "logits" { ia.par_iter().zip(&ib).map(|(&i, &j)| logit_stat(&va.row(i), &vb.row(j))).collect() } else { Vec::new() };
+            bytes += ((va.dtype.size() + vb.dtype.size()) * va.width * rows.len()) as u64;
+            let diverged: Vec<bool> = rows.iter().map(|r| r.diverges(&tolerance)).collect();
+            taps.push(TapDiff {
+                tap: tap_id.clone(),
+                dtype_a: va.dtype.name(),
+                dtype_b: vb.dtype.name(),
+                tolerance,
+                positions: positions.clone(),
+                first_bad: diverged.iter().position(|&d| d),
+                diverged_rows: diverged.iter().filter(|&&d| d).count(),
+                rows,
+                logits,
+            });
+        }
+    }
+    // Causality: rows up to the last compared position depend on exactly these tokens.
+    if let Some(max) = max_pos {
+        let n = (max + 1).min(pa.tokens.len()).min(pb.tokens.len());
+        if let Some(p) = (0..n).find(|&i| pa.tokens[i] != pb.tokens[i]) {
+            return Err(Error::input(format!("prompt {id}: tokens differ at position {p} (A has {}, B has {}); the dumps ran different inputs", pa.tokens[p], pb.tokens[p])));
+        }
+        if pa.tokens.len() <= max || pb.tokens.len() <= max {
+            return Err(Error::input(format!("prompt {id}: a dump has rows past the end of its tokens")));
+        }
+    }
+    let first = first_divergence(a, b, id, &taps, &pa.tokens, n_layer)?;
+    Ok((PromptDiff { id: id.to_string(), text: pa.text.clone(), n_tokens: pa.tokens.len(), taps, first, missing_in_a, missing_in_b }, bytes))
+}
+
+/// Row indices (into each file) of the positions both files hold.
+fn common_rows(pa: &[usize], pb: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    let (mut i, mut j) = (0, 0);
+    let (mut ia, mut ib) = (Vec::new(), Vec::new());
+    while i < pa.len() && j < pb.len() {
+        match pa[i].cmp(&pb[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                ia.push(i);
+                ib.push(j);
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    (ia, ib)
+}
+
+/// Generic over the two stored dtypes so each combination gets a tight loop.
+trait Elem {
+    fn read(b: &[u8], i: usize) -> f64;
+}
+struct EF32;
+struct EF64;
+struct EF16;
+struct EBF16;
+impl Elem for EF32 {
+    #[inline(always)]
+    fn read(b: &[u8], i: usize) -> f64 {
+        f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]) as f64
+    }
+}
+impl Elem for EF64 {
+    #[inline(always)]
+    fn read(b: &[u8], i: usize) -> f64 {
+        f64::from_le_bytes(b[8 * i..8 * i + 8].try_into().expect("8 bytes"))
+    }
+}
+impl Elem for EF16 {
+    #[inline(always)]
+    fn read(b: &[u8], i: usize) -> f64 {
+        half::f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f64()
+    }
+}
+impl Elem for EBF16 {
+    #[inline(always)]
+    fn read(b: &[u8], i: usize) -> f64 {
+        half::bf16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f64()
+    }
+}
+
+fn stat_typed<A: Elem, B: Elem>(a: &[u8], b: &[u8], n: usize) -> RowStat {
+    let (mut d2, mut b2, mut a2, mut ab, mut max_abs) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
+    let (mut nf_a, mut nf_b) = (0u32, 0u32);
+    for i in 0..n {
+        let (x, y) = (A::read(a, i), B::read(b, i));
+        if !x.is_finite() || !y.is_finite() {
+            nf_a += u32::from(!x.is_finite());
+            nf_b += u32::from(!y.is_finite());
+            continue;
+        }
+        let d = x - y;
+        d2 += d * d;
+        b2 += y * y;
+        a2 += x * x;
+        ab += x * y;
+        max_abs = max_abs.max(d.abs());
+    }
+    let norm_b = b2.sqrt();
+    let rel_l2 = if norm_b > 0.0 { d2.sqrt() / norm_b } else if d2 > 0.0 { f64::INFINITY } else { 0.0 };
+    let cosine = if a2 > 0.0 && b2 > 0.0 { ab / (a2.sqrt() * norm_b) } else if a2 == b2 { 1.0 } else { 0.0 };
+    RowStat { rel_l2, max_abs, cosine, norm_b, nonfinite_a: nf_a, nonfinite_b: nf_b }
+}
+
+macro_rules! dispatch {
+    ($f:ident, $a:expr, $b:expr, $n:expr) => {{
+        use TapDType::*;
+        match ($a.dtype, $b.dtype) {
+            (F32, F32) => $f::<EF32, EF32>($a.bytes, $b.bytes, $n),
+            (F32, F64) => $f::<EF32, EF64>($a.bytes, $b.bytes, $n),
+            (F32, F16) => $f::<EF32, EF16>($a.bytes, $b.bytes, $n),
+            (F32, BF16) => $f::<EF32, EBF16>($a.bytes, $b.bytes, $n),
+            (F64, F32) => $f::<EF64, EF32>($a.bytes, $b.bytes, $n),
+            (F64, F64) => $f::<EF64, EF64>($a.bytes, $b.bytes, $n),
+            (F64, F16) => $f::<EF64, EF16>($a.bytes, $b.bytes, $n),
+            (F64, BF16) => $f::<EF64, EBF16>($a.bytes, $b.bytes, $n),
+            (F16, F32) => $f::<EF16, EF32>($a.bytes, $b.bytes, $n),
+            (F16, F64) => $f::<EF16, EF64>($a.bytes, $b.bytes, $n),
+            (F16, F16) => $f::<EF16, EF16>($a.bytes, $b.bytes, $n),
+            (F16, BF16) => $f::<EF16, EBF16>($a.bytes, $b.bytes, $n),
+            (BF16, F32) => $f::<EBF16, EF32>($a.bytes, $b.bytes, $n),
+            (BF16, F64) => $f::<EBF16, EF64>($a.bytes, $b.bytes, $n),
+            (BF16, F16) => $f::<EBF16, EF16>($a.bytes, $b.bytes, $n),
+            (BF16, BF16) => $f::<EBF16, EBF16>($a.bytes, $b.bytes, $n),
+        }
+    }};
+}
+
+pub fn row_stat(a: &TapView, b: &TapView) -> RowStat {
+    dispatch!(stat_typed, a, b, a.width)
+}
+
+fn log_softmax(v: &TapView) -> Vec<f64> {
+    let x: Vec<f64> = (0..v.width).map(|i| v.get(i)).collect();
+    let max = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let lse = max + x.iter().map(|&v| (v - max).exp()).sum::<f64>().ln();
+    x.iter().map(|&v| v - lse).collect()
+}
+
+fn top_k(x: &[f64], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..x.len()).collect();
+    let k = k.min(x.len());
+    idx.select_nth_unstable_by(k.saturating_sub(1), |&i, &j| x[j].total_cmp(&x[i]));
+    idx.truncate(k);
+    idx.sort_by(|&i, &j| x[j].total_cmp(&x[i]));
+    idx
+}
+
+pub fn logit_stat(a: &TapView, b: &TapView) -> LogitStat {
+    let (la, lb) = (log_softmax(a), log_softmax(b));
+    let kl = la.iter().zip(&lb).map(|(&qa, &pb)| if pb.is_finite() && pb > -700.0 { pb.exp() * (pb - qa) } else { 0.0 }).sum::<f64>();
+    let (ta, tb) = (top_k(&la, 5), top_k(&lb, 5));
+    LogitStat { kl, top1_agree: ta.first() == tb.first(), top5_overlap: ta.iter().filter(|i| tb.contains(i)).count() as u8 }
+}
+
+fn head_count(tap: &Tap, a: &Dump) -> Option<usize> {
+    let c = &a.manifest.model.config;
+    match tap {
+        Tap::Layer(_, i) => match LAYER_TAPS[*i] {
+            "q" | "attn" => Some(c.n_head),
+            "k" | "v" => Some(c.n_head_kv),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn first_divergence(a: &Dump, b: &Dump, id: &str, taps: &[TapDiff], tokens: &[u32], n_layer: usize) -> Result<Option<FirstDivergence>> {
+    let Some((k, td)) = taps.iter().enumerate().find(|(_, t)| t.first_bad.is_some()) else { return Ok(None) };
+    let row = td.first_bad.expect("found above");
+    let position = td.positions[row];
+    let tap = Tap::parse(&td.tap).expect("taps in dumps are canonical");
+    let stem = tap.file_stem();
+    let load = |d: &Dump| -> Result<MappedFile> { d.map_file(id, &stem)?.ok_or_else(|| Error::input(format!("{stem} vanished while comparing"))) };
+    let (fa, fb) = (load(a)?, load(b)?);
+    let pick = |f: &MappedFile| -> Result<Vec<f64>> {
+        let r = f.positions.binary_search(&position).map_err(|_| Error::input(format!("{stem} changed while comparing")))?;
+        let v = f.tap(&td.tap).ok_or_else(|| Error::input(format!("{} vanished while comparing", td.tap)))?;
+        let v = v.row(r);
+        Ok((0..v.width).map(|i| v.get(i)).collect())
+    };
+    let (ra, rb) = (pick(&fa)?, pick(&fb)?);
+    let diff_of = |i: usize| {
+        let d = (ra[i] - rb[i]).abs();
+        if d.is_nan() { f64::INFINITY } else { d }
+    };
+    let mut order: Vec<usize> = (0..ra.len()).collect();
+    order.sort_by(|&i, &j| diff_of(j).total_cmp(&diff_of(i)));
+    let top_channels = order.iter().take(TOP_CHANNELS).map(|&i| Channel { index: i, a: ra[i], b: rb[i] }).collect();
+    let heads = match head_count(&tap, a) {
+        Some(h) => {
+            let hd = ra.len() / h;
+            let mut v: Vec<HeadError> = (0..h)
+                .map(|head| {
+                    let s = head * hd..(head + 1) * hd;
+                    let d: f64 = s.clone().map(|i| (ra[i] - rb[i]).powi(2)).sum();
+                    let n: f64 = s.map(|i| rb[i] * rb[i]).sum();
+                    HeadError { head, rel_l2: if n > 0.0 { (d / n).sqrt() } else { d.sqrt() } }
+                })
+                .collect();
+            v.sort_by(|x, y| y.rel_l2.total_cmp(&x.rel_l2));
+            v
+        }
+        None => Vec::new(),
+    };
+    // How the error grows: the same tap in later layers, every later resid_post, logits.
+    let same_kind = |t: &Tap| match (t, &tap) {
+        (Tap::Layer(_, i), Tap::Layer(_, j)) => i == j,
+        _ => false,
+    };
+    let growth = taps[k + 1..]
+        .iter()
+        .filter(|t| {
+            let p = Tap::parse(&t.tap).expect("canonical");
+            same_kind(&p) || t.tap.ends_with(".resid_post") || t.tap == "logits" || t.tap == "final_norm"
+        })
+        .take(3 * n_layer + 2)
+        .map(|t| Growth { tap: t.tap.clone(), at_position: t.rel_at(position), max_rel_l2: t.max_rel_l2() })
+        .collect();
+    let logits = td.logits.get(row).copied();
+    Ok(Some(FirstDivergence {
+        tap: td.tap.clone(),
+        position,
+        token: tokens[position],
+        metrics: Metrics::new(&td.rows[row], logits),
+        tolerance: td.tolerance,
+        top_channels,
+        heads,
+        growth,
+    }))
+}
+
+/// Tolerances from known-good pairs: per tap kind (`blk.*.q`, `logits`, …), the largest
+/// rel L2 seen, times `margin`, never below `floor`.
+pub fn calibrate(reports: &[DiffReport], margin: f64, floor: f64) -> Tolerances {
+    let mut worst: std::collections::BTreeMap<String, (Tap, f64)> = std::collections::BTreeMap::new();
+    for r in reports {
+        for p in &r.prompts {
+            for t in &p.taps {
+                let tap = Tap::parse(&t.tap).expect("canonical");
+                let pattern = match tap {
+                    Tap::Layer(_, i) => format!("blk.*.{}", LAYER_TAPS[i]),
+                    _ => t.tap.clone(),
+                };
+                let key = match tap {
+                    Tap::Layer(_, i) => Tap::Layer(0, i),
+                    other => other,
+                };
+                let e = worst.entry(pattern).or_insert((key, 0.0));
+                e.1 = e.1.max(t.max_rel_l2());
+            }
+        }
+    }
+    let mut entries: Vec<(String, Tap, f64)> = worst.into_iter().map(|(k, (t, v))| (k, t, v)).collect();
+    entries.sort_by_key(|e| e.1);
+    let sources: Vec<String> = reports.iter().map(|r| format!("{} vs {}", r.a.path, r.b.path)).collect();
+    Tolerances {
+        taps: entries
+            .into_iter()
+            .map(|(pattern, _, v)| crate::tolerance::TapTolerance { pattern, rel_l2: (v * margin).max(floor), abs: 0.0 })
+            .collect(),
+        source: Some(format!("calibrated ×{margin} (floor {floor:e}) from {}", sources.join(", "))),
+        ..Tolerances::default()
+    }
+}

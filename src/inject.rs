@@ -1,0 +1,79 @@
+//! Fault injection specs, one syntax for every engine:
+//! `TAP:KIND[=VALUE]@FROM` — `blk.5.attn_out:scale=1.5@826`, `blk.3.q:nan@100`,
+//! `embed:offset=0.25@0`, `blk.2.ffn_act:zero@7` — perturbs the tap's rows at positions
+//! ≥ FROM; `rope:shift=N@FROM` (every layer) or `blk.L.rope:shift=N@FROM` rotates
+//! queries and keys at positions ≥ FROM as if they sat N positions later.
+
+use resbisect_reference::{Fault, Faults, RopeFault, TapFault};
+
+use crate::error::{Error, Result};
+use crate::taps::canonical_tap_id;
+
+fn bad(spec: &str, why: &str) -> Error {
+    Error::input(format!("bad --inject {spec:?}: {why} (syntax TAP:KIND[=VALUE]@POS, KIND one of scale, offset, nan, zero; or [blk.L.]rope:shift=N@POS)"))
+}
+
+/// Parse one `--inject` spec into `faults`.
+pub fn parse_into(spec: &str, n_layer: usize, faults: &mut Faults) -> Result<()> {
+    let (target, rest) = spec.split_once(':').ok_or_else(|| bad(spec, "missing ':'"))?;
+    let (kind, from) = rest.rsplit_once('@').ok_or_else(|| bad(spec, "missing '@POS'"))?;
+    let from: usize = from.parse().map_err(|_| bad(spec, "POS is not a non-negative integer"))?;
+    let (kind, value) = match kind.split_once('=') {
+        Some((k, v)) => (k, Some(v.parse::<f64>().ok().filter(|v| v.is_finite()).ok_or_else(|| bad(spec, "VALUE is not a finite number"))?)),
+        None => (kind, None),
+    };
+    let rope_layer = if target == "rope" {
+        Some(None)
+    } else {
+        target.strip_prefix("blk.").and_then(|r| r.strip_suffix(".rope")).map(|l| l.parse::<usize>().map(Some))
+            .transpose()
+            .map_err(|_| bad(spec, "bad layer in blk.L.rope"))?
+    };
+    if let Some(layer) = rope_layer {
+        if let Some(l) = layer.filter(|&l| l >= n_layer) {
+            return Err(bad(spec, &format!("layer {l} does not exist (model has {n_layer})")));
+        }
+        let shift = match (kind, value) {
+            ("shift", Some(v)) if v.fract() == 0.0 && v != 0.0 => v as i64,
+            _ => return Err(bad(spec, "RoPE corruption takes shift=N with N a non-zero integer")),
+        };
+        faults.rope.push(RopeFault { layer, shift, from });
+        return Ok(());
+    }
+    let tap_id = canonical_tap_id(target, n_layer).map_err(|e| bad(spec, &e.to_string()))?;
+    let fault = match (kind, value) {
+        ("scale", Some(v)) => Fault::Scale(v),
+        ("offset", Some(v)) => Fault::Offset(v),
+        ("nan", None) => Fault::Nan,
+        ("zero", None) => Fault::Zero,
+        ("scale" | "offset", None) => return Err(bad(spec, "needs =VALUE")),
+        ("nan" | "zero", Some(_)) => return Err(bad(spec, "takes no value")),
+        _ => return Err(bad(spec, &format!("unknown kind {kind:?}"))),
+    };
+    faults.taps.push(TapFault { tap_id, fault, from });
+    Ok(())
+}
+
+pub fn parse_all(specs: &[String], n_layer: usize) -> Result<Faults> {
+    let mut faults = Faults::default();
+    for s in specs {
+        parse_into(s, n_layer, &mut faults)?;
+    }
+    Ok(faults)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_kind() {
+        let f = parse_all(&["blk.5.attn_out:scale=1.5@826".into(), "l_out-3:nan@7".into(), "rope:shift=3@100".into(), "blk.2.rope:shift=-1@0".into(), "embed:zero@0".into()], 30).unwrap();
+        assert_eq!(f.taps[0], TapFault { tap_id: "blk.5.attn_out".into(), fault: Fault::Scale(1.5), from: 826 });
+        assert_eq!(f.taps[1].tap_id, "blk.3.resid_post");
+        assert_eq!(f.rope, vec![RopeFault { layer: None, shift: 3, from: 100 }, RopeFault { layer: Some(2), shift: -1, from: 0 }]);
+        for bad in ["blk.5.attn_out:scale@1", "blk.5.attn_out:nan=1@1", "blk.5.attn_out:scale=2", "blk.40.q:nan@1", "rope:shift=0.5@1", "blk.2.rope:scale=2@1", "x:nan@1", "blk.1.q:melt@1", "blk.1.q:scale=inf@1"] {
+            assert!(parse_all(&[bad.into()], 30).is_err(), "{bad}");
+        }
+    }
+}

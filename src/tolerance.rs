@@ -1,0 +1,139 @@
+//! Tolerances: per-dtype defaults, per-tap overrides by glob pattern, and the file that
+//! `resbisect calibrate` writes from measured noise floors and `--tolerances` reads.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::dump::TapDType;
+use crate::error::{Error, Result};
+
+/// A row diverges when `rel_l2 > rel_l2` and `max_abs > abs` (so rows of near-zero
+/// vectors do not trip on rounding), or when it holds NaN/Inf.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Tolerance {
+    pub rel_l2: f64,
+    #[serde(default)]
+    pub abs: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TapTolerance {
+    /// Glob over canonical tap ids, `*` matching any run of characters: `blk.*.k`.
+    pub pattern: String,
+    pub rel_l2: f64,
+    #[serde(default)]
+    pub abs: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tolerances {
+    pub version: u32,
+    /// Defaults by the least precise dtype involved: F64, F32, BF16, F16.
+    pub defaults: std::collections::BTreeMap<String, Tolerance>,
+    /// Overrides, first match wins.
+    #[serde(default)]
+    pub taps: Vec<TapTolerance>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+impl Default for Tolerances {
+    /// Defaults sized for comparing a sound engine with the f32 reference: f32 engines
+    /// differ by summation order (measured ~1e-5 rel L2), half-precision engines by
+    /// storage rounding that accumulates over layers.
+    fn default() -> Self {
+        let t = |rel_l2, abs| Tolerance { rel_l2, abs };
+        Self {
+            version: 1,
+            defaults: [("F64", t(1e-9, 1e-12)), ("F32", t(1e-3, 1e-6)), ("BF16", t(8e-2, 1e-3)), ("F16", t(3e-2, 1e-3))]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            taps: Vec::new(),
+            source: None,
+        }
+    }
+}
+
+/// `*` matches any run of characters; everything else literally.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+fn precision_rank(d: TapDType) -> u8 {
+    match d {
+        TapDType::F64 => 3,
+        TapDType::F32 => 2,
+        TapDType::F16 => 1,
+        TapDType::BF16 => 0,
+    }
+}
+
+/// The least precise of the dtypes involved.
+pub fn coarsest(dtypes: &[TapDType]) -> TapDType {
+    *dtypes.iter().min_by_key(|d| precision_rank(**d)).unwrap_or(&TapDType::F32)
+}
+
+/// An engine's declared compute dtype as a tap dtype (`f16` computes coarser than it dumps).
+pub fn engine_dtype(name: &str) -> Option<TapDType> {
+    match name.to_ascii_lowercase().as_str() {
+        "f64" => Some(TapDType::F64),
+        "f32" => Some(TapDType::F32),
+        "f16" => Some(TapDType::F16),
+        "bf16" => Some(TapDType::BF16),
+        _ => None,
+    }
+}
+
+impl Tolerances {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let t: Tolerances = serde_json::from_str(&text).map_err(|e| Error::input(format!("{}: bad tolerance file: {e}", path.display())))?;
+        if t.version != 1 {
+            return Err(Error::input(format!("{}: tolerance file version {} is not supported", path.display(), t.version)));
+        }
+        let bad = |v: f64| !(v.is_finite() && v >= 0.0);
+        if t.defaults.values().any(|d| bad(d.rel_l2) || bad(d.abs)) || t.taps.iter().any(|d| bad(d.rel_l2) || bad(d.abs)) {
+            return Err(Error::input(format!("{}: tolerances must be finite and non-negative", path.display())));
+        }
+        Ok(t)
+    }
+
+    pub fn for_tap(&self, tap_id: &str, dtype: TapDType) -> Tolerance {
+        if let Some(o) = self.taps.iter().find(|o| glob_match(&o.pattern, tap_id)) {
+            return Tolerance { rel_l2: o.rel_l2, abs: o.abs };
+        }
+        self.defaults.get(dtype.name()).copied().or_else(|| Tolerances::default().defaults.get(dtype.name()).copied()).unwrap_or(Tolerance { rel_l2: 1e-3, abs: 1e-6 })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("blk.*.k", "blk.12.k"));
+        assert!(!glob_match("blk.*.k", "blk.12.attn_norm"));
+        assert!(glob_match("*", "logits"));
+        assert!(glob_match("blk.1*.resid_post", "blk.17.resid_post"));
+        assert!(!glob_match("blk.1*.resid_post", "blk.2.resid_post"));
+        assert!(glob_match("logits", "logits"));
+    }
+}

@@ -71,9 +71,14 @@ pub struct TapDiff {
     pub dtype_b: &'static str,
     pub tolerance: Tolerance,
     pub positions: Vec<usize>,
+    /// rel L2 per compared position (the report's heatmap data).
+    pub rel_l2: Vec<f32>,
+    /// Full statistics per row; kept in memory, summarized in JSON.
+    #[serde(skip)]
     pub rows: Vec<RowStat>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip)]
     pub logits: Vec<LogitStat>,
+    pub max_abs: f64,
     /// Index into `positions` of the first row over tolerance.
     pub first_bad: Option<usize>,
     pub diverged_rows: usize,
@@ -277,6 +282,8 @@ fn diff_prompt(a: &Dump, b: &Dump, id: &str, engine_dtypes: &[TapDType], opts: &
                 positions: positions.clone(),
                 first_bad: diverged.iter().position(|&d| d),
                 diverged_rows: diverged.iter().filter(|&&d| d).count(),
+                rel_l2: rows.iter().map(|r| if r.nonfinite_a + r.nonfinite_b > 0 { f32::INFINITY } else { r.rel_l2 as f32 }).collect(),
+                max_abs: rows.iter().map(|r| r.max_abs).fold(0.0, f64::max),
                 rows,
                 logits,
             });
@@ -291,6 +298,9 @@ fn diff_prompt(a: &Dump, b: &Dump, id: &str, engine_dtypes: &[TapDType], opts: &
         if pa.tokens.len() <= max || pb.tokens.len() <= max {
             return Err(Error::input(format!("prompt {id}: a dump has rows past the end of its tokens")));
         }
+    }
+    for missing in [&mut missing_in_a, &mut missing_in_b] {
+        missing.sort_by_key(|t| Tap::parse(t));
     }
     let first = first_divergence(a, b, id, &taps, &pa.tokens, n_layer)?;
     Ok((PromptDiff { id: id.to_string(), text: pa.text.clone(), n_tokens: pa.tokens.len(), taps, first, missing_in_a, missing_in_b }, bytes))
@@ -366,8 +376,13 @@ fn stat_typed<A: Elem, B: Elem>(a: &[u8], b: &[u8], n: usize) -> RowStat {
         max_abs = max_abs.max(d.abs());
     }
     let norm_b = b2.sqrt();
-    let rel_l2 = if norm_b > 0.0 { d2.sqrt() / norm_b } else if d2 > 0.0 { f64::INFINITY } else { 0.0 };
-    let cosine = if a2 > 0.0 && b2 > 0.0 { ab / (a2.sqrt() * norm_b) } else if a2 == b2 { 1.0 } else { 0.0 };
+    // Non-finite values make the row's error unbounded, whatever its finite part says.
+    let rel_l2 = if nf_a + nf_b > 0 {
+        f64::INFINITY
+    } else if norm_b > 0.0 { d2.sqrt() / norm_b } else if d2 > 0.0 { f64::INFINITY } else { 0.0 };
+    let cosine = if nf_a + nf_b > 0 {
+        f64::NAN
+    } else if a2 > 0.0 && b2 > 0.0 { ab / (a2.sqrt() * norm_b) } else if a2 == b2 { 1.0 } else { 0.0 };
     RowStat { rel_l2, max_abs, cosine, norm_b, nonfinite_a: nf_a, nonfinite_b: nf_b }
 }
 

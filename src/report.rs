@@ -165,7 +165,6 @@ fn error_vs_layer_svg(p: &PromptDiff, n_layer: usize) -> Result<String> {
             .margin(10)
             .x_label_area_size(35)
             .y_label_area_size(60)
-            .right_y_label_area_size(10)
             .build_cartesian_2d(-0.5f64..(n_layer as f64 - 0.5).max(0.5), (PLOT_FLOOR..1e3f64).log_scale())
             .map_err(plot_err)?;
         chart.configure_mesh().x_desc("layer").y_desc("rel L2").y_label_formatter(&|v| format!("{v:.0e}")).draw().map_err(plot_err)?;

@@ -202,9 +202,19 @@ impl Reference {
         if sink.wants("embed") {
             sink.emit("embed", vec![("embed".into(), gather(&x)?)])?;
         }
+        // Layers past the last one anything is captured from cannot change the dump.
+        let wants_output = sink.wants("final_norm") || sink.wants("logits");
+        let last_layer = if wants_output {
+            Some(cfg.n_layer - 1)
+        } else {
+            (0..cfg.n_layer).rev().find(|l| LAYER_TAPS.iter().any(|t| sink.wants(&format!("blk.{l}.{t}"))))
+        };
         let true_positions: Vec<f64> = (0..n).map(|p| p as f64).collect();
         let (cos, sin) = rope_tables(&true_positions, cfg.head_dim(), cfg.rope_base, self.dtype)?;
         for (l, layer) in self.layers.iter().enumerate() {
+            if last_layer.is_none_or(|last| l > last) {
+                break;
+            }
             let ids: Vec<String> = LAYER_TAPS.iter().map(|t| format!("blk.{l}.{t}")).collect();
             let wanted: Vec<bool> = ids.iter().map(|id| sink.wants(id)).collect();
             let mut captured: Vec<(String, Tensor)> = Vec::new();
@@ -248,7 +258,7 @@ impl Reference {
         // The output head only at the captured positions: RMSNorm and the projection are
         // per row, so this equals computing everything and gathering afterwards.
         let (want_norm, want_logits) = (sink.wants("final_norm"), sink.wants("logits"));
-        if want_norm || want_logits {
+        if wants_output {
             // Faults address absolute positions; on gathered rows they apply by index.
             let gathered_faults = Faults {
                 taps: faults

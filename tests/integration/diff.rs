@@ -1,0 +1,256 @@
+//! diff, calibrate and reports: injected faults on the real model are named exactly,
+//! clean pairs pass, bad pairs are refused, partial dumps are compared, HTML is safe.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::util::*;
+
+struct Suite {
+    dir: tempfile::TempDir,
+}
+
+impl Suite {
+    fn new() -> Self {
+        Self { dir: tempfile::tempdir().unwrap() }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// One prompt of a committed suite as its own suite file.
+    fn prompt_file(&self, suite: &str, id: &str) -> PathBuf {
+        let text = std::fs::read_to_string(root().join("fixtures/prompts").join(suite)).unwrap();
+        let line = text.lines().find(|l| serde_json::from_str::<Value>(l).unwrap()["id"] == id).unwrap();
+        let p = self.path(&format!("{id}.jsonl"));
+        std::fs::write(&p, format!("{line}\n")).unwrap();
+        p
+    }
+}
+
+fn dump_ok(args: &[&str]) {
+    let out = resbisect(args);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+}
+
+fn diff_json(a: &Path, b: &Path, extra: &[&str]) -> (i32, Value) {
+    let mut args = vec!["diff", path_str(a), path_str(b), "--json"];
+    args.extend_from_slice(extra);
+    let out = resbisect(&args);
+    assert!(out.code == 0 || out.code == 1, "exit {}: {}", out.code, out.stderr);
+    (out.code, serde_json::from_str(&out.stdout).unwrap())
+}
+
+/// The first divergence of one prompt as (tap, position).
+fn first(report: &Value, prompt: &str) -> Option<(String, u64)> {
+    let p = report["prompts"].as_array().unwrap().iter().find(|p| p["id"] == prompt).unwrap();
+    p["first"].as_object().map(|f| (f["tap"].as_str().unwrap().to_string(), f["position"].as_u64().unwrap()))
+}
+
+#[test]
+fn injected_faults_on_smollm2_are_named_exactly() {
+    let s = Suite::new();
+    let model = smollm2();
+    let m = path_str(&model);
+    // 1652 tokens; positions around and past the 826 collapse point, layers that hold
+    // the injections and their neighbours.
+    let long = s.prompt_file("long.jsonl", "long_1652");
+    let long_sel = ["--layers", "0,2,3,9,10,19,20", "--taps", "all", "--positions", "780..1000,-2.."];
+    let short = root().join("fixtures/prompts/bisect.jsonl");
+    let short_sel = ["--layers", "all", "--taps", "all", "--positions", "all"];
+    let run = |name: &str, prompts: &Path, sel: &[&str], inject: &[&str]| {
+        let out = s.path(name);
+        let mut args = vec!["dump", "--model", m, "--prompts", path_str(prompts), "-o", path_str(&out)];
+        args.extend_from_slice(sel);
+        for i in inject {
+            args.extend(["--inject", i]);
+        }
+        dump_ok(&args);
+        out
+    };
+    let long_clean = run("long-clean", &long, &long_sel, &[]);
+    let short_clean = run("short-clean", &short, &short_sel, &[]);
+    let cases: [(&str, bool, &str, (&str, u64)); 8] = [
+        ("long", true, "blk.3.attn_out:scale=1.1@826", ("blk.3.attn_out", 826)),
+        ("long", true, "blk.10.ffn_act:nan@900", ("blk.10.ffn_act", 900)),
+        ("long", true, "blk.20.q:offset=0.5@950", ("blk.20.q", 950)),
+        ("long", true, "rope:shift=5@826", ("blk.0.q", 826)),
+        ("p6_len_32", false, "blk.0.resid_post:zero@10", ("blk.0.resid_post", 10)),
+        ("p6_len_128", false, "blk.29.resid_mid:scale=0.9@0", ("blk.29.resid_mid", 0)),
+        ("p6_len_16", false, "embed:offset=0.01@5", ("embed", 5)),
+        ("chat_turn", false, "blk.14.v:scale=1.02@3", ("blk.14.v", 3)),
+    ];
+    for (i, (prompt, is_long, inject, (tap, pos))) in cases.iter().enumerate() {
+        let (inj, clean) = if *is_long {
+            (run(&format!("inj{i}"), &long, &long_sel, &[inject]), &long_clean)
+        } else {
+            (run(&format!("inj{i}"), &short, &short_sel, &[inject]), &short_clean)
+        };
+        let (code, report) = diff_json(&inj, clean, &[]);
+        assert_eq!(code, 1, "{inject}");
+        let prompt_id = if *is_long { "long_1652" } else { prompt };
+        assert_eq!(first(&report, prompt_id), Some((tap.to_string(), *pos)), "{inject}");
+        // A fault from position P reaches every prompt of the suite longer than P, at
+        // the same tap and position, and no shorter one.
+        for p in report["prompts"].as_array().unwrap() {
+            let id = p["id"].as_str().unwrap();
+            if p["n_tokens"].as_u64().unwrap() > *pos {
+                assert_eq!(first(&report, id), Some((tap.to_string(), *pos)), "{inject} on {id}");
+            } else {
+                assert!(p["first"].is_null(), "{inject}: prompt {id} is too short to be touched");
+            }
+        }
+    }
+    // Clean pair: f32 reference against f64 reference — no divergence under the f32
+    // defaults (measured gap ~1e-6 rel L2, tolerance 1e-3).
+    let long_f64 = run("long-f64", &long, &[&long_sel[..], &["--dtype", "f64"]].concat(), &[]);
+    let (code, report) = diff_json(&long_clean, &long_f64, &[]);
+    assert_eq!(code, 0, "{}", report["prompts"][0]["first"]);
+    assert!(report["bytes_compared"].as_u64().unwrap() > 100_000_000);
+}
+
+#[test]
+fn mismatched_inputs_are_refused() {
+    let s = Suite::new();
+    let m1 = tiny_model(s.dir.path(), "q8_0", 21);
+    let m2 = tiny_model(s.dir.path(), "q8_0", 22);
+    let dump = |name: &str, model: &Path, tokens: &str| {
+        let out = s.path(name);
+        dump_ok(&["dump", "--model", path_str(model), "--tokens", tokens, "--taps", "all", "-o", path_str(&out)]);
+        out
+    };
+    let a = dump("a", &m1, "5,6,7,8");
+    let b = dump("b", &m1, "5,6,9,8");
+    assert_refused(&resbisect(&["diff", path_str(&a), path_str(&b)]), "tokens differ at position 2 (A has 7, B has 9)");
+    let c = dump("c", &m2, "5,6,7,8");
+    assert_refused(&resbisect(&["diff", path_str(&a), path_str(&c)]), "different models");
+    let out = resbisect(&["diff", path_str(&a), path_str(&c), "--allow-model-mismatch"]);
+    assert_eq!(out.code, 1, "random weights differ everywhere: {}", out.stdout);
+    assert!(out.stdout.contains("FIRST DIVERGENCE at embed, position 0"), "{}", out.stdout);
+    assert_refused(&resbisect(&["diff", path_str(&a), "/nonexistent"]), "not a dump");
+    let bad_tol = s.path("tol.json");
+    std::fs::write(&bad_tol, r#"{"version": 1, "defaults": {"F32": {"rel_l2": -1}}}"#).unwrap();
+    assert_refused(&resbisect(&["diff", path_str(&a), path_str(&a), "--tolerances", path_str(&bad_tol)]), "finite and non-negative");
+}
+
+#[test]
+fn partial_dump_of_a_crashed_engine_is_compared() {
+    let s = Suite::new();
+    let m = tiny_model(s.dir.path(), "q4_0", 23);
+    let full = s.path("full");
+    dump_ok(&["dump", "--model", path_str(&m), "--tokens", "3,4,5,6,7", "--taps", "all", "-o", path_str(&full)]);
+    let partial = s.path("partial");
+    dump_ok(&["dump", "--model", path_str(&m), "--tokens", "3,4,5,6,7", "--taps", "all", "--inject", "blk.0.ffn_out:nan@3", "-o", path_str(&partial)]);
+    // What a crash in layer 1 leaves: layer 0 on disk, later files never written.
+    std::fs::remove_file(partial.join("data/prompt/blk.1.safetensors")).unwrap();
+    std::fs::remove_file(partial.join("data/prompt/output.safetensors")).unwrap();
+    let manifest = partial.join("manifest.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    v["status"] = "failed".into();
+    v["error"] = serde_json::json!({"message": "illegal memory access", "tap": "blk.0.resid_post"});
+    std::fs::write(&manifest, v.to_string()).unwrap();
+    let out = resbisect(&["diff", path_str(&partial), path_str(&full)]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stdout.contains("dump A is partial: its engine failed: illegal memory access (last tap written: blk.0.resid_post)"), "{}", out.stdout);
+    assert!(out.stdout.contains("FIRST DIVERGENCE at blk.0.ffn_out, position 3"), "{}", out.stdout);
+    assert!(out.stdout.contains("non-finite A/B 256/0"), "{}", out.stdout);
+    assert!(out.stdout.contains("missing in A (15): blk.1.attn_norm"), "{}", out.stdout);
+}
+
+#[test]
+fn calibrated_tolerances_from_f32_vs_f64() {
+    let s = Suite::new();
+    let m = tiny_model(s.dir.path(), "q6_k", 24);
+    let run = |name: &str, dtype: &str, inject: Option<&str>| {
+        let out = s.path(name);
+        let mut args = vec!["dump", "--model", path_str(&m), "--tokens", "9,8,7,6,5,4,3,200,201", "--taps", "all", "--dtype", dtype, "-o", path_str(&out)];
+        if let Some(i) = inject {
+            args.extend(["--inject", i]);
+        }
+        dump_ok(&args);
+        out
+    };
+    let (f32d, f64d) = (run("f32", "f32", None), run("f64", "f64", None));
+    let tol = s.path("tol.json");
+    let out = resbisect(&["calibrate", path_str(&f32d), path_str(&f64d), "--margin", "10", "-o", path_str(&tol)]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let t: Value = serde_json::from_str(&std::fs::read_to_string(&tol).unwrap()).unwrap();
+    let patterns: Vec<&str> = t["taps"].as_array().unwrap().iter().map(|o| o["pattern"].as_str().unwrap()).collect();
+    assert_eq!(patterns.len(), 16, "{patterns:?}");
+    assert!(patterns.contains(&"blk.*.resid_post") && patterns.contains(&"logits"));
+    for o in t["taps"].as_array().unwrap() {
+        assert!(o["rel_l2"].as_f64().unwrap() < 1e-4, "{o}: f32 vs f64 noise is far below 1e-4");
+    }
+    // A fault far below the default f32 tolerance (1e-3) but above the calibrated one.
+    let subtle = run("subtle", "f32", Some("blk.1.ffn_up:scale=1.0002@4"));
+    assert_eq!(resbisect(&["diff", path_str(&subtle), path_str(&f64d)]).code, 0);
+    let (code, report) = diff_json(&subtle, &f64d, &["--tolerances", path_str(&tol)]);
+    assert_eq!(code, 1);
+    assert_eq!(first(&report, "prompt"), Some(("blk.1.ffn_up".to_string(), 4)));
+}
+
+#[test]
+fn reports_are_self_contained_and_escape_prompt_text() {
+    let s = Suite::new();
+    let m = smollm2();
+    let suite = s.path("xss.jsonl");
+    let text = "</pre><script>document.title='pwned'</script><img src=x onerror=alert(1)> & \"quotes\"";
+    std::fs::write(&suite, format!("{}\n", serde_json::json!({"id": "xss", "text": text}))).unwrap();
+    let (a, b) = (s.path("a"), s.path("b"));
+    let sel = ["--layers", "0,1,2", "--taps", "resid_post,attn_out,logits"];
+    dump_ok(&[&["dump", "--model", path_str(&m), "--prompts", path_str(&suite), "-o", path_str(&a), "--inject", "blk.1.attn_out:scale=2@4"][..], &sel].concat());
+    dump_ok(&[&["dump", "--model", path_str(&m), "--prompts", path_str(&suite), "-o", path_str(&b)][..], &sel].concat());
+    let dir = s.path("report");
+    let history = s.path("history.jsonl");
+    for (run_name, x, y) in [("night-1", &b, &b), ("night-2", &a, &b), ("night-3", &a, &b)] {
+        let out = resbisect(&["report", "diff", path_str(x), path_str(y), "-o", path_str(&dir), "--history", path_str(&history), "--run", run_name]);
+        assert!(out.code <= 1, "{}", out.stderr);
+    }
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    assert!(!html.contains("<script"), "prompt text must stay text");
+    assert!(!html.contains("<img"), "prompt text must stay text");
+    assert!(html.contains("&lt;script&gt;document.title=&#39;pwned&#39;&lt;/script&gt;"));
+    assert!(html.contains("First divergence: blk.1.attn_out at position 4"));
+    assert!(!html.contains("http://") && !html.contains("https://") || html.contains("xmlns"), "no external resources");
+    assert_eq!(html.matches("<svg").count(), 2, "error-vs-layer plot and heatmap");
+    let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    assert!(md.contains("| xss |") && md.contains("**blk.1.attn_out**"), "{md}");
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(json["prompts"][0]["first"]["tap"], "blk.1.attn_out");
+
+    let trend_dir = s.path("trend");
+    let out = resbisect(&["report", "trend", path_str(&history), "-o", path_str(&trend_dir)]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("**xss** has diverged since run night-2"), "{}", out.stdout);
+    assert!(trend_dir.join("trend.html").is_file());
+
+    // A real browser renders the report; the prompt's script never runs.
+    let chromium = Path::new("/usr/bin/chromium");
+    if !chromium.exists() {
+        eprintln!("skipping the browser check: /usr/bin/chromium is not installed (.ci/run installs it)");
+        return;
+    }
+    let shot = s.path("shot.png");
+    let profile = s.path("profile");
+    let common = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"];
+    let url = format!("file://{}", dir.join("report.html").display());
+    let dom = std::process::Command::new(chromium)
+        .args(common)
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(["--dump-dom", &url])
+        .output()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(dom.contains("<title>resbisect: divergence found</title>"), "title changed or page did not load");
+    assert!(!dom.contains("pwned</title>"));
+    let status = std::process::Command::new(chromium)
+        .args(common)
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(["--window-size=1000,1400", &format!("--screenshot={}", shot.display()), &url])
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(std::fs::metadata(&shot).unwrap().len() > 20_000, "a screenshot with plots is not tiny");
+}

@@ -411,29 +411,171 @@ macro_rules! dispatch {
 }
 
 pub fn row_stat(a: &TapView, b: &TapView) -> RowStat {
+    if let (TapDType::F32, TapDType::F32, Ok(x), Ok(y)) = (a.dtype, b.dtype, bytemuck::try_cast_slice::<u8, f32>(a.bytes), bytemuck::try_cast_slice::<u8, f32>(b.bytes)) {
+        if let Some(stat) = stat_f32_finite(x, y) {
+            return stat;
+        }
+    }
     dispatch!(stat_typed, a, b, a.width)
 }
 
-fn log_softmax(v: &TapView) -> Vec<f64> {
-    let x: Vec<f64> = (0..v.width).map(|i| v.get(i)).collect();
-    let max = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let lse = max + x.iter().map(|&v| (v - max).exp()).sum::<f64>().ln();
-    x.iter().map(|&v| v - lse).collect()
+/// The common case (both f32, aligned, all finite), compiled for AVX2+FMA when the CPU
+/// has them (checked at run time) and for the baseline otherwise.
+fn stat_f32_finite(a: &[f32], b: &[f32]) -> Option<RowStat> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the features this function is compiled for were just detected.
+        return unsafe { stat_f32_finite_avx2(a, b) };
+    }
+    stat_f32_finite_lanes(a, b)
 }
 
-fn top_k(x: &[f64], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..x.len()).collect();
-    let k = k.min(x.len());
-    idx.select_nth_unstable_by(k.saturating_sub(1), |&i, &j| x[j].total_cmp(&x[i]));
-    idx.truncate(k);
-    idx.sort_by(|&i, &j| x[j].total_cmp(&x[i]));
-    idx
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn stat_f32_finite_avx2(a: &[f32], b: &[f32]) -> Option<RowStat> {
+    stat_f32_finite_lanes(a, b)
 }
 
+/// 8 lanes the compiler vectorizes; lanes accumulate in f32 over blocks of 256 values,
+/// blocks in f64. `None` when a value is non-finite: the generic path then counts them.
+#[inline(always)]
+fn stat_f32_finite_lanes(a: &[f32], b: &[f32]) -> Option<RowStat> {
+    const LANES: usize = 8;
+    const BLOCK: usize = 256;
+    let (mut d2, mut b2, mut a2, mut ab, mut max_abs) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f32);
+    for (ca, cb) in a.chunks(BLOCK).zip(b.chunks(BLOCK)) {
+        let (mut sd, mut sb, mut sa, mut sab, mut mx) = ([0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES]);
+        let mut ia = ca.chunks_exact(LANES);
+        let mut ib = cb.chunks_exact(LANES);
+        for (x, y) in (&mut ia).zip(&mut ib) {
+            let (x, y): (&[f32; LANES], &[f32; LANES]) = (x.try_into().expect("exact chunk"), y.try_into().expect("exact chunk"));
+            for k in 0..LANES {
+                let d = x[k] - y[k];
+                sd[k] += d * d;
+                sb[k] += y[k] * y[k];
+                sa[k] += x[k] * x[k];
+                sab[k] += x[k] * y[k];
+                mx[k] = if d.abs() > mx[k] { d.abs() } else { mx[k] };
+            }
+        }
+        let (mut rd, mut rb, mut ra, mut rab, mut rmx) = (0f32, 0f32, 0f32, 0f32, 0f32);
+        for (x, y) in ia.remainder().iter().zip(ib.remainder()) {
+            let d = x - y;
+            rd += d * d;
+            rb += y * y;
+            ra += x * x;
+            rab += x * y;
+            rmx = rmx.max(d.abs());
+        }
+        d2 += rd as f64;
+        b2 += rb as f64;
+        a2 += ra as f64;
+        ab += rab as f64;
+        max_abs = max_abs.max(rmx);
+        d2 += sd.iter().map(|&v| v as f64).sum::<f64>();
+        b2 += sb.iter().map(|&v| v as f64).sum::<f64>();
+        a2 += sa.iter().map(|&v| v as f64).sum::<f64>();
+        ab += sab.iter().map(|&v| v as f64).sum::<f64>();
+        max_abs = mx.iter().fold(max_abs, |m, &v| m.max(v));
+    }
+    // f32 max ignores NaN, so a non-finite input shows up in the sums instead.
+    if !(d2.is_finite() && b2.is_finite() && a2.is_finite() && ab.is_finite()) {
+        return None;
+    }
+    let norm_b = b2.sqrt();
+    let rel_l2 = if norm_b > 0.0 { d2.sqrt() / norm_b } else if d2 > 0.0 { f64::INFINITY } else { 0.0 };
+    let cosine = if a2 > 0.0 && b2 > 0.0 { ab / (a2.sqrt() * norm_b) } else if a2 == b2 { 1.0 } else { 0.0 };
+    Some(RowStat { rel_l2, max_abs: max_abs as f64, cosine, norm_b, nonfinite_a: 0, nonfinite_b: 0 })
+}
+
+fn decode_row(v: &TapView) -> Vec<f32> {
+    match bytemuck::try_cast_slice::<u8, f32>(v.bytes) {
+        Ok(x) if v.dtype == TapDType::F32 => x.to_vec(),
+        _ => (0..v.width).map(|i| v.get(i) as f32).collect(),
+    }
+}
+
+/// Indices of the `K` largest values, largest first, in one pass.
+fn top<const K: usize>(x: &[f32]) -> Vec<usize> {
+    let mut best: Vec<usize> = Vec::with_capacity(K + 1);
+    for (i, &v) in x.iter().enumerate() {
+        if best.len() == K && v <= x[best[K - 1]] {
+            continue;
+        }
+        let at = best.iter().position(|&j| v > x[j]).unwrap_or(best.len());
+        best.insert(at, i);
+        best.truncate(K);
+    }
+    best
+}
+
+/// exp(x) for x ≤ 0 (softmax after subtracting the max): 2^k·p(r) with a degree-6
+/// polynomial, relative error below 5e-7 (measured in the test below) — plain arithmetic so the loop vectorizes,
+/// where libm's exp would dominate the whole diff on 49k-wide logit rows.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    // ln 2 split in a part exact in f32 and a remainder (Cody–Waite), so r stays exact.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.max(-87.0);
+    let k = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = (x - k * LN2_HI) - k * LN2_LO;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * f32::from_bits(((k as i32 + 127) as u32) << 23)
+}
+
+/// Σ exp(x − max) in f64 blocks, and Σ exp(x_b − max)·(x_b − x_a) when `other` is given.
+#[inline(always)]
+fn exp_sums_lanes(x: &[f32], max: f32, other: Option<&[f32]>) -> (f64, f64) {
+    let (mut total, mut weighted) = (0.0f64, 0.0f64);
+    for (i, block) in x.chunks(256).enumerate() {
+        let (mut s, mut w) = (0.0f32, 0.0f32);
+        match other {
+            Some(o) => {
+                for (&v, &u) in block.iter().zip(&o[i * 256..]) {
+                    let e = exp_nonpositive(v - max);
+                    s += e;
+                    w += e * (v - u);
+                }
+            }
+            None => {
+                for &v in block {
+                    s += exp_nonpositive(v - max);
+                }
+            }
+        }
+        total += s as f64;
+        weighted += w as f64;
+    }
+    (total, weighted)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_sums_avx2(x: &[f32], max: f32, other: Option<&[f32]>) -> (f64, f64) {
+    exp_sums_lanes(x, max, other)
+}
+
+fn exp_sums(x: &[f32], max: f32, other: Option<&[f32]>) -> (f64, f64) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the features this function is compiled for were just detected.
+        return unsafe { exp_sums_avx2(x, max, other) };
+    }
+    exp_sums_lanes(x, max, other)
+}
+
+/// KL(P_b ‖ P_a) = Σ p_b·(x_b − x_a) − (lse_b − lse_a).
 pub fn logit_stat(a: &TapView, b: &TapView) -> LogitStat {
-    let (la, lb) = (log_softmax(a), log_softmax(b));
-    let kl = la.iter().zip(&lb).map(|(&qa, &pb)| if pb.is_finite() && pb > -700.0 { pb.exp() * (pb - qa) } else { 0.0 }).sum::<f64>();
-    let (ta, tb) = (top_k(&la, 5), top_k(&lb, 5));
+    let (xa, xb) = (decode_row(a), decode_row(b));
+    let max = |x: &[f32]| x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let (max_a, max_b) = (max(&xa), max(&xb));
+    let (sum_a, _) = exp_sums(&xa, max_a, None);
+    let (sum_b, cross) = exp_sums(&xb, max_b, Some(&xa));
+    let (lse_a, lse_b) = (max_a as f64 + sum_a.ln(), max_b as f64 + sum_b.ln());
+    let kl = cross / sum_b - (lse_b - lse_a);
+    let kl = if kl.is_finite() { kl.max(0.0) } else { f64::INFINITY };
+    let (ta, tb) = (top::<5>(&xa), top::<5>(&xb));
     LogitStat { kl, top1_agree: ta.first() == tb.first(), top5_overlap: ta.iter().filter(|i| tb.contains(i)).count() as u8 }
 }
 
@@ -545,5 +687,40 @@ pub fn calibrate(reports: &[DiffReport], margin: f64, floor: f64) -> Tolerances 
             .collect(),
         source: Some(format!("calibrated ×{margin} (floor {floor:e}) from {}", sources.join(", "))),
         ..Tolerances::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut worst = 0.0f64;
+        for i in 0..200_000 {
+            let x = -(i as f32) * 87.0 / 200_000.0;
+            let (got, want) = (exp_nonpositive(x) as f64, (x as f64).exp());
+            worst = worst.max(((got - want) / want).abs());
+        }
+        assert!(worst < 5e-7, "worst relative error {worst:e}");
+    }
+
+    #[test]
+    fn kl_matches_the_definition() {
+        let a: Vec<f32> = (0..1000).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        let b: Vec<f32> = a.iter().enumerate().map(|(i, v)| v + ((i % 7) as f32 - 3.0) * 0.05).collect();
+        let bytes = |x: &[f32]| x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+        let (ba, bb) = (bytes(&a), bytes(&b));
+        let view = |d: &[u8]| TapView { dtype: TapDType::F32, rows: 1, width: 1000, bytes: unsafe { std::slice::from_raw_parts(d.as_ptr(), d.len()) } };
+        let got = logit_stat(&view(&ba), &view(&bb)).kl;
+        let lsm = |x: &[f32]| {
+            let m = x.iter().copied().fold(f32::MIN, f32::max) as f64;
+            let l = m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+            x.iter().map(|&v| v as f64 - l).collect::<Vec<f64>>()
+        };
+        let (la, lb) = (lsm(&a), lsm(&b));
+        let want: f64 = la.iter().zip(&lb).map(|(qa, pb)| pb.exp() * (pb - qa)).sum();
+        // Measured gap 4.9e-5 relative: f32 block sums of a cancelling difference.
+        assert!((got - want).abs() < 1e-4 * want, "{got} vs {want}");
     }
 }

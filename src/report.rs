@@ -413,6 +413,14 @@ pub fn first_bad_runs(history: &[HistoryEntry]) -> Vec<(String, Option<String>)>
         .collect()
 }
 
+/// A prompt's verdict in one run: (diverged, `tap@position` or `ok <worst rel L2>`).
+fn trend_cell(e: &HistoryEntry, id: &str) -> Option<(bool, String)> {
+    e.prompts.iter().find(|p| p.id == id).map(|p| match &p.first_tap {
+        Some(tap) if p.diverged => (true, format!("{tap}@{}", p.first_position.map(|v| v.to_string()).unwrap_or_default())),
+        _ => (false, format!("ok {}", sci(p.max_rel_l2))),
+    })
+}
+
 /// Trend table (Markdown) and HTML page with one line per prompt of max rel L2 per run.
 pub fn trend(history: &[HistoryEntry]) -> Result<(String, String)> {
     if history.is_empty() {
@@ -430,9 +438,9 @@ pub fn trend(history: &[HistoryEntry]) -> Result<(String, String)> {
     for e in history {
         let _ = write!(md, "| {} |", md_text(&e.run));
         for id in &ids {
-            let cell = match e.prompts.iter().find(|p| &&p.id == id) {
-                Some(p) if p.diverged => format!(" **{}@{}** |", p.first_tap.as_deref().unwrap_or("?"), p.first_position.map(|v| v.to_string()).unwrap_or_default()),
-                Some(p) => format!(" ok {} |", sci(p.max_rel_l2)),
+            let cell = match trend_cell(e, id) {
+                Some((true, text)) => format!(" **{}** |", md_text(&text)),
+                Some((false, text)) => format!(" {text} |"),
                 None => " |".into(),
             };
             md.push_str(&cell);
@@ -483,9 +491,9 @@ pub fn trend(history: &[HistoryEntry]) -> Result<(String, String)> {
     for e in history {
         let _ = write!(html, "<tr><td>{}</td>", html_escape(&e.run));
         for id in &ids {
-            let cell = match e.prompts.iter().find(|p| &&p.id == id) {
-                Some(p) if p.diverged => format!("<td style=\"background:#fde2e2\">{}@{}</td>", html_escape(p.first_tap.as_deref().unwrap_or("?")), p.first_position.map(|v| v.to_string()).unwrap_or_default()),
-                Some(p) => format!("<td>ok {}</td>", sci(p.max_rel_l2)),
+            let cell = match trend_cell(e, id) {
+                Some((true, text)) => format!("<td style=\"background:#fde2e2\">{}</td>", html_escape(&text)),
+                Some((false, text)) => format!("<td>{text}</td>"),
                 None => "<td></td>".into(),
             };
             html.push_str(&cell);

@@ -14,7 +14,7 @@ use resbisect::tolerance::Tolerances;
 use resbisect::model::Model;
 use resbisect::prompts::{self, PromptSource};
 use resbisect::reference_engine::{self, Progress, RefPrecision};
-use resbisect::taps::Selection;
+use resbisect::taps::{Selection, Tap};
 use resbisect::tokenizer::Tokenizer;
 use resbisect::{gguf, synth, Error, Result};
 
@@ -283,10 +283,14 @@ fn inspect_dump(path: &Path) -> Result<()> {
     println!("created      {}", m.created);
     for p in &m.prompts {
         println!("prompt {} ({} tokens)", p.id, p.tokens.len());
-        for stem in dump.files(&p.id)? {
-            let Some(file) = dump.read_file(&p.id, &stem)? else { continue };
-            for (id, rows) in &file.taps {
-                println!("  {:<24} {:<5} [{}, {}]", id, rows.dtype.name(), file.positions.len(), rows.width);
+        let mut stems = dump.files(&p.id)?;
+        stems.sort_by_key(|s| Tap::parse(&format!("{s}.attn_norm")).or_else(|| Tap::parse(s)).or(if s == "output" { Tap::parse("final_norm") } else { None }));
+        for stem in stems {
+            let Some(file) = dump.map_file(&p.id, &stem)? else { continue };
+            let mut taps: Vec<(&String, _)> = file.taps.iter().collect();
+            taps.sort_by_key(|(id, _)| Tap::parse(id));
+            for (id, slice) in taps {
+                println!("  {:<24} {:<5} [{}, {}]", id, slice.dtype.name(), file.positions.len(), slice.width);
             }
         }
     }

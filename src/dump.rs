@@ -520,10 +520,19 @@ impl BackgroundWriter {
 
     /// Wait for queued files, then mark the manifest complete, or failed with the engine's
     /// error and the last tap that reached the disk. Returns the first error.
-    pub fn finish(mut self, outcome: Result<()>) -> Result<()> {
+    pub fn finish(self, outcome: Result<()>) -> Result<()> {
+        self.finish_with_tokens(outcome, Vec::new())
+    }
+
+    /// As [`finish`](Self::finish), first recording the tokens each prompt processed
+    /// (prompt and generated), in manifest order, for as many prompts as ran.
+    pub fn finish_with_tokens(mut self, outcome: Result<()>, tokens: Vec<Vec<u32>>) -> Result<()> {
         drop(self.tx.take());
         let state = self.handle.take().expect("joined once").join().map_err(|_| Error::engine("the dump writer thread panicked"))?;
         let WriterState { mut writer, result, last_written } = state;
+        for (p, t) in writer.manifest.prompts.iter_mut().zip(tokens) {
+            p.tokens = t;
+        }
         let failure = match (outcome, result) {
             (Ok(()), Ok(())) => None,
             (Err(e), _) | (Ok(()), Err(e)) => Some(e),

@@ -2,7 +2,9 @@
 //! `TAP:KIND[=VALUE]@FROM` — `blk.5.attn_out:scale=1.5@826`, `blk.3.q:nan@100`,
 //! `embed:offset=0.25@0`, `blk.2.ffn_act:zero@7` — perturbs the tap's rows at positions
 //! ≥ FROM; `rope:shift=N@FROM` (every layer) or `blk.L.rope:shift=N@FROM` rotates
-//! queries and keys at positions ≥ FROM as if they sat N positions later.
+//! queries and keys at positions ≥ FROM as if they sat N positions later;
+//! `TAP:oob@FROM` (runtime only) makes the op at that tap fail with a real
+//! out-of-bounds request once the run reaches FROM, to exercise the crash path.
 
 use resbisect_reference::{Fault, Faults, RopeFault, TapFault};
 
@@ -10,11 +12,26 @@ use crate::error::{Error, Result};
 use crate::taps::canonical_tap_id;
 
 fn bad(spec: &str, why: &str) -> Error {
-    Error::input(format!("bad --inject {spec:?}: {why} (syntax TAP:KIND[=VALUE]@POS, KIND one of scale, offset, nan, zero; or [blk.L.]rope:shift=N@POS)"))
+    Error::input(format!("bad --inject {spec:?}: {why} (syntax TAP:KIND[=VALUE]@POS, KIND one of scale, offset, nan, zero, oob; or [blk.L.]rope:shift=N@POS)"))
 }
 
-/// Parse one `--inject` spec into `faults`.
-pub fn parse_into(spec: &str, n_layer: usize, faults: &mut Faults) -> Result<()> {
+/// Faults as the runtime applies them: the reference's, plus failing ops.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RuntimeFaults {
+    pub taps: Vec<TapFault>,
+    pub rope: Vec<RopeFault>,
+    /// (tap id, position): the op at this tap fails once the run reaches the position.
+    pub crash: Vec<(String, usize)>,
+}
+
+enum Parsed {
+    Tap(TapFault),
+    Rope(RopeFault),
+    Crash(String, usize),
+}
+
+/// Parse one `--inject` spec.
+fn parse_one(spec: &str, n_layer: usize) -> Result<Parsed> {
     let (target, rest) = spec.split_once(':').ok_or_else(|| bad(spec, "missing ':'"))?;
     let (kind, from) = rest.rsplit_once('@').ok_or_else(|| bad(spec, "missing '@POS'"))?;
     let from: usize = from.parse().map_err(|_| bad(spec, "POS is not a non-negative integer"))?;
@@ -37,8 +54,7 @@ pub fn parse_into(spec: &str, n_layer: usize, faults: &mut Faults) -> Result<()>
             ("shift", Some(v)) if v.fract() == 0.0 && v != 0.0 => v as i64,
             _ => return Err(bad(spec, "RoPE corruption takes shift=N with N a non-zero integer")),
         };
-        faults.rope.push(RopeFault { layer, shift, from });
-        return Ok(());
+        return Ok(Parsed::Rope(RopeFault { layer, shift, from }));
     }
     let tap_id = canonical_tap_id(target, n_layer).map_err(|e| bad(spec, &e.to_string()))?;
     let fault = match (kind, value) {
@@ -46,18 +62,31 @@ pub fn parse_into(spec: &str, n_layer: usize, faults: &mut Faults) -> Result<()>
         ("offset", Some(v)) => Fault::Offset(v),
         ("nan", None) => Fault::Nan,
         ("zero", None) => Fault::Zero,
+        ("oob", None) => return Ok(Parsed::Crash(tap_id, from)),
         ("scale" | "offset", None) => return Err(bad(spec, "needs =VALUE")),
-        ("nan" | "zero", Some(_)) => return Err(bad(spec, "takes no value")),
+        ("nan" | "zero" | "oob", Some(_)) => return Err(bad(spec, "takes no value")),
         _ => return Err(bad(spec, &format!("unknown kind {kind:?}"))),
     };
-    faults.taps.push(TapFault { tap_id, fault, from });
-    Ok(())
+    Ok(Parsed::Tap(TapFault { tap_id, fault, from }))
 }
 
+/// Faults for the reference, which computes but never fails on request.
 pub fn parse_all(specs: &[String], n_layer: usize) -> Result<Faults> {
-    let mut faults = Faults::default();
+    let f = parse_runtime(specs, n_layer)?;
+    if let Some((tap, _)) = f.crash.first() {
+        return Err(Error::input(format!("--inject {tap}:oob is for the runtime; the reference does not fail on request")));
+    }
+    Ok(Faults { taps: f.taps, rope: f.rope })
+}
+
+pub fn parse_runtime(specs: &[String], n_layer: usize) -> Result<RuntimeFaults> {
+    let mut faults = RuntimeFaults::default();
     for s in specs {
-        parse_into(s, n_layer, &mut faults)?;
+        match parse_one(s, n_layer)? {
+            Parsed::Tap(t) => faults.taps.push(t),
+            Parsed::Rope(r) => faults.rope.push(r),
+            Parsed::Crash(tap, from) => faults.crash.push((tap, from)),
+        }
     }
     Ok(faults)
 }

@@ -10,6 +10,7 @@ pub mod model;
 pub mod prompts;
 pub mod reference_engine;
 pub mod report;
+pub mod runtime;
 pub mod synth;
 pub mod taps;
 pub mod tolerance;

@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use resbisect::diff::{self, DiffOptions, DiffReport};
 use resbisect::dump::Dump;
 use resbisect::report;
+use resbisect::runtime::{self, backend::StorageDType, cpu::CpuBackend, RunOptions};
 use resbisect::tolerance::Tolerances;
 use resbisect::model::Model;
 use resbisect::prompts::{self, PromptSource};
@@ -137,7 +138,15 @@ enum ReportKind {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum EngineKind {
+    /// The oracle (candle, f32 or f64).
     Reference,
+    /// The instrumented runtime (device under test) on --backend.
+    Runtime,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendKind {
+    Cpu,
 }
 
 #[derive(Args)]
@@ -167,9 +176,21 @@ struct DumpArgs {
     /// Positions: all | last | 0..16,820..840 | -8..
     #[arg(long, default_value = "all", allow_hyphen_values = true)]
     positions: String,
-    /// Reference precision: f32 or f64.
+    /// Precision: f32 or f64 for the reference; f32, f16 or bf16 storage for the runtime.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Runtime backend.
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendKind,
+    /// Runtime: prompt tokens per prefill step (default: the whole prompt at once).
+    #[arg(long)]
+    prefill_chunk: Option<usize>,
+    /// Runtime: greedy tokens to generate (and process) after the prompt.
+    #[arg(long, default_value_t = 0)]
+    max_tokens: usize,
+    /// Runtime: synchronize after every op so a device error names the op.
+    #[arg(long)]
+    sync_check: bool,
     #[arg(short, long)]
     output: PathBuf,
     /// Replace an existing dump at the output path.
@@ -215,7 +236,6 @@ impl Drop for Bars {
 fn cmd_dump(a: DumpArgs) -> Result<()> {
     let model = Model::open(&a.model)?;
     let selection = Selection::parse(&a.layers, &a.taps, &a.positions, model.config.n_layer)?;
-    let precision = RefPrecision::parse(&a.dtype)?;
     let entries = match (&a.prompt, &a.tokens, &a.prompts) {
         (Some(text), _, _) => vec![(a.id.clone(), Some(text.clone()), PromptSource::Text(text.clone()))],
         (_, Some(list), _) => vec![(a.id.clone(), None, PromptSource::Tokens(prompts::parse_token_list(list)?))],
@@ -227,7 +247,18 @@ fn cmd_dump(a: DumpArgs) -> Result<()> {
     let records = prompts::resolve(entries, tokenizer.as_ref(), model.config.n_vocab, model.config.n_ctx)?;
     let summary = match a.engine {
         EngineKind::Reference => {
+            let precision = RefPrecision::parse(&a.dtype)?;
+            if a.max_tokens > 0 || a.prefill_chunk.is_some() || a.sync_check {
+                return Err(Error::input("--max-tokens, --prefill-chunk and --sync-check are runtime options (--engine runtime)"));
+            }
             reference_engine::dump_reference(&model, records, selection, precision, &a.inject, &a.output, a.overwrite, &mut Bars { bar: None })?
+        }
+        EngineKind::Runtime => {
+            let dtype = StorageDType::parse(&a.dtype)?;
+            let opts = RunOptions { prefill_chunk: a.prefill_chunk, max_tokens: a.max_tokens, sync_check: a.sync_check };
+            match a.backend {
+                BackendKind::Cpu => runtime::dump_runtime(CpuBackend::new(dtype), &model, records, selection, &a.inject, &opts, &a.output, a.overwrite, &mut Bars { bar: None })?,
+            }
         }
     };
     eprintln!(

@@ -7,4 +7,5 @@ mod bad_input;
 mod diff;
 mod dump_format;
 mod reference;
+mod runtime;
 mod tokenizer;

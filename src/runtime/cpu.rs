@@ -1,0 +1,249 @@
+//! The `cpu` backend: plain Rust (matrixmultiply for GEMM, rayon across rows and heads),
+//! mirroring what a GPU kernel does — values stored in the storage dtype after every op,
+//! arithmetic accumulated in f32, RoPE angles formed in f32. Not the oracle: the same
+//! runtime on another device.
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+use resbisect_reference::Fault;
+
+use super::backend::{AttnShape, Backend, StorageDType};
+use crate::error::{Error, Result};
+
+/// Query rows per attention block: bounds the per-head score matrix to 256 × keys.
+const ATTN_BLOCK: usize = 256;
+
+/// The output buffer shared by the attention heads, which write disjoint columns.
+struct SharedOut(*mut f32);
+// SAFETY: heads write disjoint column ranges of the buffer, never the same element.
+unsafe impl Sync for SharedOut {}
+
+/// Up to this many rows a matmul is done as dot products instead of a packed GEMM.
+const SMALL_ROWS: usize = 4;
+
+pub struct CpuBackend {
+    dtype: StorageDType,
+}
+
+impl CpuBackend {
+    pub fn new(dtype: StorageDType) -> Self {
+        Self { dtype }
+    }
+
+    /// Round to the storage dtype (a no-op for f32).
+    fn store(&self, v: &mut [f32]) {
+        match self.dtype {
+            StorageDType::F32 => {}
+            StorageDType::F16 => v.par_iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32()),
+            StorageDType::BF16 => v.par_iter_mut().for_each(|x| *x = bf16::from_f32(*x).to_f32()),
+        }
+    }
+}
+
+fn check(len: usize, need: usize, what: &str) -> Result<()> {
+    if len < need {
+        return Err(Error::engine(format!("cpu {what}: buffer of {len} elements, {need} needed")));
+    }
+    Ok(())
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn device(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn dtype(&self) -> StorageDType {
+        self.dtype
+    }
+
+    fn alloc(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
+        let mut v = data.to_vec();
+        self.store(&mut v);
+        Ok(v)
+    }
+
+    fn download(&self, buf: &Vec<f32>, offset: usize, len: usize) -> Result<Vec<f32>> {
+        check(buf.len(), offset + len, "download")?;
+        Ok(buf[offset..offset + len].to_vec())
+    }
+
+    fn embed(&self, table: &Vec<f32>, width: usize, ids: &[u32], out: &mut Vec<f32>) -> Result<()> {
+        check(out.len(), ids.len() * width, "embed")?;
+        for (row, &id) in ids.iter().enumerate() {
+            let start = id as usize * width;
+            check(table.len(), start + width, "embed table")?;
+            out[row * width..(row + 1) * width].copy_from_slice(&table[start..start + width]);
+        }
+        Ok(())
+    }
+
+    fn rms_norm(&self, x: &Vec<f32>, w: &Vec<f32>, rows: usize, width: usize, eps: f32, out: &mut Vec<f32>) -> Result<()> {
+        check(x.len().min(out.len()), rows * width, "rms_norm")?;
+        check(w.len(), width, "rms_norm weight")?;
+        out[..rows * width].par_chunks_mut(width).zip(x.par_chunks(width)).for_each(|(o, xr)| {
+            let ms = xr.iter().map(|v| v * v).sum::<f32>() / width as f32;
+            let scale = 1.0 / (ms + eps).sqrt();
+            for ((o, &v), &g) in o.iter_mut().zip(xr).zip(w.iter()) {
+                *o = v * scale * g;
+            }
+        });
+        self.store(&mut out[..rows * width]);
+        Ok(())
+    }
+
+    fn matmul(&self, x: &Vec<f32>, w: &Vec<f32>, rows: usize, k: usize, n: usize, out: &mut Vec<f32>) -> Result<()> {
+        check(x.len(), rows * k, "matmul input")?;
+        check(w.len(), n * k, "matmul weight")?;
+        check(out.len(), rows * n, "matmul output")?;
+        if rows <= SMALL_ROWS {
+            // Decode: packing the weight for a GEMM would cost more than the product;
+            // each output is one dot product over a contiguous weight row.
+            out[..rows * n].par_chunks_mut(n).zip(x[..rows * k].par_chunks(k)).for_each(|(o, xr)| {
+                o.par_iter_mut().zip(w[..n * k].par_chunks(k)).for_each(|(o, wr)| *o = xr.iter().zip(wr).map(|(a, b)| a * b).sum());
+            });
+            self.store(&mut out[..rows * n]);
+            return Ok(());
+        }
+        // Split the rows across threads; each block is one sgemm.
+        let block = rows.div_ceil(rayon::current_num_threads()).max(1);
+        out[..rows * n].par_chunks_mut(block * n).zip(x[..rows * k].par_chunks(block * k)).for_each(|(o, xb)| {
+            let m = xb.len() / k;
+            // SAFETY: the slices hold m×k, n×k and m×n elements (checked above and by the
+            // chunking); w is read as its transpose through the strides.
+            unsafe {
+                matrixmultiply::sgemm(m, k, n, 1.0, xb.as_ptr(), k as isize, 1, w.as_ptr(), 1, k as isize, 0.0, o.as_mut_ptr(), n as isize, 1);
+            }
+        });
+        self.store(&mut out[..rows * n]);
+        Ok(())
+    }
+
+    fn rope(&self, x: &mut Vec<f32>, heads: usize, head_dim: usize, positions: &[f32], base: f32) -> Result<()> {
+        let width = heads * head_dim;
+        check(x.len(), positions.len() * width, "rope")?;
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half).map(|i| base.powf(-2.0 * i as f32 / head_dim as f32)).collect();
+        x[..positions.len() * width].par_chunks_mut(width).zip(positions).for_each(|(row, &p)| {
+            for head in row.chunks_mut(head_dim) {
+                for (i, f) in inv_freq.iter().enumerate() {
+                    let (s, c) = (p * f).sin_cos();
+                    let (a, b) = (head[2 * i], head[2 * i + 1]);
+                    head[2 * i] = a * c - b * s;
+                    head[2 * i + 1] = a * s + b * c;
+                }
+            }
+        });
+        self.store(&mut x[..positions.len() * width]);
+        Ok(())
+    }
+
+    fn copy_rows(&self, src: &Vec<f32>, dst: &mut Vec<f32>, dst_row: usize, rows: usize, width: usize) -> Result<()> {
+        check(src.len(), rows * width, "copy_rows source")?;
+        check(dst.len(), (dst_row + rows) * width, "copy_rows destination (KV cache too small)")?;
+        dst[dst_row * width..(dst_row + rows) * width].copy_from_slice(&src[..rows * width]);
+        Ok(())
+    }
+
+    fn attention(&self, q: &Vec<f32>, k_cache: &Vec<f32>, v_cache: &Vec<f32>, s: AttnShape, out: &mut Vec<f32>) -> Result<()> {
+        let (hd, qw, kvw) = (s.head_dim, s.n_head * s.head_dim, s.n_head_kv * s.head_dim);
+        let keys = s.first_pos + s.rows;
+        check(q.len().min(out.len()), s.rows * qw, "attention")?;
+        check(k_cache.len().min(v_cache.len()), keys * kvw, "attention KV cache")?;
+        let group = s.n_head / s.n_head_kv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let out_ptr = SharedOut(out.as_mut_ptr());
+        // Heads in parallel; queries in blocks so the score matrix stays ATTN_BLOCK × keys.
+        (0..s.n_head).into_par_iter().for_each(|head| {
+            let out_ptr = &out_ptr;
+            let kv = head / group;
+            let mut scores = vec![0f32; ATTN_BLOCK.min(s.rows) * keys];
+            for r0 in (0..s.rows).step_by(ATTN_BLOCK) {
+                let m = ATTN_BLOCK.min(s.rows - r0);
+                let visible_keys = s.first_pos + r0 + m;
+                // SAFETY: q holds rows × qw, the caches keys × kvw (checked above); scores
+                // holds m × visible_keys; each head writes only its own hd columns of out.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        m, hd, visible_keys, scale,
+                        q.as_ptr().add(r0 * qw + head * hd), qw as isize, 1,
+                        k_cache.as_ptr().add(kv * hd), 1, kvw as isize,
+                        0.0, scores.as_mut_ptr(), visible_keys as isize, 1,
+                    );
+                }
+                for (i, row) in scores[..m * visible_keys].chunks_mut(visible_keys).enumerate() {
+                    let visible = s.first_pos + r0 + i + 1;
+                    let max = row[..visible].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0;
+                    for v in &mut row[..visible] {
+                        *v = (*v - max).exp();
+                        sum += *v;
+                    }
+                    let inv = 1.0 / sum;
+                    row[..visible].iter_mut().for_each(|v| *v *= inv);
+                    row[visible..].iter_mut().for_each(|v| *v = 0.0);
+                }
+                unsafe {
+                    matrixmultiply::sgemm(
+                        m, visible_keys, hd, 1.0,
+                        scores.as_ptr(), visible_keys as isize, 1,
+                        v_cache.as_ptr().add(kv * hd), kvw as isize, 1,
+                        0.0, out_ptr.0.add(r0 * qw + head * hd), qw as isize, 1,
+                    );
+                }
+            }
+        });
+        self.store(&mut out[..s.rows * qw]);
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate: &Vec<f32>, up: &Vec<f32>, n: usize, out: &mut Vec<f32>) -> Result<()> {
+        check(gate.len().min(up.len()).min(out.len()), n, "silu_mul")?;
+        out[..n].par_iter_mut().zip(&gate[..n]).zip(&up[..n]).for_each(|((o, &g), &u)| *o = g / (1.0 + (-g).exp()) * u);
+        self.store(&mut out[..n]);
+        Ok(())
+    }
+
+    fn add(&self, a: &Vec<f32>, b: &Vec<f32>, n: usize, out: &mut Vec<f32>) -> Result<()> {
+        check(a.len().min(b.len()).min(out.len()), n, "add")?;
+        out[..n].par_iter_mut().zip(&a[..n]).zip(&b[..n]).for_each(|((o, &x), &y)| *o = x + y);
+        self.store(&mut out[..n]);
+        Ok(())
+    }
+
+    fn perturb(&self, x: &mut Vec<f32>, rows: usize, width: usize, from_row: usize, fault: Fault) -> Result<()> {
+        check(x.len(), rows * width, "perturb")?;
+        if from_row >= rows {
+            return Ok(());
+        }
+        for v in &mut x[from_row * width..rows * width] {
+            *v = match fault {
+                Fault::Scale(s) => *v * s as f32,
+                Fault::Offset(o) => *v + o as f32,
+                Fault::Nan => f32::NAN,
+                Fault::Zero => 0.0,
+            };
+        }
+        self.store(&mut x[from_row * width..rows * width]);
+        Ok(())
+    }
+
+    fn argmax(&self, x: &Vec<f32>, row: usize, width: usize) -> Result<u32> {
+        check(x.len(), (row + 1) * width, "argmax")?;
+        let r = &x[row * width..(row + 1) * width];
+        Ok(r.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0 as u32)
+    }
+
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+}

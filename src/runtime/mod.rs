@@ -1,0 +1,406 @@
+//! The instrumented inference runtime (the device under test): host orchestration —
+//! weights, preflight, chunked prefill, greedy decode, KV cache, taps, fault injection,
+//! crash-tolerant dumps — over the ops of one [`Backend`]. The graph never changes with
+//! the backend; `cpu` lives in `cpu.rs`, GPU backends slot in beside it.
+
+pub mod backend;
+pub mod cpu;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
+use candle_core::Device;
+
+use crate::dump::{BackgroundWriter, DumpWriter, EngineInfo, FileJob, Manifest, ModelInfo, PromptRecord, TapDType, TapTensor};
+use crate::error::{Error, Result};
+use crate::inject::RuntimeFaults;
+use crate::model::{Config, Model};
+use crate::reference_engine::{DumpSummary, Progress};
+use crate::taps::{PositionSpec, Selection, Tap};
+use backend::{AttnShape, Backend};
+
+pub struct RunOptions {
+    /// Prompt tokens per prefill step; `None` processes the whole prompt at once.
+    pub prefill_chunk: Option<usize>,
+    /// Greedy tokens generated (and processed) after the prompt.
+    pub max_tokens: usize,
+    /// Synchronize after every op so a device error names the op that caused it.
+    pub sync_check: bool,
+}
+
+struct LayerWeights<B: Backend> {
+    attn_norm: B::Buf,
+    wq: B::Buf,
+    wk: B::Buf,
+    wv: B::Buf,
+    wo: B::Buf,
+    ffn_norm: B::Buf,
+    wg: B::Buf,
+    wu: B::Buf,
+    wd: B::Buf,
+}
+
+pub struct Runtime<B: Backend> {
+    backend: B,
+    cfg: Config,
+    token_embd: B::Buf,
+    output_norm: B::Buf,
+    output: B::Buf,
+    layers: Vec<LayerWeights<B>>,
+}
+
+/// Dequantize a GGUF weight on the host (GPU backends dequantize on the device).
+fn host_weight(model: &Model, name: &str) -> Result<Vec<f32>> {
+    let info = model.weight(name)?;
+    let shape: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
+    let err = |e: candle_core::Error| Error::engine(format!("dequantizing {name}: {e}"));
+    let q = qtensor_from_ggml(info.dtype, model.weight_data(info), shape, &Device::Cpu).map_err(err)?;
+    q.dequantize(&Device::Cpu).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).map_err(err)
+}
+
+/// Bytes of memory available to this process (Linux `MemAvailable`), if known.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+}
+
+/// Checks that need no op to run: the sequence fits the context, and the weights, KV
+/// cache and activations fit in memory. (Tensor presence, shapes, types and head
+/// arithmetic are checked when the model opens.)
+pub fn preflight(model: &Model, longest: usize, opts: &RunOptions, bytes_per_value: usize) -> Result<()> {
+    let c = &model.config;
+    let total = longest + opts.max_tokens;
+    if total > c.n_ctx {
+        return Err(Error::input(format!(
+            "preflight: {longest} prompt tokens + {} generated = {total} positions exceed the model's context of {}",
+            opts.max_tokens, c.n_ctx
+        )));
+    }
+    if opts.prefill_chunk == Some(0) {
+        return Err(Error::input("preflight: --prefill-chunk must be at least 1"));
+    }
+    let rows = opts.prefill_chunk.unwrap_or(longest).min(longest).max(1) as u64;
+    let weights = model.n_params() * bytes_per_value as u64;
+    let kv = 2 * (c.n_layer * total * c.kv_width()) as u64 * bytes_per_value as u64;
+    let acts = rows * (6 * c.n_embd + 3 * c.n_ff + c.n_vocab) as u64 * 4;
+    let need = weights + kv + acts;
+    if let Some(avail) = available_memory() {
+        if need > avail {
+            return Err(Error::input(format!(
+                "preflight: the run needs about {} MiB (weights {} MiB, KV cache {} MiB for {total} positions, activations {} MiB) but {} MiB are available",
+                need >> 20, weights >> 20, kv >> 20, acts >> 20, avail >> 20
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Where one prompt's taps collect until their file is complete.
+struct TapCollector<'a> {
+    selection: &'a Selection,
+    n_layer: usize,
+    positions: Vec<usize>,
+    /// Per file stem: tap id → rows (in position order) flattened.
+    pending: BTreeMap<String, BTreeMap<String, (usize, Vec<f32>)>>,
+    written: Vec<String>,
+}
+
+impl<'a> TapCollector<'a> {
+    fn wants(&self, tap: &Tap) -> bool {
+        match tap {
+            Tap::Layer(l, _) if *l >= self.n_layer => false,
+            t => self.selection.wants(t),
+        }
+    }
+
+    /// Rows of the chunk `[start, start + rows)` that are selected, as (row in chunk).
+    fn rows_in(&self, start: usize, rows: usize) -> Vec<usize> {
+        let lo = self.positions.partition_point(|&p| p < start);
+        let hi = self.positions.partition_point(|&p| p < start + rows);
+        self.positions[lo..hi].iter().map(|p| p - start).collect()
+    }
+
+    fn last_position(&self) -> usize {
+        self.positions.last().copied().unwrap_or(0)
+    }
+}
+
+impl<B: Backend> Runtime<B> {
+    pub fn load(backend: B, model: &Model, on_layer: &mut dyn FnMut(usize)) -> Result<Self> {
+        let up = |name: &str| -> Result<B::Buf> { backend.upload(&host_weight(model, name)?) };
+        let token_embd = up("token_embd.weight")?;
+        let output_norm = up("output_norm.weight")?;
+        let output = up("output.weight")?;
+        let mut layers = Vec::with_capacity(model.config.n_layer);
+        for l in 0..model.config.n_layer {
+            let w = |n: &str| up(&format!("blk.{l}.{n}.weight"));
+            layers.push(LayerWeights {
+                attn_norm: w("attn_norm")?,
+                wq: w("attn_q")?,
+                wk: w("attn_k")?,
+                wv: w("attn_v")?,
+                wo: w("attn_output")?,
+                ffn_norm: w("ffn_norm")?,
+                wg: w("ffn_gate")?,
+                wu: w("ffn_up")?,
+                wd: w("ffn_down")?,
+            });
+            on_layer(l);
+        }
+        Ok(Self { backend, cfg: model.config.clone(), token_embd, output_norm, output, layers })
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Run one op; with `sync_check`, synchronize right after so an error names it.
+    fn op(&self, name: &str, sync_check: bool, r: Result<()>) -> Result<()> {
+        let named = |e: Error| Error::engine(format!("{} {name} failed: {e}", self.backend.name()));
+        r.map_err(named)?;
+        if sync_check {
+            self.backend.sync().map_err(named)?;
+        }
+        Ok(())
+    }
+
+    /// Apply injected faults and capture selected rows of a `[rows, width]` buffer.
+    #[allow(clippy::too_many_arguments)]
+    fn tap(&self, id: &str, buf: &mut B::Buf, start: usize, rows: usize, width: usize, faults: &RuntimeFaults, col: &mut TapCollector, opts: &RunOptions) -> Result<()> {
+        for f in faults.taps.iter().filter(|f| f.tap_id == id) {
+            let from_row = f.from.saturating_sub(start);
+            if from_row < rows {
+                self.op(&format!("perturb({id})"), opts.sync_check, self.backend.perturb(buf, rows, width, from_row, f.fault))?;
+            }
+        }
+        if let Some(crash) = faults.crash.iter().find(|c| c.0 == id && c.1 < start + rows) {
+            // A real out-of-bounds request to the backend, so the crash path is the one a
+            // device error takes.
+            let mut empty = self.backend.alloc(0)?;
+            self.op(&format!("{id} (injected out-of-bounds write at position {})", crash.1), opts.sync_check, self.backend.copy_rows(buf, &mut empty, 1, rows, width))?;
+        }
+        let tap = Tap::parse(id).expect("the graph names canonical taps");
+        if !col.wants(&tap) {
+            return Ok(());
+        }
+        let sel = col.rows_in(start, rows);
+        let entry = col.pending.entry(tap.file_stem()).or_default().entry(id.to_string()).or_insert((width, Vec::new()));
+        for r in sel {
+            entry.1.extend(self.backend.download(buf, r * width, width)?);
+        }
+        Ok(())
+    }
+
+    /// Send files whose last selected position has been processed.
+    fn flush(&self, col: &mut TapCollector, stem: &str, done_through: usize, prompt_id: &str, writer: &BackgroundWriter) -> Result<()> {
+        if done_through < col.last_position() || col.written.iter().any(|s| s == stem) {
+            return Ok(());
+        }
+        let Some(taps) = col.pending.remove(stem) else { return Ok(()) };
+        let n = col.positions.len();
+        let mut ordered: Vec<(String, (usize, Vec<f32>))> = taps.into_iter().collect();
+        ordered.sort_by_key(|(id, _)| Tap::parse(id));
+        let taps = ordered
+            .into_iter()
+            .map(|(id, (width, values))| TapTensor { id, dtype: TapDType::F32, rows: n, width, bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect() })
+            .collect();
+        col.written.push(stem.to_string());
+        writer.send(FileJob { prompt_id: prompt_id.to_string(), stem: stem.to_string(), positions: Arc::new(col.positions.clone()), taps })
+    }
+
+    /// Process tokens at positions `start..start + ids.len()`; returns the greedy next
+    /// token when `want_next`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_chunk(
+        &self,
+        ids: &[u32],
+        start: usize,
+        kv: &mut [(B::Buf, B::Buf)],
+        faults: &RuntimeFaults,
+        col: &mut TapCollector,
+        opts: &RunOptions,
+        want_next: bool,
+        prompt_id: &str,
+        writer: &BackgroundWriter,
+    ) -> Result<Option<u32>> {
+        let c = &self.cfg;
+        let b = &self.backend;
+        let sc = opts.sync_check;
+        let rows = ids.len();
+        let end = start + rows - 1;
+        let (e, qw, kvw, ff) = (c.n_embd, c.q_width(), c.kv_width(), c.n_ff);
+        let mut x = b.alloc(rows * e)?;
+        self.op("embed", sc, b.embed(&self.token_embd, e, ids, &mut x))?;
+        self.tap("embed", &mut x, start, rows, e, faults, col, opts)?;
+        self.flush(col, "embed", end, prompt_id, writer)?;
+        let true_positions: Vec<f32> = (start..start + rows).map(|p| p as f32).collect();
+        let (mut h, mut q, mut k, mut v, mut attn, mut ao, mut mid) = (b.alloc(rows * e)?, b.alloc(rows * qw)?, b.alloc(rows * kvw)?, b.alloc(rows * kvw)?, b.alloc(rows * qw)?, b.alloc(rows * e)?, b.alloc(rows * e)?);
+        let (mut g, mut u, mut act, mut f) = (b.alloc(rows * ff)?, b.alloc(rows * ff)?, b.alloc(rows * ff)?, b.alloc(rows * e)?);
+        for (l, w) in self.layers.iter().enumerate() {
+            let id = |t: &str| format!("blk.{l}.{t}");
+            let shifted: Vec<f32>;
+            let rope_positions: &[f32] = match faults.rope.iter().find(|r| r.layer.is_none_or(|x| x == l)) {
+                Some(r) => {
+                    shifted = (start..start + rows).map(|p| if p >= r.from { p as f32 + r.shift as f32 } else { p as f32 }).collect();
+                    &shifted
+                }
+                None => &true_positions,
+            };
+            self.op("rms_norm (attn)", sc, b.rms_norm(&x, &w.attn_norm, rows, e, c.rms_eps as f32, &mut h))?;
+            self.tap(&id("attn_norm"), &mut h, start, rows, e, faults, col, opts)?;
+            self.op("matmul q", sc, b.matmul(&h, &w.wq, rows, e, qw, &mut q))?;
+            self.op("matmul k", sc, b.matmul(&h, &w.wk, rows, e, kvw, &mut k))?;
+            self.op("matmul v", sc, b.matmul(&h, &w.wv, rows, e, kvw, &mut v))?;
+            self.op("rope q", sc, b.rope(&mut q, c.n_head, c.head_dim(), rope_positions, c.rope_base as f32))?;
+            self.op("rope k", sc, b.rope(&mut k, c.n_head_kv, c.head_dim(), rope_positions, c.rope_base as f32))?;
+            self.tap(&id("q"), &mut q, start, rows, qw, faults, col, opts)?;
+            self.tap(&id("k"), &mut k, start, rows, kvw, faults, col, opts)?;
+            self.tap(&id("v"), &mut v, start, rows, kvw, faults, col, opts)?;
+            let (kc, vc) = &mut kv[l];
+            self.op("kv append k", sc, b.copy_rows(&k, kc, start, rows, kvw))?;
+            self.op("kv append v", sc, b.copy_rows(&v, vc, start, rows, kvw))?;
+            let shape = AttnShape { n_head: c.n_head, n_head_kv: c.n_head_kv, head_dim: c.head_dim(), first_pos: start, rows };
+            self.op("attention", sc, b.attention(&q, kc, vc, shape, &mut attn))?;
+            self.tap(&id("attn"), &mut attn, start, rows, qw, faults, col, opts)?;
+            self.op("matmul attn_output", sc, b.matmul(&attn, &w.wo, rows, qw, e, &mut ao))?;
+            self.tap(&id("attn_out"), &mut ao, start, rows, e, faults, col, opts)?;
+            self.op("add (attention residual)", sc, b.add(&x, &ao, rows * e, &mut mid))?;
+            self.tap(&id("resid_mid"), &mut mid, start, rows, e, faults, col, opts)?;
+            self.op("rms_norm (ffn)", sc, b.rms_norm(&mid, &w.ffn_norm, rows, e, c.rms_eps as f32, &mut h))?;
+            self.tap(&id("ffn_norm"), &mut h, start, rows, e, faults, col, opts)?;
+            self.op("matmul ffn_gate", sc, b.matmul(&h, &w.wg, rows, e, ff, &mut g))?;
+            self.op("matmul ffn_up", sc, b.matmul(&h, &w.wu, rows, e, ff, &mut u))?;
+            self.tap(&id("ffn_gate"), &mut g, start, rows, ff, faults, col, opts)?;
+            self.tap(&id("ffn_up"), &mut u, start, rows, ff, faults, col, opts)?;
+            self.op("silu_mul", sc, b.silu_mul(&g, &u, rows * ff, &mut act))?;
+            self.tap(&id("ffn_act"), &mut act, start, rows, ff, faults, col, opts)?;
+            self.op("matmul ffn_down", sc, b.matmul(&act, &w.wd, rows, ff, e, &mut f))?;
+            self.tap(&id("ffn_out"), &mut f, start, rows, e, faults, col, opts)?;
+            self.op("add (ffn residual)", sc, b.add(&mid, &f, rows * e, &mut x))?;
+            self.tap(&id("resid_post"), &mut x, start, rows, e, faults, col, opts)?;
+            self.flush(col, &format!("blk.{l}"), end, prompt_id, writer)?;
+        }
+        // The output head only on rows someone needs: tapped ones and the last (decode).
+        let want_out = col.wants(&Tap::Output(0)) || col.wants(&Tap::Output(1));
+        let mut need: Vec<usize> = if want_out { col.rows_in(start, rows) } else { Vec::new() };
+        if want_next && need.last() != Some(&(rows - 1)) {
+            need.push(rows - 1);
+        }
+        if need.is_empty() {
+            return Ok(None);
+        }
+        let mut gathered = Vec::with_capacity(need.len() * e);
+        for &r in &need {
+            gathered.extend(b.download(&x, r * e, e)?);
+        }
+        let hx = b.upload(&gathered)?;
+        let n = need.len();
+        let mut normed = b.alloc(n * e)?;
+        self.op("rms_norm (output)", sc, b.rms_norm(&hx, &self.output_norm, n, e, c.rms_eps as f32, &mut normed))?;
+        let mut logits = b.alloc(n * c.n_vocab)?;
+        self.op("matmul output", sc, b.matmul(&normed, &self.output, n, e, c.n_vocab, &mut logits))?;
+        if want_out {
+            // Rows of the head buffers are `need`; tap only the selected ones (the first
+            // entries, the decode row may trail unselected).
+            let sel = col.rows_in(start, rows).len();
+            for (tap, buf, width) in [(Tap::Output(0), &mut normed, e), (Tap::Output(1), &mut logits, c.n_vocab)] {
+                let tid = tap.id();
+                for fl in faults.taps.iter().filter(|fl| fl.tap_id == tid) {
+                    let from_row = need.iter().position(|&r| start + r >= fl.from).unwrap_or(n);
+                    self.op(&format!("perturb({tid})"), sc, b.perturb(buf, n, width, from_row, fl.fault))?;
+                }
+                if col.wants(&tap) {
+                    let entry = col.pending.entry("output".into()).or_default().entry(tid).or_insert((width, Vec::new()));
+                    entry.1.extend(b.download(buf, 0, sel * width)?);
+                }
+            }
+            self.flush(col, "output", end, prompt_id, writer)?;
+        }
+        if want_next {
+            return Ok(Some(b.argmax(&logits, n - 1, c.n_vocab)?));
+        }
+        Ok(None)
+    }
+
+    /// Run one prompt (prefill, then greedy decode), sending taps to `writer`. Returns
+    /// every token processed.
+    pub fn run_prompt(&self, prompt: &PromptRecord, selection: &Selection, faults: &RuntimeFaults, opts: &RunOptions, writer: &BackgroundWriter, progress: &mut dyn Progress) -> Result<Vec<u32>> {
+        let c = &self.cfg;
+        let total = prompt.tokens.len() + opts.max_tokens;
+        let positions = PositionSpec::parse(&selection.positions)?.resolve(total).map_err(|e| Error::input(format!("prompt {}: {e}", prompt.id)))?;
+        let mut col = TapCollector { selection, n_layer: c.n_layer, positions, pending: BTreeMap::new(), written: Vec::new() };
+        let mut kv = (0..c.n_layer).map(|_| Ok((self.backend.alloc(total * c.kv_width())?, self.backend.alloc(total * c.kv_width())?))).collect::<Result<Vec<_>>>()?;
+        let chunk = opts.prefill_chunk.unwrap_or(prompt.tokens.len()).max(1);
+        let mut tokens = prompt.tokens.clone();
+        let mut next = None;
+        let n_chunks = prompt.tokens.len().div_ceil(chunk);
+        progress.stage(&format!("{} ({} tokens)", prompt.id, prompt.tokens.len()), n_chunks + opts.max_tokens);
+        for (i, ids) in prompt.tokens.chunks(chunk).enumerate() {
+            let last = i + 1 == n_chunks;
+            next = self.forward_chunk(ids, i * chunk, &mut kv, faults, &mut col, opts, last && opts.max_tokens > 0, &prompt.id, writer)?;
+            progress.tick();
+        }
+        for step in 0..opts.max_tokens {
+            let token = next.ok_or_else(|| Error::engine("decode: no next token"))?;
+            tokens.push(token);
+            let pos = tokens.len() - 1;
+            next = self.forward_chunk(&[token], pos, &mut kv, faults, &mut col, opts, step + 1 < opts.max_tokens, &prompt.id, writer)?;
+            progress.tick();
+        }
+        self.backend.sync()?;
+        Ok(tokens)
+    }
+}
+
+/// `resbisect dump --engine runtime`: preflight, load, run every prompt, write the dump.
+/// Any op error stops the run: the files already written stay, the manifest says
+/// `failed` with the error and the last tap written, and the error is an engine error.
+#[allow(clippy::too_many_arguments)]
+pub fn dump_runtime<B: Backend>(
+    backend: B,
+    model: &Model,
+    prompts: Vec<PromptRecord>,
+    selection: Selection,
+    injections: &[String],
+    opts: &RunOptions,
+    out: &std::path::Path,
+    overwrite: bool,
+    progress: &mut dyn Progress,
+) -> Result<DumpSummary> {
+    let faults = crate::inject::parse_runtime(injections, model.config.n_layer)?;
+    let longest = prompts.iter().map(|p| p.tokens.len()).max().unwrap_or(0);
+    preflight(model, longest, opts, backend.dtype().bytes().max(4))?;
+    let spec = PositionSpec::parse(&selection.positions)?;
+    for p in &prompts {
+        spec.resolve(p.tokens.len() + opts.max_tokens).map_err(|e| Error::input(format!("prompt {}: {e}", p.id)))?;
+    }
+    let engine = EngineInfo {
+        name: if injections.is_empty() { "resbisect-runtime".into() } else { format!("resbisect-runtime+inject({})", injections.join(";")) },
+        version: env!("CARGO_PKG_VERSION").into(),
+        backend: backend.name().into(),
+        dtype: backend.dtype().name().into(),
+        device: backend.device(),
+    };
+    let model_info = ModelInfo { path: model.gguf.path.display().to_string(), fingerprint: model.fingerprint.clone(), config: model.config.clone() };
+    // Tokens generated by decode are only known after the run: the manifest is first
+    // written with the prompts, and completed with every processed token at the end.
+    let manifest = Manifest::new(engine, model_info, prompts.clone(), selection.clone());
+    let writer = BackgroundWriter::spawn(DumpWriter::create(out, manifest, overwrite)?);
+    let start = std::time::Instant::now();
+    let mut load_seconds = 0.0;
+    let mut processed: Vec<Vec<u32>> = Vec::new();
+    let outcome = (|| {
+        progress.stage("loading weights", model.config.n_layer);
+        let rt = Runtime::load(backend, model, &mut |_| progress.tick())?;
+        load_seconds = start.elapsed().as_secs_f64();
+        for p in &prompts {
+            processed.push(rt.run_prompt(p, &selection, &faults, opts, &writer, progress)?);
+        }
+        Ok(())
+    })();
+    let tokens_done: usize = processed.iter().map(Vec::len).sum();
+    writer.finish_with_tokens(outcome, processed)?;
+    Ok(DumpSummary { prompts: prompts.len(), tokens: tokens_done, load_seconds, compute_seconds: start.elapsed().as_secs_f64() - load_seconds })
+}

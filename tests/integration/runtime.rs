@@ -1,0 +1,124 @@
+//! The runtime on the `cpu` backend against the reference: no divergence in f32 under the
+//! default tolerances, f16/bf16 within theirs, the same with chunked prefill and
+//! token-by-token decode; the crash path; preflight refusals.
+
+use std::path::{Path, PathBuf};
+
+use resbisect::dump::{Dump, Status};
+use serde_json::Value;
+
+use crate::util::*;
+
+fn suite_with(dir: &Path, file: &str, id: &str, tokens: &[u64]) -> PathBuf {
+    let p = dir.join(file);
+    std::fs::write(&p, format!("{}\n", serde_json::json!({"id": id, "tokens": tokens}))).unwrap();
+    p
+}
+
+fn long_1652_tokens() -> Vec<u64> {
+    let text = std::fs::read_to_string(root().join("fixtures/prompts/long.jsonl")).unwrap();
+    let line: Value = text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).find(|v| v["id"] == "long_1652").unwrap();
+    line["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect()
+}
+
+fn run_ok(args: &[&str]) -> Output {
+    let out = resbisect(args);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    out
+}
+
+/// (exit code, first divergence) of `diff a b`.
+fn diff_first(a: &Path, b: &Path) -> (i32, Value) {
+    let out = resbisect(&["diff", path_str(a), path_str(b), "--json"]);
+    assert!(out.code <= 1, "{}", out.stderr);
+    let v: Value = serde_json::from_str(&out.stdout).unwrap();
+    (out.code, v["prompts"][0]["first"].clone())
+}
+
+#[test]
+fn cpu_runtime_matches_the_reference_on_smollm2() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = smollm2();
+    let m = path_str(&model);
+    let prompt = suite_with(dir.path(), "prompt.jsonl", "long_1652", &long_1652_tokens());
+    let sel = ["--layers", "0,1,2,4,8,16,24,29", "--taps", "all", "--positions", "0..32,800..880,-8.."];
+    let runtime = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = vec!["dump", "--engine", "runtime", "--model", m, "--prompts", path_str(&prompt), "--max-tokens", "5", "-o", path_str(&out)];
+        args.extend_from_slice(&sel);
+        args.extend_from_slice(extra);
+        run_ok(&args);
+        out
+    };
+    let f32_run = runtime("rt-f32", &[]);
+    // The reference replays exactly the tokens the runtime processed (prompt + 5 generated).
+    let processed: Vec<u64> = Dump::open(&f32_run).unwrap().manifest.prompts[0].tokens.iter().map(|&t| t as u64).collect();
+    assert_eq!(processed.len(), 1657);
+    let replay = suite_with(dir.path(), "replay.jsonl", "long_1652", &processed);
+    let reference = dir.path().join("ref");
+    run_ok(&[&["dump", "--model", m, "--prompts", path_str(&replay), "-o", path_str(&reference)][..], &sel].concat());
+    // f32: the default F32 tolerance (1e-3) against a measured gap of ~1e-5.
+    let (code, first) = diff_first(&f32_run, &reference);
+    assert_eq!(code, 0, "f32 runtime diverges: {first}");
+    for (name, extra) in [("rt-chunked", &["--prefill-chunk", "256"][..]), ("rt-f16", &["--dtype", "f16"][..]), ("rt-bf16", &["--dtype", "bf16"][..])] {
+        let run = runtime(name, extra);
+        let (code, first) = diff_first(&run, &reference);
+        assert_eq!(code, 0, "{name} diverges beyond its tolerance: {first}");
+    }
+}
+
+#[test]
+fn token_by_token_decode_matches_a_single_prefill() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = smollm2();
+    let tokens: Vec<u64> = long_1652_tokens()[..96].to_vec();
+    let prompt = suite_with(dir.path(), "p96.jsonl", "p96", &tokens);
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        run_ok(&[&["dump", "--engine", "runtime", "--model", path_str(&model), "--prompts", path_str(&prompt), "--taps", "resid_post,logits", "--max-tokens", "3", "-o", path_str(&out)][..], extra].concat());
+        out
+    };
+    let (whole, stepwise) = (run("whole", &[]), run("stepwise", &["--prefill-chunk", "1", "--sync-check"]));
+    let (a, b) = (Dump::open(&whole).unwrap(), Dump::open(&stepwise).unwrap());
+    assert_eq!(a.manifest.prompts[0].tokens, b.manifest.prompts[0].tokens, "same greedy continuation");
+    let (code, first) = diff_first(&stepwise, &whole);
+    assert_eq!(code, 0, "{first}");
+}
+
+#[test]
+fn a_failing_op_leaves_a_readable_partial_dump() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), "q4_k", 31);
+    let m = path_str(&model);
+    let partial = dir.path().join("partial");
+    let out = resbisect(&["dump", "--engine", "runtime", "--model", m, "--tokens", "5,6,7,8,9,10", "--taps", "all", "--inject", "blk.1.attn_out:oob@2", "-o", path_str(&partial)]);
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    assert!(out.stderr.contains("cpu blk.1.attn_out (injected out-of-bounds write at position 2) failed"), "{}", out.stderr);
+    assert!(out.stderr.contains("last tap written: blk.0.resid_post"), "{}", out.stderr);
+    let d = Dump::open(&partial).unwrap();
+    assert_eq!(d.manifest.status, Status::Failed);
+    let err = d.manifest.error.as_ref().unwrap();
+    assert_eq!(err.tap.as_deref(), Some("blk.0.resid_post"));
+    assert_eq!(d.files("prompt").unwrap(), vec!["blk.0", "embed"]);
+    let reference = dir.path().join("ref");
+    run_ok(&["dump", "--model", m, "--tokens", "5,6,7,8,9,10", "--taps", "all", "-o", path_str(&reference)]);
+    let diff = resbisect(&["diff", path_str(&partial), path_str(&reference)]);
+    assert_eq!(diff.code, 0, "what was written is correct: {}", diff.stdout);
+    assert!(diff.stdout.contains("dump A is partial: its engine failed"), "{}", diff.stdout);
+    assert!(diff.stdout.contains("missing in A (15): blk.1.attn_norm"), "{}", diff.stdout);
+}
+
+#[test]
+fn preflight_refuses_before_any_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), "q8_0", 32);
+    let out_dir = dir.path().join("never");
+    let tokens: Vec<String> = (0..1020).map(|i| (i % 900 + 3).to_string()).collect();
+    let out = resbisect(&["dump", "--engine", "runtime", "--model", path_str(&model), "--tokens", &tokens.join(","), "--max-tokens", "10", "-o", path_str(&out_dir)]);
+    assert_refused(&out, "preflight: 1020 prompt tokens + 10 generated = 1030 positions exceed the model's context of 1024");
+    assert!(!out_dir.exists());
+    let out = resbisect(&["dump", "--engine", "runtime", "--model", path_str(&model), "--tokens", "1,2", "--prefill-chunk", "0", "-o", path_str(&out_dir)]);
+    assert_refused(&out, "--prefill-chunk must be at least 1");
+    let out = resbisect(&["dump", "--model", path_str(&model), "--tokens", "1,2", "--inject", "blk.0.q:oob@0", "-o", path_str(&out_dir)]);
+    assert_refused(&out, "is for the runtime");
+}

@@ -30,6 +30,26 @@ struct Cli {
 enum Command {
     /// Run an engine on prompts and write its taps as a dump (format v1).
     Dump(DumpArgs),
+    /// Generate greedily with the runtime (no taps) and print the text and tokens/s.
+    Run {
+        #[arg(long)]
+        model: PathBuf,
+        /// Prompt text, tokenized with the model's tokenizer.
+        #[arg(long, conflicts_with = "tokens")]
+        prompt: Option<String>,
+        /// Explicit token ids instead of a text.
+        #[arg(long)]
+        tokens: Option<String>,
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: BackendKind,
+        /// Storage dtype: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        #[arg(long)]
+        prefill_chunk: Option<usize>,
+    },
     /// Describe a GGUF model or a dump directory.
     Inspect {
         /// A .gguf file or a dump directory.
@@ -255,7 +275,7 @@ fn cmd_dump(a: DumpArgs) -> Result<()> {
         }
         EngineKind::Runtime => {
             let dtype = StorageDType::parse(&a.dtype)?;
-            let opts = RunOptions { prefill_chunk: a.prefill_chunk, max_tokens: a.max_tokens, sync_check: a.sync_check };
+            let opts = RunOptions { prefill_chunk: a.prefill_chunk, max_tokens: a.max_tokens, sync_check: a.sync_check, stop_token: None };
             match a.backend {
                 BackendKind::Cpu => runtime::dump_runtime(CpuBackend::new(dtype), &model, records, selection, &a.inject, &opts, &a.output, a.overwrite, &mut Bars { bar: None })?,
             }
@@ -398,6 +418,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Dump(a) => cmd_dump(a).map(|_| ExitCode::SUCCESS),
+        Command::Run { model, prompt, tokens, max_tokens, backend, dtype, prefill_chunk } => {
+            let model = Model::open(&model)?;
+            let tokenizer = Tokenizer::from_gguf(&model.gguf)?;
+            let source = match (prompt, tokens) {
+                (Some(text), _) => PromptSource::Text(text),
+                (None, Some(list)) => PromptSource::Tokens(prompts::parse_token_list(&list)?),
+                (None, None) => return Err(Error::input("give --prompt or --tokens")),
+            };
+            let records = prompts::resolve(vec![("run".into(), None, source)], Some(&tokenizer), model.config.n_vocab, model.config.n_ctx)?;
+            let opts = RunOptions { prefill_chunk, max_tokens, sync_check: false, stop_token: tokenizer.eos_id };
+            let record = records.into_iter().next().expect("one prompt");
+            let g = match backend {
+                BackendKind::Cpu => runtime::generate(CpuBackend::new(StorageDType::parse(&dtype)?), &model, record, &opts, &mut Bars { bar: None })?,
+            };
+            println!("{}", tokenizer.decode(&g.tokens)?);
+            eprintln!(
+                "prefill {} tokens in {:.2} s ({:.1} tokens/s); decode {} tokens in {:.2} s ({:.1} tokens/s)",
+                g.prompt_len,
+                g.prefill_seconds,
+                g.prompt_len as f64 / g.prefill_seconds.max(1e-9),
+                g.tokens.len() - g.prompt_len,
+                g.decode_seconds,
+                (g.tokens.len() - g.prompt_len) as f64 / g.decode_seconds.max(1e-9)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Inspect { path, tensors } => {
             if path.is_dir() {
                 inspect_dump(&path)?

@@ -27,6 +27,9 @@ pub struct RunOptions {
     pub max_tokens: usize,
     /// Synchronize after every op so a device error names the op that caused it.
     pub sync_check: bool,
+    /// Stop decoding after this token (end of sequence); dumps always run to
+    /// `max_tokens` so every selected position exists.
+    pub stop_token: Option<u32>,
 }
 
 struct LayerWeights<B: Backend> {
@@ -194,7 +197,8 @@ impl<B: Backend> Runtime<B> {
     }
 
     /// Send files whose last selected position has been processed.
-    fn flush(&self, col: &mut TapCollector, stem: &str, done_through: usize, prompt_id: &str, writer: &BackgroundWriter) -> Result<()> {
+    fn flush(&self, col: &mut TapCollector, stem: &str, done_through: usize, prompt_id: &str, writer: Option<&BackgroundWriter>) -> Result<()> {
+        let Some(writer) = writer else { return Ok(()) };
         if done_through < col.last_position() || col.written.iter().any(|s| s == stem) {
             return Ok(());
         }
@@ -223,7 +227,7 @@ impl<B: Backend> Runtime<B> {
         opts: &RunOptions,
         want_next: bool,
         prompt_id: &str,
-        writer: &BackgroundWriter,
+        writer: Option<&BackgroundWriter>,
     ) -> Result<Option<u32>> {
         let c = &self.cfg;
         let b = &self.backend;
@@ -324,9 +328,10 @@ impl<B: Backend> Runtime<B> {
         Ok(None)
     }
 
-    /// Run one prompt (prefill, then greedy decode), sending taps to `writer`. Returns
-    /// every token processed.
-    pub fn run_prompt(&self, prompt: &PromptRecord, selection: &Selection, faults: &RuntimeFaults, opts: &RunOptions, writer: &BackgroundWriter, progress: &mut dyn Progress) -> Result<Vec<u32>> {
+    /// Run one prompt (prefill, then greedy decode), sending taps to `writer` (none:
+    /// nothing is captured). Returns every token processed and the seconds spent in
+    /// prefill and in decode.
+    pub fn run_prompt(&self, prompt: &PromptRecord, selection: &Selection, faults: &RuntimeFaults, opts: &RunOptions, writer: Option<&BackgroundWriter>, progress: &mut dyn Progress) -> Result<(Vec<u32>, f64, f64)> {
         let c = &self.cfg;
         let total = prompt.tokens.len() + opts.max_tokens;
         let positions = PositionSpec::parse(&selection.positions)?.resolve(total).map_err(|e| Error::input(format!("prompt {}: {e}", prompt.id)))?;
@@ -336,21 +341,27 @@ impl<B: Backend> Runtime<B> {
         let mut tokens = prompt.tokens.clone();
         let mut next = None;
         let n_chunks = prompt.tokens.len().div_ceil(chunk);
+        let t0 = std::time::Instant::now();
         progress.stage(&format!("{} ({} tokens)", prompt.id, prompt.tokens.len()), n_chunks + opts.max_tokens);
         for (i, ids) in prompt.tokens.chunks(chunk).enumerate() {
             let last = i + 1 == n_chunks;
             next = self.forward_chunk(ids, i * chunk, &mut kv, faults, &mut col, opts, last && opts.max_tokens > 0, &prompt.id, writer)?;
             progress.tick();
         }
+        self.backend.sync()?;
+        let prefill_s = t0.elapsed().as_secs_f64();
         for step in 0..opts.max_tokens {
             let token = next.ok_or_else(|| Error::engine("decode: no next token"))?;
             tokens.push(token);
+            if opts.stop_token == Some(token) && writer.is_none() {
+                break;
+            }
             let pos = tokens.len() - 1;
             next = self.forward_chunk(&[token], pos, &mut kv, faults, &mut col, opts, step + 1 < opts.max_tokens, &prompt.id, writer)?;
             progress.tick();
         }
         self.backend.sync()?;
-        Ok(tokens)
+        Ok((tokens, prefill_s, t0.elapsed().as_secs_f64() - prefill_s))
     }
 }
 
@@ -396,11 +407,29 @@ pub fn dump_runtime<B: Backend>(
         let rt = Runtime::load(backend, model, &mut |_| progress.tick())?;
         load_seconds = start.elapsed().as_secs_f64();
         for p in &prompts {
-            processed.push(rt.run_prompt(p, &selection, &faults, opts, &writer, progress)?);
+            processed.push(rt.run_prompt(p, &selection, &faults, opts, Some(&writer), progress)?.0);
         }
         Ok(())
     })();
     let tokens_done: usize = processed.iter().map(Vec::len).sum();
     writer.finish_with_tokens(outcome, processed)?;
     Ok(DumpSummary { prompts: prompts.len(), tokens: tokens_done, load_seconds, compute_seconds: start.elapsed().as_secs_f64() - load_seconds })
+}
+
+/// What `resbisect run` reports.
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+}
+
+/// `resbisect run`: generate greedily with no taps and time prefill and decode.
+pub fn generate<B: Backend>(backend: B, model: &Model, prompt: PromptRecord, opts: &RunOptions, progress: &mut dyn Progress) -> Result<Generation> {
+    preflight(model, prompt.tokens.len(), opts, backend.dtype().bytes().max(4))?;
+    let selection = Selection { layers: Vec::new(), taps: Vec::new(), positions: "all".into() };
+    progress.stage("loading weights", model.config.n_layer);
+    let rt = Runtime::load(backend, model, &mut |_| progress.tick())?;
+    let (tokens, prefill_seconds, decode_seconds) = rt.run_prompt(&prompt, &selection, &RuntimeFaults::default(), opts, None, progress)?;
+    Ok(Generation { tokens, prompt_len: prompt.tokens.len(), prefill_seconds, decode_seconds })
 }

@@ -2,6 +2,7 @@
 //! backend owns. Every op is fallible, so a device error stops the run with a name.
 //! The `cpu` backend implements it here; GPU backends implement the same trait.
 
+use candle_core::quantized::GgmlDType;
 use resbisect_reference::Fault;
 
 use crate::error::Result;
@@ -62,6 +63,9 @@ pub trait Backend {
     fn alloc(&self, len: usize) -> Result<Self::Buf>;
     /// Host values rounded to the storage dtype.
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+    /// A GGUF weight (any supported ggml type; `dims` in ggml order, raw bytes),
+    /// dequantized by the backend into its storage dtype.
+    fn upload_weight(&self, name: &str, dtype: GgmlDType, dims: &[usize], data: &[u8]) -> Result<Self::Buf>;
     /// `len` elements from `offset`, as f32.
     fn download(&self, buf: &Self::Buf, offset: usize, len: usize) -> Result<Vec<f32>>;
 

@@ -3,6 +3,8 @@
 //! arithmetic accumulated in f32, RoPE angles formed in f32. Not the oracle: the same
 //! runtime on another device.
 
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
+use candle_core::Device;
 use half::{bf16, f16};
 use rayon::prelude::*;
 use resbisect_reference::Fault;
@@ -83,6 +85,15 @@ impl Backend for CpuBackend {
         let mut v = data.to_vec();
         self.store(&mut v);
         Ok(v)
+    }
+
+    /// Dequantized on the host by candle's ggml block decoders (exact for every type).
+    fn upload_weight(&self, name: &str, dtype: GgmlDType, dims: &[usize], data: &[u8]) -> Result<Vec<f32>> {
+        let shape: Vec<usize> = dims.iter().rev().copied().collect();
+        let err = |e: candle_core::Error| Error::engine(format!("dequantizing {name}: {e}"));
+        let q = qtensor_from_ggml(dtype, data, shape, &Device::Cpu).map_err(err)?;
+        let values = q.dequantize(&Device::Cpu).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).map_err(err)?;
+        self.upload(&values)
     }
 
     fn download(&self, buf: &Vec<f32>, offset: usize, len: usize) -> Result<Vec<f32>> {

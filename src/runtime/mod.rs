@@ -9,8 +9,6 @@ pub mod cpu;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use candle_core::quantized::ggml_file::qtensor_from_ggml;
-use candle_core::Device;
 
 use crate::dump::{BackgroundWriter, DumpWriter, EngineInfo, FileJob, Manifest, ModelInfo, PromptRecord, TapDType, TapTensor};
 use crate::error::{Error, Result};
@@ -51,15 +49,6 @@ pub struct Runtime<B: Backend> {
     output_norm: B::Buf,
     output: B::Buf,
     layers: Vec<LayerWeights<B>>,
-}
-
-/// Dequantize a GGUF weight on the host (GPU backends dequantize on the device).
-fn host_weight(model: &Model, name: &str) -> Result<Vec<f32>> {
-    let info = model.weight(name)?;
-    let shape: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
-    let err = |e: candle_core::Error| Error::engine(format!("dequantizing {name}: {e}"));
-    let q = qtensor_from_ggml(info.dtype, model.weight_data(info), shape, &Device::Cpu).map_err(err)?;
-    q.dequantize(&Device::Cpu).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).map_err(err)
 }
 
 /// Bytes of memory available to this process (Linux `MemAvailable`), if known.
@@ -132,7 +121,11 @@ impl<'a> TapCollector<'a> {
 
 impl<B: Backend> Runtime<B> {
     pub fn load(backend: B, model: &Model, on_layer: &mut dyn FnMut(usize)) -> Result<Self> {
-        let up = |name: &str| -> Result<B::Buf> { backend.upload(&host_weight(model, name)?) };
+        let up = |name: &str| -> Result<B::Buf> {
+            let info = model.weight(name)?;
+            let dims: Vec<usize> = info.dims.iter().map(|&d| d as usize).collect();
+            backend.upload_weight(name, info.dtype, &dims, model.weight_data(info))
+        };
         let token_embd = up("token_embd.weight")?;
         let output_norm = up("output_norm.weight")?;
         let output = up("output.weight")?;

@@ -137,4 +137,23 @@ fn preflight_refuses_before_any_op() {
     assert_refused(&out, "--prefill-chunk must be at least 1");
     let out = resbisect(&["dump", "--model", path_str(&model), "--tokens", "1,2", "--inject", "blk.0.q:oob@0", "-o", path_str(&out_dir)]);
     assert_refused(&out, "is for the runtime");
+
+    // The original failure class: a scheduler's idea of the model that the weights do not
+    // back. Each is named before any op runs and nothing is written.
+    use candle_core::quantized::gguf_file::Value;
+    let bad = dir.path().join("bad.gguf");
+    let all = |n: &str| Some(n.to_string());
+    let cases: Vec<(Box<dyn Fn(&mut Vec<(String, Value)>)>, Box<dyn Fn(&str) -> Option<String>>, &str)> = vec![
+        (Box::new(|m| set_meta(m, "llama.block_count", Value::U32(32))), Box::new(all), "missing tensor blk.2.attn_norm.weight (block_count says 32 layers)"),
+        (Box::new(|_| {}), Box::new(|n: &str| (!n.starts_with("blk.1.")).then(|| n.to_string())), "missing tensor blk.1.attn_norm.weight"),
+        (Box::new(|m| set_meta(m, "llama.attention.head_count_kv", Value::U32(3))), Box::new(all), "head_count 4 is not a multiple of head_count_kv 3"),
+        (Box::new(|m| set_meta(m, "llama.feed_forward_length", Value::U32(500))), Box::new(all), "tensor blk.0.ffn_gate.weight has shape [256, 512], expected [256, 500]"),
+        (Box::new(|m| set_meta(m, "llama.context_length", Value::U32(4))), Box::new(all), "exceed the model's context of 4"),
+    ];
+    for (edit, keep, needle) in cases {
+        rewrite_gguf(&model, &bad, edit, keep);
+        let out = resbisect(&["dump", "--engine", "runtime", "--model", path_str(&bad), "--tokens", "1,2,3,4,5,6", "-o", path_str(&out_dir)]);
+        assert_refused(&out, needle);
+        assert!(!out_dir.exists(), "{needle}: nothing is written");
+    }
 }

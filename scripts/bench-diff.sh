@@ -3,15 +3,7 @@
 # tap of every layer, positions all; one side with an injected fault), reported as GB/s
 # of dump data compared and peak RSS, next to a plain read of the same files in the same
 # run (page cache warm for both). Writes bench/results/diff-<date>.{json,md}.
-set -euo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$root"
-"$root/scripts/fetch-models.sh" >/dev/null
-cargo build --release --quiet
-bin="$root/target/release/resbisect"
-model="$root/fixtures/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-work="${BENCH_DIR:-$(mktemp -d)}"
-trap 'rm -rf "$work"' EXIT
+source "$(dirname "$0")/bench-setup.sh"
 grep '"id": "long_2048"' fixtures/prompts/long.jsonl > "$work/suite.jsonl"
 for side in clean injected; do
   inject=()

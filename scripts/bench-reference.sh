@@ -3,17 +3,11 @@
 # positions — tokens/s and peak RSS — next to HF transformers (torch f32,
 # output_hidden_states=True, same thread count) in the same run, with the machine's
 # f32 GEMM rate as the ceiling. Writes bench/results/reference-<host>-<date>.{json,md}.
-set -euo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$root"
+source "$(dirname "$0")/bench-setup.sh"
 threads="${THREADS:-$(nproc)}"
 runs="${RUNS:-3}"
-"$root/scripts/fetch-models.sh" >/dev/null
-cargo build --release --quiet
 python3 -c "import torch, transformers, gguf, accelerate" 2>/dev/null || python3 -m pip install --quiet torch transformers gguf accelerate numpy
 export RAYON_NUM_THREADS="$threads"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
 python3 - "$work/suite.jsonl" <<'PY'
 import json, sys
 line = next(json.loads(l) for l in open("fixtures/prompts/long.jsonl") if json.loads(l)["id"] == "long_2048")
@@ -21,7 +15,7 @@ json.dump({"id": "bench_1024", "tokens": line["tokens"][:1024]}, open(sys.argv[1
 PY
 ours=()
 for i in $(seq "$runs"); do
-  /usr/bin/time -f "%M" -o "$work/rss" target/release/resbisect dump --model fixtures/models/SmolLM2-135M-Instruct.Q4_1.gguf \
+  /usr/bin/time -f "%M" -o "$work/rss" "$bin" dump --model "$model" \
     --prompts "$work/suite.jsonl" --layers all --taps resid_post --positions all -o "$work/dump" --overwrite 2> "$work/log"
   line="$(grep wrote "$work/log")"
   ours+=("$(echo "$line" | sed -E 's/.*load ([0-9.]+) s, compute ([0-9.]+) s.*/\1 \2/') $(cat "$work/rss")")

@@ -3,16 +3,8 @@
 # greedy decode, tokens/s with no taps (`resbisect run`) and with every resid_post tap at
 # every position (`resbisect dump --engine runtime`), next to the reference dumping the
 # same taps, in the same run. Writes bench/results/runtime-cpu-<date>.{json,md}.
-set -euo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$root"
-"$root/scripts/fetch-models.sh" >/dev/null
-cargo build --release --quiet
-bin="$root/target/release/resbisect"
-model="$root/fixtures/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+source "$(dirname "$0")/bench-setup.sh"
 runs="${RUNS:-3}"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
 tokens="$(python3 -c "
 import json
 line = next(json.loads(l) for l in open('fixtures/prompts/long.jsonl') if json.loads(l)['id'] == 'long_2048')

@@ -167,7 +167,7 @@ fn error_vs_layer_svg(p: &PromptDiff, n_layer: usize) -> Result<String> {
             .y_label_area_size(60)
             .build_cartesian_2d(-0.5f64..(n_layer as f64 - 0.5).max(0.5), (PLOT_FLOOR..1e3f64).log_scale())
             .map_err(plot_err)?;
-        chart.configure_mesh().x_desc("layer").y_desc("rel L2").y_label_formatter(&|v| format!("{v:.0e}")).draw().map_err(plot_err)?;
+        chart.configure_mesh().x_desc("layer").y_desc("rel L2").x_label_formatter(&|v| format!("{v:.0}")).y_label_formatter(&|v| format!("{v:.0e}")).draw().map_err(plot_err)?;
         for (k, name) in LAYER_TAPS.iter().enumerate() {
             let pts: Vec<(f64, f64)> = p
                 .taps
@@ -222,7 +222,7 @@ fn heatmap_svg(p: &PromptDiff, kind: &str) -> Result<Option<String>> {
             .y_label_area_size(45)
             .build_cartesian_2d(0f64..max_pos as f64, 0f64..n_layers as f64)
             .map_err(plot_err)?;
-        chart.configure_mesh().disable_mesh().x_desc("position").y_desc("layer").draw().map_err(plot_err)?;
+        chart.configure_mesh().disable_mesh().x_desc("position").y_desc("layer").x_label_formatter(&|v| format!("{v:.0}")).y_label_formatter(&|v| format!("{v:.0}")).draw().map_err(plot_err)?;
         for (layer, t) in &rows {
             let mut cells = vec![f64::NAN; bins];
             for (pos, r) in t.positions.iter().zip(&t.rows) {

@@ -207,14 +207,13 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     let mut prompts = Vec::new();
     let mut bytes = 0u64;
     for pa in &ma.prompts {
-        let Some(pb) = mb.prompts.iter().find(|p| p.id == pa.id) else {
+        if !mb.prompts.iter().any(|p| p.id == pa.id) {
             notes.push(format!("prompt {} is only in A", pa.id));
             continue;
-        };
+        }
         let (pd, n) = diff_prompt(a, b, &pa.id, &engine_dtypes, opts)?;
         bytes += n;
         prompts.push(pd);
-        let _ = pb;
     }
     for pb in &mb.prompts {
         if !ma.prompts.iter().any(|p| p.id == pb.id) {

@@ -39,6 +39,21 @@ pub struct ModelInfo {
     pub config: Config,
 }
 
+impl EngineInfo {
+    /// An engine's identity; injected faults are part of it, so a dump says what was
+    /// broken on purpose (`name+inject(spec;spec)`).
+    pub fn new(name: &str, backend: &str, dtype: &str, device: String, injections: &[String]) -> Self {
+        let name = if injections.is_empty() { name.to_string() } else { format!("{name}+inject({})", injections.join(";")) };
+        Self { name, version: env!("CARGO_PKG_VERSION").into(), backend: backend.into(), dtype: dtype.into(), device }
+    }
+}
+
+impl ModelInfo {
+    pub fn of(model: &crate::model::Model) -> Self {
+        Self { path: model.gguf.path.display().to_string(), fingerprint: model.fingerprint.clone(), config: model.config.clone() }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PromptRecord {
     pub id: String,

@@ -180,15 +180,8 @@ pub fn dump_reference(
         .iter()
         .map(|p| spec.resolve(p.tokens.len()).map(Arc::new).map_err(|e| Error::input(format!("prompt {}: {e}", p.id))))
         .collect::<Result<_>>()?;
-    let engine_info = crate::dump::EngineInfo {
-        // Injected faults are part of the engine's identity: a dump says what was broken.
-        name: if injections.is_empty() { "resbisect-reference".into() } else { format!("resbisect-reference+inject({})", injections.join(";")) },
-        version: env!("CARGO_PKG_VERSION").into(),
-        backend: "candle-cpu".into(),
-        dtype: precision.name().into(),
-        device: "cpu".into(),
-    };
-    let model_info = crate::dump::ModelInfo { path: model.gguf.path.display().to_string(), fingerprint: model.fingerprint.clone(), config: model.config.clone() };
+    let engine_info = crate::dump::EngineInfo::new("resbisect-reference", "candle-cpu", precision.name(), "cpu".into(), injections);
+    let model_info = crate::dump::ModelInfo::of(model);
     let manifest = crate::dump::Manifest::new(engine_info, model_info, prompts.clone(), selection.clone());
     let writer = BackgroundWriter::spawn(crate::dump::DumpWriter::create(out, manifest, overwrite)?);
 

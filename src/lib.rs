@@ -1,8 +1,10 @@
 //! resbisect: find which tensor of an LLM inference engine diverges first from a
 //! reference, where, and by how much. This library holds everything but the CLI.
 
+pub mod bisect;
 pub mod diff;
 pub mod dump;
+pub mod engines;
 pub mod error;
 pub mod gguf;
 pub mod inject;

@@ -7,14 +7,16 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use resbisect::bisect::{self, BisectOptions, Outcome};
 use resbisect::diff::{self, DiffOptions, DiffReport};
+use resbisect::engines::{Engine, ExternalEngine, ReferenceDriver, RuntimeDriver};
 use resbisect::dump::Dump;
 use resbisect::report;
 use resbisect::runtime::{self, backend::StorageDType, cpu::CpuBackend, RunOptions};
 use resbisect::tolerance::Tolerances;
 use resbisect::model::Model;
 use resbisect::prompts::{self, PromptSource};
-use resbisect::reference_engine::{self, Progress, RefPrecision};
+use resbisect::reference_engine::{self, Progress, RefPrecision, ReferenceEngine};
 use resbisect::taps::{Selection, Tap};
 use resbisect::tokenizer::Tokenizer;
 use resbisect::{gguf, synth, Error, Result};
@@ -104,6 +106,21 @@ enum Command {
         #[command(subcommand)]
         kind: ReportKind,
     },
+    /// Find the first divergent tap and position between an engine under test (A) and an
+    /// oracle (B) with as few and as small dumps as possible, then replay the suspect
+    /// layer on the reference from A's inputs.
+    Bisect(BisectArgs),
+    /// The original scenario on the real SmolLM2 model: the runtime (`cpu` backend) with a
+    /// RoPE fault past position 826 of a 1652-token prompt, bisected against the reference.
+    Demo {
+        #[arg(long, default_value = "fixtures/models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+        model: PathBuf,
+        #[arg(long, default_value = "fixtures/prompts/long.jsonl")]
+        prompts: PathBuf,
+        /// Where the probes and the report go (replaced when it holds an earlier demo).
+        #[arg(short, long, default_value = "resbisect-demo")]
+        output: PathBuf,
+    },
     /// Write a synthetic llama model with random weights at real shapes.
     Synth {
         /// tiny, smollm2-135m or tinyllama-1.1b
@@ -162,6 +179,78 @@ enum EngineKind {
     Reference,
     /// The instrumented runtime (device under test) on --backend.
     Runtime,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BisectEngine {
+    /// The instrumented runtime on --backend, --dtype, with --inject faults.
+    Runtime,
+    /// The reference (candle), with --inject faults.
+    Reference,
+    /// An external program: --command TEMPLATE (docs/engines.md).
+    External,
+}
+
+#[derive(Args)]
+struct PromptArgs {
+    /// A prompt text, tokenized with the model's tokenizer.
+    #[arg(long, group = "input")]
+    prompt: Option<String>,
+    /// Explicit token ids, e.g. 1,2,3.
+    #[arg(long, group = "input")]
+    tokens: Option<String>,
+    /// A JSONL prompt suite.
+    #[arg(long, group = "input")]
+    prompts: Option<PathBuf>,
+    /// Prompt id: names --prompt/--tokens, or picks one prompt of --prompts.
+    #[arg(long)]
+    id: Option<String>,
+}
+
+#[derive(Args)]
+struct BisectArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    input: PromptArgs,
+    /// Engine A, the one under test.
+    #[arg(long, value_enum, default_value = "runtime")]
+    engine: BisectEngine,
+    /// Command template of an external engine A.
+    #[arg(long)]
+    command: Option<String>,
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendKind,
+    /// A's precision: f32, f16 or bf16 for the runtime; f32 or f64 for the reference.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    #[arg(long)]
+    prefill_chunk: Option<usize>,
+    /// Fault injected into engine A (see `dump --inject`). Repeatable.
+    #[arg(long)]
+    inject: Vec<String>,
+    /// Engine B, the oracle: the reference, or an external program (--oracle-command).
+    #[arg(long, value_enum, default_value = "reference")]
+    oracle: BisectEngine,
+    #[arg(long)]
+    oracle_command: Option<String>,
+    /// The reference's precision (oracle and local replay): f32 or f64.
+    #[arg(long, default_value = "f32")]
+    reference_dtype: String,
+    #[command(flatten)]
+    compare: CompareArgs,
+    /// Probe logits at every position only while one engine's logits stay under this.
+    #[arg(long, default_value_t = 64)]
+    logits_budget_mib: u64,
+    /// Directory for the probe dumps (must be absent or empty; default: a new temporary one).
+    #[arg(long)]
+    work: Option<PathBuf>,
+    /// Write bisect.{json,md,html} and report.{json,md,html} here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Print the bisect report as JSON instead of the summary.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -293,6 +382,131 @@ fn cmd_dump(a: DumpArgs) -> Result<()> {
     Ok(())
 }
 
+/// The prompts named by --prompt, --tokens or --prompts (one of them, --id picking from a suite).
+fn read_prompts(model: &Model, input: &PromptArgs) -> Result<Vec<resbisect::dump::PromptRecord>> {
+    let id = input.id.clone().unwrap_or_else(|| "prompt".into());
+    let entries = match (&input.prompt, &input.tokens, &input.prompts) {
+        (Some(text), _, _) => vec![(id, Some(text.clone()), PromptSource::Text(text.clone()))],
+        (_, Some(list), _) => vec![(id, None, PromptSource::Tokens(prompts::parse_token_list(list)?))],
+        (_, _, Some(path)) => {
+            let mut all = prompts::read_suite(path)?;
+            if let Some(want) = &input.id {
+                all.retain(|(i, _, _)| i == want);
+                if all.is_empty() {
+                    return Err(Error::input(format!("{}: no prompt with id {want:?}", path.display())));
+                }
+            }
+            all
+        }
+        _ => return Err(Error::input("give one of --prompt, --tokens or --prompts")),
+    };
+    let needs_tokenizer = entries.iter().any(|(_, _, s)| matches!(s, PromptSource::Text(_)));
+    let tokenizer = if needs_tokenizer { Some(Tokenizer::from_gguf(&model.gguf)?) } else { None };
+    prompts::resolve(entries, tokenizer.as_ref(), model.config.n_vocab, model.config.n_ctx)
+}
+
+/// An engine of `bisect` as the trait object the search drives.
+fn bisect_engine<'m>(kind: BisectEngine, a: &BisectArgs, command: Option<&str>, injections: Vec<String>, model: &'m Model, reference: &'m ReferenceEngine) -> Result<Box<dyn Engine + 'm>> {
+    Ok(match kind {
+        BisectEngine::Runtime => match a.backend {
+            BackendKind::Cpu => Box::new(RuntimeDriver::new(CpuBackend::new(StorageDType::parse(&a.dtype)?), model, &a.model, injections, a.prefill_chunk)?),
+        },
+        BisectEngine::Reference => Box::new(ReferenceDriver::new(model, &a.model, reference, injections)?),
+        BisectEngine::External => {
+            let template = command.ok_or_else(|| Error::input("an external engine needs its command template (--command / --oracle-command)"))?;
+            Box::new(ExternalEngine::new(template, &a.model, model.config.n_layer)?)
+        }
+    })
+}
+
+fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
+    let model = Model::open(&a.model)?;
+    let records = read_prompts(&model, &a.input)?;
+    let [prompt] = <[_; 1]>::try_from(records).map_err(|r| Error::input(format!("bisect takes one prompt; the suite has {} (pick one with --id)", r.len())))?;
+    if matches!(a.oracle, BisectEngine::Runtime) {
+        return Err(Error::input("the oracle is the reference or an external engine"));
+    }
+    if a.engine as u8 == a.oracle as u8 && a.inject.is_empty() && !matches!(a.engine, BisectEngine::External) {
+        eprintln!("note: A and B are the same engine without injected faults");
+    }
+    let mut progress = Bars { bar: None };
+    progress.stage("loading the reference", model.config.n_layer);
+    let reference = ReferenceEngine::load(&model, RefPrecision::parse(&a.reference_dtype)?, &mut |_| progress.tick())?;
+    drop(progress);
+    if matches!(a.engine, BisectEngine::Reference) && RefPrecision::parse(&a.dtype)? != reference.precision() {
+        return Err(Error::input("with --engine reference, A computes in --reference-dtype; drop --dtype"));
+    }
+    let mut engine_a = bisect_engine(a.engine, &a, a.command.as_deref(), a.inject.clone(), &model, &reference)?;
+    let mut engine_b = bisect_engine(a.oracle, &a, a.oracle_command.as_deref(), Vec::new(), &model, &reference)?;
+    let tolerances = match &a.compare.tolerances {
+        Some(p) => Tolerances::load(p)?,
+        None => Tolerances::default(),
+    };
+    let work = match &a.work {
+        Some(w) => w.clone(),
+        None => std::env::temp_dir().join(format!("resbisect-bisect-{}-{}", std::process::id(), humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string().replace(':', ""))),
+    };
+    let opts = BisectOptions { tolerances, allow_model_mismatch: a.compare.allow_model_mismatch, logits_budget: a.logits_budget_mib << 20, work };
+    eprintln!("bisecting {} ({} tokens): A = {}, B = {}; probes in {}", prompt.id, prompt.tokens.len(), engine_a.label(), engine_b.label(), opts.work.display());
+    let c = &model.config;
+    let r = bisect::bisect(engine_a.as_mut(), engine_b.as_mut(), &reference, prompt, c.n_layer, c.n_vocab, c.n_embd, &opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r).map_err(|e| Error::input(e.to_string()))?);
+    } else {
+        print!("{}", report::bisect_summary(&r));
+    }
+    if let Some(dir) = &a.report {
+        report::write_bisect(&r, dir)?;
+        eprintln!("wrote {}/bisect.{{json,md,html}} and report.{{json,md,html}}", dir.display());
+    }
+    Ok(match r.outcome {
+        Outcome::Clean => ExitCode::SUCCESS,
+        Outcome::Diverged => ExitCode::from(1),
+        Outcome::Crashed => ExitCode::from(3),
+    })
+}
+
+/// Marks a directory `resbisect demo` may replace.
+const DEMO_MARKER: &str = ".resbisect-demo";
+
+fn cmd_demo(model: PathBuf, prompts: PathBuf, output: PathBuf) -> Result<ExitCode> {
+    if !model.exists() {
+        return Err(Error::input(format!("{} is missing: run ./scripts/fetch-models.sh first", model.display())));
+    }
+    if output.exists() {
+        if !output.join(DEMO_MARKER).exists() {
+            return Err(Error::input(format!("{} exists and is not an earlier demo; pick another --output", output.display())));
+        }
+        std::fs::remove_dir_all(&output).map_err(|e| Error::io(&output, e))?;
+    }
+    std::fs::create_dir_all(&output).map_err(|e| Error::io(&output, e))?;
+    std::fs::write(output.join(DEMO_MARKER), "").map_err(|e| Error::io(&output, e))?;
+    let fault = "blk.11.rope:shift=3@827";
+    eprintln!("demo: the runtime (cpu backend, f32) carries an injected RoPE fault in layer 11 from position 827 ({fault});");
+    eprintln!("      bisect should name blk.11.q at position 827 and attribute it to layer 11.\n");
+    let args = BisectArgs {
+        model,
+        input: PromptArgs { prompt: None, tokens: None, prompts: Some(prompts), id: Some("long_1652".into()) },
+        engine: BisectEngine::Runtime,
+        command: None,
+        backend: BackendKind::Cpu,
+        dtype: "f32".into(),
+        prefill_chunk: None,
+        inject: vec![fault.into()],
+        oracle: BisectEngine::Reference,
+        oracle_command: None,
+        reference_dtype: "f32".into(),
+        compare: CompareArgs { tolerances: None, allow_model_mismatch: false },
+        logits_budget_mib: 64,
+        work: Some(output.join("probes")),
+        report: Some(output.join("report")),
+        json: false,
+    };
+    let code = cmd_bisect(args)?;
+    eprintln!("open {}/report/bisect.html", output.display());
+    Ok(code)
+}
+
 fn inspect_model(path: &Path, tensors: bool) -> Result<()> {
     let model = Model::open(path)?;
     let c = &model.config;
@@ -418,6 +632,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Dump(a) => cmd_dump(a).map(|_| ExitCode::SUCCESS),
+        Command::Bisect(a) => cmd_bisect(a),
+        Command::Demo { model, prompts, output } => cmd_demo(model, prompts, output),
         Command::Run { model, prompt, tokens, max_tokens, backend, dtype, prefill_chunk } => {
             let model = Model::open(&model)?;
             let tokenizer = Tokenizer::from_gguf(&model.gguf)?;

@@ -76,6 +76,18 @@ impl ReferenceEngine {
         self.precision
     }
 
+    /// Local replay: layer `l` recomputed from `rows` rows of residual-stream input
+    /// (positions `0..rows`); every tap of the layer as f32 rows, in order.
+    pub fn replay_layer(&self, l: usize, input: &[f32], rows: usize) -> Result<Vec<(String, Vec<f32>)>> {
+        let fail = |e: anyhow::Error| Error::engine(format!("reference: replaying layer {l}: {e:#}"));
+        self.inner
+            .replay_layer(l, input, rows)
+            .map_err(fail)?
+            .into_iter()
+            .map(|(id, t)| Ok((id, t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| fail(e.into()))?)))
+            .collect()
+    }
+
     /// Run one prompt, sending each completed file to `writer`.
     pub fn run_prompt(
         &self,
@@ -161,9 +173,48 @@ pub struct DumpSummary {
     pub compute_seconds: f64,
 }
 
+impl ReferenceEngine {
+    /// Write one dump of `prompts` with the loaded weights. On an engine error the
+    /// partial dump stays, with status `failed`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn dump(
+        &self,
+        model: &Model,
+        prompts: Vec<crate::dump::PromptRecord>,
+        selection: &Selection,
+        faults: &Faults,
+        injections: &[String],
+        out: &std::path::Path,
+        overwrite: bool,
+        progress: &mut dyn Progress,
+    ) -> Result<DumpSummary> {
+        let spec = crate::taps::PositionSpec::parse(&selection.positions)?;
+        let positions: Vec<Arc<Vec<usize>>> = prompts
+            .iter()
+            .map(|p| spec.resolve(p.tokens.len()).map(Arc::new).map_err(|e| Error::input(format!("prompt {}: {e}", p.id))))
+            .collect::<Result<_>>()?;
+        let engine_info = crate::dump::EngineInfo::new("resbisect-reference", "candle-cpu", self.precision.name(), "cpu".into(), injections);
+        let manifest = crate::dump::Manifest::new(engine_info, crate::dump::ModelInfo::of(model), prompts.clone(), selection.clone());
+        let writer = BackgroundWriter::spawn(crate::dump::DumpWriter::create(out, manifest, overwrite)?);
+        let start = std::time::Instant::now();
+        let n_layer = model.config.n_layer;
+        let outcome = prompts.iter().zip(&positions).try_for_each(|(p, pos)| {
+            progress.stage(&format!("{} ({} tokens)", p.id, p.tokens.len()), n_layer);
+            self.run_prompt(&p.id, &p.tokens, pos.clone(), selection, faults, n_layer, &writer, &mut |_| progress.tick())
+        });
+        writer.finish(outcome)?;
+        Ok(DumpSummary {
+            prompts: prompts.len(),
+            tokens: prompts.iter().map(|p| p.tokens.len()).sum(),
+            load_seconds: 0.0,
+            compute_seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+}
+
 /// `resbisect dump --engine reference`: load the model on the reference, run every
-/// prompt, write dump format v1 to `out`. On an engine error the partial dump stays,
-/// with status `failed`.
+/// prompt, write dump format v1 to `out`.
+#[allow(clippy::too_many_arguments)]
 pub fn dump_reference(
     model: &Model,
     prompts: Vec<crate::dump::PromptRecord>,
@@ -176,33 +227,13 @@ pub fn dump_reference(
 ) -> Result<DumpSummary> {
     let faults = crate::inject::parse_all(injections, model.config.n_layer)?;
     let spec = crate::taps::PositionSpec::parse(&selection.positions)?;
-    let positions: Vec<Arc<Vec<usize>>> = prompts
-        .iter()
-        .map(|p| spec.resolve(p.tokens.len()).map(Arc::new).map_err(|e| Error::input(format!("prompt {}: {e}", p.id))))
-        .collect::<Result<_>>()?;
-    let engine_info = crate::dump::EngineInfo::new("resbisect-reference", "candle-cpu", precision.name(), "cpu".into(), injections);
-    let model_info = crate::dump::ModelInfo::of(model);
-    let manifest = crate::dump::Manifest::new(engine_info, model_info, prompts.clone(), selection.clone());
-    let writer = BackgroundWriter::spawn(crate::dump::DumpWriter::create(out, manifest, overwrite)?);
-
+    for p in &prompts {
+        spec.resolve(p.tokens.len()).map_err(|e| Error::input(format!("prompt {}: {e}", p.id)))?;
+    }
     let start = std::time::Instant::now();
-    let mut load_seconds = 0.0;
-    let n_layer = model.config.n_layer;
-    let outcome = (|| {
-        progress.stage("loading weights", n_layer);
-        let engine = ReferenceEngine::load(model, precision, &mut |_| progress.tick())?;
-        load_seconds = start.elapsed().as_secs_f64();
-        for (p, pos) in prompts.iter().zip(&positions) {
-            progress.stage(&format!("{} ({} tokens)", p.id, p.tokens.len()), n_layer);
-            engine.run_prompt(&p.id, &p.tokens, pos.clone(), &selection, &faults, n_layer, &writer, &mut |_| progress.tick())?;
-        }
-        Ok(())
-    })();
-    writer.finish(outcome)?;
-    Ok(DumpSummary {
-        prompts: prompts.len(),
-        tokens: prompts.iter().map(|p| p.tokens.len()).sum(),
-        load_seconds,
-        compute_seconds: start.elapsed().as_secs_f64() - load_seconds,
-    })
+    progress.stage("loading weights", model.config.n_layer);
+    let engine = ReferenceEngine::load(model, precision, &mut |_| progress.tick())?;
+    let load_seconds = start.elapsed().as_secs_f64();
+    let summary = engine.dump(model, prompts, &selection, &faults, injections, out, overwrite, progress)?;
+    Ok(DumpSummary { load_seconds, ..summary })
 }

@@ -188,8 +188,11 @@ fn parse_index(s: &str, what: &str) -> Result<usize> {
     s.trim().parse().map_err(|_| Error::input(format!("bad {what} {s:?}: expected a non-negative integer")))
 }
 
-/// `0,1,2,4,8`, `0..22` (end exclusive), `3..`, `all`.
+/// `0,1,2,4,8`, `0..22` (end exclusive), `3..`, `all`, `none` (only embed/output taps).
 pub fn parse_layers(spec: &str, n_layer: usize) -> Result<Vec<usize>> {
+    if spec.trim() == "none" {
+        return Ok(Vec::new());
+    }
     let mut set = BTreeSet::new();
     for item in spec.split(',').map(str::trim) {
         if item == "all" {

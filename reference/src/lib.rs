@@ -226,7 +226,6 @@ impl Reference {
                 }
                 Ok(t)
             };
-            let (qw, kvw) = (cfg.n_head * cfg.head_dim(), cfg.n_head_kv * cfg.head_dim());
             let faulty_rope = match faults.rope_for(l) {
                 Some(f) => {
                     let shifted: Vec<f64> = (0..n).map(|p| if p >= f.from { p as f64 + f.shift as f64 } else { p as f64 }).collect();
@@ -235,21 +234,7 @@ impl Reference {
                 None => None,
             };
             let (cos, sin) = faulty_rope.as_ref().map(|(c, s)| (c, s)).unwrap_or((&cos, &sin));
-            let h = tap(0, rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?)?;
-            let qkv = h.matmul(&layer.wqkv)?;
-            let q = tap(1, rope(&qkv.narrow(1, 0, qw)?, cfg.n_head, cos, sin)?)?;
-            let k = tap(2, rope(&qkv.narrow(1, qw, kvw)?, cfg.n_head_kv, cos, sin)?)?;
-            let v = tap(3, qkv.narrow(1, qw + kvw, kvw)?.contiguous()?)?;
-            let attn = tap(4, attention(&q, &k, &v, cfg)?)?;
-            let attn_out = tap(5, attn.matmul(&layer.wo)?)?;
-            let resid_mid = tap(6, (&x + &attn_out)?)?;
-            let h2 = tap(7, rms_norm(&resid_mid, &layer.ffn_norm, cfg.rms_eps)?)?;
-            let gate_up = h2.matmul(&layer.w_gate_up)?;
-            let gate = tap(8, gate_up.narrow(1, 0, cfg.n_ff)?)?;
-            let up = tap(9, gate_up.narrow(1, cfg.n_ff, cfg.n_ff)?)?;
-            let act = tap(10, (gate.silu()? * &up)?)?;
-            let ffn_out = tap(11, act.matmul(&layer.w_down)?)?;
-            x = tap(12, (&resid_mid + &ffn_out)?)?;
+            x = self.layer(layer, &x, cos, sin, &mut tap)?;
             if !captured.is_empty() {
                 sink.emit(&format!("blk.{l}"), captured)?;
             }
@@ -279,6 +264,47 @@ impl Reference {
             sink.emit("output", out)?;
         }
         Ok(())
+    }
+    /// One transformer block over all rows of `x`; `tap(i, t)` sees each of the layer's
+    /// taps in order (index into the layer taps) and hands on what the block continues with.
+    fn layer(&self, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor, tap: &mut dyn FnMut(usize, Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (qw, kvw) = (cfg.n_head * cfg.head_dim(), cfg.n_head_kv * cfg.head_dim());
+        let h = tap(0, rms_norm(x, &layer.attn_norm, cfg.rms_eps)?)?;
+        let qkv = h.matmul(&layer.wqkv)?;
+        let q = tap(1, rope(&qkv.narrow(1, 0, qw)?, cfg.n_head, cos, sin)?)?;
+        let k = tap(2, rope(&qkv.narrow(1, qw, kvw)?, cfg.n_head_kv, cos, sin)?)?;
+        let v = tap(3, qkv.narrow(1, qw + kvw, kvw)?.contiguous()?)?;
+        let attn = tap(4, attention(&q, &k, &v, cfg)?)?;
+        let attn_out = tap(5, attn.matmul(&layer.wo)?)?;
+        let resid_mid = tap(6, (x + &attn_out)?)?;
+        let h2 = tap(7, rms_norm(&resid_mid, &layer.ffn_norm, cfg.rms_eps)?)?;
+        let gate_up = h2.matmul(&layer.w_gate_up)?;
+        let gate = tap(8, gate_up.narrow(1, 0, cfg.n_ff)?)?;
+        let up = tap(9, gate_up.narrow(1, cfg.n_ff, cfg.n_ff)?)?;
+        let act = tap(10, (gate.silu()? * &up)?)?;
+        let ffn_out = tap(11, act.matmul(&layer.w_down)?)?;
+        tap(12, (&resid_mid + &ffn_out)?)
+    }
+
+    /// Local replay: recompute layer `l` from a given residual-stream input (`rows × n_embd`
+    /// f32 values for positions `0..rows`, e.g. another engine's dumped `resid_post` of
+    /// layer `l - 1`). Returns the layer's taps, in order, as `[rows, width]` f32 tensors.
+    pub fn replay_layer(&self, l: usize, input: &[f32], rows: usize) -> Result<Vec<(String, Tensor)>> {
+        let cfg = &self.cfg;
+        let Some(layer) = self.layers.get(l) else { bail!("layer {l} is outside the model's {} layers", cfg.n_layer) };
+        if rows == 0 || input.len() != rows * cfg.n_embd {
+            bail!("replay of layer {l}: {} input values are not {rows} rows of {}", input.len(), cfg.n_embd);
+        }
+        let x = Tensor::from_slice(input, (rows, cfg.n_embd), &Device::Cpu)?.to_dtype(self.dtype)?;
+        let positions: Vec<f64> = (0..rows).map(|p| p as f64).collect();
+        let (cos, sin) = rope_tables(&positions, cfg.head_dim(), cfg.rope_base, self.dtype)?;
+        let mut out = Vec::with_capacity(LAYER_TAPS.len());
+        self.layer(layer, &x, &cos, &sin, &mut |i, t| {
+            out.push((format!("blk.{l}.{}", LAYER_TAPS[i]), t.to_dtype(DType::F32)?));
+            Ok(t)
+        })?;
+        Ok(out)
     }
 }
 

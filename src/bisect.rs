@@ -1,0 +1,498 @@
+//! `resbisect bisect`: drives an engine under test (A) and an oracle (B) with as few and
+//! as small dumps as it can (DESIGN §6) — a coarse probe over sparse layers at every
+//! position, truncation of the prompt after the first divergent position (causality),
+//! binary search over layers, all taps of the suspect layer — then replays the suspect
+//! layer and its neighbours on the reference from A's own inputs to separate the error a
+//! layer introduces from the error it inherits. A crash of either engine is a result.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::diff::{self, DiffOptions, DiffReport, FirstDivergence, RowStat};
+use crate::dump::{Dump, PromptRecord, RunError, TapDType, TapView};
+use crate::engines::{crash_report, Engine};
+use crate::error::{Error, Result};
+use crate::reference_engine::ReferenceEngine;
+use crate::taps::{Selection, LAYER_TAPS};
+use crate::tolerance::Tolerances;
+
+pub struct BisectOptions {
+    pub tolerances: Tolerances,
+    pub allow_model_mismatch: bool,
+    /// Logits join the coarse probe at every position only while one engine's logits
+    /// stay under this many bytes; otherwise a last-rows probe checks the head.
+    pub logits_budget: u64,
+    /// Probe dumps go here (created; must be absent or empty).
+    pub work: PathBuf,
+}
+
+/// Rows of the head probe when logits were too large for the coarse probe.
+const HEAD_ROWS: usize = 64;
+
+/// One probe: both engines dumped the same selection over the same prefix.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeRecord {
+    pub purpose: String,
+    /// Prompt tokens run (the prompt is cut after the first divergent position).
+    pub tokens: usize,
+    pub layers: Vec<usize>,
+    pub taps: Vec<String>,
+    pub positions: String,
+    pub seconds_a: f64,
+    pub seconds_b: f64,
+    pub bytes_a: u64,
+    pub bytes_b: u64,
+    /// What the probe showed, and what it ruled out.
+    pub finding: String,
+    pub dump_a: String,
+    pub dump_b: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Clean,
+    Diverged,
+    Crashed,
+}
+
+/// A crash of one engine, as a result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Crash {
+    /// `A` (engine under test) or `B` (oracle).
+    pub engine: String,
+    pub label: String,
+    pub error: RunError,
+    pub probe: String,
+}
+
+/// Local replay of one layer on the reference from A's own input.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerAttribution {
+    pub layer: usize,
+    /// rel L2 of A's input to the layer against B's (max over positions).
+    pub inherited: f64,
+    /// rel L2 of A's output against the reference layer applied to A's input.
+    pub introduced: f64,
+    /// rel L2 of A's output against B's.
+    pub total: f64,
+    /// Position of the largest introduced error.
+    pub at_position: usize,
+    pub tolerance: f64,
+    pub introduces: bool,
+}
+
+/// Within the suspect layer: each tap of A against the replay from A's layer input.
+#[derive(Debug, Clone, Serialize)]
+pub struct TapAttribution {
+    pub tap: String,
+    pub introduced: f64,
+    pub at_position: usize,
+    pub tolerance: f64,
+    pub introduces: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BisectReport {
+    pub version: u32,
+    pub model: String,
+    pub fingerprint: String,
+    pub prompt: String,
+    pub n_tokens: usize,
+    pub engine_a: String,
+    pub engine_b: String,
+    pub outcome: Outcome,
+    pub first: Option<FirstDivergence>,
+    /// Tokens the final probes ran (first divergent position + 1).
+    pub prefix: usize,
+    pub crash: Option<Crash>,
+    pub replay: Vec<LayerAttribution>,
+    pub replay_taps: Vec<TapAttribution>,
+    pub probes: Vec<ProbeRecord>,
+    pub runs_a: usize,
+    pub runs_b: usize,
+    pub bytes_dumped: u64,
+    pub seconds: f64,
+    pub reproduce: Vec<String>,
+    #[serde(skip)]
+    pub final_diff: Option<DiffReport>,
+}
+
+/// Sum of file sizes under a directory (0 when absent).
+pub fn dir_bytes(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Coarse layers: 0, 1, 2, 4, 8, …, and the last.
+pub fn coarse_layers(n_layer: usize) -> Vec<usize> {
+    let mut out = vec![0];
+    let mut l = 1;
+    while l < n_layer {
+        out.push(l);
+        l *= 2;
+    }
+    if *out.last().expect("non-empty") != n_layer - 1 {
+        out.push(n_layer - 1);
+    }
+    out
+}
+
+/// What one probe produced.
+enum ProbeResult {
+    Compared(DiffReport),
+    Crashed(Crash, Option<DiffReport>),
+}
+
+struct Session<'e> {
+    a: &'e mut dyn Engine,
+    b: &'e mut dyn Engine,
+    opts: &'e BisectOptions,
+    prompt: PromptRecord,
+    probes: Vec<ProbeRecord>,
+    /// Per probe: its directory and how many tokens it ran.
+    dirs: Vec<(PathBuf, usize)>,
+    reproduce: Vec<String>,
+}
+
+fn selection(layers: Vec<usize>, taps: &[&str], positions: &str) -> Selection {
+    Selection { layers, taps: taps.iter().map(|t| t.to_string()).collect(), positions: positions.to_string() }
+}
+
+/// Smallest position any tap of the diff diverges at.
+fn first_bad_position(r: &DiffReport) -> Option<usize> {
+    r.prompts.iter().flat_map(|p| &p.taps).filter_map(|t| t.first_bad.map(|i| t.positions[i])).min()
+}
+
+fn tap_diverged(r: &DiffReport, id: &str) -> bool {
+    r.prompts.iter().flat_map(|p| &p.taps).any(|t| t.tap == id && t.first_bad.is_some())
+}
+
+fn first_of(r: &DiffReport) -> Option<FirstDivergence> {
+    r.prompts.first().and_then(|p| p.first.clone())
+}
+
+impl Session<'_> {
+    /// Run both engines on the first `tokens` tokens with `sel`, then diff.
+    fn probe(&mut self, purpose: &str, tokens: usize, sel: Selection) -> Result<ProbeResult> {
+        let dir = self.opts.work.join(format!("{:02}-{purpose}", self.probes.len() + 1));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let prompt = PromptRecord { tokens: self.prompt.tokens[..tokens].to_vec(), ..self.prompt.clone() };
+        let suite = dir.join("prompt.jsonl");
+        let line = serde_json::json!({"id": prompt.id, "tokens": prompt.tokens});
+        std::fs::write(&suite, line.to_string() + "\n").map_err(|e| Error::io(&suite, e))?;
+        let (out_a, out_b) = (dir.join("a"), dir.join("b"));
+        let mut crash = None;
+        let mut seconds = [0.0; 2];
+        for (i, (engine, out, name)) in [(&mut *self.a, &out_a, "A"), (&mut *self.b, &out_b, "B")].into_iter().enumerate() {
+            let t0 = Instant::now();
+            let result = engine.dump(&prompt, &sel, out);
+            seconds[i] = t0.elapsed().as_secs_f64();
+            match result {
+                Ok(()) => {}
+                Err(Error::Engine(msg)) => {
+                    if crash.is_none() {
+                        crash = Some(Crash { engine: name.into(), label: engine.label(), error: crash_report(out, &msg), probe: purpose.into() });
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let mut record = ProbeRecord {
+            purpose: purpose.into(),
+            tokens,
+            layers: sel.layers.clone(),
+            taps: sel.taps.clone(),
+            positions: sel.positions.clone(),
+            seconds_a: seconds[0],
+            seconds_b: seconds[1],
+            bytes_a: dir_bytes(&out_a),
+            bytes_b: dir_bytes(&out_b),
+            finding: String::new(),
+            dump_a: out_a.display().to_string(),
+            dump_b: out_b.display().to_string(),
+        };
+        let diff_opts = DiffOptions { tolerances: self.opts.tolerances.clone(), allow_model_mismatch: self.opts.allow_model_mismatch };
+        let compared = match (Dump::open(&out_a), Dump::open(&out_b)) {
+            (Ok(da), Ok(db)) => Some(diff::diff(&da, &db, &diff_opts)),
+            _ => None,
+        };
+        let result = match crash {
+            Some(c) => {
+                record.finding = format!("engine {} failed: {}", c.engine, c.error.message);
+                ProbeResult::Crashed(c, compared.and_then(Result::ok))
+            }
+            None => ProbeResult::Compared(compared.expect("both engines completed")?),
+        };
+        // Fresh output directories: `dump -o` refuses to overwrite the probe's own.
+        let (repro_a, repro_b) = (dir.join("reproduce").join("a"), dir.join("reproduce").join("b"));
+        let tol = self.opts.tolerances.source.as_ref().map(|p| format!(" --tolerances {}", crate::engines::shell_quote(p))).unwrap_or_default();
+        let quote = |p: &Path| crate::engines::shell_quote(&p.display().to_string());
+        self.reproduce = vec![
+            self.a.reproduce(&prompt.id, &suite, &sel, &out_a, &repro_a),
+            self.b.reproduce(&prompt.id, &suite, &sel, &out_b, &repro_b),
+            format!("resbisect diff {} {}{tol}", quote(&repro_a), quote(&repro_b)),
+        ];
+        self.probes.push(record);
+        self.dirs.push((dir, tokens));
+        Ok(result)
+    }
+
+    fn note(&mut self, finding: String) {
+        if let Some(p) = self.probes.last_mut() {
+            p.finding = finding;
+        }
+    }
+
+    /// Rows `0..rows` of tap `id` from the newest probe of side `a`/`b` that holds them.
+    fn rows(&self, side: &str, id: &str, rows: usize) -> Result<Option<Vec<f32>>> {
+        let tap = crate::taps::Tap::parse(id).ok_or_else(|| Error::input(format!("bad tap {id}")))?;
+        for (dir, tokens) in self.dirs.iter().rev() {
+            if *tokens < rows {
+                continue;
+            }
+            let Ok(dump) = Dump::open(&dir.join(side)) else { continue };
+            let Some(file) = dump.read_file(&self.prompt.id, &tap.file_stem())? else { continue };
+            let Some(t) = file.taps.get(id) else { continue };
+            if file.positions.len() < rows || file.positions[..rows].iter().enumerate().any(|(i, &p)| i != p) {
+                continue;
+            }
+            return Ok(Some(t.values[..rows * t.width].iter().map(|&v| v as f32).collect()));
+        }
+        Ok(None)
+    }
+}
+
+/// Largest per-row rel L2 of `a` against `b` (rows of `width`) and its row.
+fn worst_row(a: &[f32], b: &[f32], width: usize) -> (f64, usize, RowStat) {
+    fn view(v: &[f32], width: usize) -> TapView<'_> {
+        TapView { dtype: TapDType::F32, rows: v.len() / width, width, bytes: bytemuck::cast_slice(v) }
+    }
+    let (va, vb) = (view(a, width), view(b, width));
+    let mut worst = (0.0, 0, RowStat::default());
+    for r in 0..va.rows {
+        let s = diff::row_stat(&va.row(r), &vb.row(r));
+        let rel = if s.nonfinite_a + s.nonfinite_b > 0 { f64::INFINITY } else { s.rel_l2 };
+        if rel > worst.0 || (r == 0 && rel.is_nan()) {
+            worst = (rel, r, s);
+        }
+    }
+    worst
+}
+
+/// The tolerance the final diff applied to `tap` (rel L2), if it compared it.
+fn tolerance_of(r: &DiffReport, tap: &str) -> Option<crate::tolerance::Tolerance> {
+    r.prompts.iter().flat_map(|p| &p.taps).find(|t| t.tap == tap).map(|t| t.tolerance)
+}
+
+/// Run the search on one prompt. `replayer` is the reference that recomputes layers for
+/// local replay (whatever engine B is).
+#[allow(clippy::too_many_arguments)]
+pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: &ReferenceEngine, prompt: PromptRecord, n_layer: usize, n_vocab: usize, n_embd: usize, opts: &BisectOptions) -> Result<BisectReport> {
+    let start = Instant::now();
+    if opts.work.exists() && std::fs::read_dir(&opts.work).map_err(|e| Error::io(&opts.work, e))?.next().is_some() {
+        return Err(Error::input(format!("the work directory {} is not empty", opts.work.display())));
+    }
+    let (label_a, label_b) = (a.label(), b.label());
+    let n = prompt.tokens.len();
+    let mut s = Session { a, b, opts, prompt: prompt.clone(), probes: Vec::new(), dirs: Vec::new(), reproduce: Vec::new() };
+    let mut report = BisectReport {
+        version: 1,
+        model: String::new(),
+        fingerprint: String::new(),
+        prompt: prompt.id.clone(),
+        n_tokens: n,
+        engine_a: label_a,
+        engine_b: label_b,
+        outcome: Outcome::Clean,
+        first: None,
+        prefix: n,
+        crash: None,
+        replay: Vec::new(),
+        replay_taps: Vec::new(),
+        probes: Vec::new(),
+        runs_a: 0,
+        runs_b: 0,
+        bytes_dumped: 0,
+        seconds: 0.0,
+        reproduce: Vec::new(),
+        final_diff: None,
+    };
+    let finish = |mut report: BisectReport, s: Session| {
+        report.runs_a = s.probes.len();
+        report.runs_b = s.probes.len();
+        report.bytes_dumped = s.probes.iter().map(|p| p.bytes_a + p.bytes_b).sum();
+        report.probes = s.probes;
+        report.reproduce = s.reproduce;
+        report.seconds = start.elapsed().as_secs_f64();
+        if let Some(d) = &report.final_diff {
+            report.model = d.a.path.clone();
+            report.fingerprint = d.a.fingerprint.clone();
+        }
+        Ok(report)
+    };
+    let crashed = |mut report: BisectReport, c: Crash, partial: Option<DiffReport>| {
+        report.outcome = Outcome::Crashed;
+        report.first = partial.as_ref().and_then(first_of);
+        report.crash = Some(c);
+        report.final_diff = partial;
+        report
+    };
+
+    // 1. Coarse probe over the whole prompt: sparse layers at every position, which also
+    //    finds the first divergent position for the cut.
+    let coarse = coarse_layers(n_layer);
+    let logits_here = (n * n_vocab * 4) as u64 <= opts.logits_budget;
+    let mut taps = vec!["embed", "resid_post", "final_norm"];
+    if logits_here {
+        taps.push("logits");
+    }
+    let r = match s.probe("coarse", n, selection(coarse.clone(), &taps, "all"))? {
+        ProbeResult::Compared(r) => r,
+        ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
+    };
+    let Some(first_pos) = first_bad_position(&r) else {
+        if !logits_here {
+            let from = n.saturating_sub(HEAD_ROWS);
+            let head = match s.probe("head", n, selection(Vec::new(), &["final_norm", "logits"], &format!("{from}..")))? {
+                ProbeResult::Compared(r) => r,
+                ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
+            };
+            if let Some(f) = first_of(&head) {
+                s.note(format!("the output head diverges: {} at position {}", f.tap, f.position));
+                report.outcome = Outcome::Diverged;
+                report.first = Some(f);
+            } else {
+                s.note(format!("final_norm and logits agree on the last {} positions", n - from));
+            }
+            report.final_diff = Some(head);
+            return finish(report, s);
+        }
+        s.note(format!("no divergence at embed, resid_post of layers {:?}, final_norm or logits", coarse));
+        report.final_diff = Some(r);
+        return finish(report, s);
+    };
+    let bad_coarse = coarse.iter().copied().find(|l| tap_diverged(&r, &format!("blk.{l}.resid_post")));
+    let prefix = first_pos + 1;
+    report.prefix = prefix;
+    let cut = if prefix < n { format!("; the prompt is cut to {prefix} tokens") } else { String::new() };
+    let Some(mut hi) = bad_coarse.filter(|_| !tap_diverged(&r, "embed")) else {
+        // The divergence starts at embed or only in the output head: already narrowed.
+        let f = first_of(&r);
+        s.note(format!("first divergence {} at position {first_pos}", f.as_ref().map_or("?", |f| f.tap.as_str())));
+        report.outcome = Outcome::Diverged;
+        report.first = f;
+        report.final_diff = Some(r);
+        return finish(report, s);
+    };
+    // `lo` is the last layer known good (None: only embed is known good).
+    let mut lo = coarse.iter().copied().take_while(|&l| l < hi).last();
+    s.note(format!(
+        "first divergent position {first_pos}; resid_post good through {}, bad at layer {hi}{cut}",
+        lo.map_or("embed".to_string(), |l| format!("layer {l}"))
+    ));
+
+    // 2. Binary search over the layers between the last good and the first bad.
+    loop {
+        let first_unknown = lo.map_or(0, |l| l + 1);
+        if first_unknown >= hi {
+            break;
+        }
+        let mid = (first_unknown + hi - 1) / 2;
+        let id = format!("blk.{mid}.resid_post");
+        match s.probe(&format!("layer-{mid}"), prefix, selection(vec![mid], &["resid_post"], "all"))? {
+            ProbeResult::Compared(r) => {
+                if tap_diverged(&r, &id) {
+                    s.note(format!("layer {mid} diverges: the first bad layer is in {}..={mid}", lo.map_or(0, |l| l + 1)));
+                    hi = mid;
+                } else {
+                    s.note(format!("layer {mid} agrees: layers up to {mid} are ruled out"));
+                    lo = Some(mid);
+                }
+            }
+            ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
+        }
+    }
+
+    // 3. All taps of the suspect layer: the first divergent tap and position.
+    let all: Vec<&str> = LAYER_TAPS.to_vec();
+    let taps_diff = match s.probe(&format!("taps-{hi}"), prefix, selection(vec![hi], &all, "all"))? {
+        ProbeResult::Compared(r) => r,
+        ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
+    };
+    let first = first_of(&taps_diff);
+    s.note(match &first {
+        Some(f) => format!("first divergent tap {} at position {}", f.tap, f.position),
+        None => "no tap of the layer diverges on this run (the engine is not deterministic?)".into(),
+    });
+    report.outcome = Outcome::Diverged;
+    report.first = first;
+    let suspect_reproduce = s.reproduce.clone();
+
+    // 4. Local replay of the suspect layer and its neighbours from A's own inputs.
+    let replayed: Vec<usize> = (hi.saturating_sub(1)..=(hi + 1).min(n_layer - 1)).collect();
+    let input_id = |l: usize| if l == 0 { "embed".to_string() } else { format!("blk.{}.resid_post", l - 1) };
+    let mut needed: Vec<String> = replayed.iter().flat_map(|&l| [input_id(l), format!("blk.{l}.resid_post")]).collect();
+    needed.dedup();
+    let mut missing = Vec::new();
+    for id in &needed {
+        if s.rows("a", id, prefix)?.is_none() || s.rows("b", id, prefix)?.is_none() {
+            missing.push(id.clone());
+        }
+    }
+    if !missing.is_empty() {
+        let layers: Vec<usize> = missing.iter().filter_map(|id| match crate::taps::Tap::parse(id) {
+            Some(crate::taps::Tap::Layer(l, _)) => Some(l),
+            _ => None,
+        }).collect();
+        let mut taps = vec!["resid_post"];
+        if missing.iter().any(|m| m == "embed") {
+            taps.insert(0, "embed");
+        }
+        match s.probe("replay-inputs", prefix, selection(layers, &taps, "all"))? {
+            ProbeResult::Compared(_) => s.note(format!("inputs for local replay: {}", missing.join(", "))),
+            ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
+        }
+    }
+    let resid_tol = tolerance_of(&taps_diff, &format!("blk.{hi}.resid_post")).map_or(1e-3, |t| t.rel_l2);
+    for &l in &replayed {
+        let get = |side: &str, id: &str| -> Result<Vec<f32>> { s.rows(side, id, prefix)?.ok_or_else(|| Error::engine(format!("replay: {id} missing from the {side} dumps"))) };
+        let (in_a, in_b) = (get("a", &input_id(l))?, get("b", &input_id(l))?);
+        let out_id = format!("blk.{l}.resid_post");
+        let (out_a, out_b) = (get("a", &out_id)?, get("b", &out_id)?);
+        let replay = replayer.replay_layer(l, &in_a, prefix)?;
+        let rep_out = &replay.last().expect("a layer has taps").1;
+        let (introduced, at, _) = worst_row(&out_a, rep_out, n_embd);
+        report.replay.push(LayerAttribution {
+            layer: l,
+            inherited: worst_row(&in_a, &in_b, n_embd).0,
+            introduced,
+            total: worst_row(&out_a, &out_b, n_embd).0,
+            at_position: at,
+            tolerance: resid_tol,
+            introduces: !(introduced <= resid_tol),
+        });
+        if l == hi {
+            for (id, values) in &replay {
+                let Some(dev) = s.rows("a", id, prefix)? else { continue };
+                let width = values.len() / prefix;
+                let (introduced, at, _) = worst_row(&dev, values, width);
+                let tolerance = tolerance_of(&taps_diff, id).map_or(resid_tol, |t| t.rel_l2);
+                report.replay_taps.push(TapAttribution { tap: id.clone(), introduced, at_position: at, tolerance, introduces: !(introduced <= tolerance) });
+            }
+        }
+    }
+    report.final_diff = Some(taps_diff);
+    let mut r = finish(report, s)?;
+    r.reproduce = suspect_reproduce;
+    Ok(r)
+}

@@ -133,6 +133,14 @@ pub fn dir_bytes(path: &Path) -> u64 {
         .sum()
 }
 
+/// The probe directory must be new or empty: bisect never mixes in old dumps.
+pub fn check_work_dir(work: &Path) -> Result<()> {
+    if work.exists() && std::fs::read_dir(work).map_err(|e| Error::io(work, e))?.next().is_some() {
+        return Err(Error::input(format!("the work directory {} is not empty", work.display())));
+    }
+    Ok(())
+}
+
 /// Coarse layers: 0, 1, 2, 4, 8, …, and the last.
 pub fn coarse_layers(n_layer: usize) -> Vec<usize> {
     let mut out = vec![0];
@@ -171,6 +179,10 @@ fn selection(layers: Vec<usize>, taps: &[&str], positions: &str) -> Selection {
 /// Smallest position any tap of the diff diverges at.
 fn first_bad_position(r: &DiffReport) -> Option<usize> {
     r.prompts.iter().flat_map(|p| &p.taps).filter_map(|t| t.first_bad.map(|i| t.positions[i])).min()
+}
+
+fn has_nonfinite(r: &DiffReport) -> bool {
+    r.prompts.iter().flat_map(|p| &p.taps).flat_map(|t| &t.rows).any(|row| row.nonfinite_a + row.nonfinite_b > 0)
 }
 
 fn tap_diverged(r: &DiffReport, id: &str) -> bool {
@@ -272,14 +284,15 @@ impl Session<'_> {
     }
 }
 
-/// Largest per-row rel L2 of `a` against `b` (rows of `width`) and its row.
-fn worst_row(a: &[f32], b: &[f32], width: usize) -> (f64, usize, RowStat) {
+/// Largest per-row rel L2 of `a` against `b` (rows of `width`) and its row, over the
+/// rows `counted` accepts.
+fn worst_row(a: &[f32], b: &[f32], width: usize, counted: &dyn Fn(usize) -> bool) -> (f64, usize, RowStat) {
     fn view(v: &[f32], width: usize) -> TapView<'_> {
         TapView { dtype: TapDType::F32, rows: v.len() / width, width, bytes: bytemuck::cast_slice(v) }
     }
     let (va, vb) = (view(a, width), view(b, width));
     let mut worst = (0.0, 0, RowStat::default());
-    for r in 0..va.rows {
+    for r in (0..va.rows).filter(|&r| counted(r)) {
         let s = diff::row_stat(&va.row(r), &vb.row(r));
         let rel = if s.nonfinite_a + s.nonfinite_b > 0 { f64::INFINITY } else { s.rel_l2 };
         if rel > worst.0 || (r == 0 && rel.is_nan()) {
@@ -299,9 +312,7 @@ fn tolerance_of(r: &DiffReport, tap: &str) -> Option<crate::tolerance::Tolerance
 #[allow(clippy::too_many_arguments)]
 pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: &ReferenceEngine, prompt: PromptRecord, n_layer: usize, n_vocab: usize, n_embd: usize, opts: &BisectOptions) -> Result<BisectReport> {
     let start = Instant::now();
-    if opts.work.exists() && std::fs::read_dir(&opts.work).map_err(|e| Error::io(&opts.work, e))?.next().is_some() {
-        return Err(Error::input(format!("the work directory {} is not empty", opts.work.display())));
-    }
+    check_work_dir(&opts.work)?;
     let (label_a, label_b) = (a.label(), b.label());
     let n = prompt.tokens.len();
     let mut s = Session { a, b, opts, prompt: prompt.clone(), probes: Vec::new(), dirs: Vec::new(), reproduce: Vec::new() };
@@ -382,10 +393,18 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: &ReferenceEngine
         return finish(report, s);
     };
     let bad_coarse = coarse.iter().copied().find(|l| tap_diverged(&r, &format!("blk.{l}.resid_post")));
-    let prefix = first_pos + 1;
-    report.prefix = prefix;
-    let cut = if prefix < n { format!("; the prompt is cut to {prefix} tokens") } else { String::new() };
-    let Some(mut hi) = bad_coarse.filter(|_| !tap_diverged(&r, "embed")) else {
+    // Causality lets the prompt stop at the first divergent position, unless values are
+    // non-finite: 0·NaN in masked attention tiles can carry a NaN to earlier positions.
+    let nonfinite = has_nonfinite(&r);
+    let mut prefix = if nonfinite { n } else { first_pos + 1 };
+    let cut = if prefix < n {
+        format!("; the prompt is cut to {prefix} tokens")
+    } else if nonfinite {
+        "; non-finite values: the prompt is not cut".into()
+    } else {
+        String::new()
+    };
+    let Some(coarse_hi) = bad_coarse.filter(|_| !tap_diverged(&r, "embed")) else {
         // The divergence starts at embed or only in the output head: already narrowed.
         let f = first_of(&r);
         s.note(format!("first divergence {} at position {first_pos}", f.as_ref().map_or("?", |f| f.tap.as_str())));
@@ -395,47 +414,56 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: &ReferenceEngine
         return finish(report, s);
     };
     // `lo` is the last layer known good (None: only embed is known good).
-    let mut lo = coarse.iter().copied().take_while(|&l| l < hi).last();
+    let coarse_lo = coarse.iter().copied().take_while(|&l| l < coarse_hi).last();
     s.note(format!(
-        "first divergent position {first_pos}; resid_post good through {}, bad at layer {hi}{cut}",
-        lo.map_or("embed".to_string(), |l| format!("layer {l}"))
+        "first divergent position {first_pos}; resid_post good through {}, bad at layer {coarse_hi}{cut}",
+        coarse_lo.map_or("embed".to_string(), |l| format!("layer {l}"))
     ));
 
-    // 2. Binary search over the layers between the last good and the first bad.
-    loop {
-        let first_unknown = lo.map_or(0, |l| l + 1);
-        if first_unknown >= hi {
-            break;
-        }
-        let mid = (first_unknown + hi - 1) / 2;
-        let id = format!("blk.{mid}.resid_post");
-        match s.probe(&format!("layer-{mid}"), prefix, selection(vec![mid], &["resid_post"], "all"))? {
-            ProbeResult::Compared(r) => {
-                if tap_diverged(&r, &id) {
-                    s.note(format!("layer {mid} diverges: the first bad layer is in {}..={mid}", lo.map_or(0, |l| l + 1)));
-                    hi = mid;
-                } else {
-                    s.note(format!("layer {mid} agrees: layers up to {mid} are ruled out"));
-                    lo = Some(mid);
-                }
+    let (hi, taps_diff) = loop {
+        let (mut lo, mut hi) = (coarse_lo, coarse_hi);
+        // 2. Binary search over the layers between the last good and the first bad.
+        loop {
+            let first_unknown = lo.map_or(0, |l| l + 1);
+            if first_unknown >= hi {
+                break;
             }
-            ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
+            let mid = (first_unknown + hi - 1) / 2;
+            let id = format!("blk.{mid}.resid_post");
+            match s.probe(&format!("layer-{mid}"), prefix, selection(vec![mid], &["resid_post"], "all"))? {
+                ProbeResult::Compared(r) => {
+                    if tap_diverged(&r, &id) {
+                        s.note(format!("layer {mid} diverges: the first bad layer is in {first_unknown}..={mid}"));
+                        hi = mid;
+                    } else {
+                        s.note(format!("layer {mid} agrees: layers up to {mid} are ruled out"));
+                        lo = Some(mid);
+                    }
+                }
+                ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
+            }
         }
-    }
-
-    // 3. All taps of the suspect layer: the first divergent tap and position.
-    let all: Vec<&str> = LAYER_TAPS.to_vec();
-    let taps_diff = match s.probe(&format!("taps-{hi}"), prefix, selection(vec![hi], &all, "all"))? {
-        ProbeResult::Compared(r) => r,
-        ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
+        // 3. All taps of the suspect layer: the first divergent tap and position.
+        let all: Vec<&str> = LAYER_TAPS.to_vec();
+        let taps_diff = match s.probe(&format!("taps-{hi}"), prefix, selection(vec![hi], &all, "all"))? {
+            ProbeResult::Compared(r) => r,
+            ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
+        };
+        match first_of(&taps_diff) {
+            Some(f) => s.note(format!("first divergent tap {} at position {}", f.tap, f.position)),
+            None if prefix < n => {
+                // The cut prompt does not reproduce: the engine is not causal here.
+                s.note(format!("no tap of layer {hi} diverges on the cut prompt: the engine is not causal here; searching the whole prompt"));
+                prefix = n;
+                continue;
+            }
+            None => s.note("no tap of the layer diverges on this run (is the engine deterministic?)".into()),
+        }
+        break (hi, taps_diff);
     };
-    let first = first_of(&taps_diff);
-    s.note(match &first {
-        Some(f) => format!("first divergent tap {} at position {}", f.tap, f.position),
-        None => "no tap of the layer diverges on this run (the engine is not deterministic?)".into(),
-    });
+    report.prefix = prefix;
     report.outcome = Outcome::Diverged;
-    report.first = first;
+    report.first = first_of(&taps_diff);
     let suspect_reproduce = s.reproduce.clone();
 
     // 4. Local replay of the suspect layer and its neighbours from A's own inputs.
@@ -471,12 +499,14 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: &ReferenceEngine
         let (out_a, out_b) = (get("a", &out_id)?, get("b", &out_id)?);
         let replay = replayer.replay_layer(l, &in_a, prefix)?;
         let rep_out = &replay.last().expect("a layer has taps").1;
-        let (introduced, at, _) = worst_row(&out_a, rep_out, n_embd);
+        // A row whose input is already non-finite cannot show what the layer adds.
+        let finite_input = |r: usize| in_a[r * n_embd..(r + 1) * n_embd].iter().all(|v| v.is_finite());
+        let (introduced, at, _) = worst_row(&out_a, rep_out, n_embd, &finite_input);
         report.replay.push(LayerAttribution {
             layer: l,
-            inherited: worst_row(&in_a, &in_b, n_embd).0,
+            inherited: worst_row(&in_a, &in_b, n_embd, &|_| true).0,
             introduced,
-            total: worst_row(&out_a, &out_b, n_embd).0,
+            total: worst_row(&out_a, &out_b, n_embd, &|_| true).0,
             at_position: at,
             tolerance: resid_tol,
             introduces: !(introduced <= resid_tol),
@@ -485,7 +515,7 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: &ReferenceEngine
             for (id, values) in &replay {
                 let Some(dev) = s.rows("a", id, prefix)? else { continue };
                 let width = values.len() / prefix;
-                let (introduced, at, _) = worst_row(&dev, values, width);
+                let (introduced, at, _) = worst_row(&dev, values, width, &finite_input);
                 let tolerance = tolerance_of(&taps_diff, id).map_or(resid_tol, |t| t.rel_l2);
                 report.replay_taps.push(TapAttribution { tap: id.clone(), introduced, at_position: at, tolerance, introduces: !(introduced <= tolerance) });
             }

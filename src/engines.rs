@@ -152,14 +152,16 @@ impl<B: Backend> Engine for RuntimeDriver<'_, B> {
 pub struct ExternalEngine {
     template: String,
     model_path: PathBuf,
+    /// The manifest's `model` object, for engines to copy (fingerprint and config).
+    model_info: serde_json::Value,
     n_layer: usize,
 }
 
 /// Placeholders an external command template may use.
-pub const PLACEHOLDERS: &[&str] = &["{model}", "{tokens}", "{prompt_id}", "{layers}", "{taps}", "{positions}", "{selection}", "{out}"];
+pub const PLACEHOLDERS: &[&str] = &["{model}", "{model_info}", "{tokens}", "{prompt_id}", "{layers}", "{taps}", "{positions}", "{selection}", "{out}"];
 
 impl ExternalEngine {
-    pub fn new(template: &str, model_path: &Path, n_layer: usize) -> Result<Self> {
+    pub fn new(template: &str, model_path: &Path, model: &Model) -> Result<Self> {
         if !template.contains("{out}") {
             return Err(Error::input(format!("the engine command {template:?} has no {{out}} placeholder for the dump directory")));
         }
@@ -174,20 +176,23 @@ impl ExternalEngine {
             }
             rest = &tail[1..];
         }
-        Ok(Self { template: template.to_string(), model_path: model_path.to_path_buf(), n_layer })
+        let model_info = serde_json::to_value(crate::dump::ModelInfo::of(model)).map_err(|e| Error::input(e.to_string()))?;
+        Ok(Self { template: template.to_string(), model_path: model_path.to_path_buf(), model_info, n_layer: model.config.n_layer })
     }
 
-    /// The template with every placeholder replaced by a shell-quoted value.
-    fn expand(&self, prompt_id: &str, tokens: &Path, selection_file: &Path, selection: &Selection, out: &Path) -> String {
+    /// The template with every placeholder replaced by a shell-quoted value; the side
+    /// files are those of the dump directory `written`.
+    fn expand(&self, prompt_id: &str, selection: &Selection, written: &Path, out: &Path) -> String {
         let path = |p: &Path| shell_quote(&p.display().to_string());
         let values = [
             ("{model}", path(&self.model_path)),
-            ("{tokens}", path(tokens)),
+            ("{model_info}", path(&side_file(written, ".model.json"))),
+            ("{tokens}", path(&side_file(written, ".tokens"))),
             ("{prompt_id}", shell_quote(prompt_id)),
             ("{layers}", shell_quote(&layers_arg(&selection.layers))),
             ("{taps}", shell_quote(&selection.taps.join(","))),
             ("{positions}", shell_quote(&selection.positions)),
-            ("{selection}", path(selection_file)),
+            ("{selection}", path(&side_file(written, ".selection.json"))),
             ("{out}", path(out)),
         ];
         values.iter().fold(self.template.clone(), |cmd, (k, v)| cmd.replace(k, v))
@@ -214,24 +219,27 @@ impl Engine for ExternalEngine {
     }
 
     fn dump(&mut self, prompt: &PromptRecord, selection: &Selection, out: &Path) -> Result<()> {
-        let tokens = side_file(out, ".tokens");
-        write_token_file(&tokens, &prompt.tokens)?;
+        write_token_file(&side_file(out, ".tokens"), &prompt.tokens)?;
         let positions = PositionSpec::parse(&selection.positions)?.resolve(prompt.tokens.len())?;
-        let sel_file = side_file(out, ".selection.json");
         let sel_json = serde_json::json!({
             "prompt_id": prompt.id, "n_layer": self.n_layer, "layers": selection.layers, "taps": selection.taps,
             "positions": selection.positions, "resolved_positions": positions,
         });
-        std::fs::write(&sel_file, sel_json.to_string() + "\n").map_err(|e| Error::io(&sel_file, e))?;
-        let cmd = self.expand(&prompt.id, &tokens, &sel_file, selection, out);
+        for (suffix, value) in [(".selection.json", sel_json), (".model.json", self.model_info.clone())] {
+            let file = side_file(out, suffix);
+            std::fs::write(&file, value.to_string() + "\n").map_err(|e| Error::io(&file, e))?;
+        }
+        let cmd = self.expand(&prompt.id, selection, out, out);
         let log = side_file(out, ".log");
         let log_file = std::fs::File::create(&log).map_err(|e| Error::io(&log, e))?;
         let err_file = log_file.try_clone().map_err(|e| Error::io(&log, e))?;
         let status = Command::new("sh").arg("-c").arg(&cmd).stdout(log_file).stderr(err_file).status().map_err(|e| Error::input(format!("cannot start the engine command: {e}")))?;
         if !status.success() {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
-            return Err(Error::engine(format!("external engine {status}: {last} (log: {})", log.display())));
+            let mut last: Vec<&str> = text.lines().rev().filter(|l| !l.trim().is_empty()).take(3).collect();
+            last.reverse();
+            let tail = if last.is_empty() { "no output".to_string() } else { last.join(" | ") };
+            return Err(Error::engine(format!("external engine {status}: {tail} (log: {})", log.display())));
         }
         let dump = Dump::open(out).map_err(|e| Error::engine(format!("external engine exited 0 but its dump is unreadable: {e}")))?;
         if dump.manifest.status != Status::Complete {
@@ -241,7 +249,7 @@ impl Engine for ExternalEngine {
     }
 
     fn reproduce(&self, prompt_id: &str, _suite: &Path, selection: &Selection, written: &Path, out: &Path) -> String {
-        self.expand(prompt_id, &side_file(written, ".tokens"), &side_file(written, ".selection.json"), selection, out)
+        self.expand(prompt_id, selection, written, out)
     }
 }
 

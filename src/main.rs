@@ -414,7 +414,7 @@ fn bisect_engine<'m>(kind: BisectEngine, a: &BisectArgs, command: Option<&str>, 
         BisectEngine::Reference => Box::new(ReferenceDriver::new(model, &a.model, reference, injections)?),
         BisectEngine::External => {
             let template = command.ok_or_else(|| Error::input("an external engine needs its command template (--command / --oracle-command)"))?;
-            Box::new(ExternalEngine::new(template, &a.model, model.config.n_layer)?)
+            Box::new(ExternalEngine::new(template, &a.model, model)?)
         }
     })
 }
@@ -428,6 +428,9 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
     }
     if a.engine as u8 == a.oracle as u8 && a.inject.is_empty() && !matches!(a.engine, BisectEngine::External) {
         eprintln!("note: A and B are the same engine without injected faults");
+    }
+    if let Some(w) = &a.work {
+        bisect::check_work_dir(w)?;
     }
     let mut progress = Bars { bar: None };
     progress.stage("loading the reference", model.config.n_layer);
@@ -446,6 +449,7 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
         Some(w) => w.clone(),
         None => std::env::temp_dir().join(format!("resbisect-bisect-{}-{}", std::process::id(), humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string().replace(':', ""))),
     };
+    bisect::check_work_dir(&work)?;
     let opts = BisectOptions { tolerances, allow_model_mismatch: a.compare.allow_model_mismatch, logits_budget: a.logits_budget_mib << 20, work };
     eprintln!("bisecting {} ({} tokens): A = {}, B = {}; probes in {}", prompt.id, prompt.tokens.len(), engine_a.label(), engine_b.label(), opts.work.display());
     let c = &model.config;

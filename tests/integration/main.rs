@@ -4,6 +4,7 @@
 mod util;
 
 mod bad_input;
+mod bisect;
 mod diff;
 mod dump_format;
 mod reference;

@@ -1,0 +1,280 @@
+/* resbisect_dump.h — single-header writer of resbisect dump format v1 for C, C++ and
+ * HIP/CUDA host code (docs/dump-format.md, docs/engines.md).
+ *
+ *   #define RESBISECT_DUMP_IMPLEMENTATION   // in exactly one translation unit
+ *   #include "resbisect_dump.h"
+ *
+ *   rbd_dump d;
+ *   rbd_begin(&d, out_dir, "my-engine", "hip", "f16", "MI250X", model_info_path,
+ *             prompt_id, tokens, n_tokens, "[0,1,2]", "[\"resid_post\"]", "all");
+ *   rbd_write_file(&d, "blk.0", positions, n, 1, ids, rows, widths);  // per layer group
+ *   rbd_finish(&d, NULL, NULL);            // or rbd_finish(&d, "error text", "blk.3.q")
+ *
+ * Every file is written under a temporary name and renamed when whole, and the manifest
+ * says "running" until rbd_finish, so a crash leaves a readable partial dump. Functions
+ * return 0 on success and -1 on failure (errno set by the failing call); rbd_error()
+ * describes the last failure.
+ */
+#ifndef RESBISECT_DUMP_H
+#define RESBISECT_DUMP_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct rbd_dump {
+    char dir[4096];
+    char *manifest_head; /* manifest text up to "status" (engine, model, prompts, selection) */
+    char error[512];
+} rbd_dump;
+
+/* Create `dir` (must be absent or empty) and write the manifest with status "running".
+ * model_info_path: the JSON file resbisect passes as {model_info} (the manifest's "model").
+ * layers_json / taps_json: JSON arrays as text; positions_spec: e.g. "all" or "0..16". */
+int rbd_begin(rbd_dump *d, const char *dir, const char *engine, const char *backend, const char *dtype,
+              const char *device, const char *model_info_path, const char *prompt_id, const uint32_t *tokens,
+              size_t n_tokens, const char *layers_json, const char *taps_json, const char *positions_spec);
+
+/* Write data/<prompt_id>/<stem>.safetensors: `positions` (n, strictly increasing) and
+ * n_taps f32 tensors, tap i named ids[i] with n rows of widths[i] values in data[i]. */
+int rbd_write_file(rbd_dump *d, const char *prompt_id, const char *stem, const int64_t *positions, size_t n,
+                   size_t n_taps, const char *const *ids, const float *const *data, const size_t *widths);
+
+/* Mark the dump complete (error == NULL) or failed with the error and the last tap written. */
+int rbd_finish(rbd_dump *d, const char *error, const char *last_tap);
+
+const char *rbd_error(const rbd_dump *d);
+
+#ifdef __cplusplus
+}
+#endif
+
+#ifdef RESBISECT_DUMP_IMPLEMENTATION
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* A growable text buffer. */
+typedef struct {
+    char *p;
+    size_t len, cap;
+} rbd__buf;
+
+static int rbd__put(rbd__buf *b, const char *fmt, ...) {
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        size_t room = b->cap - b->len;
+        int n = vsnprintf(b->p ? b->p + b->len : NULL, b->p ? room : 0, fmt, ap);
+        va_end(ap);
+        if (n < 0) return -1;
+        if (b->p && (size_t)n < room) {
+            b->len += (size_t)n;
+            return 0;
+        }
+        size_t cap = (b->cap + (size_t)n + 1) * 2;
+        char *p = (char *)realloc(b->p, cap);
+        if (!p) return -1;
+        b->p = p;
+        b->cap = cap;
+    }
+}
+
+/* A JSON string literal (quotes included), escaping what JSON requires. */
+static int rbd__put_json_string(rbd__buf *b, const char *s) {
+    if (rbd__put(b, "\"")) return -1;
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\') {
+            if (rbd__put(b, "\\%c", c)) return -1;
+        } else if (c < 0x20) {
+            if (rbd__put(b, "\\u%04x", c)) return -1;
+        } else if (rbd__put(b, "%c", c)) {
+            return -1;
+        }
+    }
+    return rbd__put(b, "\"");
+}
+
+static int rbd__fail(rbd_dump *d, const char *what, const char *path) {
+    snprintf(d->error, sizeof d->error, "%s %s: %s", what, path ? path : "", strerror(errno));
+    return -1;
+}
+
+static int rbd__mkdirs(const char *path) {
+    char tmp[4096];
+    if (strlen(path) >= sizeof tmp) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    strcpy(tmp, path);
+    for (char *p = tmp + 1; *p; p++) {
+        if (*p == '/') {
+            *p = 0;
+            if (mkdir(tmp, 0777) && errno != EEXIST) return -1;
+            *p = '/';
+        }
+    }
+    return (mkdir(tmp, 0777) && errno != EEXIST) ? -1 : 0;
+}
+
+/* Write `len` bytes to `path` through a temporary name and a rename. */
+static int rbd__write_atomic(rbd_dump *d, const char *path, const void *const *parts, const size_t *lens, size_t n_parts) {
+    char tmp[4200];
+    const char *slash = strrchr(path, '/');
+    size_t dirlen = slash ? (size_t)(slash - path + 1) : 0;
+    snprintf(tmp, sizeof tmp, "%.*s.%s.tmp-%ld", (int)dirlen, path, path + dirlen, (long)getpid());
+    FILE *f = fopen(tmp, "wb");
+    if (!f) return rbd__fail(d, "cannot create", tmp);
+    for (size_t i = 0; i < n_parts; i++) {
+        if (lens[i] && fwrite(parts[i], 1, lens[i], f) != lens[i]) {
+            fclose(f);
+            return rbd__fail(d, "cannot write", tmp);
+        }
+    }
+    if (fflush(f) || fsync(fileno(f)) || fclose(f)) return rbd__fail(d, "cannot write", tmp);
+    if (rename(tmp, path)) return rbd__fail(d, "cannot rename", tmp);
+    return 0;
+}
+
+static int rbd__write_manifest(rbd_dump *d, const char *status, const char *error, const char *last_tap) {
+    rbd__buf b = {0};
+    int rc = rbd__put(&b, "%s\"status\":\"%s\",\"error\":", d->manifest_head, status);
+    if (!rc && error) {
+        rc = rbd__put(&b, "{\"message\":") || rbd__put_json_string(&b, error);
+        if (!rc && last_tap) rc = rbd__put(&b, ",\"tap\":") || rbd__put_json_string(&b, last_tap);
+        if (!rc) rc = rbd__put(&b, "}");
+    } else if (!rc) {
+        rc = rbd__put(&b, "null");
+    }
+    if (!rc) rc = rbd__put(&b, "}\n");
+    if (rc) {
+        free(b.p);
+        errno = ENOMEM;
+        return rbd__fail(d, "out of memory for", "manifest.json");
+    }
+    char path[4200];
+    snprintf(path, sizeof path, "%s/manifest.json", d->dir);
+    const void *parts[1] = {b.p};
+    size_t lens[1] = {b.len};
+    rc = rbd__write_atomic(d, path, parts, lens, 1);
+    free(b.p);
+    return rc;
+}
+
+int rbd_begin(rbd_dump *d, const char *dir, const char *engine, const char *backend, const char *dtype,
+              const char *device, const char *model_info_path, const char *prompt_id, const uint32_t *tokens,
+              size_t n_tokens, const char *layers_json, const char *taps_json, const char *positions_spec) {
+    memset(d, 0, sizeof *d);
+    if (strlen(dir) >= sizeof d->dir) {
+        errno = ENAMETOOLONG;
+        return rbd__fail(d, "dump directory name too long", dir);
+    }
+    strcpy(d->dir, dir);
+    FILE *mf = fopen(model_info_path, "rb");
+    if (!mf) return rbd__fail(d, "cannot read the model info", model_info_path);
+    rbd__buf model = {0};
+    char chunk[4096];
+    size_t got;
+    while ((got = fread(chunk, 1, sizeof chunk, mf)) > 0) {
+        if (rbd__put(&model, "%.*s", (int)got, chunk)) break;
+    }
+    fclose(mf);
+    while (model.len && (model.p[model.len - 1] == '\n' || model.p[model.len - 1] == ' ')) model.p[--model.len] = 0;
+    if (!model.len) {
+        free(model.p);
+        errno = EINVAL;
+        return rbd__fail(d, "empty model info", model_info_path);
+    }
+    if (rbd__mkdirs(dir)) {
+        free(model.p);
+        return rbd__fail(d, "cannot create", dir);
+    }
+    rbd__buf b = {0};
+    int rc = rbd__put(&b, "{\"format\":\"resbisect.dump\",\"version\":1,\"engine\":{\"name\":");
+    rc = rc || rbd__put_json_string(&b, engine) || rbd__put(&b, ",\"version\":\"c-writer\",\"backend\":");
+    rc = rc || rbd__put_json_string(&b, backend) || rbd__put(&b, ",\"dtype\":") || rbd__put_json_string(&b, dtype);
+    rc = rc || rbd__put(&b, ",\"device\":") || rbd__put_json_string(&b, device);
+    rc = rc || rbd__put(&b, "},\"model\":%s,\"prompts\":[{\"id\":", model.p) || rbd__put_json_string(&b, prompt_id);
+    rc = rc || rbd__put(&b, ",\"text\":null,\"tokens\":[");
+    for (size_t i = 0; !rc && i < n_tokens; i++) rc = rbd__put(&b, i ? ",%u" : "%u", tokens[i]);
+    rc = rc || rbd__put(&b, "]}],\"selection\":{\"layers\":%s,\"taps\":%s,\"positions\":", layers_json, taps_json);
+    rc = rc || rbd__put_json_string(&b, positions_spec) || rbd__put(&b, "},\"created\":\"1970-01-01T00:00:00Z\",");
+    free(model.p);
+    if (rc) {
+        free(b.p);
+        errno = ENOMEM;
+        return rbd__fail(d, "out of memory for", "manifest.json");
+    }
+    d->manifest_head = b.p;
+    return rbd__write_manifest(d, "running", NULL, NULL);
+}
+
+int rbd_write_file(rbd_dump *d, const char *prompt_id, const char *stem, const int64_t *positions, size_t n,
+                   size_t n_taps, const char *const *ids, const float *const *data, const size_t *widths) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/data/%s", d->dir, prompt_id);
+    if (rbd__mkdirs(path)) return rbd__fail(d, "cannot create", path);
+    snprintf(path, sizeof path, "%s/data/%s/%s.safetensors", d->dir, prompt_id, stem);
+    /* Header: positions first, then the taps, back to back in that order. */
+    rbd__buf h = {0};
+    size_t off = n * 8;
+    int rc = rbd__put(&h, "{\"positions\":{\"dtype\":\"I64\",\"shape\":[%zu],\"data_offsets\":[0,%zu]}", n, off);
+    for (size_t i = 0; !rc && i < n_taps; i++) {
+        size_t bytes = n * widths[i] * 4;
+        rc = rbd__put(&h, ",") || rbd__put_json_string(&h, ids[i]) ||
+             rbd__put(&h, ":{\"dtype\":\"F32\",\"shape\":[%zu,%zu],\"data_offsets\":[%zu,%zu]}", n, widths[i], off, off + bytes);
+        off += bytes;
+    }
+    rc = rc || rbd__put(&h, "}");
+    while (!rc && h.len % 8) rc = rbd__put(&h, " ");
+    if (rc) {
+        free(h.p);
+        errno = ENOMEM;
+        return rbd__fail(d, "out of memory for", path);
+    }
+    uint8_t len_le[8];
+    for (int i = 0; i < 8; i++) len_le[i] = (uint8_t)((uint64_t)h.len >> (8 * i));
+    size_t n_parts = 3 + n_taps;
+    const void **parts = (const void **)calloc(n_parts, sizeof *parts);
+    size_t *lens = (size_t *)calloc(n_parts, sizeof *lens);
+    if (!parts || !lens) {
+        free(parts);
+        free(lens);
+        free(h.p);
+        errno = ENOMEM;
+        return rbd__fail(d, "out of memory for", path);
+    }
+    /* Little-endian hosts only (x86-64, AArch64): values are written as they lie in memory. */
+    parts[0] = len_le, lens[0] = 8;
+    parts[1] = h.p, lens[1] = h.len;
+    parts[2] = positions, lens[2] = n * 8;
+    for (size_t i = 0; i < n_taps; i++) parts[3 + i] = data[i], lens[3 + i] = n * widths[i] * 4;
+    rc = rbd__write_atomic(d, path, parts, lens, n_parts);
+    free(parts);
+    free(lens);
+    free(h.p);
+    return rc;
+}
+
+int rbd_finish(rbd_dump *d, const char *error, const char *last_tap) {
+    int rc = rbd__write_manifest(d, error ? "failed" : "complete", error, last_tap);
+    free(d->manifest_head);
+    d->manifest_head = NULL;
+    return rc;
+}
+
+const char *rbd_error(const rbd_dump *d) {
+    return d->error;
+}
+
+#endif /* RESBISECT_DUMP_IMPLEMENTATION */
+#endif /* RESBISECT_DUMP_H */

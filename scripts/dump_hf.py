@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""An external resbisect engine on HF transformers: runs a GGUF (or HF checkpoint) with
+forward hooks and writes the requested taps as dump format v1 (docs/engines.md).
+
+As a bisect engine (placeholders filled by resbisect):
+  resbisect bisect --model M --prompt "..." --engine external --command \
+    'scripts/dump_hf.py --model {model} --model-info {model_info} --tokens {tokens} \
+     --prompt-id {prompt_id} --layers {layers} --taps {taps} --positions {positions} --out {out}'
+
+Taps: embed, attn_norm, v, attn, attn_out, resid_mid, ffn_norm, ffn_gate, ffn_up, ffn_act,
+ffn_out, resid_post, final_norm, logits. Not q and k: HF un-permutes the GGUF q/k rows
+to its half-split RoPE layout, so its q/k channels are not the canonical ones; bisect
+reports them as missing on this side. --inject-layer/--inject-pos/--inject-scale scale
+one decoder layer's output from a position on, to test the loop with a known bug.
+"""
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import sys
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+
+LAYER_TAPS = ["attn_norm", "q", "k", "v", "attn", "attn_out", "resid_mid", "ffn_norm",
+              "ffn_gate", "ffn_up", "ffn_act", "ffn_out", "resid_post"]
+
+
+def positions_of(spec, n):
+    """The subset of resbisect's position syntax this engine needs: all, last, N, A..B, -K.."""
+    out = set()
+    for item in spec.split(","):
+        item = item.strip()
+        if item == "all":
+            out.update(range(n))
+        elif item == "last":
+            out.add(n - 1)
+        elif ".." in item:
+            a, b = item.split("..")
+            lo = int(a) if a else 0
+            hi = int(b) if b else n
+            lo, hi = (lo + n if lo < 0 else lo), (hi + n if hi < 0 else hi)
+            out.update(range(max(lo, 0), min(hi, n)))
+        else:
+            p = int(item)
+            out.add(p + n if p < 0 else p)
+    return sorted(p for p in out if 0 <= p < n)
+
+
+def write_atomic(path, write):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_manifest(out, manifest):
+    write_atomic(out / "manifest.json", lambda p: p.write_text(json.dumps(manifest) + "\n"))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True, help="a .gguf file or an HF checkpoint directory")
+    ap.add_argument("--model-info", required=True, help="the manifest 'model' object resbisect passes")
+    ap.add_argument("--tokens", required=True, help="file of comma-separated token ids")
+    ap.add_argument("--prompt-id", required=True)
+    ap.add_argument("--layers", required=True)
+    ap.add_argument("--taps", required=True)
+    ap.add_argument("--positions", default="all")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--inject-layer", type=int)
+    ap.add_argument("--inject-pos", type=int, default=0)
+    ap.add_argument("--inject-scale", type=float, default=1.0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    tokens = [int(t) for t in pathlib.Path(args.tokens).read_text().replace("\n", "").split(",") if t]
+    n = len(tokens)
+    layers = [] if args.layers == "none" else [int(x) for x in args.layers.split(",")]
+    taps = args.taps.split(",")
+    positions = positions_of(args.positions, n)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=False)
+    (out / "data" / args.prompt_id).mkdir(parents=True)
+
+    dtype = getattr(torch, args.dtype)
+    manifest = {
+        "format": "resbisect.dump", "version": 1,
+        "engine": {"name": "hf-transformers", "version": __import__("transformers").__version__,
+                   "backend": "torch-cpu", "dtype": {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[args.dtype],
+                   "device": "cpu"},
+        "model": json.loads(pathlib.Path(args.model_info).read_text()),
+        "prompts": [{"id": args.prompt_id, "text": None, "tokens": tokens}],
+        "selection": {"layers": layers, "taps": taps, "positions": args.positions},
+        "status": "running", "error": None,
+        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    write_manifest(out, manifest)
+
+    from transformers import AutoModelForCausalLM
+    model_path = pathlib.Path(args.model)
+    if model_path.suffix == ".gguf":
+        hf = AutoModelForCausalLM.from_pretrained(str(model_path.parent), gguf_file=model_path.name, dtype=dtype)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype)
+    hf.eval()
+
+    idx = torch.tensor(positions)
+    captured = {}
+
+    def keep(tap_id, t):
+        captured[tap_id] = t[0].index_select(0, idx).float().numpy()
+
+    def on_output(tap_id):
+        return lambda _m, _i, o: keep(tap_id, o[0] if isinstance(o, tuple) else o)
+
+    def on_input(tap_id):
+        return lambda _m, i: keep(tap_id, i[0])
+
+    if "embed" in taps:
+        hf.model.embed_tokens.register_forward_hook(on_output("embed"))
+    for l, layer in enumerate(hf.model.layers):
+        if args.inject_layer == l:
+            def scale(_m, _i, o, p=args.inject_pos, s=args.inject_scale):
+                h = o[0] if isinstance(o, tuple) else o
+                h[:, p:] *= s
+                return o
+            layer.register_forward_hook(scale)
+        if l not in layers:
+            continue
+        want = lambda t: t in taps
+        name = lambda t: f"blk.{l}.{t}"
+        if want("attn_norm"):
+            layer.input_layernorm.register_forward_hook(on_output(name("attn_norm")))
+        if want("v"):
+            layer.self_attn.v_proj.register_forward_hook(on_output(name("v")))
+        if want("attn"):
+            layer.self_attn.o_proj.register_forward_pre_hook(on_input(name("attn")))
+        if want("attn_out") or want("resid_mid"):
+            layer.self_attn.o_proj.register_forward_hook(on_output(name("attn_out")))
+        if want("resid_mid") or want("ffn_norm"):
+            layer.post_attention_layernorm.register_forward_pre_hook(on_input(name("resid_mid")))
+            layer.post_attention_layernorm.register_forward_hook(on_output(name("ffn_norm")))
+        if want("ffn_gate"):
+            layer.mlp.gate_proj.register_forward_hook(on_output(name("ffn_gate")))
+        if want("ffn_up"):
+            layer.mlp.up_proj.register_forward_hook(on_output(name("ffn_up")))
+        if want("ffn_act"):
+            layer.mlp.down_proj.register_forward_pre_hook(on_input(name("ffn_act")))
+        if want("ffn_out"):
+            layer.mlp.register_forward_hook(on_output(name("ffn_out")))
+        # Registered after the injection hook, so it sees the perturbed output.
+        if want("resid_post"):
+            layer.register_forward_hook(on_output(name("resid_post")))
+    if "final_norm" in taps:
+        hf.model.norm.register_forward_hook(on_output("final_norm"))
+
+    try:
+        with torch.no_grad():
+            logits = hf(torch.tensor([tokens])).logits
+        if "logits" in taps:
+            keep("logits", logits)
+        pos = np.array(positions, dtype=np.int64)
+        groups = {}
+        for tap_id, values in captured.items():
+            stem = tap_id.rsplit(".", 1)[0] if tap_id.startswith("blk.") else ("embed" if tap_id == "embed" else "output")
+            short = tap_id.rsplit(".", 1)[-1] if tap_id.startswith("blk.") else tap_id
+            if short in taps:
+                groups.setdefault(stem, {})[tap_id] = np.ascontiguousarray(values, dtype=np.float32)
+        for stem, tensors in groups.items():
+            tensors["positions"] = pos
+            write_atomic(out / "data" / args.prompt_id / f"{stem}.safetensors", lambda p, t=tensors: save_file(t, str(p)))
+        manifest["status"] = "complete"
+    except Exception as e:  # a failing engine still leaves a readable dump
+        manifest["status"] = "failed"
+        manifest["error"] = {"message": f"{type(e).__name__}: {e}"}
+        write_manifest(out, manifest)
+        print(f"dump_hf: {e}", file=sys.stderr)
+        return 3
+    write_manifest(out, manifest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

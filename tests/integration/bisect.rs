@@ -1,0 +1,221 @@
+//! `resbisect bisect` end to end on the real SmolLM2 model: injected faults at several
+//! layers, taps and positions (a 1652-token prompt among them) are named exactly and
+//! attributed by local replay; crashes are results; external engines (a C program on
+//! include/resbisect_dump.h, and scripts/dump_hf.py on HF transformers) plug in.
+
+use std::path::Path;
+use std::process::Command;
+
+use resbisect::dump::Dump;
+use serde_json::Value;
+
+use crate::util::*;
+
+/// Engine runs allowed for SmolLM2's 30 layers: log2(30) + 4.
+const MAX_RUNS: f64 = 8.9;
+
+fn bisect_json(extra: &[&str], work: &Path) -> (i32, Value) {
+    let model = smollm2();
+    let mut args = vec!["bisect", "--model", path_str(&model), "--json", "--work", path_str(work)];
+    args.extend_from_slice(extra);
+    let out = resbisect(&args);
+    assert!(matches!(out.code, 0 | 1 | 3), "exit {}: {}", out.code, out.stderr);
+    (out.code, serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout)))
+}
+
+fn bisect_prompt() -> String {
+    root().join("fixtures/prompts/bisect.jsonl").display().to_string()
+}
+
+fn long_prompts() -> String {
+    root().join("fixtures/prompts/long.jsonl").display().to_string()
+}
+
+fn replay_row(r: &Value, layer: u64) -> &Value {
+    r["replay"].as_array().unwrap().iter().find(|x| x["layer"] == layer).unwrap_or_else(|| panic!("layer {layer} not replayed: {}", r["replay"]))
+}
+
+/// Bisect the runtime with one injected fault; check the named tap and position, the
+/// run budget, and (for layer faults) that replay blames the injected layer only.
+fn check_fault(prompts: &str, id: &str, fault: &str, tap: &str, position: u64) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, r) = bisect_json(&["--prompts", prompts, "--id", id, "--inject", fault], &dir.path().join("work"));
+    assert_eq!(code, 1, "{fault}: {r}");
+    assert_eq!(r["outcome"], "diverged");
+    assert_eq!(r["first"]["tap"], tap, "{fault}");
+    assert_eq!(r["first"]["position"], position, "{fault}");
+    let runs = r["runs_a"].as_u64().unwrap();
+    assert!(runs as f64 <= MAX_RUNS, "{fault}: {runs} runs");
+    if let Some(layer) = tap.strip_prefix("blk.").and_then(|t| t.split('.').next()).map(|l| l.parse::<u64>().unwrap()) {
+        let culprit = replay_row(&r, layer);
+        assert_eq!(culprit["introduces"], true, "{fault}: {}", r["replay"]);
+        // A NaN is excused: masked attention tiles carry it to earlier positions (0·NaN)
+        // inside the next layer, which replay rightly flags as that layer's doing.
+        for row in r["replay"].as_array().unwrap() {
+            if row["layer"].as_u64().unwrap() != layer && !fault.contains(":nan@") {
+                assert_eq!(row["introduces"], false, "{fault}: neighbour {} blamed: {}", row["layer"], r["replay"]);
+            }
+        }
+        if let Some(next) = r["replay"].as_array().unwrap().iter().find(|x| x["layer"] == layer + 1) {
+            // Downstream error is inherited: the next layer's input is already off.
+            assert!(next["inherited"].as_f64().unwrap() > next["tolerance"].as_f64().unwrap(), "{fault}: {next}");
+        }
+    }
+    r
+}
+
+#[test]
+fn bisect_names_injected_faults_at_several_layers_taps_and_positions() {
+    let p = bisect_prompt();
+    check_fault(&p, "p6_len_128", "blk.5.ffn_up:scale=1.5@40", "blk.5.ffn_up", 40);
+    check_fault(&p, "p6_len_128", "blk.0.attn_norm:offset=0.5@3", "blk.0.attn_norm", 3);
+    check_fault(&p, "p6_len_128", "blk.29.v:scale=0.5@100", "blk.29.v", 100);
+    check_fault(&p, "p6_len_128", "blk.13.attn_out:nan@77", "blk.13.attn_out", 77);
+    check_fault(&p, "p6_len_32", "embed:offset=0.25@9", "embed", 9);
+    check_fault(&p, "p6_len_32", "final_norm:scale=2@30", "final_norm", 30);
+}
+
+#[test]
+fn bisect_cuts_a_1652_token_prompt_at_the_first_divergent_position() {
+    let r = check_fault(&long_prompts(), "long_1652", "blk.17.attn:scale=1.1@900", "blk.17.attn", 900);
+    assert_eq!(r["n_tokens"], 1652);
+    assert_eq!(r["prefix"], 901);
+    // Every probe after the coarse one ran on the cut prompt.
+    for probe in &r["probes"].as_array().unwrap()[1..] {
+        assert_eq!(probe["tokens"], 901, "{probe}");
+    }
+}
+
+#[test]
+fn demo_reproduces_the_long_context_rope_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_resbisect"))
+        .current_dir(root())
+        .args(["demo", "-o", path_str(&dir.path().join("demo"))])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("FIRST DIVERGENCE: blk.11.q at position 827"), "{stdout}");
+    assert!(stdout.contains("INTRODUCES error"), "{stdout}");
+    let html = std::fs::read_to_string(dir.path().join("demo/report/bisect.html")).unwrap();
+    assert!(html.contains("blk.11.q"));
+    assert!(dir.path().join("demo/report/report.html").is_file());
+}
+
+#[test]
+fn bisect_of_healthy_engines_is_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, r) = bisect_json(&["--prompts", &bisect_prompt(), "--id", "p6_len_32"], &dir.path().join("work"));
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(r["outcome"], "clean");
+    assert_eq!(r["runs_a"], 1);
+}
+
+#[test]
+fn a_crash_is_a_result_naming_the_last_tap_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, r) = bisect_json(&["--prompts", &bisect_prompt(), "--id", "p6_len_32", "--inject", "blk.3.attn:oob@5"], &dir.path().join("work"));
+    assert_eq!(code, 3, "{r}");
+    assert_eq!(r["outcome"], "crashed");
+    assert_eq!(r["crash"]["engine"], "A");
+    // The coarse probe dumps layers 0, 1, 2, 4, …: layer 2 was the last file written.
+    assert_eq!(r["crash"]["error"]["tap"], "blk.2.resid_post", "{}", r["crash"]);
+    assert!(r["crash"]["error"]["message"].as_str().unwrap().contains("out-of-bounds"), "{}", r["crash"]);
+}
+
+/// A reference dump of every tap as raw f32 files `<tap>.f32` plus `<tap>.width`, the
+/// source the C test engine reads.
+fn raw_reference(dir: &Path, id: &str) {
+    let dump = dir.join("ref");
+    let out = resbisect(&["dump", "--model", path_str(&smollm2()), "--prompts", &bisect_prompt(), "--layers", "all", "--taps", "all", "--positions", "all", "-o", path_str(&dump)]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let d = Dump::open(&dump).unwrap();
+    let raw = dir.join("raw");
+    std::fs::create_dir_all(&raw).unwrap();
+    for stem in d.files(id).unwrap() {
+        let f = d.read_file(id, &stem).unwrap().unwrap();
+        for (tap, rows) in &f.taps {
+            let bytes: Vec<u8> = rows.values.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect();
+            std::fs::write(raw.join(format!("{tap}.f32")), bytes).unwrap();
+            std::fs::write(raw.join(format!("{tap}.width")), rows.width.to_string()).unwrap();
+        }
+    }
+}
+
+fn c_engine(dir: &Path) -> String {
+    let exe = dir.join("replay_engine");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let status = Command::new(&cc)
+        .args(["-std=c99", "-D_POSIX_C_SOURCE=200809L", "-Wall", "-Wextra", "-Werror", "-O1", "-o"])
+        .arg(&exe)
+        .arg(root().join("tests/engines/replay_engine.c"))
+        .status()
+        .unwrap_or_else(|e| panic!("{cc} is needed to build the C test engine: {e}"));
+    assert!(status.success(), "the C engine does not compile");
+    exe.display().to_string()
+}
+
+#[test]
+fn a_c_engine_on_the_single_header_writer_plugs_in() {
+    let dir = tempfile::tempdir().unwrap();
+    raw_reference(dir.path(), "p6_len_32");
+    let exe = c_engine(dir.path());
+    let base = format!(
+        "{exe} --src {} --model-info {{model_info}} --tokens {{tokens}} --prompt-id {{prompt_id}} --layers {{layers}} --taps {{taps}} --positions {{positions}} --out {{out}}",
+        dir.path().join("raw").display()
+    );
+    let bug = format!("{base} --bug-layer 9 --bug-pos 12 --bug-value 0.5");
+    let (code, r) = bisect_json(&["--prompts", &bisect_prompt(), "--id", "p6_len_32", "--engine", "external", "--command", &bug], &dir.path().join("w1"));
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(r["first"]["tap"], "blk.9.attn_norm");
+    assert_eq!(r["first"]["position"], 12);
+    assert_eq!(replay_row(&r, 9)["introduces"], true);
+
+    let (code, r) = bisect_json(&["--prompts", &bisect_prompt(), "--id", "p6_len_32", "--engine", "external", "--command", &base], &dir.path().join("w2"));
+    assert_eq!(code, 0, "the C engine replays the reference exactly: {r}");
+
+    let crash = format!("{base} --crash-before blk.4");
+    let (code, r) = bisect_json(&["--prompts", &bisect_prompt(), "--id", "p6_len_32", "--engine", "external", "--command", &crash], &dir.path().join("w3"));
+    assert_eq!(code, 3, "{r}");
+    assert_eq!(r["crash"]["error"]["tap"], "blk.2.resid_post", "{}", r["crash"]);
+    assert!(r["crash"]["error"]["message"].as_str().unwrap().contains("simulated crash"), "{}", r["crash"]);
+}
+
+#[test]
+fn hf_transformers_plugs_in_through_dump_hf_py() {
+    let probe = Command::new("python3").args(["-c", "import torch, transformers, gguf, safetensors"]).status();
+    assert!(probe.is_ok_and(|s| s.success()), "scripts/dump_hf.py needs torch, transformers, gguf and safetensors (.ci/run installs them)");
+    let dir = tempfile::tempdir().unwrap();
+    let script = root().join("scripts/dump_hf.py");
+    let cmd = format!(
+        "python3 {} --model {{model}} --model-info {{model_info}} --tokens {{tokens}} --prompt-id {{prompt_id}} --layers {{layers}} --taps {{taps}} --positions {{positions}} --out {{out}} --inject-layer 7 --inject-pos 20 --inject-scale 1.1",
+        script.display()
+    );
+    let (code, r) = bisect_json(&["--prompts", &bisect_prompt(), "--id", "p6_len_32", "--engine", "external", "--command", &cmd], &dir.path().join("work"));
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(r["first"]["tap"], "blk.7.resid_post");
+    assert_eq!(r["first"]["position"], 20);
+    assert_eq!(replay_row(&r, 7)["introduces"], true);
+    assert_eq!(replay_row(&r, 8)["introduces"], false, "HF's own layer 8 agrees with the reference replayed on its input");
+}
+
+#[test]
+fn bisect_refuses_bad_engine_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = smollm2();
+    let p = bisect_prompt();
+    let base = ["bisect", "--model", path_str(&model), "--prompts", &p, "--id", "p6_len_32", "--engine", "external", "--command"];
+    let mut args = base.to_vec();
+    args.push("echo {outt}");
+    assert_refused(&resbisect(&args), "no {out} placeholder");
+    let mut args = base.to_vec();
+    args.push("echo {out} {tokenz}");
+    assert_refused(&resbisect(&args), "unknown placeholder {tokenz}");
+    let w = dir.path().join("w");
+    std::fs::create_dir_all(w.join("x")).unwrap();
+    let out = resbisect(&["bisect", "--model", path_str(&model), "--prompts", &p, "--id", "p6_len_32", "--work", path_str(&w)]);
+    assert_refused(&out, "is not empty");
+    let out = resbisect(&["bisect", "--model", path_str(&model), "--prompts", &p]);
+    assert_refused(&out, "pick one with --id");
+}

@@ -12,7 +12,7 @@ use resbisect::diff::{self, DiffOptions, DiffReport};
 use resbisect::engines::{Engine, ExternalEngine, ReferenceDriver, RuntimeDriver};
 use resbisect::dump::Dump;
 use resbisect::report;
-use resbisect::runtime::{self, backend::StorageDType, cpu::CpuBackend, RunOptions};
+use resbisect::runtime::{self, backend::StorageDType, RunOptions};
 use resbisect::tolerance::Tolerances;
 use resbisect::model::Model;
 use resbisect::prompts::{self, PromptSource};
@@ -120,6 +120,23 @@ enum Command {
         /// Where the probes and the report go (replaced when it holds an earlier demo).
         #[arg(short, long, default_value = "resbisect-demo")]
         output: PathBuf,
+    },
+    /// Check every op of a backend against the `cpu` backend on many shapes (NMSE per op,
+    /// NaN/Inf, guard regions); exit 1 on any failure.
+    Selftest {
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: BackendKind,
+        /// Storage dtype: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Also attention over 8192 positions.
+        #[arg(long)]
+        long: bool,
+        /// Print the checks as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Write a synthetic llama model with random weights at real shapes.
     Synth {
@@ -256,6 +273,17 @@ struct BisectArgs {
 #[derive(Clone, Copy, ValueEnum)]
 enum BackendKind {
     Cpu,
+    /// NVIDIA GPU 0 (CUDA, NVRTC and cuBLAS loaded at run time).
+    Cuda,
+}
+
+impl BackendKind {
+    fn runtime(self) -> runtime::BackendKind {
+        match self {
+            Self::Cpu => runtime::BackendKind::Cpu,
+            Self::Cuda => runtime::BackendKind::Cuda,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -365,9 +393,7 @@ fn cmd_dump(a: DumpArgs) -> Result<()> {
         EngineKind::Runtime => {
             let dtype = StorageDType::parse(&a.dtype)?;
             let opts = RunOptions { prefill_chunk: a.prefill_chunk, max_tokens: a.max_tokens, sync_check: a.sync_check, stop_token: None };
-            match a.backend {
-                BackendKind::Cpu => runtime::dump_runtime(CpuBackend::new(dtype), &model, records, selection, &a.inject, &opts, &a.output, a.overwrite, &mut Bars { bar: None })?,
-            }
+            resbisect::with_backend!(a.backend.runtime(), dtype, |b| runtime::dump_runtime(b, &model, records, selection, &a.inject, &opts, &a.output, a.overwrite, &mut Bars { bar: None })?)
         }
     };
     eprintln!(
@@ -408,9 +434,9 @@ fn read_prompts(model: &Model, input: &PromptArgs) -> Result<Vec<resbisect::dump
 /// An engine of `bisect` as the trait object the search drives.
 fn bisect_engine<'m>(kind: BisectEngine, a: &BisectArgs, command: Option<&str>, injections: Vec<String>, model: &'m Model, reference: &'m ReferenceEngine) -> Result<Box<dyn Engine + 'm>> {
     Ok(match kind {
-        BisectEngine::Runtime => match a.backend {
-            BackendKind::Cpu => Box::new(RuntimeDriver::new(CpuBackend::new(StorageDType::parse(&a.dtype)?), model, &a.model, injections, a.prefill_chunk)?),
-        },
+        BisectEngine::Runtime => {
+            resbisect::with_backend!(a.backend.runtime(), StorageDType::parse(&a.dtype)?, |b| Box::new(RuntimeDriver::new(b, model, &a.model, injections, a.prefill_chunk)?) as Box<dyn Engine + 'm>)
+        }
         BisectEngine::Reference => Box::new(ReferenceDriver::new(model, &a.model, reference, injections)?),
         BisectEngine::External => {
             let template = command.ok_or_else(|| Error::input("an external engine needs its command template (--command / --oracle-command)"))?;
@@ -637,6 +663,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Dump(a) => cmd_dump(a).map(|_| ExitCode::SUCCESS),
         Command::Bisect(a) => cmd_bisect(a),
+        Command::Selftest { backend, dtype, seed, long, json } => {
+            let dtype = StorageDType::parse(&dtype)?;
+            let (checks, device) = resbisect::with_backend!(backend.runtime(), dtype, |b| {
+                use resbisect::runtime::backend::Backend;
+                (runtime::selftest::run(&b, seed, long)?, b.device())
+            });
+            if json {
+                println!("{}", serde_json::to_string_pretty(&checks).map_err(|e| Error::input(e.to_string()))?);
+            } else {
+                println!("selftest of {device}, {} storage, against the cpu backend (seed {seed})", dtype.name());
+                println!("{:<16} {:<44} {:>10} {:>10} {:>10} {:>6} {:>9}  result", "op", "shape", "nmse", "threshold", "max_abs", "guard", "ms");
+                for c in &checks {
+                    println!(
+                        "{:<16} {:<44} {:>10.2e} {:>10.0e} {:>10.2e} {:>6} {:>9.3}  {}",
+                        c.op, c.shape, c.nmse, c.threshold, c.max_abs, if c.guard_ok { "ok" } else { "HIT" }, c.seconds * 1e3, if c.passed { "pass" } else { "FAIL" }
+                    );
+                }
+            }
+            let failed = checks.iter().filter(|c| !c.passed).count();
+            eprintln!("{} checks, {failed} failed", checks.len());
+            Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
         Command::Demo { model, prompts, output } => cmd_demo(model, prompts, output),
         Command::Run { model, prompt, tokens, max_tokens, backend, dtype, prefill_chunk } => {
             let model = Model::open(&model)?;
@@ -649,9 +697,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let records = prompts::resolve(vec![("run".into(), None, source)], Some(&tokenizer), model.config.n_vocab, model.config.n_ctx)?;
             let opts = RunOptions { prefill_chunk, max_tokens, sync_check: false, stop_token: tokenizer.eos_id };
             let record = records.into_iter().next().expect("one prompt");
-            let g = match backend {
-                BackendKind::Cpu => runtime::generate(CpuBackend::new(StorageDType::parse(&dtype)?), &model, record, &opts, &mut Bars { bar: None })?,
-            };
+            let g = resbisect::with_backend!(backend.runtime(), StorageDType::parse(&dtype)?, |b| runtime::generate(b, &model, record, &opts, &mut Bars { bar: None })?);
             println!("{}", tokenizer.decode(&g.tokens)?);
             eprintln!(
                 "prefill {} tokens in {:.2} s ({:.1} tokens/s); decode {} tokens in {:.2} s ({:.1} tokens/s)",

@@ -5,6 +5,8 @@
 
 pub mod backend;
 pub mod cpu;
+pub mod cuda;
+pub mod selftest;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -446,4 +448,39 @@ pub fn generate<B: Backend>(backend: B, model: &Model, prompt: PromptRecord, opt
     let rt = Runtime::load(backend, model, &mut |_| progress.tick())?;
     let (tokens, prefill_seconds, decode_seconds) = rt.run_prompt(&prompt, &selection, &RuntimeFaults::default(), opts, None, progress)?;
     Ok(Generation { tokens, prompt_len: prompt.tokens.len(), prefill_seconds, decode_seconds })
+}
+
+/// Which backend runs the runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Cpu,
+    Cuda,
+}
+
+/// Evaluate `$body` with `$b` bound to a new backend of `$kind` storing `$dtype`
+/// (monomorphized per backend and storage type).
+#[macro_export]
+macro_rules! with_backend {
+    ($kind:expr, $dtype:expr, |$b:ident| $body:expr) => {{
+        use $crate::runtime::backend::StorageDType as __D;
+        use $crate::runtime::BackendKind as __K;
+        match ($kind, $dtype) {
+            (__K::Cpu, d) => {
+                let $b = $crate::runtime::cpu::CpuBackend::new(d);
+                $body
+            }
+            (__K::Cuda, __D::F32) => {
+                let $b = $crate::runtime::cuda::CudaBackend::<f32>::new(0)?;
+                $body
+            }
+            (__K::Cuda, __D::F16) => {
+                let $b = $crate::runtime::cuda::CudaBackend::<half::f16>::new(0)?;
+                $body
+            }
+            (__K::Cuda, __D::BF16) => {
+                let $b = $crate::runtime::cuda::CudaBackend::<half::bf16>::new(0)?;
+                $body
+            }
+        }
+    }};
 }

@@ -1,0 +1,330 @@
+// ops.hip — every op of the runtime's Backend trait as GPU kernels, written once in HIP
+// dialect. NVRTC compiles it for the `cuda` backend, hipcc for the `hip` backend; the
+// differences live in compat.h. Values are stored as store_t (f32, f16 or bf16, one per
+// build) and every op computes in f32, rounding once when it stores.
+#include "compat.h"
+
+#define RB_NEG_INF (-__int_as_float(0x7f800000))
+
+// ---------------------------------------------------------------- elementwise and rows
+
+extern "C" __global__ void rb_embed(const store_t* table, const unsigned int* ids, store_t* out, int width, int rows) {
+    int r = blockIdx.x;
+    if (r >= rows) return;
+    const store_t* src = table + (long)ids[r] * width;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) out[(long)r * width + c] = src[c];
+}
+
+extern "C" __global__ void rb_add(const store_t* a, const store_t* b, store_t* out, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = ST(LD(a[i]) + LD(b[i]));
+}
+
+extern "C" __global__ void rb_silu_mul(const store_t* gate, const store_t* up, store_t* out, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        float g = LD(gate[i]);
+        out[i] = ST(g / (1.0f + expf(-g)) * LD(up[i]));
+    }
+}
+
+extern "C" __global__ void rb_copy(const store_t* src, store_t* dst, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = src[i];
+}
+
+// Fault injection: kind 0 scale, 1 offset, 2 NaN, 3 zero, on rows from_row.. of x.
+extern "C" __global__ void rb_perturb(store_t* x, long start, long n, int kind, float value) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float v = LD(x[start + i]);
+    float r = kind == 0 ? v * value : kind == 1 ? v + value : kind == 2 ? __int_as_float(0x7fc00000) : 0.0f;
+    x[start + i] = ST(r);
+}
+
+// Sum over the block; every thread gets the total. `scratch` holds one float per warp.
+__device__ float rb_block_sum(float v, float* scratch) {
+    for (int m = RB_WARP / 2; m > 0; m /= 2) v += RB_SHFL_XOR(v, m);
+    int warp = threadIdx.x / RB_WARP, lane = threadIdx.x % RB_WARP, warps = blockDim.x / RB_WARP;
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float total = 0.0f;
+    for (int w = 0; w < warps; w++) total += scratch[w];
+    __syncthreads();
+    return total;
+}
+
+extern "C" __global__ void rb_rms_norm(const store_t* x, const store_t* w, store_t* out, int width, float eps) {
+    __shared__ float scratch[32];
+    const store_t* row = x + (long)blockIdx.x * width;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) {
+        float v = LD(row[c]);
+        ss += v * v;
+    }
+    float scale = 1.0f / sqrtf(rb_block_sum(ss, scratch) / width + eps);
+    for (int c = threadIdx.x; c < width; c += blockDim.x) out[(long)blockIdx.x * width + c] = ST(LD(row[c]) * scale * LD(w[c]));
+}
+
+// Interleaved RoPE in place: pair (2i, 2i+1) of each head rotates by pos · base^(-2i/d).
+extern "C" __global__ void rb_rope(store_t* x, const float* positions, int rows, int heads, int head_dim, float base) {
+    int half = head_dim / 2;
+    long pairs = (long)rows * heads * half;
+    long t = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= pairs) return;
+    int i = (int)(t % half);
+    long rh = t / half;
+    int r = (int)(rh / heads);
+    float inv_freq = powf(base, -2.0f * (float)i / (float)head_dim);
+    float s, c;
+    sincosf(positions[r] * inv_freq, &s, &c);
+    store_t* p = x + rh * head_dim + 2 * i;
+    float a = LD(p[0]), b = LD(p[1]);
+    p[0] = ST(a * c - b * s);
+    p[1] = ST(a * s + b * c);
+}
+
+// Index of the largest value of one row (the first on ties).
+extern "C" __global__ void rb_argmax(const store_t* x, int width, unsigned int* out) {
+    __shared__ float best_v[1024];
+    __shared__ int best_i[1024];
+    float bv = RB_NEG_INF;
+    int bi = 0x7fffffff;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) {
+        float v = LD(x[c]);
+        if (v > bv) bv = v, bi = c;
+    }
+    best_v[threadIdx.x] = bv;
+    best_i[threadIdx.x] = bi;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s /= 2) {
+        if (threadIdx.x < s) {
+            float v = best_v[threadIdx.x + s];
+            int i = best_i[threadIdx.x + s];
+            if (v > best_v[threadIdx.x] || (v == best_v[threadIdx.x] && i < best_i[threadIdx.x])) best_v[threadIdx.x] = v, best_i[threadIdx.x] = i;
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[0] = best_i[0] == 0x7fffffff ? 0u : (unsigned int)best_i[0];
+}
+
+// ---------------------------------------------------------------- attention
+// Causal GQA attention of q rows (absolute positions first_pos..) against the KV cache,
+// with an online softmax: scores are never materialized beyond one tile of keys.
+
+#define RB_ATTN_QB 64
+#define RB_ATTN_KT 32
+
+// Prefill: a block holds RB_ATTN_QB queries of one head; key tiles pass through shared memory.
+template <int HD>
+__device__ void rb_attention_tiled(const store_t* q, const store_t* kc, const store_t* vc, store_t* out, int rows, int n_head, int n_kv, int first_pos) {
+    __shared__ float ks[RB_ATTN_KT][HD];
+    __shared__ float vs[RB_ATTN_KT][HD];
+    const int head = blockIdx.y, kvh = head / (n_head / n_kv);
+    const int qw = n_head * HD, kvw = n_kv * HD;
+    const int r = blockIdx.x * RB_ATTN_QB + threadIdx.x;
+    const bool active = r < rows;
+    const int qpos = first_pos + r;
+    const float scale = rsqrtf((float)HD);
+    float qv[HD], acc[HD];
+    float m = RB_NEG_INF, l = 0.0f;
+    for (int d = 0; d < HD; d++) {
+        qv[d] = active ? LD(q[(long)r * qw + head * HD + d]) * scale : 0.0f;
+        acc[d] = 0.0f;
+    }
+    int block_rows = min(rows - blockIdx.x * RB_ATTN_QB, RB_ATTN_QB);
+    int last_key = first_pos + blockIdx.x * RB_ATTN_QB + block_rows - 1;
+    for (int kt = 0; kt <= last_key; kt += RB_ATTN_KT) {
+        for (int e = threadIdx.x; e < RB_ATTN_KT * HD; e += blockDim.x) {
+            int j = e / HD, d = e % HD, key = kt + j;
+            bool in = key <= last_key;
+            ks[j][d] = in ? LD(kc[(long)key * kvw + kvh * HD + d]) : 0.0f;
+            vs[j][d] = in ? LD(vc[(long)key * kvw + kvh * HD + d]) : 0.0f;
+        }
+        __syncthreads();
+        if (active && kt <= qpos) {
+            float s[RB_ATTN_KT];
+            float tmax = RB_NEG_INF;
+            for (int j = 0; j < RB_ATTN_KT; j++) {
+                float dot = 0.0f;
+                for (int d = 0; d < HD; d++) dot += qv[d] * ks[j][d];
+                s[j] = kt + j <= qpos ? dot : RB_NEG_INF;
+                tmax = fmaxf(tmax, s[j]);
+            }
+            float new_m = fmaxf(m, tmax);
+            float corr = expf(m - new_m);
+            l *= corr;
+            for (int d = 0; d < HD; d++) acc[d] *= corr;
+            for (int j = 0; j < RB_ATTN_KT; j++) {
+                // Masked keys contribute exactly nothing (not 0·v, which is NaN for a NaN v).
+                if (kt + j > qpos) break;
+                float p = expf(s[j] - new_m);
+                l += p;
+                for (int d = 0; d < HD; d++) acc[d] += p * vs[j][d];
+            }
+            m = new_m;
+        }
+        __syncthreads();
+    }
+    if (active)
+        for (int d = 0; d < HD; d++) out[(long)r * qw + head * HD + d] = ST(acc[d] / l);
+}
+
+// Decode (few rows): one warp per (row, head); lanes split the keys, then merge.
+template <int HD>
+__device__ void rb_attention_split(const store_t* q, const store_t* kc, const store_t* vc, store_t* out, int rows, int n_head, int n_kv, int first_pos) {
+    const int lane = threadIdx.x % RB_WARP;
+    const int head = blockIdx.y * (blockDim.x / RB_WARP) + threadIdx.x / RB_WARP;
+    const int r = blockIdx.x;
+    if (head >= n_head || r >= rows) return;
+    const int kvh = head / (n_head / n_kv);
+    const int qw = n_head * HD, kvw = n_kv * HD;
+    const int qpos = first_pos + r;
+    const float scale = rsqrtf((float)HD);
+    float qv[HD], acc[HD];
+    for (int d = 0; d < HD; d++) qv[d] = LD(q[(long)r * qw + head * HD + d]) * scale, acc[d] = 0.0f;
+    float m = RB_NEG_INF, l = 0.0f;
+    for (int key = lane; key <= qpos; key += RB_WARP) {
+        const store_t* kr = kc + (long)key * kvw + kvh * HD;
+        const store_t* vr = vc + (long)key * kvw + kvh * HD;
+        float s = 0.0f;
+        for (int d = 0; d < HD; d++) s += qv[d] * LD(kr[d]);
+        float new_m = fmaxf(m, s);
+        float corr = expf(m - new_m), p = expf(s - new_m);
+        l = l * corr + p;
+        for (int d = 0; d < HD; d++) acc[d] = acc[d] * corr + p * LD(vr[d]);
+        m = new_m;
+    }
+    float gm = m;
+    for (int o = RB_WARP / 2; o > 0; o /= 2) gm = fmaxf(gm, RB_SHFL_XOR(gm, o));
+    float w = m == RB_NEG_INF ? 0.0f : expf(m - gm);
+    float gl = l * w;
+    for (int o = RB_WARP / 2; o > 0; o /= 2) gl += RB_SHFL_XOR(gl, o);
+    for (int d = 0; d < HD; d++) {
+        float v = acc[d] * w;
+        for (int o = RB_WARP / 2; o > 0; o /= 2) v += RB_SHFL_XOR(v, o);
+        if (lane == d % RB_WARP) out[(long)r * qw + head * HD + d] = ST(v / gl);
+    }
+}
+
+#define RB_ATTENTION(HD)                                                                                                  \
+    extern "C" __global__ void rb_attention_tiled_##HD(const store_t* q, const store_t* kc, const store_t* vc, store_t* out, \
+                                                       int rows, int n_head, int n_kv, int first_pos) {                   \
+        rb_attention_tiled<HD>(q, kc, vc, out, rows, n_head, n_kv, first_pos);                                            \
+    }                                                                                                                     \
+    extern "C" __global__ void rb_attention_split_##HD(const store_t* q, const store_t* kc, const store_t* vc, store_t* out, \
+                                                       int rows, int n_head, int n_kv, int first_pos) {                   \
+        rb_attention_split<HD>(q, kc, vc, out, rows, n_head, n_kv, first_pos);                                            \
+    }
+RB_ATTENTION(64)
+RB_ATTENTION(128)
+
+// ---------------------------------------------------------------- weights
+// GGUF blocks dequantized on the device (the backend's own decoders; the reference uses
+// candle's). One thread per block of the quant type.
+
+__device__ __forceinline__ float rb_f16(const unsigned char* p) { return rb_half_to_float((unsigned short)(p[0] | (p[1] << 8))); }
+
+extern "C" __global__ void rb_dequant_f32(const float* src, store_t* out, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = ST(src[i]);
+}
+
+extern "C" __global__ void rb_dequant_f16(const unsigned short* src, store_t* out, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = ST(rb_half_to_float(src[i]));
+}
+
+extern "C" __global__ void rb_dequant_bf16(const unsigned short* src, store_t* out, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = ST(rb_bf16_to_float(src[i]));
+}
+
+extern "C" __global__ void rb_dequant_q8_0(const unsigned char* src, store_t* out, long blocks) {
+    long b = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= blocks) return;
+    const unsigned char* p = src + b * 34;
+    float d = rb_f16(p);
+    for (int j = 0; j < 32; j++) out[b * 32 + j] = ST(d * (float)(signed char)p[2 + j]);
+}
+
+extern "C" __global__ void rb_dequant_q4_0(const unsigned char* src, store_t* out, long blocks) {
+    long b = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= blocks) return;
+    const unsigned char* p = src + b * 18;
+    float d = rb_f16(p);
+    for (int j = 0; j < 16; j++) {
+        out[b * 32 + j] = ST(((int)(p[2 + j] & 15) - 8) * d);
+        out[b * 32 + j + 16] = ST(((int)(p[2 + j] >> 4) - 8) * d);
+    }
+}
+
+extern "C" __global__ void rb_dequant_q4_1(const unsigned char* src, store_t* out, long blocks) {
+    long b = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= blocks) return;
+    const unsigned char* p = src + b * 20;
+    float d = rb_f16(p), m = rb_f16(p + 2);
+    for (int j = 0; j < 16; j++) {
+        out[b * 32 + j] = ST((p[4 + j] & 15) * d + m);
+        out[b * 32 + j + 16] = ST((p[4 + j] >> 4) * d + m);
+    }
+}
+
+// Q4_K: 256 values; 8 sub-blocks of 32 with 6-bit scales and mins packed in 12 bytes.
+__device__ void rb_q4k_scale_min(int j, const unsigned char* s, int* sc, int* mn) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *mn = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+        *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+extern "C" __global__ void rb_dequant_q4_k(const unsigned char* src, store_t* out, long blocks) {
+    long b = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= blocks) return;
+    const unsigned char* p = src + b * 144;
+    float d = rb_f16(p), dmin = rb_f16(p + 2);
+    const unsigned char* scales = p + 4;
+    const unsigned char* qs = p + 16;
+    store_t* y = out + b * 256;
+    for (int j = 0; j < 4; j++) {
+        int sc1, m1, sc2, m2;
+        rb_q4k_scale_min(2 * j, scales, &sc1, &m1);
+        rb_q4k_scale_min(2 * j + 1, scales, &sc2, &m2);
+        for (int l = 0; l < 32; l++) {
+            y[64 * j + l] = ST(d * sc1 * (qs[32 * j + l] & 15) - dmin * m1);
+            y[64 * j + 32 + l] = ST(d * sc2 * (qs[32 * j + l] >> 4) - dmin * m2);
+        }
+    }
+}
+
+// Q6_K: 256 values; low 4 bits in ql, high 2 bits in qh, 16 int8 scales, then d.
+extern "C" __global__ void rb_dequant_q6_k(const unsigned char* src, store_t* out, long blocks) {
+    long b = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= blocks) return;
+    const unsigned char* p = src + b * 210;
+    const unsigned char* ql = p;
+    const unsigned char* qh = p + 128;
+    const signed char* sc = (const signed char*)(p + 192);
+    float d = rb_f16(p + 208);
+    store_t* y = out + b * 256;
+    for (int n = 0; n < 2; n++) {
+        for (int l = 0; l < 32; l++) {
+            int is = l / 16;
+            int q1 = (int)((ql[l] & 15) | (((qh[l] >> 0) & 3) << 4)) - 32;
+            int q2 = (int)((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) - 32;
+            int q3 = (int)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+            int q4 = (int)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+            y[l] = ST(d * sc[is] * q1);
+            y[l + 32] = ST(d * sc[is + 2] * q2);
+            y[l + 64] = ST(d * sc[is + 4] * q3);
+            y[l + 96] = ST(d * sc[is + 6] * q4);
+        }
+        y += 128;
+        ql += 64;
+        qh += 32;
+        sc += 8;
+    }
+}

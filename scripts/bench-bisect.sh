@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Benchmark: bisect's economy. A 22-layer TinyLlama-shaped synthetic model (Q4_K), a
+# 1652-token prompt (fixed seed), the runtime with one injected fault; in the same run,
+# `resbisect bisect` against the reference, and the exhaustive alternative — both engines
+# dump every tap of every layer at every position, then one diff. Prints and writes engine
+# runs, bytes dumped and wall time of each to bench/results/bisect-<date>.{json,md}.
+# Target: <= log2(22)+4 = 8.5 runs per engine and <= 20% of the exhaustive wall time.
+#
+#   BACKEND=cpu|cuda DTYPE=f32 FAULT=blk.13.ffn_up:scale=1.05@1000 scripts/bench-bisect.sh
+source "$(dirname "$0")/bench-setup.sh"
+backend="${BACKEND:-cpu}"
+dtype="${DTYPE:-f32}"
+fault="${FAULT:-blk.13.ffn_up:scale=1.05@1000}"
+synth="$work/tinyllama-q4_k.gguf"
+"$bin" synth --preset tinyllama-1.1b --quant q4_k --seed 7 -o "$synth" 2>/dev/null
+tokens="$(python3 -c "import random; r = random.Random(1652); print(','.join(str(r.randrange(3, 32000)) for _ in range(1652)))")"
+suite="$work/prompt.jsonl"
+echo "{\"id\": \"random_1652\", \"tokens\": [$tokens]}" > "$suite"
+now() { date +%s.%N; }
+
+t0=$(now)
+set +e
+"$bin" bisect --model "$synth" --prompts "$suite" --engine runtime --backend "$backend" --dtype "$dtype" \
+  --inject "$fault" --work "$work/bisect" --json > "$work/bisect.json" 2> "$work/bisect.log"
+code=$?
+set -e
+t1=$(now)
+[ "$code" -eq 1 ] || { echo "bisect exited $code"; cat "$work/bisect.log"; exit 1; }
+"$bin" dump --engine runtime --backend "$backend" --dtype "$dtype" --model "$synth" --prompts "$suite" \
+  --layers all --taps all --positions all --inject "$fault" -o "$work/all-a" 2>/dev/null
+"$bin" dump --engine reference --model "$synth" --prompts "$suite" --layers all --taps all --positions all -o "$work/all-b" 2>/dev/null
+set +e
+"$bin" diff "$work/all-a" "$work/all-b" --json > "$work/exhaustive.json"
+set -e
+t2=$(now)
+exhaustive_bytes=$(du -sb "$work/all-a" "$work/all-b" | awk '{s += $1} END {printf "%d", s}')
+python3 - "$work" "$t0" "$t1" "$t2" "$exhaustive_bytes" "$fault" "$backend" "$dtype" <<'PY'
+import datetime, json, math, os, sys
+work, t0, t1, t2, ex_bytes, fault, backend, dtype = sys.argv[1], *map(float, sys.argv[2:5]), int(sys.argv[5]), *sys.argv[6:]
+b = json.load(open(f"{work}/bisect.json"))
+ex = json.load(open(f"{work}/exhaustive.json"))
+ex_first = ex["prompts"][0]["first"]
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+res = {
+    "date": datetime.date.today().isoformat(), "machine": f"{cpu}, {os.cpu_count()} cores",
+    "model": "synthetic tinyllama-1.1b shape (22 layers, n_embd 2048), Q4_K, seed 7", "tokens": 1652,
+    "engine_a": b["engine_a"], "fault": fault,
+    "bisect": {"runs_a": b["runs_a"], "runs_b": b["runs_b"], "bytes": b["bytes_dumped"], "seconds": t1 - t0,
+               "first": [b["first"]["tap"], b["first"]["position"]], "prefix": b["prefix"],
+               "probes": [[p["purpose"], p["tokens"], round(p["seconds_a"], 2), round(p["seconds_b"], 2), p["bytes_a"] + p["bytes_b"]] for p in b["probes"]]},
+    "exhaustive": {"runs_a": 1, "runs_b": 1, "bytes": ex_bytes, "seconds": t2 - t1, "first": [ex_first["tap"], ex_first["position"]]},
+}
+res["time_ratio"] = res["bisect"]["seconds"] / res["exhaustive"]["seconds"]
+res["bytes_ratio"] = res["bisect"]["bytes"] / res["exhaustive"]["bytes"]
+budget = math.log2(22) + 4
+os.makedirs("bench/results", exist_ok=True)
+stem = f"bench/results/bisect-{backend}-{res['date']}"
+json.dump(res, open(stem + ".json", "w"), indent=1)
+bi, exh = res["bisect"], res["exhaustive"]
+md = f"""# bisect economy, {res['date']}
+
+Machine: {res['machine']}. {res['model']}, {res['tokens']}-token random prompt. Engine A: {res['engine_a']}; B: reference f32.
+
+| | runs per engine | bytes dumped | wall s | finds |
+|---|---|---|---|---|
+| bisect | {bi['runs_a']} (budget {budget:.1f}) | {bi['bytes']/2**20:.1f} MiB | {bi['seconds']:.1f} | {bi['first'][0]} @ {bi['first'][1]} |
+| exhaustive dump-all + diff | 1 | {exh['bytes']/2**20:.1f} MiB | {exh['seconds']:.1f} | {exh['first'][0]} @ {exh['first'][1]} |
+
+Bisect takes **{100*res['time_ratio']:.1f}%** of the exhaustive wall time (target <= 20%) and dumps {100*res['bytes_ratio']:.2f}% of its bytes.
+
+Probes (purpose, tokens, seconds A, seconds B, bytes): {bi['probes']}
+"""
+open(stem + ".md", "w").write(md)
+print(md)
+PY

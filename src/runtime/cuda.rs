@@ -1,0 +1,407 @@
+//! The `cuda` backend: the kernels of `kernels/ops.hip` compiled at run time by NVRTC
+//! (with `kernels/compat.h`), cached on disk by source and GPU architecture, and cuBLAS
+//! for the matmuls. CUDA, NVRTC and cuBLAS are loaded dynamically (cudarc), so the binary
+//! builds without CUDA and reports one clear line where no driver is found.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::quantized::GgmlDType;
+use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
+use resbisect_reference::Fault;
+use sha2::{Digest, Sha256};
+
+use super::backend::{AttnShape, Backend, StorageDType};
+use crate::error::{Error, Result};
+
+/// The kernel source, shared with the `hip` backend.
+pub const KERNEL_SOURCE: &str = include_str!("../../kernels/ops.hip");
+pub const KERNEL_COMPAT: &str = include_str!("../../kernels/compat.h");
+
+/// A storage dtype of the GPU backends.
+pub trait Storage: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + Unpin + std::fmt::Debug + 'static {
+    const DTYPE: StorageDType;
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl Storage for f32 {
+    const DTYPE: StorageDType = StorageDType::F32;
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Storage for half::f16 {
+    const DTYPE: StorageDType = StorageDType::F16;
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
+impl Storage for half::bf16 {
+    const DTYPE: StorageDType = StorageDType::BF16;
+    fn from_f32(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+}
+
+/// The preprocessor define that selects a storage type in compat.h.
+pub fn storage_define(dtype: StorageDType) -> &'static str {
+    match dtype {
+        StorageDType::F32 => "RB_STORE_F32",
+        StorageDType::F16 => "RB_STORE_F16",
+        StorageDType::BF16 => "RB_STORE_BF16",
+    }
+}
+
+/// The one translation unit NVRTC compiles: the storage define, compat.h, ops.hip.
+fn nvrtc_source(dtype: StorageDType) -> String {
+    let ops: String = KERNEL_SOURCE.lines().filter(|l| !l.starts_with("#include \"compat.h\"")).map(|l| format!("{l}\n")).collect();
+    format!("#define {}\n{KERNEL_COMPAT}\n{ops}", storage_define(dtype))
+}
+
+const KERNELS: &[&str] = &[
+    "rb_embed", "rb_add", "rb_silu_mul", "rb_copy", "rb_perturb", "rb_rms_norm", "rb_rope", "rb_argmax",
+    "rb_attention_tiled_64", "rb_attention_split_64", "rb_attention_tiled_128", "rb_attention_split_128",
+    "rb_dequant_f32", "rb_dequant_f16", "rb_dequant_bf16", "rb_dequant_q8_0", "rb_dequant_q4_0", "rb_dequant_q4_1",
+    "rb_dequant_q4_k", "rb_dequant_q6_k",
+];
+
+fn cache_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+    base.unwrap_or_else(std::env::temp_dir).join("resbisect").join("kernels")
+}
+
+/// Run `f`, turning a panic of a dynamic library loader into `None` without printing it.
+fn quietly<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Option<R> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(f).ok();
+    std::panic::set_hook(hook);
+    r
+}
+
+fn device_error(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::engine(format!("cuda: {what}: {e}"))
+}
+
+pub struct CudaBackend<T: Storage> {
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    functions: std::collections::HashMap<&'static str, CudaFunction>,
+    device: String,
+    _module: Arc<CudaModule>,
+    _storage: std::marker::PhantomData<T>,
+}
+
+impl<T: Storage> CudaBackend<T>
+where
+    CudaBlas: Gemm<T>,
+{
+    /// Open GPU `ordinal`, compile (or load from the cache) the kernels for it.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let no_gpu = |e: &dyn std::fmt::Display| Error::input(format!("--backend cuda: no usable NVIDIA GPU or CUDA driver ({e})"));
+        // SAFETY: only probes whether libcuda can be loaded.
+        if !quietly(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false) {
+            return Err(no_gpu(&"libcuda.so was not found"));
+        }
+        let ctx = quietly(|| CudaContext::new(ordinal)).ok_or_else(|| no_gpu(&"libcuda could not be loaded"))?.map_err(|e| no_gpu(&e))?;
+        let (major, minor) = ctx.compute_capability().map_err(device_error("compute capability"))?;
+        let arch = format!("sm_{major}{minor}");
+        let source = nvrtc_source(T::DTYPE);
+        let key = {
+            let mut h = Sha256::new();
+            h.update(source.as_bytes());
+            h.update(arch.as_bytes());
+            h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect::<String>()
+        };
+        let cached = cache_dir().join(format!("ops-{arch}-{key}.ptx"));
+        let ptx = match std::fs::read_to_string(&cached) {
+            Ok(text) => cudarc::nvrtc::Ptx::from_src(text),
+            Err(_) => {
+                let opts = cudarc::nvrtc::CompileOptions { options: vec![format!("--gpu-arch={arch}"), "-std=c++17".into()], ..Default::default() };
+                let ptx = quietly(|| cudarc::nvrtc::compile_ptx_with_opts(&source, opts))
+                    .ok_or_else(|| Error::input("--backend cuda: NVRTC (libnvrtc) could not be loaded"))?
+                    .map_err(|e| Error::engine(format!("cuda: compiling kernels/ops.hip with NVRTC for {arch}: {e}")))?;
+                // The cache is an optimisation: a failure to write it only costs the next compile.
+                if std::fs::create_dir_all(cache_dir()).is_ok() {
+                    let tmp = cached.with_extension(format!("tmp-{}", std::process::id()));
+                    if std::fs::write(&tmp, ptx.to_src()).is_ok() {
+                        let _ = std::fs::rename(&tmp, &cached);
+                    }
+                }
+                ptx
+            }
+        };
+        let module = ctx.load_module(ptx).map_err(device_error("loading the kernels"))?;
+        let mut functions = std::collections::HashMap::new();
+        for &name in KERNELS {
+            functions.insert(name, module.load_function(name).map_err(device_error(name))?);
+        }
+        let stream = ctx.default_stream();
+        let blas = quietly(|| CudaBlas::new(stream.clone()))
+            .ok_or_else(|| Error::input("--backend cuda: cuBLAS (libcublas) could not be loaded"))?
+            .map_err(|e| Error::engine(format!("cuda: cuBLAS: {e}")))?;
+        let device = format!("{} ({arch})", ctx.name().unwrap_or_else(|_| "NVIDIA GPU".into()));
+        Ok(Self { stream, blas, functions, device, _module: module, _storage: std::marker::PhantomData })
+    }
+
+    fn f(&self, name: &str) -> &CudaFunction {
+        &self.functions[name]
+    }
+
+    fn grid(n: usize, threads: u32) -> LaunchConfig {
+        LaunchConfig { grid_dim: ((n as u32).div_ceil(threads).max(1), 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    fn check(len: usize, need: usize, what: &str) -> Result<()> {
+        if need > len {
+            return Err(Error::engine(format!("cuda: {what}: needs {need} elements, the buffer holds {len}")));
+        }
+        Ok(())
+    }
+
+    fn launched(r: std::result::Result<(), cudarc::driver::DriverError>, what: &str) -> Result<()> {
+        r.map_err(|e| Error::engine(format!("cuda: launching {what}: {e}")))
+    }
+}
+
+impl<T: Storage> Backend for CudaBackend<T>
+where
+    CudaBlas: Gemm<T>,
+{
+    type Buf = CudaSlice<T>;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn device(&self) -> String {
+        self.device.clone()
+    }
+
+    fn dtype(&self) -> StorageDType {
+        T::DTYPE
+    }
+
+    fn alloc(&self, len: usize) -> Result<Self::Buf> {
+        self.stream.alloc_zeros::<T>(len.max(1)).map_err(device_error("allocating"))
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<Self::Buf> {
+        let host: Vec<T> = data.iter().map(|&v| T::from_f32(v)).collect();
+        if host.is_empty() {
+            return self.alloc(0);
+        }
+        self.stream.clone_htod(&host).map_err(device_error("uploading"))
+    }
+
+    fn upload_weight(&self, name: &str, dtype: GgmlDType, dims: &[usize], data: &[u8]) -> Result<Self::Buf> {
+        let n: usize = dims.iter().product();
+        let (kernel, block_values, block_bytes) = match dtype {
+            GgmlDType::F32 => ("rb_dequant_f32", 1, 4),
+            GgmlDType::F16 => ("rb_dequant_f16", 1, 2),
+            GgmlDType::BF16 => ("rb_dequant_bf16", 1, 2),
+            GgmlDType::Q8_0 => ("rb_dequant_q8_0", 32, 34),
+            GgmlDType::Q4_0 => ("rb_dequant_q4_0", 32, 18),
+            GgmlDType::Q4_1 => ("rb_dequant_q4_1", 32, 20),
+            GgmlDType::Q4K => ("rb_dequant_q4_k", 256, 144),
+            GgmlDType::Q6K => ("rb_dequant_q6_k", 256, 210),
+            other => return Err(Error::input(format!("cuda: {name}: no device decoder for {other:?} (supported: f32 f16 bf16 q8_0 q4_0 q4_1 q4_k q6_k)"))),
+        };
+        if n % block_values != 0 || data.len() != n / block_values * block_bytes {
+            return Err(Error::input(format!("cuda: {name}: {} bytes are not {n} values of {dtype:?}", data.len())));
+        }
+        let out = self.alloc(n)?;
+        let raw = self.stream.clone_htod(data).map_err(device_error("uploading a weight"))?;
+        let blocks = (n / block_values) as i64;
+        let mut out = out;
+        let mut b = self.stream.launch_builder(self.f(kernel));
+        b.arg(&raw).arg(&mut out).arg(&blocks);
+        // SAFETY: the kernel reads `blocks` blocks of `raw` and writes `n` values of `out`.
+        Self::launched(unsafe { b.launch(Self::grid(blocks as usize, 256)) }.map(drop), kernel)?;
+        Ok(out)
+    }
+
+    fn download(&self, buf: &Self::Buf, offset: usize, len: usize) -> Result<Vec<f32>> {
+        Self::check(buf.len(), offset + len, "download")?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let host = self.stream.clone_dtoh(&buf.slice(offset..offset + len)).map_err(device_error("downloading"))?;
+        Ok(host.into_iter().map(T::to_f32).collect())
+    }
+
+    fn embed(&self, table: &Self::Buf, width: usize, ids: &[u32], out: &mut Self::Buf) -> Result<()> {
+        Self::check(out.len(), ids.len() * width, "embed")?;
+        let vocab = table.len() / width.max(1);
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            return Err(Error::engine(format!("cuda: embed: token {bad} is outside the table of {vocab} rows")));
+        }
+        let dev_ids = self.stream.clone_htod(ids).map_err(device_error("uploading ids"))?;
+        let (w, rows) = (width as i32, ids.len() as i32);
+        let mut b = self.stream.launch_builder(self.f("rb_embed"));
+        b.arg(table).arg(&dev_ids).arg(out).arg(&w).arg(&rows);
+        let cfg = LaunchConfig { grid_dim: (ids.len() as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: every id was checked against the table; `out` holds rows × width.
+        Self::launched(unsafe { b.launch(cfg) }.map(drop), "embed")
+    }
+
+    fn rms_norm(&self, x: &Self::Buf, w: &Self::Buf, rows: usize, width: usize, eps: f32, out: &mut Self::Buf) -> Result<()> {
+        Self::check(x.len().min(out.len()), rows * width, "rms_norm")?;
+        Self::check(w.len(), width, "rms_norm weight")?;
+        let wi = width as i32;
+        let mut b = self.stream.launch_builder(self.f("rb_rms_norm"));
+        b.arg(x).arg(w).arg(out).arg(&wi).arg(&eps);
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: bounds checked above.
+        Self::launched(unsafe { b.launch(cfg) }.map(drop), "rms_norm")
+    }
+
+    fn matmul(&self, x: &Self::Buf, w: &Self::Buf, rows: usize, k: usize, n: usize, out: &mut Self::Buf) -> Result<()> {
+        Self::check(x.len(), rows * k, "matmul input")?;
+        Self::check(w.len(), n * k, "matmul weight")?;
+        Self::check(out.len(), rows * n, "matmul output")?;
+        // Row-major out[rows, n] = x · wᵀ is column-major outᵀ[n, rows] = wᵀ[n, k] · xᵀ[k, rows].
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: n as i32,
+            n: rows as i32,
+            k: k as i32,
+            alpha: T::from_f32(1.0),
+            lda: k as i32,
+            ldb: k as i32,
+            beta: T::from_f32(0.0),
+            ldc: n as i32,
+        };
+        // SAFETY: shapes checked above.
+        unsafe { self.blas.gemm(cfg, w, x, out) }.map_err(|e| Error::engine(format!("cuda: cuBLAS gemm [{rows}x{k}]·[{k}x{n}]: {e}")))
+    }
+
+    fn rope(&self, x: &mut Self::Buf, heads: usize, head_dim: usize, positions: &[f32], base: f32) -> Result<()> {
+        Self::check(x.len(), positions.len() * heads * head_dim, "rope")?;
+        let pos = self.stream.clone_htod(positions).map_err(device_error("uploading positions"))?;
+        let pairs = positions.len() * heads * head_dim / 2;
+        let (rows, h, d) = (positions.len() as i32, heads as i32, head_dim as i32);
+        let mut b = self.stream.launch_builder(self.f("rb_rope"));
+        b.arg(x).arg(&pos).arg(&rows).arg(&h).arg(&d).arg(&base);
+        // SAFETY: bounds checked above.
+        Self::launched(unsafe { b.launch(Self::grid(pairs, 256)) }.map(drop), "rope")
+    }
+
+    fn copy_rows(&self, src: &Self::Buf, dst: &mut Self::Buf, dst_row: usize, rows: usize, width: usize) -> Result<()> {
+        Self::check(src.len(), rows * width, "copy_rows source")?;
+        let n = (rows * width) as i64;
+        if (dst_row + rows) * width > dst.len() {
+            // A destination past the buffer: launch the copy anyway, aimed at an unmapped
+            // address, so the fault is a real device error (the `oob` fault injection uses
+            // this; a host check would never show how the device reports it).
+            let unmapped: u64 = 0x10;
+            let mut b = self.stream.launch_builder(self.f("rb_copy"));
+            b.arg(src).arg(&unmapped).arg(&n);
+            // SAFETY: deliberately faulting; the device reports an illegal address.
+            return Self::launched(unsafe { b.launch(Self::grid(n as usize, 256)) }.map(drop), "copy_rows");
+        }
+        let mut view = dst.slice_mut(dst_row * width..(dst_row + rows) * width);
+        let mut b = self.stream.launch_builder(self.f("rb_copy"));
+        b.arg(src).arg(&mut view).arg(&n);
+        // SAFETY: bounds checked above.
+        Self::launched(unsafe { b.launch(Self::grid(n as usize, 256)) }.map(drop), "copy_rows")
+    }
+
+    fn attention(&self, q: &Self::Buf, k_cache: &Self::Buf, v_cache: &Self::Buf, s: AttnShape, out: &mut Self::Buf) -> Result<()> {
+        let (qw, kvw) = (s.n_head * s.head_dim, s.n_head_kv * s.head_dim);
+        Self::check(q.len().min(out.len()), s.rows * qw, "attention")?;
+        Self::check(k_cache.len().min(v_cache.len()), (s.first_pos + s.rows) * kvw, "attention cache")?;
+        if s.n_head_kv == 0 || s.n_head % s.n_head_kv != 0 {
+            return Err(Error::engine(format!("cuda: attention: {} heads do not group over {} KV heads", s.n_head, s.n_head_kv)));
+        }
+        if s.head_dim != 64 && s.head_dim != 128 {
+            return Err(Error::input(format!("cuda: attention kernels exist for head dim 64 and 128, not {}", s.head_dim)));
+        }
+        let (rows, nh, nkv, first) = (s.rows as i32, s.n_head as i32, s.n_head_kv as i32, s.first_pos as i32);
+        // Few rows: split the keys over a warp's lanes; many rows: tile queries and keys.
+        let split = s.rows * s.n_head < 4096;
+        let name = match (split, s.head_dim) {
+            (true, 64) => "rb_attention_split_64",
+            (true, _) => "rb_attention_split_128",
+            (false, 64) => "rb_attention_tiled_64",
+            (false, _) => "rb_attention_tiled_128",
+        };
+        let cfg = if split {
+            let heads_per_block = 4u32;
+            LaunchConfig { grid_dim: (s.rows as u32, (s.n_head as u32).div_ceil(heads_per_block), 1), block_dim: (32 * heads_per_block, 1, 1), shared_mem_bytes: 0 }
+        } else {
+            LaunchConfig { grid_dim: ((s.rows as u32).div_ceil(64), s.n_head as u32, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 }
+        };
+        let mut b = self.stream.launch_builder(self.f(name));
+        b.arg(q).arg(k_cache).arg(v_cache).arg(out).arg(&rows).arg(&nh).arg(&nkv).arg(&first);
+        // SAFETY: bounds checked above.
+        Self::launched(unsafe { b.launch(cfg) }.map(drop), name)
+    }
+
+    fn silu_mul(&self, gate: &Self::Buf, up: &Self::Buf, n: usize, out: &mut Self::Buf) -> Result<()> {
+        Self::check(gate.len().min(up.len()).min(out.len()), n, "silu_mul")?;
+        let nn = n as i64;
+        let mut b = self.stream.launch_builder(self.f("rb_silu_mul"));
+        b.arg(gate).arg(up).arg(out).arg(&nn);
+        // SAFETY: bounds checked above.
+        Self::launched(unsafe { b.launch(Self::grid(n, 256)) }.map(drop), "silu_mul")
+    }
+
+    fn add(&self, a: &Self::Buf, b_: &Self::Buf, n: usize, out: &mut Self::Buf) -> Result<()> {
+        Self::check(a.len().min(b_.len()).min(out.len()), n, "add")?;
+        let nn = n as i64;
+        let mut b = self.stream.launch_builder(self.f("rb_add"));
+        b.arg(a).arg(b_).arg(out).arg(&nn);
+        // SAFETY: bounds checked above.
+        Self::launched(unsafe { b.launch(Self::grid(n, 256)) }.map(drop), "add")
+    }
+
+    fn perturb(&self, x: &mut Self::Buf, rows: usize, width: usize, from_row: usize, fault: Fault) -> Result<()> {
+        Self::check(x.len(), rows * width, "perturb")?;
+        if from_row >= rows {
+            return Ok(());
+        }
+        let (kind, value) = match fault {
+            Fault::Scale(v) => (0i32, v as f32),
+            Fault::Offset(v) => (1, v as f32),
+            Fault::Nan => (2, 0.0),
+            Fault::Zero => (3, 0.0),
+        };
+        let (start, n) = ((from_row * width) as i64, ((rows - from_row) * width) as i64);
+        let mut b = self.stream.launch_builder(self.f("rb_perturb"));
+        b.arg(x).arg(&start).arg(&n).arg(&kind).arg(&value);
+        // SAFETY: bounds checked above.
+        Self::launched(unsafe { b.launch(Self::grid(n as usize, 256)) }.map(drop), "perturb")
+    }
+
+    fn argmax(&self, x: &Self::Buf, row: usize, width: usize) -> Result<u32> {
+        Self::check(x.len(), (row + 1) * width, "argmax")?;
+        let mut out = self.stream.alloc_zeros::<u32>(1).map_err(device_error("allocating"))?;
+        let view = x.slice(row * width..(row + 1) * width);
+        let w = width as i32;
+        let mut b = self.stream.launch_builder(self.f("rb_argmax"));
+        b.arg(&view).arg(&w).arg(&mut out);
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: bounds checked above.
+        Self::launched(unsafe { b.launch(cfg) }.map(drop), "argmax")?;
+        Ok(self.stream.clone_dtoh(&out).map_err(device_error("downloading argmax"))?[0])
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| Error::engine(format!("cuda: device error: {e}")))
+    }
+}

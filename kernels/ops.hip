@@ -170,13 +170,15 @@ __device__ void rb_attention_tiled(const store_t* q, const store_t* kc, const st
         for (int d = 0; d < HD; d++) out[(long)r * qw + head * HD + d] = ST(acc[d] / l);
 }
 
-// Decode (few rows): one warp per (row, head); lanes split the keys, then merge.
+// Decode (few rows): one block per (row, head); its threads split the keys, each with its
+// own online softmax, then merge: first within each warp by shuffles, then across warps.
+#define RB_SPLIT_MAX_WARPS 16
 template <int HD>
 __device__ void rb_attention_split(const store_t* q, const store_t* kc, const store_t* vc, store_t* out, int rows, int n_head, int n_kv, int first_pos) {
-    const int lane = threadIdx.x % RB_WARP;
-    const int head = blockIdx.y * (blockDim.x / RB_WARP) + threadIdx.x / RB_WARP;
-    const int r = blockIdx.x;
-    if (head >= n_head || r >= rows) return;
+    __shared__ float wm[RB_SPLIT_MAX_WARPS], wl[RB_SPLIT_MAX_WARPS];
+    __shared__ float wacc[RB_SPLIT_MAX_WARPS][HD];
+    const int lane = threadIdx.x % RB_WARP, warp = threadIdx.x / RB_WARP, warps = blockDim.x / RB_WARP;
+    const int head = blockIdx.y, r = blockIdx.x;
     const int kvh = head / (n_head / n_kv);
     const int qw = n_head * HD, kvw = n_kv * HD;
     const int qpos = first_pos + r;
@@ -184,7 +186,7 @@ __device__ void rb_attention_split(const store_t* q, const store_t* kc, const st
     float qv[HD], acc[HD];
     for (int d = 0; d < HD; d++) qv[d] = LD(q[(long)r * qw + head * HD + d]) * scale, acc[d] = 0.0f;
     float m = RB_NEG_INF, l = 0.0f;
-    for (int key = lane; key <= qpos; key += RB_WARP) {
+    for (int key = threadIdx.x; key <= qpos; key += blockDim.x) {
         const store_t* kr = kc + (long)key * kvw + kvh * HD;
         const store_t* vr = vc + (long)key * kvw + kvh * HD;
         float s = 0.0f;
@@ -203,7 +205,20 @@ __device__ void rb_attention_split(const store_t* q, const store_t* kc, const st
     for (int d = 0; d < HD; d++) {
         float v = acc[d] * w;
         for (int o = RB_WARP / 2; o > 0; o /= 2) v += RB_SHFL_XOR(v, o);
-        if (lane == d % RB_WARP) out[(long)r * qw + head * HD + d] = ST(v / gl);
+        if (lane == 0) wacc[warp][d] = v;
+    }
+    if (lane == 0) wm[warp] = gm, wl[warp] = gl;
+    __syncthreads();
+    for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+        float bm = RB_NEG_INF;
+        for (int i = 0; i < warps; i++) bm = fmaxf(bm, wm[i]);
+        float sl = 0.0f, sv = 0.0f;
+        for (int i = 0; i < warps; i++) {
+            float f = wm[i] == RB_NEG_INF ? 0.0f : expf(wm[i] - bm);
+            sl += wl[i] * f;
+            sv += wacc[i][d] * f;
+        }
+        out[(long)r * qw + head * HD + d] = ST(sv / sl);
     }
 }
 

@@ -51,6 +51,9 @@ enum Command {
         dtype: String,
         #[arg(long)]
         prefill_chunk: Option<usize>,
+        /// Generate all --max-tokens tokens even past end-of-sequence (benchmarks).
+        #[arg(long)]
+        ignore_eos: bool,
     },
     /// Describe a GGUF model or a dump directory.
     Inspect {
@@ -686,7 +689,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Demo { model, prompts, output } => cmd_demo(model, prompts, output),
-        Command::Run { model, prompt, tokens, max_tokens, backend, dtype, prefill_chunk } => {
+        Command::Run { model, prompt, tokens, max_tokens, backend, dtype, prefill_chunk, ignore_eos } => {
             let model = Model::open(&model)?;
             let tokenizer = Tokenizer::from_gguf(&model.gguf)?;
             let source = match (prompt, tokens) {
@@ -695,7 +698,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 (None, None) => return Err(Error::input("give --prompt or --tokens")),
             };
             let records = prompts::resolve(vec![("run".into(), None, source)], Some(&tokenizer), model.config.n_vocab, model.config.n_ctx)?;
-            let opts = RunOptions { prefill_chunk, max_tokens, sync_check: false, stop_token: tokenizer.eos_id };
+            let opts = RunOptions { prefill_chunk, max_tokens, sync_check: false, stop_token: if ignore_eos { None } else { tokenizer.eos_id } };
             let record = records.into_iter().next().expect("one prompt");
             let g = resbisect::with_backend!(backend.runtime(), StorageDType::parse(&dtype)?, |b| runtime::generate(b, &model, record, &opts, &mut Bars { bar: None })?);
             println!("{}", tokenizer.decode(&g.tokens)?);

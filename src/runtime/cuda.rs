@@ -130,7 +130,7 @@ where
         let ptx = match std::fs::read_to_string(&cached) {
             Ok(text) => cudarc::nvrtc::Ptx::from_src(text),
             Err(_) => {
-                let opts = cudarc::nvrtc::CompileOptions { options: vec![format!("--gpu-arch={arch}"), "-std=c++17".into()], ..Default::default() };
+                let opts = cudarc::nvrtc::CompileOptions { options: vec![format!("--gpu-architecture={arch}"), "-std=c++17".into()], ..Default::default() };
                 let ptx = quietly(|| cudarc::nvrtc::compile_ptx_with_opts(&source, opts))
                     .ok_or_else(|| Error::input("--backend cuda: NVRTC (libnvrtc) could not be loaded"))?
                     .map_err(|e| Error::engine(format!("cuda: compiling kernels/ops.hip with NVRTC for {arch}: {e}")))?;
@@ -341,8 +341,7 @@ where
             (false, _) => "rb_attention_tiled_128",
         };
         let cfg = if split {
-            let heads_per_block = 4u32;
-            LaunchConfig { grid_dim: (s.rows as u32, (s.n_head as u32).div_ceil(heads_per_block), 1), block_dim: (32 * heads_per_block, 1, 1), shared_mem_bytes: 0 }
+            LaunchConfig { grid_dim: (s.rows as u32, s.n_head as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
         } else {
             LaunchConfig { grid_dim: ((s.rows as u32).div_ceil(64), s.n_head as u32, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 }
         };

@@ -136,7 +136,15 @@ impl<B: Backend> Checker<'_, B> {
         // rope works in place on an exact-size buffer: copy into a guarded one to check.
         let mut out = self.guarded(x.len())?;
         self.gpu.copy_rows(&g, &mut out, 0, rows, heads * head_dim)?;
-        self.record("rope", format!("{rows} rows x {heads} heads x {head_dim} from position {first}"), &out, &c, s, false)
+        self.record("rope", format!("{rows} rows x {heads} heads x {head_dim} from position {first}"), &out, &c, s, false)?;
+        // Angles are formed in f32 as a kernel forms them: one ulp of the frequency moves
+        // the angle by about position × 6e-8 rad, so the noise floor grows with position
+        // (measured on an H200: NMSE 3.9e-9 at position 8191 in f32).
+        let grow = 1.0 + ((first + rows) as f64 / 1024.0).powi(2);
+        let last = self.results.last_mut().expect("just recorded");
+        last.threshold *= grow;
+        last.passed = last.guard_ok && last.nonfinite == 0 && last.nmse <= last.threshold;
+        Ok(())
     }
 
     fn attention(&mut self, n_head: usize, n_kv: usize, head_dim: usize, first_pos: usize, rows: usize) -> Result<()> {

@@ -26,13 +26,15 @@ for quant in q4_k f16; do
   m="$work/tl-$quant.gguf"
   for n in 512 2048; do
     t="$(cat "$work/t$n")"
+    # Decode after the 512-token prompt; 2048 positions fill TinyLlama's context.
+    mt=$decode; [ "$n" -eq 2048 ] && mt=0
     # Warm-up (kernel cache, cuBLAS heuristics), then measured runs.
     "$bin" run --backend cuda --dtype f16 --model "$m" --tokens "$t" --max-tokens 8 --ignore-eos > /dev/null 2>&1
     for i in 1 2 3; do
-      r="$("$bin" run --backend cuda --dtype f16 --model "$m" --tokens "$t" --max-tokens "$decode" --ignore-eos 2>&1 >/dev/null | tail -1)"
+      r="$("$bin" run --backend cuda --dtype f16 --model "$m" --tokens "$t" --max-tokens "$mt" --ignore-eos 2>&1 >/dev/null | tail -1)"
       echo "RUN $quant $n $r" >> "$log"
       rm -rf "$work/d"
-      r="$("$bin" dump --engine runtime --backend cuda --dtype f16 --model "$m" --tokens "$t" --max-tokens "$decode" --layers all --taps resid_post --positions all -o "$work/d" 2>&1 | tail -1)"
+      r="$("$bin" dump --engine runtime --backend cuda --dtype f16 --model "$m" --tokens "$t" --max-tokens "$mt" --layers all --taps resid_post --positions all -o "$work/d" 2>&1 | tail -1)"
       echo "DUMP $quant $n $r" >> "$log"
     done
   done
@@ -49,7 +51,9 @@ for line in open(log):
     if m:
         q, n = m[1], int(m[2])
         r = res["runtime"].setdefault(f"{q}/{n}", {"prefill_tok_s": [], "decode_tok_s": [], "run_s": [], "dump_s": []})
-        r["prefill_tok_s"].append(int(m[3]) / float(m[4])); r["decode_tok_s"].append(int(m[5]) / float(m[6])); r["run_s"].append(float(m[4]) + float(m[6]))
+        r["prefill_tok_s"].append(int(m[3]) / float(m[4])); r["run_s"].append(float(m[4]) + float(m[6]))
+        if int(m[5]) > 0:
+            r["decode_tok_s"].append(int(m[5]) / float(m[6]))
     m = re.match(r"DUMP (\S+) (\d+) .*compute ([\d.]+) s", line)
     if m:
         res["runtime"].setdefault(f"{m[1]}/{m[2]}", {"prefill_tok_s": [], "decode_tok_s": [], "run_s": [], "dump_s": []})["dump_s"].append(float(m[3]))

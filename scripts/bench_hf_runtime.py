@@ -34,7 +34,7 @@ with torch.no_grad():
         ids = torch.tensor([tokens[:n]], device="cuda")
         model(ids)  # warm-up
         out[f"prefill_{n}_tok_s"] = n / timed(lambda: model(ids, use_cache=False))
-    ids = torch.tensor([tokens[:2048]], device="cuda")
+    ids = torch.tensor([tokens[:512]], device="cuda")
     gen = lambda: model.generate(ids, max_new_tokens=decode, min_new_tokens=decode, do_sample=False)
     gen()
     t_gen = timed(gen, reps=2)

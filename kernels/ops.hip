@@ -128,6 +128,7 @@ __device__ void rb_attention_tiled(const store_t* q, const store_t* kc, const st
     const float scale = rsqrtf((float)HD);
     float qv[HD], acc[HD];
     float m = RB_NEG_INF, l = 0.0f;
+    #pragma unroll
     for (int d = 0; d < HD; d++) {
         qv[d] = active ? LD(q[(long)r * qw + head * HD + d]) * scale : 0.0f;
         acc[d] = 0.0f;
@@ -145,8 +146,10 @@ __device__ void rb_attention_tiled(const store_t* q, const store_t* kc, const st
         if (active && kt <= qpos) {
             float s[RB_ATTN_KT];
             float tmax = RB_NEG_INF;
+            #pragma unroll
             for (int j = 0; j < RB_ATTN_KT; j++) {
                 float dot = 0.0f;
+                #pragma unroll
                 for (int d = 0; d < HD; d++) dot += qv[d] * ks[j][d];
                 s[j] = kt + j <= qpos ? dot : RB_NEG_INF;
                 tmax = fmaxf(tmax, s[j]);
@@ -154,20 +157,25 @@ __device__ void rb_attention_tiled(const store_t* q, const store_t* kc, const st
             float new_m = fmaxf(m, tmax);
             float corr = expf(m - new_m);
             l *= corr;
+            #pragma unroll
             for (int d = 0; d < HD; d++) acc[d] *= corr;
+            #pragma unroll
             for (int j = 0; j < RB_ATTN_KT; j++) {
                 // Masked keys contribute exactly nothing (not 0·v, which is NaN for a NaN v).
                 if (kt + j > qpos) break;
                 float p = expf(s[j] - new_m);
                 l += p;
+                #pragma unroll
                 for (int d = 0; d < HD; d++) acc[d] += p * vs[j][d];
             }
             m = new_m;
         }
         __syncthreads();
     }
-    if (active)
+    if (active) {
+        #pragma unroll
         for (int d = 0; d < HD; d++) out[(long)r * qw + head * HD + d] = ST(acc[d] / l);
+    }
 }
 
 // Decode (few rows): one block per (row, head); its threads split the keys, each with its
@@ -184,16 +192,19 @@ __device__ void rb_attention_split(const store_t* q, const store_t* kc, const st
     const int qpos = first_pos + r;
     const float scale = rsqrtf((float)HD);
     float qv[HD], acc[HD];
+    #pragma unroll
     for (int d = 0; d < HD; d++) qv[d] = LD(q[(long)r * qw + head * HD + d]) * scale, acc[d] = 0.0f;
     float m = RB_NEG_INF, l = 0.0f;
     for (int key = threadIdx.x; key <= qpos; key += blockDim.x) {
         const store_t* kr = kc + (long)key * kvw + kvh * HD;
         const store_t* vr = vc + (long)key * kvw + kvh * HD;
         float s = 0.0f;
+        #pragma unroll
         for (int d = 0; d < HD; d++) s += qv[d] * LD(kr[d]);
         float new_m = fmaxf(m, s);
         float corr = expf(m - new_m), p = expf(s - new_m);
         l = l * corr + p;
+        #pragma unroll
         for (int d = 0; d < HD; d++) acc[d] = acc[d] * corr + p * LD(vr[d]);
         m = new_m;
     }
@@ -202,6 +213,7 @@ __device__ void rb_attention_split(const store_t* q, const store_t* kc, const st
     float w = m == RB_NEG_INF ? 0.0f : expf(m - gm);
     float gl = l * w;
     for (int o = RB_WARP / 2; o > 0; o /= 2) gl += RB_SHFL_XOR(gl, o);
+    #pragma unroll
     for (int d = 0; d < HD; d++) {
         float v = acc[d] * w;
         for (int o = RB_WARP / 2; o > 0; o /= 2) v += RB_SHFL_XOR(v, o);

@@ -29,7 +29,7 @@ for quant in q4_k f16; do
     # Decode after the 512-token prompt; 2048 positions fill TinyLlama's context.
     mt=$decode; [ "$n" -eq 2048 ] && mt=0
     # Warm-up (kernel cache, cuBLAS heuristics), then measured runs.
-    "$bin" run --backend cuda --dtype f16 --model "$m" --tokens "$t" --max-tokens 8 --ignore-eos > /dev/null 2>&1
+    "$bin" run --backend cuda --dtype f16 --model "$m" --tokens "$t" --max-tokens "$mt" --ignore-eos > /dev/null 2>&1
     for i in 1 2 3; do
       r="$("$bin" run --backend cuda --dtype f16 --model "$m" --tokens "$t" --max-tokens "$mt" --ignore-eos 2>&1 >/dev/null | tail -1)"
       echo "RUN $quant $n $r" >> "$log"

@@ -400,7 +400,7 @@ fn cmd_dump(a: DumpArgs) -> Result<()> {
         }
     };
     eprintln!(
-        "wrote {} ({} prompt(s), {} tokens; load {:.2} s, compute {:.2} s, {:.1} tokens/s)",
+        "wrote {} ({} prompt(s), {} tokens; load {:.2} s, compute {:.4} s, {:.1} tokens/s)",
         a.output.display(),
         summary.prompts,
         summary.tokens,
@@ -703,7 +703,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let g = resbisect::with_backend!(backend.runtime(), StorageDType::parse(&dtype)?, |b| runtime::generate(b, &model, record, &opts, &mut Bars { bar: None })?);
             println!("{}", tokenizer.decode(&g.tokens)?);
             eprintln!(
-                "prefill {} tokens in {:.2} s ({:.1} tokens/s); decode {} tokens in {:.2} s ({:.1} tokens/s)",
+                "prefill {} tokens in {:.4} s ({:.1} tokens/s); decode {} tokens in {:.4} s ({:.1} tokens/s)",
                 g.prompt_len,
                 g.prefill_seconds,
                 g.prompt_len as f64 / g.prefill_seconds.max(1e-9),

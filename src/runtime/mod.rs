@@ -185,8 +185,15 @@ impl<B: Backend> Runtime<B> {
         }
         let sel = col.rows_in(start, rows);
         let entry = col.pending.entry(tap.file_stem()).or_default().entry(id.to_string()).or_insert((width, Vec::new()));
-        for r in sel {
-            entry.1.extend(self.backend.download(buf, r * width, width)?);
+        // One download per run of consecutive rows: a device copy per row would dominate.
+        let mut i = 0;
+        while i < sel.len() {
+            let mut j = i + 1;
+            while j < sel.len() && sel[j] == sel[j - 1] + 1 {
+                j += 1;
+            }
+            entry.1.extend(self.backend.download(buf, sel[i] * width, (j - i) * width)?);
+            i = j;
         }
         Ok(())
     }
@@ -237,10 +244,10 @@ impl<B: Backend> Runtime<B> {
         let true_positions: Vec<f32> = (start..start + rows).map(|p| p as f32).collect();
         let (mut h, mut q, mut k, mut v, mut attn, mut ao, mut mid) = (b.alloc(rows * e)?, b.alloc(rows * qw)?, b.alloc(rows * kvw)?, b.alloc(rows * kvw)?, b.alloc(rows * qw)?, b.alloc(rows * e)?, b.alloc(rows * e)?);
         let (mut g, mut u, mut act, mut f) = (b.alloc(rows * ff)?, b.alloc(rows * ff)?, b.alloc(rows * ff)?, b.alloc(rows * e)?);
-        // Without decoding or an output tap, layers past the last tapped one cannot change
-        // the dump: stop there, as the reference does.
+        // A dump without decoding or an output tap cannot see layers past the last tapped
+        // one: stop there, as the reference does (`run` always computes everything).
         let want_out = col.wants(&Tap::Output(0)) || col.wants(&Tap::Output(1));
-        let depth = if opts.max_tokens == 0 && !want_out {
+        let depth = if writer.is_some() && opts.max_tokens == 0 && !want_out {
             (0..c.n_layer).rev().find(|&l| (0..LAYER_TAPS.len()).any(|i| col.wants(&Tap::Layer(l, i)))).map_or(0, |l| l + 1)
         } else {
             c.n_layer

@@ -234,6 +234,29 @@ __device__ void rb_attention_split(const store_t* q, const store_t* kc, const st
     }
 }
 
+// Prefill with the vendor BLAS: scores S = Q·Kᵀ of a chunk of queries come from a batched
+// GEMM in f32; this turns each row into causal probabilities P (stored as store_t) for the
+// second GEMM, O = P·V. Row r of batch b may see keys 0..=first_key + r.
+extern "C" __global__ void rb_softmax_causal(const float* scores, store_t* probs, int n_keys, int rows, int first_key) {
+    __shared__ float scratch[32];
+    __shared__ float red_max[32];
+    const int r = blockIdx.x, b = blockIdx.y;
+    const long off = ((long)b * rows + r) * n_keys;
+    const int limit = min(first_key + r + 1, n_keys);
+    float m = RB_NEG_INF;
+    for (int j = threadIdx.x; j < limit; j += blockDim.x) m = fmaxf(m, scores[off + j]);
+    for (int o = RB_WARP / 2; o > 0; o /= 2) m = fmaxf(m, RB_SHFL_XOR(m, o));
+    int warp = threadIdx.x / RB_WARP, lane = threadIdx.x % RB_WARP, warps = blockDim.x / RB_WARP;
+    if (lane == 0) red_max[warp] = m;
+    __syncthreads();
+    m = RB_NEG_INF;
+    for (int w = 0; w < warps; w++) m = fmaxf(m, red_max[w]);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j < limit; j += blockDim.x) sum += expf(scores[off + j] - m);
+    float inv = 1.0f / rb_block_sum(sum, scratch);
+    for (int j = threadIdx.x; j < n_keys; j += blockDim.x) probs[off + j] = ST(j < limit ? expf(scores[off + j] - m) * inv : 0.0f);
+}
+
 #define RB_ATTENTION(HD)                                                                                                  \
     extern "C" __global__ void rb_attention_tiled_##HD(const store_t* q, const store_t* kc, const store_t* vc, store_t* out, \
                                                        int rows, int n_head, int n_kv, int first_pos) {                   \

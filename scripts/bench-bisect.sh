@@ -33,7 +33,7 @@ set +e
 "$bin" diff "$work/all-a" "$work/all-b" --json > "$work/exhaustive.json"
 set -e
 t2=$(now)
-exhaustive_bytes=$(du -sb "$work/all-a" "$work/all-b" | awk '{s += $1} END {printf "%d", s}')
+exhaustive_bytes=$(du -sb "$work/all-a" "$work/all-b" | awk '{s += $1} END {printf "%.0f", s}')
 python3 - "$work" "$t0" "$t1" "$t2" "$exhaustive_bytes" "$fault" "$backend" "$dtype" <<'PY'
 import datetime, json, math, os, sys
 work, t0, t1, t2, ex_bytes, fault, backend, dtype = sys.argv[1], *map(float, sys.argv[2:5]), int(sys.argv[5]), *sys.argv[6:]

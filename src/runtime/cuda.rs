@@ -22,12 +22,14 @@ pub const KERNEL_COMPAT: &str = include_str!("../../kernels/compat.h");
 /// A storage dtype of the GPU backends.
 pub trait Storage: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + Unpin + std::fmt::Debug + 'static {
     const DTYPE: StorageDType;
+    const CUDA_TYPE: cudarc::cublas::sys::cudaDataType;
     fn from_f32(v: f32) -> Self;
     fn to_f32(self) -> f32;
 }
 
 impl Storage for f32 {
     const DTYPE: StorageDType = StorageDType::F32;
+    const CUDA_TYPE: cudarc::cublas::sys::cudaDataType = cudarc::cublas::sys::cudaDataType::CUDA_R_32F;
     fn from_f32(v: f32) -> Self {
         v
     }
@@ -38,6 +40,7 @@ impl Storage for f32 {
 
 impl Storage for half::f16 {
     const DTYPE: StorageDType = StorageDType::F16;
+    const CUDA_TYPE: cudarc::cublas::sys::cudaDataType = cudarc::cublas::sys::cudaDataType::CUDA_R_16F;
     fn from_f32(v: f32) -> Self {
         half::f16::from_f32(v)
     }
@@ -48,6 +51,7 @@ impl Storage for half::f16 {
 
 impl Storage for half::bf16 {
     const DTYPE: StorageDType = StorageDType::BF16;
+    const CUDA_TYPE: cudarc::cublas::sys::cudaDataType = cudarc::cublas::sys::cudaDataType::CUDA_R_16BF;
     fn from_f32(v: f32) -> Self {
         half::bf16::from_f32(v)
     }
@@ -73,7 +77,7 @@ fn nvrtc_source(dtype: StorageDType) -> String {
 
 const KERNELS: &[&str] = &[
     "rb_embed", "rb_add", "rb_silu_mul", "rb_copy", "rb_perturb", "rb_rms_norm", "rb_rope", "rb_argmax",
-    "rb_attention_tiled_64", "rb_attention_split_64", "rb_attention_tiled_128", "rb_attention_split_128",
+    "rb_softmax_causal", "rb_attention_tiled_64", "rb_attention_split_64", "rb_attention_tiled_128", "rb_attention_split_128",
     "rb_dequant_f32", "rb_dequant_f16", "rb_dequant_bf16", "rb_dequant_q8_0", "rb_dequant_q4_0", "rb_dequant_q4_1",
     "rb_dequant_q4_k", "rb_dequant_q6_k",
 ];
@@ -98,6 +102,8 @@ fn device_error(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '
 
 pub struct CudaBackend<T: Storage> {
     stream: Arc<CudaStream>,
+    /// The positions last uploaded for RoPE: every layer's q and k share them.
+    rope_positions: std::cell::RefCell<Option<(Vec<f32>, CudaSlice<f32>)>>,
     blas: CudaBlas,
     functions: std::collections::HashMap<&'static str, CudaFunction>,
     device: String,
@@ -149,12 +155,16 @@ where
         for &name in KERNELS {
             functions.insert(name, module.load_function(name).map_err(device_error(name))?);
         }
+        // One stream does all the work, so cudarc's per-buffer events (for ordering across
+        // streams) would only add two driver calls to every launch.
+        // SAFETY: no buffer of this context is ever used from another stream.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let blas = quietly(|| CudaBlas::new(stream.clone()))
             .ok_or_else(|| Error::input("--backend cuda: cuBLAS (libcublas) could not be loaded"))?
             .map_err(|e| Error::engine(format!("cuda: cuBLAS: {e}")))?;
         let device = format!("{} ({arch})", ctx.name().unwrap_or_else(|_| "NVIDIA GPU".into()));
-        Ok(Self { stream, blas, functions, device, _module: module, _storage: std::marker::PhantomData })
+        Ok(Self { stream, rope_positions: std::cell::RefCell::new(None), blas, functions, device, _module: module, _storage: std::marker::PhantomData })
     }
 
     fn f(&self, name: &str) -> &CudaFunction {
@@ -174,6 +184,100 @@ where
 
     fn launched(r: std::result::Result<(), cudarc::driver::DriverError>, what: &str) -> Result<()> {
         r.map_err(|e| Error::engine(format!("cuda: launching {what}: {e}")))
+    }
+}
+
+/// From this many query rows, attention runs as GEMMs on the matrix units.
+const GEMM_ATTENTION_ROWS: usize = 256;
+
+/// Queries per chunk of the GEMM attention: bounds the score buffer to
+/// `heads per KV head × ATTN_CHUNK × keys` f32 values.
+const ATTN_CHUNK: usize = 512;
+
+impl<T: Storage> CudaBackend<T>
+where
+    CudaBlas: Gemm<T>,
+{
+    /// One strided batched GEMM in column-major terms (cuBLAS), f32 accumulation.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn batched(&self, ta: bool, m: usize, n: usize, k: usize, alpha: f32, a: (u64, usize, i64), a_type: cudarc::cublas::sys::cudaDataType, b: (u64, usize, i64), b_type: cudarc::cublas::sys::cudaDataType, c: (u64, usize, i64), c_type: cudarc::cublas::sys::cudaDataType, batch: usize) -> Result<()> {
+        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t};
+        let beta = 0.0f32;
+        let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        cudarc::cublas::result::gemm_strided_batched_ex(
+            *self.blas.handle(),
+            op(ta),
+            cublasOperation_t::CUBLAS_OP_N,
+            m as i32,
+            n as i32,
+            k as i32,
+            (&alpha) as *const f32 as *const _,
+            a.0 as *const _,
+            a_type,
+            a.1 as i32,
+            a.2,
+            b.0 as *const _,
+            b_type,
+            b.1 as i32,
+            b.2,
+            (&beta) as *const f32 as *const _,
+            c.0 as *mut _,
+            c_type,
+            c.1 as i32,
+            c.2,
+            batch as i32,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+        .map_err(|e| Error::engine(format!("cuda: cuBLAS batched gemm in attention: {e}")))
+    }
+
+    /// Prefill attention on the matrix units: per chunk of queries and per KV head,
+    /// S = Q·Kᵀ (batched over the heads that share the KV head), causal softmax, O = P·V.
+    fn attention_gemm(&self, q: &CudaSlice<T>, k_cache: &CudaSlice<T>, v_cache: &CudaSlice<T>, s: AttnShape, out: &mut CudaSlice<T>) -> Result<()> {
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        let (hd, g) = (s.head_dim, s.n_head / s.n_head_kv);
+        let (qw, kvw) = (s.n_head * hd, s.n_head_kv * hd);
+        let el = std::mem::size_of::<T>() as u64;
+        let f32t = cudarc::cublas::sys::cudaDataType::CUDA_R_32F;
+        let max_keys = s.first_pos + s.rows;
+        let mut scores = self.stream.alloc_zeros::<f32>(g * ATTN_CHUNK.min(s.rows) * max_keys).map_err(device_error("allocating attention scores"))?;
+        let mut probs = self.stream.alloc_zeros::<T>(g * ATTN_CHUNK.min(s.rows) * max_keys).map_err(device_error("allocating attention probabilities"))?;
+        let (qp, _) = q.device_ptr(&self.stream);
+        let (kp, _) = k_cache.device_ptr(&self.stream);
+        let (vp, _) = v_cache.device_ptr(&self.stream);
+        let (sp, _) = scores.device_ptr_mut(&self.stream);
+        let (pp, _) = probs.device_ptr_mut(&self.stream);
+        let (op, _) = out.device_ptr_mut(&self.stream);
+        let scale = 1.0 / (hd as f32).sqrt();
+        for c0 in (0..s.rows).step_by(ATTN_CHUNK) {
+            let n = ATTN_CHUNK.min(s.rows - c0);
+            let nk = s.first_pos + c0 + n;
+            for kvh in 0..s.n_head_kv {
+                let h0 = kvh * g;
+                let k_at = kp + (kvh * hd) as u64 * el;
+                let v_at = vp + (kvh * hd) as u64 * el;
+                let q_at = qp + ((c0 * qw + h0 * hd) as u64) * el;
+                let o_at = op + ((c0 * qw + h0 * hd) as u64) * el;
+                // SAFETY: every operand lies inside its buffer: keys < first_pos + rows
+                // (cache rows), queries c0..c0 + n, heads h0..h0 + g, scores/probs sized for
+                // g × n × nk.
+                unsafe {
+                    self.batched(true, nk, n, hd, scale, (k_at, kvw, 0), T::CUDA_TYPE, (q_at, qw, hd as i64), T::CUDA_TYPE, (sp, nk, (n * nk) as i64), f32t, g)?;
+                }
+                let (rows_i, nk_i, first) = (n as i32, nk as i32, (s.first_pos + c0) as i32);
+                let mut b = self.stream.launch_builder(self.f("rb_softmax_causal"));
+                b.arg(&scores).arg(&mut probs).arg(&nk_i).arg(&rows_i).arg(&first);
+                let cfg = LaunchConfig { grid_dim: (n as u32, g as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                // SAFETY: scores and probs hold g × n × nk values.
+                Self::launched(unsafe { b.launch(cfg) }.map(drop), "softmax_causal")?;
+                // SAFETY: as above; the output rows c0..c0 + n of heads h0..h0 + g.
+                unsafe {
+                    self.batched(false, hd, n, nk, 1.0, (v_at, kvw, 0), T::CUDA_TYPE, (pp, nk, (n * nk) as i64), T::CUDA_TYPE, (o_at, qw, hd as i64), T::CUDA_TYPE, g)?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -292,11 +396,16 @@ where
 
     fn rope(&self, x: &mut Self::Buf, heads: usize, head_dim: usize, positions: &[f32], base: f32) -> Result<()> {
         Self::check(x.len(), positions.len() * heads * head_dim, "rope")?;
-        let pos = self.stream.clone_htod(positions).map_err(device_error("uploading positions"))?;
+        let mut cached = self.rope_positions.borrow_mut();
+        if cached.as_ref().is_none_or(|(host, _)| host.as_slice() != positions) {
+            let dev = self.stream.clone_htod(positions).map_err(device_error("uploading positions"))?;
+            *cached = Some((positions.to_vec(), dev));
+        }
+        let pos = &cached.as_ref().expect("uploaded above").1;
         let pairs = positions.len() * heads * head_dim / 2;
         let (rows, h, d) = (positions.len() as i32, heads as i32, head_dim as i32);
         let mut b = self.stream.launch_builder(self.f("rb_rope"));
-        b.arg(x).arg(&pos).arg(&rows).arg(&h).arg(&d).arg(&base);
+        b.arg(x).arg(pos).arg(&rows).arg(&h).arg(&d).arg(&base);
         // SAFETY: bounds checked above.
         Self::launched(unsafe { b.launch(Self::grid(pairs, 256)) }.map(drop), "rope")
     }
@@ -330,6 +439,9 @@ where
         }
         if s.head_dim != 64 && s.head_dim != 128 {
             return Err(Error::input(format!("cuda: attention kernels exist for head dim 64 and 128, not {}", s.head_dim)));
+        }
+        if s.rows >= GEMM_ATTENTION_ROWS {
+            return self.attention_gemm(q, k_cache, v_cache, s, out);
         }
         let (rows, nh, nkv, first) = (s.rows as i32, s.n_head as i32, s.n_head_kv as i32, s.first_pos as i32);
         // Few rows: split the keys over a warp's lanes; many rows: tile queries and keys.

@@ -53,6 +53,15 @@ pub struct Runtime<B: Backend> {
     layers: Vec<LayerWeights<B>>,
 }
 
+/// f32 values as little-endian bytes (a plain copy on little-endian hosts).
+fn f32_le_bytes(values: &[f32]) -> Vec<u8> {
+    if cfg!(target_endian = "little") {
+        bytemuck::cast_slice(values).to_vec()
+    } else {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+}
+
 /// Bytes of memory available to this process (Linux `MemAvailable`), if known.
 fn available_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -210,7 +219,7 @@ impl<B: Backend> Runtime<B> {
         ordered.sort_by_key(|(id, _)| Tap::parse(id));
         let taps = ordered
             .into_iter()
-            .map(|(id, (width, values))| TapTensor { id, dtype: TapDType::F32, rows: n, width, bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect() })
+            .map(|(id, (width, values))| TapTensor { id, dtype: TapDType::F32, rows: n, width, bytes: f32_le_bytes(&values) })
             .collect();
         col.written.push(stem.to_string());
         writer.send(FileJob { prompt_id: prompt_id.to_string(), stem: stem.to_string(), positions: Arc::new(col.positions.clone()), taps })

@@ -28,13 +28,12 @@ for quant in q4_k f16; do
     t="$(cat "$work/t$n")"
     # Decode after the 512-token prompt; 2048 positions fill TinyLlama's context.
     mt=$decode; [ "$n" -eq 2048 ] && mt=0
-    # Warm-up (kernel cache, cuBLAS heuristics), then measured runs.
-    "$bin" run --backend cuda --dtype f16 --model "$m" --tokens "$t" --max-tokens "$mt" --ignore-eos > /dev/null 2>&1
+    # Each measured run first warms up in-process (lazy kernel loading, cuBLAS heuristics).
     for i in 1 2 3; do
-      r="$("$bin" run --backend cuda --dtype f16 --model "$m" --tokens "$t" --max-tokens "$mt" --ignore-eos 2>&1 >/dev/null | tail -1)"
+      r="$("$bin" run --backend cuda --dtype f16 --model "$m" --tokens "$t" --max-tokens "$mt" --ignore-eos --warmup 1 2>&1 >/dev/null | tail -1)"
       echo "RUN $quant $n $r" >> "$log"
       rm -rf "$work/d"
-      r="$("$bin" dump --engine runtime --backend cuda --dtype f16 --model "$m" --tokens "$t" --max-tokens "$mt" --layers all --taps resid_post --positions all -o "$work/d" 2>&1 | tail -1)"
+      r="$("$bin" dump --engine runtime --backend cuda --dtype f16 --model "$m" --tokens "$t" --max-tokens "$mt" --warmup 1 --layers all --taps resid_post --positions all -o "$work/d" 2>&1 | tail -1)"
       echo "DUMP $quant $n $r" >> "$log"
     done
   done

@@ -130,7 +130,7 @@ impl<B: Backend> Engine for RuntimeDriver<'_, B> {
     }
 
     fn dump(&mut self, prompt: &PromptRecord, selection: &Selection, out: &Path) -> Result<()> {
-        let opts = RunOptions { prefill_chunk: self.prefill_chunk, max_tokens: 0, sync_check: false, stop_token: None };
+        let opts = RunOptions { prefill_chunk: self.prefill_chunk, max_tokens: 0, sync_check: false, stop_token: None, warmup: 0 };
         if self.loaded.is_none() {
             crate::runtime::preflight(self.model, prompt.tokens.len(), &opts, 4)?;
             let backend = self.backend.take().expect("a backend until loaded");

@@ -54,6 +54,9 @@ enum Command {
         /// Generate all --max-tokens tokens even past end-of-sequence (benchmarks).
         #[arg(long)]
         ignore_eos: bool,
+        /// Untimed runs first (benchmarks: excludes lazy kernel loading and the like).
+        #[arg(long, default_value_t = 0)]
+        warmup: usize,
     },
     /// Describe a GGUF model or a dump directory.
     Inspect {
@@ -331,6 +334,9 @@ struct DumpArgs {
     /// Runtime: synchronize after every op so a device error names the op.
     #[arg(long)]
     sync_check: bool,
+    /// Runtime: untimed runs of each prompt first, without taps (benchmarks).
+    #[arg(long, default_value_t = 0)]
+    warmup: usize,
     #[arg(short, long)]
     output: PathBuf,
     /// Replace an existing dump at the output path.
@@ -388,14 +394,14 @@ fn cmd_dump(a: DumpArgs) -> Result<()> {
     let summary = match a.engine {
         EngineKind::Reference => {
             let precision = RefPrecision::parse(&a.dtype)?;
-            if a.max_tokens > 0 || a.prefill_chunk.is_some() || a.sync_check {
-                return Err(Error::input("--max-tokens, --prefill-chunk and --sync-check are runtime options (--engine runtime)"));
+            if a.max_tokens > 0 || a.prefill_chunk.is_some() || a.sync_check || a.warmup > 0 {
+                return Err(Error::input("--max-tokens, --prefill-chunk, --sync-check and --warmup are runtime options (--engine runtime)"));
             }
             reference_engine::dump_reference(&model, records, selection, precision, &a.inject, &a.output, a.overwrite, &mut Bars { bar: None })?
         }
         EngineKind::Runtime => {
             let dtype = StorageDType::parse(&a.dtype)?;
-            let opts = RunOptions { prefill_chunk: a.prefill_chunk, max_tokens: a.max_tokens, sync_check: a.sync_check, stop_token: None };
+            let opts = RunOptions { prefill_chunk: a.prefill_chunk, max_tokens: a.max_tokens, sync_check: a.sync_check, stop_token: None, warmup: a.warmup };
             resbisect::with_backend!(a.backend.runtime(), dtype, |b| runtime::dump_runtime(b, &model, records, selection, &a.inject, &opts, &a.output, a.overwrite, &mut Bars { bar: None })?)
         }
     };
@@ -689,7 +695,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Demo { model, prompts, output } => cmd_demo(model, prompts, output),
-        Command::Run { model, prompt, tokens, max_tokens, backend, dtype, prefill_chunk, ignore_eos } => {
+        Command::Run { model, prompt, tokens, max_tokens, backend, dtype, prefill_chunk, ignore_eos, warmup } => {
             let model = Model::open(&model)?;
             let tokenizer = Tokenizer::from_gguf(&model.gguf)?;
             let source = match (prompt, tokens) {
@@ -698,7 +704,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 (None, None) => return Err(Error::input("give --prompt or --tokens")),
             };
             let records = prompts::resolve(vec![("run".into(), None, source)], Some(&tokenizer), model.config.n_vocab, model.config.n_ctx)?;
-            let opts = RunOptions { prefill_chunk, max_tokens, sync_check: false, stop_token: if ignore_eos { None } else { tokenizer.eos_id } };
+            let opts = RunOptions { prefill_chunk, max_tokens, sync_check: false, stop_token: if ignore_eos { None } else { tokenizer.eos_id }, warmup };
             let record = records.into_iter().next().expect("one prompt");
             let g = resbisect::with_backend!(backend.runtime(), StorageDType::parse(&dtype)?, |b| runtime::generate(b, &model, record, &opts, &mut Bars { bar: None })?);
             println!("{}", tokenizer.decode(&g.tokens)?);

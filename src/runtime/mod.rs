@@ -30,6 +30,9 @@ pub struct RunOptions {
     /// Stop decoding after this token (end of sequence); dumps always run to
     /// `max_tokens` so every selected position exists.
     pub stop_token: Option<u32>,
+    /// Untimed runs of each prompt first (no taps), so timings exclude one-time costs
+    /// such as the lazy loading of GPU kernels.
+    pub warmup: usize,
 }
 
 struct LayerWeights<B: Backend> {
@@ -346,6 +349,15 @@ impl<B: Backend> Runtime<B> {
         Ok(None)
     }
 
+    /// `opts.warmup` untimed runs of a prompt with no taps.
+    fn warm_up(&self, prompt: &PromptRecord, opts: &RunOptions) -> Result<()> {
+        let none = Selection { layers: Vec::new(), taps: Vec::new(), positions: "all".into() };
+        for _ in 0..opts.warmup {
+            self.run_prompt(prompt, &none, &RuntimeFaults::default(), opts, None, &mut crate::reference_engine::NoProgress)?;
+        }
+        Ok(())
+    }
+
     /// Run one prompt (prefill, then greedy decode), sending taps to `writer` (none:
     /// nothing is captured). Returns every token processed and the seconds spent in
     /// prefill and in decode.
@@ -415,6 +427,7 @@ impl<B: Backend> Runtime<B> {
         let start = std::time::Instant::now();
         let mut processed: Vec<Vec<u32>> = Vec::new();
         let outcome = prompts.iter().try_for_each(|p| {
+            self.warm_up(p, opts)?;
             processed.push(self.run_prompt(p, selection, faults, opts, Some(&writer), progress)?.0);
             Ok(())
         });
@@ -462,6 +475,7 @@ pub fn generate<B: Backend>(backend: B, model: &Model, prompt: PromptRecord, opt
     let selection = Selection { layers: Vec::new(), taps: Vec::new(), positions: "all".into() };
     progress.stage("loading weights", model.config.n_layer);
     let rt = Runtime::load(backend, model, &mut |_| progress.tick())?;
+    rt.warm_up(&prompt, opts)?;
     let (tokens, prefill_seconds, decode_seconds) = rt.run_prompt(&prompt, &selection, &RuntimeFaults::default(), opts, None, progress)?;
     Ok(Generation { tokens, prompt_len: prompt.tokens.len(), prefill_seconds, decode_seconds })
 }

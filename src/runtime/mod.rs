@@ -424,10 +424,12 @@ impl<B: Backend> Runtime<B> {
         // written with the prompts, and completed with every processed token at the end.
         let manifest = Manifest::new(engine, ModelInfo::of(model), prompts.clone(), selection.clone());
         let writer = BackgroundWriter::spawn(DumpWriter::create(out, manifest, overwrite)?);
+        for p in &prompts {
+            self.warm_up(p, opts)?;
+        }
         let start = std::time::Instant::now();
         let mut processed: Vec<Vec<u32>> = Vec::new();
         let outcome = prompts.iter().try_for_each(|p| {
-            self.warm_up(p, opts)?;
             processed.push(self.run_prompt(p, selection, faults, opts, Some(&writer), progress)?.0);
             Ok(())
         });

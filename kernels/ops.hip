@@ -42,6 +42,27 @@ extern "C" __global__ void rb_perturb(store_t* x, long start, long n, int kind, 
     x[start + i] = ST(r);
 }
 
+// out[rows, n] = x[rows, k] · w[n, k]ᵀ with f32 accumulation, in 16×16 shared tiles. The
+// `hip` backend's matmul (the `cuda` backend uses cuBLAS on the matrix units instead).
+#define RB_MM_TILE 16
+extern "C" __global__ void rb_matmul(const store_t* x, const store_t* w, store_t* out, int rows, int k, int n) {
+    __shared__ float xs[RB_MM_TILE][RB_MM_TILE + 1];
+    __shared__ float ws[RB_MM_TILE][RB_MM_TILE + 1];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int row = blockIdx.y * RB_MM_TILE + ty, col = blockIdx.x * RB_MM_TILE + tx;
+    float acc = 0.0f;
+    for (int k0 = 0; k0 < k; k0 += RB_MM_TILE) {
+        xs[ty][tx] = (row < rows && k0 + tx < k) ? LD(x[(long)row * k + k0 + tx]) : 0.0f;
+        int wrow = blockIdx.x * RB_MM_TILE + ty;
+        ws[ty][tx] = (wrow < n && k0 + tx < k) ? LD(w[(long)wrow * k + k0 + tx]) : 0.0f;
+        __syncthreads();
+        #pragma unroll
+        for (int i = 0; i < RB_MM_TILE; i++) acc += xs[ty][i] * ws[tx][i];
+        __syncthreads();
+    }
+    if (row < rows && col < n) out[(long)row * n + col] = ST(acc);
+}
+
 // Sum over the block; every thread gets the total. `scratch` holds one float per warp.
 __device__ float rb_block_sum(float v, float* scratch) {
     for (int m = RB_WARP / 2; m > 0; m /= 2) v += RB_SHFL_XOR(v, m);
@@ -162,11 +183,12 @@ __device__ void rb_attention_tiled(const store_t* q, const store_t* kc, const st
             #pragma unroll
             for (int j = 0; j < RB_ATTN_KT; j++) {
                 // Masked keys contribute exactly nothing (not 0·v, which is NaN for a NaN v).
-                if (kt + j > qpos) break;
-                float p = expf(s[j] - new_m);
-                l += p;
-                #pragma unroll
-                for (int d = 0; d < HD; d++) acc[d] += p * vs[j][d];
+                if (kt + j <= qpos) {
+                    float p = expf(s[j] - new_m);
+                    l += p;
+                    #pragma unroll
+                    for (int d = 0; d < HD; d++) acc[d] += p * vs[j][d];
+                }
             }
             m = new_m;
         }

@@ -281,6 +281,8 @@ enum BackendKind {
     Cpu,
     /// NVIDIA GPU 0 (CUDA, NVRTC and cuBLAS loaded at run time).
     Cuda,
+    /// AMD GPU 0 (builds with `--features hip`).
+    Hip,
 }
 
 impl BackendKind {
@@ -288,6 +290,7 @@ impl BackendKind {
         match self {
             Self::Cpu => runtime::BackendKind::Cpu,
             Self::Cuda => runtime::BackendKind::Cuda,
+            Self::Hip => runtime::BackendKind::Hip,
         }
     }
 }

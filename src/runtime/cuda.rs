@@ -82,6 +82,31 @@ const KERNELS: &[&str] = &[
     "rb_dequant_q4_k", "rb_dequant_q6_k",
 ];
 
+/// The device decoder of a GGUF type: kernel, values per block, bytes per block.
+pub(crate) fn decoder(dtype: GgmlDType) -> Option<(&'static str, usize, usize)> {
+    Some(match dtype {
+        GgmlDType::F32 => ("rb_dequant_f32", 1, 4),
+        GgmlDType::F16 => ("rb_dequant_f16", 1, 2),
+        GgmlDType::BF16 => ("rb_dequant_bf16", 1, 2),
+        GgmlDType::Q8_0 => ("rb_dequant_q8_0", 32, 34),
+        GgmlDType::Q4_0 => ("rb_dequant_q4_0", 32, 18),
+        GgmlDType::Q4_1 => ("rb_dequant_q4_1", 32, 20),
+        GgmlDType::Q4K => ("rb_dequant_q4_k", 256, 144),
+        GgmlDType::Q6K => ("rb_dequant_q6_k", 256, 210),
+        _ => return None,
+    })
+}
+
+/// The fault kind and value rb_perturb takes.
+pub(crate) fn fault_code(fault: Fault) -> (i32, f32) {
+    match fault {
+        Fault::Scale(v) => (0, v as f32),
+        Fault::Offset(v) => (1, v as f32),
+        Fault::Nan => (2, 0.0),
+        Fault::Zero => (3, 0.0),
+    }
+}
+
 fn cache_dir() -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
     base.unwrap_or_else(std::env::temp_dir).join("resbisect").join("kernels")
@@ -313,17 +338,7 @@ where
 
     fn upload_weight(&self, name: &str, dtype: GgmlDType, dims: &[usize], data: &[u8]) -> Result<Self::Buf> {
         let n: usize = dims.iter().product();
-        let (kernel, block_values, block_bytes) = match dtype {
-            GgmlDType::F32 => ("rb_dequant_f32", 1, 4),
-            GgmlDType::F16 => ("rb_dequant_f16", 1, 2),
-            GgmlDType::BF16 => ("rb_dequant_bf16", 1, 2),
-            GgmlDType::Q8_0 => ("rb_dequant_q8_0", 32, 34),
-            GgmlDType::Q4_0 => ("rb_dequant_q4_0", 32, 18),
-            GgmlDType::Q4_1 => ("rb_dequant_q4_1", 32, 20),
-            GgmlDType::Q4K => ("rb_dequant_q4_k", 256, 144),
-            GgmlDType::Q6K => ("rb_dequant_q6_k", 256, 210),
-            other => return Err(Error::input(format!("cuda: {name}: no device decoder for {other:?} (supported: f32 f16 bf16 q8_0 q4_0 q4_1 q4_k q6_k)"))),
-        };
+        let (kernel, block_values, block_bytes) = decoder(dtype).ok_or_else(|| Error::input(format!("cuda: {name}: no device decoder for {dtype:?} (supported: f32 f16 bf16 q8_0 q4_0 q4_1 q4_k q6_k)")))?;
         if n % block_values != 0 || data.len() != n / block_values * block_bytes {
             return Err(Error::input(format!("cuda: {name}: {} bytes are not {n} values of {dtype:?}", data.len())));
         }
@@ -486,12 +501,7 @@ where
         if from_row >= rows {
             return Ok(());
         }
-        let (kind, value) = match fault {
-            Fault::Scale(v) => (0i32, v as f32),
-            Fault::Offset(v) => (1, v as f32),
-            Fault::Nan => (2, 0.0),
-            Fault::Zero => (3, 0.0),
-        };
+        let (kind, value) = fault_code(fault);
         let (start, n) = ((from_row * width) as i64, ((rows - from_row) * width) as i64);
         let mut b = self.stream.launch_builder(self.f("rb_perturb"));
         b.arg(x).arg(&start).arg(&n).arg(&kind).arg(&value);

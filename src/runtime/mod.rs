@@ -6,6 +6,8 @@
 pub mod backend;
 pub mod cpu;
 pub mod cuda;
+#[cfg(feature = "hip")]
+pub mod hip;
 pub mod selftest;
 
 use std::collections::BTreeMap;
@@ -487,6 +489,7 @@ pub fn generate<B: Backend>(backend: B, model: &Model, prompt: PromptRecord, opt
 pub enum BackendKind {
     Cpu,
     Cuda,
+    Hip,
 }
 
 /// Evaluate `$body` with `$b` bound to a new backend of `$kind` storing `$dtype`
@@ -513,6 +516,23 @@ macro_rules! with_backend {
                 let $b = $crate::runtime::cuda::CudaBackend::<half::bf16>::new(0)?;
                 $body
             }
+            #[cfg(feature = "hip")]
+            (__K::Hip, __D::F32) => {
+                let $b = $crate::runtime::hip::HipBackend::<f32>::new()?;
+                $body
+            }
+            #[cfg(feature = "hip")]
+            (__K::Hip, __D::F16) => {
+                let $b = $crate::runtime::hip::HipBackend::<half::f16>::new()?;
+                $body
+            }
+            #[cfg(feature = "hip")]
+            (__K::Hip, __D::BF16) => {
+                let $b = $crate::runtime::hip::HipBackend::<half::bf16>::new()?;
+                $body
+            }
+            #[cfg(not(feature = "hip"))]
+            (__K::Hip, _) => return Err($crate::Error::input("--backend hip: this resbisect was built without the hip feature (cargo build --features hip)")),
         }
     }};
 }

@@ -7,6 +7,7 @@ mod bad_input;
 mod bisect;
 mod diff;
 mod dump_format;
+mod gpu;
 mod reference;
 mod runtime;
 mod tokenizer;

@@ -1,0 +1,287 @@
+//! The `hip` backend (AMD, behind the `hip` feature): the same kernels/ops.hip, compiled
+//! by hipcc at build time (build.rs) into one code object per storage dtype, loaded with
+//! hipModuleLoadData and launched through hip-runtime-sys. Matmuls use the source's own
+//! tiled kernel (no vendor BLAS), attention its tiled and split kernels.
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CStr};
+
+use candle_core::quantized::GgmlDType;
+use hip_runtime_sys as hip;
+use resbisect_reference::Fault;
+
+use super::backend::{AttnShape, Backend, StorageDType};
+use super::cuda::Storage;
+use crate::error::{Error, Result};
+
+const CODE_F32: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ops-f32.hsaco"));
+const CODE_F16: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ops-f16.hsaco"));
+const CODE_BF16: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ops-bf16.hsaco"));
+
+const KERNELS: &[&str] = &[
+    "rb_embed", "rb_add", "rb_silu_mul", "rb_copy", "rb_perturb", "rb_rms_norm", "rb_rope", "rb_argmax", "rb_matmul",
+    "rb_attention_tiled_64", "rb_attention_split_64", "rb_attention_tiled_128", "rb_attention_split_128",
+    "rb_dequant_f32", "rb_dequant_f16", "rb_dequant_bf16", "rb_dequant_q8_0", "rb_dequant_q4_0", "rb_dequant_q4_1",
+    "rb_dequant_q4_k", "rb_dequant_q6_k",
+];
+
+fn check(e: hip::hipError_t, what: &str) -> Result<()> {
+    if e == hip::hipError_t::hipSuccess {
+        return Ok(());
+    }
+    // SAFETY: hipGetErrorString returns a static NUL-terminated string for any code.
+    let msg = unsafe { CStr::from_ptr(hip::hipGetErrorString(e)) }.to_string_lossy().into_owned();
+    Err(Error::engine(format!("hip: {what}: {msg}")))
+}
+
+/// A device buffer of `len` storage values.
+pub struct HipBuf {
+    ptr: *mut c_void,
+    len: usize,
+}
+
+impl Drop for HipBuf {
+    fn drop(&mut self) {
+        // SAFETY: ptr came from hipMalloc and is freed once.
+        unsafe { hip::hipFree(self.ptr) };
+    }
+}
+
+pub struct HipBackend<T: Storage> {
+    functions: HashMap<&'static str, hip::hipFunction_t>,
+    device: String,
+    _storage: std::marker::PhantomData<T>,
+}
+
+/// Kernel arguments: pointers to each value, as hipModuleLaunchKernel takes them.
+macro_rules! args {
+    ($($v:expr),* $(,)?) => { [$(&$v as *const _ as *mut c_void),*] };
+}
+
+impl<T: Storage> HipBackend<T> {
+    /// Open GPU 0 and load the code object of this storage dtype.
+    pub fn new() -> Result<Self> {
+        let mut count = 0;
+        // SAFETY: plain queries of the HIP runtime.
+        if unsafe { hip::hipGetDeviceCount(&mut count) } != hip::hipError_t::hipSuccess || count == 0 {
+            return Err(Error::input("--backend hip: no usable AMD GPU or HIP runtime"));
+        }
+        let code = match T::DTYPE {
+            StorageDType::F32 => CODE_F32,
+            StorageDType::F16 => CODE_F16,
+            StorageDType::BF16 => CODE_BF16,
+        };
+        let mut module: hip::hipModule_t = std::ptr::null_mut();
+        // SAFETY: `code` is a code object hipcc produced for this source.
+        check(unsafe { hip::hipModuleLoadData(&mut module, code.as_ptr() as *const c_void) }, "loading the kernels (built for RESBISECT_HIP_ARCHS)")?;
+        let mut functions = HashMap::new();
+        for &name in KERNELS {
+            let c_name = std::ffi::CString::new(name).expect("kernel names have no NUL");
+            let mut f: hip::hipFunction_t = std::ptr::null_mut();
+            // SAFETY: module is loaded; the name is NUL-terminated.
+            check(unsafe { hip::hipModuleGetFunction(&mut f, module, c_name.as_ptr()) }, name)?;
+            functions.insert(name, f);
+        }
+        let mut name = [0 as libc::c_char; 256];
+        // SAFETY: the buffer is 256 bytes as passed.
+        let device = if unsafe { hip::hipDeviceGetName(name.as_mut_ptr(), 256, 0) } == hip::hipError_t::hipSuccess {
+            // SAFETY: hipDeviceGetName wrote a NUL-terminated name.
+            unsafe { CStr::from_ptr(name.as_ptr()) }.to_string_lossy().into_owned()
+        } else {
+            "AMD GPU".into()
+        };
+        Ok(Self { functions, device, _storage: std::marker::PhantomData })
+    }
+
+    fn launch(&self, name: &str, grid: (u32, u32), block: (u32, u32), args: &mut [*mut c_void]) -> Result<()> {
+        // SAFETY: every kernel's arguments are built by the op that launches it, matching
+        // the kernel's signature, with bounds checked beforehand.
+        let e = unsafe { hip::hipModuleLaunchKernel(self.functions[name], grid.0, grid.1, 1, block.0, block.1, 1, 0, std::ptr::null_mut(), args.as_mut_ptr(), std::ptr::null_mut()) };
+        check(e, &format!("launching {name}"))
+    }
+
+    fn blocks(n: usize, threads: u32) -> (u32, u32) {
+        ((n as u32).div_ceil(threads).max(1), 1)
+    }
+
+    fn need(len: usize, need: usize, what: &str) -> Result<()> {
+        if need > len {
+            return Err(Error::engine(format!("hip: {what}: needs {need} elements, the buffer holds {len}")));
+        }
+        Ok(())
+    }
+
+    fn raw(&self, bytes: &[u8]) -> Result<HipBuf> {
+        let mut ptr = std::ptr::null_mut();
+        // SAFETY: allocation and copy of exactly bytes.len() bytes.
+        check(unsafe { hip::hipMalloc(&mut ptr, bytes.len().max(1)) }, "allocating")?;
+        let buf = HipBuf { ptr, len: bytes.len() };
+        // SAFETY: as above.
+        check(unsafe { hip::hipMemcpy(ptr, bytes.as_ptr() as *const c_void, bytes.len(), hip::hipMemcpyKind::hipMemcpyHostToDevice) }, "uploading")?;
+        Ok(buf)
+    }
+}
+
+impl<T: Storage> Backend for HipBackend<T> {
+    type Buf = HipBuf;
+
+    fn name(&self) -> &'static str {
+        "hip"
+    }
+
+    fn device(&self) -> String {
+        self.device.clone()
+    }
+
+    fn dtype(&self) -> StorageDType {
+        T::DTYPE
+    }
+
+    fn alloc(&self, len: usize) -> Result<HipBuf> {
+        let bytes = len.max(1) * std::mem::size_of::<T>();
+        let mut ptr = std::ptr::null_mut();
+        // SAFETY: allocation then zeroing of `bytes` bytes.
+        check(unsafe { hip::hipMalloc(&mut ptr, bytes) }, "allocating")?;
+        let buf = HipBuf { ptr, len };
+        // SAFETY: as above.
+        check(unsafe { hip::hipMemset(ptr, 0, bytes) }, "zeroing")?;
+        Ok(buf)
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<HipBuf> {
+        let host: Vec<T> = data.iter().map(|&v| T::from_f32(v)).collect();
+        // SAFETY: T is a plain value type (f32, f16, bf16); its bytes are its storage.
+        let bytes = unsafe { std::slice::from_raw_parts(host.as_ptr() as *const u8, std::mem::size_of_val(host.as_slice())) };
+        let mut buf = self.raw(bytes)?;
+        buf.len = data.len();
+        Ok(buf)
+    }
+
+    fn upload_weight(&self, name: &str, dtype: GgmlDType, dims: &[usize], data: &[u8]) -> Result<HipBuf> {
+        let n: usize = dims.iter().product();
+        let (kernel, block_values, block_bytes) = super::cuda::decoder(dtype).ok_or_else(|| Error::input(format!("hip: {name}: no device decoder for {dtype:?}")))?;
+        if n % block_values != 0 || data.len() != n / block_values * block_bytes {
+            return Err(Error::input(format!("hip: {name}: {} bytes are not {n} values of {dtype:?}", data.len())));
+        }
+        let raw = self.raw(data)?;
+        let out = self.alloc(n)?;
+        let blocks = (n / block_values) as i64;
+        self.launch(kernel, Self::blocks(blocks as usize, 256), (256, 1), &mut args!(raw.ptr, out.ptr, blocks))?;
+        Ok(out)
+    }
+
+    fn download(&self, buf: &HipBuf, offset: usize, len: usize) -> Result<Vec<f32>> {
+        Self::need(buf.len, offset + len, "download")?;
+        let mut host = vec![T::default(); len];
+        let el = std::mem::size_of::<T>();
+        // SAFETY: the source range lies inside the buffer (checked); host holds len values.
+        let src = unsafe { (buf.ptr as *const u8).add(offset * el) } as *const c_void;
+        check(unsafe { hip::hipMemcpy(host.as_mut_ptr() as *mut c_void, src, len * el, hip::hipMemcpyKind::hipMemcpyDeviceToHost) }, "downloading")?;
+        Ok(host.into_iter().map(T::to_f32).collect())
+    }
+
+    fn embed(&self, table: &HipBuf, width: usize, ids: &[u32], out: &mut HipBuf) -> Result<()> {
+        Self::need(out.len, ids.len() * width, "embed")?;
+        if let Some(&bad) = ids.iter().find(|&&i| (i as usize + 1) * width > table.len) {
+            return Err(Error::engine(format!("hip: embed: token {bad} is outside the table")));
+        }
+        let dev_ids = self.raw(bytemuck::cast_slice(ids))?;
+        let (w, rows) = (width as i32, ids.len() as i32);
+        self.launch("rb_embed", (ids.len() as u32, 1), (256, 1), &mut args!(table.ptr, dev_ids.ptr, out.ptr, w, rows))
+    }
+
+    fn rms_norm(&self, x: &HipBuf, w: &HipBuf, rows: usize, width: usize, eps: f32, out: &mut HipBuf) -> Result<()> {
+        Self::need(x.len.min(out.len), rows * width, "rms_norm")?;
+        Self::need(w.len, width, "rms_norm weight")?;
+        let wi = width as i32;
+        self.launch("rb_rms_norm", (rows as u32, 1), (256, 1), &mut args!(x.ptr, w.ptr, out.ptr, wi, eps))
+    }
+
+    fn matmul(&self, x: &HipBuf, w: &HipBuf, rows: usize, k: usize, n: usize, out: &mut HipBuf) -> Result<()> {
+        Self::need(x.len, rows * k, "matmul input")?;
+        Self::need(w.len, n * k, "matmul weight")?;
+        Self::need(out.len, rows * n, "matmul output")?;
+        let (r, ki, ni) = (rows as i32, k as i32, n as i32);
+        self.launch("rb_matmul", ((n as u32).div_ceil(16), (rows as u32).div_ceil(16)), (16, 16), &mut args!(x.ptr, w.ptr, out.ptr, r, ki, ni))
+    }
+
+    fn rope(&self, x: &mut HipBuf, heads: usize, head_dim: usize, positions: &[f32], base: f32) -> Result<()> {
+        Self::need(x.len, positions.len() * heads * head_dim, "rope")?;
+        let pos = self.raw(bytemuck::cast_slice(positions))?;
+        let (rows, h, d) = (positions.len() as i32, heads as i32, head_dim as i32);
+        self.launch("rb_rope", Self::blocks(positions.len() * heads * head_dim / 2, 256), (256, 1), &mut args!(x.ptr, pos.ptr, rows, h, d, base))
+    }
+
+    fn copy_rows(&self, src: &HipBuf, dst: &mut HipBuf, dst_row: usize, rows: usize, width: usize) -> Result<()> {
+        Self::need(src.len, rows * width, "copy_rows source")?;
+        let n = (rows * width) as i64;
+        // Past the end: aim the copy at an unmapped address so the device faults for real
+        // (the `oob` fault injection), as in the cuda backend.
+        let target = if (dst_row + rows) * width > dst.len {
+            0x10usize as *mut c_void
+        } else {
+            // SAFETY: the destination range lies inside the buffer.
+            unsafe { (dst.ptr as *mut u8).add(dst_row * width * std::mem::size_of::<T>()) as *mut c_void }
+        };
+        self.launch("rb_copy", Self::blocks(n as usize, 256), (256, 1), &mut args!(src.ptr, target, n))
+    }
+
+    fn attention(&self, q: &HipBuf, k_cache: &HipBuf, v_cache: &HipBuf, s: AttnShape, out: &mut HipBuf) -> Result<()> {
+        let (qw, kvw) = (s.n_head * s.head_dim, s.n_head_kv * s.head_dim);
+        Self::need(q.len.min(out.len), s.rows * qw, "attention")?;
+        Self::need(k_cache.len.min(v_cache.len), (s.first_pos + s.rows) * kvw, "attention cache")?;
+        if s.n_head_kv == 0 || s.n_head % s.n_head_kv != 0 || !(s.head_dim == 64 || s.head_dim == 128) {
+            return Err(Error::input(format!("hip: attention kernels need head dim 64 or 128 and grouped heads, not {s:?}")));
+        }
+        let (rows, nh, nkv, first) = (s.rows as i32, s.n_head as i32, s.n_head_kv as i32, s.first_pos as i32);
+        let split = s.rows * s.n_head < 4096;
+        let name = match (split, s.head_dim) {
+            (true, 64) => "rb_attention_split_64",
+            (true, _) => "rb_attention_split_128",
+            (false, 64) => "rb_attention_tiled_64",
+            (false, _) => "rb_attention_tiled_128",
+        };
+        let (grid, block) = if split { ((s.rows as u32, s.n_head as u32), (256, 1)) } else { (((s.rows as u32).div_ceil(64), s.n_head as u32), (64, 1)) };
+        self.launch(name, grid, block, &mut args!(q.ptr, k_cache.ptr, v_cache.ptr, out.ptr, rows, nh, nkv, first))
+    }
+
+    fn silu_mul(&self, gate: &HipBuf, up: &HipBuf, n: usize, out: &mut HipBuf) -> Result<()> {
+        Self::need(gate.len.min(up.len).min(out.len), n, "silu_mul")?;
+        let nn = n as i64;
+        self.launch("rb_silu_mul", Self::blocks(n, 256), (256, 1), &mut args!(gate.ptr, up.ptr, out.ptr, nn))
+    }
+
+    fn add(&self, a: &HipBuf, b: &HipBuf, n: usize, out: &mut HipBuf) -> Result<()> {
+        Self::need(a.len.min(b.len).min(out.len), n, "add")?;
+        let nn = n as i64;
+        self.launch("rb_add", Self::blocks(n, 256), (256, 1), &mut args!(a.ptr, b.ptr, out.ptr, nn))
+    }
+
+    fn perturb(&self, x: &mut HipBuf, rows: usize, width: usize, from_row: usize, fault: Fault) -> Result<()> {
+        Self::need(x.len, rows * width, "perturb")?;
+        if from_row >= rows {
+            return Ok(());
+        }
+        let (kind, value) = super::cuda::fault_code(fault);
+        let (start, n) = ((from_row * width) as i64, ((rows - from_row) * width) as i64);
+        self.launch("rb_perturb", Self::blocks(n as usize, 256), (256, 1), &mut args!(x.ptr, start, n, kind, value))
+    }
+
+    fn argmax(&self, x: &HipBuf, row: usize, width: usize) -> Result<u32> {
+        Self::need(x.len, (row + 1) * width, "argmax")?;
+        let out = self.raw(&[0u8; 4])?;
+        // SAFETY: the row lies inside the buffer (checked).
+        let at = unsafe { (x.ptr as *const u8).add(row * width * std::mem::size_of::<T>()) } as *mut c_void;
+        let w = width as i32;
+        self.launch("rb_argmax", (1, 1), (1024, 1), &mut args!(at, w, out.ptr))?;
+        let mut idx = 0u32;
+        // SAFETY: four bytes from a four-byte buffer.
+        check(unsafe { hip::hipMemcpy(&mut idx as *mut u32 as *mut c_void, out.ptr, 4, hip::hipMemcpyKind::hipMemcpyDeviceToHost) }, "downloading argmax")?;
+        Ok(idx)
+    }
+
+    fn sync(&self) -> Result<()> {
+        // SAFETY: waits for all queued work.
+        check(unsafe { hip::hipDeviceSynchronize() }, "device error")
+    }
+}

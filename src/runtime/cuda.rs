@@ -97,6 +97,24 @@ pub(crate) fn decoder(dtype: GgmlDType) -> Option<(&'static str, usize, usize)> 
     })
 }
 
+/// The attention kernel for a shape — key-split across a block for few query rows, tiled
+/// for many — with its grid and block size; refuses shapes the kernels do not cover.
+pub(crate) fn attention_kernel(s: &AttnShape, backend: &str) -> Result<(&'static str, (u32, u32), u32)> {
+    if s.n_head_kv == 0 || s.n_head % s.n_head_kv != 0 {
+        return Err(Error::engine(format!("{backend}: attention: {} heads do not group over {} KV heads", s.n_head, s.n_head_kv)));
+    }
+    if s.head_dim != 64 && s.head_dim != 128 {
+        return Err(Error::input(format!("{backend}: attention kernels exist for head dim 64 and 128, not {}", s.head_dim)));
+    }
+    let split = s.rows * s.n_head < 4096;
+    Ok(match (split, s.head_dim) {
+        (true, 64) => ("rb_attention_split_64", (s.rows as u32, s.n_head as u32), 256),
+        (true, _) => ("rb_attention_split_128", (s.rows as u32, s.n_head as u32), 256),
+        (false, 64) => ("rb_attention_tiled_64", ((s.rows as u32).div_ceil(64), s.n_head as u32), 64),
+        (false, _) => ("rb_attention_tiled_128", ((s.rows as u32).div_ceil(64), s.n_head as u32), 64),
+    })
+}
+
 /// The fault kind and value rb_perturb takes.
 pub(crate) fn fault_code(fault: Fault) -> (i32, f32) {
     match fault {
@@ -449,29 +467,12 @@ where
         let (qw, kvw) = (s.n_head * s.head_dim, s.n_head_kv * s.head_dim);
         Self::check(q.len().min(out.len()), s.rows * qw, "attention")?;
         Self::check(k_cache.len().min(v_cache.len()), (s.first_pos + s.rows) * kvw, "attention cache")?;
-        if s.n_head_kv == 0 || s.n_head % s.n_head_kv != 0 {
-            return Err(Error::engine(format!("cuda: attention: {} heads do not group over {} KV heads", s.n_head, s.n_head_kv)));
-        }
-        if s.head_dim != 64 && s.head_dim != 128 {
-            return Err(Error::input(format!("cuda: attention kernels exist for head dim 64 and 128, not {}", s.head_dim)));
-        }
+        let (name, grid, block) = attention_kernel(&s, "cuda")?;
         if s.rows >= GEMM_ATTENTION_ROWS {
             return self.attention_gemm(q, k_cache, v_cache, s, out);
         }
         let (rows, nh, nkv, first) = (s.rows as i32, s.n_head as i32, s.n_head_kv as i32, s.first_pos as i32);
-        // Few rows: split the keys over a warp's lanes; many rows: tile queries and keys.
-        let split = s.rows * s.n_head < 4096;
-        let name = match (split, s.head_dim) {
-            (true, 64) => "rb_attention_split_64",
-            (true, _) => "rb_attention_split_128",
-            (false, 64) => "rb_attention_tiled_64",
-            (false, _) => "rb_attention_tiled_128",
-        };
-        let cfg = if split {
-            LaunchConfig { grid_dim: (s.rows as u32, s.n_head as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
-        } else {
-            LaunchConfig { grid_dim: ((s.rows as u32).div_ceil(64), s.n_head as u32, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 }
-        };
+        let cfg = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
         let mut b = self.stream.launch_builder(self.f(name));
         b.arg(q).arg(k_cache).arg(v_cache).arg(out).arg(&rows).arg(&nh).arg(&nkv).arg(&first);
         // SAFETY: bounds checked above.

@@ -230,19 +230,9 @@ impl<T: Storage> Backend for HipBackend<T> {
         let (qw, kvw) = (s.n_head * s.head_dim, s.n_head_kv * s.head_dim);
         Self::need(q.len.min(out.len), s.rows * qw, "attention")?;
         Self::need(k_cache.len.min(v_cache.len), (s.first_pos + s.rows) * kvw, "attention cache")?;
-        if s.n_head_kv == 0 || s.n_head % s.n_head_kv != 0 || !(s.head_dim == 64 || s.head_dim == 128) {
-            return Err(Error::input(format!("hip: attention kernels need head dim 64 or 128 and grouped heads, not {s:?}")));
-        }
+        let (name, grid, block) = super::cuda::attention_kernel(&s, "hip")?;
         let (rows, nh, nkv, first) = (s.rows as i32, s.n_head as i32, s.n_head_kv as i32, s.first_pos as i32);
-        let split = s.rows * s.n_head < 4096;
-        let name = match (split, s.head_dim) {
-            (true, 64) => "rb_attention_split_64",
-            (true, _) => "rb_attention_split_128",
-            (false, 64) => "rb_attention_tiled_64",
-            (false, _) => "rb_attention_tiled_128",
-        };
-        let (grid, block) = if split { ((s.rows as u32, s.n_head as u32), (256, 1)) } else { (((s.rows as u32).div_ceil(64), s.n_head as u32), (64, 1)) };
-        self.launch(name, grid, block, &mut args!(q.ptr, k_cache.ptr, v_cache.ptr, out.ptr, rows, nh, nkv, first))
+        self.launch(name, grid, (block, 1), &mut args!(q.ptr, k_cache.ptr, v_cache.ptr, out.ptr, rows, nh, nkv, first))
     }
 
     fn silu_mul(&self, gate: &HipBuf, up: &HipBuf, n: usize, out: &mut HipBuf) -> Result<()> {

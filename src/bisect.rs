@@ -509,7 +509,7 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: &ReferenceEngine
             total: worst_row(&out_a, &out_b, n_embd, &|_| true).0,
             at_position: at,
             tolerance: resid_tol,
-            introduces: !(introduced <= resid_tol),
+            introduces: introduced.is_nan() || introduced > resid_tol,
         });
         if l == hi {
             for (id, values) in &replay {
@@ -517,7 +517,7 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: &ReferenceEngine
                 let width = values.len() / prefix;
                 let (introduced, at, _) = worst_row(&dev, values, width, &finite_input);
                 let tolerance = tolerance_of(&taps_diff, id).map_or(resid_tol, |t| t.rel_l2);
-                report.replay_taps.push(TapAttribution { tap: id.clone(), introduced, at_position: at, tolerance, introduces: !(introduced <= tolerance) });
+                report.replay_taps.push(TapAttribution { tap: id.clone(), introduced, at_position: at, tolerance, introduces: introduced.is_nan() || introduced > tolerance });
             }
         }
     }

@@ -100,7 +100,7 @@ pub(crate) fn decoder(dtype: GgmlDType) -> Option<(&'static str, usize, usize)> 
 /// The attention kernel for a shape — key-split across a block for few query rows, tiled
 /// for many — with its grid and block size; refuses shapes the kernels do not cover.
 pub(crate) fn attention_kernel(s: &AttnShape, backend: &str) -> Result<(&'static str, (u32, u32), u32)> {
-    if s.n_head_kv == 0 || s.n_head % s.n_head_kv != 0 {
+    if s.n_head_kv == 0 || !s.n_head.is_multiple_of(s.n_head_kv) {
         return Err(Error::engine(format!("{backend}: attention: {} heads do not group over {} KV heads", s.n_head, s.n_head_kv)));
     }
     if s.head_dim != 64 && s.head_dim != 128 {
@@ -357,7 +357,7 @@ where
     fn upload_weight(&self, name: &str, dtype: GgmlDType, dims: &[usize], data: &[u8]) -> Result<Self::Buf> {
         let n: usize = dims.iter().product();
         let (kernel, block_values, block_bytes) = decoder(dtype).ok_or_else(|| Error::input(format!("cuda: {name}: no device decoder for {dtype:?} (supported: f32 f16 bf16 q8_0 q4_0 q4_1 q4_k q6_k)")))?;
-        if n % block_values != 0 || data.len() != n / block_values * block_bytes {
+        if !n.is_multiple_of(block_values) || data.len() != n / block_values * block_bytes {
             return Err(Error::input(format!("cuda: {name}: {} bytes are not {n} values of {dtype:?}", data.len())));
         }
         let out = self.alloc(n)?;

@@ -160,7 +160,7 @@ impl<T: Storage> Backend for HipBackend<T> {
     fn upload_weight(&self, name: &str, dtype: GgmlDType, dims: &[usize], data: &[u8]) -> Result<HipBuf> {
         let n: usize = dims.iter().product();
         let (kernel, block_values, block_bytes) = super::cuda::decoder(dtype).ok_or_else(|| Error::input(format!("hip: {name}: no device decoder for {dtype:?}")))?;
-        if n % block_values != 0 || data.len() != n / block_values * block_bytes {
+        if !n.is_multiple_of(block_values) || data.len() != n / block_values * block_bytes {
             return Err(Error::input(format!("hip: {name}: {} bytes are not {n} values of {dtype:?}", data.len())));
         }
         let raw = self.raw(data)?;

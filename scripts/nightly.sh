@@ -5,8 +5,9 @@
 #
 #   scripts/nightly.sh [SUITE.jsonl] [OUT_DIR]
 #
-# ENGINE_ARGS selects the engine under test (default: the reference with an injected
-# long-context fault past position 826, so the job has something to find without a GPU);
+# ENGINE_ARGS selects the engine under test (default: the runtime on the `cpu` backend with
+# an injected long-context fault past position 826, so the job has something to find
+# without a GPU; `--engine runtime --backend cuda` on a GPU machine);
 # SELECT_ARGS the layers/taps/positions; RUN names the run (default: today's date).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -14,7 +15,7 @@ suite="${1:-$root/fixtures/prompts/long.jsonl}"
 out="${2:-$root/out/nightly}"
 run="${RUN:-$(date -u +%Y-%m-%d)}"
 model="${MODEL:-$root/fixtures/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
-read -r -a engine <<< "${ENGINE_ARGS:---engine reference --inject blk.4.attn:scale=1.05@826}"
+read -r -a engine <<< "${ENGINE_ARGS:---engine runtime --backend cpu --inject blk.4.attn:scale=1.05@826}"
 read -r -a select <<< "${SELECT_ARGS:---layers 0,1,2,4,8,16,29 --taps resid_post,attn,logits --positions all}"
 "$root/scripts/fetch-models.sh" >/dev/null
 cargo build --release --quiet --manifest-path "$root/Cargo.toml"

@@ -234,16 +234,17 @@ impl Session<'_> {
             dump_b: out_b.display().to_string(),
         };
         let diff_opts = DiffOptions { tolerances: self.opts.tolerances.clone(), allow_model_mismatch: self.opts.allow_model_mismatch };
-        let compared = match (Dump::open(&out_a), Dump::open(&out_b)) {
-            (Ok(da), Ok(db)) => Some(diff::diff(&da, &db, &diff_opts)),
-            _ => None,
-        };
         let result = match crash {
             Some(c) => {
                 record.finding = format!("engine {} failed: {}", c.engine, c.error.message);
-                ProbeResult::Crashed(c, compared.and_then(Result::ok))
+                // Whatever both engines wrote before the failure, compared.
+                let partial = match (Dump::open(&out_a), Dump::open(&out_b)) {
+                    (Ok(da), Ok(db)) => diff::diff(&da, &db, &diff_opts).ok(),
+                    _ => None,
+                };
+                ProbeResult::Crashed(c, partial)
             }
-            None => ProbeResult::Compared(compared.expect("both engines completed")?),
+            None => ProbeResult::Compared(diff::diff(&Dump::open(&out_a)?, &Dump::open(&out_b)?, &diff_opts)?),
         };
         // Fresh output directories: `dump -o` refuses to overwrite the probe's own.
         let (repro_a, repro_b) = (dir.join("reproduce").join("a"), dir.join("reproduce").join("b"));

@@ -133,7 +133,7 @@ impl<B: Backend> Engine for RuntimeDriver<'_, B> {
         let opts = RunOptions { prefill_chunk: self.prefill_chunk, max_tokens: 0, sync_check: false, stop_token: None, warmup: 0 };
         if self.loaded.is_none() {
             crate::runtime::preflight(self.model, prompt.tokens.len(), &opts, 4)?;
-            let backend = self.backend.take().expect("a backend until loaded");
+            let backend = self.backend.take().ok_or_else(|| Error::engine("the runtime failed to load its weights earlier"))?;
             self.loaded = Some(Runtime::load(backend, self.model, &mut |_| {})?);
         }
         let rt = self.loaded.as_ref().expect("loaded above");
@@ -214,8 +214,9 @@ pub fn write_token_file(path: &Path, tokens: &[u32]) -> Result<()> {
 
 impl Engine for ExternalEngine {
     fn label(&self) -> String {
-        let program = self.template.split_whitespace().find(|w| !w.contains('=')).unwrap_or("?");
-        format!("external {program}")
+        // The program and its first argument (often the script an interpreter runs).
+        let words: Vec<&str> = self.template.split_whitespace().filter(|w| !w.contains('=')).take(2).collect();
+        format!("external {}", words.join(" "))
     }
 
     fn dump(&mut self, prompt: &PromptRecord, selection: &Selection, out: &Path) -> Result<()> {

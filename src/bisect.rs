@@ -527,3 +527,17 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: &ReferenceEngine
     r.reproduce = suspect_reproduce;
     Ok(r)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::coarse_layers;
+
+    #[test]
+    fn coarse_layers_double_up_to_the_last() {
+        assert_eq!(coarse_layers(1), vec![0]);
+        assert_eq!(coarse_layers(2), vec![0, 1]);
+        assert_eq!(coarse_layers(22), vec![0, 1, 2, 4, 8, 16, 21]);
+        assert_eq!(coarse_layers(30), vec![0, 1, 2, 4, 8, 16, 29]);
+        assert_eq!(coarse_layers(17), vec![0, 1, 2, 4, 8, 16]);
+    }
+}

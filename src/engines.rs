@@ -282,3 +282,19 @@ fn last_tap_on_disk(d: &Dump) -> Option<String> {
     }
     best.map(|t| t.id())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{layers_arg, shell_quote};
+
+    #[test]
+    fn shell_words_survive_quoting() {
+        assert_eq!(shell_quote("blk.11.rope:shift=3@827"), "blk.11.rope:shift=3@827");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote("$(rm -rf /)"), "'$(rm -rf /)'");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(layers_arg(&[]), "none");
+        assert_eq!(layers_arg(&[0, 4, 8]), "0,4,8");
+    }
+}

@@ -28,8 +28,11 @@ extern "C" __global__ void rb_silu_mul(const store_t* gate, const store_t* up, s
     }
 }
 
-extern "C" __global__ void rb_copy(const store_t* src, store_t* dst, long n) {
+// With `dyn_row`, dst moves by that many rows of `width`, read on the device (the decode
+// step record), so a recorded step writes where the step it replays says.
+extern "C" __global__ void rb_copy(const store_t* src, store_t* dst, long n, const int* dyn_row, long width) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (dyn_row) dst += (long)(*dyn_row) * width;
     if (i < n) dst[i] = src[i];
 }
 
@@ -40,6 +43,49 @@ extern "C" __global__ void rb_perturb(store_t* x, long start, long n, int kind, 
     float v = LD(x[start + i]);
     float r = kind == 0 ? v * value : kind == 1 ? v + value : kind == 2 ? __int_as_float(0x7fc00000) : 0.0f;
     x[start + i] = ST(r);
+}
+
+// Decode matmul (rows ≤ RB_GEMV_ROWS): one warp per output column streams its weight row
+// with 16-byte loads, so reading the weights once at full bandwidth is the whole cost
+// (a GEMM tiling leaves most of the GPU idle at one row).
+#define RB_GEMV_ROWS 4
+extern "C" __global__ void rb_gemv(const store_t* x, const store_t* w, store_t* out, int rows, int k, int n) {
+    const int lane = threadIdx.x % RB_WARP;
+    const int j = blockIdx.x * (blockDim.x / RB_WARP) + threadIdx.x / RB_WARP;
+    if (j >= n) return;  // whole warps leave together
+    const store_t* wr = w + (long)j * k;
+    float acc[RB_GEMV_ROWS];
+    #pragma unroll
+    for (int r = 0; r < RB_GEMV_ROWS; r++) acc[r] = 0.0f;
+    const int V = 16 / sizeof(store_t);
+    if (k % V == 0) {
+        for (int c = lane * V; c < k; c += RB_WARP * V) {
+            store_t wv[V];
+            *(uint4*)wv = *(const uint4*)(wr + c);
+            #pragma unroll
+            for (int r = 0; r < RB_GEMV_ROWS; r++) {
+                if (r < rows) {
+                    store_t xv[V];
+                    *(uint4*)xv = *(const uint4*)(x + (long)r * k + c);
+                    #pragma unroll
+                    for (int i = 0; i < V; i++) acc[r] += LD(wv[i]) * LD(xv[i]);
+                }
+            }
+        }
+    } else {
+        for (int c = lane; c < k; c += RB_WARP) {
+            float wv = LD(wr[c]);
+            #pragma unroll
+            for (int r = 0; r < RB_GEMV_ROWS; r++)
+                if (r < rows) acc[r] += wv * LD(x[(long)r * k + c]);
+        }
+    }
+    #pragma unroll
+    for (int r = 0; r < RB_GEMV_ROWS; r++) {
+        float v = acc[r];
+        for (int o = RB_WARP / 2; o > 0; o /= 2) v += RB_SHFL_XOR(v, o);
+        if (lane == 0 && r < rows) out[(long)r * n + j] = ST(v);
+    }
 }
 
 // out[rows, n] = x[rows, k] · w[n, k]ᵀ with f32 accumulation, in 16×16 shared tiles. The
@@ -138,7 +184,8 @@ extern "C" __global__ void rb_argmax(const store_t* x, int width, unsigned int* 
 
 // Prefill: a block holds RB_ATTN_QB queries of one head; key tiles pass through shared memory.
 template <int HD>
-__device__ void rb_attention_tiled(const store_t* q, const store_t* kc, const store_t* vc, store_t* out, int rows, int n_head, int n_kv, int first_pos) {
+__device__ void rb_attention_tiled(const store_t* q, const store_t* kc, const store_t* vc, store_t* out, int rows, int n_head, int n_kv, int first_pos, const int* dyn_first) {
+    if (dyn_first) first_pos = *dyn_first;
     __shared__ float ks[RB_ATTN_KT][HD];
     __shared__ float vs[RB_ATTN_KT][HD];
     const int head = blockIdx.y, kvh = head / (n_head / n_kv);
@@ -204,7 +251,8 @@ __device__ void rb_attention_tiled(const store_t* q, const store_t* kc, const st
 // own online softmax, then merge: first within each warp by shuffles, then across warps.
 #define RB_SPLIT_MAX_WARPS 16
 template <int HD>
-__device__ void rb_attention_split(const store_t* q, const store_t* kc, const store_t* vc, store_t* out, int rows, int n_head, int n_kv, int first_pos) {
+__device__ void rb_attention_split(const store_t* q, const store_t* kc, const store_t* vc, store_t* out, int rows, int n_head, int n_kv, int first_pos, const int* dyn_first) {
+    if (dyn_first) first_pos = *dyn_first;
     __shared__ float wm[RB_SPLIT_MAX_WARPS], wl[RB_SPLIT_MAX_WARPS];
     __shared__ float wacc[RB_SPLIT_MAX_WARPS][HD];
     const int lane = threadIdx.x % RB_WARP, warp = threadIdx.x / RB_WARP, warps = blockDim.x / RB_WARP;
@@ -279,14 +327,15 @@ extern "C" __global__ void rb_softmax_causal(const float* scores, store_t* probs
     for (int j = threadIdx.x; j < n_keys; j += blockDim.x) probs[off + j] = ST(j < limit ? expf(scores[off + j] - m) * inv : 0.0f);
 }
 
+// `dyn_first`, when set, replaces first_pos with the value on the device (decode step record).
 #define RB_ATTENTION(HD)                                                                                                  \
     extern "C" __global__ void rb_attention_tiled_##HD(const store_t* q, const store_t* kc, const store_t* vc, store_t* out, \
-                                                       int rows, int n_head, int n_kv, int first_pos) {                   \
-        rb_attention_tiled<HD>(q, kc, vc, out, rows, n_head, n_kv, first_pos);                                            \
+                                                       int rows, int n_head, int n_kv, int first_pos, const int* dyn_first) { \
+        rb_attention_tiled<HD>(q, kc, vc, out, rows, n_head, n_kv, first_pos, dyn_first);                                 \
     }                                                                                                                     \
     extern "C" __global__ void rb_attention_split_##HD(const store_t* q, const store_t* kc, const store_t* vc, store_t* out, \
-                                                       int rows, int n_head, int n_kv, int first_pos) {                   \
-        rb_attention_split<HD>(q, kc, vc, out, rows, n_head, n_kv, first_pos);                                            \
+                                                       int rows, int n_head, int n_kv, int first_pos, const int* dyn_first) { \
+        rb_attention_split<HD>(q, kc, vc, out, rows, n_head, n_kv, first_pos, dyn_first);                                 \
     }
 RB_ATTENTION(64)
 RB_ATTENTION(128)

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use half::{bf16, f16};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
@@ -494,43 +495,71 @@ pub struct FileJob {
     pub taps: Vec<TapTensor>,
 }
 
-struct WriterState {
-    writer: DumpWriter,
-    result: Result<()>,
-    /// (prompt id, last tap id) of the last file that reached the disk whole.
-    last_written: Option<(String, String)>,
+/// Writes files on threads of their own so the engine computes while data hits the
+/// disk; the bounded queue keeps at most two files per thread in flight, bounding memory.
+pub struct BackgroundWriter {
+    tx: Option<std::sync::mpsc::SyncSender<(usize, FileJob)>>,
+    sent: std::sync::atomic::AtomicUsize,
+    handles: Vec<std::thread::JoinHandle<Result<()>>>,
+    shared: Arc<WriterShared>,
 }
 
-/// Writes files on a thread of its own so the engine computes while data hits the
-/// disk; the bounded queue keeps at most two files in flight, bounding memory.
-pub struct BackgroundWriter {
-    tx: Option<std::sync::mpsc::SyncSender<FileJob>>,
-    handle: Option<std::thread::JoinHandle<WriterState>>,
+/// What the writer threads share.
+struct WriterShared {
+    writer: DumpWriter,
+    jobs: std::sync::Mutex<std::sync::mpsc::Receiver<(usize, FileJob)>>,
+    /// Set by the first failed write: the other threads stop taking files.
+    failed: std::sync::atomic::AtomicBool,
+    /// (send order, prompt id, last tap id) of the latest-sent file that reached the
+    /// disk whole: files finish out of order, the report names the last in graph order.
+    last_written: std::sync::Mutex<Option<(usize, String, String)>>,
 }
+
+/// Files written at once: a dump's files are independent, and one thread does not keep
+/// a fast disk busy.
+const WRITER_THREADS: usize = 4;
 
 impl BackgroundWriter {
     pub fn spawn(writer: DumpWriter) -> Self {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<FileJob>(2);
-        let handle = std::thread::spawn(move || {
-            let mut state = WriterState { writer, result: Ok(()), last_written: None };
-            for job in rx {
-                if let Err(e) = state.writer.write_file(&job.prompt_id, &job.stem, &job.positions, &job.taps) {
-                    state.result = Err(e);
-                    break;
-                }
-                if let Some(last) = job.taps.last() {
-                    state.last_written = Some((job.prompt_id, last.id.clone()));
-                }
-            }
-            state
-        });
-        Self { tx: Some(tx), handle: Some(handle) }
+        use std::sync::atomic::Ordering;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, FileJob)>(2 * WRITER_THREADS);
+        let shared = Arc::new(WriterShared { writer, jobs: std::sync::Mutex::new(rx), failed: Default::default(), last_written: Default::default() });
+        let handles = (0..WRITER_THREADS)
+            .map(|_| {
+                let shared = shared.clone();
+                std::thread::spawn(move || -> Result<()> {
+                    loop {
+                        let (seq, job) = match shared.jobs.lock().map(|rx| rx.recv()) {
+                            Ok(Ok(next)) => next,
+                            _ => return Ok(()),
+                        };
+                        if shared.failed.load(Ordering::SeqCst) {
+                            continue; // drain, so the engine's sends never block on a dead writer
+                        }
+                        if let Err(e) = shared.writer.write_file(&job.prompt_id, &job.stem, &job.positions, &job.taps) {
+                            shared.failed.store(true, Ordering::SeqCst);
+                            return Err(e);
+                        }
+                        if let (Some(last), Ok(mut slot)) = (job.taps.last(), shared.last_written.lock()) {
+                            if slot.as_ref().is_none_or(|(s, _, _)| *s < seq) {
+                                *slot = Some((seq, job.prompt_id, last.id.clone()));
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self { tx: Some(tx), sent: Default::default(), handles, shared }
     }
 
     /// Queue a file; fails when the writer thread has stopped on an error.
     pub fn send(&self, job: FileJob) -> Result<()> {
+        if self.shared.failed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::engine("the dump writer stopped (see the error at the end of the run)"));
+        }
         let tx = self.tx.as_ref().expect("sender lives until finish");
-        tx.send(job).map_err(|_| Error::engine("the dump writer stopped (see the error at the end of the run)"))
+        let seq = self.sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tx.send((seq, job)).map_err(|_| Error::engine("the dump writer stopped (see the error at the end of the run)"))
     }
 
     /// Wait for queued files, then mark the manifest complete, or failed with the engine's
@@ -541,10 +570,19 @@ impl BackgroundWriter {
 
     /// As [`finish`](Self::finish), first recording the tokens each prompt processed
     /// (prompt and generated), in manifest order, for as many prompts as ran.
-    pub fn finish_with_tokens(mut self, outcome: Result<()>, tokens: Vec<Vec<u32>>) -> Result<()> {
-        drop(self.tx.take());
-        let state = self.handle.take().expect("joined once").join().map_err(|_| Error::engine("the dump writer thread panicked"))?;
-        let WriterState { mut writer, result, last_written } = state;
+    pub fn finish_with_tokens(self, outcome: Result<()>, tokens: Vec<Vec<u32>>) -> Result<()> {
+        let Self { tx, handles, shared, .. } = self;
+        drop(tx);
+        let mut result = Ok(());
+        for handle in handles {
+            let r = handle.join().map_err(|_| Error::engine("a dump writer thread panicked"))?;
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        let shared = Arc::try_unwrap(shared).map_err(|_| Error::engine("a dump writer thread outlived the dump"))?;
+        let last_written = shared.last_written.into_inner().unwrap_or(None).map(|(_, prompt, tap)| (prompt, tap));
+        let mut writer = shared.writer;
         for (p, t) in writer.manifest.prompts.iter_mut().zip(tokens) {
             p.tokens = t;
         }

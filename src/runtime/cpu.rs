@@ -9,7 +9,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 use resbisect_reference::Fault;
 
-use super::backend::{AttnShape, Backend, StorageDType};
+use super::backend::{AttnShape, Backend, Row, Src, Step, StorageDType};
 use crate::error::{Error, Result};
 
 /// Query rows per attention block: bounds the per-head score matrix to 256 × keys.
@@ -38,11 +38,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 pub struct CpuBackend {
     dtype: StorageDType,
+    step: std::cell::Cell<Step>,
 }
 
 impl CpuBackend {
     pub fn new(dtype: StorageDType) -> Self {
-        Self { dtype }
+        Self { dtype, step: Default::default() }
     }
 
     /// Round to the storage dtype (a no-op for f32).
@@ -64,6 +65,7 @@ fn check(len: usize, need: usize, what: &str) -> Result<()> {
 
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
+    type Graph = ();
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -101,7 +103,22 @@ impl Backend for CpuBackend {
         Ok(buf[offset..offset + len].to_vec())
     }
 
-    fn embed(&self, table: &Vec<f32>, width: usize, ids: &[u32], out: &mut Vec<f32>) -> Result<()> {
+    fn download_raw(&self, buf: &Vec<f32>, offset: usize, len: usize) -> Result<Vec<u8>> {
+        check(buf.len(), offset + len, "download")?;
+        let values = &buf[offset..offset + len];
+        Ok(match self.dtype {
+            StorageDType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            StorageDType::F16 => values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect(),
+            StorageDType::BF16 => values.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect(),
+        })
+    }
+
+    fn embed(&self, table: &Vec<f32>, width: usize, ids: Src<u32>, out: &mut Vec<f32>) -> Result<()> {
+        let step = [self.step.get().token];
+        let ids = match ids {
+            Src::Host(ids) => ids,
+            Src::Step => &step,
+        };
         check(out.len(), ids.len() * width, "embed")?;
         for (row, &id) in ids.iter().enumerate() {
             let start = id as usize * width;
@@ -152,7 +169,12 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn rope(&self, x: &mut Vec<f32>, heads: usize, head_dim: usize, positions: &[f32], base: f32) -> Result<()> {
+    fn rope(&self, x: &mut Vec<f32>, heads: usize, head_dim: usize, positions: Src<f32>, base: f32) -> Result<()> {
+        let step = [self.step.get().rope_pos];
+        let positions = match positions {
+            Src::Host(p) => p,
+            Src::Step => &step,
+        };
         let width = heads * head_dim;
         check(x.len(), positions.len() * width, "rope")?;
         let half = head_dim / 2;
@@ -171,14 +193,18 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn copy_rows(&self, src: &Vec<f32>, dst: &mut Vec<f32>, dst_row: usize, rows: usize, width: usize) -> Result<()> {
+    fn copy_rows(&self, src: &Vec<f32>, dst: &mut Vec<f32>, dst_row: Row, rows: usize, width: usize) -> Result<()> {
+        let dst_row = dst_row.resolve(&self.step.get());
         check(src.len(), rows * width, "copy_rows source")?;
         check(dst.len(), (dst_row + rows) * width, "copy_rows destination (KV cache too small)")?;
         dst[dst_row * width..(dst_row + rows) * width].copy_from_slice(&src[..rows * width]);
         Ok(())
     }
 
-    fn attention(&self, q: &Vec<f32>, k_cache: &Vec<f32>, v_cache: &Vec<f32>, s: AttnShape, out: &mut Vec<f32>) -> Result<()> {
+    fn attention(&self, q: &Vec<f32>, k_cache: &Vec<f32>, v_cache: &Vec<f32>, mut s: AttnShape, out: &mut Vec<f32>) -> Result<()> {
+        if s.from_step {
+            s.first_pos = self.step.get().pos;
+        }
         let (hd, qw, kvw) = (s.head_dim, s.n_head * s.head_dim, s.n_head_kv * s.head_dim);
         let keys = s.first_pos + s.rows;
         check(q.len().min(out.len()), s.rows * qw, "attention")?;
@@ -268,6 +294,23 @@ impl Backend for CpuBackend {
     }
 
     fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn set_step(&self, step: Step) -> Result<()> {
+        self.step.set(step);
+        Ok(())
+    }
+
+    fn begin_capture(&self) -> Result<bool> {
+        Ok(false)
+    }
+
+    fn end_capture(&self) -> Result<Option<()>> {
+        Ok(None)
+    }
+
+    fn replay(&self, _: &()) -> Result<()> {
         Ok(())
     }
 }

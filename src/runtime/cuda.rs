@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
+use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
 use resbisect_reference::Fault;
 use sha2::{Digest, Sha256};
 
-use super::backend::{AttnShape, Backend, StorageDType};
+use super::backend::{AttnShape, Backend, Row, Src, Step, StorageDType};
 use crate::error::{Error, Result};
 
 /// The kernel source, shared with the `hip` backend.
@@ -76,7 +76,7 @@ fn nvrtc_source(dtype: StorageDType) -> String {
 }
 
 const KERNELS: &[&str] = &[
-    "rb_embed", "rb_add", "rb_silu_mul", "rb_copy", "rb_perturb", "rb_rms_norm", "rb_rope", "rb_argmax",
+    "rb_gemv", "rb_embed", "rb_add", "rb_silu_mul", "rb_copy", "rb_perturb", "rb_rms_norm", "rb_rope", "rb_argmax",
     "rb_softmax_causal", "rb_attention_tiled_64", "rb_attention_split_64", "rb_attention_tiled_128", "rb_attention_split_128",
     "rb_dequant_f32", "rb_dequant_f16", "rb_dequant_bf16", "rb_dequant_q8_0", "rb_dequant_q4_0", "rb_dequant_q4_1",
     "rb_dequant_q4_k", "rb_dequant_q6_k",
@@ -115,6 +115,9 @@ pub(crate) fn attention_kernel(s: &AttnShape, backend: &str) -> Result<(&'static
     })
 }
 
+/// Up to this many rows a matmul runs as rb_gemv (RB_GEMV_ROWS in ops.hip).
+pub(crate) const GEMV_ROWS: usize = 4;
+
 /// The fault kind and value rb_perturb takes.
 pub(crate) fn fault_code(fault: Fault) -> (i32, f32) {
     match fault {
@@ -145,6 +148,11 @@ fn device_error(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '
 
 pub struct CudaBackend<T: Storage> {
     stream: Arc<CudaStream>,
+    /// The decode step record on the device — token, position, RoPE position (f32 bits),
+    /// tap slot — and its host copy (for bounds checks).
+    _step_dev: CudaSlice<u32>,
+    step_at: u64,
+    step: std::cell::Cell<Step>,
     /// The positions last uploaded for RoPE: every layer's q and k share them.
     rope_positions: std::cell::RefCell<Option<(Vec<f32>, CudaSlice<f32>)>>,
     blas: CudaBlas,
@@ -202,12 +210,18 @@ where
         // streams) would only add two driver calls to every launch.
         // SAFETY: no buffer of this context is ever used from another stream.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A stream of our own: the legacy default stream cannot be recorded into a graph.
+        let stream = ctx.new_stream().map_err(device_error("creating a stream"))?;
+        let step_dev = stream.alloc_zeros::<u32>(4).map_err(device_error("allocating the step record"))?;
+        let step_at = {
+            use cudarc::driver::DevicePtr;
+            step_dev.device_ptr(&stream).0
+        };
         let blas = quietly(|| CudaBlas::new(stream.clone()))
             .ok_or_else(|| Error::input("--backend cuda: cuBLAS (libcublas) could not be loaded"))?
             .map_err(|e| Error::engine(format!("cuda: cuBLAS: {e}")))?;
         let device = format!("{} ({arch})", ctx.name().unwrap_or_else(|_| "NVIDIA GPU".into()));
-        Ok(Self { stream, rope_positions: std::cell::RefCell::new(None), blas, functions, device, _module: module, _storage: std::marker::PhantomData })
+        Ok(Self { stream, _step_dev: step_dev, step_at, step: Default::default(), rope_positions: std::cell::RefCell::new(None), blas, functions, device, _module: module, _storage: std::marker::PhantomData })
     }
 
     fn f(&self, name: &str) -> &CudaFunction {
@@ -223,6 +237,11 @@ where
             return Err(Error::engine(format!("cuda: {what}: needs {need} elements, the buffer holds {len}")));
         }
         Ok(())
+    }
+
+    /// Device address of field `i` of the step record (token, pos, rope_pos, slot).
+    fn step_field(&self, i: u64) -> u64 {
+        self.step_at + 4 * i
     }
 
     fn launched(r: std::result::Result<(), cudarc::driver::DriverError>, what: &str) -> Result<()> {
@@ -329,6 +348,7 @@ where
     CudaBlas: Gemm<T>,
 {
     type Buf = CudaSlice<T>;
+    type Graph = CudaGraph;
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -380,17 +400,41 @@ where
         Ok(host.into_iter().map(T::to_f32).collect())
     }
 
-    fn embed(&self, table: &Self::Buf, width: usize, ids: &[u32], out: &mut Self::Buf) -> Result<()> {
-        Self::check(out.len(), ids.len() * width, "embed")?;
+    fn download_raw(&self, buf: &Self::Buf, offset: usize, len: usize) -> Result<Vec<u8>> {
+        Self::check(buf.len(), offset + len, "download")?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let host = self.stream.clone_dtoh(&buf.slice(offset..offset + len)).map_err(device_error("downloading"))?;
+        // SAFETY: T is f32, f16 or bf16, plain values whose bytes are the stored value
+        // (little-endian on every CUDA host).
+        Ok(unsafe { std::slice::from_raw_parts(host.as_ptr() as *const u8, std::mem::size_of_val(host.as_slice())) }.to_vec())
+    }
+
+    fn embed(&self, table: &Self::Buf, width: usize, ids: Src<u32>, out: &mut Self::Buf) -> Result<()> {
+        let step = [self.step.get().token];
+        let host = match ids {
+            Src::Host(ids) => ids,
+            Src::Step => &step,
+        };
+        Self::check(out.len(), host.len() * width, "embed")?;
         let vocab = table.len() / width.max(1);
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+        if let Some(&bad) = host.iter().find(|&&i| i as usize >= vocab) {
             return Err(Error::engine(format!("cuda: embed: token {bad} is outside the table of {vocab} rows")));
         }
-        let dev_ids = self.stream.clone_htod(ids).map_err(device_error("uploading ids"))?;
-        let (w, rows) = (width as i32, ids.len() as i32);
+        let uploaded;
+        let dev_ids = match ids {
+            Src::Host(ids) => {
+                uploaded = self.stream.clone_htod(ids).map_err(device_error("uploading ids"))?;
+                use cudarc::driver::DevicePtr;
+                uploaded.device_ptr(&self.stream).0
+            }
+            Src::Step => self.step_field(0),
+        };
+        let (w, rows) = (width as i32, host.len() as i32);
         let mut b = self.stream.launch_builder(self.f("rb_embed"));
         b.arg(table).arg(&dev_ids).arg(out).arg(&w).arg(&rows);
-        let cfg = LaunchConfig { grid_dim: (ids.len() as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (host.len() as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: every id was checked against the table; `out` holds rows × width.
         Self::launched(unsafe { b.launch(cfg) }.map(drop), "embed")
     }
@@ -410,6 +454,15 @@ where
         Self::check(x.len(), rows * k, "matmul input")?;
         Self::check(w.len(), n * k, "matmul weight")?;
         Self::check(out.len(), rows * n, "matmul output")?;
+        if rows <= GEMV_ROWS {
+            let (r, ki, ni) = (rows as i32, k as i32, n as i32);
+            let mut b = self.stream.launch_builder(self.f("rb_gemv"));
+            b.arg(x).arg(w).arg(out).arg(&r).arg(&ki).arg(&ni);
+            // Eight warps of 32 per block, one output column per warp.
+            let cfg = LaunchConfig { grid_dim: ((n as u32).div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: shapes checked above.
+            return Self::launched(unsafe { b.launch(cfg) }.map(drop), "gemv");
+        }
         // Row-major out[rows, n] = x · wᵀ is column-major outᵀ[n, rows] = wᵀ[n, k] · xᵀ[k, rows].
         let cfg = GemmConfig {
             transa: cublasOperation_t::CUBLAS_OP_T,
@@ -427,54 +480,75 @@ where
         unsafe { self.blas.gemm(cfg, w, x, out) }.map_err(|e| Error::engine(format!("cuda: cuBLAS gemm [{rows}x{k}]·[{k}x{n}]: {e}")))
     }
 
-    fn rope(&self, x: &mut Self::Buf, heads: usize, head_dim: usize, positions: &[f32], base: f32) -> Result<()> {
-        Self::check(x.len(), positions.len() * heads * head_dim, "rope")?;
-        let mut cached = self.rope_positions.borrow_mut();
-        if cached.as_ref().is_none_or(|(host, _)| host.as_slice() != positions) {
-            let dev = self.stream.clone_htod(positions).map_err(device_error("uploading positions"))?;
-            *cached = Some((positions.to_vec(), dev));
-        }
-        let pos = &cached.as_ref().expect("uploaded above").1;
-        let pairs = positions.len() * heads * head_dim / 2;
-        let (rows, h, d) = (positions.len() as i32, heads as i32, head_dim as i32);
+    fn rope(&self, x: &mut Self::Buf, heads: usize, head_dim: usize, positions: Src<f32>, base: f32) -> Result<()> {
+        let (n, pos) = match positions {
+            Src::Host(positions) => {
+                let mut cached = self.rope_positions.borrow_mut();
+                if cached.as_ref().is_none_or(|(host, _)| host.as_slice() != positions) {
+                    let dev = self.stream.clone_htod(positions).map_err(device_error("uploading positions"))?;
+                    *cached = Some((positions.to_vec(), dev));
+                }
+                use cudarc::driver::DevicePtr;
+                let at = cached.as_ref().expect("uploaded above").1.device_ptr(&self.stream).0;
+                (positions.len(), at)
+            }
+            Src::Step => (1, self.step_field(2)),
+        };
+        Self::check(x.len(), n * heads * head_dim, "rope")?;
+        let pairs = n * heads * head_dim / 2;
+        let (rows, h, d) = (n as i32, heads as i32, head_dim as i32);
         let mut b = self.stream.launch_builder(self.f("rb_rope"));
-        b.arg(x).arg(pos).arg(&rows).arg(&h).arg(&d).arg(&base);
+        b.arg(x).arg(&pos).arg(&rows).arg(&h).arg(&d).arg(&base);
         // SAFETY: bounds checked above.
         Self::launched(unsafe { b.launch(Self::grid(pairs, 256)) }.map(drop), "rope")
     }
 
-    fn copy_rows(&self, src: &Self::Buf, dst: &mut Self::Buf, dst_row: usize, rows: usize, width: usize) -> Result<()> {
+    fn copy_rows(&self, src: &Self::Buf, dst: &mut Self::Buf, row: Row, rows: usize, width: usize) -> Result<()> {
         Self::check(src.len(), rows * width, "copy_rows source")?;
         let n = (rows * width) as i64;
+        let dst_row = row.resolve(&self.step.get());
+        let none = 0u64;
+        let dyn_row = match row {
+            Row::At(_) => none,
+            Row::StepPos => self.step_field(1),
+            Row::StepSlot => self.step_field(3),
+        };
+        let w = width as i64;
         if (dst_row + rows) * width > dst.len() {
             // A destination past the buffer: launch the copy anyway, aimed at an unmapped
             // address, so the fault is a real device error (the `oob` fault injection uses
             // this; a host check would never show how the device reports it).
             let unmapped: u64 = 0x10;
             let mut b = self.stream.launch_builder(self.f("rb_copy"));
-            b.arg(src).arg(&unmapped).arg(&n);
+            b.arg(src).arg(&unmapped).arg(&n).arg(&none).arg(&w);
             // SAFETY: deliberately faulting; the device reports an illegal address.
             return Self::launched(unsafe { b.launch(Self::grid(n as usize, 256)) }.map(drop), "copy_rows");
         }
-        let mut view = dst.slice_mut(dst_row * width..(dst_row + rows) * width);
+        // A row from the step record moves the destination on the device.
+        let first = if dyn_row == none { dst_row } else { 0 };
+        let mut view = dst.slice_mut(first * width..);
         let mut b = self.stream.launch_builder(self.f("rb_copy"));
-        b.arg(src).arg(&mut view).arg(&n);
+        b.arg(src).arg(&mut view).arg(&n).arg(&dyn_row).arg(&w);
         // SAFETY: bounds checked above.
         Self::launched(unsafe { b.launch(Self::grid(n as usize, 256)) }.map(drop), "copy_rows")
     }
 
     fn attention(&self, q: &Self::Buf, k_cache: &Self::Buf, v_cache: &Self::Buf, s: AttnShape, out: &mut Self::Buf) -> Result<()> {
         let (qw, kvw) = (s.n_head * s.head_dim, s.n_head_kv * s.head_dim);
+        let dyn_first = if s.from_step { self.step_field(1) } else { 0u64 };
+        if s.from_step && (s.rows != 1 || s.first_pos != self.step.get().pos) {
+            return Err(Error::engine("cuda: attention from the step record takes one row at the step's position"));
+        }
         Self::check(q.len().min(out.len()), s.rows * qw, "attention")?;
         Self::check(k_cache.len().min(v_cache.len()), (s.first_pos + s.rows) * kvw, "attention cache")?;
         let (name, grid, block) = attention_kernel(&s, "cuda")?;
-        if s.rows >= GEMM_ATTENTION_ROWS {
+        if s.rows >= GEMM_ATTENTION_ROWS && !s.from_step {
             return self.attention_gemm(q, k_cache, v_cache, s, out);
         }
         let (rows, nh, nkv, first) = (s.rows as i32, s.n_head as i32, s.n_head_kv as i32, s.first_pos as i32);
         let cfg = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
         let mut b = self.stream.launch_builder(self.f(name));
-        b.arg(q).arg(k_cache).arg(v_cache).arg(out).arg(&rows).arg(&nh).arg(&nkv).arg(&first);
+        b.arg(q).arg(k_cache).arg(v_cache).arg(out).arg(&rows).arg(&nh).arg(&nkv).arg(&first).arg(&dyn_first);
         // SAFETY: bounds checked above.
         Self::launched(unsafe { b.launch(cfg) }.map(drop), name)
     }
@@ -525,5 +599,29 @@ where
 
     fn sync(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| Error::engine(format!("cuda: device error: {e}")))
+    }
+
+    fn set_step(&self, step: Step) -> Result<()> {
+        let words = [step.token, step.pos as u32, step.rope_pos.to_bits(), step.slot as u32];
+        // SAFETY: 16 bytes into the 16-byte record; a copy from pageable memory has read
+        // `words` by the time it returns.
+        unsafe { cudarc::driver::result::memcpy_htod_async(self.step_at, &words, self.stream.cu_stream()) }.map_err(device_error("writing the step record"))?;
+        self.step.set(step);
+        Ok(())
+    }
+
+    fn begin_capture(&self) -> Result<bool> {
+        self.stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(device_error("starting a graph capture"))?;
+        Ok(true)
+    }
+
+    fn end_capture(&self) -> Result<Option<CudaGraph>> {
+        // A capture that an op broke ends with an error and no graph: the caller runs the
+        // step's ops directly instead.
+        Ok(self.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).ok().flatten())
+    }
+
+    fn replay(&self, graph: &CudaGraph) -> Result<()> {
+        graph.launch().map_err(device_error("launching the decode graph"))
     }
 }

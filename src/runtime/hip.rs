@@ -10,7 +10,7 @@ use candle_core::quantized::GgmlDType;
 use hip_runtime_sys as hip;
 use resbisect_reference::Fault;
 
-use super::backend::{AttnShape, Backend, StorageDType};
+use super::backend::{AttnShape, Backend, Row, Src, Step, StorageDType};
 use super::cuda::Storage;
 use crate::error::{Error, Result};
 
@@ -19,7 +19,7 @@ const CODE_F16: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ops-f16.hsaco"
 const CODE_BF16: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ops-bf16.hsaco"));
 
 const KERNELS: &[&str] = &[
-    "rb_embed", "rb_add", "rb_silu_mul", "rb_copy", "rb_perturb", "rb_rms_norm", "rb_rope", "rb_argmax", "rb_matmul",
+    "rb_gemv", "rb_embed", "rb_add", "rb_silu_mul", "rb_copy", "rb_perturb", "rb_rms_norm", "rb_rope", "rb_argmax", "rb_matmul",
     "rb_attention_tiled_64", "rb_attention_split_64", "rb_attention_tiled_128", "rb_attention_split_128",
     "rb_dequant_f32", "rb_dequant_f16", "rb_dequant_bf16", "rb_dequant_q8_0", "rb_dequant_q4_0", "rb_dequant_q4_1",
     "rb_dequant_q4_k", "rb_dequant_q6_k",
@@ -49,6 +49,9 @@ impl Drop for HipBuf {
 
 pub struct HipBackend<T: Storage> {
     functions: HashMap<&'static str, hip::hipFunction_t>,
+    /// The decode step record on the device (token, pos, rope_pos bits, slot) and its host copy.
+    step_dev: HipBuf,
+    step: std::cell::Cell<Step>,
     device: String,
     _storage: std::marker::PhantomData<T>,
 }
@@ -90,7 +93,15 @@ impl<T: Storage> HipBackend<T> {
         } else {
             "AMD GPU".into()
         };
-        Ok(Self { functions, device, _storage: std::marker::PhantomData })
+        let mut backend = Self { functions, device, step_dev: HipBuf { ptr: std::ptr::null_mut(), len: 0 }, step: Default::default(), _storage: std::marker::PhantomData };
+        backend.step_dev = backend.raw(&[0u8; 16])?;
+        Ok(backend)
+    }
+
+    /// Device address of field `i` of the step record (token, pos, rope_pos, slot).
+    fn step_field(&self, i: usize) -> *mut c_void {
+        // SAFETY: the record holds four 4-byte fields.
+        unsafe { (self.step_dev.ptr as *mut u8).add(4 * i) as *mut c_void }
     }
 
     fn launch(&self, name: &str, grid: (u32, u32), block: (u32, u32), args: &mut [*mut c_void]) -> Result<()> {
@@ -124,6 +135,7 @@ impl<T: Storage> HipBackend<T> {
 
 impl<T: Storage> Backend for HipBackend<T> {
     type Buf = HipBuf;
+    type Graph = ();
 
     fn name(&self) -> &'static str {
         "hip"
@@ -180,14 +192,36 @@ impl<T: Storage> Backend for HipBackend<T> {
         Ok(host.into_iter().map(T::to_f32).collect())
     }
 
-    fn embed(&self, table: &HipBuf, width: usize, ids: &[u32], out: &mut HipBuf) -> Result<()> {
-        Self::need(out.len, ids.len() * width, "embed")?;
-        if let Some(&bad) = ids.iter().find(|&&i| (i as usize + 1) * width > table.len) {
+    fn download_raw(&self, buf: &HipBuf, offset: usize, len: usize) -> Result<Vec<u8>> {
+        Self::need(buf.len, offset + len, "download")?;
+        let el = std::mem::size_of::<T>();
+        let mut host = vec![0u8; len * el];
+        // SAFETY: the source range lies inside the buffer (checked); host holds len values.
+        let src = unsafe { (buf.ptr as *const u8).add(offset * el) } as *const c_void;
+        check(unsafe { hip::hipMemcpy(host.as_mut_ptr() as *mut c_void, src, len * el, hip::hipMemcpyKind::hipMemcpyDeviceToHost) }, "downloading")?;
+        Ok(host)
+    }
+
+    fn embed(&self, table: &HipBuf, width: usize, ids: Src<u32>, out: &mut HipBuf) -> Result<()> {
+        let step = [self.step.get().token];
+        let host = match ids {
+            Src::Host(ids) => ids,
+            Src::Step => &step,
+        };
+        Self::need(out.len, host.len() * width, "embed")?;
+        if let Some(&bad) = host.iter().find(|&&i| (i as usize + 1) * width > table.len) {
             return Err(Error::engine(format!("hip: embed: token {bad} is outside the table")));
         }
-        let dev_ids = self.raw(bytemuck::cast_slice(ids))?;
-        let (w, rows) = (width as i32, ids.len() as i32);
-        self.launch("rb_embed", (ids.len() as u32, 1), (256, 1), &mut args!(table.ptr, dev_ids.ptr, out.ptr, w, rows))
+        let uploaded;
+        let dev_ids = match ids {
+            Src::Host(ids) => {
+                uploaded = self.raw(bytemuck::cast_slice(ids))?;
+                uploaded.ptr
+            }
+            Src::Step => self.step_field(0),
+        };
+        let (w, rows) = (width as i32, host.len() as i32);
+        self.launch("rb_embed", (host.len() as u32, 1), (256, 1), &mut args!(table.ptr, dev_ids, out.ptr, w, rows))
     }
 
     fn rms_norm(&self, x: &HipBuf, w: &HipBuf, rows: usize, width: usize, eps: f32, out: &mut HipBuf) -> Result<()> {
@@ -202,28 +236,46 @@ impl<T: Storage> Backend for HipBackend<T> {
         Self::need(w.len, n * k, "matmul weight")?;
         Self::need(out.len, rows * n, "matmul output")?;
         let (r, ki, ni) = (rows as i32, k as i32, n as i32);
+        if rows <= super::cuda::GEMV_ROWS {
+            // Four wavefronts of 64 per block, one output column per wavefront.
+            return self.launch("rb_gemv", ((n as u32).div_ceil(4), 1), (256, 1), &mut args!(x.ptr, w.ptr, out.ptr, r, ki, ni));
+        }
         self.launch("rb_matmul", ((n as u32).div_ceil(16), (rows as u32).div_ceil(16)), (16, 16), &mut args!(x.ptr, w.ptr, out.ptr, r, ki, ni))
     }
 
-    fn rope(&self, x: &mut HipBuf, heads: usize, head_dim: usize, positions: &[f32], base: f32) -> Result<()> {
-        Self::need(x.len, positions.len() * heads * head_dim, "rope")?;
-        let pos = self.raw(bytemuck::cast_slice(positions))?;
-        let (rows, h, d) = (positions.len() as i32, heads as i32, head_dim as i32);
-        self.launch("rb_rope", Self::blocks(positions.len() * heads * head_dim / 2, 256), (256, 1), &mut args!(x.ptr, pos.ptr, rows, h, d, base))
+    fn rope(&self, x: &mut HipBuf, heads: usize, head_dim: usize, positions: Src<f32>, base: f32) -> Result<()> {
+        let uploaded;
+        let (n, pos) = match positions {
+            Src::Host(p) => {
+                uploaded = self.raw(bytemuck::cast_slice(p))?;
+                (p.len(), uploaded.ptr)
+            }
+            Src::Step => (1, self.step_field(2)),
+        };
+        Self::need(x.len, n * heads * head_dim, "rope")?;
+        let (rows, h, d) = (n as i32, heads as i32, head_dim as i32);
+        self.launch("rb_rope", Self::blocks(n * heads * head_dim / 2, 256), (256, 1), &mut args!(x.ptr, pos, rows, h, d, base))
     }
 
-    fn copy_rows(&self, src: &HipBuf, dst: &mut HipBuf, dst_row: usize, rows: usize, width: usize) -> Result<()> {
+    fn copy_rows(&self, src: &HipBuf, dst: &mut HipBuf, row: Row, rows: usize, width: usize) -> Result<()> {
         Self::need(src.len, rows * width, "copy_rows source")?;
         let n = (rows * width) as i64;
+        let dst_row = row.resolve(&self.step.get());
+        let (dyn_row, first) = match row {
+            Row::At(r) => (std::ptr::null_mut(), r),
+            Row::StepPos => (self.step_field(1), 0),
+            Row::StepSlot => (self.step_field(3), 0),
+        };
+        let w = width as i64;
         // Past the end: aim the copy at an unmapped address so the device faults for real
         // (the `oob` fault injection), as in the cuda backend.
         let target = if (dst_row + rows) * width > dst.len {
             0x10usize as *mut c_void
         } else {
             // SAFETY: the destination range lies inside the buffer.
-            unsafe { (dst.ptr as *mut u8).add(dst_row * width * std::mem::size_of::<T>()) as *mut c_void }
+            unsafe { (dst.ptr as *mut u8).add(first * width * std::mem::size_of::<T>()) as *mut c_void }
         };
-        self.launch("rb_copy", Self::blocks(n as usize, 256), (256, 1), &mut args!(src.ptr, target, n))
+        self.launch("rb_copy", Self::blocks(n as usize, 256), (256, 1), &mut args!(src.ptr, target, n, dyn_row, w))
     }
 
     fn attention(&self, q: &HipBuf, k_cache: &HipBuf, v_cache: &HipBuf, s: AttnShape, out: &mut HipBuf) -> Result<()> {
@@ -232,7 +284,8 @@ impl<T: Storage> Backend for HipBackend<T> {
         Self::need(k_cache.len.min(v_cache.len), (s.first_pos + s.rows) * kvw, "attention cache")?;
         let (name, grid, block) = super::cuda::attention_kernel(&s, "hip")?;
         let (rows, nh, nkv, first) = (s.rows as i32, s.n_head as i32, s.n_head_kv as i32, s.first_pos as i32);
-        self.launch(name, grid, (block, 1), &mut args!(q.ptr, k_cache.ptr, v_cache.ptr, out.ptr, rows, nh, nkv, first))
+        let dyn_first = if s.from_step { self.step_field(1) } else { std::ptr::null_mut() };
+        self.launch(name, grid, (block, 1), &mut args!(q.ptr, k_cache.ptr, v_cache.ptr, out.ptr, rows, nh, nkv, first, dyn_first))
     }
 
     fn silu_mul(&self, gate: &HipBuf, up: &HipBuf, n: usize, out: &mut HipBuf) -> Result<()> {
@@ -273,5 +326,26 @@ impl<T: Storage> Backend for HipBackend<T> {
     fn sync(&self) -> Result<()> {
         // SAFETY: waits for all queued work.
         check(unsafe { hip::hipDeviceSynchronize() }, "device error")
+    }
+
+    fn set_step(&self, step: Step) -> Result<()> {
+        let words = [step.token, step.pos as u32, step.rope_pos.to_bits(), step.slot as u32];
+        // SAFETY: 16 bytes into the 16-byte record.
+        check(unsafe { hip::hipMemcpy(self.step_dev.ptr, words.as_ptr() as *const c_void, 16, hip::hipMemcpyKind::hipMemcpyHostToDevice) }, "writing the step record")?;
+        self.step.set(step);
+        Ok(())
+    }
+
+    // HIP graphs exist, but without an AMD GPU to validate them decode runs op by op.
+    fn begin_capture(&self) -> Result<bool> {
+        Ok(false)
+    }
+
+    fn end_capture(&self) -> Result<Option<()>> {
+        Ok(None)
+    }
+
+    fn replay(&self, _: &()) -> Result<()> {
+        Ok(())
     }
 }

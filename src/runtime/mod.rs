@@ -14,13 +14,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 
-use crate::dump::{BackgroundWriter, DumpWriter, EngineInfo, FileJob, Manifest, ModelInfo, PromptRecord, TapDType, TapTensor};
+use crate::dump::{BackgroundWriter, DumpWriter, EngineInfo, FileJob, Manifest, ModelInfo, PromptRecord, TapTensor};
 use crate::error::{Error, Result};
 use crate::inject::RuntimeFaults;
 use crate::model::{Config, Model};
 use crate::reference_engine::{DumpSummary, Progress};
 use crate::taps::{PositionSpec, Selection, Tap, LAYER_TAPS};
-use backend::{AttnShape, Backend};
+use backend::{AttnShape, Backend, Row, Src, Step};
 
 pub struct RunOptions {
     /// Prompt tokens per prefill step; `None` processes the whole prompt at once.
@@ -56,15 +56,6 @@ pub struct Runtime<B: Backend> {
     output_norm: B::Buf,
     output: B::Buf,
     layers: Vec<LayerWeights<B>>,
-}
-
-/// f32 values as little-endian bytes (a plain copy on little-endian hosts).
-fn f32_le_bytes(values: &[f32]) -> Vec<u8> {
-    if cfg!(target_endian = "little") {
-        bytemuck::cast_slice(values).to_vec()
-    } else {
-        values.iter().flat_map(|v| v.to_le_bytes()).collect()
-    }
 }
 
 /// Bytes of memory available to this process (Linux `MemAvailable`), if known.
@@ -110,8 +101,8 @@ struct TapCollector<'a> {
     selection: &'a Selection,
     n_layer: usize,
     positions: Vec<usize>,
-    /// Per file stem: tap id → rows (in position order) flattened.
-    pending: BTreeMap<String, BTreeMap<String, (usize, Vec<f32>)>>,
+    /// Per file stem: tap id → (width, rows in position order as stored bytes).
+    pending: BTreeMap<String, BTreeMap<String, (usize, Vec<u8>)>>,
     written: Vec<String>,
 }
 
@@ -180,7 +171,7 @@ impl<B: Backend> Runtime<B> {
 
     /// Apply injected faults and capture selected rows of a `[rows, width]` buffer.
     #[allow(clippy::too_many_arguments)]
-    fn tap(&self, id: &str, buf: &mut B::Buf, start: usize, rows: usize, width: usize, faults: &RuntimeFaults, col: &mut TapCollector, opts: &RunOptions) -> Result<()> {
+    fn tap(&self, id: &str, buf: &mut B::Buf, start: usize, rows: usize, width: usize, faults: &RuntimeFaults, col: &mut TapCollector, route: &mut TapRoute<B>, opts: &RunOptions) -> Result<()> {
         for f in faults.taps.iter().filter(|f| f.tap_id == id) {
             let from_row = f.from.saturating_sub(start);
             if from_row < rows {
@@ -191,23 +182,33 @@ impl<B: Backend> Runtime<B> {
             // A real out-of-bounds request to the backend, so the crash path is the one a
             // device error takes.
             let mut empty = self.backend.alloc(0)?;
-            self.op(&format!("{id} (injected out-of-bounds write at position {})", crash.1), opts.sync_check, self.backend.copy_rows(buf, &mut empty, 1, rows, width))?;
+            self.op(&format!("{id} (injected out-of-bounds write at position {})", crash.1), opts.sync_check, self.backend.copy_rows(buf, &mut empty, Row::At(1), rows, width))?;
         }
         let tap = Tap::parse(id).expect("the graph names canonical taps");
         if !col.wants(&tap) {
             return Ok(());
         }
-        let sel = col.rows_in(start, rows);
-        let entry = col.pending.entry(tap.file_stem()).or_default().entry(id.to_string()).or_insert((width, Vec::new()));
-        // One download per run of consecutive rows: a device copy per row would dominate.
-        let mut i = 0;
-        while i < sel.len() {
-            let mut j = i + 1;
-            while j < sel.len() && sel[j] == sel[j - 1] + 1 {
-                j += 1;
+        match route {
+            TapRoute::Stage { buffers, selected } => {
+                if *selected {
+                    let staged = buffers.get_mut(id).expect("a decode tap buffer exists for every wanted tap");
+                    self.op(&format!("stage({id})"), opts.sync_check, self.backend.copy_rows(buf, staged, Row::StepSlot, 1, width))?;
+                }
             }
-            entry.1.extend(self.backend.download(buf, sel[i] * width, (j - i) * width)?);
-            i = j;
+            TapRoute::Download => {
+                let sel = col.rows_in(start, rows);
+                let entry = col.pending.entry(tap.file_stem()).or_default().entry(id.to_string()).or_insert((width, Vec::new()));
+                // One download per run of consecutive rows: a device copy per row would dominate.
+                let mut i = 0;
+                while i < sel.len() {
+                    let mut j = i + 1;
+                    while j < sel.len() && sel[j] == sel[j - 1] + 1 {
+                        j += 1;
+                    }
+                    entry.1.extend(self.backend.download_raw(buf, sel[i] * width, (j - i) * width)?);
+                    i = j;
+                }
+            }
         }
         Ok(())
     }
@@ -220,44 +221,46 @@ impl<B: Backend> Runtime<B> {
         }
         let Some(taps) = col.pending.remove(stem) else { return Ok(()) };
         let n = col.positions.len();
-        let mut ordered: Vec<(String, (usize, Vec<f32>))> = taps.into_iter().collect();
+        let mut ordered: Vec<(String, (usize, Vec<u8>))> = taps.into_iter().collect();
         ordered.sort_by_key(|(id, _)| Tap::parse(id));
-        let taps = ordered
-            .into_iter()
-            .map(|(id, (width, values))| TapTensor { id, dtype: TapDType::F32, rows: n, width, bytes: f32_le_bytes(&values) })
-            .collect();
+        let dtype = self.backend.dtype().tap_dtype();
+        let taps = ordered.into_iter().map(|(id, (width, bytes))| TapTensor { id, dtype, rows: n, width, bytes }).collect();
         col.written.push(stem.to_string());
         writer.send(FileJob { prompt_id: prompt_id.to_string(), stem: stem.to_string(), positions: Arc::new(col.positions.clone()), taps })
     }
 
-    /// Process tokens at positions `start..start + ids.len()`; returns the greedy next
-    /// token when `want_next`.
+    /// Embedding and layers for positions `start..start + rows`, leaving the residual
+    /// stream in `ws.x`. Prefill chunks take `ids` from the host; a decode step (tap route
+    /// `Stage`) takes its token and position from the step record, so that the same ops
+    /// can be recorded once and replayed.
     #[allow(clippy::too_many_arguments)]
-    fn forward_chunk(
+    fn layers(
         &self,
         ids: &[u32],
         start: usize,
+        ws: &mut Workspace<B>,
         kv: &mut [(B::Buf, B::Buf)],
         faults: &RuntimeFaults,
         col: &mut TapCollector,
+        route: &mut TapRoute<B>,
         opts: &RunOptions,
-        want_next: bool,
         prompt_id: &str,
         writer: Option<&BackgroundWriter>,
-    ) -> Result<Option<u32>> {
+    ) -> Result<()> {
         let c = &self.cfg;
         let b = &self.backend;
         let sc = opts.sync_check;
         let rows = ids.len();
         let end = start + rows - 1;
+        let decode = matches!(route, TapRoute::Stage { .. });
+        // Files fill up only after a decode's taps come off the device.
+        let writer = if decode { None } else { writer };
         let (e, qw, kvw, ff) = (c.n_embd, c.q_width(), c.kv_width(), c.n_ff);
-        let mut x = b.alloc(rows * e)?;
-        self.op("embed", sc, b.embed(&self.token_embd, e, ids, &mut x))?;
-        self.tap("embed", &mut x, start, rows, e, faults, col, opts)?;
+        let Workspace { x, h, q, k, v, attn, ao, mid, g, u, act, f, .. } = ws;
+        self.op("embed", sc, b.embed(&self.token_embd, e, if decode { Src::Step } else { Src::Host(ids) }, x))?;
+        self.tap("embed", x, start, rows, e, faults, col, route, opts)?;
         self.flush(col, "embed", end, prompt_id, writer)?;
         let true_positions: Vec<f32> = (start..start + rows).map(|p| p as f32).collect();
-        let (mut h, mut q, mut k, mut v, mut attn, mut ao, mut mid) = (b.alloc(rows * e)?, b.alloc(rows * qw)?, b.alloc(rows * kvw)?, b.alloc(rows * kvw)?, b.alloc(rows * qw)?, b.alloc(rows * e)?, b.alloc(rows * e)?);
-        let (mut g, mut u, mut act, mut f) = (b.alloc(rows * ff)?, b.alloc(rows * ff)?, b.alloc(rows * ff)?, b.alloc(rows * e)?);
         // A dump without decoding or an output tap cannot see layers past the last tapped
         // one: stop there, as the reference does (`run` always computes everything).
         let want_out = col.wants(&Tap::Output(0)) || col.wants(&Tap::Output(1));
@@ -266,51 +269,64 @@ impl<B: Backend> Runtime<B> {
         } else {
             c.n_layer
         };
+        let kv_row = if decode { Row::StepPos } else { Row::At(start) };
         for (l, w) in self.layers.iter().enumerate().take(depth) {
             let id = |t: &str| format!("blk.{l}.{t}");
             let shifted: Vec<f32>;
-            let rope_positions: &[f32] = match faults.rope.iter().find(|r| r.layer.is_none_or(|x| x == l)) {
-                Some(r) => {
+            let rope_positions = match faults.rope.iter().find(|r| r.layer.is_none_or(|x| x == l)) {
+                Some(r) if start + rows > r.from => {
                     shifted = (start..start + rows).map(|p| if p >= r.from { p as f32 + r.shift as f32 } else { p as f32 }).collect();
-                    &shifted
+                    Src::Host(&shifted)
                 }
-                None => &true_positions,
+                _ if decode => Src::Step,
+                _ => Src::Host(&true_positions),
             };
-            self.op("rms_norm (attn)", sc, b.rms_norm(&x, &w.attn_norm, rows, e, c.rms_eps as f32, &mut h))?;
-            self.tap(&id("attn_norm"), &mut h, start, rows, e, faults, col, opts)?;
-            self.op("matmul q", sc, b.matmul(&h, &w.wq, rows, e, qw, &mut q))?;
-            self.op("matmul k", sc, b.matmul(&h, &w.wk, rows, e, kvw, &mut k))?;
-            self.op("matmul v", sc, b.matmul(&h, &w.wv, rows, e, kvw, &mut v))?;
-            self.op("rope q", sc, b.rope(&mut q, c.n_head, c.head_dim(), rope_positions, c.rope_base as f32))?;
-            self.op("rope k", sc, b.rope(&mut k, c.n_head_kv, c.head_dim(), rope_positions, c.rope_base as f32))?;
-            self.tap(&id("q"), &mut q, start, rows, qw, faults, col, opts)?;
-            self.tap(&id("k"), &mut k, start, rows, kvw, faults, col, opts)?;
-            self.tap(&id("v"), &mut v, start, rows, kvw, faults, col, opts)?;
+            self.op("rms_norm (attn)", sc, b.rms_norm(x, &w.attn_norm, rows, e, c.rms_eps as f32, h))?;
+            self.tap(&id("attn_norm"), h, start, rows, e, faults, col, route, opts)?;
+            self.op("matmul q", sc, b.matmul(h, &w.wq, rows, e, qw, q))?;
+            self.op("matmul k", sc, b.matmul(h, &w.wk, rows, e, kvw, k))?;
+            self.op("matmul v", sc, b.matmul(h, &w.wv, rows, e, kvw, v))?;
+            self.op("rope q", sc, b.rope(q, c.n_head, c.head_dim(), rope_positions, c.rope_base as f32))?;
+            self.op("rope k", sc, b.rope(k, c.n_head_kv, c.head_dim(), rope_positions, c.rope_base as f32))?;
+            self.tap(&id("q"), q, start, rows, qw, faults, col, route, opts)?;
+            self.tap(&id("k"), k, start, rows, kvw, faults, col, route, opts)?;
+            self.tap(&id("v"), v, start, rows, kvw, faults, col, route, opts)?;
             let (kc, vc) = &mut kv[l];
-            self.op("kv append k", sc, b.copy_rows(&k, kc, start, rows, kvw))?;
-            self.op("kv append v", sc, b.copy_rows(&v, vc, start, rows, kvw))?;
-            let shape = AttnShape { n_head: c.n_head, n_head_kv: c.n_head_kv, head_dim: c.head_dim(), first_pos: start, rows };
-            self.op("attention", sc, b.attention(&q, kc, vc, shape, &mut attn))?;
-            self.tap(&id("attn"), &mut attn, start, rows, qw, faults, col, opts)?;
-            self.op("matmul attn_output", sc, b.matmul(&attn, &w.wo, rows, qw, e, &mut ao))?;
-            self.tap(&id("attn_out"), &mut ao, start, rows, e, faults, col, opts)?;
-            self.op("add (attention residual)", sc, b.add(&x, &ao, rows * e, &mut mid))?;
-            self.tap(&id("resid_mid"), &mut mid, start, rows, e, faults, col, opts)?;
-            self.op("rms_norm (ffn)", sc, b.rms_norm(&mid, &w.ffn_norm, rows, e, c.rms_eps as f32, &mut h))?;
-            self.tap(&id("ffn_norm"), &mut h, start, rows, e, faults, col, opts)?;
-            self.op("matmul ffn_gate", sc, b.matmul(&h, &w.wg, rows, e, ff, &mut g))?;
-            self.op("matmul ffn_up", sc, b.matmul(&h, &w.wu, rows, e, ff, &mut u))?;
-            self.tap(&id("ffn_gate"), &mut g, start, rows, ff, faults, col, opts)?;
-            self.tap(&id("ffn_up"), &mut u, start, rows, ff, faults, col, opts)?;
-            self.op("silu_mul", sc, b.silu_mul(&g, &u, rows * ff, &mut act))?;
-            self.tap(&id("ffn_act"), &mut act, start, rows, ff, faults, col, opts)?;
-            self.op("matmul ffn_down", sc, b.matmul(&act, &w.wd, rows, ff, e, &mut f))?;
-            self.tap(&id("ffn_out"), &mut f, start, rows, e, faults, col, opts)?;
-            self.op("add (ffn residual)", sc, b.add(&mid, &f, rows * e, &mut x))?;
-            self.tap(&id("resid_post"), &mut x, start, rows, e, faults, col, opts)?;
+            self.op("kv append k", sc, b.copy_rows(k, kc, kv_row, rows, kvw))?;
+            self.op("kv append v", sc, b.copy_rows(v, vc, kv_row, rows, kvw))?;
+            let shape = AttnShape { n_head: c.n_head, n_head_kv: c.n_head_kv, head_dim: c.head_dim(), first_pos: start, rows, from_step: decode };
+            self.op("attention", sc, b.attention(q, kc, vc, shape, attn))?;
+            self.tap(&id("attn"), attn, start, rows, qw, faults, col, route, opts)?;
+            self.op("matmul attn_output", sc, b.matmul(attn, &w.wo, rows, qw, e, ao))?;
+            self.tap(&id("attn_out"), ao, start, rows, e, faults, col, route, opts)?;
+            self.op("add (attention residual)", sc, b.add(x, ao, rows * e, mid))?;
+            self.tap(&id("resid_mid"), mid, start, rows, e, faults, col, route, opts)?;
+            self.op("rms_norm (ffn)", sc, b.rms_norm(mid, &w.ffn_norm, rows, e, c.rms_eps as f32, h))?;
+            self.tap(&id("ffn_norm"), h, start, rows, e, faults, col, route, opts)?;
+            self.op("matmul ffn_gate", sc, b.matmul(h, &w.wg, rows, e, ff, g))?;
+            self.op("matmul ffn_up", sc, b.matmul(h, &w.wu, rows, e, ff, u))?;
+            self.tap(&id("ffn_gate"), g, start, rows, ff, faults, col, route, opts)?;
+            self.tap(&id("ffn_up"), u, start, rows, ff, faults, col, route, opts)?;
+            self.op("silu_mul", sc, b.silu_mul(g, u, rows * ff, act))?;
+            self.tap(&id("ffn_act"), act, start, rows, ff, faults, col, route, opts)?;
+            self.op("matmul ffn_down", sc, b.matmul(act, &w.wd, rows, ff, e, f))?;
+            self.tap(&id("ffn_out"), f, start, rows, e, faults, col, route, opts)?;
+            self.op("add (ffn residual)", sc, b.add(mid, f, rows * e, x))?;
+            self.tap(&id("resid_post"), x, start, rows, e, faults, col, route, opts)?;
             self.flush(col, &format!("blk.{l}"), end, prompt_id, writer)?;
         }
-        // The output head only on rows someone needs: tapped ones and the last (decode).
+        Ok(())
+    }
+
+    /// The output head on the rows of `ws.x` someone needs — tapped ones and, with
+    /// `want_next`, the last — returning the greedy next token when asked.
+    #[allow(clippy::too_many_arguments)]
+    fn head(&self, start: usize, rows: usize, ws: &mut Workspace<B>, faults: &RuntimeFaults, col: &mut TapCollector, opts: &RunOptions, want_next: bool, prompt_id: &str, writer: Option<&BackgroundWriter>) -> Result<Option<u32>> {
+        let c = &self.cfg;
+        let b = &self.backend;
+        let sc = opts.sync_check;
+        let e = c.n_embd;
+        let want_out = col.wants(&Tap::Output(0)) || col.wants(&Tap::Output(1));
         let mut need: Vec<usize> = if want_out { col.rows_in(start, rows) } else { Vec::new() };
         if want_next && need.last() != Some(&(rows - 1)) {
             need.push(rows - 1);
@@ -318,21 +334,30 @@ impl<B: Backend> Runtime<B> {
         if need.is_empty() {
             return Ok(None);
         }
-        let mut gathered = Vec::with_capacity(need.len() * e);
-        for &r in &need {
-            gathered.extend(b.download(&x, r * e, e)?);
-        }
-        let hx = b.upload(&gathered)?;
         let n = need.len();
-        let mut normed = b.alloc(n * e)?;
-        self.op("rms_norm (output)", sc, b.rms_norm(&hx, &self.output_norm, n, e, c.rms_eps as f32, &mut normed))?;
-        let mut logits = b.alloc(n * c.n_vocab)?;
-        self.op("matmul output", sc, b.matmul(&normed, &self.output, n, e, c.n_vocab, &mut logits))?;
+        if ws.head_rows < n {
+            ws.normed = b.alloc(n * e)?;
+            ws.logits = b.alloc(n * c.n_vocab)?;
+            ws.head_rows = n;
+        }
+        let gathered;
+        let hx = if n == rows {
+            &ws.x
+        } else {
+            let mut rows_x = Vec::with_capacity(n * e);
+            for &r in &need {
+                rows_x.extend(b.download(&ws.x, r * e, e)?);
+            }
+            gathered = b.upload(&rows_x)?;
+            &gathered
+        };
+        self.op("rms_norm (output)", sc, b.rms_norm(hx, &self.output_norm, n, e, c.rms_eps as f32, &mut ws.normed))?;
+        self.op("matmul output", sc, b.matmul(&ws.normed, &self.output, n, e, c.n_vocab, &mut ws.logits))?;
         if want_out {
             // Rows of the head buffers are `need`; tap only the selected ones (the first
             // entries, the decode row may trail unselected).
             let sel = col.rows_in(start, rows).len();
-            for (tap, buf, width) in [(Tap::Output(0), &mut normed, e), (Tap::Output(1), &mut logits, c.n_vocab)] {
+            for (tap, buf, width) in [(Tap::Output(0), &mut ws.normed, e), (Tap::Output(1), &mut ws.logits, c.n_vocab)] {
                 let tid = tap.id();
                 for fl in faults.taps.iter().filter(|fl| fl.tap_id == tid) {
                     let from_row = need.iter().position(|&r| start + r >= fl.from).unwrap_or(n);
@@ -340,15 +365,46 @@ impl<B: Backend> Runtime<B> {
                 }
                 if col.wants(&tap) {
                     let entry = col.pending.entry("output".into()).or_default().entry(tid).or_insert((width, Vec::new()));
-                    entry.1.extend(b.download(buf, 0, sel * width)?);
+                    entry.1.extend(b.download_raw(buf, 0, sel * width)?);
                 }
             }
-            self.flush(col, "output", end, prompt_id, writer)?;
+            self.flush(col, "output", start + rows - 1, prompt_id, writer)?;
         }
         if want_next {
-            return Ok(Some(b.argmax(&logits, n - 1, c.n_vocab)?));
+            return Ok(Some(b.argmax(&ws.logits, n - 1, c.n_vocab)?));
         }
         Ok(None)
+    }
+
+    /// One decode step at `pos`: its layers replayed from a recording when the backend
+    /// can record and nothing about the step's ops differs from the recorded one, else
+    /// issued op by op.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_layers(&self, token: u32, pos: usize, ws: &mut Workspace<B>, kv: &mut [(B::Buf, B::Buf)], faults: &RuntimeFaults, col: &mut TapCollector, staged: &mut Staged<B>, opts: &RunOptions, prompt_id: &str) -> Result<()> {
+        let slot = staged.positions.binary_search(&pos).ok();
+        self.backend.set_step(Step { token, pos, rope_pos: pos as f32, slot: slot.unwrap_or(0) })?;
+        let mut route = TapRoute::Stage { buffers: &mut staged.buffers, selected: slot.is_some() };
+        // The ops of a step depend on the position only through the step record, except
+        // where an injected fault starts acting.
+        let key: Vec<bool> = faults.taps.iter().map(|f| pos >= f.from).chain([slot.is_some()]).collect();
+        let recordable = staged.record && faults.rope.iter().all(|r| pos < r.from);
+        if recordable && staged.graph.as_ref().is_none_or(|(k, _)| *k != key) {
+            staged.graph = None;
+            if self.backend.begin_capture()? {
+                let issued = self.layers(&[token], pos, ws, kv, faults, col, &mut route, opts, prompt_id, None);
+                match (issued, self.backend.end_capture()?) {
+                    (Ok(()), Some(graph)) => staged.graph = Some((key.clone(), graph)),
+                    // Something in the step cannot be recorded: issue ops from now on.
+                    _ => staged.record = false,
+                }
+            } else {
+                staged.record = false;
+            }
+        }
+        match &staged.graph {
+            Some((k, graph)) if recordable && *k == key => self.backend.replay(graph),
+            _ => self.layers(&[token], pos, ws, kv, faults, col, &mut route, opts, prompt_id, None),
+        }
     }
 
     /// `opts.warmup` untimed runs of a prompt with no taps.
@@ -365,35 +421,135 @@ impl<B: Backend> Runtime<B> {
     /// prefill and in decode.
     pub fn run_prompt(&self, prompt: &PromptRecord, selection: &Selection, faults: &RuntimeFaults, opts: &RunOptions, writer: Option<&BackgroundWriter>, progress: &mut dyn Progress) -> Result<(Vec<u32>, f64, f64)> {
         let c = &self.cfg;
+        let b = &self.backend;
         let total = prompt.tokens.len() + opts.max_tokens;
         let positions = PositionSpec::parse(&selection.positions)?.resolve(total).map_err(|e| Error::input(format!("prompt {}: {e}", prompt.id)))?;
         let mut col = TapCollector { selection, n_layer: c.n_layer, positions, pending: BTreeMap::new(), written: Vec::new() };
-        let mut kv = (0..c.n_layer).map(|_| Ok((self.backend.alloc(total * c.kv_width())?, self.backend.alloc(total * c.kv_width())?))).collect::<Result<Vec<_>>>()?;
+        let mut kv = (0..c.n_layer).map(|_| Ok((b.alloc(total * c.kv_width())?, b.alloc(total * c.kv_width())?))).collect::<Result<Vec<_>>>()?;
         let chunk = opts.prefill_chunk.unwrap_or(prompt.tokens.len()).max(1);
         let mut tokens = prompt.tokens.clone();
         let mut next = None;
         let n_chunks = prompt.tokens.len().div_ceil(chunk);
         let t0 = std::time::Instant::now();
         progress.stage(&format!("{} ({} tokens)", prompt.id, prompt.tokens.len()), n_chunks + opts.max_tokens);
+        let mut ws = Workspace::new(b, c, chunk.min(prompt.tokens.len()))?;
         for (i, ids) in prompt.tokens.chunks(chunk).enumerate() {
-            let last = i + 1 == n_chunks;
-            next = self.forward_chunk(ids, i * chunk, &mut kv, faults, &mut col, opts, last && opts.max_tokens > 0, &prompt.id, writer)?;
+            let want_next = i + 1 == n_chunks && opts.max_tokens > 0;
+            self.layers(ids, i * chunk, &mut ws, &mut kv, faults, &mut col, &mut TapRoute::Download, opts, &prompt.id, writer)?;
+            next = self.head(i * chunk, ids.len(), &mut ws, faults, &mut col, opts, want_next, &prompt.id, writer)?;
             progress.tick();
         }
-        self.backend.sync()?;
+        b.sync()?;
         let prefill_s = t0.elapsed().as_secs_f64();
-        for step in 0..opts.max_tokens {
-            let token = next.ok_or_else(|| Error::engine("decode: no next token"))?;
-            tokens.push(token);
-            if opts.stop_token == Some(token) && writer.is_none() {
-                break;
+        if opts.max_tokens > 0 {
+            drop(ws);
+            let mut ws = Workspace::new(b, c, 1)?;
+            let mut staged = Staged::new(self, &col, prompt.tokens.len(), !opts.sync_check && faults.crash.is_empty())?;
+            for step in 0..opts.max_tokens {
+                let token = next.ok_or_else(|| Error::engine("decode: no next token"))?;
+                tokens.push(token);
+                if opts.stop_token == Some(token) && writer.is_none() {
+                    break;
+                }
+                let pos = tokens.len() - 1;
+                self.decode_layers(token, pos, &mut ws, &mut kv, faults, &mut col, &mut staged, opts, &prompt.id)?;
+                next = self.head(pos, 1, &mut ws, faults, &mut col, opts, step + 1 < opts.max_tokens, &prompt.id, None)?;
+                progress.tick();
             }
-            let pos = tokens.len() - 1;
-            next = self.forward_chunk(&[token], pos, &mut kv, faults, &mut col, opts, step + 1 < opts.max_tokens, &prompt.id, writer)?;
-            progress.tick();
+            // The decode rows of every tap come off the device at once, then files fill.
+            for (id, buf) in &staged.buffers {
+                let tap = Tap::parse(id).expect("staged taps are canonical");
+                let width = tap.width(c);
+                let entry = col.pending.entry(tap.file_stem()).or_default().entry(id.clone()).or_insert((width, Vec::new()));
+                entry.1.extend(b.download_raw(buf, 0, staged.positions.len() * width)?);
+            }
+            let stems = std::iter::once("embed".to_string()).chain((0..c.n_layer).map(|l| format!("blk.{l}"))).chain(["output".to_string()]);
+            for stem in stems {
+                self.flush(&mut col, &stem, total - 1, &prompt.id, writer)?;
+            }
         }
-        self.backend.sync()?;
+        b.sync()?;
         Ok((tokens, prefill_s, t0.elapsed().as_secs_f64() - prefill_s))
+    }
+}
+
+/// Activation buffers for chunks of up to `rows` rows, reused from chunk to chunk: a
+/// recorded decode step needs them at the same addresses every time.
+struct Workspace<B: Backend> {
+    x: B::Buf,
+    h: B::Buf,
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    attn: B::Buf,
+    ao: B::Buf,
+    mid: B::Buf,
+    g: B::Buf,
+    u: B::Buf,
+    act: B::Buf,
+    f: B::Buf,
+    /// Output head buffers, grown to the most rows the head has needed.
+    normed: B::Buf,
+    logits: B::Buf,
+    head_rows: usize,
+}
+
+impl<B: Backend> Workspace<B> {
+    fn new(b: &B, c: &Config, rows: usize) -> Result<Self> {
+        let (e, qw, kvw, ff) = (c.n_embd, c.q_width(), c.kv_width(), c.n_ff);
+        Ok(Self {
+            x: b.alloc(rows * e)?,
+            h: b.alloc(rows * e)?,
+            q: b.alloc(rows * qw)?,
+            k: b.alloc(rows * kvw)?,
+            v: b.alloc(rows * kvw)?,
+            attn: b.alloc(rows * qw)?,
+            ao: b.alloc(rows * e)?,
+            mid: b.alloc(rows * e)?,
+            g: b.alloc(rows * ff)?,
+            u: b.alloc(rows * ff)?,
+            act: b.alloc(rows * ff)?,
+            f: b.alloc(rows * e)?,
+            normed: b.alloc(0)?,
+            logits: b.alloc(0)?,
+            head_rows: 0,
+        })
+    }
+}
+
+/// Where a chunk's selected tap rows go.
+enum TapRoute<'s, B: Backend> {
+    /// Downloaded now (prefill chunks).
+    Download,
+    /// Copied on the device into the decode tap buffers at the step's slot: a decode step
+    /// never waits for the host, so it can be recorded and replayed.
+    Stage { buffers: &'s mut BTreeMap<String, B::Buf>, selected: bool },
+}
+
+/// Decode state that outlives a step: the device buffers collecting the decode rows of
+/// each wanted tap, and the recorded step.
+struct Staged<B: Backend> {
+    /// Selected positions past the prompt; a step's slot is its index here.
+    positions: Vec<usize>,
+    buffers: BTreeMap<String, B::Buf>,
+    /// Whether steps may be recorded (off under sync checks, crash injection, or once
+    /// recording failed).
+    record: bool,
+    graph: Option<(Vec<bool>, B::Graph)>,
+}
+
+impl<B: Backend> Staged<B> {
+    fn new(rt: &Runtime<B>, col: &TapCollector, prompt_len: usize, record: bool) -> Result<Self> {
+        let positions: Vec<usize> = col.positions.iter().copied().filter(|&p| p >= prompt_len).collect();
+        let mut buffers = BTreeMap::new();
+        if !positions.is_empty() {
+            let c = &rt.cfg;
+            let taps = std::iter::once(Tap::Embed).chain((0..c.n_layer).flat_map(|l| (0..LAYER_TAPS.len()).map(move |i| Tap::Layer(l, i))));
+            for tap in taps.filter(|t| col.wants(t)) {
+                buffers.insert(tap.id(), rt.backend.alloc(positions.len() * tap.width(c))?);
+            }
+        }
+        Ok(Self { positions, buffers, record, graph: None })
     }
 }
 

@@ -9,7 +9,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use resbisect_reference::Fault;
 
-use super::backend::{AttnShape, Backend, StorageDType};
+use super::backend::{AttnShape, Backend, Row, Src, Step, StorageDType};
 use super::cpu::CpuBackend;
 use crate::error::{Error, Result};
 
@@ -130,12 +130,12 @@ impl<B: Backend> Checker<'_, B> {
         let positions: Vec<f32> = (first..first + rows).map(|p| p as f32).collect();
         let mut g = self.gpu.upload(&x)?;
         let mut c = self.cpu.upload(&x)?;
-        self.cpu.rope(&mut c, heads, head_dim, &positions, 10000.0)?;
+        self.cpu.rope(&mut c, heads, head_dim, Src::Host(&positions), 10000.0)?;
         let gpu = self.gpu;
-        let (_, s) = self.timed(|| gpu.rope(&mut g, heads, head_dim, &positions, 10000.0))?;
+        let (_, s) = self.timed(|| gpu.rope(&mut g, heads, head_dim, Src::Host(&positions), 10000.0))?;
         // rope works in place on an exact-size buffer: copy into a guarded one to check.
         let mut out = self.guarded(x.len())?;
-        self.gpu.copy_rows(&g, &mut out, 0, rows, heads * head_dim)?;
+        self.gpu.copy_rows(&g, &mut out, Row::At(0), rows, heads * head_dim)?;
         self.record("rope", format!("{rows} rows x {heads} heads x {head_dim} from position {first}"), &out, &c, s, false)?;
         // Angles are formed in f32 as a kernel forms them: one ulp of the frequency moves
         // the angle by about position × 6e-8 rad, so the noise floor grows with position
@@ -150,7 +150,7 @@ impl<B: Backend> Checker<'_, B> {
     fn attention(&mut self, n_head: usize, n_kv: usize, head_dim: usize, first_pos: usize, rows: usize) -> Result<()> {
         let total = first_pos + rows;
         let (q, k, v) = (self.random(rows * n_head * head_dim, 1.0), self.random(total * n_kv * head_dim, 1.0), self.random(total * n_kv * head_dim, 1.0));
-        let shape = AttnShape { n_head, n_head_kv: n_kv, head_dim, first_pos, rows };
+        let shape = AttnShape { n_head, n_head_kv: n_kv, head_dim, first_pos, rows, from_step: false };
         let (gq, gk, gv, mut gout) = (self.gpu.upload(&q)?, self.gpu.upload(&k)?, self.gpu.upload(&v)?, self.guarded(rows * n_head * head_dim)?);
         let (cq, ck, cv, mut cout) = (self.cpu.upload(&q)?, self.cpu.upload(&k)?, self.cpu.upload(&v)?, self.cpu.alloc(rows * n_head * head_dim)?);
         self.cpu.attention(&cq, &ck, &cv, shape, &mut cout)?;
@@ -185,21 +185,21 @@ impl<B: Backend> Checker<'_, B> {
         let (gt, ct) = (self.gpu.upload(&table)?, self.cpu.upload(&table)?);
         let mut gout = self.guarded(rows * width)?;
         let mut cout = self.cpu.alloc(rows * width)?;
-        self.cpu.embed(&ct, width, &ids, &mut cout)?;
+        self.cpu.embed(&ct, width, Src::Host(&ids), &mut cout)?;
         let gpu = self.gpu;
-        let (_, s) = self.timed(|| gpu.embed(&gt, width, &ids, &mut gout))?;
+        let (_, s) = self.timed(|| gpu.embed(&gt, width, Src::Host(&ids), &mut gout))?;
         self.record("embed", format!("{rows} ids of [{vocab}x{width}]"), &gout, &cout, s, false)?;
 
         // KV-cache append: rows land at row 3 of a larger buffer.
         let mut gdst = self.guarded((rows + 3) * width)?;
         let mut cdst = self.cpu.alloc((rows + 3) * width)?;
-        self.cpu.copy_rows(&cout, &mut cdst, 3, rows, width)?;
-        let (_, s) = self.timed(|| gpu.copy_rows(&gout, &mut gdst, 3, rows, width))?;
+        self.cpu.copy_rows(&cout, &mut cdst, Row::At(3), rows, width)?;
+        let (_, s) = self.timed(|| gpu.copy_rows(&gout, &mut gdst, Row::At(3), rows, width))?;
         self.record("copy_rows", format!("{rows} rows of {width} at row 3"), &gdst, &cdst, s, false)?;
 
         for (fault, label) in [(Fault::Scale(1.5), "scale"), (Fault::Offset(0.25), "offset"), (Fault::Zero, "zero"), (Fault::Nan, "nan")] {
             let mut g = self.guarded(rows * width)?;
-            self.gpu.copy_rows(&gout, &mut g, 0, rows, width)?;
+            self.gpu.copy_rows(&gout, &mut g, Row::At(0), rows, width)?;
             let mut c = cout.clone();
             let from = rows / 2;
             self.cpu.perturb(&mut c, rows, width, from, fault)?;
@@ -207,6 +207,54 @@ impl<B: Backend> Checker<'_, B> {
             self.record("perturb", format!("{label} rows {from}..{rows} of {width}"), &g, &c, s, matches!(fault, Fault::Nan))?;
         }
         Ok(())
+    }
+
+    /// A decode step whose token, position and tap slot come from the step record: embed,
+    /// RoPE, KV append, attention and a staged tap copy, recorded once where the backend
+    /// records (else issued each time) and run at several positions; the cpu backend gets
+    /// the same values from the host.
+    fn decode_step(&mut self, n_head: usize, n_kv: usize, head_dim: usize) -> Result<()> {
+        let (qw, kvw, vocab, cache_rows) = (n_head * head_dim, n_kv * head_dim, 50, 64);
+        let steps = [(7u32, 40usize), (3, 41), (9, 63)];
+        let (table, k, v, k_new) = (self.random(vocab * qw, 1.0), self.random(cache_rows * kvw, 1.0), self.random(cache_rows * kvw, 1.0), self.random(kvw, 1.0));
+        let (mut ck, cv, ck_new, ct) = (self.cpu.upload(&k)?, self.cpu.upload(&v)?, self.cpu.upload(&k_new)?, self.cpu.upload(&table)?);
+        let (mut cq, mut cattn, mut cstaged) = (self.cpu.alloc(qw)?, self.cpu.alloc(qw)?, self.cpu.alloc(steps.len() * qw)?);
+        for (slot, &(token, pos)) in steps.iter().enumerate() {
+            self.cpu.embed(&ct, qw, Src::Host(&[token]), &mut cq)?;
+            self.cpu.rope(&mut cq, n_head, head_dim, Src::Host(&[pos as f32]), 10000.0)?;
+            self.cpu.copy_rows(&ck_new, &mut ck, Row::At(pos), 1, kvw)?;
+            let shape = AttnShape { n_head, n_head_kv: n_kv, head_dim, first_pos: pos, rows: 1, from_step: false };
+            self.cpu.attention(&cq, &ck, &cv, shape, &mut cattn)?;
+            self.cpu.copy_rows(&cattn, &mut cstaged, Row::At(slot), 1, qw)?;
+        }
+        let g = self.gpu;
+        let (mut gk, gv, gk_new, gt) = (g.upload(&k)?, g.upload(&v)?, g.upload(&k_new)?, g.upload(&table)?);
+        let (mut gq, mut gattn, mut gstaged) = (g.alloc(qw)?, g.alloc(qw)?, self.guarded(steps.len() * qw)?);
+        let t0 = std::time::Instant::now();
+        let mut graph = None;
+        for (slot, &(token, pos)) in steps.iter().enumerate() {
+            g.set_step(Step { token, pos, rope_pos: pos as f32, slot })?;
+            let mut issue = || -> Result<()> {
+                g.embed(&gt, qw, Src::Step, &mut gq)?;
+                g.rope(&mut gq, n_head, head_dim, Src::Step, 10000.0)?;
+                g.copy_rows(&gk_new, &mut gk, Row::StepPos, 1, kvw)?;
+                let shape = AttnShape { n_head, n_head_kv: n_kv, head_dim, first_pos: pos, rows: 1, from_step: true };
+                g.attention(&gq, &gk, &gv, shape, &mut gattn)?;
+                g.copy_rows(&gattn, &mut gstaged, Row::StepSlot, 1, qw)
+            };
+            if slot == 0 && g.begin_capture()? {
+                let issued = issue();
+                graph = g.end_capture()?;
+                issued?;
+            }
+            match &graph {
+                Some(recorded) => g.replay(recorded)?,
+                None => issue()?,
+            }
+        }
+        g.sync()?;
+        let recorded = if graph.is_some() { "recorded once, replayed" } else { "issued" };
+        self.record("decode_step", format!("heads {n_head}/{n_kv} x {head_dim} at positions 40, 41, 63 ({recorded})"), &gstaged, &cstaged, t0.elapsed().as_secs_f64(), false)
     }
 
     fn argmax(&mut self, width: usize) -> Result<()> {
@@ -241,7 +289,7 @@ impl<B: Backend> Checker<'_, B> {
         let (g, s) = self.timed(|| gpu.upload_weight("selftest", dtype, &dims, &data))?;
         // Dequantized into an exact-size buffer: copy into a guarded one to compare.
         let mut out = self.guarded(rows * k)?;
-        self.gpu.copy_rows(&g, &mut out, 0, rows, k)?;
+        self.gpu.copy_rows(&g, &mut out, Row::At(0), rows, k)?;
         self.record(&format!("dequant {dtype:?}"), format!("[{rows}x{k}]"), &out, &c, s, false)
     }
 }
@@ -249,7 +297,7 @@ impl<B: Backend> Checker<'_, B> {
 /// Check every op of `gpu` against the `cpu` backend with the same storage dtype.
 pub fn run<B: Backend>(gpu: &B, seed: u64, long: bool) -> Result<Vec<OpCheck>> {
     let mut c = Checker { gpu, cpu: CpuBackend::new(gpu.dtype()), rng: ChaCha8Rng::seed_from_u64(seed), results: Vec::new() };
-    for (rows, k, n) in [(1, 576, 576), (7, 576, 1536), (1, 2048, 5632), (33, 2048, 5632), (130, 5632, 2048), (512, 2048, 2048), (5, 576, 49152), (3, 2048, 32000)] {
+    for (rows, k, n) in [(1, 576, 576), (2, 7, 9), (4, 5632, 2048), (1, 2048, 256), (7, 576, 1536), (1, 2048, 5632), (33, 2048, 5632), (130, 5632, 2048), (512, 2048, 2048), (5, 576, 49152), (3, 2048, 32000)] {
         c.matmul(rows, k, n)?;
     }
     for (rows, width) in [(1, 7), (5, 576), (64, 2048), (3, 5632)] {
@@ -268,6 +316,9 @@ pub fn run<B: Backend>(gpu: &B, seed: u64, long: bool) -> Result<Vec<OpCheck>> {
     for n in [1, 1000, 3 * 5632 + 1] {
         c.elementwise(n)?;
     }
+    c.decode_step(9, 3, 64)?;
+    c.decode_step(32, 4, 64)?;
+    c.decode_step(8, 2, 128)?;
     c.embed_copy_perturb(1000, 576, 9)?;
     c.embed_copy_perturb(300, 2048, 2)?;
     for width in [7, 32000, 49152] {

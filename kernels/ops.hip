@@ -247,12 +247,15 @@ __device__ void rb_attention_tiled(const store_t* q, const store_t* kc, const st
     }
 }
 
-// Decode (few rows): one block per (row, head); its threads split the keys, each with its
-// own online softmax, then merge: first within each warp by shuffles, then across warps.
+// Decode (few rows): one block per (row, head). Each warp takes every `warps`-th key; its
+// lanes own HD / RB_WARP dimensions, so a key row is one coalesced load, the score one warp
+// reduction, and the value accumulation needs no reduction at all. The warps' online
+// softmax states merge at the end.
 #define RB_SPLIT_MAX_WARPS 16
 template <int HD>
 __device__ void rb_attention_split(const store_t* q, const store_t* kc, const store_t* vc, store_t* out, int rows, int n_head, int n_kv, int first_pos, const int* dyn_first) {
     if (dyn_first) first_pos = *dyn_first;
+    constexpr int DPL = HD / RB_WARP;  // dimensions per lane
     __shared__ float wm[RB_SPLIT_MAX_WARPS], wl[RB_SPLIT_MAX_WARPS];
     __shared__ float wacc[RB_SPLIT_MAX_WARPS][HD];
     const int lane = threadIdx.x % RB_WARP, warp = threadIdx.x / RB_WARP, warps = blockDim.x / RB_WARP;
@@ -261,35 +264,28 @@ __device__ void rb_attention_split(const store_t* q, const store_t* kc, const st
     const int qw = n_head * HD, kvw = n_kv * HD;
     const int qpos = first_pos + r;
     const float scale = rsqrtf((float)HD);
-    float qv[HD], acc[HD];
+    const int d0 = lane * DPL;
+    float qv[DPL], acc[DPL];
     #pragma unroll
-    for (int d = 0; d < HD; d++) qv[d] = LD(q[(long)r * qw + head * HD + d]) * scale, acc[d] = 0.0f;
+    for (int i = 0; i < DPL; i++) qv[i] = LD(q[(long)r * qw + head * HD + d0 + i]) * scale, acc[i] = 0.0f;
     float m = RB_NEG_INF, l = 0.0f;
-    for (int key = threadIdx.x; key <= qpos; key += blockDim.x) {
-        const store_t* kr = kc + (long)key * kvw + kvh * HD;
-        const store_t* vr = vc + (long)key * kvw + kvh * HD;
+    for (int key = warp; key <= qpos; key += warps) {
+        const store_t* kr = kc + (long)key * kvw + kvh * HD + d0;
+        const store_t* vr = vc + (long)key * kvw + kvh * HD + d0;
         float s = 0.0f;
         #pragma unroll
-        for (int d = 0; d < HD; d++) s += qv[d] * LD(kr[d]);
+        for (int i = 0; i < DPL; i++) s += qv[i] * LD(kr[i]);
+        for (int o = RB_WARP / 2; o > 0; o /= 2) s += RB_SHFL_XOR(s, o);
         float new_m = fmaxf(m, s);
         float corr = expf(m - new_m), p = expf(s - new_m);
         l = l * corr + p;
         #pragma unroll
-        for (int d = 0; d < HD; d++) acc[d] = acc[d] * corr + p * LD(vr[d]);
+        for (int i = 0; i < DPL; i++) acc[i] = acc[i] * corr + p * LD(vr[i]);
         m = new_m;
     }
-    float gm = m;
-    for (int o = RB_WARP / 2; o > 0; o /= 2) gm = fmaxf(gm, RB_SHFL_XOR(gm, o));
-    float w = m == RB_NEG_INF ? 0.0f : expf(m - gm);
-    float gl = l * w;
-    for (int o = RB_WARP / 2; o > 0; o /= 2) gl += RB_SHFL_XOR(gl, o);
     #pragma unroll
-    for (int d = 0; d < HD; d++) {
-        float v = acc[d] * w;
-        for (int o = RB_WARP / 2; o > 0; o /= 2) v += RB_SHFL_XOR(v, o);
-        if (lane == 0) wacc[warp][d] = v;
-    }
-    if (lane == 0) wm[warp] = gm, wl[warp] = gl;
+    for (int i = 0; i < DPL; i++) wacc[warp][d0 + i] = acc[i];
+    if (lane == 0) wm[warp] = m, wl[warp] = l;
     __syncthreads();
     for (int d = threadIdx.x; d < HD; d += blockDim.x) {
         float bm = RB_NEG_INF;

@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
 # Benchmark: bisect's economy. A 22-layer TinyLlama-shaped synthetic model (Q4_K), a
 # 1652-token prompt (fixed seed), the runtime with one injected fault; in the same run,
-# `resbisect bisect` against the reference, and the exhaustive alternative — both engines
+# `resbisect bisect` against an oracle, and the exhaustive alternative — both engines
 # dump every tap of every layer at every position, then one diff. Prints and writes engine
-# runs, bytes dumped and wall time of each to bench/results/bisect-<date>.{json,md}.
+# runs, bytes dumped and wall time of each to bench/results/bisect-<backend>-<oracle>-<date>.{json,md}.
 # Target: <= log2(22)+4 = 8.5 runs per engine and <= 20% of the exhaustive wall time.
 #
-#   BACKEND=cpu|cuda DTYPE=f32 FAULT=blk.13.ffn_up:scale=1.05@1000 scripts/bench-bisect.sh
+# The oracle is the reference (ORACLE=reference, default), or the runtime on
+# ORACLE_BACKEND/ORACLE_DTYPE without the fault (ORACLE=runtime: a known-good build).
+#
+#   BACKEND=cpu|cuda DTYPE=f32 FAULT=blk.13.ffn_up:scale=1.05@1000 ORACLE=reference scripts/bench-bisect.sh
 source "$(dirname "$0")/bench-setup.sh"
 backend="${BACKEND:-cpu}"
 dtype="${DTYPE:-f32}"
 fault="${FAULT:-blk.13.ffn_up:scale=1.05@1000}"
+oracle="${ORACLE:-reference}"
+oracle_backend="${ORACLE_BACKEND:-$backend}"
+oracle_dtype="${ORACLE_DTYPE:-f32}"
+if [ "$oracle" = runtime ]; then
+  oracle_args=(--oracle runtime --oracle-backend "$oracle_backend" --oracle-dtype "$oracle_dtype")
+  oracle_dump=(--engine runtime --backend "$oracle_backend" --dtype "$oracle_dtype")
+else
+  oracle_args=(--oracle reference)
+  oracle_dump=(--engine reference)
+fi
 synth="$work/tinyllama-q4_k.gguf"
 "$bin" synth --preset tinyllama-1.1b --quant q4_k --seed 7 -o "$synth" 2>/dev/null
 tokens="$(python3 -c "import random; r = random.Random(1652); print(','.join(str(r.randrange(3, 32000)) for _ in range(1652)))")"
@@ -21,30 +34,37 @@ now() { date +%s.%N; }
 t0=$(now)
 set +e
 "$bin" bisect --model "$synth" --prompts "$suite" --engine runtime --backend "$backend" --dtype "$dtype" \
-  --inject "$fault" --work "$work/bisect" --json > "$work/bisect.json" 2> "$work/bisect.log"
+  --inject "$fault" "${oracle_args[@]}" --work "$work/bisect" --json > "$work/bisect.json" 2> "$work/bisect.log"
 code=$?
 set -e
 t1=$(now)
 [ "$code" -eq 1 ] || { echo "bisect exited $code"; cat "$work/bisect.log"; exit 1; }
 "$bin" dump --engine runtime --backend "$backend" --dtype "$dtype" --model "$synth" --prompts "$suite" \
   --layers all --taps all --positions all --inject "$fault" -o "$work/all-a" 2>/dev/null
-"$bin" dump --engine reference --model "$synth" --prompts "$suite" --layers all --taps all --positions all -o "$work/all-b" 2>/dev/null
+"$bin" dump "${oracle_dump[@]}" --model "$synth" --prompts "$suite" --layers all --taps all --positions all -o "$work/all-b" 2>/dev/null
 set +e
 "$bin" diff "$work/all-a" "$work/all-b" --json > "$work/exhaustive.json"
 set -e
 t2=$(now)
 exhaustive_bytes=$(du -sb "$work/all-a" "$work/all-b" | awk '{s += $1} END {printf "%.0f", s}')
-python3 - "$work" "$t0" "$t1" "$t2" "$exhaustive_bytes" "$fault" "$backend" "$dtype" <<'PY'
+python3 - "$work" "$t0" "$t1" "$t2" "$exhaustive_bytes" "$fault" "$backend" "$dtype" "$oracle" <<'PY'
 import datetime, json, math, os, sys
-work, t0, t1, t2, ex_bytes, fault, backend, dtype = sys.argv[1], *map(float, sys.argv[2:5]), int(sys.argv[5]), *sys.argv[6:]
+work, t0, t1, t2, ex_bytes, fault, backend, dtype, oracle = sys.argv[1], *map(float, sys.argv[2:5]), int(sys.argv[5]), *sys.argv[6:]
 b = json.load(open(f"{work}/bisect.json"))
 ex = json.load(open(f"{work}/exhaustive.json"))
 ex_first = ex["prompts"][0]["first"]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+try:
+    import subprocess
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+except OSError:
+    gpu = ""
+if gpu:
+    cpu += f" + {gpu}"
 res = {
     "date": datetime.date.today().isoformat(), "machine": f"{cpu}, {os.cpu_count()} cores",
     "model": "synthetic tinyllama-1.1b shape (22 layers, n_embd 2048), Q4_K, seed 7", "tokens": 1652,
-    "engine_a": b["engine_a"], "fault": fault,
+    "engine_a": b["engine_a"], "engine_b": b["engine_b"], "fault": fault,
     "bisect": {"runs_a": b["runs_a"], "runs_b": b["runs_b"], "bytes": b["bytes_dumped"], "seconds": t1 - t0,
                "first": [b["first"]["tap"], b["first"]["position"]], "prefix": b["prefix"],
                "probes": [[p["purpose"], p["tokens"], round(p["seconds_a"], 2), round(p["seconds_b"], 2), p["bytes_a"] + p["bytes_b"]] for p in b["probes"]]},
@@ -54,12 +74,12 @@ res["time_ratio"] = res["bisect"]["seconds"] / res["exhaustive"]["seconds"]
 res["bytes_ratio"] = res["bisect"]["bytes"] / res["exhaustive"]["bytes"]
 budget = math.log2(22) + 4
 os.makedirs(os.environ.get("OUT_DIR", "bench/results"), exist_ok=True)
-stem = os.path.join(os.environ.get("OUT_DIR", "bench/results"), f"bisect-{backend}-{res['date']}")
+stem = os.path.join(os.environ.get("OUT_DIR", "bench/results"), f"bisect-{backend}-{oracle}-{res['date']}")
 json.dump(res, open(stem + ".json", "w"), indent=1)
 bi, exh = res["bisect"], res["exhaustive"]
 md = f"""# bisect economy, {res['date']}
 
-Machine: {res['machine']}. {res['model']}, {res['tokens']}-token random prompt. Engine A: {res['engine_a']}; B: reference f32.
+Machine: {res['machine']}. {res['model']}, {res['tokens']}-token random prompt. Engine A: {res['engine_a']}; B: {res['engine_b']}.
 
 | | runs per engine | bytes dumped | wall s | finds |
 |---|---|---|---|---|

@@ -14,7 +14,8 @@ use crate::diff::{self, DiffOptions, DiffReport, FirstDivergence, RowStat};
 use crate::dump::{Dump, PromptRecord, RunError, TapDType, TapView};
 use crate::engines::{crash_report, Engine};
 use crate::error::{Error, Result};
-use crate::reference_engine::ReferenceEngine;
+use crate::model::Model;
+use crate::reference_engine::{RefPrecision, ReferenceEngine};
 use crate::taps::{Selection, LAYER_TAPS};
 use crate::tolerance::Tolerances;
 
@@ -308,10 +309,17 @@ fn tolerance_of(r: &DiffReport, tap: &str) -> Option<crate::tolerance::Tolerance
     r.prompts.iter().flat_map(|p| &p.taps).find(|t| t.tap == tap).map(|t| t.tolerance)
 }
 
-/// Run the search on one prompt. `replayer` is the reference that recomputes layers for
-/// local replay (whatever engine B is).
+/// The reference that recomputes layers for local replay, whatever engine B is.
+pub enum Replayer<'r> {
+    /// Already loaded (it is also one of the engines).
+    Loaded(&'r ReferenceEngine),
+    /// Loaded when replay starts, with only the layers it replays.
+    OnDemand { model: &'r Model, precision: RefPrecision },
+}
+
+/// Run the search on one prompt.
 #[allow(clippy::too_many_arguments)]
-pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: &ReferenceEngine, prompt: PromptRecord, n_layer: usize, n_vocab: usize, n_embd: usize, opts: &BisectOptions) -> Result<BisectReport> {
+pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer, prompt: PromptRecord, n_layer: usize, n_vocab: usize, n_embd: usize, opts: &BisectOptions) -> Result<BisectReport> {
     let start = Instant::now();
     check_work_dir(&opts.work)?;
     let (label_a, label_b) = (a.label(), b.label());
@@ -493,6 +501,14 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: &ReferenceEngine
         }
     }
     let resid_tol = tolerance_of(&taps_diff, &format!("blk.{hi}.resid_post")).map_or(1e-3, |t| t.rel_l2);
+    let loaded;
+    let replayer = match replayer {
+        Replayer::Loaded(r) => r,
+        Replayer::OnDemand { model, precision } => {
+            loaded = ReferenceEngine::load_for_replay(model, precision, &replayed)?;
+            &loaded
+        }
+    };
     for &l in &replayed {
         let get = |side: &str, id: &str| -> Result<Vec<f32>> { s.rows(side, id, prefix)?.ok_or_else(|| Error::engine(format!("replay: {id} missing from the {side} dumps"))) };
         let (in_a, in_b) = (get("a", &input_id(l))?, get("b", &input_id(l))?);

@@ -11,7 +11,7 @@ use crate::dump::{Dump, PromptRecord, RunError, Status};
 use crate::error::{Error, Result};
 use crate::inject::RuntimeFaults;
 use crate::model::Model;
-use crate::reference_engine::{NoProgress, ReferenceEngine};
+use crate::reference_engine::{Checkpoints, NoProgress, ReferenceEngine};
 use crate::runtime::backend::Backend;
 use crate::runtime::{RunOptions, Runtime};
 use crate::taps::{PositionSpec, Selection};
@@ -70,12 +70,14 @@ pub struct ReferenceDriver<'r> {
     engine: &'r ReferenceEngine,
     injections: Vec<String>,
     faults: Faults,
+    /// Checkpoints of the last full run: probes of a prefix resume from them.
+    checkpoints: Option<Checkpoints>,
 }
 
 impl<'r> ReferenceDriver<'r> {
     pub fn new(model: &'r Model, model_path: &Path, engine: &'r ReferenceEngine, injections: Vec<String>) -> Result<Self> {
         let faults = crate::inject::parse_all(&injections, model.config.n_layer)?;
-        Ok(Self { model, model_path: model_path.to_path_buf(), engine, injections, faults })
+        Ok(Self { model, model_path: model_path.to_path_buf(), engine, injections, faults, checkpoints: None })
     }
 }
 
@@ -85,7 +87,7 @@ impl Engine for ReferenceDriver<'_> {
     }
 
     fn dump(&mut self, prompt: &PromptRecord, selection: &Selection, out: &Path) -> Result<()> {
-        self.engine.dump(self.model, vec![prompt.clone()], selection, &self.faults, &self.injections, out, false, &mut NoProgress)?;
+        self.engine.dump(self.model, vec![prompt.clone()], selection, &self.faults, &self.injections, out, false, &mut NoProgress, Some(&mut self.checkpoints))?;
         Ok(())
     }
 

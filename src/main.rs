@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use resbisect::bisect::{self, BisectOptions, Outcome};
+use resbisect::bisect::{self, BisectOptions, Outcome, Replayer};
 use resbisect::diff::{self, DiffOptions, DiffReport};
 use resbisect::engines::{Engine, ExternalEngine, ReferenceDriver, RuntimeDriver};
 use resbisect::dump::Dump;
@@ -252,11 +252,17 @@ struct BisectArgs {
     /// Fault injected into engine A (see `dump --inject`). Repeatable.
     #[arg(long)]
     inject: Vec<String>,
-    /// Engine B, the oracle: the reference, or an external program (--oracle-command).
+    /// Engine B, the oracle: the reference, the runtime (--oracle-backend, --oracle-dtype:
+    /// e.g. a GPU's f32 path against its f16 path), or an external program
+    /// (--oracle-command). Local replay always uses the reference.
     #[arg(long, value_enum, default_value = "reference")]
     oracle: BisectEngine,
     #[arg(long)]
     oracle_command: Option<String>,
+    #[arg(long, value_enum, default_value = "cpu")]
+    oracle_backend: BackendKind,
+    #[arg(long, default_value = "f32")]
+    oracle_dtype: String,
     /// The reference's precision (oracle and local replay): f32 or f64.
     #[arg(long, default_value = "f32")]
     reference_dtype: String,
@@ -444,12 +450,22 @@ fn read_prompts(model: &Model, input: &PromptArgs) -> Result<Vec<resbisect::dump
 }
 
 /// An engine of `bisect` as the trait object the search drives.
-fn bisect_engine<'m>(kind: BisectEngine, a: &BisectArgs, command: Option<&str>, injections: Vec<String>, model: &'m Model, reference: &'m ReferenceEngine) -> Result<Box<dyn Engine + 'm>> {
+/// How bisect builds one side: its kind, and for the runtime its backend and dtype.
+struct EngineSpec<'a> {
+    kind: BisectEngine,
+    command: Option<&'a str>,
+    backend: BackendKind,
+    dtype: &'a str,
+    injections: Vec<String>,
+}
+
+fn bisect_engine<'m>(spec: EngineSpec, a: &BisectArgs, model: &'m Model, reference: Option<&'m ReferenceEngine>) -> Result<Box<dyn Engine + 'm>> {
+    let EngineSpec { kind, command, backend, dtype, injections } = spec;
     Ok(match kind {
         BisectEngine::Runtime => {
-            resbisect::with_backend!(a.backend.runtime(), StorageDType::parse(&a.dtype)?, |b| Box::new(RuntimeDriver::new(b, model, &a.model, injections, a.prefill_chunk)?) as Box<dyn Engine + 'm>)
+            resbisect::with_backend!(backend.runtime(), StorageDType::parse(dtype)?, |b| Box::new(RuntimeDriver::new(b, model, &a.model, injections, a.prefill_chunk)?) as Box<dyn Engine + 'm>)
         }
-        BisectEngine::Reference => Box::new(ReferenceDriver::new(model, &a.model, reference, injections)?),
+        BisectEngine::Reference => Box::new(ReferenceDriver::new(model, &a.model, reference.expect("the reference is loaded when an engine is the reference"), injections)?),
         BisectEngine::External => {
             let template = command.ok_or_else(|| Error::input("an external engine needs its command template (--command / --oracle-command)"))?;
             Box::new(ExternalEngine::new(template, &a.model, model)?)
@@ -461,24 +477,34 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
     let model = Model::open(&a.model)?;
     let records = read_prompts(&model, &a.input)?;
     let [prompt] = <[_; 1]>::try_from(records).map_err(|r| Error::input(format!("bisect takes one prompt; the suite has {} (pick one with --id)", r.len())))?;
-    if matches!(a.oracle, BisectEngine::Runtime) {
-        return Err(Error::input("the oracle is the reference or an external engine"));
-    }
-    if a.engine as u8 == a.oracle as u8 && a.inject.is_empty() && !matches!(a.engine, BisectEngine::External) {
+    let same_runtime = matches!(a.engine, BisectEngine::Runtime) && a.backend as u8 == a.oracle_backend as u8 && a.dtype == a.oracle_dtype;
+    if a.engine as u8 == a.oracle as u8 && a.inject.is_empty() && (matches!(a.engine, BisectEngine::Reference) || same_runtime) {
         eprintln!("note: A and B are the same engine without injected faults");
     }
     if let Some(w) = &a.work {
         bisect::check_work_dir(w)?;
     }
-    let mut progress = Bars { bar: None };
-    progress.stage("loading the reference", model.config.n_layer);
-    let reference = ReferenceEngine::load(&model, RefPrecision::parse(&a.reference_dtype)?, &mut |_| progress.tick())?;
-    drop(progress);
-    if matches!(a.engine, BisectEngine::Reference) && RefPrecision::parse(&a.dtype)? != reference.precision() {
+    let precision = RefPrecision::parse(&a.reference_dtype)?;
+    // The whole reference loads only when it is an engine; local replay alone loads just
+    // the layers it replays, when it gets there.
+    let reference = if matches!(a.engine, BisectEngine::Reference) || matches!(a.oracle, BisectEngine::Reference) {
+        let mut progress = Bars { bar: None };
+        progress.stage("loading the reference", model.config.n_layer);
+        Some(ReferenceEngine::load(&model, precision, &mut |_| progress.tick())?)
+    } else {
+        None
+    };
+    if matches!(a.engine, BisectEngine::Reference) && RefPrecision::parse(&a.dtype)? != precision {
         return Err(Error::input("with --engine reference, A computes in --reference-dtype; drop --dtype"));
     }
-    let mut engine_a = bisect_engine(a.engine, &a, a.command.as_deref(), a.inject.clone(), &model, &reference)?;
-    let mut engine_b = bisect_engine(a.oracle, &a, a.oracle_command.as_deref(), Vec::new(), &model, &reference)?;
+    let spec_a = EngineSpec { kind: a.engine, command: a.command.as_deref(), backend: a.backend, dtype: &a.dtype, injections: a.inject.clone() };
+    let spec_b = EngineSpec { kind: a.oracle, command: a.oracle_command.as_deref(), backend: a.oracle_backend, dtype: &a.oracle_dtype, injections: Vec::new() };
+    let mut engine_a = bisect_engine(spec_a, &a, &model, reference.as_ref())?;
+    let mut engine_b = bisect_engine(spec_b, &a, &model, reference.as_ref())?;
+    let replayer = match &reference {
+        Some(r) => Replayer::Loaded(r),
+        None => Replayer::OnDemand { model: &model, precision },
+    };
     let tolerances = match &a.compare.tolerances {
         Some(p) => Tolerances::load(p)?,
         None => Tolerances::default(),
@@ -491,7 +517,7 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
     let opts = BisectOptions { tolerances, allow_model_mismatch: a.compare.allow_model_mismatch, logits_budget: a.logits_budget_mib << 20, work };
     eprintln!("bisecting {} ({} tokens): A = {}, B = {}; probes in {}", prompt.id, prompt.tokens.len(), engine_a.label(), engine_b.label(), opts.work.display());
     let c = &model.config;
-    let r = bisect::bisect(engine_a.as_mut(), engine_b.as_mut(), &reference, prompt, c.n_layer, c.n_vocab, c.n_embd, &opts)?;
+    let r = bisect::bisect(engine_a.as_mut(), engine_b.as_mut(), replayer, prompt, c.n_layer, c.n_vocab, c.n_embd, &opts)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r).map_err(|e| Error::input(e.to_string()))?);
     } else {
@@ -537,6 +563,8 @@ fn cmd_demo(model: PathBuf, prompts: PathBuf, output: PathBuf) -> Result<ExitCod
         inject: vec![fault.into()],
         oracle: BisectEngine::Reference,
         oracle_command: None,
+        oracle_backend: BackendKind::Cpu,
+        oracle_dtype: "f32".into(),
         reference_dtype: "f32".into(),
         compare: CompareArgs { tolerances: None, allow_model_mismatch: false },
         logits_budget_mib: 64,

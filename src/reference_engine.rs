@@ -9,7 +9,7 @@ use resbisect_reference::{Config as RefConfig, Faults, RawWeight, Reference, Tap
 use crate::dump::{BackgroundWriter, FileJob, TapDType, TapTensor};
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::taps::{Selection, Tap};
+use crate::taps::{Selection, Tap, LAYER_TAPS};
 
 /// Precision the reference computes in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +49,20 @@ impl WeightSource for Model {
     }
 }
 
+fn ref_config(model: &Model) -> RefConfig {
+    let c = &model.config;
+    RefConfig {
+        n_layer: c.n_layer,
+        n_embd: c.n_embd,
+        n_head: c.n_head,
+        n_head_kv: c.n_head_kv,
+        n_ff: c.n_ff,
+        n_vocab: c.n_vocab,
+        rope_base: c.rope_base,
+        rms_eps: c.rms_eps,
+    }
+}
+
 /// Reference weights loaded once, reusable across prompts.
 pub struct ReferenceEngine {
     inner: Reference,
@@ -57,18 +71,13 @@ pub struct ReferenceEngine {
 
 impl ReferenceEngine {
     pub fn load(model: &Model, precision: RefPrecision, on_layer: &mut dyn FnMut(usize)) -> Result<Self> {
-        let c = &model.config;
-        let cfg = RefConfig {
-            n_layer: c.n_layer,
-            n_embd: c.n_embd,
-            n_head: c.n_head,
-            n_head_kv: c.n_head_kv,
-            n_ff: c.n_ff,
-            n_vocab: c.n_vocab,
-            rope_base: c.rope_base,
-            rms_eps: c.rms_eps,
-        };
-        let inner = Reference::load(cfg, model, precision.candle(), on_layer).map_err(|e| Error::engine(format!("reference: loading weights: {e:#}")))?;
+        let inner = Reference::load(ref_config(model), model, precision.candle(), on_layer).map_err(|e| Error::engine(format!("reference: loading weights: {e:#}")))?;
+        Ok(Self { inner, precision })
+    }
+
+    /// Only `layers`, for local replay ([`replay_layer`](Self::replay_layer)).
+    pub fn load_for_replay(model: &Model, precision: RefPrecision, layers: &[usize]) -> Result<Self> {
+        let inner = Reference::load_for_replay(ref_config(model), model, precision.candle(), layers).map_err(|e| Error::engine(format!("reference: loading layers {layers:?} for replay: {e:#}")))?;
         Ok(Self { inner, precision })
     }
 
@@ -88,7 +97,10 @@ impl ReferenceEngine {
             .collect()
     }
 
-    /// Run one prompt, sending each completed file to `writer`.
+    /// Run one prompt, sending each completed file to `writer`. With `cache`, a prompt
+    /// that is a prefix of the cached run's tokens resumes from its checkpoints, and any
+    /// other prompt runs in full and leaves its checkpoints there (when they fit).
+    #[allow(clippy::too_many_arguments)]
     pub fn run_prompt(
         &self,
         prompt_id: &str,
@@ -99,13 +111,85 @@ impl ReferenceEngine {
         n_layer: usize,
         writer: &BackgroundWriter,
         on_layer: &mut dyn FnMut(usize),
+        cache: Option<&mut Option<Checkpoints>>,
     ) -> Result<()> {
         let mut sink = DumpSink { prompt_id, positions: positions.clone(), selection, n_layer, writer, send_error: None };
-        let result = self.inner.forward(tokens, &positions, faults, &mut sink, on_layer);
+        let result = match cache {
+            Some(Some(cp)) if !tokens.is_empty() && cp.tokens.starts_with(tokens) => self.resume(cp, tokens.len(), &positions, faults, &mut sink),
+            Some(slot) if self.checkpoint_bytes(tokens.len(), n_layer) <= checkpoint_budget() => {
+                let mut stream = Vec::with_capacity(n_layer + 1);
+                let r = self.inner.forward_keeping(tokens, &positions, faults, &mut sink, &mut |i, x| {
+                    stream.push(x.clone());
+                    if i > 0 {
+                        on_layer(i - 1);
+                    }
+                });
+                *slot = r.is_ok().then(|| Checkpoints { tokens: tokens.to_vec(), stream });
+                r
+            }
+            _ => self.inner.forward(tokens, &positions, faults, &mut sink, on_layer),
+        };
         if let Some(e) = sink.send_error {
             return Err(e);
         }
         result.map_err(|e| Error::engine(format!("reference failed on prompt {prompt_id}: {e:#}")))
+    }
+}
+
+/// The residual stream of every position after embedding and after each layer of one
+/// forward pass. A later run over a prefix of the same tokens reads its rows from here and
+/// recomputes only the layers whose inner taps it wants: by causality, rows of a prefix
+/// do not depend on the tokens after it.
+pub struct Checkpoints {
+    tokens: Vec<u32>,
+    /// `stream[0]` after embedding, `stream[l + 1]` after layer `l`, all tokens' rows.
+    stream: Vec<Tensor>,
+}
+
+/// Memory the checkpoints of one run may take: half of what is available (2 GiB when
+/// unknown).
+fn checkpoint_budget() -> u64 {
+    crate::runtime::available_memory().map_or(2 << 30, |m| m / 2)
+}
+
+impl ReferenceEngine {
+    fn checkpoint_bytes(&self, tokens: usize, n_layer: usize) -> u64 {
+        let width = self.inner.n_embd() as u64;
+        let bytes = if self.precision == RefPrecision::F64 { 8 } else { 4 };
+        (n_layer as u64 + 1) * tokens as u64 * width * bytes
+    }
+
+    /// Serve a run over the first `n` cached tokens from the checkpoints.
+    fn resume(&self, cp: &Checkpoints, n: usize, positions: &[usize], faults: &Faults, sink: &mut DumpSink) -> anyhow::Result<()> {
+        let rows = |i: usize| cp.stream[i].narrow(0, 0, n);
+        if sink.wants("embed") {
+            sink.emit("embed", vec![("embed".into(), resbisect_reference::gather(&rows(0)?, positions)?)])?;
+        }
+        let layers = cp.stream.len() - 1;
+        let n_layer = self.inner.n_layer();
+        let wants_output = sink.wants("final_norm") || sink.wants("logits");
+        for l in 0..n_layer {
+            let inner = LAYER_TAPS[..LAYER_TAPS.len() - 1].iter().any(|t| sink.wants(&format!("blk.{l}.{t}")));
+            let post = sink.wants(&format!("blk.{l}.resid_post"));
+            if l >= layers {
+                // Past the checkpointed layers: continue the forward from the last one.
+                let wanted_after = (l..n_layer).rev().find(|&m| LAYER_TAPS.iter().any(|t| sink.wants(&format!("blk.{m}.{t}"))));
+                let last = if wants_output { Some(n_layer - 1) } else { wanted_after };
+                let Some(last) = last else { return Ok(()) };
+                let x = self.inner.run_layers(rows(layers)?, layers, last, positions, faults, sink, &mut |_, _| {})?;
+                return if wants_output { self.inner.head(&x, positions, faults, sink) } else { Ok(()) };
+            }
+            if inner {
+                self.inner.run_layers(rows(l)?, l, l, positions, faults, sink, &mut |_, _| {})?;
+            } else if post {
+                let id = format!("blk.{l}.resid_post");
+                sink.emit(&format!("blk.{l}"), vec![(id, resbisect_reference::gather(&rows(l + 1)?, positions)?)])?;
+            }
+        }
+        if wants_output {
+            self.inner.head(&rows(n_layer)?, positions, faults, sink)?;
+        }
+        Ok(())
     }
 }
 
@@ -187,6 +271,7 @@ impl ReferenceEngine {
         out: &std::path::Path,
         overwrite: bool,
         progress: &mut dyn Progress,
+        mut cache: Option<&mut Option<Checkpoints>>,
     ) -> Result<DumpSummary> {
         let spec = crate::taps::PositionSpec::parse(&selection.positions)?;
         let positions: Vec<Arc<Vec<usize>>> = prompts
@@ -200,7 +285,7 @@ impl ReferenceEngine {
         let n_layer = model.config.n_layer;
         let outcome = prompts.iter().zip(&positions).try_for_each(|(p, pos)| {
             progress.stage(&format!("{} ({} tokens)", p.id, p.tokens.len()), n_layer);
-            self.run_prompt(&p.id, &p.tokens, pos.clone(), selection, faults, n_layer, &writer, &mut |_| progress.tick())
+            self.run_prompt(&p.id, &p.tokens, pos.clone(), selection, faults, n_layer, &writer, &mut |_| progress.tick(), cache.as_deref_mut())
         });
         writer.finish(outcome)?;
         Ok(DumpSummary {
@@ -234,6 +319,6 @@ pub fn dump_reference(
     progress.stage("loading weights", model.config.n_layer);
     let engine = ReferenceEngine::load(model, precision, &mut |_| progress.tick())?;
     let load_seconds = start.elapsed().as_secs_f64();
-    let summary = engine.dump(model, prompts, &selection, &faults, injections, out, overwrite, progress)?;
+    let summary = engine.dump(model, prompts, &selection, &faults, injections, out, overwrite, progress, None)?;
     Ok(DumpSummary { load_seconds, ..summary })
 }

@@ -13,7 +13,7 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 /// Layer taps in topological order (DESIGN §3), as the reference computes them.
-const LAYER_TAPS: [&str; 13] = [
+pub const LAYER_TAPS: [&str; 13] = [
     "attn_norm", "q", "k", "v", "attn", "attn_out", "resid_mid", "ffn_norm", "ffn_gate", "ffn_up", "ffn_act", "ffn_out", "resid_post",
 ];
 
@@ -136,8 +136,14 @@ struct Layer {
 pub struct Reference {
     cfg: Config,
     dtype: DType,
+    /// Weights outside the layers; absent in a reference loaded only for layer replay.
+    io: Option<IoWeights>,
+    /// `None` for layers a replay-only reference did not load.
+    layers: Vec<Option<Layer>>,
+}
+
+struct IoWeights {
     token_embd: Tensor,
-    layers: Vec<Layer>,
     output_norm: Tensor,
     output: Tensor,
 }
@@ -152,56 +158,95 @@ fn load(src: &dyn WeightSource, name: &str, dtype: DType) -> Result<Tensor> {
 }
 
 impl Reference {
-    /// Load and dequantize every weight. `on_layer` is called after each layer loads.
-    pub fn load(cfg: Config, src: &dyn WeightSource, dtype: DType, on_layer: &mut dyn FnMut(usize)) -> Result<Self> {
+    /// Load and dequantize every weight (layers in parallel). `on_layer` is called as
+    /// each layer finishes loading.
+    pub fn load(cfg: Config, src: &(dyn WeightSource + Sync), dtype: DType, on_layer: &mut dyn FnMut(usize)) -> Result<Self> {
+        let all: Vec<usize> = (0..cfg.n_layer).collect();
+        let io = IoWeights { token_embd: load(src, "token_embd.weight", dtype)?, output_norm: load(src, "output_norm.weight", dtype)?, output: load(src, "output.weight", dtype)? };
+        Self::load_layers(cfg, src, dtype, &all, Some(io), on_layer)
+    }
+
+    /// Load only `layers`, for local replay of them ([`replay_layer`](Self::replay_layer)):
+    /// a fraction of the weights of a full load.
+    pub fn load_for_replay(cfg: Config, src: &(dyn WeightSource + Sync), dtype: DType, layers: &[usize]) -> Result<Self> {
+        Self::load_layers(cfg, src, dtype, layers, None, &mut |_| {})
+    }
+
+    fn load_layers(cfg: Config, src: &(dyn WeightSource + Sync), dtype: DType, which: &[usize], io: Option<IoWeights>, on_layer: &mut dyn FnMut(usize)) -> Result<Self> {
         if !matches!(dtype, DType::F32 | DType::F64) {
             bail!("the reference computes in f32 or f64, not {dtype:?}");
         }
-        let token_embd = load(src, "token_embd.weight", dtype)?;
-        let output_norm = load(src, "output_norm.weight", dtype)?;
-        let output = load(src, "output.weight", dtype)?;
-        let mut layers = Vec::with_capacity(cfg.n_layer);
-        for l in 0..cfg.n_layer {
-            let w = |n: &str| load(src, &format!("blk.{l}.{n}.weight"), dtype);
-            layers.push(Layer {
-                attn_norm: w("attn_norm")?,
-                wqkv: Tensor::cat(&[w("attn_q")?, w("attn_k")?, w("attn_v")?], 0)?.t()?,
-                wo: w("attn_output")?.t()?,
-                ffn_norm: w("ffn_norm")?,
-                w_gate_up: Tensor::cat(&[w("ffn_gate")?, w("ffn_up")?], 0)?.t()?,
-                w_down: w("ffn_down")?.t()?,
-            });
-            on_layer(l);
+        if let Some(&l) = which.iter().find(|&&l| l >= cfg.n_layer) {
+            bail!("layer {l} is outside the model's {} layers", cfg.n_layer);
         }
-        Ok(Self { cfg, dtype, token_embd, layers, output_norm, output })
+        // In parallel, a batch of layers at a time, so progress still moves.
+        let mut loaded: Vec<(usize, Layer)> = Vec::with_capacity(which.len());
+        for batch in which.chunks(rayon::current_num_threads().max(1)) {
+            let done: Vec<(usize, Layer)> = batch.par_iter().map(|&l| -> Result<(usize, Layer)> {
+                let w = |n: &str| load(src, &format!("blk.{l}.{n}.weight"), dtype);
+                let layer = Layer {
+                    attn_norm: w("attn_norm")?,
+                    wqkv: Tensor::cat(&[w("attn_q")?, w("attn_k")?, w("attn_v")?], 0)?.t()?,
+                    wo: w("attn_output")?.t()?,
+                    ffn_norm: w("ffn_norm")?,
+                    w_gate_up: Tensor::cat(&[w("ffn_gate")?, w("ffn_up")?], 0)?.t()?,
+                    w_down: w("ffn_down")?.t()?,
+                };
+                Ok((l, layer))
+            }).collect::<Result<_>>()?;
+            for (l, _) in &done {
+                on_layer(*l);
+            }
+            loaded.extend(done);
+        }
+        let mut layers: Vec<Option<Layer>> = (0..cfg.n_layer).map(|_| None).collect();
+        for (l, layer) in loaded {
+            layers[l] = Some(layer);
+        }
+        Ok(Self { cfg, dtype, io, layers })
+    }
+
+    fn io(&self) -> Result<&IoWeights> {
+        self.io.as_ref().context("this reference was loaded for layer replay only: no embedding or output head")
+    }
+
+    fn layer_weights(&self, l: usize) -> Result<&Layer> {
+        match self.layers.get(l) {
+            Some(Some(layer)) => Ok(layer),
+            Some(None) => bail!("layer {l} was not loaded (replay-only reference)"),
+            None => bail!("layer {l} is outside the model's {} layers", self.cfg.n_layer),
+        }
     }
 
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
+    pub fn n_layer(&self) -> usize {
+        self.cfg.n_layer
+    }
+
+    pub fn n_embd(&self) -> usize {
+        self.cfg.n_embd
+    }
+
     /// Run the whole sequence through the model, capturing the taps the sink wants at
     /// `positions` (sorted absolute positions). `on_layer` is called after each layer.
     pub fn forward(&self, tokens: &[u32], positions: &[usize], faults: &Faults, sink: &mut dyn TapSink, on_layer: &mut dyn FnMut(usize)) -> Result<()> {
-        let cfg = &self.cfg;
-        let n = tokens.len();
-        if n == 0 {
-            bail!("no tokens to process");
-        }
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= cfg.n_vocab) {
-            bail!("token id {t} is outside the vocabulary (size {})", cfg.n_vocab);
-        }
-        if let Some(&p) = positions.iter().find(|&&p| p >= n) {
-            bail!("position {p} is outside the {n}-token sequence");
-        }
-        let pos_idx = Tensor::from_vec(positions.iter().map(|&p| p as u32).collect::<Vec<_>>(), positions.len(), &Device::Cpu)?;
-        let gather = |t: &Tensor| -> Result<Tensor> { Ok(t.contiguous()?.index_select(&pos_idx, 0)?) };
+        self.forward_keeping(tokens, positions, faults, sink, &mut |i, _| {
+            if i > 0 {
+                on_layer(i - 1)
+            }
+        })
+    }
 
-        let ids = Tensor::from_vec(tokens.to_vec(), n, &Device::Cpu)?;
-        let mut x = faults.apply("embed", self.token_embd.index_select(&ids, 0)?)?;
-        if sink.wants("embed") {
-            sink.emit("embed", vec![("embed".into(), gather(&x)?)])?;
-        }
+    /// As [`forward`](Self::forward), showing `keep(i, x)` the residual stream of every
+    /// position after embedding (i = 0) and after each layer (i = layer + 1), so that a
+    /// caller can later resume from any of them with [`run_layers`](Self::run_layers).
+    pub fn forward_keeping(&self, tokens: &[u32], positions: &[usize], faults: &Faults, sink: &mut dyn TapSink, keep: &mut dyn FnMut(usize, &Tensor)) -> Result<()> {
+        let cfg = &self.cfg;
+        let mut x = self.embed(tokens, positions, faults, sink)?;
+        keep(0, &x);
         // Layers past the last one anything is captured from cannot change the dump.
         let wants_output = sink.wants("final_norm") || sink.wants("logits");
         let last_layer = if wants_output {
@@ -209,12 +254,51 @@ impl Reference {
         } else {
             (0..cfg.n_layer).rev().find(|l| LAYER_TAPS.iter().any(|t| sink.wants(&format!("blk.{l}.{t}"))))
         };
+        if let Some(last) = last_layer {
+            x = self.run_layers(x, 0, last, positions, faults, sink, &mut |l, x| keep(l + 1, x))?;
+        }
+        if wants_output {
+            self.head(&x, positions, faults, sink)?;
+        }
+        Ok(())
+    }
+
+    /// Embed `tokens`, capturing `embed` at `positions` when the sink wants it.
+    pub fn embed(&self, tokens: &[u32], positions: &[usize], faults: &Faults, sink: &mut dyn TapSink) -> Result<Tensor> {
+        let n = tokens.len();
+        if n == 0 {
+            bail!("no tokens to process");
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.cfg.n_vocab) {
+            bail!("token id {t} is outside the vocabulary (size {})", self.cfg.n_vocab);
+        }
+        if let Some(&p) = positions.iter().find(|&&p| p >= n) {
+            bail!("position {p} is outside the {n}-token sequence");
+        }
+        let ids = Tensor::from_vec(tokens.to_vec(), n, &Device::Cpu)?;
+        let x = faults.apply("embed", self.io()?.token_embd.index_select(&ids, 0)?)?;
+        if sink.wants("embed") {
+            sink.emit("embed", vec![("embed".into(), gather(&x, positions)?)])?;
+        }
+        Ok(x)
+    }
+
+    /// Layers `first..=last` over the residual stream `x` of positions `0..rows`
+    /// (injected faults applied, wanted taps captured at `positions`); `after(l, x)` sees
+    /// each layer's output. Returns the stream after layer `last`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_layers(&self, mut x: Tensor, first: usize, last: usize, positions: &[usize], faults: &Faults, sink: &mut dyn TapSink, after: &mut dyn FnMut(usize, &Tensor)) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let n = x.dim(0)?;
+        if last >= cfg.n_layer || first > last {
+            bail!("layers {first}..={last} are outside the model's {} layers", cfg.n_layer);
+        }
+        if let Some(&p) = positions.iter().find(|&&p| p >= n) {
+            bail!("position {p} is outside the {n}-token sequence");
+        }
         let true_positions: Vec<f64> = (0..n).map(|p| p as f64).collect();
         let (cos, sin) = rope_tables(&true_positions, cfg.head_dim(), cfg.rope_base, self.dtype)?;
-        for (l, layer) in self.layers.iter().enumerate() {
-            if last_layer.is_none_or(|last| l > last) {
-                break;
-            }
+        for l in first..=last {
             let ids: Vec<String> = LAYER_TAPS.iter().map(|t| format!("blk.{l}.{t}")).collect();
             let wanted: Vec<bool> = ids.iter().map(|id| sink.wants(id)).collect();
             let mut captured: Vec<(String, Tensor)> = Vec::new();
@@ -222,7 +306,7 @@ impl Reference {
             let mut tap = |i: usize, t: Tensor| -> Result<Tensor> {
                 let t = faults.apply(&ids[i], t)?;
                 if wanted[i] {
-                    captured.push((ids[i].clone(), gather(&t)?));
+                    captured.push((ids[i].clone(), gather(&t, positions)?));
                 }
                 Ok(t)
             };
@@ -234,37 +318,43 @@ impl Reference {
                 None => None,
             };
             let (cos, sin) = faulty_rope.as_ref().map(|(c, s)| (c, s)).unwrap_or((&cos, &sin));
-            x = self.layer(layer, &x, cos, sin, &mut tap)?;
+            x = self.layer(self.layer_weights(l)?, &x, cos, sin, &mut tap)?;
             if !captured.is_empty() {
                 sink.emit(&format!("blk.{l}"), captured)?;
             }
-            on_layer(l);
+            after(l, &x);
         }
-        // The output head only at the captured positions: RMSNorm and the projection are
-        // per row, so this equals computing everything and gathering afterwards.
-        let (want_norm, want_logits) = (sink.wants("final_norm"), sink.wants("logits"));
-        if wants_output {
-            // Faults address absolute positions; on gathered rows they apply by index.
-            let gathered_faults = Faults {
-                taps: faults
-                    .taps
-                    .iter()
-                    .map(|f| TapFault { from: positions.iter().position(|&p| p >= f.from).unwrap_or(positions.len()), ..f.clone() })
-                    .collect(),
-                rope: Vec::new(),
-            };
-            let normed = gathered_faults.apply("final_norm", rms_norm(&gather(&x)?, &self.output_norm, cfg.rms_eps)?)?;
-            let mut out = Vec::new();
-            if want_norm {
-                out.push(("final_norm".to_string(), normed.clone()));
-            }
-            if want_logits {
-                out.push(("logits".to_string(), gathered_faults.apply("logits", normed.matmul(&self.output.t()?)?)?));
-            }
-            sink.emit("output", out)?;
-        }
-        Ok(())
+        Ok(x)
     }
+
+    /// The output head at `positions` of the final residual stream `x`: RMSNorm and the
+    /// projection are per row, so only the captured rows are computed.
+    pub fn head(&self, x: &Tensor, positions: &[usize], faults: &Faults, sink: &mut dyn TapSink) -> Result<()> {
+        let (want_norm, want_logits) = (sink.wants("final_norm"), sink.wants("logits"));
+        if !want_norm && !want_logits {
+            return Ok(());
+        }
+        // Faults address absolute positions; on gathered rows they apply by index.
+        let gathered_faults = Faults {
+            taps: faults
+                .taps
+                .iter()
+                .map(|f| TapFault { from: positions.iter().position(|&p| p >= f.from).unwrap_or(positions.len()), ..f.clone() })
+                .collect(),
+            rope: Vec::new(),
+        };
+        let io = self.io()?;
+        let normed = gathered_faults.apply("final_norm", rms_norm(&gather(x, positions)?, &io.output_norm, self.cfg.rms_eps)?)?;
+        let mut out = Vec::new();
+        if want_norm {
+            out.push(("final_norm".to_string(), normed.clone()));
+        }
+        if want_logits {
+            out.push(("logits".to_string(), gathered_faults.apply("logits", normed.matmul(&io.output.t()?)?)?));
+        }
+        sink.emit("output", out)
+    }
+
     /// One transformer block over all rows of `x`; `tap(i, t)` sees each of the layer's
     /// taps in order (index into the layer taps) and hands on what the block continues with.
     fn layer(&self, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor, tap: &mut dyn FnMut(usize, Tensor) -> Result<Tensor>) -> Result<Tensor> {
@@ -292,7 +382,7 @@ impl Reference {
     /// layer `l - 1`). Returns the layer's taps, in order, as `[rows, width]` f32 tensors.
     pub fn replay_layer(&self, l: usize, input: &[f32], rows: usize) -> Result<Vec<(String, Tensor)>> {
         let cfg = &self.cfg;
-        let Some(layer) = self.layers.get(l) else { bail!("layer {l} is outside the model's {} layers", cfg.n_layer) };
+        let layer = self.layer_weights(l)?;
         if rows == 0 || input.len() != rows * cfg.n_embd {
             bail!("replay of layer {l}: {} input values are not {rows} rows of {}", input.len(), cfg.n_embd);
         }
@@ -306,6 +396,12 @@ impl Reference {
         })?;
         Ok(out)
     }
+}
+
+/// Rows `positions` of `t`.
+pub fn gather(t: &Tensor, positions: &[usize]) -> Result<Tensor> {
+    let idx = Tensor::from_vec(positions.iter().map(|&p| p as u32).collect::<Vec<_>>(), positions.len(), &Device::Cpu)?;
+    Ok(t.contiguous()?.index_select(&idx, 0)?)
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {

@@ -45,20 +45,20 @@ extern "C" __global__ void rb_perturb(store_t* x, long start, long n, int kind, 
     x[start + i] = ST(r);
 }
 
-// Decode matmul (rows ≤ RB_GEMV_ROWS): one warp per output column streams its weight row
+// Decode matmuls (rows ≤ RB_GEMV_ROWS): one warp per output column streams its weight row
 // with 16-byte loads, so reading the weights once at full bandwidth is the whole cost
 // (a GEMM tiling leaves most of the GPU idle at one row).
 #define RB_GEMV_ROWS 4
-extern "C" __global__ void rb_gemv(const store_t* x, const store_t* w, store_t* out, int rows, int k, int n) {
+
+// Dot products of weight row `wr` with rows 0..rows of x, summed over the warp: every lane
+// gets acc[r].
+__device__ __forceinline__ void rb_warp_dots(const store_t* x, const store_t* wr, int rows, int k, float* acc) {
     const int lane = threadIdx.x % RB_WARP;
-    const int j = blockIdx.x * (blockDim.x / RB_WARP) + threadIdx.x / RB_WARP;
-    if (j >= n) return;  // whole warps leave together
-    const store_t* wr = w + (long)j * k;
-    float acc[RB_GEMV_ROWS];
     #pragma unroll
     for (int r = 0; r < RB_GEMV_ROWS; r++) acc[r] = 0.0f;
     const int V = 16 / sizeof(store_t);
     if (k % V == 0) {
+        #pragma unroll 4
         for (int c = lane * V; c < k; c += RB_WARP * V) {
             store_t wv[V];
             *(uint4*)wv = *(const uint4*)(wr + c);
@@ -81,10 +81,57 @@ extern "C" __global__ void rb_gemv(const store_t* x, const store_t* w, store_t* 
         }
     }
     #pragma unroll
-    for (int r = 0; r < RB_GEMV_ROWS; r++) {
-        float v = acc[r];
-        for (int o = RB_WARP / 2; o > 0; o /= 2) v += RB_SHFL_XOR(v, o);
-        if (lane == 0 && r < rows) out[(long)r * n + j] = ST(v);
+    for (int r = 0; r < RB_GEMV_ROWS; r++)
+        for (int o = RB_WARP / 2; o > 0; o /= 2) acc[r] += RB_SHFL_XOR(acc[r], o);
+}
+
+// The output column this warp computes.
+__device__ __forceinline__ int rb_warp_column() { return blockIdx.x * (blockDim.x / RB_WARP) + threadIdx.x / RB_WARP; }
+
+extern "C" __global__ void rb_gemv(const store_t* x, const store_t* w, store_t* out, int rows, int k, int n) {
+    const int j = rb_warp_column();
+    if (j >= n) return;  // whole warps leave together
+    float acc[RB_GEMV_ROWS];
+    rb_warp_dots(x, w + (long)j * k, rows, k, acc);
+    if (threadIdx.x % RB_WARP == 0)
+        for (int r = 0; r < rows; r++) out[(long)r * n + j] = ST(acc[r]);
+}
+
+// Three projections of the same input in one launch (q, k and v): columns 0..n0 of w0,
+// then n1 of w1, then n2 of w2.
+extern "C" __global__ void rb_gemv3(const store_t* x, const store_t* w0, const store_t* w1, const store_t* w2, store_t* o0, store_t* o1, store_t* o2,
+                                    int rows, int k, int n0, int n1, int n2) {
+    int j = rb_warp_column(), part = 0;
+    if (j >= n0) {
+        j -= n0, part = 1;
+        if (j >= n1) j -= n1, part = 2;
+    }
+    const store_t* w = part == 0 ? w0 : part == 1 ? w1 : w2;
+    store_t* out = part == 0 ? o0 : part == 1 ? o1 : o2;
+    const int n = part == 0 ? n0 : part == 1 ? n1 : n2;
+    if (j >= n) return;
+    float acc[RB_GEMV_ROWS];
+    rb_warp_dots(x, w + (long)j * k, rows, k, acc);
+    if (threadIdx.x % RB_WARP == 0)
+        for (int r = 0; r < rows; r++) out[(long)r * n + j] = ST(acc[r]);
+}
+
+// Gate and up projections and the SiLU product in one launch, each rounded as the separate
+// ops round them: g and u stored, act = silu(g)·u from the stored values.
+extern "C" __global__ void rb_gate_up_silu(const store_t* x, const store_t* wg, const store_t* wu, store_t* g, store_t* u, store_t* act, int rows, int k, int n) {
+    const int j = rb_warp_column();
+    if (j >= n) return;
+    float ag[RB_GEMV_ROWS], au[RB_GEMV_ROWS];
+    rb_warp_dots(x, wg + (long)j * k, rows, k, ag);
+    rb_warp_dots(x, wu + (long)j * k, rows, k, au);
+    if (threadIdx.x % RB_WARP == 0) {
+        for (int r = 0; r < rows; r++) {
+            long at = (long)r * n + j;
+            g[at] = ST(ag[r]);
+            u[at] = ST(au[r]);
+            float gv = LD(g[at]);
+            act[at] = ST(gv / (1.0f + expf(-gv)) * LD(u[at]));
+        }
     }
 }
 
@@ -133,22 +180,61 @@ extern "C" __global__ void rb_rms_norm(const store_t* x, const store_t* w, store
     for (int c = threadIdx.x; c < width; c += blockDim.x) out[(long)blockIdx.x * width + c] = ST(LD(row[c]) * scale * LD(w[c]));
 }
 
-// Interleaved RoPE in place: pair (2i, 2i+1) of each head rotates by pos · base^(-2i/d).
+// sum = a + b (stored), then out = rms_norm(sum) · w: rb_add and rb_rms_norm in one launch,
+// with the same roundings and summation order.
+extern "C" __global__ void rb_add_rms_norm(const store_t* a, const store_t* b, const store_t* w, store_t* sum, store_t* out, int width, float eps) {
+    __shared__ float scratch[32];
+    const long base = (long)blockIdx.x * width;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) {
+        sum[base + c] = ST(LD(a[base + c]) + LD(b[base + c]));
+        float v = LD(sum[base + c]);
+        ss += v * v;
+    }
+    float scale = 1.0f / sqrtf(rb_block_sum(ss, scratch) / width + eps);
+    for (int c = threadIdx.x; c < width; c += blockDim.x) out[base + c] = ST(LD(sum[base + c]) * scale * LD(w[c]));
+}
+
+// Interleaved RoPE: pair (2i, 2i+1) of a head rotates by pos · base^(-2i/d).
+__device__ __forceinline__ void rb_rope_pair(store_t* p, float pos, int i, int head_dim, float base) {
+    float inv_freq = powf(base, -2.0f * (float)i / (float)head_dim);
+    float s, c;
+    sincosf(pos * inv_freq, &s, &c);
+    float a = LD(p[0]), b = LD(p[1]);
+    p[0] = ST(a * c - b * s);
+    p[1] = ST(a * s + b * c);
+}
+
+// RoPE in place on every pair of `rows` rows of `heads` heads; row r sits at positions[r].
 extern "C" __global__ void rb_rope(store_t* x, const float* positions, int rows, int heads, int head_dim, float base) {
     int half = head_dim / 2;
     long pairs = (long)rows * heads * half;
     long t = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= pairs) return;
-    int i = (int)(t % half);
     long rh = t / half;
-    int r = (int)(rh / heads);
-    float inv_freq = powf(base, -2.0f * (float)i / (float)head_dim);
-    float s, c;
-    sincosf(positions[r] * inv_freq, &s, &c);
-    store_t* p = x + rh * head_dim + 2 * i;
-    float a = LD(p[0]), b = LD(p[1]);
-    p[0] = ST(a * c - b * s);
-    p[1] = ST(a * s + b * c);
+    rb_rope_pair(x + rh * head_dim + 2 * (t % half), positions[rh / heads], (int)(t % half), head_dim, base);
+}
+
+// RoPE on q and k, and k and v appended to the caches from row `row0` (or the row the step
+// record holds): four launches of rb_rope and rb_copy in one.
+extern "C" __global__ void rb_rope_append(store_t* q, store_t* k, const store_t* v, store_t* kc, store_t* vc, const float* positions, int rows, int n_head, int n_kv,
+                                          int head_dim, float base, const int* dyn_row, int row0) {
+    const int half = head_dim / 2;
+    const long kvw = (long)n_kv * head_dim;
+    const long q_pairs = (long)rows * n_head * half, k_pairs = (long)rows * n_kv * half, v_values = rows * kvw;
+    const long first = (dyn_row ? *dyn_row : row0) * kvw;
+    long t = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < q_pairs) {
+        long rh = t / half;
+        rb_rope_pair(q + rh * head_dim + 2 * (t % half), positions[rh / n_head], (int)(t % half), head_dim, base);
+    } else if ((t -= q_pairs) < k_pairs) {
+        long rh = t / half, at = rh * head_dim + 2 * (t % half);
+        rb_rope_pair(k + at, positions[rh / n_kv], (int)(t % half), head_dim, base);
+        kc[first + at] = k[at];
+        kc[first + at + 1] = k[at + 1];
+    } else if ((t -= k_pairs) < v_values) {
+        vc[first + t] = v[t];
+    }
 }
 
 // Index of the largest value of one row (the first on ties).
@@ -252,6 +338,7 @@ __device__ void rb_attention_tiled(const store_t* q, const store_t* kc, const st
 // reduction, and the value accumulation needs no reduction at all. The warps' online
 // softmax states merge at the end.
 #define RB_SPLIT_MAX_WARPS 16
+#define RB_ATTN_KPW 4
 template <int HD>
 __device__ void rb_attention_split(const store_t* q, const store_t* kc, const store_t* vc, store_t* out, int rows, int n_head, int n_kv, int first_pos, const int* dyn_first) {
     if (dyn_first) first_pos = *dyn_first;
@@ -269,18 +356,39 @@ __device__ void rb_attention_split(const store_t* q, const store_t* kc, const st
     #pragma unroll
     for (int i = 0; i < DPL; i++) qv[i] = LD(q[(long)r * qw + head * HD + d0 + i]) * scale, acc[i] = 0.0f;
     float m = RB_NEG_INF, l = 0.0f;
-    for (int key = warp; key <= qpos; key += warps) {
-        const store_t* kr = kc + (long)key * kvw + kvh * HD + d0;
-        const store_t* vr = vc + (long)key * kvw + kvh * HD + d0;
-        float s = 0.0f;
+    // RB_ATTN_KPW consecutive keys per step, so their loads and reductions overlap.
+    for (int k0 = warp * RB_ATTN_KPW; k0 <= qpos; k0 += warps * RB_ATTN_KPW) {
+        float s[RB_ATTN_KPW];
         #pragma unroll
-        for (int i = 0; i < DPL; i++) s += qv[i] * LD(kr[i]);
-        for (int o = RB_WARP / 2; o > 0; o /= 2) s += RB_SHFL_XOR(s, o);
-        float new_m = fmaxf(m, s);
-        float corr = expf(m - new_m), p = expf(s - new_m);
-        l = l * corr + p;
+        for (int u = 0; u < RB_ATTN_KPW; u++) {
+            s[u] = 0.0f;
+            if (k0 + u <= qpos) {
+                const store_t* kr = kc + (long)(k0 + u) * kvw + kvh * HD + d0;
+                #pragma unroll
+                for (int i = 0; i < DPL; i++) s[u] += qv[i] * LD(kr[i]);
+            }
+        }
+        float step_max = RB_NEG_INF;
         #pragma unroll
-        for (int i = 0; i < DPL; i++) acc[i] = acc[i] * corr + p * LD(vr[i]);
+        for (int u = 0; u < RB_ATTN_KPW; u++) {
+            for (int o = RB_WARP / 2; o > 0; o /= 2) s[u] += RB_SHFL_XOR(s[u], o);
+            if (k0 + u <= qpos) step_max = fmaxf(step_max, s[u]);
+        }
+        float new_m = fmaxf(m, step_max);
+        float corr = expf(m - new_m);
+        l *= corr;
+        #pragma unroll
+        for (int i = 0; i < DPL; i++) acc[i] *= corr;
+        #pragma unroll
+        for (int u = 0; u < RB_ATTN_KPW; u++) {
+            if (k0 + u <= qpos) {
+                const store_t* vr = vc + (long)(k0 + u) * kvw + kvh * HD + d0;
+                float p = expf(s[u] - new_m);
+                l += p;
+                #pragma unroll
+                for (int i = 0; i < DPL; i++) acc[i] += p * LD(vr[i]);
+            }
+        }
         m = new_m;
     }
     #pragma unroll

@@ -147,6 +147,31 @@ pub trait Backend {
     /// Wait for queued work and surface any device error.
     fn sync(&self) -> Result<()>;
 
+    // Fused ops: the same values as the ops they combine, in fewer launches where a
+    // backend implements them (decode is launch-bound); by default, the ops in turn.
+
+    /// Three projections of one input (q, k and v).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul3(&self, x: &Self::Buf, w: [&Self::Buf; 3], rows: usize, k: usize, n: [usize; 3], out: [&mut Self::Buf; 3]) -> Result<()> {
+        matmul3_by_parts(self, x, w, rows, k, n, out)
+    }
+    /// `g = x·wgᵀ`, `u = x·wuᵀ`, `act = silu(g)·u`.
+    #[allow(clippy::too_many_arguments)]
+    fn gate_up_silu(&self, x: &Self::Buf, wg: &Self::Buf, wu: &Self::Buf, rows: usize, k: usize, n: usize, g: &mut Self::Buf, u: &mut Self::Buf, act: &mut Self::Buf) -> Result<()> {
+        gate_up_silu_by_parts(self, x, wg, wu, rows, k, n, g, u, act)
+    }
+    /// RoPE on `q` and `k` in place, then `k` and `v` appended to the caches at the rows of
+    /// `s` (its first position, or the step's with `from_step`).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_append(&self, q: &mut Self::Buf, k: &mut Self::Buf, v: &Self::Buf, k_cache: &mut Self::Buf, v_cache: &mut Self::Buf, s: AttnShape, positions: Src<f32>, base: f32) -> Result<()> {
+        rope_append_by_parts(self, q, k, v, k_cache, v_cache, s, positions, base)
+    }
+    /// `sum = a + b`, `out = rms_norm(sum) · w`.
+    #[allow(clippy::too_many_arguments)]
+    fn add_rms_norm(&self, a: &Self::Buf, b: &Self::Buf, w: &Self::Buf, rows: usize, width: usize, eps: f32, sum: &mut Self::Buf, out: &mut Self::Buf) -> Result<()> {
+        add_rms_norm_by_parts(self, a, b, w, rows, width, eps, sum, out)
+    }
+
     /// Make `step` the step record that `Src::Step`, `Row::Step*` and `from_step` read.
     fn set_step(&self, step: Step) -> Result<()>;
     /// Record the ops issued until [`end_capture`](Self::end_capture) instead of running
@@ -155,4 +180,39 @@ pub trait Backend {
     /// The recording, or `None` when it could not be made (the ops did not run).
     fn end_capture(&self) -> Result<Option<Self::Graph>>;
     fn replay(&self, graph: &Self::Graph) -> Result<()>;
+}
+
+/// [`Backend::matmul3`] as three matmuls.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul3_by_parts<B: Backend + ?Sized>(b: &B, x: &B::Buf, w: [&B::Buf; 3], rows: usize, k: usize, n: [usize; 3], out: [&mut B::Buf; 3]) -> Result<()> {
+    for ((w, n), out) in w.into_iter().zip(n).zip(out) {
+        b.matmul(x, w, rows, k, n, out)?;
+    }
+    Ok(())
+}
+
+/// [`Backend::gate_up_silu`] as two matmuls and a SiLU product.
+#[allow(clippy::too_many_arguments)]
+pub fn gate_up_silu_by_parts<B: Backend + ?Sized>(b: &B, x: &B::Buf, wg: &B::Buf, wu: &B::Buf, rows: usize, k: usize, n: usize, g: &mut B::Buf, u: &mut B::Buf, act: &mut B::Buf) -> Result<()> {
+    b.matmul(x, wg, rows, k, n, g)?;
+    b.matmul(x, wu, rows, k, n, u)?;
+    b.silu_mul(g, u, rows * n, act)
+}
+
+/// [`Backend::rope_append`] as two RoPEs and two row copies.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_append_by_parts<B: Backend + ?Sized>(b: &B, q: &mut B::Buf, k: &mut B::Buf, v: &B::Buf, k_cache: &mut B::Buf, v_cache: &mut B::Buf, s: AttnShape, positions: Src<f32>, base: f32) -> Result<()> {
+    let kvw = s.n_head_kv * s.head_dim;
+    let row = if s.from_step { Row::StepPos } else { Row::At(s.first_pos) };
+    b.rope(q, s.n_head, s.head_dim, positions, base)?;
+    b.rope(k, s.n_head_kv, s.head_dim, positions, base)?;
+    b.copy_rows(k, k_cache, row, s.rows, kvw)?;
+    b.copy_rows(v, v_cache, row, s.rows, kvw)
+}
+
+/// [`Backend::add_rms_norm`] as an add and an RMSNorm.
+#[allow(clippy::too_many_arguments)]
+pub fn add_rms_norm_by_parts<B: Backend + ?Sized>(b: &B, a: &B::Buf, x: &B::Buf, w: &B::Buf, rows: usize, width: usize, eps: f32, sum: &mut B::Buf, out: &mut B::Buf) -> Result<()> {
+    b.add(a, x, rows * width, sum)?;
+    b.rms_norm(sum, w, rows, width, eps, out)
 }

@@ -12,7 +12,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice
 use resbisect_reference::Fault;
 use sha2::{Digest, Sha256};
 
-use super::backend::{AttnShape, Backend, Row, Src, Step, StorageDType};
+use super::backend::{self, AttnShape, Backend, Row, Src, Step, StorageDType};
 use crate::error::{Error, Result};
 
 /// The kernel source, shared with the `hip` backend.
@@ -76,7 +76,7 @@ fn nvrtc_source(dtype: StorageDType) -> String {
 }
 
 const KERNELS: &[&str] = &[
-    "rb_gemv", "rb_embed", "rb_add", "rb_silu_mul", "rb_copy", "rb_perturb", "rb_rms_norm", "rb_rope", "rb_argmax",
+    "rb_gemv", "rb_gemv3", "rb_gate_up_silu", "rb_add_rms_norm", "rb_rope_append", "rb_embed", "rb_add", "rb_silu_mul", "rb_copy", "rb_perturb", "rb_rms_norm", "rb_rope", "rb_argmax",
     "rb_softmax_causal", "rb_attention_tiled_64", "rb_attention_split_64", "rb_attention_tiled_128", "rb_attention_split_128",
     "rb_dequant_f32", "rb_dequant_f16", "rb_dequant_bf16", "rb_dequant_q8_0", "rb_dequant_q4_0", "rb_dequant_q4_1",
     "rb_dequant_q4_k", "rb_dequant_q6_k",
@@ -242,6 +242,29 @@ where
     /// Device address of field `i` of the step record (token, pos, rope_pos, slot).
     fn step_field(&self, i: u64) -> u64 {
         self.step_at + 4 * i
+    }
+
+    /// Blocks of eight warps, one output column per warp (the rb_gemv kernels).
+    fn gemv_grid(columns: usize) -> LaunchConfig {
+        LaunchConfig { grid_dim: ((columns as u32).div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// The device positions RoPE reads: the step record's, or `positions` uploaded (kept
+    /// while the next call asks for the same ones: every layer's q and k share them).
+    fn rope_positions(&self, positions: Src<f32>) -> Result<(usize, u64)> {
+        Ok(match positions {
+            Src::Host(positions) => {
+                let mut cached = self.rope_positions.borrow_mut();
+                if cached.as_ref().is_none_or(|(host, _)| host.as_slice() != positions) {
+                    let dev = self.stream.clone_htod(positions).map_err(device_error("uploading positions"))?;
+                    *cached = Some((positions.to_vec(), dev));
+                }
+                use cudarc::driver::DevicePtr;
+                let at = cached.as_ref().expect("uploaded above").1.device_ptr(&self.stream).0;
+                (positions.len(), at)
+            }
+            Src::Step => (1, self.step_field(2)),
+        })
     }
 
     fn launched(r: std::result::Result<(), cudarc::driver::DriverError>, what: &str) -> Result<()> {
@@ -458,10 +481,8 @@ where
             let (r, ki, ni) = (rows as i32, k as i32, n as i32);
             let mut b = self.stream.launch_builder(self.f("rb_gemv"));
             b.arg(x).arg(w).arg(out).arg(&r).arg(&ki).arg(&ni);
-            // Eight warps of 32 per block, one output column per warp.
-            let cfg = LaunchConfig { grid_dim: ((n as u32).div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: shapes checked above.
-            return Self::launched(unsafe { b.launch(cfg) }.map(drop), "gemv");
+            return Self::launched(unsafe { b.launch(Self::gemv_grid(n)) }.map(drop), "gemv");
         }
         // Row-major out[rows, n] = x · wᵀ is column-major outᵀ[n, rows] = wᵀ[n, k] · xᵀ[k, rows].
         let cfg = GemmConfig {
@@ -481,19 +502,7 @@ where
     }
 
     fn rope(&self, x: &mut Self::Buf, heads: usize, head_dim: usize, positions: Src<f32>, base: f32) -> Result<()> {
-        let (n, pos) = match positions {
-            Src::Host(positions) => {
-                let mut cached = self.rope_positions.borrow_mut();
-                if cached.as_ref().is_none_or(|(host, _)| host.as_slice() != positions) {
-                    let dev = self.stream.clone_htod(positions).map_err(device_error("uploading positions"))?;
-                    *cached = Some((positions.to_vec(), dev));
-                }
-                use cudarc::driver::DevicePtr;
-                let at = cached.as_ref().expect("uploaded above").1.device_ptr(&self.stream).0;
-                (positions.len(), at)
-            }
-            Src::Step => (1, self.step_field(2)),
-        };
+        let (n, pos) = self.rope_positions(positions)?;
         Self::check(x.len(), n * heads * head_dim, "rope")?;
         let pairs = n * heads * head_dim / 2;
         let (rows, h, d) = (n as i32, heads as i32, head_dim as i32);
@@ -599,6 +608,67 @@ where
 
     fn sync(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| Error::engine(format!("cuda: device error: {e}")))
+    }
+
+    fn matmul3(&self, x: &Self::Buf, w: [&Self::Buf; 3], rows: usize, k: usize, n: [usize; 3], out: [&mut Self::Buf; 3]) -> Result<()> {
+        if rows > GEMV_ROWS {
+            return backend::matmul3_by_parts(self, x, w, rows, k, n, out);
+        }
+        Self::check(x.len(), rows * k, "matmul3 input")?;
+        for i in 0..3 {
+            Self::check(w[i].len(), n[i] * k, "matmul3 weight")?;
+            Self::check(out[i].len(), rows * n[i], "matmul3 output")?;
+        }
+        let [o0, o1, o2] = out;
+        let (r, ki, n0, n1, n2) = (rows as i32, k as i32, n[0] as i32, n[1] as i32, n[2] as i32);
+        let mut b = self.stream.launch_builder(self.f("rb_gemv3"));
+        b.arg(x).arg(w[0]).arg(w[1]).arg(w[2]).arg(o0).arg(o1).arg(o2).arg(&r).arg(&ki).arg(&n0).arg(&n1).arg(&n2);
+        // SAFETY: shapes checked above.
+        Self::launched(unsafe { b.launch(Self::gemv_grid(n.iter().sum())) }.map(drop), "gemv3")
+    }
+
+    fn gate_up_silu(&self, x: &Self::Buf, wg: &Self::Buf, wu: &Self::Buf, rows: usize, k: usize, n: usize, g: &mut Self::Buf, u: &mut Self::Buf, act: &mut Self::Buf) -> Result<()> {
+        if rows > GEMV_ROWS {
+            return backend::gate_up_silu_by_parts(self, x, wg, wu, rows, k, n, g, u, act);
+        }
+        Self::check(x.len(), rows * k, "gate_up_silu input")?;
+        Self::check(wg.len().min(wu.len()), n * k, "gate_up_silu weights")?;
+        Self::check(g.len().min(u.len()).min(act.len()), rows * n, "gate_up_silu outputs")?;
+        let (r, ki, ni) = (rows as i32, k as i32, n as i32);
+        let mut b = self.stream.launch_builder(self.f("rb_gate_up_silu"));
+        b.arg(x).arg(wg).arg(wu).arg(g).arg(u).arg(act).arg(&r).arg(&ki).arg(&ni);
+        // SAFETY: shapes checked above.
+        Self::launched(unsafe { b.launch(Self::gemv_grid(n)) }.map(drop), "gate_up_silu")
+    }
+
+    fn rope_append(&self, q: &mut Self::Buf, k: &mut Self::Buf, v: &Self::Buf, k_cache: &mut Self::Buf, v_cache: &mut Self::Buf, s: AttnShape, positions: Src<f32>, base: f32) -> Result<()> {
+        let (qw, kvw) = (s.n_head * s.head_dim, s.n_head_kv * s.head_dim);
+        let first = if s.from_step { self.step.get().pos } else { s.first_pos };
+        Self::check(q.len(), s.rows * qw, "rope_append q")?;
+        Self::check(k.len().min(v.len()), s.rows * kvw, "rope_append k, v")?;
+        Self::check(k_cache.len().min(v_cache.len()), (first + s.rows) * kvw, "rope_append cache")?;
+        let (n, pos) = self.rope_positions(positions)?;
+        if n != s.rows {
+            return Err(Error::engine(format!("cuda: rope_append: {n} positions for {} rows", s.rows)));
+        }
+        let dyn_row = if s.from_step { self.step_field(1) } else { 0u64 };
+        let (rows, nh, nkv, hd, row0) = (s.rows as i32, s.n_head as i32, s.n_head_kv as i32, s.head_dim as i32, s.first_pos as i32);
+        let threads = s.rows * (qw / 2 + kvw / 2 + kvw);
+        let mut b = self.stream.launch_builder(self.f("rb_rope_append"));
+        b.arg(q).arg(k).arg(v).arg(k_cache).arg(v_cache).arg(&pos).arg(&rows).arg(&nh).arg(&nkv).arg(&hd).arg(&base).arg(&dyn_row).arg(&row0);
+        // SAFETY: bounds checked above; the step record's position is the one checked.
+        Self::launched(unsafe { b.launch(Self::grid(threads, 256)) }.map(drop), "rope_append")
+    }
+
+    fn add_rms_norm(&self, a: &Self::Buf, b_: &Self::Buf, w: &Self::Buf, rows: usize, width: usize, eps: f32, sum: &mut Self::Buf, out: &mut Self::Buf) -> Result<()> {
+        Self::check(a.len().min(b_.len()).min(sum.len()).min(out.len()), rows * width, "add_rms_norm")?;
+        Self::check(w.len(), width, "add_rms_norm weight")?;
+        let wi = width as i32;
+        let mut b = self.stream.launch_builder(self.f("rb_add_rms_norm"));
+        b.arg(a).arg(b_).arg(w).arg(sum).arg(out).arg(&wi).arg(&eps);
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: bounds checked above.
+        Self::launched(unsafe { b.launch(cfg) }.map(drop), "add_rms_norm")
     }
 
     fn set_step(&self, step: Step) -> Result<()> {

@@ -281,33 +281,52 @@ impl<B: Backend> Runtime<B> {
                 _ if decode => Src::Step,
                 _ => Src::Host(&true_positions),
             };
-            self.op("rms_norm (attn)", sc, b.rms_norm(x, &w.attn_norm, rows, e, c.rms_eps as f32, h))?;
+            // Fused ops where no injected fault sits between the ops they fuse.
+            let touched = |t: &str| faults.taps.iter().any(|f| f.tap_id == id(t)) || faults.crash.iter().any(|c| c.0 == id(t));
+            let (base, eps) = (c.rope_base as f32, c.rms_eps as f32);
+            self.op("rms_norm (attn)", sc, b.rms_norm(x, &w.attn_norm, rows, e, eps, h))?;
             self.tap(&id("attn_norm"), h, start, rows, e, faults, col, route, opts)?;
-            self.op("matmul q", sc, b.matmul(h, &w.wq, rows, e, qw, q))?;
-            self.op("matmul k", sc, b.matmul(h, &w.wk, rows, e, kvw, k))?;
-            self.op("matmul v", sc, b.matmul(h, &w.wv, rows, e, kvw, v))?;
-            self.op("rope q", sc, b.rope(q, c.n_head, c.head_dim(), rope_positions, c.rope_base as f32))?;
-            self.op("rope k", sc, b.rope(k, c.n_head_kv, c.head_dim(), rope_positions, c.rope_base as f32))?;
+            self.op("matmul q, k, v", sc, b.matmul3(h, [&w.wq, &w.wk, &w.wv], rows, e, [qw, kvw, kvw], [&mut *q, &mut *k, &mut *v]))?;
+            let (kc, vc) = &mut kv[l];
+            let shape = AttnShape { n_head: c.n_head, n_head_kv: c.n_head_kv, head_dim: c.head_dim(), first_pos: start, rows, from_step: decode };
+            let fuse_append = !touched("k") && !touched("v");
+            if fuse_append {
+                self.op("rope q, k and kv append", sc, b.rope_append(q, k, v, kc, vc, shape, rope_positions, base))?;
+            } else {
+                self.op("rope q", sc, b.rope(q, c.n_head, c.head_dim(), rope_positions, base))?;
+                self.op("rope k", sc, b.rope(k, c.n_head_kv, c.head_dim(), rope_positions, base))?;
+            }
             self.tap(&id("q"), q, start, rows, qw, faults, col, route, opts)?;
             self.tap(&id("k"), k, start, rows, kvw, faults, col, route, opts)?;
             self.tap(&id("v"), v, start, rows, kvw, faults, col, route, opts)?;
-            let (kc, vc) = &mut kv[l];
-            self.op("kv append k", sc, b.copy_rows(k, kc, kv_row, rows, kvw))?;
-            self.op("kv append v", sc, b.copy_rows(v, vc, kv_row, rows, kvw))?;
-            let shape = AttnShape { n_head: c.n_head, n_head_kv: c.n_head_kv, head_dim: c.head_dim(), first_pos: start, rows, from_step: decode };
+            if !fuse_append {
+                self.op("kv append k", sc, b.copy_rows(k, kc, kv_row, rows, kvw))?;
+                self.op("kv append v", sc, b.copy_rows(v, vc, kv_row, rows, kvw))?;
+            }
             self.op("attention", sc, b.attention(q, kc, vc, shape, attn))?;
             self.tap(&id("attn"), attn, start, rows, qw, faults, col, route, opts)?;
             self.op("matmul attn_output", sc, b.matmul(attn, &w.wo, rows, qw, e, ao))?;
             self.tap(&id("attn_out"), ao, start, rows, e, faults, col, route, opts)?;
-            self.op("add (attention residual)", sc, b.add(x, ao, rows * e, mid))?;
-            self.tap(&id("resid_mid"), mid, start, rows, e, faults, col, route, opts)?;
-            self.op("rms_norm (ffn)", sc, b.rms_norm(mid, &w.ffn_norm, rows, e, c.rms_eps as f32, h))?;
+            if touched("resid_mid") {
+                self.op("add (attention residual)", sc, b.add(x, ao, rows * e, mid))?;
+                self.tap(&id("resid_mid"), mid, start, rows, e, faults, col, route, opts)?;
+                self.op("rms_norm (ffn)", sc, b.rms_norm(mid, &w.ffn_norm, rows, e, eps, h))?;
+            } else {
+                self.op("add (attention residual) and rms_norm (ffn)", sc, b.add_rms_norm(x, ao, &w.ffn_norm, rows, e, eps, mid, h))?;
+                self.tap(&id("resid_mid"), mid, start, rows, e, faults, col, route, opts)?;
+            }
             self.tap(&id("ffn_norm"), h, start, rows, e, faults, col, route, opts)?;
-            self.op("matmul ffn_gate", sc, b.matmul(h, &w.wg, rows, e, ff, g))?;
-            self.op("matmul ffn_up", sc, b.matmul(h, &w.wu, rows, e, ff, u))?;
-            self.tap(&id("ffn_gate"), g, start, rows, ff, faults, col, route, opts)?;
-            self.tap(&id("ffn_up"), u, start, rows, ff, faults, col, route, opts)?;
-            self.op("silu_mul", sc, b.silu_mul(g, u, rows * ff, act))?;
+            if touched("ffn_gate") || touched("ffn_up") {
+                self.op("matmul ffn_gate", sc, b.matmul(h, &w.wg, rows, e, ff, g))?;
+                self.op("matmul ffn_up", sc, b.matmul(h, &w.wu, rows, e, ff, u))?;
+                self.tap(&id("ffn_gate"), g, start, rows, ff, faults, col, route, opts)?;
+                self.tap(&id("ffn_up"), u, start, rows, ff, faults, col, route, opts)?;
+                self.op("silu_mul", sc, b.silu_mul(g, u, rows * ff, act))?;
+            } else {
+                self.op("matmul ffn_gate, ffn_up and silu_mul", sc, b.gate_up_silu(h, &w.wg, &w.wu, rows, e, ff, g, u, act))?;
+                self.tap(&id("ffn_gate"), g, start, rows, ff, faults, col, route, opts)?;
+                self.tap(&id("ffn_up"), u, start, rows, ff, faults, col, route, opts)?;
+            }
             self.tap(&id("ffn_act"), act, start, rows, ff, faults, col, route, opts)?;
             self.op("matmul ffn_down", sc, b.matmul(act, &w.wd, rows, ff, e, f))?;
             self.tap(&id("ffn_out"), f, start, rows, e, faults, col, route, opts)?;

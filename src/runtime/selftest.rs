@@ -257,6 +257,53 @@ impl<B: Backend> Checker<'_, B> {
         self.record("decode_step", format!("heads {n_head}/{n_kv} x {head_dim} at positions 40, 41, 63 ({recorded})"), &gstaged, &cstaged, t0.elapsed().as_secs_f64(), false)
     }
 
+    /// The fused ops (decode's launches) against the cpu backend's ops in turn.
+    fn fused(&mut self, rows: usize, e: usize, kvw: usize, ff: usize, head_dim: usize, first_pos: usize) -> Result<()> {
+        let g = self.gpu;
+        let (x, wq, wk, wv, wg, wu, norm) = (self.random(rows * e, 1.0), self.random(e * e, 0.05), self.random(kvw * e, 0.05), self.random(kvw * e, 0.05), self.random(ff * e, 0.05), self.random(ff * e, 0.05), self.random(e, 1.0));
+        let inputs = [&x, &wq, &wk, &wv, &wg, &wu, &norm];
+        let gw = inputs.iter().map(|v| g.upload(v)).collect::<Result<Vec<_>>>()?;
+        let cw = inputs.iter().map(|v| self.cpu.upload(v)).collect::<Result<Vec<_>>>()?;
+        let shape = format!("{rows} rows, {e} → {e}/{kvw}/{ff}");
+
+        let (mut cq, mut ck, mut cv) = (self.cpu.alloc(rows * e)?, self.cpu.alloc(rows * kvw)?, self.cpu.alloc(rows * kvw)?);
+        self.cpu.matmul3(&cw[0], [&cw[1], &cw[2], &cw[3]], rows, e, [e, kvw, kvw], [&mut cq, &mut ck, &mut cv])?;
+        let (mut gq, mut gk, mut gv) = (self.guarded(rows * e)?, self.guarded(rows * kvw)?, self.guarded(rows * kvw)?);
+        let (_, s) = self.timed(|| g.matmul3(&gw[0], [&gw[1], &gw[2], &gw[3]], rows, e, [e, kvw, kvw], [&mut gq, &mut gk, &mut gv]))?;
+        self.record("matmul3", format!("{shape} (q)"), &gq, &cq, s, false)?;
+        self.record("matmul3", format!("{shape} (v)"), &gv, &cv, s, false)?;
+
+        let shape_attn = AttnShape { n_head: e / head_dim, n_head_kv: kvw / head_dim, head_dim, first_pos, rows, from_step: false };
+        let positions: Vec<f32> = (first_pos..first_pos + rows).map(|p| p as f32).collect();
+        let cache = (first_pos + rows) * kvw;
+        let (mut ckc, mut cvc) = (self.cpu.upload(&vec![0.5; cache])?, self.cpu.upload(&vec![0.5; cache])?);
+        self.cpu.rope_append(&mut cq, &mut ck, &cv, &mut ckc, &mut cvc, shape_attn, Src::Host(&positions), 10000.0)?;
+        let (mut gkc, mut gvc) = (self.guarded(cache)?, self.guarded(cache)?);
+        for c in [&mut gkc, &mut gvc] {
+            g.copy_rows(&g.upload(&vec![0.5; cache])?, c, Row::At(0), 1, cache)?;
+        }
+        let (_, s) = self.timed(|| g.rope_append(&mut gq, &mut gk, &gv, &mut gkc, &mut gvc, shape_attn, Src::Host(&positions), 10000.0))?;
+        let mut q_out = self.guarded(rows * e)?;
+        g.copy_rows(&gq, &mut q_out, Row::At(0), rows, e)?;
+        self.record("rope_append", format!("{rows} rows at {first_pos}, {} heads (q)", e / head_dim), &q_out, &cq, s, false)?;
+        self.record("rope_append", format!("{rows} rows at {first_pos}, {} kv heads (k cache)", kvw / head_dim), &gkc, &ckc, s, false)?;
+        self.record("rope_append", format!("{rows} rows at {first_pos} (v cache)"), &gvc, &cvc, s, false)?;
+
+        let (mut cg, mut cu, mut cact) = (self.cpu.alloc(rows * ff)?, self.cpu.alloc(rows * ff)?, self.cpu.alloc(rows * ff)?);
+        self.cpu.gate_up_silu(&cw[0], &cw[4], &cw[5], rows, e, ff, &mut cg, &mut cu, &mut cact)?;
+        let (mut gg, mut gu, mut gact) = (self.guarded(rows * ff)?, self.guarded(rows * ff)?, self.guarded(rows * ff)?);
+        let (_, s) = self.timed(|| g.gate_up_silu(&gw[0], &gw[4], &gw[5], rows, e, ff, &mut gg, &mut gu, &mut gact))?;
+        self.record("gate_up_silu", format!("{rows} rows, {e} → {ff} (gate)"), &gg, &cg, s, false)?;
+        self.record("gate_up_silu", format!("{rows} rows, {e} → {ff} (act)"), &gact, &cact, s, false)?;
+
+        let (mut csum, mut cnorm) = (self.cpu.alloc(rows * e)?, self.cpu.alloc(rows * e)?);
+        self.cpu.add_rms_norm(&cw[0], &cq, &cw[6], rows, e, 1e-5, &mut csum, &mut cnorm)?;
+        let (mut gsum, mut gnorm) = (self.guarded(rows * e)?, self.guarded(rows * e)?);
+        let (_, s) = self.timed(|| g.add_rms_norm(&gw[0], &gq, &gw[6], rows, e, 1e-5, &mut gsum, &mut gnorm))?;
+        self.record("add_rms_norm", format!("[{rows}x{e}] (sum)"), &gsum, &csum, s, false)?;
+        self.record("add_rms_norm", format!("[{rows}x{e}] (normed)"), &gnorm, &cnorm, s, false)
+    }
+
     fn argmax(&mut self, width: usize) -> Result<()> {
         let x = self.random(3 * width, 10.0);
         let (g, c) = (self.gpu.upload(&x)?, self.cpu.upload(&x)?);
@@ -315,6 +362,9 @@ pub fn run<B: Backend>(gpu: &B, seed: u64, long: bool) -> Result<Vec<OpCheck>> {
     }
     for n in [1, 1000, 3 * 5632 + 1] {
         c.elementwise(n)?;
+    }
+    for (rows, e, kvw, ff, hd, first) in [(1, 2048, 256, 5632, 64, 300), (3, 576, 192, 1536, 64, 0), (9, 512, 256, 1024, 128, 40)] {
+        c.fused(rows, e, kvw, ff, hd, first)?;
     }
     c.decode_step(9, 3, 64)?;
     c.decode_step(32, 4, 64)?;

@@ -2,6 +2,7 @@
 //! reference, where, and by how much. This library holds everything but the CLI.
 
 pub mod bisect;
+pub mod cut;
 pub mod diff;
 pub mod dump;
 pub mod engines;

@@ -144,6 +144,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a model's first N layers as a model of its own (real weights, smaller file).
+    Cut {
+        #[arg(long)]
+        model: PathBuf,
+        /// Layers to keep (the first N).
+        #[arg(long)]
+        layers: usize,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Write a synthetic llama model with random weights at real shapes.
     Synth {
         /// tiny, smollm2-135m or tinyllama-1.1b
@@ -775,6 +785,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 println!("{}", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cut { model, layers, output } => {
+            resbisect::cut::cut(&model, layers, &output)?;
+            let bytes = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
+            eprintln!("wrote {} (the first {layers} layers of {}, {:.1} MiB)", output.display(), model.display(), bytes as f64 / (1 << 20) as f64);
             Ok(ExitCode::SUCCESS)
         }
         Command::Synth { preset, quant, seed, tokenizer, output } => {

@@ -308,9 +308,13 @@ pub fn write_model(preset: &Preset, quant: GgmlDType, seed: u64, out: &Path) -> 
     if let Some(unk) = vocab.unk {
         meta.push(("tokenizer.ggml.unknown_token_id".into(), V::U32(unk)));
     }
-    let meta_refs: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    write_gguf(out, &meta, &tensors)
+}
 
+/// Write a GGUF file atomically (temporary name, then rename).
+pub(crate) fn write_gguf(out: &Path, meta: &[(String, gguf_file::Value)], tensors: &[(String, QTensor)]) -> Result<()> {
+    let meta_refs: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
     let tmp = out.with_file_name(format!(".{}.tmp-{}", out.file_name().and_then(|n| n.to_str()).unwrap_or("model"), std::process::id()));
     let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let mut w = BufWriter::new(file);

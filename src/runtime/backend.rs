@@ -175,11 +175,18 @@ pub trait Backend {
     /// Make `step` the step record that `Src::Step`, `Row::Step*` and `from_step` read.
     fn set_step(&self, step: Step) -> Result<()>;
     /// Record the ops issued until [`end_capture`](Self::end_capture) instead of running
-    /// them; `false` where the backend cannot record (the ops then run as issued).
-    fn begin_capture(&self) -> Result<bool>;
+    /// them; `false` where the backend cannot record (the ops then run as issued), which
+    /// is the default.
+    fn begin_capture(&self) -> Result<bool> {
+        Ok(false)
+    }
     /// The recording, or `None` when it could not be made (the ops did not run).
-    fn end_capture(&self) -> Result<Option<Self::Graph>>;
-    fn replay(&self, graph: &Self::Graph) -> Result<()>;
+    fn end_capture(&self) -> Result<Option<Self::Graph>> {
+        Ok(None)
+    }
+    fn replay(&self, _graph: &Self::Graph) -> Result<()> {
+        Err(crate::Error::engine(format!("{}: this backend does not record", self.name())))
+    }
 }
 
 /// [`Backend::matmul3`] as three matmuls.

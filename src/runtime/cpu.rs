@@ -301,16 +301,4 @@ impl Backend for CpuBackend {
         self.step.set(step);
         Ok(())
     }
-
-    fn begin_capture(&self) -> Result<bool> {
-        Ok(false)
-    }
-
-    fn end_capture(&self) -> Result<Option<()>> {
-        Ok(None)
-    }
-
-    fn replay(&self, _: &()) -> Result<()> {
-        Ok(())
-    }
 }

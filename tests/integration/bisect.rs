@@ -104,6 +104,22 @@ fn demo_reproduces_the_long_context_rope_fault() {
 }
 
 #[test]
+fn the_runtime_can_be_the_oracle() {
+    // A known-good build as the oracle: the same runtime without the fault. Replay still
+    // runs on the reference, loaded for the replayed layers only.
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--prompts", &bisect_prompt(), "--id", "p6_len_128", "--inject", "blk.5.ffn_up:scale=1.5@40", "--oracle", "runtime", "--oracle-dtype", "f32"];
+    let (code, r) = bisect_json(&args, &dir.path().join("work"));
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(r["engine_b"], "runtime cpu f32");
+    assert_eq!(r["first"]["tap"], "blk.5.ffn_up");
+    assert_eq!(r["first"]["position"], 40);
+    assert_eq!(replay_row(&r, 5)["introduces"], true, "{}", r["replay"]);
+    assert_eq!(replay_row(&r, 4)["introduces"], false, "{}", r["replay"]);
+    assert_eq!(replay_row(&r, 6)["introduces"], false, "{}", r["replay"]);
+}
+
+#[test]
 fn bisect_of_healthy_engines_is_clean() {
     let dir = tempfile::tempdir().unwrap();
     let (code, r) = bisect_json(&["--prompts", &bisect_prompt(), "--id", "p6_len_32"], &dir.path().join("work"));

@@ -153,3 +153,71 @@ fn text_prompts_use_the_models_tokenizer() {
     assert_eq!(chat.tokens[0], 1, "<|im_start|> is one special token");
     assert_eq!(d.manifest.model.config.n_layer, 30);
 }
+
+/// Bisect's reference keeps the residual stream of its first run; later runs over a prefix
+/// of the same tokens resume from it (one layer recomputed for its inner taps, none for
+/// resid_post, the head from the last layer's rows) and must match a fresh run of the
+/// prefix. 1e-5 rel L2 as in `causal_across_attention_chunks`: a different number of
+/// rows changes GEMM blocking, not the math (measured here: ≤ 3e-7).
+#[test]
+fn runs_over_a_prefix_resume_from_checkpoints() {
+    use resbisect::dump::PromptRecord;
+    use resbisect::engines::{Engine, ReferenceDriver};
+    use resbisect::reference_engine::{RefPrecision, ReferenceEngine};
+    use resbisect::taps::Selection;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_model(dir.path(), "q4_k", 8);
+    let model = resbisect::model::Model::open(&path).unwrap();
+    let engine = ReferenceEngine::load(&model, RefPrecision::F32, &mut |_| {}).unwrap();
+    let mut driver = ReferenceDriver::new(&model, &path, &engine, Vec::new()).unwrap();
+    let tokens: Vec<u32> = (0..200).map(|i| (i * 53 + 7) % 1000 + 3).collect();
+    let sel = |layers: &[usize], taps: &[&str]| Selection { layers: layers.to_vec(), taps: taps.iter().map(|t| t.to_string()).collect(), positions: "all".into() };
+    let full = PromptRecord { id: "prompt".into(), text: None, tokens: tokens.clone() };
+    driver.dump(&full, &sel(&[0, 1], &["embed", "resid_post", "final_norm"]), &dir.path().join("first")).unwrap();
+    let prefix = PromptRecord { tokens: tokens[..120].to_vec(), ..full };
+    let probe = sel(&[1], &["embed", "attn_norm", "q", "attn", "ffn_act", "resid_post", "logits"]);
+    let resumed = dir.path().join("resumed");
+    driver.dump(&prefix, &probe, &resumed).unwrap();
+    let fresh = dir.path().join("fresh");
+    let joined: Vec<String> = prefix.tokens.iter().map(u32::to_string).collect();
+    dump(&["dump", "--model", path_str(&path), "--tokens", &joined.join(","), "--layers", "1", "--taps", "embed,attn_norm,q,attn,ffn_act,resid_post,logits", "-o", path_str(&fresh)]);
+    let (a, b) = (Dump::open(&resumed).unwrap(), Dump::open(&fresh).unwrap());
+    let mut compared = 0;
+    for stem in ["embed", "blk.1", "output"] {
+        let (fa, fb) = (a.read_file("prompt", stem).unwrap().unwrap(), b.read_file("prompt", stem).unwrap().unwrap());
+        assert_eq!(fa.positions, (0..120).collect::<Vec<_>>());
+        assert_eq!(fa.taps.keys().collect::<Vec<_>>(), fb.taps.keys().collect::<Vec<_>>(), "{stem}");
+        for (id, ta) in &fa.taps {
+            let r = rel_l2(&ta.values, &fb.taps[id].values);
+            assert!(r <= 1e-5, "{id}: rel L2 {r:.3e}");
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 7);
+}
+
+/// `resbisect cut`: the first layers of the real model as a model of its own compute
+/// exactly what those layers compute in the full model (same weights, same ops).
+#[test]
+fn a_cut_model_computes_the_first_layers_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = smollm2();
+    let cut = dir.path().join("cut.gguf");
+    let out = resbisect(&["cut", "--model", path_str(&full), "--layers", "3", "-o", path_str(&cut)]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let sel = ["--prompt", "The capital of France is", "--layers", "0,1,2", "--taps", "embed,attn,resid_post"];
+    let a = dump(&[&["dump", "--model", path_str(&cut), "-o", path_str(&dir.path().join("a"))][..], &sel].concat());
+    let b = dump(&[&["dump", "--model", path_str(&full), "-o", path_str(&dir.path().join("b"))][..], &sel].concat());
+    assert_eq!(a.manifest.model.config.n_layer, 3);
+    for stem in ["embed", "blk.0", "blk.1", "blk.2"] {
+        let (fa, fb) = (a.read_file("prompt", stem).unwrap().unwrap(), b.read_file("prompt", stem).unwrap().unwrap());
+        for (id, t) in &fa.taps {
+            assert_eq!(t.values, fb.taps[id].values, "{id}");
+        }
+    }
+    // Refusals: no layers, more layers than the model has, an existing output.
+    assert_refused(&resbisect(&["cut", "--model", path_str(&full), "--layers", "0", "-o", path_str(&dir.path().join("x.gguf"))]), "keep 1 to 30");
+    assert_refused(&resbisect(&["cut", "--model", path_str(&full), "--layers", "31", "-o", path_str(&dir.path().join("x.gguf"))]), "keep 1 to 30");
+    assert_refused(&resbisect(&["cut", "--model", path_str(&full), "--layers", "2", "-o", path_str(&cut)]), "exists");
+}

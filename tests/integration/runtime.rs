@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use resbisect::dump::{Dump, Status};
+use resbisect::dump::{Dump, Status, TapDType};
 use serde_json::Value;
 
 use crate::util::*;
@@ -78,6 +78,14 @@ fn cpu_runtime_matches_the_reference_on_smollm2() {
         let run = runtime(name, extra);
         let (code, first) = diff_first(&run, &reference);
         assert_eq!(code, 0, "{name} diverges beyond its tolerance: {first}");
+        // Taps are stored as the runtime stores values: f16 and bf16 exactly, at 2 bytes.
+        let stored = Dump::open(&run).unwrap().read_file("long_1652", "blk.8").unwrap().unwrap().taps["blk.8.resid_post"].dtype;
+        let want = match name {
+            "rt-f16" => TapDType::F16,
+            "rt-bf16" => TapDType::BF16,
+            _ => TapDType::F32,
+        };
+        assert_eq!(stored, want, "{name}");
     }
 }
 

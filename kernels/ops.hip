@@ -50,39 +50,71 @@ extern "C" __global__ void rb_perturb(store_t* x, long start, long n, int kind, 
 // (a GEMM tiling leaves most of the GPU idle at one row).
 #define RB_GEMV_ROWS 4
 
-// Dot products of weight row `wr` with rows 0..rows of x, summed over the warp: every lane
-// gets acc[r].
-__device__ __forceinline__ void rb_warp_dots(const store_t* x, const store_t* wr, int rows, int k, float* acc) {
+// Each lane first issues the loads of RB_GEMV_CHUNK 16-byte pieces of every weight row,
+// then multiplies, so enough bytes are in flight to stream at full bandwidth.
+#define RB_GEMV_CHUNK 8
+
+// Dot products of NW weight rows (`w0`, and `w1` when NW is 2) with rows 0..rows of x,
+// summed over the warp: every lane gets acc0[r] (and acc1[r]). Each lane sums its columns
+// in ascending order whatever NW is, so fused and separate projections agree exactly.
+template <int NW>
+__device__ __forceinline__ void rb_warp_dots(const store_t* x, const store_t* w0, const store_t* w1, int rows, int k, float* acc0, float* acc1) {
     const int lane = threadIdx.x % RB_WARP;
     #pragma unroll
-    for (int r = 0; r < RB_GEMV_ROWS; r++) acc[r] = 0.0f;
+    for (int r = 0; r < RB_GEMV_ROWS; r++) acc0[r] = 0.0f, acc1[r] = 0.0f;
     const int V = 16 / sizeof(store_t);
+    const int step = RB_WARP * V;
     if (k % V == 0) {
-        #pragma unroll 4
-        for (int c = lane * V; c < k; c += RB_WARP * V) {
-            store_t wv[V];
-            *(uint4*)wv = *(const uint4*)(wr + c);
+        for (int c0 = lane * V; c0 < k; c0 += step * RB_GEMV_CHUNK) {
+            uint4 wv[NW][RB_GEMV_CHUNK];
             #pragma unroll
-            for (int r = 0; r < RB_GEMV_ROWS; r++) {
-                if (r < rows) {
-                    store_t xv[V];
-                    *(uint4*)xv = *(const uint4*)(x + (long)r * k + c);
-                    #pragma unroll
-                    for (int i = 0; i < V; i++) acc[r] += LD(wv[i]) * LD(xv[i]);
+            for (int u = 0; u < RB_GEMV_CHUNK; u++) {
+                const int c = c0 + u * step;
+                if (c < k) {
+                    wv[0][u] = *(const uint4*)(w0 + c);
+                    if (NW > 1) wv[NW - 1][u] = *(const uint4*)(w1 + c);
+                }
+            }
+            #pragma unroll
+            for (int u = 0; u < RB_GEMV_CHUNK; u++) {
+                const int c = c0 + u * step;
+                if (c >= k) break;
+                #pragma unroll
+                for (int r = 0; r < RB_GEMV_ROWS; r++) {
+                    if (r < rows) {
+                        store_t xv[V], a[V], b[V];
+                        *(uint4*)xv = *(const uint4*)(x + (long)r * k + c);
+                        *(uint4*)a = wv[0][u];
+                        #pragma unroll
+                        for (int i = 0; i < V; i++) acc0[r] += LD(a[i]) * LD(xv[i]);
+                        if (NW > 1) {
+                            *(uint4*)b = wv[NW - 1][u];
+                            #pragma unroll
+                            for (int i = 0; i < V; i++) acc1[r] += LD(b[i]) * LD(xv[i]);
+                        }
+                    }
                 }
             }
         }
     } else {
         for (int c = lane; c < k; c += RB_WARP) {
-            float wv = LD(wr[c]);
+            float a = LD(w0[c]), b = NW > 1 ? LD(w1[c]) : 0.0f;
             #pragma unroll
-            for (int r = 0; r < RB_GEMV_ROWS; r++)
-                if (r < rows) acc[r] += wv * LD(x[(long)r * k + c]);
+            for (int r = 0; r < RB_GEMV_ROWS; r++) {
+                if (r < rows) {
+                    float xv = LD(x[(long)r * k + c]);
+                    acc0[r] += a * xv;
+                    if (NW > 1) acc1[r] += b * xv;
+                }
+            }
         }
     }
     #pragma unroll
-    for (int r = 0; r < RB_GEMV_ROWS; r++)
-        for (int o = RB_WARP / 2; o > 0; o /= 2) acc[r] += RB_SHFL_XOR(acc[r], o);
+    for (int r = 0; r < RB_GEMV_ROWS; r++) {
+        for (int o = RB_WARP / 2; o > 0; o /= 2) acc0[r] += RB_SHFL_XOR(acc0[r], o);
+        if (NW > 1)
+            for (int o = RB_WARP / 2; o > 0; o /= 2) acc1[r] += RB_SHFL_XOR(acc1[r], o);
+    }
 }
 
 // The output column this warp computes.
@@ -91,8 +123,8 @@ __device__ __forceinline__ int rb_warp_column() { return blockIdx.x * (blockDim.
 extern "C" __global__ void rb_gemv(const store_t* x, const store_t* w, store_t* out, int rows, int k, int n) {
     const int j = rb_warp_column();
     if (j >= n) return;  // whole warps leave together
-    float acc[RB_GEMV_ROWS];
-    rb_warp_dots(x, w + (long)j * k, rows, k, acc);
+    float acc[RB_GEMV_ROWS], unused[RB_GEMV_ROWS];
+    rb_warp_dots<1>(x, w + (long)j * k, nullptr, rows, k, acc, unused);
     if (threadIdx.x % RB_WARP == 0)
         for (int r = 0; r < rows; r++) out[(long)r * n + j] = ST(acc[r]);
 }
@@ -110,8 +142,8 @@ extern "C" __global__ void rb_gemv3(const store_t* x, const store_t* w0, const s
     store_t* out = part == 0 ? o0 : part == 1 ? o1 : o2;
     const int n = part == 0 ? n0 : part == 1 ? n1 : n2;
     if (j >= n) return;
-    float acc[RB_GEMV_ROWS];
-    rb_warp_dots(x, w + (long)j * k, rows, k, acc);
+    float acc[RB_GEMV_ROWS], unused[RB_GEMV_ROWS];
+    rb_warp_dots<1>(x, w + (long)j * k, nullptr, rows, k, acc, unused);
     if (threadIdx.x % RB_WARP == 0)
         for (int r = 0; r < rows; r++) out[(long)r * n + j] = ST(acc[r]);
 }
@@ -122,8 +154,7 @@ extern "C" __global__ void rb_gate_up_silu(const store_t* x, const store_t* wg, 
     const int j = rb_warp_column();
     if (j >= n) return;
     float ag[RB_GEMV_ROWS], au[RB_GEMV_ROWS];
-    rb_warp_dots(x, wg + (long)j * k, rows, k, ag);
-    rb_warp_dots(x, wu + (long)j * k, rows, k, au);
+    rb_warp_dots<2>(x, wg + (long)j * k, wu + (long)j * k, rows, k, ag, au);
     if (threadIdx.x % RB_WARP == 0) {
         for (int r = 0; r < rows; r++) {
             long at = (long)r * n + j;
@@ -333,23 +364,27 @@ __device__ void rb_attention_tiled(const store_t* q, const store_t* kc, const st
     }
 }
 
-// Decode (few rows): one block per (row, head). Each warp takes every `warps`-th key; its
-// lanes own HD / RB_WARP dimensions, so a key row is one coalesced load, the score one warp
-// reduction, and the value accumulation needs no reduction at all. The warps' online
-// softmax states merge at the end.
+// Decode (few rows): keys split over `splits` blocks per (row, head), so a long cache
+// spreads over the whole GPU. Within a block each warp takes every `warps`-th group of keys;
+// its lanes own HD / RB_WARP dimensions, so a key row is one coalesced load, the score one
+// warp reduction, and the value accumulation needs no reduction at all. The warps' online
+// softmax states merge in the block; the blocks' states (max, sum, unnormalized values)
+// go to `part` for rb_attention_merge.
 #define RB_SPLIT_MAX_WARPS 16
 #define RB_ATTN_KPW 4
 template <int HD>
-__device__ void rb_attention_split(const store_t* q, const store_t* kc, const store_t* vc, store_t* out, int rows, int n_head, int n_kv, int first_pos, const int* dyn_first) {
+__device__ void rb_attention_part(const store_t* q, const store_t* kc, const store_t* vc, float* part, int rows, int n_head, int n_kv, int first_pos, const int* dyn_first) {
     if (dyn_first) first_pos = *dyn_first;
     constexpr int DPL = HD / RB_WARP;  // dimensions per lane
     __shared__ float wm[RB_SPLIT_MAX_WARPS], wl[RB_SPLIT_MAX_WARPS];
     __shared__ float wacc[RB_SPLIT_MAX_WARPS][HD];
     const int lane = threadIdx.x % RB_WARP, warp = threadIdx.x / RB_WARP, warps = blockDim.x / RB_WARP;
-    const int head = blockIdx.y, r = blockIdx.x;
+    const int head = blockIdx.y, r = blockIdx.x, split = blockIdx.z, splits = gridDim.z;
     const int kvh = head / (n_head / n_kv);
     const int qw = n_head * HD, kvw = n_kv * HD;
     const int qpos = first_pos + r;
+    const int per_split = (qpos + splits) / splits;  // ceil((qpos + 1) / splits)
+    const int key_begin = split * per_split, key_end = min(qpos + 1, key_begin + per_split);
     const float scale = rsqrtf((float)HD);
     const int d0 = lane * DPL;
     float qv[DPL], acc[DPL];
@@ -357,12 +392,12 @@ __device__ void rb_attention_split(const store_t* q, const store_t* kc, const st
     for (int i = 0; i < DPL; i++) qv[i] = LD(q[(long)r * qw + head * HD + d0 + i]) * scale, acc[i] = 0.0f;
     float m = RB_NEG_INF, l = 0.0f;
     // RB_ATTN_KPW consecutive keys per step, so their loads and reductions overlap.
-    for (int k0 = warp * RB_ATTN_KPW; k0 <= qpos; k0 += warps * RB_ATTN_KPW) {
+    for (int k0 = key_begin + warp * RB_ATTN_KPW; k0 < key_end; k0 += warps * RB_ATTN_KPW) {
         float s[RB_ATTN_KPW];
         #pragma unroll
         for (int u = 0; u < RB_ATTN_KPW; u++) {
             s[u] = 0.0f;
-            if (k0 + u <= qpos) {
+            if (k0 + u < key_end) {
                 const store_t* kr = kc + (long)(k0 + u) * kvw + kvh * HD + d0;
                 #pragma unroll
                 for (int i = 0; i < DPL; i++) s[u] += qv[i] * LD(kr[i]);
@@ -372,7 +407,7 @@ __device__ void rb_attention_split(const store_t* q, const store_t* kc, const st
         #pragma unroll
         for (int u = 0; u < RB_ATTN_KPW; u++) {
             for (int o = RB_WARP / 2; o > 0; o /= 2) s[u] += RB_SHFL_XOR(s[u], o);
-            if (k0 + u <= qpos) step_max = fmaxf(step_max, s[u]);
+            if (k0 + u < key_end) step_max = fmaxf(step_max, s[u]);
         }
         float new_m = fmaxf(m, step_max);
         float corr = expf(m - new_m);
@@ -381,7 +416,7 @@ __device__ void rb_attention_split(const store_t* q, const store_t* kc, const st
         for (int i = 0; i < DPL; i++) acc[i] *= corr;
         #pragma unroll
         for (int u = 0; u < RB_ATTN_KPW; u++) {
-            if (k0 + u <= qpos) {
+            if (k0 + u < key_end) {
                 const store_t* vr = vc + (long)(k0 + u) * kvw + kvh * HD + d0;
                 float p = expf(s[u] - new_m);
                 l += p;
@@ -395,16 +430,37 @@ __device__ void rb_attention_split(const store_t* q, const store_t* kc, const st
     for (int i = 0; i < DPL; i++) wacc[warp][d0 + i] = acc[i];
     if (lane == 0) wm[warp] = m, wl[warp] = l;
     __syncthreads();
-    for (int d = threadIdx.x; d < HD; d += blockDim.x) {
-        float bm = RB_NEG_INF;
-        for (int i = 0; i < warps; i++) bm = fmaxf(bm, wm[i]);
-        float sl = 0.0f, sv = 0.0f;
+    float bm = RB_NEG_INF;
+    for (int i = 0; i < warps; i++) bm = fmaxf(bm, wm[i]);
+    // Layout of a state: max, sum of weights, then HD weighted values.
+    float* dst = part + (((long)r * n_head + head) * splits + split) * (HD + 2);
+    for (int d = threadIdx.x; d <= HD; d += blockDim.x) {
+        float sum = 0.0f;
         for (int i = 0; i < warps; i++) {
             float f = wm[i] == RB_NEG_INF ? 0.0f : expf(wm[i] - bm);
-            sl += wl[i] * f;
-            sv += wacc[i][d] * f;
+            sum += (d < HD ? wacc[i][d] : wl[i]) * f;
         }
-        out[(long)r * qw + head * HD + d] = ST(sv / sl);
+        dst[d < HD ? 2 + d : 1] = sum;
+    }
+    if (threadIdx.x == 0) dst[0] = bm;
+}
+
+// Merge the `splits` partial states of each (row, head): one block each, a thread per dim.
+template <int HD>
+__device__ void rb_attention_merge(const float* part, store_t* out, int n_head, int splits) {
+    const int head = blockIdx.y, r = blockIdx.x;
+    const float* src = part + ((long)r * n_head + head) * splits * (HD + 2);
+    float bm = RB_NEG_INF;
+    for (int s = 0; s < splits; s++) bm = fmaxf(bm, src[s * (HD + 2)]);
+    for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+        float sl = 0.0f, sv = 0.0f;
+        for (int s = 0; s < splits; s++) {
+            const float* p = src + s * (HD + 2);
+            float f = p[0] == RB_NEG_INF ? 0.0f : expf(p[0] - bm);
+            sl += p[1] * f;
+            sv += p[2 + d] * f;
+        }
+        out[(long)r * n_head * HD + head * HD + d] = ST(sv / sl);
     }
 }
 
@@ -437,9 +493,12 @@ extern "C" __global__ void rb_softmax_causal(const float* scores, store_t* probs
                                                        int rows, int n_head, int n_kv, int first_pos, const int* dyn_first) { \
         rb_attention_tiled<HD>(q, kc, vc, out, rows, n_head, n_kv, first_pos, dyn_first);                                 \
     }                                                                                                                     \
-    extern "C" __global__ void rb_attention_split_##HD(const store_t* q, const store_t* kc, const store_t* vc, store_t* out, \
-                                                       int rows, int n_head, int n_kv, int first_pos, const int* dyn_first) { \
-        rb_attention_split<HD>(q, kc, vc, out, rows, n_head, n_kv, first_pos, dyn_first);                                 \
+    extern "C" __global__ void rb_attention_part_##HD(const store_t* q, const store_t* kc, const store_t* vc, float* part,   \
+                                                      int rows, int n_head, int n_kv, int first_pos, const int* dyn_first) { \
+        rb_attention_part<HD>(q, kc, vc, part, rows, n_head, n_kv, first_pos, dyn_first);                                 \
+    }                                                                                                                     \
+    extern "C" __global__ void rb_attention_merge_##HD(const float* part, store_t* out, int n_head, int splits) {          \
+        rb_attention_merge<HD>(part, out, n_head, splits);                                                                \
     }
 RB_ATTENTION(64)
 RB_ATTENTION(128)

@@ -67,7 +67,8 @@ res = {
     "engine_a": b["engine_a"], "engine_b": b["engine_b"], "fault": fault,
     "bisect": {"runs_a": b["runs_a"], "runs_b": b["runs_b"], "bytes": b["bytes_dumped"], "seconds": t1 - t0,
                "first": [b["first"]["tap"], b["first"]["position"]], "prefix": b["prefix"],
-               "probes": [[p["purpose"], p["tokens"], round(p["seconds_a"], 2), round(p["seconds_b"], 2), p["bytes_a"] + p["bytes_b"]] for p in b["probes"]]},
+               "probes": [[p["purpose"], p["tokens"], round(p["seconds_a"], 2), round(p["seconds_b"], 2), round(p["seconds_diff"], 2), p["bytes_a"] + p["bytes_b"]] for p in b["probes"]],
+               "seconds_replay": b["seconds_replay"], "seconds_in_search": b["seconds"]},
     "exhaustive": {"runs_a": 1, "runs_b": 1, "bytes": ex_bytes, "seconds": t2 - t1, "first": [ex_first["tap"], ex_first["position"]]},
 }
 res["time_ratio"] = res["bisect"]["seconds"] / res["exhaustive"]["seconds"]
@@ -88,7 +89,8 @@ Machine: {res['machine']}. {res['model']}, {res['tokens']}-token random prompt. 
 
 Bisect takes **{100*res['time_ratio']:.1f}%** of the exhaustive wall time (target <= 20%) and dumps {100*res['bytes_ratio']:.2f}% of its bytes.
 
-Probes (purpose, tokens, seconds A, seconds B, bytes): {bi['probes']}
+Probes (purpose, tokens, seconds A, seconds B, seconds diff, bytes): {bi['probes']}
+Of the bisect wall time, {bi['seconds_in_search']:.1f} s in the search itself (the rest is process start, model open and loading the reference) and {bi['seconds_replay']:.1f} s in local replay.
 """
 open(stem + ".md", "w").write(md)
 print(md)

@@ -53,24 +53,26 @@ for line in open(log):
         r["prefill_tok_s"].append(int(m[3]) / float(m[4])); r["run_s"].append(float(m[4]) + float(m[6]))
         if int(m[5]) > 0:
             r["decode_tok_s"].append(int(m[5]) / float(m[6]))
-    m = re.match(r"DUMP (\S+) (\d+) .*compute ([\d.]+) s", line)
+    m = re.match(r"DUMP (\S+) (\d+) .*compute ([\d.]+) s of which ([\d.]+) s waiting", line)
     if m:
-        res["runtime"].setdefault(f"{m[1]}/{m[2]}", {"prefill_tok_s": [], "decode_tok_s": [], "run_s": [], "dump_s": []})["dump_s"].append(float(m[3]))
+        r = res["runtime"].setdefault(f"{m[1]}/{m[2]}", {"prefill_tok_s": [], "decode_tok_s": [], "run_s": [], "dump_s": []})
+        r["dump_s"].append(float(m[3]))
+        r.setdefault("drain_s", []).append(float(m[4]))
     if line.startswith("HF "):
         res["hf"].update(json.loads(line[3:]))
 rows = []
 for key, r in res["runtime"].items():
     best = lambda v, f=max: f(v) if v else float("nan")
-    r["best"] = {"prefill_tok_s": best(r["prefill_tok_s"]), "decode_tok_s": best(r["decode_tok_s"]), "run_s": best(r["run_s"], min), "dump_s": best(r["dump_s"], min)}
+    r["best"] = {"prefill_tok_s": best(r["prefill_tok_s"]), "decode_tok_s": best(r["decode_tok_s"]), "run_s": best(r["run_s"], min), "dump_s": best(r["dump_s"], min), "drain_s": best(r.get("drain_s", []), min)}
     r["best"]["tap_overhead"] = r["best"]["dump_s"] / r["best"]["run_s"] - 1
-    rows.append(f"| {key} | {r['best']['prefill_tok_s']:.0f} | {r['best']['decode_tok_s']:.1f} | {r['best']['run_s']:.3f} | {r['best']['dump_s']:.3f} | {100*r['best']['tap_overhead']:.1f}% |")
+    rows.append(f"| {key} | {r['best']['prefill_tok_s']:.0f} | {r['best']['decode_tok_s']:.1f} | {r['best']['run_s']:.3f} | {r['best']['dump_s']:.3f} | {r['best']['drain_s']:.3f} | {100*r['best']['tap_overhead']:.1f}% |")
 hf = res["hf"]
 md = f"""# runtime cuda benchmark, {res['date']}
 
 GPU: {gpu}. {res['model']}. Runtime storage f16, weights dequantized from the GGUF type on the device. Best of 3.
 
-| weights / prompt | prefill tok/s | decode tok/s | run s (prefill + decode) | with all resid_post taps s | tap overhead |
-|---|---|---|---|---|---|
+| weights / prompt | prefill tok/s | decode tok/s | run s (prefill + decode) | with all resid_post taps s | of which waiting for files s | tap overhead |
+|---|---|---|---|---|---|---|
 """ + "\n".join(rows) + f"""
 
 PyTorch/transformers, same GPU, f16, {hf.get('weights', '?')}: prefill 512 {hf.get('prefill_512_tok_s', float('nan')):.0f} tok/s, prefill 2048 {hf.get('prefill_2048_tok_s', float('nan')):.0f} tok/s (sdpa), greedy decode {hf.get('decode_tok_s', float('nan')):.1f} tok/s.

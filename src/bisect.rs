@@ -43,6 +43,8 @@ pub struct ProbeRecord {
     pub positions: String,
     pub seconds_a: f64,
     pub seconds_b: f64,
+    /// Comparing the two dumps.
+    pub seconds_diff: f64,
     pub bytes_a: u64,
     pub bytes_b: u64,
     /// What the probe showed, and what it ruled out.
@@ -116,6 +118,8 @@ pub struct BisectReport {
     pub runs_b: usize,
     pub bytes_dumped: u64,
     pub seconds: f64,
+    /// Of `seconds`, local replay (loading the replayed layers and running them).
+    pub seconds_replay: f64,
     pub reproduce: Vec<String>,
     #[serde(skip)]
     pub final_diff: Option<DiffReport>,
@@ -228,6 +232,7 @@ impl Session<'_> {
             positions: sel.positions.clone(),
             seconds_a: seconds[0],
             seconds_b: seconds[1],
+            seconds_diff: 0.0,
             bytes_a: dir_bytes(&out_a),
             bytes_b: dir_bytes(&out_b),
             finding: String::new(),
@@ -235,6 +240,7 @@ impl Session<'_> {
             dump_b: out_b.display().to_string(),
         };
         let diff_opts = DiffOptions { tolerances: self.opts.tolerances.clone(), allow_model_mismatch: self.opts.allow_model_mismatch };
+        let t0 = Instant::now();
         let result = match crash {
             Some(c) => {
                 record.finding = format!("engine {} failed: {}", c.engine, c.error.message);
@@ -247,6 +253,7 @@ impl Session<'_> {
             }
             None => ProbeResult::Compared(diff::diff(&Dump::open(&out_a)?, &Dump::open(&out_b)?, &diff_opts)?),
         };
+        record.seconds_diff = t0.elapsed().as_secs_f64();
         // Fresh output directories: `dump -o` refuses to overwrite the probe's own.
         let (repro_a, repro_b) = (dir.join("reproduce").join("a"), dir.join("reproduce").join("b"));
         let tol = self.opts.tolerances.source.as_ref().map(|p| format!(" --tolerances {}", crate::engines::shell_quote(p))).unwrap_or_default();
@@ -344,6 +351,7 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer, prompt
         runs_b: 0,
         bytes_dumped: 0,
         seconds: 0.0,
+        seconds_replay: 0.0,
         reproduce: Vec::new(),
         final_diff: None,
     };
@@ -501,6 +509,7 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer, prompt
         }
     }
     let resid_tol = tolerance_of(&taps_diff, &format!("blk.{hi}.resid_post")).map_or(1e-3, |t| t.rel_l2);
+    let replay_start = Instant::now();
     let loaded;
     let replayer = match replayer {
         Replayer::Loaded(r) => r,
@@ -538,6 +547,7 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer, prompt
             }
         }
     }
+    report.seconds_replay = replay_start.elapsed().as_secs_f64();
     report.final_diff = Some(taps_diff);
     let mut r = finish(report, s)?;
     r.reproduce = suspect_reproduce;

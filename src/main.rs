@@ -143,6 +143,15 @@ enum Command {
         /// Print the checks as JSON.
         #[arg(long)]
         json: bool,
+        /// Instead of checking, time each op at a preset's decode and prefill shapes.
+        #[arg(long)]
+        perf: bool,
+        /// Model shape for --perf: tiny, smollm2-135m or tinyllama-1.1b.
+        #[arg(long, default_value = "tinyllama-1.1b")]
+        preset: String,
+        /// Cached positions at decode and rows at prefill for --perf.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
     },
     /// Write a model's first N layers as a model of its own (real weights, smaller file).
     Cut {
@@ -425,12 +434,13 @@ fn cmd_dump(a: DumpArgs) -> Result<()> {
         }
     };
     eprintln!(
-        "wrote {} ({} prompt(s), {} tokens; load {:.2} s, compute {:.4} s, {:.1} tokens/s)",
+        "wrote {} ({} prompt(s), {} tokens; load {:.2} s, compute {:.4} s of which {:.4} s waiting for files, {:.1} tokens/s)",
         a.output.display(),
         summary.prompts,
         summary.tokens,
         summary.load_seconds,
         summary.compute_seconds,
+        summary.drain_seconds,
         summary.tokens as f64 / summary.compute_seconds.max(1e-9)
     );
     Ok(())
@@ -587,6 +597,38 @@ fn cmd_demo(model: PathBuf, prompts: PathBuf, output: PathBuf) -> Result<ExitCod
     Ok(code)
 }
 
+fn cmd_perf(backend: BackendKind, dtype: &str, preset: &str, ctx: usize, json: bool) -> Result<ExitCode> {
+    let dtype = StorageDType::parse(dtype)?;
+    let config = resbisect::synth::preset(preset)?.config;
+    if ctx == 0 || ctx >= config.n_ctx.max(8192) {
+        return Err(Error::input(format!("--ctx must be 1..{}", config.n_ctx.max(8192))));
+    }
+    let (timings, device) = resbisect::with_backend!(backend.runtime(), dtype, |b| {
+        use resbisect::runtime::backend::Backend;
+        (runtime::perf::run(&b, &config, ctx)?, b.device())
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&timings).map_err(|e| Error::input(e.to_string()))?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("op timings of {device}, {} storage, {preset} shapes, context {ctx}", dtype.name());
+    println!("{:<8} {:<22} {:<34} {:>10} {:>12} {:>8}", "phase", "op", "shape", "us", "bytes", "GB/s");
+    for t in &timings {
+        println!("{:<8} {:<22} {:<34} {:>10.2} {:>12} {:>8.1}", t.phase, t.op, t.shape, t.micros, t.bytes, t.gb_per_s());
+    }
+    let decode = timings.iter().filter(|t| t.phase == "decode");
+    let (layer_us, layer_bytes) = decode.clone().fold((0.0, 0), |(us, by), t| (us + t.micros * t.per_layer as f64, by + t.bytes * t.per_layer));
+    let outside_us: f64 = decode.filter(|t| t.per_layer == 0).map(|t| t.micros).sum();
+    let step_us = layer_us * config.n_layer as f64 + outside_us;
+    println!(
+        "decode layer {layer_us:.1} us ({:.1} GB/s over {layer_bytes} bytes); step of {} layers and the head {step_us:.0} us = {:.0} tokens/s",
+        layer_bytes as f64 / (layer_us * 1e3),
+        config.n_layer,
+        1e6 / step_us
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn inspect_model(path: &Path, tensors: bool) -> Result<()> {
     let model = Model::open(path)?;
     let c = &model.config;
@@ -713,7 +755,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Dump(a) => cmd_dump(a).map(|_| ExitCode::SUCCESS),
         Command::Bisect(a) => cmd_bisect(a),
-        Command::Selftest { backend, dtype, seed, long, json } => {
+        Command::Selftest { backend, dtype, perf: true, preset, ctx, json, .. } => cmd_perf(backend, &dtype, &preset, ctx, json),
+        Command::Selftest { backend, dtype, seed, long, json, .. } => {
             let dtype = StorageDType::parse(&dtype)?;
             let (checks, device) = resbisect::with_backend!(backend.runtime(), dtype, |b| {
                 use resbisect::runtime::backend::Backend;

@@ -255,6 +255,8 @@ pub struct DumpSummary {
     pub load_seconds: f64,
     /// Forward passes and writing the dump.
     pub compute_seconds: f64,
+    /// Of `compute_seconds`, the wait after the last op until every file was on disk.
+    pub drain_seconds: f64,
 }
 
 impl ReferenceEngine {
@@ -287,12 +289,14 @@ impl ReferenceEngine {
             progress.stage(&format!("{} ({} tokens)", p.id, p.tokens.len()), n_layer);
             self.run_prompt(&p.id, &p.tokens, pos.clone(), selection, faults, n_layer, &writer, &mut |_| progress.tick(), cache.as_deref_mut())
         });
+        let drain = std::time::Instant::now();
         writer.finish(outcome)?;
         Ok(DumpSummary {
             prompts: prompts.len(),
             tokens: prompts.iter().map(|p| p.tokens.len()).sum(),
             load_seconds: 0.0,
             compute_seconds: start.elapsed().as_secs_f64(),
+            drain_seconds: drain.elapsed().as_secs_f64(),
         })
     }
 }

@@ -122,9 +122,10 @@ pub trait Backend {
     fn upload_weight(&self, name: &str, dtype: GgmlDType, dims: &[usize], data: &[u8]) -> Result<Self::Buf>;
     /// `len` elements from `offset`, as f32.
     fn download(&self, buf: &Self::Buf, offset: usize, len: usize) -> Result<Vec<f32>>;
-    /// `len` elements from `offset` exactly as stored: little-endian bytes of the storage
-    /// dtype (what dumps hold, at half the bytes of f32 for f16 and bf16).
-    fn download_raw(&self, buf: &Self::Buf, offset: usize, len: usize) -> Result<Vec<u8>>;
+    /// `len` elements from `offset` exactly as stored, appended to `out`: little-endian
+    /// bytes of the storage dtype (what dumps hold, at half the bytes of f32 for f16 and
+    /// bf16). Appending lets a tap's rows land in one allocation, copied once.
+    fn download_raw(&self, buf: &Self::Buf, offset: usize, len: usize, out: &mut Vec<u8>) -> Result<()>;
 
     /// Rows `ids` of a `[vocab, width]` table.
     fn embed(&self, table: &Self::Buf, width: usize, ids: Src<u32>, out: &mut Self::Buf) -> Result<()>;

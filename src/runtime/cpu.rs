@@ -103,14 +103,15 @@ impl Backend for CpuBackend {
         Ok(buf[offset..offset + len].to_vec())
     }
 
-    fn download_raw(&self, buf: &Vec<f32>, offset: usize, len: usize) -> Result<Vec<u8>> {
+    fn download_raw(&self, buf: &Vec<f32>, offset: usize, len: usize, out: &mut Vec<u8>) -> Result<()> {
         check(buf.len(), offset + len, "download")?;
         let values = &buf[offset..offset + len];
-        Ok(match self.dtype {
-            StorageDType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            StorageDType::F16 => values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect(),
-            StorageDType::BF16 => values.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect(),
-        })
+        match self.dtype {
+            StorageDType::F32 => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
+            StorageDType::F16 => out.extend(values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes())),
+            StorageDType::BF16 => out.extend(values.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes())),
+        }
+        Ok(())
     }
 
     fn embed(&self, table: &Vec<f32>, width: usize, ids: Src<u32>, out: &mut Vec<f32>) -> Result<()> {

@@ -77,7 +77,8 @@ fn nvrtc_source(dtype: StorageDType) -> String {
 
 const KERNELS: &[&str] = &[
     "rb_gemv", "rb_gemv3", "rb_gate_up_silu", "rb_add_rms_norm", "rb_rope_append", "rb_embed", "rb_add", "rb_silu_mul", "rb_copy", "rb_perturb", "rb_rms_norm", "rb_rope", "rb_argmax",
-    "rb_softmax_causal", "rb_attention_tiled_64", "rb_attention_split_64", "rb_attention_tiled_128", "rb_attention_split_128",
+    "rb_softmax_causal", "rb_attention_tiled_64", "rb_attention_part_64", "rb_attention_merge_64", "rb_attention_tiled_128", "rb_attention_part_128",
+    "rb_attention_merge_128",
     "rb_dequant_f32", "rb_dequant_f16", "rb_dequant_bf16", "rb_dequant_q8_0", "rb_dequant_q4_0", "rb_dequant_q4_1",
     "rb_dequant_q4_k", "rb_dequant_q6_k",
 ];
@@ -97,21 +98,42 @@ pub(crate) fn decoder(dtype: GgmlDType) -> Option<(&'static str, usize, usize)> 
     })
 }
 
-/// The attention kernel for a shape — key-split across a block for few query rows, tiled
-/// for many — with its grid and block size; refuses shapes the kernels do not cover.
-pub(crate) fn attention_kernel(s: &AttnShape, backend: &str) -> Result<(&'static str, (u32, u32), u32)> {
+/// How a backend runs an attention call.
+pub(crate) enum AttnPlan {
+    /// Query tiles of RB_ATTN_QB rows per block: many rows.
+    Tiled { kernel: &'static str, grid: (u32, u32), block: u32 },
+    /// Few rows: keys split over `splits` blocks per (row, head) whose partial softmax
+    /// states (ATTN_STATE floats each, in the backend's scratch) the merge kernel combines.
+    Split { part: &'static str, merge: &'static str, grid: (u32, u32, u32), block: u32 },
+}
+
+/// Below this many (row, head) pairs attention splits keys over blocks; also the most
+/// partial states the scratch holds.
+const ATTN_SPLIT_PAIRS: usize = 4096;
+/// Most key splits per (row, head): 16 × 32 heads fills an H100 at one row.
+const ATTN_MAX_SPLITS: usize = 16;
+/// Floats of the partial-state scratch a backend allocates once: max, weight sum and the
+/// largest head dim of values, for every state.
+pub(crate) const ATTN_PART_FLOATS: usize = ATTN_SPLIT_PAIRS * (128 + 2);
+
+/// The attention kernels for a shape, with grids and block sizes; refuses shapes the
+/// kernels do not cover.
+pub(crate) fn attention_plan(s: &AttnShape, backend: &str) -> Result<AttnPlan> {
     if s.n_head_kv == 0 || !s.n_head.is_multiple_of(s.n_head_kv) {
         return Err(Error::engine(format!("{backend}: attention: {} heads do not group over {} KV heads", s.n_head, s.n_head_kv)));
     }
     if s.head_dim != 64 && s.head_dim != 128 {
         return Err(Error::input(format!("{backend}: attention kernels exist for head dim 64 and 128, not {}", s.head_dim)));
     }
-    let split = s.rows * s.n_head < 4096;
-    Ok(match (split, s.head_dim) {
-        (true, 64) => ("rb_attention_split_64", (s.rows as u32, s.n_head as u32), 256),
-        (true, _) => ("rb_attention_split_128", (s.rows as u32, s.n_head as u32), 256),
-        (false, 64) => ("rb_attention_tiled_64", ((s.rows as u32).div_ceil(64), s.n_head as u32), 64),
-        (false, _) => ("rb_attention_tiled_128", ((s.rows as u32).div_ceil(64), s.n_head as u32), 64),
+    let pairs = s.rows * s.n_head;
+    let wide = s.head_dim == 128;
+    Ok(if pairs < ATTN_SPLIT_PAIRS {
+        let splits = (ATTN_SPLIT_PAIRS / pairs).min(ATTN_MAX_SPLITS);
+        let (part, merge) = if wide { ("rb_attention_part_128", "rb_attention_merge_128") } else { ("rb_attention_part_64", "rb_attention_merge_64") };
+        AttnPlan::Split { part, merge, grid: (s.rows as u32, s.n_head as u32, splits as u32), block: 128 }
+    } else {
+        let kernel = if wide { "rb_attention_tiled_128" } else { "rb_attention_tiled_64" };
+        AttnPlan::Tiled { kernel, grid: ((s.rows as u32).div_ceil(64), s.n_head as u32), block: 64 }
     })
 }
 
@@ -153,6 +175,11 @@ pub struct CudaBackend<T: Storage> {
     _step_dev: CudaSlice<u32>,
     step_at: u64,
     step: std::cell::Cell<Step>,
+    /// Scratch for the partial softmax states of split attention (ATTN_PART_FLOATS).
+    _attn_part: CudaSlice<f32>,
+    attn_part_at: u64,
+    /// Page-locked host memory that downloads pass through, grown as needed.
+    download_staging: std::cell::RefCell<Option<cudarc::driver::PinnedHostSlice<T>>>,
     /// The positions last uploaded for RoPE: every layer's q and k share them.
     rope_positions: std::cell::RefCell<Option<(Vec<f32>, CudaSlice<f32>)>>,
     blas: CudaBlas,
@@ -217,11 +244,16 @@ where
             use cudarc::driver::DevicePtr;
             step_dev.device_ptr(&stream).0
         };
+        let attn_part = stream.alloc_zeros::<f32>(ATTN_PART_FLOATS).map_err(device_error("allocating attention scratch"))?;
+        let attn_part_at = {
+            use cudarc::driver::DevicePtr;
+            attn_part.device_ptr(&stream).0
+        };
         let blas = quietly(|| CudaBlas::new(stream.clone()))
             .ok_or_else(|| Error::input("--backend cuda: cuBLAS (libcublas) could not be loaded"))?
             .map_err(|e| Error::engine(format!("cuda: cuBLAS: {e}")))?;
         let device = format!("{} ({arch})", ctx.name().unwrap_or_else(|_| "NVIDIA GPU".into()));
-        Ok(Self { stream, _step_dev: step_dev, step_at, step: Default::default(), rope_positions: std::cell::RefCell::new(None), blas, functions, device, _module: module, _storage: std::marker::PhantomData })
+        Ok(Self { stream, _step_dev: step_dev, step_at, step: Default::default(), _attn_part: attn_part, attn_part_at, download_staging: Default::default(), rope_positions: std::cell::RefCell::new(None), blas, functions, device, _module: module, _storage: std::marker::PhantomData })
     }
 
     fn f(&self, name: &str) -> &CudaFunction {
@@ -423,15 +455,27 @@ where
         Ok(host.into_iter().map(T::to_f32).collect())
     }
 
-    fn download_raw(&self, buf: &Self::Buf, offset: usize, len: usize) -> Result<Vec<u8>> {
+    fn download_raw(&self, buf: &Self::Buf, offset: usize, len: usize, out: &mut Vec<u8>) -> Result<()> {
         Self::check(buf.len(), offset + len, "download")?;
         if len == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
-        let host = self.stream.clone_dtoh(&buf.slice(offset..offset + len)).map_err(device_error("downloading"))?;
+        // Through page-locked memory, reused: copies from pageable memory run at a fraction
+        // of the bus speed, and tap downloads are what a dump adds to a run.
+        let mut staging = self.download_staging.borrow_mut();
+        if staging.as_ref().is_none_or(|s| s.len() < len) {
+            *staging = None;
+            let size = len.next_power_of_two().max(1 << 20);
+            // SAFETY: the memory is only read after a copy has filled it.
+            *staging = Some(unsafe { self.stream.context().alloc_pinned_with_flags::<T>(size, 0) }.map_err(device_error("allocating page-locked memory"))?);
+        }
+        let pinned = staging.as_mut().expect("allocated above");
+        self.stream.memcpy_dtoh(&buf.slice(offset..offset + len), pinned).map_err(device_error("downloading"))?;
+        let values = pinned.as_slice().map_err(device_error("downloading"))?;
         // SAFETY: T is f32, f16 or bf16, plain values whose bytes are the stored value
         // (little-endian on every CUDA host).
-        Ok(unsafe { std::slice::from_raw_parts(host.as_ptr() as *const u8, std::mem::size_of_val(host.as_slice())) }.to_vec())
+        out.extend_from_slice(unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u8, len * std::mem::size_of::<T>()) });
+        Ok(())
     }
 
     fn embed(&self, table: &Self::Buf, width: usize, ids: Src<u32>, out: &mut Self::Buf) -> Result<()> {
@@ -550,16 +594,33 @@ where
         }
         Self::check(q.len().min(out.len()), s.rows * qw, "attention")?;
         Self::check(k_cache.len().min(v_cache.len()), (s.first_pos + s.rows) * kvw, "attention cache")?;
-        let (name, grid, block) = attention_kernel(&s, "cuda")?;
+        let plan = attention_plan(&s, "cuda")?;
         if s.rows >= GEMM_ATTENTION_ROWS && !s.from_step {
             return self.attention_gemm(q, k_cache, v_cache, s, out);
         }
         let (rows, nh, nkv, first) = (s.rows as i32, s.n_head as i32, s.n_head_kv as i32, s.first_pos as i32);
-        let cfg = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
-        let mut b = self.stream.launch_builder(self.f(name));
-        b.arg(q).arg(k_cache).arg(v_cache).arg(out).arg(&rows).arg(&nh).arg(&nkv).arg(&first).arg(&dyn_first);
-        // SAFETY: bounds checked above.
-        Self::launched(unsafe { b.launch(cfg) }.map(drop), name)
+        match plan {
+            AttnPlan::Tiled { kernel, grid, block } => {
+                let cfg = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+                let mut b = self.stream.launch_builder(self.f(kernel));
+                b.arg(q).arg(k_cache).arg(v_cache).arg(out).arg(&rows).arg(&nh).arg(&nkv).arg(&first).arg(&dyn_first);
+                // SAFETY: bounds checked above.
+                Self::launched(unsafe { b.launch(cfg) }.map(drop), kernel)
+            }
+            AttnPlan::Split { part, merge, grid, block } => {
+                let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+                let mut b = self.stream.launch_builder(self.f(part));
+                b.arg(q).arg(k_cache).arg(v_cache).arg(&self.attn_part_at).arg(&rows).arg(&nh).arg(&nkv).arg(&first).arg(&dyn_first);
+                // SAFETY: bounds checked above; the plan keeps the states within the scratch.
+                Self::launched(unsafe { b.launch(cfg) }.map(drop), part)?;
+                let splits = grid.2 as i32;
+                let cfg = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (s.head_dim as u32, 1, 1), shared_mem_bytes: 0 };
+                let mut b = self.stream.launch_builder(self.f(merge));
+                b.arg(&self.attn_part_at).arg(out).arg(&nh).arg(&splits);
+                // SAFETY: as above.
+                Self::launched(unsafe { b.launch(cfg) }.map(drop), merge)
+            }
+        }
     }
 
     fn silu_mul(&self, gate: &Self::Buf, up: &Self::Buf, n: usize, out: &mut Self::Buf) -> Result<()> {

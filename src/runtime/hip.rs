@@ -11,7 +11,7 @@ use hip_runtime_sys as hip;
 use resbisect_reference::Fault;
 
 use super::backend::{AttnShape, Backend, Row, Src, Step, StorageDType};
-use super::cuda::Storage;
+use super::cuda::{AttnPlan, Storage, ATTN_PART_FLOATS};
 use crate::error::{Error, Result};
 
 const CODE_F32: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ops-f32.hsaco"));
@@ -20,7 +20,7 @@ const CODE_BF16: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ops-bf16.hsac
 
 const KERNELS: &[&str] = &[
     "rb_gemv", "rb_embed", "rb_add", "rb_silu_mul", "rb_copy", "rb_perturb", "rb_rms_norm", "rb_rope", "rb_argmax", "rb_matmul",
-    "rb_attention_tiled_64", "rb_attention_split_64", "rb_attention_tiled_128", "rb_attention_split_128",
+    "rb_attention_tiled_64", "rb_attention_part_64", "rb_attention_merge_64", "rb_attention_tiled_128", "rb_attention_part_128", "rb_attention_merge_128",
     "rb_dequant_f32", "rb_dequant_f16", "rb_dequant_bf16", "rb_dequant_q8_0", "rb_dequant_q4_0", "rb_dequant_q4_1",
     "rb_dequant_q4_k", "rb_dequant_q6_k",
 ];
@@ -52,6 +52,8 @@ pub struct HipBackend<T: Storage> {
     /// The decode step record on the device (token, pos, rope_pos bits, slot) and its host copy.
     step_dev: HipBuf,
     step: std::cell::Cell<Step>,
+    /// Scratch for the partial softmax states of split attention (ATTN_PART_FLOATS f32).
+    attn_part: HipBuf,
     device: String,
     _storage: std::marker::PhantomData<T>,
 }
@@ -93,8 +95,10 @@ impl<T: Storage> HipBackend<T> {
         } else {
             "AMD GPU".into()
         };
-        let mut backend = Self { functions, device, step_dev: HipBuf { ptr: std::ptr::null_mut(), len: 0 }, step: Default::default(), _storage: std::marker::PhantomData };
+        let none = || HipBuf { ptr: std::ptr::null_mut(), len: 0 };
+        let mut backend = Self { functions, device, step_dev: none(), step: Default::default(), attn_part: none(), _storage: std::marker::PhantomData };
         backend.step_dev = backend.raw(&[0u8; 16])?;
+        backend.attn_part = backend.raw(&vec![0u8; 4 * ATTN_PART_FLOATS])?;
         Ok(backend)
     }
 
@@ -105,9 +109,13 @@ impl<T: Storage> HipBackend<T> {
     }
 
     fn launch(&self, name: &str, grid: (u32, u32), block: (u32, u32), args: &mut [*mut c_void]) -> Result<()> {
+        self.launch_3d(name, (grid.0, grid.1, 1), block, args)
+    }
+
+    fn launch_3d(&self, name: &str, grid: (u32, u32, u32), block: (u32, u32), args: &mut [*mut c_void]) -> Result<()> {
         // SAFETY: every kernel's arguments are built by the op that launches it, matching
         // the kernel's signature, with bounds checked beforehand.
-        let e = unsafe { hip::hipModuleLaunchKernel(self.functions[name], grid.0, grid.1, 1, block.0, block.1, 1, 0, std::ptr::null_mut(), args.as_mut_ptr(), std::ptr::null_mut()) };
+        let e = unsafe { hip::hipModuleLaunchKernel(self.functions[name], grid.0, grid.1, grid.2, block.0, block.1, 1, 0, std::ptr::null_mut(), args.as_mut_ptr(), std::ptr::null_mut()) };
         check(e, &format!("launching {name}"))
     }
 
@@ -194,14 +202,14 @@ impl<T: Storage> Backend for HipBackend<T> {
         Ok(host.into_iter().map(T::to_f32).collect())
     }
 
-    fn download_raw(&self, buf: &HipBuf, offset: usize, len: usize) -> Result<Vec<u8>> {
+    fn download_raw(&self, buf: &HipBuf, offset: usize, len: usize, out: &mut Vec<u8>) -> Result<()> {
         Self::need(buf.len, offset + len, "download")?;
         let el = std::mem::size_of::<T>();
-        let mut host = vec![0u8; len * el];
-        // SAFETY: the source range lies inside the buffer (checked); host holds len values.
+        let at = out.len();
+        out.resize(at + len * el, 0);
+        // SAFETY: the source range lies inside the buffer (checked); out has len values of room at `at`.
         let src = unsafe { (buf.ptr as *const u8).add(offset * el) } as *const c_void;
-        check(unsafe { hip::hipMemcpy(host.as_mut_ptr() as *mut c_void, src, len * el, hip::hipMemcpyKind::hipMemcpyDeviceToHost) }, "downloading")?;
-        Ok(host)
+        check(unsafe { hip::hipMemcpy(out[at..].as_mut_ptr() as *mut c_void, src, len * el, hip::hipMemcpyKind::hipMemcpyDeviceToHost) }, "downloading")
     }
 
     fn embed(&self, table: &HipBuf, width: usize, ids: Src<u32>, out: &mut HipBuf) -> Result<()> {
@@ -284,10 +292,17 @@ impl<T: Storage> Backend for HipBackend<T> {
         let (qw, kvw) = (s.n_head * s.head_dim, s.n_head_kv * s.head_dim);
         Self::need(q.len.min(out.len), s.rows * qw, "attention")?;
         Self::need(k_cache.len.min(v_cache.len), (s.first_pos + s.rows) * kvw, "attention cache")?;
-        let (name, grid, block) = super::cuda::attention_kernel(&s, "hip")?;
         let (rows, nh, nkv, first) = (s.rows as i32, s.n_head as i32, s.n_head_kv as i32, s.first_pos as i32);
         let dyn_first = if s.from_step { self.step_field(1) } else { std::ptr::null_mut() };
-        self.launch(name, grid, (block, 1), &mut args!(q.ptr, k_cache.ptr, v_cache.ptr, out.ptr, rows, nh, nkv, first, dyn_first))
+        match super::cuda::attention_plan(&s, "hip")? {
+            AttnPlan::Tiled { kernel, grid, block } => self.launch(kernel, grid, (block, 1), &mut args!(q.ptr, k_cache.ptr, v_cache.ptr, out.ptr, rows, nh, nkv, first, dyn_first)),
+            AttnPlan::Split { part, merge, grid, block } => {
+                let scratch = self.attn_part.ptr;
+                self.launch_3d(part, grid, (block, 1), &mut args!(q.ptr, k_cache.ptr, v_cache.ptr, scratch, rows, nh, nkv, first, dyn_first))?;
+                let splits = grid.2 as i32;
+                self.launch(merge, (grid.0, grid.1), (s.head_dim as u32, 1), &mut args!(scratch, out.ptr, nh, splits))
+            }
+        }
     }
 
     fn silu_mul(&self, gate: &HipBuf, up: &HipBuf, n: usize, out: &mut HipBuf) -> Result<()> {

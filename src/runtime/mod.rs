@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod cuda;
 #[cfg(feature = "hip")]
 pub mod hip;
+pub mod perf;
 pub mod selftest;
 
 use std::collections::BTreeMap;
@@ -124,6 +125,14 @@ impl<'a> TapCollector<'a> {
     fn last_position(&self) -> usize {
         self.positions.last().copied().unwrap_or(0)
     }
+
+    /// The bytes collected so far for `tap`, with room reserved for every selected row of
+    /// `width` values of `el` bytes, so appending rows never moves them.
+    fn rows_of(&mut self, tap: &Tap, width: usize, el: usize) -> &mut Vec<u8> {
+        let capacity = self.positions.len() * width * el;
+        let entry = self.pending.entry(tap.file_stem()).or_default().entry(tap.id()).or_insert_with(|| (width, Vec::with_capacity(capacity)));
+        &mut entry.1
+    }
 }
 
 impl<B: Backend> Runtime<B> {
@@ -197,7 +206,7 @@ impl<B: Backend> Runtime<B> {
             }
             TapRoute::Download => {
                 let sel = col.rows_in(start, rows);
-                let entry = col.pending.entry(tap.file_stem()).or_default().entry(id.to_string()).or_insert((width, Vec::new()));
+                let out = col.rows_of(&tap, width, self.backend.dtype().bytes());
                 // One download per run of consecutive rows: a device copy per row would dominate.
                 let mut i = 0;
                 while i < sel.len() {
@@ -205,7 +214,7 @@ impl<B: Backend> Runtime<B> {
                     while j < sel.len() && sel[j] == sel[j - 1] + 1 {
                         j += 1;
                     }
-                    entry.1.extend(self.backend.download_raw(buf, sel[i] * width, (j - i) * width)?);
+                    self.backend.download_raw(buf, sel[i] * width, (j - i) * width, out)?;
                     i = j;
                 }
             }
@@ -383,8 +392,7 @@ impl<B: Backend> Runtime<B> {
                     self.op(&format!("perturb({tid})"), sc, b.perturb(buf, n, width, from_row, fl.fault))?;
                 }
                 if col.wants(&tap) {
-                    let entry = col.pending.entry("output".into()).or_default().entry(tid).or_insert((width, Vec::new()));
-                    entry.1.extend(b.download_raw(buf, 0, sel * width)?);
+                    b.download_raw(buf, 0, sel * width, col.rows_of(&tap, width, b.dtype().bytes()))?;
                 }
             }
             self.flush(col, "output", start + rows - 1, prompt_id, writer)?;
@@ -479,8 +487,7 @@ impl<B: Backend> Runtime<B> {
             for (id, buf) in &staged.buffers {
                 let tap = Tap::parse(id).expect("staged taps are canonical");
                 let width = tap.width(c);
-                let entry = col.pending.entry(tap.file_stem()).or_default().entry(id.clone()).or_insert((width, Vec::new()));
-                entry.1.extend(b.download_raw(buf, 0, staged.positions.len() * width)?);
+                b.download_raw(buf, 0, staged.positions.len() * width, col.rows_of(&tap, width, b.dtype().bytes()))?;
             }
             let stems = std::iter::once("embed".to_string()).chain((0..c.n_layer).map(|l| format!("blk.{l}"))).chain(["output".to_string()]);
             for stem in stems {
@@ -611,8 +618,10 @@ impl<B: Backend> Runtime<B> {
             Ok(())
         });
         let tokens: usize = processed.iter().map(Vec::len).sum();
+        let drain = std::time::Instant::now();
         writer.finish_with_tokens(outcome, processed)?;
-        Ok(DumpSummary { prompts: prompts.len(), tokens, load_seconds: 0.0, compute_seconds: start.elapsed().as_secs_f64() })
+        let drain_seconds = drain.elapsed().as_secs_f64();
+        Ok(DumpSummary { prompts: prompts.len(), tokens, load_seconds: 0.0, compute_seconds: start.elapsed().as_secs_f64(), drain_seconds })
     }
 }
 

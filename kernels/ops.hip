@@ -50,71 +50,52 @@ extern "C" __global__ void rb_perturb(store_t* x, long start, long n, int kind, 
 // (a GEMM tiling leaves most of the GPU idle at one row).
 #define RB_GEMV_ROWS 4
 
-// Each lane first issues the loads of RB_GEMV_CHUNK 16-byte pieces of every weight row,
+// Each lane first issues the loads of RB_GEMV_CHUNK 16-byte pieces of its weight row,
 // then multiplies, so enough bytes are in flight to stream at full bandwidth.
 #define RB_GEMV_CHUNK 8
 
-// Dot products of NW weight rows (`w0`, and `w1` when NW is 2) with rows 0..rows of x,
-// summed over the warp: every lane gets acc0[r] (and acc1[r]). Each lane sums its columns
-// in ascending order whatever NW is, so fused and separate projections agree exactly.
-template <int NW>
-__device__ __forceinline__ void rb_warp_dots(const store_t* x, const store_t* w0, const store_t* w1, int rows, int k, float* acc0, float* acc1) {
+// Dot products of weight row `wr` with rows 0..rows of x, summed over the warp: every lane
+// gets acc[r].
+__device__ __forceinline__ void rb_warp_dots(const store_t* x, const store_t* wr, int rows, int k, float* acc) {
     const int lane = threadIdx.x % RB_WARP;
     #pragma unroll
-    for (int r = 0; r < RB_GEMV_ROWS; r++) acc0[r] = 0.0f, acc1[r] = 0.0f;
+    for (int r = 0; r < RB_GEMV_ROWS; r++) acc[r] = 0.0f;
     const int V = 16 / sizeof(store_t);
     const int step = RB_WARP * V;
     if (k % V == 0) {
         for (int c0 = lane * V; c0 < k; c0 += step * RB_GEMV_CHUNK) {
-            uint4 wv[NW][RB_GEMV_CHUNK];
+            uint4 wv[RB_GEMV_CHUNK];
             #pragma unroll
-            for (int u = 0; u < RB_GEMV_CHUNK; u++) {
-                const int c = c0 + u * step;
-                if (c < k) {
-                    wv[0][u] = *(const uint4*)(w0 + c);
-                    if (NW > 1) wv[NW - 1][u] = *(const uint4*)(w1 + c);
-                }
-            }
+            for (int u = 0; u < RB_GEMV_CHUNK; u++)
+                if (c0 + u * step < k) wv[u] = *(const uint4*)(wr + c0 + u * step);
             #pragma unroll
             for (int u = 0; u < RB_GEMV_CHUNK; u++) {
                 const int c = c0 + u * step;
                 if (c >= k) break;
+                store_t w[V];
+                *(uint4*)w = wv[u];
                 #pragma unroll
                 for (int r = 0; r < RB_GEMV_ROWS; r++) {
                     if (r < rows) {
-                        store_t xv[V], a[V], b[V];
+                        store_t xv[V];
                         *(uint4*)xv = *(const uint4*)(x + (long)r * k + c);
-                        *(uint4*)a = wv[0][u];
                         #pragma unroll
-                        for (int i = 0; i < V; i++) acc0[r] += LD(a[i]) * LD(xv[i]);
-                        if (NW > 1) {
-                            *(uint4*)b = wv[NW - 1][u];
-                            #pragma unroll
-                            for (int i = 0; i < V; i++) acc1[r] += LD(b[i]) * LD(xv[i]);
-                        }
+                        for (int i = 0; i < V; i++) acc[r] += LD(w[i]) * LD(xv[i]);
                     }
                 }
             }
         }
     } else {
         for (int c = lane; c < k; c += RB_WARP) {
-            float a = LD(w0[c]), b = NW > 1 ? LD(w1[c]) : 0.0f;
+            float wv = LD(wr[c]);
             #pragma unroll
-            for (int r = 0; r < RB_GEMV_ROWS; r++) {
-                if (r < rows) {
-                    float xv = LD(x[(long)r * k + c]);
-                    acc0[r] += a * xv;
-                    if (NW > 1) acc1[r] += b * xv;
-                }
-            }
+            for (int r = 0; r < RB_GEMV_ROWS; r++)
+                if (r < rows) acc[r] += wv * LD(x[(long)r * k + c]);
         }
     }
     #pragma unroll
-    for (int r = 0; r < RB_GEMV_ROWS; r++) {
-        for (int o = RB_WARP / 2; o > 0; o /= 2) acc0[r] += RB_SHFL_XOR(acc0[r], o);
-        if (NW > 1)
-            for (int o = RB_WARP / 2; o > 0; o /= 2) acc1[r] += RB_SHFL_XOR(acc1[r], o);
-    }
+    for (int r = 0; r < RB_GEMV_ROWS; r++)
+        for (int o = RB_WARP / 2; o > 0; o /= 2) acc[r] += RB_SHFL_XOR(acc[r], o);
 }
 
 // The output column this warp computes.
@@ -123,8 +104,8 @@ __device__ __forceinline__ int rb_warp_column() { return blockIdx.x * (blockDim.
 extern "C" __global__ void rb_gemv(const store_t* x, const store_t* w, store_t* out, int rows, int k, int n) {
     const int j = rb_warp_column();
     if (j >= n) return;  // whole warps leave together
-    float acc[RB_GEMV_ROWS], unused[RB_GEMV_ROWS];
-    rb_warp_dots<1>(x, w + (long)j * k, nullptr, rows, k, acc, unused);
+    float acc[RB_GEMV_ROWS];
+    rb_warp_dots(x, w + (long)j * k, rows, k, acc);
     if (threadIdx.x % RB_WARP == 0)
         for (int r = 0; r < rows; r++) out[(long)r * n + j] = ST(acc[r]);
 }
@@ -142,28 +123,10 @@ extern "C" __global__ void rb_gemv3(const store_t* x, const store_t* w0, const s
     store_t* out = part == 0 ? o0 : part == 1 ? o1 : o2;
     const int n = part == 0 ? n0 : part == 1 ? n1 : n2;
     if (j >= n) return;
-    float acc[RB_GEMV_ROWS], unused[RB_GEMV_ROWS];
-    rb_warp_dots<1>(x, w + (long)j * k, nullptr, rows, k, acc, unused);
+    float acc[RB_GEMV_ROWS];
+    rb_warp_dots(x, w + (long)j * k, rows, k, acc);
     if (threadIdx.x % RB_WARP == 0)
         for (int r = 0; r < rows; r++) out[(long)r * n + j] = ST(acc[r]);
-}
-
-// Gate and up projections and the SiLU product in one launch, each rounded as the separate
-// ops round them: g and u stored, act = silu(g)·u from the stored values.
-extern "C" __global__ void rb_gate_up_silu(const store_t* x, const store_t* wg, const store_t* wu, store_t* g, store_t* u, store_t* act, int rows, int k, int n) {
-    const int j = rb_warp_column();
-    if (j >= n) return;
-    float ag[RB_GEMV_ROWS], au[RB_GEMV_ROWS];
-    rb_warp_dots<2>(x, wg + (long)j * k, wu + (long)j * k, rows, k, ag, au);
-    if (threadIdx.x % RB_WARP == 0) {
-        for (int r = 0; r < rows; r++) {
-            long at = (long)r * n + j;
-            g[at] = ST(ag[r]);
-            u[at] = ST(au[r]);
-            float gv = LD(g[at]);
-            act[at] = ST(gv / (1.0f + expf(-gv)) * LD(u[at]));
-        }
-    }
 }
 
 // out[rows, n] = x[rows, k] · w[n, k]ᵀ with f32 accumulation, in 16×16 shared tiles. The

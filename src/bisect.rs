@@ -113,6 +113,8 @@ pub struct BisectReport {
     pub crash: Option<Crash>,
     pub replay: Vec<LayerAttribution>,
     pub replay_taps: Vec<TapAttribution>,
+    /// The positions local replay recomputed.
+    pub replay_positions: Vec<usize>,
     pub probes: Vec<ProbeRecord>,
     pub runs_a: usize,
     pub runs_b: usize,
@@ -293,22 +295,59 @@ impl Session<'_> {
     }
 }
 
+/// Statistics of row `r` of `a` against `b` (rows of `width`), and its rel L2 with any
+/// non-finite value counting as infinite.
+fn row_error(a: &[f32], b: &[f32], width: usize, r: usize) -> (f64, RowStat) {
+    fn view(v: &[f32], width: usize, r: usize) -> TapView<'_> {
+        TapView { dtype: TapDType::F32, rows: 1, width, bytes: bytemuck::cast_slice(&v[r * width..(r + 1) * width]) }
+    }
+    let s = diff::row_stat(&view(a, width, r), &view(b, width, r));
+    (if s.nonfinite_a + s.nonfinite_b > 0 { f64::INFINITY } else { s.rel_l2 }, s)
+}
+
 /// Largest per-row rel L2 of `a` against `b` (rows of `width`) and its row, over the
 /// rows `counted` accepts.
 fn worst_row(a: &[f32], b: &[f32], width: usize, counted: &dyn Fn(usize) -> bool) -> (f64, usize, RowStat) {
-    fn view(v: &[f32], width: usize) -> TapView<'_> {
-        TapView { dtype: TapDType::F32, rows: v.len() / width, width, bytes: bytemuck::cast_slice(v) }
-    }
-    let (va, vb) = (view(a, width), view(b, width));
     let mut worst = (0.0, 0, RowStat::default());
-    for r in (0..va.rows).filter(|&r| counted(r)) {
-        let s = diff::row_stat(&va.row(r), &vb.row(r));
-        let rel = if s.nonfinite_a + s.nonfinite_b > 0 { f64::INFINITY } else { s.rel_l2 };
+    for r in (0..a.len() / width).filter(|&r| counted(r)) {
+        let (rel, s) = row_error(a, b, width, r);
         if rel > worst.0 || (r == 0 && rel.is_nan()) {
             worst = (rel, r, s);
         }
     }
     worst
+}
+
+/// Most divergent positions local replay recomputes; controls come on top.
+const REPLAY_DIVERGENT: usize = 64;
+/// Evenly spaced positions local replay also recomputes, where A and B may agree.
+const REPLAY_CONTROLS: usize = 8;
+
+/// The positions local replay recomputes (ascending): the first divergent one, those
+/// where A's suspect-layer output leaves B's beyond `tol` (thinned evenly to
+/// REPLAY_DIVERGENT), evenly spaced controls and the last. The error to attribute lives at
+/// the divergent positions; recomputing only those keeps replay a small part of a layer.
+fn replay_positions(out_a: &[f32], out_b: &[f32], width: usize, tol: f64, first: Option<usize>) -> Vec<usize> {
+    let rows = out_a.len() / width;
+    let divergent: Vec<usize> = (0..rows)
+        .filter(|&r| {
+            let rel = row_error(out_a, out_b, width, r).0;
+            rel.is_nan() || rel > tol
+        })
+        .collect();
+    let step = divergent.len().div_ceil(REPLAY_DIVERGENT).max(1);
+    let mut at: Vec<usize> = divergent.iter().copied().step_by(step).collect();
+    at.extend((0..REPLAY_CONTROLS).map(|i| i * rows / REPLAY_CONTROLS));
+    at.extend(first.filter(|&p| p < rows));
+    at.push(rows - 1);
+    at.sort_unstable();
+    at.dedup();
+    at
+}
+
+/// Rows `at` of a `[.., width]` buffer.
+fn pick_rows(v: &[f32], width: usize, at: &[usize]) -> Vec<f32> {
+    at.iter().flat_map(|&r| v[r * width..(r + 1) * width].iter().copied()).collect()
 }
 
 /// The tolerance the final diff applied to `tap` (rel L2), if it compared it.
@@ -346,6 +385,7 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer, prompt
         crash: None,
         replay: Vec::new(),
         replay_taps: Vec::new(),
+        replay_positions: Vec::new(),
         probes: Vec::new(),
         runs_a: 0,
         runs_b: 0,
@@ -510,6 +550,9 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer, prompt
     }
     let resid_tol = tolerance_of(&taps_diff, &format!("blk.{hi}.resid_post")).map_or(1e-3, |t| t.rel_l2);
     let replay_start = Instant::now();
+    let hi_out = |side: &str| s.rows(side, &format!("blk.{hi}.resid_post"), prefix)?.ok_or_else(|| Error::engine(format!("replay: blk.{hi}.resid_post missing from the {side} dumps")));
+    let at = replay_positions(&hi_out("a")?, &hi_out("b")?, n_embd, resid_tol, report.first.as_ref().map(|f| f.position));
+    report.replay_positions = at.clone();
     let loaded;
     let replayer = match replayer {
         Replayer::Loaded(r) => r,
@@ -523,27 +566,27 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer, prompt
         let (in_a, in_b) = (get("a", &input_id(l))?, get("b", &input_id(l))?);
         let out_id = format!("blk.{l}.resid_post");
         let (out_a, out_b) = (get("a", &out_id)?, get("b", &out_id)?);
-        let replay = replayer.replay_layer(l, &in_a, prefix)?;
+        let replay = replayer.replay_layer(l, &in_a, prefix, &at)?;
         let rep_out = &replay.last().expect("a layer has taps").1;
         // A row whose input is already non-finite cannot show what the layer adds.
-        let finite_input = |r: usize| in_a[r * n_embd..(r + 1) * n_embd].iter().all(|v| v.is_finite());
-        let (introduced, at, _) = worst_row(&out_a, rep_out, n_embd, &finite_input);
+        let finite_input = |i: usize| in_a[at[i] * n_embd..(at[i] + 1) * n_embd].iter().all(|v| v.is_finite());
+        let (introduced, worst, _) = worst_row(&pick_rows(&out_a, n_embd, &at), rep_out, n_embd, &finite_input);
         report.replay.push(LayerAttribution {
             layer: l,
             inherited: worst_row(&in_a, &in_b, n_embd, &|_| true).0,
             introduced,
             total: worst_row(&out_a, &out_b, n_embd, &|_| true).0,
-            at_position: at,
+            at_position: at[worst],
             tolerance: resid_tol,
             introduces: introduced.is_nan() || introduced > resid_tol,
         });
         if l == hi {
             for (id, values) in &replay {
                 let Some(dev) = s.rows("a", id, prefix)? else { continue };
-                let width = values.len() / prefix;
-                let (introduced, at, _) = worst_row(&dev, values, width, &finite_input);
+                let width = values.len() / at.len();
+                let (introduced, worst, _) = worst_row(&pick_rows(&dev, width, &at), values, width, &finite_input);
                 let tolerance = tolerance_of(&taps_diff, id).map_or(resid_tol, |t| t.rel_l2);
-                report.replay_taps.push(TapAttribution { tap: id.clone(), introduced, at_position: at, tolerance, introduces: introduced.is_nan() || introduced > tolerance });
+                report.replay_taps.push(TapAttribution { tap: id.clone(), introduced, at_position: at[worst], tolerance, introduces: introduced.is_nan() || introduced > tolerance });
             }
         }
     }

@@ -86,11 +86,12 @@ impl ReferenceEngine {
     }
 
     /// Local replay: layer `l` recomputed from `rows` rows of residual-stream input
-    /// (positions `0..rows`); every tap of the layer as f32 rows, in order.
-    pub fn replay_layer(&self, l: usize, input: &[f32], rows: usize) -> Result<Vec<(String, Vec<f32>)>> {
+    /// (positions `0..rows`) at positions `at` (ascending); every tap of the layer as f32
+    /// rows of those positions, in order.
+    pub fn replay_layer(&self, l: usize, input: &[f32], rows: usize, at: &[usize]) -> Result<Vec<(String, Vec<f32>)>> {
         let fail = |e: anyhow::Error| Error::engine(format!("reference: replaying layer {l}: {e:#}"));
         self.inner
-            .replay_layer(l, input, rows)
+            .replay_layer(l, input, rows, at)
             .map_err(fail)?
             .into_iter()
             .map(|(id, t)| Ok((id, t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| fail(e.into()))?)))

@@ -538,7 +538,7 @@ pub fn bisect_summary(r: &BisectReport) -> String {
         None => {}
     }
     if !r.replay.is_empty() {
-        let _ = writeln!(s, "\nlocal replay on the reference from A's own inputs (max rel_l2 over positions):");
+        let _ = writeln!(s, "\nlocal replay on the reference from A's own inputs (max rel_l2 over positions; introduced at the {} replayed positions):", r.replay_positions.len());
         let _ = writeln!(s, "  layer  inherited   introduced  total       verdict");
         for l in &r.replay {
             let verdict = if l.introduces { "INTRODUCES error" } else if l.inherited > l.tolerance { "inherits error" } else { "clean" };
@@ -627,7 +627,7 @@ pub fn bisect_html(r: &BisectReport) -> String {
         None => {}
     }
     if !r.replay.is_empty() {
-        s.push_str("<h2>Local replay</h2><p class=\"legend\">The reference recomputes each layer from A's own dumped input: <i>introduced</i> is A's output against that replay, <i>inherited</i> A's input against B's, <i>total</i> A's output against B's (max rel L2 over positions).</p>");
+        s.push_str(&format!("<h2>Local replay</h2><p class=\"legend\">The reference recomputes each layer from A's own dumped input: <i>introduced</i> is A's output against that replay, <i>inherited</i> A's input against B's, <i>total</i> A's output against B's (max rel L2 over positions; <i>introduced</i> over the {} positions replayed: every divergent one, thinned to 64, and evenly spaced controls).</p>", r.replay_positions.len()));
         s.push_str("<table><tr><th>layer</th><th>inherited</th><th>introduced</th><th>total</th><th>verdict</th></tr>");
         for l in &r.replay {
             let verdict = if l.introduces { "<b>introduces error</b>" } else if l.inherited > l.tolerance { "inherits error" } else { "clean" };

@@ -365,7 +365,14 @@ impl Reference {
         let q = tap(1, rope(&qkv.narrow(1, 0, qw)?, cfg.n_head, cos, sin)?)?;
         let k = tap(2, rope(&qkv.narrow(1, qw, kvw)?, cfg.n_head_kv, cos, sin)?)?;
         let v = tap(3, qkv.narrow(1, qw + kvw, kvw)?.contiguous()?)?;
-        let attn = tap(4, attention(&q, &k, &v, cfg)?)?;
+        let positions: Vec<usize> = (0..x.dim(0)?).collect();
+        let attn = tap(4, attention(&q, &k, &v, &positions, cfg)?)?;
+        self.layer_rest(layer, x, attn, tap)
+    }
+
+    /// The block after attention, for the rows of `x` that `attn` holds.
+    fn layer_rest(&self, layer: &Layer, x: &Tensor, attn: Tensor, tap: &mut dyn FnMut(usize, Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let cfg = &self.cfg;
         let attn_out = tap(5, attn.matmul(&layer.wo)?)?;
         let resid_mid = tap(6, (x + &attn_out)?)?;
         let h2 = tap(7, rms_norm(&resid_mid, &layer.ffn_norm, cfg.rms_eps)?)?;
@@ -379,21 +386,41 @@ impl Reference {
 
     /// Local replay: recompute layer `l` from a given residual-stream input (`rows × n_embd`
     /// f32 values for positions `0..rows`, e.g. another engine's dumped `resid_post` of
-    /// layer `l - 1`). Returns the layer's taps, in order, as `[rows, width]` f32 tensors.
-    pub fn replay_layer(&self, l: usize, input: &[f32], rows: usize) -> Result<Vec<(String, Tensor)>> {
+    /// layer `l - 1`) at the positions `at` (ascending). Keys and values come from every
+    /// row, everything else only from the rows asked for, so replaying a few positions of a
+    /// long prompt costs a small part of the layer. Returns the layer's taps, in order, as
+    /// `[at.len(), width]` f32 tensors.
+    pub fn replay_layer(&self, l: usize, input: &[f32], rows: usize, at: &[usize]) -> Result<Vec<(String, Tensor)>> {
         let cfg = &self.cfg;
         let layer = self.layer_weights(l)?;
         if rows == 0 || input.len() != rows * cfg.n_embd {
             bail!("replay of layer {l}: {} input values are not {rows} rows of {}", input.len(), cfg.n_embd);
         }
+        if at.is_empty() || at.windows(2).any(|w| w[0] >= w[1]) || at[at.len() - 1] >= rows {
+            bail!("replay of layer {l}: positions must ascend within 0..{rows}");
+        }
+        let (qw, kvw) = (cfg.n_head * cfg.head_dim(), cfg.n_head_kv * cfg.head_dim());
         let x = Tensor::from_slice(input, (rows, cfg.n_embd), &Device::Cpu)?.to_dtype(self.dtype)?;
-        let positions: Vec<f64> = (0..rows).map(|p| p as f64).collect();
-        let (cos, sin) = rope_tables(&positions, cfg.head_dim(), cfg.rope_base, self.dtype)?;
+        let all: Vec<f64> = (0..rows).map(|p| p as f64).collect();
+        let (cos, sin) = rope_tables(&all, cfg.head_dim(), cfg.rope_base, self.dtype)?;
+        let h = rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
+        let kv = h.matmul(&layer.wqkv.narrow(1, qw, 2 * kvw)?.contiguous()?)?;
+        let k = rope(&kv.narrow(1, 0, kvw)?, cfg.n_head_kv, &cos, &sin)?;
+        let v = kv.narrow(1, kvw, kvw)?.contiguous()?;
+        let picked: Vec<f64> = at.iter().map(|&p| p as f64).collect();
+        let (cos_at, sin_at) = rope_tables(&picked, cfg.head_dim(), cfg.rope_base, self.dtype)?;
+        let h_at = gather(&h, at)?;
+        let q = rope(&h_at.matmul(&layer.wqkv.narrow(1, 0, qw)?.contiguous()?)?, cfg.n_head, &cos_at, &sin_at)?;
         let mut out = Vec::with_capacity(LAYER_TAPS.len());
-        self.layer(layer, &x, &cos, &sin, &mut |i, t| {
+        let mut record = |i: usize, t: Tensor| -> Result<Tensor> {
             out.push((format!("blk.{l}.{}", LAYER_TAPS[i]), t.to_dtype(DType::F32)?));
             Ok(t)
-        })?;
+        };
+        for (i, t) in [h_at, q.clone(), gather(&k, at)?, gather(&v, at)?].into_iter().enumerate() {
+            record(i, t)?;
+        }
+        let attn = record(4, attention(&q, &k, &v, at, cfg)?)?;
+        self.layer_rest(layer, &gather(&x, at)?, attn, &mut record)?;
         Ok(out)
     }
 }
@@ -439,29 +466,38 @@ fn rope(x: &Tensor, n_heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor
     Ok(Tensor::cat(&[r0, r1], 3)?.reshape((n, width))?)
 }
 
-/// Causal grouped-query attention, queries in chunks so the score matrix stays small.
-/// q: [n, n_head·hd], k/v: [n, n_head_kv·hd] → [n, n_head·hd].
-fn attention(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &Config) -> Result<Tensor> {
-    let (n, _) = q.dims2()?;
+/// Causal grouped-query attention of queries at `positions` (ascending) over keys and
+/// values of positions `0..`; runs of consecutive positions go in chunks, so the score
+/// matrix stays small. q: [positions.len(), n_head·hd], k/v: [n, n_head_kv·hd] →
+/// [positions.len(), n_head·hd].
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, positions: &[usize], cfg: &Config) -> Result<Tensor> {
+    let n = q.dim(0)?;
     let (hd, h, hkv) = (cfg.head_dim(), cfg.n_head, cfg.n_head_kv);
     let group = h / hkv;
     // [h, n, hd] with heads of one kv group adjacent, then [hkv, group, n, hd].
     let q = q.reshape((n, h, hd))?.transpose(0, 1)?.contiguous()?.reshape((hkv, group, n, hd))?;
-    let k = k.reshape((n, hkv, hd))?.transpose(0, 1)?.contiguous()?;
-    let v = v.reshape((n, hkv, hd))?.transpose(0, 1)?.contiguous()?;
+    let keys_total = k.dim(0)?;
+    let k = k.reshape((keys_total, hkv, hd))?.transpose(0, 1)?.contiguous()?;
+    let v = v.reshape((keys_total, hkv, hd))?.transpose(0, 1)?.contiguous()?;
     let scale = 1.0 / (hd as f64).sqrt();
     let mut outs = Vec::new();
-    for start in (0..n).step_by(ATTN_QUERY_CHUNK) {
-        let len = ATTN_QUERY_CHUNK.min(n - start);
-        let keys = start + len;
+    let mut start = 0;
+    while start < n {
+        let mut len = 1;
+        while start + len < n && len < ATTN_QUERY_CHUNK && positions[start + len] == positions[start] + len {
+            len += 1;
+        }
+        let first_pos = positions[start];
+        let keys = first_pos + len;
         let qc = q.narrow(2, start, len)?.contiguous()?.reshape((hkv, group * len, hd))?;
         let kc = k.narrow(1, 0, keys)?;
         let vc = v.narrow(1, 0, keys)?;
         let scores = qc.matmul(&kc.t()?)?;
-        let probs = scores.apply_op1_no_bwd(&CausalSoftmax { scale, rows: len, first_pos: start })?;
+        let probs = scores.apply_op1_no_bwd(&CausalSoftmax { scale, rows: len, first_pos })?;
         let out = probs.reshape((hkv, group * len, keys))?.matmul(&vc)?;
         // [hkv, group·len, hd] → [h, len, hd] → [len, h·hd]
         outs.push(out.reshape((h, len, hd))?.transpose(0, 1)?.contiguous()?.reshape((len, h * hd))?);
+        start += len;
     }
     Ok(Tensor::cat(&outs, 0)?)
 }

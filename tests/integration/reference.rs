@@ -221,3 +221,32 @@ fn a_cut_model_computes_the_first_layers_exactly() {
     assert_refused(&resbisect(&["cut", "--model", path_str(&full), "--layers", "31", "-o", path_str(&dir.path().join("x.gguf"))]), "keep 1 to 30");
     assert_refused(&resbisect(&["cut", "--model", path_str(&full), "--layers", "2", "-o", path_str(&cut)]), "exists");
 }
+
+/// Local replay recomputes a layer at chosen positions only: its taps there equal the full
+/// forward's (positions on both sides of a 128-query attention chunk, the first and the
+/// last). 1e-5 rel L2 as above: fewer rows change GEMM blocking, not the math.
+#[test]
+fn replay_at_chosen_positions_matches_the_full_layer() {
+    use resbisect::reference_engine::{RefPrecision, ReferenceEngine};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_model(dir.path(), "q8_0", 5);
+    let tokens: Vec<String> = (0..300).map(|i| ((i * 31 + 11) % 1000 + 3).to_string()).collect();
+    let full = dump(&["dump", "--model", path_str(&path), "--tokens", &tokens.join(","), "--layers", "0,1", "--taps", "all", "-o", path_str(&dir.path().join("full"))]);
+    let model = resbisect::model::Model::open(&path).unwrap();
+    let replayer = ReferenceEngine::load_for_replay(&model, RefPrecision::F32, &[1]).unwrap();
+    let (blk0, blk1) = (full.read_file("prompt", "blk.0").unwrap().unwrap(), full.read_file("prompt", "blk.1").unwrap().unwrap());
+    let input: Vec<f32> = blk0.taps["blk.0.resid_post"].values.iter().map(|&v| v as f32).collect();
+    let at = [0usize, 5, 127, 128, 129, 200, 299];
+    let replay = replayer.replay_layer(1, &input, 300, &at).unwrap();
+    assert_eq!(replay.len(), 13);
+    for (id, values) in &replay {
+        let t = &blk1.taps[id];
+        let expected: Vec<f64> = at.iter().flat_map(|&p| t.values[p * t.width..(p + 1) * t.width].iter().copied()).collect();
+        let got: Vec<f64> = values.iter().map(|&v| v as f64).collect();
+        let r = rel_l2(&got, &expected);
+        assert!(r <= 1e-5, "{id}: rel L2 {r:.3e}");
+    }
+    assert!(replayer.replay_layer(1, &input, 300, &[5, 5]).is_err(), "positions must ascend");
+    assert!(replayer.replay_layer(1, &input, 300, &[300]).is_err(), "positions stay inside the prompt");
+}

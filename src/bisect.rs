@@ -177,6 +177,9 @@ struct Session<'e> {
     /// Per probe: its directory and how many tokens it ran.
     dirs: Vec<(PathBuf, usize)>,
     reproduce: Vec<String>,
+    /// Dump files read back for replay, by path and stem: replay asks for every tap of a
+    /// file in turn, and parsing a file of all taps is what replay would otherwise cost.
+    read: std::cell::RefCell<std::collections::HashMap<(PathBuf, String), Option<std::rc::Rc<crate::dump::DumpFile>>>>,
 }
 
 fn selection(layers: Vec<usize>, taps: &[&str], positions: &str) -> Selection {
@@ -283,8 +286,20 @@ impl Session<'_> {
             if *tokens < rows {
                 continue;
             }
-            let Ok(dump) = Dump::open(&dir.join(side)) else { continue };
-            let Some(file) = dump.read_file(&self.prompt.id, &tap.file_stem())? else { continue };
+            let key = (dir.join(side), tap.file_stem());
+            let cached = self.read.borrow().get(&key).cloned();
+            let file = match cached {
+                Some(file) => file,
+                None => {
+                    let file = match Dump::open(&key.0) {
+                        Ok(dump) => dump.read_file(&self.prompt.id, &key.1)?.map(std::rc::Rc::new),
+                        Err(_) => None,
+                    };
+                    self.read.borrow_mut().insert(key, file.clone());
+                    file
+                }
+            };
+            let Some(file) = file else { continue };
             let Some(t) = file.taps.get(id) else { continue };
             if file.positions.len() < rows || file.positions[..rows].iter().enumerate().any(|(i, &p)| i != p) {
                 continue;
@@ -370,7 +385,7 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer, prompt
     check_work_dir(&opts.work)?;
     let (label_a, label_b) = (a.label(), b.label());
     let n = prompt.tokens.len();
-    let mut s = Session { a, b, opts, prompt: prompt.clone(), probes: Vec::new(), dirs: Vec::new(), reproduce: Vec::new() };
+    let mut s = Session { a, b, opts, prompt: prompt.clone(), probes: Vec::new(), dirs: Vec::new(), reproduce: Vec::new(), read: Default::default() };
     let mut report = BisectReport {
         version: 1,
         model: String::new(),

@@ -168,6 +168,9 @@ enum ProbeResult {
     Crashed(Crash, Option<DiffReport>),
 }
 
+/// Dump files read back, by dump directory and file stem (`None`: not there).
+type ReadFiles = std::collections::HashMap<(PathBuf, String), Option<std::rc::Rc<crate::dump::DumpFile>>>;
+
 struct Session<'e> {
     a: &'e mut dyn Engine,
     b: &'e mut dyn Engine,
@@ -179,7 +182,7 @@ struct Session<'e> {
     reproduce: Vec<String>,
     /// Dump files read back for replay, by path and stem: replay asks for every tap of a
     /// file in turn, and parsing a file of all taps is what replay would otherwise cost.
-    read: std::cell::RefCell<std::collections::HashMap<(PathBuf, String), Option<std::rc::Rc<crate::dump::DumpFile>>>>,
+    read: std::cell::RefCell<ReadFiles>,
 }
 
 fn selection(layers: Vec<usize>, taps: &[&str], positions: &str) -> Selection {

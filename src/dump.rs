@@ -203,7 +203,7 @@ impl DumpWriter {
         if root.exists() {
             let is_dump = root.join(MANIFEST).is_file();
             let empty = fs::read_dir(root).map_err(|e| Error::io(root, e))?.next().is_none();
-            if !empty && !(is_dump && overwrite) {
+            if !(empty || is_dump && overwrite) {
                 let hint = if is_dump { " (it is a dump: pass --overwrite to replace it)" } else { "" };
                 return Err(Error::input(format!("{}: output directory exists and is not empty{hint}", root.display())));
             }

@@ -332,7 +332,7 @@ impl GgufFile {
         for (name, dims, dtype, offset) in raw {
             let bad = |msg: String| Error::input(format!("{}: tensor {name}: {msg}", path.display()));
             let n_elements = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?;
-            if dims.iter().any(|&d| d == 0) {
+            if dims.contains(&0) {
                 return Err(bad(format!("has a zero dimension {dims:?}")));
             }
             let block = dtype.block_size() as u64;

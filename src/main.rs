@@ -719,7 +719,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if dumps.len() % 2 != 0 {
                 return Err(Error::input("calibrate takes pairs of dumps: A B [A B ...]"));
             }
-            if !(margin.is_finite() && margin >= 1.0) || !(floor.is_finite() && floor >= 0.0) {
+            if !(margin.is_finite() && margin >= 1.0 && floor.is_finite() && floor >= 0.0) {
                 return Err(Error::input("--margin must be >= 1 and --floor >= 0"));
             }
             let args = CompareArgs { tolerances: None, allow_model_mismatch };

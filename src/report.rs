@@ -400,11 +400,8 @@ pub fn first_bad_runs(history: &[HistoryEntry]) -> Vec<(String, Option<String>)>
             let mut start = None;
             for e in history {
                 match e.prompts.iter().find(|p| p.id == id) {
-                    Some(p) if p.diverged => {
-                        if start.is_none() {
-                            start = Some(e.run.clone());
-                        }
-                    }
+                    Some(p) if p.diverged && start.is_none() => start = Some(e.run.clone()),
+                    Some(p) if p.diverged => {}
                     Some(_) => start = None,
                     None => {}
                 }

@@ -37,17 +37,20 @@ const TIMED_REPLAYS: usize = 5;
 
 struct Timer<'a, B: Backend> {
     b: &'a B,
+    /// The phase the next timings belong to, and whether their ops may be recorded.
+    phase: &'static str,
+    record: bool,
     results: Vec<OpTiming>,
 }
 
 impl<B: Backend> Timer<'_, B> {
-    /// Time `issue(i)` for i = 0.. (one op each): recorded and replayed where `record` and the
-    /// backend allow, otherwise issued back to back and synchronized.
-    fn time(&mut self, phase: &'static str, op: &str, shape: String, bytes: usize, per_layer: usize, record: bool, mut issue: impl FnMut(usize) -> Result<()>) -> Result<()> {
+    /// Time `issue(i)` for i = 0.. (one op each): recorded and replayed where `self.record`
+    /// and the backend allow, otherwise issued back to back and synchronized.
+    fn time(&mut self, op: &str, shape: String, bytes: usize, per_layer: usize, mut issue: impl FnMut(usize) -> Result<()>) -> Result<()> {
         issue(0)?;
         self.b.sync()?;
         let mut micros = None;
-        if record && self.b.begin_capture()? {
+        if self.record && self.b.begin_capture()? {
             let mut issued = Ok(());
             for i in 0..REPS {
                 issued = issued.and_then(|_| issue(i));
@@ -76,7 +79,7 @@ impl<B: Backend> Timer<'_, B> {
                 t0.elapsed().as_secs_f64() * 1e6 / REPS as f64
             }
         };
-        self.results.push(OpTiming { phase, op: op.into(), shape, micros, bytes, per_layer });
+        self.results.push(OpTiming { phase: self.phase, op: op.into(), shape, micros, bytes, per_layer });
         Ok(())
     }
 
@@ -97,7 +100,7 @@ impl<B: Backend> Timer<'_, B> {
 /// Time every op of a llama layer of shape `c` at decode (one row after `ctx` cached
 /// positions) and at prefill (`ctx` rows), plus the output head.
 pub fn run<B: Backend>(b: &B, c: &Config, ctx: usize) -> Result<Vec<OpTiming>> {
-    let mut t = Timer { b, results: Vec::new() };
+    let mut t = Timer { b, phase: "decode", record: true, results: Vec::new() };
     let (e, qw, kvw, ff, hd) = (c.n_embd, c.q_width(), c.kv_width(), c.n_ff, c.head_dim());
     let (eps, base) = (c.rms_eps as f32, c.rope_base as f32);
     let sz = b.dtype().bytes();
@@ -110,7 +113,7 @@ pub fn run<B: Backend>(b: &B, c: &Config, ctx: usize) -> Result<Vec<OpTiming>> {
 
     for (phase, rows) in [("decode", 1usize), ("prefill", ctx)] {
         let decode = rows == 1;
-        let record = decode;
+        (t.phase, t.record) = (phase, decode);
         let x = t.activations(rows * e)?;
         let (mut h, mut sum) = (t.activations(rows * e)?, t.activations(rows * e)?);
         let (mut q, mut k, mut v) = (t.activations(rows * qw)?, t.activations(rows * kvw)?, t.activations(rows * kvw)?);
@@ -123,29 +126,32 @@ pub fn run<B: Backend>(b: &B, c: &Config, ctx: usize) -> Result<Vec<OpTiming>> {
         let shape = AttnShape { n_head: c.n_head, n_head_kv: c.n_head_kv, head_dim: hd, first_pos: if decode { ctx } else { 0 }, rows, from_step: decode };
         let keys = shape.first_pos + rows;
 
-        t.time(phase, "rms_norm", format!("[{rows}x{e}]"), 2 * act_bytes(e), 1, record, |_| b.rms_norm(&x, &norm_w, rows, e, eps, &mut h))?;
-        t.time(phase, "matmul3 (q, k, v)", format!("[{rows}x{e}]·[{qw}+{kvw}+{kvw}]"), mm(qw + 2 * kvw, e), 1, record, |i| {
+        t.time("rms_norm", format!("[{rows}x{e}]"), 2 * act_bytes(e), 1, |_| b.rms_norm(&x, &norm_w, rows, e, eps, &mut h))?;
+        t.time("matmul3 (q, k, v)", format!("[{rows}x{e}]·[{qw}+{kvw}+{kvw}]"), mm(qw + 2 * kvw, e), 1, |i| {
             let w = [&wq[i % wq.len()], &wk[i % wk.len()], &wv[i % wv.len()]];
             b.matmul3(&h, w, rows, e, [qw, kvw, kvw], [&mut q, &mut k, &mut v])
         })?;
-        t.time(phase, "rope_append", format!("[{rows}x{qw}], [{rows}x{kvw}]"), 2 * act_bytes(qw) + 4 * act_bytes(kvw), 1, record, |_| {
+        t.time("rope_append", format!("[{rows}x{qw}], [{rows}x{kvw}]"), 2 * act_bytes(qw) + 4 * act_bytes(kvw), 1, |_| {
             b.rope_append(&mut q, &mut k, &v, &mut kc, &mut vc, shape, pos_src, base)
         })?;
-        t.time(phase, "attention", format!("{rows} rows over {keys} keys"), 2 * keys * kvw * sz + 2 * act_bytes(qw), 1, record, |_| b.attention(&q, &kc, &vc, shape, &mut attn))?;
-        t.time(phase, "matmul (attn_output)", format!("[{rows}x{qw}]·[{e}x{qw}]ᵀ"), mm(e, qw), 1, record, |i| b.matmul(&attn, &wo[i % wo.len()], rows, qw, e, &mut ao))?;
-        t.time(phase, "add_rms_norm", format!("[{rows}x{e}]"), 5 * act_bytes(e), 1, record, |_| b.add_rms_norm(&x, &ao, &norm_w, rows, e, eps, &mut sum, &mut h))?;
-        t.time(phase, "gate_up_silu", format!("[{rows}x{e}]·[{ff}x{e}]ᵀ x2"), 2 * mm(ff, e) + act_bytes(ff), 1, record, |i| {
+        t.time("attention", format!("{rows} rows over {keys} keys"), 2 * keys * kvw * sz + 2 * act_bytes(qw), 1, |_| b.attention(&q, &kc, &vc, shape, &mut attn))?;
+        t.time("matmul (attn_output)", format!("[{rows}x{qw}]·[{e}x{qw}]ᵀ"), mm(e, qw), 1, |i| b.matmul(&attn, &wo[i % wo.len()], rows, qw, e, &mut ao))?;
+        t.time("add_rms_norm", format!("[{rows}x{e}]"), 5 * act_bytes(e), 1, |_| b.add_rms_norm(&x, &ao, &norm_w, rows, e, eps, &mut sum, &mut h))?;
+        t.time("gate_up_silu", format!("[{rows}x{e}]·[{ff}x{e}]ᵀ x2"), 2 * mm(ff, e) + act_bytes(ff), 1, |i| {
             b.gate_up_silu(&h, &wg[i % wg.len()], &wu[i % wu.len()], rows, e, ff, &mut g, &mut u, &mut act)
         })?;
-        t.time(phase, "matmul (ffn_down)", format!("[{rows}x{ff}]·[{e}x{ff}]ᵀ"), mm(e, ff), 1, record, |i| b.matmul(&act, &wd[i % wd.len()], rows, ff, e, &mut f))?;
-        t.time(phase, "add", format!("[{rows}x{e}]"), 3 * act_bytes(e), 1, record, |_| b.add(&sum, &f, rows * e, &mut h))?;
+        t.time("matmul (ffn_down)", format!("[{rows}x{ff}]·[{e}x{ff}]ᵀ"), mm(e, ff), 1, |i| b.matmul(&act, &wd[i % wd.len()], rows, ff, e, &mut f))?;
+        t.time("add", format!("[{rows}x{e}]"), 3 * act_bytes(e), 1, |_| b.add(&sum, &f, rows * e, &mut h))?;
     }
     drop((wq, wk, wv, wo, wg, wu, wd));
 
     let head = t.weights(c.n_vocab, e)?;
     let (x, mut logits) = (t.activations(e)?, t.activations(c.n_vocab)?);
     let v = c.n_vocab;
-    t.time("decode", "matmul (output)", format!("[1x{e}]·[{v}x{e}]ᵀ"), v * e * b.dtype().bytes(), 0, true, |i| b.matmul(&x, &head[i % head.len()], 1, e, v, &mut logits))?;
-    t.time("decode", "argmax", format!("[1x{v}]"), v * b.dtype().bytes(), 0, false, |_| b.argmax(&logits, 0, v).map(drop))?;
+    (t.phase, t.record) = ("decode", true);
+    t.time("matmul (output)", format!("[1x{e}]·[{v}x{e}]ᵀ"), v * e * b.dtype().bytes(), 0, |i| b.matmul(&x, &head[i % head.len()], 1, e, v, &mut logits))?;
+    // argmax returns to the host: it cannot be recorded.
+    t.record = false;
+    t.time("argmax", format!("[1x{v}]"), v * b.dtype().bytes(), 0, |_| b.argmax(&logits, 0, v).map(drop))?;
     Ok(t.results)
 }

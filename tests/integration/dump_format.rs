@@ -69,7 +69,8 @@ fn write_manifest(root: &Path, edit: impl Fn(&mut serde_json::Value)) {
 fn hostile_manifests_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("d");
-    let cases: Vec<(Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(Edit, &str)> = vec![
         (Box::new(|v| v["prompts"][0]["id"] = "../../etc".into()), "bad prompt id"),
         (Box::new(|v| v["prompts"][0]["id"] = "..".into()), "bad prompt id"),
         (Box::new(|v| v["format"] = "other".into()), "format is \"other\""),

@@ -1,6 +1,6 @@
-//! The GPU backends from the CLI. Where a GPU exists, the op self-test must pass and the
-//! runtime must match the reference; without one, `--backend cuda|hip` is one clear line
-//! (exit 2) and the GPU checks skip, saying so.
+//! The GPU backends from the CLI, and op timings on any backend. Where a GPU exists, the
+//! op self-test must pass and the runtime must match the reference; without one,
+//! `--backend cuda|hip` is one clear line (exit 2) and the GPU checks skip, saying so.
 
 use crate::util::*;
 
@@ -42,4 +42,28 @@ fn gpu_runtime_matches_the_reference_or_refuses_in_one_line() {
             assert_eq!(diff.code, 0, "{backend} runtime diverges from the reference:\n{}", diff.stdout);
         }
     }
+}
+
+/// `selftest --perf` times every op of a layer on any backend (the `cpu` one here; a GPU
+/// one where it exists) and adds them up to a decode step; bad shapes are one line.
+#[test]
+fn op_timings_cover_every_op_of_a_layer() {
+    for backend in ["cpu", "cuda"] {
+        let args = ["selftest", "--perf", "--backend", backend, "--preset", "tiny", "--ctx", "24", "--json"];
+        let Some(out) = on_gpu(backend, &args) else { continue };
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let timings: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        let ops: Vec<(String, String)> = timings.as_array().unwrap().iter().map(|t| (t["phase"].as_str().unwrap().to_string(), t["op"].as_str().unwrap().to_string())).collect();
+        for phase in ["decode", "prefill"] {
+            for op in ["rms_norm", "matmul3 (q, k, v)", "rope_append", "attention", "matmul (attn_output)", "add_rms_norm", "gate_up_silu", "matmul (ffn_down)", "add"] {
+                assert!(ops.contains(&(phase.to_string(), op.to_string())), "{backend}: {phase} {op} not timed");
+            }
+        }
+        assert!(timings.as_array().unwrap().iter().all(|t| t["micros"].as_f64().unwrap() > 0.0 && t["bytes"].as_u64().unwrap() > 0));
+    }
+    let table = resbisect(&["selftest", "--perf", "--preset", "tiny", "--ctx", "8"]);
+    assert_eq!(table.code, 0, "{}", table.stderr);
+    assert!(table.stdout.contains("step of 2 layers and the head"), "{}", table.stdout);
+    assert_refused(&resbisect(&["selftest", "--perf", "--preset", "tiny", "--ctx", "0"]), "--ctx must be");
+    assert_refused(&resbisect(&["selftest", "--perf", "--preset", "huge"]), "unknown preset");
 }

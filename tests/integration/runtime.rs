@@ -151,7 +151,9 @@ fn preflight_refuses_before_any_op() {
     use candle_core::quantized::gguf_file::Value;
     let bad = dir.path().join("bad.gguf");
     let all = |n: &str| Some(n.to_string());
-    let cases: Vec<(Box<dyn Fn(&mut Vec<(String, Value)>)>, Box<dyn Fn(&str) -> Option<String>>, &str)> = vec![
+    type EditMeta = Box<dyn Fn(&mut Vec<(String, Value)>)>;
+    type Rename = Box<dyn Fn(&str) -> Option<String>>;
+    let cases: Vec<(EditMeta, Rename, &str)> = vec![
         (Box::new(|m| set_meta(m, "llama.block_count", Value::U32(32))), Box::new(all), "missing tensor blk.2.attn_norm.weight (block_count says 32 layers)"),
         (Box::new(|_| {}), Box::new(|n: &str| (!n.starts_with("blk.1.")).then(|| n.to_string())), "missing tensor blk.1.attn_norm.weight"),
         (Box::new(|m| set_meta(m, "llama.attention.head_count_kv", Value::U32(3))), Box::new(all), "head_count 4 is not a multiple of head_count_kv 3"),

@@ -103,7 +103,7 @@ pub(crate) enum AttnPlan {
     /// Query tiles of RB_ATTN_QB rows per block: many rows.
     Tiled { kernel: &'static str, grid: (u32, u32), block: u32 },
     /// Few rows: keys split over `splits` blocks per (row, head) whose partial softmax
-    /// states (ATTN_STATE floats each, in the backend's scratch) the merge kernel combines.
+    /// states (head dim + 2 floats each, in the backend's scratch) the merge kernel combines.
     Split { part: &'static str, merge: &'static str, grid: (u32, u32, u32), block: u32 },
 }
 

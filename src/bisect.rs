@@ -505,7 +505,10 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer, prompt
             }
             let mid = (first_unknown + hi - 1) / 2;
             let id = format!("blk.{mid}.resid_post");
-            match s.probe(&format!("layer-{mid}"), prefix, selection(vec![mid], &["resid_post"], "all"))? {
+            // The layer before comes along: it is a replay input later, and costs no compute
+            // (the built-in engines stop at the last tapped layer).
+            let layers = (mid.saturating_sub(1)..=mid).collect();
+            match s.probe(&format!("layer-{mid}"), prefix, selection(layers, &["resid_post"], "all"))? {
                 ProbeResult::Compared(r) => {
                     if tap_diverged(&r, &id) {
                         s.note(format!("layer {mid} diverges: the first bad layer is in {first_unknown}..={mid}"));

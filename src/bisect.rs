@@ -16,7 +16,7 @@ use crate::engines::{crash_report, Engine};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::reference_engine::{RefPrecision, ReferenceEngine};
-use crate::taps::{Selection, LAYER_TAPS};
+use crate::taps::{positions_spec, Selection, LAYER_TAPS};
 use crate::tolerance::Tolerances;
 
 pub struct BisectOptions {
@@ -27,6 +27,9 @@ pub struct BisectOptions {
     pub logits_budget: u64,
     /// Probe dumps go here (created; must be absent or empty).
     pub work: PathBuf,
+    /// Run A and B one after the other instead of at the same time (engines that cannot
+    /// share a device or memory).
+    pub sequential: bool,
 }
 
 /// Rows of the head probe when logits were too large for the coarse probe.
@@ -168,8 +171,8 @@ enum ProbeResult {
     Crashed(Crash, Option<DiffReport>),
 }
 
-/// Dump files read back, by dump directory and file stem (`None`: not there).
-type ReadFiles = std::collections::HashMap<(PathBuf, String), Option<std::rc::Rc<crate::dump::DumpFile>>>;
+/// Dump files mapped for replay, by dump directory and file stem (`None`: not there).
+type MappedFiles = std::collections::HashMap<(PathBuf, String), Option<std::rc::Rc<crate::dump::MappedFile>>>;
 
 struct Session<'e> {
     a: &'e mut dyn Engine,
@@ -177,12 +180,12 @@ struct Session<'e> {
     opts: &'e BisectOptions,
     prompt: PromptRecord,
     probes: Vec<ProbeRecord>,
-    /// Per probe: its directory and how many tokens it ran.
-    dirs: Vec<(PathBuf, usize)>,
+    /// Each probe's directory.
+    dirs: Vec<PathBuf>,
     reproduce: Vec<String>,
-    /// Dump files read back for replay, by path and stem: replay asks for every tap of a
-    /// file in turn, and parsing a file of all taps is what replay would otherwise cost.
-    read: std::cell::RefCell<ReadFiles>,
+    /// Dump files mapped for replay, by path and stem: replay asks for every tap of a
+    /// file in turn, and opening a file once is enough.
+    mapped: std::cell::RefCell<MappedFiles>,
 }
 
 fn selection(layers: Vec<usize>, taps: &[&str], positions: &str) -> Selection {
@@ -202,6 +205,11 @@ fn tap_diverged(r: &DiffReport, id: &str) -> bool {
     r.prompts.iter().flat_map(|p| &p.taps).any(|t| t.tap == id && t.first_bad.is_some())
 }
 
+/// The first position tap `id` diverges at in `r`, and the rel L2 tolerance applied.
+fn first_bad_of(r: &DiffReport, id: &str) -> Option<(usize, f64)> {
+    r.prompts.iter().flat_map(|p| &p.taps).find(|t| t.tap == id).and_then(|t| t.first_bad.map(|i| (t.positions[i], t.tolerance.rel_l2)))
+}
+
 fn first_of(r: &DiffReport) -> Option<FirstDivergence> {
     r.prompts.first().and_then(|p| p.first.clone())
 }
@@ -216,12 +224,29 @@ impl Session<'_> {
         let line = serde_json::json!({"id": prompt.id, "tokens": prompt.tokens});
         std::fs::write(&suite, line.to_string() + "\n").map_err(|e| Error::io(&suite, e))?;
         let (out_a, out_b) = (dir.join("a"), dir.join("b"));
+        // Both engines at once unless asked otherwise: they are independent, and one
+        // often waits on a device or a disk while the other computes.
+        let (result_a, result_b) = {
+            let timed = |engine: &mut dyn Engine, out: &Path| {
+                let t0 = Instant::now();
+                let result = engine.dump(&prompt, &sel, out);
+                (result, t0.elapsed().as_secs_f64())
+            };
+            let (a, b) = (&mut *self.a, &mut *self.b);
+            if self.opts.sequential {
+                (timed(a, &out_a), timed(b, &out_b))
+            } else {
+                std::thread::scope(|scope| {
+                    let job_b = scope.spawn(|| timed(b, &out_b));
+                    let result_a = timed(a, &out_a);
+                    (result_a, job_b.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                })
+            }
+        };
         let mut crash = None;
         let mut seconds = [0.0; 2];
-        for (i, (engine, out, name)) in [(&mut *self.a, &out_a, "A"), (&mut *self.b, &out_b, "B")].into_iter().enumerate() {
-            let t0 = Instant::now();
-            let result = engine.dump(&prompt, &sel, out);
-            seconds[i] = t0.elapsed().as_secs_f64();
+        for (i, ((result, secs), engine, out, name)) in [(result_a, &*self.a, &out_a, "A"), (result_b, &*self.b, &out_b, "B")].into_iter().enumerate() {
+            seconds[i] = secs;
             match result {
                 Ok(()) => {}
                 Err(Error::Engine(msg)) => {
@@ -261,7 +286,7 @@ impl Session<'_> {
             }
             None => ProbeResult::Compared(diff::diff(&Dump::open(&out_a)?, &Dump::open(&out_b)?, &diff_opts)?),
         };
-        record.seconds_diff = t0.elapsed().as_secs_f64();
+        record.seconds_diff = t0.elapsed().as_secs_f64(); crate::prof("probe: engines+diff");
         // Fresh output directories: `dump -o` refuses to overwrite the probe's own.
         let (repro_a, repro_b) = (dir.join("reproduce").join("a"), dir.join("reproduce").join("b"));
         let tol = self.opts.tolerances.source.as_ref().map(|p| format!(" --tolerances {}", crate::engines::shell_quote(p))).unwrap_or_default();
@@ -271,8 +296,9 @@ impl Session<'_> {
             self.b.reproduce(&prompt.id, &suite, &sel, &out_b, &repro_b),
             format!("resbisect diff {} {}{tol}", quote(&repro_a), quote(&repro_b)),
         ];
+        crate::prof(&format!("probe {purpose} done"));
         self.probes.push(record);
-        self.dirs.push((dir, tokens));
+        self.dirs.push(dir);
         Ok(result)
     }
 
@@ -282,34 +308,49 @@ impl Session<'_> {
         }
     }
 
-    /// Rows `0..rows` of tap `id` from the newest probe of side `a`/`b` that holds them.
+    /// Rows `0..rows` of tap `id` as f32, from the newest probe of side `a`/`b` that holds them.
     fn rows(&self, side: &str, id: &str, rows: usize) -> Result<Option<Vec<f32>>> {
+        self.rows_at(side, id, &(0..rows).collect::<Vec<_>>())
+    }
+
+    /// The newest probe file of side `a`/`b` that holds tap `id` at every position of
+    /// `at`, and the row index of each.
+    fn locate(&self, side: &str, id: &str, at: &[usize]) -> Result<Option<(std::rc::Rc<crate::dump::MappedFile>, Vec<usize>)>> {
         let tap = crate::taps::Tap::parse(id).ok_or_else(|| Error::input(format!("bad tap {id}")))?;
-        for (dir, tokens) in self.dirs.iter().rev() {
-            if *tokens < rows {
-                continue;
-            }
+        for dir in self.dirs.iter().rev() {
             let key = (dir.join(side), tap.file_stem());
-            let cached = self.read.borrow().get(&key).cloned();
+            let cached = self.mapped.borrow().get(&key).cloned();
             let file = match cached {
                 Some(file) => file,
                 None => {
                     let file = match Dump::open(&key.0) {
-                        Ok(dump) => dump.read_file(&self.prompt.id, &key.1)?.map(std::rc::Rc::new),
+                        Ok(dump) => dump.map_file(&self.prompt.id, &key.1)?.map(std::rc::Rc::new),
                         Err(_) => None,
                     };
-                    self.read.borrow_mut().insert(key, file.clone());
+                    self.mapped.borrow_mut().insert(key, file.clone());
                     file
                 }
             };
-            let Some(file) = file else { continue };
-            let Some(t) = file.taps.get(id) else { continue };
-            if file.positions.len() < rows || file.positions[..rows].iter().enumerate().any(|(i, &p)| i != p) {
-                continue;
+            let Some(file) = file.filter(|f| f.taps.contains_key(id)) else { continue };
+            if let Some(index) = at.iter().map(|p| file.positions.binary_search(p).ok()).collect::<Option<Vec<usize>>>() {
+                return Ok(Some((file, index)));
             }
-            return Ok(Some(t.values[..rows * t.width].iter().map(|&v| v as f32).collect()));
         }
         Ok(None)
+    }
+
+    /// Rows of tap `id` at positions `at` as f32, from the newest probe that holds them.
+    fn rows_at(&self, side: &str, id: &str, at: &[usize]) -> Result<Option<Vec<f32>>> {
+        let Some((file, index)) = self.locate(side, id, at)? else { return Ok(None) };
+        let view = file.tap(id).expect("located files hold the tap");
+        let row_bytes = view.width * view.dtype.size();
+        let mut out = Vec::with_capacity(at.len() * view.width);
+        // Runs of consecutive rows convert in one go.
+        for run in crate::taps::consecutive_runs(&index) {
+            let bytes = &view.bytes[index[run.start] * row_bytes..(index[run.end - 1] + 1) * row_bytes];
+            crate::dump::TapView { rows: run.len(), bytes, ..view }.append_f32(&mut out);
+        }
+        Ok(Some(out))
     }
 }
 
@@ -336,6 +377,8 @@ fn worst_row(a: &[f32], b: &[f32], width: usize, counted: &dyn Fn(usize) -> bool
     worst
 }
 
+/// Positions before the first divergent one at which the suspect layer's taps are probed.
+const TAP_WINDOW: usize = 16;
 /// Most divergent positions local replay recomputes; controls come on top.
 const REPLAY_DIVERGENT: usize = 64;
 /// Evenly spaced positions local replay also recomputes, where A and B may agree.
@@ -388,7 +431,7 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer, prompt
     check_work_dir(&opts.work)?;
     let (label_a, label_b) = (a.label(), b.label());
     let n = prompt.tokens.len();
-    let mut s = Session { a, b, opts, prompt: prompt.clone(), probes: Vec::new(), dirs: Vec::new(), reproduce: Vec::new(), read: Default::default() };
+    let mut s = Session { a, b, opts, prompt: prompt.clone(), probes: Vec::new(), dirs: Vec::new(), reproduce: Vec::new(), mapped: Default::default() };
     let mut report = BisectReport {
         version: 1,
         model: String::new(),
@@ -495,8 +538,10 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer, prompt
         coarse_lo.map_or("embed".to_string(), |l| format!("layer {l}"))
     ));
 
-    let (hi, taps_diff) = loop {
+    let (hi, at, taps_diff, first, position_diff) = loop {
         let (mut lo, mut hi) = (coarse_lo, coarse_hi);
+        // Where the first bad layer's resid_post first leaves B's, and its tolerance.
+        let mut hi_first = first_bad_of(&r, &format!("blk.{hi}.resid_post"));
         // 2. Binary search over the layers between the last good and the first bad.
         loop {
             let first_unknown = lo.map_or(0, |l| l + 1);
@@ -513,6 +558,7 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer, prompt
                     if tap_diverged(&r, &id) {
                         s.note(format!("layer {mid} diverges: the first bad layer is in {first_unknown}..={mid}"));
                         hi = mid;
+                        hi_first = first_bad_of(&r, &id);
                     } else {
                         s.note(format!("layer {mid} agrees: layers up to {mid} are ruled out"));
                         lo = Some(mid);
@@ -521,27 +567,52 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer, prompt
                 ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
             }
         }
-        // 3. All taps of the suspect layer: the first divergent tap and position.
+        let (hi_pos, resid_tol) = hi_first.expect("the first bad layer's resid_post diverged in a probe");
+        // 3. All taps of the suspect layer, at the positions that matter: those local replay
+        //    recomputes and a window before the first divergent one.
+        let hi_out = |side: &str| s.rows(side, &format!("blk.{hi}.resid_post"), prefix)?.ok_or_else(|| Error::engine(format!("blk.{hi}.resid_post missing from the {side} dumps")));
+        let at = replay_positions(&hi_out("a")?, &hi_out("b")?, n_embd, resid_tol, Some(hi_pos));
+        let window = hi_pos.saturating_sub(TAP_WINDOW);
+        let mut probed: Vec<usize> = at.iter().copied().chain(window..=hi_pos).collect();
+        probed.sort_unstable();
+        probed.dedup();
         let all: Vec<&str> = LAYER_TAPS.to_vec();
-        let taps_diff = match s.probe(&format!("taps-{hi}"), prefix, selection(vec![hi], &all, "all"))? {
+        let taps_diff = match s.probe(&format!("taps-{hi}"), prefix, selection(vec![hi], &all, &positions_spec(&probed)))? {
             ProbeResult::Compared(r) => r,
             ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
         };
-        match first_of(&taps_diff) {
-            Some(f) => s.note(format!("first divergent tap {} at position {}", f.tap, f.position)),
+        let first = match first_of(&taps_diff) {
+            Some(f) => f,
             None if prefix < n => {
                 // The cut prompt does not reproduce: the engine is not causal here.
                 s.note(format!("no tap of layer {hi} diverges on the cut prompt: the engine is not causal here; searching the whole prompt"));
                 prefix = n;
                 continue;
             }
-            None => s.note("no tap of the layer diverges on this run (is the engine deterministic?)".into()),
+            None => {
+                s.note("no tap of the layer diverges on this run (is the engine deterministic?)".into());
+                break (hi, at, taps_diff, None, None);
+            }
+        };
+        s.note(format!("first divergent tap {} at position {} (of {} positions probed)", first.tap, first.position, probed.len()));
+        // 4. The first position: a tap already off at the window's start (or before it)
+        //    may have left B's earlier still; one probe of that tap alone settles it.
+        if first.position > window || window == 0 {
+            break (hi, at, taps_diff, Some(first), None);
         }
-        break (hi, taps_diff);
+        let tap = first.tap.clone();
+        let short = tap.rsplit('.').next().expect("a tap id has a name");
+        let position_diff = match s.probe("position", prefix, selection(vec![hi], &[short], &format!("0..{}", first.position + 1)))? {
+            ProbeResult::Compared(r) => r,
+            ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
+        };
+        let first = first_of(&position_diff).filter(|f| f.tap == tap).unwrap_or(first);
+        s.note(format!("{tap} first diverges at position {}", first.position));
+        break (hi, at, taps_diff, Some(first), Some(position_diff));
     };
     report.prefix = prefix;
     report.outcome = Outcome::Diverged;
-    report.first = first_of(&taps_diff);
+    report.first = first;
     let suspect_reproduce = s.reproduce.clone();
 
     // 4. Local replay of the suspect layer and its neighbours from A's own inputs.
@@ -550,8 +621,9 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer, prompt
     let mut needed: Vec<String> = replayed.iter().flat_map(|&l| [input_id(l), format!("blk.{l}.resid_post")]).collect();
     needed.dedup();
     let mut missing = Vec::new();
+    let all: Vec<usize> = (0..prefix).collect();
     for id in &needed {
-        if s.rows("a", id, prefix)?.is_none() || s.rows("b", id, prefix)?.is_none() {
+        if s.locate("a", id, &all)?.is_none() || s.locate("b", id, &all)?.is_none() {
             missing.push(id.clone());
         }
     }
@@ -569,10 +641,9 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer, prompt
             ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
         }
     }
+    crate::prof("bisect: replay inputs checked");
     let resid_tol = tolerance_of(&taps_diff, &format!("blk.{hi}.resid_post")).map_or(1e-3, |t| t.rel_l2);
     let replay_start = Instant::now();
-    let hi_out = |side: &str| s.rows(side, &format!("blk.{hi}.resid_post"), prefix)?.ok_or_else(|| Error::engine(format!("replay: blk.{hi}.resid_post missing from the {side} dumps")));
-    let at = replay_positions(&hi_out("a")?, &hi_out("b")?, n_embd, resid_tol, report.first.as_ref().map(|f| f.position));
     report.replay_positions = at.clone();
     let loaded;
     let replayer = match replayer {
@@ -582,19 +653,27 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer, prompt
             &loaded
         }
     };
-    for &l in &replayed {
-        let get = |side: &str, id: &str| -> Result<Vec<f32>> { s.rows(side, id, prefix)?.ok_or_else(|| Error::engine(format!("replay: {id} missing from the {side} dumps"))) };
-        let (in_a, in_b) = (get("a", &input_id(l))?, get("b", &input_id(l))?);
+    crate::prof("bisect: replay loaded");
+    let get = |side: &str, id: &str| -> Result<Vec<f32>> { s.rows(side, id, prefix)?.ok_or_else(|| Error::engine(format!("replay: {id} missing from the {side} dumps"))) };
+    let inputs = replayed.iter().map(|&l| get("a", &input_id(l))).collect::<Result<Vec<_>>>()?;
+    // The layers replay at once: each is independent, and much of a layer is single-threaded.
+    let replays = std::thread::scope(|scope| {
+        let at = &at;
+        let jobs: Vec<_> = replayed.iter().zip(&inputs).map(|(&l, in_a)| scope.spawn(move || replayer.replay_layer(l, in_a, prefix, at))).collect();
+        jobs.into_iter().map(|j| j.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect::<Result<Vec<_>>>()
+    })?;
+    crate::prof("bisect: replayed layers");
+    for ((&l, in_a), replay) in replayed.iter().zip(&inputs).zip(&replays) {
+        let in_b = get("b", &input_id(l))?;
         let out_id = format!("blk.{l}.resid_post");
         let (out_a, out_b) = (get("a", &out_id)?, get("b", &out_id)?);
-        let replay = replayer.replay_layer(l, &in_a, prefix, &at)?;
         let rep_out = &replay.last().expect("a layer has taps").1;
         // A row whose input is already non-finite cannot show what the layer adds.
         let finite_input = |i: usize| in_a[at[i] * n_embd..(at[i] + 1) * n_embd].iter().all(|v| v.is_finite());
         let (introduced, worst, _) = worst_row(&pick_rows(&out_a, n_embd, &at), rep_out, n_embd, &finite_input);
         report.replay.push(LayerAttribution {
             layer: l,
-            inherited: worst_row(&in_a, &in_b, n_embd, &|_| true).0,
+            inherited: worst_row(in_a, &in_b, n_embd, &|_| true).0,
             introduced,
             total: worst_row(&out_a, &out_b, n_embd, &|_| true).0,
             at_position: at[worst],
@@ -602,17 +681,18 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer, prompt
             introduces: introduced.is_nan() || introduced > resid_tol,
         });
         if l == hi {
-            for (id, values) in &replay {
-                let Some(dev) = s.rows("a", id, prefix)? else { continue };
+            for (id, values) in replay {
+                let Some(dev) = s.rows_at("a", id, &at)? else { continue };
                 let width = values.len() / at.len();
-                let (introduced, worst, _) = worst_row(&pick_rows(&dev, width, &at), values, width, &finite_input);
+                let (introduced, worst, _) = worst_row(&dev, values, width, &finite_input);
                 let tolerance = tolerance_of(&taps_diff, id).map_or(resid_tol, |t| t.rel_l2);
                 report.replay_taps.push(TapAttribution { tap: id.clone(), introduced, at_position: at[worst], tolerance, introduces: introduced.is_nan() || introduced > tolerance });
             }
         }
     }
     report.seconds_replay = replay_start.elapsed().as_secs_f64();
-    report.final_diff = Some(taps_diff);
+    crate::prof("bisect: replay done");
+    report.final_diff = Some(position_diff.unwrap_or(taps_diff));
     let mut r = finish(report, s)?;
     r.reproduce = suspect_reproduce;
     Ok(r)

@@ -259,10 +259,104 @@ impl DumpWriter {
         })
     }
 
+    /// Start `data/<prompt>/<stem>.safetensors` as a stream of rows: `taps` are (id, dtype,
+    /// width), each with a row per position.
+    pub fn stream_file(&self, prompt_id: &str, stem: &str, positions: &[usize], taps: &[(String, TapDType, usize)]) -> Result<FileStream> {
+        use safetensors::tensor::{Metadata, TensorInfo};
+        validate_prompt_id(prompt_id)?;
+        if !self.manifest.prompts.iter().any(|p| p.id == prompt_id) {
+            return Err(Error::input(format!("prompt {prompt_id} is not in the manifest")));
+        }
+        let n = positions.len();
+        let mut infos = vec![("positions".to_string(), TensorInfo { dtype: Dtype::I64, shape: vec![n], data_offsets: (0, 8 * n) })];
+        let mut end = 8 * n;
+        for (id, dtype, width) in taps {
+            let len = n * width * dtype.size();
+            infos.push((id.clone(), TensorInfo { dtype: dtype.safetensors(), shape: vec![n, *width], data_offsets: (end, end + len) }));
+            end += len;
+        }
+        let metadata = Metadata::new(None, infos).map_err(|e| Error::input(format!("{stem}: {e}")))?;
+        let mut header = serde_json::to_vec(&metadata).map_err(|e| Error::input(format!("{stem}: {e}")))?;
+        // Data starts 8-byte aligned, as safetensors writers pad it.
+        header.resize(header.len().next_multiple_of(8), b' ');
+        let data_start = (8 + header.len()) as u64;
+        let path = self.root.join(DATA).join(prompt_id).join(format!("{stem}.safetensors"));
+        let tmp = path.with_file_name(format!(".{stem}.safetensors.tmp-{}", std::process::id()));
+        let mut file = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let pos_bytes: Vec<u8> = positions.iter().flat_map(|&p| (p as i64).to_le_bytes()).collect();
+        let head = [&(header.len() as u64).to_le_bytes()[..], &header, &pos_bytes].concat();
+        file.write_all(&head).and_then(|_| file.set_len(data_start + end as u64)).map_err(|e| Error::io(&tmp, e))?;
+        let mut offset = data_start + 8 * n as u64;
+        let taps = taps
+            .iter()
+            .map(|(id, dtype, width)| {
+                let at = offset;
+                offset += (n * width * dtype.size()) as u64;
+                (id.clone(), at, width * dtype.size())
+            })
+            .collect();
+        let stream = FileStream { path, tmp, file, prompt_id: prompt_id.to_string(), order: 0, taps, rows: n, unwritten: ((end - 8 * n) as u64).into() };
+        if end == 8 * n {
+            // No tap rows to wait for.
+            fs::rename(&stream.tmp, &stream.path).map_err(|e| Error::io(&stream.path, e))?;
+        }
+        Ok(stream)
+    }
+
     pub fn finish(&mut self, status: Status, error: Option<RunError>) -> Result<()> {
         self.manifest.status = status;
         self.manifest.error = error;
         self.write_manifest()
+    }
+}
+
+/// A dump file written in pieces as rows come off a device: the header (every tap, every
+/// row) and the positions go first, rows land at their offsets, and the file is renamed
+/// into place by the write that completes it. Dropped incomplete, it leaves nothing.
+pub struct FileStream {
+    path: PathBuf,
+    tmp: PathBuf,
+    file: fs::File,
+    prompt_id: String,
+    /// Creation order among the dump's files, for naming the last one written.
+    order: usize,
+    /// Per tap: id, byte offset of its first row, bytes per row.
+    taps: Vec<(String, u64, usize)>,
+    rows: usize,
+    /// Tap bytes not yet written; the write that takes it to zero renames the file.
+    unwritten: std::sync::atomic::AtomicU64,
+}
+
+impl FileStream {
+    /// The stream's taps, in file order.
+    pub fn tap_ids(&self) -> impl Iterator<Item = &str> {
+        self.taps.iter().map(|(id, _, _)| id.as_str())
+    }
+
+    /// Write rows `first_row..` of tap `tap` (an index into the stream's taps); true when
+    /// this completed the file (it is then in place).
+    pub fn write_rows(&self, tap: usize, first_row: usize, bytes: &[u8]) -> Result<bool> {
+        use std::os::unix::fs::FileExt;
+        use std::sync::atomic::Ordering;
+        let (id, offset, row_bytes) = &self.taps[tap];
+        if !bytes.len().is_multiple_of(*row_bytes) || first_row + bytes.len() / row_bytes > self.rows {
+            return Err(Error::engine(format!("{id}: {} bytes at row {first_row} do not fit {} rows of {row_bytes} bytes", bytes.len(), self.rows)));
+        }
+        self.file.write_all_at(bytes, offset + (first_row * row_bytes) as u64).map_err(|e| Error::io(&self.tmp, e))?;
+        if self.unwritten.fetch_sub(bytes.len() as u64, Ordering::SeqCst) != bytes.len() as u64 {
+            return Ok(false);
+        }
+        fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
+        Ok(true)
+    }
+}
+
+impl Drop for FileStream {
+    fn drop(&mut self) {
+        if self.unwritten.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            // Never renamed: only the temporary name exists, and nothing should remain.
+            let _ = fs::remove_file(&self.tmp);
+        }
     }
 }
 
@@ -427,6 +521,17 @@ impl TapView<'_> {
         let n = self.width * self.dtype.size();
         TapView { dtype: self.dtype, rows: 1, width: self.width, bytes: &self.bytes[r * n..(r + 1) * n] }
     }
+
+    /// Append every value as f32 (f64 rounds).
+    pub fn append_f32(&self, out: &mut Vec<f32>) {
+        let b = self.bytes;
+        match self.dtype {
+            TapDType::F32 => out.extend(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+            TapDType::F64 => out.extend(b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)),
+            TapDType::F16 => out.extend(b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
+            TapDType::BF16 => out.extend(b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+        }
+    }
 }
 
 impl MappedFile {
@@ -495,10 +600,16 @@ pub struct FileJob {
     pub taps: Vec<TapTensor>,
 }
 
+/// What the writer threads do: write a whole file, or rows of a streamed one.
+enum Job {
+    File(FileJob),
+    Rows { stream: Arc<FileStream>, tap: usize, first_row: usize, bytes: Vec<u8> },
+}
+
 /// Writes files on threads of their own so the engine computes while data hits the
-/// disk; the bounded queue keeps at most two files per thread in flight, bounding memory.
+/// disk; the bounded queue keeps at most two jobs per thread in flight, bounding memory.
 pub struct BackgroundWriter {
-    tx: Option<std::sync::mpsc::SyncSender<(usize, FileJob)>>,
+    tx: Option<std::sync::mpsc::SyncSender<(usize, Job)>>,
     sent: std::sync::atomic::AtomicUsize,
     handles: Vec<std::thread::JoinHandle<Result<()>>>,
     shared: Arc<WriterShared>,
@@ -507,43 +618,74 @@ pub struct BackgroundWriter {
 /// What the writer threads share.
 struct WriterShared {
     writer: DumpWriter,
-    jobs: std::sync::Mutex<std::sync::mpsc::Receiver<(usize, FileJob)>>,
+    jobs: std::sync::Mutex<std::sync::mpsc::Receiver<(usize, Job)>>,
     /// Set by the first failed write: the other threads stop taking files.
     failed: std::sync::atomic::AtomicBool,
-    /// (send order, prompt id, last tap id) of the latest-sent file that reached the
-    /// disk whole: files finish out of order, the report names the last in graph order.
+    /// (order, prompt id, last tap id) of the latest file (in send or creation order)
+    /// that reached the disk whole: files finish out of order, the report names the last
+    /// in graph order.
     last_written: std::sync::Mutex<Option<(usize, String, String)>>,
+    /// Row buffers written and handed back, for reuse: fresh memory costs a page fault
+    /// per page on first touch.
+    spare: std::sync::Mutex<Vec<Vec<u8>>>,
 }
 
 /// Files written at once: a dump's files are independent, and one thread does not keep
 /// a fast disk busy.
 const WRITER_THREADS: usize = 4;
 
+impl WriterShared {
+    /// Do one job; `sent` is its place in the queue.
+    fn write(&self, sent: usize, job: Job) -> Result<()> {
+        let (order, prompt_id, last_tap) = match job {
+            Job::File(job) => {
+                self.writer.write_file(&job.prompt_id, &job.stem, &job.positions, &job.taps)?;
+                let Some(last) = job.taps.last() else { return Ok(()) };
+                (sent, job.prompt_id, last.id.clone())
+            }
+            Job::Rows { stream, tap, first_row, mut bytes } => {
+                let done = stream.write_rows(tap, first_row, &bytes)?;
+                bytes.clear();
+                if let Ok(mut spare) = self.spare.lock() {
+                    if spare.len() < 4 * WRITER_THREADS {
+                        spare.push(bytes);
+                    }
+                }
+                if !done {
+                    return Ok(());
+                }
+                (stream.order, stream.prompt_id.clone(), stream.tap_ids().last().unwrap_or_default().to_string())
+            }
+        };
+        if let Ok(mut slot) = self.last_written.lock() {
+            if slot.as_ref().is_none_or(|(o, _, _)| *o < order) {
+                *slot = Some((order, prompt_id, last_tap));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl BackgroundWriter {
     pub fn spawn(writer: DumpWriter) -> Self {
         use std::sync::atomic::Ordering;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, FileJob)>(2 * WRITER_THREADS);
-        let shared = Arc::new(WriterShared { writer, jobs: std::sync::Mutex::new(rx), failed: Default::default(), last_written: Default::default() });
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Job)>(2 * WRITER_THREADS);
+        let shared = Arc::new(WriterShared { writer, jobs: std::sync::Mutex::new(rx), failed: Default::default(), last_written: Default::default(), spare: Default::default() });
         let handles = (0..WRITER_THREADS)
             .map(|_| {
                 let shared = shared.clone();
                 std::thread::spawn(move || -> Result<()> {
                     loop {
-                        let (seq, job) = match shared.jobs.lock().map(|rx| rx.recv()) {
+                        let (order, job) = match shared.jobs.lock().map(|rx| rx.recv()) {
                             Ok(Ok(next)) => next,
                             _ => return Ok(()),
                         };
                         if shared.failed.load(Ordering::SeqCst) {
                             continue; // drain, so the engine's sends never block on a dead writer
                         }
-                        if let Err(e) = shared.writer.write_file(&job.prompt_id, &job.stem, &job.positions, &job.taps) {
+                        if let Err(e) = shared.write(order, job) {
                             shared.failed.store(true, Ordering::SeqCst);
                             return Err(e);
-                        }
-                        if let (Some(last), Ok(mut slot)) = (job.taps.last(), shared.last_written.lock()) {
-                            if slot.as_ref().is_none_or(|(s, _, _)| *s < seq) {
-                                *slot = Some((seq, job.prompt_id, last.id.clone()));
-                            }
                         }
                     }
                 })
@@ -552,14 +694,37 @@ impl BackgroundWriter {
         Self { tx: Some(tx), sent: Default::default(), handles, shared }
     }
 
-    /// Queue a file; fails when the writer thread has stopped on an error.
-    pub fn send(&self, job: FileJob) -> Result<()> {
+    fn queue(&self, job: Job) -> Result<()> {
+        let stopped = || Error::engine("the dump writer stopped (see the error at the end of the run)");
         if self.shared.failed.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(Error::engine("the dump writer stopped (see the error at the end of the run)"));
+            return Err(stopped());
         }
         let tx = self.tx.as_ref().expect("sender lives until finish");
-        let seq = self.sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        tx.send((seq, job)).map_err(|_| Error::engine("the dump writer stopped (see the error at the end of the run)"))
+        let order = self.sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tx.send((order, job)).map_err(|_| stopped())
+    }
+
+    /// Queue a whole file; fails when a writer thread has stopped on an error.
+    pub fn send(&self, job: FileJob) -> Result<()> {
+        self.queue(Job::File(job))
+    }
+
+    /// Start a streamed file (see [`DumpWriter::stream_file`]); its rows go to
+    /// [`send_rows`](Self::send_rows).
+    pub fn stream_file(&self, prompt_id: &str, stem: &str, positions: &[usize], taps: &[(String, TapDType, usize)]) -> Result<Arc<FileStream>> {
+        let mut stream = self.shared.writer.stream_file(prompt_id, stem, positions, taps)?;
+        stream.order = self.sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(Arc::new(stream))
+    }
+
+    /// An empty buffer for [`send_rows`](Self::send_rows), reused when one is spare.
+    pub fn buffer(&self) -> Vec<u8> {
+        self.shared.spare.lock().ok().and_then(|mut spare| spare.pop()).unwrap_or_default()
+    }
+
+    /// Queue rows `first_row..` of tap `tap` of `stream`.
+    pub fn send_rows(&self, stream: &Arc<FileStream>, tap: usize, first_row: usize, bytes: Vec<u8>) -> Result<()> {
+        self.queue(Job::Rows { stream: stream.clone(), tap, first_row, bytes })
     }
 
     /// Wait for queued files, then mark the manifest complete, or failed with the engine's

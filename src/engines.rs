@@ -16,7 +16,7 @@ use crate::runtime::backend::Backend;
 use crate::runtime::{RunOptions, Runtime};
 use crate::taps::{PositionSpec, Selection};
 
-pub trait Engine {
+pub trait Engine: Send {
     /// Who this is, for reports: name, backend, dtype, injected faults.
     fn label(&self) -> String;
     /// Dump `prompt` with `selection` into the new directory `out`. An engine failure is
@@ -137,6 +137,7 @@ impl<B: Backend> Engine for RuntimeDriver<'_, B> {
             crate::runtime::preflight(self.model, prompt.tokens.len(), &opts, 4)?;
             let backend = self.backend.take().ok_or_else(|| Error::engine("the runtime failed to load its weights earlier"))?;
             self.loaded = Some(Runtime::load(backend, self.model, &mut |_| {})?);
+            crate::prof("runtime: weights loaded");
         }
         let rt = self.loaded.as_ref().expect("loaded above");
         rt.dump(self.model, vec![prompt.clone()], selection, &self.faults, &self.injections, &opts, out, false, &mut NoProgress)?;

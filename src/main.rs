@@ -293,6 +293,10 @@ struct BisectArgs {
     /// Directory for the probe dumps (must be absent or empty; default: a new temporary one).
     #[arg(long)]
     work: Option<PathBuf>,
+    /// Run A and B one after the other, not at the same time (for engines that cannot
+    /// share the device or the memory).
+    #[arg(long)]
+    sequential: bool,
     /// Write bisect.{json,md,html} and report.{json,md,html} here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -443,6 +447,9 @@ fn cmd_dump(a: DumpArgs) -> Result<()> {
         summary.drain_seconds,
         summary.tokens as f64 / summary.compute_seconds.max(1e-9)
     );
+    if std::env::var_os("RB_EXIT").is_some() {
+        std::process::exit(0);
+    }
     Ok(())
 }
 
@@ -471,6 +478,7 @@ fn read_prompts(model: &Model, input: &PromptArgs) -> Result<Vec<resbisect::dump
 
 /// An engine of `bisect` as the trait object the search drives.
 /// How bisect builds one side: its kind, and for the runtime its backend and dtype.
+#[derive(Clone)]
 struct EngineSpec<'a> {
     kind: BisectEngine,
     command: Option<&'a str>,
@@ -496,6 +504,7 @@ fn bisect_engine<'m>(spec: EngineSpec, a: &BisectArgs, model: &'m Model, referen
 fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
     let model = Model::open(&a.model)?;
     let records = read_prompts(&model, &a.input)?;
+    resbisect::prof("bisect: model open");
     let [prompt] = <[_; 1]>::try_from(records).map_err(|r| Error::input(format!("bisect takes one prompt; the suite has {} (pick one with --id)", r.len())))?;
     let same_runtime = matches!(a.engine, BisectEngine::Runtime) && a.backend as u8 == a.oracle_backend as u8 && a.dtype == a.oracle_dtype;
     if a.engine as u8 == a.oracle as u8 && a.inject.is_empty() && (matches!(a.engine, BisectEngine::Reference) || same_runtime) {
@@ -505,22 +514,39 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
         bisect::check_work_dir(w)?;
     }
     let precision = RefPrecision::parse(&a.reference_dtype)?;
-    // The whole reference loads only when it is an engine; local replay alone loads just
-    // the layers it replays, when it gets there.
-    let reference = if matches!(a.engine, BisectEngine::Reference) || matches!(a.oracle, BisectEngine::Reference) {
-        let mut progress = Bars { bar: None };
-        progress.stage("loading the reference", model.config.n_layer);
-        Some(ReferenceEngine::load(&model, precision, &mut |_| progress.tick())?)
-    } else {
-        None
-    };
     if matches!(a.engine, BisectEngine::Reference) && RefPrecision::parse(&a.dtype)? != precision {
         return Err(Error::input("with --engine reference, A computes in --reference-dtype; drop --dtype"));
     }
     let spec_a = EngineSpec { kind: a.engine, command: a.command.as_deref(), backend: a.backend, dtype: &a.dtype, injections: a.inject.clone() };
     let spec_b = EngineSpec { kind: a.oracle, command: a.oracle_command.as_deref(), backend: a.oracle_backend, dtype: &a.oracle_dtype, injections: Vec::new() };
-    let mut engine_a = bisect_engine(spec_a, &a, &model, reference.as_ref())?;
-    let mut engine_b = bisect_engine(spec_b, &a, &model, reference.as_ref())?;
+    let is_reference = |spec: &EngineSpec| matches!(spec.kind, BisectEngine::Reference);
+    // The whole reference loads only when it is an engine; local replay alone loads just
+    // the layers it replays, when it gets there. Other engines start (a GPU context, its
+    // kernels) at the same time.
+    let (reference, started) = std::thread::scope(|scope| {
+        let (args, model) = (&a, &model);
+        let started = [&spec_a, &spec_b].map(|spec| (!is_reference(spec)).then(|| {
+            let spec = spec.clone();
+            scope.spawn(move || bisect_engine(spec, args, model, None))
+        }));
+        let reference = (is_reference(&spec_a) || is_reference(&spec_b)).then(|| {
+            let mut progress = Bars { bar: None };
+            progress.stage("loading the reference", model.config.n_layer);
+            ReferenceEngine::load(&model, precision, &mut |_| progress.tick())
+        });
+        (reference.transpose(), started.map(|job| job.map(|j| j.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))))
+    });
+    let reference = reference?;
+    let [started_a, started_b] = started;
+    let mut engine_a = match started_a {
+        Some(engine) => engine?,
+        None => bisect_engine(spec_a, &a, &model, reference.as_ref())?,
+    };
+    let mut engine_b = match started_b {
+        Some(engine) => engine?,
+        None => bisect_engine(spec_b, &a, &model, reference.as_ref())?,
+    };
+    resbisect::prof("bisect: engines made");
     let replayer = match &reference {
         Some(r) => Replayer::Loaded(r),
         None => Replayer::OnDemand { model: &model, precision },
@@ -534,10 +560,11 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
         None => std::env::temp_dir().join(format!("resbisect-bisect-{}-{}", std::process::id(), humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string().replace(':', ""))),
     };
     bisect::check_work_dir(&work)?;
-    let opts = BisectOptions { tolerances, allow_model_mismatch: a.compare.allow_model_mismatch, logits_budget: a.logits_budget_mib << 20, work };
+    let opts = BisectOptions { tolerances, allow_model_mismatch: a.compare.allow_model_mismatch, logits_budget: a.logits_budget_mib << 20, work, sequential: a.sequential };
     eprintln!("bisecting {} ({} tokens): A = {}, B = {}; probes in {}", prompt.id, prompt.tokens.len(), engine_a.label(), engine_b.label(), opts.work.display());
     let c = &model.config;
     let r = bisect::bisect(engine_a.as_mut(), engine_b.as_mut(), replayer, prompt, c.n_layer, c.n_vocab, c.n_embd, &opts)?;
+    resbisect::prof("bisect: search done");
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r).map_err(|e| Error::input(e.to_string()))?);
     } else {
@@ -546,6 +573,10 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
     if let Some(dir) = &a.report {
         report::write_bisect(&r, dir)?;
         eprintln!("wrote {}/bisect.{{json,md,html}} and report.{{json,md,html}}", dir.display());
+    }
+    resbisect::prof("bisect: output written");
+    if std::env::var_os("RB_EXIT").is_some() {
+        std::process::exit(match r.outcome { Outcome::Clean => 0, Outcome::Diverged => 1, Outcome::Crashed => 3 });
     }
     Ok(match r.outcome {
         Outcome::Clean => ExitCode::SUCCESS,
@@ -589,6 +620,7 @@ fn cmd_demo(model: PathBuf, prompts: PathBuf, output: PathBuf) -> Result<ExitCod
         compare: CompareArgs { tolerances: None, allow_model_mismatch: false },
         logits_budget_mib: 64,
         work: Some(output.join("probes")),
+        sequential: false,
         report: Some(output.join("report")),
         json: false,
     };
@@ -856,6 +888,7 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    resbisect::prof("main");
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -323,6 +323,29 @@ impl PositionSpec {
     }
 }
 
+/// Index ranges of the runs of consecutive values in `values` (ascending): [0, 1, 2, 7]
+/// gives 0..3 and 3..4.
+pub fn consecutive_runs(values: &[usize]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        if i >= values.len() {
+            return None;
+        }
+        let start = i;
+        i += 1;
+        while i < values.len() && values[i] == values[i - 1] + 1 {
+            i += 1;
+        }
+        Some(start..i)
+    })
+}
+
+/// The shortest `--positions` text for ascending positions: `5,10..20,31`.
+pub fn positions_spec(positions: &[usize]) -> String {
+    let item = |r: std::ops::Range<usize>| if r.len() == 1 { positions[r.start].to_string() } else { format!("{}..{}", positions[r.start], positions[r.end - 1] + 1) };
+    consecutive_runs(positions).map(item).collect::<Vec<_>>().join(",")
+}
+
 fn describe(item: &PosItem) -> String {
     let o = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_default();
     match item {
@@ -336,6 +359,14 @@ fn describe(item: &PosItem) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn position_lists_round_trip_through_their_spec() {
+        let positions = vec![0, 3, 4, 5, 9, 11, 12];
+        let spec = positions_spec(&positions);
+        assert_eq!(spec, "0,3..6,9,11..13");
+        assert_eq!(PositionSpec::parse(&spec).unwrap().resolve(20).unwrap(), positions);
+    }
 
     #[test]
     fn aliases_map_to_canonical_ids() {

@@ -183,14 +183,16 @@ impl Reference {
         let mut loaded: Vec<(usize, Layer)> = Vec::with_capacity(which.len());
         for batch in which.chunks(rayon::current_num_threads().max(1)) {
             let done: Vec<(usize, Layer)> = batch.par_iter().map(|&l| -> Result<(usize, Layer)> {
-                let w = |n: &str| load(src, &format!("blk.{l}.{n}.weight"), dtype);
+                // The tensors of a layer dequantize in parallel too: replay loads only a few layers.
+                const NAMES: [&str; 9] = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"];
+                let w: Vec<Tensor> = NAMES.par_iter().map(|n| load(src, &format!("blk.{l}.{n}.weight"), dtype)).collect::<Result<_>>()?;
                 let layer = Layer {
-                    attn_norm: w("attn_norm")?,
-                    wqkv: Tensor::cat(&[w("attn_q")?, w("attn_k")?, w("attn_v")?], 0)?.t()?,
-                    wo: w("attn_output")?.t()?,
-                    ffn_norm: w("ffn_norm")?,
-                    w_gate_up: Tensor::cat(&[w("ffn_gate")?, w("ffn_up")?], 0)?.t()?,
-                    w_down: w("ffn_down")?.t()?,
+                    attn_norm: w[0].clone(),
+                    wqkv: Tensor::cat(&[&w[1], &w[2], &w[3]], 0)?.t()?,
+                    wo: w[4].t()?,
+                    ffn_norm: w[5].clone(),
+                    w_gate_up: Tensor::cat(&[&w[6], &w[7]], 0)?.t()?,
+                    w_down: w[8].t()?,
                 };
                 Ok((l, layer))
             }).collect::<Result<_>>()?;

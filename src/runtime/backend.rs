@@ -104,8 +104,8 @@ impl Row {
     }
 }
 
-pub trait Backend {
-    type Buf;
+pub trait Backend: Send {
+    type Buf: Send;
     /// A recorded sequence of ops that replays with one launch (a CUDA graph).
     type Graph;
 

@@ -15,12 +15,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 
-use crate::dump::{BackgroundWriter, DumpWriter, EngineInfo, FileJob, Manifest, ModelInfo, PromptRecord, TapTensor};
+use crate::dump::{BackgroundWriter, DumpWriter, EngineInfo, FileStream, Manifest, ModelInfo, PromptRecord, TapDType};
 use crate::error::{Error, Result};
 use crate::inject::RuntimeFaults;
 use crate::model::{Config, Model};
 use crate::reference_engine::{DumpSummary, Progress};
-use crate::taps::{PositionSpec, Selection, Tap, LAYER_TAPS};
+use crate::taps::{all_taps, PositionSpec, Selection, Tap, LAYER_TAPS};
 use backend::{AttnShape, Backend, Row, Src, Step};
 
 pub struct RunOptions {
@@ -97,21 +97,25 @@ pub fn preflight(model: &Model, longest: usize, opts: &RunOptions, bytes_per_val
     Ok(())
 }
 
-/// Where one prompt's taps collect until their file is complete.
+/// Where one prompt's selected tap rows go: each file is streamed to the dump as its
+/// rows come off the device, and lands whole when the last of them is written.
 struct TapCollector<'a> {
     selection: &'a Selection,
-    n_layer: usize,
+    cfg: &'a Config,
     positions: Vec<usize>,
-    /// Per file stem: tap id → (width, rows in position order as stored bytes).
-    pending: BTreeMap<String, BTreeMap<String, (usize, Vec<u8>)>>,
-    written: Vec<String>,
+    /// `None` for runs that dump nothing.
+    writer: Option<&'a BackgroundWriter>,
+    prompt_id: &'a str,
+    dtype: TapDType,
+    /// Per file stem: its stream and, per tap of it, the rows sent so far.
+    streams: BTreeMap<String, (Arc<FileStream>, Vec<usize>)>,
 }
 
 impl<'a> TapCollector<'a> {
     fn wants(&self, tap: &Tap) -> bool {
         match tap {
-            Tap::Layer(l, _) if *l >= self.n_layer => false,
-            t => self.selection.wants(t),
+            Tap::Layer(l, _) if *l >= self.cfg.n_layer => false,
+            t => self.writer.is_some() && self.selection.wants(t),
         }
     }
 
@@ -122,16 +126,37 @@ impl<'a> TapCollector<'a> {
         self.positions[lo..hi].iter().map(|p| p - start).collect()
     }
 
-    fn last_position(&self) -> usize {
-        self.positions.last().copied().unwrap_or(0)
+    /// A buffer for the rows of one tap to send.
+    fn buffer(&self) -> Vec<u8> {
+        self.writer.map(BackgroundWriter::buffer).unwrap_or_default()
     }
 
-    /// The bytes collected so far for `tap`, with room reserved for every selected row of
-    /// `width` values of `el` bytes, so appending rows never moves them.
-    fn rows_of(&mut self, tap: &Tap, width: usize, el: usize) -> &mut Vec<u8> {
-        let capacity = self.positions.len() * width * el;
-        let entry = self.pending.entry(tap.file_stem()).or_default().entry(tap.id()).or_insert_with(|| (width, Vec::with_capacity(capacity)));
-        &mut entry.1
+    /// Send `bytes`, the selected rows of `tap` from position `start` on, to its file
+    /// (started on first use, with every selected tap of the file).
+    fn send(&mut self, tap: &Tap, start: usize, bytes: Vec<u8>) -> Result<()> {
+        let Some(writer) = self.writer else { return Ok(()) };
+        let stem = tap.file_stem();
+        if !self.streams.contains_key(&stem) {
+            let taps: Vec<(String, TapDType, usize)> = all_taps(self.cfg.n_layer).into_iter().filter(|t| t.file_stem() == stem && self.wants(t)).map(|t| (t.id(), self.dtype, t.width(self.cfg))).collect();
+            let stream = writer.stream_file(self.prompt_id, &stem, &self.positions, &taps)?;
+            self.streams.insert(stem.clone(), (stream, vec![0; taps.len()]));
+        }
+        let (stream, sent) = self.streams.get_mut(&stem).expect("started above");
+        let id = tap.id();
+        let index = stream.tap_ids().position(|t| t == id).expect("streams hold every selected tap of their file");
+        let row_bytes = tap.width(self.cfg) * self.dtype.size();
+        sent[index] += bytes.len() / row_bytes;
+        writer.send_rows(stream, index, self.positions.partition_point(|&p| p < start), bytes)
+    }
+
+    /// Every selected row of every started file was sent (a missing one is a bug here).
+    fn check_complete(&self) -> Result<()> {
+        for (stem, (stream, sent)) in &self.streams {
+            if let Some((id, n)) = stream.tap_ids().zip(sent).find(|(_, &n)| n != self.positions.len()) {
+                return Err(Error::engine(format!("{stem}: {id} got {n} of {} rows", self.positions.len())));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -206,36 +231,17 @@ impl<B: Backend> Runtime<B> {
             }
             TapRoute::Download => {
                 let sel = col.rows_in(start, rows);
-                let out = col.rows_of(&tap, width, self.backend.dtype().bytes());
+                let mut bytes = col.buffer();
                 // One download per run of consecutive rows: a device copy per row would dominate.
-                let mut i = 0;
-                while i < sel.len() {
-                    let mut j = i + 1;
-                    while j < sel.len() && sel[j] == sel[j - 1] + 1 {
-                        j += 1;
-                    }
-                    self.backend.download_raw(buf, sel[i] * width, (j - i) * width, out)?;
-                    i = j;
+                for run in crate::taps::consecutive_runs(&sel) {
+                    self.backend.download_raw(buf, sel[run.start] * width, run.len() * width, &mut bytes)?;
+                }
+                if !sel.is_empty() {
+                    col.send(&tap, start, bytes)?;
                 }
             }
         }
         Ok(())
-    }
-
-    /// Send files whose last selected position has been processed.
-    fn flush(&self, col: &mut TapCollector, stem: &str, done_through: usize, prompt_id: &str, writer: Option<&BackgroundWriter>) -> Result<()> {
-        let Some(writer) = writer else { return Ok(()) };
-        if done_through < col.last_position() || col.written.iter().any(|s| s == stem) {
-            return Ok(());
-        }
-        let Some(taps) = col.pending.remove(stem) else { return Ok(()) };
-        let n = col.positions.len();
-        let mut ordered: Vec<(String, (usize, Vec<u8>))> = taps.into_iter().collect();
-        ordered.sort_by_key(|(id, _)| Tap::parse(id));
-        let dtype = self.backend.dtype().tap_dtype();
-        let taps = ordered.into_iter().map(|(id, (width, bytes))| TapTensor { id, dtype, rows: n, width, bytes }).collect();
-        col.written.push(stem.to_string());
-        writer.send(FileJob { prompt_id: prompt_id.to_string(), stem: stem.to_string(), positions: Arc::new(col.positions.clone()), taps })
     }
 
     /// Embedding and layers for positions `start..start + rows`, leaving the residual
@@ -253,27 +259,21 @@ impl<B: Backend> Runtime<B> {
         col: &mut TapCollector,
         route: &mut TapRoute<B>,
         opts: &RunOptions,
-        prompt_id: &str,
-        writer: Option<&BackgroundWriter>,
     ) -> Result<()> {
         let c = &self.cfg;
         let b = &self.backend;
         let sc = opts.sync_check;
         let rows = ids.len();
-        let end = start + rows - 1;
         let decode = matches!(route, TapRoute::Stage { .. });
-        // Files fill up only after a decode's taps come off the device.
-        let writer = if decode { None } else { writer };
         let (e, qw, kvw, ff) = (c.n_embd, c.q_width(), c.kv_width(), c.n_ff);
         let Workspace { x, h, q, k, v, attn, ao, mid, g, u, act, f, .. } = ws;
         self.op("embed", sc, b.embed(&self.token_embd, e, if decode { Src::Step } else { Src::Host(ids) }, x))?;
         self.tap("embed", x, start, rows, e, faults, col, route, opts)?;
-        self.flush(col, "embed", end, prompt_id, writer)?;
         let true_positions: Vec<f32> = (start..start + rows).map(|p| p as f32).collect();
         // A dump without decoding or an output tap cannot see layers past the last tapped
         // one: stop there, as the reference does (`run` always computes everything).
         let want_out = col.wants(&Tap::Output(0)) || col.wants(&Tap::Output(1));
-        let depth = if writer.is_some() && opts.max_tokens == 0 && !want_out {
+        let depth = if !decode && col.writer.is_some() && opts.max_tokens == 0 && !want_out {
             (0..c.n_layer).rev().find(|&l| (0..LAYER_TAPS.len()).any(|i| col.wants(&Tap::Layer(l, i)))).map_or(0, |l| l + 1)
         } else {
             c.n_layer
@@ -341,7 +341,6 @@ impl<B: Backend> Runtime<B> {
             self.tap(&id("ffn_out"), f, start, rows, e, faults, col, route, opts)?;
             self.op("add (ffn residual)", sc, b.add(mid, f, rows * e, x))?;
             self.tap(&id("resid_post"), x, start, rows, e, faults, col, route, opts)?;
-            self.flush(col, &format!("blk.{l}"), end, prompt_id, writer)?;
         }
         Ok(())
     }
@@ -349,7 +348,7 @@ impl<B: Backend> Runtime<B> {
     /// The output head on the rows of `ws.x` someone needs — tapped ones and, with
     /// `want_next`, the last — returning the greedy next token when asked.
     #[allow(clippy::too_many_arguments)]
-    fn head(&self, start: usize, rows: usize, ws: &mut Workspace<B>, faults: &RuntimeFaults, col: &mut TapCollector, opts: &RunOptions, want_next: bool, prompt_id: &str, writer: Option<&BackgroundWriter>) -> Result<Option<u32>> {
+    fn head(&self, start: usize, rows: usize, ws: &mut Workspace<B>, faults: &RuntimeFaults, col: &mut TapCollector, opts: &RunOptions, want_next: bool) -> Result<Option<u32>> {
         let c = &self.cfg;
         let b = &self.backend;
         let sc = opts.sync_check;
@@ -391,11 +390,12 @@ impl<B: Backend> Runtime<B> {
                     let from_row = need.iter().position(|&r| start + r >= fl.from).unwrap_or(n);
                     self.op(&format!("perturb({tid})"), sc, b.perturb(buf, n, width, from_row, fl.fault))?;
                 }
-                if col.wants(&tap) {
-                    b.download_raw(buf, 0, sel * width, col.rows_of(&tap, width, b.dtype().bytes()))?;
+                if col.wants(&tap) && sel > 0 {
+                    let mut bytes = col.buffer();
+                    b.download_raw(buf, 0, sel * width, &mut bytes)?;
+                    col.send(&tap, start, bytes)?;
                 }
             }
-            self.flush(col, "output", start + rows - 1, prompt_id, writer)?;
         }
         if want_next {
             return Ok(Some(b.argmax(&ws.logits, n - 1, c.n_vocab)?));
@@ -407,7 +407,7 @@ impl<B: Backend> Runtime<B> {
     /// can record and nothing about the step's ops differs from the recorded one, else
     /// issued op by op.
     #[allow(clippy::too_many_arguments)]
-    fn decode_layers(&self, token: u32, pos: usize, ws: &mut Workspace<B>, kv: &mut [(B::Buf, B::Buf)], faults: &RuntimeFaults, col: &mut TapCollector, staged: &mut Staged<B>, opts: &RunOptions, prompt_id: &str) -> Result<()> {
+    fn decode_layers(&self, token: u32, pos: usize, ws: &mut Workspace<B>, kv: &mut [(B::Buf, B::Buf)], faults: &RuntimeFaults, col: &mut TapCollector, staged: &mut Staged<B>, opts: &RunOptions) -> Result<()> {
         let slot = staged.positions.binary_search(&pos).ok();
         self.backend.set_step(Step { token, pos, rope_pos: pos as f32, slot: slot.unwrap_or(0) })?;
         let mut route = TapRoute::Stage { buffers: &mut staged.buffers, selected: slot.is_some() };
@@ -418,7 +418,7 @@ impl<B: Backend> Runtime<B> {
         if recordable && staged.graph.as_ref().is_none_or(|(k, _)| *k != key) {
             staged.graph = None;
             if self.backend.begin_capture()? {
-                let issued = self.layers(&[token], pos, ws, kv, faults, col, &mut route, opts, prompt_id, None);
+                let issued = self.layers(&[token], pos, ws, kv, faults, col, &mut route, opts);
                 match (issued, self.backend.end_capture()?) {
                     (Ok(()), Some(graph)) => staged.graph = Some((key.clone(), graph)),
                     // Something in the step cannot be recorded: issue ops from now on.
@@ -430,7 +430,7 @@ impl<B: Backend> Runtime<B> {
         }
         match &staged.graph {
             Some((k, graph)) if recordable && *k == key => self.backend.replay(graph),
-            _ => self.layers(&[token], pos, ws, kv, faults, col, &mut route, opts, prompt_id, None),
+            _ => self.layers(&[token], pos, ws, kv, faults, col, &mut route, opts),
         }
     }
 
@@ -451,7 +451,7 @@ impl<B: Backend> Runtime<B> {
         let b = &self.backend;
         let total = prompt.tokens.len() + opts.max_tokens;
         let positions = PositionSpec::parse(&selection.positions)?.resolve(total).map_err(|e| Error::input(format!("prompt {}: {e}", prompt.id)))?;
-        let mut col = TapCollector { selection, n_layer: c.n_layer, positions, pending: BTreeMap::new(), written: Vec::new() };
+        let mut col = TapCollector { selection, cfg: c, positions, writer, prompt_id: &prompt.id, dtype: b.dtype().tap_dtype(), streams: BTreeMap::new() };
         let mut kv = (0..c.n_layer).map(|_| Ok((b.alloc(total * c.kv_width())?, b.alloc(total * c.kv_width())?))).collect::<Result<Vec<_>>>()?;
         let chunk = opts.prefill_chunk.unwrap_or(prompt.tokens.len()).max(1);
         let mut tokens = prompt.tokens.clone();
@@ -462,12 +462,13 @@ impl<B: Backend> Runtime<B> {
         let mut ws = Workspace::new(b, c, chunk.min(prompt.tokens.len()))?;
         for (i, ids) in prompt.tokens.chunks(chunk).enumerate() {
             let want_next = i + 1 == n_chunks && opts.max_tokens > 0;
-            self.layers(ids, i * chunk, &mut ws, &mut kv, faults, &mut col, &mut TapRoute::Download, opts, &prompt.id, writer)?;
-            next = self.head(i * chunk, ids.len(), &mut ws, faults, &mut col, opts, want_next, &prompt.id, writer)?;
+            self.layers(ids, i * chunk, &mut ws, &mut kv, faults, &mut col, &mut TapRoute::Download, opts)?;
+            next = self.head(i * chunk, ids.len(), &mut ws, faults, &mut col, opts, want_next)?;
             progress.tick();
         }
         b.sync()?;
         let prefill_s = t0.elapsed().as_secs_f64();
+        crate::prof("run: prefill done");
         if opts.max_tokens > 0 {
             drop(ws);
             let mut ws = Workspace::new(b, c, 1)?;
@@ -475,25 +476,27 @@ impl<B: Backend> Runtime<B> {
             for step in 0..opts.max_tokens {
                 let token = next.ok_or_else(|| Error::engine("decode: no next token"))?;
                 tokens.push(token);
-                if opts.stop_token == Some(token) && writer.is_none() {
+                if opts.stop_token == Some(token) && col.writer.is_none() {
                     break;
                 }
                 let pos = tokens.len() - 1;
-                self.decode_layers(token, pos, &mut ws, &mut kv, faults, &mut col, &mut staged, opts, &prompt.id)?;
-                next = self.head(pos, 1, &mut ws, faults, &mut col, opts, step + 1 < opts.max_tokens, &prompt.id, None)?;
+                self.decode_layers(token, pos, &mut ws, &mut kv, faults, &mut col, &mut staged, opts)?;
+                next = self.head(pos, 1, &mut ws, faults, &mut col, opts, step + 1 < opts.max_tokens)?;
                 progress.tick();
             }
-            // The decode rows of every tap come off the device at once, then files fill.
-            for (id, buf) in &staged.buffers {
-                let tap = Tap::parse(id).expect("staged taps are canonical");
-                let width = tap.width(c);
-                b.download_raw(buf, 0, staged.positions.len() * width, col.rows_of(&tap, width, b.dtype().bytes()))?;
+            crate::prof("run: decode steps done");
+            // The decode rows of every tap come off the device at once, completing the files.
+            if let Some(&first) = staged.positions.first() {
+                for (id, buf) in &staged.buffers {
+                    let tap = Tap::parse(id).expect("staged taps are canonical");
+                    let mut bytes = col.buffer();
+                    b.download_raw(buf, 0, staged.positions.len() * tap.width(c), &mut bytes)?;
+                    col.send(&tap, first, bytes)?;
+                }
             }
-            let stems = std::iter::once("embed".to_string()).chain((0..c.n_layer).map(|l| format!("blk.{l}"))).chain(["output".to_string()]);
-            for stem in stems {
-                self.flush(&mut col, &stem, total - 1, &prompt.id, writer)?;
-            }
+            crate::prof("run: staged downloaded");
         }
+        col.check_complete()?;
         b.sync()?;
         Ok((tokens, prefill_s, t0.elapsed().as_secs_f64() - prefill_s))
     }
@@ -618,8 +621,10 @@ impl<B: Backend> Runtime<B> {
             Ok(())
         });
         let tokens: usize = processed.iter().map(Vec::len).sum();
+        crate::prof("dump: runs done");
         let drain = std::time::Instant::now();
         writer.finish_with_tokens(outcome, processed)?;
+        crate::prof("dump: files written");
         let drain_seconds = drain.elapsed().as_secs_f64();
         Ok(DumpSummary { prompts: prompts.len(), tokens, load_seconds: 0.0, compute_seconds: start.elapsed().as_secs_f64(), drain_seconds })
     }

@@ -58,6 +58,39 @@ fn round_trip_and_failed_run_keeps_partial_dump() {
     assert!(other.join("cat.jpg").exists());
 }
 
+#[test]
+fn streamed_files_land_whole_and_match_files_written_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("d");
+    let writer = BackgroundWriter::spawn(DumpWriter::create(&root, manifest(&[("p1", 10)]), false).unwrap());
+    let positions = vec![0, 3, 4, 9];
+    let whole = resid_rows(1, &positions);
+    let row = 256 * 4;
+    let taps = [("blk.1.resid_post".to_string(), TapDType::F32, 256)];
+    let stream = writer.stream_file("p1", "blk.1", &positions, &taps).unwrap();
+    // Rows arrive out of order, as prefill chunks and decode steps deliver them.
+    for (first, rows) in [(2, 2), (0, 1), (1, 1)] {
+        let mut bytes = writer.buffer();
+        bytes.extend_from_slice(&whole.bytes[first * row..(first + rows) * row]);
+        writer.send_rows(&stream, 0, first, bytes).unwrap();
+    }
+    // A second file that never gets all its rows (the run fails first) leaves nothing.
+    let unfinished = writer.stream_file("p1", "blk.0", &positions, &[("blk.0.resid_post".to_string(), TapDType::F32, 256)]).unwrap();
+    writer.send_rows(&unfinished, 0, 0, vec![0; row]).unwrap();
+    drop((stream, unfinished));
+    let err = writer.finish(Err(Error::engine("device lost"))).unwrap_err();
+    assert!(err.to_string().contains("last tap written: blk.1.resid_post"), "{err}");
+
+    let d = Dump::open(&root).unwrap();
+    let f = d.read_file("p1", "blk.1").unwrap().unwrap();
+    assert_eq!(f.positions, positions);
+    let expected: Vec<f64> = whole.bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect();
+    assert_eq!(f.taps["blk.1.resid_post"].values, expected);
+    assert!(d.read_file("p1", "blk.0").unwrap().is_none());
+    let names: Vec<_> = std::fs::read_dir(root.join("data/p1")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(names, vec!["blk.1.safetensors"], "no temporary files remain");
+}
+
 fn write_manifest(root: &Path, edit: impl Fn(&mut serde_json::Value)) {
     let mut v = serde_json::to_value(manifest(&[("p1", 10)])).unwrap();
     edit(&mut v);

@@ -286,7 +286,7 @@ impl Session<'_> {
             }
             None => ProbeResult::Compared(diff::diff(&Dump::open(&out_a)?, &Dump::open(&out_b)?, &diff_opts)?),
         };
-        record.seconds_diff = t0.elapsed().as_secs_f64(); crate::prof("probe: engines+diff");
+        record.seconds_diff = t0.elapsed().as_secs_f64();
         // Fresh output directories: `dump -o` refuses to overwrite the probe's own.
         let (repro_a, repro_b) = (dir.join("reproduce").join("a"), dir.join("reproduce").join("b"));
         let tol = self.opts.tolerances.source.as_ref().map(|p| format!(" --tolerances {}", crate::engines::shell_quote(p))).unwrap_or_default();
@@ -296,7 +296,6 @@ impl Session<'_> {
             self.b.reproduce(&prompt.id, &suite, &sel, &out_b, &repro_b),
             format!("resbisect diff {} {}{tol}", quote(&repro_a), quote(&repro_b)),
         ];
-        crate::prof(&format!("probe {purpose} done"));
         self.probes.push(record);
         self.dirs.push(dir);
         Ok(result)
@@ -427,6 +426,15 @@ pub enum Replayer<'r> {
 /// Run the search on one prompt.
 #[allow(clippy::too_many_arguments)]
 pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer, prompt: PromptRecord, n_layer: usize, n_vocab: usize, n_embd: usize, opts: &BisectOptions) -> Result<BisectReport> {
+    std::thread::scope(|scope| search(scope, a, b, replayer, prompt, n_layer, n_vocab, n_embd, opts))
+}
+
+/// Replay layers loaded ahead, while probes run, when they come to at most this many
+/// bytes; otherwise they load when replay starts.
+const PRELOAD_BYTES: u64 = 4 << 30;
+
+#[allow(clippy::too_many_arguments)]
+fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer<'r>, prompt: PromptRecord, n_layer: usize, n_vocab: usize, n_embd: usize, opts: &BisectOptions) -> Result<BisectReport> {
     let start = Instant::now();
     check_work_dir(&opts.work)?;
     let (label_a, label_b) = (a.label(), b.label());
@@ -537,6 +545,20 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer, prompt
         "first divergent position {first_pos}; resid_post good through {}, bad at layer {coarse_hi}{cut}",
         coarse_lo.map_or("embed".to_string(), |l| format!("layer {l}"))
     ));
+    // Every layer replay may need lies between the last good coarse layer and the one
+    // after the first bad: a replay-only reference loads them on the CPU while the
+    // engines probe.
+    let preload = match replayer {
+        Replayer::OnDemand { model, precision } => {
+            let candidates: Vec<usize> = (coarse_lo.unwrap_or(0)..=(coarse_hi + 1).min(n_layer - 1)).collect();
+            let bytes = model.n_params() / n_layer as u64 * candidates.len() as u64 * precision.bytes() as u64;
+            (bytes <= PRELOAD_BYTES).then(|| {
+                let layers = candidates.clone();
+                (candidates, scope.spawn(move || ReferenceEngine::load_for_replay(model, precision, &layers)))
+            })
+        }
+        Replayer::Loaded(_) => None,
+    };
 
     let (hi, at, taps_diff, first, position_diff) = loop {
         let (mut lo, mut hi) = (coarse_lo, coarse_hi);
@@ -641,7 +663,6 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer, prompt
             ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
         }
     }
-    crate::prof("bisect: replay inputs checked");
     let resid_tol = tolerance_of(&taps_diff, &format!("blk.{hi}.resid_post")).map_or(1e-3, |t| t.rel_l2);
     let replay_start = Instant::now();
     report.replay_positions = at.clone();
@@ -649,11 +670,14 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer, prompt
     let replayer = match replayer {
         Replayer::Loaded(r) => r,
         Replayer::OnDemand { model, precision } => {
-            loaded = ReferenceEngine::load_for_replay(model, precision, &replayed)?;
+            let ahead = preload.map(|(layers, job)| (layers, job.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))));
+            loaded = match ahead {
+                Some((layers, engine)) if replayed.iter().all(|l| layers.contains(l)) => engine?,
+                _ => ReferenceEngine::load_for_replay(model, precision, &replayed)?,
+            };
             &loaded
         }
     };
-    crate::prof("bisect: replay loaded");
     let get = |side: &str, id: &str| -> Result<Vec<f32>> { s.rows(side, id, prefix)?.ok_or_else(|| Error::engine(format!("replay: {id} missing from the {side} dumps"))) };
     let inputs = replayed.iter().map(|&l| get("a", &input_id(l))).collect::<Result<Vec<_>>>()?;
     // The layers replay at once: each is independent, and much of a layer is single-threaded.
@@ -662,7 +686,6 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer, prompt
         let jobs: Vec<_> = replayed.iter().zip(&inputs).map(|(&l, in_a)| scope.spawn(move || replayer.replay_layer(l, in_a, prefix, at))).collect();
         jobs.into_iter().map(|j| j.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect::<Result<Vec<_>>>()
     })?;
-    crate::prof("bisect: replayed layers");
     for ((&l, in_a), replay) in replayed.iter().zip(&inputs).zip(&replays) {
         let in_b = get("b", &input_id(l))?;
         let out_id = format!("blk.{l}.resid_post");
@@ -691,7 +714,6 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer, prompt
         }
     }
     report.seconds_replay = replay_start.elapsed().as_secs_f64();
-    crate::prof("bisect: replay done");
     report.final_diff = Some(position_diff.unwrap_or(taps_diff));
     let mut r = finish(report, s)?;
     r.reproduce = suspect_reproduce;

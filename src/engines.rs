@@ -137,7 +137,6 @@ impl<B: Backend> Engine for RuntimeDriver<'_, B> {
             crate::runtime::preflight(self.model, prompt.tokens.len(), &opts, 4)?;
             let backend = self.backend.take().ok_or_else(|| Error::engine("the runtime failed to load its weights earlier"))?;
             self.loaded = Some(Runtime::load(backend, self.model, &mut |_| {})?);
-            crate::prof("runtime: weights loaded");
         }
         let rt = self.loaded.as_ref().expect("loaded above");
         rt.dump(self.model, vec![prompt.clone()], selection, &self.faults, &self.injections, &opts, out, false, &mut NoProgress)?;

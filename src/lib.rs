@@ -20,11 +20,3 @@ pub mod tolerance;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
-
-static PROF_START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-pub fn prof(label: &str) {
-    let t = PROF_START.get_or_init(std::time::Instant::now);
-    if std::env::var_os("RB_PROF").is_some() {
-        eprintln!("[prof {:.4}] {label}", t.elapsed().as_secs_f64());
-    }
-}

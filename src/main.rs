@@ -447,9 +447,6 @@ fn cmd_dump(a: DumpArgs) -> Result<()> {
         summary.drain_seconds,
         summary.tokens as f64 / summary.compute_seconds.max(1e-9)
     );
-    if std::env::var_os("RB_EXIT").is_some() {
-        std::process::exit(0);
-    }
     Ok(())
 }
 
@@ -504,7 +501,6 @@ fn bisect_engine<'m>(spec: EngineSpec, a: &BisectArgs, model: &'m Model, referen
 fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
     let model = Model::open(&a.model)?;
     let records = read_prompts(&model, &a.input)?;
-    resbisect::prof("bisect: model open");
     let [prompt] = <[_; 1]>::try_from(records).map_err(|r| Error::input(format!("bisect takes one prompt; the suite has {} (pick one with --id)", r.len())))?;
     let same_runtime = matches!(a.engine, BisectEngine::Runtime) && a.backend as u8 == a.oracle_backend as u8 && a.dtype == a.oracle_dtype;
     if a.engine as u8 == a.oracle as u8 && a.inject.is_empty() && (matches!(a.engine, BisectEngine::Reference) || same_runtime) {
@@ -546,7 +542,6 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
         Some(engine) => engine?,
         None => bisect_engine(spec_b, &a, &model, reference.as_ref())?,
     };
-    resbisect::prof("bisect: engines made");
     let replayer = match &reference {
         Some(r) => Replayer::Loaded(r),
         None => Replayer::OnDemand { model: &model, precision },
@@ -564,7 +559,6 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
     eprintln!("bisecting {} ({} tokens): A = {}, B = {}; probes in {}", prompt.id, prompt.tokens.len(), engine_a.label(), engine_b.label(), opts.work.display());
     let c = &model.config;
     let r = bisect::bisect(engine_a.as_mut(), engine_b.as_mut(), replayer, prompt, c.n_layer, c.n_vocab, c.n_embd, &opts)?;
-    resbisect::prof("bisect: search done");
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r).map_err(|e| Error::input(e.to_string()))?);
     } else {
@@ -573,10 +567,6 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
     if let Some(dir) = &a.report {
         report::write_bisect(&r, dir)?;
         eprintln!("wrote {}/bisect.{{json,md,html}} and report.{{json,md,html}}", dir.display());
-    }
-    resbisect::prof("bisect: output written");
-    if std::env::var_os("RB_EXIT").is_some() {
-        std::process::exit(match r.outcome { Outcome::Clean => 0, Outcome::Diverged => 1, Outcome::Crashed => 3 });
     }
     Ok(match r.outcome {
         Outcome::Clean => ExitCode::SUCCESS,
@@ -888,7 +878,6 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
-    resbisect::prof("main");
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

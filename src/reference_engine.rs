@@ -19,6 +19,14 @@ pub enum RefPrecision {
 }
 
 impl RefPrecision {
+    /// Bytes per value.
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F64 => 8,
+        }
+    }
+
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "f32" => Ok(Self::F32),

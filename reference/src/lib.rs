@@ -406,13 +406,13 @@ impl Reference {
         let all: Vec<f64> = (0..rows).map(|p| p as f64).collect();
         let (cos, sin) = rope_tables(&all, cfg.head_dim(), cfg.rope_base, self.dtype)?;
         let h = rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
-        let kv = h.matmul(&layer.wqkv.narrow(1, qw, 2 * kvw)?.contiguous()?)?;
+        let kv = h.matmul(&layer.wqkv.narrow(1, qw, 2 * kvw)?)?;
         let k = rope(&kv.narrow(1, 0, kvw)?, cfg.n_head_kv, &cos, &sin)?;
         let v = kv.narrow(1, kvw, kvw)?.contiguous()?;
         let picked: Vec<f64> = at.iter().map(|&p| p as f64).collect();
         let (cos_at, sin_at) = rope_tables(&picked, cfg.head_dim(), cfg.rope_base, self.dtype)?;
         let h_at = gather(&h, at)?;
-        let q = rope(&h_at.matmul(&layer.wqkv.narrow(1, 0, qw)?.contiguous()?)?, cfg.n_head, &cos_at, &sin_at)?;
+        let q = rope(&h_at.matmul(&layer.wqkv.narrow(1, 0, qw)?)?, cfg.n_head, &cos_at, &sin_at)?;
         let mut out = Vec::with_capacity(LAYER_TAPS.len());
         let mut record = |i: usize, t: Tensor| -> Result<Tensor> {
             out.push((format!("blk.{l}.{}", LAYER_TAPS[i]), t.to_dtype(DType::F32)?));

@@ -201,7 +201,6 @@ where
             return Err(no_gpu(&"libcuda.so was not found"));
         }
         let ctx = quietly(|| CudaContext::new(ordinal)).ok_or_else(|| no_gpu(&"libcuda could not be loaded"))?.map_err(|e| no_gpu(&e))?;
-        crate::prof("cuda: context");
         let (major, minor) = ctx.compute_capability().map_err(device_error("compute capability"))?;
         let arch = format!("sm_{major}{minor}");
         let source = nvrtc_source(T::DTYPE);
@@ -230,7 +229,6 @@ where
             }
         };
         let module = ctx.load_module(ptx).map_err(device_error("loading the kernels"))?;
-        crate::prof("cuda: module loaded");
         let mut functions = std::collections::HashMap::new();
         for &name in KERNELS {
             functions.insert(name, module.load_function(name).map_err(device_error(name))?);

@@ -468,7 +468,6 @@ impl<B: Backend> Runtime<B> {
         }
         b.sync()?;
         let prefill_s = t0.elapsed().as_secs_f64();
-        crate::prof("run: prefill done");
         if opts.max_tokens > 0 {
             drop(ws);
             let mut ws = Workspace::new(b, c, 1)?;
@@ -484,7 +483,6 @@ impl<B: Backend> Runtime<B> {
                 next = self.head(pos, 1, &mut ws, faults, &mut col, opts, step + 1 < opts.max_tokens)?;
                 progress.tick();
             }
-            crate::prof("run: decode steps done");
             // The decode rows of every tap come off the device at once, completing the files.
             if let Some(&first) = staged.positions.first() {
                 for (id, buf) in &staged.buffers {
@@ -494,7 +492,6 @@ impl<B: Backend> Runtime<B> {
                     col.send(&tap, first, bytes)?;
                 }
             }
-            crate::prof("run: staged downloaded");
         }
         col.check_complete()?;
         b.sync()?;
@@ -621,10 +618,8 @@ impl<B: Backend> Runtime<B> {
             Ok(())
         });
         let tokens: usize = processed.iter().map(Vec::len).sum();
-        crate::prof("dump: runs done");
         let drain = std::time::Instant::now();
         writer.finish_with_tokens(outcome, processed)?;
-        crate::prof("dump: files written");
         let drain_seconds = drain.elapsed().as_secs_f64();
         Ok(DumpSummary { prompts: prompts.len(), tokens, load_seconds: 0.0, compute_seconds: start.elapsed().as_secs_f64(), drain_seconds })
     }

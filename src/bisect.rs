@@ -30,6 +30,9 @@ pub struct BisectOptions {
     /// Run A and B one after the other instead of at the same time (engines that cannot
     /// share a device or memory).
     pub sequential: bool,
+    /// Positions before the suspect layer's first divergent one at which all its taps are
+    /// probed; a tap already off at the first of them gets a probe of its own.
+    pub tap_window: usize,
 }
 
 /// Rows of the head probe when logits were too large for the coarse probe.
@@ -376,8 +379,6 @@ fn worst_row(a: &[f32], b: &[f32], width: usize, counted: &dyn Fn(usize) -> bool
     worst
 }
 
-/// Positions before the first divergent one at which the suspect layer's taps are probed.
-const TAP_WINDOW: usize = 16;
 /// Most divergent positions local replay recomputes; controls come on top.
 const REPLAY_DIVERGENT: usize = 64;
 /// Evenly spaced positions local replay also recomputes, where A and B may agree.
@@ -560,7 +561,7 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
         Replayer::Loaded(_) => None,
     };
 
-    let (hi, at, taps_diff, first, position_diff) = loop {
+    let (hi, at, taps_diff, mut first, window) = loop {
         let (mut lo, mut hi) = (coarse_lo, coarse_hi);
         // Where the first bad layer's resid_post first leaves B's, and its tolerance.
         let mut hi_first = first_bad_of(&r, &format!("blk.{hi}.resid_post"));
@@ -594,7 +595,7 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
         //    recomputes and a window before the first divergent one.
         let hi_out = |side: &str| s.rows(side, &format!("blk.{hi}.resid_post"), prefix)?.ok_or_else(|| Error::engine(format!("blk.{hi}.resid_post missing from the {side} dumps")));
         let at = replay_positions(&hi_out("a")?, &hi_out("b")?, n_embd, resid_tol, Some(hi_pos));
-        let window = hi_pos.saturating_sub(TAP_WINDOW);
+        let window = hi_pos.saturating_sub(opts.tap_window);
         let mut probed: Vec<usize> = at.iter().copied().chain(window..=hi_pos).collect();
         probed.sort_unstable();
         probed.dedup();
@@ -613,31 +614,21 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
             }
             None => {
                 s.note("no tap of the layer diverges on this run (is the engine deterministic?)".into());
-                break (hi, at, taps_diff, None, None);
+                break (hi, at, taps_diff, None, 0);
             }
         };
         s.note(format!("first divergent tap {} at position {} (of {} positions probed)", first.tap, first.position, probed.len()));
-        // 4. The first position: a tap already off at the window's start (or before it)
-        //    may have left B's earlier still; one probe of that tap alone settles it.
-        if first.position > window || window == 0 {
-            break (hi, at, taps_diff, Some(first), None);
-        }
-        let tap = first.tap.clone();
-        let short = tap.rsplit('.').next().expect("a tap id has a name");
-        let position_diff = match s.probe("position", prefix, selection(vec![hi], &[short], &format!("0..{}", first.position + 1)))? {
-            ProbeResult::Compared(r) => r,
-            ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
-        };
-        let first = first_of(&position_diff).filter(|f| f.tap == tap).unwrap_or(first);
-        s.note(format!("{tap} first diverges at position {}", first.position));
-        break (hi, at, taps_diff, Some(first), Some(position_diff));
+        break (hi, at, taps_diff, Some(first), window);
     };
     report.prefix = prefix;
     report.outcome = Outcome::Diverged;
-    report.first = first;
-    let suspect_reproduce = s.reproduce.clone();
+    // The commands that reproduce the finding: the probe whose comparison the report shows.
+    let mut suspect_reproduce = s.reproduce.clone();
 
-    // 4. Local replay of the suspect layer and its neighbours from A's own inputs.
+    // 4. The first position: a tap already off at the window's start (or before it) may
+    //    have left B's earlier still. 5. Local replay needs the inputs and outputs of the
+    //    suspect layer and its neighbours at every position. Whatever of these earlier
+    //    probes did not dump comes in one more probe.
     let replayed: Vec<usize> = (hi.saturating_sub(1)..=(hi + 1).min(n_layer - 1)).collect();
     let input_id = |l: usize| if l == 0 { "embed".to_string() } else { format!("blk.{}.resid_post", l - 1) };
     let mut needed: Vec<String> = replayed.iter().flat_map(|&l| [input_id(l), format!("blk.{l}.resid_post")]).collect();
@@ -649,20 +640,42 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
             missing.push(id.clone());
         }
     }
-    if !missing.is_empty() {
-        let layers: Vec<usize> = missing.iter().filter_map(|id| match crate::taps::Tap::parse(id) {
-            Some(crate::taps::Tap::Layer(l, _)) => Some(l),
-            _ => None,
-        }).collect();
-        let mut taps = vec!["resid_post"];
-        if missing.iter().any(|m| m == "embed") {
-            taps.insert(0, "embed");
-        }
-        match s.probe("replay-inputs", prefix, selection(layers, &taps, "all"))? {
-            ProbeResult::Compared(_) => s.note(format!("inputs for local replay: {}", missing.join(", "))),
-            ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
-        }
+    let early = first.as_ref().filter(|f| f.position <= window && window > 0).map(|f| f.tap.clone());
+    let mut layers: Vec<usize> = missing.iter().filter_map(|id| match crate::taps::Tap::parse(id) {
+        Some(crate::taps::Tap::Layer(l, _)) => Some(l),
+        _ => None,
+    }).collect();
+    let mut taps = vec!["resid_post"];
+    if missing.iter().any(|m| m == "embed") {
+        taps.insert(0, "embed");
     }
+    if let Some(tap) = &early {
+        layers.push(hi);
+        taps.push(tap.rsplit('.').next().expect("a tap id has a name"));
+    }
+    layers.sort_unstable();
+    layers.dedup();
+    let mut position_diff = None;
+    if early.is_some() || !missing.is_empty() {
+        let purpose = if early.is_some() { "position" } else { "replay-inputs" };
+        let r = match s.probe(purpose, prefix, selection(layers, &taps, "all"))? {
+            ProbeResult::Compared(r) => r,
+            ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
+        };
+        let mut found = Vec::new();
+        if let Some(tap) = &early {
+            first = first_of(&r).filter(|f| &f.tap == tap).or(first);
+            found.push(format!("{tap} first diverges at position {}", first.as_ref().map_or(0, |f| f.position)));
+            position_diff = Some(r);
+            suspect_reproduce = s.reproduce.clone();
+        }
+        if !missing.is_empty() {
+            found.push(format!("inputs for local replay: {}", missing.join(", ")));
+        }
+        s.note(found.join("; "));
+    }
+    report.first = first;
+
     let resid_tol = tolerance_of(&taps_diff, &format!("blk.{hi}.resid_post")).map_or(1e-3, |t| t.rel_l2);
     let replay_start = Instant::now();
     report.replay_positions = at.clone();

@@ -297,6 +297,10 @@ struct BisectArgs {
     /// share the device or the memory).
     #[arg(long)]
     sequential: bool,
+    /// Positions before the suspect layer's first divergent one at which all its taps are
+    /// probed (more catches taps that leave B's long before the residual stream does).
+    #[arg(long, default_value_t = 16)]
+    tap_window: usize,
     /// Write bisect.{json,md,html} and report.{json,md,html} here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -528,7 +532,7 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
         let reference = (is_reference(&spec_a) || is_reference(&spec_b)).then(|| {
             let mut progress = Bars { bar: None };
             progress.stage("loading the reference", model.config.n_layer);
-            ReferenceEngine::load(&model, precision, &mut |_| progress.tick())
+            ReferenceEngine::load(model, precision, &mut |_| progress.tick())
         });
         (reference.transpose(), started.map(|job| job.map(|j| j.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))))
     });
@@ -555,7 +559,7 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
         None => std::env::temp_dir().join(format!("resbisect-bisect-{}-{}", std::process::id(), humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string().replace(':', ""))),
     };
     bisect::check_work_dir(&work)?;
-    let opts = BisectOptions { tolerances, allow_model_mismatch: a.compare.allow_model_mismatch, logits_budget: a.logits_budget_mib << 20, work, sequential: a.sequential };
+    let opts = BisectOptions { tolerances, allow_model_mismatch: a.compare.allow_model_mismatch, logits_budget: a.logits_budget_mib << 20, work, sequential: a.sequential, tap_window: a.tap_window };
     eprintln!("bisecting {} ({} tokens): A = {}, B = {}; probes in {}", prompt.id, prompt.tokens.len(), engine_a.label(), engine_b.label(), opts.work.display());
     let c = &model.config;
     let r = bisect::bisect(engine_a.as_mut(), engine_b.as_mut(), replayer, prompt, c.n_layer, c.n_vocab, c.n_embd, &opts)?;
@@ -611,6 +615,7 @@ fn cmd_demo(model: PathBuf, prompts: PathBuf, output: PathBuf) -> Result<ExitCod
         logits_budget_mib: 64,
         work: Some(output.join("probes")),
         sequential: false,
+        tap_window: 16,
         report: Some(output.join("report")),
         json: false,
     };

@@ -76,6 +76,22 @@ fn bisect_names_injected_faults_at_several_layers_taps_and_positions() {
 }
 
 #[test]
+fn a_tap_off_before_the_probed_window_gets_a_position_probe() {
+    // A 1% key fault at 40 first moves this layer's residual stream at 42: with a window
+    // of one position, the taps probe sees k off at 41 already, and a probe of k alone
+    // finds where it starts.
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--prompts", &bisect_prompt(), "--id", "p6_len_128", "--inject", "blk.5.k:scale=1.01@40", "--tap-window", "1", "--sequential"];
+    let (code, r) = bisect_json(&args, &dir.path().join("work"));
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(r["first"]["tap"], "blk.5.k");
+    assert_eq!(r["first"]["position"], 40);
+    let purposes: Vec<&str> = r["probes"].as_array().unwrap().iter().map(|p| p["purpose"].as_str().unwrap()).collect();
+    assert!(purposes.contains(&"position"), "{purposes:?}");
+    assert!(r["runs_a"].as_u64().unwrap() as f64 <= MAX_RUNS);
+}
+
+#[test]
 fn bisect_cuts_a_1652_token_prompt_at_the_first_divergent_position() {
     let r = check_fault(&long_prompts(), "long_1652", "blk.17.attn:scale=1.1@900", "blk.17.attn", 900);
     assert_eq!(r["n_tokens"], 1652);

@@ -40,6 +40,10 @@ pub struct HipBuf {
     len: usize,
 }
 
+// SAFETY: a device allocation belongs to the process, not to a thread: the HIP runtime
+// takes its pointers from any thread (every thread starts on device 0, the one used).
+unsafe impl Send for HipBuf {}
+
 impl Drop for HipBuf {
     fn drop(&mut self) {
         // SAFETY: ptr came from hipMalloc and is freed once.
@@ -57,6 +61,10 @@ pub struct HipBackend<T: Storage> {
     device: String,
     _storage: std::marker::PhantomData<T>,
 }
+
+// SAFETY: as for HipBuf: loaded functions and device memory are process-wide, and the
+// HIP runtime is thread-safe; the backend itself is used by one thread at a time.
+unsafe impl<T: Storage> Send for HipBackend<T> {}
 
 /// Kernel arguments: pointers to each value, as hipModuleLaunchKernel takes them.
 macro_rules! args {

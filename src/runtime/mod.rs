@@ -231,14 +231,15 @@ impl<B: Backend> Runtime<B> {
             }
             TapRoute::Download => {
                 let sel = col.rows_in(start, rows);
+                if sel.is_empty() {
+                    return Ok(());
+                }
                 let mut bytes = col.buffer();
                 // One download per run of consecutive rows: a device copy per row would dominate.
                 for run in crate::taps::consecutive_runs(&sel) {
                     self.backend.download_raw(buf, sel[run.start] * width, run.len() * width, &mut bytes)?;
                 }
-                if !sel.is_empty() {
-                    col.send(&tap, start, bytes)?;
-                }
+                col.send(&tap, start, bytes)?;
             }
         }
         Ok(())

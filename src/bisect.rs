@@ -430,6 +430,11 @@ pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer, prompt
     std::thread::scope(|scope| search(scope, a, b, replayer, prompt, n_layer, n_vocab, n_embd, opts))
 }
 
+/// The layers local replay recomputes for suspect layer `hi`: it and its neighbours.
+fn replay_layers(hi: usize, n_layer: usize) -> Vec<usize> {
+    (hi.saturating_sub(1)..=(hi + 1).min(n_layer - 1)).collect()
+}
+
 /// Replay layers loaded ahead, while probes run, when they come to at most this many
 /// bytes; otherwise they load when replay starts.
 const PRELOAD_BYTES: u64 = 4 << 30;
@@ -546,21 +551,9 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
         "first divergent position {first_pos}; resid_post good through {}, bad at layer {coarse_hi}{cut}",
         coarse_lo.map_or("embed".to_string(), |l| format!("layer {l}"))
     ));
-    // Every layer replay may need lies between the last good coarse layer and the one
-    // after the first bad: a replay-only reference loads them on the CPU while the
-    // engines probe.
-    let preload = match replayer {
-        Replayer::OnDemand { model, precision } => {
-            let candidates: Vec<usize> = (coarse_lo.unwrap_or(0)..=(coarse_hi + 1).min(n_layer - 1)).collect();
-            let bytes = model.n_params() / n_layer as u64 * candidates.len() as u64 * precision.bytes() as u64;
-            (bytes <= PRELOAD_BYTES).then(|| {
-                let layers = candidates.clone();
-                (candidates, scope.spawn(move || ReferenceEngine::load_for_replay(model, precision, &layers)))
-            })
-        }
-        Replayer::Loaded(_) => None,
-    };
-
+    // A replay-only reference loads the layers replay needs on the CPU while the engines
+    // make the last probes.
+    let mut preload = None;
     let (hi, at, taps_diff, mut first, window) = loop {
         let (mut lo, mut hi) = (coarse_lo, coarse_hi);
         // Where the first bad layer's resid_post first leaves B's, and its tolerance.
@@ -591,6 +584,11 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
             }
         }
         let (hi_pos, resid_tol) = hi_first.expect("the first bad layer's resid_post diverged in a probe");
+        if let Replayer::OnDemand { model, precision } = replayer {
+            let layers = replay_layers(hi, n_layer);
+            let bytes = model.n_params() / n_layer as u64 * layers.len() as u64 * precision.bytes() as u64;
+            preload = (bytes <= PRELOAD_BYTES).then(|| (layers.clone(), scope.spawn(move || ReferenceEngine::load_for_replay(model, precision, &layers))));
+        }
         // 3. All taps of the suspect layer, at the positions that matter: those local replay
         //    recomputes and a window before the first divergent one.
         let hi_out = |side: &str| s.rows(side, &format!("blk.{hi}.resid_post"), prefix)?.ok_or_else(|| Error::engine(format!("blk.{hi}.resid_post missing from the {side} dumps")));
@@ -629,7 +627,7 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
     //    have left B's earlier still. 5. Local replay needs the inputs and outputs of the
     //    suspect layer and its neighbours at every position. Whatever of these earlier
     //    probes did not dump comes in one more probe.
-    let replayed: Vec<usize> = (hi.saturating_sub(1)..=(hi + 1).min(n_layer - 1)).collect();
+    let replayed = replay_layers(hi, n_layer);
     let input_id = |l: usize| if l == 0 { "embed".to_string() } else { format!("blk.{}.resid_post", l - 1) };
     let mut needed: Vec<String> = replayed.iter().flat_map(|&l| [input_id(l), format!("blk.{l}.resid_post")]).collect();
     needed.dedup();

@@ -110,6 +110,9 @@ pub struct RuntimeDriver<'m, B: Backend> {
     model_path: PathBuf,
     backend: Option<B>,
     loaded: Option<Runtime<B>>,
+    /// The residual stream of the last run with an output tap: later probes of a prefix
+    /// that want only `resid_post` rows are read from it.
+    checkpoints: Option<crate::runtime::Checkpoints<B>>,
     injections: Vec<String>,
     faults: RuntimeFaults,
     prefill_chunk: Option<usize>,
@@ -122,7 +125,7 @@ impl<'m, B: Backend> RuntimeDriver<'m, B> {
         let faults = crate::inject::parse_runtime(&injections, model.config.n_layer)?;
         let label = format!("runtime {} {}{}", backend.name(), backend.dtype().name(), injected(&injections));
         let backend_dtype = (backend.name(), backend.dtype().name());
-        Ok(Self { model, model_path: model_path.to_path_buf(), backend: Some(backend), loaded: None, injections, faults, prefill_chunk, backend_dtype, label })
+        Ok(Self { model, model_path: model_path.to_path_buf(), backend: Some(backend), loaded: None, checkpoints: None, injections, faults, prefill_chunk, backend_dtype, label })
     }
 }
 
@@ -139,7 +142,7 @@ impl<B: Backend> Engine for RuntimeDriver<'_, B> {
             self.loaded = Some(Runtime::load(backend, self.model, &mut |_| {})?);
         }
         let rt = self.loaded.as_ref().expect("loaded above");
-        rt.dump(self.model, vec![prompt.clone()], selection, &self.faults, &self.injections, &opts, out, false, &mut NoProgress)?;
+        rt.dump(self.model, vec![prompt.clone()], selection, &self.faults, &self.injections, &opts, out, false, &mut NoProgress, Some(&mut self.checkpoints))?;
         Ok(())
     }
 

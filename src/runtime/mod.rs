@@ -267,9 +267,12 @@ impl<B: Backend> Runtime<B> {
         let rows = ids.len();
         let decode = matches!(route, TapRoute::Stage { .. });
         let (e, qw, kvw, ff) = (c.n_embd, c.q_width(), c.kv_width(), c.n_ff);
-        let Workspace { x, h, q, k, v, attn, ao, mid, g, u, act, f, .. } = ws;
+        let Workspace { x, h, q, k, v, attn, ao, mid, g, u, act, f, keep, .. } = ws;
         self.op("embed", sc, b.embed(&self.token_embd, e, if decode { Src::Step } else { Src::Host(ids) }, x))?;
         self.tap("embed", x, start, rows, e, faults, col, route, opts)?;
+        if let Some(cp) = keep.first_mut() {
+            self.op("checkpoint", sc, b.copy_rows(x, cp, Row::At(start), rows, e))?;
+        }
         let true_positions: Vec<f32> = (start..start + rows).map(|p| p as f32).collect();
         // A dump without decoding or an output tap cannot see layers past the last tapped
         // one: stop there, as the reference does (`run` always computes everything).
@@ -342,6 +345,9 @@ impl<B: Backend> Runtime<B> {
             self.tap(&id("ffn_out"), f, start, rows, e, faults, col, route, opts)?;
             self.op("add (ffn residual)", sc, b.add(mid, f, rows * e, x))?;
             self.tap(&id("resid_post"), x, start, rows, e, faults, col, route, opts)?;
+            if let Some(cp) = keep.get_mut(l + 1) {
+                self.op("checkpoint", sc, b.copy_rows(x, cp, Row::At(start), rows, e))?;
+            }
         }
         Ok(())
     }
@@ -439,7 +445,7 @@ impl<B: Backend> Runtime<B> {
     fn warm_up(&self, prompt: &PromptRecord, opts: &RunOptions) -> Result<()> {
         let none = Selection { layers: Vec::new(), taps: Vec::new(), positions: "all".into() };
         for _ in 0..opts.warmup {
-            self.run_prompt(prompt, &none, &RuntimeFaults::default(), opts, None, &mut crate::reference_engine::NoProgress)?;
+            self.run_prompt(prompt, &none, &RuntimeFaults::default(), opts, None, None, &mut crate::reference_engine::NoProgress)?;
         }
         Ok(())
     }
@@ -447,7 +453,9 @@ impl<B: Backend> Runtime<B> {
     /// Run one prompt (prefill, then greedy decode), sending taps to `writer` (none:
     /// nothing is captured). Returns every token processed and the seconds spent in
     /// prefill and in decode.
-    pub fn run_prompt(&self, prompt: &PromptRecord, selection: &Selection, faults: &RuntimeFaults, opts: &RunOptions, writer: Option<&BackgroundWriter>, progress: &mut dyn Progress) -> Result<(Vec<u32>, f64, f64)> {
+    /// With `keep`, the prefill leaves its residual stream there ([`Checkpoints`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_prompt(&self, prompt: &PromptRecord, selection: &Selection, faults: &RuntimeFaults, opts: &RunOptions, writer: Option<&BackgroundWriter>, keep: Option<&mut Vec<B::Buf>>, progress: &mut dyn Progress) -> Result<(Vec<u32>, f64, f64)> {
         let c = &self.cfg;
         let b = &self.backend;
         let total = prompt.tokens.len() + opts.max_tokens;
@@ -461,6 +469,9 @@ impl<B: Backend> Runtime<B> {
         let t0 = std::time::Instant::now();
         progress.stage(&format!("{} ({} tokens)", prompt.id, prompt.tokens.len()), n_chunks + opts.max_tokens);
         let mut ws = Workspace::new(b, c, chunk.min(prompt.tokens.len()))?;
+        if keep.is_some() {
+            ws.keep = (0..=c.n_layer).map(|_| b.alloc(prompt.tokens.len() * c.n_embd)).collect::<Result<_>>()?;
+        }
         for (i, ids) in prompt.tokens.chunks(chunk).enumerate() {
             let want_next = i + 1 == n_chunks && opts.max_tokens > 0;
             self.layers(ids, i * chunk, &mut ws, &mut kv, faults, &mut col, &mut TapRoute::Download, opts)?;
@@ -469,6 +480,9 @@ impl<B: Backend> Runtime<B> {
         }
         b.sync()?;
         let prefill_s = t0.elapsed().as_secs_f64();
+        if let Some(keep) = keep {
+            *keep = std::mem::take(&mut ws.keep);
+        }
         if opts.max_tokens > 0 {
             drop(ws);
             let mut ws = Workspace::new(b, c, 1)?;
@@ -519,6 +533,9 @@ struct Workspace<B: Backend> {
     normed: B::Buf,
     logits: B::Buf,
     head_rows: usize,
+    /// When a run keeps checkpoints: the residual stream of every position after
+    /// embedding (`keep[0]`) and after each layer (`keep[l + 1]`); empty otherwise.
+    keep: Vec<B::Buf>,
 }
 
 impl<B: Backend> Workspace<B> {
@@ -540,6 +557,7 @@ impl<B: Backend> Workspace<B> {
             normed: b.alloc(0)?,
             logits: b.alloc(0)?,
             head_rows: 0,
+            keep: Vec::new(),
         })
     }
 }
@@ -596,6 +614,7 @@ impl<B: Backend> Runtime<B> {
         out: &std::path::Path,
         overwrite: bool,
         progress: &mut dyn Progress,
+        mut cache: Option<&mut Option<Checkpoints<B>>>,
     ) -> Result<DumpSummary> {
         let longest = prompts.iter().map(|p| p.tokens.len()).max().unwrap_or(0);
         preflight(model, longest, opts, self.backend.dtype().bytes().max(4))?;
@@ -615,7 +634,21 @@ impl<B: Backend> Runtime<B> {
         let start = std::time::Instant::now();
         let mut processed: Vec<Vec<u32>> = Vec::new();
         let outcome = prompts.iter().try_for_each(|p| {
-            processed.push(self.run_prompt(p, selection, faults, opts, Some(&writer), progress)?.0);
+            let keeps = opts.max_tokens == 0 && (selection.wants(&Tap::Output(0)) || selection.wants(&Tap::Output(1)));
+            let tokens = match cache.as_deref_mut() {
+                Some(Some(cp)) if self.serves(cp, p, selection, opts) => {
+                    self.serve(cp, p, selection, &writer)?;
+                    p.tokens.clone()
+                }
+                Some(slot) if keeps && self.checkpoint_bytes(p.tokens.len()) <= CHECKPOINT_BYTES => {
+                    let mut keep = Vec::new();
+                    let tokens = self.run_prompt(p, selection, faults, opts, Some(&writer), Some(&mut keep), progress)?.0;
+                    *slot = Some(Checkpoints { tokens: p.tokens.clone(), stream: keep });
+                    tokens
+                }
+                _ => self.run_prompt(p, selection, faults, opts, Some(&writer), None, progress)?.0,
+            };
+            processed.push(tokens);
             Ok(())
         });
         let tokens: usize = processed.iter().map(Vec::len).sum();
@@ -623,6 +656,53 @@ impl<B: Backend> Runtime<B> {
         writer.finish_with_tokens(outcome, processed)?;
         let drain_seconds = drain.elapsed().as_secs_f64();
         Ok(DumpSummary { prompts: prompts.len(), tokens, load_seconds: 0.0, compute_seconds: start.elapsed().as_secs_f64(), drain_seconds })
+    }
+}
+
+/// Device memory the checkpoints of one run may take.
+const CHECKPOINT_BYTES: u64 = 4 << 30;
+
+/// The residual stream of every position after embedding and after each layer of one
+/// prefill with an output tap (so every layer ran). A later dump of a prefix of the same
+/// tokens that asks only for `embed` and `resid_post` rows reads them from here: by
+/// causality they do not depend on the tokens after the prefix. (Bisect's layer probes;
+/// its all-taps probe always runs the engine on the cut prompt, so a prompt whose cut
+/// does not reproduce the divergence is still caught.)
+pub struct Checkpoints<B: Backend> {
+    tokens: Vec<u32>,
+    /// `stream[0]` after embedding, `stream[l + 1]` after layer `l`, every token's row.
+    stream: Vec<B::Buf>,
+}
+
+impl<B: Backend> Runtime<B> {
+    fn checkpoint_bytes(&self, tokens: usize) -> u64 {
+        ((self.cfg.n_layer + 1) * tokens * self.cfg.n_embd * self.backend.dtype().bytes()) as u64
+    }
+
+    /// Whether `cp` holds everything a dump of `prompt` with `selection` asks for.
+    fn serves(&self, cp: &Checkpoints<B>, prompt: &PromptRecord, selection: &Selection, opts: &RunOptions) -> bool {
+        let post = LAYER_TAPS.len() - 1;
+        let servable = |t: &Tap| matches!(t, Tap::Embed) || matches!(t, Tap::Layer(_, i) if *i == post);
+        !prompt.tokens.is_empty() && opts.max_tokens == 0 && cp.tokens.starts_with(&prompt.tokens) && all_taps(self.cfg.n_layer).iter().all(|t| !selection.wants(t) || servable(t))
+    }
+
+    /// Write the dump of `prompt` with `selection` from `cp` (see [`serves`](Self::serves)).
+    fn serve(&self, cp: &Checkpoints<B>, prompt: &PromptRecord, selection: &Selection, writer: &BackgroundWriter) -> Result<()> {
+        let positions = PositionSpec::parse(&selection.positions)?.resolve(prompt.tokens.len()).map_err(|e| Error::input(format!("prompt {}: {e}", prompt.id)))?;
+        let mut col = TapCollector { selection, cfg: &self.cfg, positions, writer: Some(writer), prompt_id: &prompt.id, dtype: self.backend.dtype().tap_dtype(), streams: BTreeMap::new() };
+        let e = self.cfg.n_embd;
+        let post = LAYER_TAPS.len() - 1;
+        for (tap, buf) in std::iter::once(Tap::Embed).chain((0..self.cfg.n_layer).map(|l| Tap::Layer(l, post))).zip(&cp.stream) {
+            if !col.wants(&tap) {
+                continue;
+            }
+            let mut bytes = col.buffer();
+            for run in crate::taps::consecutive_runs(&col.positions) {
+                self.backend.download_raw(buf, col.positions[run.start] * e, run.len() * e, &mut bytes)?;
+            }
+            col.send(&tap, 0, bytes)?;
+        }
+        col.check_complete()
     }
 }
 
@@ -646,7 +726,7 @@ pub fn dump_runtime<B: Backend>(
     progress.stage("loading weights", model.config.n_layer);
     let rt = Runtime::load(backend, model, &mut |_| progress.tick())?;
     let load_seconds = start.elapsed().as_secs_f64();
-    let summary = rt.dump(model, prompts, &selection, &faults, injections, opts, out, overwrite, progress)?;
+    let summary = rt.dump(model, prompts, &selection, &faults, injections, opts, out, overwrite, progress, None)?;
     Ok(DumpSummary { load_seconds, ..summary })
 }
 
@@ -665,7 +745,7 @@ pub fn generate<B: Backend>(backend: B, model: &Model, prompt: PromptRecord, opt
     progress.stage("loading weights", model.config.n_layer);
     let rt = Runtime::load(backend, model, &mut |_| progress.tick())?;
     rt.warm_up(&prompt, opts)?;
-    let (tokens, prefill_seconds, decode_seconds) = rt.run_prompt(&prompt, &selection, &RuntimeFaults::default(), opts, None, progress)?;
+    let (tokens, prefill_seconds, decode_seconds) = rt.run_prompt(&prompt, &selection, &RuntimeFaults::default(), opts, None, None, progress)?;
     Ok(Generation { tokens, prompt_len: prompt.tokens.len(), prefill_seconds, decode_seconds })
 }
 

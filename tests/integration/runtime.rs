@@ -167,3 +167,36 @@ fn preflight_refuses_before_any_op() {
         assert!(!out_dir.exists(), "{needle}: nothing is written");
     }
 }
+
+#[test]
+fn prefix_dumps_served_from_checkpoints_equal_computed_ones() {
+    // Bisect's layer probes read resid_post rows of a prefix from the residual stream the
+    // coarse run kept: they must be the rows a run of that prefix computes.
+    use resbisect::dump::PromptRecord;
+    use resbisect::engines::{Engine, RuntimeDriver};
+    use resbisect::runtime::backend::StorageDType;
+    use resbisect::runtime::cpu::CpuBackend;
+    use resbisect::taps::Selection;
+    let dir = tempfile::tempdir().unwrap();
+    let path = smollm2();
+    let model = resbisect::model::Model::open(&path).unwrap();
+    let tokens: Vec<u32> = long_1652_tokens()[..300].iter().map(|&t| t as u32).collect();
+    let full = PromptRecord { id: "p".into(), text: None, tokens: tokens.clone() };
+    let prefix = PromptRecord { tokens: tokens[..201].to_vec(), ..full.clone() };
+    let sel = |layers: &str, taps: &str, positions: &str| Selection::parse(layers, taps, positions, model.config.n_layer).unwrap();
+    let driver = || RuntimeDriver::new(CpuBackend::new(StorageDType::F32), &model, &path, vec!["blk.7.ffn_up:scale=1.5@150".into()], None).unwrap();
+    let mut kept = driver();
+    kept.dump(&full, &sel("0,8", "resid_post,final_norm", "all"), &dir.path().join("coarse")).unwrap();
+    let probe = sel("6,7,29", "embed,resid_post", "0..40,150,160..201");
+    kept.dump(&prefix, &probe, &dir.path().join("served")).unwrap();
+    driver().dump(&prefix, &probe, &dir.path().join("computed")).unwrap();
+    let (served, computed) = (Dump::open(&dir.path().join("served")).unwrap(), Dump::open(&dir.path().join("computed")).unwrap());
+    for stem in ["embed", "blk.6", "blk.7", "blk.29"] {
+        let (a, b) = (served.read_file("p", stem).unwrap().unwrap(), computed.read_file("p", stem).unwrap().unwrap());
+        assert_eq!(a.positions, b.positions, "{stem}");
+        for (id, t) in &b.taps {
+            // The same kernels on the same rows: equal to the last bit.
+            assert_eq!(a.taps[id].values, t.values, "{id}");
+        }
+    }
+}

@@ -640,7 +640,7 @@ impl<B: Backend> Runtime<B> {
                     self.serve(cp, p, selection, &writer)?;
                     p.tokens.clone()
                 }
-                Some(slot) if keeps && self.checkpoint_bytes(p.tokens.len()) <= CHECKPOINT_BYTES => {
+                Some(slot) if keeps && self.checkpoint_bytes(p.tokens.len()) <= checkpoint_budget() => {
                     let mut keep = Vec::new();
                     let tokens = self.run_prompt(p, selection, faults, opts, Some(&writer), Some(&mut keep), progress)?.0;
                     *slot = Some(Checkpoints { tokens: p.tokens.clone(), stream: keep });
@@ -659,8 +659,11 @@ impl<B: Backend> Runtime<B> {
     }
 }
 
-/// Device memory the checkpoints of one run may take.
-const CHECKPOINT_BYTES: u64 = 4 << 30;
+/// Memory the checkpoints of one run may take: 4 GiB, and at most a quarter of the
+/// host's available memory (all of it, for the `cpu` backend).
+fn checkpoint_budget() -> u64 {
+    available_memory().map_or(4 << 30, |m| (m / 4).min(4 << 30))
+}
 
 /// The residual stream of every position after embedding and after each layer of one
 /// prefill with an output tap (so every layer ran). A later dump of a prefix of the same

@@ -649,7 +649,10 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
     }
     if let Some(tap) = &early {
         layers.push(hi);
-        taps.push(tap.rsplit('.').next().expect("a tap id has a name"));
+        let short = tap.rsplit('.').next().expect("a tap id has a name");
+        if !taps.contains(&short) {
+            taps.push(short);
+        }
     }
     layers.sort_unstable();
     layers.dedup();

@@ -583,7 +583,7 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
                 ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
             }
         }
-        let (hi_pos, resid_tol) = hi_first.expect("the first bad layer's resid_post diverged in a probe");
+        let (hi_pos, resid_tol) = hi_first.ok_or_else(|| Error::engine(format!("blk.{hi}.resid_post was judged divergent but has no divergent row")))?;
         if let Replayer::OnDemand { model, precision } = replayer {
             let layers = replay_layers(hi, n_layer);
             let bytes = model.n_params() / n_layer as u64 * layers.len() as u64 * precision.bytes() as u64;

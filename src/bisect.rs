@@ -233,6 +233,7 @@ impl Session<'_> {
             let timed = |engine: &mut dyn Engine, out: &Path| {
                 let t0 = Instant::now();
                 let result = engine.dump(&prompt, &sel, out);
+                crate::trace::mark(|| format!("probe {purpose}: {} done", engine.label()));
                 (result, t0.elapsed().as_secs_f64())
             };
             let (a, b) = (&mut *self.a, &mut *self.b);
@@ -290,6 +291,7 @@ impl Session<'_> {
             None => ProbeResult::Compared(diff::diff(&Dump::open(&out_a)?, &Dump::open(&out_b)?, &diff_opts)?),
         };
         record.seconds_diff = t0.elapsed().as_secs_f64();
+        crate::trace::mark(|| format!("probe {purpose}: compared"));
         // Fresh output directories: `dump -o` refuses to overwrite the probe's own.
         let (repro_a, repro_b) = (dir.join("reproduce").join("a"), dir.join("reproduce").join("b"));
         let tol = self.opts.tolerances.source.as_ref().map(|p| format!(" --tolerances {}", crate::engines::shell_quote(p))).unwrap_or_default();
@@ -692,6 +694,7 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
             &loaded
         }
     };
+    crate::trace::mark(|| "replay: layers loaded".into());
     let get = |side: &str, id: &str| -> Result<Vec<f32>> { s.rows(side, id, prefix)?.ok_or_else(|| Error::engine(format!("replay: {id} missing from the {side} dumps"))) };
     let inputs = replayed.iter().map(|&l| get("a", &input_id(l))).collect::<Result<Vec<_>>>()?;
     // The layers replay at once: each is independent, and much of a layer is single-threaded.
@@ -728,6 +731,7 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
         }
     }
     report.seconds_replay = replay_start.elapsed().as_secs_f64();
+    crate::trace::mark(|| "replay: done".into());
     report.final_diff = Some(position_diff.unwrap_or(taps_diff));
     let mut r = finish(report, s)?;
     r.reproduce = suspect_reproduce;

@@ -603,7 +603,21 @@ pub struct FileJob {
 /// What the writer threads do: write a whole file, or rows of a streamed one.
 enum Job {
     File(FileJob),
-    Rows { stream: Arc<FileStream>, tap: usize, first_row: usize, bytes: Vec<u8> },
+    Rows { stream: Arc<FileStream>, tap: usize, first_row: usize, bytes: RowBytes },
+}
+
+/// Rows for a streamed file: in memory now, or still being copied off a device (the
+/// engine goes on computing meanwhile).
+pub enum RowBytes {
+    Ready(Vec<u8>),
+    InFlight(Box<dyn InFlightRows>),
+}
+
+/// Rows a device is still copying to host memory.
+pub trait InFlightRows: Send {
+    /// Wait until the rows are in host memory; an error when the device failed before
+    /// they arrived.
+    fn wait(&mut self) -> Result<&[u8]>;
 }
 
 /// Writes files on threads of their own so the engine computes while data hits the
@@ -628,11 +642,16 @@ struct WriterShared {
     /// Row buffers written and handed back, for reuse: fresh memory costs a page fault
     /// per page on first touch.
     spare: std::sync::Mutex<Vec<Vec<u8>>>,
+    /// The first rows a device failed to deliver: the dump cannot be complete.
+    lost: std::sync::Mutex<Option<Error>>,
+    threads: usize,
 }
 
 /// Files written at once: a dump's files are independent, and one thread does not keep
-/// a fast disk busy.
-const WRITER_THREADS: usize = 4;
+/// a fast disk busy. Half the cores, from 2 to 8: the engine needs the others.
+fn writer_threads() -> usize {
+    std::thread::available_parallelism().map_or(4, |n| n.get() / 2).clamp(2, 8)
+}
 
 impl WriterShared {
     /// Do one job; `sent` is its place in the queue.
@@ -643,14 +662,30 @@ impl WriterShared {
                 let Some(last) = job.taps.last() else { return Ok(()) };
                 (sent, job.prompt_id, last.id.clone())
             }
-            Job::Rows { stream, tap, first_row, mut bytes } => {
-                let done = stream.write_rows(tap, first_row, &bytes)?;
-                bytes.clear();
-                if let Ok(mut spare) = self.spare.lock() {
-                    if spare.len() < 4 * WRITER_THREADS {
-                        spare.push(bytes);
+            Job::Rows { stream, tap, first_row, bytes } => {
+                let done = match bytes {
+                    RowBytes::Ready(mut bytes) => {
+                        let done = stream.write_rows(tap, first_row, &bytes)?;
+                        bytes.clear();
+                        if let Ok(mut spare) = self.spare.lock() {
+                            if spare.len() < 4 * self.threads {
+                                spare.push(bytes);
+                            }
+                        }
+                        done
                     }
-                }
+                    RowBytes::InFlight(mut rows) => match rows.wait() {
+                        Ok(bytes) => stream.write_rows(tap, first_row, bytes)?,
+                        // The device failed before these rows came off it: their file cannot
+                        // land, but every other file still can (a crash is when they matter).
+                        Err(e) => {
+                            if let Ok(mut lost) = self.lost.lock() {
+                                lost.get_or_insert(e);
+                            }
+                            return Ok(());
+                        }
+                    },
+                };
                 if !done {
                     return Ok(());
                 }
@@ -669,9 +704,10 @@ impl WriterShared {
 impl BackgroundWriter {
     pub fn spawn(writer: DumpWriter) -> Self {
         use std::sync::atomic::Ordering;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Job)>(2 * WRITER_THREADS);
-        let shared = Arc::new(WriterShared { writer, jobs: std::sync::Mutex::new(rx), failed: Default::default(), last_written: Default::default(), spare: Default::default() });
-        let handles = (0..WRITER_THREADS)
+        let threads = writer_threads();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Job)>(2 * threads);
+        let shared = Arc::new(WriterShared { writer, jobs: std::sync::Mutex::new(rx), failed: Default::default(), last_written: Default::default(), spare: Default::default(), lost: Default::default(), threads });
+        let handles = (0..threads)
             .map(|_| {
                 let shared = shared.clone();
                 std::thread::spawn(move || -> Result<()> {
@@ -723,7 +759,7 @@ impl BackgroundWriter {
     }
 
     /// Queue rows `first_row..` of tap `tap` of `stream`.
-    pub fn send_rows(&self, stream: &Arc<FileStream>, tap: usize, first_row: usize, bytes: Vec<u8>) -> Result<()> {
+    pub fn send_rows(&self, stream: &Arc<FileStream>, tap: usize, first_row: usize, bytes: RowBytes) -> Result<()> {
         self.queue(Job::Rows { stream: stream.clone(), tap, first_row, bytes })
     }
 
@@ -746,6 +782,9 @@ impl BackgroundWriter {
             }
         }
         let shared = Arc::try_unwrap(shared).map_err(|_| Error::engine("a dump writer thread outlived the dump"))?;
+        if let (Ok(()), Some(lost)) = (&result, shared.lost.into_inner().unwrap_or(None)) {
+            result = Err(lost);
+        }
         let last_written = shared.last_written.into_inner().unwrap_or(None).map(|(_, prompt, tap)| (prompt, tap));
         let mut writer = shared.writer;
         for (p, t) in writer.manifest.prompts.iter_mut().zip(tokens) {

@@ -17,6 +17,7 @@ pub mod runtime;
 pub mod synth;
 pub mod taps;
 pub mod tolerance;
+pub mod trace;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -560,6 +560,7 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
     };
     bisect::check_work_dir(&work)?;
     let opts = BisectOptions { tolerances, allow_model_mismatch: a.compare.allow_model_mismatch, logits_budget: a.logits_budget_mib << 20, work, sequential: a.sequential, tap_window: a.tap_window };
+    resbisect::trace::mark(|| "engines ready".into());
     eprintln!("bisecting {} ({} tokens): A = {}, B = {}; probes in {}", prompt.id, prompt.tokens.len(), engine_a.label(), engine_b.label(), opts.work.display());
     let c = &model.config;
     let r = bisect::bisect(engine_a.as_mut(), engine_b.as_mut(), replayer, prompt, c.n_layer, c.n_vocab, c.n_embd, &opts)?;
@@ -882,8 +883,11 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    resbisect::trace::init();
     let cli = Cli::parse();
-    match run(cli) {
+    let outcome = run(cli);
+    resbisect::trace::mark(|| "done; exiting".into());
+    match outcome {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");

@@ -5,6 +5,7 @@
 use candle_core::quantized::GgmlDType;
 use resbisect_reference::Fault;
 
+use crate::dump::RowBytes;
 use crate::error::Result;
 
 /// Storage dtype of activations and weights; arithmetic accumulates in f32.
@@ -126,6 +127,19 @@ pub trait Backend: Send {
     /// bytes of the storage dtype (what dumps hold, at half the bytes of f32 for f16 and
     /// bf16). Appending lets a tap's rows land in one allocation, copied once.
     fn download_raw(&self, buf: &Self::Buf, offset: usize, len: usize, out: &mut Vec<u8>) -> Result<()>;
+    /// The elements of `runs` (offset, length) of `buf` as stored, one after another, for
+    /// a dump writer. By default downloaded now into `spare`; a backend may hand them over
+    /// still being copied, so that the next ops run meanwhile — `buf` may be overwritten
+    /// as soon as this returns.
+    fn download_rows(&self, buf: &Self::Buf, runs: &[(usize, usize)], spare: Vec<u8>) -> Result<RowBytes> {
+        download_rows_now(self, buf, runs, spare)
+    }
+    /// Get ready for [`download_rows`](Self::download_rows) of up to `len` elements (the
+    /// page-locked memory a GPU copies into), so that setting up falls before a run, as
+    /// loading weights does; by default there is nothing to get ready.
+    fn reserve_captures(&self, _len: usize) -> Result<()> {
+        Ok(())
+    }
 
     /// Rows `ids` of a `[vocab, width]` table.
     fn embed(&self, table: &Self::Buf, width: usize, ids: Src<u32>, out: &mut Self::Buf) -> Result<()>;
@@ -188,6 +202,14 @@ pub trait Backend: Send {
     fn replay(&self, _graph: &Self::Graph) -> Result<()> {
         Err(crate::Error::engine(format!("{}: this backend does not record", self.name())))
     }
+}
+
+/// [`Backend::download_rows`] downloaded before it returns.
+pub fn download_rows_now<B: Backend + ?Sized>(b: &B, buf: &B::Buf, runs: &[(usize, usize)], mut spare: Vec<u8>) -> Result<RowBytes> {
+    for &(offset, len) in runs {
+        b.download_raw(buf, offset, len, &mut spare)?;
+    }
+    Ok(RowBytes::Ready(spare))
 }
 
 /// [`Backend::matmul3`] as three matmuls.

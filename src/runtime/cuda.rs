@@ -178,6 +178,8 @@ pub struct CudaBackend<T: Storage> {
     /// Scratch for the partial softmax states of split attention (ATTN_PART_FLOATS).
     _attn_part: CudaSlice<f32>,
     attn_part_at: u64,
+    /// Where tap rows leave the device without stopping the stream.
+    lanes: Arc<super::cuda_lanes::LanePool<T>>,
     /// Page-locked host memory that downloads pass through, grown as needed.
     download_staging: std::cell::RefCell<Option<cudarc::driver::PinnedHostSlice<T>>>,
     /// The positions last uploaded for RoPE: every layer's q and k share them.
@@ -201,6 +203,7 @@ where
             return Err(no_gpu(&"libcuda.so was not found"));
         }
         let ctx = quietly(|| CudaContext::new(ordinal)).ok_or_else(|| no_gpu(&"libcuda could not be loaded"))?.map_err(|e| no_gpu(&e))?;
+        crate::trace::mark(|| "cuda: context".into());
         let (major, minor) = ctx.compute_capability().map_err(device_error("compute capability"))?;
         let arch = format!("sm_{major}{minor}");
         let source = nvrtc_source(T::DTYPE);
@@ -229,6 +232,7 @@ where
             }
         };
         let module = ctx.load_module(ptx).map_err(device_error("loading the kernels"))?;
+        crate::trace::mark(|| "cuda: kernels loaded".into());
         let mut functions = std::collections::HashMap::new();
         for &name in KERNELS {
             functions.insert(name, module.load_function(name).map_err(device_error(name))?);
@@ -252,8 +256,10 @@ where
         let blas = quietly(|| CudaBlas::new(stream.clone()))
             .ok_or_else(|| Error::input("--backend cuda: cuBLAS (libcublas) could not be loaded"))?
             .map_err(|e| Error::engine(format!("cuda: cuBLAS: {e}")))?;
+        crate::trace::mark(|| "cuda: cuBLAS ready".into());
         let device = format!("{} ({arch})", ctx.name().unwrap_or_else(|_| "NVIDIA GPU".into()));
-        Ok(Self { stream, _step_dev: step_dev, step_at, step: Default::default(), _attn_part: attn_part, attn_part_at, download_staging: Default::default(), rope_positions: std::cell::RefCell::new(None), blas, functions, device, _module: module, _storage: std::marker::PhantomData })
+        let lanes = super::cuda_lanes::LanePool::new(ctx.clone())?;
+        Ok(Self { stream, lanes, _step_dev: step_dev, step_at, step: Default::default(), _attn_part: attn_part, attn_part_at, download_staging: Default::default(), rope_positions: std::cell::RefCell::new(None), blas, functions, device, _module: module, _storage: std::marker::PhantomData })
     }
 
     fn f(&self, name: &str) -> &CudaFunction {
@@ -478,6 +484,20 @@ where
         // (little-endian on every CUDA host).
         out.extend_from_slice(unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u8, std::mem::size_of_val(values)) });
         Ok(())
+    }
+
+    fn download_rows(&self, buf: &Self::Buf, runs: &[(usize, usize)], spare: Vec<u8>) -> Result<crate::dump::RowBytes> {
+        for &(offset, len) in runs {
+            Self::check(buf.len(), offset + len, "download")?;
+        }
+        if runs.iter().all(|r| r.1 == 0) {
+            return Ok(crate::dump::RowBytes::Ready(spare));
+        }
+        self.lanes.capture(&self.stream, buf, runs)
+    }
+
+    fn reserve_captures(&self, len: usize) -> Result<()> {
+        self.lanes.reserve(&self.stream, len)
     }
 
     fn embed(&self, table: &Self::Buf, width: usize, ids: Src<u32>, out: &mut Self::Buf) -> Result<()> {

@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod cpu;
 pub mod cuda;
+mod cuda_lanes;
 #[cfg(feature = "hip")]
 pub mod hip;
 pub mod perf;
@@ -109,6 +110,7 @@ struct TapCollector<'a> {
     dtype: TapDType,
     /// Per file stem: its stream and, per tap of it, the rows sent so far.
     streams: BTreeMap<String, (Arc<FileStream>, Vec<usize>)>,
+    sync_check: bool,
 }
 
 impl<'a> TapCollector<'a> {
@@ -126,15 +128,14 @@ impl<'a> TapCollector<'a> {
         self.positions[lo..hi].iter().map(|p| p - start).collect()
     }
 
-    /// A buffer for the rows of one tap to send.
-    fn buffer(&self) -> Vec<u8> {
-        self.writer.map(BackgroundWriter::buffer).unwrap_or_default()
-    }
-
-    /// Send `bytes`, the selected rows of `tap` from position `start` on, to its file
-    /// (started on first use, with every selected tap of the file).
-    fn send(&mut self, tap: &Tap, start: usize, bytes: Vec<u8>) -> Result<()> {
+    /// Send the elements `runs` (offset, length) of `buf` — the selected rows of `tap`
+    /// from position `start` on — to its file (started on first use, with every selected
+    /// tap of the file).
+    fn capture<B: Backend>(&mut self, backend: &B, tap: &Tap, start: usize, buf: &B::Buf, runs: &[(usize, usize)]) -> Result<()> {
         let Some(writer) = self.writer else { return Ok(()) };
+        // Under sync checks every tap is off the device before the next op, so a device
+        // error leaves every tap before the failing op on disk.
+        let bytes = if self.sync_check { backend::download_rows_now(backend, buf, runs, writer.buffer())? } else { backend.download_rows(buf, runs, writer.buffer())? };
         let stem = tap.file_stem();
         if !self.streams.contains_key(&stem) {
             let taps: Vec<(String, TapDType, usize)> = all_taps(self.cfg.n_layer).into_iter().filter(|t| t.file_stem() == stem && self.wants(t)).map(|t| (t.id(), self.dtype, t.width(self.cfg))).collect();
@@ -144,8 +145,7 @@ impl<'a> TapCollector<'a> {
         let (stream, sent) = self.streams.get_mut(&stem).expect("started above");
         let id = tap.id();
         let index = stream.tap_ids().position(|t| t == id).expect("streams hold every selected tap of their file");
-        let row_bytes = tap.width(self.cfg) * self.dtype.size();
-        sent[index] += bytes.len() / row_bytes;
+        sent[index] += runs.iter().map(|r| r.1).sum::<usize>() / tap.width(self.cfg);
         writer.send_rows(stream, index, self.positions.partition_point(|&p| p < start), bytes)
     }
 
@@ -186,6 +186,8 @@ impl<B: Backend> Runtime<B> {
             });
             on_layer(l);
         }
+        backend.sync()?;
+        crate::trace::mark(|| format!("{}: weights loaded", backend.name()));
         Ok(Self { backend, cfg: model.config.clone(), token_embd, output_norm, output, layers })
     }
 
@@ -195,7 +197,9 @@ impl<B: Backend> Runtime<B> {
 
     /// Run one op; with `sync_check`, synchronize right after so an error names it.
     fn op(&self, name: &str, sync_check: bool, r: Result<()>) -> Result<()> {
-        let named = |e: Error| Error::engine(format!("{} {name} failed: {e}", self.backend.name()));
+        // GPU ops run asynchronously: without sync checks a device error shows at a later call.
+        let hint = if sync_check || self.backend.name() == "cpu" { "" } else { " (--sync-check names the op that caused a device error)" };
+        let named = |e: Error| Error::engine(format!("{} {name} failed: {e}{hint}", self.backend.name()));
         r.map_err(named)?;
         if sync_check {
             self.backend.sync().map_err(named)?;
@@ -234,12 +238,9 @@ impl<B: Backend> Runtime<B> {
                 if sel.is_empty() {
                     return Ok(());
                 }
-                let mut bytes = col.buffer();
-                // One download per run of consecutive rows: a device copy per row would dominate.
-                for run in crate::taps::consecutive_runs(&sel) {
-                    self.backend.download_raw(buf, sel[run.start] * width, run.len() * width, &mut bytes)?;
-                }
-                col.send(&tap, start, bytes)?;
+                // One copy per run of consecutive rows: a device copy per row would dominate.
+                let runs: Vec<(usize, usize)> = crate::taps::consecutive_runs(&sel).map(|run| (sel[run.start] * width, run.len() * width)).collect();
+                self.op(&format!("capture of {id}"), opts.sync_check, col.capture(&self.backend, &tap, start, buf, &runs))?;
             }
         }
         Ok(())
@@ -398,9 +399,7 @@ impl<B: Backend> Runtime<B> {
                     self.op(&format!("perturb({tid})"), sc, b.perturb(buf, n, width, from_row, fl.fault))?;
                 }
                 if col.wants(&tap) && sel > 0 {
-                    let mut bytes = col.buffer();
-                    b.download_raw(buf, 0, sel * width, &mut bytes)?;
-                    col.send(&tap, start, bytes)?;
+                    col.capture(b, &tap, start, buf, &[(0, sel * width)])?;
                 }
             }
         }
@@ -460,7 +459,7 @@ impl<B: Backend> Runtime<B> {
         let b = &self.backend;
         let total = prompt.tokens.len() + opts.max_tokens;
         let positions = PositionSpec::parse(&selection.positions)?.resolve(total).map_err(|e| Error::input(format!("prompt {}: {e}", prompt.id)))?;
-        let mut col = TapCollector { selection, cfg: c, positions, writer, prompt_id: &prompt.id, dtype: b.dtype().tap_dtype(), streams: BTreeMap::new() };
+        let mut col = TapCollector { selection, cfg: c, positions, writer, prompt_id: &prompt.id, dtype: b.dtype().tap_dtype(), streams: BTreeMap::new(), sync_check: opts.sync_check };
         let mut kv = (0..c.n_layer).map(|_| Ok((b.alloc(total * c.kv_width())?, b.alloc(total * c.kv_width())?))).collect::<Result<Vec<_>>>()?;
         let chunk = opts.prefill_chunk.unwrap_or(prompt.tokens.len()).max(1);
         let mut tokens = prompt.tokens.clone();
@@ -502,9 +501,7 @@ impl<B: Backend> Runtime<B> {
             if let Some(&first) = staged.positions.first() {
                 for (id, buf) in &staged.buffers {
                     let tap = Tap::parse(id).expect("staged taps are canonical");
-                    let mut bytes = col.buffer();
-                    b.download_raw(buf, 0, staged.positions.len() * tap.width(c), &mut bytes)?;
-                    col.send(&tap, first, bytes)?;
+                    col.capture(b, &tap, first, buf, &[(0, staged.positions.len() * tap.width(c))])?;
                 }
             }
         }
@@ -631,6 +628,10 @@ impl<B: Backend> Runtime<B> {
         for p in &prompts {
             self.warm_up(p, opts)?;
         }
+        // The largest capture: a prefill chunk's rows, or the decode rows, of the widest tap.
+        let widest = all_taps(self.cfg.n_layer).iter().filter(|t| selection.wants(t)).map(|t| t.width(&self.cfg)).max().unwrap_or(0);
+        let capture_rows = opts.prefill_chunk.unwrap_or(longest).min(longest).max(opts.max_tokens);
+        b.reserve_captures(widest * capture_rows)?;
         let start = std::time::Instant::now();
         let mut processed: Vec<Vec<u32>> = Vec::new();
         let outcome = prompts.iter().try_for_each(|p| {
@@ -652,8 +653,10 @@ impl<B: Backend> Runtime<B> {
             Ok(())
         });
         let tokens: usize = processed.iter().map(Vec::len).sum();
+        crate::trace::mark(|| format!("{}: computed {tokens} tokens", b.name()));
         let drain = std::time::Instant::now();
         writer.finish_with_tokens(outcome, processed)?;
+        crate::trace::mark(|| format!("{}: dump written", b.name()));
         let drain_seconds = drain.elapsed().as_secs_f64();
         Ok(DumpSummary { prompts: prompts.len(), tokens, load_seconds: 0.0, compute_seconds: start.elapsed().as_secs_f64(), drain_seconds })
     }
@@ -692,18 +695,15 @@ impl<B: Backend> Runtime<B> {
     /// Write the dump of `prompt` with `selection` from `cp` (see [`serves`](Self::serves)).
     fn serve(&self, cp: &Checkpoints<B>, prompt: &PromptRecord, selection: &Selection, writer: &BackgroundWriter) -> Result<()> {
         let positions = PositionSpec::parse(&selection.positions)?.resolve(prompt.tokens.len()).map_err(|e| Error::input(format!("prompt {}: {e}", prompt.id)))?;
-        let mut col = TapCollector { selection, cfg: &self.cfg, positions, writer: Some(writer), prompt_id: &prompt.id, dtype: self.backend.dtype().tap_dtype(), streams: BTreeMap::new() };
+        let mut col = TapCollector { selection, cfg: &self.cfg, positions, writer: Some(writer), prompt_id: &prompt.id, dtype: self.backend.dtype().tap_dtype(), streams: BTreeMap::new(), sync_check: false };
         let e = self.cfg.n_embd;
         let post = LAYER_TAPS.len() - 1;
         for (tap, buf) in std::iter::once(Tap::Embed).chain((0..self.cfg.n_layer).map(|l| Tap::Layer(l, post))).zip(&cp.stream) {
             if !col.wants(&tap) {
                 continue;
             }
-            let mut bytes = col.buffer();
-            for run in crate::taps::consecutive_runs(&col.positions) {
-                self.backend.download_raw(buf, col.positions[run.start] * e, run.len() * e, &mut bytes)?;
-            }
-            col.send(&tap, 0, bytes)?;
+            let runs: Vec<(usize, usize)> = crate::taps::consecutive_runs(&col.positions).map(|run| (col.positions[run.start] * e, run.len() * e)).collect();
+            col.capture(&self.backend, &tap, 0, buf, &runs)?;
         }
         col.check_complete()
     }

@@ -325,6 +325,58 @@ impl<B: Backend> Checker<'_, B> {
         Ok(())
     }
 
+    /// Tap captures (`download_rows`) against plain downloads, bit for bit: runs of rows,
+    /// more captures than lanes, growing sizes, and the source overwritten as soon as each
+    /// capture returns (a capture must not depend on it afterwards).
+    fn download_rows(&mut self, rows: usize, width: usize) -> Result<()> {
+        let mut src = self.gpu.upload(&self.random(rows * width, 1.0))?;
+        let mut pending = std::collections::VecDeque::new();
+        let (mut passed, mut max_abs) = (true, 0.0f64);
+        let t0 = std::time::Instant::now();
+        let mut check = |want: Vec<u8>, got: crate::dump::RowBytes| -> Result<()> {
+            let got = match got {
+                crate::dump::RowBytes::Ready(bytes) => bytes,
+                crate::dump::RowBytes::InFlight(mut rows) => rows.wait()?.to_vec(),
+            };
+            if got != want {
+                passed = false;
+                max_abs = max_abs.max(got.iter().zip(&want).filter(|(a, b)| a != b).count().max(got.len().abs_diff(want.len())) as f64);
+            }
+            Ok(())
+        };
+        for i in 0..12 {
+            let runs = if i < 6 { vec![(i * width, width), ((i + 5) * width, (1 + i % 4) * width)] } else { vec![(i * width, (rows - i) * width)] };
+            let mut want = Vec::new();
+            for &(offset, len) in &runs {
+                self.gpu.download_raw(&src, offset, len, &mut want)?;
+            }
+            pending.push_back((want, self.gpu.download_rows(&src, &runs, Vec::new())?));
+            self.gpu.perturb(&mut src, rows, width, 0, Fault::Offset(1.0))?;
+            // Holding every capture would wait for a free lane forever.
+            if pending.len() > 3 {
+                let (want, got) = pending.pop_front().expect("non-empty");
+                check(want, got)?;
+            }
+        }
+        for (want, got) in pending {
+            check(want, got)?;
+        }
+        let seconds = t0.elapsed().as_secs_f64();
+        self.results.push(OpCheck {
+            op: "download_rows".into(),
+            shape: format!("12 captures of [{rows}x{width}]"),
+            nmse: if passed { 0.0 } else { 1.0 },
+            threshold: 0.0,
+            // Bytes that differ.
+            max_abs,
+            nonfinite: 0,
+            guard_ok: true,
+            seconds,
+            passed,
+        });
+        Ok(())
+    }
+
     fn dequant(&mut self, dtype: GgmlDType, rows: usize, k: usize) -> Result<()> {
         let values = self.random(rows * k, 0.5);
         let t = Tensor::from_vec(values, (rows, k), &Device::Cpu).map_err(|e| Error::engine(e.to_string()))?;
@@ -374,6 +426,8 @@ pub fn run<B: Backend>(gpu: &B, seed: u64, long: bool) -> Result<Vec<OpCheck>> {
     for width in [7, 32000, 49152] {
         c.argmax(width)?;
     }
+    c.download_rows(16, 9)?;
+    c.download_rows(160, 2049)?;
     for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16, GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q4K, GgmlDType::Q6K] {
         c.dequant(dtype, 5, 512)?;
         c.dequant(dtype, 64, 2048)?;

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use resbisect::dump::{BackgroundWriter, Dump, DumpWriter, EngineInfo, FileJob, Manifest, ModelInfo, PromptRecord, Status, TapDType, TapTensor};
+use resbisect::dump::{BackgroundWriter, Dump, DumpWriter, EngineInfo, FileJob, InFlightRows, Manifest, ModelInfo, PromptRecord, RowBytes, Status, TapDType, TapTensor};
 use resbisect::taps::Selection;
 use resbisect::{synth, Error};
 
@@ -68,15 +68,17 @@ fn streamed_files_land_whole_and_match_files_written_at_once() {
     let row = 256 * 4;
     let taps = [("blk.1.resid_post".to_string(), TapDType::F32, 256)];
     let stream = writer.stream_file("p1", "blk.1", &positions, &taps).unwrap();
-    // Rows arrive out of order, as prefill chunks and decode steps deliver them.
-    for (first, rows) in [(2, 2), (0, 1), (1, 1)] {
+    // Rows arrive out of order, as prefill chunks and decode steps deliver them; the
+    // last still on its way off a device when sent.
+    for (first, rows) in [(2, 2), (0, 1)] {
         let mut bytes = writer.buffer();
         bytes.extend_from_slice(&whole.bytes[first * row..(first + rows) * row]);
-        writer.send_rows(&stream, 0, first, bytes).unwrap();
+        writer.send_rows(&stream, 0, first, RowBytes::Ready(bytes)).unwrap();
     }
+    writer.send_rows(&stream, 0, 1, DeviceCopy::arriving(whole.bytes[row..2 * row].to_vec())).unwrap();
     // A second file that never gets all its rows (the run fails first) leaves nothing.
     let unfinished = writer.stream_file("p1", "blk.0", &positions, &[("blk.0.resid_post".to_string(), TapDType::F32, 256)]).unwrap();
-    writer.send_rows(&unfinished, 0, 0, vec![0; row]).unwrap();
+    writer.send_rows(&unfinished, 0, 0, RowBytes::Ready(vec![0; row])).unwrap();
     drop((stream, unfinished));
     let err = writer.finish(Err(Error::engine("device lost"))).unwrap_err();
     assert!(err.to_string().contains("last tap written: blk.1.resid_post"), "{err}");
@@ -89,6 +91,60 @@ fn streamed_files_land_whole_and_match_files_written_at_once() {
     assert!(d.read_file("p1", "blk.0").unwrap().is_none());
     let names: Vec<_> = std::fs::read_dir(root.join("data/p1")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert_eq!(names, vec!["blk.1.safetensors"], "no temporary files remain");
+}
+
+/// Rows that a stand-in device delivers a little later, or never (it failed first).
+struct DeviceCopy {
+    arrives: Option<std::thread::JoinHandle<Vec<u8>>>,
+    bytes: Vec<u8>,
+}
+
+impl DeviceCopy {
+    fn arriving(bytes: Vec<u8>) -> RowBytes {
+        let arrives = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            bytes
+        });
+        RowBytes::InFlight(Box::new(DeviceCopy { arrives: Some(arrives), bytes: Vec::new() }))
+    }
+
+    fn lost() -> RowBytes {
+        RowBytes::InFlight(Box::new(DeviceCopy { arrives: None, bytes: Vec::new() }))
+    }
+}
+
+impl InFlightRows for DeviceCopy {
+    fn wait(&mut self) -> resbisect::Result<&[u8]> {
+        match self.arrives.take() {
+            Some(copy) => self.bytes = copy.join().unwrap(),
+            None if self.bytes.is_empty() => return Err(Error::engine("the device failed before the rows arrived")),
+            None => {}
+        }
+        Ok(&self.bytes)
+    }
+}
+
+#[test]
+fn rows_a_device_never_delivers_fail_the_dump_and_spare_the_other_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("d");
+    let writer = BackgroundWriter::spawn(DumpWriter::create(&root, manifest(&[("p1", 10)]), false).unwrap());
+    let positions = vec![0, 3];
+    let tap = |l: usize| [(format!("blk.{l}.resid_post"), TapDType::F32, 256)];
+    let row_bytes = |v: f32| RowBytes::Ready(v.to_le_bytes().repeat(256));
+    let (first, second) = (writer.stream_file("p1", "blk.0", &positions, &tap(0)).unwrap(), writer.stream_file("p1", "blk.1", &positions, &tap(1)).unwrap());
+    writer.send_rows(&first, 0, 0, row_bytes(1.0)).unwrap();
+    writer.send_rows(&second, 0, 0, row_bytes(2.0)).unwrap();
+    writer.send_rows(&first, 0, 1, DeviceCopy::lost()).unwrap();
+    writer.send_rows(&second, 0, 1, DeviceCopy::arriving(4f32.to_le_bytes().repeat(256))).unwrap();
+    drop((first, second));
+    // The engine saw no error: the lost rows alone must keep the dump from being complete.
+    let err = writer.finish(Ok(())).unwrap_err();
+    assert!(err.to_string().contains("before the rows arrived"), "{err}");
+    let d = Dump::open(&root).unwrap();
+    assert_eq!(d.manifest.status, Status::Failed);
+    assert!(d.read_file("p1", "blk.0").unwrap().is_none());
+    assert_eq!(d.read_file("p1", "blk.1").unwrap().unwrap().taps["blk.1.resid_post"].values[256], 4.0);
 }
 
 fn write_manifest(root: &Path, edit: impl Fn(&mut serde_json::Value)) {

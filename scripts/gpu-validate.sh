@@ -3,7 +3,7 @@
 # selftest in every storage dtype, runtime vs reference at 2048 positions on a
 # TinyLlama-shaped Q4_K model, a SmolLM2-shaped Q4_1 model and (with REAL_CUT) real SmolLM2
 # weights in f32 and f16 storage, and the injected out-of-bounds fault on the device
-# (partial dump, failed manifest, exit 3).
+# (partial dump, failed manifest, exit 3), with and without --sync-check.
 #
 #   RESBISECT=path/to/resbisect OUT_DIR=... [REAL_CUT=cut.gguf] [SELFTEST_DTYPES="f32 f16"]
 #   [SELFTEST_ARGS=""  (default --long)] scripts/gpu-validate.sh
@@ -47,3 +47,8 @@ python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print('manifest sta
 "$bin" diff "$work/crash" "$work/ref-smollm2-135m" >> "$out/oob.txt" 2>&1
 echo "diff of the partial dump: exit $?" >> "$out/oob.txt"
 cat "$out/oob.txt" | grep -E "exit|status|error|note" | head
+# The same fault without sync checks: taps leave the device asynchronously, the error
+# shows at a later call, and every tap that came off the device before the fault lands.
+"$bin" dump --engine runtime --backend cuda --model "$m" --tokens "$t" "${sel[@]}" --inject blk.3.attn:oob@5 -o "$work/crash-async" > "$out/oob-async.txt" 2>&1
+echo "oob without --sync-check: exit $?" | tee -a "$out/oob-async.txt"
+python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print('manifest status', m['status'], 'error', m['error'])" "$work/crash-async/manifest.json" | tee -a "$out/oob-async.txt"

@@ -24,7 +24,7 @@ const MAX_LANES: usize = 8;
 const LANE_GRAIN: usize = 1 << 18;
 /// Page-locked memory that [`LanePool::reserve`] sets aside at most (and at most an eighth
 /// of the available memory).
-const PINNED_BUDGET: u64 = 512 << 20;
+const PINNED_BUDGET: u64 = 64 << 20;
 
 struct Lane<T> {
     device: CudaSlice<T>,

@@ -628,9 +628,16 @@ impl<B: Backend> Runtime<B> {
         for p in &prompts {
             self.warm_up(p, opts)?;
         }
-        // The largest capture: a prefill chunk's rows, or the decode rows, of the widest tap.
+        // The largest capture: the selected rows of a prefill chunk, or of decode, of the
+        // widest tap.
         let widest = all_taps(self.cfg.n_layer).iter().filter(|t| selection.wants(t)).map(|t| t.width(&self.cfg)).max().unwrap_or(0);
-        let capture_rows = opts.prefill_chunk.unwrap_or(longest).min(longest).max(opts.max_tokens);
+        let chunk = opts.prefill_chunk.unwrap_or(longest).max(1);
+        let mut capture_rows = 0;
+        for p in &prompts {
+            let selected = spec.resolve(p.tokens.len() + opts.max_tokens).unwrap_or_default();
+            let decode_rows = selected.iter().filter(|&&q| q >= p.tokens.len()).count();
+            capture_rows = capture_rows.max(decode_rows).max((selected.len() - decode_rows).min(chunk));
+        }
         b.reserve_captures(widest * capture_rows)?;
         let start = std::time::Instant::now();
         let mut processed: Vec<Vec<u32>> = Vec::new();

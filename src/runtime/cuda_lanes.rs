@@ -219,19 +219,20 @@ struct InFlight<T: Storage> {
 impl<T: Storage> InFlightRows for InFlight<T> {
     fn wait(&mut self) -> Result<&[u8]> {
         let lane = self.lane.as_ref().expect("a lane until dropped");
-        let lost = || Error::engine("cuda: the device failed before a tap's rows were copied off it");
-        let mut done = self.arrival.done.lock().map_err(|_| lost())?;
+        let lost = |why: &dyn std::fmt::Display| Error::engine(format!("cuda: the device failed before a tap's rows were copied off it: {why}"));
+        let poisoned = "a lock was poisoned";
+        let mut done = self.arrival.done.lock().map_err(|_| lost(&poisoned))?;
         while !*done {
-            let (guard, waited) = self.arrival.signal.wait_timeout(done, Duration::from_millis(20)).map_err(|_| lost())?;
+            let (guard, waited) = self.arrival.signal.wait_timeout(done, Duration::from_millis(20)).map_err(|_| lost(&poisoned))?;
             done = guard;
             // A failed device never runs the host function; the event says so instead.
             if !*done && waited.timed_out() {
                 let _ = lane.copied.context().bind_to_thread();
-                if lane.copied.try_is_complete().is_err() {
+                if let Err(e) = lane.copied.try_is_complete() {
                     drop(done);
-                    done = self.arrival.done.lock().map_err(|_| lost())?;
+                    done = self.arrival.done.lock().map_err(|_| lost(&poisoned))?;
                     if !*done {
-                        return Err(lost());
+                        return Err(lost(&e));
                     }
                 }
             }

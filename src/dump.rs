@@ -231,10 +231,10 @@ impl DumpWriter {
     fn write_manifest(&self) -> Result<()> {
         let path = self.root.join(MANIFEST);
         let json = serde_json::to_vec_pretty(&self.manifest).map_err(|e| Error::input(format!("manifest: {e}")))?;
-        write_atomic(&path, |tmp| {
-            let mut f = fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
-            f.write_all(&json).and_then(|_| f.sync_all()).map_err(|e| Error::io(tmp, e))
-        })
+        // No fsync: the crash a dump must survive is the engine's, and the page cache
+        // outlives a process. Syncing the manifest alone would promise nothing after a
+        // power loss (the tap files are not synced) and costs a journal commit per status.
+        write_atomic(&path, |tmp| fs::write(tmp, &json).map_err(|e| Error::io(tmp, e)))
     }
 
     /// Write `data/<prompt>/<stem>.safetensors` with its `positions` and tap tensors.

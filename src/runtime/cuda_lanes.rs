@@ -68,7 +68,7 @@ impl<T: Storage> LanePool<T> {
 
     /// Lanes of `len` elements, as many as fit in a budget of page-locked memory (at
     /// least two, so that a copy overlaps a write).
-    pub(crate) fn reserve(&self, compute: &Arc<CudaStream>, len: usize) -> Result<()> {
+    pub(crate) fn reserve(self: &Arc<Self>, compute: &Arc<CudaStream>, len: usize) -> Result<()> {
         let t0 = std::time::Instant::now();
         let budget = crate::runtime::available_memory().map_or(PINNED_BUDGET, |m| (m / 8).min(PINNED_BUDGET));
         let lane_bytes = (len.div_ceil(LANE_GRAIN) * LANE_GRAIN * std::mem::size_of::<T>()) as u64;
@@ -103,9 +103,28 @@ impl<T: Storage> LanePool<T> {
             made += 1;
         }
         if made > 0 {
+            self.prime(compute)?;
             crate::trace::mark(|| format!("cuda: {made} tap lanes of {} MiB ready in {:.1} ms", lane_bytes >> 20, t0.elapsed().as_secs_f64() * 1e3));
         }
         Ok(())
+    }
+
+    /// One small capture through the whole path, waited for: the driver sets up its
+    /// host-function thread and copy paths on first use, which would otherwise fall on
+    /// the first tap of a run.
+    fn prime(self: &Arc<Self>, compute: &Arc<CudaStream>) -> Result<()> {
+        let lane = self.take(compute, 1)?;
+        // From the slot's second half to its first, so source and target do not overlap.
+        let (from, n) = (lane.device.len() / 2, (lane.device.len() / 2).min(1 << 12));
+        let arrival = match self.issue(compute, &lane.device, &[(from, n)], &lane, n) {
+            Ok(arrival) => arrival,
+            Err(e) => {
+                self.give_back(lane);
+                return Err(e);
+            }
+        };
+        let mut rows = InFlight { lane: Some(lane), bytes: n * std::mem::size_of::<T>(), arrival, pool: self.clone() };
+        rows.wait().map(drop)
     }
 
     /// A lane of at least `len` elements: a free one, a new one, or the next returned.

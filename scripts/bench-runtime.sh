@@ -29,7 +29,7 @@ for quant in q4_k f16; do
     # Decode after the 512-token prompt; 2048 positions fill TinyLlama's context.
     mt=$decode; [ "$n" -eq 2048 ] && mt=0
     # Each measured run first warms up in-process (lazy kernel loading, cuBLAS heuristics).
-    for i in 1 2 3; do
+    for i in 1 2 3 4 5; do
       r="$("$bin" run --backend cuda --dtype f16 --model "$m" --tokens "$t" --max-tokens "$mt" --ignore-eos --warmup 1 2>&1 >/dev/null | tail -1)"
       echo "RUN $quant $n $r" >> "$log"
       rm -rf "$work/d"
@@ -69,7 +69,7 @@ for key, r in res["runtime"].items():
 hf = res["hf"]
 md = f"""# runtime cuda benchmark, {res['date']}
 
-GPU: {gpu}. {res['model']}. Runtime storage f16, weights dequantized from the GGUF type on the device. Best of 3.
+GPU: {gpu}. {res['model']}. Runtime storage f16, weights dequantized from the GGUF type on the device. Best of 5 (run and dump alternate). Both time from the allocation of the KV cache to the end: for the dump, until every file is in place and the manifest says complete.
 
 | weights / prompt | prefill tok/s | decode tok/s | run s (prefill + decode) | with all resid_post taps s | of which waiting for files s | tap overhead |
 |---|---|---|---|---|---|---|

@@ -455,6 +455,8 @@ impl<B: Backend> Runtime<B> {
     /// With `keep`, the prefill leaves its residual stream there ([`Checkpoints`]).
     #[allow(clippy::too_many_arguments)]
     pub fn run_prompt(&self, prompt: &PromptRecord, selection: &Selection, faults: &RuntimeFaults, opts: &RunOptions, writer: Option<&BackgroundWriter>, keep: Option<&mut Vec<B::Buf>>, progress: &mut dyn Progress) -> Result<(Vec<u32>, f64, f64)> {
+        // Timed from here, the KV cache included, as a dump times its runs.
+        let t0 = std::time::Instant::now();
         let c = &self.cfg;
         let b = &self.backend;
         let total = prompt.tokens.len() + opts.max_tokens;
@@ -465,7 +467,6 @@ impl<B: Backend> Runtime<B> {
         let mut tokens = prompt.tokens.clone();
         let mut next = None;
         let n_chunks = prompt.tokens.len().div_ceil(chunk);
-        let t0 = std::time::Instant::now();
         progress.stage(&format!("{} ({} tokens)", prompt.id, prompt.tokens.len()), n_chunks + opts.max_tokens);
         let mut ws = Workspace::new(b, c, chunk.min(prompt.tokens.len()))?;
         if keep.is_some() {

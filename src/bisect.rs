@@ -437,6 +437,25 @@ fn replay_layers(hi: usize, n_layer: usize) -> Vec<usize> {
     (hi.saturating_sub(1)..=(hi + 1).min(n_layer - 1)).collect()
 }
 
+/// Where replay's reference comes from: loaded already, or loading on a thread.
+enum ReplaySource<'s, 'r> {
+    Loaded(&'r ReferenceEngine),
+    Loading(std::thread::ScopedJoinHandle<'s, Result<ReferenceEngine>>),
+}
+
+/// Per replayed layer, each tap's recomputed rows.
+type Replays = Vec<Vec<(String, Vec<f32>)>>;
+
+/// Each layer of `layers` recomputed from its input in `inputs` (rows `0..prefix`), every
+/// tap at positions `at`. The layers replay at once: each is independent, and much of a
+/// layer is single-threaded.
+fn replay_all(engine: &ReferenceEngine, layers: &[usize], inputs: &[Vec<f32>], prefix: usize, at: &[usize]) -> Result<Replays> {
+    std::thread::scope(|scope| {
+        let jobs: Vec<_> = layers.iter().zip(inputs).map(|(&l, in_a)| scope.spawn(move || engine.replay_layer(l, in_a, prefix, at))).collect();
+        jobs.into_iter().map(|j| j.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+    })
+}
+
 /// Replay layers loaded ahead, while probes run, when they come to at most this many
 /// bytes; otherwise they load when replay starts.
 const PRELOAD_BYTES: u64 = 4 << 30;
@@ -554,8 +573,11 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
         coarse_lo.map_or("embed".to_string(), |l| format!("layer {l}"))
     ));
     // A replay-only reference loads the layers replay needs on the CPU while the engines
-    // make the last probes.
+    // make the last probes; replay itself runs during the all-taps probe when its inputs
+    // are already dumped.
+    let input_id = |l: usize| if l == 0 { "embed".to_string() } else { format!("blk.{}.resid_post", l - 1) };
     let mut preload = None;
+    let mut early_replay;
     let (hi, at, taps_diff, mut first, window) = loop {
         let (mut lo, mut hi) = (coarse_lo, coarse_hi);
         // Where the first bad layer's resid_post first leaves B's, and its tolerance.
@@ -596,6 +618,29 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
         let hi_out = |side: &str| s.rows(side, &format!("blk.{hi}.resid_post"), prefix)?.ok_or_else(|| Error::engine(format!("blk.{hi}.resid_post missing from the {side} dumps")));
         let at = replay_positions(&hi_out("a")?, &hi_out("b")?, n_embd, resid_tol, Some(hi_pos));
         let window = hi_pos.saturating_sub(opts.tap_window);
+        early_replay = None;
+        let replayed = replay_layers(hi, n_layer);
+        if let Some(inputs) = replayed.iter().map(|&l| s.rows("a", &input_id(l), prefix)).collect::<Result<Option<Vec<_>>>>()? {
+            let source = match replayer {
+                Replayer::Loaded(r) => Some(ReplaySource::Loaded(r)),
+                Replayer::OnDemand { .. } => preload.take().map(|(_, job)| ReplaySource::Loading(job)),
+            };
+            if let Some(source) = source {
+                let at = at.clone();
+                early_replay = Some(scope.spawn(move || {
+                    let t0 = Instant::now();
+                    let replays = match source {
+                        ReplaySource::Loaded(r) => replay_all(r, &replayed, &inputs, prefix, &at),
+                        ReplaySource::Loading(job) => job.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)).and_then(|engine| {
+                            crate::trace::mark(|| "replay: layers loaded".into());
+                            replay_all(&engine, &replayed, &inputs, prefix, &at)
+                        }),
+                    };
+                    crate::trace::mark(|| "replay: done (during the all-taps probe)".into());
+                    replays.map(|r| (r, t0.elapsed().as_secs_f64()))
+                }));
+            }
+        }
         let mut probed: Vec<usize> = at.iter().copied().chain(window..=hi_pos).collect();
         probed.sort_unstable();
         probed.dedup();
@@ -630,7 +675,6 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
     //    suspect layer and its neighbours at every position. Whatever of these earlier
     //    probes did not dump comes in one more probe.
     let replayed = replay_layers(hi, n_layer);
-    let input_id = |l: usize| if l == 0 { "embed".to_string() } else { format!("blk.{}.resid_post", l - 1) };
     let mut needed: Vec<String> = replayed.iter().flat_map(|&l| [input_id(l), format!("blk.{l}.resid_post")]).collect();
     needed.dedup();
     let mut missing = Vec::new();
@@ -682,27 +726,29 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
     let resid_tol = tolerance_of(&taps_diff, &format!("blk.{hi}.resid_post")).map_or(1e-3, |t| t.rel_l2);
     let replay_start = Instant::now();
     report.replay_positions = at.clone();
-    let loaded;
-    let replayer = match replayer {
-        Replayer::Loaded(r) => r,
-        Replayer::OnDemand { model, precision } => {
-            let ahead = preload.map(|(layers, job)| (layers, job.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))));
-            loaded = match ahead {
-                Some((layers, engine)) if replayed.iter().all(|l| layers.contains(l)) => engine?,
-                _ => ReferenceEngine::load_for_replay(model, precision, &replayed)?,
-            };
-            &loaded
-        }
-    };
-    crate::trace::mark(|| "replay: layers loaded".into());
     let get = |side: &str, id: &str| -> Result<Vec<f32>> { s.rows(side, id, prefix)?.ok_or_else(|| Error::engine(format!("replay: {id} missing from the {side} dumps"))) };
     let inputs = replayed.iter().map(|&l| get("a", &input_id(l))).collect::<Result<Vec<_>>>()?;
-    // The layers replay at once: each is independent, and much of a layer is single-threaded.
-    let replays = std::thread::scope(|scope| {
-        let at = &at;
-        let jobs: Vec<_> = replayed.iter().zip(&inputs).map(|(&l, in_a)| scope.spawn(move || replayer.replay_layer(l, in_a, prefix, at))).collect();
-        jobs.into_iter().map(|j| j.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect::<Result<Vec<_>>>()
-    })?;
+    // Replay started during the all-taps probe (the last loop round's, so for these
+    // layers, positions and prefix), or starts now.
+    let (replays, replay_seconds) = match early_replay {
+        Some(job) => job.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))?,
+        None => {
+            let loaded;
+            let replayer = match replayer {
+                Replayer::Loaded(r) => r,
+                Replayer::OnDemand { model, precision } => {
+                    let ahead = preload.map(|(layers, job)| (layers, job.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))));
+                    loaded = match ahead {
+                        Some((layers, engine)) if replayed.iter().all(|l| layers.contains(l)) => engine?,
+                        _ => ReferenceEngine::load_for_replay(model, precision, &replayed)?,
+                    };
+                    &loaded
+                }
+            };
+            crate::trace::mark(|| "replay: layers loaded".into());
+            (replay_all(replayer, &replayed, &inputs, prefix, &at)?, replay_start.elapsed().as_secs_f64())
+        }
+    };
     for ((&l, in_a), replay) in replayed.iter().zip(&inputs).zip(&replays) {
         let in_b = get("b", &input_id(l))?;
         let out_id = format!("blk.{l}.resid_post");
@@ -730,8 +776,8 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
             }
         }
     }
-    report.seconds_replay = replay_start.elapsed().as_secs_f64();
-    crate::trace::mark(|| "replay: done".into());
+    report.seconds_replay = replay_seconds;
+    crate::trace::mark(|| "replay: compared".into());
     report.final_diff = Some(position_diff.unwrap_or(taps_diff));
     let mut r = finish(report, s)?;
     r.reproduce = suspect_reproduce;

@@ -134,10 +134,10 @@ pub trait Backend: Send {
     fn download_rows(&self, buf: &Self::Buf, runs: &[(usize, usize)], spare: Vec<u8>) -> Result<RowBytes> {
         download_rows_now(self, buf, runs, spare)
     }
-    /// Get ready for [`download_rows`](Self::download_rows) of up to `len` elements (the
-    /// page-locked memory a GPU copies into), so that setting up falls before a run, as
-    /// loading weights does; by default there is nothing to get ready.
-    fn reserve_captures(&self, _len: usize) -> Result<()> {
+    /// Get ready for up to `count` [`download_rows`](Self::download_rows) of up to `len`
+    /// elements each (the page-locked memory a GPU copies into), so that setting up falls
+    /// before a run, as loading weights does; by default there is nothing to get ready.
+    fn reserve_captures(&self, _len: usize, _count: usize) -> Result<()> {
         Ok(())
     }
 

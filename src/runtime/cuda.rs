@@ -155,12 +155,27 @@ fn cache_dir() -> PathBuf {
     base.unwrap_or_else(std::env::temp_dir).join("resbisect").join("kernels")
 }
 
+thread_local! {
+    /// Set while this thread runs [`quietly`]: its panics are not printed.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Run `f`, turning a panic of a dynamic library loader into `None` without printing it.
+/// Per thread: engines start their backends at the same time, and a process-wide swap of
+/// the panic hook would race.
 fn quietly<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> Option<R> {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let printing = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(|quiet| quiet.get()) {
+                printing(info);
+            }
+        }));
+    });
+    QUIET.with(|quiet| quiet.set(true));
     let r = std::panic::catch_unwind(f).ok();
-    std::panic::set_hook(hook);
+    QUIET.with(|quiet| quiet.set(false));
     r
 }
 
@@ -184,7 +199,9 @@ pub struct CudaBackend<T: Storage> {
     download_staging: std::cell::RefCell<Option<cudarc::driver::PinnedHostSlice<T>>>,
     /// The positions last uploaded for RoPE: every layer's q and k share them.
     rope_positions: std::cell::RefCell<Option<(Vec<f32>, CudaSlice<f32>)>>,
-    blas: CudaBlas,
+    /// cuBLAS, ready on first use: created on a thread of its own while weights load.
+    blas: std::cell::OnceCell<CudaBlas>,
+    blas_pending: std::cell::RefCell<Option<std::thread::JoinHandle<Result<CudaBlas>>>>,
     functions: std::collections::HashMap<&'static str, CudaFunction>,
     device: String,
     _module: Arc<CudaModule>,
@@ -253,13 +270,28 @@ where
             use cudarc::driver::DevicePtr;
             attn_part.device_ptr(&stream).0
         };
-        let blas = quietly(|| CudaBlas::new(stream.clone()))
-            .ok_or_else(|| Error::input("--backend cuda: cuBLAS (libcublas) could not be loaded"))?
-            .map_err(|e| Error::engine(format!("cuda: cuBLAS: {e}")))?;
-        crate::trace::mark(|| "cuda: cuBLAS ready".into());
+        // Loading cuBLAS takes about 0.1 s, and nothing needs it before the first matmul.
+        let blas_stream = stream.clone();
+        let blas_pending = std::thread::spawn(move || {
+            let blas = quietly(|| CudaBlas::new(blas_stream))
+                .ok_or_else(|| Error::input("--backend cuda: cuBLAS (libcublas) could not be loaded"))?
+                .map_err(|e| Error::engine(format!("cuda: cuBLAS: {e}")))?;
+            crate::trace::mark(|| "cuda: cuBLAS ready".into());
+            Ok(blas)
+        });
         let device = format!("{} ({arch})", ctx.name().unwrap_or_else(|_| "NVIDIA GPU".into()));
         let lanes = super::cuda_lanes::LanePool::new(ctx.clone())?;
-        Ok(Self { stream, lanes, _step_dev: step_dev, step_at, step: Default::default(), _attn_part: attn_part, attn_part_at, download_staging: Default::default(), rope_positions: std::cell::RefCell::new(None), blas, functions, device, _module: module, _storage: std::marker::PhantomData })
+        Ok(Self { stream, lanes, _step_dev: step_dev, step_at, step: Default::default(), _attn_part: attn_part, attn_part_at, download_staging: Default::default(), rope_positions: std::cell::RefCell::new(None), blas: Default::default(), blas_pending: std::cell::RefCell::new(Some(blas_pending)), functions, device, _module: module, _storage: std::marker::PhantomData })
+    }
+
+    /// The cuBLAS handle, waiting for its creation the first time.
+    fn blas(&self) -> Result<&CudaBlas> {
+        if let Some(blas) = self.blas.get() {
+            return Ok(blas);
+        }
+        let pending = self.blas_pending.borrow_mut().take().ok_or_else(|| Error::engine("cuda: cuBLAS failed to start earlier"))?;
+        let blas = pending.join().map_err(|_| Error::engine("cuda: the thread loading cuBLAS panicked"))??;
+        Ok(self.blas.get_or_init(|| blas))
     }
 
     fn f(&self, name: &str) -> &CudaFunction {
@@ -328,7 +360,7 @@ where
         let beta = 0.0f32;
         let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
         cudarc::cublas::result::gemm_strided_batched_ex(
-            *self.blas.handle(),
+            *self.blas()?.handle(),
             op(ta),
             cublasOperation_t::CUBLAS_OP_N,
             m as i32,
@@ -496,8 +528,8 @@ where
         self.lanes.capture(&self.stream, buf, runs)
     }
 
-    fn reserve_captures(&self, len: usize) -> Result<()> {
-        self.lanes.reserve(&self.stream, len)
+    fn reserve_captures(&self, len: usize, count: usize) -> Result<()> {
+        self.lanes.reserve(&self.stream, len, count)
     }
 
     fn embed(&self, table: &Self::Buf, width: usize, ids: Src<u32>, out: &mut Self::Buf) -> Result<()> {
@@ -564,7 +596,7 @@ where
             ldc: n as i32,
         };
         // SAFETY: shapes checked above.
-        unsafe { self.blas.gemm(cfg, w, x, out) }.map_err(|e| Error::engine(format!("cuda: cuBLAS gemm [{rows}x{k}]·[{k}x{n}]: {e}")))
+        unsafe { self.blas()?.gemm(cfg, w, x, out) }.map_err(|e| Error::engine(format!("cuda: cuBLAS gemm [{rows}x{k}]·[{k}x{n}]: {e}")))
     }
 
     fn rope(&self, x: &mut Self::Buf, heads: usize, head_dim: usize, positions: Src<f32>, base: f32) -> Result<()> {
@@ -760,6 +792,8 @@ where
     }
 
     fn begin_capture(&self) -> Result<bool> {
+        // Recorded matmuls need the handle; it must not be created while recording.
+        self.blas()?;
         self.stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(device_error("starting a graph capture"))?;
         Ok(true)
     }

@@ -66,13 +66,14 @@ impl<T: Storage> LanePool<T> {
         Ok(Lane { device, _host: host, host_at, snapped, copied })
     }
 
-    /// Lanes of `len` elements, as many as fit in a budget of page-locked memory (at
-    /// least two, so that a copy overlaps a write).
-    pub(crate) fn reserve(self: &Arc<Self>, compute: &Arc<CudaStream>, len: usize) -> Result<()> {
+    /// Lanes of `len` elements for `count` captures: as many as fit in a budget of
+    /// page-locked memory (at least two, so that a copy overlaps a write), no more than
+    /// the captures. Lanes that fit are kept from earlier dumps, as bisect's probes are.
+    pub(crate) fn reserve(self: &Arc<Self>, compute: &Arc<CudaStream>, len: usize, count: usize) -> Result<()> {
         let t0 = std::time::Instant::now();
         let budget = crate::runtime::available_memory().map_or(PINNED_BUDGET, |m| (m / 8).min(PINNED_BUDGET));
         let lane_bytes = (len.div_ceil(LANE_GRAIN) * LANE_GRAIN * std::mem::size_of::<T>()) as u64;
-        let want = (budget / lane_bytes.max(1)).clamp(2, MAX_LANES as u64) as usize;
+        let want = ((budget / lane_bytes.max(1)).clamp(2, MAX_LANES as u64) as usize).min(count);
         let mut made = 0;
         loop {
             let mut free = self.free.lock().map_err(|_| Error::engine("cuda: the tap lanes' lock was poisoned"))?;

@@ -3,8 +3,8 @@
 //! arithmetic accumulated in f32, RoPE angles formed in f32. Not the oracle: the same
 //! runtime on another device.
 
-use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
-use candle_core::Device;
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QStorage};
+use candle_core::{CpuStorage, Device};
 use half::{bf16, f16};
 use rayon::prelude::*;
 use resbisect_reference::Fault;
@@ -92,10 +92,22 @@ impl Backend for CpuBackend {
     /// Dequantized on the host by candle's ggml block decoders (exact for every type).
     fn upload_weight(&self, name: &str, dtype: GgmlDType, dims: &[usize], data: &[u8]) -> Result<Vec<f32>> {
         let shape: Vec<usize> = dims.iter().rev().copied().collect();
+        let elements = shape.iter().product();
         let err = |e: candle_core::Error| Error::engine(format!("dequantizing {name}: {e}"));
+        // The tensor checks the data's size against the type and shape; its blocks then
+        // decode into a vector of our own. Through a `Tensor` the values would be copied
+        // once more, a page fault per page of every weight.
         let q = qtensor_from_ggml(dtype, data, shape, &Device::Cpu).map_err(err)?;
-        let values = q.dequantize(&Device::Cpu).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).map_err(err)?;
-        self.upload(&values)
+        let blocks = match QStorage::from_data(q.data().map_err(err)?, &Device::Cpu, dtype).map_err(err)? {
+            QStorage::Cpu(blocks) => blocks,
+            _ => return Err(Error::engine(format!("dequantizing {name}: not host storage"))),
+        };
+        let mut values = match blocks.dequantize(elements).map_err(err)? {
+            CpuStorage::F32(values) => values,
+            _ => return Err(Error::engine(format!("dequantizing {name}: decoded to something other than f32"))),
+        };
+        self.store(&mut values);
+        Ok(values)
     }
 
     fn download(&self, buf: &Vec<f32>, offset: usize, len: usize) -> Result<Vec<f32>> {

@@ -637,7 +637,7 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
                         }),
                     };
                     crate::trace::mark(|| "replay: done (during the all-taps probe)".into());
-                    replays.map(|r| (r, t0.elapsed().as_secs_f64()))
+                    replays.map(|r| (r, t0.elapsed().as_secs_f64(), inputs))
                 }));
             }
         }
@@ -727,10 +727,9 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
     let replay_start = Instant::now();
     report.replay_positions = at.clone();
     let get = |side: &str, id: &str| -> Result<Vec<f32>> { s.rows(side, id, prefix)?.ok_or_else(|| Error::engine(format!("replay: {id} missing from the {side} dumps"))) };
-    let inputs = replayed.iter().map(|&l| get("a", &input_id(l))).collect::<Result<Vec<_>>>()?;
     // Replay started during the all-taps probe (the last loop round's, so for these
     // layers, positions and prefix), or starts now.
-    let (replays, replay_seconds) = match early_replay {
+    let (replays, replay_seconds, inputs) = match early_replay {
         Some(job) => job.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))?,
         None => {
             let loaded;
@@ -746,7 +745,8 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
                 }
             };
             crate::trace::mark(|| "replay: layers loaded".into());
-            (replay_all(replayer, &replayed, &inputs, prefix, &at)?, replay_start.elapsed().as_secs_f64())
+            let inputs = replayed.iter().map(|&l| get("a", &input_id(l))).collect::<Result<Vec<_>>>()?;
+            (replay_all(replayer, &replayed, &inputs, prefix, &at)?, replay_start.elapsed().as_secs_f64(), inputs)
         }
     };
     for ((&l, in_a), replay) in replayed.iter().zip(&inputs).zip(&replays) {

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::diff::{self, DiffOptions, DiffReport, FirstDivergence, RowStat};
+use crate::diff::{self, DiffOptions, DiffReport, FirstDivergence, Judge, Judgement, RowStat, TokenMismatch};
 use crate::dump::{Dump, PromptRecord, RunError, TapDType, TapView};
 use crate::engines::{crash_report, Engine};
 use crate::error::{Error, Result};
@@ -22,6 +22,10 @@ use crate::tolerance::Tolerances;
 pub struct BisectOptions {
     pub tolerances: Tolerances,
     pub allow_model_mismatch: bool,
+    /// How the coarse probe is judged (`Auto`: against the noise floor when it shows a
+    /// systematic error over the floor before any tap over tolerance); later probes
+    /// keep to what it decided.
+    pub judge: Judge,
     /// Logits join the coarse probe at every position only while one engine's logits
     /// stay under this many bytes; otherwise a last-rows probe checks the head.
     pub logits_budget: u64,
@@ -37,6 +41,11 @@ pub struct BisectOptions {
 
 /// Rows of the head probe when logits were too large for the coarse probe.
 const HEAD_ROWS: usize = 64;
+
+/// Fewest rows a cut prompt keeps: a layer is judged on many rows, since one row (an
+/// attention sink's, whose residual norm can be 100× the others') can hide an error
+/// that every other row shows.
+const MIN_JUDGED_ROWS: usize = 32;
 
 /// One probe: both engines dumped the same selection over the same prefix.
 #[derive(Debug, Clone, Serialize)]
@@ -91,6 +100,11 @@ pub struct LayerAttribution {
     pub at_position: usize,
     pub tolerance: f64,
     pub introduces: bool,
+    /// A tap of this layer is further from its replay than its tolerance (the suspect
+    /// layer only, whose taps were dumped): the layer introduces error even where its
+    /// output's rows hide it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub introducing_tap: Option<String>,
 }
 
 /// Within the suspect layer: each tap of A against the replay from A's layer input.
@@ -101,6 +115,19 @@ pub struct TapAttribution {
     pub at_position: usize,
     pub tolerance: f64,
     pub introduces: bool,
+}
+
+/// One coarse tap's error against its noise floor.
+#[derive(Debug, Clone, Serialize)]
+pub struct NoiseLevel {
+    pub tap: String,
+    /// The 75th-percentile row's rel L2 (non-finite rows count as infinite).
+    pub p75_rel_l2: f64,
+    /// The noise-floor threshold (expected floor × margin, at most the tolerance).
+    pub floor: f64,
+    pub tolerance: f64,
+    pub rows_over_floor: usize,
+    pub rows: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -114,6 +141,14 @@ pub struct BisectReport {
     pub engine_b: String,
     pub outcome: Outcome,
     pub first: Option<FirstDivergence>,
+    /// The engines ran different tokens (an engine bug: a doubled BOS, a dropped token).
+    pub token_mismatch: Option<TokenMismatch>,
+    /// What the search judged rows against: tolerances, or the noise floor when the
+    /// coarse probe showed a systematic error over the floor before any tap crossed its
+    /// tolerance.
+    pub judged: Judgement,
+    /// The noise floor as the coarse probe measured it, per residual-stream tap.
+    pub noise: Vec<NoiseLevel>,
     /// Tokens the final probes ran (first divergent position + 1).
     pub prefix: usize,
     pub crash: Option<Crash>,
@@ -189,10 +224,54 @@ struct Session<'e> {
     /// Dump files mapped for replay, by path and stem: replay asks for every tap of a
     /// file in turn, and opening a file once is enough.
     mapped: std::cell::RefCell<MappedFiles>,
+    /// How probes are judged: automatically for the coarse probe, then as it decided.
+    judge: Judge,
 }
 
-fn selection(layers: Vec<usize>, taps: &[&str], positions: &str) -> Selection {
-    Selection { layers, taps: taps.iter().map(|t| t.to_string()).collect(), positions: positions.to_string() }
+/// The rows a probe dumps: every position of its prefix, or some of them.
+enum Rows {
+    All,
+    At(Vec<usize>),
+}
+
+/// A probe's selection over a `tokens`-token prefix. Positions past the prefix are
+/// dropped here, so every probe the search issues is valid for its prompt by construction.
+fn selection(layers: Vec<usize>, taps: &[&str], rows: &Rows, tokens: usize) -> Selection {
+    let positions = match rows {
+        Rows::All => "all".to_string(),
+        Rows::At(at) => {
+            let mut at: Vec<usize> = at.iter().copied().filter(|&p| p < tokens).collect();
+            at.sort_unstable();
+            at.dedup();
+            if at.is_empty() {
+                "all".to_string()
+            } else {
+                positions_spec(&at)
+            }
+        }
+    };
+    Selection { layers, taps: taps.iter().map(|t| t.to_string()).collect(), positions }
+}
+
+/// Each coarse residual-stream tap's level against its noise floor.
+fn noise_levels(r: &DiffReport) -> Vec<NoiseLevel> {
+    r.prompts
+        .iter()
+        .flat_map(|p| &p.taps)
+        .filter(|t| t.tap == "embed" || t.tap.ends_with(".resid_post"))
+        .map(|t| {
+            let mut rel: Vec<f64> = t.rows.iter().map(|r| if r.nonfinite_a + r.nonfinite_b > 0 { f64::INFINITY } else { r.rel_l2 }).collect();
+            rel.sort_by(f64::total_cmp);
+            let p75 = rel.get((rel.len() * 3).div_ceil(4).saturating_sub(1)).copied().unwrap_or(0.0);
+            NoiseLevel { tap: t.tap.clone(), p75_rel_l2: p75, floor: t.floor.rel_l2, tolerance: t.tolerance.rel_l2, rows_over_floor: t.rows_over_floor, rows: t.rows.len() }
+        })
+        .collect()
+}
+
+/// Each divergent coarse layer with its own first divergent position, for the search path.
+fn bad_layers_line(r: &DiffReport, coarse: &[usize]) -> String {
+    let v: Vec<String> = coarse.iter().filter_map(|&l| first_bad_of(r, &format!("blk.{l}.resid_post")).map(|(p, _)| format!("{l} (from position {p})"))).collect();
+    v.join(", ")
 }
 
 /// Smallest position any tap of the diff diverges at.
@@ -276,7 +355,7 @@ impl Session<'_> {
             dump_a: out_a.display().to_string(),
             dump_b: out_b.display().to_string(),
         };
-        let diff_opts = DiffOptions { tolerances: self.opts.tolerances.clone(), allow_model_mismatch: self.opts.allow_model_mismatch };
+        let diff_opts = DiffOptions { tolerances: self.opts.tolerances.clone(), allow_model_mismatch: self.opts.allow_model_mismatch, judge: self.judge };
         let t0 = Instant::now();
         let result = match crash {
             Some(c) => {
@@ -424,6 +503,8 @@ pub enum Replayer<'r> {
     Loaded(&'r ReferenceEngine),
     /// Loaded when replay starts, with only the layers it replays.
     OnDemand { model: &'r Model, precision: RefPrecision },
+    /// No local replay (`--no-replay`): the search ends at the first divergent tap.
+    Skip,
 }
 
 /// Run the search on one prompt.
@@ -466,7 +547,7 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
     check_work_dir(&opts.work)?;
     let (label_a, label_b) = (a.label(), b.label());
     let n = prompt.tokens.len();
-    let mut s = Session { a, b, opts, prompt: prompt.clone(), probes: Vec::new(), dirs: Vec::new(), reproduce: Vec::new(), mapped: Default::default() };
+    let mut s = Session { a, b, opts, prompt: prompt.clone(), probes: Vec::new(), dirs: Vec::new(), reproduce: Vec::new(), mapped: Default::default(), judge: opts.judge };
     let mut report = BisectReport {
         version: 1,
         model: String::new(),
@@ -477,6 +558,9 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
         engine_b: label_b,
         outcome: Outcome::Clean,
         first: None,
+        token_mismatch: None,
+        judged: Judgement::Tolerance,
+        noise: Vec::new(),
         prefix: n,
         crash: None,
         replay: Vec::new(),
@@ -520,14 +604,32 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
     if logits_here {
         taps.push("logits");
     }
-    let r = match s.probe("coarse", n, selection(coarse.clone(), &taps, "all"))? {
+    let r = match s.probe("coarse", n, selection(coarse.clone(), &taps, &Rows::All, n))? {
         ProbeResult::Compared(r) => r,
         ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
     };
+    // The coarse probe decided what rows are judged against; later probes keep to it.
+    report.noise = noise_levels(&r);
+    report.judged = r.prompts.first().map_or(Judgement::Tolerance, |p| p.judged);
+    s.judge = match report.judged {
+        Judgement::Tolerance => Judge::Tolerance,
+        Judgement::NoiseFloor => Judge::NoiseFloor,
+    };
+    let drift = r.notes.iter().filter(|n| n.contains("noise floor")).cloned().collect::<Vec<_>>().join("; ");
+    if let Some(m) = r.prompts.first().and_then(|p| p.token_mismatch.clone()) {
+        // Different inputs: the finding is the token difference (and whatever diverged
+        // before it); no layer search can explain it.
+        s.note(m.describe());
+        report.outcome = Outcome::Diverged;
+        report.first = first_of(&r);
+        report.token_mismatch = Some(m);
+        report.final_diff = Some(r);
+        return finish(report, s);
+    }
     let Some(first_pos) = first_bad_position(&r) else {
         if !logits_here {
             let from = n.saturating_sub(HEAD_ROWS);
-            let head = match s.probe("head", n, selection(Vec::new(), &["final_norm", "logits"], &format!("{from}..")))? {
+            let head = match s.probe("head", n, selection(Vec::new(), &["final_norm", "logits"], &Rows::At((from..n).collect()), n))? {
                 ProbeResult::Compared(r) => r,
                 ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
             };
@@ -541,15 +643,20 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
             report.final_diff = Some(head);
             return finish(report, s);
         }
-        s.note(format!("no divergence at embed, resid_post of layers {:?}, final_norm or logits", coarse));
+        let drift = if drift.is_empty() { String::new() } else { format!("; {drift}") };
+        s.note(format!("no divergence at embed, resid_post of layers {:?}, final_norm or logits{drift}", coarse));
         report.final_diff = Some(r);
         return finish(report, s);
     };
     let bad_coarse = coarse.iter().copied().find(|l| tap_diverged(&r, &format!("blk.{l}.resid_post")));
-    // Causality lets the prompt stop at the first divergent position, unless values are
+    // Causality lets the prompt stop after the position where the first divergent tap,
+    // in topological order, first diverges — not the earliest position of any tap: an
+    // error that grows with depth crosses tolerance earlier in later layers. The cut
+    // keeps at least MIN_JUDGED_ROWS rows to judge layers on. Not when values are
     // non-finite: 0·NaN in masked attention tiles can carry a NaN to earlier positions.
     let nonfinite = has_nonfinite(&r);
-    let mut prefix = if nonfinite { n } else { first_pos + 1 };
+    let origin_pos = first_of(&r).map_or(first_pos, |f| f.position);
+    let mut prefix = if nonfinite { n } else { (origin_pos + 1).max(MIN_JUDGED_ROWS).min(n) };
     let cut = if prefix < n {
         format!("; the prompt is cut to {prefix} tokens")
     } else if nonfinite {
@@ -568,9 +675,11 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
     };
     // `lo` is the last layer known good (None: only embed is known good).
     let coarse_lo = coarse.iter().copied().take_while(|&l| l < coarse_hi).last();
+    let drift = if report.judged == Judgement::NoiseFloor { format!("; {drift}") } else { String::new() };
     s.note(format!(
-        "first divergent position {first_pos}; resid_post good through {}, bad at layer {coarse_hi}{cut}",
-        coarse_lo.map_or("embed".to_string(), |l| format!("layer {l}"))
+        "resid_post good through {}, bad at layer {}{cut}{drift}",
+        coarse_lo.map_or("embed".to_string(), |l| format!("layer {l}")),
+        bad_layers_line(&r, &coarse)
     ));
     // A replay-only reference loads the layers replay needs on the CPU while the engines
     // make the last probes; replay itself runs during the all-taps probe when its inputs
@@ -593,7 +702,7 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
             // The layer before comes along: it is a replay input later, and costs no compute
             // (the built-in engines stop at the last tapped layer).
             let layers = (mid.saturating_sub(1)..=mid).collect();
-            match s.probe(&format!("layer-{mid}"), prefix, selection(layers, &["resid_post"], "all"))? {
+            match s.probe(&format!("layer-{mid}"), prefix, selection(layers, &["resid_post"], &Rows::All, prefix))? {
                 ProbeResult::Compared(r) => {
                     if tap_diverged(&r, &id) {
                         s.note(format!("layer {mid} diverges: the first bad layer is in {first_unknown}..={mid}"));
@@ -624,6 +733,7 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
             let source = match replayer {
                 Replayer::Loaded(r) => Some(ReplaySource::Loaded(r)),
                 Replayer::OnDemand { .. } => preload.take().map(|(_, job)| ReplaySource::Loading(job)),
+                Replayer::Skip => None,
             };
             if let Some(source) = source {
                 let at = at.clone();
@@ -645,7 +755,7 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
         probed.sort_unstable();
         probed.dedup();
         let all: Vec<&str> = LAYER_TAPS.to_vec();
-        let taps_diff = match s.probe(&format!("taps-{hi}"), prefix, selection(vec![hi], &all, &positions_spec(&probed)))? {
+        let taps_diff = match s.probe(&format!("taps-{hi}"), prefix, selection(vec![hi], &all, &Rows::At(probed.clone()), prefix))? {
             ProbeResult::Compared(r) => r,
             ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
         };
@@ -674,7 +784,7 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
     //    have left B's earlier still. 5. Local replay needs the inputs and outputs of the
     //    suspect layer and its neighbours at every position. Whatever of these earlier
     //    probes did not dump comes in one more probe.
-    let replayed = replay_layers(hi, n_layer);
+    let replayed = if matches!(replayer, Replayer::Skip) { Vec::new() } else { replay_layers(hi, n_layer) };
     let mut needed: Vec<String> = replayed.iter().flat_map(|&l| [input_id(l), format!("blk.{l}.resid_post")]).collect();
     needed.dedup();
     let mut missing = Vec::new();
@@ -705,7 +815,7 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
     let mut position_diff = None;
     if early.is_some() || !missing.is_empty() {
         let purpose = if early.is_some() { "position" } else { "replay-inputs" };
-        let r = match s.probe(purpose, prefix, selection(layers, &taps, "all"))? {
+        let r = match s.probe(purpose, prefix, selection(layers, &taps, &Rows::All, prefix))? {
             ProbeResult::Compared(r) => r,
             ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
         };
@@ -722,6 +832,12 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
         s.note(found.join("; "));
     }
     report.first = first;
+    if replayed.is_empty() {
+        report.final_diff = Some(position_diff.unwrap_or(taps_diff));
+        let mut r = finish(report, s)?;
+        r.reproduce = suspect_reproduce;
+        return Ok(r);
+    }
 
     let resid_tol = tolerance_of(&taps_diff, &format!("blk.{hi}.resid_post")).map_or(1e-3, |t| t.rel_l2);
     let replay_start = Instant::now();
@@ -735,6 +851,7 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
             let loaded;
             let replayer = match replayer {
                 Replayer::Loaded(r) => r,
+                Replayer::Skip => return Err(Error::engine("local replay was skipped")),
                 Replayer::OnDemand { model, precision } => {
                     let ahead = preload.map(|(layers, job)| (layers, job.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))));
                     loaded = match ahead {
@@ -757,6 +874,20 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
         // A row whose input is already non-finite cannot show what the layer adds.
         let finite_input = |i: usize| in_a[at[i] * n_embd..(at[i] + 1) * n_embd].iter().all(|v| v.is_finite());
         let (introduced, worst, _) = worst_row(&pick_rows(&out_a, n_embd, &at), rep_out, n_embd, &finite_input);
+        let mut introducing_tap = None;
+        if l == hi {
+            for (id, values) in replay {
+                let Some(dev) = s.rows_at("a", id, &at)? else { continue };
+                let width = values.len() / at.len();
+                let (introduced, worst, _) = worst_row(&dev, values, width, &finite_input);
+                let tolerance = tolerance_of(&taps_diff, id).map_or(resid_tol, |t| t.rel_l2);
+                let introduces = introduced.is_nan() || introduced > tolerance;
+                if introduces && introducing_tap.is_none() {
+                    introducing_tap = Some(id.clone());
+                }
+                report.replay_taps.push(TapAttribution { tap: id.clone(), introduced, at_position: at[worst], tolerance, introduces });
+            }
+        }
         report.replay.push(LayerAttribution {
             layer: l,
             inherited: worst_row(in_a, &in_b, n_embd, &|_| true).0,
@@ -764,17 +895,11 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
             total: worst_row(&out_a, &out_b, n_embd, &|_| true).0,
             at_position: at[worst],
             tolerance: resid_tol,
-            introduces: introduced.is_nan() || introduced > resid_tol,
+            // The layer's verdict agrees with its own tap table: a tap off its replay
+            // means the layer introduces error, whatever its output rows show.
+            introduces: introduced.is_nan() || introduced > resid_tol || introducing_tap.is_some(),
+            introducing_tap,
         });
-        if l == hi {
-            for (id, values) in replay {
-                let Some(dev) = s.rows_at("a", id, &at)? else { continue };
-                let width = values.len() / at.len();
-                let (introduced, worst, _) = worst_row(&dev, values, width, &finite_input);
-                let tolerance = tolerance_of(&taps_diff, id).map_or(resid_tol, |t| t.rel_l2);
-                report.replay_taps.push(TapAttribution { tap: id.clone(), introduced, at_position: at[worst], tolerance, introduces: introduced.is_nan() || introduced > tolerance });
-            }
-        }
     }
     report.seconds_replay = replay_seconds;
     crate::trace::mark(|| "replay: compared".into());

@@ -70,7 +70,14 @@ pub struct TapDiff {
     pub tap: String,
     pub dtype_a: &'static str,
     pub dtype_b: &'static str,
+    /// The threshold `first_bad` and `diverged_rows` were judged against: the tap's
+    /// tolerance, or `floor` when the prompt was judged against the noise floor.
     pub tolerance: Tolerance,
+    /// The noise-floor threshold of this tap: the expected floor of its dtype × margin,
+    /// never above the tolerance (`Tolerances::floor_for`).
+    pub floor: Tolerance,
+    /// Rows over `floor`.
+    pub rows_over_floor: usize,
     pub positions: Vec<usize>,
     /// rel L2 per compared position (the report's heatmap data).
     pub rel_l2: Vec<f32>,
@@ -92,6 +99,71 @@ impl TapDiff {
 
     fn rel_at(&self, position: usize) -> Option<f64> {
         self.positions.binary_search(&position).ok().map(|i| self.rows[i].rel_l2)
+    }
+
+    /// Over the noise floor on at least a quarter of its rows: a systematic error, not
+    /// a stray row (the 75th-percentile row is over the floor).
+    pub fn systematically_over_floor(&self) -> bool {
+        !self.rows.is_empty() && 4 * self.rows_over_floor >= self.rows.len()
+    }
+
+    /// Judge the rows again against `tol`.
+    fn rejudge(&mut self, tol: Tolerance) {
+        self.tolerance = tol;
+        let diverged: Vec<bool> = self.rows.iter().map(|r| r.diverges(&tol)).collect();
+        self.first_bad = diverged.iter().position(|&d| d);
+        self.diverged_rows = diverged.iter().filter(|&&d| d).count();
+    }
+
+    /// The tap's largest max_abs: non-finite when any row holds NaN (NaN) or Inf (inf).
+    fn worst_abs(rows: &[RowStat]) -> f64 {
+        rows.iter().map(|r| r.max_abs).fold(0.0, |m: f64, v| if m.is_nan() || v.is_nan() { f64::NAN } else { m.max(v) })
+    }
+}
+
+/// What a prompt's rows were judged against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Judgement {
+    /// Each tap's tolerance.
+    Tolerance,
+    /// Each tap's noise-floor threshold: an error sat systematically above the floor
+    /// before the first tap over tolerance, so the origin lies earlier than tolerance shows.
+    NoiseFloor,
+}
+
+/// How `diff` chooses the [`Judgement`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Judge {
+    /// Against the noise floor when a systematic error over the floor comes before the
+    /// first tap over tolerance; else against tolerance.
+    Auto,
+    Tolerance,
+    NoiseFloor,
+}
+
+/// The tokens two dumps ran differ: the engines did not process the same input (e.g. a
+/// doubled BOS). Rows before `position` are still compared (causality).
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenMismatch {
+    pub position: usize,
+    /// The token at `position` (None past the end of that side's tokens).
+    pub a: Option<u32>,
+    pub b: Option<u32>,
+    /// A's tokens from `position` on equal B's shifted by this many positions (+1: A
+    /// holds one extra token at `position`; −1: A lacks B's token there).
+    pub shift: Option<i64>,
+}
+
+impl TokenMismatch {
+    pub fn describe(&self) -> String {
+        let tok = |t: Option<u32>| t.map_or("nothing".to_string(), |t| format!("token {t}"));
+        let shift = match self.shift {
+            Some(k) if k > 0 => format!("; A has {k} extra token(s) there and is B's input shifted by +{k}"),
+            Some(k) => format!("; A lacks {} of B's tokens there and is B's input shifted by {k}", -k),
+            None => String::new(),
+        };
+        format!("the engines ran different tokens from position {}: A has {}, B has {}{shift}", self.position, tok(self.a), tok(self.b))
     }
 }
 
@@ -123,6 +195,10 @@ pub struct FirstDivergence {
     pub token: u32,
     pub metrics: Metrics,
     pub tolerance: Tolerance,
+    /// A's rows of this tap equal B's shifted by this many positions (A at p holds
+    /// B's p − shift): an engine writing or computing rows at the wrong positions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shift: Option<i64>,
     pub top_channels: Vec<Channel>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub heads: Vec<HeadError>,
@@ -136,9 +212,23 @@ pub struct PromptDiff {
     pub n_tokens: usize,
     pub taps: Vec<TapDiff>,
     pub first: Option<FirstDivergence>,
+    /// What the rows were judged against.
+    pub judged: Judgement,
+    /// The first tap systematically over its noise floor (a quarter of its rows or
+    /// more) from which every later residual-stream tap stays over it.
+    pub drift_onset: Option<String>,
+    /// The engines ran different tokens: a finding of its own.
+    pub token_mismatch: Option<TokenMismatch>,
     /// Taps one dump has and the other lacks (a crashed engine's partial dump).
     pub missing_in_a: Vec<String>,
     pub missing_in_b: Vec<String>,
+}
+
+impl PromptDiff {
+    /// Diverged: a tap over its threshold, or different tokens.
+    pub fn diverged(&self) -> bool {
+        self.first.is_some() || self.token_mismatch.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -148,6 +238,9 @@ pub struct DumpSide {
     pub status: Status,
     pub error: Option<RunError>,
     pub fingerprint: String,
+    /// The last tap, in topological order, of any whole file (for unfinished dumps).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_tap: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -165,6 +258,26 @@ pub struct DiffReport {
 pub struct DiffOptions {
     pub tolerances: Tolerances,
     pub allow_model_mismatch: bool,
+    pub judge: Judge,
+}
+
+impl DiffReport {
+    /// Why this comparison cannot pass whatever its rows say: a dump whose engine failed
+    /// or never finished (status `failed` or `running`), with the failing op and the last
+    /// tap written.
+    pub fn engine_failure(&self) -> Option<String> {
+        let why = |name: &str, side: &DumpSide| -> Option<String> {
+            let last = side.error.as_ref().and_then(|e| e.tap.clone()).or_else(|| side.last_tap.clone());
+            let last = last.map(|t| format!(" (last tap written: {t})")).unwrap_or_default();
+            match side.status {
+                Status::Complete => None,
+                Status::Failed => Some(format!("engine {name} failed: {}{last}", side.error.as_ref().map_or("no error recorded", |e| e.message.as_str()))),
+                Status::Running => Some(format!("dump {name} is unfinished: its manifest still says running (the engine was killed or is still running){last}")),
+            }
+        };
+        let v: Vec<String> = [why("A", &self.a), why("B", &self.b)].into_iter().flatten().collect();
+        (!v.is_empty()).then(|| v.join("; "))
+    }
 }
 
 fn side(d: &Dump) -> DumpSide {
@@ -174,7 +287,19 @@ fn side(d: &Dump) -> DumpSide {
         status: d.manifest.status,
         error: d.manifest.error.clone(),
         fingerprint: d.manifest.model.fingerprint.clone(),
+        last_tap: (d.manifest.status != Status::Complete).then(|| d.last_tap_on_disk()).flatten(),
     }
+}
+
+/// What the noise floor says of prompt `p`, when it says anything.
+fn judgement_note(p: &PromptDiff) -> Option<String> {
+    let onset = p.taps.iter().find(|t| Some(&t.tap) == p.drift_onset.as_ref())?;
+    let over = format!("{} sits over its noise floor (rel_l2 {:.1e}) on {} of {} rows", onset.tap, onset.floor.rel_l2, onset.rows_over_floor, onset.rows.len());
+    Some(match (p.judged, &p.first) {
+        (Judgement::NoiseFloor, _) => format!("prompt {}: judged against the noise floor: {over}, and every later residual-stream tap too, before any tap crosses its tolerance", p.id),
+        (Judgement::Tolerance, None) => format!("prompt {}: within tolerance, but {over}, and every later residual-stream tap too: a systematic error below tolerance? (--judge floor judges against the floor)", p.id),
+        (Judgement::Tolerance, Some(_)) => return None,
+    })
 }
 
 /// Compare dump `a` (engine under test) with dump `b` (the reference).
@@ -223,7 +348,13 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     if prompts.is_empty() {
         return Err(Error::input("the dumps share no prompt id"));
     }
-    let diverged = prompts.iter().any(|p| p.first.is_some());
+    for p in &prompts {
+        notes.extend(judgement_note(p));
+        if let Some(m) = &p.token_mismatch {
+            notes.push(format!("prompt {}: {}; rows from there on are not compared", p.id, m.describe()));
+        }
+    }
+    let diverged = prompts.iter().any(PromptDiff::diverged);
     Ok(DiffReport { version: 1, a: side(a), b: side(b), n_layer: ma.model.config.n_layer, prompts, notes, bytes_compared: bytes, diverged })
 }
 
@@ -244,7 +375,9 @@ struct FileDiff {
     bytes: u64,
 }
 
-fn diff_file(a: &Dump, b: &Dump, id: &str, stem: &str, engine_dtypes: &[TapDType], opts: &DiffOptions) -> Result<FileDiff> {
+/// Compare one file pair of prompt `id` at the positions both hold below `limit`.
+#[allow(clippy::too_many_arguments)]
+fn diff_file(a: &Dump, b: &Dump, id: &str, stem: &str, limit: usize, engine_dtypes: &[TapDType], opts: &DiffOptions) -> Result<FileDiff> {
     let mut out = FileDiff::default();
     let (fa, fb) = match (a.map_file(id, stem)?, b.map_file(id, stem)?) {
         (Some(fa), Some(fb)) => (fa, fb),
@@ -260,7 +393,10 @@ fn diff_file(a: &Dump, b: &Dump, id: &str, stem: &str, engine_dtypes: &[TapDType
     };
     out.missing_in_b.extend(fa.taps.keys().filter(|k| !fb.taps.contains_key(*k)).cloned());
     out.missing_in_a.extend(fb.taps.keys().filter(|k| !fa.taps.contains_key(*k)).cloned());
-    let (ia, ib): (Vec<usize>, Vec<usize>) = common_rows(&fa.positions, &fb.positions);
+    let (mut ia, mut ib): (Vec<usize>, Vec<usize>) = common_rows(&fa.positions, &fb.positions);
+    let below = ia.iter().take_while(|&&i| fa.positions[i] < limit).count();
+    ia.truncate(below);
+    ib.truncate(below);
     if ia.is_empty() {
         return Ok(out);
     }
@@ -273,6 +409,7 @@ fn diff_file(a: &Dump, b: &Dump, id: &str, stem: &str, engine_dtypes: &[TapDType
         let mut dtypes = engine_dtypes.to_vec();
         dtypes.extend([va.dtype, vb.dtype]);
         let tolerance = opts.tolerances.for_tap(tap_id, coarsest(&dtypes));
+        let floor = opts.tolerances.floor_for(tap_id, coarsest(&dtypes));
         let rows: Vec<RowStat> = ia.par_iter().zip(&ib).map(|(&i, &j)| row_stat(&va.row(i), &vb.row(j))).collect();
         let logits = if tap_id == "logits" { ia.par_iter().zip(&ib).map(|(&i, &j)| logit_stat(&va.row(i), &vb.row(j))).collect() } else { Vec::new() };
         out.bytes += ((va.dtype.size() + vb.dtype.size()) * va.width * rows.len()) as u64;
@@ -282,11 +419,13 @@ fn diff_file(a: &Dump, b: &Dump, id: &str, stem: &str, engine_dtypes: &[TapDType
             dtype_a: va.dtype.name(),
             dtype_b: vb.dtype.name(),
             tolerance,
+            floor,
+            rows_over_floor: rows.iter().filter(|r| r.diverges(&floor)).count(),
             positions: positions.clone(),
             first_bad: diverged.iter().position(|&d| d),
             diverged_rows: diverged.iter().filter(|&&d| d).count(),
             rel_l2: rows.iter().map(|r| if r.nonfinite_a + r.nonfinite_b > 0 { f32::INFINITY } else { r.rel_l2 as f32 }).collect(),
-            max_abs: rows.iter().map(|r| r.max_abs).fold(0.0, f64::max),
+            max_abs: TapDiff::worst_abs(&rows),
             rows,
             logits,
         });
@@ -297,9 +436,12 @@ fn diff_file(a: &Dump, b: &Dump, id: &str, stem: &str, engine_dtypes: &[TapDType
 fn diff_prompt(a: &Dump, b: &Dump, id: &str, engine_dtypes: &[TapDType], opts: &DiffOptions) -> Result<(PromptDiff, u64)> {
     let (pa, pb) = (a.prompt(id)?, b.prompt(id)?);
     let n_layer = a.manifest.model.config.n_layer;
+    // Causality: rows before the first differing token saw the same input.
+    let token_mismatch = token_mismatch(&pa.tokens, &pb.tokens);
+    let limit = token_mismatch.as_ref().map_or(usize::MAX, |m| m.position);
     // File pairs in parallel (their mapping and page-table work is serial per file), in
     // order; at most one pair per worker thread is mapped at a time.
-    let files = file_stems(n_layer).par_iter().map(|stem| diff_file(a, b, id, stem, engine_dtypes, opts)).collect::<Result<Vec<_>>>()?;
+    let files = file_stems(n_layer).par_iter().map(|stem| diff_file(a, b, id, stem, limit, engine_dtypes, opts)).collect::<Result<Vec<_>>>()?;
     let (mut taps, mut missing_in_a, mut missing_in_b) = (Vec::new(), Vec::new(), Vec::new());
     let (mut max_pos, mut bytes) = (None, 0u64);
     for f in files {
@@ -309,21 +451,79 @@ fn diff_prompt(a: &Dump, b: &Dump, id: &str, engine_dtypes: &[TapDType], opts: &
         max_pos = max_pos.max(f.max_pos);
         bytes += f.bytes;
     }
-    // Causality: rows up to the last compared position depend on exactly these tokens.
     if let Some(max) = max_pos {
-        let n = (max + 1).min(pa.tokens.len()).min(pb.tokens.len());
-        if let Some(p) = (0..n).find(|&i| pa.tokens[i] != pb.tokens[i]) {
-            return Err(Error::input(format!("prompt {id}: tokens differ at position {p} (A has {}, B has {}); the dumps ran different inputs", pa.tokens[p], pb.tokens[p])));
-        }
         if pa.tokens.len() <= max || pb.tokens.len() <= max {
-            return Err(Error::input(format!("prompt {id}: a dump has rows past the end of its tokens")));
+            return Err(Error::input(format!("prompt {id}: a dump has rows past the end of its tokens (position {max})")));
         }
     }
     for missing in [&mut missing_in_a, &mut missing_in_b] {
         missing.sort_by_key(|t| Tap::parse(t));
     }
+    let drift_onset = systematic_onset(&taps);
+    let first_over_tolerance = taps.iter().position(|t| t.first_bad.is_some());
+    let judged = match (opts.judge, drift_onset, first_over_tolerance) {
+        (Judge::Tolerance, ..) => Judgement::Tolerance,
+        (Judge::NoiseFloor, ..) => Judgement::NoiseFloor,
+        (Judge::Auto, Some(onset), Some(first)) if onset < first => Judgement::NoiseFloor,
+        (Judge::Auto, ..) => Judgement::Tolerance,
+    };
+    if judged == Judgement::NoiseFloor {
+        // Automatically, only from the onset on: earlier taps sit within their floor on
+        // most rows, and a stray row there is not the origin.
+        let from = if opts.judge == Judge::Auto { drift_onset.unwrap_or(0) } else { 0 };
+        for t in &mut taps[from..] {
+            let floor = t.floor;
+            t.rejudge(floor);
+        }
+    }
     let first = first_divergence(a, b, id, &taps, &pa.tokens, n_layer)?;
-    Ok((PromptDiff { id: id.to_string(), text: pa.text.clone(), n_tokens: pa.tokens.len(), taps, first, missing_in_a, missing_in_b }, bytes))
+    let drift_onset = drift_onset.map(|i| taps[i].tap.clone());
+    Ok((PromptDiff { id: id.to_string(), text: pa.text.clone(), n_tokens: pa.tokens.len(), taps, first, judged, drift_onset, token_mismatch, missing_in_a, missing_in_b }, bytes))
+}
+
+/// The first position where the token lists differ (within the shorter one), and whether
+/// A's tokens from there are B's shifted by a few positions. Different lengths over a
+/// common prefix are not a mismatch (an engine may have generated more).
+fn token_mismatch(a: &[u32], b: &[u32]) -> Option<TokenMismatch> {
+    let position = a.iter().zip(b).position(|(x, y)| x != y)?;
+    // Compared over at most this many tokens: enough to tell a shift from chance.
+    const SPAN: usize = 64;
+    let same = |x: &[u32], y: &[u32]| {
+        let n = x.len().min(y.len()).min(SPAN);
+        n > 0 && x[..n] == y[..n]
+    };
+    let shift = (1..=4i64).find_map(|k| {
+        let k_us = k as usize;
+        if a.len() > position + k_us && same(&a[position + k_us..], &b[position..]) {
+            Some(k)
+        } else if b.len() > position + k_us && same(&a[position..], &b[position + k_us..]) {
+            Some(-k)
+        } else {
+            None
+        }
+    });
+    Some(TokenMismatch { position, a: a.get(position).copied(), b: b.get(position).copied(), shift })
+}
+
+/// Index of the first tap (output head excluded) that is systematically over its noise
+/// floor and from which every later residual-stream tap (`embed`, `blk.L.resid_post`)
+/// stays so: where a sub-tolerance error that the residual stream carries begins.
+fn systematic_onset(taps: &[TapDiff]) -> Option<usize> {
+    let mut later_stream_over = true;
+    let mut onset = None;
+    for (i, t) in taps.iter().enumerate().rev() {
+        if t.tap == "final_norm" || t.tap == "logits" {
+            continue;
+        }
+        let over = t.systematically_over_floor();
+        if over && later_stream_over {
+            onset = Some(i);
+        }
+        if t.tap == "embed" || t.tap.ends_with(".resid_post") {
+            later_stream_over &= over;
+        }
+    }
+    onset
 }
 
 /// Row indices (into each file) of the positions both files hold.
@@ -601,6 +801,25 @@ fn head_count(tap: &Tap, a: &Dump) -> Option<usize> {
     }
 }
 
+/// Whether A's rows of `tap` from `position` on equal B's rows shifted by a few positions
+/// (A at p holds B's p − k), judged on up to 64 rows that have a partner.
+fn row_shift(fa: &MappedFile, fb: &MappedFile, tap: &str, position: usize, tol: &Tolerance) -> Option<i64> {
+    let (va, vb) = (fa.tap(tap)?, fb.tap(tap)?);
+    let from = fa.positions.partition_point(|&p| p < position);
+    [1i64, -1, 2, -2, 3, -3, 4, -4].into_iter().find(|&k| {
+        let pairs: Vec<(usize, usize)> = (from..fa.positions.len())
+            .filter_map(|i| {
+                let q = fa.positions[i] as i64 - k;
+                let j = usize::try_from(q).ok().and_then(|q| fb.positions.binary_search(&q).ok())?;
+                Some((i, j))
+            })
+            .take(64)
+            .collect();
+        let matching = pairs.iter().filter(|&&(i, j)| !row_stat(&va.row(i), &vb.row(j)).diverges(tol)).count();
+        !pairs.is_empty() && 4 * matching >= 3 * pairs.len()
+    })
+}
+
 fn first_divergence(a: &Dump, b: &Dump, id: &str, taps: &[TapDiff], tokens: &[u32], n_layer: usize) -> Result<Option<FirstDivergence>> {
     let Some((k, td)) = taps.iter().enumerate().find(|(_, t)| t.first_bad.is_some()) else { return Ok(None) };
     let row = td.first_bad.expect("found above");
@@ -616,6 +835,7 @@ fn first_divergence(a: &Dump, b: &Dump, id: &str, taps: &[TapDiff], tokens: &[u3
         Ok((0..v.width).map(|i| v.get(i)).collect())
     };
     let (ra, rb) = (pick(&fa)?, pick(&fb)?);
+    let shift = row_shift(&fa, &fb, &td.tap, position, &td.tolerance);
     let diff_of = |i: usize| {
         let d = (ra[i] - rb[i]).abs();
         if d.is_nan() { f64::INFINITY } else { d }
@@ -660,6 +880,7 @@ fn first_divergence(a: &Dump, b: &Dump, id: &str, taps: &[TapDiff], tokens: &[u3
         token: tokens[position],
         metrics: Metrics::new(&td.rows[row], logits),
         tolerance: td.tolerance,
+        shift,
         top_channels,
         heads,
         growth,

@@ -439,6 +439,19 @@ impl Dump {
         Ok(out)
     }
 
+    /// The last tap, in topological order, of any whole file of the dump's first prompt:
+    /// how far an engine that failed or was killed got.
+    pub fn last_tap_on_disk(&self) -> Option<String> {
+        let prompt = self.manifest.prompts.first()?;
+        let mut best: Option<crate::taps::Tap> = None;
+        for stem in self.files(&prompt.id).ok()? {
+            if let Ok(Some(f)) = self.map_file(&prompt.id, &stem) {
+                best = best.max(f.taps.keys().filter_map(|id| crate::taps::Tap::parse(id)).max());
+            }
+        }
+        best.map(|t| t.id())
+    }
+
     /// Map and validate one file; `None` when it was never written.
     pub fn map_file(&self, prompt_id: &str, stem: &str) -> Result<Option<MappedFile>> {
         let prompt = self.prompt(prompt_id)?;

@@ -265,27 +265,11 @@ pub fn crash_report(out: &Path, message: &str) -> RunError {
     match Dump::open(out) {
         Ok(d) => {
             let recorded = d.manifest.error.clone();
-            let last_tap = recorded.as_ref().and_then(|e| e.tap.clone()).or_else(|| last_tap_on_disk(&d));
+            let last_tap = recorded.as_ref().and_then(|e| e.tap.clone()).or_else(|| d.last_tap_on_disk());
             RunError { message: recorded.map_or_else(|| message.to_string(), |e| e.message), tap: last_tap, position: None }
         }
         Err(_) => RunError { message: message.to_string(), tap: None, position: None },
     }
-}
-
-/// The last tap, in topological order, of any complete file of a dump.
-fn last_tap_on_disk(d: &Dump) -> Option<String> {
-    let prompt = d.manifest.prompts.first()?;
-    let mut best: Option<crate::taps::Tap> = None;
-    for stem in d.files(&prompt.id).ok()? {
-        if let Ok(Some(f)) = d.map_file(&prompt.id, &stem) {
-            for id in f.taps.keys() {
-                if let Some(t) = crate::taps::Tap::parse(id) {
-                    best = best.max(Some(t));
-                }
-            }
-        }
-    }
-    best.map(|t| t.id())
 }
 
 #[cfg(test)]

@@ -5,14 +5,17 @@
 //! queries and keys at positions ≥ FROM as if they sat N positions later;
 //! `TAP:oob@FROM` (runtime only) makes the op at that tap fail with a real
 //! out-of-bounds request once the run reaches FROM, to exercise the crash path.
+//! Numerics bugs of a whole model: `[blk.L.]rope:scale=F@FROM` scales every RoPE
+//! frequency by F; `[blk.L.]rope:bf16@FROM` (reference only) forms RoPE angles in bf16;
+//! `norm:eps=E@FROM` (reference only) computes every RMSNorm with epsilon E.
 
-use resbisect_reference::{Fault, Faults, RopeFault, TapFault};
+use resbisect_reference::{Fault, Faults, NormFault, RopeCorruption, RopeFault, TapFault};
 
 use crate::error::{Error, Result};
 use crate::taps::canonical_tap_id;
 
 fn bad(spec: &str, why: &str) -> Error {
-    Error::input(format!("bad --inject {spec:?}: {why} (syntax TAP:KIND[=VALUE]@POS, KIND one of scale, offset, nan, zero, oob; or [blk.L.]rope:shift=N@POS)"))
+    Error::input(format!("bad --inject {spec:?}: {why} (syntax TAP:KIND[=VALUE]@POS, KIND one of scale, offset, nan, zero, oob; or [blk.L.]rope:shift=N|scale=F|bf16@POS; or norm:eps=E@POS)"))
 }
 
 /// Faults as the runtime applies them: the reference's, plus failing ops.
@@ -20,6 +23,8 @@ fn bad(spec: &str, why: &str) -> Error {
 pub struct RuntimeFaults {
     pub taps: Vec<TapFault>,
     pub rope: Vec<RopeFault>,
+    /// The reference's whole-model numerics faults, which the runtime refuses.
+    pub norm: Option<NormFault>,
     /// (tap id, position): the op at this tap fails once the run reaches the position.
     pub crash: Vec<(String, usize)>,
 }
@@ -27,6 +32,7 @@ pub struct RuntimeFaults {
 enum Parsed {
     Tap(TapFault),
     Rope(RopeFault),
+    Norm(NormFault),
     Crash(String, usize),
 }
 
@@ -50,11 +56,19 @@ fn parse_one(spec: &str, n_layer: usize) -> Result<Parsed> {
         if let Some(l) = layer.filter(|&l| l >= n_layer) {
             return Err(bad(spec, &format!("layer {l} does not exist (model has {n_layer})")));
         }
-        let shift = match (kind, value) {
-            ("shift", Some(v)) if v.fract() == 0.0 && v != 0.0 => v as i64,
-            _ => return Err(bad(spec, "RoPE corruption takes shift=N with N a non-zero integer")),
+        let corruption = match (kind, value) {
+            ("shift", Some(v)) if v.fract() == 0.0 && v != 0.0 => RopeCorruption::Shift(v as i64),
+            ("scale", Some(v)) if v > 0.0 && v != 1.0 => RopeCorruption::Scale(v),
+            ("bf16", None) => RopeCorruption::Bf16Angles,
+            _ => return Err(bad(spec, "RoPE corruption takes shift=N (a non-zero integer), scale=F (positive, not 1) or bf16")),
         };
-        return Ok(Parsed::Rope(RopeFault { layer, shift, from }));
+        return Ok(Parsed::Rope(RopeFault { layer, corruption, from }));
+    }
+    if target == "norm" {
+        return match (kind, value) {
+            ("eps", Some(eps)) if eps >= 0.0 => Ok(Parsed::Norm(NormFault { eps, from })),
+            _ => Err(bad(spec, "norm takes eps=E with E a non-negative number")),
+        };
     }
     let tap_id = canonical_tap_id(target, n_layer).map_err(|e| bad(spec, &e.to_string()))?;
     let fault = match (kind, value) {
@@ -72,21 +86,35 @@ fn parse_one(spec: &str, n_layer: usize) -> Result<Parsed> {
 
 /// Faults for the reference, which computes but never fails on request.
 pub fn parse_all(specs: &[String], n_layer: usize) -> Result<Faults> {
-    let f = parse_runtime(specs, n_layer)?;
+    let f = parse_any(specs, n_layer)?;
     if let Some((tap, _)) = f.crash.first() {
         return Err(Error::input(format!("--inject {tap}:oob is for the runtime; the reference does not fail on request")));
     }
-    Ok(Faults { taps: f.taps, rope: f.rope })
+    Ok(Faults { taps: f.taps, rope: f.rope, norm: f.norm })
 }
 
-pub fn parse_runtime(specs: &[String], n_layer: usize) -> Result<RuntimeFaults> {
+/// Every fault of `specs`, for any engine; [`parse_runtime`] and [`parse_all`] refuse what
+/// their engine cannot do.
+fn parse_any(specs: &[String], n_layer: usize) -> Result<RuntimeFaults> {
     let mut faults = RuntimeFaults::default();
     for s in specs {
         match parse_one(s, n_layer)? {
             Parsed::Tap(t) => faults.taps.push(t),
             Parsed::Rope(r) => faults.rope.push(r),
+            Parsed::Norm(n) if faults.norm.is_none() => faults.norm = Some(n),
+            Parsed::Norm(_) => return Err(bad(s, "only one norm fault may be injected")),
             Parsed::Crash(tap, from) => faults.crash.push((tap, from)),
         }
+    }
+    Ok(faults)
+}
+
+/// Faults as the runtime applies them: its kernels form RoPE angles from positions, so
+/// position corruptions work and bf16 angles do not; RMSNorm epsilon is not injectable.
+pub fn parse_runtime(specs: &[String], n_layer: usize) -> Result<RuntimeFaults> {
+    let faults = parse_any(specs, n_layer)?;
+    if faults.norm.is_some() || faults.rope.iter().any(|r| r.corruption == RopeCorruption::Bf16Angles) {
+        return Err(Error::input("--inject norm:eps and rope:bf16 are for the reference engine (--engine reference); the runtime does not support them"));
     }
     Ok(faults)
 }
@@ -100,8 +128,15 @@ mod tests {
         let f = parse_all(&["blk.5.attn_out:scale=1.5@826".into(), "l_out-3:nan@7".into(), "rope:shift=3@100".into(), "blk.2.rope:shift=-1@0".into(), "embed:zero@0".into()], 30).unwrap();
         assert_eq!(f.taps[0], TapFault { tap_id: "blk.5.attn_out".into(), fault: Fault::Scale(1.5), from: 826 });
         assert_eq!(f.taps[1].tap_id, "blk.3.resid_post");
-        assert_eq!(f.rope, vec![RopeFault { layer: None, shift: 3, from: 100 }, RopeFault { layer: Some(2), shift: -1, from: 0 }]);
-        for bad in ["blk.5.attn_out:scale@1", "blk.5.attn_out:nan=1@1", "blk.5.attn_out:scale=2", "blk.40.q:nan@1", "rope:shift=0.5@1", "blk.2.rope:scale=2@1", "x:nan@1", "blk.1.q:melt@1", "blk.1.q:scale=inf@1"] {
+        assert_eq!(f.rope, vec![RopeFault { layer: None, corruption: RopeCorruption::Shift(3), from: 100 }, RopeFault { layer: Some(2), corruption: RopeCorruption::Shift(-1), from: 0 }]);
+        let f = parse_all(&["rope:scale=1.01@0".into(), "blk.1.rope:bf16@0".into(), "norm:eps=1e-6@0".into()], 30).unwrap();
+        assert_eq!(f.rope[0].corruption, RopeCorruption::Scale(1.01));
+        assert_eq!(f.rope[1], RopeFault { layer: Some(1), corruption: RopeCorruption::Bf16Angles, from: 0 });
+        assert_eq!(f.norm, Some(NormFault { eps: 1e-6, from: 0 }));
+        assert!(parse_runtime(&["norm:eps=1e-6@0".into()], 30).is_err());
+        assert!(parse_runtime(&["rope:bf16@0".into()], 30).is_err());
+        assert!(parse_runtime(&["rope:scale=1.01@0".into()], 30).is_ok());
+        for bad in ["blk.5.attn_out:scale@1", "blk.5.attn_out:nan=1@1", "blk.5.attn_out:scale=2", "blk.40.q:nan@1", "rope:shift=0.5@1", "blk.2.rope:melt=2@1", "rope:scale=1@1", "norm:eps=-1@0", "norm:scale=2@0", "x:nan@1", "blk.1.q:melt@1", "blk.1.q:scale=inf@1"] {
             assert!(parse_all(&[bad.into()], 30).is_err(), "{bad}");
         }
     }

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use resbisect::bisect::{self, BisectOptions, Outcome, Replayer};
-use resbisect::diff::{self, DiffOptions, DiffReport};
+use resbisect::diff::{self, DiffOptions, DiffReport, Judge};
 use resbisect::engines::{Engine, ExternalEngine, ReferenceDriver, RuntimeDriver};
 use resbisect::dump::Dump;
 use resbisect::report;
@@ -188,6 +188,28 @@ struct CompareArgs {
     /// Compare dumps from different model files.
     #[arg(long)]
     allow_model_mismatch: bool,
+    /// What rows are judged against: `auto` uses each tap's tolerance unless an error
+    /// sits systematically over the noise floor before the first tap over tolerance
+    /// (then the floor, from there on); `tolerance` or `floor` force one.
+    #[arg(long, value_enum, default_value_t = JudgeArg::Auto)]
+    judge: JudgeArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum JudgeArg {
+    Auto,
+    Tolerance,
+    Floor,
+}
+
+impl JudgeArg {
+    fn judge(self) -> Judge {
+        match self {
+            JudgeArg::Auto => Judge::Auto,
+            JudgeArg::Tolerance => Judge::Tolerance,
+            JudgeArg::Floor => Judge::NoiseFloor,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -301,6 +323,9 @@ struct BisectArgs {
     /// probed (more catches taps that leave B's long before the residual stream does).
     #[arg(long, default_value_t = 16)]
     tap_window: usize,
+    /// Skip local replay: end at the first divergent tap and position.
+    #[arg(long)]
+    no_replay: bool,
     /// Write bisect.{json,md,html} and report.{json,md,html} here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -547,6 +572,7 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
         None => bisect_engine(spec_b, &a, &model, reference.as_ref())?,
     };
     let replayer = match &reference {
+        _ if a.no_replay => Replayer::Skip,
         Some(r) => Replayer::Loaded(r),
         None => Replayer::OnDemand { model: &model, precision },
     };
@@ -559,7 +585,7 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
         None => std::env::temp_dir().join(format!("resbisect-bisect-{}-{}", std::process::id(), humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string().replace(':', ""))),
     };
     bisect::check_work_dir(&work)?;
-    let opts = BisectOptions { tolerances, allow_model_mismatch: a.compare.allow_model_mismatch, logits_budget: a.logits_budget_mib << 20, work, sequential: a.sequential, tap_window: a.tap_window };
+    let opts = BisectOptions { tolerances, allow_model_mismatch: a.compare.allow_model_mismatch, judge: a.compare.judge.judge(), logits_budget: a.logits_budget_mib << 20, work, sequential: a.sequential, tap_window: a.tap_window };
     resbisect::trace::mark(|| "engines ready".into());
     eprintln!("bisecting {} ({} tokens): A = {}, B = {}; probes in {}", prompt.id, prompt.tokens.len(), engine_a.label(), engine_b.label(), opts.work.display());
     let c = &model.config;
@@ -612,11 +638,12 @@ fn cmd_demo(model: PathBuf, prompts: PathBuf, output: PathBuf) -> Result<ExitCod
         oracle_backend: BackendKind::Cpu,
         oracle_dtype: "f32".into(),
         reference_dtype: "f32".into(),
-        compare: CompareArgs { tolerances: None, allow_model_mismatch: false },
+        compare: CompareArgs { tolerances: None, allow_model_mismatch: false, judge: JudgeArg::Auto },
         logits_budget_mib: 64,
         work: Some(output.join("probes")),
         sequential: false,
         tap_window: 16,
+        no_replay: false,
         report: Some(output.join("report")),
         json: false,
     };
@@ -717,12 +744,16 @@ fn compare(a: &Path, b: &Path, args: &CompareArgs) -> Result<DiffReport> {
         Some(p) => Tolerances::load(p)?,
         None => Tolerances::default(),
     };
-    diff::diff(&Dump::open(a)?, &Dump::open(b)?, &DiffOptions { tolerances, allow_model_mismatch: args.allow_model_mismatch })
+    diff::diff(&Dump::open(a)?, &Dump::open(b)?, &DiffOptions { tolerances, allow_model_mismatch: args.allow_model_mismatch, judge: args.judge.judge() })
 }
 
-/// Exit 1 when a divergence was found (DESIGN §8).
+/// Exit 3 when a dump's engine failed or never finished, whatever its rows say (a
+/// crashed engine never passes a gate); else 1 when a divergence was found.
 fn verdict(r: &DiffReport) -> ExitCode {
-    if r.diverged {
+    if let Some(failure) = r.engine_failure() {
+        eprintln!("error: {failure}");
+        ExitCode::from(3)
+    } else if r.diverged {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
@@ -750,8 +781,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if !(margin.is_finite() && margin >= 1.0 && floor.is_finite() && floor >= 0.0) {
                 return Err(Error::input("--margin must be >= 1 and --floor >= 0"));
             }
-            let args = CompareArgs { tolerances: None, allow_model_mismatch };
+            let args = CompareArgs { tolerances: None, allow_model_mismatch, judge: JudgeArg::Tolerance };
             let reports = dumps.chunks(2).map(|p| compare(&p[0], &p[1], &args)).collect::<Result<Vec<_>>>()?;
+            // Known-good pairs only: a failed or unfinished dump is no noise floor.
+            if let Some(failure) = reports.iter().find_map(DiffReport::engine_failure) {
+                return Err(Error::engine(failure));
+            }
             let t = diff::calibrate(&reports, margin, floor);
             std::fs::write(&output, serde_json::to_string_pretty(&t).map_err(|e| Error::input(e.to_string()))? + "\n").map_err(|e| Error::io(&output, e))?;
             for o in &t.taps {

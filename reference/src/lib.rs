@@ -40,12 +40,50 @@ pub struct TapFault {
     pub from: usize,
 }
 
-/// RoPE position corruption: queries and keys at positions ≥ `from` are rotated as if
-/// they sat at `position + shift`; `layer` None means every layer.
+/// How a corrupted RoPE rotates the query and key rows it hits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeCorruption {
+    /// As if the row sat at `position + shift` (an off-by-N position, e.g. a chunked-prefill
+    /// offset bug).
+    Shift(i64),
+    /// As if the row sat at `position × factor`: every frequency scaled by `factor` (a wrong
+    /// RoPE frequency scaling).
+    Scale(f64),
+    /// Angles `position × θ_i` formed in bf16 — position, inverse frequency and product each
+    /// rounded to bf16, as in a RoPE table computed in half precision. The error grows with
+    /// the position.
+    Bf16Angles,
+}
+
+/// RoPE corruption of the rows at positions ≥ `from`; `layer` None means every layer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RopeFault {
     pub layer: Option<usize>,
-    pub shift: i64,
+    pub corruption: RopeCorruption,
+    pub from: usize,
+}
+
+impl RopeFault {
+    /// The position the row at `position` is rotated as, for corruptions that move the
+    /// position (None for [`RopeCorruption::Bf16Angles`], which rounds angles instead).
+    pub fn rotated_position(&self, position: usize) -> Option<f64> {
+        let p = position as f64;
+        if position < self.from {
+            return Some(p);
+        }
+        match self.corruption {
+            RopeCorruption::Shift(s) => Some(p + s as f64),
+            RopeCorruption::Scale(f) => Some(p * f),
+            RopeCorruption::Bf16Angles => None,
+        }
+    }
+}
+
+/// RMSNorm computed with `eps` instead of the model's on rows at positions ≥ `from`, in
+/// every norm of the model (a wrong `rms_eps` read from the config).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NormFault {
+    pub eps: f64,
     pub from: usize,
 }
 
@@ -53,6 +91,7 @@ pub struct RopeFault {
 pub struct Faults {
     pub taps: Vec<TapFault>,
     pub rope: Vec<RopeFault>,
+    pub norm: Option<NormFault>,
 }
 
 impl Faults {
@@ -82,6 +121,20 @@ impl Faults {
     fn rope_for(&self, layer: usize) -> Option<&RopeFault> {
         self.rope.iter().find(|r| r.layer.is_none_or(|l| l == layer))
     }
+
+    /// The RMSNorm epsilon of each of the rows at `positions`.
+    fn eps(&self, model_eps: f64, positions: &[usize]) -> Eps {
+        match self.norm {
+            Some(f) if positions.iter().any(|&p| p >= f.from) => Eps::Rows(positions.iter().map(|&p| if p >= f.from { f.eps } else { model_eps }).collect()),
+            _ => Eps::Model(model_eps),
+        }
+    }
+}
+
+/// RMSNorm's epsilon: the model's, or one per row where a [`NormFault`] acts.
+enum Eps {
+    Model(f64),
+    Rows(Vec<f64>),
 }
 
 #[derive(Debug, Clone)]
@@ -300,6 +353,7 @@ impl Reference {
         }
         let true_positions: Vec<f64> = (0..n).map(|p| p as f64).collect();
         let (cos, sin) = rope_tables(&true_positions, cfg.head_dim(), cfg.rope_base, self.dtype)?;
+        let eps = faults.eps(cfg.rms_eps, &(0..n).collect::<Vec<_>>());
         for l in first..=last {
             let ids: Vec<String> = LAYER_TAPS.iter().map(|t| format!("blk.{l}.{t}")).collect();
             let wanted: Vec<bool> = ids.iter().map(|id| sink.wants(id)).collect();
@@ -313,14 +367,11 @@ impl Reference {
                 Ok(t)
             };
             let faulty_rope = match faults.rope_for(l) {
-                Some(f) => {
-                    let shifted: Vec<f64> = (0..n).map(|p| if p >= f.from { p as f64 + f.shift as f64 } else { p as f64 }).collect();
-                    Some(rope_tables(&shifted, cfg.head_dim(), cfg.rope_base, self.dtype)?)
-                }
-                None => None,
+                Some(f) if f.from < n => Some(faulty_rope_tables(n, f, cfg.head_dim(), cfg.rope_base, self.dtype)?),
+                _ => None,
             };
             let (cos, sin) = faulty_rope.as_ref().map(|(c, s)| (c, s)).unwrap_or((&cos, &sin));
-            x = self.layer(self.layer_weights(l)?, &x, cos, sin, &mut tap)?;
+            x = self.layer(self.layer_weights(l)?, &x, cos, sin, &eps, &mut tap)?;
             if !captured.is_empty() {
                 sink.emit(&format!("blk.{l}"), captured)?;
             }
@@ -344,9 +395,11 @@ impl Reference {
                 .map(|f| TapFault { from: positions.iter().position(|&p| p >= f.from).unwrap_or(positions.len()), ..f.clone() })
                 .collect(),
             rope: Vec::new(),
+            norm: None,
         };
         let io = self.io()?;
-        let normed = gathered_faults.apply("final_norm", rms_norm(&gather(x, positions)?, &io.output_norm, self.cfg.rms_eps)?)?;
+        let eps = faults.eps(self.cfg.rms_eps, positions);
+        let normed = gathered_faults.apply("final_norm", rms_norm(&gather(x, positions)?, &io.output_norm, &eps)?)?;
         let mut out = Vec::new();
         if want_norm {
             out.push(("final_norm".to_string(), normed.clone()));
@@ -359,25 +412,26 @@ impl Reference {
 
     /// One transformer block over all rows of `x`; `tap(i, t)` sees each of the layer's
     /// taps in order (index into the layer taps) and hands on what the block continues with.
-    fn layer(&self, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor, tap: &mut dyn FnMut(usize, Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    #[allow(clippy::too_many_arguments)]
+    fn layer(&self, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor, eps: &Eps, tap: &mut dyn FnMut(usize, Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (qw, kvw) = (cfg.n_head * cfg.head_dim(), cfg.n_head_kv * cfg.head_dim());
-        let h = tap(0, rms_norm(x, &layer.attn_norm, cfg.rms_eps)?)?;
+        let h = tap(0, rms_norm(x, &layer.attn_norm, eps)?)?;
         let qkv = h.matmul(&layer.wqkv)?;
         let q = tap(1, rope(&qkv.narrow(1, 0, qw)?, cfg.n_head, cos, sin)?)?;
         let k = tap(2, rope(&qkv.narrow(1, qw, kvw)?, cfg.n_head_kv, cos, sin)?)?;
         let v = tap(3, qkv.narrow(1, qw + kvw, kvw)?.contiguous()?)?;
         let positions: Vec<usize> = (0..x.dim(0)?).collect();
         let attn = tap(4, attention(&q, &k, &v, &positions, cfg)?)?;
-        self.layer_rest(layer, x, attn, tap)
+        self.layer_rest(layer, x, attn, eps, tap)
     }
 
     /// The block after attention, for the rows of `x` that `attn` holds.
-    fn layer_rest(&self, layer: &Layer, x: &Tensor, attn: Tensor, tap: &mut dyn FnMut(usize, Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    fn layer_rest(&self, layer: &Layer, x: &Tensor, attn: Tensor, eps: &Eps, tap: &mut dyn FnMut(usize, Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let cfg = &self.cfg;
         let attn_out = tap(5, attn.matmul(&layer.wo)?)?;
         let resid_mid = tap(6, (x + &attn_out)?)?;
-        let h2 = tap(7, rms_norm(&resid_mid, &layer.ffn_norm, cfg.rms_eps)?)?;
+        let h2 = tap(7, rms_norm(&resid_mid, &layer.ffn_norm, eps)?)?;
         let gate_up = h2.matmul(&layer.w_gate_up)?;
         let gate = tap(8, gate_up.narrow(1, 0, cfg.n_ff)?)?;
         let up = tap(9, gate_up.narrow(1, cfg.n_ff, cfg.n_ff)?)?;
@@ -405,7 +459,8 @@ impl Reference {
         let x = Tensor::from_slice(input, (rows, cfg.n_embd), &Device::Cpu)?.to_dtype(self.dtype)?;
         let all: Vec<f64> = (0..rows).map(|p| p as f64).collect();
         let (cos, sin) = rope_tables(&all, cfg.head_dim(), cfg.rope_base, self.dtype)?;
-        let h = rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
+        let eps = Eps::Model(cfg.rms_eps);
+        let h = rms_norm(&x, &layer.attn_norm, &eps)?;
         let kv = h.matmul(&layer.wqkv.narrow(1, qw, 2 * kvw)?)?;
         let k = rope(&kv.narrow(1, 0, kvw)?, cfg.n_head_kv, &cos, &sin)?;
         let v = kv.narrow(1, kvw, kvw)?.contiguous()?;
@@ -422,7 +477,7 @@ impl Reference {
             record(i, t)?;
         }
         let attn = record(4, attention(&q, &k, &v, at, cfg)?)?;
-        self.layer_rest(layer, &gather(&x, at)?, attn, &mut record)?;
+        self.layer_rest(layer, &gather(&x, at)?, attn, &eps, &mut record)?;
         Ok(out)
     }
 }
@@ -433,23 +488,47 @@ pub fn gather(t: &Tensor, positions: &[usize]) -> Result<Tensor> {
     Ok(t.contiguous()?.index_select(&idx, 0)?)
 }
 
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let scale = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+fn rms_norm(x: &Tensor, w: &Tensor, eps: &Eps) -> Result<Tensor> {
+    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let with_eps = match eps {
+        Eps::Model(e) => (mean_sq + *e)?,
+        Eps::Rows(e) => mean_sq.broadcast_add(&Tensor::from_slice(e, (e.len(), 1), &Device::Cpu)?.to_dtype(x.dtype())?)?,
+    };
+    let scale = with_eps.sqrt()?.recip()?;
     Ok(x.broadcast_mul(&scale)?.broadcast_mul(w)?)
 }
 
 /// cos/sin of position × frequency, shaped [n, 1, head_dim/2, 1] for broadcasting.
 /// Angles are formed in f64 so that f32 runs carry no angle error at long positions.
 fn rope_tables(positions: &[f64], head_dim: usize, base: f64, dtype: DType) -> Result<(Tensor, Tensor)> {
-    let n = positions.len();
+    rope_tables_by(positions.len(), head_dim, dtype, |r, inv_freq| positions[r] * inv_freq, base)
+}
+
+/// RoPE tables for rows `0..n` under a RoPE fault (the fault's corruption from its position on).
+fn faulty_rope_tables(n: usize, fault: &RopeFault, head_dim: usize, base: f64, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let bf16 = |v: f64| half::bf16::from_f64(v).to_f64();
+    rope_tables_by(
+        n,
+        head_dim,
+        dtype,
+        |p, inv_freq| match fault.rotated_position(p) {
+            Some(at) => at * inv_freq,
+            None => bf16(bf16(p as f64) * bf16(inv_freq)),
+        },
+        base,
+    )
+}
+
+/// cos/sin of `angle(row, inverse frequency)` for rows `0..n`, shaped [n, 1, head_dim/2, 1].
+fn rope_tables_by(n: usize, head_dim: usize, dtype: DType, angle: impl Fn(usize, f64) -> f64, base: f64) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
     let mut cos = Vec::with_capacity(n * half);
     let mut sin = Vec::with_capacity(n * half);
-    for &p in positions {
+    for r in 0..n {
         for i in 0..half {
-            let angle = p * base.powf(-2.0 * i as f64 / head_dim as f64);
-            cos.push(angle.cos());
-            sin.push(angle.sin());
+            let a = angle(r, base.powf(-2.0 * i as f64 / head_dim as f64));
+            cos.push(a.cos());
+            sin.push(a.sin());
         }
     }
     let shape = (n, 1, half, 1);

@@ -289,7 +289,7 @@ impl<B: Backend> Runtime<B> {
             let shifted: Vec<f32>;
             let rope_positions = match faults.rope.iter().find(|r| r.layer.is_none_or(|x| x == l)) {
                 Some(r) if start + rows > r.from => {
-                    shifted = (start..start + rows).map(|p| if p >= r.from { p as f32 + r.shift as f32 } else { p as f32 }).collect();
+                    shifted = (start..start + rows).map(|p| r.rotated_position(p).unwrap_or(p as f64) as f32).collect();
                     Src::Host(&shifted)
                 }
                 _ if decode => Src::Step,

@@ -649,21 +649,11 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
         return finish(report, s);
     };
     let bad_coarse = coarse.iter().copied().find(|l| tap_diverged(&r, &format!("blk.{l}.resid_post")));
-    // Causality lets the prompt stop after the position where the first divergent tap,
-    // in topological order, first diverges — not the earliest position of any tap: an
-    // error that grows with depth crosses tolerance earlier in later layers. The cut
-    // keeps at least MIN_JUDGED_ROWS rows to judge layers on. Not when values are
-    // non-finite: 0·NaN in masked attention tiles can carry a NaN to earlier positions.
-    let nonfinite = has_nonfinite(&r);
-    let origin_pos = first_of(&r).map_or(first_pos, |f| f.position);
-    let mut prefix = if nonfinite { n } else { (origin_pos + 1).max(MIN_JUDGED_ROWS).min(n) };
-    let cut = if prefix < n {
-        format!("; the prompt is cut to {prefix} tokens")
-    } else if nonfinite {
-        "; non-finite values: the prompt is not cut".into()
-    } else {
-        String::new()
-    };
+    // Causality lets the probes after the layer search stop after the position where
+    // the first divergent layer first diverges. Not when values are non-finite: 0·NaN in
+    // masked attention tiles can carry a NaN to earlier positions.
+    let mut whole_prompt = has_nonfinite(&r);
+    let cut = if whole_prompt { "; non-finite values: the prompt will not be cut" } else { "" };
     let Some(coarse_hi) = bad_coarse.filter(|_| !tap_diverged(&r, "embed")) else {
         // The divergence starts at embed or only in the output head: already narrowed.
         let f = first_of(&r);
@@ -687,6 +677,7 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
     let input_id = |l: usize| if l == 0 { "embed".to_string() } else { format!("blk.{}.resid_post", l - 1) };
     let mut preload = None;
     let mut early_replay;
+    let mut prefix;
     let (hi, at, taps_diff, mut first, window) = loop {
         let (mut lo, mut hi) = (coarse_lo, coarse_hi);
         // Where the first bad layer's resid_post first leaves B's, and its tolerance.
@@ -700,9 +691,12 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
             let mid = (first_unknown + hi - 1) / 2;
             let id = format!("blk.{mid}.resid_post");
             // The layer before comes along: it is a replay input later, and costs no compute
-            // (the built-in engines stop at the last tapped layer).
+            // (the built-in engines stop at the last tapped layer). Every position is
+            // judged: an error that grows with depth crosses tolerance earlier in later
+            // layers, so a cut made from a later layer could hide where an earlier one
+            // first diverges (the built-in engines serve these from their checkpoints).
             let layers = (mid.saturating_sub(1)..=mid).collect();
-            match s.probe(&format!("layer-{mid}"), prefix, selection(layers, &["resid_post"], &Rows::All, prefix))? {
+            match s.probe(&format!("layer-{mid}"), n, selection(layers, &["resid_post"], &Rows::All, n))? {
                 ProbeResult::Compared(r) => {
                     if tap_diverged(&r, &id) {
                         s.note(format!("layer {mid} diverges: the first bad layer is in {first_unknown}..={mid}"));
@@ -717,6 +711,8 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
             }
         }
         let (hi_pos, resid_tol) = hi_first.ok_or_else(|| Error::engine(format!("blk.{hi}.resid_post was judged divergent but has no divergent row")))?;
+        // The cut keeps at least MIN_JUDGED_ROWS rows to judge the layer's taps on.
+        prefix = if whole_prompt { n } else { (hi_pos + 1).max(MIN_JUDGED_ROWS).min(n) };
         if let Replayer::OnDemand { model, precision } = replayer {
             let layers = replay_layers(hi, n_layer);
             let bytes = model.n_params() / n_layer as u64 * layers.len() as u64 * precision.bytes() as u64;
@@ -764,7 +760,7 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
             None if prefix < n => {
                 // The cut prompt does not reproduce: the engine is not causal here.
                 s.note(format!("no tap of layer {hi} diverges on the cut prompt: the engine is not causal here; searching the whole prompt"));
-                prefix = n;
+                whole_prompt = true;
                 continue;
             }
             None => {
@@ -772,7 +768,8 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
                 break (hi, at, taps_diff, None, 0);
             }
         };
-        s.note(format!("first divergent tap {} at position {} (of {} positions probed)", first.tap, first.position, probed.len()));
+        let on = if prefix < n { format!(", the prompt cut to {prefix} tokens") } else { String::new() };
+        s.note(format!("first divergent tap {} at position {} (of {} positions probed{on})", first.tap, first.position, probed.len()));
         break (hi, at, taps_diff, Some(first), window);
     };
     report.prefix = prefix;

@@ -9,7 +9,7 @@ use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::bisect::BisectReport;
-use crate::diff::{DiffReport, PromptDiff, TapDiff};
+use crate::diff::{DiffReport, Judgement, PromptDiff, TapDiff};
 use crate::error::{Error, Result};
 use crate::taps::{Tap, LAYER_TAPS};
 
@@ -50,6 +50,12 @@ pub fn terminal_summary(r: &DiffReport) -> String {
             Some(f) => {
                 let m = &f.metrics;
                 let _ = writeln!(s, "\nprompt {} ({} tokens): FIRST DIVERGENCE at {}, position {} (token {})", p.id, p.n_tokens, f.tap, f.position, f.token);
+                if p.judged == Judgement::NoiseFloor {
+                    let _ = writeln!(s, "  judged against the noise floor (threshold rel_l2 {}): a systematic error below tolerance", sci(f.tolerance.rel_l2));
+                }
+                if let Some(k) = f.shift {
+                    let _ = writeln!(s, "  A's rows equal B's shifted by {k:+} positions (A at p holds B's p{:+})", -k);
+                }
                 let _ = writeln!(
                     s,
                     "  rel_l2 {}  max_abs {}  cosine {:.6}  nmse {}  sqnr {:.1} dB  non-finite A/B {}/{}  (tolerance rel_l2 {}, abs {})",
@@ -72,6 +78,9 @@ pub fn terminal_summary(r: &DiffReport) -> String {
                 let _ = writeln!(s, "  {bad} of {} taps diverge somewhere", p.taps.len());
             }
         }
+        if let Some(m) = &p.token_mismatch {
+            let _ = writeln!(s, "  TOKENS DIFFER: {}", m.describe());
+        }
         if !p.missing_in_a.is_empty() {
             let _ = writeln!(s, "  missing in A ({}): {}", p.missing_in_a.len(), abbreviate(&p.missing_in_a));
         }
@@ -79,7 +88,12 @@ pub fn terminal_summary(r: &DiffReport) -> String {
             let _ = writeln!(s, "  missing in B ({}): {}", p.missing_in_b.len(), abbreviate(&p.missing_in_b));
         }
     }
-    let _ = writeln!(s, "\n{}", if r.diverged { "result: DIVERGENCE" } else { "result: no divergence" });
+    let result = match r.engine_failure() {
+        Some(f) => format!("result: ENGINE FAILURE: {f}{}", if r.diverged { " (and a divergence in what was compared)" } else { "" }),
+        None if r.diverged => "result: DIVERGENCE".into(),
+        None => "result: no divergence".into(),
+    };
+    let _ = writeln!(s, "\n{result}");
     s
 }
 
@@ -94,7 +108,12 @@ fn abbreviate(v: &[String]) -> String {
 /// Markdown for a CI comment.
 pub fn markdown(r: &DiffReport) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "## resbisect: {}\n", if r.diverged { "divergence found" } else { "no divergence" });
+    let verdict = match r.engine_failure() {
+        Some(f) => format!("engine failure — {}", md_text(&f)),
+        None if r.diverged => "divergence found".into(),
+        None => "no divergence".into(),
+    };
+    let _ = writeln!(s, "## resbisect: {verdict}\n");
     let _ = writeln!(s, "- A: `{}` — {} ({} {}), {:?}", md_code(&r.a.path), md_text(&r.a.engine.name), md_text(&r.a.engine.backend), md_text(&r.a.engine.dtype), r.a.status);
     let _ = writeln!(s, "- B: `{}` — {} ({} {}), {:?}", md_code(&r.b.path), md_text(&r.b.engine.name), md_text(&r.b.engine.backend), md_text(&r.b.engine.dtype), r.b.status);
     for n in &r.notes {
@@ -359,7 +378,7 @@ pub fn history_entry(r: &DiffReport, run: &str) -> HistoryEntry {
             .iter()
             .map(|p| HistoryPrompt {
                 id: p.id.clone(),
-                diverged: p.first.is_some(),
+                diverged: p.diverged(),
                 first_tap: p.first.as_ref().map(|f| f.tap.clone()),
                 first_position: p.first.as_ref().map(|f| f.position),
                 max_rel_l2: worst_tap(p).map(|t| if t.max_rel_l2().is_finite() { t.max_rel_l2() } else { 1e3 }).unwrap_or(0.0),
@@ -523,16 +542,30 @@ pub fn bisect_summary(r: &BisectReport) -> String {
         let _ = writeln!(s, "ENGINE {} CRASHED ({}) during the {} probe: {}", c.engine, c.label, c.probe, c.error.message);
         let _ = writeln!(s, "  last tap written: {}", c.error.tap.as_deref().unwrap_or("none"));
     }
+    if let Some(m) = &r.token_mismatch {
+        let _ = writeln!(s, "TOKENS DIFFER: {}", m.describe());
+    }
     match &r.first {
         Some(f) => {
             let m = &f.metrics;
             let _ = writeln!(s, "FIRST DIVERGENCE: {} at position {} (token {})", f.tap, f.position, f.token);
-            let _ = writeln!(s, "  rel_l2 {}  max_abs {}  cosine {:.6}  (tolerance rel_l2 {})", sci(m.rel_l2), sci(m.max_abs), m.cosine, sci(f.tolerance.rel_l2));
+            let judged = match r.judged {
+                Judgement::Tolerance => "tolerance",
+                Judgement::NoiseFloor => "noise-floor threshold",
+            };
+            let _ = writeln!(s, "  rel_l2 {}  max_abs {}  cosine {:.6}  ({judged} rel_l2 {})", sci(m.rel_l2), sci(m.max_abs), m.cosine, sci(f.tolerance.rel_l2));
+            if let Some(k) = f.shift {
+                let _ = writeln!(s, "  A's rows equal B's shifted by {k:+} positions (A at p holds B's p{:+})", -k);
+            }
         }
-        None if r.crash.is_none() => {
+        None if r.crash.is_none() && r.token_mismatch.is_none() => {
             let _ = writeln!(s, "no divergence");
         }
         None => {}
+    }
+    if let Some(worst) = r.noise.iter().max_by(|a, b| a.p75_rel_l2.total_cmp(&b.p75_rel_l2)) {
+        let levels: Vec<String> = r.noise.iter().map(|n| format!("{} {}", n.tap.trim_end_matches(".resid_post"), sci(n.p75_rel_l2))).collect();
+        let _ = writeln!(s, "noise floor: threshold {} (tolerance {}); coarse residual stream, 75th-percentile row rel_l2: {}", sci(worst.floor), sci(worst.tolerance), levels.join(", "));
     }
     if !r.replay.is_empty() {
         let _ = writeln!(s, "\nlocal replay on the reference from A's own inputs (max rel_l2 over positions; introduced at the {} replayed positions):", r.replay_positions.len());

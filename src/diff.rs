@@ -127,16 +127,17 @@ impl TapDiff {
 pub enum Judgement {
     /// Each tap's tolerance.
     Tolerance,
-    /// Each tap's noise-floor threshold: an error sat systematically above the floor
-    /// before the first tap over tolerance, so the origin lies earlier than tolerance shows.
+    /// Each tap's noise-floor threshold: the first tap over tolerance sits on an error
+    /// that is systematically over the noise floor from that tap or an earlier one on, so
+    /// the floor, not the tolerance, shows where the error begins.
     NoiseFloor,
 }
 
 /// How `diff` chooses the [`Judgement`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Judge {
-    /// Against the noise floor when a systematic error over the floor comes before the
-    /// first tap over tolerance; else against tolerance.
+    /// Against the noise floor (from the onset on) when a systematic error over the floor
+    /// begins at or before the first tap over tolerance; else against tolerance.
     Auto,
     Tolerance,
     NoiseFloor,
@@ -296,7 +297,7 @@ fn judgement_note(p: &PromptDiff) -> Option<String> {
     let onset = p.taps.iter().find(|t| Some(&t.tap) == p.drift_onset.as_ref())?;
     let over = format!("{} sits over its noise floor (rel_l2 {:.1e}) on {} of {} rows", onset.tap, onset.floor.rel_l2, onset.rows_over_floor, onset.rows.len());
     Some(match (p.judged, &p.first) {
-        (Judgement::NoiseFloor, _) => format!("prompt {}: judged against the noise floor: {over}, and every later residual-stream tap too, before any tap crosses its tolerance", p.id),
+        (Judgement::NoiseFloor, _) => format!("prompt {}: judged against the noise floor from {}: {over}, and every later residual-stream tap too", p.id, onset.tap),
         (Judgement::Tolerance, None) => format!("prompt {}: within tolerance, but {over}, and every later residual-stream tap too: a systematic error below tolerance? (--judge floor judges against the floor)", p.id),
         (Judgement::Tolerance, Some(_)) => return None,
     })
@@ -464,7 +465,9 @@ fn diff_prompt(a: &Dump, b: &Dump, id: &str, engine_dtypes: &[TapDType], opts: &
     let judged = match (opts.judge, drift_onset, first_over_tolerance) {
         (Judge::Tolerance, ..) => Judgement::Tolerance,
         (Judge::NoiseFloor, ..) => Judgement::NoiseFloor,
-        (Judge::Auto, Some(onset), Some(first)) if onset < first => Judgement::NoiseFloor,
+        // The first tap over tolerance sits on a systematic error over the floor that
+        // began there or earlier: the floor shows where it began.
+        (Judge::Auto, Some(onset), Some(first)) if onset <= first => Judgement::NoiseFloor,
         (Judge::Auto, ..) => Judgement::Tolerance,
     };
     if judged == Judgement::NoiseFloor {

@@ -71,11 +71,12 @@ pub const FLOOR_MARGIN: f64 = 10.0;
 /// Noise floors of sound engines against the f32 reference, from SmolLM2 (`cpu` runtime
 /// against the reference, every tap of every layer, 128 and 1652 tokens; docs/validation.md,
 /// "Noise floors"): the worst tap's 75th-percentile row was f32 4.5e-6, f16 6.9e-3, bf16
-/// 4.7e-2; HF transformers f32 stays ≤ 1.3e-5 on every row. Each floor × FLOOR_MARGIN sits
-/// above those with room, and below the errors of real sub-tolerance bugs (RMSNorm eps
-/// 1e-6 for 1e-5: 3e-4 from layer 0 on; RoPE angles in bf16: 7e-4 at layer 0's q).
+/// 4.7e-2, and the worst single f32 row 3.4e-5 (1652 tokens); HF transformers f32 stays
+/// ≤ 1.3e-5 on every row. Each floor × FLOOR_MARGIN sits above those, and below the
+/// errors of real sub-tolerance bugs (RMSNorm eps 1e-6 for 1e-5: 3e-4 from layer 0 on;
+/// RoPE angles in bf16: 7e-4 at layer 0's q, 1e-4 in its residual stream).
 fn default_floors() -> std::collections::BTreeMap<String, f64> {
-    [("F64", 1e-12), ("F32", 2e-6), ("BF16", 1e-2), ("F16", 2e-3)].into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    [("F64", 1e-12), ("F32", 4e-6), ("BF16", 1e-2), ("F16", 2e-3)].into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
 /// `*` matches any run of characters; everything else literally.

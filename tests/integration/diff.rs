@@ -123,7 +123,11 @@ fn mismatched_inputs_are_refused() {
     };
     let a = dump("a", &m1, "5,6,7,8");
     let b = dump("b", &m1, "5,6,9,8");
-    assert_refused(&resbisect(&["diff", path_str(&a), path_str(&b)]), "tokens differ at position 2 (A has 7, B has 9)");
+    // Different inputs are an engine bug, not bad input: a finding, rows before it compared.
+    let out = resbisect(&["diff", path_str(&a), path_str(&b)]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stdout.contains("TOKENS DIFFER: the engines ran different tokens from position 2: A has token 7, B has token 9"), "{}", out.stdout);
+    assert!(out.stdout.contains("no divergence over"), "{}", out.stdout);
     let c = dump("c", &m2, "5,6,7,8");
     assert_refused(&resbisect(&["diff", path_str(&a), path_str(&c)]), "different models");
     let out = resbisect(&["diff", path_str(&a), path_str(&c), "--allow-model-mismatch"]);
@@ -151,8 +155,10 @@ fn partial_dump_of_a_crashed_engine_is_compared() {
     v["status"] = "failed".into();
     v["error"] = serde_json::json!({"message": "illegal memory access", "tap": "blk.0.resid_post"});
     std::fs::write(&manifest, v.to_string()).unwrap();
+    // What was compared is reported; a failed engine still ends the diff with exit 3.
     let out = resbisect(&["diff", path_str(&partial), path_str(&full)]);
-    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    assert!(out.stderr.contains("engine A failed: illegal memory access (last tap written: blk.0.resid_post)"), "{}", out.stderr);
     assert!(out.stdout.contains("dump A is partial: its engine failed: illegal memory access (last tap written: blk.0.resid_post)"), "{}", out.stdout);
     assert!(out.stdout.contains("FIRST DIVERGENCE at blk.0.ffn_out, position 3"), "{}", out.stdout);
     assert!(out.stdout.contains("non-finite A/B 256/0"), "{}", out.stdout);

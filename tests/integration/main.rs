@@ -5,6 +5,7 @@ mod util;
 
 mod bad_input;
 mod bisect;
+mod bug_classes;
 mod diff;
 mod dump_format;
 mod gpu;

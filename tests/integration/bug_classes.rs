@@ -1,0 +1,231 @@
+//! Bisect and diff on the classes of real engine bugs that defeat a naive search, on the
+//! real SmolLM2 model: errors that are small at their origin and grow with depth, an
+//! attention-sink row that hides an error, a systematic error below tolerance, crashed
+//! and unfinished engines, non-finite rows, different tokens, rows at shifted positions.
+//! Each answer is asserted exactly (tap, position, introducing layer).
+
+use std::path::Path;
+
+use resbisect::dump::{Dump, DumpWriter, Manifest, Status, TapTensor};
+use serde_json::Value;
+
+use crate::util::*;
+
+fn bisect_prompts() -> String {
+    root().join("fixtures/prompts/bisect.jsonl").display().to_string()
+}
+
+/// `resbisect bisect --json` on SmolLM2 with `args`; the exit code and the report.
+fn bisect(args: &[&str], work: &Path) -> (i32, Value) {
+    let model = smollm2();
+    let mut all = vec!["bisect", "--model", path_str(&model), "--json", "--work", path_str(work)];
+    all.extend_from_slice(args);
+    let out = resbisect(&all);
+    assert!(matches!(out.code, 0 | 1 | 3), "exit {}: {}", out.code, out.stderr);
+    (out.code, serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}\n{}", out.stdout, out.stderr)))
+}
+
+fn first(r: &Value) -> (&str, u64) {
+    (r["first"]["tap"].as_str().unwrap_or_else(|| panic!("no first divergence: {r}")), r["first"]["position"].as_u64().unwrap())
+}
+
+/// Layers local replay says introduce error.
+fn introducing(r: &Value) -> Vec<u64> {
+    r["replay"].as_array().unwrap().iter().filter(|l| l["introduces"] == true).map(|l| l["layer"].as_u64().unwrap()).collect()
+}
+
+/// Engine runs allowed for SmolLM2's 30 layers: ⌈log2 30⌉ + 4.
+const MAX_RUNS: u64 = 9;
+
+#[test]
+fn an_error_small_at_its_origin_and_growing_with_depth_is_found_at_its_origin() {
+    // RoPE angles formed in bf16 in every layer: layer 0's q is off by ~1e-3 from
+    // position 1, deeper layers cross tolerance at earlier positions than layer 0 does.
+    // The search must neither plan a probe past its cut (exit 2 before) nor stop at a
+    // deeper layer: the origin is layer 0's q, where the rotation first differs.
+    let dir = tempfile::tempdir().unwrap();
+    let (code, r) = bisect(&["--prompts", &bisect_prompts(), "--id", "p6_len_32", "--engine", "reference", "--inject", "rope:bf16@0"], &dir.path().join("w"));
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(first(&r), ("blk.0.q", 1));
+    assert_eq!(introducing(&r).first(), Some(&0), "{}", r["replay"]);
+    assert!(r["runs_a"].as_u64().unwrap() <= MAX_RUNS);
+}
+
+#[test]
+fn a_slightly_wrong_rope_scaling_is_found_at_its_origin_on_a_long_prompt() {
+    // Every frequency 0.1% too high in every layer, on the runtime, over 1652 tokens.
+    let dir = tempfile::tempdir().unwrap();
+    let long = root().join("fixtures/prompts/long.jsonl").display().to_string();
+    let (code, r) = bisect(&["--prompts", &long, "--id", "long_1652", "--inject", "rope:scale=1.001@0"], &dir.path().join("w"));
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(r["n_tokens"], 1652);
+    assert_eq!(first(&r), ("blk.0.q", 1));
+    assert_eq!(introducing(&r).first(), Some(&0), "{}", r["replay"]);
+    assert!(r["runs_a"].as_u64().unwrap() <= MAX_RUNS);
+}
+
+#[test]
+fn an_attention_sink_row_does_not_hide_an_error_in_later_layers() {
+    // ffn_down wrong in layers 20–29: position 0's residual norm is ~100× the others',
+    // so its rows barely move; every other row is 30–80% off from layer 20 on.
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["--prompts".to_string(), bisect_prompts(), "--id".into(), "p6_len_128".into(), "--engine".into(), "reference".into()];
+    for l in 20..30 {
+        args.extend(["--inject".to_string(), format!("blk.{l}.ffn_out:scale=1.3@0")]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, r) = bisect(&args, &dir.path().join("w"));
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(first(&r), ("blk.20.ffn_out", 0));
+    // Layer 19 is clean; 20 introduces the error (and 21, which is faulty too).
+    assert_eq!(introducing(&r), vec![20, 21], "{}", r["replay"]);
+    // Replay's verdict agrees with its own tap table.
+    let off: Vec<&Value> = r["replay_taps"].as_array().unwrap().iter().filter(|t| t["introduces"] == true).collect();
+    assert_eq!(off[0]["tap"], "blk.20.ffn_out", "{}", r["replay_taps"]);
+}
+
+#[test]
+fn a_systematic_error_below_tolerance_is_found_where_it_starts() {
+    // RMSNorm eps 1e-6 instead of 1e-5 puts ~3e-4 on every norm of every layer: far
+    // over the f32 noise floor (~1e-6), under the f32 tolerance (1e-3) until the head.
+    let dir = tempfile::tempdir().unwrap();
+    let (code, r) = bisect(&["--prompts", &bisect_prompts(), "--id", "p6_len_128", "--engine", "reference", "--inject", "norm:eps=1e-6@0"], &dir.path().join("w"));
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(first(&r), ("blk.0.attn_norm", 0));
+    assert_eq!(r["judged"], "noise_floor");
+    assert_eq!(introducing(&r), vec![0], "{}", r["replay"]);
+    // The measured floor is in the report: every coarse residual-stream tap sits over it.
+    let noise = r["noise"].as_array().unwrap();
+    assert!(noise.iter().filter(|n| n["tap"] != "embed").all(|n| n["p75_rel_l2"].as_f64().unwrap() > n["floor"].as_f64().unwrap()), "{noise:?}");
+
+    // diff says the same of full dumps, and says why.
+    let model = smollm2();
+    let dump = |name: &str, inject: &[&str]| {
+        let out_dir = dir.path().join(name);
+        let mut args = vec!["dump", "--model", path_str(&model), "--prompts", &bisect_prompts(), "--id", "p6_len_128", "--layers", "0..4", "--taps", "all", "-o", path_str(&out_dir)];
+        args.extend_from_slice(inject);
+        let out = resbisect(&args);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        out_dir
+    };
+    let (a, b) = (dump("a", &["--inject", "norm:eps=1e-6@0"]), dump("b", &[]));
+    let out = resbisect(&["diff", path_str(&a), path_str(&b)]);
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    assert!(out.stdout.contains("FIRST DIVERGENCE at blk.0.attn_norm, position 0"), "{}", out.stdout);
+    assert!(out.stdout.contains("judged against the noise floor"), "{}", out.stdout);
+    // Forcing tolerances shows why the floor matters: nothing crosses f32 tolerance in
+    // these layers, and the note still names where the drift starts.
+    let out = resbisect(&["diff", path_str(&a), path_str(&b), "--judge", "tolerance"]);
+    assert_eq!(out.code, 0, "{}", out.stdout);
+    assert!(out.stdout.contains("blk.0.attn_norm sits over its noise floor"), "{}", out.stdout);
+}
+
+#[test]
+fn a_crashed_or_unfinished_engine_never_passes_diff() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = smollm2();
+    let m = path_str(&model);
+    let b = dir.path().join("b");
+    let out = resbisect(&["dump", "--model", m, "--tokens", "5,6,7,8,9,10", "--layers", "all", "--taps", "all", "-o", path_str(&b)]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let a = dir.path().join("a");
+    let out = resbisect(&["dump", "--engine", "runtime", "--model", m, "--tokens", "5,6,7,8,9,10", "--layers", "all", "--taps", "all", "--inject", "blk.3.attn_out:oob@2", "-o", path_str(&a)]);
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    // What both dumps hold agrees, yet the comparison ends with the engine failure.
+    let out = resbisect(&["diff", path_str(&a), path_str(&b)]);
+    assert_eq!(out.code, 3, "{}\n{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("no divergence over"), "{}", out.stdout);
+    assert!(out.stdout.contains("result: ENGINE FAILURE: engine A failed"), "{}", out.stdout);
+    assert!(out.stderr.contains("out-of-bounds") && out.stderr.contains("last tap written: blk.2.resid_post"), "{}", out.stderr);
+    // After kill -9 a manifest still says running: unfinished is a failure too.
+    let manifest = a.join("manifest.json");
+    let mut m: Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    m["status"] = "running".into();
+    m["error"] = Value::Null;
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let out = resbisect(&["diff", path_str(&a), path_str(&b)]);
+    assert_eq!(out.code, 3, "{}", out.stdout);
+    assert!(out.stderr.contains("dump A is unfinished") && out.stderr.contains("last tap written: blk.2.resid_post"), "{}", out.stderr);
+}
+
+#[test]
+fn non_finite_rows_show_as_such_and_each_layer_keeps_its_own_first_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = smollm2();
+    let dump = |name: &str, inject: &[&str]| {
+        let out_dir = dir.path().join(name);
+        let mut args = vec!["dump", "--model", path_str(&model), "--prompts", &bisect_prompts(), "--id", "p6_len_32", "--layers", "0..6", "--taps", "attn_out,resid_post", "-o", path_str(&out_dir)];
+        args.extend_from_slice(inject);
+        assert_eq!(resbisect(&args).code, 0);
+        out_dir
+    };
+    // Scaled by 1e38, some values of the row overflow to inf.
+    let (a, b) = (dump("a", &["--inject", "blk.3.attn_out:scale=1e38@5"]), dump("b", &[]));
+    let out = resbisect(&["diff", path_str(&a), path_str(&b)]);
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    assert!(out.stdout.contains("FIRST DIVERGENCE at blk.3.attn_out, position 5"), "{}", out.stdout);
+    assert!(out.stdout.contains("rel_l2 inf  max_abs inf"), "{}", out.stdout);
+
+    // A NaN at 77 in layer 13 leaks to earlier positions of later layers (0·NaN in masked
+    // attention tiles): the coarse line gives each bad layer its own first position.
+    let (code, r) = bisect(&["--prompts", &bisect_prompts(), "--id", "p6_len_128", "--inject", "blk.13.attn_out:nan@77"], &dir.path().join("w"));
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(first(&r), ("blk.13.attn_out", 77));
+    let coarse = r["probes"][0]["finding"].as_str().unwrap();
+    let d = Dump::open(Path::new(r["probes"][0]["dump_a"].as_str().unwrap())).unwrap();
+    for l in [16, 29] {
+        let f = d.read_file("p6_len_128", &format!("blk.{l}")).unwrap().unwrap();
+        let rows = &f.taps[&format!("blk.{l}.resid_post")];
+        let first_nan = (0..f.positions.len()).find(|&i| rows.values[i * rows.width..(i + 1) * rows.width].iter().any(|v| !v.is_finite())).unwrap();
+        assert!(coarse.contains(&format!("{l} (from position {})", f.positions[first_nan])), "layer {l}: {coarse}");
+    }
+}
+
+#[test]
+fn an_engine_that_ran_different_tokens_is_a_finding() {
+    // A doubled first token (a doubled BOS): the engine processed another input.
+    let dir = tempfile::tempdir().unwrap();
+    let exe = env!("CARGO_BIN_EXE_resbisect");
+    let command = format!("{exe} dump --model {{model}} --id {{prompt_id}} --tokens \"$(cut -d, -f1 {{tokens}}),$(cat {{tokens}})\" --layers {{layers}} --taps {{taps}} -o {{out}}");
+    let (code, r) = bisect(&["--prompts", &bisect_prompts(), "--id", "p6_len_32", "--engine", "external", "--command", &command], &dir.path().join("w"));
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(r["outcome"], "diverged");
+    assert_eq!(r["token_mismatch"]["position"], 1, "{r}");
+    assert_eq!(r["token_mismatch"]["shift"], 1, "{r}");
+    // Position 0 ran the same token in the same context: nothing diverges before the mismatch.
+    assert_eq!(r["first"], Value::Null);
+}
+
+#[test]
+fn rows_written_one_position_late_are_named_as_a_shift() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = dir.path().join("b");
+    let out = resbisect(&["dump", "--model", path_str(&smollm2()), "--prompts", &bisect_prompts(), "--id", "p6_len_32", "--layers", "0,1", "--taps", "resid_post", "-o", path_str(&b)]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    // A writes the row of position p at position p + 1 (its position counter is one ahead).
+    let src = Dump::open(&b).unwrap();
+    let a = dir.path().join("a");
+    let mut manifest: Manifest = src.manifest.clone();
+    manifest.status = Status::Running;
+    let mut w = DumpWriter::create(&a, manifest, false).unwrap();
+    for stem in ["blk.0", "blk.1"] {
+        let f = src.read_file("p6_len_32", stem).unwrap().unwrap();
+        let positions: Vec<usize> = f.positions[..f.positions.len() - 1].iter().map(|p| p + 1).collect();
+        let taps: Vec<TapTensor> = f
+            .taps
+            .iter()
+            .map(|(id, rows)| {
+                let values = &rows.values[..positions.len() * rows.width];
+                TapTensor { id: id.clone(), dtype: rows.dtype, rows: positions.len(), width: rows.width, bytes: values.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect() }
+            })
+            .collect();
+        w.write_file("p6_len_32", stem, &positions, &taps).unwrap();
+    }
+    w.finish(Status::Complete, None).unwrap();
+    let out = resbisect(&["diff", path_str(&a), path_str(&b), "--json"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    let r: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(r["prompts"][0]["first"]["shift"], 1, "{}", r["prompts"][0]["first"]);
+    let out = resbisect(&["diff", path_str(&a), path_str(&b)]);
+    assert!(out.stdout.contains("A's rows equal B's shifted by +1 positions"), "{}", out.stdout);
+}

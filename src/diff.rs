@@ -584,11 +584,15 @@ impl Elem for EBF16 {
 fn stat_typed<A: Elem, B: Elem>(a: &[u8], b: &[u8], n: usize) -> RowStat {
     let (mut d2, mut b2, mut a2, mut ab, mut max_abs) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
     let (mut nf_a, mut nf_b) = (0u32, 0u32);
+    // The largest |a−b| of a row holding Inf is inf, of one holding NaN NaN.
+    let mut nonfinite_abs = 0.0f64;
     for i in 0..n {
         let (x, y) = (A::read(a, i), B::read(b, i));
         if !x.is_finite() || !y.is_finite() {
             nf_a += u32::from(!x.is_finite());
             nf_b += u32::from(!y.is_finite());
+            let d = (x - y).abs();
+            nonfinite_abs = if nonfinite_abs.is_nan() || d.is_nan() { f64::NAN } else { f64::INFINITY };
             continue;
         }
         let d = x - y;
@@ -606,6 +610,7 @@ fn stat_typed<A: Elem, B: Elem>(a: &[u8], b: &[u8], n: usize) -> RowStat {
     let cosine = if nf_a + nf_b > 0 {
         f64::NAN
     } else if a2 > 0.0 && b2 > 0.0 { ab / (a2.sqrt() * norm_b) } else if a2 == b2 { 1.0 } else { 0.0 };
+    let max_abs = if nf_a + nf_b > 0 { nonfinite_abs } else { max_abs };
     RowStat { rel_l2, max_abs, cosine, norm_b, nonfinite_a: nf_a, nonfinite_b: nf_b }
 }
 

@@ -359,18 +359,8 @@ struct DumpArgs {
     engine: EngineKind,
     #[arg(long)]
     model: PathBuf,
-    /// A prompt text, tokenized with the model's tokenizer.
-    #[arg(long, group = "input")]
-    prompt: Option<String>,
-    /// Explicit token ids, e.g. 1,2,3.
-    #[arg(long, group = "input")]
-    tokens: Option<String>,
-    /// A JSONL prompt suite.
-    #[arg(long, group = "input")]
-    prompts: Option<PathBuf>,
-    /// Prompt id for --prompt or --tokens.
-    #[arg(long, default_value = "prompt")]
-    id: String,
+    #[command(flatten)]
+    input: PromptArgs,
     /// Layers: 0,1,2,4,8 | 0..22 | all
     #[arg(long, default_value = "all")]
     layers: String,
@@ -443,15 +433,7 @@ impl Drop for Bars {
 fn cmd_dump(a: DumpArgs) -> Result<()> {
     let model = Model::open(&a.model)?;
     let selection = Selection::parse(&a.layers, &a.taps, &a.positions, model.config.n_layer)?;
-    let entries = match (&a.prompt, &a.tokens, &a.prompts) {
-        (Some(text), _, _) => vec![(a.id.clone(), Some(text.clone()), PromptSource::Text(text.clone()))],
-        (_, Some(list), _) => vec![(a.id.clone(), None, PromptSource::Tokens(prompts::parse_token_list(list)?))],
-        (_, _, Some(path)) => prompts::read_suite(path)?,
-        _ => return Err(Error::input("give one of --prompt, --tokens or --prompts")),
-    };
-    let needs_tokenizer = entries.iter().any(|(_, _, s)| matches!(s, PromptSource::Text(_)));
-    let tokenizer = if needs_tokenizer { Some(Tokenizer::from_gguf(&model.gguf)?) } else { None };
-    let records = prompts::resolve(entries, tokenizer.as_ref(), model.config.n_vocab, model.config.n_ctx)?;
+    let records = read_prompts(&model, &a.input)?;
     let summary = match a.engine {
         EngineKind::Reference => {
             let precision = RefPrecision::parse(&a.dtype)?;

@@ -51,7 +51,7 @@ pub fn terminal_summary(r: &DiffReport) -> String {
                 let m = &f.metrics;
                 let _ = writeln!(s, "\nprompt {} ({} tokens): FIRST DIVERGENCE at {}, position {} (token {})", p.id, p.n_tokens, f.tap, f.position, f.token);
                 if p.judged == Judgement::NoiseFloor {
-                    let _ = writeln!(s, "  judged against the noise floor (threshold rel_l2 {}): a systematic error below tolerance", sci(f.tolerance.rel_l2));
+                    let _ = writeln!(s, "  judged against the noise floor (threshold rel_l2 {}) from {}, where a systematic error begins", sci(f.tolerance.rel_l2), p.drift_onset.as_deref().unwrap_or("the first tap"));
                 }
                 if let Some(k) = f.shift {
                     let _ = writeln!(s, "  A's rows equal B's shifted by {k:+} positions (A at p holds B's p{:+})", -k);
@@ -549,11 +549,7 @@ pub fn bisect_summary(r: &BisectReport) -> String {
         Some(f) => {
             let m = &f.metrics;
             let _ = writeln!(s, "FIRST DIVERGENCE: {} at position {} (token {})", f.tap, f.position, f.token);
-            let judged = match r.judged {
-                Judgement::Tolerance => "tolerance",
-                Judgement::NoiseFloor => "noise-floor threshold",
-            };
-            let _ = writeln!(s, "  rel_l2 {}  max_abs {}  cosine {:.6}  ({judged} rel_l2 {})", sci(m.rel_l2), sci(m.max_abs), m.cosine, sci(f.tolerance.rel_l2));
+            let _ = writeln!(s, "  rel_l2 {}  max_abs {}  cosine {:.6}  ({} rel_l2 {})", sci(m.rel_l2), sci(m.max_abs), m.cosine, judged_name(r.judged), sci(f.tolerance.rel_l2));
             if let Some(k) = f.shift {
                 let _ = writeln!(s, "  A's rows equal B's shifted by {k:+} positions (A at p holds B's p{:+})", -k);
             }
@@ -563,9 +559,8 @@ pub fn bisect_summary(r: &BisectReport) -> String {
         }
         None => {}
     }
-    if let Some(worst) = r.noise.iter().max_by(|a, b| a.p75_rel_l2.total_cmp(&b.p75_rel_l2)) {
-        let levels: Vec<String> = r.noise.iter().map(|n| format!("{} {}", n.tap.trim_end_matches(".resid_post"), sci(n.p75_rel_l2))).collect();
-        let _ = writeln!(s, "noise floor: threshold {} (tolerance {}); coarse residual stream, 75th-percentile row rel_l2: {}", sci(worst.floor), sci(worst.tolerance), levels.join(", "));
+    if !r.noise.is_empty() {
+        let _ = writeln!(s, "{}", noise_line(r));
     }
     if !r.replay.is_empty() {
         let _ = writeln!(s, "\nlocal replay on the reference from A's own inputs (max rel_l2 over positions; introduced at the {} replayed positions):", r.replay_positions.len());
@@ -586,6 +581,27 @@ pub fn bisect_summary(r: &BisectReport) -> String {
         }
     }
     s
+}
+
+fn judged_name(j: Judgement) -> &'static str {
+    match j {
+        Judgement::Tolerance => "tolerance",
+        Judgement::NoiseFloor => "noise-floor threshold",
+    }
+}
+
+/// What rows were judged against, and the floor against the level the coarse probe
+/// measured along the residual stream.
+fn noise_line(r: &BisectReport) -> String {
+    let Some(n0) = r.noise.first() else { return format!("judged against {}", judged_name(r.judged)) };
+    let levels: Vec<String> = r.noise.iter().map(|n| format!("{} {}", n.tap.trim_end_matches(".resid_post"), sci(n.p75_rel_l2))).collect();
+    format!(
+        "judged against the {}; noise-floor threshold rel_l2 {} (tolerance {}); coarse residual stream, 75th-percentile row rel_l2: {}",
+        judged_name(r.judged),
+        sci(n0.floor),
+        sci(n0.tolerance),
+        levels.join(", ")
+    )
 }
 
 fn bytes(n: u64) -> String {
@@ -613,9 +629,13 @@ pub fn bisect_markdown(r: &BisectReport) -> String {
     if let Some(c) = &r.crash {
         let _ = writeln!(s, "- crash of {} in the {} probe: {} (last tap written: {})", c.engine, md_text(&c.probe), md_text(&c.error.message), md_text(c.error.tap.as_deref().unwrap_or("none")));
     }
+    if let Some(m) = &r.token_mismatch {
+        let _ = writeln!(s, "- **tokens differ**: {}", md_text(&m.describe()));
+    }
     if let Some(f) = &r.first {
         let _ = writeln!(s, "- first divergence **{}** at position {}: rel_l2 {}, max_abs {}", f.tap, f.position, sci(f.metrics.rel_l2), sci(f.metrics.max_abs));
     }
+    let _ = writeln!(s, "- {}", md_text(&noise_line(r)));
     if !r.replay.is_empty() {
         let _ = writeln!(s, "\n| layer | inherited | introduced | total | introduces |\n|---|---|---|---|---|");
         for l in &r.replay {
@@ -645,17 +665,21 @@ pub fn bisect_html(r: &BisectReport) -> String {
             html_escape(&c.engine), html_escape(&c.label), html_escape(&c.probe), html_escape(&c.error.message), html_escape(c.error.tap.as_deref().unwrap_or("none"))
         );
     }
+    if let Some(m) = &r.token_mismatch {
+        let _ = write!(s, "<div class=\"callout bad\"><b>Tokens differ</b>: {}</div>", html_escape(&m.describe()));
+    }
     match &r.first {
         Some(f) => {
             let _ = write!(
                 s,
-                "<div class=\"callout bad\"><b>First divergence: {} at position {}</b> (token {})<br>rel L2 {} · max |A−B| {} · cosine {:.6} · tolerance rel L2 {}</div>",
-                html_escape(&f.tap), f.position, f.token, sci(f.metrics.rel_l2), sci(f.metrics.max_abs), f.metrics.cosine, sci(f.tolerance.rel_l2)
+                "<div class=\"callout bad\"><b>First divergence: {} at position {}</b> (token {})<br>rel L2 {} · max |A−B| {} · cosine {:.6} · {} rel L2 {}</div>",
+                html_escape(&f.tap), f.position, f.token, sci(f.metrics.rel_l2), sci(f.metrics.max_abs), f.metrics.cosine, judged_name(r.judged), sci(f.tolerance.rel_l2)
             );
         }
         None if r.crash.is_none() => s.push_str("<div class=\"callout good\"><b>No divergence</b></div>"),
         None => {}
     }
+    let _ = write!(s, "<p>{}</p>", html_escape(&noise_line(r)));
     if !r.replay.is_empty() {
         s.push_str(&format!("<h2>Local replay</h2><p class=\"legend\">The reference recomputes each layer from A's own dumped input: <i>introduced</i> is A's output against that replay, <i>inherited</i> A's input against B's, <i>total</i> A's output against B's (max rel L2 over positions; <i>introduced</i> over the {} positions replayed: every divergent one, thinned to 64, and evenly spaced controls).</p>", r.replay_positions.len()));
         s.push_str("<table><tr><th>layer</th><th>inherited</th><th>introduced</th><th>total</th><th>verdict</th></tr>");

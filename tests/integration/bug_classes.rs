@@ -100,9 +100,10 @@ fn a_systematic_error_below_tolerance_is_found_where_it_starts() {
 
     // diff says the same of full dumps, and says why.
     let model = smollm2();
+    let prompts = bisect_prompts();
     let dump = |name: &str, inject: &[&str]| {
         let out_dir = dir.path().join(name);
-        let mut args = vec!["dump", "--model", path_str(&model), "--prompts", &bisect_prompts(), "--id", "p6_len_128", "--layers", "0..4", "--taps", "all", "-o", path_str(&out_dir)];
+        let mut args = vec!["dump", "--model", path_str(&model), "--prompts", &prompts, "--id", "p6_len_128", "--layers", "0..4", "--taps", "all", "-o", path_str(&out_dir)];
         args.extend_from_slice(inject);
         let out = resbisect(&args);
         assert_eq!(out.code, 0, "{}", out.stderr);
@@ -113,11 +114,15 @@ fn a_systematic_error_below_tolerance_is_found_where_it_starts() {
     assert_eq!(out.code, 1, "{}", out.stdout);
     assert!(out.stdout.contains("FIRST DIVERGENCE at blk.0.attn_norm, position 0"), "{}", out.stdout);
     assert!(out.stdout.contains("judged against the noise floor"), "{}", out.stdout);
-    // Forcing tolerances shows why the floor matters: nothing crosses f32 tolerance in
-    // these layers, and the note still names where the drift starts.
+    // Judged by tolerance alone, a downstream tap is blamed, far from where it starts.
     let out = resbisect(&["diff", path_str(&a), path_str(&b), "--judge", "tolerance"]);
-    assert_eq!(out.code, 0, "{}", out.stdout);
-    assert!(out.stdout.contains("blk.0.attn_norm sits over its noise floor"), "{}", out.stdout);
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    assert!(out.stdout.contains("FIRST DIVERGENCE at blk.0.ffn_norm, position 34"), "{}", out.stdout);
+    // Where nothing crosses tolerance, nothing is called a divergence, but a note names
+    // where the drift starts.
+    let (code, r) = bisect(&["--prompts", &bisect_prompts(), "--id", "p6_len_32", "--engine", "reference", "--inject", "norm:eps=1e-6@0"], &dir.path().join("w32"));
+    assert_eq!(code, 0, "{r}");
+    assert!(r["probes"][0]["finding"].as_str().unwrap().contains("blk.0.resid_post sits over its noise floor"), "{}", r["probes"][0]["finding"]);
 }
 
 #[test]
@@ -148,23 +153,57 @@ fn a_crashed_or_unfinished_engine_never_passes_diff() {
     assert!(out.stderr.contains("dump A is unfinished") && out.stderr.contains("last tap written: blk.2.resid_post"), "{}", out.stderr);
 }
 
+/// Dump A as a copy of dump B (prompt `id`, files `stems`) with each file's positions and
+/// f32 rows changed by `edit`: what an engine with a bug in its own bookkeeping writes.
+fn rewrite(b: &Path, a: &Path, id: &str, stems: &[&str], edit: impl Fn(&mut Vec<usize>, &mut Vec<f32>, usize)) {
+    let src = Dump::open(b).unwrap();
+    let mut manifest: Manifest = src.manifest.clone();
+    manifest.status = Status::Running;
+    let mut w = DumpWriter::create(a, manifest, false).unwrap();
+    for stem in stems {
+        let f = src.read_file(id, stem).unwrap().unwrap();
+        let mut taps = Vec::new();
+        let mut positions = f.positions.clone();
+        for (tap, rows) in &f.taps {
+            let mut p = f.positions.clone();
+            let mut values: Vec<f32> = rows.values.iter().map(|&v| v as f32).collect();
+            edit(&mut p, &mut values, rows.width);
+            positions = p;
+            taps.push(TapTensor { id: tap.clone(), dtype: rows.dtype, rows: positions.len(), width: rows.width, bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect() });
+        }
+        w.write_file(id, stem, &positions, &taps).unwrap();
+    }
+    w.finish(Status::Complete, None).unwrap();
+}
+
+fn reference_dump(dir: &Path, id: &str, layers: &str) -> std::path::PathBuf {
+    let b = dir.join("b");
+    let out = resbisect(&["dump", "--model", path_str(&smollm2()), "--prompts", &bisect_prompts(), "--id", id, "--layers", layers, "--taps", "resid_post", "-o", path_str(&b)]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    b
+}
+
 #[test]
 fn non_finite_rows_show_as_such_and_each_layer_keeps_its_own_first_position() {
     let dir = tempfile::tempdir().unwrap();
-    let model = smollm2();
-    let dump = |name: &str, inject: &[&str]| {
-        let out_dir = dir.path().join(name);
-        let mut args = vec!["dump", "--model", path_str(&model), "--prompts", &bisect_prompts(), "--id", "p6_len_32", "--layers", "0..6", "--taps", "attn_out,resid_post", "-o", path_str(&out_dir)];
-        args.extend_from_slice(inject);
-        assert_eq!(resbisect(&args).code, 0);
-        out_dir
-    };
-    // Scaled by 1e38, some values of the row overflow to inf.
-    let (a, b) = (dump("a", &["--inject", "blk.3.attn_out:scale=1e38@5"]), dump("b", &[]));
+    let b = reference_dump(dir.path(), "p6_len_32", "0,1");
+    // One value of row 7 is +inf; row 9 holds a NaN.
+    let a = dir.path().join("a");
+    rewrite(&b, &a, "p6_len_32", &["blk.0", "blk.1"], |_, values, width| {
+        values[7 * width + 3] = f32::INFINITY;
+        values[9 * width + 5] = f32::NAN;
+    });
     let out = resbisect(&["diff", path_str(&a), path_str(&b)]);
     assert_eq!(out.code, 1, "{}", out.stdout);
-    assert!(out.stdout.contains("FIRST DIVERGENCE at blk.3.attn_out, position 5"), "{}", out.stdout);
+    assert!(out.stdout.contains("FIRST DIVERGENCE at blk.0.resid_post, position 7"), "{}", out.stdout);
     assert!(out.stdout.contains("rel_l2 inf  max_abs inf"), "{}", out.stdout);
+    let out = resbisect(&["diff", path_str(&a), path_str(&b), "--json"]);
+    let r: Value = serde_json::from_str(&out.stdout).unwrap();
+    let tap = &r["prompts"][0]["taps"][0];
+    assert_eq!((tap["rel_l2"][7].clone(), tap["rel_l2"][9].clone(), tap["max_abs"].clone()), (Value::Null, Value::Null, Value::Null), "{tap}");
+    assert!(resbisect(&["diff", path_str(&a), path_str(&b), "--report", path_str(&dir.path().join("r"))]).code == 1);
+    let md = std::fs::read_to_string(dir.path().join("r/report.md")).unwrap();
+    assert!(md.contains("| inf | inf |") || md.contains("| inf | nan |"), "{md}");
 
     // A NaN at 77 in layer 13 leaks to earlier positions of later layers (0·NaN in masked
     // attention tiles): the coarse line gives each bad layer its own first position.
@@ -199,29 +238,14 @@ fn an_engine_that_ran_different_tokens_is_a_finding() {
 #[test]
 fn rows_written_one_position_late_are_named_as_a_shift() {
     let dir = tempfile::tempdir().unwrap();
-    let b = dir.path().join("b");
-    let out = resbisect(&["dump", "--model", path_str(&smollm2()), "--prompts", &bisect_prompts(), "--id", "p6_len_32", "--layers", "0,1", "--taps", "resid_post", "-o", path_str(&b)]);
-    assert_eq!(out.code, 0, "{}", out.stderr);
+    let b = reference_dump(dir.path(), "p6_len_32", "0,1");
     // A writes the row of position p at position p + 1 (its position counter is one ahead).
-    let src = Dump::open(&b).unwrap();
     let a = dir.path().join("a");
-    let mut manifest: Manifest = src.manifest.clone();
-    manifest.status = Status::Running;
-    let mut w = DumpWriter::create(&a, manifest, false).unwrap();
-    for stem in ["blk.0", "blk.1"] {
-        let f = src.read_file("p6_len_32", stem).unwrap().unwrap();
-        let positions: Vec<usize> = f.positions[..f.positions.len() - 1].iter().map(|p| p + 1).collect();
-        let taps: Vec<TapTensor> = f
-            .taps
-            .iter()
-            .map(|(id, rows)| {
-                let values = &rows.values[..positions.len() * rows.width];
-                TapTensor { id: id.clone(), dtype: rows.dtype, rows: positions.len(), width: rows.width, bytes: values.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect() }
-            })
-            .collect();
-        w.write_file("p6_len_32", stem, &positions, &taps).unwrap();
-    }
-    w.finish(Status::Complete, None).unwrap();
+    rewrite(&b, &a, "p6_len_32", &["blk.0", "blk.1"], |positions, values, width| {
+        positions.pop();
+        positions.iter_mut().for_each(|p| *p += 1);
+        values.truncate(positions.len() * width);
+    });
     let out = resbisect(&["diff", path_str(&a), path_str(&b), "--json"]);
     assert_eq!(out.code, 1, "{}", out.stderr);
     let r: Value = serde_json::from_str(&out.stdout).unwrap();

@@ -14,13 +14,14 @@ use crate::util::*;
 /// Engine runs allowed for SmolLM2's 30 layers: log2(30) + 4.
 const MAX_RUNS: f64 = 8.9;
 
-fn bisect_json(extra: &[&str], work: &Path) -> (i32, Value) {
+/// `resbisect bisect --json` on SmolLM2 with `extra`; the exit code and the report.
+pub fn bisect_json(extra: &[&str], work: &Path) -> (i32, Value) {
     let model = smollm2();
     let mut args = vec!["bisect", "--model", path_str(&model), "--json", "--work", path_str(work)];
     args.extend_from_slice(extra);
     let out = resbisect(&args);
     assert!(matches!(out.code, 0 | 1 | 3), "exit {}: {}", out.code, out.stderr);
-    (out.code, serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout)))
+    (out.code, serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}\n{}", out.stdout, out.stderr)))
 }
 
 fn bisect_prompt() -> String {

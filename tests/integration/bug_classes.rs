@@ -9,20 +9,11 @@ use std::path::Path;
 use resbisect::dump::{Dump, DumpWriter, Manifest, Status, TapTensor};
 use serde_json::Value;
 
+use crate::bisect::bisect_json as bisect;
 use crate::util::*;
 
 fn bisect_prompts() -> String {
     root().join("fixtures/prompts/bisect.jsonl").display().to_string()
-}
-
-/// `resbisect bisect --json` on SmolLM2 with `args`; the exit code and the report.
-fn bisect(args: &[&str], work: &Path) -> (i32, Value) {
-    let model = smollm2();
-    let mut all = vec!["bisect", "--model", path_str(&model), "--json", "--work", path_str(work)];
-    all.extend_from_slice(args);
-    let out = resbisect(&all);
-    assert!(matches!(out.code, 0 | 1 | 3), "exit {}: {}", out.code, out.stderr);
-    (out.code, serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}\n{}", out.stdout, out.stderr)))
 }
 
 fn first(r: &Value) -> (&str, u64) {

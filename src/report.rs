@@ -358,6 +358,9 @@ pub struct HistoryEntry {
     pub run: String,
     pub date: String,
     pub prompts: Vec<HistoryPrompt>,
+    /// The run's engine failed or never finished: no prompt of it counts as clean.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_failure: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -384,6 +387,7 @@ pub fn history_entry(r: &DiffReport, run: &str) -> HistoryEntry {
                 max_rel_l2: worst_tap(p).map(|t| if t.max_rel_l2().is_finite() { t.max_rel_l2() } else { 1e3 }).unwrap_or(0.0),
             })
             .collect(),
+        engine_failure: r.engine_failure(),
     }
 }
 
@@ -434,6 +438,8 @@ pub fn first_bad_runs(history: &[HistoryEntry]) -> Vec<(String, Option<String>)>
 fn trend_cell(e: &HistoryEntry, id: &str) -> Option<(bool, String)> {
     e.prompts.iter().find(|p| p.id == id).map(|p| match &p.first_tap {
         Some(tap) if p.diverged => (true, format!("{tap}@{}", p.first_position.map(|v| v.to_string()).unwrap_or_default())),
+        _ if p.diverged => (true, "diverged".into()),
+        _ if e.engine_failure.is_some() => (true, "engine failed".into()),
         _ => (false, format!("ok {}", sci(p.max_rel_l2))),
     })
 }

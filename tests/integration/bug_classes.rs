@@ -133,6 +133,13 @@ fn a_crashed_or_unfinished_engine_never_passes_diff() {
     assert!(out.stdout.contains("no divergence over"), "{}", out.stdout);
     assert!(out.stdout.contains("result: ENGINE FAILURE: engine A failed"), "{}", out.stdout);
     assert!(out.stderr.contains("out-of-bounds") && out.stderr.contains("last tap written: blk.2.resid_post"), "{}", out.stderr);
+    // The nightly path: the report and the trend say so too.
+    let (report, history) = (dir.path().join("report"), dir.path().join("history.jsonl"));
+    let out = resbisect(&["report", "diff", path_str(&a), path_str(&b), "-o", path_str(&report), "--history", path_str(&history), "--run", "night-1"]);
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    assert!(std::fs::read_to_string(report.join("report.md")).unwrap().contains("engine failure"));
+    let out = resbisect(&["report", "trend", path_str(&history), "-o", path_str(&dir.path().join("trend"))]);
+    assert!(out.stdout.contains("**engine failed**"), "{}", out.stdout);
     // After kill -9 a manifest still says running: unfinished is a failure too.
     let manifest = a.join("manifest.json");
     let mut m: Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();

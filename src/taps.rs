@@ -207,6 +207,9 @@ pub fn parse_layers(spec: &str, n_layer: usize) -> Result<Vec<usize>> {
             }
             None => {
                 let l = parse_index(item, "layer")?;
+                if l >= n_layer {
+                    return Err(Error::input(format!("layer selection {item:?} goes past the model's {n_layer} layers (0..{n_layer})")));
+                }
                 (l, l + 1)
             }
         };
@@ -304,8 +307,9 @@ impl PositionSpec {
 
     /// Absolute, sorted, de-duplicated positions for a sequence of `len` tokens.
     pub fn resolve(&self, len: usize) -> Result<Vec<usize>> {
-        let n = len as i64;
-        let abs = |p: i64| if p < 0 { n + p } else { p };
+        // i128: bounds near i64::MAX (`--positions 9223372036854775807`) cannot overflow.
+        let n = len as i128;
+        let abs = |p: i64| if p < 0 { n + p as i128 } else { p as i128 };
         let mut set = BTreeSet::new();
         for item in &self.0 {
             let (lo, hi) = match *item {

@@ -8,6 +8,7 @@ mod bisect;
 mod diff;
 mod dump_format;
 mod gpu;
+mod hostile;
 mod reference;
 mod runtime;
 mod tokenizer;

@@ -310,7 +310,9 @@ impl PositionSpec {
         // i128: bounds near i64::MAX (`--positions 9223372036854775807`) cannot overflow.
         let n = len as i128;
         let abs = |p: i64| if p < 0 { n + p as i128 } else { p as i128 };
-        let mut set = BTreeSet::new();
+        // Ranges first, merged after: the work is the spec's length plus the output's,
+        // not the two multiplied (`all,all,all,...`).
+        let mut ranges = Vec::with_capacity(self.0.len());
         for item in &self.0 {
             let (lo, hi) = match *item {
                 PosItem::All => (0, n),
@@ -321,9 +323,15 @@ impl PositionSpec {
             if lo < 0 || hi > n || lo >= hi {
                 return Err(Error::input(format!("position selection {} is out of range for a {len}-token sequence", describe(item))));
             }
-            set.extend((lo as usize)..(hi as usize));
+            ranges.push((lo as usize, hi as usize));
         }
-        Ok(set.into_iter().collect())
+        ranges.sort_unstable();
+        let mut out: Vec<usize> = Vec::new();
+        for (lo, hi) in ranges {
+            let from = out.last().map_or(lo, |&last| lo.max(last + 1));
+            out.extend(from..hi);
+        }
+        Ok(out)
     }
 }
 

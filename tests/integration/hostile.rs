@@ -335,3 +335,77 @@ fn hostile_tolerance_files_are_refused_by_name() {
     assert_eq!(m.out.code, 0, "{}", m.out.stderr);
     assert_cheap(&m, "a pattern of 100k stars");
 }
+
+// ---- a dump killed at a random moment ----
+
+/// Files a dump holds for a prompt, by name, temporaries (a crash's leftovers) excluded.
+fn dump_files(root: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root.join("data/prompt"))
+        .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| !n.starts_with('.')).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_dump_killed_at_random_moments_is_read_as_unfinished() {
+    // SmolLM2 (30 layers, one file per layer, written as each is computed), all taps of
+    // the last 4 of 48 positions: a run long enough to be killed in the middle.
+    let dir = tempfile::tempdir().unwrap();
+    let model = smollm2();
+    let tokens: String = (0..48).map(|i| (100 + i * 37).to_string()).collect::<Vec<_>>().join(",");
+    let args = |out: &Path| -> Vec<String> {
+        ["dump", "--model", path_str(&model), "--tokens", &tokens, "--taps", "all", "--positions", "-4..", "-o", path_str(out)].iter().map(|s| s.to_string()).collect()
+    };
+    let full = dir.path().join("full");
+    let started = std::time::Instant::now();
+    let out = resbisect(&args(&full).iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let run_time = started.elapsed().as_secs_f64();
+    let complete = dump_files(&full);
+    assert_eq!(complete.len(), 32, "{complete:?}");
+
+    // Fixed-seed delays (xorshift), as fractions of the run measured above.
+    let mut state = 0x2121_2121_u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % 1000) as f64 / 1000.0
+    };
+    let mut killed_mid_run = 0;
+    for repeat in 0..5 {
+        let root = dir.path().join(format!("killed{repeat}"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_resbisect")).args(args(&root)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let t0 = std::time::Instant::now();
+        // Kill only once the manifest exists (before it, there is no dump to read).
+        while !root.join("manifest.json").exists() {
+            assert!(t0.elapsed().as_secs() < 60, "no manifest after a minute");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let remaining = (run_time - t0.elapsed().as_secs_f64()).max(0.05);
+        std::thread::sleep(std::time::Duration::from_secs_f64(next() * 0.9 * remaining));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+
+        let manifest: Value = serde_json::from_str(&std::fs::read_to_string(root.join("manifest.json")).unwrap()).unwrap();
+        let running = manifest["status"] == "running";
+        // inspect maps and validates every file present: a torn file would be exit 2.
+        let inspect = resbisect(&["inspect", path_str(&root)]);
+        assert_eq!(inspect.code, 0, "repeat {repeat}: {}", inspect.stderr);
+        // Every file present is whole: byte for byte the file of the complete run.
+        let present = dump_files(&root);
+        for name in &present {
+            let (a, b) = (std::fs::read(root.join("data/prompt").join(name)).unwrap(), std::fs::read(full.join("data/prompt").join(name)).unwrap());
+            assert!(a == b, "repeat {repeat}: {name} differs from the complete run's");
+        }
+        if running {
+            killed_mid_run += 1;
+            assert!(present.len() < complete.len() || present == complete, "repeat {repeat}");
+            // An unfinished dump is reported as such: exit 3 (the engine did not finish).
+            let d = resbisect(&["diff", path_str(&root), path_str(&full)]);
+            assert_eq!(d.code, 3, "repeat {repeat} ({} of {} files): diff of a killed dump\n{}{}", present.len(), complete.len(), d.stdout, d.stderr);
+        }
+    }
+    assert!(killed_mid_run >= 3, "only {killed_mid_run} of 5 kills landed mid-run");
+}

@@ -55,10 +55,10 @@ impl Config {
                 return Err(format!("model.{name} = {v} is out of range (1..={MAX_DIM})"));
             }
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return Err(format!("model.n_embd {} is not divisible by model.n_head {}", self.n_embd, self.n_head));
         }
-        if self.n_head % self.n_head_kv != 0 {
+        if !self.n_head.is_multiple_of(self.n_head_kv) {
             return Err(format!("model.n_head {} is not a multiple of model.n_head_kv {}", self.n_head, self.n_head_kv));
         }
         Ok(())

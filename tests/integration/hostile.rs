@@ -25,7 +25,9 @@ struct Measured {
 }
 
 /// Run the CLI and read its CPU time and peak RSS from `wait4` (the child's own rusage,
-/// unaffected by other tests running at the same time).
+/// unaffected by other tests running at the same time). `wait4` reaps the child, so
+/// `Child::wait` is never called.
+#[allow(clippy::zombie_processes)]
 fn measured(args: &[&str]) -> Measured {
     let dir = tempfile::tempdir().unwrap();
     let (so, se) = (dir.path().join("stdout"), dir.path().join("stderr"));

@@ -415,6 +415,17 @@ mod tests {
     }
 
     #[test]
+    fn extreme_numbers_are_refused_without_overflow() {
+        // Overflow panics in debug builds (`cargo test`): these must be plain refusals.
+        assert!(parse_layers("18446744073709551615", 22).is_err());
+        assert!(parse_layers("18446744073709551615..", 22).is_err());
+        for spec in ["9223372036854775807", "-9223372036854775808..", "0..9223372036854775807", "-9223372036854775808"] {
+            assert!(PositionSpec::parse(spec).unwrap().resolve(10).is_err(), "{spec}");
+        }
+        assert_eq!(PositionSpec::parse("all,all,0..3,last").unwrap().resolve(5).unwrap(), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
     fn layers_and_taps_parse() {
         assert_eq!(parse_layers("0,1,2,4,8", 22).unwrap(), vec![0, 1, 2, 4, 8]);
         assert_eq!(parse_layers("20..", 22).unwrap(), vec![20, 21]);

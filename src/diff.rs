@@ -333,7 +333,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     let mut prompts = Vec::new();
     let mut bytes = 0u64;
     for pa in &ma.prompts {
-        if !mb.prompts.iter().any(|p| p.id == pa.id) {
+        if !b.has_prompt(&pa.id) {
             notes.push(format!("prompt {} is only in A", pa.id));
             continue;
         }
@@ -342,7 +342,7 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
         prompts.push(pd);
     }
     for pb in &mb.prompts {
-        if !ma.prompts.iter().any(|p| p.id == pb.id) {
+        if !a.has_prompt(&pb.id) {
             notes.push(format!("prompt {} is only in B", pb.id));
         }
     }
@@ -359,11 +359,20 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     Ok(DiffReport { version: 1, a: side(a), b: side(b), n_layer: ma.model.config.n_layer, prompts, notes, bytes_compared: bytes, diverged })
 }
 
-fn file_stems(n_layer: usize) -> Vec<String> {
-    let mut v = vec!["embed".to_string()];
-    v.extend((0..n_layer).map(|l| format!("blk.{l}")));
-    v.push("output".into());
-    v
+/// The dump files either side holds for a prompt, in graph order: the loop runs over
+/// files that exist, never over the layer count a manifest declares.
+fn file_stems(a: &Dump, b: &Dump, id: &str, n_layer: usize) -> Result<Vec<String>> {
+    let mut stems: Vec<String> = a.files(id)?;
+    stems.extend(b.files(id)?);
+    stems.retain(|s| crate::dump::is_file_stem(s, n_layer));
+    let order = |s: &String| match s.strip_prefix("blk.") {
+        Some(l) => l.parse::<usize>().map_or(usize::MAX, |l| l.saturating_add(1)),
+        None if s == "embed" => 0,
+        None => usize::MAX,
+    };
+    stems.sort_by_key(order);
+    stems.dedup();
+    Ok(stems)
 }
 
 /// What one file pair contributes to a prompt's diff.
@@ -442,7 +451,7 @@ fn diff_prompt(a: &Dump, b: &Dump, id: &str, engine_dtypes: &[TapDType], opts: &
     let limit = token_mismatch.as_ref().map_or(usize::MAX, |m| m.position);
     // File pairs in parallel (their mapping and page-table work is serial per file), in
     // order; at most one pair per worker thread is mapped at a time.
-    let files = file_stems(n_layer).par_iter().map(|stem| diff_file(a, b, id, stem, limit, engine_dtypes, opts)).collect::<Result<Vec<_>>>()?;
+    let files = file_stems(a, b, id, n_layer)?.par_iter().map(|stem| diff_file(a, b, id, stem, limit, engine_dtypes, opts)).collect::<Result<Vec<_>>>()?;
     let (mut taps, mut missing_in_a, mut missing_in_b) = (Vec::new(), Vec::new(), Vec::new());
     let (mut max_pos, mut bytes) = (None, 0u64);
     for f in files {
@@ -896,9 +905,12 @@ fn first_divergence(a: &Dump, b: &Dump, id: &str, taps: &[TapDiff], tokens: &[u3
 }
 
 /// Tolerances from known-good pairs: per tap kind (`blk.*.q`, `logits`, …), the largest
-/// rel L2 seen, times `margin`, never below `floor`.
-pub fn calibrate(reports: &[DiffReport], margin: f64, floor: f64) -> Tolerances {
-    let mut worst: std::collections::BTreeMap<String, (Tap, f64)> = std::collections::BTreeMap::new();
+/// rel L2 seen, times `margin`, never below `floor`. Rows holding NaN/Inf (or an error
+/// too large to scale) measure no noise floor: they are skipped, and a tap kind with
+/// nothing else keeps the defaults; the notes say which, so the file always loads.
+pub fn calibrate(reports: &[DiffReport], margin: f64, floor: f64) -> (Tolerances, Vec<String>) {
+    // pattern -> (order key, worst finite rel L2, rows skipped)
+    let mut worst: std::collections::BTreeMap<String, (Tap, Option<f64>, usize)> = std::collections::BTreeMap::new();
     for r in reports {
         for p in &r.prompts {
             for t in &p.taps {
@@ -911,22 +923,42 @@ pub fn calibrate(reports: &[DiffReport], margin: f64, floor: f64) -> Tolerances 
                     Tap::Layer(_, i) => Tap::Layer(0, i),
                     other => other,
                 };
-                let e = worst.entry(pattern).or_insert((key, 0.0));
-                e.1 = e.1.max(t.max_rel_l2());
+                let e = worst.entry(pattern).or_insert((key, None, 0));
+                for row in &t.rows {
+                    let scaled = row.rel_l2 * margin;
+                    if row.nonfinite_a + row.nonfinite_b > 0 || !scaled.is_finite() {
+                        e.2 += 1;
+                    } else {
+                        e.1 = Some(e.1.map_or(row.rel_l2, |w: f64| w.max(row.rel_l2)));
+                    }
+                }
             }
         }
     }
-    let mut entries: Vec<(String, Tap, f64)> = worst.into_iter().map(|(k, (t, v))| (k, t, v)).collect();
+    let mut notes = Vec::new();
+    let mut entries: Vec<(String, Tap, f64)> = Vec::new();
+    for (pattern, (key, value, skipped)) in worst {
+        match (value, skipped) {
+            (Some(v), 0) => entries.push((pattern, key, v)),
+            (Some(v), n) => {
+                notes.push(format!("{pattern}: {n} row(s) with NaN/Inf or an unbounded error skipped"));
+                entries.push((pattern, key, v));
+            }
+            (None, 0) => entries.push((pattern, key, 0.0)),
+            (None, n) => notes.push(format!("{pattern}: all {n} row(s) hold NaN/Inf or an unbounded error; the defaults apply")),
+        }
+    }
     entries.sort_by_key(|e| e.1);
     let sources: Vec<String> = reports.iter().map(|r| format!("{} vs {}", r.a.path, r.b.path)).collect();
-    Tolerances {
+    let tolerances = Tolerances {
         taps: entries
             .into_iter()
             .map(|(pattern, _, v)| crate::tolerance::TapTolerance { pattern, rel_l2: (v * margin).max(floor), abs: 0.0 })
             .collect(),
         source: Some(format!("calibrated ×{margin} (floor {floor:e}) from {}", sources.join(", "))),
         ..Tolerances::default()
-    }
+    };
+    (tolerances, notes)
 }
 
 #[cfg(test)]

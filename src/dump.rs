@@ -2,7 +2,7 @@
 //! Every file is written under a temporary name and renamed when whole, so a crashed
 //! engine leaves a readable partial dump; the reader trusts nothing it reads.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -380,6 +380,8 @@ pub struct DumpFile {
 pub struct Dump {
     pub root: PathBuf,
     pub manifest: Manifest,
+    /// Prompt id to its index in the manifest: lookups stay O(1) however many prompts.
+    prompt_index: HashMap<String, usize>,
 }
 
 impl Dump {
@@ -397,10 +399,15 @@ impl Dump {
         if manifest.version != VERSION {
             return Err(Error::input(format!("{}: dump format version {} is not supported (this build reads {VERSION})", path.display(), manifest.version)));
         }
-        let mut seen = HashSet::new();
-        for p in &manifest.prompts {
+        // Sizes become divisors, widths and loop bounds: checked before any use.
+        manifest.model.config.check().map_err(|e| Error::input(format!("{}: {e}", path.display())))?;
+        if let Some(&l) = manifest.selection.layers.iter().find(|&&l| l >= manifest.model.config.n_layer) {
+            return Err(Error::input(format!("{}: selection.layers holds {l}, past model.n_layer {}", path.display(), manifest.model.config.n_layer)));
+        }
+        let mut prompt_index = HashMap::with_capacity(manifest.prompts.len());
+        for (i, p) in manifest.prompts.iter().enumerate() {
             validate_prompt_id(&p.id).map_err(|e| Error::input(format!("{}: {e}", path.display())))?;
-            if !seen.insert(p.id.as_str()) {
+            if prompt_index.insert(p.id.clone(), i).is_some() {
                 return Err(Error::input(format!("{}: prompt id {} appears twice", path.display(), p.id)));
             }
             if let Some(&t) = p.tokens.iter().find(|&&t| t as usize >= manifest.model.config.n_vocab) {
@@ -408,11 +415,15 @@ impl Dump {
             }
         }
         PositionSpec::parse(&manifest.selection.positions).map_err(|e| Error::input(format!("{}: selection: {e}", path.display())))?;
-        Ok(Self { root: root.to_path_buf(), manifest })
+        Ok(Self { root: root.to_path_buf(), manifest, prompt_index })
     }
 
     pub fn prompt(&self, id: &str) -> Result<&PromptRecord> {
-        self.manifest.prompts.iter().find(|p| p.id == id).ok_or_else(|| Error::input(format!("{}: no prompt {id:?} in the dump", self.root.display())))
+        self.prompt_index.get(id).map(|&i| &self.manifest.prompts[i]).ok_or_else(|| Error::input(format!("{}: no prompt {id:?} in the dump", self.root.display())))
+    }
+
+    pub fn has_prompt(&self, id: &str) -> bool {
+        self.prompt_index.contains_key(id)
     }
 
     /// Names of the files present for a prompt (stems, sorted), skipping temporaries
@@ -598,7 +609,7 @@ impl MappedFile {
 }
 
 /// `embed`, `output` or `blk.L` with L a layer of the model, written without leading zeros.
-fn is_file_stem(stem: &str, n_layer: usize) -> bool {
+pub fn is_file_stem(stem: &str, n_layer: usize) -> bool {
     match stem.strip_prefix("blk.") {
         Some(l) => l.parse::<usize>().is_ok_and(|n| n < n_layer && n.to_string() == l),
         None => stem == "embed" || stem == "output",

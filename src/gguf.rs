@@ -32,7 +32,93 @@ pub enum Value {
     F64(f64),
     Bool(bool),
     String(String),
-    Array(Vec<Value>),
+    Array(Array),
+}
+
+/// A metadata array, stored by element type: a u8 array costs a byte per element in
+/// memory as in the file (one `Value` per element would cost 32).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Array {
+    U8(Vec<u8>),
+    I8(Vec<i8>),
+    U16(Vec<u16>),
+    I16(Vec<i16>),
+    U32(Vec<u32>),
+    I32(Vec<i32>),
+    U64(Vec<u64>),
+    I64(Vec<i64>),
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    Bool(Vec<bool>),
+    String(Vec<String>),
+    Array(Vec<Array>),
+}
+
+impl Array {
+    pub fn len(&self) -> usize {
+        match self {
+            Array::U8(v) => v.len(),
+            Array::I8(v) => v.len(),
+            Array::U16(v) => v.len(),
+            Array::I16(v) => v.len(),
+            Array::U32(v) => v.len(),
+            Array::I32(v) => v.len(),
+            Array::U64(v) => v.len(),
+            Array::I64(v) => v.len(),
+            Array::F32(v) => v.len(),
+            Array::F64(v) => v.len(),
+            Array::Bool(v) => v.len(),
+            Array::String(v) => v.len(),
+            Array::Array(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Element `i` as a [`Value`] (strings and nested arrays are cloned).
+    pub fn get(&self, i: usize) -> Option<Value> {
+        Some(match self {
+            Array::U8(v) => Value::U8(*v.get(i)?),
+            Array::I8(v) => Value::I8(*v.get(i)?),
+            Array::U16(v) => Value::U16(*v.get(i)?),
+            Array::I16(v) => Value::I16(*v.get(i)?),
+            Array::U32(v) => Value::U32(*v.get(i)?),
+            Array::I32(v) => Value::I32(*v.get(i)?),
+            Array::U64(v) => Value::U64(*v.get(i)?),
+            Array::I64(v) => Value::I64(*v.get(i)?),
+            Array::F32(v) => Value::F32(*v.get(i)?),
+            Array::F64(v) => Value::F64(*v.get(i)?),
+            Array::Bool(v) => Value::Bool(*v.get(i)?),
+            Array::String(v) => Value::String(v.get(i)?.clone()),
+            Array::Array(v) => Value::Array(v.get(i)?.clone()),
+        })
+    }
+
+    /// The elements when they are strings.
+    pub fn strings(&self) -> Option<&[String]> {
+        match self {
+            Array::String(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Every element as a number (`None` for an element that is not one).
+    pub fn numbers(&self) -> impl Iterator<Item = Option<f64>> + '_ {
+        (0..self.len()).map(|i| match self {
+            Array::String(_) | Array::Array(_) => None,
+            _ => self.get(i).and_then(|v| v.as_f64()),
+        })
+    }
+
+    /// Every element as a signed integer (`None` for an element that is not one).
+    pub fn integers(&self) -> impl Iterator<Item = Option<i64>> + '_ {
+        (0..self.len()).map(|i| match self {
+            Array::String(_) | Array::Array(_) => None,
+            _ => self.get(i).and_then(|v| v.as_i64()),
+        })
+    }
 }
 
 impl Value {
@@ -83,7 +169,7 @@ impl Value {
         }
     }
 
-    pub fn as_array(&self) -> Option<&[Value]> {
+    pub fn as_array(&self) -> Option<&Array> {
         match self {
             Value::Array(a) => Some(a),
             _ => None,
@@ -98,7 +184,7 @@ impl Value {
             }
             Value::String(s) => format!("{s:?}"),
             Value::Array(a) if a.len() > 8 => format!("[{} items]", a.len()),
-            Value::Array(a) => format!("[{}]", a.iter().map(Value::summary).collect::<Vec<_>>().join(", ")),
+            Value::Array(a) => format!("[{}]", (0..a.len()).filter_map(|i| a.get(i)).map(|v| v.summary()).collect::<Vec<_>>().join(", ")),
             Value::F32(v) => format!("{v}"),
             Value::F64(v) => format!("{v}"),
             Value::Bool(v) => format!("{v}"),
@@ -181,6 +267,19 @@ fn dtype_from_u32(code: u32) -> Option<GgmlDType> {
     })
 }
 
+/// Fewest bytes one metadata value of a type takes in the file (a string or an array
+/// is at least its length field); `None` for an unknown type.
+fn min_encoded_size(type_code: u32) -> Option<u64> {
+    Some(match type_code {
+        0 | 1 | 7 => 1,
+        2 | 3 => 2,
+        4..=6 => 4,
+        8 | 10..=12 => 8,
+        9 => 12,
+        _ => return None,
+    })
+}
+
 /// Bounds-checked little-endian cursor over the mapped file.
 struct Cursor<'a> {
     bytes: &'a [u8],
@@ -203,18 +302,18 @@ impl<'a> Cursor<'a> {
         Ok(&self.bytes[start..self.pos])
     }
 
-    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+    fn fixed<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
         let mut out = [0u8; N];
         out.copy_from_slice(self.take(N as u64, what)?);
         Ok(out)
     }
 
     fn u32(&mut self, what: &str) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.array(what)?))
+        Ok(u32::from_le_bytes(self.fixed(what)?))
     }
 
     fn u64(&mut self, what: &str) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.array(what)?))
+        Ok(u64::from_le_bytes(self.fixed(what)?))
     }
 
     fn string(&mut self, what: &str) -> Result<String> {
@@ -223,16 +322,74 @@ impl<'a> Cursor<'a> {
         String::from_utf8(bytes.to_vec()).map_err(|_| self.err(&format!("{what} is not valid UTF-8")))
     }
 
+    /// The items of an array of `count` elements of `elem_type`. Every element takes at
+    /// least [`min_encoded_size`] bytes, so a count the rest of the file cannot hold is
+    /// refused before anything is reserved, and what is reserved stays within a small
+    /// multiple of the bytes that back it.
+    fn array(&mut self, elem_type: u32, count: u64, depth: usize, what: &str) -> Result<Array> {
+        let min = min_encoded_size(elem_type).ok_or_else(|| self.err(&format!("{what}: unknown array element type {elem_type}")))?;
+        let remaining = (self.bytes.len() - self.pos) as u64;
+        if count > remaining / min {
+            return Err(self.err(&format!("{what}: array claims {count} items of at least {min} bytes but only {remaining} bytes remain")));
+        }
+        let n = count as usize;
+        macro_rules! numbers {
+            ($variant:ident, $t:ty) => {{
+                const SIZE: usize = std::mem::size_of::<$t>();
+                let bytes = self.take(count * SIZE as u64, what)?;
+                Array::$variant(bytes.chunks_exact(SIZE).map(|c| <$t>::from_le_bytes(c.try_into().expect("exact chunk"))).collect())
+            }};
+        }
+        Ok(match elem_type {
+            0 => numbers!(U8, u8),
+            1 => numbers!(I8, i8),
+            2 => numbers!(U16, u16),
+            3 => numbers!(I16, i16),
+            4 => numbers!(U32, u32),
+            5 => numbers!(I32, i32),
+            6 => numbers!(F32, f32),
+            10 => numbers!(U64, u64),
+            11 => numbers!(I64, i64),
+            12 => numbers!(F64, f64),
+            7 => {
+                let bytes = self.take(count, what)?;
+                if let Some(b) = bytes.iter().find(|&&b| b > 1) {
+                    return Err(self.err(&format!("{what}: bool byte {b} is neither 0 nor 1")));
+                }
+                Array::Bool(bytes.iter().map(|&b| b == 1).collect())
+            }
+            8 => {
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.string(what)?);
+                }
+                Array::String(items)
+            }
+            _ => {
+                if depth + 1 >= MAX_ARRAY_DEPTH {
+                    return Err(self.err(&format!("{what}: arrays nested deeper than {MAX_ARRAY_DEPTH}")));
+                }
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let elem_type = self.u32(what)?;
+                    let count = self.u64(what)?;
+                    items.push(self.array(elem_type, count, depth + 1, what)?);
+                }
+                Array::Array(items)
+            }
+        })
+    }
+
     fn value(&mut self, type_code: u32, depth: usize, what: &str) -> Result<Value> {
         Ok(match type_code {
-            0 => Value::U8(self.array::<1>(what)?[0]),
-            1 => Value::I8(self.array::<1>(what)?[0] as i8),
-            2 => Value::U16(u16::from_le_bytes(self.array(what)?)),
-            3 => Value::I16(i16::from_le_bytes(self.array(what)?)),
+            0 => Value::U8(self.fixed::<1>(what)?[0]),
+            1 => Value::I8(self.fixed::<1>(what)?[0] as i8),
+            2 => Value::U16(u16::from_le_bytes(self.fixed(what)?)),
+            3 => Value::I16(i16::from_le_bytes(self.fixed(what)?)),
             4 => Value::U32(self.u32(what)?),
-            5 => Value::I32(i32::from_le_bytes(self.array(what)?)),
-            6 => Value::F32(f32::from_le_bytes(self.array(what)?)),
-            7 => match self.array::<1>(what)?[0] {
+            5 => Value::I32(i32::from_le_bytes(self.fixed(what)?)),
+            6 => Value::F32(f32::from_le_bytes(self.fixed(what)?)),
+            7 => match self.fixed::<1>(what)?[0] {
                 0 => Value::Bool(false),
                 1 => Value::Bool(true),
                 b => return Err(self.err(&format!("{what}: bool byte {b} is neither 0 nor 1"))),
@@ -244,21 +401,11 @@ impl<'a> Cursor<'a> {
                 }
                 let elem_type = self.u32(what)?;
                 let count = self.u64(what)?;
-                // Every element takes at least one byte: a count larger than what is left
-                // is a lie, refused before allocating anything for it.
-                let remaining = (self.bytes.len() - self.pos) as u64;
-                if count > remaining {
-                    return Err(self.err(&format!("{what}: array claims {count} items but only {remaining} bytes remain")));
-                }
-                let mut items = Vec::with_capacity(count as usize);
-                for _ in 0..count {
-                    items.push(self.value(elem_type, depth + 1, what)?);
-                }
-                Value::Array(items)
+                Value::Array(self.array(elem_type, count, depth, what)?)
             }
             10 => Value::U64(self.u64(what)?),
-            11 => Value::I64(i64::from_le_bytes(self.array(what)?)),
-            12 => Value::F64(f64::from_le_bytes(self.array(what)?)),
+            11 => Value::I64(i64::from_le_bytes(self.fixed(what)?)),
+            12 => Value::F64(f64::from_le_bytes(self.fixed(what)?)),
             other => return Err(self.err(&format!("{what}: unknown metadata value type {other}"))),
         })
     }
@@ -275,7 +422,7 @@ impl GgufFile {
 
     fn parse(path: &Path, mmap: Mmap) -> Result<Self> {
         let mut c = Cursor { bytes: &mmap, pos: 0, path };
-        let magic = c.array::<4>("magic")?;
+        let magic = c.fixed::<4>("magic")?;
         if &magic != MAGIC {
             return Err(Error::input(format!("{}: not a GGUF file (magic {:?})", path.display(), String::from_utf8_lossy(&magic))));
         }
@@ -339,7 +486,9 @@ impl GgufFile {
             if dims[0] % block != 0 {
                 return Err(bad(format!("row length {} is not a multiple of the {} block size {block}", dims[0], dtype_name(dtype))));
             }
-            let len = n_elements / block * dtype.type_size() as u64;
+            // Checked: a wrapped size would pass the bounds check below and later ask the
+            // loaders for an impossible buffer.
+            let len = (n_elements / block).checked_mul(dtype.type_size() as u64).ok_or_else(|| bad(format!("byte size of dimensions {dims:?} overflows")))?;
             if offset % alignment != 0 {
                 return Err(bad(format!("data offset {offset} is not aligned to {alignment}")));
             }

@@ -769,7 +769,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(failure) = reports.iter().find_map(DiffReport::engine_failure) {
                 return Err(Error::engine(failure));
             }
-            let t = diff::calibrate(&reports, margin, floor);
+            let (t, notes) = diff::calibrate(&reports, margin, floor);
+            for n in &notes {
+                eprintln!("note: {n}");
+            }
             std::fs::write(&output, serde_json::to_string_pretty(&t).map_err(|e| Error::input(e.to_string()))? + "\n").map_err(|e| Error::io(&output, e))?;
             for o in &t.taps {
                 println!("{:<22} rel_l2 <= {:.2e}", o.pattern, o.rel_l2);

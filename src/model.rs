@@ -32,7 +32,38 @@ pub struct Config {
     pub rms_eps: f64,
 }
 
+/// Largest value of any size in a config (layers, widths, vocabulary, context): far
+/// beyond real models, small enough that products of two stay within 64 bits.
+pub const MAX_DIM: usize = 1 << 24;
+
 impl Config {
+    /// Checks that make the derived sizes safe to compute: every size in 1..=MAX_DIM,
+    /// heads dividing the width and the KV heads dividing the heads. The message names
+    /// the field (as a dump manifest spells it).
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let sizes = [
+            ("n_layer", self.n_layer),
+            ("n_embd", self.n_embd),
+            ("n_head", self.n_head),
+            ("n_head_kv", self.n_head_kv),
+            ("n_ff", self.n_ff),
+            ("n_vocab", self.n_vocab),
+            ("n_ctx", self.n_ctx),
+        ];
+        for (name, v) in sizes {
+            if !(1..=MAX_DIM).contains(&v) {
+                return Err(format!("model.{name} = {v} is out of range (1..={MAX_DIM})"));
+            }
+        }
+        if !self.n_embd.is_multiple_of(self.n_head) {
+            return Err(format!("model.n_embd {} is not divisible by model.n_head {}", self.n_embd, self.n_head));
+        }
+        if !self.n_head.is_multiple_of(self.n_head_kv) {
+            return Err(format!("model.n_head {} is not a multiple of model.n_head_kv {}", self.n_head, self.n_head_kv));
+        }
+        Ok(())
+    }
+
     pub fn head_dim(&self) -> usize {
         self.n_embd / self.n_head
     }
@@ -89,7 +120,8 @@ impl Model {
 
     /// Parameter count of the llama weights (for memory estimates and `inspect`).
     pub fn n_params(&self) -> u64 {
-        self.gguf.tensors.iter().map(TensorInfo::n_elements).sum()
+        // Saturating: tensors may share data, so the sum is not bounded by the file size.
+        self.gguf.tensors.iter().map(TensorInfo::n_elements).fold(0u64, u64::saturating_add)
     }
 }
 
@@ -109,7 +141,7 @@ fn meta_f64(gguf: &GgufFile, key: &str) -> Result<Option<f64>> {
 
 fn required(gguf: &GgufFile, key: &str) -> Result<usize> {
     let v = meta_u64(gguf, key)?.ok_or_else(|| Error::input(format!("{}: metadata key {key} is missing", gguf.path.display())))?;
-    usize::try_from(v).ok().filter(|&v| v > 0 && v <= 1 << 24).ok_or_else(|| Error::input(format!("{}: metadata {key} = {v} is out of range (1..=16M)", gguf.path.display())))
+    usize::try_from(v).ok().filter(|&v| v > 0 && v <= MAX_DIM).ok_or_else(|| Error::input(format!("{}: metadata {key} = {v} is out of range (1..=16M)", gguf.path.display())))
 }
 
 fn read_config(gguf: &GgufFile) -> Result<Config> {
@@ -157,26 +189,29 @@ fn read_config(gguf: &GgufFile) -> Result<Config> {
         }
     }
     let embd = gguf.tensor("token_embd.weight").ok_or_else(|| Error::input(format!("{p}: missing tensor token_embd.weight")))?;
-    let n_vocab_from_tensor = embd.dims.get(1).copied().unwrap_or(0) as usize;
+    let n_vocab_from_tensor = usize::try_from(embd.dims.get(1).copied().unwrap_or(0)).unwrap_or(usize::MAX);
     let n_vocab = match meta_u64(gguf, &key("vocab_size"))? {
-        Some(v) => v as usize,
+        Some(v) => usize::try_from(v).unwrap_or(usize::MAX),
         None => gguf.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len()).unwrap_or(n_vocab_from_tensor),
     };
-    if n_vocab == 0 || n_vocab != n_vocab_from_tensor {
+    if n_vocab == 0 || n_vocab > MAX_DIM || n_vocab != n_vocab_from_tensor {
         return Err(Error::input(format!("{p}: vocab size {n_vocab} disagrees with token_embd.weight {:?}", embd.dims)));
     }
     Ok(Config { arch, n_layer, n_embd, n_head, n_head_kv, n_ff, n_vocab, n_ctx, rope_base, rms_eps })
 }
 
-fn expected_tensors(c: &Config, tied_output: bool) -> Vec<Expected> {
+/// The expected weights, made one layer at a time as the check goes: the check stops
+/// at the first missing one, so a hostile `block_count` costs no more than the tensors
+/// the file really holds.
+fn expected_tensors(c: &Config, tied_output: bool) -> impl Iterator<Item = Expected> + '_ {
     let e = |name: String, dims: &[usize]| Expected { name, dims: dims.iter().map(|&d| d as u64).collect() };
-    let mut out = vec![e("token_embd.weight".into(), &[c.n_embd, c.n_vocab]), e("output_norm.weight".into(), &[c.n_embd])];
+    let mut outside = vec![e("token_embd.weight".into(), &[c.n_embd, c.n_vocab]), e("output_norm.weight".into(), &[c.n_embd])];
     if !tied_output {
-        out.push(e("output.weight".into(), &[c.n_embd, c.n_vocab]));
+        outside.push(e("output.weight".into(), &[c.n_embd, c.n_vocab]));
     }
-    for l in 0..c.n_layer {
+    outside.into_iter().chain((0..c.n_layer).flat_map(move |l| {
         let b = |s: &str| format!("blk.{l}.{s}.weight");
-        out.extend([
+        [
             e(b("attn_norm"), &[c.n_embd]),
             e(b("attn_q"), &[c.n_embd, c.q_width()]),
             e(b("attn_k"), &[c.n_embd, c.kv_width()]),
@@ -186,9 +221,8 @@ fn expected_tensors(c: &Config, tied_output: bool) -> Vec<Expected> {
             e(b("ffn_gate"), &[c.n_embd, c.n_ff]),
             e(b("ffn_up"), &[c.n_embd, c.n_ff]),
             e(b("ffn_down"), &[c.n_ff, c.n_embd]),
-        ]);
-    }
-    out
+        ]
+    }))
 }
 
 fn validate_tensors(gguf: &GgufFile, c: &Config, tied_output: bool) -> Result<()> {

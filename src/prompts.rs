@@ -44,6 +44,8 @@ pub fn parse_token_list(spec: &str) -> Result<Vec<u32>> {
 pub fn read_suite(path: &Path) -> Result<Vec<(String, Option<String>, PromptSource)>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut out: Vec<(String, Option<String>, PromptSource)> = Vec::new();
+    // Ids seen so far: a set, so a long suite costs linear time, not quadratic.
+    let mut seen = std::collections::HashSet::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -51,7 +53,7 @@ pub fn read_suite(path: &Path) -> Result<Vec<(String, Option<String>, PromptSour
         let at = || format!("{}:{}", path.display(), i + 1);
         let entry: SuiteLine = serde_json::from_str(line).map_err(|e| Error::input(format!("{}: {e}", at())))?;
         validate_prompt_id(&entry.id).map_err(|e| Error::input(format!("{}: {e}", at())))?;
-        if out.iter().any(|(id, _, _)| *id == entry.id) {
+        if !seen.insert(entry.id.clone()) {
             return Err(Error::input(format!("{}: prompt id {} appears twice", at(), entry.id)));
         }
         let source = match (&entry.tokens, &entry.text) {

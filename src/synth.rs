@@ -48,7 +48,7 @@ impl TokenizerKind {
     }
 }
 
-pub const PRESET_NAMES: &[&str] = &["tiny", "smollm2-135m", "tinyllama-1.1b"];
+pub const PRESET_NAMES: &[&str] = &["micro", "tiny", "smollm2-135m", "tinyllama-1.1b"];
 
 pub fn preset(name: &str) -> Result<Preset> {
     let cfg = |n_layer, n_embd, n_head, n_head_kv, n_ff, n_vocab, n_ctx, rope_base| Config {
@@ -64,6 +64,8 @@ pub fn preset(name: &str) -> Result<Preset> {
         rms_eps: 1e-5,
     };
     Ok(match name {
+        // A few tens of KB: seeds for the fuzz targets, where every input byte costs time.
+        "micro" => Preset { name: "micro", config: cfg(2, 32, 4, 2, 64, 640, 256, 10_000.0), tied_output: false, tokenizer: TokenizerKind::Gpt2 },
         "tiny" => Preset { name: "tiny", config: cfg(2, 256, 4, 2, 512, 1024, 1024, 10_000.0), tied_output: false, tokenizer: TokenizerKind::Gpt2 },
         "smollm2-135m" => Preset { name: "smollm2-135m", config: cfg(30, 576, 9, 3, 1536, 49152, 8192, 100_000.0), tied_output: true, tokenizer: TokenizerKind::Gpt2 },
         "tinyllama-1.1b" => Preset {

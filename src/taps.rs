@@ -207,6 +207,9 @@ pub fn parse_layers(spec: &str, n_layer: usize) -> Result<Vec<usize>> {
             }
             None => {
                 let l = parse_index(item, "layer")?;
+                if l >= n_layer {
+                    return Err(Error::input(format!("layer selection {item:?} goes past the model's {n_layer} layers (0..{n_layer})")));
+                }
                 (l, l + 1)
             }
         };
@@ -304,9 +307,12 @@ impl PositionSpec {
 
     /// Absolute, sorted, de-duplicated positions for a sequence of `len` tokens.
     pub fn resolve(&self, len: usize) -> Result<Vec<usize>> {
-        let n = len as i64;
-        let abs = |p: i64| if p < 0 { n + p } else { p };
-        let mut set = BTreeSet::new();
+        // i128: bounds near i64::MAX (`--positions 9223372036854775807`) cannot overflow.
+        let n = len as i128;
+        let abs = |p: i64| if p < 0 { n + p as i128 } else { p as i128 };
+        // Ranges first, merged after: the work is the spec's length plus the output's,
+        // not the two multiplied (`all,all,all,...`).
+        let mut ranges = Vec::with_capacity(self.0.len());
         for item in &self.0 {
             let (lo, hi) = match *item {
                 PosItem::All => (0, n),
@@ -317,9 +323,15 @@ impl PositionSpec {
             if lo < 0 || hi > n || lo >= hi {
                 return Err(Error::input(format!("position selection {} is out of range for a {len}-token sequence", describe(item))));
             }
-            set.extend((lo as usize)..(hi as usize));
+            ranges.push((lo as usize, hi as usize));
         }
-        Ok(set.into_iter().collect())
+        ranges.sort_unstable();
+        let mut out: Vec<usize> = Vec::new();
+        for (lo, hi) in ranges {
+            let from = out.last().map_or(lo, |&last| lo.max(last + 1));
+            out.extend(from..hi);
+        }
+        Ok(out)
     }
 }
 
@@ -400,6 +412,17 @@ mod tests {
         assert!(PositionSpec::parse("5..5").unwrap().resolve(15).is_err());
         assert!(PositionSpec::parse("a..b").is_err());
         assert!(PositionSpec::parse("").is_err());
+    }
+
+    #[test]
+    fn extreme_numbers_are_refused_without_overflow() {
+        // Overflow panics in debug builds (`cargo test`): these must be plain refusals.
+        assert!(parse_layers("18446744073709551615", 22).is_err());
+        assert!(parse_layers("18446744073709551615..", 22).is_err());
+        for spec in ["9223372036854775807", "-9223372036854775808..", "0..9223372036854775807", "-9223372036854775808"] {
+            assert!(PositionSpec::parse(spec).unwrap().resolve(10).is_err(), "{spec}");
+        }
+        assert_eq!(PositionSpec::parse("all,all,0..3,last").unwrap().resolve(5).unwrap(), vec![0, 1, 2, 3, 4]);
     }
 
     #[test]

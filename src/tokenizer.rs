@@ -36,11 +36,9 @@ fn meta_err(gguf: &GgufFile, msg: String) -> Error {
     Error::input(format!("{}: tokenizer: {msg}", gguf.path.display()))
 }
 
-fn string_array(gguf: &GgufFile, key: &str) -> Result<Vec<String>> {
+fn string_array<'a>(gguf: &'a GgufFile, key: &str) -> Result<&'a [String]> {
     let arr = gguf.get(key).and_then(Value::as_array).ok_or_else(|| meta_err(gguf, format!("metadata {key} is missing or not an array")))?;
-    arr.iter()
-        .map(|v| v.as_str().map(str::to_string).ok_or_else(|| meta_err(gguf, format!("{key} holds a non-string"))))
-        .collect()
+    arr.strings().ok_or_else(|| meta_err(gguf, format!("{key} is not an array of strings")))
 }
 
 fn token_id(gguf: &GgufFile, key: &str, n: usize) -> Result<Option<u32>> {
@@ -62,7 +60,7 @@ impl Tokenizer {
             return Err(meta_err(gguf, "the vocabulary is empty".into()));
         }
         let types: Vec<i64> = match gguf.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
-            Some(a) if a.len() == n => a.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
+            Some(a) if a.len() == n => a.integers().map(|v| v.unwrap_or(1)).collect(),
             Some(a) => return Err(meta_err(gguf, format!("token_type has {} entries for {n} tokens", a.len()))),
             None => vec![1; n],
         };
@@ -103,10 +101,10 @@ impl Tokenizer {
             }
             "llama" => {
                 let scores: Vec<f64> = match gguf.get("tokenizer.ggml.scores").and_then(Value::as_array) {
-                    Some(a) if a.len() == n => a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
+                    Some(a) if a.len() == n => a.numbers().map(|v| v.unwrap_or(0.0)).collect(),
                     _ => return Err(meta_err(gguf, "tokenizer.ggml.scores is missing or has the wrong length".into())),
                 };
-                let merges = sentencepiece_merges(&tokens, &scores, &vocab);
+                let merges = sentencepiece_merges(tokens, &scores, &vocab).map_err(|e| meta_err(gguf, e))?;
                 let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
                 if let Some(unk) = unk_id {
                     builder = builder.unk_token(tokens[unk as usize].clone());
@@ -152,25 +150,59 @@ impl Tokenizer {
     }
 }
 
+/// Longest SentencePiece piece, in characters, whose merges are recovered. Real
+/// vocabularies stay within a few dozen; every split point of a piece is looked up, so
+/// the cost of a piece grows with the square of its length.
+const MAX_PIECE_CHARS: usize = 256;
+/// The recovered merges may hold at most this many bytes per byte of vocabulary (real
+/// vocabularies need 2 to 5: most pieces have a few valid splits), or the allowance
+/// below, whichever is larger; a vocabulary built to need more (every prefix and suffix
+/// of every piece present) is refused rather than costing memory cubic in its length.
+const MERGE_BYTES_PER_VOCAB_BYTE: usize = 32;
+const MERGE_BYTES_ALLOWANCE: usize = 1 << 20;
+
 /// SentencePiece vocabularies carry scores, not merges. A pair (a, b) merges with the
 /// rank of the piece a+b, best score first; ties keep longer left, then longer right
-/// parts first, then vocabulary order — the order HF's converter uses.
-fn sentencepiece_merges(tokens: &[String], scores: &[f64], vocab: &Vocab) -> Vec<(String, String)> {
-    let mut merges: Vec<(String, String, f64)> = Vec::new();
-    for (piece, &score) in tokens.iter().zip(scores) {
-        let mut local: Vec<(String, String)> = piece
-            .char_indices()
-            .skip(1)
-            .map(|(i, _)| (&piece[..i], &piece[i..]))
-            .filter(|(l, r)| vocab.contains_key(*l) && vocab.contains_key(*r))
-            .map(|(l, r)| (l.to_string(), r.to_string()))
-            .collect();
-        local.sort_by_key(|(l, r)| (vocab[l], vocab[r]));
-        merges.extend(local.into_iter().map(|(l, r)| (l, r, score)));
+/// parts first, then vocabulary order — the order HF's converter uses. Candidates are
+/// held as (piece, split) indices and sorted on precomputed keys; strings are built
+/// only for the final list. The error names the field and the limit.
+fn sentencepiece_merges(tokens: &[String], scores: &[f64], vocab: &Vocab) -> std::result::Result<Vec<(String, String)>, String> {
+    let mut vocab_bytes = 0usize;
+    for (i, piece) in tokens.iter().enumerate() {
+        let n = piece.chars().count();
+        if n > MAX_PIECE_CHARS {
+            return Err(format!("tokenizer.ggml.tokens[{i}] is {n} characters long; SentencePiece pieces over {MAX_PIECE_CHARS} characters are refused"));
+        }
+        vocab_bytes += piece.len();
     }
-    let chars = |s: &str| s.chars().count();
-    merges.sort_by(|a, b| {
-        b.2.total_cmp(&a.2).then_with(|| chars(&b.0).cmp(&chars(&a.0))).then_with(|| chars(&b.1).cmp(&chars(&a.1)))
+    let budget = vocab_bytes.saturating_mul(MERGE_BYTES_PER_VOCAB_BYTE).max(MERGE_BYTES_ALLOWANCE);
+    // (piece, split byte, left chars, right chars); pieces are at most 256 characters.
+    let mut candidates: Vec<(u32, u16, u16, u16)> = Vec::new();
+    let mut merge_bytes = 0usize;
+    for (i, piece) in tokens.iter().enumerate() {
+        let n = piece.chars().count();
+        for (left_chars, (split, _)) in piece.char_indices().enumerate().skip(1) {
+            let (l, r) = piece.split_at(split);
+            if vocab.contains_key(l) && vocab.contains_key(r) {
+                merge_bytes += piece.len();
+                if merge_bytes > budget {
+                    return Err(format!(
+                        "tokenizer.ggml.tokens: recovering SentencePiece merges needs over {budget} bytes for a {vocab_bytes}-byte vocabulary (pieces nest too deeply)"
+                    ));
+                }
+                // Lengths are bounded by MAX_PIECE_CHARS (bytes by 4x that), so they fit.
+                candidates.push((i as u32, split as u16, left_chars as u16, (n - left_chars) as u16));
+            }
+        }
+    }
+    candidates.sort_unstable_by(|a, b| {
+        scores[b.0 as usize].total_cmp(&scores[a.0 as usize]).then(b.2.cmp(&a.2)).then(b.3.cmp(&a.3)).then(a.0.cmp(&b.0)).then(a.1.cmp(&b.1))
     });
-    merges.into_iter().map(|(l, r, _)| (l, r)).collect()
+    Ok(candidates
+        .into_iter()
+        .map(|(i, split, _, _)| {
+            let (l, r) = tokens[i as usize].split_at(split as usize);
+            (l.to_string(), r.to_string())
+        })
+        .collect())
 }

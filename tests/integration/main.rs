@@ -9,6 +9,7 @@ mod bug_classes;
 mod diff;
 mod dump_format;
 mod gpu;
+mod hostile;
 mod reference;
 mod runtime;
 mod search;

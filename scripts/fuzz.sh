@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Runs every fuzz target (fuzz/, cargo-fuzz on nightly) for a fixed time each, one after
+# another in one process each: `scripts/fuzz.sh [SECONDS]` (default 60; .ci/run uses 60,
+# a long run gives more). Slowness (-timeout) and memory (-rss_limit_mb) are findings, as
+# crashes are; a finding fails the script and lands in fuzz/artifacts/<target>/.
+# Corpora grow in fuzz/corpus/<target>/ (ignored) from the committed fuzz/seeds/<target>/
+# (regenerate with scripts/fuzz_seeds.py; --big adds full-size inputs in fuzz/corpus-big/).
+# Skips with one line, exit 0, when nightly Rust or cargo-fuzz is absent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds="${1:-60}"
+if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  echo "scripts/fuzz.sh: no nightly toolchain; fuzzing skipped"
+  exit 0
+fi
+if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+  echo "scripts/fuzz.sh: cargo-fuzz is not installed (cargo install cargo-fuzz); fuzzing skipped"
+  exit 0
+fi
+export ASAN_OPTIONS="${ASAN_OPTIONS:-malloc_context_size=0}"
+targets=(gguf_model dump_read tolerances prompt_suite selection)
+cargo +nightly fuzz build
+for t in "${targets[@]}"; do
+  mkdir -p "fuzz/corpus/$t"
+  dirs=("fuzz/corpus/$t" "fuzz/seeds/$t")
+  [ -d "fuzz/corpus-big/$t" ] && dirs+=("fuzz/corpus-big/$t")
+  echo "+ fuzz $t for ${seconds}s"
+  # Ten seconds for one input of a few hundred KB and 2 GB of memory are generous even
+  # on a loaded machine: more is a finding. Leaks are not (tokenizers and rayon keep
+  # process-wide caches), and checking them per input costs most of the time.
+  log="$(mktemp)"
+  set +e
+  cargo +nightly fuzz run "$t" "${dirs[@]}" -- \
+    -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -detect_leaks=0 -print_final_stats=1 >"$log" 2>&1
+  rc=$?
+  set -e
+  grep -E '^#[0-9]+ +DONE|^stat::number_of_executed_units|^stat::peak_rss_mb' "$log" || true
+  if [ "$rc" -ne 0 ]; then
+    tail -40 "$log" >&2
+    echo "scripts/fuzz.sh: $t found a failure (exit $rc; the input is in fuzz/artifacts/$t/)" >&2
+    rm -f "$log"
+    exit 1
+  fi
+  rm -f "$log"
+done

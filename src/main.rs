@@ -80,10 +80,16 @@ enum Command {
     },
     /// Compare dump A (engine under test) with dump B (reference): first divergence.
     Diff {
+        /// Dump of the engine under test.
         a: PathBuf,
+        /// Dump of the reference (the oracle).
         b: PathBuf,
         #[command(flatten)]
         compare: CompareArgs,
+        /// Compare prompt A_ID of A with prompt B_ID of B (dumps whose prompt ids differ).
+        /// Repeatable.
+        #[arg(long, value_name = "A_ID=B_ID")]
+        pair: Vec<String>,
         /// Print the full report as JSON instead of the summary.
         #[arg(long)]
         json: bool,
@@ -107,7 +113,7 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
-    /// Reports: `report A B -o DIR` (JSON, Markdown, HTML), `report trend HISTORY -o DIR`.
+    /// Reports: `report diff A B -o DIR` (JSON, Markdown, HTML), `report trend HISTORY -o DIR`.
     Report {
         #[command(subcommand)]
         kind: ReportKind,
@@ -194,10 +200,15 @@ struct CompareArgs {
 enum ReportKind {
     /// Diff A against B and write report.json, report.md, report.html.
     Diff {
+        /// Dump of the engine under test.
         a: PathBuf,
+        /// Dump of the reference (the oracle).
         b: PathBuf,
         #[command(flatten)]
         compare: CompareArgs,
+        /// Compare prompt A_ID of A with prompt B_ID of B. Repeatable.
+        #[arg(long, value_name = "A_ID=B_ID")]
+        pair: Vec<String>,
         #[arg(short, long)]
         output: PathBuf,
         /// Append this run's verdicts to a nightly history (JSONL).
@@ -668,10 +679,14 @@ fn inspect_model(path: &Path, tensors: bool) -> Result<()> {
     println!("n_embd       {}  heads {} (kv {}, head dim {})", c.n_embd, c.n_head, c.n_head_kv, c.head_dim());
     println!("n_ff         {}", c.n_ff);
     println!("vocab        {}  context {}", c.n_vocab, c.n_ctx);
-    println!("rope base    {}  rms eps {:e}", c.rope_base, c.rms_eps);
+    // The GGUF stores both as f32: printed as f32, 1e-5 reads as 1e-5.
+    println!("rope base    {}  rms eps {:e}", c.rope_base as f32, c.rms_eps as f32);
     println!("output       {}", if model.tied_output { "tied to token_embd" } else { "output.weight" });
     match Tokenizer::from_gguf(&model.gguf) {
-        Ok(t) => println!("tokenizer    {} (pre {}), {} tokens, bos {:?} eos {:?}, add_bos {}", t.kind, t.pre, t.vocab_size, t.bos_id, t.eos_id, t.add_bos),
+        Ok(t) => {
+            let id = |t: Option<u32>| t.map_or_else(|| "none".to_string(), |t| t.to_string());
+            println!("tokenizer    {} (pre {}), {} tokens, bos {} eos {}, add_bos {}", t.kind, t.pre, t.vocab_size, id(t.bos_id), id(t.eos_id), t.add_bos)
+        }
         Err(e) => println!("tokenizer    unusable: {e}"),
     }
     let mut counts = std::collections::BTreeMap::new();
@@ -693,7 +708,7 @@ fn inspect_dump(path: &Path) -> Result<()> {
     println!("dump         {} (format {} v{})", path.display(), m.format, m.version);
     println!("status       {:?}{}", m.status, m.error.as_ref().map(|e| format!(": {}", e.message)).unwrap_or_default());
     println!("engine       {} {} backend {} dtype {} on {}", m.engine.name, m.engine.version, m.engine.backend, m.engine.dtype, m.engine.device);
-    println!("model        {} ({})", m.model.path, m.model.fingerprint);
+    println!("model        {} ({})", m.model.path, m.model.fingerprint.as_deref().unwrap_or("no fingerprint"));
     println!("selection    layers {:?} taps {} positions {}", m.selection.layers, m.selection.taps.join(","), m.selection.positions);
     println!("created      {}", m.created);
     for p in &m.prompts {
@@ -712,12 +727,19 @@ fn inspect_dump(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn compare(a: &Path, b: &Path, args: &CompareArgs) -> Result<DiffReport> {
+fn compare(a: &Path, b: &Path, args: &CompareArgs, pairs: &[String]) -> Result<DiffReport> {
     let tolerances = match &args.tolerances {
         Some(p) => Tolerances::load(p)?,
         None => Tolerances::default(),
     };
-    diff::diff(&Dump::open(a)?, &Dump::open(b)?, &DiffOptions { tolerances, allow_model_mismatch: args.allow_model_mismatch })
+    let pairs = pairs
+        .iter()
+        .map(|p| match p.split_once('=') {
+            Some((x, y)) if !x.is_empty() && !y.is_empty() => Ok((x.to_string(), y.to_string())),
+            _ => Err(Error::input(format!("--pair {p:?}: expected A_ID=B_ID (a prompt id of dump A, one of dump B)"))),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    diff::diff_paired(&Dump::open(a)?, &Dump::open(b)?, &DiffOptions { tolerances, allow_model_mismatch: args.allow_model_mismatch }, &pairs)
 }
 
 /// Exit 1 when a divergence was found (DESIGN §8).
@@ -731,8 +753,8 @@ fn verdict(r: &DiffReport) -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Diff { a, b, compare: args, json, report: dir } => {
-            let r = compare(&a, &b, &args)?;
+        Command::Diff { a, b, compare: args, pair, json, report: dir } => {
+            let r = compare(&a, &b, &args, &pair)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r).map_err(|e| Error::input(e.to_string()))?);
             } else {
@@ -751,7 +773,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Err(Error::input("--margin must be >= 1 and --floor >= 0"));
             }
             let args = CompareArgs { tolerances: None, allow_model_mismatch };
-            let reports = dumps.chunks(2).map(|p| compare(&p[0], &p[1], &args)).collect::<Result<Vec<_>>>()?;
+            let reports = dumps.chunks(2).map(|p| compare(&p[0], &p[1], &args, &[])).collect::<Result<Vec<_>>>()?;
             let t = diff::calibrate(&reports, margin, floor);
             std::fs::write(&output, serde_json::to_string_pretty(&t).map_err(|e| Error::input(e.to_string()))? + "\n").map_err(|e| Error::io(&output, e))?;
             for o in &t.taps {
@@ -760,8 +782,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("wrote {}", output.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Report { kind: ReportKind::Diff { a, b, compare: args, output, history, run } } => {
-            let r = compare(&a, &b, &args)?;
+        Command::Report { kind: ReportKind::Diff { a, b, compare: args, pair, output, history, run } } => {
+            let r = compare(&a, &b, &args, &pair)?;
             report::write_all(&r, &output)?;
             if let Some(h) = history {
                 report::append_history(&h, &report::history_entry(&r, &run))?;

@@ -10,4 +10,5 @@ mod dump_format;
 mod gpu;
 mod reference;
 mod runtime;
+mod third_party;
 mod tokenizer;

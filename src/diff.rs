@@ -1,5 +1,5 @@
 //! Comparing two dumps: align by prompt, tap and position; refuse mismatched tokens or
-//! models; compute per-row metrics (DESIGN §5) straight from the mapped files, one file
+//! models; compute per-row metrics (docs/report-format.md) straight from the mapped files, one file
 //! pair at a time, rows in parallel; find the first divergence in topological order.
 
 use rayon::prelude::*;

@@ -1,4 +1,4 @@
-//! Dump format v1 (DESIGN §4): the manifest, an atomic writer and a strict reader.
+//! Dump format v1 (docs/dump-format.md): the manifest, an atomic writer and a strict reader.
 //! Every file is written under a temporary name and renamed when whole, so a crashed
 //! engine leaves a readable partial dump; the reader trusts nothing it reads.
 

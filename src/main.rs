@@ -1,5 +1,5 @@
 //! The `resbisect` command line: argument parsing, terminal output, progress bars and
-//! exit codes (DESIGN §8). Everything else lives in the library.
+//! exit codes (README.md, "Exit codes"). Everything else lives in the library.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -742,7 +742,7 @@ fn compare(a: &Path, b: &Path, args: &CompareArgs, pairs: &[String]) -> Result<D
     diff::diff_paired(&Dump::open(a)?, &Dump::open(b)?, &DiffOptions { tolerances, allow_model_mismatch: args.allow_model_mismatch }, &pairs)
 }
 
-/// Exit 1 when a divergence was found (DESIGN §8).
+/// Exit 1 when a divergence was found (README.md, "Exit codes").
 fn verdict(r: &DiffReport) -> ExitCode {
     if r.diverged {
         ExitCode::from(1)

@@ -5,6 +5,7 @@ mod util;
 
 mod bad_input;
 mod bisect;
+mod c_header;
 mod diff;
 mod dump_format;
 mod gpu;

@@ -34,6 +34,7 @@ enum Command {
     Dump(DumpArgs),
     /// Generate greedily with the runtime (no taps) and print the text and tokens/s.
     Run {
+        /// The model: a GGUF file.
         #[arg(long)]
         model: PathBuf,
         /// Prompt text, tokenized with the model's tokenizer.
@@ -49,6 +50,7 @@ enum Command {
         /// Storage dtype: f32, f16 or bf16.
         #[arg(long, default_value = "f32")]
         dtype: String,
+        /// Prompt tokens per prefill step (default: the whole prompt at once).
         #[arg(long)]
         prefill_chunk: Option<usize>,
         /// Generate all --max-tokens tokens even past end-of-sequence (benchmarks).
@@ -68,6 +70,7 @@ enum Command {
     },
     /// Print the token ids of a text with the model's own tokenizer.
     Tokenize {
+        /// The model (GGUF) whose tokenizer to use.
         #[arg(long)]
         model: PathBuf,
         /// Print one JSON array instead of comma-separated ids.
@@ -161,6 +164,7 @@ enum Command {
     },
     /// Write a model's first N layers as a model of its own (real weights, smaller file).
     Cut {
+        /// The model to cut: a GGUF file.
         #[arg(long)]
         model: PathBuf,
         /// Layers to keep (the first N).
@@ -262,6 +266,7 @@ struct PromptArgs {
 
 #[derive(Args)]
 struct BisectArgs {
+    /// The model both engines run: a GGUF file.
     #[arg(long)]
     model: PathBuf,
     #[command(flatten)]
@@ -277,6 +282,7 @@ struct BisectArgs {
     /// A's precision: f32, f16 or bf16 for the runtime; f32 or f64 for the reference.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Runtime A: prompt tokens per prefill step (default: the whole prompt at once).
     #[arg(long)]
     prefill_chunk: Option<usize>,
     /// Fault injected into engine A (see `dump --inject`). Repeatable.
@@ -287,10 +293,13 @@ struct BisectArgs {
     /// (--oracle-command). Local replay always uses the reference.
     #[arg(long, value_enum, default_value = "reference")]
     oracle: BisectEngine,
+    /// Command template of an external oracle B (placeholders as for --command; docs/engines.md).
     #[arg(long)]
     oracle_command: Option<String>,
+    /// Runtime oracle B's backend.
     #[arg(long, value_enum, default_value = "cpu")]
     oracle_backend: BackendKind,
+    /// Runtime oracle B's storage dtype: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     oracle_dtype: String,
     /// The reference's precision (oracle and local replay): f32 or f64.
@@ -301,9 +310,14 @@ struct BisectArgs {
     /// Probe logits at every position only while one engine's logits stay under this.
     #[arg(long, default_value_t = 64)]
     logits_budget_mib: u64,
-    /// Directory for the probe dumps (must be absent or empty; default: a new temporary one).
+    /// Directory for the probe dumps, kept (must be absent or empty; default: a new
+    /// temporary one whose probe dumps are removed at the end unless --keep).
     #[arg(long)]
     work: Option<PathBuf>,
+    /// Keep the probe dumps of the temporary work directory (the default removes them and
+    /// keeps only the small inputs the printed reproduce commands read).
+    #[arg(long)]
+    keep: bool,
     /// Run A and B one after the other, not at the same time (for engines that cannot
     /// share the device or the memory).
     #[arg(long)]
@@ -343,6 +357,7 @@ impl BackendKind {
 struct DumpArgs {
     #[arg(long, value_enum, default_value = "reference")]
     engine: EngineKind,
+    /// The model: a GGUF file.
     #[arg(long)]
     model: PathBuf,
     /// A prompt text, tokenized with the model's tokenizer.
@@ -405,6 +420,8 @@ impl Progress for Bars {
         if let Some(b) = self.bar.take() {
             b.finish_and_clear();
         }
+        // Each stage is a phase: RESBISECT_TRACE=1 shows where a dump's time goes.
+        resbisect::trace::mark(|| format!("stage: {label}"));
         let bar = ProgressBar::new(total as u64);
         bar.set_style(ProgressStyle::with_template("{msg:>28} [{bar:30}] {pos}/{len} layers {elapsed}").expect("static template").progress_chars("=> "));
         bar.set_message(label.to_string());
@@ -428,6 +445,7 @@ impl Drop for Bars {
 
 fn cmd_dump(a: DumpArgs) -> Result<()> {
     let model = Model::open(&a.model)?;
+    resbisect::trace::mark(|| "model opened".into());
     let selection = Selection::parse(&a.layers, &a.taps, &a.positions, model.config.n_layer)?;
     let entries = match (&a.prompt, &a.tokens, &a.prompts) {
         (Some(text), _, _) => vec![(a.id.clone(), Some(text.clone()), PromptSource::Text(text.clone()))],
@@ -438,6 +456,8 @@ fn cmd_dump(a: DumpArgs) -> Result<()> {
     let needs_tokenizer = entries.iter().any(|(_, _, s)| matches!(s, PromptSource::Text(_)));
     let tokenizer = if needs_tokenizer { Some(Tokenizer::from_gguf(&model.gguf)?) } else { None };
     let records = prompts::resolve(entries, tokenizer.as_ref(), model.config.n_vocab, model.config.n_ctx)?;
+    resbisect::inject::check_reach(&a.inject, records.iter().map(|r| r.tokens.len()).max().unwrap_or(0) + a.max_tokens)?;
+    resbisect::trace::mark(|| format!("{} prompt(s) ready", records.len()));
     let summary = match a.engine {
         EngineKind::Reference => {
             let precision = RefPrecision::parse(&a.dtype)?;
@@ -452,6 +472,7 @@ fn cmd_dump(a: DumpArgs) -> Result<()> {
             resbisect::with_backend!(a.backend.runtime(), dtype, |b| runtime::dump_runtime(b, &model, records, selection, &a.inject, &opts, &a.output, a.overwrite, &mut Bars { bar: None })?)
         }
     };
+    resbisect::trace::mark(|| format!("dump written (load {:.3} s, compute {:.3} s, waiting for files {:.3} s)", summary.load_seconds, summary.compute_seconds, summary.drain_seconds));
     eprintln!(
         "wrote {} ({} prompt(s), {} tokens; load {:.2} s, compute {:.4} s of which {:.4} s waiting for files, {:.1} tokens/s)",
         a.output.display(),
@@ -517,6 +538,7 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
     let model = Model::open(&a.model)?;
     let records = read_prompts(&model, &a.input)?;
     let [prompt] = <[_; 1]>::try_from(records).map_err(|r| Error::input(format!("bisect takes one prompt; the suite has {} (pick one with --id)", r.len())))?;
+    resbisect::inject::check_reach(&a.inject, prompt.tokens.len())?;
     let same_runtime = matches!(a.engine, BisectEngine::Runtime) && a.backend as u8 == a.oracle_backend as u8 && a.dtype == a.oracle_dtype;
     if a.engine as u8 == a.oracle as u8 && a.inject.is_empty() && (matches!(a.engine, BisectEngine::Reference) || same_runtime) {
         eprintln!("note: A and B are the same engine without injected faults");
@@ -574,7 +596,26 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
     resbisect::trace::mark(|| "engines ready".into());
     eprintln!("bisecting {} ({} tokens): A = {}, B = {}; probes in {}", prompt.id, prompt.tokens.len(), engine_a.label(), engine_b.label(), opts.work.display());
     let c = &model.config;
-    let r = bisect::bisect(engine_a.as_mut(), engine_b.as_mut(), replayer, prompt, c.n_layer, c.n_vocab, c.n_embd, &opts)?;
+    let temporary = a.work.is_none() && !a.keep;
+    let r = match bisect::bisect(engine_a.as_mut(), engine_b.as_mut(), replayer, prompt, c.n_layer, c.n_vocab, c.n_embd, &opts) {
+        Ok(r) => r,
+        Err(e) => {
+            if temporary {
+                let _ = std::fs::remove_dir_all(&opts.work);
+            }
+            return Err(e);
+        }
+    };
+    if temporary {
+        let freed = remove_dumps(&opts.work);
+        eprintln!(
+            "removed the probe dumps ({:.1} MB); the reproduce commands' inputs stay in {} (--keep keeps the dumps, --work DIR puts them where you say)",
+            freed as f64 / 1e6,
+            opts.work.display()
+        );
+    } else {
+        eprintln!("probe dumps kept in {}", opts.work.display());
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r).map_err(|e| Error::input(e.to_string()))?);
     } else {
@@ -589,6 +630,34 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
         Outcome::Diverged => ExitCode::from(1),
         Outcome::Crashed => ExitCode::from(3),
     })
+}
+
+/// Remove every dump directory (one holding manifest.json) under `dir`, keeping the small
+/// files beside them (prompt suites, token and model files, logs) that the printed
+/// reproduce commands read; returns the bytes freed.
+fn remove_dumps(dir: &Path) -> u64 {
+    fn size(p: &Path) -> u64 {
+        match std::fs::symlink_metadata(p) {
+            Ok(m) if m.is_dir() => std::fs::read_dir(p).map(|it| it.flatten().map(|e| size(&e.path())).sum()).unwrap_or(0),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        }
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let mut freed = 0;
+    for e in entries.flatten() {
+        let p = e.path();
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        if p.join("manifest.json").is_file() {
+            freed += size(&p);
+            let _ = std::fs::remove_dir_all(&p);
+        } else {
+            freed += remove_dumps(&p);
+        }
+    }
+    freed
 }
 
 /// Marks a directory `resbisect demo` may replace.
@@ -626,6 +695,7 @@ fn cmd_demo(model: PathBuf, prompts: PathBuf, output: PathBuf) -> Result<ExitCod
         compare: CompareArgs { tolerances: None, allow_model_mismatch: false },
         logits_budget_mib: 64,
         work: Some(output.join("probes")),
+        keep: true,
         sequential: false,
         tap_window: 16,
         report: Some(output.join("report")),
@@ -869,7 +939,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 if let Some(&t) = ids.iter().find(|&&t| t as usize >= tokenizer.vocab_size) {
                     return Err(Error::input(format!("token id {t} is outside the vocabulary (size {})", tokenizer.vocab_size)));
                 }
-                print!("{}", tokenizer.decode(&ids)?);
+                println!("{}", tokenizer.decode(&ids)?);
                 return Ok(ExitCode::SUCCESS);
             }
             let ids = tokenizer.encode(&text)?;

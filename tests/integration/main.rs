@@ -6,6 +6,7 @@ mod util;
 mod bad_input;
 mod bisect;
 mod c_header;
+mod cli;
 mod diff;
 mod dump_format;
 mod gpu;

@@ -12,6 +12,7 @@ torch's own code. Needs readelf, nm and a C compiler (binutils and gcc).
 
 Usage: torch_cpu_stubs.py SITE_PACKAGES_DIR   (idempotent; prints what it made)
 """
+import ctypes
 import pathlib
 import re
 import subprocess
@@ -61,24 +62,27 @@ def defined(lib):
     return out
 
 
-def system_libs():
-    names = set()
-    for line in run("ldconfig", "-p").splitlines()[1:]:
-        names.add(line.strip().split(" ", 1)[0])
-    return names
+def loadable(name):
+    """Whether the dynamic loader finds `name` on this system (a real CUDA install is used)."""
+    try:
+        ctypes.CDLL(name)
+        return True
+    except OSError:
+        return False
 
 
 def main():
     site = pathlib.Path(sys.argv[1])
     libdir = site / "torch" / "lib"
-    libs = sorted(p for p in libdir.glob("*.so*") if p.is_file()) + sorted((site / "torch").glob("_C*.so"))
-    present = {p.name for p in libdir.iterdir()} | system_libs()
+    # torch's own libraries only: stubs of an earlier run are made again, not read.
+    libs = sorted(p for p in libdir.glob("*.so*") if p.is_file() and not is_stub(p)) + sorted((site / "torch").glob("_C*.so"))
+    in_torch = {p.name for p in libdir.iterdir()}
     stubs = {}  # soname -> {version or None -> set(symbols)}
     torch_defined = set()
     for lib in libs:
         torch_defined |= defined(lib)
     for lib in libs:
-        missing = [n for n in needed(lib) if n not in present or (libdir / n).is_file() and is_stub(libdir / n)]
+        missing = [n for n in needed(lib) if is_stub(libdir / n) or (n not in in_torch and not loadable(n))]
         if not missing:
             continue
         for name in missing:

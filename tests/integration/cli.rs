@@ -94,7 +94,8 @@ fn dump_traces_its_phases() {
 fn bisect_cleans_up_and_its_reproduce_commands_run_as_printed() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), "f32", 8);
-    let args = ["bisect", "--model", path_str(&model), "--tokens", TOKENS, "--inject", "blk.1.ffn_out:scale=1.5@3", "--json"];
+    let report = dir.path().join("report");
+    let args = ["bisect", "--model", path_str(&model), "--tokens", TOKENS, "--inject", "blk.1.ffn_out:scale=1.5@3", "--json", "--report", path_str(&report)];
     let out = resbisect(&args);
     assert_eq!(out.code, 1, "{}", out.stderr);
     let r: Value = serde_json::from_str(&out.stdout).unwrap();
@@ -112,6 +113,10 @@ fn bisect_cleans_up_and_its_reproduce_commands_run_as_printed() {
         assert_eq!(status.status.code(), Some(want), "{cmd}: {}", String::from_utf8_lossy(&status.stderr));
     }
     std::fs::remove_dir_all(&work).unwrap();
+    // The page wraps those long commands and explains its marker.
+    let html = std::fs::read_to_string(report.join("bisect.html")).unwrap();
+    assert!(html.contains("<pre class=\"reproduce\">") && html.contains("pre.reproduce{white-space:pre-wrap"), "reproduce lines do not wrap");
+    assert!(html.contains(" ◀") && html.contains("◀ marks the taps"), "the ◀ marker is missing or unexplained");
 
     let mut kept = args.to_vec();
     kept.push("--keep");

@@ -30,10 +30,18 @@ fn help_names_the_real_forms_and_explains_options() {
     assert!(top.contains("`report diff A B -o DIR`"), "{top}");
     assert!(!top.contains("`report A B"), "{top}");
     let diff = resbisect(&["diff", "--help"]).stdout;
-    assert!(diff.contains("Dump of the engine under test") && diff.contains("Dump of the reference"), "{diff}");
+    assert!(
+        diff.contains("Dump of the engine under test") && diff.contains("Dump of the reference"),
+        "{diff}"
+    );
     assert!(diff.contains("--pair <A_ID=B_ID>"), "{diff}");
     let bisect = resbisect(&["bisect", "--help"]).stdout;
-    for (option, help) in [("--model <MODEL>", "The model both engines run"), ("--prefill-chunk", "Runtime A: prompt tokens per prefill step"), ("--oracle-command", "Command template of an external oracle B"), ("--keep", "Keep the probe dumps")] {
+    for (option, help) in [
+        ("--model <MODEL>", "The model both engines run"),
+        ("--prefill-chunk", "Runtime A: prompt tokens per prefill step"),
+        ("--oracle-command", "Command template of an external oracle B"),
+        ("--keep", "Keep the probe dumps"),
+    ] {
         let line = bisect.lines().skip_while(|l| !l.trim_start().starts_with(option)).take(2).collect::<String>();
         assert!(line.contains(help), "bisect --help: {option} lacks {help:?}:\n{bisect}");
     }
@@ -45,17 +53,65 @@ fn help_names_the_real_forms_and_explains_options() {
 fn bad_model_paths_and_unreachable_faults_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), "f32", 5);
-    assert_refused(&resbisect(&["dump", "--model", path_str(dir.path()), "--tokens", "1,2", "-o", "x"]), "is a directory; expected a GGUF model file");
+    assert_refused(
+        &resbisect(&["dump", "--model", path_str(dir.path()), "--tokens", "1,2", "-o", "x"]),
+        "is a directory; expected a GGUF model file",
+    );
     assert_refused(&resbisect(&["inspect", path_str(dir.path())]), "not a dump");
     let out = dir.path().join("d");
     let fault = "blk.0.resid_post:scale=2@50";
     let msg = "--inject \"blk.0.resid_post:scale=2@50\" starts at position 50, but the prompt has 5 positions (0..5): it would never fire";
-    assert_refused(&resbisect(&["dump", "--model", path_str(&model), "--tokens", "1,2,3,4,5", "--inject", fault, "-o", path_str(&out)]), msg);
-    assert_refused(&resbisect(&["dump", "--engine", "runtime", "--model", path_str(&model), "--tokens", "1,2,3,4,5", "--inject", fault, "-o", path_str(&out)]), msg);
-    assert_refused(&resbisect(&["bisect", "--model", path_str(&model), "--tokens", "1,2,3,4,5", "--inject", fault]), msg);
+    assert_refused(
+        &resbisect(&[
+            "dump",
+            "--model",
+            path_str(&model),
+            "--tokens",
+            "1,2,3,4,5",
+            "--inject",
+            fault,
+            "-o",
+            path_str(&out),
+        ]),
+        msg,
+    );
+    assert_refused(
+        &resbisect(&[
+            "dump",
+            "--engine",
+            "runtime",
+            "--model",
+            path_str(&model),
+            "--tokens",
+            "1,2,3,4,5",
+            "--inject",
+            fault,
+            "-o",
+            path_str(&out),
+        ]),
+        msg,
+    );
+    assert_refused(
+        &resbisect(&["bisect", "--model", path_str(&model), "--tokens", "1,2,3,4,5", "--inject", fault]),
+        msg,
+    );
     assert!(!out.exists());
     // Generated tokens count: 5 prompt tokens and 46 generated reach position 50.
-    let o = resbisect(&["dump", "--engine", "runtime", "--model", path_str(&model), "--tokens", "1,2,3,4,5", "--max-tokens", "46", "--inject", fault, "-o", path_str(&out)]);
+    let o = resbisect(&[
+        "dump",
+        "--engine",
+        "runtime",
+        "--model",
+        path_str(&model),
+        "--tokens",
+        "1,2,3,4,5",
+        "--max-tokens",
+        "46",
+        "--inject",
+        fault,
+        "-o",
+        path_str(&out),
+    ]);
     assert_eq!(o.code, 0, "{}", o.stderr);
 }
 
@@ -83,7 +139,14 @@ fn dump_traces_its_phases() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    for phase in ["model opened", "1 prompt(s) ready", "stage: loading weights", "stage: prompt (8 tokens)", "dump written", "done; exiting"] {
+    for phase in [
+        "model opened",
+        "1 prompt(s) ready",
+        "stage: loading weights",
+        "stage: prompt (8 tokens)",
+        "dump written",
+        "done; exiting",
+    ] {
         assert!(stderr.contains(phase), "no {phase:?} in the trace:\n{stderr}");
     }
 }
@@ -95,11 +158,26 @@ fn bisect_cleans_up_and_its_reproduce_commands_run_as_printed() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), "f32", 8);
     let report = dir.path().join("report");
-    let args = ["bisect", "--model", path_str(&model), "--tokens", TOKENS, "--inject", "blk.1.ffn_out:scale=1.5@3", "--json", "--report", path_str(&report)];
+    let args = [
+        "bisect",
+        "--model",
+        path_str(&model),
+        "--tokens",
+        TOKENS,
+        "--inject",
+        "blk.1.ffn_out:scale=1.5@3",
+        "--json",
+        "--report",
+        path_str(&report),
+    ];
     let out = resbisect(&args);
     assert_eq!(out.code, 1, "{}", out.stderr);
     let r: Value = serde_json::from_str(&out.stdout).unwrap();
-    let line = out.stderr.lines().find(|l| l.contains("removed the probe dumps")).unwrap_or_else(|| panic!("{}", out.stderr));
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("removed the probe dumps"))
+        .unwrap_or_else(|| panic!("{}", out.stderr));
     let work = PathBuf::from(line.split("inputs stay in ").nth(1).unwrap().split(" (--keep").next().unwrap());
     assert!(work.is_dir(), "{}", work.display());
     assert!(files_named(&work, "manifest.json").is_empty(), "probe dumps left in {}", work.display());
@@ -109,20 +187,35 @@ fn bisect_cleans_up_and_its_reproduce_commands_run_as_printed() {
     assert_eq!(reproduce.len(), 3, "{reproduce:?}");
     for (cmd, want) in reproduce.iter().zip([0, 0, 1]) {
         assert!(!cmd.starts_with("resbisect "), "{cmd}");
-        let status = Command::new("sh").args(["-c", cmd]).env("PATH", "/usr/bin:/bin").current_dir(dir.path()).output().unwrap();
+        let status = Command::new("sh")
+            .args(["-c", cmd])
+            .env("PATH", "/usr/bin:/bin")
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
         assert_eq!(status.status.code(), Some(want), "{cmd}: {}", String::from_utf8_lossy(&status.stderr));
     }
     std::fs::remove_dir_all(&work).unwrap();
     // The page wraps those long commands and explains its marker.
     let html = std::fs::read_to_string(report.join("bisect.html")).unwrap();
-    assert!(html.contains("<pre class=\"reproduce\">") && html.contains("pre.reproduce{white-space:pre-wrap"), "reproduce lines do not wrap");
-    assert!(html.contains(" ◀") && html.contains("◀ marks the taps"), "the ◀ marker is missing or unexplained");
+    assert!(
+        html.contains("<pre class=\"reproduce\">") && html.contains("pre.reproduce{white-space:pre-wrap"),
+        "reproduce lines do not wrap"
+    );
+    assert!(
+        html.contains(" ◀") && html.contains("◀ marks the taps"),
+        "the ◀ marker is missing or unexplained"
+    );
 
     let mut kept = args.to_vec();
     kept.push("--keep");
     let out = resbisect(&kept);
     assert_eq!(out.code, 1, "{}", out.stderr);
-    let line = out.stderr.lines().find(|l| l.starts_with("probe dumps kept in ")).unwrap_or_else(|| panic!("{}", out.stderr));
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("probe dumps kept in "))
+        .unwrap_or_else(|| panic!("{}", out.stderr));
     let work = PathBuf::from(line.trim_start_matches("probe dumps kept in "));
     assert!(!files_named(&work, "manifest.json").is_empty());
     std::fs::remove_dir_all(&work).unwrap();

@@ -18,7 +18,23 @@ fn dumps(dir: &Path) -> (PathBuf, PathBuf) {
     let model = tiny_model(dir, "f32", 11);
     let (reference, runtime) = (dir.join("reference"), dir.join("runtime"));
     for (engine, out) in [("reference", &reference), ("runtime", &runtime)] {
-        let o = resbisect(&["dump", "--engine", engine, "--model", path_str(&model), "--tokens", TOKENS, "--layers", "all", "--taps", "all", "--positions", "all", "-o", path_str(out)]);
+        let o = resbisect(&[
+            "dump",
+            "--engine",
+            engine,
+            "--model",
+            path_str(&model),
+            "--tokens",
+            TOKENS,
+            "--layers",
+            "all",
+            "--taps",
+            "all",
+            "--positions",
+            "all",
+            "-o",
+            path_str(out),
+        ]);
         assert_eq!(o.code, 0, "{}", o.stderr);
     }
     (reference, runtime)
@@ -26,7 +42,12 @@ fn dumps(dir: &Path) -> (PathBuf, PathBuf) {
 
 fn loose_writer(source: &Path, out: &Path, extra: &[&str]) {
     let script = root().join("tests/python/loose_writer.py");
-    let status = Command::new(venv_python()).arg(script).args(["--source", path_str(source), "--out", path_str(out)]).args(extra).status().unwrap();
+    let status = Command::new(venv_python())
+        .arg(script)
+        .args(["--source", path_str(source), "--out", path_str(out)])
+        .args(extra)
+        .status()
+        .unwrap();
     assert!(status.success(), "loose_writer.py failed");
 }
 
@@ -39,7 +60,13 @@ fn diff_json(a: &Path, b: &Path, extra: &[&str]) -> (i32, Value) {
 }
 
 fn notes(r: &Value) -> String {
-    r["notes"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_string()).collect::<Vec<_>>().join("\n")
+    r["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap().to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[test]
@@ -86,10 +113,19 @@ fn config_and_prompt_id_mismatches_are_explained() {
     m["prompts"].as_array_mut().unwrap().push(second);
     std::fs::write(two.join("manifest.json"), m.to_string()).unwrap();
     let out = resbisect(&["diff", path_str(&two), path_str(&reference)]);
-    assert_refused(&out, "the dumps share no prompt id (A has: q1, q2; B has: prompt); name the pairs with --pair A_ID=B_ID");
+    assert_refused(
+        &out,
+        "the dumps share no prompt id (A has: q1, q2; B has: prompt); name the pairs with --pair A_ID=B_ID",
+    );
     let (code, r) = diff_json(&two, &reference, &["--pair", "q1=prompt"]);
     assert_eq!(code, 0, "{r}");
     assert_eq!(r["prompts"].as_array().unwrap().len(), 1);
-    assert_refused(&resbisect(&["diff", path_str(&two), path_str(&reference), "--pair", "q3=prompt"]), "--pair q3=prompt: dump A has no prompt \"q3\" (it has: q1, q2)");
-    assert_refused(&resbisect(&["diff", path_str(&two), path_str(&reference), "--pair", "q1"]), "--pair \"q1\": expected A_ID=B_ID");
+    assert_refused(
+        &resbisect(&["diff", path_str(&two), path_str(&reference), "--pair", "q3=prompt"]),
+        "--pair q3=prompt: dump A has no prompt \"q3\" (it has: q1, q2)",
+    );
+    assert_refused(
+        &resbisect(&["diff", path_str(&two), path_str(&reference), "--pair", "q1"]),
+        "--pair \"q1\": expected A_ID=B_ID",
+    );
 }

@@ -21,7 +21,7 @@ fi
 rm -rf "$venv"
 python3 -m venv "$venv"
 # --no-deps: the file is the whole closure; torch's own dependency list would pull
-# ~4.4 GB of nvidia-* CUDA wheels the tests never use (they run torch on the CPU).
+# the ~5.6 GB of nvidia-* CUDA libraries the tests never use (they run torch on the CPU).
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --only-binary :all: -r "$req"
 "$venv/bin/python" "$root/scripts/torch_cpu_stubs.py" "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 "$venv/bin/python" -c "import torch, transformers, gguf, safetensors, numpy; torch.nn.Linear(4, 2)(torch.ones(1, 4))"

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Makes PyPI's CUDA build of torch import and run on the CPU without the ~4.4 GB of
-nvidia-* wheels it declares (PyPI serves no CPU-only torch for Linux x86_64).
+"""Makes PyPI's CUDA build of torch import and run on the CPU without the ~5.6 GB of
+nvidia-* libraries it declares (PyPI serves no CPU-only torch for Linux x86_64).
 
 torch's shared libraries name the CUDA libraries as DT_NEEDED, so the dynamic loader
 refuses to load them when those are absent. For every such library that neither

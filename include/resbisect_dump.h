@@ -1,14 +1,41 @@
 /* resbisect_dump.h — single-header writer of resbisect dump format v1 for C, C++ and
  * HIP/CUDA host code (docs/dump-format.md, docs/engines.md).
  *
- *   #define RESBISECT_DUMP_IMPLEMENTATION   // in exactly one translation unit
- *   #include "resbisect_dump.h"
+ * A complete program (tests/integration/c_header.rs compiles and runs it as written,
+ * with gcc and clang under -std=c99 -Wall -Wextra -Werror). In the one translation unit
+ * that defines RESBISECT_DUMP_IMPLEMENTATION, include this header before any system
+ * header: it asks for the POSIX functions it uses (_POSIX_C_SOURCE) unless you did.
  *
- *   rbd_dump d;
- *   rbd_begin(&d, out_dir, "my-engine", "hip", "f16", "MI250X", model_info_path,
- *             prompt_id, tokens, n_tokens, "[0,1,2]", "[\"resid_post\"]", "all");
- *   rbd_write_file(&d, "blk.0", positions, n, 1, ids, rows, widths);  // per layer group
- *   rbd_finish(&d, NULL, NULL);            // or rbd_finish(&d, "error text", "blk.3.q")
+ * EXAMPLE BEGIN
+ *   #define RESBISECT_DUMP_IMPLEMENTATION
+ *   #include "resbisect_dump.h"
+ *   #include <stdio.h>
+ *   #include <stdlib.h>
+ *
+ *   // usage: example OUT_DIR MODEL_INFO_JSON N_EMBD
+ *   // (MODEL_INFO_JSON: the manifest "model" object resbisect passes as {model_info})
+ *   int main(int argc, char **argv) {
+ *       if (argc != 4) return 2;
+ *       size_t width = (size_t)strtoul(argv[3], NULL, 10);
+ *       uint32_t tokens[4] = {1, 17, 99, 5};
+ *       int64_t positions[4] = {0, 1, 2, 3};
+ *       float *rows = calloc(4 * width, sizeof *rows);  // your engine's layer-0 output
+ *       if (!rows) return 1;
+ *       for (size_t i = 0; i < 4 * width; i++) rows[i] = (float)i / (float)width;
+ *       const char *ids[1] = {"blk.0.resid_post"};
+ *       const float *data[1] = {rows};
+ *       size_t widths[1] = {width};
+ *       rbd_dump d;
+ *       int rc = rbd_begin(&d, argv[1], "my-engine", "hip", "f32", "MI250X", argv[2],
+ *                          "p0", tokens, 4, "[0]", "[\"resid_post\"]", "all");
+ *       // one call per file: embed, blk.L (all of layer L's taps), output
+ *       rc = rc || rbd_write_file(&d, "p0", "blk.0", positions, 4, 1, ids, data, widths);
+ *       rc = rc || rbd_finish(&d, NULL, NULL);  // or rbd_finish(&d, "what failed", "blk.3.q")
+ *       if (rc) fprintf(stderr, "%s\n", rbd_error(&d));
+ *       free(rows);
+ *       return rc ? 1 : 0;
+ *   }
+ * EXAMPLE END
  *
  * Every file is written under a temporary name and renamed when whole, and the manifest
  * says "running" until rbd_finish, so a crash leaves a readable partial dump. Functions
@@ -17,6 +44,13 @@
  */
 #ifndef RESBISECT_DUMP_H
 #define RESBISECT_DUMP_H
+
+#if defined(RESBISECT_DUMP_IMPLEMENTATION) && !defined(__cplusplus) && !defined(_POSIX_C_SOURCE) && \
+    !defined(_XOPEN_SOURCE) && !defined(_GNU_SOURCE) && !defined(_DEFAULT_SOURCE)
+/* fileno, fsync, getpid and mkdir are POSIX, not C99; the request must come before the
+ * first system header, hence here. */
+#define _POSIX_C_SOURCE 200809L
+#endif
 
 #include <stddef.h>
 #include <stdint.h>
@@ -60,6 +94,7 @@ const char *rbd_error(const rbd_dump *d);
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 /* A growable text buffer. */
@@ -207,7 +242,11 @@ int rbd_begin(rbd_dump *d, const char *dir, const char *engine, const char *back
     rc = rc || rbd__put(&b, ",\"text\":null,\"tokens\":[");
     for (size_t i = 0; !rc && i < n_tokens; i++) rc = rbd__put(&b, i ? ",%u" : "%u", tokens[i]);
     rc = rc || rbd__put(&b, "]}],\"selection\":{\"layers\":%s,\"taps\":%s,\"positions\":", layers_json, taps_json);
-    rc = rc || rbd__put_json_string(&b, positions_spec) || rbd__put(&b, "},\"created\":\"1970-01-01T00:00:00Z\",");
+    char created[32] = "1970-01-01T00:00:00Z";
+    time_t now = time(NULL);
+    struct tm *utc = gmtime(&now);
+    if (utc) strftime(created, sizeof created, "%Y-%m-%dT%H:%M:%SZ", utc);
+    rc = rc || rbd__put_json_string(&b, positions_spec) || rbd__put(&b, "},\"created\":\"%s\",", created);
     free(model.p);
     if (rc) {
         free(b.p);

@@ -378,7 +378,7 @@ impl Session<'_> {
         self.reproduce = vec![
             self.a.reproduce(&prompt.id, &suite, &sel, &out_a, &repro_a),
             self.b.reproduce(&prompt.id, &suite, &sel, &out_b, &repro_b),
-            format!("resbisect diff {} {}{tol}", quote(&repro_a), quote(&repro_b)),
+            format!("{} diff {} {}{tol}", crate::engines::resbisect_command(), quote(&repro_a), quote(&repro_b)),
         ];
         self.probes.push(record);
         self.dirs.push(dir);

@@ -1,5 +1,5 @@
 //! Comparing two dumps: align by prompt, tap and position; refuse mismatched tokens or
-//! models; compute per-row metrics (DESIGN §5) straight from the mapped files, one file
+//! models; compute per-row metrics (docs/report-format.md) straight from the mapped files, one file
 //! pair at a time, rows in parallel; find the first divergence in topological order.
 
 use rayon::prelude::*;
@@ -287,7 +287,7 @@ fn side(d: &Dump) -> DumpSide {
         engine: d.manifest.engine.clone(),
         status: d.manifest.status,
         error: d.manifest.error.clone(),
-        fingerprint: d.manifest.model.fingerprint.clone(),
+        fingerprint: d.manifest.model.fingerprint.clone().unwrap_or_else(|| "(none)".into()),
         last_tap: (d.manifest.status != Status::Complete).then(|| d.last_tap_on_disk()).flatten(),
     }
 }
@@ -305,19 +305,96 @@ fn judgement_note(p: &PromptDiff) -> Option<String> {
 
 /// Compare dump `a` (engine under test) with dump `b` (the reference).
 pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
+    diff_paired(a, b, opts, &[])
+}
+
+/// The fields two model configs disagree on, as `model.FIELD: A x vs B y`.
+pub fn config_differences(a: &crate::model::Config, b: &crate::model::Config) -> Vec<String> {
+    let (va, vb) = (serde_json::to_value(a).unwrap_or_default(), serde_json::to_value(b).unwrap_or_default());
+    let show = |v: &serde_json::Value| match v {
+        // 1e-5 and 100000 rather than 0.000009999999747378752 and 100000.0.
+        serde_json::Value::Number(n) if n.is_f64() => format!("{}", n.as_f64().unwrap_or_default() as f32),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut out = Vec::new();
+    if let (Some(oa), Some(ob)) = (va.as_object(), vb.as_object()) {
+        for (key, x) in oa {
+            let y = &ob[key.as_str()];
+            if x != y {
+                out.push(format!("model.{key}: A {} vs B {}", show(x), show(y)));
+            }
+        }
+    }
+    out
+}
+
+/// Which prompt of A is compared with which of B: the `pairs` given (`A_ID`, `B_ID`),
+/// else the ids both dumps hold, else — one prompt on each side whose tokens agree —
+/// those two, with a note.
+fn prompt_pairs(ma: &crate::dump::Manifest, mb: &crate::dump::Manifest, pairs: &[(String, String)], notes: &mut Vec<String>) -> Result<Vec<(String, String)>> {
+    let ids = |m: &crate::dump::Manifest| m.prompts.iter().map(|p| p.id.clone()).collect::<Vec<_>>().join(", ");
+    if !pairs.is_empty() {
+        for (ia, ib) in pairs {
+            for (m, side, id) in [(ma, "A", ia), (mb, "B", ib)] {
+                if !m.prompts.iter().any(|p| &p.id == id) {
+                    return Err(Error::input(format!("--pair {ia}={ib}: dump {side} has no prompt {id:?} (it has: {})", ids(m))));
+                }
+            }
+        }
+        return Ok(pairs.to_vec());
+    }
+    fn ids_of(m: &crate::dump::Manifest) -> std::collections::HashSet<&str> {
+        m.prompts.iter().map(|p| p.id.as_str()).collect()
+    }
+    let (in_a, in_b) = (ids_of(ma), ids_of(mb));
+    let mut out = Vec::new();
+    for pa in &ma.prompts {
+        if in_b.contains(pa.id.as_str()) {
+            out.push((pa.id.clone(), pa.id.clone()));
+        } else {
+            notes.push(format!("prompt {} is only in A", pa.id));
+        }
+    }
+    for pb in &mb.prompts {
+        if !in_a.contains(pb.id.as_str()) {
+            notes.push(format!("prompt {} is only in B", pb.id));
+        }
+    }
+    if !out.is_empty() {
+        return Ok(out);
+    }
+    if let ([pa], [pb]) = (ma.prompts.as_slice(), mb.prompts.as_slice()) {
+        let n = pa.tokens.len().min(pb.tokens.len());
+        if n > 0 && pa.tokens[..n] == pb.tokens[..n] {
+            notes.retain(|n| !n.starts_with("prompt ") || !n.contains(" is only in "));
+            notes.push(format!("prompt ids differ (A {}, B {}); compared as the one prompt of each dump, whose tokens agree", pa.id, pb.id));
+            return Ok(vec![(pa.id.clone(), pb.id.clone())]);
+        }
+    }
+    Err(Error::input(format!("the dumps share no prompt id (A has: {}; B has: {}); name the pairs with --pair A_ID=B_ID", ids(ma), ids(mb))))
+}
+
+/// [`diff`] with explicit prompt pairs (`A_ID`, `B_ID`); empty pairs the shared ids.
+pub fn diff_paired(a: &Dump, b: &Dump, opts: &DiffOptions, pairs: &[(String, String)]) -> Result<DiffReport> {
     let (ma, mb) = (&a.manifest, &b.manifest);
     let mut notes = Vec::new();
-    if ma.model.fingerprint != mb.model.fingerprint {
-        if !opts.allow_model_mismatch {
-            return Err(Error::input(format!(
-                "the dumps come from different models (fingerprints {} and {}); pass --allow-model-mismatch to compare anyway",
-                ma.model.fingerprint, mb.model.fingerprint
-            )));
+    match (&ma.model.fingerprint, &mb.model.fingerprint) {
+        (Some(fa), Some(fb)) if fa != fb => {
+            if !opts.allow_model_mismatch {
+                return Err(Error::input(format!("the dumps come from different models (fingerprints {fa} and {fb}); pass --allow-model-mismatch to compare anyway")));
+            }
+            notes.push(format!("model fingerprints differ ({fa} vs {fb}), compared on request"));
         }
-        notes.push(format!("model fingerprints differ ({} vs {}), compared on request", ma.model.fingerprint, mb.model.fingerprint));
+        (Some(_), Some(_)) => {}
+        (fa, fb) => {
+            let which = if fa.is_none() && fb.is_none() { "neither dump has".to_string() } else { format!("dump {} has no", if fa.is_none() { "A" } else { "B" }) };
+            notes.push(format!("{which} model.fingerprint: that both ran the same model rests on their config and tokens"));
+        }
     }
-    if ma.model.config != mb.model.config {
-        return Err(Error::input(format!("the dumps disagree on the model config: {:?} vs {:?}", ma.model.config, mb.model.config)));
+    let differences = config_differences(&ma.model.config, &mb.model.config);
+    if !differences.is_empty() {
+        return Err(Error::input(format!("the dumps disagree on the model config: {}", differences.join(", "))));
     }
     for (d, name) in [(ma, "A"), (mb, "B")] {
         match d.status {
@@ -332,22 +409,12 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     let engine_dtypes: Vec<TapDType> = [&ma.engine.dtype, &mb.engine.dtype].iter().filter_map(|d| engine_dtype(d)).collect();
     let mut prompts = Vec::new();
     let mut bytes = 0u64;
-    for pa in &ma.prompts {
-        if !b.has_prompt(&pa.id) {
-            notes.push(format!("prompt {} is only in A", pa.id));
-            continue;
-        }
-        let (pd, n) = diff_prompt(a, b, &pa.id, &engine_dtypes, opts)?;
+    for (ia, ib) in prompt_pairs(ma, mb, pairs, &mut notes)? {
+        // B's prompt is read under A's id, so the comparison below sees one id.
+        let renamed = if ia == ib { None } else { Some(b.with_prompt_renamed(&ib, &ia)?) };
+        let (pd, n) = diff_prompt(a, renamed.as_ref().unwrap_or(b), &ia, &engine_dtypes, opts)?;
         bytes += n;
         prompts.push(pd);
-    }
-    for pb in &mb.prompts {
-        if !a.has_prompt(&pb.id) {
-            notes.push(format!("prompt {} is only in B", pb.id));
-        }
-    }
-    if prompts.is_empty() {
-        return Err(Error::input("the dumps share no prompt id"));
     }
     for p in &prompts {
         notes.extend(judgement_note(p));

@@ -1,4 +1,4 @@
-//! Dump format v1 (DESIGN §4): the manifest, an atomic writer and a strict reader.
+//! Dump format v1 (docs/dump-format.md): the manifest, an atomic writer and a strict reader.
 //! Every file is written under a temporary name and renamed when whole, so a crashed
 //! engine leaves a readable partial dump; the reader trusts nothing it reads.
 
@@ -35,7 +35,10 @@ pub struct EngineInfo {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ModelInfo {
     pub path: String,
-    pub fingerprint: String,
+    /// resbisect's model fingerprint; other writers may leave it out (or null), and
+    /// identity then rests on the config and the tokens.
+    #[serde(default)]
+    pub fingerprint: Option<String>,
     #[serde(flatten)]
     pub config: Config,
 }
@@ -51,7 +54,7 @@ impl EngineInfo {
 
 impl ModelInfo {
     pub fn of(model: &crate::model::Model) -> Self {
-        Self { path: model.gguf.path.display().to_string(), fingerprint: model.fingerprint.clone(), config: model.config.clone() }
+        Self { path: model.gguf.path.display().to_string(), fingerprint: Some(model.fingerprint.clone()), config: model.config.clone() }
     }
 }
 
@@ -107,6 +110,184 @@ impl Manifest {
             created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         }
     }
+}
+
+/// Reads manifest.json by hand rather than through serde's derive, so that each refusal
+/// names its field path (`model.fingerprint`) and what was expected, and so that the
+/// informational `selection` accepts the spellings other writers use (`"all"`, `["all"]`,
+/// a spec string or a list). Unknown keys are ignored, as a newer writer may add some.
+pub fn parse_manifest(text: &[u8]) -> std::result::Result<Manifest, String> {
+    use serde_json::Value;
+    let root: Value = serde_json::from_slice(text).map_err(|e| format!("not JSON: {e}"))?;
+    let top = object(&root, "the manifest")?;
+    // Their values are checked by Dump::open, with its own messages.
+    let format = string(top, "", "format")?;
+    let version = u32::try_from(uint(top, "", "version")?).unwrap_or(u32::MAX);
+    let e = object(required(top, "", "engine", "an object")?, "engine")?;
+    // Only the name identifies the engine; the rest is shown, never relied on.
+    let engine = EngineInfo {
+        name: string(e, "engine", "name")?,
+        version: opt_string(e, "engine", "version")?.unwrap_or_default(),
+        backend: opt_string(e, "engine", "backend")?.unwrap_or_default(),
+        dtype: opt_string(e, "engine", "dtype")?.unwrap_or_default(),
+        device: opt_string(e, "engine", "device")?.unwrap_or_default(),
+    };
+    let m = object(required(top, "", "model", "an object")?, "model")?;
+    let config = Config {
+        arch: string(m, "model", "arch")?,
+        n_layer: uint(m, "model", "n_layer")? as usize,
+        n_embd: uint(m, "model", "n_embd")? as usize,
+        n_head: uint(m, "model", "n_head")? as usize,
+        n_head_kv: uint(m, "model", "n_head_kv")? as usize,
+        n_ff: uint(m, "model", "n_ff")? as usize,
+        n_vocab: uint(m, "model", "n_vocab")? as usize,
+        n_ctx: uint(m, "model", "n_ctx")? as usize,
+        rope_base: float(m, "model", "rope_base")?,
+        rms_eps: float(m, "model", "rms_eps")?,
+    };
+    if config.n_head == 0 || config.n_head_kv == 0 || !config.n_embd.is_multiple_of(config.n_head) {
+        return Err(format!("model.n_embd {} / model.n_head {} / model.n_head_kv {}: expected non-zero heads dividing n_embd", config.n_embd, config.n_head, config.n_head_kv));
+    }
+    let model = ModelInfo { path: opt_string(m, "model", "path")?.unwrap_or_default(), fingerprint: opt_string(m, "model", "fingerprint")?, config };
+    let list = required(top, "", "prompts", "a list of prompts")?.as_array().ok_or_else(|| expected("prompts", "a list of prompts", &top["prompts"]))?;
+    let mut prompts = Vec::with_capacity(list.len());
+    for (i, v) in list.iter().enumerate() {
+        let at = format!("prompts[{i}]");
+        let p = object(v, &at)?;
+        let tokens_v = required(p, &at, "tokens", "a list of token ids")?;
+        let tokens_at = format!("{at}.tokens");
+        let tokens = tokens_v
+            .as_array()
+            .ok_or_else(|| expected(&tokens_at, "a list of token ids", tokens_v))?
+            .iter()
+            .enumerate()
+            .map(|(j, t)| t.as_u64().filter(|&t| t <= u32::MAX as u64).map(|t| t as u32).ok_or_else(|| expected(&format!("{tokens_at}[{j}]"), "a token id (an integer from 0)", t)))
+            .collect::<std::result::Result<Vec<u32>, String>>()?;
+        prompts.push(PromptRecord { id: string(p, &at, "id")?, text: opt_string(p, &at, "text")?, tokens });
+    }
+    let selection = match top.get("selection") {
+        None | Some(Value::Null) => Selection { layers: Vec::new(), taps: Vec::new(), positions: "all".into() },
+        Some(v) => loose_selection(object(v, "selection")?, model.config.n_layer)?,
+    };
+    let status = match string(top, "", "status")?.as_str() {
+        "running" => Status::Running,
+        "complete" => Status::Complete,
+        "failed" => Status::Failed,
+        other => return Err(format!("status: expected \"running\", \"complete\" or \"failed\", got {other:?}")),
+    };
+    let error = match top.get("error") {
+        None | Some(Value::Null) => None,
+        Some(v) => {
+            let o = object(v, "error")?;
+            let position = match o.get("position") {
+                None | Some(Value::Null) => None,
+                Some(_) => Some(uint(o, "error", "position")? as usize),
+            };
+            Some(RunError { message: string(o, "error", "message")?, tap: opt_string(o, "error", "tap")?, position })
+        }
+    };
+    Ok(Manifest { format, version, engine, model, prompts, selection, status, error, created: opt_string(top, "", "created")?.unwrap_or_default() })
+}
+
+type JsonMap = serde_json::Map<String, serde_json::Value>;
+
+fn field_path(parent: &str, key: &str) -> String {
+    if parent.is_empty() {
+        key.to_string()
+    } else {
+        format!("{parent}.{key}")
+    }
+}
+
+fn kind(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => format!("{b}"),
+        Value::Number(n) => format!("the number {n}"),
+        Value::String(s) => format!("the string {s:?}"),
+        Value::Array(_) => "a list".into(),
+        Value::Object(_) => "an object".into(),
+    }
+}
+
+fn expected(path: &str, what: &str, got: &serde_json::Value) -> String {
+    format!("{path}: expected {what}, got {}", kind(got))
+}
+
+fn object<'a>(v: &'a serde_json::Value, path: &str) -> std::result::Result<&'a JsonMap, String> {
+    v.as_object().ok_or_else(|| expected(path, "an object", v))
+}
+
+fn required<'a>(o: &'a JsonMap, parent: &str, key: &str, what: &str) -> std::result::Result<&'a serde_json::Value, String> {
+    o.get(key).ok_or_else(|| format!("{}: missing (expected {what})", field_path(parent, key)))
+}
+
+fn string(o: &JsonMap, parent: &str, key: &str) -> std::result::Result<String, String> {
+    let v = required(o, parent, key, "a string")?;
+    v.as_str().map(str::to_string).ok_or_else(|| expected(&field_path(parent, key), "a string", v))
+}
+
+/// A string that may be absent or null.
+fn opt_string(o: &JsonMap, parent: &str, key: &str) -> std::result::Result<Option<String>, String> {
+    match o.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => v.as_str().map(|s| Some(s.to_string())).ok_or_else(|| expected(&field_path(parent, key), "a string or null", v)),
+    }
+}
+
+fn uint(o: &JsonMap, parent: &str, key: &str) -> std::result::Result<u64, String> {
+    let v = required(o, parent, key, "an integer")?;
+    // Writers in languages without integers (JSON from JavaScript, numpy floats) may write 30.0.
+    v.as_u64()
+        .or_else(|| v.as_f64().filter(|f| *f >= 0.0 && f.fract() == 0.0 && *f < 9.0e15).map(|f| f as u64))
+        .ok_or_else(|| expected(&field_path(parent, key), "an integer from 0", v))
+}
+
+fn float(o: &JsonMap, parent: &str, key: &str) -> std::result::Result<f64, String> {
+    let v = required(o, parent, key, "a number")?;
+    v.as_f64().ok_or_else(|| expected(&field_path(parent, key), "a number", v))
+}
+
+/// `selection` says what the writer meant to record; the data files are what it did
+/// record, so any documented spelling is accepted: layers as a list or a spec (`"all"`,
+/// `"0..4"`), taps as a list or a comma-separated string (`"all"`, aliases), positions
+/// as a spec string or a list of specs and positions (`["all"]`, `[0, 1, "8.."]`).
+fn loose_selection(o: &JsonMap, n_layer: usize) -> std::result::Result<Selection, String> {
+    use serde_json::Value;
+    let items = |key: &str| -> std::result::Result<Option<String>, String> {
+        let at = format!("selection.{key}");
+        match o.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(Value::Number(n)) => Ok(Some(n.to_string())),
+            Some(Value::Array(list)) => list
+                .iter()
+                .map(|x| match x {
+                    Value::String(s) => Ok(s.clone()),
+                    Value::Number(n) if n.is_u64() || n.is_i64() => Ok(n.to_string()),
+                    other => Err(expected(&at, "a list of names or numbers", other)),
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map(|v| Some(v.join(","))),
+            Some(other) => Err(expected(&at, "a string or a list", other)),
+        }
+    };
+    let layers = match items("layers")? {
+        None => Vec::new(),
+        Some(spec) if spec.is_empty() => Vec::new(),
+        Some(spec) => crate::taps::parse_layers(&spec, n_layer).map_err(|e| format!("selection.layers: {e}"))?,
+    };
+    let taps = match items("taps")? {
+        None => Vec::new(),
+        Some(spec) if spec.is_empty() => Vec::new(),
+        // Informational: names this build does not know are kept as written.
+        Some(spec) => crate::taps::parse_taps(&spec).unwrap_or_else(|_| spec.split(',').map(|s| s.trim().to_string()).collect()),
+    };
+    let positions = items("positions")?.filter(|s| !s.is_empty()).unwrap_or_else(|| "all".into());
+    let positions = if positions.split(',').any(|p| p.trim() == "all") { "all".to_string() } else { positions };
+    PositionSpec::parse(&positions).map_err(|e| format!("selection.positions: {e} (expected a spec such as \"all\", \"last\", \"0..16,820..840\" or \"-8..\", or a list of them)"))?;
+    Ok(Selection { layers, taps, positions })
 }
 
 /// `[A-Za-z0-9_.-]{1,64}`, and never `.` or `..` (they would name a directory).
@@ -382,6 +563,9 @@ pub struct Dump {
     pub manifest: Manifest,
     /// Prompt id to its index in the manifest: lookups stay O(1) however many prompts.
     prompt_index: HashMap<String, usize>,
+    /// Prompts read under another id than their directory's (id, directory): diff pairs
+    /// prompts whose ids differ between two dumps this way.
+    renamed: Vec<(String, String)>,
 }
 
 impl Dump {
@@ -392,7 +576,7 @@ impl Dump {
             return Err(Error::input(format!("{}: manifest is {} bytes, over the {} limit", path.display(), meta.len(), MAX_MANIFEST_BYTES)));
         }
         let text = fs::read(&path).map_err(|e| Error::io(&path, e))?;
-        let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| Error::input(format!("{}: bad manifest: {e}", path.display())))?;
+        let manifest = parse_manifest(&text).map_err(|e| Error::input(format!("{}: bad manifest: {e}", path.display())))?;
         if manifest.format != FORMAT {
             return Err(Error::input(format!("{}: format is {:?}, expected {FORMAT:?}", path.display(), manifest.format)));
         }
@@ -414,8 +598,28 @@ impl Dump {
                 return Err(Error::input(format!("{}: prompt {} has token {t} outside the vocabulary", path.display(), p.id)));
             }
         }
-        PositionSpec::parse(&manifest.selection.positions).map_err(|e| Error::input(format!("{}: selection: {e}", path.display())))?;
-        Ok(Self { root: root.to_path_buf(), manifest, prompt_index })
+        Ok(Self { root: root.to_path_buf(), manifest, prompt_index, renamed: Vec::new() })
+    }
+
+    /// This dump with its prompt `from` read as `to` (its files stay where they are).
+    pub fn with_prompt_renamed(&self, from: &str, to: &str) -> Result<Self> {
+        self.prompt(from)?;
+        let mut manifest = self.manifest.clone();
+        manifest.prompts.retain(|p| p.id == from || p.id != to);
+        for p in &mut manifest.prompts {
+            if p.id == from {
+                p.id = to.to_string();
+            }
+        }
+        let mut renamed = self.renamed.clone();
+        renamed.push((to.to_string(), self.directory_of(from).to_string()));
+        let prompt_index = manifest.prompts.iter().enumerate().map(|(i, p)| (p.id.clone(), i)).collect();
+        Ok(Self { root: self.root.clone(), manifest, prompt_index, renamed })
+    }
+
+    /// The directory under data/ that holds prompt `id`'s files.
+    fn directory_of<'a>(&'a self, id: &'a str) -> &'a str {
+        self.renamed.iter().rev().find(|(as_id, _)| as_id == id).map_or(id, |(_, dir)| dir.as_str())
     }
 
     pub fn prompt(&self, id: &str) -> Result<&PromptRecord> {
@@ -430,7 +634,7 @@ impl Dump {
     /// left by a crash.
     pub fn files(&self, prompt_id: &str) -> Result<Vec<String>> {
         self.prompt(prompt_id)?;
-        let dir = self.root.join(DATA).join(prompt_id);
+        let dir = self.root.join(DATA).join(self.directory_of(prompt_id));
         let mut out = Vec::new();
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
@@ -469,7 +673,7 @@ impl Dump {
         if !is_file_stem(stem, self.manifest.model.config.n_layer) {
             return Err(Error::input(format!("{}: {stem:?} is not a dump file name", self.root.display())));
         }
-        let path = self.root.join(DATA).join(prompt_id).join(format!("{stem}.safetensors"));
+        let path = self.root.join(DATA).join(self.directory_of(prompt_id)).join(format!("{stem}.safetensors"));
         let meta = match fs::symlink_metadata(&path) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),

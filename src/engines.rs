@@ -27,6 +27,15 @@ pub trait Engine: Send {
     fn reproduce(&self, prompt_id: &str, suite: &Path, selection: &Selection, written: &Path, out: &Path) -> String;
 }
 
+/// How printed commands invoke resbisect: this binary's own path, so that they run as
+/// printed whether or not `resbisect` is on PATH (after `cargo run`, for one).
+pub fn resbisect_command() -> String {
+    match std::env::current_exe() {
+        Ok(exe) => shell_quote(&exe.to_string_lossy()),
+        Err(_) => "resbisect".to_string(),
+    }
+}
+
 /// Quote one word for a POSIX shell.
 pub fn shell_quote(s: &str) -> String {
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./,:=@+".contains(&b)) {
@@ -92,7 +101,7 @@ impl Engine for ReferenceDriver<'_> {
     }
 
     fn reproduce(&self, _prompt_id: &str, suite: &Path, selection: &Selection, _written: &Path, out: &Path) -> String {
-        format!("resbisect dump --engine reference --dtype {} {}{}", self.engine.precision().name(), dump_args(&self.model_path, suite, selection, out), inject_args(&self.injections))
+        format!("{} dump --engine reference --dtype {} {}{}", resbisect_command(), self.engine.precision().name(), dump_args(&self.model_path, suite, selection, out), inject_args(&self.injections))
     }
 }
 
@@ -149,7 +158,7 @@ impl<B: Backend> Engine for RuntimeDriver<'_, B> {
     fn reproduce(&self, _prompt_id: &str, suite: &Path, selection: &Selection, _written: &Path, out: &Path) -> String {
         let chunk = self.prefill_chunk.map(|c| format!(" --prefill-chunk {c}")).unwrap_or_default();
         let (backend, dtype) = &self.backend_dtype;
-        format!("resbisect dump --engine runtime --backend {backend} --dtype {dtype}{chunk} {}{}", dump_args(&self.model_path, suite, selection, out), inject_args(&self.injections))
+        format!("{} dump --engine runtime --backend {backend} --dtype {dtype}{chunk} {}{}", resbisect_command(), dump_args(&self.model_path, suite, selection, out), inject_args(&self.injections))
     }
 }
 

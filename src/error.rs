@@ -1,5 +1,5 @@
 //! The library's error type. Two kinds, because the CLI maps them to different exit
-//! codes (DESIGN §8): bad input from the user (2) and a failure of an engine (3).
+//! codes (README.md, "Exit codes"): bad input from the user (2) and a failure of an engine (3).
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

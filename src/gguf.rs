@@ -414,6 +414,9 @@ impl<'a> Cursor<'a> {
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::input(format!("{}: cannot open: {e}", path.display())))?;
+        if file.metadata().is_ok_and(|m| m.is_dir()) {
+            return Err(Error::input(format!("{} is a directory; expected a GGUF model file (.gguf)", path.display())));
+        }
         // SAFETY: the map is read-only; a file changed underneath us while mapped can give
         // wrong numbers but every access stays inside the mapped length checked below.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::input(format!("{}: cannot map: {e}", path.display())))?;

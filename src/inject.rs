@@ -18,6 +18,20 @@ fn bad(spec: &str, why: &str) -> Error {
     Error::input(format!("bad --inject {spec:?}: {why} (syntax TAP:KIND[=VALUE]@POS, KIND one of scale, offset, nan, zero, oob; or [blk.L.]rope:shift=N|scale=F|bf16@POS; or norm:eps=E@POS)"))
 }
 
+/// Refuse specs whose position no processed row reaches (`n_positions` rows: the
+/// longest prompt plus generated tokens): such a fault would silently never fire.
+pub fn check_reach(specs: &[String], n_positions: usize) -> Result<()> {
+    for spec in specs {
+        let from = spec.rsplit_once('@').and_then(|(_, p)| p.parse::<usize>().ok());
+        if let Some(from) = from.filter(|&f| f >= n_positions) {
+            return Err(Error::input(format!(
+                "--inject {spec:?} starts at position {from}, but the prompt has {n_positions} positions (0..{n_positions}): it would never fire"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Faults as the runtime applies them: the reference's, plus failing ops.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RuntimeFaults {

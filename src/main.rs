@@ -1,5 +1,5 @@
 //! The `resbisect` command line: argument parsing, terminal output, progress bars and
-//! exit codes (DESIGN §8). Everything else lives in the library.
+//! exit codes (README.md, "Exit codes"). Everything else lives in the library.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -34,6 +34,7 @@ enum Command {
     Dump(DumpArgs),
     /// Generate greedily with the runtime (no taps) and print the text and tokens/s.
     Run {
+        /// The model: a GGUF file.
         #[arg(long)]
         model: PathBuf,
         /// Prompt text, tokenized with the model's tokenizer.
@@ -49,6 +50,7 @@ enum Command {
         /// Storage dtype: f32, f16 or bf16.
         #[arg(long, default_value = "f32")]
         dtype: String,
+        /// Prompt tokens per prefill step (default: the whole prompt at once).
         #[arg(long)]
         prefill_chunk: Option<usize>,
         /// Generate all --max-tokens tokens even past end-of-sequence (benchmarks).
@@ -68,6 +70,7 @@ enum Command {
     },
     /// Print the token ids of a text with the model's own tokenizer.
     Tokenize {
+        /// The model (GGUF) whose tokenizer to use.
         #[arg(long)]
         model: PathBuf,
         /// Print one JSON array instead of comma-separated ids.
@@ -80,10 +83,16 @@ enum Command {
     },
     /// Compare dump A (engine under test) with dump B (reference): first divergence.
     Diff {
+        /// Dump of the engine under test.
         a: PathBuf,
+        /// Dump of the reference (the oracle).
         b: PathBuf,
         #[command(flatten)]
         compare: CompareArgs,
+        /// Compare prompt A_ID of A with prompt B_ID of B (dumps whose prompt ids differ).
+        /// Repeatable.
+        #[arg(long, value_name = "A_ID=B_ID")]
+        pair: Vec<String>,
         /// Print the full report as JSON instead of the summary.
         #[arg(long)]
         json: bool,
@@ -107,7 +116,7 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
-    /// Reports: `report A B -o DIR` (JSON, Markdown, HTML), `report trend HISTORY -o DIR`.
+    /// Reports: `report diff A B -o DIR` (JSON, Markdown, HTML), `report trend HISTORY -o DIR`.
     Report {
         #[command(subcommand)]
         kind: ReportKind,
@@ -155,6 +164,7 @@ enum Command {
     },
     /// Write a model's first N layers as a model of its own (real weights, smaller file).
     Cut {
+        /// The model to cut: a GGUF file.
         #[arg(long)]
         model: PathBuf,
         /// Layers to keep (the first N).
@@ -216,10 +226,15 @@ impl JudgeArg {
 enum ReportKind {
     /// Diff A against B and write report.json, report.md, report.html.
     Diff {
+        /// Dump of the engine under test.
         a: PathBuf,
+        /// Dump of the reference (the oracle).
         b: PathBuf,
         #[command(flatten)]
         compare: CompareArgs,
+        /// Compare prompt A_ID of A with prompt B_ID of B. Repeatable.
+        #[arg(long, value_name = "A_ID=B_ID")]
+        pair: Vec<String>,
         #[arg(short, long)]
         output: PathBuf,
         /// Append this run's verdicts to a nightly history (JSONL).
@@ -273,6 +288,7 @@ struct PromptArgs {
 
 #[derive(Args)]
 struct BisectArgs {
+    /// The model both engines run: a GGUF file.
     #[arg(long)]
     model: PathBuf,
     #[command(flatten)]
@@ -288,6 +304,7 @@ struct BisectArgs {
     /// A's precision: f32, f16 or bf16 for the runtime; f32 or f64 for the reference.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Runtime A: prompt tokens per prefill step (default: the whole prompt at once).
     #[arg(long)]
     prefill_chunk: Option<usize>,
     /// Fault injected into engine A (see `dump --inject`). Repeatable.
@@ -298,10 +315,13 @@ struct BisectArgs {
     /// (--oracle-command). Local replay always uses the reference.
     #[arg(long, value_enum, default_value = "reference")]
     oracle: BisectEngine,
+    /// Command template of an external oracle B (placeholders as for --command; docs/engines.md).
     #[arg(long)]
     oracle_command: Option<String>,
+    /// Runtime oracle B's backend.
     #[arg(long, value_enum, default_value = "cpu")]
     oracle_backend: BackendKind,
+    /// Runtime oracle B's storage dtype: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     oracle_dtype: String,
     /// The reference's precision (oracle and local replay): f32 or f64.
@@ -312,9 +332,14 @@ struct BisectArgs {
     /// Probe logits at every position only while one engine's logits stay under this.
     #[arg(long, default_value_t = 64)]
     logits_budget_mib: u64,
-    /// Directory for the probe dumps (must be absent or empty; default: a new temporary one).
+    /// Directory for the probe dumps, kept (must be absent or empty; default: a new
+    /// temporary one whose probe dumps are removed at the end unless --keep).
     #[arg(long)]
     work: Option<PathBuf>,
+    /// Keep the probe dumps of the temporary work directory (the default removes them and
+    /// keeps only the small inputs the printed reproduce commands read).
+    #[arg(long)]
+    keep: bool,
     /// Run A and B one after the other, not at the same time (for engines that cannot
     /// share the device or the memory).
     #[arg(long)]
@@ -357,6 +382,7 @@ impl BackendKind {
 struct DumpArgs {
     #[arg(long, value_enum, default_value = "reference")]
     engine: EngineKind,
+    /// The model: a GGUF file.
     #[arg(long)]
     model: PathBuf,
     #[command(flatten)]
@@ -409,6 +435,8 @@ impl Progress for Bars {
         if let Some(b) = self.bar.take() {
             b.finish_and_clear();
         }
+        // Each stage is a phase: RESBISECT_TRACE=1 shows where a dump's time goes.
+        resbisect::trace::mark(|| format!("stage: {label}"));
         let bar = ProgressBar::new(total as u64);
         bar.set_style(ProgressStyle::with_template("{msg:>28} [{bar:30}] {pos}/{len} layers {elapsed}").expect("static template").progress_chars("=> "));
         bar.set_message(label.to_string());
@@ -432,8 +460,11 @@ impl Drop for Bars {
 
 fn cmd_dump(a: DumpArgs) -> Result<()> {
     let model = Model::open(&a.model)?;
+    resbisect::trace::mark(|| "model opened".into());
     let selection = Selection::parse(&a.layers, &a.taps, &a.positions, model.config.n_layer)?;
     let records = read_prompts(&model, &a.input)?;
+    resbisect::inject::check_reach(&a.inject, records.iter().map(|r| r.tokens.len()).max().unwrap_or(0) + a.max_tokens)?;
+    resbisect::trace::mark(|| format!("{} prompt(s) ready", records.len()));
     let summary = match a.engine {
         EngineKind::Reference => {
             let precision = RefPrecision::parse(&a.dtype)?;
@@ -448,6 +479,7 @@ fn cmd_dump(a: DumpArgs) -> Result<()> {
             resbisect::with_backend!(a.backend.runtime(), dtype, |b| runtime::dump_runtime(b, &model, records, selection, &a.inject, &opts, &a.output, a.overwrite, &mut Bars { bar: None })?)
         }
     };
+    resbisect::trace::mark(|| format!("dump written (load {:.3} s, compute {:.3} s, waiting for files {:.3} s)", summary.load_seconds, summary.compute_seconds, summary.drain_seconds));
     eprintln!(
         "wrote {} ({} prompt(s), {} tokens; load {:.2} s, compute {:.4} s of which {:.4} s waiting for files, {:.1} tokens/s)",
         a.output.display(),
@@ -513,6 +545,7 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
     let model = Model::open(&a.model)?;
     let records = read_prompts(&model, &a.input)?;
     let [prompt] = <[_; 1]>::try_from(records).map_err(|r| Error::input(format!("bisect takes one prompt; the suite has {} (pick one with --id)", r.len())))?;
+    resbisect::inject::check_reach(&a.inject, prompt.tokens.len())?;
     let same_runtime = matches!(a.engine, BisectEngine::Runtime) && a.backend as u8 == a.oracle_backend as u8 && a.dtype == a.oracle_dtype;
     if a.engine as u8 == a.oracle as u8 && a.inject.is_empty() && (matches!(a.engine, BisectEngine::Reference) || same_runtime) {
         eprintln!("note: A and B are the same engine without injected faults");
@@ -571,7 +604,26 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
     resbisect::trace::mark(|| "engines ready".into());
     eprintln!("bisecting {} ({} tokens): A = {}, B = {}; probes in {}", prompt.id, prompt.tokens.len(), engine_a.label(), engine_b.label(), opts.work.display());
     let c = &model.config;
-    let r = bisect::bisect(engine_a.as_mut(), engine_b.as_mut(), replayer, prompt, c.n_layer, c.n_vocab, c.n_embd, &opts)?;
+    let temporary = a.work.is_none() && !a.keep;
+    let r = match bisect::bisect(engine_a.as_mut(), engine_b.as_mut(), replayer, prompt, c.n_layer, c.n_vocab, c.n_embd, &opts) {
+        Ok(r) => r,
+        Err(e) => {
+            if temporary {
+                let _ = std::fs::remove_dir_all(&opts.work);
+            }
+            return Err(e);
+        }
+    };
+    if temporary {
+        let freed = remove_dumps(&opts.work);
+        eprintln!(
+            "removed the probe dumps ({:.1} MB); the reproduce commands' inputs stay in {} (--keep keeps the dumps, --work DIR puts them where you say)",
+            freed as f64 / 1e6,
+            opts.work.display()
+        );
+    } else {
+        eprintln!("probe dumps kept in {}", opts.work.display());
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r).map_err(|e| Error::input(e.to_string()))?);
     } else {
@@ -586,6 +638,34 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
         Outcome::Diverged => ExitCode::from(1),
         Outcome::Crashed => ExitCode::from(3),
     })
+}
+
+/// Remove every dump directory (one holding manifest.json) under `dir`, keeping the small
+/// files beside them (prompt suites, token and model files, logs) that the printed
+/// reproduce commands read; returns the bytes freed.
+fn remove_dumps(dir: &Path) -> u64 {
+    fn size(p: &Path) -> u64 {
+        match std::fs::symlink_metadata(p) {
+            Ok(m) if m.is_dir() => std::fs::read_dir(p).map(|it| it.flatten().map(|e| size(&e.path())).sum()).unwrap_or(0),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        }
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let mut freed = 0;
+    for e in entries.flatten() {
+        let p = e.path();
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        if p.join("manifest.json").is_file() {
+            freed += size(&p);
+            let _ = std::fs::remove_dir_all(&p);
+        } else {
+            freed += remove_dumps(&p);
+        }
+    }
+    freed
 }
 
 /// Marks a directory `resbisect demo` may replace.
@@ -623,6 +703,7 @@ fn cmd_demo(model: PathBuf, prompts: PathBuf, output: PathBuf) -> Result<ExitCod
         compare: CompareArgs { tolerances: None, allow_model_mismatch: false, judge: JudgeArg::Auto },
         logits_budget_mib: 64,
         work: Some(output.join("probes")),
+        keep: true,
         sequential: false,
         tap_window: 16,
         no_replay: false,
@@ -677,10 +758,14 @@ fn inspect_model(path: &Path, tensors: bool) -> Result<()> {
     println!("n_embd       {}  heads {} (kv {}, head dim {})", c.n_embd, c.n_head, c.n_head_kv, c.head_dim());
     println!("n_ff         {}", c.n_ff);
     println!("vocab        {}  context {}", c.n_vocab, c.n_ctx);
-    println!("rope base    {}  rms eps {:e}", c.rope_base, c.rms_eps);
+    // The GGUF stores both as f32: printed as f32, 1e-5 reads as 1e-5.
+    println!("rope base    {}  rms eps {:e}", c.rope_base as f32, c.rms_eps as f32);
     println!("output       {}", if model.tied_output { "tied to token_embd" } else { "output.weight" });
     match Tokenizer::from_gguf(&model.gguf) {
-        Ok(t) => println!("tokenizer    {} (pre {}), {} tokens, bos {:?} eos {:?}, add_bos {}", t.kind, t.pre, t.vocab_size, t.bos_id, t.eos_id, t.add_bos),
+        Ok(t) => {
+            let id = |t: Option<u32>| t.map_or_else(|| "none".to_string(), |t| t.to_string());
+            println!("tokenizer    {} (pre {}), {} tokens, bos {} eos {}, add_bos {}", t.kind, t.pre, t.vocab_size, id(t.bos_id), id(t.eos_id), t.add_bos)
+        }
         Err(e) => println!("tokenizer    unusable: {e}"),
     }
     let mut counts = std::collections::BTreeMap::new();
@@ -702,7 +787,7 @@ fn inspect_dump(path: &Path) -> Result<()> {
     println!("dump         {} (format {} v{})", path.display(), m.format, m.version);
     println!("status       {:?}{}", m.status, m.error.as_ref().map(|e| format!(": {}", e.message)).unwrap_or_default());
     println!("engine       {} {} backend {} dtype {} on {}", m.engine.name, m.engine.version, m.engine.backend, m.engine.dtype, m.engine.device);
-    println!("model        {} ({})", m.model.path, m.model.fingerprint);
+    println!("model        {} ({})", m.model.path, m.model.fingerprint.as_deref().unwrap_or("no fingerprint"));
     println!("selection    layers {:?} taps {} positions {}", m.selection.layers, m.selection.taps.join(","), m.selection.positions);
     println!("created      {}", m.created);
     for p in &m.prompts {
@@ -721,16 +806,24 @@ fn inspect_dump(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn compare(a: &Path, b: &Path, args: &CompareArgs) -> Result<DiffReport> {
+fn compare(a: &Path, b: &Path, args: &CompareArgs, pairs: &[String]) -> Result<DiffReport> {
     let tolerances = match &args.tolerances {
         Some(p) => Tolerances::load(p)?,
         None => Tolerances::default(),
     };
-    diff::diff(&Dump::open(a)?, &Dump::open(b)?, &DiffOptions { tolerances, allow_model_mismatch: args.allow_model_mismatch, judge: args.judge.judge() })
+    let pairs = pairs
+        .iter()
+        .map(|p| match p.split_once('=') {
+            Some((x, y)) if !x.is_empty() && !y.is_empty() => Ok((x.to_string(), y.to_string())),
+            _ => Err(Error::input(format!("--pair {p:?}: expected A_ID=B_ID (a prompt id of dump A, one of dump B)"))),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    diff::diff_paired(&Dump::open(a)?, &Dump::open(b)?, &DiffOptions { tolerances, allow_model_mismatch: args.allow_model_mismatch, judge: args.judge.judge() }, &pairs)
 }
 
 /// Exit 3 when a dump's engine failed or never finished, whatever its rows say (a
-/// crashed engine never passes a gate); else 1 when a divergence was found.
+/// crashed engine never passes a gate); else 1 when a divergence was found (README.md,
+/// "Exit codes").
 fn verdict(r: &DiffReport) -> ExitCode {
     if let Some(failure) = r.engine_failure() {
         eprintln!("error: {failure}");
@@ -744,8 +837,8 @@ fn verdict(r: &DiffReport) -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Diff { a, b, compare: args, json, report: dir } => {
-            let r = compare(&a, &b, &args)?;
+        Command::Diff { a, b, compare: args, pair, json, report: dir } => {
+            let r = compare(&a, &b, &args, &pair)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r).map_err(|e| Error::input(e.to_string()))?);
             } else {
@@ -764,7 +857,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Err(Error::input("--margin must be >= 1 and --floor >= 0"));
             }
             let args = CompareArgs { tolerances: None, allow_model_mismatch, judge: JudgeArg::Tolerance };
-            let reports = dumps.chunks(2).map(|p| compare(&p[0], &p[1], &args)).collect::<Result<Vec<_>>>()?;
+            let reports = dumps.chunks(2).map(|p| compare(&p[0], &p[1], &args, &[])).collect::<Result<Vec<_>>>()?;
             // Known-good pairs only: a failed or unfinished dump is no noise floor.
             if let Some(failure) = reports.iter().find_map(DiffReport::engine_failure) {
                 return Err(Error::engine(failure));
@@ -780,8 +873,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("wrote {}", output.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Report { kind: ReportKind::Diff { a, b, compare: args, output, history, run } } => {
-            let r = compare(&a, &b, &args)?;
+        Command::Report { kind: ReportKind::Diff { a, b, compare: args, pair, output, history, run } } => {
+            let r = compare(&a, &b, &args, &pair)?;
             report::write_all(&r, &output)?;
             if let Some(h) = history {
                 report::append_history(&h, &report::history_entry(&r, &run))?;
@@ -867,7 +960,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 if let Some(&t) = ids.iter().find(|&&t| t as usize >= tokenizer.vocab_size) {
                     return Err(Error::input(format!("token id {t} is outside the vocabulary (size {})", tokenizer.vocab_size)));
                 }
-                print!("{}", tokenizer.decode(&ids)?);
+                println!("{}", tokenizer.decode(&ids)?);
                 return Ok(ExitCode::SUCCESS);
             }
             let ids = tokenizer.encode(&text)?;

@@ -17,7 +17,7 @@ const LLAMA_ARCHS: &[&str] = &["llama"];
 const FINGERPRINT_SAMPLE: usize = 4096;
 const FINGERPRINT_SAMPLES: usize = 64;
 
-/// Model hyper-parameters, as recorded in a dump's manifest (DESIGN §4).
+/// Model hyper-parameters, as recorded in a dump's manifest (docs/dump-format.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     pub arch: String,
@@ -68,7 +68,7 @@ impl Config {
         self.n_embd / self.n_head
     }
 
-    /// Width of a tap row for each canonical layer tap (DESIGN §3).
+    /// Width of a tap row for each canonical layer tap (docs/taps.md).
     pub fn q_width(&self) -> usize {
         self.n_head * self.head_dim()
     }

@@ -269,6 +269,7 @@ const STYLE: &str = "body{font-family:sans-serif;margin:24px;max-width:1000px;co
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}\
 .callout{padding:12px 16px;border-radius:6px;margin:12px 0}.bad{background:#fde2e2;border:1px solid #e57373}\
 .good{background:#e3f6e5;border:1px solid #81c784}pre.prompt{white-space:pre-wrap;background:#f6f6f6;padding:8px;max-height:200px;overflow:auto}\
+pre.reproduce{white-space:pre-wrap;overflow-wrap:anywhere;background:#f6f6f6;padding:8px;font-size:12px}\
 .legend{font-size:12px;color:#555}";
 
 /// One self-contained HTML file: no script, no external resource; every piece of text
@@ -699,7 +700,7 @@ pub fn bisect_html(r: &BisectReport) -> String {
             for t in &r.replay_taps {
                 let _ = write!(s, "<tr><td>{}{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", html_escape(&t.tap), if t.introduces { " ◀" } else { "" }, sci(t.introduced), t.at_position, sci(t.tolerance));
             }
-            s.push_str("</table>");
+            s.push_str("</table><p class=\"legend\">◀ marks the taps whose error this layer introduces: over tolerance against the reference replayed on A's own input.</p>");
         }
     }
     s.push_str("<h2>Search path</h2><table><tr><th>#</th><th>probe</th><th>tokens</th><th>layers</th><th>taps</th><th>positions</th><th>seconds A / B</th><th>bytes</th><th>finding</th></tr>");
@@ -711,7 +712,8 @@ pub fn bisect_html(r: &BisectReport) -> String {
         );
     }
     let _ = write!(s, "</table><p>{} runs of A, {} of B, {} dumped, {:.1} s.</p>", r.runs_a, r.runs_b, bytes(r.bytes_dumped), r.seconds);
-    let _ = write!(s, "<h2>Reproduce</h2><pre>{}</pre>", html_escape(&r.reproduce.join("\n")));
+    // One command a line, wrapped: they hold long paths.
+    let _ = write!(s, "<h2>Reproduce</h2><pre class=\"reproduce\">{}</pre>", html_escape(&r.reproduce.join("\n")));
     if r.final_diff.is_some() {
         s.push_str("<p>The full comparison of the last probe: <a href=\"report.html\">report.html</a>.</p>");
     }

@@ -1,4 +1,4 @@
-//! Canonical tap ids (DESIGN §3), their topological order, the accepted aliases, and
+//! Canonical tap ids (docs/taps.md), their topological order, the accepted aliases, and
 //! the command-line selection syntax for layers, taps and positions.
 
 use std::collections::BTreeSet;
@@ -80,7 +80,7 @@ impl Tap {
 /// Map any accepted name (canonical, TransformerLens, llama.cpp, HF hidden_states) to
 /// the canonical id. `n_layer` resolves `hidden_states[last]` and `hook_resid_pre`.
 pub fn canonical_tap_id(name: &str, n_layer: usize) -> Result<String> {
-    let unknown = || Error::input(format!("unknown tap name {name:?} (see DESIGN §3 for canonical ids and aliases)"));
+    let unknown = || Error::input(format!("unknown tap name {name:?} (canonical ids and aliases: docs/taps.md)"));
     if let Some(tap) = Tap::parse(name) {
         return match tap {
             Tap::Layer(l, _) if l >= n_layer => Err(Error::input(format!("tap {name}: layer {l} does not exist (model has {n_layer})"))),

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use resbisect::diff::{calibrate, diff, DiffOptions};
+use resbisect::diff::{calibrate, diff, DiffOptions, Judge};
 use resbisect::dump::Dump;
 use resbisect::tolerance::Tolerances;
 
@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
             let _ = dump.read_file(&p.id, &stem);
         }
     }
-    let opts = DiffOptions { tolerances: Tolerances::default(), allow_model_mismatch: false };
+    let opts = DiffOptions { tolerances: Tolerances::default(), allow_model_mismatch: false, judge: Judge::Auto };
     if let Ok(report) = diff(&dump, &dump, &opts) {
         // What calibrate writes, its loader reads back (NaN rows once made `null`).
         let (tolerances, _notes) = calibrate(std::slice::from_ref(&report), 10.0, 1e-6);

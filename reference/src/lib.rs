@@ -1,5 +1,5 @@
 //! The oracle: a llama forward pass on candle-core with exactly dequantized weights,
-//! computed in f32 (or f64), with every canonical tap of DESIGN §3 available.
+//! computed in f32 (or f64), with every canonical tap of docs/taps.md available.
 //!
 //! Independent from the runtime by construction: this crate depends on nothing of
 //! resbisect, so it cannot reuse runtime numerics. It reads weights through
@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, D
 use num_traits::Float;
 use rayon::prelude::*;
 
-/// Layer taps in topological order (DESIGN §3), as the reference computes them.
+/// Layer taps in topological order (docs/taps.md), as the reference computes them.
 pub const LAYER_TAPS: [&str; 13] = [
     "attn_norm", "q", "k", "v", "attn", "attn_out", "resid_mid", "ffn_norm", "ffn_gate", "ffn_up", "ffn_act", "ffn_out", "resid_post",
 ];

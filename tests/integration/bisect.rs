@@ -221,12 +221,12 @@ fn a_c_engine_on_the_single_header_writer_plugs_in() {
 
 #[test]
 fn hf_transformers_plugs_in_through_dump_hf_py() {
-    let probe = Command::new("python3").args(["-c", "import torch, transformers, gguf, safetensors"]).status();
-    assert!(probe.is_ok_and(|s| s.success()), "scripts/dump_hf.py needs torch, transformers, gguf and safetensors (.ci/run installs them)");
+    let python = venv_python();
     let dir = tempfile::tempdir().unwrap();
     let script = root().join("scripts/dump_hf.py");
     let cmd = format!(
-        "python3 {} --model {{model}} --model-info {{model_info}} --tokens {{tokens}} --prompt-id {{prompt_id}} --layers {{layers}} --taps {{taps}} --positions {{positions}} --out {{out}} --inject-layer 7 --inject-pos 20 --inject-scale 1.1",
+        "{} {} --model {{model}} --model-info {{model_info}} --tokens {{tokens}} --prompt-id {{prompt_id}} --layers {{layers}} --taps {{taps}} --positions {{positions}} --out {{out}} --inject-layer 7 --inject-pos 20 --inject-scale 1.1",
+        python.display(),
         script.display()
     );
     let (code, r) = bisect_json(&["--prompts", &bisect_prompt(), "--id", "p6_len_32", "--engine", "external", "--command", &cmd], &dir.path().join("work"));

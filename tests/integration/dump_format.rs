@@ -14,7 +14,7 @@ fn manifest(prompts: &[(&str, usize)]) -> Manifest {
     let config = synth::preset("tiny").unwrap().config;
     Manifest::new(
         EngineInfo { name: "test".into(), version: "0".into(), backend: "none".into(), dtype: "f32".into(), device: "none".into() },
-        ModelInfo { path: "m.gguf".into(), fingerprint: "00".into(), config },
+        ModelInfo { path: "m.gguf".into(), fingerprint: Some("00".into()), config },
         prompts.iter().map(|(id, n)| PromptRecord { id: id.to_string(), text: None, tokens: (0..*n as u32).collect() }).collect(),
         Selection::parse("all", "resid_post", "all", 2).unwrap(),
     )
@@ -165,8 +165,15 @@ fn hostile_manifests_are_refused() {
         (Box::new(|v| v["format"] = "other".into()), "format is \"other\""),
         (Box::new(|v| v["version"] = 2.into()), "version 2 is not supported"),
         (Box::new(|v| v["prompts"][0]["tokens"][0] = 5000000.into()), "outside the vocabulary"),
-        (Box::new(|v| v["selection"]["positions"] = "1..x".into()), "bad position"),
-        (Box::new(|v| v["status"] = "exploded".into()), "bad manifest"),
+        (Box::new(|v| v["selection"]["positions"] = "1..x".into()), "selection.positions: bad position"),
+        (Box::new(|v| v["status"] = "exploded".into()), "bad manifest: status: expected \"running\", \"complete\" or \"failed\", got \"exploded\""),
+        // Every refusal names the field path and what it expected.
+        (Box::new(|v| v["model"]["n_layer"] = "x".into()), "model.n_layer: expected an integer from 0, got the string \"x\""),
+        (Box::new(|v| v["model"]["fingerprint"] = 5.into()), "model.fingerprint: expected a string or null, got the number 5"),
+        (Box::new(|v| { v["model"].as_object_mut().unwrap().remove("arch"); }), "model.arch: missing (expected a string)"),
+        (Box::new(|v| v["prompts"][0]["tokens"][1] = (-1).into()), "prompts[0].tokens[1]: expected a token id"),
+        (Box::new(|v| v["engine"] = serde_json::Value::Null), "engine: expected an object, got null"),
+        (Box::new(|v| v["selection"]["taps"] = serde_json::json!({"all": true})), "selection.taps: expected a string or a list, got an object"),
         (Box::new(|v| { v["prompts"] = serde_json::json!([{"id": "a", "tokens": [1]}, {"id": "a", "tokens": [1]}]); }), "appears twice"),
     ];
     for (edit, needle) in cases {
@@ -175,6 +182,31 @@ fn hostile_manifests_are_refused() {
     }
     std::fs::write(root.join("manifest.json"), b"{\"format\": ").unwrap();
     assert_refused(&resbisect(&["inspect", path_str(&root)]), "bad manifest");
+}
+
+/// Other writers' spellings: no fingerprint (or null), `selection.taps: "all"`,
+/// `selection.positions: ["all"]`, layers as a spec, integers written as floats.
+#[test]
+fn loose_manifests_from_other_writers_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("d");
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(Edit, &str)> = vec![
+        (Box::new(|v| v["model"]["fingerprint"] = serde_json::Value::Null), "(no fingerprint)"),
+        (Box::new(|v| { v["model"].as_object_mut().unwrap().remove("fingerprint"); }), "(no fingerprint)"),
+        (Box::new(|v| v["selection"]["taps"] = "all".into()), "taps embed,attn_norm,q,k,v,attn,attn_out,resid_mid,ffn_norm,ffn_gate,ffn_up,ffn_act,ffn_out,resid_post,final_norm,logits"),
+        (Box::new(|v| v["selection"]["positions"] = serde_json::json!(["all"])), "positions all"),
+        (Box::new(|v| v["selection"]["positions"] = serde_json::json!([0, 1, "4.."])), "positions 0,1,4.."),
+        (Box::new(|v| v["selection"]["layers"] = "all".into()), "layers [0, 1]"),
+        (Box::new(|v| v["model"]["n_layer"] = 2.0.into()), "layers [0, 1]"),
+        (Box::new(|v| { v.as_object_mut().unwrap().remove("selection"); }), "positions all"),
+    ];
+    for (edit, needle) in cases {
+        write_manifest(&root, edit);
+        let out = resbisect(&["inspect", path_str(&root)]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert!(out.stdout.contains(needle), "{needle:?} not in:\n{}", out.stdout);
+    }
 }
 
 #[test]

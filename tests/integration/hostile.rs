@@ -73,7 +73,7 @@ fn small_dump(root: &Path) {
     let config = synth::preset("tiny").unwrap().config;
     let manifest = Manifest::new(
         EngineInfo { name: "test".into(), version: "0".into(), backend: "none".into(), dtype: "f32".into(), device: "none".into() },
-        ModelInfo { path: "m.gguf".into(), fingerprint: "00".into(), config },
+        ModelInfo { path: "m.gguf".into(), fingerprint: Some("00".into()), config },
         vec![PromptRecord { id: "p".into(), text: None, tokens: vec![1, 2, 3] }],
         Selection::parse("all", "resid_post", "all", 2).unwrap(),
     );

@@ -134,7 +134,7 @@ impl Engine for Synthetic {
         self.asked.push((prompt.tokens.len(), selection.positions.clone()));
         // The search must never plan a probe past the prompt: `resolve` refuses it.
         let positions = PositionSpec::parse(&selection.positions)?.resolve(prompt.tokens.len())?;
-        let model = ModelInfo { path: "synthetic.gguf".into(), fingerprint: format!("synthetic-{}", p.seed), config: p.config() };
+        let model = ModelInfo { path: "synthetic.gguf".into(), fingerprint: Some(format!("synthetic-{}", p.seed)), config: p.config() };
         let engine = EngineInfo::new(&self.label(), "cpu", "f32", "test".into(), &[]);
         let mut w = DumpWriter::create(out, Manifest::new(engine, model, vec![prompt.clone()], selection.clone()), false)?;
         let taps = selection.taps_in_order(p.n_layer);

@@ -45,5 +45,5 @@ fn cli_prints_ids_and_round_trips() {
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(out.stdout.trim(), "1,4093,216,36,34");
     let back = resbisect(&["tokenize", "--decode", "--model", path_str(&m), out.stdout.trim()]);
-    assert_eq!(back.stdout, "<|im_start|>user 42");
+    assert_eq!(back.stdout, "<|im_start|>user 42\n");
 }

@@ -43,6 +43,16 @@ pub fn smollm2() -> PathBuf {
     p
 }
 
+/// The project virtualenv's Python (scripts/setup.sh makes it, with torch, transformers,
+/// gguf, safetensors and numpy pinned in scripts/requirements.txt).
+pub fn venv_python() -> PathBuf {
+    let p = root().join(".venv/bin/python");
+    assert!(p.is_file(), "{} is missing: run scripts/setup.sh first (the README's test command does)", p.display());
+    let probe = Command::new(&p).args(["-c", "import torch, transformers, gguf, safetensors, numpy"]).status();
+    assert!(probe.is_ok_and(|s| s.success()), "{} cannot import torch, transformers, gguf, safetensors and numpy: run scripts/setup.sh", p.display());
+    p
+}
+
 pub fn tiny_model(dir: &Path, quant: &str, seed: u64) -> PathBuf {
     let path = dir.join(format!("tiny-{quant}-{seed}.gguf"));
     let preset = synth::preset("tiny").unwrap();

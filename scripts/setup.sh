@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Everything the test suite needs beyond Rust, on a fresh machine: the fixture model
+# (scripts/fetch-models.sh) and a project virtualenv .venv/ holding the pinned Python
+# packages of scripts/requirements.txt (torch, transformers, gguf, safetensors, numpy)
+# that scripts/dump_hf.py and the third-party-writer test run on.
+# Idempotent: a .venv/ made from the same requirements file is kept as it is.
+set -euo pipefail
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+"$root/scripts/fetch-models.sh"
+
+venv="$root/.venv"
+req="$root/scripts/requirements.txt"
+stamp="$venv/.requirements.sha256"
+want="$( (cat "$req" "$root/scripts/torch_cpu_stubs.py") | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then
+  echo "python venv present: $venv"
+  exit 0
+fi
+
+rm -rf "$venv"
+python3 -m venv "$venv"
+# --no-deps: the file is the whole closure; torch's own dependency list would pull
+# the ~5.6 GB of nvidia-* CUDA libraries the tests never use (they run torch on the CPU).
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --only-binary :all: -r "$req"
+"$venv/bin/python" "$root/scripts/torch_cpu_stubs.py" "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+"$venv/bin/python" -c "import torch, transformers, gguf, safetensors, numpy; torch.nn.Linear(4, 2)(torch.ones(1, 4))"
+echo "$want" > "$stamp"
+echo "python venv ready: $venv ($(du -sh "$venv" | cut -f1))"

@@ -1,0 +1,100 @@
+//! include/resbisect_dump.h's own usage example, cut out of the header as written,
+//! compiles warning-free as strict C99 with gcc and clang and writes a dump resbisect
+//! reads, stamped with the time it was made.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::util::*;
+
+/// The lines between `EXAMPLE BEGIN` and `EXAMPLE END` of the header's opening comment.
+fn header_example() -> String {
+    let header = std::fs::read_to_string(root().join("include/resbisect_dump.h")).unwrap();
+    let body: Vec<&str> = header
+        .lines()
+        .skip_while(|l| !l.contains("EXAMPLE BEGIN"))
+        .skip(1)
+        .take_while(|l| !l.contains("EXAMPLE END"))
+        .collect();
+    assert!(body.len() > 10, "the header has no EXAMPLE BEGIN/END block");
+    body.iter()
+        .map(|l| l.strip_prefix(" * ").or_else(|| l.strip_prefix(" *")).unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+fn compile(compiler: &str, src: &Path, exe: &Path) -> Option<()> {
+    let out = match Command::new(compiler)
+        .args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-I"])
+        .arg(root().join("include"))
+        .arg("-o")
+        .arg(exe)
+        .arg(src)
+        .output()
+    {
+        Ok(o) => o,
+        Err(_) => return None,
+    };
+    assert!(
+        out.status.success(),
+        "{compiler} refuses the header's example:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(())
+}
+
+#[test]
+fn the_headers_example_compiles_and_writes_a_readable_dump() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), "f32", 3);
+    let reference = dir.path().join("reference");
+    let o = resbisect(&[
+        "dump",
+        "--model",
+        path_str(&model),
+        "--tokens",
+        "1,17,99,5",
+        "--layers",
+        "0",
+        "-o",
+        path_str(&reference),
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(reference.join("manifest.json")).unwrap()).unwrap();
+    let model_info = dir.path().join("model.json");
+    std::fs::write(&model_info, manifest["model"].to_string()).unwrap();
+    let n_embd = manifest["model"]["n_embd"].to_string();
+
+    let src = dir.path().join("example.c");
+    std::fs::write(&src, header_example()).unwrap();
+    let mut compiled = 0;
+    for compiler in ["gcc", "clang"] {
+        let exe = dir.path().join(format!("example-{compiler}"));
+        if compile(compiler, &src, &exe).is_none() {
+            assert_ne!(compiler, "gcc", "gcc is needed to compile the C header's example");
+            eprintln!("skipping the {compiler} build of the header's example: {compiler} is not installed");
+            continue;
+        }
+        compiled += 1;
+        let out = dir.path().join(format!("dump-{compiler}"));
+        let status = Command::new(&exe).arg(&out).arg(&model_info).arg(&n_embd).status().unwrap();
+        assert!(status.success(), "the example program failed");
+        let inspect = resbisect(&["inspect", path_str(&out)]);
+        assert_eq!(inspect.code, 0, "{}", inspect.stderr);
+        assert!(inspect.stdout.contains("blk.0.resid_post"), "{}", inspect.stdout);
+        let written: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+        let created = written["created"].as_str().unwrap();
+        let year: u32 = created[..4].parse().unwrap();
+        assert!(
+            year >= 2025 && created.ends_with('Z') && created.len() == 20,
+            "created {created:?} is not the time of writing"
+        );
+        // Its numbers are what the example wrote: row r, channel c holds (r*width + c)/width.
+        let d = resbisect::dump::Dump::open(&out).unwrap();
+        let f = d.read_file("p0", "blk.0").unwrap().unwrap();
+        let width: usize = n_embd.parse().unwrap();
+        assert_eq!(f.taps["blk.0.resid_post"].values[2 * width + 1] as f32, (2 * width + 1) as f32 / width as f32);
+    }
+    assert!(compiled >= 1);
+}

@@ -145,9 +145,8 @@ pub fn parse_manifest(text: &[u8]) -> std::result::Result<Manifest, String> {
         rope_base: float(m, "model", "rope_base")?,
         rms_eps: float(m, "model", "rms_eps")?,
     };
-    if config.n_head == 0 || config.n_head_kv == 0 || !config.n_embd.is_multiple_of(config.n_head) {
-        return Err(format!("model.n_embd {} / model.n_head {} / model.n_head_kv {}: expected non-zero heads dividing n_embd", config.n_embd, config.n_head, config.n_head_kv));
-    }
+    // Sizes become divisors, widths and loop bounds: checked before any use.
+    config.check()?;
     let model = ModelInfo { path: opt_string(m, "model", "path")?.unwrap_or_default(), fingerprint: opt_string(m, "model", "fingerprint")?, config };
     let list = required(top, "", "prompts", "a list of prompts")?.as_array().ok_or_else(|| expected("prompts", "a list of prompts", &top["prompts"]))?;
     let mut prompts = Vec::with_capacity(list.len());
@@ -582,11 +581,6 @@ impl Dump {
         }
         if manifest.version != VERSION {
             return Err(Error::input(format!("{}: dump format version {} is not supported (this build reads {VERSION})", path.display(), manifest.version)));
-        }
-        // Sizes become divisors, widths and loop bounds: checked before any use.
-        manifest.model.config.check().map_err(|e| Error::input(format!("{}: {e}", path.display())))?;
-        if let Some(&l) = manifest.selection.layers.iter().find(|&&l| l >= manifest.model.config.n_layer) {
-            return Err(Error::input(format!("{}: selection.layers holds {l}, past model.n_layer {}", path.display(), manifest.model.config.n_layer)));
         }
         let mut prompt_index = HashMap::with_capacity(manifest.prompts.len());
         for (i, p) in manifest.prompts.iter().enumerate() {

@@ -115,7 +115,7 @@ fn manifest_sizes_are_checked_before_use() {
         refused_cheaply(&["diff", d, d], needle);
     }
     let d = dump_with(dir.path(), "sel", |v| v["selection"]["layers"] = serde_json::json!([0, 1, 7]));
-    refused_cheaply(&["inspect", path_str(&d)], "selection.layers holds 7, past model.n_layer 2");
+    refused_cheaply(&["inspect", path_str(&d)], "selection.layers: layer selection \"7\" goes past the model's 2 layers");
 }
 
 #[test]

@@ -285,7 +285,7 @@ fn heatmap_svg(title: &str, y_desc: &str, rows: &[(String, &TapDiff)]) -> Result
         let root = SVGBackend::with_string(&mut svg, (900, row_px * n_rows as u32 + 110)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err)?;
         let body = root.titled(title, ("sans-serif", 16)).map_err(plot_err)?;
-        let (left, bar) = body.split_horizontally(790);
+        let (left, bar) = body.split_horizontally(770);
         let mut chart = ChartBuilder::on(&left)
             .margin(10)
             .x_label_area_size(40)
@@ -296,6 +296,8 @@ fn heatmap_svg(title: &str, y_desc: &str, rows: &[(String, &TapDiff)]) -> Result
         chart
             .configure_mesh()
             .disable_mesh()
+            .label_style(("sans-serif", 12))
+            .axis_desc_style(("sans-serif", 13))
             .x_desc(x_desc)
             .y_desc(y_desc)
             .x_labels(cols.min(14))
@@ -324,13 +326,16 @@ fn heatmap_svg(title: &str, y_desc: &str, rows: &[(String, &TapDiff)]) -> Result
         let mut scale = ChartBuilder::on(&bar)
             .margin(10)
             .x_label_area_size(40)
-            .y_label_area_size(62)
+            .y_label_area_size(70)
             .build_cartesian_2d(0f64..1f64, HEAT_LOG_MIN..0f64)
             .map_err(plot_err)?;
         scale
             .configure_mesh()
             .disable_mesh()
             .disable_x_axis()
+            // Explicit sizes: the defaults scale with the narrow bar's area and come out unreadable.
+            .label_style(("sans-serif", 13))
+            .axis_desc_style(("sans-serif", 13))
             .y_desc("rel L2 (log)")
             .y_labels(6)
             .y_label_formatter(&|v| format!("1e{v:.0}"))
@@ -875,7 +880,7 @@ fn search_verdicts(r: &BisectReport) -> Vec<(String, Vec<(usize, LayerVerdict)>)
 /// layer highlighted.
 fn search_path_svg(r: &BisectReport, n_layer: usize) -> Result<Option<String>> {
     let steps = search_verdicts(r);
-    if steps.iter().all(|(_, m)| m.is_empty()) {
+    if steps.iter().flat_map(|(_, m)| m).all(|(_, v)| *v == LayerVerdict::Dumped) {
         return Ok(None);
     }
     let first_layer = r.first.as_ref().and_then(|f| match Tap::parse(&f.tap) {
@@ -900,6 +905,9 @@ fn search_path_svg(r: &BisectReport, n_layer: usize) -> Result<Option<String>> {
         chart
             .configure_mesh()
             .disable_y_mesh()
+            .light_line_style(TRANSPARENT)
+            .label_style(("sans-serif", 12))
+            .axis_desc_style(("sans-serif", 13))
             .x_desc("layer")
             .x_labels(n_layer.min(30) + 1)
             .y_labels(n.min(20))
@@ -968,6 +976,7 @@ fn replay_svg(r: &BisectReport) -> Result<String> {
             .map_err(plot_err)?;
         chart
             .configure_mesh()
+            .light_line_style(TRANSPARENT)
             .x_desc("layer")
             .y_desc("max rel L2")
             .x_labels(r.replay.len() + 2)
@@ -1018,7 +1027,7 @@ fn bisect_plots(r: &BisectReport) -> Result<String> {
             s.push_str(&svg);
             s.push_str("<p class=\"legend\">green dot: resid_post agrees; red cross: it diverges (for the all-taps probe: the layer holding the first divergence); grey dot: dumped for another purpose or not judged; shaded band: the layers still in question after that probe; orange column: the first divergent layer.</p>");
         }
-        None => s.push_str("<p class=\"legend\">No layer was judged: no search-path plot.</p>"),
+        None => s.push_str("<p class=\"legend\">No layer was judged (nothing of the layers was compared): no search-path plot.</p>"),
     }
     Ok(s)
 }

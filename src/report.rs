@@ -262,7 +262,7 @@ fn heat_colour(v: f64) -> HSLColor {
 /// are the positions compared (a sparse probe's gaps are left out, not drawn as empty
 /// space); past HEATMAP_BINS of them each column shows the worst row of its bin. Row
 /// heights grow when there are few rows, so one layer's taps stay readable.
-fn heatmap_svg(title: &str, y_desc: &str, rows: &[(String, &TapDiff)]) -> Result<String> {
+fn heatmap_svg(title: &str, y_desc: &str, rows: &HeatRows) -> Result<String> {
     let mut positions: Vec<usize> = rows.iter().flat_map(|(_, t)| t.positions.iter().copied()).collect();
     positions.sort_unstable();
     positions.dedup();
@@ -356,9 +356,12 @@ fn heatmap_svg(title: &str, y_desc: &str, rows: &[(String, &TapDiff)]) -> Result
 
 const HEATMAP_LEGEND: &str = "<p class=\"legend\">colour: rel L2 on the log scale of the bar beside the map: blue = 1e-10 or below (noise), red = 1 or above, or non-finite; grey = not compared. A vertical edge shows the position where a long-context collapse starts.</p>";
 
+/// A heatmap's rows, each a label and the tap it shows.
+type HeatRows<'a> = Vec<(String, &'a TapDiff)>;
+
 /// The heatmap rows of a comparison: resid_post by layer over several layers, or every
 /// tap of the layer when only one was compared; with the plot's title and row axis.
-fn heatmap_rows<'a>(p: &'a PromptDiff, layers: &[usize]) -> Option<(String, &'static str, Vec<(String, &'a TapDiff)>)> {
+fn heatmap_rows<'a>(p: &'a PromptDiff, layers: &[usize]) -> Option<(String, &'static str, HeatRows<'a>)> {
     let mut rows: Vec<(usize, usize, &TapDiff)> = p
         .taps
         .iter()
@@ -815,7 +818,7 @@ fn coarse_heatmap(r: &BisectReport) -> Result<Option<String>> {
         return Ok(None);
     }
     rows.sort_by_key(|(k, _, _)| *k);
-    let rows: Vec<(String, &TapDiff)> = rows.into_iter().map(|(_, l, t)| (l, t)).collect();
+    let rows: HeatRows = rows.into_iter().map(|(_, l, t)| (l, t)).collect();
     let partial = if r.coarse_diff.is_none() { " (partial: an engine crashed in it)" } else { "" };
     heatmap_svg(&format!("coarse probe{partial}: resid_post rel L2 by layer and position"), "layer", &rows).map(Some)
 }

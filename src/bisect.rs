@@ -166,6 +166,9 @@ pub struct BisectReport {
     pub reproduce: Vec<String>,
     #[serde(skip)]
     pub final_diff: Option<DiffReport>,
+    /// The coarse probe's comparison, for the report's layers × positions plot.
+    #[serde(skip)]
+    pub coarse_diff: Option<DiffReport>,
 }
 
 /// Sum of file sizes under a directory (0 when absent).
@@ -574,6 +577,7 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
         seconds_replay: 0.0,
         reproduce: Vec::new(),
         final_diff: None,
+        coarse_diff: None,
     };
     let finish = |mut report: BisectReport, s: Session| {
         report.runs_a = s.probes.len();
@@ -608,6 +612,7 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
         ProbeResult::Compared(r) => r,
         ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
     };
+    report.coarse_diff = Some(r.clone());
     // The coarse probe decided what rows are judged against; later probes keep to it.
     report.noise = noise_levels(&r);
     report.judged = r.prompts.first().map_or(Judgement::Tolerance, |p| p.judged);

@@ -8,7 +8,7 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::bisect::BisectReport;
+use crate::bisect::{BisectReport, LayerAttribution};
 use crate::diff::{DiffReport, Judgement, PromptDiff, TapDiff};
 use crate::error::{Error, Result};
 use crate::taps::{Tap, LAYER_TAPS};
@@ -174,20 +174,52 @@ fn clamp_log(v: f64) -> f64 {
     }
 }
 
-/// Max rel L2 over positions against layer, one line per layer tap kind.
-fn error_vs_layer_svg(p: &PromptDiff, n_layer: usize) -> Result<String> {
+/// The layers a prompt's comparison holds layer taps of, ascending.
+fn compared_layers(p: &PromptDiff) -> Vec<usize> {
+    let mut layers: Vec<usize> = p
+        .taps
+        .iter()
+        .filter_map(|t| match Tap::parse(&t.tap) {
+            Some(Tap::Layer(l, _)) => Some(l),
+            _ => None,
+        })
+        .collect();
+    layers.sort_unstable();
+    layers.dedup();
+    layers
+}
+
+/// The integer a tick value stands for, when it is one (axes of rows or columns label
+/// only their centres).
+fn tick_index(v: f64, len: usize) -> Option<usize> {
+    let i = v.round();
+    ((v - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < len).then_some(i as usize)
+}
+
+/// Max rel L2 over positions against layer, one line per layer tap kind; the axis spans
+/// the layers compared only.
+fn error_vs_layer_svg(p: &PromptDiff, layers: &[usize]) -> Result<String> {
+    let (lo, hi) = (layers.first().copied().unwrap_or(0) as f64, layers.last().copied().unwrap_or(0) as f64);
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (900, 420)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err)?;
         let mut chart = ChartBuilder::on(&root)
-            .caption("max rel L2 over positions, by layer", ("sans-serif", 18))
+            .caption(format!("max rel L2 over positions, by layer ({} layers compared)", layers.len()), ("sans-serif", 18))
             .margin(10)
             .x_label_area_size(35)
             .y_label_area_size(60)
-            .build_cartesian_2d(-0.5f64..(n_layer as f64 - 0.5).max(0.5), (PLOT_FLOOR..1e3f64).log_scale())
+            .build_cartesian_2d((lo - 0.5)..(hi + 0.5), (PLOT_FLOOR..1e3f64).log_scale())
             .map_err(plot_err)?;
-        chart.configure_mesh().x_desc("layer").y_desc("rel L2").x_label_formatter(&|v| format!("{v:.0}")).y_label_formatter(&|v| format!("{v:.0e}")).draw().map_err(plot_err)?;
+        chart
+            .configure_mesh()
+            .x_desc("layer")
+            .y_desc("rel L2")
+            .x_labels(layers.len().min(16) + 1)
+            .x_label_formatter(&|v| tick_index(*v, usize::MAX).map(|l| l.to_string()).unwrap_or_default())
+            .y_label_formatter(&|v| format!("{v:.0e}"))
+            .draw()
+            .map_err(plot_err)?;
         for (k, name) in LAYER_TAPS.iter().enumerate() {
             let pts: Vec<(f64, f64)> = p
                 .taps
@@ -214,55 +246,157 @@ fn error_vs_layer_svg(p: &PromptDiff, n_layer: usize) -> Result<String> {
     Ok(svg)
 }
 
-/// Layer × position heatmap of one tap kind's rel L2 (log colour scale).
-fn heatmap_svg(p: &PromptDiff, kind: &str) -> Result<Option<String>> {
-    let rows: Vec<(usize, &TapDiff)> = p
-        .taps
-        .iter()
-        .filter_map(|t| match Tap::parse(&t.tap) {
-            Some(Tap::Layer(l, i)) if LAYER_TAPS[i] == kind => Some((l, t)),
-            _ => None,
-        })
-        .collect();
-    if rows.is_empty() {
-        return Ok(None);
-    }
-    let max_pos = rows.iter().filter_map(|(_, t)| t.positions.last()).max().copied().unwrap_or(0) + 1;
-    let bins = max_pos.min(HEATMAP_BINS);
-    let bin_of = |pos: usize| pos * bins / max_pos;
-    let n_layers = rows.iter().map(|(l, _)| l + 1).max().unwrap_or(1);
+/// log10 rel L2 at the blue end of the heatmap colour scale (the red end is 0: rel L2 1).
+const HEAT_LOG_MIN: f64 = -10.0;
+/// Heatmap cells of positions no row compared.
+const NOT_COMPARED: RGBColor = RGBColor(228, 228, 228);
+
+/// A rel L2 on the heatmaps' log colour scale: blue at 1e-10 and below (noise), red at
+/// 1 and above and for non-finite rows.
+fn heat_colour(v: f64) -> HSLColor {
+    let x = ((clamp_log(v).log10() - HEAT_LOG_MIN) / -HEAT_LOG_MIN).clamp(0.0, 1.0);
+    HSLColor(0.66 * (1.0 - x), 0.85, 0.5)
+}
+
+/// Rows × positions heatmap of rel L2 (log colour scale) with its colour bar. Columns
+/// are the positions compared (a sparse probe's gaps are left out, not drawn as empty
+/// space); past HEATMAP_BINS of them each column shows the worst row of its bin. Row
+/// heights grow when there are few rows, so one layer's taps stay readable.
+fn heatmap_svg(title: &str, y_desc: &str, rows: &HeatRows) -> Result<String> {
+    let mut positions: Vec<usize> = rows.iter().flat_map(|(_, t)| t.positions.iter().copied()).collect();
+    positions.sort_unstable();
+    positions.dedup();
+    let n_pos = positions.len().max(1);
+    let cols = n_pos.min(HEATMAP_BINS);
+    let bin_start = |b: usize| positions.get((b * n_pos).div_ceil(cols)).copied();
+    let contiguous = positions.first().zip(positions.last()).is_none_or(|(a, b)| b - a + 1 == positions.len());
+    let per_bin = n_pos.div_ceil(cols);
+    let x_desc = match (per_bin > 1, contiguous) {
+        (false, true) => "position".to_string(),
+        (true, true) => format!("position (each column: the worst of {per_bin})"),
+        (false, false) => format!("the {} positions compared (others not drawn)", positions.len()),
+        (true, false) => format!("the {} positions compared (each column: the worst of {per_bin})", positions.len()),
+    };
+    let n_rows = rows.len().max(1);
+    let row_px = (300 / n_rows).clamp(12, 40) as u32;
+    let label_px = rows.iter().map(|(l, _)| l.chars().count()).max().unwrap_or(2) as u32 * 8 + 20;
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, (900, 360)).into_drawing_area();
+        let root = SVGBackend::with_string(&mut svg, (900, row_px * n_rows as u32 + 110)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(format!("{kind}: log10 rel L2, layer x position (worst per bin of {} positions)", max_pos.div_ceil(bins)), ("sans-serif", 16))
+        let body = root.titled(title, ("sans-serif", 16)).map_err(plot_err)?;
+        let (left, bar) = body.split_horizontally(770);
+        let mut chart = ChartBuilder::on(&left)
             .margin(10)
-            .x_label_area_size(35)
-            .y_label_area_size(45)
-            .build_cartesian_2d(0f64..max_pos as f64, 0f64..n_layers as f64)
+            .x_label_area_size(40)
+            .y_label_area_size(label_px.max(45))
+            .build_cartesian_2d(-0.5f64..cols as f64 - 0.5, -0.5f64..n_rows as f64 - 0.5)
             .map_err(plot_err)?;
-        chart.configure_mesh().disable_mesh().x_desc("position").y_desc("layer").x_label_formatter(&|v| format!("{v:.0}")).y_label_formatter(&|v| format!("{v:.0}")).draw().map_err(plot_err)?;
-        for (layer, t) in &rows {
-            let mut cells = vec![f64::NAN; bins];
+        chart.plotting_area().fill(&NOT_COMPARED).map_err(plot_err)?;
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .label_style(("sans-serif", 12))
+            .axis_desc_style(("sans-serif", 13))
+            .x_desc(x_desc)
+            .y_desc(y_desc)
+            .x_labels(cols.min(14))
+            .y_labels(n_rows.min(16))
+            .x_label_formatter(&|v| tick_index(*v, cols).and_then(bin_start).map(|p| p.to_string()).unwrap_or_default())
+            .y_label_formatter(&|v| tick_index(*v, rows.len()).map(|i| rows[i].0.clone()).unwrap_or_default())
+            .draw()
+            .map_err(plot_err)?;
+        for (y, (_, t)) in rows.iter().enumerate() {
+            let mut cells = vec![f64::NAN; cols];
             for (pos, r) in t.positions.iter().zip(&t.rows) {
+                let Ok(i) = positions.binary_search(pos) else { continue };
                 let v = if r.nonfinite_a + r.nonfinite_b > 0 { f64::INFINITY } else { r.rel_l2 };
-                let c = &mut cells[bin_of(*pos)];
+                let c = &mut cells[i * cols / n_pos];
                 *c = if c.is_nan() { v } else { c.max(v) };
             }
-            let width = max_pos as f64 / bins as f64;
+            let y = y as f64;
             chart
                 .draw_series(cells.iter().enumerate().filter(|(_, v)| !v.is_nan()).map(|(b, &v)| {
-                    // -10 (blue, noise) .. 0 and above (red, wrong)
-                    let x = ((clamp_log(v).log10() + 10.0) / 10.0).clamp(0.0, 1.0);
-                    let color = HSLColor(0.66 * (1.0 - x), 0.85, 0.5);
-                    Rectangle::new([(b as f64 * width, *layer as f64), ((b + 1) as f64 * width, *layer as f64 + 1.0)], color.filled())
+                    let x = b as f64;
+                    Rectangle::new([(x - 0.5, y - 0.5), (x + 0.5, y + 0.5)], heat_colour(v).filled())
                 }))
                 .map_err(plot_err)?;
         }
+        // The colour bar: same margins and label areas as the map, so their heights match.
+        let mut scale = ChartBuilder::on(&bar)
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0f64..1f64, HEAT_LOG_MIN..0f64)
+            .map_err(plot_err)?;
+        scale
+            .configure_mesh()
+            .disable_mesh()
+            .disable_x_axis()
+            // Explicit sizes: the defaults scale with the narrow bar's area and come out unreadable.
+            .label_style(("sans-serif", 13))
+            .axis_desc_style(("sans-serif", 13))
+            .y_desc("rel L2 (log)")
+            .y_labels(6)
+            .y_label_formatter(&|v| format!("1e{v:.0}"))
+            .draw()
+            .map_err(plot_err)?;
+        let steps = 60;
+        let step = -HEAT_LOG_MIN / steps as f64;
+        scale
+            .draw_series((0..steps).map(|i| {
+                let lo = HEAT_LOG_MIN + i as f64 * step;
+                Rectangle::new([(0.0, lo), (1.0, lo + step)], heat_colour(10f64.powf(lo + step / 2.0)).filled())
+            }))
+            .map_err(plot_err)?;
         root.present().map_err(plot_err)?;
     }
-    Ok(Some(svg))
+    Ok(svg)
+}
+
+const HEATMAP_LEGEND: &str = "<p class=\"legend\">colour: rel L2 on the log scale of the bar beside the map: blue = 1e-10 or below (noise), red = 1 or above, or non-finite; grey = not compared. A vertical edge shows the position where a long-context collapse starts.</p>";
+
+/// A heatmap's rows, each a label and the tap it shows.
+type HeatRows<'a> = Vec<(String, &'a TapDiff)>;
+
+/// The heatmap rows of a comparison: resid_post by layer over several layers, or every
+/// tap of the layer when only one was compared; with the plot's title and row axis.
+fn heatmap_rows<'a>(p: &'a PromptDiff, layers: &[usize]) -> Option<(String, &'static str, HeatRows<'a>)> {
+    let mut rows: Vec<(usize, usize, &TapDiff)> = p
+        .taps
+        .iter()
+        .filter_map(|t| match Tap::parse(&t.tap) {
+            Some(Tap::Layer(l, i)) => Some((l, i, t)),
+            _ => None,
+        })
+        .collect();
+    rows.sort_by_key(|(l, i, _)| (*l, *i));
+    match layers {
+        [] => None,
+        [l] => Some((format!("layer {l}: rel L2 by tap and position"), "tap", rows.into_iter().map(|(_, i, t)| (LAYER_TAPS[i].to_string(), t)).collect())),
+        _ => {
+            let resid = rows.into_iter().filter(|(_, i, _)| LAYER_TAPS[*i] == "resid_post").map(|(l, _, t)| (l.to_string(), t)).collect::<Vec<_>>();
+            (!resid.is_empty()).then(|| ("resid_post: rel L2 by layer and position".to_string(), "layer", resid))
+        }
+    }
+}
+
+/// The by-layer plot and the heatmap of one prompt, or a line saying why one is left out.
+fn prompt_plots(p: &PromptDiff) -> Result<String> {
+    let layers = compared_layers(p);
+    let mut s = String::new();
+    match layers.as_slice() {
+        [] => s.push_str("<p class=\"legend\">No layer taps were compared: no by-layer plot or heatmap.</p>"),
+        [l] => {
+            let _ = write!(s, "<p class=\"legend\">One layer compared (layer {l}): no by-layer plot; the heatmap shows each of its taps.</p>");
+        }
+        _ => s.push_str(&error_vs_layer_svg(p, &layers)?),
+    }
+    if let Some((title, y_desc, rows)) = heatmap_rows(p, &layers) {
+        s.push_str(&heatmap_svg(&title, y_desc, &rows)?);
+        s.push_str(HEATMAP_LEGEND);
+    }
+    Ok(s)
 }
 
 const STYLE: &str = "body{font-family:sans-serif;margin:24px;max-width:1000px;color:#222}\
@@ -313,11 +447,13 @@ pub fn html(r: &DiffReport) -> Result<String> {
                 }
                 s.push_str("</table>");
                 if !f.growth.is_empty() {
-                    s.push_str("<p>Downstream:</p><table><tr><th>tap</th><th>rel L2 at this position</th><th>max rel L2</th></tr>");
+                    // Collapsed: up to 40 rows would push the plots far down the page.
+                    let shown = f.growth.len().min(40);
+                    let _ = write!(s, "<details class=\"growth\"><summary>Downstream: {shown} taps after {} (rel L2 at this position and max)</summary><table><tr><th>tap</th><th>rel L2 at this position</th><th>max rel L2</th></tr>", html_escape(&f.tap));
                     for g in f.growth.iter().take(40) {
                         let _ = write!(s, "<tr><td>{}</td><td>{}</td><td>{}</td></tr>", html_escape(&g.tap), g.at_position.map(sci).unwrap_or_default(), sci(g.max_rel_l2));
                     }
-                    s.push_str("</table>");
+                    s.push_str("</table></details>");
                 }
                 s.push_str("</div>");
             }
@@ -329,11 +465,7 @@ pub fn html(r: &DiffReport) -> Result<String> {
         if let Some(text) = &p.text {
             let _ = write!(s, "<details><summary>prompt text</summary><pre class=\"prompt\">{}</pre></details>", html_escape(text));
         }
-        s.push_str(&error_vs_layer_svg(p, r.n_layer)?);
-        if let Some(svg) = heatmap_svg(p, "resid_post")? {
-            s.push_str(&svg);
-            s.push_str("<p class=\"legend\">colour: blue = rel L2 ≤ 1e-10, red = rel L2 ≥ 1; a vertical edge shows the position where a long-context collapse starts.</p>");
-        }
+        s.push_str(&prompt_plots(p)?);
         if !p.missing_in_a.is_empty() || !p.missing_in_b.is_empty() {
             let _ = write!(s, "<p>missing in A: {} · missing in B: {}</p>", html_escape(&abbreviate(&p.missing_in_a)), html_escape(&abbreviate(&p.missing_in_b)));
         }
@@ -657,8 +789,255 @@ pub fn bisect_markdown(r: &BisectReport) -> String {
     s
 }
 
-/// Self-contained HTML: verdict, local replay, the search path, reproduce commands.
-pub fn bisect_html(r: &BisectReport) -> String {
+/// The coarse probe's comparison: kept by bisect, or the partial one of a run that
+/// crashed in it (None when nothing was compared).
+fn coarse_comparison(r: &BisectReport) -> Option<&DiffReport> {
+    let crashed_there = r.crash.as_ref().is_some_and(|c| c.probe == "coarse");
+    r.coarse_diff.as_ref().or(r.final_diff.as_ref().filter(|_| crashed_there))
+}
+
+/// Layers of the model, from whichever comparison the report holds.
+fn bisect_n_layer(r: &BisectReport) -> Option<usize> {
+    r.coarse_diff.as_ref().or(r.final_diff.as_ref()).map(|d| d.n_layer).filter(|&n| n > 0)
+}
+
+/// The coarse probe as a heatmap: embed and resid_post of the coarse layers over the
+/// prompt's positions.
+fn coarse_heatmap(r: &BisectReport) -> Result<Option<String>> {
+    let Some(p) = coarse_comparison(r).and_then(|d| d.prompts.first()) else { return Ok(None) };
+    let mut rows: Vec<(usize, String, &TapDiff)> = p
+        .taps
+        .iter()
+        .filter_map(|t| match Tap::parse(&t.tap) {
+            Some(Tap::Layer(l, i)) if LAYER_TAPS[i] == "resid_post" => Some((l + 1, l.to_string(), t)),
+            Some(Tap::Embed) => Some((0, "embed".to_string(), t)),
+            _ => None,
+        })
+        .collect();
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    rows.sort_by_key(|(k, _, _)| *k);
+    let rows: HeatRows = rows.into_iter().map(|(_, l, t)| (l, t)).collect();
+    let partial = if r.coarse_diff.is_none() { " (partial: an engine crashed in it)" } else { "" };
+    heatmap_svg(&format!("coarse probe{partial}: resid_post rel L2 by layer and position"), "layer", &rows).map(Some)
+}
+
+/// What one probe found at one layer, for the search-path plot.
+#[derive(Clone, Copy, PartialEq)]
+enum LayerVerdict {
+    Agrees,
+    Diverges,
+    /// Dumped for another purpose (replay inputs, a position probe) or never judged.
+    Dumped,
+}
+
+/// Each probe's layers with their verdicts. The binary search keeps the first divergent
+/// layer `hi` as its upper bound, so a searched layer diverges exactly when it is at or
+/// past the layer the all-taps probe examined; a search cut short by a crash falls back
+/// on the probe's finding.
+fn search_verdicts(r: &BisectReport) -> Vec<(String, Vec<(usize, LayerVerdict)>)> {
+    let coarse = r.coarse_diff.as_ref().and_then(|d| d.prompts.first());
+    let examined = r.probes.iter().rev().find_map(|p| p.purpose.strip_prefix("taps-").and_then(|l| l.parse::<usize>().ok()));
+    let first_layer = r.first.as_ref().and_then(|f| match Tap::parse(&f.tap) {
+        Some(Tap::Layer(l, _)) => Some(l),
+        _ => None,
+    });
+    r.probes
+        .iter()
+        .map(|p| {
+            let marks = if p.purpose == "coarse" {
+                p.layers
+                    .iter()
+                    .map(|&l| {
+                        let id = format!("blk.{l}.resid_post");
+                        let v = match coarse.and_then(|c| c.taps.iter().find(|t| t.tap == id)) {
+                            Some(t) if t.first_bad.is_some() => LayerVerdict::Diverges,
+                            Some(_) => LayerVerdict::Agrees,
+                            None => LayerVerdict::Dumped,
+                        };
+                        (l, v)
+                    })
+                    .collect()
+            } else if let Some(mid) = p.purpose.strip_prefix("layer-").and_then(|l| l.parse::<usize>().ok()) {
+                let v = match examined {
+                    Some(hi) if mid >= hi => LayerVerdict::Diverges,
+                    Some(_) => LayerVerdict::Agrees,
+                    None if p.finding.contains("diverges") => LayerVerdict::Diverges,
+                    None if p.finding.contains("agrees") => LayerVerdict::Agrees,
+                    None => LayerVerdict::Dumped,
+                };
+                vec![(mid, v)]
+            } else if let Some(l) = p.purpose.strip_prefix("taps-").and_then(|l| l.parse::<usize>().ok()) {
+                vec![(l, if first_layer == Some(l) { LayerVerdict::Diverges } else { LayerVerdict::Dumped })]
+            } else {
+                p.layers.iter().map(|&l| (l, LayerVerdict::Dumped)).collect()
+            };
+            (p.purpose.clone(), marks)
+        })
+        .collect()
+}
+
+/// The search path: one row per probe, its layers marked agreeing or diverging, the
+/// layers still in question after each search step shaded, and the first divergent
+/// layer highlighted.
+fn search_path_svg(r: &BisectReport, n_layer: usize) -> Result<Option<String>> {
+    let steps = search_verdicts(r);
+    if steps.iter().flat_map(|(_, m)| m).all(|(_, v)| *v == LayerVerdict::Dumped) {
+        return Ok(None);
+    }
+    let first_layer = r.first.as_ref().and_then(|f| match Tap::parse(&f.tap) {
+        Some(Tap::Layer(l, _)) => Some(l),
+        _ => None,
+    });
+    let n = steps.len();
+    // Row of step i, the first at the top.
+    let y_of = |i: usize| (n - 1 - i) as f64;
+    let labels: Vec<String> = steps.iter().enumerate().map(|(i, (p, _))| format!("{}. {p}", i + 1)).collect();
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (900, 36 * n as u32 + 110)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("search path: the layers each probe judged", ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(130)
+            .build_cartesian_2d(-0.5f64..n_layer as f64 - 0.5, -0.5f64..n as f64 - 0.5)
+            .map_err(plot_err)?;
+        chart
+            .configure_mesh()
+            .disable_y_mesh()
+            .light_line_style(TRANSPARENT)
+            .label_style(("sans-serif", 12))
+            .axis_desc_style(("sans-serif", 13))
+            .x_desc("layer")
+            .x_labels(n_layer.min(30) + 1)
+            .y_labels(n.min(20))
+            .x_label_formatter(&|v| tick_index(*v, n_layer).map(|l| l.to_string()).unwrap_or_default())
+            .y_label_formatter(&|v| tick_index(*v, n).map(|row| labels[n - 1 - row].clone()).unwrap_or_default())
+            .draw()
+            .map_err(plot_err)?;
+        if let Some(l) = first_layer {
+            let l = l as f64;
+            chart.draw_series([Rectangle::new([(l - 0.5, -0.5), (l + 0.5, n as f64 - 0.5)], RGBColor(255, 170, 60).mix(0.35).filled())]).map_err(plot_err)?;
+        }
+        // The layers still in question: above the last known good, up to the first known bad.
+        let (mut lo, mut hi): (Option<usize>, Option<usize>) = (None, None);
+        for (i, (purpose, marks)) in steps.iter().enumerate() {
+            let searched = purpose == "coarse" || purpose.starts_with("layer-");
+            if !searched {
+                continue;
+            }
+            for &(l, v) in marks {
+                match v {
+                    LayerVerdict::Diverges if hi.is_none_or(|h| l < h) => hi = Some(l),
+                    LayerVerdict::Agrees if hi.is_none_or(|h| l < h) && lo.is_none_or(|g| l > g) => lo = Some(l),
+                    _ => {}
+                }
+            }
+            if let Some(h) = hi {
+                let from = lo.map_or(0, |g| g + 1) as f64;
+                let y = y_of(i);
+                chart.draw_series([Rectangle::new([(from - 0.5, y - 0.3), (h as f64 + 0.5, y + 0.3)], RGBColor(229, 115, 115).mix(0.25).filled())]).map_err(plot_err)?;
+            }
+        }
+        for (i, (_, marks)) in steps.iter().enumerate() {
+            let y = y_of(i);
+            for &(l, v) in marks {
+                let x = l as f64;
+                match v {
+                    LayerVerdict::Agrees => chart.draw_series([Circle::new((x, y), 6, RGBColor(46, 125, 50).filled())]),
+                    LayerVerdict::Diverges => chart.draw_series([Cross::new((x, y), 7, RGBColor(198, 40, 40).stroke_width(3))]),
+                    LayerVerdict::Dumped => chart.draw_series([Circle::new((x, y), 4, RGBColor(150, 150, 150).filled())]),
+                }
+                .map_err(plot_err)?;
+            }
+        }
+        root.present().map_err(plot_err)?;
+    }
+    Ok(Some(svg))
+}
+
+/// Local replay per layer: the error a layer introduces (its output against the
+/// reference replayed on its own input) and the error it inherits, with the tolerance.
+fn replay_svg(r: &BisectReport) -> Result<String> {
+    let (lo, hi) = (r.replay.iter().map(|l| l.layer).min().unwrap_or(0) as f64, r.replay.iter().map(|l| l.layer).max().unwrap_or(0) as f64);
+    let values = r.replay.iter().flat_map(|l| [l.introduced, l.inherited, l.tolerance]).map(clamp_log);
+    let (vmin, vmax) = values.fold((f64::INFINITY, 0f64), |(a, b), v| (a.min(v), b.max(v)));
+    let (ymin, ymax) = ((vmin / 10.0).max(PLOT_FLOOR / 10.0), (vmax * 10.0).min(1e4));
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (900, 340)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("local replay: error introduced vs inherited, per layer", ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d((lo - 0.7)..(hi + 0.7), (ymin..ymax).log_scale())
+            .map_err(plot_err)?;
+        chart
+            .configure_mesh()
+            .light_line_style(TRANSPARENT)
+            .x_desc("layer")
+            .y_desc("max rel L2")
+            .x_labels(r.replay.len() + 2)
+            .x_label_formatter(&|v| tick_index(*v, usize::MAX).map(|l| l.to_string()).unwrap_or_default())
+            .y_label_formatter(&|v| format!("{v:.0e}"))
+            .draw()
+            .map_err(plot_err)?;
+        let bar = |l: &LayerAttribution, v: f64, left: bool, colour: RGBColor| {
+            let x = l.layer as f64;
+            let (x0, x1) = if left { (x - 0.3, x) } else { (x, x + 0.3) };
+            Rectangle::new([(x0, ymin), (x1, clamp_log(v))], colour.filled())
+        };
+        let (red, blue, grey) = (RGBColor(211, 47, 47), RGBColor(100, 149, 237), RGBColor(66, 66, 66));
+        chart
+            .draw_series(r.replay.iter().map(|l| bar(l, l.inherited, true, blue)))
+            .map_err(plot_err)?
+            .label("inherited (A's input against B's)")
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], blue.filled()));
+        chart
+            .draw_series(r.replay.iter().map(|l| bar(l, l.introduced, false, red)))
+            .map_err(plot_err)?
+            .label("introduced (A's output against the replay)")
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], red.filled()));
+        let tol: Vec<(f64, f64)> = r.replay.iter().flat_map(|l| [(l.layer as f64 - 0.5, clamp_log(l.tolerance)), (l.layer as f64 + 0.5, clamp_log(l.tolerance))]).collect();
+        chart
+            .draw_series(DashedLineSeries::new(tol, 6, 4, grey.stroke_width(2)))
+            .map_err(plot_err)?
+            .label("tolerance")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], grey.stroke_width(2)));
+        chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.85)).position(SeriesLabelPosition::UpperLeft).draw().map_err(plot_err)?;
+        root.present().map_err(plot_err)?;
+    }
+    Ok(svg)
+}
+
+/// The plots of what the probes measured, or why there are none.
+fn bisect_plots(r: &BisectReport) -> Result<String> {
+    let mut s = String::from("<h2>What the probes measured</h2>");
+    match coarse_heatmap(r)? {
+        Some(svg) => {
+            s.push_str(&svg);
+            s.push_str(HEATMAP_LEGEND);
+        }
+        None => s.push_str("<p class=\"legend\">The coarse probe compared nothing (an engine failed before writing a tap both sides hold): no heatmap.</p>"),
+    }
+    match bisect_n_layer(r).map(|n| search_path_svg(r, n)).transpose()?.flatten() {
+        Some(svg) => {
+            s.push_str(&svg);
+            s.push_str("<p class=\"legend\">green dot: resid_post agrees; red cross: it diverges (for the all-taps probe: the layer holding the first divergence); grey dot: dumped for another purpose or not judged; shaded band: the layers still in question after that probe; orange column: the first divergent layer.</p>");
+        }
+        None => s.push_str("<p class=\"legend\">No layer was judged (nothing of the layers was compared): no search-path plot.</p>"),
+    }
+    Ok(s)
+}
+
+/// Self-contained HTML: verdict, plots of what the probes measured, local replay, the
+/// search path, reproduce commands.
+pub fn bisect_html(r: &BisectReport) -> Result<String> {
     let mut s = String::new();
     let title = html_escape(&bisect_title(r));
     let _ = write!(s, "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>resbisect bisect: {title}</title><style>{STYLE}</style></head><body>");
@@ -687,8 +1066,10 @@ pub fn bisect_html(r: &BisectReport) -> String {
         None => {}
     }
     let _ = write!(s, "<p>{}</p>", html_escape(&noise_line(r)));
+    s.push_str(&bisect_plots(r)?);
     if !r.replay.is_empty() {
         s.push_str(&format!("<h2>Local replay</h2><p class=\"legend\">The reference recomputes each layer from A's own dumped input: <i>introduced</i> is A's output against that replay, <i>inherited</i> A's input against B's, <i>total</i> A's output against B's (max rel L2 over positions; <i>introduced</i> over the {} positions replayed: every divergent one, thinned to 64, and evenly spaced controls).</p>", r.replay_positions.len()));
+        s.push_str(&replay_svg(r)?);
         s.push_str("<table><tr><th>layer</th><th>inherited</th><th>introduced</th><th>total</th><th>verdict</th></tr>");
         for l in &r.replay {
             let verdict = if l.introduces { "<b>introduces error</b>" } else if l.inherited > l.tolerance { "inherits error" } else { "clean" };
@@ -718,7 +1099,7 @@ pub fn bisect_html(r: &BisectReport) -> String {
         s.push_str("<p>The full comparison of the last probe: <a href=\"report.html\">report.html</a>.</p>");
     }
     s.push_str("</body></html>\n");
-    s
+    Ok(s)
 }
 
 /// Write bisect.{json,md,html} and the last probe's report.{json,md,html} into `dir`.
@@ -728,7 +1109,7 @@ pub fn write_bisect(r: &BisectReport, dir: &Path) -> Result<()> {
         write_all(d, dir)?;
     }
     let json = serde_json::to_vec_pretty(r).map_err(|e| Error::input(format!("report: {e}")))?;
-    for (name, bytes) in [("bisect.json", json), ("bisect.md", bisect_markdown(r).into_bytes()), ("bisect.html", bisect_html(r).into_bytes())] {
+    for (name, bytes) in [("bisect.json", json), ("bisect.md", bisect_markdown(r).into_bytes()), ("bisect.html", bisect_html(r)?.into_bytes())] {
         let path = dir.join(name);
         std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
     }

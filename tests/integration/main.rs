@@ -13,6 +13,7 @@ mod dump_format;
 mod gpu;
 mod hostile;
 mod reference;
+mod report;
 mod runtime;
 mod search;
 mod third_party;

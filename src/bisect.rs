@@ -186,8 +186,16 @@ pub fn dir_bytes(path: &Path) -> u64 {
 
 /// The probe directory must be new or empty: bisect never mixes in old dumps.
 pub fn check_work_dir(work: &Path) -> Result<()> {
-    if work.exists() && std::fs::read_dir(work).map_err(|e| Error::io(work, e))?.next().is_some() {
-        return Err(Error::input(format!("the work directory {} is not empty", work.display())));
+    if work.exists()
+        && std::fs::read_dir(work)
+            .map_err(|e| Error::io(work, e))?
+            .next()
+            .is_some()
+    {
+        return Err(Error::input(format!(
+            "the work directory {} is not empty",
+            work.display()
+        )));
     }
     Ok(())
 }
@@ -253,7 +261,11 @@ fn selection(layers: Vec<usize>, taps: &[&str], rows: &Rows, tokens: usize) -> S
             }
         }
     };
-    Selection { layers, taps: taps.iter().map(|t| t.to_string()).collect(), positions }
+    Selection {
+        layers,
+        taps: taps.iter().map(|t| t.to_string()).collect(),
+        positions,
+    }
 }
 
 /// Each coarse residual-stream tap's level against its noise floor.
@@ -263,36 +275,76 @@ fn noise_levels(r: &DiffReport) -> Vec<NoiseLevel> {
         .flat_map(|p| &p.taps)
         .filter(|t| t.tap == "embed" || t.tap.ends_with(".resid_post"))
         .map(|t| {
-            let mut rel: Vec<f64> = t.rows.iter().map(|r| if r.nonfinite_a + r.nonfinite_b > 0 { f64::INFINITY } else { r.rel_l2 }).collect();
+            let mut rel: Vec<f64> = t
+                .rows
+                .iter()
+                .map(|r| {
+                    if r.nonfinite_a + r.nonfinite_b > 0 {
+                        f64::INFINITY
+                    } else {
+                        r.rel_l2
+                    }
+                })
+                .collect();
             rel.sort_by(f64::total_cmp);
-            let p75 = rel.get((rel.len() * 3).div_ceil(4).saturating_sub(1)).copied().unwrap_or(0.0);
-            NoiseLevel { tap: t.tap.clone(), p75_rel_l2: p75, floor: t.floor.rel_l2, tolerance: t.tolerance.rel_l2, rows_over_floor: t.rows_over_floor, rows: t.rows.len() }
+            let p75 = rel
+                .get((rel.len() * 3).div_ceil(4).saturating_sub(1))
+                .copied()
+                .unwrap_or(0.0);
+            NoiseLevel {
+                tap: t.tap.clone(),
+                p75_rel_l2: p75,
+                floor: t.floor.rel_l2,
+                tolerance: t.tolerance.rel_l2,
+                rows_over_floor: t.rows_over_floor,
+                rows: t.rows.len(),
+            }
         })
         .collect()
 }
 
 /// Each divergent coarse layer with its own first divergent position, for the search path.
 fn bad_layers_line(r: &DiffReport, coarse: &[usize]) -> String {
-    let v: Vec<String> = coarse.iter().filter_map(|&l| first_bad_of(r, &format!("blk.{l}.resid_post")).map(|(p, _)| format!("{l} (from position {p})"))).collect();
+    let v: Vec<String> = coarse
+        .iter()
+        .filter_map(|&l| {
+            first_bad_of(r, &format!("blk.{l}.resid_post")).map(|(p, _)| format!("{l} (from position {p})"))
+        })
+        .collect();
     v.join(", ")
 }
 
 /// Smallest position any tap of the diff diverges at.
 fn first_bad_position(r: &DiffReport) -> Option<usize> {
-    r.prompts.iter().flat_map(|p| &p.taps).filter_map(|t| t.first_bad.map(|i| t.positions[i])).min()
+    r.prompts
+        .iter()
+        .flat_map(|p| &p.taps)
+        .filter_map(|t| t.first_bad.map(|i| t.positions[i]))
+        .min()
 }
 
 fn has_nonfinite(r: &DiffReport) -> bool {
-    r.prompts.iter().flat_map(|p| &p.taps).flat_map(|t| &t.rows).any(|row| row.nonfinite_a + row.nonfinite_b > 0)
+    r.prompts
+        .iter()
+        .flat_map(|p| &p.taps)
+        .flat_map(|t| &t.rows)
+        .any(|row| row.nonfinite_a + row.nonfinite_b > 0)
 }
 
 fn tap_diverged(r: &DiffReport, id: &str) -> bool {
-    r.prompts.iter().flat_map(|p| &p.taps).any(|t| t.tap == id && t.first_bad.is_some())
+    r.prompts
+        .iter()
+        .flat_map(|p| &p.taps)
+        .any(|t| t.tap == id && t.first_bad.is_some())
 }
 
 /// The first position tap `id` diverges at in `r`, and the rel L2 tolerance applied.
 fn first_bad_of(r: &DiffReport, id: &str) -> Option<(usize, f64)> {
-    r.prompts.iter().flat_map(|p| &p.taps).find(|t| t.tap == id).and_then(|t| t.first_bad.map(|i| (t.positions[i], t.tolerance.rel_l2)))
+    r.prompts
+        .iter()
+        .flat_map(|p| &p.taps)
+        .find(|t| t.tap == id)
+        .and_then(|t| t.first_bad.map(|i| (t.positions[i], t.tolerance.rel_l2)))
 }
 
 fn first_of(r: &DiffReport) -> Option<FirstDivergence> {
@@ -304,7 +356,10 @@ impl Session<'_> {
     fn probe(&mut self, purpose: &str, tokens: usize, sel: Selection) -> Result<ProbeResult> {
         let dir = self.opts.work.join(format!("{:02}-{purpose}", self.probes.len() + 1));
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        let prompt = PromptRecord { tokens: self.prompt.tokens[..tokens].to_vec(), ..self.prompt.clone() };
+        let prompt = PromptRecord {
+            tokens: self.prompt.tokens[..tokens].to_vec(),
+            ..self.prompt.clone()
+        };
         let suite = dir.join("prompt.jsonl");
         let line = serde_json::json!({"id": prompt.id, "tokens": prompt.tokens});
         std::fs::write(&suite, line.to_string() + "\n").map_err(|e| Error::io(&suite, e))?;
@@ -325,19 +380,31 @@ impl Session<'_> {
                 std::thread::scope(|scope| {
                     let job_b = scope.spawn(|| timed(b, &out_b));
                     let result_a = timed(a, &out_a);
-                    (result_a, job_b.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                    (
+                        result_a,
+                        job_b.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                    )
                 })
             }
         };
         let mut crash = None;
         let mut seconds = [0.0; 2];
-        for (i, ((result, secs), engine, out, name)) in [(result_a, &*self.a, &out_a, "A"), (result_b, &*self.b, &out_b, "B")].into_iter().enumerate() {
+        for (i, ((result, secs), engine, out, name)) in
+            [(result_a, &*self.a, &out_a, "A"), (result_b, &*self.b, &out_b, "B")]
+                .into_iter()
+                .enumerate()
+        {
             seconds[i] = secs;
             match result {
                 Ok(()) => {}
                 Err(Error::Engine(msg)) => {
                     if crash.is_none() {
-                        crash = Some(Crash { engine: name.into(), label: engine.label(), error: crash_report(out, &msg), probe: purpose.into() });
+                        crash = Some(Crash {
+                            engine: name.into(),
+                            label: engine.label(),
+                            error: crash_report(out, &msg),
+                            probe: purpose.into(),
+                        });
                     }
                 }
                 Err(e) => return Err(e),
@@ -358,7 +425,11 @@ impl Session<'_> {
             dump_a: out_a.display().to_string(),
             dump_b: out_b.display().to_string(),
         };
-        let diff_opts = DiffOptions { tolerances: self.opts.tolerances.clone(), allow_model_mismatch: self.opts.allow_model_mismatch, judge: self.judge };
+        let diff_opts = DiffOptions {
+            tolerances: self.opts.tolerances.clone(),
+            allow_model_mismatch: self.opts.allow_model_mismatch,
+            judge: self.judge,
+        };
         let t0 = Instant::now();
         let result = match crash {
             Some(c) => {
@@ -376,12 +447,23 @@ impl Session<'_> {
         crate::trace::mark(|| format!("probe {purpose}: compared"));
         // Fresh output directories: `dump -o` refuses to overwrite the probe's own.
         let (repro_a, repro_b) = (dir.join("reproduce").join("a"), dir.join("reproduce").join("b"));
-        let tol = self.opts.tolerances.source.as_ref().map(|p| format!(" --tolerances {}", crate::engines::shell_quote(p))).unwrap_or_default();
+        let tol = self
+            .opts
+            .tolerances
+            .source
+            .as_ref()
+            .map(|p| format!(" --tolerances {}", crate::engines::shell_quote(p)))
+            .unwrap_or_default();
         let quote = |p: &Path| crate::engines::shell_quote(&p.display().to_string());
         self.reproduce = vec![
             self.a.reproduce(&prompt.id, &suite, &sel, &out_a, &repro_a),
             self.b.reproduce(&prompt.id, &suite, &sel, &out_b, &repro_b),
-            format!("{} diff {} {}{tol}", crate::engines::resbisect_command(), quote(&repro_a), quote(&repro_b)),
+            format!(
+                "{} diff {} {}{tol}",
+                crate::engines::resbisect_command(),
+                quote(&repro_a),
+                quote(&repro_b)
+            ),
         ];
         self.probes.push(record);
         self.dirs.push(dir);
@@ -401,7 +483,12 @@ impl Session<'_> {
 
     /// The newest probe file of side `a`/`b` that holds tap `id` at every position of
     /// `at`, and the row index of each.
-    fn locate(&self, side: &str, id: &str, at: &[usize]) -> Result<Option<(std::rc::Rc<crate::dump::MappedFile>, Vec<usize>)>> {
+    fn locate(
+        &self,
+        side: &str,
+        id: &str,
+        at: &[usize],
+    ) -> Result<Option<(std::rc::Rc<crate::dump::MappedFile>, Vec<usize>)>> {
         let tap = crate::taps::Tap::parse(id).ok_or_else(|| Error::input(format!("bad tap {id}")))?;
         for dir in self.dirs.iter().rev() {
             let key = (dir.join(side), tap.file_stem());
@@ -417,8 +504,14 @@ impl Session<'_> {
                     file
                 }
             };
-            let Some(file) = file.filter(|f| f.taps.contains_key(id)) else { continue };
-            if let Some(index) = at.iter().map(|p| file.positions.binary_search(p).ok()).collect::<Option<Vec<usize>>>() {
+            let Some(file) = file.filter(|f| f.taps.contains_key(id)) else {
+                continue;
+            };
+            if let Some(index) = at
+                .iter()
+                .map(|p| file.positions.binary_search(p).ok())
+                .collect::<Option<Vec<usize>>>()
+            {
                 return Ok(Some((file, index)));
             }
         }
@@ -427,14 +520,21 @@ impl Session<'_> {
 
     /// Rows of tap `id` at positions `at` as f32, from the newest probe that holds them.
     fn rows_at(&self, side: &str, id: &str, at: &[usize]) -> Result<Option<Vec<f32>>> {
-        let Some((file, index)) = self.locate(side, id, at)? else { return Ok(None) };
+        let Some((file, index)) = self.locate(side, id, at)? else {
+            return Ok(None);
+        };
         let view = file.tap(id).expect("located files hold the tap");
         let row_bytes = view.width * view.dtype.size();
         let mut out = Vec::with_capacity(at.len() * view.width);
         // Runs of consecutive rows convert in one go.
         for run in crate::taps::consecutive_runs(&index) {
             let bytes = &view.bytes[index[run.start] * row_bytes..(index[run.end - 1] + 1) * row_bytes];
-            crate::dump::TapView { rows: run.len(), bytes, ..view }.append_f32(&mut out);
+            crate::dump::TapView {
+                rows: run.len(),
+                bytes,
+                ..view
+            }
+            .append_f32(&mut out);
         }
         Ok(Some(out))
     }
@@ -444,10 +544,22 @@ impl Session<'_> {
 /// non-finite value counting as infinite.
 fn row_error(a: &[f32], b: &[f32], width: usize, r: usize) -> (f64, RowStat) {
     fn view(v: &[f32], width: usize, r: usize) -> TapView<'_> {
-        TapView { dtype: TapDType::F32, rows: 1, width, bytes: bytemuck::cast_slice(&v[r * width..(r + 1) * width]) }
+        TapView {
+            dtype: TapDType::F32,
+            rows: 1,
+            width,
+            bytes: bytemuck::cast_slice(&v[r * width..(r + 1) * width]),
+        }
     }
     let s = diff::row_stat(&view(a, width, r), &view(b, width, r));
-    (if s.nonfinite_a + s.nonfinite_b > 0 { f64::INFINITY } else { s.rel_l2 }, s)
+    (
+        if s.nonfinite_a + s.nonfinite_b > 0 {
+            f64::INFINITY
+        } else {
+            s.rel_l2
+        },
+        s,
+    )
 }
 
 /// Largest per-row rel L2 of `a` against `b` (rows of `width`) and its row, over the
@@ -492,12 +604,18 @@ fn replay_positions(out_a: &[f32], out_b: &[f32], width: usize, tol: f64, first:
 
 /// Rows `at` of a `[.., width]` buffer.
 fn pick_rows(v: &[f32], width: usize, at: &[usize]) -> Vec<f32> {
-    at.iter().flat_map(|&r| v[r * width..(r + 1) * width].iter().copied()).collect()
+    at.iter()
+        .flat_map(|&r| v[r * width..(r + 1) * width].iter().copied())
+        .collect()
 }
 
 /// The tolerance the final diff applied to `tap` (rel L2), if it compared it.
 fn tolerance_of(r: &DiffReport, tap: &str) -> Option<crate::tolerance::Tolerance> {
-    r.prompts.iter().flat_map(|p| &p.taps).find(|t| t.tap == tap).map(|t| t.tolerance)
+    r.prompts
+        .iter()
+        .flat_map(|p| &p.taps)
+        .find(|t| t.tap == tap)
+        .map(|t| t.tolerance)
 }
 
 /// The reference that recomputes layers for local replay, whatever engine B is.
@@ -512,7 +630,16 @@ pub enum Replayer<'r> {
 
 /// Run the search on one prompt.
 #[allow(clippy::too_many_arguments)]
-pub fn bisect(a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer, prompt: PromptRecord, n_layer: usize, n_vocab: usize, n_embd: usize, opts: &BisectOptions) -> Result<BisectReport> {
+pub fn bisect(
+    a: &mut dyn Engine,
+    b: &mut dyn Engine,
+    replayer: Replayer,
+    prompt: PromptRecord,
+    n_layer: usize,
+    n_vocab: usize,
+    n_embd: usize,
+    opts: &BisectOptions,
+) -> Result<BisectReport> {
     std::thread::scope(|scope| search(scope, a, b, replayer, prompt, n_layer, n_vocab, n_embd, opts))
 }
 
@@ -533,10 +660,22 @@ type Replays = Vec<Vec<(String, Vec<f32>)>>;
 /// Each layer of `layers` recomputed from its input in `inputs` (rows `0..prefix`), every
 /// tap at positions `at`. The layers replay at once: each is independent, and much of a
 /// layer is single-threaded.
-fn replay_all(engine: &ReferenceEngine, layers: &[usize], inputs: &[Vec<f32>], prefix: usize, at: &[usize]) -> Result<Replays> {
+fn replay_all(
+    engine: &ReferenceEngine,
+    layers: &[usize],
+    inputs: &[Vec<f32>],
+    prefix: usize,
+    at: &[usize],
+) -> Result<Replays> {
     std::thread::scope(|scope| {
-        let jobs: Vec<_> = layers.iter().zip(inputs).map(|(&l, in_a)| scope.spawn(move || engine.replay_layer(l, in_a, prefix, at))).collect();
-        jobs.into_iter().map(|j| j.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+        let jobs: Vec<_> = layers
+            .iter()
+            .zip(inputs)
+            .map(|(&l, in_a)| scope.spawn(move || engine.replay_layer(l, in_a, prefix, at)))
+            .collect();
+        jobs.into_iter()
+            .map(|j| j.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .collect()
     })
 }
 
@@ -545,12 +684,32 @@ fn replay_all(engine: &ReferenceEngine, layers: &[usize], inputs: &[Vec<f32>], p
 const PRELOAD_BYTES: u64 = 4 << 30;
 
 #[allow(clippy::too_many_arguments)]
-fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine, b: &mut dyn Engine, replayer: Replayer<'r>, prompt: PromptRecord, n_layer: usize, n_vocab: usize, n_embd: usize, opts: &BisectOptions) -> Result<BisectReport> {
+fn search<'s, 'r: 's>(
+    scope: &'s std::thread::Scope<'s, 'r>,
+    a: &mut dyn Engine,
+    b: &mut dyn Engine,
+    replayer: Replayer<'r>,
+    prompt: PromptRecord,
+    n_layer: usize,
+    n_vocab: usize,
+    n_embd: usize,
+    opts: &BisectOptions,
+) -> Result<BisectReport> {
     let start = Instant::now();
     check_work_dir(&opts.work)?;
     let (label_a, label_b) = (a.label(), b.label());
     let n = prompt.tokens.len();
-    let mut s = Session { a, b, opts, prompt: prompt.clone(), probes: Vec::new(), dirs: Vec::new(), reproduce: Vec::new(), mapped: Default::default(), judge: opts.judge };
+    let mut s = Session {
+        a,
+        b,
+        opts,
+        prompt: prompt.clone(),
+        probes: Vec::new(),
+        dirs: Vec::new(),
+        reproduce: Vec::new(),
+        mapped: Default::default(),
+        judge: opts.judge,
+    };
     let mut report = BisectReport {
         version: 1,
         model: String::new(),
@@ -620,7 +779,13 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
         Judgement::Tolerance => Judge::Tolerance,
         Judgement::NoiseFloor => Judge::NoiseFloor,
     };
-    let drift = r.notes.iter().filter(|n| n.contains("noise floor")).cloned().collect::<Vec<_>>().join("; ");
+    let drift = r
+        .notes
+        .iter()
+        .filter(|n| n.contains("noise floor"))
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("; ");
     if let Some(m) = r.prompts.first().and_then(|p| p.token_mismatch.clone()) {
         // Different inputs: the finding is the token difference (and whatever diverged
         // before it); no layer search can explain it.
@@ -634,35 +799,62 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
     let Some(first_pos) = first_bad_position(&r) else {
         if !logits_here {
             let from = n.saturating_sub(HEAD_ROWS);
-            let head = match s.probe("head", n, selection(Vec::new(), &["final_norm", "logits"], &Rows::At((from..n).collect()), n))? {
+            let head = match s.probe(
+                "head",
+                n,
+                selection(Vec::new(), &["final_norm", "logits"], &Rows::At((from..n).collect()), n),
+            )? {
                 ProbeResult::Compared(r) => r,
                 ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
             };
             if let Some(f) = first_of(&head) {
-                s.note(format!("the output head diverges: {} at position {}", f.tap, f.position));
+                s.note(format!(
+                    "the output head diverges: {} at position {}",
+                    f.tap, f.position
+                ));
                 report.outcome = Outcome::Diverged;
                 report.first = Some(f);
             } else {
-                s.note(format!("final_norm and logits agree on the last {} positions", n - from));
+                s.note(format!(
+                    "final_norm and logits agree on the last {} positions",
+                    n - from
+                ));
             }
             report.final_diff = Some(head);
             return finish(report, s);
         }
-        let drift = if drift.is_empty() { String::new() } else { format!("; {drift}") };
-        s.note(format!("no divergence at embed, resid_post of layers {:?}, final_norm or logits{drift}", coarse));
+        let drift = if drift.is_empty() {
+            String::new()
+        } else {
+            format!("; {drift}")
+        };
+        s.note(format!(
+            "no divergence at embed, resid_post of layers {:?}, final_norm or logits{drift}",
+            coarse
+        ));
         report.final_diff = Some(r);
         return finish(report, s);
     };
-    let bad_coarse = coarse.iter().copied().find(|l| tap_diverged(&r, &format!("blk.{l}.resid_post")));
+    let bad_coarse = coarse
+        .iter()
+        .copied()
+        .find(|l| tap_diverged(&r, &format!("blk.{l}.resid_post")));
     // Causality lets the probes after the layer search stop after the position where
     // the first divergent layer first diverges. Not when values are non-finite: 0·NaN in
     // masked attention tiles can carry a NaN to earlier positions.
     let mut whole_prompt = has_nonfinite(&r);
-    let cut = if whole_prompt { "; non-finite values: the prompt will not be cut" } else { "" };
+    let cut = if whole_prompt {
+        "; non-finite values: the prompt will not be cut"
+    } else {
+        ""
+    };
     let Some(coarse_hi) = bad_coarse.filter(|_| !tap_diverged(&r, "embed")) else {
         // The divergence starts at embed or only in the output head: already narrowed.
         let f = first_of(&r);
-        s.note(format!("first divergence {} at position {first_pos}", f.as_ref().map_or("?", |f| f.tap.as_str())));
+        s.note(format!(
+            "first divergence {} at position {first_pos}",
+            f.as_ref().map_or("?", |f| f.tap.as_str())
+        ));
         report.outcome = Outcome::Diverged;
         report.first = f;
         report.final_diff = Some(r);
@@ -670,7 +862,11 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
     };
     // `lo` is the last layer known good (None: only embed is known good).
     let coarse_lo = coarse.iter().copied().take_while(|&l| l < coarse_hi).last();
-    let drift = if report.judged == Judgement::NoiseFloor { format!("; {drift}") } else { String::new() };
+    let drift = if report.judged == Judgement::NoiseFloor {
+        format!("; {drift}")
+    } else {
+        String::new()
+    };
     s.note(format!(
         "resid_post good through {}, bad at layer {}{cut}{drift}",
         coarse_lo.map_or("embed".to_string(), |l| format!("layer {l}")),
@@ -679,7 +875,13 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
     // A replay-only reference loads the layers replay needs on the CPU while the engines
     // make the last probes; replay itself runs during the all-taps probe when its inputs
     // are already dumped.
-    let input_id = |l: usize| if l == 0 { "embed".to_string() } else { format!("blk.{}.resid_post", l - 1) };
+    let input_id = |l: usize| {
+        if l == 0 {
+            "embed".to_string()
+        } else {
+            format!("blk.{}.resid_post", l - 1)
+        }
+    };
     let mut preload = None;
     let mut early_replay;
     let mut prefix;
@@ -701,10 +903,16 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
             // layers, so a cut made from a later layer could hide where an earlier one
             // first diverges (the built-in engines serve these from their checkpoints).
             let layers = (mid.saturating_sub(1)..=mid).collect();
-            match s.probe(&format!("layer-{mid}"), n, selection(layers, &["resid_post"], &Rows::All, n))? {
+            match s.probe(
+                &format!("layer-{mid}"),
+                n,
+                selection(layers, &["resid_post"], &Rows::All, n),
+            )? {
                 ProbeResult::Compared(r) => {
                     if tap_diverged(&r, &id) {
-                        s.note(format!("layer {mid} diverges: the first bad layer is in {first_unknown}..={mid}"));
+                        s.note(format!(
+                            "layer {mid} diverges: the first bad layer is in {first_unknown}..={mid}"
+                        ));
                         hi = mid;
                         hi_first = first_bad_of(&r, &id);
                     } else {
@@ -715,22 +923,42 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
                 ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
             }
         }
-        let (hi_pos, resid_tol) = hi_first.ok_or_else(|| Error::engine(format!("blk.{hi}.resid_post was judged divergent but has no divergent row")))?;
+        let (hi_pos, resid_tol) = hi_first.ok_or_else(|| {
+            Error::engine(format!(
+                "blk.{hi}.resid_post was judged divergent but has no divergent row"
+            ))
+        })?;
         // The cut keeps at least MIN_JUDGED_ROWS rows to judge the layer's taps on.
-        prefix = if whole_prompt { n } else { (hi_pos + 1).max(MIN_JUDGED_ROWS).min(n) };
+        prefix = if whole_prompt {
+            n
+        } else {
+            (hi_pos + 1).max(MIN_JUDGED_ROWS).min(n)
+        };
         if let Replayer::OnDemand { model, precision } = replayer {
             let layers = replay_layers(hi, n_layer);
             let bytes = model.n_params() / n_layer as u64 * layers.len() as u64 * precision.bytes() as u64;
-            preload = (bytes <= PRELOAD_BYTES).then(|| (layers.clone(), scope.spawn(move || ReferenceEngine::load_for_replay(model, precision, &layers))));
+            preload = (bytes <= PRELOAD_BYTES).then(|| {
+                (
+                    layers.clone(),
+                    scope.spawn(move || ReferenceEngine::load_for_replay(model, precision, &layers)),
+                )
+            });
         }
         // 3. All taps of the suspect layer, at the positions that matter: those local replay
         //    recomputes and a window before the first divergent one.
-        let hi_out = |side: &str| s.rows(side, &format!("blk.{hi}.resid_post"), prefix)?.ok_or_else(|| Error::engine(format!("blk.{hi}.resid_post missing from the {side} dumps")));
+        let hi_out = |side: &str| {
+            s.rows(side, &format!("blk.{hi}.resid_post"), prefix)?
+                .ok_or_else(|| Error::engine(format!("blk.{hi}.resid_post missing from the {side} dumps")))
+        };
         let at = replay_positions(&hi_out("a")?, &hi_out("b")?, n_embd, resid_tol, Some(hi_pos));
         let window = hi_pos.saturating_sub(opts.tap_window);
         early_replay = None;
         let replayed = replay_layers(hi, n_layer);
-        if let Some(inputs) = replayed.iter().map(|&l| s.rows("a", &input_id(l), prefix)).collect::<Result<Option<Vec<_>>>>()? {
+        if let Some(inputs) = replayed
+            .iter()
+            .map(|&l| s.rows("a", &input_id(l), prefix))
+            .collect::<Result<Option<Vec<_>>>>()?
+        {
             let source = match replayer {
                 Replayer::Loaded(r) => Some(ReplaySource::Loaded(r)),
                 Replayer::OnDemand { .. } => preload.take().map(|(_, job)| ReplaySource::Loading(job)),
@@ -742,10 +970,13 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
                     let t0 = Instant::now();
                     let replays = match source {
                         ReplaySource::Loaded(r) => replay_all(r, &replayed, &inputs, prefix, &at),
-                        ReplaySource::Loading(job) => job.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)).and_then(|engine| {
-                            crate::trace::mark(|| "replay: layers loaded".into());
-                            replay_all(&engine, &replayed, &inputs, prefix, &at)
-                        }),
+                        ReplaySource::Loading(job) => job
+                            .join()
+                            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                            .and_then(|engine| {
+                                crate::trace::mark(|| "replay: layers loaded".into());
+                                replay_all(&engine, &replayed, &inputs, prefix, &at)
+                            }),
                     };
                     crate::trace::mark(|| "replay: done (during the all-taps probe)".into());
                     replays.map(|r| (r, t0.elapsed().as_secs_f64(), inputs))
@@ -756,7 +987,11 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
         probed.sort_unstable();
         probed.dedup();
         let all: Vec<&str> = LAYER_TAPS.to_vec();
-        let taps_diff = match s.probe(&format!("taps-{hi}"), prefix, selection(vec![hi], &all, &Rows::At(probed.clone()), prefix))? {
+        let taps_diff = match s.probe(
+            &format!("taps-{hi}"),
+            prefix,
+            selection(vec![hi], &all, &Rows::At(probed.clone()), prefix),
+        )? {
             ProbeResult::Compared(r) => r,
             ProbeResult::Crashed(c, partial) => return finish(crashed(report, c, partial), s),
         };
@@ -773,8 +1008,17 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
                 break (hi, at, taps_diff, None, 0);
             }
         };
-        let on = if prefix < n { format!(", the prompt cut to {prefix} tokens") } else { String::new() };
-        s.note(format!("first divergent tap {} at position {} (of {} positions probed{on})", first.tap, first.position, probed.len()));
+        let on = if prefix < n {
+            format!(", the prompt cut to {prefix} tokens")
+        } else {
+            String::new()
+        };
+        s.note(format!(
+            "first divergent tap {} at position {} (of {} positions probed{on})",
+            first.tap,
+            first.position,
+            probed.len()
+        ));
         break (hi, at, taps_diff, Some(first), window);
     };
     report.prefix = prefix;
@@ -786,8 +1030,15 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
     //    have left B's earlier still. 5. Local replay needs the inputs and outputs of the
     //    suspect layer and its neighbours at every position. Whatever of these earlier
     //    probes did not dump comes in one more probe.
-    let replayed = if matches!(replayer, Replayer::Skip) { Vec::new() } else { replay_layers(hi, n_layer) };
-    let mut needed: Vec<String> = replayed.iter().flat_map(|&l| [input_id(l), format!("blk.{l}.resid_post")]).collect();
+    let replayed = if matches!(replayer, Replayer::Skip) {
+        Vec::new()
+    } else {
+        replay_layers(hi, n_layer)
+    };
+    let mut needed: Vec<String> = replayed
+        .iter()
+        .flat_map(|&l| [input_id(l), format!("blk.{l}.resid_post")])
+        .collect();
     needed.dedup();
     let mut missing = Vec::new();
     let all: Vec<usize> = (0..prefix).collect();
@@ -796,11 +1047,17 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
             missing.push(id.clone());
         }
     }
-    let early = first.as_ref().filter(|f| f.position <= window && window > 0).map(|f| f.tap.clone());
-    let mut layers: Vec<usize> = missing.iter().filter_map(|id| match crate::taps::Tap::parse(id) {
-        Some(crate::taps::Tap::Layer(l, _)) => Some(l),
-        _ => None,
-    }).collect();
+    let early = first
+        .as_ref()
+        .filter(|f| f.position <= window && window > 0)
+        .map(|f| f.tap.clone());
+    let mut layers: Vec<usize> = missing
+        .iter()
+        .filter_map(|id| match crate::taps::Tap::parse(id) {
+            Some(crate::taps::Tap::Layer(l, _)) => Some(l),
+            _ => None,
+        })
+        .collect();
     let mut taps = vec!["resid_post"];
     if missing.iter().any(|m| m == "embed") {
         taps.insert(0, "embed");
@@ -824,7 +1081,10 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
         let mut found = Vec::new();
         if let Some(tap) = &early {
             first = first_of(&r).filter(|f| &f.tap == tap).or(first);
-            found.push(format!("{tap} first diverges at position {}", first.as_ref().map_or(0, |f| f.position)));
+            found.push(format!(
+                "{tap} first diverges at position {}",
+                first.as_ref().map_or(0, |f| f.position)
+            ));
             position_diff = Some(r);
             suspect_reproduce = s.reproduce.clone();
         }
@@ -844,7 +1104,10 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
     let resid_tol = tolerance_of(&taps_diff, &format!("blk.{hi}.resid_post")).map_or(1e-3, |t| t.rel_l2);
     let replay_start = Instant::now();
     report.replay_positions = at.clone();
-    let get = |side: &str, id: &str| -> Result<Vec<f32>> { s.rows(side, id, prefix)?.ok_or_else(|| Error::engine(format!("replay: {id} missing from the {side} dumps"))) };
+    let get = |side: &str, id: &str| -> Result<Vec<f32>> {
+        s.rows(side, id, prefix)?
+            .ok_or_else(|| Error::engine(format!("replay: {id} missing from the {side} dumps")))
+    };
     // Replay started during the all-taps probe (the last loop round's, so for these
     // layers, positions and prefix), or starts now.
     let (replays, replay_seconds, inputs) = match early_replay {
@@ -855,7 +1118,12 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
                 Replayer::Loaded(r) => r,
                 Replayer::Skip => return Err(Error::engine("local replay was skipped")),
                 Replayer::OnDemand { model, precision } => {
-                    let ahead = preload.map(|(layers, job)| (layers, job.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))));
+                    let ahead = preload.map(|(layers, job)| {
+                        (
+                            layers,
+                            job.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                        )
+                    });
                     loaded = match ahead {
                         Some((layers, engine)) if replayed.iter().all(|l| layers.contains(l)) => engine?,
                         _ => ReferenceEngine::load_for_replay(model, precision, &replayed)?,
@@ -864,8 +1132,15 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
                 }
             };
             crate::trace::mark(|| "replay: layers loaded".into());
-            let inputs = replayed.iter().map(|&l| get("a", &input_id(l))).collect::<Result<Vec<_>>>()?;
-            (replay_all(replayer, &replayed, &inputs, prefix, &at)?, replay_start.elapsed().as_secs_f64(), inputs)
+            let inputs = replayed
+                .iter()
+                .map(|&l| get("a", &input_id(l)))
+                .collect::<Result<Vec<_>>>()?;
+            (
+                replay_all(replayer, &replayed, &inputs, prefix, &at)?,
+                replay_start.elapsed().as_secs_f64(),
+                inputs,
+            )
         }
     };
     for ((&l, in_a), replay) in replayed.iter().zip(&inputs).zip(&replays) {
@@ -887,7 +1162,13 @@ fn search<'s, 'r: 's>(scope: &'s std::thread::Scope<'s, 'r>, a: &mut dyn Engine,
                 if introduces && introducing_tap.is_none() {
                     introducing_tap = Some(id.clone());
                 }
-                report.replay_taps.push(TapAttribution { tap: id.clone(), introduced, at_position: at[worst], tolerance, introduces });
+                report.replay_taps.push(TapAttribution {
+                    tap: id.clone(),
+                    introduced,
+                    at_position: at[worst],
+                    tolerance,
+                    introduces,
+                });
             }
         }
         report.replay.push(LayerAttribution {

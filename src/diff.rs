@@ -3,8 +3,8 @@
 //! pair at a time, rows in parallel; find the first divergence in topological order.
 
 use rayon::prelude::*;
-use wide::{f32x8, i32x8};
 use serde::Serialize;
+use wide::{f32x8, i32x8};
 
 use crate::dump::{Dump, EngineInfo, MappedFile, RunError, Status, TapDType, TapView};
 use crate::error::{Error, Result};
@@ -34,7 +34,9 @@ impl RowStat {
     }
 
     pub fn diverges(&self, tol: &Tolerance) -> bool {
-        self.nonfinite_a + self.nonfinite_b > 0 || (self.rel_l2 > tol.rel_l2 && self.max_abs > tol.abs) || self.rel_l2.is_nan()
+        self.nonfinite_a + self.nonfinite_b > 0
+            || (self.rel_l2 > tol.rel_l2 && self.max_abs > tol.abs)
+            || self.rel_l2.is_nan()
     }
 }
 
@@ -61,7 +63,16 @@ pub struct Metrics {
 
 impl Metrics {
     fn new(s: &RowStat, logits: Option<LogitStat>) -> Self {
-        Self { max_abs: s.max_abs, rel_l2: s.rel_l2, cosine: s.cosine, nmse: s.nmse(), sqnr_db: s.sqnr_db(), nonfinite_a: s.nonfinite_a, nonfinite_b: s.nonfinite_b, logits }
+        Self {
+            max_abs: s.max_abs,
+            rel_l2: s.rel_l2,
+            cosine: s.cosine,
+            nmse: s.nmse(),
+            sqnr_db: s.sqnr_db(),
+            nonfinite_a: s.nonfinite_a,
+            nonfinite_b: s.nonfinite_b,
+            logits,
+        }
     }
 }
 
@@ -94,11 +105,23 @@ pub struct TapDiff {
 
 impl TapDiff {
     pub fn max_rel_l2(&self) -> f64 {
-        self.rows.iter().map(|r| if r.nonfinite_a + r.nonfinite_b > 0 { f64::INFINITY } else { r.rel_l2 }).fold(0.0, f64::max)
+        self.rows
+            .iter()
+            .map(|r| {
+                if r.nonfinite_a + r.nonfinite_b > 0 {
+                    f64::INFINITY
+                } else {
+                    r.rel_l2
+                }
+            })
+            .fold(0.0, f64::max)
     }
 
     fn rel_at(&self, position: usize) -> Option<f64> {
-        self.positions.binary_search(&position).ok().map(|i| self.rows[i].rel_l2)
+        self.positions
+            .binary_search(&position)
+            .ok()
+            .map(|i| self.rows[i].rel_l2)
     }
 
     /// Over the noise floor on at least a quarter of its rows: a systematic error, not
@@ -117,7 +140,10 @@ impl TapDiff {
 
     /// The tap's largest max_abs: non-finite when any row holds NaN (NaN) or Inf (inf).
     fn worst_abs(rows: &[RowStat]) -> f64 {
-        rows.iter().map(|r| r.max_abs).fold(0.0, |m: f64, v| if m.is_nan() || v.is_nan() { f64::NAN } else { m.max(v) })
+        rows.iter().map(|r| r.max_abs).fold(
+            0.0,
+            |m: f64, v| if m.is_nan() || v.is_nan() { f64::NAN } else { m.max(v) },
+        )
     }
 }
 
@@ -164,7 +190,12 @@ impl TokenMismatch {
             Some(k) => format!("; A lacks {} of B's tokens there and is B's input shifted by {k}", -k),
             None => String::new(),
         };
-        format!("the engines ran different tokens from position {}: A has {}, B has {}{shift}", self.position, tok(self.a), tok(self.b))
+        format!(
+            "the engines ran different tokens from position {}: A has {}, B has {}{shift}",
+            self.position,
+            tok(self.a),
+            tok(self.b)
+        )
     }
 }
 
@@ -268,7 +299,11 @@ impl DiffReport {
     /// tap written.
     pub fn engine_failure(&self) -> Option<String> {
         let why = |name: &str, side: &DumpSide| -> Option<String> {
-            let last = side.error.as_ref().and_then(|e| e.tap.clone()).or_else(|| side.last_tap.clone());
+            let last = side
+                .error
+                .as_ref()
+                .and_then(|e| e.tap.clone())
+                .or_else(|| side.last_tap.clone());
             let last = last.map(|t| format!(" (last tap written: {t})")).unwrap_or_default();
             match side.status {
                 Status::Complete => None,
@@ -288,14 +323,22 @@ fn side(d: &Dump) -> DumpSide {
         status: d.manifest.status,
         error: d.manifest.error.clone(),
         fingerprint: d.manifest.model.fingerprint.clone().unwrap_or_else(|| "(none)".into()),
-        last_tap: (d.manifest.status != Status::Complete).then(|| d.last_tap_on_disk()).flatten(),
+        last_tap: (d.manifest.status != Status::Complete)
+            .then(|| d.last_tap_on_disk())
+            .flatten(),
     }
 }
 
 /// What the noise floor says of prompt `p`, when it says anything.
 fn judgement_note(p: &PromptDiff) -> Option<String> {
     let onset = p.taps.iter().find(|t| Some(&t.tap) == p.drift_onset.as_ref())?;
-    let over = format!("{} sits over its noise floor (rel_l2 {:.1e}) on {} of {} rows", onset.tap, onset.floor.rel_l2, onset.rows_over_floor, onset.rows.len());
+    let over = format!(
+        "{} sits over its noise floor (rel_l2 {:.1e}) on {} of {} rows",
+        onset.tap,
+        onset.floor.rel_l2,
+        onset.rows_over_floor,
+        onset.rows.len()
+    );
     Some(match (p.judged, &p.first) {
         (Judgement::NoiseFloor, _) => format!("prompt {}: judged against the noise floor from {}: {over}, and every later residual-stream tap too", p.id, onset.tap),
         (Judgement::Tolerance, None) => format!("prompt {}: within tolerance, but {over}, and every later residual-stream tap too: a systematic error below tolerance? (--judge floor judges against the floor)", p.id),
@@ -310,7 +353,10 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
 
 /// The fields two model configs disagree on, as `model.FIELD: A x vs B y`.
 pub fn config_differences(a: &crate::model::Config, b: &crate::model::Config) -> Vec<String> {
-    let (va, vb) = (serde_json::to_value(a).unwrap_or_default(), serde_json::to_value(b).unwrap_or_default());
+    let (va, vb) = (
+        serde_json::to_value(a).unwrap_or_default(),
+        serde_json::to_value(b).unwrap_or_default(),
+    );
     let show = |v: &serde_json::Value| match v {
         // 1e-5 and 100000 rather than 0.000009999999747378752 and 100000.0.
         serde_json::Value::Number(n) if n.is_f64() => format!("{}", n.as_f64().unwrap_or_default() as f32),
@@ -332,13 +378,21 @@ pub fn config_differences(a: &crate::model::Config, b: &crate::model::Config) ->
 /// Which prompt of A is compared with which of B: the `pairs` given (`A_ID`, `B_ID`),
 /// else the ids both dumps hold, else — one prompt on each side whose tokens agree —
 /// those two, with a note.
-fn prompt_pairs(ma: &crate::dump::Manifest, mb: &crate::dump::Manifest, pairs: &[(String, String)], notes: &mut Vec<String>) -> Result<Vec<(String, String)>> {
+fn prompt_pairs(
+    ma: &crate::dump::Manifest,
+    mb: &crate::dump::Manifest,
+    pairs: &[(String, String)],
+    notes: &mut Vec<String>,
+) -> Result<Vec<(String, String)>> {
     let ids = |m: &crate::dump::Manifest| m.prompts.iter().map(|p| p.id.clone()).collect::<Vec<_>>().join(", ");
     if !pairs.is_empty() {
         for (ia, ib) in pairs {
             for (m, side, id) in [(ma, "A", ia), (mb, "B", ib)] {
                 if !m.prompts.iter().any(|p| &p.id == id) {
-                    return Err(Error::input(format!("--pair {ia}={ib}: dump {side} has no prompt {id:?} (it has: {})", ids(m))));
+                    return Err(Error::input(format!(
+                        "--pair {ia}={ib}: dump {side} has no prompt {id:?} (it has: {})",
+                        ids(m)
+                    )));
                 }
             }
         }
@@ -368,11 +422,18 @@ fn prompt_pairs(ma: &crate::dump::Manifest, mb: &crate::dump::Manifest, pairs: &
         let n = pa.tokens.len().min(pb.tokens.len());
         if n > 0 && pa.tokens[..n] == pb.tokens[..n] {
             notes.retain(|n| !n.starts_with("prompt ") || !n.contains(" is only in "));
-            notes.push(format!("prompt ids differ (A {}, B {}); compared as the one prompt of each dump, whose tokens agree", pa.id, pb.id));
+            notes.push(format!(
+                "prompt ids differ (A {}, B {}); compared as the one prompt of each dump, whose tokens agree",
+                pa.id, pb.id
+            ));
             return Ok(vec![(pa.id.clone(), pb.id.clone())]);
         }
     }
-    Err(Error::input(format!("the dumps share no prompt id (A has: {}; B has: {}); name the pairs with --pair A_ID=B_ID", ids(ma), ids(mb))))
+    Err(Error::input(format!(
+        "the dumps share no prompt id (A has: {}; B has: {}); name the pairs with --pair A_ID=B_ID",
+        ids(ma),
+        ids(mb)
+    )))
 }
 
 /// [`diff`] with explicit prompt pairs (`A_ID`, `B_ID`); empty pairs the shared ids.
@@ -388,30 +449,58 @@ pub fn diff_paired(a: &Dump, b: &Dump, opts: &DiffOptions, pairs: &[(String, Str
         }
         (Some(_), Some(_)) => {}
         (fa, fb) => {
-            let which = if fa.is_none() && fb.is_none() { "neither dump has".to_string() } else { format!("dump {} has no", if fa.is_none() { "A" } else { "B" }) };
-            notes.push(format!("{which} model.fingerprint: that both ran the same model rests on their config and tokens"));
+            let which = if fa.is_none() && fb.is_none() {
+                "neither dump has".to_string()
+            } else {
+                format!("dump {} has no", if fa.is_none() { "A" } else { "B" })
+            };
+            notes.push(format!(
+                "{which} model.fingerprint: that both ran the same model rests on their config and tokens"
+            ));
         }
     }
     let differences = config_differences(&ma.model.config, &mb.model.config);
     if !differences.is_empty() {
-        return Err(Error::input(format!("the dumps disagree on the model config: {}", differences.join(", "))));
+        return Err(Error::input(format!(
+            "the dumps disagree on the model config: {}",
+            differences.join(", ")
+        )));
     }
     for (d, name) in [(ma, "A"), (mb, "B")] {
         match d.status {
             Status::Complete => {}
-            Status::Running => notes.push(format!("dump {name} is partial: its engine was still running or was killed")),
+            Status::Running => notes.push(format!(
+                "dump {name} is partial: its engine was still running or was killed"
+            )),
             Status::Failed => notes.push(format!(
                 "dump {name} is partial: its engine failed: {}",
-                d.error.as_ref().map(|e| format!("{}{}", e.message, e.tap.as_ref().map(|t| format!(" (last tap written: {t})")).unwrap_or_default())).unwrap_or_default()
+                d.error
+                    .as_ref()
+                    .map(|e| format!(
+                        "{}{}",
+                        e.message,
+                        e.tap
+                            .as_ref()
+                            .map(|t| format!(" (last tap written: {t})"))
+                            .unwrap_or_default()
+                    ))
+                    .unwrap_or_default()
             )),
         }
     }
-    let engine_dtypes: Vec<TapDType> = [&ma.engine.dtype, &mb.engine.dtype].iter().filter_map(|d| engine_dtype(d)).collect();
+    let engine_dtypes: Vec<TapDType> = [&ma.engine.dtype, &mb.engine.dtype]
+        .iter()
+        .filter_map(|d| engine_dtype(d))
+        .collect();
     let mut prompts = Vec::new();
     let mut bytes = 0u64;
     for (ia, ib) in prompt_pairs(ma, mb, pairs, &mut notes)? {
         // B's prompt is read under A's id, so the comparison below sees one id.
-        let renamed = if ia == ib { None } else { Some(b.with_prompt_renamed(&ib, &ia)?) };
+        let renamed = if ia == ib {
+            None
+        } else {
+            Some(b.with_prompt_renamed(&ib, &ia)?)
+        };
         let (pd, n) = diff_prompt(a, renamed.as_ref().unwrap_or(b), &ia, &engine_dtypes, opts)?;
         bytes += n;
         prompts.push(pd);
@@ -419,11 +508,24 @@ pub fn diff_paired(a: &Dump, b: &Dump, opts: &DiffOptions, pairs: &[(String, Str
     for p in &prompts {
         notes.extend(judgement_note(p));
         if let Some(m) = &p.token_mismatch {
-            notes.push(format!("prompt {}: {}; rows from there on are not compared", p.id, m.describe()));
+            notes.push(format!(
+                "prompt {}: {}; rows from there on are not compared",
+                p.id,
+                m.describe()
+            ));
         }
     }
     let diverged = prompts.iter().any(PromptDiff::diverged);
-    Ok(DiffReport { version: 1, a: side(a), b: side(b), n_layer: ma.model.config.n_layer, prompts, notes, bytes_compared: bytes, diverged })
+    Ok(DiffReport {
+        version: 1,
+        a: side(a),
+        b: side(b),
+        n_layer: ma.model.config.n_layer,
+        prompts,
+        notes,
+        bytes_compared: bytes,
+        diverged,
+    })
 }
 
 /// The dump files either side holds for a prompt, in graph order: the loop runs over
@@ -454,7 +556,15 @@ struct FileDiff {
 
 /// Compare one file pair of prompt `id` at the positions both hold below `limit`.
 #[allow(clippy::too_many_arguments)]
-fn diff_file(a: &Dump, b: &Dump, id: &str, stem: &str, limit: usize, engine_dtypes: &[TapDType], opts: &DiffOptions) -> Result<FileDiff> {
+fn diff_file(
+    a: &Dump,
+    b: &Dump,
+    id: &str,
+    stem: &str,
+    limit: usize,
+    engine_dtypes: &[TapDType],
+    opts: &DiffOptions,
+) -> Result<FileDiff> {
     let mut out = FileDiff::default();
     let (fa, fb) = match (a.map_file(id, stem)?, b.map_file(id, stem)?) {
         (Some(fa), Some(fb)) => (fa, fb),
@@ -468,8 +578,10 @@ fn diff_file(a: &Dump, b: &Dump, id: &str, stem: &str, limit: usize, engine_dtyp
         }
         (None, None) => return Ok(out),
     };
-    out.missing_in_b.extend(fa.taps.keys().filter(|k| !fb.taps.contains_key(*k)).cloned());
-    out.missing_in_a.extend(fb.taps.keys().filter(|k| !fa.taps.contains_key(*k)).cloned());
+    out.missing_in_b
+        .extend(fa.taps.keys().filter(|k| !fb.taps.contains_key(*k)).cloned());
+    out.missing_in_a
+        .extend(fb.taps.keys().filter(|k| !fa.taps.contains_key(*k)).cloned());
     let (mut ia, mut ib): (Vec<usize>, Vec<usize>) = common_rows(&fa.positions, &fb.positions);
     let below = ia.iter().take_while(|&&i| fa.positions[i] < limit).count();
     ia.truncate(below);
@@ -487,8 +599,19 @@ fn diff_file(a: &Dump, b: &Dump, id: &str, stem: &str, limit: usize, engine_dtyp
         dtypes.extend([va.dtype, vb.dtype]);
         let tolerance = opts.tolerances.for_tap(tap_id, coarsest(&dtypes));
         let floor = opts.tolerances.floor_for(tap_id, coarsest(&dtypes));
-        let rows: Vec<RowStat> = ia.par_iter().zip(&ib).map(|(&i, &j)| row_stat(&va.row(i), &vb.row(j))).collect();
-        let logits = if tap_id == "logits" { ia.par_iter().zip(&ib).map(|(&i, &j)| logit_stat(&va.row(i), &vb.row(j))).collect() } else { Vec::new() };
+        let rows: Vec<RowStat> = ia
+            .par_iter()
+            .zip(&ib)
+            .map(|(&i, &j)| row_stat(&va.row(i), &vb.row(j)))
+            .collect();
+        let logits = if tap_id == "logits" {
+            ia.par_iter()
+                .zip(&ib)
+                .map(|(&i, &j)| logit_stat(&va.row(i), &vb.row(j)))
+                .collect()
+        } else {
+            Vec::new()
+        };
         out.bytes += ((va.dtype.size() + vb.dtype.size()) * va.width * rows.len()) as u64;
         let diverged: Vec<bool> = rows.iter().map(|r| r.diverges(&tolerance)).collect();
         out.taps.push(TapDiff {
@@ -501,7 +624,16 @@ fn diff_file(a: &Dump, b: &Dump, id: &str, stem: &str, limit: usize, engine_dtyp
             positions: positions.clone(),
             first_bad: diverged.iter().position(|&d| d),
             diverged_rows: diverged.iter().filter(|&&d| d).count(),
-            rel_l2: rows.iter().map(|r| if r.nonfinite_a + r.nonfinite_b > 0 { f32::INFINITY } else { r.rel_l2 as f32 }).collect(),
+            rel_l2: rows
+                .iter()
+                .map(|r| {
+                    if r.nonfinite_a + r.nonfinite_b > 0 {
+                        f32::INFINITY
+                    } else {
+                        r.rel_l2 as f32
+                    }
+                })
+                .collect(),
             max_abs: TapDiff::worst_abs(&rows),
             rows,
             logits,
@@ -510,7 +642,13 @@ fn diff_file(a: &Dump, b: &Dump, id: &str, stem: &str, limit: usize, engine_dtyp
     Ok(out)
 }
 
-fn diff_prompt(a: &Dump, b: &Dump, id: &str, engine_dtypes: &[TapDType], opts: &DiffOptions) -> Result<(PromptDiff, u64)> {
+fn diff_prompt(
+    a: &Dump,
+    b: &Dump,
+    id: &str,
+    engine_dtypes: &[TapDType],
+    opts: &DiffOptions,
+) -> Result<(PromptDiff, u64)> {
     let (pa, pb) = (a.prompt(id)?, b.prompt(id)?);
     let n_layer = a.manifest.model.config.n_layer;
     // Causality: rows before the first differing token saw the same input.
@@ -518,7 +656,10 @@ fn diff_prompt(a: &Dump, b: &Dump, id: &str, engine_dtypes: &[TapDType], opts: &
     let limit = token_mismatch.as_ref().map_or(usize::MAX, |m| m.position);
     // File pairs in parallel (their mapping and page-table work is serial per file), in
     // order; at most one pair per worker thread is mapped at a time.
-    let files = file_stems(a, b, id, n_layer)?.par_iter().map(|stem| diff_file(a, b, id, stem, limit, engine_dtypes, opts)).collect::<Result<Vec<_>>>()?;
+    let files = file_stems(a, b, id, n_layer)?
+        .par_iter()
+        .map(|stem| diff_file(a, b, id, stem, limit, engine_dtypes, opts))
+        .collect::<Result<Vec<_>>>()?;
     let (mut taps, mut missing_in_a, mut missing_in_b) = (Vec::new(), Vec::new(), Vec::new());
     let (mut max_pos, mut bytes) = (None, 0u64);
     for f in files {
@@ -530,7 +671,9 @@ fn diff_prompt(a: &Dump, b: &Dump, id: &str, engine_dtypes: &[TapDType], opts: &
     }
     if let Some(max) = max_pos {
         if pa.tokens.len() <= max || pb.tokens.len() <= max {
-            return Err(Error::input(format!("prompt {id}: a dump has rows past the end of its tokens (position {max})")));
+            return Err(Error::input(format!(
+                "prompt {id}: a dump has rows past the end of its tokens (position {max})"
+            )));
         }
     }
     for missing in [&mut missing_in_a, &mut missing_in_b] {
@@ -549,7 +692,11 @@ fn diff_prompt(a: &Dump, b: &Dump, id: &str, engine_dtypes: &[TapDType], opts: &
     if judged == Judgement::NoiseFloor {
         // Automatically, only from the onset on: earlier taps sit within their floor on
         // most rows, and a stray row there is not the origin.
-        let from = if opts.judge == Judge::Auto { drift_onset.unwrap_or(0) } else { 0 };
+        let from = if opts.judge == Judge::Auto {
+            drift_onset.unwrap_or(0)
+        } else {
+            0
+        };
         for t in &mut taps[from..] {
             let floor = t.floor;
             t.rejudge(floor);
@@ -557,7 +704,21 @@ fn diff_prompt(a: &Dump, b: &Dump, id: &str, engine_dtypes: &[TapDType], opts: &
     }
     let first = first_divergence(a, b, id, &taps, &pa.tokens, n_layer)?;
     let drift_onset = drift_onset.map(|i| taps[i].tap.clone());
-    Ok((PromptDiff { id: id.to_string(), text: pa.text.clone(), n_tokens: pa.tokens.len(), taps, first, judged, drift_onset, token_mismatch, missing_in_a, missing_in_b }, bytes))
+    Ok((
+        PromptDiff {
+            id: id.to_string(),
+            text: pa.text.clone(),
+            n_tokens: pa.tokens.len(),
+            taps,
+            first,
+            judged,
+            drift_onset,
+            token_mismatch,
+            missing_in_a,
+            missing_in_b,
+        },
+        bytes,
+    ))
 }
 
 /// The first position where the token lists differ (within the shorter one), and whether
@@ -581,7 +742,12 @@ fn token_mismatch(a: &[u32], b: &[u32]) -> Option<TokenMismatch> {
             None
         }
     });
-    Some(TokenMismatch { position, a: a.get(position).copied(), b: b.get(position).copied(), shift })
+    Some(TokenMismatch {
+        position,
+        a: a.get(position).copied(),
+        b: b.get(position).copied(),
+        shift,
+    })
 }
 
 /// Index of the first tap (output head excluded) that is systematically over its noise
@@ -668,7 +834,11 @@ fn stat_typed<A: Elem, B: Elem>(a: &[u8], b: &[u8], n: usize) -> RowStat {
             nf_a += u32::from(!x.is_finite());
             nf_b += u32::from(!y.is_finite());
             let d = (x - y).abs();
-            nonfinite_abs = if nonfinite_abs.is_nan() || d.is_nan() { f64::NAN } else { f64::INFINITY };
+            nonfinite_abs = if nonfinite_abs.is_nan() || d.is_nan() {
+                f64::NAN
+            } else {
+                f64::INFINITY
+            };
             continue;
         }
         let d = x - y;
@@ -682,12 +852,31 @@ fn stat_typed<A: Elem, B: Elem>(a: &[u8], b: &[u8], n: usize) -> RowStat {
     // Non-finite values make the row's error unbounded, whatever its finite part says.
     let rel_l2 = if nf_a + nf_b > 0 {
         f64::INFINITY
-    } else if norm_b > 0.0 { d2.sqrt() / norm_b } else if d2 > 0.0 { f64::INFINITY } else { 0.0 };
+    } else if norm_b > 0.0 {
+        d2.sqrt() / norm_b
+    } else if d2 > 0.0 {
+        f64::INFINITY
+    } else {
+        0.0
+    };
     let cosine = if nf_a + nf_b > 0 {
         f64::NAN
-    } else if a2 > 0.0 && b2 > 0.0 { ab / (a2.sqrt() * norm_b) } else if a2 == b2 { 1.0 } else { 0.0 };
+    } else if a2 > 0.0 && b2 > 0.0 {
+        ab / (a2.sqrt() * norm_b)
+    } else if a2 == b2 {
+        1.0
+    } else {
+        0.0
+    };
     let max_abs = if nf_a + nf_b > 0 { nonfinite_abs } else { max_abs };
-    RowStat { rel_l2, max_abs, cosine, norm_b, nonfinite_a: nf_a, nonfinite_b: nf_b }
+    RowStat {
+        rel_l2,
+        max_abs,
+        cosine,
+        norm_b,
+        nonfinite_a: nf_a,
+        nonfinite_b: nf_b,
+    }
 }
 
 macro_rules! dispatch {
@@ -715,7 +904,12 @@ macro_rules! dispatch {
 }
 
 pub fn row_stat(a: &TapView, b: &TapView) -> RowStat {
-    if let (TapDType::F32, TapDType::F32, Ok(x), Ok(y)) = (a.dtype, b.dtype, bytemuck::try_cast_slice::<u8, f32>(a.bytes), bytemuck::try_cast_slice::<u8, f32>(b.bytes)) {
+    if let (TapDType::F32, TapDType::F32, Ok(x), Ok(y)) = (
+        a.dtype,
+        b.dtype,
+        bytemuck::try_cast_slice::<u8, f32>(a.bytes),
+        bytemuck::try_cast_slice::<u8, f32>(b.bytes),
+    ) {
         if let Some(stat) = stat_f32_finite(x, y) {
             return stat;
         }
@@ -764,9 +958,28 @@ fn stat_f32_finite(a: &[f32], b: &[f32]) -> Option<RowStat> {
         return None;
     }
     let norm_b = b2.sqrt();
-    let rel_l2 = if norm_b > 0.0 { d2.sqrt() / norm_b } else if d2 > 0.0 { f64::INFINITY } else { 0.0 };
-    let cosine = if a2 > 0.0 && b2 > 0.0 { ab / (a2.sqrt() * norm_b) } else if a2 == b2 { 1.0 } else { 0.0 };
-    Some(RowStat { rel_l2, max_abs: max_abs as f64, cosine, norm_b, nonfinite_a: 0, nonfinite_b: 0 })
+    let rel_l2 = if norm_b > 0.0 {
+        d2.sqrt() / norm_b
+    } else if d2 > 0.0 {
+        f64::INFINITY
+    } else {
+        0.0
+    };
+    let cosine = if a2 > 0.0 && b2 > 0.0 {
+        ab / (a2.sqrt() * norm_b)
+    } else if a2 == b2 {
+        1.0
+    } else {
+        0.0
+    };
+    Some(RowStat {
+        rel_l2,
+        max_abs: max_abs as f64,
+        cosine,
+        norm_b,
+        nonfinite_a: 0,
+        nonfinite_b: 0,
+    })
 }
 
 /// A row as f32: borrowed when stored as aligned f32, converted otherwise.
@@ -870,7 +1083,11 @@ pub fn logit_stat(a: &TapView, b: &TapView) -> LogitStat {
     let kl = cross / sum_b - (lse_b - lse_a);
     let kl = if kl.is_finite() { kl.max(0.0) } else { f64::INFINITY };
     let (ta, tb) = (top::<5>(&xa), top::<5>(&xb));
-    LogitStat { kl, top1_agree: ta.first() == tb.first(), top5_overlap: ta.iter().filter(|i| tb.contains(i)).count() as u8 }
+    LogitStat {
+        kl,
+        top1_agree: ta.first() == tb.first(),
+        top5_overlap: ta.iter().filter(|i| tb.contains(i)).count() as u8,
+    }
 }
 
 fn head_count(tap: &Tap, a: &Dump) -> Option<usize> {
@@ -894,27 +1111,49 @@ fn row_shift(fa: &MappedFile, fb: &MappedFile, tap: &str, position: usize, tol: 
         let pairs: Vec<(usize, usize)> = (from..fa.positions.len())
             .filter_map(|i| {
                 let q = fa.positions[i] as i64 - k;
-                let j = usize::try_from(q).ok().and_then(|q| fb.positions.binary_search(&q).ok())?;
+                let j = usize::try_from(q)
+                    .ok()
+                    .and_then(|q| fb.positions.binary_search(&q).ok())?;
                 Some((i, j))
             })
             .take(64)
             .collect();
-        let matching = pairs.iter().filter(|&&(i, j)| !row_stat(&va.row(i), &vb.row(j)).diverges(tol)).count();
+        let matching = pairs
+            .iter()
+            .filter(|&&(i, j)| !row_stat(&va.row(i), &vb.row(j)).diverges(tol))
+            .count();
         !pairs.is_empty() && 4 * matching >= 3 * pairs.len()
     })
 }
 
-fn first_divergence(a: &Dump, b: &Dump, id: &str, taps: &[TapDiff], tokens: &[u32], n_layer: usize) -> Result<Option<FirstDivergence>> {
-    let Some((k, td)) = taps.iter().enumerate().find(|(_, t)| t.first_bad.is_some()) else { return Ok(None) };
+fn first_divergence(
+    a: &Dump,
+    b: &Dump,
+    id: &str,
+    taps: &[TapDiff],
+    tokens: &[u32],
+    n_layer: usize,
+) -> Result<Option<FirstDivergence>> {
+    let Some((k, td)) = taps.iter().enumerate().find(|(_, t)| t.first_bad.is_some()) else {
+        return Ok(None);
+    };
     let row = td.first_bad.expect("found above");
     let position = td.positions[row];
     let tap = Tap::parse(&td.tap).expect("taps in dumps are canonical");
     let stem = tap.file_stem();
-    let load = |d: &Dump| -> Result<MappedFile> { d.map_file(id, &stem)?.ok_or_else(|| Error::input(format!("{stem} vanished while comparing"))) };
+    let load = |d: &Dump| -> Result<MappedFile> {
+        d.map_file(id, &stem)?
+            .ok_or_else(|| Error::input(format!("{stem} vanished while comparing")))
+    };
     let (fa, fb) = (load(a)?, load(b)?);
     let pick = |f: &MappedFile| -> Result<Vec<f64>> {
-        let r = f.positions.binary_search(&position).map_err(|_| Error::input(format!("{stem} changed while comparing")))?;
-        let v = f.tap(&td.tap).ok_or_else(|| Error::input(format!("{} vanished while comparing", td.tap)))?;
+        let r = f
+            .positions
+            .binary_search(&position)
+            .map_err(|_| Error::input(format!("{stem} changed while comparing")))?;
+        let v = f
+            .tap(&td.tap)
+            .ok_or_else(|| Error::input(format!("{} vanished while comparing", td.tap)))?;
         let v = v.row(r);
         Ok((0..v.width).map(|i| v.get(i)).collect())
     };
@@ -922,11 +1161,23 @@ fn first_divergence(a: &Dump, b: &Dump, id: &str, taps: &[TapDiff], tokens: &[u3
     let shift = row_shift(&fa, &fb, &td.tap, position, &td.tolerance);
     let diff_of = |i: usize| {
         let d = (ra[i] - rb[i]).abs();
-        if d.is_nan() { f64::INFINITY } else { d }
+        if d.is_nan() {
+            f64::INFINITY
+        } else {
+            d
+        }
     };
     let mut order: Vec<usize> = (0..ra.len()).collect();
     order.sort_by(|&i, &j| diff_of(j).total_cmp(&diff_of(i)));
-    let top_channels = order.iter().take(TOP_CHANNELS).map(|&i| Channel { index: i, a: ra[i], b: rb[i] }).collect();
+    let top_channels = order
+        .iter()
+        .take(TOP_CHANNELS)
+        .map(|&i| Channel {
+            index: i,
+            a: ra[i],
+            b: rb[i],
+        })
+        .collect();
     let heads = match head_count(&tap, a) {
         Some(h) => {
             let hd = ra.len() / h;
@@ -935,7 +1186,10 @@ fn first_divergence(a: &Dump, b: &Dump, id: &str, taps: &[TapDiff], tokens: &[u3
                     let s = head * hd..(head + 1) * hd;
                     let d: f64 = s.clone().map(|i| (ra[i] - rb[i]).powi(2)).sum();
                     let n: f64 = s.map(|i| rb[i] * rb[i]).sum();
-                    HeadError { head, rel_l2: if n > 0.0 { (d / n).sqrt() } else { d.sqrt() } }
+                    HeadError {
+                        head,
+                        rel_l2: if n > 0.0 { (d / n).sqrt() } else { d.sqrt() },
+                    }
                 })
                 .collect();
             v.sort_by(|x, y| y.rel_l2.total_cmp(&x.rel_l2));
@@ -955,7 +1209,11 @@ fn first_divergence(a: &Dump, b: &Dump, id: &str, taps: &[TapDiff], tokens: &[u3
             same_kind(&p) || t.tap.ends_with(".resid_post") || t.tap == "logits" || t.tap == "final_norm"
         })
         .take(3 * n_layer + 2)
-        .map(|t| Growth { tap: t.tap.clone(), at_position: t.rel_at(position), max_rel_l2: t.max_rel_l2() })
+        .map(|t| Growth {
+            tap: t.tap.clone(),
+            at_position: t.rel_at(position),
+            max_rel_l2: t.max_rel_l2(),
+        })
         .collect();
     let logits = td.logits.get(row).copied();
     Ok(Some(FirstDivergence {
@@ -1008,21 +1266,35 @@ pub fn calibrate(reports: &[DiffReport], margin: f64, floor: f64) -> (Tolerances
         match (value, skipped) {
             (Some(v), 0) => entries.push((pattern, key, v)),
             (Some(v), n) => {
-                notes.push(format!("{pattern}: {n} row(s) with NaN/Inf or an unbounded error skipped"));
+                notes.push(format!(
+                    "{pattern}: {n} row(s) with NaN/Inf or an unbounded error skipped"
+                ));
                 entries.push((pattern, key, v));
             }
             (None, 0) => entries.push((pattern, key, 0.0)),
-            (None, n) => notes.push(format!("{pattern}: all {n} row(s) hold NaN/Inf or an unbounded error; the defaults apply")),
+            (None, n) => notes.push(format!(
+                "{pattern}: all {n} row(s) hold NaN/Inf or an unbounded error; the defaults apply"
+            )),
         }
     }
     entries.sort_by_key(|e| e.1);
-    let sources: Vec<String> = reports.iter().map(|r| format!("{} vs {}", r.a.path, r.b.path)).collect();
+    let sources: Vec<String> = reports
+        .iter()
+        .map(|r| format!("{} vs {}", r.a.path, r.b.path))
+        .collect();
     let tolerances = Tolerances {
         taps: entries
             .into_iter()
-            .map(|(pattern, _, v)| crate::tolerance::TapTolerance { pattern, rel_l2: (v * margin).max(floor), abs: 0.0 })
+            .map(|(pattern, _, v)| crate::tolerance::TapTolerance {
+                pattern,
+                rel_l2: (v * margin).max(floor),
+                abs: 0.0,
+            })
             .collect(),
-        source: Some(format!("calibrated ×{margin} (floor {floor:e}) from {}", sources.join(", "))),
+        source: Some(format!(
+            "calibrated ×{margin} (floor {floor:e}) from {}",
+            sources.join(", ")
+        )),
         ..Tolerances::default()
     };
     (tolerances, notes)
@@ -1060,10 +1332,19 @@ mod tests {
     #[test]
     fn kl_matches_the_definition() {
         let a: Vec<f32> = (0..1000).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
-        let b: Vec<f32> = a.iter().enumerate().map(|(i, v)| v + ((i % 7) as f32 - 3.0) * 0.05).collect();
+        let b: Vec<f32> = a
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + ((i % 7) as f32 - 3.0) * 0.05)
+            .collect();
         let bytes = |x: &[f32]| x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
         let (ba, bb) = (bytes(&a), bytes(&b));
-        let view = |d: &[u8]| TapView { dtype: TapDType::F32, rows: 1, width: 1000, bytes: unsafe { std::slice::from_raw_parts(d.as_ptr(), d.len()) } };
+        let view = |d: &[u8]| TapView {
+            dtype: TapDType::F32,
+            rows: 1,
+            width: 1000,
+            bytes: unsafe { std::slice::from_raw_parts(d.as_ptr(), d.len()) },
+        };
         let got = logit_stat(&view(&ba), &view(&bb)).kl;
         let lsm = |x: &[f32]| {
             let m = x.iter().copied().fold(f32::MIN, f32::max) as f64;

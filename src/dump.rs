@@ -47,14 +47,28 @@ impl EngineInfo {
     /// An engine's identity; injected faults are part of it, so a dump says what was
     /// broken on purpose (`name+inject(spec;spec)`).
     pub fn new(name: &str, backend: &str, dtype: &str, device: String, injections: &[String]) -> Self {
-        let name = if injections.is_empty() { name.to_string() } else { format!("{name}+inject({})", injections.join(";")) };
-        Self { name, version: env!("CARGO_PKG_VERSION").into(), backend: backend.into(), dtype: dtype.into(), device }
+        let name = if injections.is_empty() {
+            name.to_string()
+        } else {
+            format!("{name}+inject({})", injections.join(";"))
+        };
+        Self {
+            name,
+            version: env!("CARGO_PKG_VERSION").into(),
+            backend: backend.into(),
+            dtype: dtype.into(),
+            device,
+        }
     }
 }
 
 impl ModelInfo {
     pub fn of(model: &crate::model::Model) -> Self {
-        Self { path: model.gguf.path.display().to_string(), fingerprint: Some(model.fingerprint.clone()), config: model.config.clone() }
+        Self {
+            path: model.gguf.path.display().to_string(),
+            fingerprint: Some(model.fingerprint.clone()),
+            config: model.config.clone(),
+        }
     }
 }
 
@@ -147,8 +161,14 @@ pub fn parse_manifest(text: &[u8]) -> std::result::Result<Manifest, String> {
     };
     // Sizes become divisors, widths and loop bounds: checked before any use.
     config.check()?;
-    let model = ModelInfo { path: opt_string(m, "model", "path")?.unwrap_or_default(), fingerprint: opt_string(m, "model", "fingerprint")?, config };
-    let list = required(top, "", "prompts", "a list of prompts")?.as_array().ok_or_else(|| expected("prompts", "a list of prompts", &top["prompts"]))?;
+    let model = ModelInfo {
+        path: opt_string(m, "model", "path")?.unwrap_or_default(),
+        fingerprint: opt_string(m, "model", "fingerprint")?,
+        config,
+    };
+    let list = required(top, "", "prompts", "a list of prompts")?
+        .as_array()
+        .ok_or_else(|| expected("prompts", "a list of prompts", &top["prompts"]))?;
     let mut prompts = Vec::with_capacity(list.len());
     for (i, v) in list.iter().enumerate() {
         let at = format!("prompts[{i}]");
@@ -160,19 +180,36 @@ pub fn parse_manifest(text: &[u8]) -> std::result::Result<Manifest, String> {
             .ok_or_else(|| expected(&tokens_at, "a list of token ids", tokens_v))?
             .iter()
             .enumerate()
-            .map(|(j, t)| t.as_u64().filter(|&t| t <= u32::MAX as u64).map(|t| t as u32).ok_or_else(|| expected(&format!("{tokens_at}[{j}]"), "a token id (an integer from 0)", t)))
+            .map(|(j, t)| {
+                t.as_u64()
+                    .filter(|&t| t <= u32::MAX as u64)
+                    .map(|t| t as u32)
+                    .ok_or_else(|| expected(&format!("{tokens_at}[{j}]"), "a token id (an integer from 0)", t))
+            })
             .collect::<std::result::Result<Vec<u32>, String>>()?;
-        prompts.push(PromptRecord { id: string(p, &at, "id")?, text: opt_string(p, &at, "text")?, tokens });
+        prompts.push(PromptRecord {
+            id: string(p, &at, "id")?,
+            text: opt_string(p, &at, "text")?,
+            tokens,
+        });
     }
     let selection = match top.get("selection") {
-        None | Some(Value::Null) => Selection { layers: Vec::new(), taps: Vec::new(), positions: "all".into() },
+        None | Some(Value::Null) => Selection {
+            layers: Vec::new(),
+            taps: Vec::new(),
+            positions: "all".into(),
+        },
         Some(v) => loose_selection(object(v, "selection")?, model.config.n_layer)?,
     };
     let status = match string(top, "", "status")?.as_str() {
         "running" => Status::Running,
         "complete" => Status::Complete,
         "failed" => Status::Failed,
-        other => return Err(format!("status: expected \"running\", \"complete\" or \"failed\", got {other:?}")),
+        other => {
+            return Err(format!(
+                "status: expected \"running\", \"complete\" or \"failed\", got {other:?}"
+            ))
+        }
     };
     let error = match top.get("error") {
         None | Some(Value::Null) => None,
@@ -182,10 +219,24 @@ pub fn parse_manifest(text: &[u8]) -> std::result::Result<Manifest, String> {
                 None | Some(Value::Null) => None,
                 Some(_) => Some(uint(o, "error", "position")? as usize),
             };
-            Some(RunError { message: string(o, "error", "message")?, tap: opt_string(o, "error", "tap")?, position })
+            Some(RunError {
+                message: string(o, "error", "message")?,
+                tap: opt_string(o, "error", "tap")?,
+                position,
+            })
         }
     };
-    Ok(Manifest { format, version, engine, model, prompts, selection, status, error, created: opt_string(top, "", "created")?.unwrap_or_default() })
+    Ok(Manifest {
+        format,
+        version,
+        engine,
+        model,
+        prompts,
+        selection,
+        status,
+        error,
+        created: opt_string(top, "", "created")?.unwrap_or_default(),
+    })
 }
 
 type JsonMap = serde_json::Map<String, serde_json::Value>;
@@ -218,20 +269,31 @@ fn object<'a>(v: &'a serde_json::Value, path: &str) -> std::result::Result<&'a J
     v.as_object().ok_or_else(|| expected(path, "an object", v))
 }
 
-fn required<'a>(o: &'a JsonMap, parent: &str, key: &str, what: &str) -> std::result::Result<&'a serde_json::Value, String> {
-    o.get(key).ok_or_else(|| format!("{}: missing (expected {what})", field_path(parent, key)))
+fn required<'a>(
+    o: &'a JsonMap,
+    parent: &str,
+    key: &str,
+    what: &str,
+) -> std::result::Result<&'a serde_json::Value, String> {
+    o.get(key)
+        .ok_or_else(|| format!("{}: missing (expected {what})", field_path(parent, key)))
 }
 
 fn string(o: &JsonMap, parent: &str, key: &str) -> std::result::Result<String, String> {
     let v = required(o, parent, key, "a string")?;
-    v.as_str().map(str::to_string).ok_or_else(|| expected(&field_path(parent, key), "a string", v))
+    v.as_str()
+        .map(str::to_string)
+        .ok_or_else(|| expected(&field_path(parent, key), "a string", v))
 }
 
 /// A string that may be absent or null.
 fn opt_string(o: &JsonMap, parent: &str, key: &str) -> std::result::Result<Option<String>, String> {
     match o.get(key) {
         None | Some(serde_json::Value::Null) => Ok(None),
-        Some(v) => v.as_str().map(|s| Some(s.to_string())).ok_or_else(|| expected(&field_path(parent, key), "a string or null", v)),
+        Some(v) => v
+            .as_str()
+            .map(|s| Some(s.to_string()))
+            .ok_or_else(|| expected(&field_path(parent, key), "a string or null", v)),
     }
 }
 
@@ -239,13 +301,18 @@ fn uint(o: &JsonMap, parent: &str, key: &str) -> std::result::Result<u64, String
     let v = required(o, parent, key, "an integer")?;
     // Writers in languages without integers (JSON from JavaScript, numpy floats) may write 30.0.
     v.as_u64()
-        .or_else(|| v.as_f64().filter(|f| *f >= 0.0 && f.fract() == 0.0 && *f < 9.0e15).map(|f| f as u64))
+        .or_else(|| {
+            v.as_f64()
+                .filter(|f| *f >= 0.0 && f.fract() == 0.0 && *f < 9.0e15)
+                .map(|f| f as u64)
+        })
         .ok_or_else(|| expected(&field_path(parent, key), "an integer from 0", v))
 }
 
 fn float(o: &JsonMap, parent: &str, key: &str) -> std::result::Result<f64, String> {
     let v = required(o, parent, key, "a number")?;
-    v.as_f64().ok_or_else(|| expected(&field_path(parent, key), "a number", v))
+    v.as_f64()
+        .ok_or_else(|| expected(&field_path(parent, key), "a number", v))
 }
 
 /// `selection` says what the writer meant to record; the data files are what it did
@@ -281,12 +348,24 @@ fn loose_selection(o: &JsonMap, n_layer: usize) -> std::result::Result<Selection
         None => Vec::new(),
         Some(spec) if spec.is_empty() => Vec::new(),
         // Informational: names this build does not know are kept as written.
-        Some(spec) => crate::taps::parse_taps(&spec).unwrap_or_else(|_| spec.split(',').map(|s| s.trim().to_string()).collect()),
+        Some(spec) => {
+            crate::taps::parse_taps(&spec).unwrap_or_else(|_| spec.split(',').map(|s| s.trim().to_string()).collect())
+        }
     };
-    let positions = items("positions")?.filter(|s| !s.is_empty()).unwrap_or_else(|| "all".into());
-    let positions = if positions.split(',').any(|p| p.trim() == "all") { "all".to_string() } else { positions };
+    let positions = items("positions")?
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "all".into());
+    let positions = if positions.split(',').any(|p| p.trim() == "all") {
+        "all".to_string()
+    } else {
+        positions
+    };
     PositionSpec::parse(&positions).map_err(|e| format!("selection.positions: {e} (expected a spec such as \"all\", \"last\", \"0..16,820..840\" or \"-8..\", or a list of them)"))?;
-    Ok(Selection { layers, taps, positions })
+    Ok(Selection {
+        layers,
+        taps,
+        positions,
+    })
 }
 
 /// `[A-Za-z0-9_.-]{1,64}`, and never `.` or `..` (they would name a directory).
@@ -298,7 +377,9 @@ pub fn validate_prompt_id(id: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::input(format!("bad prompt id {id:?}: ids are 1-64 characters of A-Z a-z 0-9 _ . -")))
+        Err(Error::input(format!(
+            "bad prompt id {id:?}: ids are 1-64 characters of A-Z a-z 0-9 _ . -"
+        )))
     }
 }
 
@@ -384,8 +465,15 @@ impl DumpWriter {
             let is_dump = root.join(MANIFEST).is_file();
             let empty = fs::read_dir(root).map_err(|e| Error::io(root, e))?.next().is_none();
             if !(empty || is_dump && overwrite) {
-                let hint = if is_dump { " (it is a dump: pass --overwrite to replace it)" } else { "" };
-                return Err(Error::input(format!("{}: output directory exists and is not empty{hint}", root.display())));
+                let hint = if is_dump {
+                    " (it is a dump: pass --overwrite to replace it)"
+                } else {
+                    ""
+                };
+                return Err(Error::input(format!(
+                    "{}: output directory exists and is not empty{hint}",
+                    root.display()
+                )));
             }
             if is_dump {
                 fs::remove_file(root.join(MANIFEST)).map_err(|e| Error::io(root, e))?;
@@ -399,7 +487,10 @@ impl DumpWriter {
             let dir = root.join(DATA).join(&p.id);
             fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         }
-        let w = Self { root: root.to_path_buf(), manifest };
+        let w = Self {
+            root: root.to_path_buf(),
+            manifest,
+        };
         w.write_manifest()?;
         Ok(w)
     }
@@ -425,34 +516,64 @@ impl DumpWriter {
         }
         let pos_bytes: Vec<u8> = positions.iter().flat_map(|&p| (p as i64).to_le_bytes()).collect();
         let mut views: Vec<(String, TensorView)> = Vec::with_capacity(taps.len() + 1);
-        let view = |dtype, shape, data| TensorView::new(dtype, shape, data).map_err(|e| Error::input(format!("{stem}: {e}")));
+        let view =
+            |dtype, shape, data| TensorView::new(dtype, shape, data).map_err(|e| Error::input(format!("{stem}: {e}")));
         views.push(("positions".into(), view(Dtype::I64, vec![positions.len()], &pos_bytes)?));
         for t in taps {
             if t.rows != positions.len() {
-                return Err(Error::input(format!("tap {} has {} rows for {} positions", t.id, t.rows, positions.len())));
+                return Err(Error::input(format!(
+                    "tap {} has {} rows for {} positions",
+                    t.id,
+                    t.rows,
+                    positions.len()
+                )));
             }
-            views.push((t.id.clone(), view(t.dtype.safetensors(), vec![t.rows, t.width], &t.bytes)?));
+            views.push((
+                t.id.clone(),
+                view(t.dtype.safetensors(), vec![t.rows, t.width], &t.bytes)?,
+            ));
         }
         let path = self.root.join(DATA).join(prompt_id).join(format!("{stem}.safetensors"));
         write_atomic(&path, |tmp| {
-            safetensors::serialize_to_file(views, None, tmp).map_err(|e| Error::input(format!("{}: {e}", tmp.display())))
+            safetensors::serialize_to_file(views, None, tmp)
+                .map_err(|e| Error::input(format!("{}: {e}", tmp.display())))
         })
     }
 
     /// Start `data/<prompt>/<stem>.safetensors` as a stream of rows: `taps` are (id, dtype,
     /// width), each with a row per position.
-    pub fn stream_file(&self, prompt_id: &str, stem: &str, positions: &[usize], taps: &[(String, TapDType, usize)]) -> Result<FileStream> {
+    pub fn stream_file(
+        &self,
+        prompt_id: &str,
+        stem: &str,
+        positions: &[usize],
+        taps: &[(String, TapDType, usize)],
+    ) -> Result<FileStream> {
         use safetensors::tensor::{Metadata, TensorInfo};
         validate_prompt_id(prompt_id)?;
         if !self.manifest.prompts.iter().any(|p| p.id == prompt_id) {
             return Err(Error::input(format!("prompt {prompt_id} is not in the manifest")));
         }
         let n = positions.len();
-        let mut infos = vec![("positions".to_string(), TensorInfo { dtype: Dtype::I64, shape: vec![n], data_offsets: (0, 8 * n) })];
+        let mut infos = vec![(
+            "positions".to_string(),
+            TensorInfo {
+                dtype: Dtype::I64,
+                shape: vec![n],
+                data_offsets: (0, 8 * n),
+            },
+        )];
         let mut end = 8 * n;
         for (id, dtype, width) in taps {
             let len = n * width * dtype.size();
-            infos.push((id.clone(), TensorInfo { dtype: dtype.safetensors(), shape: vec![n, *width], data_offsets: (end, end + len) }));
+            infos.push((
+                id.clone(),
+                TensorInfo {
+                    dtype: dtype.safetensors(),
+                    shape: vec![n, *width],
+                    data_offsets: (end, end + len),
+                },
+            ));
             end += len;
         }
         let metadata = Metadata::new(None, infos).map_err(|e| Error::input(format!("{stem}: {e}")))?;
@@ -465,7 +586,9 @@ impl DumpWriter {
         let mut file = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let pos_bytes: Vec<u8> = positions.iter().flat_map(|&p| (p as i64).to_le_bytes()).collect();
         let head = [&(header.len() as u64).to_le_bytes()[..], &header, &pos_bytes].concat();
-        file.write_all(&head).and_then(|_| file.set_len(data_start + end as u64)).map_err(|e| Error::io(&tmp, e))?;
+        file.write_all(&head)
+            .and_then(|_| file.set_len(data_start + end as u64))
+            .map_err(|e| Error::io(&tmp, e))?;
         let mut offset = data_start + 8 * n as u64;
         let taps = taps
             .iter()
@@ -475,7 +598,16 @@ impl DumpWriter {
                 (id.clone(), at, width * dtype.size())
             })
             .collect();
-        let stream = FileStream { path, tmp, file, prompt_id: prompt_id.to_string(), order: 0, taps, rows: n, unwritten: ((end - 8 * n) as u64).into() };
+        let stream = FileStream {
+            path,
+            tmp,
+            file,
+            prompt_id: prompt_id.to_string(),
+            order: 0,
+            taps,
+            rows: n,
+            unwritten: ((end - 8 * n) as u64).into(),
+        };
         if end == 8 * n {
             // No tap rows to wait for.
             fs::rename(&stream.tmp, &stream.path).map_err(|e| Error::io(&stream.path, e))?;
@@ -520,9 +652,15 @@ impl FileStream {
         use std::sync::atomic::Ordering;
         let (id, offset, row_bytes) = &self.taps[tap];
         if !bytes.len().is_multiple_of(*row_bytes) || first_row + bytes.len() / row_bytes > self.rows {
-            return Err(Error::engine(format!("{id}: {} bytes at row {first_row} do not fit {} rows of {row_bytes} bytes", bytes.len(), self.rows)));
+            return Err(Error::engine(format!(
+                "{id}: {} bytes at row {first_row} do not fit {} rows of {row_bytes} bytes",
+                bytes.len(),
+                self.rows
+            )));
         }
-        self.file.write_all_at(bytes, offset + (first_row * row_bytes) as u64).map_err(|e| Error::io(&self.tmp, e))?;
+        self.file
+            .write_all_at(bytes, offset + (first_row * row_bytes) as u64)
+            .map_err(|e| Error::io(&self.tmp, e))?;
         if self.unwritten.fetch_sub(bytes.len() as u64, Ordering::SeqCst) != bytes.len() as u64 {
             return Ok(false);
         }
@@ -572,27 +710,54 @@ impl Dump {
         let path = root.join(MANIFEST);
         let meta = fs::metadata(&path).map_err(|e| Error::input(format!("{}: not a dump ({e})", root.display())))?;
         if meta.len() > MAX_MANIFEST_BYTES {
-            return Err(Error::input(format!("{}: manifest is {} bytes, over the {} limit", path.display(), meta.len(), MAX_MANIFEST_BYTES)));
+            return Err(Error::input(format!(
+                "{}: manifest is {} bytes, over the {} limit",
+                path.display(),
+                meta.len(),
+                MAX_MANIFEST_BYTES
+            )));
         }
         let text = fs::read(&path).map_err(|e| Error::io(&path, e))?;
-        let manifest = parse_manifest(&text).map_err(|e| Error::input(format!("{}: bad manifest: {e}", path.display())))?;
+        let manifest =
+            parse_manifest(&text).map_err(|e| Error::input(format!("{}: bad manifest: {e}", path.display())))?;
         if manifest.format != FORMAT {
-            return Err(Error::input(format!("{}: format is {:?}, expected {FORMAT:?}", path.display(), manifest.format)));
+            return Err(Error::input(format!(
+                "{}: format is {:?}, expected {FORMAT:?}",
+                path.display(),
+                manifest.format
+            )));
         }
         if manifest.version != VERSION {
-            return Err(Error::input(format!("{}: dump format version {} is not supported (this build reads {VERSION})", path.display(), manifest.version)));
+            return Err(Error::input(format!(
+                "{}: dump format version {} is not supported (this build reads {VERSION})",
+                path.display(),
+                manifest.version
+            )));
         }
         let mut prompt_index = HashMap::with_capacity(manifest.prompts.len());
         for (i, p) in manifest.prompts.iter().enumerate() {
             validate_prompt_id(&p.id).map_err(|e| Error::input(format!("{}: {e}", path.display())))?;
             if prompt_index.insert(p.id.clone(), i).is_some() {
-                return Err(Error::input(format!("{}: prompt id {} appears twice", path.display(), p.id)));
+                return Err(Error::input(format!(
+                    "{}: prompt id {} appears twice",
+                    path.display(),
+                    p.id
+                )));
             }
             if let Some(&t) = p.tokens.iter().find(|&&t| t as usize >= manifest.model.config.n_vocab) {
-                return Err(Error::input(format!("{}: prompt {} has token {t} outside the vocabulary", path.display(), p.id)));
+                return Err(Error::input(format!(
+                    "{}: prompt {} has token {t} outside the vocabulary",
+                    path.display(),
+                    p.id
+                )));
             }
         }
-        Ok(Self { root: root.to_path_buf(), manifest, prompt_index, renamed: Vec::new() })
+        Ok(Self {
+            root: root.to_path_buf(),
+            manifest,
+            prompt_index,
+            renamed: Vec::new(),
+        })
     }
 
     /// This dump with its prompt `from` read as `to` (its files stay where they are).
@@ -607,17 +772,34 @@ impl Dump {
         }
         let mut renamed = self.renamed.clone();
         renamed.push((to.to_string(), self.directory_of(from).to_string()));
-        let prompt_index = manifest.prompts.iter().enumerate().map(|(i, p)| (p.id.clone(), i)).collect();
-        Ok(Self { root: self.root.clone(), manifest, prompt_index, renamed })
+        let prompt_index = manifest
+            .prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.id.clone(), i))
+            .collect();
+        Ok(Self {
+            root: self.root.clone(),
+            manifest,
+            prompt_index,
+            renamed,
+        })
     }
 
     /// The directory under data/ that holds prompt `id`'s files.
     fn directory_of<'a>(&'a self, id: &'a str) -> &'a str {
-        self.renamed.iter().rev().find(|(as_id, _)| as_id == id).map_or(id, |(_, dir)| dir.as_str())
+        self.renamed
+            .iter()
+            .rev()
+            .find(|(as_id, _)| as_id == id)
+            .map_or(id, |(_, dir)| dir.as_str())
     }
 
     pub fn prompt(&self, id: &str) -> Result<&PromptRecord> {
-        self.prompt_index.get(id).map(|&i| &self.manifest.prompts[i]).ok_or_else(|| Error::input(format!("{}: no prompt {id:?} in the dump", self.root.display())))
+        self.prompt_index
+            .get(id)
+            .map(|&i| &self.manifest.prompts[i])
+            .ok_or_else(|| Error::input(format!("{}: no prompt {id:?} in the dump", self.root.display())))
     }
 
     pub fn has_prompt(&self, id: &str) -> bool {
@@ -665,16 +847,26 @@ impl Dump {
     pub fn map_file(&self, prompt_id: &str, stem: &str) -> Result<Option<MappedFile>> {
         let prompt = self.prompt(prompt_id)?;
         if !is_file_stem(stem, self.manifest.model.config.n_layer) {
-            return Err(Error::input(format!("{}: {stem:?} is not a dump file name", self.root.display())));
+            return Err(Error::input(format!(
+                "{}: {stem:?} is not a dump file name",
+                self.root.display()
+            )));
         }
-        let path = self.root.join(DATA).join(self.directory_of(prompt_id)).join(format!("{stem}.safetensors"));
+        let path = self
+            .root
+            .join(DATA)
+            .join(self.directory_of(prompt_id))
+            .join(format!("{stem}.safetensors"));
         let meta = match fs::symlink_metadata(&path) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(&path, e)),
         };
         if !meta.is_file() {
-            return Err(Error::input(format!("{}: not a regular file (links out of the dump are refused)", path.display())));
+            return Err(Error::input(format!(
+                "{}: not a regular file (links out of the dump are refused)",
+                path.display()
+            )));
         }
         let file = fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
         // SAFETY: read-only map of a file the engine finished writing (renamed into place);
@@ -686,17 +878,29 @@ impl Dump {
 
     /// Read one file decoded to f64; `None` when it was never written.
     pub fn read_file(&self, prompt_id: &str, stem: &str) -> Result<Option<DumpFile>> {
-        let Some(mapped) = self.map_file(prompt_id, stem)? else { return Ok(None) };
+        let Some(mapped) = self.map_file(prompt_id, stem)? else {
+            return Ok(None);
+        };
         let taps = mapped
             .taps
             .iter()
             .map(|(id, slice)| {
                 let view = mapped.view(slice);
                 let values = (0..view.rows * view.width).map(|i| view.get(i)).collect();
-                (id.clone(), TapRows { dtype: slice.dtype, width: slice.width, values })
+                (
+                    id.clone(),
+                    TapRows {
+                        dtype: slice.dtype,
+                        width: slice.width,
+                        values,
+                    },
+                )
             })
             .collect();
-        Ok(Some(DumpFile { positions: mapped.positions.clone(), taps }))
+        Ok(Some(DumpFile {
+            positions: mapped.positions.clone(),
+            taps,
+        }))
     }
 }
 
@@ -741,7 +945,12 @@ impl TapView<'_> {
     /// The bytes of row `r`.
     pub fn row(&self, r: usize) -> TapView<'_> {
         let n = self.width * self.dtype.size();
-        TapView { dtype: self.dtype, rows: 1, width: self.width, bytes: &self.bytes[r * n..(r + 1) * n] }
+        TapView {
+            dtype: self.dtype,
+            rows: 1,
+            width: self.width,
+            bytes: &self.bytes[r * n..(r + 1) * n],
+        }
     }
 
     /// Append every value as f32 (f64 rounds).
@@ -749,7 +958,10 @@ impl TapView<'_> {
         let b = self.bytes;
         match self.dtype {
             TapDType::F32 => out.extend(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
-            TapDType::F64 => out.extend(b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)),
+            TapDType::F64 => out.extend(
+                b.chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32),
+            ),
             TapDType::F16 => out.extend(b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
             TapDType::BF16 => out.extend(b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())),
         }
@@ -761,9 +973,15 @@ impl MappedFile {
         let bad = |msg: String| Error::input(format!("{}: {msg}", path.display()));
         let base = mmap.as_ptr() as usize;
         let st = SafeTensors::deserialize(&mmap).map_err(|e| bad(format!("bad safetensors file: {e}")))?;
-        let pos_view = st.tensor("positions").map_err(|_| bad("missing the positions tensor".into()))?;
+        let pos_view = st
+            .tensor("positions")
+            .map_err(|_| bad("missing the positions tensor".into()))?;
         if pos_view.dtype() != Dtype::I64 || pos_view.shape().len() != 1 {
-            return Err(bad(format!("positions must be I64 [n], found {:?} {:?}", pos_view.dtype(), pos_view.shape())));
+            return Err(bad(format!(
+                "positions must be I64 [n], found {:?} {:?}",
+                pos_view.dtype(),
+                pos_view.shape()
+            )));
         }
         let mut positions = Vec::with_capacity(pos_view.shape()[0]);
         for chunk in pos_view.data().chunks_exact(8) {
@@ -785,20 +1003,42 @@ impl MappedFile {
             if tap.file_stem() != stem {
                 return Err(bad(format!("tap {name} belongs in {}.safetensors", tap.file_stem())));
             }
-            let dtype = TapDType::from_safetensors(view.dtype()).ok_or_else(|| bad(format!("tap {name} has dtype {:?}; F32, F16, BF16 or F64 expected", view.dtype())))?;
+            let dtype = TapDType::from_safetensors(view.dtype()).ok_or_else(|| {
+                bad(format!(
+                    "tap {name} has dtype {:?}; F32, F16, BF16 or F64 expected",
+                    view.dtype()
+                ))
+            })?;
             let width = tap.width(config);
             if view.shape() != [positions.len(), width] {
-                return Err(bad(format!("tap {name} has shape {:?}, expected [{}, {width}]", view.shape(), positions.len())));
+                return Err(bad(format!(
+                    "tap {name} has shape {:?}, expected [{}, {width}]",
+                    view.shape(),
+                    positions.len()
+                )));
             }
             let data = view.data();
-            taps.insert(name.to_string(), TapSlice { dtype, width, offset: data.as_ptr() as usize - base, len: data.len() });
+            taps.insert(
+                name.to_string(),
+                TapSlice {
+                    dtype,
+                    width,
+                    offset: data.as_ptr() as usize - base,
+                    len: data.len(),
+                },
+            );
         }
         drop(st);
         Ok(Self { mmap, positions, taps })
     }
 
     pub fn view(&self, slice: &TapSlice) -> TapView<'_> {
-        TapView { dtype: slice.dtype, rows: self.positions.len(), width: slice.width, bytes: &self.mmap[slice.offset..slice.offset + slice.len] }
+        TapView {
+            dtype: slice.dtype,
+            rows: self.positions.len(),
+            width: slice.width,
+            bytes: &self.mmap[slice.offset..slice.offset + slice.len],
+        }
     }
 
     pub fn tap(&self, id: &str) -> Option<TapView<'_>> {
@@ -825,7 +1065,12 @@ pub struct FileJob {
 /// What the writer threads do: write a whole file, or rows of a streamed one.
 enum Job {
     File(FileJob),
-    Rows { stream: Arc<FileStream>, tap: usize, first_row: usize, bytes: RowBytes },
+    Rows {
+        stream: Arc<FileStream>,
+        tap: usize,
+        first_row: usize,
+        bytes: RowBytes,
+    },
 }
 
 /// Rows for a streamed file: in memory now, or still being copied off a device (the
@@ -872,7 +1117,9 @@ struct WriterShared {
 /// Files written at once: a dump's files are independent, and one thread does not keep
 /// a fast disk busy. Half the cores, from 2 to 8: the engine needs the others.
 fn writer_threads() -> usize {
-    std::thread::available_parallelism().map_or(4, |n| n.get() / 2).clamp(2, 8)
+    std::thread::available_parallelism()
+        .map_or(4, |n| n.get() / 2)
+        .clamp(2, 8)
 }
 
 impl WriterShared {
@@ -880,11 +1127,17 @@ impl WriterShared {
     fn write(&self, sent: usize, job: Job) -> Result<()> {
         let (order, prompt_id, last_tap) = match job {
             Job::File(job) => {
-                self.writer.write_file(&job.prompt_id, &job.stem, &job.positions, &job.taps)?;
+                self.writer
+                    .write_file(&job.prompt_id, &job.stem, &job.positions, &job.taps)?;
                 let Some(last) = job.taps.last() else { return Ok(()) };
                 (sent, job.prompt_id, last.id.clone())
             }
-            Job::Rows { stream, tap, first_row, bytes } => {
+            Job::Rows {
+                stream,
+                tap,
+                first_row,
+                bytes,
+            } => {
                 let done = match bytes {
                     RowBytes::Ready(mut bytes) => {
                         let done = stream.write_rows(tap, first_row, &bytes)?;
@@ -911,7 +1164,11 @@ impl WriterShared {
                 if !done {
                     return Ok(());
                 }
-                (stream.order, stream.prompt_id.clone(), stream.tap_ids().last().unwrap_or_default().to_string())
+                (
+                    stream.order,
+                    stream.prompt_id.clone(),
+                    stream.tap_ids().last().unwrap_or_default().to_string(),
+                )
             }
         };
         if let Ok(mut slot) = self.last_written.lock() {
@@ -928,7 +1185,15 @@ impl BackgroundWriter {
         use std::sync::atomic::Ordering;
         let threads = writer_threads();
         let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Job)>(2 * threads);
-        let shared = Arc::new(WriterShared { writer, jobs: std::sync::Mutex::new(rx), failed: Default::default(), last_written: Default::default(), spare: Default::default(), lost: Default::default(), threads });
+        let shared = Arc::new(WriterShared {
+            writer,
+            jobs: std::sync::Mutex::new(rx),
+            failed: Default::default(),
+            last_written: Default::default(),
+            spare: Default::default(),
+            lost: Default::default(),
+            threads,
+        });
         let handles = (0..threads)
             .map(|_| {
                 let shared = shared.clone();
@@ -949,7 +1214,12 @@ impl BackgroundWriter {
                 })
             })
             .collect();
-        Self { tx: Some(tx), sent: Default::default(), handles, shared }
+        Self {
+            tx: Some(tx),
+            sent: Default::default(),
+            handles,
+            shared,
+        }
     }
 
     fn queue(&self, job: Job) -> Result<()> {
@@ -969,7 +1239,13 @@ impl BackgroundWriter {
 
     /// Start a streamed file (see [`DumpWriter::stream_file`]); its rows go to
     /// [`send_rows`](Self::send_rows).
-    pub fn stream_file(&self, prompt_id: &str, stem: &str, positions: &[usize], taps: &[(String, TapDType, usize)]) -> Result<Arc<FileStream>> {
+    pub fn stream_file(
+        &self,
+        prompt_id: &str,
+        stem: &str,
+        positions: &[usize],
+        taps: &[(String, TapDType, usize)],
+    ) -> Result<Arc<FileStream>> {
         let mut stream = self.shared.writer.stream_file(prompt_id, stem, positions, taps)?;
         stream.order = self.sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(Arc::new(stream))
@@ -977,12 +1253,22 @@ impl BackgroundWriter {
 
     /// An empty buffer for [`send_rows`](Self::send_rows), reused when one is spare.
     pub fn buffer(&self) -> Vec<u8> {
-        self.shared.spare.lock().ok().and_then(|mut spare| spare.pop()).unwrap_or_default()
+        self.shared
+            .spare
+            .lock()
+            .ok()
+            .and_then(|mut spare| spare.pop())
+            .unwrap_or_default()
     }
 
     /// Queue rows `first_row..` of tap `tap` of `stream`.
     pub fn send_rows(&self, stream: &Arc<FileStream>, tap: usize, first_row: usize, bytes: RowBytes) -> Result<()> {
-        self.queue(Job::Rows { stream: stream.clone(), tap, first_row, bytes })
+        self.queue(Job::Rows {
+            stream: stream.clone(),
+            tap,
+            first_row,
+            bytes,
+        })
     }
 
     /// Wait for queued files, then mark the manifest complete, or failed with the engine's
@@ -994,11 +1280,15 @@ impl BackgroundWriter {
     /// As [`finish`](Self::finish), first recording the tokens each prompt processed
     /// (prompt and generated), in manifest order, for as many prompts as ran.
     pub fn finish_with_tokens(self, outcome: Result<()>, tokens: Vec<Vec<u32>>) -> Result<()> {
-        let Self { tx, handles, shared, .. } = self;
+        let Self {
+            tx, handles, shared, ..
+        } = self;
         drop(tx);
         let mut result = Ok(());
         for handle in handles {
-            let r = handle.join().map_err(|_| Error::engine("a dump writer thread panicked"))?;
+            let r = handle
+                .join()
+                .map_err(|_| Error::engine("a dump writer thread panicked"))?;
             if result.is_ok() {
                 result = r;
             }
@@ -1007,7 +1297,11 @@ impl BackgroundWriter {
         if let (Ok(()), Some(lost)) = (&result, shared.lost.into_inner().unwrap_or(None)) {
             result = Err(lost);
         }
-        let last_written = shared.last_written.into_inner().unwrap_or(None).map(|(_, prompt, tap)| (prompt, tap));
+        let last_written = shared
+            .last_written
+            .into_inner()
+            .unwrap_or(None)
+            .map(|(_, prompt, tap)| (prompt, tap));
         let mut writer = shared.writer;
         for (p, t) in writer.manifest.prompts.iter_mut().zip(tokens) {
             p.tokens = t;
@@ -1023,7 +1317,11 @@ impl BackgroundWriter {
                     Some((prompt, tap)) => format!("{e} (prompt {prompt}; last tap written: {tap})"),
                     None => format!("{e} (no tap was written)"),
                 };
-                let error = RunError { message: e.to_string(), tap: last_written.map(|(_, tap)| tap), position: None };
+                let error = RunError {
+                    message: e.to_string(),
+                    tap: last_written.map(|(_, tap)| tap),
+                    position: None,
+                };
                 writer.finish(Status::Failed, Some(error))?;
                 Err(match e {
                     Error::Input(_) => Error::Input(message),

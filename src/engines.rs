@@ -38,7 +38,10 @@ pub fn resbisect_command() -> String {
 
 /// Quote one word for a POSIX shell.
 pub fn shell_quote(s: &str) -> String {
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./,:=@+".contains(&b)) {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./,:=@+".contains(&b))
+    {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
@@ -68,7 +71,10 @@ fn dump_args(model: &Path, suite: &Path, selection: &Selection, out: &Path) -> S
 }
 
 fn inject_args(injections: &[String]) -> String {
-    injections.iter().map(|i| format!(" --inject {}", shell_quote(i))).collect()
+    injections
+        .iter()
+        .map(|i| format!(" --inject {}", shell_quote(i)))
+        .collect()
 }
 
 /// The built-in reference (candle, f32 or f64), optionally with injected faults. It
@@ -84,24 +90,56 @@ pub struct ReferenceDriver<'r> {
 }
 
 impl<'r> ReferenceDriver<'r> {
-    pub fn new(model: &'r Model, model_path: &Path, engine: &'r ReferenceEngine, injections: Vec<String>) -> Result<Self> {
+    pub fn new(
+        model: &'r Model,
+        model_path: &Path,
+        engine: &'r ReferenceEngine,
+        injections: Vec<String>,
+    ) -> Result<Self> {
         let faults = crate::inject::parse_all(&injections, model.config.n_layer)?;
-        Ok(Self { model, model_path: model_path.to_path_buf(), engine, injections, faults, checkpoints: None })
+        Ok(Self {
+            model,
+            model_path: model_path.to_path_buf(),
+            engine,
+            injections,
+            faults,
+            checkpoints: None,
+        })
     }
 }
 
 impl Engine for ReferenceDriver<'_> {
     fn label(&self) -> String {
-        format!("reference {}{}", self.engine.precision().name(), injected(&self.injections))
+        format!(
+            "reference {}{}",
+            self.engine.precision().name(),
+            injected(&self.injections)
+        )
     }
 
     fn dump(&mut self, prompt: &PromptRecord, selection: &Selection, out: &Path) -> Result<()> {
-        self.engine.dump(self.model, vec![prompt.clone()], selection, &self.faults, &self.injections, out, false, &mut NoProgress, Some(&mut self.checkpoints))?;
+        self.engine.dump(
+            self.model,
+            vec![prompt.clone()],
+            selection,
+            &self.faults,
+            &self.injections,
+            out,
+            false,
+            &mut NoProgress,
+            Some(&mut self.checkpoints),
+        )?;
         Ok(())
     }
 
     fn reproduce(&self, _prompt_id: &str, suite: &Path, selection: &Selection, _written: &Path, out: &Path) -> String {
-        format!("{} dump --engine reference --dtype {} {}{}", resbisect_command(), self.engine.precision().name(), dump_args(&self.model_path, suite, selection, out), inject_args(&self.injections))
+        format!(
+            "{} dump --engine reference --dtype {} {}{}",
+            resbisect_command(),
+            self.engine.precision().name(),
+            dump_args(&self.model_path, suite, selection, out),
+            inject_args(&self.injections)
+        )
     }
 }
 
@@ -130,11 +168,33 @@ pub struct RuntimeDriver<'m, B: Backend> {
 }
 
 impl<'m, B: Backend> RuntimeDriver<'m, B> {
-    pub fn new(backend: B, model: &'m Model, model_path: &Path, injections: Vec<String>, prefill_chunk: Option<usize>) -> Result<Self> {
+    pub fn new(
+        backend: B,
+        model: &'m Model,
+        model_path: &Path,
+        injections: Vec<String>,
+        prefill_chunk: Option<usize>,
+    ) -> Result<Self> {
         let faults = crate::inject::parse_runtime(&injections, model.config.n_layer)?;
-        let label = format!("runtime {} {}{}", backend.name(), backend.dtype().name(), injected(&injections));
+        let label = format!(
+            "runtime {} {}{}",
+            backend.name(),
+            backend.dtype().name(),
+            injected(&injections)
+        );
         let backend_dtype = (backend.name(), backend.dtype().name());
-        Ok(Self { model, model_path: model_path.to_path_buf(), backend: Some(backend), loaded: None, checkpoints: None, injections, faults, prefill_chunk, backend_dtype, label })
+        Ok(Self {
+            model,
+            model_path: model_path.to_path_buf(),
+            backend: Some(backend),
+            loaded: None,
+            checkpoints: None,
+            injections,
+            faults,
+            prefill_chunk,
+            backend_dtype,
+            label,
+        })
     }
 }
 
@@ -144,21 +204,49 @@ impl<B: Backend> Engine for RuntimeDriver<'_, B> {
     }
 
     fn dump(&mut self, prompt: &PromptRecord, selection: &Selection, out: &Path) -> Result<()> {
-        let opts = RunOptions { prefill_chunk: self.prefill_chunk, max_tokens: 0, sync_check: false, stop_token: None, warmup: 0 };
+        let opts = RunOptions {
+            prefill_chunk: self.prefill_chunk,
+            max_tokens: 0,
+            sync_check: false,
+            stop_token: None,
+            warmup: 0,
+        };
         if self.loaded.is_none() {
             crate::runtime::preflight(self.model, prompt.tokens.len(), &opts, 4)?;
-            let backend = self.backend.take().ok_or_else(|| Error::engine("the runtime failed to load its weights earlier"))?;
+            let backend = self
+                .backend
+                .take()
+                .ok_or_else(|| Error::engine("the runtime failed to load its weights earlier"))?;
             self.loaded = Some(Runtime::load(backend, self.model, &mut |_| {})?);
         }
         let rt = self.loaded.as_ref().expect("loaded above");
-        rt.dump(self.model, vec![prompt.clone()], selection, &self.faults, &self.injections, &opts, out, false, &mut NoProgress, Some(&mut self.checkpoints))?;
+        rt.dump(
+            self.model,
+            vec![prompt.clone()],
+            selection,
+            &self.faults,
+            &self.injections,
+            &opts,
+            out,
+            false,
+            &mut NoProgress,
+            Some(&mut self.checkpoints),
+        )?;
         Ok(())
     }
 
     fn reproduce(&self, _prompt_id: &str, suite: &Path, selection: &Selection, _written: &Path, out: &Path) -> String {
-        let chunk = self.prefill_chunk.map(|c| format!(" --prefill-chunk {c}")).unwrap_or_default();
+        let chunk = self
+            .prefill_chunk
+            .map(|c| format!(" --prefill-chunk {c}"))
+            .unwrap_or_default();
         let (backend, dtype) = &self.backend_dtype;
-        format!("{} dump --engine runtime --backend {backend} --dtype {dtype}{chunk} {}{}", resbisect_command(), dump_args(&self.model_path, suite, selection, out), inject_args(&self.injections))
+        format!(
+            "{} dump --engine runtime --backend {backend} --dtype {dtype}{chunk} {}{}",
+            resbisect_command(),
+            dump_args(&self.model_path, suite, selection, out),
+            inject_args(&self.injections)
+        )
     }
 }
 
@@ -172,12 +260,24 @@ pub struct ExternalEngine {
 }
 
 /// Placeholders an external command template may use.
-pub const PLACEHOLDERS: &[&str] = &["{model}", "{model_info}", "{tokens}", "{prompt_id}", "{layers}", "{taps}", "{positions}", "{selection}", "{out}"];
+pub const PLACEHOLDERS: &[&str] = &[
+    "{model}",
+    "{model_info}",
+    "{tokens}",
+    "{prompt_id}",
+    "{layers}",
+    "{taps}",
+    "{positions}",
+    "{selection}",
+    "{out}",
+];
 
 impl ExternalEngine {
     pub fn new(template: &str, model_path: &Path, model: &Model) -> Result<Self> {
         if !template.contains("{out}") {
-            return Err(Error::input(format!("the engine command {template:?} has no {{out}} placeholder for the dump directory")));
+            return Err(Error::input(format!(
+                "the engine command {template:?} has no {{out}} placeholder for the dump directory"
+            )));
         }
         // Catch misspelt placeholders before any run.
         let mut rest = template;
@@ -185,13 +285,27 @@ impl ExternalEngine {
             let tail = &rest[i..];
             let end = tail.find('}').map_or(tail.len(), |e| e + 1);
             let word = &tail[..end];
-            if word.len() > 2 && word[1..word.len() - 1].bytes().all(|b| b.is_ascii_lowercase() || b == b'_') && !PLACEHOLDERS.contains(&word) {
-                return Err(Error::input(format!("unknown placeholder {word} in the engine command; known: {}", PLACEHOLDERS.join(" "))));
+            if word.len() > 2
+                && word[1..word.len() - 1]
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_')
+                && !PLACEHOLDERS.contains(&word)
+            {
+                return Err(Error::input(format!(
+                    "unknown placeholder {word} in the engine command; known: {}",
+                    PLACEHOLDERS.join(" ")
+                )));
             }
             rest = &tail[1..];
         }
-        let model_info = serde_json::to_value(crate::dump::ModelInfo::of(model)).map_err(|e| Error::input(e.to_string()))?;
-        Ok(Self { template: template.to_string(), model_path: model_path.to_path_buf(), model_info, n_layer: model.config.n_layer })
+        let model_info =
+            serde_json::to_value(crate::dump::ModelInfo::of(model)).map_err(|e| Error::input(e.to_string()))?;
+        Ok(Self {
+            template: template.to_string(),
+            model_path: model_path.to_path_buf(),
+            model_info,
+            n_layer: model.config.n_layer,
+        })
     }
 
     /// The template with every placeholder replaced by a shell-quoted value; the side
@@ -209,7 +323,9 @@ impl ExternalEngine {
             ("{selection}", path(&side_file(written, ".selection.json"))),
             ("{out}", path(out)),
         ];
-        values.iter().fold(self.template.clone(), |cmd, (k, v)| cmd.replace(k, v))
+        values
+            .iter()
+            .fold(self.template.clone(), |cmd, (k, v)| cmd.replace(k, v))
     }
 }
 
@@ -229,7 +345,12 @@ pub fn write_token_file(path: &Path, tokens: &[u32]) -> Result<()> {
 impl Engine for ExternalEngine {
     fn label(&self) -> String {
         // The program and its first argument (often the script an interpreter runs).
-        let words: Vec<&str> = self.template.split_whitespace().filter(|w| !w.contains('=')).take(2).collect();
+        let words: Vec<&str> = self
+            .template
+            .split_whitespace()
+            .filter(|w| !w.contains('='))
+            .take(2)
+            .collect();
         format!("external {}", words.join(" "))
     }
 
@@ -248,17 +369,34 @@ impl Engine for ExternalEngine {
         let log = side_file(out, ".log");
         let log_file = std::fs::File::create(&log).map_err(|e| Error::io(&log, e))?;
         let err_file = log_file.try_clone().map_err(|e| Error::io(&log, e))?;
-        let status = Command::new("sh").arg("-c").arg(&cmd).stdout(log_file).stderr(err_file).status().map_err(|e| Error::input(format!("cannot start the engine command: {e}")))?;
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(&cmd)
+            .stdout(log_file)
+            .stderr(err_file)
+            .status()
+            .map_err(|e| Error::input(format!("cannot start the engine command: {e}")))?;
         if !status.success() {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             let mut last: Vec<&str> = text.lines().rev().filter(|l| !l.trim().is_empty()).take(3).collect();
             last.reverse();
-            let tail = if last.is_empty() { "no output".to_string() } else { last.join(" | ") };
-            return Err(Error::engine(format!("external engine {status}: {tail} (log: {})", log.display())));
+            let tail = if last.is_empty() {
+                "no output".to_string()
+            } else {
+                last.join(" | ")
+            };
+            return Err(Error::engine(format!(
+                "external engine {status}: {tail} (log: {})",
+                log.display()
+            )));
         }
-        let dump = Dump::open(out).map_err(|e| Error::engine(format!("external engine exited 0 but its dump is unreadable: {e}")))?;
+        let dump = Dump::open(out)
+            .map_err(|e| Error::engine(format!("external engine exited 0 but its dump is unreadable: {e}")))?;
         if dump.manifest.status != Status::Complete {
-            return Err(Error::engine(format!("external engine exited 0 but its manifest says {:?}", dump.manifest.status)));
+            return Err(Error::engine(format!(
+                "external engine exited 0 but its manifest says {:?}",
+                dump.manifest.status
+            )));
         }
         Ok(())
     }
@@ -274,10 +412,21 @@ pub fn crash_report(out: &Path, message: &str) -> RunError {
     match Dump::open(out) {
         Ok(d) => {
             let recorded = d.manifest.error.clone();
-            let last_tap = recorded.as_ref().and_then(|e| e.tap.clone()).or_else(|| d.last_tap_on_disk());
-            RunError { message: recorded.map_or_else(|| message.to_string(), |e| e.message), tap: last_tap, position: None }
+            let last_tap = recorded
+                .as_ref()
+                .and_then(|e| e.tap.clone())
+                .or_else(|| d.last_tap_on_disk());
+            RunError {
+                message: recorded.map_or_else(|| message.to_string(), |e| e.message),
+                tap: last_tap,
+                position: None,
+            }
         }
-        Err(_) => RunError { message: message.to_string(), tap: None, position: None },
+        Err(_) => RunError {
+            message: message.to_string(),
+            tap: None,
+            position: None,
+        },
     }
 }
 

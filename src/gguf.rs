@@ -180,11 +180,22 @@ impl Value {
     pub fn summary(&self) -> String {
         match self {
             Value::String(s) if s.chars().count() > 60 => {
-                format!("{:?}… ({} chars)", s.chars().take(60).collect::<String>(), s.chars().count())
+                format!(
+                    "{:?}… ({} chars)",
+                    s.chars().take(60).collect::<String>(),
+                    s.chars().count()
+                )
             }
             Value::String(s) => format!("{s:?}"),
             Value::Array(a) if a.len() > 8 => format!("[{} items]", a.len()),
-            Value::Array(a) => format!("[{}]", (0..a.len()).filter_map(|i| a.get(i)).map(|v| v.summary()).collect::<Vec<_>>().join(", ")),
+            Value::Array(a) => format!(
+                "[{}]",
+                (0..a.len())
+                    .filter_map(|i| a.get(i))
+                    .map(|v| v.summary())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             Value::F32(v) => format!("{v}"),
             Value::F64(v) => format!("{v}"),
             Value::Bool(v) => format!("{v}"),
@@ -289,13 +300,19 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn err(&self, what: &str) -> Error {
-        Error::input(format!("{}: bad GGUF at byte {}: {what}", self.path.display(), self.pos))
+        Error::input(format!(
+            "{}: bad GGUF at byte {}: {what}",
+            self.path.display(),
+            self.pos
+        ))
     }
 
     fn take(&mut self, n: u64, what: &str) -> Result<&'a [u8]> {
         let remaining = (self.bytes.len() - self.pos) as u64;
         if n > remaining {
-            return Err(self.err(&format!("{what} needs {n} bytes but the file has {remaining} left (truncated?)")));
+            return Err(self.err(&format!(
+                "{what} needs {n} bytes but the file has {remaining} left (truncated?)"
+            )));
         }
         let start = self.pos;
         self.pos += n as usize;
@@ -327,17 +344,25 @@ impl<'a> Cursor<'a> {
     /// refused before anything is reserved, and what is reserved stays within a small
     /// multiple of the bytes that back it.
     fn array(&mut self, elem_type: u32, count: u64, depth: usize, what: &str) -> Result<Array> {
-        let min = min_encoded_size(elem_type).ok_or_else(|| self.err(&format!("{what}: unknown array element type {elem_type}")))?;
+        let min = min_encoded_size(elem_type)
+            .ok_or_else(|| self.err(&format!("{what}: unknown array element type {elem_type}")))?;
         let remaining = (self.bytes.len() - self.pos) as u64;
         if count > remaining / min {
-            return Err(self.err(&format!("{what}: array claims {count} items of at least {min} bytes but only {remaining} bytes remain")));
+            return Err(self.err(&format!(
+                "{what}: array claims {count} items of at least {min} bytes but only {remaining} bytes remain"
+            )));
         }
         let n = count as usize;
         macro_rules! numbers {
             ($variant:ident, $t:ty) => {{
                 const SIZE: usize = std::mem::size_of::<$t>();
                 let bytes = self.take(count * SIZE as u64, what)?;
-                Array::$variant(bytes.chunks_exact(SIZE).map(|c| <$t>::from_le_bytes(c.try_into().expect("exact chunk"))).collect())
+                Array::$variant(
+                    bytes
+                        .chunks_exact(SIZE)
+                        .map(|c| <$t>::from_le_bytes(c.try_into().expect("exact chunk")))
+                        .collect(),
+                )
             }};
         }
         Ok(match elem_type {
@@ -415,30 +440,47 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::input(format!("{}: cannot open: {e}", path.display())))?;
         if file.metadata().is_ok_and(|m| m.is_dir()) {
-            return Err(Error::input(format!("{} is a directory; expected a GGUF model file (.gguf)", path.display())));
+            return Err(Error::input(format!(
+                "{} is a directory; expected a GGUF model file (.gguf)",
+                path.display()
+            )));
         }
         // SAFETY: the map is read-only; a file changed underneath us while mapped can give
         // wrong numbers but every access stays inside the mapped length checked below.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::input(format!("{}: cannot map: {e}", path.display())))?;
+        let mmap =
+            unsafe { Mmap::map(&file) }.map_err(|e| Error::input(format!("{}: cannot map: {e}", path.display())))?;
         Self::parse(path, mmap)
     }
 
     fn parse(path: &Path, mmap: Mmap) -> Result<Self> {
-        let mut c = Cursor { bytes: &mmap, pos: 0, path };
+        let mut c = Cursor {
+            bytes: &mmap,
+            pos: 0,
+            path,
+        };
         let magic = c.fixed::<4>("magic")?;
         if &magic != MAGIC {
-            return Err(Error::input(format!("{}: not a GGUF file (magic {:?})", path.display(), String::from_utf8_lossy(&magic))));
+            return Err(Error::input(format!(
+                "{}: not a GGUF file (magic {:?})",
+                path.display(),
+                String::from_utf8_lossy(&magic)
+            )));
         }
         let version = c.u32("version")?;
         if !(2..=3).contains(&version) {
-            return Err(Error::input(format!("{}: unsupported GGUF version {version} (2 and 3 are read)", path.display())));
+            return Err(Error::input(format!(
+                "{}: unsupported GGUF version {version} (2 and 3 are read)",
+                path.display()
+            )));
         }
         let n_tensors = c.u64("tensor count")?;
         let n_kv = c.u64("metadata count")?;
         let remaining = (mmap.len() - c.pos) as u64;
         // A key-value pair takes at least 12 bytes and a tensor entry at least 24.
         if n_kv.saturating_mul(12) > remaining || n_tensors.saturating_mul(24) > remaining {
-            return Err(c.err(&format!("header claims {n_kv} metadata entries and {n_tensors} tensors, more than the file can hold")));
+            return Err(c.err(&format!(
+                "header claims {n_kv} metadata entries and {n_tensors} tensors, more than the file can hold"
+            )));
         }
         let mut metadata = HashMap::new();
         let mut metadata_order = Vec::new();
@@ -455,7 +497,12 @@ impl GgufFile {
             None => DEFAULT_ALIGNMENT,
             Some(v) => match v.as_u64() {
                 Some(a) if a.is_power_of_two() && (8..=1 << 20).contains(&a) => a,
-                _ => return Err(c.err(&format!("general.alignment {} is not a power of two in 8..=1M", v.summary()))),
+                _ => {
+                    return Err(c.err(&format!(
+                        "general.alignment {} is not a power of two in 8..=1M",
+                        v.summary()
+                    )))
+                }
             },
         };
         let mut raw = Vec::with_capacity(n_tensors as usize);
@@ -470,7 +517,8 @@ impl GgufFile {
                 dims.push(c.u64(&format!("dimensions of {name}"))?);
             }
             let type_code = c.u32(&format!("type of {name}"))?;
-            let dtype = dtype_from_u32(type_code).ok_or_else(|| c.err(&format!("tensor {name} has unknown ggml type {type_code}")))?;
+            let dtype = dtype_from_u32(type_code)
+                .ok_or_else(|| c.err(&format!("tensor {name} has unknown ggml type {type_code}")))?;
             let offset = c.u64(&format!("offset of {name}"))?;
             raw.push((name, dims, dtype, offset));
         }
@@ -481,31 +529,59 @@ impl GgufFile {
         let mut tensor_index = HashMap::new();
         for (name, dims, dtype, offset) in raw {
             let bad = |msg: String| Error::input(format!("{}: tensor {name}: {msg}", path.display()));
-            let n_elements = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?;
+            let n_elements = dims
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+                .ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?;
             if dims.contains(&0) {
                 return Err(bad(format!("has a zero dimension {dims:?}")));
             }
             let block = dtype.block_size() as u64;
             if dims[0] % block != 0 {
-                return Err(bad(format!("row length {} is not a multiple of the {} block size {block}", dims[0], dtype_name(dtype))));
+                return Err(bad(format!(
+                    "row length {} is not a multiple of the {} block size {block}",
+                    dims[0],
+                    dtype_name(dtype)
+                )));
             }
             // Checked: a wrapped size would pass the bounds check below and later ask the
             // loaders for an impossible buffer.
-            let len = (n_elements / block).checked_mul(dtype.type_size() as u64).ok_or_else(|| bad(format!("byte size of dimensions {dims:?} overflows")))?;
+            let len = (n_elements / block)
+                .checked_mul(dtype.type_size() as u64)
+                .ok_or_else(|| bad(format!("byte size of dimensions {dims:?} overflows")))?;
             if offset % alignment != 0 {
                 return Err(bad(format!("data offset {offset} is not aligned to {alignment}")));
             }
-            let start = data_start.checked_add(offset).ok_or_else(|| bad("data offset overflows".into()))?;
+            let start = data_start
+                .checked_add(offset)
+                .ok_or_else(|| bad("data offset overflows".into()))?;
             let end = start.checked_add(len).ok_or_else(|| bad("data end overflows".into()))?;
             if end > file_len {
-                return Err(bad(format!("data [{start}, {end}) runs past the end of the file ({file_len} bytes; truncated?)")));
+                return Err(bad(format!(
+                    "data [{start}, {end}) runs past the end of the file ({file_len} bytes; truncated?)"
+                )));
             }
             if tensor_index.insert(name.clone(), tensors.len()).is_some() {
                 return Err(bad("appears twice in the tensor table".into()));
             }
-            tensors.push(TensorInfo { name, dims, dtype, start: start as usize, len: len as usize });
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                dtype,
+                start: start as usize,
+                len: len as usize,
+            });
         }
-        Ok(Self { path: path.to_path_buf(), version, metadata, metadata_order, tensors, tensor_index, header_len, mmap })
+        Ok(Self {
+            path: path.to_path_buf(),
+            version,
+            metadata,
+            metadata_order,
+            tensors,
+            tensor_index,
+            header_len,
+            mmap,
+        })
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {

@@ -54,15 +54,28 @@ enum Parsed {
 fn parse_one(spec: &str, n_layer: usize) -> Result<Parsed> {
     let (target, rest) = spec.split_once(':').ok_or_else(|| bad(spec, "missing ':'"))?;
     let (kind, from) = rest.rsplit_once('@').ok_or_else(|| bad(spec, "missing '@POS'"))?;
-    let from: usize = from.parse().map_err(|_| bad(spec, "POS is not a non-negative integer"))?;
+    let from: usize = from
+        .parse()
+        .map_err(|_| bad(spec, "POS is not a non-negative integer"))?;
     let (kind, value) = match kind.split_once('=') {
-        Some((k, v)) => (k, Some(v.parse::<f64>().ok().filter(|v| v.is_finite()).ok_or_else(|| bad(spec, "VALUE is not a finite number"))?)),
+        Some((k, v)) => (
+            k,
+            Some(
+                v.parse::<f64>()
+                    .ok()
+                    .filter(|v| v.is_finite())
+                    .ok_or_else(|| bad(spec, "VALUE is not a finite number"))?,
+            ),
+        ),
         None => (kind, None),
     };
     let rope_layer = if target == "rope" {
         Some(None)
     } else {
-        target.strip_prefix("blk.").and_then(|r| r.strip_suffix(".rope")).map(|l| l.parse::<usize>().map(Some))
+        target
+            .strip_prefix("blk.")
+            .and_then(|r| r.strip_suffix(".rope"))
+            .map(|l| l.parse::<usize>().map(Some))
             .transpose()
             .map_err(|_| bad(spec, "bad layer in blk.L.rope"))?
     };
@@ -74,9 +87,18 @@ fn parse_one(spec: &str, n_layer: usize) -> Result<Parsed> {
             ("shift", Some(v)) if v.fract() == 0.0 && v != 0.0 => RopeCorruption::Shift(v as i64),
             ("scale", Some(v)) if v > 0.0 && v != 1.0 => RopeCorruption::Scale(v),
             ("bf16", None) => RopeCorruption::Bf16Angles,
-            _ => return Err(bad(spec, "RoPE corruption takes shift=N (a non-zero integer), scale=F (positive, not 1) or bf16")),
+            _ => {
+                return Err(bad(
+                    spec,
+                    "RoPE corruption takes shift=N (a non-zero integer), scale=F (positive, not 1) or bf16",
+                ))
+            }
         };
-        return Ok(Parsed::Rope(RopeFault { layer, corruption, from }));
+        return Ok(Parsed::Rope(RopeFault {
+            layer,
+            corruption,
+            from,
+        }));
     }
     if target == "norm" {
         return match (kind, value) {
@@ -102,9 +124,15 @@ fn parse_one(spec: &str, n_layer: usize) -> Result<Parsed> {
 pub fn parse_all(specs: &[String], n_layer: usize) -> Result<Faults> {
     let f = parse_any(specs, n_layer)?;
     if let Some((tap, _)) = f.crash.first() {
-        return Err(Error::input(format!("--inject {tap}:oob is for the runtime; the reference does not fail on request")));
+        return Err(Error::input(format!(
+            "--inject {tap}:oob is for the runtime; the reference does not fail on request"
+        )));
     }
-    Ok(Faults { taps: f.taps, rope: f.rope, norm: f.norm })
+    Ok(Faults {
+        taps: f.taps,
+        rope: f.rope,
+        norm: f.norm,
+    })
 }
 
 /// Every fault of `specs`, for any engine; [`parse_runtime`] and [`parse_all`] refuse what
@@ -139,18 +167,77 @@ mod tests {
 
     #[test]
     fn parses_every_kind() {
-        let f = parse_all(&["blk.5.attn_out:scale=1.5@826".into(), "l_out-3:nan@7".into(), "rope:shift=3@100".into(), "blk.2.rope:shift=-1@0".into(), "embed:zero@0".into()], 30).unwrap();
-        assert_eq!(f.taps[0], TapFault { tap_id: "blk.5.attn_out".into(), fault: Fault::Scale(1.5), from: 826 });
+        let f = parse_all(
+            &[
+                "blk.5.attn_out:scale=1.5@826".into(),
+                "l_out-3:nan@7".into(),
+                "rope:shift=3@100".into(),
+                "blk.2.rope:shift=-1@0".into(),
+                "embed:zero@0".into(),
+            ],
+            30,
+        )
+        .unwrap();
+        assert_eq!(
+            f.taps[0],
+            TapFault {
+                tap_id: "blk.5.attn_out".into(),
+                fault: Fault::Scale(1.5),
+                from: 826
+            }
+        );
         assert_eq!(f.taps[1].tap_id, "blk.3.resid_post");
-        assert_eq!(f.rope, vec![RopeFault { layer: None, corruption: RopeCorruption::Shift(3), from: 100 }, RopeFault { layer: Some(2), corruption: RopeCorruption::Shift(-1), from: 0 }]);
-        let f = parse_all(&["rope:scale=1.01@0".into(), "blk.1.rope:bf16@0".into(), "norm:eps=1e-6@0".into()], 30).unwrap();
+        assert_eq!(
+            f.rope,
+            vec![
+                RopeFault {
+                    layer: None,
+                    corruption: RopeCorruption::Shift(3),
+                    from: 100
+                },
+                RopeFault {
+                    layer: Some(2),
+                    corruption: RopeCorruption::Shift(-1),
+                    from: 0
+                }
+            ]
+        );
+        let f = parse_all(
+            &[
+                "rope:scale=1.01@0".into(),
+                "blk.1.rope:bf16@0".into(),
+                "norm:eps=1e-6@0".into(),
+            ],
+            30,
+        )
+        .unwrap();
         assert_eq!(f.rope[0].corruption, RopeCorruption::Scale(1.01));
-        assert_eq!(f.rope[1], RopeFault { layer: Some(1), corruption: RopeCorruption::Bf16Angles, from: 0 });
+        assert_eq!(
+            f.rope[1],
+            RopeFault {
+                layer: Some(1),
+                corruption: RopeCorruption::Bf16Angles,
+                from: 0
+            }
+        );
         assert_eq!(f.norm, Some(NormFault { eps: 1e-6, from: 0 }));
         assert!(parse_runtime(&["norm:eps=1e-6@0".into()], 30).is_err());
         assert!(parse_runtime(&["rope:bf16@0".into()], 30).is_err());
         assert!(parse_runtime(&["rope:scale=1.01@0".into()], 30).is_ok());
-        for bad in ["blk.5.attn_out:scale@1", "blk.5.attn_out:nan=1@1", "blk.5.attn_out:scale=2", "blk.40.q:nan@1", "rope:shift=0.5@1", "blk.2.rope:melt=2@1", "rope:scale=1@1", "norm:eps=-1@0", "norm:scale=2@0", "x:nan@1", "blk.1.q:melt@1", "blk.1.q:scale=inf@1"] {
+        for bad in [
+            "blk.5.attn_out:scale@1",
+            "blk.5.attn_out:nan=1@1",
+            "blk.5.attn_out:scale=2",
+            "blk.40.q:nan@1",
+            "rope:shift=0.5@1",
+            "blk.2.rope:melt=2@1",
+            "rope:scale=1@1",
+            "norm:eps=-1@0",
+            "norm:scale=2@0",
+            "x:nan@1",
+            "blk.1.q:melt@1",
+            "blk.1.q:scale=inf@1",
+        ] {
             assert!(parse_all(&[bad.into()], 30).is_err(), "{bad}");
         }
     }

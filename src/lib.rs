@@ -16,8 +16,8 @@ pub mod report;
 pub mod runtime;
 pub mod synth;
 pub mod taps;
+pub mod tokenizer;
 pub mod tolerance;
 pub mod trace;
-pub mod tokenizer;
 
 pub use error::{Error, Result};

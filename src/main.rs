@@ -9,20 +9,24 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use resbisect::bisect::{self, BisectOptions, Outcome, Replayer};
 use resbisect::diff::{self, DiffOptions, DiffReport, Judge};
-use resbisect::engines::{Engine, ExternalEngine, ReferenceDriver, RuntimeDriver};
 use resbisect::dump::Dump;
-use resbisect::report;
-use resbisect::runtime::{self, backend::StorageDType, RunOptions};
-use resbisect::tolerance::Tolerances;
+use resbisect::engines::{Engine, ExternalEngine, ReferenceDriver, RuntimeDriver};
 use resbisect::model::Model;
 use resbisect::prompts::{self, PromptSource};
 use resbisect::reference_engine::{self, Progress, RefPrecision, ReferenceEngine};
+use resbisect::report;
+use resbisect::runtime::{self, backend::StorageDType, RunOptions};
 use resbisect::taps::{Selection, Tap};
 use resbisect::tokenizer::Tokenizer;
+use resbisect::tolerance::Tolerances;
 use resbisect::{gguf, synth, Error, Result};
 
 #[derive(Parser)]
-#[command(name = "resbisect", version, about = "Which tensor diverges first, where, and by how much?")]
+#[command(
+    name = "resbisect",
+    version,
+    about = "Which tensor diverges first, where, and by how much?"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -438,7 +442,11 @@ impl Progress for Bars {
         // Each stage is a phase: RESBISECT_TRACE=1 shows where a dump's time goes.
         resbisect::trace::mark(|| format!("stage: {label}"));
         let bar = ProgressBar::new(total as u64);
-        bar.set_style(ProgressStyle::with_template("{msg:>28} [{bar:30}] {pos}/{len} layers {elapsed}").expect("static template").progress_chars("=> "));
+        bar.set_style(
+            ProgressStyle::with_template("{msg:>28} [{bar:30}] {pos}/{len} layers {elapsed}")
+                .expect("static template")
+                .progress_chars("=> "),
+        );
         bar.set_message(label.to_string());
         self.bar = Some(bar);
     }
@@ -463,23 +471,58 @@ fn cmd_dump(a: DumpArgs) -> Result<()> {
     resbisect::trace::mark(|| "model opened".into());
     let selection = Selection::parse(&a.layers, &a.taps, &a.positions, model.config.n_layer)?;
     let records = read_prompts(&model, &a.input)?;
-    resbisect::inject::check_reach(&a.inject, records.iter().map(|r| r.tokens.len()).max().unwrap_or(0) + a.max_tokens)?;
+    resbisect::inject::check_reach(
+        &a.inject,
+        records.iter().map(|r| r.tokens.len()).max().unwrap_or(0) + a.max_tokens,
+    )?;
     resbisect::trace::mark(|| format!("{} prompt(s) ready", records.len()));
     let summary = match a.engine {
         EngineKind::Reference => {
             let precision = RefPrecision::parse(&a.dtype)?;
             if a.max_tokens > 0 || a.prefill_chunk.is_some() || a.sync_check || a.warmup > 0 {
-                return Err(Error::input("--max-tokens, --prefill-chunk, --sync-check and --warmup are runtime options (--engine runtime)"));
+                return Err(Error::input(
+                    "--max-tokens, --prefill-chunk, --sync-check and --warmup are runtime options (--engine runtime)",
+                ));
             }
-            reference_engine::dump_reference(&model, records, selection, precision, &a.inject, &a.output, a.overwrite, &mut Bars { bar: None })?
+            reference_engine::dump_reference(
+                &model,
+                records,
+                selection,
+                precision,
+                &a.inject,
+                &a.output,
+                a.overwrite,
+                &mut Bars { bar: None },
+            )?
         }
         EngineKind::Runtime => {
             let dtype = StorageDType::parse(&a.dtype)?;
-            let opts = RunOptions { prefill_chunk: a.prefill_chunk, max_tokens: a.max_tokens, sync_check: a.sync_check, stop_token: None, warmup: a.warmup };
-            resbisect::with_backend!(a.backend.runtime(), dtype, |b| runtime::dump_runtime(b, &model, records, selection, &a.inject, &opts, &a.output, a.overwrite, &mut Bars { bar: None })?)
+            let opts = RunOptions {
+                prefill_chunk: a.prefill_chunk,
+                max_tokens: a.max_tokens,
+                sync_check: a.sync_check,
+                stop_token: None,
+                warmup: a.warmup,
+            };
+            resbisect::with_backend!(a.backend.runtime(), dtype, |b| runtime::dump_runtime(
+                b,
+                &model,
+                records,
+                selection,
+                &a.inject,
+                &opts,
+                &a.output,
+                a.overwrite,
+                &mut Bars { bar: None }
+            )?)
         }
     };
-    resbisect::trace::mark(|| format!("dump written (load {:.3} s, compute {:.3} s, waiting for files {:.3} s)", summary.load_seconds, summary.compute_seconds, summary.drain_seconds));
+    resbisect::trace::mark(|| {
+        format!(
+            "dump written (load {:.3} s, compute {:.3} s, waiting for files {:.3} s)",
+            summary.load_seconds, summary.compute_seconds, summary.drain_seconds
+        )
+    });
     eprintln!(
         "wrote {} ({} prompt(s), {} tokens; load {:.2} s, compute {:.4} s of which {:.4} s waiting for files, {:.1} tokens/s)",
         a.output.display(),
@@ -512,7 +555,11 @@ fn read_prompts(model: &Model, input: &PromptArgs) -> Result<Vec<resbisect::dump
         _ => return Err(Error::input("give one of --prompt, --tokens or --prompts")),
     };
     let needs_tokenizer = entries.iter().any(|(_, _, s)| matches!(s, PromptSource::Text(_)));
-    let tokenizer = if needs_tokenizer { Some(Tokenizer::from_gguf(&model.gguf)?) } else { None };
+    let tokenizer = if needs_tokenizer {
+        Some(Tokenizer::from_gguf(&model.gguf)?)
+    } else {
+        None
+    };
     prompts::resolve(entries, tokenizer.as_ref(), model.config.n_vocab, model.config.n_ctx)
 }
 
@@ -527,15 +574,38 @@ struct EngineSpec<'a> {
     injections: Vec<String>,
 }
 
-fn bisect_engine<'m>(spec: EngineSpec, a: &BisectArgs, model: &'m Model, reference: Option<&'m ReferenceEngine>) -> Result<Box<dyn Engine + 'm>> {
-    let EngineSpec { kind, command, backend, dtype, injections } = spec;
+fn bisect_engine<'m>(
+    spec: EngineSpec,
+    a: &BisectArgs,
+    model: &'m Model,
+    reference: Option<&'m ReferenceEngine>,
+) -> Result<Box<dyn Engine + 'm>> {
+    let EngineSpec {
+        kind,
+        command,
+        backend,
+        dtype,
+        injections,
+    } = spec;
     Ok(match kind {
         BisectEngine::Runtime => {
-            resbisect::with_backend!(backend.runtime(), StorageDType::parse(dtype)?, |b| Box::new(RuntimeDriver::new(b, model, &a.model, injections, a.prefill_chunk)?) as Box<dyn Engine + 'm>)
+            resbisect::with_backend!(
+                backend.runtime(),
+                StorageDType::parse(dtype)?,
+                |b| Box::new(RuntimeDriver::new(b, model, &a.model, injections, a.prefill_chunk)?)
+                    as Box<dyn Engine + 'm>
+            )
         }
-        BisectEngine::Reference => Box::new(ReferenceDriver::new(model, &a.model, reference.expect("the reference is loaded when an engine is the reference"), injections)?),
+        BisectEngine::Reference => Box::new(ReferenceDriver::new(
+            model,
+            &a.model,
+            reference.expect("the reference is loaded when an engine is the reference"),
+            injections,
+        )?),
         BisectEngine::External => {
-            let template = command.ok_or_else(|| Error::input("an external engine needs its command template (--command / --oracle-command)"))?;
+            let template = command.ok_or_else(|| {
+                Error::input("an external engine needs its command template (--command / --oracle-command)")
+            })?;
             Box::new(ExternalEngine::new(template, &a.model, model)?)
         }
     })
@@ -544,10 +614,20 @@ fn bisect_engine<'m>(spec: EngineSpec, a: &BisectArgs, model: &'m Model, referen
 fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
     let model = Model::open(&a.model)?;
     let records = read_prompts(&model, &a.input)?;
-    let [prompt] = <[_; 1]>::try_from(records).map_err(|r| Error::input(format!("bisect takes one prompt; the suite has {} (pick one with --id)", r.len())))?;
+    let [prompt] = <[_; 1]>::try_from(records).map_err(|r| {
+        Error::input(format!(
+            "bisect takes one prompt; the suite has {} (pick one with --id)",
+            r.len()
+        ))
+    })?;
     resbisect::inject::check_reach(&a.inject, prompt.tokens.len())?;
-    let same_runtime = matches!(a.engine, BisectEngine::Runtime) && a.backend as u8 == a.oracle_backend as u8 && a.dtype == a.oracle_dtype;
-    if a.engine as u8 == a.oracle as u8 && a.inject.is_empty() && (matches!(a.engine, BisectEngine::Reference) || same_runtime) {
+    let same_runtime = matches!(a.engine, BisectEngine::Runtime)
+        && a.backend as u8 == a.oracle_backend as u8
+        && a.dtype == a.oracle_dtype;
+    if a.engine as u8 == a.oracle as u8
+        && a.inject.is_empty()
+        && (matches!(a.engine, BisectEngine::Reference) || same_runtime)
+    {
         eprintln!("note: A and B are the same engine without injected faults");
     }
     if let Some(w) = &a.work {
@@ -555,26 +635,45 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
     }
     let precision = RefPrecision::parse(&a.reference_dtype)?;
     if matches!(a.engine, BisectEngine::Reference) && RefPrecision::parse(&a.dtype)? != precision {
-        return Err(Error::input("with --engine reference, A computes in --reference-dtype; drop --dtype"));
+        return Err(Error::input(
+            "with --engine reference, A computes in --reference-dtype; drop --dtype",
+        ));
     }
-    let spec_a = EngineSpec { kind: a.engine, command: a.command.as_deref(), backend: a.backend, dtype: &a.dtype, injections: a.inject.clone() };
-    let spec_b = EngineSpec { kind: a.oracle, command: a.oracle_command.as_deref(), backend: a.oracle_backend, dtype: &a.oracle_dtype, injections: Vec::new() };
+    let spec_a = EngineSpec {
+        kind: a.engine,
+        command: a.command.as_deref(),
+        backend: a.backend,
+        dtype: &a.dtype,
+        injections: a.inject.clone(),
+    };
+    let spec_b = EngineSpec {
+        kind: a.oracle,
+        command: a.oracle_command.as_deref(),
+        backend: a.oracle_backend,
+        dtype: &a.oracle_dtype,
+        injections: Vec::new(),
+    };
     let is_reference = |spec: &EngineSpec| matches!(spec.kind, BisectEngine::Reference);
     // The whole reference loads only when it is an engine; local replay alone loads just
     // the layers it replays, when it gets there. Other engines start (a GPU context, its
     // kernels) at the same time.
     let (reference, started) = std::thread::scope(|scope| {
         let (args, model) = (&a, &model);
-        let started = [&spec_a, &spec_b].map(|spec| (!is_reference(spec)).then(|| {
-            let spec = spec.clone();
-            scope.spawn(move || bisect_engine(spec, args, model, None))
-        }));
+        let started = [&spec_a, &spec_b].map(|spec| {
+            (!is_reference(spec)).then(|| {
+                let spec = spec.clone();
+                scope.spawn(move || bisect_engine(spec, args, model, None))
+            })
+        });
         let reference = (is_reference(&spec_a) || is_reference(&spec_b)).then(|| {
             let mut progress = Bars { bar: None };
             progress.stage("loading the reference", model.config.n_layer);
             ReferenceEngine::load(model, precision, &mut |_| progress.tick())
         });
-        (reference.transpose(), started.map(|job| job.map(|j| j.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))))
+        (
+            reference.transpose(),
+            started.map(|job| job.map(|j| j.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))),
+        )
     });
     let reference = reference?;
     let [started_a, started_b] = started;
@@ -589,7 +688,10 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
     let replayer = match &reference {
         _ if a.no_replay => Replayer::Skip,
         Some(r) => Replayer::Loaded(r),
-        None => Replayer::OnDemand { model: &model, precision },
+        None => Replayer::OnDemand {
+            model: &model,
+            precision,
+        },
     };
     let tolerances = match &a.compare.tolerances {
         Some(p) => Tolerances::load(p)?,
@@ -597,15 +699,45 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
     };
     let work = match &a.work {
         Some(w) => w.clone(),
-        None => std::env::temp_dir().join(format!("resbisect-bisect-{}-{}", std::process::id(), humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string().replace(':', ""))),
+        None => std::env::temp_dir().join(format!(
+            "resbisect-bisect-{}-{}",
+            std::process::id(),
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                .to_string()
+                .replace(':', "")
+        )),
     };
     bisect::check_work_dir(&work)?;
-    let opts = BisectOptions { tolerances, allow_model_mismatch: a.compare.allow_model_mismatch, judge: a.compare.judge.judge(), logits_budget: a.logits_budget_mib << 20, work, sequential: a.sequential, tap_window: a.tap_window };
+    let opts = BisectOptions {
+        tolerances,
+        allow_model_mismatch: a.compare.allow_model_mismatch,
+        judge: a.compare.judge.judge(),
+        logits_budget: a.logits_budget_mib << 20,
+        work,
+        sequential: a.sequential,
+        tap_window: a.tap_window,
+    };
     resbisect::trace::mark(|| "engines ready".into());
-    eprintln!("bisecting {} ({} tokens): A = {}, B = {}; probes in {}", prompt.id, prompt.tokens.len(), engine_a.label(), engine_b.label(), opts.work.display());
+    eprintln!(
+        "bisecting {} ({} tokens): A = {}, B = {}; probes in {}",
+        prompt.id,
+        prompt.tokens.len(),
+        engine_a.label(),
+        engine_b.label(),
+        opts.work.display()
+    );
     let c = &model.config;
     let temporary = a.work.is_none() && !a.keep;
-    let r = match bisect::bisect(engine_a.as_mut(), engine_b.as_mut(), replayer, prompt, c.n_layer, c.n_vocab, c.n_embd, &opts) {
+    let r = match bisect::bisect(
+        engine_a.as_mut(),
+        engine_b.as_mut(),
+        replayer,
+        prompt,
+        c.n_layer,
+        c.n_vocab,
+        c.n_embd,
+        &opts,
+    ) {
         Ok(r) => r,
         Err(e) => {
             if temporary {
@@ -625,13 +757,19 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
         eprintln!("probe dumps kept in {}", opts.work.display());
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&r).map_err(|e| Error::input(e.to_string()))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r).map_err(|e| Error::input(e.to_string()))?
+        );
     } else {
         print!("{}", report::bisect_summary(&r));
     }
     if let Some(dir) = &a.report {
         report::write_bisect(&r, dir)?;
-        eprintln!("wrote {}/bisect.{{json,md,html}} and report.{{json,md,html}}", dir.display());
+        eprintln!(
+            "wrote {}/bisect.{{json,md,html}} and report.{{json,md,html}}",
+            dir.display()
+        );
     }
     Ok(match r.outcome {
         Outcome::Clean => ExitCode::SUCCESS,
@@ -646,7 +784,9 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
 fn remove_dumps(dir: &Path) -> u64 {
     fn size(p: &Path) -> u64 {
         match std::fs::symlink_metadata(p) {
-            Ok(m) if m.is_dir() => std::fs::read_dir(p).map(|it| it.flatten().map(|e| size(&e.path())).sum()).unwrap_or(0),
+            Ok(m) if m.is_dir() => std::fs::read_dir(p)
+                .map(|it| it.flatten().map(|e| size(&e.path())).sum())
+                .unwrap_or(0),
             Ok(m) => m.len(),
             Err(_) => 0,
         }
@@ -673,22 +813,35 @@ const DEMO_MARKER: &str = ".resbisect-demo";
 
 fn cmd_demo(model: PathBuf, prompts: PathBuf, output: PathBuf) -> Result<ExitCode> {
     if !model.exists() {
-        return Err(Error::input(format!("{} is missing: run ./scripts/fetch-models.sh first", model.display())));
+        return Err(Error::input(format!(
+            "{} is missing: run ./scripts/fetch-models.sh first",
+            model.display()
+        )));
     }
     if output.exists() {
         if !output.join(DEMO_MARKER).exists() {
-            return Err(Error::input(format!("{} exists and is not an earlier demo; pick another --output", output.display())));
+            return Err(Error::input(format!(
+                "{} exists and is not an earlier demo; pick another --output",
+                output.display()
+            )));
         }
         std::fs::remove_dir_all(&output).map_err(|e| Error::io(&output, e))?;
     }
     std::fs::create_dir_all(&output).map_err(|e| Error::io(&output, e))?;
     std::fs::write(output.join(DEMO_MARKER), "").map_err(|e| Error::io(&output, e))?;
     let fault = "blk.11.rope:shift=3@827";
-    eprintln!("demo: the runtime (cpu backend, f32) carries an injected RoPE fault in layer 11 from position 827 ({fault});");
+    eprintln!(
+        "demo: the runtime (cpu backend, f32) carries an injected RoPE fault in layer 11 from position 827 ({fault});"
+    );
     eprintln!("      bisect should name blk.11.q at position 827 and attribute it to layer 11.\n");
     let args = BisectArgs {
         model,
-        input: PromptArgs { prompt: None, tokens: None, prompts: Some(prompts), id: Some("long_1652".into()) },
+        input: PromptArgs {
+            prompt: None,
+            tokens: None,
+            prompts: Some(prompts),
+            id: Some("long_1652".into()),
+        },
         engine: BisectEngine::Runtime,
         command: None,
         backend: BackendKind::Cpu,
@@ -700,7 +853,11 @@ fn cmd_demo(model: PathBuf, prompts: PathBuf, output: PathBuf) -> Result<ExitCod
         oracle_backend: BackendKind::Cpu,
         oracle_dtype: "f32".into(),
         reference_dtype: "f32".into(),
-        compare: CompareArgs { tolerances: None, allow_model_mismatch: false, judge: JudgeArg::Auto },
+        compare: CompareArgs {
+            tolerances: None,
+            allow_model_mismatch: false,
+            judge: JudgeArg::Auto,
+        },
         logits_budget_mib: 64,
         work: Some(output.join("probes")),
         keep: true,
@@ -726,16 +883,35 @@ fn cmd_perf(backend: BackendKind, dtype: &str, preset: &str, ctx: usize, json: b
         (runtime::perf::run(&b, &config, ctx)?, b.device())
     });
     if json {
-        println!("{}", serde_json::to_string_pretty(&timings).map_err(|e| Error::input(e.to_string()))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&timings).map_err(|e| Error::input(e.to_string()))?
+        );
         return Ok(ExitCode::SUCCESS);
     }
-    println!("op timings of {device}, {} storage, {preset} shapes, context {ctx}", dtype.name());
-    println!("{:<8} {:<22} {:<34} {:>10} {:>12} {:>8}", "phase", "op", "shape", "us", "bytes", "GB/s");
+    println!(
+        "op timings of {device}, {} storage, {preset} shapes, context {ctx}",
+        dtype.name()
+    );
+    println!(
+        "{:<8} {:<22} {:<34} {:>10} {:>12} {:>8}",
+        "phase", "op", "shape", "us", "bytes", "GB/s"
+    );
     for t in &timings {
-        println!("{:<8} {:<22} {:<34} {:>10.2} {:>12} {:>8.1}", t.phase, t.op, t.shape, t.micros, t.bytes, t.gb_per_s());
+        println!(
+            "{:<8} {:<22} {:<34} {:>10.2} {:>12} {:>8.1}",
+            t.phase,
+            t.op,
+            t.shape,
+            t.micros,
+            t.bytes,
+            t.gb_per_s()
+        );
     }
     let decode = timings.iter().filter(|t| t.phase == "decode");
-    let (layer_us, layer_bytes) = decode.clone().fold((0.0, 0), |(us, by), t| (us + t.micros * t.per_layer as f64, by + t.bytes * t.per_layer));
+    let (layer_us, layer_bytes) = decode.clone().fold((0.0, 0), |(us, by), t| {
+        (us + t.micros * t.per_layer as f64, by + t.bytes * t.per_layer)
+    });
     let outside_us: f64 = decode.filter(|t| t.per_layer == 0).map(|t| t.micros).sum();
     let step_us = layer_us * config.n_layer as f64 + outside_us;
     println!(
@@ -752,19 +928,46 @@ fn inspect_model(path: &Path, tensors: bool) -> Result<()> {
     let c = &model.config;
     println!("model        {}", path.display());
     println!("fingerprint  {}", model.fingerprint);
-    println!("gguf         v{}, {} tensors, {} metadata keys, {} bytes", model.gguf.version, model.gguf.tensors.len(), model.gguf.metadata.len(), model.gguf.file_len());
+    println!(
+        "gguf         v{}, {} tensors, {} metadata keys, {} bytes",
+        model.gguf.version,
+        model.gguf.tensors.len(),
+        model.gguf.metadata.len(),
+        model.gguf.file_len()
+    );
     println!("arch         {} ({} parameters)", c.arch, model.n_params());
     println!("layers       {}", c.n_layer);
-    println!("n_embd       {}  heads {} (kv {}, head dim {})", c.n_embd, c.n_head, c.n_head_kv, c.head_dim());
+    println!(
+        "n_embd       {}  heads {} (kv {}, head dim {})",
+        c.n_embd,
+        c.n_head,
+        c.n_head_kv,
+        c.head_dim()
+    );
     println!("n_ff         {}", c.n_ff);
     println!("vocab        {}  context {}", c.n_vocab, c.n_ctx);
     // The GGUF stores both as f32: printed as f32, 1e-5 reads as 1e-5.
     println!("rope base    {}  rms eps {:e}", c.rope_base as f32, c.rms_eps as f32);
-    println!("output       {}", if model.tied_output { "tied to token_embd" } else { "output.weight" });
+    println!(
+        "output       {}",
+        if model.tied_output {
+            "tied to token_embd"
+        } else {
+            "output.weight"
+        }
+    );
     match Tokenizer::from_gguf(&model.gguf) {
         Ok(t) => {
             let id = |t: Option<u32>| t.map_or_else(|| "none".to_string(), |t| t.to_string());
-            println!("tokenizer    {} (pre {}), {} tokens, bos {} eos {}, add_bos {}", t.kind, t.pre, t.vocab_size, id(t.bos_id), id(t.eos_id), t.add_bos)
+            println!(
+                "tokenizer    {} (pre {}), {} tokens, bos {} eos {}, add_bos {}",
+                t.kind,
+                t.pre,
+                t.vocab_size,
+                id(t.bos_id),
+                id(t.eos_id),
+                t.add_bos
+            )
         }
         Err(e) => println!("tokenizer    unusable: {e}"),
     }
@@ -772,7 +975,14 @@ fn inspect_model(path: &Path, tensors: bool) -> Result<()> {
     for t in &model.gguf.tensors {
         *counts.entry(gguf::dtype_name(t.dtype)).or_insert(0) += 1;
     }
-    println!("types        {}", counts.iter().map(|(k, v)| format!("{k}×{v}")).collect::<Vec<_>>().join(" "));
+    println!(
+        "types        {}",
+        counts
+            .iter()
+            .map(|(k, v)| format!("{k}×{v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     if tensors {
         for t in &model.gguf.tensors {
             println!("  {:<32} {:<6} {:?}", t.name, gguf::dtype_name(t.dtype), t.dims);
@@ -785,21 +995,49 @@ fn inspect_dump(path: &Path) -> Result<()> {
     let dump = Dump::open(path)?;
     let m = &dump.manifest;
     println!("dump         {} (format {} v{})", path.display(), m.format, m.version);
-    println!("status       {:?}{}", m.status, m.error.as_ref().map(|e| format!(": {}", e.message)).unwrap_or_default());
-    println!("engine       {} {} backend {} dtype {} on {}", m.engine.name, m.engine.version, m.engine.backend, m.engine.dtype, m.engine.device);
-    println!("model        {} ({})", m.model.path, m.model.fingerprint.as_deref().unwrap_or("no fingerprint"));
-    println!("selection    layers {:?} taps {} positions {}", m.selection.layers, m.selection.taps.join(","), m.selection.positions);
+    println!(
+        "status       {:?}{}",
+        m.status,
+        m.error.as_ref().map(|e| format!(": {}", e.message)).unwrap_or_default()
+    );
+    println!(
+        "engine       {} {} backend {} dtype {} on {}",
+        m.engine.name, m.engine.version, m.engine.backend, m.engine.dtype, m.engine.device
+    );
+    println!(
+        "model        {} ({})",
+        m.model.path,
+        m.model.fingerprint.as_deref().unwrap_or("no fingerprint")
+    );
+    println!(
+        "selection    layers {:?} taps {} positions {}",
+        m.selection.layers,
+        m.selection.taps.join(","),
+        m.selection.positions
+    );
     println!("created      {}", m.created);
     for p in &m.prompts {
         println!("prompt {} ({} tokens)", p.id, p.tokens.len());
         let mut stems = dump.files(&p.id)?;
-        stems.sort_by_key(|s| Tap::parse(&format!("{s}.attn_norm")).or_else(|| Tap::parse(s)).or(if s == "output" { Tap::parse("final_norm") } else { None }));
+        stems.sort_by_key(|s| {
+            Tap::parse(&format!("{s}.attn_norm"))
+                .or_else(|| Tap::parse(s))
+                .or(if s == "output" { Tap::parse("final_norm") } else { None })
+        });
         for stem in stems {
-            let Some(file) = dump.map_file(&p.id, &stem)? else { continue };
+            let Some(file) = dump.map_file(&p.id, &stem)? else {
+                continue;
+            };
             let mut taps: Vec<(&String, _)> = file.taps.iter().collect();
             taps.sort_by_key(|(id, _)| Tap::parse(id));
             for (id, slice) in taps {
-                println!("  {:<24} {:<5} [{}, {}]", id, slice.dtype.name(), file.positions.len(), slice.width);
+                println!(
+                    "  {:<24} {:<5} [{}, {}]",
+                    id,
+                    slice.dtype.name(),
+                    file.positions.len(),
+                    slice.width
+                );
             }
         }
     }
@@ -815,10 +1053,21 @@ fn compare(a: &Path, b: &Path, args: &CompareArgs, pairs: &[String]) -> Result<D
         .iter()
         .map(|p| match p.split_once('=') {
             Some((x, y)) if !x.is_empty() && !y.is_empty() => Ok((x.to_string(), y.to_string())),
-            _ => Err(Error::input(format!("--pair {p:?}: expected A_ID=B_ID (a prompt id of dump A, one of dump B)"))),
+            _ => Err(Error::input(format!(
+                "--pair {p:?}: expected A_ID=B_ID (a prompt id of dump A, one of dump B)"
+            ))),
         })
         .collect::<Result<Vec<_>>>()?;
-    diff::diff_paired(&Dump::open(a)?, &Dump::open(b)?, &DiffOptions { tolerances, allow_model_mismatch: args.allow_model_mismatch, judge: args.judge.judge() }, &pairs)
+    diff::diff_paired(
+        &Dump::open(a)?,
+        &Dump::open(b)?,
+        &DiffOptions {
+            tolerances,
+            allow_model_mismatch: args.allow_model_mismatch,
+            judge: args.judge.judge(),
+        },
+        &pairs,
+    )
 }
 
 /// Exit 3 when a dump's engine failed or never finished, whatever its rows say (a
@@ -837,10 +1086,20 @@ fn verdict(r: &DiffReport) -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Diff { a, b, compare: args, pair, json, report: dir } => {
+        Command::Diff {
+            a,
+            b,
+            compare: args,
+            pair,
+            json,
+            report: dir,
+        } => {
             let r = compare(&a, &b, &args, &pair)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r).map_err(|e| Error::input(e.to_string()))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&r).map_err(|e| Error::input(e.to_string()))?
+                );
             } else {
                 print!("{}", report::terminal_summary(&r));
             }
@@ -849,15 +1108,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(verdict(&r))
         }
-        Command::Calibrate { dumps, margin, floor, allow_model_mismatch, output } => {
+        Command::Calibrate {
+            dumps,
+            margin,
+            floor,
+            allow_model_mismatch,
+            output,
+        } => {
             if dumps.len() % 2 != 0 {
                 return Err(Error::input("calibrate takes pairs of dumps: A B [A B ...]"));
             }
             if !(margin.is_finite() && margin >= 1.0 && floor.is_finite() && floor >= 0.0) {
                 return Err(Error::input("--margin must be >= 1 and --floor >= 0"));
             }
-            let args = CompareArgs { tolerances: None, allow_model_mismatch, judge: JudgeArg::Tolerance };
-            let reports = dumps.chunks(2).map(|p| compare(&p[0], &p[1], &args, &[])).collect::<Result<Vec<_>>>()?;
+            let args = CompareArgs {
+                tolerances: None,
+                allow_model_mismatch,
+                judge: JudgeArg::Tolerance,
+            };
+            let reports = dumps
+                .chunks(2)
+                .map(|p| compare(&p[0], &p[1], &args, &[]))
+                .collect::<Result<Vec<_>>>()?;
             // Known-good pairs only: a failed or unfinished dump is no noise floor.
             if let Some(failure) = reports.iter().find_map(DiffReport::engine_failure) {
                 return Err(Error::engine(failure));
@@ -866,14 +1138,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
             for n in &notes {
                 eprintln!("note: {n}");
             }
-            std::fs::write(&output, serde_json::to_string_pretty(&t).map_err(|e| Error::input(e.to_string()))? + "\n").map_err(|e| Error::io(&output, e))?;
+            std::fs::write(
+                &output,
+                serde_json::to_string_pretty(&t).map_err(|e| Error::input(e.to_string()))? + "\n",
+            )
+            .map_err(|e| Error::io(&output, e))?;
             for o in &t.taps {
                 println!("{:<22} rel_l2 <= {:.2e}", o.pattern, o.rel_l2);
             }
             eprintln!("wrote {}", output.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Report { kind: ReportKind::Diff { a, b, compare: args, pair, output, history, run } } => {
+        Command::Report {
+            kind:
+                ReportKind::Diff {
+                    a,
+                    b,
+                    compare: args,
+                    pair,
+                    output,
+                    history,
+                    run,
+                },
+        } => {
             let r = compare(&a, &b, &args, &pair)?;
             report::write_all(&r, &output)?;
             if let Some(h) = history {
@@ -883,7 +1170,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("wrote {}/report.{{json,md,html}}", output.display());
             Ok(verdict(&r))
         }
-        Command::Report { kind: ReportKind::Trend { history, output } } => {
+        Command::Report {
+            kind: ReportKind::Trend { history, output },
+        } => {
             let entries = report::read_history(&history)?;
             let (md, html) = report::trend(&entries)?;
             std::fs::create_dir_all(&output).map_err(|e| Error::io(&output, e))?;
@@ -896,31 +1185,76 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Dump(a) => cmd_dump(a).map(|_| ExitCode::SUCCESS),
         Command::Bisect(a) => cmd_bisect(a),
-        Command::Selftest { backend, dtype, perf: true, preset, ctx, json, .. } => cmd_perf(backend, &dtype, &preset, ctx, json),
-        Command::Selftest { backend, dtype, seed, long, json, .. } => {
+        Command::Selftest {
+            backend,
+            dtype,
+            perf: true,
+            preset,
+            ctx,
+            json,
+            ..
+        } => cmd_perf(backend, &dtype, &preset, ctx, json),
+        Command::Selftest {
+            backend,
+            dtype,
+            seed,
+            long,
+            json,
+            ..
+        } => {
             let dtype = StorageDType::parse(&dtype)?;
             let (checks, device) = resbisect::with_backend!(backend.runtime(), dtype, |b| {
                 use resbisect::runtime::backend::Backend;
                 (runtime::selftest::run(&b, seed, long)?, b.device())
             });
             if json {
-                println!("{}", serde_json::to_string_pretty(&checks).map_err(|e| Error::input(e.to_string()))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&checks).map_err(|e| Error::input(e.to_string()))?
+                );
             } else {
-                println!("selftest of {device}, {} storage, against the cpu backend (seed {seed})", dtype.name());
-                println!("{:<16} {:<44} {:>10} {:>10} {:>10} {:>6} {:>9}  result", "op", "shape", "nmse", "threshold", "max_abs", "guard", "ms");
+                println!(
+                    "selftest of {device}, {} storage, against the cpu backend (seed {seed})",
+                    dtype.name()
+                );
+                println!(
+                    "{:<16} {:<44} {:>10} {:>10} {:>10} {:>6} {:>9}  result",
+                    "op", "shape", "nmse", "threshold", "max_abs", "guard", "ms"
+                );
                 for c in &checks {
                     println!(
                         "{:<16} {:<44} {:>10.2e} {:>10.0e} {:>10.2e} {:>6} {:>9.3}  {}",
-                        c.op, c.shape, c.nmse, c.threshold, c.max_abs, if c.guard_ok { "ok" } else { "HIT" }, c.seconds * 1e3, if c.passed { "pass" } else { "FAIL" }
+                        c.op,
+                        c.shape,
+                        c.nmse,
+                        c.threshold,
+                        c.max_abs,
+                        if c.guard_ok { "ok" } else { "HIT" },
+                        c.seconds * 1e3,
+                        if c.passed { "pass" } else { "FAIL" }
                     );
                 }
             }
             let failed = checks.iter().filter(|c| !c.passed).count();
             eprintln!("{} checks, {failed} failed", checks.len());
-            Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Demo { model, prompts, output } => cmd_demo(model, prompts, output),
-        Command::Run { model, prompt, tokens, max_tokens, backend, dtype, prefill_chunk, ignore_eos, warmup } => {
+        Command::Run {
+            model,
+            prompt,
+            tokens,
+            max_tokens,
+            backend,
+            dtype,
+            prefill_chunk,
+            ignore_eos,
+            warmup,
+        } => {
             let model = Model::open(&model)?;
             let tokenizer = Tokenizer::from_gguf(&model.gguf)?;
             let source = match (prompt, tokens) {
@@ -928,10 +1262,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 (None, Some(list)) => PromptSource::Tokens(prompts::parse_token_list(&list)?),
                 (None, None) => return Err(Error::input("give --prompt or --tokens")),
             };
-            let records = prompts::resolve(vec![("run".into(), None, source)], Some(&tokenizer), model.config.n_vocab, model.config.n_ctx)?;
-            let opts = RunOptions { prefill_chunk, max_tokens, sync_check: false, stop_token: if ignore_eos { None } else { tokenizer.eos_id }, warmup };
+            let records = prompts::resolve(
+                vec![("run".into(), None, source)],
+                Some(&tokenizer),
+                model.config.n_vocab,
+                model.config.n_ctx,
+            )?;
+            let opts = RunOptions {
+                prefill_chunk,
+                max_tokens,
+                sync_check: false,
+                stop_token: if ignore_eos { None } else { tokenizer.eos_id },
+                warmup,
+            };
             let record = records.into_iter().next().expect("one prompt");
-            let g = resbisect::with_backend!(backend.runtime(), StorageDType::parse(&dtype)?, |b| runtime::generate(b, &model, record, &opts, &mut Bars { bar: None })?);
+            let g = resbisect::with_backend!(backend.runtime(), StorageDType::parse(&dtype)?, |b| runtime::generate(
+                b,
+                &model,
+                record,
+                &opts,
+                &mut Bars { bar: None }
+            )?);
             println!("{}", tokenizer.decode(&g.tokens)?);
             eprintln!(
                 "prefill {} tokens in {:.4} s ({:.1} tokens/s); decode {} tokens in {:.4} s ({:.1} tokens/s)",
@@ -952,13 +1303,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Tokenize { model, json, decode, text } => {
+        Command::Tokenize {
+            model,
+            json,
+            decode,
+            text,
+        } => {
             let gguf = gguf::GgufFile::open(&model)?;
             let tokenizer = Tokenizer::from_gguf(&gguf)?;
             if decode {
                 let ids = prompts::parse_token_list(&text)?;
                 if let Some(&t) = ids.iter().find(|&&t| t as usize >= tokenizer.vocab_size) {
-                    return Err(Error::input(format!("token id {t} is outside the vocabulary (size {})", tokenizer.vocab_size)));
+                    return Err(Error::input(format!(
+                        "token id {t} is outside the vocabulary (size {})",
+                        tokenizer.vocab_size
+                    )));
                 }
                 println!("{}", tokenizer.decode(&ids)?);
                 return Ok(ExitCode::SUCCESS);
@@ -974,16 +1333,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Cut { model, layers, output } => {
             resbisect::cut::cut(&model, layers, &output)?;
             let bytes = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
-            eprintln!("wrote {} (the first {layers} layers of {}, {:.1} MiB)", output.display(), model.display(), bytes as f64 / (1 << 20) as f64);
+            eprintln!(
+                "wrote {} (the first {layers} layers of {}, {:.1} MiB)",
+                output.display(),
+                model.display(),
+                bytes as f64 / (1 << 20) as f64
+            );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Synth { preset, quant, seed, tokenizer, output } => {
+        Command::Synth {
+            preset,
+            quant,
+            seed,
+            tokenizer,
+            output,
+        } => {
             let mut preset = synth::preset(&preset)?;
             if let Some(kind) = tokenizer {
                 preset.tokenizer = synth::TokenizerKind::parse(&kind)?;
             }
             synth::write_model(&preset, synth::parse_quant(&quant)?, seed, &output)?;
-            eprintln!("wrote {} ({} preset, {quant}, seed {seed})", output.display(), preset.name);
+            eprintln!(
+                "wrote {} ({} preset, {quant}, seed {seed})",
+                output.display(),
+                preset.name
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

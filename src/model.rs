@@ -56,10 +56,16 @@ impl Config {
             }
         }
         if !self.n_embd.is_multiple_of(self.n_head) {
-            return Err(format!("model.n_embd {} is not divisible by model.n_head {}", self.n_embd, self.n_head));
+            return Err(format!(
+                "model.n_embd {} is not divisible by model.n_head {}",
+                self.n_embd, self.n_head
+            ));
         }
         if !self.n_head.is_multiple_of(self.n_head_kv) {
-            return Err(format!("model.n_head {} is not a multiple of model.n_head_kv {}", self.n_head, self.n_head_kv));
+            return Err(format!(
+                "model.n_head {} is not a multiple of model.n_head_kv {}",
+                self.n_head, self.n_head_kv
+            ));
         }
         Ok(())
     }
@@ -105,13 +111,24 @@ impl Model {
         let tied_output = gguf.tensor("output.weight").is_none();
         validate_tensors(&gguf, &config, tied_output)?;
         let fingerprint = fingerprint(&gguf);
-        Ok(Self { gguf, config, fingerprint, tied_output })
+        Ok(Self {
+            gguf,
+            config,
+            fingerprint,
+            tied_output,
+        })
     }
 
     /// The tensor behind a weight name, with the tied output resolved.
     pub fn weight(&self, name: &str) -> Result<&TensorInfo> {
-        let resolved = if name == "output.weight" && self.tied_output { "token_embd.weight" } else { name };
-        self.gguf.tensor(resolved).ok_or_else(|| Error::input(format!("{}: missing tensor {resolved}", self.gguf.path.display())))
+        let resolved = if name == "output.weight" && self.tied_output {
+            "token_embd.weight"
+        } else {
+            name
+        };
+        self.gguf
+            .tensor(resolved)
+            .ok_or_else(|| Error::input(format!("{}: missing tensor {resolved}", self.gguf.path.display())))
     }
 
     pub fn weight_data(&self, info: &TensorInfo) -> &[u8] {
@@ -121,27 +138,52 @@ impl Model {
     /// Parameter count of the llama weights (for memory estimates and `inspect`).
     pub fn n_params(&self) -> u64 {
         // Saturating: tensors may share data, so the sum is not bounded by the file size.
-        self.gguf.tensors.iter().map(TensorInfo::n_elements).fold(0u64, u64::saturating_add)
+        self.gguf
+            .tensors
+            .iter()
+            .map(TensorInfo::n_elements)
+            .fold(0u64, u64::saturating_add)
     }
 }
 
 fn meta_u64(gguf: &GgufFile, key: &str) -> Result<Option<u64>> {
     match gguf.get(key) {
         None => Ok(None),
-        Some(v) => v.as_u64().map(Some).ok_or_else(|| Error::input(format!("{}: metadata {key} = {} is not a non-negative integer", gguf.path.display(), v.summary()))),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            Error::input(format!(
+                "{}: metadata {key} = {} is not a non-negative integer",
+                gguf.path.display(),
+                v.summary()
+            ))
+        }),
     }
 }
 
 fn meta_f64(gguf: &GgufFile, key: &str) -> Result<Option<f64>> {
     match gguf.get(key) {
         None => Ok(None),
-        Some(v) => v.as_f64().map(Some).ok_or_else(|| Error::input(format!("{}: metadata {key} = {} is not a number", gguf.path.display(), v.summary()))),
+        Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+            Error::input(format!(
+                "{}: metadata {key} = {} is not a number",
+                gguf.path.display(),
+                v.summary()
+            ))
+        }),
     }
 }
 
 fn required(gguf: &GgufFile, key: &str) -> Result<usize> {
-    let v = meta_u64(gguf, key)?.ok_or_else(|| Error::input(format!("{}: metadata key {key} is missing", gguf.path.display())))?;
-    usize::try_from(v).ok().filter(|&v| v > 0 && v <= MAX_DIM).ok_or_else(|| Error::input(format!("{}: metadata {key} = {v} is out of range (1..=16M)", gguf.path.display())))
+    let v = meta_u64(gguf, key)?
+        .ok_or_else(|| Error::input(format!("{}: metadata key {key} is missing", gguf.path.display())))?;
+    usize::try_from(v)
+        .ok()
+        .filter(|&v| v > 0 && v <= MAX_DIM)
+        .ok_or_else(|| {
+            Error::input(format!(
+                "{}: metadata {key} = {v} is out of range (1..=16M)",
+                gguf.path.display()
+            ))
+        })
 }
 
 fn read_config(gguf: &GgufFile) -> Result<Config> {
@@ -152,7 +194,10 @@ fn read_config(gguf: &GgufFile) -> Result<Config> {
         .ok_or_else(|| Error::input(format!("{p}: metadata general.architecture is missing")))?
         .to_string();
     if !LLAMA_ARCHS.contains(&arch.as_str()) {
-        return Err(Error::input(format!("{p}: architecture {arch:?} is not supported (supported: {})", LLAMA_ARCHS.join(", "))));
+        return Err(Error::input(format!(
+            "{p}: architecture {arch:?} is not supported (supported: {})",
+            LLAMA_ARCHS.join(", ")
+        )));
     }
     let key = |k: &str| format!("{arch}.{k}");
     let n_layer = required(gguf, &key("block_count"))?;
@@ -165,47 +210,91 @@ fn read_config(gguf: &GgufFile) -> Result<Config> {
     };
     let n_ctx = required(gguf, &key("context_length"))?;
     let rope_base = meta_f64(gguf, &key("rope.freq_base"))?.unwrap_or(10_000.0);
-    let rms_eps = meta_f64(gguf, &key("attention.layer_norm_rms_epsilon"))?
-        .ok_or_else(|| Error::input(format!("{p}: metadata key {} is missing", key("attention.layer_norm_rms_epsilon"))))?;
+    let rms_eps = meta_f64(gguf, &key("attention.layer_norm_rms_epsilon"))?.ok_or_else(|| {
+        Error::input(format!(
+            "{p}: metadata key {} is missing",
+            key("attention.layer_norm_rms_epsilon")
+        ))
+    })?;
     if !(rope_base.is_finite() && rope_base > 1.0) {
-        return Err(Error::input(format!("{p}: {} = {rope_base} must be a finite number > 1", key("rope.freq_base"))));
+        return Err(Error::input(format!(
+            "{p}: {} = {rope_base} must be a finite number > 1",
+            key("rope.freq_base")
+        )));
     }
     if !(rms_eps.is_finite() && rms_eps > 0.0 && rms_eps < 1.0) {
-        return Err(Error::input(format!("{p}: {} = {rms_eps} must be in (0, 1)", key("attention.layer_norm_rms_epsilon"))));
+        return Err(Error::input(format!(
+            "{p}: {} = {rms_eps} must be in (0, 1)",
+            key("attention.layer_norm_rms_epsilon")
+        )));
     }
     if n_embd % n_head != 0 {
-        return Err(Error::input(format!("{p}: embedding_length {n_embd} is not divisible by head_count {n_head}")));
+        return Err(Error::input(format!(
+            "{p}: embedding_length {n_embd} is not divisible by head_count {n_head}"
+        )));
     }
     if n_head % n_head_kv != 0 {
-        return Err(Error::input(format!("{p}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")));
+        return Err(Error::input(format!(
+            "{p}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}"
+        )));
     }
     let head_dim = n_embd / n_head;
     if head_dim % 2 != 0 {
-        return Err(Error::input(format!("{p}: head dim {head_dim} (= {n_embd}/{n_head}) is odd; RoPE needs pairs")));
+        return Err(Error::input(format!(
+            "{p}: head dim {head_dim} (= {n_embd}/{n_head}) is odd; RoPE needs pairs"
+        )));
     }
     if let Some(rope_dim) = meta_u64(gguf, &key("rope.dimension_count"))? {
         if rope_dim != head_dim as u64 {
-            return Err(Error::input(format!("{p}: rope.dimension_count {rope_dim} differs from head dim {head_dim}; partial RoPE is not supported")));
+            return Err(Error::input(format!(
+                "{p}: rope.dimension_count {rope_dim} differs from head dim {head_dim}; partial RoPE is not supported"
+            )));
         }
     }
-    let embd = gguf.tensor("token_embd.weight").ok_or_else(|| Error::input(format!("{p}: missing tensor token_embd.weight")))?;
+    let embd = gguf
+        .tensor("token_embd.weight")
+        .ok_or_else(|| Error::input(format!("{p}: missing tensor token_embd.weight")))?;
     let n_vocab_from_tensor = usize::try_from(embd.dims.get(1).copied().unwrap_or(0)).unwrap_or(usize::MAX);
     let n_vocab = match meta_u64(gguf, &key("vocab_size"))? {
         Some(v) => usize::try_from(v).unwrap_or(usize::MAX),
-        None => gguf.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len()).unwrap_or(n_vocab_from_tensor),
+        None => gguf
+            .get("tokenizer.ggml.tokens")
+            .and_then(|v| v.as_array())
+            .map(|a| a.len())
+            .unwrap_or(n_vocab_from_tensor),
     };
     if n_vocab == 0 || n_vocab > MAX_DIM || n_vocab != n_vocab_from_tensor {
-        return Err(Error::input(format!("{p}: vocab size {n_vocab} disagrees with token_embd.weight {:?}", embd.dims)));
+        return Err(Error::input(format!(
+            "{p}: vocab size {n_vocab} disagrees with token_embd.weight {:?}",
+            embd.dims
+        )));
     }
-    Ok(Config { arch, n_layer, n_embd, n_head, n_head_kv, n_ff, n_vocab, n_ctx, rope_base, rms_eps })
+    Ok(Config {
+        arch,
+        n_layer,
+        n_embd,
+        n_head,
+        n_head_kv,
+        n_ff,
+        n_vocab,
+        n_ctx,
+        rope_base,
+        rms_eps,
+    })
 }
 
 /// The expected weights, made one layer at a time as the check goes: the check stops
 /// at the first missing one, so a hostile `block_count` costs no more than the tensors
 /// the file really holds.
 fn expected_tensors(c: &Config, tied_output: bool) -> impl Iterator<Item = Expected> + '_ {
-    let e = |name: String, dims: &[usize]| Expected { name, dims: dims.iter().map(|&d| d as u64).collect() };
-    let mut outside = vec![e("token_embd.weight".into(), &[c.n_embd, c.n_vocab]), e("output_norm.weight".into(), &[c.n_embd])];
+    let e = |name: String, dims: &[usize]| Expected {
+        name,
+        dims: dims.iter().map(|&d| d as u64).collect(),
+    };
+    let mut outside = vec![
+        e("token_embd.weight".into(), &[c.n_embd, c.n_vocab]),
+        e("output_norm.weight".into(), &[c.n_embd]),
+    ];
     if !tied_output {
         outside.push(e("output.weight".into(), &[c.n_embd, c.n_vocab]));
     }
@@ -229,21 +318,39 @@ fn validate_tensors(gguf: &GgufFile, c: &Config, tied_output: bool) -> Result<()
     let p = gguf.path.display();
     for exp in expected_tensors(c, tied_output) {
         let info = gguf.tensor(&exp.name).ok_or_else(|| {
-            Error::input(format!("{p}: missing tensor {} (block_count says {} layers)", exp.name, c.n_layer))
+            Error::input(format!(
+                "{p}: missing tensor {} (block_count says {} layers)",
+                exp.name, c.n_layer
+            ))
         })?;
         if info.dims != exp.dims {
-            return Err(Error::input(format!("{p}: tensor {} has shape {:?}, expected {:?} from the metadata", exp.name, info.dims, exp.dims)));
+            return Err(Error::input(format!(
+                "{p}: tensor {} has shape {:?}, expected {:?} from the metadata",
+                exp.name, info.dims, exp.dims
+            )));
         }
         if !is_supported_dtype(info.dtype) {
-            return Err(Error::input(format!("{p}: tensor {} has type {}, which is not supported for weights", exp.name, dtype_name(info.dtype))));
+            return Err(Error::input(format!(
+                "{p}: tensor {} has type {}, which is not supported for weights",
+                exp.name,
+                dtype_name(info.dtype)
+            )));
         }
     }
     // Tensors of layers beyond block_count mean the metadata and the weights disagree
     // about the depth of the model: refuse rather than silently ignore half of it.
     for t in &gguf.tensors {
-        if let Some(layer) = t.name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|n| n.parse::<usize>().ok()) {
+        if let Some(layer) = t
+            .name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|n| n.parse::<usize>().ok())
+        {
             if layer >= c.n_layer {
-                return Err(Error::input(format!("{p}: tensor {} belongs to layer {layer} but block_count is {}", t.name, c.n_layer)));
+                return Err(Error::input(format!(
+                    "{p}: tensor {} belongs to layer {layer} but block_count is {}",
+                    t.name, c.n_layer
+                )));
             }
         }
     }

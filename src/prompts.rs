@@ -32,7 +32,11 @@ pub enum PromptSource {
 pub fn parse_token_list(spec: &str) -> Result<Vec<u32>> {
     let ids = spec
         .split(',')
-        .map(|s| s.trim().parse::<u32>().map_err(|_| Error::input(format!("bad token id {s:?} in --tokens"))))
+        .map(|s| {
+            s.trim()
+                .parse::<u32>()
+                .map_err(|_| Error::input(format!("bad token id {s:?} in --tokens")))
+        })
         .collect::<Result<Vec<_>>>()?;
     if ids.is_empty() {
         return Err(Error::input("--tokens is empty"));
@@ -83,16 +87,23 @@ pub fn resolve(
         .map(|(id, text, source)| {
             let tokens = match source {
                 PromptSource::Tokens(t) => t,
-                PromptSource::Text(s) => tokenizer.ok_or_else(|| Error::input("text prompts need the model's tokenizer"))?.encode(&s)?,
+                PromptSource::Text(s) => tokenizer
+                    .ok_or_else(|| Error::input("text prompts need the model's tokenizer"))?
+                    .encode(&s)?,
             };
             if tokens.is_empty() {
                 return Err(Error::input(format!("prompt {id}: no tokens")));
             }
             if let Some(&t) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
-                return Err(Error::input(format!("prompt {id}: token id {t} is outside the vocabulary (size {n_vocab})")));
+                return Err(Error::input(format!(
+                    "prompt {id}: token id {t} is outside the vocabulary (size {n_vocab})"
+                )));
             }
             if tokens.len() > n_ctx {
-                return Err(Error::input(format!("prompt {id}: {} tokens exceed the model's context of {n_ctx}", tokens.len())));
+                return Err(Error::input(format!(
+                    "prompt {id}: {} tokens exceed the model's context of {n_ctx}",
+                    tokens.len()
+                )));
             }
             Ok(PromptRecord { id, text, tokens })
         })

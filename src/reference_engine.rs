@@ -31,7 +31,9 @@ impl RefPrecision {
         match s {
             "f32" => Ok(Self::F32),
             "f64" => Ok(Self::F64),
-            other => Err(Error::input(format!("the reference computes in f32 or f64, not {other:?}"))),
+            other => Err(Error::input(format!(
+                "the reference computes in f32 or f64, not {other:?}"
+            ))),
         }
     }
 
@@ -53,7 +55,11 @@ impl RefPrecision {
 impl WeightSource for Model {
     fn weight(&self, name: &str) -> anyhow::Result<RawWeight<'_>> {
         let info = Model::weight(self, name)?;
-        Ok(RawWeight { dtype: info.dtype, dims: info.dims.iter().map(|&d| d as usize).collect(), data: self.weight_data(info) })
+        Ok(RawWeight {
+            dtype: info.dtype,
+            dims: info.dims.iter().map(|&d| d as usize).collect(),
+            data: self.weight_data(info),
+        })
     }
 }
 
@@ -79,13 +85,15 @@ pub struct ReferenceEngine {
 
 impl ReferenceEngine {
     pub fn load(model: &Model, precision: RefPrecision, on_layer: &mut dyn FnMut(usize)) -> Result<Self> {
-        let inner = Reference::load(ref_config(model), model, precision.candle(), on_layer).map_err(|e| Error::engine(format!("reference: loading weights: {e:#}")))?;
+        let inner = Reference::load(ref_config(model), model, precision.candle(), on_layer)
+            .map_err(|e| Error::engine(format!("reference: loading weights: {e:#}")))?;
         Ok(Self { inner, precision })
     }
 
     /// Only `layers`, for local replay ([`replay_layer`](Self::replay_layer)).
     pub fn load_for_replay(model: &Model, precision: RefPrecision, layers: &[usize]) -> Result<Self> {
-        let inner = Reference::load_for_replay(ref_config(model), model, precision.candle(), layers).map_err(|e| Error::engine(format!("reference: loading layers {layers:?} for replay: {e:#}")))?;
+        let inner = Reference::load_for_replay(ref_config(model), model, precision.candle(), layers)
+            .map_err(|e| Error::engine(format!("reference: loading layers {layers:?} for replay: {e:#}")))?;
         Ok(Self { inner, precision })
     }
 
@@ -102,7 +110,14 @@ impl ReferenceEngine {
             .replay_layer(l, input, rows, at)
             .map_err(fail)?
             .into_iter()
-            .map(|(id, t)| Ok((id, t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| fail(e.into()))?)))
+            .map(|(id, t)| {
+                Ok((
+                    id,
+                    t.flatten_all()
+                        .and_then(|t| t.to_vec1::<f32>())
+                        .map_err(|e| fail(e.into()))?,
+                ))
+            })
             .collect()
     }
 
@@ -122,18 +137,32 @@ impl ReferenceEngine {
         on_layer: &mut dyn FnMut(usize),
         cache: Option<&mut Option<Checkpoints>>,
     ) -> Result<()> {
-        let mut sink = DumpSink { prompt_id, positions: positions.clone(), selection, n_layer, writer, send_error: None };
+        let mut sink = DumpSink {
+            prompt_id,
+            positions: positions.clone(),
+            selection,
+            n_layer,
+            writer,
+            send_error: None,
+        };
         let result = match cache {
-            Some(Some(cp)) if !tokens.is_empty() && cp.tokens.starts_with(tokens) => self.resume(cp, tokens.len(), &positions, faults, &mut sink),
+            Some(Some(cp)) if !tokens.is_empty() && cp.tokens.starts_with(tokens) => {
+                self.resume(cp, tokens.len(), &positions, faults, &mut sink)
+            }
             Some(slot) if self.checkpoint_bytes(tokens.len(), n_layer) <= checkpoint_budget() => {
                 let mut stream = Vec::with_capacity(n_layer + 1);
-                let r = self.inner.forward_keeping(tokens, &positions, faults, &mut sink, &mut |i, x| {
-                    stream.push(x.clone());
-                    if i > 0 {
-                        on_layer(i - 1);
-                    }
+                let r = self
+                    .inner
+                    .forward_keeping(tokens, &positions, faults, &mut sink, &mut |i, x| {
+                        stream.push(x.clone());
+                        if i > 0 {
+                            on_layer(i - 1);
+                        }
+                    });
+                *slot = r.is_ok().then(|| Checkpoints {
+                    tokens: tokens.to_vec(),
+                    stream,
                 });
-                *slot = r.is_ok().then(|| Checkpoints { tokens: tokens.to_vec(), stream });
                 r
             }
             _ => self.inner.forward(tokens, &positions, faults, &mut sink, on_layer),
@@ -169,30 +198,54 @@ impl ReferenceEngine {
     }
 
     /// Serve a run over the first `n` cached tokens from the checkpoints.
-    fn resume(&self, cp: &Checkpoints, n: usize, positions: &[usize], faults: &Faults, sink: &mut DumpSink) -> anyhow::Result<()> {
+    fn resume(
+        &self,
+        cp: &Checkpoints,
+        n: usize,
+        positions: &[usize],
+        faults: &Faults,
+        sink: &mut DumpSink,
+    ) -> anyhow::Result<()> {
         let rows = |i: usize| cp.stream[i].narrow(0, 0, n);
         if sink.wants("embed") {
-            sink.emit("embed", vec![("embed".into(), resbisect_reference::gather(&rows(0)?, positions)?)])?;
+            sink.emit(
+                "embed",
+                vec![("embed".into(), resbisect_reference::gather(&rows(0)?, positions)?)],
+            )?;
         }
         let layers = cp.stream.len() - 1;
         let n_layer = self.inner.n_layer();
         let wants_output = sink.wants("final_norm") || sink.wants("logits");
         for l in 0..n_layer {
-            let inner = LAYER_TAPS[..LAYER_TAPS.len() - 1].iter().any(|t| sink.wants(&format!("blk.{l}.{t}")));
+            let inner = LAYER_TAPS[..LAYER_TAPS.len() - 1]
+                .iter()
+                .any(|t| sink.wants(&format!("blk.{l}.{t}")));
             let post = sink.wants(&format!("blk.{l}.resid_post"));
             if l >= layers {
                 // Past the checkpointed layers: continue the forward from the last one.
-                let wanted_after = (l..n_layer).rev().find(|&m| LAYER_TAPS.iter().any(|t| sink.wants(&format!("blk.{m}.{t}"))));
+                let wanted_after = (l..n_layer)
+                    .rev()
+                    .find(|&m| LAYER_TAPS.iter().any(|t| sink.wants(&format!("blk.{m}.{t}"))));
                 let last = if wants_output { Some(n_layer - 1) } else { wanted_after };
                 let Some(last) = last else { return Ok(()) };
-                let x = self.inner.run_layers(rows(layers)?, layers, last, positions, faults, sink, &mut |_, _| {})?;
-                return if wants_output { self.inner.head(&x, positions, faults, sink) } else { Ok(()) };
+                let x = self
+                    .inner
+                    .run_layers(rows(layers)?, layers, last, positions, faults, sink, &mut |_, _| {})?;
+                return if wants_output {
+                    self.inner.head(&x, positions, faults, sink)
+                } else {
+                    Ok(())
+                };
             }
             if inner {
-                self.inner.run_layers(rows(l)?, l, l, positions, faults, sink, &mut |_, _| {})?;
+                self.inner
+                    .run_layers(rows(l)?, l, l, positions, faults, sink, &mut |_, _| {})?;
             } else if post {
                 let id = format!("blk.{l}.resid_post");
-                sink.emit(&format!("blk.{l}"), vec![(id, resbisect_reference::gather(&rows(l + 1)?, positions)?)])?;
+                sink.emit(
+                    &format!("blk.{l}"),
+                    vec![(id, resbisect_reference::gather(&rows(l + 1)?, positions)?)],
+                )?;
             }
         }
         if wants_output {
@@ -215,10 +268,31 @@ struct DumpSink<'a> {
 fn tensor_to_tap(id: String, t: &Tensor) -> anyhow::Result<TapTensor> {
     let (rows, width) = t.dims2()?;
     let (dtype, bytes) = match t.dtype() {
-        DType::F64 => (TapDType::F64, t.flatten_all()?.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        _ => (TapDType::F32, t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        DType::F64 => (
+            TapDType::F64,
+            t.flatten_all()?
+                .to_vec1::<f64>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        _ => (
+            TapDType::F32,
+            t.to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
     };
-    Ok(TapTensor { id, dtype, rows, width, bytes })
+    Ok(TapTensor {
+        id,
+        dtype,
+        rows,
+        width,
+        bytes,
+    })
 }
 
 impl TapSink for DumpSink<'_> {
@@ -231,8 +305,16 @@ impl TapSink for DumpSink<'_> {
     }
 
     fn emit(&mut self, group: &str, taps: Vec<(String, Tensor)>) -> anyhow::Result<()> {
-        let taps = taps.into_iter().map(|(id, t)| tensor_to_tap(id, &t)).collect::<anyhow::Result<Vec<_>>>()?;
-        let job = FileJob { prompt_id: self.prompt_id.to_string(), stem: group.to_string(), positions: self.positions.clone(), taps };
+        let taps = taps
+            .into_iter()
+            .map(|(id, t)| tensor_to_tap(id, &t))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let job = FileJob {
+            prompt_id: self.prompt_id.to_string(),
+            stem: group.to_string(),
+            positions: self.positions.clone(),
+            taps,
+        };
         if let Err(e) = self.writer.send(job) {
             let msg = e.to_string();
             self.send_error = Some(e);
@@ -287,16 +369,41 @@ impl ReferenceEngine {
         let spec = crate::taps::PositionSpec::parse(&selection.positions)?;
         let positions: Vec<Arc<Vec<usize>>> = prompts
             .iter()
-            .map(|p| spec.resolve(p.tokens.len()).map(Arc::new).map_err(|e| Error::input(format!("prompt {}: {e}", p.id))))
+            .map(|p| {
+                spec.resolve(p.tokens.len())
+                    .map(Arc::new)
+                    .map_err(|e| Error::input(format!("prompt {}: {e}", p.id)))
+            })
             .collect::<Result<_>>()?;
-        let engine_info = crate::dump::EngineInfo::new("resbisect-reference", "candle-cpu", self.precision.name(), "cpu".into(), injections);
-        let manifest = crate::dump::Manifest::new(engine_info, crate::dump::ModelInfo::of(model), prompts.clone(), selection.clone());
+        let engine_info = crate::dump::EngineInfo::new(
+            "resbisect-reference",
+            "candle-cpu",
+            self.precision.name(),
+            "cpu".into(),
+            injections,
+        );
+        let manifest = crate::dump::Manifest::new(
+            engine_info,
+            crate::dump::ModelInfo::of(model),
+            prompts.clone(),
+            selection.clone(),
+        );
         let writer = BackgroundWriter::spawn(crate::dump::DumpWriter::create(out, manifest, overwrite)?);
         let start = std::time::Instant::now();
         let n_layer = model.config.n_layer;
         let outcome = prompts.iter().zip(&positions).try_for_each(|(p, pos)| {
             progress.stage(&format!("{} ({} tokens)", p.id, p.tokens.len()), n_layer);
-            self.run_prompt(&p.id, &p.tokens, pos.clone(), selection, faults, n_layer, &writer, &mut |_| progress.tick(), cache.as_deref_mut())
+            self.run_prompt(
+                &p.id,
+                &p.tokens,
+                pos.clone(),
+                selection,
+                faults,
+                n_layer,
+                &writer,
+                &mut |_| progress.tick(),
+                cache.as_deref_mut(),
+            )
         });
         let drain = std::time::Instant::now();
         writer.finish(outcome)?;
@@ -326,12 +433,18 @@ pub fn dump_reference(
     let faults = crate::inject::parse_all(injections, model.config.n_layer)?;
     let spec = crate::taps::PositionSpec::parse(&selection.positions)?;
     for p in &prompts {
-        spec.resolve(p.tokens.len()).map_err(|e| Error::input(format!("prompt {}: {e}", p.id)))?;
+        spec.resolve(p.tokens.len())
+            .map_err(|e| Error::input(format!("prompt {}: {e}", p.id)))?;
     }
     let start = std::time::Instant::now();
     progress.stage("loading weights", model.config.n_layer);
     let engine = ReferenceEngine::load(model, precision, &mut |_| progress.tick())?;
     let load_seconds = start.elapsed().as_secs_f64();
-    let summary = engine.dump(model, prompts, &selection, &faults, injections, out, overwrite, progress, None)?;
-    Ok(DumpSummary { load_seconds, ..summary })
+    let summary = engine.dump(
+        model, prompts, &selection, &faults, injections, out, overwrite, progress, None,
+    )?;
+    Ok(DumpSummary {
+        load_seconds,
+        ..summary
+    })
 }

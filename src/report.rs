@@ -35,8 +35,16 @@ fn worst_tap(p: &PromptDiff) -> Option<&TapDiff> {
 /// The compact summary printed by `resbisect diff`.
 pub fn terminal_summary(r: &DiffReport) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "A: {} ({}, {} {}, {:?})", r.a.path, r.a.engine.name, r.a.engine.backend, r.a.engine.dtype, r.a.status);
-    let _ = writeln!(s, "B: {} ({}, {} {}, {:?})", r.b.path, r.b.engine.name, r.b.engine.backend, r.b.engine.dtype, r.b.status);
+    let _ = writeln!(
+        s,
+        "A: {} ({}, {} {}, {:?})",
+        r.a.path, r.a.engine.name, r.a.engine.backend, r.a.engine.dtype, r.a.status
+    );
+    let _ = writeln!(
+        s,
+        "B: {} ({}, {} {}, {:?})",
+        r.b.path, r.b.engine.name, r.b.engine.backend, r.b.engine.dtype, r.b.status
+    );
     for n in &r.notes {
         let _ = writeln!(s, "note: {n}");
     }
@@ -44,17 +52,33 @@ pub fn terminal_summary(r: &DiffReport) -> String {
         let compared: usize = p.taps.iter().map(|t| t.rows.len()).sum();
         match &p.first {
             None => {
-                let w = worst_tap(p).map(|t| format!("; max rel_l2 {} at {}", sci(t.max_rel_l2()), t.tap)).unwrap_or_default();
-                let _ = writeln!(s, "\nprompt {} ({} tokens): no divergence over {} taps, {compared} rows{w}", p.id, p.n_tokens, p.taps.len());
+                let w = worst_tap(p)
+                    .map(|t| format!("; max rel_l2 {} at {}", sci(t.max_rel_l2()), t.tap))
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    s,
+                    "\nprompt {} ({} tokens): no divergence over {} taps, {compared} rows{w}",
+                    p.id,
+                    p.n_tokens,
+                    p.taps.len()
+                );
             }
             Some(f) => {
                 let m = &f.metrics;
-                let _ = writeln!(s, "\nprompt {} ({} tokens): FIRST DIVERGENCE at {}, position {} (token {})", p.id, p.n_tokens, f.tap, f.position, f.token);
+                let _ = writeln!(
+                    s,
+                    "\nprompt {} ({} tokens): FIRST DIVERGENCE at {}, position {} (token {})",
+                    p.id, p.n_tokens, f.tap, f.position, f.token
+                );
                 if p.judged == Judgement::NoiseFloor {
                     let _ = writeln!(s, "  judged against the noise floor (threshold rel_l2 {}) from {}, where a systematic error begins", sci(f.tolerance.rel_l2), p.drift_onset.as_deref().unwrap_or("the first tap"));
                 }
                 if let Some(k) = f.shift {
-                    let _ = writeln!(s, "  A's rows equal B's shifted by {k:+} positions (A at p holds B's p{:+})", -k);
+                    let _ = writeln!(
+                        s,
+                        "  A's rows equal B's shifted by {k:+} positions (A at p holds B's p{:+})",
+                        -k
+                    );
                 }
                 let _ = writeln!(
                     s,
@@ -62,15 +86,36 @@ pub fn terminal_summary(r: &DiffReport) -> String {
                     sci(m.rel_l2), sci(m.max_abs), m.cosine, sci(m.nmse), m.sqnr_db, m.nonfinite_a, m.nonfinite_b, sci(f.tolerance.rel_l2), sci(f.tolerance.abs)
                 );
                 if let Some(l) = &m.logits {
-                    let _ = writeln!(s, "  logits: KL {}  top-1 {}  top-5 overlap {}/5", sci(l.kl), if l.top1_agree { "agrees" } else { "differs" }, l.top5_overlap);
+                    let _ = writeln!(
+                        s,
+                        "  logits: KL {}  top-1 {}  top-5 overlap {}/5",
+                        sci(l.kl),
+                        if l.top1_agree { "agrees" } else { "differs" },
+                        l.top5_overlap
+                    );
                 }
-                let ch: Vec<String> = f.top_channels.iter().take(5).map(|c| format!("[{}] A {:.4} B {:.4}", c.index, c.a, c.b)).collect();
+                let ch: Vec<String> = f
+                    .top_channels
+                    .iter()
+                    .take(5)
+                    .map(|c| format!("[{}] A {:.4} B {:.4}", c.index, c.a, c.b))
+                    .collect();
                 let _ = writeln!(s, "  top channels by |A-B|: {}", ch.join(", "));
                 if !f.heads.is_empty() {
-                    let h: Vec<String> = f.heads.iter().take(4).map(|h| format!("head {} {}", h.head, sci(h.rel_l2))).collect();
+                    let h: Vec<String> = f
+                        .heads
+                        .iter()
+                        .take(4)
+                        .map(|h| format!("head {} {}", h.head, sci(h.rel_l2)))
+                        .collect();
                     let _ = writeln!(s, "  heads by rel_l2: {}", h.join(", "));
                 }
-                let g: Vec<String> = f.growth.iter().take(8).map(|g| format!("{} {}", g.tap, g.at_position.map(sci).unwrap_or_else(|| "-".into()))).collect();
+                let g: Vec<String> = f
+                    .growth
+                    .iter()
+                    .take(8)
+                    .map(|g| format!("{} {}", g.tap, g.at_position.map(sci).unwrap_or_else(|| "-".into())))
+                    .collect();
                 if !g.is_empty() {
                     let _ = writeln!(s, "  downstream at position {}: {}", f.position, g.join(", "));
                 }
@@ -82,14 +127,31 @@ pub fn terminal_summary(r: &DiffReport) -> String {
             let _ = writeln!(s, "  TOKENS DIFFER: {}", m.describe());
         }
         if !p.missing_in_a.is_empty() {
-            let _ = writeln!(s, "  missing in A ({}): {}", p.missing_in_a.len(), abbreviate(&p.missing_in_a));
+            let _ = writeln!(
+                s,
+                "  missing in A ({}): {}",
+                p.missing_in_a.len(),
+                abbreviate(&p.missing_in_a)
+            );
         }
         if !p.missing_in_b.is_empty() {
-            let _ = writeln!(s, "  missing in B ({}): {}", p.missing_in_b.len(), abbreviate(&p.missing_in_b));
+            let _ = writeln!(
+                s,
+                "  missing in B ({}): {}",
+                p.missing_in_b.len(),
+                abbreviate(&p.missing_in_b)
+            );
         }
     }
     let result = match r.engine_failure() {
-        Some(f) => format!("result: ENGINE FAILURE: {f}{}", if r.diverged { " (and a divergence in what was compared)" } else { "" }),
+        Some(f) => format!(
+            "result: ENGINE FAILURE: {f}{}",
+            if r.diverged {
+                " (and a divergence in what was compared)"
+            } else {
+                ""
+            }
+        ),
         None if r.diverged => "result: DIVERGENCE".into(),
         None => "result: no divergence".into(),
     };
@@ -114,17 +176,45 @@ pub fn markdown(r: &DiffReport) -> String {
         None => "no divergence".into(),
     };
     let _ = writeln!(s, "## resbisect: {verdict}\n");
-    let _ = writeln!(s, "- A: `{}` — {} ({} {}), {:?}", md_code(&r.a.path), md_text(&r.a.engine.name), md_text(&r.a.engine.backend), md_text(&r.a.engine.dtype), r.a.status);
-    let _ = writeln!(s, "- B: `{}` — {} ({} {}), {:?}", md_code(&r.b.path), md_text(&r.b.engine.name), md_text(&r.b.engine.backend), md_text(&r.b.engine.dtype), r.b.status);
+    let _ = writeln!(
+        s,
+        "- A: `{}` — {} ({} {}), {:?}",
+        md_code(&r.a.path),
+        md_text(&r.a.engine.name),
+        md_text(&r.a.engine.backend),
+        md_text(&r.a.engine.dtype),
+        r.a.status
+    );
+    let _ = writeln!(
+        s,
+        "- B: `{}` — {} ({} {}), {:?}",
+        md_code(&r.b.path),
+        md_text(&r.b.engine.name),
+        md_text(&r.b.engine.backend),
+        md_text(&r.b.engine.dtype),
+        r.b.status
+    );
     for n in &r.notes {
         let _ = writeln!(s, "- note: {}", md_text(n));
     }
     let _ = writeln!(s, "\n| prompt | tokens | first divergence | position | rel_l2 | max_abs | worst tap |\n|---|---|---|---|---|---|---|");
     for p in &r.prompts {
-        let worst = worst_tap(p).map(|t| format!("{} {}", t.tap, sci(t.max_rel_l2()))).unwrap_or_default();
+        let worst = worst_tap(p)
+            .map(|t| format!("{} {}", t.tap, sci(t.max_rel_l2())))
+            .unwrap_or_default();
         match &p.first {
             Some(f) => {
-                let _ = writeln!(s, "| {} | {} | **{}** | {} | {} | {} | {} |", md_text(&p.id), p.n_tokens, f.tap, f.position, sci(f.metrics.rel_l2), sci(f.metrics.max_abs), worst);
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | **{}** | {} | {} | {} | {} |",
+                    md_text(&p.id),
+                    p.n_tokens,
+                    f.tap,
+                    f.position,
+                    sci(f.metrics.rel_l2),
+                    sci(f.metrics.max_abs),
+                    worst
+                );
             }
             None => {
                 let _ = writeln!(s, "| {} | {} | none | | | | {} |", md_text(&p.id), p.n_tokens, worst);
@@ -139,11 +229,13 @@ fn md_code(s: &str) -> String {
 }
 
 fn md_text(s: &str) -> String {
-    s.chars().flat_map(|c| match c {
-        '|' | '*' | '_' | '`' | '<' | '>' | '[' | ']' | '\\' => vec!['\\', c],
-        '\n' | '\r' => vec![' '],
-        c => vec![c],
-    }).collect()
+    s.chars()
+        .flat_map(|c| match c {
+            '|' | '*' | '_' | '`' | '<' | '>' | '[' | ']' | '\\' => vec!['\\', c],
+            '\n' | '\r' => vec![' '],
+            c => vec![c],
+        })
+        .collect()
 }
 
 /// Escape text for HTML element content and attribute values.
@@ -199,13 +291,19 @@ fn tick_index(v: f64, len: usize) -> Option<usize> {
 /// Max rel L2 over positions against layer, one line per layer tap kind; the axis spans
 /// the layers compared only.
 fn error_vs_layer_svg(p: &PromptDiff, layers: &[usize]) -> Result<String> {
-    let (lo, hi) = (layers.first().copied().unwrap_or(0) as f64, layers.last().copied().unwrap_or(0) as f64);
+    let (lo, hi) = (
+        layers.first().copied().unwrap_or(0) as f64,
+        layers.last().copied().unwrap_or(0) as f64,
+    );
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (900, 420)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err)?;
         let mut chart = ChartBuilder::on(&root)
-            .caption(format!("max rel L2 over positions, by layer ({} layers compared)", layers.len()), ("sans-serif", 18))
+            .caption(
+                format!("max rel L2 over positions, by layer ({} layers compared)", layers.len()),
+                ("sans-serif", 18),
+            )
             .margin(10)
             .x_label_area_size(35)
             .y_label_area_size(60)
@@ -238,9 +336,17 @@ fn error_vs_layer_svg(p: &PromptDiff, layers: &[usize]) -> Result<String> {
                 .map_err(plot_err)?
                 .label(*name)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
-            chart.draw_series(pts.into_iter().map(|(x, y)| Circle::new((x, y), 3, color.filled()))).map_err(plot_err)?;
+            chart
+                .draw_series(pts.into_iter().map(|(x, y)| Circle::new((x, y), 3, color.filled())))
+                .map_err(plot_err)?;
         }
-        chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.85)).position(SeriesLabelPosition::UpperLeft).draw().map_err(plot_err)?;
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.85))
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()
+            .map_err(plot_err)?;
         root.present().map_err(plot_err)?;
     }
     Ok(svg)
@@ -269,13 +375,19 @@ fn heatmap_svg(title: &str, y_desc: &str, rows: &HeatRows) -> Result<String> {
     let n_pos = positions.len().max(1);
     let cols = n_pos.min(HEATMAP_BINS);
     let bin_start = |b: usize| positions.get((b * n_pos).div_ceil(cols)).copied();
-    let contiguous = positions.first().zip(positions.last()).is_none_or(|(a, b)| b - a + 1 == positions.len());
+    let contiguous = positions
+        .first()
+        .zip(positions.last())
+        .is_none_or(|(a, b)| b - a + 1 == positions.len());
     let per_bin = n_pos.div_ceil(cols);
     let x_desc = match (per_bin > 1, contiguous) {
         (false, true) => "position".to_string(),
         (true, true) => format!("position (each column: the worst of {per_bin})"),
         (false, false) => format!("the {} positions compared (others not drawn)", positions.len()),
-        (true, false) => format!("the {} positions compared (each column: the worst of {per_bin})", positions.len()),
+        (true, false) => format!(
+            "the {} positions compared (each column: the worst of {per_bin})",
+            positions.len()
+        ),
     };
     let n_rows = rows.len().max(1);
     let row_px = (300 / n_rows).clamp(12, 40) as u32;
@@ -302,15 +414,28 @@ fn heatmap_svg(title: &str, y_desc: &str, rows: &HeatRows) -> Result<String> {
             .y_desc(y_desc)
             .x_labels(cols.min(14))
             .y_labels(n_rows.min(16))
-            .x_label_formatter(&|v| tick_index(*v, cols).and_then(bin_start).map(|p| p.to_string()).unwrap_or_default())
-            .y_label_formatter(&|v| tick_index(*v, rows.len()).map(|i| rows[i].0.clone()).unwrap_or_default())
+            .x_label_formatter(&|v| {
+                tick_index(*v, cols)
+                    .and_then(bin_start)
+                    .map(|p| p.to_string())
+                    .unwrap_or_default()
+            })
+            .y_label_formatter(&|v| {
+                tick_index(*v, rows.len())
+                    .map(|i| rows[i].0.clone())
+                    .unwrap_or_default()
+            })
             .draw()
             .map_err(plot_err)?;
         for (y, (_, t)) in rows.iter().enumerate() {
             let mut cells = vec![f64::NAN; cols];
             for (pos, r) in t.positions.iter().zip(&t.rows) {
                 let Ok(i) = positions.binary_search(pos) else { continue };
-                let v = if r.nonfinite_a + r.nonfinite_b > 0 { f64::INFINITY } else { r.rel_l2 };
+                let v = if r.nonfinite_a + r.nonfinite_b > 0 {
+                    f64::INFINITY
+                } else {
+                    r.rel_l2
+                };
                 let c = &mut cells[i * cols / n_pos];
                 *c = if c.is_nan() { v } else { c.max(v) };
             }
@@ -346,7 +471,10 @@ fn heatmap_svg(title: &str, y_desc: &str, rows: &HeatRows) -> Result<String> {
         scale
             .draw_series((0..steps).map(|i| {
                 let lo = HEAT_LOG_MIN + i as f64 * step;
-                Rectangle::new([(0.0, lo), (1.0, lo + step)], heat_colour(10f64.powf(lo + step / 2.0)).filled())
+                Rectangle::new(
+                    [(0.0, lo), (1.0, lo + step)],
+                    heat_colour(10f64.powf(lo + step / 2.0)).filled(),
+                )
             }))
             .map_err(plot_err)?;
         root.present().map_err(plot_err)?;
@@ -373,9 +501,19 @@ fn heatmap_rows<'a>(p: &'a PromptDiff, layers: &[usize]) -> Option<(String, &'st
     rows.sort_by_key(|(l, i, _)| (*l, *i));
     match layers {
         [] => None,
-        [l] => Some((format!("layer {l}: rel L2 by tap and position"), "tap", rows.into_iter().map(|(_, i, t)| (LAYER_TAPS[i].to_string(), t)).collect())),
+        [l] => Some((
+            format!("layer {l}: rel L2 by tap and position"),
+            "tap",
+            rows.into_iter()
+                .map(|(_, i, t)| (LAYER_TAPS[i].to_string(), t))
+                .collect(),
+        )),
         _ => {
-            let resid = rows.into_iter().filter(|(_, i, _)| LAYER_TAPS[*i] == "resid_post").map(|(l, _, t)| (l.to_string(), t)).collect::<Vec<_>>();
+            let resid = rows
+                .into_iter()
+                .filter(|(_, i, _)| LAYER_TAPS[*i] == "resid_post")
+                .map(|(l, _, t)| (l.to_string(), t))
+                .collect::<Vec<_>>();
             (!resid.is_empty()).then(|| ("resid_post: rel L2 by layer and position".to_string(), "layer", resid))
         }
     }
@@ -410,7 +548,11 @@ pre.reproduce{white-space:pre-wrap;overflow-wrap:anywhere;background:#f6f6f6;pad
 /// from the dumps is escaped.
 pub fn html(r: &DiffReport) -> Result<String> {
     let mut s = String::new();
-    let title = if r.diverged { "divergence found" } else { "no divergence" };
+    let title = if r.diverged {
+        "divergence found"
+    } else {
+        "no divergence"
+    };
     let _ = write!(s, "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>resbisect: {title}</title><style>{STYLE}</style></head><body>");
     let _ = write!(s, "<h1>resbisect: {title}</h1><table>");
     for (name, side) in [("A", &r.a), ("B", &r.b)] {
@@ -422,7 +564,10 @@ pub fn html(r: &DiffReport) -> Result<String> {
             html_escape(&side.engine.backend),
             html_escape(&side.engine.dtype),
             side.status,
-            side.error.as_ref().map(|e| format!(": {}", html_escape(&e.message))).unwrap_or_default()
+            side.error
+                .as_ref()
+                .map(|e| format!(": {}", html_escape(&e.message)))
+                .unwrap_or_default()
         );
     }
     s.push_str("</table>");
@@ -430,7 +575,12 @@ pub fn html(r: &DiffReport) -> Result<String> {
         let _ = write!(s, "<p class=\"legend\">note: {}</p>", html_escape(n));
     }
     for p in &r.prompts {
-        let _ = write!(s, "<h2>prompt {} <small>({} tokens)</small></h2>", html_escape(&p.id), p.n_tokens);
+        let _ = write!(
+            s,
+            "<h2>prompt {} <small>({} tokens)</small></h2>",
+            html_escape(&p.id),
+            p.n_tokens
+        );
         match &p.first {
             Some(f) => {
                 let _ = write!(
@@ -439,7 +589,13 @@ pub fn html(r: &DiffReport) -> Result<String> {
                     html_escape(&f.tap), f.position, f.token, sci(f.metrics.rel_l2), sci(f.metrics.max_abs), f.metrics.cosine, f.metrics.sqnr_db, f.metrics.nonfinite_a, f.metrics.nonfinite_b, sci(f.tolerance.rel_l2)
                 );
                 if let Some(l) = &f.metrics.logits {
-                    let _ = write!(s, "<br>logits: KL {} · top-1 {} · top-5 overlap {}/5", sci(l.kl), if l.top1_agree { "agrees" } else { "differs" }, l.top5_overlap);
+                    let _ = write!(
+                        s,
+                        "<br>logits: KL {} · top-1 {} · top-5 overlap {}/5",
+                        sci(l.kl),
+                        if l.top1_agree { "agrees" } else { "differs" },
+                        l.top5_overlap
+                    );
                 }
                 s.push_str("<table><tr><th>channel</th><th>A</th><th>B</th></tr>");
                 for c in &f.top_channels {
@@ -451,23 +607,44 @@ pub fn html(r: &DiffReport) -> Result<String> {
                     let shown = f.growth.len().min(40);
                     let _ = write!(s, "<details class=\"growth\"><summary>Downstream: {shown} taps after {} (rel L2 at this position and max)</summary><table><tr><th>tap</th><th>rel L2 at this position</th><th>max rel L2</th></tr>", html_escape(&f.tap));
                     for g in f.growth.iter().take(40) {
-                        let _ = write!(s, "<tr><td>{}</td><td>{}</td><td>{}</td></tr>", html_escape(&g.tap), g.at_position.map(sci).unwrap_or_default(), sci(g.max_rel_l2));
+                        let _ = write!(
+                            s,
+                            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                            html_escape(&g.tap),
+                            g.at_position.map(sci).unwrap_or_default(),
+                            sci(g.max_rel_l2)
+                        );
                     }
                     s.push_str("</table></details>");
                 }
                 s.push_str("</div>");
             }
             None => {
-                let w = worst_tap(p).map(|t| format!(" — max rel L2 {} at {}", sci(t.max_rel_l2()), html_escape(&t.tap))).unwrap_or_default();
-                let _ = write!(s, "<div class=\"callout good\"><b>No divergence</b> over {} taps{w}</div>", p.taps.len());
+                let w = worst_tap(p)
+                    .map(|t| format!(" — max rel L2 {} at {}", sci(t.max_rel_l2()), html_escape(&t.tap)))
+                    .unwrap_or_default();
+                let _ = write!(
+                    s,
+                    "<div class=\"callout good\"><b>No divergence</b> over {} taps{w}</div>",
+                    p.taps.len()
+                );
             }
         }
         if let Some(text) = &p.text {
-            let _ = write!(s, "<details><summary>prompt text</summary><pre class=\"prompt\">{}</pre></details>", html_escape(text));
+            let _ = write!(
+                s,
+                "<details><summary>prompt text</summary><pre class=\"prompt\">{}</pre></details>",
+                html_escape(text)
+            );
         }
         s.push_str(&prompt_plots(p)?);
         if !p.missing_in_a.is_empty() || !p.missing_in_b.is_empty() {
-            let _ = write!(s, "<p>missing in A: {} · missing in B: {}</p>", html_escape(&abbreviate(&p.missing_in_a)), html_escape(&abbreviate(&p.missing_in_b)));
+            let _ = write!(
+                s,
+                "<p>missing in A: {} · missing in B: {}</p>",
+                html_escape(&abbreviate(&p.missing_in_a)),
+                html_escape(&abbreviate(&p.missing_in_b))
+            );
         }
     }
     s.push_str("</body></html>\n");
@@ -478,7 +655,11 @@ pub fn html(r: &DiffReport) -> Result<String> {
 pub fn write_all(r: &DiffReport, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let json = serde_json::to_vec(r).map_err(|e| Error::input(format!("report: {e}")))?;
-    for (name, bytes) in [("report.json", json), ("report.md", markdown(r).into_bytes()), ("report.html", html(r)?.into_bytes())] {
+    for (name, bytes) in [
+        ("report.json", json),
+        ("report.md", markdown(r).into_bytes()),
+        ("report.html", html(r)?.into_bytes()),
+    ] {
         let path = dir.join(name);
         std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
     }
@@ -517,7 +698,15 @@ pub fn history_entry(r: &DiffReport, run: &str) -> HistoryEntry {
                 diverged: p.diverged(),
                 first_tap: p.first.as_ref().map(|f| f.tap.clone()),
                 first_position: p.first.as_ref().map(|f| f.position),
-                max_rel_l2: worst_tap(p).map(|t| if t.max_rel_l2().is_finite() { t.max_rel_l2() } else { 1e3 }).unwrap_or(0.0),
+                max_rel_l2: worst_tap(p)
+                    .map(|t| {
+                        if t.max_rel_l2().is_finite() {
+                            t.max_rel_l2()
+                        } else {
+                            1e3
+                        }
+                    })
+                    .unwrap_or(0.0),
             })
             .collect(),
         engine_failure: r.engine_failure(),
@@ -526,7 +715,11 @@ pub fn history_entry(r: &DiffReport, run: &str) -> HistoryEntry {
 
 pub fn append_history(path: &Path, entry: &HistoryEntry) -> Result<()> {
     use std::io::Write;
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
     let line = serde_json::to_string(entry).map_err(|e| Error::input(format!("history: {e}")))?;
     writeln!(f, "{line}").map_err(|e| Error::io(path, e))
 }
@@ -570,7 +763,10 @@ pub fn first_bad_runs(history: &[HistoryEntry]) -> Vec<(String, Option<String>)>
 /// A prompt's verdict in one run: (diverged, `tap@position` or `ok <worst rel L2>`).
 fn trend_cell(e: &HistoryEntry, id: &str) -> Option<(bool, String)> {
     e.prompts.iter().find(|p| p.id == id).map(|p| match &p.first_tap {
-        Some(tap) if p.diverged => (true, format!("{tap}@{}", p.first_position.map(|v| v.to_string()).unwrap_or_default())),
+        Some(tap) if p.diverged => (
+            true,
+            format!("{tap}@{}", p.first_position.map(|v| v.to_string()).unwrap_or_default()),
+        ),
         _ if p.diverged => (true, "diverged".into()),
         _ if e.engine_failure.is_some() => (true, "engine failed".into()),
         _ => (false, format!("ok {}", sci(p.max_rel_l2))),
@@ -618,17 +814,34 @@ pub fn trend(history: &[HistoryEntry]) -> Result<(String, String)> {
             .margin(10)
             .x_label_area_size(35)
             .y_label_area_size(60)
-            .build_cartesian_2d(-0.5f64..(history.len() as f64 - 0.5).max(0.5), (PLOT_FLOOR..1e3f64).log_scale())
+            .build_cartesian_2d(
+                -0.5f64..(history.len() as f64 - 0.5).max(0.5),
+                (PLOT_FLOOR..1e3f64).log_scale(),
+            )
             .map_err(plot_err)?;
         chart
             .configure_mesh()
             .x_desc("run")
-            .x_label_formatter(&|x| history.get(x.round() as usize).map(|e| e.run.clone()).unwrap_or_default())
+            .x_label_formatter(&|x| {
+                history
+                    .get(x.round() as usize)
+                    .map(|e| e.run.clone())
+                    .unwrap_or_default()
+            })
             .y_label_formatter(&|v| format!("{v:.0e}"))
             .draw()
             .map_err(plot_err)?;
         for (k, id) in ids.iter().enumerate() {
-            let pts: Vec<(f64, f64)> = history.iter().enumerate().filter_map(|(i, e)| e.prompts.iter().find(|p| &&p.id == id).map(|p| (i as f64, clamp_log(p.max_rel_l2)))).collect();
+            let pts: Vec<(f64, f64)> = history
+                .iter()
+                .enumerate()
+                .filter_map(|(i, e)| {
+                    e.prompts
+                        .iter()
+                        .find(|p| &&p.id == id)
+                        .map(|p| (i as f64, clamp_log(p.max_rel_l2)))
+                })
+                .collect();
             let color = Palette99::pick(k).to_rgba();
             chart
                 .draw_series(LineSeries::new(pts, color.stroke_width(2)))
@@ -636,7 +849,12 @@ pub fn trend(history: &[HistoryEntry]) -> Result<(String, String)> {
                 .label(id.as_str())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
         }
-        chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.85)).draw().map_err(plot_err)?;
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.85))
+            .draw()
+            .map_err(plot_err)?;
         root.present().map_err(plot_err)?;
     }
     let mut html = format!("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>resbisect trend</title><style>{STYLE}</style></head><body><h1>resbisect trend</h1><table><tr><th>run</th>");
@@ -659,7 +877,12 @@ pub fn trend(history: &[HistoryEntry]) -> Result<(String, String)> {
     html.push_str("</table><ul>");
     for (id, first) in &firsts {
         if let Some(run) = first {
-            let _ = write!(html, "<li><b>{}</b> has diverged since run {}</li>", html_escape(id), html_escape(run));
+            let _ = write!(
+                html,
+                "<li><b>{}</b> has diverged since run {}</li>",
+                html_escape(id),
+                html_escape(run)
+            );
         }
     }
     html.push_str("</ul>");
@@ -671,14 +894,32 @@ pub fn trend(history: &[HistoryEntry]) -> Result<(String, String)> {
 /// The terminal summary of `resbisect bisect`.
 pub fn bisect_summary(r: &BisectReport) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "A: {}\nB: {}\nprompt {} ({} tokens)", r.engine_a, r.engine_b, r.prompt, r.n_tokens);
+    let _ = writeln!(
+        s,
+        "A: {}\nB: {}\nprompt {} ({} tokens)",
+        r.engine_a, r.engine_b, r.prompt, r.n_tokens
+    );
     let _ = writeln!(s, "\nsearch path:");
     for (i, p) in r.probes.iter().enumerate() {
-        let _ = writeln!(s, "  {:>2}. {:<14} {:>5} tok  {:>6.2}s + {:>6.2}s  {:>9}  {}", i + 1, p.purpose, p.tokens, p.seconds_a, p.seconds_b, bytes(p.bytes_a + p.bytes_b), p.finding);
+        let _ = writeln!(
+            s,
+            "  {:>2}. {:<14} {:>5} tok  {:>6.2}s + {:>6.2}s  {:>9}  {}",
+            i + 1,
+            p.purpose,
+            p.tokens,
+            p.seconds_a,
+            p.seconds_b,
+            bytes(p.bytes_a + p.bytes_b),
+            p.finding
+        );
     }
     let _ = writeln!(s);
     if let Some(c) = &r.crash {
-        let _ = writeln!(s, "ENGINE {} CRASHED ({}) during the {} probe: {}", c.engine, c.label, c.probe, c.error.message);
+        let _ = writeln!(
+            s,
+            "ENGINE {} CRASHED ({}) during the {} probe: {}",
+            c.engine, c.label, c.probe, c.error.message
+        );
         let _ = writeln!(s, "  last tap written: {}", c.error.tap.as_deref().unwrap_or("none"));
     }
     if let Some(m) = &r.token_mismatch {
@@ -687,10 +928,26 @@ pub fn bisect_summary(r: &BisectReport) -> String {
     match &r.first {
         Some(f) => {
             let m = &f.metrics;
-            let _ = writeln!(s, "FIRST DIVERGENCE: {} at position {} (token {})", f.tap, f.position, f.token);
-            let _ = writeln!(s, "  rel_l2 {}  max_abs {}  cosine {:.6}  ({} rel_l2 {})", sci(m.rel_l2), sci(m.max_abs), m.cosine, judged_name(r.judged), sci(f.tolerance.rel_l2));
+            let _ = writeln!(
+                s,
+                "FIRST DIVERGENCE: {} at position {} (token {})",
+                f.tap, f.position, f.token
+            );
+            let _ = writeln!(
+                s,
+                "  rel_l2 {}  max_abs {}  cosine {:.6}  ({} rel_l2 {})",
+                sci(m.rel_l2),
+                sci(m.max_abs),
+                m.cosine,
+                judged_name(r.judged),
+                sci(f.tolerance.rel_l2)
+            );
             if let Some(k) = f.shift {
-                let _ = writeln!(s, "  A's rows equal B's shifted by {k:+} positions (A at p holds B's p{:+})", -k);
+                let _ = writeln!(
+                    s,
+                    "  A's rows equal B's shifted by {k:+} positions (A at p holds B's p{:+})",
+                    -k
+                );
             }
         }
         None if r.crash.is_none() && r.token_mismatch.is_none() => {
@@ -705,14 +962,40 @@ pub fn bisect_summary(r: &BisectReport) -> String {
         let _ = writeln!(s, "\nlocal replay on the reference from A's own inputs (max rel_l2 over positions; introduced at the {} replayed positions):", r.replay_positions.len());
         let _ = writeln!(s, "  layer  inherited   introduced  total       verdict");
         for l in &r.replay {
-            let verdict = if l.introduces { "INTRODUCES error" } else if l.inherited > l.tolerance { "inherits error" } else { "clean" };
-            let _ = writeln!(s, "  {:>5}  {:<10}  {:<10}  {:<10}  {verdict}", l.layer, sci(l.inherited), sci(l.introduced), sci(l.total));
+            let verdict = if l.introduces {
+                "INTRODUCES error"
+            } else if l.inherited > l.tolerance {
+                "inherits error"
+            } else {
+                "clean"
+            };
+            let _ = writeln!(
+                s,
+                "  {:>5}  {:<10}  {:<10}  {:<10}  {verdict}",
+                l.layer,
+                sci(l.inherited),
+                sci(l.introduced),
+                sci(l.total)
+            );
         }
         if let Some(t) = r.replay_taps.iter().find(|t| t.introduces) {
-            let _ = writeln!(s, "  within the layer, the first tap off its replay: {} (rel_l2 {} at position {})", t.tap, sci(t.introduced), t.at_position);
+            let _ = writeln!(
+                s,
+                "  within the layer, the first tap off its replay: {} (rel_l2 {} at position {})",
+                t.tap,
+                sci(t.introduced),
+                t.at_position
+            );
         }
     }
-    let _ = writeln!(s, "\n{} runs of A, {} of B, {} dumped, {:.1} s", r.runs_a, r.runs_b, bytes(r.bytes_dumped), r.seconds);
+    let _ = writeln!(
+        s,
+        "\n{} runs of A, {} of B, {} dumped, {:.1} s",
+        r.runs_a,
+        r.runs_b,
+        bytes(r.bytes_dumped),
+        r.seconds
+    );
     if !r.reproduce.is_empty() {
         let _ = writeln!(s, "reproduce:");
         for c in &r.reproduce {
@@ -732,8 +1015,14 @@ fn judged_name(j: Judgement) -> &'static str {
 /// What rows were judged against, and the floor against the level the coarse probe
 /// measured along the residual stream.
 fn noise_line(r: &BisectReport) -> String {
-    let Some(n0) = r.noise.first() else { return format!("judged against {}", judged_name(r.judged)) };
-    let levels: Vec<String> = r.noise.iter().map(|n| format!("{} {}", n.tap.trim_end_matches(".resid_post"), sci(n.p75_rel_l2))).collect();
+    let Some(n0) = r.noise.first() else {
+        return format!("judged against {}", judged_name(r.judged));
+    };
+    let levels: Vec<String> = r
+        .noise
+        .iter()
+        .map(|n| format!("{} {}", n.tap.trim_end_matches(".resid_post"), sci(n.p75_rel_l2)))
+        .collect();
     format!(
         "judged against the {}; noise-floor threshold rel_l2 {} (tolerance {}); coarse residual stream, 75th-percentile row rel_l2: {}",
         judged_name(r.judged),
@@ -764,28 +1053,79 @@ fn bisect_title(r: &BisectReport) -> String {
 pub fn bisect_markdown(r: &BisectReport) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "## resbisect bisect: {}\n", md_text(&bisect_title(r)));
-    let _ = writeln!(s, "- A: {}\n- B: {}\n- prompt {} ({} tokens, final probes on {})", md_text(&r.engine_a), md_text(&r.engine_b), md_text(&r.prompt), r.n_tokens, r.prefix);
+    let _ = writeln!(
+        s,
+        "- A: {}\n- B: {}\n- prompt {} ({} tokens, final probes on {})",
+        md_text(&r.engine_a),
+        md_text(&r.engine_b),
+        md_text(&r.prompt),
+        r.n_tokens,
+        r.prefix
+    );
     if let Some(c) = &r.crash {
-        let _ = writeln!(s, "- crash of {} in the {} probe: {} (last tap written: {})", c.engine, md_text(&c.probe), md_text(&c.error.message), md_text(c.error.tap.as_deref().unwrap_or("none")));
+        let _ = writeln!(
+            s,
+            "- crash of {} in the {} probe: {} (last tap written: {})",
+            c.engine,
+            md_text(&c.probe),
+            md_text(&c.error.message),
+            md_text(c.error.tap.as_deref().unwrap_or("none"))
+        );
     }
     if let Some(m) = &r.token_mismatch {
         let _ = writeln!(s, "- **tokens differ**: {}", md_text(&m.describe()));
     }
     if let Some(f) = &r.first {
-        let _ = writeln!(s, "- first divergence **{}** at position {}: rel_l2 {}, max_abs {}", f.tap, f.position, sci(f.metrics.rel_l2), sci(f.metrics.max_abs));
+        let _ = writeln!(
+            s,
+            "- first divergence **{}** at position {}: rel_l2 {}, max_abs {}",
+            f.tap,
+            f.position,
+            sci(f.metrics.rel_l2),
+            sci(f.metrics.max_abs)
+        );
     }
     let _ = writeln!(s, "- {}", md_text(&noise_line(r)));
     if !r.replay.is_empty() {
-        let _ = writeln!(s, "\n| layer | inherited | introduced | total | introduces |\n|---|---|---|---|---|");
+        let _ = writeln!(
+            s,
+            "\n| layer | inherited | introduced | total | introduces |\n|---|---|---|---|---|"
+        );
         for l in &r.replay {
-            let _ = writeln!(s, "| {} | {} | {} | {} | {} |", l.layer, sci(l.inherited), sci(l.introduced), sci(l.total), if l.introduces { "**yes**" } else { "no" });
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} |",
+                l.layer,
+                sci(l.inherited),
+                sci(l.introduced),
+                sci(l.total),
+                if l.introduces { "**yes**" } else { "no" }
+            );
         }
     }
-    let _ = writeln!(s, "\n| probe | tokens | layers | taps | seconds A/B | bytes | finding |\n|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "\n| probe | tokens | layers | taps | seconds A/B | bytes | finding |\n|---|---|---|---|---|---|---|"
+    );
     for p in &r.probes {
-        let _ = writeln!(s, "| {} | {} | {:?} | {} | {:.2}/{:.2} | {} | {} |", md_text(&p.purpose), p.tokens, p.layers, md_text(&p.taps.join(",")), p.seconds_a, p.seconds_b, bytes(p.bytes_a + p.bytes_b), md_text(&p.finding));
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:?} | {} | {:.2}/{:.2} | {} | {} |",
+            md_text(&p.purpose),
+            p.tokens,
+            p.layers,
+            md_text(&p.taps.join(",")),
+            p.seconds_a,
+            p.seconds_b,
+            bytes(p.bytes_a + p.bytes_b),
+            md_text(&p.finding)
+        );
     }
-    let _ = writeln!(s, "\nReproduce:\n\n```sh\n{}\n```", r.reproduce.iter().map(|c| md_code(c)).collect::<Vec<_>>().join("\n"));
+    let _ = writeln!(
+        s,
+        "\nReproduce:\n\n```sh\n{}\n```",
+        r.reproduce.iter().map(|c| md_code(c)).collect::<Vec<_>>().join("\n")
+    );
     s
 }
 
@@ -793,18 +1133,26 @@ pub fn bisect_markdown(r: &BisectReport) -> String {
 /// crashed in it (None when nothing was compared).
 fn coarse_comparison(r: &BisectReport) -> Option<&DiffReport> {
     let crashed_there = r.crash.as_ref().is_some_and(|c| c.probe == "coarse");
-    r.coarse_diff.as_ref().or(r.final_diff.as_ref().filter(|_| crashed_there))
+    r.coarse_diff
+        .as_ref()
+        .or(r.final_diff.as_ref().filter(|_| crashed_there))
 }
 
 /// Layers of the model, from whichever comparison the report holds.
 fn bisect_n_layer(r: &BisectReport) -> Option<usize> {
-    r.coarse_diff.as_ref().or(r.final_diff.as_ref()).map(|d| d.n_layer).filter(|&n| n > 0)
+    r.coarse_diff
+        .as_ref()
+        .or(r.final_diff.as_ref())
+        .map(|d| d.n_layer)
+        .filter(|&n| n > 0)
 }
 
 /// The coarse probe as a heatmap: embed and resid_post of the coarse layers over the
 /// prompt's positions.
 fn coarse_heatmap(r: &BisectReport) -> Result<Option<String>> {
-    let Some(p) = coarse_comparison(r).and_then(|d| d.prompts.first()) else { return Ok(None) };
+    let Some(p) = coarse_comparison(r).and_then(|d| d.prompts.first()) else {
+        return Ok(None);
+    };
     let mut rows: Vec<(usize, String, &TapDiff)> = p
         .taps
         .iter()
@@ -819,8 +1167,17 @@ fn coarse_heatmap(r: &BisectReport) -> Result<Option<String>> {
     }
     rows.sort_by_key(|(k, _, _)| *k);
     let rows: HeatRows = rows.into_iter().map(|(_, l, t)| (l, t)).collect();
-    let partial = if r.coarse_diff.is_none() { " (partial: an engine crashed in it)" } else { "" };
-    heatmap_svg(&format!("coarse probe{partial}: resid_post rel L2 by layer and position"), "layer", &rows).map(Some)
+    let partial = if r.coarse_diff.is_none() {
+        " (partial: an engine crashed in it)"
+    } else {
+        ""
+    };
+    heatmap_svg(
+        &format!("coarse probe{partial}: resid_post rel L2 by layer and position"),
+        "layer",
+        &rows,
+    )
+    .map(Some)
 }
 
 /// What one probe found at one layer, for the search-path plot.
@@ -838,7 +1195,11 @@ enum LayerVerdict {
 /// on the probe's finding.
 fn search_verdicts(r: &BisectReport) -> Vec<(String, Vec<(usize, LayerVerdict)>)> {
     let coarse = r.coarse_diff.as_ref().and_then(|d| d.prompts.first());
-    let examined = r.probes.iter().rev().find_map(|p| p.purpose.strip_prefix("taps-").and_then(|l| l.parse::<usize>().ok()));
+    let examined = r
+        .probes
+        .iter()
+        .rev()
+        .find_map(|p| p.purpose.strip_prefix("taps-").and_then(|l| l.parse::<usize>().ok()));
     let first_layer = r.first.as_ref().and_then(|f| match Tap::parse(&f.tap) {
         Some(Tap::Layer(l, _)) => Some(l),
         _ => None,
@@ -869,7 +1230,14 @@ fn search_verdicts(r: &BisectReport) -> Vec<(String, Vec<(usize, LayerVerdict)>)
                 };
                 vec![(mid, v)]
             } else if let Some(l) = p.purpose.strip_prefix("taps-").and_then(|l| l.parse::<usize>().ok()) {
-                vec![(l, if first_layer == Some(l) { LayerVerdict::Diverges } else { LayerVerdict::Dumped })]
+                vec![(
+                    l,
+                    if first_layer == Some(l) {
+                        LayerVerdict::Diverges
+                    } else {
+                        LayerVerdict::Dumped
+                    },
+                )]
             } else {
                 p.layers.iter().map(|&l| (l, LayerVerdict::Dumped)).collect()
             };
@@ -883,7 +1251,11 @@ fn search_verdicts(r: &BisectReport) -> Vec<(String, Vec<(usize, LayerVerdict)>)
 /// layer highlighted.
 fn search_path_svg(r: &BisectReport, n_layer: usize) -> Result<Option<String>> {
     let steps = search_verdicts(r);
-    if steps.iter().flat_map(|(_, m)| m).all(|(_, v)| *v == LayerVerdict::Dumped) {
+    if steps
+        .iter()
+        .flat_map(|(_, m)| m)
+        .all(|(_, v)| *v == LayerVerdict::Dumped)
+    {
         return Ok(None);
     }
     let first_layer = r.first.as_ref().and_then(|f| match Tap::parse(&f.tap) {
@@ -893,7 +1265,11 @@ fn search_path_svg(r: &BisectReport, n_layer: usize) -> Result<Option<String>> {
     let n = steps.len();
     // Row of step i, the first at the top.
     let y_of = |i: usize| (n - 1 - i) as f64;
-    let labels: Vec<String> = steps.iter().enumerate().map(|(i, (p, _))| format!("{}. {p}", i + 1)).collect();
+    let labels: Vec<String> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, (p, _))| format!("{}. {p}", i + 1))
+        .collect();
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (900, 36 * n as u32 + 110)).into_drawing_area();
@@ -915,12 +1291,21 @@ fn search_path_svg(r: &BisectReport, n_layer: usize) -> Result<Option<String>> {
             .x_labels(n_layer.min(30) + 1)
             .y_labels(n.min(20))
             .x_label_formatter(&|v| tick_index(*v, n_layer).map(|l| l.to_string()).unwrap_or_default())
-            .y_label_formatter(&|v| tick_index(*v, n).map(|row| labels[n - 1 - row].clone()).unwrap_or_default())
+            .y_label_formatter(&|v| {
+                tick_index(*v, n)
+                    .map(|row| labels[n - 1 - row].clone())
+                    .unwrap_or_default()
+            })
             .draw()
             .map_err(plot_err)?;
         if let Some(l) = first_layer {
             let l = l as f64;
-            chart.draw_series([Rectangle::new([(l - 0.5, -0.5), (l + 0.5, n as f64 - 0.5)], RGBColor(255, 170, 60).mix(0.35).filled())]).map_err(plot_err)?;
+            chart
+                .draw_series([Rectangle::new(
+                    [(l - 0.5, -0.5), (l + 0.5, n as f64 - 0.5)],
+                    RGBColor(255, 170, 60).mix(0.35).filled(),
+                )])
+                .map_err(plot_err)?;
         }
         // The layers still in question: above the last known good, up to the first known bad.
         let (mut lo, mut hi): (Option<usize>, Option<usize>) = (None, None);
@@ -939,7 +1324,12 @@ fn search_path_svg(r: &BisectReport, n_layer: usize) -> Result<Option<String>> {
             if let Some(h) = hi {
                 let from = lo.map_or(0, |g| g + 1) as f64;
                 let y = y_of(i);
-                chart.draw_series([Rectangle::new([(from - 0.5, y - 0.3), (h as f64 + 0.5, y + 0.3)], RGBColor(229, 115, 115).mix(0.25).filled())]).map_err(plot_err)?;
+                chart
+                    .draw_series([Rectangle::new(
+                        [(from - 0.5, y - 0.3), (h as f64 + 0.5, y + 0.3)],
+                        RGBColor(229, 115, 115).mix(0.25).filled(),
+                    )])
+                    .map_err(plot_err)?;
             }
         }
         for (i, (_, marks)) in steps.iter().enumerate() {
@@ -948,8 +1338,12 @@ fn search_path_svg(r: &BisectReport, n_layer: usize) -> Result<Option<String>> {
                 let x = l as f64;
                 match v {
                     LayerVerdict::Agrees => chart.draw_series([Circle::new((x, y), 6, RGBColor(46, 125, 50).filled())]),
-                    LayerVerdict::Diverges => chart.draw_series([Cross::new((x, y), 7, RGBColor(198, 40, 40).stroke_width(3))]),
-                    LayerVerdict::Dumped => chart.draw_series([Circle::new((x, y), 4, RGBColor(150, 150, 150).filled())]),
+                    LayerVerdict::Diverges => {
+                        chart.draw_series([Cross::new((x, y), 7, RGBColor(198, 40, 40).stroke_width(3))])
+                    }
+                    LayerVerdict::Dumped => {
+                        chart.draw_series([Circle::new((x, y), 4, RGBColor(150, 150, 150).filled())])
+                    }
                 }
                 .map_err(plot_err)?;
             }
@@ -962,8 +1356,15 @@ fn search_path_svg(r: &BisectReport, n_layer: usize) -> Result<Option<String>> {
 /// Local replay per layer: the error a layer introduces (its output against the
 /// reference replayed on its own input) and the error it inherits, with the tolerance.
 fn replay_svg(r: &BisectReport) -> Result<String> {
-    let (lo, hi) = (r.replay.iter().map(|l| l.layer).min().unwrap_or(0) as f64, r.replay.iter().map(|l| l.layer).max().unwrap_or(0) as f64);
-    let values = r.replay.iter().flat_map(|l| [l.introduced, l.inherited, l.tolerance]).map(clamp_log);
+    let (lo, hi) = (
+        r.replay.iter().map(|l| l.layer).min().unwrap_or(0) as f64,
+        r.replay.iter().map(|l| l.layer).max().unwrap_or(0) as f64,
+    );
+    let values = r
+        .replay
+        .iter()
+        .flat_map(|l| [l.introduced, l.inherited, l.tolerance])
+        .map(clamp_log);
     let (vmin, vmax) = values.fold((f64::INFINITY, 0f64), |(a, b), v| (a.min(v), b.max(v)));
     let (ymin, ymax) = ((vmin / 10.0).max(PLOT_FLOOR / 10.0), (vmax * 10.0).min(1e4));
     let mut svg = String::new();
@@ -971,7 +1372,10 @@ fn replay_svg(r: &BisectReport) -> Result<String> {
         let root = SVGBackend::with_string(&mut svg, (900, 340)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err)?;
         let mut chart = ChartBuilder::on(&root)
-            .caption("local replay: error introduced vs inherited, per layer", ("sans-serif", 16))
+            .caption(
+                "local replay: error introduced vs inherited, per layer",
+                ("sans-serif", 16),
+            )
             .margin(10)
             .x_label_area_size(40)
             .y_label_area_size(60)
@@ -1003,13 +1407,28 @@ fn replay_svg(r: &BisectReport) -> Result<String> {
             .map_err(plot_err)?
             .label("introduced (A's output against the replay)")
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], red.filled()));
-        let tol: Vec<(f64, f64)> = r.replay.iter().flat_map(|l| [(l.layer as f64 - 0.5, clamp_log(l.tolerance)), (l.layer as f64 + 0.5, clamp_log(l.tolerance))]).collect();
+        let tol: Vec<(f64, f64)> = r
+            .replay
+            .iter()
+            .flat_map(|l| {
+                [
+                    (l.layer as f64 - 0.5, clamp_log(l.tolerance)),
+                    (l.layer as f64 + 0.5, clamp_log(l.tolerance)),
+                ]
+            })
+            .collect();
         chart
             .draw_series(DashedLineSeries::new(tol, 6, 4, grey.stroke_width(2)))
             .map_err(plot_err)?
             .label("tolerance")
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], grey.stroke_width(2)));
-        chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.85)).position(SeriesLabelPosition::UpperLeft).draw().map_err(plot_err)?;
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.85))
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()
+            .map_err(plot_err)?;
         root.present().map_err(plot_err)?;
     }
     Ok(svg)
@@ -1030,7 +1449,9 @@ fn bisect_plots(r: &BisectReport) -> Result<String> {
             s.push_str(&svg);
             s.push_str("<p class=\"legend\">green dot: resid_post agrees; red cross: it diverges (for the all-taps probe: the layer holding the first divergence); grey dot: dumped for another purpose or not judged; shaded band: the layers still in question after that probe; orange column: the first divergent layer.</p>");
         }
-        None => s.push_str("<p class=\"legend\">No layer was judged (nothing of the layers was compared): no search-path plot.</p>"),
+        None => s.push_str(
+            "<p class=\"legend\">No layer was judged (nothing of the layers was compared): no search-path plot.</p>",
+        ),
     }
     Ok(s)
 }
@@ -1042,8 +1463,19 @@ pub fn bisect_html(r: &BisectReport) -> Result<String> {
     let title = html_escape(&bisect_title(r));
     let _ = write!(s, "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>resbisect bisect: {title}</title><style>{STYLE}</style></head><body>");
     let _ = write!(s, "<h1>resbisect bisect: {title}</h1><table>");
-    let _ = write!(s, "<tr><th>A</th><td>{}</td></tr><tr><th>B</th><td>{}</td></tr>", html_escape(&r.engine_a), html_escape(&r.engine_b));
-    let _ = write!(s, "<tr><th>prompt</th><td>{} ({} tokens; final probes on the first {})</td></tr></table>", html_escape(&r.prompt), r.n_tokens, r.prefix);
+    let _ = write!(
+        s,
+        "<tr><th>A</th><td>{}</td></tr><tr><th>B</th><td>{}</td></tr>",
+        html_escape(&r.engine_a),
+        html_escape(&r.engine_b)
+    );
+    let _ = write!(
+        s,
+        "<tr><th>prompt</th><td>{} ({} tokens; final probes on the first {})</td></tr></table>",
+        html_escape(&r.prompt),
+        r.n_tokens,
+        r.prefix
+    );
     if let Some(c) = &r.crash {
         let _ = write!(
             s,
@@ -1052,7 +1484,11 @@ pub fn bisect_html(r: &BisectReport) -> Result<String> {
         );
     }
     if let Some(m) = &r.token_mismatch {
-        let _ = write!(s, "<div class=\"callout bad\"><b>Tokens differ</b>: {}</div>", html_escape(&m.describe()));
+        let _ = write!(
+            s,
+            "<div class=\"callout bad\"><b>Tokens differ</b>: {}</div>",
+            html_escape(&m.describe())
+        );
     }
     match &r.first {
         Some(f) => {
@@ -1072,14 +1508,35 @@ pub fn bisect_html(r: &BisectReport) -> Result<String> {
         s.push_str(&replay_svg(r)?);
         s.push_str("<table><tr><th>layer</th><th>inherited</th><th>introduced</th><th>total</th><th>verdict</th></tr>");
         for l in &r.replay {
-            let verdict = if l.introduces { "<b>introduces error</b>" } else if l.inherited > l.tolerance { "inherits error" } else { "clean" };
-            let _ = write!(s, "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{verdict}</td></tr>", l.layer, sci(l.inherited), sci(l.introduced), sci(l.total));
+            let verdict = if l.introduces {
+                "<b>introduces error</b>"
+            } else if l.inherited > l.tolerance {
+                "inherits error"
+            } else {
+                "clean"
+            };
+            let _ = write!(
+                s,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{verdict}</td></tr>",
+                l.layer,
+                sci(l.inherited),
+                sci(l.introduced),
+                sci(l.total)
+            );
         }
         s.push_str("</table>");
         if !r.replay_taps.is_empty() {
             s.push_str("<p>Taps of the suspect layer against their replay:</p><table><tr><th>tap</th><th>introduced</th><th>at position</th><th>tolerance</th></tr>");
             for t in &r.replay_taps {
-                let _ = write!(s, "<tr><td>{}{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", html_escape(&t.tap), if t.introduces { " ◀" } else { "" }, sci(t.introduced), t.at_position, sci(t.tolerance));
+                let _ = write!(
+                    s,
+                    "<tr><td>{}{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    html_escape(&t.tap),
+                    if t.introduces { " ◀" } else { "" },
+                    sci(t.introduced),
+                    t.at_position,
+                    sci(t.tolerance)
+                );
             }
             s.push_str("</table><p class=\"legend\">◀ marks the taps whose error this layer introduces: over tolerance against the reference replayed on A's own input.</p>");
         }
@@ -1092,9 +1549,20 @@ pub fn bisect_html(r: &BisectReport) -> Result<String> {
             i + 1, html_escape(&p.purpose), p.tokens, html_escape(&crate::engines::layers_arg(&p.layers)), html_escape(&p.taps.join(", ")), html_escape(&p.positions), p.seconds_a, p.seconds_b, bytes(p.bytes_a + p.bytes_b), html_escape(&p.finding)
         );
     }
-    let _ = write!(s, "</table><p>{} runs of A, {} of B, {} dumped, {:.1} s.</p>", r.runs_a, r.runs_b, bytes(r.bytes_dumped), r.seconds);
+    let _ = write!(
+        s,
+        "</table><p>{} runs of A, {} of B, {} dumped, {:.1} s.</p>",
+        r.runs_a,
+        r.runs_b,
+        bytes(r.bytes_dumped),
+        r.seconds
+    );
     // One command a line, wrapped: they hold long paths.
-    let _ = write!(s, "<h2>Reproduce</h2><pre class=\"reproduce\">{}</pre>", html_escape(&r.reproduce.join("\n")));
+    let _ = write!(
+        s,
+        "<h2>Reproduce</h2><pre class=\"reproduce\">{}</pre>",
+        html_escape(&r.reproduce.join("\n"))
+    );
     if r.final_diff.is_some() {
         s.push_str("<p>The full comparison of the last probe: <a href=\"report.html\">report.html</a>.</p>");
     }
@@ -1109,7 +1577,11 @@ pub fn write_bisect(r: &BisectReport, dir: &Path) -> Result<()> {
         write_all(d, dir)?;
     }
     let json = serde_json::to_vec_pretty(r).map_err(|e| Error::input(format!("report: {e}")))?;
-    for (name, bytes) in [("bisect.json", json), ("bisect.md", bisect_markdown(r).into_bytes()), ("bisect.html", bisect_html(r)?.into_bytes())] {
+    for (name, bytes) in [
+        ("bisect.json", json),
+        ("bisect.md", bisect_markdown(r).into_bytes()),
+        ("bisect.html", bisect_html(r)?.into_bytes()),
+    ] {
         let path = dir.join(name);
         std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
     }

@@ -19,9 +19,47 @@ use crate::model::Config;
 /// Words whose spellings become merges (gpt2) or pieces (SentencePiece) of the synthetic
 /// vocabularies, so that ordinary text tokenizes into more than single bytes.
 const WORDS: &[&str] = &[
-    "the", "and", "of", "to", "in", "is", "that", "for", "it", "with", "as", "was", "on", "layer", "token", "model", "tensor",
-    "error", "first", "where", "which", "how", "much", "engine", "kernel", "position", "attention", "residual", "stream",
-    "reference", "divergence", "memory", "long", "context", "prompt", "value", "query", "key", "norm", "hello", "world",
+    "the",
+    "and",
+    "of",
+    "to",
+    "in",
+    "is",
+    "that",
+    "for",
+    "it",
+    "with",
+    "as",
+    "was",
+    "on",
+    "layer",
+    "token",
+    "model",
+    "tensor",
+    "error",
+    "first",
+    "where",
+    "which",
+    "how",
+    "much",
+    "engine",
+    "kernel",
+    "position",
+    "attention",
+    "residual",
+    "stream",
+    "reference",
+    "divergence",
+    "memory",
+    "long",
+    "context",
+    "prompt",
+    "value",
+    "query",
+    "key",
+    "norm",
+    "hello",
+    "world",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,16 +103,36 @@ pub fn preset(name: &str) -> Result<Preset> {
     };
     Ok(match name {
         // A few tens of KB: seeds for the fuzz targets, where every input byte costs time.
-        "micro" => Preset { name: "micro", config: cfg(2, 32, 4, 2, 64, 640, 256, 10_000.0), tied_output: false, tokenizer: TokenizerKind::Gpt2 },
-        "tiny" => Preset { name: "tiny", config: cfg(2, 256, 4, 2, 512, 1024, 1024, 10_000.0), tied_output: false, tokenizer: TokenizerKind::Gpt2 },
-        "smollm2-135m" => Preset { name: "smollm2-135m", config: cfg(30, 576, 9, 3, 1536, 49152, 8192, 100_000.0), tied_output: true, tokenizer: TokenizerKind::Gpt2 },
+        "micro" => Preset {
+            name: "micro",
+            config: cfg(2, 32, 4, 2, 64, 640, 256, 10_000.0),
+            tied_output: false,
+            tokenizer: TokenizerKind::Gpt2,
+        },
+        "tiny" => Preset {
+            name: "tiny",
+            config: cfg(2, 256, 4, 2, 512, 1024, 1024, 10_000.0),
+            tied_output: false,
+            tokenizer: TokenizerKind::Gpt2,
+        },
+        "smollm2-135m" => Preset {
+            name: "smollm2-135m",
+            config: cfg(30, 576, 9, 3, 1536, 49152, 8192, 100_000.0),
+            tied_output: true,
+            tokenizer: TokenizerKind::Gpt2,
+        },
         "tinyllama-1.1b" => Preset {
             name: "tinyllama-1.1b",
             config: cfg(22, 2048, 32, 4, 5632, 32000, 2048, 10_000.0),
             tied_output: false,
             tokenizer: TokenizerKind::SentencePiece,
         },
-        other => return Err(Error::input(format!("unknown preset {other:?} (known: {})", PRESET_NAMES.join(", ")))),
+        other => {
+            return Err(Error::input(format!(
+                "unknown preset {other:?} (known: {})",
+                PRESET_NAMES.join(", ")
+            )))
+        }
     })
 }
 
@@ -93,7 +151,11 @@ pub fn parse_quant(name: &str) -> Result<GgmlDType> {
         "q4_k" => GgmlDType::Q4K,
         "q5_k" => GgmlDType::Q5K,
         "q6_k" => GgmlDType::Q6K,
-        other => return Err(Error::input(format!("unknown quant type {other:?} (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k..q6_k)"))),
+        other => {
+            return Err(Error::input(format!(
+                "unknown quant type {other:?} (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k..q6_k)"
+            )))
+        }
     })
 }
 
@@ -128,7 +190,10 @@ struct Vocab {
 
 fn pad_vocab(tokens: &mut Vec<String>, types: &mut Vec<i32>, n_vocab: usize) -> Result<()> {
     if tokens.len() > n_vocab {
-        return Err(Error::input(format!("synthetic vocabulary needs {} tokens but n_vocab is {n_vocab}", tokens.len())));
+        return Err(Error::input(format!(
+            "synthetic vocabulary needs {} tokens but n_vocab is {n_vocab}",
+            tokens.len()
+        )));
     }
     for i in tokens.len()..n_vocab {
         tokens.push(format!("<unused_{i}>"));
@@ -162,7 +227,16 @@ fn gpt2_vocab(n_vocab: usize) -> Result<Vocab> {
         }
     }
     pad_vocab(&mut tokens, &mut types, n_vocab)?;
-    Ok(Vocab { tokens, types, scores: None, merges: Some(merges), bos: 1, eos: 2, unk: None, add_bos: false })
+    Ok(Vocab {
+        tokens,
+        types,
+        scores: None,
+        merges: Some(merges),
+        bos: 1,
+        eos: 2,
+        unk: None,
+        add_bos: false,
+    })
 }
 
 fn sentencepiece_vocab(n_vocab: usize) -> Result<Vocab> {
@@ -186,13 +260,35 @@ fn sentencepiece_vocab(n_vocab: usize) -> Result<Vocab> {
     tokens.extend(pieces);
     types.extend(std::iter::repeat_n(1, tokens.len() - n_fixed));
     pad_vocab(&mut tokens, &mut types, n_vocab)?;
-    let scores = (0..n_vocab).map(|i| if i < n_fixed { 0.0 } else if types[i] == 5 { -1e9 } else { -((i - n_fixed) as f32) }).collect();
-    Ok(Vocab { tokens, types, scores: Some(scores), merges: None, bos: 1, eos: 2, unk: Some(0), add_bos: true })
+    let scores = (0..n_vocab)
+        .map(|i| {
+            if i < n_fixed {
+                0.0
+            } else if types[i] == 5 {
+                -1e9
+            } else {
+                -((i - n_fixed) as f32)
+            }
+        })
+        .collect();
+    Ok(Vocab {
+        tokens,
+        types,
+        scores: Some(scores),
+        merges: None,
+        bos: 1,
+        eos: 2,
+        unk: Some(0),
+        add_bos: true,
+    })
 }
 
 /// Deterministic per-tensor seed from the user's seed and the tensor's name.
 fn tensor_seed(seed: u64, name: &str) -> u64 {
-    let digest = Sha256::new().chain_update(seed.to_le_bytes()).chain_update(name.as_bytes()).finalize();
+    let digest = Sha256::new()
+        .chain_update(seed.to_le_bytes())
+        .chain_update(name.as_bytes())
+        .finalize();
     u64::from_le_bytes(digest[..8].try_into().expect("digest has 32 bytes"))
 }
 
@@ -226,10 +322,28 @@ fn weight_specs(p: &Preset) -> Vec<WeightSpec> {
     let hd = c.n_embd / c.n_head;
     let w = |name: String, dims: Vec<usize>| {
         let fan_in = dims[0] as f32;
-        WeightSpec { name, dims, mean: 0.0, std: fan_in.sqrt().recip(), is_norm: false }
+        WeightSpec {
+            name,
+            dims,
+            mean: 0.0,
+            std: fan_in.sqrt().recip(),
+            is_norm: false,
+        }
     };
-    let norm = |name: String, n: usize| WeightSpec { name, dims: vec![n], mean: 1.0, std: 0.05, is_norm: true };
-    let mut specs = vec![WeightSpec { name: "token_embd.weight".into(), dims: vec![c.n_embd, c.n_vocab], mean: 0.0, std: 0.05, is_norm: false }];
+    let norm = |name: String, n: usize| WeightSpec {
+        name,
+        dims: vec![n],
+        mean: 1.0,
+        std: 0.05,
+        is_norm: true,
+    };
+    let mut specs = vec![WeightSpec {
+        name: "token_embd.weight".into(),
+        dims: vec![c.n_embd, c.n_vocab],
+        mean: 0.0,
+        std: 0.05,
+        is_norm: false,
+    }];
     for l in 0..c.n_layer {
         let b = |s: &str| format!("blk.{l}.{s}.weight");
         specs.extend([
@@ -266,12 +380,16 @@ pub fn write_model(preset: &Preset, quant: GgmlDType, seed: u64, out: &Path) -> 
             let dtype = if s.is_norm {
                 GgmlDType::F32
             } else {
-                [quant, GgmlDType::Q8_0, GgmlDType::F16].into_iter().find(|d| s.dims[0] % d.block_size() == 0).unwrap_or(GgmlDType::F32)
+                [quant, GgmlDType::Q8_0, GgmlDType::F16]
+                    .into_iter()
+                    .find(|d| s.dims[0] % d.block_size() == 0)
+                    .unwrap_or(GgmlDType::F32)
             };
             let n: usize = s.dims.iter().product();
             let data = normal(n, s.mean, s.std, tensor_seed(seed, &s.name));
             let shape: Vec<usize> = s.dims.iter().rev().copied().collect();
-            let t = Tensor::from_vec(data, shape, &Device::Cpu).map_err(|e| Error::input(format!("{}: {e}", s.name)))?;
+            let t =
+                Tensor::from_vec(data, shape, &Device::Cpu).map_err(|e| Error::input(format!("{}: {e}", s.name)))?;
             let q = QTensor::quantize(&t, dtype).map_err(|e| Error::input(format!("quantizing {}: {e}", s.name)))?;
             Ok((s.name.clone(), q))
         })
@@ -282,7 +400,10 @@ pub fn write_model(preset: &Preset, quant: GgmlDType, seed: u64, out: &Path) -> 
     let strings = |v: &[String]| V::Array(v.iter().map(|s| V::String(s.clone())).collect());
     let mut meta: Vec<(String, V)> = vec![
         ("general.architecture".into(), V::String("llama".into())),
-        ("general.name".into(), V::String(format!("resbisect synthetic {} seed {seed}", preset.name))),
+        (
+            "general.name".into(),
+            V::String(format!("resbisect synthetic {} seed {seed}", preset.name)),
+        ),
         (arch("block_count"), V::U32(c.n_layer as u32)),
         (arch("context_length"), V::U32(c.n_ctx as u32)),
         (arch("embedding_length"), V::U32(c.n_embd as u32)),
@@ -293,10 +414,16 @@ pub fn write_model(preset: &Preset, quant: GgmlDType, seed: u64, out: &Path) -> 
         (arch("rope.dimension_count"), V::U32((c.n_embd / c.n_head) as u32)),
         (arch("attention.layer_norm_rms_epsilon"), V::F32(c.rms_eps as f32)),
         (arch("vocab_size"), V::U32(c.n_vocab as u32)),
-        ("tokenizer.ggml.model".into(), V::String(if vocab.merges.is_some() { "gpt2" } else { "llama" }.into())),
+        (
+            "tokenizer.ggml.model".into(),
+            V::String(if vocab.merges.is_some() { "gpt2" } else { "llama" }.into()),
+        ),
         ("tokenizer.ggml.pre".into(), V::String("default".into())),
         ("tokenizer.ggml.tokens".into(), strings(&vocab.tokens)),
-        ("tokenizer.ggml.token_type".into(), V::Array(vocab.types.iter().map(|&t| V::I32(t)).collect())),
+        (
+            "tokenizer.ggml.token_type".into(),
+            V::Array(vocab.types.iter().map(|&t| V::I32(t)).collect()),
+        ),
         ("tokenizer.ggml.bos_token_id".into(), V::U32(vocab.bos)),
         ("tokenizer.ggml.eos_token_id".into(), V::U32(vocab.eos)),
         ("tokenizer.ggml.add_bos_token".into(), V::Bool(vocab.add_bos)),
@@ -305,7 +432,10 @@ pub fn write_model(preset: &Preset, quant: GgmlDType, seed: u64, out: &Path) -> 
         meta.push(("tokenizer.ggml.merges".into(), strings(merges)));
     }
     if let Some(scores) = &vocab.scores {
-        meta.push(("tokenizer.ggml.scores".into(), V::Array(scores.iter().map(|&s| V::F32(s)).collect())));
+        meta.push((
+            "tokenizer.ggml.scores".into(),
+            V::Array(scores.iter().map(|&s| V::F32(s)).collect()),
+        ));
     }
     if let Some(unk) = vocab.unk {
         meta.push(("tokenizer.ggml.unknown_token_id".into(), V::U32(unk)));
@@ -317,10 +447,15 @@ pub fn write_model(preset: &Preset, quant: GgmlDType, seed: u64, out: &Path) -> 
 pub(crate) fn write_gguf(out: &Path, meta: &[(String, gguf_file::Value)], tensors: &[(String, QTensor)]) -> Result<()> {
     let meta_refs: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    let tmp = out.with_file_name(format!(".{}.tmp-{}", out.file_name().and_then(|n| n.to_str()).unwrap_or("model"), std::process::id()));
+    let tmp = out.with_file_name(format!(
+        ".{}.tmp-{}",
+        out.file_name().and_then(|n| n.to_str()).unwrap_or("model"),
+        std::process::id()
+    ));
     let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let mut w = BufWriter::new(file);
-    gguf_file::write(&mut w, &meta_refs, &tensor_refs).map_err(|e| Error::input(format!("{}: writing GGUF: {e}", out.display())))?;
+    gguf_file::write(&mut w, &meta_refs, &tensor_refs)
+        .map_err(|e| Error::input(format!("{}: writing GGUF: {e}", out.display())))?;
     w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
     std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
 }

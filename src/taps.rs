@@ -10,7 +10,19 @@ use crate::model::Config;
 
 /// Taps inside a layer, in topological order.
 pub const LAYER_TAPS: &[&str] = &[
-    "attn_norm", "q", "k", "v", "attn", "attn_out", "resid_mid", "ffn_norm", "ffn_gate", "ffn_up", "ffn_act", "ffn_out", "resid_post",
+    "attn_norm",
+    "q",
+    "k",
+    "v",
+    "attn",
+    "attn_out",
+    "resid_mid",
+    "ffn_norm",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_act",
+    "ffn_out",
+    "resid_post",
 ];
 /// Taps outside the layers: `embed` before them, the others after.
 pub const OUTPUT_TAPS: &[&str] = &["final_norm", "logits"];
@@ -80,16 +92,24 @@ impl Tap {
 /// Map any accepted name (canonical, TransformerLens, llama.cpp, HF hidden_states) to
 /// the canonical id. `n_layer` resolves `hidden_states[last]` and `hook_resid_pre`.
 pub fn canonical_tap_id(name: &str, n_layer: usize) -> Result<String> {
-    let unknown = || Error::input(format!("unknown tap name {name:?} (canonical ids and aliases: docs/taps.md)"));
+    let unknown = || {
+        Error::input(format!(
+            "unknown tap name {name:?} (canonical ids and aliases: docs/taps.md)"
+        ))
+    };
     if let Some(tap) = Tap::parse(name) {
         return match tap {
-            Tap::Layer(l, _) if l >= n_layer => Err(Error::input(format!("tap {name}: layer {l} does not exist (model has {n_layer})"))),
+            Tap::Layer(l, _) if l >= n_layer => Err(Error::input(format!(
+                "tap {name}: layer {l} does not exist (model has {n_layer})"
+            ))),
             _ => Ok(tap.id()),
         };
     }
     let layer_checked = |l: usize, tap: &str| {
         if l >= n_layer {
-            Err(Error::input(format!("tap {name}: layer {l} does not exist (model has {n_layer})")))
+            Err(Error::input(format!(
+                "tap {name}: layer {l} does not exist (model has {n_layer})"
+            )))
         } else {
             Ok(format!("blk.{l}.{tap}"))
         }
@@ -119,7 +139,10 @@ pub fn canonical_tap_id(name: &str, n_layer: usize) -> Result<String> {
             0 => Ok(EMBED_TAP.into()),
             i if i < n_layer => Ok(format!("blk.{}.resid_post", i - 1)),
             i if i == n_layer => Ok("final_norm".into()),
-            _ => Err(Error::input(format!("tap {name}: hidden_states has {} entries", n_layer + 1))),
+            _ => Err(Error::input(format!(
+                "tap {name}: hidden_states has {} entries",
+                n_layer + 1
+            ))),
         };
     }
     if let Some((base, l)) = name.rsplit_once('-') {
@@ -156,7 +179,11 @@ impl Selection {
         let taps = parse_taps(taps)?;
         // Validate the position syntax now, against no particular length.
         PositionSpec::parse(positions)?;
-        Ok(Self { layers, taps, positions: positions.to_string() })
+        Ok(Self {
+            layers,
+            taps,
+            positions: positions.to_string(),
+        })
     }
 
     /// Whether the canonical tap is recorded.
@@ -185,7 +212,9 @@ pub fn all_taps(n_layer: usize) -> Vec<Tap> {
 }
 
 fn parse_index(s: &str, what: &str) -> Result<usize> {
-    s.trim().parse().map_err(|_| Error::input(format!("bad {what} {s:?}: expected a non-negative integer")))
+    s.trim()
+        .parse()
+        .map_err(|_| Error::input(format!("bad {what} {s:?}: expected a non-negative integer")))
 }
 
 /// `0,1,2,4,8`, `0..22` (end exclusive), `3..`, `all`, `none` (only embed/output taps).
@@ -202,13 +231,19 @@ pub fn parse_layers(spec: &str, n_layer: usize) -> Result<Vec<usize>> {
         let (lo, hi) = match item.split_once("..") {
             Some((a, b)) => {
                 let lo = if a.is_empty() { 0 } else { parse_index(a, "layer")? };
-                let hi = if b.is_empty() { n_layer } else { parse_index(b, "layer")? };
+                let hi = if b.is_empty() {
+                    n_layer
+                } else {
+                    parse_index(b, "layer")?
+                };
                 (lo, hi)
             }
             None => {
                 let l = parse_index(item, "layer")?;
                 if l >= n_layer {
-                    return Err(Error::input(format!("layer selection {item:?} goes past the model's {n_layer} layers (0..{n_layer})")));
+                    return Err(Error::input(format!(
+                        "layer selection {item:?} goes past the model's {n_layer} layers (0..{n_layer})"
+                    )));
                 }
                 (l, l + 1)
             }
@@ -217,7 +252,9 @@ pub fn parse_layers(spec: &str, n_layer: usize) -> Result<Vec<usize>> {
             return Err(Error::input(format!("empty layer range {item:?}")));
         }
         if hi > n_layer {
-            return Err(Error::input(format!("layer selection {item:?} goes past the model's {n_layer} layers (0..{n_layer})")));
+            return Err(Error::input(format!(
+                "layer selection {item:?} goes past the model's {n_layer} layers (0..{n_layer})"
+            )));
         }
         set.extend(lo..hi);
     }
@@ -285,7 +322,11 @@ pub struct PositionSpec(Vec<PosItem>);
 
 impl PositionSpec {
     pub fn parse(spec: &str) -> Result<Self> {
-        let bad = |item: &str| Error::input(format!("bad position {item:?}: use all, last, N, A..B, A.. or -K.. (negative counts from the end)"));
+        let bad = |item: &str| {
+            Error::input(format!(
+                "bad position {item:?}: use all, last, N, A..B, A.. or -K.. (negative counts from the end)"
+            ))
+        };
         let num = |s: &str, item: &str| s.trim().parse::<i64>().map_err(|_| bad(item));
         let mut items = Vec::new();
         for item in spec.split(',').map(str::trim) {
@@ -321,7 +362,10 @@ impl PositionSpec {
                 PosItem::Range(a, b) => (a.map(abs).unwrap_or(0), b.map(abs).unwrap_or(n)),
             };
             if lo < 0 || hi > n || lo >= hi {
-                return Err(Error::input(format!("position selection {} is out of range for a {len}-token sequence", describe(item))));
+                return Err(Error::input(format!(
+                    "position selection {} is out of range for a {len}-token sequence",
+                    describe(item)
+                )));
             }
             ranges.push((lo as usize, hi as usize));
         }
@@ -354,7 +398,13 @@ pub fn consecutive_runs(values: &[usize]) -> impl Iterator<Item = std::ops::Rang
 
 /// The shortest `--positions` text for ascending positions: `5,10..20,31`.
 pub fn positions_spec(positions: &[usize]) -> String {
-    let item = |r: std::ops::Range<usize>| if r.len() == 1 { positions[r.start].to_string() } else { format!("{}..{}", positions[r.start], positions[r.end - 1] + 1) };
+    let item = |r: std::ops::Range<usize>| {
+        if r.len() == 1 {
+            positions[r.start].to_string()
+        } else {
+            format!("{}..{}", positions[r.start], positions[r.end - 1] + 1)
+        }
+    };
     consecutive_runs(positions).map(item).collect::<Vec<_>>().join(",")
 }
 
@@ -399,7 +449,14 @@ mod tests {
         for (alias, want) in cases {
             assert_eq!(canonical_tap_id(alias, 30).unwrap(), want, "{alias}");
         }
-        for bad in ["blk.30.q", "blk.01.q", "hidden_states[31]", "l_out-x", "blocks.2.hook_nope", "nonsense"] {
+        for bad in [
+            "blk.30.q",
+            "blk.01.q",
+            "hidden_states[31]",
+            "l_out-x",
+            "blocks.2.hook_nope",
+            "nonsense",
+        ] {
             assert!(canonical_tap_id(bad, 30).is_err(), "{bad}");
         }
     }
@@ -419,10 +476,18 @@ mod tests {
         // Overflow panics in debug builds (`cargo test`): these must be plain refusals.
         assert!(parse_layers("18446744073709551615", 22).is_err());
         assert!(parse_layers("18446744073709551615..", 22).is_err());
-        for spec in ["9223372036854775807", "-9223372036854775808..", "0..9223372036854775807", "-9223372036854775808"] {
+        for spec in [
+            "9223372036854775807",
+            "-9223372036854775808..",
+            "0..9223372036854775807",
+            "-9223372036854775808",
+        ] {
             assert!(PositionSpec::parse(spec).unwrap().resolve(10).is_err(), "{spec}");
         }
-        assert_eq!(PositionSpec::parse("all,all,0..3,last").unwrap().resolve(5).unwrap(), vec![0, 1, 2, 3, 4]);
+        assert_eq!(
+            PositionSpec::parse("all,all,0..3,last").unwrap().resolve(5).unwrap(),
+            vec![0, 1, 2, 3, 4]
+        );
     }
 
     #[test]
@@ -432,7 +497,10 @@ mod tests {
         assert_eq!(parse_layers("all", 3).unwrap(), vec![0, 1, 2]);
         assert!(parse_layers("0..32", 22).is_err());
         assert!(parse_layers("5..2", 22).is_err());
-        assert_eq!(parse_taps("logits,l_out,embed").unwrap(), vec!["embed", "resid_post", "logits"]);
+        assert_eq!(
+            parse_taps("logits,l_out,embed").unwrap(),
+            vec!["embed", "resid_post", "logits"]
+        );
         assert!(parse_taps("resid_pots").is_err());
     }
 }

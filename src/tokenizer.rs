@@ -2,7 +2,10 @@
 //! crate: byte-level BPE (`gpt2`, with the `smollm`, `llama3` or default pre-tokenizer)
 //! and SentencePiece BPE (`llama`, merges recovered from scores, byte fallback).
 
-use tokenizers::decoders::{byte_fallback::ByteFallback, byte_level::ByteLevel as ByteLevelDecoder, fuse::Fuse, sequence::Sequence as DecoderSequence, strip::Strip};
+use tokenizers::decoders::{
+    byte_fallback::ByteFallback, byte_level::ByteLevel as ByteLevelDecoder, fuse::Fuse,
+    sequence::Sequence as DecoderSequence, strip::Strip,
+};
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::normalizers::Replace;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -37,8 +40,12 @@ fn meta_err(gguf: &GgufFile, msg: String) -> Error {
 }
 
 fn string_array<'a>(gguf: &'a GgufFile, key: &str) -> Result<&'a [String]> {
-    let arr = gguf.get(key).and_then(Value::as_array).ok_or_else(|| meta_err(gguf, format!("metadata {key} is missing or not an array")))?;
-    arr.strings().ok_or_else(|| meta_err(gguf, format!("{key} is not an array of strings")))
+    let arr = gguf
+        .get(key)
+        .and_then(Value::as_array)
+        .ok_or_else(|| meta_err(gguf, format!("metadata {key} is missing or not an array")))?;
+    arr.strings()
+        .ok_or_else(|| meta_err(gguf, format!("{key} is not an array of strings")))
 }
 
 fn token_id(gguf: &GgufFile, key: &str, n: usize) -> Result<Option<u32>> {
@@ -46,14 +53,21 @@ fn token_id(gguf: &GgufFile, key: &str, n: usize) -> Result<Option<u32>> {
         None => Ok(None),
         Some(v) => match v.as_u64() {
             Some(id) if (id as usize) < n => Ok(Some(id as u32)),
-            _ => Err(meta_err(gguf, format!("{key} = {} is not a token id below {n}", v.summary()))),
+            _ => Err(meta_err(
+                gguf,
+                format!("{key} = {} is not a token id below {n}", v.summary()),
+            )),
         },
     }
 }
 
 impl Tokenizer {
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
-        let kind = gguf.get("tokenizer.ggml.model").and_then(Value::as_str).ok_or_else(|| meta_err(gguf, "tokenizer.ggml.model is missing".into()))?.to_string();
+        let kind = gguf
+            .get("tokenizer.ggml.model")
+            .and_then(Value::as_str)
+            .ok_or_else(|| meta_err(gguf, "tokenizer.ggml.model is missing".into()))?
+            .to_string();
         let tokens = string_array(gguf, "tokenizer.ggml.tokens")?;
         let n = tokens.len();
         if n == 0 {
@@ -61,18 +75,33 @@ impl Tokenizer {
         }
         let types: Vec<i64> = match gguf.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
             Some(a) if a.len() == n => a.integers().map(|v| v.unwrap_or(1)).collect(),
-            Some(a) => return Err(meta_err(gguf, format!("token_type has {} entries for {n} tokens", a.len()))),
+            Some(a) => {
+                return Err(meta_err(
+                    gguf,
+                    format!("token_type has {} entries for {n} tokens", a.len()),
+                ))
+            }
             None => vec![1; n],
         };
         let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let bos_id = token_id(gguf, "tokenizer.ggml.bos_token_id", n)?;
         let eos_id = token_id(gguf, "tokenizer.ggml.eos_token_id", n)?;
         let unk_id = token_id(gguf, "tokenizer.ggml.unknown_token_id", n)?;
-        let pre = gguf.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default").to_string();
+        let pre = gguf
+            .get("tokenizer.ggml.pre")
+            .and_then(Value::as_str)
+            .unwrap_or("default")
+            .to_string();
         let add_bos_default = kind == "llama";
-        let add_bos = gguf.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(add_bos_default);
+        let add_bos = gguf
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(Value::as_bool)
+            .unwrap_or(add_bos_default);
         if add_bos && bos_id.is_none() {
-            return Err(meta_err(gguf, "add_bos_token is set but bos_token_id is missing".into()));
+            return Err(meta_err(
+                gguf,
+                "add_bos_token is set but bos_token_id is missing".into(),
+            ));
         }
         let build_err = |e: Box<dyn std::error::Error + Send + Sync>| meta_err(gguf, e.to_string());
 
@@ -80,9 +109,16 @@ impl Tokenizer {
             "gpt2" => {
                 let merges = string_array(gguf, "tokenizer.ggml.merges")?
                     .iter()
-                    .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| meta_err(gguf, format!("merge {m:?} has no space"))))
+                    .map(|m| {
+                        m.split_once(' ')
+                            .map(|(a, b)| (a.to_string(), b.to_string()))
+                            .ok_or_else(|| meta_err(gguf, format!("merge {m:?} has no space")))
+                    })
                     .collect::<Result<Vec<_>>>()?;
-                let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(build_err)?;
+                let bpe = BPE::builder()
+                    .vocab_and_merges(vocab, merges)
+                    .build()
+                    .map_err(build_err)?;
                 let mut t = HfTokenizer::new(bpe);
                 let byte_level = ByteLevel::new(false, true, true);
                 let pre_tok: PreTokenizerWrapper = match pre.as_str() {
@@ -90,10 +126,20 @@ impl Tokenizer {
                     // Every digit on its own, then the GPT-2 split.
                     "smollm" => PreSequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
                     "llama3" | "llama-v3" | "llama-bpe" => {
-                        let split = Split::new(SplitPattern::Regex(LLAMA3_SPLIT.into()), SplitDelimiterBehavior::Isolated, false).map_err(build_err)?;
+                        let split = Split::new(
+                            SplitPattern::Regex(LLAMA3_SPLIT.into()),
+                            SplitDelimiterBehavior::Isolated,
+                            false,
+                        )
+                        .map_err(build_err)?;
                         PreSequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
                     }
-                    other => return Err(meta_err(gguf, format!("pre-tokenizer {other:?} is not supported (smollm, llama3, llama-bpe, default)"))),
+                    other => {
+                        return Err(meta_err(
+                            gguf,
+                            format!("pre-tokenizer {other:?} is not supported (smollm, llama3, llama-bpe, default)"),
+                        ))
+                    }
                 };
                 t.with_pre_tokenizer(Some(pre_tok));
                 t.with_decoder(Some(DecoderWrapper::from(ByteLevelDecoder::default())));
@@ -102,26 +148,50 @@ impl Tokenizer {
             "llama" => {
                 let scores: Vec<f64> = match gguf.get("tokenizer.ggml.scores").and_then(Value::as_array) {
                     Some(a) if a.len() == n => a.numbers().map(|v| v.unwrap_or(0.0)).collect(),
-                    _ => return Err(meta_err(gguf, "tokenizer.ggml.scores is missing or has the wrong length".into())),
+                    _ => {
+                        return Err(meta_err(
+                            gguf,
+                            "tokenizer.ggml.scores is missing or has the wrong length".into(),
+                        ))
+                    }
                 };
                 let merges = sentencepiece_merges(tokens, &scores, &vocab).map_err(|e| meta_err(gguf, e))?;
-                let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
+                let mut builder = BPE::builder()
+                    .vocab_and_merges(vocab, merges)
+                    .byte_fallback(true)
+                    .fuse_unk(true);
                 if let Some(unk) = unk_id {
                     builder = builder.unk_token(tokens[unk as usize].clone());
                 }
                 let bpe = builder.build().map_err(build_err)?;
                 let mut t = HfTokenizer::new(bpe);
-                let add_space = gguf.get("tokenizer.ggml.add_space_prefix").and_then(Value::as_bool).unwrap_or(true);
-                let scheme = if add_space { PrependScheme::First } else { PrependScheme::Never };
+                let add_space = gguf
+                    .get("tokenizer.ggml.add_space_prefix")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(true);
+                let scheme = if add_space {
+                    PrependScheme::First
+                } else {
+                    PrependScheme::Never
+                };
                 t.with_pre_tokenizer(Some(Metaspace::new('▁', scheme, false)));
-                let mut decoders: Vec<DecoderWrapper> = vec![Replace::new("▁", " ").map_err(build_err)?.into(), ByteFallback::default().into(), Fuse::default().into()];
+                let mut decoders: Vec<DecoderWrapper> = vec![
+                    Replace::new("▁", " ").map_err(build_err)?.into(),
+                    ByteFallback::default().into(),
+                    Fuse::default().into(),
+                ];
                 if add_space {
                     decoders.push(Strip::new(' ', 1, 0).into());
                 }
                 t.with_decoder(Some(DecoderSequence::new(decoders)));
                 t
             }
-            other => return Err(meta_err(gguf, format!("tokenizer model {other:?} is not supported (gpt2, llama)"))),
+            other => {
+                return Err(meta_err(
+                    gguf,
+                    format!("tokenizer model {other:?} is not supported (gpt2, llama)"),
+                ))
+            }
         };
         let added: Vec<AddedToken> = tokens
             .iter()
@@ -129,14 +199,27 @@ impl Tokenizer {
             .filter(|(_, &ty)| ty == TOKEN_TYPE_CONTROL || ty == TOKEN_TYPE_USER_DEFINED)
             .map(|(tok, &ty)| AddedToken::from(tok.clone(), ty == TOKEN_TYPE_CONTROL).normalized(false))
             .collect();
-        inner.add_special_tokens(added).map_err(|e| meta_err(gguf, e.to_string()))?;
-        Ok(Self { inner, kind, pre, bos_id, eos_id, add_bos, vocab_size: n })
+        inner
+            .add_special_tokens(added)
+            .map_err(|e| meta_err(gguf, e.to_string()))?;
+        Ok(Self {
+            inner,
+            kind,
+            pre,
+            bos_id,
+            eos_id,
+            add_bos,
+            vocab_size: n,
+        })
     }
 
     /// Token ids for `text`, with BOS when the model asks for it. Special tokens written
     /// in the text (e.g. `<|im_start|>`) map to their ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| Error::input(format!("tokenizer: {e}")))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::input(format!("tokenizer: {e}")))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if self.add_bos {
             ids.extend(self.bos_id);
@@ -146,7 +229,9 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| Error::input(format!("tokenizer: {e}")))
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| Error::input(format!("tokenizer: {e}")))
     }
 }
 
@@ -166,7 +251,11 @@ const MERGE_BYTES_ALLOWANCE: usize = 1 << 20;
 /// parts first, then vocabulary order — the order HF's converter uses. Candidates are
 /// held as (piece, split) indices and sorted on precomputed keys; strings are built
 /// only for the final list. The error names the field and the limit.
-fn sentencepiece_merges(tokens: &[String], scores: &[f64], vocab: &Vocab) -> std::result::Result<Vec<(String, String)>, String> {
+fn sentencepiece_merges(
+    tokens: &[String],
+    scores: &[f64],
+    vocab: &Vocab,
+) -> std::result::Result<Vec<(String, String)>, String> {
     let mut vocab_bytes = 0usize;
     for (i, piece) in tokens.iter().enumerate() {
         let n = piece.chars().count();
@@ -175,7 +264,9 @@ fn sentencepiece_merges(tokens: &[String], scores: &[f64], vocab: &Vocab) -> std
         }
         vocab_bytes += piece.len();
     }
-    let budget = vocab_bytes.saturating_mul(MERGE_BYTES_PER_VOCAB_BYTE).max(MERGE_BYTES_ALLOWANCE);
+    let budget = vocab_bytes
+        .saturating_mul(MERGE_BYTES_PER_VOCAB_BYTE)
+        .max(MERGE_BYTES_ALLOWANCE);
     // (piece, split byte, left chars, right chars); pieces are at most 256 characters.
     let mut candidates: Vec<(u32, u16, u16, u16)> = Vec::new();
     let mut merge_bytes = 0usize;
@@ -196,7 +287,12 @@ fn sentencepiece_merges(tokens: &[String], scores: &[f64], vocab: &Vocab) -> std
         }
     }
     candidates.sort_unstable_by(|a, b| {
-        scores[b.0 as usize].total_cmp(&scores[a.0 as usize]).then(b.2.cmp(&a.2)).then(b.3.cmp(&a.3)).then(a.0.cmp(&b.0)).then(a.1.cmp(&b.1))
+        scores[b.0 as usize]
+            .total_cmp(&scores[a.0 as usize])
+            .then(b.2.cmp(&a.2))
+            .then(b.3.cmp(&a.3))
+            .then(a.0.cmp(&b.0))
+            .then(a.1.cmp(&b.1))
     });
     Ok(candidates
         .into_iter()

@@ -54,10 +54,15 @@ impl Default for Tolerances {
         let t = |rel_l2, abs| Tolerance { rel_l2, abs };
         Self {
             version: 1,
-            defaults: [("F64", t(1e-9, 1e-12)), ("F32", t(1e-3, 1e-6)), ("BF16", t(1.5e-1, 1e-3)), ("F16", t(3e-2, 1e-3))]
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect(),
+            defaults: [
+                ("F64", t(1e-9, 1e-12)),
+                ("F32", t(1e-3, 1e-6)),
+                ("BF16", t(1.5e-1, 1e-3)),
+                ("F16", t(3e-2, 1e-3)),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
             taps: Vec::new(),
             floors: default_floors(),
             source: None,
@@ -76,7 +81,10 @@ pub const FLOOR_MARGIN: f64 = 10.0;
 /// errors of real sub-tolerance bugs (RMSNorm eps 1e-6 for 1e-5: 3e-4 from layer 0 on;
 /// RoPE angles in bf16: 7e-4 at layer 0's q, 1e-4 in its residual stream).
 fn default_floors() -> std::collections::BTreeMap<String, f64> {
-    [("F64", 1e-12), ("F32", 4e-6), ("BF16", 1e-2), ("F16", 2e-3)].into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    [("F64", 1e-12), ("F32", 4e-6), ("BF16", 1e-2), ("F16", 2e-3)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
 }
 
 /// `*` matches any run of characters; everything else literally.
@@ -110,7 +118,10 @@ fn precision_rank(d: TapDType) -> u8 {
 
 /// The least precise of the dtypes involved.
 pub fn coarsest(dtypes: &[TapDType]) -> TapDType {
-    *dtypes.iter().min_by_key(|d| precision_rank(**d)).unwrap_or(&TapDType::F32)
+    *dtypes
+        .iter()
+        .min_by_key(|d| precision_rank(**d))
+        .unwrap_or(&TapDType::F32)
 }
 
 /// An engine's declared compute dtype as a tap dtype (`f16` computes coarser than it dumps).
@@ -127,13 +138,24 @@ pub fn engine_dtype(name: &str) -> Option<TapDType> {
 impl Tolerances {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let t: Tolerances = serde_json::from_str(&text).map_err(|e| Error::input(format!("{}: bad tolerance file: {e}", path.display())))?;
+        let t: Tolerances = serde_json::from_str(&text)
+            .map_err(|e| Error::input(format!("{}: bad tolerance file: {e}", path.display())))?;
         if t.version != 1 {
-            return Err(Error::input(format!("{}: tolerance file version {} is not supported", path.display(), t.version)));
+            return Err(Error::input(format!(
+                "{}: tolerance file version {} is not supported",
+                path.display(),
+                t.version
+            )));
         }
         let bad = |v: f64| !(v.is_finite() && v >= 0.0);
-        if t.defaults.values().any(|d| bad(d.rel_l2) || bad(d.abs)) || t.taps.iter().any(|d| bad(d.rel_l2) || bad(d.abs)) || t.floors.values().any(|&f| bad(f)) {
-            return Err(Error::input(format!("{}: tolerances must be finite and non-negative", path.display())));
+        if t.defaults.values().any(|d| bad(d.rel_l2) || bad(d.abs))
+            || t.taps.iter().any(|d| bad(d.rel_l2) || bad(d.abs))
+            || t.floors.values().any(|&f| bad(f))
+        {
+            return Err(Error::input(format!(
+                "{}: tolerances must be finite and non-negative",
+                path.display()
+            )));
         }
         Ok(t)
     }
@@ -142,15 +164,33 @@ impl Tolerances {
     /// above the tap's tolerance, with the tolerance's `abs`.
     pub fn floor_for(&self, tap_id: &str, dtype: TapDType) -> Tolerance {
         let tol = self.for_tap(tap_id, dtype);
-        let floor = self.floors.get(dtype.name()).copied().or_else(|| default_floors().get(dtype.name()).copied()).unwrap_or(tol.rel_l2 / FLOOR_MARGIN);
-        Tolerance { rel_l2: (floor * FLOOR_MARGIN).min(tol.rel_l2), abs: tol.abs }
+        let floor = self
+            .floors
+            .get(dtype.name())
+            .copied()
+            .or_else(|| default_floors().get(dtype.name()).copied())
+            .unwrap_or(tol.rel_l2 / FLOOR_MARGIN);
+        Tolerance {
+            rel_l2: (floor * FLOOR_MARGIN).min(tol.rel_l2),
+            abs: tol.abs,
+        }
     }
 
     pub fn for_tap(&self, tap_id: &str, dtype: TapDType) -> Tolerance {
         if let Some(o) = self.taps.iter().find(|o| glob_match(&o.pattern, tap_id)) {
-            return Tolerance { rel_l2: o.rel_l2, abs: o.abs };
+            return Tolerance {
+                rel_l2: o.rel_l2,
+                abs: o.abs,
+            };
         }
-        self.defaults.get(dtype.name()).copied().or_else(|| Tolerances::default().defaults.get(dtype.name()).copied()).unwrap_or(Tolerance { rel_l2: 1e-3, abs: 1e-6 })
+        self.defaults
+            .get(dtype.name())
+            .copied()
+            .or_else(|| Tolerances::default().defaults.get(dtype.name()).copied())
+            .unwrap_or(Tolerance {
+                rel_l2: 1e-3,
+                abs: 1e-6,
+            })
     }
 }
 

@@ -16,6 +16,11 @@ pub fn init() {
 pub fn mark(what: impl FnOnce() -> String) {
     if let Some(Some(start)) = START.get() {
         let thread = std::thread::current();
-        eprintln!("[{:8.3} s] {:<10} {}", start.elapsed().as_secs_f64(), thread.name().unwrap_or("-"), what());
+        eprintln!(
+            "[{:8.3} s] {:<10} {}",
+            start.elapsed().as_secs_f64(),
+            thread.name().unwrap_or("-"),
+            what()
+        );
     }
 }

@@ -26,12 +26,17 @@ fuzz_target!(|data: &[u8]| {
             let _ = dump.read_file(&p.id, &stem);
         }
     }
-    let opts = DiffOptions { tolerances: Tolerances::default(), allow_model_mismatch: false, judge: Judge::Auto };
+    let opts = DiffOptions {
+        tolerances: Tolerances::default(),
+        allow_model_mismatch: false,
+        judge: Judge::Auto,
+    };
     if let Ok(report) = diff(&dump, &dump, &opts) {
         // What calibrate writes, its loader reads back (NaN rows once made `null`).
         let (tolerances, _notes) = calibrate(std::slice::from_ref(&report), 10.0, 1e-6);
         let path = root.join("tolerances.json");
-        std::fs::write(&path, serde_json::to_string(&tolerances).expect("tolerances serialize")).expect("scratch write");
+        std::fs::write(&path, serde_json::to_string(&tolerances).expect("tolerances serialize"))
+            .expect("scratch write");
         if let Err(e) = Tolerances::load(&path) {
             panic!("calibrate wrote a file its own loader refuses: {e}");
         }

@@ -28,7 +28,9 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(tok) = Tokenizer::from_gguf(&gguf) {
         if let Ok(ids) = tok.encode("Hello world, the layer 42 attention\n<s> ▁x é") {
-            assert!(ids.iter().all(|&id| (id as usize) < tok.vocab_size || tok.vocab_size == 0));
+            assert!(ids
+                .iter()
+                .all(|&id| (id as usize) < tok.vocab_size || tok.vocab_size == 0));
             let _ = tok.decode(&ids);
         }
     }

@@ -16,7 +16,9 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(ids.len(), n, "the reader let a duplicate id through");
         // No tokenizer: text prompts are refused, token prompts checked.
         if let Ok(records) = resolve(entries, None, 1024, 64) {
-            assert!(records.iter().all(|r| !r.tokens.is_empty() && r.tokens.len() <= 64 && r.tokens.iter().all(|&t| t < 1024)));
+            assert!(records
+                .iter()
+                .all(|r| !r.tokens.is_empty() && r.tokens.len() <= 64 && r.tokens.iter().all(|&t| t < 1024)));
         }
     }
     if let Ok(text) = std::str::from_utf8(data) {

@@ -6,7 +6,14 @@ use libfuzzer_sys::fuzz_target;
 use resbisect::dump::TapDType;
 use resbisect::tolerance::{glob_match, Tolerances};
 
-const TAPS: &[&str] = &["embed", "blk.0.q", "blk.12.resid_post", "blk.3.ffn_act", "final_norm", "logits"];
+const TAPS: &[&str] = &[
+    "embed",
+    "blk.0.q",
+    "blk.12.resid_post",
+    "blk.3.ffn_act",
+    "final_norm",
+    "logits",
+];
 
 fuzz_target!(|data: &[u8]| {
     let path = resbisect_fuzz::scratch().join("t.json");

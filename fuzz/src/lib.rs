@@ -5,7 +5,11 @@ use std::path::{Path, PathBuf};
 
 /// A directory private to this process, emptied for each input.
 pub fn scratch() -> PathBuf {
-    let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
+    let base = if Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
     let dir = base.join(format!("resbisect-fuzz-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch directory");
@@ -26,10 +30,22 @@ pub fn unpack_dump(data: &[u8], root: &Path) -> bool {
         return false;
     }
     for part in parts {
-        let Some(nl) = part.iter().position(|&b| b == b'\n') else { continue };
-        let Ok(path) = std::str::from_utf8(&part[..nl]) else { continue };
-        let Some((id, name)) = path.split_once('/') else { continue };
-        let plain = |s: &str| !s.is_empty() && s.len() <= 80 && s != "." && s != ".." && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        let Some(nl) = part.iter().position(|&b| b == b'\n') else {
+            continue;
+        };
+        let Ok(path) = std::str::from_utf8(&part[..nl]) else {
+            continue;
+        };
+        let Some((id, name)) = path.split_once('/') else {
+            continue;
+        };
+        let plain = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 80
+                && s != "."
+                && s != ".."
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        };
         if !plain(id) || !plain(name) {
             continue;
         }

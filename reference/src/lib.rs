@@ -14,7 +14,19 @@ use rayon::prelude::*;
 
 /// Layer taps in topological order (docs/taps.md), as the reference computes them.
 pub const LAYER_TAPS: [&str; 13] = [
-    "attn_norm", "q", "k", "v", "attn", "attn_out", "resid_mid", "ffn_norm", "ffn_gate", "ffn_up", "ffn_act", "ffn_out", "resid_post",
+    "attn_norm",
+    "q",
+    "k",
+    "v",
+    "attn",
+    "attn_out",
+    "resid_mid",
+    "ffn_norm",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_act",
+    "ffn_out",
+    "resid_post",
 ];
 
 /// Queries processed together in attention: bounds the score matrix to
@@ -125,7 +137,12 @@ impl Faults {
     /// The RMSNorm epsilon of each of the rows at `positions`.
     fn eps(&self, model_eps: f64, positions: &[usize]) -> Eps {
         match self.norm {
-            Some(f) if positions.iter().any(|&p| p >= f.from) => Eps::Rows(positions.iter().map(|&p| if p >= f.from { f.eps } else { model_eps }).collect()),
+            Some(f) if positions.iter().any(|&p| p >= f.from) => Eps::Rows(
+                positions
+                    .iter()
+                    .map(|&p| if p >= f.from { f.eps } else { model_eps })
+                    .collect(),
+            ),
             _ => Eps::Model(model_eps),
         }
     }
@@ -206,26 +223,49 @@ fn load(src: &dyn WeightSource, name: &str, dtype: DType) -> Result<Tensor> {
     let w = src.weight(name)?;
     let shape: Vec<usize> = w.dims.iter().rev().copied().collect();
     let q = qtensor_from_ggml(w.dtype, w.data, shape, &Device::Cpu).with_context(|| format!("loading {name}"))?;
-    let t = q.dequantize(&Device::Cpu).with_context(|| format!("dequantizing {name}"))?;
+    let t = q
+        .dequantize(&Device::Cpu)
+        .with_context(|| format!("dequantizing {name}"))?;
     Ok(t.to_dtype(dtype)?)
 }
 
 impl Reference {
     /// Load and dequantize every weight (layers in parallel). `on_layer` is called as
     /// each layer finishes loading.
-    pub fn load(cfg: Config, src: &(dyn WeightSource + Sync), dtype: DType, on_layer: &mut dyn FnMut(usize)) -> Result<Self> {
+    pub fn load(
+        cfg: Config,
+        src: &(dyn WeightSource + Sync),
+        dtype: DType,
+        on_layer: &mut dyn FnMut(usize),
+    ) -> Result<Self> {
         let all: Vec<usize> = (0..cfg.n_layer).collect();
-        let io = IoWeights { token_embd: load(src, "token_embd.weight", dtype)?, output_norm: load(src, "output_norm.weight", dtype)?, output: load(src, "output.weight", dtype)? };
+        let io = IoWeights {
+            token_embd: load(src, "token_embd.weight", dtype)?,
+            output_norm: load(src, "output_norm.weight", dtype)?,
+            output: load(src, "output.weight", dtype)?,
+        };
         Self::load_layers(cfg, src, dtype, &all, Some(io), on_layer)
     }
 
     /// Load only `layers`, for local replay of them ([`replay_layer`](Self::replay_layer)):
     /// a fraction of the weights of a full load.
-    pub fn load_for_replay(cfg: Config, src: &(dyn WeightSource + Sync), dtype: DType, layers: &[usize]) -> Result<Self> {
+    pub fn load_for_replay(
+        cfg: Config,
+        src: &(dyn WeightSource + Sync),
+        dtype: DType,
+        layers: &[usize],
+    ) -> Result<Self> {
         Self::load_layers(cfg, src, dtype, layers, None, &mut |_| {})
     }
 
-    fn load_layers(cfg: Config, src: &(dyn WeightSource + Sync), dtype: DType, which: &[usize], io: Option<IoWeights>, on_layer: &mut dyn FnMut(usize)) -> Result<Self> {
+    fn load_layers(
+        cfg: Config,
+        src: &(dyn WeightSource + Sync),
+        dtype: DType,
+        which: &[usize],
+        io: Option<IoWeights>,
+        on_layer: &mut dyn FnMut(usize),
+    ) -> Result<Self> {
         if !matches!(dtype, DType::F32 | DType::F64) {
             bail!("the reference computes in f32 or f64, not {dtype:?}");
         }
@@ -235,20 +275,36 @@ impl Reference {
         // In parallel, a batch of layers at a time, so progress still moves.
         let mut loaded: Vec<(usize, Layer)> = Vec::with_capacity(which.len());
         for batch in which.chunks(rayon::current_num_threads().max(1)) {
-            let done: Vec<(usize, Layer)> = batch.par_iter().map(|&l| -> Result<(usize, Layer)> {
-                // The tensors of a layer dequantize in parallel too: replay loads only a few layers.
-                const NAMES: [&str; 9] = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"];
-                let w: Vec<Tensor> = NAMES.par_iter().map(|n| load(src, &format!("blk.{l}.{n}.weight"), dtype)).collect::<Result<_>>()?;
-                let layer = Layer {
-                    attn_norm: w[0].clone(),
-                    wqkv: Tensor::cat(&[&w[1], &w[2], &w[3]], 0)?.t()?,
-                    wo: w[4].t()?,
-                    ffn_norm: w[5].clone(),
-                    w_gate_up: Tensor::cat(&[&w[6], &w[7]], 0)?.t()?,
-                    w_down: w[8].t()?,
-                };
-                Ok((l, layer))
-            }).collect::<Result<_>>()?;
+            let done: Vec<(usize, Layer)> = batch
+                .par_iter()
+                .map(|&l| -> Result<(usize, Layer)> {
+                    // The tensors of a layer dequantize in parallel too: replay loads only a few layers.
+                    const NAMES: [&str; 9] = [
+                        "attn_norm",
+                        "attn_q",
+                        "attn_k",
+                        "attn_v",
+                        "attn_output",
+                        "ffn_norm",
+                        "ffn_gate",
+                        "ffn_up",
+                        "ffn_down",
+                    ];
+                    let w: Vec<Tensor> = NAMES
+                        .par_iter()
+                        .map(|n| load(src, &format!("blk.{l}.{n}.weight"), dtype))
+                        .collect::<Result<_>>()?;
+                    let layer = Layer {
+                        attn_norm: w[0].clone(),
+                        wqkv: Tensor::cat(&[&w[1], &w[2], &w[3]], 0)?.t()?,
+                        wo: w[4].t()?,
+                        ffn_norm: w[5].clone(),
+                        w_gate_up: Tensor::cat(&[&w[6], &w[7]], 0)?.t()?,
+                        w_down: w[8].t()?,
+                    };
+                    Ok((l, layer))
+                })
+                .collect::<Result<_>>()?;
             for (l, _) in &done {
                 on_layer(*l);
             }
@@ -262,7 +318,9 @@ impl Reference {
     }
 
     fn io(&self) -> Result<&IoWeights> {
-        self.io.as_ref().context("this reference was loaded for layer replay only: no embedding or output head")
+        self.io
+            .as_ref()
+            .context("this reference was loaded for layer replay only: no embedding or output head")
     }
 
     fn layer_weights(&self, l: usize) -> Result<&Layer> {
@@ -287,7 +345,14 @@ impl Reference {
 
     /// Run the whole sequence through the model, capturing the taps the sink wants at
     /// `positions` (sorted absolute positions). `on_layer` is called after each layer.
-    pub fn forward(&self, tokens: &[u32], positions: &[usize], faults: &Faults, sink: &mut dyn TapSink, on_layer: &mut dyn FnMut(usize)) -> Result<()> {
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        positions: &[usize],
+        faults: &Faults,
+        sink: &mut dyn TapSink,
+        on_layer: &mut dyn FnMut(usize),
+    ) -> Result<()> {
         self.forward_keeping(tokens, positions, faults, sink, &mut |i, _| {
             if i > 0 {
                 on_layer(i - 1)
@@ -298,7 +363,14 @@ impl Reference {
     /// As [`forward`](Self::forward), showing `keep(i, x)` the residual stream of every
     /// position after embedding (i = 0) and after each layer (i = layer + 1), so that a
     /// caller can later resume from any of them with [`run_layers`](Self::run_layers).
-    pub fn forward_keeping(&self, tokens: &[u32], positions: &[usize], faults: &Faults, sink: &mut dyn TapSink, keep: &mut dyn FnMut(usize, &Tensor)) -> Result<()> {
+    pub fn forward_keeping(
+        &self,
+        tokens: &[u32],
+        positions: &[usize],
+        faults: &Faults,
+        sink: &mut dyn TapSink,
+        keep: &mut dyn FnMut(usize, &Tensor),
+    ) -> Result<()> {
         let cfg = &self.cfg;
         let mut x = self.embed(tokens, positions, faults, sink)?;
         keep(0, &x);
@@ -307,7 +379,9 @@ impl Reference {
         let last_layer = if wants_output {
             Some(cfg.n_layer - 1)
         } else {
-            (0..cfg.n_layer).rev().find(|l| LAYER_TAPS.iter().any(|t| sink.wants(&format!("blk.{l}.{t}"))))
+            (0..cfg.n_layer)
+                .rev()
+                .find(|l| LAYER_TAPS.iter().any(|t| sink.wants(&format!("blk.{l}.{t}"))))
         };
         if let Some(last) = last_layer {
             x = self.run_layers(x, 0, last, positions, faults, sink, &mut |l, x| keep(l + 1, x))?;
@@ -319,7 +393,13 @@ impl Reference {
     }
 
     /// Embed `tokens`, capturing `embed` at `positions` when the sink wants it.
-    pub fn embed(&self, tokens: &[u32], positions: &[usize], faults: &Faults, sink: &mut dyn TapSink) -> Result<Tensor> {
+    pub fn embed(
+        &self,
+        tokens: &[u32],
+        positions: &[usize],
+        faults: &Faults,
+        sink: &mut dyn TapSink,
+    ) -> Result<Tensor> {
         let n = tokens.len();
         if n == 0 {
             bail!("no tokens to process");
@@ -342,7 +422,16 @@ impl Reference {
     /// (injected faults applied, wanted taps captured at `positions`); `after(l, x)` sees
     /// each layer's output. Returns the stream after layer `last`.
     #[allow(clippy::too_many_arguments)]
-    pub fn run_layers(&self, mut x: Tensor, first: usize, last: usize, positions: &[usize], faults: &Faults, sink: &mut dyn TapSink, after: &mut dyn FnMut(usize, &Tensor)) -> Result<Tensor> {
+    pub fn run_layers(
+        &self,
+        mut x: Tensor,
+        first: usize,
+        last: usize,
+        positions: &[usize],
+        faults: &Faults,
+        sink: &mut dyn TapSink,
+        after: &mut dyn FnMut(usize, &Tensor),
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let n = x.dim(0)?;
         if last >= cfg.n_layer || first > last {
@@ -392,7 +481,10 @@ impl Reference {
             taps: faults
                 .taps
                 .iter()
-                .map(|f| TapFault { from: positions.iter().position(|&p| p >= f.from).unwrap_or(positions.len()), ..f.clone() })
+                .map(|f| TapFault {
+                    from: positions.iter().position(|&p| p >= f.from).unwrap_or(positions.len()),
+                    ..f.clone()
+                })
                 .collect(),
             rope: Vec::new(),
             norm: None,
@@ -405,7 +497,10 @@ impl Reference {
             out.push(("final_norm".to_string(), normed.clone()));
         }
         if want_logits {
-            out.push(("logits".to_string(), gathered_faults.apply("logits", normed.matmul(&io.output.t()?)?)?));
+            out.push((
+                "logits".to_string(),
+                gathered_faults.apply("logits", normed.matmul(&io.output.t()?)?)?,
+            ));
         }
         sink.emit("output", out)
     }
@@ -413,7 +508,15 @@ impl Reference {
     /// One transformer block over all rows of `x`; `tap(i, t)` sees each of the layer's
     /// taps in order (index into the layer taps) and hands on what the block continues with.
     #[allow(clippy::too_many_arguments)]
-    fn layer(&self, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor, eps: &Eps, tap: &mut dyn FnMut(usize, Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    fn layer(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        eps: &Eps,
+        tap: &mut dyn FnMut(usize, Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (qw, kvw) = (cfg.n_head * cfg.head_dim(), cfg.n_head_kv * cfg.head_dim());
         let h = tap(0, rms_norm(x, &layer.attn_norm, eps)?)?;
@@ -427,7 +530,14 @@ impl Reference {
     }
 
     /// The block after attention, for the rows of `x` that `attn` holds.
-    fn layer_rest(&self, layer: &Layer, x: &Tensor, attn: Tensor, eps: &Eps, tap: &mut dyn FnMut(usize, Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    fn layer_rest(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        attn: Tensor,
+        eps: &Eps,
+        tap: &mut dyn FnMut(usize, Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let attn_out = tap(5, attn.matmul(&layer.wo)?)?;
         let resid_mid = tap(6, (x + &attn_out)?)?;
@@ -450,7 +560,11 @@ impl Reference {
         let cfg = &self.cfg;
         let layer = self.layer_weights(l)?;
         if rows == 0 || input.len() != rows * cfg.n_embd {
-            bail!("replay of layer {l}: {} input values are not {rows} rows of {}", input.len(), cfg.n_embd);
+            bail!(
+                "replay of layer {l}: {} input values are not {rows} rows of {}",
+                input.len(),
+                cfg.n_embd
+            );
         }
         if at.is_empty() || at.windows(2).any(|w| w[0] >= w[1]) || at[at.len() - 1] >= rows {
             bail!("replay of layer {l}: positions must ascend within 0..{rows}");
@@ -467,13 +581,21 @@ impl Reference {
         let picked: Vec<f64> = at.iter().map(|&p| p as f64).collect();
         let (cos_at, sin_at) = rope_tables(&picked, cfg.head_dim(), cfg.rope_base, self.dtype)?;
         let h_at = gather(&h, at)?;
-        let q = rope(&h_at.matmul(&layer.wqkv.narrow(1, 0, qw)?)?, cfg.n_head, &cos_at, &sin_at)?;
+        let q = rope(
+            &h_at.matmul(&layer.wqkv.narrow(1, 0, qw)?)?,
+            cfg.n_head,
+            &cos_at,
+            &sin_at,
+        )?;
         let mut out = Vec::with_capacity(LAYER_TAPS.len());
         let mut record = |i: usize, t: Tensor| -> Result<Tensor> {
             out.push((format!("blk.{l}.{}", LAYER_TAPS[i]), t.to_dtype(DType::F32)?));
             Ok(t)
         };
-        for (i, t) in [h_at, q.clone(), gather(&k, at)?, gather(&v, at)?].into_iter().enumerate() {
+        for (i, t) in [h_at, q.clone(), gather(&k, at)?, gather(&v, at)?]
+            .into_iter()
+            .enumerate()
+        {
             record(i, t)?;
         }
         let attn = record(4, attention(&q, &k, &v, at, cfg)?)?;
@@ -484,7 +606,11 @@ impl Reference {
 
 /// Rows `positions` of `t`.
 pub fn gather(t: &Tensor, positions: &[usize]) -> Result<Tensor> {
-    let idx = Tensor::from_vec(positions.iter().map(|&p| p as u32).collect::<Vec<_>>(), positions.len(), &Device::Cpu)?;
+    let idx = Tensor::from_vec(
+        positions.iter().map(|&p| p as u32).collect::<Vec<_>>(),
+        positions.len(),
+        &Device::Cpu,
+    )?;
     Ok(t.contiguous()?.index_select(&idx, 0)?)
 }
 
@@ -492,7 +618,9 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: &Eps) -> Result<Tensor> {
     let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
     let with_eps = match eps {
         Eps::Model(e) => (mean_sq + *e)?,
-        Eps::Rows(e) => mean_sq.broadcast_add(&Tensor::from_slice(e, (e.len(), 1), &Device::Cpu)?.to_dtype(x.dtype())?)?,
+        Eps::Rows(e) => {
+            mean_sq.broadcast_add(&Tensor::from_slice(e, (e.len(), 1), &Device::Cpu)?.to_dtype(x.dtype())?)?
+        }
     };
     let scale = with_eps.sqrt()?.recip()?;
     Ok(x.broadcast_mul(&scale)?.broadcast_mul(w)?)
@@ -501,11 +629,23 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: &Eps) -> Result<Tensor> {
 /// cos/sin of position × frequency, shaped [n, 1, head_dim/2, 1] for broadcasting.
 /// Angles are formed in f64 so that f32 runs carry no angle error at long positions.
 fn rope_tables(positions: &[f64], head_dim: usize, base: f64, dtype: DType) -> Result<(Tensor, Tensor)> {
-    rope_tables_by(positions.len(), head_dim, dtype, |r, inv_freq| positions[r] * inv_freq, base)
+    rope_tables_by(
+        positions.len(),
+        head_dim,
+        dtype,
+        |r, inv_freq| positions[r] * inv_freq,
+        base,
+    )
 }
 
 /// RoPE tables for rows `0..n` under a RoPE fault (the fault's corruption from its position on).
-fn faulty_rope_tables(n: usize, fault: &RopeFault, head_dim: usize, base: f64, dtype: DType) -> Result<(Tensor, Tensor)> {
+fn faulty_rope_tables(
+    n: usize,
+    fault: &RopeFault,
+    head_dim: usize,
+    base: f64,
+    dtype: DType,
+) -> Result<(Tensor, Tensor)> {
     let bf16 = |v: f64| half::bf16::from_f64(v).to_f64();
     rope_tables_by(
         n,
@@ -520,7 +660,13 @@ fn faulty_rope_tables(n: usize, fault: &RopeFault, head_dim: usize, base: f64, d
 }
 
 /// cos/sin of `angle(row, inverse frequency)` for rows `0..n`, shaped [n, 1, head_dim/2, 1].
-fn rope_tables_by(n: usize, head_dim: usize, dtype: DType, angle: impl Fn(usize, f64) -> f64, base: f64) -> Result<(Tensor, Tensor)> {
+fn rope_tables_by(
+    n: usize,
+    head_dim: usize,
+    dtype: DType,
+    angle: impl Fn(usize, f64) -> f64,
+    base: f64,
+) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
     let mut cos = Vec::with_capacity(n * half);
     let mut sin = Vec::with_capacity(n * half);
@@ -532,7 +678,10 @@ fn rope_tables_by(n: usize, head_dim: usize, dtype: DType, angle: impl Fn(usize,
         }
     }
     let shape = (n, 1, half, 1);
-    Ok((Tensor::from_vec(cos, shape, &Device::Cpu)?.to_dtype(dtype)?, Tensor::from_vec(sin, shape, &Device::Cpu)?.to_dtype(dtype)?))
+    Ok((
+        Tensor::from_vec(cos, shape, &Device::Cpu)?.to_dtype(dtype)?,
+        Tensor::from_vec(sin, shape, &Device::Cpu)?.to_dtype(dtype)?,
+    ))
 }
 
 /// Interleaved ("normal") RoPE: pairs (2i, 2i+1) of each head rotate by angle i.
@@ -556,7 +705,11 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, positions: &[usize], cfg: &Conf
     let (hd, h, hkv) = (cfg.head_dim(), cfg.n_head, cfg.n_head_kv);
     let group = h / hkv;
     // [h, n, hd] with heads of one kv group adjacent, then [hkv, group, n, hd].
-    let q = q.reshape((n, h, hd))?.transpose(0, 1)?.contiguous()?.reshape((hkv, group, n, hd))?;
+    let q = q
+        .reshape((n, h, hd))?
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((hkv, group, n, hd))?;
     let keys_total = k.dim(0)?;
     let k = k.reshape((keys_total, hkv, hd))?.transpose(0, 1)?.contiguous()?;
     let v = v.reshape((keys_total, hkv, hd))?.transpose(0, 1)?.contiguous()?;
@@ -574,10 +727,19 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, positions: &[usize], cfg: &Conf
         let kc = k.narrow(1, 0, keys)?;
         let vc = v.narrow(1, 0, keys)?;
         let scores = qc.matmul(&kc.t()?)?;
-        let probs = scores.apply_op1_no_bwd(&CausalSoftmax { scale, rows: len, first_pos })?;
+        let probs = scores.apply_op1_no_bwd(&CausalSoftmax {
+            scale,
+            rows: len,
+            first_pos,
+        })?;
         let out = probs.reshape((hkv, group * len, keys))?.matmul(&vc)?;
         // [hkv, group·len, hd] → [h, len, hd] → [len, h·hd]
-        outs.push(out.reshape((h, len, hd))?.transpose(0, 1)?.contiguous()?.reshape((len, h * hd))?);
+        outs.push(
+            out.reshape((h, len, hd))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((len, h * hd))?,
+        );
         start += len;
     }
     Ok(Tensor::cat(&outs, 0)?)
@@ -596,17 +758,20 @@ impl CausalSoftmax {
     fn apply<T: Float + Send + Sync>(&self, x: &[T], keys: usize) -> Vec<T> {
         let mut out = vec![T::zero(); x.len()];
         let scale = T::from(self.scale).unwrap_or_else(T::one);
-        out.par_chunks_mut(keys).zip(x.par_chunks(keys)).enumerate().for_each(|(r, (o, s))| {
-            let visible = (self.first_pos + r % self.rows + 1).min(keys);
-            let max = s[..visible].iter().fold(T::neg_infinity(), |m, &v| m.max(v * scale));
-            let mut sum = T::zero();
-            for (oi, &si) in o[..visible].iter_mut().zip(&s[..visible]) {
-                *oi = (si * scale - max).exp();
-                sum = sum + *oi;
-            }
-            let inv = T::one() / sum;
-            o[..visible].iter_mut().for_each(|v| *v = *v * inv);
-        });
+        out.par_chunks_mut(keys)
+            .zip(x.par_chunks(keys))
+            .enumerate()
+            .for_each(|(r, (o, s))| {
+                let visible = (self.first_pos + r % self.rows + 1).min(keys);
+                let max = s[..visible].iter().fold(T::neg_infinity(), |m, &v| m.max(v * scale));
+                let mut sum = T::zero();
+                for (oi, &si) in o[..visible].iter_mut().zip(&s[..visible]) {
+                    *oi = (si * scale - max).exp();
+                    sum = sum + *oi;
+                }
+                let inv = T::one() / sum;
+                o[..visible].iter_mut().for_each(|v| *v = *v * inv);
+            });
         out
     }
 }
@@ -617,7 +782,9 @@ impl CustomOp1 for CausalSoftmax {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("causal-softmax needs contiguous scores".into()))?;
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("causal-softmax needs contiguous scores".into()))?;
         let keys = layout.dims()[layout.dims().len() - 1];
         let out = match storage {
             CpuStorage::F32(v) => CpuStorage::F32(self.apply(&v[start..end], keys)),

@@ -22,7 +22,9 @@ impl StorageDType {
             "f32" => Ok(Self::F32),
             "f16" => Ok(Self::F16),
             "bf16" => Ok(Self::BF16),
-            other => Err(crate::Error::input(format!("the runtime stores f32, f16 or bf16, not {other:?}"))),
+            other => Err(crate::Error::input(format!(
+                "the runtime stores f32, f16 or bf16, not {other:?}"
+            ))),
         }
     }
 
@@ -143,7 +145,15 @@ pub trait Backend: Send {
 
     /// Rows `ids` of a `[vocab, width]` table.
     fn embed(&self, table: &Self::Buf, width: usize, ids: Src<u32>, out: &mut Self::Buf) -> Result<()>;
-    fn rms_norm(&self, x: &Self::Buf, w: &Self::Buf, rows: usize, width: usize, eps: f32, out: &mut Self::Buf) -> Result<()>;
+    fn rms_norm(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        rows: usize,
+        width: usize,
+        eps: f32,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
     /// `out[rows, n] = x[rows, k] · w[n, k]ᵀ`.
     fn matmul(&self, x: &Self::Buf, w: &Self::Buf, rows: usize, k: usize, n: usize, out: &mut Self::Buf) -> Result<()>;
     /// Interleaved RoPE in place; row i sits at `positions[i]`.
@@ -152,7 +162,14 @@ pub trait Backend: Send {
     /// append, decode tap buffers).
     fn copy_rows(&self, src: &Self::Buf, dst: &mut Self::Buf, dst_row: Row, rows: usize, width: usize) -> Result<()>;
     /// Causal GQA attention of `q` against cache rows `0..first_pos + rows`.
-    fn attention(&self, q: &Self::Buf, k_cache: &Self::Buf, v_cache: &Self::Buf, shape: AttnShape, out: &mut Self::Buf) -> Result<()>;
+    fn attention(
+        &self,
+        q: &Self::Buf,
+        k_cache: &Self::Buf,
+        v_cache: &Self::Buf,
+        shape: AttnShape,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
     fn silu_mul(&self, gate: &Self::Buf, up: &Self::Buf, n: usize, out: &mut Self::Buf) -> Result<()>;
     fn add(&self, a: &Self::Buf, b: &Self::Buf, n: usize, out: &mut Self::Buf) -> Result<()>;
     /// Fault injection: perturb rows `from_row..rows` of a `[rows, width]` buffer.
@@ -167,23 +184,62 @@ pub trait Backend: Send {
 
     /// Three projections of one input (q, k and v).
     #[allow(clippy::too_many_arguments)]
-    fn matmul3(&self, x: &Self::Buf, w: [&Self::Buf; 3], rows: usize, k: usize, n: [usize; 3], out: [&mut Self::Buf; 3]) -> Result<()> {
+    fn matmul3(
+        &self,
+        x: &Self::Buf,
+        w: [&Self::Buf; 3],
+        rows: usize,
+        k: usize,
+        n: [usize; 3],
+        out: [&mut Self::Buf; 3],
+    ) -> Result<()> {
         matmul3_by_parts(self, x, w, rows, k, n, out)
     }
     /// `g = x·wgᵀ`, `u = x·wuᵀ`, `act = silu(g)·u`.
     #[allow(clippy::too_many_arguments)]
-    fn gate_up_silu(&self, x: &Self::Buf, wg: &Self::Buf, wu: &Self::Buf, rows: usize, k: usize, n: usize, g: &mut Self::Buf, u: &mut Self::Buf, act: &mut Self::Buf) -> Result<()> {
+    fn gate_up_silu(
+        &self,
+        x: &Self::Buf,
+        wg: &Self::Buf,
+        wu: &Self::Buf,
+        rows: usize,
+        k: usize,
+        n: usize,
+        g: &mut Self::Buf,
+        u: &mut Self::Buf,
+        act: &mut Self::Buf,
+    ) -> Result<()> {
         gate_up_silu_by_parts(self, x, wg, wu, rows, k, n, g, u, act)
     }
     /// RoPE on `q` and `k` in place, then `k` and `v` appended to the caches at the rows of
     /// `s` (its first position, or the step's with `from_step`).
     #[allow(clippy::too_many_arguments)]
-    fn rope_append(&self, q: &mut Self::Buf, k: &mut Self::Buf, v: &Self::Buf, k_cache: &mut Self::Buf, v_cache: &mut Self::Buf, s: AttnShape, positions: Src<f32>, base: f32) -> Result<()> {
+    fn rope_append(
+        &self,
+        q: &mut Self::Buf,
+        k: &mut Self::Buf,
+        v: &Self::Buf,
+        k_cache: &mut Self::Buf,
+        v_cache: &mut Self::Buf,
+        s: AttnShape,
+        positions: Src<f32>,
+        base: f32,
+    ) -> Result<()> {
         rope_append_by_parts(self, q, k, v, k_cache, v_cache, s, positions, base)
     }
     /// `sum = a + b`, `out = rms_norm(sum) · w`.
     #[allow(clippy::too_many_arguments)]
-    fn add_rms_norm(&self, a: &Self::Buf, b: &Self::Buf, w: &Self::Buf, rows: usize, width: usize, eps: f32, sum: &mut Self::Buf, out: &mut Self::Buf) -> Result<()> {
+    fn add_rms_norm(
+        &self,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        w: &Self::Buf,
+        rows: usize,
+        width: usize,
+        eps: f32,
+        sum: &mut Self::Buf,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
         add_rms_norm_by_parts(self, a, b, w, rows, width, eps, sum, out)
     }
 
@@ -200,12 +256,20 @@ pub trait Backend: Send {
         Ok(None)
     }
     fn replay(&self, _graph: &Self::Graph) -> Result<()> {
-        Err(crate::Error::engine(format!("{}: this backend does not record", self.name())))
+        Err(crate::Error::engine(format!(
+            "{}: this backend does not record",
+            self.name()
+        )))
     }
 }
 
 /// [`Backend::download_rows`] downloaded before it returns.
-pub fn download_rows_now<B: Backend + ?Sized>(b: &B, buf: &B::Buf, runs: &[(usize, usize)], mut spare: Vec<u8>) -> Result<RowBytes> {
+pub fn download_rows_now<B: Backend + ?Sized>(
+    b: &B,
+    buf: &B::Buf,
+    runs: &[(usize, usize)],
+    mut spare: Vec<u8>,
+) -> Result<RowBytes> {
     for &(offset, len) in runs {
         b.download_raw(buf, offset, len, &mut spare)?;
     }
@@ -214,7 +278,15 @@ pub fn download_rows_now<B: Backend + ?Sized>(b: &B, buf: &B::Buf, runs: &[(usiz
 
 /// [`Backend::matmul3`] as three matmuls.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul3_by_parts<B: Backend + ?Sized>(b: &B, x: &B::Buf, w: [&B::Buf; 3], rows: usize, k: usize, n: [usize; 3], out: [&mut B::Buf; 3]) -> Result<()> {
+pub fn matmul3_by_parts<B: Backend + ?Sized>(
+    b: &B,
+    x: &B::Buf,
+    w: [&B::Buf; 3],
+    rows: usize,
+    k: usize,
+    n: [usize; 3],
+    out: [&mut B::Buf; 3],
+) -> Result<()> {
     for ((w, n), out) in w.into_iter().zip(n).zip(out) {
         b.matmul(x, w, rows, k, n, out)?;
     }
@@ -223,7 +295,18 @@ pub fn matmul3_by_parts<B: Backend + ?Sized>(b: &B, x: &B::Buf, w: [&B::Buf; 3],
 
 /// [`Backend::gate_up_silu`] as two matmuls and a SiLU product.
 #[allow(clippy::too_many_arguments)]
-pub fn gate_up_silu_by_parts<B: Backend + ?Sized>(b: &B, x: &B::Buf, wg: &B::Buf, wu: &B::Buf, rows: usize, k: usize, n: usize, g: &mut B::Buf, u: &mut B::Buf, act: &mut B::Buf) -> Result<()> {
+pub fn gate_up_silu_by_parts<B: Backend + ?Sized>(
+    b: &B,
+    x: &B::Buf,
+    wg: &B::Buf,
+    wu: &B::Buf,
+    rows: usize,
+    k: usize,
+    n: usize,
+    g: &mut B::Buf,
+    u: &mut B::Buf,
+    act: &mut B::Buf,
+) -> Result<()> {
     b.matmul(x, wg, rows, k, n, g)?;
     b.matmul(x, wu, rows, k, n, u)?;
     b.silu_mul(g, u, rows * n, act)
@@ -231,9 +314,23 @@ pub fn gate_up_silu_by_parts<B: Backend + ?Sized>(b: &B, x: &B::Buf, wg: &B::Buf
 
 /// [`Backend::rope_append`] as two RoPEs and two row copies.
 #[allow(clippy::too_many_arguments)]
-pub fn rope_append_by_parts<B: Backend + ?Sized>(b: &B, q: &mut B::Buf, k: &mut B::Buf, v: &B::Buf, k_cache: &mut B::Buf, v_cache: &mut B::Buf, s: AttnShape, positions: Src<f32>, base: f32) -> Result<()> {
+pub fn rope_append_by_parts<B: Backend + ?Sized>(
+    b: &B,
+    q: &mut B::Buf,
+    k: &mut B::Buf,
+    v: &B::Buf,
+    k_cache: &mut B::Buf,
+    v_cache: &mut B::Buf,
+    s: AttnShape,
+    positions: Src<f32>,
+    base: f32,
+) -> Result<()> {
     let kvw = s.n_head_kv * s.head_dim;
-    let row = if s.from_step { Row::StepPos } else { Row::At(s.first_pos) };
+    let row = if s.from_step {
+        Row::StepPos
+    } else {
+        Row::At(s.first_pos)
+    };
     b.rope(q, s.n_head, s.head_dim, positions, base)?;
     b.rope(k, s.n_head_kv, s.head_dim, positions, base)?;
     b.copy_rows(k, k_cache, row, s.rows, kvw)?;
@@ -242,7 +339,17 @@ pub fn rope_append_by_parts<B: Backend + ?Sized>(b: &B, q: &mut B::Buf, k: &mut 
 
 /// [`Backend::add_rms_norm`] as an add and an RMSNorm.
 #[allow(clippy::too_many_arguments)]
-pub fn add_rms_norm_by_parts<B: Backend + ?Sized>(b: &B, a: &B::Buf, x: &B::Buf, w: &B::Buf, rows: usize, width: usize, eps: f32, sum: &mut B::Buf, out: &mut B::Buf) -> Result<()> {
+pub fn add_rms_norm_by_parts<B: Backend + ?Sized>(
+    b: &B,
+    a: &B::Buf,
+    x: &B::Buf,
+    w: &B::Buf,
+    rows: usize,
+    width: usize,
+    eps: f32,
+    sum: &mut B::Buf,
+    out: &mut B::Buf,
+) -> Result<()> {
     b.add(a, x, rows * width, sum)?;
     b.rms_norm(sum, w, rows, width, eps, out)
 }

@@ -43,7 +43,10 @@ pub struct CpuBackend {
 
 impl CpuBackend {
     pub fn new(dtype: StorageDType) -> Self {
-        Self { dtype, step: Default::default() }
+        Self {
+            dtype,
+            step: Default::default(),
+        }
     }
 
     /// Round to the storage dtype (a no-op for f32).
@@ -58,7 +61,9 @@ impl CpuBackend {
 
 fn check(len: usize, need: usize, what: &str) -> Result<()> {
     if len < need {
-        return Err(Error::engine(format!("cpu {what}: buffer of {len} elements, {need} needed")));
+        return Err(Error::engine(format!(
+            "cpu {what}: buffer of {len} elements, {need} needed"
+        )));
     }
     Ok(())
 }
@@ -104,7 +109,11 @@ impl Backend for CpuBackend {
         };
         let mut values = match blocks.dequantize(elements).map_err(err)? {
             CpuStorage::F32(values) => values,
-            _ => return Err(Error::engine(format!("dequantizing {name}: decoded to something other than f32"))),
+            _ => {
+                return Err(Error::engine(format!(
+                    "dequantizing {name}: decoded to something other than f32"
+                )))
+            }
         };
         self.store(&mut values);
         Ok(values)
@@ -141,16 +150,27 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn rms_norm(&self, x: &Vec<f32>, w: &Vec<f32>, rows: usize, width: usize, eps: f32, out: &mut Vec<f32>) -> Result<()> {
+    fn rms_norm(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        rows: usize,
+        width: usize,
+        eps: f32,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         check(x.len().min(out.len()), rows * width, "rms_norm")?;
         check(w.len(), width, "rms_norm weight")?;
-        out[..rows * width].par_chunks_mut(width).zip(x.par_chunks(width)).for_each(|(o, xr)| {
-            let ms = xr.iter().map(|v| v * v).sum::<f32>() / width as f32;
-            let scale = 1.0 / (ms + eps).sqrt();
-            for ((o, &v), &g) in o.iter_mut().zip(xr).zip(w.iter()) {
-                *o = v * scale * g;
-            }
-        });
+        out[..rows * width]
+            .par_chunks_mut(width)
+            .zip(x.par_chunks(width))
+            .for_each(|(o, xr)| {
+                let ms = xr.iter().map(|v| v * v).sum::<f32>() / width as f32;
+                let scale = 1.0 / (ms + eps).sqrt();
+                for ((o, &v), &g) in o.iter_mut().zip(xr).zip(w.iter()) {
+                    *o = v * scale * g;
+                }
+            });
         self.store(&mut out[..rows * width]);
         Ok(())
     }
@@ -162,22 +182,45 @@ impl Backend for CpuBackend {
         if rows <= SMALL_ROWS {
             // Decode: packing the weight for a GEMM would cost more than the product;
             // each output is one dot product over a contiguous weight row.
-            out[..rows * n].par_chunks_mut(n).zip(x[..rows * k].par_chunks(k)).for_each(|(o, xr)| {
-                o.par_iter_mut().zip(w[..n * k].par_chunks(k)).for_each(|(o, wr)| *o = dot(xr, wr));
-            });
+            out[..rows * n]
+                .par_chunks_mut(n)
+                .zip(x[..rows * k].par_chunks(k))
+                .for_each(|(o, xr)| {
+                    o.par_iter_mut()
+                        .zip(w[..n * k].par_chunks(k))
+                        .for_each(|(o, wr)| *o = dot(xr, wr));
+                });
             self.store(&mut out[..rows * n]);
             return Ok(());
         }
         // Split the rows across threads; each block is one sgemm.
         let block = rows.div_ceil(rayon::current_num_threads()).max(1);
-        out[..rows * n].par_chunks_mut(block * n).zip(x[..rows * k].par_chunks(block * k)).for_each(|(o, xb)| {
-            let m = xb.len() / k;
-            // SAFETY: the slices hold m×k, n×k and m×n elements (checked above and by the
-            // chunking); w is read as its transpose through the strides.
-            unsafe {
-                matrixmultiply::sgemm(m, k, n, 1.0, xb.as_ptr(), k as isize, 1, w.as_ptr(), 1, k as isize, 0.0, o.as_mut_ptr(), n as isize, 1);
-            }
-        });
+        out[..rows * n]
+            .par_chunks_mut(block * n)
+            .zip(x[..rows * k].par_chunks(block * k))
+            .for_each(|(o, xb)| {
+                let m = xb.len() / k;
+                // SAFETY: the slices hold m×k, n×k and m×n elements (checked above and by the
+                // chunking); w is read as its transpose through the strides.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        m,
+                        k,
+                        n,
+                        1.0,
+                        xb.as_ptr(),
+                        k as isize,
+                        1,
+                        w.as_ptr(),
+                        1,
+                        k as isize,
+                        0.0,
+                        o.as_mut_ptr(),
+                        n as isize,
+                        1,
+                    );
+                }
+            });
         self.store(&mut out[..rows * n]);
         Ok(())
     }
@@ -191,17 +234,22 @@ impl Backend for CpuBackend {
         let width = heads * head_dim;
         check(x.len(), positions.len() * width, "rope")?;
         let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half).map(|i| base.powf(-2.0 * i as f32 / head_dim as f32)).collect();
-        x[..positions.len() * width].par_chunks_mut(width).zip(positions).for_each(|(row, &p)| {
-            for head in row.chunks_mut(head_dim) {
-                for (i, f) in inv_freq.iter().enumerate() {
-                    let (s, c) = (p * f).sin_cos();
-                    let (a, b) = (head[2 * i], head[2 * i + 1]);
-                    head[2 * i] = a * c - b * s;
-                    head[2 * i + 1] = a * s + b * c;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| base.powf(-2.0 * i as f32 / head_dim as f32))
+            .collect();
+        x[..positions.len() * width]
+            .par_chunks_mut(width)
+            .zip(positions)
+            .for_each(|(row, &p)| {
+                for head in row.chunks_mut(head_dim) {
+                    for (i, f) in inv_freq.iter().enumerate() {
+                        let (s, c) = (p * f).sin_cos();
+                        let (a, b) = (head[2 * i], head[2 * i + 1]);
+                        head[2 * i] = a * c - b * s;
+                        head[2 * i + 1] = a * s + b * c;
+                    }
                 }
-            }
-        });
+            });
         self.store(&mut x[..positions.len() * width]);
         Ok(())
     }
@@ -209,12 +257,23 @@ impl Backend for CpuBackend {
     fn copy_rows(&self, src: &Vec<f32>, dst: &mut Vec<f32>, dst_row: Row, rows: usize, width: usize) -> Result<()> {
         let dst_row = dst_row.resolve(&self.step.get());
         check(src.len(), rows * width, "copy_rows source")?;
-        check(dst.len(), (dst_row + rows) * width, "copy_rows destination (KV cache too small)")?;
+        check(
+            dst.len(),
+            (dst_row + rows) * width,
+            "copy_rows destination (KV cache too small)",
+        )?;
         dst[dst_row * width..(dst_row + rows) * width].copy_from_slice(&src[..rows * width]);
         Ok(())
     }
 
-    fn attention(&self, q: &Vec<f32>, k_cache: &Vec<f32>, v_cache: &Vec<f32>, mut s: AttnShape, out: &mut Vec<f32>) -> Result<()> {
+    fn attention(
+        &self,
+        q: &Vec<f32>,
+        k_cache: &Vec<f32>,
+        v_cache: &Vec<f32>,
+        mut s: AttnShape,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         if s.from_step {
             s.first_pos = self.step.get().pos;
         }
@@ -237,10 +296,20 @@ impl Backend for CpuBackend {
                 // holds m × visible_keys; each head writes only its own hd columns of out.
                 unsafe {
                     matrixmultiply::sgemm(
-                        m, hd, visible_keys, scale,
-                        q.as_ptr().add(r0 * qw + head * hd), qw as isize, 1,
-                        k_cache.as_ptr().add(kv * hd), 1, kvw as isize,
-                        0.0, scores.as_mut_ptr(), visible_keys as isize, 1,
+                        m,
+                        hd,
+                        visible_keys,
+                        scale,
+                        q.as_ptr().add(r0 * qw + head * hd),
+                        qw as isize,
+                        1,
+                        k_cache.as_ptr().add(kv * hd),
+                        1,
+                        kvw as isize,
+                        0.0,
+                        scores.as_mut_ptr(),
+                        visible_keys as isize,
+                        1,
                     );
                 }
                 for (i, row) in scores[..m * visible_keys].chunks_mut(visible_keys).enumerate() {
@@ -257,10 +326,20 @@ impl Backend for CpuBackend {
                 }
                 unsafe {
                     matrixmultiply::sgemm(
-                        m, visible_keys, hd, 1.0,
-                        scores.as_ptr(), visible_keys as isize, 1,
-                        v_cache.as_ptr().add(kv * hd), kvw as isize, 1,
-                        0.0, out_ptr.0.add(r0 * qw + head * hd), qw as isize, 1,
+                        m,
+                        visible_keys,
+                        hd,
+                        1.0,
+                        scores.as_ptr(),
+                        visible_keys as isize,
+                        1,
+                        v_cache.as_ptr().add(kv * hd),
+                        kvw as isize,
+                        1,
+                        0.0,
+                        out_ptr.0.add(r0 * qw + head * hd),
+                        qw as isize,
+                        1,
                     );
                 }
             }
@@ -271,14 +350,22 @@ impl Backend for CpuBackend {
 
     fn silu_mul(&self, gate: &Vec<f32>, up: &Vec<f32>, n: usize, out: &mut Vec<f32>) -> Result<()> {
         check(gate.len().min(up.len()).min(out.len()), n, "silu_mul")?;
-        out[..n].par_iter_mut().zip(&gate[..n]).zip(&up[..n]).for_each(|((o, &g), &u)| *o = g / (1.0 + (-g).exp()) * u);
+        out[..n]
+            .par_iter_mut()
+            .zip(&gate[..n])
+            .zip(&up[..n])
+            .for_each(|((o, &g), &u)| *o = g / (1.0 + (-g).exp()) * u);
         self.store(&mut out[..n]);
         Ok(())
     }
 
     fn add(&self, a: &Vec<f32>, b: &Vec<f32>, n: usize, out: &mut Vec<f32>) -> Result<()> {
         check(a.len().min(b.len()).min(out.len()), n, "add")?;
-        out[..n].par_iter_mut().zip(&a[..n]).zip(&b[..n]).for_each(|((o, &x), &y)| *o = x + y);
+        out[..n]
+            .par_iter_mut()
+            .zip(&a[..n])
+            .zip(&b[..n])
+            .for_each(|((o, &x), &y)| *o = x + y);
         self.store(&mut out[..n]);
         Ok(())
     }
@@ -303,7 +390,13 @@ impl Backend for CpuBackend {
     fn argmax(&self, x: &Vec<f32>, row: usize, width: usize) -> Result<u32> {
         check(x.len(), (row + 1) * width, "argmax")?;
         let r = &x[row * width..(row + 1) * width];
-        Ok(r.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0 as u32)
+        Ok(r.iter()
+            .enumerate()
+            .fold(
+                (0usize, f32::NEG_INFINITY),
+                |best, (i, &v)| if v > best.1 { (i, v) } else { best },
+            )
+            .0 as u32)
     }
 
     fn sync(&self) -> Result<()> {

@@ -8,7 +8,10 @@ use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
+};
 use resbisect_reference::Fault;
 use sha2::{Digest, Sha256};
 
@@ -20,7 +23,9 @@ pub const KERNEL_SOURCE: &str = include_str!("../../kernels/ops.hip");
 pub const KERNEL_COMPAT: &str = include_str!("../../kernels/compat.h");
 
 /// A storage dtype of the GPU backends.
-pub trait Storage: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + Unpin + std::fmt::Debug + 'static {
+pub trait Storage:
+    DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + Unpin + std::fmt::Debug + 'static
+{
     const DTYPE: StorageDType;
     const CUDA_TYPE: cudarc::cublas::sys::cudaDataType;
     fn from_f32(v: f32) -> Self;
@@ -71,16 +76,42 @@ pub fn storage_define(dtype: StorageDType) -> &'static str {
 
 /// The one translation unit NVRTC compiles: the storage define, compat.h, ops.hip.
 fn nvrtc_source(dtype: StorageDType) -> String {
-    let ops: String = KERNEL_SOURCE.lines().filter(|l| !l.starts_with("#include \"compat.h\"")).map(|l| format!("{l}\n")).collect();
+    let ops: String = KERNEL_SOURCE
+        .lines()
+        .filter(|l| !l.starts_with("#include \"compat.h\""))
+        .map(|l| format!("{l}\n"))
+        .collect();
     format!("#define {}\n{KERNEL_COMPAT}\n{ops}", storage_define(dtype))
 }
 
 const KERNELS: &[&str] = &[
-    "rb_gemv", "rb_gemv3", "rb_add_rms_norm", "rb_rope_append", "rb_embed", "rb_add", "rb_silu_mul", "rb_copy", "rb_perturb", "rb_rms_norm", "rb_rope", "rb_argmax",
-    "rb_softmax_causal", "rb_attention_tiled_64", "rb_attention_part_64", "rb_attention_merge_64", "rb_attention_tiled_128", "rb_attention_part_128",
+    "rb_gemv",
+    "rb_gemv3",
+    "rb_add_rms_norm",
+    "rb_rope_append",
+    "rb_embed",
+    "rb_add",
+    "rb_silu_mul",
+    "rb_copy",
+    "rb_perturb",
+    "rb_rms_norm",
+    "rb_rope",
+    "rb_argmax",
+    "rb_softmax_causal",
+    "rb_attention_tiled_64",
+    "rb_attention_part_64",
+    "rb_attention_merge_64",
+    "rb_attention_tiled_128",
+    "rb_attention_part_128",
     "rb_attention_merge_128",
-    "rb_dequant_f32", "rb_dequant_f16", "rb_dequant_bf16", "rb_dequant_q8_0", "rb_dequant_q4_0", "rb_dequant_q4_1",
-    "rb_dequant_q4_k", "rb_dequant_q6_k",
+    "rb_dequant_f32",
+    "rb_dequant_f16",
+    "rb_dequant_bf16",
+    "rb_dequant_q8_0",
+    "rb_dequant_q4_0",
+    "rb_dequant_q4_1",
+    "rb_dequant_q4_k",
+    "rb_dequant_q6_k",
 ];
 
 /// The device decoder of a GGUF type: kernel, values per block, bytes per block.
@@ -101,10 +132,19 @@ pub(crate) fn decoder(dtype: GgmlDType) -> Option<(&'static str, usize, usize)> 
 /// How a backend runs an attention call.
 pub(crate) enum AttnPlan {
     /// Query tiles of RB_ATTN_QB rows per block: many rows.
-    Tiled { kernel: &'static str, grid: (u32, u32), block: u32 },
+    Tiled {
+        kernel: &'static str,
+        grid: (u32, u32),
+        block: u32,
+    },
     /// Few rows: keys split over `splits` blocks per (row, head) whose partial softmax
     /// states (head dim + 2 floats each, in the backend's scratch) the merge kernel combines.
-    Split { part: &'static str, merge: &'static str, grid: (u32, u32, u32), block: u32 },
+    Split {
+        part: &'static str,
+        merge: &'static str,
+        grid: (u32, u32, u32),
+        block: u32,
+    },
 }
 
 /// Below this many (row, head) pairs attention splits keys over blocks; also the most
@@ -120,20 +160,43 @@ pub(crate) const ATTN_PART_FLOATS: usize = ATTN_SPLIT_PAIRS * (128 + 2);
 /// kernels do not cover.
 pub(crate) fn attention_plan(s: &AttnShape, backend: &str) -> Result<AttnPlan> {
     if s.n_head_kv == 0 || !s.n_head.is_multiple_of(s.n_head_kv) {
-        return Err(Error::engine(format!("{backend}: attention: {} heads do not group over {} KV heads", s.n_head, s.n_head_kv)));
+        return Err(Error::engine(format!(
+            "{backend}: attention: {} heads do not group over {} KV heads",
+            s.n_head, s.n_head_kv
+        )));
     }
     if s.head_dim != 64 && s.head_dim != 128 {
-        return Err(Error::input(format!("{backend}: attention kernels exist for head dim 64 and 128, not {}", s.head_dim)));
+        return Err(Error::input(format!(
+            "{backend}: attention kernels exist for head dim 64 and 128, not {}",
+            s.head_dim
+        )));
     }
     let pairs = s.rows * s.n_head;
     let wide = s.head_dim == 128;
     Ok(if pairs < ATTN_SPLIT_PAIRS {
         let splits = (ATTN_SPLIT_PAIRS / pairs).min(ATTN_MAX_SPLITS);
-        let (part, merge) = if wide { ("rb_attention_part_128", "rb_attention_merge_128") } else { ("rb_attention_part_64", "rb_attention_merge_64") };
-        AttnPlan::Split { part, merge, grid: (s.rows as u32, s.n_head as u32, splits as u32), block: 128 }
+        let (part, merge) = if wide {
+            ("rb_attention_part_128", "rb_attention_merge_128")
+        } else {
+            ("rb_attention_part_64", "rb_attention_merge_64")
+        };
+        AttnPlan::Split {
+            part,
+            merge,
+            grid: (s.rows as u32, s.n_head as u32, splits as u32),
+            block: 128,
+        }
     } else {
-        let kernel = if wide { "rb_attention_tiled_128" } else { "rb_attention_tiled_64" };
-        AttnPlan::Tiled { kernel, grid: ((s.rows as u32).div_ceil(64), s.n_head as u32), block: 64 }
+        let kernel = if wide {
+            "rb_attention_tiled_128"
+        } else {
+            "rb_attention_tiled_64"
+        };
+        AttnPlan::Tiled {
+            kernel,
+            grid: ((s.rows as u32).div_ceil(64), s.n_head as u32),
+            block: 64,
+        }
     })
 }
 
@@ -151,8 +214,12 @@ pub(crate) fn fault_code(fault: Fault) -> (i32, f32) {
 }
 
 fn cache_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
-    base.unwrap_or_else(std::env::temp_dir).join("resbisect").join("kernels")
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+    base.unwrap_or_else(std::env::temp_dir)
+        .join("resbisect")
+        .join("kernels")
 }
 
 thread_local! {
@@ -214,12 +281,16 @@ where
 {
     /// Open GPU `ordinal`, compile (or load from the cache) the kernels for it.
     pub fn new(ordinal: usize) -> Result<Self> {
-        let no_gpu = |e: &dyn std::fmt::Display| Error::input(format!("--backend cuda: no usable NVIDIA GPU or CUDA driver ({e})"));
+        let no_gpu = |e: &dyn std::fmt::Display| {
+            Error::input(format!("--backend cuda: no usable NVIDIA GPU or CUDA driver ({e})"))
+        };
         // SAFETY: only probes whether libcuda can be loaded.
         if !quietly(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false) {
             return Err(no_gpu(&"libcuda.so was not found"));
         }
-        let ctx = quietly(|| CudaContext::new(ordinal)).ok_or_else(|| no_gpu(&"libcuda could not be loaded"))?.map_err(|e| no_gpu(&e))?;
+        let ctx = quietly(|| CudaContext::new(ordinal))
+            .ok_or_else(|| no_gpu(&"libcuda could not be loaded"))?
+            .map_err(|e| no_gpu(&e))?;
         crate::trace::mark(|| "cuda: context".into());
         let (major, minor) = ctx.compute_capability().map_err(device_error("compute capability"))?;
         let arch = format!("sm_{major}{minor}");
@@ -228,16 +299,25 @@ where
             let mut h = Sha256::new();
             h.update(source.as_bytes());
             h.update(arch.as_bytes());
-            h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect::<String>()
+            h.finalize()
+                .iter()
+                .take(16)
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
         };
         let cached = cache_dir().join(format!("ops-{arch}-{key}.ptx"));
         let ptx = match std::fs::read_to_string(&cached) {
             Ok(text) => cudarc::nvrtc::Ptx::from_src(text),
             Err(_) => {
-                let opts = cudarc::nvrtc::CompileOptions { options: vec![format!("--gpu-architecture={arch}"), "-std=c++17".into()], ..Default::default() };
+                let opts = cudarc::nvrtc::CompileOptions {
+                    options: vec![format!("--gpu-architecture={arch}"), "-std=c++17".into()],
+                    ..Default::default()
+                };
                 let ptx = quietly(|| cudarc::nvrtc::compile_ptx_with_opts(&source, opts))
                     .ok_or_else(|| Error::input("--backend cuda: NVRTC (libnvrtc) could not be loaded"))?
-                    .map_err(|e| Error::engine(format!("cuda: compiling kernels/ops.hip with NVRTC for {arch}: {e}")))?;
+                    .map_err(|e| {
+                        Error::engine(format!("cuda: compiling kernels/ops.hip with NVRTC for {arch}: {e}"))
+                    })?;
                 // The cache is an optimisation: a failure to write it only costs the next compile.
                 if std::fs::create_dir_all(cache_dir()).is_ok() {
                     let tmp = cached.with_extension(format!("tmp-{}", std::process::id()));
@@ -260,12 +340,16 @@ where
         unsafe { ctx.disable_event_tracking() };
         // A stream of our own: the legacy default stream cannot be recorded into a graph.
         let stream = ctx.new_stream().map_err(device_error("creating a stream"))?;
-        let step_dev = stream.alloc_zeros::<u32>(4).map_err(device_error("allocating the step record"))?;
+        let step_dev = stream
+            .alloc_zeros::<u32>(4)
+            .map_err(device_error("allocating the step record"))?;
         let step_at = {
             use cudarc::driver::DevicePtr;
             step_dev.device_ptr(&stream).0
         };
-        let attn_part = stream.alloc_zeros::<f32>(ATTN_PART_FLOATS).map_err(device_error("allocating attention scratch"))?;
+        let attn_part = stream
+            .alloc_zeros::<f32>(ATTN_PART_FLOATS)
+            .map_err(device_error("allocating attention scratch"))?;
         let attn_part_at = {
             use cudarc::driver::DevicePtr;
             attn_part.device_ptr(&stream).0
@@ -281,7 +365,23 @@ where
         });
         let device = format!("{} ({arch})", ctx.name().unwrap_or_else(|_| "NVIDIA GPU".into()));
         let lanes = super::cuda_lanes::LanePool::new(ctx.clone())?;
-        Ok(Self { stream, lanes, _step_dev: step_dev, step_at, step: Default::default(), _attn_part: attn_part, attn_part_at, download_staging: Default::default(), rope_positions: std::cell::RefCell::new(None), blas: Default::default(), blas_pending: std::cell::RefCell::new(Some(blas_pending)), functions, device, _module: module, _storage: std::marker::PhantomData })
+        Ok(Self {
+            stream,
+            lanes,
+            _step_dev: step_dev,
+            step_at,
+            step: Default::default(),
+            _attn_part: attn_part,
+            attn_part_at,
+            download_staging: Default::default(),
+            rope_positions: std::cell::RefCell::new(None),
+            blas: Default::default(),
+            blas_pending: std::cell::RefCell::new(Some(blas_pending)),
+            functions,
+            device,
+            _module: module,
+            _storage: std::marker::PhantomData,
+        })
     }
 
     /// The cuBLAS handle, waiting for its creation the first time.
@@ -289,8 +389,14 @@ where
         if let Some(blas) = self.blas.get() {
             return Ok(blas);
         }
-        let pending = self.blas_pending.borrow_mut().take().ok_or_else(|| Error::engine("cuda: cuBLAS failed to start earlier"))?;
-        let blas = pending.join().map_err(|_| Error::engine("cuda: the thread loading cuBLAS panicked"))??;
+        let pending = self
+            .blas_pending
+            .borrow_mut()
+            .take()
+            .ok_or_else(|| Error::engine("cuda: cuBLAS failed to start earlier"))?;
+        let blas = pending
+            .join()
+            .map_err(|_| Error::engine("cuda: the thread loading cuBLAS panicked"))??;
         Ok(self.blas.get_or_init(|| blas))
     }
 
@@ -299,12 +405,18 @@ where
     }
 
     fn grid(n: usize, threads: u32) -> LaunchConfig {
-        LaunchConfig { grid_dim: ((n as u32).div_ceil(threads).max(1), 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+        LaunchConfig {
+            grid_dim: ((n as u32).div_ceil(threads).max(1), 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        }
     }
 
     fn check(len: usize, need: usize, what: &str) -> Result<()> {
         if need > len {
-            return Err(Error::engine(format!("cuda: {what}: needs {need} elements, the buffer holds {len}")));
+            return Err(Error::engine(format!(
+                "cuda: {what}: needs {need} elements, the buffer holds {len}"
+            )));
         }
         Ok(())
     }
@@ -316,7 +428,11 @@ where
 
     /// Blocks of eight warps, one output column per warp (the rb_gemv kernels).
     fn gemv_grid(columns: usize) -> LaunchConfig {
-        LaunchConfig { grid_dim: ((columns as u32).div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+        LaunchConfig {
+            grid_dim: ((columns as u32).div_ceil(8), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
     }
 
     /// The device positions RoPE reads: the step record's, or `positions` uploaded (kept
@@ -326,7 +442,10 @@ where
             Src::Host(positions) => {
                 let mut cached = self.rope_positions.borrow_mut();
                 if cached.as_ref().is_none_or(|(host, _)| host.as_slice() != positions) {
-                    let dev = self.stream.clone_htod(positions).map_err(device_error("uploading positions"))?;
+                    let dev = self
+                        .stream
+                        .clone_htod(positions)
+                        .map_err(device_error("uploading positions"))?;
                     *cached = Some((positions.to_vec(), dev));
                 }
                 use cudarc::driver::DevicePtr;
@@ -355,10 +474,30 @@ where
 {
     /// One strided batched GEMM in column-major terms (cuBLAS), f32 accumulation.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn batched(&self, ta: bool, m: usize, n: usize, k: usize, alpha: f32, a: (u64, usize, i64), a_type: cudarc::cublas::sys::cudaDataType, b: (u64, usize, i64), b_type: cudarc::cublas::sys::cudaDataType, c: (u64, usize, i64), c_type: cudarc::cublas::sys::cudaDataType, batch: usize) -> Result<()> {
+    unsafe fn batched(
+        &self,
+        ta: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: (u64, usize, i64),
+        a_type: cudarc::cublas::sys::cudaDataType,
+        b: (u64, usize, i64),
+        b_type: cudarc::cublas::sys::cudaDataType,
+        c: (u64, usize, i64),
+        c_type: cudarc::cublas::sys::cudaDataType,
+        batch: usize,
+    ) -> Result<()> {
         use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t};
         let beta = 0.0f32;
-        let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        let op = |t: bool| {
+            if t {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            }
+        };
         cudarc::cublas::result::gemm_strided_batched_ex(
             *self.blas()?.handle(),
             op(ta),
@@ -389,15 +528,28 @@ where
 
     /// Prefill attention on the matrix units: per chunk of queries and per KV head,
     /// S = Q·Kᵀ (batched over the heads that share the KV head), causal softmax, O = P·V.
-    fn attention_gemm(&self, q: &CudaSlice<T>, k_cache: &CudaSlice<T>, v_cache: &CudaSlice<T>, s: AttnShape, out: &mut CudaSlice<T>) -> Result<()> {
+    fn attention_gemm(
+        &self,
+        q: &CudaSlice<T>,
+        k_cache: &CudaSlice<T>,
+        v_cache: &CudaSlice<T>,
+        s: AttnShape,
+        out: &mut CudaSlice<T>,
+    ) -> Result<()> {
         use cudarc::driver::{DevicePtr, DevicePtrMut};
         let (hd, g) = (s.head_dim, s.n_head / s.n_head_kv);
         let (qw, kvw) = (s.n_head * hd, s.n_head_kv * hd);
         let el = std::mem::size_of::<T>() as u64;
         let f32t = cudarc::cublas::sys::cudaDataType::CUDA_R_32F;
         let max_keys = s.first_pos + s.rows;
-        let mut scores = self.stream.alloc_zeros::<f32>(g * ATTN_CHUNK.min(s.rows) * max_keys).map_err(device_error("allocating attention scores"))?;
-        let mut probs = self.stream.alloc_zeros::<T>(g * ATTN_CHUNK.min(s.rows) * max_keys).map_err(device_error("allocating attention probabilities"))?;
+        let mut scores = self
+            .stream
+            .alloc_zeros::<f32>(g * ATTN_CHUNK.min(s.rows) * max_keys)
+            .map_err(device_error("allocating attention scores"))?;
+        let mut probs = self
+            .stream
+            .alloc_zeros::<T>(g * ATTN_CHUNK.min(s.rows) * max_keys)
+            .map_err(device_error("allocating attention probabilities"))?;
         let (qp, _) = q.device_ptr(&self.stream);
         let (kp, _) = k_cache.device_ptr(&self.stream);
         let (vp, _) = v_cache.device_ptr(&self.stream);
@@ -418,17 +570,47 @@ where
                 // (cache rows), queries c0..c0 + n, heads h0..h0 + g, scores/probs sized for
                 // g × n × nk.
                 unsafe {
-                    self.batched(true, nk, n, hd, scale, (k_at, kvw, 0), T::CUDA_TYPE, (q_at, qw, hd as i64), T::CUDA_TYPE, (sp, nk, (n * nk) as i64), f32t, g)?;
+                    self.batched(
+                        true,
+                        nk,
+                        n,
+                        hd,
+                        scale,
+                        (k_at, kvw, 0),
+                        T::CUDA_TYPE,
+                        (q_at, qw, hd as i64),
+                        T::CUDA_TYPE,
+                        (sp, nk, (n * nk) as i64),
+                        f32t,
+                        g,
+                    )?;
                 }
                 let (rows_i, nk_i, first) = (n as i32, nk as i32, (s.first_pos + c0) as i32);
                 let mut b = self.stream.launch_builder(self.f("rb_softmax_causal"));
                 b.arg(&scores).arg(&mut probs).arg(&nk_i).arg(&rows_i).arg(&first);
-                let cfg = LaunchConfig { grid_dim: (n as u32, g as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                let cfg = LaunchConfig {
+                    grid_dim: (n as u32, g as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
                 // SAFETY: scores and probs hold g × n × nk values.
                 Self::launched(unsafe { b.launch(cfg) }.map(drop), "softmax_causal")?;
                 // SAFETY: as above; the output rows c0..c0 + n of heads h0..h0 + g.
                 unsafe {
-                    self.batched(false, hd, n, nk, 1.0, (v_at, kvw, 0), T::CUDA_TYPE, (pp, nk, (n * nk) as i64), T::CUDA_TYPE, (o_at, qw, hd as i64), T::CUDA_TYPE, g)?;
+                    self.batched(
+                        false,
+                        hd,
+                        n,
+                        nk,
+                        1.0,
+                        (v_at, kvw, 0),
+                        T::CUDA_TYPE,
+                        (pp, nk, (n * nk) as i64),
+                        T::CUDA_TYPE,
+                        (o_at, qw, hd as i64),
+                        T::CUDA_TYPE,
+                        g,
+                    )?;
                 }
             }
         }
@@ -456,7 +638,9 @@ where
     }
 
     fn alloc(&self, len: usize) -> Result<Self::Buf> {
-        self.stream.alloc_zeros::<T>(len.max(1)).map_err(device_error("allocating"))
+        self.stream
+            .alloc_zeros::<T>(len.max(1))
+            .map_err(device_error("allocating"))
     }
 
     fn upload(&self, data: &[f32]) -> Result<Self::Buf> {
@@ -469,12 +653,22 @@ where
 
     fn upload_weight(&self, name: &str, dtype: GgmlDType, dims: &[usize], data: &[u8]) -> Result<Self::Buf> {
         let n: usize = dims.iter().product();
-        let (kernel, block_values, block_bytes) = decoder(dtype).ok_or_else(|| Error::input(format!("cuda: {name}: no device decoder for {dtype:?} (supported: f32 f16 bf16 q8_0 q4_0 q4_1 q4_k q6_k)")))?;
+        let (kernel, block_values, block_bytes) = decoder(dtype).ok_or_else(|| {
+            Error::input(format!(
+                "cuda: {name}: no device decoder for {dtype:?} (supported: f32 f16 bf16 q8_0 q4_0 q4_1 q4_k q6_k)"
+            ))
+        })?;
         if !n.is_multiple_of(block_values) || data.len() != n / block_values * block_bytes {
-            return Err(Error::input(format!("cuda: {name}: {} bytes are not {n} values of {dtype:?}", data.len())));
+            return Err(Error::input(format!(
+                "cuda: {name}: {} bytes are not {n} values of {dtype:?}",
+                data.len()
+            )));
         }
         let out = self.alloc(n)?;
-        let raw = self.stream.clone_htod(data).map_err(device_error("uploading a weight"))?;
+        let raw = self
+            .stream
+            .clone_htod(data)
+            .map_err(device_error("uploading a weight"))?;
         let blocks = (n / block_values) as i64;
         let mut out = out;
         let mut b = self.stream.launch_builder(self.f(kernel));
@@ -489,7 +683,10 @@ where
         if len == 0 {
             return Ok(Vec::new());
         }
-        let host = self.stream.clone_dtoh(&buf.slice(offset..offset + len)).map_err(device_error("downloading"))?;
+        let host = self
+            .stream
+            .clone_dtoh(&buf.slice(offset..offset + len))
+            .map_err(device_error("downloading"))?;
         Ok(host.into_iter().map(T::to_f32).collect())
     }
 
@@ -505,16 +702,27 @@ where
             *staging = None;
             let size = len.next_power_of_two().max(1 << 20);
             // SAFETY: the memory is only read after a copy has filled it.
-            *staging = Some(unsafe { self.stream.context().alloc_pinned_with_flags::<T>(size, 0) }.map_err(device_error("allocating page-locked memory"))?);
+            *staging = Some(
+                unsafe { self.stream.context().alloc_pinned_with_flags::<T>(size, 0) }
+                    .map_err(device_error("allocating page-locked memory"))?,
+            );
         }
         // A slice of exactly `len` (the copy takes the destination's length); with event
         // tracking off the copy is asynchronous, so the stream is waited for.
-        let values = &mut staging.as_mut().expect("allocated above").as_mut_slice().map_err(device_error("downloading"))?[..len];
-        self.stream.memcpy_dtoh(&buf.slice(offset..offset + len), values).map_err(device_error("downloading"))?;
+        let values = &mut staging
+            .as_mut()
+            .expect("allocated above")
+            .as_mut_slice()
+            .map_err(device_error("downloading"))?[..len];
+        self.stream
+            .memcpy_dtoh(&buf.slice(offset..offset + len), values)
+            .map_err(device_error("downloading"))?;
         self.stream.synchronize().map_err(device_error("downloading"))?;
         // SAFETY: T is f32, f16 or bf16, plain values whose bytes are the stored value
         // (little-endian on every CUDA host).
-        out.extend_from_slice(unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u8, std::mem::size_of_val(values)) });
+        out.extend_from_slice(unsafe {
+            std::slice::from_raw_parts(values.as_ptr() as *const u8, std::mem::size_of_val(values))
+        });
         Ok(())
     }
 
@@ -541,7 +749,9 @@ where
         Self::check(out.len(), host.len() * width, "embed")?;
         let vocab = table.len() / width.max(1);
         if let Some(&bad) = host.iter().find(|&&i| i as usize >= vocab) {
-            return Err(Error::engine(format!("cuda: embed: token {bad} is outside the table of {vocab} rows")));
+            return Err(Error::engine(format!(
+                "cuda: embed: token {bad} is outside the table of {vocab} rows"
+            )));
         }
         let uploaded;
         let dev_ids = match ids {
@@ -555,18 +765,34 @@ where
         let (w, rows) = (width as i32, host.len() as i32);
         let mut b = self.stream.launch_builder(self.f("rb_embed"));
         b.arg(table).arg(&dev_ids).arg(out).arg(&w).arg(&rows);
-        let cfg = LaunchConfig { grid_dim: (host.len() as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (host.len() as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: every id was checked against the table; `out` holds rows × width.
         Self::launched(unsafe { b.launch(cfg) }.map(drop), "embed")
     }
 
-    fn rms_norm(&self, x: &Self::Buf, w: &Self::Buf, rows: usize, width: usize, eps: f32, out: &mut Self::Buf) -> Result<()> {
+    fn rms_norm(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        rows: usize,
+        width: usize,
+        eps: f32,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
         Self::check(x.len().min(out.len()), rows * width, "rms_norm")?;
         Self::check(w.len(), width, "rms_norm weight")?;
         let wi = width as i32;
         let mut b = self.stream.launch_builder(self.f("rb_rms_norm"));
         b.arg(x).arg(w).arg(out).arg(&wi).arg(&eps);
-        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: bounds checked above.
         Self::launched(unsafe { b.launch(cfg) }.map(drop), "rms_norm")
     }
@@ -596,7 +822,8 @@ where
             ldc: n as i32,
         };
         // SAFETY: shapes checked above.
-        unsafe { self.blas()?.gemm(cfg, w, x, out) }.map_err(|e| Error::engine(format!("cuda: cuBLAS gemm [{rows}x{k}]·[{k}x{n}]: {e}")))
+        unsafe { self.blas()?.gemm(cfg, w, x, out) }
+            .map_err(|e| Error::engine(format!("cuda: cuBLAS gemm [{rows}x{k}]·[{k}x{n}]: {e}")))
     }
 
     fn rope(&self, x: &mut Self::Buf, heads: usize, head_dim: usize, positions: Src<f32>, base: f32) -> Result<()> {
@@ -640,14 +867,27 @@ where
         Self::launched(unsafe { b.launch(Self::grid(n as usize, 256)) }.map(drop), "copy_rows")
     }
 
-    fn attention(&self, q: &Self::Buf, k_cache: &Self::Buf, v_cache: &Self::Buf, s: AttnShape, out: &mut Self::Buf) -> Result<()> {
+    fn attention(
+        &self,
+        q: &Self::Buf,
+        k_cache: &Self::Buf,
+        v_cache: &Self::Buf,
+        s: AttnShape,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
         let (qw, kvw) = (s.n_head * s.head_dim, s.n_head_kv * s.head_dim);
         let dyn_first = if s.from_step { self.step_field(1) } else { 0u64 };
         if s.from_step && (s.rows != 1 || s.first_pos != self.step.get().pos) {
-            return Err(Error::engine("cuda: attention from the step record takes one row at the step's position"));
+            return Err(Error::engine(
+                "cuda: attention from the step record takes one row at the step's position",
+            ));
         }
         Self::check(q.len().min(out.len()), s.rows * qw, "attention")?;
-        Self::check(k_cache.len().min(v_cache.len()), (s.first_pos + s.rows) * kvw, "attention cache")?;
+        Self::check(
+            k_cache.len().min(v_cache.len()),
+            (s.first_pos + s.rows) * kvw,
+            "attention cache",
+        )?;
         let plan = attention_plan(&s, "cuda")?;
         if s.rows >= GEMM_ATTENTION_ROWS && !s.from_step {
             return self.attention_gemm(q, k_cache, v_cache, s, out);
@@ -655,20 +895,53 @@ where
         let (rows, nh, nkv, first) = (s.rows as i32, s.n_head as i32, s.n_head_kv as i32, s.first_pos as i32);
         match plan {
             AttnPlan::Tiled { kernel, grid, block } => {
-                let cfg = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+                let cfg = LaunchConfig {
+                    grid_dim: (grid.0, grid.1, 1),
+                    block_dim: (block, 1, 1),
+                    shared_mem_bytes: 0,
+                };
                 let mut b = self.stream.launch_builder(self.f(kernel));
-                b.arg(q).arg(k_cache).arg(v_cache).arg(out).arg(&rows).arg(&nh).arg(&nkv).arg(&first).arg(&dyn_first);
+                b.arg(q)
+                    .arg(k_cache)
+                    .arg(v_cache)
+                    .arg(out)
+                    .arg(&rows)
+                    .arg(&nh)
+                    .arg(&nkv)
+                    .arg(&first)
+                    .arg(&dyn_first);
                 // SAFETY: bounds checked above.
                 Self::launched(unsafe { b.launch(cfg) }.map(drop), kernel)
             }
-            AttnPlan::Split { part, merge, grid, block } => {
-                let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+            AttnPlan::Split {
+                part,
+                merge,
+                grid,
+                block,
+            } => {
+                let cfg = LaunchConfig {
+                    grid_dim: grid,
+                    block_dim: (block, 1, 1),
+                    shared_mem_bytes: 0,
+                };
                 let mut b = self.stream.launch_builder(self.f(part));
-                b.arg(q).arg(k_cache).arg(v_cache).arg(&self.attn_part_at).arg(&rows).arg(&nh).arg(&nkv).arg(&first).arg(&dyn_first);
+                b.arg(q)
+                    .arg(k_cache)
+                    .arg(v_cache)
+                    .arg(&self.attn_part_at)
+                    .arg(&rows)
+                    .arg(&nh)
+                    .arg(&nkv)
+                    .arg(&first)
+                    .arg(&dyn_first);
                 // SAFETY: bounds checked above; the plan keeps the states within the scratch.
                 Self::launched(unsafe { b.launch(cfg) }.map(drop), part)?;
                 let splits = grid.2 as i32;
-                let cfg = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (s.head_dim as u32, 1, 1), shared_mem_bytes: 0 };
+                let cfg = LaunchConfig {
+                    grid_dim: (grid.0, grid.1, 1),
+                    block_dim: (s.head_dim as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
                 let mut b = self.stream.launch_builder(self.f(merge));
                 b.arg(&self.attn_part_at).arg(out).arg(&nh).arg(&splits);
                 // SAFETY: as above.
@@ -715,17 +988,34 @@ where
         let w = width as i32;
         let mut b = self.stream.launch_builder(self.f("rb_argmax"));
         b.arg(&view).arg(&w).arg(&mut out);
-        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: bounds checked above.
         Self::launched(unsafe { b.launch(cfg) }.map(drop), "argmax")?;
-        Ok(self.stream.clone_dtoh(&out).map_err(device_error("downloading argmax"))?[0])
+        Ok(self
+            .stream
+            .clone_dtoh(&out)
+            .map_err(device_error("downloading argmax"))?[0])
     }
 
     fn sync(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| Error::engine(format!("cuda: device error: {e}")))
+        self.stream
+            .synchronize()
+            .map_err(|e| Error::engine(format!("cuda: device error: {e}")))
     }
 
-    fn matmul3(&self, x: &Self::Buf, w: [&Self::Buf; 3], rows: usize, k: usize, n: [usize; 3], out: [&mut Self::Buf; 3]) -> Result<()> {
+    fn matmul3(
+        &self,
+        x: &Self::Buf,
+        w: [&Self::Buf; 3],
+        rows: usize,
+        k: usize,
+        n: [usize; 3],
+        out: [&mut Self::Buf; 3],
+    ) -> Result<()> {
         if rows > GEMV_ROWS {
             return backend::matmul3_by_parts(self, x, w, rows, k, n, out);
         }
@@ -737,12 +1027,34 @@ where
         let [o0, o1, o2] = out;
         let (r, ki, n0, n1, n2) = (rows as i32, k as i32, n[0] as i32, n[1] as i32, n[2] as i32);
         let mut b = self.stream.launch_builder(self.f("rb_gemv3"));
-        b.arg(x).arg(w[0]).arg(w[1]).arg(w[2]).arg(o0).arg(o1).arg(o2).arg(&r).arg(&ki).arg(&n0).arg(&n1).arg(&n2);
+        b.arg(x)
+            .arg(w[0])
+            .arg(w[1])
+            .arg(w[2])
+            .arg(o0)
+            .arg(o1)
+            .arg(o2)
+            .arg(&r)
+            .arg(&ki)
+            .arg(&n0)
+            .arg(&n1)
+            .arg(&n2);
         // SAFETY: shapes checked above.
         Self::launched(unsafe { b.launch(Self::gemv_grid(n.iter().sum())) }.map(drop), "gemv3")
     }
 
-    fn gate_up_silu(&self, x: &Self::Buf, wg: &Self::Buf, wu: &Self::Buf, rows: usize, k: usize, n: usize, g: &mut Self::Buf, u: &mut Self::Buf, act: &mut Self::Buf) -> Result<()> {
+    fn gate_up_silu(
+        &self,
+        x: &Self::Buf,
+        wg: &Self::Buf,
+        wu: &Self::Buf,
+        rows: usize,
+        k: usize,
+        n: usize,
+        g: &mut Self::Buf,
+        u: &mut Self::Buf,
+        act: &mut Self::Buf,
+    ) -> Result<()> {
         if rows > GEMV_ROWS {
             return backend::gate_up_silu_by_parts(self, x, wg, wu, rows, k, n, g, u, act);
         }
@@ -752,32 +1064,85 @@ where
         self.silu_mul(g, u, rows * n, act)
     }
 
-    fn rope_append(&self, q: &mut Self::Buf, k: &mut Self::Buf, v: &Self::Buf, k_cache: &mut Self::Buf, v_cache: &mut Self::Buf, s: AttnShape, positions: Src<f32>, base: f32) -> Result<()> {
+    fn rope_append(
+        &self,
+        q: &mut Self::Buf,
+        k: &mut Self::Buf,
+        v: &Self::Buf,
+        k_cache: &mut Self::Buf,
+        v_cache: &mut Self::Buf,
+        s: AttnShape,
+        positions: Src<f32>,
+        base: f32,
+    ) -> Result<()> {
         let (qw, kvw) = (s.n_head * s.head_dim, s.n_head_kv * s.head_dim);
         let first = if s.from_step { self.step.get().pos } else { s.first_pos };
         Self::check(q.len(), s.rows * qw, "rope_append q")?;
         Self::check(k.len().min(v.len()), s.rows * kvw, "rope_append k, v")?;
-        Self::check(k_cache.len().min(v_cache.len()), (first + s.rows) * kvw, "rope_append cache")?;
+        Self::check(
+            k_cache.len().min(v_cache.len()),
+            (first + s.rows) * kvw,
+            "rope_append cache",
+        )?;
         let (n, pos) = self.rope_positions(positions)?;
         if n != s.rows {
-            return Err(Error::engine(format!("cuda: rope_append: {n} positions for {} rows", s.rows)));
+            return Err(Error::engine(format!(
+                "cuda: rope_append: {n} positions for {} rows",
+                s.rows
+            )));
         }
         let dyn_row = if s.from_step { self.step_field(1) } else { 0u64 };
-        let (rows, nh, nkv, hd, row0) = (s.rows as i32, s.n_head as i32, s.n_head_kv as i32, s.head_dim as i32, s.first_pos as i32);
+        let (rows, nh, nkv, hd, row0) = (
+            s.rows as i32,
+            s.n_head as i32,
+            s.n_head_kv as i32,
+            s.head_dim as i32,
+            s.first_pos as i32,
+        );
         let threads = s.rows * (qw / 2 + kvw / 2 + kvw);
         let mut b = self.stream.launch_builder(self.f("rb_rope_append"));
-        b.arg(q).arg(k).arg(v).arg(k_cache).arg(v_cache).arg(&pos).arg(&rows).arg(&nh).arg(&nkv).arg(&hd).arg(&base).arg(&dyn_row).arg(&row0);
+        b.arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(&pos)
+            .arg(&rows)
+            .arg(&nh)
+            .arg(&nkv)
+            .arg(&hd)
+            .arg(&base)
+            .arg(&dyn_row)
+            .arg(&row0);
         // SAFETY: bounds checked above; the step record's position is the one checked.
         Self::launched(unsafe { b.launch(Self::grid(threads, 256)) }.map(drop), "rope_append")
     }
 
-    fn add_rms_norm(&self, a: &Self::Buf, b_: &Self::Buf, w: &Self::Buf, rows: usize, width: usize, eps: f32, sum: &mut Self::Buf, out: &mut Self::Buf) -> Result<()> {
-        Self::check(a.len().min(b_.len()).min(sum.len()).min(out.len()), rows * width, "add_rms_norm")?;
+    fn add_rms_norm(
+        &self,
+        a: &Self::Buf,
+        b_: &Self::Buf,
+        w: &Self::Buf,
+        rows: usize,
+        width: usize,
+        eps: f32,
+        sum: &mut Self::Buf,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
+        Self::check(
+            a.len().min(b_.len()).min(sum.len()).min(out.len()),
+            rows * width,
+            "add_rms_norm",
+        )?;
         Self::check(w.len(), width, "add_rms_norm weight")?;
         let wi = width as i32;
         let mut b = self.stream.launch_builder(self.f("rb_add_rms_norm"));
         b.arg(a).arg(b_).arg(w).arg(sum).arg(out).arg(&wi).arg(&eps);
-        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: bounds checked above.
         Self::launched(unsafe { b.launch(cfg) }.map(drop), "add_rms_norm")
     }
@@ -786,7 +1151,8 @@ where
         let words = [step.token, step.pos as u32, step.rope_pos.to_bits(), step.slot as u32];
         // SAFETY: 16 bytes into the 16-byte record; a copy from pageable memory has read
         // `words` by the time it returns.
-        unsafe { cudarc::driver::result::memcpy_htod_async(self.step_at, &words, self.stream.cu_stream()) }.map_err(device_error("writing the step record"))?;
+        unsafe { cudarc::driver::result::memcpy_htod_async(self.step_at, &words, self.stream.cu_stream()) }
+            .map_err(device_error("writing the step record"))?;
         self.step.set(step);
         Ok(())
     }
@@ -794,14 +1160,20 @@ where
     fn begin_capture(&self) -> Result<bool> {
         // Recorded matmuls need the handle; it must not be created while recording.
         self.blas()?;
-        self.stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(device_error("starting a graph capture"))?;
+        self.stream
+            .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(device_error("starting a graph capture"))?;
         Ok(true)
     }
 
     fn end_capture(&self) -> Result<Option<CudaGraph>> {
         // A capture that an op broke ends with an error and no graph: the caller runs the
         // step's ops directly instead.
-        Ok(self.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).ok().flatten())
+        Ok(self
+            .stream
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+            .ok()
+            .flatten())
     }
 
     fn replay(&self, graph: &CudaGraph) -> Result<()> {

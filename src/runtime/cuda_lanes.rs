@@ -51,7 +51,12 @@ fn device_error(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> E
 impl<T: Storage> LanePool<T> {
     pub(crate) fn new(ctx: Arc<CudaContext>) -> Result<Arc<Self>> {
         let copy = ctx.new_stream().map_err(device_error("creating the copy stream"))?;
-        Ok(Arc::new(Self { ctx, copy, free: Mutex::new((Vec::new(), 0)), returned: Condvar::new() }))
+        Ok(Arc::new(Self {
+            ctx,
+            copy,
+            free: Mutex::new((Vec::new(), 0)),
+            returned: Condvar::new(),
+        }))
     }
 
     fn make(&self, compute: &Arc<CudaStream>, len: usize) -> Result<Lane<T>> {
@@ -59,11 +64,20 @@ impl<T: Storage> LanePool<T> {
         // SAFETY: the slot is only read by copies after a snapshot has written it.
         let device = unsafe { compute.alloc::<T>(len) }.map_err(device_error("allocating a tap lane"))?;
         // SAFETY: host memory is only read after a copy has filled it.
-        let mut host = unsafe { self.ctx.alloc_pinned_with_flags::<T>(len, 0) }.map_err(device_error("allocating page-locked memory"))?;
-        let host_at = host.as_mut_ptr().map_err(device_error("allocating page-locked memory"))? as usize;
+        let mut host = unsafe { self.ctx.alloc_pinned_with_flags::<T>(len, 0) }
+            .map_err(device_error("allocating page-locked memory"))?;
+        let host_at = host
+            .as_mut_ptr()
+            .map_err(device_error("allocating page-locked memory"))? as usize;
         let snapped = self.ctx.new_event(None).map_err(device_error("creating an event"))?;
         let copied = self.ctx.new_event(None).map_err(device_error("creating an event"))?;
-        Ok(Lane { device, _host: host, host_at, snapped, copied })
+        Ok(Lane {
+            device,
+            _host: host,
+            host_at,
+            snapped,
+            copied,
+        })
     }
 
     /// Lanes of `len` elements for `count` captures: as many as fit in a budget of
@@ -76,7 +90,10 @@ impl<T: Storage> LanePool<T> {
         let want = ((budget / lane_bytes.max(1)).clamp(2, MAX_LANES as u64) as usize).min(count);
         let mut made = 0;
         loop {
-            let mut free = self.free.lock().map_err(|_| Error::engine("cuda: the tap lanes' lock was poisoned"))?;
+            let mut free = self
+                .free
+                .lock()
+                .map_err(|_| Error::engine("cuda: the tap lanes' lock was poisoned"))?;
             let ready = free.0.iter().filter(|lane| lane.device.len() >= len).count();
             if ready >= want || free.1 - free.0.len() + ready >= MAX_LANES {
                 break;
@@ -84,7 +101,10 @@ impl<T: Storage> LanePool<T> {
             // Too small ones are replaced; lanes with writers are left to `take`.
             if let Some(i) = free.0.iter().position(|lane| lane.device.len() < len) {
                 let small = free.0.swap_remove(i);
-                small.copied.synchronize().map_err(device_error("retiring a tap lane"))?;
+                small
+                    .copied
+                    .synchronize()
+                    .map_err(device_error("retiring a tap lane"))?;
                 free.1 -= 1;
             }
             if free.1 >= MAX_LANES {
@@ -93,7 +113,10 @@ impl<T: Storage> LanePool<T> {
             free.1 += 1;
             drop(free);
             let lane = self.make(compute, len);
-            let mut free = self.free.lock().map_err(|_| Error::engine("cuda: the tap lanes' lock was poisoned"))?;
+            let mut free = self
+                .free
+                .lock()
+                .map_err(|_| Error::engine("cuda: the tap lanes' lock was poisoned"))?;
             match lane {
                 Ok(lane) => free.0.push(lane),
                 Err(e) => {
@@ -105,7 +128,13 @@ impl<T: Storage> LanePool<T> {
         }
         if made > 0 {
             self.prime(compute)?;
-            crate::trace::mark(|| format!("cuda: {made} tap lanes of {} MiB ready in {:.1} ms", lane_bytes >> 20, t0.elapsed().as_secs_f64() * 1e3));
+            crate::trace::mark(|| {
+                format!(
+                    "cuda: {made} tap lanes of {} MiB ready in {:.1} ms",
+                    lane_bytes >> 20,
+                    t0.elapsed().as_secs_f64() * 1e3
+                )
+            });
         }
         Ok(())
     }
@@ -124,7 +153,12 @@ impl<T: Storage> LanePool<T> {
                 return Err(e);
             }
         };
-        let mut rows = InFlight { lane: Some(lane), bytes: n * std::mem::size_of::<T>(), arrival, pool: self.clone() };
+        let mut rows = InFlight {
+            lane: Some(lane),
+            bytes: n * std::mem::size_of::<T>(),
+            arrival,
+            pool: self.clone(),
+        };
         rows.wait().map(drop)
     }
 
@@ -138,7 +172,10 @@ impl<T: Storage> LanePool<T> {
             }
             if let Some(small) = free.0.pop() {
                 // Its last copy may still read the slot or fill the host memory.
-                small.copied.synchronize().map_err(device_error("retiring a tap lane"))?;
+                small
+                    .copied
+                    .synchronize()
+                    .map_err(device_error("retiring a tap lane"))?;
                 free.1 -= 1;
             }
             if free.1 < MAX_LANES {
@@ -154,7 +191,12 @@ impl<T: Storage> LanePool<T> {
             free = self.returned.wait(free).map_err(|_| poisoned())?;
             let waited = t0.elapsed();
             if waited > Duration::from_millis(1) {
-                crate::trace::mark(|| format!("cuda: waited {:.1} ms for a tap lane (all {MAX_LANES} with the writers)", waited.as_secs_f64() * 1e3));
+                crate::trace::mark(|| {
+                    format!(
+                        "cuda: waited {:.1} ms for a tap lane (all {MAX_LANES} with the writers)",
+                        waited.as_secs_f64() * 1e3
+                    )
+                });
             }
         }
     }
@@ -168,11 +210,21 @@ impl<T: Storage> LanePool<T> {
 
     /// Queue the copy of the elements `runs` (offset, length) of `src` (on `compute`) to
     /// host memory; the rows go to a writer as they are.
-    pub(crate) fn capture(self: &Arc<Self>, compute: &Arc<CudaStream>, src: &CudaSlice<T>, runs: &[(usize, usize)]) -> Result<RowBytes> {
+    pub(crate) fn capture(
+        self: &Arc<Self>,
+        compute: &Arc<CudaStream>,
+        src: &CudaSlice<T>,
+        runs: &[(usize, usize)],
+    ) -> Result<RowBytes> {
         let total: usize = runs.iter().map(|r| r.1).sum();
         let lane = self.take(compute, total)?;
         match self.issue(compute, src, runs, &lane, total) {
-            Ok(arrival) => Ok(RowBytes::InFlight(Box::new(InFlight { lane: Some(lane), bytes: total * std::mem::size_of::<T>(), arrival, pool: self.clone() }))),
+            Ok(arrival) => Ok(RowBytes::InFlight(Box::new(InFlight {
+                lane: Some(lane),
+                bytes: total * std::mem::size_of::<T>(),
+                arrival,
+                pool: self.clone(),
+            }))),
             Err(e) => {
                 self.give_back(lane);
                 Err(e)
@@ -180,26 +232,50 @@ impl<T: Storage> LanePool<T> {
         }
     }
 
-    fn issue(&self, compute: &Arc<CudaStream>, src: &CudaSlice<T>, runs: &[(usize, usize)], lane: &Lane<T>, total: usize) -> Result<Arc<Arrival>> {
+    fn issue(
+        &self,
+        compute: &Arc<CudaStream>,
+        src: &CudaSlice<T>,
+        runs: &[(usize, usize)],
+        lane: &Lane<T>,
+        total: usize,
+    ) -> Result<Arc<Arrival>> {
         use cudarc::driver::result;
         let size = std::mem::size_of::<T>();
         let src_at = src.device_ptr(compute).0;
         let slot_at = lane.device.device_ptr(compute).0;
         // The slot's previous copy must be done before it is overwritten.
-        compute.wait(&lane.copied).map_err(device_error("ordering a tap copy"))?;
+        compute
+            .wait(&lane.copied)
+            .map_err(device_error("ordering a tap copy"))?;
         let mut at = 0;
         for &(offset, len) in runs {
             // SAFETY: the caller checked every run against `src`; the lane holds `total`.
-            unsafe { result::memcpy_dtod_async(slot_at + (at * size) as u64, src_at + (offset * size) as u64, len * size, compute.cu_stream()) }.map_err(device_error("snapshotting a tap"))?;
+            unsafe {
+                result::memcpy_dtod_async(
+                    slot_at + (at * size) as u64,
+                    src_at + (offset * size) as u64,
+                    len * size,
+                    compute.cu_stream(),
+                )
+            }
+            .map_err(device_error("snapshotting a tap"))?;
             at += len;
         }
-        lane.snapped.record(compute).map_err(device_error("ordering a tap copy"))?;
-        self.copy.wait(&lane.snapped).map_err(device_error("ordering a tap copy"))?;
+        lane.snapped
+            .record(compute)
+            .map_err(device_error("ordering a tap copy"))?;
+        self.copy
+            .wait(&lane.snapped)
+            .map_err(device_error("ordering a tap copy"))?;
         // SAFETY: `host_at` points at the lane's pinned memory of at least `total` elements,
         // which nothing else touches until the lane is returned.
         let host = unsafe { std::slice::from_raw_parts_mut(lane.host_at as *mut T, total) };
-        unsafe { result::memcpy_dtoh_async(host, slot_at, self.copy.cu_stream()) }.map_err(device_error("copying a tap"))?;
-        lane.copied.record(&self.copy).map_err(device_error("ordering a tap copy"))?;
+        unsafe { result::memcpy_dtoh_async(host, slot_at, self.copy.cu_stream()) }
+            .map_err(device_error("copying a tap"))?;
+        lane.copied
+            .record(&self.copy)
+            .map_err(device_error("ordering a tap copy"))?;
         let arrival = Arc::new(Arrival::default());
         let data = Arc::into_raw(arrival.clone()) as *mut std::ffi::c_void;
         // SAFETY: `arrived` takes back the reference handed over here, and calls no CUDA API.
@@ -239,11 +315,19 @@ struct InFlight<T: Storage> {
 impl<T: Storage> InFlightRows for InFlight<T> {
     fn wait(&mut self) -> Result<&[u8]> {
         let lane = self.lane.as_ref().expect("a lane until dropped");
-        let lost = |why: &dyn std::fmt::Display| Error::engine(format!("cuda: the device failed before a tap's rows were copied off it: {why}"));
+        let lost = |why: &dyn std::fmt::Display| {
+            Error::engine(format!(
+                "cuda: the device failed before a tap's rows were copied off it: {why}"
+            ))
+        };
         let poisoned = "a lock was poisoned";
         let mut done = self.arrival.done.lock().map_err(|_| lost(&poisoned))?;
         while !*done {
-            let (guard, waited) = self.arrival.signal.wait_timeout(done, Duration::from_millis(20)).map_err(|_| lost(&poisoned))?;
+            let (guard, waited) = self
+                .arrival
+                .signal
+                .wait_timeout(done, Duration::from_millis(20))
+                .map_err(|_| lost(&poisoned))?;
             done = guard;
             // A failed device never runs the host function; the event says so instead.
             if !*done && waited.timed_out() {

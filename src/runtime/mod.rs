@@ -15,7 +15,6 @@ pub mod selftest;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-
 use crate::dump::{BackgroundWriter, DumpWriter, EngineInfo, FileStream, Manifest, ModelInfo, PromptRecord, TapDType};
 use crate::error::{Error, Result};
 use crate::inject::RuntimeFaults;
@@ -131,20 +130,38 @@ impl<'a> TapCollector<'a> {
     /// Send the elements `runs` (offset, length) of `buf` — the selected rows of `tap`
     /// from position `start` on — to its file (started on first use, with every selected
     /// tap of the file).
-    fn capture<B: Backend>(&mut self, backend: &B, tap: &Tap, start: usize, buf: &B::Buf, runs: &[(usize, usize)]) -> Result<()> {
+    fn capture<B: Backend>(
+        &mut self,
+        backend: &B,
+        tap: &Tap,
+        start: usize,
+        buf: &B::Buf,
+        runs: &[(usize, usize)],
+    ) -> Result<()> {
         let Some(writer) = self.writer else { return Ok(()) };
         // Under sync checks every tap is off the device before the next op, so a device
         // error leaves every tap before the failing op on disk.
-        let bytes = if self.sync_check { backend::download_rows_now(backend, buf, runs, writer.buffer())? } else { backend.download_rows(buf, runs, writer.buffer())? };
+        let bytes = if self.sync_check {
+            backend::download_rows_now(backend, buf, runs, writer.buffer())?
+        } else {
+            backend.download_rows(buf, runs, writer.buffer())?
+        };
         let stem = tap.file_stem();
         if !self.streams.contains_key(&stem) {
-            let taps: Vec<(String, TapDType, usize)> = all_taps(self.cfg.n_layer).into_iter().filter(|t| t.file_stem() == stem && self.wants(t)).map(|t| (t.id(), self.dtype, t.width(self.cfg))).collect();
+            let taps: Vec<(String, TapDType, usize)> = all_taps(self.cfg.n_layer)
+                .into_iter()
+                .filter(|t| t.file_stem() == stem && self.wants(t))
+                .map(|t| (t.id(), self.dtype, t.width(self.cfg)))
+                .collect();
             let stream = writer.stream_file(self.prompt_id, &stem, &self.positions, &taps)?;
             self.streams.insert(stem.clone(), (stream, vec![0; taps.len()]));
         }
         let (stream, sent) = self.streams.get_mut(&stem).expect("started above");
         let id = tap.id();
-        let index = stream.tap_ids().position(|t| t == id).expect("streams hold every selected tap of their file");
+        let index = stream
+            .tap_ids()
+            .position(|t| t == id)
+            .expect("streams hold every selected tap of their file");
         sent[index] += runs.iter().map(|r| r.1).sum::<usize>() / tap.width(self.cfg);
         writer.send_rows(stream, index, self.positions.partition_point(|&p| p < start), bytes)
     }
@@ -153,7 +170,10 @@ impl<'a> TapCollector<'a> {
     fn check_complete(&self) -> Result<()> {
         for (stem, (stream, sent)) in &self.streams {
             if let Some((id, n)) = stream.tap_ids().zip(sent).find(|(_, &n)| n != self.positions.len()) {
-                return Err(Error::engine(format!("{stem}: {id} got {n} of {} rows", self.positions.len())));
+                return Err(Error::engine(format!(
+                    "{stem}: {id} got {n} of {} rows",
+                    self.positions.len()
+                )));
             }
         }
         Ok(())
@@ -188,7 +208,14 @@ impl<B: Backend> Runtime<B> {
         }
         backend.sync()?;
         crate::trace::mark(|| format!("{}: weights loaded", backend.name()));
-        Ok(Self { backend, cfg: model.config.clone(), token_embd, output_norm, output, layers })
+        Ok(Self {
+            backend,
+            cfg: model.config.clone(),
+            token_embd,
+            output_norm,
+            output,
+            layers,
+        })
     }
 
     pub fn backend(&self) -> &B {
@@ -198,7 +225,11 @@ impl<B: Backend> Runtime<B> {
     /// Run one op; with `sync_check`, synchronize right after so an error names it.
     fn op(&self, name: &str, sync_check: bool, r: Result<()>) -> Result<()> {
         // GPU ops run asynchronously: without sync checks a device error shows at a later call.
-        let hint = if sync_check || self.backend.name() == "cpu" { "" } else { " (--sync-check names the op that caused a device error)" };
+        let hint = if sync_check || self.backend.name() == "cpu" {
+            ""
+        } else {
+            " (--sync-check names the op that caused a device error)"
+        };
         let named = |e: Error| Error::engine(format!("{} {name} failed: {e}{hint}", self.backend.name()));
         r.map_err(named)?;
         if sync_check {
@@ -209,18 +240,37 @@ impl<B: Backend> Runtime<B> {
 
     /// Apply injected faults and capture selected rows of a `[rows, width]` buffer.
     #[allow(clippy::too_many_arguments)]
-    fn tap(&self, id: &str, buf: &mut B::Buf, start: usize, rows: usize, width: usize, faults: &RuntimeFaults, col: &mut TapCollector, route: &mut TapRoute<B>, opts: &RunOptions) -> Result<()> {
+    fn tap(
+        &self,
+        id: &str,
+        buf: &mut B::Buf,
+        start: usize,
+        rows: usize,
+        width: usize,
+        faults: &RuntimeFaults,
+        col: &mut TapCollector,
+        route: &mut TapRoute<B>,
+        opts: &RunOptions,
+    ) -> Result<()> {
         for f in faults.taps.iter().filter(|f| f.tap_id == id) {
             let from_row = f.from.saturating_sub(start);
             if from_row < rows {
-                self.op(&format!("perturb({id})"), opts.sync_check, self.backend.perturb(buf, rows, width, from_row, f.fault))?;
+                self.op(
+                    &format!("perturb({id})"),
+                    opts.sync_check,
+                    self.backend.perturb(buf, rows, width, from_row, f.fault),
+                )?;
             }
         }
         if let Some(crash) = faults.crash.iter().find(|c| c.0 == id && c.1 < start + rows) {
             // A real out-of-bounds request to the backend, so the crash path is the one a
             // device error takes.
             let mut empty = self.backend.alloc(0)?;
-            self.op(&format!("{id} (injected out-of-bounds write at position {})", crash.1), opts.sync_check, self.backend.copy_rows(buf, &mut empty, Row::At(1), rows, width))?;
+            self.op(
+                &format!("{id} (injected out-of-bounds write at position {})", crash.1),
+                opts.sync_check,
+                self.backend.copy_rows(buf, &mut empty, Row::At(1), rows, width),
+            )?;
         }
         let tap = Tap::parse(id).expect("the graph names canonical taps");
         if !col.wants(&tap) {
@@ -229,8 +279,14 @@ impl<B: Backend> Runtime<B> {
         match route {
             TapRoute::Stage { buffers, selected } => {
                 if *selected {
-                    let staged = buffers.get_mut(id).expect("a decode tap buffer exists for every wanted tap");
-                    self.op(&format!("stage({id})"), opts.sync_check, self.backend.copy_rows(buf, staged, Row::StepSlot, 1, width))?;
+                    let staged = buffers
+                        .get_mut(id)
+                        .expect("a decode tap buffer exists for every wanted tap");
+                    self.op(
+                        &format!("stage({id})"),
+                        opts.sync_check,
+                        self.backend.copy_rows(buf, staged, Row::StepSlot, 1, width),
+                    )?;
                 }
             }
             TapRoute::Download => {
@@ -239,8 +295,14 @@ impl<B: Backend> Runtime<B> {
                     return Ok(());
                 }
                 // One copy per run of consecutive rows: a device copy per row would dominate.
-                let runs: Vec<(usize, usize)> = crate::taps::consecutive_runs(&sel).map(|run| (sel[run.start] * width, run.len() * width)).collect();
-                self.op(&format!("capture of {id}"), opts.sync_check, col.capture(&self.backend, &tap, start, buf, &runs))?;
+                let runs: Vec<(usize, usize)> = crate::taps::consecutive_runs(&sel)
+                    .map(|run| (sel[run.start] * width, run.len() * width))
+                    .collect();
+                self.op(
+                    &format!("capture of {id}"),
+                    opts.sync_check,
+                    col.capture(&self.backend, &tap, start, buf, &runs),
+                )?;
             }
         }
         Ok(())
@@ -268,8 +330,27 @@ impl<B: Backend> Runtime<B> {
         let rows = ids.len();
         let decode = matches!(route, TapRoute::Stage { .. });
         let (e, qw, kvw, ff) = (c.n_embd, c.q_width(), c.kv_width(), c.n_ff);
-        let Workspace { x, h, q, k, v, attn, ao, mid, g, u, act, f, keep, .. } = ws;
-        self.op("embed", sc, b.embed(&self.token_embd, e, if decode { Src::Step } else { Src::Host(ids) }, x))?;
+        let Workspace {
+            x,
+            h,
+            q,
+            k,
+            v,
+            attn,
+            ao,
+            mid,
+            g,
+            u,
+            act,
+            f,
+            keep,
+            ..
+        } = ws;
+        self.op(
+            "embed",
+            sc,
+            b.embed(&self.token_embd, e, if decode { Src::Step } else { Src::Host(ids) }, x),
+        )?;
         self.tap("embed", x, start, rows, e, faults, col, route, opts)?;
         if let Some(cp) = keep.first_mut() {
             self.op("checkpoint", sc, b.copy_rows(x, cp, Row::At(start), rows, e))?;
@@ -279,7 +360,10 @@ impl<B: Backend> Runtime<B> {
         // one: stop there, as the reference does (`run` always computes everything).
         let want_out = col.wants(&Tap::Output(0)) || col.wants(&Tap::Output(1));
         let depth = if !decode && col.writer.is_some() && opts.max_tokens == 0 && !want_out {
-            (0..c.n_layer).rev().find(|&l| (0..LAYER_TAPS.len()).any(|i| col.wants(&Tap::Layer(l, i)))).map_or(0, |l| l + 1)
+            (0..c.n_layer)
+                .rev()
+                .find(|&l| (0..LAYER_TAPS.len()).any(|i| col.wants(&Tap::Layer(l, i))))
+                .map_or(0, |l| l + 1)
         } else {
             c.n_layer
         };
@@ -289,23 +373,48 @@ impl<B: Backend> Runtime<B> {
             let shifted: Vec<f32>;
             let rope_positions = match faults.rope.iter().find(|r| r.layer.is_none_or(|x| x == l)) {
                 Some(r) if start + rows > r.from => {
-                    shifted = (start..start + rows).map(|p| r.rotated_position(p).unwrap_or(p as f64) as f32).collect();
+                    shifted = (start..start + rows)
+                        .map(|p| r.rotated_position(p).unwrap_or(p as f64) as f32)
+                        .collect();
                     Src::Host(&shifted)
                 }
                 _ if decode => Src::Step,
                 _ => Src::Host(&true_positions),
             };
             // Fused ops where no injected fault sits between the ops they fuse.
-            let touched = |t: &str| faults.taps.iter().any(|f| f.tap_id == id(t)) || faults.crash.iter().any(|c| c.0 == id(t));
+            let touched =
+                |t: &str| faults.taps.iter().any(|f| f.tap_id == id(t)) || faults.crash.iter().any(|c| c.0 == id(t));
             let (base, eps) = (c.rope_base as f32, c.rms_eps as f32);
             self.op("rms_norm (attn)", sc, b.rms_norm(x, &w.attn_norm, rows, e, eps, h))?;
             self.tap(&id("attn_norm"), h, start, rows, e, faults, col, route, opts)?;
-            self.op("matmul q, k, v", sc, b.matmul3(h, [&w.wq, &w.wk, &w.wv], rows, e, [qw, kvw, kvw], [&mut *q, &mut *k, &mut *v]))?;
+            self.op(
+                "matmul q, k, v",
+                sc,
+                b.matmul3(
+                    h,
+                    [&w.wq, &w.wk, &w.wv],
+                    rows,
+                    e,
+                    [qw, kvw, kvw],
+                    [&mut *q, &mut *k, &mut *v],
+                ),
+            )?;
             let (kc, vc) = &mut kv[l];
-            let shape = AttnShape { n_head: c.n_head, n_head_kv: c.n_head_kv, head_dim: c.head_dim(), first_pos: start, rows, from_step: decode };
+            let shape = AttnShape {
+                n_head: c.n_head,
+                n_head_kv: c.n_head_kv,
+                head_dim: c.head_dim(),
+                first_pos: start,
+                rows,
+                from_step: decode,
+            };
             let fuse_append = !touched("k") && !touched("v");
             if fuse_append {
-                self.op("rope q, k and kv append", sc, b.rope_append(q, k, v, kc, vc, shape, rope_positions, base))?;
+                self.op(
+                    "rope q, k and kv append",
+                    sc,
+                    b.rope_append(q, k, v, kc, vc, shape, rope_positions, base),
+                )?;
             } else {
                 self.op("rope q", sc, b.rope(q, c.n_head, c.head_dim(), rope_positions, base))?;
                 self.op("rope k", sc, b.rope(k, c.n_head_kv, c.head_dim(), rope_positions, base))?;
@@ -326,7 +435,11 @@ impl<B: Backend> Runtime<B> {
                 self.tap(&id("resid_mid"), mid, start, rows, e, faults, col, route, opts)?;
                 self.op("rms_norm (ffn)", sc, b.rms_norm(mid, &w.ffn_norm, rows, e, eps, h))?;
             } else {
-                self.op("add (attention residual) and rms_norm (ffn)", sc, b.add_rms_norm(x, ao, &w.ffn_norm, rows, e, eps, mid, h))?;
+                self.op(
+                    "add (attention residual) and rms_norm (ffn)",
+                    sc,
+                    b.add_rms_norm(x, ao, &w.ffn_norm, rows, e, eps, mid, h),
+                )?;
                 self.tap(&id("resid_mid"), mid, start, rows, e, faults, col, route, opts)?;
             }
             self.tap(&id("ffn_norm"), h, start, rows, e, faults, col, route, opts)?;
@@ -337,7 +450,11 @@ impl<B: Backend> Runtime<B> {
                 self.tap(&id("ffn_up"), u, start, rows, ff, faults, col, route, opts)?;
                 self.op("silu_mul", sc, b.silu_mul(g, u, rows * ff, act))?;
             } else {
-                self.op("matmul ffn_gate, ffn_up and silu_mul", sc, b.gate_up_silu(h, &w.wg, &w.wu, rows, e, ff, g, u, act))?;
+                self.op(
+                    "matmul ffn_gate, ffn_up and silu_mul",
+                    sc,
+                    b.gate_up_silu(h, &w.wg, &w.wu, rows, e, ff, g, u, act),
+                )?;
                 self.tap(&id("ffn_gate"), g, start, rows, ff, faults, col, route, opts)?;
                 self.tap(&id("ffn_up"), u, start, rows, ff, faults, col, route, opts)?;
             }
@@ -356,7 +473,16 @@ impl<B: Backend> Runtime<B> {
     /// The output head on the rows of `ws.x` someone needs — tapped ones and, with
     /// `want_next`, the last — returning the greedy next token when asked.
     #[allow(clippy::too_many_arguments)]
-    fn head(&self, start: usize, rows: usize, ws: &mut Workspace<B>, faults: &RuntimeFaults, col: &mut TapCollector, opts: &RunOptions, want_next: bool) -> Result<Option<u32>> {
+    fn head(
+        &self,
+        start: usize,
+        rows: usize,
+        ws: &mut Workspace<B>,
+        faults: &RuntimeFaults,
+        col: &mut TapCollector,
+        opts: &RunOptions,
+        want_next: bool,
+    ) -> Result<Option<u32>> {
         let c = &self.cfg;
         let b = &self.backend;
         let sc = opts.sync_check;
@@ -386,17 +512,32 @@ impl<B: Backend> Runtime<B> {
             gathered = b.upload(&rows_x)?;
             &gathered
         };
-        self.op("rms_norm (output)", sc, b.rms_norm(hx, &self.output_norm, n, e, c.rms_eps as f32, &mut ws.normed))?;
-        self.op("matmul output", sc, b.matmul(&ws.normed, &self.output, n, e, c.n_vocab, &mut ws.logits))?;
+        self.op(
+            "rms_norm (output)",
+            sc,
+            b.rms_norm(hx, &self.output_norm, n, e, c.rms_eps as f32, &mut ws.normed),
+        )?;
+        self.op(
+            "matmul output",
+            sc,
+            b.matmul(&ws.normed, &self.output, n, e, c.n_vocab, &mut ws.logits),
+        )?;
         if want_out {
             // Rows of the head buffers are `need`; tap only the selected ones (the first
             // entries, the decode row may trail unselected).
             let sel = col.rows_in(start, rows).len();
-            for (tap, buf, width) in [(Tap::Output(0), &mut ws.normed, e), (Tap::Output(1), &mut ws.logits, c.n_vocab)] {
+            for (tap, buf, width) in [
+                (Tap::Output(0), &mut ws.normed, e),
+                (Tap::Output(1), &mut ws.logits, c.n_vocab),
+            ] {
                 let tid = tap.id();
                 for fl in faults.taps.iter().filter(|fl| fl.tap_id == tid) {
                     let from_row = need.iter().position(|&r| start + r >= fl.from).unwrap_or(n);
-                    self.op(&format!("perturb({tid})"), sc, b.perturb(buf, n, width, from_row, fl.fault))?;
+                    self.op(
+                        &format!("perturb({tid})"),
+                        sc,
+                        b.perturb(buf, n, width, from_row, fl.fault),
+                    )?;
                 }
                 if col.wants(&tap) && sel > 0 {
                     col.capture(b, &tap, start, buf, &[(0, sel * width)])?;
@@ -413,13 +554,36 @@ impl<B: Backend> Runtime<B> {
     /// can record and nothing about the step's ops differs from the recorded one, else
     /// issued op by op.
     #[allow(clippy::too_many_arguments)]
-    fn decode_layers(&self, token: u32, pos: usize, ws: &mut Workspace<B>, kv: &mut [(B::Buf, B::Buf)], faults: &RuntimeFaults, col: &mut TapCollector, staged: &mut Staged<B>, opts: &RunOptions) -> Result<()> {
+    fn decode_layers(
+        &self,
+        token: u32,
+        pos: usize,
+        ws: &mut Workspace<B>,
+        kv: &mut [(B::Buf, B::Buf)],
+        faults: &RuntimeFaults,
+        col: &mut TapCollector,
+        staged: &mut Staged<B>,
+        opts: &RunOptions,
+    ) -> Result<()> {
         let slot = staged.positions.binary_search(&pos).ok();
-        self.backend.set_step(Step { token, pos, rope_pos: pos as f32, slot: slot.unwrap_or(0) })?;
-        let mut route = TapRoute::Stage { buffers: &mut staged.buffers, selected: slot.is_some() };
+        self.backend.set_step(Step {
+            token,
+            pos,
+            rope_pos: pos as f32,
+            slot: slot.unwrap_or(0),
+        })?;
+        let mut route = TapRoute::Stage {
+            buffers: &mut staged.buffers,
+            selected: slot.is_some(),
+        };
         // The ops of a step depend on the position only through the step record, except
         // where an injected fault starts acting.
-        let key: Vec<bool> = faults.taps.iter().map(|f| pos >= f.from).chain([slot.is_some()]).collect();
+        let key: Vec<bool> = faults
+            .taps
+            .iter()
+            .map(|f| pos >= f.from)
+            .chain([slot.is_some()])
+            .collect();
         let recordable = staged.record && faults.rope.iter().all(|r| pos < r.from);
         if recordable && staged.graph.as_ref().is_none_or(|(k, _)| *k != key) {
             staged.graph = None;
@@ -442,9 +606,21 @@ impl<B: Backend> Runtime<B> {
 
     /// `opts.warmup` untimed runs of a prompt with no taps.
     fn warm_up(&self, prompt: &PromptRecord, opts: &RunOptions) -> Result<()> {
-        let none = Selection { layers: Vec::new(), taps: Vec::new(), positions: "all".into() };
+        let none = Selection {
+            layers: Vec::new(),
+            taps: Vec::new(),
+            positions: "all".into(),
+        };
         for _ in 0..opts.warmup {
-            self.run_prompt(prompt, &none, &RuntimeFaults::default(), opts, None, None, &mut crate::reference_engine::NoProgress)?;
+            self.run_prompt(
+                prompt,
+                &none,
+                &RuntimeFaults::default(),
+                opts,
+                None,
+                None,
+                &mut crate::reference_engine::NoProgress,
+            )?;
         }
         Ok(())
     }
@@ -454,27 +630,63 @@ impl<B: Backend> Runtime<B> {
     /// prefill and in decode.
     /// With `keep`, the prefill leaves its residual stream there ([`Checkpoints`]).
     #[allow(clippy::too_many_arguments)]
-    pub fn run_prompt(&self, prompt: &PromptRecord, selection: &Selection, faults: &RuntimeFaults, opts: &RunOptions, writer: Option<&BackgroundWriter>, keep: Option<&mut Vec<B::Buf>>, progress: &mut dyn Progress) -> Result<(Vec<u32>, f64, f64)> {
+    pub fn run_prompt(
+        &self,
+        prompt: &PromptRecord,
+        selection: &Selection,
+        faults: &RuntimeFaults,
+        opts: &RunOptions,
+        writer: Option<&BackgroundWriter>,
+        keep: Option<&mut Vec<B::Buf>>,
+        progress: &mut dyn Progress,
+    ) -> Result<(Vec<u32>, f64, f64)> {
         // Timed from here, the KV cache included, as a dump times its runs.
         let t0 = std::time::Instant::now();
         let c = &self.cfg;
         let b = &self.backend;
         let total = prompt.tokens.len() + opts.max_tokens;
-        let positions = PositionSpec::parse(&selection.positions)?.resolve(total).map_err(|e| Error::input(format!("prompt {}: {e}", prompt.id)))?;
-        let mut col = TapCollector { selection, cfg: c, positions, writer, prompt_id: &prompt.id, dtype: b.dtype().tap_dtype(), streams: BTreeMap::new(), sync_check: opts.sync_check };
-        let mut kv = (0..c.n_layer).map(|_| Ok((b.alloc(total * c.kv_width())?, b.alloc(total * c.kv_width())?))).collect::<Result<Vec<_>>>()?;
+        let positions = PositionSpec::parse(&selection.positions)?
+            .resolve(total)
+            .map_err(|e| Error::input(format!("prompt {}: {e}", prompt.id)))?;
+        let mut col = TapCollector {
+            selection,
+            cfg: c,
+            positions,
+            writer,
+            prompt_id: &prompt.id,
+            dtype: b.dtype().tap_dtype(),
+            streams: BTreeMap::new(),
+            sync_check: opts.sync_check,
+        };
+        let mut kv = (0..c.n_layer)
+            .map(|_| Ok((b.alloc(total * c.kv_width())?, b.alloc(total * c.kv_width())?)))
+            .collect::<Result<Vec<_>>>()?;
         let chunk = opts.prefill_chunk.unwrap_or(prompt.tokens.len()).max(1);
         let mut tokens = prompt.tokens.clone();
         let mut next = None;
         let n_chunks = prompt.tokens.len().div_ceil(chunk);
-        progress.stage(&format!("{} ({} tokens)", prompt.id, prompt.tokens.len()), n_chunks + opts.max_tokens);
+        progress.stage(
+            &format!("{} ({} tokens)", prompt.id, prompt.tokens.len()),
+            n_chunks + opts.max_tokens,
+        );
         let mut ws = Workspace::new(b, c, chunk.min(prompt.tokens.len()))?;
         if keep.is_some() {
-            ws.keep = (0..=c.n_layer).map(|_| b.alloc(prompt.tokens.len() * c.n_embd)).collect::<Result<_>>()?;
+            ws.keep = (0..=c.n_layer)
+                .map(|_| b.alloc(prompt.tokens.len() * c.n_embd))
+                .collect::<Result<_>>()?;
         }
         for (i, ids) in prompt.tokens.chunks(chunk).enumerate() {
             let want_next = i + 1 == n_chunks && opts.max_tokens > 0;
-            self.layers(ids, i * chunk, &mut ws, &mut kv, faults, &mut col, &mut TapRoute::Download, opts)?;
+            self.layers(
+                ids,
+                i * chunk,
+                &mut ws,
+                &mut kv,
+                faults,
+                &mut col,
+                &mut TapRoute::Download,
+                opts,
+            )?;
             next = self.head(i * chunk, ids.len(), &mut ws, faults, &mut col, opts, want_next)?;
             progress.tick();
         }
@@ -486,7 +698,12 @@ impl<B: Backend> Runtime<B> {
         if opts.max_tokens > 0 {
             drop(ws);
             let mut ws = Workspace::new(b, c, 1)?;
-            let mut staged = Staged::new(self, &col, prompt.tokens.len(), !opts.sync_check && faults.crash.is_empty())?;
+            let mut staged = Staged::new(
+                self,
+                &col,
+                prompt.tokens.len(),
+                !opts.sync_check && faults.crash.is_empty(),
+            )?;
             for step in 0..opts.max_tokens {
                 let token = next.ok_or_else(|| Error::engine("decode: no next token"))?;
                 tokens.push(token);
@@ -566,7 +783,10 @@ enum TapRoute<'s, B: Backend> {
     Download,
     /// Copied on the device into the decode tap buffers at the step's slot: a decode step
     /// never waits for the host, so it can be recorded and replayed.
-    Stage { buffers: &'s mut BTreeMap<String, B::Buf>, selected: bool },
+    Stage {
+        buffers: &'s mut BTreeMap<String, B::Buf>,
+        selected: bool,
+    },
 }
 
 /// Decode state that outlives a step: the device buffers collecting the decode rows of
@@ -587,12 +807,18 @@ impl<B: Backend> Staged<B> {
         let mut buffers = BTreeMap::new();
         if !positions.is_empty() {
             let c = &rt.cfg;
-            let taps = std::iter::once(Tap::Embed).chain((0..c.n_layer).flat_map(|l| (0..LAYER_TAPS.len()).map(move |i| Tap::Layer(l, i))));
+            let taps = std::iter::once(Tap::Embed)
+                .chain((0..c.n_layer).flat_map(|l| (0..LAYER_TAPS.len()).map(move |i| Tap::Layer(l, i))));
             for tap in taps.filter(|t| col.wants(t)) {
                 buffers.insert(tap.id(), rt.backend.alloc(positions.len() * tap.width(c))?);
             }
         }
-        Ok(Self { positions, buffers, record, graph: None })
+        Ok(Self {
+            positions,
+            buffers,
+            record,
+            graph: None,
+        })
     }
 }
 
@@ -623,12 +849,19 @@ impl<B: Backend> Runtime<B> {
         let chunk = opts.prefill_chunk.unwrap_or(longest).max(1);
         let (mut capture_rows, mut captures_per_tap) = (0, 0);
         for p in &prompts {
-            let selected = spec.resolve(p.tokens.len() + opts.max_tokens).map_err(|e| Error::input(format!("prompt {}: {e}", p.id)))?;
+            let selected = spec
+                .resolve(p.tokens.len() + opts.max_tokens)
+                .map_err(|e| Error::input(format!("prompt {}: {e}", p.id)))?;
             let decode_rows = selected.iter().filter(|&&q| q >= p.tokens.len()).count();
-            capture_rows = capture_rows.max(decode_rows).max((selected.len() - decode_rows).min(chunk));
+            capture_rows = capture_rows
+                .max(decode_rows)
+                .max((selected.len() - decode_rows).min(chunk));
             captures_per_tap = captures_per_tap.max(p.tokens.len().div_ceil(chunk) + usize::from(decode_rows > 0));
         }
-        let selected_taps: Vec<Tap> = all_taps(self.cfg.n_layer).into_iter().filter(|t| selection.wants(t)).collect();
+        let selected_taps: Vec<Tap> = all_taps(self.cfg.n_layer)
+            .into_iter()
+            .filter(|t| selection.wants(t))
+            .collect();
         let widest = selected_taps.iter().map(|t| t.width(&self.cfg)).max().unwrap_or(0);
         let b = &self.backend;
         let engine = EngineInfo::new("resbisect-runtime", b.name(), b.dtype().name(), b.device(), injections);
@@ -651,11 +884,19 @@ impl<B: Backend> Runtime<B> {
                 }
                 Some(slot) if keeps && self.checkpoint_bytes(p.tokens.len()) <= checkpoint_budget() => {
                     let mut keep = Vec::new();
-                    let tokens = self.run_prompt(p, selection, faults, opts, Some(&writer), Some(&mut keep), progress)?.0;
-                    *slot = Some(Checkpoints { tokens: p.tokens.clone(), stream: keep });
+                    let tokens = self
+                        .run_prompt(p, selection, faults, opts, Some(&writer), Some(&mut keep), progress)?
+                        .0;
+                    *slot = Some(Checkpoints {
+                        tokens: p.tokens.clone(),
+                        stream: keep,
+                    });
                     tokens
                 }
-                _ => self.run_prompt(p, selection, faults, opts, Some(&writer), None, progress)?.0,
+                _ => {
+                    self.run_prompt(p, selection, faults, opts, Some(&writer), None, progress)?
+                        .0
+                }
             };
             processed.push(tokens);
             Ok(())
@@ -666,7 +907,13 @@ impl<B: Backend> Runtime<B> {
         writer.finish_with_tokens(outcome, processed)?;
         crate::trace::mark(|| format!("{}: dump written", b.name()));
         let drain_seconds = drain.elapsed().as_secs_f64();
-        Ok(DumpSummary { prompts: prompts.len(), tokens, load_seconds: 0.0, compute_seconds: start.elapsed().as_secs_f64(), drain_seconds })
+        Ok(DumpSummary {
+            prompts: prompts.len(),
+            tokens,
+            load_seconds: 0.0,
+            compute_seconds: start.elapsed().as_secs_f64(),
+            drain_seconds,
+        })
     }
 }
 
@@ -697,20 +944,47 @@ impl<B: Backend> Runtime<B> {
     fn serves(&self, cp: &Checkpoints<B>, prompt: &PromptRecord, selection: &Selection, opts: &RunOptions) -> bool {
         let post = LAYER_TAPS.len() - 1;
         let servable = |t: &Tap| matches!(t, Tap::Embed) || matches!(t, Tap::Layer(_, i) if *i == post);
-        !prompt.tokens.is_empty() && opts.max_tokens == 0 && cp.tokens.starts_with(&prompt.tokens) && all_taps(self.cfg.n_layer).iter().all(|t| !selection.wants(t) || servable(t))
+        !prompt.tokens.is_empty()
+            && opts.max_tokens == 0
+            && cp.tokens.starts_with(&prompt.tokens)
+            && all_taps(self.cfg.n_layer)
+                .iter()
+                .all(|t| !selection.wants(t) || servable(t))
     }
 
     /// Write the dump of `prompt` with `selection` from `cp` (see [`serves`](Self::serves)).
-    fn serve(&self, cp: &Checkpoints<B>, prompt: &PromptRecord, selection: &Selection, writer: &BackgroundWriter) -> Result<()> {
-        let positions = PositionSpec::parse(&selection.positions)?.resolve(prompt.tokens.len()).map_err(|e| Error::input(format!("prompt {}: {e}", prompt.id)))?;
-        let mut col = TapCollector { selection, cfg: &self.cfg, positions, writer: Some(writer), prompt_id: &prompt.id, dtype: self.backend.dtype().tap_dtype(), streams: BTreeMap::new(), sync_check: false };
+    fn serve(
+        &self,
+        cp: &Checkpoints<B>,
+        prompt: &PromptRecord,
+        selection: &Selection,
+        writer: &BackgroundWriter,
+    ) -> Result<()> {
+        let positions = PositionSpec::parse(&selection.positions)?
+            .resolve(prompt.tokens.len())
+            .map_err(|e| Error::input(format!("prompt {}: {e}", prompt.id)))?;
+        let mut col = TapCollector {
+            selection,
+            cfg: &self.cfg,
+            positions,
+            writer: Some(writer),
+            prompt_id: &prompt.id,
+            dtype: self.backend.dtype().tap_dtype(),
+            streams: BTreeMap::new(),
+            sync_check: false,
+        };
         let e = self.cfg.n_embd;
         let post = LAYER_TAPS.len() - 1;
-        for (tap, buf) in std::iter::once(Tap::Embed).chain((0..self.cfg.n_layer).map(|l| Tap::Layer(l, post))).zip(&cp.stream) {
+        for (tap, buf) in std::iter::once(Tap::Embed)
+            .chain((0..self.cfg.n_layer).map(|l| Tap::Layer(l, post)))
+            .zip(&cp.stream)
+        {
             if !col.wants(&tap) {
                 continue;
             }
-            let runs: Vec<(usize, usize)> = crate::taps::consecutive_runs(&col.positions).map(|run| (col.positions[run.start] * e, run.len() * e)).collect();
+            let runs: Vec<(usize, usize)> = crate::taps::consecutive_runs(&col.positions)
+                .map(|run| (col.positions[run.start] * e, run.len() * e))
+                .collect();
             col.capture(&self.backend, &tap, 0, buf, &runs)?;
         }
         col.check_complete()
@@ -737,8 +1011,13 @@ pub fn dump_runtime<B: Backend>(
     progress.stage("loading weights", model.config.n_layer);
     let rt = Runtime::load(backend, model, &mut |_| progress.tick())?;
     let load_seconds = start.elapsed().as_secs_f64();
-    let summary = rt.dump(model, prompts, &selection, &faults, injections, opts, out, overwrite, progress, None)?;
-    Ok(DumpSummary { load_seconds, ..summary })
+    let summary = rt.dump(
+        model, prompts, &selection, &faults, injections, opts, out, overwrite, progress, None,
+    )?;
+    Ok(DumpSummary {
+        load_seconds,
+        ..summary
+    })
 }
 
 /// What `resbisect run` reports.
@@ -750,14 +1029,37 @@ pub struct Generation {
 }
 
 /// `resbisect run`: generate greedily with no taps and time prefill and decode.
-pub fn generate<B: Backend>(backend: B, model: &Model, prompt: PromptRecord, opts: &RunOptions, progress: &mut dyn Progress) -> Result<Generation> {
+pub fn generate<B: Backend>(
+    backend: B,
+    model: &Model,
+    prompt: PromptRecord,
+    opts: &RunOptions,
+    progress: &mut dyn Progress,
+) -> Result<Generation> {
     preflight(model, prompt.tokens.len(), opts, backend.dtype().bytes().max(4))?;
-    let selection = Selection { layers: Vec::new(), taps: Vec::new(), positions: "all".into() };
+    let selection = Selection {
+        layers: Vec::new(),
+        taps: Vec::new(),
+        positions: "all".into(),
+    };
     progress.stage("loading weights", model.config.n_layer);
     let rt = Runtime::load(backend, model, &mut |_| progress.tick())?;
     rt.warm_up(&prompt, opts)?;
-    let (tokens, prefill_seconds, decode_seconds) = rt.run_prompt(&prompt, &selection, &RuntimeFaults::default(), opts, None, None, progress)?;
-    Ok(Generation { tokens, prompt_len: prompt.tokens.len(), prefill_seconds, decode_seconds })
+    let (tokens, prefill_seconds, decode_seconds) = rt.run_prompt(
+        &prompt,
+        &selection,
+        &RuntimeFaults::default(),
+        opts,
+        None,
+        None,
+        progress,
+    )?;
+    Ok(Generation {
+        tokens,
+        prompt_len: prompt.tokens.len(),
+        prefill_seconds,
+        decode_seconds,
+    })
 }
 
 /// Which backend runs the runtime.
@@ -808,7 +1110,11 @@ macro_rules! with_backend {
                 $body
             }
             #[cfg(not(feature = "hip"))]
-            (__K::Hip, _) => return Err($crate::Error::input("--backend hip: this resbisect was built without the hip feature (cargo build --features hip)")),
+            (__K::Hip, _) => {
+                return Err($crate::Error::input(
+                    "--backend hip: this resbisect was built without the hip feature (cargo build --features hip)",
+                ))
+            }
         }
     }};
 }

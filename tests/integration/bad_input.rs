@@ -97,42 +97,91 @@ fn metadata_and_tensors_that_disagree_are_named() {
 
     // The original failure class: the scheduler's layer count is not the model's.
     rewrite_gguf(&model, &bad, |m| set_meta(m, "llama.block_count", Value::U32(3)), all);
-    inspect_refused(&bad, "missing tensor blk.2.attn_norm.weight (block_count says 3 layers)");
+    inspect_refused(
+        &bad,
+        "missing tensor blk.2.attn_norm.weight (block_count says 3 layers)",
+    );
 
     rewrite_gguf(&model, &bad, |m| set_meta(m, "llama.block_count", Value::U32(1)), all);
     inspect_refused(&bad, "belongs to layer 1 but block_count is 1");
 
-    rewrite_gguf(&model, &bad, |_| {}, |n| (n != "blk.1.ffn_down.weight").then(|| n.to_string()));
+    rewrite_gguf(
+        &model,
+        &bad,
+        |_| {},
+        |n| (n != "blk.1.ffn_down.weight").then(|| n.to_string()),
+    );
     inspect_refused(&bad, "missing tensor blk.1.ffn_down.weight");
 
-    rewrite_gguf(&model, &bad, |_| {}, |n| {
-        Some(match n {
-            "blk.0.attn_q.weight" => "blk.0.attn_k.weight".into(),
-            "blk.0.attn_k.weight" => "blk.0.attn_q.weight".into(),
-            other => other.into(),
-        })
-    });
-    inspect_refused(&bad, "tensor blk.0.attn_q.weight has shape [256, 128], expected [256, 256]");
+    rewrite_gguf(
+        &model,
+        &bad,
+        |_| {},
+        |n| {
+            Some(match n {
+                "blk.0.attn_q.weight" => "blk.0.attn_k.weight".into(),
+                "blk.0.attn_k.weight" => "blk.0.attn_q.weight".into(),
+                other => other.into(),
+            })
+        },
+    );
+    inspect_refused(
+        &bad,
+        "tensor blk.0.attn_q.weight has shape [256, 128], expected [256, 256]",
+    );
 
-    rewrite_gguf(&model, &bad, |m| set_meta(m, "llama.attention.head_count", Value::U32(5)), all);
+    rewrite_gguf(
+        &model,
+        &bad,
+        |m| set_meta(m, "llama.attention.head_count", Value::U32(5)),
+        all,
+    );
     inspect_refused(&bad, "embedding_length 256 is not divisible by head_count 5");
 
-    rewrite_gguf(&model, &bad, |m| set_meta(m, "llama.attention.head_count_kv", Value::U32(3)), all);
+    rewrite_gguf(
+        &model,
+        &bad,
+        |m| set_meta(m, "llama.attention.head_count_kv", Value::U32(3)),
+        all,
+    );
     inspect_refused(&bad, "head_count 4 is not a multiple of head_count_kv 3");
 
-    rewrite_gguf(&model, &bad, |m| set_meta(m, "llama.rope.dimension_count", Value::U32(32)), all);
+    rewrite_gguf(
+        &model,
+        &bad,
+        |m| set_meta(m, "llama.rope.dimension_count", Value::U32(32)),
+        all,
+    );
     inspect_refused(&bad, "partial RoPE is not supported");
 
-    rewrite_gguf(&model, &bad, |m| set_meta(m, "general.architecture", Value::String("mamba".into())), all);
+    rewrite_gguf(
+        &model,
+        &bad,
+        |m| set_meta(m, "general.architecture", Value::String("mamba".into())),
+        all,
+    );
     inspect_refused(&bad, "architecture \"mamba\" is not supported");
 
     rewrite_gguf(&model, &bad, |m| m.retain(|(k, _)| k != "llama.embedding_length"), all);
     inspect_refused(&bad, "metadata key llama.embedding_length is missing");
 
     // Context too short for the prompt: refused before any compute.
-    rewrite_gguf(&model, &bad, |m| set_meta(m, "llama.context_length", Value::U32(8)), all);
+    rewrite_gguf(
+        &model,
+        &bad,
+        |m| set_meta(m, "llama.context_length", Value::U32(8)),
+        all,
+    );
     let out_dir = dir.path().join("dump");
-    let out = resbisect(&["dump", "--model", path_str(&bad), "--tokens", "1,2,3,4,5,6,7,8,9", "-o", path_str(&out_dir)]);
+    let out = resbisect(&[
+        "dump",
+        "--model",
+        path_str(&bad),
+        "--tokens",
+        "1,2,3,4,5,6,7,8,9",
+        "-o",
+        path_str(&out_dir),
+    ]);
     assert_refused(&out, "9 tokens exceed the model's context of 8");
     assert!(!out_dir.exists(), "nothing is written for a refused run");
 }
@@ -149,20 +198,44 @@ fn bad_selections_and_prompts() {
         args.extend_from_slice(extra);
         resbisect(&args)
     };
-    assert_refused(&dump(&["--tokens", "1,2,3", "--taps", "resid_pots"]), "unknown tap \"resid_pots\"");
-    assert_refused(&dump(&["--tokens", "1,2,3", "--layers", "0..32"]), "goes past the model's 2 layers");
+    assert_refused(
+        &dump(&["--tokens", "1,2,3", "--taps", "resid_pots"]),
+        "unknown tap \"resid_pots\"",
+    );
+    assert_refused(
+        &dump(&["--tokens", "1,2,3", "--layers", "0..32"]),
+        "goes past the model's 2 layers",
+    );
     assert_refused(&dump(&["--tokens", "1,2,3", "--layers", "1..1"]), "empty layer range");
-    assert_refused(&dump(&["--tokens", "1,2,3", "--positions", "2..9"]), "out of range for a 3-token sequence");
-    assert_refused(&dump(&["--tokens", "1,2,3", "--positions", "-5.."]), "out of range for a 3-token sequence");
-    assert_refused(&dump(&["--tokens", "1,2,3", "--positions", "x..y"]), "bad position \"x..y\"");
-    assert_refused(&dump(&["--tokens", "1,99999"]), "token id 99999 is outside the vocabulary");
+    assert_refused(
+        &dump(&["--tokens", "1,2,3", "--positions", "2..9"]),
+        "out of range for a 3-token sequence",
+    );
+    assert_refused(
+        &dump(&["--tokens", "1,2,3", "--positions", "-5.."]),
+        "out of range for a 3-token sequence",
+    );
+    assert_refused(
+        &dump(&["--tokens", "1,2,3", "--positions", "x..y"]),
+        "bad position \"x..y\"",
+    );
+    assert_refused(
+        &dump(&["--tokens", "1,99999"]),
+        "token id 99999 is outside the vocabulary",
+    );
     assert_refused(&dump(&["--tokens", "1,,2"]), "bad token id");
     assert_refused(&dump(&["--tokens", "1,2", "--id", "../escape"]), "bad prompt id");
-    assert_refused(&dump(&["--tokens", "1,2", "--dtype", "f16"]), "the reference computes in f32 or f64");
+    assert_refused(
+        &dump(&["--tokens", "1,2", "--dtype", "f16"]),
+        "the reference computes in f32 or f64",
+    );
 
     let suite = dir.path().join("suite.jsonl");
     for (content, needle) in [
-        ("{\"id\": \"a\", \"text\": \"x\"}\n{\"id\": \"a\", \"text\": \"y\"}\n", "appears twice"),
+        (
+            "{\"id\": \"a\", \"text\": \"x\"}\n{\"id\": \"a\", \"text\": \"y\"}\n",
+            "appears twice",
+        ),
         ("{\"id\": \"a/b\", \"text\": \"x\"}\n", "bad prompt id"),
         ("{\"id\": \"a\"}\n", "needs text or tokens"),
         ("{\"id\": \"a\", \"text\": \"x\"\n", "suite.jsonl:1"),
@@ -171,8 +244,14 @@ fn bad_selections_and_prompts() {
         std::fs::write(&suite, content).unwrap();
         assert_refused(&dump(&["--prompts", path_str(&suite)]), needle);
     }
-    assert_refused(&dump(&["--prompts", "/nonexistent/suite.jsonl"]), "/nonexistent/suite.jsonl");
+    assert_refused(
+        &dump(&["--prompts", "/nonexistent/suite.jsonl"]),
+        "/nonexistent/suite.jsonl",
+    );
     assert_refused(&resbisect(&["inspect", "/nonexistent/model.gguf"]), "cannot open");
     assert_refused(&resbisect(&["synth", "--preset", "huge", "-o", o]), "unknown preset");
-    assert_refused(&resbisect(&["synth", "--preset", "tiny", "--quant", "q9_9", "-o", o]), "unknown quant type");
+    assert_refused(
+        &resbisect(&["synth", "--preset", "tiny", "--quant", "q9_9", "-o", o]),
+        "unknown quant type",
+    );
 }

@@ -17,11 +17,21 @@ const MAX_RUNS: f64 = 8.9;
 /// `resbisect bisect --json` on SmolLM2 with `extra`; the exit code and the report.
 pub fn bisect_json(extra: &[&str], work: &Path) -> (i32, Value) {
     let model = smollm2();
-    let mut args = vec!["bisect", "--model", path_str(&model), "--json", "--work", path_str(work)];
+    let mut args = vec![
+        "bisect",
+        "--model",
+        path_str(&model),
+        "--json",
+        "--work",
+        path_str(work),
+    ];
     args.extend_from_slice(extra);
     let out = resbisect(&args);
     assert!(matches!(out.code, 0 | 1 | 3), "exit {}: {}", out.code, out.stderr);
-    (out.code, serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}\n{}", out.stdout, out.stderr)))
+    (
+        out.code,
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}\n{}", out.stdout, out.stderr)),
+    )
 }
 
 fn bisect_prompt() -> String {
@@ -33,33 +43,52 @@ fn long_prompts() -> String {
 }
 
 fn replay_row(r: &Value, layer: u64) -> &Value {
-    r["replay"].as_array().unwrap().iter().find(|x| x["layer"] == layer).unwrap_or_else(|| panic!("layer {layer} not replayed: {}", r["replay"]))
+    r["replay"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["layer"] == layer)
+        .unwrap_or_else(|| panic!("layer {layer} not replayed: {}", r["replay"]))
 }
 
 /// Bisect the runtime with one injected fault; check the named tap and position, the
 /// run budget, and (for layer faults) that replay blames the injected layer only.
 fn check_fault(prompts: &str, id: &str, fault: &str, tap: &str, position: u64) -> Value {
     let dir = tempfile::tempdir().unwrap();
-    let (code, r) = bisect_json(&["--prompts", prompts, "--id", id, "--inject", fault], &dir.path().join("work"));
+    let (code, r) = bisect_json(
+        &["--prompts", prompts, "--id", id, "--inject", fault],
+        &dir.path().join("work"),
+    );
     assert_eq!(code, 1, "{fault}: {r}");
     assert_eq!(r["outcome"], "diverged");
     assert_eq!(r["first"]["tap"], tap, "{fault}");
     assert_eq!(r["first"]["position"], position, "{fault}");
     let runs = r["runs_a"].as_u64().unwrap();
     assert!(runs as f64 <= MAX_RUNS, "{fault}: {runs} runs");
-    if let Some(layer) = tap.strip_prefix("blk.").and_then(|t| t.split('.').next()).map(|l| l.parse::<u64>().unwrap()) {
+    if let Some(layer) = tap
+        .strip_prefix("blk.")
+        .and_then(|t| t.split('.').next())
+        .map(|l| l.parse::<u64>().unwrap())
+    {
         let culprit = replay_row(&r, layer);
         assert_eq!(culprit["introduces"], true, "{fault}: {}", r["replay"]);
         // A NaN is excused: masked attention tiles carry it to earlier positions (0·NaN)
         // inside the next layer, which replay rightly flags as that layer's doing.
         for row in r["replay"].as_array().unwrap() {
             if row["layer"].as_u64().unwrap() != layer && !fault.contains(":nan@") {
-                assert_eq!(row["introduces"], false, "{fault}: neighbour {} blamed: {}", row["layer"], r["replay"]);
+                assert_eq!(
+                    row["introduces"], false,
+                    "{fault}: neighbour {} blamed: {}",
+                    row["layer"], r["replay"]
+                );
             }
         }
         if let Some(next) = r["replay"].as_array().unwrap().iter().find(|x| x["layer"] == layer + 1) {
             // Downstream error is inherited: the next layer's input is already off.
-            assert!(next["inherited"].as_f64().unwrap_or(f64::INFINITY) > next["tolerance"].as_f64().unwrap(), "{fault}: {next}");
+            assert!(
+                next["inherited"].as_f64().unwrap_or(f64::INFINITY) > next["tolerance"].as_f64().unwrap(),
+                "{fault}: {next}"
+            );
         }
     }
     r
@@ -84,26 +113,53 @@ fn a_tap_off_before_the_probed_window_gets_a_position_probe() {
     let dir = tempfile::tempdir().unwrap();
     // Judged by tolerance: against the noise floor, the residual stream leaves B's at 40
     // already and the window alone sees where k starts.
-    let args = ["--prompts", &bisect_prompt(), "--id", "p6_len_128", "--inject", "blk.5.k:scale=1.01@40", "--tap-window", "1", "--sequential", "--judge", "tolerance"];
+    let args = [
+        "--prompts",
+        &bisect_prompt(),
+        "--id",
+        "p6_len_128",
+        "--inject",
+        "blk.5.k:scale=1.01@40",
+        "--tap-window",
+        "1",
+        "--sequential",
+        "--judge",
+        "tolerance",
+    ];
     let (code, r) = bisect_json(&args, &dir.path().join("work"));
     assert_eq!(code, 1, "{r}");
     assert_eq!(r["first"]["tap"], "blk.5.k");
     assert_eq!(r["first"]["position"], 40);
-    let purposes: Vec<&str> = r["probes"].as_array().unwrap().iter().map(|p| p["purpose"].as_str().unwrap()).collect();
+    let purposes: Vec<&str> = r["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["purpose"].as_str().unwrap())
+        .collect();
     assert!(purposes.contains(&"position"), "{purposes:?}");
     assert!(r["runs_a"].as_u64().unwrap() as f64 <= MAX_RUNS);
 }
 
 #[test]
 fn bisect_cuts_a_1652_token_prompt_after_the_first_divergent_layers_first_position() {
-    let r = check_fault(&long_prompts(), "long_1652", "blk.17.attn:scale=1.1@900", "blk.17.attn", 900);
+    let r = check_fault(
+        &long_prompts(),
+        "long_1652",
+        "blk.17.attn:scale=1.1@900",
+        "blk.17.attn",
+        900,
+    );
     assert_eq!(r["n_tokens"], 1652);
     assert_eq!(r["prefix"], 901);
     // The layer search judges every position (the built-in engines serve it from their
     // checkpoints); every probe after it runs on the cut prompt.
     for probe in &r["probes"].as_array().unwrap()[1..] {
         let purpose = probe["purpose"].as_str().unwrap();
-        assert_eq!(probe["tokens"], if purpose.starts_with("layer-") { 1652 } else { 901 }, "{probe}");
+        assert_eq!(
+            probe["tokens"],
+            if purpose.starts_with("layer-") { 1652 } else { 901 },
+            "{probe}"
+        );
     }
 }
 
@@ -116,8 +172,16 @@ fn demo_reproduces_the_long_context_rope_fault() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("FIRST DIVERGENCE: blk.11.q at position 827"), "{stdout}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("FIRST DIVERGENCE: blk.11.q at position 827"),
+        "{stdout}"
+    );
     assert!(stdout.contains("INTRODUCES error"), "{stdout}");
     let html = std::fs::read_to_string(dir.path().join("demo/report/bisect.html")).unwrap();
     assert!(html.contains("blk.11.q"));
@@ -129,7 +193,18 @@ fn the_runtime_can_be_the_oracle() {
     // A known-good build as the oracle: the same runtime without the fault. Replay still
     // runs on the reference, loaded for the replayed layers only.
     let dir = tempfile::tempdir().unwrap();
-    let args = ["--prompts", &bisect_prompt(), "--id", "p6_len_128", "--inject", "blk.5.ffn_up:scale=1.5@40", "--oracle", "runtime", "--oracle-dtype", "f32"];
+    let args = [
+        "--prompts",
+        &bisect_prompt(),
+        "--id",
+        "p6_len_128",
+        "--inject",
+        "blk.5.ffn_up:scale=1.5@40",
+        "--oracle",
+        "runtime",
+        "--oracle-dtype",
+        "f32",
+    ];
     let (code, r) = bisect_json(&args, &dir.path().join("work"));
     assert_eq!(code, 1, "{r}");
     assert_eq!(r["engine_b"], "runtime cpu f32");
@@ -143,7 +218,10 @@ fn the_runtime_can_be_the_oracle() {
 #[test]
 fn bisect_of_healthy_engines_is_clean() {
     let dir = tempfile::tempdir().unwrap();
-    let (code, r) = bisect_json(&["--prompts", &bisect_prompt(), "--id", "p6_len_32"], &dir.path().join("work"));
+    let (code, r) = bisect_json(
+        &["--prompts", &bisect_prompt(), "--id", "p6_len_32"],
+        &dir.path().join("work"),
+    );
     assert_eq!(code, 0, "{r}");
     assert_eq!(r["outcome"], "clean");
     assert_eq!(r["runs_a"], 1);
@@ -152,20 +230,51 @@ fn bisect_of_healthy_engines_is_clean() {
 #[test]
 fn a_crash_is_a_result_naming_the_last_tap_written() {
     let dir = tempfile::tempdir().unwrap();
-    let (code, r) = bisect_json(&["--prompts", &bisect_prompt(), "--id", "p6_len_32", "--inject", "blk.3.attn:oob@5"], &dir.path().join("work"));
+    let (code, r) = bisect_json(
+        &[
+            "--prompts",
+            &bisect_prompt(),
+            "--id",
+            "p6_len_32",
+            "--inject",
+            "blk.3.attn:oob@5",
+        ],
+        &dir.path().join("work"),
+    );
     assert_eq!(code, 3, "{r}");
     assert_eq!(r["outcome"], "crashed");
     assert_eq!(r["crash"]["engine"], "A");
     // The coarse probe dumps layers 0, 1, 2, 4, …: layer 2 was the last file written.
     assert_eq!(r["crash"]["error"]["tap"], "blk.2.resid_post", "{}", r["crash"]);
-    assert!(r["crash"]["error"]["message"].as_str().unwrap().contains("out-of-bounds"), "{}", r["crash"]);
+    assert!(
+        r["crash"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("out-of-bounds"),
+        "{}",
+        r["crash"]
+    );
 }
 
 /// A reference dump of every tap as raw f32 files `<tap>.f32` plus `<tap>.width`, the
 /// source the C test engine reads.
 fn raw_reference(dir: &Path, id: &str) {
     let dump = dir.join("ref");
-    let out = resbisect(&["dump", "--model", path_str(&smollm2()), "--prompts", &bisect_prompt(), "--layers", "all", "--taps", "all", "--positions", "all", "-o", path_str(&dump)]);
+    let out = resbisect(&[
+        "dump",
+        "--model",
+        path_str(&smollm2()),
+        "--prompts",
+        &bisect_prompt(),
+        "--layers",
+        "all",
+        "--taps",
+        "all",
+        "--positions",
+        "all",
+        "-o",
+        path_str(&dump),
+    ]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     let d = Dump::open(&dump).unwrap();
     let raw = dir.join("raw");
@@ -184,7 +293,15 @@ fn c_engine(dir: &Path) -> String {
     let exe = dir.join("replay_engine");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let status = Command::new(&cc)
-        .args(["-std=c99", "-D_POSIX_C_SOURCE=200809L", "-Wall", "-Wextra", "-Werror", "-O1", "-o"])
+        .args([
+            "-std=c99",
+            "-D_POSIX_C_SOURCE=200809L",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-O1",
+            "-o",
+        ])
         .arg(&exe)
         .arg(root().join("tests/engines/replay_engine.c"))
         .status()
@@ -203,20 +320,63 @@ fn a_c_engine_on_the_single_header_writer_plugs_in() {
         dir.path().join("raw").display()
     );
     let bug = format!("{base} --bug-layer 9 --bug-pos 12 --bug-value 0.5");
-    let (code, r) = bisect_json(&["--prompts", &bisect_prompt(), "--id", "p6_len_32", "--engine", "external", "--command", &bug], &dir.path().join("w1"));
+    let (code, r) = bisect_json(
+        &[
+            "--prompts",
+            &bisect_prompt(),
+            "--id",
+            "p6_len_32",
+            "--engine",
+            "external",
+            "--command",
+            &bug,
+        ],
+        &dir.path().join("w1"),
+    );
     assert_eq!(code, 1, "{r}");
     assert_eq!(r["first"]["tap"], "blk.9.attn_norm");
     assert_eq!(r["first"]["position"], 12);
     assert_eq!(replay_row(&r, 9)["introduces"], true);
 
-    let (code, r) = bisect_json(&["--prompts", &bisect_prompt(), "--id", "p6_len_32", "--engine", "external", "--command", &base], &dir.path().join("w2"));
+    let (code, r) = bisect_json(
+        &[
+            "--prompts",
+            &bisect_prompt(),
+            "--id",
+            "p6_len_32",
+            "--engine",
+            "external",
+            "--command",
+            &base,
+        ],
+        &dir.path().join("w2"),
+    );
     assert_eq!(code, 0, "the C engine replays the reference exactly: {r}");
 
     let crash = format!("{base} --crash-before blk.4");
-    let (code, r) = bisect_json(&["--prompts", &bisect_prompt(), "--id", "p6_len_32", "--engine", "external", "--command", &crash], &dir.path().join("w3"));
+    let (code, r) = bisect_json(
+        &[
+            "--prompts",
+            &bisect_prompt(),
+            "--id",
+            "p6_len_32",
+            "--engine",
+            "external",
+            "--command",
+            &crash,
+        ],
+        &dir.path().join("w3"),
+    );
     assert_eq!(code, 3, "{r}");
     assert_eq!(r["crash"]["error"]["tap"], "blk.2.resid_post", "{}", r["crash"]);
-    assert!(r["crash"]["error"]["message"].as_str().unwrap().contains("simulated crash"), "{}", r["crash"]);
+    assert!(
+        r["crash"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("simulated crash"),
+        "{}",
+        r["crash"]
+    );
 }
 
 #[test]
@@ -229,12 +389,28 @@ fn hf_transformers_plugs_in_through_dump_hf_py() {
         python.display(),
         script.display()
     );
-    let (code, r) = bisect_json(&["--prompts", &bisect_prompt(), "--id", "p6_len_32", "--engine", "external", "--command", &cmd], &dir.path().join("work"));
+    let (code, r) = bisect_json(
+        &[
+            "--prompts",
+            &bisect_prompt(),
+            "--id",
+            "p6_len_32",
+            "--engine",
+            "external",
+            "--command",
+            &cmd,
+        ],
+        &dir.path().join("work"),
+    );
     assert_eq!(code, 1, "{r}");
     assert_eq!(r["first"]["tap"], "blk.7.resid_post");
     assert_eq!(r["first"]["position"], 20);
     assert_eq!(replay_row(&r, 7)["introduces"], true);
-    assert_eq!(replay_row(&r, 8)["introduces"], false, "HF's own layer 8 agrees with the reference replayed on its input");
+    assert_eq!(
+        replay_row(&r, 8)["introduces"],
+        false,
+        "HF's own layer 8 agrees with the reference replayed on its input"
+    );
 }
 
 #[test]
@@ -242,7 +418,18 @@ fn bisect_refuses_bad_engine_commands() {
     let dir = tempfile::tempdir().unwrap();
     let model = smollm2();
     let p = bisect_prompt();
-    let base = ["bisect", "--model", path_str(&model), "--prompts", &p, "--id", "p6_len_32", "--engine", "external", "--command"];
+    let base = [
+        "bisect",
+        "--model",
+        path_str(&model),
+        "--prompts",
+        &p,
+        "--id",
+        "p6_len_32",
+        "--engine",
+        "external",
+        "--command",
+    ];
     let mut args = base.to_vec();
     args.push("echo {outt}");
     assert_refused(&resbisect(&args), "no {out} placeholder");
@@ -251,7 +438,17 @@ fn bisect_refuses_bad_engine_commands() {
     assert_refused(&resbisect(&args), "unknown placeholder {tokenz}");
     let w = dir.path().join("w");
     std::fs::create_dir_all(w.join("x")).unwrap();
-    let out = resbisect(&["bisect", "--model", path_str(&model), "--prompts", &p, "--id", "p6_len_32", "--work", path_str(&w)]);
+    let out = resbisect(&[
+        "bisect",
+        "--model",
+        path_str(&model),
+        "--prompts",
+        &p,
+        "--id",
+        "p6_len_32",
+        "--work",
+        path_str(&w),
+    ]);
     assert_refused(&out, "is not empty");
     let out = resbisect(&["bisect", "--model", path_str(&model), "--prompts", &p]);
     assert_refused(&out, "pick one with --id");

@@ -17,12 +17,23 @@ fn bisect_prompts() -> String {
 }
 
 fn first(r: &Value) -> (&str, u64) {
-    (r["first"]["tap"].as_str().unwrap_or_else(|| panic!("no first divergence: {r}")), r["first"]["position"].as_u64().unwrap())
+    (
+        r["first"]["tap"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no first divergence: {r}")),
+        r["first"]["position"].as_u64().unwrap(),
+    )
 }
 
 /// Layers local replay says introduce error.
 fn introducing(r: &Value) -> Vec<u64> {
-    r["replay"].as_array().unwrap().iter().filter(|l| l["introduces"] == true).map(|l| l["layer"].as_u64().unwrap()).collect()
+    r["replay"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["introduces"] == true)
+        .map(|l| l["layer"].as_u64().unwrap())
+        .collect()
 }
 
 /// Engine runs allowed for SmolLM2's 30 layers: ⌈log2 30⌉ + 4.
@@ -35,7 +46,19 @@ fn an_error_small_at_its_origin_and_growing_with_depth_is_found_at_its_origin() 
     // The search must neither plan a probe past its cut (exit 2 before) nor stop at a
     // deeper layer: the origin is layer 0's q, where the rotation first differs.
     let dir = tempfile::tempdir().unwrap();
-    let (code, r) = bisect(&["--prompts", &bisect_prompts(), "--id", "p6_len_32", "--engine", "reference", "--inject", "rope:bf16@0"], &dir.path().join("w"));
+    let (code, r) = bisect(
+        &[
+            "--prompts",
+            &bisect_prompts(),
+            "--id",
+            "p6_len_32",
+            "--engine",
+            "reference",
+            "--inject",
+            "rope:bf16@0",
+        ],
+        &dir.path().join("w"),
+    );
     assert_eq!(code, 1, "{r}");
     assert_eq!(first(&r), ("blk.0.q", 1));
     assert_eq!(introducing(&r).first(), Some(&0), "{}", r["replay"]);
@@ -47,7 +70,17 @@ fn a_slightly_wrong_rope_scaling_is_found_at_its_origin_on_a_long_prompt() {
     // Every frequency 0.1% too high in every layer, on the runtime, over 1652 tokens.
     let dir = tempfile::tempdir().unwrap();
     let long = root().join("fixtures/prompts/long.jsonl").display().to_string();
-    let (code, r) = bisect(&["--prompts", &long, "--id", "long_1652", "--inject", "rope:scale=1.001@0"], &dir.path().join("w"));
+    let (code, r) = bisect(
+        &[
+            "--prompts",
+            &long,
+            "--id",
+            "long_1652",
+            "--inject",
+            "rope:scale=1.001@0",
+        ],
+        &dir.path().join("w"),
+    );
     assert_eq!(code, 1, "{r}");
     assert_eq!(r["n_tokens"], 1652);
     assert_eq!(first(&r), ("blk.0.q", 1));
@@ -60,7 +93,14 @@ fn an_attention_sink_row_does_not_hide_an_error_in_later_layers() {
     // ffn_down wrong in layers 20–29: position 0's residual norm is ~100× the others',
     // so its rows barely move; every other row is 30–80% off from layer 20 on.
     let dir = tempfile::tempdir().unwrap();
-    let mut args = vec!["--prompts".to_string(), bisect_prompts(), "--id".into(), "p6_len_128".into(), "--engine".into(), "reference".into()];
+    let mut args = vec![
+        "--prompts".to_string(),
+        bisect_prompts(),
+        "--id".into(),
+        "p6_len_128".into(),
+        "--engine".into(),
+        "reference".into(),
+    ];
     for l in 20..30 {
         args.extend(["--inject".to_string(), format!("blk.{l}.ffn_out:scale=1.3@0")]);
     }
@@ -71,7 +111,12 @@ fn an_attention_sink_row_does_not_hide_an_error_in_later_layers() {
     // Layer 19 is clean; 20 introduces the error (and 21, which is faulty too).
     assert_eq!(introducing(&r), vec![20, 21], "{}", r["replay"]);
     // Replay's verdict agrees with its own tap table.
-    let off: Vec<&Value> = r["replay_taps"].as_array().unwrap().iter().filter(|t| t["introduces"] == true).collect();
+    let off: Vec<&Value> = r["replay_taps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["introduces"] == true)
+        .collect();
     assert_eq!(off[0]["tap"], "blk.20.ffn_out", "{}", r["replay_taps"]);
 }
 
@@ -80,21 +125,53 @@ fn a_systematic_error_below_tolerance_is_found_where_it_starts() {
     // RMSNorm eps 1e-6 instead of 1e-5 puts ~3e-4 on every norm of every layer: far
     // over the f32 noise floor (~1e-6), under the f32 tolerance (1e-3) until the head.
     let dir = tempfile::tempdir().unwrap();
-    let (code, r) = bisect(&["--prompts", &bisect_prompts(), "--id", "p6_len_128", "--engine", "reference", "--inject", "norm:eps=1e-6@0"], &dir.path().join("w"));
+    let (code, r) = bisect(
+        &[
+            "--prompts",
+            &bisect_prompts(),
+            "--id",
+            "p6_len_128",
+            "--engine",
+            "reference",
+            "--inject",
+            "norm:eps=1e-6@0",
+        ],
+        &dir.path().join("w"),
+    );
     assert_eq!(code, 1, "{r}");
     assert_eq!(first(&r), ("blk.0.attn_norm", 0));
     assert_eq!(r["judged"], "noise_floor");
     assert_eq!(introducing(&r), vec![0], "{}", r["replay"]);
     // The measured floor is in the report: every coarse residual-stream tap sits over it.
     let noise = r["noise"].as_array().unwrap();
-    assert!(noise.iter().filter(|n| n["tap"] != "embed").all(|n| n["p75_rel_l2"].as_f64().unwrap() > n["floor"].as_f64().unwrap()), "{noise:?}");
+    assert!(
+        noise
+            .iter()
+            .filter(|n| n["tap"] != "embed")
+            .all(|n| n["p75_rel_l2"].as_f64().unwrap() > n["floor"].as_f64().unwrap()),
+        "{noise:?}"
+    );
 
     // diff says the same of full dumps, and says why.
     let model = smollm2();
     let prompts = bisect_prompts();
     let dump = |name: &str, inject: &[&str]| {
         let out_dir = dir.path().join(name);
-        let mut args = vec!["dump", "--model", path_str(&model), "--prompts", &prompts, "--id", "p6_len_128", "--layers", "0..4", "--taps", "all", "-o", path_str(&out_dir)];
+        let mut args = vec![
+            "dump",
+            "--model",
+            path_str(&model),
+            "--prompts",
+            &prompts,
+            "--id",
+            "p6_len_128",
+            "--layers",
+            "0..4",
+            "--taps",
+            "all",
+            "-o",
+            path_str(&out_dir),
+        ];
         args.extend_from_slice(inject);
         let out = resbisect(&args);
         assert_eq!(out.code, 0, "{}", out.stderr);
@@ -103,17 +180,44 @@ fn a_systematic_error_below_tolerance_is_found_where_it_starts() {
     let (a, b) = (dump("a", &["--inject", "norm:eps=1e-6@0"]), dump("b", &[]));
     let out = resbisect(&["diff", path_str(&a), path_str(&b)]);
     assert_eq!(out.code, 1, "{}", out.stdout);
-    assert!(out.stdout.contains("FIRST DIVERGENCE at blk.0.attn_norm, position 0"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("FIRST DIVERGENCE at blk.0.attn_norm, position 0"),
+        "{}",
+        out.stdout
+    );
     assert!(out.stdout.contains("judged against the noise floor"), "{}", out.stdout);
     // Judged by tolerance alone, a downstream tap is blamed, far from where it starts.
     let out = resbisect(&["diff", path_str(&a), path_str(&b), "--judge", "tolerance"]);
     assert_eq!(out.code, 1, "{}", out.stdout);
-    assert!(out.stdout.contains("FIRST DIVERGENCE at blk.0.ffn_norm, position 34"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("FIRST DIVERGENCE at blk.0.ffn_norm, position 34"),
+        "{}",
+        out.stdout
+    );
     // Where nothing crosses tolerance, nothing is called a divergence, but a note names
     // where the drift starts.
-    let (code, r) = bisect(&["--prompts", &bisect_prompts(), "--id", "p6_len_32", "--engine", "reference", "--inject", "norm:eps=1e-6@0"], &dir.path().join("w32"));
+    let (code, r) = bisect(
+        &[
+            "--prompts",
+            &bisect_prompts(),
+            "--id",
+            "p6_len_32",
+            "--engine",
+            "reference",
+            "--inject",
+            "norm:eps=1e-6@0",
+        ],
+        &dir.path().join("w32"),
+    );
     assert_eq!(code, 0, "{r}");
-    assert!(r["probes"][0]["finding"].as_str().unwrap().contains("blk.0.resid_post sits over its noise floor"), "{}", r["probes"][0]["finding"]);
+    assert!(
+        r["probes"][0]["finding"]
+            .as_str()
+            .unwrap()
+            .contains("blk.0.resid_post sits over its noise floor"),
+        "{}",
+        r["probes"][0]["finding"]
+    );
 }
 
 #[test]
@@ -122,23 +226,78 @@ fn a_crashed_or_unfinished_engine_never_passes_diff() {
     let model = smollm2();
     let m = path_str(&model);
     let b = dir.path().join("b");
-    let out = resbisect(&["dump", "--model", m, "--tokens", "5,6,7,8,9,10", "--layers", "all", "--taps", "all", "-o", path_str(&b)]);
+    let out = resbisect(&[
+        "dump",
+        "--model",
+        m,
+        "--tokens",
+        "5,6,7,8,9,10",
+        "--layers",
+        "all",
+        "--taps",
+        "all",
+        "-o",
+        path_str(&b),
+    ]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     let a = dir.path().join("a");
-    let out = resbisect(&["dump", "--engine", "runtime", "--model", m, "--tokens", "5,6,7,8,9,10", "--layers", "all", "--taps", "all", "--inject", "blk.3.attn_out:oob@2", "-o", path_str(&a)]);
+    let out = resbisect(&[
+        "dump",
+        "--engine",
+        "runtime",
+        "--model",
+        m,
+        "--tokens",
+        "5,6,7,8,9,10",
+        "--layers",
+        "all",
+        "--taps",
+        "all",
+        "--inject",
+        "blk.3.attn_out:oob@2",
+        "-o",
+        path_str(&a),
+    ]);
     assert_eq!(out.code, 3, "{}", out.stderr);
     // What both dumps hold agrees, yet the comparison ends with the engine failure.
     let out = resbisect(&["diff", path_str(&a), path_str(&b)]);
     assert_eq!(out.code, 3, "{}\n{}", out.stdout, out.stderr);
     assert!(out.stdout.contains("no divergence over"), "{}", out.stdout);
-    assert!(out.stdout.contains("result: ENGINE FAILURE: engine A failed"), "{}", out.stdout);
-    assert!(out.stderr.contains("out-of-bounds") && out.stderr.contains("last tap written: blk.2.resid_post"), "{}", out.stderr);
+    assert!(
+        out.stdout.contains("result: ENGINE FAILURE: engine A failed"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stderr.contains("out-of-bounds") && out.stderr.contains("last tap written: blk.2.resid_post"),
+        "{}",
+        out.stderr
+    );
     // The nightly path: the report and the trend say so too.
     let (report, history) = (dir.path().join("report"), dir.path().join("history.jsonl"));
-    let out = resbisect(&["report", "diff", path_str(&a), path_str(&b), "-o", path_str(&report), "--history", path_str(&history), "--run", "night-1"]);
+    let out = resbisect(&[
+        "report",
+        "diff",
+        path_str(&a),
+        path_str(&b),
+        "-o",
+        path_str(&report),
+        "--history",
+        path_str(&history),
+        "--run",
+        "night-1",
+    ]);
     assert_eq!(out.code, 3, "{}", out.stderr);
-    assert!(std::fs::read_to_string(report.join("report.md")).unwrap().contains("engine failure"));
-    let out = resbisect(&["report", "trend", path_str(&history), "-o", path_str(&dir.path().join("trend"))]);
+    assert!(std::fs::read_to_string(report.join("report.md"))
+        .unwrap()
+        .contains("engine failure"));
+    let out = resbisect(&[
+        "report",
+        "trend",
+        path_str(&history),
+        "-o",
+        path_str(&dir.path().join("trend")),
+    ]);
     assert!(out.stdout.contains("**engine failed**"), "{}", out.stdout);
     // After kill -9 a manifest still says running: unfinished is a failure too.
     let manifest = a.join("manifest.json");
@@ -148,7 +307,11 @@ fn a_crashed_or_unfinished_engine_never_passes_diff() {
     std::fs::write(&manifest, m.to_string()).unwrap();
     let out = resbisect(&["diff", path_str(&a), path_str(&b)]);
     assert_eq!(out.code, 3, "{}", out.stdout);
-    assert!(out.stderr.contains("dump A is unfinished") && out.stderr.contains("last tap written: blk.2.resid_post"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("dump A is unfinished") && out.stderr.contains("last tap written: blk.2.resid_post"),
+        "{}",
+        out.stderr
+    );
 }
 
 /// Dump A as a copy of dump B (prompt `id`, files `stems`) with each file's positions and
@@ -167,7 +330,13 @@ fn rewrite(b: &Path, a: &Path, id: &str, stems: &[&str], edit: impl Fn(&mut Vec<
             let mut values: Vec<f32> = rows.values.iter().map(|&v| v as f32).collect();
             edit(&mut p, &mut values, rows.width);
             positions = p;
-            taps.push(TapTensor { id: tap.clone(), dtype: rows.dtype, rows: positions.len(), width: rows.width, bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect() });
+            taps.push(TapTensor {
+                id: tap.clone(),
+                dtype: rows.dtype,
+                rows: positions.len(),
+                width: rows.width,
+                bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            });
         }
         w.write_file(id, stem, &positions, &taps).unwrap();
     }
@@ -176,7 +345,21 @@ fn rewrite(b: &Path, a: &Path, id: &str, stems: &[&str], edit: impl Fn(&mut Vec<
 
 fn reference_dump(dir: &Path, id: &str, layers: &str) -> std::path::PathBuf {
     let b = dir.join("b");
-    let out = resbisect(&["dump", "--model", path_str(&smollm2()), "--prompts", &bisect_prompts(), "--id", id, "--layers", layers, "--taps", "resid_post", "-o", path_str(&b)]);
+    let out = resbisect(&[
+        "dump",
+        "--model",
+        path_str(&smollm2()),
+        "--prompts",
+        &bisect_prompts(),
+        "--id",
+        id,
+        "--layers",
+        layers,
+        "--taps",
+        "resid_post",
+        "-o",
+        path_str(&b),
+    ]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     b
 }
@@ -193,19 +376,51 @@ fn non_finite_rows_show_as_such_and_each_layer_keeps_its_own_first_position() {
     });
     let out = resbisect(&["diff", path_str(&a), path_str(&b)]);
     assert_eq!(out.code, 1, "{}", out.stdout);
-    assert!(out.stdout.contains("FIRST DIVERGENCE at blk.0.resid_post, position 7"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("FIRST DIVERGENCE at blk.0.resid_post, position 7"),
+        "{}",
+        out.stdout
+    );
     assert!(out.stdout.contains("rel_l2 inf  max_abs inf"), "{}", out.stdout);
     let out = resbisect(&["diff", path_str(&a), path_str(&b), "--json"]);
     let r: Value = serde_json::from_str(&out.stdout).unwrap();
     let tap = &r["prompts"][0]["taps"][0];
-    assert_eq!((tap["rel_l2"][7].clone(), tap["rel_l2"][9].clone(), tap["max_abs"].clone()), (Value::Null, Value::Null, Value::Null), "{tap}");
-    assert!(resbisect(&["diff", path_str(&a), path_str(&b), "--report", path_str(&dir.path().join("r"))]).code == 1);
+    assert_eq!(
+        (
+            tap["rel_l2"][7].clone(),
+            tap["rel_l2"][9].clone(),
+            tap["max_abs"].clone()
+        ),
+        (Value::Null, Value::Null, Value::Null),
+        "{tap}"
+    );
+    assert!(
+        resbisect(&[
+            "diff",
+            path_str(&a),
+            path_str(&b),
+            "--report",
+            path_str(&dir.path().join("r"))
+        ])
+        .code
+            == 1
+    );
     let md = std::fs::read_to_string(dir.path().join("r/report.md")).unwrap();
     assert!(md.contains("| inf | inf |") || md.contains("| inf | nan |"), "{md}");
 
     // A NaN at 77 in layer 13 leaks to earlier positions of later layers (0·NaN in masked
     // attention tiles): the coarse line gives each bad layer its own first position.
-    let (code, r) = bisect(&["--prompts", &bisect_prompts(), "--id", "p6_len_128", "--inject", "blk.13.attn_out:nan@77"], &dir.path().join("w"));
+    let (code, r) = bisect(
+        &[
+            "--prompts",
+            &bisect_prompts(),
+            "--id",
+            "p6_len_128",
+            "--inject",
+            "blk.13.attn_out:nan@77",
+        ],
+        &dir.path().join("w"),
+    );
     assert_eq!(code, 1, "{r}");
     assert_eq!(first(&r), ("blk.13.attn_out", 77));
     let coarse = r["probes"][0]["finding"].as_str().unwrap();
@@ -213,8 +428,17 @@ fn non_finite_rows_show_as_such_and_each_layer_keeps_its_own_first_position() {
     for l in [16, 29] {
         let f = d.read_file("p6_len_128", &format!("blk.{l}")).unwrap().unwrap();
         let rows = &f.taps[&format!("blk.{l}.resid_post")];
-        let first_nan = (0..f.positions.len()).find(|&i| rows.values[i * rows.width..(i + 1) * rows.width].iter().any(|v| !v.is_finite())).unwrap();
-        assert!(coarse.contains(&format!("{l} (from position {})", f.positions[first_nan])), "layer {l}: {coarse}");
+        let first_nan = (0..f.positions.len())
+            .find(|&i| {
+                rows.values[i * rows.width..(i + 1) * rows.width]
+                    .iter()
+                    .any(|v| !v.is_finite())
+            })
+            .unwrap();
+        assert!(
+            coarse.contains(&format!("{l} (from position {})", f.positions[first_nan])),
+            "layer {l}: {coarse}"
+        );
     }
 }
 
@@ -224,7 +448,19 @@ fn an_engine_that_ran_different_tokens_is_a_finding() {
     let dir = tempfile::tempdir().unwrap();
     let exe = env!("CARGO_BIN_EXE_resbisect");
     let command = format!("{exe} dump --model {{model}} --id {{prompt_id}} --tokens \"$(cut -d, -f1 {{tokens}}),$(cat {{tokens}})\" --layers {{layers}} --taps {{taps}} -o {{out}}");
-    let (code, r) = bisect(&["--prompts", &bisect_prompts(), "--id", "p6_len_32", "--engine", "external", "--command", &command], &dir.path().join("w"));
+    let (code, r) = bisect(
+        &[
+            "--prompts",
+            &bisect_prompts(),
+            "--id",
+            "p6_len_32",
+            "--engine",
+            "external",
+            "--command",
+            &command,
+        ],
+        &dir.path().join("w"),
+    );
     assert_eq!(code, 1, "{r}");
     assert_eq!(r["outcome"], "diverged");
     assert_eq!(r["token_mismatch"]["position"], 1, "{r}");
@@ -249,5 +485,9 @@ fn rows_written_one_position_late_are_named_as_a_shift() {
     let r: Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(r["prompts"][0]["first"]["shift"], 1, "{}", r["prompts"][0]["first"]);
     let out = resbisect(&["diff", path_str(&a), path_str(&b)]);
-    assert!(out.stdout.contains("A's rows equal B's shifted by +1 positions"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("A's rows equal B's shifted by +1 positions"),
+        "{}",
+        out.stdout
+    );
 }

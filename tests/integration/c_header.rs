@@ -61,7 +61,8 @@ fn the_headers_example_compiles_and_writes_a_readable_dump() {
         path_str(&reference),
     ]);
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(reference.join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(reference.join("manifest.json")).unwrap()).unwrap();
     let model_info = dir.path().join("model.json");
     std::fs::write(&model_info, manifest["model"].to_string()).unwrap();
     let n_embd = manifest["model"]["n_embd"].to_string();
@@ -78,12 +79,18 @@ fn the_headers_example_compiles_and_writes_a_readable_dump() {
         }
         compiled += 1;
         let out = dir.path().join(format!("dump-{compiler}"));
-        let status = Command::new(&exe).arg(&out).arg(&model_info).arg(&n_embd).status().unwrap();
+        let status = Command::new(&exe)
+            .arg(&out)
+            .arg(&model_info)
+            .arg(&n_embd)
+            .status()
+            .unwrap();
         assert!(status.success(), "the example program failed");
         let inspect = resbisect(&["inspect", path_str(&out)]);
         assert_eq!(inspect.code, 0, "{}", inspect.stderr);
         assert!(inspect.stdout.contains("blk.0.resid_post"), "{}", inspect.stdout);
-        let written: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+        let written: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
         let created = written["created"].as_str().unwrap();
         let year: u32 = created[..4].parse().unwrap();
         assert!(
@@ -94,7 +101,10 @@ fn the_headers_example_compiles_and_writes_a_readable_dump() {
         let d = resbisect::dump::Dump::open(&out).unwrap();
         let f = d.read_file("p0", "blk.0").unwrap().unwrap();
         let width: usize = n_embd.parse().unwrap();
-        assert_eq!(f.taps["blk.0.resid_post"].values[2 * width + 1] as f32, (2 * width + 1) as f32 / width as f32);
+        assert_eq!(
+            f.taps["blk.0.resid_post"].values[2 * width + 1] as f32,
+            (2 * width + 1) as f32 / width as f32
+        );
     }
     assert!(compiled >= 1);
 }

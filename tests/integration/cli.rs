@@ -42,7 +42,11 @@ fn help_names_the_real_forms_and_explains_options() {
         ("--oracle-command", "Command template of an external oracle B"),
         ("--keep", "Keep the probe dumps"),
     ] {
-        let line = bisect.lines().skip_while(|l| !l.trim_start().starts_with(option)).take(2).collect::<String>();
+        let line = bisect
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with(option))
+            .take(2)
+            .collect::<String>();
         assert!(line.contains(help), "bisect --help: {option} lacks {help:?}:\n{bisect}");
     }
     let dump = resbisect(&["dump", "--help"]).stdout;
@@ -92,7 +96,15 @@ fn bad_model_paths_and_unreachable_faults_are_refused() {
         msg,
     );
     assert_refused(
-        &resbisect(&["bisect", "--model", path_str(&model), "--tokens", "1,2,3,4,5", "--inject", fault]),
+        &resbisect(&[
+            "bisect",
+            "--model",
+            path_str(&model),
+            "--tokens",
+            "1,2,3,4,5",
+            "--inject",
+            fault,
+        ]),
         msg,
     );
     assert!(!out.exists());
@@ -125,7 +137,11 @@ fn inspect_and_tokenize_print_plain_values() {
     assert!(!info.contains("Some("), "{info}");
     let text = resbisect(&["tokenize", "--model", path_str(&model), "--decode", "40,41,42"]);
     assert_eq!(text.code, 0, "{}", text.stderr);
-    assert!(text.stdout.ends_with('\n') && !text.stdout.ends_with("\n\n"), "{:?}", text.stdout);
+    assert!(
+        text.stdout.ends_with('\n') && !text.stdout.ends_with("\n\n"),
+        "{:?}",
+        text.stdout
+    );
 }
 
 #[test]
@@ -133,7 +149,15 @@ fn dump_traces_its_phases() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), "f32", 7);
     let out = Command::new(env!("CARGO_BIN_EXE_resbisect"))
-        .args(["dump", "--model", path_str(&model), "--tokens", TOKENS, "-o", path_str(&dir.path().join("d"))])
+        .args([
+            "dump",
+            "--model",
+            path_str(&model),
+            "--tokens",
+            TOKENS,
+            "-o",
+            path_str(&dir.path().join("d")),
+        ])
         .env("RESBISECT_TRACE", "1")
         .output()
         .unwrap();
@@ -178,12 +202,28 @@ fn bisect_cleans_up_and_its_reproduce_commands_run_as_printed() {
         .lines()
         .find(|l| l.contains("removed the probe dumps"))
         .unwrap_or_else(|| panic!("{}", out.stderr));
-    let work = PathBuf::from(line.split("inputs stay in ").nth(1).unwrap().split(" (--keep").next().unwrap());
+    let work = PathBuf::from(
+        line.split("inputs stay in ")
+            .nth(1)
+            .unwrap()
+            .split(" (--keep")
+            .next()
+            .unwrap(),
+    );
     assert!(work.is_dir(), "{}", work.display());
-    assert!(files_named(&work, "manifest.json").is_empty(), "probe dumps left in {}", work.display());
+    assert!(
+        files_named(&work, "manifest.json").is_empty(),
+        "probe dumps left in {}",
+        work.display()
+    );
     assert!(!files_named(&work, "prompt.jsonl").is_empty());
 
-    let reproduce: Vec<&str> = r["reproduce"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    let reproduce: Vec<&str> = r["reproduce"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
     assert_eq!(reproduce.len(), 3, "{reproduce:?}");
     for (cmd, want) in reproduce.iter().zip([0, 0, 1]) {
         assert!(!cmd.starts_with("resbisect "), "{cmd}");
@@ -193,7 +233,12 @@ fn bisect_cleans_up_and_its_reproduce_commands_run_as_printed() {
             .current_dir(dir.path())
             .output()
             .unwrap();
-        assert_eq!(status.status.code(), Some(want), "{cmd}: {}", String::from_utf8_lossy(&status.stderr));
+        assert_eq!(
+            status.status.code(),
+            Some(want),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
     }
     std::fs::remove_dir_all(&work).unwrap();
     // The page wraps those long commands and explains its marker.

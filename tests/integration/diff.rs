@@ -13,7 +13,9 @@ struct Suite {
 
 impl Suite {
     fn new() -> Self {
-        Self { dir: tempfile::tempdir().unwrap() }
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -23,7 +25,10 @@ impl Suite {
     /// One prompt of a committed suite as its own suite file.
     fn prompt_file(&self, suite: &str, id: &str) -> PathBuf {
         let text = std::fs::read_to_string(root().join("fixtures/prompts").join(suite)).unwrap();
-        let line = text.lines().find(|l| serde_json::from_str::<Value>(l).unwrap()["id"] == id).unwrap();
+        let line = text
+            .lines()
+            .find(|l| serde_json::from_str::<Value>(l).unwrap()["id"] == id)
+            .unwrap();
         let p = self.path(&format!("{id}.jsonl"));
         std::fs::write(&p, format!("{line}\n")).unwrap();
         p
@@ -45,8 +50,15 @@ fn diff_json(a: &Path, b: &Path, extra: &[&str]) -> (i32, Value) {
 
 /// The first divergence of one prompt as (tap, position).
 fn first(report: &Value, prompt: &str) -> Option<(String, u64)> {
-    let p = report["prompts"].as_array().unwrap().iter().find(|p| p["id"] == prompt).unwrap();
-    p["first"].as_object().map(|f| (f["tap"].as_str().unwrap().to_string(), f["position"].as_u64().unwrap()))
+    let p = report["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == prompt)
+        .unwrap();
+    p["first"]
+        .as_object()
+        .map(|f| (f["tap"].as_str().unwrap().to_string(), f["position"].as_u64().unwrap()))
 }
 
 #[test]
@@ -57,12 +69,27 @@ fn injected_faults_on_smollm2_are_named_exactly() {
     // 1652 tokens; positions around and past the 826 collapse point, layers that hold
     // the injections and their neighbours.
     let long = s.prompt_file("long.jsonl", "long_1652");
-    let long_sel = ["--layers", "0,2,3,9,10,19,20", "--taps", "all", "--positions", "780..1000,-2.."];
+    let long_sel = [
+        "--layers",
+        "0,2,3,9,10,19,20",
+        "--taps",
+        "all",
+        "--positions",
+        "780..1000,-2..",
+    ];
     let short = root().join("fixtures/prompts/bisect.jsonl");
     let short_sel = ["--layers", "all", "--taps", "all", "--positions", "all"];
     let run = |name: &str, prompts: &Path, sel: &[&str], inject: &[&str]| {
         let out = s.path(name);
-        let mut args = vec!["dump", "--model", m, "--prompts", path_str(prompts), "-o", path_str(&out)];
+        let mut args = vec![
+            "dump",
+            "--model",
+            m,
+            "--prompts",
+            path_str(prompts),
+            "-o",
+            path_str(&out),
+        ];
         args.extend_from_slice(sel);
         for i in inject {
             args.extend(["--inject", i]);
@@ -78,7 +105,12 @@ fn injected_faults_on_smollm2_are_named_exactly() {
         ("long", true, "blk.20.q:offset=0.5@950", ("blk.20.q", 950)),
         ("long", true, "rope:shift=5@826", ("blk.0.q", 826)),
         ("p6_len_32", false, "blk.0.resid_post:zero@10", ("blk.0.resid_post", 10)),
-        ("p6_len_128", false, "blk.29.resid_mid:scale=0.9@0", ("blk.29.resid_mid", 0)),
+        (
+            "p6_len_128",
+            false,
+            "blk.29.resid_mid:scale=0.9@0",
+            ("blk.29.resid_mid", 0),
+        ),
         ("p6_len_16", false, "embed:offset=0.01@5", ("embed", 5)),
         ("chat_turn", false, "blk.14.v:scale=1.02@3", ("blk.14.v", 3)),
     ];
@@ -118,7 +150,17 @@ fn mismatched_inputs_are_refused() {
     let m2 = tiny_model(s.dir.path(), "q8_0", 22);
     let dump = |name: &str, model: &Path, tokens: &str| {
         let out = s.path(name);
-        dump_ok(&["dump", "--model", path_str(model), "--tokens", tokens, "--taps", "all", "-o", path_str(&out)]);
+        dump_ok(&[
+            "dump",
+            "--model",
+            path_str(model),
+            "--tokens",
+            tokens,
+            "--taps",
+            "all",
+            "-o",
+            path_str(&out),
+        ]);
         out
     };
     let a = dump("a", &m1, "5,6,7,8");
@@ -126,17 +168,29 @@ fn mismatched_inputs_are_refused() {
     // Different inputs are an engine bug, not bad input: a finding, rows before it compared.
     let out = resbisect(&["diff", path_str(&a), path_str(&b)]);
     assert_eq!(out.code, 1, "{}", out.stderr);
-    assert!(out.stdout.contains("TOKENS DIFFER: the engines ran different tokens from position 2: A has token 7, B has token 9"), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains("TOKENS DIFFER: the engines ran different tokens from position 2: A has token 7, B has token 9"),
+        "{}",
+        out.stdout
+    );
     assert!(out.stdout.contains("no divergence over"), "{}", out.stdout);
     let c = dump("c", &m2, "5,6,7,8");
     assert_refused(&resbisect(&["diff", path_str(&a), path_str(&c)]), "different models");
     let out = resbisect(&["diff", path_str(&a), path_str(&c), "--allow-model-mismatch"]);
     assert_eq!(out.code, 1, "random weights differ everywhere: {}", out.stdout);
-    assert!(out.stdout.contains("FIRST DIVERGENCE at embed, position 0"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("FIRST DIVERGENCE at embed, position 0"),
+        "{}",
+        out.stdout
+    );
     assert_refused(&resbisect(&["diff", path_str(&a), "/nonexistent"]), "not a dump");
     let bad_tol = s.path("tol.json");
     std::fs::write(&bad_tol, r#"{"version": 1, "defaults": {"F32": {"rel_l2": -1}}}"#).unwrap();
-    assert_refused(&resbisect(&["diff", path_str(&a), path_str(&a), "--tolerances", path_str(&bad_tol)]), "finite and non-negative");
+    assert_refused(
+        &resbisect(&["diff", path_str(&a), path_str(&a), "--tolerances", path_str(&bad_tol)]),
+        "finite and non-negative",
+    );
 }
 
 #[test]
@@ -144,9 +198,31 @@ fn partial_dump_of_a_crashed_engine_is_compared() {
     let s = Suite::new();
     let m = tiny_model(s.dir.path(), "q4_0", 23);
     let full = s.path("full");
-    dump_ok(&["dump", "--model", path_str(&m), "--tokens", "3,4,5,6,7", "--taps", "all", "-o", path_str(&full)]);
+    dump_ok(&[
+        "dump",
+        "--model",
+        path_str(&m),
+        "--tokens",
+        "3,4,5,6,7",
+        "--taps",
+        "all",
+        "-o",
+        path_str(&full),
+    ]);
     let partial = s.path("partial");
-    dump_ok(&["dump", "--model", path_str(&m), "--tokens", "3,4,5,6,7", "--taps", "all", "--inject", "blk.0.ffn_out:nan@3", "-o", path_str(&partial)]);
+    dump_ok(&[
+        "dump",
+        "--model",
+        path_str(&m),
+        "--tokens",
+        "3,4,5,6,7",
+        "--taps",
+        "all",
+        "--inject",
+        "blk.0.ffn_out:nan@3",
+        "-o",
+        path_str(&partial),
+    ]);
     // What a crash in layer 1 leaves: layer 0 on disk, later files never written.
     std::fs::remove_file(partial.join("data/prompt/blk.1.safetensors")).unwrap();
     std::fs::remove_file(partial.join("data/prompt/output.safetensors")).unwrap();
@@ -158,11 +234,30 @@ fn partial_dump_of_a_crashed_engine_is_compared() {
     // What was compared is reported; a failed engine still ends the diff with exit 3.
     let out = resbisect(&["diff", path_str(&partial), path_str(&full)]);
     assert_eq!(out.code, 3, "{}", out.stderr);
-    assert!(out.stderr.contains("engine A failed: illegal memory access (last tap written: blk.0.resid_post)"), "{}", out.stderr);
-    assert!(out.stdout.contains("dump A is partial: its engine failed: illegal memory access (last tap written: blk.0.resid_post)"), "{}", out.stdout);
-    assert!(out.stdout.contains("FIRST DIVERGENCE at blk.0.ffn_out, position 3"), "{}", out.stdout);
+    assert!(
+        out.stderr
+            .contains("engine A failed: illegal memory access (last tap written: blk.0.resid_post)"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stdout.contains(
+            "dump A is partial: its engine failed: illegal memory access (last tap written: blk.0.resid_post)"
+        ),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("FIRST DIVERGENCE at blk.0.ffn_out, position 3"),
+        "{}",
+        out.stdout
+    );
     assert!(out.stdout.contains("non-finite A/B 256/0"), "{}", out.stdout);
-    assert!(out.stdout.contains("missing in A (15): blk.1.attn_norm"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("missing in A (15): blk.1.attn_norm"),
+        "{}",
+        out.stdout
+    );
 }
 
 #[test]
@@ -171,7 +266,19 @@ fn calibrated_tolerances_from_f32_vs_f64() {
     let m = tiny_model(s.dir.path(), "q6_k", 24);
     let run = |name: &str, dtype: &str, inject: Option<&str>| {
         let out = s.path(name);
-        let mut args = vec!["dump", "--model", path_str(&m), "--tokens", "9,8,7,6,5,4,3,200,201", "--taps", "all", "--dtype", dtype, "-o", path_str(&out)];
+        let mut args = vec![
+            "dump",
+            "--model",
+            path_str(&m),
+            "--tokens",
+            "9,8,7,6,5,4,3,200,201",
+            "--taps",
+            "all",
+            "--dtype",
+            dtype,
+            "-o",
+            path_str(&out),
+        ];
         if let Some(i) = inject {
             args.extend(["--inject", i]);
         }
@@ -180,14 +287,30 @@ fn calibrated_tolerances_from_f32_vs_f64() {
     };
     let (f32d, f64d) = (run("f32", "f32", None), run("f64", "f64", None));
     let tol = s.path("tol.json");
-    let out = resbisect(&["calibrate", path_str(&f32d), path_str(&f64d), "--margin", "10", "-o", path_str(&tol)]);
+    let out = resbisect(&[
+        "calibrate",
+        path_str(&f32d),
+        path_str(&f64d),
+        "--margin",
+        "10",
+        "-o",
+        path_str(&tol),
+    ]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     let t: Value = serde_json::from_str(&std::fs::read_to_string(&tol).unwrap()).unwrap();
-    let patterns: Vec<&str> = t["taps"].as_array().unwrap().iter().map(|o| o["pattern"].as_str().unwrap()).collect();
+    let patterns: Vec<&str> = t["taps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["pattern"].as_str().unwrap())
+        .collect();
     assert_eq!(patterns.len(), 16, "{patterns:?}");
     assert!(patterns.contains(&"blk.*.resid_post") && patterns.contains(&"logits"));
     for o in t["taps"].as_array().unwrap() {
-        assert!(o["rel_l2"].as_f64().unwrap() < 1e-4, "{o}: f32 vs f64 noise is far below 1e-4");
+        assert!(
+            o["rel_l2"].as_f64().unwrap() < 1e-4,
+            "{o}: f32 vs f64 noise is far below 1e-4"
+        );
     }
     // A fault far below the default f32 tolerance (1e-3) but above the calibrated one.
     let subtle = run("subtle", "f32", Some("blk.1.ffn_up:scale=1.0002@4"));
@@ -206,12 +329,53 @@ fn reports_are_self_contained_and_escape_prompt_text() {
     std::fs::write(&suite, format!("{}\n", serde_json::json!({"id": "xss", "text": text}))).unwrap();
     let (a, b) = (s.path("a"), s.path("b"));
     let sel = ["--layers", "0,1,2", "--taps", "resid_post,attn_out,logits"];
-    dump_ok(&[&["dump", "--model", path_str(&m), "--prompts", path_str(&suite), "-o", path_str(&a), "--inject", "blk.1.attn_out:scale=2@4"][..], &sel].concat());
-    dump_ok(&[&["dump", "--model", path_str(&m), "--prompts", path_str(&suite), "-o", path_str(&b)][..], &sel].concat());
+    dump_ok(
+        &[
+            &[
+                "dump",
+                "--model",
+                path_str(&m),
+                "--prompts",
+                path_str(&suite),
+                "-o",
+                path_str(&a),
+                "--inject",
+                "blk.1.attn_out:scale=2@4",
+            ][..],
+            &sel,
+        ]
+        .concat(),
+    );
+    dump_ok(
+        &[
+            &[
+                "dump",
+                "--model",
+                path_str(&m),
+                "--prompts",
+                path_str(&suite),
+                "-o",
+                path_str(&b),
+            ][..],
+            &sel,
+        ]
+        .concat(),
+    );
     let dir = s.path("report");
     let history = s.path("history.jsonl");
     for (run_name, x, y) in [("night-1", &b, &b), ("night-2", &a, &b), ("night-3", &a, &b)] {
-        let out = resbisect(&["report", "diff", path_str(x), path_str(y), "-o", path_str(&dir), "--history", path_str(&history), "--run", run_name]);
+        let out = resbisect(&[
+            "report",
+            "diff",
+            path_str(x),
+            path_str(y),
+            "-o",
+            path_str(&dir),
+            "--history",
+            path_str(&history),
+            "--run",
+            run_name,
+        ]);
         assert!(out.code <= 1, "{}", out.stderr);
     }
     let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
@@ -219,7 +383,10 @@ fn reports_are_self_contained_and_escape_prompt_text() {
     assert!(!html.contains("<img"), "prompt text must stay text");
     assert!(html.contains("&lt;script&gt;document.title=&#39;pwned&#39;&lt;/script&gt;"));
     assert!(html.contains("First divergence: blk.1.attn_out at position 4"));
-    assert!(!html.contains("http://") && !html.contains("https://") || html.contains("xmlns"), "no external resources");
+    assert!(
+        !html.contains("http://") && !html.contains("https://") || html.contains("xmlns"),
+        "no external resources"
+    );
     assert_eq!(html.matches("<svg").count(), 2, "error-vs-layer plot and heatmap");
     let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
     assert!(md.contains("| xss |") && md.contains("**blk.1.attn_out**"), "{md}");
@@ -229,7 +396,11 @@ fn reports_are_self_contained_and_escape_prompt_text() {
     let trend_dir = s.path("trend");
     let out = resbisect(&["report", "trend", path_str(&history), "-o", path_str(&trend_dir)]);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    assert!(out.stdout.contains("**xss** has diverged since run night-2"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("**xss** has diverged since run night-2"),
+        "{}",
+        out.stdout
+    );
     assert!(trend_dir.join("trend.html").is_file());
 
     // A real browser renders the report; the prompt's script never runs.
@@ -240,7 +411,16 @@ fn reports_are_self_contained_and_escape_prompt_text() {
     }
     let shot = s.path("shot.png");
     let profile = s.path("profile");
-    let common = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"];
+    let common = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ];
     let url = format!("file://{}", dir.join("report.html").display());
     let dom = std::process::Command::new(chromium)
         .args(common)
@@ -249,14 +429,24 @@ fn reports_are_self_contained_and_escape_prompt_text() {
         .output()
         .unwrap();
     let dom = String::from_utf8_lossy(&dom.stdout);
-    assert!(dom.contains("<title>resbisect: divergence found</title>"), "title changed or page did not load");
+    assert!(
+        dom.contains("<title>resbisect: divergence found</title>"),
+        "title changed or page did not load"
+    );
     assert!(!dom.contains("pwned</title>"));
     let status = std::process::Command::new(chromium)
         .args(common)
         .arg(format!("--user-data-dir={}", profile.display()))
-        .args(["--window-size=1000,1400", &format!("--screenshot={}", shot.display()), &url])
+        .args([
+            "--window-size=1000,1400",
+            &format!("--screenshot={}", shot.display()),
+            &url,
+        ])
         .output()
         .unwrap();
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
-    assert!(std::fs::metadata(&shot).unwrap().len() > 20_000, "a screenshot with plots is not tiny");
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 20_000,
+        "a screenshot with plots is not tiny"
+    );
 }

@@ -4,7 +4,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use resbisect::dump::{BackgroundWriter, Dump, DumpWriter, EngineInfo, FileJob, InFlightRows, Manifest, ModelInfo, PromptRecord, RowBytes, Status, TapDType, TapTensor};
+use resbisect::dump::{
+    BackgroundWriter, Dump, DumpWriter, EngineInfo, FileJob, InFlightRows, Manifest, ModelInfo, PromptRecord, RowBytes,
+    Status, TapDType, TapTensor,
+};
 use resbisect::taps::Selection;
 use resbisect::{synth, Error};
 
@@ -13,16 +16,42 @@ use crate::util::*;
 fn manifest(prompts: &[(&str, usize)]) -> Manifest {
     let config = synth::preset("tiny").unwrap().config;
     Manifest::new(
-        EngineInfo { name: "test".into(), version: "0".into(), backend: "none".into(), dtype: "f32".into(), device: "none".into() },
-        ModelInfo { path: "m.gguf".into(), fingerprint: Some("00".into()), config },
-        prompts.iter().map(|(id, n)| PromptRecord { id: id.to_string(), text: None, tokens: (0..*n as u32).collect() }).collect(),
+        EngineInfo {
+            name: "test".into(),
+            version: "0".into(),
+            backend: "none".into(),
+            dtype: "f32".into(),
+            device: "none".into(),
+        },
+        ModelInfo {
+            path: "m.gguf".into(),
+            fingerprint: Some("00".into()),
+            config,
+        },
+        prompts
+            .iter()
+            .map(|(id, n)| PromptRecord {
+                id: id.to_string(),
+                text: None,
+                tokens: (0..*n as u32).collect(),
+            })
+            .collect(),
         Selection::parse("all", "resid_post", "all", 2).unwrap(),
     )
 }
 
 fn resid_rows(layer: usize, positions: &[usize]) -> TapTensor {
-    let values: Vec<f32> = positions.iter().flat_map(|&p| (0..256).map(move |c| (p * 1000 + c) as f32 + layer as f32 * 0.5)).collect();
-    TapTensor { id: format!("blk.{layer}.resid_post"), dtype: TapDType::F32, rows: positions.len(), width: 256, bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect() }
+    let values: Vec<f32> = positions
+        .iter()
+        .flat_map(|&p| (0..256).map(move |c| (p * 1000 + c) as f32 + layer as f32 * 0.5))
+        .collect();
+    TapTensor {
+        id: format!("blk.{layer}.resid_post"),
+        dtype: TapDType::F32,
+        rows: positions.len(),
+        width: 256,
+        bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
 }
 
 #[test]
@@ -31,9 +60,18 @@ fn round_trip_and_failed_run_keeps_partial_dump() {
     let root = dir.path().join("d");
     let writer = BackgroundWriter::spawn(DumpWriter::create(&root, manifest(&[("p1", 10)]), false).unwrap());
     let positions = Arc::new(vec![0, 3, 9]);
-    writer.send(FileJob { prompt_id: "p1".into(), stem: "blk.0".into(), positions: positions.clone(), taps: vec![resid_rows(0, &positions)] }).unwrap();
+    writer
+        .send(FileJob {
+            prompt_id: "p1".into(),
+            stem: "blk.0".into(),
+            positions: positions.clone(),
+            taps: vec![resid_rows(0, &positions)],
+        })
+        .unwrap();
     // The engine dies before layer 1: the file written stays and the manifest says why.
-    let err = writer.finish(Err(Error::engine("illegal memory access in rms_norm"))).unwrap_err();
+    let err = writer
+        .finish(Err(Error::engine("illegal memory access in rms_norm")))
+        .unwrap_err();
     assert!(err.to_string().contains("last tap written: blk.0.resid_post"), "{err}");
 
     let d = Dump::open(&root).unwrap();
@@ -45,7 +83,10 @@ fn round_trip_and_failed_run_keeps_partial_dump() {
     assert_eq!(f.positions, vec![0, 3, 9]);
     assert_eq!(f.taps["blk.0.resid_post"].values[256 + 5], 3005.0);
     assert!(d.read_file("p1", "blk.1").unwrap().is_none());
-    let leftovers: Vec<_> = std::fs::read_dir(root.join("data/p1")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(root.join("data/p1"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(leftovers.len(), 1, "no temporary files remain: {leftovers:?}");
 
     // An existing dump is only replaced on request, and never an unrelated directory.
@@ -75,10 +116,21 @@ fn streamed_files_land_whole_and_match_files_written_at_once() {
         bytes.extend_from_slice(&whole.bytes[first * row..(first + rows) * row]);
         writer.send_rows(&stream, 0, first, RowBytes::Ready(bytes)).unwrap();
     }
-    writer.send_rows(&stream, 0, 1, DeviceCopy::arriving(whole.bytes[row..2 * row].to_vec())).unwrap();
+    writer
+        .send_rows(&stream, 0, 1, DeviceCopy::arriving(whole.bytes[row..2 * row].to_vec()))
+        .unwrap();
     // A second file that never gets all its rows (the run fails first) leaves nothing.
-    let unfinished = writer.stream_file("p1", "blk.0", &positions, &[("blk.0.resid_post".to_string(), TapDType::F32, 256)]).unwrap();
-    writer.send_rows(&unfinished, 0, 0, RowBytes::Ready(vec![0; row])).unwrap();
+    let unfinished = writer
+        .stream_file(
+            "p1",
+            "blk.0",
+            &positions,
+            &[("blk.0.resid_post".to_string(), TapDType::F32, 256)],
+        )
+        .unwrap();
+    writer
+        .send_rows(&unfinished, 0, 0, RowBytes::Ready(vec![0; row]))
+        .unwrap();
     drop((stream, unfinished));
     let err = writer.finish(Err(Error::engine("device lost"))).unwrap_err();
     assert!(err.to_string().contains("last tap written: blk.1.resid_post"), "{err}");
@@ -86,10 +138,17 @@ fn streamed_files_land_whole_and_match_files_written_at_once() {
     let d = Dump::open(&root).unwrap();
     let f = d.read_file("p1", "blk.1").unwrap().unwrap();
     assert_eq!(f.positions, positions);
-    let expected: Vec<f64> = whole.bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect();
+    let expected: Vec<f64> = whole
+        .bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+        .collect();
     assert_eq!(f.taps["blk.1.resid_post"].values, expected);
     assert!(d.read_file("p1", "blk.0").unwrap().is_none());
-    let names: Vec<_> = std::fs::read_dir(root.join("data/p1")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let names: Vec<_> = std::fs::read_dir(root.join("data/p1"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     assert_eq!(names, vec!["blk.1.safetensors"], "no temporary files remain");
 }
 
@@ -105,11 +164,17 @@ impl DeviceCopy {
             std::thread::sleep(std::time::Duration::from_millis(20));
             bytes
         });
-        RowBytes::InFlight(Box::new(DeviceCopy { arrives: Some(arrives), bytes: Vec::new() }))
+        RowBytes::InFlight(Box::new(DeviceCopy {
+            arrives: Some(arrives),
+            bytes: Vec::new(),
+        }))
     }
 
     fn lost() -> RowBytes {
-        RowBytes::InFlight(Box::new(DeviceCopy { arrives: None, bytes: Vec::new() }))
+        RowBytes::InFlight(Box::new(DeviceCopy {
+            arrives: None,
+            bytes: Vec::new(),
+        }))
     }
 }
 
@@ -132,11 +197,16 @@ fn rows_a_device_never_delivers_fail_the_dump_and_spare_the_other_files() {
     let positions = vec![0, 3];
     let tap = |l: usize| [(format!("blk.{l}.resid_post"), TapDType::F32, 256)];
     let row_bytes = |v: f32| RowBytes::Ready(v.to_le_bytes().repeat(256));
-    let (first, second) = (writer.stream_file("p1", "blk.0", &positions, &tap(0)).unwrap(), writer.stream_file("p1", "blk.1", &positions, &tap(1)).unwrap());
+    let (first, second) = (
+        writer.stream_file("p1", "blk.0", &positions, &tap(0)).unwrap(),
+        writer.stream_file("p1", "blk.1", &positions, &tap(1)).unwrap(),
+    );
     writer.send_rows(&first, 0, 0, row_bytes(1.0)).unwrap();
     writer.send_rows(&second, 0, 0, row_bytes(2.0)).unwrap();
     writer.send_rows(&first, 0, 1, DeviceCopy::lost()).unwrap();
-    writer.send_rows(&second, 0, 1, DeviceCopy::arriving(4f32.to_le_bytes().repeat(256))).unwrap();
+    writer
+        .send_rows(&second, 0, 1, DeviceCopy::arriving(4f32.to_le_bytes().repeat(256)))
+        .unwrap();
     drop((first, second));
     // The engine saw no error: the lost rows alone must keep the dump from being complete.
     let err = writer.finish(Ok(())).unwrap_err();
@@ -144,7 +214,10 @@ fn rows_a_device_never_delivers_fail_the_dump_and_spare_the_other_files() {
     let d = Dump::open(&root).unwrap();
     assert_eq!(d.manifest.status, Status::Failed);
     assert!(d.read_file("p1", "blk.0").unwrap().is_none());
-    assert_eq!(d.read_file("p1", "blk.1").unwrap().unwrap().taps["blk.1.resid_post"].values[256], 4.0);
+    assert_eq!(
+        d.read_file("p1", "blk.1").unwrap().unwrap().taps["blk.1.resid_post"].values[256],
+        4.0
+    );
 }
 
 fn write_manifest(root: &Path, edit: impl Fn(&mut serde_json::Value)) {
@@ -160,21 +233,58 @@ fn hostile_manifests_are_refused() {
     let root = dir.path().join("d");
     type Edit = Box<dyn Fn(&mut serde_json::Value)>;
     let cases: Vec<(Edit, &str)> = vec![
-        (Box::new(|v| v["prompts"][0]["id"] = "../../etc".into()), "bad prompt id"),
+        (
+            Box::new(|v| v["prompts"][0]["id"] = "../../etc".into()),
+            "bad prompt id",
+        ),
         (Box::new(|v| v["prompts"][0]["id"] = "..".into()), "bad prompt id"),
         (Box::new(|v| v["format"] = "other".into()), "format is \"other\""),
         (Box::new(|v| v["version"] = 2.into()), "version 2 is not supported"),
-        (Box::new(|v| v["prompts"][0]["tokens"][0] = 5000000.into()), "outside the vocabulary"),
-        (Box::new(|v| v["selection"]["positions"] = "1..x".into()), "selection.positions: bad position"),
-        (Box::new(|v| v["status"] = "exploded".into()), "bad manifest: status: expected \"running\", \"complete\" or \"failed\", got \"exploded\""),
+        (
+            Box::new(|v| v["prompts"][0]["tokens"][0] = 5000000.into()),
+            "outside the vocabulary",
+        ),
+        (
+            Box::new(|v| v["selection"]["positions"] = "1..x".into()),
+            "selection.positions: bad position",
+        ),
+        (
+            Box::new(|v| v["status"] = "exploded".into()),
+            "bad manifest: status: expected \"running\", \"complete\" or \"failed\", got \"exploded\"",
+        ),
         // Every refusal names the field path and what it expected.
-        (Box::new(|v| v["model"]["n_layer"] = "x".into()), "model.n_layer: expected an integer from 0, got the string \"x\""),
-        (Box::new(|v| v["model"]["fingerprint"] = 5.into()), "model.fingerprint: expected a string or null, got the number 5"),
-        (Box::new(|v| { v["model"].as_object_mut().unwrap().remove("arch"); }), "model.arch: missing (expected a string)"),
-        (Box::new(|v| v["prompts"][0]["tokens"][1] = (-1).into()), "prompts[0].tokens[1]: expected a token id"),
-        (Box::new(|v| v["engine"] = serde_json::Value::Null), "engine: expected an object, got null"),
-        (Box::new(|v| v["selection"]["taps"] = serde_json::json!({"all": true})), "selection.taps: expected a string or a list, got an object"),
-        (Box::new(|v| { v["prompts"] = serde_json::json!([{"id": "a", "tokens": [1]}, {"id": "a", "tokens": [1]}]); }), "appears twice"),
+        (
+            Box::new(|v| v["model"]["n_layer"] = "x".into()),
+            "model.n_layer: expected an integer from 0, got the string \"x\"",
+        ),
+        (
+            Box::new(|v| v["model"]["fingerprint"] = 5.into()),
+            "model.fingerprint: expected a string or null, got the number 5",
+        ),
+        (
+            Box::new(|v| {
+                v["model"].as_object_mut().unwrap().remove("arch");
+            }),
+            "model.arch: missing (expected a string)",
+        ),
+        (
+            Box::new(|v| v["prompts"][0]["tokens"][1] = (-1).into()),
+            "prompts[0].tokens[1]: expected a token id",
+        ),
+        (
+            Box::new(|v| v["engine"] = serde_json::Value::Null),
+            "engine: expected an object, got null",
+        ),
+        (
+            Box::new(|v| v["selection"]["taps"] = serde_json::json!({"all": true})),
+            "selection.taps: expected a string or a list, got an object",
+        ),
+        (
+            Box::new(|v| {
+                v["prompts"] = serde_json::json!([{"id": "a", "tokens": [1]}, {"id": "a", "tokens": [1]}]);
+            }),
+            "appears twice",
+        ),
     ];
     for (edit, needle) in cases {
         write_manifest(&root, edit);
@@ -232,20 +342,64 @@ fn malformed_tensor_files_are_refused() {
     let st = |tensors: Vec<(&str, safetensors::Dtype, Vec<usize>, Vec<u8>)>| {
         let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
             .iter()
-            .map(|(n, d, s, b)| (n.to_string(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+            .map(|(n, d, s, b)| {
+                (
+                    n.to_string(),
+                    safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+                )
+            })
             .collect();
         safetensors::serialize(views, None).unwrap()
     };
     let pos = |ps: &[i64]| ps.iter().flat_map(|p| p.to_le_bytes()).collect::<Vec<u8>>();
     let rows = |n: usize, w: usize| vec![0u8; n * w * 4];
     use safetensors::Dtype::*;
-    expect_err(&st(vec![("positions", I64, vec![2], pos(&[1, 99])), ("blk.0.resid_post", F32, vec![2, 256], rows(2, 256))]), "position 99 is outside");
-    expect_err(&st(vec![("positions", I64, vec![2], pos(&[3, 1])), ("blk.0.resid_post", F32, vec![2, 256], rows(2, 256))]), "not strictly increasing");
-    expect_err(&st(vec![("positions", I64, vec![2], pos(&[1, 2])), ("blk.0.resid_post", F32, vec![2, 255], rows(2, 255))]), "expected [2, 256]");
-    expect_err(&st(vec![("positions", I64, vec![2], pos(&[1, 2])), ("blk.0.resid_post", I32, vec![2, 256], rows(2, 256))]), "dtype");
-    expect_err(&st(vec![("positions", I64, vec![2], pos(&[1, 2])), ("blk.1.resid_post", F32, vec![2, 256], rows(2, 256))]), "belongs in blk.1");
-    expect_err(&st(vec![("positions", I64, vec![2], pos(&[1, 2])), ("blk.0.resid_pots", F32, vec![2, 256], rows(2, 256))]), "not a canonical tap id");
-    expect_err(&st(vec![("blk.0.resid_post", F32, vec![2, 256], rows(2, 256))]), "missing the positions tensor");
+    expect_err(
+        &st(vec![
+            ("positions", I64, vec![2], pos(&[1, 99])),
+            ("blk.0.resid_post", F32, vec![2, 256], rows(2, 256)),
+        ]),
+        "position 99 is outside",
+    );
+    expect_err(
+        &st(vec![
+            ("positions", I64, vec![2], pos(&[3, 1])),
+            ("blk.0.resid_post", F32, vec![2, 256], rows(2, 256)),
+        ]),
+        "not strictly increasing",
+    );
+    expect_err(
+        &st(vec![
+            ("positions", I64, vec![2], pos(&[1, 2])),
+            ("blk.0.resid_post", F32, vec![2, 255], rows(2, 255)),
+        ]),
+        "expected [2, 256]",
+    );
+    expect_err(
+        &st(vec![
+            ("positions", I64, vec![2], pos(&[1, 2])),
+            ("blk.0.resid_post", I32, vec![2, 256], rows(2, 256)),
+        ]),
+        "dtype",
+    );
+    expect_err(
+        &st(vec![
+            ("positions", I64, vec![2], pos(&[1, 2])),
+            ("blk.1.resid_post", F32, vec![2, 256], rows(2, 256)),
+        ]),
+        "belongs in blk.1",
+    );
+    expect_err(
+        &st(vec![
+            ("positions", I64, vec![2], pos(&[1, 2])),
+            ("blk.0.resid_pots", F32, vec![2, 256], rows(2, 256)),
+        ]),
+        "not a canonical tap id",
+    );
+    expect_err(
+        &st(vec![("blk.0.resid_post", F32, vec![2, 256], rows(2, 256))]),
+        "missing the positions tensor",
+    );
 
     // A link that leaves the dump is not followed.
     std::fs::remove_file(&file).unwrap();

@@ -20,7 +20,11 @@ fn gpu_selftest_passes_or_refuses_in_one_line() {
     for backend in ["cuda", "hip"] {
         for dtype in ["f32", "f16"] {
             if let Some(out) = on_gpu(backend, &["selftest", "--backend", backend, "--dtype", dtype]) {
-                assert_eq!(out.code, 0, "{backend} {dtype} selftest failed:\n{}{}", out.stdout, out.stderr);
+                assert_eq!(
+                    out.code, 0,
+                    "{backend} {dtype} selftest failed:\n{}{}",
+                    out.stdout, out.stderr
+                );
             }
         }
     }
@@ -30,16 +34,51 @@ fn gpu_selftest_passes_or_refuses_in_one_line() {
 fn gpu_runtime_matches_the_reference_or_refuses_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), "q4_k", 11);
-    let tokens = (1..=64).map(|t| (t * 7 % 1000).to_string()).collect::<Vec<_>>().join(",");
+    let tokens = (1..=64)
+        .map(|t| (t * 7 % 1000).to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     let reference = dir.path().join("ref");
-    let out = resbisect(&["dump", "--model", path_str(&model), "--tokens", &tokens, "--layers", "all", "--taps", "all", "-o", path_str(&reference)]);
+    let out = resbisect(&[
+        "dump",
+        "--model",
+        path_str(&model),
+        "--tokens",
+        &tokens,
+        "--layers",
+        "all",
+        "--taps",
+        "all",
+        "-o",
+        path_str(&reference),
+    ]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     for backend in ["cuda", "hip"] {
         let a = dir.path().join(backend);
-        let args = ["dump", "--engine", "runtime", "--backend", backend, "--model", path_str(&model), "--tokens", &tokens, "--layers", "all", "--taps", "all", "-o", path_str(&a)];
+        let args = [
+            "dump",
+            "--engine",
+            "runtime",
+            "--backend",
+            backend,
+            "--model",
+            path_str(&model),
+            "--tokens",
+            &tokens,
+            "--layers",
+            "all",
+            "--taps",
+            "all",
+            "-o",
+            path_str(&a),
+        ];
         if on_gpu(backend, &args).is_some_and(|o| o.code == 0) {
             let diff = resbisect(&["diff", path_str(&a), path_str(&reference)]);
-            assert_eq!(diff.code, 0, "{backend} runtime diverges from the reference:\n{}", diff.stdout);
+            assert_eq!(
+                diff.code, 0,
+                "{backend} runtime diverges from the reference:\n{}",
+                diff.stdout
+            );
         }
     }
 }
@@ -49,21 +88,68 @@ fn gpu_runtime_matches_the_reference_or_refuses_in_one_line() {
 #[test]
 fn op_timings_cover_every_op_of_a_layer() {
     for backend in ["cpu", "cuda"] {
-        let args = ["selftest", "--perf", "--backend", backend, "--preset", "tiny", "--ctx", "24", "--json"];
+        let args = [
+            "selftest",
+            "--perf",
+            "--backend",
+            backend,
+            "--preset",
+            "tiny",
+            "--ctx",
+            "24",
+            "--json",
+        ];
         let Some(out) = on_gpu(backend, &args) else { continue };
         assert_eq!(out.code, 0, "{}", out.stderr);
         let timings: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-        let ops: Vec<(String, String)> = timings.as_array().unwrap().iter().map(|t| (t["phase"].as_str().unwrap().to_string(), t["op"].as_str().unwrap().to_string())).collect();
+        let ops: Vec<(String, String)> = timings
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                (
+                    t["phase"].as_str().unwrap().to_string(),
+                    t["op"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
         for phase in ["decode", "prefill"] {
-            for op in ["rms_norm", "matmul3 (q, k, v)", "rope_append", "attention", "matmul (attn_output)", "add_rms_norm", "gate_up_silu", "matmul (ffn_down)", "add"] {
-                assert!(ops.contains(&(phase.to_string(), op.to_string())), "{backend}: {phase} {op} not timed");
+            for op in [
+                "rms_norm",
+                "matmul3 (q, k, v)",
+                "rope_append",
+                "attention",
+                "matmul (attn_output)",
+                "add_rms_norm",
+                "gate_up_silu",
+                "matmul (ffn_down)",
+                "add",
+            ] {
+                assert!(
+                    ops.contains(&(phase.to_string(), op.to_string())),
+                    "{backend}: {phase} {op} not timed"
+                );
             }
         }
-        assert!(timings.as_array().unwrap().iter().all(|t| t["micros"].as_f64().unwrap() > 0.0 && t["bytes"].as_u64().unwrap() > 0));
+        assert!(timings
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["micros"].as_f64().unwrap() > 0.0 && t["bytes"].as_u64().unwrap() > 0));
     }
     let table = resbisect(&["selftest", "--perf", "--preset", "tiny", "--ctx", "8"]);
     assert_eq!(table.code, 0, "{}", table.stderr);
-    assert!(table.stdout.contains("step of 2 layers and the head"), "{}", table.stdout);
-    assert_refused(&resbisect(&["selftest", "--perf", "--preset", "tiny", "--ctx", "0"]), "--ctx must be");
-    assert_refused(&resbisect(&["selftest", "--perf", "--preset", "huge"]), "unknown preset");
+    assert!(
+        table.stdout.contains("step of 2 layers and the head"),
+        "{}",
+        table.stdout
+    );
+    assert_refused(
+        &resbisect(&["selftest", "--perf", "--preset", "tiny", "--ctx", "0"]),
+        "--ctx must be",
+    );
+    assert_refused(
+        &resbisect(&["selftest", "--perf", "--preset", "huge"]),
+        "unknown preset",
+    );
 }

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use candle_core::quantized::gguf_file::Value as GValue;
-use resbisect::dump::{BackgroundWriter, DumpWriter, EngineInfo, FileJob, Manifest, ModelInfo, PromptRecord, TapDType, TapTensor};
+use resbisect::dump::{
+    BackgroundWriter, DumpWriter, EngineInfo, FileJob, Manifest, ModelInfo, PromptRecord, TapDType, TapTensor,
+};
 use resbisect::synth;
 use resbisect::taps::Selection;
 use serde_json::Value;
@@ -47,9 +49,17 @@ fn measured(args: &[&str]) -> Measured {
     assert_eq!(r, pid, "wait4 failed");
     assert!(started.elapsed().as_secs() < 60, "ran {:?}", started.elapsed());
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
-    let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 };
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
     Measured {
-        out: Output { code, stdout: std::fs::read_to_string(&so).unwrap(), stderr: std::fs::read_to_string(&se).unwrap() },
+        out: Output {
+            code,
+            stdout: std::fs::read_to_string(&so).unwrap(),
+            stderr: std::fs::read_to_string(&se).unwrap(),
+        },
         cpu_s: secs(usage.ru_utime) + secs(usage.ru_stime),
         max_rss_mb: usage.ru_maxrss as f64 / 1024.0,
     }
@@ -72,17 +82,44 @@ fn refused_cheaply(args: &[&str], needle: &str) {
 fn small_dump(root: &Path) {
     let config = synth::preset("tiny").unwrap().config;
     let manifest = Manifest::new(
-        EngineInfo { name: "test".into(), version: "0".into(), backend: "none".into(), dtype: "f32".into(), device: "none".into() },
-        ModelInfo { path: "m.gguf".into(), fingerprint: Some("00".into()), config },
-        vec![PromptRecord { id: "p".into(), text: None, tokens: vec![1, 2, 3] }],
+        EngineInfo {
+            name: "test".into(),
+            version: "0".into(),
+            backend: "none".into(),
+            dtype: "f32".into(),
+            device: "none".into(),
+        },
+        ModelInfo {
+            path: "m.gguf".into(),
+            fingerprint: Some("00".into()),
+            config,
+        },
+        vec![PromptRecord {
+            id: "p".into(),
+            text: None,
+            tokens: vec![1, 2, 3],
+        }],
         Selection::parse("all", "resid_post", "all", 2).unwrap(),
     );
     let writer = BackgroundWriter::spawn(DumpWriter::create(root, manifest, false).unwrap());
     let positions = std::sync::Arc::new(vec![0, 1, 2]);
     for layer in 0..2 {
         let values: Vec<f32> = (0..3 * 256).map(|i| (i % 17) as f32 * 0.25 + layer as f32).collect();
-        let taps = vec![TapTensor { id: format!("blk.{layer}.resid_post"), dtype: TapDType::F32, rows: 3, width: 256, bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect() }];
-        writer.send(FileJob { prompt_id: "p".into(), stem: format!("blk.{layer}"), positions: positions.clone(), taps }).unwrap();
+        let taps = vec![TapTensor {
+            id: format!("blk.{layer}.resid_post"),
+            dtype: TapDType::F32,
+            rows: 3,
+            width: 256,
+            bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }];
+        writer
+            .send(FileJob {
+                prompt_id: "p".into(),
+                stem: format!("blk.{layer}"),
+                positions: positions.clone(),
+                taps,
+            })
+            .unwrap();
     }
     writer.finish(Ok(())).unwrap();
 }
@@ -103,10 +140,30 @@ fn manifest_sizes_are_checked_before_use() {
     let dir = tempfile::tempdir().unwrap();
     let cases: [(&str, &str, Value, &str); 5] = [
         ("n_head0", "n_head", 0.into(), "model.n_head = 0 is out of range"),
-        ("n_layer_huge", "n_layer", (1u64 << 62).into(), "model.n_layer = 4611686018427387904 is out of range"),
-        ("n_layer_100m", "n_layer", 100_000_000.into(), "model.n_layer = 100000000 is out of range"),
-        ("n_head_kv3", "n_head_kv", 3.into(), "model.n_head 4 is not a multiple of model.n_head_kv 3"),
-        ("n_head5", "n_head", 5.into(), "model.n_embd 256 is not divisible by model.n_head 5"),
+        (
+            "n_layer_huge",
+            "n_layer",
+            (1u64 << 62).into(),
+            "model.n_layer = 4611686018427387904 is out of range",
+        ),
+        (
+            "n_layer_100m",
+            "n_layer",
+            100_000_000.into(),
+            "model.n_layer = 100000000 is out of range",
+        ),
+        (
+            "n_head_kv3",
+            "n_head_kv",
+            3.into(),
+            "model.n_head 4 is not a multiple of model.n_head_kv 3",
+        ),
+        (
+            "n_head5",
+            "n_head",
+            5.into(),
+            "model.n_embd 256 is not divisible by model.n_head 5",
+        ),
     ];
     for (name, field, value, needle) in cases {
         let d = dump_with(dir.path(), name, |v| v["model"][field] = value.clone());
@@ -114,8 +171,13 @@ fn manifest_sizes_are_checked_before_use() {
         refused_cheaply(&["inspect", d], needle);
         refused_cheaply(&["diff", d, d], needle);
     }
-    let d = dump_with(dir.path(), "sel", |v| v["selection"]["layers"] = serde_json::json!([0, 1, 7]));
-    refused_cheaply(&["inspect", path_str(&d)], "selection.layers: layer selection \"7\" goes past the model's 2 layers");
+    let d = dump_with(dir.path(), "sel", |v| {
+        v["selection"]["layers"] = serde_json::json!([0, 1, 7])
+    });
+    refused_cheaply(
+        &["inspect", path_str(&d)],
+        "selection.layers: layer selection \"7\" goes past the model's 2 layers",
+    );
 }
 
 #[test]
@@ -158,9 +220,15 @@ fn a_tensor_size_that_wraps_is_refused() {
     b.extend(0u32.to_le_bytes());
     b.extend(0u64.to_le_bytes());
     std::fs::write(&p, &b).unwrap();
-    refused_cheaply(&["inspect", path_str(&p)], "tensor token_embd.weight: byte size of dimensions [4611686018427387904, 1] overflows");
+    refused_cheaply(
+        &["inspect", path_str(&p)],
+        "tensor token_embd.weight: byte size of dimensions [4611686018427387904, 1] overflows",
+    );
     let out = dir.path().join("out");
-    refused_cheaply(&["dump", "--model", path_str(&p), "--tokens", "1", "-o", path_str(&out)], "overflows");
+    refused_cheaply(
+        &["dump", "--model", path_str(&p), "--tokens", "1", "-o", path_str(&out)],
+        "overflows",
+    );
 }
 
 #[test]
@@ -168,8 +236,16 @@ fn a_lying_block_count_costs_only_the_tensors_present() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), "q4_0", 5);
     let bad = dir.path().join("deep.gguf");
-    rewrite_gguf(&model, &bad, |m| set_meta(m, "llama.block_count", GValue::U32(1 << 24)), |n| Some(n.to_string()));
-    refused_cheaply(&["inspect", path_str(&bad)], "missing tensor blk.2.attn_norm.weight (block_count says 16777216 layers)");
+    rewrite_gguf(
+        &model,
+        &bad,
+        |m| set_meta(m, "llama.block_count", GValue::U32(1 << 24)),
+        |n| Some(n.to_string()),
+    );
+    refused_cheaply(
+        &["inspect", path_str(&bad)],
+        "missing tensor blk.2.attn_norm.weight (block_count says 16777216 layers)",
+    );
 }
 
 #[test]
@@ -205,7 +281,19 @@ fn a_huge_metadata_array_costs_its_own_bytes() {
 fn spm_with(dir: &Path, name: &str, edit: impl Fn(&mut Vec<String>)) -> PathBuf {
     let base = dir.join("spm.gguf");
     if !base.exists() {
-        let out = resbisect(&["synth", "--preset", "tiny", "--tokenizer", "llama", "--quant", "q4_0", "--seed", "8", "-o", path_str(&base)]);
+        let out = resbisect(&[
+            "synth",
+            "--preset",
+            "tiny",
+            "--tokenizer",
+            "llama",
+            "--quant",
+            "q4_0",
+            "--seed",
+            "8",
+            "-o",
+            path_str(&base),
+        ]);
         assert_eq!(out.code, 0, "{}", out.stderr);
     }
     let dst = dir.join(name);
@@ -214,7 +302,9 @@ fn spm_with(dir: &Path, name: &str, edit: impl Fn(&mut Vec<String>)) -> PathBuf 
         &dst,
         |m| {
             let tokens = m.iter_mut().find(|(k, _)| k == "tokenizer.ggml.tokens").unwrap();
-            let GValue::Array(items) = &tokens.1 else { panic!("tokens") };
+            let GValue::Array(items) = &tokens.1 else {
+                panic!("tokens")
+            };
             let mut v: Vec<String> = items.iter().map(|i| i.to_string().unwrap().clone()).collect();
             edit(&mut v);
             tokens.1 = GValue::Array(v.into_iter().map(GValue::String).collect());
@@ -228,8 +318,12 @@ fn spm_with(dir: &Path, name: &str, edit: impl Fn(&mut Vec<String>)) -> PathBuf 
 fn hostile_sentencepiece_vocabularies_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let long = spm_with(dir.path(), "long.gguf", |v| v[1000] = "x".repeat(200_000));
-    let stairs = spm_with(dir.path(), "stairs.gguf", |v| (1..=700).for_each(|k| v[300 + k - 1] = "q".repeat(k)));
-    let nested = spm_with(dir.path(), "nested.gguf", |v| (1..=250).for_each(|k| v[300 + k - 1] = "q".repeat(k)));
+    let stairs = spm_with(dir.path(), "stairs.gguf", |v| {
+        (1..=700).for_each(|k| v[300 + k - 1] = "q".repeat(k))
+    });
+    let nested = spm_with(dir.path(), "nested.gguf", |v| {
+        (1..=250).for_each(|k| v[300 + k - 1] = "q".repeat(k))
+    });
     for (model, needle) in [
         (&long, "tokenizer.ggml.tokens[1000] is 200000 characters long"),
         (&stairs, "tokenizer.ggml.tokens[556] is 257 characters long"),
@@ -238,11 +332,18 @@ fn hostile_sentencepiece_vocabularies_are_refused_by_name() {
         let m = path_str(model);
         refused_cheaply(&["tokenize", "--model", m, "hello world"], needle);
         let out = dir.path().join("out");
-        refused_cheaply(&["dump", "--model", m, "--prompt", "hello world", "-o", path_str(&out)], needle);
+        refused_cheaply(
+            &["dump", "--model", m, "--prompt", "hello world", "-o", path_str(&out)],
+            needle,
+        );
         // inspect reports the model and says the tokenizer is unusable.
         let i = measured(&["inspect", m]);
         assert_eq!(i.out.code, 0, "{}", i.out.stderr);
-        assert!(i.out.stdout.contains("tokenizer    unusable:") && i.out.stdout.contains(needle), "{}", i.out.stdout);
+        assert!(
+            i.out.stdout.contains("tokenizer    unusable:") && i.out.stdout.contains(needle),
+            "{}",
+            i.out.stdout
+        );
         assert_cheap(&i, "inspect");
     }
 }
@@ -261,7 +362,18 @@ fn a_long_suite_with_a_late_duplicate_is_refused_quickly() {
     text.push_str("{\"id\": \"p0\", \"tokens\": [3]}\n");
     std::fs::write(&suite, text).unwrap();
     let out = dir.path().join("out");
-    refused_cheaply(&["dump", "--model", path_str(&model), "--prompts", path_str(&suite), "-o", path_str(&out)], "suite.jsonl:200001: prompt id p0 appears twice");
+    refused_cheaply(
+        &[
+            "dump",
+            "--model",
+            path_str(&model),
+            "--prompts",
+            path_str(&suite),
+            "-o",
+            path_str(&out),
+        ],
+        "suite.jsonl:200001: prompt id p0 appears twice",
+    );
 }
 
 #[test]
@@ -270,7 +382,15 @@ fn extreme_selections_are_refused_without_overflow() {
     let model = tiny_model(dir.path(), "q4_0", 10);
     let out = dir.path().join("out");
     let dump = |extra: &[&str]| {
-        let mut args = vec!["dump", "--model", path_str(&model), "--tokens", "1,2,3", "-o", path_str(&out)];
+        let mut args = vec![
+            "dump",
+            "--model",
+            path_str(&model),
+            "--tokens",
+            "1,2,3",
+            "-o",
+            path_str(&out),
+        ];
         args.extend_from_slice(extra);
         args.iter().map(|s| s.to_string()).collect::<Vec<_>>()
     };
@@ -278,14 +398,32 @@ fn extreme_selections_are_refused_without_overflow() {
         let args = dump(extra);
         refused_cheaply(&args.iter().map(String::as_str).collect::<Vec<_>>(), needle);
     };
-    run(&["--layers", "18446744073709551615"], "layer selection \"18446744073709551615\" goes past the model's 2 layers");
+    run(
+        &["--layers", "18446744073709551615"],
+        "layer selection \"18446744073709551615\" goes past the model's 2 layers",
+    );
     run(&["--layers", "18446744073709551615.."], "empty layer range");
-    run(&["--layers", "0..18446744073709551615"], "goes past the model's 2 layers");
-    run(&["--positions", "9223372036854775807"], "position selection 9223372036854775807 is out of range for a 3-token sequence");
-    run(&["--positions", "-9223372036854775808.."], "out of range for a 3-token sequence");
-    run(&["--positions", "0..9223372036854775807"], "out of range for a 3-token sequence");
+    run(
+        &["--layers", "0..18446744073709551615"],
+        "goes past the model's 2 layers",
+    );
+    run(
+        &["--positions", "9223372036854775807"],
+        "position selection 9223372036854775807 is out of range for a 3-token sequence",
+    );
+    run(
+        &["--positions", "-9223372036854775808.."],
+        "out of range for a 3-token sequence",
+    );
+    run(
+        &["--positions", "0..9223372036854775807"],
+        "out of range for a 3-token sequence",
+    );
     run(&["--inject", "blk.18446744073709551615.q:nan@0"], "bad --inject");
-    run(&["--inject", "embed:nan@18446744073709551616"], "POS is not a non-negative integer");
+    run(
+        &["--inject", "embed:nan@18446744073709551616"],
+        "POS is not a non-negative integer",
+    );
 }
 
 #[test]
@@ -295,7 +433,17 @@ fn calibration_over_nan_rows_writes_a_file_its_loader_accepts() {
     let m = path_str(&model);
     let dump = |name: &str, extra: &[&str]| {
         let out = dir.path().join(name);
-        let mut args = vec!["dump", "--model", m, "--tokens", "5,6,7,8", "--taps", "all", "-o", path_str(&out)];
+        let mut args = vec![
+            "dump",
+            "--model",
+            m,
+            "--tokens",
+            "5,6,7,8",
+            "--taps",
+            "all",
+            "-o",
+            path_str(&out),
+        ];
         args.extend_from_slice(extra);
         let r = resbisect(&args);
         assert_eq!(r.code, 0, "{}", r.stderr);
@@ -305,13 +453,21 @@ fn calibration_over_nan_rows_writes_a_file_its_loader_accepts() {
     let tol = dir.path().join("t.json");
     let c = resbisect(&["calibrate", path_str(&nan), path_str(&good), "-o", path_str(&tol)]);
     assert_eq!(c.code, 0, "{}", c.stderr);
-    assert!(c.stderr.contains("note: blk.*.ffn_up: 2 row(s) with NaN/Inf"), "{}", c.stderr);
+    assert!(
+        c.stderr.contains("note: blk.*.ffn_up: 2 row(s) with NaN/Inf"),
+        "{}",
+        c.stderr
+    );
     let text = std::fs::read_to_string(&tol).unwrap();
     assert!(!text.contains("null"), "{text}");
     // The file loads, and the NaN rows still diverge under it.
     let d = resbisect(&["diff", path_str(&nan), path_str(&good), "--tolerances", path_str(&tol)]);
     assert_eq!(d.code, 1, "{}{}", d.stdout, d.stderr);
-    assert!(d.stdout.contains("FIRST DIVERGENCE at blk.1.ffn_up, position 2"), "{}", d.stdout);
+    assert!(
+        d.stdout.contains("FIRST DIVERGENCE at blk.1.ffn_up, position 2"),
+        "{}",
+        d.stdout
+    );
 }
 
 #[test]
@@ -322,17 +478,30 @@ fn hostile_tolerance_files_are_refused_by_name() {
     let d = path_str(&d);
     let tol = dir.path().join("t.json");
     for (content, needle) in [
-        (r#"{"version": 1, "defaults": {"F32": {"rel_l2": null}}}"#, "bad tolerance file"),
-        (r#"{"version": 1, "defaults": {}, "taps": [{"pattern": "*", "rel_l2": -1}]}"#, "finite and non-negative"),
+        (
+            r#"{"version": 1, "defaults": {"F32": {"rel_l2": null}}}"#,
+            "bad tolerance file",
+        ),
+        (
+            r#"{"version": 1, "defaults": {}, "taps": [{"pattern": "*", "rel_l2": -1}]}"#,
+            "finite and non-negative",
+        ),
         (r#"{"version": 7, "defaults": {}}"#, "version 7"),
-        (r#"{"version": 1, "defaults": {"F32": {"rel_l2": 1e999}}}"#, "bad tolerance file"),
+        (
+            r#"{"version": 1, "defaults": {"F32": {"rel_l2": 1e999}}}"#,
+            "bad tolerance file",
+        ),
     ] {
         std::fs::write(&tol, content).unwrap();
         refused_cheaply(&["diff", d, d, "--tolerances", path_str(&tol)], needle);
     }
     // Many stars over every tap: linear work, the right answer.
     let pattern = "*".repeat(100_000);
-    std::fs::write(&tol, format!(r#"{{"version": 1, "defaults": {{}}, "taps": [{{"pattern": "{pattern}a", "rel_l2": 0.5}}]}}"#)).unwrap();
+    std::fs::write(
+        &tol,
+        format!(r#"{{"version": 1, "defaults": {{}}, "taps": [{{"pattern": "{pattern}a", "rel_l2": 0.5}}]}}"#),
+    )
+    .unwrap();
     let m = measured(&["diff", d, d, "--tolerances", path_str(&tol)]);
     assert_eq!(m.out.code, 0, "{}", m.out.stderr);
     assert_cheap(&m, "a pattern of 100k stars");
@@ -343,7 +512,11 @@ fn hostile_tolerance_files_are_refused_by_name() {
 /// Files a dump holds for a prompt, by name, temporaries (a crash's leftovers) excluded.
 fn dump_files(root: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(root.join("data/prompt"))
-        .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| !n.starts_with('.')).collect())
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
         .unwrap_or_default();
     names.sort();
     names
@@ -355,9 +528,27 @@ fn a_dump_killed_at_random_moments_is_read_as_unfinished() {
     // the last 4 of 48 positions: a run long enough to be killed in the middle.
     let dir = tempfile::tempdir().unwrap();
     let model = smollm2();
-    let tokens: String = (0..48).map(|i| (100 + i * 37).to_string()).collect::<Vec<_>>().join(",");
+    let tokens: String = (0..48)
+        .map(|i| (100 + i * 37).to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     let args = |out: &Path| -> Vec<String> {
-        ["dump", "--model", path_str(&model), "--tokens", &tokens, "--taps", "all", "--positions", "-4..", "-o", path_str(out)].iter().map(|s| s.to_string()).collect()
+        [
+            "dump",
+            "--model",
+            path_str(&model),
+            "--tokens",
+            &tokens,
+            "--taps",
+            "all",
+            "--positions",
+            "-4..",
+            "-o",
+            path_str(out),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     };
     let full = dir.path().join("full");
     let started = std::time::Instant::now();
@@ -378,7 +569,12 @@ fn a_dump_killed_at_random_moments_is_read_as_unfinished() {
     let mut killed_mid_run = 0;
     for repeat in 0..5 {
         let root = dir.path().join(format!("killed{repeat}"));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_resbisect")).args(args(&root)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_resbisect"))
+            .args(args(&root))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         let t0 = std::time::Instant::now();
         // Kill only once the manifest exists (before it, there is no dump to read).
         while !root.join("manifest.json").exists() {
@@ -390,7 +586,8 @@ fn a_dump_killed_at_random_moments_is_read_as_unfinished() {
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
 
-        let manifest: Value = serde_json::from_str(&std::fs::read_to_string(root.join("manifest.json")).unwrap()).unwrap();
+        let manifest: Value =
+            serde_json::from_str(&std::fs::read_to_string(root.join("manifest.json")).unwrap()).unwrap();
         let running = manifest["status"] == "running";
         // inspect maps and validates every file present: a torn file would be exit 2.
         let inspect = resbisect(&["inspect", path_str(&root)]);
@@ -398,7 +595,10 @@ fn a_dump_killed_at_random_moments_is_read_as_unfinished() {
         // Every file present is whole: byte for byte the file of the complete run.
         let present = dump_files(&root);
         for name in &present {
-            let (a, b) = (std::fs::read(root.join("data/prompt").join(name)).unwrap(), std::fs::read(full.join("data/prompt").join(name)).unwrap());
+            let (a, b) = (
+                std::fs::read(root.join("data/prompt").join(name)).unwrap(),
+                std::fs::read(full.join("data/prompt").join(name)).unwrap(),
+            );
             assert!(a == b, "repeat {repeat}: {name} differs from the complete run's");
         }
         if running {
@@ -406,7 +606,15 @@ fn a_dump_killed_at_random_moments_is_read_as_unfinished() {
             assert!(present.len() < complete.len() || present == complete, "repeat {repeat}");
             // An unfinished dump is reported as such: exit 3 (the engine did not finish).
             let d = resbisect(&["diff", path_str(&root), path_str(&full)]);
-            assert_eq!(d.code, 3, "repeat {repeat} ({} of {} files): diff of a killed dump\n{}{}", present.len(), complete.len(), d.stdout, d.stderr);
+            assert_eq!(
+                d.code,
+                3,
+                "repeat {repeat} ({} of {} files): diff of a killed dump\n{}{}",
+                present.len(),
+                complete.len(),
+                d.stdout,
+                d.stderr
+            );
         }
     }
     assert!(killed_mid_run >= 3, "only {killed_mid_run} of 5 kills landed mid-run");

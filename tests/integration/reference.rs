@@ -14,11 +14,15 @@ fn rel_l2(a: &[f64], b: &[f64]) -> f64 {
 }
 
 fn f32s(data: &[u8]) -> Vec<f64> {
-    data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+    data.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+        .collect()
 }
 
 fn i64s(data: &[u8]) -> Vec<i64> {
-    data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+    data.chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 fn dump(args: &[&str]) -> Dump {
@@ -35,19 +39,35 @@ fn dump(args: &[&str]) -> Dump {
 fn agrees_with_hf_transformers_on_smollm2() {
     let bytes = std::fs::read(root().join("fixtures/hf/smollm2_p6_len_32.safetensors")).unwrap();
     let fx = SafeTensors::deserialize(&bytes).unwrap();
-    let tokens: Vec<String> = i64s(fx.tensor("tokens").unwrap().data()).iter().map(|t| t.to_string()).collect();
+    let tokens: Vec<String> = i64s(fx.tensor("tokens").unwrap().data())
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
     let positions = i64s(fx.tensor("positions").unwrap().data());
     let pos_spec: Vec<String> = positions.iter().map(|p| p.to_string()).collect();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("d");
     let model = smollm2();
     let d = dump(&[
-        "dump", "--model", path_str(&model), "--tokens", &tokens.join(","), "--layers", "all", "--taps", "resid_post,logits",
-        "--positions", &pos_spec.join(","), "-o", path_str(&out),
+        "dump",
+        "--model",
+        path_str(&model),
+        "--tokens",
+        &tokens.join(","),
+        "--layers",
+        "all",
+        "--taps",
+        "resid_post,logits",
+        "--positions",
+        &pos_spec.join(","),
+        "-o",
+        path_str(&out),
     ]);
     let mut checked = 0;
     for (name, view) in fx.tensors() {
-        let Some(layer) = name.strip_prefix("blk.").and_then(|r| r.strip_suffix(".resid_post")) else { continue };
+        let Some(layer) = name.strip_prefix("blk.").and_then(|r| r.strip_suffix(".resid_post")) else {
+            continue;
+        };
         let file = d.read_file("prompt", &format!("blk.{layer}")).unwrap().unwrap();
         assert_eq!(file.positions.iter().map(|&p| p as i64).collect::<Vec<_>>(), positions);
         let ours = &file.taps[&name];
@@ -76,12 +96,29 @@ fn agrees_with_hf_transformers_on_smollm2() {
 #[test]
 fn every_quant_type_runs_and_f32_matches_f64() {
     let dir = tempfile::tempdir().unwrap();
-    for (i, quant) in ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"].iter().enumerate() {
+    for (i, quant) in [
+        "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
+    ]
+    .iter()
+    .enumerate()
+    {
         let model = tiny_model(dir.path(), quant, 10 + i as u64);
         let m = path_str(&model);
         let run = |dtype: &str| {
             let out = dir.path().join(format!("{quant}-{dtype}"));
-            dump(&["dump", "--model", m, "--tokens", "5,6,7,8,300,301,9", "--taps", "all", "--dtype", dtype, "-o", path_str(&out)])
+            dump(&[
+                "dump",
+                "--model",
+                m,
+                "--tokens",
+                "5,6,7,8,300,301,9",
+                "--taps",
+                "all",
+                "--dtype",
+                dtype,
+                "-o",
+                path_str(&out),
+            ])
         };
         let (a, b) = (run("f32"), run("f64"));
         assert_eq!(a.manifest.status, Status::Complete);
@@ -90,7 +127,10 @@ fn every_quant_type_runs_and_f32_matches_f64() {
             let fb = b.read_file("prompt", &stem).unwrap().unwrap();
             for (id, ra) in &fa.taps {
                 let rb = &fb.taps[id];
-                assert!(ra.values.iter().all(|v| v.is_finite()), "{quant} {id} has non-finite values");
+                assert!(
+                    ra.values.iter().all(|v| v.is_finite()),
+                    "{quant} {id} has non-finite values"
+                );
                 let r = rel_l2(&ra.values, &rb.values);
                 assert!(r <= 1e-5, "{quant} {id}: f32 vs f64 rel L2 {r:.3e}");
             }
@@ -107,14 +147,41 @@ fn causal_across_attention_chunks() {
     let m = path_str(&model);
     let tokens: Vec<String> = (0..300).map(|i| ((i * 37 + 11) % 1000 + 3).to_string()).collect();
     let full = dir.path().join("full");
-    let d_full = dump(&["dump", "--model", m, "--tokens", &tokens.join(","), "--taps", "logits", "--positions", "127,128,200", "-o", path_str(&full)]);
+    let d_full = dump(&[
+        "dump",
+        "--model",
+        m,
+        "--tokens",
+        &tokens.join(","),
+        "--taps",
+        "logits",
+        "--positions",
+        "127,128,200",
+        "-o",
+        path_str(&full),
+    ]);
     let rows = d_full.read_file("prompt", "output").unwrap().unwrap();
     for (row, p) in [127usize, 128, 200].iter().enumerate() {
         let cut = dir.path().join(format!("cut{p}"));
-        let d = dump(&["dump", "--model", m, "--tokens", &tokens[..=*p].join(","), "--taps", "logits", "--positions", "last", "-o", path_str(&cut)]);
+        let d = dump(&[
+            "dump",
+            "--model",
+            m,
+            "--tokens",
+            &tokens[..=*p].join(","),
+            "--taps",
+            "logits",
+            "--positions",
+            "last",
+            "-o",
+            path_str(&cut),
+        ]);
         let last = d.read_file("prompt", "output").unwrap().unwrap();
         let w = rows.taps["logits"].width;
-        let r = rel_l2(&rows.taps["logits"].values[row * w..(row + 1) * w], &last.taps["logits"].values);
+        let r = rel_l2(
+            &rows.taps["logits"].values[row * w..(row + 1) * w],
+            &last.taps["logits"].values,
+        );
         assert!(r <= 1e-5, "position {p}: rel L2 {r:.3e}");
     }
 }
@@ -127,11 +194,28 @@ fn captures_only_the_selection_and_fills_the_context() {
     // The tiny preset's whole context (1024 tokens).
     let tokens: Vec<String> = (0..1024).map(|i| ((i * 7 + 1) % 1000 + 3).to_string()).collect();
     let out = dir.path().join("sel");
-    let d = dump(&["dump", "--model", m, "--tokens", &tokens.join(","), "--layers", "1", "--taps", "k,attn,final_norm", "--positions", "0..4,-2..", "-o", path_str(&out)]);
+    let d = dump(&[
+        "dump",
+        "--model",
+        m,
+        "--tokens",
+        &tokens.join(","),
+        "--layers",
+        "1",
+        "--taps",
+        "k,attn,final_norm",
+        "--positions",
+        "0..4,-2..",
+        "-o",
+        path_str(&out),
+    ]);
     assert_eq!(d.files("prompt").unwrap(), vec!["blk.1", "output"]);
     let blk = d.read_file("prompt", "blk.1").unwrap().unwrap();
     assert_eq!(blk.positions, vec![0, 1, 2, 3, 1022, 1023]);
-    assert_eq!(blk.taps.keys().cloned().collect::<Vec<_>>(), vec!["blk.1.attn", "blk.1.k"]);
+    assert_eq!(
+        blk.taps.keys().cloned().collect::<Vec<_>>(),
+        vec!["blk.1.attn", "blk.1.k"]
+    );
     assert_eq!(blk.taps["blk.1.k"].width, 128);
     assert_eq!(blk.taps["blk.1.attn"].width, 256);
     let output = d.read_file("prompt", "output").unwrap().unwrap();
@@ -144,9 +228,26 @@ fn text_prompts_use_the_models_tokenizer() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("t");
     let model = smollm2();
-    let d = dump(&["dump", "--model", path_str(&model), "--prompts", path_str(&root().join("fixtures/prompts/bisect.jsonl")), "--layers", "0", "--taps", "embed,resid_post", "--positions", "last", "-o", path_str(&out)]);
+    let d = dump(&[
+        "dump",
+        "--model",
+        path_str(&model),
+        "--prompts",
+        path_str(&root().join("fixtures/prompts/bisect.jsonl")),
+        "--layers",
+        "0",
+        "--taps",
+        "embed,resid_post",
+        "--positions",
+        "last",
+        "-o",
+        path_str(&out),
+    ]);
     let ids: Vec<&str> = d.manifest.prompts.iter().map(|p| p.id.as_str()).collect();
-    assert_eq!(ids, vec!["p0_short", "p6_len_16", "p6_len_32", "p6_len_128", "chat_turn"]);
+    assert_eq!(
+        ids,
+        vec!["p0_short", "p6_len_16", "p6_len_32", "p6_len_128", "chat_turn"]
+    );
     let lens: Vec<usize> = d.manifest.prompts.iter().map(|p| p.tokens.len()).collect();
     assert_eq!(&lens[1..4], &[16, 32, 128]);
     let chat = &d.manifest.prompts[4];
@@ -172,22 +273,61 @@ fn runs_over_a_prefix_resume_from_checkpoints() {
     let engine = ReferenceEngine::load(&model, RefPrecision::F32, &mut |_| {}).unwrap();
     let mut driver = ReferenceDriver::new(&model, &path, &engine, Vec::new()).unwrap();
     let tokens: Vec<u32> = (0..200).map(|i| (i * 53 + 7) % 1000 + 3).collect();
-    let sel = |layers: &[usize], taps: &[&str]| Selection { layers: layers.to_vec(), taps: taps.iter().map(|t| t.to_string()).collect(), positions: "all".into() };
-    let full = PromptRecord { id: "prompt".into(), text: None, tokens: tokens.clone() };
-    driver.dump(&full, &sel(&[0, 1], &["embed", "resid_post", "final_norm"]), &dir.path().join("first")).unwrap();
-    let prefix = PromptRecord { tokens: tokens[..120].to_vec(), ..full };
-    let probe = sel(&[1], &["embed", "attn_norm", "q", "attn", "ffn_act", "resid_post", "logits"]);
+    let sel = |layers: &[usize], taps: &[&str]| Selection {
+        layers: layers.to_vec(),
+        taps: taps.iter().map(|t| t.to_string()).collect(),
+        positions: "all".into(),
+    };
+    let full = PromptRecord {
+        id: "prompt".into(),
+        text: None,
+        tokens: tokens.clone(),
+    };
+    driver
+        .dump(
+            &full,
+            &sel(&[0, 1], &["embed", "resid_post", "final_norm"]),
+            &dir.path().join("first"),
+        )
+        .unwrap();
+    let prefix = PromptRecord {
+        tokens: tokens[..120].to_vec(),
+        ..full
+    };
+    let probe = sel(
+        &[1],
+        &["embed", "attn_norm", "q", "attn", "ffn_act", "resid_post", "logits"],
+    );
     let resumed = dir.path().join("resumed");
     driver.dump(&prefix, &probe, &resumed).unwrap();
     let fresh = dir.path().join("fresh");
     let joined: Vec<String> = prefix.tokens.iter().map(u32::to_string).collect();
-    dump(&["dump", "--model", path_str(&path), "--tokens", &joined.join(","), "--layers", "1", "--taps", "embed,attn_norm,q,attn,ffn_act,resid_post,logits", "-o", path_str(&fresh)]);
+    dump(&[
+        "dump",
+        "--model",
+        path_str(&path),
+        "--tokens",
+        &joined.join(","),
+        "--layers",
+        "1",
+        "--taps",
+        "embed,attn_norm,q,attn,ffn_act,resid_post,logits",
+        "-o",
+        path_str(&fresh),
+    ]);
     let (a, b) = (Dump::open(&resumed).unwrap(), Dump::open(&fresh).unwrap());
     let mut compared = 0;
     for stem in ["embed", "blk.1", "output"] {
-        let (fa, fb) = (a.read_file("prompt", stem).unwrap().unwrap(), b.read_file("prompt", stem).unwrap().unwrap());
+        let (fa, fb) = (
+            a.read_file("prompt", stem).unwrap().unwrap(),
+            b.read_file("prompt", stem).unwrap().unwrap(),
+        );
         assert_eq!(fa.positions, (0..120).collect::<Vec<_>>());
-        assert_eq!(fa.taps.keys().collect::<Vec<_>>(), fb.taps.keys().collect::<Vec<_>>(), "{stem}");
+        assert_eq!(
+            fa.taps.keys().collect::<Vec<_>>(),
+            fb.taps.keys().collect::<Vec<_>>(),
+            "{stem}"
+        );
         for (id, ta) in &fa.taps {
             let r = rel_l2(&ta.values, &fb.taps[id].values);
             assert!(r <= 1e-5, "{id}: rel L2 {r:.3e}");
@@ -206,20 +346,73 @@ fn a_cut_model_computes_the_first_layers_exactly() {
     let cut = dir.path().join("cut.gguf");
     let out = resbisect(&["cut", "--model", path_str(&full), "--layers", "3", "-o", path_str(&cut)]);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    let sel = ["--prompt", "The capital of France is", "--layers", "0,1,2", "--taps", "embed,attn,resid_post"];
-    let a = dump(&[&["dump", "--model", path_str(&cut), "-o", path_str(&dir.path().join("a"))][..], &sel].concat());
-    let b = dump(&[&["dump", "--model", path_str(&full), "-o", path_str(&dir.path().join("b"))][..], &sel].concat());
+    let sel = [
+        "--prompt",
+        "The capital of France is",
+        "--layers",
+        "0,1,2",
+        "--taps",
+        "embed,attn,resid_post",
+    ];
+    let a = dump(
+        &[
+            &["dump", "--model", path_str(&cut), "-o", path_str(&dir.path().join("a"))][..],
+            &sel,
+        ]
+        .concat(),
+    );
+    let b = dump(
+        &[
+            &[
+                "dump",
+                "--model",
+                path_str(&full),
+                "-o",
+                path_str(&dir.path().join("b")),
+            ][..],
+            &sel,
+        ]
+        .concat(),
+    );
     assert_eq!(a.manifest.model.config.n_layer, 3);
     for stem in ["embed", "blk.0", "blk.1", "blk.2"] {
-        let (fa, fb) = (a.read_file("prompt", stem).unwrap().unwrap(), b.read_file("prompt", stem).unwrap().unwrap());
+        let (fa, fb) = (
+            a.read_file("prompt", stem).unwrap().unwrap(),
+            b.read_file("prompt", stem).unwrap().unwrap(),
+        );
         for (id, t) in &fa.taps {
             assert_eq!(t.values, fb.taps[id].values, "{id}");
         }
     }
     // Refusals: no layers, more layers than the model has, an existing output.
-    assert_refused(&resbisect(&["cut", "--model", path_str(&full), "--layers", "0", "-o", path_str(&dir.path().join("x.gguf"))]), "keep 1 to 30");
-    assert_refused(&resbisect(&["cut", "--model", path_str(&full), "--layers", "31", "-o", path_str(&dir.path().join("x.gguf"))]), "keep 1 to 30");
-    assert_refused(&resbisect(&["cut", "--model", path_str(&full), "--layers", "2", "-o", path_str(&cut)]), "exists");
+    assert_refused(
+        &resbisect(&[
+            "cut",
+            "--model",
+            path_str(&full),
+            "--layers",
+            "0",
+            "-o",
+            path_str(&dir.path().join("x.gguf")),
+        ]),
+        "keep 1 to 30",
+    );
+    assert_refused(
+        &resbisect(&[
+            "cut",
+            "--model",
+            path_str(&full),
+            "--layers",
+            "31",
+            "-o",
+            path_str(&dir.path().join("x.gguf")),
+        ]),
+        "keep 1 to 30",
+    );
+    assert_refused(
+        &resbisect(&["cut", "--model", path_str(&full), "--layers", "2", "-o", path_str(&cut)]),
+        "exists",
+    );
 }
 
 /// Local replay recomputes a layer at chosen positions only: its taps there equal the full
@@ -232,21 +425,45 @@ fn replay_at_chosen_positions_matches_the_full_layer() {
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_model(dir.path(), "q8_0", 5);
     let tokens: Vec<String> = (0..300).map(|i| ((i * 31 + 11) % 1000 + 3).to_string()).collect();
-    let full = dump(&["dump", "--model", path_str(&path), "--tokens", &tokens.join(","), "--layers", "0,1", "--taps", "all", "-o", path_str(&dir.path().join("full"))]);
+    let full = dump(&[
+        "dump",
+        "--model",
+        path_str(&path),
+        "--tokens",
+        &tokens.join(","),
+        "--layers",
+        "0,1",
+        "--taps",
+        "all",
+        "-o",
+        path_str(&dir.path().join("full")),
+    ]);
     let model = resbisect::model::Model::open(&path).unwrap();
     let replayer = ReferenceEngine::load_for_replay(&model, RefPrecision::F32, &[1]).unwrap();
-    let (blk0, blk1) = (full.read_file("prompt", "blk.0").unwrap().unwrap(), full.read_file("prompt", "blk.1").unwrap().unwrap());
+    let (blk0, blk1) = (
+        full.read_file("prompt", "blk.0").unwrap().unwrap(),
+        full.read_file("prompt", "blk.1").unwrap().unwrap(),
+    );
     let input: Vec<f32> = blk0.taps["blk.0.resid_post"].values.iter().map(|&v| v as f32).collect();
     let at = [0usize, 5, 127, 128, 129, 200, 299];
     let replay = replayer.replay_layer(1, &input, 300, &at).unwrap();
     assert_eq!(replay.len(), 13);
     for (id, values) in &replay {
         let t = &blk1.taps[id];
-        let expected: Vec<f64> = at.iter().flat_map(|&p| t.values[p * t.width..(p + 1) * t.width].iter().copied()).collect();
+        let expected: Vec<f64> = at
+            .iter()
+            .flat_map(|&p| t.values[p * t.width..(p + 1) * t.width].iter().copied())
+            .collect();
         let got: Vec<f64> = values.iter().map(|&v| v as f64).collect();
         let r = rel_l2(&got, &expected);
         assert!(r <= 1e-5, "{id}: rel L2 {r:.3e}");
     }
-    assert!(replayer.replay_layer(1, &input, 300, &[5, 5]).is_err(), "positions must ascend");
-    assert!(replayer.replay_layer(1, &input, 300, &[300]).is_err(), "positions stay inside the prompt");
+    assert!(
+        replayer.replay_layer(1, &input, 300, &[5, 5]).is_err(),
+        "positions must ascend"
+    );
+    assert!(
+        replayer.replay_layer(1, &input, 300, &[300]).is_err(),
+        "positions stay inside the prompt"
+    );
 }

@@ -58,12 +58,18 @@ fn bisect_html_plots_the_probes_and_the_diff_report_spans_the_layers_compared() 
     assert_eq!(html.matches("<svg").count(), 3);
     assert!(!html.contains("<script"));
     // The coarse heatmap labels its rows with the coarse layers, embed first.
-    assert!(has_svg_label(&html, "embed") && has_svg_label(&html, "29"), "coarse rows unlabelled");
+    assert!(
+        has_svg_label(&html, "embed") && has_svg_label(&html, "29"),
+        "coarse rows unlabelled"
+    );
 
     // The last probe compared one layer: its report says why there is no by-layer plot
     // and maps that layer's taps instead.
     let last = read(&report.join("report.html"));
-    assert!(last.contains("One layer compared (layer 5)"), "single-layer report not recognised");
+    assert!(
+        last.contains("One layer compared (layer 5)"),
+        "single-layer report not recognised"
+    );
     assert!(!last.contains("by layer ("), "a by-layer plot of one layer");
     assert!(last.contains("layer 5: rel L2 by tap and position") && last.contains(COLOUR_BAR));
     assert!(has_svg_label(&last, "ffn_up"), "tap rows unlabelled");
@@ -72,12 +78,25 @@ fn bisect_html_plots_the_probes_and_the_diff_report_spans_the_layers_compared() 
     // downstream table collapsed below the verdict.
     let coarse = work.join("01-coarse");
     let diff_dir = dir.path().join("diff");
-    let out = resbisect(&["report", "diff", path_str(&coarse.join("a")), path_str(&coarse.join("b")), "-o", path_str(&diff_dir)]);
+    let out = resbisect(&[
+        "report",
+        "diff",
+        path_str(&coarse.join("a")),
+        path_str(&coarse.join("b")),
+        "-o",
+        path_str(&diff_dir),
+    ]);
     assert_eq!(out.code, 1, "{}", out.stderr);
     let diff = read(&diff_dir.join("report.html"));
-    assert!(diff.contains("by layer (7 layers compared)"), "by-layer plot missing or over the wrong layers");
+    assert!(
+        diff.contains("by layer (7 layers compared)"),
+        "by-layer plot missing or over the wrong layers"
+    );
     assert!(diff.contains("resid_post: rel L2 by layer and position") && diff.contains(COLOUR_BAR));
-    assert!(diff.contains("<details class=\"growth\"><summary>Downstream:"), "downstream table not collapsed");
+    assert!(
+        diff.contains("<details class=\"growth\"><summary>Downstream:"),
+        "downstream table not collapsed"
+    );
 }
 
 #[test]
@@ -88,8 +107,14 @@ fn a_crash_before_any_tap_still_renders_its_report() {
     assert_eq!(out.code, 3, "{}", out.stderr);
     let html = read(&report.join("bisect.html"));
     assert!(html.contains("crashed</b> during the coarse probe"), "{html}");
-    assert!(html.contains("The coarse probe compared nothing"), "no word on the missing heatmap");
-    assert!(html.contains("No layer was judged"), "no word on the missing search path");
+    assert!(
+        html.contains("The coarse probe compared nothing"),
+        "no word on the missing heatmap"
+    );
+    assert!(
+        html.contains("No layer was judged"),
+        "no word on the missing search path"
+    );
     assert!(html.trim_end().ends_with("</body></html>"));
     let last = read(&report.join("report.html"));
     assert!(last.contains("No layer taps were compared"), "{last}");

@@ -17,8 +17,17 @@ fn suite_with(dir: &Path, file: &str, id: &str, tokens: &[u64]) -> PathBuf {
 
 fn long_1652_tokens() -> Vec<u64> {
     let text = std::fs::read_to_string(root().join("fixtures/prompts/long.jsonl")).unwrap();
-    let line: Value = text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).find(|v| v["id"] == "long_1652").unwrap();
-    line["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect()
+    let line: Value = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|v| v["id"] == "long_1652")
+        .unwrap();
+    line["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect()
 }
 
 fn run_ok(args: &[&str]) -> Output {
@@ -41,10 +50,29 @@ fn cpu_runtime_matches_the_reference_on_smollm2() {
     let model = smollm2();
     let m = path_str(&model);
     let prompt = suite_with(dir.path(), "prompt.jsonl", "long_1652", &long_1652_tokens());
-    let sel = ["--layers", "0,1,2,4,8,16,24,29", "--taps", "all", "--positions", "0..32,800..880,-8.."];
+    let sel = [
+        "--layers",
+        "0,1,2,4,8,16,24,29",
+        "--taps",
+        "all",
+        "--positions",
+        "0..32,800..880,-8..",
+    ];
     let runtime = |name: &str, extra: &[&str]| {
         let out = dir.path().join(name);
-        let mut args = vec!["dump", "--engine", "runtime", "--model", m, "--prompts", path_str(&prompt), "--max-tokens", "5", "-o", path_str(&out)];
+        let mut args = vec![
+            "dump",
+            "--engine",
+            "runtime",
+            "--model",
+            m,
+            "--prompts",
+            path_str(&prompt),
+            "--max-tokens",
+            "5",
+            "-o",
+            path_str(&out),
+        ];
         args.extend_from_slice(&sel);
         args.extend_from_slice(extra);
         run_ok(&args);
@@ -52,11 +80,29 @@ fn cpu_runtime_matches_the_reference_on_smollm2() {
     };
     let f32_run = runtime("rt-f32", &[]);
     // The reference replays exactly the tokens the runtime processed (prompt + 5 generated).
-    let processed: Vec<u64> = Dump::open(&f32_run).unwrap().manifest.prompts[0].tokens.iter().map(|&t| t as u64).collect();
+    let processed: Vec<u64> = Dump::open(&f32_run).unwrap().manifest.prompts[0]
+        .tokens
+        .iter()
+        .map(|&t| t as u64)
+        .collect();
     assert_eq!(processed.len(), 1657);
     let replay = suite_with(dir.path(), "replay.jsonl", "long_1652", &processed);
     let reference = dir.path().join("ref");
-    run_ok(&[&["dump", "--model", m, "--prompts", path_str(&replay), "-o", path_str(&reference)][..], &sel].concat());
+    run_ok(
+        &[
+            &[
+                "dump",
+                "--model",
+                m,
+                "--prompts",
+                path_str(&replay),
+                "-o",
+                path_str(&reference),
+            ][..],
+            &sel,
+        ]
+        .concat(),
+    );
     // f32 under tolerances calibrated on another healthy prompt (long_826: runtime vs
     // reference, ×4), then under the default F32 tolerance (1e-3; measured gap ~3e-5).
     let healthy = root().join("fixtures/prompts/long.jsonl");
@@ -66,20 +112,78 @@ fn cpu_runtime_matches_the_reference_on_smollm2() {
     std::fs::write(&cal_prompt, format!("{line}\n")).unwrap();
     let (cal_rt, cal_ref) = (dir.path().join("cal-rt"), dir.path().join("cal-ref"));
     let cal_sel = ["--layers", "0,1,2,4,8,16,24,29", "--taps", "all", "--positions", "all"];
-    run_ok(&[&["dump", "--engine", "runtime", "--model", m, "--prompts", path_str(&cal_prompt), "-o", path_str(&cal_rt)][..], &cal_sel].concat());
-    run_ok(&[&["dump", "--model", m, "--prompts", path_str(&cal_prompt), "-o", path_str(&cal_ref)][..], &cal_sel].concat());
+    run_ok(
+        &[
+            &[
+                "dump",
+                "--engine",
+                "runtime",
+                "--model",
+                m,
+                "--prompts",
+                path_str(&cal_prompt),
+                "-o",
+                path_str(&cal_rt),
+            ][..],
+            &cal_sel,
+        ]
+        .concat(),
+    );
+    run_ok(
+        &[
+            &[
+                "dump",
+                "--model",
+                m,
+                "--prompts",
+                path_str(&cal_prompt),
+                "-o",
+                path_str(&cal_ref),
+            ][..],
+            &cal_sel,
+        ]
+        .concat(),
+    );
     let tol = dir.path().join("tol.json");
-    run_ok(&["calibrate", path_str(&cal_rt), path_str(&cal_ref), "--margin", "4", "-o", path_str(&tol)]);
-    let calibrated = resbisect(&["diff", path_str(&f32_run), path_str(&reference), "--tolerances", path_str(&tol)]);
-    assert_eq!(calibrated.code, 0, "f32 runtime diverges under calibrated tolerances: {}", calibrated.stdout);
+    run_ok(&[
+        "calibrate",
+        path_str(&cal_rt),
+        path_str(&cal_ref),
+        "--margin",
+        "4",
+        "-o",
+        path_str(&tol),
+    ]);
+    let calibrated = resbisect(&[
+        "diff",
+        path_str(&f32_run),
+        path_str(&reference),
+        "--tolerances",
+        path_str(&tol),
+    ]);
+    assert_eq!(
+        calibrated.code, 0,
+        "f32 runtime diverges under calibrated tolerances: {}",
+        calibrated.stdout
+    );
     let (code, first) = diff_first(&f32_run, &reference);
     assert_eq!(code, 0, "f32 runtime diverges: {first}");
-    for (name, extra) in [("rt-chunked", &["--prefill-chunk", "256"][..]), ("rt-f16", &["--dtype", "f16"][..]), ("rt-bf16", &["--dtype", "bf16"][..])] {
+    for (name, extra) in [
+        ("rt-chunked", &["--prefill-chunk", "256"][..]),
+        ("rt-f16", &["--dtype", "f16"][..]),
+        ("rt-bf16", &["--dtype", "bf16"][..]),
+    ] {
         let run = runtime(name, extra);
         let (code, first) = diff_first(&run, &reference);
         assert_eq!(code, 0, "{name} diverges beyond its tolerance: {first}");
         // Taps are stored as the runtime stores values: f16 and bf16 exactly, at 2 bytes.
-        let stored = Dump::open(&run).unwrap().read_file("long_1652", "blk.8").unwrap().unwrap().taps["blk.8.resid_post"].dtype;
+        let stored = Dump::open(&run)
+            .unwrap()
+            .read_file("long_1652", "blk.8")
+            .unwrap()
+            .unwrap()
+            .taps["blk.8.resid_post"]
+            .dtype;
         let want = match name {
             "rt-f16" => TapDType::F16,
             "rt-bf16" => TapDType::BF16,
@@ -98,13 +202,42 @@ fn token_by_token_decode_matches_a_single_prefill() {
     let prompt = suite_with(dir.path(), "prompt.jsonl", "long_1652", &long_1652_tokens());
     let run = |name: &str, extra: &[&str]| {
         let out = dir.path().join(name);
-        let sel = ["--layers", "0,7,15,29", "--taps", "resid_post,attn,logits", "--positions", "0..16,820..840,-8..", "--max-tokens", "3"];
-        run_ok(&[&["dump", "--engine", "runtime", "--model", path_str(&model), "--prompts", path_str(&prompt), "-o", path_str(&out)][..], &sel, extra].concat());
+        let sel = [
+            "--layers",
+            "0,7,15,29",
+            "--taps",
+            "resid_post,attn,logits",
+            "--positions",
+            "0..16,820..840,-8..",
+            "--max-tokens",
+            "3",
+        ];
+        run_ok(
+            &[
+                &[
+                    "dump",
+                    "--engine",
+                    "runtime",
+                    "--model",
+                    path_str(&model),
+                    "--prompts",
+                    path_str(&prompt),
+                    "-o",
+                    path_str(&out),
+                ][..],
+                &sel,
+                extra,
+            ]
+            .concat(),
+        );
         out
     };
     let (whole, stepwise) = (run("whole", &[]), run("stepwise", &["--prefill-chunk", "1"]));
     let (a, b) = (Dump::open(&whole).unwrap(), Dump::open(&stepwise).unwrap());
-    assert_eq!(a.manifest.prompts[0].tokens, b.manifest.prompts[0].tokens, "same greedy continuation");
+    assert_eq!(
+        a.manifest.prompts[0].tokens, b.manifest.prompts[0].tokens,
+        "same greedy continuation"
+    );
     let (code, first) = diff_first(&stepwise, &whole);
     assert_eq!(code, 0, "{first}");
 }
@@ -115,23 +248,68 @@ fn a_failing_op_leaves_a_readable_partial_dump() {
     let model = tiny_model(dir.path(), "q4_k", 31);
     let m = path_str(&model);
     let partial = dir.path().join("partial");
-    let out = resbisect(&["dump", "--engine", "runtime", "--model", m, "--tokens", "5,6,7,8,9,10", "--taps", "all", "--inject", "blk.1.attn_out:oob@2", "-o", path_str(&partial)]);
+    let out = resbisect(&[
+        "dump",
+        "--engine",
+        "runtime",
+        "--model",
+        m,
+        "--tokens",
+        "5,6,7,8,9,10",
+        "--taps",
+        "all",
+        "--inject",
+        "blk.1.attn_out:oob@2",
+        "-o",
+        path_str(&partial),
+    ]);
     assert_eq!(out.code, 3, "{}", out.stderr);
-    assert!(out.stderr.contains("cpu blk.1.attn_out (injected out-of-bounds write at position 2) failed"), "{}", out.stderr);
-    assert!(out.stderr.contains("last tap written: blk.0.resid_post"), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("cpu blk.1.attn_out (injected out-of-bounds write at position 2) failed"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("last tap written: blk.0.resid_post"),
+        "{}",
+        out.stderr
+    );
     let d = Dump::open(&partial).unwrap();
     assert_eq!(d.manifest.status, Status::Failed);
     let err = d.manifest.error.as_ref().unwrap();
     assert_eq!(err.tap.as_deref(), Some("blk.0.resid_post"));
     assert_eq!(d.files("prompt").unwrap(), vec!["blk.0", "embed"]);
     let reference = dir.path().join("ref");
-    run_ok(&["dump", "--model", m, "--tokens", "5,6,7,8,9,10", "--taps", "all", "-o", path_str(&reference)]);
+    run_ok(&[
+        "dump",
+        "--model",
+        m,
+        "--tokens",
+        "5,6,7,8,9,10",
+        "--taps",
+        "all",
+        "-o",
+        path_str(&reference),
+    ]);
     let diff = resbisect(&["diff", path_str(&partial), path_str(&reference)]);
     // What was written is correct, yet a failed engine never passes: exit 3.
     assert_eq!(diff.code, 3, "{}", diff.stdout);
-    assert!(diff.stdout.contains("no divergence over"), "what was written is correct: {}", diff.stdout);
-    assert!(diff.stdout.contains("dump A is partial: its engine failed"), "{}", diff.stdout);
-    assert!(diff.stdout.contains("missing in A (15): blk.1.attn_norm"), "{}", diff.stdout);
+    assert!(
+        diff.stdout.contains("no divergence over"),
+        "what was written is correct: {}",
+        diff.stdout
+    );
+    assert!(
+        diff.stdout.contains("dump A is partial: its engine failed"),
+        "{}",
+        diff.stdout
+    );
+    assert!(
+        diff.stdout.contains("missing in A (15): blk.1.attn_norm"),
+        "{}",
+        diff.stdout
+    );
 }
 
 #[test]
@@ -140,12 +318,49 @@ fn preflight_refuses_before_any_op() {
     let model = tiny_model(dir.path(), "q8_0", 32);
     let out_dir = dir.path().join("never");
     let tokens: Vec<String> = (0..1020).map(|i| (i % 900 + 3).to_string()).collect();
-    let out = resbisect(&["dump", "--engine", "runtime", "--model", path_str(&model), "--tokens", &tokens.join(","), "--max-tokens", "10", "-o", path_str(&out_dir)]);
-    assert_refused(&out, "preflight: 1020 prompt tokens + 10 generated = 1030 positions exceed the model's context of 1024");
+    let out = resbisect(&[
+        "dump",
+        "--engine",
+        "runtime",
+        "--model",
+        path_str(&model),
+        "--tokens",
+        &tokens.join(","),
+        "--max-tokens",
+        "10",
+        "-o",
+        path_str(&out_dir),
+    ]);
+    assert_refused(
+        &out,
+        "preflight: 1020 prompt tokens + 10 generated = 1030 positions exceed the model's context of 1024",
+    );
     assert!(!out_dir.exists());
-    let out = resbisect(&["dump", "--engine", "runtime", "--model", path_str(&model), "--tokens", "1,2", "--prefill-chunk", "0", "-o", path_str(&out_dir)]);
+    let out = resbisect(&[
+        "dump",
+        "--engine",
+        "runtime",
+        "--model",
+        path_str(&model),
+        "--tokens",
+        "1,2",
+        "--prefill-chunk",
+        "0",
+        "-o",
+        path_str(&out_dir),
+    ]);
     assert_refused(&out, "--prefill-chunk must be at least 1");
-    let out = resbisect(&["dump", "--model", path_str(&model), "--tokens", "1,2", "--inject", "blk.0.q:oob@0", "-o", path_str(&out_dir)]);
+    let out = resbisect(&[
+        "dump",
+        "--model",
+        path_str(&model),
+        "--tokens",
+        "1,2",
+        "--inject",
+        "blk.0.q:oob@0",
+        "-o",
+        path_str(&out_dir),
+    ]);
     assert_refused(&out, "is for the runtime");
 
     // The original failure class: a scheduler's idea of the model that the weights do not
@@ -156,15 +371,45 @@ fn preflight_refuses_before_any_op() {
     type EditMeta = Box<dyn Fn(&mut Vec<(String, Value)>)>;
     type Rename = Box<dyn Fn(&str) -> Option<String>>;
     let cases: Vec<(EditMeta, Rename, &str)> = vec![
-        (Box::new(|m| set_meta(m, "llama.block_count", Value::U32(32))), Box::new(all), "missing tensor blk.2.attn_norm.weight (block_count says 32 layers)"),
-        (Box::new(|_| {}), Box::new(|n: &str| (!n.starts_with("blk.1.")).then(|| n.to_string())), "missing tensor blk.1.attn_norm.weight"),
-        (Box::new(|m| set_meta(m, "llama.attention.head_count_kv", Value::U32(3))), Box::new(all), "head_count 4 is not a multiple of head_count_kv 3"),
-        (Box::new(|m| set_meta(m, "llama.feed_forward_length", Value::U32(500))), Box::new(all), "tensor blk.0.ffn_gate.weight has shape [256, 512], expected [256, 500]"),
-        (Box::new(|m| set_meta(m, "llama.context_length", Value::U32(4))), Box::new(all), "exceed the model's context of 4"),
+        (
+            Box::new(|m| set_meta(m, "llama.block_count", Value::U32(32))),
+            Box::new(all),
+            "missing tensor blk.2.attn_norm.weight (block_count says 32 layers)",
+        ),
+        (
+            Box::new(|_| {}),
+            Box::new(|n: &str| (!n.starts_with("blk.1.")).then(|| n.to_string())),
+            "missing tensor blk.1.attn_norm.weight",
+        ),
+        (
+            Box::new(|m| set_meta(m, "llama.attention.head_count_kv", Value::U32(3))),
+            Box::new(all),
+            "head_count 4 is not a multiple of head_count_kv 3",
+        ),
+        (
+            Box::new(|m| set_meta(m, "llama.feed_forward_length", Value::U32(500))),
+            Box::new(all),
+            "tensor blk.0.ffn_gate.weight has shape [256, 512], expected [256, 500]",
+        ),
+        (
+            Box::new(|m| set_meta(m, "llama.context_length", Value::U32(4))),
+            Box::new(all),
+            "exceed the model's context of 4",
+        ),
     ];
     for (edit, keep, needle) in cases {
         rewrite_gguf(&model, &bad, edit, keep);
-        let out = resbisect(&["dump", "--engine", "runtime", "--model", path_str(&bad), "--tokens", "1,2,3,4,5,6", "-o", path_str(&out_dir)]);
+        let out = resbisect(&[
+            "dump",
+            "--engine",
+            "runtime",
+            "--model",
+            path_str(&bad),
+            "--tokens",
+            "1,2,3,4,5,6",
+            "-o",
+            path_str(&out_dir),
+        ]);
         assert_refused(&out, needle);
         assert!(!out_dir.exists(), "{needle}: nothing is written");
     }
@@ -183,18 +428,47 @@ fn prefix_dumps_served_from_checkpoints_equal_computed_ones() {
     let path = smollm2();
     let model = resbisect::model::Model::open(&path).unwrap();
     let tokens: Vec<u32> = long_1652_tokens()[..300].iter().map(|&t| t as u32).collect();
-    let full = PromptRecord { id: "p".into(), text: None, tokens: tokens.clone() };
-    let prefix = PromptRecord { tokens: tokens[..201].to_vec(), ..full.clone() };
-    let sel = |layers: &str, taps: &str, positions: &str| Selection::parse(layers, taps, positions, model.config.n_layer).unwrap();
-    let driver = || RuntimeDriver::new(CpuBackend::new(StorageDType::F32), &model, &path, vec!["blk.7.ffn_up:scale=1.5@150".into()], None).unwrap();
+    let full = PromptRecord {
+        id: "p".into(),
+        text: None,
+        tokens: tokens.clone(),
+    };
+    let prefix = PromptRecord {
+        tokens: tokens[..201].to_vec(),
+        ..full.clone()
+    };
+    let sel = |layers: &str, taps: &str, positions: &str| {
+        Selection::parse(layers, taps, positions, model.config.n_layer).unwrap()
+    };
+    let driver = || {
+        RuntimeDriver::new(
+            CpuBackend::new(StorageDType::F32),
+            &model,
+            &path,
+            vec!["blk.7.ffn_up:scale=1.5@150".into()],
+            None,
+        )
+        .unwrap()
+    };
     let mut kept = driver();
-    kept.dump(&full, &sel("0,8", "resid_post,final_norm", "all"), &dir.path().join("coarse")).unwrap();
+    kept.dump(
+        &full,
+        &sel("0,8", "resid_post,final_norm", "all"),
+        &dir.path().join("coarse"),
+    )
+    .unwrap();
     let probe = sel("6,7,29", "embed,resid_post", "0..40,150,160..201");
     kept.dump(&prefix, &probe, &dir.path().join("served")).unwrap();
     driver().dump(&prefix, &probe, &dir.path().join("computed")).unwrap();
-    let (served, computed) = (Dump::open(&dir.path().join("served")).unwrap(), Dump::open(&dir.path().join("computed")).unwrap());
+    let (served, computed) = (
+        Dump::open(&dir.path().join("served")).unwrap(),
+        Dump::open(&dir.path().join("computed")).unwrap(),
+    );
     for stem in ["embed", "blk.6", "blk.7", "blk.29"] {
-        let (a, b) = (served.read_file("p", stem).unwrap().unwrap(), computed.read_file("p", stem).unwrap().unwrap());
+        let (a, b) = (
+            served.read_file("p", stem).unwrap().unwrap(),
+            computed.read_file("p", stem).unwrap().unwrap(),
+        );
         assert_eq!(a.positions, b.positions, "{stem}");
         for (id, t) in &b.taps {
             // The same kernels on the same rows: equal to the last bit.

@@ -51,7 +51,9 @@ fn splitmix(mut x: u64) -> u64 {
 
 /// A deterministic vector of uniform values in [-1, 1), one stream per key.
 fn noise_vec(key: u64) -> Vec<f32> {
-    (0..WIDTH as u64).map(|i| (splitmix(key ^ splitmix(i + 1)) >> 40) as f32 / (1u64 << 23) as f32 - 1.0).collect()
+    (0..WIDTH as u64)
+        .map(|i| (splitmix(key ^ splitmix(i + 1)) >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+        .collect()
 }
 
 fn norm(v: &[f32]) -> f64 {
@@ -75,7 +77,10 @@ impl Profile {
     /// B's row: random, with the sink rows 100× larger.
     fn row_b(&self, tap: &Tap, position: usize) -> Vec<f32> {
         let scale = if self.sinks.contains(&position) { SINK_NORM } else { 1.0 };
-        noise_vec(self.key(tap, position, 0)).into_iter().map(|x| x * scale).collect()
+        noise_vec(self.key(tap, position, 0))
+            .into_iter()
+            .map(|x| x * scale)
+            .collect()
     }
 
     /// The error at a tap and position, relative to an ordinary row's norm.
@@ -101,11 +106,26 @@ impl Profile {
         let err = self.error(tap, position) * ordinary / norm(&dir);
         let jitter = noise_vec(self.key(tap, position, 2));
         let jit = self.noise * norm(&b) / norm(&jitter);
-        b.iter().zip(&dir).zip(&jitter).map(|((&x, &d), &j)| (x as f64 + err * d as f64 + jit * j as f64) as f32).collect()
+        b.iter()
+            .zip(&dir)
+            .zip(&jitter)
+            .map(|((&x, &d), &j)| (x as f64 + err * d as f64 + jit * j as f64) as f32)
+            .collect()
     }
 
     fn config(&self) -> Config {
-        Config { arch: "llama".into(), n_layer: self.n_layer, n_embd: WIDTH, n_head: 4, n_head_kv: 4, n_ff: WIDTH, n_vocab: WIDTH, n_ctx: 8192, rope_base: 1e4, rms_eps: 1e-5 }
+        Config {
+            arch: "llama".into(),
+            n_layer: self.n_layer,
+            n_embd: WIDTH,
+            n_head: 4,
+            n_head_kv: 4,
+            n_ff: WIDTH,
+            n_vocab: WIDTH,
+            n_ctx: 8192,
+            rope_base: 1e4,
+            rms_eps: 1e-5,
+        }
     }
 
     /// rel L2 of A's row against B's, as `diff` computes it.
@@ -134,9 +154,17 @@ impl Engine for Synthetic {
         self.asked.push((prompt.tokens.len(), selection.positions.clone()));
         // The search must never plan a probe past the prompt: `resolve` refuses it.
         let positions = PositionSpec::parse(&selection.positions)?.resolve(prompt.tokens.len())?;
-        let model = ModelInfo { path: "synthetic.gguf".into(), fingerprint: Some(format!("synthetic-{}", p.seed)), config: p.config() };
+        let model = ModelInfo {
+            path: "synthetic.gguf".into(),
+            fingerprint: Some(format!("synthetic-{}", p.seed)),
+            config: p.config(),
+        };
         let engine = EngineInfo::new(&self.label(), "cpu", "f32", "test".into(), &[]);
-        let mut w = DumpWriter::create(out, Manifest::new(engine, model, vec![prompt.clone()], selection.clone()), false)?;
+        let mut w = DumpWriter::create(
+            out,
+            Manifest::new(engine, model, vec![prompt.clone()], selection.clone()),
+            false,
+        )?;
         let taps = selection.taps_in_order(p.n_layer);
         let mut stems: Vec<String> = taps.iter().map(Tap::file_stem).collect();
         stems.dedup();
@@ -145,8 +173,17 @@ impl Engine for Synthetic {
                 .iter()
                 .filter(|t| t.file_stem() == stem)
                 .map(|t| {
-                    let rows: Vec<f32> = positions.iter().flat_map(|&pos| if self.side_a { p.row_a(t, pos) } else { p.row_b(t, pos) }).collect();
-                    TapTensor { id: t.id(), dtype: TapDType::F32, rows: positions.len(), width: WIDTH, bytes: rows.iter().flat_map(|v| v.to_le_bytes()).collect() }
+                    let rows: Vec<f32> = positions
+                        .iter()
+                        .flat_map(|&pos| if self.side_a { p.row_a(t, pos) } else { p.row_b(t, pos) })
+                        .collect();
+                    TapTensor {
+                        id: t.id(),
+                        dtype: TapDType::F32,
+                        rows: positions.len(),
+                        width: WIDTH,
+                        bytes: rows.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    }
                 })
                 .collect();
             w.write_file(&prompt.id, &stem, &positions, &tensors)?;
@@ -166,11 +203,20 @@ fn expected(p: &Profile, tol: f64) -> (String, usize, Judgement) {
     let (l0, i0) = p.origin;
     let origin = Tap::Layer(l0, i0);
     let floor = Tolerances::default().floors["F32"] * FLOOR_MARGIN;
-    let first_coarse = bisect::coarse_layers(p.n_layer).into_iter().find(|&l| l >= l0).expect("the last layer is coarse");
+    let first_coarse = bisect::coarse_layers(p.n_layer)
+        .into_iter()
+        .find(|&l| l >= l0)
+        .expect("the last layer is coarse");
     let stream = Tap::Layer(first_coarse, LAYER_TAPS.len() - 1);
     let over_floor = (0..p.n_tokens).filter(|&pos| p.rel(&stream, pos) > floor).count();
-    let (judged, threshold) = if 4 * over_floor >= p.n_tokens { (Judgement::NoiseFloor, floor) } else { (Judgement::Tolerance, tol) };
-    let position = (0..p.n_tokens).find(|&pos| p.rel(&origin, pos) > threshold).expect("the origin diverges somewhere");
+    let (judged, threshold) = if 4 * over_floor >= p.n_tokens {
+        (Judgement::NoiseFloor, floor)
+    } else {
+        (Judgement::Tolerance, tol)
+    };
+    let position = (0..p.n_tokens)
+        .find(|&pos| p.rel(&origin, pos) > threshold)
+        .expect("the origin diverges somewhere");
     (origin.id(), position, judged)
 }
 
@@ -179,20 +225,39 @@ fn profile(seed: u64) -> Profile {
     let r = |k: u64| splitmix(seed.wrapping_mul(1000) + k);
     let n_layer = [6, 22, 30][(r(1) % 3) as usize];
     let n_tokens = [40, 200][(r(2) % 2) as usize];
-    let origin = ((r(3) % n_layer as u64) as usize, (r(4) % LAYER_TAPS.len() as u64) as usize);
+    let origin = (
+        (r(3) % n_layer as u64) as usize,
+        (r(4) % LAYER_TAPS.len() as u64) as usize,
+    );
     let mut sinks = vec![0];
     sinks.push((r(5) % n_tokens as u64) as usize);
     let family = r(6) % 3;
     let (onset, e0, ramp, growth) = match family {
         // A clear error from a position on (faults of a tap, a layer's weights).
-        0 => ((r(7) % (n_tokens as u64 * 3 / 4)) as usize, 0.05, 0.0, 1.0 + (r(8) % 3) as f64 * 0.5),
+        0 => (
+            (r(7) % (n_tokens as u64 * 3 / 4)) as usize,
+            0.05,
+            0.0,
+            1.0 + (r(8) % 3) as f64 * 0.5,
+        ),
         // Small at its origin, growing with the position and with depth: later layers
         // cross tolerance at earlier positions than the origin does.
         1 => ((r(7) % 4) as usize, 2e-4, 0.2, 1.5),
         // Systematic and below tolerance where it starts, above tolerance far downstream.
         _ => ((r(7) % (n_tokens as u64 / 2)) as usize, 3e-4, 0.0, 1.35),
     };
-    Profile { n_layer, n_tokens, origin, onset, e0, ramp, growth, sinks, noise: 1e-7, seed }
+    Profile {
+        n_layer,
+        n_tokens,
+        origin,
+        onset,
+        e0,
+        ramp,
+        growth,
+        sinks,
+        noise: 1e-7,
+        seed,
+    }
 }
 
 #[test]
@@ -203,7 +268,9 @@ fn the_search_names_the_origin_of_every_error_profile() {
         let p = profile(seed);
         // Family 2 must stay below tolerance at its first coarse layer yet cross later,
         // and every profile must diverge over tolerance somewhere: skip draws that miss.
-        let crosses_somewhere = (0..p.n_tokens).any(|pos| p.rel(&Tap::Output(1), pos) > tol || p.rel(&Tap::Layer(p.n_layer - 1, LAYER_TAPS.len() - 1), pos) > tol);
+        let crosses_somewhere = (0..p.n_tokens).any(|pos| {
+            p.rel(&Tap::Output(1), pos) > tol || p.rel(&Tap::Layer(p.n_layer - 1, LAYER_TAPS.len() - 1), pos) > tol
+        });
         if !crosses_somewhere {
             continue;
         }
@@ -218,17 +285,45 @@ fn the_search_names_the_origin_of_every_error_profile() {
             sequential: true,
             tap_window: 16,
         };
-        let (mut a, mut b) = (Synthetic { profile: p.clone(), side_a: true, asked: Vec::new() }, Synthetic { profile: p.clone(), side_a: false, asked: Vec::new() });
+        let (mut a, mut b) = (
+            Synthetic {
+                profile: p.clone(),
+                side_a: true,
+                asked: Vec::new(),
+            },
+            Synthetic {
+                profile: p.clone(),
+                side_a: false,
+                asked: Vec::new(),
+            },
+        );
         let tokens: Vec<u32> = (0..p.n_tokens as u32).map(|t| t % WIDTH as u32).collect();
-        let prompt = PromptRecord { id: "p".into(), text: None, tokens };
+        let prompt = PromptRecord {
+            id: "p".into(),
+            text: None,
+            tokens,
+        };
         let report = match bisect::bisect(&mut a, &mut b, Replayer::Skip, prompt, p.n_layer, WIDTH, WIDTH, &opts) {
             Ok(r) => r,
             Err(Error::Input(e)) | Err(Error::Engine(e)) => panic!("seed {seed}: {e} (asked {:?}) for {p:?}", a.asked),
         };
-        let first = report.first.as_ref().unwrap_or_else(|| panic!("seed {seed}: no divergence found for {p:?}"));
-        assert_eq!((first.tap.as_str(), first.position, report.judged), (tap.as_str(), position, judged), "seed {seed}: {p:?}\n{:#?}", report.probes.iter().map(|p| &p.finding).collect::<Vec<_>>());
+        let first = report
+            .first
+            .as_ref()
+            .unwrap_or_else(|| panic!("seed {seed}: no divergence found for {p:?}"));
+        assert_eq!(
+            (first.tap.as_str(), first.position, report.judged),
+            (tap.as_str(), position, judged),
+            "seed {seed}: {p:?}\n{:#?}",
+            report.probes.iter().map(|p| &p.finding).collect::<Vec<_>>()
+        );
         let budget = (p.n_layer as f64).log2().ceil() as usize + 4;
-        assert!(report.runs_a <= budget, "seed {seed}: {} runs for {} layers", report.runs_a, p.n_layer);
+        assert!(
+            report.runs_a <= budget,
+            "seed {seed}: {} runs for {} layers",
+            report.runs_a,
+            p.n_layer
+        );
         checked += 1;
     }
     // Most draws are kept; the families above are all represented.

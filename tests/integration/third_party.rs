@@ -82,14 +82,22 @@ fn a_third_party_python_writer_conforms() {
     let n = notes(&r);
     assert!(n.contains("prompt ids differ (A p0, B prompt)"), "{n}");
     assert!(n.contains("dump A has no model.fingerprint"), "{n}");
-    assert_eq!(r["prompts"][0]["taps"].as_array().unwrap().len(), 2 * 13 + 3, "every tap compared");
+    assert_eq!(
+        r["prompts"][0]["taps"].as_array().unwrap().len(),
+        2 * 13 + 3,
+        "every tap compared"
+    );
 
     // A bug from position 3 of layer 1's output is named exactly.
     let buggy = dir.path().join("buggy");
     loose_writer(&runtime, &buggy, &["--scale", "blk.1.resid_post@3=1.5"]);
     let (code, r) = diff_json(&buggy, &reference, &[]);
     assert_eq!(code, 1, "{r}");
-    assert_eq!(r["prompts"][0]["first"]["tap"], "blk.1.resid_post", "{}", r["prompts"][0]["first"]);
+    assert_eq!(
+        r["prompts"][0]["first"]["tap"], "blk.1.resid_post",
+        "{}",
+        r["prompts"][0]["first"]
+    );
     assert_eq!(r["prompts"][0]["first"]["position"], 3);
 }
 
@@ -101,7 +109,10 @@ fn config_and_prompt_id_mismatches_are_explained() {
     let misread = dir.path().join("misread");
     loose_writer(&runtime, &misread, &["--rope-base", "0"]);
     let out = resbisect(&["diff", path_str(&misread), path_str(&reference)]);
-    assert_refused(&out, "the dumps disagree on the model config: model.rope_base: A 0 vs B 10000");
+    assert_refused(
+        &out,
+        "the dumps disagree on the model config: model.rope_base: A 0 vs B 10000",
+    );
     assert!(!out.stderr.contains("Config {"), "{}", out.stderr);
 
     // Two prompts on one side: no guessing; both sides' ids and the --pair option named.

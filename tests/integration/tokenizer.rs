@@ -15,13 +15,24 @@ fn check(model: &std::path::Path, fixture: &str) {
     let mut mismatches = Vec::new();
     for case in cases {
         let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         let got = tok.encode(text).unwrap();
         if got != want {
             mismatches.push(format!("{text:?}\n  got  {got:?}\n  want {want:?}"));
         }
     }
-    assert!(mismatches.is_empty(), "{} of {} texts differ:\n{}", mismatches.len(), cases.len(), mismatches.join("\n"));
+    assert!(
+        mismatches.is_empty(),
+        "{} of {} texts differ:\n{}",
+        mismatches.len(),
+        cases.len(),
+        mismatches.join("\n")
+    );
 }
 
 #[test]
@@ -33,7 +44,19 @@ fn smollm2_matches_hf() {
 fn sentencepiece_matches_hf() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("spm.gguf");
-    let out = resbisect(&["synth", "--preset", "tiny", "--tokenizer", "llama", "--quant", "f32", "--seed", "7", "-o", path_str(&model)]);
+    let out = resbisect(&[
+        "synth",
+        "--preset",
+        "tiny",
+        "--tokenizer",
+        "llama",
+        "--quant",
+        "f32",
+        "--seed",
+        "7",
+        "-o",
+        path_str(&model),
+    ]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     check(&model, "fixtures/tokenizer/synth_spm_expected.json");
 }

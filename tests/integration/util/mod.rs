@@ -14,7 +14,10 @@ pub struct Output {
 }
 
 pub fn resbisect(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_resbisect")).args(args).output().expect("the binary runs");
+    let out = Command::new(env!("CARGO_BIN_EXE_resbisect"))
+        .args(args)
+        .output()
+        .expect("the binary runs");
     Output {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -24,12 +27,20 @@ pub fn resbisect(args: &[&str]) -> Output {
 
 /// Assert a clean refusal: exit 2, one `error:` line naming `needle`, no panic.
 pub fn assert_refused(out: &Output, needle: &str) {
-    assert_eq!(out.code, 2, "expected exit 2 mentioning {needle:?}; stderr:\n{}", out.stderr);
+    assert_eq!(
+        out.code, 2,
+        "expected exit 2 mentioning {needle:?}; stderr:\n{}",
+        out.stderr
+    );
     assert!(!out.stderr.contains("panicked"), "panic:\n{}", out.stderr);
     let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "expected one error line, got:\n{}", out.stderr);
     assert!(lines[0].starts_with("error: "), "{}", lines[0]);
-    assert!(lines[0].contains(needle), "error line {:?} does not mention {needle:?}", lines[0]);
+    assert!(
+        lines[0].contains(needle),
+        "error line {:?} does not mention {needle:?}",
+        lines[0]
+    );
 }
 
 pub fn root() -> PathBuf {
@@ -39,7 +50,11 @@ pub fn root() -> PathBuf {
 /// The real fixture model; CI fetches it before the tests run.
 pub fn smollm2() -> PathBuf {
     let p = root().join("fixtures/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.is_file(), "{} is missing: run scripts/fetch-models.sh first", p.display());
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch-models.sh first",
+        p.display()
+    );
     p
 }
 
@@ -47,9 +62,19 @@ pub fn smollm2() -> PathBuf {
 /// gguf, safetensors and numpy pinned in scripts/requirements.txt).
 pub fn venv_python() -> PathBuf {
     let p = root().join(".venv/bin/python");
-    assert!(p.is_file(), "{} is missing: run scripts/setup.sh first (the README's test command does)", p.display());
-    let probe = Command::new(&p).args(["-c", "import torch, transformers, gguf, safetensors, numpy"]).status();
-    assert!(probe.is_ok_and(|s| s.success()), "{} cannot import torch, transformers, gguf, safetensors and numpy: run scripts/setup.sh", p.display());
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/setup.sh first (the README's test command does)",
+        p.display()
+    );
+    let probe = Command::new(&p)
+        .args(["-c", "import torch, transformers, gguf, safetensors, numpy"])
+        .status();
+    assert!(
+        probe.is_ok_and(|s| s.success()),
+        "{} cannot import torch, transformers, gguf, safetensors and numpy: run scripts/setup.sh",
+        p.display()
+    );
     p
 }
 
@@ -69,23 +94,30 @@ pub fn rewrite_gguf(
 ) {
     let mut f = std::fs::File::open(src).unwrap();
     let content = gguf_file::Content::read(&mut f).unwrap();
-    let mut meta: Vec<(String, gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut meta: Vec<(String, gguf_file::Value)> =
+        content.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     meta.sort_by(|a, b| a.0.cmp(&b.0));
     edit_meta(&mut meta);
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     let tensors: Vec<(String, candle_core::quantized::QTensor)> = names
         .into_iter()
-        .filter_map(|n| keep_tensor(n).map(|new_name| (new_name, content.tensor(&mut f, n, &candle_core::Device::Cpu).unwrap())))
+        .filter_map(|n| {
+            keep_tensor(n).map(|new_name| (new_name, content.tensor(&mut f, n, &candle_core::Device::Cpu).unwrap()))
+        })
         .collect();
     let meta_refs: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensor_refs: Vec<(&str, &candle_core::quantized::QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let tensor_refs: Vec<(&str, &candle_core::quantized::QTensor)> =
+        tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
     let mut out = std::fs::File::create(dst).unwrap();
     gguf_file::write(&mut out, &meta_refs, &tensor_refs).unwrap();
 }
 
 pub fn set_meta(meta: &mut [(String, gguf_file::Value)], key: &str, value: gguf_file::Value) {
-    meta.iter_mut().find(|(k, _)| k == key).unwrap_or_else(|| panic!("no key {key}")).1 = value;
+    meta.iter_mut()
+        .find(|(k, _)| k == key)
+        .unwrap_or_else(|| panic!("no key {key}"))
+        .1 = value;
 }
 
 pub fn path_str(p: &Path) -> &str {

@@ -64,6 +64,9 @@ pub struct ProbeRecord {
     pub bytes_b: u64,
     /// What the probe showed, and what it ruled out.
     pub finding: String,
+    /// For a layer-search probe (`layer-L`): whether layer L's `resid_post` diverged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer_diverged: Option<bool>,
     pub dump_a: String,
     pub dump_b: String,
 }
@@ -422,6 +425,7 @@ impl Session<'_> {
             bytes_a: dir_bytes(&out_a),
             bytes_b: dir_bytes(&out_b),
             finding: String::new(),
+            layer_diverged: None,
             dump_a: out_a.display().to_string(),
             dump_b: out_b.display().to_string(),
         };
@@ -909,7 +913,11 @@ fn search<'s, 'r: 's>(
                 selection(layers, &["resid_post"], &Rows::All, n),
             )? {
                 ProbeResult::Compared(r) => {
-                    if tap_diverged(&r, &id) {
+                    let diverged = tap_diverged(&r, &id);
+                    if let Some(p) = s.probes.last_mut() {
+                        p.layer_diverged = Some(diverged);
+                    }
+                    if diverged {
                         s.note(format!(
                             "layer {mid} diverges: the first bad layer is in {first_unknown}..={mid}"
                         ));

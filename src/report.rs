@@ -1189,17 +1189,11 @@ enum LayerVerdict {
     Dumped,
 }
 
-/// Each probe's layers with their verdicts. The binary search keeps the first divergent
-/// layer `hi` as its upper bound, so a searched layer diverges exactly when it is at or
-/// past the layer the all-taps probe examined; a search cut short by a crash falls back
-/// on the probe's finding.
+/// Each probe's layers with their verdicts: the coarse probe's from its comparison, a
+/// layer-search probe's as it judged, the all-taps probe's layer when it holds the first
+/// divergence.
 fn search_verdicts(r: &BisectReport) -> Vec<(String, Vec<(usize, LayerVerdict)>)> {
     let coarse = r.coarse_diff.as_ref().and_then(|d| d.prompts.first());
-    let examined = r
-        .probes
-        .iter()
-        .rev()
-        .find_map(|p| p.purpose.strip_prefix("taps-").and_then(|l| l.parse::<usize>().ok()));
     let first_layer = r.first.as_ref().and_then(|f| match Tap::parse(&f.tap) {
         Some(Tap::Layer(l, _)) => Some(l),
         _ => None,
@@ -1221,11 +1215,9 @@ fn search_verdicts(r: &BisectReport) -> Vec<(String, Vec<(usize, LayerVerdict)>)
                     })
                     .collect()
             } else if let Some(mid) = p.purpose.strip_prefix("layer-").and_then(|l| l.parse::<usize>().ok()) {
-                let v = match examined {
-                    Some(hi) if mid >= hi => LayerVerdict::Diverges,
-                    Some(_) => LayerVerdict::Agrees,
-                    None if p.finding.contains("diverges") => LayerVerdict::Diverges,
-                    None if p.finding.contains("agrees") => LayerVerdict::Agrees,
+                let v = match p.layer_diverged {
+                    Some(true) => LayerVerdict::Diverges,
+                    Some(false) => LayerVerdict::Agrees,
                     None => LayerVerdict::Dumped,
                 };
                 vec![(mid, v)]

@@ -783,13 +783,7 @@ fn search<'s, 'r: 's>(
         Judgement::Tolerance => Judge::Tolerance,
         Judgement::NoiseFloor => Judge::NoiseFloor,
     };
-    let drift = r
-        .notes
-        .iter()
-        .filter(|n| n.contains("noise floor"))
-        .cloned()
-        .collect::<Vec<_>>()
-        .join("; ");
+    let drift = r.prompts.first().and_then(diff::judgement_note).unwrap_or_default();
     if let Some(m) = r.prompts.first().and_then(|p| p.token_mismatch.clone()) {
         // Different inputs: the finding is the token difference (and whatever diverged
         // before it); no layer search can explain it.

@@ -330,7 +330,7 @@ fn side(d: &Dump) -> DumpSide {
 }
 
 /// What the noise floor says of prompt `p`, when it says anything.
-fn judgement_note(p: &PromptDiff) -> Option<String> {
+pub fn judgement_note(p: &PromptDiff) -> Option<String> {
     let onset = p.taps.iter().find(|t| Some(&t.tap) == p.drift_onset.as_ref())?;
     let over = format!(
         "{} sits over its noise floor (rel_l2 {:.1e}) on {} of {} rows",

@@ -445,7 +445,29 @@ impl Session<'_> {
                 };
                 ProbeResult::Crashed(c, partial)
             }
-            None => ProbeResult::Compared(diff::diff(&Dump::open(&out_a)?, &Dump::open(&out_b)?, &diff_opts)?),
+            None => {
+                let r = diff::diff(&Dump::open(&out_a)?, &Dump::open(&out_b)?, &diff_opts)?;
+                // Layers are judged by their residual stream: a probe whose engine left it
+                // out cannot rule a layer in or out, and must not read as agreement.
+                for (name, missing) in r
+                    .prompts
+                    .iter()
+                    .flat_map(|p| [("A", &p.missing_in_a), ("B", &p.missing_in_b)])
+                {
+                    let stream: Vec<&str> = missing
+                        .iter()
+                        .map(String::as_str)
+                        .filter(|t| *t == "embed" || t.ends_with(".resid_post"))
+                        .collect();
+                    if !stream.is_empty() {
+                        return Err(Error::engine(format!(
+                            "engine {name} wrote no {} for the {purpose} probe, which asked for it: layers it leaves out cannot be judged",
+                            stream.join(", ")
+                        )));
+                    }
+                }
+                ProbeResult::Compared(r)
+            }
         };
         record.seconds_diff = t0.elapsed().as_secs_f64();
         crate::trace::mark(|| format!("probe {purpose}: compared"));

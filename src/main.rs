@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use resbisect::bisect::{self, BisectOptions, Outcome, Replayer};
 use resbisect::diff::{self, DiffOptions, DiffReport, Judge};
-use resbisect::dump::Dump;
+use resbisect::dump::{Dump, Status};
 use resbisect::engines::{Engine, ExternalEngine, ReferenceDriver, RuntimeDriver};
 use resbisect::model::Model;
 use resbisect::prompts::{self, PromptSource};
@@ -1058,16 +1058,36 @@ fn compare(a: &Path, b: &Path, args: &CompareArgs, pairs: &[String]) -> Result<D
             ))),
         })
         .collect::<Result<Vec<_>>>()?;
-    diff::diff_paired(
-        &Dump::open(a)?,
-        &Dump::open(b)?,
-        &DiffOptions {
-            tolerances,
-            allow_model_mismatch: args.allow_model_mismatch,
-            judge: args.judge.judge(),
+    let (da, db) = (Dump::open(a)?, Dump::open(b)?);
+    let opts = DiffOptions {
+        tolerances,
+        allow_model_mismatch: args.allow_model_mismatch,
+        judge: args.judge.judge(),
+    };
+    diff::diff_paired(&da, &db, &opts, &pairs).map_err(|e| match e {
+        // A dump its engine never finished may hold a damaged file: the failure is the
+        // engine's, whatever else its files say.
+        Error::Input(msg) => match [(&da, "A"), (&db, "B")]
+            .iter()
+            .find(|(d, _)| d.manifest.status != Status::Complete)
+        {
+            Some((d, name)) => Error::engine(format!(
+                "dump {name} is {}{}; reading it: {msg}",
+                if d.manifest.status == Status::Failed {
+                    "failed"
+                } else {
+                    "unfinished (status running)"
+                },
+                d.manifest
+                    .error
+                    .as_ref()
+                    .map(|e| format!(" ({})", e.message))
+                    .unwrap_or_default()
+            )),
+            None => Error::Input(msg),
         },
-        &pairs,
-    )
+        other => other,
+    })
 }
 
 /// Exit 3 when a dump's engine failed or never finished, whatever its rows say (a

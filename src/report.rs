@@ -55,9 +55,14 @@ pub fn terminal_summary(r: &DiffReport) -> String {
                 let w = worst_tap(p)
                     .map(|t| format!("; max rel_l2 {} at {}", sci(t.max_rel_l2()), t.tap))
                     .unwrap_or_default();
+                let before = if p.token_mismatch.is_some() {
+                    " before the tokens differ"
+                } else {
+                    ""
+                };
                 let _ = writeln!(
                     s,
-                    "\nprompt {} ({} tokens): no divergence over {} taps, {compared} rows{w}",
+                    "\nprompt {} ({} tokens): no divergence{before} over {} taps, {compared} rows{w}",
                     p.id,
                     p.n_tokens,
                     p.taps.len()

@@ -312,6 +312,52 @@ fn a_crashed_or_unfinished_engine_never_passes_diff() {
         "{}",
         out.stderr
     );
+    // A killed engine may leave a damaged file too: still its failure, exit 3, not bad input.
+    let file = a.join("data/prompt/blk.1.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 3]).unwrap();
+    let out = resbisect(&["diff", path_str(&a), path_str(&b)]);
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("dump A is unfinished (status running); reading it:"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn an_engine_that_leaves_out_layers_cannot_pass_the_layer_search() {
+    // An external engine that writes only layers below 10: the coarse probe's layers 16
+    // and 29 are missing on its side, so no verdict on them may read as agreement.
+    let dir = tempfile::tempdir().unwrap();
+    let exe = env!("CARGO_BIN_EXE_resbisect");
+    let command = format!(
+        "L=$(echo {{layers}} | tr , '\\n' | awk '$1 < 10' | paste -sd, -); {exe} dump --engine runtime --inject blk.14.ffn_out:scale=1.05@3 --model {{model}} --tokens \"$(cat {{tokens}})\" --id {{prompt_id}} --layers ${{L:-none}} --taps {{taps}} --positions {{positions}} -o {{out}}"
+    );
+    let model = smollm2();
+    let out = resbisect(&[
+        "bisect",
+        "--model",
+        path_str(&model),
+        "--prompts",
+        &bisect_prompts(),
+        "--id",
+        "p6_len_32",
+        "--engine",
+        "external",
+        "--command",
+        &command,
+        "--work",
+        path_str(&dir.path().join("w")),
+    ]);
+    assert_eq!(out.code, 3, "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr
+            .contains("engine A wrote no blk.16.resid_post, blk.29.resid_post for the coarse probe"),
+        "{}",
+        out.stderr
+    );
 }
 
 /// Dump A as a copy of dump B (prompt `id`, files `stems`) with each file's positions and

@@ -174,7 +174,11 @@ fn mismatched_inputs_are_refused() {
         "{}",
         out.stdout
     );
-    assert!(out.stdout.contains("no divergence over"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("no divergence before the tokens differ over"),
+        "{}",
+        out.stdout
+    );
     let c = dump("c", &m2, "5,6,7,8");
     assert_refused(&resbisect(&["diff", path_str(&a), path_str(&c)]), "different models");
     let out = resbisect(&["diff", path_str(&a), path_str(&c), "--allow-model-mismatch"]);

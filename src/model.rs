@@ -201,18 +201,18 @@ fn check_heads(
     n_head_kv: usize,
 ) -> Result<()> {
     let p = gguf.path.display();
-    if n_embd % n_head != 0 {
+    if !n_embd.is_multiple_of(n_head) {
         return Err(Error::input(format!(
             "{p}: embedding_length {n_embd} is not divisible by head_count {n_head}"
         )));
     }
-    if n_head % n_head_kv != 0 {
+    if !n_head.is_multiple_of(n_head_kv) {
         return Err(Error::input(format!(
             "{p}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}"
         )));
     }
     let head_dim = n_embd / n_head;
-    if head_dim % 2 != 0 {
+    if !head_dim.is_multiple_of(2) {
         return Err(Error::input(format!(
             "{p}: head dim {head_dim} (= {n_embd}/{n_head}) is odd; RoPE needs pairs"
         )));

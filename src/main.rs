@@ -726,16 +726,13 @@ fn cmd_bisect(a: BisectArgs) -> Result<ExitCode> {
         engine_b.label(),
         opts.work.display()
     );
-    let c = &model.config;
     let temporary = a.work.is_none() && !a.keep;
     let r = match bisect::bisect(
         engine_a.as_mut(),
         engine_b.as_mut(),
         replayer,
         prompt,
-        c.n_layer,
-        c.n_vocab,
-        c.n_embd,
+        &model.config,
         &opts,
     ) {
         Ok(r) => r,

@@ -6,6 +6,7 @@
 //! layer introduces from the error it inherits. A crash of either engine is a result.
 
 mod probe;
+mod readings;
 mod replay;
 mod search;
 

@@ -7,8 +7,11 @@ use std::thread::{Scope, ScopedJoinHandle};
 use std::time::Instant;
 
 use super::probe::{selection, ProbeResult, Rows, Session};
+use super::readings::{
+    bad_layers_line, first_bad_of, first_bad_position, first_of, has_nonfinite, noise_levels, tap_diverged,
+};
 use super::replay::{replay_layers, replay_positions, Preload, ReplayRun, Replayer};
-use super::{check_work_dir, coarse_layers, BisectOptions, BisectReport, Crash, NoiseLevel, Outcome};
+use super::{check_work_dir, coarse_layers, BisectOptions, BisectReport, Crash, Outcome};
 use crate::diff::{self, DiffReport, FirstDivergence, Judge, Judgement};
 use crate::dump::PromptRecord;
 use crate::engines::Engine;
@@ -509,85 +512,4 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         }
         Ok(missing)
     }
-}
-
-/// Each coarse residual-stream tap's level against its noise floor.
-fn noise_levels(r: &DiffReport) -> Vec<NoiseLevel> {
-    r.prompts
-        .iter()
-        .flat_map(|p| &p.taps)
-        .filter(|t| t.tap == "embed" || t.tap.ends_with(".resid_post"))
-        .map(|t| {
-            let mut rel: Vec<f64> = t
-                .rows
-                .iter()
-                .map(|r| {
-                    if r.nonfinite_a + r.nonfinite_b > 0 {
-                        f64::INFINITY
-                    } else {
-                        r.rel_l2
-                    }
-                })
-                .collect();
-            rel.sort_by(f64::total_cmp);
-            let p75 = rel
-                .get((rel.len() * 3).div_ceil(4).saturating_sub(1))
-                .copied()
-                .unwrap_or(0.0);
-            NoiseLevel {
-                tap: t.tap.clone(),
-                p75_rel_l2: p75,
-                floor: t.floor.rel_l2,
-                tolerance: t.tolerance.rel_l2,
-                rows_over_floor: t.rows_over_floor,
-                rows: t.rows.len(),
-            }
-        })
-        .collect()
-}
-
-/// Each divergent coarse layer with its own first divergent position, for the search path.
-fn bad_layers_line(r: &DiffReport, coarse: &[usize]) -> String {
-    let v: Vec<String> = coarse
-        .iter()
-        .filter_map(|&l| first_bad_of(r, &resid_post(l)).map(|(p, _)| format!("{l} (from position {p})")))
-        .collect();
-    v.join(", ")
-}
-
-/// Smallest position any tap of the diff diverges at.
-fn first_bad_position(r: &DiffReport) -> Option<usize> {
-    r.prompts
-        .iter()
-        .flat_map(|p| &p.taps)
-        .filter_map(|t| t.first_bad.map(|i| t.positions[i]))
-        .min()
-}
-
-fn has_nonfinite(r: &DiffReport) -> bool {
-    r.prompts
-        .iter()
-        .flat_map(|p| &p.taps)
-        .flat_map(|t| &t.rows)
-        .any(|row| row.nonfinite_a + row.nonfinite_b > 0)
-}
-
-fn tap_diverged(r: &DiffReport, id: &str) -> bool {
-    r.prompts
-        .iter()
-        .flat_map(|p| &p.taps)
-        .any(|t| t.tap == id && t.first_bad.is_some())
-}
-
-/// The first position tap `id` diverges at in `r`, and the rel L2 tolerance applied.
-fn first_bad_of(r: &DiffReport, id: &str) -> Option<(usize, f64)> {
-    r.prompts
-        .iter()
-        .flat_map(|p| &p.taps)
-        .find(|t| t.tap == id)
-        .and_then(|t| t.first_bad.map(|i| (t.positions[i], t.tolerance.rel_l2)))
-}
-
-fn first_of(r: &DiffReport) -> Option<FirstDivergence> {
-    r.prompts.first().and_then(|p| p.first.clone())
 }

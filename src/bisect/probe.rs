@@ -15,7 +15,7 @@ use crate::diff::{self, DiffOptions, DiffReport, Judge};
 use crate::dump::{Dump, MappedFile, PromptRecord, TapView};
 use crate::engines::{crash_report, Engine};
 use crate::error::{Error, Result};
-use crate::taps::{positions_spec, Selection, Tap};
+use crate::taps::{PositionSpec, Selection, Tap};
 
 /// One probe: both engines dumped the same selection over the same prefix.
 #[derive(Debug, Clone, Serialize)]
@@ -57,15 +57,15 @@ pub(super) enum Rows {
 /// dropped here, so every probe the search issues is valid for its prompt by construction.
 pub(super) fn selection(layers: Vec<usize>, taps: &[&str], rows: &Rows, tokens: usize) -> Selection {
     let positions = match rows {
-        Rows::All => "all".to_string(),
+        Rows::All => PositionSpec::all(),
         Rows::At(at) => {
             let mut at: Vec<usize> = at.iter().copied().filter(|&p| p < tokens).collect();
             at.sort_unstable();
             at.dedup();
             if at.is_empty() {
-                "all".to_string()
+                PositionSpec::all()
             } else {
-                positions_spec(&at)
+                PositionSpec::exactly(&at)
             }
         }
     };
@@ -178,7 +178,7 @@ impl<'e> Session<'e> {
             tokens,
             layers: sel.layers.clone(),
             taps: sel.taps.clone(),
-            positions: sel.positions.clone(),
+            positions: sel.positions.to_string(),
             seconds_a: seconds[0],
             seconds_b: seconds[1],
             seconds_diff: 0.0,
@@ -314,7 +314,7 @@ impl<'e> Session<'e> {
     pub(super) fn locate(&self, side: &str, id: &str, at: &[usize]) -> Result<Option<(Rc<MappedFile>, Vec<usize>)>> {
         let tap = Tap::parse(id).ok_or_else(|| Error::input(format!("bad tap {id}")))?;
         for dir in self.dirs.iter().rev() {
-            let key = (dir.join(side), tap.file_stem());
+            let key = (dir.join(side), tap.file_stem().to_string());
             let cached = self.mapped.borrow().get(&key).cloned();
             let file = match cached {
                 Some(file) => file,

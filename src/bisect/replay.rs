@@ -84,7 +84,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         let replayed = replay_layers(hi, self.n_layer);
         let Some(inputs) = replayed
             .iter()
-            .map(|&l| self.s.rows("a", &input_id(l), prefix))
+            .map(|&l| self.session.rows("a", &input_id(l), prefix))
             .collect::<Result<Option<Vec<_>>>>()?
         else {
             return Ok(());
@@ -160,7 +160,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
     }
 
     fn replay_rows(&self, side: &str, id: &str, prefix: usize) -> Result<Vec<f32>> {
-        self.s
+        self.session
             .rows(side, id, prefix)?
             .ok_or_else(|| Error::engine(format!("replay: {id} missing from the {side} dumps")))
     }
@@ -189,7 +189,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         let mut introducing_tap = None;
         if l == suspect.layer {
             for (id, values) in replay {
-                let Some(dev) = self.s.rows_at("a", id, at)? else {
+                let Some(dev) = self.session.rows_at("a", id, at)? else {
                     continue;
                 };
                 let width = values.len() / at.len();

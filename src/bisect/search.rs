@@ -17,7 +17,7 @@ use crate::dump::PromptRecord;
 use crate::engines::Engine;
 use crate::error::{Error, Result};
 use crate::model::Config;
-use crate::taps::{Selection, Tap, LAYER_TAPS};
+use crate::taps::{LayerTap, Selection, Tap, LAYER_TAPS};
 
 /// Rows of the head probe when logits were too large for the coarse probe.
 const HEAD_ROWS: usize = 64;
@@ -47,13 +47,13 @@ pub(super) type Flow<T> = std::result::Result<T, Stop>;
 
 /// `blk.L.resid_post`.
 pub(super) fn resid_post(l: usize) -> String {
-    format!("blk.{l}.resid_post")
+    Tap::Layer(l, LayerTap::ResidPost).to_string()
 }
 
 /// The tap that holds layer `l`'s input.
 pub(super) fn input_id(l: usize) -> String {
     if l == 0 {
-        "embed".to_string()
+        Tap::Embed.to_string()
     } else {
         resid_post(l - 1)
     }
@@ -94,7 +94,7 @@ pub(super) struct Suspect {
 /// One search: the probes so far, the report it fills in, and replay's reference.
 pub(super) struct Search<'s, 'r, 'e> {
     pub(super) scope: &'s Scope<'s, 'r>,
-    pub(super) s: Session<'e>,
+    pub(super) session: Session<'e>,
     pub(super) replayer: Replayer<'r>,
     opts: &'e BisectOptions,
     /// Prompt tokens.
@@ -127,7 +127,7 @@ pub(super) fn search<'s, 'r: 's>(
     let report = BisectReport::new(&prompt, a.label(), b.label());
     let mut search = Search {
         scope,
-        s: Session::new(a, b, opts, prompt.clone()),
+        session: Session::new(a, b, opts, prompt.clone()),
         replayer,
         opts,
         n: prompt.tokens.len(),
@@ -166,7 +166,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         };
         self.report.prefix = suspect.prefix;
         self.report.outcome = Outcome::Diverged;
-        self.suspect_reproduce = Some(self.s.reproduce.clone());
+        self.suspect_reproduce = Some(self.session.reproduce.clone());
         let replayed = match self.replayer {
             Replayer::Skip => Vec::new(),
             _ => replay_layers(suspect.layer, self.n_layer),
@@ -183,21 +183,21 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
     /// The report, however the search ended.
     fn finish(mut self, flow: Flow<()>) -> Result<BisectReport> {
         let reproduce = match flow {
-            Ok(()) | Err(Stop::Done) => self.suspect_reproduce.take().unwrap_or(self.s.reproduce),
+            Ok(()) | Err(Stop::Done) => self.suspect_reproduce.take().unwrap_or(self.session.reproduce),
             Err(Stop::Crashed(c, partial)) => {
                 self.report.outcome = Outcome::Crashed;
                 self.report.first = partial.as_ref().and_then(first_of);
                 self.report.crash = Some(c);
                 self.report.final_diff = partial;
-                self.s.reproduce
+                self.session.reproduce
             }
             Err(Stop::Failed(e)) => return Err(e),
         };
         let mut report = self.report;
-        report.runs_a = self.s.probes.len();
-        report.runs_b = self.s.probes.len();
-        report.bytes_dumped = self.s.probes.iter().map(|p| p.bytes_a + p.bytes_b).sum();
-        report.probes = self.s.probes;
+        report.runs_a = self.session.probes.len();
+        report.runs_b = self.session.probes.len();
+        report.bytes_dumped = self.session.probes.iter().map(|p| p.bytes_a + p.bytes_b).sum();
+        report.probes = self.session.probes;
         report.reproduce = reproduce;
         report.seconds = self.start.elapsed().as_secs_f64();
         if let Some(d) = &report.final_diff {
@@ -209,7 +209,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
 
     /// One probe; an engine's crash in it stops the search.
     fn probe(&mut self, purpose: &str, tokens: usize, sel: Selection) -> Flow<DiffReport> {
-        match self.s.probe(purpose, tokens, sel)? {
+        match self.session.probe(purpose, tokens, sel)? {
             ProbeResult::Compared(r) => Ok(r),
             ProbeResult::Crashed(c, partial) => Err(Stop::Crashed(c, partial)),
         }
@@ -238,7 +238,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         if let Some(m) = r.prompts.first().and_then(|p| p.token_mismatch.clone()) {
             // Different inputs: the finding is the token difference (and whatever diverged
             // before it); no layer search can explain it.
-            self.s.note(m.describe());
+            self.session.note(m.describe());
             self.report.outcome = Outcome::Diverged;
             self.report.first = first_of(&r);
             self.report.token_mismatch = Some(m);
@@ -255,7 +255,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         let Some(hi) = bad_coarse.filter(|_| !tap_diverged(&r, "embed")) else {
             // The divergence starts at embed or only in the output head: already narrowed.
             let f = first_of(&r);
-            self.s.note(format!(
+            self.session.note(format!(
                 "first divergence {} at position {first_pos}",
                 f.as_ref().map_or("?", |f| f.tap.as_str())
             ));
@@ -274,7 +274,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         } else {
             String::new()
         };
-        self.s.note(format!(
+        self.session.note(format!(
             "resid_post good through {}, bad at layer {}{cut}{drift}",
             lo.map_or("embed".to_string(), |l| format!("layer {l}")),
             bad_layers_line(&r, &coarse)
@@ -291,7 +291,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
     fn judge_as_coarse(&mut self, r: &DiffReport) {
         self.report.noise = noise_levels(r);
         self.report.judged = r.prompts.first().map_or(Judgement::Tolerance, |p| p.judged);
-        self.s.judge = match self.report.judged {
+        self.session.judge = match self.report.judged {
             Judgement::Tolerance => Judge::Tolerance,
             Judgement::NoiseFloor => Judge::NoiseFloor,
         };
@@ -306,7 +306,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
             } else {
                 format!("; {drift}")
             };
-            self.s.note(format!(
+            self.session.note(format!(
                 "no divergence at embed, resid_post of layers {coarse:?}, final_norm or logits{drift}"
             ));
             return self.done(r);
@@ -319,14 +319,14 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
             selection(Vec::new(), &["final_norm", "logits"], &Rows::At((from..n).collect()), n),
         )?;
         if let Some(f) = first_of(&head) {
-            self.s.note(format!(
+            self.session.note(format!(
                 "the output head diverges: {} at position {}",
                 f.tap, f.position
             ));
             self.report.outcome = Outcome::Diverged;
             self.report.first = Some(f);
         } else {
-            self.s.note(format!(
+            self.session.note(format!(
                 "final_norm and logits agree on the last {} positions",
                 n - from
             ));
@@ -359,17 +359,17 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
                 selection(layers, &["resid_post"], &Rows::All, n),
             )?;
             let diverged = tap_diverged(&r, &id);
-            if let Some(p) = self.s.probes.last_mut() {
+            if let Some(p) = self.session.probes.last_mut() {
                 p.layer_diverged = Some(diverged);
             }
             if diverged {
-                self.s.note(format!(
+                self.session.note(format!(
                     "layer {mid} diverges: the first bad layer is in {first_unknown}..={mid}"
                 ));
                 hi = mid;
                 hi_first = first_bad_of(&r, &id);
             } else {
-                self.s
+                self.session
                     .note(format!("layer {mid} agrees: layers up to {mid} are ruled out"));
                 lo = Some(mid);
             }
@@ -393,7 +393,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
     fn suspect_taps(&mut self, layer: &SuspectLayer, prefix: usize) -> Flow<Option<Suspect>> {
         let hi = layer.layer;
         let hi_out = |side: &str| {
-            self.s
+            self.session
                 .rows(side, &resid_post(hi), prefix)?
                 .ok_or_else(|| Error::engine(format!("{} missing from the {side} dumps", resid_post(hi))))
         };
@@ -422,10 +422,10 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         let Some(first) = first_of(&suspect.taps_diff) else {
             if prefix < self.n {
                 // The engine is not causal here.
-                self.s.note(format!("no tap of layer {hi} diverges on the cut prompt: the engine is not causal here; searching the whole prompt"));
+                self.session.note(format!("no tap of layer {hi} diverges on the cut prompt: the engine is not causal here; searching the whole prompt"));
                 return Ok(None);
             }
-            self.s
+            self.session
                 .note("no tap of the layer diverges on this run (is the engine deterministic?)".into());
             suspect.window = 0;
             return Ok(Some(suspect));
@@ -435,7 +435,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         } else {
             String::new()
         };
-        self.s.note(format!(
+        self.session.note(format!(
             "first divergent tap {} at position {} (of {} positions probed{on})",
             first.tap,
             first.position,
@@ -489,12 +489,12 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
             let position = suspect.first.as_ref().map_or(0, |f| f.position);
             found.push(format!("{tap} first diverges at position {position}"));
             position_diff = Some(r);
-            self.suspect_reproduce = Some(self.s.reproduce.clone());
+            self.suspect_reproduce = Some(self.session.reproduce.clone());
         }
         if !missing.is_empty() {
             found.push(format!("inputs for local replay: {}", missing.join(", ")));
         }
-        self.s.note(found.join("; "));
+        self.session.note(found.join("; "));
         Ok(position_diff)
     }
 
@@ -506,7 +506,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         let all: Vec<usize> = (0..prefix).collect();
         let mut missing = Vec::new();
         for id in needed {
-            if self.s.locate("a", &id, &all)?.is_none() || self.s.locate("b", &id, &all)?.is_none() {
+            if self.session.locate("a", &id, &all)?.is_none() || self.session.locate("b", &id, &all)?.is_none() {
                 missing.push(id);
             }
         }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use super::DiffReport;
-use crate::taps::{Tap, LAYER_TAPS};
+use crate::taps::Tap;
 use crate::tolerance::{TapTolerance, Tolerances};
 
 /// Tolerances from known-good pairs: per tap kind (`blk.*.q`, `logits`, …), the largest
@@ -18,7 +18,7 @@ pub fn calibrate(reports: &[DiffReport], margin: f64, floor: f64) -> (Tolerances
             for t in &p.taps {
                 let tap = Tap::parse(&t.tap).expect("canonical");
                 let pattern = match tap {
-                    Tap::Layer(_, i) => format!("blk.*.{}", LAYER_TAPS[i]),
+                    Tap::Layer(_, i) => format!("blk.*.{}", i.name()),
                     _ => t.tap.clone(),
                 };
                 let key = match tap {

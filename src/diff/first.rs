@@ -5,7 +5,7 @@ use super::metrics::{row_stat, Metrics};
 use super::{Channel, FirstDivergence, Growth, HeadError, TapDiff};
 use crate::dump::{Dump, MappedFile};
 use crate::error::{Error, Result};
-use crate::taps::{Tap, LAYER_TAPS};
+use crate::taps::Tap;
 use crate::tolerance::Tolerance;
 
 const TOP_CHANNELS: usize = 8;
@@ -14,7 +14,7 @@ const TOP_CHANNELS: usize = 8;
 fn head_count(tap: &Tap, a: &Dump) -> Option<usize> {
     let c = &a.manifest.model.config;
     match tap {
-        Tap::Layer(_, i) => match LAYER_TAPS[*i] {
+        Tap::Layer(_, i) => match i.name() {
             "q" | "attn" => Some(c.n_head),
             "k" | "v" => Some(c.n_head_kv),
             _ => None,
@@ -65,7 +65,7 @@ pub(super) fn first_divergence(
     let tap = Tap::parse(&td.tap).expect("taps in dumps are canonical");
     let stem = tap.file_stem();
     let load = |d: &Dump| -> Result<MappedFile> {
-        d.map_file(id, &stem)?
+        d.map_file(id, &stem.to_string())?
             .ok_or_else(|| Error::input(format!("{stem} vanished while comparing")))
     };
     let (fa, fb) = (load(a)?, load(b)?);

@@ -6,7 +6,7 @@ use super::plots::{clamp_log, heatmap_svg, plot_err, tick_index, HeatRows, HEATM
 use crate::bisect::{BisectReport, LayerAttribution};
 use crate::diff::{DiffReport, TapDiff};
 use crate::error::Result;
-use crate::taps::{Tap, LAYER_TAPS};
+use crate::taps::{LayerTap, Tap};
 
 /// The coarse probe's comparison: kept by bisect, or the partial one of a run that
 /// crashed in it (None when nothing was compared).
@@ -36,7 +36,7 @@ fn coarse_heatmap(r: &BisectReport) -> Result<Option<String>> {
         .taps
         .iter()
         .filter_map(|t| match Tap::parse(&t.tap) {
-            Some(Tap::Layer(l, i)) if LAYER_TAPS[i] == "resid_post" => Some((l + 1, l.to_string(), t)),
+            Some(Tap::Layer(l, LayerTap::ResidPost)) => Some((l + 1, l.to_string(), t)),
             Some(Tap::Embed) => Some((0, "embed".to_string(), t)),
             _ => None,
         })
@@ -81,7 +81,7 @@ fn search_verdicts(r: &BisectReport) -> Vec<(String, Vec<(usize, LayerVerdict)>)
                 p.layers
                     .iter()
                     .map(|&l| {
-                        let id = format!("blk.{l}.resid_post");
+                        let id = Tap::Layer(l, LayerTap::ResidPost).to_string();
                         let v = match coarse.and_then(|c| c.taps.iter().find(|t| t.tap == id)) {
                             Some(t) if t.first_bad.is_some() => LayerVerdict::Diverges,
                             Some(_) => LayerVerdict::Agrees,

@@ -85,7 +85,7 @@ fn error_vs_layer_svg(p: &PromptDiff, layers: &[usize]) -> Result<String> {
                 .taps
                 .iter()
                 .filter_map(|t| match Tap::parse(&t.tap) {
-                    Some(Tap::Layer(l, i)) if i == k => Some((l as f64, clamp_log(t.max_rel_l2()))),
+                    Some(Tap::Layer(l, i)) if i.index() == k => Some((l as f64, clamp_log(t.max_rel_l2()))),
                     _ => None,
                 })
                 .collect();
@@ -300,7 +300,7 @@ fn heatmap_rows<'a>(p: &'a PromptDiff, layers: &[usize]) -> Option<(String, &'st
         .taps
         .iter()
         .filter_map(|t| match Tap::parse(&t.tap) {
-            Some(Tap::Layer(l, i)) => Some((l, i, t)),
+            Some(Tap::Layer(l, i)) => Some((l, i.index(), t)),
             _ => None,
         })
         .collect();

@@ -31,8 +31,9 @@ const MIN_JUDGED_ROWS: usize = 32;
 pub(super) enum Stop {
     /// The finding is in the report already.
     Done,
-    /// An engine crashed in a probe: the crash, and what both engines wrote before it, compared.
-    Crashed(Crash, Option<DiffReport>),
+    /// An engine crashed in a probe: the crash, and what both engines wrote before it,
+    /// compared (boxed: a comparison is large, and every phase returns this).
+    Crashed(Box<(Crash, Option<DiffReport>)>),
     Failed(Error),
 }
 
@@ -184,7 +185,8 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
     fn finish(mut self, flow: Flow<()>) -> Result<BisectReport> {
         let reproduce = match flow {
             Ok(()) | Err(Stop::Done) => self.suspect_reproduce.take().unwrap_or(self.session.reproduce),
-            Err(Stop::Crashed(c, partial)) => {
+            Err(Stop::Crashed(crash)) => {
+                let (c, partial) = *crash;
                 self.report.outcome = Outcome::Crashed;
                 self.report.first = partial.as_ref().and_then(first_of);
                 self.report.crash = Some(c);
@@ -211,7 +213,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
     fn probe(&mut self, purpose: &str, tokens: usize, sel: Selection) -> Flow<DiffReport> {
         match self.session.probe(purpose, tokens, sel)? {
             ProbeResult::Compared(r) => Ok(r),
-            ProbeResult::Crashed(c, partial) => Err(Stop::Crashed(c, partial)),
+            ProbeResult::Crashed(c, partial) => Err(Stop::Crashed(Box::new((c, partial)))),
         }
     }
 

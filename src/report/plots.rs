@@ -200,7 +200,7 @@ impl HeatColumns {
         let mut positions: Vec<usize> = rows.iter().flat_map(|(_, t)| t.positions.iter().copied()).collect();
         positions.sort_unstable();
         positions.dedup();
-        let cols = positions.len().max(1).min(HEATMAP_BINS);
+        let cols = positions.len().clamp(1, HEATMAP_BINS);
         HeatColumns { positions, cols }
     }
 

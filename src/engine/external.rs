@@ -9,7 +9,7 @@ use super::{layers_arg, shell_quote, Engine};
 use crate::dump::{Dump, PromptRecord, Status};
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::taps::{PositionSpec, Selection};
+use crate::taps::Selection;
 
 /// An external engine: a shell command template with placeholders (docs/engines.md).
 pub struct ExternalEngine {
@@ -80,7 +80,7 @@ impl ExternalEngine {
             ("{prompt_id}", shell_quote(prompt_id)),
             ("{layers}", shell_quote(&layers_arg(&selection.layers))),
             ("{taps}", shell_quote(&selection.taps.join(","))),
-            ("{positions}", shell_quote(&selection.positions)),
+            ("{positions}", shell_quote(selection.positions.as_str())),
             ("{selection}", path(&side_file(written, ".selection.json"))),
             ("{out}", path(out)),
         ];
@@ -117,7 +117,7 @@ impl Engine for ExternalEngine {
 
     fn dump(&mut self, prompt: &PromptRecord, selection: &Selection, out: &Path) -> Result<()> {
         write_token_file(&side_file(out, ".tokens"), &prompt.tokens)?;
-        let positions = PositionSpec::parse(&selection.positions)?.resolve(prompt.tokens.len())?;
+        let positions = selection.positions.resolve(prompt.tokens.len())?;
         let sel_json = serde_json::json!({
             "prompt_id": prompt.id, "n_layer": self.n_layer, "layers": selection.layers, "taps": selection.taps,
             "positions": selection.positions, "resolved_positions": positions,

@@ -2,7 +2,7 @@
 //! f64 on the CPU. Whole for reference engines, or only the layers local replay needs.
 
 use candle_core::DType;
-use resbisect_reference::{Config as RefConfig, RawWeight, Reference, WeightSource};
+use resbisect_reference::{RawWeight, Reference, WeightSource};
 
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -59,20 +59,6 @@ impl WeightSource for Model {
     }
 }
 
-fn ref_config(model: &Model) -> RefConfig {
-    let c = &model.config;
-    RefConfig {
-        n_layer: c.n_layer,
-        n_embd: c.n_embd,
-        n_head: c.n_head,
-        n_head_kv: c.n_head_kv,
-        n_ff: c.n_ff,
-        n_vocab: c.n_vocab,
-        rope_base: c.rope_base,
-        rms_eps: c.rms_eps,
-    }
-}
-
 /// Reference weights loaded once, reusable across prompts and engines.
 pub struct Oracle {
     pub(super) inner: Reference,
@@ -81,14 +67,14 @@ pub struct Oracle {
 
 impl Oracle {
     pub fn load(model: &Model, precision: RefPrecision, on_layer: &mut dyn FnMut(usize)) -> Result<Self> {
-        let inner = Reference::load(ref_config(model), model, precision.candle(), on_layer)
+        let inner = Reference::load(model.config.clone(), model, precision.candle(), on_layer)
             .map_err(|e| Error::engine(format!("reference: loading weights: {e:#}")))?;
         Ok(Self { inner, precision })
     }
 
     /// Only `layers`, for local replay ([`replay_layer`](Self::replay_layer)).
     pub fn load_for_replay(model: &Model, precision: RefPrecision, layers: &[usize]) -> Result<Self> {
-        let inner = Reference::load_for_replay(ref_config(model), model, precision.candle(), layers)
+        let inner = Reference::load_for_replay(model.config.clone(), model, precision.candle(), layers)
             .map_err(|e| Error::engine(format!("reference: loading layers {layers:?} for replay: {e:#}")))?;
         Ok(Self { inner, precision })
     }
@@ -108,7 +94,7 @@ impl Oracle {
             .into_iter()
             .map(|(id, t)| {
                 Ok((
-                    id,
+                    id.id(),
                     t.flatten_all()
                         .and_then(|t| t.to_vec1::<f32>())
                         .map_err(|e| fail(e.into()))?,

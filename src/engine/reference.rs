@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use resbisect_reference::{Faults, TapSink};
+use resbisect_reference::TapSink;
 
 use super::checkpoints::PrefixCheckpoints;
 use super::session::{DumpSession, PromptRunner};
@@ -13,7 +13,7 @@ use super::{reproduce, DumpRequest, DumpSummary, Engine, NoProgress, Oracle, Pro
 use crate::dump::{BackgroundWriter, EngineInfo, FileJob, PromptRecord, TapDType, TapTensor};
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::taps::{Selection, Tap, LAYER_TAPS};
+use crate::taps::{Faults, FileStem, LayerTap, Selection, Tap};
 
 /// The built-in reference (candle, f32 or f64), optionally with injected faults. Its
 /// oracle may be shared (bisect's other engine, local replay) or load on first use.
@@ -191,25 +191,22 @@ fn resume(
     sink: &mut DumpSink,
 ) -> anyhow::Result<()> {
     let rows = |i: usize| stream[i].narrow(0, 0, n);
-    if sink.wants("embed") {
+    if sink.wants(Tap::Embed) {
         sink.emit(
-            "embed",
-            vec![("embed".into(), resbisect_reference::gather(&rows(0)?, positions)?)],
+            FileStem::Embed,
+            vec![(Tap::Embed, resbisect_reference::gather(&rows(0)?, positions)?)],
         )?;
     }
     let layers = stream.len() - 1;
     let n_layer = oracle.inner.n_layer();
-    let wants_output = sink.wants("final_norm") || sink.wants("logits");
+    let wants_output = sink.wants(Tap::FinalNorm) || sink.wants(Tap::Logits);
+    let wants_any = |sink: &DumpSink, l: usize, taps: &[LayerTap]| taps.iter().any(|&t| sink.wants(Tap::Layer(l, t)));
     for l in 0..n_layer {
-        let inner = LAYER_TAPS[..LAYER_TAPS.len() - 1]
-            .iter()
-            .any(|t| sink.wants(&format!("blk.{l}.{t}")));
-        let post = sink.wants(&format!("blk.{l}.resid_post"));
+        let inner = wants_any(sink, l, &LayerTap::ALL[..LayerTap::ALL.len() - 1]);
+        let post = sink.wants(Tap::Layer(l, LayerTap::ResidPost));
         if l >= layers {
             // Past the checkpointed layers: continue the forward from the last one.
-            let wanted_after = (l..n_layer)
-                .rev()
-                .find(|&m| LAYER_TAPS.iter().any(|t| sink.wants(&format!("blk.{m}.{t}"))));
+            let wanted_after = (l..n_layer).rev().find(|&m| wants_any(sink, m, &LayerTap::ALL));
             let last = if wants_output { Some(n_layer - 1) } else { wanted_after };
             let Some(last) = last else { return Ok(()) };
             let x = oracle
@@ -226,10 +223,10 @@ fn resume(
                 .inner
                 .run_layers(rows(l)?, l, l, positions, faults, sink, &mut |_, _| {})?;
         } else if post {
-            let id = format!("blk.{l}.resid_post");
+            let tap = Tap::Layer(l, LayerTap::ResidPost);
             sink.emit(
-                &format!("blk.{l}"),
-                vec![(id, resbisect_reference::gather(&rows(l + 1)?, positions)?)],
+                FileStem::Layer(l),
+                vec![(tap, resbisect_reference::gather(&rows(l + 1)?, positions)?)],
             )?;
         }
     }
@@ -280,18 +277,14 @@ fn tensor_to_tap(id: String, t: &Tensor) -> anyhow::Result<TapTensor> {
 }
 
 impl TapSink for DumpSink<'_> {
-    fn wants(&self, tap_id: &str) -> bool {
-        match Tap::parse(tap_id) {
-            Some(Tap::Layer(l, _)) if l >= self.n_layer => false,
-            Some(tap) => self.selection.wants(&tap),
-            None => false,
-        }
+    fn wants(&self, tap: Tap) -> bool {
+        tap.layer().is_none_or(|l| l < self.n_layer) && self.selection.wants(&tap)
     }
 
-    fn emit(&mut self, group: &str, taps: Vec<(String, Tensor)>) -> anyhow::Result<()> {
+    fn emit(&mut self, group: FileStem, taps: Vec<(Tap, Tensor)>) -> anyhow::Result<()> {
         let taps = taps
             .into_iter()
-            .map(|(id, t)| tensor_to_tap(id, &t))
+            .map(|(tap, t)| tensor_to_tap(tap.id(), &t))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let job = FileJob {
             prompt_id: self.prompt_id.to_string(),

@@ -92,7 +92,7 @@ impl DumpCommand<'_> {
             shell_quote(&self.suite.display().to_string()),
             layers_arg(&self.selection.layers),
             shell_quote(&self.selection.taps.join(",")),
-            shell_quote(&self.selection.positions),
+            shell_quote(self.selection.positions.as_str()),
             shell_quote(&self.out.display().to_string())
         )
     }

@@ -14,7 +14,7 @@ use crate::inject::RuntimeFaults;
 use crate::model::Model;
 use crate::runtime::backend::{Backend, StorageDType};
 use crate::runtime::{preflight, RunOptions, Runtime};
-use crate::taps::{all_taps, Selection, Tap, LAYER_TAPS};
+use crate::taps::{all_taps, LayerTap, PositionSpec, Selection, Tap};
 
 /// The built-in runtime on one backend, optionally with injected faults.
 pub struct RuntimeEngine<'m, B: Backend> {
@@ -195,7 +195,7 @@ impl<B: Backend> PromptRunner for RuntimeRunner<'_, B> {
     ) -> Result<Vec<u32>> {
         let (rt, selection, run, faults) = (self.rt, self.selection, self.run, self.faults);
         // Only a run with an output tap computes every layer, so only its stream is whole.
-        let keeps = run.max_tokens == 0 && (selection.wants(&Tap::Output(0)) || selection.wants(&Tap::Output(1)));
+        let keeps = run.max_tokens == 0 && (selection.wants(&Tap::FinalNorm) || selection.wants(&Tap::Logits));
         let fits = PrefixCheckpoints::<B::Buf>::fits(self.checkpoint_bytes(prompt.tokens.len()));
         let servable = self.servable();
         match self.checkpoints.as_deref_mut() {
@@ -228,8 +228,7 @@ impl<B: Backend> RuntimeRunner<'_, B> {
     /// Whether checkpoints hold every tap the selection asks for (`embed` and
     /// `resid_post`) and the run generates nothing past the prompt.
     fn servable(&self) -> bool {
-        let post = LAYER_TAPS.len() - 1;
-        let servable = |t: &Tap| matches!(t, Tap::Embed) || matches!(t, Tap::Layer(_, i) if *i == post);
+        let servable = |t: &Tap| matches!(t, Tap::Embed | Tap::Layer(_, LayerTap::ResidPost));
         self.run.max_tokens == 0
             && all_taps(self.model.config.n_layer)
                 .iter()
@@ -293,7 +292,7 @@ impl OnBackend for Generate<'_> {
         let nothing = Selection {
             layers: Vec::new(),
             taps: Vec::new(),
-            positions: "all".into(),
+            positions: PositionSpec::all(),
         };
         progress.stage("loading weights", model.config.n_layer);
         let rt = Runtime::load(backend, model, &mut |_| progress.tick())?;

@@ -10,7 +10,7 @@ use super::{DumpRequest, DumpSummary, Progress};
 use crate::dump::{BackgroundWriter, Dump, DumpWriter, EngineInfo, Manifest, ModelInfo, PromptRecord, RunError};
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::taps::{PositionSpec, Selection};
+use crate::taps::Selection;
 
 /// How a built-in engine runs the prompts of a session.
 pub(super) trait PromptRunner {
@@ -43,12 +43,14 @@ pub(super) struct DumpSession<'r> {
 impl<'r> DumpSession<'r> {
     /// Resolve every prompt's positions over its tokens and `generated` more.
     pub fn new(model: &'r Model, request: &'r DumpRequest<'r>, generated: usize) -> Result<Self> {
-        let spec = PositionSpec::parse(&request.selection.positions)?;
         let positions = request
             .prompts
             .iter()
             .map(|p| {
-                spec.resolve(p.tokens.len() + generated)
+                request
+                    .selection
+                    .positions
+                    .resolve(p.tokens.len() + generated)
                     .map(Arc::new)
                     .map_err(|e| Error::input(format!("prompt {}: {e}", p.id)))
             })

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::inject::RuntimeFaults;
 use crate::model::{Config, Model};
 use crate::sys::available_memory;
-use crate::taps::{all_taps, PositionSpec, Selection, Tap, LAYER_TAPS};
+use crate::taps::{all_taps, LayerTap, PositionSpec, Selection, Tap};
 use backend::{AttnShape, Backend, Row, Src, Step};
 
 #[derive(Clone, Default)]
@@ -140,11 +140,11 @@ impl<'a> TapCollector<'a> {
         } else {
             backend.download_rows(buf, runs, writer.buffer())?
         };
-        let stem = tap.file_stem();
+        let stem = tap.file_stem().to_string();
         if !self.streams.contains_key(&stem) {
             let taps: Vec<(String, TapDType, usize)> = all_taps(self.cfg.n_layer)
                 .into_iter()
-                .filter(|t| t.file_stem() == stem && self.wants(t))
+                .filter(|t| t.file_stem() == tap.file_stem() && self.wants(t))
                 .map(|t| (t.id(), self.dtype, t.width(self.cfg)))
                 .collect();
             let stream = writer.stream_file(self.prompt_id, &stem, &self.positions, &taps)?;
@@ -352,11 +352,11 @@ impl<B: Backend> Runtime<B> {
         let true_positions: Vec<f32> = (start..start + rows).map(|p| p as f32).collect();
         // A dump without decoding or an output tap cannot see layers past the last tapped
         // one: stop there, as the reference does (`run` always computes everything).
-        let want_out = col.wants(&Tap::Output(0)) || col.wants(&Tap::Output(1));
+        let want_out = col.wants(&Tap::FinalNorm) || col.wants(&Tap::Logits);
         let depth = if !decode && col.writer.is_some() && opts.max_tokens == 0 && !want_out {
             (0..c.n_layer)
                 .rev()
-                .find(|&l| (0..LAYER_TAPS.len()).any(|i| col.wants(&Tap::Layer(l, i))))
+                .find(|&l| LayerTap::ALL.into_iter().any(|t| col.wants(&Tap::Layer(l, t))))
                 .map_or(0, |l| l + 1)
         } else {
             c.n_layer
@@ -481,7 +481,7 @@ impl<B: Backend> Runtime<B> {
         let b = &self.backend;
         let sc = opts.sync_check;
         let e = c.n_embd;
-        let want_out = col.wants(&Tap::Output(0)) || col.wants(&Tap::Output(1));
+        let want_out = col.wants(&Tap::FinalNorm) || col.wants(&Tap::Logits);
         let mut need: Vec<usize> = if want_out { col.rows_in(start, rows) } else { Vec::new() };
         if want_next && need.last() != Some(&(rows - 1)) {
             need.push(rows - 1);
@@ -521,8 +521,8 @@ impl<B: Backend> Runtime<B> {
             // entries, the decode row may trail unselected).
             let sel = col.rows_in(start, rows).len();
             for (tap, buf, width) in [
-                (Tap::Output(0), &mut ws.normed, e),
-                (Tap::Output(1), &mut ws.logits, c.n_vocab),
+                (Tap::FinalNorm, &mut ws.normed, e),
+                (Tap::Logits, &mut ws.logits, c.n_vocab),
             ] {
                 let tid = tap.id();
                 for fl in faults.taps.iter().filter(|fl| fl.tap_id == tid) {
@@ -603,7 +603,7 @@ impl<B: Backend> Runtime<B> {
         let none = Selection {
             layers: Vec::new(),
             taps: Vec::new(),
-            positions: "all".into(),
+            positions: PositionSpec::all(),
         };
         for _ in 0..opts.warmup {
             self.run_prompt(prompt, &none, &RuntimeFaults::default(), opts, None, None, &mut || {})?;
@@ -632,7 +632,8 @@ impl<B: Backend> Runtime<B> {
         let c = &self.cfg;
         let b = &self.backend;
         let total = prompt.tokens.len() + opts.max_tokens;
-        let positions = PositionSpec::parse(&selection.positions)?
+        let positions = selection
+            .positions
             .resolve(total)
             .map_err(|e| Error::input(format!("prompt {}: {e}", prompt.id)))?;
         let mut col = TapCollector {
@@ -790,8 +791,8 @@ impl<B: Backend> Staged<B> {
         let mut buffers = BTreeMap::new();
         if !positions.is_empty() {
             let c = &rt.cfg;
-            let taps = std::iter::once(Tap::Embed)
-                .chain((0..c.n_layer).flat_map(|l| (0..LAYER_TAPS.len()).map(move |i| Tap::Layer(l, i))));
+            let taps =
+                std::iter::once(Tap::Embed).chain((0..c.n_layer).flat_map(|l| LayerTap::ALL.map(|t| Tap::Layer(l, t))));
             for tap in taps.filter(|t| col.wants(t)) {
                 buffers.insert(tap.id(), rt.backend.alloc(positions.len() * tap.width(c))?);
             }
@@ -816,7 +817,8 @@ impl<B: Backend> Runtime<B> {
         selection: &Selection,
         writer: &BackgroundWriter,
     ) -> Result<()> {
-        let positions = PositionSpec::parse(&selection.positions)?
+        let positions = selection
+            .positions
             .resolve(prompt.tokens.len())
             .map_err(|e| Error::input(format!("prompt {}: {e}", prompt.id)))?;
         let mut col = TapCollector {
@@ -830,9 +832,8 @@ impl<B: Backend> Runtime<B> {
             sync_check: false,
         };
         let e = self.cfg.n_embd;
-        let post = LAYER_TAPS.len() - 1;
         for (tap, buf) in std::iter::once(Tap::Embed)
-            .chain((0..self.cfg.n_layer).map(|l| Tap::Layer(l, post)))
+            .chain((0..self.cfg.n_layer).map(|l| Tap::Layer(l, LayerTap::ResidPost)))
             .zip(stream)
         {
             if !col.wants(&tap) {

@@ -420,7 +420,7 @@ fn prefix_dumps_served_from_checkpoints_equal_computed_ones() {
     // Bisect's layer probes read resid_post rows of a prefix from the residual stream the
     // coarse run kept: they must be the rows a run of that prefix computes.
     use resbisect::dump::PromptRecord;
-    use resbisect::engines::{Engine, RuntimeDriver};
+    use resbisect::engine::{Engine, RuntimeEngine};
     use resbisect::runtime::backend::StorageDType;
     use resbisect::runtime::cpu::CpuBackend;
     use resbisect::taps::Selection;
@@ -441,12 +441,11 @@ fn prefix_dumps_served_from_checkpoints_equal_computed_ones() {
         Selection::parse(layers, taps, positions, model.config.n_layer).unwrap()
     };
     let driver = || {
-        RuntimeDriver::new(
+        RuntimeEngine::new(
             CpuBackend::new(StorageDType::F32),
             &model,
-            &path,
             vec!["blk.7.ffn_up:scale=1.5@150".into()],
-            None,
+            Default::default(),
         )
         .unwrap()
     };

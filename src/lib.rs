@@ -21,14 +21,3 @@ pub mod tolerance;
 pub mod trace;
 
 pub use error::{Error, Result};
-
-/// Paths from before `engine/` that other branches of issue 17 (bisect, report) still
-/// use; remove once they call `engine::` directly.
-pub mod engines {
-    pub use crate::engine::{crash_report, layers_arg, resbisect_command, shell_quote, Engine};
-}
-
-/// See [`engines`].
-pub mod reference_engine {
-    pub use crate::engine::{Oracle as ReferenceEngine, RefPrecision};
-}

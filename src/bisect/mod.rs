@@ -1,5 +1,5 @@
 //! `resbisect bisect`: drives an engine under test (A) and an oracle (B) with as few and
-//! as small dumps as it can (DESIGN §6) — a coarse probe over sparse layers at every
+//! as small dumps as it can — a coarse probe over sparse layers at every
 //! position, truncation of the prompt after the first divergent position (causality),
 //! binary search over layers, all taps of the suspect layer — then replays the suspect
 //! layer and its neighbours on the reference from A's own inputs to separate the error a
@@ -18,7 +18,7 @@ pub use self::probe::{dir_bytes, ProbeRecord};
 pub use self::replay::Replayer;
 use crate::diff::{DiffReport, FirstDivergence, Judge, Judgement, TokenMismatch};
 use crate::dump::{PromptRecord, RunError};
-use crate::engines::Engine;
+use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::model::Config;
 use crate::tolerance::Tolerances;

@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::{BisectOptions, Crash};
 use crate::diff::{self, DiffOptions, DiffReport, Judge};
 use crate::dump::{Dump, MappedFile, PromptRecord, TapView};
-use crate::engines::{crash_report, Engine};
+use crate::engine::{crash_report, Engine};
 use crate::error::{Error, Result};
 use crate::taps::{PositionSpec, Selection, Tap};
 
@@ -282,15 +282,15 @@ impl<'e> Session<'e> {
             .tolerances
             .source
             .as_ref()
-            .map(|p| format!(" --tolerances {}", crate::engines::shell_quote(p)))
+            .map(|p| format!(" --tolerances {}", crate::engine::shell_quote(p)))
             .unwrap_or_default();
-        let quote = |p: &Path| crate::engines::shell_quote(&p.display().to_string());
+        let quote = |p: &Path| crate::engine::shell_quote(&p.display().to_string());
         vec![
             self.a.reproduce(prompt_id, &dirs.suite, sel, &dirs.a, &repro_a),
             self.b.reproduce(prompt_id, &dirs.suite, sel, &dirs.b, &repro_b),
             format!(
                 "{} diff {} {}{tol}",
-                crate::engines::resbisect_command(),
+                crate::engine::resbisect_command(),
                 quote(&repro_a),
                 quote(&repro_b)
             ),

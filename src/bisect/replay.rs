@@ -10,16 +10,16 @@ use super::search::{input_id, resid_post, Search, Suspect};
 use super::{LayerAttribution, TapAttribution};
 use crate::diff::{self, DiffReport, RowStat};
 use crate::dump::{TapDType, TapView};
+use crate::engine::{Oracle, RefPrecision};
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::reference_engine::{RefPrecision, ReferenceEngine};
 use crate::tolerance::Tolerance;
 
 /// The reference that recomputes layers for local replay, whatever engine B is.
 #[derive(Clone, Copy)]
 pub enum Replayer<'r> {
     /// Already loaded (it is also one of the engines).
-    Loaded(&'r ReferenceEngine),
+    Loaded(&'r Oracle),
     /// Loaded when replay starts, with only the layers it replays.
     OnDemand { model: &'r Model, precision: RefPrecision },
     /// No local replay (`--no-replay`): the search ends at the first divergent tap.
@@ -43,12 +43,12 @@ pub(super) type Replays = Vec<Vec<(String, Vec<f32>)>>;
 pub(super) type ReplayRun = (Replays, f64, Vec<Vec<f32>>);
 
 /// Reference layers loading on a thread, with the layers they hold.
-pub(super) type Preload<'s> = (Vec<usize>, ScopedJoinHandle<'s, Result<ReferenceEngine>>);
+pub(super) type Preload<'s> = (Vec<usize>, ScopedJoinHandle<'s, Result<Oracle>>);
 
 /// Where replay's reference comes from: loaded already, or loading on a thread.
 enum ReplaySource<'s, 'r> {
-    Loaded(&'r ReferenceEngine),
-    Loading(ScopedJoinHandle<'s, Result<ReferenceEngine>>),
+    Loaded(&'r Oracle),
+    Loading(ScopedJoinHandle<'s, Result<Oracle>>),
 }
 
 /// The layers local replay recomputes for suspect layer `hi`: it and its neighbours.
@@ -71,7 +71,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
             self.preload = (bytes <= PRELOAD_BYTES).then(|| {
                 (
                     layers.clone(),
-                    scope.spawn(move || ReferenceEngine::load_for_replay(model, precision, &layers)),
+                    scope.spawn(move || Oracle::load_for_replay(model, precision, &layers)),
                 )
             });
         }
@@ -145,7 +145,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
                 let ahead = self.preload.take().map(|(layers, job)| (layers, join(job)));
                 loaded = match ahead {
                     Some((layers, engine)) if replayed.iter().all(|l| layers.contains(l)) => engine?,
-                    _ => ReferenceEngine::load_for_replay(model, precision, replayed)?,
+                    _ => Oracle::load_for_replay(model, precision, replayed)?,
                 };
                 &loaded
             }
@@ -227,13 +227,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
 /// Each layer of `layers` recomputed from its input in `inputs` (rows `0..prefix`), every
 /// tap at positions `at`. The layers replay at once: each is independent, and much of a
 /// layer is single-threaded.
-fn replay_all(
-    engine: &ReferenceEngine,
-    layers: &[usize],
-    inputs: &[Vec<f32>],
-    prefix: usize,
-    at: &[usize],
-) -> Result<Replays> {
+fn replay_all(engine: &Oracle, layers: &[usize], inputs: &[Vec<f32>], prefix: usize, at: &[usize]) -> Result<Replays> {
     std::thread::scope(|scope| {
         let jobs: Vec<_> = layers
             .iter()

@@ -14,7 +14,7 @@ use super::replay::{replay_layers, replay_positions, Preload, ReplayRun, Replaye
 use super::{check_work_dir, coarse_layers, BisectOptions, BisectReport, Crash, Outcome};
 use crate::diff::{self, DiffReport, FirstDivergence, Judge, Judgement};
 use crate::dump::PromptRecord;
-use crate::engines::Engine;
+use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::model::Config;
 use crate::taps::{LayerTap, Selection, Tap, LAYER_TAPS};

@@ -377,7 +377,7 @@ fn search_table_html(s: &mut String, r: &BisectReport) {
         let _ = write!(
             s,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.2} / {:.2}</td><td>{}</td><td>{}</td></tr>",
-            i + 1, html_escape(&p.purpose), p.tokens, html_escape(&crate::engines::layers_arg(&p.layers)), html_escape(&p.taps.join(", ")), html_escape(&p.positions), p.seconds_a, p.seconds_b, bytes(p.bytes_a + p.bytes_b), html_escape(&p.finding)
+            i + 1, html_escape(&p.purpose), p.tokens, html_escape(&crate::engine::layers_arg(&p.layers)), html_escape(&p.taps.join(", ")), html_escape(&p.positions), p.seconds_a, p.seconds_b, bytes(p.bytes_a + p.bytes_b), html_escape(&p.finding)
         );
     }
     let _ = write!(

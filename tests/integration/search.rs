@@ -9,7 +9,7 @@ use std::path::Path;
 use resbisect::bisect::{self, BisectOptions, Replayer};
 use resbisect::diff::{Judge, Judgement};
 use resbisect::dump::{DumpWriter, EngineInfo, Manifest, ModelInfo, PromptRecord, Status, TapDType, TapTensor};
-use resbisect::engines::Engine;
+use resbisect::engine::Engine;
 use resbisect::model::Config;
 use resbisect::taps::{FileStem, LayerTap, Selection, Tap, LAYER_TAPS};
 use resbisect::tolerance::{Tolerances, FLOOR_MARGIN};

@@ -1,6 +1,6 @@
 //! The one backend trait of the runtime: the ops a llama forward needs, over buffers the
 //! backend owns. Every op is fallible, so a device error stops the run with a name.
-//! The `cpu` backend implements it here; GPU backends implement the same trait.
+//! The `cpu` backend implements it in cpu.rs; the GPU backend (gpu/) the same trait.
 
 use candle_core::quantized::GgmlDType;
 use resbisect_reference::Fault;
@@ -245,14 +245,14 @@ pub trait Backend: Send {
 
     /// Make `step` the step record that `Src::Step`, `Row::Step*` and `from_step` read.
     fn set_step(&self, step: Step) -> Result<()>;
-    /// Record the ops issued until [`end_capture`](Self::end_capture) instead of running
+    /// Record the ops issued until [`end_record`](Self::end_record) instead of running
     /// them; `false` where the backend cannot record (the ops then run as issued), which
-    /// is the default.
-    fn begin_capture(&self) -> Result<bool> {
+    /// is the default. (Not a tap capture: those are [`download_rows`](Self::download_rows).)
+    fn begin_record(&self) -> Result<bool> {
         Ok(false)
     }
     /// The recording, or `None` when it could not be made (the ops did not run).
-    fn end_capture(&self) -> Result<Option<Self::Graph>> {
+    fn end_record(&self) -> Result<Option<Self::Graph>> {
         Ok(None)
     }
     fn replay(&self, _graph: &Self::Graph) -> Result<()> {

@@ -57,12 +57,12 @@ impl<B: Backend> Timer<'_, B> {
         issue(0)?;
         self.b.sync()?;
         let mut micros = None;
-        if self.record && self.b.begin_capture()? {
+        if self.record && self.b.begin_record()? {
             let mut issued = Ok(());
             for i in 0..REPS {
                 issued = issued.and_then(|_| issue(i));
             }
-            let graph = self.b.end_capture()?;
+            let graph = self.b.end_record()?;
             issued?;
             if let Some(graph) = graph {
                 self.b.replay(&graph)?;

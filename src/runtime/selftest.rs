@@ -363,9 +363,9 @@ impl<B: Backend> Checker<'_, B> {
                 g.attention(&gq, &gk, &gv, shape, &mut gattn)?;
                 g.copy_rows(&gattn, &mut gstaged, Row::StepSlot, 1, qw)
             };
-            if slot == 0 && g.begin_capture()? {
+            if slot == 0 && g.begin_record()? {
                 let issued = issue();
-                graph = g.end_capture()?;
+                graph = g.end_record()?;
                 issued?;
             }
             match &graph {

@@ -3,6 +3,7 @@
 
 mod util;
 
+mod backends;
 mod bad_input;
 mod bisect;
 mod bug_classes;
@@ -10,7 +11,6 @@ mod c_header;
 mod cli;
 mod diff;
 mod dump_format;
-mod gpu;
 mod hostile;
 mod reference;
 mod report;

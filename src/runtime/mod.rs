@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::inject::RuntimeFaults;
 use crate::model::{Config, Model};
 use crate::reference_engine::{DumpSummary, Progress};
-use crate::taps::{all_taps, PositionSpec, Selection, Tap, LAYER_TAPS};
+use crate::taps::{all_taps, LayerTap, PositionSpec, Selection, Tap};
 use backend::{AttnShape, Backend, Row, Src, Step};
 
 pub struct RunOptions {
@@ -146,11 +146,11 @@ impl<'a> TapCollector<'a> {
         } else {
             backend.download_rows(buf, runs, writer.buffer())?
         };
-        let stem = tap.file_stem();
+        let stem = tap.file_stem().to_string();
         if !self.streams.contains_key(&stem) {
             let taps: Vec<(String, TapDType, usize)> = all_taps(self.cfg.n_layer)
                 .into_iter()
-                .filter(|t| t.file_stem() == stem && self.wants(t))
+                .filter(|t| t.file_stem() == tap.file_stem() && self.wants(t))
                 .map(|t| (t.id(), self.dtype, t.width(self.cfg)))
                 .collect();
             let stream = writer.stream_file(self.prompt_id, &stem, &self.positions, &taps)?;
@@ -358,11 +358,11 @@ impl<B: Backend> Runtime<B> {
         let true_positions: Vec<f32> = (start..start + rows).map(|p| p as f32).collect();
         // A dump without decoding or an output tap cannot see layers past the last tapped
         // one: stop there, as the reference does (`run` always computes everything).
-        let want_out = col.wants(&Tap::Output(0)) || col.wants(&Tap::Output(1));
+        let want_out = col.wants(&Tap::FinalNorm) || col.wants(&Tap::Logits);
         let depth = if !decode && col.writer.is_some() && opts.max_tokens == 0 && !want_out {
             (0..c.n_layer)
                 .rev()
-                .find(|&l| (0..LAYER_TAPS.len()).any(|i| col.wants(&Tap::Layer(l, i))))
+                .find(|&l| LayerTap::ALL.into_iter().any(|t| col.wants(&Tap::Layer(l, t))))
                 .map_or(0, |l| l + 1)
         } else {
             c.n_layer
@@ -487,7 +487,7 @@ impl<B: Backend> Runtime<B> {
         let b = &self.backend;
         let sc = opts.sync_check;
         let e = c.n_embd;
-        let want_out = col.wants(&Tap::Output(0)) || col.wants(&Tap::Output(1));
+        let want_out = col.wants(&Tap::FinalNorm) || col.wants(&Tap::Logits);
         let mut need: Vec<usize> = if want_out { col.rows_in(start, rows) } else { Vec::new() };
         if want_next && need.last() != Some(&(rows - 1)) {
             need.push(rows - 1);
@@ -527,8 +527,8 @@ impl<B: Backend> Runtime<B> {
             // entries, the decode row may trail unselected).
             let sel = col.rows_in(start, rows).len();
             for (tap, buf, width) in [
-                (Tap::Output(0), &mut ws.normed, e),
-                (Tap::Output(1), &mut ws.logits, c.n_vocab),
+                (Tap::FinalNorm, &mut ws.normed, e),
+                (Tap::Logits, &mut ws.logits, c.n_vocab),
             ] {
                 let tid = tap.id();
                 for fl in faults.taps.iter().filter(|fl| fl.tap_id == tid) {
@@ -609,7 +609,7 @@ impl<B: Backend> Runtime<B> {
         let none = Selection {
             layers: Vec::new(),
             taps: Vec::new(),
-            positions: "all".into(),
+            positions: PositionSpec::all(),
         };
         for _ in 0..opts.warmup {
             self.run_prompt(
@@ -645,7 +645,8 @@ impl<B: Backend> Runtime<B> {
         let c = &self.cfg;
         let b = &self.backend;
         let total = prompt.tokens.len() + opts.max_tokens;
-        let positions = PositionSpec::parse(&selection.positions)?
+        let positions = selection
+            .positions
             .resolve(total)
             .map_err(|e| Error::input(format!("prompt {}: {e}", prompt.id)))?;
         let mut col = TapCollector {
@@ -807,8 +808,8 @@ impl<B: Backend> Staged<B> {
         let mut buffers = BTreeMap::new();
         if !positions.is_empty() {
             let c = &rt.cfg;
-            let taps = std::iter::once(Tap::Embed)
-                .chain((0..c.n_layer).flat_map(|l| (0..LAYER_TAPS.len()).map(move |i| Tap::Layer(l, i))));
+            let taps =
+                std::iter::once(Tap::Embed).chain((0..c.n_layer).flat_map(|l| LayerTap::ALL.map(|t| Tap::Layer(l, t))));
             for tap in taps.filter(|t| col.wants(t)) {
                 buffers.insert(tap.id(), rt.backend.alloc(positions.len() * tap.width(c))?);
             }
@@ -842,7 +843,7 @@ impl<B: Backend> Runtime<B> {
     ) -> Result<DumpSummary> {
         let longest = prompts.iter().map(|p| p.tokens.len()).max().unwrap_or(0);
         preflight(model, longest, opts, self.backend.dtype().bytes().max(4))?;
-        let spec = PositionSpec::parse(&selection.positions)?;
+        let spec = &selection.positions;
         // Every prompt's positions resolve; the largest capture is the selected rows of a
         // prefill chunk, or of decode, of the widest tap; a prompt captures each tap once
         // per chunk, and once more after decode.
@@ -876,7 +877,7 @@ impl<B: Backend> Runtime<B> {
         let start = std::time::Instant::now();
         let mut processed: Vec<Vec<u32>> = Vec::new();
         let outcome = prompts.iter().try_for_each(|p| {
-            let keeps = opts.max_tokens == 0 && (selection.wants(&Tap::Output(0)) || selection.wants(&Tap::Output(1)));
+            let keeps = opts.max_tokens == 0 && (selection.wants(&Tap::FinalNorm) || selection.wants(&Tap::Logits));
             let tokens = match cache.as_deref_mut() {
                 Some(Some(cp)) if self.serves(cp, p, selection, opts) => {
                     self.serve(cp, p, selection, &writer)?;
@@ -942,8 +943,7 @@ impl<B: Backend> Runtime<B> {
 
     /// Whether `cp` holds everything a dump of `prompt` with `selection` asks for.
     fn serves(&self, cp: &Checkpoints<B>, prompt: &PromptRecord, selection: &Selection, opts: &RunOptions) -> bool {
-        let post = LAYER_TAPS.len() - 1;
-        let servable = |t: &Tap| matches!(t, Tap::Embed) || matches!(t, Tap::Layer(_, i) if *i == post);
+        let servable = |t: &Tap| matches!(t, Tap::Embed | Tap::Layer(_, LayerTap::ResidPost));
         !prompt.tokens.is_empty()
             && opts.max_tokens == 0
             && cp.tokens.starts_with(&prompt.tokens)
@@ -960,7 +960,8 @@ impl<B: Backend> Runtime<B> {
         selection: &Selection,
         writer: &BackgroundWriter,
     ) -> Result<()> {
-        let positions = PositionSpec::parse(&selection.positions)?
+        let positions = selection
+            .positions
             .resolve(prompt.tokens.len())
             .map_err(|e| Error::input(format!("prompt {}: {e}", prompt.id)))?;
         let mut col = TapCollector {
@@ -974,9 +975,8 @@ impl<B: Backend> Runtime<B> {
             sync_check: false,
         };
         let e = self.cfg.n_embd;
-        let post = LAYER_TAPS.len() - 1;
         for (tap, buf) in std::iter::once(Tap::Embed)
-            .chain((0..self.cfg.n_layer).map(|l| Tap::Layer(l, post)))
+            .chain((0..self.cfg.n_layer).map(|l| Tap::Layer(l, LayerTap::ResidPost)))
             .zip(&cp.stream)
         {
             if !col.wants(&tap) {
@@ -1040,7 +1040,7 @@ pub fn generate<B: Backend>(
     let selection = Selection {
         layers: Vec::new(),
         taps: Vec::new(),
-        positions: "all".into(),
+        positions: PositionSpec::all(),
     };
     progress.stage("loading weights", model.config.n_layer);
     let rt = Runtime::load(backend, model, &mut |_| progress.tick())?;

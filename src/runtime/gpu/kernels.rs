@@ -4,7 +4,7 @@
 //! types, the fault codes of `rb_perturb`, and the storage element both drivers share.
 
 use candle_core::quantized::GgmlDType;
-use resbisect_reference::Fault;
+use resbisect_taps::Fault;
 
 use crate::runtime::backend::StorageDType;
 

@@ -3,7 +3,7 @@
 //! driver. The fused ops run as one launch on up to [`GEMV_ROWS`] rows (decode).
 
 use candle_core::quantized::GgmlDType;
-use resbisect_reference::Fault;
+use resbisect_taps::Fault;
 
 use super::kernels::{self, Ptr, StorageElem};
 use super::plan::{attention_plan, AttnPlan, Grid, GEMV_ROWS};

@@ -5,7 +5,7 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use rand::RngExt;
-use resbisect_reference::Fault;
+use resbisect_taps::Fault;
 
 use super::{Checker, OpCheck};
 use crate::error::{Error, Result};

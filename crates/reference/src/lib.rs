@@ -1,0 +1,683 @@
+//! The oracle: a llama forward pass on candle-core with exactly dequantized weights,
+//! computed in f32 (or f64), with every canonical tap of docs/taps.md available.
+//!
+//! Independent from the runtime by construction: of resbisect it depends only on the tap
+//! contract (resbisect-taps, which holds no numerics), so it cannot reuse runtime numerics. It reads weights through
+//! [`WeightSource`] and hands captured rows, one dump file group at a time, to a
+//! [`TapSink`]; it keeps only one layer's activations alive.
+
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, D};
+use num_traits::Float;
+use rayon::prelude::*;
+use resbisect_taps::{Config, Fault, Faults, FileStem, LayerTap, RopeFault, Tap, TapFault};
+
+/// Queries processed together in attention: bounds the score matrix to
+/// `n_head × ATTN_QUERY_CHUNK × seq` whatever the sequence length.
+/// Small enough that the causal chunks skip most masked scores, large enough for
+/// efficient GEMMs.
+const ATTN_QUERY_CHUNK: usize = 128;
+
+/// Apply the faults aimed at `tap` to its rows.
+fn apply_faults(faults: &Faults, tap: Tap, t: Tensor) -> Result<Tensor> {
+    let mut t = t;
+    let id = tap.id();
+    for f in faults.taps.iter().filter(|f| f.tap_id == id) {
+        let (n, _) = t.dims2()?;
+        if f.from >= n {
+            continue;
+        }
+        let hit: Vec<f64> = (0..n).map(|p| if p >= f.from { 1.0 } else { 0.0 }).collect();
+        let hit = Tensor::from_vec(hit, (n, 1), &Device::Cpu)?.to_dtype(t.dtype())?;
+        t = match f.fault {
+            Fault::Scale(s) => t.broadcast_mul(&((hit * (s - 1.0))? + 1.0)?)?,
+            Fault::Offset(o) => t.broadcast_add(&(hit * o)?)?,
+            Fault::Zero => t.broadcast_mul(&(1.0 - hit)?)?,
+            Fault::Nan => {
+                let nan: Vec<f64> = (0..n).map(|p| if p >= f.from { f64::NAN } else { 0.0 }).collect();
+                t.broadcast_add(&Tensor::from_vec(nan, (n, 1), &Device::Cpu)?.to_dtype(t.dtype())?)?
+            }
+        };
+    }
+    Ok(t)
+}
+
+/// The RMSNorm epsilon of each of the rows at `positions`.
+fn row_eps(faults: &Faults, model_eps: f64, positions: &[usize]) -> Eps {
+    match faults.norm {
+        Some(f) if positions.iter().any(|&p| p >= f.from) => Eps::Rows(
+            positions
+                .iter()
+                .map(|&p| if p >= f.from { f.eps } else { model_eps })
+                .collect(),
+        ),
+        _ => Eps::Model(model_eps),
+    }
+}
+
+/// RMSNorm's epsilon: the model's, or one per row where a [`NormFault`] acts.
+enum Eps {
+    Model(f64),
+    Rows(Vec<f64>),
+}
+
+/// A weight as stored in GGUF: ggml type, dims in ggml order (`dims[0]` contiguous) and
+/// its raw bytes.
+pub struct RawWeight<'a> {
+    pub dtype: GgmlDType,
+    pub dims: Vec<usize>,
+    pub data: &'a [u8],
+}
+
+pub trait WeightSource {
+    /// The weight under its GGUF name; `output.weight` resolves ties itself.
+    fn weight(&self, name: &str) -> Result<RawWeight<'_>>;
+}
+
+/// Receives captured taps, grouped by the dump file that holds them.
+pub trait TapSink {
+    fn wants(&self, tap: Tap) -> bool;
+    /// `taps` are (tap, tensor [n_positions, width]) in topological order.
+    fn emit(&mut self, group: FileStem, taps: Vec<(Tap, Tensor)>) -> Result<()>;
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    /// Q, K and V projections stacked along the output dim: one GEMM instead of three.
+    wqkv: Tensor,
+    wo: Tensor,
+    ffn_norm: Tensor,
+    /// Gate and up projections stacked along the output dim.
+    w_gate_up: Tensor,
+    w_down: Tensor,
+}
+
+pub struct Reference {
+    cfg: Config,
+    dtype: DType,
+    /// Weights outside the layers; absent in a reference loaded only for layer replay.
+    io: Option<IoWeights>,
+    /// `None` for layers a replay-only reference did not load.
+    layers: Vec<Option<Layer>>,
+}
+
+struct IoWeights {
+    token_embd: Tensor,
+    output_norm: Tensor,
+    output: Tensor,
+}
+
+/// Dequantize a GGUF weight exactly into a candle tensor of shape `[dims reversed]`.
+fn load(src: &dyn WeightSource, name: &str, dtype: DType) -> Result<Tensor> {
+    let w = src.weight(name)?;
+    let shape: Vec<usize> = w.dims.iter().rev().copied().collect();
+    let q = qtensor_from_ggml(w.dtype, w.data, shape, &Device::Cpu).with_context(|| format!("loading {name}"))?;
+    let t = q
+        .dequantize(&Device::Cpu)
+        .with_context(|| format!("dequantizing {name}"))?;
+    Ok(t.to_dtype(dtype)?)
+}
+
+impl Reference {
+    /// Load and dequantize every weight (layers in parallel). `on_layer` is called as
+    /// each layer finishes loading.
+    pub fn load(
+        cfg: Config,
+        src: &(dyn WeightSource + Sync),
+        dtype: DType,
+        on_layer: &mut dyn FnMut(usize),
+    ) -> Result<Self> {
+        let all: Vec<usize> = (0..cfg.n_layer).collect();
+        let io = IoWeights {
+            token_embd: load(src, "token_embd.weight", dtype)?,
+            output_norm: load(src, "output_norm.weight", dtype)?,
+            output: load(src, "output.weight", dtype)?,
+        };
+        Self::load_layers(cfg, src, dtype, &all, Some(io), on_layer)
+    }
+
+    /// Load only `layers`, for local replay of them ([`replay_layer`](Self::replay_layer)):
+    /// a fraction of the weights of a full load.
+    pub fn load_for_replay(
+        cfg: Config,
+        src: &(dyn WeightSource + Sync),
+        dtype: DType,
+        layers: &[usize],
+    ) -> Result<Self> {
+        Self::load_layers(cfg, src, dtype, layers, None, &mut |_| {})
+    }
+
+    fn load_layers(
+        cfg: Config,
+        src: &(dyn WeightSource + Sync),
+        dtype: DType,
+        which: &[usize],
+        io: Option<IoWeights>,
+        on_layer: &mut dyn FnMut(usize),
+    ) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::F64) {
+            bail!("the reference computes in f32 or f64, not {dtype:?}");
+        }
+        if let Some(&l) = which.iter().find(|&&l| l >= cfg.n_layer) {
+            bail!("layer {l} is outside the model's {} layers", cfg.n_layer);
+        }
+        // In parallel, a batch of layers at a time, so progress still moves.
+        let mut loaded: Vec<(usize, Layer)> = Vec::with_capacity(which.len());
+        for batch in which.chunks(rayon::current_num_threads().max(1)) {
+            let done: Vec<(usize, Layer)> = batch
+                .par_iter()
+                .map(|&l| -> Result<(usize, Layer)> {
+                    // The tensors of a layer dequantize in parallel too: replay loads only a few layers.
+                    const NAMES: [&str; 9] = [
+                        "attn_norm",
+                        "attn_q",
+                        "attn_k",
+                        "attn_v",
+                        "attn_output",
+                        "ffn_norm",
+                        "ffn_gate",
+                        "ffn_up",
+                        "ffn_down",
+                    ];
+                    let w: Vec<Tensor> = NAMES
+                        .par_iter()
+                        .map(|n| load(src, &format!("blk.{l}.{n}.weight"), dtype))
+                        .collect::<Result<_>>()?;
+                    let layer = Layer {
+                        attn_norm: w[0].clone(),
+                        wqkv: Tensor::cat(&[&w[1], &w[2], &w[3]], 0)?.t()?,
+                        wo: w[4].t()?,
+                        ffn_norm: w[5].clone(),
+                        w_gate_up: Tensor::cat(&[&w[6], &w[7]], 0)?.t()?,
+                        w_down: w[8].t()?,
+                    };
+                    Ok((l, layer))
+                })
+                .collect::<Result<_>>()?;
+            for (l, _) in &done {
+                on_layer(*l);
+            }
+            loaded.extend(done);
+        }
+        let mut layers: Vec<Option<Layer>> = (0..cfg.n_layer).map(|_| None).collect();
+        for (l, layer) in loaded {
+            layers[l] = Some(layer);
+        }
+        Ok(Self { cfg, dtype, io, layers })
+    }
+
+    fn io(&self) -> Result<&IoWeights> {
+        self.io
+            .as_ref()
+            .context("this reference was loaded for layer replay only: no embedding or output head")
+    }
+
+    fn layer_weights(&self, l: usize) -> Result<&Layer> {
+        match self.layers.get(l) {
+            Some(Some(layer)) => Ok(layer),
+            Some(None) => bail!("layer {l} was not loaded (replay-only reference)"),
+            None => bail!("layer {l} is outside the model's {} layers", self.cfg.n_layer),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn n_layer(&self) -> usize {
+        self.cfg.n_layer
+    }
+
+    pub fn n_embd(&self) -> usize {
+        self.cfg.n_embd
+    }
+
+    /// Run the whole sequence through the model, capturing the taps the sink wants at
+    /// `positions` (sorted absolute positions). `on_layer` is called after each layer.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        positions: &[usize],
+        faults: &Faults,
+        sink: &mut dyn TapSink,
+        on_layer: &mut dyn FnMut(usize),
+    ) -> Result<()> {
+        self.forward_keeping(tokens, positions, faults, sink, &mut |i, _| {
+            if i > 0 {
+                on_layer(i - 1)
+            }
+        })
+    }
+
+    /// As [`forward`](Self::forward), showing `keep(i, x)` the residual stream of every
+    /// position after embedding (i = 0) and after each layer (i = layer + 1), so that a
+    /// caller can later resume from any of them with [`run_layers`](Self::run_layers).
+    pub fn forward_keeping(
+        &self,
+        tokens: &[u32],
+        positions: &[usize],
+        faults: &Faults,
+        sink: &mut dyn TapSink,
+        keep: &mut dyn FnMut(usize, &Tensor),
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let mut x = self.embed(tokens, positions, faults, sink)?;
+        keep(0, &x);
+        // Layers past the last one anything is captured from cannot change the dump.
+        let wants_output = sink.wants(Tap::FinalNorm) || sink.wants(Tap::Logits);
+        let last_layer = if wants_output {
+            Some(cfg.n_layer - 1)
+        } else {
+            (0..cfg.n_layer)
+                .rev()
+                .find(|&l| LayerTap::ALL.iter().any(|&t| sink.wants(Tap::Layer(l, t))))
+        };
+        if let Some(last) = last_layer {
+            x = self.run_layers(x, 0, last, positions, faults, sink, &mut |l, x| keep(l + 1, x))?;
+        }
+        if wants_output {
+            self.head(&x, positions, faults, sink)?;
+        }
+        Ok(())
+    }
+
+    /// Embed `tokens`, capturing `embed` at `positions` when the sink wants it.
+    pub fn embed(
+        &self,
+        tokens: &[u32],
+        positions: &[usize],
+        faults: &Faults,
+        sink: &mut dyn TapSink,
+    ) -> Result<Tensor> {
+        let n = tokens.len();
+        if n == 0 {
+            bail!("no tokens to process");
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.cfg.n_vocab) {
+            bail!("token id {t} is outside the vocabulary (size {})", self.cfg.n_vocab);
+        }
+        if let Some(&p) = positions.iter().find(|&&p| p >= n) {
+            bail!("position {p} is outside the {n}-token sequence");
+        }
+        let ids = Tensor::from_vec(tokens.to_vec(), n, &Device::Cpu)?;
+        let x = apply_faults(faults, Tap::Embed, self.io()?.token_embd.index_select(&ids, 0)?)?;
+        if sink.wants(Tap::Embed) {
+            sink.emit(FileStem::Embed, vec![(Tap::Embed, gather(&x, positions)?)])?;
+        }
+        Ok(x)
+    }
+
+    /// Layers `first..=last` over the residual stream `x` of positions `0..rows`
+    /// (injected faults applied, wanted taps captured at `positions`); `after(l, x)` sees
+    /// each layer's output. Returns the stream after layer `last`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_layers(
+        &self,
+        mut x: Tensor,
+        first: usize,
+        last: usize,
+        positions: &[usize],
+        faults: &Faults,
+        sink: &mut dyn TapSink,
+        after: &mut dyn FnMut(usize, &Tensor),
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let n = x.dim(0)?;
+        if last >= cfg.n_layer || first > last {
+            bail!("layers {first}..={last} are outside the model's {} layers", cfg.n_layer);
+        }
+        if let Some(&p) = positions.iter().find(|&&p| p >= n) {
+            bail!("position {p} is outside the {n}-token sequence");
+        }
+        let true_positions: Vec<f64> = (0..n).map(|p| p as f64).collect();
+        let (cos, sin) = rope_tables(&true_positions, cfg.head_dim(), cfg.rope_base, self.dtype)?;
+        let eps = row_eps(faults, cfg.rms_eps, &(0..n).collect::<Vec<_>>());
+        for l in first..=last {
+            let wanted = LayerTap::ALL.map(|t| sink.wants(Tap::Layer(l, t)));
+            let mut captured: Vec<(Tap, Tensor)> = Vec::new();
+            // Perturb (when injected), capture (when wanted), and hand the tensor on.
+            let mut tap = |which: LayerTap, t: Tensor| -> Result<Tensor> {
+                let t = apply_faults(faults, Tap::Layer(l, which), t)?;
+                if wanted[which.index()] {
+                    captured.push((Tap::Layer(l, which), gather(&t, positions)?));
+                }
+                Ok(t)
+            };
+            let faulty_rope = match faults.rope_for(l) {
+                Some(f) if f.from < n => Some(faulty_rope_tables(n, f, cfg.head_dim(), cfg.rope_base, self.dtype)?),
+                _ => None,
+            };
+            let (cos, sin) = faulty_rope.as_ref().map(|(c, s)| (c, s)).unwrap_or((&cos, &sin));
+            x = self.layer(self.layer_weights(l)?, &x, cos, sin, &eps, &mut tap)?;
+            if !captured.is_empty() {
+                sink.emit(FileStem::Layer(l), captured)?;
+            }
+            after(l, &x);
+        }
+        Ok(x)
+    }
+
+    /// The output head at `positions` of the final residual stream `x`: RMSNorm and the
+    /// projection are per row, so only the captured rows are computed.
+    pub fn head(&self, x: &Tensor, positions: &[usize], faults: &Faults, sink: &mut dyn TapSink) -> Result<()> {
+        let (want_norm, want_logits) = (sink.wants(Tap::FinalNorm), sink.wants(Tap::Logits));
+        if !want_norm && !want_logits {
+            return Ok(());
+        }
+        // Faults address absolute positions; on gathered rows they apply by index.
+        let gathered_faults = Faults {
+            taps: faults
+                .taps
+                .iter()
+                .map(|f| TapFault {
+                    from: positions.iter().position(|&p| p >= f.from).unwrap_or(positions.len()),
+                    ..f.clone()
+                })
+                .collect(),
+            rope: Vec::new(),
+            norm: None,
+        };
+        let io = self.io()?;
+        let eps = row_eps(faults, self.cfg.rms_eps, positions);
+        let normed = rms_norm(&gather(x, positions)?, &io.output_norm, &eps)?;
+        let normed = apply_faults(&gathered_faults, Tap::FinalNorm, normed)?;
+        let mut out = Vec::new();
+        if want_norm {
+            out.push((Tap::FinalNorm, normed.clone()));
+        }
+        if want_logits {
+            let logits = normed.matmul(&io.output.t()?)?;
+            out.push((Tap::Logits, apply_faults(&gathered_faults, Tap::Logits, logits)?));
+        }
+        sink.emit(FileStem::Output, out)
+    }
+
+    /// One transformer block over all rows of `x`; `tap(which, t)` sees each of the layer's
+    /// taps in order and hands on what the block continues with.
+    #[allow(clippy::too_many_arguments)]
+    fn layer(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        eps: &Eps,
+        tap: &mut dyn FnMut(LayerTap, Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (qw, kvw) = (cfg.n_head * cfg.head_dim(), cfg.n_head_kv * cfg.head_dim());
+        let h = tap(LayerTap::AttnNorm, rms_norm(x, &layer.attn_norm, eps)?)?;
+        let qkv = h.matmul(&layer.wqkv)?;
+        let q = tap(LayerTap::Q, rope(&qkv.narrow(1, 0, qw)?, cfg.n_head, cos, sin)?)?;
+        let k = tap(LayerTap::K, rope(&qkv.narrow(1, qw, kvw)?, cfg.n_head_kv, cos, sin)?)?;
+        let v = tap(LayerTap::V, qkv.narrow(1, qw + kvw, kvw)?.contiguous()?)?;
+        let positions: Vec<usize> = (0..x.dim(0)?).collect();
+        let attn = tap(LayerTap::Attn, attention(&q, &k, &v, &positions, cfg)?)?;
+        self.layer_rest(layer, x, attn, eps, tap)
+    }
+
+    /// The block after attention, for the rows of `x` that `attn` holds.
+    fn layer_rest(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        attn: Tensor,
+        eps: &Eps,
+        tap: &mut dyn FnMut(LayerTap, Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let attn_out = tap(LayerTap::AttnOut, attn.matmul(&layer.wo)?)?;
+        let resid_mid = tap(LayerTap::ResidMid, (x + &attn_out)?)?;
+        let h2 = tap(LayerTap::FfnNorm, rms_norm(&resid_mid, &layer.ffn_norm, eps)?)?;
+        let gate_up = h2.matmul(&layer.w_gate_up)?;
+        let gate = tap(LayerTap::FfnGate, gate_up.narrow(1, 0, cfg.n_ff)?)?;
+        let up = tap(LayerTap::FfnUp, gate_up.narrow(1, cfg.n_ff, cfg.n_ff)?)?;
+        let act = tap(LayerTap::FfnAct, (gate.silu()? * &up)?)?;
+        let ffn_out = tap(LayerTap::FfnOut, act.matmul(&layer.w_down)?)?;
+        tap(LayerTap::ResidPost, (&resid_mid + &ffn_out)?)
+    }
+
+    /// Local replay: recompute layer `l` from a given residual-stream input (`rows × n_embd`
+    /// f32 values for positions `0..rows`, e.g. another engine's dumped `resid_post` of
+    /// layer `l - 1`) at the positions `at` (ascending). Keys and values come from every
+    /// row, everything else only from the rows asked for, so replaying a few positions of a
+    /// long prompt costs a small part of the layer. Returns the layer's taps, in order, as
+    /// `[at.len(), width]` f32 tensors.
+    pub fn replay_layer(&self, l: usize, input: &[f32], rows: usize, at: &[usize]) -> Result<Vec<(Tap, Tensor)>> {
+        let cfg = &self.cfg;
+        let layer = self.layer_weights(l)?;
+        if rows == 0 || input.len() != rows * cfg.n_embd {
+            bail!(
+                "replay of layer {l}: {} input values are not {rows} rows of {}",
+                input.len(),
+                cfg.n_embd
+            );
+        }
+        if at.is_empty() || at.windows(2).any(|w| w[0] >= w[1]) || at[at.len() - 1] >= rows {
+            bail!("replay of layer {l}: positions must ascend within 0..{rows}");
+        }
+        let (qw, kvw) = (cfg.n_head * cfg.head_dim(), cfg.n_head_kv * cfg.head_dim());
+        let x = Tensor::from_slice(input, (rows, cfg.n_embd), &Device::Cpu)?.to_dtype(self.dtype)?;
+        let all: Vec<f64> = (0..rows).map(|p| p as f64).collect();
+        let (cos, sin) = rope_tables(&all, cfg.head_dim(), cfg.rope_base, self.dtype)?;
+        let eps = Eps::Model(cfg.rms_eps);
+        let h = rms_norm(&x, &layer.attn_norm, &eps)?;
+        let kv = h.matmul(&layer.wqkv.narrow(1, qw, 2 * kvw)?)?;
+        let k = rope(&kv.narrow(1, 0, kvw)?, cfg.n_head_kv, &cos, &sin)?;
+        let v = kv.narrow(1, kvw, kvw)?.contiguous()?;
+        let picked: Vec<f64> = at.iter().map(|&p| p as f64).collect();
+        let (cos_at, sin_at) = rope_tables(&picked, cfg.head_dim(), cfg.rope_base, self.dtype)?;
+        let h_at = gather(&h, at)?;
+        let q = rope(
+            &h_at.matmul(&layer.wqkv.narrow(1, 0, qw)?)?,
+            cfg.n_head,
+            &cos_at,
+            &sin_at,
+        )?;
+        let mut out = Vec::with_capacity(LayerTap::ALL.len());
+        let mut record = |which: LayerTap, t: Tensor| -> Result<Tensor> {
+            out.push((Tap::Layer(l, which), t.to_dtype(DType::F32)?));
+            Ok(t)
+        };
+        let (k_at, v_at) = (gather(&k, at)?, gather(&v, at)?);
+        record(LayerTap::AttnNorm, h_at)?;
+        record(LayerTap::Q, q.clone())?;
+        record(LayerTap::K, k_at)?;
+        record(LayerTap::V, v_at)?;
+        let attn = record(LayerTap::Attn, attention(&q, &k, &v, at, cfg)?)?;
+        self.layer_rest(layer, &gather(&x, at)?, attn, &eps, &mut record)?;
+        Ok(out)
+    }
+}
+
+/// Rows `positions` of `t`.
+pub fn gather(t: &Tensor, positions: &[usize]) -> Result<Tensor> {
+    let idx = Tensor::from_vec(
+        positions.iter().map(|&p| p as u32).collect::<Vec<_>>(),
+        positions.len(),
+        &Device::Cpu,
+    )?;
+    Ok(t.contiguous()?.index_select(&idx, 0)?)
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: &Eps) -> Result<Tensor> {
+    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let with_eps = match eps {
+        Eps::Model(e) => (mean_sq + *e)?,
+        Eps::Rows(e) => {
+            mean_sq.broadcast_add(&Tensor::from_slice(e, (e.len(), 1), &Device::Cpu)?.to_dtype(x.dtype())?)?
+        }
+    };
+    let scale = with_eps.sqrt()?.recip()?;
+    Ok(x.broadcast_mul(&scale)?.broadcast_mul(w)?)
+}
+
+/// cos/sin of position × frequency, shaped [n, 1, head_dim/2, 1] for broadcasting.
+/// Angles are formed in f64 so that f32 runs carry no angle error at long positions.
+fn rope_tables(positions: &[f64], head_dim: usize, base: f64, dtype: DType) -> Result<(Tensor, Tensor)> {
+    rope_tables_by(
+        positions.len(),
+        head_dim,
+        dtype,
+        |r, inv_freq| positions[r] * inv_freq,
+        base,
+    )
+}
+
+/// RoPE tables for rows `0..n` under a RoPE fault (the fault's corruption from its position on).
+fn faulty_rope_tables(
+    n: usize,
+    fault: &RopeFault,
+    head_dim: usize,
+    base: f64,
+    dtype: DType,
+) -> Result<(Tensor, Tensor)> {
+    let bf16 = |v: f64| half::bf16::from_f64(v).to_f64();
+    rope_tables_by(
+        n,
+        head_dim,
+        dtype,
+        |p, inv_freq| match fault.rotated_position(p) {
+            Some(at) => at * inv_freq,
+            None => bf16(bf16(p as f64) * bf16(inv_freq)),
+        },
+        base,
+    )
+}
+
+/// cos/sin of `angle(row, inverse frequency)` for rows `0..n`, shaped [n, 1, head_dim/2, 1].
+fn rope_tables_by(
+    n: usize,
+    head_dim: usize,
+    dtype: DType,
+    angle: impl Fn(usize, f64) -> f64,
+    base: f64,
+) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for r in 0..n {
+        for i in 0..half {
+            let a = angle(r, base.powf(-2.0 * i as f64 / head_dim as f64));
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    let shape = (n, 1, half, 1);
+    Ok((
+        Tensor::from_vec(cos, shape, &Device::Cpu)?.to_dtype(dtype)?,
+        Tensor::from_vec(sin, shape, &Device::Cpu)?.to_dtype(dtype)?,
+    ))
+}
+
+/// Interleaved ("normal") RoPE: pairs (2i, 2i+1) of each head rotate by angle i.
+fn rope(x: &Tensor, n_heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (n, width) = x.dims2()?;
+    let hd = width / n_heads;
+    let x = x.reshape((n, n_heads, hd / 2, 2))?;
+    let x0 = x.narrow(3, 0, 1)?;
+    let x1 = x.narrow(3, 1, 1)?;
+    let r0 = (x0.broadcast_mul(cos)? - x1.broadcast_mul(sin)?)?;
+    let r1 = (x0.broadcast_mul(sin)? + x1.broadcast_mul(cos)?)?;
+    Ok(Tensor::cat(&[r0, r1], 3)?.reshape((n, width))?)
+}
+
+/// Causal grouped-query attention of queries at `positions` (ascending) over keys and
+/// values of positions `0..`; runs of consecutive positions go in chunks, so the score
+/// matrix stays small. q: [positions.len(), n_head·hd], k/v: [n, n_head_kv·hd] →
+/// [positions.len(), n_head·hd].
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, positions: &[usize], cfg: &Config) -> Result<Tensor> {
+    let n = q.dim(0)?;
+    let (hd, h, hkv) = (cfg.head_dim(), cfg.n_head, cfg.n_head_kv);
+    let group = h / hkv;
+    // [h, n, hd] with heads of one kv group adjacent, then [hkv, group, n, hd].
+    let q = q
+        .reshape((n, h, hd))?
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((hkv, group, n, hd))?;
+    let keys_total = k.dim(0)?;
+    let k = k.reshape((keys_total, hkv, hd))?.transpose(0, 1)?.contiguous()?;
+    let v = v.reshape((keys_total, hkv, hd))?.transpose(0, 1)?.contiguous()?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut outs = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let mut len = 1;
+        while start + len < n && len < ATTN_QUERY_CHUNK && positions[start + len] == positions[start] + len {
+            len += 1;
+        }
+        let first_pos = positions[start];
+        let keys = first_pos + len;
+        let qc = q.narrow(2, start, len)?.contiguous()?.reshape((hkv, group * len, hd))?;
+        let kc = k.narrow(1, 0, keys)?;
+        let vc = v.narrow(1, 0, keys)?;
+        let scores = qc.matmul(&kc.t()?)?;
+        let probs = scores.apply_op1_no_bwd(&CausalSoftmax {
+            scale,
+            rows: len,
+            first_pos,
+        })?;
+        let out = probs.reshape((hkv, group * len, keys))?.matmul(&vc)?;
+        // [hkv, group·len, hd] → [h, len, hd] → [len, h·hd]
+        outs.push(
+            out.reshape((h, len, hd))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((len, h * hd))?,
+        );
+        start += len;
+    }
+    Ok(Tensor::cat(&outs, 0)?)
+}
+
+/// Scaled, causally masked softmax over the last dim of `[.., rows, keys]` scores, where
+/// row i is the query at absolute position `first_pos + i` and sees keys 0..=that.
+/// One pass per row instead of a chain of broadcast ops; masked entries are exact zeros.
+struct CausalSoftmax {
+    scale: f64,
+    rows: usize,
+    first_pos: usize,
+}
+
+impl CausalSoftmax {
+    fn apply<T: Float + Send + Sync>(&self, x: &[T], keys: usize) -> Vec<T> {
+        let mut out = vec![T::zero(); x.len()];
+        let scale = T::from(self.scale).unwrap_or_else(T::one);
+        out.par_chunks_mut(keys)
+            .zip(x.par_chunks(keys))
+            .enumerate()
+            .for_each(|(r, (o, s))| {
+                let visible = (self.first_pos + r % self.rows + 1).min(keys);
+                let max = s[..visible].iter().fold(T::neg_infinity(), |m, &v| m.max(v * scale));
+                let mut sum = T::zero();
+                for (oi, &si) in o[..visible].iter_mut().zip(&s[..visible]) {
+                    *oi = (si * scale - max).exp();
+                    sum = sum + *oi;
+                }
+                let inv = T::one() / sum;
+                o[..visible].iter_mut().for_each(|v| *v = *v * inv);
+            });
+        out
+    }
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("causal-softmax needs contiguous scores".into()))?;
+        let keys = layout.dims()[layout.dims().len() - 1];
+        let out = match storage {
+            CpuStorage::F32(v) => CpuStorage::F32(self.apply(&v[start..end], keys)),
+            CpuStorage::F64(v) => CpuStorage::F64(self.apply(&v[start..end], keys)),
+            _ => return Err(candle_core::Error::Msg("causal-softmax computes in f32 or f64".into())),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+}

@@ -183,6 +183,7 @@ pub trait Backend: Send {
     // backend implements them (decode is launch-bound); by default, the ops in turn.
 
     /// Three projections of one input (q, k and v).
+    // Every operand and shape is its own parameter, as in the unfused ops it combines.
     #[allow(clippy::too_many_arguments)]
     fn matmul3(
         &self,
@@ -196,6 +197,7 @@ pub trait Backend: Send {
         matmul3_by_parts(self, x, w, rows, k, n, out)
     }
     /// `g = x·wgᵀ`, `u = x·wuᵀ`, `act = silu(g)·u`.
+    // Every operand and shape is its own parameter, as in the unfused ops it combines.
     #[allow(clippy::too_many_arguments)]
     fn gate_up_silu(
         &self,
@@ -213,6 +215,7 @@ pub trait Backend: Send {
     }
     /// RoPE on `q` and `k` in place, then `k` and `v` appended to the caches at the rows of
     /// `s` (its first position, or the step's with `from_step`).
+    // Every operand and shape is its own parameter, as in the unfused ops it combines.
     #[allow(clippy::too_many_arguments)]
     fn rope_append(
         &self,
@@ -228,6 +231,7 @@ pub trait Backend: Send {
         rope_append_by_parts(self, q, k, v, k_cache, v_cache, s, positions, base)
     }
     /// `sum = a + b`, `out = rms_norm(sum) · w`.
+    // Every operand and shape is its own parameter, as in the unfused ops it combines.
     #[allow(clippy::too_many_arguments)]
     fn add_rms_norm(
         &self,
@@ -277,6 +281,7 @@ pub fn download_rows_now<B: Backend + ?Sized>(
 }
 
 /// [`Backend::matmul3`] as three matmuls.
+// The parameters of the trait method it implements.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul3_by_parts<B: Backend + ?Sized>(
     b: &B,
@@ -294,6 +299,7 @@ pub fn matmul3_by_parts<B: Backend + ?Sized>(
 }
 
 /// [`Backend::gate_up_silu`] as two matmuls and a SiLU product.
+// The parameters of the trait method it implements.
 #[allow(clippy::too_many_arguments)]
 pub fn gate_up_silu_by_parts<B: Backend + ?Sized>(
     b: &B,
@@ -313,6 +319,7 @@ pub fn gate_up_silu_by_parts<B: Backend + ?Sized>(
 }
 
 /// [`Backend::rope_append`] as two RoPEs and two row copies.
+// The parameters of the trait method it implements.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_append_by_parts<B: Backend + ?Sized>(
     b: &B,
@@ -338,6 +345,7 @@ pub fn rope_append_by_parts<B: Backend + ?Sized>(
 }
 
 /// [`Backend::add_rms_norm`] as an add and an RMSNorm.
+// The parameters of the trait method it implements.
 #[allow(clippy::too_many_arguments)]
 pub fn add_rms_norm_by_parts<B: Backend + ?Sized>(
     b: &B,

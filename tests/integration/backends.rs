@@ -2,20 +2,19 @@
 //! `cuda` and `hip` where one is present (without one, each prints one line saying it
 //! skipped, and passes). Matches the reference in every storage dtype, token-by-token
 //! decode and chunked prefill equal a whole prefill, the crash path with and without
-//! `--sync-check`, checkpoint-served prefixes, recorded decode equal to issued ops, the op
+//! `--sync-check`, checkpoint-served prefixes (in runtime.rs), recorded decode equal to issued ops, the op
 //! self-test and its op timings. scripts/gpu-validate.sh runs this suite and the long self-test.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use resbisect::dump::{Dump, Status, TapDType};
-use resbisect::runtime::backend::Backend;
 use serde_json::Value;
 
 use crate::runtime::{long_1652_tokens, suite_with};
 use crate::util::*;
 
-/// Each test as a module of one `#[test]` per backend.
+/// Each test as a module of one `#[test]` per backend (runtime.rs stamps one too).
 macro_rules! per_backend {
     ($($test:ident),* $(,)?) => {$(
         mod $test {
@@ -25,13 +24,13 @@ macro_rules! per_backend {
             }
             #[test]
             fn cuda() {
-                if super::present("cuda") {
+                if crate::backends::present("cuda") {
                     super::$test("cuda")
                 }
             }
             #[test]
             fn hip() {
-                if super::present("hip") {
+                if crate::backends::present("hip") {
                     super::$test("hip")
                 }
             }
@@ -44,7 +43,6 @@ per_backend!(
     token_by_token_decode_equals_prefill,
     chunked_prefill_matches_the_reference,
     crash_leaves_a_readable_partial_dump,
-    checkpoint_served_prefixes_equal_computed_ones,
     recorded_decode_equals_issued_ops,
     selftest_passes,
     op_timings_cover_every_op_of_a_layer,
@@ -52,7 +50,7 @@ per_backend!(
 
 /// Whether `backend` runs here; where it does not, the refusal must be one clear line
 /// (exit 2), and the test says it skipped.
-fn present(backend: &str) -> bool {
+pub(crate) fn present(backend: &str) -> bool {
     static CUDA: OnceLock<bool> = OnceLock::new();
     static HIP: OnceLock<bool> = OnceLock::new();
     let cell = if backend == "cuda" { &CUDA } else { &HIP };
@@ -285,59 +283,6 @@ fn crash_leaves_a_readable_partial_dump(backend: &str) {
             "{}",
             diff.stdout
         );
-    }
-}
-
-/// Bisect's layer probes read resid_post rows of a prefix from the residual stream the
-/// coarse run kept: they must be the rows a run of that prefix computes, to the last bit.
-fn checkpoint_served_prefixes_equal_computed_ones(backend: &str) {
-    use resbisect::runtime::backend::StorageDType;
-    match backend {
-        "cpu" => served_prefixes_equal_computed(|| resbisect::runtime::cpu::CpuBackend::new(StorageDType::F32)),
-        "cuda" => served_prefixes_equal_computed(|| resbisect::runtime::cuda::CudaBackend::<f32>::new(0).unwrap()),
-        #[cfg(feature = "hip")]
-        "hip" => served_prefixes_equal_computed(|| resbisect::runtime::hip::HipBackend::<f32>::new().unwrap()),
-        _ => unreachable!("{backend} is present only with the hip feature"),
-    }
-}
-
-fn served_prefixes_equal_computed<B: Backend>(backend: impl Fn() -> B) {
-    use resbisect::dump::PromptRecord;
-    use resbisect::engines::{Engine, RuntimeDriver};
-    use resbisect::taps::Selection;
-    let dir = tempfile::tempdir().unwrap();
-    let path = smollm2();
-    let model = resbisect::model::Model::open(&path).unwrap();
-    let tokens: Vec<u32> = long_1652_tokens()[..300].iter().map(|&t| t as u32).collect();
-    let full = PromptRecord {
-        id: "p".into(),
-        text: None,
-        tokens: tokens.clone(),
-    };
-    let prefix = PromptRecord {
-        tokens: tokens[..201].to_vec(),
-        ..full.clone()
-    };
-    let sel = |layers: &str, taps: &str, positions: &str| {
-        Selection::parse(layers, taps, positions, model.config.n_layer).unwrap()
-    };
-    let faults = || vec!["blk.7.ffn_up:scale=1.5@150".to_string()];
-    let driver = || RuntimeDriver::new(backend(), &model, &path, faults(), None).unwrap();
-    let mut kept = driver();
-    let coarse = sel("0,8", "resid_post,final_norm", "all");
-    kept.dump(&full, &coarse, &dir.path().join("coarse")).unwrap();
-    let probe = sel("6,7,29", "embed,resid_post", "0..40,150,160..201");
-    kept.dump(&prefix, &probe, &dir.path().join("served")).unwrap();
-    driver().dump(&prefix, &probe, &dir.path().join("computed")).unwrap();
-    let served = Dump::open(&dir.path().join("served")).unwrap();
-    let computed = Dump::open(&dir.path().join("computed")).unwrap();
-    for stem in ["embed", "blk.6", "blk.7", "blk.29"] {
-        let a = served.read_file("p", stem).unwrap().unwrap();
-        let b = computed.read_file("p", stem).unwrap().unwrap();
-        assert_eq!(a.positions, b.positions, "{stem}");
-        for (id, t) in &b.taps {
-            assert_eq!(a.taps[id].values, t.values, "{id}");
-        }
     }
 }
 

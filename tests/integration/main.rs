@@ -3,6 +3,7 @@
 
 mod util;
 
+#[macro_use]
 mod backends;
 mod bad_input;
 mod bisect;

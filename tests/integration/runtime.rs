@@ -1,12 +1,14 @@
 //! The runtime on the `cpu` backend against the reference on the real SmolLM2 model: no
 //! divergence in f32 under default and calibrated tolerances, f16/bf16 within theirs, the
-//! same with chunked prefill; preflight refusals. The tests every backend must pass are in
-//! backends.rs.
+//! same with chunked prefill; preflight refusals; checkpoint-served prefixes on every
+//! backend. The other tests every backend must pass are in backends.rs.
 
 use std::path::{Path, PathBuf};
 
 use resbisect::dump::{Dump, TapDType};
 use serde_json::Value;
+
+use resbisect::runtime::backend::Backend;
 
 use crate::util::*;
 
@@ -294,5 +296,63 @@ fn preflight_refuses_before_any_op() {
         ]);
         assert_refused(&out, needle);
         assert!(!out_dir.exists(), "{needle}: nothing is written");
+    }
+}
+
+// In-process (the library API, with SmolLM2's weights in this test process): stamped
+// here, not in backends.rs, so that it runs after hostile.rs's tests, whose children
+// would otherwise inherit this process's resident memory in their measured peak.
+per_backend!(checkpoint_served_prefixes_equal_computed_ones);
+
+/// Bisect's layer probes read resid_post rows of a prefix from the residual stream the
+/// coarse run kept: they must be the rows a run of that prefix computes, to the last bit.
+fn checkpoint_served_prefixes_equal_computed_ones(backend: &str) {
+    use resbisect::runtime::backend::StorageDType;
+    match backend {
+        "cpu" => served_prefixes_equal_computed(|| resbisect::runtime::cpu::CpuBackend::new(StorageDType::F32)),
+        "cuda" => served_prefixes_equal_computed(|| resbisect::runtime::cuda::CudaBackend::<f32>::new(0).unwrap()),
+        #[cfg(feature = "hip")]
+        "hip" => served_prefixes_equal_computed(|| resbisect::runtime::hip::HipBackend::<f32>::new().unwrap()),
+        _ => unreachable!("{backend} is present only with the hip feature"),
+    }
+}
+
+fn served_prefixes_equal_computed<B: Backend>(backend: impl Fn() -> B) {
+    use resbisect::dump::PromptRecord;
+    use resbisect::engines::{Engine, RuntimeDriver};
+    use resbisect::taps::Selection;
+    let dir = tempfile::tempdir().unwrap();
+    let path = smollm2();
+    let model = resbisect::model::Model::open(&path).unwrap();
+    let tokens: Vec<u32> = long_1652_tokens()[..300].iter().map(|&t| t as u32).collect();
+    let full = PromptRecord {
+        id: "p".into(),
+        text: None,
+        tokens: tokens.clone(),
+    };
+    let prefix = PromptRecord {
+        tokens: tokens[..201].to_vec(),
+        ..full.clone()
+    };
+    let sel = |layers: &str, taps: &str, positions: &str| {
+        Selection::parse(layers, taps, positions, model.config.n_layer).unwrap()
+    };
+    let faults = || vec!["blk.7.ffn_up:scale=1.5@150".to_string()];
+    let driver = || RuntimeDriver::new(backend(), &model, &path, faults(), None).unwrap();
+    let mut kept = driver();
+    let coarse = sel("0,8", "resid_post,final_norm", "all");
+    kept.dump(&full, &coarse, &dir.path().join("coarse")).unwrap();
+    let probe = sel("6,7,29", "embed,resid_post", "0..40,150,160..201");
+    kept.dump(&prefix, &probe, &dir.path().join("served")).unwrap();
+    driver().dump(&prefix, &probe, &dir.path().join("computed")).unwrap();
+    let served = Dump::open(&dir.path().join("served")).unwrap();
+    let computed = Dump::open(&dir.path().join("computed")).unwrap();
+    for stem in ["embed", "blk.6", "blk.7", "blk.29"] {
+        let a = served.read_file("p", stem).unwrap().unwrap();
+        let b = computed.read_file("p", stem).unwrap().unwrap();
+        assert_eq!(a.positions, b.positions, "{stem}");
+        for (id, t) in &b.taps {
+            assert_eq!(a.taps[id].values, t.values, "{id}");
+        }
     }
 }

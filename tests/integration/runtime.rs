@@ -319,7 +319,7 @@ fn checkpoint_served_prefixes_equal_computed_ones(backend: &str) {
 
 fn served_prefixes_equal_computed<B: Backend>(backend: impl Fn() -> B) {
     use resbisect::dump::PromptRecord;
-    use resbisect::engines::{Engine, RuntimeDriver};
+    use resbisect::engine::{Engine, RuntimeEngine};
     use resbisect::taps::Selection;
     let dir = tempfile::tempdir().unwrap();
     let path = smollm2();
@@ -338,7 +338,7 @@ fn served_prefixes_equal_computed<B: Backend>(backend: impl Fn() -> B) {
         Selection::parse(layers, taps, positions, model.config.n_layer).unwrap()
     };
     let faults = || vec!["blk.7.ffn_up:scale=1.5@150".to_string()];
-    let driver = || RuntimeDriver::new(backend(), &model, &path, faults(), None).unwrap();
+    let driver = || RuntimeEngine::new(backend(), &model, faults(), Default::default()).unwrap();
     let mut kept = driver();
     let coarse = sel("0,8", "resid_post,final_norm", "all");
     kept.dump(&full, &coarse, &dir.path().join("coarse")).unwrap();

@@ -5,10 +5,10 @@
 
 pub mod backend;
 pub mod cpu;
-pub mod cuda;
-mod cuda_lanes;
+pub mod gpu;
+pub use gpu::cuda;
 #[cfg(feature = "hip")]
-pub mod hip;
+pub use gpu::hip;
 pub mod perf;
 pub mod selftest;
 
@@ -581,9 +581,9 @@ impl<B: Backend> Runtime<B> {
         let recordable = staged.record && faults.rope.iter().all(|r| pos < r.from);
         if recordable && staged.graph.as_ref().is_none_or(|(k, _)| *k != key) {
             staged.graph = None;
-            if self.backend.begin_capture()? {
+            if self.backend.begin_record()? {
                 let issued = self.layers(&[token], pos, ws, kv, faults, col, &mut route, opts);
-                match (issued, self.backend.end_capture()?) {
+                match (issued, self.backend.end_record()?) {
                     (Ok(()), Some(graph)) => staged.graph = Some((key.clone(), graph)),
                     // Something in the step cannot be recorded: issue ops from now on.
                     _ => staged.record = false,

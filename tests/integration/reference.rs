@@ -263,14 +263,14 @@ fn text_prompts_use_the_models_tokenizer() {
 #[test]
 fn runs_over_a_prefix_resume_from_checkpoints() {
     use resbisect::dump::PromptRecord;
-    use resbisect::engine::{Engine, Oracle, RefPrecision};
+    use resbisect::engine::{Engine, Oracle, RefPrecision, ReferenceEngine};
     use resbisect::taps::Selection;
 
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_model(dir.path(), "q4_k", 8);
     let model = resbisect::model::Model::open(&path).unwrap();
     let oracle = Oracle::load(&model, RefPrecision::F32, &mut |_| {}).unwrap();
-    let mut driver = Oracle::new(&model, RefPrecision::F32, Some(oracle.into()), Vec::new()).unwrap();
+    let mut driver = ReferenceEngine::new(&model, RefPrecision::F32, Some(oracle.into()), Vec::new()).unwrap();
     let tokens: Vec<u32> = (0..200).map(|i| (i * 53 + 7) % 1000 + 3).collect();
     let sel = |layers: &[usize], taps: &[&str]| Selection {
         layers: layers.to_vec(),

@@ -5,24 +5,25 @@
 
 pub mod backend;
 pub mod cpu;
-pub mod cuda;
-mod cuda_lanes;
+pub mod gpu;
+pub use gpu::cuda;
 #[cfg(feature = "hip")]
-pub mod hip;
+pub use gpu::hip;
 pub mod perf;
 pub mod selftest;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::dump::{BackgroundWriter, DumpWriter, EngineInfo, FileStream, Manifest, ModelInfo, PromptRecord, TapDType};
+use crate::dump::{BackgroundWriter, FileStream, PromptRecord, TapDType};
 use crate::error::{Error, Result};
 use crate::inject::RuntimeFaults;
 use crate::model::{Config, Model};
-use crate::reference_engine::{DumpSummary, Progress};
+use crate::sys::available_memory;
 use crate::taps::{all_taps, LayerTap, PositionSpec, Selection, Tap};
 use backend::{AttnShape, Backend, Row, Src, Step};
 
+#[derive(Clone, Default)]
 pub struct RunOptions {
     /// Prompt tokens per prefill step; `None` processes the whole prompt at once.
     pub prefill_chunk: Option<usize>,
@@ -57,13 +58,6 @@ pub struct Runtime<B: Backend> {
     output_norm: B::Buf,
     output: B::Buf,
     layers: Vec<LayerWeights<B>>,
-}
-
-/// Bytes of memory available to this process (Linux `MemAvailable`), if known.
-pub(crate) fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
 }
 
 /// Checks that need no op to run: the sequence fits the context, and the weights, KV
@@ -587,9 +581,9 @@ impl<B: Backend> Runtime<B> {
         let recordable = staged.record && faults.rope.iter().all(|r| pos < r.from);
         if recordable && staged.graph.as_ref().is_none_or(|(k, _)| *k != key) {
             staged.graph = None;
-            if self.backend.begin_capture()? {
+            if self.backend.begin_record()? {
                 let issued = self.layers(&[token], pos, ws, kv, faults, col, &mut route, opts);
-                match (issued, self.backend.end_capture()?) {
+                match (issued, self.backend.end_record()?) {
                     (Ok(()), Some(graph)) => staged.graph = Some((key.clone(), graph)),
                     // Something in the step cannot be recorded: issue ops from now on.
                     _ => staged.record = false,
@@ -605,22 +599,14 @@ impl<B: Backend> Runtime<B> {
     }
 
     /// `opts.warmup` untimed runs of a prompt with no taps.
-    fn warm_up(&self, prompt: &PromptRecord, opts: &RunOptions) -> Result<()> {
+    pub(crate) fn warm_up(&self, prompt: &PromptRecord, opts: &RunOptions) -> Result<()> {
         let none = Selection {
             layers: Vec::new(),
             taps: Vec::new(),
             positions: PositionSpec::all(),
         };
         for _ in 0..opts.warmup {
-            self.run_prompt(
-                prompt,
-                &none,
-                &RuntimeFaults::default(),
-                opts,
-                None,
-                None,
-                &mut crate::reference_engine::NoProgress,
-            )?;
+            self.run_prompt(prompt, &none, &RuntimeFaults::default(), opts, None, None, &mut || {})?;
         }
         Ok(())
     }
@@ -628,7 +614,8 @@ impl<B: Backend> Runtime<B> {
     /// Run one prompt (prefill, then greedy decode), sending taps to `writer` (none:
     /// nothing is captured). Returns every token processed and the seconds spent in
     /// prefill and in decode.
-    /// With `keep`, the prefill leaves its residual stream there ([`Checkpoints`]).
+    /// With `keep`, the prefill leaves its residual stream there (prefix checkpoints).
+    /// `on_step` follows each prefill chunk and decode step.
     #[allow(clippy::too_many_arguments)]
     pub fn run_prompt(
         &self,
@@ -638,7 +625,7 @@ impl<B: Backend> Runtime<B> {
         opts: &RunOptions,
         writer: Option<&BackgroundWriter>,
         keep: Option<&mut Vec<B::Buf>>,
-        progress: &mut dyn Progress,
+        on_step: &mut dyn FnMut(),
     ) -> Result<(Vec<u32>, f64, f64)> {
         // Timed from here, the KV cache included, as a dump times its runs.
         let t0 = std::time::Instant::now();
@@ -666,10 +653,6 @@ impl<B: Backend> Runtime<B> {
         let mut tokens = prompt.tokens.clone();
         let mut next = None;
         let n_chunks = prompt.tokens.len().div_ceil(chunk);
-        progress.stage(
-            &format!("{} ({} tokens)", prompt.id, prompt.tokens.len()),
-            n_chunks + opts.max_tokens,
-        );
         let mut ws = Workspace::new(b, c, chunk.min(prompt.tokens.len()))?;
         if keep.is_some() {
             ws.keep = (0..=c.n_layer)
@@ -689,7 +672,7 @@ impl<B: Backend> Runtime<B> {
                 opts,
             )?;
             next = self.head(i * chunk, ids.len(), &mut ws, faults, &mut col, opts, want_next)?;
-            progress.tick();
+            on_step();
         }
         b.sync()?;
         let prefill_s = t0.elapsed().as_secs_f64();
@@ -714,7 +697,7 @@ impl<B: Backend> Runtime<B> {
                 let pos = tokens.len() - 1;
                 self.decode_layers(token, pos, &mut ws, &mut kv, faults, &mut col, &mut staged, opts)?;
                 next = self.head(pos, 1, &mut ws, faults, &mut col, opts, step + 1 < opts.max_tokens)?;
-                progress.tick();
+                on_step();
             }
             // The decode rows of every tap come off the device at once, completing the files.
             if let Some(&first) = staged.positions.first() {
@@ -824,138 +807,12 @@ impl<B: Backend> Staged<B> {
 }
 
 impl<B: Backend> Runtime<B> {
-    /// Write one dump of `prompts` with the loaded weights. Any op error stops the run:
-    /// the files already written stay, the manifest says `failed` with the error and the
-    /// last tap written, and the error is an engine error.
-    #[allow(clippy::too_many_arguments)]
-    pub fn dump(
+    /// Write the dump of `prompt` with `selection` from `stream`, the residual stream
+    /// (after embedding, after each layer) of a run over tokens it is a prefix of; the
+    /// selection asks only for `embed` and `resid_post` rows.
+    pub(crate) fn serve(
         &self,
-        model: &Model,
-        prompts: Vec<PromptRecord>,
-        selection: &Selection,
-        faults: &RuntimeFaults,
-        injections: &[String],
-        opts: &RunOptions,
-        out: &std::path::Path,
-        overwrite: bool,
-        progress: &mut dyn Progress,
-        mut cache: Option<&mut Option<Checkpoints<B>>>,
-    ) -> Result<DumpSummary> {
-        let longest = prompts.iter().map(|p| p.tokens.len()).max().unwrap_or(0);
-        preflight(model, longest, opts, self.backend.dtype().bytes().max(4))?;
-        let spec = &selection.positions;
-        // Every prompt's positions resolve; the largest capture is the selected rows of a
-        // prefill chunk, or of decode, of the widest tap; a prompt captures each tap once
-        // per chunk, and once more after decode.
-        let chunk = opts.prefill_chunk.unwrap_or(longest).max(1);
-        let (mut capture_rows, mut captures_per_tap) = (0, 0);
-        for p in &prompts {
-            let selected = spec
-                .resolve(p.tokens.len() + opts.max_tokens)
-                .map_err(|e| Error::input(format!("prompt {}: {e}", p.id)))?;
-            let decode_rows = selected.iter().filter(|&&q| q >= p.tokens.len()).count();
-            capture_rows = capture_rows
-                .max(decode_rows)
-                .max((selected.len() - decode_rows).min(chunk));
-            captures_per_tap = captures_per_tap.max(p.tokens.len().div_ceil(chunk) + usize::from(decode_rows > 0));
-        }
-        let selected_taps: Vec<Tap> = all_taps(self.cfg.n_layer)
-            .into_iter()
-            .filter(|t| selection.wants(t))
-            .collect();
-        let widest = selected_taps.iter().map(|t| t.width(&self.cfg)).max().unwrap_or(0);
-        let b = &self.backend;
-        let engine = EngineInfo::new("resbisect-runtime", b.name(), b.dtype().name(), b.device(), injections);
-        // Tokens generated by decode are only known after the run: the manifest is first
-        // written with the prompts, and completed with every processed token at the end.
-        let manifest = Manifest::new(engine, ModelInfo::of(model), prompts.clone(), selection.clone());
-        let writer = BackgroundWriter::spawn(DumpWriter::create(out, manifest, overwrite)?);
-        for p in &prompts {
-            self.warm_up(p, opts)?;
-        }
-        b.reserve_captures(widest * capture_rows, selected_taps.len() * captures_per_tap)?;
-        let start = std::time::Instant::now();
-        let mut processed: Vec<Vec<u32>> = Vec::new();
-        let outcome = prompts.iter().try_for_each(|p| {
-            let keeps = opts.max_tokens == 0 && (selection.wants(&Tap::FinalNorm) || selection.wants(&Tap::Logits));
-            let tokens = match cache.as_deref_mut() {
-                Some(Some(cp)) if self.serves(cp, p, selection, opts) => {
-                    self.serve(cp, p, selection, &writer)?;
-                    p.tokens.clone()
-                }
-                Some(slot) if keeps && self.checkpoint_bytes(p.tokens.len()) <= checkpoint_budget() => {
-                    let mut keep = Vec::new();
-                    let tokens = self
-                        .run_prompt(p, selection, faults, opts, Some(&writer), Some(&mut keep), progress)?
-                        .0;
-                    *slot = Some(Checkpoints {
-                        tokens: p.tokens.clone(),
-                        stream: keep,
-                    });
-                    tokens
-                }
-                _ => {
-                    self.run_prompt(p, selection, faults, opts, Some(&writer), None, progress)?
-                        .0
-                }
-            };
-            processed.push(tokens);
-            Ok(())
-        });
-        let tokens: usize = processed.iter().map(Vec::len).sum();
-        crate::trace::mark(|| format!("{}: computed {tokens} tokens", b.name()));
-        let drain = std::time::Instant::now();
-        writer.finish_with_tokens(outcome, processed)?;
-        crate::trace::mark(|| format!("{}: dump written", b.name()));
-        let drain_seconds = drain.elapsed().as_secs_f64();
-        Ok(DumpSummary {
-            prompts: prompts.len(),
-            tokens,
-            load_seconds: 0.0,
-            compute_seconds: start.elapsed().as_secs_f64(),
-            drain_seconds,
-        })
-    }
-}
-
-/// Memory the checkpoints of one run may take: 4 GiB, and at most a quarter of the
-/// host's available memory (all of it, for the `cpu` backend).
-fn checkpoint_budget() -> u64 {
-    available_memory().map_or(4 << 30, |m| (m / 4).min(4 << 30))
-}
-
-/// The residual stream of every position after embedding and after each layer of one
-/// prefill with an output tap (so every layer ran). A later dump of a prefix of the same
-/// tokens that asks only for `embed` and `resid_post` rows reads them from here: by
-/// causality they do not depend on the tokens after the prefix. (Bisect's layer probes;
-/// its all-taps probe always runs the engine on the cut prompt, so a prompt whose cut
-/// does not reproduce the divergence is still caught.)
-pub struct Checkpoints<B: Backend> {
-    tokens: Vec<u32>,
-    /// `stream[0]` after embedding, `stream[l + 1]` after layer `l`, every token's row.
-    stream: Vec<B::Buf>,
-}
-
-impl<B: Backend> Runtime<B> {
-    fn checkpoint_bytes(&self, tokens: usize) -> u64 {
-        ((self.cfg.n_layer + 1) * tokens * self.cfg.n_embd * self.backend.dtype().bytes()) as u64
-    }
-
-    /// Whether `cp` holds everything a dump of `prompt` with `selection` asks for.
-    fn serves(&self, cp: &Checkpoints<B>, prompt: &PromptRecord, selection: &Selection, opts: &RunOptions) -> bool {
-        let servable = |t: &Tap| matches!(t, Tap::Embed | Tap::Layer(_, LayerTap::ResidPost));
-        !prompt.tokens.is_empty()
-            && opts.max_tokens == 0
-            && cp.tokens.starts_with(&prompt.tokens)
-            && all_taps(self.cfg.n_layer)
-                .iter()
-                .all(|t| !selection.wants(t) || servable(t))
-    }
-
-    /// Write the dump of `prompt` with `selection` from `cp` (see [`serves`](Self::serves)).
-    fn serve(
-        &self,
-        cp: &Checkpoints<B>,
+        stream: &[B::Buf],
         prompt: &PromptRecord,
         selection: &Selection,
         writer: &BackgroundWriter,
@@ -977,7 +834,7 @@ impl<B: Backend> Runtime<B> {
         let e = self.cfg.n_embd;
         for (tap, buf) in std::iter::once(Tap::Embed)
             .chain((0..self.cfg.n_layer).map(|l| Tap::Layer(l, LayerTap::ResidPost)))
-            .zip(&cp.stream)
+            .zip(stream)
         {
             if !col.wants(&tap) {
                 continue;
@@ -991,82 +848,13 @@ impl<B: Backend> Runtime<B> {
     }
 }
 
-/// `resbisect dump --engine runtime`: preflight, load, run every prompt, write the dump.
-#[allow(clippy::too_many_arguments)]
-pub fn dump_runtime<B: Backend>(
-    backend: B,
-    model: &Model,
-    prompts: Vec<PromptRecord>,
-    selection: Selection,
-    injections: &[String],
-    opts: &RunOptions,
-    out: &std::path::Path,
-    overwrite: bool,
-    progress: &mut dyn Progress,
-) -> Result<DumpSummary> {
-    let faults = crate::inject::parse_runtime(injections, model.config.n_layer)?;
-    let longest = prompts.iter().map(|p| p.tokens.len()).max().unwrap_or(0);
-    preflight(model, longest, opts, backend.dtype().bytes().max(4))?;
-    let start = std::time::Instant::now();
-    progress.stage("loading weights", model.config.n_layer);
-    let rt = Runtime::load(backend, model, &mut |_| progress.tick())?;
-    let load_seconds = start.elapsed().as_secs_f64();
-    let summary = rt.dump(
-        model, prompts, &selection, &faults, injections, opts, out, overwrite, progress, None,
-    )?;
-    Ok(DumpSummary {
-        load_seconds,
-        ..summary
-    })
-}
-
-/// What `resbisect run` reports.
-pub struct Generation {
-    pub tokens: Vec<u32>,
-    pub prompt_len: usize,
-    pub prefill_seconds: f64,
-    pub decode_seconds: f64,
-}
-
-/// `resbisect run`: generate greedily with no taps and time prefill and decode.
-pub fn generate<B: Backend>(
-    backend: B,
-    model: &Model,
-    prompt: PromptRecord,
-    opts: &RunOptions,
-    progress: &mut dyn Progress,
-) -> Result<Generation> {
-    preflight(model, prompt.tokens.len(), opts, backend.dtype().bytes().max(4))?;
-    let selection = Selection {
-        layers: Vec::new(),
-        taps: Vec::new(),
-        positions: PositionSpec::all(),
-    };
-    progress.stage("loading weights", model.config.n_layer);
-    let rt = Runtime::load(backend, model, &mut |_| progress.tick())?;
-    rt.warm_up(&prompt, opts)?;
-    let (tokens, prefill_seconds, decode_seconds) = rt.run_prompt(
-        &prompt,
-        &selection,
-        &RuntimeFaults::default(),
-        opts,
-        None,
-        None,
-        progress,
-    )?;
-    Ok(Generation {
-        tokens,
-        prompt_len: prompt.tokens.len(),
-        prefill_seconds,
-        decode_seconds,
-    })
-}
-
 /// Which backend runs the runtime.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendKind {
     Cpu,
+    /// NVIDIA GPU 0 (CUDA, NVRTC and cuBLAS loaded at run time).
     Cuda,
+    /// AMD GPU 0 (builds with `--features hip`).
     Hip,
 }
 

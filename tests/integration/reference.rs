@@ -34,7 +34,7 @@ fn dump(args: &[&str]) -> Dump {
 
 /// HF transformers (f32, same GGUF) vs the reference on p6_len_32. Tolerance 1e-4 rel
 /// L2 per row: the measured disagreement is ≤ 1.3e-5 on every layer and position of an
-/// 826-token prompt (bench/results/reference-vs-hf-long_826.json) and ≤ 7e-6 here.
+/// 826-token prompt (fixtures/hf/reference-vs-hf-long_826.json) and ≤ 7e-6 here.
 #[test]
 fn agrees_with_hf_transformers_on_smollm2() {
     let bytes = std::fs::read(root().join("fixtures/hf/smollm2_p6_len_32.safetensors")).unwrap();

@@ -61,6 +61,109 @@ fn token_id(gguf: &GgufFile, key: &str, n: usize) -> Result<Option<u32>> {
     }
 }
 
+/// GGUF token types, one per token; absent means all normal (1).
+fn token_types(gguf: &GgufFile, n: usize) -> Result<Vec<i64>> {
+    match gguf.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
+        Some(a) if a.len() == n => Ok(a.integers().map(|v| v.unwrap_or(1)).collect()),
+        Some(a) => Err(meta_err(
+            gguf,
+            format!("token_type has {} entries for {n} tokens", a.len()),
+        )),
+        None => Ok(vec![1; n]),
+    }
+}
+
+fn build_err(gguf: &GgufFile) -> impl Fn(Box<dyn std::error::Error + Send + Sync>) -> Error + '_ {
+    move |e| meta_err(gguf, e.to_string())
+}
+
+/// Byte-level BPE (`tokenizer.ggml.model = gpt2`) with the merges stored in the file and the
+/// pre-tokenizer named by `tokenizer.ggml.pre`.
+fn byte_level_bpe(gguf: &GgufFile, vocab: Vocab, pre: &str) -> Result<HfTokenizer> {
+    let merges = string_array(gguf, "tokenizer.ggml.merges")?
+        .iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| meta_err(gguf, format!("merge {m:?} has no space")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(build_err(gguf))?;
+    let mut t = HfTokenizer::new(bpe);
+    let byte_level = ByteLevel::new(false, true, true);
+    let pre_tok: PreTokenizerWrapper = match pre {
+        "default" | "gpt2" | "gpt-2" => byte_level.into(),
+        // Every digit on its own, then the GPT-2 split.
+        "smollm" => PreSequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
+        "llama3" | "llama-v3" | "llama-bpe" => {
+            let split = Split::new(
+                SplitPattern::Regex(LLAMA3_SPLIT.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(build_err(gguf))?;
+            PreSequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
+        }
+        other => {
+            return Err(meta_err(
+                gguf,
+                format!("pre-tokenizer {other:?} is not supported (smollm, llama3, llama-bpe, default)"),
+            ))
+        }
+    };
+    t.with_pre_tokenizer(Some(pre_tok));
+    t.with_decoder(Some(DecoderWrapper::from(ByteLevelDecoder::default())));
+    Ok(t)
+}
+
+/// SentencePiece BPE (`tokenizer.ggml.model = llama`): merges recovered from the scores,
+/// byte fallback, `▁` for spaces.
+fn sentencepiece_bpe(gguf: &GgufFile, tokens: &[String], vocab: Vocab, unk_id: Option<u32>) -> Result<HfTokenizer> {
+    let n = tokens.len();
+    let scores: Vec<f64> = match gguf.get("tokenizer.ggml.scores").and_then(Value::as_array) {
+        Some(a) if a.len() == n => a.numbers().map(|v| v.unwrap_or(0.0)).collect(),
+        _ => {
+            return Err(meta_err(
+                gguf,
+                "tokenizer.ggml.scores is missing or has the wrong length".into(),
+            ))
+        }
+    };
+    let merges = sentencepiece_merges(tokens, &scores, &vocab).map_err(|e| meta_err(gguf, e))?;
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
+    if let Some(unk) = unk_id {
+        builder = builder.unk_token(tokens[unk as usize].clone());
+    }
+    let bpe = builder.build().map_err(build_err(gguf))?;
+    let mut t = HfTokenizer::new(bpe);
+    let add_space = gguf
+        .get("tokenizer.ggml.add_space_prefix")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    let scheme = if add_space {
+        PrependScheme::First
+    } else {
+        PrependScheme::Never
+    };
+    t.with_pre_tokenizer(Some(Metaspace::new('▁', scheme, false)));
+    let mut decoders: Vec<DecoderWrapper> = vec![
+        Replace::new("▁", " ").map_err(build_err(gguf))?.into(),
+        ByteFallback::default().into(),
+        Fuse::default().into(),
+    ];
+    if add_space {
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    t.with_decoder(Some(DecoderSequence::new(decoders)));
+    Ok(t)
+}
+
 impl Tokenizer {
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
         let kind = gguf
@@ -73,16 +176,7 @@ impl Tokenizer {
         if n == 0 {
             return Err(meta_err(gguf, "the vocabulary is empty".into()));
         }
-        let types: Vec<i64> = match gguf.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
-            Some(a) if a.len() == n => a.integers().map(|v| v.unwrap_or(1)).collect(),
-            Some(a) => {
-                return Err(meta_err(
-                    gguf,
-                    format!("token_type has {} entries for {n} tokens", a.len()),
-                ))
-            }
-            None => vec![1; n],
-        };
+        let types = token_types(gguf, n)?;
         let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let bos_id = token_id(gguf, "tokenizer.ggml.bos_token_id", n)?;
         let eos_id = token_id(gguf, "tokenizer.ggml.eos_token_id", n)?;
@@ -103,89 +197,9 @@ impl Tokenizer {
                 "add_bos_token is set but bos_token_id is missing".into(),
             ));
         }
-        let build_err = |e: Box<dyn std::error::Error + Send + Sync>| meta_err(gguf, e.to_string());
-
         let mut inner = match kind.as_str() {
-            "gpt2" => {
-                let merges = string_array(gguf, "tokenizer.ggml.merges")?
-                    .iter()
-                    .map(|m| {
-                        m.split_once(' ')
-                            .map(|(a, b)| (a.to_string(), b.to_string()))
-                            .ok_or_else(|| meta_err(gguf, format!("merge {m:?} has no space")))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let bpe = BPE::builder()
-                    .vocab_and_merges(vocab, merges)
-                    .build()
-                    .map_err(build_err)?;
-                let mut t = HfTokenizer::new(bpe);
-                let byte_level = ByteLevel::new(false, true, true);
-                let pre_tok: PreTokenizerWrapper = match pre.as_str() {
-                    "default" | "gpt2" | "gpt-2" => byte_level.into(),
-                    // Every digit on its own, then the GPT-2 split.
-                    "smollm" => PreSequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
-                    "llama3" | "llama-v3" | "llama-bpe" => {
-                        let split = Split::new(
-                            SplitPattern::Regex(LLAMA3_SPLIT.into()),
-                            SplitDelimiterBehavior::Isolated,
-                            false,
-                        )
-                        .map_err(build_err)?;
-                        PreSequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
-                    }
-                    other => {
-                        return Err(meta_err(
-                            gguf,
-                            format!("pre-tokenizer {other:?} is not supported (smollm, llama3, llama-bpe, default)"),
-                        ))
-                    }
-                };
-                t.with_pre_tokenizer(Some(pre_tok));
-                t.with_decoder(Some(DecoderWrapper::from(ByteLevelDecoder::default())));
-                t
-            }
-            "llama" => {
-                let scores: Vec<f64> = match gguf.get("tokenizer.ggml.scores").and_then(Value::as_array) {
-                    Some(a) if a.len() == n => a.numbers().map(|v| v.unwrap_or(0.0)).collect(),
-                    _ => {
-                        return Err(meta_err(
-                            gguf,
-                            "tokenizer.ggml.scores is missing or has the wrong length".into(),
-                        ))
-                    }
-                };
-                let merges = sentencepiece_merges(tokens, &scores, &vocab).map_err(|e| meta_err(gguf, e))?;
-                let mut builder = BPE::builder()
-                    .vocab_and_merges(vocab, merges)
-                    .byte_fallback(true)
-                    .fuse_unk(true);
-                if let Some(unk) = unk_id {
-                    builder = builder.unk_token(tokens[unk as usize].clone());
-                }
-                let bpe = builder.build().map_err(build_err)?;
-                let mut t = HfTokenizer::new(bpe);
-                let add_space = gguf
-                    .get("tokenizer.ggml.add_space_prefix")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(true);
-                let scheme = if add_space {
-                    PrependScheme::First
-                } else {
-                    PrependScheme::Never
-                };
-                t.with_pre_tokenizer(Some(Metaspace::new('▁', scheme, false)));
-                let mut decoders: Vec<DecoderWrapper> = vec![
-                    Replace::new("▁", " ").map_err(build_err)?.into(),
-                    ByteFallback::default().into(),
-                    Fuse::default().into(),
-                ];
-                if add_space {
-                    decoders.push(Strip::new(' ', 1, 0).into());
-                }
-                t.with_decoder(Some(DecoderSequence::new(decoders)));
-                t
-            }
+            "gpt2" => byte_level_bpe(gguf, vocab, &pre)?,
+            "llama" => sentencepiece_bpe(gguf, tokens, vocab, unk_id)?,
             other => {
                 return Err(meta_err(
                     gguf,

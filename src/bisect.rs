@@ -16,7 +16,7 @@ use crate::engines::{crash_report, Engine};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::reference_engine::{RefPrecision, ReferenceEngine};
-use crate::taps::{positions_spec, Selection, LAYER_TAPS};
+use crate::taps::{PositionSpec, Selection, LAYER_TAPS};
 use crate::tolerance::Tolerances;
 
 pub struct BisectOptions {
@@ -252,15 +252,15 @@ enum Rows {
 /// dropped here, so every probe the search issues is valid for its prompt by construction.
 fn selection(layers: Vec<usize>, taps: &[&str], rows: &Rows, tokens: usize) -> Selection {
     let positions = match rows {
-        Rows::All => "all".to_string(),
+        Rows::All => PositionSpec::all(),
         Rows::At(at) => {
             let mut at: Vec<usize> = at.iter().copied().filter(|&p| p < tokens).collect();
             at.sort_unstable();
             at.dedup();
             if at.is_empty() {
-                "all".to_string()
+                PositionSpec::all()
             } else {
-                positions_spec(&at)
+                PositionSpec::exactly(&at)
             }
         }
     };
@@ -418,7 +418,7 @@ impl Session<'_> {
             tokens,
             layers: sel.layers.clone(),
             taps: sel.taps.clone(),
-            positions: sel.positions.clone(),
+            positions: sel.positions.to_string(),
             seconds_a: seconds[0],
             seconds_b: seconds[1],
             seconds_diff: 0.0,
@@ -517,7 +517,7 @@ impl Session<'_> {
     ) -> Result<Option<(std::rc::Rc<crate::dump::MappedFile>, Vec<usize>)>> {
         let tap = crate::taps::Tap::parse(id).ok_or_else(|| Error::input(format!("bad tap {id}")))?;
         for dir in self.dirs.iter().rev() {
-            let key = (dir.join(side), tap.file_stem());
+            let key = (dir.join(side), tap.file_stem().to_string());
             let cached = self.mapped.borrow().get(&key).cloned();
             let file = match cached {
                 Some(file) => file,

@@ -8,7 +8,7 @@ use wide::{f32x8, i32x8};
 
 use crate::dump::{Dump, EngineInfo, MappedFile, RunError, Status, TapDType, TapView};
 use crate::error::{Error, Result};
-use crate::taps::{Tap, LAYER_TAPS};
+use crate::taps::Tap;
 use crate::tolerance::{coarsest, engine_dtype, Tolerance, Tolerances};
 
 const TOP_CHANNELS: usize = 8;
@@ -1093,7 +1093,7 @@ pub fn logit_stat(a: &TapView, b: &TapView) -> LogitStat {
 fn head_count(tap: &Tap, a: &Dump) -> Option<usize> {
     let c = &a.manifest.model.config;
     match tap {
-        Tap::Layer(_, i) => match LAYER_TAPS[*i] {
+        Tap::Layer(_, i) => match i.name() {
             "q" | "attn" => Some(c.n_head),
             "k" | "v" => Some(c.n_head_kv),
             _ => None,
@@ -1142,7 +1142,7 @@ fn first_divergence(
     let tap = Tap::parse(&td.tap).expect("taps in dumps are canonical");
     let stem = tap.file_stem();
     let load = |d: &Dump| -> Result<MappedFile> {
-        d.map_file(id, &stem)?
+        d.map_file(id, &stem.to_string())?
             .ok_or_else(|| Error::input(format!("{stem} vanished while comparing")))
     };
     let (fa, fb) = (load(a)?, load(b)?);
@@ -1241,7 +1241,7 @@ pub fn calibrate(reports: &[DiffReport], margin: f64, floor: f64) -> (Tolerances
             for t in &p.taps {
                 let tap = Tap::parse(&t.tap).expect("canonical");
                 let pattern = match tap {
-                    Tap::Layer(_, i) => format!("blk.*.{}", LAYER_TAPS[i]),
+                    Tap::Layer(_, i) => format!("blk.*.{}", i.name()),
                     _ => t.tap.clone(),
                 };
                 let key = match tap {

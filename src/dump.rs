@@ -197,7 +197,7 @@ pub fn parse_manifest(text: &[u8]) -> std::result::Result<Manifest, String> {
         None | Some(Value::Null) => Selection {
             layers: Vec::new(),
             taps: Vec::new(),
-            positions: "all".into(),
+            positions: PositionSpec::all(),
         },
         Some(v) => loose_selection(object(v, "selection")?, model.config.n_layer)?,
     };
@@ -360,7 +360,7 @@ fn loose_selection(o: &JsonMap, n_layer: usize) -> std::result::Result<Selection
     } else {
         positions
     };
-    PositionSpec::parse(&positions).map_err(|e| format!("selection.positions: {e} (expected a spec such as \"all\", \"last\", \"0..16,820..840\" or \"-8..\", or a list of them)"))?;
+    let positions = PositionSpec::parse(&positions).map_err(|e| format!("selection.positions: {e} (expected a spec such as \"all\", \"last\", \"0..16,820..840\" or \"-8..\", or a list of them)"))?;
     Ok(Selection {
         layers,
         taps,
@@ -1000,7 +1000,7 @@ impl MappedFile {
                 continue;
             }
             let tap = Tap::parse(name).ok_or_else(|| bad(format!("tensor {name:?} is not a canonical tap id")))?;
-            if tap.file_stem() != stem {
+            if tap.file_stem().to_string() != stem {
                 return Err(bad(format!("tap {name} belongs in {}.safetensors", tap.file_stem())));
             }
             let dtype = TapDType::from_safetensors(view.dtype()).ok_or_else(|| {

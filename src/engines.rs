@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use resbisect_reference::Faults;
+use resbisect_taps::Faults;
 
 use crate::dump::{Dump, PromptRecord, RunError, Status};
 use crate::error::{Error, Result};
@@ -14,7 +14,7 @@ use crate::model::Model;
 use crate::reference_engine::{Checkpoints, NoProgress, ReferenceEngine};
 use crate::runtime::backend::Backend;
 use crate::runtime::{RunOptions, Runtime};
-use crate::taps::{PositionSpec, Selection};
+use crate::taps::Selection;
 
 pub trait Engine: Send {
     /// Who this is, for reports: name, backend, dtype, injected faults.
@@ -65,7 +65,7 @@ fn dump_args(model: &Path, suite: &Path, selection: &Selection, out: &Path) -> S
         shell_quote(&suite.display().to_string()),
         layers_arg(&selection.layers),
         shell_quote(&selection.taps.join(",")),
-        shell_quote(&selection.positions),
+        shell_quote(selection.positions.as_str()),
         shell_quote(&out.display().to_string())
     )
 }
@@ -319,7 +319,7 @@ impl ExternalEngine {
             ("{prompt_id}", shell_quote(prompt_id)),
             ("{layers}", shell_quote(&layers_arg(&selection.layers))),
             ("{taps}", shell_quote(&selection.taps.join(","))),
-            ("{positions}", shell_quote(&selection.positions)),
+            ("{positions}", shell_quote(selection.positions.as_str())),
             ("{selection}", path(&side_file(written, ".selection.json"))),
             ("{out}", path(out)),
         ];
@@ -356,7 +356,7 @@ impl Engine for ExternalEngine {
 
     fn dump(&mut self, prompt: &PromptRecord, selection: &Selection, out: &Path) -> Result<()> {
         write_token_file(&side_file(out, ".tokens"), &prompt.tokens)?;
-        let positions = PositionSpec::parse(&selection.positions)?.resolve(prompt.tokens.len())?;
+        let positions = selection.positions.resolve(prompt.tokens.len())?;
         let sel_json = serde_json::json!({
             "prompt_id": prompt.id, "n_layer": self.n_layer, "layers": selection.layers, "taps": selection.taps,
             "positions": selection.positions, "resolved_positions": positions,

@@ -27,3 +27,10 @@ impl Error {
         Error::Input(format!("{}: {err}", path.display()))
     }
 }
+
+/// A breach of the tap contract (an unknown tap, a bad selection) is bad input.
+impl From<resbisect_taps::Error> for Error {
+    fn from(e: resbisect_taps::Error) -> Self {
+        Error::Input(e.0)
+    }
+}

@@ -9,7 +9,7 @@
 //! frequency by F; `[blk.L.]rope:bf16@FROM` (reference only) forms RoPE angles in bf16;
 //! `norm:eps=E@FROM` (reference only) computes every RMSNorm with epsilon E.
 
-use resbisect_reference::{Fault, Faults, NormFault, RopeCorruption, RopeFault, TapFault};
+use resbisect_taps::{Fault, Faults, NormFault, RopeCorruption, RopeFault, TapFault};
 
 use crate::error::{Error, Result};
 use crate::taps::canonical_tap_id;

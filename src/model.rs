@@ -5,84 +5,19 @@
 use std::path::Path;
 
 use candle_core::quantized::GgmlDType;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::gguf::{dtype_name, GgufFile, TensorInfo};
+
+/// The model configuration is part of the tap contract; its home is resbisect-taps.
+pub use resbisect_taps::{Config, MAX_DIM};
 
 /// Architectures whose tensors and metadata follow the llama layout.
 const LLAMA_ARCHS: &[&str] = &["llama"];
 /// Bytes sampled from the tensor data for the fingerprint, and how many samples.
 const FINGERPRINT_SAMPLE: usize = 4096;
 const FINGERPRINT_SAMPLES: usize = 64;
-
-/// Model hyper-parameters, as recorded in a dump's manifest (docs/dump-format.md).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Config {
-    pub arch: String,
-    pub n_layer: usize,
-    pub n_embd: usize,
-    pub n_head: usize,
-    pub n_head_kv: usize,
-    pub n_ff: usize,
-    pub n_vocab: usize,
-    pub n_ctx: usize,
-    pub rope_base: f64,
-    pub rms_eps: f64,
-}
-
-/// Largest value of any size in a config (layers, widths, vocabulary, context): far
-/// beyond real models, small enough that products of two stay within 64 bits.
-pub const MAX_DIM: usize = 1 << 24;
-
-impl Config {
-    /// Checks that make the derived sizes safe to compute: every size in 1..=MAX_DIM,
-    /// heads dividing the width and the KV heads dividing the heads. The message names
-    /// the field (as a dump manifest spells it).
-    pub fn check(&self) -> std::result::Result<(), String> {
-        let sizes = [
-            ("n_layer", self.n_layer),
-            ("n_embd", self.n_embd),
-            ("n_head", self.n_head),
-            ("n_head_kv", self.n_head_kv),
-            ("n_ff", self.n_ff),
-            ("n_vocab", self.n_vocab),
-            ("n_ctx", self.n_ctx),
-        ];
-        for (name, v) in sizes {
-            if !(1..=MAX_DIM).contains(&v) {
-                return Err(format!("model.{name} = {v} is out of range (1..={MAX_DIM})"));
-            }
-        }
-        if !self.n_embd.is_multiple_of(self.n_head) {
-            return Err(format!(
-                "model.n_embd {} is not divisible by model.n_head {}",
-                self.n_embd, self.n_head
-            ));
-        }
-        if !self.n_head.is_multiple_of(self.n_head_kv) {
-            return Err(format!(
-                "model.n_head {} is not a multiple of model.n_head_kv {}",
-                self.n_head, self.n_head_kv
-            ));
-        }
-        Ok(())
-    }
-
-    pub fn head_dim(&self) -> usize {
-        self.n_embd / self.n_head
-    }
-
-    /// Width of a tap row for each canonical layer tap (docs/taps.md).
-    pub fn q_width(&self) -> usize {
-        self.n_head * self.head_dim()
-    }
-
-    pub fn kv_width(&self) -> usize {
-        self.n_head_kv * self.head_dim()
-    }
-}
 
 /// Weight types the loader accepts: everything candle dequantizes exactly.
 pub fn is_supported_dtype(dtype: GgmlDType) -> bool {

@@ -4,12 +4,12 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use resbisect_reference::{Config as RefConfig, Faults, RawWeight, Reference, TapSink, WeightSource};
+use resbisect_reference::{RawWeight, Reference, TapSink, WeightSource};
 
 use crate::dump::{BackgroundWriter, FileJob, TapDType, TapTensor};
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::taps::{Selection, Tap, LAYER_TAPS};
+use crate::taps::{Faults, FileStem, LayerTap, Selection, Tap};
 
 /// Precision the reference computes in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,20 +63,6 @@ impl WeightSource for Model {
     }
 }
 
-fn ref_config(model: &Model) -> RefConfig {
-    let c = &model.config;
-    RefConfig {
-        n_layer: c.n_layer,
-        n_embd: c.n_embd,
-        n_head: c.n_head,
-        n_head_kv: c.n_head_kv,
-        n_ff: c.n_ff,
-        n_vocab: c.n_vocab,
-        rope_base: c.rope_base,
-        rms_eps: c.rms_eps,
-    }
-}
-
 /// Reference weights loaded once, reusable across prompts.
 pub struct ReferenceEngine {
     inner: Reference,
@@ -85,14 +71,14 @@ pub struct ReferenceEngine {
 
 impl ReferenceEngine {
     pub fn load(model: &Model, precision: RefPrecision, on_layer: &mut dyn FnMut(usize)) -> Result<Self> {
-        let inner = Reference::load(ref_config(model), model, precision.candle(), on_layer)
+        let inner = Reference::load(model.config.clone(), model, precision.candle(), on_layer)
             .map_err(|e| Error::engine(format!("reference: loading weights: {e:#}")))?;
         Ok(Self { inner, precision })
     }
 
     /// Only `layers`, for local replay ([`replay_layer`](Self::replay_layer)).
     pub fn load_for_replay(model: &Model, precision: RefPrecision, layers: &[usize]) -> Result<Self> {
-        let inner = Reference::load_for_replay(ref_config(model), model, precision.candle(), layers)
+        let inner = Reference::load_for_replay(model.config.clone(), model, precision.candle(), layers)
             .map_err(|e| Error::engine(format!("reference: loading layers {layers:?} for replay: {e:#}")))?;
         Ok(Self { inner, precision })
     }
@@ -112,7 +98,7 @@ impl ReferenceEngine {
             .into_iter()
             .map(|(id, t)| {
                 Ok((
-                    id,
+                    id.id(),
                     t.flatten_all()
                         .and_then(|t| t.to_vec1::<f32>())
                         .map_err(|e| fail(e.into()))?,
@@ -207,25 +193,23 @@ impl ReferenceEngine {
         sink: &mut DumpSink,
     ) -> anyhow::Result<()> {
         let rows = |i: usize| cp.stream[i].narrow(0, 0, n);
-        if sink.wants("embed") {
+        if sink.wants(Tap::Embed) {
             sink.emit(
-                "embed",
-                vec![("embed".into(), resbisect_reference::gather(&rows(0)?, positions)?)],
+                FileStem::Embed,
+                vec![(Tap::Embed, resbisect_reference::gather(&rows(0)?, positions)?)],
             )?;
         }
         let layers = cp.stream.len() - 1;
         let n_layer = self.inner.n_layer();
-        let wants_output = sink.wants("final_norm") || sink.wants("logits");
+        let wants_output = sink.wants(Tap::FinalNorm) || sink.wants(Tap::Logits);
+        let wants_any =
+            |sink: &DumpSink, l: usize, taps: &[LayerTap]| taps.iter().any(|&t| sink.wants(Tap::Layer(l, t)));
         for l in 0..n_layer {
-            let inner = LAYER_TAPS[..LAYER_TAPS.len() - 1]
-                .iter()
-                .any(|t| sink.wants(&format!("blk.{l}.{t}")));
-            let post = sink.wants(&format!("blk.{l}.resid_post"));
+            let inner = wants_any(sink, l, &LayerTap::ALL[..LayerTap::ALL.len() - 1]);
+            let post = sink.wants(Tap::Layer(l, LayerTap::ResidPost));
             if l >= layers {
                 // Past the checkpointed layers: continue the forward from the last one.
-                let wanted_after = (l..n_layer)
-                    .rev()
-                    .find(|&m| LAYER_TAPS.iter().any(|t| sink.wants(&format!("blk.{m}.{t}"))));
+                let wanted_after = (l..n_layer).rev().find(|&m| wants_any(sink, m, &LayerTap::ALL));
                 let last = if wants_output { Some(n_layer - 1) } else { wanted_after };
                 let Some(last) = last else { return Ok(()) };
                 let x = self
@@ -241,10 +225,10 @@ impl ReferenceEngine {
                 self.inner
                     .run_layers(rows(l)?, l, l, positions, faults, sink, &mut |_, _| {})?;
             } else if post {
-                let id = format!("blk.{l}.resid_post");
+                let tap = Tap::Layer(l, LayerTap::ResidPost);
                 sink.emit(
-                    &format!("blk.{l}"),
-                    vec![(id, resbisect_reference::gather(&rows(l + 1)?, positions)?)],
+                    FileStem::Layer(l),
+                    vec![(tap, resbisect_reference::gather(&rows(l + 1)?, positions)?)],
                 )?;
             }
         }
@@ -296,18 +280,14 @@ fn tensor_to_tap(id: String, t: &Tensor) -> anyhow::Result<TapTensor> {
 }
 
 impl TapSink for DumpSink<'_> {
-    fn wants(&self, tap_id: &str) -> bool {
-        match Tap::parse(tap_id) {
-            Some(Tap::Layer(l, _)) if l >= self.n_layer => false,
-            Some(tap) => self.selection.wants(&tap),
-            None => false,
-        }
+    fn wants(&self, tap: Tap) -> bool {
+        tap.layer().is_none_or(|l| l < self.n_layer) && self.selection.wants(&tap)
     }
 
-    fn emit(&mut self, group: &str, taps: Vec<(String, Tensor)>) -> anyhow::Result<()> {
+    fn emit(&mut self, group: FileStem, taps: Vec<(Tap, Tensor)>) -> anyhow::Result<()> {
         let taps = taps
             .into_iter()
-            .map(|(id, t)| tensor_to_tap(id, &t))
+            .map(|(tap, t)| tensor_to_tap(tap.id(), &t))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let job = FileJob {
             prompt_id: self.prompt_id.to_string(),
@@ -366,11 +346,12 @@ impl ReferenceEngine {
         progress: &mut dyn Progress,
         mut cache: Option<&mut Option<Checkpoints>>,
     ) -> Result<DumpSummary> {
-        let spec = crate::taps::PositionSpec::parse(&selection.positions)?;
         let positions: Vec<Arc<Vec<usize>>> = prompts
             .iter()
             .map(|p| {
-                spec.resolve(p.tokens.len())
+                selection
+                    .positions
+                    .resolve(p.tokens.len())
                     .map(Arc::new)
                     .map_err(|e| Error::input(format!("prompt {}: {e}", p.id)))
             })
@@ -431,9 +412,10 @@ pub fn dump_reference(
     progress: &mut dyn Progress,
 ) -> Result<DumpSummary> {
     let faults = crate::inject::parse_all(injections, model.config.n_layer)?;
-    let spec = crate::taps::PositionSpec::parse(&selection.positions)?;
     for p in &prompts {
-        spec.resolve(p.tokens.len())
+        selection
+            .positions
+            .resolve(p.tokens.len())
             .map_err(|e| Error::input(format!("prompt {}: {e}", p.id)))?;
     }
     let start = std::time::Instant::now();

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::bisect::{BisectReport, LayerAttribution};
 use crate::diff::{DiffReport, Judgement, PromptDiff, TapDiff};
 use crate::error::{Error, Result};
-use crate::taps::{Tap, LAYER_TAPS};
+use crate::taps::{LayerTap, Tap, LAYER_TAPS};
 
 /// Most heatmap columns; longer prompts are binned (each bin shows its worst row).
 const HEATMAP_BINS: usize = 256;
@@ -328,7 +328,7 @@ fn error_vs_layer_svg(p: &PromptDiff, layers: &[usize]) -> Result<String> {
                 .taps
                 .iter()
                 .filter_map(|t| match Tap::parse(&t.tap) {
-                    Some(Tap::Layer(l, i)) if i == k => Some((l as f64, clamp_log(t.max_rel_l2()))),
+                    Some(Tap::Layer(l, i)) if i.index() == k => Some((l as f64, clamp_log(t.max_rel_l2()))),
                     _ => None,
                 })
                 .collect();
@@ -499,7 +499,7 @@ fn heatmap_rows<'a>(p: &'a PromptDiff, layers: &[usize]) -> Option<(String, &'st
         .taps
         .iter()
         .filter_map(|t| match Tap::parse(&t.tap) {
-            Some(Tap::Layer(l, i)) => Some((l, i, t)),
+            Some(Tap::Layer(l, i)) => Some((l, i.index(), t)),
             _ => None,
         })
         .collect();
@@ -1162,7 +1162,7 @@ fn coarse_heatmap(r: &BisectReport) -> Result<Option<String>> {
         .taps
         .iter()
         .filter_map(|t| match Tap::parse(&t.tap) {
-            Some(Tap::Layer(l, i)) if LAYER_TAPS[i] == "resid_post" => Some((l + 1, l.to_string(), t)),
+            Some(Tap::Layer(l, LayerTap::ResidPost)) => Some((l + 1, l.to_string(), t)),
             Some(Tap::Embed) => Some((0, "embed".to_string(), t)),
             _ => None,
         })

@@ -3,7 +3,7 @@
 //! The `cpu` backend implements it here; GPU backends implement the same trait.
 
 use candle_core::quantized::GgmlDType;
-use resbisect_reference::Fault;
+use resbisect_taps::Fault;
 
 use crate::dump::RowBytes;
 use crate::error::Result;

@@ -10,7 +10,7 @@ use super::Runtime;
 use crate::dump::{BackgroundWriter, FileStream, TapDType};
 use crate::error::{Error, Result};
 use crate::model::Config;
-use crate::taps::{all_taps, Selection, Tap, LAYER_TAPS};
+use crate::taps::{all_taps, FileStem, LayerTap, Selection, Tap};
 
 /// Where one prompt's selected tap rows go: each file is streamed to the dump as its
 /// rows come off the device, and lands whole when the last of them is written.
@@ -23,7 +23,7 @@ pub(super) struct TapCollector<'a> {
     pub(super) prompt_id: &'a str,
     pub(super) dtype: TapDType,
     /// Per file stem: its stream and, per tap of it, the rows sent so far.
-    pub(super) streams: BTreeMap<String, (Arc<FileStream>, Vec<usize>)>,
+    pub(super) streams: BTreeMap<FileStem, (Arc<FileStream>, Vec<usize>)>,
     pub(super) sync_check: bool,
 }
 
@@ -37,7 +37,7 @@ impl<'a> TapCollector<'a> {
 
     /// Whether either output-head tap is wanted.
     pub(super) fn wants_output(&self) -> bool {
-        self.wants(&Tap::Output(0)) || self.wants(&Tap::Output(1))
+        self.wants(&Tap::FinalNorm) || self.wants(&Tap::Logits)
     }
 
     /// Rows of the chunk `[start, start + rows)` that are selected, as (row in chunk).
@@ -73,8 +73,8 @@ impl<'a> TapCollector<'a> {
                 .filter(|t| t.file_stem() == stem && self.wants(t))
                 .map(|t| (t.id(), self.dtype, t.width(self.cfg)))
                 .collect();
-            let stream = writer.stream_file(self.prompt_id, &stem, &self.positions, &taps)?;
-            self.streams.insert(stem.clone(), (stream, vec![0; taps.len()]));
+            let stream = writer.stream_file(self.prompt_id, &stem.to_string(), &self.positions, &taps)?;
+            self.streams.insert(stem, (stream, vec![0; taps.len()]));
         }
         let (stream, sent) = self.streams.get_mut(&stem).expect("started above");
         let id = tap.id();
@@ -107,7 +107,7 @@ pub(super) enum TapRoute<'s, B: Backend> {
     /// Copied on the device into the decode tap buffers at the step's slot: a decode step
     /// never waits for the host, so it can be recorded and replayed.
     Stage {
-        buffers: &'s mut BTreeMap<String, B::Buf>,
+        buffers: &'s mut BTreeMap<Tap, B::Buf>,
         selected: bool,
     },
 }
@@ -117,7 +117,7 @@ pub(super) enum TapRoute<'s, B: Backend> {
 pub(super) struct Staged<B: Backend> {
     /// Selected positions past the prompt; a step's slot is its index here.
     pub(super) positions: Vec<usize>,
-    pub(super) buffers: BTreeMap<String, B::Buf>,
+    pub(super) buffers: BTreeMap<Tap, B::Buf>,
     /// Whether steps may be recorded (off under sync checks, crash injection, or once
     /// recording failed).
     pub(super) record: bool,
@@ -131,10 +131,9 @@ impl<B: Backend> Staged<B> {
         let mut buffers = BTreeMap::new();
         if !positions.is_empty() {
             let c = &rt.cfg;
-            let taps = std::iter::once(Tap::Embed)
-                .chain((0..c.n_layer).flat_map(|l| (0..LAYER_TAPS.len()).map(move |i| Tap::Layer(l, i))));
-            for tap in taps.filter(|t| col.wants(t)) {
-                buffers.insert(tap.id(), rt.backend.alloc(positions.len() * tap.width(c))?);
+            let layers = (0..c.n_layer).flat_map(|l| LayerTap::ALL.map(|t| Tap::Layer(l, t)));
+            for tap in std::iter::once(Tap::Embed).chain(layers).filter(|t| col.wants(t)) {
+                buffers.insert(tap, rt.backend.alloc(positions.len() * tap.width(c))?);
             }
         }
         Ok(Self {
@@ -150,11 +149,10 @@ impl<B: Backend> Staged<B> {
         let Some(&first) = self.positions.first() else {
             return Ok(());
         };
-        for (id, buf) in &self.buffers {
-            let tap = Tap::parse(id).expect("staged taps are canonical");
+        for (tap, buf) in &self.buffers {
             col.capture(
                 backend,
-                &tap,
+                tap,
                 first,
                 buf,
                 &[(0, self.positions.len() * tap.width(col.cfg))],

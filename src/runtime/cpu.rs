@@ -7,7 +7,7 @@ use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QStorage};
 use candle_core::{CpuStorage, Device};
 use half::{bf16, f16};
 use rayon::prelude::*;
-use resbisect_reference::Fault;
+use resbisect_taps::Fault;
 
 use super::backend::{AttnShape, Backend, Row, Src, Step, StorageDType};
 use crate::error::{Error, Result};

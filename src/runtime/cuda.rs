@@ -12,7 +12,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
     ValidAsZeroBits,
 };
-use resbisect_reference::Fault;
+use resbisect_taps::Fault;
 use sha2::{Digest, Sha256};
 
 use super::backend::{self, AttnShape, Backend, Row, Src, Step, StorageDType};

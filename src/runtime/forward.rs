@@ -8,7 +8,7 @@ use super::{RunOptions, Runtime};
 use crate::error::{Error, Result};
 use crate::inject::RuntimeFaults;
 use crate::model::Config;
-use crate::taps::{Tap, LAYER_TAPS};
+use crate::taps::{LayerTap, Tap};
 
 pub(super) struct LayerWeights<B: Backend> {
     attn_norm: B::Buf,
@@ -124,7 +124,7 @@ impl<B: Backend> Pass<'_, '_, B> {
             TapRoute::Stage { buffers, selected } => {
                 if *selected {
                     let staged = buffers
-                        .get_mut(&id)
+                        .get_mut(&tap)
                         .expect("a decode tap buffer exists for every wanted tap");
                     let copy = rt.backend.copy_rows(buf, staged, Row::StepSlot, 1, width);
                     rt.op(&format!("stage({id})"), sc, copy)?;
@@ -187,7 +187,7 @@ impl<B: Backend> Pass<'_, '_, B> {
         }
         (0..n)
             .rev()
-            .find(|&l| (0..LAYER_TAPS.len()).any(|i| col.wants(&Tap::Layer(l, i))))
+            .find(|&l| LayerTap::ALL.into_iter().any(|t| col.wants(&Tap::Layer(l, t))))
             .map_or(0, |l| l + 1)
     }
 
@@ -224,12 +224,6 @@ impl<B: Backend> Pass<'_, '_, B> {
             from_step: self.decode(),
         }
     }
-}
-
-/// Tap `name` of layer `l`.
-fn layer_tap(l: usize, name: &str) -> Tap {
-    let i = LAYER_TAPS.iter().position(|t| *t == name);
-    Tap::Layer(l, i.expect("the forward names canonical layer taps"))
 }
 
 impl<B: Backend> Runtime<B> {
@@ -288,7 +282,7 @@ impl<B: Backend> Runtime<B> {
         let (c, b, w) = (&self.cfg, &self.backend, &self.layers[l]);
         let (e, qw, kvw, ff, rows) = (c.n_embd, c.q_width(), c.kv_width(), c.n_ff, pass.rows);
         let (base, eps) = (c.rope_base as f32, c.rms_eps as f32);
-        let tap = |name: &str| layer_tap(l, name);
+        let at = |t: LayerTap| Tap::Layer(l, t);
         let (kc, vc) = kv;
         let shape = pass.attn_shape();
 
@@ -296,7 +290,7 @@ impl<B: Backend> Runtime<B> {
             "rms_norm (attn)",
             b.rms_norm(&ws.x, &w.attn_norm, rows, e, eps, &mut ws.h),
         )?;
-        pass.tap(tap("attn_norm"), &mut ws.h)?;
+        pass.tap(at(LayerTap::AttnNorm), &mut ws.h)?;
         let qkv = [&mut ws.q, &mut ws.k, &mut ws.v];
         pass.op(
             "matmul q, k, v",
@@ -304,7 +298,7 @@ impl<B: Backend> Runtime<B> {
         )?;
         let host_positions = pass.rope_positions(l);
         let positions = host_positions.as_deref().map_or(Src::Step, Src::Host);
-        let fuse_append = !pass.touched(tap("k")) && !pass.touched(tap("v"));
+        let fuse_append = !pass.touched(at(LayerTap::K)) && !pass.touched(at(LayerTap::V));
         if fuse_append {
             let fused = b.rope_append(&mut ws.q, &mut ws.k, &ws.v, kc, vc, shape, positions, base);
             pass.op("rope q, k and kv append", fused)?;
@@ -312,21 +306,21 @@ impl<B: Backend> Runtime<B> {
             pass.op("rope q", b.rope(&mut ws.q, c.n_head, c.head_dim(), positions, base))?;
             pass.op("rope k", b.rope(&mut ws.k, c.n_head_kv, c.head_dim(), positions, base))?;
         }
-        pass.tap(tap("q"), &mut ws.q)?;
-        pass.tap(tap("k"), &mut ws.k)?;
-        pass.tap(tap("v"), &mut ws.v)?;
+        pass.tap(at(LayerTap::Q), &mut ws.q)?;
+        pass.tap(at(LayerTap::K), &mut ws.k)?;
+        pass.tap(at(LayerTap::V), &mut ws.v)?;
         if !fuse_append {
             pass.op("kv append k", b.copy_rows(&ws.k, kc, pass.kv_row(), rows, kvw))?;
             pass.op("kv append v", b.copy_rows(&ws.v, vc, pass.kv_row(), rows, kvw))?;
         }
         pass.op("attention", b.attention(&ws.q, kc, vc, shape, &mut ws.attn))?;
-        pass.tap(tap("attn"), &mut ws.attn)?;
+        pass.tap(at(LayerTap::Attn), &mut ws.attn)?;
         pass.op("matmul attn_output", b.matmul(&ws.attn, &w.wo, rows, qw, e, &mut ws.ao))?;
-        pass.tap(tap("attn_out"), &mut ws.ao)?;
+        pass.tap(at(LayerTap::AttnOut), &mut ws.ao)?;
 
-        if pass.touched(tap("resid_mid")) {
+        if pass.touched(at(LayerTap::ResidMid)) {
             pass.op("add (attention residual)", b.add(&ws.x, &ws.ao, rows * e, &mut ws.mid))?;
-            pass.tap(tap("resid_mid"), &mut ws.mid)?;
+            pass.tap(at(LayerTap::ResidMid), &mut ws.mid)?;
             pass.op(
                 "rms_norm (ffn)",
                 b.rms_norm(&ws.mid, &w.ffn_norm, rows, e, eps, &mut ws.h),
@@ -334,26 +328,26 @@ impl<B: Backend> Runtime<B> {
         } else {
             let fused = b.add_rms_norm(&ws.x, &ws.ao, &w.ffn_norm, rows, e, eps, &mut ws.mid, &mut ws.h);
             pass.op("add (attention residual) and rms_norm (ffn)", fused)?;
-            pass.tap(tap("resid_mid"), &mut ws.mid)?;
+            pass.tap(at(LayerTap::ResidMid), &mut ws.mid)?;
         }
-        pass.tap(tap("ffn_norm"), &mut ws.h)?;
-        if pass.touched(tap("ffn_gate")) || pass.touched(tap("ffn_up")) {
+        pass.tap(at(LayerTap::FfnNorm), &mut ws.h)?;
+        if pass.touched(at(LayerTap::FfnGate)) || pass.touched(at(LayerTap::FfnUp)) {
             pass.op("matmul ffn_gate", b.matmul(&ws.h, &w.wg, rows, e, ff, &mut ws.g))?;
             pass.op("matmul ffn_up", b.matmul(&ws.h, &w.wu, rows, e, ff, &mut ws.u))?;
-            pass.tap(tap("ffn_gate"), &mut ws.g)?;
-            pass.tap(tap("ffn_up"), &mut ws.u)?;
+            pass.tap(at(LayerTap::FfnGate), &mut ws.g)?;
+            pass.tap(at(LayerTap::FfnUp), &mut ws.u)?;
             pass.op("silu_mul", b.silu_mul(&ws.g, &ws.u, rows * ff, &mut ws.act))?;
         } else {
             let fused = b.gate_up_silu(&ws.h, &w.wg, &w.wu, rows, e, ff, &mut ws.g, &mut ws.u, &mut ws.act);
             pass.op("matmul ffn_gate, ffn_up and silu_mul", fused)?;
-            pass.tap(tap("ffn_gate"), &mut ws.g)?;
-            pass.tap(tap("ffn_up"), &mut ws.u)?;
+            pass.tap(at(LayerTap::FfnGate), &mut ws.g)?;
+            pass.tap(at(LayerTap::FfnUp), &mut ws.u)?;
         }
-        pass.tap(tap("ffn_act"), &mut ws.act)?;
+        pass.tap(at(LayerTap::FfnAct), &mut ws.act)?;
         pass.op("matmul ffn_down", b.matmul(&ws.act, &w.wd, rows, ff, e, &mut ws.f))?;
-        pass.tap(tap("ffn_out"), &mut ws.f)?;
+        pass.tap(at(LayerTap::FfnOut), &mut ws.f)?;
         pass.op("add (ffn residual)", b.add(&ws.mid, &ws.f, rows * e, &mut ws.x))?;
-        pass.tap(tap("resid_post"), &mut ws.x)
+        pass.tap(at(LayerTap::ResidPost), &mut ws.x)
     }
 
     /// The output head on the rows of `ws.x` someone needs — tapped ones and, with
@@ -401,7 +395,7 @@ impl<B: Backend> Runtime<B> {
         if want_out {
             // Rows of the head buffers are `need`; tap only the selected ones (the first
             // entries, the decode row may trail unselected).
-            for (tap, buf) in [(Tap::Output(0), &mut ws.normed), (Tap::Output(1), &mut ws.logits)] {
+            for (tap, buf) in [(Tap::FinalNorm, &mut ws.normed), (Tap::Logits, &mut ws.logits)] {
                 let (id, width) = (tap.id(), tap.width(c));
                 for f in pass.faults.taps.iter().filter(|f| f.tap_id == id) {
                     let from_row = need.iter().position(|&r| start + r >= f.from).unwrap_or(n);

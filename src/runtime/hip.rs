@@ -8,7 +8,7 @@ use std::ffi::{c_void, CStr};
 
 use candle_core::quantized::GgmlDType;
 use hip_runtime_sys as hip;
-use resbisect_reference::Fault;
+use resbisect_taps::Fault;
 
 use super::backend::{AttnShape, Backend, Row, Src, Step, StorageDType};
 use super::cuda::{AttnPlan, Storage, ATTN_PART_FLOATS};

@@ -44,7 +44,7 @@ use crate::error::{Error, Result};
 use crate::inject::RuntimeFaults;
 use crate::model::{Config, Model};
 use crate::reference_engine::{DumpSummary, Progress};
-use crate::taps::{all_taps, PositionSpec, Selection, Tap, LAYER_TAPS};
+use crate::taps::{all_taps, LayerTap, PositionSpec, Selection, Tap};
 use backend::Backend;
 use capture::{TapCollector, TapRoute};
 use forward::{LayerWeights, Pass, Workspace};
@@ -122,7 +122,7 @@ impl<B: Backend> Runtime<B> {
         let none = Selection {
             layers: Vec::new(),
             taps: Vec::new(),
-            positions: "all".into(),
+            positions: PositionSpec::all(),
         };
         for _ in 0..opts.warmup {
             self.run_prompt(
@@ -157,7 +157,8 @@ impl<B: Backend> Runtime<B> {
         let t0 = std::time::Instant::now();
         let (c, b) = (&self.cfg, &self.backend);
         let total = prompt.tokens.len() + opts.max_tokens;
-        let positions = PositionSpec::parse(&selection.positions)?
+        let positions = selection
+            .positions
             .resolve(total)
             .map_err(|e| Error::input(format!("prompt {}: {e}", prompt.id)))?;
         let collector = TapCollector {
@@ -255,7 +256,7 @@ impl<B: Backend> Runtime<B> {
     ) -> Result<DumpSummary> {
         let longest = prompts.iter().map(|p| p.tokens.len()).max().unwrap_or(0);
         preflight(model, longest, opts, self.backend.dtype().bytes().max(4))?;
-        let spec = PositionSpec::parse(&selection.positions)?;
+        let spec = &selection.positions;
         // Every prompt's positions resolve; the largest capture is the selected rows of a
         // prefill chunk, or of decode, of the widest tap; a prompt captures each tap once
         // per chunk, and once more after decode.
@@ -289,7 +290,7 @@ impl<B: Backend> Runtime<B> {
         let start = std::time::Instant::now();
         let mut processed: Vec<Vec<u32>> = Vec::new();
         let outcome = prompts.iter().try_for_each(|p| {
-            let keeps = opts.max_tokens == 0 && (selection.wants(&Tap::Output(0)) || selection.wants(&Tap::Output(1)));
+            let keeps = opts.max_tokens == 0 && (selection.wants(&Tap::FinalNorm) || selection.wants(&Tap::Logits));
             let tokens = match cache.as_deref_mut() {
                 Some(Some(cp)) if self.serves(cp, p, selection, opts) => {
                     self.serve(cp, p, selection, &writer)?;
@@ -355,8 +356,7 @@ impl<B: Backend> Runtime<B> {
 
     /// Whether `cp` holds everything a dump of `prompt` with `selection` asks for.
     fn serves(&self, cp: &Checkpoints<B>, prompt: &PromptRecord, selection: &Selection, opts: &RunOptions) -> bool {
-        let post = LAYER_TAPS.len() - 1;
-        let servable = |t: &Tap| matches!(t, Tap::Embed) || matches!(t, Tap::Layer(_, i) if *i == post);
+        let servable = |t: &Tap| matches!(t, Tap::Embed | Tap::Layer(_, LayerTap::ResidPost));
         !prompt.tokens.is_empty()
             && opts.max_tokens == 0
             && cp.tokens.starts_with(&prompt.tokens)
@@ -373,7 +373,8 @@ impl<B: Backend> Runtime<B> {
         selection: &Selection,
         writer: &BackgroundWriter,
     ) -> Result<()> {
-        let positions = PositionSpec::parse(&selection.positions)?
+        let positions = selection
+            .positions
             .resolve(prompt.tokens.len())
             .map_err(|e| Error::input(format!("prompt {}: {e}", prompt.id)))?;
         let mut col = TapCollector {
@@ -387,9 +388,8 @@ impl<B: Backend> Runtime<B> {
             sync_check: false,
         };
         let e = self.cfg.n_embd;
-        let post = LAYER_TAPS.len() - 1;
         for (tap, buf) in std::iter::once(Tap::Embed)
-            .chain((0..self.cfg.n_layer).map(|l| Tap::Layer(l, post)))
+            .chain((0..self.cfg.n_layer).map(|l| Tap::Layer(l, LayerTap::ResidPost)))
             .zip(&cp.stream)
         {
             if !col.wants(&tap) {
@@ -453,7 +453,7 @@ pub fn generate<B: Backend>(
     let selection = Selection {
         layers: Vec::new(),
         taps: Vec::new(),
-        positions: "all".into(),
+        positions: PositionSpec::all(),
     };
     progress.stage("loading weights", model.config.n_layer);
     let rt = Runtime::load(backend, model, &mut |_| progress.tick())?;

@@ -7,7 +7,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use resbisect_reference::Fault;
+use resbisect_taps::Fault;
 
 use super::backend::{AttnShape, Backend, Row, Src, Step, StorageDType};
 use super::cpu::CpuBackend;

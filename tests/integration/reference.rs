@@ -276,7 +276,7 @@ fn runs_over_a_prefix_resume_from_checkpoints() {
     let sel = |layers: &[usize], taps: &[&str]| Selection {
         layers: layers.to_vec(),
         taps: taps.iter().map(|t| t.to_string()).collect(),
-        positions: "all".into(),
+        positions: resbisect::taps::PositionSpec::all(),
     };
     let full = PromptRecord {
         id: "prompt".into(),

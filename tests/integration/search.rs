@@ -11,7 +11,7 @@ use resbisect::diff::{Judge, Judgement};
 use resbisect::dump::{DumpWriter, EngineInfo, Manifest, ModelInfo, PromptRecord, Status, TapDType, TapTensor};
 use resbisect::engines::Engine;
 use resbisect::model::Config;
-use resbisect::taps::{PositionSpec, Selection, Tap, LAYER_TAPS};
+use resbisect::taps::{FileStem, LayerTap, Selection, Tap, LAYER_TAPS};
 use resbisect::tolerance::{Tolerances, FLOOR_MARGIN};
 use resbisect::{Error, Result};
 
@@ -64,8 +64,9 @@ fn norm(v: &[f32]) -> f64 {
 fn rank(tap: &Tap, n_layer: usize) -> usize {
     match *tap {
         Tap::Embed => 0,
-        Tap::Layer(l, i) => 1 + l * LAYER_TAPS.len() + i,
-        Tap::Output(i) => 1 + n_layer * LAYER_TAPS.len() + i,
+        Tap::Layer(l, t) => 1 + l * LAYER_TAPS.len() + t.index(),
+        Tap::FinalNorm => 1 + n_layer * LAYER_TAPS.len(),
+        Tap::Logits => 2 + n_layer * LAYER_TAPS.len(),
     }
 }
 
@@ -86,7 +87,7 @@ impl Profile {
     /// The error at a tap and position, relative to an ordinary row's norm.
     fn error(&self, tap: &Tap, position: usize) -> f64 {
         let (l0, i0) = self.origin;
-        let origin_rank = rank(&Tap::Layer(l0, i0), self.n_layer);
+        let origin_rank = rank(&Tap::Layer(l0, LayerTap::ALL[i0]), self.n_layer);
         if rank(tap, self.n_layer) < origin_rank || position < self.onset {
             return 0.0;
         }
@@ -151,9 +152,9 @@ impl Engine for Synthetic {
 
     fn dump(&mut self, prompt: &PromptRecord, selection: &Selection, out: &Path) -> Result<()> {
         let p = &self.profile;
-        self.asked.push((prompt.tokens.len(), selection.positions.clone()));
+        self.asked.push((prompt.tokens.len(), selection.positions.to_string()));
         // The search must never plan a probe past the prompt: `resolve` refuses it.
-        let positions = PositionSpec::parse(&selection.positions)?.resolve(prompt.tokens.len())?;
+        let positions = selection.positions.resolve(prompt.tokens.len())?;
         let model = ModelInfo {
             path: "synthetic.gguf".into(),
             fingerprint: Some(format!("synthetic-{}", p.seed)),
@@ -166,7 +167,7 @@ impl Engine for Synthetic {
             false,
         )?;
         let taps = selection.taps_in_order(p.n_layer);
-        let mut stems: Vec<String> = taps.iter().map(Tap::file_stem).collect();
+        let mut stems: Vec<FileStem> = taps.iter().map(Tap::file_stem).collect();
         stems.dedup();
         for stem in stems {
             let tensors: Vec<TapTensor> = taps
@@ -186,7 +187,7 @@ impl Engine for Synthetic {
                     }
                 })
                 .collect();
-            w.write_file(&prompt.id, &stem, &positions, &tensors)?;
+            w.write_file(&prompt.id, &stem.to_string(), &positions, &tensors)?;
         }
         w.finish(Status::Complete, None)
     }
@@ -201,13 +202,13 @@ impl Engine for Synthetic {
 /// over its floor on a quarter of its rows or more (a systematic error), else tolerance.
 fn expected(p: &Profile, tol: f64) -> (String, usize, Judgement) {
     let (l0, i0) = p.origin;
-    let origin = Tap::Layer(l0, i0);
+    let origin = Tap::Layer(l0, LayerTap::ALL[i0]);
     let floor = Tolerances::default().floors["F32"] * FLOOR_MARGIN;
     let first_coarse = bisect::coarse_layers(p.n_layer)
         .into_iter()
         .find(|&l| l >= l0)
         .expect("the last layer is coarse");
-    let stream = Tap::Layer(first_coarse, LAYER_TAPS.len() - 1);
+    let stream = Tap::Layer(first_coarse, LayerTap::ResidPost);
     let over_floor = (0..p.n_tokens).filter(|&pos| p.rel(&stream, pos) > floor).count();
     let (judged, threshold) = if 4 * over_floor >= p.n_tokens {
         (Judgement::NoiseFloor, floor)
@@ -269,7 +270,7 @@ fn the_search_names_the_origin_of_every_error_profile() {
         // Family 2 must stay below tolerance at its first coarse layer yet cross later,
         // and every profile must diverge over tolerance somewhere: skip draws that miss.
         let crosses_somewhere = (0..p.n_tokens).any(|pos| {
-            p.rel(&Tap::Output(1), pos) > tol || p.rel(&Tap::Layer(p.n_layer - 1, LAYER_TAPS.len() - 1), pos) > tol
+            p.rel(&Tap::Logits, pos) > tol || p.rel(&Tap::Layer(p.n_layer - 1, LayerTap::ResidPost), pos) > tol
         });
         if !crosses_somewhere {
             continue;

@@ -1,8 +1,8 @@
 //! The oracle: a llama forward pass on candle-core with exactly dequantized weights,
 //! computed in f32 (or f64), with every canonical tap of docs/taps.md available.
 //!
-//! Independent from the runtime by construction: this crate depends on nothing of
-//! resbisect, so it cannot reuse runtime numerics. It reads weights through
+//! Independent from the runtime by construction: of resbisect it depends only on the tap
+//! contract (resbisect-taps, which holds no numerics), so it cannot reuse runtime numerics. It reads weights through
 //! [`WeightSource`] and hands captured rows, one dump file group at a time, to a
 //! [`TapSink`]; it keeps only one layer's activations alive.
 
@@ -11,23 +11,7 @@ use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, D};
 use num_traits::Float;
 use rayon::prelude::*;
-
-/// Layer taps in topological order (docs/taps.md), as the reference computes them.
-pub const LAYER_TAPS: [&str; 13] = [
-    "attn_norm",
-    "q",
-    "k",
-    "v",
-    "attn",
-    "attn_out",
-    "resid_mid",
-    "ffn_norm",
-    "ffn_gate",
-    "ffn_up",
-    "ffn_act",
-    "ffn_out",
-    "resid_post",
-];
+use resbisect_taps::{Config, Fault, Faults, FileStem, LayerTap, RopeFault, Tap, TapFault};
 
 /// Queries processed together in attention: bounds the score matrix to
 /// `n_head × ATTN_QUERY_CHUNK × seq` whatever the sequence length.
@@ -35,116 +19,40 @@ pub const LAYER_TAPS: [&str; 13] = [
 /// efficient GEMMs.
 const ATTN_QUERY_CHUNK: usize = 128;
 
-/// A perturbation of one tap's rows from a position on, applied in the forward pass so
-/// it propagates downstream as a real bug would.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Fault {
-    Scale(f64),
-    Offset(f64),
-    Nan,
-    Zero,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct TapFault {
-    pub tap_id: String,
-    pub fault: Fault,
-    pub from: usize,
-}
-
-/// How a corrupted RoPE rotates the query and key rows it hits.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum RopeCorruption {
-    /// As if the row sat at `position + shift` (an off-by-N position, e.g. a chunked-prefill
-    /// offset bug).
-    Shift(i64),
-    /// As if the row sat at `position × factor`: every frequency scaled by `factor` (a wrong
-    /// RoPE frequency scaling).
-    Scale(f64),
-    /// Angles `position × θ_i` formed in bf16 — position, inverse frequency and product each
-    /// rounded to bf16, as in a RoPE table computed in half precision. The error grows with
-    /// the position.
-    Bf16Angles,
-}
-
-/// RoPE corruption of the rows at positions ≥ `from`; `layer` None means every layer.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RopeFault {
-    pub layer: Option<usize>,
-    pub corruption: RopeCorruption,
-    pub from: usize,
-}
-
-impl RopeFault {
-    /// The position the row at `position` is rotated as, for corruptions that move the
-    /// position (None for [`RopeCorruption::Bf16Angles`], which rounds angles instead).
-    pub fn rotated_position(&self, position: usize) -> Option<f64> {
-        let p = position as f64;
-        if position < self.from {
-            return Some(p);
+/// Apply the faults aimed at `tap` to its rows.
+fn apply_faults(faults: &Faults, tap: Tap, t: Tensor) -> Result<Tensor> {
+    let mut t = t;
+    let id = tap.id();
+    for f in faults.taps.iter().filter(|f| f.tap_id == id) {
+        let (n, _) = t.dims2()?;
+        if f.from >= n {
+            continue;
         }
-        match self.corruption {
-            RopeCorruption::Shift(s) => Some(p + s as f64),
-            RopeCorruption::Scale(f) => Some(p * f),
-            RopeCorruption::Bf16Angles => None,
-        }
-    }
-}
-
-/// RMSNorm computed with `eps` instead of the model's on rows at positions ≥ `from`, in
-/// every norm of the model (a wrong `rms_eps` read from the config).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct NormFault {
-    pub eps: f64,
-    pub from: usize,
-}
-
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Faults {
-    pub taps: Vec<TapFault>,
-    pub rope: Vec<RopeFault>,
-    pub norm: Option<NormFault>,
-}
-
-impl Faults {
-    /// Apply the faults aimed at `tap_id` to its rows.
-    fn apply(&self, tap_id: &str, t: Tensor) -> Result<Tensor> {
-        let mut t = t;
-        for f in self.taps.iter().filter(|f| f.tap_id == tap_id) {
-            let (n, _) = t.dims2()?;
-            if f.from >= n {
-                continue;
+        let hit: Vec<f64> = (0..n).map(|p| if p >= f.from { 1.0 } else { 0.0 }).collect();
+        let hit = Tensor::from_vec(hit, (n, 1), &Device::Cpu)?.to_dtype(t.dtype())?;
+        t = match f.fault {
+            Fault::Scale(s) => t.broadcast_mul(&((hit * (s - 1.0))? + 1.0)?)?,
+            Fault::Offset(o) => t.broadcast_add(&(hit * o)?)?,
+            Fault::Zero => t.broadcast_mul(&(1.0 - hit)?)?,
+            Fault::Nan => {
+                let nan: Vec<f64> = (0..n).map(|p| if p >= f.from { f64::NAN } else { 0.0 }).collect();
+                t.broadcast_add(&Tensor::from_vec(nan, (n, 1), &Device::Cpu)?.to_dtype(t.dtype())?)?
             }
-            let hit: Vec<f64> = (0..n).map(|p| if p >= f.from { 1.0 } else { 0.0 }).collect();
-            let hit = Tensor::from_vec(hit, (n, 1), &Device::Cpu)?.to_dtype(t.dtype())?;
-            t = match f.fault {
-                Fault::Scale(s) => t.broadcast_mul(&((hit * (s - 1.0))? + 1.0)?)?,
-                Fault::Offset(o) => t.broadcast_add(&(hit * o)?)?,
-                Fault::Zero => t.broadcast_mul(&(1.0 - hit)?)?,
-                Fault::Nan => {
-                    let nan: Vec<f64> = (0..n).map(|p| if p >= f.from { f64::NAN } else { 0.0 }).collect();
-                    t.broadcast_add(&Tensor::from_vec(nan, (n, 1), &Device::Cpu)?.to_dtype(t.dtype())?)?
-                }
-            };
-        }
-        Ok(t)
+        };
     }
+    Ok(t)
+}
 
-    fn rope_for(&self, layer: usize) -> Option<&RopeFault> {
-        self.rope.iter().find(|r| r.layer.is_none_or(|l| l == layer))
-    }
-
-    /// The RMSNorm epsilon of each of the rows at `positions`.
-    fn eps(&self, model_eps: f64, positions: &[usize]) -> Eps {
-        match self.norm {
-            Some(f) if positions.iter().any(|&p| p >= f.from) => Eps::Rows(
-                positions
-                    .iter()
-                    .map(|&p| if p >= f.from { f.eps } else { model_eps })
-                    .collect(),
-            ),
-            _ => Eps::Model(model_eps),
-        }
+/// The RMSNorm epsilon of each of the rows at `positions`.
+fn row_eps(faults: &Faults, model_eps: f64, positions: &[usize]) -> Eps {
+    match faults.norm {
+        Some(f) if positions.iter().any(|&p| p >= f.from) => Eps::Rows(
+            positions
+                .iter()
+                .map(|&p| if p >= f.from { f.eps } else { model_eps })
+                .collect(),
+        ),
+        _ => Eps::Model(model_eps),
     }
 }
 
@@ -152,24 +60,6 @@ impl Faults {
 enum Eps {
     Model(f64),
     Rows(Vec<f64>),
-}
-
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub n_layer: usize,
-    pub n_embd: usize,
-    pub n_head: usize,
-    pub n_head_kv: usize,
-    pub n_ff: usize,
-    pub n_vocab: usize,
-    pub rope_base: f64,
-    pub rms_eps: f64,
-}
-
-impl Config {
-    fn head_dim(&self) -> usize {
-        self.n_embd / self.n_head
-    }
 }
 
 /// A weight as stored in GGUF: ggml type, dims in ggml order (`dims[0]` contiguous) and
@@ -185,11 +75,11 @@ pub trait WeightSource {
     fn weight(&self, name: &str) -> Result<RawWeight<'_>>;
 }
 
-/// Receives captured taps. Group names are dump file stems: `embed`, `blk.L`, `output`.
+/// Receives captured taps, grouped by the dump file that holds them.
 pub trait TapSink {
-    fn wants(&self, tap_id: &str) -> bool;
-    /// `taps` are (canonical id, tensor [n_positions, width]) in topological order.
-    fn emit(&mut self, group: &str, taps: Vec<(String, Tensor)>) -> Result<()>;
+    fn wants(&self, tap: Tap) -> bool;
+    /// `taps` are (tap, tensor [n_positions, width]) in topological order.
+    fn emit(&mut self, group: FileStem, taps: Vec<(Tap, Tensor)>) -> Result<()>;
 }
 
 struct Layer {
@@ -375,13 +265,13 @@ impl Reference {
         let mut x = self.embed(tokens, positions, faults, sink)?;
         keep(0, &x);
         // Layers past the last one anything is captured from cannot change the dump.
-        let wants_output = sink.wants("final_norm") || sink.wants("logits");
+        let wants_output = sink.wants(Tap::FinalNorm) || sink.wants(Tap::Logits);
         let last_layer = if wants_output {
             Some(cfg.n_layer - 1)
         } else {
             (0..cfg.n_layer)
                 .rev()
-                .find(|l| LAYER_TAPS.iter().any(|t| sink.wants(&format!("blk.{l}.{t}"))))
+                .find(|&l| LayerTap::ALL.iter().any(|&t| sink.wants(Tap::Layer(l, t))))
         };
         if let Some(last) = last_layer {
             x = self.run_layers(x, 0, last, positions, faults, sink, &mut |l, x| keep(l + 1, x))?;
@@ -411,9 +301,9 @@ impl Reference {
             bail!("position {p} is outside the {n}-token sequence");
         }
         let ids = Tensor::from_vec(tokens.to_vec(), n, &Device::Cpu)?;
-        let x = faults.apply("embed", self.io()?.token_embd.index_select(&ids, 0)?)?;
-        if sink.wants("embed") {
-            sink.emit("embed", vec![("embed".into(), gather(&x, positions)?)])?;
+        let x = apply_faults(faults, Tap::Embed, self.io()?.token_embd.index_select(&ids, 0)?)?;
+        if sink.wants(Tap::Embed) {
+            sink.emit(FileStem::Embed, vec![(Tap::Embed, gather(&x, positions)?)])?;
         }
         Ok(x)
     }
@@ -442,16 +332,15 @@ impl Reference {
         }
         let true_positions: Vec<f64> = (0..n).map(|p| p as f64).collect();
         let (cos, sin) = rope_tables(&true_positions, cfg.head_dim(), cfg.rope_base, self.dtype)?;
-        let eps = faults.eps(cfg.rms_eps, &(0..n).collect::<Vec<_>>());
+        let eps = row_eps(faults, cfg.rms_eps, &(0..n).collect::<Vec<_>>());
         for l in first..=last {
-            let ids: Vec<String> = LAYER_TAPS.iter().map(|t| format!("blk.{l}.{t}")).collect();
-            let wanted: Vec<bool> = ids.iter().map(|id| sink.wants(id)).collect();
-            let mut captured: Vec<(String, Tensor)> = Vec::new();
+            let wanted = LayerTap::ALL.map(|t| sink.wants(Tap::Layer(l, t)));
+            let mut captured: Vec<(Tap, Tensor)> = Vec::new();
             // Perturb (when injected), capture (when wanted), and hand the tensor on.
-            let mut tap = |i: usize, t: Tensor| -> Result<Tensor> {
-                let t = faults.apply(&ids[i], t)?;
-                if wanted[i] {
-                    captured.push((ids[i].clone(), gather(&t, positions)?));
+            let mut tap = |which: LayerTap, t: Tensor| -> Result<Tensor> {
+                let t = apply_faults(faults, Tap::Layer(l, which), t)?;
+                if wanted[which.index()] {
+                    captured.push((Tap::Layer(l, which), gather(&t, positions)?));
                 }
                 Ok(t)
             };
@@ -462,7 +351,7 @@ impl Reference {
             let (cos, sin) = faulty_rope.as_ref().map(|(c, s)| (c, s)).unwrap_or((&cos, &sin));
             x = self.layer(self.layer_weights(l)?, &x, cos, sin, &eps, &mut tap)?;
             if !captured.is_empty() {
-                sink.emit(&format!("blk.{l}"), captured)?;
+                sink.emit(FileStem::Layer(l), captured)?;
             }
             after(l, &x);
         }
@@ -472,7 +361,7 @@ impl Reference {
     /// The output head at `positions` of the final residual stream `x`: RMSNorm and the
     /// projection are per row, so only the captured rows are computed.
     pub fn head(&self, x: &Tensor, positions: &[usize], faults: &Faults, sink: &mut dyn TapSink) -> Result<()> {
-        let (want_norm, want_logits) = (sink.wants("final_norm"), sink.wants("logits"));
+        let (want_norm, want_logits) = (sink.wants(Tap::FinalNorm), sink.wants(Tap::Logits));
         if !want_norm && !want_logits {
             return Ok(());
         }
@@ -490,23 +379,22 @@ impl Reference {
             norm: None,
         };
         let io = self.io()?;
-        let eps = faults.eps(self.cfg.rms_eps, positions);
-        let normed = gathered_faults.apply("final_norm", rms_norm(&gather(x, positions)?, &io.output_norm, &eps)?)?;
+        let eps = row_eps(faults, self.cfg.rms_eps, positions);
+        let normed = rms_norm(&gather(x, positions)?, &io.output_norm, &eps)?;
+        let normed = apply_faults(&gathered_faults, Tap::FinalNorm, normed)?;
         let mut out = Vec::new();
         if want_norm {
-            out.push(("final_norm".to_string(), normed.clone()));
+            out.push((Tap::FinalNorm, normed.clone()));
         }
         if want_logits {
-            out.push((
-                "logits".to_string(),
-                gathered_faults.apply("logits", normed.matmul(&io.output.t()?)?)?,
-            ));
+            let logits = normed.matmul(&io.output.t()?)?;
+            out.push((Tap::Logits, apply_faults(&gathered_faults, Tap::Logits, logits)?));
         }
-        sink.emit("output", out)
+        sink.emit(FileStem::Output, out)
     }
 
-    /// One transformer block over all rows of `x`; `tap(i, t)` sees each of the layer's
-    /// taps in order (index into the layer taps) and hands on what the block continues with.
+    /// One transformer block over all rows of `x`; `tap(which, t)` sees each of the layer's
+    /// taps in order and hands on what the block continues with.
     #[allow(clippy::too_many_arguments)]
     fn layer(
         &self,
@@ -515,17 +403,17 @@ impl Reference {
         cos: &Tensor,
         sin: &Tensor,
         eps: &Eps,
-        tap: &mut dyn FnMut(usize, Tensor) -> Result<Tensor>,
+        tap: &mut dyn FnMut(LayerTap, Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (qw, kvw) = (cfg.n_head * cfg.head_dim(), cfg.n_head_kv * cfg.head_dim());
-        let h = tap(0, rms_norm(x, &layer.attn_norm, eps)?)?;
+        let h = tap(LayerTap::AttnNorm, rms_norm(x, &layer.attn_norm, eps)?)?;
         let qkv = h.matmul(&layer.wqkv)?;
-        let q = tap(1, rope(&qkv.narrow(1, 0, qw)?, cfg.n_head, cos, sin)?)?;
-        let k = tap(2, rope(&qkv.narrow(1, qw, kvw)?, cfg.n_head_kv, cos, sin)?)?;
-        let v = tap(3, qkv.narrow(1, qw + kvw, kvw)?.contiguous()?)?;
+        let q = tap(LayerTap::Q, rope(&qkv.narrow(1, 0, qw)?, cfg.n_head, cos, sin)?)?;
+        let k = tap(LayerTap::K, rope(&qkv.narrow(1, qw, kvw)?, cfg.n_head_kv, cos, sin)?)?;
+        let v = tap(LayerTap::V, qkv.narrow(1, qw + kvw, kvw)?.contiguous()?)?;
         let positions: Vec<usize> = (0..x.dim(0)?).collect();
-        let attn = tap(4, attention(&q, &k, &v, &positions, cfg)?)?;
+        let attn = tap(LayerTap::Attn, attention(&q, &k, &v, &positions, cfg)?)?;
         self.layer_rest(layer, x, attn, eps, tap)
     }
 
@@ -536,18 +424,18 @@ impl Reference {
         x: &Tensor,
         attn: Tensor,
         eps: &Eps,
-        tap: &mut dyn FnMut(usize, Tensor) -> Result<Tensor>,
+        tap: &mut dyn FnMut(LayerTap, Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let attn_out = tap(5, attn.matmul(&layer.wo)?)?;
-        let resid_mid = tap(6, (x + &attn_out)?)?;
-        let h2 = tap(7, rms_norm(&resid_mid, &layer.ffn_norm, eps)?)?;
+        let attn_out = tap(LayerTap::AttnOut, attn.matmul(&layer.wo)?)?;
+        let resid_mid = tap(LayerTap::ResidMid, (x + &attn_out)?)?;
+        let h2 = tap(LayerTap::FfnNorm, rms_norm(&resid_mid, &layer.ffn_norm, eps)?)?;
         let gate_up = h2.matmul(&layer.w_gate_up)?;
-        let gate = tap(8, gate_up.narrow(1, 0, cfg.n_ff)?)?;
-        let up = tap(9, gate_up.narrow(1, cfg.n_ff, cfg.n_ff)?)?;
-        let act = tap(10, (gate.silu()? * &up)?)?;
-        let ffn_out = tap(11, act.matmul(&layer.w_down)?)?;
-        tap(12, (&resid_mid + &ffn_out)?)
+        let gate = tap(LayerTap::FfnGate, gate_up.narrow(1, 0, cfg.n_ff)?)?;
+        let up = tap(LayerTap::FfnUp, gate_up.narrow(1, cfg.n_ff, cfg.n_ff)?)?;
+        let act = tap(LayerTap::FfnAct, (gate.silu()? * &up)?)?;
+        let ffn_out = tap(LayerTap::FfnOut, act.matmul(&layer.w_down)?)?;
+        tap(LayerTap::ResidPost, (&resid_mid + &ffn_out)?)
     }
 
     /// Local replay: recompute layer `l` from a given residual-stream input (`rows × n_embd`
@@ -556,7 +444,7 @@ impl Reference {
     /// row, everything else only from the rows asked for, so replaying a few positions of a
     /// long prompt costs a small part of the layer. Returns the layer's taps, in order, as
     /// `[at.len(), width]` f32 tensors.
-    pub fn replay_layer(&self, l: usize, input: &[f32], rows: usize, at: &[usize]) -> Result<Vec<(String, Tensor)>> {
+    pub fn replay_layer(&self, l: usize, input: &[f32], rows: usize, at: &[usize]) -> Result<Vec<(Tap, Tensor)>> {
         let cfg = &self.cfg;
         let layer = self.layer_weights(l)?;
         if rows == 0 || input.len() != rows * cfg.n_embd {
@@ -587,18 +475,17 @@ impl Reference {
             &cos_at,
             &sin_at,
         )?;
-        let mut out = Vec::with_capacity(LAYER_TAPS.len());
-        let mut record = |i: usize, t: Tensor| -> Result<Tensor> {
-            out.push((format!("blk.{l}.{}", LAYER_TAPS[i]), t.to_dtype(DType::F32)?));
+        let mut out = Vec::with_capacity(LayerTap::ALL.len());
+        let mut record = |which: LayerTap, t: Tensor| -> Result<Tensor> {
+            out.push((Tap::Layer(l, which), t.to_dtype(DType::F32)?));
             Ok(t)
         };
-        for (i, t) in [h_at, q.clone(), gather(&k, at)?, gather(&v, at)?]
-            .into_iter()
-            .enumerate()
-        {
-            record(i, t)?;
-        }
-        let attn = record(4, attention(&q, &k, &v, at, cfg)?)?;
+        let (k_at, v_at) = (gather(&k, at)?, gather(&v, at)?);
+        record(LayerTap::AttnNorm, h_at)?;
+        record(LayerTap::Q, q.clone())?;
+        record(LayerTap::K, k_at)?;
+        record(LayerTap::V, v_at)?;
+        let attn = record(LayerTap::Attn, attention(&q, &k, &v, at, cfg)?)?;
         self.layer_rest(layer, &gather(&x, at)?, attn, &eps, &mut record)?;
         Ok(out)
     }

@@ -296,6 +296,8 @@ impl<B: Backend> Runtime<B> {
             "matmul q, k, v",
             b.matmul3(&ws.h, [&w.wq, &w.wk, &w.wv], rows, e, [qw, kvw, kvw], qkv),
         )?;
+        pass.tap(at(LayerTap::QPreRope), &mut ws.q)?;
+        pass.tap(at(LayerTap::KPreRope), &mut ws.k)?;
         let host_positions = pass.rope_positions(l);
         let positions = host_positions.as_deref().map_or(Src::Step, Src::Host);
         let fuse_append = !pass.touched(at(LayerTap::K)) && !pass.touched(at(LayerTap::V));

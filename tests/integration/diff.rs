@@ -258,7 +258,7 @@ fn partial_dump_of_a_crashed_engine_is_compared() {
     );
     assert!(out.stdout.contains("non-finite A/B 256/0"), "{}", out.stdout);
     assert!(
-        out.stdout.contains("missing in A (15): blk.1.attn_norm"),
+        out.stdout.contains("missing in A (17): blk.1.attn_norm"),
         "{}",
         out.stdout
     );

@@ -308,7 +308,7 @@ fn calibrated_tolerances_from_f32_vs_f64() {
         .iter()
         .map(|o| o["pattern"].as_str().unwrap())
         .collect();
-    assert_eq!(patterns.len(), 16, "{patterns:?}");
+    assert_eq!(patterns.len(), resbisect::taps::LAYER_TAPS.len() + 3, "{patterns:?}");
     assert!(patterns.contains(&"blk.*.resid_post") && patterns.contains(&"logits"));
     for o in t["taps"].as_array().unwrap() {
         assert!(

@@ -122,18 +122,7 @@ fn required(gguf: &GgufFile, key: &str) -> Result<usize> {
 }
 
 fn read_config(gguf: &GgufFile) -> Result<Config> {
-    let p = gguf.path.display();
-    let arch = gguf
-        .get("general.architecture")
-        .and_then(|v| v.as_str())
-        .ok_or_else(|| Error::input(format!("{p}: metadata general.architecture is missing")))?
-        .to_string();
-    if !LLAMA_ARCHS.contains(&arch.as_str()) {
-        return Err(Error::input(format!(
-            "{p}: architecture {arch:?} is not supported (supported: {})",
-            LLAMA_ARCHS.join(", ")
-        )));
-    }
+    let arch = read_arch(gguf)?;
     let key = |k: &str| format!("{arch}.{k}");
     let n_layer = required(gguf, &key("block_count"))?;
     let n_embd = required(gguf, &key("embedding_length"))?;
@@ -144,6 +133,42 @@ fn read_config(gguf: &GgufFile) -> Result<Config> {
         None => n_head,
     };
     let n_ctx = required(gguf, &key("context_length"))?;
+    let (rope_base, rms_eps) = read_rope_base_and_eps(gguf, &key)?;
+    check_heads(gguf, &key, n_embd, n_head, n_head_kv)?;
+    let n_vocab = read_vocab(gguf, &key("vocab_size"))?;
+    Ok(Config {
+        arch,
+        n_layer,
+        n_embd,
+        n_head,
+        n_head_kv,
+        n_ff,
+        n_vocab,
+        n_ctx,
+        rope_base,
+        rms_eps,
+    })
+}
+
+/// `general.architecture`, which must be one whose tensors follow the llama layout.
+fn read_arch(gguf: &GgufFile) -> Result<String> {
+    let p = gguf.path.display();
+    let arch = gguf
+        .get("general.architecture")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| Error::input(format!("{p}: metadata general.architecture is missing")))?;
+    if !LLAMA_ARCHS.contains(&arch) {
+        return Err(Error::input(format!(
+            "{p}: architecture {arch:?} is not supported (supported: {})",
+            LLAMA_ARCHS.join(", ")
+        )));
+    }
+    Ok(arch.to_string())
+}
+
+/// RoPE's frequency base (10000 when absent) and RMSNorm's epsilon (required), in range.
+fn read_rope_base_and_eps(gguf: &GgufFile, key: &dyn Fn(&str) -> String) -> Result<(f64, f64)> {
+    let p = gguf.path.display();
     let rope_base = meta_f64(gguf, &key("rope.freq_base"))?.unwrap_or(10_000.0);
     let rms_eps = meta_f64(gguf, &key("attention.layer_norm_rms_epsilon"))?.ok_or_else(|| {
         Error::input(format!(
@@ -163,18 +188,31 @@ fn read_config(gguf: &GgufFile) -> Result<Config> {
             key("attention.layer_norm_rms_epsilon")
         )));
     }
-    if n_embd % n_head != 0 {
+    Ok((rope_base, rms_eps))
+}
+
+/// Heads divide the width, KV heads divide the heads, and the head dim is even and
+/// fully rotated (no partial RoPE).
+fn check_heads(
+    gguf: &GgufFile,
+    key: &dyn Fn(&str) -> String,
+    n_embd: usize,
+    n_head: usize,
+    n_head_kv: usize,
+) -> Result<()> {
+    let p = gguf.path.display();
+    if !n_embd.is_multiple_of(n_head) {
         return Err(Error::input(format!(
             "{p}: embedding_length {n_embd} is not divisible by head_count {n_head}"
         )));
     }
-    if n_head % n_head_kv != 0 {
+    if !n_head.is_multiple_of(n_head_kv) {
         return Err(Error::input(format!(
             "{p}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}"
         )));
     }
     let head_dim = n_embd / n_head;
-    if head_dim % 2 != 0 {
+    if !head_dim.is_multiple_of(2) {
         return Err(Error::input(format!(
             "{p}: head dim {head_dim} (= {n_embd}/{n_head}) is odd; RoPE needs pairs"
         )));
@@ -186,11 +224,18 @@ fn read_config(gguf: &GgufFile) -> Result<Config> {
             )));
         }
     }
+    Ok(())
+}
+
+/// The vocabulary size (metadata `vocab_size`, else the tokenizer's token count), which
+/// must agree with the token embedding.
+fn read_vocab(gguf: &GgufFile, vocab_key: &str) -> Result<usize> {
+    let p = gguf.path.display();
     let embd = gguf
         .tensor("token_embd.weight")
         .ok_or_else(|| Error::input(format!("{p}: missing tensor token_embd.weight")))?;
     let n_vocab_from_tensor = usize::try_from(embd.dims.get(1).copied().unwrap_or(0)).unwrap_or(usize::MAX);
-    let n_vocab = match meta_u64(gguf, &key("vocab_size"))? {
+    let n_vocab = match meta_u64(gguf, vocab_key)? {
         Some(v) => usize::try_from(v).unwrap_or(usize::MAX),
         None => gguf
             .get("tokenizer.ggml.tokens")
@@ -204,18 +249,7 @@ fn read_config(gguf: &GgufFile) -> Result<Config> {
             embd.dims
         )));
     }
-    Ok(Config {
-        arch,
-        n_layer,
-        n_embd,
-        n_head,
-        n_head_kv,
-        n_ff,
-        n_vocab,
-        n_ctx,
-        rope_base,
-        rms_eps,
-    })
+    Ok(n_vocab)
 }
 
 /// The expected weights, made one layer at a time as the check goes: the check stops

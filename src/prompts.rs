@@ -1,12 +1,13 @@
 //! Prompt inputs: a single text, an explicit token list, or a JSONL suite whose lines
 //! are `{"id": ..., "text": ...}` and/or `{"id": ..., "tokens": [...]}`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 use crate::dump::{validate_prompt_id, PromptRecord};
 use crate::error::{Error, Result};
+use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 
 #[derive(Deserialize)]
@@ -108,4 +109,46 @@ pub fn resolve(
             Ok(PromptRecord { id, text, tokens })
         })
         .collect()
+}
+
+/// Where a command's prompts come from.
+pub enum Input {
+    /// One text, tokenized with the model's tokenizer.
+    Text { id: String, text: String },
+    /// One explicit token list, `1,2,3`.
+    Tokens { id: String, list: String },
+    /// A JSONL suite; with `only`, just its prompt of that id.
+    Suite { path: PathBuf, only: Option<String> },
+}
+
+impl Input {
+    /// The prompts as token ids checked against `model` (vocabulary, context); text is
+    /// tokenized with `tokenizer`, or the model's own when none is given.
+    pub fn resolve(&self, model: &Model, tokenizer: Option<&Tokenizer>) -> Result<Vec<PromptRecord>> {
+        let entries = match self {
+            Input::Text { id, text } => vec![(id.clone(), Some(text.clone()), PromptSource::Text(text.clone()))],
+            Input::Tokens { id, list } => vec![(id.clone(), None, PromptSource::Tokens(parse_token_list(list)?))],
+            Input::Suite { path, only } => {
+                let mut all = read_suite(path)?;
+                if let Some(want) = only {
+                    all.retain(|(i, _, _)| i == want);
+                    if all.is_empty() {
+                        return Err(Error::input(format!("{}: no prompt with id {want:?}", path.display())));
+                    }
+                }
+                all
+            }
+        };
+        let needs_tokenizer = entries.iter().any(|(_, _, s)| matches!(s, PromptSource::Text(_)));
+        let own = match tokenizer {
+            None if needs_tokenizer => Some(Tokenizer::from_gguf(&model.gguf)?),
+            _ => None,
+        };
+        resolve(
+            entries,
+            tokenizer.or(own.as_ref()),
+            model.config.n_vocab,
+            model.config.n_ctx,
+        )
+    }
 }

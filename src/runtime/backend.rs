@@ -1,6 +1,6 @@
 //! The one backend trait of the runtime: the ops a llama forward needs, over buffers the
 //! backend owns. Every op is fallible, so a device error stops the run with a name.
-//! The `cpu` backend implements it here; GPU backends implement the same trait.
+//! The `cpu` backend implements it in cpu.rs; the GPU backend (gpu/) the same trait.
 
 use candle_core::quantized::GgmlDType;
 use resbisect_taps::Fault;
@@ -183,6 +183,7 @@ pub trait Backend: Send {
     // backend implements them (decode is launch-bound); by default, the ops in turn.
 
     /// Three projections of one input (q, k and v).
+    // Every operand and shape is its own parameter, as in the unfused ops it combines.
     #[allow(clippy::too_many_arguments)]
     fn matmul3(
         &self,
@@ -196,6 +197,7 @@ pub trait Backend: Send {
         matmul3_by_parts(self, x, w, rows, k, n, out)
     }
     /// `g = x·wgᵀ`, `u = x·wuᵀ`, `act = silu(g)·u`.
+    // Every operand and shape is its own parameter, as in the unfused ops it combines.
     #[allow(clippy::too_many_arguments)]
     fn gate_up_silu(
         &self,
@@ -213,6 +215,7 @@ pub trait Backend: Send {
     }
     /// RoPE on `q` and `k` in place, then `k` and `v` appended to the caches at the rows of
     /// `s` (its first position, or the step's with `from_step`).
+    // Every operand and shape is its own parameter, as in the unfused ops it combines.
     #[allow(clippy::too_many_arguments)]
     fn rope_append(
         &self,
@@ -228,6 +231,7 @@ pub trait Backend: Send {
         rope_append_by_parts(self, q, k, v, k_cache, v_cache, s, positions, base)
     }
     /// `sum = a + b`, `out = rms_norm(sum) · w`.
+    // Every operand and shape is its own parameter, as in the unfused ops it combines.
     #[allow(clippy::too_many_arguments)]
     fn add_rms_norm(
         &self,
@@ -245,14 +249,14 @@ pub trait Backend: Send {
 
     /// Make `step` the step record that `Src::Step`, `Row::Step*` and `from_step` read.
     fn set_step(&self, step: Step) -> Result<()>;
-    /// Record the ops issued until [`end_capture`](Self::end_capture) instead of running
+    /// Record the ops issued until [`end_record`](Self::end_record) instead of running
     /// them; `false` where the backend cannot record (the ops then run as issued), which
-    /// is the default.
-    fn begin_capture(&self) -> Result<bool> {
+    /// is the default. (Not a tap capture: those are [`download_rows`](Self::download_rows).)
+    fn begin_record(&self) -> Result<bool> {
         Ok(false)
     }
     /// The recording, or `None` when it could not be made (the ops did not run).
-    fn end_capture(&self) -> Result<Option<Self::Graph>> {
+    fn end_record(&self) -> Result<Option<Self::Graph>> {
         Ok(None)
     }
     fn replay(&self, _graph: &Self::Graph) -> Result<()> {
@@ -277,6 +281,7 @@ pub fn download_rows_now<B: Backend + ?Sized>(
 }
 
 /// [`Backend::matmul3`] as three matmuls.
+// The parameters of the trait method it implements.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul3_by_parts<B: Backend + ?Sized>(
     b: &B,
@@ -294,6 +299,7 @@ pub fn matmul3_by_parts<B: Backend + ?Sized>(
 }
 
 /// [`Backend::gate_up_silu`] as two matmuls and a SiLU product.
+// The parameters of the trait method it implements.
 #[allow(clippy::too_many_arguments)]
 pub fn gate_up_silu_by_parts<B: Backend + ?Sized>(
     b: &B,
@@ -313,6 +319,7 @@ pub fn gate_up_silu_by_parts<B: Backend + ?Sized>(
 }
 
 /// [`Backend::rope_append`] as two RoPEs and two row copies.
+// The parameters of the trait method it implements.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_append_by_parts<B: Backend + ?Sized>(
     b: &B,
@@ -338,6 +345,7 @@ pub fn rope_append_by_parts<B: Backend + ?Sized>(
 }
 
 /// [`Backend::add_rms_norm`] as an add and an RMSNorm.
+// The parameters of the trait method it implements.
 #[allow(clippy::too_many_arguments)]
 pub fn add_rms_norm_by_parts<B: Backend + ?Sized>(
     b: &B,

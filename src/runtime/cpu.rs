@@ -313,16 +313,7 @@ impl Backend for CpuBackend {
                     );
                 }
                 for (i, row) in scores[..m * visible_keys].chunks_mut(visible_keys).enumerate() {
-                    let visible = s.first_pos + r0 + i + 1;
-                    let max = row[..visible].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0.0;
-                    for v in &mut row[..visible] {
-                        *v = (*v - max).exp();
-                        sum += *v;
-                    }
-                    let inv = 1.0 / sum;
-                    row[..visible].iter_mut().for_each(|v| *v *= inv);
-                    row[visible..].iter_mut().for_each(|v| *v = 0.0);
+                    causal_softmax(row, s.first_pos + r0 + i + 1);
                 }
                 unsafe {
                     matrixmultiply::sgemm(
@@ -407,4 +398,17 @@ impl Backend for CpuBackend {
         self.step.set(step);
         Ok(())
     }
+}
+
+/// Softmax over the first `visible` scores of a row in place; the keys after it get 0.
+fn causal_softmax(row: &mut [f32], visible: usize) {
+    let max = row[..visible].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in &mut row[..visible] {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    row[..visible].iter_mut().for_each(|v| *v *= inv);
+    row[visible..].iter_mut().for_each(|v| *v = 0.0);
 }

@@ -7,7 +7,6 @@ use super::capture::{Staged, TapRoute};
 use super::forward::{Pass, Workspace};
 use super::PromptRun;
 use crate::error::{Error, Result};
-use crate::reference_engine::Progress;
 
 impl<B: Backend> PromptRun<'_, '_, B> {
     /// Generate `opts.max_tokens` tokens greedily after `tokens` (the prompt), starting
@@ -16,7 +15,7 @@ impl<B: Backend> PromptRun<'_, '_, B> {
         &mut self,
         mut next: Option<u32>,
         tokens: &mut Vec<u32>,
-        progress: &mut dyn Progress,
+        on_step: &mut dyn FnMut(),
     ) -> Result<()> {
         let (rt, opts) = (self.rt, self.opts);
         let mut ws = Workspace::new(&rt.backend, &rt.cfg, 1)?;
@@ -35,7 +34,7 @@ impl<B: Backend> PromptRun<'_, '_, B> {
                 &mut staged,
                 step + 1 < opts.max_tokens,
             )?;
-            progress.tick();
+            on_step();
         }
         staged.download(&rt.backend, &mut self.collector)
     }
@@ -83,9 +82,9 @@ impl<B: Backend> PromptRun<'_, '_, B> {
         let kv = &mut self.kv;
         if recordable && staged.graph.as_ref().is_none_or(|(k, _)| *k != key) {
             staged.graph = None;
-            if rt.backend.begin_capture()? {
+            if rt.backend.begin_record()? {
                 let issued = rt.layers(&[token], ws, kv, &mut pass);
-                match (issued, rt.backend.end_capture()?) {
+                match (issued, rt.backend.end_record()?) {
                     (Ok(()), Some(graph)) => staged.graph = Some((key.clone(), graph)),
                     // Something in the step cannot be recorded: issue ops from now on.
                     _ => staged.record = false,

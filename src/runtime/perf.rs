@@ -57,12 +57,12 @@ impl<B: Backend> Timer<'_, B> {
         issue(0)?;
         self.b.sync()?;
         let mut micros = None;
-        if self.record && self.b.begin_capture()? {
+        if self.record && self.b.begin_record()? {
             let mut issued = Ok(());
             for i in 0..REPS {
                 issued = issued.and_then(|_| issue(i));
             }
-            let graph = self.b.end_capture()?;
+            let graph = self.b.end_record()?;
             issued?;
             if let Some(graph) = graph {
                 self.b.replay(&graph)?;
@@ -111,6 +111,194 @@ impl<B: Backend> Timer<'_, B> {
     }
 }
 
+/// A layer's weights, each in copies that defeat the L2 cache, and its norm weight.
+struct LayerWeights<B: Backend> {
+    wq: Vec<B::Buf>,
+    wk: Vec<B::Buf>,
+    wv: Vec<B::Buf>,
+    wo: Vec<B::Buf>,
+    wg: Vec<B::Buf>,
+    wu: Vec<B::Buf>,
+    wd: Vec<B::Buf>,
+    norm: B::Buf,
+}
+
+/// The activations of `rows` rows through one layer.
+struct Activations<B: Backend> {
+    rows: usize,
+    x: B::Buf,
+    h: B::Buf,
+    sum: B::Buf,
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    attn: B::Buf,
+    ao: B::Buf,
+    g: B::Buf,
+    u: B::Buf,
+    act: B::Buf,
+    f: B::Buf,
+}
+
+impl<B: Backend> Timer<'_, B> {
+    fn layer_weights(&self, c: &Config) -> Result<LayerWeights<B>> {
+        let (e, qw, kvw, ff) = (c.n_embd, c.q_width(), c.kv_width(), c.n_ff);
+        Ok(LayerWeights {
+            wq: self.weights(qw, e)?,
+            wk: self.weights(kvw, e)?,
+            wv: self.weights(kvw, e)?,
+            wo: self.weights(e, qw)?,
+            wg: self.weights(ff, e)?,
+            wu: self.weights(ff, e)?,
+            wd: self.weights(e, ff)?,
+            norm: self.activations(e)?,
+        })
+    }
+
+    fn layer_activations(&self, c: &Config, rows: usize) -> Result<Activations<B>> {
+        let (e, qw, kvw, ff) = (c.n_embd, c.q_width(), c.kv_width(), c.n_ff);
+        Ok(Activations {
+            rows,
+            x: self.activations(rows * e)?,
+            h: self.activations(rows * e)?,
+            sum: self.activations(rows * e)?,
+            q: self.activations(rows * qw)?,
+            k: self.activations(rows * kvw)?,
+            v: self.activations(rows * kvw)?,
+            attn: self.activations(rows * qw)?,
+            ao: self.activations(rows * e)?,
+            g: self.activations(rows * ff)?,
+            u: self.activations(rows * ff)?,
+            act: self.activations(rows * ff)?,
+            f: self.activations(rows * e)?,
+        })
+    }
+
+    /// The attention half of a layer: norm, q/k/v, RoPE and cache append, attention, output
+    /// projection. Decode reads its position from the step record (at `ctx`).
+    fn attention_half(
+        &mut self,
+        c: &Config,
+        w: &LayerWeights<B>,
+        a: &mut Activations<B>,
+        cache: (&mut B::Buf, &mut B::Buf),
+        ctx: usize,
+    ) -> Result<()> {
+        let b = self.b;
+        let (e, qw, kvw, rows) = (c.n_embd, c.q_width(), c.kv_width(), a.rows);
+        let (eps, base, sz) = (c.rms_eps as f32, c.rope_base as f32, b.dtype().bytes());
+        let act_bytes = |n: usize| rows * n * sz;
+        let mm = |n: usize, k: usize| n * k * sz + act_bytes(k) + act_bytes(n);
+        let decode = rows == 1;
+        let positions: Vec<f32> = (0..rows).map(|p| p as f32).collect();
+        let pos_src = if decode { Src::Step } else { Src::Host(&positions) };
+        let shape = AttnShape {
+            n_head: c.n_head,
+            n_head_kv: c.n_head_kv,
+            head_dim: c.head_dim(),
+            first_pos: if decode { ctx } else { 0 },
+            rows,
+            from_step: decode,
+        };
+        let keys = shape.first_pos + rows;
+        let (kc, vc) = cache;
+        let Activations {
+            x,
+            h,
+            q,
+            k,
+            v,
+            attn,
+            ao,
+            ..
+        } = a;
+        self.time("rms_norm", format!("[{rows}x{e}]"), 2 * act_bytes(e), 1, |_| {
+            b.rms_norm(x, &w.norm, rows, e, eps, h)
+        })?;
+        let qkv_shape = format!("[{rows}x{e}]·[{qw}+{kvw}+{kvw}]");
+        self.time("matmul3 (q, k, v)", qkv_shape, mm(qw + 2 * kvw, e), 1, |i| {
+            let ws = [&w.wq[i % w.wq.len()], &w.wk[i % w.wk.len()], &w.wv[i % w.wv.len()]];
+            b.matmul3(h, ws, rows, e, [qw, kvw, kvw], [&mut *q, &mut *k, &mut *v])
+        })?;
+        let rope_bytes = 2 * act_bytes(qw) + 4 * act_bytes(kvw);
+        self.time(
+            "rope_append",
+            format!("[{rows}x{qw}], [{rows}x{kvw}]"),
+            rope_bytes,
+            1,
+            |_| b.rope_append(q, k, v, kc, vc, shape, pos_src, base),
+        )?;
+        let attn_bytes = 2 * keys * kvw * sz + 2 * act_bytes(qw);
+        self.time(
+            "attention",
+            format!("{rows} rows over {keys} keys"),
+            attn_bytes,
+            1,
+            |_| b.attention(q, kc, vc, shape, attn),
+        )?;
+        let out_shape = format!("[{rows}x{qw}]·[{e}x{qw}]ᵀ");
+        self.time("matmul (attn_output)", out_shape, mm(e, qw), 1, |i| {
+            b.matmul(attn, &w.wo[i % w.wo.len()], rows, qw, e, ao)
+        })
+    }
+
+    /// The feed-forward half of a layer: residual add and norm, gate/up and SiLU, down
+    /// projection, residual add.
+    fn ffn_half(&mut self, c: &Config, w: &LayerWeights<B>, a: &mut Activations<B>) -> Result<()> {
+        let b = self.b;
+        let (e, ff, rows) = (c.n_embd, c.n_ff, a.rows);
+        let (eps, sz) = (c.rms_eps as f32, b.dtype().bytes());
+        let act_bytes = |n: usize| rows * n * sz;
+        let mm = |n: usize, k: usize| n * k * sz + act_bytes(k) + act_bytes(n);
+        let Activations {
+            x,
+            h,
+            sum,
+            ao,
+            g,
+            u,
+            act,
+            f,
+            ..
+        } = a;
+        self.time("add_rms_norm", format!("[{rows}x{e}]"), 5 * act_bytes(e), 1, |_| {
+            b.add_rms_norm(x, ao, &w.norm, rows, e, eps, sum, h)
+        })?;
+        let gate_up_shape = format!("[{rows}x{e}]·[{ff}x{e}]ᵀ x2");
+        self.time("gate_up_silu", gate_up_shape, 2 * mm(ff, e) + act_bytes(ff), 1, |i| {
+            b.gate_up_silu(h, &w.wg[i % w.wg.len()], &w.wu[i % w.wu.len()], rows, e, ff, g, u, act)
+        })?;
+        let down_shape = format!("[{rows}x{ff}]·[{e}x{ff}]ᵀ");
+        self.time("matmul (ffn_down)", down_shape, mm(e, ff), 1, |i| {
+            b.matmul(act, &w.wd[i % w.wd.len()], rows, ff, e, f)
+        })?;
+        self.time("add", format!("[{rows}x{e}]"), 3 * act_bytes(e), 1, |_| {
+            b.add(sum, f, rows * e, h)
+        })
+    }
+
+    /// The output head and the greedy pick.
+    fn head(&mut self, c: &Config) -> Result<()> {
+        let b = self.b;
+        let (e, v) = (c.n_embd, c.n_vocab);
+        let head = self.weights(v, e)?;
+        let (x, mut logits) = (self.activations(e)?, self.activations(v)?);
+        (self.phase, self.record) = ("decode", true);
+        self.time(
+            "matmul (output)",
+            format!("[1x{e}]·[{v}x{e}]ᵀ"),
+            v * e * b.dtype().bytes(),
+            0,
+            |i| b.matmul(&x, &head[i % head.len()], 1, e, v, &mut logits),
+        )?;
+        // argmax returns to the host: it cannot be recorded.
+        self.record = false;
+        self.time("argmax", format!("[1x{v}]"), v * b.dtype().bytes(), 0, |_| {
+            b.argmax(&logits, 0, v).map(drop)
+        })
+    }
+}
+
 /// Time every op of a llama layer of shape `c` at decode (one row after `ctx` cached
 /// positions) and at prefill (`ctx` rows), plus the output head.
 pub fn run<B: Backend>(b: &B, c: &Config, ctx: usize) -> Result<Vec<OpTiming>> {
@@ -120,141 +308,23 @@ pub fn run<B: Backend>(b: &B, c: &Config, ctx: usize) -> Result<Vec<OpTiming>> {
         record: true,
         results: Vec::new(),
     };
-    let (e, qw, kvw, ff, hd) = (c.n_embd, c.q_width(), c.kv_width(), c.n_ff, c.head_dim());
-    let (eps, base) = (c.rms_eps as f32, c.rope_base as f32);
-    let sz = b.dtype().bytes();
-    let (wq, wk, wv) = (t.weights(qw, e)?, t.weights(kvw, e)?, t.weights(kvw, e)?);
-    let (wo, wg, wu, wd) = (
-        t.weights(e, qw)?,
-        t.weights(ff, e)?,
-        t.weights(ff, e)?,
-        t.weights(e, ff)?,
-    );
-    let norm_w = t.activations(e)?;
-    let cache_rows = ctx + 1;
-    let (mut kc, mut vc) = (t.activations(cache_rows * kvw)?, t.activations(cache_rows * kvw)?);
+    let weights = t.layer_weights(c)?;
+    let cache_values = (ctx + 1) * c.kv_width();
+    let (mut kc, mut vc) = (t.activations(cache_values)?, t.activations(cache_values)?);
     b.set_step(Step {
         token: 0,
         pos: ctx,
         rope_pos: ctx as f32,
         slot: 0,
     })?;
-
     for (phase, rows) in [("decode", 1usize), ("prefill", ctx)] {
-        let decode = rows == 1;
-        (t.phase, t.record) = (phase, decode);
-        let x = t.activations(rows * e)?;
-        let (mut h, mut sum) = (t.activations(rows * e)?, t.activations(rows * e)?);
-        let (mut q, mut k, mut v) = (
-            t.activations(rows * qw)?,
-            t.activations(rows * kvw)?,
-            t.activations(rows * kvw)?,
-        );
-        let (mut attn, mut ao) = (t.activations(rows * qw)?, t.activations(rows * e)?);
-        let (mut g, mut u, mut act, mut f) = (
-            t.activations(rows * ff)?,
-            t.activations(rows * ff)?,
-            t.activations(rows * ff)?,
-            t.activations(rows * e)?,
-        );
-        let act_bytes = |n: usize| rows * n * sz;
-        let mm = |n: usize, k: usize| n * k * sz + act_bytes(k) + act_bytes(n);
-        let positions: Vec<f32> = (0..rows).map(|p| p as f32).collect();
-        let pos_src = if decode { Src::Step } else { Src::Host(&positions) };
-        let shape = AttnShape {
-            n_head: c.n_head,
-            n_head_kv: c.n_head_kv,
-            head_dim: hd,
-            first_pos: if decode { ctx } else { 0 },
-            rows,
-            from_step: decode,
-        };
-        let keys = shape.first_pos + rows;
-
-        t.time("rms_norm", format!("[{rows}x{e}]"), 2 * act_bytes(e), 1, |_| {
-            b.rms_norm(&x, &norm_w, rows, e, eps, &mut h)
-        })?;
-        t.time(
-            "matmul3 (q, k, v)",
-            format!("[{rows}x{e}]·[{qw}+{kvw}+{kvw}]"),
-            mm(qw + 2 * kvw, e),
-            1,
-            |i| {
-                let w = [&wq[i % wq.len()], &wk[i % wk.len()], &wv[i % wv.len()]];
-                b.matmul3(&h, w, rows, e, [qw, kvw, kvw], [&mut q, &mut k, &mut v])
-            },
-        )?;
-        t.time(
-            "rope_append",
-            format!("[{rows}x{qw}], [{rows}x{kvw}]"),
-            2 * act_bytes(qw) + 4 * act_bytes(kvw),
-            1,
-            |_| b.rope_append(&mut q, &mut k, &v, &mut kc, &mut vc, shape, pos_src, base),
-        )?;
-        t.time(
-            "attention",
-            format!("{rows} rows over {keys} keys"),
-            2 * keys * kvw * sz + 2 * act_bytes(qw),
-            1,
-            |_| b.attention(&q, &kc, &vc, shape, &mut attn),
-        )?;
-        t.time(
-            "matmul (attn_output)",
-            format!("[{rows}x{qw}]·[{e}x{qw}]ᵀ"),
-            mm(e, qw),
-            1,
-            |i| b.matmul(&attn, &wo[i % wo.len()], rows, qw, e, &mut ao),
-        )?;
-        t.time("add_rms_norm", format!("[{rows}x{e}]"), 5 * act_bytes(e), 1, |_| {
-            b.add_rms_norm(&x, &ao, &norm_w, rows, e, eps, &mut sum, &mut h)
-        })?;
-        t.time(
-            "gate_up_silu",
-            format!("[{rows}x{e}]·[{ff}x{e}]ᵀ x2"),
-            2 * mm(ff, e) + act_bytes(ff),
-            1,
-            |i| {
-                b.gate_up_silu(
-                    &h,
-                    &wg[i % wg.len()],
-                    &wu[i % wu.len()],
-                    rows,
-                    e,
-                    ff,
-                    &mut g,
-                    &mut u,
-                    &mut act,
-                )
-            },
-        )?;
-        t.time(
-            "matmul (ffn_down)",
-            format!("[{rows}x{ff}]·[{e}x{ff}]ᵀ"),
-            mm(e, ff),
-            1,
-            |i| b.matmul(&act, &wd[i % wd.len()], rows, ff, e, &mut f),
-        )?;
-        t.time("add", format!("[{rows}x{e}]"), 3 * act_bytes(e), 1, |_| {
-            b.add(&sum, &f, rows * e, &mut h)
-        })?;
+        (t.phase, t.record) = (phase, rows == 1);
+        let mut a = t.layer_activations(c, rows)?;
+        t.attention_half(c, &weights, &mut a, (&mut kc, &mut vc), ctx)?;
+        t.ffn_half(c, &weights, &mut a)?;
     }
-    drop((wq, wk, wv, wo, wg, wu, wd));
-
-    let head = t.weights(c.n_vocab, e)?;
-    let (x, mut logits) = (t.activations(e)?, t.activations(c.n_vocab)?);
-    let v = c.n_vocab;
-    (t.phase, t.record) = ("decode", true);
-    t.time(
-        "matmul (output)",
-        format!("[1x{e}]·[{v}x{e}]ᵀ"),
-        v * e * b.dtype().bytes(),
-        0,
-        |i| b.matmul(&x, &head[i % head.len()], 1, e, v, &mut logits),
-    )?;
-    // argmax returns to the host: it cannot be recorded.
-    t.record = false;
-    t.time("argmax", format!("[1x{v}]"), v * b.dtype().bytes(), 0, |_| {
-        b.argmax(&logits, 0, v).map(drop)
-    })?;
+    // The layer's weights go before the head's arrive, as in the run before.
+    drop(weights);
+    t.head(c)?;
     Ok(t.results)
 }

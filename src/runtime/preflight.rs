@@ -5,13 +5,7 @@
 use super::RunOptions;
 use crate::error::{Error, Result};
 use crate::model::Model;
-
-/// Bytes of memory available to this process (Linux `MemAvailable`), if known.
-pub(crate) fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
-}
+use crate::sys::available_memory;
 
 /// Refuse a run of `longest` prompt tokens plus `opts.max_tokens` that cannot fit, in one
 /// line naming what does not.

@@ -2,10 +2,12 @@
 //! and a storage dtype become a concrete backend type.
 
 /// Which backend runs the runtime.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendKind {
     Cpu,
+    /// NVIDIA GPU 0 (CUDA, NVRTC and cuBLAS loaded at run time).
     Cuda,
+    /// AMD GPU 0 (builds with `--features hip`).
     Hip,
 }
 

@@ -3,6 +3,8 @@
 
 mod util;
 
+#[macro_use]
+mod backends;
 mod bad_input;
 mod bisect;
 mod bug_classes;
@@ -10,7 +12,6 @@ mod c_header;
 mod cli;
 mod diff;
 mod dump_format;
-mod gpu;
 mod hostile;
 mod reference;
 mod report;

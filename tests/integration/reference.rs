@@ -263,15 +263,14 @@ fn text_prompts_use_the_models_tokenizer() {
 #[test]
 fn runs_over_a_prefix_resume_from_checkpoints() {
     use resbisect::dump::PromptRecord;
-    use resbisect::engines::{Engine, ReferenceDriver};
-    use resbisect::reference_engine::{RefPrecision, ReferenceEngine};
+    use resbisect::engine::{Engine, Oracle, RefPrecision, ReferenceEngine};
     use resbisect::taps::Selection;
 
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_model(dir.path(), "q4_k", 8);
     let model = resbisect::model::Model::open(&path).unwrap();
-    let engine = ReferenceEngine::load(&model, RefPrecision::F32, &mut |_| {}).unwrap();
-    let mut driver = ReferenceDriver::new(&model, &path, &engine, Vec::new()).unwrap();
+    let oracle = Oracle::load(&model, RefPrecision::F32, &mut |_| {}).unwrap();
+    let mut driver = ReferenceEngine::new(&model, RefPrecision::F32, Some(oracle.into()), Vec::new()).unwrap();
     let tokens: Vec<u32> = (0..200).map(|i| (i * 53 + 7) % 1000 + 3).collect();
     let sel = |layers: &[usize], taps: &[&str]| Selection {
         layers: layers.to_vec(),
@@ -420,7 +419,7 @@ fn a_cut_model_computes_the_first_layers_exactly() {
 /// last). 1e-5 rel L2 as above: fewer rows change GEMM blocking, not the math.
 #[test]
 fn replay_at_chosen_positions_matches_the_full_layer() {
-    use resbisect::reference_engine::{RefPrecision, ReferenceEngine};
+    use resbisect::engine::{Oracle, RefPrecision};
 
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_model(dir.path(), "q8_0", 5);
@@ -439,7 +438,7 @@ fn replay_at_chosen_positions_matches_the_full_layer() {
         path_str(&dir.path().join("full")),
     ]);
     let model = resbisect::model::Model::open(&path).unwrap();
-    let replayer = ReferenceEngine::load_for_replay(&model, RefPrecision::F32, &[1]).unwrap();
+    let replayer = Oracle::load_for_replay(&model, RefPrecision::F32, &[1]).unwrap();
     let (blk0, blk1) = (
         full.read_file("prompt", "blk.0").unwrap().unwrap(),
         full.read_file("prompt", "blk.1").unwrap().unwrap(),

@@ -1,21 +1,24 @@
-//! The runtime on the `cpu` backend against the reference: no divergence in f32 under the
-//! default tolerances, f16/bf16 within theirs, the same with chunked prefill and
-//! token-by-token decode; the crash path; preflight refusals.
+//! The runtime on the `cpu` backend against the reference on the real SmolLM2 model: no
+//! divergence in f32 under default and calibrated tolerances, f16/bf16 within theirs, the
+//! same with chunked prefill; preflight refusals; checkpoint-served prefixes on every
+//! backend. The other tests every backend must pass are in backends.rs.
 
 use std::path::{Path, PathBuf};
 
-use resbisect::dump::{Dump, Status, TapDType};
+use resbisect::dump::{Dump, TapDType};
 use serde_json::Value;
+
+use resbisect::runtime::backend::Backend;
 
 use crate::util::*;
 
-fn suite_with(dir: &Path, file: &str, id: &str, tokens: &[u64]) -> PathBuf {
+pub(crate) fn suite_with(dir: &Path, file: &str, id: &str, tokens: &[u64]) -> PathBuf {
     let p = dir.join(file);
     std::fs::write(&p, format!("{}\n", serde_json::json!({"id": id, "tokens": tokens}))).unwrap();
     p
 }
 
-fn long_1652_tokens() -> Vec<u64> {
+pub(crate) fn long_1652_tokens() -> Vec<u64> {
     let text = std::fs::read_to_string(root().join("fixtures/prompts/long.jsonl")).unwrap();
     let line: Value = text
         .lines()
@@ -193,125 +196,6 @@ fn cpu_runtime_matches_the_reference_on_smollm2() {
     }
 }
 
-/// The whole 1652-token prompt one token at a time (KV cache append, decode path for
-/// every position) against a single prefill: same greedy tokens, no divergence.
-#[test]
-fn token_by_token_decode_matches_a_single_prefill() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = smollm2();
-    let prompt = suite_with(dir.path(), "prompt.jsonl", "long_1652", &long_1652_tokens());
-    let run = |name: &str, extra: &[&str]| {
-        let out = dir.path().join(name);
-        let sel = [
-            "--layers",
-            "0,7,15,29",
-            "--taps",
-            "resid_post,attn,logits",
-            "--positions",
-            "0..16,820..840,-8..",
-            "--max-tokens",
-            "3",
-        ];
-        run_ok(
-            &[
-                &[
-                    "dump",
-                    "--engine",
-                    "runtime",
-                    "--model",
-                    path_str(&model),
-                    "--prompts",
-                    path_str(&prompt),
-                    "-o",
-                    path_str(&out),
-                ][..],
-                &sel,
-                extra,
-            ]
-            .concat(),
-        );
-        out
-    };
-    let (whole, stepwise) = (run("whole", &[]), run("stepwise", &["--prefill-chunk", "1"]));
-    let (a, b) = (Dump::open(&whole).unwrap(), Dump::open(&stepwise).unwrap());
-    assert_eq!(
-        a.manifest.prompts[0].tokens, b.manifest.prompts[0].tokens,
-        "same greedy continuation"
-    );
-    let (code, first) = diff_first(&stepwise, &whole);
-    assert_eq!(code, 0, "{first}");
-}
-
-#[test]
-fn a_failing_op_leaves_a_readable_partial_dump() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), "q4_k", 31);
-    let m = path_str(&model);
-    let partial = dir.path().join("partial");
-    let out = resbisect(&[
-        "dump",
-        "--engine",
-        "runtime",
-        "--model",
-        m,
-        "--tokens",
-        "5,6,7,8,9,10",
-        "--taps",
-        "all",
-        "--inject",
-        "blk.1.attn_out:oob@2",
-        "-o",
-        path_str(&partial),
-    ]);
-    assert_eq!(out.code, 3, "{}", out.stderr);
-    assert!(
-        out.stderr
-            .contains("cpu blk.1.attn_out (injected out-of-bounds write at position 2) failed"),
-        "{}",
-        out.stderr
-    );
-    assert!(
-        out.stderr.contains("last tap written: blk.0.resid_post"),
-        "{}",
-        out.stderr
-    );
-    let d = Dump::open(&partial).unwrap();
-    assert_eq!(d.manifest.status, Status::Failed);
-    let err = d.manifest.error.as_ref().unwrap();
-    assert_eq!(err.tap.as_deref(), Some("blk.0.resid_post"));
-    assert_eq!(d.files("prompt").unwrap(), vec!["blk.0", "embed"]);
-    let reference = dir.path().join("ref");
-    run_ok(&[
-        "dump",
-        "--model",
-        m,
-        "--tokens",
-        "5,6,7,8,9,10",
-        "--taps",
-        "all",
-        "-o",
-        path_str(&reference),
-    ]);
-    let diff = resbisect(&["diff", path_str(&partial), path_str(&reference)]);
-    // What was written is correct, yet a failed engine never passes: exit 3.
-    assert_eq!(diff.code, 3, "{}", diff.stdout);
-    assert!(
-        diff.stdout.contains("no divergence over"),
-        "what was written is correct: {}",
-        diff.stdout
-    );
-    assert!(
-        diff.stdout.contains("dump A is partial: its engine failed"),
-        "{}",
-        diff.stdout
-    );
-    assert!(
-        diff.stdout.contains("missing in A (17): blk.1.attn_norm"),
-        "{}",
-        diff.stdout
-    );
-}
-
 #[test]
 fn preflight_refuses_before_any_op() {
     let dir = tempfile::tempdir().unwrap();
@@ -415,14 +299,27 @@ fn preflight_refuses_before_any_op() {
     }
 }
 
-#[test]
-fn prefix_dumps_served_from_checkpoints_equal_computed_ones() {
-    // Bisect's layer probes read resid_post rows of a prefix from the residual stream the
-    // coarse run kept: they must be the rows a run of that prefix computes.
-    use resbisect::dump::PromptRecord;
-    use resbisect::engines::{Engine, RuntimeDriver};
+// In-process (the library API, with SmolLM2's weights in this test process): stamped
+// here, not in backends.rs, so that it runs after hostile.rs's tests, whose children
+// would otherwise inherit this process's resident memory in their measured peak.
+per_backend!(checkpoint_served_prefixes_equal_computed_ones);
+
+/// Bisect's layer probes read resid_post rows of a prefix from the residual stream the
+/// coarse run kept: they must be the rows a run of that prefix computes, to the last bit.
+fn checkpoint_served_prefixes_equal_computed_ones(backend: &str) {
     use resbisect::runtime::backend::StorageDType;
-    use resbisect::runtime::cpu::CpuBackend;
+    match backend {
+        "cpu" => served_prefixes_equal_computed(|| resbisect::runtime::cpu::CpuBackend::new(StorageDType::F32)),
+        "cuda" => served_prefixes_equal_computed(|| resbisect::runtime::cuda::CudaBackend::<f32>::new(0).unwrap()),
+        #[cfg(feature = "hip")]
+        "hip" => served_prefixes_equal_computed(|| resbisect::runtime::hip::HipBackend::<f32>::new().unwrap()),
+        _ => unreachable!("{backend} is present only with the hip feature"),
+    }
+}
+
+fn served_prefixes_equal_computed<B: Backend>(backend: impl Fn() -> B) {
+    use resbisect::dump::PromptRecord;
+    use resbisect::engine::{Engine, RuntimeEngine};
     use resbisect::taps::Selection;
     let dir = tempfile::tempdir().unwrap();
     let path = smollm2();
@@ -440,38 +337,21 @@ fn prefix_dumps_served_from_checkpoints_equal_computed_ones() {
     let sel = |layers: &str, taps: &str, positions: &str| {
         Selection::parse(layers, taps, positions, model.config.n_layer).unwrap()
     };
-    let driver = || {
-        RuntimeDriver::new(
-            CpuBackend::new(StorageDType::F32),
-            &model,
-            &path,
-            vec!["blk.7.ffn_up:scale=1.5@150".into()],
-            None,
-        )
-        .unwrap()
-    };
+    let faults = || vec!["blk.7.ffn_up:scale=1.5@150".to_string()];
+    let driver = || RuntimeEngine::new(backend(), &model, faults(), Default::default()).unwrap();
     let mut kept = driver();
-    kept.dump(
-        &full,
-        &sel("0,8", "resid_post,final_norm", "all"),
-        &dir.path().join("coarse"),
-    )
-    .unwrap();
+    let coarse = sel("0,8", "resid_post,final_norm", "all");
+    kept.dump(&full, &coarse, &dir.path().join("coarse")).unwrap();
     let probe = sel("6,7,29", "embed,resid_post", "0..40,150,160..201");
     kept.dump(&prefix, &probe, &dir.path().join("served")).unwrap();
     driver().dump(&prefix, &probe, &dir.path().join("computed")).unwrap();
-    let (served, computed) = (
-        Dump::open(&dir.path().join("served")).unwrap(),
-        Dump::open(&dir.path().join("computed")).unwrap(),
-    );
+    let served = Dump::open(&dir.path().join("served")).unwrap();
+    let computed = Dump::open(&dir.path().join("computed")).unwrap();
     for stem in ["embed", "blk.6", "blk.7", "blk.29"] {
-        let (a, b) = (
-            served.read_file("p", stem).unwrap().unwrap(),
-            computed.read_file("p", stem).unwrap().unwrap(),
-        );
+        let a = served.read_file("p", stem).unwrap().unwrap();
+        let b = computed.read_file("p", stem).unwrap().unwrap();
         assert_eq!(a.positions, b.positions, "{stem}");
         for (id, t) in &b.taps {
-            // The same kernels on the same rows: equal to the last bit.
             assert_eq!(a.taps[id].values, t.values, "{id}");
         }
     }

@@ -9,7 +9,7 @@ use std::path::Path;
 use resbisect::bisect::{self, BisectOptions, Replayer};
 use resbisect::diff::{Judge, Judgement};
 use resbisect::dump::{DumpWriter, EngineInfo, Manifest, ModelInfo, PromptRecord, Status, TapDType, TapTensor};
-use resbisect::engines::Engine;
+use resbisect::engine::Engine;
 use resbisect::model::Config;
 use resbisect::taps::{FileStem, LayerTap, Selection, Tap, LAYER_TAPS};
 use resbisect::tolerance::{Tolerances, FLOOR_MARGIN};
@@ -304,7 +304,7 @@ fn the_search_names_the_origin_of_every_error_profile() {
             text: None,
             tokens,
         };
-        let report = match bisect::bisect(&mut a, &mut b, Replayer::Skip, prompt, p.n_layer, WIDTH, WIDTH, &opts) {
+        let report = match bisect::bisect(&mut a, &mut b, Replayer::Skip, prompt, &p.config(), &opts) {
             Ok(r) => r,
             Err(Error::Input(e)) | Err(Error::Engine(e)) => panic!("seed {seed}: {e} (asked {:?}) for {p:?}", a.asked),
         };

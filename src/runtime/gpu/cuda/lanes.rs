@@ -11,11 +11,17 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
+};
 
-use super::cuda::Storage;
 use crate::dump::{InFlightRows, RowBytes};
 use crate::error::{Error, Result};
+use crate::runtime::gpu::kernels::StorageElem;
+
+/// What a lane holds: a stored value that cudarc can allocate and copy.
+pub(crate) trait LaneElem: StorageElem + DeviceRepr + ValidAsZeroBits {}
+impl<T: StorageElem + DeviceRepr + ValidAsZeroBits> LaneElem for T {}
 
 /// Lanes in existence at most: enough to cover the writers' threads and the copies in
 /// flight, few enough that pinned memory stays a small multiple of one tap.
@@ -48,7 +54,7 @@ fn device_error(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> E
     move |e| Error::engine(format!("cuda: {what}: {e}"))
 }
 
-impl<T: Storage> LanePool<T> {
+impl<T: LaneElem> LanePool<T> {
     pub(crate) fn new(ctx: Arc<CudaContext>) -> Result<Arc<Self>> {
         let copy = ctx.new_stream().map_err(device_error("creating the copy stream"))?;
         Ok(Arc::new(Self {
@@ -85,7 +91,7 @@ impl<T: Storage> LanePool<T> {
     /// the captures. Lanes that fit are kept from earlier dumps, as bisect's probes are.
     pub(crate) fn reserve(self: &Arc<Self>, compute: &Arc<CudaStream>, len: usize, count: usize) -> Result<()> {
         let t0 = std::time::Instant::now();
-        let budget = crate::runtime::available_memory().map_or(PINNED_BUDGET, |m| (m / 8).min(PINNED_BUDGET));
+        let budget = crate::sys::available_memory().map_or(PINNED_BUDGET, |m| (m / 8).min(PINNED_BUDGET));
         let lane_bytes = (len.div_ceil(LANE_GRAIN) * LANE_GRAIN * std::mem::size_of::<T>()) as u64;
         let want = ((budget / lane_bytes.max(1)).clamp(2, MAX_LANES as u64) as usize).min(count);
         let mut made = 0;
@@ -305,14 +311,14 @@ unsafe extern "C" fn arrived(data: *mut std::ffi::c_void) {
 }
 
 /// One capture on its way to host memory.
-struct InFlight<T: Storage> {
+struct InFlight<T: LaneElem> {
     lane: Option<Lane<T>>,
     bytes: usize,
     arrival: Arc<Arrival>,
     pool: Arc<LanePool<T>>,
 }
 
-impl<T: Storage> InFlightRows for InFlight<T> {
+impl<T: LaneElem> InFlightRows for InFlight<T> {
     fn wait(&mut self) -> Result<&[u8]> {
         let lane = self.lane.as_ref().expect("a lane until dropped");
         let lost = |why: &dyn std::fmt::Display| {
@@ -347,7 +353,7 @@ impl<T: Storage> InFlightRows for InFlight<T> {
     }
 }
 
-impl<T: Storage> Drop for InFlight<T> {
+impl<T: LaneElem> Drop for InFlight<T> {
     fn drop(&mut self) {
         if let Some(lane) = self.lane.take() {
             self.pool.give_back(lane);

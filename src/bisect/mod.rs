@@ -1,0 +1,239 @@
+//! `resbisect bisect`: drives an engine under test (A) and an oracle (B) with as few and
+//! as small dumps as it can — a coarse probe over sparse layers at every
+//! position, truncation of the prompt after the first divergent position (causality),
+//! binary search over layers, all taps of the suspect layer — then replays the suspect
+//! layer and its neighbours on the reference from A's own inputs to separate the error a
+//! layer introduces from the error it inherits. A crash of either engine is a result.
+
+mod probe;
+mod readings;
+mod replay;
+mod search;
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+pub use self::probe::{dir_bytes, ProbeRecord};
+pub use self::replay::Replayer;
+use crate::diff::{DiffReport, FirstDivergence, Judge, Judgement, TokenMismatch};
+use crate::dump::{PromptRecord, RunError};
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::model::Config;
+use crate::tolerance::Tolerances;
+
+pub struct BisectOptions {
+    pub tolerances: Tolerances,
+    pub allow_model_mismatch: bool,
+    /// How the coarse probe is judged (`Auto`: against the noise floor when it shows a
+    /// systematic error over the floor before any tap over tolerance); later probes
+    /// keep to what it decided.
+    pub judge: Judge,
+    /// Logits join the coarse probe at every position only while one engine's logits
+    /// stay under this many bytes; otherwise a last-rows probe checks the head.
+    pub logits_budget: u64,
+    /// Probe dumps go here (created; must be absent or empty).
+    pub work: PathBuf,
+    /// Run A and B one after the other instead of at the same time (engines that cannot
+    /// share a device or memory).
+    pub sequential: bool,
+    /// Positions before the suspect layer's first divergent one at which all its taps are
+    /// probed; a tap already off at the first of them gets a probe of its own.
+    pub tap_window: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Clean,
+    Diverged,
+    Crashed,
+}
+
+/// A crash of one engine, as a result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Crash {
+    /// `A` (engine under test) or `B` (oracle).
+    pub engine: String,
+    pub label: String,
+    pub error: RunError,
+    pub probe: String,
+}
+
+/// Local replay of one layer on the reference from A's own input.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerAttribution {
+    pub layer: usize,
+    /// rel L2 of A's input to the layer against B's (max over positions).
+    pub inherited: f64,
+    /// rel L2 of A's output against the reference layer applied to A's input.
+    pub introduced: f64,
+    /// rel L2 of A's output against B's.
+    pub total: f64,
+    /// Position of the largest introduced error.
+    pub at_position: usize,
+    pub tolerance: f64,
+    pub introduces: bool,
+    /// A tap of this layer is further from its replay than its tolerance (the suspect
+    /// layer only, whose taps were dumped): the layer introduces error even where its
+    /// output's rows hide it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub introducing_tap: Option<String>,
+}
+
+/// Within the suspect layer: each tap of A against the replay from A's layer input.
+#[derive(Debug, Clone, Serialize)]
+pub struct TapAttribution {
+    pub tap: String,
+    pub introduced: f64,
+    pub at_position: usize,
+    pub tolerance: f64,
+    pub introduces: bool,
+}
+
+/// One coarse tap's error against its noise floor.
+#[derive(Debug, Clone, Serialize)]
+pub struct NoiseLevel {
+    pub tap: String,
+    /// The 75th-percentile row's rel L2 (non-finite rows count as infinite).
+    pub p75_rel_l2: f64,
+    /// The noise-floor threshold (expected floor × margin, at most the tolerance).
+    pub floor: f64,
+    pub tolerance: f64,
+    pub rows_over_floor: usize,
+    pub rows: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BisectReport {
+    pub version: u32,
+    pub model: String,
+    pub fingerprint: String,
+    pub prompt: String,
+    pub n_tokens: usize,
+    pub engine_a: String,
+    pub engine_b: String,
+    pub outcome: Outcome,
+    pub first: Option<FirstDivergence>,
+    /// The engines ran different tokens (an engine bug: a doubled BOS, a dropped token).
+    pub token_mismatch: Option<TokenMismatch>,
+    /// What the search judged rows against: tolerances, or the noise floor when the
+    /// coarse probe showed a systematic error over the floor before any tap crossed its
+    /// tolerance.
+    pub judged: Judgement,
+    /// The noise floor as the coarse probe measured it, per residual-stream tap.
+    pub noise: Vec<NoiseLevel>,
+    /// Tokens the final probes ran (first divergent position + 1).
+    pub prefix: usize,
+    pub crash: Option<Crash>,
+    pub replay: Vec<LayerAttribution>,
+    pub replay_taps: Vec<TapAttribution>,
+    /// The positions local replay recomputed.
+    pub replay_positions: Vec<usize>,
+    pub probes: Vec<ProbeRecord>,
+    pub runs_a: usize,
+    pub runs_b: usize,
+    pub bytes_dumped: u64,
+    pub seconds: f64,
+    /// Of `seconds`, local replay (loading the replayed layers and running them).
+    pub seconds_replay: f64,
+    pub reproduce: Vec<String>,
+    #[serde(skip)]
+    pub final_diff: Option<DiffReport>,
+    /// The coarse probe's comparison, for the report's layers × positions plot.
+    #[serde(skip)]
+    pub coarse_diff: Option<DiffReport>,
+}
+
+impl BisectReport {
+    /// The report of a search that has not probed yet: clean until a probe says otherwise.
+    fn new(prompt: &PromptRecord, engine_a: String, engine_b: String) -> Self {
+        let n = prompt.tokens.len();
+        BisectReport {
+            version: 1,
+            model: String::new(),
+            fingerprint: String::new(),
+            prompt: prompt.id.clone(),
+            n_tokens: n,
+            engine_a,
+            engine_b,
+            outcome: Outcome::Clean,
+            first: None,
+            token_mismatch: None,
+            judged: Judgement::Tolerance,
+            noise: Vec::new(),
+            prefix: n,
+            crash: None,
+            replay: Vec::new(),
+            replay_taps: Vec::new(),
+            replay_positions: Vec::new(),
+            probes: Vec::new(),
+            runs_a: 0,
+            runs_b: 0,
+            bytes_dumped: 0,
+            seconds: 0.0,
+            seconds_replay: 0.0,
+            reproduce: Vec::new(),
+            final_diff: None,
+            coarse_diff: None,
+        }
+    }
+}
+
+/// The probe directory must be new or empty: bisect never mixes in old dumps.
+pub fn check_work_dir(work: &Path) -> Result<()> {
+    if work.exists()
+        && std::fs::read_dir(work)
+            .map_err(|e| Error::io(work, e))?
+            .next()
+            .is_some()
+    {
+        return Err(Error::input(format!(
+            "the work directory {} is not empty",
+            work.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Coarse layers: 0, 1, 2, 4, 8, …, and the last.
+pub fn coarse_layers(n_layer: usize) -> Vec<usize> {
+    let mut out = vec![0];
+    let mut l = 1;
+    while l < n_layer {
+        out.push(l);
+        l *= 2;
+    }
+    if *out.last().expect("non-empty") != n_layer - 1 {
+        out.push(n_layer - 1);
+    }
+    out
+}
+
+/// Run the search on one prompt: A against the oracle B over the model of `config`,
+/// local replay on `replayer`.
+pub fn bisect(
+    a: &mut dyn Engine,
+    b: &mut dyn Engine,
+    replayer: Replayer,
+    prompt: PromptRecord,
+    config: &Config,
+    opts: &BisectOptions,
+) -> Result<BisectReport> {
+    std::thread::scope(|scope| search::search(scope, a, b, replayer, prompt, config, opts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::coarse_layers;
+
+    #[test]
+    fn coarse_layers_double_up_to_the_last() {
+        assert_eq!(coarse_layers(1), vec![0]);
+        assert_eq!(coarse_layers(2), vec![0, 1]);
+        assert_eq!(coarse_layers(22), vec![0, 1, 2, 4, 8, 16, 21]);
+        assert_eq!(coarse_layers(30), vec![0, 1, 2, 4, 8, 16, 29]);
+        assert_eq!(coarse_layers(17), vec![0, 1, 2, 4, 8, 16]);
+    }
+}

@@ -1,0 +1,387 @@
+//! One probe of the search: both engines dump the same selection over the same prefix of
+//! the prompt, the two dumps are compared, and the probe leaves a record, the commands
+//! that reproduce it and its dumps for the later phases (and local replay) to read rows from.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::{BisectOptions, Crash};
+use crate::diff::{self, DiffOptions, DiffReport, Judge};
+use crate::dump::{Dump, MappedFile, PromptRecord, TapView};
+use crate::engine::{crash_report, Engine};
+use crate::error::{Error, Result};
+use crate::taps::{PositionSpec, Selection, Tap};
+
+/// One probe: both engines dumped the same selection over the same prefix.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeRecord {
+    pub purpose: String,
+    /// Prompt tokens run (the prompt is cut after the first divergent position).
+    pub tokens: usize,
+    pub layers: Vec<usize>,
+    pub taps: Vec<String>,
+    pub positions: String,
+    pub seconds_a: f64,
+    pub seconds_b: f64,
+    /// Comparing the two dumps.
+    pub seconds_diff: f64,
+    pub bytes_a: u64,
+    pub bytes_b: u64,
+    /// What the probe showed, and what it ruled out.
+    pub finding: String,
+    /// For a layer-search probe (`layer-L`): whether layer L's `resid_post` diverged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer_diverged: Option<bool>,
+    pub dump_a: String,
+    pub dump_b: String,
+}
+
+/// What one probe produced.
+pub(super) enum ProbeResult {
+    Compared(DiffReport),
+    Crashed(Crash, Option<DiffReport>),
+}
+
+/// The rows a probe dumps: every position of its prefix, or some of them.
+pub(super) enum Rows {
+    All,
+    At(Vec<usize>),
+}
+
+/// A probe's selection over a `tokens`-token prefix. Positions past the prefix are
+/// dropped here, so every probe the search issues is valid for its prompt by construction.
+pub(super) fn selection(layers: Vec<usize>, taps: &[&str], rows: &Rows, tokens: usize) -> Selection {
+    let positions = match rows {
+        Rows::All => PositionSpec::all(),
+        Rows::At(at) => {
+            let mut at: Vec<usize> = at.iter().copied().filter(|&p| p < tokens).collect();
+            at.sort_unstable();
+            at.dedup();
+            if at.is_empty() {
+                PositionSpec::all()
+            } else {
+                PositionSpec::exactly(&at)
+            }
+        }
+    };
+    Selection {
+        layers,
+        taps: taps.iter().map(|t| t.to_string()).collect(),
+        positions,
+    }
+}
+
+/// Sum of file sizes under a directory (0 when absent).
+pub fn dir_bytes(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Dump files mapped for replay, by dump directory and file stem (`None`: not there).
+type MappedFiles = HashMap<(PathBuf, String), Option<Rc<MappedFile>>>;
+
+/// Where one probe's files go.
+struct ProbeDirs {
+    dir: PathBuf,
+    /// The cut prompt as a one-line JSONL suite (the reproduce commands read it).
+    suite: PathBuf,
+    a: PathBuf,
+    b: PathBuf,
+}
+
+/// An engine's result of one probe and the seconds it took.
+type Timed = (Result<()>, f64);
+
+/// The probes of one search so far, and the engines they run.
+pub(super) struct Session<'e> {
+    a: &'e mut dyn Engine,
+    b: &'e mut dyn Engine,
+    opts: &'e BisectOptions,
+    prompt: PromptRecord,
+    pub(super) probes: Vec<ProbeRecord>,
+    /// Each probe's directory.
+    dirs: Vec<PathBuf>,
+    /// The commands that reproduce the latest probe.
+    pub(super) reproduce: Vec<String>,
+    /// Dump files mapped for replay, by path and stem: replay asks for every tap of a
+    /// file in turn, and opening a file once is enough.
+    mapped: RefCell<MappedFiles>,
+    /// How probes are judged: automatically for the coarse probe, then as it decided.
+    pub(super) judge: Judge,
+}
+
+impl<'e> Session<'e> {
+    pub(super) fn new(
+        a: &'e mut dyn Engine,
+        b: &'e mut dyn Engine,
+        opts: &'e BisectOptions,
+        prompt: PromptRecord,
+    ) -> Self {
+        Session {
+            a,
+            b,
+            opts,
+            prompt,
+            probes: Vec::new(),
+            dirs: Vec::new(),
+            reproduce: Vec::new(),
+            mapped: Default::default(),
+            judge: opts.judge,
+        }
+    }
+
+    /// Run both engines on the first `tokens` tokens with `sel`, then diff.
+    pub(super) fn probe(&mut self, purpose: &str, tokens: usize, sel: Selection) -> Result<ProbeResult> {
+        let dirs = self.prepare(purpose, tokens)?;
+        let prompt = PromptRecord {
+            tokens: self.prompt.tokens[..tokens].to_vec(),
+            ..self.prompt.clone()
+        };
+        let (result_a, result_b) = self.run_engines(purpose, &prompt, &sel, &dirs);
+        let mut crash = None;
+        let mut seconds = [0.0; 2];
+        for (i, ((result, secs), engine, out, name)) in
+            [(result_a, &*self.a, &dirs.a, "A"), (result_b, &*self.b, &dirs.b, "B")]
+                .into_iter()
+                .enumerate()
+        {
+            seconds[i] = secs;
+            match result {
+                Ok(()) => {}
+                Err(Error::Engine(msg)) => {
+                    crash = crash.or_else(|| {
+                        Some(Crash {
+                            engine: name.into(),
+                            label: engine.label(),
+                            error: crash_report(out, &msg),
+                            probe: purpose.into(),
+                        })
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let mut record = ProbeRecord {
+            purpose: purpose.into(),
+            tokens,
+            layers: sel.layers.clone(),
+            taps: sel.taps.clone(),
+            positions: sel.positions.to_string(),
+            seconds_a: seconds[0],
+            seconds_b: seconds[1],
+            seconds_diff: 0.0,
+            bytes_a: dir_bytes(&dirs.a),
+            bytes_b: dir_bytes(&dirs.b),
+            finding: String::new(),
+            layer_diverged: None,
+            dump_a: dirs.a.display().to_string(),
+            dump_b: dirs.b.display().to_string(),
+        };
+        let t0 = Instant::now();
+        let result = self.compare(purpose, crash, &dirs, &mut record)?;
+        record.seconds_diff = t0.elapsed().as_secs_f64();
+        crate::trace::mark(|| format!("probe {purpose}: compared"));
+        self.reproduce = self.reproduce_commands(&prompt.id, &sel, &dirs);
+        self.probes.push(record);
+        self.dirs.push(dirs.dir);
+        Ok(result)
+    }
+
+    /// The probe's directory and its prompt suite, written.
+    fn prepare(&self, purpose: &str, tokens: usize) -> Result<ProbeDirs> {
+        let dir = self.opts.work.join(format!("{:02}-{purpose}", self.probes.len() + 1));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let suite = dir.join("prompt.jsonl");
+        let line = serde_json::json!({"id": self.prompt.id, "tokens": &self.prompt.tokens[..tokens]});
+        std::fs::write(&suite, line.to_string() + "\n").map_err(|e| Error::io(&suite, e))?;
+        Ok(ProbeDirs {
+            a: dir.join("a"),
+            b: dir.join("b"),
+            suite,
+            dir,
+        })
+    }
+
+    /// Both engines' dumps of `prompt` with `sel`, each with the seconds it took.
+    fn run_engines(
+        &mut self,
+        purpose: &str,
+        prompt: &PromptRecord,
+        sel: &Selection,
+        dirs: &ProbeDirs,
+    ) -> (Timed, Timed) {
+        let timed = |engine: &mut dyn Engine, out: &Path| {
+            let t0 = Instant::now();
+            let result = engine.dump(prompt, sel, out);
+            crate::trace::mark(|| format!("probe {purpose}: {} done", engine.label()));
+            (result, t0.elapsed().as_secs_f64())
+        };
+        let (a, b) = (&mut *self.a, &mut *self.b);
+        if self.opts.sequential {
+            return (timed(a, &dirs.a), timed(b, &dirs.b));
+        }
+        // Both engines at once: they are independent, and one often waits on a device or
+        // a disk while the other computes.
+        std::thread::scope(|scope| {
+            let job_b = scope.spawn(|| timed(b, &dirs.b));
+            let result_a = timed(a, &dirs.a);
+            (
+                result_a,
+                job_b.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            )
+        })
+    }
+
+    /// The probe's two dumps compared; after a crash, whatever both engines wrote before it.
+    fn compare(
+        &self,
+        purpose: &str,
+        crash: Option<Crash>,
+        dirs: &ProbeDirs,
+        record: &mut ProbeRecord,
+    ) -> Result<ProbeResult> {
+        let diff_opts = DiffOptions {
+            tolerances: self.opts.tolerances.clone(),
+            allow_model_mismatch: self.opts.allow_model_mismatch,
+            judge: self.judge,
+        };
+        if let Some(c) = crash {
+            record.finding = format!("engine {} failed: {}", c.engine, c.error.message);
+            let partial = match (Dump::open(&dirs.a), Dump::open(&dirs.b)) {
+                (Ok(da), Ok(db)) => diff::diff(&da, &db, &diff_opts).ok(),
+                _ => None,
+            };
+            return Ok(ProbeResult::Crashed(c, partial));
+        }
+        let r = diff::diff(&Dump::open(&dirs.a)?, &Dump::open(&dirs.b)?, &diff_opts)?;
+        check_stream_written(&r, purpose)?;
+        Ok(ProbeResult::Compared(r))
+    }
+
+    /// The commands that write the probe's dumps again and compare them. Fresh output
+    /// directories: `dump -o` refuses to overwrite the probe's own.
+    fn reproduce_commands(&self, prompt_id: &str, sel: &Selection, dirs: &ProbeDirs) -> Vec<String> {
+        let (repro_a, repro_b) = (
+            dirs.dir.join("reproduce").join("a"),
+            dirs.dir.join("reproduce").join("b"),
+        );
+        let tol = self
+            .opts
+            .tolerances
+            .source
+            .as_ref()
+            .map(|p| format!(" --tolerances {}", crate::engine::shell_quote(p)))
+            .unwrap_or_default();
+        let quote = |p: &Path| crate::engine::shell_quote(&p.display().to_string());
+        vec![
+            self.a.reproduce(prompt_id, &dirs.suite, sel, &dirs.a, &repro_a),
+            self.b.reproduce(prompt_id, &dirs.suite, sel, &dirs.b, &repro_b),
+            format!(
+                "{} diff {} {}{tol}",
+                crate::engine::resbisect_command(),
+                quote(&repro_a),
+                quote(&repro_b)
+            ),
+        ]
+    }
+
+    /// Set the latest probe's finding.
+    pub(super) fn note(&mut self, finding: String) {
+        if let Some(p) = self.probes.last_mut() {
+            p.finding = finding;
+        }
+    }
+
+    /// Rows `0..rows` of tap `id` as f32, from the newest probe of side `a`/`b` that holds them.
+    pub(super) fn rows(&self, side: &str, id: &str, rows: usize) -> Result<Option<Vec<f32>>> {
+        self.rows_at(side, id, &(0..rows).collect::<Vec<_>>())
+    }
+
+    /// The newest probe file of side `a`/`b` that holds tap `id` at every position of
+    /// `at`, and the row index of each.
+    pub(super) fn locate(&self, side: &str, id: &str, at: &[usize]) -> Result<Option<(Rc<MappedFile>, Vec<usize>)>> {
+        let tap = Tap::parse(id).ok_or_else(|| Error::input(format!("bad tap {id}")))?;
+        for dir in self.dirs.iter().rev() {
+            let key = (dir.join(side), tap.file_stem().to_string());
+            let cached = self.mapped.borrow().get(&key).cloned();
+            let file = match cached {
+                Some(file) => file,
+                None => {
+                    let file = match Dump::open(&key.0) {
+                        Ok(dump) => dump.map_file(&self.prompt.id, &key.1)?.map(Rc::new),
+                        Err(_) => None,
+                    };
+                    self.mapped.borrow_mut().insert(key, file.clone());
+                    file
+                }
+            };
+            let Some(file) = file.filter(|f| f.taps.contains_key(id)) else {
+                continue;
+            };
+            if let Some(index) = at
+                .iter()
+                .map(|p| file.positions.binary_search(p).ok())
+                .collect::<Option<Vec<usize>>>()
+            {
+                return Ok(Some((file, index)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Rows of tap `id` at positions `at` as f32, from the newest probe that holds them.
+    pub(super) fn rows_at(&self, side: &str, id: &str, at: &[usize]) -> Result<Option<Vec<f32>>> {
+        let Some((file, index)) = self.locate(side, id, at)? else {
+            return Ok(None);
+        };
+        let view = file.tap(id).expect("located files hold the tap");
+        let row_bytes = view.width * view.dtype.size();
+        let mut out = Vec::with_capacity(at.len() * view.width);
+        // Runs of consecutive rows convert in one go.
+        for run in crate::taps::consecutive_runs(&index) {
+            let bytes = &view.bytes[index[run.start] * row_bytes..(index[run.end - 1] + 1) * row_bytes];
+            TapView {
+                rows: run.len(),
+                bytes,
+                ..view
+            }
+            .append_f32(&mut out);
+        }
+        Ok(Some(out))
+    }
+}
+
+/// Layers are judged by their residual stream: a probe whose engine left it out cannot
+/// rule a layer in or out, and must not read as agreement.
+fn check_stream_written(r: &DiffReport, purpose: &str) -> Result<()> {
+    for (name, missing) in r
+        .prompts
+        .iter()
+        .flat_map(|p| [("A", &p.missing_in_a), ("B", &p.missing_in_b)])
+    {
+        let stream: Vec<&str> = missing
+            .iter()
+            .map(String::as_str)
+            .filter(|t| *t == "embed" || t.ends_with(".resid_post"))
+            .collect();
+        if !stream.is_empty() {
+            return Err(Error::engine(format!(
+                "engine {name} wrote no {} for the {purpose} probe, which asked for it: layers it leaves out cannot be judged",
+                stream.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,90 @@
+//! What a probe's comparison says about the search: where the residual stream diverges,
+//! from which position, and how far over its noise floor the coarse probe sits.
+
+use super::search::resid_post;
+use super::NoiseLevel;
+use crate::diff::{DiffReport, FirstDivergence};
+
+/// Each coarse residual-stream tap's level against its noise floor.
+pub(super) fn noise_levels(r: &DiffReport) -> Vec<NoiseLevel> {
+    r.prompts
+        .iter()
+        .flat_map(|p| &p.taps)
+        .filter(|t| t.tap == "embed" || t.tap.ends_with(".resid_post"))
+        .map(|t| {
+            let mut rel: Vec<f64> = t
+                .rows
+                .iter()
+                .map(|r| {
+                    if r.nonfinite_a + r.nonfinite_b > 0 {
+                        f64::INFINITY
+                    } else {
+                        r.rel_l2
+                    }
+                })
+                .collect();
+            rel.sort_by(f64::total_cmp);
+            let p75 = rel
+                .get((rel.len() * 3).div_ceil(4).saturating_sub(1))
+                .copied()
+                .unwrap_or(0.0);
+            NoiseLevel {
+                tap: t.tap.clone(),
+                p75_rel_l2: p75,
+                floor: t.floor.rel_l2,
+                tolerance: t.tolerance.rel_l2,
+                rows_over_floor: t.rows_over_floor,
+                rows: t.rows.len(),
+            }
+        })
+        .collect()
+}
+
+/// Each divergent coarse layer with its own first divergent position, for the search path.
+pub(super) fn bad_layers_line(r: &DiffReport, coarse: &[usize]) -> String {
+    let v: Vec<String> = coarse
+        .iter()
+        .filter_map(|&l| first_bad_of(r, &resid_post(l)).map(|(p, _)| format!("{l} (from position {p})")))
+        .collect();
+    v.join(", ")
+}
+
+/// Smallest position any tap of the diff diverges at.
+pub(super) fn first_bad_position(r: &DiffReport) -> Option<usize> {
+    r.prompts
+        .iter()
+        .flat_map(|p| &p.taps)
+        .filter_map(|t| t.first_bad.map(|i| t.positions[i]))
+        .min()
+}
+
+/// Whether any compared row holds NaN or Inf on either side.
+pub(super) fn has_nonfinite(r: &DiffReport) -> bool {
+    r.prompts
+        .iter()
+        .flat_map(|p| &p.taps)
+        .flat_map(|t| &t.rows)
+        .any(|row| row.nonfinite_a + row.nonfinite_b > 0)
+}
+
+/// Whether tap `id` diverges anywhere in `r`.
+pub(super) fn tap_diverged(r: &DiffReport, id: &str) -> bool {
+    r.prompts
+        .iter()
+        .flat_map(|p| &p.taps)
+        .any(|t| t.tap == id && t.first_bad.is_some())
+}
+
+/// The first position tap `id` diverges at in `r`, and the rel L2 tolerance applied.
+pub(super) fn first_bad_of(r: &DiffReport, id: &str) -> Option<(usize, f64)> {
+    r.prompts
+        .iter()
+        .flat_map(|p| &p.taps)
+        .find(|t| t.tap == id)
+        .and_then(|t| t.first_bad.map(|i| (t.positions[i], t.tolerance.rel_l2)))
+}
+
+/// The first divergence of `r`'s (only) prompt.
+pub(super) fn first_of(r: &DiffReport) -> Option<FirstDivergence> {
+    r.prompts.first().and_then(|p| p.first.clone())
+}

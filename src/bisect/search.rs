@@ -1,0 +1,517 @@
+//! The search as explicit phases — coarse probe → layer search → cut → all taps of the
+//! suspect layer → first position → local replay — each a method of [`Search`] returning a
+//! [`Flow`]: the phase's result, or a [`Stop`] (a finding that ends the search early, an
+//! engine's crash, an error), which `?` carries to the one place that ends the search.
+
+use std::thread::{Scope, ScopedJoinHandle};
+use std::time::Instant;
+
+use super::probe::{selection, ProbeResult, Rows, Session};
+use super::readings::{
+    bad_layers_line, first_bad_of, first_bad_position, first_of, has_nonfinite, noise_levels, tap_diverged,
+};
+use super::replay::{replay_layers, replay_positions, Preload, ReplayRun, Replayer};
+use super::{check_work_dir, coarse_layers, BisectOptions, BisectReport, Crash, Outcome};
+use crate::diff::{self, DiffReport, FirstDivergence, Judge, Judgement};
+use crate::dump::PromptRecord;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::model::Config;
+use crate::taps::{LayerTap, Selection, Tap, LAYER_TAPS};
+
+/// Rows of the head probe when logits were too large for the coarse probe.
+const HEAD_ROWS: usize = 64;
+
+/// Fewest rows a cut prompt keeps: a layer is judged on many rows, since one row (an
+/// attention sink's, whose residual norm can be 100× the others') can hide an error
+/// that every other row shows.
+const MIN_JUDGED_ROWS: usize = 32;
+
+/// Why the search ends before its last phase.
+pub(super) enum Stop {
+    /// The finding is in the report already.
+    Done,
+    /// An engine crashed in a probe: the crash, and what both engines wrote before it,
+    /// compared (boxed: a comparison is large, and every phase returns this).
+    Crashed(Box<(Crash, Option<DiffReport>)>),
+    Failed(Error),
+}
+
+impl From<Error> for Stop {
+    fn from(e: Error) -> Self {
+        Stop::Failed(e)
+    }
+}
+
+/// A phase's result, or why the search stops.
+pub(super) type Flow<T> = std::result::Result<T, Stop>;
+
+/// `blk.L.resid_post`.
+pub(super) fn resid_post(l: usize) -> String {
+    Tap::Layer(l, LayerTap::ResidPost).to_string()
+}
+
+/// The tap that holds layer `l`'s input.
+pub(super) fn input_id(l: usize) -> String {
+    if l == 0 {
+        Tap::Embed.to_string()
+    } else {
+        resid_post(l - 1)
+    }
+}
+
+/// What the coarse probe narrowed the search to.
+struct Coarse {
+    diff: DiffReport,
+    /// The last coarse layer known good (None: only embed is known good).
+    lo: Option<usize>,
+    /// The first coarse layer known bad.
+    hi: usize,
+    /// Non-finite values: the prompt is not cut.
+    whole_prompt: bool,
+}
+
+/// The first divergent layer and where its residual stream first leaves B's.
+struct SuspectLayer {
+    layer: usize,
+    position: usize,
+    /// The rel L2 tolerance its resid_post was judged against.
+    resid_tolerance: f64,
+}
+
+/// The suspect layer after its all-taps probe.
+pub(super) struct Suspect {
+    pub(super) layer: usize,
+    /// Tokens the final probes run.
+    pub(super) prefix: usize,
+    /// The positions local replay recomputes.
+    pub(super) at: Vec<usize>,
+    /// Positions from here up to the first divergent one were probed at every tap.
+    window: usize,
+    pub(super) taps_diff: DiffReport,
+    first: Option<FirstDivergence>,
+}
+
+/// One search: the probes so far, the report it fills in, and replay's reference.
+pub(super) struct Search<'s, 'r, 'e> {
+    pub(super) scope: &'s Scope<'s, 'r>,
+    pub(super) session: Session<'e>,
+    pub(super) replayer: Replayer<'r>,
+    opts: &'e BisectOptions,
+    /// Prompt tokens.
+    n: usize,
+    pub(super) n_layer: usize,
+    n_vocab: usize,
+    pub(super) n_embd: usize,
+    pub(super) report: BisectReport,
+    start: Instant,
+    /// The commands that reproduce the finding: the probe whose comparison the report shows.
+    suspect_reproduce: Option<Vec<String>>,
+    /// Replay's layers, loading while the last probes run.
+    pub(super) preload: Option<Preload<'s>>,
+    /// Replay, running during the all-taps probe.
+    pub(super) early_replay: Option<ScopedJoinHandle<'s, Result<ReplayRun>>>,
+}
+
+/// Run the search on one prompt; replay's threads run in `scope`.
+pub(super) fn search<'s, 'r: 's>(
+    scope: &'s Scope<'s, 'r>,
+    a: &mut dyn Engine,
+    b: &mut dyn Engine,
+    replayer: Replayer<'r>,
+    prompt: PromptRecord,
+    config: &Config,
+    opts: &BisectOptions,
+) -> Result<BisectReport> {
+    let start = Instant::now();
+    check_work_dir(&opts.work)?;
+    let report = BisectReport::new(&prompt, a.label(), b.label());
+    let mut search = Search {
+        scope,
+        session: Session::new(a, b, opts, prompt.clone()),
+        replayer,
+        opts,
+        n: prompt.tokens.len(),
+        n_layer: config.n_layer,
+        n_vocab: config.n_vocab,
+        n_embd: config.n_embd,
+        report,
+        start,
+        suspect_reproduce: None,
+        preload: None,
+        early_replay: None,
+    };
+    let flow = search.run();
+    search.finish(flow)
+}
+
+impl<'s, 'r: 's> Search<'s, 'r, '_> {
+    /// The phases in order; the loop searches again on the whole prompt when the cut
+    /// prompt does not reproduce the divergence.
+    fn run(&mut self) -> Flow<()> {
+        let coarse = self.coarse()?;
+        let mut whole_prompt = coarse.whole_prompt;
+        let mut suspect = loop {
+            let layer = self.layers(&coarse)?;
+            // The cut keeps at least MIN_JUDGED_ROWS rows to judge the layer's taps on.
+            let prefix = if whole_prompt {
+                self.n
+            } else {
+                (layer.position + 1).max(MIN_JUDGED_ROWS).min(self.n)
+            };
+            self.preload_replay(layer.layer);
+            match self.suspect_taps(&layer, prefix)? {
+                Some(suspect) => break suspect,
+                None => whole_prompt = true,
+            }
+        };
+        self.report.prefix = suspect.prefix;
+        self.report.outcome = Outcome::Diverged;
+        self.suspect_reproduce = Some(self.session.reproduce.clone());
+        let replayed = match self.replayer {
+            Replayer::Skip => Vec::new(),
+            _ => replay_layers(suspect.layer, self.n_layer),
+        };
+        let position_diff = self.first_position(&mut suspect, &replayed)?;
+        self.report.first = suspect.first.take();
+        if !replayed.is_empty() {
+            self.replay(&suspect, &replayed)?;
+        }
+        self.report.final_diff = Some(position_diff.unwrap_or(suspect.taps_diff));
+        Ok(())
+    }
+
+    /// The report, however the search ended.
+    fn finish(mut self, flow: Flow<()>) -> Result<BisectReport> {
+        let reproduce = match flow {
+            Ok(()) | Err(Stop::Done) => self.suspect_reproduce.take().unwrap_or(self.session.reproduce),
+            Err(Stop::Crashed(crash)) => {
+                let (c, partial) = *crash;
+                self.report.outcome = Outcome::Crashed;
+                self.report.first = partial.as_ref().and_then(first_of);
+                self.report.crash = Some(c);
+                self.report.final_diff = partial;
+                self.session.reproduce
+            }
+            Err(Stop::Failed(e)) => return Err(e),
+        };
+        let mut report = self.report;
+        report.runs_a = self.session.probes.len();
+        report.runs_b = self.session.probes.len();
+        report.bytes_dumped = self.session.probes.iter().map(|p| p.bytes_a + p.bytes_b).sum();
+        report.probes = self.session.probes;
+        report.reproduce = reproduce;
+        report.seconds = self.start.elapsed().as_secs_f64();
+        if let Some(d) = &report.final_diff {
+            report.model = d.a.path.clone();
+            report.fingerprint = d.a.fingerprint.clone();
+        }
+        Ok(report)
+    }
+
+    /// One probe; an engine's crash in it stops the search.
+    fn probe(&mut self, purpose: &str, tokens: usize, sel: Selection) -> Flow<DiffReport> {
+        match self.session.probe(purpose, tokens, sel)? {
+            ProbeResult::Compared(r) => Ok(r),
+            ProbeResult::Crashed(c, partial) => Err(Stop::Crashed(Box::new((c, partial)))),
+        }
+    }
+
+    /// Stop with `final_diff` as the comparison the report shows.
+    fn done<T>(&mut self, final_diff: DiffReport) -> Flow<T> {
+        self.report.final_diff = Some(final_diff);
+        Err(Stop::Done)
+    }
+
+    /// Phase 1: the coarse probe over the whole prompt — sparse layers at every position,
+    /// which also finds the first divergent position for the cut — and what it decides:
+    /// what rows are judged against, and the layers left to search.
+    fn coarse(&mut self) -> Flow<Coarse> {
+        let (n, coarse) = (self.n, coarse_layers(self.n_layer));
+        let logits_here = (n * self.n_vocab * 4) as u64 <= self.opts.logits_budget;
+        let mut taps = vec!["embed", "resid_post", "final_norm"];
+        if logits_here {
+            taps.push("logits");
+        }
+        let r = self.probe("coarse", n, selection(coarse.clone(), &taps, &Rows::All, n))?;
+        self.report.coarse_diff = Some(r.clone());
+        self.judge_as_coarse(&r);
+        let drift = r.prompts.first().and_then(diff::judgement_note).unwrap_or_default();
+        if let Some(m) = r.prompts.first().and_then(|p| p.token_mismatch.clone()) {
+            // Different inputs: the finding is the token difference (and whatever diverged
+            // before it); no layer search can explain it.
+            self.session.note(m.describe());
+            self.report.outcome = Outcome::Diverged;
+            self.report.first = first_of(&r);
+            self.report.token_mismatch = Some(m);
+            return self.done(r);
+        }
+        let Some(first_pos) = first_bad_position(&r) else {
+            return self.coarse_clean(r, &coarse, logits_here, &drift);
+        };
+        let bad_coarse = coarse.iter().copied().find(|&l| tap_diverged(&r, &resid_post(l)));
+        // Causality lets the probes after the layer search stop after the position where
+        // the first divergent layer first diverges. Not when values are non-finite: 0·NaN in
+        // masked attention tiles can carry a NaN to earlier positions.
+        let whole_prompt = has_nonfinite(&r);
+        let Some(hi) = bad_coarse.filter(|_| !tap_diverged(&r, "embed")) else {
+            // The divergence starts at embed or only in the output head: already narrowed.
+            let f = first_of(&r);
+            self.session.note(format!(
+                "first divergence {} at position {first_pos}",
+                f.as_ref().map_or("?", |f| f.tap.as_str())
+            ));
+            self.report.outcome = Outcome::Diverged;
+            self.report.first = f;
+            return self.done(r);
+        };
+        let lo = coarse.iter().copied().take_while(|&l| l < hi).last();
+        let cut = if whole_prompt {
+            "; non-finite values: the prompt will not be cut"
+        } else {
+            ""
+        };
+        let drift = if self.report.judged == Judgement::NoiseFloor {
+            format!("; {drift}")
+        } else {
+            String::new()
+        };
+        self.session.note(format!(
+            "resid_post good through {}, bad at layer {}{cut}{drift}",
+            lo.map_or("embed".to_string(), |l| format!("layer {l}")),
+            bad_layers_line(&r, &coarse)
+        ));
+        Ok(Coarse {
+            diff: r,
+            lo,
+            hi,
+            whole_prompt,
+        })
+    }
+
+    /// The coarse probe decided what rows are judged against; later probes keep to it.
+    fn judge_as_coarse(&mut self, r: &DiffReport) {
+        self.report.noise = noise_levels(r);
+        self.report.judged = r.prompts.first().map_or(Judgement::Tolerance, |p| p.judged);
+        self.session.judge = match self.report.judged {
+            Judgement::Tolerance => Judge::Tolerance,
+            Judgement::NoiseFloor => Judge::NoiseFloor,
+        };
+    }
+
+    /// No layer of the coarse probe diverges: the search ends, after a probe of the
+    /// output head's last rows when logits were too large for the coarse probe.
+    fn coarse_clean(&mut self, r: DiffReport, coarse: &[usize], logits_here: bool, drift: &str) -> Flow<Coarse> {
+        if logits_here {
+            let drift = if drift.is_empty() {
+                String::new()
+            } else {
+                format!("; {drift}")
+            };
+            self.session.note(format!(
+                "no divergence at embed, resid_post of layers {coarse:?}, final_norm or logits{drift}"
+            ));
+            return self.done(r);
+        }
+        let n = self.n;
+        let from = n.saturating_sub(HEAD_ROWS);
+        let head = self.probe(
+            "head",
+            n,
+            selection(Vec::new(), &["final_norm", "logits"], &Rows::At((from..n).collect()), n),
+        )?;
+        if let Some(f) = first_of(&head) {
+            self.session.note(format!(
+                "the output head diverges: {} at position {}",
+                f.tap, f.position
+            ));
+            self.report.outcome = Outcome::Diverged;
+            self.report.first = Some(f);
+        } else {
+            self.session.note(format!(
+                "final_norm and logits agree on the last {} positions",
+                n - from
+            ));
+        }
+        self.done(head)
+    }
+
+    /// Phase 2: binary search over the layers between the last good and the first bad
+    /// coarse layer, every position judged: an error that grows with depth crosses
+    /// tolerance earlier in later layers, so a cut made from a later layer could hide
+    /// where an earlier one first diverges.
+    fn layers(&mut self, coarse: &Coarse) -> Flow<SuspectLayer> {
+        let (n, mut lo, mut hi) = (self.n, coarse.lo, coarse.hi);
+        // Where the first bad layer's resid_post first leaves B's, and its tolerance.
+        let mut hi_first = first_bad_of(&coarse.diff, &resid_post(hi));
+        loop {
+            let first_unknown = lo.map_or(0, |l| l + 1);
+            if first_unknown >= hi {
+                break;
+            }
+            let mid = (first_unknown + hi - 1) / 2;
+            let id = resid_post(mid);
+            // The layer before comes along: it is a replay input later, and costs no
+            // compute (the built-in engines stop at the last tapped layer, and serve
+            // these from their checkpoints).
+            let layers = (mid.saturating_sub(1)..=mid).collect();
+            let r = self.probe(
+                &format!("layer-{mid}"),
+                n,
+                selection(layers, &["resid_post"], &Rows::All, n),
+            )?;
+            let diverged = tap_diverged(&r, &id);
+            if let Some(p) = self.session.probes.last_mut() {
+                p.layer_diverged = Some(diverged);
+            }
+            if diverged {
+                self.session.note(format!(
+                    "layer {mid} diverges: the first bad layer is in {first_unknown}..={mid}"
+                ));
+                hi = mid;
+                hi_first = first_bad_of(&r, &id);
+            } else {
+                self.session
+                    .note(format!("layer {mid} agrees: layers up to {mid} are ruled out"));
+                lo = Some(mid);
+            }
+        }
+        let (position, resid_tolerance) = hi_first.ok_or_else(|| {
+            Error::engine(format!(
+                "{} was judged divergent but has no divergent row",
+                resid_post(hi)
+            ))
+        })?;
+        Ok(SuspectLayer {
+            layer: hi,
+            position,
+            resid_tolerance,
+        })
+    }
+
+    /// Phase 3: all taps of the suspect layer over the first `prefix` tokens, at the
+    /// positions that matter: those local replay recomputes and a window before the first
+    /// divergent one. None: the cut prompt does not reproduce the divergence.
+    fn suspect_taps(&mut self, layer: &SuspectLayer, prefix: usize) -> Flow<Option<Suspect>> {
+        let hi = layer.layer;
+        let hi_out = |side: &str| {
+            self.session
+                .rows(side, &resid_post(hi), prefix)?
+                .ok_or_else(|| Error::engine(format!("{} missing from the {side} dumps", resid_post(hi))))
+        };
+        let at = replay_positions(
+            &hi_out("a")?,
+            &hi_out("b")?,
+            self.n_embd,
+            layer.resid_tolerance,
+            Some(layer.position),
+        );
+        let window = layer.position.saturating_sub(self.opts.tap_window);
+        self.start_early_replay(hi, prefix, &at)?;
+        let mut probed: Vec<usize> = at.iter().copied().chain(window..=layer.position).collect();
+        probed.sort_unstable();
+        probed.dedup();
+        let sel = selection(vec![hi], LAYER_TAPS, &Rows::At(probed.clone()), prefix);
+        let taps_diff = self.probe(&format!("taps-{hi}"), prefix, sel)?;
+        let mut suspect = Suspect {
+            layer: hi,
+            prefix,
+            at,
+            window,
+            taps_diff,
+            first: None,
+        };
+        let Some(first) = first_of(&suspect.taps_diff) else {
+            if prefix < self.n {
+                // The engine is not causal here.
+                self.session.note(format!("no tap of layer {hi} diverges on the cut prompt: the engine is not causal here; searching the whole prompt"));
+                return Ok(None);
+            }
+            self.session
+                .note("no tap of the layer diverges on this run (is the engine deterministic?)".into());
+            suspect.window = 0;
+            return Ok(Some(suspect));
+        };
+        let on = if prefix < self.n {
+            format!(", the prompt cut to {prefix} tokens")
+        } else {
+            String::new()
+        };
+        self.session.note(format!(
+            "first divergent tap {} at position {} (of {} positions probed{on})",
+            first.tap,
+            first.position,
+            probed.len()
+        ));
+        suspect.first = Some(first);
+        Ok(Some(suspect))
+    }
+
+    /// Phases 4 and 5 in one probe, when either needs it: a tap already off at the
+    /// window's start may have left B's earlier still (its first position), and local
+    /// replay needs the inputs and outputs of the `replayed` layers at every position.
+    /// Returns the position probe's comparison, which then shows the finding.
+    fn first_position(&mut self, suspect: &mut Suspect, replayed: &[usize]) -> Flow<Option<DiffReport>> {
+        let prefix = suspect.prefix;
+        let missing = self.missing_replay_inputs(replayed, prefix)?;
+        let early = suspect
+            .first
+            .as_ref()
+            .filter(|f| f.position <= suspect.window && suspect.window > 0)
+            .map(|f| f.tap.clone());
+        if early.is_none() && missing.is_empty() {
+            return Ok(None);
+        }
+        let mut layers: Vec<usize> = missing
+            .iter()
+            .filter_map(|id| match Tap::parse(id) {
+                Some(Tap::Layer(l, _)) => Some(l),
+                _ => None,
+            })
+            .collect();
+        let mut taps = vec!["resid_post"];
+        if missing.iter().any(|m| m == "embed") {
+            taps.insert(0, "embed");
+        }
+        if let Some(tap) = &early {
+            layers.push(suspect.layer);
+            let short = tap.rsplit('.').next().expect("a tap id has a name");
+            if !taps.contains(&short) {
+                taps.push(short);
+            }
+        }
+        layers.sort_unstable();
+        layers.dedup();
+        let purpose = if early.is_some() { "position" } else { "replay-inputs" };
+        let r = self.probe(purpose, prefix, selection(layers, &taps, &Rows::All, prefix))?;
+        let mut found = Vec::new();
+        let mut position_diff = None;
+        if let Some(tap) = &early {
+            suspect.first = first_of(&r).filter(|f| &f.tap == tap).or(suspect.first.take());
+            let position = suspect.first.as_ref().map_or(0, |f| f.position);
+            found.push(format!("{tap} first diverges at position {position}"));
+            position_diff = Some(r);
+            self.suspect_reproduce = Some(self.session.reproduce.clone());
+        }
+        if !missing.is_empty() {
+            found.push(format!("inputs for local replay: {}", missing.join(", ")));
+        }
+        self.session.note(found.join("; "));
+        Ok(position_diff)
+    }
+
+    /// The inputs and outputs of the `replayed` layers that no probe so far dumped on
+    /// both sides at every position below `prefix`.
+    fn missing_replay_inputs(&self, replayed: &[usize], prefix: usize) -> Result<Vec<String>> {
+        let mut needed: Vec<String> = replayed.iter().flat_map(|&l| [input_id(l), resid_post(l)]).collect();
+        needed.dedup();
+        let all: Vec<usize> = (0..prefix).collect();
+        let mut missing = Vec::new();
+        for id in needed {
+            if self.session.locate("a", &id, &all)?.is_none() || self.session.locate("b", &id, &all)?.is_none() {
+                missing.push(id);
+            }
+        }
+        Ok(missing)
+    }
+}

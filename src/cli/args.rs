@@ -1,0 +1,542 @@
+//! The command line's schema (clap), and its conversion into the library's types:
+//! engines, prompt inputs and the diff judge.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use resbisect::diff::Judge;
+use resbisect::engine::{EngineKind, EngineSpec, RefPrecision};
+use resbisect::prompts::Input;
+use resbisect::runtime::backend::StorageDType;
+use resbisect::runtime::{BackendKind, RunOptions};
+use resbisect::{Error, Result};
+
+#[derive(Parser)]
+#[command(
+    name = "resbisect",
+    version,
+    about = "Which tensor diverges first, where, and by how much?"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run an engine on prompts and write its taps as a dump (format v1).
+    Dump(DumpArgs),
+    /// Generate greedily with the runtime (no taps) and print the text and tokens/s.
+    Run(RunArgs),
+    /// Describe a GGUF model or a dump directory.
+    Inspect(InspectArgs),
+    /// Print the token ids of a text with the model's own tokenizer.
+    Tokenize(TokenizeArgs),
+    /// Compare dump A (engine under test) with dump B (reference): first divergence.
+    Diff(DiffArgs),
+    /// Measure the noise floor of known-good dump pairs (A B [A B ...]) and write a
+    /// tolerance file for --tolerances.
+    Calibrate(CalibrateArgs),
+    /// Reports: `report diff A B -o DIR` (JSON, Markdown, HTML), `report trend HISTORY -o DIR`.
+    Report {
+        #[command(subcommand)]
+        kind: ReportKind,
+    },
+    /// Find the first divergent tap and position between an engine under test (A) and an
+    /// oracle (B) with as few and as small dumps as possible, then replay the suspect
+    /// layer on the reference from A's inputs.
+    Bisect(BisectArgs),
+    /// The original scenario on the real SmolLM2 model: the runtime (`cpu` backend) with a
+    /// RoPE fault past position 826 of a 1652-token prompt, bisected against the reference.
+    Demo(DemoArgs),
+    /// Check every op of a backend against the `cpu` backend on many shapes (NMSE per op,
+    /// NaN/Inf, guard regions); exit 1 on any failure.
+    Selftest(SelftestArgs),
+    /// Write a model's first N layers as a model of its own (real weights, smaller file).
+    Cut(CutArgs),
+    /// Write a synthetic llama model with random weights at real shapes.
+    Synth(SynthArgs),
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The model: a GGUF file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Prompt text, tokenized with the model's tokenizer.
+    #[arg(long, conflicts_with = "tokens")]
+    pub prompt: Option<String>,
+    /// Explicit token ids instead of a text.
+    #[arg(long)]
+    pub tokens: Option<String>,
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: usize,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub backend: BackendKind,
+    /// Storage dtype: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Prompt tokens per prefill step (default: the whole prompt at once).
+    #[arg(long)]
+    pub prefill_chunk: Option<usize>,
+    /// Generate all --max-tokens tokens even past end-of-sequence (benchmarks).
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Untimed runs first (benchmarks: excludes lazy kernel loading and the like).
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// A .gguf file or a dump directory.
+    pub path: PathBuf,
+    /// List every tensor of a model.
+    #[arg(long)]
+    pub tensors: bool,
+}
+
+#[derive(Args)]
+pub struct TokenizeArgs {
+    /// The model (GGUF) whose tokenizer to use.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Print one JSON array instead of comma-separated ids.
+    #[arg(long)]
+    pub json: bool,
+    /// Decode: the argument is comma-separated ids, the output their text.
+    #[arg(long)]
+    pub decode: bool,
+    pub text: String,
+}
+
+#[derive(Args)]
+pub struct DiffArgs {
+    /// Dump of the engine under test.
+    pub a: PathBuf,
+    /// Dump of the reference (the oracle).
+    pub b: PathBuf,
+    #[command(flatten)]
+    pub compare: CompareArgs,
+    /// Compare prompt A_ID of A with prompt B_ID of B (dumps whose prompt ids differ).
+    /// Repeatable.
+    #[arg(long, value_name = "A_ID=B_ID")]
+    pub pair: Vec<String>,
+    /// Print the full report as JSON instead of the summary.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write report.json, report.md and report.html into this directory.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct CalibrateArgs {
+    #[arg(required = true, num_args = 2..)]
+    pub dumps: Vec<PathBuf>,
+    /// Multiply each tap kind's worst measured rel L2 by this.
+    #[arg(long, default_value_t = 4.0)]
+    pub margin: f64,
+    /// Never tolerate less than this rel L2.
+    #[arg(long, default_value_t = 1e-7)]
+    pub floor: f64,
+    #[arg(long)]
+    pub allow_model_mismatch: bool,
+    #[arg(short, long)]
+    pub output: PathBuf,
+}
+
+#[derive(Args)]
+pub struct DemoArgs {
+    #[arg(long, default_value = "fixtures/models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    pub model: PathBuf,
+    #[arg(long, default_value = "fixtures/prompts/long.jsonl")]
+    pub prompts: PathBuf,
+    /// Where the probes and the report go (replaced when it holds an earlier demo).
+    #[arg(short, long, default_value = "resbisect-demo")]
+    pub output: PathBuf,
+}
+
+#[derive(Args)]
+pub struct SelftestArgs {
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub backend: BackendKind,
+    /// Storage dtype: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also attention over 8192 positions.
+    #[arg(long)]
+    pub long: bool,
+    /// Print the checks as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Instead of checking, time each op at a preset's decode and prefill shapes.
+    #[arg(long)]
+    pub perf: bool,
+    /// Model shape for --perf: tiny, smollm2-135m or tinyllama-1.1b.
+    #[arg(long, default_value = "tinyllama-1.1b")]
+    pub preset: String,
+    /// Cached positions at decode and rows at prefill for --perf.
+    #[arg(long, default_value_t = 512)]
+    pub ctx: usize,
+}
+
+#[derive(Args)]
+pub struct CutArgs {
+    /// The model to cut: a GGUF file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Layers to keep (the first N).
+    #[arg(long)]
+    pub layers: usize,
+    #[arg(short, long)]
+    pub output: PathBuf,
+}
+
+#[derive(Args)]
+pub struct SynthArgs {
+    /// tiny, smollm2-135m or tinyllama-1.1b
+    #[arg(long)]
+    pub preset: String,
+    #[arg(long, default_value = "q8_0")]
+    pub quant: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Tokenizer section: gpt2 (byte-level BPE) or llama (SentencePiece); default per preset.
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+    #[arg(short, long)]
+    pub output: PathBuf,
+}
+
+#[derive(Args)]
+pub struct CompareArgs {
+    /// Tolerance file (from `resbisect calibrate`).
+    #[arg(long)]
+    pub tolerances: Option<PathBuf>,
+    /// Compare dumps from different model files.
+    #[arg(long)]
+    pub allow_model_mismatch: bool,
+    /// What rows are judged against: `auto` uses each tap's tolerance unless an error
+    /// sits systematically over the noise floor before the first tap over tolerance
+    /// (then the floor, from there on); `tolerance` or `floor` force one.
+    #[arg(long, value_enum, default_value_t = JudgeArg::Auto)]
+    pub judge: JudgeArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum JudgeArg {
+    Auto,
+    Tolerance,
+    Floor,
+}
+
+impl JudgeArg {
+    pub fn judge(self) -> Judge {
+        match self {
+            JudgeArg::Auto => Judge::Auto,
+            JudgeArg::Tolerance => Judge::Tolerance,
+            JudgeArg::Floor => Judge::NoiseFloor,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum ReportKind {
+    /// Diff A against B and write report.json, report.md, report.html.
+    Diff {
+        /// Dump of the engine under test.
+        a: PathBuf,
+        /// Dump of the reference (the oracle).
+        b: PathBuf,
+        #[command(flatten)]
+        compare: CompareArgs,
+        /// Compare prompt A_ID of A with prompt B_ID of B. Repeatable.
+        #[arg(long, value_name = "A_ID=B_ID")]
+        pair: Vec<String>,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Append this run's verdicts to a nightly history (JSONL).
+        #[arg(long)]
+        history: Option<PathBuf>,
+        /// Name of the run in the history.
+        #[arg(long, default_value = "run")]
+        run: String,
+    },
+    /// Turn a nightly history into trend.md and trend.html.
+    Trend {
+        history: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DumpEngine {
+    /// The oracle (candle, f32 or f64).
+    Reference,
+    /// The instrumented runtime (device under test) on --backend.
+    Runtime,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum BisectEngine {
+    /// The instrumented runtime on --backend, --dtype, with --inject faults.
+    Runtime,
+    /// The reference (candle), with --inject faults.
+    Reference,
+    /// An external program: --command TEMPLATE (docs/engines.md).
+    External,
+}
+
+#[derive(Args)]
+pub struct PromptArgs {
+    /// A prompt text, tokenized with the model's tokenizer.
+    #[arg(long, group = "input")]
+    pub prompt: Option<String>,
+    /// Explicit token ids, e.g. 1,2,3.
+    #[arg(long, group = "input")]
+    pub tokens: Option<String>,
+    /// A JSONL prompt suite.
+    #[arg(long, group = "input")]
+    pub prompts: Option<PathBuf>,
+    /// Prompt id: names --prompt/--tokens, or picks one prompt of --prompts.
+    #[arg(long)]
+    pub id: Option<String>,
+}
+
+#[derive(Args)]
+pub struct BisectArgs {
+    /// The model both engines run: a GGUF file.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub input: PromptArgs,
+    /// Engine A, the one under test.
+    #[arg(long, value_enum, default_value = "runtime")]
+    pub engine: BisectEngine,
+    /// Command template of an external engine A.
+    #[arg(long)]
+    pub command: Option<String>,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub backend: BackendKind,
+    /// A's precision: f32, f16 or bf16 for the runtime; f32 or f64 for the reference.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Runtime A: prompt tokens per prefill step (default: the whole prompt at once).
+    #[arg(long)]
+    pub prefill_chunk: Option<usize>,
+    /// Fault injected into engine A (see `dump --inject`). Repeatable.
+    #[arg(long)]
+    pub inject: Vec<String>,
+    /// Engine B, the oracle: the reference, the runtime (--oracle-backend, --oracle-dtype:
+    /// e.g. a GPU's f32 path against its f16 path), or an external program
+    /// (--oracle-command). Local replay always uses the reference.
+    #[arg(long, value_enum, default_value = "reference")]
+    pub oracle: BisectEngine,
+    /// Command template of an external oracle B (placeholders as for --command; docs/engines.md).
+    #[arg(long)]
+    pub oracle_command: Option<String>,
+    /// Runtime oracle B's backend.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub oracle_backend: BackendKind,
+    /// Runtime oracle B's storage dtype: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub oracle_dtype: String,
+    /// The reference's precision (oracle and local replay): f32 or f64.
+    #[arg(long, default_value = "f32")]
+    pub reference_dtype: String,
+    #[command(flatten)]
+    pub compare: CompareArgs,
+    /// Probe logits at every position only while one engine's logits stay under this.
+    #[arg(long, default_value_t = 64)]
+    pub logits_budget_mib: u64,
+    /// Directory for the probe dumps, kept (must be absent or empty; default: a new
+    /// temporary one whose probe dumps are removed at the end unless --keep).
+    #[arg(long)]
+    pub work: Option<PathBuf>,
+    /// Keep the probe dumps of the temporary work directory (the default removes them and
+    /// keeps only the small inputs the printed reproduce commands read).
+    #[arg(long)]
+    pub keep: bool,
+    /// Run A and B one after the other, not at the same time (for engines that cannot
+    /// share the device or the memory).
+    #[arg(long)]
+    pub sequential: bool,
+    /// Positions before the suspect layer's first divergent one at which all its taps are
+    /// probed (more catches taps that leave B's long before the residual stream does).
+    #[arg(long, default_value_t = 16)]
+    pub tap_window: usize,
+    /// Skip local replay: end at the first divergent tap and position.
+    #[arg(long)]
+    pub no_replay: bool,
+    /// Write bisect.{json,md,html} and report.{json,md,html} here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Print the bisect report as JSON instead of the summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct DumpArgs {
+    #[arg(long, value_enum, default_value = "reference")]
+    pub engine: DumpEngine,
+    /// The model: a GGUF file.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub input: PromptArgs,
+    /// Layers: 0,1,2,4,8 | 0..22 | all
+    #[arg(long, default_value = "all")]
+    pub layers: String,
+    /// Taps: resid_post,attn_out | all (embed, final_norm, logits too)
+    #[arg(long, default_value = "resid_post")]
+    pub taps: String,
+    /// Positions: all | last | 0..16,820..840 | -8..
+    #[arg(long, default_value = "all", allow_hyphen_values = true)]
+    pub positions: String,
+    /// Precision: f32 or f64 for the reference; f32, f16 or bf16 storage for the runtime.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Runtime backend.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub backend: BackendKind,
+    /// Runtime: prompt tokens per prefill step (default: the whole prompt at once).
+    #[arg(long)]
+    pub prefill_chunk: Option<usize>,
+    /// Runtime: greedy tokens to generate (and process) after the prompt.
+    #[arg(long, default_value_t = 0)]
+    pub max_tokens: usize,
+    /// Runtime: synchronize after every op so a device error names the op.
+    #[arg(long)]
+    pub sync_check: bool,
+    /// Runtime: untimed runs of each prompt first, without taps (benchmarks).
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Replace an existing dump at the output path.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Inject a fault: TAP:scale=V@POS, TAP:offset=V@POS, TAP:nan@POS, TAP:zero@POS,
+    /// [blk.L.]rope:shift=N@POS. Repeatable.
+    #[arg(long)]
+    pub inject: Vec<String>,
+}
+
+impl PromptArgs {
+    /// The prompts these flags name: one of --prompt, --tokens or --prompts.
+    pub fn input(&self) -> Result<Input> {
+        let id = self.id.clone().unwrap_or_else(|| "prompt".into());
+        Ok(match (&self.prompt, &self.tokens, &self.prompts) {
+            (Some(text), _, _) => Input::Text { id, text: text.clone() },
+            (_, Some(list), _) => Input::Tokens { id, list: list.clone() },
+            (_, _, Some(path)) => Input::Suite {
+                path: path.clone(),
+                only: self.id.clone(),
+            },
+            _ => return Err(Error::input("give one of --prompt, --tokens or --prompts")),
+        })
+    }
+}
+
+impl DumpArgs {
+    /// The engine `dump` runs.
+    pub fn engine(&self) -> Result<EngineSpec> {
+        let kind = match self.engine {
+            DumpEngine::Reference => {
+                let precision = RefPrecision::parse(&self.dtype)?;
+                if self.max_tokens > 0 || self.prefill_chunk.is_some() || self.sync_check || self.warmup > 0 {
+                    return Err(Error::input(
+                        "--max-tokens, --prefill-chunk, --sync-check and --warmup are runtime options (--engine runtime)",
+                    ));
+                }
+                EngineKind::Reference(precision)
+            }
+            DumpEngine::Runtime => EngineKind::Runtime {
+                backend: self.backend,
+                dtype: StorageDType::parse(&self.dtype)?,
+            },
+        };
+        Ok(EngineSpec {
+            kind,
+            injections: self.inject.clone(),
+            run: RunOptions {
+                prefill_chunk: self.prefill_chunk,
+                max_tokens: self.max_tokens,
+                sync_check: self.sync_check,
+                stop_token: None,
+                warmup: self.warmup,
+            },
+        })
+    }
+}
+
+impl BisectArgs {
+    /// The reference's precision (oracle and local replay).
+    pub fn reference_precision(&self) -> Result<RefPrecision> {
+        RefPrecision::parse(&self.reference_dtype)
+    }
+
+    /// Engine A (under test) and engine B (the oracle).
+    pub fn engines(&self) -> Result<(EngineSpec, EngineSpec)> {
+        let precision = self.reference_precision()?;
+        if matches!(self.engine, BisectEngine::Reference) && RefPrecision::parse(&self.dtype)? != precision {
+            return Err(Error::input(
+                "with --engine reference, A computes in --reference-dtype; drop --dtype",
+            ));
+        }
+        let run = RunOptions {
+            prefill_chunk: self.prefill_chunk,
+            ..RunOptions::default()
+        };
+        let a = EngineSpec {
+            kind: self
+                .engine
+                .kind(self.command.as_deref(), self.backend, &self.dtype, precision)?,
+            injections: self.inject.clone(),
+            run: run.clone(),
+        };
+        let b = EngineSpec {
+            kind: self.oracle.kind(
+                self.oracle_command.as_deref(),
+                self.oracle_backend,
+                &self.oracle_dtype,
+                precision,
+            )?,
+            injections: Vec::new(),
+            run,
+        };
+        Ok((a, b))
+    }
+}
+
+impl BisectEngine {
+    /// The library's engine kind; flags of other kinds are ignored.
+    fn kind(
+        self,
+        command: Option<&str>,
+        backend: BackendKind,
+        dtype: &str,
+        precision: RefPrecision,
+    ) -> Result<EngineKind> {
+        Ok(match self {
+            BisectEngine::Runtime => EngineKind::Runtime {
+                backend,
+                dtype: StorageDType::parse(dtype)?,
+            },
+            BisectEngine::Reference => EngineKind::Reference(precision),
+            BisectEngine::External => EngineKind::External {
+                command: command
+                    .ok_or_else(|| {
+                        Error::input("an external engine needs its command template (--command / --oracle-command)")
+                    })?
+                    .to_string(),
+            },
+        })
+    }
+}

@@ -1,0 +1,294 @@
+//! One function per command: the request from the arguments, the library's answer,
+//! printed. (Bisect and demo in `bisect.rs`, selftest in `backend.rs`, inspect in
+//! `inspect.rs`.)
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use resbisect::diff::{self, DiffOptions, DiffReport};
+use resbisect::dump::{Dump, Status};
+use resbisect::engine::{self, DumpRequest};
+use resbisect::model::Model;
+use resbisect::prompts::{self, Input};
+use resbisect::runtime::backend::StorageDType;
+use resbisect::runtime::RunOptions;
+use resbisect::taps::Selection;
+use resbisect::tokenizer::Tokenizer;
+use resbisect::tolerance::Tolerances;
+use resbisect::{gguf, report, synth, Error, Result};
+
+use super::args::{
+    CalibrateArgs, CompareArgs, CutArgs, DiffArgs, DumpArgs, JudgeArg, ReportKind, RunArgs, SynthArgs, TokenizeArgs,
+};
+use super::progress::Bars;
+
+pub fn dump(a: DumpArgs) -> Result<ExitCode> {
+    let spec = a.engine()?;
+    let input = a.input.input()?;
+    let model = Model::open(&a.model)?;
+    resbisect::trace::mark(|| "model opened".into());
+    let selection = Selection::parse(&a.layers, &a.taps, &a.positions, model.config.n_layer)?;
+    let records = input.resolve(&model, None)?;
+    resbisect::inject::check_reach(
+        &a.inject,
+        records.iter().map(|r| r.tokens.len()).max().unwrap_or(0) + a.max_tokens,
+    )?;
+    resbisect::trace::mark(|| format!("{} prompt(s) ready", records.len()));
+    let request = DumpRequest {
+        prompts: &records,
+        selection: &selection,
+        out: &a.output,
+        overwrite: a.overwrite,
+        checkpoints: false,
+    };
+    let summary = spec.open(&model)?.dump_prompts(&request, &mut Bars::default())?;
+    resbisect::trace::mark(|| {
+        format!(
+            "dump written (load {:.3} s, compute {:.3} s, waiting for files {:.3} s)",
+            summary.load_seconds, summary.compute_seconds, summary.drain_seconds
+        )
+    });
+    eprintln!(
+        "wrote {} ({} prompt(s), {} tokens; load {:.2} s, compute {:.4} s of which {:.4} s waiting for files, {:.1} tokens/s)",
+        a.output.display(),
+        summary.prompts,
+        summary.tokens,
+        summary.load_seconds,
+        summary.compute_seconds,
+        summary.drain_seconds,
+        summary.tokens as f64 / summary.compute_seconds.max(1e-9)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run(a: RunArgs) -> Result<ExitCode> {
+    let dtype = StorageDType::parse(&a.dtype)?;
+    let model = Model::open(&a.model)?;
+    let tokenizer = Tokenizer::from_gguf(&model.gguf)?;
+    let input = match (a.prompt, a.tokens) {
+        (Some(text), _) => Input::Text { id: "run".into(), text },
+        (None, Some(list)) => Input::Tokens { id: "run".into(), list },
+        (None, None) => return Err(Error::input("give --prompt or --tokens")),
+    };
+    let record = input.resolve(&model, Some(&tokenizer))?.remove(0);
+    let opts = RunOptions {
+        prefill_chunk: a.prefill_chunk,
+        max_tokens: a.max_tokens,
+        sync_check: false,
+        stop_token: if a.ignore_eos { None } else { tokenizer.eos_id },
+        warmup: a.warmup,
+    };
+    let g = engine::generate(a.backend, dtype, &model, record, &opts, &mut Bars::default())?;
+    println!("{}", tokenizer.decode(&g.tokens)?);
+    let generated = g.tokens.len() - g.prompt_len;
+    eprintln!(
+        "prefill {} tokens in {:.4} s ({:.1} tokens/s); decode {} tokens in {:.4} s ({:.1} tokens/s)",
+        g.prompt_len,
+        g.prefill_seconds,
+        g.prompt_len as f64 / g.prefill_seconds.max(1e-9),
+        generated,
+        g.decode_seconds,
+        generated as f64 / g.decode_seconds.max(1e-9)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn diff(a: DiffArgs) -> Result<ExitCode> {
+    let r = compare(&a.a, &a.b, &a.compare, &a.pair)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r).map_err(|e| Error::input(e.to_string()))?
+        );
+    } else {
+        print!("{}", report::terminal_summary(&r));
+    }
+    if let Some(dir) = a.report {
+        report::write_all(&r, &dir)?;
+    }
+    Ok(verdict(&r))
+}
+
+pub fn calibrate(a: CalibrateArgs) -> Result<ExitCode> {
+    if !a.dumps.len().is_multiple_of(2) {
+        return Err(Error::input("calibrate takes pairs of dumps: A B [A B ...]"));
+    }
+    if !(a.margin.is_finite() && a.margin >= 1.0 && a.floor.is_finite() && a.floor >= 0.0) {
+        return Err(Error::input("--margin must be >= 1 and --floor >= 0"));
+    }
+    let args = CompareArgs {
+        tolerances: None,
+        allow_model_mismatch: a.allow_model_mismatch,
+        judge: JudgeArg::Tolerance,
+    };
+    let reports = a
+        .dumps
+        .chunks(2)
+        .map(|p| compare(&p[0], &p[1], &args, &[]))
+        .collect::<Result<Vec<_>>>()?;
+    // Known-good pairs only: a failed or unfinished dump is no noise floor.
+    if let Some(failure) = reports.iter().find_map(DiffReport::engine_failure) {
+        return Err(Error::engine(failure));
+    }
+    let (t, notes) = diff::calibrate(&reports, a.margin, a.floor);
+    for n in &notes {
+        eprintln!("note: {n}");
+    }
+    let output = &a.output;
+    std::fs::write(
+        output,
+        serde_json::to_string_pretty(&t).map_err(|e| Error::input(e.to_string()))? + "\n",
+    )
+    .map_err(|e| Error::io(output, e))?;
+    for o in &t.taps {
+        println!("{:<22} rel_l2 <= {:.2e}", o.pattern, o.rel_l2);
+    }
+    eprintln!("wrote {}", output.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn report(kind: ReportKind) -> Result<ExitCode> {
+    match kind {
+        ReportKind::Diff {
+            a,
+            b,
+            compare: args,
+            pair,
+            output,
+            history,
+            run,
+        } => {
+            let r = compare(&a, &b, &args, &pair)?;
+            report::write_all(&r, &output)?;
+            if let Some(h) = history {
+                report::append_history(&h, &report::history_entry(&r, &run))?;
+            }
+            print!("{}", report::terminal_summary(&r));
+            eprintln!("wrote {}/report.{{json,md,html}}", output.display());
+            Ok(verdict(&r))
+        }
+        ReportKind::Trend { history, output } => {
+            let entries = report::read_history(&history)?;
+            let (md, html) = report::trend(&entries)?;
+            std::fs::create_dir_all(&output).map_err(|e| Error::io(&output, e))?;
+            for (name, text) in [("trend.md", &md), ("trend.html", &html)] {
+                let p = output.join(name);
+                std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
+            }
+            print!("{md}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+pub fn tokenize(a: TokenizeArgs) -> Result<ExitCode> {
+    let gguf = gguf::GgufFile::open(&a.model)?;
+    let tokenizer = Tokenizer::from_gguf(&gguf)?;
+    if a.decode {
+        let ids = prompts::parse_token_list(&a.text)?;
+        if let Some(&t) = ids.iter().find(|&&t| t as usize >= tokenizer.vocab_size) {
+            return Err(Error::input(format!(
+                "token id {t} is outside the vocabulary (size {})",
+                tokenizer.vocab_size
+            )));
+        }
+        println!("{}", tokenizer.decode(&ids)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let ids = tokenizer.encode(&a.text)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&ids).expect("ids serialize"));
+    } else {
+        println!("{}", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn cut(a: CutArgs) -> Result<ExitCode> {
+    resbisect::cut::cut(&a.model, a.layers, &a.output)?;
+    let bytes = std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0);
+    eprintln!(
+        "wrote {} (the first {} layers of {}, {:.1} MiB)",
+        a.output.display(),
+        a.layers,
+        a.model.display(),
+        bytes as f64 / (1 << 20) as f64
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn synth(a: SynthArgs) -> Result<ExitCode> {
+    let mut preset = synth::preset(&a.preset)?;
+    if let Some(kind) = &a.tokenizer {
+        preset.tokenizer = synth::TokenizerKind::parse(kind)?;
+    }
+    synth::write_model(&preset, synth::parse_quant(&a.quant)?, a.seed, &a.output)?;
+    eprintln!(
+        "wrote {} ({} preset, {}, seed {})",
+        a.output.display(),
+        preset.name,
+        a.quant,
+        a.seed
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn compare(a: &Path, b: &Path, args: &CompareArgs, pairs: &[String]) -> Result<DiffReport> {
+    let tolerances = match &args.tolerances {
+        Some(p) => Tolerances::load(p)?,
+        None => Tolerances::default(),
+    };
+    let pairs = pairs
+        .iter()
+        .map(|p| match p.split_once('=') {
+            Some((x, y)) if !x.is_empty() && !y.is_empty() => Ok((x.to_string(), y.to_string())),
+            _ => Err(Error::input(format!(
+                "--pair {p:?}: expected A_ID=B_ID (a prompt id of dump A, one of dump B)"
+            ))),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (da, db) = (Dump::open(a)?, Dump::open(b)?);
+    let opts = DiffOptions {
+        tolerances,
+        allow_model_mismatch: args.allow_model_mismatch,
+        judge: args.judge.judge(),
+    };
+    diff::diff_paired(&da, &db, &opts, &pairs).map_err(|e| match e {
+        // A dump its engine never finished may hold a damaged file: the failure is the
+        // engine's, whatever else its files say.
+        Error::Input(msg) => match [(&da, "A"), (&db, "B")]
+            .iter()
+            .find(|(d, _)| d.manifest.status != Status::Complete)
+        {
+            Some((d, name)) => Error::engine(format!(
+                "dump {name} is {}{}; reading it: {msg}",
+                if d.manifest.status == Status::Failed {
+                    "failed"
+                } else {
+                    "unfinished (status running)"
+                },
+                d.manifest
+                    .error
+                    .as_ref()
+                    .map(|e| format!(" ({})", e.message))
+                    .unwrap_or_default()
+            )),
+            None => Error::Input(msg),
+        },
+        other => other,
+    })
+}
+
+/// Exit 3 when a dump's engine failed or never finished, whatever its rows say (a
+/// crashed engine never passes a gate); else 1 when a divergence was found (README.md,
+/// "Exit codes").
+pub fn verdict(r: &DiffReport) -> ExitCode {
+    if let Some(failure) = r.engine_failure() {
+        eprintln!("error: {failure}");
+        ExitCode::from(3)
+    } else if r.diverged {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}

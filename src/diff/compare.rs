@@ -1,0 +1,301 @@
+//! One prompt of two dumps compared: file pair by file pair, the positions both hold,
+//! every tap's rows against its tolerance and noise floor; then what the rows are judged
+//! against, and the first divergence.
+
+use rayon::prelude::*;
+
+use super::first::first_divergence;
+use super::metrics::{logit_stat, row_stat, RowStat};
+use super::{DiffOptions, Judge, Judgement, PromptDiff, TapDiff, TokenMismatch};
+use crate::dump::{Dump, TapDType, TapView};
+use crate::error::{Error, Result};
+use crate::taps::Tap;
+use crate::tolerance::coarsest;
+
+/// The dump files either side holds for a prompt, in graph order: the loop runs over
+/// files that exist, never over the layer count a manifest declares.
+fn file_stems(a: &Dump, b: &Dump, id: &str, n_layer: usize) -> Result<Vec<String>> {
+    let mut stems: Vec<String> = a.files(id)?;
+    stems.extend(b.files(id)?);
+    stems.retain(|s| crate::dump::is_file_stem(s, n_layer));
+    let order = |s: &String| match s.strip_prefix("blk.") {
+        Some(l) => l.parse::<usize>().map_or(usize::MAX, |l| l.saturating_add(1)),
+        None if s == "embed" => 0,
+        None => usize::MAX,
+    };
+    stems.sort_by_key(order);
+    stems.dedup();
+    Ok(stems)
+}
+
+/// What one file pair contributes to a prompt's diff.
+#[derive(Default)]
+struct FileDiff {
+    taps: Vec<TapDiff>,
+    missing_in_a: Vec<String>,
+    missing_in_b: Vec<String>,
+    max_pos: Option<usize>,
+    bytes: u64,
+}
+
+/// Compare one file pair of prompt `id` at the positions both hold below `limit`.
+fn diff_file(
+    a: &Dump,
+    b: &Dump,
+    id: &str,
+    stem: &str,
+    limit: usize,
+    engine_dtypes: &[TapDType],
+    opts: &DiffOptions,
+) -> Result<FileDiff> {
+    let mut out = FileDiff::default();
+    let (fa, fb) = match (a.map_file(id, stem)?, b.map_file(id, stem)?) {
+        (Some(fa), Some(fb)) => (fa, fb),
+        (Some(fa), None) => {
+            out.missing_in_b.extend(fa.taps.keys().cloned());
+            return Ok(out);
+        }
+        (None, Some(fb)) => {
+            out.missing_in_a.extend(fb.taps.keys().cloned());
+            return Ok(out);
+        }
+        (None, None) => return Ok(out),
+    };
+    out.missing_in_b
+        .extend(fa.taps.keys().filter(|k| !fb.taps.contains_key(*k)).cloned());
+    out.missing_in_a
+        .extend(fb.taps.keys().filter(|k| !fa.taps.contains_key(*k)).cloned());
+    let (mut ia, mut ib): (Vec<usize>, Vec<usize>) = common_rows(&fa.positions, &fb.positions);
+    let below = ia.iter().take_while(|&&i| fa.positions[i] < limit).count();
+    ia.truncate(below);
+    ib.truncate(below);
+    if ia.is_empty() {
+        return Ok(out);
+    }
+    let pairs = RowPairs {
+        positions: ia.iter().map(|&i| fa.positions[i]).collect(),
+        ia,
+        ib,
+    };
+    out.max_pos = pairs.positions.last().copied();
+    let mut ids: Vec<&String> = fa.taps.keys().filter(|k| fb.taps.contains_key(*k)).collect();
+    ids.sort_by_key(|k| Tap::parse(k));
+    for tap_id in ids {
+        let (va, vb) = (fa.tap(tap_id).expect("listed"), fb.tap(tap_id).expect("listed"));
+        let mut dtypes = engine_dtypes.to_vec();
+        dtypes.extend([va.dtype, vb.dtype]);
+        out.bytes += ((va.dtype.size() + vb.dtype.size()) * va.width * pairs.ia.len()) as u64;
+        out.taps.push(compare_tap(tap_id, (&va, &vb), &pairs, &dtypes, opts));
+    }
+    Ok(out)
+}
+
+/// The rows both files of a pair hold: their indices in each file, and their positions.
+struct RowPairs {
+    ia: Vec<usize>,
+    ib: Vec<usize>,
+    positions: Vec<usize>,
+}
+
+/// Tap `tap_id`'s rows in A against B's (`views`), judged against the tolerance and the
+/// noise floor of the coarsest of `dtypes`.
+fn compare_tap(
+    tap_id: &str,
+    views: (&TapView, &TapView),
+    pairs: &RowPairs,
+    dtypes: &[TapDType],
+    opts: &DiffOptions,
+) -> TapDiff {
+    let (va, vb) = views;
+    let tolerance = opts.tolerances.for_tap(tap_id, coarsest(dtypes));
+    let floor = opts.tolerances.floor_for(tap_id, coarsest(dtypes));
+    let (ia, ib) = (&pairs.ia, &pairs.ib);
+    let rows: Vec<RowStat> = ia
+        .par_iter()
+        .zip(ib)
+        .map(|(&i, &j)| row_stat(&va.row(i), &vb.row(j)))
+        .collect();
+    let logits = if tap_id == "logits" {
+        ia.par_iter()
+            .zip(ib)
+            .map(|(&i, &j)| logit_stat(&va.row(i), &vb.row(j)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let diverged: Vec<bool> = rows.iter().map(|r| r.diverges(&tolerance)).collect();
+    TapDiff {
+        tap: tap_id.to_string(),
+        dtype_a: va.dtype.name(),
+        dtype_b: vb.dtype.name(),
+        tolerance,
+        floor,
+        rows_over_floor: rows.iter().filter(|r| r.diverges(&floor)).count(),
+        positions: pairs.positions.clone(),
+        first_bad: diverged.iter().position(|&d| d),
+        diverged_rows: diverged.iter().filter(|&&d| d).count(),
+        rel_l2: rows
+            .iter()
+            .map(|r| {
+                if r.nonfinite_a + r.nonfinite_b > 0 {
+                    f32::INFINITY
+                } else {
+                    r.rel_l2 as f32
+                }
+            })
+            .collect(),
+        max_abs: TapDiff::worst_abs(&rows),
+        rows,
+        logits,
+    }
+}
+
+/// Prompt `id` of `a` against `b`: every file pair compared, the rows judged, the first
+/// divergence found; with the bytes compared.
+pub(super) fn diff_prompt(
+    a: &Dump,
+    b: &Dump,
+    id: &str,
+    engine_dtypes: &[TapDType],
+    opts: &DiffOptions,
+) -> Result<(PromptDiff, u64)> {
+    let (pa, pb) = (a.prompt(id)?, b.prompt(id)?);
+    let n_layer = a.manifest.model.config.n_layer;
+    // Causality: rows before the first differing token saw the same input.
+    let token_mismatch = token_mismatch(&pa.tokens, &pb.tokens);
+    let limit = token_mismatch.as_ref().map_or(usize::MAX, |m| m.position);
+    // File pairs in parallel (their mapping and page-table work is serial per file), in
+    // order; at most one pair per worker thread is mapped at a time.
+    let files = file_stems(a, b, id, n_layer)?
+        .par_iter()
+        .map(|stem| diff_file(a, b, id, stem, limit, engine_dtypes, opts))
+        .collect::<Result<Vec<_>>>()?;
+    let (mut taps, mut missing_in_a, mut missing_in_b) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut max_pos, mut bytes) = (None, 0u64);
+    for f in files {
+        taps.extend(f.taps);
+        missing_in_a.extend(f.missing_in_a);
+        missing_in_b.extend(f.missing_in_b);
+        max_pos = max_pos.max(f.max_pos);
+        bytes += f.bytes;
+    }
+    if let Some(max) = max_pos {
+        if pa.tokens.len() <= max || pb.tokens.len() <= max {
+            return Err(Error::input(format!(
+                "prompt {id}: a dump has rows past the end of its tokens (position {max})"
+            )));
+        }
+    }
+    for missing in [&mut missing_in_a, &mut missing_in_b] {
+        missing.sort_by_key(|t| Tap::parse(t));
+    }
+    let drift_onset = systematic_onset(&taps);
+    let first_over_tolerance = taps.iter().position(|t| t.first_bad.is_some());
+    let judged = match (opts.judge, drift_onset, first_over_tolerance) {
+        (Judge::Tolerance, ..) => Judgement::Tolerance,
+        (Judge::NoiseFloor, ..) => Judgement::NoiseFloor,
+        // The first tap over tolerance sits on a systematic error over the floor that
+        // began there or earlier: the floor shows where it began.
+        (Judge::Auto, Some(onset), Some(first)) if onset <= first => Judgement::NoiseFloor,
+        (Judge::Auto, ..) => Judgement::Tolerance,
+    };
+    if judged == Judgement::NoiseFloor {
+        // Automatically, only from the onset on: earlier taps sit within their floor on
+        // most rows, and a stray row there is not the origin.
+        let from = if opts.judge == Judge::Auto {
+            drift_onset.unwrap_or(0)
+        } else {
+            0
+        };
+        for t in &mut taps[from..] {
+            let floor = t.floor;
+            t.rejudge(floor);
+        }
+    }
+    let first = first_divergence(a, b, id, &taps, &pa.tokens, n_layer)?;
+    let drift_onset = drift_onset.map(|i| taps[i].tap.clone());
+    Ok((
+        PromptDiff {
+            id: id.to_string(),
+            text: pa.text.clone(),
+            n_tokens: pa.tokens.len(),
+            taps,
+            first,
+            judged,
+            drift_onset,
+            token_mismatch,
+            missing_in_a,
+            missing_in_b,
+        },
+        bytes,
+    ))
+}
+
+/// The first position where the token lists differ (within the shorter one), and whether
+/// A's tokens from there are B's shifted by a few positions. Different lengths over a
+/// common prefix are not a mismatch (an engine may have generated more).
+fn token_mismatch(a: &[u32], b: &[u32]) -> Option<TokenMismatch> {
+    let position = a.iter().zip(b).position(|(x, y)| x != y)?;
+    // Compared over at most this many tokens: enough to tell a shift from chance.
+    const SPAN: usize = 64;
+    let same = |x: &[u32], y: &[u32]| {
+        let n = x.len().min(y.len()).min(SPAN);
+        n > 0 && x[..n] == y[..n]
+    };
+    let shift = (1..=4i64).find_map(|k| {
+        let k_us = k as usize;
+        if a.len() > position + k_us && same(&a[position + k_us..], &b[position..]) {
+            Some(k)
+        } else if b.len() > position + k_us && same(&a[position..], &b[position + k_us..]) {
+            Some(-k)
+        } else {
+            None
+        }
+    });
+    Some(TokenMismatch {
+        position,
+        a: a.get(position).copied(),
+        b: b.get(position).copied(),
+        shift,
+    })
+}
+
+/// Index of the first tap (output head excluded) that is systematically over its noise
+/// floor and from which every later residual-stream tap (`embed`, `blk.L.resid_post`)
+/// stays so: where a sub-tolerance error that the residual stream carries begins.
+fn systematic_onset(taps: &[TapDiff]) -> Option<usize> {
+    let mut later_stream_over = true;
+    let mut onset = None;
+    for (i, t) in taps.iter().enumerate().rev() {
+        if t.tap == "final_norm" || t.tap == "logits" {
+            continue;
+        }
+        let over = t.systematically_over_floor();
+        if over && later_stream_over {
+            onset = Some(i);
+        }
+        if t.tap == "embed" || t.tap.ends_with(".resid_post") {
+            later_stream_over &= over;
+        }
+    }
+    onset
+}
+
+/// Row indices (into each file) of the positions both files hold.
+fn common_rows(pa: &[usize], pb: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    let (mut i, mut j) = (0, 0);
+    let (mut ia, mut ib) = (Vec::new(), Vec::new());
+    while i < pa.len() && j < pb.len() {
+        match pa[i].cmp(&pb[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                ia.push(i);
+                ib.push(j);
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    (ia, ib)
+}

@@ -1,0 +1,341 @@
+//! Comparing two dumps: align by prompt, tap and position; refuse mismatched tokens or
+//! models; compute per-row metrics (docs/report-format.md) straight from the mapped files, one file
+//! pair at a time, rows in parallel; find the first divergence in topological order.
+
+mod calibrate;
+mod compare;
+mod first;
+mod metrics;
+mod pairing;
+
+use serde::Serialize;
+
+pub use self::calibrate::calibrate;
+use self::compare::diff_prompt;
+pub use self::metrics::{logit_stat, row_stat, LogitStat, Metrics, RowStat};
+pub use self::pairing::config_differences;
+use self::pairing::{check_same_model, partial_dump_notes, prompt_pairs};
+use crate::dump::{Dump, EngineInfo, RunError, Status, TapDType};
+use crate::error::Result;
+use crate::tolerance::{engine_dtype, Tolerance, Tolerances};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TapDiff {
+    pub tap: String,
+    pub dtype_a: &'static str,
+    pub dtype_b: &'static str,
+    /// The threshold `first_bad` and `diverged_rows` were judged against: the tap's
+    /// tolerance, or `floor` when the prompt was judged against the noise floor.
+    pub tolerance: Tolerance,
+    /// The noise-floor threshold of this tap: the expected floor of its dtype × margin,
+    /// never above the tolerance (`Tolerances::floor_for`).
+    pub floor: Tolerance,
+    /// Rows over `floor`.
+    pub rows_over_floor: usize,
+    pub positions: Vec<usize>,
+    /// rel L2 per compared position (the report's heatmap data).
+    pub rel_l2: Vec<f32>,
+    /// Full statistics per row; kept in memory, summarized in JSON.
+    #[serde(skip)]
+    pub rows: Vec<RowStat>,
+    #[serde(skip)]
+    pub logits: Vec<LogitStat>,
+    pub max_abs: f64,
+    /// Index into `positions` of the first row over tolerance.
+    pub first_bad: Option<usize>,
+    pub diverged_rows: usize,
+}
+
+impl TapDiff {
+    pub fn max_rel_l2(&self) -> f64 {
+        self.rows
+            .iter()
+            .map(|r| {
+                if r.nonfinite_a + r.nonfinite_b > 0 {
+                    f64::INFINITY
+                } else {
+                    r.rel_l2
+                }
+            })
+            .fold(0.0, f64::max)
+    }
+
+    fn rel_at(&self, position: usize) -> Option<f64> {
+        self.positions
+            .binary_search(&position)
+            .ok()
+            .map(|i| self.rows[i].rel_l2)
+    }
+
+    /// Over the noise floor on at least a quarter of its rows: a systematic error, not
+    /// a stray row (the 75th-percentile row is over the floor).
+    pub fn systematically_over_floor(&self) -> bool {
+        !self.rows.is_empty() && 4 * self.rows_over_floor >= self.rows.len()
+    }
+
+    /// Judge the rows again against `tol`.
+    fn rejudge(&mut self, tol: Tolerance) {
+        self.tolerance = tol;
+        let diverged: Vec<bool> = self.rows.iter().map(|r| r.diverges(&tol)).collect();
+        self.first_bad = diverged.iter().position(|&d| d);
+        self.diverged_rows = diverged.iter().filter(|&&d| d).count();
+    }
+
+    /// The tap's largest max_abs: non-finite when any row holds NaN (NaN) or Inf (inf).
+    fn worst_abs(rows: &[RowStat]) -> f64 {
+        rows.iter().map(|r| r.max_abs).fold(
+            0.0,
+            |m: f64, v| if m.is_nan() || v.is_nan() { f64::NAN } else { m.max(v) },
+        )
+    }
+}
+
+/// What a prompt's rows were judged against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Judgement {
+    /// Each tap's tolerance.
+    Tolerance,
+    /// Each tap's noise-floor threshold: the first tap over tolerance sits on an error
+    /// that is systematically over the noise floor from that tap or an earlier one on, so
+    /// the floor, not the tolerance, shows where the error begins.
+    NoiseFloor,
+}
+
+/// How `diff` chooses the [`Judgement`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Judge {
+    /// Against the noise floor (from the onset on) when a systematic error over the floor
+    /// begins at or before the first tap over tolerance; else against tolerance.
+    Auto,
+    Tolerance,
+    NoiseFloor,
+}
+
+/// The tokens two dumps ran differ: the engines did not process the same input (e.g. a
+/// doubled BOS). Rows before `position` are still compared (causality).
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenMismatch {
+    pub position: usize,
+    /// The token at `position` (None past the end of that side's tokens).
+    pub a: Option<u32>,
+    pub b: Option<u32>,
+    /// A's tokens from `position` on equal B's shifted by this many positions (+1: A
+    /// holds one extra token at `position`; −1: A lacks B's token there).
+    pub shift: Option<i64>,
+}
+
+impl TokenMismatch {
+    pub fn describe(&self) -> String {
+        let tok = |t: Option<u32>| t.map_or("nothing".to_string(), |t| format!("token {t}"));
+        let shift = match self.shift {
+            Some(k) if k > 0 => format!("; A has {k} extra token(s) there and is B's input shifted by +{k}"),
+            Some(k) => format!("; A lacks {} of B's tokens there and is B's input shifted by {k}", -k),
+            None => String::new(),
+        };
+        format!(
+            "the engines ran different tokens from position {}: A has {}, B has {}{shift}",
+            self.position,
+            tok(self.a),
+            tok(self.b)
+        )
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Channel {
+    pub index: usize,
+    pub a: f64,
+    pub b: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HeadError {
+    pub head: usize,
+    pub rel_l2: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Growth {
+    pub tap: String,
+    /// rel L2 at the first divergent position (None when that position was not dumped).
+    pub at_position: Option<f64>,
+    pub max_rel_l2: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FirstDivergence {
+    pub tap: String,
+    pub position: usize,
+    pub token: u32,
+    pub metrics: Metrics,
+    pub tolerance: Tolerance,
+    /// A's rows of this tap equal B's shifted by this many positions (A at p holds
+    /// B's p − shift): an engine writing or computing rows at the wrong positions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shift: Option<i64>,
+    pub top_channels: Vec<Channel>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub heads: Vec<HeadError>,
+    pub growth: Vec<Growth>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PromptDiff {
+    pub id: String,
+    pub text: Option<String>,
+    pub n_tokens: usize,
+    pub taps: Vec<TapDiff>,
+    pub first: Option<FirstDivergence>,
+    /// What the rows were judged against.
+    pub judged: Judgement,
+    /// The first tap systematically over its noise floor (a quarter of its rows or
+    /// more) from which every later residual-stream tap stays over it.
+    pub drift_onset: Option<String>,
+    /// The engines ran different tokens: a finding of its own.
+    pub token_mismatch: Option<TokenMismatch>,
+    /// Taps one dump has and the other lacks (a crashed engine's partial dump).
+    pub missing_in_a: Vec<String>,
+    pub missing_in_b: Vec<String>,
+}
+
+impl PromptDiff {
+    /// Diverged: a tap over its threshold, or different tokens.
+    pub fn diverged(&self) -> bool {
+        self.first.is_some() || self.token_mismatch.is_some()
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DumpSide {
+    pub path: String,
+    pub engine: EngineInfo,
+    pub status: Status,
+    pub error: Option<RunError>,
+    pub fingerprint: String,
+    /// The last tap, in topological order, of any whole file (for unfinished dumps).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_tap: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DiffReport {
+    pub version: u32,
+    pub a: DumpSide,
+    pub b: DumpSide,
+    pub n_layer: usize,
+    pub prompts: Vec<PromptDiff>,
+    pub notes: Vec<String>,
+    pub bytes_compared: u64,
+    pub diverged: bool,
+}
+
+pub struct DiffOptions {
+    pub tolerances: Tolerances,
+    pub allow_model_mismatch: bool,
+    pub judge: Judge,
+}
+
+impl DiffReport {
+    /// Why this comparison cannot pass whatever its rows say: a dump whose engine failed
+    /// or never finished (status `failed` or `running`), with the failing op and the last
+    /// tap written.
+    pub fn engine_failure(&self) -> Option<String> {
+        let why = |name: &str, side: &DumpSide| -> Option<String> {
+            let last = side
+                .error
+                .as_ref()
+                .and_then(|e| e.tap.clone())
+                .or_else(|| side.last_tap.clone());
+            let last = last.map(|t| format!(" (last tap written: {t})")).unwrap_or_default();
+            match side.status {
+                Status::Complete => None,
+                Status::Failed => Some(format!("engine {name} failed: {}{last}", side.error.as_ref().map_or("no error recorded", |e| e.message.as_str()))),
+                Status::Running => Some(format!("dump {name} is unfinished: its manifest still says running (the engine was killed or is still running){last}")),
+            }
+        };
+        let v: Vec<String> = [why("A", &self.a), why("B", &self.b)].into_iter().flatten().collect();
+        (!v.is_empty()).then(|| v.join("; "))
+    }
+}
+
+fn side(d: &Dump) -> DumpSide {
+    DumpSide {
+        path: d.root.display().to_string(),
+        engine: d.manifest.engine.clone(),
+        status: d.manifest.status,
+        error: d.manifest.error.clone(),
+        fingerprint: d.manifest.model.fingerprint.clone().unwrap_or_else(|| "(none)".into()),
+        last_tap: (d.manifest.status != Status::Complete)
+            .then(|| d.last_tap_on_disk())
+            .flatten(),
+    }
+}
+
+/// What the noise floor says of prompt `p`, when it says anything.
+pub fn judgement_note(p: &PromptDiff) -> Option<String> {
+    let onset = p.taps.iter().find(|t| Some(&t.tap) == p.drift_onset.as_ref())?;
+    let over = format!(
+        "{} sits over its noise floor (rel_l2 {:.1e}) on {} of {} rows",
+        onset.tap,
+        onset.floor.rel_l2,
+        onset.rows_over_floor,
+        onset.rows.len()
+    );
+    Some(match (p.judged, &p.first) {
+        (Judgement::NoiseFloor, _) => format!("prompt {}: judged against the noise floor from {}: {over}, and every later residual-stream tap too", p.id, onset.tap),
+        (Judgement::Tolerance, None) => format!("prompt {}: within tolerance, but {over}, and every later residual-stream tap too: a systematic error below tolerance? (--judge floor judges against the floor)", p.id),
+        (Judgement::Tolerance, Some(_)) => return None,
+    })
+}
+
+/// Compare dump `a` (engine under test) with dump `b` (the reference).
+pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
+    diff_paired(a, b, opts, &[])
+}
+
+/// [`diff`] with explicit prompt pairs (`A_ID`, `B_ID`); empty pairs the shared ids.
+pub fn diff_paired(a: &Dump, b: &Dump, opts: &DiffOptions, pairs: &[(String, String)]) -> Result<DiffReport> {
+    let (ma, mb) = (&a.manifest, &b.manifest);
+    let mut notes = Vec::new();
+    check_same_model(ma, mb, opts.allow_model_mismatch, &mut notes)?;
+    partial_dump_notes(ma, mb, &mut notes);
+    let engine_dtypes: Vec<TapDType> = [&ma.engine.dtype, &mb.engine.dtype]
+        .iter()
+        .filter_map(|d| engine_dtype(d))
+        .collect();
+    let mut prompts = Vec::new();
+    let mut bytes = 0u64;
+    for (ia, ib) in prompt_pairs(ma, mb, pairs, &mut notes)? {
+        // B's prompt is read under A's id, so the comparison below sees one id.
+        let renamed = if ia == ib {
+            None
+        } else {
+            Some(b.with_prompt_renamed(&ib, &ia)?)
+        };
+        let (pd, n) = diff_prompt(a, renamed.as_ref().unwrap_or(b), &ia, &engine_dtypes, opts)?;
+        bytes += n;
+        prompts.push(pd);
+    }
+    for p in &prompts {
+        notes.extend(judgement_note(p));
+        if let Some(m) = &p.token_mismatch {
+            notes.push(format!(
+                "prompt {}: {}; rows from there on are not compared",
+                p.id,
+                m.describe()
+            ));
+        }
+    }
+    let diverged = prompts.iter().any(PromptDiff::diverged);
+    Ok(DiffReport {
+        version: 1,
+        a: side(a),
+        b: side(b),
+        n_layer: ma.model.config.n_layer,
+        prompts,
+        notes,
+        bytes_compared: bytes,
+        diverged,
+    })
+}

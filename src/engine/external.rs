@@ -1,0 +1,168 @@
+//! External engines: any program that writes a dump (format v1), given as a shell
+//! command template whose placeholders name the model, the prompt's tokens, the
+//! selection and the output (docs/engines.md). Inputs reach it as side files.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::{layers_arg, shell_quote, Engine};
+use crate::dump::{Dump, PromptRecord, Status};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::taps::Selection;
+
+/// An external engine: a shell command template with placeholders (docs/engines.md).
+pub struct ExternalEngine {
+    template: String,
+    model_path: PathBuf,
+    /// The manifest's `model` object, for engines to copy (fingerprint and config).
+    model_info: serde_json::Value,
+    n_layer: usize,
+}
+
+/// Placeholders an external command template may use.
+pub const PLACEHOLDERS: &[&str] = &[
+    "{model}",
+    "{model_info}",
+    "{tokens}",
+    "{prompt_id}",
+    "{layers}",
+    "{taps}",
+    "{positions}",
+    "{selection}",
+    "{out}",
+];
+
+impl ExternalEngine {
+    pub fn new(template: &str, model: &Model) -> Result<Self> {
+        if !template.contains("{out}") {
+            return Err(Error::input(format!(
+                "the engine command {template:?} has no {{out}} placeholder for the dump directory"
+            )));
+        }
+        // Catch misspelt placeholders before any run.
+        let mut rest = template;
+        while let Some(i) = rest.find('{') {
+            let tail = &rest[i..];
+            let end = tail.find('}').map_or(tail.len(), |e| e + 1);
+            let word = &tail[..end];
+            if word.len() > 2
+                && word[1..word.len() - 1]
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_')
+                && !PLACEHOLDERS.contains(&word)
+            {
+                return Err(Error::input(format!(
+                    "unknown placeholder {word} in the engine command; known: {}",
+                    PLACEHOLDERS.join(" ")
+                )));
+            }
+            rest = &tail[1..];
+        }
+        let model_info =
+            serde_json::to_value(crate::dump::ModelInfo::of(model)).map_err(|e| Error::input(e.to_string()))?;
+        Ok(Self {
+            template: template.to_string(),
+            model_path: model.gguf.path.clone(),
+            model_info,
+            n_layer: model.config.n_layer,
+        })
+    }
+
+    /// The template with every placeholder replaced by a shell-quoted value; the side
+    /// files are those of the dump directory `written`.
+    fn expand(&self, prompt_id: &str, selection: &Selection, written: &Path, out: &Path) -> String {
+        let path = |p: &Path| shell_quote(&p.display().to_string());
+        let values = [
+            ("{model}", path(&self.model_path)),
+            ("{model_info}", path(&side_file(written, ".model.json"))),
+            ("{tokens}", path(&side_file(written, ".tokens"))),
+            ("{prompt_id}", shell_quote(prompt_id)),
+            ("{layers}", shell_quote(&layers_arg(&selection.layers))),
+            ("{taps}", shell_quote(&selection.taps.join(","))),
+            ("{positions}", shell_quote(selection.positions.as_str())),
+            ("{selection}", path(&side_file(written, ".selection.json"))),
+            ("{out}", path(out)),
+        ];
+        values
+            .iter()
+            .fold(self.template.clone(), |cmd, (k, v)| cmd.replace(k, v))
+    }
+}
+
+/// Side files an external engine reads: `<out>.tokens` and `<out>.selection.json`.
+fn side_file(out: &Path, suffix: &str) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    out.with_file_name(name)
+}
+
+/// Write the token file (ids separated by commas, one line) for an engine.
+pub fn write_token_file(path: &Path, tokens: &[u32]) -> Result<()> {
+    let text = tokens.iter().map(u32::to_string).collect::<Vec<_>>().join(",") + "\n";
+    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
+impl Engine for ExternalEngine {
+    fn label(&self) -> String {
+        // The program and its first argument (often the script an interpreter runs).
+        let words: Vec<&str> = self
+            .template
+            .split_whitespace()
+            .filter(|w| !w.contains('='))
+            .take(2)
+            .collect();
+        format!("external {}", words.join(" "))
+    }
+
+    fn dump(&mut self, prompt: &PromptRecord, selection: &Selection, out: &Path) -> Result<()> {
+        write_token_file(&side_file(out, ".tokens"), &prompt.tokens)?;
+        let positions = selection.positions.resolve(prompt.tokens.len())?;
+        let sel_json = serde_json::json!({
+            "prompt_id": prompt.id, "n_layer": self.n_layer, "layers": selection.layers, "taps": selection.taps,
+            "positions": selection.positions, "resolved_positions": positions,
+        });
+        for (suffix, value) in [(".selection.json", sel_json), (".model.json", self.model_info.clone())] {
+            let file = side_file(out, suffix);
+            std::fs::write(&file, value.to_string() + "\n").map_err(|e| Error::io(&file, e))?;
+        }
+        let cmd = self.expand(&prompt.id, selection, out, out);
+        let log = side_file(out, ".log");
+        let log_file = std::fs::File::create(&log).map_err(|e| Error::io(&log, e))?;
+        let err_file = log_file.try_clone().map_err(|e| Error::io(&log, e))?;
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(&cmd)
+            .stdout(log_file)
+            .stderr(err_file)
+            .status()
+            .map_err(|e| Error::input(format!("cannot start the engine command: {e}")))?;
+        if !status.success() {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let mut last: Vec<&str> = text.lines().rev().filter(|l| !l.trim().is_empty()).take(3).collect();
+            last.reverse();
+            let tail = if last.is_empty() {
+                "no output".to_string()
+            } else {
+                last.join(" | ")
+            };
+            return Err(Error::engine(format!(
+                "external engine {status}: {tail} (log: {})",
+                log.display()
+            )));
+        }
+        let dump = Dump::open(out)
+            .map_err(|e| Error::engine(format!("external engine exited 0 but its dump is unreadable: {e}")))?;
+        if dump.manifest.status != Status::Complete {
+            return Err(Error::engine(format!(
+                "external engine exited 0 but its manifest says {:?}",
+                dump.manifest.status
+            )));
+        }
+        Ok(())
+    }
+
+    fn reproduce(&self, prompt_id: &str, _suite: &Path, selection: &Selection, written: &Path, out: &Path) -> String {
+        self.expand(prompt_id, selection, written, out)
+    }
+}

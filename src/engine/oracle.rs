@@ -1,0 +1,105 @@
+//! The oracle: the reference crate with a model's weights loaded, computing in f32 or
+//! f64 on the CPU. Whole for reference engines, or only the layers local replay needs.
+
+use candle_core::DType;
+use resbisect_reference::{RawWeight, Reference, WeightSource};
+
+use crate::error::{Error, Result};
+use crate::model::Model;
+
+/// Precision the reference computes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefPrecision {
+    F32,
+    F64,
+}
+
+impl RefPrecision {
+    /// Bytes per value.
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F64 => 8,
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "f64" => Ok(Self::F64),
+            other => Err(Error::input(format!(
+                "the reference computes in f32 or f64, not {other:?}"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F64 => "f64",
+        }
+    }
+
+    fn candle(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F64 => DType::F64,
+        }
+    }
+}
+
+impl WeightSource for Model {
+    fn weight(&self, name: &str) -> anyhow::Result<RawWeight<'_>> {
+        let info = Model::weight(self, name)?;
+        Ok(RawWeight {
+            dtype: info.dtype,
+            dims: info.dims.iter().map(|&d| d as usize).collect(),
+            data: self.weight_data(info),
+        })
+    }
+}
+
+/// Reference weights loaded once, reusable across prompts and engines.
+pub struct Oracle {
+    pub(super) inner: Reference,
+    precision: RefPrecision,
+}
+
+impl Oracle {
+    pub fn load(model: &Model, precision: RefPrecision, on_layer: &mut dyn FnMut(usize)) -> Result<Self> {
+        let inner = Reference::load(model.config.clone(), model, precision.candle(), on_layer)
+            .map_err(|e| Error::engine(format!("reference: loading weights: {e:#}")))?;
+        Ok(Self { inner, precision })
+    }
+
+    /// Only `layers`, for local replay ([`replay_layer`](Self::replay_layer)).
+    pub fn load_for_replay(model: &Model, precision: RefPrecision, layers: &[usize]) -> Result<Self> {
+        let inner = Reference::load_for_replay(model.config.clone(), model, precision.candle(), layers)
+            .map_err(|e| Error::engine(format!("reference: loading layers {layers:?} for replay: {e:#}")))?;
+        Ok(Self { inner, precision })
+    }
+
+    pub fn precision(&self) -> RefPrecision {
+        self.precision
+    }
+
+    /// Local replay: layer `l` recomputed from `rows` rows of residual-stream input
+    /// (positions `0..rows`) at positions `at` (ascending); every tap of the layer as f32
+    /// rows of those positions, in order.
+    pub fn replay_layer(&self, l: usize, input: &[f32], rows: usize, at: &[usize]) -> Result<Vec<(String, Vec<f32>)>> {
+        let fail = |e: anyhow::Error| Error::engine(format!("reference: replaying layer {l}: {e:#}"));
+        self.inner
+            .replay_layer(l, input, rows, at)
+            .map_err(fail)?
+            .into_iter()
+            .map(|(id, t)| {
+                Ok((
+                    id.id(),
+                    t.flatten_all()
+                        .and_then(|t| t.to_vec1::<f32>())
+                        .map_err(|e| fail(e.into()))?,
+                ))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,304 @@
+//! The CUDA driver of the GPU backend: the kernels compiled at run time by NVRTC
+//! ([`nvrtc`]), launched on one stream of our own (which CUDA graphs can record), cuBLAS
+//! for wide matmuls and prefill attention ([`blas`]), and tap rows copied off the device
+//! while the stream goes on ([`lanes`]). CUDA, NVRTC and cuBLAS are loaded dynamically
+//! (cudarc), so the binary builds without CUDA and reports one clear line where no driver
+//! is found.
+
+mod blas;
+mod lanes;
+mod nvrtc;
+mod quiet;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::cublas::sys::cudaDataType;
+use cudarc::cublas::{CudaBlas, Gemm};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    PinnedHostSlice, PushKernelArg, ValidAsZeroBits,
+};
+
+use super::kernels::{Arg, KernelCall, StorageElem, KERNELS};
+use super::plan::Grid;
+use super::{Driver, GpuBackend};
+use crate::dump::RowBytes;
+use crate::error::{Error, Result};
+use crate::runtime::backend::AttnShape;
+use blas::Blas;
+use lanes::LanePool;
+use quiet::quietly;
+
+/// The `cuda` backend storing `T`.
+pub type CudaBackend<T> = GpuBackend<Cuda<T>>;
+
+/// A storage element of the `cuda` backend: what cudarc copies and cuBLAS multiplies.
+pub trait CudaElem: StorageElem + DeviceRepr + ValidAsZeroBits {
+    const CUDA_TYPE: cudaDataType;
+}
+
+impl CudaElem for f32 {
+    const CUDA_TYPE: cudaDataType = cudaDataType::CUDA_R_32F;
+}
+impl CudaElem for half::f16 {
+    const CUDA_TYPE: cudaDataType = cudaDataType::CUDA_R_16F;
+}
+impl CudaElem for half::bf16 {
+    const CUDA_TYPE: cudaDataType = cudaDataType::CUDA_R_16BF;
+}
+
+fn device_error(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::engine(format!("cuda: {what}: {e}"))
+}
+
+/// One GPU: its stream, kernels, cuBLAS and tap lanes.
+pub struct Cuda<T: CudaElem> {
+    stream: Arc<CudaStream>,
+    /// Where tap rows leave the device without stopping the stream.
+    lanes: Arc<LanePool<T>>,
+    /// Page-locked host memory that downloads pass through, grown as needed.
+    download_staging: RefCell<Option<PinnedHostSlice<T>>>,
+    blas: Blas,
+    functions: HashMap<&'static str, CudaFunction>,
+    device: String,
+    _module: Arc<CudaModule>,
+}
+
+impl<T: CudaElem> GpuBackend<Cuda<T>>
+where
+    CudaBlas: Gemm<T>,
+{
+    /// Open GPU `ordinal`, compile (or load from the cache) the kernels for it.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        Self::with_driver(Cuda::open(ordinal)?)
+    }
+}
+
+/// The context of GPU `ordinal`, or one clear line why there is none.
+fn open_context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    let no_gpu =
+        |e: &dyn std::fmt::Display| Error::input(format!("--backend cuda: no usable NVIDIA GPU or CUDA driver ({e})"));
+    // SAFETY: only probes whether libcuda can be loaded.
+    if !quietly(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false) {
+        return Err(no_gpu(&"libcuda.so was not found"));
+    }
+    let ctx = quietly(|| CudaContext::new(ordinal))
+        .ok_or_else(|| no_gpu(&"libcuda could not be loaded"))?
+        .map_err(|e| no_gpu(&e))?;
+    crate::trace::mark(|| "cuda: context".into());
+    Ok(ctx)
+}
+
+impl<T: CudaElem> Cuda<T>
+where
+    CudaBlas: Gemm<T>,
+{
+    fn open(ordinal: usize) -> Result<Self> {
+        let ctx = open_context(ordinal)?;
+        let (major, minor) = ctx.compute_capability().map_err(device_error("compute capability"))?;
+        let arch = format!("sm_{major}{minor}");
+        let ptx = nvrtc::kernels_ptx(&arch, T::DTYPE)?;
+        let module = ctx.load_module(ptx).map_err(device_error("loading the kernels"))?;
+        crate::trace::mark(|| "cuda: kernels loaded".into());
+        let mut functions = HashMap::new();
+        for &name in KERNELS {
+            functions.insert(name, module.load_function(name).map_err(device_error(name))?);
+        }
+        // One stream does all the work, so cudarc's per-buffer events (for ordering across
+        // streams) would only add two driver calls to every launch.
+        // SAFETY: no buffer of this context is ever used from another stream.
+        unsafe { ctx.disable_event_tracking() };
+        // A stream of our own: the legacy default stream cannot be recorded into a graph.
+        let stream = ctx.new_stream().map_err(device_error("creating a stream"))?;
+        let device = format!("{} ({arch})", ctx.name().unwrap_or_else(|_| "NVIDIA GPU".into()));
+        Ok(Self {
+            blas: Blas::start(stream.clone()),
+            lanes: LanePool::new(ctx)?,
+            stream,
+            download_staging: RefCell::new(None),
+            functions,
+            device,
+            _module: module,
+        })
+    }
+
+    /// Page-locked host memory for at least `len` values.
+    fn staging(&self, len: usize) -> Result<std::cell::RefMut<'_, Option<PinnedHostSlice<T>>>> {
+        let mut staging = self.download_staging.borrow_mut();
+        if staging.as_ref().is_none_or(|s| s.len() < len) {
+            *staging = None;
+            let size = len.next_power_of_two().max(1 << 20);
+            // SAFETY: the memory is only read after a copy has filled it.
+            *staging = Some(
+                unsafe { self.stream.context().alloc_pinned_with_flags::<T>(size, 0) }
+                    .map_err(device_error("allocating page-locked memory"))?,
+            );
+        }
+        Ok(staging)
+    }
+}
+
+impl<T: CudaElem> Driver for Cuda<T>
+where
+    CudaBlas: Gemm<T>,
+{
+    type Elem = T;
+    type Buf = CudaSlice<T>;
+    type Bytes = CudaSlice<u8>;
+    type Graph = CudaGraph;
+    const NAME: &'static str = "cuda";
+    const WARP: u32 = 32;
+
+    fn device(&self) -> String {
+        self.device.clone()
+    }
+
+    fn len(&self, buf: &CudaSlice<T>) -> usize {
+        buf.len()
+    }
+
+    fn addr(&self, buf: &CudaSlice<T>) -> u64 {
+        buf.device_ptr(&self.stream).0
+    }
+
+    fn bytes_addr(&self, bytes: &CudaSlice<u8>) -> u64 {
+        bytes.device_ptr(&self.stream).0
+    }
+
+    fn alloc(&self, len: usize) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros::<T>(len.max(1))
+            .map_err(device_error("allocating"))
+    }
+
+    fn upload(&self, values: &[T]) -> Result<CudaSlice<T>> {
+        self.stream.clone_htod(values).map_err(device_error("uploading"))
+    }
+
+    fn upload_bytes(&self, bytes: &[u8]) -> Result<CudaSlice<u8>> {
+        self.stream.clone_htod(bytes).map_err(device_error("uploading"))
+    }
+
+    fn write_bytes(&self, dst: &CudaSlice<u8>, bytes: &[u8]) -> Result<()> {
+        if bytes.len() > dst.len() {
+            return Err(Error::engine("cuda: writing past device memory"));
+        }
+        // SAFETY: within `dst` (checked); a copy from pageable memory has read `bytes` by
+        // the time it returns.
+        unsafe { cudarc::driver::result::memcpy_htod_async(self.bytes_addr(dst), bytes, self.stream.cu_stream()) }
+            .map_err(device_error("writing the step record"))
+    }
+
+    fn read_bytes(&self, src: &CudaSlice<u8>, out: &mut [u8]) -> Result<()> {
+        let host = self
+            .stream
+            .clone_dtoh(&src.slice(..out.len()))
+            .map_err(device_error("downloading"))?;
+        out.copy_from_slice(&host);
+        Ok(())
+    }
+
+    fn download(&self, buf: &CudaSlice<T>, offset: usize, len: usize, out: &mut Vec<u8>) -> Result<()> {
+        // Through page-locked memory, reused: copies from pageable memory run at a fraction
+        // of the bus speed, and tap downloads are what a dump adds to a run.
+        let mut staging = self.staging(len)?;
+        // A slice of exactly `len` (the copy takes the destination's length); with event
+        // tracking off the copy is asynchronous, so the stream is waited for.
+        let values = &mut staging
+            .as_mut()
+            .expect("allocated above")
+            .as_mut_slice()
+            .map_err(device_error("downloading"))?[..len];
+        self.stream
+            .memcpy_dtoh(&buf.slice(offset..offset + len), values)
+            .map_err(device_error("downloading"))?;
+        self.stream.synchronize().map_err(device_error("downloading"))?;
+        out.extend_from_slice(super::kernels::elem_bytes(values));
+        Ok(())
+    }
+
+    fn launch(&self, call: KernelCall, grid: Grid) -> Result<()> {
+        let f = self
+            .functions
+            .get(call.name)
+            .ok_or_else(|| Error::engine(format!("cuda: kernel {} is not loaded", call.name)))?;
+        let mut b = self.stream.launch_builder(f);
+        for arg in call.args() {
+            match arg {
+                Arg::Ptr(v) => b.arg(v),
+                Arg::I32(v) => b.arg(v),
+                Arg::I64(v) => b.arg(v),
+                Arg::F32(v) => b.arg(v),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: grid.blocks,
+            block_dim: grid.threads,
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the call's arguments follow the kernel's signature (kernels.rs), and the
+        // op that built it checked every range the kernel touches.
+        unsafe { b.launch(cfg) }
+            .map(drop)
+            .map_err(|e| Error::engine(format!("cuda: launching {}: {e}", call.name)))
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| Error::engine(format!("cuda: device error: {e}")))
+    }
+
+    fn download_rows(&self, buf: &CudaSlice<T>, runs: &[(usize, usize)], _spare: Vec<u8>) -> Result<RowBytes> {
+        self.lanes.capture(&self.stream, buf, runs)
+    }
+
+    fn reserve_captures(&self, len: usize, count: usize) -> Result<()> {
+        self.lanes.reserve(&self.stream, len, count)
+    }
+
+    fn vendor_matmul(
+        &self,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
+        shape: (usize, usize, usize),
+        out: &mut CudaSlice<T>,
+    ) -> Option<Result<()>> {
+        Some(self.gemm(x, w, shape, out))
+    }
+
+    fn vendor_attention(
+        &self,
+        q: &CudaSlice<T>,
+        cache: (&CudaSlice<T>, &CudaSlice<T>),
+        s: AttnShape,
+        out: &mut CudaSlice<T>,
+    ) -> Option<Result<()>> {
+        (s.rows >= blas::GEMM_ATTENTION_ROWS).then(|| self.attention_gemm(q, cache, s, out))
+    }
+
+    fn begin_record(&self) -> Result<bool> {
+        // Recorded matmuls need the handle; it must not be created while recording.
+        self.blas.handle()?;
+        self.stream
+            .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(device_error("starting a graph recording"))?;
+        Ok(true)
+    }
+
+    fn end_record(&self) -> Result<Option<CudaGraph>> {
+        // A recording that an op broke ends with an error and no graph: the caller runs
+        // the step's ops directly instead.
+        Ok(self
+            .stream
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+            .ok()
+            .flatten())
+    }
+
+    fn replay(&self, graph: &CudaGraph) -> Result<()> {
+        graph.launch().map_err(device_error("launching the decode graph"))
+    }
+}

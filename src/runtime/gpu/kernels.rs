@@ -1,0 +1,249 @@
+//! The kernel ABI of `kernels/ops.hip`, stated once: each `rb_*` kernel's name and
+//! argument list as a Rust function that builds its call (so a launch with arguments out
+//! of order does not compile), the list every driver loads, the device decoders of GGUF
+//! types, the fault codes of `rb_perturb`, and the storage element both drivers share.
+
+use candle_core::quantized::GgmlDType;
+use resbisect_taps::Fault;
+
+use crate::runtime::backend::StorageDType;
+
+/// The kernel source, compiled by NVRTC at run time (cuda) or hipcc at build time (hip).
+pub const KERNEL_SOURCE: &str = include_str!("../../../kernels/ops.hip");
+pub const KERNEL_COMPAT: &str = include_str!("../../../kernels/compat.h");
+
+/// A value the GPU backends store: arithmetic runs in f32, storage in this type.
+pub trait StorageElem: Copy + Default + Send + Sync + Unpin + std::fmt::Debug + 'static {
+    const DTYPE: StorageDType;
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+    /// The value stored little-endian in `bytes` (its size).
+    fn from_le(bytes: &[u8]) -> Self;
+}
+
+impl StorageElem for f32 {
+    const DTYPE: StorageDType = StorageDType::F32;
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_le(b: &[u8]) -> Self {
+        f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+}
+
+impl StorageElem for half::f16 {
+    const DTYPE: StorageDType = StorageDType::F16;
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    fn from_le(b: &[u8]) -> Self {
+        half::f16::from_le_bytes([b[0], b[1]])
+    }
+}
+
+impl StorageElem for half::bf16 {
+    const DTYPE: StorageDType = StorageDType::BF16;
+    fn from_f32(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+    fn from_le(b: &[u8]) -> Self {
+        half::bf16::from_le_bytes([b[0], b[1]])
+    }
+}
+
+/// The bytes of stored values, as the device holds them.
+pub fn elem_bytes<T: StorageElem>(values: &[T]) -> &[u8] {
+    // SAFETY: every StorageElem is a plain f32, f16 or bf16 value without padding, whose
+    // bytes are its storage (little-endian on every GPU host).
+    unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u8, std::mem::size_of_val(values)) }
+}
+
+/// The preprocessor define that selects a storage type in compat.h.
+pub fn storage_define(dtype: StorageDType) -> &'static str {
+    match dtype {
+        StorageDType::F32 => "RB_STORE_F32",
+        StorageDType::F16 => "RB_STORE_F16",
+        StorageDType::BF16 => "RB_STORE_BF16",
+    }
+}
+
+/// A device address as a kernel argument (0: none, for the optional `dyn_*` pointers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ptr(pub u64);
+
+impl Ptr {
+    pub const NONE: Ptr = Ptr(0);
+}
+
+/// One kernel argument, by value.
+#[derive(Debug, Clone, Copy)]
+pub enum Arg {
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+}
+
+impl From<Ptr> for Arg {
+    fn from(p: Ptr) -> Self {
+        Arg::Ptr(p.0)
+    }
+}
+impl From<i32> for Arg {
+    fn from(v: i32) -> Self {
+        Arg::I32(v)
+    }
+}
+impl From<i64> for Arg {
+    fn from(v: i64) -> Self {
+        Arg::I64(v)
+    }
+}
+impl From<f32> for Arg {
+    fn from(v: f32) -> Self {
+        Arg::F32(v)
+    }
+}
+
+/// The most arguments a kernel takes (rb_rope_append).
+const MAX_ARGS: usize = 13;
+
+/// A kernel and its arguments, ready for a driver to launch.
+#[derive(Debug, Clone, Copy)]
+pub struct KernelCall {
+    pub name: &'static str,
+    args: [Arg; MAX_ARGS],
+    len: usize,
+}
+
+impl KernelCall {
+    fn new(name: &'static str, given: &[Arg]) -> Self {
+        let mut args = [Arg::I32(0); MAX_ARGS];
+        args[..given.len()].copy_from_slice(given);
+        Self {
+            name,
+            args,
+            len: given.len(),
+        }
+    }
+
+    pub fn args(&self) -> &[Arg] {
+        &self.args[..self.len]
+    }
+}
+
+/// Each kernel's signature as a function building its call, and [`KERNELS`], the list of
+/// every kernel a driver loads.
+macro_rules! kernels {
+    ($($(#[$doc:meta])* fn $name:ident($($p:ident: $t:ty),* $(,)?);)*) => {
+        $(
+            $(#[$doc])*
+            // A kernel's argument list is its ABI: one parameter per argument.
+            #[allow(clippy::too_many_arguments)]
+            pub fn $name($($p: $t),*) -> KernelCall {
+                KernelCall::new(stringify!($name), &[$(Arg::from($p)),*])
+            }
+        )*
+        /// Every kernel of ops.hip that the backends launch.
+        pub const KERNELS: &[&str] = &[$(stringify!($name)),*];
+    };
+}
+
+kernels! {
+    fn rb_embed(table: Ptr, ids: Ptr, out: Ptr, width: i32, rows: i32);
+    fn rb_add(a: Ptr, b: Ptr, out: Ptr, n: i64);
+    fn rb_silu_mul(gate: Ptr, up: Ptr, out: Ptr, n: i64);
+    /// `dyn_row`, when set, moves the destination to the step record's row.
+    fn rb_copy(src: Ptr, dst: Ptr, n: i64, dyn_row: Ptr, width: i64);
+    fn rb_perturb(x: Ptr, start: i64, n: i64, kind: i32, value: f32);
+    fn rb_gemv(x: Ptr, w: Ptr, out: Ptr, rows: i32, k: i32, n: i32);
+    fn rb_gemv3(
+        x: Ptr, w0: Ptr, w1: Ptr, w2: Ptr, o0: Ptr, o1: Ptr, o2: Ptr,
+        rows: i32, k: i32, n0: i32, n1: i32, n2: i32,
+    );
+    fn rb_matmul(x: Ptr, w: Ptr, out: Ptr, rows: i32, k: i32, n: i32);
+    fn rb_rms_norm(x: Ptr, w: Ptr, out: Ptr, width: i32, eps: f32);
+    fn rb_add_rms_norm(a: Ptr, b: Ptr, w: Ptr, sum: Ptr, out: Ptr, width: i32, eps: f32);
+    fn rb_rope(x: Ptr, positions: Ptr, rows: i32, heads: i32, head_dim: i32, base: f32);
+    fn rb_rope_append(
+        q: Ptr, k: Ptr, v: Ptr, k_cache: Ptr, v_cache: Ptr, positions: Ptr,
+        rows: i32, n_head: i32, n_kv: i32, head_dim: i32, base: f32, dyn_row: Ptr, row0: i32,
+    );
+    fn rb_argmax(x: Ptr, width: i32, out: Ptr);
+    fn rb_softmax_causal(scores: Ptr, probs: Ptr, n_keys: i32, rows: i32, first_key: i32);
+    fn rb_attention_tiled_64(
+        q: Ptr, k_cache: Ptr, v_cache: Ptr, out: Ptr, rows: i32, n_head: i32, n_kv: i32, first_pos: i32, dyn_first: Ptr,
+    );
+    fn rb_attention_part_64(
+        q: Ptr, k_cache: Ptr, v_cache: Ptr, part: Ptr, rows: i32, n_head: i32, n_kv: i32, first_pos: i32, dyn_first: Ptr,
+    );
+    fn rb_attention_merge_64(part: Ptr, out: Ptr, n_head: i32, splits: i32);
+    fn rb_attention_tiled_128(
+        q: Ptr, k_cache: Ptr, v_cache: Ptr, out: Ptr, rows: i32, n_head: i32, n_kv: i32, first_pos: i32, dyn_first: Ptr,
+    );
+    fn rb_attention_part_128(
+        q: Ptr, k_cache: Ptr, v_cache: Ptr, part: Ptr, rows: i32, n_head: i32, n_kv: i32, first_pos: i32, dyn_first: Ptr,
+    );
+    fn rb_attention_merge_128(part: Ptr, out: Ptr, n_head: i32, splits: i32);
+    fn rb_dequant_f32(src: Ptr, out: Ptr, blocks: i64);
+    fn rb_dequant_f16(src: Ptr, out: Ptr, blocks: i64);
+    fn rb_dequant_bf16(src: Ptr, out: Ptr, blocks: i64);
+    fn rb_dequant_q8_0(src: Ptr, out: Ptr, blocks: i64);
+    fn rb_dequant_q4_0(src: Ptr, out: Ptr, blocks: i64);
+    fn rb_dequant_q4_1(src: Ptr, out: Ptr, blocks: i64);
+    fn rb_dequant_q4_k(src: Ptr, out: Ptr, blocks: i64);
+    fn rb_dequant_q6_k(src: Ptr, out: Ptr, blocks: i64);
+}
+
+/// The signature the tiled and split-keys attention kernels share.
+pub type AttentionKernel = fn(Ptr, Ptr, Ptr, Ptr, i32, i32, i32, i32, Ptr) -> KernelCall;
+/// The merge of split attention's partial states.
+pub type MergeKernel = fn(Ptr, Ptr, i32, i32) -> KernelCall;
+/// A GGUF block decoder: raw blocks in, stored values out.
+pub type DecodeKernel = fn(Ptr, Ptr, i64) -> KernelCall;
+
+/// A device decoder of a GGUF type, with its block layout.
+pub struct Decoder {
+    pub kernel: DecodeKernel,
+    pub block_values: usize,
+    pub block_bytes: usize,
+}
+
+/// The device decoder of a GGUF type, where one exists.
+pub fn decoder(dtype: GgmlDType) -> Option<Decoder> {
+    let (kernel, block_values, block_bytes): (DecodeKernel, _, _) = match dtype {
+        GgmlDType::F32 => (rb_dequant_f32, 1, 4),
+        GgmlDType::F16 => (rb_dequant_f16, 1, 2),
+        GgmlDType::BF16 => (rb_dequant_bf16, 1, 2),
+        GgmlDType::Q8_0 => (rb_dequant_q8_0, 32, 34),
+        GgmlDType::Q4_0 => (rb_dequant_q4_0, 32, 18),
+        GgmlDType::Q4_1 => (rb_dequant_q4_1, 32, 20),
+        GgmlDType::Q4K => (rb_dequant_q4_k, 256, 144),
+        GgmlDType::Q6K => (rb_dequant_q6_k, 256, 210),
+        _ => return None,
+    };
+    Some(Decoder {
+        kernel,
+        block_values,
+        block_bytes,
+    })
+}
+
+/// The fault kind and value rb_perturb takes.
+pub fn fault_code(fault: Fault) -> (i32, f32) {
+    match fault {
+        Fault::Scale(v) => (0, v as f32),
+        Fault::Offset(v) => (1, v as f32),
+        Fault::Nan => (2, 0.0),
+        Fault::Zero => (3, 0.0),
+    }
+}

@@ -1,0 +1,128 @@
+//! Launch shapes of the GPU backends: grids per op, the attention plan (tiled or split
+//! keys, by how many query rows there are) and the row count below which a matmul is a
+//! gemv. Shared by both drivers; only the warp width differs between them.
+
+use super::kernels::{self, AttentionKernel, MergeKernel};
+use crate::error::{Error, Result};
+use crate::runtime::backend::AttnShape;
+
+/// Blocks and threads per block of one launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grid {
+    pub blocks: (u32, u32, u32),
+    pub threads: (u32, u32, u32),
+}
+
+impl Grid {
+    /// `n` threads in blocks of `threads`.
+    pub fn linear(n: usize, threads: u32) -> Self {
+        Self {
+            blocks: ((n as u32).div_ceil(threads).max(1), 1, 1),
+            threads: (threads, 1, 1),
+        }
+    }
+
+    /// One block of `threads` per row.
+    pub fn per_row(rows: usize, threads: u32) -> Self {
+        Self {
+            blocks: (rows as u32, 1, 1),
+            threads: (threads, 1, 1),
+        }
+    }
+
+    /// Blocks of 256 threads, one output column per warp (the rb_gemv kernels).
+    pub fn gemv(columns: usize, warp: u32) -> Self {
+        Self {
+            blocks: ((columns as u32).div_ceil(256 / warp), 1, 1),
+            threads: (256, 1, 1),
+        }
+    }
+
+    /// 16×16 tiles of the output (rb_matmul).
+    pub fn tiles(rows: usize, n: usize) -> Self {
+        Self {
+            blocks: ((n as u32).div_ceil(16), (rows as u32).div_ceil(16), 1),
+            threads: (16, 16, 1),
+        }
+    }
+}
+
+/// Up to this many rows a matmul runs as rb_gemv (RB_GEMV_ROWS in ops.hip).
+pub const GEMV_ROWS: usize = 4;
+
+/// Below this many (row, head) pairs attention splits keys over blocks; also the most
+/// partial states the scratch holds.
+const ATTN_SPLIT_PAIRS: usize = 4096;
+/// Most key splits per (row, head): 16 × 32 heads fills an H100 at one row.
+const ATTN_MAX_SPLITS: usize = 16;
+/// Floats of the partial-state scratch a backend allocates once: max, weight sum and the
+/// largest head dim of values, for every state.
+pub const ATTN_PART_FLOATS: usize = ATTN_SPLIT_PAIRS * (128 + 2);
+
+/// How a backend runs an attention call.
+pub enum AttnPlan {
+    /// Query tiles of RB_ATTN_QB rows per block: many rows.
+    Tiled { kernel: AttentionKernel, grid: Grid },
+    /// Few rows: keys split over blocks per (row, head) whose partial softmax states
+    /// (head dim + 2 floats each, in the backend's scratch) the merge kernel combines.
+    Split {
+        part: AttentionKernel,
+        part_grid: Grid,
+        merge: MergeKernel,
+        merge_grid: Grid,
+        splits: i32,
+    },
+}
+
+/// The attention kernels for a shape, with grids; refuses shapes the kernels do not cover.
+pub fn attention_plan(s: &AttnShape, backend: &str) -> Result<AttnPlan> {
+    if s.n_head_kv == 0 || !s.n_head.is_multiple_of(s.n_head_kv) {
+        return Err(Error::engine(format!(
+            "{backend}: attention: {} heads do not group over {} KV heads",
+            s.n_head, s.n_head_kv
+        )));
+    }
+    if s.head_dim != 64 && s.head_dim != 128 {
+        return Err(Error::input(format!(
+            "{backend}: attention kernels exist for head dim 64 and 128, not {}",
+            s.head_dim
+        )));
+    }
+    let pairs = s.rows * s.n_head;
+    let wide = s.head_dim == 128;
+    let (rows, heads) = (s.rows as u32, s.n_head as u32);
+    Ok(if pairs < ATTN_SPLIT_PAIRS {
+        let splits = (ATTN_SPLIT_PAIRS / pairs).min(ATTN_MAX_SPLITS);
+        let (part, merge): (AttentionKernel, MergeKernel) = if wide {
+            (kernels::rb_attention_part_128, kernels::rb_attention_merge_128)
+        } else {
+            (kernels::rb_attention_part_64, kernels::rb_attention_merge_64)
+        };
+        AttnPlan::Split {
+            part,
+            part_grid: Grid {
+                blocks: (rows, heads, splits as u32),
+                threads: (128, 1, 1),
+            },
+            merge,
+            merge_grid: Grid {
+                blocks: (rows, heads, 1),
+                threads: (s.head_dim as u32, 1, 1),
+            },
+            splits: splits as i32,
+        }
+    } else {
+        let kernel: AttentionKernel = if wide {
+            kernels::rb_attention_tiled_128
+        } else {
+            kernels::rb_attention_tiled_64
+        };
+        AttnPlan::Tiled {
+            kernel,
+            grid: Grid {
+                blocks: (rows.div_ceil(64), heads, 1),
+                threads: (64, 1, 1),
+            },
+        }
+    })
+}

@@ -1,0 +1,308 @@
+//! Self-test checks of decode's launches: the fused ops against the cpu backend's ops in
+//! turn, and a decode step driven by the step record, recorded and replayed where the
+//! backend records.
+
+use super::Checker;
+use crate::error::Result;
+use crate::runtime::backend::{AttnShape, Backend, Row, Src, Step};
+
+/// The (token, position) of each checked decode step; its index is its tap slot.
+const DECODE_STEPS: [(u32, usize); 3] = [(7, 40), (3, 41), (9, 63)];
+/// Rows of the KV cache of the decode-step check, and of its embedding table.
+const DECODE_CACHE_ROWS: usize = 64;
+const DECODE_VOCAB: usize = 50;
+
+/// Heads of an attention check: query heads, KV heads, head dim.
+#[derive(Clone, Copy)]
+struct Heads(usize, usize, usize);
+
+impl Heads {
+    fn shape(self, first_pos: usize, from_step: bool) -> AttnShape {
+        AttnShape {
+            n_head: self.0,
+            n_head_kv: self.1,
+            head_dim: self.2,
+            first_pos,
+            rows: 1,
+            from_step,
+        }
+    }
+}
+
+/// Inputs of the decode-step check: embedding table, K and V caches, the new K row.
+struct DecodeInputs {
+    table: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    k_new: Vec<f32>,
+}
+
+/// One fused-op check: its shape and inputs (x, wq, wk, wv, wg, wu, norm) on both backends.
+struct FusedCase<B: Backend> {
+    rows: usize,
+    e: usize,
+    kvw: usize,
+    ff: usize,
+    gw: Vec<B::Buf>,
+    cw: Vec<Vec<f32>>,
+    shape: String,
+}
+
+/// q, k and v projections on the cpu (c*) and the checked backend (g*).
+struct Qkv<B: Backend> {
+    cq: Vec<f32>,
+    ck: Vec<f32>,
+    cv: Vec<f32>,
+    gq: B::Buf,
+    gk: B::Buf,
+    gv: B::Buf,
+}
+
+impl<B: Backend> Checker<'_, B> {
+    /// A decode step whose token, position and tap slot come from the step record: embed,
+    /// RoPE, KV append, attention and a staged tap copy, recorded once where the backend
+    /// records (else issued each time) and run at several positions; the cpu backend gets
+    /// the same values from the host.
+    pub(super) fn decode_step(&mut self, n_head: usize, n_kv: usize, head_dim: usize) -> Result<()> {
+        let (qw, kvw) = (n_head * head_dim, n_kv * head_dim);
+        let inputs = DecodeInputs {
+            table: self.random(DECODE_VOCAB * qw, 1.0),
+            k: self.random(DECODE_CACHE_ROWS * kvw, 1.0),
+            v: self.random(DECODE_CACHE_ROWS * kvw, 1.0),
+            k_new: self.random(kvw, 1.0),
+        };
+        let heads = Heads(n_head, n_kv, head_dim);
+        let expected = self.decode_on_cpu(heads, &inputs)?;
+        let t0 = std::time::Instant::now();
+        let (staged, recorded) = self.decode_on_device(heads, &inputs)?;
+        let how = if recorded { "recorded once, replayed" } else { "issued" };
+        self.record(
+            "decode_step",
+            format!("heads {n_head}/{n_kv} x {head_dim} at positions 40, 41, 63 ({how})"),
+            &staged,
+            &expected,
+            t0.elapsed().as_secs_f64(),
+            false,
+        )
+    }
+
+    /// The decode steps' attention outputs, one row per step, from host-given inputs.
+    fn decode_on_cpu(&self, heads: Heads, inputs: &DecodeInputs) -> Result<Vec<f32>> {
+        let Heads(n_head, n_kv, head_dim) = heads;
+        let (qw, kvw) = (n_head * head_dim, n_kv * head_dim);
+        let cpu = &self.cpu;
+        let (mut k, v, k_new, table) = (
+            cpu.upload(&inputs.k)?,
+            cpu.upload(&inputs.v)?,
+            cpu.upload(&inputs.k_new)?,
+            cpu.upload(&inputs.table)?,
+        );
+        let (mut q, mut attn, mut staged) = (cpu.alloc(qw)?, cpu.alloc(qw)?, cpu.alloc(DECODE_STEPS.len() * qw)?);
+        for (slot, &(token, pos)) in DECODE_STEPS.iter().enumerate() {
+            cpu.embed(&table, qw, Src::Host(&[token]), &mut q)?;
+            cpu.rope(&mut q, n_head, head_dim, Src::Host(&[pos as f32]), 10000.0)?;
+            cpu.copy_rows(&k_new, &mut k, Row::At(pos), 1, kvw)?;
+            cpu.attention(&q, &k, &v, heads.shape(pos, false), &mut attn)?;
+            cpu.copy_rows(&attn, &mut staged, Row::At(slot), 1, qw)?;
+        }
+        Ok(staged)
+    }
+
+    /// The same steps on the checked backend from the step record, and whether they were
+    /// recorded once and replayed.
+    fn decode_on_device(&self, heads: Heads, inputs: &DecodeInputs) -> Result<(B::Buf, bool)> {
+        let Heads(n_head, n_kv, head_dim) = heads;
+        let (qw, kvw) = (n_head * head_dim, n_kv * head_dim);
+        let g = self.gpu;
+        let (mut k, v, k_new, table) = (
+            g.upload(&inputs.k)?,
+            g.upload(&inputs.v)?,
+            g.upload(&inputs.k_new)?,
+            g.upload(&inputs.table)?,
+        );
+        let (mut q, mut attn, mut staged) = (g.alloc(qw)?, g.alloc(qw)?, self.guarded(DECODE_STEPS.len() * qw)?);
+        let mut graph = None;
+        for (slot, &(token, pos)) in DECODE_STEPS.iter().enumerate() {
+            let rope_pos = pos as f32;
+            g.set_step(Step {
+                token,
+                pos,
+                rope_pos,
+                slot,
+            })?;
+            let mut issue = || -> Result<()> {
+                g.embed(&table, qw, Src::Step, &mut q)?;
+                g.rope(&mut q, n_head, head_dim, Src::Step, 10000.0)?;
+                g.copy_rows(&k_new, &mut k, Row::StepPos, 1, kvw)?;
+                g.attention(&q, &k, &v, heads.shape(pos, true), &mut attn)?;
+                g.copy_rows(&attn, &mut staged, Row::StepSlot, 1, qw)
+            };
+            if slot == 0 && g.begin_record()? {
+                let issued = issue();
+                graph = g.end_record()?;
+                issued?;
+            }
+            match &graph {
+                Some(recorded) => g.replay(recorded)?,
+                None => issue()?,
+            }
+        }
+        g.sync()?;
+        Ok((staged, graph.is_some()))
+    }
+
+    /// The fused ops (decode's launches) against the cpu backend's ops in turn.
+    pub(super) fn fused(
+        &mut self,
+        rows: usize,
+        e: usize,
+        kvw: usize,
+        ff: usize,
+        head_dim: usize,
+        first_pos: usize,
+    ) -> Result<()> {
+        let inputs = [
+            self.random(rows * e, 1.0),
+            self.random(e * e, 0.05),
+            self.random(kvw * e, 0.05),
+            self.random(kvw * e, 0.05),
+            self.random(ff * e, 0.05),
+            self.random(ff * e, 0.05),
+            self.random(e, 1.0),
+        ];
+        let case = FusedCase::<B> {
+            rows,
+            e,
+            kvw,
+            ff,
+            gw: inputs.iter().map(|v| self.gpu.upload(v)).collect::<Result<Vec<_>>>()?,
+            cw: inputs.iter().map(|v| self.cpu.upload(v)).collect::<Result<Vec<_>>>()?,
+            shape: format!("{rows} rows, {e} → {e}/{kvw}/{ff}"),
+        };
+        let mut qkv = self.fused_qkv(&case)?;
+        self.fused_rope_append(&case, &mut qkv, head_dim, first_pos)?;
+        self.fused_gate_up(&case)?;
+        self.fused_add_rms_norm(&case, &qkv)
+    }
+
+    fn fused_qkv(&mut self, c: &FusedCase<B>) -> Result<Qkv<B>> {
+        let (rows, e, kvw, g) = (c.rows, c.e, c.kvw, self.gpu);
+        let (cw, gw) = (&c.cw, &c.gw);
+        let (mut cq, mut ck, mut cv) = (
+            self.cpu.alloc(rows * e)?,
+            self.cpu.alloc(rows * kvw)?,
+            self.cpu.alloc(rows * kvw)?,
+        );
+        let widths = [e, kvw, kvw];
+        self.cpu.matmul3(
+            &cw[0],
+            [&cw[1], &cw[2], &cw[3]],
+            rows,
+            e,
+            widths,
+            [&mut cq, &mut ck, &mut cv],
+        )?;
+        let (mut gq, mut gk, mut gv) = (
+            self.guarded(rows * e)?,
+            self.guarded(rows * kvw)?,
+            self.guarded(rows * kvw)?,
+        );
+        let (_, s) = self.timed(|| {
+            g.matmul3(
+                &gw[0],
+                [&gw[1], &gw[2], &gw[3]],
+                rows,
+                e,
+                widths,
+                [&mut gq, &mut gk, &mut gv],
+            )
+        })?;
+        self.record("matmul3", format!("{} (q)", c.shape), &gq, &cq, s, false)?;
+        self.record("matmul3", format!("{} (v)", c.shape), &gv, &cv, s, false)?;
+        Ok(Qkv { cq, ck, cv, gq, gk, gv })
+    }
+
+    fn fused_rope_append(
+        &mut self,
+        c: &FusedCase<B>,
+        qkv: &mut Qkv<B>,
+        head_dim: usize,
+        first_pos: usize,
+    ) -> Result<()> {
+        let (rows, e, kvw, g) = (c.rows, c.e, c.kvw, self.gpu);
+        let shape = AttnShape {
+            n_head: e / head_dim,
+            n_head_kv: kvw / head_dim,
+            head_dim,
+            first_pos,
+            rows,
+            from_step: false,
+        };
+        let positions: Vec<f32> = (first_pos..first_pos + rows).map(|p| p as f32).collect();
+        let cache = (first_pos + rows) * kvw;
+        let (mut ckc, mut cvc) = (self.cpu.upload(&vec![0.5; cache])?, self.cpu.upload(&vec![0.5; cache])?);
+        let at = Src::Host(&positions);
+        let Qkv { cq, ck, cv, gq, gk, gv } = qkv;
+        self.cpu
+            .rope_append(cq, ck, cv, &mut ckc, &mut cvc, shape, at, 10000.0)?;
+        let (mut gkc, mut gvc) = (self.guarded(cache)?, self.guarded(cache)?);
+        for c in [&mut gkc, &mut gvc] {
+            g.copy_rows(&g.upload(&vec![0.5; cache])?, c, Row::At(0), 1, cache)?;
+        }
+        let (_, s) = self.timed(|| g.rope_append(gq, gk, gv, &mut gkc, &mut gvc, shape, at, 10000.0))?;
+        let mut q_out = self.guarded(rows * e)?;
+        g.copy_rows(gq, &mut q_out, Row::At(0), rows, e)?;
+        let (heads, kv_heads) = (e / head_dim, kvw / head_dim);
+        let at = format!("{rows} rows at {first_pos}");
+        self.record("rope_append", format!("{at}, {heads} heads (q)"), &q_out, cq, s, false)?;
+        self.record(
+            "rope_append",
+            format!("{at}, {kv_heads} kv heads (k cache)"),
+            &gkc,
+            &ckc,
+            s,
+            false,
+        )?;
+        self.record("rope_append", format!("{at} (v cache)"), &gvc, &cvc, s, false)
+    }
+
+    fn fused_gate_up(&mut self, c: &FusedCase<B>) -> Result<()> {
+        let (rows, e, ff, g) = (c.rows, c.e, c.ff, self.gpu);
+        let (cw, gw) = (&c.cw, &c.gw);
+        let (mut cg, mut cu, mut cact) = (
+            self.cpu.alloc(rows * ff)?,
+            self.cpu.alloc(rows * ff)?,
+            self.cpu.alloc(rows * ff)?,
+        );
+        self.cpu
+            .gate_up_silu(&cw[0], &cw[4], &cw[5], rows, e, ff, &mut cg, &mut cu, &mut cact)?;
+        let (mut gg, mut gu, mut gact) = (
+            self.guarded(rows * ff)?,
+            self.guarded(rows * ff)?,
+            self.guarded(rows * ff)?,
+        );
+        let (_, s) = self.timed(|| g.gate_up_silu(&gw[0], &gw[4], &gw[5], rows, e, ff, &mut gg, &mut gu, &mut gact))?;
+        let shape = format!("{rows} rows, {e} → {ff}");
+        self.record("gate_up_silu", format!("{shape} (gate)"), &gg, &cg, s, false)?;
+        self.record("gate_up_silu", format!("{shape} (act)"), &gact, &cact, s, false)
+    }
+
+    fn fused_add_rms_norm(&mut self, c: &FusedCase<B>, qkv: &Qkv<B>) -> Result<()> {
+        let (rows, e, g) = (c.rows, c.e, self.gpu);
+        let (cw, gw) = (&c.cw, &c.gw);
+        let (mut csum, mut cnorm) = (self.cpu.alloc(rows * e)?, self.cpu.alloc(rows * e)?);
+        self.cpu
+            .add_rms_norm(&cw[0], &qkv.cq, &cw[6], rows, e, 1e-5, &mut csum, &mut cnorm)?;
+        let (mut gsum, mut gnorm) = (self.guarded(rows * e)?, self.guarded(rows * e)?);
+        let (_, s) = self.timed(|| g.add_rms_norm(&gw[0], &qkv.gq, &gw[6], rows, e, 1e-5, &mut gsum, &mut gnorm))?;
+        self.record("add_rms_norm", format!("[{rows}x{e}] (sum)"), &gsum, &csum, s, false)?;
+        self.record(
+            "add_rms_norm",
+            format!("[{rows}x{e}] (normed)"),
+            &gnorm,
+            &cnorm,
+            s,
+            false,
+        )
+    }
+}

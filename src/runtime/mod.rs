@@ -1,8 +1,8 @@
 //! The instrumented inference runtime (the device under test): the llama forward as host
 //! orchestration over the ops of one [`Backend`]; the graph never changes with the backend.
 //!
-//! - `mod.rs`: [`Runtime`] (weights loaded once) and `run_prompt` (chunked prefill, then
-//!   greedy decode).
+//! - `mod.rs`: [`Runtime`] (weights loaded once), `run_prompt` (chunked prefill, then
+//!   greedy decode) and `serve` (a prefix's dump from kept checkpoints).
 //! - `forward.rs`: layer weights, activation buffers, the llama blocks and the output head,
 //!   each over a `Pass` (one chunk's or step's rows, faults and tap route).
 //! - `capture.rs`: taps only — rows streamed into their dump file in the storage dtype as
@@ -11,8 +11,8 @@
 //! - `decode.rs`: decode steps read token, position and tap slot from the step record, so
 //!   one recording (a CUDA graph) replays at every position.
 //! - `preflight.rs` (context, memory), `select.rs` (`with_backend!`: a backend kind and
-//!   storage dtype become a type), `backend.rs` (the trait), `cpu.rs`, `cuda.rs` with
-//!   `cuda_lanes.rs`, `hip.rs`, `selftest.rs` (every op against `cpu`), `perf.rs`.
+//!   storage dtype become a type), `backend.rs` (the trait), `cpu.rs`, `gpu/` (one GPU
+//!   backend over the CUDA and HIP drivers), `selftest/` (every op against `cpu`), `perf.rs`.
 //!
 //! Design notes. GPU ops run asynchronously, so a device error surfaces at a later call:
 //! `--sync-check` synchronizes after every op to name it. `cuda` starts cuBLAS on a thread
@@ -20,7 +20,7 @@
 //! captures leave the device while the stream computes: a snapshot on the compute stream,
 //! a copy into reused, bounded page-locked lanes on a copy stream, and arrival signalled
 //! by a host function rather than an event, so rows that arrived before a device fault
-//! still land. An injected crash is a real failing op, so it takes a device error's path:
+//! still land (`gpu/cuda/lanes.rs`). An injected crash is a real failing op, so it takes a device error's path:
 //! files kept, manifest `failed`, exit 3.
 
 pub mod backend;

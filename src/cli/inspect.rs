@@ -4,7 +4,7 @@ use std::path::Path;
 
 use resbisect::dump::Dump;
 use resbisect::model::Model;
-use resbisect::taps::Tap;
+use resbisect::taps::{FileStem, Tap};
 use resbisect::tokenizer::Tokenizer;
 use resbisect::{gguf, Result};
 
@@ -114,11 +114,7 @@ fn inspect_dump(path: &Path) -> Result<()> {
     for p in &m.prompts {
         println!("prompt {} ({} tokens)", p.id, p.tokens.len());
         let mut stems = dump.files(&p.id)?;
-        stems.sort_by_key(|s| {
-            Tap::parse(&format!("{s}.attn_norm"))
-                .or_else(|| Tap::parse(s))
-                .or(if s == "output" { Tap::parse("final_norm") } else { None })
-        });
+        stems.sort_by_key(|s| FileStem::parse(s));
         for stem in stems {
             let Some(file) = dump.map_file(&p.id, &stem)? else {
                 continue;

@@ -9,23 +9,21 @@ use super::metrics::{logit_stat, row_stat, RowStat};
 use super::{DiffOptions, Judge, Judgement, PromptDiff, TapDiff, TokenMismatch};
 use crate::dump::{Dump, TapDType, TapView};
 use crate::error::{Error, Result};
-use crate::taps::Tap;
+use crate::taps::{FileStem, Tap};
 use crate::tolerance::coarsest;
 
 /// The dump files either side holds for a prompt, in graph order: the loop runs over
 /// files that exist, never over the layer count a manifest declares.
 fn file_stems(a: &Dump, b: &Dump, id: &str, n_layer: usize) -> Result<Vec<String>> {
-    let mut stems: Vec<String> = a.files(id)?;
-    stems.extend(b.files(id)?);
-    stems.retain(|s| crate::dump::is_file_stem(s, n_layer));
-    let order = |s: &String| match s.strip_prefix("blk.") {
-        Some(l) => l.parse::<usize>().map_or(usize::MAX, |l| l.saturating_add(1)),
-        None if s == "embed" => 0,
-        None => usize::MAX,
-    };
-    stems.sort_by_key(order);
+    let mut stems: Vec<FileStem> = a
+        .files(id)?
+        .into_iter()
+        .chain(b.files(id)?)
+        .filter_map(|s| FileStem::parse_in(&s, n_layer))
+        .collect();
+    stems.sort();
     stems.dedup();
-    Ok(stems)
+    Ok(stems.iter().map(FileStem::to_string).collect())
 }
 
 /// What one file pair contributes to a prompt's diff.

@@ -15,7 +15,7 @@ use crate::model::Config;
 use crate::taps::{PositionSpec, Selection};
 
 pub use background::{BackgroundWriter, FileJob, InFlightRows, RowBytes};
-pub use read::{is_file_stem, Dump, DumpFile, MappedFile, TapRows, TapSlice, TapView};
+pub use read::{Dump, DumpFile, MappedFile, TapRows, TapSlice, TapView};
 pub use write::{DumpWriter, FileStream};
 
 pub const FORMAT: &str = "resbisect.dump";

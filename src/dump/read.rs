@@ -384,8 +384,3 @@ impl MappedFile {
         self.taps.get(id).map(|s| self.view(s))
     }
 }
-
-/// `embed`, `output` or `blk.L` with L a layer of the model, written without leading zeros.
-pub fn is_file_stem(stem: &str, n_layer: usize) -> bool {
-    FileStem::parse_in(stem, n_layer).is_some()
-}

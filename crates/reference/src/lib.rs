@@ -2,65 +2,21 @@
 //! computed in f32 (or f64), with every canonical tap of docs/taps.md available.
 //!
 //! Independent from the runtime by construction: of resbisect it depends only on the tap
-//! contract (resbisect-taps, which holds no numerics), so it cannot reuse runtime numerics. It reads weights through
-//! [`WeightSource`] and hands captured rows, one dump file group at a time, to a
-//! [`TapSink`]; it keeps only one layer's activations alive.
+//! contract (resbisect-taps, which holds no numerics), so it cannot reuse runtime
+//! numerics. It reads weights through [`WeightSource`] and hands captured rows, one dump
+//! file group at a time, to a [`TapSink`]; it keeps only one layer's activations alive.
+//! The numerics themselves (norm, RoPE, attention, faults) are in [`ops`].
+
+mod ops;
 
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, D};
-use num_traits::Float;
+use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
-use resbisect_taps::{Config, Fault, Faults, FileStem, LayerTap, RopeFault, Tap, TapFault};
+use resbisect_taps::{Config, Faults, FileStem, LayerTap, Tap, TapFault};
 
-/// Queries processed together in attention: bounds the score matrix to
-/// `n_head × ATTN_QUERY_CHUNK × seq` whatever the sequence length.
-/// Small enough that the causal chunks skip most masked scores, large enough for
-/// efficient GEMMs.
-const ATTN_QUERY_CHUNK: usize = 128;
-
-/// Apply the faults aimed at `tap` to its rows.
-fn apply_faults(faults: &Faults, tap: Tap, t: Tensor) -> Result<Tensor> {
-    let mut t = t;
-    let id = tap.id();
-    for f in faults.taps.iter().filter(|f| f.tap_id == id) {
-        let (n, _) = t.dims2()?;
-        if f.from >= n {
-            continue;
-        }
-        let hit: Vec<f64> = (0..n).map(|p| if p >= f.from { 1.0 } else { 0.0 }).collect();
-        let hit = Tensor::from_vec(hit, (n, 1), &Device::Cpu)?.to_dtype(t.dtype())?;
-        t = match f.fault {
-            Fault::Scale(s) => t.broadcast_mul(&((hit * (s - 1.0))? + 1.0)?)?,
-            Fault::Offset(o) => t.broadcast_add(&(hit * o)?)?,
-            Fault::Zero => t.broadcast_mul(&(1.0 - hit)?)?,
-            Fault::Nan => {
-                let nan: Vec<f64> = (0..n).map(|p| if p >= f.from { f64::NAN } else { 0.0 }).collect();
-                t.broadcast_add(&Tensor::from_vec(nan, (n, 1), &Device::Cpu)?.to_dtype(t.dtype())?)?
-            }
-        };
-    }
-    Ok(t)
-}
-
-/// The RMSNorm epsilon of each of the rows at `positions`.
-fn row_eps(faults: &Faults, model_eps: f64, positions: &[usize]) -> Eps {
-    match faults.norm {
-        Some(f) if positions.iter().any(|&p| p >= f.from) => Eps::Rows(
-            positions
-                .iter()
-                .map(|&p| if p >= f.from { f.eps } else { model_eps })
-                .collect(),
-        ),
-        _ => Eps::Model(model_eps),
-    }
-}
-
-/// RMSNorm's epsilon: the model's, or one per row where a [`NormFault`] acts.
-enum Eps {
-    Model(f64),
-    Rows(Vec<f64>),
-}
+pub use ops::gather;
+use ops::{apply_faults, attention, faulty_rope_tables, rms_norm, rope, rope_tables, row_eps, Eps};
 
 /// A weight as stored in GGUF: ggml type, dims in ggml order (`dims[0]` contiguous) and
 /// its raw bytes.
@@ -311,6 +267,7 @@ impl Reference {
     /// Layers `first..=last` over the residual stream `x` of positions `0..rows`
     /// (injected faults applied, wanted taps captured at `positions`); `after(l, x)` sees
     /// each layer's output. Returns the stream after layer `last`.
+    // Eight independent inputs of one public step (range, rows, faults, sink, observer).
     #[allow(clippy::too_many_arguments)]
     pub fn run_layers(
         &self,
@@ -395,7 +352,6 @@ impl Reference {
 
     /// One transformer block over all rows of `x`; `tap(which, t)` sees each of the layer's
     /// taps in order and hands on what the block continues with.
-    #[allow(clippy::too_many_arguments)]
     fn layer(
         &self,
         layer: &Layer,
@@ -489,196 +445,5 @@ impl Reference {
         let attn = record(LayerTap::Attn, attention(&q, &k, &v, at, cfg)?)?;
         self.layer_rest(layer, &gather(&x, at)?, attn, &eps, &mut record)?;
         Ok(out)
-    }
-}
-
-/// Rows `positions` of `t`.
-pub fn gather(t: &Tensor, positions: &[usize]) -> Result<Tensor> {
-    let idx = Tensor::from_vec(
-        positions.iter().map(|&p| p as u32).collect::<Vec<_>>(),
-        positions.len(),
-        &Device::Cpu,
-    )?;
-    Ok(t.contiguous()?.index_select(&idx, 0)?)
-}
-
-fn rms_norm(x: &Tensor, w: &Tensor, eps: &Eps) -> Result<Tensor> {
-    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let with_eps = match eps {
-        Eps::Model(e) => (mean_sq + *e)?,
-        Eps::Rows(e) => {
-            mean_sq.broadcast_add(&Tensor::from_slice(e, (e.len(), 1), &Device::Cpu)?.to_dtype(x.dtype())?)?
-        }
-    };
-    let scale = with_eps.sqrt()?.recip()?;
-    Ok(x.broadcast_mul(&scale)?.broadcast_mul(w)?)
-}
-
-/// cos/sin of position × frequency, shaped [n, 1, head_dim/2, 1] for broadcasting.
-/// Angles are formed in f64 so that f32 runs carry no angle error at long positions.
-fn rope_tables(positions: &[f64], head_dim: usize, base: f64, dtype: DType) -> Result<(Tensor, Tensor)> {
-    rope_tables_by(
-        positions.len(),
-        head_dim,
-        dtype,
-        |r, inv_freq| positions[r] * inv_freq,
-        base,
-    )
-}
-
-/// RoPE tables for rows `0..n` under a RoPE fault (the fault's corruption from its position on).
-fn faulty_rope_tables(
-    n: usize,
-    fault: &RopeFault,
-    head_dim: usize,
-    base: f64,
-    dtype: DType,
-) -> Result<(Tensor, Tensor)> {
-    let bf16 = |v: f64| half::bf16::from_f64(v).to_f64();
-    rope_tables_by(
-        n,
-        head_dim,
-        dtype,
-        |p, inv_freq| match fault.rotated_position(p) {
-            Some(at) => at * inv_freq,
-            None => bf16(bf16(p as f64) * bf16(inv_freq)),
-        },
-        base,
-    )
-}
-
-/// cos/sin of `angle(row, inverse frequency)` for rows `0..n`, shaped [n, 1, head_dim/2, 1].
-fn rope_tables_by(
-    n: usize,
-    head_dim: usize,
-    dtype: DType,
-    angle: impl Fn(usize, f64) -> f64,
-    base: f64,
-) -> Result<(Tensor, Tensor)> {
-    let half = head_dim / 2;
-    let mut cos = Vec::with_capacity(n * half);
-    let mut sin = Vec::with_capacity(n * half);
-    for r in 0..n {
-        for i in 0..half {
-            let a = angle(r, base.powf(-2.0 * i as f64 / head_dim as f64));
-            cos.push(a.cos());
-            sin.push(a.sin());
-        }
-    }
-    let shape = (n, 1, half, 1);
-    Ok((
-        Tensor::from_vec(cos, shape, &Device::Cpu)?.to_dtype(dtype)?,
-        Tensor::from_vec(sin, shape, &Device::Cpu)?.to_dtype(dtype)?,
-    ))
-}
-
-/// Interleaved ("normal") RoPE: pairs (2i, 2i+1) of each head rotate by angle i.
-fn rope(x: &Tensor, n_heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (n, width) = x.dims2()?;
-    let hd = width / n_heads;
-    let x = x.reshape((n, n_heads, hd / 2, 2))?;
-    let x0 = x.narrow(3, 0, 1)?;
-    let x1 = x.narrow(3, 1, 1)?;
-    let r0 = (x0.broadcast_mul(cos)? - x1.broadcast_mul(sin)?)?;
-    let r1 = (x0.broadcast_mul(sin)? + x1.broadcast_mul(cos)?)?;
-    Ok(Tensor::cat(&[r0, r1], 3)?.reshape((n, width))?)
-}
-
-/// Causal grouped-query attention of queries at `positions` (ascending) over keys and
-/// values of positions `0..`; runs of consecutive positions go in chunks, so the score
-/// matrix stays small. q: [positions.len(), n_head·hd], k/v: [n, n_head_kv·hd] →
-/// [positions.len(), n_head·hd].
-fn attention(q: &Tensor, k: &Tensor, v: &Tensor, positions: &[usize], cfg: &Config) -> Result<Tensor> {
-    let n = q.dim(0)?;
-    let (hd, h, hkv) = (cfg.head_dim(), cfg.n_head, cfg.n_head_kv);
-    let group = h / hkv;
-    // [h, n, hd] with heads of one kv group adjacent, then [hkv, group, n, hd].
-    let q = q
-        .reshape((n, h, hd))?
-        .transpose(0, 1)?
-        .contiguous()?
-        .reshape((hkv, group, n, hd))?;
-    let keys_total = k.dim(0)?;
-    let k = k.reshape((keys_total, hkv, hd))?.transpose(0, 1)?.contiguous()?;
-    let v = v.reshape((keys_total, hkv, hd))?.transpose(0, 1)?.contiguous()?;
-    let scale = 1.0 / (hd as f64).sqrt();
-    let mut outs = Vec::new();
-    let mut start = 0;
-    while start < n {
-        let mut len = 1;
-        while start + len < n && len < ATTN_QUERY_CHUNK && positions[start + len] == positions[start] + len {
-            len += 1;
-        }
-        let first_pos = positions[start];
-        let keys = first_pos + len;
-        let qc = q.narrow(2, start, len)?.contiguous()?.reshape((hkv, group * len, hd))?;
-        let kc = k.narrow(1, 0, keys)?;
-        let vc = v.narrow(1, 0, keys)?;
-        let scores = qc.matmul(&kc.t()?)?;
-        let probs = scores.apply_op1_no_bwd(&CausalSoftmax {
-            scale,
-            rows: len,
-            first_pos,
-        })?;
-        let out = probs.reshape((hkv, group * len, keys))?.matmul(&vc)?;
-        // [hkv, group·len, hd] → [h, len, hd] → [len, h·hd]
-        outs.push(
-            out.reshape((h, len, hd))?
-                .transpose(0, 1)?
-                .contiguous()?
-                .reshape((len, h * hd))?,
-        );
-        start += len;
-    }
-    Ok(Tensor::cat(&outs, 0)?)
-}
-
-/// Scaled, causally masked softmax over the last dim of `[.., rows, keys]` scores, where
-/// row i is the query at absolute position `first_pos + i` and sees keys 0..=that.
-/// One pass per row instead of a chain of broadcast ops; masked entries are exact zeros.
-struct CausalSoftmax {
-    scale: f64,
-    rows: usize,
-    first_pos: usize,
-}
-
-impl CausalSoftmax {
-    fn apply<T: Float + Send + Sync>(&self, x: &[T], keys: usize) -> Vec<T> {
-        let mut out = vec![T::zero(); x.len()];
-        let scale = T::from(self.scale).unwrap_or_else(T::one);
-        out.par_chunks_mut(keys)
-            .zip(x.par_chunks(keys))
-            .enumerate()
-            .for_each(|(r, (o, s))| {
-                let visible = (self.first_pos + r % self.rows + 1).min(keys);
-                let max = s[..visible].iter().fold(T::neg_infinity(), |m, &v| m.max(v * scale));
-                let mut sum = T::zero();
-                for (oi, &si) in o[..visible].iter_mut().zip(&s[..visible]) {
-                    *oi = (si * scale - max).exp();
-                    sum = sum + *oi;
-                }
-                let inv = T::one() / sum;
-                o[..visible].iter_mut().for_each(|v| *v = *v * inv);
-            });
-        out
-    }
-}
-
-impl CustomOp1 for CausalSoftmax {
-    fn name(&self) -> &'static str {
-        "causal-softmax"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("causal-softmax needs contiguous scores".into()))?;
-        let keys = layout.dims()[layout.dims().len() - 1];
-        let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(self.apply(&v[start..end], keys)),
-            CpuStorage::F64(v) => CpuStorage::F64(self.apply(&v[start..end], keys)),
-            _ => return Err(candle_core::Error::Msg("causal-softmax computes in f32 or f64".into())),
-        };
-        Ok((out, layout.shape().clone()))
     }
 }

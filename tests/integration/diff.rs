@@ -258,7 +258,7 @@ fn partial_dump_of_a_crashed_engine_is_compared() {
     );
     assert!(out.stdout.contains("non-finite A/B 256/0"), "{}", out.stdout);
     assert!(
-        out.stdout.contains("missing in A (15): blk.1.attn_norm"),
+        out.stdout.contains("missing in A (17): blk.1.attn_norm"),
         "{}",
         out.stdout
     );
@@ -308,7 +308,7 @@ fn calibrated_tolerances_from_f32_vs_f64() {
         .iter()
         .map(|o| o["pattern"].as_str().unwrap())
         .collect();
-    assert_eq!(patterns.len(), 16, "{patterns:?}");
+    assert_eq!(patterns.len(), resbisect::taps::LAYER_TAPS.len() + 3, "{patterns:?}");
     assert!(patterns.contains(&"blk.*.resid_post") && patterns.contains(&"logits"));
     for o in t["taps"].as_array().unwrap() {
         assert!(

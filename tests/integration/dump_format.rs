@@ -304,7 +304,7 @@ fn loose_manifests_from_other_writers_are_read() {
     let cases: Vec<(Edit, &str)> = vec![
         (Box::new(|v| v["model"]["fingerprint"] = serde_json::Value::Null), "(no fingerprint)"),
         (Box::new(|v| { v["model"].as_object_mut().unwrap().remove("fingerprint"); }), "(no fingerprint)"),
-        (Box::new(|v| v["selection"]["taps"] = "all".into()), "taps embed,attn_norm,q,k,v,attn,attn_out,resid_mid,ffn_norm,ffn_gate,ffn_up,ffn_act,ffn_out,resid_post,final_norm,logits"),
+        (Box::new(|v| v["selection"]["taps"] = "all".into()), "taps embed,attn_norm,q_pre_rope,k_pre_rope,q,k,v,attn,attn_out,resid_mid,ffn_norm,ffn_gate,ffn_up,ffn_act,ffn_out,resid_post,final_norm,logits"),
         (Box::new(|v| v["selection"]["positions"] = serde_json::json!(["all"])), "positions all"),
         (Box::new(|v| v["selection"]["positions"] = serde_json::json!([0, 1, "4.."])), "positions 0,1,4.."),
         (Box::new(|v| v["selection"]["layers"] = "all".into()), "layers [0, 1]"),

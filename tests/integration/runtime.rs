@@ -356,3 +356,75 @@ fn served_prefixes_equal_computed<B: Backend>(backend: impl Fn() -> B) {
         }
     }
 }
+
+/// `q_pre_rope`/`k_pre_rope` (q and k as they enter RoPE) through the whole stack: the
+/// runtime's rows agree with the reference's over chunked prefill and decode; a RoPE fault
+/// shows at `q` and `k` but not before RoPE; a fault injected before RoPE shows there.
+#[test]
+fn q_and_k_before_rope_agree_with_the_reference_and_isolate_a_rope_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = smollm2();
+    let m = path_str(&model);
+    let sel = ["--layers", "0,1,2", "--taps", "q_pre_rope,k_pre_rope,q,k,v"];
+    let dump = |name: &str, args: &[&str]| {
+        let out = dir.path().join(name);
+        run_ok(&[&["dump", "--model", m, "-o", path_str(&out)][..], &sel, args].concat());
+        out
+    };
+    let prompt = "The quick brown fox jumps over the lazy dog because it was in a hurry";
+    let runtime = dump(
+        "rt",
+        &[
+            "--engine",
+            "runtime",
+            "--prompt",
+            prompt,
+            "--prefill-chunk",
+            "5",
+            "--max-tokens",
+            "3",
+        ],
+    );
+    let tokens: Vec<String> = Dump::open(&runtime).unwrap().manifest.prompts[0]
+        .tokens
+        .iter()
+        .map(u32::to_string)
+        .collect();
+    let tokens = tokens.join(",");
+    let reference = dump("ref", &["--tokens", &tokens]);
+    let (code, first) = diff_first(&runtime, &reference);
+    assert_eq!(
+        code, 0,
+        "the runtime's taps before RoPE disagree with the reference's: {first}"
+    );
+    let file = Dump::open(&runtime)
+        .unwrap()
+        .read_file("prompt", "blk.1")
+        .unwrap()
+        .unwrap();
+    assert!(file.taps.contains_key("blk.1.q_pre_rope") && file.taps.contains_key("blk.1.k_pre_rope"));
+
+    // Rows (per tap) that diverge from the reference, for a runtime with `inject`.
+    let diverged = |name: &str, inject: &str| {
+        let faulty = dump(name, &["--engine", "runtime", "--tokens", &tokens, "--inject", inject]);
+        let out = resbisect(&["diff", path_str(&faulty), path_str(&reference), "--json"]);
+        assert_eq!(out.code, 1, "{inject} went unseen: {}", out.stdout);
+        let v: Value = serde_json::from_str(&out.stdout).unwrap();
+        let at = &v["prompts"][0]["first"];
+        let first = format!("{}@{}", at["tap"].as_str().unwrap(), at["position"]);
+        let rows = move |tap: &str| {
+            let taps = v["prompts"][0]["taps"].as_array().unwrap();
+            let t = taps.iter().find(|t| t["tap"] == tap).unwrap();
+            t["diverged_rows"].as_u64().unwrap()
+        };
+        (first, rows)
+    };
+    let (first, rows) = diverged("rt-rope", "blk.1.rope:shift=3@4");
+    assert_eq!(first, "blk.1.q@4");
+    assert_eq!((rows("blk.1.q_pre_rope"), rows("blk.1.k_pre_rope")), (0, 0));
+    assert!(rows("blk.1.q") > 0 && rows("blk.1.k") > 0);
+    let (first, rows) = diverged("rt-k", "blk.1.k_pre_rope:scale=1.5@2");
+    assert_eq!(first, "blk.1.k_pre_rope@2");
+    assert_eq!(rows("blk.1.q_pre_rope"), 0);
+    assert!(rows("blk.1.k") > 0);
+}

@@ -84,7 +84,7 @@ fn a_third_party_python_writer_conforms() {
     assert!(n.contains("dump A has no model.fingerprint"), "{n}");
     assert_eq!(
         r["prompts"][0]["taps"].as_array().unwrap().len(),
-        2 * 13 + 3,
+        2 * resbisect::taps::LAYER_TAPS.len() + 3,
         "every tap compared"
     );
 

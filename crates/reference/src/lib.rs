@@ -365,8 +365,10 @@ impl Reference {
         let (qw, kvw) = (cfg.n_head * cfg.head_dim(), cfg.n_head_kv * cfg.head_dim());
         let h = tap(LayerTap::AttnNorm, rms_norm(x, &layer.attn_norm, eps)?)?;
         let qkv = h.matmul(&layer.wqkv)?;
-        let q = tap(LayerTap::Q, rope(&qkv.narrow(1, 0, qw)?, cfg.n_head, cos, sin)?)?;
-        let k = tap(LayerTap::K, rope(&qkv.narrow(1, qw, kvw)?, cfg.n_head_kv, cos, sin)?)?;
+        let q_in = tap(LayerTap::QPreRope, qkv.narrow(1, 0, qw)?.contiguous()?)?;
+        let k_in = tap(LayerTap::KPreRope, qkv.narrow(1, qw, kvw)?.contiguous()?)?;
+        let q = tap(LayerTap::Q, rope(&q_in, cfg.n_head, cos, sin)?)?;
+        let k = tap(LayerTap::K, rope(&k_in, cfg.n_head_kv, cos, sin)?)?;
         let v = tap(LayerTap::V, qkv.narrow(1, qw + kvw, kvw)?.contiguous()?)?;
         let positions: Vec<usize> = (0..x.dim(0)?).collect();
         let attn = tap(LayerTap::Attn, attention(&q, &k, &v, &positions, cfg)?)?;
@@ -420,17 +422,14 @@ impl Reference {
         let eps = Eps::Model(cfg.rms_eps);
         let h = rms_norm(&x, &layer.attn_norm, &eps)?;
         let kv = h.matmul(&layer.wqkv.narrow(1, qw, 2 * kvw)?)?;
-        let k = rope(&kv.narrow(1, 0, kvw)?, cfg.n_head_kv, &cos, &sin)?;
+        let k_in = kv.narrow(1, 0, kvw)?.contiguous()?;
+        let k = rope(&k_in, cfg.n_head_kv, &cos, &sin)?;
         let v = kv.narrow(1, kvw, kvw)?.contiguous()?;
         let picked: Vec<f64> = at.iter().map(|&p| p as f64).collect();
         let (cos_at, sin_at) = rope_tables(&picked, cfg.head_dim(), cfg.rope_base, self.dtype)?;
         let h_at = gather(&h, at)?;
-        let q = rope(
-            &h_at.matmul(&layer.wqkv.narrow(1, 0, qw)?)?,
-            cfg.n_head,
-            &cos_at,
-            &sin_at,
-        )?;
+        let q_in = h_at.matmul(&layer.wqkv.narrow(1, 0, qw)?)?;
+        let q = rope(&q_in, cfg.n_head, &cos_at, &sin_at)?;
         let mut out = Vec::with_capacity(LayerTap::ALL.len());
         let mut record = |which: LayerTap, t: Tensor| -> Result<Tensor> {
             out.push((Tap::Layer(l, which), t.to_dtype(DType::F32)?));
@@ -438,6 +437,8 @@ impl Reference {
         };
         let (k_at, v_at) = (gather(&k, at)?, gather(&v, at)?);
         record(LayerTap::AttnNorm, h_at)?;
+        record(LayerTap::QPreRope, q_in)?;
+        record(LayerTap::KPreRope, gather(&k_in, at)?)?;
         record(LayerTap::Q, q.clone())?;
         record(LayerTap::K, k_at)?;
         record(LayerTap::V, v_at)?;

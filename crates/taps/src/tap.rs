@@ -11,6 +11,8 @@ use crate::error::Error;
 /// Names of the taps inside a layer, in topological order; [`LayerTap`] indexes it.
 pub const LAYER_TAPS: &[&str] = &[
     "attn_norm",
+    "q_pre_rope",
+    "k_pre_rope",
     "q",
     "k",
     "v",
@@ -33,6 +35,10 @@ pub const EMBED_TAP: &str = "embed";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum LayerTap {
     AttnNorm,
+    /// The query as it enters RoPE (the projection, after any bias or per-head norm).
+    QPreRope,
+    /// The key as it enters RoPE.
+    KPreRope,
     Q,
     K,
     V,
@@ -49,8 +55,10 @@ pub enum LayerTap {
 
 impl LayerTap {
     /// Every layer tap, in topological order.
-    pub const ALL: [LayerTap; 13] = [
+    pub const ALL: [LayerTap; 15] = [
         LayerTap::AttnNorm,
+        LayerTap::QPreRope,
+        LayerTap::KPreRope,
         LayerTap::Q,
         LayerTap::K,
         LayerTap::V,
@@ -82,8 +90,8 @@ impl LayerTap {
     /// Row width for a model.
     pub fn width(self, c: &Config) -> usize {
         match self {
-            LayerTap::Q | LayerTap::Attn => c.q_width(),
-            LayerTap::K | LayerTap::V => c.kv_width(),
+            LayerTap::QPreRope | LayerTap::Q | LayerTap::Attn => c.q_width(),
+            LayerTap::KPreRope | LayerTap::K | LayerTap::V => c.kv_width(),
             LayerTap::FfnGate | LayerTap::FfnUp | LayerTap::FfnAct => c.n_ff,
             _ => c.n_embd,
         }
@@ -301,10 +309,11 @@ mod tests {
     #[test]
     fn order_is_topological_and_stems_group_taps() {
         let all = all_taps(2);
-        assert_eq!(all.len(), 1 + 2 * 13 + 2);
+        assert_eq!(all.len(), 1 + 2 * 15 + 2);
         assert!(all.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(all[1].id(), "blk.0.attn_norm");
-        assert_eq!(all[27].id(), "final_norm");
+        assert_eq!(all[2].id(), "blk.0.q_pre_rope");
+        assert_eq!(all[31].id(), "final_norm");
         for t in &all {
             assert!(t.file_stem().taps().contains(t));
         }
@@ -346,6 +355,8 @@ mod tests {
         let width = |id: &str| Tap::parse(id).unwrap().width(&c);
         assert_eq!(width("blk.0.q"), 64);
         assert_eq!(width("blk.0.k"), 16);
+        assert_eq!(width("blk.0.q_pre_rope"), 64);
+        assert_eq!(width("blk.0.k_pre_rope"), 16);
         assert_eq!(width("blk.1.ffn_up"), 96);
         assert_eq!(width("blk.1.resid_post"), 64);
         assert_eq!(width("final_norm"), 64);

@@ -91,7 +91,7 @@ impl<T: LaneElem> LanePool<T> {
     /// the captures. Lanes that fit are kept from earlier dumps, as bisect's probes are.
     pub(crate) fn reserve(self: &Arc<Self>, compute: &Arc<CudaStream>, len: usize, count: usize) -> Result<()> {
         let t0 = std::time::Instant::now();
-        let budget = crate::runtime::available_memory().map_or(PINNED_BUDGET, |m| (m / 8).min(PINNED_BUDGET));
+        let budget = crate::sys::available_memory().map_or(PINNED_BUDGET, |m| (m / 8).min(PINNED_BUDGET));
         let lane_bytes = (len.div_ceil(LANE_GRAIN) * LANE_GRAIN * std::mem::size_of::<T>()) as u64;
         let want = ((budget / lane_bytes.max(1)).clamp(2, MAX_LANES as u64) as usize).min(count);
         let mut made = 0;

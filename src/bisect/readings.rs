@@ -12,17 +12,7 @@ pub(super) fn noise_levels(r: &DiffReport) -> Vec<NoiseLevel> {
         .flat_map(|p| &p.taps)
         .filter(|t| t.tap == "embed" || t.tap.ends_with(".resid_post"))
         .map(|t| {
-            let mut rel: Vec<f64> = t
-                .rows
-                .iter()
-                .map(|r| {
-                    if r.nonfinite_a + r.nonfinite_b > 0 {
-                        f64::INFINITY
-                    } else {
-                        r.rel_l2
-                    }
-                })
-                .collect();
+            let mut rel: Vec<f64> = t.rows.iter().map(|r| r.rel_l2_or_inf()).collect();
             rel.sort_by(f64::total_cmp);
             let p75 = rel
                 .get((rel.len() * 3).div_ceil(4).saturating_sub(1))
@@ -64,7 +54,7 @@ pub(super) fn has_nonfinite(r: &DiffReport) -> bool {
         .iter()
         .flat_map(|p| &p.taps)
         .flat_map(|t| &t.rows)
-        .any(|row| row.nonfinite_a + row.nonfinite_b > 0)
+        .any(|row| row.has_nonfinite())
 }
 
 /// Whether tap `id` diverges anywhere in `r`.

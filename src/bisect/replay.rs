@@ -250,14 +250,7 @@ fn row_error(a: &[f32], b: &[f32], width: usize, r: usize) -> (f64, RowStat) {
         }
     }
     let s = diff::row_stat(&view(a, width, r), &view(b, width, r));
-    (
-        if s.nonfinite_a + s.nonfinite_b > 0 {
-            f64::INFINITY
-        } else {
-            s.rel_l2
-        },
-        s,
-    )
+    (s.rel_l2_or_inf(), s)
 }
 
 /// Largest per-row rel L2 of `a` against `b` (rows of `width`) and its row, over the

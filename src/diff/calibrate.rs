@@ -28,7 +28,7 @@ pub fn calibrate(reports: &[DiffReport], margin: f64, floor: f64) -> (Tolerances
                 let e = worst.entry(pattern).or_insert((key, None, 0));
                 for row in &t.rows {
                     let scaled = row.rel_l2 * margin;
-                    if row.nonfinite_a + row.nonfinite_b > 0 || !scaled.is_finite() {
+                    if row.has_nonfinite() || !scaled.is_finite() {
                         e.2 += 1;
                     } else {
                         e.1 = Some(e.1.map_or(row.rel_l2, |w: f64| w.max(row.rel_l2)));

@@ -132,16 +132,7 @@ fn compare_tap(
         positions: pairs.positions.clone(),
         first_bad: diverged.iter().position(|&d| d),
         diverged_rows: diverged.iter().filter(|&&d| d).count(),
-        rel_l2: rows
-            .iter()
-            .map(|r| {
-                if r.nonfinite_a + r.nonfinite_b > 0 {
-                    f32::INFINITY
-                } else {
-                    r.rel_l2 as f32
-                }
-            })
-            .collect(),
+        rel_l2: rows.iter().map(|r| r.rel_l2_or_inf() as f32).collect(),
         max_abs: TapDiff::worst_abs(&rows),
         rows,
         logits,

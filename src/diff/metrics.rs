@@ -28,10 +28,23 @@ impl RowStat {
         -20.0 * self.rel_l2.log10()
     }
 
-    pub fn diverges(&self, tol: &Tolerance) -> bool {
+    /// Whether either side holds a NaN or an infinity in this row.
+    pub fn has_nonfinite(&self) -> bool {
         self.nonfinite_a + self.nonfinite_b > 0
-            || (self.rel_l2 > tol.rel_l2 && self.max_abs > tol.abs)
-            || self.rel_l2.is_nan()
+    }
+
+    /// The row's rel L2, infinite when either side is not finite: a NaN row is the worst
+    /// row, never a quiet one.
+    pub fn rel_l2_or_inf(&self) -> f64 {
+        if self.has_nonfinite() {
+            f64::INFINITY
+        } else {
+            self.rel_l2
+        }
+    }
+
+    pub fn diverges(&self, tol: &Tolerance) -> bool {
+        self.has_nonfinite() || (self.rel_l2 > tol.rel_l2 && self.max_abs > tol.abs) || self.rel_l2.is_nan()
     }
 }
 

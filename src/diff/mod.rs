@@ -48,16 +48,7 @@ pub struct TapDiff {
 
 impl TapDiff {
     pub fn max_rel_l2(&self) -> f64 {
-        self.rows
-            .iter()
-            .map(|r| {
-                if r.nonfinite_a + r.nonfinite_b > 0 {
-                    f64::INFINITY
-                } else {
-                    r.rel_l2
-                }
-            })
-            .fold(0.0, f64::max)
+        self.rows.iter().map(|r| r.rel_l2_or_inf()).fold(0.0, f64::max)
     }
 
     fn rel_at(&self, position: usize) -> Option<f64> {

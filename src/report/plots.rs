@@ -241,11 +241,7 @@ impl HeatColumns {
             let Ok(i) = self.positions.binary_search(pos) else {
                 continue;
             };
-            let v = if r.nonfinite_a + r.nonfinite_b > 0 {
-                f64::INFINITY
-            } else {
-                r.rel_l2
-            };
+            let v = r.rel_l2_or_inf();
             let c = &mut cells[i * cols / n_pos];
             *c = if c.is_nan() { v } else { c.max(v) };
         }

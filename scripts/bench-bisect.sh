@@ -4,7 +4,7 @@
 # `resbisect bisect` against an oracle, and the exhaustive alternative — both engines
 # dump every tap of every layer at every position, then one diff. Prints and writes engine
 # runs, bytes dumped and wall time of each (median of RUNS, default 3) to
-# $OUT_DIR (default target/bench/)/bisect-<backend>-<dtype>-<oracle>-<date>.{json,md}.
+# $OUT_DIR (default bench/results/)/bisect-<backend>-<dtype>-<oracle>-<date>.{json,md}.
 # Target: <= log2(22)+4 = 8.5 runs per engine and <= 20% of the exhaustive wall time.
 #
 # The oracle is the reference (ORACLE=reference, default), or the runtime on
@@ -101,8 +101,8 @@ res["time_ratio"] = res["bisect"]["seconds"] / res["exhaustive"]["seconds"]
 res["time_ratio_at_once"] = res["bisect"]["seconds"] / res["exhaustive_at_once"]["seconds"]
 res["bytes_ratio"] = res["bisect"]["bytes"] / res["exhaustive"]["bytes"]
 budget = math.log2(22) + 4
-os.makedirs(os.environ.get("OUT_DIR", "target/bench"), exist_ok=True)
-stem = os.path.join(os.environ.get("OUT_DIR", "target/bench"), f"bisect-{backend}-{dtype}-{oracle}-{res['date']}")
+os.makedirs(os.environ.get("OUT_DIR", "bench/results"), exist_ok=True)
+stem = os.path.join(os.environ.get("OUT_DIR", "bench/results"), f"bisect-{backend}-{dtype}-{oracle}-{res['date']}")
 json.dump(res, open(stem + ".json", "w"), indent=1)
 bi, exh = res["bisect"], res["exhaustive"]
 md = f"""# bisect economy, {res['date']}

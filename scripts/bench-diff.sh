@@ -2,7 +2,7 @@
 # Benchmark: `resbisect diff` on a >= 2 GB dump pair (SmolLM2, 2048-token prompt, every
 # tap of every layer, positions all; one side with an injected fault), reported as GB/s
 # of dump data compared and peak RSS, next to a plain read of the same files in the same
-# run (page cache warm for both). Writes $OUT_DIR (default target/bench/)/diff-<date>.{json,md}.
+# run (page cache warm for both). Writes $OUT_DIR (default bench/results/)/diff-<date>.{json,md}.
 source "$(dirname "$0")/bench-setup.sh"
 grep '"id": "long_2048"' fixtures/prompts/long.jsonl > "$work/suite.jsonl"
 for side in clean injected; do
@@ -36,7 +36,7 @@ res = {
   "ratio_vs_plain_read": (bytes_ / diff_s) / (bytes_ / read_s), "diff_exit_code": code,
   "found": next((l.strip() for l in summary.splitlines() if "FIRST DIVERGENCE" in l), None),
 }
-out_dir = os.environ.get("OUT_DIR", "target/bench")
+out_dir = os.environ.get("OUT_DIR", "bench/results")
 os.makedirs(out_dir, exist_ok=True)
 stem = os.path.join(out_dir, f"diff-{res['date']}")
 json.dump(res, open(stem + ".json", "w"), indent=1)

@@ -2,7 +2,7 @@
 # Benchmark: the reference on SmolLM2, a 1024-token prompt, all resid_post taps at all
 # positions — tokens/s and peak RSS — next to HF transformers (torch f32,
 # output_hidden_states=True, same thread count) in the same run, with the machine's
-# f32 GEMM rate as the ceiling. Writes $OUT_DIR (default target/bench/)/reference-<host>-<date>.{json,md}.
+# f32 GEMM rate as the ceiling. Writes $OUT_DIR (default bench/results/)/reference-<host>-<date>.{json,md}.
 source "$(dirname "$0")/bench-setup.sh"
 threads="${THREADS:-$(nproc)}"
 runs="${RUNS:-3}"
@@ -64,7 +64,7 @@ res = {
   "ratio_vs_hf": ours_tps / hf_tps,
 }
 host = platform.node() or "host"
-out_dir = os.environ.get("OUT_DIR", "target/bench")
+out_dir = os.environ.get("OUT_DIR", "bench/results")
 os.makedirs(out_dir, exist_ok=True)
 stem = os.path.join(out_dir, f"reference-{res['date']}")
 json.dump(res, open(stem + ".json", "w"), indent=1)

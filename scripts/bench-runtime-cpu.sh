@@ -2,7 +2,7 @@
 # Benchmark: the runtime's `cpu` backend on SmolLM2 — 1024-token prefill and 64-token
 # greedy decode, tokens/s with no taps (`resbisect run`) and with every resid_post tap at
 # every position (`resbisect dump --engine runtime`), next to the reference dumping the
-# same taps, in the same run. Writes $OUT_DIR (default target/bench/)/runtime-cpu-<date>.{json,md}.
+# same taps, in the same run. Writes $OUT_DIR (default bench/results/)/runtime-cpu-<date>.{json,md}.
 source "$(dirname "$0")/bench-setup.sh"
 runs="${RUNS:-3}"
 tokens="$(python3 -c "
@@ -35,7 +35,7 @@ res = {
   "tap_overhead": taps_s / no_taps_s - 1,
   "reference_prefill_all_resid_post": {"tok_s": 1024 / ref_s, "s": ref_s},
 }
-out_dir = os.environ.get("OUT_DIR", "target/bench")
+out_dir = os.environ.get("OUT_DIR", "bench/results")
 os.makedirs(out_dir, exist_ok=True)
 stem = os.path.join(out_dir, f"runtime-cpu-{res['date']}")
 json.dump(res, open(stem + ".json", "w"), indent=1)

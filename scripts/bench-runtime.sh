@@ -5,13 +5,13 @@
 # resid_post tap at every position (`resbisect dump`), next to PyTorch/transformers on the
 # same GPU, same shapes and the same weights (loaded from the same GGUF when the `gguf`
 # package is present, else random at the same shapes), in the same run.
-# Writes $OUT_DIR/runtime-cuda.{json,md} (default target/bench/).
+# Writes $OUT_DIR/runtime-cuda.{json,md} (default bench/results/).
 #
 #   RESBISECT=path/to/resbisect OUT_DIR=... scripts/bench-runtime.sh
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 bin="${RESBISECT:-$root/target/release/resbisect}"
-out="${OUT_DIR:-$root/target/bench}"
+out="${OUT_DIR:-$root/bench/results}"
 decode="${DECODE_TOKENS:-128}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT

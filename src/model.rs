@@ -147,6 +147,7 @@ fn read_config(gguf: &GgufFile) -> Result<Config> {
         n_ctx,
         rope_base,
         rms_eps,
+        variant: Default::default(),
     })
 }
 

@@ -100,6 +100,7 @@ pub fn preset(name: &str) -> Result<Preset> {
         n_ctx,
         rope_base,
         rms_eps: 1e-5,
+        variant: Default::default(),
     };
     Ok(match name {
         // A few tens of KB: seeds for the fuzz targets, where every input byte costs time.

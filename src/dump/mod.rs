@@ -202,6 +202,8 @@ fn model_info(m: &JsonMap) -> std::result::Result<ModelInfo, String> {
         n_ctx: size("n_ctx")?,
         rope_base: float(m, "model", "rope_base")?,
         rms_eps: float(m, "model", "rms_eps")?,
+        // The variant's fields sit beside the sizes (serde flatten); absent ones are llama's.
+        variant: serde_json::from_value(serde_json::Value::Object(m.clone())).map_err(|e| format!("model: {e}"))?,
     };
     config.check()?;
     Ok(ModelInfo {

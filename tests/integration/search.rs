@@ -126,6 +126,7 @@ impl Profile {
             n_ctx: 8192,
             rope_base: 1e4,
             rms_eps: 1e-5,
+            variant: Default::default(),
         }
     }
 

@@ -351,6 +351,7 @@ mod tests {
             n_ctx: 128,
             rope_base: 10000.0,
             rms_eps: 1e-5,
+            variant: Default::default(),
         };
         let width = |id: &str| Tap::parse(id).unwrap().width(&c);
         assert_eq!(width("blk.0.q"), 64);

@@ -13,6 +13,7 @@ mod cli;
 mod diff;
 mod dump_format;
 mod hostile;
+mod llamacpp;
 mod reference;
 mod report;
 mod runtime;

@@ -169,9 +169,28 @@ static int rbd__put_json_string(rbd__buf *b, const char *s) {
     return rbd__put(b, "\"");
 }
 
+/* snprintf through a va_list: -1 when the text did not fit (it is cut short then). Also
+ * keeps gcc's -Wformat-truncation quiet, as every caller handles or accepts the cut. */
+static int rbd__format(char *dst, size_t size, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(dst, size, fmt, ap);
+    va_end(ap);
+    return (n < 0 || (size_t)n >= size) ? -1 : 0;
+}
+
 static int rbd__fail(rbd_dump *d, const char *what, const char *path) {
-    snprintf(d->error, sizeof d->error, "%s %s: %s", what, path ? path : "", strerror(errno));
+    /* A message cut at sizeof d->error is still a message. */
+    (void)rbd__format(d->error, sizeof d->error, "%s %s: %s", what, path ? path : "", strerror(errno));
     return -1;
+}
+
+/* A path from a format, or a failure naming the part that made it too long. */
+static int rbd__path(rbd_dump *d, char *dst, size_t size, const char *fmt, const char *a, const char *b,
+                     const char *c) {
+    if (!rbd__format(dst, size, fmt, a, b, c)) return 0;
+    errno = ENAMETOOLONG;
+    return rbd__fail(d, "path too long:", dst);
 }
 
 static int rbd__mkdirs(const char *path) {
@@ -196,7 +215,10 @@ static int rbd__write_atomic(rbd_dump *d, const char *path, const void *const *p
     char tmp[4200];
     const char *slash = strrchr(path, '/');
     size_t dirlen = slash ? (size_t)(slash - path + 1) : 0;
-    snprintf(tmp, sizeof tmp, "%.*s.%s.tmp-%ld", (int)dirlen, path, path + dirlen, (long)getpid());
+    if (rbd__format(tmp, sizeof tmp, "%.*s.%s.tmp-%ld", (int)dirlen, path, path + dirlen, (long)getpid())) {
+        errno = ENAMETOOLONG;
+        return rbd__fail(d, "path too long:", path);
+    }
     FILE *f = fopen(tmp, "wb");
     if (!f) return rbd__fail(d, "cannot create", tmp);
     for (size_t i = 0; i < n_parts; i++) {
@@ -227,7 +249,10 @@ static int rbd__write_manifest(rbd_dump *d, const char *status, const char *erro
         return rbd__fail(d, "out of memory for", "manifest.json");
     }
     char path[4200];
-    snprintf(path, sizeof path, "%s/manifest.json", d->dir);
+    if (rbd__path(d, path, sizeof path, "%s/%s%s", d->dir, "manifest.json", "")) {
+        free(b.p);
+        return -1;
+    }
     const void *parts[1] = {b.p};
     size_t lens[1] = {b.len};
     rc = rbd__write_atomic(d, path, parts, lens, 1);
@@ -330,9 +355,9 @@ int rbd_write_file_typed(rbd_dump *d, const char *prompt_id, const char *stem, c
                          const size_t *widths) {
     static const char *const names[3] = {"F32", "F16", "BF16"};
     char path[4200];
-    snprintf(path, sizeof path, "%s/data/%s", d->dir, prompt_id);
+    if (rbd__path(d, path, sizeof path, "%s/data/%s%s", d->dir, prompt_id, "")) return -1;
     if (rbd__mkdirs(path)) return rbd__fail(d, "cannot create", path);
-    snprintf(path, sizeof path, "%s/data/%s/%s.safetensors", d->dir, prompt_id, stem);
+    if (rbd__path(d, path, sizeof path, "%s/data/%s/%s.safetensors", d->dir, prompt_id, stem)) return -1;
     /* Header: positions first, then the taps, back to back in that order. */
     rbd__buf h = {NULL, 0, 0};
     size_t off = n * 8;

@@ -165,7 +165,7 @@ int main(int argc, char **argv) {
     llama_context *ctx = llama_init_from_model(model, context_params(o, tokens.size(), threads, &capture));
     if (!ctx) bad_input("llama.cpp cannot make a context with these options (a quantized V cache needs --flash-attn on)");
 
-    std::string opts = options_json(o, threads), version = std::string("llama-cpp-python ") + LLAMACPP_PIN;
+    std::string opts = options_json(o, threads), version = LLAMACPP_PIN;
     rbd_engine engine = {"llama.cpp", version.c_str(), LLAMACPP_BACKEND, "f32", LLAMACPP_BACKEND, opts.c_str()};
     std::vector<std::string> layer_items, tap_items(w.taps.begin(), w.taps.end());
     for (int l : w.layers) layer_items.push_back(std::to_string(l));

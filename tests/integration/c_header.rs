@@ -130,7 +130,7 @@ fn the_header_records_identity_and_writes_f16_and_bf16_taps_in_c_and_cpp() {
         let exe = dir.path().join(format!("typed-{compiler}"));
         let out = Command::new(compiler)
             .args(flags)
-            .args(["-Wall", "-Wextra", "-Werror", "-I"])
+            .args(["-O2", "-Wall", "-Wextra", "-Werror", "-I"])
             .arg(root().join("include"))
             .arg("-o")
             .arg(&exe)

@@ -19,3 +19,4 @@ mod runtime;
 mod search;
 mod third_party;
 mod tokenizer;
+mod variants;

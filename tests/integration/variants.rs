@@ -280,15 +280,15 @@ fn gemma_like(dir: &std::path::Path) -> std::path::PathBuf {
 
 /// Changing the token at position 2 changes a windowed layer's attention at positions
 /// 2..=2+window-1 and not at 2+window (the window's edge, both sides). Stacked windows
-/// reach back window-1 positions per layer: layer 3's output at 15 depends on tokens from
-/// 15 - 4·3 = 3 on, so layer 4 (windowed, keys 12..=15) still cannot see position 2,
-/// while the global layer 5 can. Unchanged rows are bitwise equal: masked keys weigh
-/// exactly 0.
+/// reach back window-1 positions per layer, so layer l's output at p depends on tokens
+/// from p - (l+1)·(window-1) on: layer 4 (windowed) at 23 reaches back to 8 only, while
+/// the global layer 5 at 23 sees position 2. Unchanged rows are bitwise equal: masked
+/// keys weigh exactly 0.
 #[test]
 fn sliding_window_hides_tokens_past_the_window_and_the_global_layer_sees_them() {
     let dir = tempfile::tempdir().unwrap();
     let model = gemma_like(dir.path());
-    let a: Vec<u32> = (0..16).map(|i| (i * 37 + 5) % 1000 + 3).collect();
+    let a: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % 1000 + 3).collect();
     let mut b = a.clone();
     b[2] = 999;
     let (da, db) = (
@@ -299,7 +299,7 @@ fn sliding_window_hides_tokens_past_the_window_and_the_global_layer_sees_them() 
     for p in 2..2 + WINDOW {
         assert!(diff("blk.0.attn", p) > 1e-4, "layer 0 at {p} sees position 2");
     }
-    for p in 2 + WINDOW..16 {
+    for p in 2 + WINDOW..24 {
         assert_eq!(diff("blk.0.attn", p), 0.0, "layer 0 at {p} is past the window");
     }
     assert_eq!(diff("blk.3.resid_post", 15), 0.0);

@@ -17,6 +17,7 @@ mod reference;
 mod report;
 mod runtime;
 mod search;
+mod synth_presets;
 mod third_party;
 mod tokenizer;
 mod variants;

@@ -191,7 +191,7 @@ impl<B: Backend> PromptRunner for RuntimeRunner<'_, B> {
         let cfg = &self.model.config;
         let selected_taps: Vec<Tap> = all_taps(cfg.n_layer)
             .into_iter()
-            .filter(|t| session.selection().wants(t))
+            .filter(|t| t.in_model(cfg) && session.selection().wants(t))
             .collect();
         let widest = selected_taps.iter().map(|t| t.width(cfg)).max().unwrap_or(0);
         self.rt

@@ -13,6 +13,7 @@ mod cli;
 mod diff;
 mod dump_format;
 mod hostile;
+mod quant;
 mod reference;
 mod report;
 mod runtime;

@@ -163,3 +163,41 @@ fn model_info_writes_what_an_external_engine_receives() {
     let missing = resbisect(&["model-info", "/nonexistent.gguf"]);
     assert_eq!(missing.code, 2, "{}", missing.stderr);
 }
+
+/// Pending H4b's numerics profiles (branch h4b-profiles, `--profile llamacpp-cpu`): the
+/// same knob bugs found exactly against the profiled reference at default tolerances.
+#[test]
+#[ignore = "pending: needs --profile llamacpp-cpu from h4b-profiles merged"]
+fn llamacpp_knob_bugs_are_found_exactly_against_the_llamacpp_cpu_profile() {
+    let Some(exe) = adapter() else { return };
+    let bugs = [
+        ("--rope-freq-base 10000", "blk.0.q", 1),
+        (
+            "--rope-scaling yarn --rope-freq-scale 0.25 --yarn-orig-ctx 2048",
+            "blk.0.q",
+            0,
+        ),
+        ("--cache-type-k q4_0", "blk.0.attn", 1),
+    ];
+    for (knobs, tap, position) in bugs {
+        let dir = tempfile::tempdir().unwrap();
+        let buggy = command(&exe, knobs);
+        let (code, r) = bisect_json(
+            &[
+                "--prompts",
+                &prompts(),
+                "--id",
+                "p6_len_128",
+                "--engine",
+                "external",
+                "--command",
+                &buggy,
+                "--profile",
+                "llamacpp-cpu",
+            ],
+            &dir.path().join("work"),
+        );
+        assert_eq!(code, 1, "{knobs}: {r}");
+        assert_eq!(first(&r), (tap.to_string(), position), "{knobs}: {}", r["first"]);
+    }
+}

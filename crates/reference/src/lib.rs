@@ -5,9 +5,12 @@
 //! contract (resbisect-taps, which holds no numerics), so it cannot reuse runtime
 //! numerics. It reads weights through [`WeightSource`] and hands captured rows, one dump
 //! file group at a time, to a [`TapSink`]; it keeps only one layer's activations alive.
-//! The numerics themselves (norm, RoPE, attention, faults) are in [`ops`].
+//! The numerics themselves (norm, RoPE, attention, faults) are in [`ops`]; a numerics
+//! [`Profile`] (rounding as an engine stores, [`profile`]) applies in [`project`].
 
 mod ops;
+mod profile;
+mod project;
 
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
@@ -17,6 +20,8 @@ use resbisect_taps::{Config, Faults, FileStem, LayerTap, Tap, TapFault};
 
 pub use ops::gather;
 use ops::{apply_faults, attention, faulty_rope_tables, rms_norm, rope, rope_tables, row_eps, Eps};
+pub use profile::{ActRounding, CacheType, Profile};
+use project::{attention_inputs, Part, Projection};
 
 /// A weight as stored in GGUF: ggml type, dims in ggml order (`dims[0]` contiguous) and
 /// its raw bytes.
@@ -41,17 +46,19 @@ pub trait TapSink {
 struct Layer {
     attn_norm: Tensor,
     /// Q, K and V projections stacked along the output dim: one GEMM instead of three.
-    wqkv: Tensor,
-    wo: Tensor,
+    wqkv: Projection,
+    wo: Projection,
     ffn_norm: Tensor,
     /// Gate and up projections stacked along the output dim.
-    w_gate_up: Tensor,
-    w_down: Tensor,
+    w_gate_up: Projection,
+    w_down: Projection,
 }
 
 pub struct Reference {
     cfg: Config,
     dtype: DType,
+    /// The engine numerics the oracle imitates ([`Profile::Exact`]: none).
+    profile: Profile,
     /// Weights outside the layers; absent in a reference loaded only for layer replay.
     io: Option<IoWeights>,
     /// `None` for layers a replay-only reference did not load.
@@ -61,7 +68,7 @@ pub struct Reference {
 struct IoWeights {
     token_embd: Tensor,
     output_norm: Tensor,
-    output: Tensor,
+    output: Projection,
 }
 
 /// Dequantize a GGUF weight exactly into a candle tensor of shape `[dims reversed]`.
@@ -75,22 +82,61 @@ fn load(src: &dyn WeightSource, name: &str, dtype: DType) -> Result<Tensor> {
     Ok(t.to_dtype(dtype)?)
 }
 
+/// A matmul weight loaded as the part of a projection: dequantized (`[out, in]`), with
+/// its type and the per-block offsets `profile` needs.
+fn load_part(src: &dyn WeightSource, name: &str, dtype: DType, profile: Profile) -> Result<(Tensor, Part)> {
+    let t = load(src, name, dtype)?;
+    let w = src.weight(name)?;
+    let (out, cols) = t.dims2().with_context(|| format!("{name} is not a matrix"))?;
+    let offsets = if profile::uses_block_sum(profile.activation_rounding(w.dtype), w.dtype) {
+        profile::weight_block_offsets(w.dtype, w.data, out, cols)
+            .with_context(|| format!("reading the block offsets of {name}"))?
+            .map(|m| -> Result<Tensor> {
+                Ok(Tensor::from_vec(m, (out, cols / 32), &Device::Cpu)?
+                    .t()?
+                    .contiguous()?
+                    .to_dtype(dtype)?)
+            })
+            .transpose()?
+    } else {
+        None
+    };
+    Ok((
+        t,
+        Part {
+            dtype: w.dtype,
+            cols: out,
+            offsets,
+        },
+    ))
+}
+
+/// Parts stacked along the output dim into one projection `[in, Σ out]`.
+fn stack(parts: Vec<(Tensor, Part)>) -> Result<Projection> {
+    let (ws, parts): (Vec<Tensor>, Vec<Part>) = parts.into_iter().unzip();
+    Ok(Projection {
+        w: Tensor::cat(&ws, 0)?.t()?,
+        parts,
+    })
+}
+
 impl Reference {
-    /// Load and dequantize every weight (layers in parallel). `on_layer` is called as
-    /// each layer finishes loading.
+    /// Load and dequantize every weight (layers in parallel), to compute under `profile`.
+    /// `on_layer` is called as each layer finishes loading.
     pub fn load(
         cfg: Config,
         src: &(dyn WeightSource + Sync),
         dtype: DType,
+        profile: Profile,
         on_layer: &mut dyn FnMut(usize),
     ) -> Result<Self> {
         let all: Vec<usize> = (0..cfg.n_layer).collect();
         let io = IoWeights {
             token_embd: load(src, "token_embd.weight", dtype)?,
             output_norm: load(src, "output_norm.weight", dtype)?,
-            output: load(src, "output.weight", dtype)?,
+            output: stack(vec![load_part(src, "output.weight", dtype, profile)?])?,
         };
-        Self::load_layers(cfg, src, dtype, &all, Some(io), on_layer)
+        Self::load_layers(cfg, src, (dtype, profile), &all, Some(io), on_layer)
     }
 
     /// Load only `layers`, for local replay of them ([`replay_layer`](Self::replay_layer)):
@@ -99,15 +145,16 @@ impl Reference {
         cfg: Config,
         src: &(dyn WeightSource + Sync),
         dtype: DType,
+        profile: Profile,
         layers: &[usize],
     ) -> Result<Self> {
-        Self::load_layers(cfg, src, dtype, layers, None, &mut |_| {})
+        Self::load_layers(cfg, src, (dtype, profile), layers, None, &mut |_| {})
     }
 
     fn load_layers(
         cfg: Config,
         src: &(dyn WeightSource + Sync),
-        dtype: DType,
+        (dtype, profile): (DType, Profile),
         which: &[usize],
         io: Option<IoWeights>,
         on_layer: &mut dyn FnMut(usize),
@@ -136,17 +183,24 @@ impl Reference {
                         "ffn_up",
                         "ffn_down",
                     ];
-                    let w: Vec<Tensor> = NAMES
+                    let mut w: Vec<(Tensor, Part)> = NAMES
                         .par_iter()
-                        .map(|n| load(src, &format!("blk.{l}.{n}.weight"), dtype))
+                        .map(|n| load_part(src, &format!("blk.{l}.{n}.weight"), dtype, profile))
                         .collect::<Result<_>>()?;
+                    let mut take = |n: usize| w.drain(..n).collect::<Vec<_>>();
+                    let attn_norm = take(1).remove(0).0;
+                    let wqkv = stack(take(3))?;
+                    let wo = stack(take(1))?;
+                    let ffn_norm = take(1).remove(0).0;
+                    let w_gate_up = stack(take(2))?;
+                    let w_down = stack(take(1))?;
                     let layer = Layer {
-                        attn_norm: w[0].clone(),
-                        wqkv: Tensor::cat(&[&w[1], &w[2], &w[3]], 0)?.t()?,
-                        wo: w[4].t()?,
-                        ffn_norm: w[5].clone(),
-                        w_gate_up: Tensor::cat(&[&w[6], &w[7]], 0)?.t()?,
-                        w_down: w[8].t()?,
+                        attn_norm,
+                        wqkv,
+                        wo,
+                        ffn_norm,
+                        w_gate_up,
+                        w_down,
                     };
                     Ok((l, layer))
                 })
@@ -160,7 +214,13 @@ impl Reference {
         for (l, layer) in loaded {
             layers[l] = Some(layer);
         }
-        Ok(Self { cfg, dtype, io, layers })
+        Ok(Self {
+            cfg,
+            dtype,
+            profile,
+            io,
+            layers,
+        })
     }
 
     fn io(&self) -> Result<&IoWeights> {
@@ -179,6 +239,10 @@ impl Reference {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    pub fn profile(&self) -> Profile {
+        self.profile
     }
 
     pub fn n_layer(&self) -> usize {
@@ -344,7 +408,7 @@ impl Reference {
             out.push((Tap::FinalNorm, normed.clone()));
         }
         if want_logits {
-            let logits = normed.matmul(&io.output.t()?)?;
+            let logits = io.output.apply(&normed, self.profile)?;
             out.push((Tap::Logits, apply_faults(&gathered_faults, Tap::Logits, logits)?));
         }
         sink.emit(FileStem::Output, out)
@@ -364,14 +428,14 @@ impl Reference {
         let cfg = &self.cfg;
         let (qw, kvw) = (cfg.n_head * cfg.head_dim(), cfg.n_head_kv * cfg.head_dim());
         let h = tap(LayerTap::AttnNorm, rms_norm(x, &layer.attn_norm, eps)?)?;
-        let qkv = h.matmul(&layer.wqkv)?;
+        let qkv = layer.wqkv.apply(&h, self.profile)?;
         let q_in = tap(LayerTap::QPreRope, qkv.narrow(1, 0, qw)?.contiguous()?)?;
         let k_in = tap(LayerTap::KPreRope, qkv.narrow(1, qw, kvw)?.contiguous()?)?;
         let q = tap(LayerTap::Q, rope(&q_in, cfg.n_head, cos, sin)?)?;
         let k = tap(LayerTap::K, rope(&k_in, cfg.n_head_kv, cos, sin)?)?;
         let v = tap(LayerTap::V, qkv.narrow(1, qw + kvw, kvw)?.contiguous()?)?;
         let positions: Vec<usize> = (0..x.dim(0)?).collect();
-        let attn = tap(LayerTap::Attn, attention(&q, &k, &v, &positions, cfg)?)?;
+        let attn = tap(LayerTap::Attn, self.attend(&q, &k, &v, &positions)?)?;
         self.layer_rest(layer, x, attn, eps, tap)
     }
 
@@ -385,15 +449,22 @@ impl Reference {
         tap: &mut dyn FnMut(LayerTap, Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let attn_out = tap(LayerTap::AttnOut, attn.matmul(&layer.wo)?)?;
+        let attn_out = tap(LayerTap::AttnOut, layer.wo.apply(&attn, self.profile)?)?;
         let resid_mid = tap(LayerTap::ResidMid, (x + &attn_out)?)?;
         let h2 = tap(LayerTap::FfnNorm, rms_norm(&resid_mid, &layer.ffn_norm, eps)?)?;
-        let gate_up = h2.matmul(&layer.w_gate_up)?;
+        let gate_up = layer.w_gate_up.apply(&h2, self.profile)?;
         let gate = tap(LayerTap::FfnGate, gate_up.narrow(1, 0, cfg.n_ff)?)?;
         let up = tap(LayerTap::FfnUp, gate_up.narrow(1, cfg.n_ff, cfg.n_ff)?)?;
         let act = tap(LayerTap::FfnAct, (gate.silu()? * &up)?)?;
-        let ffn_out = tap(LayerTap::FfnOut, act.matmul(&layer.w_down)?)?;
+        let ffn_out = tap(LayerTap::FfnOut, layer.w_down.apply(&act, self.profile)?)?;
         tap(LayerTap::ResidPost, (&resid_mid + &ffn_out)?)
+    }
+
+    /// Attention of queries `q` at `positions` over keys/values `k`, `v` of positions
+    /// `0..`, as stored and multiplied under the profile (KV cache and f16 rounding).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, positions: &[usize]) -> Result<Tensor> {
+        let (q, k, v) = attention_inputs(self.profile, q, k, v)?;
+        attention(&q, &k, &v, positions, &self.cfg, self.profile.attention_in_f16())
     }
 
     /// Local replay: recompute layer `l` from a given residual-stream input (`rows × n_embd`
@@ -421,14 +492,14 @@ impl Reference {
         let (cos, sin) = rope_tables(&all, cfg.head_dim(), cfg.rope_base, self.dtype)?;
         let eps = Eps::Model(cfg.rms_eps);
         let h = rms_norm(&x, &layer.attn_norm, &eps)?;
-        let kv = h.matmul(&layer.wqkv.narrow(1, qw, 2 * kvw)?)?;
+        let kv = layer.wqkv.apply_cols(&h, self.profile, qw, 2 * kvw)?;
         let k_in = kv.narrow(1, 0, kvw)?.contiguous()?;
         let k = rope(&k_in, cfg.n_head_kv, &cos, &sin)?;
         let v = kv.narrow(1, kvw, kvw)?.contiguous()?;
         let picked: Vec<f64> = at.iter().map(|&p| p as f64).collect();
         let (cos_at, sin_at) = rope_tables(&picked, cfg.head_dim(), cfg.rope_base, self.dtype)?;
         let h_at = gather(&h, at)?;
-        let q_in = h_at.matmul(&layer.wqkv.narrow(1, 0, qw)?)?;
+        let q_in = layer.wqkv.apply_cols(&h_at, self.profile, 0, qw)?;
         let q = rope(&q_in, cfg.n_head, &cos_at, &sin_at)?;
         let mut out = Vec::with_capacity(LayerTap::ALL.len());
         let mut record = |which: LayerTap, t: Tensor| -> Result<Tensor> {
@@ -442,7 +513,7 @@ impl Reference {
         record(LayerTap::Q, q.clone())?;
         record(LayerTap::K, k_at)?;
         record(LayerTap::V, v_at)?;
-        let attn = record(LayerTap::Attn, attention(&q, &k, &v, at, cfg)?)?;
+        let attn = record(LayerTap::Attn, self.attend(&q, &k, &v, at)?)?;
         self.layer_rest(layer, &gather(&x, at)?, attn, &eps, &mut record)?;
         Ok(out)
     }

@@ -152,8 +152,16 @@ pub(crate) fn rope(x: &Tensor, n_heads: usize, cos: &Tensor, sin: &Tensor) -> Re
 /// Causal grouped-query attention of queries at `positions` (ascending) over keys and
 /// values of positions `0..`; runs of consecutive positions go in chunks, so the score
 /// matrix stays small. q: [positions.len(), n_head·hd], k/v: [n, n_head_kv·hd] →
-/// [positions.len(), n_head·hd].
-pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, positions: &[usize], cfg: &Config) -> Result<Tensor> {
+/// [positions.len(), n_head·hd]. `probs_in_f16`: the softmax output is rounded to f16
+/// before it multiplies V (an engine's f16 V cache matmul converting it).
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    positions: &[usize],
+    cfg: &Config,
+    probs_in_f16: bool,
+) -> Result<Tensor> {
     let n = q.dim(0)?;
     let (hd, h, hkv) = (cfg.head_dim(), cfg.n_head, cfg.n_head_kv);
     let group = h / hkv;
@@ -185,6 +193,11 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, positions: &[usize],
             rows: len,
             first_pos,
         })?;
+        let probs = if probs_in_f16 {
+            probs.to_dtype(DType::F16)?.to_dtype(q.dtype())?
+        } else {
+            probs
+        };
         let out = probs.reshape((hkv, group * len, keys))?.matmul(&vc)?;
         // [hkv, group·len, hd] → [h, len, hd] → [len, h·hd]
         outs.push(

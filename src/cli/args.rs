@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use resbisect::diff::Judge;
-use resbisect::engine::{EngineKind, EngineSpec, RefPrecision};
+use resbisect::engine::{EngineKind, EngineSpec, Profile, RefPrecision, RefSpec};
 use resbisect::prompts::Input;
 use resbisect::runtime::backend::StorageDType;
 use resbisect::runtime::{BackendKind, RunOptions};
@@ -349,6 +349,10 @@ pub struct BisectArgs {
     /// The reference's precision (oracle and local replay): f32 or f64.
     #[arg(long, default_value = "f32")]
     pub reference_dtype: String,
+    /// The engine numerics the reference imitates (oracle and local replay): exact,
+    /// llamacpp-cpu or llamacpp-cuda (docs/profiles.md).
+    #[arg(long, default_value = "exact")]
+    pub profile: String,
     #[command(flatten)]
     pub compare: CompareArgs,
     /// Probe logits at every position only while one engine's logits stay under this.
@@ -402,6 +406,10 @@ pub struct DumpArgs {
     /// Precision: f32 or f64 for the reference; f32, f16 or bf16 storage for the runtime.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Reference: the engine numerics it imitates, exact, llamacpp-cpu or llamacpp-cuda
+    /// (docs/profiles.md).
+    #[arg(long, default_value = "exact")]
+    pub profile: String,
     /// Runtime backend.
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: BackendKind,
@@ -449,13 +457,19 @@ impl DumpArgs {
     pub fn engine(&self) -> Result<EngineSpec> {
         let kind = match self.engine {
             DumpEngine::Reference => {
-                let precision = RefPrecision::parse(&self.dtype)?;
+                let spec = RefSpec {
+                    precision: RefPrecision::parse(&self.dtype)?,
+                    profile: parse_profile(&self.profile)?,
+                };
                 if self.max_tokens > 0 || self.prefill_chunk.is_some() || self.sync_check || self.warmup > 0 {
                     return Err(Error::input(
                         "--max-tokens, --prefill-chunk, --sync-check and --warmup are runtime options (--engine runtime)",
                     ));
                 }
-                EngineKind::Reference(precision)
+                EngineKind::Reference(spec)
+            }
+            DumpEngine::Runtime if self.profile != Profile::Exact.name() => {
+                return Err(Error::input("--profile is a reference option (--engine reference)"))
             }
             DumpEngine::Runtime => EngineKind::Runtime {
                 backend: self.backend,
@@ -477,15 +491,18 @@ impl DumpArgs {
 }
 
 impl BisectArgs {
-    /// The reference's precision (oracle and local replay).
-    pub fn reference_precision(&self) -> Result<RefPrecision> {
-        RefPrecision::parse(&self.reference_dtype)
+    /// The reference's precision and profile (oracle and local replay).
+    pub fn reference_spec(&self) -> Result<RefSpec> {
+        Ok(RefSpec {
+            precision: RefPrecision::parse(&self.reference_dtype)?,
+            profile: parse_profile(&self.profile)?,
+        })
     }
 
     /// Engine A (under test) and engine B (the oracle).
     pub fn engines(&self) -> Result<(EngineSpec, EngineSpec)> {
-        let precision = self.reference_precision()?;
-        if matches!(self.engine, BisectEngine::Reference) && RefPrecision::parse(&self.dtype)? != precision {
+        let precision = self.reference_spec()?;
+        if matches!(self.engine, BisectEngine::Reference) && RefPrecision::parse(&self.dtype)? != precision.precision {
             return Err(Error::input(
                 "with --engine reference, A computes in --reference-dtype; drop --dtype",
             ));
@@ -517,13 +534,7 @@ impl BisectArgs {
 
 impl BisectEngine {
     /// The library's engine kind; flags of other kinds are ignored.
-    fn kind(
-        self,
-        command: Option<&str>,
-        backend: BackendKind,
-        dtype: &str,
-        precision: RefPrecision,
-    ) -> Result<EngineKind> {
+    fn kind(self, command: Option<&str>, backend: BackendKind, dtype: &str, precision: RefSpec) -> Result<EngineKind> {
         Ok(match self {
             BisectEngine::Runtime => EngineKind::Runtime {
                 backend,
@@ -539,4 +550,9 @@ impl BisectEngine {
             },
         })
     }
+}
+
+/// `--profile NAME`, or one line naming the option and the known profiles.
+fn parse_profile(name: &str) -> Result<Profile> {
+    Profile::parse(name).map_err(|e| Error::input(format!("--profile: {e}")))
 }

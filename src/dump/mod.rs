@@ -32,6 +32,10 @@ pub struct EngineInfo {
     pub backend: String,
     pub dtype: String,
     pub device: String,
+    /// The numerics profile a reference imitated (`exact`, `llamacpp-cpu`, …); absent for
+    /// other engines and in dumps written before profiles existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -60,6 +64,23 @@ impl EngineInfo {
             backend: backend.into(),
             dtype: dtype.into(),
             device,
+            profile: None,
+        }
+    }
+
+    /// This identity with the numerics profile the engine followed.
+    pub fn with_profile(self, profile: &str) -> Self {
+        Self {
+            profile: Some(profile.into()),
+            ..self
+        }
+    }
+
+    /// `reference` or `reference, profile llamacpp-cpu`: who computed, for reports.
+    pub fn label(&self) -> String {
+        match &self.profile {
+            Some(p) => format!("{}, profile {p}", self.name),
+            None => self.name.clone(),
         }
     }
 }
@@ -185,6 +206,7 @@ fn engine_info(e: &JsonMap) -> std::result::Result<EngineInfo, String> {
         backend: opt_string(e, "engine", "backend")?.unwrap_or_default(),
         dtype: opt_string(e, "engine", "dtype")?.unwrap_or_default(),
         device: opt_string(e, "engine", "device")?.unwrap_or_default(),
+        profile: opt_string(e, "engine", "profile")?,
     })
 }
 

@@ -13,12 +13,20 @@ pub fn terminal_summary(r: &DiffReport) -> String {
     let _ = writeln!(
         s,
         "A: {} ({}, {} {}, {:?})",
-        r.a.path, r.a.engine.name, r.a.engine.backend, r.a.engine.dtype, r.a.status
+        r.a.path,
+        r.a.engine.label(),
+        r.a.engine.backend,
+        r.a.engine.dtype,
+        r.a.status
     );
     let _ = writeln!(
         s,
         "B: {} ({}, {} {}, {:?})",
-        r.b.path, r.b.engine.name, r.b.engine.backend, r.b.engine.dtype, r.b.status
+        r.b.path,
+        r.b.engine.label(),
+        r.b.engine.backend,
+        r.b.engine.dtype,
+        r.b.status
     );
     for n in &r.notes {
         let _ = writeln!(s, "note: {n}");
@@ -165,7 +173,7 @@ pub fn markdown(r: &DiffReport) -> String {
         s,
         "- A: `{}` — {} ({} {}), {:?}",
         md_code(&r.a.path),
-        md_text(&r.a.engine.name),
+        md_text(&r.a.engine.label()),
         md_text(&r.a.engine.backend),
         md_text(&r.a.engine.dtype),
         r.a.status
@@ -174,7 +182,7 @@ pub fn markdown(r: &DiffReport) -> String {
         s,
         "- B: `{}` — {} ({} {}), {:?}",
         md_code(&r.b.path),
-        md_text(&r.b.engine.name),
+        md_text(&r.b.engine.label()),
         md_text(&r.b.engine.backend),
         md_text(&r.b.engine.dtype),
         r.b.status

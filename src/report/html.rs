@@ -23,7 +23,7 @@ pub fn html(r: &DiffReport) -> Result<String> {
             s,
             "<tr><th>{name}</th><td>{}</td><td>{} · {} · {}</td><td>{:?}{}</td></tr>",
             html_escape(&side.path),
-            html_escape(&side.engine.name),
+            html_escape(&side.engine.label()),
             html_escape(&side.engine.backend),
             html_escape(&side.engine.dtype),
             side.status,

@@ -87,7 +87,12 @@ fn load(src: &dyn WeightSource, name: &str, dtype: DType) -> Result<Tensor> {
 fn load_part(src: &dyn WeightSource, name: &str, dtype: DType, profile: Profile) -> Result<(Tensor, Part)> {
     let t = load(src, name, dtype)?;
     let w = src.weight(name)?;
-    let (out, cols) = t.dims2().with_context(|| format!("{name} is not a matrix"))?;
+    // Norm vectors load as parts too (and are taken apart again): one row per value.
+    let (out, cols) = match *t.dims() {
+        [out, cols] => (out, cols),
+        [out] => (out, 1),
+        _ => bail!("{name}: expected a matrix or a vector, not shape {:?}", t.dims()),
+    };
     let offsets = if profile::uses_block_sum(profile.activation_rounding(w.dtype), w.dtype) {
         profile::weight_block_offsets(w.dtype, w.data, out, cols)
             .with_context(|| format!("reading the block offsets of {name}"))?

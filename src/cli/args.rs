@@ -135,12 +135,19 @@ pub struct DiffArgs {
 pub struct CalibrateArgs {
     #[arg(required = true, num_args = 2..)]
     pub dumps: Vec<PathBuf>,
-    /// Multiply each tap kind's worst measured rel L2 by this.
+    /// Each tap's (per layer) tolerance is this quantile of its rows' rel L2 over
+    /// positions, times --margin.
+    #[arg(long, default_value_t = 0.99)]
+    pub quantile: f64,
+    /// Multiply each tap's measured quantile by this.
     #[arg(long, default_value_t = 4.0)]
     pub margin: f64,
     /// Never tolerate less than this rel L2.
     #[arg(long, default_value_t = 1e-7)]
     pub floor: f64,
+    /// Every calibrated tap's abs: rows whose largest difference stays under it never diverge.
+    #[arg(long, default_value_t = 1e-6)]
+    pub abs_floor: f64,
     #[arg(long)]
     pub allow_model_mismatch: bool,
     #[arg(short, long)]

@@ -302,6 +302,13 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
 pub fn diff_paired(a: &Dump, b: &Dump, opts: &DiffOptions, pairs: &[(String, String)]) -> Result<DiffReport> {
     let (ma, mb) = (&a.manifest, &b.manifest);
     let mut notes = Vec::new();
+    // Calibrated tolerances say how they were made, floors included.
+    notes.extend(
+        opts.tolerances
+            .calibration
+            .as_ref()
+            .map(|c| format!("tolerances {}", c.describe())),
+    );
     check_same_model(ma, mb, opts.allow_model_mismatch, &mut notes)?;
     partial_dump_notes(ma, mb, &mut notes);
     let engine_dtypes: Vec<TapDType> = [&ma.engine.dtype, &mb.engine.dtype]

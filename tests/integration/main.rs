@@ -13,6 +13,7 @@ mod cli;
 mod diff;
 mod dump_format;
 mod hostile;
+mod profiles;
 mod reference;
 mod report;
 mod runtime;

@@ -167,7 +167,7 @@ pub fn weight_block_offsets(dtype: GgmlDType, data: &[u8], rows: usize, cols: us
         _ => return Ok(None),
     };
     let blocks = rows * cols / 32;
-    if cols % 32 != 0 || data.len() != blocks * block_bytes {
+    if !cols.is_multiple_of(32) || data.len() != blocks * block_bytes {
         bail!(
             "{dtype:?} weight of {rows}×{cols}: {} bytes are not {blocks} blocks",
             data.len()
@@ -189,7 +189,7 @@ pub fn round_activations(x: &[f32], width: usize, rounding: ActRounding) -> Resu
         ActRounding::Q8K => 256,
         _ => 32,
     };
-    if width % block != 0 || x.len() % width.max(1) != 0 {
+    if !width.is_multiple_of(block) || !x.len().is_multiple_of(width.max(1)) {
         bail!("{rounding:?} rounds rows in blocks of {block}, not rows of {width}");
     }
     let mut out = x.to_vec();
@@ -269,7 +269,7 @@ pub fn round_cache(x: &[f32], width: usize, cache: CacheType) -> Result<Vec<f32>
         CacheType::F16 => Ok(round_activations(x, width, ActRounding::F16)?.0),
         CacheType::Q8_0 => Ok(round_activations(x, width, ActRounding::Q8_0Cpu)?.0),
         CacheType::Q4_0 => {
-            if width % 32 != 0 {
+            if !width.is_multiple_of(32) {
                 bail!("a q4_0 KV cache needs rows in blocks of 32, not rows of {width}");
             }
             let mut out = x.to_vec();

@@ -21,7 +21,7 @@ use resbisect_taps::{Config, Faults, FileStem, LayerTap, Tap, TapFault};
 pub use ops::gather;
 use ops::{apply_faults, attention, faulty_rope_tables, rms_norm, rope, rope_tables, row_eps, Eps};
 pub use profile::{ActRounding, CacheType, Profile};
-use project::{attention_inputs, Part, Projection};
+use project::{attention_inputs, load_part, stack, Part, Projection};
 
 /// A weight as stored in GGUF: ggml type, dims in ggml order (`dims[0]` contiguous) and
 /// its raw bytes.
@@ -80,49 +80,6 @@ fn load(src: &dyn WeightSource, name: &str, dtype: DType) -> Result<Tensor> {
         .dequantize(&Device::Cpu)
         .with_context(|| format!("dequantizing {name}"))?;
     Ok(t.to_dtype(dtype)?)
-}
-
-/// A matmul weight loaded as the part of a projection: dequantized (`[out, in]`), with
-/// its type and the per-block offsets `profile` needs.
-fn load_part(src: &dyn WeightSource, name: &str, dtype: DType, profile: Profile) -> Result<(Tensor, Part)> {
-    let t = load(src, name, dtype)?;
-    let w = src.weight(name)?;
-    // Norm vectors load as parts too (and are taken apart again): one row per value.
-    let (out, cols) = match *t.dims() {
-        [out, cols] => (out, cols),
-        [out] => (out, 1),
-        _ => bail!("{name}: expected a matrix or a vector, not shape {:?}", t.dims()),
-    };
-    let offsets = if profile::uses_block_sum(profile.activation_rounding(w.dtype), w.dtype) {
-        profile::weight_block_offsets(w.dtype, w.data, out, cols)
-            .with_context(|| format!("reading the block offsets of {name}"))?
-            .map(|m| -> Result<Tensor> {
-                Ok(Tensor::from_vec(m, (out, cols / 32), &Device::Cpu)?
-                    .t()?
-                    .contiguous()?
-                    .to_dtype(dtype)?)
-            })
-            .transpose()?
-    } else {
-        None
-    };
-    Ok((
-        t,
-        Part {
-            dtype: w.dtype,
-            cols: out,
-            offsets,
-        },
-    ))
-}
-
-/// Parts stacked along the output dim into one projection `[in, Σ out]`.
-fn stack(parts: Vec<(Tensor, Part)>) -> Result<Projection> {
-    let (ws, parts): (Vec<Tensor>, Vec<Part>) = parts.into_iter().unzip();
-    Ok(Projection {
-        w: Tensor::cat(&ws, 0)?.t()?,
-        parts,
-    })
 }
 
 impl Reference {

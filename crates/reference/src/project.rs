@@ -8,7 +8,10 @@ use anyhow::Result;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
-use crate::profile::{round_activations, round_cache, uses_block_sum, ActRounding, Profile};
+use anyhow::{bail, Context};
+
+use crate::profile::{round_activations, round_cache, uses_block_sum, weight_block_offsets, ActRounding, Profile};
+use crate::{load, WeightSource};
 
 /// One stacked part of a projection: its weight type, output columns and, when the
 /// profile's dot product uses the activation block sum, the weight's per-block offsets
@@ -64,6 +67,49 @@ impl Projection {
         }
         Ok(Tensor::cat(&outs, 1)?)
     }
+}
+
+/// A matmul weight loaded as the part of a projection: dequantized (`[out, in]`), with
+/// its type and the per-block offsets `profile` needs.
+pub(crate) fn load_part(src: &dyn WeightSource, name: &str, dtype: DType, profile: Profile) -> Result<(Tensor, Part)> {
+    let t = load(src, name, dtype)?;
+    let w = src.weight(name)?;
+    // Norm vectors load as parts too (and are taken apart again): one row per value.
+    let (out, cols) = match *t.dims() {
+        [out, cols] => (out, cols),
+        [out] => (out, 1),
+        _ => bail!("{name}: expected a matrix or a vector, not shape {:?}", t.dims()),
+    };
+    let offsets = if uses_block_sum(profile.activation_rounding(w.dtype), w.dtype) {
+        weight_block_offsets(w.dtype, w.data, out, cols)
+            .with_context(|| format!("reading the block offsets of {name}"))?
+            .map(|m| -> Result<Tensor> {
+                Ok(Tensor::from_vec(m, (out, cols / 32), &Device::Cpu)?
+                    .t()?
+                    .contiguous()?
+                    .to_dtype(dtype)?)
+            })
+            .transpose()?
+    } else {
+        None
+    };
+    Ok((
+        t,
+        Part {
+            dtype: w.dtype,
+            cols: out,
+            offsets,
+        },
+    ))
+}
+
+/// Parts stacked along the output dim into one projection `[in, Σ out]`.
+pub(crate) fn stack(parts: Vec<(Tensor, Part)>) -> Result<Projection> {
+    let (ws, parts): (Vec<Tensor>, Vec<Part>) = parts.into_iter().unzip();
+    Ok(Projection {
+        w: Tensor::cat(&ws, 0)?.t()?,
+        parts,
+    })
 }
 
 /// `x` (`[rows, in]`) rounded as `rounding` stores it, in `x`'s dtype, and the q8_1

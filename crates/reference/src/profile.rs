@@ -318,7 +318,7 @@ mod tests {
     fn q8_0_cpu_round_trip_matches_hand_values() {
         let (out, sums) = round_activations(&hand_block(), 32, ActRounding::Q8_0Cpu).unwrap();
         let d16 = f16::from_f32(2.54f32 / 127.0).to_f32();
-        assert_eq!(d16, 0.020_004_272_460_937_5);
+        assert_eq!(d16 as f64, 0.020_004_272_460_937_5);
         // x·(127/2.54) in f32 may land a hair off the decimal tie; compute it as ggml does.
         let inv = 127f32 / 2.54;
         let q: Vec<f32> = [2.54f32, -1.27, 0.01, 0.03, -0.5]

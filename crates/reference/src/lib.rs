@@ -8,6 +8,7 @@
 //! The numerics themselves (norm, RoPE, attention, faults) are in [`ops`].
 
 mod ops;
+mod stream;
 
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
@@ -16,6 +17,8 @@ use rayon::prelude::*;
 use resbisect_taps::{Config, Faults, FileStem, LayerTap, Tap, TapFault};
 
 pub use ops::gather;
+pub use stream::KvCache;
+use stream::Span;
 use ops::{apply_faults, attention, faulty_rope_tables, rms_norm, rope, rope_tables, row_eps, Eps};
 
 /// A weight as stored in GGUF: ggml type, dims in ggml order (`dims[0]` contiguous) and
@@ -246,6 +249,19 @@ impl Reference {
         faults: &Faults,
         sink: &mut dyn TapSink,
     ) -> Result<Tensor> {
+        self.embed_at(0, tokens, positions, faults, sink)
+    }
+
+    /// As [`embed`](Self::embed) for `tokens` at positions `start..`; `positions` are
+    /// absolute, all in that span.
+    fn embed_at(
+        &self,
+        start: usize,
+        tokens: &[u32],
+        positions: &[usize],
+        faults: &Faults,
+        sink: &mut dyn TapSink,
+    ) -> Result<Tensor> {
         let n = tokens.len();
         if n == 0 {
             bail!("no tokens to process");
@@ -253,13 +269,11 @@ impl Reference {
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.cfg.n_vocab) {
             bail!("token id {t} is outside the vocabulary (size {})", self.cfg.n_vocab);
         }
-        if let Some(&p) = positions.iter().find(|&&p| p >= n) {
-            bail!("position {p} is outside the {n}-token sequence");
-        }
+        let local = stream::local_rows(positions, start, n)?;
         let ids = Tensor::from_vec(tokens.to_vec(), n, &Device::Cpu)?;
-        let x = apply_faults(faults, Tap::Embed, self.io()?.token_embd.index_select(&ids, 0)?)?;
+        let x = apply_faults(faults, Tap::Embed, self.io()?.token_embd.index_select(&ids, 0)?, start)?;
         if sink.wants(Tap::Embed) {
-            sink.emit(FileStem::Embed, vec![(Tap::Embed, gather(&x, positions)?)])?;
+            sink.emit(FileStem::Embed, vec![(Tap::Embed, gather(&x, &local)?)])?;
         }
         Ok(x)
     }
@@ -271,7 +285,24 @@ impl Reference {
     #[allow(clippy::too_many_arguments)]
     pub fn run_layers(
         &self,
+        x: Tensor,
+        first: usize,
+        last: usize,
+        positions: &[usize],
+        faults: &Faults,
+        sink: &mut dyn TapSink,
+        after: &mut dyn FnMut(usize, &Tensor),
+    ) -> Result<Tensor> {
+        self.run_layers_over(x, &mut Span::whole(), first, last, positions, faults, sink, after)
+    }
+
+    /// As [`run_layers`](Self::run_layers) over the rows of `span` (positions
+    /// `span.start..`), attending to the keys and values its cache holds before them.
+    #[allow(clippy::too_many_arguments)]
+    fn run_layers_over(
+        &self,
         mut x: Tensor,
+        span: &mut Span,
         first: usize,
         last: usize,
         positions: &[usize],
@@ -280,33 +311,37 @@ impl Reference {
         after: &mut dyn FnMut(usize, &Tensor),
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let n = x.dim(0)?;
+        let (start, n) = (span.start, x.dim(0)?);
         if last >= cfg.n_layer || first > last {
             bail!("layers {first}..={last} are outside the model's {} layers", cfg.n_layer);
         }
-        if let Some(&p) = positions.iter().find(|&&p| p >= n) {
-            bail!("position {p} is outside the {n}-token sequence");
-        }
-        let true_positions: Vec<f64> = (0..n).map(|p| p as f64).collect();
+        let local = stream::local_rows(positions, start, n)?;
+        let true_positions: Vec<f64> = (start..start + n).map(|p| p as f64).collect();
         let (cos, sin) = rope_tables(&true_positions, cfg.head_dim(), cfg.rope_base, self.dtype)?;
-        let eps = row_eps(faults, cfg.rms_eps, &(0..n).collect::<Vec<_>>());
+        let eps = row_eps(faults, cfg.rms_eps, &(start..start + n).collect::<Vec<_>>());
         for l in first..=last {
             let wanted = LayerTap::ALL.map(|t| sink.wants(Tap::Layer(l, t)));
             let mut captured: Vec<(Tap, Tensor)> = Vec::new();
             // Perturb (when injected), capture (when wanted), and hand the tensor on.
             let mut tap = |which: LayerTap, t: Tensor| -> Result<Tensor> {
-                let t = apply_faults(faults, Tap::Layer(l, which), t)?;
+                let t = apply_faults(faults, Tap::Layer(l, which), t, start)?;
                 if wanted[which.index()] {
-                    captured.push((Tap::Layer(l, which), gather(&t, positions)?));
+                    captured.push((Tap::Layer(l, which), gather(&t, &local)?));
                 }
                 Ok(t)
             };
             let faulty_rope = match faults.rope_for(l) {
-                Some(f) if f.from < n => Some(faulty_rope_tables(n, f, cfg.head_dim(), cfg.rope_base, self.dtype)?),
+                Some(f) if f.from < start + n => Some(faulty_rope_tables(
+                    start..start + n,
+                    f,
+                    cfg.head_dim(),
+                    cfg.rope_base,
+                    self.dtype,
+                )?),
                 _ => None,
             };
             let (cos, sin) = faulty_rope.as_ref().map(|(c, s)| (c, s)).unwrap_or((&cos, &sin));
-            x = self.layer(self.layer_weights(l)?, &x, cos, sin, &eps, &mut tap)?;
+            x = self.layer(self.layer_weights(l)?, &x, cos, sin, &eps, &mut span.at(l), &mut tap)?;
             if !captured.is_empty() {
                 sink.emit(FileStem::Layer(l), captured)?;
             }
@@ -318,6 +353,18 @@ impl Reference {
     /// The output head at `positions` of the final residual stream `x`: RMSNorm and the
     /// projection are per row, so only the captured rows are computed.
     pub fn head(&self, x: &Tensor, positions: &[usize], faults: &Faults, sink: &mut dyn TapSink) -> Result<()> {
+        self.head_at(x, 0, positions, faults, sink)
+    }
+
+    /// As [`head`](Self::head) when the rows of `x` hold positions `start..`.
+    fn head_at(
+        &self,
+        x: &Tensor,
+        start: usize,
+        positions: &[usize],
+        faults: &Faults,
+        sink: &mut dyn TapSink,
+    ) -> Result<()> {
         let (want_norm, want_logits) = (sink.wants(Tap::FinalNorm), sink.wants(Tap::Logits));
         if !want_norm && !want_logits {
             return Ok(());
@@ -337,21 +384,24 @@ impl Reference {
         };
         let io = self.io()?;
         let eps = row_eps(faults, self.cfg.rms_eps, positions);
-        let normed = rms_norm(&gather(x, positions)?, &io.output_norm, &eps)?;
-        let normed = apply_faults(&gathered_faults, Tap::FinalNorm, normed)?;
+        let local = stream::local_rows(positions, start, x.dim(0)?)?;
+        let normed = rms_norm(&gather(x, &local)?, &io.output_norm, &eps)?;
+        let normed = apply_faults(&gathered_faults, Tap::FinalNorm, normed, 0)?;
         let mut out = Vec::new();
         if want_norm {
             out.push((Tap::FinalNorm, normed.clone()));
         }
         if want_logits {
             let logits = normed.matmul(&io.output.t()?)?;
-            out.push((Tap::Logits, apply_faults(&gathered_faults, Tap::Logits, logits)?));
+            out.push((Tap::Logits, apply_faults(&gathered_faults, Tap::Logits, logits, 0)?));
         }
         sink.emit(FileStem::Output, out)
     }
 
-    /// One transformer block over all rows of `x`; `tap(which, t)` sees each of the layer's
-    /// taps in order and hands on what the block continues with.
+    /// One transformer block over all rows of `x`, attending to the keys and values `kv`
+    /// holds before them; `tap(which, t)` sees each of the layer's taps in order and hands
+    /// on what the block continues with.
+    #[allow(clippy::too_many_arguments)]
     fn layer(
         &self,
         layer: &Layer,
@@ -359,6 +409,7 @@ impl Reference {
         cos: &Tensor,
         sin: &Tensor,
         eps: &Eps,
+        kv: &mut stream::LayerKv,
         tap: &mut dyn FnMut(LayerTap, Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
@@ -370,7 +421,7 @@ impl Reference {
         let q = tap(LayerTap::Q, rope(&q_in, cfg.n_head, cos, sin)?)?;
         let k = tap(LayerTap::K, rope(&k_in, cfg.n_head_kv, cos, sin)?)?;
         let v = tap(LayerTap::V, qkv.narrow(1, qw + kvw, kvw)?.contiguous()?)?;
-        let positions: Vec<usize> = (0..x.dim(0)?).collect();
+        let (k, v, positions) = kv.extend(k, v)?;
         let attn = tap(LayerTap::Attn, attention(&q, &k, &v, &positions, cfg)?)?;
         self.layer_rest(layer, x, attn, eps, tap)
     }

@@ -14,23 +14,25 @@ use resbisect_taps::{Config, Fault, Faults, RopeFault, Tap};
 /// efficient GEMMs.
 const ATTN_QUERY_CHUNK: usize = 128;
 
-/// Apply the faults aimed at `tap` to its rows.
-pub(crate) fn apply_faults(faults: &Faults, tap: Tap, t: Tensor) -> Result<Tensor> {
+/// Apply the faults aimed at `tap` to its rows, row `r` holding position `start + r`.
+pub(crate) fn apply_faults(faults: &Faults, tap: Tap, t: Tensor, start: usize) -> Result<Tensor> {
     let mut t = t;
     let id = tap.id();
     for f in faults.taps.iter().filter(|f| f.tap_id == id) {
         let (n, _) = t.dims2()?;
-        if f.from >= n {
+        if f.from >= start + n {
             continue;
         }
-        let hit: Vec<f64> = (0..n).map(|p| if p >= f.from { 1.0 } else { 0.0 }).collect();
+        let hit: Vec<f64> = (start..start + n).map(|p| if p >= f.from { 1.0 } else { 0.0 }).collect();
         let hit = Tensor::from_vec(hit, (n, 1), &Device::Cpu)?.to_dtype(t.dtype())?;
         t = match f.fault {
             Fault::Scale(s) => t.broadcast_mul(&((hit * (s - 1.0))? + 1.0)?)?,
             Fault::Offset(o) => t.broadcast_add(&(hit * o)?)?,
             Fault::Zero => t.broadcast_mul(&(1.0 - hit)?)?,
             Fault::Nan => {
-                let nan: Vec<f64> = (0..n).map(|p| if p >= f.from { f64::NAN } else { 0.0 }).collect();
+                let nan: Vec<f64> = (start..start + n)
+                    .map(|p| if p >= f.from { f64::NAN } else { 0.0 })
+                    .collect();
                 t.broadcast_add(&Tensor::from_vec(nan, (n, 1), &Device::Cpu)?.to_dtype(t.dtype())?)?
             }
         };
@@ -91,22 +93,24 @@ pub(crate) fn rope_tables(positions: &[f64], head_dim: usize, base: f64, dtype: 
     )
 }
 
-/// RoPE tables for rows `0..n` under a RoPE fault (the fault's corruption from its position on).
+/// RoPE tables for positions `span` under a RoPE fault (the fault's corruption from its
+/// position on).
 pub(crate) fn faulty_rope_tables(
-    n: usize,
+    span: std::ops::Range<usize>,
     fault: &RopeFault,
     head_dim: usize,
     base: f64,
     dtype: DType,
 ) -> Result<(Tensor, Tensor)> {
     let bf16 = |v: f64| half::bf16::from_f64(v).to_f64();
+    let start = span.start;
     rope_tables_by(
-        n,
+        span.len(),
         head_dim,
         dtype,
-        |p, inv_freq| match fault.rotated_position(p) {
+        |r, inv_freq| match fault.rotated_position(start + r) {
             Some(at) => at * inv_freq,
-            None => bf16(bf16(p as f64) * bf16(inv_freq)),
+            None => bf16(bf16((start + r) as f64) * bf16(inv_freq)),
         },
         base,
     )

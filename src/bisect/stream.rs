@@ -1,6 +1,7 @@
 //! The streamed coarse probe: both engines run the prompt chunk by chunk, each chunk's
 //! rows are compared as soon as both wrote them, and the stream stops after the first
-//! chunk where a coarse tap leaves tolerance. Engines that resume from their KV cache
+//! chunk where a coarse tap leaves tolerance (judged automatically, once the prefix also
+//! shows what the whole prompt would be judged against). Engines that resume from their KV cache
 //! compute each chunk's rows only; any other engine gets the prefix as its prompt. The
 //! chunks' dumps are then joined into one dump per engine over the prefix run, as if one
 //! run had written it, so that every later phase reads it like any probe.
@@ -9,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::probe::{selection, ProbeRecord, ProbeResult, Rows, Session};
-use crate::diff::Judge;
+use crate::diff::{DiffReport, Judge, Judgement};
 use crate::dump::{Dump, DumpWriter, Manifest, MappedFile, Status, TapTensor};
 use crate::error::{Error, Result};
 use crate::taps::PositionSpec;
@@ -35,10 +36,15 @@ pub fn chunk_ends(n: usize, resumed: bool) -> Vec<usize> {
 
 impl Session<'_> {
     /// The probe `purpose` of `layers` × `taps` over the prompt's first `n` tokens,
-    /// streamed: chunks run until one diverges (judged by tolerance), and the probe's
-    /// comparison covers every position of the prefix run (judged as the session
-    /// judges). Returns that prefix and the comparison; after a crash, the crashed
-    /// chunk's.
+    /// streamed: chunks run until one diverges (judged by tolerance) and the prefix run
+    /// so far is judged as the whole prompt would be, and the probe's comparison covers
+    /// every position of that prefix. Returns the prefix and the comparison; after a
+    /// crash, the crashed chunk's.
+    ///
+    /// Judged automatically, an error counts as systematic when it is over the noise
+    /// floor on a quarter of the rows: a prefix that ends soon after the error's onset
+    /// could not show it, so the stream goes on until the prefix is judged by the noise
+    /// floor (more rows cannot undo that for an error that persists) or ends.
     pub(super) fn streamed_probe(
         &mut self,
         purpose: &str,
@@ -51,46 +57,63 @@ impl Session<'_> {
             return Ok((n, self.probe(purpose, n, selection(layers, taps, &Rows::All, n))?));
         }
         let dir = self.probe_dir(purpose);
-        let (mut parts, mut record, mut from) = (Vec::new(), None::<ProbeRecord>, 0);
+        // A forced judgement judges chunks too; an automatic one stops on tolerance.
+        let chunk_judge = match self.judge {
+            Judge::Auto => Judge::Tolerance,
+            forced => forced,
+        };
+        let (mut parts, mut record) = (Vec::new(), None::<ProbeRecord>);
+        let mut from = 0;
         for (k, &end) in ends.iter().enumerate() {
             let sel = selection(layers.clone(), taps, &Rows::At((from..end).collect()), end);
             let dirs = self.prepare(&dir.join(format!("chunk-{:02}", k + 1)), end)?;
-            let (result, chunk) = self.run_probe(purpose, end, &sel, &dirs, Judge::Tolerance)?;
+            let (result, chunk) = self.run_probe(purpose, end, &sel, &dirs, chunk_judge)?;
             self.reproduce = self.reproduce_commands(&sel, &dirs);
-            record = Some(match record {
+            let mut sum = match record.take() {
                 Some(r) => r.followed_by(chunk),
                 None => chunk,
-            });
+            };
             from = end;
-            match result {
-                ProbeResult::Compared(r) if !r.diverged && end < n => parts.push(dirs.dir),
-                ProbeResult::Compared(_) => {
-                    parts.push(dirs.dir);
-                    break;
-                }
+            let diverged = match result {
+                ProbeResult::Compared(r) => r.diverged,
                 crashed @ ProbeResult::Crashed(..) => {
-                    let mut record = record.expect("set above");
-                    record.finding = format!("chunk {} of {} crashed", k + 1, ends.len());
-                    self.probes.push(record);
+                    sum.finding = format!("chunk {} of {} crashed", k + 1, ends.len());
+                    self.probes.push(sum);
                     self.dirs.push(dirs.dir);
                     return Ok((end, crashed));
                 }
+            };
+            parts.push(dirs.dir);
+            if diverged || end == n {
+                let t0 = Instant::now();
+                let (joined, r) = self.join(purpose, &parts, &dir.join(format!("joined-{:02}", k + 1)))?;
+                sum.seconds_diff += t0.elapsed().as_secs_f64();
+                let settled = end == n
+                    || self.judge != Judge::Auto
+                    || r.prompts.iter().any(|p| p.judged == Judgement::NoiseFloor);
+                if settled {
+                    sum.positions = PositionSpec::all().to_string();
+                    sum.dump_a = joined.join("a").display().to_string();
+                    sum.dump_b = joined.join("b").display().to_string();
+                    self.probes.push(sum);
+                    self.dirs.push(joined);
+                    return Ok((end, ProbeResult::Compared(r)));
+                }
             }
+            record = Some(sum);
         }
-        let mut record = record.expect("at least one chunk ran");
+        unreachable!("the last chunk ends the stream")
+    }
+
+    /// The chunk dumps `parts` joined into one dump per engine under `dir`, compared as
+    /// the session judges.
+    fn join(&self, purpose: &str, parts: &[PathBuf], dir: &Path) -> Result<(PathBuf, DiffReport)> {
         for side in ["a", "b"] {
             let chunks: Vec<PathBuf> = parts.iter().map(|p| p.join(side)).collect();
             join_chunks(&chunks, &self.prompt.id, &dir.join(side))?;
         }
-        let t0 = Instant::now();
-        let joined = self.compare_dumps(purpose, &dir.join("a"), &dir.join("b"), self.judge)?;
-        record.seconds_diff += t0.elapsed().as_secs_f64();
-        record.positions = PositionSpec::all().to_string();
-        record.dump_a = dir.join("a").display().to_string();
-        record.dump_b = dir.join("b").display().to_string();
-        self.probes.push(record);
-        self.dirs.push(dir);
-        Ok((from, ProbeResult::Compared(joined)))
+        let r = self.compare_dumps(purpose, &dir.join("a"), &dir.join("b"), self.judge)?;
+        Ok((dir.to_path_buf(), r))
     }
 }
 

@@ -159,7 +159,13 @@ impl PromptRunner for OracleRunner<'_> {
                 let stream = cp.covering(tokens).expect("checked above");
                 resume(oracle, faults, stream, tokens.len(), positions, &mut sink)
             }
-            Some((cp, kv)) if kv.is_some() && fits && cp.extended_by(tokens).is_some_and(|k| positions.first().is_none_or(|&p| p >= k)) => {
+            Some((cp, kv))
+                if kv.is_some()
+                    && fits
+                    && cp
+                        .extended_by(tokens)
+                        .is_some_and(|k| positions.first().is_none_or(|&p| p >= k)) =>
+            {
                 extend(oracle, faults, tokens, positions, cp, kv, &mut sink, on_step)
             }
             Some((cp, kv)) if fits => {

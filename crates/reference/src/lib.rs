@@ -17,9 +17,9 @@ use rayon::prelude::*;
 use resbisect_taps::{Config, Faults, FileStem, LayerTap, Tap, TapFault};
 
 pub use ops::gather;
+use ops::{apply_faults, attention, faulty_rope_tables, rms_norm, rope, rope_tables, row_eps, Eps};
 pub use stream::KvCache;
 use stream::Span;
-use ops::{apply_faults, attention, faulty_rope_tables, rms_norm, rope, rope_tables, row_eps, Eps};
 
 /// A weight as stored in GGUF: ggml type, dims in ggml order (`dims[0]` contiguous) and
 /// its raw bytes.

@@ -23,7 +23,9 @@ pub(crate) fn apply_faults(faults: &Faults, tap: Tap, t: Tensor, start: usize) -
         if f.from >= start + n {
             continue;
         }
-        let hit: Vec<f64> = (start..start + n).map(|p| if p >= f.from { 1.0 } else { 0.0 }).collect();
+        let hit: Vec<f64> = (start..start + n)
+            .map(|p| if p >= f.from { 1.0 } else { 0.0 })
+            .collect();
         let hit = Tensor::from_vec(hit, (n, 1), &Device::Cpu)?.to_dtype(t.dtype())?;
         t = match f.fault {
             Fault::Scale(s) => t.broadcast_mul(&((hit * (s - 1.0))? + 1.0)?)?,

@@ -76,7 +76,10 @@ impl LayerKv<'_> {
                 (Tensor::cat(&[&past_k, &k], 0)?, Tensor::cat(&[&past_v, &v], 0)?)
             }
             None if self.start == 0 => (k, v),
-            _ => bail!("the KV cache does not hold the {} positions before this pass", self.start),
+            _ => bail!(
+                "the KV cache does not hold the {} positions before this pass",
+                self.start
+            ),
         };
         *slot = Some((k.clone(), v.clone()));
         Ok((k, v, queries))
@@ -117,7 +120,11 @@ impl Reference {
             bail!("no tokens past the {start} positions run before");
         }
         if cache.layers.len() != self.n_layer() {
-            bail!("a KV cache of {} layers for a model of {}", cache.layers.len(), self.n_layer());
+            bail!(
+                "a KV cache of {} layers for a model of {}",
+                cache.layers.len(),
+                self.n_layer()
+            );
         }
         let x = self.embed_at(start, &tokens[start..], positions, faults, sink)?;
         keep(0, &x);

@@ -179,7 +179,8 @@ impl EngineSpec {
             (EngineKind::Runtime { .. }, EngineKind::Runtime { .. }) => self.kind == other.kind,
             _ => false,
         };
-        same_kind && self.injections.is_empty() && other.injections.is_empty()
+        let same_weights = self.run.weights == other.run.weights;
+        same_kind && same_weights && self.injections.is_empty() && other.injections.is_empty()
     }
 }
 

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::inject::RuntimeFaults;
 use crate::model::Model;
 use crate::runtime::backend::{Backend, StorageDType};
+use crate::runtime::weights::WeightMode;
 use crate::runtime::{preflight, KvCache, RunOptions, Runtime};
 use crate::taps::{all_taps, LayerTap, PositionSpec, Selection, Tap};
 
@@ -63,7 +64,10 @@ impl<'m, B: Backend> RuntimeEngine<'m, B> {
             .take()
             .ok_or_else(|| Error::engine("the runtime failed to load its weights earlier"))?;
         progress.stage("loading weights", self.model.config.n_layer);
-        self.loaded = Some(Runtime::load(backend, self.model, &mut |_| progress.tick())?);
+        let (weights, faults) = (self.run.weights, &self.faults);
+        self.loaded = Some(Runtime::load(backend, self.model, weights, faults, &mut |_| {
+            progress.tick()
+        })?);
         Ok(start.elapsed().as_secs_f64())
     }
 }
@@ -75,8 +79,12 @@ fn bytes_per_value(dtype: StorageDType) -> usize {
 
 impl<B: Backend> Engine for RuntimeEngine<'_, B> {
     fn label(&self) -> String {
+        let weights = match self.run.weights {
+            WeightMode::Native => "",
+            WeightMode::Dequant => " (weights dequantized at load)",
+        };
         format!(
-            "runtime {} {}{}",
+            "runtime {} {}{weights}{}",
             self.backend_name,
             self.dtype.name(),
             reproduce::injected_label(&self.injections)
@@ -133,7 +141,12 @@ impl<B: Backend> Engine for RuntimeEngine<'_, B> {
             out,
             injections: &self.injections,
         };
-        command.runtime(self.backend_name, self.dtype.name(), self.run.prefill_chunk)
+        command.runtime(
+            self.backend_name,
+            self.dtype.name(),
+            self.run.prefill_chunk,
+            self.run.weights,
+        )
     }
 }
 
@@ -161,8 +174,14 @@ struct RuntimeRunner<'a, B: Backend> {
     run: &'a RunOptions,
     selection: &'a Selection,
     /// Prefix checkpoints and the KV cache of the kept run (bisect's probes only).
-    checkpoints: Option<(&'a mut PrefixCheckpoints<B::Buf>, &'a mut Option<KvCache<B>>)>,
+    checkpoints: Option<KeptRun<'a, B>>,
 }
+
+/// The kept run's residual stream and KV cache.
+type KeptRun<'a, B> = (
+    &'a mut PrefixCheckpoints<<B as Backend>::Buf>,
+    &'a mut Option<KvCache<B>>,
+);
 
 impl<B: Backend> PromptRunner for RuntimeRunner<'_, B> {
     fn steps(&self, prompt: &PromptRecord) -> usize {
@@ -189,7 +208,7 @@ impl<B: Backend> PromptRunner for RuntimeRunner<'_, B> {
         let cfg = &self.model.config;
         let selected_taps: Vec<Tap> = all_taps(cfg.n_layer)
             .into_iter()
-            .filter(|t| session.selection().wants(t))
+            .filter(|t| t.in_model(cfg) && session.selection().wants(t))
             .collect();
         let widest = selected_taps.iter().map(|t| t.width(cfg)).max().unwrap_or(0);
         self.rt
@@ -319,7 +338,9 @@ impl OnBackend for Generate<'_> {
             positions: PositionSpec::all(),
         };
         progress.stage("loading weights", model.config.n_layer);
-        let rt = Runtime::load(backend, model, &mut |_| progress.tick())?;
+        let rt = Runtime::load(backend, model, run.weights, &RuntimeFaults::default(), &mut |_| {
+            progress.tick()
+        })?;
         rt.warm_up(&prompt, run)?;
         progress.stage(
             &format!("{} ({} tokens)", prompt.id, prompt.tokens.len()),

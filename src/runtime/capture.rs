@@ -70,7 +70,7 @@ impl<'a> TapCollector<'a> {
         if !self.streams.contains_key(&stem) {
             let taps: Vec<(String, TapDType, usize)> = all_taps(self.cfg.n_layer)
                 .into_iter()
-                .filter(|t| t.file_stem() == stem && self.wants(t))
+                .filter(|t| t.file_stem() == stem && t.in_model(self.cfg) && self.wants(t))
                 .map(|t| (t.id(), self.dtype, t.width(self.cfg)))
                 .collect();
             let stream = writer.stream_file(self.prompt_id, &stem.to_string(), &self.positions, &taps)?;

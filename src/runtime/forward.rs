@@ -4,6 +4,7 @@
 
 use super::backend::{AttnShape, Backend, Row, Src};
 use super::capture::{TapCollector, TapRoute};
+use super::weights::{self, Matrix};
 use super::{RunOptions, Runtime};
 use crate::error::{Error, Result};
 use crate::inject::RuntimeFaults;
@@ -12,30 +13,36 @@ use crate::taps::{LayerTap, Tap};
 
 pub(super) struct LayerWeights<B: Backend> {
     attn_norm: B::Buf,
-    wq: B::Buf,
-    wk: B::Buf,
-    wv: B::Buf,
-    wo: B::Buf,
+    wq: Matrix<B>,
+    wk: Matrix<B>,
+    wv: Matrix<B>,
+    wo: Matrix<B>,
     ffn_norm: B::Buf,
-    wg: B::Buf,
-    wu: B::Buf,
-    wd: B::Buf,
+    wg: Matrix<B>,
+    wu: Matrix<B>,
+    wd: Matrix<B>,
 }
 
 impl<B: Backend> LayerWeights<B> {
-    /// Layer `l`'s weights, each uploaded by `up` from its GGUF name.
-    pub(super) fn load(l: usize, up: &dyn Fn(&str) -> Result<B::Buf>) -> Result<Self> {
+    /// Layer `l`'s weights, each uploaded from its GGUF name: vectors by `up`, matrices
+    /// by `mat`.
+    pub(super) fn load(
+        l: usize,
+        up: &dyn Fn(&str) -> Result<B::Buf>,
+        mat: &dyn Fn(&str) -> Result<Matrix<B>>,
+    ) -> Result<Self> {
         let w = |n: &str| up(&format!("blk.{l}.{n}.weight"));
+        let m = |n: &str| mat(&format!("blk.{l}.{n}.weight"));
         Ok(Self {
             attn_norm: w("attn_norm")?,
-            wq: w("attn_q")?,
-            wk: w("attn_k")?,
-            wv: w("attn_v")?,
-            wo: w("attn_output")?,
+            wq: m("attn_q")?,
+            wk: m("attn_k")?,
+            wv: m("attn_v")?,
+            wo: m("attn_output")?,
             ffn_norm: w("ffn_norm")?,
-            wg: w("ffn_gate")?,
-            wu: w("ffn_up")?,
-            wd: w("ffn_down")?,
+            wg: m("ffn_gate")?,
+            wu: m("ffn_up")?,
+            wd: m("ffn_down")?,
         })
     }
 }
@@ -294,7 +301,7 @@ impl<B: Backend> Runtime<B> {
         let qkv = [&mut ws.q, &mut ws.k, &mut ws.v];
         pass.op(
             "matmul q, k, v",
-            b.matmul3(&ws.h, [&w.wq, &w.wk, &w.wv], rows, e, [qw, kvw, kvw], qkv),
+            weights::matmul3(b, &ws.h, [&w.wq, &w.wk, &w.wv], rows, e, [qw, kvw, kvw], qkv),
         )?;
         pass.tap(at(LayerTap::QPreRope), &mut ws.q)?;
         pass.tap(at(LayerTap::KPreRope), &mut ws.k)?;
@@ -317,7 +324,7 @@ impl<B: Backend> Runtime<B> {
         }
         pass.op("attention", b.attention(&ws.q, kc, vc, shape, &mut ws.attn))?;
         pass.tap(at(LayerTap::Attn), &mut ws.attn)?;
-        pass.op("matmul attn_output", b.matmul(&ws.attn, &w.wo, rows, qw, e, &mut ws.ao))?;
+        pass.op("matmul attn_output", w.wo.matmul(b, &ws.attn, rows, qw, e, &mut ws.ao))?;
         pass.tap(at(LayerTap::AttnOut), &mut ws.ao)?;
 
         if pass.touched(at(LayerTap::ResidMid)) {
@@ -334,19 +341,20 @@ impl<B: Backend> Runtime<B> {
         }
         pass.tap(at(LayerTap::FfnNorm), &mut ws.h)?;
         if pass.touched(at(LayerTap::FfnGate)) || pass.touched(at(LayerTap::FfnUp)) {
-            pass.op("matmul ffn_gate", b.matmul(&ws.h, &w.wg, rows, e, ff, &mut ws.g))?;
-            pass.op("matmul ffn_up", b.matmul(&ws.h, &w.wu, rows, e, ff, &mut ws.u))?;
+            pass.op("matmul ffn_gate", w.wg.matmul(b, &ws.h, rows, e, ff, &mut ws.g))?;
+            pass.op("matmul ffn_up", w.wu.matmul(b, &ws.h, rows, e, ff, &mut ws.u))?;
             pass.tap(at(LayerTap::FfnGate), &mut ws.g)?;
             pass.tap(at(LayerTap::FfnUp), &mut ws.u)?;
             pass.op("silu_mul", b.silu_mul(&ws.g, &ws.u, rows * ff, &mut ws.act))?;
         } else {
-            let fused = b.gate_up_silu(&ws.h, &w.wg, &w.wu, rows, e, ff, &mut ws.g, &mut ws.u, &mut ws.act);
+            let gua = [&mut ws.g, &mut ws.u, &mut ws.act];
+            let fused = weights::gate_up_silu(b, &ws.h, &w.wg, &w.wu, rows, e, ff, gua);
             pass.op("matmul ffn_gate, ffn_up and silu_mul", fused)?;
             pass.tap(at(LayerTap::FfnGate), &mut ws.g)?;
             pass.tap(at(LayerTap::FfnUp), &mut ws.u)?;
         }
         pass.tap(at(LayerTap::FfnAct), &mut ws.act)?;
-        pass.op("matmul ffn_down", b.matmul(&ws.act, &w.wd, rows, ff, e, &mut ws.f))?;
+        pass.op("matmul ffn_down", w.wd.matmul(b, &ws.act, rows, ff, e, &mut ws.f))?;
         pass.tap(at(LayerTap::FfnOut), &mut ws.f)?;
         pass.op("add (ffn residual)", b.add(&ws.mid, &ws.f, rows * e, &mut ws.x))?;
         pass.tap(at(LayerTap::ResidPost), &mut ws.x)
@@ -392,7 +400,7 @@ impl<B: Backend> Runtime<B> {
             "rms_norm (output)",
             b.rms_norm(hx, &self.output_norm, n, e, eps, &mut ws.normed),
         )?;
-        let logits = b.matmul(&ws.normed, &self.output, n, e, c.n_vocab, &mut ws.logits);
+        let logits = self.output.matmul(b, &ws.normed, n, e, c.n_vocab, &mut ws.logits);
         pass.op("matmul output", logits)?;
         if want_out {
             // Rows of the head buffers are `need`; tap only the selected ones (the first

@@ -37,6 +37,7 @@ mod preflight;
 mod resume;
 mod select;
 pub mod selftest;
+pub mod weights;
 
 use std::collections::BTreeMap;
 
@@ -51,6 +52,7 @@ use forward::{LayerWeights, Pass, Workspace};
 pub use preflight::preflight;
 pub use resume::KvCache;
 pub use select::BackendKind;
+use weights::{Matrix, WeightMode};
 
 #[derive(Clone, Default)]
 pub struct RunOptions {
@@ -66,6 +68,8 @@ pub struct RunOptions {
     /// Untimed runs of each prompt first (no taps), so timings exclude one-time costs
     /// such as the lazy loading of GPU kernels.
     pub warmup: usize,
+    /// How quantized weights are held (read at load).
+    pub weights: WeightMode,
 }
 
 pub struct Runtime<B: Backend> {
@@ -73,7 +77,7 @@ pub struct Runtime<B: Backend> {
     cfg: Config,
     token_embd: B::Buf,
     output_norm: B::Buf,
-    output: B::Buf,
+    output: Matrix<B>,
     layers: Vec<LayerWeights<B>>,
 }
 
@@ -88,18 +92,31 @@ struct PromptRun<'r, 'c, B: Backend> {
 }
 
 impl<B: Backend> Runtime<B> {
-    pub fn load(backend: B, model: &Model, on_layer: &mut dyn FnMut(usize)) -> Result<Self> {
+    /// The model's weights on `backend`, matrices held as `mode` says (block-layout
+    /// faults of `faults` applied to the blocks they name).
+    pub fn load(
+        backend: B,
+        model: &Model,
+        mode: WeightMode,
+        faults: &RuntimeFaults,
+        on_layer: &mut dyn FnMut(usize),
+    ) -> Result<Self> {
         let up = |name: &str| -> Result<B::Buf> {
             let info = model.weight(name)?;
             let dims: Vec<usize> = info.dims.iter().map(|&d| d as usize).collect();
             backend.upload_weight(name, info.dtype, &dims, model.weight_data(info))
         };
+        let mat = |name: &str| -> Result<Matrix<B>> {
+            let info = model.weight(name)?;
+            let dims: Vec<usize> = info.dims.iter().map(|&d| d as usize).collect();
+            Matrix::load(&backend, name, info.dtype, &dims, model.weight_data(info), mode, faults)
+        };
         let token_embd = up("token_embd.weight")?;
         let output_norm = up("output_norm.weight")?;
-        let output = up("output.weight")?;
+        let output = mat("output.weight")?;
         let mut layers = Vec::with_capacity(model.config.n_layer);
         for l in 0..model.config.n_layer {
-            layers.push(LayerWeights::load(l, &up)?);
+            layers.push(LayerWeights::load(l, &up, &mat)?);
             on_layer(l);
         }
         backend.sync()?;

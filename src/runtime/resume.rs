@@ -12,13 +12,16 @@ use crate::taps::Selection;
 
 use super::RunOptions;
 
+/// Keys and values of each layer.
+type KvBuffers<B> = Vec<(<B as Backend>::Buf, <B as Backend>::Buf)>;
+
 /// The keys and values of every layer for the positions run so far.
 pub struct KvCache<B: Backend> {
     /// Positions run so far: rows `0..tokens` of every buffer hold them.
     tokens: usize,
     /// Rows every buffer has room for (and the kept stream's buffers too).
     capacity: usize,
-    kv: Vec<(B::Buf, B::Buf)>,
+    kv: KvBuffers<B>,
 }
 
 impl<B: Backend> KvCache<B> {
@@ -83,7 +86,7 @@ impl<B: Backend> Runtime<B> {
         len: usize,
         cache: Option<KvCache<B>>,
         stream: &mut Vec<B::Buf>,
-    ) -> Result<(Vec<(B::Buf, B::Buf)>, usize)> {
+    ) -> Result<(KvBuffers<B>, usize)> {
         let (b, c) = (&self.backend, &self.cfg);
         let (kvw, e) = (c.kv_width(), c.n_embd);
         let Some(cache) = cache else {

@@ -18,12 +18,14 @@ pub const LAYER_TAPS: &[&str] = &[
     "v",
     "attn",
     "attn_out",
+    "attn_post_norm",
     "resid_mid",
     "ffn_norm",
     "ffn_gate",
     "ffn_up",
     "ffn_act",
     "ffn_out",
+    "ffn_post_norm",
     "resid_post",
 ];
 /// Taps after the layers, in order.
@@ -44,18 +46,23 @@ pub enum LayerTap {
     V,
     Attn,
     AttnOut,
+    /// RMSNorm of `attn_out` before it joins the residual stream (models with post
+    /// norms: Gemma 3); absent elsewhere.
+    AttnPostNorm,
     ResidMid,
     FfnNorm,
     FfnGate,
     FfnUp,
     FfnAct,
     FfnOut,
+    /// RMSNorm of `ffn_out` before it joins the residual stream (Gemma 3); absent elsewhere.
+    FfnPostNorm,
     ResidPost,
 }
 
 impl LayerTap {
     /// Every layer tap, in topological order.
-    pub const ALL: [LayerTap; 15] = [
+    pub const ALL: [LayerTap; 17] = [
         LayerTap::AttnNorm,
         LayerTap::QPreRope,
         LayerTap::KPreRope,
@@ -64,12 +71,14 @@ impl LayerTap {
         LayerTap::V,
         LayerTap::Attn,
         LayerTap::AttnOut,
+        LayerTap::AttnPostNorm,
         LayerTap::ResidMid,
         LayerTap::FfnNorm,
         LayerTap::FfnGate,
         LayerTap::FfnUp,
         LayerTap::FfnAct,
         LayerTap::FfnOut,
+        LayerTap::FfnPostNorm,
         LayerTap::ResidPost,
     ];
 
@@ -85,6 +94,12 @@ impl LayerTap {
 
     pub fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    /// Whether a model has this tap: the post norms exist only in models with
+    /// `variant.post_norms`; every other layer tap exists in every model.
+    pub fn in_model(self, c: &Config) -> bool {
+        !matches!(self, LayerTap::AttnPostNorm | LayerTap::FfnPostNorm) || c.variant.post_norms
     }
 
     /// Row width for a model.
@@ -145,6 +160,14 @@ impl Tap {
         }
     }
 
+    /// Whether a model has this tap ([`LayerTap::in_model`]).
+    pub fn in_model(&self, c: &Config) -> bool {
+        match *self {
+            Tap::Layer(_, t) => t.in_model(c),
+            _ => true,
+        }
+    }
+
     /// The dump file that holds this tap.
     pub fn file_stem(&self) -> FileStem {
         match *self {
@@ -189,7 +212,13 @@ fn parse_layer_index(s: &str) -> Option<usize> {
     s.parse().ok()
 }
 
-/// Every tap of a model, in topological order.
+/// The taps of `c`'s model, in topological order: [`all_taps`] less those it lacks.
+pub fn model_taps(c: &Config) -> Vec<Tap> {
+    all_taps(c.n_layer).into_iter().filter(|t| t.in_model(c)).collect()
+}
+
+/// Every tap of any supported architecture with `n_layer` layers, in topological order;
+/// a given model may lack some ([`model_taps`]).
 pub fn all_taps(n_layer: usize) -> Vec<Tap> {
     let layers = (0..n_layer).flat_map(|l| LayerTap::ALL.map(|t| Tap::Layer(l, t)));
     std::iter::once(Tap::Embed)
@@ -309,11 +338,11 @@ mod tests {
     #[test]
     fn order_is_topological_and_stems_group_taps() {
         let all = all_taps(2);
-        assert_eq!(all.len(), 1 + 2 * 15 + 2);
+        assert_eq!(all.len(), 1 + 2 * 17 + 2);
         assert!(all.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(all[1].id(), "blk.0.attn_norm");
         assert_eq!(all[2].id(), "blk.0.q_pre_rope");
-        assert_eq!(all[31].id(), "final_norm");
+        assert_eq!(all[35].id(), "final_norm");
         for t in &all {
             assert!(t.file_stem().taps().contains(t));
         }
@@ -362,5 +391,33 @@ mod tests {
         assert_eq!(width("blk.1.resid_post"), 64);
         assert_eq!(width("final_norm"), 64);
         assert_eq!(width("logits"), 100);
+        assert_eq!(width("blk.1.attn_post_norm"), 64);
+    }
+
+    #[test]
+    fn post_norm_taps_exist_only_in_models_with_post_norms() {
+        let mut c = Config {
+            arch: "gemma3".into(),
+            n_layer: 2,
+            n_embd: 64,
+            n_head: 4,
+            n_head_kv: 1,
+            n_ff: 96,
+            n_vocab: 100,
+            n_ctx: 128,
+            rope_base: 10000.0,
+            rms_eps: 1e-6,
+            variant: Default::default(),
+        };
+        assert_eq!(model_taps(&c).len(), 1 + 2 * 15 + 2);
+        assert!(!Tap::Layer(0, LayerTap::FfnPostNorm).in_model(&c));
+        c.variant.post_norms = true;
+        let taps = model_taps(&c);
+        assert_eq!(taps, all_taps(2));
+        let pos = |id: &str| taps.iter().position(|t| t.id() == id).unwrap();
+        assert!(pos("blk.0.attn_out") < pos("blk.0.attn_post_norm"));
+        assert!(pos("blk.0.attn_post_norm") < pos("blk.0.resid_mid"));
+        assert!(pos("blk.0.ffn_out") < pos("blk.0.ffn_post_norm"));
+        assert!(pos("blk.0.ffn_post_norm") < pos("blk.0.resid_post"));
     }
 }

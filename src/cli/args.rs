@@ -32,6 +32,9 @@ pub enum Command {
     Run(RunArgs),
     /// Describe a GGUF model or a dump directory.
     Inspect(InspectArgs),
+    /// Write the manifest `model` object (path, fingerprint, config) that bisect hands an
+    /// external engine as {model_info}, to run that engine by hand.
+    ModelInfo(ModelInfoArgs),
     /// Print the token ids of a text with the model's own tokenizer.
     Tokenize(TokenizeArgs),
     /// Compare dump A (engine under test) with dump B (reference): first divergence.
@@ -101,6 +104,15 @@ pub struct InspectArgs {
     /// List every tensor of a model.
     #[arg(long)]
     pub tensors: bool,
+}
+
+#[derive(Args)]
+pub struct ModelInfoArgs {
+    /// The model (GGUF).
+    pub model: PathBuf,
+    /// Write the JSON here instead of to stdout.
+    #[arg(short, long)]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Args)]

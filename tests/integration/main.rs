@@ -13,6 +13,7 @@ mod cli;
 mod diff;
 mod dump_format;
 mod hostile;
+mod llamacpp;
 mod quant;
 mod reference;
 mod report;

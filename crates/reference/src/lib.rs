@@ -11,6 +11,7 @@
 //! where an engine stores, [`profile`]) applies in [`project`].
 
 mod block;
+mod ggml_rope;
 mod ops;
 mod profile;
 mod project;
@@ -210,6 +211,16 @@ impl Reference {
             .context("this reference was loaded for layer replay only: no embedding or output head")
     }
 
+    /// RoPE cos/sin tables of layer `l` at `positions`: exact (angles in f64) or as the
+    /// profile's engine forms them.
+    fn rope_tables_of(&self, l: usize, positions: &[f64]) -> Result<(Tensor, Tensor)> {
+        let factors = self.freq_factors.as_deref();
+        if self.profile.rope_angles_stepwise_f32() {
+            return ggml_rope::ggml_cpu_rope_tables(&self.cfg, factors, l, positions, self.dtype);
+        }
+        rope_tables(positions, &frequencies(&self.cfg, factors, l)?, self.dtype)
+    }
+
     fn layer_weights(&self, l: usize) -> Result<&Layer> {
         match self.layers.get(l) {
             Some(Some(layer)) => Ok(layer),
@@ -361,7 +372,7 @@ impl Reference {
         let local = stream::local_rows(positions, start, n)?;
         let true_positions: Vec<f64> = (start..start + n).map(|p| p as f64).collect();
         let factors = self.freq_factors.as_deref();
-        let tables = LayerTables::new(cfg, factors, &true_positions, self.dtype)?;
+        let tables = LayerTables::new(cfg, |l| self.rope_tables_of(l, &true_positions))?;
         let eps = row_eps(faults, cfg.rms_eps, &(start..start + n).collect::<Vec<_>>());
         for l in first..=last {
             let wanted = LayerTap::ALL.map(|t| sink.wants(Tap::Layer(l, t)));
@@ -543,10 +554,9 @@ impl Reference {
         }
         let (qw, kvw) = (cfg.n_head * cfg.head_dim(), cfg.n_head_kv * cfg.head_dim());
         let x = Tensor::from_slice(input, (rows, cfg.n_embd), &Device::Cpu)?.to_dtype(self.dtype)?;
-        let freqs = frequencies(cfg, self.freq_factors.as_deref(), l)?;
         let style = cfg.variant.rope_style;
         let all: Vec<f64> = (0..rows).map(|p| p as f64).collect();
-        let (cos, sin) = rope_tables(&all, &freqs, self.dtype)?;
+        let (cos, sin) = self.rope_tables_of(l, &all)?;
         let eps = Eps::Model(cfg.rms_eps);
         let h = rms_norm(&x, &layer.attn_norm, &eps)?;
         let kv = project(layer, &h, qw, 2 * kvw, self.profile)?;
@@ -554,7 +564,7 @@ impl Reference {
         let k = rope(&k_in, cfg.n_head_kv, &cos, &sin, style)?;
         let v = kv.narrow(1, kvw, kvw)?.contiguous()?;
         let picked: Vec<f64> = at.iter().map(|&p| p as f64).collect();
-        let (cos_at, sin_at) = rope_tables(&picked, &freqs, self.dtype)?;
+        let (cos_at, sin_at) = self.rope_tables_of(l, &picked)?;
         let h_at = gather(&h, at)?;
         let q_proj = project(layer, &h_at, 0, qw, self.profile)?;
         let q_in = qk_norm(layer, cfg, LayerTap::QPreRope, &q_proj, 0, qw, &eps)?;

@@ -72,7 +72,14 @@ pub fn gather(t: &Tensor, positions: &[usize]) -> Result<Tensor> {
 }
 
 pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: &Eps) -> Result<Tensor> {
-    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+    // Squares summed in f64 and the mean rounded back, as ggml's rms_norm does (ops.cpp
+    // ggml_compute_forward_rms_norm_f32): closer to exact than an f32 sum, and the same
+    // f32 scale as llama.cpp's for the `llamacpp-*` profiles.
+    let mean_sq = x
+        .sqr()?
+        .to_dtype(DType::F64)?
+        .mean_keepdim(D::Minus1)?
+        .to_dtype(x.dtype())?;
     let with_eps = match eps {
         Eps::Model(e) => (mean_sq + *e)?,
         Eps::Rows(e) => {

@@ -96,6 +96,8 @@ impl Profile {
                  F16 → f16, BF16 → bf16; ggml-cpu.c type_traits_cpu, arch/x86/quants.c)",
                 "K and V rounded to the f16 KV cache, q and softmax(kq) to f16 for the two \
                  attention matmuls (llama-graph.cpp build_attn_mha, flash attention off)",
+                "RoPE angles in f32, each pair's angle the previous one times powf(base, -2/n_dims) \
+                 (ggml-cpu ops.cpp ggml_rope_cache_init, rope_yarn)",
             ],
             Self::LlamacppCuda => &[
                 "activations before a quantized matmul are quantized to q8_1 (round half away \
@@ -134,6 +136,13 @@ impl Profile {
             Self::Exact => None,
             Self::LlamacppCpu | Self::LlamacppCuda => Some(CacheType::F16),
         }
+    }
+
+    /// Whether RoPE angles are formed as ggml's CPU backend forms them (f32, each pair's
+    /// angle the previous one times `theta_scale`; [`crate::ggml_rope`]). The CUDA
+    /// kernel computes `pos·powf(theta_scale, i0/2)` per pair instead, not imitated.
+    pub fn rope_angles_stepwise_f32(self) -> bool {
+        self == Self::LlamacppCpu
     }
 
     /// Whether the query and the softmax output are rounded to f16 for the attention

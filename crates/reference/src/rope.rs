@@ -167,10 +167,10 @@ pub(crate) struct LayerTables {
 }
 
 impl LayerTables {
-    pub fn new(cfg: &Config, factors: Option<&[f64]>, positions: &[f64], dtype: DType) -> Result<Self> {
+    /// `table(l)`: the tables of layer `l` (exact or as a profile computes them).
+    pub fn new(cfg: &Config, table: impl Fn(usize) -> Result<(Tensor, Tensor)>) -> Result<Self> {
         let global_layer = (0..cfg.n_layer).find(|&l| cfg.window_of(l).is_none());
         let local_layer = (0..cfg.n_layer).find(|&l| cfg.window_of(l).is_some());
-        let table = |l: usize| rope_tables(positions, &frequencies(cfg, factors, l)?, dtype);
         Ok(Self {
             global: table(global_layer.unwrap_or(0))?,
             local: local_layer.map(table).transpose()?,

@@ -142,6 +142,10 @@ pub struct BisectReport {
     /// Of `seconds`, local replay (loading the replayed layers and running them).
     pub seconds_replay: f64,
     pub reproduce: Vec<String>,
+    /// Why a divergence is expected of these two engines' numerics (see
+    /// [`numerics_note`]); absent when nothing explains it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numerics_note: Option<String>,
     #[serde(skip)]
     pub final_diff: Option<DiffReport>,
     /// The coarse probe's comparison, for the report's layers × positions plot.
@@ -179,6 +183,7 @@ impl BisectReport {
             seconds: 0.0,
             seconds_replay: 0.0,
             reproduce: Vec::new(),
+            numerics_note: None,
             final_diff: None,
             coarse_diff: None,
         }
@@ -240,4 +245,19 @@ mod tests {
         assert_eq!(coarse_layers(30), vec![0, 1, 2, 4, 8, 16, 29]);
         assert_eq!(coarse_layers(17), vec![0, 1, 2, 4, 8, 16]);
     }
+}
+
+/// A note for a report whose A is llama.cpp and whose B is the reference computing
+/// exactly: llama.cpp quantizes each matmul's activations to 8 bits and stores K and V in
+/// f16 by design (docs/profiles.md), so it departs from an exact oracle from layer 0 on
+/// whether or not it has a bug. None for any other pair, or when the oracle imitates a
+/// profile.
+pub fn numerics_note(a: &crate::dump::EngineInfo, b: &crate::dump::EngineInfo) -> Option<String> {
+    let exact_reference = b.name == "resbisect-reference" && b.profile.as_deref().is_none_or(|p| p == "exact");
+    (a.name == "llama.cpp" && exact_reference).then(|| {
+        "A is llama.cpp, which by design quantizes each matmul's activations to 8 bits and keeps K and V \
+         in f16, and the oracle computed exactly (profile exact): it departs from layer 0 on even without \
+         a bug; rerun with --profile llamacpp-cpu (docs/profiles.md) to compare against those numerics"
+            .to_string()
+    })
 }

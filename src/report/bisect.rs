@@ -45,6 +45,9 @@ pub fn bisect_summary(r: &BisectReport) -> String {
         let _ = writeln!(s, "TOKENS DIFFER: {}", m.describe());
     }
     first_summary(&mut s, r);
+    if let Some(note) = &r.numerics_note {
+        let _ = writeln!(s, "note: {note}");
+    }
     if !r.noise.is_empty() {
         let _ = writeln!(s, "{}", noise_line(r));
     }
@@ -180,6 +183,17 @@ fn bisect_title(r: &BisectReport) -> String {
     }
 }
 
+/// The Markdown lines for different tokens and for a divergence the engines' numerics
+/// explain.
+fn md_findings(s: &mut String, r: &BisectReport) {
+    if let Some(m) = &r.token_mismatch {
+        let _ = writeln!(s, "- **tokens differ**: {}", md_text(&m.describe()));
+    }
+    if let Some(note) = &r.numerics_note {
+        let _ = writeln!(s, "- note: {}", md_text(note));
+    }
+}
+
 /// Markdown for a CI comment.
 pub fn bisect_markdown(r: &BisectReport) -> String {
     let mut s = String::new();
@@ -203,9 +217,7 @@ pub fn bisect_markdown(r: &BisectReport) -> String {
             md_text(c.error.tap.as_deref().unwrap_or("none"))
         );
     }
-    if let Some(m) = &r.token_mismatch {
-        let _ = writeln!(s, "- **tokens differ**: {}", md_text(&m.describe()));
-    }
+    md_findings(&mut s, r);
     if let Some(f) = &r.first {
         let _ = writeln!(
             s,

@@ -1,8 +1,10 @@
 //! The in-tree llama.cpp engine (engines/llamacpp/, built by scripts/build-llamacpp.sh)
 //! through `bisect` on SmolLM2: bugs injected through llama.cpp's own knobs (RoPE base,
 //! YaRN on a model trained without it, a 4-bit K cache) are named at their exact first
-//! tap and position against a healthy llama.cpp, across micro-batches; a healthy
-//! llama.cpp against the exact reference diverges at layer 0 (its expected numerics).
+//! tap and position against a healthy llama.cpp and against the reference imitating
+//! llama.cpp's CPU numerics (`--profile llamacpp-cpu`), with local replay through that
+//! profile naming the same tap; a healthy llama.cpp against the exact reference diverges
+//! at layer 0 (its expected numerics), and the report says so.
 //! Without the build the tests skip with one line, except in CI (`CI=true`), where its
 //! absence fails.
 
@@ -47,14 +49,12 @@ fn first(r: &Value) -> (String, u64) {
     )
 }
 
-#[test]
-fn llamacpp_knob_bugs_are_found_exactly_against_a_healthy_llamacpp() {
-    let Some(exe) = adapter() else { return };
-    let healthy = command(&exe, "");
-    // SmolLM2's RoPE base is 100000. Position 0 is RoPE's identity, so a wrong base first
-    // shows at q@1; YaRN's attention scale (1 + 0.1 ln 4 at scale 1/4) already moves q@0;
-    // with one key at position 0 a 4-bit K cache cannot change attention there: attn@1.
-    let bugs = [
+/// Bugs injected through llama.cpp's knobs and where they first show. SmolLM2's RoPE base
+/// is 100000. Position 0 is RoPE's identity, so a wrong base first shows at q@1; YaRN's
+/// attention scale (1 + 0.1 ln 4 at scale 1/4) already moves q@0; with one key at
+/// position 0 a 4-bit K cache cannot change attention there: attn@1.
+fn knob_bugs() -> [(&'static str, &'static str, u64); 3] {
+    [
         ("--rope-freq-base 10000", "blk.0.q", 1),
         (
             "--rope-scaling yarn --rope-freq-scale 0.25 --yarn-orig-ctx 2048",
@@ -62,8 +62,14 @@ fn llamacpp_knob_bugs_are_found_exactly_against_a_healthy_llamacpp() {
             0,
         ),
         ("--cache-type-k q4_0", "blk.0.attn", 1),
-    ];
-    for (knobs, tap, position) in bugs {
+    ]
+}
+
+#[test]
+fn llamacpp_knob_bugs_are_found_exactly_against_a_healthy_llamacpp() {
+    let Some(exe) = adapter() else { return };
+    let healthy = command(&exe, "");
+    for (knobs, tap, position) in knob_bugs() {
         let dir = tempfile::tempdir().unwrap();
         let buggy = command(&exe, knobs);
         let (code, r) = bisect_json(
@@ -147,6 +153,8 @@ fn a_healthy_llamacpp_diverges_from_the_exact_reference_at_layer_0() {
         tap.starts_with("blk.0."),
         "llama.cpp's 8-bit activations show in layer 0: {tap}"
     );
+    let note = r["numerics_note"].as_str().unwrap_or_default();
+    assert!(note.contains("--profile llamacpp-cpu"), "the report says why: {r}");
 }
 
 #[test]
@@ -164,22 +172,13 @@ fn model_info_writes_what_an_external_engine_receives() {
     assert_eq!(missing.code, 2, "{}", missing.stderr);
 }
 
-/// Pending H4b's numerics profiles (branch h4b-profiles, `--profile llamacpp-cpu`): the
-/// same knob bugs found exactly against the profiled reference at default tolerances.
+/// The knob bugs found exactly against the reference imitating llama.cpp's CPU numerics
+/// (`--profile llamacpp-cpu`) at the default tolerances, and local replay (through the same
+/// profile) naming the same tap inside layer 0.
 #[test]
-#[ignore = "pending: needs --profile llamacpp-cpu from h4b-profiles merged"]
 fn llamacpp_knob_bugs_are_found_exactly_against_the_llamacpp_cpu_profile() {
     let Some(exe) = adapter() else { return };
-    let bugs = [
-        ("--rope-freq-base 10000", "blk.0.q", 1),
-        (
-            "--rope-scaling yarn --rope-freq-scale 0.25 --yarn-orig-ctx 2048",
-            "blk.0.q",
-            0,
-        ),
-        ("--cache-type-k q4_0", "blk.0.attn", 1),
-    ];
-    for (knobs, tap, position) in bugs {
+    for (knobs, tap, position) in knob_bugs() {
         let dir = tempfile::tempdir().unwrap();
         let buggy = command(&exe, knobs);
         let (code, r) = bisect_json(
@@ -199,5 +198,64 @@ fn llamacpp_knob_bugs_are_found_exactly_against_the_llamacpp_cpu_profile() {
         );
         assert_eq!(code, 1, "{knobs}: {r}");
         assert_eq!(first(&r), (tap.to_string(), position), "{knobs}: {}", r["first"]);
+        assert!(r["numerics_note"].is_null(), "no note under the profile: {r}");
+        assert_replay_agrees(&r, tap, knobs);
+    }
+}
+
+/// Replay's verdicts agree with the search: layer 0 introduces the error, and the first
+/// tap off its replay is the tap bisect named. (The knobs act in every layer, so later
+/// replayed layers introduce error too, rightly.)
+fn assert_replay_agrees(r: &Value, tap: &str, knobs: &str) {
+    let replay = r["replay"].as_array().expect("replay ran");
+    let layer0 = replay.iter().find(|l| l["layer"] == 0).expect("layer 0 replayed");
+    assert_eq!(layer0["introduces"], true, "{knobs}: {layer0}");
+    assert_eq!(
+        layer0["inherited"], 0.0,
+        "{knobs}: layer 0's input is the exact embedding"
+    );
+    assert_eq!(
+        layer0["introducing_tap"].as_str(),
+        Some(tap),
+        "{knobs}: {}",
+        r["replay"]
+    );
+}
+
+/// With a healthy llama.cpp as the oracle (B) and replay through `--profile llamacpp-cpu`,
+/// replay names the tap bisect found for each knob bug.
+#[test]
+fn replay_through_the_profile_agrees_with_bisect_against_a_healthy_llamacpp() {
+    let Some(exe) = adapter() else { return };
+    let healthy = command(&exe, "");
+    for (knobs, tap, position) in knob_bugs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (code, r) = bisect_json(
+            &[
+                "--prompts",
+                &prompts(),
+                "--id",
+                "p6_len_128",
+                "--engine",
+                "external",
+                "--command",
+                &command(&exe, knobs),
+                "--oracle",
+                "external",
+                "--oracle-command",
+                &healthy,
+                "--profile",
+                "llamacpp-cpu",
+            ],
+            &dir.path().join("work"),
+        );
+        assert_eq!(code, 1, "{knobs}: {r}");
+        assert_eq!(first(&r), (tap.to_string(), position), "{knobs}: {}", r["first"]);
+        assert!(
+            r["replay_oracle"].as_str().unwrap_or_default().contains("llamacpp-cpu"),
+            "{}",
+            r["replay_oracle"]
+        );
+        assert_replay_agrees(&r, tap, knobs);
     }
 }

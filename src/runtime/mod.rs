@@ -34,6 +34,7 @@ pub use gpu::cuda;
 pub use gpu::hip;
 pub mod perf;
 mod preflight;
+pub mod rope;
 mod select;
 pub mod selftest;
 
@@ -75,6 +76,25 @@ pub struct Runtime<B: Backend> {
     layers: Vec<LayerWeights<B>>,
 }
 
+/// The values of `rope_freqs.weight` (one factor per rotated pair), decoded on the host
+/// exactly (by the `cpu` backend's decoders, whatever backend runs the model).
+fn rope_factors(model: &Model) -> Result<Vec<f32>> {
+    const NAME: &str = "rope_freqs.weight";
+    let info = model.weight(NAME)?;
+    let dims: Vec<usize> = info.dims.iter().map(|&d| d as usize).collect();
+    let host = cpu::CpuBackend::new(backend::StorageDType::F32);
+    let values = host.upload_weight(NAME, info.dtype, &dims, model.weight_data(info))?;
+    let pairs = model.config.head_dim() / 2;
+    if values.len() != pairs {
+        return Err(Error::input(format!(
+            "{NAME} holds {} values; RoPE of head dim {} needs {pairs}",
+            values.len(),
+            model.config.head_dim()
+        )));
+    }
+    Ok(values)
+}
+
 /// One prompt's run: what each of its passes (prefill chunks, decode steps) shares.
 struct PromptRun<'r, 'c, B: Backend> {
     rt: &'r Runtime<B>,
@@ -95,9 +115,20 @@ impl<B: Backend> Runtime<B> {
         let token_embd = up("token_embd.weight")?;
         let output_norm = up("output_norm.weight")?;
         let output = up("output.weight")?;
+        let rope_factors = if model.config.variant.rope_freq_factors {
+            Some(rope_factors(model)?)
+        } else {
+            None
+        };
         let mut layers = Vec::with_capacity(model.config.n_layer);
         for l in 0..model.config.n_layer {
-            layers.push(LayerWeights::load(l, &up)?);
+            layers.push(LayerWeights::load(
+                l,
+                &model.config,
+                rope_factors.as_deref(),
+                &backend,
+                &up,
+            )?);
             on_layer(l);
         }
         backend.sync()?;

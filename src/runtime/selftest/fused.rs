@@ -4,7 +4,7 @@
 
 use super::Checker;
 use crate::error::Result;
-use crate::runtime::backend::{AttnShape, Backend, Row, Src, Step};
+use crate::runtime::backend::{RopeFreqs, AttnShape, Backend, Row, Src, Step};
 
 /// The (token, position) of each checked decode step; its index is its tap slot.
 const DECODE_STEPS: [(u32, usize); 3] = [(7, 40), (3, 41), (9, 63)];
@@ -25,6 +25,7 @@ impl Heads {
             first_pos,
             rows: 1,
             from_step,
+            window: None,
         }
     }
 }
@@ -100,7 +101,7 @@ impl<B: Backend> Checker<'_, B> {
         let (mut q, mut attn, mut staged) = (cpu.alloc(qw)?, cpu.alloc(qw)?, cpu.alloc(DECODE_STEPS.len() * qw)?);
         for (slot, &(token, pos)) in DECODE_STEPS.iter().enumerate() {
             cpu.embed(&table, qw, Src::Host(&[token]), &mut q)?;
-            cpu.rope(&mut q, n_head, head_dim, Src::Host(&[pos as f32]), 10000.0)?;
+            cpu.rope(&mut q, n_head, head_dim, Src::Host(&[pos as f32]), RopeFreqs::Base(10000.0))?;
             cpu.copy_rows(&k_new, &mut k, Row::At(pos), 1, kvw)?;
             cpu.attention(&q, &k, &v, heads.shape(pos, false), &mut attn)?;
             cpu.copy_rows(&attn, &mut staged, Row::At(slot), 1, qw)?;
@@ -132,7 +133,7 @@ impl<B: Backend> Checker<'_, B> {
             })?;
             let mut issue = || -> Result<()> {
                 g.embed(&table, qw, Src::Step, &mut q)?;
-                g.rope(&mut q, n_head, head_dim, Src::Step, 10000.0)?;
+                g.rope(&mut q, n_head, head_dim, Src::Step, RopeFreqs::Base(10000.0))?;
                 g.copy_rows(&k_new, &mut k, Row::StepPos, 1, kvw)?;
                 g.attention(&q, &k, &v, heads.shape(pos, true), &mut attn)?;
                 g.copy_rows(&attn, &mut staged, Row::StepSlot, 1, qw)
@@ -237,6 +238,7 @@ impl<B: Backend> Checker<'_, B> {
             first_pos,
             rows,
             from_step: false,
+            window: None,
         };
         let positions: Vec<f32> = (first_pos..first_pos + rows).map(|p| p as f32).collect();
         let cache = (first_pos + rows) * kvw;
@@ -244,12 +246,12 @@ impl<B: Backend> Checker<'_, B> {
         let at = Src::Host(&positions);
         let Qkv { cq, ck, cv, gq, gk, gv } = qkv;
         self.cpu
-            .rope_append(cq, ck, cv, &mut ckc, &mut cvc, shape, at, 10000.0)?;
+            .rope_append(cq, ck, cv, &mut ckc, &mut cvc, shape, at, RopeFreqs::Base(10000.0))?;
         let (mut gkc, mut gvc) = (self.guarded(cache)?, self.guarded(cache)?);
         for c in [&mut gkc, &mut gvc] {
             g.copy_rows(&g.upload(&vec![0.5; cache])?, c, Row::At(0), 1, cache)?;
         }
-        let (_, s) = self.timed(|| g.rope_append(gq, gk, gv, &mut gkc, &mut gvc, shape, at, 10000.0))?;
+        let (_, s) = self.timed(|| g.rope_append(gq, gk, gv, &mut gkc, &mut gvc, shape, at, RopeFreqs::Base(10000.0)))?;
         let mut q_out = self.guarded(rows * e)?;
         g.copy_rows(gq, &mut q_out, Row::At(0), rows, e)?;
         let (heads, kv_heads) = (e / head_dim, kvw / head_dim);

@@ -400,7 +400,10 @@ impl<B: Backend> Runtime<B> {
         }
         let attn_delta = if w.post_norms.is_some() { &ws.post } else { &ws.ao };
         if pass.touched(at(LayerTap::ResidMid)) {
-            pass.op("add (attention residual)", b.add(&ws.x, attn_delta, rows * e, &mut ws.mid))?;
+            pass.op(
+                "add (attention residual)",
+                b.add(&ws.x, attn_delta, rows * e, &mut ws.mid),
+            )?;
             pass.tap(at(LayerTap::ResidMid), &mut ws.mid)?;
             pass.op(
                 "rms_norm (ffn)",
@@ -430,7 +433,10 @@ impl<B: Backend> Runtime<B> {
                 (&mut ws.q, &mut ws.k)
             };
             let out = [&mut *q, &mut *k, &mut ws.v];
-            pass.op("matmul q, k, v", b.matmul3(&ws.h, [&w.wq, &w.wk, &w.wv], rows, e, [qw, kvw, kvw], out))?;
+            pass.op(
+                "matmul q, k, v",
+                b.matmul3(&ws.h, [&w.wq, &w.wk, &w.wv], rows, e, [qw, kvw, kvw], out),
+            )?;
             if let Some([bq, bk, bv]) = &w.qkv_bias {
                 pass.op("add bias q", b.add_bias(q, bq, rows, qw))?;
                 pass.op("add bias k", b.add_bias(k, bk, rows, kvw))?;
@@ -481,7 +487,10 @@ impl<B: Backend> Runtime<B> {
         pass.tap(at(LayerTap::FfnOut), &mut ws.f)?;
         if let Some([_, post_ffn]) = &w.post_norms {
             let eps = c.rms_eps as f32;
-            pass.op("rms_norm (post ffn)", b.rms_norm(&ws.f, post_ffn, rows, e, eps, &mut ws.post))?;
+            pass.op(
+                "rms_norm (post ffn)",
+                b.rms_norm(&ws.f, post_ffn, rows, e, eps, &mut ws.post),
+            )?;
             pass.tap(at(LayerTap::FfnPostNorm), &mut ws.post)?;
         }
         let ffn_delta = if w.post_norms.is_some() { &ws.post } else { &ws.f };

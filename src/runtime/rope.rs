@@ -137,7 +137,10 @@ mod tests {
         let t = rope_table(&config(v), 0, None).expect("a table");
         let plain = |i: usize| 10000f64.powf(-2.0 * i as f64 / 16.0) as f32;
         assert_eq!(t.inv_freq[0], plain(0), "the fastest dim is extrapolated");
-        assert!((t.inv_freq[7] - plain(7) / 4.0).abs() < 1e-9, "the slowest is interpolated");
+        assert!(
+            (t.inv_freq[7] - plain(7) / 4.0).abs() < 1e-9,
+            "the slowest is interpolated"
+        );
         assert!((t.mscale as f64 - (1.0 + 0.1 * 4f64.ln())).abs() < 1e-6);
     }
 

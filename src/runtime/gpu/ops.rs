@@ -46,7 +46,11 @@ impl<D: Driver> Backend for GpuBackend<D> {
 
     fn upload_table(&self, data: &[f32]) -> Result<Self::Table> {
         // An empty upload still gets an allocation (a table is never read past its end).
-        let bytes: &[u8] = if data.is_empty() { &[0; 4] } else { bytemuck::cast_slice(data) };
+        let bytes: &[u8] = if data.is_empty() {
+            &[0; 4]
+        } else {
+            bytemuck::cast_slice(data)
+        };
         self.driver.upload_bytes(bytes)
     }
 

@@ -1,6 +1,12 @@
-//! A llama-family model from a GGUF file: the configuration read from metadata (never
-//! hard-coded), every layer's tensors checked for presence, shape and type before any
-//! compute, and a cheap stable fingerprint. Shared by every engine; holds no numerics.
+//! A llama-family model (llama, qwen2, qwen3, gemma3) from a GGUF file: the
+//! configuration and its [`Variant`](resbisect_taps::Variant) read from metadata (never
+//! hard-coded), every metadata key and tensor classified ([`keys`]: what the oracle does
+//! not implement is refused), every layer's tensors checked for presence, shape and type
+//! before any compute, and a cheap stable fingerprint. Shared by every engine (reference,
+//! runtime, preflight, inspect all open models here); holds no numerics.
+
+mod keys;
+mod variant;
 
 use std::path::Path;
 
@@ -13,8 +19,7 @@ use crate::gguf::{dtype_name, GgufFile, TensorInfo};
 /// The model configuration is part of the tap contract; its home is resbisect-taps.
 pub use resbisect_taps::{Config, MAX_DIM};
 
-/// Architectures whose tensors and metadata follow the llama layout.
-const LLAMA_ARCHS: &[&str] = &["llama"];
+pub use keys::{classify_key, Class};
 /// Bytes sampled from the tensor data for the fingerprint, and how many samples.
 const FINGERPRINT_SAMPLE: usize = 4096;
 const FINGERPRINT_SAMPLES: usize = 64;
@@ -42,7 +47,10 @@ struct Expected {
 impl Model {
     pub fn open(path: &Path) -> Result<Self> {
         let gguf = GgufFile::open(path)?;
-        let config = read_config(&gguf)?;
+        let arch = read_arch(&gguf)?;
+        check_keys(&gguf, &arch)?;
+        check_tensor_names(&gguf, &arch)?;
+        let config = read_config(&gguf, arch)?;
         let tied_output = gguf.tensor("output.weight").is_none();
         validate_tensors(&gguf, &config, tied_output)?;
         let fingerprint = fingerprint(&gguf);
@@ -81,7 +89,7 @@ impl Model {
     }
 }
 
-fn meta_u64(gguf: &GgufFile, key: &str) -> Result<Option<u64>> {
+pub(crate) fn meta_u64(gguf: &GgufFile, key: &str) -> Result<Option<u64>> {
     match gguf.get(key) {
         None => Ok(None),
         Some(v) => v.as_u64().map(Some).ok_or_else(|| {
@@ -94,7 +102,7 @@ fn meta_u64(gguf: &GgufFile, key: &str) -> Result<Option<u64>> {
     }
 }
 
-fn meta_f64(gguf: &GgufFile, key: &str) -> Result<Option<f64>> {
+pub(crate) fn meta_f64(gguf: &GgufFile, key: &str) -> Result<Option<f64>> {
     match gguf.get(key) {
         None => Ok(None),
         Some(v) => v.as_f64().map(Some).ok_or_else(|| {
@@ -121,8 +129,7 @@ fn required(gguf: &GgufFile, key: &str) -> Result<usize> {
         })
 }
 
-fn read_config(gguf: &GgufFile) -> Result<Config> {
-    let arch = read_arch(gguf)?;
+fn read_config(gguf: &GgufFile, arch: String) -> Result<Config> {
     let key = |k: &str| format!("{arch}.{k}");
     let n_layer = required(gguf, &key("block_count"))?;
     let n_embd = required(gguf, &key("embedding_length"))?;
@@ -134,7 +141,19 @@ fn read_config(gguf: &GgufFile) -> Result<Config> {
     };
     let n_ctx = required(gguf, &key("context_length"))?;
     let (rope_base, rms_eps) = read_rope_base_and_eps(gguf, &key)?;
-    check_heads(gguf, &key, n_embd, n_head, n_head_kv)?;
+    if !n_head.is_multiple_of(n_head_kv) {
+        return Err(Error::input(format!(
+            "{}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}",
+            gguf.path.display()
+        )));
+    }
+    let sizes = variant::Sizes {
+        n_embd,
+        n_head,
+        n_layer,
+        n_ctx,
+    };
+    let variant = variant::read_variant(gguf, &arch, &sizes)?;
     let n_vocab = read_vocab(gguf, &key("vocab_size"))?;
     Ok(Config {
         arch,
@@ -147,7 +166,7 @@ fn read_config(gguf: &GgufFile) -> Result<Config> {
         n_ctx,
         rope_base,
         rms_eps,
-        variant: Default::default(),
+        variant,
     })
 }
 
@@ -158,13 +177,39 @@ fn read_arch(gguf: &GgufFile) -> Result<String> {
         .get("general.architecture")
         .and_then(|v| v.as_str())
         .ok_or_else(|| Error::input(format!("{p}: metadata general.architecture is missing")))?;
-    if !LLAMA_ARCHS.contains(&arch) {
+    if !keys::ARCHS.contains(&arch) {
         return Err(Error::input(format!(
             "{p}: architecture {arch:?} is not supported (supported: {})",
-            LLAMA_ARCHS.join(", ")
+            keys::ARCHS.join(", ")
         )));
     }
     Ok(arch.to_string())
+}
+
+/// Every metadata key is understood or inert ([`keys::classify_key`]); the first that
+/// is neither refuses the model, named.
+fn check_keys(gguf: &GgufFile, arch: &str) -> Result<()> {
+    for key in &gguf.metadata_order {
+        if let Class::Refused(what) = classify_key(arch, key) {
+            return Err(Error::input(format!(
+                "{}: metadata {key}: {what} is not supported",
+                gguf.path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Every tensor is one a model of `arch` can hold ([`keys::tensor_known`]).
+fn check_tensor_names(gguf: &GgufFile, arch: &str) -> Result<()> {
+    match gguf.tensors.iter().find(|t| !keys::tensor_known(arch, &t.name)) {
+        Some(t) => Err(Error::input(format!(
+            "{}: tensor {} is not part of a supported {arch} model; refusing rather than ignoring it",
+            gguf.path.display(),
+            t.name
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// RoPE's frequency base (10000 when absent) and RMSNorm's epsilon (required), in range.
@@ -190,42 +235,6 @@ fn read_rope_base_and_eps(gguf: &GgufFile, key: &dyn Fn(&str) -> String) -> Resu
         )));
     }
     Ok((rope_base, rms_eps))
-}
-
-/// Heads divide the width, KV heads divide the heads, and the head dim is even and
-/// fully rotated (no partial RoPE).
-fn check_heads(
-    gguf: &GgufFile,
-    key: &dyn Fn(&str) -> String,
-    n_embd: usize,
-    n_head: usize,
-    n_head_kv: usize,
-) -> Result<()> {
-    let p = gguf.path.display();
-    if !n_embd.is_multiple_of(n_head) {
-        return Err(Error::input(format!(
-            "{p}: embedding_length {n_embd} is not divisible by head_count {n_head}"
-        )));
-    }
-    if !n_head.is_multiple_of(n_head_kv) {
-        return Err(Error::input(format!(
-            "{p}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}"
-        )));
-    }
-    let head_dim = n_embd / n_head;
-    if !head_dim.is_multiple_of(2) {
-        return Err(Error::input(format!(
-            "{p}: head dim {head_dim} (= {n_embd}/{n_head}) is odd; RoPE needs pairs"
-        )));
-    }
-    if let Some(rope_dim) = meta_u64(gguf, &key("rope.dimension_count"))? {
-        if rope_dim != head_dim as u64 {
-            return Err(Error::input(format!(
-                "{p}: rope.dimension_count {rope_dim} differs from head dim {head_dim}; partial RoPE is not supported"
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// The vocabulary size (metadata `vocab_size`, else the tokenizer's token count), which
@@ -268,24 +277,43 @@ fn expected_tensors(c: &Config, tied_output: bool) -> impl Iterator<Item = Expec
     if !tied_output {
         outside.push(e("output.weight".into(), &[c.n_embd, c.n_vocab]));
     }
+    if c.variant.rope_freq_factors {
+        outside.push(e("rope_freqs.weight".into(), &[c.head_dim() / 2]));
+    }
     outside.into_iter().chain((0..c.n_layer).flat_map(move |l| {
-        let b = |s: &str| format!("blk.{l}.{s}.weight");
-        [
-            e(b("attn_norm"), &[c.n_embd]),
-            e(b("attn_q"), &[c.n_embd, c.q_width()]),
-            e(b("attn_k"), &[c.n_embd, c.kv_width()]),
-            e(b("attn_v"), &[c.n_embd, c.kv_width()]),
-            e(b("attn_output"), &[c.q_width(), c.n_embd]),
-            e(b("ffn_norm"), &[c.n_embd]),
-            e(b("ffn_gate"), &[c.n_embd, c.n_ff]),
-            e(b("ffn_up"), &[c.n_embd, c.n_ff]),
-            e(b("ffn_down"), &[c.n_ff, c.n_embd]),
-        ]
+        let b = |s: &str| format!("blk.{l}.{s}");
+        let mut layer = vec![
+            e(b("attn_norm.weight"), &[c.n_embd]),
+            e(b("attn_q.weight"), &[c.n_embd, c.q_width()]),
+            e(b("attn_k.weight"), &[c.n_embd, c.kv_width()]),
+            e(b("attn_v.weight"), &[c.n_embd, c.kv_width()]),
+            e(b("attn_output.weight"), &[c.q_width(), c.n_embd]),
+            e(b("ffn_norm.weight"), &[c.n_embd]),
+            e(b("ffn_gate.weight"), &[c.n_embd, c.n_ff]),
+            e(b("ffn_up.weight"), &[c.n_embd, c.n_ff]),
+            e(b("ffn_down.weight"), &[c.n_ff, c.n_embd]),
+        ];
+        let v = &c.variant;
+        if v.qkv_bias {
+            layer.push(e(b("attn_q.bias"), &[c.q_width()]));
+            layer.push(e(b("attn_k.bias"), &[c.kv_width()]));
+            layer.push(e(b("attn_v.bias"), &[c.kv_width()]));
+        }
+        if v.qk_norm {
+            layer.push(e(b("attn_q_norm.weight"), &[c.head_dim()]));
+            layer.push(e(b("attn_k_norm.weight"), &[c.head_dim()]));
+        }
+        if v.post_norms {
+            layer.push(e(b("post_attention_norm.weight"), &[c.n_embd]));
+            layer.push(e(b("post_ffw_norm.weight"), &[c.n_embd]));
+        }
+        layer
     }))
 }
 
 fn validate_tensors(gguf: &GgufFile, c: &Config, tied_output: bool) -> Result<()> {
     let p = gguf.path.display();
+    let mut expected = std::collections::HashSet::new();
     for exp in expected_tensors(c, tied_output) {
         let info = gguf.tensor(&exp.name).ok_or_else(|| {
             Error::input(format!(
@@ -306,6 +334,7 @@ fn validate_tensors(gguf: &GgufFile, c: &Config, tied_output: bool) -> Result<()
                 dtype_name(info.dtype)
             )));
         }
+        expected.insert(exp.name);
     }
     // Tensors of layers beyond block_count mean the metadata and the weights disagree
     // about the depth of the model: refuse rather than silently ignore half of it.
@@ -322,6 +351,14 @@ fn validate_tensors(gguf: &GgufFile, c: &Config, tied_output: bool) -> Result<()
                     t.name, c.n_layer
                 )));
             }
+        }
+        // A tensor the architecture knows but this model's layout does not use (a bias
+        // on some layers only) would be silently ignored.
+        if !expected.contains(&t.name) {
+            return Err(Error::input(format!(
+                "{p}: tensor {} is not used by this model's layout (e.g. present on some layers only); refusing rather than ignoring it",
+                t.name
+            )));
         }
     }
     Ok(())

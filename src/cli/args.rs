@@ -55,7 +55,7 @@ pub enum Command {
     Selftest(SelftestArgs),
     /// Write a model's first N layers as a model of its own (real weights, smaller file).
     Cut(CutArgs),
-    /// Write a synthetic llama model with random weights at real shapes.
+    /// Write a synthetic model (llama, qwen2, qwen3, gemma3) with random weights at real shapes.
     Synth(SynthArgs),
 }
 
@@ -198,7 +198,9 @@ pub struct CutArgs {
 
 #[derive(Args)]
 pub struct SynthArgs {
-    /// tiny, smollm2-135m or tinyllama-1.1b
+    /// A preset name (resbisect::synth::PRESET_NAMES): micro, tiny, smollm2-135m, tinyllama-1.1b,
+    /// llama3-tiny, llama3.2-1b, yarn-tiny, linear-tiny, qwen2-tiny, qwen2.5-0.5b, qwen3-tiny,
+    /// qwen3-0.6b, gemma3-tiny, gemma3-270m.
     #[arg(long)]
     pub preset: String,
     #[arg(long, default_value = "q8_0")]

@@ -17,5 +17,6 @@ mod reference;
 mod report;
 mod runtime;
 mod search;
+mod synth_presets;
 mod third_party;
 mod tokenizer;

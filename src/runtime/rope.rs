@@ -28,7 +28,8 @@ pub struct RopeTable {
 /// `theta_extrap = base^(-2i/d) / factor_i`; linear scaling multiplies by `1/factor`;
 /// YaRN mixes `theta_extrap / factor` and `theta_extrap` by a ramp over the dims between
 /// the correction dims of `beta_fast` and `beta_slow`, and scales cos and sin by
-/// `attn_factor · (1 + 0.1 · ln factor)` (Peng et al. 2023, arXiv:2309.00071, §3.2–3.4).
+/// `attn_factor · (1 + 0.1 · ln factor)` (Peng et al. 2023, arXiv:2309.00071, §3.2–3.4;
+/// 1 for factor ≤ 1, as HF). Sliding-window layers are never scaled.
 pub fn rope_table(c: &Config, layer: usize, factors: Option<&[f32]>) -> Option<RopeTable> {
     let v = &c.variant;
     let neox = v.rope_style == RopeStyle::Neox;
@@ -41,7 +42,14 @@ pub fn rope_table(c: &Config, layer: usize, factors: Option<&[f32]>) -> Option<R
         let factor = factors.map_or(1.0, |f| f[i] as f64);
         base.powf(-2.0 * i as f64 / d as f64) / factor
     };
-    let (inv_freq, mscale): (Vec<f64>, f64) = match v.rope_scaling {
+    // Sliding-window layers rotate unscaled (llama.cpp's `rope_freq_scale_train_swa` = 1;
+    // HF gemma3's local rotary embedding has no scaling).
+    let scaling = if c.window_of(layer).is_some() {
+        RopeScaling::None
+    } else {
+        v.rope_scaling
+    };
+    let (inv_freq, mscale): (Vec<f64>, f64) = match scaling {
         RopeScaling::None => ((0..d / 2).map(theta_extrap).collect(), 1.0),
         RopeScaling::Linear { factor } => ((0..d / 2).map(|i| theta_extrap(i) / factor).collect(), 1.0),
         RopeScaling::Yarn {
@@ -59,7 +67,9 @@ pub fn rope_table(c: &Config, layer: usize, factors: Option<&[f32]>) -> Option<R
                     theta_extrap(i) * (freq_scale * (1.0 - ramp) + ramp)
                 })
                 .collect();
-            (table, attn_factor * (1.0 + 0.1 * (1.0 / freq_scale).ln()))
+            // HF's get_mscale: 1 for factor <= 1 (llama.cpp's formula would shrink it).
+            let mscale = if factor > 1.0 { 1.0 + 0.1 * factor.ln() } else { 1.0 };
+            (table, attn_factor * mscale)
         }
     };
     Some(RopeTable {

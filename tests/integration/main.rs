@@ -20,3 +20,4 @@ mod search;
 mod synth_presets;
 mod third_party;
 mod tokenizer;
+mod variants;

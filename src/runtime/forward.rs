@@ -1,163 +1,17 @@
-//! The llama-family forward over the ops of one backend: layer weights, activation
-//! buffers, the embedding, the blocks and the output head. Each runs over a [`Pass`], the
+//! The llama-family forward over the ops of one backend: the embedding, the blocks and
+//! the output head over a layer's weights and buffers (layer.rs). Each runs over a [`Pass`], the
 //! context of one prefill chunk or decode step: its rows, the faults it injects, where its
 //! taps go. A model's variant (`Config.variant`: biases, q/k norms, post norms, GELU,
 //! RoPE tables, sliding windows) is decided once per layer from the weights it loaded;
 //! plain llama runs exactly the ops it always has.
 
-use super::backend::{AttnShape, Backend, RopeFreqs, Row, Src};
+use super::backend::{AttnShape, Backend, Row, Src};
 use super::capture::{TapCollector, TapRoute};
+use super::layer::Workspace;
 use super::{RunOptions, Runtime};
 use crate::error::{Error, Result};
 use crate::inject::RuntimeFaults;
-use crate::model::Config;
 use crate::taps::{Activation, LayerTap, Tap};
-
-pub(super) struct LayerWeights<B: Backend> {
-    attn_norm: B::Buf,
-    wq: B::Buf,
-    wk: B::Buf,
-    wv: B::Buf,
-    wo: B::Buf,
-    ffn_norm: B::Buf,
-    wg: B::Buf,
-    wu: B::Buf,
-    wd: B::Buf,
-    /// `attn_{q,k,v}.bias` (qwen2).
-    qkv_bias: Option<[B::Buf; 3]>,
-    /// `attn_{q,k}_norm.weight`, `head_dim` each (qwen3, gemma3).
-    qk_norm: Option<[B::Buf; 2]>,
-    /// `post_attention_norm.weight`, `post_ffw_norm.weight` (gemma3).
-    post_norms: Option<[B::Buf; 2]>,
-    /// The layer's RoPE table; `None` for plain llama RoPE at `base`.
-    rope: Option<LayerRope<B>>,
-    base: f32,
-}
-
-/// A layer's RoPE table on the device (see [`super::rope::rope_table`]).
-pub(super) struct LayerRope<B: Backend> {
-    inv_freq: B::Table,
-    neox: bool,
-    mscale: f32,
-}
-
-impl<B: Backend> LayerWeights<B> {
-    /// Layer `l`'s weights, each uploaded by `up` from its GGUF name, with those of the
-    /// model's variant; `rope_factors` are `rope_freqs.weight`'s values, when it has them.
-    pub(super) fn load(
-        l: usize,
-        c: &Config,
-        rope_factors: Option<&[f32]>,
-        b: &B,
-        up: &dyn Fn(&str) -> Result<B::Buf>,
-    ) -> Result<Self> {
-        let w = |n: &str| up(&format!("blk.{l}.{n}.weight"));
-        let v = &c.variant;
-        let rope = match super::rope::rope_table(c, l, rope_factors) {
-            Some(t) => Some(LayerRope {
-                inv_freq: b.upload_table(&t.inv_freq)?,
-                neox: t.neox,
-                mscale: t.mscale,
-            }),
-            None => None,
-        };
-        let bias = |n: &str| up(&format!("blk.{l}.{n}.bias"));
-        Ok(Self {
-            attn_norm: w("attn_norm")?,
-            wq: w("attn_q")?,
-            wk: w("attn_k")?,
-            wv: w("attn_v")?,
-            wo: w("attn_output")?,
-            ffn_norm: w("ffn_norm")?,
-            wg: w("ffn_gate")?,
-            wu: w("ffn_up")?,
-            wd: w("ffn_down")?,
-            qkv_bias: v
-                .qkv_bias
-                .then(|| Ok::<_, Error>([bias("attn_q")?, bias("attn_k")?, bias("attn_v")?]))
-                .transpose()?,
-            qk_norm: v
-                .qk_norm
-                .then(|| Ok::<_, Error>([w("attn_q_norm")?, w("attn_k_norm")?]))
-                .transpose()?,
-            post_norms: v
-                .post_norms
-                .then(|| Ok::<_, Error>([w("post_attention_norm")?, w("post_ffw_norm")?]))
-                .transpose()?,
-            rope,
-            base: c.rope_base_of(l) as f32,
-        })
-    }
-
-    /// The RoPE frequencies of this layer as the backend takes them.
-    fn freqs(&self) -> RopeFreqs<'_, B::Table> {
-        match &self.rope {
-            Some(r) => RopeFreqs::Table {
-                inv_freq: &r.inv_freq,
-                neox: r.neox,
-                mscale: r.mscale,
-            },
-            None => RopeFreqs::Base(self.base),
-        }
-    }
-}
-
-/// Activation buffers for chunks of up to `rows` rows, reused from chunk to chunk: a
-/// recorded decode step needs them at the same addresses every time.
-pub(super) struct Workspace<B: Backend> {
-    x: B::Buf,
-    h: B::Buf,
-    q: B::Buf,
-    k: B::Buf,
-    v: B::Buf,
-    attn: B::Buf,
-    ao: B::Buf,
-    mid: B::Buf,
-    g: B::Buf,
-    u: B::Buf,
-    act: B::Buf,
-    f: B::Buf,
-    /// Q and K before their per-head norms (models with q/k norms; empty otherwise).
-    q_raw: B::Buf,
-    k_raw: B::Buf,
-    /// Attention or FFN output after its post norm (models with post norms; else empty).
-    post: B::Buf,
-    /// Output head buffers, grown to the most rows the head has needed.
-    normed: B::Buf,
-    logits: B::Buf,
-    head_rows: usize,
-    /// When a run keeps checkpoints: the residual stream of every position after
-    /// embedding (`keep[0]`) and after each layer (`keep[l + 1]`); empty otherwise.
-    pub(super) keep: Vec<B::Buf>,
-}
-
-impl<B: Backend> Workspace<B> {
-    pub(super) fn new(b: &B, c: &Config, rows: usize) -> Result<Self> {
-        let (e, qw, kvw, ff) = (c.n_embd, c.q_width(), c.kv_width(), c.n_ff);
-        let (qk_norm, post_norms) = (c.variant.qk_norm, c.variant.post_norms);
-        Ok(Self {
-            x: b.alloc(rows * e)?,
-            h: b.alloc(rows * e)?,
-            q: b.alloc(rows * qw)?,
-            k: b.alloc(rows * kvw)?,
-            v: b.alloc(rows * kvw)?,
-            attn: b.alloc(rows * qw)?,
-            ao: b.alloc(rows * e)?,
-            mid: b.alloc(rows * e)?,
-            g: b.alloc(rows * ff)?,
-            u: b.alloc(rows * ff)?,
-            act: b.alloc(rows * ff)?,
-            f: b.alloc(rows * e)?,
-            q_raw: b.alloc(if qk_norm { rows * qw } else { 0 })?,
-            k_raw: b.alloc(if qk_norm { rows * kvw } else { 0 })?,
-            post: b.alloc(if post_norms { rows * e } else { 0 })?,
-            normed: b.alloc(0)?,
-            logits: b.alloc(0)?,
-            head_rows: 0,
-            keep: Vec::new(),
-        })
-    }
-}
 
 /// One pass of the forward over the positions `start..start + rows`: a prefill chunk
 /// (taps downloaded now) or a decode step (taps staged on the device).

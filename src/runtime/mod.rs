@@ -3,8 +3,9 @@
 //!
 //! - `mod.rs`: [`Runtime`] (weights loaded once), `run_prompt` (chunked prefill, then
 //!   greedy decode) and `serve` (a prefix's dump from kept checkpoints).
-//! - `forward.rs`: layer weights, activation buffers, the llama blocks and the output head,
-//!   each over a `Pass` (one chunk's or step's rows, faults and tap route).
+//! - `forward.rs`: the blocks (every variant) and the output head, each over a `Pass`
+//!   (one chunk's or step's rows, faults and tap route); `layer.rs` a layer's weights
+//!   and the activation buffers; `rope.rs` the RoPE frequency table of each layer.
 //! - `capture.rs`: taps only — rows streamed into their dump file in the storage dtype as
 //!   each chunk comes off the device, so a file lands with its last row and a dump holds
 //!   no more than the rows in flight; decode rows staged on the device, downloaded once.
@@ -29,6 +30,7 @@ pub mod cpu;
 mod decode;
 mod forward;
 pub mod gpu;
+mod layer;
 pub use gpu::cuda;
 #[cfg(feature = "hip")]
 pub use gpu::hip;
@@ -47,7 +49,8 @@ use crate::model::{Config, Model};
 use crate::taps::{LayerTap, PositionSpec, Selection, Tap};
 use backend::Backend;
 use capture::{TapCollector, TapRoute};
-use forward::{LayerWeights, Pass, Workspace};
+use forward::Pass;
+use layer::{LayerWeights, Workspace};
 pub use preflight::preflight;
 pub use select::BackendKind;
 

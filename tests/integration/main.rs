@@ -20,4 +20,4 @@ mod search;
 mod synth_presets;
 mod third_party;
 mod tokenizer;
-mod variants;
+mod runtime_variants;

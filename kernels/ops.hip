@@ -641,3 +641,139 @@ extern "C" __global__ void rb_dequant_q6_k(const unsigned char* src, store_t* ou
         sc += 8;
     }
 }
+
+// Q5_K: Q4_K's layout with a fifth bit per value in 32 qh bytes (bit j for sub-block j).
+extern "C" __global__ void rb_dequant_q5_k(const unsigned char* src, store_t* out, long blocks) {
+    long b = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= blocks) return;
+    const unsigned char* p = src + b * 176;
+    float d = rb_f16(p), dmin = rb_f16(p + 2);
+    const unsigned char* qh = p + 16;
+    store_t* y = out + b * 256;
+    for (int j = 0; j < 8; j++) {
+        int sc, mn;
+        rb_q4k_scale_min(j, p + 4, &sc, &mn);
+        const float d1 = d * sc, m1 = dmin * mn;
+        const unsigned char* qs = p + 48 + 32 * (j / 2);
+        const int shift = (j % 2) * 4;
+        for (int l = 0; l < 32; l++) y[32 * j + l] = ST(d1 * (((qs[l] >> shift) & 15) + ((qh[l] >> j) & 1) * 16) - m1);
+    }
+}
+
+// ---------------------------------------------------------------- quantized matrices
+// Weights kept as GGUF blocks (--weights native). A [n, k] matrix is n rows of k/32
+// sub-blocks of 32 values: a Q4_0/Q4_1/Q8_0 block, or an eighth of a K-quant super-block
+// (rows are whole blocks, so sub-block s of the matrix is also sub-block s of its blocks).
+// rb_sub_<type>(w, s, v) decodes sub-block s into v as ggml's dequantize_row_* does.
+
+__device__ __forceinline__ void rb_sub_q4_0(const unsigned char* w, long s, float* v) {
+    const unsigned char* p = w + s * 18;
+    const float d = rb_f16(p);
+    #pragma unroll
+    for (int i = 0; i < 16; i++) {
+        v[i] = ((int)(p[2 + i] & 15) - 8) * d;
+        v[i + 16] = ((int)(p[2 + i] >> 4) - 8) * d;
+    }
+}
+
+__device__ __forceinline__ void rb_sub_q4_1(const unsigned char* w, long s, float* v) {
+    const unsigned char* p = w + s * 20;
+    const float d = rb_f16(p), m = rb_f16(p + 2);
+    #pragma unroll
+    for (int i = 0; i < 16; i++) {
+        v[i] = (p[4 + i] & 15) * d + m;
+        v[i + 16] = (p[4 + i] >> 4) * d + m;
+    }
+}
+
+__device__ __forceinline__ void rb_sub_q8_0(const unsigned char* w, long s, float* v) {
+    const unsigned char* p = w + s * 34;
+    const float d = rb_f16(p);
+    #pragma unroll
+    for (int i = 0; i < 32; i++) v[i] = (float)(signed char)p[2 + i] * d;
+}
+
+__device__ __forceinline__ void rb_sub_q4_k(const unsigned char* w, long s, float* v) {
+    const unsigned char* p = w + (s >> 3) * 144;
+    const int j = (int)(s & 7), shift = (j & 1) * 4;
+    int sc, mn;
+    rb_q4k_scale_min(j, p + 4, &sc, &mn);
+    const float d1 = rb_f16(p) * sc, m1 = rb_f16(p + 2) * mn;
+    const unsigned char* qs = p + 16 + 32 * (j >> 1);
+    #pragma unroll
+    for (int i = 0; i < 32; i++) v[i] = d1 * ((qs[i] >> shift) & 15) - m1;
+}
+
+__device__ __forceinline__ void rb_sub_q5_k(const unsigned char* w, long s, float* v) {
+    const unsigned char* p = w + (s >> 3) * 176;
+    const int j = (int)(s & 7), shift = (j & 1) * 4;
+    int sc, mn;
+    rb_q4k_scale_min(j, p + 4, &sc, &mn);
+    const float d1 = rb_f16(p) * sc, m1 = rb_f16(p + 2) * mn;
+    const unsigned char* qh = p + 16;
+    const unsigned char* qs = p + 48 + 32 * (j >> 1);
+    #pragma unroll
+    for (int i = 0; i < 32; i++) v[i] = d1 * (((qs[i] >> shift) & 15) + ((qh[i] >> j) & 1) * 16) - m1;
+}
+
+// Q6_K sub-block j: half j/4 of the block, quarter j%4 of it (value l + 32·quarter).
+__device__ __forceinline__ void rb_sub_q6_k(const unsigned char* w, long s, float* v) {
+    const unsigned char* p = w + (s >> 3) * 210;
+    const int j = (int)(s & 7), half = j >> 2, quarter = j & 3;
+    const unsigned char* ql = p + 64 * half + (quarter & 1) * 32;
+    const unsigned char* qh = p + 128 + 32 * half;
+    const signed char* sc = (const signed char*)(p + 192 + 8 * half);
+    const int shift = (quarter >> 1) * 4, hshift = 2 * quarter;
+    const float d = rb_f16(p + 208);
+    #pragma unroll
+    for (int l = 0; l < 32; l++) {
+        const int q = (int)(((ql[l] >> shift) & 15) | (((qh[l] >> hshift) & 3) << 4)) - 32;
+        v[l] = d * sc[l / 16 + 2 * quarter] * q;
+    }
+}
+
+// Decode matvecs on blocks (rows ≤ RB_GEMV_ROWS): one warp per output column, each lane
+// decoding every RB_WARP-th sub-block of the column's weight row once for all rows of x
+// (fused dequantization, f32 accumulation, summed over the warp).
+// Prefill dequantizes a matrix with rb_qdequant_<type> into a transient workspace of the
+// storage type and runs the dense GEMM on it (one thread per sub-block).
+#define RB_QUANT_OPS(T, BV, BB)                                                                                      \
+    extern "C" __global__ void rb_qgemv_##T(const unsigned char* w, const store_t* x, store_t* out, int rows, int k,  \
+                                            int n) {                                                                 \
+        const int j = rb_warp_column();                                                                              \
+        if (j >= n) return;                                                                                          \
+        const int lane = threadIdx.x % RB_WARP, subs = k / 32;                                                       \
+        const unsigned char* row = w + (long)j * (k / BV) * BB;                                                     \
+        float acc[RB_GEMV_ROWS];                                                                                     \
+        _Pragma("unroll") for (int r = 0; r < RB_GEMV_ROWS; r++) acc[r] = 0.0f;                                     \
+        for (int s = lane; s < subs; s += RB_WARP) {                                                                 \
+            float v[32];                                                                                             \
+            rb_sub_##T(row, s, v);                                                                                   \
+            _Pragma("unroll") for (int r = 0; r < RB_GEMV_ROWS; r++) {                                              \
+                if (r < rows) {                                                                                      \
+                    const store_t* xs = x + (long)r * k + s * 32;                                                    \
+                    float a = 0.0f;                                                                                  \
+                    _Pragma("unroll") for (int i = 0; i < 32; i++) a += v[i] * LD(xs[i]);                           \
+                    acc[r] += a;                                                                                     \
+                }                                                                                                    \
+            }                                                                                                        \
+        }                                                                                                            \
+        _Pragma("unroll") for (int r = 0; r < RB_GEMV_ROWS; r++) for (int o = RB_WARP / 2; o > 0; o /= 2)           \
+            acc[r] += RB_SHFL_XOR(acc[r], o);                                                                        \
+        if (lane == 0)                                                                                               \
+            for (int r = 0; r < rows; r++) out[(long)r * n + j] = ST(acc[r]);                                        \
+    }                                                                                                                \
+    extern "C" __global__ void rb_qdequant_##T(const unsigned char* w, store_t* out, long subs) {                   \
+        const long s = (long)blockIdx.x * blockDim.x + threadIdx.x;                                                  \
+        if (s >= subs) return;                                                                                       \
+        float v[32];                                                                                                 \
+        rb_sub_##T(w, s, v);                                                                                         \
+        _Pragma("unroll") for (int i = 0; i < 32; i++) out[s * 32 + i] = ST(v[i]);                                   \
+    }
+
+RB_QUANT_OPS(q4_0, 32, 18)
+RB_QUANT_OPS(q4_1, 32, 20)
+RB_QUANT_OPS(q8_0, 32, 34)
+RB_QUANT_OPS(q4_k, 256, 144)
+RB_QUANT_OPS(q5_k, 256, 176)
+RB_QUANT_OPS(q6_k, 256, 210)

@@ -7,6 +7,16 @@ prints rel L2 = |a-b|/|b| per layer (max over positions). Exits 1 above the thre
   scripts/compare_hf.py --prompts fixtures/prompts/long.jsonl --id long_826
   scripts/compare_hf.py --prompts fixtures/prompts/bisect.jsonl --id p6_len_32 \
       --fixture-out fixtures/hf/smollm2_p6_len_32.safetensors
+  scripts/compare_hf.py --model fixtures/models/gemma-3-270m-q4_k_m.gguf \
+      --prompts fixtures/prompts/long.jsonl --id long_1652 --retokenize
+  scripts/compare_hf.py --preset yarn-tiny --random-tokens 1200 --json-out X.json
+
+Architectures: transformers loads llama, qwen2, qwen3 and gemma3 GGUFs itself (it
+un-permutes llama's q/k rows, subtracts Gemma's +1 from its norm weights). It reads no
+RoPE scaling from a GGUF, so for the synthetic scaled presets the script gives HF's
+model its own `rope_scaling` (HF's implementation of llama3, yarn and linear scaling,
+parameters from ROPE_SCALING below, which must match src/synth/presets.rs) and, for
+llama3, checks that the GGUF's `rope_freqs.weight` equals HF's frequency divisors.
 """
 import argparse
 import json
@@ -23,6 +33,52 @@ from safetensors.numpy import load_file, save_file
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIXTURE_LAYERS = [0, 1, 2, 4, 8, 16, 29]
 FIXTURE_TOPK = 64
+SYNTH_SEED = 7
+# HF rope_scaling for the synthetic presets (src/synth/presets.rs states the same values).
+ROPE_SCALING = {
+    "llama3-tiny": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 512},
+    "yarn-tiny": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512},
+    "linear-tiny": {"rope_type": "linear", "factor": 4.0},
+}
+
+
+def apply_rope_scaling(hf, scaling, model_path):
+    """Rebuilds HF's rotary embedding with `scaling`; for llama3, checks the GGUF's
+    rope_freqs.weight against HF's divisors (|diff| <= 1e-6, f32 rounding)."""
+    import gguf
+    cfg = hf.config
+    params = dict(getattr(cfg, "rope_parameters", None) or {"rope_theta": cfg.rope_theta})
+    params.update(scaling)
+    if hasattr(cfg, "rope_parameters"):
+        cfg.rope_parameters = params
+    else:
+        cfg.rope_scaling = params
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=cfg)
+    if scaling["rope_type"] == "llama3":
+        stored = next(t for t in gguf.GGUFReader(model_path).tensors if t.name == "rope_freqs.weight").data
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        base = 1.0 / params["rope_theta"] ** (np.arange(0, head_dim, 2) / head_dim)
+        divisors = base / hf.model.rotary_emb.inv_freq.double().numpy()
+        err = float(np.abs(divisors - stored).max())
+        print(f"rope_freqs.weight vs HF llama3 divisors: max |diff| {err:.2e}")
+        if err > 1e-6:
+            sys.exit(f"rope_freqs.weight disagrees with HF's llama3 scaling (max |diff| {err:.2e})")
+
+
+def suite_line(args):
+    """The one-prompt suite to dump: the chosen prompt (without its stored token ids when
+    --retokenize, so the model's own tokenizer runs), or --random-tokens ids (seeded)."""
+    if args.random_tokens:
+        import gguf
+        n_vocab = len(gguf.GGUFReader(args.model).fields["tokenizer.ggml.tokens"].data)
+        ids = np.random.default_rng(SYNTH_SEED).integers(0, n_vocab, args.random_tokens).tolist()
+        return json.dumps({"id": args.id, "tokens": ids})
+    line = next(l for l in open(args.prompts) if l.strip() and json.loads(l)["id"] == args.id)
+    if args.retokenize:
+        p = json.loads(line)
+        return json.dumps({"id": p["id"], "text": p["text"]})
+    return line
 
 
 def rel_l2_rows(a, b):
@@ -33,8 +89,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(ROOT / "fixtures/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--resbisect", default=str(ROOT / "target/release/resbisect"))
-    ap.add_argument("--prompts", required=True)
-    ap.add_argument("--id", required=True)
+    ap.add_argument("--preset", help="compare on `resbisect synth --preset P --quant f32 --seed 7` instead")
+    ap.add_argument("--prompts")
+    ap.add_argument("--id", default="random")
+    ap.add_argument("--retokenize", action="store_true", help="ignore the prompt's stored token ids")
+    ap.add_argument("--random-tokens", type=int, help="this many seeded random token ids instead of a prompt")
     ap.add_argument("--threshold", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fixture-out")
@@ -42,25 +101,32 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    line = next(l for l in open(args.prompts) if l.strip() and json.loads(l)["id"] == args.id)
-    with tempfile.TemporaryDirectory() as tmp:
-        suite = pathlib.Path(tmp) / "one.jsonl"
-        suite.write_text(line)
-        dump = pathlib.Path(tmp) / "dump"
-        subprocess.run([args.resbisect, "dump", "--model", args.model, "--prompts", str(suite), "--layers", "all",
-                        "--taps", "resid_post,logits", "--positions", "all", "-o", str(dump)], check=True)
-        manifest = json.loads((dump / "manifest.json").read_text())
-        tokens = manifest["prompts"][0]["tokens"]
-        n_layer = manifest["model"]["n_layer"]
-        ours = {}
-        for l in range(n_layer):
-            ours[l] = load_file(str(dump / "data" / args.id / f"blk.{l}.safetensors"))[f"blk.{l}.resid_post"].astype(np.float64)
-        ours_logits = load_file(str(dump / "data" / args.id / "output.safetensors"))["logits"].astype(np.float64)
+    # Kept until exit: the synthetic model is read again by HF below.
+    tmpdir = tempfile.TemporaryDirectory()
+    tmp = tmpdir.name
+    if args.preset:
+        args.model = str(pathlib.Path(tmp) / f"{args.preset}.gguf")
+        subprocess.run([args.resbisect, "synth", "--preset", args.preset, "--quant", "f32", "--seed", str(SYNTH_SEED),
+                        "-o", args.model], check=True)
+    suite = pathlib.Path(tmp) / "one.jsonl"
+    suite.write_text(suite_line(args))
+    dump = pathlib.Path(tmp) / "dump"
+    subprocess.run([args.resbisect, "dump", "--model", args.model, "--prompts", str(suite), "--layers", "all",
+                    "--taps", "resid_post,logits", "--positions", "all", "-o", str(dump)], check=True)
+    manifest = json.loads((dump / "manifest.json").read_text())
+    tokens = manifest["prompts"][0]["tokens"]
+    n_layer = manifest["model"]["n_layer"]
+    ours = {}
+    for l in range(n_layer):
+        ours[l] = load_file(str(dump / "data" / args.id / f"blk.{l}.safetensors"))[f"blk.{l}.resid_post"].astype(np.float64)
+    ours_logits = load_file(str(dump / "data" / args.id / "output.safetensors"))["logits"].astype(np.float64)
 
     from transformers import AutoModelForCausalLM
     model_path = pathlib.Path(args.model)
     hf = AutoModelForCausalLM.from_pretrained(str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32)
     hf.eval()
+    if args.preset in ROPE_SCALING:
+        apply_rope_scaling(hf, ROPE_SCALING[args.preset], args.model)
     captured = {}
 
     def hook(layer):
@@ -74,7 +140,7 @@ def main():
     with torch.no_grad():
         logits = hf(torch.tensor([tokens])).logits[0].double().numpy()
 
-    results = {"prompt": args.id, "n_tokens": len(tokens), "threshold": args.threshold,
+    results = {"model": args.preset or pathlib.Path(args.model).name, "prompt": args.id, "n_tokens": len(tokens), "threshold": args.threshold,
                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                "torch": torch.__version__, "layers": []}
     worst = 0.0

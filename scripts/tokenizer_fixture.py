@@ -7,6 +7,13 @@ tokenizers built for the same GGUF files:
   the vocabulary, merges and control tokens read from the GGUF.
 - A synthetic SentencePiece model (`resbisect synth --preset tiny --tokenizer llama`):
   transformers' own GGUF tokenizer loader (`AutoTokenizer.from_pretrained(gguf_file=)`).
+- Gemma 3 270M (SentencePiece-style vocabulary in the GGUF, byte fallback, no space
+  prefix, user-defined pieces for whitespace runs and HTML tags): transformers' GGUF
+  tokenizer loader (its GemmaTokenizer converter), on texts.json plus Gemma-specific
+  texts (chat-turn markers, whitespace runs, HTML, rare code points). The `sentencepiece`
+  library itself is not the reference: given the same pieces it matches user-defined
+  pieces only after escaping spaces and never matches control pieces in text, so it
+  splits "  " and "<start_of_turn>" where HF and llama.cpp emit one token.
 
   scripts/tokenizer_fixture.py [--resbisect target/release/resbisect]
 """
@@ -54,6 +61,7 @@ def main():
            "cases": [{"text": t, "ids": encode(t)} for t in TEXTS]}
     (ROOT / "fixtures/tokenizer/smollm2_expected.json").write_text(json.dumps(out, ensure_ascii=False, indent=1) + "\n")
 
+    import transformers
     from transformers import AutoTokenizer
     with tempfile.TemporaryDirectory() as tmp:
         model = pathlib.Path(tmp) / "spm.gguf"
@@ -63,7 +71,13 @@ def main():
     out = {"model": "resbisect synth --preset tiny --tokenizer llama --quant f32 --seed 7",
            "reference": "transformers AutoTokenizer GGUF loader", "cases": cases}
     (ROOT / "fixtures/tokenizer/synth_spm_expected.json").write_text(json.dumps(out, ensure_ascii=False, indent=1) + "\n")
-    print("wrote fixtures/tokenizer/smollm2_expected.json and synth_spm_expected.json")
+    gemma = ROOT / "fixtures/models/gemma-3-270m-q4_k_m.gguf"
+    hf = AutoTokenizer.from_pretrained(str(gemma.parent), gguf_file=gemma.name)
+    texts = TEXTS + json.loads((ROOT / "fixtures/tokenizer/texts_gemma.json").read_text())
+    out = {"model": gemma.name, "reference": f"transformers {transformers.__version__} AutoTokenizer GGUF loader",
+           "cases": [{"text": t, "ids": hf(t, add_special_tokens=True)["input_ids"]} for t in texts]}
+    (ROOT / "fixtures/tokenizer/gemma3_expected.json").write_text(json.dumps(out, ensure_ascii=False, indent=1) + "\n")
+    print("wrote fixtures/tokenizer/smollm2_expected.json, synth_spm_expected.json and gemma3_expected.json")
 
 
 if __name__ == "__main__":

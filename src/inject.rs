@@ -8,14 +8,16 @@
 //! Numerics bugs of a whole model: `[blk.L.]rope:scale=F@FROM` scales every RoPE
 //! frequency by F; `[blk.L.]rope:bf16@FROM` (reference only) forms RoPE angles in bf16;
 //! `norm:eps=E@FROM` (reference only) computes every RMSNorm with epsilon E.
+//! A block-layout fault: `QUANT:swap_nibbles@0` (runtime only; QUANT one of q4_0, q4_1,
+//! q4_k, q5_k, q6_k) reads every weight block of that GGUF type with its nibbles swapped.
 
-use resbisect_taps::{Fault, Faults, NormFault, RopeCorruption, RopeFault, TapFault};
+use resbisect_taps::{BlockFault, Fault, Faults, NormFault, RopeCorruption, RopeFault, TapFault};
 
 use crate::error::{Error, Result};
 use crate::taps::canonical_tap_id;
 
 fn bad(spec: &str, why: &str) -> Error {
-    Error::input(format!("bad --inject {spec:?}: {why} (syntax TAP:KIND[=VALUE]@POS, KIND one of scale, offset, nan, zero, oob; or [blk.L.]rope:shift=N|scale=F|bf16@POS; or norm:eps=E@POS)"))
+    Error::input(format!("bad --inject {spec:?}: {why} (syntax TAP:KIND[=VALUE]@POS, KIND one of scale, offset, nan, zero, oob; or [blk.L.]rope:shift=N|scale=F|bf16@POS; or norm:eps=E@POS; or QUANT:swap_nibbles@0)"))
 }
 
 /// Refuse specs whose position no processed row reaches (`n_positions` rows: the
@@ -41,6 +43,8 @@ pub struct RuntimeFaults {
     pub norm: Option<NormFault>,
     /// (tap id, position): the op at this tap fails once the run reaches the position.
     pub crash: Vec<(String, usize)>,
+    /// Quant types whose weight blocks are read with a wrong layout.
+    pub blocks: Vec<BlockFault>,
 }
 
 enum Parsed {
@@ -48,6 +52,7 @@ enum Parsed {
     Rope(RopeFault),
     Norm(NormFault),
     Crash(String, usize),
+    Block(BlockFault),
 }
 
 /// Parse one `--inject` spec.
@@ -100,6 +105,18 @@ fn parse_one(spec: &str, n_layer: usize) -> Result<Parsed> {
             from,
         }));
     }
+    if let Some(ty) = crate::quant::QuantType::parse(target) {
+        return match (kind, value, from) {
+            ("swap_nibbles", None, 0) if ty.nibble_bytes().is_some() => Ok(Parsed::Block(BlockFault {
+                quant_type: ty.name().to_string(),
+            })),
+            ("swap_nibbles", None, 0) => Err(bad(spec, &format!("{} has no nibbles to swap", ty.name()))),
+            _ => Err(bad(
+                spec,
+                "a quant type takes swap_nibbles@0 (weights have no positions)",
+            )),
+        };
+    }
     if target == "norm" {
         return match (kind, value) {
             ("eps", Some(eps)) if eps >= 0.0 => Ok(Parsed::Norm(NormFault { eps, from })),
@@ -123,6 +140,12 @@ fn parse_one(spec: &str, n_layer: usize) -> Result<Parsed> {
 /// Faults for the reference, which computes but never fails on request.
 pub fn parse_all(specs: &[String], n_layer: usize) -> Result<Faults> {
     let f = parse_any(specs, n_layer)?;
+    if let Some(b) = f.blocks.first() {
+        return Err(Error::input(format!(
+            "--inject {}:swap_nibbles is for the runtime; the reference decodes blocks with candle",
+            b.quant_type
+        )));
+    }
     if let Some((tap, _)) = f.crash.first() {
         return Err(Error::input(format!(
             "--inject {tap}:oob is for the runtime; the reference does not fail on request"
@@ -146,6 +169,7 @@ fn parse_any(specs: &[String], n_layer: usize) -> Result<RuntimeFaults> {
             Parsed::Norm(n) if faults.norm.is_none() => faults.norm = Some(n),
             Parsed::Norm(_) => return Err(bad(s, "only one norm fault may be injected")),
             Parsed::Crash(tap, from) => faults.crash.push((tap, from)),
+            Parsed::Block(b) => faults.blocks.push(b),
         }
     }
     Ok(faults)

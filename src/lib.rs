@@ -11,6 +11,7 @@ pub mod gguf;
 pub mod inject;
 pub mod model;
 pub mod prompts;
+pub mod quant;
 pub mod report;
 pub mod runtime;
 pub mod synth;

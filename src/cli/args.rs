@@ -9,6 +9,7 @@ use resbisect::diff::Judge;
 use resbisect::engine::{EngineKind, EngineSpec, RefPrecision};
 use resbisect::prompts::Input;
 use resbisect::runtime::backend::StorageDType;
+use resbisect::runtime::weights::WeightMode;
 use resbisect::runtime::{BackendKind, RunOptions};
 use resbisect::{Error, Result};
 
@@ -31,6 +32,9 @@ pub enum Command {
     Run(RunArgs),
     /// Describe a GGUF model or a dump directory.
     Inspect(InspectArgs),
+    /// Write the manifest `model` object (path, fingerprint, config) that bisect hands an
+    /// external engine as {model_info}, to run that engine by hand.
+    ModelInfo(ModelInfoArgs),
     /// Print the token ids of a text with the model's own tokenizer.
     Tokenize(TokenizeArgs),
     /// Compare dump A (engine under test) with dump B (reference): first divergence.
@@ -86,6 +90,11 @@ pub struct RunArgs {
     /// Untimed runs first (benchmarks: excludes lazy kernel loading and the like).
     #[arg(long, default_value_t = 0)]
     pub warmup: usize,
+    /// Quantized weights: native (kept in GGUF blocks, read by fused kernels) or dequant
+    /// (dequantized to the storage dtype at load); bisect one against the other to tell a
+    /// quantized-kernel bug from the rest.
+    #[arg(long, default_value = "native")]
+    pub weights: String,
 }
 
 #[derive(Args)]
@@ -95,6 +104,15 @@ pub struct InspectArgs {
     /// List every tensor of a model.
     #[arg(long)]
     pub tensors: bool,
+}
+
+#[derive(Args)]
+pub struct ModelInfoArgs {
+    /// The model (GGUF).
+    pub model: PathBuf,
+    /// Write the JSON here instead of to stdout.
+    #[arg(short, long)]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -334,6 +352,11 @@ pub struct BisectArgs {
     /// Fault injected into engine A (see `dump --inject`). Repeatable.
     #[arg(long)]
     pub inject: Vec<String>,
+    /// Runtime A: quantized weights native (kept in GGUF blocks, read by fused kernels) or dequant
+    /// (dequantized to the storage dtype at load); bisect one against the other to tell a
+    /// quantized-kernel bug from the rest.
+    #[arg(long, default_value = "native")]
+    pub weights: String,
     /// Engine B, the oracle: the reference, the runtime (--oracle-backend, --oracle-dtype:
     /// e.g. a GPU's f32 path against its f16 path), or an external program
     /// (--oracle-command). Local replay always uses the reference.
@@ -348,6 +371,9 @@ pub struct BisectArgs {
     /// Runtime oracle B's storage dtype: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     pub oracle_dtype: String,
+    /// Runtime oracle B's quantized weights: native or dequant (see --weights).
+    #[arg(long, default_value = "native")]
+    pub oracle_weights: String,
     /// The reference's precision (oracle and local replay): f32 or f64.
     #[arg(long, default_value = "f32")]
     pub reference_dtype: String,
@@ -419,6 +445,11 @@ pub struct DumpArgs {
     /// Runtime: untimed runs of each prompt first, without taps (benchmarks).
     #[arg(long, default_value_t = 0)]
     pub warmup: usize,
+    /// Runtime: quantized weights native (kept in GGUF blocks, read by fused kernels) or dequant
+    /// (dequantized to the storage dtype at load); bisect one against the other to tell a
+    /// quantized-kernel bug from the rest.
+    #[arg(long, default_value = "native")]
+    pub weights: String,
     #[arg(short, long)]
     pub output: PathBuf,
     /// Replace an existing dump at the output path.
@@ -452,9 +483,10 @@ impl DumpArgs {
         let kind = match self.engine {
             DumpEngine::Reference => {
                 let precision = RefPrecision::parse(&self.dtype)?;
-                if self.max_tokens > 0 || self.prefill_chunk.is_some() || self.sync_check || self.warmup > 0 {
+                let runtime_only = self.prefill_chunk.is_some() || self.sync_check || self.weights != "native";
+                if self.max_tokens > 0 || self.warmup > 0 || runtime_only {
                     return Err(Error::input(
-                        "--max-tokens, --prefill-chunk, --sync-check and --warmup are runtime options (--engine runtime)",
+                        "--max-tokens, --prefill-chunk, --sync-check, --warmup and --weights are runtime options (--engine runtime)",
                     ));
                 }
                 EngineKind::Reference(precision)
@@ -473,6 +505,7 @@ impl DumpArgs {
                 sync_check: self.sync_check,
                 stop_token: None,
                 warmup: self.warmup,
+                weights: WeightMode::parse(&self.weights)?,
             },
         })
     }
@@ -501,7 +534,10 @@ impl BisectArgs {
                 .engine
                 .kind(self.command.as_deref(), self.backend, &self.dtype, precision)?,
             injections: self.inject.clone(),
-            run: run.clone(),
+            run: RunOptions {
+                weights: WeightMode::parse(&self.weights)?,
+                ..run.clone()
+            },
         };
         let b = EngineSpec {
             kind: self.oracle.kind(
@@ -511,7 +547,10 @@ impl BisectArgs {
                 precision,
             )?,
             injections: Vec::new(),
-            run,
+            run: RunOptions {
+                weights: WeightMode::parse(&self.oracle_weights)?,
+                ..run
+            },
         };
         Ok((a, b))
     }

@@ -11,6 +11,7 @@ use resbisect::engine::{self, DumpRequest};
 use resbisect::model::Model;
 use resbisect::prompts::{self, Input};
 use resbisect::runtime::backend::StorageDType;
+use resbisect::runtime::weights::WeightMode;
 use resbisect::runtime::RunOptions;
 use resbisect::taps::Selection;
 use resbisect::tokenizer::Tokenizer;
@@ -77,6 +78,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         sync_check: false,
         stop_token: if a.ignore_eos { None } else { tokenizer.eos_id },
         warmup: a.warmup,
+        weights: WeightMode::parse(&a.weights)?,
     };
     let g = engine::generate(a.backend, dtype, &model, record, &opts, &mut Bars::default())?;
     println!("{}", tokenizer.decode(&g.tokens)?);

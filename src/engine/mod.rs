@@ -23,7 +23,7 @@ use crate::runtime::backend::{Backend, StorageDType};
 use crate::runtime::{BackendKind, RunOptions};
 use crate::taps::Selection;
 
-pub use external::{write_token_file, ExternalEngine, PLACEHOLDERS};
+pub use external::{identified, model_info_json, write_token_file, ExternalEngine, PLACEHOLDERS};
 pub use oracle::{Oracle, RefPrecision};
 pub use pair::{start_pair, EnginePair};
 pub use reference::ReferenceEngine;
@@ -173,7 +173,8 @@ impl EngineSpec {
             (EngineKind::Runtime { .. }, EngineKind::Runtime { .. }) => self.kind == other.kind,
             _ => false,
         };
-        same_kind && self.injections.is_empty() && other.injections.is_empty()
+        let same_weights = self.run.weights == other.run.weights;
+        same_kind && same_weights && self.injections.is_empty() && other.injections.is_empty()
     }
 }
 

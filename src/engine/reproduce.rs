@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use crate::model::Model;
+use crate::runtime::weights::WeightMode;
 use crate::taps::Selection;
 
 use super::RefPrecision;
@@ -67,13 +68,19 @@ impl DumpCommand<'_> {
         )
     }
 
-    /// On the runtime's `backend` storing `dtype`.
-    pub fn runtime(&self, backend: &str, dtype: &str, prefill_chunk: Option<usize>) -> String {
+    /// On the runtime's `backend` storing `dtype`, holding quantized weights as `weights`
+    /// says (spelled only when not the default).
+    pub fn runtime(&self, backend: &str, dtype: &str, prefill_chunk: Option<usize>, weights: WeightMode) -> String {
         let chunk = prefill_chunk
             .map(|c| format!(" --prefill-chunk {c}"))
             .unwrap_or_default();
+        let weights = if weights == WeightMode::default() {
+            String::new()
+        } else {
+            format!(" --weights {}", weights.name())
+        };
         format!(
-            "{} dump --engine runtime --backend {backend} --dtype {dtype}{chunk} {}",
+            "{} dump --engine runtime --backend {backend} --dtype {dtype}{chunk}{weights} {}",
             resbisect_command(),
             self.args()
         )

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::inject::RuntimeFaults;
 use crate::model::Model;
 use crate::runtime::backend::{Backend, StorageDType};
+use crate::runtime::weights::WeightMode;
 use crate::runtime::{preflight, RunOptions, Runtime};
 use crate::taps::{all_taps, LayerTap, PositionSpec, Selection, Tap};
 
@@ -59,7 +60,10 @@ impl<'m, B: Backend> RuntimeEngine<'m, B> {
             .take()
             .ok_or_else(|| Error::engine("the runtime failed to load its weights earlier"))?;
         progress.stage("loading weights", self.model.config.n_layer);
-        self.loaded = Some(Runtime::load(backend, self.model, &mut |_| progress.tick())?);
+        let (weights, faults) = (self.run.weights, &self.faults);
+        self.loaded = Some(Runtime::load(backend, self.model, weights, faults, &mut |_| {
+            progress.tick()
+        })?);
         Ok(start.elapsed().as_secs_f64())
     }
 }
@@ -71,8 +75,12 @@ fn bytes_per_value(dtype: StorageDType) -> usize {
 
 impl<B: Backend> Engine for RuntimeEngine<'_, B> {
     fn label(&self) -> String {
+        let weights = match self.run.weights {
+            WeightMode::Native => "",
+            WeightMode::Dequant => " (weights dequantized at load)",
+        };
         format!(
-            "runtime {} {}{}",
+            "runtime {} {}{weights}{}",
             self.backend_name,
             self.dtype.name(),
             reproduce::injected_label(&self.injections)
@@ -123,7 +131,12 @@ impl<B: Backend> Engine for RuntimeEngine<'_, B> {
             out,
             injections: &self.injections,
         };
-        command.runtime(self.backend_name, self.dtype.name(), self.run.prefill_chunk)
+        command.runtime(
+            self.backend_name,
+            self.dtype.name(),
+            self.run.prefill_chunk,
+            self.run.weights,
+        )
     }
 }
 
@@ -295,7 +308,9 @@ impl OnBackend for Generate<'_> {
             positions: PositionSpec::all(),
         };
         progress.stage("loading weights", model.config.n_layer);
-        let rt = Runtime::load(backend, model, &mut |_| progress.tick())?;
+        let rt = Runtime::load(backend, model, run.weights, &RuntimeFaults::default(), &mut |_| {
+            progress.tick()
+        })?;
         rt.warm_up(&prompt, run)?;
         progress.stage(
             &format!("{} ({} tokens)", prompt.id, prompt.tokens.len()),

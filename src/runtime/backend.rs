@@ -135,6 +135,8 @@ pub trait Backend: Send {
     type Table: Send;
     /// A recorded sequence of ops that replays with one launch (a CUDA graph).
     type Graph;
+    /// A weight matrix kept in its GGUF block format (see [`super::quant`]).
+    type Quant: Send;
 
     fn name(&self) -> &'static str;
     fn device(&self) -> String;
@@ -149,6 +151,11 @@ pub trait Backend: Send {
     /// A GGUF weight (any supported ggml type; `dims` in ggml order, raw bytes),
     /// dequantized by the backend into its storage dtype.
     fn upload_weight(&self, name: &str, dtype: GgmlDType, dims: &[usize], data: &[u8]) -> Result<Self::Buf>;
+    /// A GGUF matrix (`dims` = `[k, n]`) kept in its block format for
+    /// [`matmul_quant`](Self::matmul_quant), or `None` when this backend does not compute
+    /// on `dtype`'s blocks (the caller dequantizes it instead). Errors: a layout that is
+    /// not whole blocks.
+    fn upload_quant(&self, name: &str, dtype: GgmlDType, dims: &[usize], data: &[u8]) -> Result<Option<Self::Quant>>;
     /// `len` elements from `offset`, as f32.
     fn download(&self, buf: &Self::Buf, offset: usize, len: usize) -> Result<Vec<f32>>;
     /// `len` elements from `offset` exactly as stored, appended to `out`: little-endian
@@ -182,6 +189,16 @@ pub trait Backend: Send {
     ) -> Result<()>;
     /// `out[rows, n] = x[rows, k] · w[n, k]ᵀ`.
     fn matmul(&self, x: &Self::Buf, w: &Self::Buf, rows: usize, k: usize, n: usize, out: &mut Self::Buf) -> Result<()>;
+    /// `out[rows, n] = x[rows, k] · w[n, k]ᵀ` read from `w`'s blocks (f32 accumulation).
+    fn matmul_quant(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Quant,
+        rows: usize,
+        k: usize,
+        n: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
     /// RoPE in place on `[rows, heads × head_dim]`; row i sits at `positions[i]`.
     fn rope(
         &self,

@@ -11,6 +11,7 @@ use resbisect_taps::Fault;
 
 use super::backend::{AttnShape, Backend, RopeFreqs, Row, Src, Step, StorageDType};
 use crate::error::{Error, Result};
+use crate::quant::{QuantMatrix, QuantType};
 
 /// Query rows per attention block: bounds the per-head score matrix to 256 × keys.
 const ATTN_BLOCK: usize = 256;
@@ -72,6 +73,7 @@ impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Table = Vec<f32>;
     type Graph = ();
+    type Quant = QuantMatrix;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -122,6 +124,53 @@ impl Backend for CpuBackend {
         };
         self.store(&mut values);
         Ok(values)
+    }
+
+    fn upload_quant(&self, name: &str, dtype: GgmlDType, dims: &[usize], data: &[u8]) -> Result<Option<QuantMatrix>> {
+        QuantType::of(dtype)
+            .map(|ty| QuantMatrix::new(name, ty, dims, data))
+            .transpose()
+    }
+
+    /// Decode (rows ≤ 4): each output is one pass over a weight row's blocks, decoded
+    /// into f32 as read. Prefill: the matrix decoded whole into a transient copy rounded
+    /// to the storage dtype (as the GPU's prefill workspace is), then the dense GEMM.
+    fn matmul_quant(
+        &self,
+        x: &Vec<f32>,
+        w: &QuantMatrix,
+        rows: usize,
+        k: usize,
+        n: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        if (w.n, w.k) != (n, k) {
+            return Err(Error::engine(format!(
+                "cpu matmul_quant: a [{}, {}] matrix used as [{n}, {k}]",
+                w.n, w.k
+            )));
+        }
+        check(x.len(), rows * k, "matmul_quant input")?;
+        check(out.len(), rows * n, "matmul_quant output")?;
+        if rows <= SMALL_ROWS {
+            out[..rows * n]
+                .par_chunks_mut(n)
+                .zip(x[..rows * k].par_chunks(k))
+                .for_each(|(o, xr)| {
+                    o.par_iter_mut()
+                        .enumerate()
+                        .for_each(|(j, o)| *o = w.dot_row(j, xr, dot))
+                });
+            self.store(&mut out[..rows * n]);
+            return Ok(());
+        }
+        let mut dense = vec![0f32; n * k];
+        dense
+            .par_chunks_mut(k)
+            .enumerate()
+            .for_each(|(j, row)| w.decode_row(j, row));
+        self.store(&mut dense);
+        self.matmul(x, &dense, rows, k, n, out)
     }
 
     fn download(&self, buf: &Vec<f32>, offset: usize, len: usize) -> Result<Vec<f32>> {

@@ -8,6 +8,7 @@
 use super::backend::{AttnShape, Backend, Row, Src};
 use super::capture::{TapCollector, TapRoute};
 use super::layer::Workspace;
+use super::weights;
 use super::{RunOptions, Runtime};
 use crate::error::{Error, Result};
 use crate::inject::RuntimeFaults;
@@ -243,7 +244,7 @@ impl<B: Backend> Runtime<B> {
         }
         pass.op("attention", b.attention(&ws.q, kc, vc, shape, &mut ws.attn))?;
         pass.tap(at(LayerTap::Attn), &mut ws.attn)?;
-        pass.op("matmul attn_output", b.matmul(&ws.attn, &w.wo, rows, qw, e, &mut ws.ao))?;
+        pass.op("matmul attn_output", w.wo.matmul(b, &ws.attn, rows, qw, e, &mut ws.ao))?;
         pass.tap(at(LayerTap::AttnOut), &mut ws.ao)?;
         if let Some([post_attn, _]) = &w.post_norms {
             pass.op(
@@ -289,7 +290,7 @@ impl<B: Backend> Runtime<B> {
             let out = [&mut *q, &mut *k, &mut ws.v];
             pass.op(
                 "matmul q, k, v",
-                b.matmul3(&ws.h, [&w.wq, &w.wk, &w.wv], rows, e, [qw, kvw, kvw], out),
+                weights::matmul3(b, &ws.h, [&w.wq, &w.wk, &w.wv], rows, e, [qw, kvw, kvw], out),
             )?;
             if let Some([bq, bk, bv]) = &w.qkv_bias {
                 pass.op("add bias q", b.add_bias(q, bq, rows, qw))?;
@@ -321,8 +322,8 @@ impl<B: Backend> Runtime<B> {
         let at = |t: LayerTap| Tap::Layer(l, t);
         let gelu = c.variant.ffn_activation == Activation::GeluTanh;
         if gelu || pass.touched(at(LayerTap::FfnGate)) || pass.touched(at(LayerTap::FfnUp)) {
-            pass.op("matmul ffn_gate", b.matmul(&ws.h, &w.wg, rows, e, ff, &mut ws.g))?;
-            pass.op("matmul ffn_up", b.matmul(&ws.h, &w.wu, rows, e, ff, &mut ws.u))?;
+            pass.op("matmul ffn_gate", w.wg.matmul(b, &ws.h, rows, e, ff, &mut ws.g))?;
+            pass.op("matmul ffn_up", w.wu.matmul(b, &ws.h, rows, e, ff, &mut ws.u))?;
             pass.tap(at(LayerTap::FfnGate), &mut ws.g)?;
             pass.tap(at(LayerTap::FfnUp), &mut ws.u)?;
             if gelu {
@@ -331,13 +332,14 @@ impl<B: Backend> Runtime<B> {
                 pass.op("silu_mul", b.silu_mul(&ws.g, &ws.u, rows * ff, &mut ws.act))?;
             }
         } else {
-            let fused = b.gate_up_silu(&ws.h, &w.wg, &w.wu, rows, e, ff, &mut ws.g, &mut ws.u, &mut ws.act);
+            let gua = [&mut ws.g, &mut ws.u, &mut ws.act];
+            let fused = weights::gate_up_silu(b, &ws.h, &w.wg, &w.wu, rows, e, ff, gua);
             pass.op("matmul ffn_gate, ffn_up and silu_mul", fused)?;
             pass.tap(at(LayerTap::FfnGate), &mut ws.g)?;
             pass.tap(at(LayerTap::FfnUp), &mut ws.u)?;
         }
         pass.tap(at(LayerTap::FfnAct), &mut ws.act)?;
-        pass.op("matmul ffn_down", b.matmul(&ws.act, &w.wd, rows, ff, e, &mut ws.f))?;
+        pass.op("matmul ffn_down", w.wd.matmul(b, &ws.act, rows, ff, e, &mut ws.f))?;
         pass.tap(at(LayerTap::FfnOut), &mut ws.f)?;
         if let Some([_, post_ffn]) = &w.post_norms {
             let eps = c.rms_eps as f32;
@@ -392,7 +394,7 @@ impl<B: Backend> Runtime<B> {
             "rms_norm (output)",
             b.rms_norm(hx, &self.output_norm, n, e, eps, &mut ws.normed),
         )?;
-        let logits = b.matmul(&ws.normed, &self.output, n, e, c.n_vocab, &mut ws.logits);
+        let logits = self.output.matmul(b, &ws.normed, n, e, c.n_vocab, &mut ws.logits);
         pass.op("matmul output", logits)?;
         if want_out {
             // Rows of the head buffers are `need`; tap only the selected ones (the first

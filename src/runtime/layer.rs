@@ -3,19 +3,20 @@
 //! decode step reuses.
 
 use super::backend::{Backend, RopeFreqs};
+use super::weights::Matrix;
 use crate::error::{Error, Result};
 use crate::model::Config;
 
 pub(super) struct LayerWeights<B: Backend> {
     pub(super) attn_norm: B::Buf,
-    pub(super) wq: B::Buf,
-    pub(super) wk: B::Buf,
-    pub(super) wv: B::Buf,
-    pub(super) wo: B::Buf,
+    pub(super) wq: Matrix<B>,
+    pub(super) wk: Matrix<B>,
+    pub(super) wv: Matrix<B>,
+    pub(super) wo: Matrix<B>,
     pub(super) ffn_norm: B::Buf,
-    pub(super) wg: B::Buf,
-    pub(super) wu: B::Buf,
-    pub(super) wd: B::Buf,
+    pub(super) wg: Matrix<B>,
+    pub(super) wu: Matrix<B>,
+    pub(super) wd: Matrix<B>,
     /// `attn_{q,k,v}.bias` (qwen2).
     pub(super) qkv_bias: Option<[B::Buf; 3]>,
     /// `attn_{q,k}_norm.weight`, `head_dim` each (qwen3, gemma3).
@@ -35,16 +36,19 @@ pub(super) struct LayerRope<B: Backend> {
 }
 
 impl<B: Backend> LayerWeights<B> {
-    /// Layer `l`'s weights, each uploaded by `up` from its GGUF name, with those of the
-    /// model's variant; `rope_factors` are `rope_freqs.weight`'s values, when it has them.
+    /// Layer `l`'s weights, each uploaded from its GGUF name (vectors by `up`, matrices
+    /// by `mat`), with those of the model's variant; `rope_factors` are
+    /// `rope_freqs.weight`'s values, when it has them.
     pub(super) fn load(
         l: usize,
         c: &Config,
         rope_factors: Option<&[f32]>,
         b: &B,
         up: &dyn Fn(&str) -> Result<B::Buf>,
+        mat: &dyn Fn(&str) -> Result<Matrix<B>>,
     ) -> Result<Self> {
         let w = |n: &str| up(&format!("blk.{l}.{n}.weight"));
+        let m = |n: &str| mat(&format!("blk.{l}.{n}.weight"));
         let v = &c.variant;
         let rope = match super::rope::rope_table(c, l, rope_factors) {
             Some(t) => Some(LayerRope {
@@ -57,14 +61,14 @@ impl<B: Backend> LayerWeights<B> {
         let bias = |n: &str| up(&format!("blk.{l}.{n}.bias"));
         Ok(Self {
             attn_norm: w("attn_norm")?,
-            wq: w("attn_q")?,
-            wk: w("attn_k")?,
-            wv: w("attn_v")?,
-            wo: w("attn_output")?,
+            wq: m("attn_q")?,
+            wk: m("attn_k")?,
+            wv: m("attn_v")?,
+            wo: m("attn_output")?,
             ffn_norm: w("ffn_norm")?,
-            wg: w("ffn_gate")?,
-            wu: w("ffn_up")?,
-            wd: w("ffn_down")?,
+            wg: m("ffn_gate")?,
+            wu: m("ffn_up")?,
+            wd: m("ffn_down")?,
             qkv_bias: v
                 .qkv_bias
                 .then(|| Ok::<_, Error>([bias("attn_q")?, bias("attn_k")?, bias("attn_v")?]))

@@ -39,6 +39,7 @@ mod preflight;
 pub mod rope;
 mod select;
 pub mod selftest;
+pub mod weights;
 
 use std::collections::BTreeMap;
 
@@ -53,6 +54,7 @@ use forward::Pass;
 use layer::{LayerWeights, Workspace};
 pub use preflight::preflight;
 pub use select::BackendKind;
+use weights::{Matrix, WeightMode};
 
 #[derive(Clone, Default)]
 pub struct RunOptions {
@@ -68,6 +70,8 @@ pub struct RunOptions {
     /// Untimed runs of each prompt first (no taps), so timings exclude one-time costs
     /// such as the lazy loading of GPU kernels.
     pub warmup: usize,
+    /// How quantized weights are held (read at load).
+    pub weights: WeightMode,
 }
 
 pub struct Runtime<B: Backend> {
@@ -75,7 +79,7 @@ pub struct Runtime<B: Backend> {
     cfg: Config,
     token_embd: B::Buf,
     output_norm: B::Buf,
-    output: B::Buf,
+    output: Matrix<B>,
     layers: Vec<LayerWeights<B>>,
 }
 
@@ -109,15 +113,28 @@ struct PromptRun<'r, 'c, B: Backend> {
 }
 
 impl<B: Backend> Runtime<B> {
-    pub fn load(backend: B, model: &Model, on_layer: &mut dyn FnMut(usize)) -> Result<Self> {
+    /// The model's weights on `backend`, matrices held as `mode` says (block-layout
+    /// faults of `faults` applied to the blocks they name).
+    pub fn load(
+        backend: B,
+        model: &Model,
+        mode: WeightMode,
+        faults: &RuntimeFaults,
+        on_layer: &mut dyn FnMut(usize),
+    ) -> Result<Self> {
         let up = |name: &str| -> Result<B::Buf> {
             let info = model.weight(name)?;
             let dims: Vec<usize> = info.dims.iter().map(|&d| d as usize).collect();
             backend.upload_weight(name, info.dtype, &dims, model.weight_data(info))
         };
+        let mat = |name: &str| -> Result<Matrix<B>> {
+            let info = model.weight(name)?;
+            let dims: Vec<usize> = info.dims.iter().map(|&d| d as usize).collect();
+            Matrix::load(&backend, name, info.dtype, &dims, model.weight_data(info), mode, faults)
+        };
         let token_embd = up("token_embd.weight")?;
         let output_norm = up("output_norm.weight")?;
-        let output = up("output.weight")?;
+        let output = mat("output.weight")?;
         let rope_factors = if model.config.variant.rope_freq_factors {
             Some(rope_factors(model)?)
         } else {
@@ -125,13 +142,8 @@ impl<B: Backend> Runtime<B> {
         };
         let mut layers = Vec::with_capacity(model.config.n_layer);
         for l in 0..model.config.n_layer {
-            layers.push(LayerWeights::load(
-                l,
-                &model.config,
-                rope_factors.as_deref(),
-                &backend,
-                &up,
-            )?);
+            let factors = rope_factors.as_deref();
+            layers.push(LayerWeights::load(l, &model.config, factors, &backend, &up, &mat)?);
             on_layer(l);
         }
         backend.sync()?;

@@ -22,6 +22,7 @@ fn manifest(prompts: &[(&str, usize)]) -> Manifest {
             backend: "none".into(),
             dtype: "f32".into(),
             device: "none".into(),
+            options: None,
         },
         ModelInfo {
             path: "m.gguf".into(),

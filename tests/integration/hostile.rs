@@ -88,6 +88,7 @@ fn small_dump(root: &Path) {
             backend: "none".into(),
             dtype: "f32".into(),
             device: "none".into(),
+            options: None,
         },
         ModelInfo {
             path: "m.gguf".into(),

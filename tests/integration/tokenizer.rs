@@ -70,3 +70,8 @@ fn cli_prints_ids_and_round_trips() {
     let back = resbisect(&["tokenize", "--decode", "--model", path_str(&m), out.stdout.trim()]);
     assert_eq!(back.stdout, "<|im_start|>user 42\n");
 }
+
+#[test]
+fn gemma3_matches_hf() {
+    check(&gemma3(), "fixtures/tokenizer/gemma3_expected.json");
+}

@@ -1,13 +1,17 @@
-//! The oracle: a llama forward pass on candle-core with exactly dequantized weights,
-//! computed in f32 (or f64), with every canonical tap of docs/taps.md available.
+//! The oracle: a llama-family forward pass (llama, qwen2, qwen3, gemma3: the config's
+//! `Variant`) on candle-core with exactly dequantized weights, computed in f32 (or f64),
+//! with every canonical tap of docs/taps.md available.
 //!
 //! Independent from the runtime by construction: of resbisect it depends only on the tap
 //! contract (resbisect-taps, which holds no numerics), so it cannot reuse runtime
 //! numerics. It reads weights through [`WeightSource`] and hands captured rows, one dump
 //! file group at a time, to a [`TapSink`]; it keeps only one layer's activations alive.
-//! The numerics themselves (norm, RoPE, attention, faults) are in [`ops`].
+//! The numerics themselves are in [`ops`] (norm, attention, faults), [`rope`] and
+//! [`block`] (what differs between architectures).
 
+mod block;
 mod ops;
+pub mod rope;
 
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
@@ -15,8 +19,10 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use resbisect_taps::{Config, Faults, FileStem, LayerTap, Tap, TapFault};
 
+use block::{activation, head_rms_norm, scale_embeddings, Extras};
 pub use ops::gather;
-use ops::{apply_faults, attention, faulty_rope_tables, rms_norm, rope, rope_tables, row_eps, Eps};
+use ops::{apply_faults, attention, rms_norm, row_eps, Eps};
+use rope::{faulty_rope_tables, frequencies, rope, rope_tables, LayerTables};
 
 /// A weight as stored in GGUF: ggml type, dims in ggml order (`dims[0]` contiguous) and
 /// its raw bytes.
@@ -47,6 +53,8 @@ struct Layer {
     /// Gate and up projections stacked along the output dim.
     w_gate_up: Tensor,
     w_down: Tensor,
+    /// The architecture's optional weights (bias, q/k norms, post norms).
+    extras: Extras,
 }
 
 pub struct Reference {
@@ -56,6 +64,8 @@ pub struct Reference {
     io: Option<IoWeights>,
     /// `None` for layers a replay-only reference did not load.
     layers: Vec<Option<Layer>>,
+    /// `rope_freqs.weight` (Llama 3.x), when the model has it.
+    freq_factors: Option<Vec<f64>>,
 }
 
 struct IoWeights {
@@ -147,6 +157,7 @@ impl Reference {
                         ffn_norm: w[5].clone(),
                         w_gate_up: Tensor::cat(&[&w[6], &w[7]], 0)?.t()?,
                         w_down: w[8].t()?,
+                        extras: Extras::load(&cfg, src, l, dtype)?,
                     };
                     Ok((l, layer))
                 })
@@ -160,7 +171,18 @@ impl Reference {
         for (l, layer) in loaded {
             layers[l] = Some(layer);
         }
-        Ok(Self { cfg, dtype, io, layers })
+        let freq_factors = if cfg.variant.rope_freq_factors {
+            Some(load(src, "rope_freqs.weight", DType::F64)?.to_vec1::<f64>()?)
+        } else {
+            None
+        };
+        Ok(Self {
+            cfg,
+            dtype,
+            io,
+            layers,
+            freq_factors,
+        })
     }
 
     fn io(&self) -> Result<&IoWeights> {
@@ -257,7 +279,8 @@ impl Reference {
             bail!("position {p} is outside the {n}-token sequence");
         }
         let ids = Tensor::from_vec(tokens.to_vec(), n, &Device::Cpu)?;
-        let x = apply_faults(faults, Tap::Embed, self.io()?.token_embd.index_select(&ids, 0)?)?;
+        let rows = scale_embeddings(&self.cfg, self.io()?.token_embd.index_select(&ids, 0)?)?;
+        let x = apply_faults(faults, Tap::Embed, rows)?;
         if sink.wants(Tap::Embed) {
             sink.emit(FileStem::Embed, vec![(Tap::Embed, gather(&x, positions)?)])?;
         }
@@ -288,7 +311,8 @@ impl Reference {
             bail!("position {p} is outside the {n}-token sequence");
         }
         let true_positions: Vec<f64> = (0..n).map(|p| p as f64).collect();
-        let (cos, sin) = rope_tables(&true_positions, cfg.head_dim(), cfg.rope_base, self.dtype)?;
+        let factors = self.freq_factors.as_deref();
+        let tables = LayerTables::new(cfg, factors, &true_positions, self.dtype)?;
         let eps = row_eps(faults, cfg.rms_eps, &(0..n).collect::<Vec<_>>());
         for l in first..=last {
             let wanted = LayerTap::ALL.map(|t| sink.wants(Tap::Layer(l, t)));
@@ -302,11 +326,14 @@ impl Reference {
                 Ok(t)
             };
             let faulty_rope = match faults.rope_for(l) {
-                Some(f) if f.from < n => Some(faulty_rope_tables(n, f, cfg.head_dim(), cfg.rope_base, self.dtype)?),
+                Some(f) if f.from < n => Some(faulty_rope_tables(n, f, &frequencies(cfg, factors, l)?, self.dtype)?),
                 _ => None,
             };
-            let (cos, sin) = faulty_rope.as_ref().map(|(c, s)| (c, s)).unwrap_or((&cos, &sin));
-            x = self.layer(self.layer_weights(l)?, &x, cos, sin, &eps, &mut tap)?;
+            let (cos, sin) = faulty_rope
+                .as_ref()
+                .map(|(c, s)| (c, s))
+                .unwrap_or_else(|| tables.of(cfg, l));
+            x = self.layer(l, &x, cos, sin, &eps, &mut tap)?;
             if !captured.is_empty() {
                 sink.emit(FileStem::Layer(l), captured)?;
             }
@@ -354,24 +381,34 @@ impl Reference {
     /// taps in order and hands on what the block continues with.
     fn layer(
         &self,
-        layer: &Layer,
+        l: usize,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         eps: &Eps,
         tap: &mut dyn FnMut(LayerTap, Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let cfg = &self.cfg;
+        let (cfg, layer) = (&self.cfg, self.layer_weights(l)?);
         let (qw, kvw) = (cfg.n_head * cfg.head_dim(), cfg.n_head_kv * cfg.head_dim());
+        let style = cfg.variant.rope_style;
         let h = tap(LayerTap::AttnNorm, rms_norm(x, &layer.attn_norm, eps)?)?;
-        let qkv = h.matmul(&layer.wqkv)?;
-        let q_in = tap(LayerTap::QPreRope, qkv.narrow(1, 0, qw)?.contiguous()?)?;
-        let k_in = tap(LayerTap::KPreRope, qkv.narrow(1, qw, kvw)?.contiguous()?)?;
-        let q = tap(LayerTap::Q, rope(&q_in, cfg.n_head, cos, sin)?)?;
-        let k = tap(LayerTap::K, rope(&k_in, cfg.n_head_kv, cos, sin)?)?;
+        let qkv = project(layer, &h, 0, qw + 2 * kvw)?;
+        let q_in = tap(
+            LayerTap::QPreRope,
+            qk_norm(layer, cfg, LayerTap::QPreRope, &qkv, 0, qw, eps)?,
+        )?;
+        let k_in = tap(
+            LayerTap::KPreRope,
+            qk_norm(layer, cfg, LayerTap::KPreRope, &qkv, qw, kvw, eps)?,
+        )?;
+        let q = tap(LayerTap::Q, rope(&q_in, cfg.n_head, cos, sin, style)?)?;
+        let k = tap(LayerTap::K, rope(&k_in, cfg.n_head_kv, cos, sin, style)?)?;
         let v = tap(LayerTap::V, qkv.narrow(1, qw + kvw, kvw)?.contiguous()?)?;
         let positions: Vec<usize> = (0..x.dim(0)?).collect();
-        let attn = tap(LayerTap::Attn, attention(&q, &k, &v, &positions, cfg)?)?;
+        let attn = tap(
+            LayerTap::Attn,
+            attention(&q, &k, &v, &positions, cfg, cfg.window_of(l))?,
+        )?;
         self.layer_rest(layer, x, attn, eps, tap)
     }
 
@@ -385,14 +422,21 @@ impl Reference {
         tap: &mut dyn FnMut(LayerTap, Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let attn_out = tap(LayerTap::AttnOut, attn.matmul(&layer.wo)?)?;
+        let post = layer.extras.post_norms.as_ref();
+        let mut attn_out = tap(LayerTap::AttnOut, attn.matmul(&layer.wo)?)?;
+        if let Some((w, _)) = post {
+            attn_out = tap(LayerTap::AttnPostNorm, rms_norm(&attn_out, w, eps)?)?;
+        }
         let resid_mid = tap(LayerTap::ResidMid, (x + &attn_out)?)?;
         let h2 = tap(LayerTap::FfnNorm, rms_norm(&resid_mid, &layer.ffn_norm, eps)?)?;
         let gate_up = h2.matmul(&layer.w_gate_up)?;
         let gate = tap(LayerTap::FfnGate, gate_up.narrow(1, 0, cfg.n_ff)?)?;
         let up = tap(LayerTap::FfnUp, gate_up.narrow(1, cfg.n_ff, cfg.n_ff)?)?;
-        let act = tap(LayerTap::FfnAct, (gate.silu()? * &up)?)?;
-        let ffn_out = tap(LayerTap::FfnOut, act.matmul(&layer.w_down)?)?;
+        let act = tap(LayerTap::FfnAct, (activation(cfg, &gate)? * &up)?)?;
+        let mut ffn_out = tap(LayerTap::FfnOut, act.matmul(&layer.w_down)?)?;
+        if let Some((_, w)) = post {
+            ffn_out = tap(LayerTap::FfnPostNorm, rms_norm(&ffn_out, w, eps)?)?;
+        }
         tap(LayerTap::ResidPost, (&resid_mid + &ffn_out)?)
     }
 
@@ -417,19 +461,22 @@ impl Reference {
         }
         let (qw, kvw) = (cfg.n_head * cfg.head_dim(), cfg.n_head_kv * cfg.head_dim());
         let x = Tensor::from_slice(input, (rows, cfg.n_embd), &Device::Cpu)?.to_dtype(self.dtype)?;
+        let freqs = frequencies(cfg, self.freq_factors.as_deref(), l)?;
+        let style = cfg.variant.rope_style;
         let all: Vec<f64> = (0..rows).map(|p| p as f64).collect();
-        let (cos, sin) = rope_tables(&all, cfg.head_dim(), cfg.rope_base, self.dtype)?;
+        let (cos, sin) = rope_tables(&all, &freqs, self.dtype)?;
         let eps = Eps::Model(cfg.rms_eps);
         let h = rms_norm(&x, &layer.attn_norm, &eps)?;
-        let kv = h.matmul(&layer.wqkv.narrow(1, qw, 2 * kvw)?)?;
-        let k_in = kv.narrow(1, 0, kvw)?.contiguous()?;
-        let k = rope(&k_in, cfg.n_head_kv, &cos, &sin)?;
+        let kv = project(layer, &h, qw, 2 * kvw)?;
+        let k_in = qk_norm(layer, cfg, LayerTap::KPreRope, &kv, 0, kvw, &eps)?;
+        let k = rope(&k_in, cfg.n_head_kv, &cos, &sin, style)?;
         let v = kv.narrow(1, kvw, kvw)?.contiguous()?;
         let picked: Vec<f64> = at.iter().map(|&p| p as f64).collect();
-        let (cos_at, sin_at) = rope_tables(&picked, cfg.head_dim(), cfg.rope_base, self.dtype)?;
+        let (cos_at, sin_at) = rope_tables(&picked, &freqs, self.dtype)?;
         let h_at = gather(&h, at)?;
-        let q_in = h_at.matmul(&layer.wqkv.narrow(1, 0, qw)?)?;
-        let q = rope(&q_in, cfg.n_head, &cos_at, &sin_at)?;
+        let q_proj = project(layer, &h_at, 0, qw)?;
+        let q_in = qk_norm(layer, cfg, LayerTap::QPreRope, &q_proj, 0, qw, &eps)?;
+        let q = rope(&q_in, cfg.n_head, &cos_at, &sin_at, style)?;
         let mut out = Vec::with_capacity(LayerTap::ALL.len());
         let mut record = |which: LayerTap, t: Tensor| -> Result<Tensor> {
             out.push((Tap::Layer(l, which), t.to_dtype(DType::F32)?));
@@ -442,8 +489,41 @@ impl Reference {
         record(LayerTap::Q, q.clone())?;
         record(LayerTap::K, k_at)?;
         record(LayerTap::V, v_at)?;
-        let attn = record(LayerTap::Attn, attention(&q, &k, &v, at, cfg)?)?;
+        let attn = record(LayerTap::Attn, attention(&q, &k, &v, at, cfg, cfg.window_of(l))?)?;
         self.layer_rest(layer, &gather(&x, at)?, attn, &eps, &mut record)?;
         Ok(out)
+    }
+}
+
+/// Columns `from..from + width` of the stacked Q/K/V projection of `h`, with the bias
+/// where the layer has one.
+fn project(layer: &Layer, h: &Tensor, from: usize, width: usize) -> Result<Tensor> {
+    let out = h.matmul(&layer.wqkv.narrow(1, from, width)?)?;
+    Ok(match &layer.extras.qkv_bias {
+        Some(b) => out.broadcast_add(&b.narrow(0, from, width)?)?,
+        None => out,
+    })
+}
+
+/// Columns `from..from + width` of `proj`, the query or key (`which`: `QPreRope` or
+/// `KPreRope`) as it enters RoPE: normed per head where the layer has Q/K norms.
+// Seven plain inputs of one step; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
+fn qk_norm(
+    layer: &Layer,
+    cfg: &Config,
+    which: LayerTap,
+    proj: &Tensor,
+    from: usize,
+    width: usize,
+    eps: &Eps,
+) -> Result<Tensor> {
+    let t = proj.narrow(1, from, width)?.contiguous()?;
+    match &layer.extras.qk_norm {
+        Some((wq, wk)) => {
+            let w = if which == LayerTap::QPreRope { wq } else { wk };
+            head_rms_norm(&t, w, width / cfg.head_dim(), eps)
+        }
+        None => Ok(t),
     }
 }

@@ -1,12 +1,12 @@
-//! The oracle's numerics on candle-core: RMSNorm, interleaved RoPE (angles in f64, or
-//! corrupted by an injected fault), causal grouped-query attention in query chunks, and
-//! the injected tap faults. Nothing here is shared with the runtime.
+//! The oracle's numerics on candle-core: RMSNorm, causal (optionally sliding-window)
+//! grouped-query attention in query chunks, and the injected tap faults (RoPE is in
+//! [`crate::rope`]). Nothing here is shared with the runtime.
 
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor, D};
 use num_traits::Float;
 use rayon::prelude::*;
-use resbisect_taps::{Config, Fault, Faults, RopeFault, Tap};
+use resbisect_taps::{Config, Fault, Faults, Tap};
 
 /// Queries processed together in attention: bounds the score matrix to
 /// `n_head × ATTN_QUERY_CHUNK × seq` whatever the sequence length.
@@ -79,81 +79,19 @@ pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: &Eps) -> Result<Tensor> {
     Ok(x.broadcast_mul(&scale)?.broadcast_mul(w)?)
 }
 
-/// cos/sin of position × frequency, shaped [n, 1, head_dim/2, 1] for broadcasting.
-/// Angles are formed in f64 so that f32 runs carry no angle error at long positions.
-pub(crate) fn rope_tables(positions: &[f64], head_dim: usize, base: f64, dtype: DType) -> Result<(Tensor, Tensor)> {
-    rope_tables_by(
-        positions.len(),
-        head_dim,
-        dtype,
-        |r, inv_freq| positions[r] * inv_freq,
-        base,
-    )
-}
-
-/// RoPE tables for rows `0..n` under a RoPE fault (the fault's corruption from its position on).
-pub(crate) fn faulty_rope_tables(
-    n: usize,
-    fault: &RopeFault,
-    head_dim: usize,
-    base: f64,
-    dtype: DType,
-) -> Result<(Tensor, Tensor)> {
-    let bf16 = |v: f64| half::bf16::from_f64(v).to_f64();
-    rope_tables_by(
-        n,
-        head_dim,
-        dtype,
-        |p, inv_freq| match fault.rotated_position(p) {
-            Some(at) => at * inv_freq,
-            None => bf16(bf16(p as f64) * bf16(inv_freq)),
-        },
-        base,
-    )
-}
-
-/// cos/sin of `angle(row, inverse frequency)` for rows `0..n`, shaped [n, 1, head_dim/2, 1].
-fn rope_tables_by(
-    n: usize,
-    head_dim: usize,
-    dtype: DType,
-    angle: impl Fn(usize, f64) -> f64,
-    base: f64,
-) -> Result<(Tensor, Tensor)> {
-    let half = head_dim / 2;
-    let mut cos = Vec::with_capacity(n * half);
-    let mut sin = Vec::with_capacity(n * half);
-    for r in 0..n {
-        for i in 0..half {
-            let a = angle(r, base.powf(-2.0 * i as f64 / head_dim as f64));
-            cos.push(a.cos());
-            sin.push(a.sin());
-        }
-    }
-    let shape = (n, 1, half, 1);
-    Ok((
-        Tensor::from_vec(cos, shape, &Device::Cpu)?.to_dtype(dtype)?,
-        Tensor::from_vec(sin, shape, &Device::Cpu)?.to_dtype(dtype)?,
-    ))
-}
-
-/// Interleaved ("normal") RoPE: pairs (2i, 2i+1) of each head rotate by angle i.
-pub(crate) fn rope(x: &Tensor, n_heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (n, width) = x.dims2()?;
-    let hd = width / n_heads;
-    let x = x.reshape((n, n_heads, hd / 2, 2))?;
-    let x0 = x.narrow(3, 0, 1)?;
-    let x1 = x.narrow(3, 1, 1)?;
-    let r0 = (x0.broadcast_mul(cos)? - x1.broadcast_mul(sin)?)?;
-    let r1 = (x0.broadcast_mul(sin)? + x1.broadcast_mul(cos)?)?;
-    Ok(Tensor::cat(&[r0, r1], 3)?.reshape((n, width))?)
-}
-
 /// Causal grouped-query attention of queries at `positions` (ascending) over keys and
-/// values of positions `0..`; runs of consecutive positions go in chunks, so the score
+/// values of positions `0..`; with a `window`, the query at i sees keys j with
+/// i - window < j <= i. Runs of consecutive positions go in chunks, so the score
 /// matrix stays small. q: [positions.len(), n_head·hd], k/v: [n, n_head_kv·hd] →
 /// [positions.len(), n_head·hd].
-pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, positions: &[usize], cfg: &Config) -> Result<Tensor> {
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    positions: &[usize],
+    cfg: &Config,
+    window: Option<usize>,
+) -> Result<Tensor> {
     let n = q.dim(0)?;
     let (hd, h, hkv) = (cfg.head_dim(), cfg.n_head, cfg.n_head_kv);
     let group = h / hkv;
@@ -184,6 +122,7 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, positions: &[usize],
             scale,
             rows: len,
             first_pos,
+            window,
         })?;
         let out = probs.reshape((hkv, group * len, keys))?.matmul(&vc)?;
         // [hkv, group·len, hd] → [h, len, hd] → [len, h·hd]
@@ -199,12 +138,14 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, positions: &[usize],
 }
 
 /// Scaled, causally masked softmax over the last dim of `[.., rows, keys]` scores, where
-/// row i is the query at absolute position `first_pos + i` and sees keys 0..=that.
+/// row i is the query at absolute position p = `first_pos + i` and sees keys 0..=p, or
+/// with a window only keys p - window < j <= p.
 /// One pass per row instead of a chain of broadcast ops; masked entries are exact zeros.
 struct CausalSoftmax {
     scale: f64,
     rows: usize,
     first_pos: usize,
+    window: Option<usize>,
 }
 
 impl CausalSoftmax {
@@ -215,15 +156,17 @@ impl CausalSoftmax {
             .zip(x.par_chunks(keys))
             .enumerate()
             .for_each(|(r, (o, s))| {
-                let visible = (self.first_pos + r % self.rows + 1).min(keys);
-                let max = s[..visible].iter().fold(T::neg_infinity(), |m, &v| m.max(v * scale));
+                let end = (self.first_pos + r % self.rows + 1).min(keys);
+                let start = self.window.map_or(0, |w| end.saturating_sub(w));
+                let (o, s) = (&mut o[start..end], &s[start..end]);
+                let max = s.iter().fold(T::neg_infinity(), |m, &v| m.max(v * scale));
                 let mut sum = T::zero();
-                for (oi, &si) in o[..visible].iter_mut().zip(&s[..visible]) {
+                for (oi, &si) in o.iter_mut().zip(s) {
                     *oi = (si * scale - max).exp();
                     sum = sum + *oi;
                 }
                 let inv = T::one() / sum;
-                o[..visible].iter_mut().for_each(|v| *v = *v * inv);
+                o.iter_mut().for_each(|v| *v = *v * inv);
             });
         out
     }

@@ -66,6 +66,13 @@ pub struct NormFault {
     pub from: usize,
 }
 
+/// A block-layout fault (runtime only): the blocks of every weight of GGUF type
+/// `quant_type` (`q4_k`, ...) are read with the two nibbles of each 4-bit quant byte swapped.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockFault {
+    pub quant_type: String,
+}
+
 /// Every fault injected into one run of the oracle.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Faults {

@@ -6,6 +6,7 @@
 use candle_core::quantized::GgmlDType;
 use resbisect_taps::Fault;
 
+use crate::quant::QuantType;
 use crate::runtime::backend::StorageDType;
 
 /// The kernel source, compiled by NVRTC at run time (cuda) or hipcc at build time (hip).
@@ -225,6 +226,20 @@ kernels! {
     fn rb_dequant_q4_1(src: Ptr, out: Ptr, blocks: i64);
     fn rb_dequant_q4_k(src: Ptr, out: Ptr, blocks: i64);
     fn rb_dequant_q6_k(src: Ptr, out: Ptr, blocks: i64);
+    fn rb_dequant_q5_k(src: Ptr, out: Ptr, blocks: i64);
+    fn rb_qgemv_q4_0(w: Ptr, x: Ptr, out: Ptr, rows: i32, k: i32, n: i32);
+    fn rb_qgemv_q4_1(w: Ptr, x: Ptr, out: Ptr, rows: i32, k: i32, n: i32);
+    fn rb_qgemv_q8_0(w: Ptr, x: Ptr, out: Ptr, rows: i32, k: i32, n: i32);
+    fn rb_qgemv_q4_k(w: Ptr, x: Ptr, out: Ptr, rows: i32, k: i32, n: i32);
+    fn rb_qgemv_q5_k(w: Ptr, x: Ptr, out: Ptr, rows: i32, k: i32, n: i32);
+    fn rb_qgemv_q6_k(w: Ptr, x: Ptr, out: Ptr, rows: i32, k: i32, n: i32);
+    /// `subs` sub-blocks of 32 values (matrix elements / 32).
+    fn rb_qdequant_q4_0(w: Ptr, out: Ptr, subs: i64);
+    fn rb_qdequant_q4_1(w: Ptr, out: Ptr, subs: i64);
+    fn rb_qdequant_q8_0(w: Ptr, out: Ptr, subs: i64);
+    fn rb_qdequant_q4_k(w: Ptr, out: Ptr, subs: i64);
+    fn rb_qdequant_q5_k(w: Ptr, out: Ptr, subs: i64);
+    fn rb_qdequant_q6_k(w: Ptr, out: Ptr, subs: i64);
 }
 
 /// The signature the tiled and split-keys attention kernels share (the last argument is
@@ -252,6 +267,7 @@ pub fn decoder(dtype: GgmlDType) -> Option<Decoder> {
         GgmlDType::Q4_0 => (rb_dequant_q4_0, 32, 18),
         GgmlDType::Q4_1 => (rb_dequant_q4_1, 32, 20),
         GgmlDType::Q4K => (rb_dequant_q4_k, 256, 144),
+        GgmlDType::Q5K => (rb_dequant_q5_k, 256, 176),
         GgmlDType::Q6K => (rb_dequant_q6_k, 256, 210),
         _ => return None,
     };
@@ -260,6 +276,23 @@ pub fn decoder(dtype: GgmlDType) -> Option<Decoder> {
         block_values,
         block_bytes,
     })
+}
+
+/// A matvec on a quantized matrix's blocks: weights, x, out, rows, k, n.
+pub type QuantGemvKernel = fn(Ptr, Ptr, Ptr, i32, i32, i32) -> KernelCall;
+/// A quantized matrix dequantized into stored values: blocks, out, sub-blocks of 32.
+pub type QuantDequantKernel = fn(Ptr, Ptr, i64) -> KernelCall;
+
+/// The block matvec and the dequantizing kernel of a quantized type.
+pub fn quant_kernels(ty: QuantType) -> (QuantGemvKernel, QuantDequantKernel) {
+    match ty {
+        QuantType::Q4_0 => (rb_qgemv_q4_0, rb_qdequant_q4_0),
+        QuantType::Q4_1 => (rb_qgemv_q4_1, rb_qdequant_q4_1),
+        QuantType::Q8_0 => (rb_qgemv_q8_0, rb_qdequant_q8_0),
+        QuantType::Q4K => (rb_qgemv_q4_k, rb_qdequant_q4_k),
+        QuantType::Q5K => (rb_qgemv_q5_k, rb_qdequant_q5_k),
+        QuantType::Q6K => (rb_qgemv_q6_k, rb_qdequant_q6_k),
+    }
 }
 
 /// The fault kind and value rb_perturb takes.

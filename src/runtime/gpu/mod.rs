@@ -10,6 +10,7 @@ pub mod hip;
 pub mod kernels;
 mod ops;
 pub mod plan;
+mod quant;
 
 use std::cell::{Cell, RefCell};
 
@@ -112,6 +113,8 @@ pub struct GpuBackend<D: Driver> {
     attn_part: D::Bytes,
     /// The positions last uploaded for RoPE: every layer's q and k share them.
     rope_positions: RefCell<Option<(Vec<f32>, D::Bytes)>>,
+    /// Prefill's transient dense copy of one quantized matrix, grown to the largest.
+    dequant_workspace: RefCell<Option<D::Buf>>,
 }
 
 /// Fields of the step record, in device order.
@@ -134,6 +137,7 @@ impl<D: Driver> GpuBackend<D> {
             step: Cell::new(Step::default()),
             attn_part,
             rope_positions: RefCell::new(None),
+            dequant_workspace: RefCell::new(None),
         })
     }
 

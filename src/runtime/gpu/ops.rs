@@ -19,6 +19,7 @@ impl<D: Driver> Backend for GpuBackend<D> {
     type Buf = D::Buf;
     type Table = D::Bytes;
     type Graph = D::Graph;
+    type Quant = super::quant::GpuQuant<D>;
 
     fn name(&self) -> &'static str {
         D::NAME
@@ -58,7 +59,7 @@ impl<D: Driver> Backend for GpuBackend<D> {
         let n: usize = dims.iter().product();
         let decoder = kernels::decoder(dtype).ok_or_else(|| {
             Error::input(format!(
-                "{}: {name}: no device decoder for {dtype:?} (supported: f32 f16 bf16 q8_0 q4_0 q4_1 q4_k q6_k)",
+                "{}: {name}: no device decoder for {dtype:?} (supported: f32 f16 bf16 q8_0 q4_0 q4_1 q4_k q5_k q6_k)",
                 D::NAME
             ))
         })?;
@@ -75,6 +76,22 @@ impl<D: Driver> Backend for GpuBackend<D> {
         let call = (decoder.kernel)(Ptr(self.driver.bytes_addr(&raw)), self.ptr(&out), blocks as i64);
         self.driver.launch(call, Grid::linear(blocks, 256))?;
         Ok(out)
+    }
+
+    fn upload_quant(&self, name: &str, dtype: GgmlDType, dims: &[usize], data: &[u8]) -> Result<Option<Self::Quant>> {
+        self.upload_blocks(name, dtype, dims, data)
+    }
+
+    fn matmul_quant(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Quant,
+        rows: usize,
+        k: usize,
+        n: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
+        self.matmul_blocks(x, w, rows, k, n, out)
     }
 
     fn download(&self, buf: &Self::Buf, offset: usize, len: usize) -> Result<Vec<f32>> {

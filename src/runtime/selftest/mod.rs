@@ -5,6 +5,7 @@
 
 mod fused;
 mod ops;
+mod quant;
 mod variant;
 
 use candle_core::quantized::GgmlDType;
@@ -173,7 +174,7 @@ const FUSED: [(usize, usize, usize, usize, usize, usize); 3] = [
     (9, 512, 256, 1024, 128, 40),
 ];
 /// The GGUF types the device decodes.
-const DEQUANT: [GgmlDType; 8] = [
+const DEQUANT: [GgmlDType; 9] = [
     GgmlDType::F32,
     GgmlDType::F16,
     GgmlDType::BF16,
@@ -181,6 +182,7 @@ const DEQUANT: [GgmlDType; 8] = [
     GgmlDType::Q4_0,
     GgmlDType::Q4_1,
     GgmlDType::Q4K,
+    GgmlDType::Q5K,
     GgmlDType::Q6K,
 ];
 
@@ -225,6 +227,19 @@ pub fn run<B: Backend>(gpu: &B, seed: u64, long: bool) -> Result<Vec<OpCheck>> {
     for dtype in DEQUANT {
         c.dequant(dtype, 5, 512)?;
         c.dequant(dtype, 64, 2048)?;
+    }
+    // Decode rows (block matvec) and prefill rows (dequantized workspace, then GEMM), odd
+    // row and column counts, k three K-quant super-blocks or a TinyLlama width.
+    for ty in crate::quant::QuantType::ALL {
+        for (rows, k, n) in [
+            (1, 768, 333),
+            (3, 768, 333),
+            (4, 2048, 257),
+            (37, 768, 333),
+            (129, 2048, 5633),
+        ] {
+            c.matmul_quant(ty, rows, k, n)?;
+        }
     }
     Ok(c.results)
 }

@@ -49,7 +49,16 @@ pub fn root() -> PathBuf {
 
 /// The real fixture model; CI fetches it before the tests run.
 pub fn smollm2() -> PathBuf {
-    let p = root().join("fixtures/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    fixture_model("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// The real Gemma 3 270M Q4_K_M fixture (scripts/fetch-models.sh).
+pub fn gemma3() -> PathBuf {
+    fixture_model("gemma-3-270m-q4_k_m.gguf")
+}
+
+fn fixture_model(name: &str) -> PathBuf {
+    let p = root().join("fixtures/models").join(name);
     assert!(
         p.is_file(),
         "{} is missing: run scripts/fetch-models.sh first",

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Benchmark on one NVIDIA GPU (H200: CUDA arch 90) in one device call: llama.cpp CUDA
+# against the runtime's `cuda` backend on the same two GGUF files, in the same run.
+#  1. Builds llama-bench and llama-quantize from the llama.cpp source the lead provides
+#     (gpu-bin/llama.cpp.tar.gz: the llama-cpp-python==0.3.36 sdist's vendor/llama.cpp),
+#     `-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90`, unless LLAMA_BIN names a built bin/.
+#  2. Writes a random TinyLlama-shaped HF checkpoint (22 layers, 2048, 32/4 heads, ff 5632,
+#     vocab 32000; a 512-piece SentencePiece tokenizer trained here, padded to 32000 by the
+#     converter), converts it with llama.cpp's convert_hf_to_gguf.py to F16, and quantizes
+#     that with llama-quantize to Q4_K_M.
+#  3. Runs `llama-bench -fa 1` (pp512, pp2048, tg128) and `resbisect run --backend cuda
+#     --dtype f16` (--weights native) on both files, and prints the ratios.
+#  4. cuda vs reference at 2048 positions on the Q4_K_M file (resid_post of every layer
+#     and logits, `resbisect diff`).
+# Needs python3 with torch, transformers, sentencepiece, numpy and gguf (or the source's
+# gguf-py); cmake, nvcc. Writes $OUT_DIR/llamacpp-cuda.{txt,md} (default bench/results/).
+#
+#   RESBISECT=gpu-bin/resbisect LLAMA_TGZ=gpu-bin/llama.cpp.tar.gz OUT_DIR=$OUT scripts/bench-llamacpp.sh
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+bin="${RESBISECT:-$root/target/release/resbisect}"
+tgz="${LLAMA_TGZ:-$root/gpu-bin/llama.cpp.tar.gz}"
+out="${OUT_DIR:-$root/bench/results}"
+py="${PYTHON:-python3}"
+work="${WORK:-$(mktemp -d)}"
+mkdir -p "$out" "$work"
+log="$out/llamacpp-cuda.txt"
+: > "$log"
+say() { echo "$*" | tee -a "$log"; }
+"$py" -c "import torch, transformers, sentencepiece, numpy" || { echo "python3 lacks torch/transformers/sentencepiece/numpy"; exit 2; }
+
+# 1. llama.cpp, built here (about 4 minutes on 16 cores), in the background while step 2 runs.
+src="$work/llama.cpp"
+if [ -z "${LLAMA_BIN:-}" ]; then
+  tar xzf "$tgz" -C "$work"
+  ( cmake -S "$src" -B "$src/build" -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF \
+      -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+      -DCMAKE_BUILD_TYPE=Release > "$work/cmake.log" 2>&1 &&
+    cmake --build "$src/build" -j "$(nproc)" --target llama-bench llama-quantize >> "$work/cmake.log" 2>&1 ) &
+  build_pid=$!
+  LLAMA_BIN="$src/build/bin"
+else
+  tar xzf "$tgz" -C "$work" llama.cpp/convert_hf_to_gguf.py llama.cpp/gguf-py 2>/dev/null || tar xzf "$tgz" -C "$work"
+  build_pid=
+fi
+
+# 2. A random TinyLlama-shaped checkpoint and its tokenizer, then llama.cpp's converter.
+hf="$work/hf"
+"$py" - "$hf" <<'PY'
+import sys, random, torch, sentencepiece as spm
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+out = sys.argv[1]
+rng = random.Random(7)
+words = ["layer", "token", "model", "tensor", "kernel", "block", "scale", "value", "query", "key", "norm", "the", "of", "and"]
+text = "\n".join(" ".join(rng.choice(words) + rng.choice(["", "s", "ed", "ing"]) for _ in range(12)) for _ in range(4000))
+open(f"{out}.txt", "w").write(text)
+spm.SentencePieceTrainer.train(input=f"{out}.txt", model_prefix=f"{out}-spm", vocab_size=512, model_type="bpe",
+                               byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                  rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+torch.manual_seed(0)
+model = LlamaForCausalLM(cfg)
+with torch.no_grad():  # weights of a trained model's magnitude, so Q4_K_M stays meaningful
+    for p in model.parameters():
+        if p.dim() == 2:
+            p.normal_(0.0, 0.02)
+model.to(torch.float16).save_pretrained(out, safe_serialization=True)
+LlamaTokenizer(vocab_file=f"{out}-spm.model", legacy=True).save_pretrained(out)
+PY
+export PYTHONPATH="$src/gguf-py${PYTHONPATH:+:$PYTHONPATH}"
+"$py" "$src/convert_hf_to_gguf.py" "$hf" --outtype f16 --outfile "$work/tl-f16.gguf" > "$work/convert.log" 2>&1 ||
+  { tail -20 "$work/convert.log"; exit 1; }
+rm -rf "$hf"
+if [ -n "$build_pid" ]; then wait "$build_pid" || { tail -30 "$work/cmake.log"; exit 1; }; fi
+"$LLAMA_BIN/llama-quantize" "$work/tl-f16.gguf" "$work/tl-q4_k_m.gguf" Q4_K_M > "$work/quantize.log" 2>&1 ||
+  { tail -20 "$work/quantize.log"; exit 1; }
+"$bin" inspect "$work/tl-q4_k_m.gguf" | grep -E "^types" | sed 's/^/q4_k_m /' | tee -a "$log"
+
+# 3. Same files, same run.
+"$py" -c "import random; r = random.Random(2048); print(','.join(str(r.randrange(3, 32000)) for _ in range(2048)))" > "$work/t2048"
+cut -d, -f1-512 "$work/t2048" > "$work/t512"
+for q in f16 q4_k_m; do
+  m="$work/tl-$q.gguf"
+  "$LLAMA_BIN/llama-bench" -m "$m" -ngl 99 -fa 1 -p 512,2048 -n 128 -r 3 -o csv 2>/dev/null |
+    awk -F, -v q="$q" 'NR == 1 { for (i = 1; i <= NF; i++) c[$i] = i; next }
+      { gsub(/"/, ""); print "LLAMA", q, $c["\"n_prompt\""], $c["\"n_gen\""], $c["\"avg_ts\""] }' | tee -a "$log"
+  for n in 512 2048; do
+    mt=128; [ "$n" -eq 2048 ] && mt=0
+    best=
+    for i in 1 2 3; do
+      r="$("$bin" run --backend cuda --dtype f16 --model "$m" --tokens "$(cat "$work/t$n")" --max-tokens "$mt" --ignore-eos --warmup 1 2>&1 >/dev/null | tail -1)"
+      say "RESBISECT $q $n $r"
+    done
+  done
+done
+
+# 4. cuda (native quantized path) against the reference at 2048 positions, Q4_K_M.
+rm -rf "$work/rt" "$work/ref"
+"$bin" dump --engine runtime --backend cuda --dtype f16 --model "$work/tl-q4_k_m.gguf" --tokens "$(cat "$work/t2048")" \
+  --layers all --taps resid_post,logits --positions all -o "$work/rt" 2>>"$work/dump.log"
+"$bin" dump --engine reference --model "$work/tl-q4_k_m.gguf" --tokens "$(cat "$work/t2048")" \
+  --layers all --taps resid_post,logits --positions all -o "$work/ref" 2>>"$work/dump.log"
+set +e
+"$bin" diff "$work/rt" "$work/ref" > "$work/diff.txt" 2>&1; code=$?
+set -e
+say "AGREEMENT q4_k_m 2048 positions: diff exit $code"
+grep -E "FIRST|no divergence|result|note" "$work/diff.txt" | head -5 | tee -a "$log"
+
+"$py" - "$log" <<'PY' | tee "${log%.txt}.md"
+import re, sys
+llama, rb = {}, {}
+for line in open(sys.argv[1]):
+    f = line.split()
+    if f[:1] == ["LLAMA"]:
+        q, npp, ng, ts = f[1], int(f[2]), int(f[3]), float(f[4])
+        llama[(q, f"pp{npp}" if ng == 0 else f"tg{ng}")] = ts
+    m = re.match(r"RESBISECT (\S+) (\d+) prefill (\d+) tokens in ([\d.]+) s .*decode (\d+) tokens in ([\d.]+) s", line)
+    if m:
+        q, n = m[1], int(m[2])
+        k = (q, f"pp{n}")
+        rb[k] = max(rb.get(k, 0), int(m[3]) / float(m[4]))
+        if int(m[5]) > 0:
+            rb[(q, "tg128")] = max(rb.get((q, "tg128"), 0), int(m[5]) / float(m[6]))
+print("| file | test | llama.cpp tok/s | resbisect tok/s | ratio | target |\n|---|---|---|---|---|---|")
+target = {("q4_k_m", "tg128"): 1.3, ("f16", "tg128"): 1.1, ("q4_k_m", "pp2048"): 1.5, ("f16", "pp2048"): 1.5}
+for q in ["q4_k_m", "f16"]:
+    for t in ["pp512", "pp2048", "tg128"]:
+        a, b = llama.get((q, t), float("nan")), rb.get((q, t), float("nan"))
+        print(f"| {q} | {t} | {a:.0f} | {b:.0f} | {b / a:.2f}x | {target.get((q, t), '')} |")
+PY
+rm -rf "$work/rt" "$work/ref"

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use resbisect::bisect::{self, BisectOptions, Outcome, Replayer};
 use resbisect::diff::Judge;
-use resbisect::engine::{start_pair, EngineKind, EngineSpec, RefPrecision};
+use resbisect::engine::{start_pair, EngineKind, EngineSpec, RefPrecision, RefSpec};
 use resbisect::model::Model;
 use resbisect::prompts::Input;
 use resbisect::runtime::backend::StorageDType;
@@ -23,8 +23,8 @@ struct BisectRun {
     input: Input,
     /// Engine A (under test) and engine B (the oracle).
     engines: (EngineSpec, EngineSpec),
-    /// The reference's precision, for local replay.
-    reference: RefPrecision,
+    /// The reference's precision and profile, for local replay.
+    reference: RefSpec,
     tolerances: Option<PathBuf>,
     allow_model_mismatch: bool,
     judge: Judge,
@@ -42,7 +42,7 @@ struct BisectRun {
 pub fn bisect(a: BisectArgs) -> Result<ExitCode> {
     run(BisectRun {
         engines: a.engines()?,
-        reference: a.reference_precision()?,
+        reference: a.reference_spec()?,
         input: a.input.input()?,
         model: a.model,
         tolerances: a.compare.tolerances,
@@ -82,7 +82,7 @@ fn run(r: BisectRun) -> Result<ExitCode> {
         Some(oracle) => Replayer::Loaded(oracle),
         None => Replayer::OnDemand {
             model: &model,
-            precision: r.reference,
+            reference: r.reference,
         },
     };
     let opts = options(&r)?;
@@ -250,9 +250,9 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
         },
         engines: (
             engine(runtime, vec![fault.into()]),
-            engine(EngineKind::Reference(RefPrecision::F32), Vec::new()),
+            engine(EngineKind::Reference(RefPrecision::F32.into()), Vec::new()),
         ),
-        reference: RefPrecision::F32,
+        reference: RefPrecision::F32.into(),
         tolerances: None,
         allow_model_mismatch: false,
         judge: Judge::Auto,

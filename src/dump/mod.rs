@@ -36,6 +36,10 @@ pub struct EngineInfo {
     /// batch sizes, RoPE overrides); absent for engines without any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub options: Option<serde_json::Value>,
+    /// The numerics profile a reference imitated (`exact`, `llamacpp-cpu`, …); absent for
+    /// other engines and in dumps written before profiles existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -65,6 +69,7 @@ impl EngineInfo {
             dtype: dtype.into(),
             device,
             options: None,
+            profile: None,
         }
     }
 
@@ -74,6 +79,9 @@ impl EngineInfo {
         let mut s = self.name.clone();
         if !self.version.is_empty() {
             s = format!("{s} {}", self.version);
+        }
+        if let Some(p) = &self.profile {
+            s = format!("{s}, profile {p}");
         }
         let mut inner = format!("{} {}", self.backend, self.dtype).trim().to_string();
         if let Some(serde_json::Value::Object(options)) = &self.options {
@@ -92,6 +100,14 @@ impl EngineInfo {
             s
         } else {
             format!("{s} ({inner})")
+        }
+    }
+
+    /// This identity with the numerics profile the engine followed.
+    pub fn with_profile(self, profile: &str) -> Self {
+        Self {
+            profile: Some(profile.into()),
+            ..self
         }
     }
 }
@@ -222,6 +238,7 @@ fn engine_info(e: &JsonMap) -> std::result::Result<EngineInfo, String> {
             Some(v @ serde_json::Value::Object(_)) => Some(v.clone()),
             Some(_) => return Err("engine.options: expected an object".into()),
         },
+        profile: opt_string(e, "engine", "profile")?,
     })
 }
 

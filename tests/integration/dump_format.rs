@@ -23,6 +23,7 @@ fn manifest(prompts: &[(&str, usize)]) -> Manifest {
             dtype: "f32".into(),
             device: "none".into(),
             options: None,
+            profile: None,
         },
         ModelInfo {
             path: "m.gguf".into(),

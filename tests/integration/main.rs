@@ -14,6 +14,7 @@ mod diff;
 mod dump_format;
 mod hostile;
 mod llamacpp;
+mod profiles;
 mod quant;
 mod reference;
 mod report;

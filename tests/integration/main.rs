@@ -19,6 +19,7 @@ mod quant;
 mod reference;
 mod report;
 mod runtime;
+mod runtime_variants;
 mod search;
 mod synth_presets;
 mod third_party;

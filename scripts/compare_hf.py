@@ -8,7 +8,8 @@ prints rel L2 = |a-b|/|b| per layer (max over positions). Exits 1 above the thre
   scripts/compare_hf.py --prompts fixtures/prompts/bisect.jsonl --id p6_len_32 \
       --fixture-out fixtures/hf/smollm2_p6_len_32.safetensors
   scripts/compare_hf.py --model fixtures/models/gemma-3-270m-q4_k_m.gguf \
-      --prompts fixtures/prompts/long.jsonl --id long_1652 --retokenize
+      --prompts fixtures/prompts/long.jsonl --id long_1652 --retokenize \
+      --fixture-out fixtures/hf/gemma3-270m_long_1652.safetensors --fixture-tokens 640
   scripts/compare_hf.py --preset yarn-tiny --random-tokens 1200 --json-out X.json \
       --fixture-out fixtures/hf/yarn-tiny_random_1200.safetensors
 
@@ -135,6 +136,9 @@ def main():
     ap.add_argument("--threshold", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fixture-out")
+    ap.add_argument("--fixture-tokens", type=int,
+                    help="the fixture keeps the first N tokens (and positions < N) so its test runs a short prompt; "
+                         "the model is causal, so HF's rows there are those of the N-token prompt")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -215,12 +219,12 @@ def main():
         pathlib.Path(args.json_out).write_text(json.dumps(results, indent=1) + "\n")
 
     if args.fixture_out:
-        n = len(tokens)
+        n = min(args.fixture_tokens or len(tokens), len(tokens))
         positions = fixture_positions(n, window)
-        tensors = {"tokens": np.array(tokens, dtype=np.int64), "positions": positions}
+        tensors = {"tokens": np.array(tokens[:n], dtype=np.int64), "positions": positions}
         for l in fixture_layers(n_layer):
             tensors[f"blk.{l}.resid_post"] = captured[l][positions].astype(np.float32)
-        last = logits[-1]
+        last = logits[n - 1]
         top = np.argsort(-last)[:FIXTURE_TOPK]
         tensors["logits_top_ids"] = top.astype(np.int64)
         tensors["logits_top_values"] = last[top].astype(np.float32)

@@ -41,6 +41,11 @@
  * says "running" until rbd_finish, so a crash leaves a readable partial dump. Functions
  * return 0 on success and -1 on failure (errno set by the failing call); rbd_error()
  * describes the last failure.
+ *
+ * An engine that knows more about itself than a name uses rbd_begin_engine: its version
+ * and its options (a JSON object: cache types, batch sizes, flags) go into the manifest's
+ * "engine", so reports tell two builds or configurations of one engine apart. Taps may be
+ * written in f16 or bf16 (rbd_write_file_typed), as an engine holds them.
  */
 #ifndef RESBISECT_DUMP_H
 #define RESBISECT_DUMP_H
@@ -59,6 +64,20 @@
 extern "C" {
 #endif
 
+/* Who wrote the dump. version, backend, dtype, device: free text; options_json: a JSON
+ * object as text, or NULL. */
+typedef struct rbd_engine {
+    const char *name;
+    const char *version;
+    const char *backend;
+    const char *dtype;
+    const char *device;
+    const char *options_json;
+} rbd_engine;
+
+/* Storage type of a tap's values: IEEE f32, IEEE f16 (binary16), bf16 (f32's upper half). */
+typedef enum rbd_dtype { RBD_F32 = 0, RBD_F16 = 1, RBD_BF16 = 2 } rbd_dtype;
+
 typedef struct rbd_dump {
     char dir[4096];
     char *manifest_head; /* manifest text up to "status" (engine, model, prompts, selection) */
@@ -72,10 +91,21 @@ int rbd_begin(rbd_dump *d, const char *dir, const char *engine, const char *back
               const char *device, const char *model_info_path, const char *prompt_id, const uint32_t *tokens,
               size_t n_tokens, const char *layers_json, const char *taps_json, const char *positions_spec);
 
+/* rbd_begin with the engine's full identity (version "c-writer" in rbd_begin). */
+int rbd_begin_engine(rbd_dump *d, const char *dir, const rbd_engine *engine, const char *model_info_path,
+                     const char *prompt_id, const uint32_t *tokens, size_t n_tokens, const char *layers_json,
+                     const char *taps_json, const char *positions_spec);
+
 /* Write data/<prompt_id>/<stem>.safetensors: `positions` (n, strictly increasing) and
  * n_taps f32 tensors, tap i named ids[i] with n rows of widths[i] values in data[i]. */
 int rbd_write_file(rbd_dump *d, const char *prompt_id, const char *stem, const int64_t *positions, size_t n,
                    size_t n_taps, const char *const *ids, const float *const *data, const size_t *widths);
+
+/* rbd_write_file with each tap in its own storage type: data[i] holds n * widths[i]
+ * values of dtypes[i] (f16/bf16 as uint16_t bit patterns). */
+int rbd_write_file_typed(rbd_dump *d, const char *prompt_id, const char *stem, const int64_t *positions, size_t n,
+                         size_t n_taps, const char *const *ids, const void *const *data, const rbd_dtype *dtypes,
+                         const size_t *widths);
 
 /* Mark the dump complete (error == NULL) or failed with the error and the last tap written. */
 int rbd_finish(rbd_dump *d, const char *error, const char *last_tap);
@@ -139,9 +169,28 @@ static int rbd__put_json_string(rbd__buf *b, const char *s) {
     return rbd__put(b, "\"");
 }
 
+/* snprintf through a va_list: -1 when the text did not fit (it is cut short then). Also
+ * keeps gcc's -Wformat-truncation quiet, as every caller handles or accepts the cut. */
+static int rbd__format(char *dst, size_t size, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(dst, size, fmt, ap);
+    va_end(ap);
+    return (n < 0 || (size_t)n >= size) ? -1 : 0;
+}
+
 static int rbd__fail(rbd_dump *d, const char *what, const char *path) {
-    snprintf(d->error, sizeof d->error, "%s %s: %s", what, path ? path : "", strerror(errno));
+    /* A message cut at sizeof d->error is still a message. */
+    (void)rbd__format(d->error, sizeof d->error, "%s %s: %s", what, path ? path : "", strerror(errno));
     return -1;
+}
+
+/* A path from a format, or a failure naming the part that made it too long. */
+static int rbd__path(rbd_dump *d, char *dst, size_t size, const char *fmt, const char *a, const char *b,
+                     const char *c) {
+    if (!rbd__format(dst, size, fmt, a, b, c)) return 0;
+    errno = ENAMETOOLONG;
+    return rbd__fail(d, "path too long:", dst);
 }
 
 static int rbd__mkdirs(const char *path) {
@@ -166,7 +215,10 @@ static int rbd__write_atomic(rbd_dump *d, const char *path, const void *const *p
     char tmp[4200];
     const char *slash = strrchr(path, '/');
     size_t dirlen = slash ? (size_t)(slash - path + 1) : 0;
-    snprintf(tmp, sizeof tmp, "%.*s.%s.tmp-%ld", (int)dirlen, path, path + dirlen, (long)getpid());
+    if (rbd__format(tmp, sizeof tmp, "%.*s.%s.tmp-%ld", (int)dirlen, path, path + dirlen, (long)getpid())) {
+        errno = ENAMETOOLONG;
+        return rbd__fail(d, "path too long:", path);
+    }
     FILE *f = fopen(tmp, "wb");
     if (!f) return rbd__fail(d, "cannot create", tmp);
     for (size_t i = 0; i < n_parts; i++) {
@@ -181,7 +233,7 @@ static int rbd__write_atomic(rbd_dump *d, const char *path, const void *const *p
 }
 
 static int rbd__write_manifest(rbd_dump *d, const char *status, const char *error, const char *last_tap) {
-    rbd__buf b = {0};
+    rbd__buf b = {NULL, 0, 0};
     int rc = rbd__put(&b, "%s\"status\":\"%s\",\"error\":", d->manifest_head, status);
     if (!rc && error) {
         rc = rbd__put(&b, "{\"message\":") || rbd__put_json_string(&b, error);
@@ -197,7 +249,10 @@ static int rbd__write_manifest(rbd_dump *d, const char *status, const char *erro
         return rbd__fail(d, "out of memory for", "manifest.json");
     }
     char path[4200];
-    snprintf(path, sizeof path, "%s/manifest.json", d->dir);
+    if (rbd__path(d, path, sizeof path, "%s/%s%s", d->dir, "manifest.json", "")) {
+        free(b.p);
+        return -1;
+    }
     const void *parts[1] = {b.p};
     size_t lens[1] = {b.len};
     rc = rbd__write_atomic(d, path, parts, lens, 1);
@@ -208,6 +263,20 @@ static int rbd__write_manifest(rbd_dump *d, const char *status, const char *erro
 int rbd_begin(rbd_dump *d, const char *dir, const char *engine, const char *backend, const char *dtype,
               const char *device, const char *model_info_path, const char *prompt_id, const uint32_t *tokens,
               size_t n_tokens, const char *layers_json, const char *taps_json, const char *positions_spec) {
+    rbd_engine e;
+    e.name = engine;
+    e.version = "c-writer";
+    e.backend = backend;
+    e.dtype = dtype;
+    e.device = device;
+    e.options_json = NULL;
+    return rbd_begin_engine(d, dir, &e, model_info_path, prompt_id, tokens, n_tokens, layers_json, taps_json,
+                            positions_spec);
+}
+
+int rbd_begin_engine(rbd_dump *d, const char *dir, const rbd_engine *engine, const char *model_info_path,
+                     const char *prompt_id, const uint32_t *tokens, size_t n_tokens, const char *layers_json,
+                     const char *taps_json, const char *positions_spec) {
     memset(d, 0, sizeof *d);
     if (strlen(dir) >= sizeof d->dir) {
         errno = ENAMETOOLONG;
@@ -216,7 +285,7 @@ int rbd_begin(rbd_dump *d, const char *dir, const char *engine, const char *back
     strcpy(d->dir, dir);
     FILE *mf = fopen(model_info_path, "rb");
     if (!mf) return rbd__fail(d, "cannot read the model info", model_info_path);
-    rbd__buf model = {0};
+    rbd__buf model = {NULL, 0, 0};
     char chunk[4096];
     size_t got;
     while ((got = fread(chunk, 1, sizeof chunk, mf)) > 0) {
@@ -233,11 +302,14 @@ int rbd_begin(rbd_dump *d, const char *dir, const char *engine, const char *back
         free(model.p);
         return rbd__fail(d, "cannot create", dir);
     }
-    rbd__buf b = {0};
+    rbd__buf b = {NULL, 0, 0};
     int rc = rbd__put(&b, "{\"format\":\"resbisect.dump\",\"version\":1,\"engine\":{\"name\":");
-    rc = rc || rbd__put_json_string(&b, engine) || rbd__put(&b, ",\"version\":\"c-writer\",\"backend\":");
-    rc = rc || rbd__put_json_string(&b, backend) || rbd__put(&b, ",\"dtype\":") || rbd__put_json_string(&b, dtype);
-    rc = rc || rbd__put(&b, ",\"device\":") || rbd__put_json_string(&b, device);
+    rc = rc || rbd__put_json_string(&b, engine->name) || rbd__put(&b, ",\"version\":");
+    rc = rc || rbd__put_json_string(&b, engine->version) || rbd__put(&b, ",\"backend\":");
+    rc = rc || rbd__put_json_string(&b, engine->backend) || rbd__put(&b, ",\"dtype\":");
+    rc = rc || rbd__put_json_string(&b, engine->dtype) || rbd__put(&b, ",\"device\":");
+    rc = rc || rbd__put_json_string(&b, engine->device);
+    if (!rc && engine->options_json) rc = rbd__put(&b, ",\"options\":%s", engine->options_json);
     rc = rc || rbd__put(&b, "},\"model\":%s,\"prompts\":[{\"id\":", model.p) || rbd__put_json_string(&b, prompt_id);
     rc = rc || rbd__put(&b, ",\"text\":null,\"tokens\":[");
     for (size_t i = 0; !rc && i < n_tokens; i++) rc = rbd__put(&b, i ? ",%u" : "%u", tokens[i]);
@@ -259,18 +331,47 @@ int rbd_begin(rbd_dump *d, const char *dir, const char *engine, const char *back
 
 int rbd_write_file(rbd_dump *d, const char *prompt_id, const char *stem, const int64_t *positions, size_t n,
                    size_t n_taps, const char *const *ids, const float *const *data, const size_t *widths) {
+    const void **untyped = (const void **)calloc(n_taps ? n_taps : 1, sizeof *untyped);
+    rbd_dtype *dtypes = (rbd_dtype *)calloc(n_taps ? n_taps : 1, sizeof *dtypes);
+    int rc = -1;
+    if (untyped && dtypes) {
+        for (size_t i = 0; i < n_taps; i++) untyped[i] = data[i], dtypes[i] = RBD_F32;
+        rc = rbd_write_file_typed(d, prompt_id, stem, positions, n, n_taps, ids, untyped, dtypes, widths);
+    } else {
+        errno = ENOMEM;
+        rbd__fail(d, "out of memory for", stem);
+    }
+    free(untyped);
+    free(dtypes);
+    return rc;
+}
+
+static size_t rbd__dtype_size(rbd_dtype t) {
+    return t == RBD_F32 ? 4 : 2;
+}
+
+int rbd_write_file_typed(rbd_dump *d, const char *prompt_id, const char *stem, const int64_t *positions, size_t n,
+                         size_t n_taps, const char *const *ids, const void *const *data, const rbd_dtype *dtypes,
+                         const size_t *widths) {
+    static const char *const names[3] = {"F32", "F16", "BF16"};
     char path[4200];
-    snprintf(path, sizeof path, "%s/data/%s", d->dir, prompt_id);
+    if (rbd__path(d, path, sizeof path, "%s/data/%s%s", d->dir, prompt_id, "")) return -1;
     if (rbd__mkdirs(path)) return rbd__fail(d, "cannot create", path);
-    snprintf(path, sizeof path, "%s/data/%s/%s.safetensors", d->dir, prompt_id, stem);
+    if (rbd__path(d, path, sizeof path, "%s/data/%s/%s.safetensors", d->dir, prompt_id, stem)) return -1;
     /* Header: positions first, then the taps, back to back in that order. */
-    rbd__buf h = {0};
+    rbd__buf h = {NULL, 0, 0};
     size_t off = n * 8;
     int rc = rbd__put(&h, "{\"positions\":{\"dtype\":\"I64\",\"shape\":[%zu],\"data_offsets\":[0,%zu]}", n, off);
     for (size_t i = 0; !rc && i < n_taps; i++) {
-        size_t bytes = n * widths[i] * 4;
+        if ((unsigned)dtypes[i] > RBD_BF16) {
+            free(h.p);
+            errno = EINVAL;
+            return rbd__fail(d, "unknown tap dtype for", ids[i]);
+        }
+        size_t bytes = n * widths[i] * rbd__dtype_size(dtypes[i]);
         rc = rbd__put(&h, ",") || rbd__put_json_string(&h, ids[i]) ||
-             rbd__put(&h, ":{\"dtype\":\"F32\",\"shape\":[%zu,%zu],\"data_offsets\":[%zu,%zu]}", n, widths[i], off, off + bytes);
+             rbd__put(&h, ":{\"dtype\":\"%s\",\"shape\":[%zu,%zu],\"data_offsets\":[%zu,%zu]}", names[dtypes[i]], n,
+                      widths[i], off, off + bytes);
         off += bytes;
     }
     rc = rc || rbd__put(&h, "}");
@@ -296,7 +397,7 @@ int rbd_write_file(rbd_dump *d, const char *prompt_id, const char *stem, const i
     parts[0] = len_le, lens[0] = 8;
     parts[1] = h.p, lens[1] = h.len;
     parts[2] = positions, lens[2] = n * 8;
-    for (size_t i = 0; i < n_taps; i++) parts[3 + i] = data[i], lens[3 + i] = n * widths[i] * 4;
+    for (size_t i = 0; i < n_taps; i++) parts[3 + i] = data[i], lens[3 + i] = n * widths[i] * rbd__dtype_size(dtypes[i]);
     rc = rbd__write_atomic(d, path, parts, lens, n_parts);
     free(parts);
     free(lens);

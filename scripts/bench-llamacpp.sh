@@ -27,10 +27,13 @@ mkdir -p "$out" "$work"
 log="$out/llamacpp-cuda.txt"
 : > "$log"
 say() { echo "$*" | tee -a "$log"; }
+trap 'echo "failed at line $LINENO"; tail -n 15 "$work"/*.log 2>/dev/null' ERR
 "$py" -c "import torch, transformers, sentencepiece, numpy" || { echo "python3 lacks torch/transformers/sentencepiece/numpy"; exit 2; }
 
 # 1. llama.cpp, built here (about 4 minutes on 16 cores), in the background while step 2 runs.
 src="$work/llama.cpp"
+# A WORK dir kept from an earlier call (same machine) keeps its build and its files.
+[ -z "${LLAMA_BIN:-}" ] && [ -x "$src/build/bin/llama-bench" ] && LLAMA_BIN="$src/build/bin"
 if [ -z "${LLAMA_BIN:-}" ]; then
   tar xzf "$tgz" -C "$work"
   ( cmake -S "$src" -B "$src/build" -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF \
@@ -40,12 +43,13 @@ if [ -z "${LLAMA_BIN:-}" ]; then
   build_pid=$!
   LLAMA_BIN="$src/build/bin"
 else
-  tar xzf "$tgz" -C "$work" llama.cpp/convert_hf_to_gguf.py llama.cpp/gguf-py 2>/dev/null || tar xzf "$tgz" -C "$work"
+  [ -f "$src/convert_hf_to_gguf.py" ] || tar xzf "$tgz" -C "$work"
   build_pid=
 fi
 
 # 2. A random TinyLlama-shaped checkpoint and its tokenizer, then llama.cpp's converter.
 hf="$work/hf"
+if [ ! -f "$work/tl-q4_k_m.gguf" ]; then
 "$py" - "$hf" <<'PY'
 import sys, random, torch, sentencepiece as spm
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
@@ -75,6 +79,8 @@ rm -rf "$hf"
 if [ -n "$build_pid" ]; then wait "$build_pid" || { tail -30 "$work/cmake.log"; exit 1; }; fi
 "$LLAMA_BIN/llama-quantize" "$work/tl-f16.gguf" "$work/tl-q4_k_m.gguf" Q4_K_M > "$work/quantize.log" 2>&1 ||
   { tail -20 "$work/quantize.log"; exit 1; }
+fi
+if [ -n "$build_pid" ] && kill -0 "$build_pid" 2>/dev/null; then wait "$build_pid" || { tail -30 "$work/cmake.log"; exit 1; }; fi
 "$bin" inspect "$work/tl-q4_k_m.gguf" | grep -E "^types" | sed 's/^/q4_k_m /' | tee -a "$log"
 
 # 3. Same files, same run.
@@ -82,7 +88,7 @@ if [ -n "$build_pid" ]; then wait "$build_pid" || { tail -30 "$work/cmake.log"; 
 cut -d, -f1-512 "$work/t2048" > "$work/t512"
 for q in f16 q4_k_m; do
   m="$work/tl-$q.gguf"
-  "$LLAMA_BIN/llama-bench" -m "$m" -ngl 99 -fa 1 -p 512,2048 -n 128 -r 3 -o csv 2>/dev/null |
+  "$LLAMA_BIN/llama-bench" -m "$m" -ngl 99 -fa 1 -p 512,2048 -n 128 -r 3 -o csv 2>>"$work/llama-bench.log" |
     awk -F, -v q="$q" 'NR == 1 { for (i = 1; i <= NF; i++) c[$i] = i; next }
       { gsub(/"/, ""); print "LLAMA", q, $c["\"n_prompt\""], $c["\"n_gen\""], $c["\"avg_ts\""] }' | tee -a "$log"
   for n in 512 2048; do

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Everything the test suite needs beyond Rust, on a fresh machine: the fixture model
-# (scripts/fetch-models.sh) and a project virtualenv .venv/ holding the pinned Python
-# packages of scripts/requirements.txt (torch, transformers, gguf, safetensors, numpy)
-# that scripts/dump_hf.py and the third-party-writer test run on.
+# (scripts/fetch-models.sh), the llama.cpp engine (scripts/build-llamacpp.sh) and a
+# project virtualenv .venv/ holding the pinned Python packages of
+# scripts/requirements.txt (torch, transformers, gguf, safetensors, numpy) that
+# scripts/dump_hf.py and the third-party-writer test run on.
 # Idempotent: a .venv/ made from the same requirements file is kept as it is.
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 "$root/scripts/fetch-models.sh"
+# The in-tree llama.cpp engine (CPU; its tests fail in CI without it). Idempotent.
+"$root/scripts/build-llamacpp.sh"
 
 venv="$root/.venv"
 req="$root/scripts/requirements.txt"

@@ -17,6 +17,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Dump(a) => commands::dump(a),
         Command::Run(a) => commands::run(a),
         Command::Inspect(a) => inspect::inspect(a).map(|()| ExitCode::SUCCESS),
+        Command::ModelInfo(a) => inspect::model_info(a).map(|()| ExitCode::SUCCESS),
         Command::Tokenize(a) => commands::tokenize(a),
         Command::Diff(a) => commands::diff(a),
         Command::Calibrate(a) => commands::calibrate(a),

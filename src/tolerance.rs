@@ -24,6 +24,36 @@ pub struct TapTolerance {
     pub rel_l2: f64,
     #[serde(default)]
     pub abs: f64,
+    /// What calibration measured (the rel L2 quantile over positions), before margin and
+    /// floor; absent for hand-written entries and per-kind fallbacks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured: Option<f64>,
+}
+
+/// How `resbisect calibrate` derived a file's per-tap tolerances.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// Quantile of each tap's rows' rel L2 over positions (0.99: p99).
+    pub quantile: f64,
+    /// Multiplies the quantile.
+    pub margin: f64,
+    /// Least rel L2 tolerance of any tap.
+    pub floor: f64,
+    /// Every calibrated tap's `abs`: rows whose largest difference stays under it never diverge.
+    pub abs_floor: f64,
+}
+
+impl Calibration {
+    /// `calibrated per tap: p99 × 4, rel floor 1e-7, abs floor 1e-6`.
+    pub fn describe(&self) -> String {
+        format!(
+            "calibrated per tap: p{} × {}, rel floor {:e}, abs floor {:e}",
+            self.quantile * 100.0,
+            self.margin,
+            self.floor,
+            self.abs_floor
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,6 +71,9 @@ pub struct Tolerances {
     pub floors: std::collections::BTreeMap<String, f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// How calibration made `taps`, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<Calibration>,
 }
 
 impl Default for Tolerances {
@@ -66,6 +99,7 @@ impl Default for Tolerances {
             taps: Vec::new(),
             floors: default_floors(),
             source: None,
+            calibration: None,
         }
     }
 }

@@ -131,6 +131,8 @@ pub struct BisectReport {
     pub replay_taps: Vec<TapAttribution>,
     /// The positions local replay recomputed.
     pub replay_positions: Vec<usize>,
+    /// What replayed: `reference f32, profile llamacpp-cpu` (empty without replay).
+    pub replay_oracle: String,
     pub probes: Vec<ProbeRecord>,
     pub runs_a: usize,
     pub runs_b: usize,
@@ -168,6 +170,7 @@ impl BisectReport {
             replay: Vec::new(),
             replay_taps: Vec::new(),
             replay_positions: Vec::new(),
+            replay_oracle: String::new(),
             probes: Vec::new(),
             runs_a: 0,
             runs_b: 0,

@@ -10,7 +10,7 @@ use super::search::{input_id, resid_post, Search, Suspect};
 use super::{LayerAttribution, TapAttribution};
 use crate::diff::{self, DiffReport, RowStat};
 use crate::dump::{TapDType, TapView};
-use crate::engine::{Oracle, RefPrecision};
+use crate::engine::{Oracle, RefSpec};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::tolerance::Tolerance;
@@ -21,7 +21,7 @@ pub enum Replayer<'r> {
     /// Already loaded (it is also one of the engines).
     Loaded(&'r Oracle),
     /// Loaded when replay starts, with only the layers it replays.
-    OnDemand { model: &'r Model, precision: RefPrecision },
+    OnDemand { model: &'r Model, reference: RefSpec },
     /// No local replay (`--no-replay`): the search ends at the first divergent tap.
     Skip,
 }
@@ -64,14 +64,15 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
     /// An on-demand reference starts loading the layers replay will need for suspect
     /// layer `hi` on the CPU while the engines make the last probes.
     pub(super) fn preload_replay(&mut self, hi: usize) {
-        if let Replayer::OnDemand { model, precision } = self.replayer {
+        if let Replayer::OnDemand { model, reference } = self.replayer {
             let layers = replay_layers(hi, self.n_layer);
-            let bytes = model.n_params() / self.n_layer as u64 * layers.len() as u64 * precision.bytes() as u64;
+            let bytes =
+                model.n_params() / self.n_layer as u64 * layers.len() as u64 * reference.precision.bytes() as u64;
             let scope = self.scope;
             self.preload = (bytes <= PRELOAD_BYTES).then(|| {
                 (
                     layers.clone(),
-                    scope.spawn(move || Oracle::load_for_replay(model, precision, &layers)),
+                    scope.spawn(move || Oracle::load_for_replay(model, reference, &layers)),
                 )
             });
         }
@@ -120,6 +121,11 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         let resid_tol = tolerance_of(&suspect.taps_diff, &resid_post(hi)).map_or(1e-3, |t| t.rel_l2);
         let replay_start = Instant::now();
         self.report.replay_positions = at.clone();
+        self.report.replay_oracle = match self.replayer {
+            Replayer::Loaded(r) => format!("reference {}", r.spec().label()),
+            Replayer::OnDemand { reference, .. } => format!("reference {}", reference.label()),
+            Replayer::Skip => String::new(),
+        };
         // Replay started during the all-taps probe (the last loop round's, so for these
         // layers, positions and prefix), or starts now.
         let (replays, replay_seconds, inputs) = match self.early_replay.take() {
@@ -141,11 +147,11 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         let replayer = match self.replayer {
             Replayer::Loaded(r) => r,
             Replayer::Skip => return Err(Error::engine("local replay was skipped")),
-            Replayer::OnDemand { model, precision } => {
+            Replayer::OnDemand { model, reference } => {
                 let ahead = self.preload.take().map(|(layers, job)| (layers, join(job)));
                 loaded = match ahead {
                     Some((layers, engine)) if replayed.iter().all(|l| layers.contains(l)) => engine?,
-                    _ => Oracle::load_for_replay(model, precision, replayed)?,
+                    _ => Oracle::load_for_replay(model, reference, replayed)?,
                 };
                 &loaded
             }

@@ -205,6 +205,9 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         if let Some(d) = &report.final_diff {
             report.model = d.a.path.clone();
             report.fingerprint = d.a.fingerprint.clone();
+            // External engines say who they are only in their dumps.
+            report.engine_a = crate::engine::identified(&report.engine_a, &d.a.engine);
+            report.engine_b = crate::engine::identified(&report.engine_b, &d.b.engine);
         }
         Ok(report)
     }

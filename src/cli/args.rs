@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use resbisect::diff::Judge;
-use resbisect::engine::{EngineKind, EngineSpec, RefPrecision};
+use resbisect::engine::{EngineKind, EngineSpec, Profile, RefPrecision, RefSpec};
 use resbisect::prompts::Input;
 use resbisect::runtime::backend::StorageDType;
 use resbisect::runtime::weights::WeightMode;
@@ -32,6 +32,9 @@ pub enum Command {
     Run(RunArgs),
     /// Describe a GGUF model or a dump directory.
     Inspect(InspectArgs),
+    /// Write the manifest `model` object (path, fingerprint, config) that bisect hands an
+    /// external engine as {model_info}, to run that engine by hand.
+    ModelInfo(ModelInfoArgs),
     /// Print the token ids of a text with the model's own tokenizer.
     Tokenize(TokenizeArgs),
     /// Compare dump A (engine under test) with dump B (reference): first divergence.
@@ -104,6 +107,15 @@ pub struct InspectArgs {
 }
 
 #[derive(Args)]
+pub struct ModelInfoArgs {
+    /// The model (GGUF).
+    pub model: PathBuf,
+    /// Write the JSON here instead of to stdout.
+    #[arg(short, long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Args)]
 pub struct TokenizeArgs {
     /// The model (GGUF) whose tokenizer to use.
     #[arg(long)]
@@ -141,12 +153,19 @@ pub struct DiffArgs {
 pub struct CalibrateArgs {
     #[arg(required = true, num_args = 2..)]
     pub dumps: Vec<PathBuf>,
-    /// Multiply each tap kind's worst measured rel L2 by this.
+    /// Each tap's (per layer) tolerance is this quantile of its rows' rel L2 over
+    /// positions, times --margin.
+    #[arg(long, default_value_t = 0.99)]
+    pub quantile: f64,
+    /// Multiply each tap's measured quantile by this.
     #[arg(long, default_value_t = 4.0)]
     pub margin: f64,
     /// Never tolerate less than this rel L2.
     #[arg(long, default_value_t = 1e-7)]
     pub floor: f64,
+    /// Every calibrated tap's abs: rows whose largest difference stays under it never diverge.
+    #[arg(long, default_value_t = 1e-6)]
+    pub abs_floor: f64,
     #[arg(long)]
     pub allow_model_mismatch: bool,
     #[arg(short, long)]
@@ -367,6 +386,10 @@ pub struct BisectArgs {
     /// The reference's precision (oracle and local replay): f32 or f64.
     #[arg(long, default_value = "f32")]
     pub reference_dtype: String,
+    /// The engine numerics the reference imitates (oracle and local replay): exact,
+    /// llamacpp-cpu or llamacpp-cuda (docs/profiles.md).
+    #[arg(long, default_value = "exact")]
+    pub profile: String,
     #[command(flatten)]
     pub compare: CompareArgs,
     /// Probe logits at every position only while one engine's logits stay under this.
@@ -420,6 +443,10 @@ pub struct DumpArgs {
     /// Precision: f32 or f64 for the reference; f32, f16 or bf16 storage for the runtime.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Reference: the engine numerics it imitates, exact, llamacpp-cpu or llamacpp-cuda
+    /// (docs/profiles.md).
+    #[arg(long, default_value = "exact")]
+    pub profile: String,
     /// Runtime backend.
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: BackendKind,
@@ -472,14 +499,20 @@ impl DumpArgs {
     pub fn engine(&self) -> Result<EngineSpec> {
         let kind = match self.engine {
             DumpEngine::Reference => {
-                let precision = RefPrecision::parse(&self.dtype)?;
+                let spec = RefSpec {
+                    precision: RefPrecision::parse(&self.dtype)?,
+                    profile: parse_profile(&self.profile)?,
+                };
                 let runtime_only = self.prefill_chunk.is_some() || self.sync_check || self.weights != "native";
                 if self.max_tokens > 0 || self.warmup > 0 || runtime_only {
                     return Err(Error::input(
                         "--max-tokens, --prefill-chunk, --sync-check, --warmup and --weights are runtime options (--engine runtime)",
                     ));
                 }
-                EngineKind::Reference(precision)
+                EngineKind::Reference(spec)
+            }
+            DumpEngine::Runtime if self.profile != Profile::Exact.name() => {
+                return Err(Error::input("--profile is a reference option (--engine reference)"))
             }
             DumpEngine::Runtime => EngineKind::Runtime {
                 backend: self.backend,
@@ -502,15 +535,18 @@ impl DumpArgs {
 }
 
 impl BisectArgs {
-    /// The reference's precision (oracle and local replay).
-    pub fn reference_precision(&self) -> Result<RefPrecision> {
-        RefPrecision::parse(&self.reference_dtype)
+    /// The reference's precision and profile (oracle and local replay).
+    pub fn reference_spec(&self) -> Result<RefSpec> {
+        Ok(RefSpec {
+            precision: RefPrecision::parse(&self.reference_dtype)?,
+            profile: parse_profile(&self.profile)?,
+        })
     }
 
     /// Engine A (under test) and engine B (the oracle).
     pub fn engines(&self) -> Result<(EngineSpec, EngineSpec)> {
-        let precision = self.reference_precision()?;
-        if matches!(self.engine, BisectEngine::Reference) && RefPrecision::parse(&self.dtype)? != precision {
+        let precision = self.reference_spec()?;
+        if matches!(self.engine, BisectEngine::Reference) && RefPrecision::parse(&self.dtype)? != precision.precision {
             return Err(Error::input(
                 "with --engine reference, A computes in --reference-dtype; drop --dtype",
             ));
@@ -548,13 +584,7 @@ impl BisectArgs {
 
 impl BisectEngine {
     /// The library's engine kind; flags of other kinds are ignored.
-    fn kind(
-        self,
-        command: Option<&str>,
-        backend: BackendKind,
-        dtype: &str,
-        precision: RefPrecision,
-    ) -> Result<EngineKind> {
+    fn kind(self, command: Option<&str>, backend: BackendKind, dtype: &str, precision: RefSpec) -> Result<EngineKind> {
         Ok(match self {
             BisectEngine::Runtime => EngineKind::Runtime {
                 backend,
@@ -570,4 +600,9 @@ impl BisectEngine {
             },
         })
     }
+}
+
+/// `--profile NAME`, or one line naming the option and the known profiles.
+fn parse_profile(name: &str) -> Result<Profile> {
+    Profile::parse(name).map_err(|e| Error::input(format!("--profile: {e}")))
 }

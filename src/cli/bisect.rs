@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use resbisect::bisect::{self, BisectOptions, Outcome, Replayer};
 use resbisect::diff::Judge;
-use resbisect::engine::{start_pair, EngineSpec, RefPrecision};
+use resbisect::engine::{start_pair, EngineSpec, RefPrecision, RefSpec};
 use resbisect::model::Model;
 use resbisect::prompts::Input;
 use resbisect::tolerance::Tolerances;
@@ -21,8 +21,8 @@ pub(super) struct BisectRun {
     pub(super) input: Input,
     /// Engine A (under test) and engine B (the oracle).
     pub(super) engines: (EngineSpec, EngineSpec),
-    /// The reference's precision, for local replay.
-    pub(super) reference: RefPrecision,
+    /// The reference's precision and profile, for local replay.
+    pub(super) reference: RefSpec,
     pub(super) tolerances: Option<PathBuf>,
     pub(super) allow_model_mismatch: bool,
     pub(super) judge: Judge,
@@ -40,7 +40,7 @@ pub(super) struct BisectRun {
 pub fn bisect(a: BisectArgs) -> Result<ExitCode> {
     run(BisectRun {
         engines: a.engines()?,
-        reference: a.reference_precision()?,
+        reference: a.reference_spec()?,
         input: a.input.input()?,
         model: a.model,
         tolerances: a.compare.tolerances,
@@ -80,7 +80,7 @@ pub(super) fn run(r: BisectRun) -> Result<ExitCode> {
         Some(oracle) => Replayer::Loaded(oracle),
         None => Replayer::OnDemand {
             model: &model,
-            precision: r.reference,
+            reference: r.reference,
         },
     };
     let opts = options(&r)?;

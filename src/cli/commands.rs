@@ -115,9 +115,19 @@ pub fn calibrate(a: CalibrateArgs) -> Result<ExitCode> {
     if !a.dumps.len().is_multiple_of(2) {
         return Err(Error::input("calibrate takes pairs of dumps: A B [A B ...]"));
     }
-    if !(a.margin.is_finite() && a.margin >= 1.0 && a.floor.is_finite() && a.floor >= 0.0) {
-        return Err(Error::input("--margin must be >= 1 and --floor >= 0"));
+    let finite_non_negative = |v: f64| v.is_finite() && v >= 0.0;
+    if !(a.margin.is_finite() && a.margin >= 1.0 && finite_non_negative(a.floor) && finite_non_negative(a.abs_floor)) {
+        return Err(Error::input("--margin must be >= 1, --floor and --abs-floor >= 0"));
     }
+    if !(a.quantile > 0.0 && a.quantile <= 1.0) {
+        return Err(Error::input("--quantile must be in (0, 1]"));
+    }
+    let how = resbisect::tolerance::Calibration {
+        quantile: a.quantile,
+        margin: a.margin,
+        floor: a.floor,
+        abs_floor: a.abs_floor,
+    };
     let args = CompareArgs {
         tolerances: None,
         allow_model_mismatch: a.allow_model_mismatch,
@@ -132,7 +142,7 @@ pub fn calibrate(a: CalibrateArgs) -> Result<ExitCode> {
     if let Some(failure) = reports.iter().find_map(DiffReport::engine_failure) {
         return Err(Error::engine(failure));
     }
-    let (t, notes) = diff::calibrate(&reports, a.margin, a.floor);
+    let (t, notes) = diff::calibrate(&reports, &how);
     for n in &notes {
         eprintln!("note: {n}");
     }

@@ -117,9 +117,9 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
         input: s.input,
         engines: (
             engine(runtime, vec![s.fault.into()]),
-            engine(EngineKind::Reference(RefPrecision::F32), Vec::new()),
+            engine(EngineKind::Reference(RefPrecision::F32.into()), Vec::new()),
         ),
-        reference: RefPrecision::F32,
+        reference: RefPrecision::F32.into(),
         tolerances: None,
         allow_model_mismatch: false,
         judge: Judge::Auto,

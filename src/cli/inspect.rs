@@ -8,13 +8,26 @@ use resbisect::taps::{FileStem, Tap};
 use resbisect::tokenizer::Tokenizer;
 use resbisect::{gguf, Result};
 
-use super::args::InspectArgs;
+use super::args::{InspectArgs, ModelInfoArgs};
 
 pub fn inspect(a: InspectArgs) -> Result<()> {
     if a.path.is_dir() {
         inspect_dump(&a.path)
     } else {
         inspect_model(&a.path, a.tensors)
+    }
+}
+
+/// `resbisect model-info`: the {model_info} JSON an external engine receives, one line.
+pub fn model_info(a: ModelInfoArgs) -> Result<()> {
+    let model = Model::open(&a.model)?;
+    let text = resbisect::engine::model_info_json(&model)? + "\n";
+    match &a.out {
+        Some(path) => std::fs::write(path, text).map_err(|e| resbisect::Error::io(path, e)),
+        None => {
+            print!("{text}");
+            Ok(())
+        }
     }
 }
 

@@ -280,6 +280,19 @@ pub fn judgement_note(p: &PromptDiff) -> Option<String> {
     })
 }
 
+/// Why a llama.cpp dump diverges from the exact reference: its intended numerics, not a
+/// bug, and the profile that imitates them. `None` for other pairs.
+fn exact_oracle_note(a: &crate::dump::EngineInfo, b: &crate::dump::EngineInfo) -> Option<String> {
+    let a_is_llamacpp = a.name.to_ascii_lowercase().contains("llama");
+    let b_is_exact = b.name.starts_with("resbisect-reference") && b.profile.as_deref().is_none_or(|p| p == "exact");
+    (a_is_llamacpp && b_is_exact).then(|| {
+        "B is the exact reference: a healthy llama.cpp differs from it at every matmul (8-bit activation \
+         quantization per weight type, f16 KV cache), so early blk.0 taps diverge by design; compare \
+         against `--profile llamacpp-cpu` (or llamacpp-cuda) to see bugs"
+            .to_string()
+    })
+}
+
 /// Compare dump `a` (engine under test) with dump `b` (the reference).
 pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
     diff_paired(a, b, opts, &[])
@@ -289,6 +302,13 @@ pub fn diff(a: &Dump, b: &Dump, opts: &DiffOptions) -> Result<DiffReport> {
 pub fn diff_paired(a: &Dump, b: &Dump, opts: &DiffOptions, pairs: &[(String, String)]) -> Result<DiffReport> {
     let (ma, mb) = (&a.manifest, &b.manifest);
     let mut notes = Vec::new();
+    // Calibrated tolerances say how they were made, floors included.
+    notes.extend(
+        opts.tolerances
+            .calibration
+            .as_ref()
+            .map(|c| format!("tolerances {}", c.describe())),
+    );
     check_same_model(ma, mb, opts.allow_model_mismatch, &mut notes)?;
     partial_dump_notes(ma, mb, &mut notes);
     let engine_dtypes: Vec<TapDType> = [&ma.engine.dtype, &mb.engine.dtype]
@@ -319,6 +339,7 @@ pub fn diff_paired(a: &Dump, b: &Dump, opts: &DiffOptions, pairs: &[(String, Str
         }
     }
     let diverged = prompts.iter().any(PromptDiff::diverged);
+    notes.extend(diverged.then(|| exact_oracle_note(&ma.engine, &mb.engine)).flatten());
     Ok(DiffReport {
         version: 1,
         a: side(a),

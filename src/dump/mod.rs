@@ -32,6 +32,14 @@ pub struct EngineInfo {
     pub backend: String,
     pub dtype: String,
     pub device: String,
+    /// The settings the engine ran with, as it records them (a JSON object: cache types,
+    /// batch sizes, RoPE overrides); absent for engines without any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<serde_json::Value>,
+    /// The numerics profile a reference imitated (`exact`, `llamacpp-cpu`, …); absent for
+    /// other engines and in dumps written before profiles existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -60,6 +68,46 @@ impl EngineInfo {
             backend: backend.into(),
             dtype: dtype.into(),
             device,
+            options: None,
+            profile: None,
+        }
+    }
+
+    /// One line that tells two engines apart: `name version (backend dtype; key=value, ...)`,
+    /// the options sorted by key.
+    pub fn describe(&self) -> String {
+        let mut s = self.name.clone();
+        if !self.version.is_empty() {
+            s = format!("{s} {}", self.version);
+        }
+        if let Some(p) = &self.profile {
+            s = format!("{s}, profile {p}");
+        }
+        let mut inner = format!("{} {}", self.backend, self.dtype).trim().to_string();
+        if let Some(serde_json::Value::Object(options)) = &self.options {
+            let pairs: Vec<String> = options
+                .iter()
+                .map(|(k, v)| match v {
+                    serde_json::Value::String(text) => format!("{k}={text}"),
+                    other => format!("{k}={other}"),
+                })
+                .collect();
+            if !pairs.is_empty() {
+                inner = format!("{inner}; {}", pairs.join(", "));
+            }
+        }
+        if inner.is_empty() {
+            s
+        } else {
+            format!("{s} ({inner})")
+        }
+    }
+
+    /// This identity with the numerics profile the engine followed.
+    pub fn with_profile(self, profile: &str) -> Self {
+        Self {
+            profile: Some(profile.into()),
+            ..self
         }
     }
 }
@@ -185,6 +233,12 @@ fn engine_info(e: &JsonMap) -> std::result::Result<EngineInfo, String> {
         backend: opt_string(e, "engine", "backend")?.unwrap_or_default(),
         dtype: opt_string(e, "engine", "dtype")?.unwrap_or_default(),
         device: opt_string(e, "engine", "device")?.unwrap_or_default(),
+        options: match e.get("options") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v @ serde_json::Value::Object(_)) => Some(v.clone()),
+            Some(_) => return Err("engine.options: expected an object".into()),
+        },
+        profile: opt_string(e, "engine", "profile")?,
     })
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::{layers_arg, shell_quote, Engine};
-use crate::dump::{Dump, PromptRecord, Status};
+use crate::dump::{Dump, EngineInfo, PromptRecord, Status};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::taps::Selection;
@@ -59,8 +59,7 @@ impl ExternalEngine {
             }
             rest = &tail[1..];
         }
-        let model_info =
-            serde_json::to_value(crate::dump::ModelInfo::of(model)).map_err(|e| Error::input(e.to_string()))?;
+        let model_info = model_info_value(model)?;
         Ok(Self {
             template: template.to_string(),
             model_path: model.gguf.path.clone(),
@@ -90,6 +89,17 @@ impl ExternalEngine {
     }
 }
 
+/// The manifest's `model` object for `model` (path, fingerprint, config), as an external
+/// engine receives it in the {model_info} file.
+fn model_info_value(model: &Model) -> Result<serde_json::Value> {
+    serde_json::to_value(crate::dump::ModelInfo::of(model)).map_err(|e| Error::input(e.to_string()))
+}
+
+/// [`model_info_value`] as the one-line JSON text of the {model_info} file.
+pub fn model_info_json(model: &Model) -> Result<String> {
+    Ok(model_info_value(model)?.to_string())
+}
+
 /// Side files an external engine reads: `<out>.tokens` and `<out>.selection.json`.
 fn side_file(out: &Path, suffix: &str) -> PathBuf {
     let mut name = out.file_name().unwrap_or_default().to_os_string();
@@ -103,6 +113,20 @@ pub fn write_token_file(path: &Path, tokens: &[u32]) -> Result<()> {
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
 }
 
+/// How every external engine's label starts.
+const LABEL_PREFIX: &str = "external ";
+
+/// An engine label once the engine's dump said who it is: an external engine's command
+/// words give way to the identity in its manifest (name, version, backend, options), so
+/// two runs of one program with different options read apart. Other labels stay.
+pub fn identified(label: &str, engine: &EngineInfo) -> String {
+    if label.starts_with(LABEL_PREFIX) {
+        format!("{LABEL_PREFIX}{}", engine.describe())
+    } else {
+        label.to_string()
+    }
+}
+
 impl Engine for ExternalEngine {
     fn label(&self) -> String {
         // The program and its first argument (often the script an interpreter runs).
@@ -112,7 +136,7 @@ impl Engine for ExternalEngine {
             .filter(|w| !w.contains('='))
             .take(2)
             .collect();
-        format!("external {}", words.join(" "))
+        format!("{LABEL_PREFIX}{}", words.join(" "))
     }
 
     fn dump(&mut self, prompt: &PromptRecord, selection: &Selection, out: &Path) -> Result<()> {

@@ -23,11 +23,12 @@ use crate::runtime::backend::{Backend, StorageDType};
 use crate::runtime::{BackendKind, RunOptions};
 use crate::taps::Selection;
 
-pub use external::{write_token_file, ExternalEngine, PLACEHOLDERS};
-pub use oracle::{Oracle, RefPrecision};
+pub use external::{identified, model_info_json, write_token_file, ExternalEngine, PLACEHOLDERS};
+pub use oracle::{Oracle, RefPrecision, RefSpec};
 pub use pair::{start_pair, EnginePair};
 pub use reference::ReferenceEngine;
 pub use reproduce::{layers_arg, resbisect_command, shell_quote};
+pub use resbisect_reference::Profile;
 pub use runtime::{generate, Generation, RuntimeEngine};
 pub use session::crash_report;
 
@@ -119,7 +120,7 @@ pub trait Engine: Send {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EngineKind {
     /// The oracle (candle on the CPU).
-    Reference(RefPrecision),
+    Reference(RefSpec),
     /// The instrumented runtime (the device under test).
     Runtime { backend: BackendKind, dtype: StorageDType },
     /// An external program: a command template with placeholders (docs/engines.md).
@@ -146,12 +147,9 @@ impl EngineSpec {
     /// As [`open`](Self::open); a reference engine computes with `oracle` when given.
     fn open_sharing<'m>(&self, model: &'m Model, oracle: Option<Arc<Oracle>>) -> Result<Box<dyn Engine + 'm>> {
         Ok(match &self.kind {
-            EngineKind::Reference(precision) => Box::new(ReferenceEngine::new(
-                model,
-                *precision,
-                oracle,
-                self.injections.clone(),
-            )?),
+            EngineKind::Reference(spec) => {
+                Box::new(ReferenceEngine::new(model, *spec, oracle, self.injections.clone())?)
+            }
             EngineKind::Runtime { backend, dtype } => on_backend(
                 *backend,
                 *dtype,
@@ -169,7 +167,7 @@ impl EngineSpec {
     /// backend and precision, no faults), so that comparing them can find nothing.
     pub fn is_same_engine_as(&self, other: &EngineSpec) -> bool {
         let same_kind = match (&self.kind, &other.kind) {
-            (EngineKind::Reference(_), EngineKind::Reference(_)) => true,
+            (EngineKind::Reference(a), EngineKind::Reference(b)) => a.profile == b.profile,
             (EngineKind::Runtime { .. }, EngineKind::Runtime { .. }) => self.kind == other.kind,
             _ => false,
         };

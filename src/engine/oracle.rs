@@ -2,7 +2,7 @@
 //! f64 on the CPU. Whole for reference engines, or only the layers local replay needs.
 
 use candle_core::DType;
-use resbisect_reference::{RawWeight, Reference, WeightSource};
+use resbisect_reference::{Profile, RawWeight, Reference, WeightSource};
 
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -48,6 +48,33 @@ impl RefPrecision {
     }
 }
 
+/// What the reference computes: its precision and the engine numerics it imitates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefSpec {
+    pub precision: RefPrecision,
+    pub profile: Profile,
+}
+
+impl From<RefPrecision> for RefSpec {
+    /// The exact reference in `precision`.
+    fn from(precision: RefPrecision) -> Self {
+        Self {
+            precision,
+            profile: Profile::Exact,
+        }
+    }
+}
+
+impl RefSpec {
+    /// `f32`, or `f32, profile llamacpp-cpu` when a profile is on: for labels and reports.
+    pub fn label(self) -> String {
+        match self.profile {
+            Profile::Exact => self.precision.name().to_string(),
+            p => format!("{}, profile {p}", self.precision.name()),
+        }
+    }
+}
+
 impl WeightSource for Model {
     fn weight(&self, name: &str) -> anyhow::Result<RawWeight<'_>> {
         let info = Model::weight(self, name)?;
@@ -62,25 +89,44 @@ impl WeightSource for Model {
 /// Reference weights loaded once, reusable across prompts and engines.
 pub struct Oracle {
     pub(super) inner: Reference,
-    precision: RefPrecision,
+    spec: RefSpec,
 }
 
 impl Oracle {
-    pub fn load(model: &Model, precision: RefPrecision, on_layer: &mut dyn FnMut(usize)) -> Result<Self> {
-        let inner = Reference::load(model.config.clone(), model, precision.candle(), on_layer)
-            .map_err(|e| Error::engine(format!("reference: loading weights: {e:#}")))?;
-        Ok(Self { inner, precision })
+    pub fn load(model: &Model, spec: impl Into<RefSpec>, on_layer: &mut dyn FnMut(usize)) -> Result<Self> {
+        let spec = spec.into();
+        let inner = Reference::load(
+            model.config.clone(),
+            model,
+            spec.precision.candle(),
+            spec.profile,
+            on_layer,
+        )
+        .map_err(|e| Error::engine(format!("reference: loading weights: {e:#}")))?;
+        Ok(Self { inner, spec })
     }
 
     /// Only `layers`, for local replay ([`replay_layer`](Self::replay_layer)).
-    pub fn load_for_replay(model: &Model, precision: RefPrecision, layers: &[usize]) -> Result<Self> {
-        let inner = Reference::load_for_replay(model.config.clone(), model, precision.candle(), layers)
-            .map_err(|e| Error::engine(format!("reference: loading layers {layers:?} for replay: {e:#}")))?;
-        Ok(Self { inner, precision })
+    pub fn load_for_replay(model: &Model, spec: impl Into<RefSpec>, layers: &[usize]) -> Result<Self> {
+        let spec = spec.into();
+        let inner = Reference::load_for_replay(
+            model.config.clone(),
+            model,
+            spec.precision.candle(),
+            spec.profile,
+            layers,
+        )
+        .map_err(|e| Error::engine(format!("reference: loading layers {layers:?} for replay: {e:#}")))?;
+        Ok(Self { inner, spec })
     }
 
     pub fn precision(&self) -> RefPrecision {
-        self.precision
+        self.spec.precision
+    }
+
+    /// Precision and numerics profile.
+    pub fn spec(&self) -> RefSpec {
+        self.spec
     }
 
     /// Local replay: layer `l` recomputed from `rows` rows of residual-stream input

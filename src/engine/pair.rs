@@ -24,7 +24,7 @@ pub fn start_pair<'m>(
     progress: &mut dyn Progress,
 ) -> Result<EnginePair<'m>> {
     let precision = [a, b].into_iter().find_map(|spec| match spec.kind {
-        EngineKind::Reference(precision) => Some(precision),
+        EngineKind::Reference(reference) => Some(reference),
         _ => None,
     });
     let (oracle, started) = std::thread::scope(|scope| {

@@ -9,7 +9,7 @@ use resbisect_reference::TapSink;
 
 use super::checkpoints::PrefixCheckpoints;
 use super::session::{DumpSession, PromptRunner};
-use super::{reproduce, DumpRequest, DumpSummary, Engine, NoProgress, Oracle, Progress, RefPrecision};
+use super::{reproduce, DumpRequest, DumpSummary, Engine, NoProgress, Oracle, Progress, RefSpec};
 use crate::dump::{BackgroundWriter, EngineInfo, FileJob, PromptRecord, TapDType, TapTensor};
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -19,7 +19,7 @@ use crate::taps::{Faults, FileStem, LayerTap, Selection, Tap};
 /// oracle may be shared (bisect's other engine, local replay) or load on first use.
 pub struct ReferenceEngine<'m> {
     model: &'m Model,
-    precision: RefPrecision,
+    spec: RefSpec,
     oracle: Option<Arc<Oracle>>,
     injections: Vec<String>,
     faults: Faults,
@@ -27,17 +27,13 @@ pub struct ReferenceEngine<'m> {
 }
 
 impl<'m> ReferenceEngine<'m> {
-    /// With `oracle`, computes with it (and in its precision); else loads one on first use.
-    pub fn new(
-        model: &'m Model,
-        precision: RefPrecision,
-        oracle: Option<Arc<Oracle>>,
-        injections: Vec<String>,
-    ) -> Result<Self> {
+    /// With `oracle`, computes with it (and in its precision and profile); else loads one
+    /// on first use.
+    pub fn new(model: &'m Model, spec: RefSpec, oracle: Option<Arc<Oracle>>, injections: Vec<String>) -> Result<Self> {
         let faults = crate::inject::parse_all(&injections, model.config.n_layer)?;
         Ok(Self {
             model,
-            precision: oracle.as_ref().map_or(precision, |o| o.precision()),
+            spec: oracle.as_ref().map_or(spec, |o| o.spec()),
             oracle,
             injections,
             faults,
@@ -50,7 +46,7 @@ impl Engine for ReferenceEngine<'_> {
     fn label(&self) -> String {
         format!(
             "reference {}{}",
-            self.precision.name(),
+            self.spec.label(),
             reproduce::injected_label(&self.injections)
         )
     }
@@ -67,7 +63,7 @@ impl Engine for ReferenceEngine<'_> {
             Some(oracle) => oracle.clone(),
             None => {
                 progress.stage("loading weights", self.model.config.n_layer);
-                let loaded = Arc::new(Oracle::load(self.model, self.precision, &mut |_| progress.tick())?);
+                let loaded = Arc::new(Oracle::load(self.model, self.spec, &mut |_| progress.tick())?);
                 self.oracle = Some(loaded.clone());
                 loaded
             }
@@ -76,10 +72,11 @@ impl Engine for ReferenceEngine<'_> {
         let engine = EngineInfo::new(
             "resbisect-reference",
             "candle-cpu",
-            self.precision.name(),
+            self.spec.precision.name(),
             "cpu".into(),
             &self.injections,
-        );
+        )
+        .with_profile(self.spec.profile.name());
         let mut runner = OracleRunner {
             oracle: &oracle,
             faults: &self.faults,
@@ -102,7 +99,7 @@ impl Engine for ReferenceEngine<'_> {
             out,
             injections: &self.injections,
         };
-        command.reference(self.precision)
+        command.reference(self.spec)
     }
 }
 

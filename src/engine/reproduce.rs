@@ -7,7 +7,7 @@ use crate::model::Model;
 use crate::runtime::weights::WeightMode;
 use crate::taps::Selection;
 
-use super::RefPrecision;
+use super::{Profile, RefSpec};
 
 /// How printed commands invoke resbisect: this binary's own path, so that they run as
 /// printed whether or not `resbisect` is on PATH (after `cargo run`, for one).
@@ -58,12 +58,16 @@ pub(super) struct DumpCommand<'a> {
 }
 
 impl DumpCommand<'_> {
-    /// On the reference computing in `precision`.
-    pub fn reference(&self, precision: RefPrecision) -> String {
+    /// On the reference computing in `spec`'s precision under its profile.
+    pub fn reference(&self, spec: RefSpec) -> String {
+        let profile = match spec.profile {
+            Profile::Exact => String::new(),
+            p => format!(" --profile {p}"),
+        };
         format!(
-            "{} dump --engine reference --dtype {} {}",
+            "{} dump --engine reference --dtype {}{profile} {}",
             resbisect_command(),
-            precision.name(),
+            spec.precision.name(),
             self.args()
         )
     }

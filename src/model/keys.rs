@@ -159,88 +159,89 @@ pub fn tensor_known(arch: &str, name: &str) -> bool {
 mod tests {
     use super::*;
 
+    // Keys as real GGUFs carry them: SmolLM2 / Llama 3.2 (llama), Qwen2.5, Qwen3,
+    // Gemma 3 and Mistral (carried as llama), per llama.cpp's gguf key constants.
+    const UNDERSTOOD: &[(&str, &str)] = &[
+        ("llama", "general.architecture"),
+        ("llama", "llama.block_count"),
+        ("llama", "llama.context_length"),
+        ("llama", "llama.embedding_length"),
+        ("llama", "llama.feed_forward_length"),
+        ("llama", "llama.attention.head_count"),
+        ("llama", "llama.attention.head_count_kv"),
+        ("llama", "llama.rope.freq_base"),
+        ("llama", "llama.attention.layer_norm_rms_epsilon"),
+        ("llama", "llama.vocab_size"),
+        ("llama", "llama.rope.dimension_count"),
+        ("llama", "llama.attention.key_length"),
+        ("llama", "llama.attention.value_length"),
+        ("llama", "llama.rope.scaling.type"),
+        ("llama", "llama.rope.scaling.factor"),
+        ("llama", "llama.rope.scaling.original_context_length"),
+        ("llama", "llama.rope.scale_linear"),
+        ("llama", "llama.expert_count"),
+        ("qwen2", "qwen2.rope.scaling.yarn_beta_fast"),
+        ("qwen2", "qwen2.rope.scaling.attn_factor"),
+        ("qwen3", "qwen3.attention.key_length"),
+        ("gemma3", "gemma3.attention.sliding_window"),
+        ("gemma3", "gemma3.rope.freq_base_swa"),
+    ];
+    const INERT: &[(&str, &str)] = &[
+        ("llama", "general.name"),
+        ("llama", "general.type"),
+        ("llama", "general.organization"),
+        ("llama", "general.finetune"),
+        ("llama", "general.basename"),
+        ("llama", "general.size_label"),
+        ("llama", "general.license"),
+        ("llama", "general.languages"),
+        ("llama", "general.tags"),
+        ("llama", "general.base_model.0.repo_url"),
+        ("llama", "general.file_type"),
+        ("llama", "general.quantization_version"),
+        ("llama", "general.alignment"),
+        ("llama", "tokenizer.ggml.model"),
+        ("llama", "tokenizer.ggml.pre"),
+        ("llama", "tokenizer.ggml.tokens"),
+        ("llama", "tokenizer.ggml.token_type"),
+        ("llama", "tokenizer.ggml.merges"),
+        ("llama", "tokenizer.ggml.bos_token_id"),
+        ("llama", "tokenizer.ggml.add_bos_token"),
+        ("llama", "tokenizer.ggml.add_space_prefix"),
+        ("gemma3", "tokenizer.ggml.scores"),
+        ("llama", "tokenizer.chat_template"),
+        ("llama", "quantize.imatrix.file"),
+        ("llama", "quantize.imatrix.dataset"),
+        ("llama", "quantize.imatrix.entries_count"),
+        ("llama", "quantize.imatrix.chunks_count"),
+        ("llama", "llama.rope.scaling.finetuned"),
+    ];
+    const REFUSED: &[(&str, &str)] = &[
+        ("llama", "split.no"),
+        ("llama", "split.count"),
+        ("llama", "split.tensors.count"),
+        ("llama", "qwen2.block_count"),
+        ("qwen2", "llama.rope.freq_base"),
+        ("llama", "llama.rope.scaling.yarn_ext_factor"),
+        ("llama", "llama.rope.scaling.yarn_log_multiplier"),
+        ("llama", "llama.rope.dimension_sections"),
+        ("gemma3", "gemma3.final_logit_softcapping"),
+        ("gemma3", "gemma3.attn_logit_softcapping"),
+        ("gemma3", "gemma3.attention.sliding_window_pattern"),
+        ("llama", "llama.attention.sliding_window"),
+        ("llama", "llama.some_future_key"),
+        ("llama", "mystery"),
+    ];
+
     #[test]
     fn keys_of_real_models_are_classified() {
-        // Keys as real GGUFs carry them: SmolLM2 / Llama 3.2 (llama), Qwen2.5, Qwen3,
-        // Gemma 3 and Mistral (carried as llama), per llama.cpp's gguf key constants.
-        let understood = [
-            ("llama", "general.architecture"),
-            ("llama", "llama.block_count"),
-            ("llama", "llama.context_length"),
-            ("llama", "llama.embedding_length"),
-            ("llama", "llama.feed_forward_length"),
-            ("llama", "llama.attention.head_count"),
-            ("llama", "llama.attention.head_count_kv"),
-            ("llama", "llama.rope.freq_base"),
-            ("llama", "llama.attention.layer_norm_rms_epsilon"),
-            ("llama", "llama.vocab_size"),
-            ("llama", "llama.rope.dimension_count"),
-            ("llama", "llama.attention.key_length"),
-            ("llama", "llama.attention.value_length"),
-            ("llama", "llama.rope.scaling.type"),
-            ("llama", "llama.rope.scaling.factor"),
-            ("llama", "llama.rope.scaling.original_context_length"),
-            ("llama", "llama.rope.scale_linear"),
-            ("llama", "llama.expert_count"),
-            ("qwen2", "qwen2.rope.scaling.yarn_beta_fast"),
-            ("qwen2", "qwen2.rope.scaling.attn_factor"),
-            ("qwen3", "qwen3.attention.key_length"),
-            ("gemma3", "gemma3.attention.sliding_window"),
-            ("gemma3", "gemma3.rope.freq_base_swa"),
-        ];
-        let inert = [
-            ("llama", "general.name"),
-            ("llama", "general.type"),
-            ("llama", "general.organization"),
-            ("llama", "general.finetune"),
-            ("llama", "general.basename"),
-            ("llama", "general.size_label"),
-            ("llama", "general.license"),
-            ("llama", "general.languages"),
-            ("llama", "general.tags"),
-            ("llama", "general.base_model.0.repo_url"),
-            ("llama", "general.file_type"),
-            ("llama", "general.quantization_version"),
-            ("llama", "general.alignment"),
-            ("llama", "tokenizer.ggml.model"),
-            ("llama", "tokenizer.ggml.pre"),
-            ("llama", "tokenizer.ggml.tokens"),
-            ("llama", "tokenizer.ggml.token_type"),
-            ("llama", "tokenizer.ggml.merges"),
-            ("llama", "tokenizer.ggml.bos_token_id"),
-            ("llama", "tokenizer.ggml.add_bos_token"),
-            ("llama", "tokenizer.ggml.add_space_prefix"),
-            ("gemma3", "tokenizer.ggml.scores"),
-            ("llama", "tokenizer.chat_template"),
-            ("llama", "quantize.imatrix.file"),
-            ("llama", "quantize.imatrix.dataset"),
-            ("llama", "quantize.imatrix.entries_count"),
-            ("llama", "quantize.imatrix.chunks_count"),
-            ("llama", "llama.rope.scaling.finetuned"),
-        ];
-        let refused = [
-            ("llama", "split.no"),
-            ("llama", "split.count"),
-            ("llama", "split.tensors.count"),
-            ("llama", "qwen2.block_count"),
-            ("qwen2", "llama.rope.freq_base"),
-            ("llama", "llama.rope.scaling.yarn_ext_factor"),
-            ("llama", "llama.rope.scaling.yarn_log_multiplier"),
-            ("llama", "llama.rope.dimension_sections"),
-            ("gemma3", "gemma3.final_logit_softcapping"),
-            ("gemma3", "gemma3.attn_logit_softcapping"),
-            ("gemma3", "gemma3.attention.sliding_window_pattern"),
-            ("llama", "llama.attention.sliding_window"),
-            ("llama", "llama.some_future_key"),
-            ("llama", "mystery"),
-        ];
-        for (arch, k) in understood {
+        for &(arch, k) in UNDERSTOOD {
             assert_eq!(classify_key(arch, k), Class::Understood, "{k}");
         }
-        for (arch, k) in inert {
+        for &(arch, k) in INERT {
             assert_eq!(classify_key(arch, k), Class::Inert, "{k}");
         }
-        for (arch, k) in refused {
+        for &(arch, k) in REFUSED {
             assert!(matches!(classify_key(arch, k), Class::Refused(_)), "{k}");
         }
     }

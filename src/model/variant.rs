@@ -160,7 +160,7 @@ fn read_rope_scaling(gguf: &GgufFile, key: &dyn Fn(&str) -> String, n_ctx: usize
     };
     match (kind.unwrap_or("linear"), factor) {
         ("none", _) | ("linear", None) => Ok(RopeScaling::None),
-        ("linear", Some(f)) if f == 1.0 => Ok(RopeScaling::None),
+        ("linear", Some(1.0)) => Ok(RopeScaling::None),
         ("linear", Some(factor)) => Ok(RopeScaling::Linear { factor }),
         ("yarn", factor) => {
             let factor =

@@ -106,7 +106,7 @@ fn replay_summary(s: &mut String, r: &BisectReport) {
     if r.replay.is_empty() {
         return;
     }
-    let _ = writeln!(s, "\nlocal replay on the reference from A's own inputs (max rel_l2 over positions; introduced at the {} replayed positions):", r.replay_positions.len());
+    let _ = writeln!(s, "\nlocal replay on the {} from A's own inputs (max rel_l2 over positions; introduced at the {} replayed positions):", r.replay_oracle, r.replay_positions.len());
     let _ = writeln!(s, "  layer  inherited   introduced  total       verdict");
     for l in &r.replay {
         let verdict = if l.introduces {
@@ -218,6 +218,7 @@ pub fn bisect_markdown(r: &BisectReport) -> String {
     }
     let _ = writeln!(s, "- {}", md_text(&noise_line(r)));
     if !r.replay.is_empty() {
+        let _ = writeln!(s, "\nLocal replay on the {}:", md_text(&r.replay_oracle));
         let _ = writeln!(
             s,
             "\n| layer | inherited | introduced | total | introduces |\n|---|---|---|---|---|"
@@ -331,7 +332,7 @@ fn verdict_html(s: &mut String, r: &BisectReport) {
 
 /// Local replay: what it recomputes, its plot, the table per layer and per suspect tap.
 fn replay_html(r: &BisectReport) -> Result<String> {
-    let mut s = format!("<h2>Local replay</h2><p class=\"legend\">The reference recomputes each layer from A's own dumped input: <i>introduced</i> is A's output against that replay, <i>inherited</i> A's input against B's, <i>total</i> A's output against B's (max rel L2 over positions; <i>introduced</i> over the {} positions replayed: every divergent one, thinned to 64, and evenly spaced controls).</p>", r.replay_positions.len());
+    let mut s = format!("<h2>Local replay</h2><p class=\"legend\">The {} recomputes each layer from A's own dumped input: <i>introduced</i> is A's output against that replay, <i>inherited</i> A's input against B's, <i>total</i> A's output against B's (max rel L2 over positions; <i>introduced</i> over the {} positions replayed: every divergent one, thinned to 64, and evenly spaced controls).</p>", html_escape(&r.replay_oracle), r.replay_positions.len());
     s.push_str(&replay_svg(r)?);
     s.push_str("<table><tr><th>layer</th><th>inherited</th><th>introduced</th><th>total</th><th>verdict</th></tr>");
     for l in &r.replay {

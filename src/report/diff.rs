@@ -10,16 +10,8 @@ use crate::error::{Error, Result};
 /// The compact summary printed by `resbisect diff`.
 pub fn terminal_summary(r: &DiffReport) -> String {
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "A: {} ({}, {} {}, {:?})",
-        r.a.path, r.a.engine.name, r.a.engine.backend, r.a.engine.dtype, r.a.status
-    );
-    let _ = writeln!(
-        s,
-        "B: {} ({}, {} {}, {:?})",
-        r.b.path, r.b.engine.name, r.b.engine.backend, r.b.engine.dtype, r.b.status
-    );
+    let _ = writeln!(s, "A: {} ({}, {:?})", r.a.path, r.a.engine.describe(), r.a.status);
+    let _ = writeln!(s, "B: {} ({}, {:?})", r.b.path, r.b.engine.describe(), r.b.status);
     for n in &r.notes {
         let _ = writeln!(s, "note: {n}");
     }
@@ -163,20 +155,16 @@ pub fn markdown(r: &DiffReport) -> String {
     let _ = writeln!(s, "## resbisect: {verdict}\n");
     let _ = writeln!(
         s,
-        "- A: `{}` — {} ({} {}), {:?}",
+        "- A: `{}` — {}, {:?}",
         md_code(&r.a.path),
-        md_text(&r.a.engine.name),
-        md_text(&r.a.engine.backend),
-        md_text(&r.a.engine.dtype),
+        md_text(&r.a.engine.describe()),
         r.a.status
     );
     let _ = writeln!(
         s,
-        "- B: `{}` — {} ({} {}), {:?}",
+        "- B: `{}` — {}, {:?}",
         md_code(&r.b.path),
-        md_text(&r.b.engine.name),
-        md_text(&r.b.engine.backend),
-        md_text(&r.b.engine.dtype),
+        md_text(&r.b.engine.describe()),
         r.b.status
     );
     for n in &r.notes {

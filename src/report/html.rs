@@ -21,11 +21,9 @@ pub fn html(r: &DiffReport) -> Result<String> {
     for (name, side) in [("A", &r.a), ("B", &r.b)] {
         let _ = write!(
             s,
-            "<tr><th>{name}</th><td>{}</td><td>{} · {} · {}</td><td>{:?}{}</td></tr>",
+            "<tr><th>{name}</th><td>{}</td><td>{}</td><td>{:?}{}</td></tr>",
             html_escape(&side.path),
-            html_escape(&side.engine.name),
-            html_escape(&side.engine.backend),
-            html_escape(&side.engine.dtype),
+            html_escape(&side.engine.describe()),
             side.status,
             side.error
                 .as_ref()

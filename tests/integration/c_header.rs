@@ -108,3 +108,65 @@ fn the_headers_example_compiles_and_writes_a_readable_dump() {
     }
     assert!(compiled >= 1);
 }
+
+/// tests/engines/typed_writer.c compiled as C99 and as C++ (`-Wall -Wextra -Werror`):
+/// the engine's identity (version, options) reaches the manifest and the report's engine
+/// line, and f16/bf16 taps read back as the values written.
+#[test]
+fn the_header_records_identity_and_writes_f16_and_bf16_taps_in_c_and_cpp() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), "f32", 3);
+    let model_info = dir.path().join("model.json");
+    let o = resbisect(&["model-info", path_str(&model), "-o", path_str(&model_info)]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&model_info).unwrap()).unwrap();
+    let width = info["n_embd"].as_u64().unwrap() as usize;
+    let src = root().join("tests/engines/typed_writer.c");
+    let builds: [(&str, &[&str]); 2] = [
+        ("gcc", &["-std=c99", "-pedantic"]),
+        ("g++", &["-std=c++17", "-x", "c++"]),
+    ];
+    for (compiler, flags) in builds {
+        let exe = dir.path().join(format!("typed-{compiler}"));
+        let out = Command::new(compiler)
+            .args(flags)
+            .args(["-O2", "-Wall", "-Wextra", "-Werror", "-I"])
+            .arg(root().join("include"))
+            .arg("-o")
+            .arg(&exe)
+            .arg(&src)
+            .output()
+            .unwrap_or_else(|e| panic!("{compiler} is needed to compile the C header: {e}"));
+        assert!(
+            out.status.success(),
+            "{compiler}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dump = dir.path().join(format!("dump-{compiler}"));
+        let status = Command::new(&exe)
+            .arg(&dump)
+            .arg(&model_info)
+            .arg(width.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "the typed writer built by {compiler} failed");
+        let d = resbisect::dump::Dump::open(&dump).unwrap();
+        let engine = &d.manifest.engine;
+        assert_eq!(
+            (engine.name.as_str(), engine.version.as_str()),
+            ("typed-writer", "1.2.3")
+        );
+        assert_eq!(
+            engine.describe(),
+            "typed-writer 1.2.3 (cpu f16; cache=q8_0, n_ubatch=32)"
+        );
+        let f = d.read_file("p0", "blk.0").unwrap().unwrap();
+        for id in ["blk.0.resid_post", "blk.0.attn_norm"] {
+            let values = &f.taps[id].values;
+            assert_eq!(values.len(), 3 * width, "{id}");
+            for (i, v) in values.iter().enumerate() {
+                assert_eq!(*v, (i % 64) as f64 / 4.0 - 2.0, "{id}[{i}] ({compiler})");
+            }
+        }
+    }
+}

@@ -308,8 +308,21 @@ fn calibrated_tolerances_from_f32_vs_f64() {
         .iter()
         .map(|o| o["pattern"].as_str().unwrap())
         .collect();
-    assert_eq!(patterns.len(), resbisect::taps::LAYER_TAPS.len() + 3, "{patterns:?}");
-    assert!(patterns.contains(&"blk.*.resid_post") && patterns.contains(&"logits"));
+    // Per tap and layer, then per kind (for layers not calibrated), then embed and output.
+    let n_layer = t_layers(&f32d);
+    // The layer taps this model has (post norms are gemma's).
+    let kinds = patterns.iter().filter(|p| p.starts_with("blk.0.")).count();
+    assert_eq!(patterns.len(), kinds * n_layer + kinds + 3, "{patterns:?}");
+    for p in ["blk.0.resid_post", "blk.1.q", "blk.*.resid_post", "logits"] {
+        assert!(patterns.contains(&p), "{p} missing: {patterns:?}");
+    }
+    let per_layer = patterns.iter().position(|p| *p == "blk.0.q").unwrap();
+    let per_kind = patterns.iter().position(|p| *p == "blk.*.q").unwrap();
+    assert!(
+        per_layer < per_kind,
+        "per-layer entries first (first match wins): {patterns:?}"
+    );
+    assert!(t["calibration"]["quantile"].as_f64() == Some(0.99), "{t}");
     for o in t["taps"].as_array().unwrap() {
         assert!(
             o["rel_l2"].as_f64().unwrap() < 1e-4,
@@ -453,4 +466,10 @@ fn reports_are_self_contained_and_escape_prompt_text() {
         std::fs::metadata(&shot).unwrap().len() > 20_000,
         "a screenshot with plots is not tiny"
     );
+}
+
+/// Layers of a dump's model, from its manifest.
+fn t_layers(dump: &Path) -> usize {
+    let m: Value = serde_json::from_str(&std::fs::read_to_string(dump.join("manifest.json")).unwrap()).unwrap();
+    m["model"]["n_layer"].as_u64().unwrap() as usize
 }

@@ -22,6 +22,8 @@ fn manifest(prompts: &[(&str, usize)]) -> Manifest {
             backend: "none".into(),
             dtype: "f32".into(),
             device: "none".into(),
+            options: None,
+            profile: None,
         },
         ModelInfo {
             path: "m.gguf".into(),

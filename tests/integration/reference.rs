@@ -270,7 +270,7 @@ fn runs_over_a_prefix_resume_from_checkpoints() {
     let path = tiny_model(dir.path(), "q4_k", 8);
     let model = resbisect::model::Model::open(&path).unwrap();
     let oracle = Oracle::load(&model, RefPrecision::F32, &mut |_| {}).unwrap();
-    let mut driver = ReferenceEngine::new(&model, RefPrecision::F32, Some(oracle.into()), Vec::new()).unwrap();
+    let mut driver = ReferenceEngine::new(&model, RefPrecision::F32.into(), Some(oracle.into()), Vec::new()).unwrap();
     let tokens: Vec<u32> = (0..200).map(|i| (i * 53 + 7) % 1000 + 3).collect();
     let sel = |layers: &[usize], taps: &[&str]| Selection {
         layers: layers.to_vec(),

@@ -77,17 +77,19 @@ fn rel_diff(a: &[f64], b: &[f64]) -> f64 {
     num / b.iter().map(|y| y * y).sum::<f64>().sqrt().max(1e-300)
 }
 
-#[test]
-fn formerly_ignored_keys_and_tensors_are_refused_naming_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path(), "q8_0", 3);
+/// A defect written into the tiny model: name, metadata edit, tensor renaming, and what
+/// the refusal must name.
+type Case = (
+    &'static str,
+    Box<dyn Fn(&mut Vec<(String, V)>)>,
+    Box<dyn Fn(&str) -> String>,
+    &'static str,
+);
+
+/// One case per formerly silently ignored (or newly reachable) kind of GGUF content.
+fn refusal_cases() -> Vec<Case> {
     let same = |n: &str| n.to_string();
-    let cases: Vec<(
-        &str,
-        Box<dyn Fn(&mut Vec<(String, V)>)>,
-        Box<dyn Fn(&str) -> String>,
-        &str,
-    )> = vec![
+    vec![
         (
             "unknown-key",
             Box::new(with_meta("llama.mystery_knob", V::F32(2.0))),
@@ -157,7 +159,14 @@ fn formerly_ignored_keys_and_tensors_are_refused_naming_them() {
             Box::new(same),
             "blk.0.attn_q.bias",
         ),
-    ];
+    ]
+}
+
+#[test]
+fn formerly_ignored_keys_and_tensors_are_refused_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), "q8_0", 3);
+    let cases = refusal_cases();
     for (name, edit, rename, needle) in cases {
         let bad = dir.path().join(format!("{name}.gguf"));
         rewrite_adding(&model, &bad, edit, rename, Vec::new());
@@ -350,11 +359,47 @@ fn gemma_style_block_taps_follow_their_definitions() {
             );
         }
     }
-    assert!(l
+    assert!(!l
         .read_file("prompt", "blk.0")
         .unwrap()
         .unwrap()
         .taps
-        .get("blk.0.attn_post_norm")
-        .is_none());
+        .contains_key("blk.0.attn_post_norm"));
+}
+
+/// The real Gemma 3 270M (scripts/fetch-models.sh) opens with every metadata key and
+/// tensor classified, and reads as llama.cpp's gemma3 loader would.
+#[test]
+fn the_real_gemma3_reads_as_gemma3() {
+    use resbisect::taps::{Activation, RopeStyle, SlidingWindow};
+
+    let path = root().join("fixtures/models/gemma-3-270m-q4_k_m.gguf");
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-models.sh",
+        path.display()
+    );
+    let m = resbisect::model::Model::open(&path).unwrap();
+    let (c, v) = (&m.config, &m.config.variant);
+    assert_eq!(
+        (c.arch.as_str(), c.n_layer, c.head_dim(), c.q_width()),
+        ("gemma3", 18, 256, 1024)
+    );
+    assert_eq!(
+        v.sliding_window,
+        Some(SlidingWindow {
+            window: 512,
+            period: 6,
+            local_rope_base: 10_000.0
+        })
+    );
+    assert_eq!(
+        (c.window_of(4), c.window_of(5), c.rope_base_of(5)),
+        (Some(512), None, 1e6)
+    );
+    assert_eq!(
+        (v.rope_style, v.ffn_activation),
+        (RopeStyle::Neox, Activation::GeluTanh)
+    );
+    assert!(v.qk_norm && v.post_norms && v.scale_embeddings && !v.qkv_bias && m.tied_output);
 }

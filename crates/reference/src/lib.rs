@@ -7,10 +7,13 @@
 //! numerics. It reads weights through [`WeightSource`] and hands captured rows, one dump
 //! file group at a time, to a [`TapSink`]; it keeps only one layer's activations alive.
 //! The numerics themselves are in [`ops`] (norm, attention, faults), [`rope`] and
-//! [`block`] (what differs between architectures).
+//! [`block`] (what differs between architectures); a numerics [`Profile`] (rounding
+//! where an engine stores, [`profile`]) applies in [`project`].
 
 mod block;
 mod ops;
+mod profile;
+mod project;
 pub mod rope;
 
 use anyhow::{bail, Context, Result};
@@ -22,6 +25,8 @@ use resbisect_taps::{Config, Faults, FileStem, LayerTap, Tap, TapFault};
 use block::{activation, head_rms_norm, scale_embeddings, Extras};
 pub use ops::gather;
 use ops::{apply_faults, attention, rms_norm, row_eps, Eps};
+pub use profile::{ActRounding, CacheType, Profile};
+use project::{attention_inputs, load_part, stack, Projection};
 use rope::{faulty_rope_tables, frequencies, rope, rope_tables, LayerTables};
 
 /// A weight as stored in GGUF: ggml type, dims in ggml order (`dims[0]` contiguous) and
@@ -47,12 +52,12 @@ pub trait TapSink {
 struct Layer {
     attn_norm: Tensor,
     /// Q, K and V projections stacked along the output dim: one GEMM instead of three.
-    wqkv: Tensor,
-    wo: Tensor,
+    wqkv: Projection,
+    wo: Projection,
     ffn_norm: Tensor,
     /// Gate and up projections stacked along the output dim.
-    w_gate_up: Tensor,
-    w_down: Tensor,
+    w_gate_up: Projection,
+    w_down: Projection,
     /// The architecture's optional weights (bias, q/k norms, post norms).
     extras: Extras,
 }
@@ -60,6 +65,8 @@ struct Layer {
 pub struct Reference {
     cfg: Config,
     dtype: DType,
+    /// The engine numerics the oracle imitates ([`Profile::Exact`]: none).
+    profile: Profile,
     /// Weights outside the layers; absent in a reference loaded only for layer replay.
     io: Option<IoWeights>,
     /// `None` for layers a replay-only reference did not load.
@@ -71,7 +78,7 @@ pub struct Reference {
 struct IoWeights {
     token_embd: Tensor,
     output_norm: Tensor,
-    output: Tensor,
+    output: Projection,
 }
 
 /// Dequantize a GGUF weight exactly into a candle tensor of shape `[dims reversed]`.
@@ -86,21 +93,22 @@ fn load(src: &dyn WeightSource, name: &str, dtype: DType) -> Result<Tensor> {
 }
 
 impl Reference {
-    /// Load and dequantize every weight (layers in parallel). `on_layer` is called as
-    /// each layer finishes loading.
+    /// Load and dequantize every weight (layers in parallel), to compute under `profile`.
+    /// `on_layer` is called as each layer finishes loading.
     pub fn load(
         cfg: Config,
         src: &(dyn WeightSource + Sync),
         dtype: DType,
+        profile: Profile,
         on_layer: &mut dyn FnMut(usize),
     ) -> Result<Self> {
         let all: Vec<usize> = (0..cfg.n_layer).collect();
         let io = IoWeights {
             token_embd: load(src, "token_embd.weight", dtype)?,
             output_norm: load(src, "output_norm.weight", dtype)?,
-            output: load(src, "output.weight", dtype)?,
+            output: stack(vec![load_part(src, "output.weight", dtype, profile)?])?,
         };
-        Self::load_layers(cfg, src, dtype, &all, Some(io), on_layer)
+        Self::load_layers(cfg, src, (dtype, profile), &all, Some(io), on_layer)
     }
 
     /// Load only `layers`, for local replay of them ([`replay_layer`](Self::replay_layer)):
@@ -109,15 +117,16 @@ impl Reference {
         cfg: Config,
         src: &(dyn WeightSource + Sync),
         dtype: DType,
+        profile: Profile,
         layers: &[usize],
     ) -> Result<Self> {
-        Self::load_layers(cfg, src, dtype, layers, None, &mut |_| {})
+        Self::load_layers(cfg, src, (dtype, profile), layers, None, &mut |_| {})
     }
 
     fn load_layers(
         cfg: Config,
         src: &(dyn WeightSource + Sync),
-        dtype: DType,
+        (dtype, profile): (DType, Profile),
         which: &[usize],
         io: Option<IoWeights>,
         on_layer: &mut dyn FnMut(usize),
@@ -146,18 +155,24 @@ impl Reference {
                         "ffn_up",
                         "ffn_down",
                     ];
-                    let w: Vec<Tensor> = NAMES
+                    let mut w: Vec<_> = NAMES
                         .par_iter()
-                        .map(|n| load(src, &format!("blk.{l}.{n}.weight"), dtype))
+                        .map(|n| load_part(src, &format!("blk.{l}.{n}.weight"), dtype, profile))
                         .collect::<Result<_>>()?;
+                    let mut take = |n: usize| w.drain(..n).collect::<Vec<_>>();
+                    let attn_norm = take(1).remove(0).0;
+                    let (wqkv, wo) = (stack(take(3))?, stack(take(1))?);
+                    let ffn_norm = take(1).remove(0).0;
+                    let (w_gate_up, w_down) = (stack(take(2))?, stack(take(1))?);
+                    let extras = Extras::load(&cfg, src, l, dtype)?;
                     let layer = Layer {
-                        attn_norm: w[0].clone(),
-                        wqkv: Tensor::cat(&[&w[1], &w[2], &w[3]], 0)?.t()?,
-                        wo: w[4].t()?,
-                        ffn_norm: w[5].clone(),
-                        w_gate_up: Tensor::cat(&[&w[6], &w[7]], 0)?.t()?,
-                        w_down: w[8].t()?,
-                        extras: Extras::load(&cfg, src, l, dtype)?,
+                        attn_norm,
+                        wqkv,
+                        wo,
+                        ffn_norm,
+                        w_gate_up,
+                        w_down,
+                        extras,
                     };
                     Ok((l, layer))
                 })
@@ -179,6 +194,7 @@ impl Reference {
         Ok(Self {
             cfg,
             dtype,
+            profile,
             io,
             layers,
             freq_factors,
@@ -201,6 +217,10 @@ impl Reference {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    pub fn profile(&self) -> Profile {
+        self.profile
     }
 
     pub fn n_layer(&self) -> usize {
@@ -371,7 +391,7 @@ impl Reference {
             out.push((Tap::FinalNorm, normed.clone()));
         }
         if want_logits {
-            let logits = normed.matmul(&io.output.t()?)?;
+            let logits = io.output.apply(&normed, self.profile)?;
             out.push((Tap::Logits, apply_faults(&gathered_faults, Tap::Logits, logits)?));
         }
         sink.emit(FileStem::Output, out)
@@ -392,7 +412,7 @@ impl Reference {
         let (qw, kvw) = (cfg.n_head * cfg.head_dim(), cfg.n_head_kv * cfg.head_dim());
         let style = cfg.variant.rope_style;
         let h = tap(LayerTap::AttnNorm, rms_norm(x, &layer.attn_norm, eps)?)?;
-        let qkv = project(layer, &h, 0, qw + 2 * kvw)?;
+        let qkv = project(layer, &h, 0, qw + 2 * kvw, self.profile)?;
         let q_in = tap(
             LayerTap::QPreRope,
             qk_norm(layer, cfg, LayerTap::QPreRope, &qkv, 0, qw, eps)?,
@@ -405,10 +425,7 @@ impl Reference {
         let k = tap(LayerTap::K, rope(&k_in, cfg.n_head_kv, cos, sin, style)?)?;
         let v = tap(LayerTap::V, qkv.narrow(1, qw + kvw, kvw)?.contiguous()?)?;
         let positions: Vec<usize> = (0..x.dim(0)?).collect();
-        let attn = tap(
-            LayerTap::Attn,
-            attention(&q, &k, &v, &positions, cfg, cfg.window_of(l))?,
-        )?;
+        let attn = tap(LayerTap::Attn, self.attend(&q, &k, &v, &positions, cfg.window_of(l))?)?;
         self.layer_rest(layer, x, attn, eps, tap)
     }
 
@@ -423,21 +440,37 @@ impl Reference {
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let post = layer.extras.post_norms.as_ref();
-        let mut attn_out = tap(LayerTap::AttnOut, attn.matmul(&layer.wo)?)?;
+        let mut attn_out = tap(LayerTap::AttnOut, layer.wo.apply(&attn, self.profile)?)?;
         if let Some((w, _)) = post {
             attn_out = tap(LayerTap::AttnPostNorm, rms_norm(&attn_out, w, eps)?)?;
         }
         let resid_mid = tap(LayerTap::ResidMid, (x + &attn_out)?)?;
         let h2 = tap(LayerTap::FfnNorm, rms_norm(&resid_mid, &layer.ffn_norm, eps)?)?;
-        let gate_up = h2.matmul(&layer.w_gate_up)?;
+        let gate_up = layer.w_gate_up.apply(&h2, self.profile)?;
         let gate = tap(LayerTap::FfnGate, gate_up.narrow(1, 0, cfg.n_ff)?)?;
         let up = tap(LayerTap::FfnUp, gate_up.narrow(1, cfg.n_ff, cfg.n_ff)?)?;
         let act = tap(LayerTap::FfnAct, (activation(cfg, &gate)? * &up)?)?;
-        let mut ffn_out = tap(LayerTap::FfnOut, act.matmul(&layer.w_down)?)?;
+        let mut ffn_out = tap(LayerTap::FfnOut, layer.w_down.apply(&act, self.profile)?)?;
         if let Some((_, w)) = post {
             ffn_out = tap(LayerTap::FfnPostNorm, rms_norm(&ffn_out, w, eps)?)?;
         }
         tap(LayerTap::ResidPost, (&resid_mid + &ffn_out)?)
+    }
+
+    /// Attention of queries `q` at `positions` over keys/values `k`, `v` of positions
+    /// `0..` (within `window`), as stored and multiplied under the profile (KV cache and
+    /// f16 rounding).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, positions: &[usize], window: Option<usize>) -> Result<Tensor> {
+        let (q, k, v) = attention_inputs(self.profile, q, k, v)?;
+        attention(
+            &q,
+            &k,
+            &v,
+            positions,
+            &self.cfg,
+            window,
+            self.profile.attention_in_f16(),
+        )
     }
 
     /// Local replay: recompute layer `l` from a given residual-stream input (`rows × n_embd`
@@ -467,14 +500,14 @@ impl Reference {
         let (cos, sin) = rope_tables(&all, &freqs, self.dtype)?;
         let eps = Eps::Model(cfg.rms_eps);
         let h = rms_norm(&x, &layer.attn_norm, &eps)?;
-        let kv = project(layer, &h, qw, 2 * kvw)?;
+        let kv = project(layer, &h, qw, 2 * kvw, self.profile)?;
         let k_in = qk_norm(layer, cfg, LayerTap::KPreRope, &kv, 0, kvw, &eps)?;
         let k = rope(&k_in, cfg.n_head_kv, &cos, &sin, style)?;
         let v = kv.narrow(1, kvw, kvw)?.contiguous()?;
         let picked: Vec<f64> = at.iter().map(|&p| p as f64).collect();
         let (cos_at, sin_at) = rope_tables(&picked, &freqs, self.dtype)?;
         let h_at = gather(&h, at)?;
-        let q_proj = project(layer, &h_at, 0, qw)?;
+        let q_proj = project(layer, &h_at, 0, qw, self.profile)?;
         let q_in = qk_norm(layer, cfg, LayerTap::QPreRope, &q_proj, 0, qw, &eps)?;
         let q = rope(&q_in, cfg.n_head, &cos_at, &sin_at, style)?;
         let mut out = Vec::with_capacity(LayerTap::ALL.len());
@@ -489,16 +522,16 @@ impl Reference {
         record(LayerTap::Q, q.clone())?;
         record(LayerTap::K, k_at)?;
         record(LayerTap::V, v_at)?;
-        let attn = record(LayerTap::Attn, attention(&q, &k, &v, at, cfg, cfg.window_of(l))?)?;
+        let attn = record(LayerTap::Attn, self.attend(&q, &k, &v, at, cfg.window_of(l))?)?;
         self.layer_rest(layer, &gather(&x, at)?, attn, &eps, &mut record)?;
         Ok(out)
     }
 }
 
 /// Columns `from..from + width` of the stacked Q/K/V projection of `h`, with the bias
-/// where the layer has one.
-fn project(layer: &Layer, h: &Tensor, from: usize, width: usize) -> Result<Tensor> {
-    let out = h.matmul(&layer.wqkv.narrow(1, from, width)?)?;
+/// where the layer has one, under `profile`.
+fn project(layer: &Layer, h: &Tensor, from: usize, width: usize, profile: Profile) -> Result<Tensor> {
+    let out = layer.wqkv.apply_cols(h, profile, from, width)?;
     Ok(match &layer.extras.qkv_bias {
         Some(b) => out.broadcast_add(&b.narrow(0, from, width)?)?,
         None => out,

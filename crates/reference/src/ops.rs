@@ -3,7 +3,7 @@
 //! [`crate::rope`]). Nothing here is shared with the runtime.
 
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, D};
 use num_traits::Float;
 use rayon::prelude::*;
 use resbisect_taps::{Config, Fault, Faults, Tap};
@@ -83,7 +83,8 @@ pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: &Eps) -> Result<Tensor> {
 /// values of positions `0..`; with a `window`, the query at i sees keys j with
 /// i - window < j <= i. Runs of consecutive positions go in chunks, so the score
 /// matrix stays small. q: [positions.len(), n_head·hd], k/v: [n, n_head_kv·hd] →
-/// [positions.len(), n_head·hd].
+/// [positions.len(), n_head·hd]. `probs_in_f16`: the softmax output is rounded to f16
+/// before it multiplies V (an engine's f16 V cache matmul converting it).
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -91,6 +92,7 @@ pub(crate) fn attention(
     positions: &[usize],
     cfg: &Config,
     window: Option<usize>,
+    probs_in_f16: bool,
 ) -> Result<Tensor> {
     let n = q.dim(0)?;
     let (hd, h, hkv) = (cfg.head_dim(), cfg.n_head, cfg.n_head_kv);
@@ -124,6 +126,11 @@ pub(crate) fn attention(
             first_pos,
             window,
         })?;
+        let probs = if probs_in_f16 {
+            probs.to_dtype(DType::F16)?.to_dtype(q.dtype())?
+        } else {
+            probs
+        };
         let out = probs.reshape((hkv, group * len, keys))?.matmul(&vc)?;
         // [hkv, group·len, hd] → [h, len, hd] → [len, h·hd]
         outs.push(

@@ -1,0 +1,123 @@
+// Graph node -> canonical tap mapping and row capture for the llama.cpp adapter. The
+// naming traps of llama.cpp's llama graph (src/models/llama.cpp, src/llama-graph.cpp):
+//  - `Qcur-L`/`Kcur-L` name up to three nodes (MUL_MAT, the reshape, the ROPE): the ROPE
+//    output is `q`/`k`, the last other node before it is `q_pre_rope`/`k_pre_rope`;
+//  - the token embedding is `embd` (a GET_ROWS); `inp_embd` is an input that stays unset;
+//  - `ffn_out-L` names the down projection and then the residual add, which `l_out-L`
+//    renames unless a control vector is applied: the first `ffn_out-L` is `ffn_out`;
+//  - in the last layer, after `attn_out`, and at the output, only the output rows exist
+//    (llama.cpp drops the other rows with inp_out_ids).
+#include "capture.h"
+
+#include <cstring>
+
+#include "ggml-backend.h"
+#include "ggml.h"
+
+namespace {
+// llama.cpp node base name -> canonical short tap name (crates/taps alias table).
+const std::map<std::string, std::string> LAYER_NODES = {
+    {"attn_norm", "attn_norm"}, {"Vcur", "v"},           {"kqv_out", "attn"},     {"attn_out", "attn_out"},
+    {"ffn_inp", "resid_mid"},   {"ffn_norm", "ffn_norm"}, {"ffn_gate", "ffn_gate"}, {"ffn_up", "ffn_up"},
+    {"ffn_swiglu", "ffn_act"},  {"ffn_out", "ffn_out"},  {"l_out", "resid_post"},
+};
+
+float value_at(const ggml_tensor *t, const std::vector<uint8_t> &bytes, int64_t i0, int64_t i1, int64_t i2,
+               int64_t i3) {
+    const uint8_t *p = bytes.data() + i0 * t->nb[0] + i1 * t->nb[1] + i2 * t->nb[2] + i3 * t->nb[3];
+    switch (t->type) {
+    case GGML_TYPE_F16: return ggml_fp16_to_fp32(*(const ggml_fp16_t *)p);
+    case GGML_TYPE_BF16: return ggml_bf16_to_fp32(*(const ggml_bf16_t *)p);
+    default: {
+        float f;
+        std::memcpy(&f, p, sizeof f);
+        return f;
+    }
+    }
+}
+}  // namespace
+
+Capture::Capture(std::set<std::string> taps, std::vector<int> layers, const std::vector<int64_t> &positions,
+                 std::vector<bool> outputs)
+    : short_taps_(std::move(taps)), layers_(layers.begin(), layers.end()), keep_(outputs.size(), false),
+      outputs_(std::move(outputs)) {
+    for (int64_t p : positions)
+        if (p >= 0 && (size_t)p < keep_.size()) keep_[p] = true;
+}
+
+std::string Capture::tap_of(const ggml_tensor *t) const {
+    std::string name = t->name;
+    if (name == "embd") return short_taps_.count("embed") ? "embed" : "";
+    if (name == "result_norm") return short_taps_.count("final_norm") ? "final_norm" : "";
+    if (name == "result_output") return short_taps_.count("logits") ? "logits" : "";
+    size_t dash = name.rfind('-');
+    if (dash == std::string::npos || dash + 1 == name.size()) return "";
+    std::string base = name.substr(0, dash), digits = name.substr(dash + 1);
+    if (digits.find_first_not_of("0123456789") != std::string::npos) return "";
+    int layer = std::atoi(digits.c_str());
+    if (!layers_.count(layer)) return "";
+    std::string tap;
+    if (base == "Qcur" || base == "Kcur") {
+        tap = std::string(base == "Qcur" ? "q" : "k") + (t->op == GGML_OP_ROPE ? "" : "_pre_rope");
+    } else {
+        auto it = LAYER_NODES.find(base);
+        if (it == LAYER_NODES.end()) return "";
+        tap = it->second;
+        if (tap == "ffn_out" && ffn_out_seen_.count(layer)) return "";
+    }
+    return short_taps_.count(tap) ? "blk." + std::to_string(layer) + "." + tap : "";
+}
+
+bool Capture::callback(ggml_tensor *t, bool ask, void *self_ptr) {
+    Capture &self = *static_cast<Capture *>(self_ptr);
+    bool embd = std::strcmp(t->name, "embd") == 0;
+    if (ask) return embd || !self.tap_of(t).empty();
+    if (embd) {
+        // A new micro-batch: its rows follow the previous one's.
+        self.ubatch_start_ = self.next_start_;
+        self.ubatch_tokens_ = ggml_nelements(t) / t->ne[0];
+        self.next_start_ += self.ubatch_tokens_;
+        self.ffn_out_seen_.clear();
+    }
+    std::string id = self.tap_of(t);
+    if (!id.empty()) self.take(t, id);
+    if (std::strncmp(t->name, "ffn_out-", 8) == 0) self.ffn_out_seen_.insert(std::atoi(t->name + 8));
+    return true;
+}
+
+void Capture::take(const ggml_tensor *t, const std::string &id) {
+    // A row is one token: [width, tokens] nodes and [head_dim, heads, tokens] nodes alike.
+    // (ROPE and reshape outputs are per head even when a micro-batch holds one token).
+    bool per_head = t->op == GGML_OP_ROPE || t->op == GGML_OP_RESHAPE || t->op == GGML_OP_VIEW || t->ne[2] > 1;
+    int64_t width = per_head ? t->ne[0] * t->ne[1] : t->ne[0];
+    int64_t n_rows = ggml_nelements(t) / width;
+    // Which absolute positions the rows stand for: every token of the micro-batch, or
+    // only its output rows.
+    std::vector<int64_t> at;
+    for (int64_t p = ubatch_start_; p < ubatch_start_ + ubatch_tokens_; p++) at.push_back(p);
+    if (n_rows != (int64_t)at.size()) {
+        std::vector<int64_t> outs;
+        for (int64_t p : at)
+            if (outputs_[p]) outs.push_back(p);
+        at.swap(outs);
+    }
+    if (n_rows != (int64_t)at.size()) {
+        if (error_.empty())
+            error_ = std::string("node ") + t->name + " has " + std::to_string(n_rows) +
+                     " rows, neither the micro-batch's tokens nor its outputs";
+        return;
+    }
+    std::vector<uint8_t> bytes(ggml_nbytes(t));
+    ggml_backend_tensor_get(t, bytes.data(), 0, bytes.size());
+    TapRows &tap = taps_[id];
+    tap.width = (size_t)width;
+    for (int64_t r = 0; r < n_rows; r++) {
+        if (!keep_[at[r]]) continue;
+        std::vector<float> row((size_t)width);
+        for (int64_t c = 0; c < width; c++) {
+            int64_t i0 = c % t->ne[0], i1 = per_head ? c / t->ne[0] : r, i2 = per_head ? r : 0;
+            row[c] = value_at(t, bytes, i0, i1, i2, 0);
+        }
+        tap.rows[at[r]] = std::move(row);
+    }
+}

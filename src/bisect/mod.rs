@@ -9,6 +9,7 @@ mod probe;
 mod readings;
 mod replay;
 mod search;
+mod stream;
 
 use std::path::{Path, PathBuf};
 

@@ -26,6 +26,9 @@ pub struct ProbeRecord {
     pub layers: Vec<usize>,
     pub taps: Vec<String>,
     pub positions: String,
+    /// Runs of each engine the probe took: more than one when it streamed the prompt in
+    /// chunks (each a run over a longer prefix, resumed where the engine can).
+    pub chunks: usize,
     pub seconds_a: f64,
     pub seconds_b: f64,
     /// Comparing the two dumps.
@@ -93,8 +96,8 @@ pub fn dir_bytes(path: &Path) -> u64 {
 type MappedFiles = HashMap<(PathBuf, String), Option<Rc<MappedFile>>>;
 
 /// Where one probe's files go.
-struct ProbeDirs {
-    dir: PathBuf,
+pub(super) struct ProbeDirs {
+    pub(super) dir: PathBuf,
     /// The cut prompt as a one-line JSONL suite (the reproduce commands read it).
     suite: PathBuf,
     a: PathBuf,
@@ -106,13 +109,13 @@ type Timed = (Result<()>, f64);
 
 /// The probes of one search so far, and the engines they run.
 pub(super) struct Session<'e> {
-    a: &'e mut dyn Engine,
-    b: &'e mut dyn Engine,
+    pub(super) a: &'e mut dyn Engine,
+    pub(super) b: &'e mut dyn Engine,
     opts: &'e BisectOptions,
-    prompt: PromptRecord,
+    pub(super) prompt: PromptRecord,
     pub(super) probes: Vec<ProbeRecord>,
     /// Each probe's directory.
-    dirs: Vec<PathBuf>,
+    pub(super) dirs: Vec<PathBuf>,
     /// The commands that reproduce the latest probe.
     pub(super) reproduce: Vec<String>,
     /// Dump files mapped for replay, by path and stem: replay asks for every tap of a
@@ -144,12 +147,34 @@ impl<'e> Session<'e> {
 
     /// Run both engines on the first `tokens` tokens with `sel`, then diff.
     pub(super) fn probe(&mut self, purpose: &str, tokens: usize, sel: Selection) -> Result<ProbeResult> {
-        let dirs = self.prepare(purpose, tokens)?;
+        let dirs = self.prepare(&self.probe_dir(purpose), tokens)?;
+        let (result, record) = self.run_probe(purpose, tokens, &sel, &dirs, self.judge)?;
+        self.reproduce = self.reproduce_commands(&sel, &dirs);
+        self.probes.push(record);
+        self.dirs.push(dirs.dir);
+        Ok(result)
+    }
+
+    /// The directory of the next probe.
+    pub(super) fn probe_dir(&self, purpose: &str) -> PathBuf {
+        self.opts.work.join(format!("{:02}-{purpose}", self.probes.len() + 1))
+    }
+
+    /// Both engines' dumps of the first `tokens` tokens with `sel` into `dirs`, compared
+    /// as `judge` says, and the probe's record.
+    pub(super) fn run_probe(
+        &mut self,
+        purpose: &str,
+        tokens: usize,
+        sel: &Selection,
+        dirs: &ProbeDirs,
+        judge: Judge,
+    ) -> Result<(ProbeResult, ProbeRecord)> {
         let prompt = PromptRecord {
             tokens: self.prompt.tokens[..tokens].to_vec(),
             ..self.prompt.clone()
         };
-        let (result_a, result_b) = self.run_engines(purpose, &prompt, &sel, &dirs);
+        let (result_a, result_b) = self.run_engines(purpose, &prompt, sel, dirs);
         let mut crash = None;
         let mut seconds = [0.0; 2];
         for (i, ((result, secs), engine, out, name)) in
@@ -179,6 +204,7 @@ impl<'e> Session<'e> {
             layers: sel.layers.clone(),
             taps: sel.taps.clone(),
             positions: sel.positions.to_string(),
+            chunks: 1,
             seconds_a: seconds[0],
             seconds_b: seconds[1],
             seconds_diff: 0.0,
@@ -190,19 +216,25 @@ impl<'e> Session<'e> {
             dump_b: dirs.b.display().to_string(),
         };
         let t0 = Instant::now();
-        let result = self.compare(purpose, crash, &dirs, &mut record)?;
+        let result = match crash {
+            Some(c) => {
+                record.finding = format!("engine {} failed: {}", c.engine, c.error.message);
+                let partial = match (Dump::open(&dirs.a), Dump::open(&dirs.b)) {
+                    (Ok(da), Ok(db)) => diff::diff(&da, &db, &self.diff_options(judge)).ok(),
+                    _ => None,
+                };
+                ProbeResult::Crashed(c, partial)
+            }
+            None => ProbeResult::Compared(self.compare_dumps(purpose, &dirs.a, &dirs.b, judge)?),
+        };
         record.seconds_diff = t0.elapsed().as_secs_f64();
         crate::trace::mark(|| format!("probe {purpose}: compared"));
-        self.reproduce = self.reproduce_commands(&prompt.id, &sel, &dirs);
-        self.probes.push(record);
-        self.dirs.push(dirs.dir);
-        Ok(result)
+        Ok((result, record))
     }
 
-    /// The probe's directory and its prompt suite, written.
-    fn prepare(&self, purpose: &str, tokens: usize) -> Result<ProbeDirs> {
-        let dir = self.opts.work.join(format!("{:02}-{purpose}", self.probes.len() + 1));
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    /// The probe's directory `dir` and its prompt suite (the first `tokens` tokens), written.
+    pub(super) fn prepare(&self, dir: &Path, tokens: usize) -> Result<ProbeDirs> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let suite = dir.join("prompt.jsonl");
         let line = serde_json::json!({"id": self.prompt.id, "tokens": &self.prompt.tokens[..tokens]});
         std::fs::write(&suite, line.to_string() + "\n").map_err(|e| Error::io(&suite, e))?;
@@ -210,7 +242,7 @@ impl<'e> Session<'e> {
             a: dir.join("a"),
             b: dir.join("b"),
             suite,
-            dir,
+            dir: dir.to_path_buf(),
         })
     }
 
@@ -244,35 +276,26 @@ impl<'e> Session<'e> {
         })
     }
 
-    /// The probe's two dumps compared; after a crash, whatever both engines wrote before it.
-    fn compare(
-        &self,
-        purpose: &str,
-        crash: Option<Crash>,
-        dirs: &ProbeDirs,
-        record: &mut ProbeRecord,
-    ) -> Result<ProbeResult> {
-        let diff_opts = DiffOptions {
+    fn diff_options(&self, judge: Judge) -> DiffOptions {
+        DiffOptions {
             tolerances: self.opts.tolerances.clone(),
             allow_model_mismatch: self.opts.allow_model_mismatch,
-            judge: self.judge,
-        };
-        if let Some(c) = crash {
-            record.finding = format!("engine {} failed: {}", c.engine, c.error.message);
-            let partial = match (Dump::open(&dirs.a), Dump::open(&dirs.b)) {
-                (Ok(da), Ok(db)) => diff::diff(&da, &db, &diff_opts).ok(),
-                _ => None,
-            };
-            return Ok(ProbeResult::Crashed(c, partial));
+            judge,
         }
-        let r = diff::diff(&Dump::open(&dirs.a)?, &Dump::open(&dirs.b)?, &diff_opts)?;
+    }
+
+    /// The dumps at `a` and `b` compared as `judge` says; each must hold the residual
+    /// stream it was asked for.
+    pub(super) fn compare_dumps(&self, purpose: &str, a: &Path, b: &Path, judge: Judge) -> Result<DiffReport> {
+        let r = diff::diff(&Dump::open(a)?, &Dump::open(b)?, &self.diff_options(judge))?;
         check_stream_written(&r, purpose)?;
-        Ok(ProbeResult::Compared(r))
+        Ok(r)
     }
 
     /// The commands that write the probe's dumps again and compare them. Fresh output
     /// directories: `dump -o` refuses to overwrite the probe's own.
-    fn reproduce_commands(&self, prompt_id: &str, sel: &Selection, dirs: &ProbeDirs) -> Vec<String> {
+    pub(super) fn reproduce_commands(&self, sel: &Selection, dirs: &ProbeDirs) -> Vec<String> {
+        let prompt_id = &self.prompt.id;
         let (repro_a, repro_b) = (
             dirs.dir.join("reproduce").join("a"),
             dirs.dir.join("reproduce").join("b"),

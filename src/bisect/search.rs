@@ -98,7 +98,7 @@ pub(super) struct Search<'s, 'r, 'e> {
     pub(super) session: Session<'e>,
     pub(super) replayer: Replayer<'r>,
     opts: &'e BisectOptions,
-    /// Prompt tokens.
+    /// Prompt tokens the search runs on: the prompt's, then the coarse probe's prefix.
     n: usize,
     pub(super) n_layer: usize,
     n_vocab: usize,
@@ -226,9 +226,12 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         Err(Stop::Done)
     }
 
-    /// Phase 1: the coarse probe over the whole prompt — sparse layers at every position,
-    /// which also finds the first divergent position for the cut — and what it decides:
-    /// what rows are judged against, and the layers left to search.
+    /// Phase 1: the coarse probe — sparse layers at every position, which also finds the
+    /// first divergent position for the cut — streamed over the prompt until a chunk
+    /// diverges, and what it decides: what rows are judged against, and the layers left
+    /// to search. Later phases run on the prefix it ran: by causality the rows of a prefix
+    /// are those of the whole prompt (an engine for which they are not is caught when the
+    /// cut prompt does not reproduce the divergence).
     fn coarse(&mut self) -> Flow<Coarse> {
         let (n, coarse) = (self.n, coarse_layers(self.n_layer));
         let logits_here = (n * self.n_vocab * 4) as u64 <= self.opts.logits_budget;
@@ -236,7 +239,12 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         if logits_here {
             taps.push("logits");
         }
-        let r = self.probe("coarse", n, selection(coarse.clone(), &taps, &Rows::All, n))?;
+        let (prefix, result) = self.session.streamed_probe("coarse", coarse.clone(), &taps, n)?;
+        self.n = prefix;
+        let r = match result {
+            ProbeResult::Compared(r) => r,
+            ProbeResult::Crashed(c, partial) => return Err(Stop::Crashed(Box::new((c, partial)))),
+        };
         self.report.coarse_diff = Some(r.clone());
         self.judge_as_coarse(&r);
         let drift = r.prompts.first().and_then(diff::judgement_note).unwrap_or_default();
@@ -427,7 +435,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         let Some(first) = first_of(&suspect.taps_diff) else {
             if prefix < self.n {
                 // The engine is not causal here.
-                self.session.note(format!("no tap of layer {hi} diverges on the cut prompt: the engine is not causal here; searching the whole prompt"));
+                self.session.note(format!("no tap of layer {hi} diverges on the cut prompt: the engine is not causal here; searching the coarse probe's {} tokens", self.n));
                 return Ok(None);
             }
             self.session
@@ -435,7 +443,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
             suspect.window = 0;
             return Ok(Some(suspect));
         };
-        let on = if prefix < self.n {
+        let on = if prefix < self.report.n_tokens {
             format!(", the prompt cut to {prefix} tokens")
         } else {
             String::new()

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use resbisect::bisect::{self, BisectOptions, Outcome, Replayer};
 use resbisect::diff::Judge;
-use resbisect::engine::{start_pair, EngineSpec, RefPrecision, RefSpec};
+use resbisect::engine::{start_pair, EngineSpec, RefSpec};
 use resbisect::model::Model;
 use resbisect::prompts::Input;
 use resbisect::tolerance::Tolerances;

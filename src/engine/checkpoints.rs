@@ -2,7 +2,8 @@
 //! residual stream of every position after embedding and after each layer, and a later
 //! run over a prefix of the same tokens reads rows from it instead of recomputing them.
 //! By causality, rows of a prefix do not depend on the tokens after it. (Bisect's probes:
-//! a coarse run over the whole prompt, then many runs over prefixes of it.)
+//! a coarse run over the prompt, streamed in chunks that each extend the kept run, then
+//! many runs over prefixes of it.)
 
 use crate::sys::available_memory;
 
@@ -30,6 +31,20 @@ impl<S> PrefixCheckpoints<S> {
             .as_ref()
             .filter(|k| !tokens.is_empty() && k.tokens.starts_with(tokens))
             .map(|k| k.stream.as_slice())
+    }
+
+    /// How many positions the kept stream holds when `tokens` extends the tokens it was
+    /// kept for by at least one (a run over `tokens` may resume from it).
+    pub fn extended_by(&self, tokens: &[u32]) -> Option<usize> {
+        self.kept
+            .as_ref()
+            .filter(|k| tokens.len() > k.tokens.len() && tokens.starts_with(&k.tokens))
+            .map(|k| k.tokens.len())
+    }
+
+    /// Take the kept stream out (to extend it and keep it again).
+    pub fn take(&mut self) -> Option<Vec<S>> {
+        self.kept.take().map(|k| k.stream)
     }
 
     /// Whether a stream of `bytes` may be kept: at most a quarter of the memory available

@@ -111,6 +111,12 @@ pub trait Engine: Send {
             drain_seconds: 0.0,
         })
     }
+    /// Whether a `dump` of a prompt that extends the previous dump's prompt, asking only
+    /// for positions past it, computes only those positions (resuming from a KV cache).
+    /// Else it reruns the whole prompt.
+    fn resumes(&self) -> bool {
+        false
+    }
     /// A shell command that writes the same dump as the earlier call `dump(.., written)`
     /// into `out`; the prompt `prompt_id` is also at `suite` as a one-line JSONL suite.
     fn reproduce(&self, prompt_id: &str, suite: &Path, selection: &Selection, written: &Path, out: &Path) -> String;

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use resbisect_reference::TapSink;
+use resbisect_reference::{KvCache, TapSink};
 
 use super::checkpoints::PrefixCheckpoints;
 use super::session::{DumpSession, PromptRunner};
@@ -24,6 +24,9 @@ pub struct ReferenceEngine<'m> {
     injections: Vec<String>,
     faults: Faults,
     checkpoints: PrefixCheckpoints<Tensor>,
+    /// The keys and values of the kept run, when it ran every layer: a prompt that
+    /// extends its tokens resumes from here (bisect's streamed coarse probe).
+    kv: Option<KvCache>,
 }
 
 impl<'m> ReferenceEngine<'m> {
@@ -38,6 +41,7 @@ impl<'m> ReferenceEngine<'m> {
             injections,
             faults,
             checkpoints: PrefixCheckpoints::default(),
+            kv: None,
         })
     }
 }
@@ -82,13 +86,19 @@ impl Engine for ReferenceEngine<'_> {
             faults: &self.faults,
             selection: request.selection,
             n_layer: self.model.config.n_layer,
-            checkpoints: request.checkpoints.then_some(&mut self.checkpoints),
+            checkpoints: request.checkpoints.then_some((&mut self.checkpoints, &mut self.kv)),
         };
         let summary = session.run(engine, &mut runner, progress)?;
         Ok(DumpSummary {
             load_seconds,
             ..summary
         })
+    }
+
+    /// With prefix checkpoints (bisect's probes), a run that computed every layer keeps
+    /// its KV cache.
+    fn resumes(&self) -> bool {
+        true
     }
 
     fn reproduce(&self, _prompt_id: &str, suite: &Path, selection: &Selection, _written: &Path, out: &Path) -> String {
@@ -109,7 +119,8 @@ struct OracleRunner<'a> {
     faults: &'a Faults,
     selection: &'a Selection,
     n_layer: usize,
-    checkpoints: Option<&'a mut PrefixCheckpoints<Tensor>>,
+    /// Prefix checkpoints and the KV cache of the kept run (bisect's probes only).
+    checkpoints: Option<(&'a mut PrefixCheckpoints<Tensor>, &'a mut Option<KvCache>)>,
 }
 
 impl PromptRunner for OracleRunner<'_> {
@@ -118,7 +129,9 @@ impl PromptRunner for OracleRunner<'_> {
     }
 
     /// With checkpoints, a prompt that is a prefix of the kept run's tokens resumes from
-    /// them, and any other prompt runs in full and keeps its own (when they fit).
+    /// them, one that extends them (asking only for later positions) continues the kept
+    /// run from its KV cache, and any other prompt runs in full and keeps its own (when
+    /// they fit).
     fn run(
         &mut self,
         prompt: &PromptRecord,
@@ -137,24 +150,48 @@ impl PromptRunner for OracleRunner<'_> {
         };
         let (oracle, faults) = (self.oracle, self.faults);
         let fits = PrefixCheckpoints::<Tensor>::fits(self.checkpoint_bytes(tokens.len()));
-        let result = match self.checkpoints.as_deref_mut() {
-            Some(cp) if cp.covering(tokens).is_some() => {
+        let wants_output = sink.wants(Tap::FinalNorm) || sink.wants(Tap::Logits);
+        let result = match self.checkpoints.as_mut() {
+            Some((cp, _)) if cp.covering(tokens).is_some() => {
                 let stream = cp.covering(tokens).expect("checked above");
                 resume(oracle, faults, stream, tokens.len(), positions, &mut sink)
             }
-            Some(cp) if fits => {
+            Some((cp, kv))
+                if kv.is_some()
+                    && fits
+                    && cp
+                        .extended_by(tokens)
+                        .is_some_and(|k| positions.first().is_none_or(|&p| p >= k)) =>
+            {
+                extend(oracle, faults, tokens, positions, cp, kv, &mut sink, on_step)
+            }
+            Some((cp, kv)) if fits => {
+                // A run of every layer keeps its KV cache too, for a prompt extending it.
+                let mut cache = wants_output.then(|| KvCache::new(self.n_layer));
                 let mut stream = Vec::with_capacity(self.n_layer + 1);
-                let r = oracle
-                    .inner
-                    .forward_keeping(tokens, positions, faults, &mut sink, &mut |i, x| {
-                        stream.push(x.clone());
-                        if i > 0 {
-                            on_step();
-                        }
-                    });
+                let mut keep = |i: usize, x: &Tensor| {
+                    stream.push(x.clone());
+                    if i > 0 {
+                        on_step();
+                    }
+                };
+                let r = match cache.as_mut() {
+                    Some(cache) => oracle
+                        .inner
+                        .forward_resuming(tokens, cache, positions, faults, &mut sink, &mut keep),
+                    None => oracle
+                        .inner
+                        .forward_keeping(tokens, positions, faults, &mut sink, &mut keep),
+                };
                 match r {
-                    Ok(()) => cp.keep(tokens, stream),
-                    Err(_) => cp.forget(),
+                    Ok(()) => {
+                        cp.keep(tokens, stream);
+                        **kv = cache;
+                    }
+                    Err(_) => {
+                        cp.forget();
+                        **kv = None;
+                    }
                 }
                 r
             }
@@ -170,10 +207,44 @@ impl PromptRunner for OracleRunner<'_> {
     }
 }
 
+/// Continue the kept run over the tokens of `tokens` past it, from its KV cache; the kept
+/// stream grows by the new rows. After a failure nothing stays kept.
+#[allow(clippy::too_many_arguments)]
+fn extend(
+    oracle: &Oracle,
+    faults: &Faults,
+    tokens: &[u32],
+    positions: &[usize],
+    cp: &mut PrefixCheckpoints<Tensor>,
+    kv: &mut Option<KvCache>,
+    sink: &mut DumpSink,
+    on_step: &mut dyn FnMut(),
+) -> anyhow::Result<()> {
+    let (Some(mut stream), Some(mut cache)) = (cp.take(), kv.take()) else {
+        anyhow::bail!("no kept run to extend");
+    };
+    let mut grown: Vec<anyhow::Result<Tensor>> = Vec::with_capacity(stream.len());
+    oracle
+        .inner
+        .forward_resuming(tokens, &mut cache, positions, faults, sink, &mut |i, x| {
+            grown.push(Tensor::cat(&[&stream[i], x], 0).map_err(Into::into));
+            if i > 0 {
+                on_step();
+            }
+        })?;
+    for (kept, new) in stream.iter_mut().zip(grown) {
+        *kept = new?;
+    }
+    cp.keep(tokens, stream);
+    *kv = Some(cache);
+    Ok(())
+}
+
 impl OracleRunner<'_> {
+    /// The kept stream and, at most as large again, its KV cache.
     fn checkpoint_bytes(&self, tokens: usize) -> u64 {
         let width = self.oracle.inner.n_embd() as u64;
-        (self.n_layer as u64 + 1) * tokens as u64 * width * self.oracle.precision().bytes() as u64
+        2 * (self.n_layer as u64 + 1) * tokens as u64 * width * self.oracle.precision().bytes() as u64
     }
 }
 

@@ -14,7 +14,7 @@ use crate::inject::RuntimeFaults;
 use crate::model::Model;
 use crate::runtime::backend::{Backend, StorageDType};
 use crate::runtime::weights::WeightMode;
-use crate::runtime::{preflight, RunOptions, Runtime};
+use crate::runtime::{preflight, KvCache, RunOptions, Runtime};
 use crate::taps::{all_taps, LayerTap, PositionSpec, Selection, Tap};
 
 /// The built-in runtime on one backend, optionally with injected faults.
@@ -26,6 +26,9 @@ pub struct RuntimeEngine<'m, B: Backend> {
     /// The residual stream of the last probe with an output tap: later probes of a prefix
     /// that want only `embed` and `resid_post` rows are read from it.
     checkpoints: PrefixCheckpoints<B::Buf>,
+    /// The KV cache of the kept run: a prompt extending its tokens continues it
+    /// (bisect's streamed coarse probe).
+    kv: Option<KvCache<B>>,
     injections: Vec<String>,
     faults: RuntimeFaults,
     run: RunOptions,
@@ -44,6 +47,7 @@ impl<'m, B: Backend> RuntimeEngine<'m, B> {
             backend: Some(backend),
             loaded: None,
             checkpoints: PrefixCheckpoints::default(),
+            kv: None,
             injections,
             faults,
             run,
@@ -115,13 +119,19 @@ impl<B: Backend> Engine for RuntimeEngine<'_, B> {
             faults: &self.faults,
             run: &self.run,
             selection: request.selection,
-            checkpoints: request.checkpoints.then_some(&mut self.checkpoints),
+            checkpoints: request.checkpoints.then_some((&mut self.checkpoints, &mut self.kv)),
         };
         let summary = session.run(engine, &mut runner, progress)?;
         Ok(DumpSummary {
             load_seconds,
             ..summary
         })
+    }
+
+    /// With prefix checkpoints (bisect's probes), a prefill with an output tap keeps its
+    /// KV cache.
+    fn resumes(&self) -> bool {
+        true
     }
 
     fn reproduce(&self, _prompt_id: &str, suite: &Path, selection: &Selection, _written: &Path, out: &Path) -> String {
@@ -164,8 +174,15 @@ struct RuntimeRunner<'a, B: Backend> {
     faults: &'a RuntimeFaults,
     run: &'a RunOptions,
     selection: &'a Selection,
-    checkpoints: Option<&'a mut PrefixCheckpoints<B::Buf>>,
+    /// Prefix checkpoints and the KV cache of the kept run (bisect's probes only).
+    checkpoints: Option<KeptRun<'a, B>>,
 }
+
+/// The kept run's residual stream and KV cache.
+type KeptRun<'a, B> = (
+    &'a mut PrefixCheckpoints<<B as Backend>::Buf>,
+    &'a mut Option<KvCache<B>>,
+);
 
 impl<B: Backend> PromptRunner for RuntimeRunner<'_, B> {
     fn steps(&self, prompt: &PromptRecord) -> usize {
@@ -200,10 +217,13 @@ impl<B: Backend> PromptRunner for RuntimeRunner<'_, B> {
             .reserve_captures(widest * capture_rows, selected_taps.len() * captures_per_tap)
     }
 
+    /// With checkpoints, a prompt that is a prefix of the kept run's tokens is served
+    /// from them (when it asks only for what they hold), a run with an output tap keeps
+    /// its stream and KV cache, continuing the kept run when its prompt extends it.
     fn run(
         &mut self,
         prompt: &PromptRecord,
-        _positions: &Arc<Vec<usize>>,
+        positions: &Arc<Vec<usize>>,
         writer: &BackgroundWriter,
         on_step: &mut dyn FnMut(),
     ) -> Result<Vec<u32>> {
@@ -212,19 +232,29 @@ impl<B: Backend> PromptRunner for RuntimeRunner<'_, B> {
         let keeps = run.max_tokens == 0 && (selection.wants(&Tap::FinalNorm) || selection.wants(&Tap::Logits));
         let fits = PrefixCheckpoints::<B::Buf>::fits(self.checkpoint_bytes(prompt.tokens.len()));
         let servable = self.servable();
-        match self.checkpoints.as_deref_mut() {
-            Some(cp) if servable && cp.covering(&prompt.tokens).is_some() => {
+        match self.checkpoints.as_mut() {
+            Some((cp, _)) if servable && cp.covering(&prompt.tokens).is_some() => {
                 let stream = cp.covering(&prompt.tokens).expect("checked above");
                 rt.serve(stream, prompt, selection, writer)?;
                 Ok(prompt.tokens.clone())
             }
-            Some(cp) if keeps && fits => {
-                let mut keep = Vec::new();
-                let tokens = rt
-                    .run_prompt(prompt, selection, faults, run, Some(writer), Some(&mut keep), on_step)?
-                    .0;
-                cp.keep(&prompt.tokens, keep);
-                Ok(tokens)
+            Some((cp, kv)) if keeps && fits => {
+                let continued = kv.take().filter(|k| {
+                    cp.extended_by(&prompt.tokens) == Some(k.tokens())
+                        && positions.first().is_none_or(|&p| p >= k.tokens())
+                });
+                let mut stream = match continued {
+                    Some(_) => cp.take().unwrap_or_default(),
+                    None => {
+                        cp.forget();
+                        Vec::new()
+                    }
+                };
+                let cache =
+                    rt.prefill_continuing(prompt, selection, faults, run, writer, continued, &mut stream, on_step)?;
+                cp.keep(&prompt.tokens, stream);
+                **kv = Some(cache);
+                Ok(prompt.tokens.clone())
             }
             _ => Ok(rt
                 .run_prompt(prompt, selection, faults, run, Some(writer), None, on_step)?

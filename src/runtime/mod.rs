@@ -36,6 +36,7 @@ pub use gpu::cuda;
 pub use gpu::hip;
 pub mod perf;
 mod preflight;
+mod resume;
 pub mod rope;
 mod select;
 pub mod selftest;
@@ -53,6 +54,7 @@ use capture::{TapCollector, TapRoute};
 use forward::Pass;
 use layer::{LayerWeights, Workspace};
 pub use preflight::preflight;
+pub use resume::KvCache;
 pub use select::BackendKind;
 use weights::{Matrix, WeightMode};
 
@@ -195,20 +197,7 @@ impl<B: Backend> Runtime<B> {
         let t0 = std::time::Instant::now();
         let (c, b) = (&self.cfg, &self.backend);
         let total = prompt.tokens.len() + opts.max_tokens;
-        let positions = selection
-            .positions
-            .resolve(total)
-            .map_err(|e| Error::input(format!("prompt {}: {e}", prompt.id)))?;
-        let collector = TapCollector {
-            selection,
-            cfg: c,
-            positions,
-            writer,
-            prompt_id: &prompt.id,
-            dtype: b.dtype().tap_dtype(),
-            streams: BTreeMap::new(),
-            sync_check: opts.sync_check,
-        };
+        let collector = self.collector(prompt, selection, total, writer, opts.sync_check)?;
         let kv = (0..c.n_layer)
             .map(|_| Ok((b.alloc(total * c.kv_width())?, b.alloc(total * c.kv_width())?)))
             .collect::<Result<Vec<_>>>()?;
@@ -219,7 +208,7 @@ impl<B: Backend> Runtime<B> {
             collector,
             kv,
         };
-        let next = run.prefill(prompt, keep, on_step)?;
+        let next = run.prefill(prompt, 0, keep, on_step)?;
         b.sync()?;
         let prefill_s = t0.elapsed().as_secs_f64();
         let mut tokens = prompt.tokens.clone();
@@ -230,32 +219,65 @@ impl<B: Backend> Runtime<B> {
         b.sync()?;
         Ok((tokens, prefill_s, t0.elapsed().as_secs_f64() - prefill_s))
     }
+
+    /// A collector of `selection`'s rows of `prompt` over `total` positions.
+    fn collector<'c>(
+        &'c self,
+        prompt: &'c PromptRecord,
+        selection: &'c Selection,
+        total: usize,
+        writer: Option<&'c BackgroundWriter>,
+        sync_check: bool,
+    ) -> Result<TapCollector<'c>> {
+        let positions = selection
+            .positions
+            .resolve(total)
+            .map_err(|e| Error::input(format!("prompt {}: {e}", prompt.id)))?;
+        Ok(TapCollector {
+            selection,
+            cfg: &self.cfg,
+            positions,
+            writer,
+            prompt_id: &prompt.id,
+            dtype: self.backend.dtype().tap_dtype(),
+            streams: BTreeMap::new(),
+            sync_check,
+        })
+    }
 }
 
 impl<B: Backend> PromptRun<'_, '_, B> {
-    /// The prompt in chunks of `opts.prefill_chunk` tokens, returning its greedy next
-    /// token when decode follows. With `keep`, the residual stream of every position
-    /// after every layer stays there.
+    /// The prompt from position `start` on (the KV cache holds the positions before)
+    /// in chunks of `opts.prefill_chunk` tokens, returning its greedy next token when
+    /// decode follows. With `keep`, the residual stream of every position after every
+    /// layer stays there (in its buffers when given, else in new ones).
     fn prefill(
         &mut self,
         prompt: &PromptRecord,
+        start: usize,
         keep: Option<&mut Vec<B::Buf>>,
         on_step: &mut dyn FnMut(),
     ) -> Result<Option<u32>> {
         let (rt, opts, len) = (self.rt, self.opts, prompt.tokens.len());
-        let chunk = opts.prefill_chunk.unwrap_or(len).max(1);
-        let n_chunks = len.div_ceil(chunk);
-        let mut ws = Workspace::new(&rt.backend, &rt.cfg, chunk.min(len))?;
-        if keep.is_some() {
-            ws.keep = (0..=rt.cfg.n_layer)
-                .map(|_| rt.backend.alloc(len * rt.cfg.n_embd))
-                .collect::<Result<_>>()?;
+        let new = &prompt.tokens[start..];
+        let chunk = opts.prefill_chunk.unwrap_or(new.len()).max(1);
+        let n_chunks = new.len().div_ceil(chunk);
+        let mut ws = Workspace::new(&rt.backend, &rt.cfg, chunk.min(new.len()))?;
+        let mut keep = keep;
+        if let Some(given) = keep.as_deref_mut() {
+            ws.keep = if given.is_empty() {
+                (0..=rt.cfg.n_layer)
+                    .map(|_| rt.backend.alloc(len * rt.cfg.n_embd))
+                    .collect::<Result<_>>()?
+            } else {
+                std::mem::take(given)
+            };
         }
         let mut next = None;
-        for (i, ids) in prompt.tokens.chunks(chunk).enumerate() {
+        for (i, ids) in new.chunks(chunk).enumerate() {
             let mut pass = Pass {
                 rt,
-                start: i * chunk,
+                start: start + i * chunk,
                 rows: ids.len(),
                 faults: self.faults,
                 collector: &mut self.collector,

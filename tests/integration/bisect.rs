@@ -151,16 +151,62 @@ fn bisect_cuts_a_1652_token_prompt_after_the_first_divergent_layers_first_positi
     );
     assert_eq!(r["n_tokens"], 1652);
     assert_eq!(r["prefix"], 901);
-    // The layer search judges every position (the built-in engines serve it from their
-    // checkpoints); every probe after it runs on the cut prompt.
-    for probe in &r["probes"].as_array().unwrap()[1..] {
+    // The coarse probe streamed the prompt in chunks of 128, both built-in engines
+    // resuming from their KV cache, until the prefix showed the error systematic (over
+    // the floor on a quarter of its rows, as on the whole prompt): the chunk after 1200.
+    let probes = r["probes"].as_array().unwrap();
+    let coarse = probes[0]["tokens"].as_u64().unwrap();
+    assert_eq!(
+        (coarse, probes[0]["chunks"].as_u64()),
+        (1280, Some(10)),
+        "{}",
+        probes[0]
+    );
+    assert_eq!(r["judged"], "noise_floor");
+    // The layer search judges every position the coarse probe ran (the built-in engines
+    // serve it from their checkpoints); every probe after it runs on the cut prompt.
+    for probe in &probes[1..] {
         let purpose = probe["purpose"].as_str().unwrap();
         assert_eq!(
-            probe["tokens"],
-            if purpose.starts_with("layer-") { 1652 } else { 901 },
+            probe["tokens"].as_u64().unwrap(),
+            if purpose.starts_with("layer-") { coarse } else { 901 },
             "{probe}"
         );
     }
+}
+
+#[test]
+fn a_tolerance_judged_stream_stops_within_a_chunk_after_the_fault() {
+    // Judged by tolerance, the built-in engines' stream of 128-token chunks stops after
+    // the chunk 384..512 that holds the fault's first position; the search runs on 512.
+    let dir = tempfile::tempdir().unwrap();
+    let fault = "blk.6.ffn_up:scale=1.5@400";
+    let args = [
+        "--prompts",
+        &long_prompts(),
+        "--id",
+        "long_826",
+        "--inject",
+        fault,
+        "--judge",
+        "tolerance",
+    ];
+    let (code, r) = bisect_json(&args, &dir.path().join("work"));
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(
+        (r["first"]["tap"].as_str(), r["first"]["position"].as_u64()),
+        (Some("blk.6.ffn_up"), Some(400))
+    );
+    let coarse = &r["probes"][0];
+    assert_eq!(
+        (coarse["tokens"].as_u64(), coarse["chunks"].as_u64()),
+        (Some(512), Some(4)),
+        "{coarse}"
+    );
+    for probe in r["probes"].as_array().unwrap() {
+        assert!(probe["tokens"].as_u64().unwrap() <= 512, "{probe}");
+    }
+    assert!(r["runs_a"].as_u64().unwrap() as f64 <= MAX_RUNS);
 }
 
 #[test]
@@ -283,32 +329,41 @@ fn a_crash_is_a_result_naming_the_last_tap_written() {
 /// A reference dump of every tap as raw f32 files `<tap>.f32` plus `<tap>.width`, the
 /// source the C test engine reads.
 fn raw_reference(dir: &Path, id: &str) {
-    let dump = dir.join("ref");
-    let out = resbisect(&[
-        "dump",
-        "--model",
-        path_str(&smollm2()),
-        "--prompts",
-        &bisect_prompt(),
-        "--layers",
-        "all",
-        "--taps",
-        "all",
-        "--positions",
-        "all",
-        "-o",
-        path_str(&dump),
-    ]);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let d = Dump::open(&dump).unwrap();
+    raw_reference_of(dir, &bisect_prompt(), id, &[("all", "all")]);
+}
+
+/// As [`raw_reference`] for prompt `id` of `suite`, of the (layers, taps) `selections`.
+fn raw_reference_of(dir: &Path, suite: &str, id: &str, selections: &[(&str, &str)]) {
     let raw = dir.join("raw");
     std::fs::create_dir_all(&raw).unwrap();
-    for stem in d.files(id).unwrap() {
-        let f = d.read_file(id, &stem).unwrap().unwrap();
-        for (tap, rows) in &f.taps {
-            let bytes: Vec<u8> = rows.values.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect();
-            std::fs::write(raw.join(format!("{tap}.f32")), bytes).unwrap();
-            std::fs::write(raw.join(format!("{tap}.width")), rows.width.to_string()).unwrap();
+    for (i, (layers, taps)) in selections.iter().enumerate() {
+        let dump = dir.join(format!("ref-{i}"));
+        let out = resbisect(&[
+            "dump",
+            "--model",
+            path_str(&smollm2()),
+            "--prompts",
+            suite,
+            "--id",
+            id,
+            "--layers",
+            layers,
+            "--taps",
+            taps,
+            "--positions",
+            "all",
+            "-o",
+            path_str(&dump),
+        ]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let d = Dump::open(&dump).unwrap();
+        for stem in d.files(id).unwrap() {
+            let f = d.read_file(id, &stem).unwrap().unwrap();
+            for (tap, rows) in &f.taps {
+                let bytes: Vec<u8> = rows.values.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect();
+                std::fs::write(raw.join(format!("{tap}.f32")), bytes).unwrap();
+                std::fs::write(raw.join(format!("{tap}.width")), rows.width.to_string()).unwrap();
+            }
         }
     }
 }
@@ -401,6 +456,61 @@ fn a_c_engine_on_the_single_header_writer_plugs_in() {
         "{}",
         r["crash"]
     );
+}
+
+#[test]
+fn an_external_engine_streams_the_coarse_probe_as_prefix_prompts() {
+    let dir = tempfile::tempdir().unwrap();
+    // The first 600 tokens of a long prompt; the C engine's source holds the taps the
+    // search asks for (every residual stream, final_norm, and layer 9's taps).
+    let long = std::fs::read_to_string(long_prompts()).unwrap();
+    let line: Value = long
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|v| v["id"] == "long_826")
+        .unwrap();
+    let tokens = &line["tokens"].as_array().unwrap()[..600];
+    let suite = dir.path().join("p600.jsonl");
+    std::fs::write(
+        &suite,
+        serde_json::json!({"id": "p600", "tokens": tokens}).to_string() + "\n",
+    )
+    .unwrap();
+    let suite = path_str(&suite).to_string();
+    raw_reference_of(
+        dir.path(),
+        &suite,
+        "p600",
+        &[("all", "embed,resid_post,final_norm"), ("9", "all")],
+    );
+    let exe = c_engine(dir.path());
+    let cmd = format!(
+        "{exe} --src {} --model-info {{model_info}} --tokens {{tokens}} --prompt-id {{prompt_id}} --layers {{layers}} --taps {{taps}} --positions {{positions}} --out {{out}} --bug-layer 9 --bug-pos 300 --bug-value 0.5",
+        dir.path().join("raw").display()
+    );
+    let args = [
+        "--prompts",
+        &suite,
+        "--id",
+        "p600",
+        "--engine",
+        "external",
+        "--command",
+        &cmd,
+    ];
+    let (code, r) = bisect_json(&args, &dir.path().join("work"));
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(r["first"]["tap"], "blk.9.attn_norm");
+    assert_eq!(r["first"]["position"], 300);
+    // An engine that cannot resume gets prefixes doubling from 128: 128, 256, 512 — the
+    // chunk 256..512 holds position 300, and the stream stops there.
+    let coarse = &r["probes"][0];
+    assert_eq!(
+        (coarse["tokens"].as_u64(), coarse["chunks"].as_u64()),
+        (Some(512), Some(3)),
+        "{coarse}"
+    );
+    assert!(r["runs_a"].as_u64().unwrap() as f64 <= MAX_RUNS);
 }
 
 #[test]

@@ -15,6 +15,7 @@ mod ops;
 mod profile;
 mod project;
 pub mod rope;
+mod stream;
 
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
@@ -28,6 +29,8 @@ use ops::{apply_faults, attention, rms_norm, row_eps, Eps};
 pub use profile::{ActRounding, CacheType, Profile};
 use project::{attention_inputs, load_part, stack, Projection};
 use rope::{faulty_rope_tables, frequencies, rope, rope_tables, LayerTables};
+pub use stream::KvCache;
+use stream::Span;
 
 /// A weight as stored in GGUF: ggml type, dims in ggml order (`dims[0]` contiguous) and
 /// its raw bytes.
@@ -288,6 +291,19 @@ impl Reference {
         faults: &Faults,
         sink: &mut dyn TapSink,
     ) -> Result<Tensor> {
+        self.embed_at(0, tokens, positions, faults, sink)
+    }
+
+    /// As [`embed`](Self::embed) for `tokens` at positions `start..`; `positions` are
+    /// absolute, all in that span.
+    fn embed_at(
+        &self,
+        start: usize,
+        tokens: &[u32],
+        positions: &[usize],
+        faults: &Faults,
+        sink: &mut dyn TapSink,
+    ) -> Result<Tensor> {
         let n = tokens.len();
         if n == 0 {
             bail!("no tokens to process");
@@ -295,14 +311,12 @@ impl Reference {
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.cfg.n_vocab) {
             bail!("token id {t} is outside the vocabulary (size {})", self.cfg.n_vocab);
         }
-        if let Some(&p) = positions.iter().find(|&&p| p >= n) {
-            bail!("position {p} is outside the {n}-token sequence");
-        }
+        let local = stream::local_rows(positions, start, n)?;
         let ids = Tensor::from_vec(tokens.to_vec(), n, &Device::Cpu)?;
         let rows = scale_embeddings(&self.cfg, self.io()?.token_embd.index_select(&ids, 0)?)?;
-        let x = apply_faults(faults, Tap::Embed, rows)?;
+        let x = apply_faults(faults, Tap::Embed, rows, start)?;
         if sink.wants(Tap::Embed) {
-            sink.emit(FileStem::Embed, vec![(Tap::Embed, gather(&x, positions)?)])?;
+            sink.emit(FileStem::Embed, vec![(Tap::Embed, gather(&x, &local)?)])?;
         }
         Ok(x)
     }
@@ -314,7 +328,24 @@ impl Reference {
     #[allow(clippy::too_many_arguments)]
     pub fn run_layers(
         &self,
+        x: Tensor,
+        first: usize,
+        last: usize,
+        positions: &[usize],
+        faults: &Faults,
+        sink: &mut dyn TapSink,
+        after: &mut dyn FnMut(usize, &Tensor),
+    ) -> Result<Tensor> {
+        self.run_layers_over(x, &mut Span::whole(), first, last, positions, faults, sink, after)
+    }
+
+    /// As [`run_layers`](Self::run_layers) over the rows of `span` (positions
+    /// `span.start..`), attending to the keys and values its cache holds before them.
+    #[allow(clippy::too_many_arguments)]
+    fn run_layers_over(
+        &self,
         mut x: Tensor,
+        span: &mut Span,
         first: usize,
         last: usize,
         positions: &[usize],
@@ -323,37 +354,39 @@ impl Reference {
         after: &mut dyn FnMut(usize, &Tensor),
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let n = x.dim(0)?;
+        let (start, n) = (span.start, x.dim(0)?);
         if last >= cfg.n_layer || first > last {
             bail!("layers {first}..={last} are outside the model's {} layers", cfg.n_layer);
         }
-        if let Some(&p) = positions.iter().find(|&&p| p >= n) {
-            bail!("position {p} is outside the {n}-token sequence");
-        }
-        let true_positions: Vec<f64> = (0..n).map(|p| p as f64).collect();
+        let local = stream::local_rows(positions, start, n)?;
+        let true_positions: Vec<f64> = (start..start + n).map(|p| p as f64).collect();
         let factors = self.freq_factors.as_deref();
         let tables = LayerTables::new(cfg, factors, &true_positions, self.dtype)?;
-        let eps = row_eps(faults, cfg.rms_eps, &(0..n).collect::<Vec<_>>());
+        let eps = row_eps(faults, cfg.rms_eps, &(start..start + n).collect::<Vec<_>>());
         for l in first..=last {
             let wanted = LayerTap::ALL.map(|t| sink.wants(Tap::Layer(l, t)));
             let mut captured: Vec<(Tap, Tensor)> = Vec::new();
             // Perturb (when injected), capture (when wanted), and hand the tensor on.
             let mut tap = |which: LayerTap, t: Tensor| -> Result<Tensor> {
-                let t = apply_faults(faults, Tap::Layer(l, which), t)?;
+                let t = apply_faults(faults, Tap::Layer(l, which), t, start)?;
                 if wanted[which.index()] {
-                    captured.push((Tap::Layer(l, which), gather(&t, positions)?));
+                    captured.push((Tap::Layer(l, which), gather(&t, &local)?));
                 }
                 Ok(t)
             };
             let faulty_rope = match faults.rope_for(l) {
-                Some(f) if f.from < n => Some(faulty_rope_tables(n, f, &frequencies(cfg, factors, l)?, self.dtype)?),
+                // Tables from position 0, of which the pass's rows are the last.
+                Some(f) if f.from < start + n => {
+                    let (cos, sin) = faulty_rope_tables(start + n, f, &frequencies(cfg, factors, l)?, self.dtype)?;
+                    Some((cos.narrow(0, start, n)?, sin.narrow(0, start, n)?))
+                }
                 _ => None,
             };
             let (cos, sin) = faulty_rope
                 .as_ref()
                 .map(|(c, s)| (c, s))
                 .unwrap_or_else(|| tables.of(cfg, l));
-            x = self.layer(l, &x, cos, sin, &eps, &mut tap)?;
+            x = self.layer(l, &x, cos, sin, &eps, &mut span.at(l), &mut tap)?;
             if !captured.is_empty() {
                 sink.emit(FileStem::Layer(l), captured)?;
             }
@@ -365,6 +398,18 @@ impl Reference {
     /// The output head at `positions` of the final residual stream `x`: RMSNorm and the
     /// projection are per row, so only the captured rows are computed.
     pub fn head(&self, x: &Tensor, positions: &[usize], faults: &Faults, sink: &mut dyn TapSink) -> Result<()> {
+        self.head_at(x, 0, positions, faults, sink)
+    }
+
+    /// As [`head`](Self::head) when the rows of `x` hold positions `start..`.
+    fn head_at(
+        &self,
+        x: &Tensor,
+        start: usize,
+        positions: &[usize],
+        faults: &Faults,
+        sink: &mut dyn TapSink,
+    ) -> Result<()> {
         let (want_norm, want_logits) = (sink.wants(Tap::FinalNorm), sink.wants(Tap::Logits));
         if !want_norm && !want_logits {
             return Ok(());
@@ -384,21 +429,24 @@ impl Reference {
         };
         let io = self.io()?;
         let eps = row_eps(faults, self.cfg.rms_eps, positions);
-        let normed = rms_norm(&gather(x, positions)?, &io.output_norm, &eps)?;
-        let normed = apply_faults(&gathered_faults, Tap::FinalNorm, normed)?;
+        let local = stream::local_rows(positions, start, x.dim(0)?)?;
+        let normed = rms_norm(&gather(x, &local)?, &io.output_norm, &eps)?;
+        let normed = apply_faults(&gathered_faults, Tap::FinalNorm, normed, 0)?;
         let mut out = Vec::new();
         if want_norm {
             out.push((Tap::FinalNorm, normed.clone()));
         }
         if want_logits {
             let logits = io.output.apply(&normed, self.profile)?;
-            out.push((Tap::Logits, apply_faults(&gathered_faults, Tap::Logits, logits)?));
+            out.push((Tap::Logits, apply_faults(&gathered_faults, Tap::Logits, logits, 0)?));
         }
         sink.emit(FileStem::Output, out)
     }
 
-    /// One transformer block over all rows of `x`; `tap(which, t)` sees each of the layer's
-    /// taps in order and hands on what the block continues with.
+    /// One transformer block over all rows of `x`, attending to the keys and values `kv`
+    /// holds before them; `tap(which, t)` sees each of the layer's taps in order and hands
+    /// on what the block continues with.
+    #[allow(clippy::too_many_arguments)]
     fn layer(
         &self,
         l: usize,
@@ -406,6 +454,7 @@ impl Reference {
         cos: &Tensor,
         sin: &Tensor,
         eps: &Eps,
+        kv: &mut stream::LayerKv,
         tap: &mut dyn FnMut(LayerTap, Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let (cfg, layer) = (&self.cfg, self.layer_weights(l)?);
@@ -424,7 +473,7 @@ impl Reference {
         let q = tap(LayerTap::Q, rope(&q_in, cfg.n_head, cos, sin, style)?)?;
         let k = tap(LayerTap::K, rope(&k_in, cfg.n_head_kv, cos, sin, style)?)?;
         let v = tap(LayerTap::V, qkv.narrow(1, qw + kvw, kvw)?.contiguous()?)?;
-        let positions: Vec<usize> = (0..x.dim(0)?).collect();
+        let (k, v, positions) = kv.extend(k, v)?;
         let attn = tap(LayerTap::Attn, self.attend(&q, &k, &v, &positions, cfg.window_of(l))?)?;
         self.layer_rest(layer, x, attn, eps, tap)
     }

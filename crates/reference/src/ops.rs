@@ -14,23 +14,27 @@ use resbisect_taps::{Config, Fault, Faults, Tap};
 /// efficient GEMMs.
 const ATTN_QUERY_CHUNK: usize = 128;
 
-/// Apply the faults aimed at `tap` to its rows.
-pub(crate) fn apply_faults(faults: &Faults, tap: Tap, t: Tensor) -> Result<Tensor> {
+/// Apply the faults aimed at `tap` to its rows, row `r` holding position `start + r`.
+pub(crate) fn apply_faults(faults: &Faults, tap: Tap, t: Tensor, start: usize) -> Result<Tensor> {
     let mut t = t;
     let id = tap.id();
     for f in faults.taps.iter().filter(|f| f.tap_id == id) {
         let (n, _) = t.dims2()?;
-        if f.from >= n {
+        if f.from >= start + n {
             continue;
         }
-        let hit: Vec<f64> = (0..n).map(|p| if p >= f.from { 1.0 } else { 0.0 }).collect();
+        let hit: Vec<f64> = (start..start + n)
+            .map(|p| if p >= f.from { 1.0 } else { 0.0 })
+            .collect();
         let hit = Tensor::from_vec(hit, (n, 1), &Device::Cpu)?.to_dtype(t.dtype())?;
         t = match f.fault {
             Fault::Scale(s) => t.broadcast_mul(&((hit * (s - 1.0))? + 1.0)?)?,
             Fault::Offset(o) => t.broadcast_add(&(hit * o)?)?,
             Fault::Zero => t.broadcast_mul(&(1.0 - hit)?)?,
             Fault::Nan => {
-                let nan: Vec<f64> = (0..n).map(|p| if p >= f.from { f64::NAN } else { 0.0 }).collect();
+                let nan: Vec<f64> = (start..start + n)
+                    .map(|p| if p >= f.from { f64::NAN } else { 0.0 })
+                    .collect();
                 t.broadcast_add(&Tensor::from_vec(nan, (n, 1), &Device::Cpu)?.to_dtype(t.dtype())?)?
             }
         };

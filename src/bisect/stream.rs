@@ -1,0 +1,201 @@
+//! The streamed coarse probe: both engines run the prompt chunk by chunk, each chunk's
+//! rows are compared as soon as both wrote them, and the stream stops after the first
+//! chunk where a coarse tap leaves tolerance (judged automatically, once the prefix also
+//! shows what the whole prompt would be judged against). Engines that resume from their KV cache
+//! compute each chunk's rows only; any other engine gets the prefix as its prompt. The
+//! chunks' dumps are then joined into one dump per engine over the prefix run, as if one
+//! run had written it, so that every later phase reads it like any probe.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::probe::{selection, ProbeRecord, ProbeResult, Rows, Session};
+use crate::diff::{DiffReport, Judge, Judgement};
+use crate::dump::{Dump, DumpWriter, Manifest, MappedFile, Status, TapTensor};
+use crate::error::{Error, Result};
+use crate::taps::PositionSpec;
+
+/// Positions per chunk when both engines resume from their KV cache: small enough that a
+/// divergence stops the stream soon after it, large enough for efficient GEMMs.
+pub const RESUMED_CHUNK: usize = 128;
+
+/// The ends of the chunks a prompt of `n` tokens streams in. When both engines resume,
+/// a chunk costs its own rows: every [`RESUMED_CHUNK`] positions. Otherwise each chunk
+/// reruns its prefix, so the prefixes double from [`RESUMED_CHUNK`], keeping the total
+/// within twice the last prefix.
+pub fn chunk_ends(n: usize, resumed: bool) -> Vec<usize> {
+    let mut ends = Vec::new();
+    let mut end = RESUMED_CHUNK;
+    while end < n {
+        ends.push(end);
+        end = if resumed { end + RESUMED_CHUNK } else { 2 * end };
+    }
+    ends.push(n);
+    ends
+}
+
+impl Session<'_> {
+    /// The probe `purpose` of `layers` × `taps` over the prompt's first `n` tokens,
+    /// streamed: chunks run until one diverges (judged by tolerance) and the prefix run
+    /// so far is judged as the whole prompt would be, and the probe's comparison covers
+    /// every position of that prefix. Returns the prefix and the comparison; after a
+    /// crash, the crashed chunk's.
+    ///
+    /// Judged automatically, an error counts as systematic when it is over the noise
+    /// floor on a quarter of the rows: a prefix that ends soon after the error's onset
+    /// could not show it, so the stream goes on until the prefix is judged by the noise
+    /// floor (more rows cannot undo that for an error that persists) or ends.
+    pub(super) fn streamed_probe(
+        &mut self,
+        purpose: &str,
+        layers: Vec<usize>,
+        taps: &[&str],
+        n: usize,
+    ) -> Result<(usize, ProbeResult)> {
+        let ends = chunk_ends(n, self.a.resumes() && self.b.resumes());
+        if ends.len() == 1 {
+            return Ok((n, self.probe(purpose, n, selection(layers, taps, &Rows::All, n))?));
+        }
+        let dir = self.probe_dir(purpose);
+        // A forced judgement judges chunks too; an automatic one stops on tolerance.
+        let chunk_judge = match self.judge {
+            Judge::Auto => Judge::Tolerance,
+            forced => forced,
+        };
+        let (mut parts, mut record) = (Vec::new(), None::<ProbeRecord>);
+        let mut from = 0;
+        for (k, &end) in ends.iter().enumerate() {
+            let sel = selection(layers.clone(), taps, &Rows::At((from..end).collect()), end);
+            let dirs = self.prepare(&dir.join(format!("chunk-{:02}", k + 1)), end)?;
+            let (result, chunk) = self.run_probe(purpose, end, &sel, &dirs, chunk_judge)?;
+            self.reproduce = self.reproduce_commands(&sel, &dirs);
+            let mut sum = match record.take() {
+                Some(r) => r.followed_by(chunk),
+                None => chunk,
+            };
+            from = end;
+            let diverged = match result {
+                ProbeResult::Compared(r) => r.diverged,
+                crashed @ ProbeResult::Crashed(..) => {
+                    sum.finding = format!("chunk {} of {} crashed", k + 1, ends.len());
+                    self.probes.push(sum);
+                    self.dirs.push(dirs.dir);
+                    return Ok((end, crashed));
+                }
+            };
+            parts.push(dirs.dir);
+            if diverged || end == n {
+                let t0 = Instant::now();
+                let (joined, r) = self.join(purpose, &parts, &dir.join(format!("joined-{:02}", k + 1)))?;
+                sum.seconds_diff += t0.elapsed().as_secs_f64();
+                let settled = end == n
+                    || self.judge != Judge::Auto
+                    || r.prompts.iter().any(|p| p.judged == Judgement::NoiseFloor);
+                if settled {
+                    sum.positions = PositionSpec::all().to_string();
+                    sum.dump_a = joined.join("a").display().to_string();
+                    sum.dump_b = joined.join("b").display().to_string();
+                    self.probes.push(sum);
+                    self.dirs.push(joined);
+                    return Ok((end, ProbeResult::Compared(r)));
+                }
+            }
+            record = Some(sum);
+        }
+        unreachable!("the last chunk ends the stream")
+    }
+
+    /// The chunk dumps `parts` joined into one dump per engine under `dir`, compared as
+    /// the session judges.
+    fn join(&self, purpose: &str, parts: &[PathBuf], dir: &Path) -> Result<(PathBuf, DiffReport)> {
+        for side in ["a", "b"] {
+            let chunks: Vec<PathBuf> = parts.iter().map(|p| p.join(side)).collect();
+            join_chunks(&chunks, &self.prompt.id, &dir.join(side))?;
+        }
+        let r = self.compare_dumps(purpose, &dir.join("a"), &dir.join("b"), self.judge)?;
+        Ok((dir.to_path_buf(), r))
+    }
+}
+
+impl ProbeRecord {
+    /// This record of the chunks so far, with the next chunk's run added.
+    fn followed_by(self, next: ProbeRecord) -> ProbeRecord {
+        ProbeRecord {
+            seconds_a: self.seconds_a + next.seconds_a,
+            seconds_b: self.seconds_b + next.seconds_b,
+            seconds_diff: self.seconds_diff + next.seconds_diff,
+            bytes_a: self.bytes_a + next.bytes_a,
+            bytes_b: self.bytes_b + next.bytes_b,
+            chunks: self.chunks + next.chunks,
+            ..next
+        }
+    }
+}
+
+/// Join one engine's chunk dumps of prompt `prompt_id` (consecutive positions, each
+/// over a longer prefix) into one dump at `out` over the last chunk's prefix: each file
+/// holds the rows of every chunk, in order; a file or tap some chunk lacks is left out
+/// (the comparison reports it missing).
+fn join_chunks(chunks: &[PathBuf], prompt_id: &str, out: &Path) -> Result<()> {
+    let dumps: Vec<Dump> = chunks.iter().map(|c| Dump::open(c)).collect::<Result<_>>()?;
+    let last = &dumps.last().expect("at least one chunk").manifest;
+    let mut sel = last.selection.clone();
+    sel.positions = PositionSpec::all();
+    let manifest = Manifest::new(last.engine.clone(), last.model.clone(), last.prompts.clone(), sel);
+    let mut writer = DumpWriter::create(out, manifest, false)?;
+    for stem in dumps[0].files(prompt_id)? {
+        let files: Option<Vec<MappedFile>> = dumps
+            .iter()
+            .map(|d| d.map_file(prompt_id, &stem))
+            .collect::<Result<_>>()?;
+        let Some(files) = files else { continue };
+        let positions: Vec<usize> = files.iter().flat_map(|f| f.positions.iter().copied()).collect();
+        let taps = files[0]
+            .taps
+            .keys()
+            .filter(|id| files.iter().all(|f| f.taps.contains_key(*id)))
+            .map(|id| joined_tap(&files, id))
+            .collect::<Result<Vec<_>>>()?;
+        writer.write_file(prompt_id, &stem, &positions, &taps)?;
+    }
+    writer.finish(Status::Complete, None)
+}
+
+/// Tap `id`'s rows from every file, in order.
+fn joined_tap(files: &[MappedFile], id: &str) -> Result<TapTensor> {
+    let first = files[0].tap(id).expect("every file holds the tap");
+    let mut bytes = Vec::new();
+    let mut rows = 0;
+    for f in files {
+        let view = f.tap(id).expect("every file holds the tap");
+        if (view.dtype, view.width) != (first.dtype, first.width) {
+            return Err(Error::engine(format!(
+                "{id}: chunks of one stream disagree on dtype or width"
+            )));
+        }
+        bytes.extend_from_slice(view.bytes);
+        rows += view.rows;
+    }
+    Ok(TapTensor {
+        id: id.to_string(),
+        dtype: first.dtype,
+        rows,
+        width: first.width,
+        bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_step_when_resumed_and_double_otherwise() {
+        assert_eq!(chunk_ends(100, true), vec![100]);
+        assert_eq!(chunk_ends(128, false), vec![128]);
+        assert_eq!(chunk_ends(300, true), vec![128, 256, 300]);
+        assert_eq!(chunk_ends(1652, false), vec![128, 256, 512, 1024, 1652]);
+        let ends = chunk_ends(1652, true);
+        assert_eq!((ends.len(), ends[6], *ends.last().unwrap()), (13, 896, 1652));
+    }
+}

@@ -51,8 +51,8 @@ fi
 hf="$work/hf"
 if [ ! -f "$work/tl-q4_k_m.gguf" ]; then
 "$py" - "$hf" <<'PY'
-import sys, random, torch, sentencepiece as spm
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+import shutil, sys, random, torch, sentencepiece as spm
+from transformers import LlamaConfig, LlamaForCausalLM
 out = sys.argv[1]
 rng = random.Random(7)
 words = ["layer", "token", "model", "tensor", "kernel", "block", "scale", "value", "query", "key", "norm", "the", "of", "and"]
@@ -70,7 +70,9 @@ with torch.no_grad():  # weights of a trained model's magnitude, so Q4_K_M stays
         if p.dim() == 2:
             p.normal_(0.0, 0.02)
 model.to(torch.float16).save_pretrained(out, safe_serialization=True)
-LlamaTokenizer(vocab_file=f"{out}-spm.model", legacy=True).save_pretrained(out)
+# The converter reads a SentencePiece vocabulary from tokenizer.model (transformers 5
+# saves only tokenizer.json, from which it would build a 3-token vocabulary).
+shutil.copy(f"{out}-spm.model", f"{out}/tokenizer.model")
 PY
 export PYTHONPATH="$src/gguf-py${PYTHONPATH:+:$PYTHONPATH}"
 "$py" "$src/convert_hf_to_gguf.py" "$hf" --outtype f16 --outfile "$work/tl-f16.gguf" > "$work/convert.log" 2>&1 ||

@@ -174,8 +174,10 @@ pub struct CalibrateArgs {
 
 #[derive(Args)]
 pub struct DemoArgs {
-    #[arg(long, default_value = "fixtures/models/SmolLM2-135M-Instruct.Q4_1.gguf")]
-    pub model: PathBuf,
+    /// `smollm2` (a RoPE fault), `gemma` (a sliding-window fault on Gemma 3 270M), or the
+    /// path of a SmolLM2-shaped GGUF for the RoPE fault.
+    #[arg(long, default_value = "smollm2")]
+    pub model: String,
     #[arg(long, default_value = "fixtures/prompts/long.jsonl")]
     pub prompts: PathBuf,
     /// Where the probes and the report go (replaced when it holds an earlier demo).

@@ -12,7 +12,7 @@ use super::weights;
 use super::{RunOptions, Runtime};
 use crate::error::{Error, Result};
 use crate::inject::RuntimeFaults;
-use crate::taps::{Activation, LayerTap, Tap};
+use crate::taps::{Activation, LayerTap, Tap, WindowFault};
 
 /// One pass of the forward over the positions `start..start + rows`: a prefill chunk
 /// (taps downloaded now) or a decode step (taps staged on the device).
@@ -148,7 +148,8 @@ impl<B: Backend> Pass<'_, '_, B> {
             first_pos: self.start,
             rows: self.rows,
             from_step: self.decode(),
-            window: c.window_of(layer),
+            // An injected window fault (`--inject blk.L.window:…`) widens, narrows or lifts it.
+            window: WindowFault::window_of(&self.faults.window, layer, c.window_of(layer)),
         }
     }
 }

@@ -12,6 +12,7 @@ mod c_header;
 mod cli;
 mod diff;
 mod dump_format;
+mod hf_fixtures;
 mod hostile;
 mod llamacpp;
 mod profiles;

@@ -91,8 +91,8 @@ cut -d, -f1-512 "$work/t2048" > "$work/t512"
 for q in f16 q4_k_m; do
   m="$work/tl-$q.gguf"
   "$LLAMA_BIN/llama-bench" -m "$m" -ngl 99 -fa 1 -p 512,2048 -n 128 -r 3 -o csv 2>>"$work/llama-bench.log" |
-    awk -F, -v q="$q" 'NR == 1 { for (i = 1; i <= NF; i++) c[$i] = i; next }
-      { gsub(/"/, ""); print "LLAMA", q, $c["\"n_prompt\""], $c["\"n_gen\""], $c["\"avg_ts\""] }' | tee -a "$log"
+    awk -F, -v q="$q" '{ gsub(/"/, "") } NR == 1 { for (i = 1; i <= NF; i++) c[$i] = i; next }
+      { print "LLAMA", q, $c["n_prompt"], $c["n_gen"], $c["avg_ts"] }' | tee -a "$log"
   for n in 512 2048; do
     mt=128; [ "$n" -eq 2048 ] && mt=0
     best=

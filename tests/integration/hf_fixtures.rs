@@ -17,24 +17,6 @@ use crate::util::*;
 /// from it; fixtures/hf/reference-vs-hf-gemma3-270m-long_1652.json); 1e-4 is issue 16's bound.
 const TOLERANCE: f64 = 1e-4;
 
-fn rel_l2(a: &[f64], b: &[f64]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
-    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-    num / den.max(1e-300)
-}
-
-fn f32s(data: &[u8]) -> Vec<f64> {
-    data.chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-        .collect()
-}
-
-fn i64s(data: &[u8]) -> Vec<i64> {
-    data.chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
-
 /// The model a fixture was made on: a preset remade with its seed, or a fetched model.
 fn fixture_model(meta: &HashMap<String, String>, dir: &Path) -> PathBuf {
     if let Some(name) = meta.get("preset") {

@@ -28,6 +28,21 @@ extern "C" __global__ void rb_silu_mul(const store_t* gate, const store_t* up, s
     }
 }
 
+// GELU (tanh approximation) of the gate times up: 0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³))).
+extern "C" __global__ void rb_gelu_tanh_mul(const store_t* gate, const store_t* up, store_t* out, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        float g = LD(gate[i]);
+        out[i] = ST(0.5f * g * (1.0f + tanhf(0.7978846f * (g + 0.044715f * g * g * g))) * LD(up[i]));
+    }
+}
+
+// x[r, c] += bias[c] over n values of rows of `width`.
+extern "C" __global__ void rb_add_bias(store_t* x, const store_t* bias, long n, long width) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = ST(LD(x[i]) + LD(bias[i % width]));
+}
+
 // With `dyn_row`, dst moves by that many rows of `width`, read on the device (the decode
 // step record), so a recorded step writes where the step it replays says.
 extern "C" __global__ void rb_copy(const store_t* src, store_t* dst, long n, const int* dyn_row, long width) {
@@ -199,33 +214,62 @@ __device__ __forceinline__ void rb_rope_pair(store_t* p, float pos, int i, int h
     p[1] = ST(a * s + b * c);
 }
 
+// Offset within a head of the first dim of pair i: 2i (adjacent pairs) or i (NeoX: i with
+// i + d/2). The second dim sits `rb_rope_stride` after it.
+__device__ __forceinline__ int rb_rope_first(int i, int neox) { return neox ? i : 2 * i; }
+__device__ __forceinline__ int rb_rope_stride(int head_dim, int neox) { return neox ? head_dim / 2 : 1; }
+
+// Pair i of `head` rotated. Without a table, base^(-2i/d) as rb_rope_pair forms it (plain
+// llama, bit for bit); with one, by pos · inv_freq[i] (the host folds frequency factors,
+// linear and YaRN scaling in), cos and sin scaled by mscale (YaRN's attention factor).
+__device__ __forceinline__ void rb_rope_rotate(store_t* head, float pos, int i, int head_dim, float base, const float* inv_freq, int neox, float mscale) {
+    if (!inv_freq) {
+        rb_rope_pair(head + 2 * i, pos, i, head_dim, base);
+        return;
+    }
+    float s, c;
+    sincosf(pos * inv_freq[i], &s, &c);
+    s *= mscale;
+    c *= mscale;
+    store_t* p = head + rb_rope_first(i, neox);
+    const int o = rb_rope_stride(head_dim, neox);
+    float a = LD(p[0]), b = LD(p[o]);
+    p[0] = ST(a * c - b * s);
+    p[o] = ST(a * s + b * c);
+}
+
 // RoPE in place on every pair of `rows` rows of `heads` heads; row r sits at positions[r].
-extern "C" __global__ void rb_rope(store_t* x, const float* positions, int rows, int heads, int head_dim, float base) {
+extern "C" __global__ void rb_rope(store_t* x, const float* positions, int rows, int heads, int head_dim, float base, const float* inv_freq, int neox,
+                                   float mscale) {
     int half = head_dim / 2;
     long pairs = (long)rows * heads * half;
     long t = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= pairs) return;
     long rh = t / half;
-    rb_rope_pair(x + rh * head_dim + 2 * (t % half), positions[rh / heads], (int)(t % half), head_dim, base);
+    rb_rope_rotate(x + rh * head_dim, positions[rh / heads], (int)(t % half), head_dim, base, inv_freq, neox, mscale);
 }
 
 // RoPE on q and k, and k and v appended to the caches from row `row0` (or the row the step
 // record holds): four launches of rb_rope and rb_copy in one.
 extern "C" __global__ void rb_rope_append(store_t* q, store_t* k, const store_t* v, store_t* kc, store_t* vc, const float* positions, int rows, int n_head, int n_kv,
-                                          int head_dim, float base, const int* dyn_row, int row0) {
+                                          int head_dim, float base, const int* dyn_row, int row0, const float* inv_freq, int neox, float mscale) {
     const int half = head_dim / 2;
     const long kvw = (long)n_kv * head_dim;
     const long q_pairs = (long)rows * n_head * half, k_pairs = (long)rows * n_kv * half, v_values = rows * kvw;
     const long first = (dyn_row ? *dyn_row : row0) * kvw;
+    const int pair_neox = inv_freq ? neox : 0;
     long t = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (t < q_pairs) {
         long rh = t / half;
-        rb_rope_pair(q + rh * head_dim + 2 * (t % half), positions[rh / n_head], (int)(t % half), head_dim, base);
+        rb_rope_rotate(q + rh * head_dim, positions[rh / n_head], (int)(t % half), head_dim, base, inv_freq, neox, mscale);
     } else if ((t -= q_pairs) < k_pairs) {
-        long rh = t / half, at = rh * head_dim + 2 * (t % half);
-        rb_rope_pair(k + at, positions[rh / n_kv], (int)(t % half), head_dim, base);
+        long rh = t / half;
+        int i = (int)(t % half);
+        rb_rope_rotate(k + rh * head_dim, positions[rh / n_kv], i, head_dim, base, inv_freq, neox, mscale);
+        long at = rh * head_dim + rb_rope_first(i, pair_neox);
+        long o = rb_rope_stride(head_dim, pair_neox);
         kc[first + at] = k[at];
-        kc[first + at + 1] = k[at + 1];
+        kc[first + at + o] = k[at + o];
     } else if ((t -= k_pairs) < v_values) {
         vc[first + t] = v[t];
     }
@@ -257,17 +301,30 @@ extern "C" __global__ void rb_argmax(const store_t* x, int width, unsigned int* 
 
 // ---------------------------------------------------------------- attention
 // Causal GQA attention of q rows (absolute positions first_pos..) against the KV cache,
-// with an online softmax: scores are never materialized beyond one tile of keys.
+// with an online softmax: scores are never materialized beyond one tile of keys. With a
+// sliding window (window > 0) the query at position i sees keys i - window < j <= i only;
+// window 0 sees the whole prefix.
 
 #define RB_ATTN_QB 64
 #define RB_ATTN_KT 32
 
+// First key the query at `qpos` sees.
+__device__ __forceinline__ int rb_first_key(int qpos, int window) { return window > 0 ? max(0, qpos - window + 1) : 0; }
+
+// Keys per shared-memory tile: 32, or 16 for head dim 256 so K and V tiles stay in 32 KiB.
+template <int HD>
+struct RbKeyTile {
+    static constexpr int KT = HD > 128 ? 16 : RB_ATTN_KT;
+};
+
 // Prefill: a block holds RB_ATTN_QB queries of one head; key tiles pass through shared memory.
 template <int HD>
-__device__ void rb_attention_tiled(const store_t* q, const store_t* kc, const store_t* vc, store_t* out, int rows, int n_head, int n_kv, int first_pos, const int* dyn_first) {
+__device__ void rb_attention_tiled(const store_t* q, const store_t* kc, const store_t* vc, store_t* out, int rows, int n_head, int n_kv, int first_pos, const int* dyn_first,
+                                   int window) {
     if (dyn_first) first_pos = *dyn_first;
-    __shared__ float ks[RB_ATTN_KT][HD];
-    __shared__ float vs[RB_ATTN_KT][HD];
+    constexpr int KT = RbKeyTile<HD>::KT;
+    __shared__ float ks[KT][HD];
+    __shared__ float vs[KT][HD];
     const int head = blockIdx.y, kvh = head / (n_head / n_kv);
     const int qw = n_head * HD, kvw = n_kv * HD;
     const int r = blockIdx.x * RB_ATTN_QB + threadIdx.x;
@@ -283,23 +340,28 @@ __device__ void rb_attention_tiled(const store_t* q, const store_t* kc, const st
     }
     int block_rows = min(rows - blockIdx.x * RB_ATTN_QB, RB_ATTN_QB);
     int last_key = first_pos + blockIdx.x * RB_ATTN_QB + block_rows - 1;
-    for (int kt = 0; kt <= last_key; kt += RB_ATTN_KT) {
-        for (int e = threadIdx.x; e < RB_ATTN_KT * HD; e += blockDim.x) {
+    // The block's first query sees the lowest key; tiles before it are skipped.
+    const int lowest = rb_first_key(first_pos + blockIdx.x * RB_ATTN_QB, window);
+    const int lo = active ? rb_first_key(qpos, window) : 0;
+    for (int kt = lowest / KT * KT; kt <= last_key; kt += KT) {
+        for (int e = threadIdx.x; e < KT * HD; e += blockDim.x) {
             int j = e / HD, d = e % HD, key = kt + j;
             bool in = key <= last_key;
             ks[j][d] = in ? LD(kc[(long)key * kvw + kvh * HD + d]) : 0.0f;
             vs[j][d] = in ? LD(vc[(long)key * kvw + kvh * HD + d]) : 0.0f;
         }
         __syncthreads();
-        if (active && kt <= qpos) {
-            float s[RB_ATTN_KT];
+        // A tile this query sees no key of is skipped (an all-masked first tile would
+        // make the running max -inf and its correction NaN).
+        if (active && kt <= qpos && kt + KT > lo) {
+            float s[KT];
             float tmax = RB_NEG_INF;
             #pragma unroll
-            for (int j = 0; j < RB_ATTN_KT; j++) {
+            for (int j = 0; j < KT; j++) {
                 float dot = 0.0f;
                 #pragma unroll
                 for (int d = 0; d < HD; d++) dot += qv[d] * ks[j][d];
-                s[j] = kt + j <= qpos ? dot : RB_NEG_INF;
+                s[j] = kt + j <= qpos && kt + j >= lo ? dot : RB_NEG_INF;
                 tmax = fmaxf(tmax, s[j]);
             }
             float new_m = fmaxf(m, tmax);
@@ -308,9 +370,9 @@ __device__ void rb_attention_tiled(const store_t* q, const store_t* kc, const st
             #pragma unroll
             for (int d = 0; d < HD; d++) acc[d] *= corr;
             #pragma unroll
-            for (int j = 0; j < RB_ATTN_KT; j++) {
+            for (int j = 0; j < KT; j++) {
                 // Masked keys contribute exactly nothing (not 0·v, which is NaN for a NaN v).
-                if (kt + j <= qpos) {
+                if (kt + j <= qpos && kt + j >= lo) {
                     float p = expf(s[j] - new_m);
                     l += p;
                     #pragma unroll
@@ -336,7 +398,8 @@ __device__ void rb_attention_tiled(const store_t* q, const store_t* kc, const st
 #define RB_SPLIT_MAX_WARPS 16
 #define RB_ATTN_KPW 4
 template <int HD>
-__device__ void rb_attention_part(const store_t* q, const store_t* kc, const store_t* vc, float* part, int rows, int n_head, int n_kv, int first_pos, const int* dyn_first) {
+__device__ void rb_attention_part(const store_t* q, const store_t* kc, const store_t* vc, float* part, int rows, int n_head, int n_kv, int first_pos, const int* dyn_first,
+                                  int window) {
     if (dyn_first) first_pos = *dyn_first;
     constexpr int DPL = HD / RB_WARP;  // dimensions per lane
     __shared__ float wm[RB_SPLIT_MAX_WARPS], wl[RB_SPLIT_MAX_WARPS];
@@ -346,8 +409,9 @@ __device__ void rb_attention_part(const store_t* q, const store_t* kc, const sto
     const int kvh = head / (n_head / n_kv);
     const int qw = n_head * HD, kvw = n_kv * HD;
     const int qpos = first_pos + r;
-    const int per_split = (qpos + splits) / splits;  // ceil((qpos + 1) / splits)
-    const int key_begin = split * per_split, key_end = min(qpos + 1, key_begin + per_split);
+    const int lo = rb_first_key(qpos, window);
+    const int per_split = (qpos - lo + splits) / splits;  // ceil((qpos + 1 - lo) / splits)
+    const int key_begin = lo + split * per_split, key_end = min(qpos + 1, key_begin + per_split);
     const float scale = rsqrtf((float)HD);
     const int d0 = lane * DPL;
     float qv[DPL], acc[DPL];
@@ -430,14 +494,15 @@ __device__ void rb_attention_merge(const float* part, store_t* out, int n_head, 
 // Prefill with the vendor BLAS: scores S = Q·Kᵀ of a chunk of queries come from a batched
 // GEMM in f32; this turns each row into causal probabilities P (stored as store_t) for the
 // second GEMM, O = P·V. Row r of batch b may see keys 0..=first_key + r.
-extern "C" __global__ void rb_softmax_causal(const float* scores, store_t* probs, int n_keys, int rows, int first_key) {
+extern "C" __global__ void rb_softmax_causal(const float* scores, store_t* probs, int n_keys, int rows, int first_key, int window) {
     __shared__ float scratch[32];
     __shared__ float red_max[32];
     const int r = blockIdx.x, b = blockIdx.y;
     const long off = ((long)b * rows + r) * n_keys;
     const int limit = min(first_key + r + 1, n_keys);
+    const int lo = rb_first_key(first_key + r, window);
     float m = RB_NEG_INF;
-    for (int j = threadIdx.x; j < limit; j += blockDim.x) m = fmaxf(m, scores[off + j]);
+    for (int j = lo + threadIdx.x; j < limit; j += blockDim.x) m = fmaxf(m, scores[off + j]);
     for (int o = RB_WARP / 2; o > 0; o /= 2) m = fmaxf(m, RB_SHFL_XOR(m, o));
     int warp = threadIdx.x / RB_WARP, lane = threadIdx.x % RB_WARP, warps = blockDim.x / RB_WARP;
     if (lane == 0) red_max[warp] = m;
@@ -445,26 +510,27 @@ extern "C" __global__ void rb_softmax_causal(const float* scores, store_t* probs
     m = RB_NEG_INF;
     for (int w = 0; w < warps; w++) m = fmaxf(m, red_max[w]);
     float sum = 0.0f;
-    for (int j = threadIdx.x; j < limit; j += blockDim.x) sum += expf(scores[off + j] - m);
+    for (int j = lo + threadIdx.x; j < limit; j += blockDim.x) sum += expf(scores[off + j] - m);
     float inv = 1.0f / rb_block_sum(sum, scratch);
-    for (int j = threadIdx.x; j < n_keys; j += blockDim.x) probs[off + j] = ST(j < limit ? expf(scores[off + j] - m) * inv : 0.0f);
+    for (int j = threadIdx.x; j < n_keys; j += blockDim.x) probs[off + j] = ST(j < limit && j >= lo ? expf(scores[off + j] - m) * inv : 0.0f);
 }
 
 // `dyn_first`, when set, replaces first_pos with the value on the device (decode step record).
 #define RB_ATTENTION(HD)                                                                                                  \
     extern "C" __global__ void rb_attention_tiled_##HD(const store_t* q, const store_t* kc, const store_t* vc, store_t* out, \
-                                                       int rows, int n_head, int n_kv, int first_pos, const int* dyn_first) { \
-        rb_attention_tiled<HD>(q, kc, vc, out, rows, n_head, n_kv, first_pos, dyn_first);                                 \
+                                                       int rows, int n_head, int n_kv, int first_pos, const int* dyn_first, int window) { \
+        rb_attention_tiled<HD>(q, kc, vc, out, rows, n_head, n_kv, first_pos, dyn_first, window);                         \
     }                                                                                                                     \
     extern "C" __global__ void rb_attention_part_##HD(const store_t* q, const store_t* kc, const store_t* vc, float* part,   \
-                                                      int rows, int n_head, int n_kv, int first_pos, const int* dyn_first) { \
-        rb_attention_part<HD>(q, kc, vc, part, rows, n_head, n_kv, first_pos, dyn_first);                                 \
+                                                      int rows, int n_head, int n_kv, int first_pos, const int* dyn_first, int window) { \
+        rb_attention_part<HD>(q, kc, vc, part, rows, n_head, n_kv, first_pos, dyn_first, window);                         \
     }                                                                                                                     \
     extern "C" __global__ void rb_attention_merge_##HD(const float* part, store_t* out, int n_head, int splits) {          \
         rb_attention_merge<HD>(part, out, n_head, splits);                                                                \
     }
 RB_ATTENTION(64)
 RB_ATTENTION(128)
+RB_ATTENTION(256)
 
 // ---------------------------------------------------------------- weights
 // GGUF blocks dequantized on the device (the backend's own decoders; the reference uses

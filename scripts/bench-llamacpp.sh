@@ -51,8 +51,8 @@ fi
 hf="$work/hf"
 if [ ! -f "$work/tl-q4_k_m.gguf" ]; then
 "$py" - "$hf" <<'PY'
-import sys, random, torch, sentencepiece as spm
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+import shutil, sys, random, torch, sentencepiece as spm
+from transformers import LlamaConfig, LlamaForCausalLM
 out = sys.argv[1]
 rng = random.Random(7)
 words = ["layer", "token", "model", "tensor", "kernel", "block", "scale", "value", "query", "key", "norm", "the", "of", "and"]
@@ -70,7 +70,9 @@ with torch.no_grad():  # weights of a trained model's magnitude, so Q4_K_M stays
         if p.dim() == 2:
             p.normal_(0.0, 0.02)
 model.to(torch.float16).save_pretrained(out, safe_serialization=True)
-LlamaTokenizer(vocab_file=f"{out}-spm.model", legacy=True).save_pretrained(out)
+# The converter reads a SentencePiece vocabulary from tokenizer.model (transformers 5
+# saves only tokenizer.json, from which it would build a 3-token vocabulary).
+shutil.copy(f"{out}-spm.model", f"{out}/tokenizer.model")
 PY
 export PYTHONPATH="$src/gguf-py${PYTHONPATH:+:$PYTHONPATH}"
 "$py" "$src/convert_hf_to_gguf.py" "$hf" --outtype f16 --outfile "$work/tl-f16.gguf" > "$work/convert.log" 2>&1 ||
@@ -89,8 +91,8 @@ cut -d, -f1-512 "$work/t2048" > "$work/t512"
 for q in f16 q4_k_m; do
   m="$work/tl-$q.gguf"
   "$LLAMA_BIN/llama-bench" -m "$m" -ngl 99 -fa 1 -p 512,2048 -n 128 -r 3 -o csv 2>>"$work/llama-bench.log" |
-    awk -F, -v q="$q" 'NR == 1 { for (i = 1; i <= NF; i++) c[$i] = i; next }
-      { gsub(/"/, ""); print "LLAMA", q, $c["\"n_prompt\""], $c["\"n_gen\""], $c["\"avg_ts\""] }' | tee -a "$log"
+    awk -F, -v q="$q" '{ gsub(/"/, "") } NR == 1 { for (i = 1; i <= NF; i++) c[$i] = i; next }
+      { print "LLAMA", q, $c["n_prompt"], $c["n_gen"], $c["avg_ts"] }' | tee -a "$log"
   for n in 512 2048; do
     mt=128; [ "$n" -eq 2048 ] && mt=0
     best=

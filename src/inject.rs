@@ -8,16 +8,20 @@
 //! Numerics bugs of a whole model: `[blk.L.]rope:scale=F@FROM` scales every RoPE
 //! frequency by F; `[blk.L.]rope:bf16@FROM` (reference only) forms RoPE angles in bf16;
 //! `norm:eps=E@FROM` (reference only) computes every RMSNorm with epsilon E.
+//! A sliding-window fault (runtime only): `[blk.L.]window:shift=N@0` makes windowed
+//! layers attend over `window + N` positions, `[blk.L.]window:global@0` over all of them.
 //! A block-layout fault: `QUANT:swap_nibbles@0` (runtime only; QUANT one of q4_0, q4_1,
 //! q4_k, q5_k, q6_k) reads every weight block of that GGUF type with its nibbles swapped.
 
-use resbisect_taps::{BlockFault, Fault, Faults, NormFault, RopeCorruption, RopeFault, TapFault};
+use resbisect_taps::{
+    BlockFault, Config, Fault, Faults, NormFault, RopeCorruption, RopeFault, TapFault, WindowCorruption, WindowFault,
+};
 
 use crate::error::{Error, Result};
 use crate::taps::canonical_tap_id;
 
 fn bad(spec: &str, why: &str) -> Error {
-    Error::input(format!("bad --inject {spec:?}: {why} (syntax TAP:KIND[=VALUE]@POS, KIND one of scale, offset, nan, zero, oob; or [blk.L.]rope:shift=N|scale=F|bf16@POS; or norm:eps=E@POS; or QUANT:swap_nibbles@0)"))
+    Error::input(format!("bad --inject {spec:?}: {why} (syntax TAP:KIND[=VALUE]@POS, KIND one of scale, offset, nan, zero, oob; or [blk.L.]rope:shift=N|scale=F|bf16@POS; or [blk.L.]window:shift=N|global@0; or norm:eps=E@POS; or QUANT:swap_nibbles@0)"))
 }
 
 /// Refuse specs whose position no processed row reaches (`n_positions` rows: the
@@ -45,6 +49,8 @@ pub struct RuntimeFaults {
     pub crash: Vec<(String, usize)>,
     /// Quant types whose weight blocks are read with a wrong layout.
     pub blocks: Vec<BlockFault>,
+    /// Windowed layers attending over a wrong window.
+    pub window: Vec<WindowFault>,
 }
 
 enum Parsed {
@@ -53,6 +59,7 @@ enum Parsed {
     Norm(NormFault),
     Crash(String, usize),
     Block(BlockFault),
+    Window(WindowFault),
 }
 
 /// Parse one `--inject` spec.
@@ -74,17 +81,7 @@ fn parse_one(spec: &str, n_layer: usize) -> Result<Parsed> {
         ),
         None => (kind, None),
     };
-    let rope_layer = if target == "rope" {
-        Some(None)
-    } else {
-        target
-            .strip_prefix("blk.")
-            .and_then(|r| r.strip_suffix(".rope"))
-            .map(|l| l.parse::<usize>().map(Some))
-            .transpose()
-            .map_err(|_| bad(spec, "bad layer in blk.L.rope"))?
-    };
-    if let Some(layer) = rope_layer {
+    if let Some(layer) = layer_target(spec, target, "rope")? {
         if let Some(l) = layer.filter(|&l| l >= n_layer) {
             return Err(bad(spec, &format!("layer {l} does not exist (model has {n_layer})")));
         }
@@ -104,6 +101,9 @@ fn parse_one(spec: &str, n_layer: usize) -> Result<Parsed> {
             corruption,
             from,
         }));
+    }
+    if let Some(layer) = layer_target(spec, target, "window")? {
+        return parse_window(spec, layer, kind, value, from, n_layer);
     }
     if let Some(ty) = crate::quant::QuantType::parse(target) {
         return match (kind, value, from) {
@@ -137,6 +137,45 @@ fn parse_one(spec: &str, n_layer: usize) -> Result<Parsed> {
     Ok(Parsed::Tap(TapFault { tap_id, fault, from }))
 }
 
+/// `NAME` → Some(None) (every layer), `blk.L.NAME` → Some(Some(L)), anything else None.
+fn layer_target(spec: &str, target: &str, name: &str) -> Result<Option<Option<usize>>> {
+    if target == name {
+        return Ok(Some(None));
+    }
+    target
+        .strip_prefix("blk.")
+        .and_then(|r| r.strip_suffix(&format!(".{name}")))
+        .map(|l| l.parse::<usize>().map(Some))
+        .transpose()
+        .map_err(|_| bad(spec, &format!("bad layer in blk.L.{name}")))
+}
+
+/// `[blk.L.]window:shift=N|global@0`.
+fn parse_window(
+    spec: &str,
+    layer: Option<usize>,
+    kind: &str,
+    value: Option<f64>,
+    from: usize,
+    n_layer: usize,
+) -> Result<Parsed> {
+    if let Some(l) = layer.filter(|&l| l >= n_layer) {
+        return Err(bad(spec, &format!("layer {l} does not exist (model has {n_layer})")));
+    }
+    if from != 0 {
+        return Err(bad(
+            spec,
+            "a window fault takes @0: the window belongs to the layer, its first effect shows at the window's edge",
+        ));
+    }
+    let corruption = match (kind, value) {
+        ("shift", Some(v)) if v.fract() == 0.0 && v != 0.0 => WindowCorruption::Shift(v as i64),
+        ("global", None) => WindowCorruption::Global,
+        _ => return Err(bad(spec, "a window fault takes shift=N (a non-zero integer) or global")),
+    };
+    Ok(Parsed::Window(WindowFault { layer, corruption }))
+}
+
 /// Faults for the reference, which computes but never fails on request.
 pub fn parse_all(specs: &[String], n_layer: usize) -> Result<Faults> {
     let f = parse_any(specs, n_layer)?;
@@ -150,6 +189,11 @@ pub fn parse_all(specs: &[String], n_layer: usize) -> Result<Faults> {
         return Err(Error::input(format!(
             "--inject {tap}:oob is for the runtime; the reference does not fail on request"
         )));
+    }
+    if !f.window.is_empty() {
+        return Err(Error::input(
+            "--inject window:… is for the runtime (the engine under test); the reference keeps the model's window",
+        ));
     }
     Ok(Faults {
         taps: f.taps,
@@ -170,9 +214,30 @@ fn parse_any(specs: &[String], n_layer: usize) -> Result<RuntimeFaults> {
             Parsed::Norm(_) => return Err(bad(s, "only one norm fault may be injected")),
             Parsed::Crash(tap, from) => faults.crash.push((tap, from)),
             Parsed::Block(b) => faults.blocks.push(b),
+            Parsed::Window(w) => faults.window.push(w),
         }
     }
     Ok(faults)
+}
+
+/// Refuse window faults aimed at layers without a sliding window: they would never fire.
+pub fn check_windows(faults: &RuntimeFaults, cfg: &Config) -> Result<()> {
+    for f in &faults.window {
+        let windowed = |l: usize| cfg.window_of(l).is_some();
+        let fires = match f.layer {
+            Some(l) => windowed(l),
+            None => (0..cfg.n_layer).any(windowed),
+        };
+        if !fires {
+            let what = f
+                .layer
+                .map_or("the model has no layer".into(), |l| format!("layer {l} has no"));
+            return Err(Error::input(format!(
+                "--inject window:…: {what} sliding window; the fault would never fire"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Faults as the runtime applies them: its kernels form RoPE angles from positions, so
@@ -261,8 +326,34 @@ mod tests {
             "x:nan@1",
             "blk.1.q:melt@1",
             "blk.1.q:scale=inf@1",
+            "blk.3.window:global@0",
         ] {
             assert!(parse_all(&[bad.into()], 30).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn parses_window_faults_for_the_runtime_only() {
+        let f = parse_runtime(&["blk.3.window:shift=1@0".into(), "window:global@0".into()], 18).unwrap();
+        let shift = WindowFault {
+            layer: Some(3),
+            corruption: WindowCorruption::Shift(1),
+        };
+        assert_eq!(f.window[0], shift);
+        assert_eq!(f.window[1].corruption, WindowCorruption::Global);
+        for bad in [
+            "blk.3.window:shift=1@5",
+            "blk.3.window:shift=0@0",
+            "blk.3.window:shift=0.5@0",
+            "blk.18.window:global@0",
+            "blk.3.window:global=1@0",
+        ] {
+            assert!(parse_runtime(&[bad.into()], 18).is_err(), "{bad}");
+        }
+        // Only the layer named: layer 3 widened, layer 4 and a global layer untouched.
+        assert_eq!(WindowFault::window_of(&f.window[..1], 3, Some(512)), Some(513));
+        assert_eq!(WindowFault::window_of(&f.window[..1], 4, Some(512)), Some(512));
+        assert_eq!(WindowFault::window_of(&f.window, 5, None), None);
+        assert_eq!(WindowFault::window_of(&f.window[1..], 4, Some(512)), None);
     }
 }

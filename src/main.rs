@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use cli::args::{Cli, Command};
-use cli::{backend, bisect, commands, inspect};
+use cli::{backend, bisect, commands, demo, inspect};
 use resbisect::{Error, Result};
 
 fn dispatch(command: Command) -> Result<ExitCode> {
@@ -23,7 +23,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Calibrate(a) => commands::calibrate(a),
         Command::Report { kind } => commands::report(kind),
         Command::Bisect(a) => bisect::bisect(a),
-        Command::Demo(a) => bisect::demo(a),
+        Command::Demo(a) => demo::demo(a),
         Command::Selftest(a) => backend::selftest(a),
         Command::Cut(a) => commands::cut(a),
         Command::Synth(a) => commands::synth(a),

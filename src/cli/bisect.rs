@@ -1,42 +1,40 @@
-//! `resbisect bisect` and `resbisect demo`: one bisect run from the arguments (or the
-//! demo's fixed scenario), its probe directory, its summary and its exit code.
+//! `resbisect bisect`: one bisect run from the arguments (or a demo scenario, see
+//! `demo.rs`), its probe directory, its summary and its exit code.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use resbisect::bisect::{self, BisectOptions, Outcome, Replayer};
 use resbisect::diff::Judge;
-use resbisect::engine::{start_pair, EngineKind, EngineSpec, RefPrecision, RefSpec};
+use resbisect::engine::{start_pair, EngineSpec, RefSpec};
 use resbisect::model::Model;
 use resbisect::prompts::Input;
-use resbisect::runtime::backend::StorageDType;
-use resbisect::runtime::{BackendKind, RunOptions};
 use resbisect::tolerance::Tolerances;
 use resbisect::{report, Error, Result};
 
-use super::args::{BisectArgs, DemoArgs};
+use super::args::BisectArgs;
 use super::progress::Bars;
 
 /// One bisect run, however the command line asked for it.
-struct BisectRun {
-    model: PathBuf,
-    input: Input,
+pub(super) struct BisectRun {
+    pub(super) model: PathBuf,
+    pub(super) input: Input,
     /// Engine A (under test) and engine B (the oracle).
-    engines: (EngineSpec, EngineSpec),
+    pub(super) engines: (EngineSpec, EngineSpec),
     /// The reference's precision and profile, for local replay.
-    reference: RefSpec,
-    tolerances: Option<PathBuf>,
-    allow_model_mismatch: bool,
-    judge: Judge,
-    logits_budget: u64,
+    pub(super) reference: RefSpec,
+    pub(super) tolerances: Option<PathBuf>,
+    pub(super) allow_model_mismatch: bool,
+    pub(super) judge: Judge,
+    pub(super) logits_budget: u64,
     /// Where the probes go; `None`: a new temporary directory.
-    work: Option<PathBuf>,
-    keep: bool,
-    sequential: bool,
-    tap_window: usize,
-    no_replay: bool,
-    report: Option<PathBuf>,
-    json: bool,
+    pub(super) work: Option<PathBuf>,
+    pub(super) keep: bool,
+    pub(super) sequential: bool,
+    pub(super) tap_window: usize,
+    pub(super) no_replay: bool,
+    pub(super) report: Option<PathBuf>,
+    pub(super) json: bool,
 }
 
 pub fn bisect(a: BisectArgs) -> Result<ExitCode> {
@@ -59,7 +57,7 @@ pub fn bisect(a: BisectArgs) -> Result<ExitCode> {
     })
 }
 
-fn run(r: BisectRun) -> Result<ExitCode> {
+pub(super) fn run(r: BisectRun) -> Result<ExitCode> {
     let model = Model::open(&r.model)?;
     let records = r.input.resolve(&model, None)?;
     let [prompt] = <[_; 1]>::try_from(records).map_err(|r| {
@@ -203,68 +201,4 @@ fn remove_dumps(dir: &Path) -> u64 {
         }
     }
     freed
-}
-
-/// Marks a directory `resbisect demo` may replace.
-const DEMO_MARKER: &str = ".resbisect-demo";
-
-/// The original scenario: the runtime with a RoPE fault, bisected against the reference.
-pub fn demo(a: DemoArgs) -> Result<ExitCode> {
-    let DemoArgs { model, prompts, output } = a;
-    if !model.exists() {
-        return Err(Error::input(format!(
-            "{} is missing: run ./scripts/fetch-models.sh first",
-            model.display()
-        )));
-    }
-    if output.exists() {
-        if !output.join(DEMO_MARKER).exists() {
-            return Err(Error::input(format!(
-                "{} exists and is not an earlier demo; pick another --output",
-                output.display()
-            )));
-        }
-        std::fs::remove_dir_all(&output).map_err(|e| Error::io(&output, e))?;
-    }
-    std::fs::create_dir_all(&output).map_err(|e| Error::io(&output, e))?;
-    std::fs::write(output.join(DEMO_MARKER), "").map_err(|e| Error::io(&output, e))?;
-    let fault = "blk.11.rope:shift=3@827";
-    eprintln!(
-        "demo: the runtime (cpu backend, f32) carries an injected RoPE fault in layer 11 from position 827 ({fault});"
-    );
-    eprintln!("      bisect should name blk.11.q at position 827 and attribute it to layer 11.\n");
-    let engine = |kind, injections| EngineSpec {
-        kind,
-        injections,
-        run: RunOptions::default(),
-    };
-    let runtime = EngineKind::Runtime {
-        backend: BackendKind::Cpu,
-        dtype: StorageDType::F32,
-    };
-    let code = run(BisectRun {
-        model,
-        input: Input::Suite {
-            path: prompts,
-            only: Some("long_1652".into()),
-        },
-        engines: (
-            engine(runtime, vec![fault.into()]),
-            engine(EngineKind::Reference(RefPrecision::F32.into()), Vec::new()),
-        ),
-        reference: RefPrecision::F32.into(),
-        tolerances: None,
-        allow_model_mismatch: false,
-        judge: Judge::Auto,
-        logits_budget: 64 << 20,
-        work: Some(output.join("probes")),
-        keep: true,
-        sequential: false,
-        tap_window: 16,
-        no_replay: false,
-        report: Some(output.join("report")),
-        json: false,
-    })?;
-    eprintln!("open {}/report/bisect.html", output.display());
-    Ok(code)
 }

@@ -5,5 +5,6 @@ pub mod args;
 pub mod backend;
 pub mod bisect;
 pub mod commands;
+pub mod demo;
 pub mod inspect;
 pub mod progress;

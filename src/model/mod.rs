@@ -141,12 +141,6 @@ fn read_config(gguf: &GgufFile, arch: String) -> Result<Config> {
     };
     let n_ctx = required(gguf, &key("context_length"))?;
     let (rope_base, rms_eps) = read_rope_base_and_eps(gguf, &key)?;
-    if !n_head.is_multiple_of(n_head_kv) {
-        return Err(Error::input(format!(
-            "{}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}",
-            gguf.path.display()
-        )));
-    }
     let sizes = variant::Sizes {
         n_embd,
         n_head,
@@ -154,6 +148,12 @@ fn read_config(gguf: &GgufFile, arch: String) -> Result<Config> {
         n_ctx,
     };
     let variant = variant::read_variant(gguf, &arch, &sizes)?;
+    if !n_head.is_multiple_of(n_head_kv) {
+        return Err(Error::input(format!(
+            "{}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}",
+            gguf.path.display()
+        )));
+    }
     let n_vocab = read_vocab(gguf, &key("vocab_size"))?;
     Ok(Config {
         arch,

@@ -65,7 +65,29 @@ pub struct AttnShape {
     /// One row whose position the kernel reads from the step record (equal to
     /// `first_pos` now), so a recorded step replays at later positions.
     pub from_step: bool,
+    /// Sliding window: the query at position i sees keys j with i - window < j <= i;
+    /// `None` sees the whole prefix.
+    pub window: Option<usize>,
 }
+
+/// RoPE's rotation frequencies, as a kernel takes them.
+pub enum RopeFreqs<'a, T> {
+    /// Plain llama: pairs (2i, 2i+1) rotate by position · base^(-2i/d), the power
+    /// formed in f32 by the kernel itself (the original path, kept bit for bit).
+    Base(f32),
+    /// A host-computed table (see `runtime::rope`): pair i rotates by position ·
+    /// `inv_freq[i]`; `neox` pairs dims (i, i + d/2) instead of (2i, 2i+1); cos and sin
+    /// are multiplied by `mscale` (YaRN's attention factor, 1 otherwise).
+    Table { inv_freq: &'a T, neox: bool, mscale: f32 },
+}
+
+// Manual impls: the derived ones would require `T: Copy`, and a table is only borrowed.
+impl<T> Clone for RopeFreqs<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for RopeFreqs<'_, T> {}
 
 /// The position-dependent inputs of a one-row decode step. [`Backend::set_step`] keeps
 /// them where the device reads them, so the ops of a step can be recorded once and
@@ -109,6 +131,8 @@ impl Row {
 
 pub trait Backend: Send {
     type Buf: Send;
+    /// f32 values kept as f32 whatever the storage dtype (RoPE frequency tables).
+    type Table: Send;
     /// A recorded sequence of ops that replays with one launch (a CUDA graph).
     type Graph;
     /// A weight matrix kept in its GGUF block format (see [`super::quant`]).
@@ -122,6 +146,8 @@ pub trait Backend: Send {
     fn alloc(&self, len: usize) -> Result<Self::Buf>;
     /// Host values rounded to the storage dtype.
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+    /// Host values kept in f32 (a RoPE frequency table).
+    fn upload_table(&self, data: &[f32]) -> Result<Self::Table>;
     /// A GGUF weight (any supported ggml type; `dims` in ggml order, raw bytes),
     /// dequantized by the backend into its storage dtype.
     fn upload_weight(&self, name: &str, dtype: GgmlDType, dims: &[usize], data: &[u8]) -> Result<Self::Buf>;
@@ -173,12 +199,20 @@ pub trait Backend: Send {
         n: usize,
         out: &mut Self::Buf,
     ) -> Result<()>;
-    /// Interleaved RoPE in place; row i sits at `positions[i]`.
-    fn rope(&self, x: &mut Self::Buf, heads: usize, head_dim: usize, positions: Src<f32>, base: f32) -> Result<()>;
+    /// RoPE in place on `[rows, heads × head_dim]`; row i sits at `positions[i]`.
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        heads: usize,
+        head_dim: usize,
+        positions: Src<f32>,
+        freqs: RopeFreqs<Self::Table>,
+    ) -> Result<()>;
     /// Copy `rows × width` from `src` into `dst` starting at row `dst_row` (KV cache
     /// append, decode tap buffers).
     fn copy_rows(&self, src: &Self::Buf, dst: &mut Self::Buf, dst_row: Row, rows: usize, width: usize) -> Result<()>;
-    /// Causal GQA attention of `q` against cache rows `0..first_pos + rows`.
+    /// Causal GQA attention of `q` against cache rows `0..first_pos + rows` (within the
+    /// shape's sliding window, when it has one).
     fn attention(
         &self,
         q: &Self::Buf,
@@ -188,7 +222,14 @@ pub trait Backend: Send {
         out: &mut Self::Buf,
     ) -> Result<()>;
     fn silu_mul(&self, gate: &Self::Buf, up: &Self::Buf, n: usize, out: &mut Self::Buf) -> Result<()>;
+    /// `out = gelu_tanh(gate) · up`, GELU's tanh approximation (Hendrycks & Gimpel 2016):
+    /// 0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³))).
+    fn gelu_tanh_mul(&self, gate: &Self::Buf, up: &Self::Buf, n: usize, out: &mut Self::Buf) -> Result<()>;
     fn add(&self, a: &Self::Buf, b: &Self::Buf, n: usize, out: &mut Self::Buf) -> Result<()>;
+    /// `x[r, c] += bias[c]` in place over `rows × width` (the q, k, v biases of qwen2).
+    fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf, rows: usize, width: usize) -> Result<()>;
+    /// `x *= factor` in place over `n` values (Gemma's embedding scale).
+    fn scale(&self, x: &mut Self::Buf, n: usize, factor: f32) -> Result<()>;
     /// Fault injection: perturb rows `from_row..rows` of a `[rows, width]` buffer.
     fn perturb(&self, x: &mut Self::Buf, rows: usize, width: usize, from_row: usize, fault: Fault) -> Result<()>;
     /// Index of the largest value of row `row` of a `[.., width]` buffer.
@@ -243,9 +284,9 @@ pub trait Backend: Send {
         v_cache: &mut Self::Buf,
         s: AttnShape,
         positions: Src<f32>,
-        base: f32,
+        freqs: RopeFreqs<Self::Table>,
     ) -> Result<()> {
-        rope_append_by_parts(self, q, k, v, k_cache, v_cache, s, positions, base)
+        rope_append_by_parts(self, q, k, v, k_cache, v_cache, s, positions, freqs)
     }
     /// `sum = a + b`, `out = rms_norm(sum) · w`.
     // Every operand and shape is its own parameter, as in the unfused ops it combines.
@@ -347,7 +388,7 @@ pub fn rope_append_by_parts<B: Backend + ?Sized>(
     v_cache: &mut B::Buf,
     s: AttnShape,
     positions: Src<f32>,
-    base: f32,
+    freqs: RopeFreqs<B::Table>,
 ) -> Result<()> {
     let kvw = s.n_head_kv * s.head_dim;
     let row = if s.from_step {
@@ -355,8 +396,8 @@ pub fn rope_append_by_parts<B: Backend + ?Sized>(
     } else {
         Row::At(s.first_pos)
     };
-    b.rope(q, s.n_head, s.head_dim, positions, base)?;
-    b.rope(k, s.n_head_kv, s.head_dim, positions, base)?;
+    b.rope(q, s.n_head, s.head_dim, positions, freqs)?;
+    b.rope(k, s.n_head_kv, s.head_dim, positions, freqs)?;
     b.copy_rows(k, k_cache, row, s.rows, kvw)?;
     b.copy_rows(v, v_cache, row, s.rows, kvw)
 }

@@ -28,10 +28,13 @@ pub(super) struct TapCollector<'a> {
 }
 
 impl<'a> TapCollector<'a> {
+    /// Whether `tap` is captured: selected, and a tap this model has (a selection of
+    /// `all` names Gemma's post-norm taps in a llama model too), so that prefill streams,
+    /// decode staging and the pass depth agree on one set.
     pub(super) fn wants(&self, tap: &Tap) -> bool {
         match tap {
             Tap::Layer(l, _) if *l >= self.cfg.n_layer => false,
-            t => self.writer.is_some() && self.selection.wants(t),
+            t => self.writer.is_some() && t.in_model(self.cfg) && self.selection.wants(t),
         }
     }
 
@@ -70,7 +73,7 @@ impl<'a> TapCollector<'a> {
         if !self.streams.contains_key(&stem) {
             let taps: Vec<(String, TapDType, usize)> = all_taps(self.cfg.n_layer)
                 .into_iter()
-                .filter(|t| t.file_stem() == stem && t.in_model(self.cfg) && self.wants(t))
+                .filter(|t| t.file_stem() == stem && self.wants(t))
                 .map(|t| (t.id(), self.dtype, t.width(self.cfg)))
                 .collect();
             let stream = writer.stream_file(self.prompt_id, &stem.to_string(), &self.positions, &taps)?;

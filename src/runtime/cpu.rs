@@ -9,7 +9,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 use resbisect_taps::Fault;
 
-use super::backend::{AttnShape, Backend, Row, Src, Step, StorageDType};
+use super::backend::{AttnShape, Backend, RopeFreqs, Row, Src, Step, StorageDType};
 use crate::error::{Error, Result};
 use crate::quant::{QuantMatrix, QuantType};
 
@@ -71,6 +71,7 @@ fn check(len: usize, need: usize, what: &str) -> Result<()> {
 
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
+    type Table = Vec<f32>;
     type Graph = ();
     type Quant = QuantMatrix;
 
@@ -94,6 +95,10 @@ impl Backend for CpuBackend {
         let mut v = data.to_vec();
         self.store(&mut v);
         Ok(v)
+    }
+
+    fn upload_table(&self, data: &[f32]) -> Result<Vec<f32>> {
+        Ok(data.to_vec())
     }
 
     /// Dequantized on the host by candle's ggml block decoders (exact for every type).
@@ -274,7 +279,14 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn rope(&self, x: &mut Vec<f32>, heads: usize, head_dim: usize, positions: Src<f32>, base: f32) -> Result<()> {
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        heads: usize,
+        head_dim: usize,
+        positions: Src<f32>,
+        freqs: RopeFreqs<Vec<f32>>,
+    ) -> Result<()> {
         let step = [self.step.get().rope_pos];
         let positions = match positions {
             Src::Host(p) => p,
@@ -283,19 +295,35 @@ impl Backend for CpuBackend {
         let width = heads * head_dim;
         check(x.len(), positions.len() * width, "rope")?;
         let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| base.powf(-2.0 * i as f32 / head_dim as f32))
-            .collect();
+        let base_freqs: Vec<f32>;
+        // Which dims pair up, and the scale of cos and sin.
+        let (inv_freq, neox, mscale) = match freqs {
+            RopeFreqs::Base(base) => {
+                base_freqs = (0..half)
+                    .map(|i| base.powf(-2.0 * i as f32 / head_dim as f32))
+                    .collect();
+                (&base_freqs, false, None)
+            }
+            RopeFreqs::Table { inv_freq, neox, mscale } => {
+                check(inv_freq.len(), half, "rope frequency table")?;
+                (inv_freq, neox, Some(mscale))
+            }
+        };
+        let pair = |i: usize| if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
         x[..positions.len() * width]
             .par_chunks_mut(width)
             .zip(positions)
             .for_each(|(row, &p)| {
                 for head in row.chunks_mut(head_dim) {
-                    for (i, f) in inv_freq.iter().enumerate() {
-                        let (s, c) = (p * f).sin_cos();
-                        let (a, b) = (head[2 * i], head[2 * i + 1]);
-                        head[2 * i] = a * c - b * s;
-                        head[2 * i + 1] = a * s + b * c;
+                    for (i, f) in inv_freq[..half].iter().enumerate() {
+                        let (mut s, mut c) = (p * f).sin_cos();
+                        if let Some(m) = mscale {
+                            (s, c) = (s * m, c * m);
+                        }
+                        let (ia, ib) = pair(i);
+                        let (a, b) = (head[ia], head[ib]);
+                        head[ia] = a * c - b * s;
+                        head[ib] = a * s + b * c;
                     }
                 }
             });
@@ -362,7 +390,8 @@ impl Backend for CpuBackend {
                     );
                 }
                 for (i, row) in scores[..m * visible_keys].chunks_mut(visible_keys).enumerate() {
-                    causal_softmax(row, s.first_pos + r0 + i + 1);
+                    let visible = s.first_pos + r0 + i + 1;
+                    causal_softmax(row, s.window.map_or(0, |w| visible.saturating_sub(w)), visible);
                 }
                 unsafe {
                     matrixmultiply::sgemm(
@@ -396,6 +425,34 @@ impl Backend for CpuBackend {
             .zip(&up[..n])
             .for_each(|((o, &g), &u)| *o = g / (1.0 + (-g).exp()) * u);
         self.store(&mut out[..n]);
+        Ok(())
+    }
+
+    fn gelu_tanh_mul(&self, gate: &Vec<f32>, up: &Vec<f32>, n: usize, out: &mut Vec<f32>) -> Result<()> {
+        check(gate.len().min(up.len()).min(out.len()), n, "gelu_tanh_mul")?;
+        out[..n]
+            .par_iter_mut()
+            .zip(&gate[..n])
+            .zip(&up[..n])
+            .for_each(|((o, &g), &u)| *o = gelu_tanh(g) * u);
+        self.store(&mut out[..n]);
+        Ok(())
+    }
+
+    fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>, rows: usize, width: usize) -> Result<()> {
+        check(x.len(), rows * width, "add_bias")?;
+        check(bias.len(), width, "add_bias bias")?;
+        x[..rows * width].par_chunks_mut(width).for_each(|row| {
+            row.iter_mut().zip(bias.iter()).for_each(|(v, &b)| *v += b);
+        });
+        self.store(&mut x[..rows * width]);
+        Ok(())
+    }
+
+    fn scale(&self, x: &mut Vec<f32>, n: usize, factor: f32) -> Result<()> {
+        check(x.len(), n, "scale")?;
+        x[..n].par_iter_mut().for_each(|v| *v *= factor);
+        self.store(&mut x[..n]);
         Ok(())
     }
 
@@ -449,15 +506,22 @@ impl Backend for CpuBackend {
     }
 }
 
-/// Softmax over the first `visible` scores of a row in place; the keys after it get 0.
-fn causal_softmax(row: &mut [f32], visible: usize) {
-    let max = row[..visible].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+/// Softmax over scores `first..visible` of a row in place; the keys outside get 0.
+fn causal_softmax(row: &mut [f32], first: usize, visible: usize) {
+    let max = row[first..visible].iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
-    for v in &mut row[..visible] {
+    for v in &mut row[first..visible] {
         *v = (*v - max).exp();
         sum += *v;
     }
     let inv = 1.0 / sum;
-    row[..visible].iter_mut().for_each(|v| *v *= inv);
+    row[first..visible].iter_mut().for_each(|v| *v *= inv);
+    row[..first].iter_mut().for_each(|v| *v = 0.0);
     row[visible..].iter_mut().for_each(|v| *v = 0.0);
+}
+
+/// GELU with the tanh approximation (Hendrycks & Gimpel 2016, eq. in §2), in f32.
+fn gelu_tanh(g: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * g * (1.0 + (SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)).tanh())
 }

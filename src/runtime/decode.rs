@@ -4,7 +4,8 @@
 
 use super::backend::{Backend, Step};
 use super::capture::{Staged, TapRoute};
-use super::forward::{Pass, Workspace};
+use super::forward::Pass;
+use super::layer::Workspace;
 use super::PromptRun;
 use crate::error::{Error, Result};
 

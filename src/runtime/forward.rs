@@ -1,99 +1,18 @@
-//! The llama forward over the ops of one backend: layer weights, activation buffers, the
-//! embedding, the blocks and the output head. Each runs over a [`Pass`], the context of
-//! one prefill chunk or decode step: its rows, the faults it injects, where its taps go.
+//! The llama-family forward over the ops of one backend: the embedding, the blocks and
+//! the output head over a layer's weights and buffers (layer.rs). Each runs over a [`Pass`], the
+//! context of one prefill chunk or decode step: its rows, the faults it injects, where its
+//! taps go. A model's variant (`Config.variant`: biases, q/k norms, post norms, GELU,
+//! RoPE tables, sliding windows) is decided once per layer from the weights it loaded;
+//! plain llama runs exactly the ops it always has.
 
 use super::backend::{AttnShape, Backend, Row, Src};
 use super::capture::{TapCollector, TapRoute};
-use super::weights::{self, Matrix};
+use super::layer::Workspace;
+use super::weights;
 use super::{RunOptions, Runtime};
 use crate::error::{Error, Result};
 use crate::inject::RuntimeFaults;
-use crate::model::Config;
-use crate::taps::{LayerTap, Tap};
-
-pub(super) struct LayerWeights<B: Backend> {
-    attn_norm: B::Buf,
-    wq: Matrix<B>,
-    wk: Matrix<B>,
-    wv: Matrix<B>,
-    wo: Matrix<B>,
-    ffn_norm: B::Buf,
-    wg: Matrix<B>,
-    wu: Matrix<B>,
-    wd: Matrix<B>,
-}
-
-impl<B: Backend> LayerWeights<B> {
-    /// Layer `l`'s weights, each uploaded from its GGUF name: vectors by `up`, matrices
-    /// by `mat`.
-    pub(super) fn load(
-        l: usize,
-        up: &dyn Fn(&str) -> Result<B::Buf>,
-        mat: &dyn Fn(&str) -> Result<Matrix<B>>,
-    ) -> Result<Self> {
-        let w = |n: &str| up(&format!("blk.{l}.{n}.weight"));
-        let m = |n: &str| mat(&format!("blk.{l}.{n}.weight"));
-        Ok(Self {
-            attn_norm: w("attn_norm")?,
-            wq: m("attn_q")?,
-            wk: m("attn_k")?,
-            wv: m("attn_v")?,
-            wo: m("attn_output")?,
-            ffn_norm: w("ffn_norm")?,
-            wg: m("ffn_gate")?,
-            wu: m("ffn_up")?,
-            wd: m("ffn_down")?,
-        })
-    }
-}
-
-/// Activation buffers for chunks of up to `rows` rows, reused from chunk to chunk: a
-/// recorded decode step needs them at the same addresses every time.
-pub(super) struct Workspace<B: Backend> {
-    x: B::Buf,
-    h: B::Buf,
-    q: B::Buf,
-    k: B::Buf,
-    v: B::Buf,
-    attn: B::Buf,
-    ao: B::Buf,
-    mid: B::Buf,
-    g: B::Buf,
-    u: B::Buf,
-    act: B::Buf,
-    f: B::Buf,
-    /// Output head buffers, grown to the most rows the head has needed.
-    normed: B::Buf,
-    logits: B::Buf,
-    head_rows: usize,
-    /// When a run keeps checkpoints: the residual stream of every position after
-    /// embedding (`keep[0]`) and after each layer (`keep[l + 1]`); empty otherwise.
-    pub(super) keep: Vec<B::Buf>,
-}
-
-impl<B: Backend> Workspace<B> {
-    pub(super) fn new(b: &B, c: &Config, rows: usize) -> Result<Self> {
-        let (e, qw, kvw, ff) = (c.n_embd, c.q_width(), c.kv_width(), c.n_ff);
-        Ok(Self {
-            x: b.alloc(rows * e)?,
-            h: b.alloc(rows * e)?,
-            q: b.alloc(rows * qw)?,
-            k: b.alloc(rows * kvw)?,
-            v: b.alloc(rows * kvw)?,
-            attn: b.alloc(rows * qw)?,
-            ao: b.alloc(rows * e)?,
-            mid: b.alloc(rows * e)?,
-            g: b.alloc(rows * ff)?,
-            u: b.alloc(rows * ff)?,
-            act: b.alloc(rows * ff)?,
-            f: b.alloc(rows * e)?,
-            normed: b.alloc(0)?,
-            logits: b.alloc(0)?,
-            head_rows: 0,
-            keep: Vec::new(),
-        })
-    }
-}
+use crate::taps::{Activation, LayerTap, Tap, WindowFault};
 
 /// One pass of the forward over the positions `start..start + rows`: a prefill chunk
 /// (taps downloaded now) or a decode step (taps staged on the device).
@@ -220,7 +139,7 @@ impl<B: Backend> Pass<'_, '_, B> {
         }
     }
 
-    fn attn_shape(&self) -> AttnShape {
+    fn attn_shape(&self, layer: usize) -> AttnShape {
         let c = &self.rt.cfg;
         AttnShape {
             n_head: c.n_head,
@@ -229,6 +148,8 @@ impl<B: Backend> Pass<'_, '_, B> {
             first_pos: self.start,
             rows: self.rows,
             from_step: self.decode(),
+            // An injected window fault (`--inject blk.L.window:…`) widens, narrows or lifts it.
+            window: WindowFault::window_of(&self.faults.window, layer, c.window_of(layer)),
         }
     }
 }
@@ -264,6 +185,11 @@ impl<B: Backend> Runtime<B> {
         let (b, e) = (&self.backend, self.cfg.n_embd);
         let tokens = if pass.decode() { Src::Step } else { Src::Host(ids) };
         pass.op("embed", b.embed(&self.token_embd, e, tokens, &mut ws.x))?;
+        if self.cfg.variant.scale_embeddings {
+            // Gemma: embeddings × √n_embd (llama.cpp `ggml_scale(inpL, sqrtf(n_embd))`).
+            let factor = (e as f32).sqrt();
+            pass.op("scale (embeddings)", b.scale(&mut ws.x, pass.rows * e, factor))?;
+        }
         pass.tap(Tap::Embed, &mut ws.x)?;
         self.checkpoint(0, ws, pass)?;
         for (l, kv) in kv.iter_mut().enumerate().take(pass.depth()) {
@@ -282,38 +208,33 @@ impl<B: Backend> Runtime<B> {
         pass.op("checkpoint", copy)
     }
 
-    /// Llama block `l` on the residual stream `ws.x`: attention, then the gated FFN, each
-    /// added back to the stream. Fused ops run where no injected fault sits between the
-    /// ops they fuse.
+    /// Block `l` on the residual stream `ws.x`: attention, then the gated FFN, each
+    /// (post-normed in models with post norms) added back to the stream. Fused ops run
+    /// where no injected fault sits between the ops they fuse.
     fn block(&self, l: usize, ws: &mut Workspace<B>, kv: &mut (B::Buf, B::Buf), pass: &mut Pass<B>) -> Result<()> {
         let (c, b, w) = (&self.cfg, &self.backend, &self.layers[l]);
-        let (e, qw, kvw, ff, rows) = (c.n_embd, c.q_width(), c.kv_width(), c.n_ff, pass.rows);
-        let (base, eps) = (c.rope_base as f32, c.rms_eps as f32);
+        let (e, qw, kvw, rows) = (c.n_embd, c.q_width(), c.kv_width(), pass.rows);
+        let eps = c.rms_eps as f32;
         let at = |t: LayerTap| Tap::Layer(l, t);
         let (kc, vc) = kv;
-        let shape = pass.attn_shape();
+        let shape = pass.attn_shape(l);
 
         pass.op(
             "rms_norm (attn)",
             b.rms_norm(&ws.x, &w.attn_norm, rows, e, eps, &mut ws.h),
         )?;
         pass.tap(at(LayerTap::AttnNorm), &mut ws.h)?;
-        let qkv = [&mut ws.q, &mut ws.k, &mut ws.v];
-        pass.op(
-            "matmul q, k, v",
-            weights::matmul3(b, &ws.h, [&w.wq, &w.wk, &w.wv], rows, e, [qw, kvw, kvw], qkv),
-        )?;
-        pass.tap(at(LayerTap::QPreRope), &mut ws.q)?;
-        pass.tap(at(LayerTap::KPreRope), &mut ws.k)?;
+        self.project_qkv(l, ws, pass)?;
         let host_positions = pass.rope_positions(l);
         let positions = host_positions.as_deref().map_or(Src::Step, Src::Host);
+        let freqs = w.freqs();
         let fuse_append = !pass.touched(at(LayerTap::K)) && !pass.touched(at(LayerTap::V));
         if fuse_append {
-            let fused = b.rope_append(&mut ws.q, &mut ws.k, &ws.v, kc, vc, shape, positions, base);
+            let fused = b.rope_append(&mut ws.q, &mut ws.k, &ws.v, kc, vc, shape, positions, freqs);
             pass.op("rope q, k and kv append", fused)?;
         } else {
-            pass.op("rope q", b.rope(&mut ws.q, c.n_head, c.head_dim(), positions, base))?;
-            pass.op("rope k", b.rope(&mut ws.k, c.n_head_kv, c.head_dim(), positions, base))?;
+            pass.op("rope q", b.rope(&mut ws.q, c.n_head, c.head_dim(), positions, freqs))?;
+            pass.op("rope k", b.rope(&mut ws.k, c.n_head_kv, c.head_dim(), positions, freqs))?;
         }
         pass.tap(at(LayerTap::Q), &mut ws.q)?;
         pass.tap(at(LayerTap::K), &mut ws.k)?;
@@ -326,26 +247,91 @@ impl<B: Backend> Runtime<B> {
         pass.tap(at(LayerTap::Attn), &mut ws.attn)?;
         pass.op("matmul attn_output", w.wo.matmul(b, &ws.attn, rows, qw, e, &mut ws.ao))?;
         pass.tap(at(LayerTap::AttnOut), &mut ws.ao)?;
-
+        if let Some([post_attn, _]) = &w.post_norms {
+            pass.op(
+                "rms_norm (post attention)",
+                b.rms_norm(&ws.ao, post_attn, rows, e, eps, &mut ws.post),
+            )?;
+            pass.tap(at(LayerTap::AttnPostNorm), &mut ws.post)?;
+        }
+        let attn_delta = if w.post_norms.is_some() { &ws.post } else { &ws.ao };
         if pass.touched(at(LayerTap::ResidMid)) {
-            pass.op("add (attention residual)", b.add(&ws.x, &ws.ao, rows * e, &mut ws.mid))?;
+            pass.op(
+                "add (attention residual)",
+                b.add(&ws.x, attn_delta, rows * e, &mut ws.mid),
+            )?;
             pass.tap(at(LayerTap::ResidMid), &mut ws.mid)?;
             pass.op(
                 "rms_norm (ffn)",
                 b.rms_norm(&ws.mid, &w.ffn_norm, rows, e, eps, &mut ws.h),
             )?;
         } else {
-            let fused = b.add_rms_norm(&ws.x, &ws.ao, &w.ffn_norm, rows, e, eps, &mut ws.mid, &mut ws.h);
+            let fused = b.add_rms_norm(&ws.x, attn_delta, &w.ffn_norm, rows, e, eps, &mut ws.mid, &mut ws.h);
             pass.op("add (attention residual) and rms_norm (ffn)", fused)?;
             pass.tap(at(LayerTap::ResidMid), &mut ws.mid)?;
         }
         pass.tap(at(LayerTap::FfnNorm), &mut ws.h)?;
-        if pass.touched(at(LayerTap::FfnGate)) || pass.touched(at(LayerTap::FfnUp)) {
+        self.ffn(l, ws, pass)
+    }
+
+    /// Q, K and V of the normed rows `ws.h` into `ws.q`, `ws.k`, `ws.v`, with the
+    /// variant's biases and per-head norms (in that order, as qwen2 and qwen3/gemma3
+    /// apply them); taps `q_pre_rope` and `k_pre_rope`.
+    fn project_qkv(&self, l: usize, ws: &mut Workspace<B>, pass: &mut Pass<B>) -> Result<()> {
+        let (c, b, w) = (&self.cfg, &self.backend, &self.layers[l]);
+        let (e, qw, kvw, rows, hd) = (c.n_embd, c.q_width(), c.kv_width(), pass.rows, c.head_dim());
+        let at = |t: LayerTap| Tap::Layer(l, t);
+        let normed = w.qk_norm.is_some();
+        {
+            let (q, k) = if normed {
+                (&mut ws.q_raw, &mut ws.k_raw)
+            } else {
+                (&mut ws.q, &mut ws.k)
+            };
+            let out = [&mut *q, &mut *k, &mut ws.v];
+            pass.op(
+                "matmul q, k, v",
+                weights::matmul3(b, &ws.h, [&w.wq, &w.wk, &w.wv], rows, e, [qw, kvw, kvw], out),
+            )?;
+            if let Some([bq, bk, bv]) = &w.qkv_bias {
+                pass.op("add bias q", b.add_bias(q, bq, rows, qw))?;
+                pass.op("add bias k", b.add_bias(k, bk, rows, kvw))?;
+                pass.op("add bias v", b.add_bias(&mut ws.v, bv, rows, kvw))?;
+            }
+        }
+        if let Some([q_norm, k_norm]) = &w.qk_norm {
+            let eps = c.rms_eps as f32;
+            let (q_rows, k_rows) = (rows * c.n_head, rows * c.n_head_kv);
+            pass.op(
+                "rms_norm (q heads)",
+                b.rms_norm(&ws.q_raw, q_norm, q_rows, hd, eps, &mut ws.q),
+            )?;
+            pass.op(
+                "rms_norm (k heads)",
+                b.rms_norm(&ws.k_raw, k_norm, k_rows, hd, eps, &mut ws.k),
+            )?;
+        }
+        pass.tap(at(LayerTap::QPreRope), &mut ws.q)?;
+        pass.tap(at(LayerTap::KPreRope), &mut ws.k)
+    }
+
+    /// The gated FFN on `ws.h` (SiLU or GELU-tanh gate), post-normed where the model has
+    /// post norms, added to `ws.mid` into the residual stream `ws.x`.
+    fn ffn(&self, l: usize, ws: &mut Workspace<B>, pass: &mut Pass<B>) -> Result<()> {
+        let (c, b, w) = (&self.cfg, &self.backend, &self.layers[l]);
+        let (e, ff, rows) = (c.n_embd, c.n_ff, pass.rows);
+        let at = |t: LayerTap| Tap::Layer(l, t);
+        let gelu = c.variant.ffn_activation == Activation::GeluTanh;
+        if gelu || pass.touched(at(LayerTap::FfnGate)) || pass.touched(at(LayerTap::FfnUp)) {
             pass.op("matmul ffn_gate", w.wg.matmul(b, &ws.h, rows, e, ff, &mut ws.g))?;
             pass.op("matmul ffn_up", w.wu.matmul(b, &ws.h, rows, e, ff, &mut ws.u))?;
             pass.tap(at(LayerTap::FfnGate), &mut ws.g)?;
             pass.tap(at(LayerTap::FfnUp), &mut ws.u)?;
-            pass.op("silu_mul", b.silu_mul(&ws.g, &ws.u, rows * ff, &mut ws.act))?;
+            if gelu {
+                pass.op("gelu_tanh_mul", b.gelu_tanh_mul(&ws.g, &ws.u, rows * ff, &mut ws.act))?;
+            } else {
+                pass.op("silu_mul", b.silu_mul(&ws.g, &ws.u, rows * ff, &mut ws.act))?;
+            }
         } else {
             let gua = [&mut ws.g, &mut ws.u, &mut ws.act];
             let fused = weights::gate_up_silu(b, &ws.h, &w.wg, &w.wu, rows, e, ff, gua);
@@ -356,7 +342,16 @@ impl<B: Backend> Runtime<B> {
         pass.tap(at(LayerTap::FfnAct), &mut ws.act)?;
         pass.op("matmul ffn_down", w.wd.matmul(b, &ws.act, rows, ff, e, &mut ws.f))?;
         pass.tap(at(LayerTap::FfnOut), &mut ws.f)?;
-        pass.op("add (ffn residual)", b.add(&ws.mid, &ws.f, rows * e, &mut ws.x))?;
+        if let Some([_, post_ffn]) = &w.post_norms {
+            let eps = c.rms_eps as f32;
+            pass.op(
+                "rms_norm (post ffn)",
+                b.rms_norm(&ws.f, post_ffn, rows, e, eps, &mut ws.post),
+            )?;
+            pass.tap(at(LayerTap::FfnPostNorm), &mut ws.post)?;
+        }
+        let ffn_delta = if w.post_norms.is_some() { &ws.post } else { &ws.f };
+        pass.op("add (ffn residual)", b.add(&ws.mid, ffn_delta, rows * e, &mut ws.x))?;
         pass.tap(at(LayerTap::ResidPost), &mut ws.x)
     }
 

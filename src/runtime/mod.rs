@@ -3,8 +3,9 @@
 //!
 //! - `mod.rs`: [`Runtime`] (weights loaded once), `run_prompt` (chunked prefill, then
 //!   greedy decode) and `serve` (a prefix's dump from kept checkpoints).
-//! - `forward.rs`: layer weights, activation buffers, the llama blocks and the output head,
-//!   each over a `Pass` (one chunk's or step's rows, faults and tap route).
+//! - `forward.rs`: the blocks (every variant) and the output head, each over a `Pass`
+//!   (one chunk's or step's rows, faults and tap route); `layer.rs` a layer's weights
+//!   and the activation buffers; `rope.rs` the RoPE frequency table of each layer.
 //! - `capture.rs`: taps only — rows streamed into their dump file in the storage dtype as
 //!   each chunk comes off the device, so a file lands with its last row and a dump holds
 //!   no more than the rows in flight; decode rows staged on the device, downloaded once.
@@ -29,12 +30,14 @@ pub mod cpu;
 mod decode;
 mod forward;
 pub mod gpu;
+mod layer;
 pub use gpu::cuda;
 #[cfg(feature = "hip")]
 pub use gpu::hip;
 pub mod perf;
 mod preflight;
 mod resume;
+pub mod rope;
 mod select;
 pub mod selftest;
 pub mod weights;
@@ -48,7 +51,8 @@ use crate::model::{Config, Model};
 use crate::taps::{LayerTap, PositionSpec, Selection, Tap};
 use backend::Backend;
 use capture::{TapCollector, TapRoute};
-use forward::{LayerWeights, Pass, Workspace};
+use forward::Pass;
+use layer::{LayerWeights, Workspace};
 pub use preflight::preflight;
 pub use resume::KvCache;
 pub use select::BackendKind;
@@ -79,6 +83,25 @@ pub struct Runtime<B: Backend> {
     output_norm: B::Buf,
     output: Matrix<B>,
     layers: Vec<LayerWeights<B>>,
+}
+
+/// The values of `rope_freqs.weight` (one factor per rotated pair), decoded on the host
+/// exactly (by the `cpu` backend's decoders, whatever backend runs the model).
+fn rope_factors(model: &Model) -> Result<Vec<f32>> {
+    const NAME: &str = "rope_freqs.weight";
+    let info = model.weight(NAME)?;
+    let dims: Vec<usize> = info.dims.iter().map(|&d| d as usize).collect();
+    let host = cpu::CpuBackend::new(backend::StorageDType::F32);
+    let values = host.upload_weight(NAME, info.dtype, &dims, model.weight_data(info))?;
+    let pairs = model.config.head_dim() / 2;
+    if values.len() != pairs {
+        return Err(Error::input(format!(
+            "{NAME} holds {} values; RoPE of head dim {} needs {pairs}",
+            values.len(),
+            model.config.head_dim()
+        )));
+    }
+    Ok(values)
 }
 
 /// One prompt's run: what each of its passes (prefill chunks, decode steps) shares.
@@ -114,9 +137,15 @@ impl<B: Backend> Runtime<B> {
         let token_embd = up("token_embd.weight")?;
         let output_norm = up("output_norm.weight")?;
         let output = mat("output.weight")?;
+        let rope_factors = if model.config.variant.rope_freq_factors {
+            Some(rope_factors(model)?)
+        } else {
+            None
+        };
         let mut layers = Vec::with_capacity(model.config.n_layer);
         for l in 0..model.config.n_layer {
-            layers.push(LayerWeights::load(l, &up, &mat)?);
+            let factors = rope_factors.as_deref();
+            layers.push(LayerWeights::load(l, &model.config, factors, &backend, &up, &mat)?);
             on_layer(l);
         }
         backend.sync()?;

@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use super::backend::{AttnShape, Backend, Src, Step};
+use super::backend::{AttnShape, Backend, RopeFreqs, Src, Step};
 use crate::error::Result;
 use crate::model::Config;
 
@@ -199,6 +199,7 @@ impl<B: Backend> Timer<'_, B> {
             first_pos: if decode { ctx } else { 0 },
             rows,
             from_step: decode,
+            window: None,
         };
         let keys = shape.first_pos + rows;
         let (kc, vc) = cache;
@@ -226,7 +227,7 @@ impl<B: Backend> Timer<'_, B> {
             format!("[{rows}x{qw}], [{rows}x{kvw}]"),
             rope_bytes,
             1,
-            |_| b.rope_append(q, k, v, kc, vc, shape, pos_src, base),
+            |_| b.rope_append(q, k, v, kc, vc, shape, pos_src, RopeFreqs::Base(base)),
         )?;
         let attn_bytes = 2 * keys * kvw * sz + 2 * act_bytes(qw);
         self.time(

@@ -234,6 +234,30 @@ fn demo_reproduces_the_long_context_rope_fault() {
     assert!(dir.path().join("demo/report/report.html").is_file());
 }
 
+/// `demo --model gemma`: a sliding window one position too wide in layer 7 of the real
+/// Gemma 3 270M changes nothing before the window's edge; bisect names the attention
+/// output there, at position 512, and replay pins it on layer 7.
+#[test]
+fn demo_gemma_finds_the_sliding_window_fault_at_the_window_edge() {
+    gemma3();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_resbisect"))
+        .current_dir(root())
+        .args(["demo", "--model", "gemma", "-o", path_str(&dir.path().join("demo"))])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stderr.contains("blk.7.window:shift=1@0"), "{stderr}");
+    assert!(
+        stdout.contains("FIRST DIVERGENCE: blk.7.attn at position 512"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("INTRODUCES error"), "{stdout}");
+    assert!(dir.path().join("demo/report/bisect.html").is_file());
+}
+
 #[test]
 fn the_runtime_can_be_the_oracle() {
     // A known-good build as the oracle: the same runtime without the fault. Replay still

@@ -7,24 +7,6 @@ use safetensors::SafeTensors;
 
 use crate::util::*;
 
-fn rel_l2(a: &[f64], b: &[f64]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
-    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-    num / den.max(1e-300)
-}
-
-fn f32s(data: &[u8]) -> Vec<f64> {
-    data.chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-        .collect()
-}
-
-fn i64s(data: &[u8]) -> Vec<i64> {
-    data.chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
-
 fn dump(args: &[&str]) -> Dump {
     let out = resbisect(args);
     assert_eq!(out.code, 0, "{}", out.stderr);

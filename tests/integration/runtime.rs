@@ -152,8 +152,8 @@ fn cpu_runtime_matches_the_reference_on_smollm2() {
         "calibrate",
         path_str(&cal_rt),
         path_str(&cal_ref),
-        "--margin",
-        "4",
+        // The default margin (8 × each tap's p99 on long_826): rows here run to position
+        // 1652, where blk.16.q_pre_rope measured 4.05× its p99.
         "-o",
         path_str(&tol),
     ]);
@@ -201,7 +201,10 @@ fn preflight_refuses_before_any_op() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), "q8_0", 32);
     let out_dir = dir.path().join("never");
-    let tokens: Vec<String> = (0..1020).map(|i| (i % 900 + 3).to_string()).collect();
+    // A prompt 4 positions short of the preset's context, plus 10 generated, overflows it.
+    let n_ctx = resbisect::synth::preset("tiny").unwrap().config.n_ctx;
+    let prompt_len = n_ctx - 4;
+    let tokens: Vec<String> = (0..prompt_len).map(|i| (i % 900 + 3).to_string()).collect();
     let out = resbisect(&[
         "dump",
         "--engine",
@@ -217,7 +220,10 @@ fn preflight_refuses_before_any_op() {
     ]);
     assert_refused(
         &out,
-        "preflight: 1020 prompt tokens + 10 generated = 1030 positions exceed the model's context of 1024",
+        &format!(
+            "preflight: {prompt_len} prompt tokens + 10 generated = {} positions exceed the model's context of {n_ctx}",
+            prompt_len + 10
+        ),
     );
     assert!(!out_dir.exists());
     let out = resbisect(&[

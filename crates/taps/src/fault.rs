@@ -73,6 +73,38 @@ pub struct BlockFault {
     pub quant_type: String,
 }
 
+/// How a corrupted sliding window masks the keys of a windowed layer (runtime only).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WindowCorruption {
+    /// A window of `window + shift` positions (at least 1): an off-by-N window bound.
+    Shift(i64),
+    /// No window at all: the windowed layer attends to every earlier position.
+    Global,
+}
+
+/// A wrong sliding window on windowed layers (`layer` None: every windowed layer). A window
+/// belongs to the layer, not to positions: its first effect shows at the window's edge
+/// (position `window` for a wider or absent window, `window - 1 + shift` for a narrower one).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowFault {
+    pub layer: Option<usize>,
+    pub corruption: WindowCorruption,
+}
+
+impl WindowFault {
+    /// The window layer `layer` attends with, given its model window (None: global).
+    pub fn window_of(faults: &[WindowFault], layer: usize, window: Option<usize>) -> Option<usize> {
+        let window = window?;
+        match faults.iter().find(|f| f.layer.is_none_or(|l| l == layer)) {
+            None => Some(window),
+            Some(f) => match f.corruption {
+                WindowCorruption::Shift(s) => Some((window as i64 + s).max(1) as usize),
+                WindowCorruption::Global => None,
+            },
+        }
+    }
+}
+
 /// Every fault injected into one run of the oracle.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Faults {

@@ -14,6 +14,8 @@ mod tap;
 pub use alias::{canonical_tap, canonical_tap_id, canonical_tap_name};
 pub use config::{Activation, Config, RopeScaling, RopeStyle, SlidingWindow, Variant, MAX_DIM};
 pub use error::Error;
-pub use fault::{BlockFault, Fault, Faults, NormFault, RopeCorruption, RopeFault, TapFault};
+pub use fault::{
+    BlockFault, Fault, Faults, NormFault, RopeCorruption, RopeFault, TapFault, WindowCorruption, WindowFault,
+};
 pub use selection::{consecutive_runs, parse_layers, parse_taps, positions_spec, PositionSpec, Selection};
 pub use tap::{all_taps, model_taps, FileStem, LayerTap, Tap, EMBED_TAP, LAYER_TAPS, OUTPUT_TAPS};

@@ -116,7 +116,7 @@ impl From<f32> for Arg {
 }
 
 /// The most arguments a kernel takes (rb_rope_append).
-const MAX_ARGS: usize = 13;
+const MAX_ARGS: usize = 16;
 
 /// A kernel and its arguments, ready for a driver to launch.
 #[derive(Debug, Clone, Copy)]
@@ -163,6 +163,8 @@ kernels! {
     fn rb_embed(table: Ptr, ids: Ptr, out: Ptr, width: i32, rows: i32);
     fn rb_add(a: Ptr, b: Ptr, out: Ptr, n: i64);
     fn rb_silu_mul(gate: Ptr, up: Ptr, out: Ptr, n: i64);
+    fn rb_gelu_tanh_mul(gate: Ptr, up: Ptr, out: Ptr, n: i64);
+    fn rb_add_bias(x: Ptr, bias: Ptr, n: i64, width: i64);
     /// `dyn_row`, when set, moves the destination to the step record's row.
     fn rb_copy(src: Ptr, dst: Ptr, n: i64, dyn_row: Ptr, width: i64);
     fn rb_perturb(x: Ptr, start: i64, n: i64, kind: i32, value: f32);
@@ -174,27 +176,48 @@ kernels! {
     fn rb_matmul(x: Ptr, w: Ptr, out: Ptr, rows: i32, k: i32, n: i32);
     fn rb_rms_norm(x: Ptr, w: Ptr, out: Ptr, width: i32, eps: f32);
     fn rb_add_rms_norm(a: Ptr, b: Ptr, w: Ptr, sum: Ptr, out: Ptr, width: i32, eps: f32);
-    fn rb_rope(x: Ptr, positions: Ptr, rows: i32, heads: i32, head_dim: i32, base: f32);
+    /// `inv_freq` [`Ptr::NONE`]: base^(-2i/d) formed on the device, adjacent pairs (plain
+    /// llama); otherwise the f32 table, `neox` pairing and `mscale` of
+    /// [`RopeFreqs::Table`](crate::runtime::backend::RopeFreqs).
+    fn rb_rope(
+        x: Ptr, positions: Ptr, rows: i32, heads: i32, head_dim: i32, base: f32,
+        inv_freq: Ptr, neox: i32, mscale: f32,
+    );
     fn rb_rope_append(
         q: Ptr, k: Ptr, v: Ptr, k_cache: Ptr, v_cache: Ptr, positions: Ptr,
         rows: i32, n_head: i32, n_kv: i32, head_dim: i32, base: f32, dyn_row: Ptr, row0: i32,
+        inv_freq: Ptr, neox: i32, mscale: f32,
     );
     fn rb_argmax(x: Ptr, width: i32, out: Ptr);
-    fn rb_softmax_causal(scores: Ptr, probs: Ptr, n_keys: i32, rows: i32, first_key: i32);
+    /// `window` 0: the whole prefix; else the sliding window (as the attention kernels).
+    fn rb_softmax_causal(scores: Ptr, probs: Ptr, n_keys: i32, rows: i32, first_key: i32, window: i32);
     fn rb_attention_tiled_64(
         q: Ptr, k_cache: Ptr, v_cache: Ptr, out: Ptr, rows: i32, n_head: i32, n_kv: i32, first_pos: i32, dyn_first: Ptr,
+        window: i32,
     );
     fn rb_attention_part_64(
         q: Ptr, k_cache: Ptr, v_cache: Ptr, part: Ptr, rows: i32, n_head: i32, n_kv: i32, first_pos: i32, dyn_first: Ptr,
+        window: i32,
     );
     fn rb_attention_merge_64(part: Ptr, out: Ptr, n_head: i32, splits: i32);
     fn rb_attention_tiled_128(
         q: Ptr, k_cache: Ptr, v_cache: Ptr, out: Ptr, rows: i32, n_head: i32, n_kv: i32, first_pos: i32, dyn_first: Ptr,
+        window: i32,
     );
     fn rb_attention_part_128(
         q: Ptr, k_cache: Ptr, v_cache: Ptr, part: Ptr, rows: i32, n_head: i32, n_kv: i32, first_pos: i32, dyn_first: Ptr,
+        window: i32,
     );
     fn rb_attention_merge_128(part: Ptr, out: Ptr, n_head: i32, splits: i32);
+    fn rb_attention_tiled_256(
+        q: Ptr, k_cache: Ptr, v_cache: Ptr, out: Ptr, rows: i32, n_head: i32, n_kv: i32, first_pos: i32, dyn_first: Ptr,
+        window: i32,
+    );
+    fn rb_attention_part_256(
+        q: Ptr, k_cache: Ptr, v_cache: Ptr, part: Ptr, rows: i32, n_head: i32, n_kv: i32, first_pos: i32, dyn_first: Ptr,
+        window: i32,
+    );
+    fn rb_attention_merge_256(part: Ptr, out: Ptr, n_head: i32, splits: i32);
     fn rb_dequant_f32(src: Ptr, out: Ptr, blocks: i64);
     fn rb_dequant_f16(src: Ptr, out: Ptr, blocks: i64);
     fn rb_dequant_bf16(src: Ptr, out: Ptr, blocks: i64);
@@ -219,8 +242,9 @@ kernels! {
     fn rb_qdequant_q6_k(w: Ptr, out: Ptr, subs: i64);
 }
 
-/// The signature the tiled and split-keys attention kernels share.
-pub type AttentionKernel = fn(Ptr, Ptr, Ptr, Ptr, i32, i32, i32, i32, Ptr) -> KernelCall;
+/// The signature the tiled and split-keys attention kernels share (the last argument is
+/// the sliding window, 0 for none).
+pub type AttentionKernel = fn(Ptr, Ptr, Ptr, Ptr, i32, i32, i32, i32, Ptr, i32) -> KernelCall;
 /// The merge of split attention's partial states.
 pub type MergeKernel = fn(Ptr, Ptr, i32, i32) -> KernelCall;
 /// A GGUF block decoder: raw blocks in, stored values out.

@@ -10,13 +10,14 @@ use super::plan::{attention_plan, AttnPlan, Grid, GEMV_ROWS};
 use super::{Driver, GpuBackend, StepField};
 use crate::dump::RowBytes;
 use crate::error::{Error, Result};
-use crate::runtime::backend::{self, AttnShape, Backend, Row, Src, Step, StorageDType};
+use crate::runtime::backend::{self, AttnShape, Backend, RopeFreqs, Row, Src, Step, StorageDType};
 
 /// An address no allocation holds: a copy aimed here faults on the device.
 const UNMAPPED: Ptr = Ptr(0x10);
 
 impl<D: Driver> Backend for GpuBackend<D> {
     type Buf = D::Buf;
+    type Table = D::Bytes;
     type Graph = D::Graph;
     type Quant = super::quant::GpuQuant<D>;
 
@@ -42,6 +43,16 @@ impl<D: Driver> Backend for GpuBackend<D> {
             return self.alloc(0);
         }
         self.driver.upload(&host)
+    }
+
+    fn upload_table(&self, data: &[f32]) -> Result<Self::Table> {
+        // An empty upload still gets an allocation (a table is never read past its end).
+        let bytes: &[u8] = if data.is_empty() {
+            &[0; 4]
+        } else {
+            bytemuck::cast_slice(data)
+        };
+        self.driver.upload_bytes(bytes)
     }
 
     fn upload_weight(&self, name: &str, dtype: GgmlDType, dims: &[usize], data: &[u8]) -> Result<Self::Buf> {
@@ -171,10 +182,19 @@ impl<D: Driver> Backend for GpuBackend<D> {
             .launch(kernels::rb_matmul(xp, wp, op, r, ki, ni), Grid::tiles(rows, n))
     }
 
-    fn rope(&self, x: &mut Self::Buf, heads: usize, head_dim: usize, positions: Src<f32>, base: f32) -> Result<()> {
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        heads: usize,
+        head_dim: usize,
+        positions: Src<f32>,
+        freqs: RopeFreqs<Self::Table>,
+    ) -> Result<()> {
         let (n, pos) = self.rope_positions(positions)?;
         self.check(self.len(x), n * heads * head_dim, "rope")?;
-        let call = kernels::rb_rope(self.ptr(x), pos, n as i32, heads as i32, head_dim as i32, base);
+        let (base, table, neox, mscale) = self.rope_args(freqs);
+        let (rows, h, hd) = (n as i32, heads as i32, head_dim as i32);
+        let call = kernels::rb_rope(self.ptr(x), pos, rows, h, hd, base, table, neox, mscale);
         self.driver.launch(call, Grid::linear(n * heads * head_dim / 2, 256))
     }
 
@@ -226,9 +246,10 @@ impl<D: Driver> Backend for GpuBackend<D> {
         let (qp, kp, vp, op) = (self.ptr(q), self.ptr(k_cache), self.ptr(v_cache), self.ptr(out));
         let (rows, nh, nkv, first) = (s.rows as i32, s.n_head as i32, s.n_head_kv as i32, s.first_pos as i32);
         let dyn_first = self.dyn_pos(s.from_step);
+        let window = window_arg(s.window);
         match plan {
             AttnPlan::Tiled { kernel, grid } => {
-                let call = kernel(qp, kp, vp, op, rows, nh, nkv, first, dyn_first);
+                let call = kernel(qp, kp, vp, op, rows, nh, nkv, first, dyn_first, window);
                 self.driver.launch(call, grid)
             }
             AttnPlan::Split {
@@ -240,7 +261,7 @@ impl<D: Driver> Backend for GpuBackend<D> {
             } => {
                 // The plan keeps the partial states within the scratch.
                 let scratch = Ptr(self.driver.bytes_addr(&self.attn_part));
-                let call = part(qp, kp, vp, scratch, rows, nh, nkv, first, dyn_first);
+                let call = part(qp, kp, vp, scratch, rows, nh, nkv, first, dyn_first, window);
                 self.driver.launch(call, part_grid)?;
                 self.driver.launch(merge(scratch, op, nh, splits), merge_grid)
             }
@@ -253,9 +274,31 @@ impl<D: Driver> Backend for GpuBackend<D> {
         self.driver.launch(call, Grid::linear(n, 256))
     }
 
+    fn gelu_tanh_mul(&self, gate: &Self::Buf, up: &Self::Buf, n: usize, out: &mut Self::Buf) -> Result<()> {
+        self.check(self.len(gate).min(self.len(up)).min(self.len(out)), n, "gelu_tanh_mul")?;
+        let call = kernels::rb_gelu_tanh_mul(self.ptr(gate), self.ptr(up), self.ptr(out), n as i64);
+        self.driver.launch(call, Grid::linear(n, 256))
+    }
+
     fn add(&self, a: &Self::Buf, b: &Self::Buf, n: usize, out: &mut Self::Buf) -> Result<()> {
         self.check(self.len(a).min(self.len(b)).min(self.len(out)), n, "add")?;
         let call = kernels::rb_add(self.ptr(a), self.ptr(b), self.ptr(out), n as i64);
+        self.driver.launch(call, Grid::linear(n, 256))
+    }
+
+    fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf, rows: usize, width: usize) -> Result<()> {
+        self.check(self.len(x), rows * width, "add_bias")?;
+        self.check(self.len(bias), width, "add_bias bias")?;
+        let n = rows * width;
+        let call = kernels::rb_add_bias(self.ptr(x), self.ptr(bias), n as i64, width as i64);
+        self.driver.launch(call, Grid::linear(n, 256))
+    }
+
+    fn scale(&self, x: &mut Self::Buf, n: usize, factor: f32) -> Result<()> {
+        self.check(self.len(x), n, "scale")?;
+        // rb_perturb's kind 0 is exactly x · value, rounded once.
+        let (kind, value) = kernels::fault_code(Fault::Scale(factor as f64));
+        let call = kernels::rb_perturb(self.ptr(x), 0, n as i64, kind, value);
         self.driver.launch(call, Grid::linear(n, 256))
     }
 
@@ -355,7 +398,7 @@ impl<D: Driver> Backend for GpuBackend<D> {
         v_cache: &mut Self::Buf,
         s: AttnShape,
         positions: Src<f32>,
-        base: f32,
+        freqs: RopeFreqs<Self::Table>,
     ) -> Result<()> {
         let (qw, kvw) = (s.n_head * s.head_dim, s.n_head_kv * s.head_dim);
         let first = if s.from_step { self.step.get().pos } else { s.first_pos };
@@ -371,6 +414,7 @@ impl<D: Driver> Backend for GpuBackend<D> {
                 s.rows
             )));
         }
+        let (base, table, neox, mscale) = self.rope_args(freqs);
         let call = kernels::rb_rope_append(
             self.ptr(q),
             self.ptr(k),
@@ -385,6 +429,9 @@ impl<D: Driver> Backend for GpuBackend<D> {
             base,
             self.dyn_pos(s.from_step),
             s.first_pos as i32,
+            table,
+            neox,
+            mscale,
         );
         // The step record's position is the one checked above.
         let threads = s.rows * (qw / 2 + kvw / 2 + kvw);
@@ -427,5 +474,22 @@ impl<D: Driver> Backend for GpuBackend<D> {
 
     fn replay(&self, graph: &Self::Graph) -> Result<()> {
         self.driver.replay(graph)
+    }
+}
+
+/// The `window` argument of the attention kernels: 0 for the whole prefix.
+fn window_arg(window: Option<usize>) -> i32 {
+    window.map_or(0, |w| w.min(i32::MAX as usize) as i32)
+}
+
+impl<D: Driver> GpuBackend<D> {
+    /// The RoPE kernel arguments (base, table, neox, mscale) of `freqs`.
+    fn rope_args(&self, freqs: RopeFreqs<D::Bytes>) -> (f32, Ptr, i32, f32) {
+        match freqs {
+            RopeFreqs::Base(base) => (base, Ptr::NONE, 0, 1.0),
+            RopeFreqs::Table { inv_freq, neox, mscale } => {
+                (0.0, Ptr(self.driver.bytes_addr(inv_freq)), neox as i32, mscale)
+            }
+        }
     }
 }

@@ -55,9 +55,11 @@ pub const GEMV_ROWS: usize = 4;
 const ATTN_SPLIT_PAIRS: usize = 4096;
 /// Most key splits per (row, head): 16 × 32 heads fills an H100 at one row.
 const ATTN_MAX_SPLITS: usize = 16;
+/// The head dims the attention kernels are instantiated for (RB_ATTENTION in ops.hip).
+pub const ATTN_HEAD_DIMS: [usize; 3] = [64, 128, 256];
 /// Floats of the partial-state scratch a backend allocates once: max, weight sum and the
 /// largest head dim of values, for every state.
-pub const ATTN_PART_FLOATS: usize = ATTN_SPLIT_PAIRS * (128 + 2);
+pub const ATTN_PART_FLOATS: usize = ATTN_SPLIT_PAIRS * (256 + 2);
 
 /// How a backend runs an attention call.
 pub enum AttnPlan {
@@ -82,21 +84,20 @@ pub fn attention_plan(s: &AttnShape, backend: &str) -> Result<AttnPlan> {
             s.n_head, s.n_head_kv
         )));
     }
-    if s.head_dim != 64 && s.head_dim != 128 {
+    if !ATTN_HEAD_DIMS.contains(&s.head_dim) {
         return Err(Error::input(format!(
-            "{backend}: attention kernels exist for head dim 64 and 128, not {}",
+            "{backend}: attention kernels exist for head dims {ATTN_HEAD_DIMS:?}, not {}",
             s.head_dim
         )));
     }
     let pairs = s.rows * s.n_head;
-    let wide = s.head_dim == 128;
     let (rows, heads) = (s.rows as u32, s.n_head as u32);
     Ok(if pairs < ATTN_SPLIT_PAIRS {
         let splits = (ATTN_SPLIT_PAIRS / pairs).min(ATTN_MAX_SPLITS);
-        let (part, merge): (AttentionKernel, MergeKernel) = if wide {
-            (kernels::rb_attention_part_128, kernels::rb_attention_merge_128)
-        } else {
-            (kernels::rb_attention_part_64, kernels::rb_attention_merge_64)
+        let (part, merge): (AttentionKernel, MergeKernel) = match s.head_dim {
+            64 => (kernels::rb_attention_part_64, kernels::rb_attention_merge_64),
+            128 => (kernels::rb_attention_part_128, kernels::rb_attention_merge_128),
+            _ => (kernels::rb_attention_part_256, kernels::rb_attention_merge_256),
         };
         AttnPlan::Split {
             part,
@@ -112,10 +113,10 @@ pub fn attention_plan(s: &AttnShape, backend: &str) -> Result<AttnPlan> {
             splits: splits as i32,
         }
     } else {
-        let kernel: AttentionKernel = if wide {
-            kernels::rb_attention_tiled_128
-        } else {
-            kernels::rb_attention_tiled_64
+        let kernel: AttentionKernel = match s.head_dim {
+            64 => kernels::rb_attention_tiled_64,
+            128 => kernels::rb_attention_tiled_128,
+            _ => kernels::rb_attention_tiled_256,
         };
         AttnPlan::Tiled {
             kernel,

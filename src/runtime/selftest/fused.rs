@@ -4,7 +4,8 @@
 
 use super::Checker;
 use crate::error::Result;
-use crate::runtime::backend::{AttnShape, Backend, Row, Src, Step};
+use crate::runtime::backend::{AttnShape, Backend, RopeFreqs, Row, Src, Step};
+use crate::runtime::rope::RopeTable;
 
 /// The (token, position) of each checked decode step; its index is its tap slot.
 const DECODE_STEPS: [(u32, usize); 3] = [(7, 40), (3, 41), (9, 63)];
@@ -12,9 +13,9 @@ const DECODE_STEPS: [(u32, usize); 3] = [(7, 40), (3, 41), (9, 63)];
 const DECODE_CACHE_ROWS: usize = 64;
 const DECODE_VOCAB: usize = 50;
 
-/// Heads of an attention check: query heads, KV heads, head dim.
+/// Heads of an attention check: query heads, KV heads, head dim, sliding window.
 #[derive(Clone, Copy)]
-struct Heads(usize, usize, usize);
+struct Heads(usize, usize, usize, Option<usize>);
 
 impl Heads {
     fn shape(self, first_pos: usize, from_step: bool) -> AttnShape {
@@ -25,6 +26,7 @@ impl Heads {
             first_pos,
             rows: 1,
             from_step,
+            window: self.3,
         }
     }
 }
@@ -62,8 +64,15 @@ impl<B: Backend> Checker<'_, B> {
     /// A decode step whose token, position and tap slot come from the step record: embed,
     /// RoPE, KV append, attention and a staged tap copy, recorded once where the backend
     /// records (else issued each time) and run at several positions; the cpu backend gets
-    /// the same values from the host.
-    pub(super) fn decode_step(&mut self, n_head: usize, n_kv: usize, head_dim: usize) -> Result<()> {
+    /// the same values from the host. With a `window` (Gemma-style), attention is
+    /// windowed and RoPE runs from a NeoX table (the later steps lie past the window).
+    pub(super) fn decode_step(
+        &mut self,
+        n_head: usize,
+        n_kv: usize,
+        head_dim: usize,
+        window: Option<usize>,
+    ) -> Result<()> {
         let (qw, kvw) = (n_head * head_dim, n_kv * head_dim);
         let inputs = DecodeInputs {
             table: self.random(DECODE_VOCAB * qw, 1.0),
@@ -71,14 +80,21 @@ impl<B: Backend> Checker<'_, B> {
             v: self.random(DECODE_CACHE_ROWS * kvw, 1.0),
             k_new: self.random(kvw, 1.0),
         };
-        let heads = Heads(n_head, n_kv, head_dim);
-        let expected = self.decode_on_cpu(heads, &inputs)?;
+        let heads = Heads(n_head, n_kv, head_dim, window);
+        let table = window.map(|_| super::variant::yarn_table(head_dim, true));
+        let expected = self.decode_on_cpu(heads, &inputs, table.as_ref())?;
         let t0 = std::time::Instant::now();
-        let (staged, recorded) = self.decode_on_device(heads, &inputs)?;
+        let (staged, recorded) = self.decode_on_device(heads, &inputs, table.as_ref())?;
         let how = if recorded { "recorded once, replayed" } else { "issued" };
+        let op = if window.is_some() {
+            "decode_step windowed"
+        } else {
+            "decode_step"
+        };
+        let window = window.map_or(String::new(), |w| format!(", window {w}, NeoX RoPE table"));
         self.record(
-            "decode_step",
-            format!("heads {n_head}/{n_kv} x {head_dim} at positions 40, 41, 63 ({how})"),
+            op,
+            format!("heads {n_head}/{n_kv} x {head_dim} at positions 40, 41, 63{window} ({how})"),
             &staged,
             &expected,
             t0.elapsed().as_secs_f64(),
@@ -87,8 +103,8 @@ impl<B: Backend> Checker<'_, B> {
     }
 
     /// The decode steps' attention outputs, one row per step, from host-given inputs.
-    fn decode_on_cpu(&self, heads: Heads, inputs: &DecodeInputs) -> Result<Vec<f32>> {
-        let Heads(n_head, n_kv, head_dim) = heads;
+    fn decode_on_cpu(&self, heads: Heads, inputs: &DecodeInputs, rope: Option<&RopeTable>) -> Result<Vec<f32>> {
+        let Heads(n_head, n_kv, head_dim, _) = heads;
         let (qw, kvw) = (n_head * head_dim, n_kv * head_dim);
         let cpu = &self.cpu;
         let (mut k, v, k_new, table) = (
@@ -97,10 +113,12 @@ impl<B: Backend> Checker<'_, B> {
             cpu.upload(&inputs.k_new)?,
             cpu.upload(&inputs.table)?,
         );
+        let inv_freq = rope.map(|t| cpu.upload_table(&t.inv_freq)).transpose()?;
+        let freqs = super::variant::freqs(rope.zip(inv_freq.as_ref()));
         let (mut q, mut attn, mut staged) = (cpu.alloc(qw)?, cpu.alloc(qw)?, cpu.alloc(DECODE_STEPS.len() * qw)?);
         for (slot, &(token, pos)) in DECODE_STEPS.iter().enumerate() {
             cpu.embed(&table, qw, Src::Host(&[token]), &mut q)?;
-            cpu.rope(&mut q, n_head, head_dim, Src::Host(&[pos as f32]), 10000.0)?;
+            cpu.rope(&mut q, n_head, head_dim, Src::Host(&[pos as f32]), freqs)?;
             cpu.copy_rows(&k_new, &mut k, Row::At(pos), 1, kvw)?;
             cpu.attention(&q, &k, &v, heads.shape(pos, false), &mut attn)?;
             cpu.copy_rows(&attn, &mut staged, Row::At(slot), 1, qw)?;
@@ -110,8 +128,13 @@ impl<B: Backend> Checker<'_, B> {
 
     /// The same steps on the checked backend from the step record, and whether they were
     /// recorded once and replayed.
-    fn decode_on_device(&self, heads: Heads, inputs: &DecodeInputs) -> Result<(B::Buf, bool)> {
-        let Heads(n_head, n_kv, head_dim) = heads;
+    fn decode_on_device(
+        &self,
+        heads: Heads,
+        inputs: &DecodeInputs,
+        rope: Option<&RopeTable>,
+    ) -> Result<(B::Buf, bool)> {
+        let Heads(n_head, n_kv, head_dim, _) = heads;
         let (qw, kvw) = (n_head * head_dim, n_kv * head_dim);
         let g = self.gpu;
         let (mut k, v, k_new, table) = (
@@ -120,6 +143,8 @@ impl<B: Backend> Checker<'_, B> {
             g.upload(&inputs.k_new)?,
             g.upload(&inputs.table)?,
         );
+        let inv_freq = rope.map(|t| g.upload_table(&t.inv_freq)).transpose()?;
+        let freqs = super::variant::freqs(rope.zip(inv_freq.as_ref()));
         let (mut q, mut attn, mut staged) = (g.alloc(qw)?, g.alloc(qw)?, self.guarded(DECODE_STEPS.len() * qw)?);
         let mut graph = None;
         for (slot, &(token, pos)) in DECODE_STEPS.iter().enumerate() {
@@ -132,7 +157,7 @@ impl<B: Backend> Checker<'_, B> {
             })?;
             let mut issue = || -> Result<()> {
                 g.embed(&table, qw, Src::Step, &mut q)?;
-                g.rope(&mut q, n_head, head_dim, Src::Step, 10000.0)?;
+                g.rope(&mut q, n_head, head_dim, Src::Step, freqs)?;
                 g.copy_rows(&k_new, &mut k, Row::StepPos, 1, kvw)?;
                 g.attention(&q, &k, &v, heads.shape(pos, true), &mut attn)?;
                 g.copy_rows(&attn, &mut staged, Row::StepSlot, 1, qw)
@@ -237,6 +262,7 @@ impl<B: Backend> Checker<'_, B> {
             first_pos,
             rows,
             from_step: false,
+            window: None,
         };
         let positions: Vec<f32> = (first_pos..first_pos + rows).map(|p| p as f32).collect();
         let cache = (first_pos + rows) * kvw;
@@ -244,12 +270,13 @@ impl<B: Backend> Checker<'_, B> {
         let at = Src::Host(&positions);
         let Qkv { cq, ck, cv, gq, gk, gv } = qkv;
         self.cpu
-            .rope_append(cq, ck, cv, &mut ckc, &mut cvc, shape, at, 10000.0)?;
+            .rope_append(cq, ck, cv, &mut ckc, &mut cvc, shape, at, RopeFreqs::Base(10000.0))?;
         let (mut gkc, mut gvc) = (self.guarded(cache)?, self.guarded(cache)?);
         for c in [&mut gkc, &mut gvc] {
             g.copy_rows(&g.upload(&vec![0.5; cache])?, c, Row::At(0), 1, cache)?;
         }
-        let (_, s) = self.timed(|| g.rope_append(gq, gk, gv, &mut gkc, &mut gvc, shape, at, 10000.0))?;
+        let (_, s) =
+            self.timed(|| g.rope_append(gq, gk, gv, &mut gkc, &mut gvc, shape, at, RopeFreqs::Base(10000.0)))?;
         let mut q_out = self.guarded(rows * e)?;
         g.copy_rows(gq, &mut q_out, Row::At(0), rows, e)?;
         let (heads, kv_heads) = (e / head_dim, kvw / head_dim);

@@ -6,6 +6,7 @@
 mod fused;
 mod ops;
 mod quant;
+mod variant;
 
 use candle_core::quantized::GgmlDType;
 use rand::{RngExt, SeedableRng};
@@ -144,8 +145,9 @@ const MATMULS: [(usize, usize, usize); 11] = [
     (5, 576, 49152),
     (3, 2048, 32000),
 ];
-/// RMSNorm shapes (rows, width).
-const RMS_NORMS: [(usize, usize); 4] = [(1, 7), (5, 576), (64, 2048), (3, 5632)];
+/// RMSNorm shapes (rows, width); the last two are per-head q/k norms (rows × heads
+/// rows of a head dim).
+const RMS_NORMS: [(usize, usize); 6] = [(1, 7), (5, 576), (64, 2048), (3, 5632), (7 * 9, 128), (33 * 4, 256)];
 /// RoPE shapes (rows, heads, head dim, first position).
 const ROPES: [(usize, usize, usize, usize); 4] = [(1, 9, 64, 0), (17, 3, 64, 5), (64, 32, 64, 2000), (3, 8, 128, 8189)];
 /// Attention shapes (heads, KV heads, head dim, first position, rows): the decode, split,
@@ -203,7 +205,7 @@ pub fn run<B: Backend>(gpu: &B, seed: u64, long: bool) -> Result<Vec<OpCheck>> {
     }
     let long_attention = if long { &ATTENTION_LONG[..] } else { &[] };
     for &(h, kv, hd, first, rows) in ATTENTION.iter().chain(long_attention) {
-        c.attention(h, kv, hd, first, rows)?;
+        c.attention(h, kv, hd, first, rows, None)?;
     }
     for n in [1, 1000, 3 * 5632 + 1] {
         c.elementwise(n)?;
@@ -212,8 +214,9 @@ pub fn run<B: Backend>(gpu: &B, seed: u64, long: bool) -> Result<Vec<OpCheck>> {
         c.fused(rows, e, kvw, ff, hd, first)?;
     }
     for (n_head, n_kv, head_dim) in [(9, 3, 64), (32, 4, 64), (8, 2, 128)] {
-        c.decode_step(n_head, n_kv, head_dim)?;
+        c.decode_step(n_head, n_kv, head_dim, None)?;
     }
+    variant::run(&mut c)?;
     c.embed_copy_perturb(1000, 576, 9)?;
     c.embed_copy_perturb(300, 2048, 2)?;
     for width in [7, 32000, 49152] {

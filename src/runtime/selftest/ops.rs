@@ -9,7 +9,7 @@ use resbisect_taps::Fault;
 
 use super::{Checker, OpCheck};
 use crate::error::{Error, Result};
-use crate::runtime::backend::{AttnShape, Backend, Row, Src};
+use crate::runtime::backend::{AttnShape, Backend, RopeFreqs, Row, Src};
 
 impl<B: Backend> Checker<'_, B> {
     pub(super) fn matmul(&mut self, rows: usize, k: usize, n: usize) -> Result<()> {
@@ -41,9 +41,11 @@ impl<B: Backend> Checker<'_, B> {
         let positions: Vec<f32> = (first..first + rows).map(|p| p as f32).collect();
         let mut g = self.gpu.upload(&x)?;
         let mut c = self.cpu.upload(&x)?;
-        self.cpu.rope(&mut c, heads, head_dim, Src::Host(&positions), 10000.0)?;
+        self.cpu
+            .rope(&mut c, heads, head_dim, Src::Host(&positions), RopeFreqs::Base(10000.0))?;
         let gpu = self.gpu;
-        let (_, s) = self.timed(|| gpu.rope(&mut g, heads, head_dim, Src::Host(&positions), 10000.0))?;
+        let (_, s) =
+            self.timed(|| gpu.rope(&mut g, heads, head_dim, Src::Host(&positions), RopeFreqs::Base(10000.0)))?;
         // rope works in place on an exact-size buffer: copy into a guarded one to check.
         let mut out = self.guarded(x.len())?;
         self.gpu.copy_rows(&g, &mut out, Row::At(0), rows, heads * head_dim)?;
@@ -72,6 +74,7 @@ impl<B: Backend> Checker<'_, B> {
         head_dim: usize,
         first_pos: usize,
         rows: usize,
+        window: Option<usize>,
     ) -> Result<()> {
         let total = first_pos + rows;
         let (q, k, v) = (
@@ -86,6 +89,7 @@ impl<B: Backend> Checker<'_, B> {
             first_pos,
             rows,
             from_step: false,
+            window,
         };
         let (gq, gk, gv, mut gout) = (
             self.gpu.upload(&q)?,
@@ -102,9 +106,13 @@ impl<B: Backend> Checker<'_, B> {
         self.cpu.attention(&cq, &ck, &cv, shape, &mut cout)?;
         let gpu = self.gpu;
         let (_, s) = self.timed(|| gpu.attention(&gq, &gk, &gv, shape, &mut gout))?;
+        let (op, window) = match window {
+            Some(w) => ("attention windowed", format!(", window {w}")),
+            None => ("attention", String::new()),
+        };
         self.record(
-            "attention",
-            format!("{rows} rows from {first_pos}, heads {n_head}/{n_kv} x {head_dim}"),
+            op,
+            format!("{rows} rows from {first_pos}, heads {n_head}/{n_kv} x {head_dim}{window}"),
             &gout,
             &cout,
             s,

@@ -132,3 +132,24 @@ pub fn set_meta(meta: &mut [(String, gguf_file::Value)], key: &str, value: gguf_
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// rel L2 = ‖a − b‖₂ / ‖b‖₂ (b the reference side).
+pub fn rel_l2(a: &[f64], b: &[f64]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
+    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    num / den.max(1e-300)
+}
+
+/// Little-endian f32 values, widened.
+pub fn f32s(data: &[u8]) -> Vec<f64> {
+    data.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+        .collect()
+}
+
+/// Little-endian i64 values.
+pub fn i64s(data: &[u8]) -> Vec<i64> {
+    data.chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}

@@ -218,7 +218,8 @@ where
             })?;
         }
         let first = (s.first_pos + c0) as i32;
-        let call = rb_softmax_causal(Ptr(at.scores), Ptr(at.probs), nk as i32, n as i32, first);
+        let window = s.window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
+        let call = rb_softmax_causal(Ptr(at.scores), Ptr(at.probs), nk as i32, n as i32, first, window);
         let grid = Grid {
             blocks: (n as u32, group as u32, 1),
             threads: (256, 1, 1),

@@ -233,20 +233,6 @@ pub fn bisect(
     std::thread::scope(|scope| search::search(scope, a, b, replayer, prompt, config, opts))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::coarse_layers;
-
-    #[test]
-    fn coarse_layers_double_up_to_the_last() {
-        assert_eq!(coarse_layers(1), vec![0]);
-        assert_eq!(coarse_layers(2), vec![0, 1]);
-        assert_eq!(coarse_layers(22), vec![0, 1, 2, 4, 8, 16, 21]);
-        assert_eq!(coarse_layers(30), vec![0, 1, 2, 4, 8, 16, 29]);
-        assert_eq!(coarse_layers(17), vec![0, 1, 2, 4, 8, 16]);
-    }
-}
-
 /// A note for a report whose A is llama.cpp and whose B is the reference computing
 /// exactly: llama.cpp quantizes each matmul's activations to 8 bits and stores K and V in
 /// f16 by design (docs/profiles.md), so it departs from an exact oracle from layer 0 on
@@ -260,4 +246,18 @@ pub fn numerics_note(a: &crate::dump::EngineInfo, b: &crate::dump::EngineInfo) -
          a bug; rerun with --profile llamacpp-cpu (docs/profiles.md) to compare against those numerics"
             .to_string()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::coarse_layers;
+
+    #[test]
+    fn coarse_layers_double_up_to_the_last() {
+        assert_eq!(coarse_layers(1), vec![0]);
+        assert_eq!(coarse_layers(2), vec![0, 1]);
+        assert_eq!(coarse_layers(22), vec![0, 1, 2, 4, 8, 16, 21]);
+        assert_eq!(coarse_layers(30), vec![0, 1, 2, 4, 8, 16, 29]);
+        assert_eq!(coarse_layers(17), vec![0, 1, 2, 4, 8, 16]);
+    }
 }

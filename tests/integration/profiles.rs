@@ -73,7 +73,7 @@ fn a_small_fault_is_found_exactly_under_the_llamacpp_cpu_profile() {
     );
     assert!(
         d.stdout
-            .contains("resbisect-reference+inject(blk.1.attn_out:scale=1.01@17), profile llamacpp-cpu"),
+            .contains("resbisect-reference+inject(blk.1.attn_out:scale=1.01@17) 0.1.0, profile llamacpp-cpu"),
         "{}",
         d.stdout
     );

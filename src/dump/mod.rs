@@ -196,7 +196,7 @@ pub fn parse_manifest(text: &[u8]) -> std::result::Result<Manifest, String> {
             taps: Vec::new(),
             positions: PositionSpec::all(),
         },
-        Some(v) => loose_selection(object(v, "selection")?, model.config.n_layer)?,
+        Some(v) => loose_selection(object(v, "selection")?, &model.config)?,
     };
     let status = match string(top, "", "status")?.as_str() {
         "running" => Status::Running,
@@ -392,7 +392,8 @@ fn float(o: &JsonMap, parent: &str, key: &str) -> std::result::Result<f64, Strin
 /// record, so any documented spelling is accepted: layers as a list or a spec (`"all"`,
 /// `"0..4"`), taps as a list or a comma-separated string (`"all"`, aliases), positions
 /// as a spec string or a list of specs and positions (`["all"]`, `[0, 1, "8.."]`).
-fn loose_selection(o: &JsonMap, n_layer: usize) -> std::result::Result<Selection, String> {
+fn loose_selection(o: &JsonMap, config: &Config) -> std::result::Result<Selection, String> {
+    let n_layer = config.n_layer;
     use serde_json::Value;
     let items = |key: &str| -> std::result::Result<Option<String>, String> {
         let at = format!("selection.{key}");
@@ -422,7 +423,13 @@ fn loose_selection(o: &JsonMap, n_layer: usize) -> std::result::Result<Selection
         Some(spec) if spec.is_empty() => Vec::new(),
         // Informational: names this build does not know are kept as written.
         Some(spec) => {
-            crate::taps::parse_taps(&spec).unwrap_or_else(|_| spec.split(',').map(|s| s.trim().to_string()).collect())
+            let mut taps = crate::taps::parse_taps(&spec)
+                .unwrap_or_else(|_| spec.split(',').map(|s| s.trim().to_string()).collect());
+            // `all` is every tap this model has (a llama model has no Gemma post norms).
+            if spec.split(',').any(|s| s.trim() == "all") {
+                taps.retain(|name| crate::taps::LayerTap::from_name(name).is_none_or(|t| t.in_model(config)));
+            }
+            taps
         }
     };
     let positions = items("positions")?

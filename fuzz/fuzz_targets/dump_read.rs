@@ -6,7 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 use resbisect::diff::{calibrate, diff, DiffOptions, Judge};
 use resbisect::dump::Dump;
-use resbisect::tolerance::Tolerances;
+use resbisect::tolerance::{Calibration, Tolerances};
 
 fuzz_target!(|data: &[u8]| {
     let root = resbisect_fuzz::scratch();
@@ -33,7 +33,13 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Ok(report) = diff(&dump, &dump, &opts) {
         // What calibrate writes, its loader reads back (NaN rows once made `null`).
-        let (tolerances, _notes) = calibrate(std::slice::from_ref(&report), 10.0, 1e-6);
+        let how = Calibration {
+            quantile: 0.99,
+            margin: 8.0,
+            floor: 1e-7,
+            abs_floor: 1e-6,
+        };
+        let (tolerances, _notes) = calibrate(std::slice::from_ref(&report), &how);
         let path = root.join("tolerances.json");
         std::fs::write(&path, serde_json::to_string(&tolerances).expect("tolerances serialize"))
             .expect("scratch write");

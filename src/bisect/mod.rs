@@ -146,6 +146,9 @@ pub struct BisectReport {
     /// [`numerics_note`]); absent when nothing explains it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub numerics_note: Option<String>,
+    /// How the oracle's twin set the tolerances, when one ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub twin: Option<String>,
     #[serde(skip)]
     pub final_diff: Option<DiffReport>,
     /// The coarse probe's comparison, for the report's layers × positions plot.
@@ -184,6 +187,7 @@ impl BisectReport {
             seconds_replay: 0.0,
             reproduce: Vec::new(),
             numerics_note: None,
+            twin: None,
             final_diff: None,
             coarse_diff: None,
         }
@@ -221,16 +225,18 @@ pub fn coarse_layers(n_layer: usize) -> Vec<usize> {
 }
 
 /// Run the search on one prompt: A against the oracle B over the model of `config`,
-/// local replay on `replayer`.
+/// local replay on `replayer`. With `twin` (B's twin, when B is the reference under a
+/// rounding profile), every probe measures each tap's tolerance against it.
 pub fn bisect(
     a: &mut dyn Engine,
     b: &mut dyn Engine,
+    twin: Option<&mut dyn Engine>,
     replayer: Replayer,
     prompt: PromptRecord,
     config: &Config,
     opts: &BisectOptions,
 ) -> Result<BisectReport> {
-    std::thread::scope(|scope| search::search(scope, a, b, replayer, prompt, config, opts))
+    std::thread::scope(|scope| search::search(scope, a, b, twin, replayer, prompt, config, opts))
 }
 
 /// A note for a report whose A is llama.cpp and whose B is the reference computing

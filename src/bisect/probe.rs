@@ -3,7 +3,7 @@
 //! that reproduce it and its dumps for the later phases (and local replay) to read rows from.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Instant;
@@ -12,10 +12,20 @@ use serde::Serialize;
 
 use super::{BisectOptions, Crash};
 use crate::diff::{self, DiffOptions, DiffReport, Judge};
-use crate::dump::{Dump, MappedFile, PromptRecord, TapView};
+use crate::dump::{Dump, MappedFile, PromptRecord, TapDType, TapView};
 use crate::engine::{crash_report, Engine};
 use crate::error::{Error, Result};
 use crate::taps::{PositionSpec, Selection, Tap};
+use crate::tolerance::{TapTolerance, Tolerances};
+
+/// A tap's tolerance under a rounding profile is this many times the twin's worst row
+/// so far (never below the tap's own tolerance). Measured on SmolLM2 Q4_1, 1652 tokens,
+/// healthy llama.cpp CPU against `llamacpp-cpu` at layers 0, 1, 2, 5, 14, 29, every tap
+/// (docs/validation.md): llama.cpp's worst row per 128-row chunk was at most 3.0× the
+/// twin's worst row over the prefix up to that chunk (blk.0.attn_out, where single
+/// 8-bit rounding flips are rare and land on different rows), and 1.0–2.1× over the
+/// whole prompt.
+pub const TWIN_MARGIN: f64 = 4.0;
 
 /// One probe: both engines dumped the same selection over the same prefix.
 #[derive(Debug, Clone, Serialize)]
@@ -102,6 +112,8 @@ pub(super) struct ProbeDirs {
     suite: PathBuf,
     a: PathBuf,
     b: PathBuf,
+    /// The oracle's twin, beside B.
+    twin: PathBuf,
 }
 
 /// An engine's result of one probe and the seconds it took.
@@ -123,12 +135,18 @@ pub(super) struct Session<'e> {
     mapped: RefCell<MappedFiles>,
     /// How probes are judged: automatically for the coarse probe, then as it decided.
     pub(super) judge: Judge,
+    /// The oracle's twin when B's profile rounds: it dumps what B dumps on every probe,
+    /// and its distance to B sets each tap's tolerance ([`TWIN_MARGIN`]).
+    pub(super) twin: Option<&'e mut dyn Engine>,
+    /// The twin's worst row rel L2 against B so far, per tap.
+    twin_noise: RefCell<BTreeMap<String, f64>>,
 }
 
 impl<'e> Session<'e> {
     pub(super) fn new(
         a: &'e mut dyn Engine,
         b: &'e mut dyn Engine,
+        twin: Option<&'e mut dyn Engine>,
         opts: &'e BisectOptions,
         prompt: PromptRecord,
     ) -> Self {
@@ -141,7 +159,11 @@ impl<'e> Session<'e> {
             dirs: Vec::new(),
             reproduce: Vec::new(),
             mapped: Default::default(),
-            judge: opts.judge,
+            // The twin measures the noise floor itself: rows are judged by the tolerances
+            // it sets.
+            judge: if twin.is_some() { Judge::Tolerance } else { opts.judge },
+            twin,
+            twin_noise: Default::default(),
         }
     }
 
@@ -174,7 +196,12 @@ impl<'e> Session<'e> {
             tokens: self.prompt.tokens[..tokens].to_vec(),
             ..self.prompt.clone()
         };
-        let (result_a, result_b) = self.run_engines(purpose, &prompt, sel, dirs);
+        let (result_a, result_b, twin) = self.run_engines(purpose, &prompt, sel, dirs);
+        let seconds_twin = match twin {
+            Some((Err(e), _)) => return Err(Error::input(format!("the oracle's twin failed: {e}"))),
+            Some((Ok(()), secs)) => secs,
+            None => 0.0,
+        };
         let mut crash = None;
         let mut seconds = [0.0; 2];
         for (i, ((result, secs), engine, out, name)) in
@@ -206,7 +233,7 @@ impl<'e> Session<'e> {
             positions: sel.positions.to_string(),
             chunks: 1,
             seconds_a: seconds[0],
-            seconds_b: seconds[1],
+            seconds_b: seconds[1] + seconds_twin,
             seconds_diff: 0.0,
             bytes_a: dir_bytes(&dirs.a),
             bytes_b: dir_bytes(&dirs.b),
@@ -220,7 +247,7 @@ impl<'e> Session<'e> {
             Some(c) => {
                 record.finding = format!("engine {} failed: {}", c.engine, c.error.message);
                 let partial = match (Dump::open(&dirs.a), Dump::open(&dirs.b)) {
-                    (Ok(da), Ok(db)) => diff::diff(&da, &db, &self.diff_options(judge)).ok(),
+                    (Ok(da), Ok(db)) => diff::diff(&da, &db, &self.diff_options(judge, None)).ok(),
                     _ => None,
                 };
                 ProbeResult::Crashed(c, partial)
@@ -241,53 +268,118 @@ impl<'e> Session<'e> {
         Ok(ProbeDirs {
             a: dir.join("a"),
             b: dir.join("b"),
+            twin: dir.join("twin"),
             suite,
             dir: dir.to_path_buf(),
         })
     }
 
-    /// Both engines' dumps of `prompt` with `sel`, each with the seconds it took.
+    /// Both engines' dumps of `prompt` with `sel`, and the twin's after B's, each with
+    /// the seconds it took.
     fn run_engines(
         &mut self,
         purpose: &str,
         prompt: &PromptRecord,
         sel: &Selection,
         dirs: &ProbeDirs,
-    ) -> (Timed, Timed) {
+    ) -> (Timed, Timed, Option<Timed>) {
         let timed = |engine: &mut dyn Engine, out: &Path| {
             let t0 = Instant::now();
             let result = engine.dump(prompt, sel, out);
             crate::trace::mark(|| format!("probe {purpose}: {} done", engine.label()));
             (result, t0.elapsed().as_secs_f64())
         };
-        let (a, b) = (&mut *self.a, &mut *self.b);
+        let (a, b, twin) = (&mut *self.a, &mut *self.b, self.twin.as_deref_mut());
+        let oracle_side = move || (timed(b, &dirs.b), twin.map(|t| timed(t, &dirs.twin)));
         if self.opts.sequential {
-            return (timed(a, &dirs.a), timed(b, &dirs.b));
+            let result_a = timed(a, &dirs.a);
+            let (result_b, result_twin) = oracle_side();
+            return (result_a, result_b, result_twin);
         }
         // Both engines at once: they are independent, and one often waits on a device or
         // a disk while the other computes.
         std::thread::scope(|scope| {
-            let job_b = scope.spawn(|| timed(b, &dirs.b));
+            let job_b = scope.spawn(oracle_side);
             let result_a = timed(a, &dirs.a);
-            (
-                result_a,
-                job_b.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-            )
+            let (result_b, result_twin) = job_b.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (result_a, result_b, result_twin)
         })
     }
 
-    fn diff_options(&self, judge: Judge) -> DiffOptions {
+    /// Comparison options; the tolerances include what the twin measured (and, given
+    /// the probe's directory, are written there for its reproduce commands).
+    fn diff_options(&self, judge: Judge, probe_dir: Option<&Path>) -> DiffOptions {
+        let tolerances = self.tolerances();
+        if let (Some(dir), true) = (probe_dir, self.twin.is_some()) {
+            if let Ok(text) = serde_json::to_string_pretty(&tolerances) {
+                let _ = std::fs::write(dir.join("tolerances.json"), text);
+            }
+        }
         DiffOptions {
-            tolerances: self.opts.tolerances.clone(),
+            tolerances,
             allow_model_mismatch: self.opts.allow_model_mismatch,
             judge,
         }
     }
 
+    /// The search's tolerances, with each tap the twin has measured at
+    /// max(its tolerance, [`TWIN_MARGIN`] × the twin's worst row so far).
+    pub(super) fn tolerances(&self) -> Tolerances {
+        let base = &self.opts.tolerances;
+        let measured: Vec<TapTolerance> = self
+            .twin_noise
+            .borrow()
+            .iter()
+            .map(|(tap, &noise)| {
+                let own = base.for_tap(tap, TapDType::F32);
+                TapTolerance {
+                    pattern: tap.clone(),
+                    rel_l2: own.rel_l2.max(TWIN_MARGIN * noise),
+                    abs: own.abs,
+                    measured: Some(noise),
+                }
+            })
+            .collect();
+        Tolerances {
+            // First match wins: the measured taps before any pattern of the base.
+            taps: measured.into_iter().chain(base.taps.iter().cloned()).collect(),
+            ..base.clone()
+        }
+    }
+
+    /// The twin's rows beside B's dump at `b` against B's: each tap's worst row joins
+    /// what the twin measured.
+    fn measure_twin(&self, b: &Path) -> Result<()> {
+        if self.twin.is_none() {
+            return Ok(());
+        }
+        let twin = b.with_file_name("twin");
+        let opts = DiffOptions {
+            tolerances: self.opts.tolerances.clone(),
+            allow_model_mismatch: false,
+            judge: Judge::Tolerance,
+        };
+        let r = diff::diff(&Dump::open(&twin)?, &Dump::open(b)?, &opts)?;
+        let mut noise = self.twin_noise.borrow_mut();
+        for t in r.prompts.iter().flat_map(|p| &p.taps) {
+            let worst = t.max_rel_l2();
+            if !worst.is_finite() {
+                return Err(Error::input(format!(
+                    "the oracle's twin has non-finite rows at {} against the oracle",
+                    t.tap
+                )));
+            }
+            let kept = noise.entry(t.tap.clone()).or_insert(0.0);
+            *kept = kept.max(worst);
+        }
+        Ok(())
+    }
+
     /// The dumps at `a` and `b` compared as `judge` says; each must hold the residual
     /// stream it was asked for.
     pub(super) fn compare_dumps(&self, purpose: &str, a: &Path, b: &Path, judge: Judge) -> Result<DiffReport> {
-        let r = diff::diff(&Dump::open(a)?, &Dump::open(b)?, &self.diff_options(judge))?;
+        self.measure_twin(b)?;
+        let r = diff::diff(&Dump::open(a)?, &Dump::open(b)?, &self.diff_options(judge, b.parent()))?;
         check_stream_written(&r, purpose)?;
         Ok(r)
     }
@@ -300,24 +392,29 @@ impl<'e> Session<'e> {
             dirs.dir.join("reproduce").join("a"),
             dirs.dir.join("reproduce").join("b"),
         );
-        let tol = self
-            .opts
-            .tolerances
-            .source
-            .as_ref()
-            .map(|p| format!(" --tolerances {}", crate::engine::shell_quote(p)))
-            .unwrap_or_default();
         let quote = |p: &Path| crate::engine::shell_quote(&p.display().to_string());
-        vec![
+        // Under a twin, the tolerances it set are the probe's own file.
+        let tol = match &self.twin {
+            Some(_) => Some(dirs.dir.join("tolerances.json").display().to_string()),
+            None => self.opts.tolerances.source.clone(),
+        }
+        .map(|p| format!(" --tolerances {}", crate::engine::shell_quote(&p)))
+        .unwrap_or_default();
+        let mut commands = vec![
             self.a.reproduce(prompt_id, &dirs.suite, sel, &dirs.a, &repro_a),
             self.b.reproduce(prompt_id, &dirs.suite, sel, &dirs.b, &repro_b),
-            format!(
-                "{} diff {} {}{tol}",
-                crate::engine::resbisect_command(),
-                quote(&repro_a),
-                quote(&repro_b)
-            ),
-        ]
+        ];
+        if let Some(twin) = &self.twin {
+            let repro_twin = dirs.dir.join("reproduce").join("twin");
+            commands.push(twin.reproduce(prompt_id, &dirs.suite, sel, &dirs.twin, &repro_twin));
+        }
+        commands.push(format!(
+            "{} diff {} {}{tol}",
+            crate::engine::resbisect_command(),
+            quote(&repro_a),
+            quote(&repro_b)
+        ));
+        commands
     }
 
     /// Set the latest probe's finding.

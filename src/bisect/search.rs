@@ -118,6 +118,7 @@ pub(super) fn search<'s, 'r: 's>(
     scope: &'s Scope<'s, 'r>,
     a: &mut dyn Engine,
     b: &mut dyn Engine,
+    twin: Option<&mut dyn Engine>,
     replayer: Replayer<'r>,
     prompt: PromptRecord,
     config: &Config,
@@ -125,10 +126,18 @@ pub(super) fn search<'s, 'r: 's>(
 ) -> Result<BisectReport> {
     let start = Instant::now();
     check_work_dir(&opts.work)?;
-    let report = BisectReport::new(&prompt, a.label(), b.label());
+    let mut report = BisectReport::new(&prompt, a.label(), b.label());
+    report.twin = twin.as_ref().map(|t| {
+        format!(
+            "tolerances measured by the oracle's twin ({}): each tap max(its tolerance, {} × the twin's worst row against the oracle)",
+            t.label(),
+            super::probe::TWIN_MARGIN
+        )
+    });
     let mut search = Search {
         scope,
-        session: Session::new(a, b, opts, prompt.clone()),
+        // Option does not coerce its trait object to the session's shorter lifetime by itself.
+        session: Session::new(a, b, twin.map(|t| t as &mut dyn Engine), opts, prompt.clone()),
         replayer,
         opts,
         n: prompt.tokens.len(),

@@ -108,7 +108,12 @@ impl Session<'_> {
     /// The chunk dumps `parts` joined into one dump per engine under `dir`, compared as
     /// the session judges.
     fn join(&self, purpose: &str, parts: &[PathBuf], dir: &Path) -> Result<(PathBuf, DiffReport)> {
-        for side in ["a", "b"] {
+        let sides: &[&str] = if self.twin.is_some() {
+            &["a", "b", "twin"]
+        } else {
+            &["a", "b"]
+        };
+        for side in sides {
             let chunks: Vec<PathBuf> = parts.iter().map(|p| p.join(side)).collect();
             join_chunks(&chunks, &self.prompt.id, &dir.join(side))?;
         }

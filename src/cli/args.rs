@@ -449,6 +449,10 @@ pub struct DumpArgs {
     /// (docs/profiles.md).
     #[arg(long, default_value = "exact")]
     pub profile: String,
+    /// Reference: the profile's twin, with projections and attention in f64; its
+    /// distance to the plain reference is the profile's noise floor (docs/profiles.md).
+    #[arg(long)]
+    pub twin: bool,
     /// Runtime backend.
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: BackendKind,
@@ -504,6 +508,7 @@ impl DumpArgs {
                 let spec = RefSpec {
                     precision: RefPrecision::parse(&self.dtype)?,
                     profile: parse_profile(&self.profile)?,
+                    twin: self.twin,
                 };
                 let runtime_only = self.prefill_chunk.is_some() || self.sync_check || self.weights != "native";
                 if self.max_tokens > 0 || self.warmup > 0 || runtime_only {
@@ -513,8 +518,10 @@ impl DumpArgs {
                 }
                 EngineKind::Reference(spec)
             }
-            DumpEngine::Runtime if self.profile != Profile::Exact.name() => {
-                return Err(Error::input("--profile is a reference option (--engine reference)"))
+            DumpEngine::Runtime if self.profile != Profile::Exact.name() || self.twin => {
+                return Err(Error::input(
+                    "--profile and --twin are reference options (--engine reference)",
+                ))
             }
             DumpEngine::Runtime => EngineKind::Runtime {
                 backend: self.backend,
@@ -542,6 +549,7 @@ impl BisectArgs {
         Ok(RefSpec {
             precision: RefPrecision::parse(&self.reference_dtype)?,
             profile: parse_profile(&self.profile)?,
+            twin: false,
         })
     }
 

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use resbisect::bisect::{self, BisectOptions, Outcome, Replayer};
 use resbisect::diff::Judge;
-use resbisect::engine::{start_pair, EngineSpec, RefSpec};
+use resbisect::engine::{start_pair, EngineKind, EngineSpec, RefSpec};
 use resbisect::model::Model;
 use resbisect::prompts::Input;
 use resbisect::tolerance::Tolerances;
@@ -84,6 +84,7 @@ pub(super) fn run(r: BisectRun) -> Result<ExitCode> {
         },
     };
     let opts = options(&r)?;
+    let mut twin = twin_of(spec_b).map(|spec| spec.open(&model)).transpose()?;
     resbisect::trace::mark(|| "engines ready".into());
     eprintln!(
         "bisecting {} ({} tokens): A = {}, B = {}; probes in {}",
@@ -97,6 +98,7 @@ pub(super) fn run(r: BisectRun) -> Result<ExitCode> {
     let found = bisect::bisect(
         engines.a.as_mut(),
         engines.b.as_mut(),
+        twin.as_deref_mut().map(|t| t as &mut dyn resbisect::engine::Engine),
         replayer,
         prompt,
         &model.config,
@@ -128,6 +130,18 @@ pub(super) fn run(r: BisectRun) -> Result<ExitCode> {
         Outcome::Diverged => ExitCode::from(1),
         Outcome::Crashed => ExitCode::from(3),
     })
+}
+
+/// The twin of an oracle B that is the reference under a rounding profile (it loads
+/// on its first probe).
+fn twin_of(b: &EngineSpec) -> Option<EngineSpec> {
+    match &b.kind {
+        EngineKind::Reference(spec) => spec.twin().map(|twin| EngineSpec {
+            kind: EngineKind::Reference(twin),
+            ..b.clone()
+        }),
+        _ => None,
+    }
 }
 
 /// The search's options; the work directory is checked (absent or empty).

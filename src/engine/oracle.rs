@@ -53,6 +53,9 @@ impl RefPrecision {
 pub struct RefSpec {
     pub precision: RefPrecision,
     pub profile: Profile,
+    /// The profile's twin: projections and attention in f64 (`Reference::into_twin`);
+    /// bisect measures a profile's noise floor against it.
+    pub twin: bool,
 }
 
 impl From<RefPrecision> for RefSpec {
@@ -61,17 +64,27 @@ impl From<RefPrecision> for RefSpec {
         Self {
             precision,
             profile: Profile::Exact,
+            twin: false,
         }
     }
 }
 
 impl RefSpec {
-    /// `f32`, or `f32, profile llamacpp-cpu` when a profile is on: for labels and reports.
+    /// `f32`, or `f32, profile llamacpp-cpu` when a profile is on, `…, twin` for the
+    /// twin: for labels and reports.
     pub fn label(self) -> String {
-        match self.profile {
-            Profile::Exact => self.precision.name().to_string(),
-            p => format!("{}, profile {p}", self.precision.name()),
-        }
+        let profile = match self.profile {
+            Profile::Exact => String::new(),
+            p => format!(", profile {p}"),
+        };
+        let twin = if self.twin { ", twin (f64 dot products)" } else { "" };
+        format!("{}{profile}{twin}", self.precision.name())
+    }
+
+    /// The twin of this oracle when its profile rounds (any but exact): what bisect
+    /// measures the profile's noise floor with.
+    pub fn twin(self) -> Option<RefSpec> {
+        (self.profile != Profile::Exact && !self.twin).then_some(RefSpec { twin: true, ..self })
     }
 }
 
@@ -102,6 +115,7 @@ impl Oracle {
             spec.profile,
             on_layer,
         )
+        .and_then(|r| if spec.twin { r.into_twin() } else { Ok(r) })
         .map_err(|e| Error::engine(format!("reference: loading weights: {e:#}")))?;
         Ok(Self { inner, spec })
     }

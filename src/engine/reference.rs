@@ -81,6 +81,13 @@ impl Engine for ReferenceEngine<'_> {
             &self.injections,
         )
         .with_profile(self.spec.profile.name());
+        let engine = match self.spec.twin {
+            true => EngineInfo {
+                options: Some(serde_json::json!({"twin": "projections and attention in f64"})),
+                ..engine
+            },
+            false => engine,
+        };
         let mut runner = OracleRunner {
             oracle: &oracle,
             faults: &self.faults,

@@ -64,8 +64,9 @@ impl DumpCommand<'_> {
             Profile::Exact => String::new(),
             p => format!(" --profile {p}"),
         };
+        let twin = if spec.twin { " --twin" } else { "" };
         format!(
-            "{} dump --engine reference --dtype {}{profile} {}",
+            "{} dump --engine reference --dtype {}{profile}{twin} {}",
             resbisect_command(),
             spec.precision.name(),
             self.args()

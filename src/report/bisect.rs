@@ -48,6 +48,9 @@ pub fn bisect_summary(r: &BisectReport) -> String {
     if let Some(note) = &r.numerics_note {
         let _ = writeln!(s, "note: {note}");
     }
+    if let Some(twin) = &r.twin {
+        let _ = writeln!(s, "{twin}");
+    }
     if !r.noise.is_empty() {
         let _ = writeln!(s, "{}", noise_line(r));
     }
@@ -191,6 +194,9 @@ fn md_findings(s: &mut String, r: &BisectReport) {
     }
     if let Some(note) = &r.numerics_note {
         let _ = writeln!(s, "- note: {}", md_text(note));
+    }
+    if let Some(twin) = &r.twin {
+        let _ = writeln!(s, "- {}", md_text(twin));
     }
 }
 

@@ -203,6 +203,34 @@ fn llamacpp_knob_bugs_are_found_exactly_against_the_llamacpp_cpu_profile() {
     }
 }
 
+/// A healthy llama.cpp against the `llamacpp-cpu` profile on 1652 tokens, every layer's
+/// rows past the first 8-bit rounding flips included: clean at the default tolerances,
+/// because the oracle's twin measures how far such flips carry (docs/profiles.md).
+#[test]
+fn a_healthy_llamacpp_is_clean_against_the_llamacpp_cpu_profile_on_a_long_prompt() {
+    let Some(exe) = adapter() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let long = root().join("fixtures/prompts/long.jsonl").display().to_string();
+    let (code, r) = bisect_json(
+        &[
+            "--prompts",
+            &long,
+            "--id",
+            "long_1652",
+            "--engine",
+            "external",
+            "--command",
+            &command(&exe, ""),
+            "--profile",
+            "llamacpp-cpu",
+        ],
+        &dir.path().join("work"),
+    );
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(r["outcome"], "clean", "{r}");
+    assert!(r["twin"].as_str().unwrap_or_default().contains("twin"), "{r}");
+}
+
 /// Replay's verdicts agree with the search: layer 0 introduces the error, and the first
 /// tap off its replay is the tap bisect named. (The knobs act in every layer, so later
 /// replayed layers introduce error too, rightly.)

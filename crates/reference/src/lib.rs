@@ -71,6 +71,8 @@ pub struct Reference {
     dtype: DType,
     /// The engine numerics the oracle imitates ([`Profile::Exact`]: none).
     profile: Profile,
+    /// Projections and attention in f64 around `dtype`'s other ops ([`Reference::into_twin`]).
+    f64_dots: bool,
     /// Weights outside the layers; absent in a reference loaded only for layer replay.
     io: Option<IoWeights>,
     /// `None` for layers a replay-only reference did not load.
@@ -199,10 +201,32 @@ impl Reference {
             cfg,
             dtype,
             profile,
+            f64_dots: false,
             io,
             layers,
             freq_factors,
         })
+    }
+
+    /// The profile's twin: the same numerics, but every projection and the attention
+    /// computed in f64 and rounded back to the compute dtype. It differs from this
+    /// reference only as two sound implementations of one profile do (in the order and
+    /// precision of their sums), so its distance to this reference measures the noise
+    /// a sound engine shows against it: under 8-bit activation quantization a last-bit
+    /// difference moves a value across a rounding step, and that noise grows with depth.
+    pub fn into_twin(mut self) -> Result<Self> {
+        let twin = |p: &Projection| p.to_dtype(DType::F64);
+        for layer in self.layers.iter_mut().flatten() {
+            layer.wqkv = twin(&layer.wqkv)?;
+            layer.wo = twin(&layer.wo)?;
+            layer.w_gate_up = twin(&layer.w_gate_up)?;
+            layer.w_down = twin(&layer.w_down)?;
+        }
+        if let Some(io) = &mut self.io {
+            io.output = twin(&io.output)?;
+        }
+        self.f64_dots = true;
+        Ok(self)
     }
 
     fn io(&self) -> Result<&IoWeights> {
@@ -522,15 +546,17 @@ impl Reference {
     /// f16 rounding).
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, positions: &[usize], window: Option<usize>) -> Result<Tensor> {
         let (q, k, v) = attention_inputs(self.profile, q, k, v)?;
-        attention(
-            &q,
-            &k,
-            &v,
+        let dots = if self.f64_dots { DType::F64 } else { self.dtype };
+        let out = attention(
+            &q.to_dtype(dots)?,
+            &k.to_dtype(dots)?,
+            &v.to_dtype(dots)?,
             positions,
             &self.cfg,
             window,
             self.profile.attention_in_f16(),
-        )
+        )?;
+        Ok(out.to_dtype(self.dtype)?)
     }
 
     /// Local replay: recompute layer `l` from a given residual-stream input (`rows × n_embd`

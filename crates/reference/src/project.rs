@@ -36,10 +36,14 @@ impl Projection {
 
     /// Output columns `start..start + len` of the projection of `x`; the range must cover
     /// whole parts.
+    /// The product accumulates in the weight's dtype: f64 weights (the twin,
+    /// [`Projection::to_dtype`]) take `x` to f64 and the result back to `x`'s dtype.
     pub fn apply_cols(&self, x: &Tensor, profile: Profile, start: usize, len: usize) -> Result<Tensor> {
+        let (dtype, dots) = (x.dtype(), self.w.dtype());
+        let x = &x.to_dtype(dots)?;
         let w = self.w.narrow(1, start, len)?;
         if profile == Profile::Exact {
-            return Ok(x.matmul(&w)?);
+            return Ok(x.matmul(&w)?.to_dtype(dtype)?);
         }
         let mut outs = Vec::new();
         let mut cached: Vec<(ActRounding, Tensor, Option<Tensor>)> = Vec::new();
@@ -65,7 +69,25 @@ impl Projection {
             }
             outs.push(y);
         }
-        Ok(Tensor::cat(&outs, 1)?)
+        Ok(Tensor::cat(&outs, 1)?.to_dtype(dtype)?)
+    }
+
+    /// The same projection with its weight (and block offsets) in `dtype`.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            w: self.w.to_dtype(dtype)?,
+            parts: self
+                .parts
+                .iter()
+                .map(|p| -> Result<Part> {
+                    Ok(Part {
+                        dtype: p.dtype,
+                        cols: p.cols,
+                        offsets: p.offsets.as_ref().map(|o| o.to_dtype(dtype)).transpose()?,
+                    })
+                })
+                .collect::<Result<_>>()?,
+        })
     }
 }
 

@@ -224,19 +224,25 @@ pub fn coarse_layers(n_layer: usize) -> Vec<usize> {
     out
 }
 
+/// The engines of one search: A (under test), the oracle B, and B's twin when B is the
+/// reference under a rounding profile (every probe then measures each tap's tolerance
+/// against it).
+pub struct Engines<'e> {
+    pub a: &'e mut dyn Engine,
+    pub b: &'e mut dyn Engine,
+    pub twin: Option<&'e mut dyn Engine>,
+}
+
 /// Run the search on one prompt: A against the oracle B over the model of `config`,
-/// local replay on `replayer`. With `twin` (B's twin, when B is the reference under a
-/// rounding profile), every probe measures each tap's tolerance against it.
-pub fn bisect(
-    a: &mut dyn Engine,
-    b: &mut dyn Engine,
-    twin: Option<&mut dyn Engine>,
+/// local replay on `replayer`.
+pub fn bisect<'e>(
+    engines: Engines<'e>,
     replayer: Replayer,
     prompt: PromptRecord,
     config: &Config,
-    opts: &BisectOptions,
+    opts: &'e BisectOptions,
 ) -> Result<BisectReport> {
-    std::thread::scope(|scope| search::search(scope, a, b, twin, replayer, prompt, config, opts))
+    std::thread::scope(|scope| search::search(scope, engines, replayer, prompt, config, opts))
 }
 
 /// A note for a report whose A is llama.cpp and whose B is the reference computing

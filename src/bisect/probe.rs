@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::{BisectOptions, Crash};
+use super::{BisectOptions, Crash, Engines};
 use crate::diff::{self, DiffOptions, DiffReport, Judge};
 use crate::dump::{Dump, MappedFile, PromptRecord, TapDType, TapView};
 use crate::engine::{crash_report, Engine};
@@ -143,13 +143,8 @@ pub(super) struct Session<'e> {
 }
 
 impl<'e> Session<'e> {
-    pub(super) fn new(
-        a: &'e mut dyn Engine,
-        b: &'e mut dyn Engine,
-        twin: Option<&'e mut dyn Engine>,
-        opts: &'e BisectOptions,
-        prompt: PromptRecord,
-    ) -> Self {
+    pub(super) fn new(engines: Engines<'e>, opts: &'e BisectOptions, prompt: PromptRecord) -> Self {
+        let Engines { a, b, twin } = engines;
         Session {
             a,
             b,

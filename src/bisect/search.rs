@@ -11,10 +11,9 @@ use super::readings::{
     bad_layers_line, first_bad_of, first_bad_position, first_of, has_nonfinite, noise_levels, tap_diverged,
 };
 use super::replay::{replay_layers, replay_positions, Preload, ReplayRun, Replayer};
-use super::{check_work_dir, coarse_layers, BisectOptions, BisectReport, Crash, Outcome};
+use super::{check_work_dir, coarse_layers, BisectOptions, BisectReport, Crash, Engines, Outcome};
 use crate::diff::{self, DiffReport, FirstDivergence, Judge, Judgement};
 use crate::dump::PromptRecord;
-use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::model::Config;
 use crate::taps::{LayerTap, Selection, Tap, LAYER_TAPS};
@@ -114,20 +113,18 @@ pub(super) struct Search<'s, 'r, 'e> {
 }
 
 /// Run the search on one prompt; replay's threads run in `scope`.
-pub(super) fn search<'s, 'r: 's>(
+pub(super) fn search<'s, 'r: 's, 'e>(
     scope: &'s Scope<'s, 'r>,
-    a: &mut dyn Engine,
-    b: &mut dyn Engine,
-    twin: Option<&mut dyn Engine>,
+    engines: Engines<'e>,
     replayer: Replayer<'r>,
     prompt: PromptRecord,
     config: &Config,
-    opts: &BisectOptions,
+    opts: &'e BisectOptions,
 ) -> Result<BisectReport> {
     let start = Instant::now();
     check_work_dir(&opts.work)?;
-    let mut report = BisectReport::new(&prompt, a.label(), b.label());
-    report.twin = twin.as_ref().map(|t| {
+    let mut report = BisectReport::new(&prompt, engines.a.label(), engines.b.label());
+    report.twin = engines.twin.as_ref().map(|t| {
         format!(
             "tolerances measured by the oracle's twin ({}): each tap max(its tolerance, {} × the twin's worst row against the oracle)",
             t.label(),
@@ -136,8 +133,7 @@ pub(super) fn search<'s, 'r: 's>(
     });
     let mut search = Search {
         scope,
-        // Option does not coerce its trait object to the session's shorter lifetime by itself.
-        session: Session::new(a, b, twin.map(|t| t as &mut dyn Engine), opts, prompt.clone()),
+        session: Session::new(engines, opts, prompt.clone()),
         replayer,
         opts,
         n: prompt.tokens.len(),

@@ -96,9 +96,12 @@ pub(super) fn run(r: BisectRun) -> Result<ExitCode> {
     );
     let temporary = r.work.is_none() && !r.keep;
     let found = bisect::bisect(
-        engines.a.as_mut(),
-        engines.b.as_mut(),
-        twin.as_deref_mut().map(|t| t as &mut dyn resbisect::engine::Engine),
+        bisect::Engines {
+            a: engines.a.as_mut(),
+            b: engines.b.as_mut(),
+            // An Option does not shorten its trait object's lifetime by itself.
+            twin: twin.as_deref_mut().map(|t| t as &mut dyn resbisect::engine::Engine),
+        },
         replayer,
         prompt,
         &model.config,

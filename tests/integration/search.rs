@@ -305,7 +305,17 @@ fn the_search_names_the_origin_of_every_error_profile() {
             text: None,
             tokens,
         };
-        let report = match bisect::bisect(&mut a, &mut b, None, Replayer::Skip, prompt, &p.config(), &opts) {
+        let report = match bisect::bisect(
+            bisect::Engines {
+                a: &mut a,
+                b: &mut b,
+                twin: None,
+            },
+            Replayer::Skip,
+            prompt,
+            &p.config(),
+            &opts,
+        ) {
             Ok(r) => r,
             Err(Error::Input(e)) | Err(Error::Engine(e)) => panic!("seed {seed}: {e} (asked {:?}) for {p:?}", a.asked),
         };

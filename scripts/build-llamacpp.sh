@@ -45,7 +45,9 @@ flags=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OF
   -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
   -DGGML_NATIVE=ON -DGGML_OPENMP=OFF)
 if [ "$cuda" = 1 ]; then
-  flags+=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90)
+  # One GPU: without NCCL, which ggml-cuda would otherwise link where it finds it and the
+  # static adapter then cannot resolve (measured on the H200 machine, which has NCCL).
+  flags+=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_NCCL=OFF)
 fi
 lib_stamp="$build/.resbisect-stamp"
 lib_want="$pin ${flags[*]}"

@@ -58,6 +58,7 @@ pub fn bisect(a: BisectArgs) -> Result<ExitCode> {
 }
 
 pub(super) fn run(r: BisectRun) -> Result<ExitCode> {
+    super::commands::note_reference_gemm();
     let model = Model::open(&r.model)?;
     let records = r.input.resolve(&model, None)?;
     let [prompt] = <[_; 1]>::try_from(records).map_err(|r| {

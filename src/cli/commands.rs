@@ -25,6 +25,9 @@ use super::progress::Bars;
 
 pub fn dump(a: DumpArgs) -> Result<ExitCode> {
     let spec = a.engine()?;
+    if matches!(spec.kind, engine::EngineKind::Reference(_)) {
+        note_reference_gemm();
+    }
     let input = a.input.input()?;
     let model = Model::open(&a.model)?;
     resbisect::trace::mark(|| "model opened".into());
@@ -60,6 +63,14 @@ pub fn dump(a: DumpArgs) -> Result<ExitCode> {
         summary.tokens as f64 / summary.compute_seconds.max(1e-9)
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// One line on stderr when the reference's f32 GEMMs fall back to candle's (slower on
+/// CPUs with AVX-512) because no OpenBLAS loaded.
+pub(super) fn note_reference_gemm() {
+    if let Err(why) = engine::gemm_backend() {
+        eprintln!("note: the reference's f32 GEMMs run on candle's ({why}); scripts/setup.sh installs OpenBLAS");
+    }
 }
 
 pub fn run(a: RunArgs) -> Result<ExitCode> {

@@ -28,7 +28,7 @@ pub use oracle::{Oracle, RefPrecision, RefSpec};
 pub use pair::{start_pair, EnginePair};
 pub use reference::ReferenceEngine;
 pub use reproduce::{layers_arg, resbisect_command, shell_quote};
-pub use resbisect_reference::Profile;
+pub use resbisect_reference::{gemm_backend, Profile};
 pub use runtime::{generate, Generation, RuntimeEngine};
 pub use session::crash_report;
 

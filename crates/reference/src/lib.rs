@@ -10,6 +10,7 @@
 //! [`block`] (what differs between architectures); a numerics [`Profile`] (rounding
 //! where an engine stores, [`profile`]) applies in [`project`].
 
+mod blas;
 mod block;
 mod ggml_rope;
 mod ops;
@@ -25,6 +26,7 @@ use rayon::prelude::*;
 use resbisect_taps::{Config, Faults, FileStem, LayerTap, Tap, TapFault};
 
 use block::{activation, head_rms_norm, scale_embeddings, Extras};
+pub use blas::backend as gemm_backend;
 pub use ops::gather;
 use ops::{apply_faults, attention, rms_norm, row_eps, Eps};
 pub use profile::{ActRounding, CacheType, Profile};

@@ -8,6 +8,8 @@ use num_traits::Float;
 use rayon::prelude::*;
 use resbisect_taps::{Config, Fault, Faults, Tap};
 
+use crate::blas;
+
 /// Queries processed together in attention: bounds the score matrix to
 /// `n_head × ATTN_QUERY_CHUNK × seq` whatever the sequence length.
 /// Small enough that the causal chunks skip most masked scores, large enough for
@@ -130,7 +132,7 @@ pub(crate) fn attention(
         let qc = q.narrow(2, start, len)?.contiguous()?.reshape((hkv, group * len, hd))?;
         let kc = k.narrow(1, 0, keys)?;
         let vc = v.narrow(1, 0, keys)?;
-        let scores = qc.matmul(&kc.t()?)?;
+        let scores = blas::matmul(&qc, &kc.t()?)?;
         let probs = scores.apply_op1_no_bwd(&CausalSoftmax {
             scale,
             rows: len,
@@ -142,7 +144,7 @@ pub(crate) fn attention(
         } else {
             probs
         };
-        let out = probs.reshape((hkv, group * len, keys))?.matmul(&vc)?;
+        let out = blas::matmul(&probs.reshape((hkv, group * len, keys))?, &vc)?;
         // [hkv, group·len, hd] → [h, len, hd] → [len, h·hd]
         outs.push(
             out.reshape((h, len, hd))?

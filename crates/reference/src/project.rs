@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use anyhow::{bail, Context};
 
 use crate::profile::{round_activations, round_cache, uses_block_sum, weight_block_offsets, ActRounding, Profile};
-use crate::{load, WeightSource};
+use crate::{blas, load, WeightSource};
 
 /// One stacked part of a projection: its weight type, output columns and, when the
 /// profile's dot product uses the activation block sum, the weight's per-block offsets
@@ -43,7 +43,7 @@ impl Projection {
         let x = &x.to_dtype(dots)?;
         let w = self.w.narrow(1, start, len)?;
         if profile == Profile::Exact {
-            return Ok(x.matmul(&w)?.to_dtype(dtype)?);
+            return Ok(blas::matmul(x, &w)?.to_dtype(dtype)?);
         }
         let mut outs = Vec::new();
         let mut cached: Vec<(ActRounding, Tensor, Option<Tensor>)> = Vec::new();
@@ -63,9 +63,9 @@ impl Projection {
                 cached.push((rounding, xr, corr));
             }
             let (_, xr, corr) = cached.iter().find(|c| c.0 == rounding).expect("cached above");
-            let mut y = xr.matmul(&self.w.narrow(1, lo, part.cols)?)?;
+            let mut y = blas::matmul(xr, &self.w.narrow(1, lo, part.cols)?)?;
             if let (Some(corr), Some(off), true) = (corr, &part.offsets, uses_block_sum(rounding, part.dtype)) {
-                y = (y + corr.matmul(off)?)?;
+                y = (y + blas::matmul(corr, off)?)?;
             }
             outs.push(y);
         }

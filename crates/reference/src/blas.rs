@@ -82,14 +82,18 @@ fn candidates() -> Result<Vec<PathBuf>, String> {
             continue;
         };
         for python in dirs.flatten() {
-            let lib = python.path().join("site-packages/scipy_openblas32/lib/libscipy_openblas.so");
+            let lib = python
+                .path()
+                .join("site-packages/scipy_openblas32/lib/libscipy_openblas.so");
             if lib.is_file() {
                 found.push(lib);
             }
         }
     }
     if found.is_empty() {
-        return Err("no scipy_openblas32 in a .venv/ (scripts/setup.sh installs it) and RESBISECT_BLAS is unset".into());
+        return Err(
+            "no scipy_openblas32 in a .venv/ (scripts/setup.sh installs it) and RESBISECT_BLAS is unset".into(),
+        );
     }
     Ok(found)
 }
@@ -227,7 +231,8 @@ impl Gemm<'_> {
     fn rows(&self, i: usize, first: usize, c: &mut [f32]) -> Result<()> {
         let ((av, ao), (bv, bo)) = (self.a, self.b);
         let rows = c.len() / self.n;
-        let int = |v: usize| c_int::try_from(v).map_err(|_| anyhow::anyhow!("a GEMM dimension of {v} overflows BLAS int"));
+        let int =
+            |v: usize| c_int::try_from(v).map_err(|_| anyhow::anyhow!("a GEMM dimension of {v} overflows BLAS int"));
         // Row `first` of op(a): a row offset when a is stored as is, a column offset when transposed.
         let first_row = if ao.trans == NO_TRANS { first * ao.ld } else { first };
         let pa = &av[ao.offset + i * ao.batch_stride + first_row..];
@@ -258,5 +263,9 @@ impl Gemm<'_> {
 
 /// `t` itself when CBLAS can read it in place, else a contiguous copy.
 fn contiguous_unless_strided(t: &Tensor) -> Result<Tensor> {
-    Ok(if operand(t).is_some() { t.clone() } else { t.contiguous()? })
+    Ok(if operand(t).is_some() {
+        t.clone()
+    } else {
+        t.contiguous()?
+    })
 }

@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor};
 use resbisect_taps::{Activation, Config};
 
 use crate::ops::{rms_norm, Eps};
-use crate::{load, WeightSource};
+use crate::{fused, load, WeightSource};
 
 /// A layer's weights beyond the llama block; each present when the variant has it.
 pub(crate) struct Extras {
@@ -62,10 +62,20 @@ pub(crate) fn head_rms_norm(x: &Tensor, w: &Tensor, n_heads: usize, eps: &Eps) -
     Ok(rms_norm(&heads, w, &per_head)?.reshape((n, width))?)
 }
 
+/// The gated FFN's product `activation(gate) · up` (fused for SiLU).
+pub(crate) fn gated(cfg: &Config, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if matches!(cfg.variant.ffn_activation, Activation::Silu) {
+        if let Some(out) = fused::swiglu(gate, up)? {
+            return Ok(out);
+        }
+    }
+    Ok((activation(cfg, gate)? * up)?)
+}
+
 /// The gated FFN's activation of `gate`: SiLU(x) = x·σ(x), or GELU with the tanh
 /// approximation, 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) (Hendrycks & Gimpel 2016;
 /// HF `gelu_pytorch_tanh`, llama.cpp `ggml_gelu`).
-pub(crate) fn activation(cfg: &Config, gate: &Tensor) -> Result<Tensor> {
+fn activation(cfg: &Config, gate: &Tensor) -> Result<Tensor> {
     Ok(match cfg.variant.ffn_activation {
         Activation::Silu => gate.silu()?,
         Activation::GeluTanh => {

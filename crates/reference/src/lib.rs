@@ -12,6 +12,7 @@
 
 mod blas;
 mod block;
+mod fused;
 mod ggml_rope;
 mod ops;
 mod profile;
@@ -25,8 +26,8 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use resbisect_taps::{Config, Faults, FileStem, LayerTap, Tap, TapFault};
 
-use block::{activation, head_rms_norm, scale_embeddings, Extras};
 pub use blas::backend as gemm_backend;
+use block::{gated, head_rms_norm, scale_embeddings, Extras};
 pub use ops::gather;
 use ops::{apply_faults, attention, rms_norm, row_eps, Eps};
 pub use profile::{ActRounding, CacheType, Profile};
@@ -535,7 +536,7 @@ impl Reference {
         let gate_up = layer.w_gate_up.apply(&h2, self.profile)?;
         let gate = tap(LayerTap::FfnGate, gate_up.narrow(1, 0, cfg.n_ff)?)?;
         let up = tap(LayerTap::FfnUp, gate_up.narrow(1, cfg.n_ff, cfg.n_ff)?)?;
-        let act = tap(LayerTap::FfnAct, (activation(cfg, &gate)? * &up)?)?;
+        let act = tap(LayerTap::FfnAct, gated(cfg, &gate, &up)?)?;
         let mut ffn_out = tap(LayerTap::FfnOut, layer.w_down.apply(&act, self.profile)?)?;
         if let Some((_, w)) = post {
             ffn_out = tap(LayerTap::FfnPostNorm, rms_norm(&ffn_out, w, eps)?)?;

@@ -8,7 +8,7 @@ use num_traits::Float;
 use rayon::prelude::*;
 use resbisect_taps::{Config, Fault, Faults, Tap};
 
-use crate::blas;
+use crate::{blas, fused};
 
 /// Queries processed together in attention: bounds the score matrix to
 /// `n_head × ATTN_QUERY_CHUNK × seq` whatever the sequence length.
@@ -74,6 +74,13 @@ pub fn gather(t: &Tensor, positions: &[usize]) -> Result<Tensor> {
 }
 
 pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: &Eps) -> Result<Tensor> {
+    let eps_of = |r: usize| match eps {
+        Eps::Model(e) => *e,
+        Eps::Rows(e) => e[r],
+    };
+    if let Some(out) = fused::rms_norm(x, w, &eps_of)? {
+        return Ok(out);
+    }
     // Squares summed in f64 and the mean rounded back, as ggml's rms_norm does (ops.cpp
     // ggml_compute_forward_rms_norm_f32): closer to exact than an f32 sum, and the same
     // f32 scale as llama.cpp's for the `llamacpp-*` profiles.

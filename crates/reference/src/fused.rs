@@ -1,0 +1,124 @@
+//! Fused row-wise kernels for the oracle's elementwise hot spots (RMSNorm, the SwiGLU
+//! product): one rayon pass per op instead of a chain of candle ops, each a pass over
+//! memory and a thread-pool barrier. They compute the same expressions, in the same
+//! order and precision, as the candle chains they replace ([`crate::ops::rms_norm`],
+//! `silu(gate) * up`).
+
+use anyhow::Result;
+use candle_core::{CpuStorage, Device, Storage, Tensor};
+use num_traits::Float;
+use rayon::prelude::*;
+
+/// A 2-D operand's rows in its storage: element offset of row 0 and the row stride.
+#[derive(Clone, Copy)]
+struct Rows {
+    offset: usize,
+    stride: usize,
+}
+
+/// The rows of `t` (`[rows, width]`) when each row is contiguous in memory.
+fn rows_of(t: &Tensor) -> Option<Rows> {
+    let layout = t.layout();
+    match (layout.dims(), layout.stride()) {
+        ([_, w], [s, 1]) if *s >= *w => Some(Rows {
+            offset: layout.start_offset(),
+            stride: *s,
+        }),
+        _ => None,
+    }
+}
+
+/// RMSNorm of the rows of `x` (`[rows, width]`, f32 or f64) with weight `w` (`[width]`)
+/// and one epsilon per row (`eps_of(r)`): `x·w / sqrt(mean(x²) + eps)`, the squares
+/// summed in f64 and the mean rounded back to `x`'s dtype (ggml's rms_norm). `None` when
+/// the operands are not in a form this kernel takes (the caller falls back to candle).
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps_of: &(dyn Fn(usize) -> f64 + Sync)) -> Result<Option<Tensor>> {
+    let (Some(xr), Ok(w)) = (rows_of(x), w.contiguous()) else {
+        return Ok(None);
+    };
+    let (rows, width) = x.dims2()?;
+    if w.dims() != [width] || x.dtype() != w.dtype() {
+        return Ok(None);
+    }
+    let (sx, _) = x.storage_and_layout();
+    let (sw, lw) = w.storage_and_layout();
+    let out = match (&*sx, &*sw) {
+        (Storage::Cpu(CpuStorage::F32(xv)), Storage::Cpu(CpuStorage::F32(wv))) => Tensor::from_vec(
+            rms_norm_rows(xv, xr, &wv[lw.start_offset()..], rows, width, eps_of),
+            (rows, width),
+            &Device::Cpu,
+        )?,
+        (Storage::Cpu(CpuStorage::F64(xv)), Storage::Cpu(CpuStorage::F64(wv))) => Tensor::from_vec(
+            rms_norm_rows(xv, xr, &wv[lw.start_offset()..], rows, width, eps_of),
+            (rows, width),
+            &Device::Cpu,
+        )?,
+        _ => return Ok(None),
+    };
+    Ok(Some(out))
+}
+
+fn rms_norm_rows<T: Float + Send + Sync>(
+    x: &[T],
+    xr: Rows,
+    w: &[T],
+    rows: usize,
+    width: usize,
+    eps_of: &(dyn Fn(usize) -> f64 + Sync),
+) -> Vec<T> {
+    let mut out = vec![T::zero(); rows * width];
+    let inv_width = 1.0 / width as f64;
+    out.par_chunks_mut(width).enumerate().for_each(|(r, o)| {
+        let row = &x[xr.offset + r * xr.stride..][..width];
+        // Squares in T, summed in f64; as candle's sqr → to_dtype(f64) → mean.
+        let sum: f64 = row.iter().map(|&v| (v * v).to_f64().unwrap_or(f64::NAN)).sum();
+        let mean = T::from(sum * inv_width).unwrap_or_else(T::nan);
+        let eps = T::from(eps_of(r)).unwrap_or_else(T::nan);
+        let scale = T::one() / (mean * T::one() + eps).sqrt();
+        for ((o, &v), &wi) in o.iter_mut().zip(row).zip(&w[..width]) {
+            *o = v * scale * wi;
+        }
+    });
+    out
+}
+
+/// `silu(gate) · up` (SiLU(x) = x / (1 + e^-x)) of two `[rows, width]` operands, f32 or
+/// f64; `None` when the operands are not in a form this kernel takes.
+pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
+    let (Some(gr), Some(ur)) = (rows_of(gate), rows_of(up)) else {
+        return Ok(None);
+    };
+    let (rows, width) = gate.dims2()?;
+    if up.dims() != [rows, width] || gate.dtype() != up.dtype() {
+        return Ok(None);
+    }
+    let (sg, _) = gate.storage_and_layout();
+    let (su, _) = up.storage_and_layout();
+    let out = match (&*sg, &*su) {
+        (Storage::Cpu(CpuStorage::F32(g)), Storage::Cpu(CpuStorage::F32(u))) => {
+            Tensor::from_vec(swiglu_rows((g, gr), (u, ur), rows, width), (rows, width), &Device::Cpu)?
+        }
+        (Storage::Cpu(CpuStorage::F64(g)), Storage::Cpu(CpuStorage::F64(u))) => {
+            Tensor::from_vec(swiglu_rows((g, gr), (u, ur), rows, width), (rows, width), &Device::Cpu)?
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(out))
+}
+
+fn swiglu_rows<T: Float + Send + Sync>(
+    (g, gr): (&[T], Rows),
+    (u, ur): (&[T], Rows),
+    rows: usize,
+    width: usize,
+) -> Vec<T> {
+    let mut out = vec![T::zero(); rows * width];
+    out.par_chunks_mut(width).enumerate().for_each(|(r, o)| {
+        let g = &g[gr.offset + r * gr.stride..][..width];
+        let u = &u[ur.offset + r * ur.stride..][..width];
+        for ((o, &gi), &ui) in o.iter_mut().zip(g).zip(u) {
+            *o = gi / (T::one() + (-gi).exp()) * ui;
+        }
+    });
+    out
+}

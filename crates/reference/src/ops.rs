@@ -3,7 +3,7 @@
 //! [`crate::rope`]). Nothing here is shared with the runtime.
 
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor, D};
 use num_traits::Float;
 use rayon::prelude::*;
 use resbisect_taps::{Config, Fault, Faults, Tap};
@@ -140,12 +140,14 @@ pub(crate) fn attention(
         let kc = k.narrow(1, 0, keys)?;
         let vc = v.narrow(1, 0, keys)?;
         let scores = blas::matmul(&qc, &kc.t()?)?;
-        let probs = scores.apply_op1_no_bwd(&CausalSoftmax {
+        // In place: the scores are a fresh tensor that nothing else holds.
+        scores.inplace_op1(&CausalSoftmax {
             scale,
             rows: len,
             first_pos,
             window,
         })?;
+        let probs = scores;
         let probs = if probs_in_f16 {
             probs.to_dtype(DType::F16)?.to_dtype(q.dtype())?
         } else {
@@ -176,44 +178,41 @@ struct CausalSoftmax {
 }
 
 impl CausalSoftmax {
-    fn apply<T: Float + Send + Sync>(&self, x: &[T], keys: usize) -> Vec<T> {
-        let mut out = vec![T::zero(); x.len()];
+    /// The softmax of each row of `x` (`keys` wide), in place.
+    fn apply<T: Float + Send + Sync>(&self, x: &mut [T], keys: usize) {
         let scale = T::from(self.scale).unwrap_or_else(T::one);
-        out.par_chunks_mut(keys)
-            .zip(x.par_chunks(keys))
-            .enumerate()
-            .for_each(|(r, (o, s))| {
-                let end = (self.first_pos + r % self.rows + 1).min(keys);
-                let start = self.window.map_or(0, |w| end.saturating_sub(w));
-                let (o, s) = (&mut o[start..end], &s[start..end]);
-                let max = s.iter().fold(T::neg_infinity(), |m, &v| m.max(v * scale));
-                let mut sum = T::zero();
-                for (oi, &si) in o.iter_mut().zip(s) {
-                    *oi = (si * scale - max).exp();
-                    sum = sum + *oi;
-                }
-                let inv = T::one() / sum;
-                o.iter_mut().for_each(|v| *v = *v * inv);
-            });
-        out
+        x.par_chunks_mut(keys).enumerate().for_each(|(r, row)| {
+            let end = (self.first_pos + r % self.rows + 1).min(keys);
+            let start = self.window.map_or(0, |w| end.saturating_sub(w));
+            let max = row[start..end].iter().fold(T::neg_infinity(), |m, &v| m.max(v * scale));
+            let mut sum = T::zero();
+            for v in &mut row[start..end] {
+                *v = (*v * scale - max).exp();
+                sum = sum + *v;
+            }
+            let inv = T::one() / sum;
+            row[start..end].iter_mut().for_each(|v| *v = *v * inv);
+            row[..start].fill(T::zero());
+            row[end..].fill(T::zero());
+        });
     }
 }
 
-impl CustomOp1 for CausalSoftmax {
+impl InplaceOp1 for CausalSoftmax {
     fn name(&self) -> &'static str {
         "causal-softmax"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
         let (start, end) = layout
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("causal-softmax needs contiguous scores".into()))?;
         let keys = layout.dims()[layout.dims().len() - 1];
-        let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(self.apply(&v[start..end], keys)),
-            CpuStorage::F64(v) => CpuStorage::F64(self.apply(&v[start..end], keys)),
+        match storage {
+            CpuStorage::F32(v) => self.apply(&mut v[start..end], keys),
+            CpuStorage::F64(v) => self.apply(&mut v[start..end], keys),
             _ => return Err(candle_core::Error::Msg("causal-softmax computes in f32 or f64".into())),
-        };
-        Ok((out, layout.shape().clone()))
+        }
+        Ok(())
     }
 }

@@ -3,13 +3,16 @@
 # tokens, all resid_post taps at all positions — tokens/s and peak RSS — next to HF
 # transformers (torch f32, output_hidden_states=True, same thread count) in the same run,
 # with the machine's f32 GEMM rate as the ceiling: torch's, and candle's (the reference's
-# GEMM; crates/reference/examples/gemm_rate.rs) when cargo is here. Writes
+# former GEMM) and the reference's own (OpenBLAS when it loads: crates/reference/src/
+# blas.rs; crates/reference/examples/gemm_rate.rs) when cargo is here. Runs on the
+# project's .venv/ python (scripts/setup.sh) when there is one. Writes
 # $OUT_DIR (default bench/results/)/reference-<tokens>-<date>.{json,md}.
 #
 #   THREADS=2 TOKENS="1024 4096" RUNS=3 scripts/bench-reference.sh
 source "$(dirname "$0")/bench-setup.sh"
 threads="${THREADS:-$(nproc)}"
 runs="${RUNS:-3}"
+python3() { if [ -x "$root/.venv/bin/python" ]; then "$root/.venv/bin/python" "$@"; else command python3 "$@"; fi; }
 python3 -c "import torch, transformers, gguf, accelerate" 2>/dev/null || python3 -m pip install --quiet torch transformers gguf accelerate numpy
 export RAYON_NUM_THREADS="$threads"
 for n_tokens in ${TOKENS:-1024 4096}; do
@@ -56,6 +59,7 @@ for _ in range(10):
 gflops = 2 * n * 576 * 1536 / best / 1e9
 candle = open(f"{work}/candle_gemm").read().split()
 candle_gflops = float(candle[3]) if candle else None
+blas_gflops = float(candle[4]) if candle else None
 cfg = dict(n_layer=30, n_embd=576, n_head=9, n_kv=3, n_ff=1536, vocab=49152)
 hd = 64
 per_layer = 2 * n * cfg["n_embd"] * (cfg["n_embd"] + 2 * cfg["n_kv"] * hd + cfg["n_embd"] + 3 * cfg["n_ff"]) + 2 * 2 * cfg["n_head"] * hd * n * (n + 1) / 2
@@ -74,9 +78,13 @@ res = {
   "resbisect": {"compute_s": best_ours[1], "load_s": best_ours[0], "tokens_per_s": ours_tps, "tokens_per_s_incl_load": ours_e2e_tps, "peak_rss_mib": best_ours[2] / 1024},
   "hf_transformers": {"forward_s": min(hf), "tokens_per_s": hf_tps, "peak_rss_mib": hf_rss_kb / 1024, "torch": torch.__version__},
   "gemm_ceiling": {"gflops": gflops, "tokens_per_s": ceiling_tps, "candle_gflops": candle_gflops,
-                   "candle_tokens_per_s": candle_gflops * 1e9 / (body_flop / n) if candle_gflops else None},
+                   "candle_tokens_per_s": candle_gflops * 1e9 / (body_flop / n) if candle_gflops else None,
+                   "reference_gflops": blas_gflops,
+                   "reference_tokens_per_s": blas_gflops * 1e9 / (body_flop / n) if blas_gflops else None},
   "ratio_vs_hf": ours_tps / hf_tps,
 }
+gemm_note = "OpenBLAS" if "note: the reference's f32 GEMMs" not in open(f"{work}/log").read() else "candle's: no OpenBLAS loaded"
+res["gemm_ceiling"]["reference_gemm"] = gemm_note
 host = platform.node() or "host"
 out_dir = os.environ.get("OUT_DIR", "bench/results")
 os.makedirs(out_dir, exist_ok=True)
@@ -93,6 +101,7 @@ Machine: {res['machine']}; {threads} threads. SmolLM2-135M Q4_1, {n}-token promp
 | HF transformers f32, output_hidden_states | {hf_tps:.1f} | {hf_rss_kb/1024:.0f} MiB |
 | f32 GEMM ceiling, torch ({gflops:.1f} GFLOP/s) | {ceiling_tps:.1f} | |
 | f32 GEMM ceiling, candle ({candle_gflops or float('nan'):.1f} GFLOP/s) | {(candle_gflops or float('nan')) * 1e9 / (body_flop / n):.1f} | |
+| f32 GEMM ceiling, the reference's GEMM ({blas_gflops or float('nan'):.1f} GFLOP/s; {gemm_note}) | {(blas_gflops or float('nan')) * 1e9 / (body_flop / n):.1f} | |
 
 Ratio resbisect / HF: **{ours_tps/hf_tps:.2f}x** (target >= {1.3 if n <= 1024 else 1.0}). Best of {runs} runs each.
 """

@@ -26,7 +26,7 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use resbisect_taps::{Config, Faults, FileStem, LayerTap, Tap, TapFault};
 
-pub use blas::backend as gemm_backend;
+pub use blas::{backend as gemm_backend, matmul as gemm};
 use block::{gated, head_rms_norm, scale_embeddings, Extras};
 pub use ops::gather;
 use ops::{apply_faults, attention, rms_norm, row_eps, Eps};

@@ -184,18 +184,35 @@ impl CausalSoftmax {
         x.par_chunks_mut(keys).enumerate().for_each(|(r, row)| {
             let end = (self.first_pos + r % self.rows + 1).min(keys);
             let start = self.window.map_or(0, |w| end.saturating_sub(w));
-            let max = row[start..end].iter().fold(T::neg_infinity(), |m, &v| m.max(v * scale));
-            // The exponentials in their own loop, which vectorizes; the sum in row order.
+            let max = lanes(&row[start..end], T::neg_infinity(), |m, v| m.max(v * scale), T::max);
+            // The exponentials in their own loop, which vectorizes.
             for v in &mut row[start..end] {
                 *v = (*v * scale - max).exp_vectorizable();
             }
-            let sum = row[start..end].iter().fold(T::zero(), |s, &v| s + v);
+            let sum = lanes(&row[start..end], T::zero(), |s, v| s + v, |a, b| a + b);
             let inv = T::one() / sum;
             row[start..end].iter_mut().for_each(|v| *v = *v * inv);
             row[..start].fill(T::zero());
             row[end..].fill(T::zero());
         });
     }
+}
+
+/// A reduction of `xs` over eight interleaved lanes (lane i takes elements i, i + 8, …),
+/// so that it vectorizes: `step(acc, x)` folds an element in, `merge` joins the lanes in
+/// order. Exact for max; for a float sum it is another rounding order, as accurate as
+/// the sequential one.
+fn lanes<T: Copy>(xs: &[T], init: T, step: impl Fn(T, T) -> T, merge: impl Fn(T, T) -> T) -> T {
+    let mut acc = [init; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = step(*a, x);
+        }
+    }
+    let joined = acc.into_iter().fold(init, &merge);
+    rest.iter().fold(joined, |a, &x| step(a, x))
 }
 
 impl InplaceOp1 for CausalSoftmax {

@@ -123,6 +123,69 @@ fn swiglu_rows<T: Exp + Send + Sync>(
     out
 }
 
+/// RoPE of each head of `x` (`[n, n_heads·head_dim]`, f32 or f64) by tables `cos`,
+/// `sin` holding `[n, head_dim/2]` values (any shape of that many, contiguous): pairs
+/// (2i, 2i+1), or (i, i + head_dim/2) when `neox`, rotated as
+/// `(x0·cos - x1·sin, x0·sin + x1·cos)`, each product rounded as candle's chain rounds it
+/// ([`crate::rope::rope`]). `None` when the operands are not in a form this kernel takes.
+pub(crate) fn rope(x: &Tensor, n_heads: usize, cos: &Tensor, sin: &Tensor, neox: bool) -> Result<Option<Tensor>> {
+    let (n, width) = x.dims2()?;
+    let half = width / n_heads.max(1) / 2;
+    let tables_fit = |t: &Tensor| t.is_contiguous() && t.elem_count() == n * half && t.dtype() == x.dtype();
+    let (Some(xr), true, true) = (rows_of(x), tables_fit(cos), tables_fit(sin)) else {
+        return Ok(None);
+    };
+    if half == 0 || n_heads * 2 * half != width {
+        return Ok(None);
+    }
+    let shape = RopeShape { n_heads, half, neox };
+    let ((sx, _), (sc, lc), (ss, ls)) = (
+        x.storage_and_layout(),
+        cos.storage_and_layout(),
+        sin.storage_and_layout(),
+    );
+    let out = match (&*sx, &*sc, &*ss) {
+        (Storage::Cpu(CpuStorage::F32(x)), Storage::Cpu(CpuStorage::F32(c)), Storage::Cpu(CpuStorage::F32(s))) => {
+            let tables = (&c[lc.start_offset()..][..n * half], &s[ls.start_offset()..][..n * half]);
+            Tensor::from_vec(shape.rotate((x, xr), tables, n), (n, width), &Device::Cpu)?
+        }
+        (Storage::Cpu(CpuStorage::F64(x)), Storage::Cpu(CpuStorage::F64(c)), Storage::Cpu(CpuStorage::F64(s))) => {
+            let tables = (&c[lc.start_offset()..][..n * half], &s[ls.start_offset()..][..n * half]);
+            Tensor::from_vec(shape.rotate((x, xr), tables, n), (n, width), &Device::Cpu)?
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(out))
+}
+
+/// How [`rope`] pairs a row's values: heads of `2·half` values, NeoX or normal pairs.
+struct RopeShape {
+    n_heads: usize,
+    half: usize,
+    neox: bool,
+}
+
+impl RopeShape {
+    fn rotate<T: Float + Send + Sync>(&self, (x, xr): (&[T], Rows), (cos, sin): (&[T], &[T]), n: usize) -> Vec<T> {
+        let (half, hd) = (self.half, 2 * self.half);
+        let width = self.n_heads * hd;
+        let mut out = vec![T::zero(); n * width];
+        out.par_chunks_mut(width).enumerate().for_each(|(r, o)| {
+            let row = &x[xr.offset + r * xr.stride..][..width];
+            let (c, s) = (&cos[r * half..][..half], &sin[r * half..][..half]);
+            for (o, row) in o.chunks_exact_mut(hd).zip(row.chunks_exact(hd)) {
+                for i in 0..half {
+                    let (a, b) = if self.neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
+                    let (x0, x1) = (row[a], row[b]);
+                    o[a] = x0 * c[i] - x1 * s[i];
+                    o[b] = x0 * s[i] + x1 * c[i];
+                }
+            }
+        });
+        out
+    }
+}
+
 /// e^x for the oracle's softmax and SiLU: `f64::exp` for f64; for f32 a branch-free
 /// Cephes `expf` (range reduction by ln 2 in two parts, degree-6 polynomial; relative
 /// error under 2·10⁻⁷, about 1.5 ulp) that the compiler vectorizes, where glibc's expf is

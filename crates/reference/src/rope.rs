@@ -141,6 +141,9 @@ fn tables_by(n: usize, f: &Frequencies, dtype: DType, angle: impl Fn(usize, f64)
 /// Rotate each head of `x` ([n, n_heads·head_dim]) by the tables' angles: pairs (2i, 2i+1)
 /// in the normal style, (i, i + head_dim/2) in the NeoX style.
 pub(crate) fn rope(x: &Tensor, n_heads: usize, cos: &Tensor, sin: &Tensor, style: RopeStyle) -> Result<Tensor> {
+    if let Some(out) = crate::fused::rope(x, n_heads, cos, sin, matches!(style, RopeStyle::Neox))? {
+        return Ok(out);
+    }
     let (n, width) = x.dims2()?;
     let hd = width / n_heads;
     let (x, cos, sin, pair_dim) = match style {

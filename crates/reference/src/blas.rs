@@ -5,6 +5,7 @@
 //! instead ([`backend`] says which and why); f64 products always stay on candle.
 
 use std::ffi::c_int;
+use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -184,13 +185,14 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let r = ad.len();
     let (m, k, n) = (ad[r - 2], ad[r - 1], bd[r - 1]);
     let batch = if r == 3 { ad[0] } else { 1 };
-    if bd[r - 2] != k || (r == 3 && bd[0] != batch) {
-        return Ok(a.matmul(&b)?); // candle names the shape mismatch
+    if bd[r - 2] != k || (r == 3 && bd[0] != batch) || k == 0 {
+        return Ok(a.matmul(&b)?); // candle names a shape mismatch, and sums nothing to 0
     }
     let (Some(ao), Some(bo)) = (operand(&a), operand(&b)) else {
         return Ok(a.matmul(&b)?); // an empty dim: nothing for the BLAS to do
     };
-    let mut out = vec![0f32; batch * m * n];
+    // Left uninitialized: with beta = 0 the BLAS writes every element without reading it.
+    let mut out: Vec<f32> = Vec::with_capacity(batch * m * n);
     if m * n > 0 {
         let (sa, _) = a.storage_and_layout();
         let (sb, _) = b.storage_and_layout();
@@ -207,12 +209,17 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         // Rows split over rayon's threads, each an sgemm on one BLAS thread: no BLAS
         // thread pool spinning against rayon's between GEMMs.
         let rows_per_task = m.div_ceil(rayon::current_num_threads()).max(1);
-        out.par_chunks_mut(m * n).enumerate().try_for_each(|(i, c)| {
-            c.par_chunks_mut(rows_per_task * n)
-                .enumerate()
-                .try_for_each(|(t, rows)| gemm.rows(i, t * rows_per_task, rows))
-        })?;
+        out.spare_capacity_mut()[..batch * m * n]
+            .par_chunks_mut(m * n)
+            .enumerate()
+            .try_for_each(|(i, c)| {
+                c.par_chunks_mut(rows_per_task * n)
+                    .enumerate()
+                    .try_for_each(|(t, rows)| gemm.rows(i, t * rows_per_task, rows))
+            })?;
     }
+    // SAFETY: the GEMMs above wrote all batch·m·n values (none when m·n = 0).
+    unsafe { out.set_len(batch * m * n) };
     let shape: Vec<usize> = if r == 3 { vec![batch, m, n] } else { vec![m, n] };
     Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
 }
@@ -227,8 +234,9 @@ struct Gemm<'a> {
 }
 
 impl Gemm<'_> {
-    /// Rows `first..first + c.len() / n` of batch `i`'s product, into `c`.
-    fn rows(&self, i: usize, first: usize, c: &mut [f32]) -> Result<()> {
+    /// Rows `first..first + c.len() / n` of batch `i`'s product, into `c` (every element
+    /// written).
+    fn rows(&self, i: usize, first: usize, c: &mut [MaybeUninit<f32>]) -> Result<()> {
         let ((av, ao), (bv, bo)) = (self.a, self.b);
         let rows = c.len() / self.n;
         let int =
@@ -253,7 +261,7 @@ impl Gemm<'_> {
                 pb.as_ptr(),
                 int(bo.ld)?,
                 0.0,
-                c.as_mut_ptr(),
+                c.as_mut_ptr().cast::<f32>(),
                 int(self.n)?,
             )
         };

@@ -203,6 +203,10 @@ fn bad_selections_and_prompts() {
         "unknown tap \"resid_pots\"",
     );
     assert_refused(
+        &dump(&["--tokens", "1,2,3", "--taps", "resid_post,ffn_post_norm"]),
+        "this llama model has no ffn_post_norm tap",
+    );
+    assert_refused(
         &dump(&["--tokens", "1,2,3", "--layers", "0..32"]),
         "goes past the model's 2 layers",
     );

@@ -191,12 +191,16 @@ impl<'e> Session<'e> {
             tokens: self.prompt.tokens[..tokens].to_vec(),
             ..self.prompt.clone()
         };
-        let (result_a, result_b, twin) = self.run_engines(purpose, &prompt, sel, dirs);
-        let seconds_twin = match twin {
-            Some((Err(e), _)) => return Err(Error::input(format!("the oracle's twin failed: {e}"))),
-            Some((Ok(()), secs)) => secs,
-            None => 0.0,
+        let (result_a, (result_b, seconds_b), twin) = self.run_engines(purpose, &prompt, sel, dirs);
+        // The twin is part of the oracle's side: its failure is B's.
+        let (result_b, seconds_twin) = match (result_b, twin) {
+            (Ok(()), Some((Err(Error::Engine(msg)), secs))) => {
+                (Err(Error::Engine(format!("the oracle's twin: {msg}"))), secs)
+            }
+            (Ok(()), Some((Err(e), _))) => return Err(e),
+            (result_b, twin) => (result_b, twin.map_or(0.0, |t| t.1)),
         };
+        let result_b = (result_b, seconds_b);
         let mut crash = None;
         let mut seconds = [0.0; 2];
         for (i, ((result, secs), engine, out, name)) in

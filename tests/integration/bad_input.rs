@@ -203,6 +203,10 @@ fn bad_selections_and_prompts() {
         "unknown tap \"resid_pots\"",
     );
     assert_refused(
+        &dump(&["--tokens", "1,2,3", "--engine", "runtime", "--twin"]),
+        "--profile and --twin are reference options",
+    );
+    assert_refused(
         &dump(&["--tokens", "1,2,3", "--taps", "resid_post,ffn_post_norm"]),
         "this llama model has no ffn_post_norm tap",
     );

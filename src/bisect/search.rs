@@ -128,7 +128,7 @@ pub(super) fn search<'s, 'r: 's, 'e>(
         format!(
             "tolerances measured by the oracle's twin ({}): each tap max(its tolerance, {} × the twin's worst row against the oracle)",
             t.label(),
-            super::probe::TWIN_MARGIN
+            super::twin::TWIN_MARGIN
         )
     });
     let mut search = Search {

@@ -79,8 +79,73 @@ impl BisectArgs {
         })
     }
 
+    /// Options that do not apply to the engines chosen: one line naming the first,
+    /// never a silently ignored flag (`--command` without `--engine external` would run the
+    /// runtime and call it clean).
+    fn check_options_apply(&self) -> Result<()> {
+        use BisectEngine::{External, Runtime};
+        let a_runtime = matches!(self.engine, Runtime);
+        let b_runtime = matches!(self.oracle, Runtime);
+        let misplaced = [
+            (
+                self.command.is_some() && !matches!(self.engine, External),
+                "--command",
+                "--engine external",
+            ),
+            (
+                self.oracle_command.is_some() && !matches!(self.oracle, External),
+                "--oracle-command",
+                "--oracle external",
+            ),
+            (
+                !a_runtime && self.backend != BackendKind::Cpu,
+                "--backend",
+                "--engine runtime",
+            ),
+            (
+                !a_runtime && self.prefill_chunk.is_some(),
+                "--prefill-chunk",
+                "--engine runtime",
+            ),
+            (!a_runtime && self.weights != "native", "--weights", "--engine runtime"),
+            // An external engine's faults and precision are its own options, in its command.
+            (
+                matches!(self.engine, External) && !self.inject.is_empty(),
+                "--inject",
+                "--engine runtime or reference",
+            ),
+            (
+                matches!(self.engine, External) && self.dtype != "f32",
+                "--dtype",
+                "--engine runtime or reference",
+            ),
+            (
+                !b_runtime && self.oracle_backend != BackendKind::Cpu,
+                "--oracle-backend",
+                "--oracle runtime",
+            ),
+            (
+                !b_runtime && self.oracle_dtype != "f32",
+                "--oracle-dtype",
+                "--oracle runtime",
+            ),
+            (
+                !b_runtime && self.oracle_weights != "native",
+                "--oracle-weights",
+                "--oracle runtime",
+            ),
+        ];
+        match misplaced.iter().find(|(set, ..)| *set) {
+            Some((_, flag, needs)) => Err(Error::input(format!(
+                "{flag} applies only with {needs}; drop it or choose that engine"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Engine A (under test) and engine B (the oracle).
     pub fn engines(&self) -> Result<(EngineSpec, EngineSpec)> {
+        self.check_options_apply()?;
         let precision = self.reference_spec()?;
         if matches!(self.engine, BisectEngine::Reference) && RefPrecision::parse(&self.dtype)? != precision.precision {
             return Err(Error::input(
@@ -130,7 +195,9 @@ impl BisectEngine {
             BisectEngine::External => EngineKind::External {
                 command: command
                     .ok_or_else(|| {
-                        Error::input("an external engine needs its command template (--command / --oracle-command)")
+                        Error::input(
+                            "an external engine needs its command template (--command for A, --oracle-command for B)",
+                        )
                     })?
                     .to_string(),
             },

@@ -10,6 +10,7 @@ mod readings;
 mod replay;
 mod search;
 mod stream;
+mod twin;
 
 use std::path::{Path, PathBuf};
 

@@ -12,20 +12,10 @@ use serde::Serialize;
 
 use super::{BisectOptions, Crash, Engines};
 use crate::diff::{self, DiffOptions, DiffReport, Judge};
-use crate::dump::{Dump, MappedFile, PromptRecord, TapDType, TapView};
+use crate::dump::{Dump, MappedFile, PromptRecord, TapView};
 use crate::engine::{crash_report, Engine};
 use crate::error::{Error, Result};
 use crate::taps::{PositionSpec, Selection, Tap};
-use crate::tolerance::{TapTolerance, Tolerances};
-
-/// A tap's tolerance under a rounding profile is this many times the twin's worst row
-/// so far (never below the tap's own tolerance). Measured on SmolLM2 Q4_1, 1652 tokens,
-/// healthy llama.cpp CPU against `llamacpp-cpu` at layers 0, 1, 2, 5, 14, 29, every tap
-/// (docs/validation.md): llama.cpp's worst row per 128-row chunk was at most 3.0× the
-/// twin's worst row over the prefix up to that chunk (blk.0.attn_out, where single
-/// 8-bit rounding flips are rare and land on different rows), and 1.0–2.1× over the
-/// whole prompt.
-pub const TWIN_MARGIN: f64 = 4.0;
 
 /// One probe: both engines dumped the same selection over the same prefix.
 #[derive(Debug, Clone, Serialize)]
@@ -123,7 +113,7 @@ type Timed = (Result<()>, f64);
 pub(super) struct Session<'e> {
     pub(super) a: &'e mut dyn Engine,
     pub(super) b: &'e mut dyn Engine,
-    opts: &'e BisectOptions,
+    pub(super) opts: &'e BisectOptions,
     pub(super) prompt: PromptRecord,
     pub(super) probes: Vec<ProbeRecord>,
     /// Each probe's directory.
@@ -136,10 +126,10 @@ pub(super) struct Session<'e> {
     /// How probes are judged: automatically for the coarse probe, then as it decided.
     pub(super) judge: Judge,
     /// The oracle's twin when B's profile rounds: it dumps what B dumps on every probe,
-    /// and its distance to B sets each tap's tolerance ([`TWIN_MARGIN`]).
+    /// and its distance to B sets each tap's tolerance (`twin.rs`).
     pub(super) twin: Option<&'e mut dyn Engine>,
     /// The twin's worst row rel L2 against B so far, per tap.
-    twin_noise: RefCell<BTreeMap<String, f64>>,
+    pub(super) twin_noise: RefCell<BTreeMap<String, f64>>,
 }
 
 impl<'e> Session<'e> {
@@ -191,12 +181,16 @@ impl<'e> Session<'e> {
             tokens: self.prompt.tokens[..tokens].to_vec(),
             ..self.prompt.clone()
         };
-        let (result_a, result_b, twin) = self.run_engines(purpose, &prompt, sel, dirs);
-        let seconds_twin = match twin {
-            Some((Err(e), _)) => return Err(Error::input(format!("the oracle's twin failed: {e}"))),
-            Some((Ok(()), secs)) => secs,
-            None => 0.0,
+        let (result_a, (result_b, seconds_b), twin) = self.run_engines(purpose, &prompt, sel, dirs);
+        // The twin is part of the oracle's side: its failure is B's.
+        let (result_b, seconds_twin) = match (result_b, twin) {
+            (Ok(()), Some((Err(Error::Engine(msg)), secs))) => {
+                (Err(Error::Engine(format!("the oracle's twin: {msg}"))), secs)
+            }
+            (Ok(()), Some((Err(e), _))) => return Err(e),
+            (result_b, twin) => (result_b, twin.map_or(0.0, |t| t.1)),
         };
+        let result_b = (result_b, seconds_b);
         let mut crash = None;
         let mut seconds = [0.0; 2];
         for (i, ((result, secs), engine, out, name)) in
@@ -315,59 +309,6 @@ impl<'e> Session<'e> {
             allow_model_mismatch: self.opts.allow_model_mismatch,
             judge,
         }
-    }
-
-    /// The search's tolerances, with each tap the twin has measured at
-    /// max(its tolerance, [`TWIN_MARGIN`] × the twin's worst row so far).
-    pub(super) fn tolerances(&self) -> Tolerances {
-        let base = &self.opts.tolerances;
-        let measured: Vec<TapTolerance> = self
-            .twin_noise
-            .borrow()
-            .iter()
-            .map(|(tap, &noise)| {
-                let own = base.for_tap(tap, TapDType::F32);
-                TapTolerance {
-                    pattern: tap.clone(),
-                    rel_l2: own.rel_l2.max(TWIN_MARGIN * noise),
-                    abs: own.abs,
-                    measured: Some(noise),
-                }
-            })
-            .collect();
-        Tolerances {
-            // First match wins: the measured taps before any pattern of the base.
-            taps: measured.into_iter().chain(base.taps.iter().cloned()).collect(),
-            ..base.clone()
-        }
-    }
-
-    /// The twin's rows beside B's dump at `b` against B's: each tap's worst row joins
-    /// what the twin measured.
-    fn measure_twin(&self, b: &Path) -> Result<()> {
-        if self.twin.is_none() {
-            return Ok(());
-        }
-        let twin = b.with_file_name("twin");
-        let opts = DiffOptions {
-            tolerances: self.opts.tolerances.clone(),
-            allow_model_mismatch: false,
-            judge: Judge::Tolerance,
-        };
-        let r = diff::diff(&Dump::open(&twin)?, &Dump::open(b)?, &opts)?;
-        let mut noise = self.twin_noise.borrow_mut();
-        for t in r.prompts.iter().flat_map(|p| &p.taps) {
-            let worst = t.max_rel_l2();
-            if !worst.is_finite() {
-                return Err(Error::input(format!(
-                    "the oracle's twin has non-finite rows at {} against the oracle",
-                    t.tap
-                )));
-            }
-            let kept = noise.entry(t.tap.clone()).or_insert(0.0);
-            *kept = kept.max(worst);
-        }
-        Ok(())
     }
 
     /// The dumps at `a` and `b` compared as `judge` says; each must hold the residual

@@ -102,6 +102,9 @@ pub(super) struct Search<'s, 'r, 'e> {
     pub(super) n_layer: usize,
     n_vocab: usize,
     pub(super) n_embd: usize,
+    /// The layer taps this model has (a llama model has no Gemma post norms): what the
+    /// suspect layer's probe asks for, so its reproduce commands ask for no more.
+    layer_taps: Vec<&'static str>,
     pub(super) report: BisectReport,
     start: Instant,
     /// The commands that reproduce the finding: the probe whose comparison the report shows.
@@ -128,7 +131,7 @@ pub(super) fn search<'s, 'r: 's, 'e>(
         format!(
             "tolerances measured by the oracle's twin ({}): each tap max(its tolerance, {} × the twin's worst row against the oracle)",
             t.label(),
-            super::probe::TWIN_MARGIN
+            super::twin::TWIN_MARGIN
         )
     });
     let mut search = Search {
@@ -140,6 +143,11 @@ pub(super) fn search<'s, 'r: 's, 'e>(
         n_layer: config.n_layer,
         n_vocab: config.n_vocab,
         n_embd: config.n_embd,
+        layer_taps: LAYER_TAPS
+            .iter()
+            .copied()
+            .filter(|t| LayerTap::from_name(t).is_some_and(|t| t.in_model(config)))
+            .collect(),
         report,
         start,
         suspect_reproduce: None,
@@ -430,7 +438,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         let mut probed: Vec<usize> = at.iter().copied().chain(window..=layer.position).collect();
         probed.sort_unstable();
         probed.dedup();
-        let sel = selection(vec![hi], LAYER_TAPS, &Rows::At(probed.clone()), prefix);
+        let sel = selection(vec![hi], &self.layer_taps, &Rows::At(probed.clone()), prefix);
         let taps_diff = self.probe(&format!("taps-{hi}"), prefix, sel)?;
         let mut suspect = Suspect {
             layer: hi,

@@ -32,6 +32,19 @@ pub fn dump(a: DumpArgs) -> Result<ExitCode> {
     let model = Model::open(&a.model)?;
     resbisect::trace::mark(|| "model opened".into());
     let selection = Selection::parse(&a.layers, &a.taps, &a.positions, model.config.n_layer)?;
+    // `all` means the model's taps; a tap named outright must exist in this model.
+    if !a.taps.split(',').any(|t| t.trim() == "all") {
+        if let Some(t) = selection
+            .taps
+            .iter()
+            .find(|t| resbisect::taps::LayerTap::from_name(t).is_some_and(|t| !t.in_model(&model.config)))
+        {
+            return Err(Error::input(format!(
+                "--taps: this {} model has no {t} tap (docs/taps.md: which models have which taps)",
+                model.config.arch
+            )));
+        }
+    }
     let records = input.resolve(&model, None)?;
     resbisect::inject::check_reach(
         &a.inject,

@@ -8,3 +8,4 @@ pub mod commands;
 pub mod demo;
 pub mod inspect;
 pub mod progress;
+pub mod specs;

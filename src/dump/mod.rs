@@ -161,7 +161,12 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    pub fn new(engine: EngineInfo, model: ModelInfo, prompts: Vec<PromptRecord>, selection: Selection) -> Self {
+    /// A running dump's manifest; the selection keeps only the taps `model` has (`--taps
+    /// all` on a llama model lists no Gemma post norms).
+    pub fn new(engine: EngineInfo, model: ModelInfo, prompts: Vec<PromptRecord>, mut selection: Selection) -> Self {
+        selection
+            .taps
+            .retain(|name| crate::taps::LayerTap::from_name(name).is_none_or(|t| t.in_model(&model.config)));
         Self {
             format: FORMAT.into(),
             version: VERSION,

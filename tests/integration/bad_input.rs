@@ -203,6 +203,14 @@ fn bad_selections_and_prompts() {
         "unknown tap \"resid_pots\"",
     );
     assert_refused(
+        &dump(&["--tokens", "1,2,3", "--engine", "runtime", "--twin"]),
+        "--profile and --twin are reference options",
+    );
+    assert_refused(
+        &dump(&["--tokens", "1,2,3", "--taps", "resid_post,ffn_post_norm"]),
+        "this llama model has no ffn_post_norm tap",
+    );
+    assert_refused(
         &dump(&["--tokens", "1,2,3", "--layers", "0..32"]),
         "goes past the model's 2 layers",
     );
@@ -254,4 +262,50 @@ fn bad_selections_and_prompts() {
         &resbisect(&["synth", "--preset", "tiny", "--quant", "q9_9", "-o", o]),
         "unknown quant type",
     );
+}
+
+/// A bisect option for an engine that was not chosen is refused, never silently ignored:
+/// `--command` without `--engine external` would run the runtime and report it clean.
+#[test]
+fn bisect_options_for_engines_not_chosen_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), "q8_0", 3);
+    let bisect = |extra: &[&str]| {
+        let mut args = vec!["bisect", "--model", path_str(&model), "--tokens", "1,2,3"];
+        args.extend_from_slice(extra);
+        resbisect(&args)
+    };
+    for (extra, needle) in [
+        (&["--command", "x"][..], "--command applies only with --engine external"),
+        (
+            &[
+                "--engine",
+                "external",
+                "--command",
+                "x",
+                "--inject",
+                "blk.0.q:scale=2@0",
+            ],
+            "--inject applies only with --engine runtime or reference",
+        ),
+        (
+            &["--engine", "external", "--command", "x", "--dtype", "f16"],
+            "--dtype applies only",
+        ),
+        (
+            &["--oracle-command", "x"],
+            "--oracle-command applies only with --oracle external",
+        ),
+        (
+            &["--engine", "reference", "--weights", "dequant"],
+            "--weights applies only with --engine runtime",
+        ),
+        (
+            &["--oracle-dtype", "f16"],
+            "--oracle-dtype applies only with --oracle runtime",
+        ),
+        (&["--engine", "external"], "--command for A"),
+    ] {
+        assert_refused(&bisect(extra), needle);
+    }
 }

@@ -1,6 +1,7 @@
 //! Numerics profiles: a fault injected into a reference that follows `llamacpp-cpu` is
-//! still found exactly against the same profile, the reports and the manifest name the
-//! profile, and the profile is not the exact reference (its rounding is visible).
+//! still found exactly against the same profile (by diff, and by bisect under the
+//! twin's tolerances), the reports and the manifest name the profile, and the profile is
+//! not the exact reference (its rounding is visible).
 
 use serde_json::Value;
 
@@ -114,4 +115,44 @@ fn an_unknown_profile_is_refused_by_name() {
         &out,
         "--profile: unknown numerics profile \"llamacpp\" (known: exact, llamacpp-cpu, llamacpp-cuda)",
     );
+}
+
+/// Under a rounding profile bisect measures each tap's tolerance with the oracle's twin:
+/// deep in SmolLM2 those tolerances are the 8-bit noise a sound engine makes there (4.7e-2
+/// rel L2 at blk.8.ffn_out on this prompt, × 4), and a fault past them is still named at
+/// its own tap and position, with replay agreeing.
+#[test]
+fn bisect_under_a_profile_finds_a_deep_fault_against_the_twin_tolerances() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = root().join("fixtures/prompts/bisect.jsonl").display().to_string();
+    let (code, r) = crate::bisect::bisect_json(
+        &[
+            "--prompts",
+            &prompts,
+            "--id",
+            "p6_len_128",
+            "--engine",
+            "reference",
+            "--inject",
+            "blk.8.ffn_out:scale=1.5@60",
+            "--profile",
+            "llamacpp-cpu",
+        ],
+        &dir.path().join("work"),
+    );
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(r["first"]["tap"], "blk.8.ffn_out", "{}", r["first"]);
+    assert_eq!(r["first"]["position"], 60, "{}", r["first"]);
+    assert!(r["twin"].as_str().is_some_and(|t| t.contains("twin")), "{r}");
+    // The twin loosened the deep tap (its own tolerance is 1e-3) but not below the fault.
+    let tolerance = r["first"]["tolerance"]["rel_l2"].as_f64().unwrap_or_default();
+    assert!(tolerance > 1e-3 && tolerance < 0.5, "{}", r["first"]);
+    let introduced: Vec<u64> = r["replay"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["introduces"] == true)
+        .map(|l| l["layer"].as_u64().unwrap())
+        .collect();
+    assert_eq!(introduced, vec![8], "{}", r["replay"]);
 }

@@ -18,7 +18,9 @@ mkdir -p "$out"
 cmake_bin="$(command -v cmake || true)"
 if [ -z "$cmake_bin" ]; then
   tools="$out/tools"
-  if [ ! -x "$tools/bin/cmake" ]; then
+  # A venv is not relocatable: one copied from another checkout's target/ is rebuilt.
+  if ! "$tools/bin/cmake" --version >/dev/null 2>&1; then
+    rm -rf "$tools"
     python3 -m venv "$tools"
     "$tools/bin/python" -m pip install --quiet --disable-pip-version-check --only-binary :all: cmake
   fi

@@ -3,6 +3,11 @@
 //  - `Qcur-L`/`Kcur-L` name up to three nodes (MUL_MAT, the reshape, the ROPE): the ROPE
 //    output is `q`/`k`, the last other node before it is `q_pre_rope`/`k_pre_rope`;
 //  - the token embedding is `embd` (a GET_ROWS); `inp_embd` is an input that stays unset;
+//    models that scale it (Gemma 3) name the scaled one `inp_scaled`, which comes after
+//    `embd` and so replaces its rows;
+//  - with Q/K norms (Qwen3, Gemma 3) the input to RoPE is `Qcur_normed-L`/`Kcur_normed-L`,
+//    after the plain `Qcur-L` reshape, whose rows it replaces;
+//  - Gemma 3's residual after attention is `sa_out-L` and its gated GELU `ffn_geglu-L`;
 //  - `ffn_out-L` names the down projection and then the residual add, which `l_out-L`
 //    renames unless a control vector is applied: the first `ffn_out-L` is `ffn_out`;
 //  - in the last layer, after `attn_out`, and at the output, only the output rows exist
@@ -20,6 +25,8 @@ const std::map<std::string, std::string> LAYER_NODES = {
     {"attn_norm", "attn_norm"}, {"Vcur", "v"},           {"kqv_out", "attn"},     {"attn_out", "attn_out"},
     {"ffn_inp", "resid_mid"},   {"ffn_norm", "ffn_norm"}, {"ffn_gate", "ffn_gate"}, {"ffn_up", "ffn_up"},
     {"ffn_swiglu", "ffn_act"},  {"ffn_out", "ffn_out"},  {"l_out", "resid_post"},
+    {"sa_out", "resid_mid"},    {"ffn_geglu", "ffn_act"}, {"attn_post_norm", "attn_post_norm"},
+    {"ffn_post_norm", "ffn_post_norm"}, {"Qcur_normed", "q_pre_rope"}, {"Kcur_normed", "k_pre_rope"},
 };
 
 float value_at(const ggml_tensor *t, const std::vector<uint8_t> &bytes, int64_t i0, int64_t i1, int64_t i2,
@@ -47,7 +54,7 @@ Capture::Capture(std::set<std::string> taps, std::vector<int> layers, const std:
 
 std::string Capture::tap_of(const ggml_tensor *t) const {
     std::string name = t->name;
-    if (name == "embd") return short_taps_.count("embed") ? "embed" : "";
+    if (name == "embd" || name == "inp_scaled") return short_taps_.count("embed") ? "embed" : "";
     if (name == "result_norm") return short_taps_.count("final_norm") ? "final_norm" : "";
     if (name == "result_output") return short_taps_.count("logits") ? "logits" : "";
     size_t dash = name.rfind('-');

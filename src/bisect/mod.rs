@@ -246,17 +246,29 @@ pub fn bisect<'e>(
     std::thread::scope(|scope| search::search(scope, engines, replayer, prompt, config, opts))
 }
 
-/// A note for a report whose A is llama.cpp and whose B is the reference computing
-/// exactly: llama.cpp quantizes each matmul's activations to 8 bits and stores K and V in
-/// f16 by design (docs/profiles.md), so it departs from an exact oracle from layer 0 on
-/// whether or not it has a bug. None for any other pair, or when the oracle imitates a
-/// profile.
-pub fn numerics_note(a: &crate::dump::EngineInfo, b: &crate::dump::EngineInfo) -> Option<String> {
+/// A note for a report whose A is llama.cpp and whose B (or, when B is not the
+/// reference, local replay's reference) computes exactly: llama.cpp quantizes each
+/// matmul's activations to 8 bits and stores K and V in f16 by design (docs/profiles.md),
+/// so it departs from an exact reference from layer 0 on whether or not it has a bug.
+/// None for any other pair, or when the reference imitates a profile.
+pub fn numerics_note(a: &crate::dump::EngineInfo, b: &crate::dump::EngineInfo, replay_oracle: &str) -> Option<String> {
+    if a.name != "llama.cpp" {
+        return None;
+    }
     let exact_reference = b.name == "resbisect-reference" && b.profile.as_deref().is_none_or(|p| p == "exact");
-    (a.name == "llama.cpp" && exact_reference).then(|| {
-        "A is llama.cpp, which by design quantizes each matmul's activations to 8 bits and keeps K and V \
-         in f16, and the oracle computed exactly (profile exact): it departs from layer 0 on even without \
-         a bug; rerun with --profile llamacpp-cpu (docs/profiles.md) to compare against those numerics"
+    if exact_reference {
+        return Some(
+            "A is llama.cpp, which by design quantizes each matmul's activations to 8 bits and keeps K and V \
+             in f16, and the oracle computed exactly (profile exact): it departs from layer 0 on even without \
+             a bug; rerun with --profile llamacpp-cpu (docs/profiles.md) to compare against those numerics"
+                .to_string(),
+        );
+    }
+    let exact_replay = !replay_oracle.is_empty() && !replay_oracle.contains("profile");
+    exact_replay.then(|| {
+        "A is llama.cpp and local replay ran on the exact reference: llama.cpp's own 8-bit activations \
+         and f16 KV cache show in every replayed tap, so replay's first tap off may precede the bug; \
+         rerun with --profile llamacpp-cpu (docs/profiles.md) to replay through those numerics"
             .to_string()
     })
 }

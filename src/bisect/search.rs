@@ -222,7 +222,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
             report.engine_a = crate::engine::identified(&report.engine_a, &d.a.engine);
             report.engine_b = crate::engine::identified(&report.engine_b, &d.b.engine);
             if report.outcome == Outcome::Diverged {
-                report.numerics_note = super::numerics_note(&d.a.engine, &d.b.engine);
+                report.numerics_note = super::numerics_note(&d.a.engine, &d.b.engine, &report.replay_oracle);
             }
         }
         Ok(report)

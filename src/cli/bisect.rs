@@ -176,11 +176,15 @@ fn options(r: &BisectRun) -> Result<BisectOptions> {
     })
 }
 
-/// A temporary work directory after the search: all of it after a failure; after a
-/// result, the probe dumps only (the reproduce commands read what stays).
+/// A temporary work directory after the search: the probe dumps (the reproduce commands
+/// read what stays). After a failure, all of it unless an engine left a log there, which
+/// the error names.
 fn clean_up(work: &Path, succeeded: bool) {
     if !succeeded {
-        let _ = std::fs::remove_dir_all(work);
+        remove_dumps(work);
+        if !holds_log(work) {
+            let _ = std::fs::remove_dir_all(work);
+        }
         return;
     }
     let freed = remove_dumps(work);
@@ -189,6 +193,16 @@ fn clean_up(work: &Path, succeeded: bool) {
         freed as f64 / 1e6,
         work.display()
     );
+}
+
+/// Whether a `.log` file lies anywhere under `dir`.
+fn holds_log(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|it| {
+        it.flatten().any(|e| {
+            let p = e.path();
+            p.extension().is_some_and(|x| x == "log") || (p.is_dir() && holds_log(&p))
+        })
+    })
 }
 
 /// Remove every dump directory (one holding manifest.json) under `dir`, keeping the small

@@ -108,10 +108,7 @@ fn inspect_dump(path: &Path) -> Result<()> {
         m.status,
         m.error.as_ref().map(|e| format!(": {}", e.message)).unwrap_or_default()
     );
-    println!(
-        "engine       {} {} backend {} dtype {} on {}",
-        m.engine.name, m.engine.version, m.engine.backend, m.engine.dtype, m.engine.device
-    );
+    println!("engine       {} on {}", m.engine.describe(), m.engine.device);
     println!(
         "model        {} ({})",
         m.model.path,

@@ -170,6 +170,14 @@ impl Engine for ExternalEngine {
             } else {
                 last.join(" | ")
             };
+            // Exit 2 is the usage error of resbisect's contract (and of argparse, getopt
+            // tools): the engine refused its options or input, it did not crash.
+            if status.code() == Some(2) {
+                return Err(Error::input(format!(
+                    "the external engine refused its input (exit 2): {tail} (log: {})",
+                    log.display()
+                )));
+            }
             return Err(Error::engine(format!(
                 "external engine {status}: {tail} (log: {})",
                 log.display()

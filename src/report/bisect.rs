@@ -160,11 +160,18 @@ fn noise_line(r: &BisectReport) -> String {
         .iter()
         .map(|n| format!("{} {}", n.tap.trim_end_matches(".resid_post"), sci(n.p75_rel_l2)))
         .collect();
+    // Under the twin each tap has its own measured tolerance: one threshold would mislead.
+    let thresholds = match r.twin {
+        Some(_) => "per-tap tolerances from the twin".to_string(),
+        None => format!(
+            "noise-floor threshold rel_l2 {} (tolerance {})",
+            sci(n0.floor),
+            sci(n0.tolerance)
+        ),
+    };
     format!(
-        "judged against the {}; noise-floor threshold rel_l2 {} (tolerance {}); coarse residual stream, 75th-percentile row rel_l2: {}",
+        "judged against the {}; {thresholds}; coarse residual stream, 75th-percentile row rel_l2: {}",
         judged_name(r.judged),
-        sci(n0.floor),
-        sci(n0.tolerance),
         levels.join(", ")
     )
 }

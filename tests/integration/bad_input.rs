@@ -309,3 +309,34 @@ fn bisect_options_for_engines_not_chosen_are_refused() {
         assert_refused(&bisect(extra), needle);
     }
 }
+
+/// An external engine that exits 2 refused its options or input (the usage error of
+/// resbisect's own contract and of argparse): bisect exits 2, not 3, and the log it names
+/// is still there.
+#[test]
+fn an_external_engine_refusing_its_input_is_a_usage_error_with_its_log_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), "q8_0", 3);
+    let out = resbisect(&[
+        "bisect",
+        "--model",
+        path_str(&model),
+        "--tokens",
+        "1,2,3",
+        "--engine",
+        "external",
+        "--command",
+        "echo {out}: unknown option --frobnicate >&2; exit 2",
+    ]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    let error = out.stderr.lines().last().unwrap_or_default();
+    assert!(
+        error.starts_with("error: the external engine refused its input (exit 2)"),
+        "{}",
+        out.stderr
+    );
+    let log = error.rsplit("(log: ").next().unwrap().trim_end_matches(')');
+    let text = std::fs::read_to_string(log).unwrap_or_else(|e| panic!("{log}: {e}"));
+    assert!(text.contains("unknown option --frobnicate"), "{text}");
+    let _ = std::fs::remove_dir_all(std::path::Path::new(log).parent().unwrap().parent().unwrap());
+}

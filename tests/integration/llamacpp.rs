@@ -203,6 +203,35 @@ fn llamacpp_knob_bugs_are_found_exactly_against_the_llamacpp_cpu_profile() {
     }
 }
 
+/// Against a healthy llama.cpp without a profile, local replay runs on the exact
+/// reference, which llama.cpp's own rounding departs from: the report says so.
+#[test]
+fn replay_on_the_exact_reference_of_a_llamacpp_finding_comes_with_a_note() {
+    let Some(exe) = adapter() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (code, r) = bisect_json(
+        &[
+            "--prompts",
+            &prompts(),
+            "--id",
+            "p6_len_128",
+            "--engine",
+            "external",
+            "--command",
+            &command(&exe, "--rope-freq-base 10000"),
+            "--oracle",
+            "external",
+            "--oracle-command",
+            &command(&exe, ""),
+        ],
+        &dir.path().join("work"),
+    );
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(first(&r), ("blk.0.q".to_string(), 1), "{}", r["first"]);
+    let note = r["numerics_note"].as_str().unwrap_or_default();
+    assert!(note.contains("local replay ran on the exact reference"), "{r}");
+}
+
 /// A healthy llama.cpp against the `llamacpp-cpu` profile on 1652 tokens, every layer's
 /// rows past the first 8-bit rounding flips included: clean at the default tolerances,
 /// because the oracle's twin measures how far such flips carry (docs/profiles.md).

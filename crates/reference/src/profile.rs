@@ -98,6 +98,8 @@ impl Profile {
                  attention matmuls (llama-graph.cpp build_attn_mha, flash attention off)",
                 "RoPE angles in f32, each pair's angle the previous one times powf(base, -2/n_dims) \
                  (ggml-cpu ops.cpp ggml_rope_cache_init, rope_yarn)",
+                "GELU through ggml-cpu's f16 table: input and output rounded to f16 \
+                 (vec.h GGML_GELU_FP16, ggml-cpu.c ggml_table_gelu_f16)",
             ],
             Self::LlamacppCuda => &[
                 "activations before a quantized matmul are quantized to q8_1 (round half away \
@@ -145,6 +147,12 @@ impl Profile {
         self == Self::LlamacppCpu
     }
 
+    /// Whether a GELU goes through ggml-cpu's f16 table ([`gelu_f16_table`]): ggml-cpu
+    /// defines `GGML_GELU_FP16` (vec.h), the CUDA backend computes GELU in f32.
+    pub fn gelu_through_f16_table(self) -> bool {
+        self == Self::LlamacppCpu
+    }
+
     /// Whether the query and the softmax output are rounded to f16 for the attention
     /// matmuls against an f16 cache (ggml converts src1 to the f16 weight's vec_dot_type).
     pub fn attention_in_f16(self) -> bool {
@@ -164,6 +172,23 @@ impl fmt::Display for Profile {
 pub fn uses_block_sum(rounding: ActRounding, weight: GgmlDType) -> bool {
     matches!(rounding, ActRounding::Q8_1Cpu | ActRounding::Q8_1Cuda)
         && matches!(weight, GgmlDType::Q4_1 | GgmlDType::Q5_1)
+}
+
+/// ggml-cpu's GELU of `x` through its f16 table (vec.h `ggml_vec_gelu_f32` and
+/// `ggml_vec_geglu_f32` under `GGML_GELU_FP16`; the table from ggml-cpu.c
+/// `ggml_table_gelu_f16`): `x` rounded to f16, the tanh-approximated GELU of that value
+/// computed in f32 and rounded to f16; inputs at or below -10 give 0, at or above 10 `x`.
+pub fn gelu_f16_table(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    if x <= -10.0 {
+        0.0
+    } else if x >= 10.0 {
+        x
+    } else {
+        let h = f16::from_f32(x).to_f32();
+        let g = 0.5 * h * (1.0 + (SQRT_2_OVER_PI * h * (1.0 + 0.044715 * h * h)).tanh());
+        f16::from_f32(g).to_f32()
+    }
 }
 
 /// Per-block offsets `m` (f16 → f32) of a Q4_1/Q5_1 weight of `rows` rows and `cols`
@@ -401,6 +426,15 @@ mod tests {
         let out = round_cache(&b, 32, CacheType::Q4_0).unwrap();
         assert_eq!(&out[..3], &[-8.0, 3.0, 7.0]);
         assert_eq!(out[3], 0.0);
+    }
+
+    #[test]
+    fn gelu_goes_through_f16_on_both_sides_and_saturates_at_ten() {
+        // 1.0001 rounds to the f16 1.0; GELU(1) = 0.841192 rounds to the f16 0.84130859375.
+        assert_eq!(gelu_f16_table(1.0001), 0.841_308_6);
+        assert_eq!(gelu_f16_table(-10.0), 0.0);
+        assert_eq!(gelu_f16_table(12.5), 12.5);
+        assert_eq!(gelu_f16_table(0.0), 0.0);
     }
 
     #[test]

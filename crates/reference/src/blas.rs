@@ -92,9 +92,7 @@ fn candidates() -> Result<Vec<PathBuf>, String> {
         }
     }
     if found.is_empty() {
-        return Err(
-            "no scipy_openblas32 in a .venv/ (scripts/setup.sh installs it) and RESBISECT_BLAS is unset".into(),
-        );
+        return Err("no scipy_openblas32 in a .venv/, and RESBISECT_BLAS is unset".into());
     }
     Ok(found)
 }

@@ -260,6 +260,38 @@ fn a_healthy_llamacpp_is_clean_against_the_llamacpp_cpu_profile_on_a_long_prompt
     assert!(r["twin"].as_str().unwrap_or_default().contains("twin"), "{r}");
 }
 
+/// The real Gemma 3 270M through llama.cpp (its graph names: `inp_scaled`, `Qcur_normed`,
+/// `sa_out`, post norms, `ffn_geglu`) against the `llamacpp-cpu` profile, whose GELU goes
+/// through ggml-cpu's f16 table: clean. Without that rule layer 0's median `ffn_out` row
+/// was 2.1e-3 off and bisect named layer 4 (rel L2 1.21e-1 against the twin's 1.17e-1).
+/// (The suite's ids are SmolLM2's; any ids serve a healthy-against-healthy check.)
+#[test]
+fn a_healthy_llamacpp_runs_gemma3_clean_against_the_llamacpp_cpu_profile() {
+    let Some(exe) = adapter() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = resbisect(&[
+        "bisect",
+        "--model",
+        path_str(&gemma3()),
+        "--prompts",
+        &prompts(),
+        "--id",
+        "p6_len_128",
+        "--engine",
+        "external",
+        "--command",
+        &command(&exe, ""),
+        "--profile",
+        "llamacpp-cpu",
+        "--json",
+        "--work",
+        path_str(&dir.path().join("work")),
+    ]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let r: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(r["outcome"], "clean", "{r}");
+}
+
 /// Replay's verdicts agree with the search: layer 0 introduces the error, and the first
 /// tap off its replay is the tap bisect named. (The knobs act in every layer, so later
 /// replayed layers introduce error too, rightly.)

@@ -5,6 +5,7 @@
 
 use anyhow::Result;
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 use resbisect_taps::{Activation, Config};
 
 use crate::ops::{rms_norm, Eps};
@@ -62,8 +63,16 @@ pub(crate) fn head_rms_norm(x: &Tensor, w: &Tensor, n_heads: usize, eps: &Eps) -
     Ok(rms_norm(&heads, w, &per_head)?.reshape((n, width))?)
 }
 
-/// The gated FFN's product `activation(gate) · up` (fused for SiLU).
-pub(crate) fn gated(cfg: &Config, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+/// The gated FFN's product `activation(gate) · up` (fused for SiLU). `gelu_table`: a GELU
+/// goes through ggml-cpu's f16 table ([`crate::profile::gelu_f16_table`]), as the
+/// `llamacpp-cpu` profile says.
+pub(crate) fn gated(cfg: &Config, gate: &Tensor, up: &Tensor, gelu_table: bool) -> Result<Tensor> {
+    if gelu_table && matches!(cfg.variant.ffn_activation, Activation::GeluTanh) {
+        let values = gate.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let act: Vec<f32> = values.par_iter().map(|&x| crate::profile::gelu_f16_table(x)).collect();
+        let act = Tensor::from_vec(act, gate.shape(), gate.device())?.to_dtype(gate.dtype())?;
+        return Ok((act * up)?);
+    }
     if matches!(cfg.variant.ffn_activation, Activation::Silu) {
         if let Some(out) = fused::swiglu(gate, up)? {
             return Ok(out);

@@ -536,7 +536,10 @@ impl Reference {
         let gate_up = layer.w_gate_up.apply(&h2, self.profile)?;
         let gate = tap(LayerTap::FfnGate, gate_up.narrow(1, 0, cfg.n_ff)?)?;
         let up = tap(LayerTap::FfnUp, gate_up.narrow(1, cfg.n_ff, cfg.n_ff)?)?;
-        let act = tap(LayerTap::FfnAct, gated(cfg, &gate, &up)?)?;
+        let act = tap(
+            LayerTap::FfnAct,
+            gated(cfg, &gate, &up, self.profile.gelu_through_f16_table())?,
+        )?;
         let mut ffn_out = tap(LayerTap::FfnOut, layer.w_down.apply(&act, self.profile)?)?;
         if let Some((_, w)) = post {
             ffn_out = tap(LayerTap::FfnPostNorm, rms_norm(&ffn_out, w, eps)?)?;

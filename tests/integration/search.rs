@@ -227,9 +227,13 @@ fn profile(seed: u64) -> Profile {
     let r = |k: u64| splitmix(seed.wrapping_mul(1000) + k);
     let n_layer = [6, 22, 30][(r(1) % 3) as usize];
     let n_tokens = [40, 200][(r(2) % 2) as usize];
+    // Among the taps a llama model has (no Gemma post norms: the search never asks for them).
+    let in_model: Vec<usize> = (0..LAYER_TAPS.len())
+        .filter(|&i| !matches!(LayerTap::ALL[i], LayerTap::AttnPostNorm | LayerTap::FfnPostNorm))
+        .collect();
     let origin = (
         (r(3) % n_layer as u64) as usize,
-        (r(4) % LAYER_TAPS.len() as u64) as usize,
+        in_model[(r(4) % in_model.len() as u64) as usize],
     );
     let mut sinks = vec![0];
     sinks.push((r(5) % n_tokens as u64) as usize);

@@ -42,6 +42,24 @@ fn prompts() -> String {
     root().join("fixtures/prompts/bisect.jsonl").display().to_string()
 }
 
+/// Bisect with llama.cpp running `command` as engine A on prompt `id` of `suite`, with
+/// `extra` arguments (the oracle, the profile), in a new temporary work directory.
+fn bisect_llamacpp(suite: &str, id: &str, command: &str, extra: &[&str]) -> (i32, Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec![
+        "--prompts",
+        suite,
+        "--id",
+        id,
+        "--engine",
+        "external",
+        "--command",
+        command,
+    ];
+    args.extend_from_slice(extra);
+    bisect_json(&args, &dir.path().join("work"))
+}
+
 fn first(r: &Value) -> (String, u64) {
     (
         r["first"]["tap"].as_str().unwrap_or("none").to_string(),
@@ -70,25 +88,12 @@ fn llamacpp_knob_bugs_are_found_exactly_against_a_healthy_llamacpp() {
     let Some(exe) = adapter() else { return };
     let healthy = command(&exe, "");
     for (knobs, tap, position) in knob_bugs() {
-        let dir = tempfile::tempdir().unwrap();
         let buggy = command(&exe, knobs);
-        let (code, r) = bisect_json(
-            &[
-                "--prompts",
-                &prompts(),
-                "--id",
-                "p6_len_128",
-                "--engine",
-                "external",
-                "--command",
-                &buggy,
-                "--oracle",
-                "external",
-                "--oracle-command",
-                &healthy,
-                "--no-replay",
-            ],
-            &dir.path().join("work"),
+        let (code, r) = bisect_llamacpp(
+            &prompts(),
+            "p6_len_128",
+            &buggy,
+            &["--oracle", "external", "--oracle-command", &healthy, "--no-replay"],
         );
         assert_eq!(code, 1, "{knobs}: {r}");
         assert_eq!(first(&r), (tap.to_string(), position), "{knobs}: {}", r["first"]);
@@ -103,28 +108,21 @@ fn llamacpp_knob_bugs_are_found_exactly_against_a_healthy_llamacpp() {
 #[test]
 fn a_healthy_llamacpp_matches_itself_across_micro_batch_sizes() {
     let Some(exe) = adapter() else { return };
-    let dir = tempfile::tempdir().unwrap();
     // One micro-batch of 128 against four of 32: the adapter places every row at its
     // position. llama.cpp's CPU matmuls do not depend on the batch split for these shapes
     // (measured: identical rows), so no tap may diverge at f32 tolerance.
     let one_ubatch = command(&exe, "--ubatch 128");
-    let (code, r) = bisect_json(
+    let (code, r) = bisect_llamacpp(
+        &prompts(),
+        "p6_len_128",
+        &one_ubatch,
         &[
-            "--prompts",
-            &prompts(),
-            "--id",
-            "p6_len_128",
-            "--engine",
-            "external",
-            "--command",
-            &one_ubatch,
             "--oracle",
             "external",
             "--oracle-command",
             &command(&exe, ""),
             "--no-replay",
         ],
-        &dir.path().join("work"),
     );
     assert_eq!(code, 0, "{r}");
 }
@@ -132,21 +130,7 @@ fn a_healthy_llamacpp_matches_itself_across_micro_batch_sizes() {
 #[test]
 fn a_healthy_llamacpp_diverges_from_the_exact_reference_at_layer_0() {
     let Some(exe) = adapter() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let (code, r) = bisect_json(
-        &[
-            "--prompts",
-            &prompts(),
-            "--id",
-            "p6_len_128",
-            "--engine",
-            "external",
-            "--command",
-            &command(&exe, ""),
-            "--no-replay",
-        ],
-        &dir.path().join("work"),
-    );
+    let (code, r) = bisect_llamacpp(&prompts(), "p6_len_128", &command(&exe, ""), &["--no-replay"]);
     assert_eq!(code, 1, "{r}");
     let (tap, _) = first(&r);
     assert!(
@@ -179,23 +163,8 @@ fn model_info_writes_what_an_external_engine_receives() {
 fn llamacpp_knob_bugs_are_found_exactly_against_the_llamacpp_cpu_profile() {
     let Some(exe) = adapter() else { return };
     for (knobs, tap, position) in knob_bugs() {
-        let dir = tempfile::tempdir().unwrap();
         let buggy = command(&exe, knobs);
-        let (code, r) = bisect_json(
-            &[
-                "--prompts",
-                &prompts(),
-                "--id",
-                "p6_len_128",
-                "--engine",
-                "external",
-                "--command",
-                &buggy,
-                "--profile",
-                "llamacpp-cpu",
-            ],
-            &dir.path().join("work"),
-        );
+        let (code, r) = bisect_llamacpp(&prompts(), "p6_len_128", &buggy, &["--profile", "llamacpp-cpu"]);
         assert_eq!(code, 1, "{knobs}: {r}");
         assert_eq!(first(&r), (tap.to_string(), position), "{knobs}: {}", r["first"]);
         assert!(r["numerics_note"].is_null(), "no note under the profile: {r}");
@@ -208,23 +177,11 @@ fn llamacpp_knob_bugs_are_found_exactly_against_the_llamacpp_cpu_profile() {
 #[test]
 fn replay_on_the_exact_reference_of_a_llamacpp_finding_comes_with_a_note() {
     let Some(exe) = adapter() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let (code, r) = bisect_json(
-        &[
-            "--prompts",
-            &prompts(),
-            "--id",
-            "p6_len_128",
-            "--engine",
-            "external",
-            "--command",
-            &command(&exe, "--rope-freq-base 10000"),
-            "--oracle",
-            "external",
-            "--oracle-command",
-            &command(&exe, ""),
-        ],
-        &dir.path().join("work"),
+    let (code, r) = bisect_llamacpp(
+        &prompts(),
+        "p6_len_128",
+        &command(&exe, "--rope-freq-base 10000"),
+        &["--oracle", "external", "--oracle-command", &command(&exe, "")],
     );
     assert_eq!(code, 1, "{r}");
     assert_eq!(first(&r), ("blk.0.q".to_string(), 1), "{}", r["first"]);
@@ -238,23 +195,8 @@ fn replay_on_the_exact_reference_of_a_llamacpp_finding_comes_with_a_note() {
 #[test]
 fn a_healthy_llamacpp_is_clean_against_the_llamacpp_cpu_profile_on_a_long_prompt() {
     let Some(exe) = adapter() else { return };
-    let dir = tempfile::tempdir().unwrap();
     let long = root().join("fixtures/prompts/long.jsonl").display().to_string();
-    let (code, r) = bisect_json(
-        &[
-            "--prompts",
-            &long,
-            "--id",
-            "long_1652",
-            "--engine",
-            "external",
-            "--command",
-            &command(&exe, ""),
-            "--profile",
-            "llamacpp-cpu",
-        ],
-        &dir.path().join("work"),
-    );
+    let (code, r) = bisect_llamacpp(&long, "long_1652", &command(&exe, ""), &["--profile", "llamacpp-cpu"]);
     assert_eq!(code, 0, "{r}");
     assert_eq!(r["outcome"], "clean", "{r}");
     assert!(r["twin"].as_str().unwrap_or_default().contains("twin"), "{r}");
@@ -318,17 +260,11 @@ fn replay_through_the_profile_agrees_with_bisect_against_a_healthy_llamacpp() {
     let Some(exe) = adapter() else { return };
     let healthy = command(&exe, "");
     for (knobs, tap, position) in knob_bugs() {
-        let dir = tempfile::tempdir().unwrap();
-        let (code, r) = bisect_json(
+        let (code, r) = bisect_llamacpp(
+            &prompts(),
+            "p6_len_128",
+            &command(&exe, knobs),
             &[
-                "--prompts",
-                &prompts(),
-                "--id",
-                "p6_len_128",
-                "--engine",
-                "external",
-                "--command",
-                &command(&exe, knobs),
                 "--oracle",
                 "external",
                 "--oracle-command",
@@ -336,7 +272,6 @@ fn replay_through_the_profile_agrees_with_bisect_against_a_healthy_llamacpp() {
                 "--profile",
                 "llamacpp-cpu",
             ],
-            &dir.path().join("work"),
         );
         assert_eq!(code, 1, "{knobs}: {r}");
         assert_eq!(first(&r), (tap.to_string(), position), "{knobs}: {}", r["first"]);

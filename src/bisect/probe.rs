@@ -311,10 +311,16 @@ impl<'e> Session<'e> {
         }
     }
 
-    /// The dumps at `a` and `b` compared as `judge` says; each must hold the residual
-    /// stream it was asked for.
+    /// The dumps at `a` and `b` compared as `judge` says, after the twin's dump beside `b`
+    /// is measured; each must hold the residual stream it was asked for.
     pub(super) fn compare_dumps(&self, purpose: &str, a: &Path, b: &Path, judge: Judge) -> Result<DiffReport> {
         self.measure_twin(b)?;
+        self.compare_measured(purpose, a, b, judge)
+    }
+
+    /// As [`compare_dumps`](Self::compare_dumps) with the twin's rows already measured
+    /// (a streamed probe's joined dumps: every chunk was).
+    pub(super) fn compare_measured(&self, purpose: &str, a: &Path, b: &Path, judge: Judge) -> Result<DiffReport> {
         let r = diff::diff(&Dump::open(a)?, &Dump::open(b)?, &self.diff_options(judge, b.parent()))?;
         check_stream_written(&r, purpose)?;
         Ok(r)

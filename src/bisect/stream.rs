@@ -108,16 +108,12 @@ impl Session<'_> {
     /// The chunk dumps `parts` joined into one dump per engine under `dir`, compared as
     /// the session judges.
     fn join(&self, purpose: &str, parts: &[PathBuf], dir: &Path) -> Result<(PathBuf, DiffReport)> {
-        let sides: &[&str] = if self.twin.is_some() {
-            &["a", "b", "twin"]
-        } else {
-            &["a", "b"]
-        };
-        for side in sides {
+        for side in ["a", "b"] {
             let chunks: Vec<PathBuf> = parts.iter().map(|p| p.join(side)).collect();
             join_chunks(&chunks, &self.prompt.id, &dir.join(side))?;
         }
-        let r = self.compare_dumps(purpose, &dir.join("a"), &dir.join("b"), self.judge)?;
+        // The twin measured each chunk as it came: its joined rows would add nothing.
+        let r = self.compare_measured(purpose, &dir.join("a"), &dir.join("b"), self.judge)?;
         Ok((dir.to_path_buf(), r))
     }
 }

@@ -267,6 +267,79 @@ impl Gemm<'_> {
     }
 }
 
+/// A row-major operand of [`sgemm_here`]: element (i, j) of its `rows × cols` matrix at
+/// `data[i·row_stride + j·col_stride]`, one of the two strides 1.
+#[derive(Clone, Copy)]
+pub(crate) struct Strided<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl Strided<'_> {
+    /// (transposed?, leading dimension) as CBLAS takes them, when the layout fits in `data`.
+    fn cblas(&self) -> Option<(c_int, usize)> {
+        let last = (self.rows.max(1) - 1) * self.row_stride + (self.cols.max(1) - 1) * self.col_stride;
+        if last >= self.data.len() {
+            return None;
+        }
+        if self.col_stride == 1 && self.row_stride >= self.cols.max(1) {
+            Some((NO_TRANS, self.row_stride))
+        } else if self.row_stride == 1 && self.col_stride >= self.rows.max(1) {
+            Some((TRANS, self.col_stride))
+        } else {
+            None
+        }
+    }
+}
+
+/// `c ← alpha·a·b + beta·c` for `a` `[m, k]`, `b` `[k, n]` and `c` `[m, n]` (row stride
+/// `ldc`), one sgemm on the calling thread (the BLAS is set to one thread). `Ok(false)`
+/// when no library is loaded (nothing computed); an error when a layout does not fit.
+pub(crate) fn sgemm_here(alpha: f32, a: Strided, b: Strided, beta: f32, c: &mut [f32], ldc: usize) -> Result<bool> {
+    let Ok(lib) = blas() else {
+        return Ok(false);
+    };
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let (Some((ta, lda)), Some((tb, ldb))) = (a.cblas(), b.cblas()) else {
+        anyhow::bail!("sgemm: an operand's strides do not fit its data");
+    };
+    if b.rows != k || ldc < n || (m > 0 && (m - 1) * ldc + n > c.len()) {
+        anyhow::bail!(
+            "sgemm: [{m}, {k}] · [{}, {n}] into {} values at row stride {ldc}",
+            b.rows,
+            c.len()
+        );
+    }
+    if m == 0 || n == 0 {
+        return Ok(true);
+    }
+    let int = |v: usize| c_int::try_from(v).map_err(|_| anyhow::anyhow!("a GEMM dimension of {v} overflows BLAS int"));
+    // SAFETY: the checks above put every element the call reads in `a.data`, `b.data`
+    // and every element it writes in `c`.
+    unsafe {
+        (lib.sgemm)(
+            ROW_MAJOR,
+            ta,
+            tb,
+            int(m)?,
+            int(n)?,
+            int(k)?,
+            alpha,
+            a.data.as_ptr(),
+            int(lda)?,
+            b.data.as_ptr(),
+            int(ldb)?,
+            beta,
+            c.as_mut_ptr(),
+            int(ldc)?,
+        )
+    };
+    Ok(true)
+}
+
 /// `t` itself when CBLAS can read it in place, else a contiguous copy.
 fn contiguous_unless_strided(t: &Tensor) -> Result<Tensor> {
     Ok(if operand(t).is_some() {

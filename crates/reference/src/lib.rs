@@ -6,11 +6,12 @@
 //! contract (resbisect-taps, which holds no numerics), so it cannot reuse runtime
 //! numerics. It reads weights through [`WeightSource`] and hands captured rows, one dump
 //! file group at a time, to a [`TapSink`]; it keeps only one layer's activations alive.
-//! The numerics themselves are in [`ops`] (norm, attention, faults), [`rope`] and
+//! The numerics themselves are in [`ops`] (norm, faults), [`attention`], [`rope`] and
 //! [`block`] (what differs between architectures); a numerics [`Profile`] (rounding
 //! where an engine stores, [`profile`]) applies in [`project`]; [`load`] dequantizes the
 //! weights.
 
+mod attention;
 mod blas;
 mod block;
 mod fused;
@@ -27,11 +28,12 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use resbisect_taps::{Config, Faults, FileStem, LayerTap, Tap, TapFault};
 
+use attention::{attention, Heads};
 pub use blas::{backend as gemm_backend, matmul as gemm};
 use block::{gated, head_rms_norm, scale_embeddings, Extras};
 use load::load;
 pub use ops::gather;
-use ops::{apply_faults, attention, rms_norm, row_eps, Eps};
+use ops::{apply_faults, rms_norm, row_eps, Eps};
 pub use profile::{ActRounding, CacheType, Profile};
 use project::{attention_inputs, Projection};
 use rope::{faulty_rope_tables, frequencies, rope, rope_tables, LayerTables};
@@ -419,7 +421,7 @@ impl Reference {
             &k.to_dtype(dots)?,
             &v.to_dtype(dots)?,
             positions,
-            &self.cfg,
+            Heads::of(&self.cfg),
             window,
             self.profile.attention_in_f16(),
         )?;

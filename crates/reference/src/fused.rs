@@ -193,6 +193,12 @@ impl RopeShape {
 /// f32's smallest normal) gives 0.
 pub(crate) trait Exp: Float {
     fn exp_vectorizable(self) -> Self;
+
+    /// [`Exp::exp_vectorizable`] of an x ≤ 0, -inf or NaN (a softmax's x - max): the same
+    /// value, in fewer operations where the overflow checks can go.
+    fn exp_nonpositive(self) -> Self {
+        self.exp_vectorizable()
+    }
 }
 
 impl Exp for f64 {
@@ -204,31 +210,7 @@ impl Exp for f64 {
 impl Exp for f32 {
     #[inline(always)]
     fn exp_vectorizable(self) -> Self {
-        const LOG2_E: f32 = std::f32::consts::LOG2_E;
-        // ln 2 = LN2_HI + LN2_LO, LN2_HI exact in few bits so n·LN2_HI is exact.
-        const LN2_HI: f32 = 0.693_359_4;
-        const LN2_LO: f32 = -2.121_944_4e-4;
-        const P: [f32; 6] = [
-            1.987_569_1e-4,
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            1.666_666_5e-1,
-            0.5, // Cephes: 5.0000001201e-1, the same f32
-        ];
-        let x = self.clamp(-87.33, 88.72);
-        let n = (x * LOG2_E + 0.5).floor();
-        let r = x - n * LN2_HI - n * LN2_LO;
-        let p = P.iter().fold(0.0, |p, &c| p * r + c);
-        let e = p * r * r + r + 1.0;
-        // 2^n as two powers of two built in the exponent field, each a normal number
-        // for every n of the clamped range (-126..=128).
-        // n as an integer through the bits of n + 1.5·2^23 (exact for |n| < 2^22), a
-        // bit cast that vectorizes where `as i32` (saturating) goes scalar.
-        let n = (n + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
-        let pow2 = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
-        let half = n >> 1;
-        let y = e * pow2(half) * pow2(n - half);
+        let y = cephes_exp(self.clamp(-87.33, 88.72));
         if self.is_nan() {
             self
         } else if self > 88.72 {
@@ -239,6 +221,49 @@ impl Exp for f32 {
             y
         }
     }
+
+    #[inline(always)]
+    fn exp_nonpositive(self) -> Self {
+        // Nothing here exceeds 88.72; a NaN fails the comparison and stays NaN through
+        // the arithmetic.
+        let y = cephes_exp(if self < -87.33 { -87.33 } else { self });
+        if self < -87.33 {
+            0.0
+        } else {
+            y
+        }
+    }
+}
+
+/// Cephes' expf of an x in [-87.33, 88.72] (NaN in, NaN out): e^x = 2^n·e^r with
+/// n = round(x·log2 e) and |r| ≤ ln2/2, e^r by a degree-6 polynomial.
+#[inline(always)]
+fn cephes_exp(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 = LN2_HI + LN2_LO, LN2_HI exact in few bits so n·LN2_HI is exact.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const P: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5, // Cephes: 5.0000001201e-1, the same f32
+    ];
+    let n = (x * LOG2_E + 0.5).floor();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    // Horner from the leading coefficient (what a fold from 0 computes, without 0·r + P[0]).
+    let p = P[1..].iter().fold(P[0], |p, &c| p * r + c);
+    let e = p * r * r + r + 1.0;
+    // 2^n as two powers of two built in the exponent field, each a normal number
+    // for every n of the clamped range (-126..=128).
+    // n as an integer through the bits of n + 1.5·2^23 (exact for |n| < 2^22), a
+    // bit cast that vectorizes where `as i32` (saturating) goes scalar.
+    let n = (n + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
+    let pow2 = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
+    let half = n >> 1;
+    e * pow2(half) * pow2(n - half)
 }
 
 #[cfg(test)]
@@ -260,6 +285,20 @@ mod tests {
         assert_eq!(100f32.exp_vectorizable(), f32::INFINITY);
         assert_eq!((-100f32).exp_vectorizable(), 0.0);
         assert_eq!(0f32.exp_vectorizable(), 1.0);
+    }
+
+    /// The softmax's exp gives exp_vectorizable's bits for every x ≤ 0 on a fine grid,
+    /// -inf and NaN.
+    #[test]
+    fn exp_nonpositive_is_exp_vectorizable() {
+        for i in 0..=1_000_000 {
+            let x = -(i as f32) * 1e-4 - 1.7e-6 * (i % 7) as f32;
+            assert_eq!(x.exp_nonpositive().to_bits(), x.exp_vectorizable().to_bits(), "{x}");
+        }
+        for x in [0.0, -0.0, -87.33, -87.34, -1e30, f32::NEG_INFINITY] {
+            assert_eq!(x.exp_nonpositive().to_bits(), x.exp_vectorizable().to_bits(), "{x}");
+        }
+        assert!(f32::NAN.exp_nonpositive().is_nan());
     }
 
     /// RMSNorm and SwiGLU give the candle chains' values on strided rows.

@@ -95,13 +95,13 @@ fn exp_sum_in_lanes<T: Exp>(xs: &mut [T], shift: T) -> T {
     let mut runs = xs.chunks_exact_mut(32);
     for run in &mut runs {
         for (a, x) in acc.iter_mut().zip(run) {
-            *x = (*x - shift).exp_vectorizable();
+            *x = (*x - shift).exp_nonpositive();
             *a = *a + *x;
         }
     }
     let mut sum = acc.into_iter().fold(T::zero(), |s, a| s + a);
     for x in runs.into_remainder() {
-        *x = (*x - shift).exp_vectorizable();
+        *x = (*x - shift).exp_nonpositive();
         sum = sum + *x;
     }
     sum

@@ -16,7 +16,7 @@ fn main() -> anyhow::Result<()> {
         .map(|a| a.parse())
         .collect::<Result<_, _>>()
         .map_err(|e| anyhow::anyhow!("shapes are integers M K N: {e}"))?;
-    if dims.is_empty() || dims.len() % 3 != 0 {
+    if dims.is_empty() || !dims.len().is_multiple_of(3) {
         anyhow::bail!("usage: gemm_rate M K N [M K N ...]");
     }
     for s in dims.chunks(3) {

@@ -228,9 +228,9 @@ mod tests {
         let scaled = frequencies(&config(64, 10_000.0, linear), None, 0).unwrap();
         let factors: Vec<f64> = (0..32).map(|i| 1.0 + i as f64).collect();
         let divided = frequencies(&config(64, 10_000.0, Variant::default()), Some(&factors), 0).unwrap();
-        for i in 0..32 {
+        for (i, factor) in factors.iter().enumerate() {
             assert!((scaled.inv_freq[i] * 4.0 - plain.inv_freq[i]).abs() <= 1e-15);
-            assert!((divided.inv_freq[i] * factors[i] - plain.inv_freq[i]).abs() <= 1e-15);
+            assert!((divided.inv_freq[i] * factor - plain.inv_freq[i]).abs() <= 1e-15);
         }
         assert!(frequencies(&config(64, 10_000.0, Variant::default()), Some(&factors[1..]), 0).is_err());
     }
@@ -261,17 +261,17 @@ mod tests {
         let cross = |beta: f64| (0..d / 2).find(|&i| r(i) <= beta).unwrap() as f64;
         let (low, high) = (cross(32.0) - 1.0, cross(1.0));
         let mut seen_ramp = false;
-        for i in 0..d / 2 {
+        for (i, &t) in th.iter().enumerate().take(d / 2) {
             let got = f.inv_freq[i];
             if r(i) > 32.0 && (i as f64) <= low {
-                assert!((got - th[i]).abs() <= 1e-12 * th[i], "dim {i}: {got} vs {}", th[i]);
+                assert!((got - t).abs() <= 1e-12 * t, "dim {i}: {got} vs {}", t);
             } else if r(i) < 1.0 && (i as f64) >= high {
-                assert!((got - th[i] / s).abs() <= 1e-12 * th[i], "dim {i}");
+                assert!((got - t / s).abs() <= 1e-12 * t, "dim {i}");
             } else {
                 seen_ramp = true;
                 let ramp = 1.0 - ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
-                let want = th[i] / s * (1.0 - ramp) + th[i] * ramp;
-                assert!((got - want).abs() <= 1e-12 * th[i], "dim {i}: {got} vs {want}");
+                let want = t / s * (1.0 - ramp) + t * ramp;
+                assert!((got - want).abs() <= 1e-12 * t, "dim {i}: {got} vs {want}");
             }
         }
         assert!(seen_ramp);

@@ -1,7 +1,7 @@
 //! The streamed coarse probe: both engines run the prompt chunk by chunk, each chunk's
 //! rows are compared as soon as both wrote them, and the stream stops after the first
 //! chunk where a coarse tap leaves tolerance (judged automatically, once the prefix also
-//! shows what the whole prompt would be judged against). Engines that resume from their KV cache
+//! shows what the whole prompt would be judged against, or both judgements agree on it). Engines that resume from their KV cache
 //! compute each chunk's rows only; any other engine gets the prefix as its prompt. The
 //! chunks' dumps are then joined into one dump per engine over the prefix run, as if one
 //! run had written it, so that every later phase reads it like any probe.
@@ -44,7 +44,8 @@ impl Session<'_> {
     /// Judged automatically, an error counts as systematic when it is over the noise
     /// floor on a quarter of the rows: a prefix that ends soon after the error's onset
     /// could not show it, so the stream goes on until the prefix is judged by the noise
-    /// floor (more rows cannot undo that for an error that persists) or ends.
+    /// floor (more rows cannot undo that for an error that persists), or until both
+    /// judgements name the same first divergence in the prefix, or the prompt ends.
     pub(super) fn streamed_probe(
         &mut self,
         purpose: &str,
@@ -90,7 +91,8 @@ impl Session<'_> {
                 sum.seconds_diff += t0.elapsed().as_secs_f64();
                 let settled = end == n
                     || self.judge != Judge::Auto
-                    || r.prompts.iter().any(|p| p.judged == Judgement::NoiseFloor);
+                    || r.prompts.iter().any(|p| p.judged == Judgement::NoiseFloor)
+                    || self.floor_agrees(purpose, &joined, &r)?;
                 if settled {
                     sum.positions = PositionSpec::all().to_string();
                     sum.dump_a = joined.join("a").display().to_string();
@@ -103,6 +105,21 @@ impl Session<'_> {
             record = Some(sum);
         }
         unreachable!("the last chunk ends the stream")
+    }
+
+    /// Whether the joined prefix at `joined`, judged against tolerance as `r`, finds its
+    /// first divergence at the same tap and position when judged against the noise floor
+    /// from the first tap on: then the whole prompt's judgement, whichever it is, cannot
+    /// move the answer within the prefix, and the stream need not go on to learn it.
+    fn floor_agrees(&self, purpose: &str, joined: &Path, r: &DiffReport) -> Result<bool> {
+        let floor = self.compare_measured(purpose, &joined.join("a"), &joined.join("b"), Judge::NoiseFloor)?;
+        let at = |r: &DiffReport| {
+            r.prompts
+                .iter()
+                .map(|p| p.first.as_ref().map(|f| (f.tap.clone(), f.position)))
+                .collect::<Vec<_>>()
+        };
+        Ok(at(r).iter().all(Option::is_some) && at(r) == at(&floor))
     }
 
     /// The chunk dumps `parts` joined into one dump per engine under `dir`, compared as

@@ -15,7 +15,7 @@ use crate::model::Model;
 use crate::runtime::backend::{Backend, StorageDType};
 use crate::runtime::weights::WeightMode;
 use crate::runtime::{preflight, KvCache, RunOptions, Runtime};
-use crate::taps::{all_taps, LayerTap, PositionSpec, Selection, Tap};
+use crate::taps::{all_taps, PositionSpec, Selection, Tap};
 
 /// The built-in runtime on one backend, optionally with injected faults.
 pub struct RuntimeEngine<'m, B: Backend> {
@@ -218,8 +218,9 @@ impl<B: Backend> PromptRunner for RuntimeRunner<'_, B> {
     }
 
     /// With checkpoints, a prompt that is a prefix of the kept run's tokens is served
-    /// from them (when it asks only for what they hold), a run with an output tap keeps
-    /// its stream and KV cache, continuing the kept run when its prompt extends it.
+    /// from them (recomputing only the layers whose inner taps it asks for), a run with
+    /// an output tap keeps its stream and KV cache, continuing the kept run when its
+    /// prompt extends it.
     fn run(
         &mut self,
         prompt: &PromptRecord,
@@ -231,11 +232,10 @@ impl<B: Backend> PromptRunner for RuntimeRunner<'_, B> {
         // Only a run with an output tap computes every layer, so only its stream is whole.
         let keeps = run.max_tokens == 0 && (selection.wants(&Tap::FinalNorm) || selection.wants(&Tap::Logits));
         let fits = PrefixCheckpoints::<B::Buf>::fits(self.checkpoint_bytes(prompt.tokens.len()));
-        let servable = self.servable();
         match self.checkpoints.as_mut() {
-            Some((cp, _)) if servable && cp.covering(&prompt.tokens).is_some() => {
+            Some((cp, _)) if run.max_tokens == 0 && cp.covering(&prompt.tokens).is_some() => {
                 let stream = cp.covering(&prompt.tokens).expect("checked above");
-                rt.serve(stream, prompt, selection, writer)?;
+                rt.serve(stream, prompt, selection, faults, run, writer)?;
                 Ok(prompt.tokens.clone())
             }
             Some((cp, kv)) if keeps && fits => {
@@ -267,16 +267,6 @@ impl<B: Backend> RuntimeRunner<'_, B> {
     fn checkpoint_bytes(&self, tokens: usize) -> u64 {
         let c = &self.model.config;
         ((c.n_layer + 1) * tokens * c.n_embd * self.rt.backend().dtype().bytes()) as u64
-    }
-
-    /// Whether checkpoints hold every tap the selection asks for (`embed` and
-    /// `resid_post`) and the run generates nothing past the prompt.
-    fn servable(&self) -> bool {
-        let servable = |t: &Tap| matches!(t, Tap::Embed | Tap::Layer(_, LayerTap::ResidPost));
-        self.run.max_tokens == 0
-            && all_taps(self.model.config.n_layer)
-                .iter()
-                .all(|t| !self.selection.wants(t) || servable(t))
     }
 }
 

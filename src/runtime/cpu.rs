@@ -40,13 +40,40 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub struct CpuBackend {
     dtype: StorageDType,
     step: std::cell::Cell<Step>,
+    /// Bytes still free for prefill's decoded weight copies (see [`CpuQuant`]).
+    dense_budget: std::cell::Cell<u64>,
+}
+
+/// A quantized weight matrix: its GGUF blocks, and — once a second prefill has decoded
+/// it and the budget allowed — the decoded copy, kept so that later prefills (chunked
+/// prefill, bisect's streamed chunks and probes) do not decode the whole matrix again,
+/// while a one-chunk run keeps nothing. The copy holds exactly the values a transient
+/// decode would.
+pub struct CpuQuant {
+    blocks: QuantMatrix,
+    decoded_before: std::cell::Cell<bool>,
+    dense: std::sync::OnceLock<Vec<f32>>,
+}
+
+impl From<QuantMatrix> for CpuQuant {
+    fn from(blocks: QuantMatrix) -> Self {
+        Self {
+            blocks,
+            decoded_before: Default::default(),
+            dense: Default::default(),
+        }
+    }
 }
 
 impl CpuBackend {
     pub fn new(dtype: StorageDType) -> Self {
+        // A quarter of the memory available (1 GiB when unknown), as prefix checkpoints
+        // take: a decoded f32 copy is 4-8× its blocks.
+        let budget = crate::sys::available_memory().map_or(1 << 30, |m| m / 4);
         Self {
             dtype,
             step: Default::default(),
+            dense_budget: std::cell::Cell::new(budget),
         }
     }
 
@@ -73,7 +100,7 @@ impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Table = Vec<f32>;
     type Graph = ();
-    type Quant = QuantMatrix;
+    type Quant = CpuQuant;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -126,24 +153,25 @@ impl Backend for CpuBackend {
         Ok(values)
     }
 
-    fn upload_quant(&self, name: &str, dtype: GgmlDType, dims: &[usize], data: &[u8]) -> Result<Option<QuantMatrix>> {
-        QuantType::of(dtype)
-            .map(|ty| QuantMatrix::new(name, ty, dims, data))
-            .transpose()
+    fn upload_quant(&self, name: &str, dtype: GgmlDType, dims: &[usize], data: &[u8]) -> Result<Option<CpuQuant>> {
+        let blocks = QuantType::of(dtype).map(|ty| QuantMatrix::new(name, ty, dims, data));
+        Ok(blocks.transpose()?.map(CpuQuant::from))
     }
 
     /// Decode (rows ≤ 4): each output is one pass over a weight row's blocks, decoded
-    /// into f32 as read. Prefill: the matrix decoded whole into a transient copy rounded
-    /// to the storage dtype (as the GPU's prefill workspace is), then the dense GEMM.
+    /// into f32 as read. Prefill: the matrix decoded whole into a copy rounded to the
+    /// storage dtype (as the GPU's prefill workspace is), then the dense GEMM; the copy
+    /// is kept for the next prefill while the budget lasts.
     fn matmul_quant(
         &self,
         x: &Vec<f32>,
-        w: &QuantMatrix,
+        w: &CpuQuant,
         rows: usize,
         k: usize,
         n: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
+        let (dense, decoded_before, w) = (&w.dense, &w.decoded_before, &w.blocks);
         if (w.n, w.k) != (n, k) {
             return Err(Error::engine(format!(
                 "cpu matmul_quant: a [{}, {}] matrix used as [{n}, {k}]",
@@ -164,13 +192,25 @@ impl Backend for CpuBackend {
             self.store(&mut out[..rows * n]);
             return Ok(());
         }
-        let mut dense = vec![0f32; n * k];
-        dense
-            .par_chunks_mut(k)
-            .enumerate()
-            .for_each(|(j, row)| w.decode_row(j, row));
-        self.store(&mut dense);
-        self.matmul(x, &dense, rows, k, n, out)
+        if let Some(kept) = dense.get() {
+            return self.matmul(x, kept, rows, k, n, out);
+        }
+        let decode = || {
+            let mut values = vec![0f32; n * k];
+            values
+                .par_chunks_mut(k)
+                .enumerate()
+                .for_each(|(j, row)| w.decode_row(j, row));
+            self.store(&mut values);
+            values
+        };
+        let bytes = (n * k * std::mem::size_of::<f32>()) as u64;
+        let budget = self.dense_budget.get();
+        if !decoded_before.replace(true) || bytes > budget {
+            return self.matmul(x, &decode(), rows, k, n, out);
+        }
+        self.dense_budget.set(budget - bytes);
+        self.matmul(x, dense.get_or_init(decode), rows, k, n, out)
     }
 
     fn download(&self, buf: &Vec<f32>, offset: usize, len: usize) -> Result<Vec<f32>> {

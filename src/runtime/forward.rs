@@ -211,7 +211,13 @@ impl<B: Backend> Runtime<B> {
     /// Block `l` on the residual stream `ws.x`: attention, then the gated FFN, each
     /// (post-normed in models with post norms) added back to the stream. Fused ops run
     /// where no injected fault sits between the ops they fuse.
-    fn block(&self, l: usize, ws: &mut Workspace<B>, kv: &mut (B::Buf, B::Buf), pass: &mut Pass<B>) -> Result<()> {
+    pub(super) fn block(
+        &self,
+        l: usize,
+        ws: &mut Workspace<B>,
+        kv: &mut (B::Buf, B::Buf),
+        pass: &mut Pass<B>,
+    ) -> Result<()> {
         let (c, b, w) = (&self.cfg, &self.backend, &self.layers[l]);
         let (e, qw, kvw, rows) = (c.n_embd, c.q_width(), c.kv_width(), pass.rows);
         let eps = c.rms_eps as f32;

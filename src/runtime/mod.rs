@@ -2,7 +2,9 @@
 //! orchestration over the ops of one [`Backend`]; the graph never changes with the backend.
 //!
 //! - `mod.rs`: [`Runtime`] (weights loaded once), `run_prompt` (chunked prefill, then
-//!   greedy decode) and `serve` (a prefix's dump from kept checkpoints).
+//!   greedy decode).
+//! - `resume.rs`: runs that start from an earlier one — a prefill continuing from its
+//!   KV cache, and `serve` (a prefix's dump from kept checkpoints).
 //! - `forward.rs`: the blocks (every variant) and the output head, each over a `Pass`
 //!   (one chunk's or step's rows, faults and tap route); `layer.rs` a layer's weights
 //!   and the activation buffers; `rope.rs` the RoPE frequency table of each layer.
@@ -48,7 +50,7 @@ use crate::dump::{BackgroundWriter, PromptRecord};
 use crate::error::{Error, Result};
 use crate::inject::RuntimeFaults;
 use crate::model::{Config, Model};
-use crate::taps::{LayerTap, PositionSpec, Selection, Tap};
+use crate::taps::{PositionSpec, Selection};
 use backend::Backend;
 use capture::{TapCollector, TapRoute};
 use forward::Pass;
@@ -292,47 +294,5 @@ impl<B: Backend> PromptRun<'_, '_, B> {
             *keep = std::mem::take(&mut ws.keep);
         }
         Ok(next)
-    }
-}
-
-impl<B: Backend> Runtime<B> {
-    /// Write the dump of `prompt` with `selection` from `stream`, the residual stream
-    /// (after embedding, after each layer) of a run over tokens it is a prefix of; the
-    /// selection asks only for `embed` and `resid_post` rows.
-    pub(crate) fn serve(
-        &self,
-        stream: &[B::Buf],
-        prompt: &PromptRecord,
-        selection: &Selection,
-        writer: &BackgroundWriter,
-    ) -> Result<()> {
-        let positions = selection
-            .positions
-            .resolve(prompt.tokens.len())
-            .map_err(|e| Error::input(format!("prompt {}: {e}", prompt.id)))?;
-        let mut col = TapCollector {
-            selection,
-            cfg: &self.cfg,
-            positions,
-            writer: Some(writer),
-            prompt_id: &prompt.id,
-            dtype: self.backend.dtype().tap_dtype(),
-            streams: BTreeMap::new(),
-            sync_check: false,
-        };
-        let e = self.cfg.n_embd;
-        for (tap, buf) in std::iter::once(Tap::Embed)
-            .chain((0..self.cfg.n_layer).map(|l| Tap::Layer(l, LayerTap::ResidPost)))
-            .zip(stream)
-        {
-            if !col.wants(&tap) {
-                continue;
-            }
-            let runs: Vec<(usize, usize)> = crate::taps::consecutive_runs(&col.positions)
-                .map(|run| (col.positions[run.start] * e, run.len() * e))
-                .collect();
-            col.capture(&self.backend, &tap, 0, buf, &runs)?;
-        }
-        col.check_complete()
     }
 }

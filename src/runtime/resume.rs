@@ -1,14 +1,19 @@
-//! A prefill that a later run continues: when a prompt extends the tokens of the run
-//! before, only its new positions are computed, attending to the KV cache that run left
-//! (bisect's streamed coarse probe runs a prompt chunk by chunk this way). The cache and
-//! the kept residual stream grow by doubling when a continuation outgrows them.
+//! Runs that start from an earlier run (bisect's probes). A prefill continues when a
+//! prompt extends the tokens of the run before: only its new positions are computed,
+//! attending to the KV cache that run left (the streamed coarse probe runs a prompt chunk
+//! by chunk this way); the cache and the kept residual stream grow by doubling when a
+//! continuation outgrows them. A prompt that is a prefix of the kept run is served from
+//! its residual stream, recomputing only the layers whose inner taps are asked for.
 
 use super::backend::{Backend, Row};
+use super::capture::TapRoute;
+use super::forward::Pass;
+use super::layer::Workspace;
 use super::{PromptRun, Runtime};
 use crate::dump::{BackgroundWriter, PromptRecord};
 use crate::error::{Error, Result};
 use crate::inject::RuntimeFaults;
-use crate::taps::Selection;
+use crate::taps::{LayerTap, Selection, Tap};
 
 use super::RunOptions;
 
@@ -112,5 +117,99 @@ impl<B: Backend> Runtime<B> {
             .collect::<Result<Vec<_>>>()?;
         *stream = stream.iter().map(|s| grown(s, e)).collect::<Result<_>>()?;
         Ok((kv, capacity))
+    }
+}
+
+impl<B: Backend> Runtime<B> {
+    /// Write the dump of `prompt` with `selection` from `stream`, the residual stream
+    /// (after embedding, after each layer) of a run over tokens that `prompt`'s are a
+    /// prefix of. `embed` and `resid_post` rows are read from it; a layer with an inner
+    /// tap selected is recomputed from its input rows there (its KV cache rebuilt from
+    /// them, in `opts.prefill_chunk` chunks, with `faults`), and the output head runs on
+    /// the last layer's rows. By causality these are the rows a full run over `prompt`
+    /// computes; nothing is decoded.
+    pub(crate) fn serve(
+        &self,
+        stream: &[B::Buf],
+        prompt: &PromptRecord,
+        selection: &Selection,
+        faults: &RuntimeFaults,
+        opts: &RunOptions,
+        writer: &BackgroundWriter,
+    ) -> Result<()> {
+        let (n, e, b) = (prompt.tokens.len(), self.cfg.n_embd, &self.backend);
+        let mut collector = self.collector(prompt, selection, n, Some(writer), opts.sync_check)?;
+        let inner = |collector: &super::capture::TapCollector, l: usize| {
+            LayerTap::ALL
+                .into_iter()
+                .any(|t| t != LayerTap::ResidPost && collector.wants(&Tap::Layer(l, t)))
+        };
+        let computes = collector.wants_output() || (0..self.cfg.n_layer).any(|l| inner(&collector, l));
+        let chunk = opts.prefill_chunk.unwrap_or(n).clamp(1, n);
+        let mut ws = if computes {
+            Some(Workspace::new(b, &self.cfg, chunk)?)
+        } else {
+            None
+        };
+        for (i, buf) in stream.iter().enumerate() {
+            let (tap, inner) = match i {
+                0 => (Tap::Embed, false),
+                i => (Tap::Layer(i - 1, LayerTap::ResidPost), inner(&collector, i - 1)),
+            };
+            if let (true, Some(ws)) = (inner, ws.as_mut()) {
+                // The layer's input is the stream before it; its block taps resid_post too.
+                let kvw = self.cfg.kv_width();
+                let mut kv = (b.alloc(n * kvw)?, b.alloc(n * kvw)?);
+                self.chunks_from(&stream[i - 1], n, ws, faults, opts, &mut collector, |rt, ws, pass| {
+                    rt.block(i - 1, ws, &mut kv, pass)
+                })?;
+            } else if collector.wants(&tap) {
+                let runs: Vec<(usize, usize)> = crate::taps::consecutive_runs(&collector.positions)
+                    .map(|run| (collector.positions[run.start] * e, run.len() * e))
+                    .collect();
+                collector.capture(b, &tap, 0, buf, &runs)?;
+            }
+        }
+        if let (true, Some(ws)) = (collector.wants_output(), ws.as_mut()) {
+            let last = stream.last().expect("the stream holds the embedding");
+            self.chunks_from(last, n, ws, faults, opts, &mut collector, |rt, ws, pass| {
+                rt.head(ws, pass, false).map(|_| ())
+            })?;
+        }
+        collector.check_complete()?;
+        b.sync()
+    }
+
+    /// Run `step` over rows `0..n` of the residual stream `input`, in prefill chunks:
+    /// each chunk's rows are loaded into `ws.x` and `step` runs on a pass over them.
+    #[allow(clippy::too_many_arguments)] // a pass's parts, and what runs on it
+    fn chunks_from(
+        &self,
+        input: &B::Buf,
+        n: usize,
+        ws: &mut Workspace<B>,
+        faults: &RuntimeFaults,
+        opts: &RunOptions,
+        collector: &mut super::capture::TapCollector,
+        mut step: impl FnMut(&Self, &mut Workspace<B>, &mut Pass<B>) -> Result<()>,
+    ) -> Result<()> {
+        let (e, b) = (self.cfg.n_embd, &self.backend);
+        let chunk = opts.prefill_chunk.unwrap_or(n).clamp(1, n);
+        for start in (0..n).step_by(chunk) {
+            let rows = chunk.min(n - start);
+            // Through the host: a few MB per layer, and no backend op reads at an offset.
+            ws.x = b.upload(&b.download(input, start * e, rows * e)?)?;
+            let mut pass = Pass {
+                rt: self,
+                start,
+                rows,
+                faults,
+                collector,
+                route: TapRoute::Download,
+                opts,
+            };
+            step(self, ws, &mut pass)?;
+        }
+        Ok(())
     }
 }

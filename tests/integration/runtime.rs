@@ -310,8 +310,10 @@ fn preflight_refuses_before_any_op() {
 // would otherwise inherit this process's resident memory in their measured peak.
 per_backend!(checkpoint_served_prefixes_equal_computed_ones);
 
-/// Bisect's layer probes read resid_post rows of a prefix from the residual stream the
-/// coarse run kept: they must be the rows a run of that prefix computes, to the last bit.
+/// Bisect's probes read resid_post rows of a prefix from the residual stream the coarse
+/// run kept, and recompute a layer with inner taps (or the output head) from its input
+/// rows there: they must be the rows a run of that prefix computes, to the last bit —
+/// the injected fault included.
 fn checkpoint_served_prefixes_equal_computed_ones(backend: &str) {
     use resbisect::runtime::backend::StorageDType;
     match backend {
@@ -348,17 +350,27 @@ fn served_prefixes_equal_computed<B: Backend>(backend: impl Fn() -> B) {
     let mut kept = driver();
     let coarse = sel("0,8", "resid_post,final_norm", "all");
     kept.dump(&full, &coarse, &dir.path().join("coarse")).unwrap();
-    let probe = sel("6,7,29", "embed,resid_post", "0..40,150,160..201");
-    kept.dump(&prefix, &probe, &dir.path().join("served")).unwrap();
-    driver().dump(&prefix, &probe, &dir.path().join("computed")).unwrap();
-    let served = Dump::open(&dir.path().join("served")).unwrap();
-    let computed = Dump::open(&dir.path().join("computed")).unwrap();
-    for stem in ["embed", "blk.6", "blk.7", "blk.29"] {
-        let a = served.read_file("p", stem).unwrap().unwrap();
-        let b = computed.read_file("p", stem).unwrap().unwrap();
-        assert_eq!(a.positions, b.positions, "{stem}");
-        for (id, t) in &b.taps {
-            assert_eq!(a.taps[id].values, t.values, "{id}");
+    for (name, probe) in [
+        ("stream", sel("6,7,29", "embed,resid_post", "0..40,150,160..201")),
+        ("layers", sel("6,7", "all", "0..40,150,160..201")),
+        ("head", sel("7", "resid_post,ffn_up,final_norm,logits", "150,200")),
+    ] {
+        let (served, computed) = (
+            dir.path().join(format!("served-{name}")),
+            dir.path().join(format!("computed-{name}")),
+        );
+        kept.dump(&prefix, &probe, &served).unwrap();
+        driver().dump(&prefix, &probe, &computed).unwrap();
+        let (served, computed) = (Dump::open(&served).unwrap(), Dump::open(&computed).unwrap());
+        let stems = computed.files("p").unwrap();
+        assert_eq!(served.files("p").unwrap(), stems, "{name}");
+        for stem in &stems {
+            let a = served.read_file("p", stem).unwrap().unwrap();
+            let b = computed.read_file("p", stem).unwrap().unwrap();
+            assert_eq!(a.positions, b.positions, "{name} {stem}");
+            for (id, t) in &b.taps {
+                assert_eq!(a.taps[id].values, t.values, "{name} {id}");
+            }
         }
     }
 }

@@ -327,9 +327,16 @@ fn the_search_names_the_origin_of_every_error_profile() {
             .first
             .as_ref()
             .unwrap_or_else(|| panic!("seed {seed}: no divergence found for {p:?}"));
+        // The streamed coarse probe stops as soon as its prefix names the same first
+        // divergence judged either way, so an error the whole prompt would show
+        // systematic may be reported as judged by tolerance — at the same tap and position.
+        let judged_as = match (judged, report.judged) {
+            (Judgement::NoiseFloor, Judgement::Tolerance) => Judgement::Tolerance,
+            _ => judged,
+        };
         assert_eq!(
             (first.tap.as_str(), first.position, report.judged),
-            (tap.as_str(), position, judged),
+            (tap.as_str(), position, judged_as),
             "seed {seed}: {p:?}\n{:#?}",
             report.probes.iter().map(|p| &p.finding).collect::<Vec<_>>()
         );

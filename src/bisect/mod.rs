@@ -38,7 +38,8 @@ pub struct BisectOptions {
     /// Probe dumps go here (created; must be absent or empty).
     pub work: PathBuf,
     /// Run A and B one after the other instead of at the same time (engines that cannot
-    /// share a device or memory).
+    /// share a device or memory). Two engines that compute on the host's cores always
+    /// run one after the other ([`Engine::computes_on_host`](crate::engine::Engine)).
     pub sequential: bool,
     /// Positions before the suspect layer's first divergent one at which all its taps are
     /// probed; a tap already off at the first of them gets a probe of its own.

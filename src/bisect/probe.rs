@@ -278,9 +278,10 @@ impl<'e> Session<'e> {
             crate::trace::mark(|| format!("probe {purpose}: {} done", engine.label()));
             (result, t0.elapsed().as_secs_f64())
         };
+        let on_host = self.a.computes_on_host() && self.b.computes_on_host();
         let (a, b, twin) = (&mut *self.a, &mut *self.b, self.twin.as_deref_mut());
         let oracle_side = move || (timed(b, &dirs.b), twin.map(|t| timed(t, &dirs.twin)));
-        if self.opts.sequential {
+        if self.opts.sequential || on_host {
             let result_a = timed(a, &dirs.a);
             let (result_b, result_twin) = oracle_side();
             return (result_a, result_b, result_twin);

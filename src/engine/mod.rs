@@ -117,6 +117,13 @@ pub trait Engine: Send {
     fn resumes(&self) -> bool {
         false
     }
+    /// Whether this engine computes on the host's cores in this process (the reference,
+    /// the `cpu` runtime): two such engines at once only contend for the same cores and
+    /// caches, so bisect runs them one after the other. An external engine's program may
+    /// compute anywhere, so it keeps the default.
+    fn computes_on_host(&self) -> bool {
+        false
+    }
     /// A shell command that writes the same dump as the earlier call `dump(.., written)`
     /// into `out`; the prompt `prompt_id` is also at `suite` as a one-line JSONL suite.
     fn reproduce(&self, prompt_id: &str, suite: &Path, selection: &Selection, written: &Path, out: &Path) -> String;

@@ -108,6 +108,10 @@ impl Engine for ReferenceEngine<'_> {
         true
     }
 
+    fn computes_on_host(&self) -> bool {
+        true
+    }
+
     fn reproduce(&self, _prompt_id: &str, suite: &Path, selection: &Selection, _written: &Path, out: &Path) -> String {
         let command = reproduce::DumpCommand {
             model: self.model,

@@ -134,6 +134,10 @@ impl<B: Backend> Engine for RuntimeEngine<'_, B> {
         true
     }
 
+    fn computes_on_host(&self) -> bool {
+        self.backend_name == "cpu"
+    }
+
     fn reproduce(&self, _prompt_id: &str, suite: &Path, selection: &Selection, _written: &Path, out: &Path) -> String {
         let command = reproduce::DumpCommand {
             model: self.model,
@@ -229,6 +233,9 @@ impl<B: Backend> PromptRunner for RuntimeRunner<'_, B> {
         on_step: &mut dyn FnMut(),
     ) -> Result<Vec<u32>> {
         let (rt, selection, run, faults) = (self.rt, self.selection, self.run, self.faults);
+        if self.checkpoints.is_some() {
+            rt.backend().expect_many_prefills();
+        }
         // Only a run with an output tap computes every layer, so only its stream is whole.
         let keeps = run.max_tokens == 0 && (selection.wants(&Tap::FinalNorm) || selection.wants(&Tap::Logits));
         let fits = PrefixCheckpoints::<B::Buf>::fits(self.checkpoint_bytes(prompt.tokens.len()));

@@ -16,9 +16,10 @@ use crate::quant::{QuantMatrix, QuantType};
 /// Query rows per attention block: bounds the per-head score matrix to 256 × keys.
 const ATTN_BLOCK: usize = 256;
 
-/// The output buffer shared by the attention heads, which write disjoint columns.
+/// An output buffer shared by tasks that write disjoint parts of it (attention heads,
+/// matmul blocks).
 struct SharedOut(*mut f32);
-// SAFETY: heads write disjoint column ranges of the buffer, never the same element.
+// SAFETY: its users write disjoint ranges of the buffer, never the same element.
 unsafe impl Sync for SharedOut {}
 
 /// Up to this many rows a matmul is done as dot products instead of a packed GEMM.
@@ -42,12 +43,15 @@ pub struct CpuBackend {
     step: std::cell::Cell<Step>,
     /// Bytes still free for prefill's decoded weight copies (see [`CpuQuant`]).
     dense_budget: std::cell::Cell<u64>,
+    /// Keep decoded copies from the first prefill on, not the second
+    /// ([`Backend::expect_many_prefills`]).
+    keep_from_first: std::cell::Cell<bool>,
 }
 
 /// A quantized weight matrix: its GGUF blocks, and — once a second prefill has decoded
-/// it and the budget allowed — the decoded copy, kept so that later prefills (chunked
-/// prefill, bisect's streamed chunks and probes) do not decode the whole matrix again,
-/// while a one-chunk run keeps nothing. The copy holds exactly the values a transient
+/// it (the first, when many are expected) and the budget allowed — the decoded copy,
+/// kept so that later prefills (chunked prefill, bisect's streamed chunks and probes) do
+/// not decode the whole matrix again, while a one-chunk run keeps nothing. The copy holds exactly the values a transient
 /// decode would.
 pub struct CpuQuant {
     blocks: QuantMatrix,
@@ -74,6 +78,7 @@ impl CpuBackend {
             dtype,
             step: Default::default(),
             dense_budget: std::cell::Cell::new(budget),
+            keep_from_first: Default::default(),
         }
     }
 
@@ -153,6 +158,10 @@ impl Backend for CpuBackend {
         Ok(values)
     }
 
+    fn expect_many_prefills(&self) {
+        self.keep_from_first.set(true);
+    }
+
     fn upload_quant(&self, name: &str, dtype: GgmlDType, dims: &[usize], data: &[u8]) -> Result<Option<CpuQuant>> {
         let blocks = QuantType::of(dtype).map(|ty| QuantMatrix::new(name, ty, dims, data));
         Ok(blocks.transpose()?.map(CpuQuant::from))
@@ -206,7 +215,8 @@ impl Backend for CpuBackend {
         };
         let bytes = (n * k * std::mem::size_of::<f32>()) as u64;
         let budget = self.dense_budget.get();
-        if !decoded_before.replace(true) || bytes > budget {
+        let first = !decoded_before.replace(true);
+        if (first && !self.keep_from_first.get()) || bytes > budget {
             return self.matmul(x, &decode(), rows, k, n, out);
         }
         self.dense_budget.set(budget - bytes);
@@ -287,34 +297,47 @@ impl Backend for CpuBackend {
             self.store(&mut out[..rows * n]);
             return Ok(());
         }
-        // Split the rows across threads; each block is one sgemm.
-        let block = rows.div_ceil(rayon::current_num_threads()).max(1);
-        out[..rows * n]
-            .par_chunks_mut(block * n)
-            .zip(x[..rows * k].par_chunks(block * k))
-            .for_each(|(o, xb)| {
-                let m = xb.len() / k;
-                // SAFETY: the slices hold m×k, n×k and m×n elements (checked above and by the
-                // chunking); w is read as its transpose through the strides.
-                unsafe {
-                    matrixmultiply::sgemm(
-                        m,
-                        k,
-                        n,
-                        1.0,
-                        xb.as_ptr(),
-                        k as isize,
-                        1,
-                        w.as_ptr(),
-                        1,
-                        k as isize,
-                        0.0,
-                        o.as_mut_ptr(),
-                        n as isize,
-                        1,
-                    );
-                }
-            });
+        // One sgemm per thread over a block of the longer side: matrixmultiply packs its
+        // whole right-hand operand per call, so splitting the rows of a short chunk would
+        // pack every weight once per thread (bisect's 128-row chunks); splitting the
+        // columns packs each weight row once. Each output element is the same k-ordered
+        // sum whichever way the product is split.
+        let threads = rayon::current_num_threads().max(1);
+        let (o_rows, o_cols) = if rows >= n {
+            (rows.div_ceil(threads), n)
+        } else {
+            (rows, n.div_ceil(threads))
+        };
+        let blocks: Vec<(usize, usize)> = (0..rows)
+            .step_by(o_rows)
+            .flat_map(|r0| (0..n).step_by(o_cols).map(move |c0| (r0, c0)))
+            .collect();
+        let out_ptr = SharedOut(out.as_mut_ptr());
+        blocks.into_par_iter().for_each(|(r0, c0)| {
+            let (m, nb) = (o_rows.min(rows - r0), o_cols.min(n - c0));
+            let out_ptr = &out_ptr;
+            // SAFETY: x holds rows×k, w n×k and out rows×n elements (checked above); each
+            // block reads x rows r0.., w rows c0.. (as its transpose, through the strides)
+            // and writes only its own rows × columns of out, disjoint from every other's.
+            unsafe {
+                matrixmultiply::sgemm(
+                    m,
+                    k,
+                    nb,
+                    1.0,
+                    x.as_ptr().add(r0 * k),
+                    k as isize,
+                    1,
+                    w.as_ptr().add(c0 * k),
+                    1,
+                    k as isize,
+                    0.0,
+                    out_ptr.0.add(r0 * n + c0),
+                    n as isize,
+                    1,
+                );
+            }
+        });
         self.store(&mut out[..rows * n]);
         Ok(())
     }

@@ -5,7 +5,6 @@
 //! instead ([`backend`] says which and why); f64 products always stay on candle.
 
 use std::ffi::c_int;
-use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -204,17 +203,28 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
             k,
             n,
         };
-        // Rows split over rayon's threads, each an sgemm on one BLAS thread: no BLAS
-        // thread pool spinning against rayon's between GEMMs.
-        let rows_per_task = m.div_ceil(rayon::current_num_threads()).max(1);
-        out.spare_capacity_mut()[..batch * m * n]
-            .par_chunks_mut(m * n)
-            .enumerate()
-            .try_for_each(|(i, c)| {
-                c.par_chunks_mut(rows_per_task * n)
-                    .enumerate()
-                    .try_for_each(|(t, rows)| gemm.rows(i, t * rows_per_task, rows))
-            })?;
+        // Split over rayon's threads, each an sgemm on one BLAS thread (no BLAS thread
+        // pool spinning against rayon's between GEMMs), along the longer side: the BLAS
+        // packs its whole right-hand operand per call, so splitting a short chunk's rows
+        // would pack every weight once per thread.
+        let threads = rayon::current_num_threads().max(1);
+        let (block_rows, block_cols) = if m >= n {
+            (m.div_ceil(threads), n)
+        } else {
+            (m, n.div_ceil(threads))
+        };
+        let blocks: Vec<(usize, usize, usize)> = (0..batch)
+            .flat_map(|i| (0..m).step_by(block_rows).map(move |r0| (i, r0)))
+            .flat_map(|(i, r0)| (0..n).step_by(block_cols).map(move |c0| (i, r0, c0)))
+            .collect();
+        let c = SharedOut(out.spare_capacity_mut().as_mut_ptr().cast::<f32>());
+        blocks.into_par_iter().try_for_each(|(i, r0, c0)| {
+            let c = &c;
+            let (rows, cols) = (block_rows.min(m - r0), block_cols.min(n - c0));
+            // SAFETY: out has room for batch·m·n values; this block writes rows r0.. and
+            // columns c0.. of batch i's m × n product only, disjoint from every other's.
+            unsafe { gemm.block(i, r0, c0, rows, cols, c.0.add(i * m * n + r0 * n + c0)) }
+        })?;
     }
     // SAFETY: the GEMMs above wrote all batch·m·n values (none when m·n = 0).
     unsafe { out.set_len(batch * m * n) };
@@ -232,26 +242,29 @@ struct Gemm<'a> {
 }
 
 impl Gemm<'_> {
-    /// Rows `first..first + c.len() / n` of batch `i`'s product, into `c` (every element
-    /// written).
-    fn rows(&self, i: usize, first: usize, c: &mut [MaybeUninit<f32>]) -> Result<()> {
+    /// Rows `r0..r0 + rows` × columns `c0..c0 + cols` of batch `i`'s product, written at
+    /// `c` with row stride n.
+    ///
+    /// # Safety
+    /// `c` must be valid for writes of `rows` rows of `cols` values `n` apart.
+    unsafe fn block(&self, i: usize, r0: usize, c0: usize, rows: usize, cols: usize, c: *mut f32) -> Result<()> {
         let ((av, ao), (bv, bo)) = (self.a, self.b);
-        let rows = c.len() / self.n;
         let int =
             |v: usize| c_int::try_from(v).map_err(|_| anyhow::anyhow!("a GEMM dimension of {v} overflows BLAS int"));
-        // Row `first` of op(a): a row offset when a is stored as is, a column offset when transposed.
-        let first_row = if ao.trans == NO_TRANS { first * ao.ld } else { first };
+        // Row r0 of op(a), column c0 of op(b): an offset along the stored rows or columns.
+        let first_row = if ao.trans == NO_TRANS { r0 * ao.ld } else { r0 };
+        let first_col = if bo.trans == NO_TRANS { c0 } else { c0 * bo.ld };
         let pa = &av[ao.offset + i * ao.batch_stride + first_row..];
-        let pb = &bv[bo.offset + i * bo.batch_stride..];
+        let pb = &bv[bo.offset + i * bo.batch_stride + first_col..];
         // SAFETY: the layouts of `a` and `b` (checked by candle against their storage)
-        // put every element the call reads inside `pa` and `pb`; `c` holds rows·n values.
+        // put every element the call reads inside `pa` and `pb`; the caller vouches for `c`.
         unsafe {
             (self.sgemm)(
                 ROW_MAJOR,
                 ao.trans,
                 bo.trans,
                 int(rows)?,
-                int(self.n)?,
+                int(cols)?,
                 int(self.k)?,
                 1.0,
                 pa.as_ptr(),
@@ -259,13 +272,18 @@ impl Gemm<'_> {
                 pb.as_ptr(),
                 int(bo.ld)?,
                 0.0,
-                c.as_mut_ptr().cast::<f32>(),
+                c,
                 int(self.n)?,
             )
         };
         Ok(())
     }
 }
+
+/// The output of [`matmul`], shared by the blocks that each write their own part of it.
+struct SharedOut(*mut f32);
+// SAFETY: the blocks write disjoint elements.
+unsafe impl Sync for SharedOut {}
 
 /// A row-major operand of [`sgemm_here`]: element (i, j) of its `rows × cols` matrix at
 /// `data[i·row_stride + j·col_stride]`, one of the two strides 1.

@@ -51,12 +51,12 @@ pub struct CpuBackend {
 /// A quantized weight matrix: its GGUF blocks, and — once a second prefill has decoded
 /// it (the first, when many are expected) and the budget allowed — the decoded copy,
 /// kept so that later prefills (chunked prefill, bisect's streamed chunks and probes) do
-/// not decode the whole matrix again, while a one-chunk run keeps nothing. The copy holds exactly the values a transient
-/// decode would.
+/// not decode the whole matrix again, while a one-chunk run keeps nothing. The copy
+/// holds exactly the values a transient decode would.
 pub struct CpuQuant {
     blocks: QuantMatrix,
     decoded_before: std::cell::Cell<bool>,
-    dense: std::sync::OnceLock<Vec<f32>>,
+    dense: std::cell::OnceCell<Vec<f32>>,
 }
 
 impl From<QuantMatrix> for CpuQuant {

@@ -216,7 +216,10 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         report.reproduce = reproduce;
         report.seconds = self.start.elapsed().as_secs_f64();
         if let Some(d) = &report.final_diff {
-            report.model = d.a.path.clone();
+            // The model A's last dump names (the probe directory is not the model).
+            report.model = crate::dump::Dump::open(std::path::Path::new(&d.a.path))
+                .map(|dump| dump.manifest.model.path.clone())
+                .unwrap_or_default();
             report.fingerprint = d.a.fingerprint.clone();
             // External engines say who they are only in their dumps.
             report.engine_a = crate::engine::identified(&report.engine_a, &d.a.engine);

@@ -61,6 +61,8 @@ fn check_fault(prompts: &str, id: &str, fault: &str, tap: &str, position: u64) -
     );
     assert_eq!(code, 1, "{fault}: {r}");
     assert_eq!(r["outcome"], "diverged");
+    // The report names the model bisected, not a probe's dump directory.
+    assert_eq!(r["model"], path_str(&smollm2()), "{fault}");
     assert_eq!(r["first"]["tap"], tap, "{fault}");
     assert_eq!(r["first"]["position"], position, "{fault}");
     let runs = r["runs_a"].as_u64().unwrap();

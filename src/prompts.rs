@@ -76,12 +76,14 @@ pub fn read_suite(path: &Path) -> Result<Vec<(String, Option<String>, PromptSour
 }
 
 /// Resolve prompts to token ids, tokenizing text with the model's own tokenizer, and
-/// check every id against the vocabulary and the sequence against the context.
+/// check every id against the vocabulary and the sequence against the context. `origin`
+/// names where a prompt of that id came from, to open an error with (`--tokens`).
 pub fn resolve(
     entries: Vec<(String, Option<String>, PromptSource)>,
     tokenizer: Option<&Tokenizer>,
     n_vocab: usize,
     n_ctx: usize,
+    origin: &dyn Fn(&str) -> String,
 ) -> Result<Vec<PromptRecord>> {
     entries
         .into_iter()
@@ -92,19 +94,15 @@ pub fn resolve(
                     .ok_or_else(|| Error::input("text prompts need the model's tokenizer"))?
                     .encode(&s)?,
             };
+            let refuse = |why: String| Err(Error::input(format!("{}: {why}", origin(&id))));
             if tokens.is_empty() {
-                return Err(Error::input(format!("prompt {id}: no tokens")));
+                return refuse("no tokens".into());
             }
             if let Some(&t) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
-                return Err(Error::input(format!(
-                    "prompt {id}: token id {t} is outside the vocabulary (size {n_vocab})"
-                )));
+                return refuse(format!("token id {t} is outside the vocabulary (size {n_vocab})"));
             }
             if tokens.len() > n_ctx {
-                return Err(Error::input(format!(
-                    "prompt {id}: {} tokens exceed the model's context of {n_ctx}",
-                    tokens.len()
-                )));
+                return refuse(format!("{} tokens exceed the model's context of {n_ctx}", tokens.len()));
             }
             Ok(PromptRecord { id, text, tokens })
         })
@@ -133,7 +131,10 @@ impl Input {
                 if let Some(want) = only {
                     all.retain(|(i, _, _)| i == want);
                     if all.is_empty() {
-                        return Err(Error::input(format!("{}: no prompt with id {want:?}", path.display())));
+                        return Err(Error::input(format!(
+                            "--id {want}: no such prompt in {}",
+                            path.display()
+                        )));
                     }
                 }
                 all
@@ -149,6 +150,26 @@ impl Input {
             tokenizer.or(own.as_ref()),
             model.config.n_vocab,
             model.config.n_ctx,
+            &|id| self.origin(id),
         )
+    }
+
+    /// Where the prompt `id` came from, as an error names it: the flag that gave it, or
+    /// the suite and its id (`--prompt`, `--tokens`, `suite.jsonl: prompt p0_short`).
+    pub fn origin(&self, id: &str) -> String {
+        match self {
+            Input::Text { .. } => "--prompt".into(),
+            Input::Tokens { .. } => "--tokens".into(),
+            Input::Suite { path, .. } => format!("{}: prompt {id}", path.display()),
+        }
+    }
+
+    /// The prompt `id` as a message says whose tokens it means: `the prompt` when there is
+    /// one, `prompt p0_short` in a suite.
+    pub fn whose(&self, id: &str) -> String {
+        match self {
+            Input::Suite { .. } => format!("prompt {id}'s"),
+            _ => "the prompt's".into(),
+        }
     }
 }

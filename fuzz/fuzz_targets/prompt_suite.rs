@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
         ids.dedup();
         assert_eq!(ids.len(), n, "the reader let a duplicate id through");
         // No tokenizer: text prompts are refused, token prompts checked.
-        if let Ok(records) = resolve(entries, None, 1024, 64) {
+        if let Ok(records) = resolve(entries, None, 1024, 64, &|id| format!("prompt {id}")) {
             assert!(records
                 .iter()
                 .all(|r| !r.tokens.is_empty() && r.tokens.len() <= 64 && r.tokens.iter().all(|&t| t < 1024)));

@@ -428,13 +428,13 @@ pub struct DumpArgs {
     pub model: PathBuf,
     #[command(flatten)]
     pub input: PromptArgs,
-    /// Layers: 0,1,2,4,8 | 0..22 | all
+    /// Layers: 0,1,2,4,8 | 0..22 (end exclusive: layers 0 to 21) | 3.. | all
     #[arg(long, default_value = "all")]
     pub layers: String,
     /// Taps: resid_post,attn_out | all (embed, final_norm, logits too)
     #[arg(long, default_value = "resid_post")]
     pub taps: String,
-    /// Positions: all | last | 0..16,820..840 | -8..
+    /// Positions: all | last | 0..16,820..840 (end exclusive: 0 to 15, 820 to 839) | -8.. (the last 8)
     #[arg(long, default_value = "all", allow_hyphen_values = true)]
     pub positions: String,
     /// Precision: f32 or f64 for the reference; f32, f16 or bf16 storage for the runtime.

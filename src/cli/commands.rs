@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use resbisect::diff::{self, DiffOptions, DiffReport};
+use resbisect::dump::PromptRecord;
 use resbisect::dump::{Dump, Status};
 use resbisect::engine::{self, DumpRequest};
 use resbisect::model::Model;
@@ -13,7 +14,7 @@ use resbisect::prompts::{self, Input};
 use resbisect::runtime::backend::StorageDType;
 use resbisect::runtime::weights::WeightMode;
 use resbisect::runtime::RunOptions;
-use resbisect::taps::Selection;
+use resbisect::taps::{parse_layers, parse_taps, PositionSpec, Selection};
 use resbisect::tokenizer::Tokenizer;
 use resbisect::tolerance::Tolerances;
 use resbisect::{gguf, report, synth, Error, Result};
@@ -31,7 +32,7 @@ pub fn dump(a: DumpArgs) -> Result<ExitCode> {
     let input = a.input.input()?;
     let model = Model::open(&a.model)?;
     resbisect::trace::mark(|| "model opened".into());
-    let selection = Selection::parse(&a.layers, &a.taps, &a.positions, model.config.n_layer)?;
+    let selection = selection(&a, model.config.n_layer)?;
     // `all` means the model's taps; a tap named outright must exist in this model.
     if !a.taps.split(',').any(|t| t.trim() == "all") {
         if let Some(t) = selection
@@ -46,6 +47,7 @@ pub fn dump(a: DumpArgs) -> Result<ExitCode> {
         }
     }
     let records = input.resolve(&model, None)?;
+    check_positions(&selection, &records, &input, a.max_tokens)?;
     resbisect::inject::check_reach(
         &a.inject,
         records.iter().map(|r| r.tokens.len()).max().unwrap_or(0) + a.max_tokens,
@@ -76,6 +78,37 @@ pub fn dump(a: DumpArgs) -> Result<ExitCode> {
         summary.tokens as f64 / summary.compute_seconds.max(1e-9)
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `dump`'s selection; an error names the flag at fault (`--layers: …`).
+fn selection(a: &DumpArgs, n_layer: usize) -> Result<Selection> {
+    let on = |flag: &'static str| move |e: resbisect::taps::Error| Error::input(format!("{flag}: {}", e.0));
+    Ok(Selection {
+        layers: parse_layers(&a.layers, n_layer).map_err(on("--layers"))?,
+        taps: parse_taps(&a.taps).map_err(on("--taps"))?,
+        positions: PositionSpec::parse(&a.positions).map_err(on("--positions"))?,
+    })
+}
+
+/// Every prompt holds the positions `dump --positions` asks for (refused here, where the
+/// flag can be named, rather than by the engine).
+fn check_positions(selection: &Selection, records: &[PromptRecord], input: &Input, generated: usize) -> Result<()> {
+    for p in records {
+        let len = p.tokens.len() + generated;
+        if let Some(item) = selection.positions.misfit(len) {
+            let plus = match generated {
+                0 => String::new(),
+                g => format!(" and {g} generated"),
+            };
+            let n = p.tokens.len();
+            let s = if n == 1 { "" } else { "s" };
+            return Err(Error::input(format!(
+                "--positions {item}: outside {} {n} token{s}{plus} (positions 0..{len}; a range's end is exclusive)",
+                input.whose(&p.id),
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// One line on stderr when the reference's f32 GEMMs fall back to candle's (slower on

@@ -56,7 +56,7 @@ pub fn parse_layers(spec: &str, n_layer: usize) -> Result<Vec<usize>> {
     }
     let past_the_model = |item: &str| {
         Error::new(format!(
-            "layer selection {item:?} goes past the model's {n_layer} layers (0..{n_layer})"
+            "layer selection {item:?} goes past the model's {n_layer} layers (0..{n_layer}, end exclusive)"
         ))
     };
     let mut set = BTreeSet::new();
@@ -186,6 +186,12 @@ impl PositionSpec {
         }
     }
 
+    /// The first item, as written (`5000`, `0..10`, `-5..`), that selects no position of
+    /// a sequence of `len` tokens or reaches past it: what [`Self::resolve`] refuses.
+    pub fn misfit(&self, len: usize) -> Option<String> {
+        self.items.iter().find(|i| bounds(i, len).is_none()).map(describe)
+    }
+
     /// The spec as written.
     pub fn as_str(&self) -> &str {
         &self.text
@@ -193,26 +199,17 @@ impl PositionSpec {
 
     /// Absolute, sorted, de-duplicated positions for a sequence of `len` tokens.
     pub fn resolve(&self, len: usize) -> Result<Vec<usize>> {
-        // i128: bounds near i64::MAX (`--positions 9223372036854775807`) cannot overflow.
-        let n = len as i128;
-        let abs = |p: i64| if p < 0 { n + p as i128 } else { p as i128 };
         // Ranges first, merged after: the work is the spec's length plus the output's,
         // not the two multiplied (`all,all,all,...`).
         let mut ranges = Vec::with_capacity(self.items.len());
         for item in &self.items {
-            let (lo, hi) = match *item {
-                PosItem::All => (0, n),
-                PosItem::Last => (n - 1, n),
-                PosItem::One(p) => (abs(p), abs(p) + 1),
-                PosItem::Range(a, b) => (a.map(abs).unwrap_or(0), b.map(abs).unwrap_or(n)),
-            };
-            if lo < 0 || hi > n || lo >= hi {
+            let Some(range) = bounds(item, len) else {
                 return Err(Error::new(format!(
                     "position selection {} is out of range for a {len}-token sequence",
                     describe(item)
                 )));
-            }
-            ranges.push((lo as usize, hi as usize));
+            };
+            ranges.push(range);
         }
         ranges.sort_unstable();
         let mut out: Vec<usize> = Vec::new();
@@ -241,6 +238,21 @@ impl<'de> Deserialize<'de> for PositionSpec {
         let text = String::deserialize(d)?;
         PositionSpec::parse(&text).map_err(serde::de::Error::custom)
     }
+}
+
+/// The positions `lo..hi` an item selects in a sequence of `len` tokens; None when it
+/// reaches outside the sequence or selects nothing.
+fn bounds(item: &PosItem, len: usize) -> Option<(usize, usize)> {
+    // i128: bounds near i64::MAX (`--positions 9223372036854775807`) cannot overflow.
+    let n = len as i128;
+    let abs = |p: i64| if p < 0 { n + p as i128 } else { p as i128 };
+    let (lo, hi) = match *item {
+        PosItem::All => (0, n),
+        PosItem::Last => (n - 1, n),
+        PosItem::One(p) => (abs(p), abs(p) + 1),
+        PosItem::Range(a, b) => (a.map(abs).unwrap_or(0), b.map(abs).unwrap_or(n)),
+    };
+    (lo >= 0 && hi <= n && lo < hi).then_some((lo as usize, hi as usize))
 }
 
 fn describe(item: &PosItem) -> String {
@@ -302,6 +314,10 @@ mod tests {
         assert_eq!(spec.resolve(10).unwrap(), vec![0, 1, 2, 5, 8, 9]);
         assert!(PositionSpec::parse("10..20").unwrap().resolve(15).is_err());
         assert!(PositionSpec::parse("5..5").unwrap().resolve(15).is_err());
+        let spec = PositionSpec::parse("0..3,-2..,12..15,5000").unwrap();
+        assert_eq!(spec.misfit(15), Some("5000".into()));
+        assert_eq!(spec.misfit(14), Some("12..15".into()));
+        assert_eq!(spec.misfit(5001), None);
         assert!(PositionSpec::parse("a..b").is_err());
         assert!(PositionSpec::parse("").is_err());
         assert!(PositionSpec::parse("1,,2").is_err());

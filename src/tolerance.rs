@@ -198,16 +198,20 @@ impl Tolerances {
     /// above the tap's tolerance, with the tolerance's `abs`.
     pub fn floor_for(&self, tap_id: &str, dtype: TapDType) -> Tolerance {
         let tol = self.for_tap(tap_id, dtype);
-        let floor = self
-            .floors
+        Tolerance {
+            rel_l2: (self.noise_floor(tap_id, dtype) * FLOOR_MARGIN).min(tol.rel_l2),
+            abs: tol.abs,
+        }
+    }
+
+    /// The expected noise floor (rel L2) of a tap, before the margin: the dtype's floor
+    /// from the file or the built-ins, else the tap's tolerance / [`FLOOR_MARGIN`].
+    pub fn noise_floor(&self, tap_id: &str, dtype: TapDType) -> f64 {
+        self.floors
             .get(dtype.name())
             .copied()
             .or_else(|| default_floors().get(dtype.name()).copied())
-            .unwrap_or(tol.rel_l2 / FLOOR_MARGIN);
-        Tolerance {
-            rel_l2: (floor * FLOOR_MARGIN).min(tol.rel_l2),
-            abs: tol.abs,
-        }
+            .unwrap_or_else(|| self.for_tap(tap_id, dtype).rel_l2 / FLOOR_MARGIN)
     }
 
     pub fn for_tap(&self, tap_id: &str, dtype: TapDType) -> Tolerance {

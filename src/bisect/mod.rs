@@ -101,8 +101,12 @@ pub struct NoiseLevel {
     pub tap: String,
     /// The 75th-percentile row's rel L2 (non-finite rows count as infinite).
     pub p75_rel_l2: f64,
-    /// The noise-floor threshold (expected floor × margin, at most the tolerance).
+    /// The expected noise floor of a sound engine for the tap's dtype (tolerance file's
+    /// `floors`, or the built-ins).
     pub floor: f64,
+    /// What a row is judged against under the noise floor: `floor` × the margin, at most
+    /// the tolerance. (Before `threshold` existed, `floor` held this value.)
+    pub threshold: f64,
     pub tolerance: f64,
     pub rows_over_floor: usize,
     pub rows: usize,
@@ -127,7 +131,8 @@ pub struct BisectReport {
     pub judged: Judgement,
     /// The noise floor as the coarse probe measured it, per residual-stream tap.
     pub noise: Vec<NoiseLevel>,
-    /// Tokens the final probes ran (first divergent position + 1).
+    /// Tokens the final probes ran: the cut prompt (first divergent position + 1, at
+    /// least 32), or, with non-finite values, every token the coarse probe streamed.
     pub prefix: usize,
     pub crash: Option<Crash>,
     pub replay: Vec<LayerAttribution>,

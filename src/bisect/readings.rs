@@ -21,7 +21,8 @@ pub(super) fn noise_levels(r: &DiffReport) -> Vec<NoiseLevel> {
             NoiseLevel {
                 tap: t.tap.clone(),
                 p75_rel_l2: p75,
-                floor: t.floor.rel_l2,
+                floor: t.noise_floor,
+                threshold: t.floor.rel_l2,
                 tolerance: t.tolerance.rel_l2,
                 rows_over_floor: t.rows_over_floor,
                 rows: t.rows.len(),

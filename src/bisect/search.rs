@@ -66,7 +66,8 @@ struct Coarse {
     lo: Option<usize>,
     /// The first coarse layer known bad.
     hi: usize,
-    /// Non-finite values: the prompt is not cut.
+    /// Non-finite values: later probes run every token the coarse probe streamed, not a
+    /// cut after the first divergent position.
     whole_prompt: bool,
 }
 
@@ -296,10 +297,9 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
             return self.done(r);
         };
         let lo = coarse.iter().copied().take_while(|&l| l < hi).last();
-        let cut = if whole_prompt {
-            "; non-finite values: the prompt will not be cut"
-        } else {
-            ""
+        let cut = match whole_prompt {
+            true => format!("; non-finite values: {}", self.uncut_note()),
+            false => String::new(),
         };
         let drift = if self.report.judged == Judgement::NoiseFloor {
             format!("; {drift}")
@@ -317,6 +317,20 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
             hi,
             whole_prompt,
         })
+    }
+
+    /// Why later probes run no cut prompt, and on what: every token the coarse probe's
+    /// stream covered, which stops after its first divergent chunk (so maybe not all).
+    fn uncut_note(&self) -> String {
+        let what = if self.n < self.report.n_tokens {
+            format!(
+                "the {} tokens the coarse probe streamed (of {})",
+                self.n, self.report.n_tokens
+            )
+        } else {
+            "the whole prompt".to_string()
+        };
+        format!("later probes run {what}, not a prompt cut after the first divergent position")
     }
 
     /// The coarse probe decided what rows are judged against; later probes keep to it.
@@ -462,7 +476,10 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
             suspect.window = 0;
             return Ok(Some(suspect));
         };
-        let on = if prefix < self.report.n_tokens {
+        // Running every token the stream covered is not a cut: say which one this is.
+        let on = if prefix == self.n && self.n < self.report.n_tokens {
+            format!(", on the coarse probe's {prefix} tokens")
+        } else if prefix < self.n {
             format!(", the prompt cut to {prefix} tokens")
         } else {
             String::new()

@@ -128,6 +128,7 @@ fn compare_tap(
         dtype_b: vb.dtype.name(),
         tolerance,
         floor,
+        noise_floor: opts.tolerances.noise_floor(tap_id, coarsest(dtypes)),
         rows_over_floor: rows.iter().filter(|r| r.diverges(&floor)).count(),
         positions: pairs.positions.clone(),
         first_bad: diverged.iter().position(|&d| d),

@@ -30,6 +30,10 @@ pub struct TapDiff {
     /// The noise-floor threshold of this tap: the expected floor of its dtype × margin,
     /// never above the tolerance (`Tolerances::floor_for`).
     pub floor: Tolerance,
+    /// The expected noise floor `floor` was made from (before the margin and the cap at
+    /// tolerance); the bisect report's noise levels show it.
+    #[serde(skip)]
+    pub noise_floor: f64,
     /// Rows over `floor`.
     pub rows_over_floor: usize,
     pub positions: Vec<usize>,

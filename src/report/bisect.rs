@@ -164,8 +164,10 @@ fn noise_line(r: &BisectReport) -> String {
     let thresholds = match r.twin {
         Some(_) => "per-tap tolerances from the twin".to_string(),
         None => format!(
-            "noise-floor threshold rel_l2 {} (tolerance {})",
+            "noise-floor threshold rel_l2 {} (floor {} × {}, at most the tolerance {})",
+            sci(n0.threshold),
             sci(n0.floor),
+            crate::tolerance::FLOOR_MARGIN,
             sci(n0.tolerance)
         ),
     };

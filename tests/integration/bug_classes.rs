@@ -142,13 +142,19 @@ fn a_systematic_error_below_tolerance_is_found_where_it_starts() {
     assert_eq!(first(&r), ("blk.0.attn_norm", 0));
     assert_eq!(r["judged"], "noise_floor");
     assert_eq!(introducing(&r), vec![0], "{}", r["replay"]);
-    // The measured floor is in the report: every coarse residual-stream tap sits over it.
+    // The floor and its threshold are in the report: every coarse residual-stream tap
+    // sits over the threshold (f32: floor 4e-6 × margin 10, under the tolerance 1e-3).
     let noise = r["noise"].as_array().unwrap();
+    let val = |n: &Value, k: &str| n[k].as_f64().unwrap_or_else(|| panic!("{k}: {n}"));
+    for n in noise {
+        assert_eq!(val(n, "floor"), 4e-6, "{n}");
+        assert!((val(n, "threshold") - 4e-5).abs() < 1e-12, "{n}");
+    }
     assert!(
         noise
             .iter()
             .filter(|n| n["tap"] != "embed")
-            .all(|n| n["p75_rel_l2"].as_f64().unwrap() > n["floor"].as_f64().unwrap()),
+            .all(|n| val(n, "p75_rel_l2") > val(n, "threshold")),
         "{noise:?}"
     );
 

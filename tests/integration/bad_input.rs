@@ -182,7 +182,7 @@ fn metadata_and_tensors_that_disagree_are_named() {
         "-o",
         path_str(&out_dir),
     ]);
-    assert_refused(&out, "9 tokens exceed the model's context of 8");
+    assert_refused(&out, "--tokens: 9 tokens exceed the model's context of 8");
     assert!(!out_dir.exists(), "nothing is written for a refused run");
 }
 
@@ -210,26 +210,53 @@ fn bad_selections_and_prompts() {
         &dump(&["--tokens", "1,2,3", "--taps", "resid_post,ffn_post_norm"]),
         "this llama model has no ffn_post_norm tap",
     );
+    // Each error names the flag at fault, and a range's end is exclusive (2..3 fits 3
+    // tokens, 2..4 does not).
     assert_refused(
         &dump(&["--tokens", "1,2,3", "--layers", "0..32"]),
-        "goes past the model's 2 layers",
-    );
-    assert_refused(&dump(&["--tokens", "1,2,3", "--layers", "1..1"]), "empty layer range");
-    assert_refused(
-        &dump(&["--tokens", "1,2,3", "--positions", "2..9"]),
-        "out of range for a 3-token sequence",
+        "--layers: layer selection \"0..32\" goes past the model's 2 layers",
     );
     assert_refused(
-        &dump(&["--tokens", "1,2,3", "--positions", "-5.."]),
-        "out of range for a 3-token sequence",
+        &dump(&["--tokens", "1,2,3", "--layers", "1..1"]),
+        "--layers: empty layer range",
+    );
+    assert_refused(
+        &dump(&["--tokens", "1,2,3", "--positions", "2..4"]),
+        "--positions 2..4: outside the prompt's 3 tokens (positions 0..3; a range's end is exclusive)",
+    );
+    assert_refused(
+        &dump(&["--tokens", "1,2,3", "--positions", "0,-5.."]),
+        "--positions -5..: outside the prompt's 3 tokens",
+    );
+    assert_refused(
+        &dump(&["--tokens", "1,2,3", "--positions", "5000"]),
+        "--positions 5000: outside the prompt's 3 tokens",
+    );
+    assert_refused(
+        &dump(&[
+            "--tokens",
+            "1,2,3",
+            "--engine",
+            "runtime",
+            "--max-tokens",
+            "2",
+            "--positions",
+            "5",
+        ]),
+        "--positions 5: outside the prompt's 3 tokens and 2 generated (positions 0..5;",
     );
     assert_refused(
         &dump(&["--tokens", "1,2,3", "--positions", "x..y"]),
-        "bad position \"x..y\"",
+        "--positions: bad position \"x..y\"",
     );
+    assert_refused(&dump(&["--tokens", "1,2,3", "--taps", "nope"]), "--taps: unknown tap");
     assert_refused(
         &dump(&["--tokens", "1,99999"]),
-        "token id 99999 is outside the vocabulary",
+        "--tokens: token id 99999 is outside the vocabulary",
+    );
+    assert_refused(
+        &resbisect(&["run", "--model", m, "--tokens", "1,99999"]),
+        "--tokens: token id 99999 is outside the vocabulary",
     );
     assert_refused(&dump(&["--tokens", "1,,2"]), "bad token id");
     assert_refused(&dump(&["--tokens", "1,2", "--id", "../escape"]), "bad prompt id");
@@ -256,6 +283,22 @@ fn bad_selections_and_prompts() {
         &dump(&["--prompts", "/nonexistent/suite.jsonl"]),
         "/nonexistent/suite.jsonl",
     );
+    // In a suite, the prompt at fault is named by its id.
+    std::fs::write(
+        &suite,
+        "{\"id\": \"p1\", \"tokens\": [1, 2]}\n{\"id\": \"p2\", \"tokens\": [1, 99999]}\n",
+    )
+    .unwrap();
+    let s = path_str(&suite);
+    assert_refused(
+        &dump(&["--prompts", s]),
+        &format!("{s}: prompt p2: token id 99999 is outside the vocabulary"),
+    );
+    assert_refused(
+        &dump(&["--prompts", s, "--id", "p1", "--positions", "2"]),
+        "--positions 2: outside prompt p1's 2 tokens",
+    );
+    assert_refused(&dump(&["--prompts", s, "--id", "p9"]), "--id p9: no such prompt in");
     assert_refused(&resbisect(&["inspect", "/nonexistent/model.gguf"]), "cannot open");
     assert_refused(&resbisect(&["synth", "--preset", "huge", "-o", o]), "unknown preset");
     assert_refused(

@@ -476,6 +476,15 @@ fn non_finite_rows_show_as_such_and_each_layer_keeps_its_own_first_position() {
     assert_eq!(code, 1, "{r}");
     assert_eq!(first(&r), ("blk.13.attn_out", 77));
     let coarse = r["probes"][0]["finding"].as_str().unwrap();
+    // Non-finite values: the prompt is not cut, and no later note says it was.
+    assert!(
+        coarse.contains("non-finite values: later probes run the whole prompt"),
+        "{coarse}"
+    );
+    assert_eq!(r["prefix"], r["n_tokens"]);
+    for p in r["probes"].as_array().unwrap() {
+        assert!(!p["finding"].as_str().unwrap().contains("cut to"), "{p}");
+    }
     let d = Dump::open(Path::new(r["probes"][0]["dump_a"].as_str().unwrap())).unwrap();
     for l in [16, 29] {
         let f = d.read_file("p6_len_128", &format!("blk.{l}")).unwrap().unwrap();

@@ -427,15 +427,15 @@ fn extreme_selections_are_refused_without_overflow() {
     );
     run(
         &["--positions", "9223372036854775807"],
-        "position selection 9223372036854775807 is out of range for a 3-token sequence",
+        "--positions 9223372036854775807: outside the prompt's 3 tokens",
     );
     run(
         &["--positions", "-9223372036854775808.."],
-        "out of range for a 3-token sequence",
+        "--positions -9223372036854775808..: outside the prompt's 3 tokens",
     );
     run(
         &["--positions", "0..9223372036854775807"],
-        "out of range for a 3-token sequence",
+        "--positions 0..9223372036854775807: outside the prompt's 3 tokens",
     );
     run(&["--inject", "blk.18446744073709551615.q:nan@0"], "bad --inject");
     run(

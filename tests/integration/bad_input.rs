@@ -210,6 +210,54 @@ fn bad_selections_and_prompts() {
         &dump(&["--tokens", "1,2,3", "--taps", "resid_post,ffn_post_norm"]),
         "this llama model has no ffn_post_norm tap",
     );
+    assert_refused(&dump(&["--tokens", "1,,2"]), "bad token id");
+    assert_refused(&dump(&["--tokens", "1,2", "--id", "../escape"]), "bad prompt id");
+    assert_refused(
+        &dump(&["--tokens", "1,2", "--dtype", "f16"]),
+        "the reference computes in f32 or f64",
+    );
+
+    let suite = dir.path().join("suite.jsonl");
+    for (content, needle) in [
+        (
+            "{\"id\": \"a\", \"text\": \"x\"}\n{\"id\": \"a\", \"text\": \"y\"}\n",
+            "appears twice",
+        ),
+        ("{\"id\": \"a/b\", \"text\": \"x\"}\n", "bad prompt id"),
+        ("{\"id\": \"a\"}\n", "needs text or tokens"),
+        ("{\"id\": \"a\", \"text\": \"x\"\n", "suite.jsonl:1"),
+        ("\n\n", "no prompts"),
+    ] {
+        std::fs::write(&suite, content).unwrap();
+        assert_refused(&dump(&["--prompts", path_str(&suite)]), needle);
+    }
+    assert_refused(
+        &dump(&["--prompts", "/nonexistent/suite.jsonl"]),
+        "/nonexistent/suite.jsonl",
+    );
+    assert_refused(&resbisect(&["inspect", "/nonexistent/model.gguf"]), "cannot open");
+    assert_refused(&resbisect(&["synth", "--preset", "huge", "-o", o]), "unknown preset");
+    assert_refused(
+        &resbisect(&["synth", "--preset", "tiny", "--quant", "q9_9", "-o", o]),
+        "unknown quant type",
+    );
+}
+
+/// A bisect option for an engine that was not chosen is refused, never silently ignored:
+/// `--command` without `--engine external` would run the runtime and report it clean.
+
+#[test]
+fn selection_and_prompt_errors_name_the_flag_at_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), "q8_0", 3);
+    let m = path_str(&model);
+    let o = dir.path().join("out");
+    let o = path_str(&o);
+    let dump = |extra: &[&str]| {
+        let mut args = vec!["dump", "--model", m, "-o", o];
+        args.extend_from_slice(extra);
+        resbisect(&args)
+    };
     // Each error names the flag at fault, and a range's end is exclusive (2..3 fits 3
     // tokens, 2..4 does not).
     assert_refused(
@@ -258,31 +306,7 @@ fn bad_selections_and_prompts() {
         &resbisect(&["run", "--model", m, "--tokens", "1,99999"]),
         "--tokens: token id 99999 is outside the vocabulary",
     );
-    assert_refused(&dump(&["--tokens", "1,,2"]), "bad token id");
-    assert_refused(&dump(&["--tokens", "1,2", "--id", "../escape"]), "bad prompt id");
-    assert_refused(
-        &dump(&["--tokens", "1,2", "--dtype", "f16"]),
-        "the reference computes in f32 or f64",
-    );
-
     let suite = dir.path().join("suite.jsonl");
-    for (content, needle) in [
-        (
-            "{\"id\": \"a\", \"text\": \"x\"}\n{\"id\": \"a\", \"text\": \"y\"}\n",
-            "appears twice",
-        ),
-        ("{\"id\": \"a/b\", \"text\": \"x\"}\n", "bad prompt id"),
-        ("{\"id\": \"a\"}\n", "needs text or tokens"),
-        ("{\"id\": \"a\", \"text\": \"x\"\n", "suite.jsonl:1"),
-        ("\n\n", "no prompts"),
-    ] {
-        std::fs::write(&suite, content).unwrap();
-        assert_refused(&dump(&["--prompts", path_str(&suite)]), needle);
-    }
-    assert_refused(
-        &dump(&["--prompts", "/nonexistent/suite.jsonl"]),
-        "/nonexistent/suite.jsonl",
-    );
     // In a suite, the prompt at fault is named by its id.
     std::fs::write(
         &suite,
@@ -299,16 +323,11 @@ fn bad_selections_and_prompts() {
         "--positions 2: outside prompt p1's 2 tokens",
     );
     assert_refused(&dump(&["--prompts", s, "--id", "p9"]), "--id p9: no such prompt in");
-    assert_refused(&resbisect(&["inspect", "/nonexistent/model.gguf"]), "cannot open");
-    assert_refused(&resbisect(&["synth", "--preset", "huge", "-o", o]), "unknown preset");
-    assert_refused(
-        &resbisect(&["synth", "--preset", "tiny", "--quant", "q9_9", "-o", o]),
-        "unknown quant type",
-    );
+    // The end is exclusive: 0..3 is every position of 3 tokens.
+    let ok = dump(&["--tokens", "1,2,3", "--positions", "0..3"]);
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
 }
 
-/// A bisect option for an engine that was not chosen is refused, never silently ignored:
-/// `--command` without `--engine external` would run the runtime and report it clean.
 #[test]
 fn bisect_options_for_engines_not_chosen_are_refused() {
     let dir = tempfile::tempdir().unwrap();

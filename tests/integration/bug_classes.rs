@@ -120,6 +120,30 @@ fn an_attention_sink_row_does_not_hide_an_error_in_later_layers() {
     assert_eq!(off[0]["tap"], "blk.20.ffn_out", "{}", r["replay_taps"]);
 }
 
+/// The floor and its threshold are in the report, and every coarse residual-stream tap
+/// sits over the threshold (f32: floor 4e-6 × margin 10, under the tolerance 1e-3).
+fn assert_over_f32_threshold(r: &Value) {
+    let val = |n: &Value, k: &str| n[k].as_f64().unwrap_or_else(|| panic!("{k}: {n}"));
+    for n in r["noise"].as_array().unwrap() {
+        assert_eq!(val(n, "floor"), 4e-6, "{n}");
+        assert!((val(n, "threshold") - 4e-5).abs() < 1e-12, "{n}");
+        assert!(n["tap"] == "embed" || val(n, "p75_rel_l2") > val(n, "threshold"), "{n}");
+    }
+}
+
+/// Non-finite values: the prompt is not cut, and no note says it was.
+fn assert_not_cut(r: &Value) {
+    let coarse = r["probes"][0]["finding"].as_str().unwrap();
+    assert!(
+        coarse.contains("non-finite values: later probes run the whole prompt"),
+        "{coarse}"
+    );
+    assert_eq!(r["prefix"], r["n_tokens"]);
+    for p in r["probes"].as_array().unwrap() {
+        assert!(!p["finding"].as_str().unwrap().contains("cut to"), "{p}");
+    }
+}
+
 #[test]
 fn a_systematic_error_below_tolerance_is_found_where_it_starts() {
     // RMSNorm eps 1e-6 instead of 1e-5 puts ~3e-4 on every norm of every layer: far
@@ -142,21 +166,7 @@ fn a_systematic_error_below_tolerance_is_found_where_it_starts() {
     assert_eq!(first(&r), ("blk.0.attn_norm", 0));
     assert_eq!(r["judged"], "noise_floor");
     assert_eq!(introducing(&r), vec![0], "{}", r["replay"]);
-    // The floor and its threshold are in the report: every coarse residual-stream tap
-    // sits over the threshold (f32: floor 4e-6 × margin 10, under the tolerance 1e-3).
-    let noise = r["noise"].as_array().unwrap();
-    let val = |n: &Value, k: &str| n[k].as_f64().unwrap_or_else(|| panic!("{k}: {n}"));
-    for n in noise {
-        assert_eq!(val(n, "floor"), 4e-6, "{n}");
-        assert!((val(n, "threshold") - 4e-5).abs() < 1e-12, "{n}");
-    }
-    assert!(
-        noise
-            .iter()
-            .filter(|n| n["tap"] != "embed")
-            .all(|n| val(n, "p75_rel_l2") > val(n, "threshold")),
-        "{noise:?}"
-    );
+    assert_over_f32_threshold(&r);
 
     // diff says the same of full dumps, and says why.
     let model = smollm2();
@@ -476,15 +486,7 @@ fn non_finite_rows_show_as_such_and_each_layer_keeps_its_own_first_position() {
     assert_eq!(code, 1, "{r}");
     assert_eq!(first(&r), ("blk.13.attn_out", 77));
     let coarse = r["probes"][0]["finding"].as_str().unwrap();
-    // Non-finite values: the prompt is not cut, and no later note says it was.
-    assert!(
-        coarse.contains("non-finite values: later probes run the whole prompt"),
-        "{coarse}"
-    );
-    assert_eq!(r["prefix"], r["n_tokens"]);
-    for p in r["probes"].as_array().unwrap() {
-        assert!(!p["finding"].as_str().unwrap().contains("cut to"), "{p}");
-    }
+    assert_not_cut(&r);
     let d = Dump::open(Path::new(r["probes"][0]["dump_a"].as_str().unwrap())).unwrap();
     for l in [16, 29] {
         let f = d.read_file("p6_len_128", &format!("blk.{l}")).unwrap().unwrap();

@@ -409,9 +409,13 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
                 p.layer_diverged = Some(diverged);
             }
             if diverged {
-                self.session.note(format!(
-                    "layer {mid} diverges: the first bad layer is in {first_unknown}..={mid}"
-                ));
+                // In words, not `a..=b`: a reader of `--layers` knows `a..b` as end-exclusive.
+                let left = match first_unknown {
+                    f if f == mid => format!("is layer {mid}"),
+                    f => format!("is one of layers {f} to {mid}"),
+                };
+                self.session
+                    .note(format!("layer {mid} diverges: the first bad layer {left}"));
                 hi = mid;
                 hi_first = first_bad_of(&r, &id);
             } else {

@@ -1,12 +1,15 @@
 // compat.h — the few things the runtime's kernels (ops.hip, HIP dialect) need that differ
-// between AMD (hipcc, wave64 on CDNA) and NVIDIA (NVRTC): warp width, shuffles, half
-// conversions. One storage type per build: RB_STORE_F32, RB_STORE_F16 or RB_STORE_BF16.
+// between AMD (hipcc, wave64 on CDNA) and NVIDIA (NVRTC): warp width, shuffles, launch
+// bounds, half conversions. One storage type per build: RB_STORE_F32, RB_STORE_F16 or
+// RB_STORE_BF16.
 #pragma once
 
 #if defined(__HIPCC__)
 #include <hip/hip_runtime.h>
 #define RB_WARP 64
 #define RB_SHFL_XOR(v, m) __shfl_xor((v), (m))
+// At most `threads` per block; hipcc's second bound counts waves per SIMD, not blocks.
+#define RB_LAUNCH_BOUNDS(threads, blocks) __launch_bounds__(threads)
 __device__ __forceinline__ float rb_half_to_float(unsigned short h) {
     _Float16 v;
     __builtin_memcpy(&v, &h, 2);
@@ -21,6 +24,8 @@ __device__ __forceinline__ unsigned short rb_float_to_half(float f) {
 #else  // NVRTC / nvcc
 #define RB_WARP 32
 #define RB_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, (v), (m))
+// At most `threads` per block, registers bounded so that `blocks` fit on one SM.
+#define RB_LAUNCH_BOUNDS(threads, blocks) __launch_bounds__(threads, blocks)
 __device__ __forceinline__ float rb_half_to_float(unsigned short h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));

@@ -127,13 +127,19 @@ extern "C" __global__ void rb_gemv(const store_t* x, const store_t* w, store_t* 
 
 // Three projections of the same input in one launch (q, k and v): columns 0..n0 of w0,
 // then n1 of w1, then n2 of w2.
+// Which of three column ranges (n0, n1, then the rest) column *j falls in; *j becomes its
+// column within that part.
+__device__ __forceinline__ int rb_part(int* j, int n0, int n1) {
+    if (*j < n0) return 0;
+    *j -= n0;
+    if (*j < n1) return 1;
+    *j -= n1;
+    return 2;
+}
+
 extern "C" __global__ void rb_gemv3(const store_t* x, const store_t* w0, const store_t* w1, const store_t* w2, store_t* o0, store_t* o1, store_t* o2,
                                     int rows, int k, int n0, int n1, int n2) {
-    int j = rb_warp_column(), part = 0;
-    if (j >= n0) {
-        j -= n0, part = 1;
-        if (j >= n1) j -= n1, part = 2;
-    }
+    int j = rb_warp_column(), part = rb_part(&j, n0, n1);
     const store_t* w = part == 0 ? w0 : part == 1 ? w1 : w2;
     store_t* out = part == 0 ? o0 : part == 1 ? o1 : o2;
     const int n = part == 0 ? n0 : part == 1 ? n1 : n2;
@@ -732,36 +738,282 @@ __device__ __forceinline__ void rb_sub_q6_k(const unsigned char* w, long s, floa
     }
 }
 
-// Decode matvecs on blocks (rows ≤ RB_GEMV_ROWS): one warp per output column, each lane
-// decoding every RB_WARP-th sub-block of the column's weight row once for all rows of x
-// (fused dequantization, f32 accumulation, summed over the warp).
+// Decode matvecs on blocks (one row of x). A thread block of RB_QWARPS warps computes
+// RB_QCOLS adjacent output columns. A block is cut into pieces that one lane reads with a
+// few wide loads (consecutive lanes on consecutive pieces, so a warp's loads coalesce);
+// the x values of a piece are loaded, converted and summed once for all the block's
+// columns. Quants stay integers, scaled once per sub-block (Σq·x times the scale, minus the
+// min times Σx); f32 accumulation, summed over the warp, then over the block's warps.
+// Measured on an H200 (TinyLlama shape, Q4_K, ncu): one column per warp was latency-bound
+// (gate + up 21.7 µs for 13 MB), x's loads and conversions repeated per column.
+//
+// Each type gives VALUES and BYTES per block and PIECES per block; Raw, one piece as
+// loaded, and load(block, t); XN, the x values piece t multiplies, and xs(t, xb, x) to read
+// them (xb: x at the block's first value); XG, the groups of XN / XG values whose Σx the
+// piece needs (0: none); dot(raw, t, x, sx), the piece's Σ w·x. Blocks start at multiples
+// of BYTES from the matrix start, which the device allocation aligns to 256 bytes.
+#define RB_QCOLS 4
+#define RB_QWARPS 4
+// Blocks per SM the registers must allow: the kernel is latency-bound, so occupancy pays.
+#define RB_QBLOCKS 6
+
+// Byte i of w as a float less `offset`, exactly (byte ≤ 255, offset < 2^8): a byte permute
+// into the mantissa of 2^23 and one subtraction, instead of a conversion instruction.
+__device__ __forceinline__ float rb_byte_f(unsigned int w, int i, float offset) {
+    return __int_as_float(__byte_perm(w, 0x4B000000u, 0x7540u | i)) - (8388608.0f + offset);
+}
+
+__device__ __forceinline__ unsigned int rb_byte(unsigned int w, int i) { return (w >> (8 * i)) & 255u; }
+
+// A 32-bit word at a 2-byte aligned address (blocks of 18, 34 and 210 bytes).
+__device__ __forceinline__ unsigned int rb_u32_2(const unsigned char* p) {
+    const unsigned short* h = (const unsigned short*)p;
+    return h[0] | ((unsigned int)h[1] << 16);
+}
+
+// N consecutive stored values as f32, read 16 (or 8) bytes at a time; p is aligned to that.
+template <int N>
+__device__ __forceinline__ void rb_load_x(const store_t* p, float* v) {
+    const int BYTES = N * (int)sizeof(store_t);
+    if (BYTES % 16 == 0) {
+        const int PER = 16 / (int)sizeof(store_t);
+        #pragma unroll
+        for (int c = 0; c < N / PER; c++) {
+            store_t s[PER];
+            *(uint4*)s = ((const uint4*)p)[c];
+            #pragma unroll
+            for (int i = 0; i < PER; i++) v[c * PER + i] = LD(s[i]);
+        }
+    } else {
+        const int PER = 8 / (int)sizeof(store_t);
+        #pragma unroll
+        for (int c = 0; c < N / PER; c++) {
+            store_t s[PER];
+            *(uint2*)s = ((const uint2*)p)[c];
+            #pragma unroll
+            for (int i = 0; i < PER; i++) v[c * PER + i] = LD(s[i]);
+        }
+    }
+}
+
+// Σ (q[i] − offset)·x[i] over 4·W quants held as bytes in W words.
+template <int W>
+__device__ __forceinline__ float rb_dot_bytes(const unsigned int* q, const float* x, float offset) {
+    float a = 0.0f;
+    #pragma unroll
+    for (int c = 0; c < W; c++) {
+        #pragma unroll
+        for (int i = 0; i < 4; i++) a = fmaf(rb_byte_f(q[c], i, offset), x[4 * c + i], a);
+    }
+    return a;
+}
+
+// Q4_0 (18 bytes: d, 16 bytes of nibbles; value i low nibble of byte i, 16+i high): a
+// piece is 4 bytes, values 4t..4t+3 and 16+4t..16+4t+3; v = d·(q − 8).
+struct rb_q4_0 {
+    static const int VALUES = 32, BYTES = 18, PIECES = 4, XN = 8, XG = 0;
+    struct Raw { unsigned int q; unsigned short d; };
+    static __device__ __forceinline__ Raw load(const unsigned char* b, int t) { return Raw{rb_u32_2(b + 2 + 4 * t), *(const unsigned short*)b}; }
+    static __device__ __forceinline__ void xs(int t, const store_t* xb, float* x) {
+        rb_load_x<4>(xb + 4 * t, x);
+        rb_load_x<4>(xb + 16 + 4 * t, x + 4);
+    }
+    static __device__ __forceinline__ float dot(const Raw& w, int t, const float* x, const float* sx) {
+        const unsigned int q[2] = {w.q & 0x0F0F0F0Fu, (w.q >> 4) & 0x0F0F0F0Fu};
+        return rb_half_to_float(w.d) * rb_dot_bytes<2>(q, x, 8.0f);
+    }
+};
+
+// Q4_1 (20 bytes: d, m, 16 bytes of nibbles as Q4_0): v = d·q + m.
+struct rb_q4_1 {
+    static const int VALUES = 32, BYTES = 20, PIECES = 4, XN = 8, XG = 1;
+    struct Raw { unsigned int q, dm; };
+    static __device__ __forceinline__ Raw load(const unsigned char* b, int t) {
+        const unsigned int* p = (const unsigned int*)b;
+        return Raw{p[1 + t], p[0]};
+    }
+    static __device__ __forceinline__ void xs(int t, const store_t* xb, float* x) { rb_q4_0::xs(t, xb, x); }
+    static __device__ __forceinline__ float dot(const Raw& w, int t, const float* x, const float* sx) {
+        const unsigned int q[2] = {w.q & 0x0F0F0F0Fu, (w.q >> 4) & 0x0F0F0F0Fu};
+        return rb_half_to_float(w.dm & 0xFFFF) * rb_dot_bytes<2>(q, x, 0.0f) + rb_half_to_float(w.dm >> 16) * sx[0];
+    }
+};
+
+// Q8_0 (34 bytes: d, 32 signed bytes): a piece is values 4t..4t+3; v = d·q.
+struct rb_q8_0 {
+    static const int VALUES = 32, BYTES = 34, PIECES = 8, XN = 4, XG = 0;
+    struct Raw { unsigned int q; unsigned short d; };
+    static __device__ __forceinline__ Raw load(const unsigned char* b, int t) { return Raw{rb_u32_2(b + 2 + 4 * t), *(const unsigned short*)b}; }
+    static __device__ __forceinline__ void xs(int t, const store_t* xb, float* x) { rb_load_x<4>(xb + 4 * t, x); }
+    static __device__ __forceinline__ float dot(const Raw& w, int t, const float* x, const float* sx) {
+        const unsigned int q = w.q ^ 0x80808080u;  // each two's complement byte + 128
+        return rb_half_to_float(w.d) * rb_dot_bytes<1>(&q, x, 128.0f);
+    }
+};
+
+// Q4_K and Q5_K pieces: 16 bytes of nibbles, t = 2g + half: low nibbles are values
+// 16·half.. of sub-block 2g, high ones the same values of sub-block 2g + 1 (Q5_K adds bit
+// 2g or 2g + 1 of the qh bytes of those values as the fifth bit); v = d·sc·q − dmin·mn.
+// `head` holds d, dmin and the 12 scale bytes s; x holds the 16 low, then the 16 high
+// values. The 6-bit scales (mins) of sub-blocks 0..3 are the low bits of s[0..3] (s[4..7]);
+// of sub-blocks 4..7, the low (high) nibbles of s[8..11] with the top 2 bits of s[0..3]
+// (s[4..7]) above them: decoded four at a time, without branches, as one lane's piece
+// mixes them with arithmetic.
+struct rb_k_nibbles {
+    static const int VALUES = 256, PIECES = 8, XN = 32, XG = 2;
+    static __device__ __forceinline__ void xs(int t, const store_t* xb, float* x) {
+        const store_t* p = xb + 64 * (t >> 1) + 16 * (t & 1);
+        rb_load_x<16>(p, x);
+        rb_load_x<16>(p + 32, x + 16);
+    }
+    static __device__ __forceinline__ float dot(uint4 head, uint4 qs, const uint4* high, int t, const float* x, const float* sx) {
+        const int g = t >> 1;
+        const unsigned int sc = g < 2 ? head.y & 0x3F3F3F3Fu : (head.w & 0x0F0F0F0Fu) | ((head.y >> 2) & 0x30303030u);
+        const unsigned int mn = g < 2 ? head.z & 0x3F3F3F3Fu : ((head.w >> 4) & 0x0F0F0F0Fu) | ((head.z >> 2) & 0x30303030u);
+        const int b0 = 2 * (g & 1);
+        const float d = rb_half_to_float(head.x & 0xFFFF), dmin = rb_half_to_float(head.x >> 16);
+        const unsigned int words[4] = {qs.x, qs.y, qs.z, qs.w};
+        unsigned int lo[4], hi[4];
+        #pragma unroll
+        for (int c = 0; c < 4; c++) {
+            lo[c] = words[c] & 0x0F0F0F0Fu;
+            hi[c] = (words[c] >> 4) & 0x0F0F0F0Fu;
+            if (high) {
+                const unsigned int h = c == 0 ? high->x : c == 1 ? high->y : c == 2 ? high->z : high->w;
+                lo[c] |= ((h >> (2 * g)) & 0x01010101u) << 4;
+                hi[c] |= ((h >> (2 * g + 1)) & 0x01010101u) << 4;
+            }
+        }
+        const float a = rb_dot_bytes<4>(lo, x, 0.0f), b = rb_dot_bytes<4>(hi, x + 16, 0.0f);
+        return d * (rb_byte_f(sc, b0, 0.0f) * a + rb_byte_f(sc, b0 + 1, 0.0f) * b) -
+               dmin * (rb_byte_f(mn, b0, 0.0f) * sx[0] + rb_byte_f(mn, b0 + 1, 0.0f) * sx[1]);
+    }
+};
+
+// Q4_K (144 bytes: d, dmin, 12 scale bytes, 128 bytes of nibbles).
+struct rb_q4_k : rb_k_nibbles {
+    static const int BYTES = 144;
+    struct Raw { uint4 head, qs; };
+    static __device__ __forceinline__ Raw load(const unsigned char* b, int t) {
+        const uint4* p = (const uint4*)b;
+        return Raw{p[0], p[1 + t]};
+    }
+    static __device__ __forceinline__ float dot(const Raw& w, int t, const float* x, const float* sx) {
+        return rb_k_nibbles::dot(w.head, w.qs, nullptr, t, x, sx);
+    }
+};
+
+// Q5_K (176 bytes: Q4_K's head, 32 qh bytes, 128 bytes of nibbles).
+struct rb_q5_k : rb_k_nibbles {
+    static const int BYTES = 176;
+    struct Raw { uint4 head, qh, qs; };
+    static __device__ __forceinline__ Raw load(const unsigned char* b, int t) {
+        const uint4* p = (const uint4*)b;
+        return Raw{p[0], p[1 + (t & 1)], p[3 + t]};
+    }
+    static __device__ __forceinline__ float dot(const Raw& w, int t, const float* x, const float* sx) {
+        return rb_k_nibbles::dot(w.head, w.qs, &w.qh, t, x, sx);
+    }
+};
+
+// Q6_K (210 bytes: ql[128], qh[64], 16 signed scales, d). Half h holds values 128h..: for
+// l < 32, value l + 32·quarter takes the low (quarters 0, 1) or high (2, 3) nibble of
+// ql[64h + l + 32·(quarter & 1)] and bits 2·quarter of qh[32h + l], scaled by
+// sc[8h + l/16 + 2·quarter]; v = d·sc·(q − 32). A piece is l = 4·(t & 7).. + 3 of half t/8.
+struct rb_q6_k {
+    static const int VALUES = 256, BYTES = 210, PIECES = 16, XN = 16, XG = 0;
+    struct Raw { unsigned int ql0, ql1, qh, sc0, sc1; unsigned short d; };
+    static __device__ __forceinline__ Raw load(const unsigned char* b, int t) {
+        const int h = t >> 3, l = 4 * (t & 7);
+        return Raw{rb_u32_2(b + 64 * h + l), rb_u32_2(b + 64 * h + 32 + l), rb_u32_2(b + 128 + 32 * h + l),
+                   rb_u32_2(b + 192 + 8 * h), rb_u32_2(b + 196 + 8 * h), *(const unsigned short*)(b + 208)};
+    }
+    static __device__ __forceinline__ void xs(int t, const store_t* xb, float* x) {
+        const store_t* p = xb + 128 * (t >> 3) + 4 * (t & 7);
+        #pragma unroll
+        for (int quarter = 0; quarter < 4; quarter++) rb_load_x<4>(p + 32 * quarter, x + 4 * quarter);
+    }
+    static __device__ __forceinline__ float dot(const Raw& w, int t, const float* x, const float* sx) {
+        const int is = (t & 7) >> 2;  // l / 16
+        const unsigned int q[4] = {
+            (w.ql0 & 0x0F0F0F0Fu) | ((w.qh & 0x03030303u) << 4),
+            (w.ql1 & 0x0F0F0F0Fu) | (((w.qh >> 2) & 0x03030303u) << 4),
+            ((w.ql0 >> 4) & 0x0F0F0F0Fu) | (((w.qh >> 4) & 0x03030303u) << 4),
+            ((w.ql1 >> 4) & 0x0F0F0F0Fu) | (((w.qh >> 6) & 0x03030303u) << 4),
+        };
+        float v = 0.0f;
+        #pragma unroll
+        for (int quarter = 0; quarter < 4; quarter++) {
+            const float sc = (float)(signed char)rb_byte(quarter < 2 ? w.sc0 : w.sc1, is + 2 * (quarter & 1));
+            v = fmaf(sc, rb_dot_bytes<1>(q + quarter, x + 4 * quarter, 32.0f), v);
+        }
+        return rb_half_to_float(w.d) * v;
+    }
+};
+
+// Up to three quantized projections of one row x in one launch (q, k and v; gate and up
+// with n2 = 0; one matrix with n1 = n2 = 0): blocks 0.. take RB_QCOLS columns of w0 each,
+// then of w1, then of w2; the RB_QWARPS warps of a block split the pieces of a row. One
+// row only: registers for more rows of x would cost occupancy (a few rows take the
+// prefill path instead).
+template <class Q>
+__device__ __forceinline__ void rb_qgemv3(const unsigned char* w0, const unsigned char* w1, const unsigned char* w2, const store_t* x, store_t* o0,
+                                          store_t* o1, store_t* o2, int k, int n0, int n1, int n2) {
+    __shared__ float partial[RB_QWARPS][RB_QCOLS];
+    int j = blockIdx.x;
+    const int part = rb_part(&j, (n0 + RB_QCOLS - 1) / RB_QCOLS, (n1 + RB_QCOLS - 1) / RB_QCOLS);
+    const unsigned char* w = part == 0 ? w0 : part == 1 ? w1 : w2;
+    store_t* out = part == 0 ? o0 : part == 1 ? o1 : o2;
+    const int n = part == 0 ? n0 : part == 1 ? n1 : n2;
+    j *= RB_QCOLS;
+    if (j >= n) return;  // whole blocks leave together
+    const int cols = min(RB_QCOLS, n - j), warp = threadIdx.x / RB_WARP, lane = threadIdx.x % RB_WARP;
+    const int pieces = k / Q::VALUES * Q::PIECES;
+    const long row_bytes = (long)(k / Q::VALUES) * Q::BYTES;
+    w += j * row_bytes;
+    float acc[RB_QCOLS];
+    #pragma unroll
+    for (int c = 0; c < RB_QCOLS; c++) acc[c] = 0.0f;
+    for (int p = warp * RB_WARP + lane; p < pieces; p += RB_WARP * RB_QWARPS) {
+        const int block = p / Q::PIECES, t = p % Q::PIECES;
+        typename Q::Raw raw[RB_QCOLS];
+        #pragma unroll
+        for (int c = 0; c < RB_QCOLS; c++)
+            if (c < cols) raw[c] = Q::load(w + c * row_bytes + (long)block * Q::BYTES, t);
+        float xv[Q::XN], sx[Q::XG + 1];
+        Q::xs(t, x + (long)block * Q::VALUES, xv);
+        const int size = Q::XN / (Q::XG > 0 ? Q::XG : 1);
+        #pragma unroll
+        for (int gi = 0; gi < Q::XG; gi++) {
+            sx[gi] = 0.0f;
+            #pragma unroll
+            for (int i = 0; i < size; i++) sx[gi] += xv[gi * size + i];
+        }
+        #pragma unroll
+        for (int c = 0; c < RB_QCOLS; c++)
+            if (c < cols) acc[c] += Q::dot(raw[c], t, xv, sx);
+    }
+    #pragma unroll
+    for (int c = 0; c < RB_QCOLS; c++) {
+        for (int o = RB_WARP / 2; o > 0; o /= 2) acc[c] += RB_SHFL_XOR(acc[c], o);
+        if (lane == 0) partial[warp][c] = acc[c];
+    }
+    __syncthreads();
+    if (threadIdx.x < cols) {
+        float sum = 0.0f;
+        #pragma unroll
+        for (int v = 0; v < RB_QWARPS; v++) sum += partial[v][threadIdx.x];
+        out[j + threadIdx.x] = ST(sum);
+    }
+}
+
 // Prefill dequantizes a matrix with rb_qdequant_<type> into a transient workspace of the
 // storage type and runs the dense GEMM on it (one thread per sub-block).
-#define RB_QUANT_OPS(T, BV, BB)                                                                                      \
-    extern "C" __global__ void rb_qgemv_##T(const unsigned char* w, const store_t* x, store_t* out, int rows, int k,  \
-                                            int n) {                                                                 \
-        const int j = rb_warp_column();                                                                              \
-        if (j >= n) return;                                                                                          \
-        const int lane = threadIdx.x % RB_WARP, subs = k / 32;                                                       \
-        const unsigned char* row = w + (long)j * (k / BV) * BB;                                                     \
-        float acc[RB_GEMV_ROWS];                                                                                     \
-        _Pragma("unroll") for (int r = 0; r < RB_GEMV_ROWS; r++) acc[r] = 0.0f;                                     \
-        for (int s = lane; s < subs; s += RB_WARP) {                                                                 \
-            float v[32];                                                                                             \
-            rb_sub_##T(row, s, v);                                                                                   \
-            _Pragma("unroll") for (int r = 0; r < RB_GEMV_ROWS; r++) {                                              \
-                if (r < rows) {                                                                                      \
-                    const store_t* xs = x + (long)r * k + s * 32;                                                    \
-                    float a = 0.0f;                                                                                  \
-                    _Pragma("unroll") for (int i = 0; i < 32; i++) a += v[i] * LD(xs[i]);                           \
-                    acc[r] += a;                                                                                     \
-                }                                                                                                    \
-            }                                                                                                        \
-        }                                                                                                            \
-        _Pragma("unroll") for (int r = 0; r < RB_GEMV_ROWS; r++) for (int o = RB_WARP / 2; o > 0; o /= 2)           \
-            acc[r] += RB_SHFL_XOR(acc[r], o);                                                                        \
-        if (lane == 0)                                                                                               \
-            for (int r = 0; r < rows; r++) out[(long)r * n + j] = ST(acc[r]);                                        \
+#define RB_QUANT_OPS(T)                                                                                              \
+    extern "C" __global__ void RB_LAUNCH_BOUNDS(RB_QWARPS * RB_WARP, RB_QBLOCKS) rb_qgemv3_##T(const unsigned char* w0, const unsigned char* w1, const unsigned char* w2, \
+                                             const store_t* x, store_t* o0, store_t* o1, store_t* o2, int k, int n0,     \
+                                             int n1, int n2) {                                                        \
+        rb_qgemv3<rb_##T>(w0, w1, w2, x, o0, o1, o2, k, n0, n1, n2);                                                 \
     }                                                                                                                \
     extern "C" __global__ void rb_qdequant_##T(const unsigned char* w, store_t* out, long subs) {                   \
         const long s = (long)blockIdx.x * blockDim.x + threadIdx.x;                                                  \
@@ -771,9 +1023,9 @@ __device__ __forceinline__ void rb_sub_q6_k(const unsigned char* w, long s, floa
         _Pragma("unroll") for (int i = 0; i < 32; i++) out[s * 32 + i] = ST(v[i]);                                   \
     }
 
-RB_QUANT_OPS(q4_0, 32, 18)
-RB_QUANT_OPS(q4_1, 32, 20)
-RB_QUANT_OPS(q8_0, 32, 34)
-RB_QUANT_OPS(q4_k, 256, 144)
-RB_QUANT_OPS(q5_k, 256, 176)
-RB_QUANT_OPS(q6_k, 256, 210)
+RB_QUANT_OPS(q4_0)
+RB_QUANT_OPS(q4_1)
+RB_QUANT_OPS(q8_0)
+RB_QUANT_OPS(q4_k)
+RB_QUANT_OPS(q5_k)
+RB_QUANT_OPS(q6_k)

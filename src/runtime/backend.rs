@@ -258,6 +258,22 @@ pub trait Backend: Send {
     ) -> Result<()> {
         matmul3_by_parts(self, x, w, rows, k, n, out)
     }
+    /// Up to three projections of one input on quantized matrices (q, k and v; gate and
+    /// up with `n[2] = 0`): `out[i][rows, n[i]] = x[rows, k] · w[i]ᵀ`; a part with
+    /// `n[i] = 0` is skipped.
+    // Every operand and shape is its own parameter, as in the unfused ops it combines.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul3_quant(
+        &self,
+        x: &Self::Buf,
+        w: [&Self::Quant; 3],
+        rows: usize,
+        k: usize,
+        n: [usize; 3],
+        out: [&mut Self::Buf; 3],
+    ) -> Result<()> {
+        matmul3_quant_by_parts(self, x, w, rows, k, n, out)
+    }
     /// `g = x·wgᵀ`, `u = x·wuᵀ`, `act = silu(g)·u`.
     // Every operand and shape is its own parameter, as in the unfused ops it combines.
     #[allow(clippy::too_many_arguments)]
@@ -356,6 +372,26 @@ pub fn matmul3_by_parts<B: Backend + ?Sized>(
 ) -> Result<()> {
     for ((w, n), out) in w.into_iter().zip(n).zip(out) {
         b.matmul(x, w, rows, k, n, out)?;
+    }
+    Ok(())
+}
+
+/// [`Backend::matmul3_quant`] as up to three quantized matmuls.
+// The parameters of the trait method it implements.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul3_quant_by_parts<B: Backend + ?Sized>(
+    b: &B,
+    x: &B::Buf,
+    w: [&B::Quant; 3],
+    rows: usize,
+    k: usize,
+    n: [usize; 3],
+    out: [&mut B::Buf; 3],
+) -> Result<()> {
+    for ((w, n), out) in w.into_iter().zip(n).zip(out) {
+        if n > 0 {
+            b.matmul_quant(x, w, rows, k, n, out)?;
+        }
     }
     Ok(())
 }

@@ -86,7 +86,8 @@ impl<B: Backend> Matrix<B> {
     }
 }
 
-/// [`Backend::matmul3`] when the three are dense, else three matmuls.
+/// [`Backend::matmul3`] when the three are dense, [`Backend::matmul3_quant`] when the
+/// three are quantized, else three matmuls.
 pub(super) fn matmul3<B: Backend>(
     b: &B,
     x: &B::Buf,
@@ -99,13 +100,17 @@ pub(super) fn matmul3<B: Backend>(
     if let [Matrix::Dense(w0), Matrix::Dense(w1), Matrix::Dense(w2)] = w {
         return b.matmul3(x, [w0, w1, w2], rows, k, n, out);
     }
+    if let [Matrix::Quant(w0), Matrix::Quant(w1), Matrix::Quant(w2)] = w {
+        return b.matmul3_quant(x, [w0, w1, w2], rows, k, n, out);
+    }
     for ((w, n), out) in w.into_iter().zip(n).zip(out) {
         w.matmul(b, x, rows, k, n, out)?;
     }
     Ok(())
 }
 
-/// [`Backend::gate_up_silu`] when both are dense, else two matmuls and the SiLU product.
+/// [`Backend::gate_up_silu`] when both are dense; else the two projections (in one
+/// [`Backend::matmul3_quant`] when both are quantized) and the SiLU product.
 // The operands of the backend op it dispatches to.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn gate_up_silu<B: Backend>(
@@ -121,7 +126,11 @@ pub(super) fn gate_up_silu<B: Backend>(
     if let (Matrix::Dense(wg), Matrix::Dense(wu)) = (wg, wu) {
         return b.gate_up_silu(x, wg, wu, rows, k, n, g, u, act);
     }
-    wg.matmul(b, x, rows, k, n, g)?;
-    wu.matmul(b, x, rows, k, n, u)?;
+    if let (Matrix::Quant(wg), Matrix::Quant(wu)) = (wg, wu) {
+        b.matmul3_quant(x, [wg, wu, wu], rows, k, [n, n, 0], [&mut *g, &mut *u, &mut *act])?;
+    } else {
+        wg.matmul(b, x, rows, k, n, g)?;
+        wu.matmul(b, x, rows, k, n, u)?;
+    }
     b.silu_mul(g, u, rows * n, act)
 }

@@ -227,12 +227,12 @@ kernels! {
     fn rb_dequant_q4_k(src: Ptr, out: Ptr, blocks: i64);
     fn rb_dequant_q6_k(src: Ptr, out: Ptr, blocks: i64);
     fn rb_dequant_q5_k(src: Ptr, out: Ptr, blocks: i64);
-    fn rb_qgemv_q4_0(w: Ptr, x: Ptr, out: Ptr, rows: i32, k: i32, n: i32);
-    fn rb_qgemv_q4_1(w: Ptr, x: Ptr, out: Ptr, rows: i32, k: i32, n: i32);
-    fn rb_qgemv_q8_0(w: Ptr, x: Ptr, out: Ptr, rows: i32, k: i32, n: i32);
-    fn rb_qgemv_q4_k(w: Ptr, x: Ptr, out: Ptr, rows: i32, k: i32, n: i32);
-    fn rb_qgemv_q5_k(w: Ptr, x: Ptr, out: Ptr, rows: i32, k: i32, n: i32);
-    fn rb_qgemv_q6_k(w: Ptr, x: Ptr, out: Ptr, rows: i32, k: i32, n: i32);
+    fn rb_qgemv3_q4_0(w0: Ptr, w1: Ptr, w2: Ptr, x: Ptr, o0: Ptr, o1: Ptr, o2: Ptr, k: i32, n0: i32, n1: i32, n2: i32);
+    fn rb_qgemv3_q4_1(w0: Ptr, w1: Ptr, w2: Ptr, x: Ptr, o0: Ptr, o1: Ptr, o2: Ptr, k: i32, n0: i32, n1: i32, n2: i32);
+    fn rb_qgemv3_q8_0(w0: Ptr, w1: Ptr, w2: Ptr, x: Ptr, o0: Ptr, o1: Ptr, o2: Ptr, k: i32, n0: i32, n1: i32, n2: i32);
+    fn rb_qgemv3_q4_k(w0: Ptr, w1: Ptr, w2: Ptr, x: Ptr, o0: Ptr, o1: Ptr, o2: Ptr, k: i32, n0: i32, n1: i32, n2: i32);
+    fn rb_qgemv3_q5_k(w0: Ptr, w1: Ptr, w2: Ptr, x: Ptr, o0: Ptr, o1: Ptr, o2: Ptr, k: i32, n0: i32, n1: i32, n2: i32);
+    fn rb_qgemv3_q6_k(w0: Ptr, w1: Ptr, w2: Ptr, x: Ptr, o0: Ptr, o1: Ptr, o2: Ptr, k: i32, n0: i32, n1: i32, n2: i32);
     /// `subs` sub-blocks of 32 values (matrix elements / 32).
     fn rb_qdequant_q4_0(w: Ptr, out: Ptr, subs: i64);
     fn rb_qdequant_q4_1(w: Ptr, out: Ptr, subs: i64);
@@ -278,20 +278,21 @@ pub fn decoder(dtype: GgmlDType) -> Option<Decoder> {
     })
 }
 
-/// A matvec on a quantized matrix's blocks: weights, x, out, rows, k, n.
-pub type QuantGemvKernel = fn(Ptr, Ptr, Ptr, i32, i32, i32) -> KernelCall;
+/// Matvecs on up to three quantized matrices of one type and one input row: weights
+/// w0..w2, x, outputs o0..o2, k, and each matrix's columns n0..n2 (0 for an unused one).
+pub type QuantGemvKernel = fn(Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, i32, i32, i32, i32) -> KernelCall;
 /// A quantized matrix dequantized into stored values: blocks, out, sub-blocks of 32.
 pub type QuantDequantKernel = fn(Ptr, Ptr, i64) -> KernelCall;
 
 /// The block matvec and the dequantizing kernel of a quantized type.
 pub fn quant_kernels(ty: QuantType) -> (QuantGemvKernel, QuantDequantKernel) {
     match ty {
-        QuantType::Q4_0 => (rb_qgemv_q4_0, rb_qdequant_q4_0),
-        QuantType::Q4_1 => (rb_qgemv_q4_1, rb_qdequant_q4_1),
-        QuantType::Q8_0 => (rb_qgemv_q8_0, rb_qdequant_q8_0),
-        QuantType::Q4K => (rb_qgemv_q4_k, rb_qdequant_q4_k),
-        QuantType::Q5K => (rb_qgemv_q5_k, rb_qdequant_q5_k),
-        QuantType::Q6K => (rb_qgemv_q6_k, rb_qdequant_q6_k),
+        QuantType::Q4_0 => (rb_qgemv3_q4_0, rb_qdequant_q4_0),
+        QuantType::Q4_1 => (rb_qgemv3_q4_1, rb_qdequant_q4_1),
+        QuantType::Q8_0 => (rb_qgemv3_q8_0, rb_qdequant_q8_0),
+        QuantType::Q4K => (rb_qgemv3_q4_k, rb_qdequant_q4_k),
+        QuantType::Q5K => (rb_qgemv3_q5_k, rb_qdequant_q5_k),
+        QuantType::Q6K => (rb_qgemv3_q6_k, rb_qdequant_q6_k),
     }
 }
 

@@ -6,7 +6,7 @@ use candle_core::quantized::GgmlDType;
 use resbisect_taps::Fault;
 
 use super::kernels::{self, Ptr, StorageElem};
-use super::plan::{attention_plan, AttnPlan, Grid, GEMV_ROWS};
+use super::plan::{attention_plan, AttnPlan, Grid, GEMV_ROWS, NORM_THREADS};
 use super::{Driver, GpuBackend, StepField};
 use crate::dump::RowBytes;
 use crate::error::{Error, Result};
@@ -161,7 +161,7 @@ impl<D: Driver> Backend for GpuBackend<D> {
         self.check(self.len(x).min(self.len(out)), rows * width, "rms_norm")?;
         self.check(self.len(w), width, "rms_norm weight")?;
         let call = kernels::rb_rms_norm(self.ptr(x), self.ptr(w), self.ptr(out), width as i32, eps);
-        self.driver.launch(call, Grid::per_row(rows, 256))
+        self.driver.launch(call, Grid::per_row(rows, NORM_THREADS))
     }
 
     fn matmul(&self, x: &Self::Buf, w: &Self::Buf, rows: usize, k: usize, n: usize, out: &mut Self::Buf) -> Result<()> {
@@ -368,6 +368,18 @@ impl<D: Driver> Backend for GpuBackend<D> {
         self.driver.launch(call, Grid::gemv(n.iter().sum(), D::WARP))
     }
 
+    fn matmul3_quant(
+        &self,
+        x: &Self::Buf,
+        w: [&Self::Quant; 3],
+        rows: usize,
+        k: usize,
+        n: [usize; 3],
+        out: [&mut Self::Buf; 3],
+    ) -> Result<()> {
+        self.matmul3_blocks(x, w, rows, k, n, out)
+    }
+
     fn gate_up_silu(
         &self,
         x: &Self::Buf,
@@ -454,7 +466,7 @@ impl<D: Driver> Backend for GpuBackend<D> {
         self.check(self.len(w), width, "add_rms_norm weight")?;
         let (ap, bp, wp) = (self.ptr(a), self.ptr(b), self.ptr(w));
         let call = kernels::rb_add_rms_norm(ap, bp, wp, self.ptr(sum), self.ptr(out), width as i32, eps);
-        self.driver.launch(call, Grid::per_row(rows, 256))
+        self.driver.launch(call, Grid::per_row(rows, NORM_THREADS))
     }
 
     fn set_step(&self, step: Step) -> Result<()> {

@@ -38,6 +38,16 @@ impl Grid {
         }
     }
 
+    /// One block of [`QUANT_WARPS`] warps per [`QUANT_COLUMNS`] output columns of each of
+    /// up to three matrices (the rb_qgemv3 kernels).
+    pub fn quant_gemv(columns: [usize; 3], warp: u32) -> Self {
+        let blocks: usize = columns.iter().map(|n| n.div_ceil(QUANT_COLUMNS)).sum();
+        Self {
+            blocks: (blocks as u32, 1, 1),
+            threads: (QUANT_WARPS as u32 * warp, 1, 1),
+        }
+    }
+
     /// 16×16 tiles of the output (rb_matmul).
     pub fn tiles(rows: usize, n: usize) -> Self {
         Self {
@@ -49,6 +59,15 @@ impl Grid {
 
 /// Up to this many rows a matmul runs as rb_gemv (RB_GEMV_ROWS in ops.hip).
 pub const GEMV_ROWS: usize = 4;
+/// Output columns per block of the quantized matvecs (RB_QCOLS in ops.hip): the x values a
+/// weight piece multiplies are read once for all of them.
+pub const QUANT_COLUMNS: usize = 4;
+/// Threads of the one block per row of the RMSNorms: a decode row's norm is a chain of
+/// dependent loads per thread, so more threads make it shorter (4.0 µs at 256 threads on
+/// an H200, TinyLlama width); the same count for every row count keeps one summation order.
+pub const NORM_THREADS: u32 = 1024;
+/// Warps per block of the quantized matvecs (RB_QWARPS in ops.hip), splitting each row.
+pub const QUANT_WARPS: usize = 4;
 
 /// Below this many (row, head) pairs attention splits keys over blocks; also the most
 /// partial states the scratch holds.

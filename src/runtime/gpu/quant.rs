@@ -1,5 +1,6 @@
 //! Quantized matrices on the GPU (`--weights native`): the GGUF blocks uploaded as they
-//! are; decode reads them in `rb_qgemv_<type>` (fused dequantization). Prefill trades
+//! are; a decode step's row reads them in `rb_qgemv3_<type>` (fused dequantization; q, k
+//! and v or gate and up in one launch when they share a type). More rows (prefill) trade
 //! memory for speed: the matrix is dequantized into one transient workspace of the
 //! storage dtype (the size of the largest matrix, the output head's: 131 MB for a
 //! TinyLlama-shaped model in f16) and multiplied by the dense GEMM (cuBLAS tensor cores on
@@ -8,11 +9,11 @@
 use candle_core::quantized::GgmlDType;
 
 use super::kernels::{self, Ptr};
-use super::plan::{Grid, GEMV_ROWS};
+use super::plan::Grid;
 use super::{Driver, GpuBackend};
 use crate::error::{Error, Result};
 use crate::quant::{check_layout, QuantType};
-use crate::runtime::backend::Backend;
+use crate::runtime::backend::{self, Backend};
 
 /// A `[n, k]` matrix of GGUF blocks on the device.
 pub struct GpuQuant<D: Driver> {
@@ -53,21 +54,13 @@ impl<D: Driver> GpuBackend<D> {
         n: usize,
         out: &mut D::Buf,
     ) -> Result<()> {
-        if (w.n, w.k) != (n, k) {
-            return Err(Error::engine(format!(
-                "{}: matmul_quant: a [{}, {}] matrix used as [{n}, {k}]",
-                D::NAME,
-                w.n,
-                w.k
-            )));
-        }
-        self.check(self.len(x), rows * k, "matmul_quant input")?;
-        self.check(self.len(out), rows * n, "matmul_quant output")?;
+        self.check_blocks(x, w, rows, k, n, out)?;
         let (gemv, dequant) = kernels::quant_kernels(w.ty);
         let wp = Ptr(self.driver.bytes_addr(&w.blocks));
-        if rows <= GEMV_ROWS {
-            let call = gemv(wp, self.ptr(x), self.ptr(out), rows as i32, k as i32, n as i32);
-            return self.driver.launch(call, Grid::gemv(n, D::WARP));
+        if rows == 1 {
+            let (xp, op) = (self.ptr(x), self.ptr(out));
+            let call = gemv(wp, wp, wp, xp, op, op, op, k as i32, n as i32, 0, 0);
+            return self.driver.launch(call, Grid::quant_gemv([n, 0, 0], D::WARP));
         }
         let mut workspace = self.dequant_workspace.borrow_mut();
         if workspace.as_ref().is_none_or(|b| self.len(b) < n * k) {
@@ -78,5 +71,46 @@ impl<D: Driver> GpuBackend<D> {
         self.driver
             .launch(dequant(wp, self.ptr(dense), subs as i64), Grid::linear(subs, 256))?;
         self.matmul(x, dense, rows, k, n, out)
+    }
+
+    /// See [`Backend::matmul3_quant`]: one launch for a decode step's row when the
+    /// matrices share a block type, else a matmul per part.
+    pub(super) fn matmul3_blocks(
+        &self,
+        x: &D::Buf,
+        w: [&GpuQuant<D>; 3],
+        rows: usize,
+        k: usize,
+        n: [usize; 3],
+        out: [&mut D::Buf; 3],
+    ) -> Result<()> {
+        if rows > 1 || w.iter().zip(n).any(|(wi, ni)| ni > 0 && wi.ty != w[0].ty) {
+            return backend::matmul3_quant_by_parts(self, x, w, rows, k, n, out);
+        }
+        for i in 0..3 {
+            if n[i] > 0 {
+                self.check_blocks(x, w[i], rows, k, n[i], out[i])?;
+            }
+        }
+        let (gemv, _) = kernels::quant_kernels(w[0].ty);
+        let [w0, w1, w2] = w.map(|wi| Ptr(self.driver.bytes_addr(&wi.blocks)));
+        let [o0, o1, o2] = out.map(|o| self.ptr(o));
+        let [n0, n1, n2] = n.map(|n| n as i32);
+        let call = gemv(w0, w1, w2, self.ptr(x), o0, o1, o2, k as i32, n0, n1, n2);
+        self.driver.launch(call, Grid::quant_gemv(n, D::WARP))
+    }
+
+    /// `w` is `[n, k]` and `x`, `out` hold `rows` rows of it.
+    fn check_blocks(&self, x: &D::Buf, w: &GpuQuant<D>, rows: usize, k: usize, n: usize, out: &D::Buf) -> Result<()> {
+        if (w.n, w.k) != (n, k) {
+            return Err(Error::engine(format!(
+                "{}: matmul_quant: a [{}, {}] matrix used as [{n}, {k}]",
+                D::NAME,
+                w.n,
+                w.k
+            )));
+        }
+        self.check(self.len(x), rows * k, "matmul_quant input")?;
+        self.check(self.len(out), rows * n, "matmul_quant output")
     }
 }

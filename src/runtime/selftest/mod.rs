@@ -240,6 +240,9 @@ pub fn run<B: Backend>(gpu: &B, seed: u64, long: bool) -> Result<Vec<OpCheck>> {
         ] {
             c.matmul_quant(ty, rows, k, n)?;
         }
+        c.matmul3_quant(ty, 1, 768, [333, 65, 65])?;
+        c.matmul3_quant(ty, 1, 2048, [257, 257, 0])?;
+        c.matmul3_quant(ty, 3, 768, [65, 33, 0])?;
     }
     Ok(c.results)
 }

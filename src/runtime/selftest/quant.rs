@@ -1,7 +1,7 @@
 //! Self-test checks of the quantized matmul (`--weights native`): for every block type,
 //! the device's block matvec (decode rows) and its dequantize-then-GEMM prefill against
 //! the `cpu` backend's fused product, on odd shapes, with the guard and NaN checks of
-//! every op.
+//! every op; and the decode matvec of three matrices in one launch.
 
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
@@ -10,11 +10,13 @@ use super::Checker;
 use crate::error::{Error, Result};
 use crate::quant::QuantType;
 use crate::runtime::backend::Backend;
+use crate::runtime::cpu::CpuQuant;
 
 impl<B: Backend> Checker<'_, B> {
-    /// `[rows, k] · [n, k]ᵀ` with the weight quantized to `ty` (by candle, for test data).
-    pub(super) fn matmul_quant(&mut self, ty: QuantType, rows: usize, k: usize, n: usize) -> Result<()> {
-        let (x, w) = (self.random(rows * k, 1.0), self.random(n * k, 0.05));
+    /// A random `[n, k]` matrix quantized to `ty` (by candle, for test data), on the device
+    /// and on the `cpu` backend.
+    fn quant_pair(&mut self, ty: QuantType, k: usize, n: usize) -> Result<(B::Quant, CpuQuant)> {
+        let w = self.random(n * k, 0.05);
         let t = Tensor::from_vec(w, (n, k), &Device::Cpu).map_err(|e| Error::engine(e.to_string()))?;
         let q = QTensor::quantize(&t, ty.ggml()).map_err(|e| Error::engine(format!("quantizing {ty:?}: {e}")))?;
         let data = q.data().map_err(|e| Error::engine(e.to_string()))?.into_owned();
@@ -28,6 +30,13 @@ impl<B: Backend> Checker<'_, B> {
             .cpu
             .upload_quant("selftest", ty.ggml(), &dims, &data)?
             .ok_or_else(missing)?;
+        Ok((gw, cw))
+    }
+
+    /// `[rows, k] · [n, k]ᵀ` with the weight quantized to `ty`.
+    pub(super) fn matmul_quant(&mut self, ty: QuantType, rows: usize, k: usize, n: usize) -> Result<()> {
+        let x = self.random(rows * k, 1.0);
+        let (gw, cw) = self.quant_pair(ty, k, n)?;
         let (gx, mut gout) = (self.gpu.upload(&x)?, self.guarded(rows * n)?);
         let (cx, mut cout) = (self.cpu.upload(&x)?, self.cpu.alloc(rows * n)?);
         self.cpu.matmul_quant(&cx, &cw, rows, k, n, &mut cout)?;
@@ -41,5 +50,39 @@ impl<B: Backend> Checker<'_, B> {
             s,
             false,
         )
+    }
+
+    /// Three projections of one input on matrices of `ty` in one op (q, k and v; gate and
+    /// up with `n[2] = 0`), each part against the `cpu` backend's matmul.
+    pub(super) fn matmul3_quant(&mut self, ty: QuantType, rows: usize, k: usize, n: [usize; 3]) -> Result<()> {
+        let x = self.random(rows * k, 1.0);
+        let mut pairs = Vec::new();
+        for ni in n {
+            pairs.push(self.quant_pair(ty, k, ni.max(1))?);
+        }
+        let (gx, cx) = (self.gpu.upload(&x)?, self.cpu.upload(&x)?);
+        let mut gout = [
+            self.guarded(rows * n[0])?,
+            self.guarded(rows * n[1])?,
+            self.guarded(rows * n[2])?,
+        ];
+        let [g0, g1, g2] = &mut gout;
+        let gw = [&pairs[0].0, &pairs[1].0, &pairs[2].0];
+        let gpu = self.gpu;
+        let (_, s) = self.timed(|| gpu.matmul3_quant(&gx, gw, rows, k, n, [g0, g1, g2]))?;
+        for (i, ni) in n.into_iter().enumerate().filter(|&(_, ni)| ni > 0) {
+            let mut cout = self.cpu.alloc(rows * ni)?;
+            self.cpu.matmul_quant(&cx, &pairs[i].1, rows, k, ni, &mut cout)?;
+            let shape = format!("[{rows}x{k}]·{n:?} part {i}");
+            self.record(
+                &format!("matmul3_quant {}", ty.name()),
+                shape,
+                &gout[i],
+                &cout,
+                s,
+                false,
+            )?;
+        }
+        Ok(())
     }
 }

@@ -243,9 +243,7 @@ fn bad_selections_and_prompts() {
     );
 }
 
-/// A bisect option for an engine that was not chosen is refused, never silently ignored:
-/// `--command` without `--engine external` would run the runtime and report it clean.
-
+/// Selection and prompt errors name the flag at fault and exit 2.
 #[test]
 fn selection_and_prompt_errors_name_the_flag_at_fault() {
     let dir = tempfile::tempdir().unwrap();
@@ -328,6 +326,8 @@ fn selection_and_prompt_errors_name_the_flag_at_fault() {
     assert_eq!(ok.code, 0, "{}", ok.stderr);
 }
 
+/// A bisect option for an engine that was not chosen is refused, never silently ignored:
+/// `--command` without `--engine external` would run the runtime and report it clean.
 #[test]
 fn bisect_options_for_engines_not_chosen_are_refused() {
     let dir = tempfile::tempdir().unwrap();

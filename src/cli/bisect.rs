@@ -58,7 +58,11 @@ pub fn bisect(a: BisectArgs) -> Result<ExitCode> {
 }
 
 pub(super) fn run(r: BisectRun) -> Result<ExitCode> {
-    super::commands::note_reference_gemm();
+    // The reference computes when it is an engine or when replay runs.
+    let is_reference = |s: &EngineSpec| matches!(s.kind, EngineKind::Reference(_));
+    if !r.no_replay || is_reference(&r.engines.0) || is_reference(&r.engines.1) {
+        super::commands::note_reference_gemm();
+    }
     let model = Model::open(&r.model)?;
     let records = r.input.resolve(&model, None)?;
     let [prompt] = <[_; 1]>::try_from(records).map_err(|r| {

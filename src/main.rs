@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     resbisect::trace::init();
+    resbisect::trace::set_notice_sink(|line| eprintln!("note: {line}"));
     let cli = Cli::parse();
     let outcome = dispatch(cli.command);
     resbisect::trace::mark(|| "done; exiting".into());

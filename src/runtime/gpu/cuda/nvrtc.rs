@@ -52,6 +52,14 @@ pub(super) fn kernels_ptx(arch: &str, dtype: StorageDType) -> Result<Ptx> {
         options: vec![format!("--gpu-architecture={arch}"), "-std=c++17".into()],
         ..Default::default()
     };
+    crate::trace::notice(|| {
+        format!(
+            "cuda: compiling the kernels for {arch} ({}) with NVRTC, once per machine and source \
+             (about two minutes); later runs load them from {}",
+            dtype.name(),
+            cache_dir().display()
+        )
+    });
     let ptx = quietly(|| cudarc::nvrtc::compile_ptx_with_opts(&source, opts))
         .ok_or_else(|| Error::input("--backend cuda: NVRTC (libnvrtc) could not be loaded"))?
         .map_err(|e| Error::engine(format!("cuda: compiling kernels/ops.hip with NVRTC for {arch}: {e}")))?;

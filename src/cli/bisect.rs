@@ -57,10 +57,14 @@ pub fn bisect(a: BisectArgs) -> Result<ExitCode> {
     })
 }
 
-pub(super) fn run(r: BisectRun) -> Result<ExitCode> {
-    // The reference computes when it is an engine or when replay runs.
+/// The reference computes when it is an engine or when replay runs.
+fn reference_computes(r: &BisectRun) -> bool {
     let is_reference = |s: &EngineSpec| matches!(s.kind, EngineKind::Reference(_));
-    if !r.no_replay || is_reference(&r.engines.0) || is_reference(&r.engines.1) {
+    !r.no_replay || is_reference(&r.engines.0) || is_reference(&r.engines.1)
+}
+
+pub(super) fn run(r: BisectRun) -> Result<ExitCode> {
+    if reference_computes(&r) {
         super::commands::note_reference_gemm();
     }
     let model = Model::open(&r.model)?;

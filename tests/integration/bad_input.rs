@@ -186,6 +186,13 @@ fn metadata_and_tensors_that_disagree_are_named() {
     assert!(!out_dir.exists(), "nothing is written for a refused run");
 }
 
+/// `resbisect dump --model model -o out` with `extra` arguments.
+fn dump_to(model: &str, out: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["dump", "--model", model, "-o", out];
+    args.extend_from_slice(extra);
+    resbisect(&args)
+}
+
 #[test]
 fn bad_selections_and_prompts() {
     let dir = tempfile::tempdir().unwrap();
@@ -193,11 +200,7 @@ fn bad_selections_and_prompts() {
     let m = path_str(&model);
     let o = dir.path().join("out");
     let o = path_str(&o);
-    let dump = |extra: &[&str]| {
-        let mut args = vec!["dump", "--model", m, "-o", o];
-        args.extend_from_slice(extra);
-        resbisect(&args)
-    };
+    let dump = |extra: &[&str]| dump_to(m, o, extra);
     assert_refused(
         &dump(&["--tokens", "1,2,3", "--taps", "resid_pots"]),
         "unknown tap \"resid_pots\"",
@@ -251,11 +254,7 @@ fn selection_and_prompt_errors_name_the_flag_at_fault() {
     let m = path_str(&model);
     let o = dir.path().join("out");
     let o = path_str(&o);
-    let dump = |extra: &[&str]| {
-        let mut args = vec!["dump", "--model", m, "-o", o];
-        args.extend_from_slice(extra);
-        resbisect(&args)
-    };
+    let dump = |extra: &[&str]| dump_to(m, o, extra);
     // Each error names the flag at fault, and a range's end is exclusive (2..3 fits 3
     // tokens, 2..4 does not).
     assert_refused(
@@ -270,6 +269,13 @@ fn selection_and_prompt_errors_name_the_flag_at_fault() {
         &dump(&["--tokens", "1,2,3", "--positions", "2..4"]),
         "--positions 2..4: outside the prompt's 3 tokens (positions 0..3; a range's end is exclusive)",
     );
+    // A range empty whatever the prompt's length is named as such, as --layers does.
+    for empty in ["2..1", "1..1", "-1..-3"] {
+        assert_refused(
+            &dump(&["--tokens", "1,2,3", "--positions", empty]),
+            &format!("empty position range \"{empty}\""),
+        );
+    }
     assert_refused(
         &dump(&["--tokens", "1,2,3", "--positions", "0,-5.."]),
         "--positions -5..: outside the prompt's 3 tokens",

@@ -150,7 +150,13 @@ impl PositionSpec {
                 "all" => PosItem::All,
                 "last" => PosItem::Last,
                 _ => match item.split_once("..") {
-                    Some((a, b)) => PosItem::Range(bound(a, item)?, bound(b, item)?),
+                    Some((a, b)) => match (bound(a, item)?, bound(b, item)?) {
+                        // Ends counted from the same side: empty whatever the length.
+                        (Some(lo), Some(hi)) if (lo < 0) == (hi < 0) && lo >= hi => {
+                            return Err(Error::new(format!("empty position range {item:?}")))
+                        }
+                        (lo, hi) => PosItem::Range(lo, hi),
+                    },
                     None if !item.is_empty() => PosItem::One(num(item, item)?),
                     None => return Err(bad(item)),
                 },
@@ -313,7 +319,9 @@ mod tests {
         let spec = PositionSpec::parse("0..3,-2..,last,5").unwrap();
         assert_eq!(spec.resolve(10).unwrap(), vec![0, 1, 2, 5, 8, 9]);
         assert!(PositionSpec::parse("10..20").unwrap().resolve(15).is_err());
-        assert!(PositionSpec::parse("5..5").unwrap().resolve(15).is_err());
+        // An empty range is refused as it is parsed, whatever the length.
+        assert!(PositionSpec::parse("5..5").is_err());
+        assert!(PositionSpec::parse("-1..-3").is_err());
         let spec = PositionSpec::parse("0..3,-2..,12..15,5000").unwrap();
         assert_eq!(spec.misfit(15), Some("5000".into()));
         assert_eq!(spec.misfit(14), Some("12..15".into()));

@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 use resbisect_taps::{Activation, Config};
 
-use crate::ops::{rms_norm, Eps};
+use crate::ops::{rms_norm, Eps, Norm};
 use crate::{fused, load, WeightSource};
 
 /// A layer's weights beyond the llama block; each present when the variant has it.
@@ -53,12 +53,13 @@ impl Extras {
 
 /// RMSNorm over each head of `x` ([n, n_heads·head_dim]) with weight `w` [head_dim]; the
 /// row epsilons of `eps` apply to every head of their row.
-pub(crate) fn head_rms_norm(x: &Tensor, w: &Tensor, n_heads: usize, eps: &Eps) -> Result<Tensor> {
+pub(crate) fn head_rms_norm(x: &Tensor, w: &Tensor, n_heads: usize, norm: &Norm) -> Result<Tensor> {
     let (n, width) = x.dims2()?;
-    let per_head = match eps {
+    let eps = match &norm.eps {
         Eps::Model(e) => Eps::Model(*e),
         Eps::Rows(rows) => Eps::Rows(rows.iter().flat_map(|&e| std::iter::repeat_n(e, n_heads)).collect()),
     };
+    let per_head = Norm { eps, rule: norm.rule };
     let heads = x.contiguous()?.reshape((n * n_heads, width / n_heads))?;
     Ok(rms_norm(&heads, w, &per_head)?.reshape((n, width))?)
 }

@@ -9,6 +9,10 @@ use candle_core::{CpuStorage, Device, Storage, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
+use crate::mufu;
+use crate::ops::NormRule;
+use crate::profile::butterfly_sum;
+
 /// A 2-D operand's rows in its storage: element offset of row 0 and the row stride.
 #[derive(Clone, Copy)]
 struct Rows {
@@ -30,9 +34,15 @@ fn rows_of(t: &Tensor) -> Option<Rows> {
 
 /// RMSNorm of the rows of `x` (`[rows, width]`, f32 or f64) with weight `w` (`[width]`)
 /// and one epsilon per row (`eps_of(r)`): `x·w / sqrt(mean(x²) + eps)`, the squares
-/// summed in f64 and the mean rounded back to `x`'s dtype (ggml's rms_norm). `None` when
-/// the operands are not in a form this kernel takes (the caller falls back to candle).
-pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps_of: &(dyn Fn(usize) -> f64 + Sync)) -> Result<Option<Tensor>> {
+/// summed in f64 and the mean rounded back to `x`'s dtype (ggml's rms_norm), or for f32 rows
+/// under [`NormRule::GgmlCuda`] as ggml-cuda computes it. `None` when the operands are not
+/// in a form this kernel takes (the caller falls back to candle).
+pub(crate) fn rms_norm(
+    x: &Tensor,
+    w: &Tensor,
+    eps_of: &(dyn Fn(usize) -> f64 + Sync),
+    rule: NormRule,
+) -> Result<Option<Tensor>> {
     let (Some(xr), Ok(w)) = (rows_of(x), w.contiguous()) else {
         return Ok(None);
     };
@@ -43,11 +53,14 @@ pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps_of: &(dyn Fn(usize) -> f64 + 
     let (sx, _) = x.storage_and_layout();
     let (sw, lw) = w.storage_and_layout();
     let out = match (&*sx, &*sw) {
-        (Storage::Cpu(CpuStorage::F32(xv)), Storage::Cpu(CpuStorage::F32(wv))) => Tensor::from_vec(
-            rms_norm_rows(xv, xr, &wv[lw.start_offset()..], rows, width, eps_of),
-            (rows, width),
-            &Device::Cpu,
-        )?,
+        (Storage::Cpu(CpuStorage::F32(xv)), Storage::Cpu(CpuStorage::F32(wv))) => {
+            let w = &wv[lw.start_offset()..];
+            let out = match rule {
+                NormRule::F64Sum => rms_norm_rows(xv, xr, w, rows, width, eps_of),
+                NormRule::GgmlCuda => rms_norm_rows_ggml_cuda(xv, xr, w, rows, width, eps_of),
+            };
+            Tensor::from_vec(out, (rows, width), &Device::Cpu)?
+        }
         (Storage::Cpu(CpuStorage::F64(xv)), Storage::Cpu(CpuStorage::F64(wv))) => Tensor::from_vec(
             rms_norm_rows(xv, xr, &wv[lw.start_offset()..], rows, width, eps_of),
             (rows, width),
@@ -77,6 +90,46 @@ fn rms_norm_rows<T: Float + Send + Sync>(
         let scale = T::one() / (mean * T::one() + eps).sqrt();
         for ((o, &v), &wi) in o.iter_mut().zip(row).zip(&w[..width]) {
             *o = v * scale * wi;
+        }
+    });
+    out
+}
+
+/// [`rms_norm_rows`] as ggml-cuda's `rms_norm_f32` kernel computes it (norm.cu, with
+/// common.cuh `block_reduce`; see [`NormRule::GgmlCuda`]).
+fn rms_norm_rows_ggml_cuda(
+    x: &[f32],
+    xr: Rows,
+    w: &[f32],
+    rows: usize,
+    width: usize,
+    eps_of: &(dyn Fn(usize) -> f64 + Sync),
+) -> Vec<f32> {
+    const WARP: usize = 32;
+    let threads = if width < 1024 { 256 } else { 1024 };
+    let mut out = vec![0f32; rows * width];
+    out.par_chunks_mut(width).enumerate().for_each(|(r, o)| {
+        let row = &x[xr.offset + r * xr.stride..][..width];
+        let mut partial = [0f32; 1024];
+        for (t, p) in partial[..threads].iter_mut().enumerate() {
+            // `tmp += xi * xi` contracted to an FMA by -use_fast_math (--fmad=true).
+            *p = row[t.min(width)..]
+                .iter()
+                .step_by(threads)
+                .fold(0f32, |acc, &v| v.mul_add(v, acc));
+        }
+        let mut warps = [0f32; WARP];
+        for (s, lanes) in warps.iter_mut().zip(partial[..threads].chunks_exact_mut(WARP)) {
+            *s = butterfly_sum(lanes);
+        }
+        // Warps beyond the block's count contribute the sum's identity, 0.
+        let sum = butterfly_sum(&mut warps);
+        // `tmp / ncols + eps`: the division is `tmp × rcp(ncols)`, and ptxas fuses that
+        // product with the add into one FMA (measured: it reproduces every H200 row).
+        let mean_eps = sum.mul_add(mufu::rcp_approx(width as f32), eps_of(r) as f32);
+        let scale = mufu::rsqrt_approx(mean_eps);
+        for ((o, &v), &wi) in o.iter_mut().zip(row).zip(&w[..width]) {
+            *o = scale * v * wi;
         }
     });
     out
@@ -311,7 +364,7 @@ mod tests {
         let diff = (fused - chain)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff <= 1e-6, "swiglu differs by {diff}");
         let w = Tensor::randn(0f32, 1.0, 12, &Device::Cpu)?;
-        let fused = rms_norm(&gate, &w, &|r| 1e-5 * (r + 1) as f64)?.expect("strided rows are taken");
+        let fused = rms_norm(&gate, &w, &|r| 1e-5 * (r + 1) as f64, NormRule::F64Sum)?.expect("strided rows are taken");
         let eps = Tensor::from_vec((1..=7).map(|r| 1e-5 * r as f32).collect(), (7, 1), &Device::Cpu)?;
         let mean_sq = gate
             .sqr()?

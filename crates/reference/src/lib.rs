@@ -17,6 +17,7 @@ mod block;
 mod fused;
 mod ggml_rope;
 mod load;
+mod mufu;
 mod ops;
 mod profile;
 mod project;
@@ -33,7 +34,8 @@ pub use blas::{backend as gemm_backend, matmul as gemm};
 use block::{gated, head_rms_norm, scale_embeddings, Extras};
 use load::load;
 pub use ops::gather;
-use ops::{apply_faults, rms_norm, row_eps, Eps};
+pub use ops::NormRule;
+use ops::{apply_faults, rms_norm, row_eps, Eps, Norm};
 pub use profile::{ActRounding, CacheType, Profile};
 use project::{attention_inputs, Projection};
 use rope::{faulty_rope_tables, frequencies, rope, rope_tables, LayerTables};
@@ -125,6 +127,14 @@ impl Reference {
 
     pub fn profile(&self) -> Profile {
         self.profile
+    }
+
+    /// RMSNorm with epsilons `eps` under this oracle's profile.
+    fn norm(&self, eps: Eps) -> Norm {
+        Norm {
+            eps,
+            rule: self.profile.norm_rule(),
+        }
     }
 
     pub fn n_layer(&self) -> usize {
@@ -263,7 +273,7 @@ impl Reference {
         let true_positions: Vec<f64> = (start..start + n).map(|p| p as f64).collect();
         let factors = self.freq_factors.as_deref();
         let tables = LayerTables::new(cfg, |l| self.rope_tables_of(l, &true_positions))?;
-        let eps = row_eps(faults, cfg.rms_eps, &(start..start + n).collect::<Vec<_>>());
+        let norm = self.norm(row_eps(faults, cfg.rms_eps, &(start..start + n).collect::<Vec<_>>()));
         for l in first..=last {
             let wanted = LayerTap::ALL.map(|t| sink.wants(Tap::Layer(l, t)));
             let mut captured: Vec<(Tap, Tensor)> = Vec::new();
@@ -287,7 +297,7 @@ impl Reference {
                 .as_ref()
                 .map(|(c, s)| (c, s))
                 .unwrap_or_else(|| tables.of(cfg, l));
-            x = self.layer(l, &x, cos, sin, &eps, &mut span.at(l), &mut tap)?;
+            x = self.layer(l, &x, cos, sin, &norm, &mut span.at(l), &mut tap)?;
             if !captured.is_empty() {
                 sink.emit(FileStem::Layer(l), captured)?;
             }
@@ -329,9 +339,9 @@ impl Reference {
             norm: None,
         };
         let io = self.io()?;
-        let eps = row_eps(faults, self.cfg.rms_eps, positions);
+        let norm = self.norm(row_eps(faults, self.cfg.rms_eps, positions));
         let local = stream::local_rows(positions, start, x.dim(0)?)?;
-        let normed = rms_norm(&gather(x, &local)?, &io.output_norm, &eps)?;
+        let normed = rms_norm(&gather(x, &local)?, &io.output_norm, &norm)?;
         let normed = apply_faults(&gathered_faults, Tap::FinalNorm, normed, 0)?;
         let mut out = Vec::new();
         if want_norm {
@@ -354,29 +364,29 @@ impl Reference {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        eps: &Eps,
+        norm: &Norm,
         kv: &mut stream::LayerKv,
         tap: &mut dyn FnMut(LayerTap, Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let (cfg, layer) = (&self.cfg, self.layer_weights(l)?);
         let (qw, kvw) = (cfg.n_head * cfg.head_dim(), cfg.n_head_kv * cfg.head_dim());
         let style = cfg.variant.rope_style;
-        let h = tap(LayerTap::AttnNorm, rms_norm(x, &layer.attn_norm, eps)?)?;
+        let h = tap(LayerTap::AttnNorm, rms_norm(x, &layer.attn_norm, norm)?)?;
         let qkv = project(layer, &h, 0, qw + 2 * kvw, self.profile)?;
         let q_in = tap(
             LayerTap::QPreRope,
-            qk_norm(layer, cfg, LayerTap::QPreRope, &qkv, 0, qw, eps)?,
+            qk_norm(layer, cfg, LayerTap::QPreRope, &qkv, 0, qw, norm)?,
         )?;
         let k_in = tap(
             LayerTap::KPreRope,
-            qk_norm(layer, cfg, LayerTap::KPreRope, &qkv, qw, kvw, eps)?,
+            qk_norm(layer, cfg, LayerTap::KPreRope, &qkv, qw, kvw, norm)?,
         )?;
         let q = tap(LayerTap::Q, rope(&q_in, cfg.n_head, cos, sin, style)?)?;
         let k = tap(LayerTap::K, rope(&k_in, cfg.n_head_kv, cos, sin, style)?)?;
         let v = tap(LayerTap::V, qkv.narrow(1, qw + kvw, kvw)?.contiguous()?)?;
         let (k, v, positions) = kv.extend(k, v)?;
         let attn = tap(LayerTap::Attn, self.attend(&q, &k, &v, &positions, cfg.window_of(l))?)?;
-        self.layer_rest(layer, x, attn, eps, tap)
+        self.layer_rest(layer, x, attn, norm, tap)
     }
 
     /// The block after attention, for the rows of `x` that `attn` holds.
@@ -385,17 +395,17 @@ impl Reference {
         layer: &Layer,
         x: &Tensor,
         attn: Tensor,
-        eps: &Eps,
+        norm: &Norm,
         tap: &mut dyn FnMut(LayerTap, Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let post = layer.extras.post_norms.as_ref();
         let mut attn_out = tap(LayerTap::AttnOut, layer.wo.apply(&attn, self.profile)?)?;
         if let Some((w, _)) = post {
-            attn_out = tap(LayerTap::AttnPostNorm, rms_norm(&attn_out, w, eps)?)?;
+            attn_out = tap(LayerTap::AttnPostNorm, rms_norm(&attn_out, w, norm)?)?;
         }
         let resid_mid = tap(LayerTap::ResidMid, (x + &attn_out)?)?;
-        let h2 = tap(LayerTap::FfnNorm, rms_norm(&resid_mid, &layer.ffn_norm, eps)?)?;
+        let h2 = tap(LayerTap::FfnNorm, rms_norm(&resid_mid, &layer.ffn_norm, norm)?)?;
         let gate_up = layer.w_gate_up.apply(&h2, self.profile)?;
         let gate = tap(LayerTap::FfnGate, gate_up.narrow(1, 0, cfg.n_ff)?)?;
         let up = tap(LayerTap::FfnUp, gate_up.narrow(1, cfg.n_ff, cfg.n_ff)?)?;
@@ -405,7 +415,7 @@ impl Reference {
         )?;
         let mut ffn_out = tap(LayerTap::FfnOut, layer.w_down.apply(&act, self.profile)?)?;
         if let Some((_, w)) = post {
-            ffn_out = tap(LayerTap::FfnPostNorm, rms_norm(&ffn_out, w, eps)?)?;
+            ffn_out = tap(LayerTap::FfnPostNorm, rms_norm(&ffn_out, w, norm)?)?;
         }
         tap(LayerTap::ResidPost, (&resid_mid + &ffn_out)?)
     }
@@ -452,17 +462,17 @@ impl Reference {
         let style = cfg.variant.rope_style;
         let all: Vec<f64> = (0..rows).map(|p| p as f64).collect();
         let (cos, sin) = self.rope_tables_of(l, &all)?;
-        let eps = Eps::Model(cfg.rms_eps);
-        let h = rms_norm(&x, &layer.attn_norm, &eps)?;
+        let norm = self.norm(Eps::Model(cfg.rms_eps));
+        let h = rms_norm(&x, &layer.attn_norm, &norm)?;
         let kv = project(layer, &h, qw, 2 * kvw, self.profile)?;
-        let k_in = qk_norm(layer, cfg, LayerTap::KPreRope, &kv, 0, kvw, &eps)?;
+        let k_in = qk_norm(layer, cfg, LayerTap::KPreRope, &kv, 0, kvw, &norm)?;
         let k = rope(&k_in, cfg.n_head_kv, &cos, &sin, style)?;
         let v = kv.narrow(1, kvw, kvw)?.contiguous()?;
         let picked: Vec<f64> = at.iter().map(|&p| p as f64).collect();
         let (cos_at, sin_at) = self.rope_tables_of(l, &picked)?;
         let h_at = gather(&h, at)?;
         let q_proj = project(layer, &h_at, 0, qw, self.profile)?;
-        let q_in = qk_norm(layer, cfg, LayerTap::QPreRope, &q_proj, 0, qw, &eps)?;
+        let q_in = qk_norm(layer, cfg, LayerTap::QPreRope, &q_proj, 0, qw, &norm)?;
         let q = rope(&q_in, cfg.n_head, &cos_at, &sin_at, style)?;
         let mut out = Vec::with_capacity(LayerTap::ALL.len());
         let mut record = |which: LayerTap, t: Tensor| -> Result<Tensor> {
@@ -477,7 +487,7 @@ impl Reference {
         record(LayerTap::K, k_at)?;
         record(LayerTap::V, v_at)?;
         let attn = record(LayerTap::Attn, self.attend(&q, &k, &v, at, cfg.window_of(l))?)?;
-        self.layer_rest(layer, &gather(&x, at)?, attn, &eps, &mut record)?;
+        self.layer_rest(layer, &gather(&x, at)?, attn, &norm, &mut record)?;
         Ok(out)
     }
 }
@@ -503,13 +513,13 @@ fn qk_norm(
     proj: &Tensor,
     from: usize,
     width: usize,
-    eps: &Eps,
+    norm: &Norm,
 ) -> Result<Tensor> {
     let t = proj.narrow(1, from, width)?.contiguous()?;
     match &layer.extras.qk_norm {
         Some((wq, wk)) => {
             let w = if which == LayerTap::QPreRope { wq } else { wk };
-            head_rms_norm(&t, w, width / cfg.head_dim(), eps)
+            head_rms_norm(&t, w, width / cfg.head_dim(), norm)
         }
         None => Ok(t),
     }

@@ -55,6 +55,25 @@ pub(crate) enum Eps {
     Rows(Vec<f64>),
 }
 
+/// How RMSNorm sums a row's squares and forms its scale ([`crate::Profile::norm_rule`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormRule {
+    /// Squares summed in f64, the mean rounded back, an exact `1/sqrt` (ggml-cpu ops.cpp
+    /// `ggml_compute_forward_rms_norm_f32`).
+    F64Sum,
+    /// As ggml-cuda's `rms_norm_f32` under `-use_fast_math`, for f32 rows: per-thread FMA
+    /// sums of a strided slice over 256 threads (1024 from 1024 columns on), XOR-shuffle
+    /// butterflies within and then across warps, `sum × rcp(n) + eps` in one FMA and
+    /// `rsqrtf` on the approximate units ([`crate::mufu`]), `scale·x·w` left to right.
+    GgmlCuda,
+}
+
+/// A forward's RMSNorm: the epsilons and the summation rule.
+pub(crate) struct Norm {
+    pub eps: Eps,
+    pub rule: NormRule,
+}
+
 /// Rows `positions` of `t`.
 pub fn gather(t: &Tensor, positions: &[usize]) -> Result<Tensor> {
     let idx = Tensor::from_vec(
@@ -65,12 +84,13 @@ pub fn gather(t: &Tensor, positions: &[usize]) -> Result<Tensor> {
     Ok(t.contiguous()?.index_select(&idx, 0)?)
 }
 
-pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: &Eps) -> Result<Tensor> {
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, norm: &Norm) -> Result<Tensor> {
+    let eps = &norm.eps;
     let eps_of = |r: usize| match eps {
         Eps::Model(e) => *e,
         Eps::Rows(e) => e[r],
     };
-    if let Some(out) = fused::rms_norm(x, w, &eps_of)? {
+    if let Some(out) = fused::rms_norm(x, w, &eps_of, norm.rule)? {
         return Ok(out);
     }
     // Squares summed in f64 and the mean rounded back, as ggml's rms_norm does (ops.cpp

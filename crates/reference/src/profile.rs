@@ -18,14 +18,18 @@
 //!   q)` and `kqv = mul_mat(v_cache, softmax(kq))`, both with f16 caches, so q and the
 //!   softmax output are converted to f16 (`ggml_cpu_fp32_to_fp16`, round half to even);
 //! - `ggml/src/ggml-cuda/quantize.cu` `quantize_mmq_q8_1` (q8_1 activations for every
-//!   quantized type, `q = roundf(x·127/amax)`, `s = f16(Σx)`) and cuBLAS for f16 weights
-//!   (activations converted to f16).
+//!   quantized type, `q = roundf(x·d_inv)` with `d_inv = 127/amax` and `d = 1/d_inv` on
+//!   the approximate units of `-use_fast_math`, [`crate::mufu`]; `s = f16(Σx)`) and cuBLAS
+//!   for f16 weights (activations converted to f16); `norm.cu` `rms_norm_f32`.
 
 use std::fmt;
 
 use anyhow::{bail, Result};
 use candle_core::quantized::GgmlDType;
 use half::{bf16, f16};
+
+use crate::mufu;
+use crate::ops::NormRule;
 
 /// A named set of numerics rules the oracle follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -103,8 +107,13 @@ impl Profile {
             ],
             Self::LlamacppCuda => &[
                 "activations before a quantized matmul are quantized to q8_1 (round half away \
-                 from zero, block sum f16(Σx); ggml-cuda quantize.cu quantize_mmq_q8_1); \
-                 F16 weights use cuBLAS on f16 activations",
+                 from zero of x·(127/amax), the division and d = 1/(127/amax) on the GPU's \
+                 approximate reciprocal, block sum f16(Σx) in the kernel's order; ggml-cuda \
+                 quantize.cu quantize_mmq_q8_1 under -use_fast_math); F16 weights use cuBLAS on \
+                 f16 activations",
+                "RMSNorm as ggml-cuda's rms_norm_f32 sums (FMA partial sums over 256 or 1024 \
+                 threads, shuffle butterflies), with sum·rcp(n) + eps in one FMA and the \
+                 approximate rsqrt (norm.cu; the units measured on sm_90, crate::mufu)",
                 "K and V rounded to the f16 KV cache, q and softmax(kq) to f16 (flash attention off)",
             ],
         }
@@ -145,6 +154,15 @@ impl Profile {
     /// kernel computes `pos·powf(theta_scale, i0/2)` per pair instead, not imitated.
     pub fn rope_angles_stepwise_f32(self) -> bool {
         self == Self::LlamacppCpu
+    }
+
+    /// How RMSNorm sums and scales: as ggml-cuda's kernel under the CUDA profile, else
+    /// from squares summed in f64 (ggml-cpu; the closest to exact for `exact`).
+    pub fn norm_rule(self) -> NormRule {
+        match self {
+            Self::LlamacppCuda => NormRule::GgmlCuda,
+            Self::Exact | Self::LlamacppCpu => NormRule::F64Sum,
+        }
     }
 
     /// Whether a GELU goes through ggml-cpu's f16 table ([`gelu_f16_table`]): ggml-cpu
@@ -251,26 +269,71 @@ pub fn round_activations(x: &[f32], width: usize, rounding: ActRounding) -> Resu
 
 /// One block of 32 through q8_0/q8_1 and back; returns `s - d·Σq` (0 for q8_0).
 fn round_q8_32(b: &mut [f32], rounding: ActRounding) -> f32 {
+    if rounding == ActRounding::Q8_1Cuda {
+        return round_q8_1_cuda(b);
+    }
     let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
     let d16 = f16::from_f32(d).to_f32();
     let inv = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-    let cuda = rounding == ActRounding::Q8_1Cuda;
-    let raw_sum: f32 = b.iter().sum();
     let mut q_sum = 0i32;
     for v in b.iter_mut() {
-        let scaled = *v * inv;
-        // AVX2 `_mm256_round_ps(_MM_ROUND_NEAREST)` ties to even; CUDA `roundf` ties away.
-        let q = if cuda { scaled.round() } else { scaled.round_ties_even() };
+        // AVX2 `_mm256_round_ps(_MM_ROUND_NEAREST)`: ties to even.
+        let q = (*v * inv).round_ties_even();
         q_sum += q as i32;
         *v = d16 * q;
     }
-    let s = match rounding {
-        ActRounding::Q8_1Cpu => f16::from_f32(d * q_sum as f32).to_f32(),
-        ActRounding::Q8_1Cuda => f16::from_f32(raw_sum).to_f32(),
-        _ => return 0.0,
-    };
+    match rounding {
+        ActRounding::Q8_1Cpu => {
+            let s = f16::from_f32(d * q_sum as f32).to_f32();
+            (s as f64 - d16 as f64 * q_sum as f64) as f32
+        }
+        _ => 0.0,
+    }
+}
+
+/// One block of 32 as ggml-cuda's `quantize_mmq_q8_1` (DS4 layout) stores it, compiled with
+/// `-use_fast_math`: `d_inv = 127 ÷ amax` and `d = 1 ÷ d_inv` on the approximate reciprocal
+/// ([`mufu`]), `q = roundf(x·d_inv)` (ties away from zero), `d` and the block sum `s` in
+/// f16, `s` summed as the kernel sums it (four values per lane, then a shuffle butterfly
+/// over eight lanes). Returns `s - d·Σq`.
+fn round_q8_1_cuda(b: &mut [f32]) -> f32 {
+    let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let mut lanes = [0f32; 8];
+    for (l, v) in lanes.iter_mut().zip(b.chunks_exact(4)) {
+        *l = ((v[0] + v[1]) + v[2]) + v[3];
+    }
+    let s = f16::from_f32(butterfly_sum(&mut lanes)).to_f32();
+    if amax < f32::MIN_POSITIVE {
+        // d_inv = ∞ and every product NaN, stored as q = 0 with d = 1/∞ = 0.
+        b.iter_mut().for_each(|v| *v = 0.0);
+        return s;
+    }
+    let d_inv = mufu::div_approx(127.0, amax);
+    let d16 = f16::from_f32(mufu::rcp_approx(d_inv)).to_f32();
+    let mut q_sum = 0i32;
+    for v in b.iter_mut() {
+        let q = (*v * d_inv).round();
+        q_sum += q as i32;
+        *v = d16 * q;
+    }
     (s as f64 - d16 as f64 * q_sum as f64) as f32
+}
+
+/// The value lane 0 holds after a CUDA XOR-shuffle reduction (`x += shfl_xor(x, o)` for
+/// `o = n/2, …, 1`) of `lanes` (a power of two of them, at most 32), which it overwrites.
+pub(crate) fn butterfly_sum(lanes: &mut [f32]) -> f32 {
+    let n = lanes.len();
+    let mut o = n / 2;
+    while o > 0 {
+        let mut next = [0f32; 32];
+        for (l, out) in next[..n].iter_mut().enumerate() {
+            *out = lanes[l] + lanes[l ^ o];
+        }
+        lanes.copy_from_slice(&next[..n]);
+        o /= 2;
+    }
+    lanes[0]
 }
 
 /// One block of 256 through q8_K and back (`quantize_row_q8_K_ref`).
@@ -384,14 +447,38 @@ mod tests {
     fn q8_1_cuda_rounds_ties_away_and_sums_the_unquantized_block() {
         let x = hand_block();
         let (out, sums) = round_activations(&x, 32, ActRounding::Q8_1Cuda).unwrap();
-        let d16 = f16::from_f32(2.54f32 / 127.0).to_f32();
-        let inv = 127f32 / 2.54;
+        let d_inv = mufu::div_approx(127.0, 2.54);
+        let d16 = f16::from_f32(mufu::rcp_approx(d_inv)).to_f32();
         for (i, v) in x.iter().enumerate() {
-            assert_eq!(out[i], d16 * (v * inv).round(), "element {i}");
+            assert_eq!(out[i], d16 * (v * d_inv).round(), "element {i}");
         }
         let q_sum: f64 = out.iter().map(|v| (v / d16).round() as f64).sum();
-        let s = f16::from_f32(x.iter().sum::<f32>()).to_f32() as f64;
+        let mut lanes = [0f32; 8];
+        for (l, v) in lanes.iter_mut().zip(x.chunks_exact(4)) {
+            *l = ((v[0] + v[1]) + v[2]) + v[3];
+        }
+        let s = f16::from_f32(butterfly_sum(&mut lanes)).to_f32() as f64;
         assert!((sums.unwrap()[0] as f64 - (s - d16 as f64 * q_sum)).abs() < 1e-9);
+    }
+
+    /// Layer 0 of SmolLM2-135M at position 9 of long_1652, block 15 of attn_norm, as
+    /// llama.cpp's CUDA build on an H200 computed it. With an IEEE `127/amax`, element 6
+    /// scales to exactly 27.5 and rounds to 28; the GPU's approximate reciprocal gives
+    /// 27.499998, so 27, and only 27 reproduces llama.cpp's q_pre_rope row.
+    #[test]
+    fn q8_1_cuda_divides_with_the_gpus_approximate_reciprocal() {
+        const BITS: [u32; 32] = [
+            0x3c0ebc51, 0xbefecd9a, 0xbd092585, 0xbb75c651, 0xbba35f41, 0xb9df8fd2, 0x3ddcb214, 0x3cbee32c, 0xb93649f2,
+            0xbb54d04a, 0x3b93e50d, 0xbb2db0b9, 0x3be670cd, 0x3bd2f35c, 0xbc2bca9e, 0x3ceb74d9, 0xbbb79421, 0x3b7c393c,
+            0xbce9cef3, 0x3d065a20, 0xbb3649f2, 0xba8c9603, 0x3c099395, 0xbb5e20f4, 0x3ba3f201, 0xbcb1fd56, 0x3ce6276d,
+            0x3e483d00, 0xbaaf68f8, 0x80000000, 0xbcb0fc87, 0xbaadcc3d,
+        ];
+        let x = BITS.map(f32::from_bits);
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert_eq!((x[6] * (127.0 / amax)).round(), 28.0);
+        let (out, _) = round_activations(&x, 32, ActRounding::Q8_1Cuda).unwrap();
+        let d16 = f16::from_f32(mufu::rcp_approx(mufu::div_approx(127.0, amax))).to_f32();
+        assert_eq!(out[6], 27.0 * d16);
     }
 
     #[test]

@@ -156,3 +156,82 @@ fn bisect_under_a_profile_finds_a_deep_fault_against_the_twin_tolerances() {
         .collect();
     assert_eq!(introduced, vec![8], "{}", r["replay"]);
 }
+
+/// Rows of layer 0 that llama.cpp's CUDA build wrote on an H200 (SmolLM2-135M Q4_1,
+/// long_1652; fixtures/llamacpp/, picked where earlier rules of the profile disagreed)
+/// dumped by the reference under `profile`: (the fixture, its positions, the dump).
+fn cuda_rows(dir: &std::path::Path, profile: &str) -> (Vec<u8>, Vec<i64>, resbisect::dump::Dump) {
+    let bytes = std::fs::read(root().join("fixtures/llamacpp/smollm2-cuda-h200_long_1652_layer0.safetensors")).unwrap();
+    let fx = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tokens: Vec<String> = i64s(fx.tensor("tokens").unwrap().data())
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    let positions = i64s(fx.tensor("positions").unwrap().data());
+    let spec: Vec<String> = positions.iter().map(|p| p.to_string()).collect();
+    let (out, model) = (dir.join(profile), smollm2());
+    let args = [
+        "dump",
+        "--model",
+        path_str(&model),
+        "--tokens",
+        &tokens.join(","),
+        "--layers",
+        "0",
+        "--taps",
+        "attn_norm,q_pre_rope,k_pre_rope,v",
+        "--positions",
+        &spec.join(","),
+        "--profile",
+        profile,
+        "-o",
+        path_str(&out),
+    ];
+    let r = resbisect(&args);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    (bytes, positions, resbisect::dump::Dump::open(&out).unwrap())
+}
+
+/// Per tap, the worst row rel L2 of the dump against llama.cpp's rows.
+fn worst_rows(bytes: &[u8], positions: &[i64], d: &resbisect::dump::Dump) -> Vec<(String, f64)> {
+    let fx = safetensors::SafeTensors::deserialize(bytes).unwrap();
+    let file = d.read_file("prompt", "blk.0").unwrap().unwrap();
+    ["attn_norm", "q_pre_rope", "k_pre_rope", "v"]
+        .iter()
+        .map(|tap| {
+            let ours = &file.taps[&format!("blk.0.{tap}")];
+            let theirs = f32s(fx.tensor(&format!("blk.0.{tap}")).unwrap().data());
+            let w = ours.width;
+            let worst = (0..positions.len())
+                .map(|row| rel_l2(&ours.values[row * w..(row + 1) * w], &theirs[row * w..(row + 1) * w]))
+                .fold(0f64, f64::max);
+            (tap.to_string(), worst)
+        })
+        .collect()
+}
+
+/// The `llamacpp-cuda` profile imitates ggml-cuda's fast-math code bit for bit where it
+/// can: layer 0's RMSNorm exactly, and q, k, v up to the order its own GEMM sums in (on
+/// all 1652 rows of the H200 run, ≤ 5.6e-7 rel L2; the bound 2e-6 leaves 3.5×). The
+/// CPU rules on the same rows miss by whole 8-bit steps (≥ 1e-4), so the rows tell them
+/// apart: a CUDA rule that regresses fails here.
+#[test]
+fn the_llamacpp_cuda_profile_reproduces_llamacpp_cuda_layer_0_rows() {
+    const GEMM_ORDER_BOUND: f64 = 2e-6;
+    let dir = tempfile::tempdir().unwrap();
+    let (bytes, positions, cuda) = cuda_rows(dir.path(), "llamacpp-cuda");
+    for (tap, worst) in worst_rows(&bytes, &positions, &cuda) {
+        let bound = if tap == "attn_norm" { 0.0 } else { GEMM_ORDER_BOUND };
+        assert!(
+            worst <= bound,
+            "llamacpp-cuda {tap}: worst row rel L2 {worst:.3e} > {bound:.0e}"
+        );
+    }
+    let (_, _, cpu) = cuda_rows(dir.path(), "llamacpp-cpu");
+    let cpu = worst_rows(&bytes, &positions, &cpu);
+    assert!(cpu[0].1 > 0.0, "the CPU RMSNorm differs on some row: {cpu:?}");
+    assert!(
+        cpu[1..].iter().all(|(_, w)| *w > 1e-4),
+        "the CPU rules miss by whole q8 steps: {cpu:?}"
+    );
+}

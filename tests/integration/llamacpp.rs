@@ -172,6 +172,34 @@ fn llamacpp_knob_bugs_are_found_exactly_against_the_llamacpp_cpu_profile() {
     }
 }
 
+/// A RoPE base off by 1% moves llama.cpp's residual stream less than the q8 noise the
+/// profile's twin sets its tolerance by (the coarse probe passes), but layer 0's queries
+/// leave the profile's as soon as the angle error passes the default tolerance: the
+/// all-taps probe of layer 0 a profiled search runs names it there. The position is
+/// where the growing error crosses 1e-3 (9 on the machines measured, 1.04e-3 there).
+#[test]
+fn a_bug_inside_the_residual_streams_noise_is_named_inside_layer_0() {
+    let Some(exe) = adapter() else { return };
+    let buggy = command(&exe, "--rope-freq-base 101000");
+    let (code, r) = bisect_llamacpp(&prompts(), "p6_len_128", &buggy, &["--profile", "llamacpp-cpu"]);
+    assert_eq!(code, 1, "{r}");
+    let (tap, position) = first(&r);
+    assert_eq!(tap, "blk.0.q", "{}", r["first"]);
+    assert!((5..=15).contains(&position), "{}", r["first"]);
+    let probes = r["probes"].as_array().unwrap();
+    assert_eq!(probes[0]["purpose"], "coarse");
+    assert!(
+        probes[0]["finding"]
+            .as_str()
+            .unwrap()
+            .starts_with("no divergence at embed, resid_post"),
+        "the residual stream stays within its tolerance: {}",
+        probes[0]
+    );
+    assert_eq!(probes[1]["purpose"], "taps-0");
+    assert_eq!(r["runs_a"], 2, "{r}");
+}
+
 /// Against a healthy llama.cpp without a profile, local replay runs on the exact
 /// reference, which llama.cpp's own rounding departs from: the report says so.
 #[test]

@@ -77,7 +77,7 @@ enum Narrowed {
     /// searched.
     Layers(Coarse),
     /// A tap inside layer 0 diverges while the residual stream stays within tolerance.
-    Layer0(Suspect),
+    Layer0(Box<Suspect>),
 }
 
 /// The first divergent layer and where its residual stream first leaves B's.
@@ -173,7 +173,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
     /// prompt does not reproduce the divergence.
     fn run(&mut self) -> Flow<()> {
         let mut suspect = match self.coarse()? {
-            Narrowed::Layer0(suspect) => suspect,
+            Narrowed::Layer0(suspect) => *suspect,
             Narrowed::Layers(coarse) => self.suspect_below(&coarse)?,
         };
         self.report.prefix = suspect.prefix;
@@ -299,7 +299,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
                 "no divergence at embed, resid_post of layers {coarse:?}, final_norm or logits"
             ));
             if let Some(suspect) = self.inside_layer_0()? {
-                return Ok(Narrowed::Layer0(suspect));
+                return Ok(Narrowed::Layer0(Box::new(suspect)));
             }
             return self.coarse_clean(r, &coarse, logits_here, &drift);
         };
@@ -336,7 +336,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         ));
         if hi > 0 {
             if let Some(suspect) = self.inside_layer_0()? {
-                return Ok(Narrowed::Layer0(suspect));
+                return Ok(Narrowed::Layer0(Box::new(suspect)));
             }
         }
         Ok(Narrowed::Layers(Coarse {

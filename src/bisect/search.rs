@@ -75,7 +75,7 @@ struct Coarse {
 enum Narrowed {
     /// The first coarse layer whose residual stream diverges: the layers below it are
     /// searched.
-    Layers(Coarse),
+    Layers(Box<Coarse>),
     /// A tap inside layer 0 diverges while the residual stream stays within tolerance.
     Layer0(Box<Suspect>),
 }
@@ -339,12 +339,12 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
                 return Ok(Narrowed::Layer0(Box::new(suspect)));
             }
         }
-        Ok(Narrowed::Layers(Coarse {
+        Ok(Narrowed::Layers(Box::new(Coarse {
             diff: r,
             lo,
             hi,
             whole_prompt,
-        }))
+        })))
     }
 
     /// Under a twin (a profiled oracle), every tap of layer 0 at every position the

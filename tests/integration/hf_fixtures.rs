@@ -42,12 +42,7 @@ fn check_fixture(name: &str) -> Vec<i64> {
     let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
     let meta = header.metadata().clone().unwrap();
     let fx = SafeTensors::deserialize(&bytes).unwrap();
-    let tokens: Vec<String> = i64s(fx.tensor("tokens").unwrap().data())
-        .iter()
-        .map(|t| t.to_string())
-        .collect();
-    let positions = i64s(fx.tensor("positions").unwrap().data());
-    let pos_spec: Vec<String> = positions.iter().map(|p| p.to_string()).collect();
+    let (tokens, positions, pos_spec) = fixture_prompt(&fx);
     let dir = tempfile::tempdir().unwrap();
     let model = fixture_model(&meta, dir.path());
     let out = dir.path().join("d");
@@ -56,13 +51,13 @@ fn check_fixture(name: &str) -> Vec<i64> {
         "--model",
         path_str(&model),
         "--tokens",
-        &tokens.join(","),
+        &tokens,
         "--layers",
         "all",
         "--taps",
         "resid_post,logits",
         "--positions",
-        &pos_spec.join(","),
+        &pos_spec,
         "-o",
         path_str(&out),
     ];

@@ -163,25 +163,20 @@ fn bisect_under_a_profile_finds_a_deep_fault_against_the_twin_tolerances() {
 fn cuda_rows(dir: &std::path::Path, profile: &str) -> (Vec<u8>, Vec<i64>, resbisect::dump::Dump) {
     let bytes = std::fs::read(root().join("fixtures/llamacpp/smollm2-cuda-h200_long_1652_layer0.safetensors")).unwrap();
     let fx = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let tokens: Vec<String> = i64s(fx.tensor("tokens").unwrap().data())
-        .iter()
-        .map(|t| t.to_string())
-        .collect();
-    let positions = i64s(fx.tensor("positions").unwrap().data());
-    let spec: Vec<String> = positions.iter().map(|p| p.to_string()).collect();
+    let (tokens, positions, spec) = fixture_prompt(&fx);
     let (out, model) = (dir.join(profile), smollm2());
     let args = [
         "dump",
         "--model",
         path_str(&model),
         "--tokens",
-        &tokens.join(","),
+        &tokens,
         "--layers",
         "0",
         "--taps",
         "attn_norm,q_pre_rope,k_pre_rope,v",
         "--positions",
-        &spec.join(","),
+        &spec,
         "--profile",
         profile,
         "-o",

@@ -21,12 +21,7 @@ fn dump(args: &[&str]) -> Dump {
 fn agrees_with_hf_transformers_on_smollm2() {
     let bytes = std::fs::read(root().join("fixtures/hf/smollm2_p6_len_32.safetensors")).unwrap();
     let fx = SafeTensors::deserialize(&bytes).unwrap();
-    let tokens: Vec<String> = i64s(fx.tensor("tokens").unwrap().data())
-        .iter()
-        .map(|t| t.to_string())
-        .collect();
-    let positions = i64s(fx.tensor("positions").unwrap().data());
-    let pos_spec: Vec<String> = positions.iter().map(|p| p.to_string()).collect();
+    let (tokens, positions, pos_spec) = fixture_prompt(&fx);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("d");
     let model = smollm2();
@@ -35,13 +30,13 @@ fn agrees_with_hf_transformers_on_smollm2() {
         "--model",
         path_str(&model),
         "--tokens",
-        &tokens.join(","),
+        &tokens,
         "--layers",
         "all",
         "--taps",
         "resid_post,logits",
         "--positions",
-        &pos_spec.join(","),
+        &pos_spec,
         "-o",
         path_str(&out),
     ]);

@@ -153,3 +153,15 @@ pub fn i64s(data: &[u8]) -> Vec<i64> {
         .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
         .collect()
 }
+
+/// A fixture's prompt: its `tokens` as `--tokens` takes them, and its `positions`, as
+/// numbers and as `--positions` takes them.
+pub fn fixture_prompt(fx: &safetensors::SafeTensors) -> (String, Vec<i64>, String) {
+    let tokens: Vec<String> = i64s(fx.tensor("tokens").unwrap().data())
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    let positions = i64s(fx.tensor("positions").unwrap().data());
+    let spec: Vec<String> = positions.iter().map(|p| p.to_string()).collect();
+    (tokens.join(","), positions, spec.join(","))
+}

@@ -270,6 +270,15 @@ pub fn numerics_note(a: &crate::dump::EngineInfo, b: &crate::dump::EngineInfo, r
                 .to_string(),
         );
     }
+    let imitated = b.profile.as_deref().and_then(|p| p.strip_prefix("llamacpp-"));
+    if let Some(imitated) = imitated.filter(|&p| matches!(a.backend.as_str(), "cpu" | "cuda") && p != a.backend) {
+        return Some(format!(
+            "A is llama.cpp's {backend} build, but the oracle imitated its {imitated} numerics (profile \
+             llamacpp-{imitated}): the two round differently from layer 0 on even without a bug; rerun with \
+             --profile llamacpp-{backend} (docs/profiles.md)",
+            backend = a.backend
+        ));
+    }
     let exact_replay = !replay_oracle.is_empty() && !replay_oracle.contains("profile");
     exact_replay.then(|| {
         "A is llama.cpp and local replay ran on the exact reference: llama.cpp's own 8-bit activations \
@@ -281,7 +290,37 @@ pub fn numerics_note(a: &crate::dump::EngineInfo, b: &crate::dump::EngineInfo, r
 
 #[cfg(test)]
 mod tests {
-    use super::coarse_layers;
+    use super::{coarse_layers, numerics_note};
+    use crate::dump::EngineInfo;
+
+    fn engine(name: &str, backend: &str, profile: Option<&str>) -> EngineInfo {
+        EngineInfo {
+            name: name.into(),
+            version: String::new(),
+            backend: backend.into(),
+            dtype: "f32".into(),
+            device: String::new(),
+            options: None,
+            profile: profile.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_profile_of_the_other_llamacpp_backend_is_named_as_such() {
+        let reference = |p| engine("resbisect-reference", "cpu", Some(p));
+        let cpu_build = engine("llama.cpp", "cpu", None);
+        let note = numerics_note(&cpu_build, &reference("llamacpp-cuda"), "").unwrap();
+        assert!(
+            note.contains("llama.cpp's cpu build") && note.contains("--profile llamacpp-cpu"),
+            "{note}"
+        );
+        let cuda_build = engine("llama.cpp", "cuda", None);
+        let note = numerics_note(&cuda_build, &reference("llamacpp-cpu"), "").unwrap();
+        assert!(note.contains("--profile llamacpp-cuda"), "{note}");
+        let replayed = "reference f32, profile llamacpp-cpu";
+        assert_eq!(numerics_note(&cpu_build, &reference("llamacpp-cpu"), replayed), None);
+        assert_eq!(numerics_note(&cuda_build, &reference("llamacpp-cuda"), replayed), None);
+    }
 
     #[test]
     fn coarse_layers_double_up_to_the_last() {

@@ -351,8 +351,14 @@ impl<'e> Session<'e> {
             let repro_twin = dirs.dir.join("reproduce").join("twin");
             commands.push(twin.reproduce(prompt_id, &dirs.suite, sel, &dirs.twin, &repro_twin));
         }
+        // The rows are judged as this probe judged them (diff's default is auto).
+        let judge = match self.judge {
+            Judge::Auto => "",
+            Judge::Tolerance => " --judge tolerance",
+            Judge::NoiseFloor => " --judge floor",
+        };
         commands.push(format!(
-            "{} diff {} {}{tol}",
+            "{} diff {} {}{tol}{judge}",
             crate::engine::resbisect_command(),
             quote(&repro_a),
             quote(&repro_b)

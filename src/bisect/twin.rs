@@ -18,6 +18,12 @@ use crate::tolerance::{TapTolerance, Tolerances};
 /// whole prompt.
 pub const TWIN_MARGIN: f64 = 4.0;
 
+/// Below this many rows the report warns that the twin may not have met the rounding
+/// flips an engine makes: one row of SmolLM2 under `llamacpp-cpu` gave a false finding at
+/// blk.28.v (llama.cpp 4.7e-3, the twin 1e-7); 2 and 3 rows, and every 128-row prompt
+/// measured, did not.
+pub const TWIN_MIN_ROWS: usize = 32;
+
 impl Session<'_> {
     /// The search's tolerances, with each tap the twin has measured at
     /// max(its tolerance, [`TWIN_MARGIN`] × the twin's worst row so far).

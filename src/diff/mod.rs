@@ -271,7 +271,7 @@ fn side(d: &Dump) -> DumpSide {
 pub fn judgement_note(p: &PromptDiff) -> Option<String> {
     let onset = p.taps.iter().find(|t| Some(&t.tap) == p.drift_onset.as_ref())?;
     let over = format!(
-        "{} sits over its noise floor (rel_l2 {:.1e}) on {} of {} rows",
+        "{} sits over its noise floor (threshold {:.1e}) on {} of {} rows",
         onset.tap,
         onset.floor.rel_l2,
         onset.rows_over_floor,
@@ -331,6 +331,13 @@ pub fn diff_paired(a: &Dump, b: &Dump, opts: &DiffOptions, pairs: &[(String, Str
         let (pd, n) = diff_prompt(a, renamed.as_ref().unwrap_or(b), &ia, &engine_dtypes, opts)?;
         bytes += n;
         prompts.push(pd);
+    }
+    // Two finished dumps that share no tap compared nothing: that is no verdict.
+    let complete = ma.status == Status::Complete && mb.status == Status::Complete;
+    if complete && prompts.iter().all(|p| p.taps.is_empty() && p.token_mismatch.is_none()) {
+        return Err(crate::error::Error::input(
+            "A and B share no tap at the same layer: nothing was compared (dump both with the same --layers and --taps)",
+        ));
     }
     for p in &prompts {
         notes.extend(judgement_note(p));

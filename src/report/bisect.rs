@@ -57,8 +57,9 @@ pub fn bisect_summary(r: &BisectReport) -> String {
     replay_summary(&mut s, r);
     let _ = writeln!(
         s,
-        "\n{} runs of A, {} of B, {} dumped, {:.1} s",
+        "\n{} run{} of A, {} of B, {} dumped, {:.1} s",
         r.runs_a,
+        if r.runs_a == 1 { "" } else { "s" },
         r.runs_b,
         bytes(r.bytes_dumped),
         r.seconds
@@ -410,8 +411,9 @@ fn search_table_html(s: &mut String, r: &BisectReport) {
     }
     let _ = write!(
         s,
-        "</table><p>{} runs of A, {} of B, {} dumped, {:.1} s.</p>",
+        "</table><p>{} run{} of A, {} of B, {} dumped, {:.1} s.</p>",
         r.runs_a,
+        if r.runs_a == 1 { "" } else { "s" },
         r.runs_b,
         bytes(r.bytes_dumped),
         r.seconds

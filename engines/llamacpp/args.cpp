@@ -127,7 +127,10 @@ std::string options_json(const Options &o, int threads) {
     std::ostringstream j;
     j << "{\"rope_freq_base\":" << o.rope_freq_base << ",\"rope_freq_scale\":" << o.rope_freq_scale
       << ",\"rope_scaling\":\"" << (o.rope_scaling.empty() ? "model" : o.rope_scaling) << "\""
-      << ",\"yarn_orig_ctx\":" << o.yarn_orig_ctx << ",\"cache_type_k\":\"" << o.cache_type_k << "\""
+      << ",\"yarn_orig_ctx\":";
+    if (o.yarn_orig_ctx) j << o.yarn_orig_ctx;
+    else j << "\"model\"";
+    j << ",\"cache_type_k\":\"" << o.cache_type_k << "\""
       << ",\"cache_type_v\":\"" << o.cache_type_v << "\",\"n_batch\":" << o.n_batch << ",\"n_ubatch\":" << o.n_ubatch
       << ",\"flash_attn\":\"" << o.flash_attn << "\",\"threads\":" << threads << "}";
     return j.str();

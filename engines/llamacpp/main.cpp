@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <string>
 #include <thread>
@@ -49,6 +50,24 @@ llama_context_params context_params(const Options &o, size_t n_tokens, int threa
     p.cb_eval_user_data = capture;
     p.no_perf = true;
     return p;
+}
+
+// The knobs as the context runs them: a value left to the model (0) replaced by the
+// model's, the batch sizes as llama.cpp settled them, so that the manifest records what
+// ran, not "0".
+Options in_effect(const Options &o, const llama_model *model, const llama_context *ctx) {
+    Options e = o;
+    if (e.rope_freq_base <= 0.0f) {
+        char arch[64] = "", base[64] = "";
+        llama_model_meta_val_str(model, "general.architecture", arch, sizeof arch);
+        std::string key = std::string(arch) + ".rope.freq_base";
+        // llama.cpp's own default when the model names no base.
+        e.rope_freq_base = llama_model_meta_val_str(model, key.c_str(), base, sizeof base) > 0 ? std::strtof(base, nullptr) : 10000.0f;
+    }
+    if (e.rope_freq_scale <= 0.0f) e.rope_freq_scale = llama_model_rope_freq_scale_train(model);
+    e.n_batch = llama_n_batch(ctx);
+    e.n_ubatch = llama_n_ubatch(ctx);
+    return e;
 }
 
 // Which positions llama.cpp must output: the logits and final_norm rows asked for, and,
@@ -165,7 +184,7 @@ int main(int argc, char **argv) {
     llama_context *ctx = llama_init_from_model(model, context_params(o, tokens.size(), threads, &capture));
     if (!ctx) bad_input("llama.cpp cannot make a context with these options (a quantized V cache needs --flash-attn on)");
 
-    std::string opts = options_json(o, threads), version = LLAMACPP_PIN;
+    std::string opts = options_json(in_effect(o, model, ctx), threads), version = LLAMACPP_PIN;
     rbd_engine engine = {"llama.cpp", version.c_str(), LLAMACPP_BACKEND, "f32", LLAMACPP_BACKEND, opts.c_str()};
     std::vector<std::string> layer_items, tap_items(w.taps.begin(), w.taps.end());
     for (int l : w.layers) layer_items.push_back(std::to_string(l));

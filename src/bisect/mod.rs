@@ -252,39 +252,26 @@ pub fn bisect<'e>(
     std::thread::scope(|scope| search::search(scope, engines, replayer, prompt, config, opts))
 }
 
-/// A note for a report whose A is llama.cpp and whose B (or, when B is not the
-/// reference, local replay's reference) computes exactly: llama.cpp quantizes each
-/// matmul's activations to 8 bits and stores K and V in f16 by design (docs/profiles.md),
-/// so it departs from an exact reference from layer 0 on whether or not it has a bug.
-/// None for any other pair, or when the reference imitates a profile.
+/// A note for a report whose A is llama.cpp and whose B does not imitate its numerics
+/// ([`crate::diff::profile_note`]), or, when B is not the reference, whose local replay
+/// ran on the exact reference: llama.cpp quantizes each matmul's activations to 8 bits and
+/// stores K and V in f16 by design (docs/profiles.md), so it departs from an exact
+/// reference from layer 0 on whether or not it has a bug. None for any other pair.
 pub fn numerics_note(a: &crate::dump::EngineInfo, b: &crate::dump::EngineInfo, replay_oracle: &str) -> Option<String> {
     if a.name != "llama.cpp" {
         return None;
     }
-    let exact_reference = b.name == "resbisect-reference" && b.profile.as_deref().is_none_or(|p| p == "exact");
-    if exact_reference {
-        return Some(
-            "A is llama.cpp, which by design quantizes each matmul's activations to 8 bits and keeps K and V \
-             in f16, and the oracle computed exactly (profile exact): it departs from layer 0 on even without \
-             a bug; rerun with --profile llamacpp-cpu (docs/profiles.md) to compare against those numerics"
-                .to_string(),
-        );
-    }
-    let imitated = b.profile.as_deref().and_then(|p| p.strip_prefix("llamacpp-"));
-    if let Some(imitated) = imitated.filter(|&p| matches!(a.backend.as_str(), "cpu" | "cuda") && p != a.backend) {
-        return Some(format!(
-            "A is llama.cpp's {backend} build, but the oracle imitated its {imitated} numerics (profile \
-             llamacpp-{imitated}): the two round differently from layer 0 on even without a bug; rerun with \
-             --profile llamacpp-{backend} (docs/profiles.md)",
-            backend = a.backend
-        ));
+    if let Some(note) = crate::diff::profile_note(a, b) {
+        return Some(note);
     }
     let exact_replay = !replay_oracle.is_empty() && !replay_oracle.contains("profile");
+    let backend = if a.backend == "cuda" { "cuda" } else { "cpu" };
     exact_replay.then(|| {
-        "A is llama.cpp and local replay ran on the exact reference: llama.cpp's own 8-bit activations \
-         and f16 KV cache show in every replayed tap, so replay's first tap off may precede the bug; \
-         rerun with --profile llamacpp-cpu (docs/profiles.md) to replay through those numerics"
-            .to_string()
+        format!(
+            "A is llama.cpp and local replay ran on the exact reference: llama.cpp's own 8-bit activations \
+             and f16 KV cache show in every replayed tap, so replay's first tap off may precede the bug; \
+             rerun with --profile llamacpp-{backend} (docs/profiles.md) to replay through those numerics"
+        )
     })
 }
 
@@ -320,6 +307,25 @@ mod tests {
         let replayed = "reference f32, profile llamacpp-cpu";
         assert_eq!(numerics_note(&cpu_build, &reference("llamacpp-cpu"), replayed), None);
         assert_eq!(numerics_note(&cuda_build, &reference("llamacpp-cuda"), replayed), None);
+        // Against the exact reference, each build is pointed at its own profile.
+        let exact = engine("resbisect-reference", "cpu", None);
+        for (build, profile) in [(&cpu_build, "llamacpp-cpu"), (&cuda_build, "llamacpp-cuda")] {
+            let note = numerics_note(build, &exact, "").unwrap();
+            assert!(note.contains("profile exact") && note.contains(profile), "{note}");
+        }
+    }
+
+    #[test]
+    fn a_diff_against_a_profile_without_twin_tolerances_points_to_the_twin() {
+        let llama = engine("llama.cpp", "cpu", None);
+        let profiled = engine("resbisect-reference", "cpu", Some("llamacpp-cpu"));
+        assert_eq!(crate::diff::profile_note(&llama, &profiled), None);
+        let note = crate::diff::twin_note(&llama, &profiled).unwrap();
+        assert!(note.contains("--profile llamacpp-cpu --twin"), "{note}");
+        let exact = engine("resbisect-reference", "cpu", None);
+        assert_eq!(crate::diff::twin_note(&llama, &exact), None);
+        let runtime = engine("resbisect-runtime", "cpu", None);
+        assert_eq!(crate::diff::twin_note(&runtime, &profiled), None);
     }
 
     #[test]

@@ -80,6 +80,17 @@ pub(super) fn run(r: BisectRun) -> Result<ExitCode> {
     if spec_a.is_same_engine_as(spec_b) {
         eprintln!("note: A and B are the same engine without injected faults");
     }
+    // Two external programs run at once; on a small machine two CPU engines that each
+    // take every core (llama.cpp's default) measured 8× slower than one after the other.
+    let external = |s: &EngineSpec| matches!(s.kind, EngineKind::External { .. });
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if !r.sequential && external(spec_a) && external(spec_b) && cores <= 4 {
+        eprintln!(
+            "note: A and B are external programs and run at the same time on {cores} cores; if both compute \
+             on the CPU with every core (llama.cpp's --threads) they slow each other down many times over: \
+             --sequential runs them one after the other"
+        );
+    }
     if let Some(w) = &r.work {
         bisect::check_work_dir(w)?;
     }

@@ -199,6 +199,17 @@ pub fn calibrate(a: CalibrateArgs) -> Result<ExitCode> {
     if let Some(failure) = reports.iter().find_map(DiffReport::engine_failure) {
         return Err(Error::engine(failure));
     }
+    // A pair whose oracle does not imitate A's numerics calibrates that mismatch too.
+    for (i, r) in reports.iter().enumerate() {
+        if let Some(note) = diff::profile_note(&r.a.engine, &r.b.engine) {
+            eprintln!(
+                "note: pair {} ({} against {}): {note}; tolerances calibrated on it take that difference in",
+                i + 1,
+                r.a.path,
+                r.b.path
+            );
+        }
+    }
     let (t, notes) = diff::calibrate(&reports, &how);
     for n in &notes {
         eprintln!("note: {n}");

@@ -153,15 +153,7 @@ fn stat_typed<A: Elem, B: Elem>(a: &[u8], b: &[u8], n: usize) -> RowStat {
     } else {
         0.0
     };
-    let cosine = if nf_a + nf_b > 0 {
-        f64::NAN
-    } else if a2 > 0.0 && b2 > 0.0 {
-        ab / (a2.sqrt() * norm_b)
-    } else if a2 == b2 {
-        1.0
-    } else {
-        0.0
-    };
+    let cosine = if nf_a + nf_b > 0 { f64::NAN } else { cosine(ab, a2, b2) };
     let max_abs = if nf_a + nf_b > 0 { nonfinite_abs } else { max_abs };
     RowStat {
         rel_l2,
@@ -170,6 +162,22 @@ fn stat_typed<A: Elem, B: Elem>(a: &[u8], b: &[u8], n: usize) -> RowStat {
         norm_b,
         nonfinite_a: nf_a,
         nonfinite_b: nf_b,
+    }
+}
+
+/// Cosine similarity a·b / (‖a‖‖b‖) from the sums Σab, Σa², Σb², clamped to [−1, 1],
+/// which Cauchy–Schwarz bounds it by and rounding in the sums need not. One square root
+/// of the product: for a row against itself (Σab = Σa² = Σb²) that is exactly Σa², so the
+/// cosine is exactly 1 (two roots multiplied missed it by an ulp either way). Two zero
+/// rows are alike (1), one zero row is not (0). The sums of f32 values cannot overflow
+/// the product in f64.
+fn cosine(ab: f64, a2: f64, b2: f64) -> f64 {
+    if a2 > 0.0 && b2 > 0.0 {
+        (ab / (a2 * b2).sqrt()).clamp(-1.0, 1.0)
+    } else if a2 == b2 {
+        1.0
+    } else {
+        0.0
     }
 }
 
@@ -197,6 +205,8 @@ macro_rules! dispatch {
     }};
 }
 
+/// Statistics of one row of A against the same row of B (`width` values each, any stored
+/// dtype, read as f64 or, both f32, summed in f32 blocks).
 pub fn row_stat(a: &TapView, b: &TapView) -> RowStat {
     if let (TapDType::F32, TapDType::F32, Ok(x), Ok(y)) = (
         a.dtype,
@@ -259,13 +269,7 @@ fn stat_f32_finite(a: &[f32], b: &[f32]) -> Option<RowStat> {
     } else {
         0.0
     };
-    let cosine = if a2 > 0.0 && b2 > 0.0 {
-        ab / (a2.sqrt() * norm_b)
-    } else if a2 == b2 {
-        1.0
-    } else {
-        0.0
-    };
+    let cosine = cosine(ab, a2, b2);
     Some(RowStat {
         rel_l2,
         max_abs: max_abs as f64,
@@ -400,6 +404,36 @@ mod tests {
             }
         }
         assert!(worst < 5e-7, "worst relative error {worst:e}");
+    }
+
+    /// A row against itself has cosine exactly 1 on both paths (f32 SIMD, and the
+    /// generic one through f16): Σab / (√Σa²·√Σb²) lands an ulp off 1, either way, on
+    /// some of these rows.
+    #[test]
+    fn cosine_of_a_row_with_itself_is_one() {
+        let mut state = 0x2545_f491_u64;
+        for width in [3usize, 64, 576, 2048] {
+            for _ in 0..50 {
+                let row: Vec<f32> = (0..width)
+                    .map(|_| {
+                        state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                        ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0
+                    })
+                    .collect();
+                let f32_bytes: Vec<u8> = row.iter().flat_map(|v| v.to_le_bytes()).collect();
+                let f16_bytes: Vec<u8> = row.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+                for (dtype, bytes) in [(TapDType::F32, &f32_bytes), (TapDType::F16, &f16_bytes)] {
+                    let view = TapView {
+                        dtype,
+                        rows: 1,
+                        width,
+                        bytes,
+                    };
+                    let cos = row_stat(&view, &view).cosine;
+                    assert_eq!(cos, 1.0, "{dtype:?}, width {width}");
+                }
+            }
+        }
     }
 
     #[test]

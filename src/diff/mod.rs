@@ -284,16 +284,48 @@ pub fn judgement_note(p: &PromptDiff) -> Option<String> {
     })
 }
 
-/// Why a llama.cpp dump diverges from the exact reference: its intended numerics, not a
-/// bug, and the profile that imitates them. `None` for other pairs.
-fn exact_oracle_note(a: &crate::dump::EngineInfo, b: &crate::dump::EngineInfo) -> Option<String> {
-    let a_is_llamacpp = a.name.to_ascii_lowercase().contains("llama");
-    let b_is_exact = b.name.starts_with("resbisect-reference") && b.profile.as_deref().is_none_or(|p| p == "exact");
-    (a_is_llamacpp && b_is_exact).then(|| {
-        "B is the exact reference: a healthy llama.cpp differs from it at every matmul (8-bit activation \
-         quantization per weight type, f16 KV cache), so early blk.0 taps diverge by design; compare \
-         against `--profile llamacpp-cpu` (or llamacpp-cuda) to see bugs"
-            .to_string()
+/// Why a llama.cpp dump A departs from reference dump B from layer 0 on without any bug: B
+/// computed exactly (profile `exact`), where llama.cpp by design quantizes each matmul's
+/// activations to 8 bits and keeps K and V in f16; or B imitated the other llama.cpp
+/// backend's numerics (`llamacpp-cuda` against a CPU build, or the reverse). Names the
+/// profile to use instead; `None` for every other pair.
+pub fn profile_note(a: &crate::dump::EngineInfo, b: &crate::dump::EngineInfo) -> Option<String> {
+    if a.name != "llama.cpp" || !b.name.starts_with("resbisect-reference") {
+        return None;
+    }
+    let profile = b.profile.as_deref().unwrap_or("exact");
+    if profile == "exact" {
+        let backend = if a.backend == "cuda" { "cuda" } else { "cpu" };
+        return Some(format!(
+            "A is llama.cpp, which by design quantizes each matmul's activations to 8 bits and keeps K and V \
+             in f16, and the oracle computed exactly (profile exact): it departs from layer 0 on even without \
+             a bug; rerun with --profile llamacpp-{backend} (docs/profiles.md) to compare against those numerics"
+        ));
+    }
+    let imitated = profile.strip_prefix("llamacpp-")?;
+    (matches!(a.backend.as_str(), "cpu" | "cuda") && imitated != a.backend).then(|| {
+        format!(
+            "A is llama.cpp's {backend} build, but the oracle imitated its {imitated} numerics (profile \
+             llamacpp-{imitated}): the two round differently from layer 0 on even without a bug; rerun with \
+             --profile llamacpp-{backend} (docs/profiles.md)",
+            backend = a.backend
+        )
+    })
+}
+
+/// For a divergent diff of llama.cpp against a reference that imitates its rounding (a
+/// profile other than exact) judged at uncalibrated tolerances: 8-bit rounding flips land on other
+/// rows in the engine than in the reference past layer 0, which only tolerances from the
+/// profile's twin take in (what bisect uses). `None` otherwise.
+pub(crate) fn twin_note(a: &crate::dump::EngineInfo, b: &crate::dump::EngineInfo) -> Option<String> {
+    let profile = b.profile.as_deref().filter(|p| *p != "exact")?;
+    (a.name == "llama.cpp" && b.name.starts_with("resbisect-reference")).then(|| {
+        format!(
+            "B imitates an engine's rounding (profile {profile}) at uncalibrated tolerances: past layer 0, \
+             8-bit rounding flips land on other rows than the engine's and read as divergence; judge against \
+             tolerances from B's twin (dump --profile {profile} --twin, then calibrate TWIN B --quantile 1 \
+             --margin 4 --floor 1e-3; docs/profiles.md), as bisect does"
+        )
     })
 }
 
@@ -350,7 +382,11 @@ pub fn diff_paired(a: &Dump, b: &Dump, opts: &DiffOptions, pairs: &[(String, Str
         }
     }
     let diverged = prompts.iter().any(PromptDiff::diverged);
-    notes.extend(diverged.then(|| exact_oracle_note(&ma.engine, &mb.engine)).flatten());
+    if diverged {
+        let uncalibrated = opts.tolerances.calibration.is_none();
+        let (ea, eb) = (&ma.engine, &mb.engine);
+        notes.extend(profile_note(ea, eb).or_else(|| uncalibrated.then(|| twin_note(ea, eb)).flatten()));
+    }
     Ok(DiffReport {
         version: 1,
         a: side(a),

@@ -102,6 +102,12 @@ fn llamacpp_knob_bugs_are_found_exactly_against_a_healthy_llamacpp() {
         let b = r["engine_b"].as_str().unwrap();
         assert!(a.starts_with("external llama.cpp llama-cpp-python==0.3.36"), "{a}");
         assert_ne!(a, b, "engine labels must differ");
+        // Knobs left to the model are recorded as the model's values (SmolLM2's RoPE base
+        // is 100000), not as llama.cpp's "0 = from the model".
+        assert!(
+            b.contains("rope_freq_base=100000,") && b.contains("rope_freq_scale=1,"),
+            "{b}"
+        );
     }
 }
 

@@ -154,6 +154,15 @@ impl<B: Backend> Pass<'_, '_, B> {
     }
 }
 
+/// Where block `l` meets its neighbours: whether `ws.h` already holds its attn_norm (block
+/// `l − 1` computed it with its FFN residual add), and whether to compute block `l + 1`'s
+/// that way. One launch fewer per layer, the same roundings (`add_rms_norm`).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Seam {
+    pub normed: bool,
+    pub norm_next: bool,
+}
+
 impl<B: Backend> Runtime<B> {
     /// Run one op; with `sync_check`, synchronize right after so an error names it.
     fn op(&self, name: &str, sync_check: bool, r: Result<()>) -> Result<()> {
@@ -192,8 +201,14 @@ impl<B: Backend> Runtime<B> {
         }
         pass.tap(Tap::Embed, &mut ws.x)?;
         self.checkpoint(0, ws, pass)?;
-        for (l, kv) in kv.iter_mut().enumerate().take(pass.depth()) {
-            self.block(l, ws, kv, pass)?;
+        let depth = pass.depth();
+        let mut normed = false;
+        for (l, kv) in kv.iter_mut().enumerate().take(depth) {
+            // The next block's attn_norm goes with this block's last add unless a fault
+            // injected into the residual stream between them must act first.
+            let norm_next = l + 1 < depth && !pass.touched(Tap::Layer(l, LayerTap::ResidPost));
+            self.block(l, ws, kv, pass, Seam { normed, norm_next })?;
+            normed = norm_next;
             self.checkpoint(l + 1, ws, pass)?;
         }
         Ok(())
@@ -210,13 +225,15 @@ impl<B: Backend> Runtime<B> {
 
     /// Block `l` on the residual stream `ws.x`: attention, then the gated FFN, each
     /// (post-normed in models with post norms) added back to the stream. Fused ops run
-    /// where no injected fault sits between the ops they fuse.
+    /// where no injected fault sits between the ops they fuse; `seam` says which of the
+    /// attn_norms on either side ran or run fused with the FFN residual add.
     pub(super) fn block(
         &self,
         l: usize,
         ws: &mut Workspace<B>,
         kv: &mut (B::Buf, B::Buf),
         pass: &mut Pass<B>,
+        seam: Seam,
     ) -> Result<()> {
         let (c, b, w) = (&self.cfg, &self.backend, &self.layers[l]);
         let (e, qw, kvw, rows) = (c.n_embd, c.q_width(), c.kv_width(), pass.rows);
@@ -225,10 +242,12 @@ impl<B: Backend> Runtime<B> {
         let (kc, vc) = kv;
         let shape = pass.attn_shape(l);
 
-        pass.op(
-            "rms_norm (attn)",
-            b.rms_norm(&ws.x, &w.attn_norm, rows, e, eps, &mut ws.h),
-        )?;
+        if !seam.normed {
+            pass.op(
+                "rms_norm (attn)",
+                b.rms_norm(&ws.x, &w.attn_norm, rows, e, eps, &mut ws.h),
+            )?;
+        }
         pass.tap(at(LayerTap::AttnNorm), &mut ws.h)?;
         self.project_qkv(l, ws, pass)?;
         let host_positions = pass.rope_positions(l);
@@ -277,7 +296,7 @@ impl<B: Backend> Runtime<B> {
             pass.tap(at(LayerTap::ResidMid), &mut ws.mid)?;
         }
         pass.tap(at(LayerTap::FfnNorm), &mut ws.h)?;
-        self.ffn(l, ws, pass)
+        self.ffn(l, ws, pass, seam.norm_next)
     }
 
     /// Q, K and V of the normed rows `ws.h` into `ws.q`, `ws.k`, `ws.v`, with the
@@ -322,8 +341,9 @@ impl<B: Backend> Runtime<B> {
     }
 
     /// The gated FFN on `ws.h` (SiLU or GELU-tanh gate), post-normed where the model has
-    /// post norms, added to `ws.mid` into the residual stream `ws.x`.
-    fn ffn(&self, l: usize, ws: &mut Workspace<B>, pass: &mut Pass<B>) -> Result<()> {
+    /// post norms, added to `ws.mid` into the residual stream `ws.x`; with `norm_next`,
+    /// block `l + 1`'s attn_norm of the sum into `ws.h` in the same launch.
+    fn ffn(&self, l: usize, ws: &mut Workspace<B>, pass: &mut Pass<B>, norm_next: bool) -> Result<()> {
         let (c, b, w) = (&self.cfg, &self.backend, &self.layers[l]);
         let (e, ff, rows) = (c.n_embd, c.n_ff, pass.rows);
         let at = |t: LayerTap| Tap::Layer(l, t);
@@ -357,7 +377,13 @@ impl<B: Backend> Runtime<B> {
             pass.tap(at(LayerTap::FfnPostNorm), &mut ws.post)?;
         }
         let ffn_delta = if w.post_norms.is_some() { &ws.post } else { &ws.f };
-        pass.op("add (ffn residual)", b.add(&ws.mid, ffn_delta, rows * e, &mut ws.x))?;
+        if norm_next {
+            let (next, eps) = (&self.layers[l + 1].attn_norm, c.rms_eps as f32);
+            let fused = b.add_rms_norm(&ws.mid, ffn_delta, next, rows, e, eps, &mut ws.x, &mut ws.h);
+            pass.op("add (ffn residual) and rms_norm (next attn)", fused)?;
+        } else {
+            pass.op("add (ffn residual)", b.add(&ws.mid, ffn_delta, rows * e, &mut ws.x))?;
+        }
         pass.tap(at(LayerTap::ResidPost), &mut ws.x)
     }
 

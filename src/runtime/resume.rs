@@ -7,7 +7,7 @@
 
 use super::backend::{Backend, Row};
 use super::capture::TapRoute;
-use super::forward::Pass;
+use super::forward::{Pass, Seam};
 use super::layer::Workspace;
 use super::{PromptRun, Runtime};
 use crate::dump::{BackgroundWriter, PromptRecord};
@@ -161,7 +161,7 @@ impl<B: Backend> Runtime<B> {
                 let kvw = self.cfg.kv_width();
                 let mut kv = (b.alloc(n * kvw)?, b.alloc(n * kvw)?);
                 self.chunks_from(&stream[i - 1], n, ws, faults, opts, &mut collector, |rt, ws, pass| {
-                    rt.block(i - 1, ws, &mut kv, pass)
+                    rt.block(i - 1, ws, &mut kv, pass, Seam::default())
                 })?;
             } else if collector.wants(&tap) {
                 let runs: Vec<(usize, usize)> = crate::taps::consecutive_runs(&collector.positions)

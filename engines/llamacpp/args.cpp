@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <iomanip>
 #include <sstream>
 
 void bad_input(const std::string &message) {
@@ -125,6 +126,8 @@ Wanted read_wanted(const Options &o) {
 
 std::string options_json(const Options &o, int threads) {
     std::ostringstream j;
+    // Every float as it ran: 9 significant digits tell any two f32 values apart.
+    j << std::setprecision(9);
     j << "{\"rope_freq_base\":" << o.rope_freq_base << ",\"rope_freq_scale\":" << o.rope_freq_scale
       << ",\"rope_scaling\":\"" << (o.rope_scaling.empty() ? "model" : o.rope_scaling) << "\""
       << ",\"yarn_orig_ctx\":";

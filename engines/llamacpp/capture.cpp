@@ -52,6 +52,14 @@ Capture::Capture(std::set<std::string> taps, std::vector<int> layers, const std:
         if (p >= 0 && (size_t)p < keep_.size()) keep_[p] = true;
 }
 
+bool Capture::captures(const std::string &tap) {
+    static const std::set<std::string> named = {"embed", "final_norm", "logits", "q", "k", "q_pre_rope", "k_pre_rope"};
+    if (named.count(tap)) return true;
+    for (const auto &node : LAYER_NODES)
+        if (node.second == tap) return true;
+    return false;
+}
+
 std::string Capture::tap_of(const ggml_tensor *t) const {
     std::string name = t->name;
     if (name == "embd" || name == "inp_scaled") return short_taps_.count("embed") ? "embed" : "";

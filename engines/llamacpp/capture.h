@@ -31,6 +31,9 @@ class Capture {
     // A problem met while capturing (a node whose rows match neither the micro-batch nor
     // its outputs); empty when none.
     const std::string &error() const { return error_; }
+    // Whether `tap` (a short name: attn_norm, q, resid_post, logits, ...) is one the
+    // adapter can capture from llama.cpp's graph.
+    static bool captures(const std::string &tap);
 
   private:
     // The canonical id a node stands for, or "" when it is not wanted.

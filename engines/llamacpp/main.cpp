@@ -159,6 +159,11 @@ int main(int argc, char **argv) {
     Options o = parse_args(argc, argv);
     std::vector<uint32_t> tokens = read_tokens(o.tokens_path);
     Wanted w = read_wanted(o);
+    // An unknown name would capture nothing and still finish as a complete dump.
+    for (const std::string &tap : w.taps)
+        if (!Capture::captures(tap))
+            bad_input("--taps: \"" + tap + "\" is not a tap the adapter captures (explicit short names, e.g. " +
+                      "attn_norm,q,k,v,attn,resid_post,logits; not \"all\")");
     for (int64_t p : w.positions)
         if (p < 0 || (size_t)p >= tokens.size())
             bad_input("position " + std::to_string(p) + " lies outside the prompt's " + std::to_string(tokens.size()) +

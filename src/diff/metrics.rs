@@ -221,9 +221,10 @@ pub fn row_stat(a: &TapView, b: &TapView) -> RowStat {
     dispatch!(stat_typed, a, b, a.width)
 }
 
-/// The common case (both f32, aligned, all finite) in 8-wide SIMD (`wide::f32x8`);
-/// lanes accumulate in f32 over blocks of 256 values, blocks in f64. `None` when a
-/// value is non-finite: the generic path then counts them.
+/// The common case (both f32, aligned, all finite, not tiny) in 8-wide SIMD
+/// (`wide::f32x8`); lanes accumulate in f32 over blocks of 256 values, blocks in f64.
+/// `None` when a value is non-finite (the generic path then counts them) or a row's
+/// squares may have underflowed in f32.
 fn stat_f32_finite(a: &[f32], b: &[f32]) -> Option<RowStat> {
     const BLOCK: usize = 256;
     let (mut d2, mut b2, mut a2, mut ab, mut max_abs) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f32);
@@ -257,8 +258,11 @@ fn stat_f32_finite(a: &[f32], b: &[f32]) -> Option<RowStat> {
         ab += sab.reduce_add() as f64 + rab as f64;
         max_abs = mx.to_array().iter().fold(max_abs.max(rmx), |m, &v| m.max(v));
     }
-    // A NaN or Inf anywhere shows up in the sums.
-    if !(d2.is_finite() && b2.is_finite() && a2.is_finite() && ab.is_finite()) {
+    // A NaN or Inf anywhere shows up in the sums. Squares of values below about 1e-19
+    // underflow in f32: a row whose sum of squares is that small goes to the f64 path
+    // (one at 1e-25 read as cosine 0, and its negation as rel L2 0).
+    const TINY: f64 = 1e-24;
+    if !(d2.is_finite() && b2.is_finite() && a2.is_finite() && ab.is_finite()) || a2 < TINY || b2 < TINY {
         return None;
     }
     let norm_b = b2.sqrt();
@@ -434,6 +438,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Rows of values near 1e-25, whose f32 squares underflow: A = B·1e-25 against B·1e-25
+    /// is alike (cosine 1, rel L2 0), against −B·1e-25 opposite (cosine −1, rel L2 2).
+    #[test]
+    fn tiny_rows_keep_their_metrics() {
+        let row: Vec<f32> = (0..64).map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-25).collect();
+        let neg: Vec<f32> = row.iter().map(|v| -v).collect();
+        // Aligned f32 storage, so the SIMD path is the one asked first.
+        fn view(x: &[f32]) -> TapView<'_> {
+            TapView {
+                dtype: TapDType::F32,
+                rows: 1,
+                width: x.len(),
+                bytes: bytemuck::cast_slice(x),
+            }
+        }
+        let same = row_stat(&view(&row), &view(&row));
+        assert_eq!((same.cosine, same.rel_l2), (1.0, 0.0));
+        let opposite = row_stat(&view(&neg), &view(&row));
+        assert_eq!(opposite.cosine, -1.0);
+        assert!((opposite.rel_l2 - 2.0).abs() < 1e-12, "{}", opposite.rel_l2);
     }
 
     #[test]

@@ -371,8 +371,15 @@ pub fn diff_paired(a: &Dump, b: &Dump, opts: &DiffOptions, pairs: &[(String, Str
             "A and B share no tap at the same layer: nothing was compared (dump both with the same --layers and --taps)",
         ));
     }
+    // Under a profile the generic f32 noise floor does not apply (its twin's tolerances
+    // do): no hint of a systematic error below tolerance from that floor.
+    let profiled = [&ma.engine, &mb.engine]
+        .iter()
+        .any(|e| e.profile.as_deref().is_some_and(|p| p != "exact"));
     for p in &prompts {
-        notes.extend(judgement_note(p));
+        if !(profiled && p.judged == Judgement::Tolerance) {
+            notes.extend(judgement_note(p));
+        }
         if let Some(m) = &p.token_mismatch {
             notes.push(format!(
                 "prompt {}: {}; rows from there on are not compared",

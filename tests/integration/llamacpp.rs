@@ -162,6 +162,64 @@ fn model_info_writes_what_an_external_engine_receives() {
     assert_eq!(missing.code, 2, "{}", missing.stderr);
 }
 
+#[test]
+fn the_adapter_refuses_a_tap_it_cannot_capture() {
+    let Some(exe) = adapter() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (info, tokens, selection) = (
+        dir.path().join("m.json"),
+        dir.path().join("t"),
+        dir.path().join("s.json"),
+    );
+    let o = resbisect(&["model-info", path_str(&smollm2()), "-o", path_str(&info)]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    std::fs::write(&tokens, "1,2,3").unwrap();
+    std::fs::write(&selection, r#"{"resolved_positions": [0, 1, 2]}"#).unwrap();
+    let run = |taps: &str| {
+        let out = dir.path().join(format!("dump-{taps}"));
+        std::process::Command::new(&exe)
+            .args([
+                "--model",
+                path_str(&smollm2()),
+                "--model-info",
+                path_str(&info),
+                "--tokens",
+                path_str(&tokens),
+            ])
+            .args([
+                "--prompt-id",
+                "x",
+                "--layers",
+                "0",
+                "--taps",
+                taps,
+                "--positions",
+                "all",
+            ])
+            .args([
+                "--selection",
+                path_str(&selection),
+                "--out",
+                path_str(&out),
+                "--threads",
+                "1",
+            ])
+            .output()
+            .unwrap()
+    };
+    // An unknown name used to capture nothing and finish as a complete, empty dump.
+    for taps in ["all", "resid_pst", "q,resid_pst"] {
+        let o = run(taps);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{taps}: {stderr}");
+        assert!(
+            stderr.contains("--taps") && stderr.lines().count() == 1,
+            "{taps}: {stderr}"
+        );
+    }
+    assert_eq!(run("q,resid_post").status.code(), Some(0));
+}
+
 /// The knob bugs found exactly against the reference imitating llama.cpp's CPU numerics
 /// (`--profile llamacpp-cpu`) at the default tolerances, and local replay (through the same
 /// profile) naming the same tap inside layer 0.

@@ -22,7 +22,7 @@ if [ -z "$cmake_bin" ]; then
   if ! "$tools/bin/cmake" --version >/dev/null 2>&1; then
     rm -rf "$tools"
     python3 -m venv "$tools"
-    "$tools/bin/python" -m pip install --quiet --disable-pip-version-check --only-binary :all: cmake
+    "$tools/bin/python" -m pip install --quiet --no-cache-dir --disable-pip-version-check --only-binary :all: cmake
   fi
   cmake_bin="$tools/bin/cmake"
 fi
@@ -35,7 +35,7 @@ if [ ! -f "$out/src/.pin" ] || [ "$(cat "$out/src/.pin")" != "$pin" ]; then
   rm -f "$out"/sdist/*.tar.gz
   # --no-binary on the package alone: with :all: pip would also build the sdist's build
   # backend dependencies (cmake, ninja) from source just to read its metadata.
-  python3 -m pip download --quiet --disable-pip-version-check --no-deps --no-binary llama-cpp-python \
+  python3 -m pip download --quiet --no-cache-dir --disable-pip-version-check --no-deps --no-binary llama-cpp-python \
     -d "$out/sdist" "$pin"
   tar -xzf "$out"/sdist/*.tar.gz -C "$out/src" --strip-components=1
   echo "$pin" > "$out/src/.pin"

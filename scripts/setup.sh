@@ -23,7 +23,7 @@ want="$( (cat "$req" "$root/scripts/torch_cpu_stubs.py") | sha256sum | cut -d' '
 openblas="scipy-openblas32==0.3.34.481.3"
 install_openblas() {
   "$venv/bin/python" -m pip show scipy-openblas32 2>/dev/null | grep -qx "Version: ${openblas#*==}" \
-    || "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --only-binary :all: "$openblas"
+    || "$venv/bin/python" -m pip install --quiet --no-cache-dir --disable-pip-version-check --no-deps --only-binary :all: "$openblas"
 }
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then
   install_openblas
@@ -35,7 +35,9 @@ rm -rf "$venv"
 python3 -m venv "$venv"
 # --no-deps: the file is the whole closure; torch's own dependency list would pull
 # the ~5.6 GB of nvidia-* CUDA libraries the tests never use (they run torch on the CPU).
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --only-binary :all: -r "$req"
+# --no-cache-dir: the wheels (torch's alone is ~0.9 GB) are not kept a second time in
+# pip's cache; a CI machine once ran out of disk here.
+"$venv/bin/python" -m pip install --quiet --no-cache-dir --disable-pip-version-check --no-deps --only-binary :all: -r "$req"
 "$venv/bin/python" "$root/scripts/torch_cpu_stubs.py" "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 "$venv/bin/python" -c "import torch, transformers, gguf, safetensors, numpy; torch.nn.Linear(4, 2)(torch.ones(1, 4))"
 install_openblas

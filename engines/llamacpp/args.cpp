@@ -121,6 +121,11 @@ Wanted read_wanted(const Options &o) {
     size_t open = key == std::string::npos ? key : sel.find('[', key);
     if (open == std::string::npos) bad_input("the selection file " + o.selection + " has no resolved_positions array");
     w.positions = integers(sel, open + 1, "selection's resolved_positions");
+    if (w.positions.empty()) bad_input("the selection file " + o.selection + ": resolved_positions is empty");
+    for (size_t i = 1; i < w.positions.size(); i++)
+        if (w.positions[i] <= w.positions[i - 1])
+            bad_input("the selection file " + o.selection + ": resolved_positions must be strictly increasing (" +
+                      std::to_string(w.positions[i - 1]) + " then " + std::to_string(w.positions[i]) + ")");
     return w;
 }
 

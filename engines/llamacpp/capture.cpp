@@ -11,9 +11,15 @@
 //  - `ffn_out-L` names the down projection and then the residual add, which `l_out-L`
 //    renames unless a control vector is applied: the first `ffn_out-L` is `ffn_out`;
 //  - in the last layer, after `attn_out`, and at the output, only the output rows exist
-//    (llama.cpp drops the other rows with inp_out_ids).
+//    (llama.cpp drops the other rows with inp_out_ids);
+//  - `kqv_out-L` is the attention output only when the V cache is not quantized: with a
+//    quantized V cache llama.cpp rotates V by a Hadamard matrix and rotates the attention
+//    output back after `kqv_out-L`, in unnamed nodes (llama-graph.cpp build_attn,
+//    llama_mul_mat_hadamard). So `attn` is taken as what it is by definition, the input
+//    of the attention output projection: src[1] of the MUL_MAT by `blk.L.attn_output.weight`.
 #include "capture.h"
 
+#include <cstdio>
 #include <cstring>
 
 #include "ggml-backend.h"
@@ -22,7 +28,7 @@
 namespace {
 // llama.cpp node base name -> canonical short tap name (crates/taps alias table).
 const std::map<std::string, std::string> LAYER_NODES = {
-    {"attn_norm", "attn_norm"}, {"Vcur", "v"},           {"kqv_out", "attn"},     {"attn_out", "attn_out"},
+    {"attn_norm", "attn_norm"}, {"Vcur", "v"},           {"attn_out", "attn_out"},
     {"ffn_inp", "resid_mid"},   {"ffn_norm", "ffn_norm"}, {"ffn_gate", "ffn_gate"}, {"ffn_up", "ffn_up"},
     {"ffn_swiglu", "ffn_act"},  {"ffn_out", "ffn_out"},  {"l_out", "resid_post"},
     {"sa_out", "resid_mid"},    {"ffn_geglu", "ffn_act"}, {"attn_post_norm", "attn_post_norm"},
@@ -42,6 +48,16 @@ float value_at(const ggml_tensor *t, const std::vector<uint8_t> &bytes, int64_t 
     }
     }
 }
+
+// The layer whose attention output projection `t` is (a MUL_MAT by
+// `blk.L.attn_output.weight`), or -1.
+int attn_projection_layer(const ggml_tensor *t) {
+    if (t->op != GGML_OP_MUL_MAT || !t->src[0] || !t->src[1]) return -1;
+    const char *w = t->src[0]->name;
+    int layer = -1, end = 0;
+    if (std::sscanf(w, "blk.%d.attn_output.weight%n", &layer, &end) == 1 && end > 0 && w[end] == '\0') return layer;
+    return -1;
+}
 }  // namespace
 
 Capture::Capture(std::set<std::string> taps, std::vector<int> layers, const std::vector<int64_t> &positions,
@@ -57,8 +73,10 @@ bool Capture::captures(const std::string &tap) {
     if (named.count(tap)) return true;
     for (const auto &node : LAYER_NODES)
         if (node.second == tap) return true;
-    return false;
+    return tap == "attn";
 }
+
+
 
 std::string Capture::tap_of(const ggml_tensor *t) const {
     std::string name = t->name;
@@ -83,10 +101,15 @@ std::string Capture::tap_of(const ggml_tensor *t) const {
     return short_taps_.count(tap) ? "blk." + std::to_string(layer) + "." + tap : "";
 }
 
+std::string Capture::attn_of(const ggml_tensor *t) const {
+    int layer = attn_projection_layer(t);
+    return layer >= 0 && short_taps_.count("attn") && layers_.count(layer) ? "blk." + std::to_string(layer) + ".attn" : "";
+}
+
 bool Capture::callback(ggml_tensor *t, bool ask, void *self_ptr) {
     Capture &self = *static_cast<Capture *>(self_ptr);
     bool embd = std::strcmp(t->name, "embd") == 0;
-    if (ask) return embd || !self.tap_of(t).empty();
+    if (ask) return embd || !self.tap_of(t).empty() || !self.attn_of(t).empty();
     if (embd) {
         // A new micro-batch: its rows follow the previous one's.
         self.ubatch_start_ = self.next_start_;
@@ -94,17 +117,25 @@ bool Capture::callback(ggml_tensor *t, bool ask, void *self_ptr) {
         self.next_start_ += self.ubatch_tokens_;
         self.ffn_out_seen_.clear();
     }
-    std::string id = self.tap_of(t);
-    if (!id.empty()) self.take(t, id);
+    // The projection's input is still in place (nothing after the projection has run),
+    // one row per row of the projection's output.
+    std::string attn = self.attn_of(t), id = self.tap_of(t);
+    if (!attn.empty()) self.take(t->src[1], attn, t->ne[1]);
+    if (!id.empty()) self.take(t, id, 0);
     if (std::strncmp(t->name, "ffn_out-", 8) == 0) self.ffn_out_seen_.insert(std::atoi(t->name + 8));
     return true;
 }
 
-void Capture::take(const ggml_tensor *t, const std::string &id) {
-    // A row is one token: [width, tokens] nodes and [head_dim, heads, tokens] nodes alike.
-    // (ROPE and reshape outputs are per head even when a micro-batch holds one token).
-    bool per_head = t->op == GGML_OP_ROPE || t->op == GGML_OP_RESHAPE || t->op == GGML_OP_VIEW || t->ne[2] > 1;
-    int64_t width = per_head ? t->ne[0] * t->ne[1] : t->ne[0];
+void Capture::take(const ggml_tensor *t, const std::string &id, int64_t rows) {
+    // A row is one token, the node's elements in logical order: [width, tokens] nodes and
+    // [head_dim, heads, tokens] nodes alike. Without a known row count, the q/k/v
+    // families' ROPE and reshape outputs are per head even when a micro-batch holds one
+    // token.
+    std::string family = id.substr(id.rfind('.') + 1);
+    bool head_family = family == "q" || family == "k" || family == "v" || family == "q_pre_rope" || family == "k_pre_rope";
+    bool per_head =
+        t->ne[2] > 1 || (head_family && (t->op == GGML_OP_ROPE || t->op == GGML_OP_RESHAPE || t->op == GGML_OP_VIEW));
+    int64_t width = rows > 0 ? ggml_nelements(t) / rows : per_head ? t->ne[0] * t->ne[1] : t->ne[0];
     int64_t n_rows = ggml_nelements(t) / width;
     // Which absolute positions the rows stand for: every token of the micro-batch, or
     // only its output rows.
@@ -130,8 +161,10 @@ void Capture::take(const ggml_tensor *t, const std::string &id) {
         if (!keep_[at[r]]) continue;
         std::vector<float> row((size_t)width);
         for (int64_t c = 0; c < width; c++) {
-            int64_t i0 = c % t->ne[0], i1 = per_head ? c / t->ne[0] : r, i2 = per_head ? r : 0;
-            row[c] = value_at(t, bytes, i0, i1, i2, 0);
+            int64_t f = r * width + c;
+            int64_t i0 = f % t->ne[0], i1 = f / t->ne[0] % t->ne[1], i2 = f / (t->ne[0] * t->ne[1]) % t->ne[2],
+                    i3 = f / (t->ne[0] * t->ne[1] * t->ne[2]);
+            row[c] = value_at(t, bytes, i0, i1, i2, i3);
         }
         tap.rows[at[r]] = std::move(row);
     }

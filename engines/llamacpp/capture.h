@@ -38,7 +38,10 @@ class Capture {
   private:
     // The canonical id a node stands for, or "" when it is not wanted.
     std::string tap_of(const ggml_tensor *t) const;
-    void take(const ggml_tensor *t, const std::string &id);
+    // The `attn` tap id `t` carries as its input (t an attention output projection), or "".
+    std::string attn_of(const ggml_tensor *t) const;
+    // Capture t's rows as tap `id`: `rows` of them, or, when 0, as its shape says.
+    void take(const ggml_tensor *t, const std::string &id, int64_t rows);
 
     std::set<std::string> short_taps_;
     std::set<int> layers_;

@@ -107,6 +107,20 @@ std::string decode(llama_context *ctx, const std::vector<uint32_t> &tokens, cons
     return error;
 }
 
+// The positions written, as a position spec of runs ("0..16,820..840", end exclusive):
+// the rows follow the selection file, so the manifest records it, not --positions.
+std::string positions_spec(const std::vector<int64_t> &positions) {
+    std::string spec;
+    for (size_t i = 0; i < positions.size();) {
+        size_t j = i + 1;
+        while (j < positions.size() && positions[j] == positions[j - 1] + 1) j++;
+        spec += (spec.empty() ? "" : ",") + std::to_string(positions[i]);
+        if (j - i > 1) spec += ".." + std::to_string(positions[j - 1] + 1);
+        i = j;
+    }
+    return spec;
+}
+
 std::string json_list(const std::vector<std::string> &items, bool quoted) {
     std::string s = "[";
     for (size_t i = 0; i < items.size(); i++) s += (i ? "," : "") + (quoted ? "\"" + items[i] + "\"" : items[i]);
@@ -196,7 +210,7 @@ int main(int argc, char **argv) {
     rbd_dump d;
     if (rbd_begin_engine(&d, o.out.c_str(), &engine, o.model_info.c_str(), o.prompt_id.c_str(), tokens.data(),
                          tokens.size(), json_list(layer_items, false).c_str(), json_list(tap_items, true).c_str(),
-                         o.positions.c_str())) {
+                         positions_spec(w.positions).c_str())) {
         std::fprintf(stderr, "resbisect-llamacpp: %s\n", rbd_error(&d));
         return 1;
     }

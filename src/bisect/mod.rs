@@ -156,6 +156,10 @@ pub struct BisectReport {
     /// How the oracle's twin set the tolerances, when one ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub twin: Option<String>,
+    /// A divergence local replay does not place in any replayed layer (see
+    /// [`replay_note`]); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_note: Option<String>,
     #[serde(skip)]
     pub final_diff: Option<DiffReport>,
     /// The coarse probe's comparison, for the report's layers × positions plot.
@@ -195,6 +199,7 @@ impl BisectReport {
             reproduce: Vec::new(),
             numerics_note: None,
             twin: None,
+            replay_note: None,
             final_diff: None,
             coarse_diff: None,
         }
@@ -252,27 +257,61 @@ pub fn bisect<'e>(
     std::thread::scope(|scope| search::search(scope, engines, replayer, prompt, config, opts))
 }
 
+/// For a divergence whose local replay finds every replayed layer computing its output
+/// from A's own inputs within tolerance (no layer, and no tap of the suspect layer,
+/// introduces error): the error was carried in from below the replayed layers and grew
+/// on the way. A bug shows as a layer introducing error; rounding noise of an engine that
+/// computes differently by design (8-bit activations) grows like this at sensitive
+/// positions, beyond what the twin met. None when replay did not run or places the error.
+pub fn replay_note(r: &BisectReport) -> Option<String> {
+    let (first, lowest) = (r.first.as_ref()?, r.replay.iter().map(|l| l.layer).min()?);
+    // Only a divergence inside a replayed layer: the embedding and the output head are
+    // not what replay recomputes.
+    let layer = crate::taps::Tap::parse(&first.tap).and_then(|t| t.layer())?;
+    if r.outcome != Outcome::Diverged
+        || !r.replay.iter().any(|l| l.layer == layer)
+        || r.replay.iter().any(|l| l.introduces)
+        || r.replay_taps.iter().any(|t| t.introduces)
+    {
+        return None;
+    }
+    let largest = r.replay.iter().map(|l| l.introduced).fold(0.0f64, f64::max);
+    Some(format!(
+        "local replay finds no replayed layer introducing error (at most {largest:.2e}): {} at position {} is \
+         error carried in from below layer {lowest} and grown on the way; rounding noise does this at \
+         sensitive positions, a bug shows as a layer introducing error. To tell them apart, bisect against a \
+         healthy build of the same engine with the same settings (--oracle external)",
+        first.tap, first.position
+    ))
+}
+
 /// A note for a report whose A is llama.cpp and whose B does not imitate its numerics
 /// ([`crate::diff::profile_note`]), or, when B is not the reference, whose local replay
 /// ran on the exact reference: llama.cpp quantizes each matmul's activations to 8 bits and
 /// stores K and V in f16 by design (docs/profiles.md), so it departs from an exact
-/// reference from layer 0 on whether or not it has a bug. None for any other pair.
+/// reference from layer 0 on whether or not it has a bug. Followed by the settings A ran
+/// with that B's profile does not imitate ([`crate::diff::unimitated_settings_note`]).
+/// None for any other pair.
 pub fn numerics_note(a: &crate::dump::EngineInfo, b: &crate::dump::EngineInfo, replay_oracle: &str) -> Option<String> {
     if a.name != "llama.cpp" {
         return None;
     }
-    if let Some(note) = crate::diff::profile_note(a, b) {
-        return Some(note);
-    }
     let exact_replay = !replay_oracle.is_empty() && !replay_oracle.contains("profile");
-    let backend = if a.backend == "cuda" { "cuda" } else { "cpu" };
-    exact_replay.then(|| {
-        format!(
-            "A is llama.cpp and local replay ran on the exact reference: llama.cpp's own 8-bit activations \
-             and f16 KV cache show in every replayed tap, so replay's first tap off may precede the bug; \
-             rerun with --profile llamacpp-{backend} (docs/profiles.md) to replay through those numerics"
-        )
-    })
+    let numerics = crate::diff::profile_note(a, b).or_else(|| {
+        exact_replay.then(|| {
+            format!(
+                "A is llama.cpp and local replay ran on the exact reference: llama.cpp's own 8-bit activations \
+                 and f16 KV cache show in every replayed tap, so replay's first tap off may precede the bug; \
+                 rerun with --profile {} (docs/profiles.md) to replay through those numerics",
+                crate::diff::llamacpp_profile(a)
+            )
+        })
+    });
+    let notes: Vec<String> = numerics
+        .into_iter()
+        .chain(crate::diff::unimitated_settings_note(a, b))
+        .collect();
+    (!notes.is_empty()).then(|| notes.join(". "))
 }
 
 #[cfg(test)]
@@ -312,7 +351,37 @@ mod tests {
         for (build, profile) in [(&cpu_build, "llamacpp-cpu"), (&cuda_build, "llamacpp-cuda")] {
             let note = numerics_note(build, &exact, "").unwrap();
             assert!(note.contains("profile exact") && note.contains(profile), "{note}");
+            // A diff may hold the reference as A: the note names llama.cpp's side.
+            let reversed = crate::diff::profile_note(&exact, build).unwrap();
+            assert!(
+                reversed.starts_with("B is llama.cpp") && reversed.contains(profile),
+                "{reversed}"
+            );
         }
+    }
+
+    #[test]
+    fn settings_no_profile_imitates_are_named() {
+        let with = |options: serde_json::Value| crate::dump::EngineInfo {
+            options: Some(options),
+            ..engine("llama.cpp", "cpu", None)
+        };
+        let profiled = engine("resbisect-reference", "cpu", Some("llamacpp-cpu"));
+        let plain = with(serde_json::json!({"flash_attn": "off", "cache_type_k": "f16", "cache_type_v": "f16"}));
+        assert_eq!(numerics_note(&plain, &profiled, ""), None);
+        let fa = with(serde_json::json!({"flash_attn": "on", "cache_type_k": "f16", "cache_type_v": "q8_0"}));
+        let note = numerics_note(&fa, &profiled, "").unwrap();
+        assert!(
+            note.contains("flash_attn=on, cache_type_v=q8_0") && note.contains("--oracle external"),
+            "{note}"
+        );
+        // Against the exact reference the profile note comes first, then the settings
+        // are not named (no profile ran to leave them out).
+        let exact = engine("resbisect-reference", "cpu", None);
+        let note = numerics_note(&fa, &exact, "").unwrap();
+        assert!(note.contains("profile exact") && !note.contains("flash_attn"), "{note}");
+        // Against another llama.cpp, its own settings are the oracle's business.
+        assert_eq!(numerics_note(&fa, &with(serde_json::json!({})), ""), None);
     }
 
     #[test]
@@ -321,7 +390,15 @@ mod tests {
         let profiled = engine("resbisect-reference", "cpu", Some("llamacpp-cpu"));
         assert_eq!(crate::diff::profile_note(&llama, &profiled), None);
         let note = crate::diff::twin_note(&llama, &profiled).unwrap();
-        assert!(note.contains("--profile llamacpp-cpu --twin"), "{note}");
+        assert!(
+            note.contains("--profile llamacpp-cpu --twin") && note.starts_with("B imitates"),
+            "{note}"
+        );
+        let reversed = crate::diff::twin_note(&profiled, &llama).unwrap();
+        assert!(
+            reversed.starts_with("A imitates") && reversed.contains("TWIN A"),
+            "{reversed}"
+        );
         let exact = engine("resbisect-reference", "cpu", None);
         assert_eq!(crate::diff::twin_note(&llama, &exact), None);
         let runtime = engine("resbisect-runtime", "cpu", None);

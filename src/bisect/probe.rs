@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::{BisectOptions, Crash, Engines};
 use crate::diff::{self, DiffOptions, DiffReport, Judge};
-use crate::dump::{Dump, MappedFile, PromptRecord, TapView};
+use crate::dump::{Dump, MappedFile, PromptRecord, Status, TapView};
 use crate::engine::{crash_report, Engine};
 use crate::error::{Error, Result};
 use crate::taps::{PositionSpec, Selection, Tap};
@@ -241,7 +241,10 @@ impl<'e> Session<'e> {
                 };
                 ProbeResult::Crashed(c, partial)
             }
-            None => ProbeResult::Compared(self.compare_dumps(purpose, &dirs.a, &dirs.b, judge)?),
+            None => {
+                let asked = sel.positions.resolve(tokens).ok();
+                ProbeResult::Compared(self.compare_dumps(purpose, &dirs.a, &dirs.b, judge, asked.as_deref())?)
+            }
         };
         record.seconds_diff = t0.elapsed().as_secs_f64();
         crate::trace::mark(|| format!("probe {purpose}: compared"));
@@ -313,17 +316,43 @@ impl<'e> Session<'e> {
     }
 
     /// The dumps at `a` and `b` compared as `judge` says, after the twin's dump beside `b`
-    /// is measured; each must hold the residual stream it was asked for.
-    pub(super) fn compare_dumps(&self, purpose: &str, a: &Path, b: &Path, judge: Judge) -> Result<DiffReport> {
+    /// is measured; each must hold the residual stream it was asked for, at the positions
+    /// `asked` (None: every position either holds).
+    pub(super) fn compare_dumps(
+        &self,
+        purpose: &str,
+        a: &Path,
+        b: &Path,
+        judge: Judge,
+        asked: Option<&[usize]>,
+    ) -> Result<DiffReport> {
         self.measure_twin(b)?;
-        self.compare_measured(purpose, a, b, judge)
+        self.compare_measured(purpose, a, b, judge, asked)
     }
 
     /// As [`compare_dumps`](Self::compare_dumps) with the twin's rows already measured
     /// (a streamed probe's joined dumps: every chunk was).
-    pub(super) fn compare_measured(&self, purpose: &str, a: &Path, b: &Path, judge: Judge) -> Result<DiffReport> {
-        let r = diff::diff(&Dump::open(a)?, &Dump::open(b)?, &self.diff_options(judge, b.parent()))?;
-        check_stream_written(&r, purpose)?;
+    pub(super) fn compare_measured(
+        &self,
+        purpose: &str,
+        a: &Path,
+        b: &Path,
+        judge: Judge,
+        asked: Option<&[usize]>,
+    ) -> Result<DiffReport> {
+        let (da, db) = (Dump::open(a)?, Dump::open(b)?);
+        // An engine that ran to the end and captured nothing it was asked for is broken,
+        // not a pair sharing no tap.
+        for (name, d) in [("A", &da), ("B", &db)] {
+            if d.manifest.status == Status::Complete && d.wrote_no_tap() {
+                return Err(Error::engine(format!(
+                    "engine {name} ({}) finished the {purpose} probe without writing any tap it was asked for",
+                    d.manifest.engine.describe()
+                )));
+            }
+        }
+        let r = diff::diff(&da, &db, &self.diff_options(judge, b.parent()))?;
+        check_stream_written(&r, purpose, asked)?;
         Ok(r)
     }
 
@@ -432,9 +461,9 @@ impl<'e> Session<'e> {
     }
 }
 
-/// Layers are judged by their residual stream: a probe whose engine left it out cannot
-/// rule a layer in or out, and must not read as agreement.
-fn check_stream_written(r: &DiffReport, purpose: &str) -> Result<()> {
+/// Layers are judged by their residual stream, at the positions asked for: a probe whose
+/// engine left some out cannot rule a layer in or out, and must not read as agreement.
+fn check_stream_written(r: &DiffReport, purpose: &str, asked: Option<&[usize]>) -> Result<()> {
     for (name, missing) in r
         .prompts
         .iter()
@@ -449,6 +478,25 @@ fn check_stream_written(r: &DiffReport, purpose: &str) -> Result<()> {
             return Err(Error::engine(format!(
                 "engine {name} wrote no {} for the {purpose} probe, which asked for it: layers it leaves out cannot be judged",
                 stream.join(", ")
+            )));
+        }
+    }
+    // Both engines are asked for the same positions: one that leaves some out would hide
+    // a divergence there. (An engine may write more than asked.)
+    for (name, missing) in r
+        .prompts
+        .iter()
+        .flat_map(|p| [("A", &p.positions_missing_in_a), ("B", &p.positions_missing_in_b)])
+    {
+        let missing: Vec<usize> = missing
+            .iter()
+            .copied()
+            .filter(|p| asked.is_none_or(|asked| asked.binary_search(p).is_ok()))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::engine(format!(
+                "engine {name} wrote no rows at positions {} for the {purpose} probe, which asked for them",
+                crate::taps::positions_spec(&missing)
             )));
         }
     }

@@ -256,6 +256,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
             if report.outcome == Outcome::Diverged {
                 report.numerics_note = super::numerics_note(&d.a.engine, &d.b.engine, &report.replay_oracle);
             }
+            report.replay_note = super::replay_note(&report);
         }
         Ok(report)
     }

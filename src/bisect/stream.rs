@@ -112,7 +112,7 @@ impl Session<'_> {
     /// from the first tap on: then the whole prompt's judgement, whichever it is, cannot
     /// move the answer within the prefix, and the stream need not go on to learn it.
     fn floor_agrees(&self, purpose: &str, joined: &Path, r: &DiffReport) -> Result<bool> {
-        let floor = self.compare_measured(purpose, &joined.join("a"), &joined.join("b"), Judge::NoiseFloor)?;
+        let floor = self.compare_measured(purpose, &joined.join("a"), &joined.join("b"), Judge::NoiseFloor, None)?;
         let at = |r: &DiffReport| {
             r.prompts
                 .iter()
@@ -130,7 +130,7 @@ impl Session<'_> {
             join_chunks(&chunks, &self.prompt.id, &dir.join(side))?;
         }
         // The twin measured each chunk as it came: its joined rows would add nothing.
-        let r = self.compare_measured(purpose, &dir.join("a"), &dir.join("b"), self.judge)?;
+        let r = self.compare_measured(purpose, &dir.join("a"), &dir.join("b"), self.judge, None)?;
         Ok((dir.to_path_buf(), r))
     }
 }

@@ -132,7 +132,13 @@ pub(super) fn run(r: BisectRun) -> Result<ExitCode> {
     } else {
         eprintln!("probe dumps kept in {}", opts.work.display());
     }
-    let found = found?;
+    let mut found = found?;
+    // A search that ended before any comparison (an engine crashed in the first probe)
+    // read no dump to name the model from.
+    if found.model.is_empty() {
+        found.model = model.gguf.path.display().to_string();
+        found.fingerprint = model.fingerprint.clone();
+    }
     if r.json {
         println!(
             "{}",

@@ -2,6 +2,8 @@
 //! every tap's rows against its tolerance and noise floor; then what the rows are judged
 //! against, and the first divergence.
 
+use std::collections::BTreeSet;
+
 use rayon::prelude::*;
 
 use super::first::first_divergence;
@@ -32,6 +34,8 @@ struct FileDiff {
     taps: Vec<TapDiff>,
     missing_in_a: Vec<String>,
     missing_in_b: Vec<String>,
+    positions_missing_in_a: Vec<usize>,
+    positions_missing_in_b: Vec<usize>,
     max_pos: Option<usize>,
     bytes: u64,
 }
@@ -63,6 +67,8 @@ fn diff_file(
         .extend(fa.taps.keys().filter(|k| !fb.taps.contains_key(*k)).cloned());
     out.missing_in_a
         .extend(fb.taps.keys().filter(|k| !fa.taps.contains_key(*k)).cloned());
+    out.positions_missing_in_a = positions_lacking(&fb.positions, &fa.positions, limit);
+    out.positions_missing_in_b = positions_lacking(&fa.positions, &fb.positions, limit);
     let (mut ia, mut ib): (Vec<usize>, Vec<usize>) = common_rows(&fa.positions, &fb.positions);
     let below = ia.iter().take_while(|&&i| fa.positions[i] < limit).count();
     ia.truncate(below);
@@ -161,11 +167,14 @@ pub(super) fn diff_prompt(
         .map(|stem| diff_file(a, b, id, stem, limit, engine_dtypes, opts))
         .collect::<Result<Vec<_>>>()?;
     let (mut taps, mut missing_in_a, mut missing_in_b) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut positions_missing_in_a, mut positions_missing_in_b) = (BTreeSet::new(), BTreeSet::new());
     let (mut max_pos, mut bytes) = (None, 0u64);
     for f in files {
         taps.extend(f.taps);
         missing_in_a.extend(f.missing_in_a);
         missing_in_b.extend(f.missing_in_b);
+        positions_missing_in_a.extend(f.positions_missing_in_a);
+        positions_missing_in_b.extend(f.positions_missing_in_b);
         max_pos = max_pos.max(f.max_pos);
         bytes += f.bytes;
     }
@@ -216,6 +225,8 @@ pub(super) fn diff_prompt(
             token_mismatch,
             missing_in_a,
             missing_in_b,
+            positions_missing_in_a: positions_missing_in_a.into_iter().collect(),
+            positions_missing_in_b: positions_missing_in_b.into_iter().collect(),
         },
         bytes,
     ))
@@ -269,6 +280,15 @@ fn systematic_onset(taps: &[TapDiff]) -> Option<usize> {
         }
     }
     onset
+}
+
+/// Positions below `limit` that `have` holds and `lack` does not (both sorted).
+fn positions_lacking(have: &[usize], lack: &[usize], limit: usize) -> Vec<usize> {
+    have.iter()
+        .copied()
+        .take_while(|&p| p < limit)
+        .filter(|p| lack.binary_search(p).is_err())
+        .collect()
 }
 
 /// Row indices (into each file) of the positions both files hold.

@@ -25,7 +25,8 @@ impl RowStat {
     }
 
     pub fn sqnr_db(&self) -> f64 {
-        -20.0 * self.rel_l2.log10()
+        // 0 − x, not −x: a rel L2 of exactly 1 reads 0 dB, not −0.
+        0.0 - 20.0 * self.rel_l2.log10()
     }
 
     /// Whether either side holds a NaN or an infinity in this row.
@@ -395,6 +396,16 @@ pub fn logit_stat(a: &TapView, b: &TapView) -> LogitStat {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sqnr_of_a_row_as_far_off_as_its_norm_reads_plus_zero() {
+        let stat = RowStat {
+            rel_l2: 1.0,
+            ..RowStat::default()
+        };
+        assert!(stat.sqnr_db() == 0.0 && stat.sqnr_db().is_sign_positive());
+        assert_eq!(format!("{:.1}", stat.sqnr_db()), "0.0");
+    }
 
     #[test]
     fn fast_exp_is_accurate() {

@@ -192,6 +192,12 @@ pub struct PromptDiff {
     /// Taps one dump has and the other lacks (a crashed engine's partial dump).
     pub missing_in_a: Vec<String>,
     pub missing_in_b: Vec<String>,
+    /// Positions one dump holds in a file and the other's same file lacks (below a token
+    /// mismatch): not compared.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub positions_missing_in_a: Vec<usize>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub positions_missing_in_b: Vec<usize>,
 }
 
 impl PromptDiff {
@@ -284,31 +290,93 @@ pub fn judgement_note(p: &PromptDiff) -> Option<String> {
     })
 }
 
-/// Why a llama.cpp dump A departs from reference dump B from layer 0 on without any bug: B
-/// computed exactly (profile `exact`), where llama.cpp by design quantizes each matmul's
-/// activations to 8 bits and keeps K and V in f16; or B imitated the other llama.cpp
-/// backend's numerics (`llamacpp-cuda` against a CPU build, or the reverse). Names the
-/// profile to use instead; `None` for every other pair.
-pub fn profile_note(a: &crate::dump::EngineInfo, b: &crate::dump::EngineInfo) -> Option<String> {
-    if a.name != "llama.cpp" || !b.name.starts_with("resbisect-reference") {
-        return None;
+/// The profile that imitates llama.cpp engine `e`'s numerics: `llamacpp-cuda` for its
+/// CUDA build, `llamacpp-cpu` for every other.
+pub(crate) fn llamacpp_profile(e: &crate::dump::EngineInfo) -> &'static str {
+    if e.backend == "cuda" {
+        "llamacpp-cuda"
+    } else {
+        "llamacpp-cpu"
     }
-    let profile = b.profile.as_deref().unwrap_or("exact");
+}
+
+/// Of a pair, the llama.cpp dump and the reference dump with their sides' names (A first
+/// or reversed), when the pair is one.
+fn llamacpp_against_reference<'d>(
+    a: &'d crate::dump::EngineInfo,
+    b: &'d crate::dump::EngineInfo,
+) -> Option<(
+    &'d crate::dump::EngineInfo,
+    &'d crate::dump::EngineInfo,
+    &'static str,
+    &'static str,
+)> {
+    let reference = |e: &crate::dump::EngineInfo| e.name.starts_with("resbisect-reference");
+    if a.name == "llama.cpp" && reference(b) {
+        Some((a, b, "A", "B"))
+    } else if b.name == "llama.cpp" && reference(a) {
+        Some((b, a, "B", "A"))
+    } else {
+        None
+    }
+}
+
+/// Why a llama.cpp dump departs from a reference dump (either side) from layer 0 on without
+/// any bug: the reference computed exactly (profile `exact`), where llama.cpp by design
+/// quantizes each matmul's activations to 8 bits and keeps K and V in f16; or it imitated
+/// the other llama.cpp backend's numerics (`llamacpp-cuda` against a CPU build, or the
+/// reverse). Names the profile to use instead; `None` for every other pair.
+pub fn profile_note(a: &crate::dump::EngineInfo, b: &crate::dump::EngineInfo) -> Option<String> {
+    let (engine, oracle, side, _) = llamacpp_against_reference(a, b)?;
+    let profile = oracle.profile.as_deref().unwrap_or("exact");
+    let own = llamacpp_profile(engine);
     if profile == "exact" {
-        let backend = if a.backend == "cuda" { "cuda" } else { "cpu" };
         return Some(format!(
-            "A is llama.cpp, which by design quantizes each matmul's activations to 8 bits and keeps K and V \
-             in f16, and the oracle computed exactly (profile exact): it departs from layer 0 on even without \
-             a bug; rerun with --profile llamacpp-{backend} (docs/profiles.md) to compare against those numerics"
+            "{side} is llama.cpp, which by design quantizes each matmul's activations to 8 bits and keeps K and V \
+             in f16, and the reference computed exactly (profile exact): it departs from layer 0 on even without \
+             a bug; rerun with --profile {own} (docs/profiles.md) to compare against those numerics"
         ));
     }
     let imitated = profile.strip_prefix("llamacpp-")?;
-    (matches!(a.backend.as_str(), "cpu" | "cuda") && imitated != a.backend).then(|| {
+    (matches!(engine.backend.as_str(), "cpu" | "cuda") && profile != own).then(|| {
         format!(
-            "A is llama.cpp's {backend} build, but the oracle imitated its {imitated} numerics (profile \
-             llamacpp-{imitated}): the two round differently from layer 0 on even without a bug; rerun with \
-             --profile llamacpp-{backend} (docs/profiles.md)",
-            backend = a.backend
+            "{side} is llama.cpp's {backend} build, but the reference imitated its {imitated} numerics (profile \
+             {profile}): the two round differently from layer 0 on even without a bug; rerun with \
+             --profile {own} (docs/profiles.md)",
+            backend = engine.backend
+        )
+    })
+}
+
+/// For llama.cpp against a reference imitating its numerics (a profile other than
+/// exact): the settings llama.cpp recorded that no profile imitates, which move its rows
+/// by design. Flash attention: its CPU kernel rounds q to f16 and accumulates V in f16
+/// below 64-row micro-batches, and keeps q and the softmax in f32 above (ggml-cpu ops.cpp
+/// `ggml_compute_forward_flash_attn_ext_f16`), where the profile follows the unfused
+/// graph. A quantized KV cache: rounded to its type, and Hadamard-rotated first
+/// (llama-kv-cache.cpp `attn_rot_k`/`attn_rot_v`), where the profile keeps K and V in f16.
+/// `None` when there are none.
+pub fn unimitated_settings_note(a: &crate::dump::EngineInfo, b: &crate::dump::EngineInfo) -> Option<String> {
+    let (engine, oracle, side, _) = llamacpp_against_reference(a, b)?;
+    oracle.profile.as_deref().filter(|p| *p != "exact")?;
+    let options = engine.options.as_ref()?;
+    let option = |key: &str| options.get(key).and_then(|v| v.as_str()).unwrap_or_default();
+    let mut settings = Vec::new();
+    if matches!(option("flash_attn"), "on" | "auto") {
+        settings.push(format!("flash_attn={}", option("flash_attn")));
+    }
+    for key in ["cache_type_k", "cache_type_v"] {
+        if !matches!(option(key), "" | "f16") {
+            settings.push(format!("{key}={}", option(key)));
+        }
+    }
+    (!settings.is_empty()).then(|| {
+        format!(
+            "{side} (llama.cpp) ran with {}, which the reference's profile does not imitate (it follows llama.cpp \
+             without flash attention, with an f16 KV cache): attention and what follows may diverge by that \
+             setting alone; to tell it from a bug, bisect against a healthy llama.cpp with the same settings \
+             (--oracle external --oracle-command ...; docs/llamacpp.md)",
+            settings.join(", ")
         )
     })
 }
@@ -318,15 +386,14 @@ pub fn profile_note(a: &crate::dump::EngineInfo, b: &crate::dump::EngineInfo) ->
 /// rows in the engine than in the reference past layer 0, which only tolerances from the
 /// profile's twin take in (what bisect uses). `None` otherwise.
 pub(crate) fn twin_note(a: &crate::dump::EngineInfo, b: &crate::dump::EngineInfo) -> Option<String> {
-    let profile = b.profile.as_deref().filter(|p| *p != "exact")?;
-    (a.name == "llama.cpp" && b.name.starts_with("resbisect-reference")).then(|| {
-        format!(
-            "B imitates an engine's rounding (profile {profile}) at uncalibrated tolerances: past layer 0, \
-             8-bit rounding flips land on other rows than the engine's and read as divergence; judge against \
-             tolerances from B's twin (dump --profile {profile} --twin, then calibrate TWIN B --quantile 1 \
-             --margin 4 --floor 1e-3; docs/profiles.md), as bisect does"
-        )
-    })
+    let (_, oracle, _, side) = llamacpp_against_reference(a, b)?;
+    let profile = oracle.profile.as_deref().filter(|p| *p != "exact")?;
+    Some(format!(
+        "{side} imitates an engine's rounding (profile {profile}) at uncalibrated tolerances: past layer 0, \
+         8-bit rounding flips land on other rows than the engine's and read as divergence; judge against \
+         tolerances from the reference's twin (dump --profile {profile} --twin, then calibrate TWIN {side} \
+         --quantile 1 --margin 4 --floor 1e-3; docs/profiles.md), as bisect does"
+    ))
 }
 
 /// Compare dump `a` (engine under test) with dump `b` (the reference).
@@ -367,9 +434,19 @@ pub fn diff_paired(a: &Dump, b: &Dump, opts: &DiffOptions, pairs: &[(String, Str
     // Two finished dumps that share no tap compared nothing: that is no verdict.
     let complete = ma.status == Status::Complete && mb.status == Status::Complete;
     if complete && prompts.iter().all(|p| p.taps.is_empty() && p.token_mismatch.is_none()) {
-        return Err(crate::error::Error::input(
-            "A and B share no tap at the same layer: nothing was compared (dump both with the same --layers and --taps)",
-        ));
+        let empty: Vec<&str> = [("A", a), ("B", b)]
+            .into_iter()
+            .filter(|(_, d)| d.wrote_no_tap())
+            .map(|(name, _)| name)
+            .collect();
+        return Err(crate::error::Error::input(match empty.as_slice() {
+            [] => "A and B share no tap at the same layer: nothing was compared (dump both with the same --layers and --taps)".to_string(),
+            [side] => format!(
+                "{side} ({}) finished without writing any tap: nothing was compared (its engine captured none of the taps it was asked for)",
+                if *side == "A" { &ma.engine } else { &mb.engine }.describe()
+            ),
+            _ => "neither A nor B wrote any tap: nothing was compared".to_string(),
+        }));
     }
     // Under a profile the generic f32 noise floor does not apply (its twin's tolerances
     // do): no hint of a systematic error below tolerance from that floor.
@@ -393,6 +470,7 @@ pub fn diff_paired(a: &Dump, b: &Dump, opts: &DiffOptions, pairs: &[(String, Str
         let uncalibrated = opts.tolerances.calibration.is_none();
         let (ea, eb) = (&ma.engine, &mb.engine);
         notes.extend(profile_note(ea, eb).or_else(|| uncalibrated.then(|| twin_note(ea, eb)).flatten()));
+        notes.extend(unimitated_settings_note(ea, eb));
     }
     Ok(DiffReport {
         version: 1,

@@ -169,6 +169,15 @@ impl Dump {
         Ok(out)
     }
 
+    /// Whether no prompt of the dump holds a single tap file: an engine that finished
+    /// without capturing anything it was asked for.
+    pub fn wrote_no_tap(&self) -> bool {
+        self.manifest
+            .prompts
+            .iter()
+            .all(|p| self.files(&p.id).is_ok_and(|f| f.is_empty()))
+    }
+
     /// The last tap, in topological order, of any whole file of the dump's first prompt:
     /// how far an engine that failed or was killed got.
     pub fn last_tap_on_disk(&self) -> Option<String> {

@@ -45,7 +45,7 @@ pub fn bisect_summary(r: &BisectReport) -> String {
         let _ = writeln!(s, "TOKENS DIFFER: {}", m.describe());
     }
     first_summary(&mut s, r);
-    if let Some(note) = &r.numerics_note {
+    for note in [&r.numerics_note, &r.replay_note].into_iter().flatten() {
         let _ = writeln!(s, "note: {note}");
     }
     if let Some(twin) = &r.twin {
@@ -202,7 +202,7 @@ fn md_findings(s: &mut String, r: &BisectReport) {
     if let Some(m) = &r.token_mismatch {
         let _ = writeln!(s, "- **tokens differ**: {}", md_text(&m.describe()));
     }
-    if let Some(note) = &r.numerics_note {
+    for note in [&r.numerics_note, &r.replay_note].into_iter().flatten() {
         let _ = writeln!(s, "- note: {}", md_text(note));
     }
     if let Some(twin) = &r.twin {

@@ -76,6 +76,16 @@ fn prompt_summary(s: &mut String, p: &PromptDiff) {
             abbreviate(&p.missing_in_b)
         );
     }
+    for (side, missing) in [("A", &p.positions_missing_in_a), ("B", &p.positions_missing_in_b)] {
+        if !missing.is_empty() {
+            let _ = writeln!(
+                s,
+                "  positions missing in {side} ({}, not compared): {}",
+                missing.len(),
+                crate::taps::positions_spec(missing)
+            );
+        }
+    }
 }
 
 /// The first divergence of prompt `p`: where, by how much, and how the error grows.

@@ -71,6 +71,14 @@ pub fn html(r: &DiffReport) -> Result<String> {
                 html_escape(&abbreviate(&p.missing_in_b))
             );
         }
+        if !p.positions_missing_in_a.is_empty() || !p.positions_missing_in_b.is_empty() {
+            let _ = write!(
+                s,
+                "<p>positions not compared, missing in A: {} · missing in B: {}</p>",
+                crate::taps::positions_spec(&p.positions_missing_in_a),
+                crate::taps::positions_spec(&p.positions_missing_in_b)
+            );
+        }
     }
     s.push_str("</body></html>\n");
     Ok(s)

@@ -311,6 +311,9 @@ fn a_crash_is_a_result_naming_the_last_tap_written() {
     assert_eq!(code, 3, "{r}");
     assert_eq!(r["outcome"], "crashed");
     assert_eq!(r["crash"]["engine"], "A");
+    // The report names the model even when no comparison ran.
+    assert!(r["model"].as_str().unwrap().ends_with(".gguf"), "{r}");
+    assert_eq!(r["fingerprint"].as_str().map(str::len), Some(32), "{r}");
     // The coarse probe dumps layers 0, 1, 2, 4, …: layer 2 was the last file written.
     assert_eq!(r["crash"]["error"]["tap"], "blk.2.resid_post", "{}", r["crash"]);
     assert!(

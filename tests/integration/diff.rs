@@ -143,6 +143,57 @@ fn injected_faults_on_smollm2_are_named_exactly() {
     assert!(report["bytes_compared"].as_u64().unwrap() > 100_000_000);
 }
 
+/// What one side left out is said, never compared silently: positions only one dump
+/// holds are listed as not compared, and a finished dump without a single tap file is
+/// named as the side that wrote nothing.
+#[test]
+fn what_one_side_left_out_is_named() {
+    let s = Suite::new();
+    let model = tiny_model(s.dir.path(), "q8_0", 23);
+    let dump = |name: &str, positions: &str| {
+        let out = s.path(name);
+        dump_ok(&[
+            "dump",
+            "--model",
+            path_str(&model),
+            "--tokens",
+            "5,6,7,8,9,10,11,12",
+            "--taps",
+            "resid_post",
+            "--positions",
+            positions,
+            "-o",
+            path_str(&out),
+        ]);
+        out
+    };
+    let a = dump("a", "0..8");
+    let b = dump("b", "0..3,5");
+    let (code, r) = diff_json(&a, &b, &[]);
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(
+        r["prompts"][0]["positions_missing_in_b"],
+        serde_json::json!([3, 4, 6, 7])
+    );
+    let out = resbisect(&["diff", path_str(&a), path_str(&b)]);
+    assert!(
+        out.stdout
+            .contains("positions missing in B (4, not compared): 3..5,6..8"),
+        "{}",
+        out.stdout
+    );
+    // A finished dump whose tap files are gone: the side that wrote nothing is named.
+    let empty = dump("empty", "0..8");
+    std::fs::remove_dir_all(empty.join("data")).unwrap();
+    let out = resbisect(&["diff", path_str(&empty), path_str(&b)]);
+    assert_refused(&out, "A (");
+    assert!(
+        out.stderr.contains("finished without writing any tap"),
+        "{}",
+        out.stderr
+    );
+}
+
 #[test]
 fn mismatched_inputs_are_refused() {
     let s = Suite::new();

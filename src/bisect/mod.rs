@@ -399,6 +399,13 @@ mod tests {
             reversed.starts_with("A imitates") && reversed.contains("TWIN A"),
             "{reversed}"
         );
+        // The twin itself is not the oracle to compare llama.cpp with.
+        let twin = EngineInfo {
+            options: Some(serde_json::json!({"twin": "projections and attention in f64"})),
+            ..profiled.clone()
+        };
+        let note = crate::diff::twin_note(&llama, &twin).unwrap();
+        assert!(note.starts_with("B is the profile's twin"), "{note}");
         let exact = engine("resbisect-reference", "cpu", None);
         assert_eq!(crate::diff::twin_note(&llama, &exact), None);
         let runtime = engine("resbisect-runtime", "cpu", None);

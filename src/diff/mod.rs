@@ -388,6 +388,14 @@ pub fn unimitated_settings_note(a: &crate::dump::EngineInfo, b: &crate::dump::En
 pub(crate) fn twin_note(a: &crate::dump::EngineInfo, b: &crate::dump::EngineInfo) -> Option<String> {
     let (_, oracle, _, side) = llamacpp_against_reference(a, b)?;
     let profile = oracle.profile.as_deref().filter(|p| *p != "exact")?;
+    if oracle.options.as_ref().is_some_and(|o| o.get("twin").is_some()) {
+        return Some(format!(
+            "{side} is the profile's twin (dump --twin), which measures the profile's own rounding noise: \
+             compare llama.cpp with the profiled reference (dump --profile {profile}) under tolerances \
+             calibrated from the twin against it (calibrate TWIN REFERENCE --quantile 1 --margin 4 \
+             --floor 1e-3; docs/profiles.md)"
+        ));
+    }
     Some(format!(
         "{side} imitates an engine's rounding (profile {profile}) at uncalibrated tolerances: past layer 0, \
          8-bit rounding flips land on other rows than the engine's and read as divergence; judge against \

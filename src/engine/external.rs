@@ -129,13 +129,19 @@ pub fn identified(label: &str, engine: &EngineInfo) -> String {
 
 impl Engine for ExternalEngine {
     fn label(&self) -> String {
-        // The program and its first argument (often the script an interpreter runs).
-        let words: Vec<&str> = self
-            .template
-            .split_whitespace()
-            .filter(|w| !w.contains('='))
-            .take(2)
-            .collect();
+        // The program and the arguments that are not the protocol's placeholders (with
+        // their option names): the knobs that tell two runs of one program apart.
+        let mut words: Vec<&str> = Vec::new();
+        // Leading `VAR=value` words set the environment; the program comes after them.
+        for w in self.template.split_whitespace().skip_while(|w| w.contains('=')) {
+            if w.contains('{') {
+                if words.len() > 1 && words.last().is_some_and(|last| last.starts_with('-')) {
+                    words.pop();
+                }
+            } else {
+                words.push(w);
+            }
+        }
         format!("{LABEL_PREFIX}{}", words.join(" "))
     }
 

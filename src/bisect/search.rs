@@ -71,13 +71,15 @@ struct Coarse {
     whole_prompt: bool,
 }
 
-/// What the coarse probe, and under a twin layer 0's taps, narrowed the search to.
+/// What the coarse probe, and under a twin the taps of each attention kind's first layer,
+/// narrowed the search to.
 enum Narrowed {
     /// The first coarse layer whose residual stream diverges: the layers below it are
     /// searched.
     Layers(Box<Coarse>),
-    /// A tap inside layer 0 diverges while the residual stream stays within tolerance.
-    Layer0(Box<Suspect>),
+    /// A tap inside the first layer of an attention kind (layer 0, Gemma 3's first global
+    /// layer) diverges while the residual stream stays within tolerance.
+    FirstLayers(Box<Suspect>),
 }
 
 /// The first divergent layer and where its residual stream first leaves B's.
@@ -115,6 +117,8 @@ pub(super) struct Search<'s, 'r, 'e> {
     /// The layer taps this model has (a llama model has no Gemma post norms): what the
     /// suspect layer's probe asks for, so its reproduce commands ask for no more.
     layer_taps: Vec<&'static str>,
+    /// The first layer of each attention kind (see [`first_layer_of_each_kind`]).
+    kind_firsts: Vec<usize>,
     pub(super) report: BisectReport,
     start: Instant,
     /// The commands that reproduce the finding: the probe whose comparison the report shows.
@@ -123,6 +127,21 @@ pub(super) struct Search<'s, 'r, 'e> {
     pub(super) preload: Option<Preload<'s>>,
     /// Replay, running during the all-taps probe.
     pub(super) early_replay: Option<ScopedJoinHandle<'s, Result<ReplayRun>>>,
+}
+
+/// The first layer of each attention kind (its sliding window and RoPE base): layer 0
+/// alone for most models, 0 and 5 for Gemma 3 270M (five local layers, then a global one).
+fn first_layer_of_each_kind(config: &Config) -> Vec<usize> {
+    let mut kinds = Vec::new();
+    let mut firsts = Vec::new();
+    for layer in 0..config.n_layer {
+        let kind = (config.window_of(layer), config.rope_base_of(layer).to_bits());
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
+            firsts.push(layer);
+        }
+    }
+    firsts
 }
 
 /// Run the search on one prompt; replay's threads run in `scope`.
@@ -169,6 +188,7 @@ pub(super) fn search<'s, 'r: 's, 'e>(
             .copied()
             .filter(|t| LayerTap::from_name(t).is_some_and(|t| t.in_model(config)))
             .collect(),
+        kind_firsts: first_layer_of_each_kind(config),
         report,
         start,
         suspect_reproduce: None,
@@ -184,7 +204,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
     /// prompt does not reproduce the divergence.
     fn run(&mut self) -> Flow<()> {
         let mut suspect = match self.coarse()? {
-            Narrowed::Layer0(suspect) => *suspect,
+            Narrowed::FirstLayers(suspect) => *suspect,
             Narrowed::Layers(coarse) => self.suspect_below(&coarse)?,
         };
         self.report.prefix = suspect.prefix;
@@ -315,8 +335,8 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
             self.session.note(format!(
                 "no divergence at embed, resid_post of layers {coarse:?}, final_norm or logits"
             ));
-            if let Some(suspect) = self.inside_layer_0()? {
-                return Ok(Narrowed::Layer0(Box::new(suspect)));
+            if let Some(suspect) = self.inside_first_layers(self.n_layer)? {
+                return Ok(Narrowed::FirstLayers(Box::new(suspect)));
             }
             return self.coarse_clean(r, &coarse, logits_here, &drift);
         };
@@ -352,8 +372,8 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
             bad_layers_line(&r, &coarse)
         ));
         if hi > 0 {
-            if let Some(suspect) = self.inside_layer_0()? {
-                return Ok(Narrowed::Layer0(Box::new(suspect)));
+            if let Some(suspect) = self.inside_first_layers(hi)? {
+                return Ok(Narrowed::FirstLayers(Box::new(suspect)));
             }
         }
         Ok(Narrowed::Layers(Box::new(Coarse {
@@ -372,19 +392,30 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
     /// ~1e-6. A bug that acts in every layer (RoPE, the KV cache, a norm) shows there
     /// first and clearly, yet can stay inside the residual stream's tolerance at every
     /// layer: llama.cpp CUDA with its RoPE base at 10000 passed a 128-token coarse probe
-    /// (docs/validation.md). Some: layer 0 as the suspect, with its first divergent tap.
-    fn inside_layer_0(&mut self) -> Flow<Option<Suspect>> {
+    /// (docs/validation.md). A bug that acts in every layer of one attention kind (the
+    /// RoPE base of Gemma 3's global layers) starts at that kind's first layer: the probe
+    /// takes the first layer of each kind below `below`. Some: the first layer with a
+    /// divergent tap as the suspect.
+    fn inside_first_layers(&mut self, below: usize) -> Flow<Option<Suspect>> {
         if self.session.twin.is_none() {
             return Ok(None);
         }
         let n = self.n;
-        let taps_diff = self.probe("taps-0", n, selection(vec![0], &self.layer_taps, &Rows::All, n))?;
+        let layers: Vec<usize> = self.kind_firsts.iter().copied().filter(|&l| l < below).collect();
+        let names: Vec<String> = layers.iter().map(usize::to_string).collect();
+        let purpose = format!("taps-{}", names.join("+"));
+        let taps_diff = self.probe(&purpose, n, selection(layers.clone(), &self.layer_taps, &Rows::All, n))?;
+        let which = match layers.as_slice() {
+            [only] => format!("layer {only}"),
+            _ => format!("layers {} (the first of each attention kind)", names.join(" and ")),
+        };
         let Some(first) = first_of(&taps_diff) else {
             self.session
-                .note("every tap of layer 0 agrees at every position".into());
+                .note(format!("every tap of {which} agrees at every position"));
             return Ok(None);
         };
-        let id = resid_post(0);
+        let layer = Tap::parse(&first.tap).and_then(|t| t.layer()).unwrap_or(0);
+        let id = resid_post(layer);
         let rows = |side: &str| {
             self.session
                 .rows(side, &id, n)?
@@ -398,12 +429,12 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
             .map_or(0.0, |t| t.tolerance.rel_l2);
         let at = replay_positions(&rows("a")?, &rows("b")?, self.n_embd, tolerance, Some(first.position));
         self.session.note(format!(
-            "inside layer 0, {} diverges first, at position {} (every position probed)",
+            "inside layer {layer}, {} diverges first, at position {} (every position of {which} probed)",
             first.tap, first.position
         ));
-        self.preload_replay(0);
+        self.preload_replay(layer);
         Ok(Some(Suspect {
-            layer: 0,
+            layer,
             prefix: n,
             at,
             window: 0,

@@ -75,6 +75,14 @@ pub(super) fn run(r: BisectRun) -> Result<ExitCode> {
             r.len()
         ))
     })?;
+    // A suite's token ids belong to the tokenizer they were written with; on another
+    // model they are still a valid comparison of two engines, but not of its text.
+    let foreign_tokens = prompt.text.as_ref().is_some_and(|text| {
+        resbisect::tokenizer::Tokenizer::from_gguf(&model.gguf)
+            .and_then(|t| t.encode(text))
+            .is_ok_and(|own| own != prompt.tokens)
+    });
+    let prompt_id = prompt.id.clone();
     let (spec_a, spec_b) = &r.engines;
     resbisect::inject::check_reach(&spec_a.injections, prompt.tokens.len())?;
     if spec_a.is_same_engine_as(spec_b) {
@@ -133,6 +141,12 @@ pub(super) fn run(r: BisectRun) -> Result<ExitCode> {
         eprintln!("probe dumps kept in {}", opts.work.display());
     }
     let mut found = found?;
+    if foreign_tokens {
+        eprintln!(
+            "note: prompt {prompt_id}: its token ids are not this model's tokenization of its text (written for \
+             another tokenizer?); both engines ran them as given"
+        );
+    }
     // A search that ended before any comparison (an engine crashed in the first probe)
     // read no dump to name the model from.
     if found.model.is_empty() {

@@ -397,8 +397,9 @@ pub(crate) fn twin_note(a: &crate::dump::EngineInfo, b: &crate::dump::EngineInfo
         ));
     }
     Some(format!(
-        "{side} imitates an engine's rounding (profile {profile}) at uncalibrated tolerances: past layer 0, \
-         8-bit rounding flips land on other rows than the engine's and read as divergence; judge against \
+        "{side} imitates an engine's rounding (profile {profile}) at uncalibrated tolerances: 8-bit rounding \
+         flips (from layer 0's first quantized matmul on) land on other rows than the engine's and read as \
+         divergence; judge against \
          tolerances from the reference's twin (dump --profile {profile} --twin, then calibrate TWIN {side} \
          --quantile 1 --margin 4 --floor 1e-3; docs/profiles.md), as bisect does"
     ))

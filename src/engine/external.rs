@@ -177,12 +177,23 @@ impl Engine for ExternalEngine {
                 last.join(" | ")
             };
             // Exit 2 is the usage error of resbisect's contract (and of argparse, getopt
-            // tools): the engine refused its options or input, it did not crash.
-            if status.code() == Some(2) {
-                return Err(Error::input(format!(
-                    "the external engine refused its input (exit 2): {tail} (log: {})",
-                    log.display()
-                )));
+            // tools): the engine refused its options or input, it did not crash. 126 and
+            // 127 are the shell's: the command is not executable or not found.
+            match status.code() {
+                Some(2) => {
+                    return Err(Error::input(format!(
+                        "{} refused its input (exit 2): {tail} (log: {})",
+                        self.label(),
+                        log.display()
+                    )))
+                }
+                Some(code @ (126 | 127)) => {
+                    return Err(Error::input(format!(
+                        "{}: the command could not run (shell exit {code}): {tail}",
+                        self.label()
+                    )))
+                }
+                _ => {}
             }
             return Err(Error::engine(format!(
                 "external engine {status}: {tail} (log: {})",

@@ -13,7 +13,13 @@ use super::{Profile, RefSpec};
 /// printed whether or not `resbisect` is on PATH (after `cargo run`, for one).
 pub fn resbisect_command() -> String {
     match std::env::current_exe() {
-        Ok(exe) => shell_quote(&exe.to_string_lossy()),
+        // Linux reads the path from /proc/self/exe, which appends " (deleted)" once the
+        // file was replaced (a rebuild during a long bisect): the path is still the one
+        // to run.
+        Ok(exe) => {
+            let path = exe.to_string_lossy();
+            shell_quote(path.strip_suffix(" (deleted)").unwrap_or(&path))
+        }
         Err(_) => "resbisect".to_string(),
     }
 }

@@ -111,9 +111,14 @@ fn first_divergence_summary(s: &mut String, p: &PromptDiff, f: &FirstDivergence)
             -k
         );
     }
+    // What the row was judged against: the tolerance, or the noise-floor threshold.
+    let threshold = match p.judged {
+        Judgement::Tolerance => "tolerance",
+        Judgement::NoiseFloor => "noise-floor threshold",
+    };
     let _ = writeln!(
             s,
-            "  rel_l2 {}  max_abs {}  cosine {:.6}  nmse {}  sqnr {:.1} dB  non-finite A/B {}/{}  (tolerance rel_l2 {}, abs {})",
+            "  rel_l2 {}  max_abs {}  cosine {:.6}  nmse {}  sqnr {:.1} dB  non-finite A/B {}/{}  ({threshold} rel_l2 {}, abs {})",
             sci(m.rel_l2), sci(m.max_abs), m.cosine, sci(m.nmse), m.sqnr_db, m.nonfinite_a, m.nonfinite_b, sci(f.tolerance.rel_l2), sci(f.tolerance.abs)
         );
     if let Some(l) = &m.logits {

@@ -398,8 +398,10 @@ fn an_external_engine_refusing_its_input_is_a_usage_error_with_its_log_kept() {
     ]);
     assert_eq!(out.code, 2, "{}", out.stderr);
     let error = out.stderr.lines().last().unwrap_or_default();
+    // The engine is named by its program and knobs, so A can be told from B.
     assert!(
-        error.starts_with("error: the external engine refused its input (exit 2)"),
+        error.starts_with("error: external echo unknown option --frobnicate")
+            && error.contains("refused its input (exit 2)"),
         "{}",
         out.stderr
     );
@@ -407,4 +409,23 @@ fn an_external_engine_refusing_its_input_is_a_usage_error_with_its_log_kept() {
     let text = std::fs::read_to_string(log).unwrap_or_else(|e| panic!("{log}: {e}"));
     assert!(text.contains("unknown option --frobnicate"), "{text}");
     let _ = std::fs::remove_dir_all(std::path::Path::new(log).parent().unwrap().parent().unwrap());
+    // A command that does not exist is bad input too, not an engine crash.
+    let out = resbisect(&[
+        "bisect",
+        "--model",
+        path_str(&model),
+        "--tokens",
+        "1,2,3",
+        "--engine",
+        "external",
+        "--command",
+        "/nonexistent/engine --out {out}",
+    ]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    let error = out.stderr.lines().last().unwrap_or_default();
+    assert!(
+        error.starts_with("error: external /nonexistent/engine: the command could not run (shell exit 127)"),
+        "{}",
+        out.stderr
+    );
 }

@@ -246,6 +246,49 @@ fn llamacpp_knob_bugs_are_found_exactly_against_the_llamacpp_cpu_profile() {
     }
 }
 
+/// llama.cpp's `--rope-freq-base` sets the base of Gemma 3's global layers only (its local
+/// layers keep theirs), so a wrong base acts first in layer 5, the first global layer,
+/// inside the residual stream's tolerance everywhere: bisect used to say "no divergence"
+/// (exit 0) for bases 10× and 100× off. The probe of each attention kind's first layer
+/// names blk.5.q (at position 3 for 10000 here: the tolerance of layer 5's q is already
+/// the 8-bit noise that layers 1–4 carry in, 0.146; a base 10% off stays inside it).
+#[test]
+fn a_wrong_rope_base_of_gemma3s_global_layers_is_named_in_the_first_global_layer() {
+    let Some(exe) = adapter() else { return };
+    let text = std::fs::read_to_string(prompts())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|r| r["id"] == "p6_len_128")
+        .unwrap()["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = resbisect(&[
+        "bisect",
+        "--model",
+        path_str(&gemma3()),
+        "--prompt",
+        &text,
+        "--engine",
+        "external",
+        "--command",
+        &command(&exe, "--rope-freq-base 10000"),
+        "--profile",
+        "llamacpp-cpu",
+        "--no-replay",
+        "--json",
+        "--work",
+        path_str(&dir.path().join("work")),
+    ]);
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    let r: Value = serde_json::from_str(&out.stdout).unwrap();
+    let (tap, position) = first(&r);
+    assert_eq!(tap, "blk.5.q", "{}", r["first"]);
+    assert!(position < 16, "{}", r["first"]);
+}
+
 /// Flash attention fuses attention into one node, and with a quantized V cache llama.cpp
 /// rotates V by a Hadamard matrix and rotates the attention output back after
 /// `kqv_out-L`: the adapter takes `attn` as the attention output projection's input. A
@@ -359,7 +402,9 @@ fn a_healthy_llamacpp_is_clean_against_the_llamacpp_cpu_profile_on_a_long_prompt
 /// EPYC llama.cpp's rounding noise there grew 18× from layer 2 to 4 (5.7e-3 to 0.104;
 /// the twin's 5×) and crossed the twin's tolerance at blk.5.ffn_post_norm (0.556 against
 /// 0.450), while replay found layers 4–6 computing from their own inputs within 1.1e-3.
-/// So: clean, or a divergence that local replay places in no layer, and says so.
+/// (Probed with every tap of layer 5, the first global layer, the same growth shows at
+/// blk.5.resid_post@104.) So: clean, or a divergence that local replay places in no layer,
+/// and says so.
 /// (The suite's ids are SmolLM2's; any ids serve a healthy-against-healthy check.)
 #[test]
 fn a_healthy_llamacpp_runs_gemma3_clean_against_the_llamacpp_cpu_profile() {
@@ -385,13 +430,16 @@ fn a_healthy_llamacpp_runs_gemma3_clean_against_the_llamacpp_cpu_profile() {
     ]);
     assert!(matches!(out.code, 0 | 1), "{}{}", out.stdout, out.stderr);
     let r: Value = serde_json::from_str(&out.stdout).unwrap();
+    // Layer 0 and the first global layer (5): every tap at every position.
     let probes = r["probes"].as_array().unwrap();
-    assert_eq!(probes[1]["purpose"], "taps-0", "{r}");
-    assert_eq!(
-        probes[1]["finding"], "every tap of layer 0 agrees at every position",
-        "{r}"
-    );
-    if out.code == 1 {
+    assert_eq!(probes[1]["purpose"], "taps-0+5", "{r}");
+    if out.code == 0 {
+        assert_eq!(
+            probes[1]["finding"],
+            "every tap of layers 0 and 5 (the first of each attention kind) agrees at every position",
+            "{r}"
+        );
+    } else {
         let replay = r["replay"].as_array().unwrap();
         assert!(!replay.is_empty(), "{r}");
         assert!(replay.iter().all(|l| l["introduces"] == false), "{r}");

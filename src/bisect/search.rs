@@ -156,20 +156,9 @@ pub(super) fn search<'s, 'r: 's, 'e>(
     let start = Instant::now();
     check_work_dir(&opts.work)?;
     let mut report = BisectReport::new(&prompt, engines.a.label(), engines.b.label());
-    let n_tokens = prompt.tokens.len();
     report.twin = engines.twin.as_ref().map(|t| {
-        // A rounding flip is a rare event per row: a short prompt gives the twin few
-        // chances to show the noise the engine makes (a 1-token prompt of SmolLM2 under
-        // llamacpp-cpu: the twin 1e-7 where llama.cpp flipped to 4.7e-3 at blk.28.v).
-        let few = match n_tokens < super::twin::TWIN_MIN_ROWS {
-            true => format!(
-                "; only {n_tokens} row(s) measured, too few to meet the engine's rare rounding flips: \
-                 a finding past layer 0 may be such a flip"
-            ),
-            false => String::new(),
-        };
         format!(
-            "tolerances measured by the oracle's twin ({}): each tap max(its tolerance, {} × the twin's worst row against the oracle){few}",
+            "tolerances measured by the oracle's twin ({}): each tap max(its tolerance, {} × the twin's worst row against the oracle)",
             t.label(),
             super::twin::TWIN_MARGIN
         )
@@ -277,6 +266,18 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
                 report.numerics_note = super::numerics_note(&d.a.engine, &d.b.engine, &report.replay_oracle);
             }
             report.replay_note = super::replay_note(&report);
+            // A rounding flip is a rare event per row: a short prompt gives the twin few
+            // chances to show the noise the engine makes (a 1-token prompt of SmolLM2 under
+            // llamacpp-cpu: the twin 1e-7 where llama.cpp flipped to 4.7e-3 at blk.28.v).
+            let n_tokens = report.n_tokens;
+            if let (Some(twin), Outcome::Diverged, true) =
+                (&mut report.twin, report.outcome, n_tokens < super::twin::TWIN_MIN_ROWS)
+            {
+                twin.push_str(&format!(
+                    "; only {n_tokens} row(s) measured, too few to meet the engine's rare rounding flips: \
+                     a finding past layer 0 may be such a flip"
+                ));
+            }
         }
         Ok(report)
     }

@@ -233,9 +233,6 @@ impl<B: Backend> PromptRunner for RuntimeRunner<'_, B> {
         on_step: &mut dyn FnMut(),
     ) -> Result<Vec<u32>> {
         let (rt, selection, run, faults) = (self.rt, self.selection, self.run, self.faults);
-        if self.checkpoints.is_some() {
-            rt.backend().expect_many_prefills();
-        }
         // Only a run with an output tap computes every layer, so only its stream is whole.
         let keeps = run.max_tokens == 0 && (selection.wants(&Tap::FinalNorm) || selection.wants(&Tap::Logits));
         let fits = PrefixCheckpoints::<B::Buf>::fits(self.checkpoint_bytes(prompt.tokens.len()));

@@ -175,10 +175,6 @@ pub trait Backend: Send {
     fn reserve_captures(&self, _len: usize, _count: usize) -> Result<()> {
         Ok(())
     }
-    /// A hint that many prefills over the same weights follow (bisect's probes): a
-    /// backend that decodes quantized weights per prefill may keep the decoded copies
-    /// from the first one on, trading memory for time; by default nothing changes.
-    fn expect_many_prefills(&self) {}
 
     /// Rows `ids` of a `[vocab, width]` table.
     fn embed(&self, table: &Self::Buf, width: usize, ids: Src<u32>, out: &mut Self::Buf) -> Result<()>;

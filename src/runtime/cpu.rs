@@ -41,55 +41,65 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub struct CpuBackend {
     dtype: StorageDType,
     step: std::cell::Cell<Step>,
-    /// Bytes still free for prefill's decoded weight copies (see [`CpuQuant`]).
-    dense_budget: std::cell::Cell<u64>,
-    /// Keep decoded copies from the first prefill on, not the second
-    /// ([`Backend::expect_many_prefills`]).
-    keep_from_first: std::cell::Cell<bool>,
 }
 
-/// A quantized weight matrix: its GGUF blocks, and — once a second prefill has decoded
-/// it (the first, when many are expected) and the budget allowed — the decoded copy,
-/// kept so that later prefills (chunked prefill, bisect's streamed chunks and probes) do
-/// not decode the whole matrix again, while a one-chunk run keeps nothing. The copy
-/// holds exactly the values a transient decode would.
-pub struct CpuQuant {
-    blocks: QuantMatrix,
-    decoded_before: std::cell::Cell<bool>,
-    dense: std::cell::OnceCell<Vec<f32>>,
-}
-
-impl From<QuantMatrix> for CpuQuant {
-    fn from(blocks: QuantMatrix) -> Self {
-        Self {
-            blocks,
-            decoded_before: Default::default(),
-            dense: Default::default(),
-        }
-    }
-}
+/// Weight values a prefill tile of a quantized matmul decodes at once (2 MiB of f32):
+/// small enough to stay in the last-level cache between being decoded and being
+/// multiplied, large enough that the activations are packed only every few hundred
+/// output columns.
+const QUANT_TILE_VALUES: usize = 1 << 19;
 
 impl CpuBackend {
     pub fn new(dtype: StorageDType) -> Self {
-        // A quarter of the memory available (1 GiB when unknown), as prefix checkpoints
-        // take: a decoded f32 copy is 4-8× its blocks.
-        let budget = crate::sys::available_memory().map_or(1 << 30, |m| m / 4);
         Self {
             dtype,
             step: Default::default(),
-            dense_budget: std::cell::Cell::new(budget),
-            keep_from_first: Default::default(),
         }
     }
 
     /// Round to the storage dtype (a no-op for f32).
     fn store(&self, v: &mut [f32]) {
-        match self.dtype {
-            StorageDType::F32 => {}
-            StorageDType::F16 => v.par_iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32()),
-            StorageDType::BF16 => v.par_iter_mut().for_each(|x| *x = bf16::from_f32(*x).to_f32()),
+        if self.dtype != StorageDType::F32 {
+            let dtype = self.dtype;
+            v.par_chunks_mut(1 << 14).for_each(|c| round_to(dtype, c));
         }
     }
+}
+
+/// Round `v` to `dtype` in place, on the calling thread.
+fn round_to(dtype: StorageDType, v: &mut [f32]) {
+    match dtype {
+        StorageDType::F32 => {}
+        StorageDType::F16 => v.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32()),
+        StorageDType::BF16 => v.iter_mut().for_each(|x| *x = bf16::from_f32(*x).to_f32()),
+    }
+}
+
+/// `c[i, j] = Σ_c a[i, c] · b[j, c]` for `a` `[m, k]` and `b` `[nb, k]` (row-major, so
+/// `b` is read as its transpose), written at `c` with row stride `ldc`: one matrixmultiply
+/// sgemm on the calling thread. Each output is the same k-ordered sum however a product
+/// is split into such calls by rows or columns.
+///
+/// # Safety
+/// `a` must hold `m·k` values, `b` `nb·k`, and `c` must be valid for writes of `m` rows
+/// of `nb` values `ldc` apart that no other thread touches.
+unsafe fn sgemm_nt(a: *const f32, m: usize, k: usize, b: *const f32, nb: usize, c: *mut f32, ldc: usize) {
+    matrixmultiply::sgemm(
+        m,
+        k,
+        nb,
+        1.0,
+        a,
+        k as isize,
+        1,
+        b,
+        1,
+        k as isize,
+        0.0,
+        c,
+        ldc as isize,
+        1,
+    );
 }
 
 fn check(len: usize, need: usize, what: &str) -> Result<()> {
@@ -105,7 +115,7 @@ impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Table = Vec<f32>;
     type Graph = ();
-    type Quant = CpuQuant;
+    type Quant = QuantMatrix;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -158,29 +168,26 @@ impl Backend for CpuBackend {
         Ok(values)
     }
 
-    fn expect_many_prefills(&self) {
-        self.keep_from_first.set(true);
-    }
-
-    fn upload_quant(&self, name: &str, dtype: GgmlDType, dims: &[usize], data: &[u8]) -> Result<Option<CpuQuant>> {
+    fn upload_quant(&self, name: &str, dtype: GgmlDType, dims: &[usize], data: &[u8]) -> Result<Option<QuantMatrix>> {
         let blocks = QuantType::of(dtype).map(|ty| QuantMatrix::new(name, ty, dims, data));
-        Ok(blocks.transpose()?.map(CpuQuant::from))
+        blocks.transpose()
     }
 
     /// Decode (rows ≤ 4): each output is one pass over a weight row's blocks, decoded
-    /// into f32 as read. Prefill: the matrix decoded whole into a copy rounded to the
-    /// storage dtype (as the GPU's prefill workspace is), then the dense GEMM; the copy
-    /// is kept for the next prefill while the budget lasts.
+    /// into f32 as read. Prefill: tiles of whole weight rows decoded into a per-thread
+    /// buffer, rounded to the storage dtype (as the GPU's prefill workspace is), and
+    /// multiplied at once: the weights are read as blocks and no decoded copy of a matrix
+    /// is ever made, so a 128-row chunk costs its product, not a pass over 4-8× the
+    /// blocks' bytes in fresh memory.
     fn matmul_quant(
         &self,
         x: &Vec<f32>,
-        w: &CpuQuant,
+        w: &QuantMatrix,
         rows: usize,
         k: usize,
         n: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        let (dense, decoded_before, w) = (&w.dense, &w.decoded_before, &w.blocks);
         if (w.n, w.k) != (n, k) {
             return Err(Error::engine(format!(
                 "cpu matmul_quant: a [{}, {}] matrix used as [{n}, {k}]",
@@ -201,26 +208,27 @@ impl Backend for CpuBackend {
             self.store(&mut out[..rows * n]);
             return Ok(());
         }
-        if let Some(kept) = dense.get() {
-            return self.matmul(x, kept, rows, k, n, out);
-        }
-        let decode = || {
-            let mut values = vec![0f32; n * k];
-            values
-                .par_chunks_mut(k)
-                .enumerate()
-                .for_each(|(j, row)| w.decode_row(j, row));
-            self.store(&mut values);
-            values
-        };
-        let bytes = (n * k * std::mem::size_of::<f32>()) as u64;
-        let budget = self.dense_budget.get();
-        let first = !decoded_before.replace(true);
-        if (first && !self.keep_from_first.get()) || bytes > budget {
-            return self.matmul(x, &decode(), rows, k, n, out);
-        }
-        self.dense_budget.set(budget - bytes);
-        self.matmul(x, dense.get_or_init(decode), rows, k, n, out)
+        // At least four tiles per thread, so that the threads finish together.
+        let threads = rayon::current_num_threads().max(1);
+        let per_tile = (QUANT_TILE_VALUES / k).min(n.div_ceil(4 * threads)).max(1);
+        let starts: Vec<usize> = (0..n).step_by(per_tile).collect();
+        let (out_ptr, dtype) = (SharedOut(out.as_mut_ptr()), self.dtype);
+        starts
+            .into_par_iter()
+            .for_each_init(Vec::new, |tile: &mut Vec<f32>, c0| {
+                let out_ptr = &out_ptr;
+                let nb = per_tile.min(n - c0);
+                tile.resize(nb * k, 0.0);
+                for (j, row) in tile.chunks_exact_mut(k).enumerate() {
+                    w.decode_row(c0 + j, row);
+                }
+                round_to(dtype, tile);
+                // SAFETY: x holds rows×k values and tile nb×k (checked and sized above); this
+                // task writes columns c0..c0 + nb of out's rows×n only, disjoint from others'.
+                unsafe { sgemm_nt(x.as_ptr(), rows, k, tile.as_ptr(), nb, out_ptr.0.add(c0), n) };
+            });
+        self.store(&mut out[..rows * n]);
+        Ok(())
     }
 
     fn download(&self, buf: &Vec<f32>, offset: usize, len: usize) -> Result<Vec<f32>> {
@@ -300,8 +308,7 @@ impl Backend for CpuBackend {
         // One sgemm per thread over a block of the longer side: matrixmultiply packs its
         // whole right-hand operand per call, so splitting the rows of a short chunk would
         // pack every weight once per thread (bisect's 128-row chunks); splitting the
-        // columns packs each weight row once. Each output element is the same k-ordered
-        // sum whichever way the product is split.
+        // columns packs each weight row once.
         let threads = rayon::current_num_threads().max(1);
         let (o_rows, o_cols) = if rows >= n {
             (rows.div_ceil(threads), n)
@@ -317,26 +324,19 @@ impl Backend for CpuBackend {
             let (m, nb) = (o_rows.min(rows - r0), o_cols.min(n - c0));
             let out_ptr = &out_ptr;
             // SAFETY: x holds rows×k, w n×k and out rows×n elements (checked above); each
-            // block reads x rows r0.., w rows c0.. (as its transpose, through the strides)
-            // and writes only its own rows × columns of out, disjoint from every other's.
+            // block reads x rows r0.., w rows c0.. and writes only its own rows × columns
+            // of out, disjoint from every other's.
             unsafe {
-                matrixmultiply::sgemm(
+                sgemm_nt(
+                    x.as_ptr().add(r0 * k),
                     m,
                     k,
-                    nb,
-                    1.0,
-                    x.as_ptr().add(r0 * k),
-                    k as isize,
-                    1,
                     w.as_ptr().add(c0 * k),
-                    1,
-                    k as isize,
-                    0.0,
+                    nb,
                     out_ptr.0.add(r0 * n + c0),
-                    n as isize,
-                    1,
-                );
-            }
+                    n,
+                )
+            };
         });
         self.store(&mut out[..rows * n]);
         Ok(())

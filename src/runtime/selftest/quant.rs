@@ -8,14 +8,13 @@ use candle_core::{Device, Tensor};
 
 use super::Checker;
 use crate::error::{Error, Result};
-use crate::quant::QuantType;
+use crate::quant::{QuantMatrix, QuantType};
 use crate::runtime::backend::Backend;
-use crate::runtime::cpu::CpuQuant;
 
 impl<B: Backend> Checker<'_, B> {
     /// A random `[n, k]` matrix quantized to `ty` (by candle, for test data), on the device
     /// and on the `cpu` backend.
-    fn quant_pair(&mut self, ty: QuantType, k: usize, n: usize) -> Result<(B::Quant, CpuQuant)> {
+    fn quant_pair(&mut self, ty: QuantType, k: usize, n: usize) -> Result<(B::Quant, QuantMatrix)> {
         let w = self.random(n * k, 0.05);
         let t = Tensor::from_vec(w, (n, k), &Device::Cpu).map_err(|e| Error::engine(e.to_string()))?;
         let q = QTensor::quantize(&t, ty.ggml()).map_err(|e| Error::engine(format!("quantizing {ty:?}: {e}")))?;

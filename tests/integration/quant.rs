@@ -85,6 +85,26 @@ fn quant_matmul_on_cpu_matches_the_dense_product() {
     }
 }
 
+/// In f16 and bf16 storage, prefill's tiles are rounded as a weight uploaded dense is:
+/// the quantized prefill equals the dense one bit for bit.
+#[test]
+fn quant_prefill_on_cpu_rounds_tiles_as_dense_weights_are_rounded() {
+    let (n, k, rows) = (333, 768, 37);
+    for dtype in [StorageDType::F16, StorageDType::BF16] {
+        let cpu = CpuBackend::new(dtype);
+        for (i, ty) in QuantType::ALL.into_iter().enumerate() {
+            let (m, dense) = quantized(ty, n, k, 300 + i as u64);
+            let mut rng = ChaCha8Rng::seed_from_u64(400 + i as u64);
+            let x: Vec<f32> = (0..rows * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            let (x, w) = (cpu.upload(&x).unwrap(), cpu.upload(&dense).unwrap());
+            let (mut fused, mut plain) = (cpu.alloc(rows * n).unwrap(), cpu.alloc(rows * n).unwrap());
+            cpu.matmul_quant(&x, &m, rows, k, n, &mut fused).unwrap();
+            cpu.matmul(&x, &w, rows, k, n, &mut plain).unwrap();
+            assert_eq!(fused, plain, "{} in {dtype:?}", ty.name());
+        }
+    }
+}
+
 #[test]
 fn quant_rejects_a_matrix_that_is_not_whole_blocks() {
     let err = QuantMatrix::new("blk.0.attn_q.weight", QuantType::Q4K, &[100, 3], &[0u8; 10]).unwrap_err();

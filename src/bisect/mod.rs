@@ -160,6 +160,10 @@ pub struct BisectReport {
     /// [`replay_note`]); absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay_note: Option<String>,
+    /// What the search noticed that changes how the answer reads: an engine that is not
+    /// causal, taps an engine left out before the first divergent one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     #[serde(skip)]
     pub final_diff: Option<DiffReport>,
     /// The coarse probe's comparison, for the report's layers × positions plot.
@@ -200,6 +204,7 @@ impl BisectReport {
             numerics_note: None,
             twin: None,
             replay_note: None,
+            notes: Vec::new(),
             final_diff: None,
             coarse_diff: None,
         }

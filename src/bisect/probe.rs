@@ -340,7 +340,23 @@ impl<'e> Session<'e> {
         judge: Judge,
         asked: Option<&[usize]>,
     ) -> Result<DiffReport> {
-        let (da, db) = (Dump::open(a)?, Dump::open(b)?);
+        // A dump an engine wrote that does not read (a tap of the wrong width, a bad
+        // manifest) is that engine's failure to keep the contract, not bad input.
+        let read = |dir: &Path| -> Result<Dump> {
+            let d = Dump::open(dir)?;
+            for stem in d.files(&self.prompt.id)? {
+                d.map_file(&self.prompt.id, &stem)?;
+            }
+            Ok(d)
+        };
+        let open = |name: &str, dir: &Path| {
+            read(dir).map_err(|e| {
+                Error::engine(format!(
+                    "engine {name} wrote an unreadable dump for the {purpose} probe: {e}"
+                ))
+            })
+        };
+        let (da, db) = (open("A", a)?, open("B", b)?);
         // An engine that ran to the end and captured nothing it was asked for is broken,
         // not a pair sharing no tap.
         for (name, d) in [("A", &da), ("B", &db)] {

@@ -189,9 +189,17 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
             self.replay_rows("b", &out_id, suspect.prefix)?,
         );
         let rep_out = &replay.last().expect("a layer has taps").1;
-        // A row whose input is already non-finite cannot show what the layer adds.
-        let finite_input = |i: usize| in_a[at[i] * n_embd..(at[i] + 1) * n_embd].iter().all(|v| v.is_finite());
-        let (introduced, worst, _) = worst_row(&pick_rows(&out_a, n_embd, at), rep_out, n_embd, &finite_input);
+        // A non-finite input reaches other rows through attention, even earlier ones
+        // (0·NaN in a masked tile, in the engine or in the oracle): past one, a row is
+        // attributable only where both the engine's and the replay's values are finite.
+        let any_nonfinite_input = in_a.iter().any(|v| !v.is_finite());
+        let attributable = |i: usize, dev: &[f32], replayed: &[f32]| {
+            let width = replayed.len() / at.len();
+            let finite = |v: &[f32]| v[i * width..(i + 1) * width].iter().all(|x| x.is_finite());
+            !any_nonfinite_input || (finite(dev) && finite(replayed))
+        };
+        let dev_out = pick_rows(&out_a, n_embd, at);
+        let (introduced, worst, _) = worst_row(&dev_out, rep_out, n_embd, &|i| attributable(i, &dev_out, rep_out));
         let mut introducing_tap = None;
         if l == suspect.layer {
             for (id, values) in replay {
@@ -199,7 +207,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
                     continue;
                 };
                 let width = values.len() / at.len();
-                let (introduced, worst, _) = worst_row(&dev, values, width, &finite_input);
+                let (introduced, worst, _) = worst_row(&dev, values, width, &|i| attributable(i, &dev, values));
                 let tolerance = tolerance_of(&suspect.taps_diff, id).map_or(resid_tol, |t| t.rel_l2);
                 let introduces = introduced.is_nan() || introduced > tolerance;
                 if introduces && introducing_tap.is_none() {
@@ -246,7 +254,7 @@ fn replay_all(engine: &Oracle, layers: &[usize], inputs: &[Vec<f32>], prefix: us
 
 /// Statistics of row `r` of `a` against `b` (rows of `width`), and its rel L2 with any
 /// non-finite value counting as infinite.
-fn row_error(a: &[f32], b: &[f32], width: usize, r: usize) -> (f64, RowStat) {
+pub(super) fn row_error(a: &[f32], b: &[f32], width: usize, r: usize) -> (f64, RowStat) {
     fn view(v: &[f32], width: usize, r: usize) -> TapView<'_> {
         TapView {
             dtype: TapDType::F32,

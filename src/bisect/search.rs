@@ -10,7 +10,7 @@ use super::probe::{selection, ProbeResult, Rows, Session};
 use super::readings::{
     bad_layers_line, first_bad_of, first_bad_position, first_of, has_nonfinite, noise_levels, tap_diverged,
 };
-use super::replay::{replay_layers, replay_positions, Preload, ReplayRun, Replayer};
+use super::replay::{replay_layers, replay_positions, row_error, Preload, ReplayRun, Replayer};
 use super::{check_work_dir, coarse_layers, BisectOptions, BisectReport, Crash, Engines, Outcome};
 use crate::diff::{self, DiffReport, FirstDivergence, Judge, Judgement};
 use crate::dump::PromptRecord;
@@ -589,7 +589,18 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         probed.sort_unstable();
         probed.dedup();
         let sel = selection(vec![hi], &self.layer_taps, &Rows::At(probed.clone()), prefix);
+        // Each engine's rows of the layer over the longer prompt, to compare with the cut's.
+        let cut = prefix < self.n;
+        let longer = if cut {
+            let rows = |side| self.session.rows_at(side, &resid_post(hi), &probed);
+            Some([rows("a")?, rows("b")?])
+        } else {
+            None
+        };
         let taps_diff = self.probe(&format!("taps-{hi}"), prefix, sel)?;
+        if let Some(longer) = longer {
+            self.note_lookahead(hi, prefix, &probed, longer, layer.resid_tolerance)?;
+        }
         let mut suspect = Suspect {
             layer: hi,
             prefix,
@@ -623,8 +634,70 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
             first.position,
             probed.len()
         ));
+        self.note_unobserved(&suspect.taps_diff, &first.tap);
         suspect.first = Some(first);
         Ok(Some(suspect))
+    }
+
+    /// A note for each engine that wrote none of the layer's taps before `first` in the
+    /// layer's order (an external engine may not capture q and k): the divergence can
+    /// begin in a tap it left out, so `first` is only the first one observed.
+    fn note_unobserved(&mut self, taps: &DiffReport, first: &str) {
+        let Some(first_tap) = Tap::parse(first) else { return };
+        for p in &taps.prompts {
+            for (side, missing) in [("A", &p.missing_in_a), ("B", &p.missing_in_b)] {
+                let before: Vec<&str> = missing
+                    .iter()
+                    .filter(|m| Tap::parse(m).is_some_and(|t| t < first_tap))
+                    .map(String::as_str)
+                    .collect();
+                if !before.is_empty() {
+                    self.report.notes.push(format!(
+                        "engine {side} wrote no {}, which come before {first} in the layer: the divergence may begin in one of them",
+                        before.join(", ")
+                    ));
+                }
+            }
+        }
+    }
+
+    /// A note for each engine whose layer-`hi` output at `probed` positions changed when
+    /// the prompt was cut to `prefix` tokens (its rows over the longer prompt: `longer`,
+    /// A's then B's) by more than `tol`: in a causal engine a row depends only on the
+    /// tokens up to it, so such a row looked ahead (a mask off by one, a bidirectional
+    /// layer), typically at the cut's last position.
+    fn note_lookahead(
+        &mut self,
+        hi: usize,
+        prefix: usize,
+        probed: &[usize],
+        longer: [Option<Vec<f32>>; 2],
+        tol: f64,
+    ) -> Result<()> {
+        let tap = resid_post(hi);
+        for (side, longer) in ["a", "b"].into_iter().zip(longer) {
+            let (Some(longer), Some(cut)) = (longer, self.session.rows_at(side, &tap, probed)?) else {
+                continue;
+            };
+            let worst = (0..probed.len())
+                .map(|r| (row_error(&cut, &longer, self.n_embd, r).0, probed[r]))
+                .filter(|(rel, _)| rel.is_finite())
+                .fold((0.0, 0), |w, x| if x.0 > w.0 { x } else { w });
+            // At least 1e-3: kernels chosen by batch size (cuBLAS picks by shape) move a
+            // row by rounding only, far less; a look-ahead moves it by the tokens it saw.
+            if worst.0 > tol.max(1e-3) {
+                self.report.notes.push(format!(
+                    "engine {} is not causal: its {tap} at position {} changed by rel L2 {:.2e} when the prompt was \
+                     cut from {} to {prefix} tokens (a row may depend only on the tokens up to it); the divergence \
+                     found may be where it looks ahead",
+                    side.to_uppercase(),
+                    worst.1,
+                    worst.0,
+                    self.n
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Phases 4 and 5 in one probe, when either needs it: a tap already off at the

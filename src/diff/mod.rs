@@ -91,9 +91,9 @@ impl TapDiff {
 pub enum Judgement {
     /// Each tap's tolerance.
     Tolerance,
-    /// Each tap's noise-floor threshold: the first tap over tolerance sits on an error
-    /// that is systematically over the noise floor from that tap or an earlier one on, so
-    /// the floor, not the tolerance, shows where the error begins.
+    /// Each tap's noise-floor threshold: an error systematically over the noise floor
+    /// to the last layer begins at or before the first tap over tolerance (or no tap is
+    /// over tolerance at all), so the floor, not the tolerance, shows where it begins.
     NoiseFloor,
 }
 
@@ -101,7 +101,8 @@ pub enum Judgement {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Judge {
     /// Against the noise floor (from the onset on) when a systematic error over the floor
-    /// begins at or before the first tap over tolerance; else against tolerance.
+    /// begins at or before the first tap over tolerance, or when it stays below tolerance
+    /// everywhere and no profile replaces the generic floor; else against tolerance.
     Auto,
     Tolerance,
     NoiseFloor,
@@ -427,6 +428,11 @@ pub fn diff_paired(a: &Dump, b: &Dump, opts: &DiffOptions, pairs: &[(String, Str
         .iter()
         .filter_map(|d| engine_dtype(d))
         .collect();
+    // Under a profile the generic f32 noise floor does not apply (its twin's tolerances
+    // do): that floor then neither judges nor hints at a systematic error below tolerance.
+    let profiled = [&ma.engine, &mb.engine]
+        .iter()
+        .any(|e| e.profile.as_deref().is_some_and(|p| p != "exact"));
     let mut prompts = Vec::new();
     let mut bytes = 0u64;
     for (ia, ib) in prompt_pairs(ma, mb, pairs, &mut notes)? {
@@ -436,7 +442,7 @@ pub fn diff_paired(a: &Dump, b: &Dump, opts: &DiffOptions, pairs: &[(String, Str
         } else {
             Some(b.with_prompt_renamed(&ib, &ia)?)
         };
-        let (pd, n) = diff_prompt(a, renamed.as_ref().unwrap_or(b), &ia, &engine_dtypes, opts)?;
+        let (pd, n) = diff_prompt(a, renamed.as_ref().unwrap_or(b), &ia, &engine_dtypes, !profiled, opts)?;
         bytes += n;
         prompts.push(pd);
     }
@@ -457,11 +463,6 @@ pub fn diff_paired(a: &Dump, b: &Dump, opts: &DiffOptions, pairs: &[(String, Str
             _ => "neither A nor B wrote any tap: nothing was compared".to_string(),
         }));
     }
-    // Under a profile the generic f32 noise floor does not apply (its twin's tolerances
-    // do): no hint of a systematic error below tolerance from that floor.
-    let profiled = [&ma.engine, &mb.engine]
-        .iter()
-        .any(|e| e.profile.as_deref().is_some_and(|p| p != "exact"));
     for p in &prompts {
         if !(profiled && p.judged == Judgement::Tolerance) {
             notes.extend(judgement_note(p));

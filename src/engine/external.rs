@@ -204,8 +204,8 @@ impl Engine for ExternalEngine {
             .map_err(|e| Error::engine(format!("external engine exited 0 but its dump is unreadable: {e}")))?;
         if dump.manifest.status != Status::Complete {
             return Err(Error::engine(format!(
-                "external engine exited 0 but its manifest says {:?}",
-                dump.manifest.status
+                "external engine exited 0 but its manifest still says status {}: it never marked the dump complete",
+                serde_json::to_value(dump.manifest.status).map_or_else(|_| "?".into(), |v| v.to_string())
             )));
         }
         Ok(())

@@ -36,7 +36,7 @@ pub fn bisect_summary(r: &BisectReport) -> String {
     if let Some(c) = &r.crash {
         let _ = writeln!(
             s,
-            "ENGINE {} CRASHED ({}) during the {} probe: {}",
+            "ENGINE {} FAILED ({}) during the {} probe: {}",
             c.engine, c.label, c.probe, c.error.message
         );
         let _ = writeln!(s, "  last tap written: {}", c.error.tap.as_deref().unwrap_or("none"));
@@ -45,7 +45,7 @@ pub fn bisect_summary(r: &BisectReport) -> String {
         let _ = writeln!(s, "TOKENS DIFFER: {}", m.describe());
     }
     first_summary(&mut s, r);
-    for note in [&r.numerics_note, &r.replay_note].into_iter().flatten() {
+    for note in [&r.numerics_note, &r.replay_note].into_iter().flatten().chain(&r.notes) {
         let _ = writeln!(s, "note: {note}");
     }
     if let Some(twin) = &r.twin {
@@ -202,7 +202,7 @@ fn md_findings(s: &mut String, r: &BisectReport) {
     if let Some(m) = &r.token_mismatch {
         let _ = writeln!(s, "- **tokens differ**: {}", md_text(&m.describe()));
     }
-    for note in [&r.numerics_note, &r.replay_note].into_iter().flatten() {
+    for note in [&r.numerics_note, &r.replay_note].into_iter().flatten().chain(&r.notes) {
         let _ = writeln!(s, "- note: {}", md_text(note));
     }
     if let Some(twin) = &r.twin {
@@ -334,7 +334,7 @@ fn verdict_html(s: &mut String, r: &BisectReport) {
     if let Some(c) = &r.crash {
         let _ = write!(
             s,
-            "<div class=\"callout bad\"><b>Engine {} ({}) crashed</b> during the {} probe: {}<br>last tap written: {}</div>",
+            "<div class=\"callout bad\"><b>Engine {} ({}) failed</b> during the {} probe: {}<br>last tap written: {}</div>",
             html_escape(&c.engine), html_escape(&c.label), html_escape(&c.probe), html_escape(&c.error.message), html_escape(c.error.tap.as_deref().unwrap_or("none"))
         );
     }
@@ -355,6 +355,9 @@ fn verdict_html(s: &mut String, r: &BisectReport) {
         }
         None if r.crash.is_none() => s.push_str("<div class=\"callout good\"><b>No divergence</b></div>"),
         None => {}
+    }
+    for note in [&r.numerics_note, &r.replay_note].into_iter().flatten().chain(&r.notes) {
+        let _ = write!(s, "<p>note: {}</p>", html_escape(note));
     }
 }
 

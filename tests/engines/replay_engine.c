@@ -1,13 +1,15 @@
 /* A small external engine in C for the integration tests, written with
  * include/resbisect_dump.h: it "computes" by reading a source engine's tensors (raw f32
  * files <src>/<tap id>.f32, [positions, width], prepared by the test) and adds a bug:
- * from layer --bug-layer on, every tap at positions >= --bug-pos is offset by --bug-value,
- * as an error that propagates downstream would be. --crash-before STEM aborts before
- * writing that file group, leaving a partial dump as a crashing engine does.
+ * from layer --bug-layer on (from its tap --bug-tap on, default attn_norm), every tap at
+ * positions >= --bug-pos is offset by --bug-value, as an error that propagates downstream
+ * would be. --bug-lookahead 1 makes the bug need the next token, as a causal mask off by
+ * one does: the last position of the prompt it is given stays clean. --crash-before STEM
+ * aborts before writing that file group, leaving a partial dump as a crashing engine does.
  *
  * replay_engine --src DIR --model-info F --tokens F --prompt-id ID --layers L --taps T
- *               --positions SPEC --out DIR [--bug-layer L --bug-pos P --bug-value V]
- *               [--crash-before STEM]
+ *               --positions SPEC --out DIR [--bug-layer L --bug-pos P --bug-value V
+ *               --bug-tap T --bug-lookahead 1] [--crash-before STEM]
  */
 #define RESBISECT_DUMP_IMPLEMENTATION
 #include "../../include/resbisect_dump.h"
@@ -43,7 +45,7 @@ static int listed(const char *list, const char *item) {
 
 /* Rows [from, n) of a tap from the source, with the bug applied. */
 static float *load_rows(const char *src, const char *id, size_t from, size_t n, size_t *width, int buggy,
-                        long bug_pos, float bug_value) {
+                        long bug_pos, float bug_value, int lookahead) {
     char path[4096];
     snprintf(path, sizeof path, "%s/%s.f32", src, id);
     FILE *f = fopen(path, "rb");
@@ -64,7 +66,8 @@ static float *load_rows(const char *src, const char *id, size_t from, size_t n, 
     float *rows = malloc((n - from) * *width * 4);
     for (size_t r = from; r < n; r++)
         for (size_t c = 0; c < *width; c++)
-            rows[(r - from) * *width + c] = all[r * *width + c] + ((buggy && (long)r >= bug_pos) ? bug_value : 0.0f);
+            rows[(r - from) * *width + c] =
+                all[r * *width + c] + ((buggy && (long)r >= bug_pos && (!lookahead || r + 1 < n)) ? bug_value : 0.0f);
     free(all);
     return rows;
 }
@@ -77,6 +80,10 @@ int main(int argc, char **argv) {
     long bug_pos = atol(arg(argc, argv, "--bug-pos", "0"));
     float bug_value = (float)atof(arg(argc, argv, "--bug-value", "0"));
     const char *crash_before = arg(argc, argv, "--crash-before", "");
+    const char *bug_tap = arg(argc, argv, "--bug-tap", "attn_norm");
+    int lookahead = atoi(arg(argc, argv, "--bug-lookahead", "0"));
+    int bug_tap_index = 0;
+    while (bug_tap_index < N_LAYER_TAPS && strcmp(LAYER_TAPS[bug_tap_index], bug_tap)) bug_tap_index++;
 
     FILE *tf = fopen(arg(argc, argv, "--tokens", NULL), "r");
     if (!tf) return 2;
@@ -121,6 +128,7 @@ int main(int argc, char **argv) {
     char id_store[N_LAYER_TAPS][96];
     float *data[N_LAYER_TAPS];
     size_t widths[N_LAYER_TAPS];
+    int tap_index[N_LAYER_TAPS] = {0};
     for (long group = -1; group <= 100000; group++) {
         size_t k = 0;
         int last = 0;
@@ -145,7 +153,7 @@ int main(int argc, char **argv) {
                 snprintf(lname, sizeof lname, "%ld", group);
                 if (listed(layers, lname))
                     for (int t = 0; t < N_LAYER_TAPS; t++)
-                        if (listed(taps, LAYER_TAPS[t])) snprintf(id_store[k], 96, "blk.%ld.%s", group, LAYER_TAPS[t]), k++;
+                        if (listed(taps, LAYER_TAPS[t])) snprintf(id_store[k], 96, "blk.%ld.%s", group, LAYER_TAPS[t]), tap_index[k] = t, k++;
             }
         }
         if (k) {
@@ -155,8 +163,8 @@ int main(int argc, char **argv) {
             }
             for (size_t i = 0; i < k; i++) {
                 ids[i] = id_store[i];
-                int buggy = last || group >= bug_layer;
-                data[i] = load_rows(src, ids[i], from, n, &widths[i], buggy, bug_pos, bug_value);
+                int buggy = last || group > bug_layer || (group == bug_layer && tap_index[i] >= bug_tap_index);
+                data[i] = load_rows(src, ids[i], from, n, &widths[i], buggy, bug_pos, bug_value, lookahead);
                 if (!data[i]) {
                     snprintf(tap_id, sizeof tap_id, "%s", ids[i]);
                     fprintf(stderr, "replay_engine: no source for %s\n", tap_id);

@@ -389,6 +389,62 @@ fn c_engine(dir: &Path) -> String {
     exe.display().to_string()
 }
 
+/// A bug that needs the next token (a causal mask off by one) leaves each prompt's last
+/// row clean, so the cut prompt's last row differs from the same position over the whole
+/// prompt: bisect names the bug and says engine A is not causal. A bug from a layer's
+/// `attn` on, in an engine that writes no `q_pre_rope` and `k_pre_rope`, is named at `attn`
+/// with a note that those two, which come before it, were never observed.
+#[test]
+fn a_c_engine_that_looks_ahead_or_leaves_taps_out_is_named_with_a_note() {
+    let dir = tempfile::tempdir().unwrap();
+    raw_reference(dir.path(), "p6_len_128");
+    let exe = c_engine(dir.path());
+    let base = format!(
+        "{exe} --src {} --model-info {{model_info}} --tokens {{tokens}} --prompt-id {{prompt_id}} --layers {{layers}} --taps {{taps}} --positions {{positions}} --out {{out}}",
+        dir.path().join("raw").display()
+    );
+    let run = |bug: &str, work: &str| {
+        let command = format!("{base} {bug}");
+        let args = [
+            "--prompts",
+            &bisect_prompt(),
+            "--id",
+            "p6_len_128",
+            "--engine",
+            "external",
+            "--command",
+            &command,
+        ];
+        bisect_json(&args, &dir.path().join(work))
+    };
+    let at = |r: &serde_json::Value| {
+        (
+            r["first"]["tap"].as_str().map(str::to_string),
+            r["first"]["position"].as_u64(),
+        )
+    };
+
+    let (code, r) = run("--bug-layer 3 --bug-pos 0 --bug-value 0.5 --bug-lookahead 1", "ahead");
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(at(&r), (Some("blk.3.attn_norm".into()), Some(0)));
+    let notes = r["notes"].to_string();
+    // Cut to 32 tokens, position 31 is the cut's last row: clean there, buggy over 128.
+    assert!(
+        notes.contains("engine A is not causal: its blk.3.resid_post at position 31"),
+        "{notes}"
+    );
+
+    let (code, r) = run("--bug-layer 3 --bug-tap attn --bug-pos 5 --bug-value 0.5", "unobserved");
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(at(&r), (Some("blk.3.attn".into()), Some(5)));
+    let notes = r["notes"].to_string();
+    assert!(
+        notes.contains("engine A wrote no blk.3.q_pre_rope, blk.3.k_pre_rope, which come before blk.3.attn"),
+        "{notes}"
+    );
+    assert!(!notes.contains("not causal"), "{notes}");
+}
+
 #[test]
 fn a_c_engine_on_the_single_header_writer_plugs_in() {
     let dir = tempfile::tempdir().unwrap();

@@ -106,7 +106,7 @@ fn a_crash_before_any_tap_still_renders_its_report() {
     let out = bisect_with_report("embed:oob@0", &dir.path().join("work"), &report);
     assert_eq!(out.code, 3, "{}", out.stderr);
     let html = read(&report.join("bisect.html"));
-    assert!(html.contains("crashed</b> during the coarse probe"), "{html}");
+    assert!(html.contains("failed</b> during the coarse probe"), "{html}");
     assert!(
         html.contains("The coarse probe compared nothing"),
         "no word on the missing heatmap"

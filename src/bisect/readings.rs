@@ -4,6 +4,7 @@
 use super::search::resid_post;
 use super::NoiseLevel;
 use crate::diff::{DiffReport, FirstDivergence};
+use crate::taps::Tap;
 
 /// Each coarse residual-stream tap's level against its noise floor.
 pub(super) fn noise_levels(r: &DiffReport) -> Vec<NoiseLevel> {
@@ -78,4 +79,30 @@ pub(super) fn first_bad_of(r: &DiffReport, id: &str) -> Option<(usize, f64)> {
 /// The first divergence of `r`'s (only) prompt.
 pub(super) fn first_of(r: &DiffReport) -> Option<FirstDivergence> {
     r.prompts.first().and_then(|p| p.first.clone())
+}
+
+/// A note for each engine that wrote none of the layer's taps before `first` in the
+/// layer's order (an external engine may not capture q and k): the divergence can begin
+/// in a tap it left out, so `first` is only the first one observed.
+pub(super) fn unobserved_notes(taps: &DiffReport, first: &str) -> Vec<String> {
+    let Some(first_tap) = Tap::parse(first) else {
+        return Vec::new();
+    };
+    let mut notes = Vec::new();
+    for p in &taps.prompts {
+        for (side, missing) in [("A", &p.missing_in_a), ("B", &p.missing_in_b)] {
+            let before: Vec<&str> = missing
+                .iter()
+                .filter(|m| Tap::parse(m).is_some_and(|t| t < first_tap))
+                .map(String::as_str)
+                .collect();
+            if !before.is_empty() {
+                notes.push(format!(
+                    "engine {side} wrote no {}, which come before {first} in the layer: the divergence may begin in one of them",
+                    before.join(", ")
+                ));
+            }
+        }
+    }
+    notes
 }

@@ -9,6 +9,7 @@ use std::time::Instant;
 use super::probe::{selection, ProbeResult, Rows, Session};
 use super::readings::{
     bad_layers_line, first_bad_of, first_bad_position, first_of, has_nonfinite, noise_levels, tap_diverged,
+    unobserved_notes,
 };
 use super::replay::{replay_layers, replay_positions, row_error, Preload, ReplayRun, Replayer};
 use super::{check_work_dir, coarse_layers, BisectOptions, BisectReport, Crash, Engines, Outcome};
@@ -634,31 +635,11 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
             first.position,
             probed.len()
         ));
-        self.note_unobserved(&suspect.taps_diff, &first.tap);
+        self.report
+            .notes
+            .extend(unobserved_notes(&suspect.taps_diff, &first.tap));
         suspect.first = Some(first);
         Ok(Some(suspect))
-    }
-
-    /// A note for each engine that wrote none of the layer's taps before `first` in the
-    /// layer's order (an external engine may not capture q and k): the divergence can
-    /// begin in a tap it left out, so `first` is only the first one observed.
-    fn note_unobserved(&mut self, taps: &DiffReport, first: &str) {
-        let Some(first_tap) = Tap::parse(first) else { return };
-        for p in &taps.prompts {
-            for (side, missing) in [("A", &p.missing_in_a), ("B", &p.missing_in_b)] {
-                let before: Vec<&str> = missing
-                    .iter()
-                    .filter(|m| Tap::parse(m).is_some_and(|t| t < first_tap))
-                    .map(String::as_str)
-                    .collect();
-                if !before.is_empty() {
-                    self.report.notes.push(format!(
-                        "engine {side} wrote no {}, which come before {first} in the layer: the divergence may begin in one of them",
-                        before.join(", ")
-                    ));
-                }
-            }
-        }
     }
 
     /// A note for each engine whose layer-`hi` output at `probed` positions changed when

@@ -2,16 +2,18 @@
 """An external resbisect engine on HF transformers: runs a GGUF (or HF checkpoint) with
 forward hooks and writes the requested taps as dump format v1 (docs/engines.md).
 
-As a bisect engine (placeholders filled by resbisect):
+As a bisect engine (placeholders filled by resbisect; the project virtualenv has torch):
   resbisect bisect --model M --prompt "..." --engine external --command \
-    'scripts/dump_hf.py --model {model} --model-info {model_info} --tokens {tokens} \
+    '.venv/bin/python scripts/dump_hf.py --model {model} --model-info {model_info} --tokens {tokens} \
      --prompt-id {prompt_id} --layers {layers} --taps {taps} --positions {positions} --out {out}'
 
 Taps: embed, attn_norm, v, attn, attn_out, resid_mid, ffn_norm, ffn_gate, ffn_up, ffn_act,
-ffn_out, resid_post, final_norm, logits. Not q and k: HF un-permutes the GGUF q/k rows
-to its half-split RoPE layout, so its q/k channels are not the canonical ones; bisect
-reports them as missing on this side. --inject-layer/--inject-pos/--inject-scale scale
-one decoder layer's output from a position on, to test the loop with a known bug.
+ffn_out, resid_post, final_norm, logits; in models with post norms (Gemma 3) also
+attn_post_norm and ffn_post_norm. Not q_pre_rope, k_pre_rope, q and k: HF applies RoPE
+inside attention, and it un-permutes the GGUF q/k rows to its half-split RoPE layout, so
+its q/k channels are not the canonical ones; bisect reports them as missing on this side.
+--inject-layer/--inject-pos/--inject-scale scale one decoder layer's output from a
+position on, to test the loop with a known bug.
 """
 import argparse
 import datetime
@@ -23,10 +25,6 @@ import sys
 import numpy as np
 import torch
 from safetensors.numpy import save_file
-
-LAYER_TAPS = ["attn_norm", "q", "k", "v", "attn", "attn_out", "resid_mid", "ffn_norm",
-              "ffn_gate", "ffn_up", "ffn_act", "ffn_out", "resid_post"]
-
 
 def positions_of(spec, n):
     """The subset of resbisect's position syntax this engine needs: all, last, N, A..B, -K.."""
@@ -139,11 +137,23 @@ def main():
             layer.self_attn.v_proj.register_forward_hook(on_output(name("v")))
         if want("attn"):
             layer.self_attn.o_proj.register_forward_pre_hook(on_input(name("attn")))
-        if want("attn_out") or want("resid_mid"):
+        # With post norms (Gemma 3) HF's post_attention_layernorm normalizes the attention
+        # output and pre_feedforward_layernorm is the FFN's input norm; without them
+        # (llama, qwen) post_attention_layernorm is the FFN's input norm.
+        attn_post_norm, ffn_input_norm = None, layer.post_attention_layernorm
+        if hasattr(layer, "pre_feedforward_layernorm"):
+            attn_post_norm, ffn_input_norm = layer.post_attention_layernorm, layer.pre_feedforward_layernorm
+        ffn_post_norm = getattr(layer, "post_feedforward_layernorm", None)
+        if want("attn_out"):
             layer.self_attn.o_proj.register_forward_hook(on_output(name("attn_out")))
-        if want("resid_mid") or want("ffn_norm"):
-            layer.post_attention_layernorm.register_forward_pre_hook(on_input(name("resid_mid")))
-            layer.post_attention_layernorm.register_forward_hook(on_output(name("ffn_norm")))
+        if want("attn_post_norm") and attn_post_norm is not None:
+            attn_post_norm.register_forward_hook(on_output(name("attn_post_norm")))
+        if want("resid_mid"):
+            ffn_input_norm.register_forward_pre_hook(on_input(name("resid_mid")))
+        if want("ffn_norm"):
+            ffn_input_norm.register_forward_hook(on_output(name("ffn_norm")))
+        if want("ffn_post_norm") and ffn_post_norm is not None:
+            ffn_post_norm.register_forward_hook(on_output(name("ffn_post_norm")))
         if want("ffn_gate"):
             layer.mlp.gate_proj.register_forward_hook(on_output(name("ffn_gate")))
         if want("ffn_up"):

@@ -29,18 +29,18 @@ pub enum PromptSource {
     Tokens(Vec<u32>),
 }
 
-/// Parse `1,2,3` (spaces allowed).
-pub fn parse_token_list(spec: &str) -> Result<Vec<u32>> {
+/// Parse `1,2,3` (spaces allowed); errors name `flag`, where the list came from.
+pub fn parse_token_list(spec: &str, flag: &str) -> Result<Vec<u32>> {
     let ids = spec
         .split(',')
         .map(|s| {
             s.trim()
                 .parse::<u32>()
-                .map_err(|_| Error::input(format!("bad token id {s:?} in --tokens")))
+                .map_err(|_| Error::input(format!("bad token id {s:?} in {flag}")))
         })
         .collect::<Result<Vec<_>>>()?;
     if ids.is_empty() {
-        return Err(Error::input("--tokens is empty"));
+        return Err(Error::input(format!("{flag} is empty")));
     }
     Ok(ids)
 }
@@ -125,7 +125,11 @@ impl Input {
     pub fn resolve(&self, model: &Model, tokenizer: Option<&Tokenizer>) -> Result<Vec<PromptRecord>> {
         let entries = match self {
             Input::Text { id, text } => vec![(id.clone(), Some(text.clone()), PromptSource::Text(text.clone()))],
-            Input::Tokens { id, list } => vec![(id.clone(), None, PromptSource::Tokens(parse_token_list(list)?))],
+            Input::Tokens { id, list } => vec![(
+                id.clone(),
+                None,
+                PromptSource::Tokens(parse_token_list(list, "--tokens")?),
+            )],
             Input::Suite { path, only } => {
                 let mut all = read_suite(path)?;
                 if let Some(want) = only {

@@ -83,6 +83,22 @@ pub struct LayerAttribution {
     /// output's rows hide it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub introducing_tap: Option<String>,
+    /// A's own dumps of the layer disagree: its input is off B's, yet its output is
+    /// within a tenth of that of B's ([`LayerAttribution::dumps_disagree`]); then
+    /// `introduces` is false, as nothing about the layer can be told.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dumps_disagree: bool,
+}
+
+impl LayerAttribution {
+    /// Whether A's input and output rows of the layer cannot both be what A computed: a
+    /// layer adds to its residual input, so an error there over tolerance stays in its
+    /// output unless the layer cancels it; an output more than 10× closer to B's than
+    /// the input was read from another probe of an engine that is not deterministic, or
+    /// from taps that are not what the engine computes.
+    pub fn dumps_disagree(inherited: f64, total: f64, tolerance: f64) -> bool {
+        inherited > tolerance && total * 10.0 < inherited
+    }
 }
 
 /// Within the suspect layer: each tap of A against the replay from A's layer input.
@@ -247,7 +263,17 @@ pub fn coarse_layers(n_layer: usize) -> Vec<usize> {
 pub struct Engines<'e> {
     pub a: &'e mut dyn Engine,
     pub b: &'e mut dyn Engine,
-    pub twin: Option<&'e mut dyn Engine>,
+    pub twin: Option<Twin<'e>>,
+}
+
+/// B's twin and what B's profile reproduces exactly enough that the twin's distance,
+/// not the tap's generic tolerance, bounds its noise.
+pub struct Twin<'e> {
+    pub engine: &'e mut dyn Engine,
+    /// Layer 0's taps (names like `q`) B's profile computes without a rounding decision
+    /// that could differ from the engine's
+    /// (`resbisect_reference::Profile::layer0_taps_without_rounding_flips`).
+    pub flip_free_layer0_taps: &'static [&'static str],
 }
 
 /// Run the search on one prompt: A against the oracle B over the model of `config`,
@@ -267,8 +293,19 @@ pub fn bisect<'e>(
 /// introduces error): the error was carried in from below the replayed layers and grew
 /// on the way. A bug shows as a layer introducing error; rounding noise of an engine that
 /// computes differently by design (8-bit activations) grows like this at sensitive
-/// positions, beyond what the twin met. None when replay did not run or places the error.
+/// positions, beyond what the twin met. Or, first, for a layer whose dumps disagree with
+/// each other ([`LayerAttribution::dumps_disagree`]). None when replay did not run or
+/// places the error.
 pub fn replay_note(r: &BisectReport) -> Option<String> {
+    if let Some(l) = r.replay.iter().find(|l| l.dumps_disagree) {
+        return Some(format!(
+            "local replay: A's dumps of layer {} disagree with each other: its input is off B's by rel L2 {:.2e}, \
+             yet its output is within {:.2e} of B's, and a layer carries its input's error into its output. \
+             The rows came from probes that computed differently (an engine that is not deterministic) or are not \
+             what the engine computed; the search compares probes, so its answer may not hold",
+            l.layer, l.inherited, l.total
+        ));
+    }
     let (first, lowest) = (r.first.as_ref()?, r.replay.iter().map(|l| l.layer).min()?);
     // Only a divergence inside a replayed layer: the embedding and the output head are
     // not what replay recomputes.

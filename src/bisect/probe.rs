@@ -15,7 +15,7 @@ use crate::diff::{self, DiffOptions, DiffReport, Judge};
 use crate::dump::{Dump, MappedFile, PromptRecord, Status, TapView};
 use crate::engine::{crash_report, Engine};
 use crate::error::{Error, Result};
-use crate::taps::{PositionSpec, Selection, Tap};
+use crate::taps::{LayerTap, PositionSpec, Selection, Tap};
 
 /// One probe: both engines dumped the same selection over the same prefix.
 #[derive(Debug, Clone, Serialize)]
@@ -42,6 +42,17 @@ pub struct ProbeRecord {
     pub layer_diverged: Option<bool>,
     pub dump_a: String,
     pub dump_b: String,
+}
+
+/// One engine's rows of a tap at a position, different in two probes of the same tokens.
+pub(super) struct RerunDisagreement {
+    pub tap: String,
+    pub position: usize,
+    /// Prompt tokens both probes ran.
+    pub tokens: usize,
+    pub rel_l2: f64,
+    /// The two probes' directories.
+    pub probes: [PathBuf; 2],
 }
 
 /// What one probe produced.
@@ -130,11 +141,21 @@ pub(super) struct Session<'e> {
     pub(super) twin: Option<&'e mut dyn Engine>,
     /// The twin's worst row rel L2 against B so far, per tap.
     pub(super) twin_noise: RefCell<BTreeMap<String, f64>>,
+    /// Tap ids whose tolerance the twin sets without the generic floor (`twin.rs`).
+    pub(super) flip_free_taps: Vec<String>,
 }
 
 impl<'e> Session<'e> {
     pub(super) fn new(engines: Engines<'e>, opts: &'e BisectOptions, prompt: PromptRecord) -> Self {
         let Engines { a, b, twin } = engines;
+        let flip_free_taps = twin.as_ref().map_or(Vec::new(), |t| {
+            let names = t.flip_free_layer0_taps.iter();
+            names
+                .filter_map(|n| LayerTap::from_name(n))
+                .map(|t| Tap::Layer(0, t).id())
+                .collect()
+        });
+        let twin = twin.map(|t| t.engine);
         Session {
             a,
             b,
@@ -149,6 +170,7 @@ impl<'e> Session<'e> {
             judge: if twin.is_some() { Judge::Tolerance } else { opts.judge },
             twin,
             twin_noise: Default::default(),
+            flip_free_taps,
         }
     }
 
@@ -177,8 +199,11 @@ impl<'e> Session<'e> {
         dirs: &ProbeDirs,
         judge: Judge,
     ) -> Result<(ProbeResult, ProbeRecord)> {
+        // A cut prompt's dump must not carry the whole prompt's text as its own.
+        let cut = tokens < self.prompt.tokens.len();
         let prompt = PromptRecord {
             tokens: self.prompt.tokens[..tokens].to_vec(),
+            text: if cut { None } else { self.prompt.text.clone() },
             ..self.prompt.clone()
         };
         let (result_a, (result_b, seconds_b), twin) = self.run_engines(purpose, &prompt, sel, dirs);
@@ -426,22 +451,8 @@ impl<'e> Session<'e> {
     /// The newest probe file of side `a`/`b` that holds tap `id` at every position of
     /// `at`, and the row index of each.
     pub(super) fn locate(&self, side: &str, id: &str, at: &[usize]) -> Result<Option<(Rc<MappedFile>, Vec<usize>)>> {
-        let tap = Tap::parse(id).ok_or_else(|| Error::input(format!("bad tap {id}")))?;
         for dir in self.dirs.iter().rev() {
-            let key = (dir.join(side), tap.file_stem().to_string());
-            let cached = self.mapped.borrow().get(&key).cloned();
-            let file = match cached {
-                Some(file) => file,
-                None => {
-                    let file = match Dump::open(&key.0) {
-                        Ok(dump) => dump.map_file(&self.prompt.id, &key.1)?.map(Rc::new),
-                        Err(_) => None,
-                    };
-                    self.mapped.borrow_mut().insert(key, file.clone());
-                    file
-                }
-            };
-            let Some(file) = file.filter(|f| f.taps.contains_key(id)) else {
+            let Some(file) = self.probe_file(dir, side, id)? else {
                 continue;
             };
             if let Some(index) = at
@@ -453,6 +464,77 @@ impl<'e> Session<'e> {
             }
         }
         Ok(None)
+    }
+
+    /// The file of probe directory `dir`'s dump of side `a`/`b` that holds tap `id`
+    /// (mapped once per search).
+    fn probe_file(&self, dir: &Path, side: &str, id: &str) -> Result<Option<Rc<MappedFile>>> {
+        let tap = Tap::parse(id).ok_or_else(|| Error::input(format!("bad tap {id}")))?;
+        let key = (dir.join(side), tap.file_stem().to_string());
+        let cached = self.mapped.borrow().get(&key).cloned();
+        let file = match cached {
+            Some(file) => file,
+            None => {
+                let file = match Dump::open(&key.0) {
+                    Ok(dump) => dump.map_file(&self.prompt.id, &key.1)?.map(Rc::new),
+                    Err(_) => None,
+                };
+                self.mapped.borrow_mut().insert(key, file.clone());
+                file
+            }
+        };
+        Ok(file.filter(|f| f.taps.contains_key(id)))
+    }
+
+    /// The largest disagreement of one engine with itself: over probes that ran the same
+    /// number of tokens, the rows of each of `taps` that two of them hold at the same
+    /// position, compared (rel L2). A deterministic engine gives the same rows for the same
+    /// tokens; `threshold(tap)` is what counts as different. Reads only dumps already
+    /// written.
+    pub(super) fn rerun_disagreement(
+        &self,
+        side: &str,
+        taps: &[String],
+        threshold: &dyn Fn(&str) -> f64,
+    ) -> Result<Option<RerunDisagreement>> {
+        let runs: Vec<(&PathBuf, usize)> = self
+            .dirs
+            .iter()
+            .filter_map(|dir| {
+                let dump = Dump::open(&dir.join(side)).ok()?;
+                let prompt = dump.manifest.prompts.iter().find(|p| p.id == self.prompt.id)?;
+                Some((dir, prompt.tokens.len()))
+            })
+            .collect();
+        let mut worst: Option<RerunDisagreement> = None;
+        for tap in taps {
+            for (i, &(first, tokens)) in runs.iter().enumerate() {
+                for &(second, _) in runs[i + 1..].iter().filter(|r| r.1 == tokens) {
+                    let (Some(x), Some(y)) = (self.probe_file(first, side, tap)?, self.probe_file(second, side, tap)?)
+                    else {
+                        continue;
+                    };
+                    let (vx, vy) = (x.tap(tap).expect("held"), y.tap(tap).expect("held"));
+                    for (rx, &position) in x.positions.iter().enumerate() {
+                        let Ok(ry) = y.positions.binary_search(&position) else {
+                            continue;
+                        };
+                        let rel_l2 = crate::diff::row_stat(&vx.row(rx), &vy.row(ry)).rel_l2_or_inf();
+                        let over = rel_l2 > threshold(tap) && !rel_l2.is_nan();
+                        if over && worst.as_ref().is_none_or(|w| rel_l2 > w.rel_l2) {
+                            worst = Some(RerunDisagreement {
+                                tap: tap.clone(),
+                                position,
+                                tokens,
+                                rel_l2,
+                                probes: [first.clone(), second.clone()],
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(worst)
     }
 
     /// Rows of tap `id` at positions `at` as f32, from the newest probe that holds them.

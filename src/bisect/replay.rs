@@ -222,17 +222,21 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
                 });
             }
         }
+        let inherited = worst_row(in_a, &in_b, n_embd, &|_| true).0;
+        let total = worst_row(&out_a, &out_b, n_embd, &|_| true).0;
+        let dumps_disagree = LayerAttribution::dumps_disagree(inherited, total, resid_tol);
         self.report.replay.push(LayerAttribution {
             layer: l,
-            inherited: worst_row(in_a, &in_b, n_embd, &|_| true).0,
+            inherited,
             introduced,
-            total: worst_row(&out_a, &out_b, n_embd, &|_| true).0,
+            total,
             at_position: at[worst],
             tolerance: resid_tol,
             // The layer's verdict agrees with its own tap table: a tap off its replay
             // means the layer introduces error, whatever its output rows show.
-            introduces: introduced.is_nan() || introduced > resid_tol || introducing_tap.is_some(),
+            introduces: !dumps_disagree && (introduced.is_nan() || introduced > resid_tol || introducing_tap.is_some()),
             introducing_tap,
+            dumps_disagree,
         });
         Ok(())
     }

@@ -14,7 +14,7 @@ use super::readings::{
 use super::replay::{replay_layers, replay_positions, row_error, Preload, ReplayRun, Replayer};
 use super::{check_work_dir, coarse_layers, BisectOptions, BisectReport, Crash, Engines, Outcome};
 use crate::diff::{self, DiffReport, FirstDivergence, Judge, Judgement};
-use crate::dump::PromptRecord;
+use crate::dump::{PromptRecord, TapDType};
 use crate::error::{Error, Result};
 use crate::model::Config;
 use crate::taps::{LayerTap, Selection, Tap, LAYER_TAPS};
@@ -158,9 +158,17 @@ pub(super) fn search<'s, 'r: 's, 'e>(
     check_work_dir(&opts.work)?;
     let mut report = BisectReport::new(&prompt, engines.a.label(), engines.b.label());
     report.twin = engines.twin.as_ref().map(|t| {
+        let flip_free = match t.flip_free_layer0_taps {
+            [] => String::new(),
+            taps => format!(
+                "; layer 0's {}, which the profile reproduces up to summation order, max({:e}, that)",
+                taps.join(", "),
+                super::twin::FLIP_FREE_FLOOR
+            ),
+        };
         format!(
-            "tolerances measured by the oracle's twin ({}): each tap max(its tolerance, {} × the twin's worst row against the oracle)",
-            t.label(),
+            "tolerances measured by the oracle's twin ({}): each tap max(its tolerance, {} × the twin's worst row against the oracle){flip_free}",
+            t.engine.label(),
             super::twin::TWIN_MARGIN
         )
     });
@@ -236,17 +244,23 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
     /// The report, however the search ended.
     fn finish(mut self, flow: Flow<()>) -> Result<BisectReport> {
         let reproduce = match flow {
-            Ok(()) | Err(Stop::Done) => self.suspect_reproduce.take().unwrap_or(self.session.reproduce),
+            Ok(()) | Err(Stop::Done) => {
+                let latest = std::mem::take(&mut self.session.reproduce);
+                self.suspect_reproduce.take().unwrap_or(latest)
+            }
             Err(Stop::Crashed(crash)) => {
                 let (c, partial) = *crash;
                 self.report.outcome = Outcome::Crashed;
                 self.report.first = partial.as_ref().and_then(first_of);
                 self.report.crash = Some(c);
                 self.report.final_diff = partial;
-                self.session.reproduce
+                std::mem::take(&mut self.session.reproduce)
             }
             Err(Stop::Failed(e)) => return Err(e),
         };
+        if self.report.outcome != Outcome::Crashed {
+            self.note_reruns()?;
+        }
         let mut report = self.report;
         report.runs_a = self.session.probes.len();
         report.runs_b = self.session.probes.len();
@@ -281,6 +295,50 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
             }
         }
         Ok(report)
+    }
+
+    /// A note for each engine that gave different rows for the same tokens in two probes
+    /// (residual stream, final norm, the finding's tap), by more than the tap's tolerance
+    /// and 1e-3: the search compares probes, so such an engine can make a divergence come
+    /// and go between them.
+    fn note_reruns(&mut self) -> Result<()> {
+        let mut taps: Vec<String> = std::iter::once("embed".to_string())
+            .chain((0..self.n_layer).map(resid_post))
+            .chain(std::iter::once("final_norm".to_string()))
+            .collect();
+        taps.extend(self.report.first.as_ref().map(|f| f.tap.clone()));
+        let tolerances = self.session.tolerances();
+        let threshold = |tap: &str| tolerances.for_tap(tap, TapDType::F32).rel_l2.max(1e-3);
+        for side in ["a", "b"] {
+            let Some(d) = self.session.rerun_disagreement(side, &taps, &threshold)? else {
+                continue;
+            };
+            let name = |dir: &std::path::Path| {
+                dir.file_name()
+                    .map_or(String::new(), |n| n.to_string_lossy().into_owned())
+            };
+            // A row that moves between runs of the same tokens also moves when the prompt
+            // is cut: that alone does not show a look-ahead.
+            let engine = format!("engine {} ", side.to_uppercase());
+            for note in &mut self.report.notes {
+                if note.starts_with(&format!("{engine}is not causal:")) {
+                    note.push_str(" (unless that is the nondeterminism the next note shows)");
+                }
+            }
+            self.report.notes.push(format!(
+                "engine {} gave different values for the same {} tokens: its {} at position {} differs by rel L2 {:.2e} \
+                 between probes {} and {}; it is not deterministic (or computes a row differently depending on the rows \
+                 asked for), and a search that compares probes may find a divergence that comes and goes",
+                side.to_uppercase(),
+                d.tokens,
+                d.tap,
+                d.position,
+                d.rel_l2,
+                name(&d.probes[0]),
+                name(&d.probes[1]),
+            ));
+        }
+        Ok(())
     }
 
     /// One probe; an engine's crash in it stops the search.

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use clap::builder::{EnumValueParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use resbisect::diff::Judge;
@@ -69,6 +70,7 @@ pub struct RunArgs {
     /// Explicit token ids instead of a text.
     #[arg(long)]
     pub tokens: Option<String>,
+    /// Greedy tokens to generate after the prompt (fewer at end-of-sequence, unless --ignore-eos).
     #[arg(long, default_value_t = 32)]
     pub max_tokens: usize,
     #[arg(long, value_enum, default_value = "cpu")]
@@ -106,7 +108,7 @@ pub struct ModelInfoArgs {
     /// The model (GGUF).
     pub model: PathBuf,
     /// Write the JSON here instead of to stdout.
-    #[arg(short, long)]
+    #[arg(short, long, visible_alias = "output")]
     pub out: Option<PathBuf>,
 }
 
@@ -146,7 +148,8 @@ pub struct DiffArgs {
 
 #[derive(Args)]
 pub struct CalibrateArgs {
-    #[arg(required = true, num_args = 2..)]
+    /// Known-good dump pairs: A (engine) then B (reference), repeated.
+    #[arg(required = true, num_args = 2.., value_name = "DUMP")]
     pub dumps: Vec<PathBuf>,
     /// Each tap's (per layer) tolerance is this quantile of its rows' rel L2 over
     /// positions, times --margin.
@@ -163,8 +166,10 @@ pub struct CalibrateArgs {
     /// Every calibrated tap's abs: rows whose largest difference stays under it never diverge.
     #[arg(long, default_value_t = 1e-6)]
     pub abs_floor: f64,
+    /// Calibrate on pairs whose dumps come from different model files.
     #[arg(long)]
     pub allow_model_mismatch: bool,
+    /// The tolerance file to write (JSON; read it back with --tolerances).
     #[arg(short, long)]
     pub output: PathBuf,
 }
@@ -175,6 +180,8 @@ pub struct DemoArgs {
     /// path of a SmolLM2-shaped GGUF for the RoPE fault.
     #[arg(long, default_value = "smollm2")]
     pub model: String,
+    /// The prompt suite the demo's prompt comes from: `long_1652` (SmolLM2), the text of
+    /// `long_826` (gemma).
     #[arg(long, default_value = "fixtures/prompts/long.jsonl")]
     pub prompts: PathBuf,
     /// Where the probes and the report go (replaced when it holds an earlier demo).
@@ -189,6 +196,7 @@ pub struct SelftestArgs {
     /// Storage dtype: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Seed of the random inputs every check runs on.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Also attention over 8192 positions.
@@ -200,7 +208,7 @@ pub struct SelftestArgs {
     /// Instead of checking, time each op at a preset's decode and prefill shapes.
     #[arg(long)]
     pub perf: bool,
-    /// Model shape for --perf: tiny, smollm2-135m or tinyllama-1.1b.
+    /// Model shape for --perf: any `synth --preset` (tiny, smollm2-135m, tinyllama-1.1b, ...).
     #[arg(long, default_value = "tinyllama-1.1b")]
     pub preset: String,
     /// Cached positions at decode and rows at prefill for --perf.
@@ -216,24 +224,28 @@ pub struct CutArgs {
     /// Layers to keep (the first N).
     #[arg(long)]
     pub layers: usize,
+    /// The GGUF file to write.
     #[arg(short, long)]
     pub output: PathBuf,
 }
 
 #[derive(Args)]
 pub struct SynthArgs {
-    /// A preset name (resbisect::synth::PRESET_NAMES): micro, tiny, smollm2-135m, tinyllama-1.1b,
-    /// llama3-tiny, llama3.2-1b, yarn-tiny, linear-tiny, qwen2-tiny, qwen2.5-0.5b, qwen3-tiny,
-    /// qwen3-0.6b, gemma3-tiny, gemma3-270m.
-    #[arg(long)]
+    // Help built from the preset table itself, so it lists exactly the names `synth` accepts.
+    #[arg(long, help = format!("The model's architecture and shapes: {}", resbisect::synth::PRESET_NAMES.join(", ")))]
     pub preset: String,
+    // The list `resbisect::synth::parse_quant` accepts (and its error repeats): keep in step.
+    /// GGUF type of the weight matrices: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k,
+    /// q3_k, q4_k, q5_k or q6_k (any case).
     #[arg(long, default_value = "q8_0")]
     pub quant: String,
+    /// Seed of the random weights (the same seed writes the same file).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Tokenizer section: gpt2 (byte-level BPE) or llama (SentencePiece); default per preset.
     #[arg(long)]
     pub tokenizer: Option<String>,
+    /// The GGUF file to write.
     #[arg(short, long)]
     pub output: PathBuf,
 }
@@ -310,12 +322,35 @@ pub enum DumpEngine {
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum BisectEngine {
-    /// The instrumented runtime on --backend, --dtype, with --inject faults.
+    /// The instrumented runtime on --backend, --dtype, --weights, with --inject faults.
     Runtime,
-    /// The reference (candle), with --inject faults.
+    /// The reference (candle) in --reference-dtype, with --inject faults.
     Reference,
-    /// An external program: --command TEMPLATE (docs/engines.md).
+    /// An external program: --command TEMPLATE (docs/engines.md); its faults are its own options.
     External,
+}
+
+/// `--oracle`'s values: the names of [`BisectEngine`], parsed to it, described with B's own
+/// options.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum OracleEngine {
+    /// The instrumented runtime on --oracle-backend, --oracle-dtype, --oracle-weights (never
+    /// --inject faults).
+    Runtime,
+    /// The reference (candle) in --reference-dtype, imitating --profile (never --inject faults).
+    Reference,
+    /// An external program: --oracle-command TEMPLATE (docs/engines.md).
+    External,
+}
+
+impl From<OracleEngine> for BisectEngine {
+    fn from(e: OracleEngine) -> Self {
+        match e {
+            OracleEngine::Runtime => BisectEngine::Runtime,
+            OracleEngine::Reference => BisectEngine::Reference,
+            OracleEngine::External => BisectEngine::External,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -349,13 +384,16 @@ pub struct BisectArgs {
     pub command: Option<String>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: BackendKind,
-    /// A's precision: f32, f16 or bf16 for the runtime; f32 or f64 for the reference.
+    /// Runtime A's storage dtype: f32, f16 or bf16 (a reference A computes in --reference-dtype).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// Runtime A: prompt tokens per prefill step (default: the whole prompt at once).
+    /// Runtime A: prompt tokens per prefill step (default: the whole prompt at once); a
+    /// runtime oracle B takes --oracle-prefill-chunk, so a chunked A can be bisected
+    /// against a whole-prompt B.
     #[arg(long)]
     pub prefill_chunk: Option<usize>,
-    /// Fault injected into engine A (see `dump --inject`). Repeatable.
+    /// Fault injected into engine A, never into B: a runtime or reference A, forms as for
+    /// `dump --inject`. Repeatable.
     #[arg(long)]
     pub inject: Vec<String>,
     /// Runtime A: quantized weights native (kept in GGUF blocks, read by fused kernels) or dequant
@@ -363,10 +401,15 @@ pub struct BisectArgs {
     /// quantized-kernel bug from the rest.
     #[arg(long, default_value = "native")]
     pub weights: String,
-    /// Engine B, the oracle: the reference, the runtime (--oracle-backend, --oracle-dtype:
-    /// e.g. a GPU's f32 path against its f16 path), or an external program
-    /// (--oracle-command). Local replay always uses the reference.
-    #[arg(long, value_enum, default_value = "reference")]
+    /// Engine B, the oracle: the reference, the runtime (--oracle-backend, --oracle-dtype,
+    /// --oracle-weights: e.g. a GPU's f32 path against its f16 path), or an external program
+    /// (--oracle-command). --inject faults never apply to B. Local replay always uses the
+    /// reference.
+    #[arg(
+        long,
+        value_parser = EnumValueParser::<OracleEngine>::new().map(BisectEngine::from),
+        default_value = "reference"
+    )]
     pub oracle: BisectEngine,
     /// Command template of an external oracle B (placeholders as for --command; docs/engines.md).
     #[arg(long)]
@@ -380,6 +423,9 @@ pub struct BisectArgs {
     /// Runtime oracle B's quantized weights: native or dequant (see --weights).
     #[arg(long, default_value = "native")]
     pub oracle_weights: String,
+    /// Runtime oracle B: prompt tokens per prefill step (default: the whole prompt at once).
+    #[arg(long)]
+    pub oracle_prefill_chunk: Option<usize>,
     /// The reference's precision (oracle and local replay): f32 or f64.
     #[arg(long, default_value = "f32")]
     pub reference_dtype: String,
@@ -473,8 +519,21 @@ pub struct DumpArgs {
     /// Replace an existing dump at the output path.
     #[arg(long)]
     pub overwrite: bool,
-    /// Inject a fault: TAP:scale=V@POS, TAP:offset=V@POS, TAP:nan@POS, TAP:zero@POS,
-    /// [blk.L.]rope:shift=N@POS. Repeatable.
+    /// Inject a fault (repeatable): TAP:scale=V|offset=V|nan|zero|oob@POS,
+    /// [blk.L.]rope:shift=N|scale=F|bf16@POS, [blk.L.]window:shift=N|global@0, norm:eps=E@POS
+    /// or QUANT:swap_nibbles@0.
+    ///
+    /// TAP:scale=V, offset=V, nan and zero perturb the rows of a tap (blk.5.attn_out, embed,
+    /// or an alias) at positions >= POS; TAP:oob (runtime only) makes the op at that tap fail
+    /// with a real out-of-bounds request once the run reaches POS. [blk.L.]rope (layer L, or
+    /// every layer without blk.L.) rotates queries and keys at positions >= POS as if they
+    /// sat N positions later (shift=N, N a non-zero integer), at position x F (scale=F, F > 0
+    /// and not 1), or with angles formed in bf16 (bf16, reference only). [blk.L.]window
+    /// (runtime only) makes windowed layers attend over window + N positions (shift=N) or
+    /// over all of them (global). norm:eps=E (reference only, at most one) computes every
+    /// RMSNorm from POS on with epsilon E. QUANT:swap_nibbles (runtime only; QUANT one of
+    /// q4_0, q4_1, q4_k, q5_k, q6_k) reads every weight block of that type with the nibbles
+    /// of each byte swapped. A POS that no processed row reaches is refused.
     #[arg(long)]
     pub inject: Vec<String>,
 }

@@ -112,7 +112,8 @@ pub(super) fn run(r: BisectRun) -> Result<ExitCode> {
         },
     };
     let opts = options(&r)?;
-    let mut twin = twin_of(spec_b).map(|spec| spec.open(&model)).transpose()?;
+    let (twin_spec, flip_free_layer0_taps) = twin_of(spec_b).unzip();
+    let mut twin = twin_spec.map(|spec| spec.open(&model)).transpose()?;
     resbisect::trace::mark(|| "engines ready".into());
     eprintln!(
         "bisecting {} ({} tokens): A = {}, B = {}; probes in {}",
@@ -128,14 +129,19 @@ pub(super) fn run(r: BisectRun) -> Result<ExitCode> {
             a: engines.a.as_mut(),
             b: engines.b.as_mut(),
             // An Option does not shorten its trait object's lifetime by itself.
-            twin: twin.as_deref_mut().map(|t| t as &mut dyn resbisect::engine::Engine),
+            twin: twin.as_deref_mut().map(|t| bisect::Twin {
+                engine: t as &mut dyn resbisect::engine::Engine,
+                flip_free_layer0_taps: flip_free_layer0_taps.unwrap_or_default(),
+            }),
         },
         replayer,
         prompt,
         &model.config,
         &opts,
     );
-    if temporary {
+    // A crashed engine's partial dump is evidence (exit 3 keeps it, README): kept.
+    let crashed = matches!(&found, Ok(r) if r.outcome == Outcome::Crashed);
+    if temporary && !crashed {
         clean_up(&opts.work, found.is_ok());
     } else {
         eprintln!("probe dumps kept in {}", opts.work.display());
@@ -176,12 +182,15 @@ pub(super) fn run(r: BisectRun) -> Result<ExitCode> {
 }
 
 /// The twin of an oracle B that is the reference under a rounding profile (it loads
-/// on its first probe).
-fn twin_of(b: &EngineSpec) -> Option<EngineSpec> {
+/// on its first probe), and layer 0's taps that profile reproduces up to summation order.
+fn twin_of(b: &EngineSpec) -> Option<(EngineSpec, &'static [&'static str])> {
     match &b.kind {
-        EngineKind::Reference(spec) => spec.twin().map(|twin| EngineSpec {
-            kind: EngineKind::Reference(twin),
-            ..b.clone()
+        EngineKind::Reference(spec) => spec.twin().map(|twin| {
+            let twin_spec = EngineSpec {
+                kind: EngineKind::Reference(twin),
+                ..b.clone()
+            };
+            (twin_spec, spec.profile.layer0_taps_without_rounding_flips())
         }),
         _ => None,
     }

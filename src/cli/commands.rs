@@ -265,7 +265,7 @@ pub fn tokenize(a: TokenizeArgs) -> Result<ExitCode> {
     let gguf = gguf::GgufFile::open(&a.model)?;
     let tokenizer = Tokenizer::from_gguf(&gguf)?;
     if a.decode {
-        let ids = prompts::parse_token_list(&a.text)?;
+        let ids = prompts::parse_token_list(&a.text, "the token list to decode")?;
         if let Some(&t) = ids.iter().find(|&&t| t as usize >= tokenizer.vocab_size) {
             return Err(Error::input(format!(
                 "token id {t} is outside the vocabulary (size {})",

@@ -95,10 +95,15 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
     let DemoArgs { model, prompts, output } = a;
     let s = scenario(&model, &prompts)?;
     if !s.model.exists() {
-        return Err(Error::input(format!(
-            "{} is missing: run ./scripts/fetch-models.sh first",
-            s.model.display()
-        )));
+        let cwd = std::env::current_dir().map_or_else(|_| "?".into(), |d| d.display().to_string());
+        return Err(Error::input(match model.as_str() {
+            "smollm2" | "gemma" => format!(
+                "{} is missing under the working directory {cwd}: run the demo from the repository root, after \
+                 ./scripts/fetch-models.sh",
+                s.model.display()
+            ),
+            _ => format!("--model {model}: no such file (smollm2, gemma, or the path of a SmolLM2-shaped GGUF)"),
+        }));
     }
     fresh_output(&output)?;
     eprintln!("demo: the runtime (cpu backend, f32) carries {};", s.story[0]);

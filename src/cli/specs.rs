@@ -37,9 +37,10 @@ impl DumpArgs {
                     twin: self.twin,
                 };
                 let runtime_only = self.prefill_chunk.is_some() || self.sync_check || self.weights != "native";
-                if self.max_tokens > 0 || self.warmup > 0 || runtime_only {
+                if self.max_tokens > 0 || self.warmup > 0 || runtime_only || self.backend != BackendKind::Cpu {
                     return Err(Error::input(
-                        "--max-tokens, --prefill-chunk, --sync-check, --warmup and --weights are runtime options (--engine runtime)",
+                        "--backend, --max-tokens, --prefill-chunk, --sync-check, --warmup and --weights are runtime \
+                         options (--engine runtime); the reference computes on the CPU",
                     ));
                 }
                 EngineKind::Reference(spec)
@@ -134,6 +135,11 @@ impl BisectArgs {
                 "--oracle-weights",
                 "--oracle runtime",
             ),
+            (
+                !b_runtime && self.oracle_prefill_chunk.is_some(),
+                "--oracle-prefill-chunk",
+                "--oracle runtime",
+            ),
         ];
         match misplaced.iter().find(|(set, ..)| *set) {
             Some((_, flag, needs)) => Err(Error::input(format!(
@@ -152,10 +158,6 @@ impl BisectArgs {
                 "with --engine reference, A computes in --reference-dtype; drop --dtype",
             ));
         }
-        let run = RunOptions {
-            prefill_chunk: self.prefill_chunk,
-            ..RunOptions::default()
-        };
         let a = EngineSpec {
             kind: self
                 .engine
@@ -163,7 +165,8 @@ impl BisectArgs {
             injections: self.inject.clone(),
             run: RunOptions {
                 weights: WeightMode::parse(&self.weights)?,
-                ..run.clone()
+                prefill_chunk: self.prefill_chunk,
+                ..RunOptions::default()
             },
         };
         let b = EngineSpec {
@@ -176,7 +179,8 @@ impl BisectArgs {
             injections: Vec::new(),
             run: RunOptions {
                 weights: WeightMode::parse(&self.oracle_weights)?,
-                ..run
+                prefill_chunk: self.oracle_prefill_chunk,
+                ..RunOptions::default()
             },
         };
         Ok((a, b))

@@ -249,7 +249,10 @@ impl DiffReport {
                 .as_ref()
                 .and_then(|e| e.tap.clone())
                 .or_else(|| side.last_tap.clone());
-            let last = last.map(|t| format!(" (last tap written: {t})")).unwrap_or_default();
+            let last = last.map_or_else(
+                || " (no tap written)".to_string(),
+                |t| format!(" (last tap written: {t})"),
+            );
             match side.status {
                 Status::Complete => None,
                 Status::Failed => Some(format!("engine {name} failed: {}{last}", side.error.as_ref().map_or("no error recorded", |e| e.message.as_str()))),

@@ -184,8 +184,8 @@ impl EngineSpec {
             (EngineKind::Runtime { .. }, EngineKind::Runtime { .. }) => self.kind == other.kind,
             _ => false,
         };
-        let same_weights = self.run.weights == other.run.weights;
-        same_kind && same_weights && self.injections.is_empty() && other.injections.is_empty()
+        let same_run = self.run.weights == other.run.weights && self.run.prefill_chunk == other.run.prefill_chunk;
+        same_kind && same_run && self.injections.is_empty() && other.injections.is_empty()
     }
 }
 

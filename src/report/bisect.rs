@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::bisect_plots::{bisect_plots, replay_svg};
 use super::{html_escape, md_code, md_text, sci, write_all, STYLE};
-use crate::bisect::BisectReport;
+use crate::bisect::{BisectReport, Outcome};
 use crate::diff::Judgement;
 use crate::error::{Error, Result};
 
@@ -101,7 +101,7 @@ fn first_summary(s: &mut String, r: &BisectReport) {
             }
         }
         None if r.crash.is_none() && r.token_mismatch.is_none() => {
-            let _ = writeln!(s, "no divergence");
+            let _ = writeln!(s, "{}", bisect_title(r));
         }
         None => {}
     }
@@ -116,7 +116,9 @@ fn replay_summary(s: &mut String, r: &BisectReport) {
     let _ = writeln!(s, "\nlocal replay on the {} from A's own inputs (max rel_l2 over positions; introduced at the {} replayed positions):", r.replay_oracle, r.replay_positions.len());
     let _ = writeln!(s, "  layer  inherited   introduced  total       verdict");
     for l in &r.replay {
-        let verdict = if l.introduces {
+        let verdict = if l.dumps_disagree {
+            "A's dumps disagree"
+        } else if l.introduces {
             "INTRODUCES error"
         } else if l.inherited > l.tolerance {
             "inherits error"
@@ -135,7 +137,7 @@ fn replay_summary(s: &mut String, r: &BisectReport) {
     if let Some(t) = r.replay_taps.iter().find(|t| t.introduces) {
         let _ = writeln!(
             s,
-            "  within the layer, the first tap off its replay: {} (rel_l2 {} at position {})",
+            "  within the layer, the first tap off its replay: {} (largest rel_l2 {} at position {})",
             t.tap,
             sci(t.introduced),
             t.at_position
@@ -192,6 +194,10 @@ fn bisect_title(r: &BisectReport) -> String {
     match (&r.crash, &r.first) {
         (Some(c), _) => format!("engine {} crashed", c.engine),
         (None, Some(f)) => format!("first divergence at {}, position {}", f.tap, f.position),
+        // A probe diverged, a later one on the same tokens did not (the notes say why).
+        (None, None) if r.outcome == Outcome::Diverged => {
+            "divergence not reproduced: a probe diverged, a later one did not (see the notes)".into()
+        }
         (None, None) => "no divergence".into(),
     }
 }
@@ -367,7 +373,9 @@ fn replay_html(r: &BisectReport) -> Result<String> {
     s.push_str(&replay_svg(r)?);
     s.push_str("<table><tr><th>layer</th><th>inherited</th><th>introduced</th><th>total</th><th>verdict</th></tr>");
     for l in &r.replay {
-        let verdict = if l.introduces {
+        let verdict = if l.dumps_disagree {
+            "<b>A's dumps disagree</b>"
+        } else if l.introduces {
             "<b>introduces error</b>"
         } else if l.inherited > l.tolerance {
             "inherits error"

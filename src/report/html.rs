@@ -43,7 +43,7 @@ pub fn html(r: &DiffReport) -> Result<String> {
             p.n_tokens
         );
         match &p.first {
-            Some(f) => first_divergence_html(&mut s, f),
+            Some(f) => first_divergence_html(&mut s, f, p.judged),
             None => {
                 let w = worst_tap(p)
                     .map(|t| format!(" — max rel L2 {} at {}", sci(t.max_rel_l2()), html_escape(&t.tap)))
@@ -85,12 +85,26 @@ pub fn html(r: &DiffReport) -> Result<String> {
 }
 
 /// The callout of a first divergence: its metrics, top channels and the taps downstream.
-fn first_divergence_html(s: &mut String, f: &FirstDivergence) {
+fn first_divergence_html(s: &mut String, f: &FirstDivergence, judged: crate::diff::Judgement) {
     let _ = write!(
         s,
-        "<div class=\"callout bad\"><b>First divergence: {} at position {}</b> (token {})<br>rel L2 {} · max |A−B| {} · cosine {:.6} · SQNR {:.1} dB · non-finite A/B {}/{} · tolerance rel L2 {}",
-        html_escape(&f.tap), f.position, f.token, sci(f.metrics.rel_l2), sci(f.metrics.max_abs), f.metrics.cosine, f.metrics.sqnr_db, f.metrics.nonfinite_a, f.metrics.nonfinite_b, sci(f.tolerance.rel_l2)
+        "<div class=\"callout bad\"><b>First divergence: {} at position {}</b> (token {})<br>rel L2 {} · max |A−B| {} · cosine {:.6} · SQNR {:.1} dB · non-finite A/B {}/{} · {} rel L2 {}",
+        html_escape(&f.tap), f.position, f.token, sci(f.metrics.rel_l2), sci(f.metrics.max_abs), f.metrics.cosine, f.metrics.sqnr_db, f.metrics.nonfinite_a, f.metrics.nonfinite_b,
+        match judged {
+            crate::diff::Judgement::Tolerance => "tolerance",
+            crate::diff::Judgement::NoiseFloor => "noise-floor threshold",
+        },
+        sci(f.tolerance.rel_l2)
     );
+    if !f.heads.is_empty() {
+        let heads: Vec<String> = f
+            .heads
+            .iter()
+            .take(8)
+            .map(|h| format!("head {} {}", h.head, sci(h.rel_l2)))
+            .collect();
+        let _ = write!(s, "<br>heads by rel L2: {}", heads.join(" · "));
+    }
     if let Some(l) = &f.metrics.logits {
         let _ = write!(
             s,
@@ -108,7 +122,7 @@ fn first_divergence_html(s: &mut String, f: &FirstDivergence) {
     if !f.growth.is_empty() {
         // Collapsed: up to 40 rows would push the plots far down the page.
         let shown = f.growth.len().min(40);
-        let _ = write!(s, "<details class=\"growth\"><summary>Downstream: {shown} taps after {} (rel L2 at this position and max)</summary><table><tr><th>tap</th><th>rel L2 at this position</th><th>max rel L2</th></tr>", html_escape(&f.tap));
+        let _ = write!(s, "<details class=\"growth\"><summary>Downstream: {shown} tap{} after {} (rel L2 at this position and max)</summary><table><tr><th>tap</th><th>rel L2 at this position</th><th>max rel L2</th></tr>", if shown == 1 { "" } else { "s" }, html_escape(&f.tap));
         for g in f.growth.iter().take(40) {
             let _ = write!(
                 s,

@@ -265,3 +265,33 @@ fn bisect_cleans_up_and_its_reproduce_commands_run_as_printed() {
     assert!(!files_named(&work, "manifest.json").is_empty());
     std::fs::remove_dir_all(&work).unwrap();
 }
+
+/// An engine that crashed leaves its partial dump as evidence (exit 3, README): bisect
+/// keeps the probe dumps then, even without `--work` or `--keep`, and says where.
+#[test]
+fn bisect_keeps_the_partial_dump_of_a_crashed_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), "f32", 8);
+    let out = resbisect(&[
+        "bisect",
+        "--model",
+        path_str(&model),
+        "--tokens",
+        TOKENS,
+        "--inject",
+        "blk.1.attn_out:oob@2",
+    ]);
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("probe dumps kept in "))
+        .unwrap_or_else(|| panic!("{}", out.stderr));
+    let work = PathBuf::from(line.trim_start_matches("probe dumps kept in "));
+    let failed: Vec<PathBuf> = files_named(&work, "manifest.json")
+        .into_iter()
+        .filter(|m| std::fs::read_to_string(m).unwrap().contains("\"failed\""))
+        .collect();
+    assert!(!failed.is_empty(), "no failed manifest kept in {}", work.display());
+    std::fs::remove_dir_all(&work).unwrap();
+}

@@ -176,6 +176,23 @@ impl Profile {
     pub fn attention_in_f16(self) -> bool {
         self != Self::Exact
     }
+
+    /// Layer 0's taps that the profile reproduces up to summation order: computed from
+    /// the embedding, which both sides read exactly, with every rounding to a coarse grid
+    /// (8-bit blocks, f16) applied to values that are still identical, so no rounding
+    /// decision can differ. Measured against llama.cpp on SmolLM2 Q4_1, 1652 tokens, worst
+    /// row rel L2: attn_norm 0 and q, k, v ≤ 7.7e-7 on CPU (AVX2 and AVX-512); on the H200
+    /// attn_norm 0 and q_pre_rope, k_pre_rope, v ≤ 7.0e-7, but q and k up to 1e-4 (the
+    /// fast-math RoPE is not imitated), so the CUDA list stops before RoPE
+    /// (docs/validation.md). Later taps follow a rounding of unequal values: the softmax
+    /// output to f16, the attention output to 8 bits.
+    pub fn layer0_taps_without_rounding_flips(self) -> &'static [&'static str] {
+        match self {
+            Self::Exact => &[],
+            Self::LlamacppCpu => &["attn_norm", "q_pre_rope", "k_pre_rope", "v", "q", "k"],
+            Self::LlamacppCuda => &["attn_norm", "q_pre_rope", "k_pre_rope", "v"],
+        }
+    }
 }
 
 impl fmt::Display for Profile {

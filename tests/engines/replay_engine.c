@@ -6,10 +6,13 @@
  * would be. --bug-lookahead 1 makes the bug need the next token, as a causal mask off by
  * one does: the last position of the prompt it is given stays clean. --crash-before STEM
  * aborts before writing that file group, leaving a partial dump as a crashing engine does.
+ * --bug-runs FILE makes the engine nondeterministic: it counts its runs in FILE, and the
+ * bug acts on odd-numbered runs only (--bug-runs-mode odd) or on the first only (first).
  *
  * replay_engine --src DIR --model-info F --tokens F --prompt-id ID --layers L --taps T
  *               --positions SPEC --out DIR [--bug-layer L --bug-pos P --bug-value V
- *               --bug-tap T --bug-lookahead 1] [--crash-before STEM]
+ *               --bug-tap T --bug-lookahead 1 --bug-runs FILE --bug-runs-mode odd|first]
+ *               [--crash-before STEM]
  */
 #define RESBISECT_DUMP_IMPLEMENTATION
 #include "../../include/resbisect_dump.h"
@@ -82,6 +85,22 @@ int main(int argc, char **argv) {
     const char *crash_before = arg(argc, argv, "--crash-before", "");
     const char *bug_tap = arg(argc, argv, "--bug-tap", "attn_norm");
     int lookahead = atoi(arg(argc, argv, "--bug-lookahead", "0"));
+    const char *runs = arg(argc, argv, "--bug-runs", NULL);
+    if (runs) {
+        long run = 0;
+        FILE *rf = fopen(runs, "r");
+        if (rf) {
+            if (fscanf(rf, "%ld", &run) != 1) run = 0;
+            fclose(rf);
+        }
+        run++;
+        rf = fopen(runs, "w");
+        if (!rf) return 2;
+        fprintf(rf, "%ld\n", run);
+        fclose(rf);
+        int first_only = !strcmp(arg(argc, argv, "--bug-runs-mode", "odd"), "first");
+        if (first_only ? run != 1 : run % 2 == 0) bug_layer = 1000000;
+    }
     int bug_tap_index = 0;
     while (bug_tap_index < N_LAYER_TAPS && strcmp(LAYER_TAPS[bug_tap_index], bug_tap)) bug_tap_index++;
 

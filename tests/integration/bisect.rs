@@ -445,6 +445,68 @@ fn a_c_engine_that_looks_ahead_or_leaves_taps_out_is_named_with_a_note() {
     assert!(!notes.contains("not causal"), "{notes}");
 }
 
+/// An engine whose bug acts on some runs only (a race, an uninitialised buffer) makes
+/// probes disagree. The search must say so rather than answer as if it were deterministic:
+/// a note names the rows that differ between two probes of the same tokens, and a replayed
+/// layer whose input and output come from runs that differ is marked, not called
+/// introducing. The C engine counts its runs in a file; the bug (layer 3 on, +0.5) acts on
+/// odd-numbered runs, or on the first only.
+#[test]
+fn an_engine_that_is_not_deterministic_is_named_with_a_note() {
+    let dir = tempfile::tempdir().unwrap();
+    raw_reference(dir.path(), "p6_len_128");
+    let exe = c_engine(dir.path());
+    for mode in ["odd", "first"] {
+        let runs = dir.path().join(format!("runs-{mode}"));
+        let command = format!(
+            "{exe} --src {} --model-info {{model_info}} --tokens {{tokens}} --prompt-id {{prompt_id}} --layers {{layers}} \
+             --taps {{taps}} --positions {{positions}} --out {{out}} --bug-layer 3 --bug-pos 0 --bug-value 0.5 \
+             --bug-runs {} --bug-runs-mode {mode}",
+            dir.path().join("raw").display(),
+            runs.display()
+        );
+        let args = [
+            "--prompts",
+            &bisect_prompt(),
+            "--id",
+            "p6_len_128",
+            "--engine",
+            "external",
+            "--command",
+            &command,
+        ];
+        let (code, r) = bisect_json(&args, &dir.path().join(format!("work-{mode}")));
+        assert_eq!(code, 1, "{mode}: {r}");
+        let disagree = r["replay"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["dumps_disagree"] == true);
+        assert!(disagree.clone().count() > 0, "{mode}: {}", r["replay"]);
+        assert!(
+            disagree.clone().all(|l| l["introduces"] == false),
+            "{mode}: {}",
+            r["replay"]
+        );
+        assert!(
+            r["replay_note"].as_str().unwrap().contains("disagree with each other"),
+            "{mode}: {r}"
+        );
+        if mode == "first" {
+            // The bug's one run was the coarse probe: the taps probe of the same 128 tokens
+            // lost it, and the two probes' rows say why.
+            assert!(r["first"].is_null(), "{r}");
+            assert!(
+                r["notes"]
+                    .to_string()
+                    .contains("engine A gave different values for the same 128 tokens"),
+                "{}",
+                r["notes"]
+            );
+        }
+    }
+}
+
 #[test]
 fn a_c_engine_on_the_single_header_writer_plugs_in() {
     let dir = tempfile::tempdir().unwrap();

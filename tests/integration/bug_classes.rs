@@ -182,6 +182,19 @@ fn a_systematic_error_under_every_tolerance_is_a_finding() {
 }
 
 #[test]
+fn a_systematic_error_of_the_final_norm_alone_is_a_finding() {
+    // The final norm 1.0004× too large from position 3 (its eps or weight wrong): 4e-4 on
+    // every row from there, under the 1e-3 tolerance, while the residual stream is exact.
+    // The floor rule covers the final norm as it covers the stream (an HF engine with the
+    // final eps at 0.1 passed clean before it; docs/validation.md).
+    let dir = tempfile::tempdir().unwrap();
+    let (code, r) = reference_with_fault("final_norm:scale=1.0004@3", "p6_len_128", "auto", &dir.path().join("w"));
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(first(&r), ("final_norm", 3));
+    assert_eq!(r["judged"], "noise_floor");
+}
+
+#[test]
 fn a_systematic_error_below_tolerance_is_found_where_it_starts() {
     // RMSNorm eps 1e-6 instead of 1e-5 puts ~3e-4 on every norm of every layer: far
     // over the f32 noise floor (~1e-6), under the f32 tolerance (1e-3) until the head.

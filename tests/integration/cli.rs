@@ -256,14 +256,18 @@ fn bisect_cleans_up_and_its_reproduce_commands_run_as_printed() {
     kept.push("--keep");
     let out = resbisect(&kept);
     assert_eq!(out.code, 1, "{}", out.stderr);
-    let line = out
-        .stderr
-        .lines()
-        .find(|l| l.starts_with("probe dumps kept in "))
-        .unwrap_or_else(|| panic!("{}", out.stderr));
-    let work = PathBuf::from(line.trim_start_matches("probe dumps kept in "));
+    let work = kept_work_dir(&out.stderr);
     assert!(!files_named(&work, "manifest.json").is_empty());
     std::fs::remove_dir_all(&work).unwrap();
+}
+
+/// The work directory bisect says it kept the probe dumps in.
+fn kept_work_dir(stderr: &str) -> PathBuf {
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("probe dumps kept in "))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    PathBuf::from(line.trim_start_matches("probe dumps kept in "))
 }
 
 /// An engine that crashed leaves its partial dump as evidence (exit 3, README): bisect
@@ -282,12 +286,7 @@ fn bisect_keeps_the_partial_dump_of_a_crashed_engine() {
         "blk.1.attn_out:oob@2",
     ]);
     assert_eq!(out.code, 3, "{}", out.stderr);
-    let line = out
-        .stderr
-        .lines()
-        .find(|l| l.starts_with("probe dumps kept in "))
-        .unwrap_or_else(|| panic!("{}", out.stderr));
-    let work = PathBuf::from(line.trim_start_matches("probe dumps kept in "));
+    let work = kept_work_dir(&out.stderr);
     let failed: Vec<PathBuf> = files_named(&work, "manifest.json")
         .into_iter()
         .filter(|m| std::fs::read_to_string(m).unwrap().contains("\"failed\""))

@@ -31,6 +31,11 @@ impl DumpArgs {
     pub fn engine(&self) -> Result<EngineSpec> {
         let kind = match self.engine {
             DumpEngine::Reference => {
+                if self.twin && self.profile == Profile::Exact.name() {
+                    return Err(Error::input(
+                        "--twin needs a rounding --profile (llamacpp-cpu, llamacpp-cuda): the exact reference has no twin",
+                    ));
+                }
                 let spec = RefSpec {
                     precision: RefPrecision::parse(&self.dtype)?,
                     profile: parse_profile(&self.profile)?,

@@ -210,6 +210,14 @@ fn bad_selections_and_prompts() {
         "--profile and --twin are reference options",
     );
     assert_refused(
+        &dump(&["--tokens", "1,2,3", "--twin"]),
+        "--twin needs a rounding --profile",
+    );
+    assert_refused(
+        &dump(&["--tokens", "1,2,3", "--backend", "cuda"]),
+        "--backend, --max-tokens, --prefill-chunk, --sync-check, --warmup and --weights are runtime options",
+    );
+    assert_refused(
         &dump(&["--tokens", "1,2,3", "--taps", "resid_post,ffn_post_norm"]),
         "this llama model has no ffn_post_norm tap",
     );

@@ -18,6 +18,7 @@ use serde::Serialize;
 
 pub use self::probe::{dir_bytes, ProbeRecord};
 pub use self::replay::Replayer;
+pub use self::twin::TWIN_MIN_ROWS;
 use crate::diff::{DiffReport, FirstDivergence, Judge, Judgement, TokenMismatch};
 use crate::dump::{PromptRecord, RunError};
 use crate::engine::Engine;

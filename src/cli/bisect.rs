@@ -64,9 +64,6 @@ fn reference_computes(r: &BisectRun) -> bool {
 }
 
 pub(super) fn run(r: BisectRun) -> Result<ExitCode> {
-    if reference_computes(&r) {
-        super::commands::note_reference_gemm();
-    }
     let model = Model::open(&r.model)?;
     let records = r.input.resolve(&model, None)?;
     let [prompt] = <[_; 1]>::try_from(records).map_err(|r| {
@@ -101,6 +98,10 @@ pub(super) fn run(r: BisectRun) -> Result<ExitCode> {
     }
     if let Some(w) = &r.work {
         bisect::check_work_dir(w)?;
+    }
+    // After the input checks, so that bad input reads as one line.
+    if reference_computes(&r) {
+        super::commands::note_reference_gemm();
     }
     let mut engines = start_pair(&model, spec_a, spec_b, &mut Bars::default())?;
     let replayer = match &engines.oracle {

@@ -26,9 +26,6 @@ use super::progress::Bars;
 
 pub fn dump(a: DumpArgs) -> Result<ExitCode> {
     let spec = a.engine()?;
-    if matches!(spec.kind, engine::EngineKind::Reference(_)) {
-        note_reference_gemm();
-    }
     let input = a.input.input()?;
     let model = Model::open(&a.model)?;
     resbisect::trace::mark(|| "model opened".into());
@@ -53,6 +50,10 @@ pub fn dump(a: DumpArgs) -> Result<ExitCode> {
         records.iter().map(|r| r.tokens.len()).max().unwrap_or(0) + a.max_tokens,
     )?;
     resbisect::trace::mark(|| format!("{} prompt(s) ready", records.len()));
+    // After the input checks, so that bad input reads as one line.
+    if matches!(spec.kind, engine::EngineKind::Reference(_)) {
+        note_reference_gemm();
+    }
     let request = DumpRequest {
         prompts: &records,
         selection: &selection,
@@ -213,6 +214,20 @@ pub fn calibrate(a: CalibrateArgs) -> Result<ExitCode> {
     let (t, notes) = diff::calibrate(&reports, &how);
     for n in &notes {
         eprintln!("note: {n}");
+    }
+    // A quantile of a few rows is their maximum: rare rounding events (an 8-bit rounding
+    // flip) a longer prompt meets are missing (docs/profiles.md, TWIN_MIN_ROWS).
+    let mut rows_per_tap = std::collections::BTreeMap::<&str, usize>::new();
+    for t in reports.iter().flat_map(|r| &r.prompts).flat_map(|p| &p.taps) {
+        *rows_per_tap.entry(&t.tap).or_default() += t.rows.len();
+    }
+    let rows = rows_per_tap.values().copied().min().unwrap_or(0);
+    if rows < resbisect::bisect::TWIN_MIN_ROWS {
+        eprintln!(
+            "note: some taps were calibrated on {rows} row(s), fewer than {}: tolerances from so few rows may \
+             miss noise that a longer prompt shows",
+            resbisect::bisect::TWIN_MIN_ROWS
+        );
     }
     let output = &a.output;
     std::fs::write(

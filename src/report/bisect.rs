@@ -166,13 +166,19 @@ fn noise_line(r: &BisectReport) -> String {
     // Under the twin each tap has its own measured tolerance: one threshold would mislead.
     let thresholds = match r.twin {
         Some(_) => "per-tap tolerances from the twin".to_string(),
-        None => format!(
-            "noise-floor threshold rel_l2 {} (floor {} × {}, at most the tolerance {})",
-            sci(n0.threshold),
-            sci(n0.floor),
-            crate::tolerance::FLOOR_MARGIN,
-            sci(n0.tolerance)
-        ),
+        None => {
+            // Rows judged against the floor carry the threshold as their tolerance.
+            let cap = match n0.tolerance > n0.threshold {
+                true => format!(", at most the tolerance {}", sci(n0.tolerance)),
+                false => String::new(),
+            };
+            format!(
+                "noise-floor threshold rel_l2 {} (floor {} × {}{cap})",
+                sci(n0.threshold),
+                sci(n0.floor),
+                crate::tolerance::FLOOR_MARGIN,
+            )
+        }
     };
     format!(
         "judged against the {}; {thresholds}; coarse residual stream, 75th-percentile row rel_l2: {}",

@@ -4,7 +4,7 @@
 use super::search::resid_post;
 use super::NoiseLevel;
 use crate::diff::{DiffReport, FirstDivergence};
-use crate::taps::Tap;
+use crate::taps::{LayerTap, Tap};
 
 /// Each coarse residual-stream tap's level against its noise floor.
 pub(super) fn noise_levels(r: &DiffReport) -> Vec<NoiseLevel> {
@@ -83,26 +83,49 @@ pub(super) fn first_of(r: &DiffReport) -> Option<FirstDivergence> {
 
 /// A note for each engine that wrote none of the layer's taps before `first` in the
 /// layer's order (an external engine may not capture q and k): the divergence can begin
-/// in a tap it left out, so `first` is only the first one observed.
-pub(super) fn unobserved_notes(taps: &DiffReport, first: &str) -> Vec<String> {
-    let Some(first_tap) = Tap::parse(first) else {
+/// in a tap it left out, so `first` is only the first one observed. A left-out tap is
+/// not named when a tap that reads it (through the layer's computation) was observed
+/// before `first` and agrees up to `first`'s position: the query is read by `attn`, so an
+/// `attn` that agrees rules it out.
+pub(super) fn unobserved_notes(taps: &DiffReport, first: &FirstDivergence) -> Vec<String> {
+    let Some(first_tap) = Tap::parse(&first.tap) else {
         return Vec::new();
     };
     let mut notes = Vec::new();
     for p in &taps.prompts {
+        let agreeing: Vec<Tap> = p
+            .taps
+            .iter()
+            .filter(|t| t.first_bad.is_none_or(|i| t.positions[i] > first.position))
+            .filter_map(|t| Tap::parse(&t.tap))
+            .collect();
+        let ruled_out = |m: Tap| agreeing.iter().any(|&u| u < first_tap && u > m && u >= reader_of(m));
         for (side, missing) in [("A", &p.missing_in_a), ("B", &p.missing_in_b)] {
             let before: Vec<&str> = missing
                 .iter()
-                .filter(|m| Tap::parse(m).is_some_and(|t| t < first_tap))
+                .filter(|m| Tap::parse(m).is_some_and(|t| t < first_tap && !ruled_out(t)))
                 .map(String::as_str)
                 .collect();
             if !before.is_empty() {
                 notes.push(format!(
-                    "engine {side} wrote no {}, which come before {first} in the layer: the divergence may begin in one of them",
-                    before.join(", ")
+                    "engine {side} wrote no {}, which come before {} in the layer: the divergence may begin in one of them",
+                    before.join(", "),
+                    first.tap
                 ));
             }
         }
     }
     notes
+}
+
+/// The first tap of `t`'s layer that reads it: the attention reads the query, key and
+/// value branches, the FFN activation both projections; others are read by the next tap.
+fn reader_of(t: Tap) -> Tap {
+    match t {
+        Tap::Layer(l, LayerTap::QPreRope | LayerTap::KPreRope | LayerTap::Q | LayerTap::K | LayerTap::V) => {
+            Tap::Layer(l, LayerTap::Attn)
+        }
+        Tap::Layer(l, LayerTap::FfnGate | LayerTap::FfnUp) => Tap::Layer(l, LayerTap::FfnAct),
+        other => other,
+    }
 }

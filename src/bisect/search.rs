@@ -693,9 +693,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
             first.position,
             probed.len()
         ));
-        self.report
-            .notes
-            .extend(unobserved_notes(&suspect.taps_diff, &first.tap));
+        self.report.notes.extend(unobserved_notes(&suspect.taps_diff, &first));
         suspect.first = Some(first);
         Ok(Some(suspect))
     }

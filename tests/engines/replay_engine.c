@@ -85,8 +85,8 @@ int main(int argc, char **argv) {
     const char *crash_before = arg(argc, argv, "--crash-before", "");
     const char *bug_tap = arg(argc, argv, "--bug-tap", "attn_norm");
     int lookahead = atoi(arg(argc, argv, "--bug-lookahead", "0"));
-    const char *runs = arg(argc, argv, "--bug-runs", NULL);
-    if (runs) {
+    const char *runs = arg(argc, argv, "--bug-runs", "");
+    if (*runs) {
         long run = 0;
         FILE *rf = fopen(runs, "r");
         if (rf) {

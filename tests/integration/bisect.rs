@@ -443,6 +443,13 @@ fn a_c_engine_that_looks_ahead_or_leaves_taps_out_is_named_with_a_note() {
         "{notes}"
     );
     assert!(!notes.contains("not causal"), "{notes}");
+
+    // From ffn_act on: attn, which reads the query and key, was observed and agrees, so
+    // the left-out q_pre_rope and k_pre_rope cannot be where it begins.
+    let (code, r) = run("--bug-layer 3 --bug-tap ffn_act --bug-pos 5 --bug-value 0.5", "read");
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(at(&r), (Some("blk.3.ffn_act".into()), Some(5)));
+    assert!(!r["notes"].to_string().contains("wrote no"), "{}", r["notes"]);
 }
 
 /// An engine whose bug acts on some runs only (a race, an uninitialised buffer) makes

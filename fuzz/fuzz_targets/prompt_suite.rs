@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     if let Ok(text) = std::str::from_utf8(data) {
-        if let Ok(ids) = parse_token_list(text) {
+        if let Ok(ids) = parse_token_list(text, "--tokens") {
             assert!(!ids.is_empty());
         }
     }

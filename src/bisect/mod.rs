@@ -8,6 +8,7 @@
 mod probe;
 mod readings;
 mod replay;
+mod reruns;
 mod search;
 mod stream;
 mod twin;

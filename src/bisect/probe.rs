@@ -44,17 +44,6 @@ pub struct ProbeRecord {
     pub dump_b: String,
 }
 
-/// One engine's rows of a tap at a position, different in two probes of the same tokens.
-pub(super) struct RerunDisagreement {
-    pub tap: String,
-    pub position: usize,
-    /// Prompt tokens both probes ran.
-    pub tokens: usize,
-    pub rel_l2: f64,
-    /// The two probes' directories.
-    pub probes: [PathBuf; 2],
-}
-
 /// What one probe produced.
 pub(super) enum ProbeResult {
     Compared(DiffReport),
@@ -468,7 +457,7 @@ impl<'e> Session<'e> {
 
     /// The file of probe directory `dir`'s dump of side `a`/`b` that holds tap `id`
     /// (mapped once per search).
-    fn probe_file(&self, dir: &Path, side: &str, id: &str) -> Result<Option<Rc<MappedFile>>> {
+    pub(super) fn probe_file(&self, dir: &Path, side: &str, id: &str) -> Result<Option<Rc<MappedFile>>> {
         let tap = Tap::parse(id).ok_or_else(|| Error::input(format!("bad tap {id}")))?;
         let key = (dir.join(side), tap.file_stem().to_string());
         let cached = self.mapped.borrow().get(&key).cloned();
@@ -484,57 +473,6 @@ impl<'e> Session<'e> {
             }
         };
         Ok(file.filter(|f| f.taps.contains_key(id)))
-    }
-
-    /// The largest disagreement of one engine with itself: over probes that ran the same
-    /// number of tokens, the rows of each of `taps` that two of them hold at the same
-    /// position, compared (rel L2). A deterministic engine gives the same rows for the same
-    /// tokens; `threshold(tap)` is what counts as different. Reads only dumps already
-    /// written.
-    pub(super) fn rerun_disagreement(
-        &self,
-        side: &str,
-        taps: &[String],
-        threshold: &dyn Fn(&str) -> f64,
-    ) -> Result<Option<RerunDisagreement>> {
-        let runs: Vec<(&PathBuf, usize)> = self
-            .dirs
-            .iter()
-            .filter_map(|dir| {
-                let dump = Dump::open(&dir.join(side)).ok()?;
-                let prompt = dump.manifest.prompts.iter().find(|p| p.id == self.prompt.id)?;
-                Some((dir, prompt.tokens.len()))
-            })
-            .collect();
-        let mut worst: Option<RerunDisagreement> = None;
-        for tap in taps {
-            for (i, &(first, tokens)) in runs.iter().enumerate() {
-                for &(second, _) in runs[i + 1..].iter().filter(|r| r.1 == tokens) {
-                    let (Some(x), Some(y)) = (self.probe_file(first, side, tap)?, self.probe_file(second, side, tap)?)
-                    else {
-                        continue;
-                    };
-                    let (vx, vy) = (x.tap(tap).expect("held"), y.tap(tap).expect("held"));
-                    for (rx, &position) in x.positions.iter().enumerate() {
-                        let Ok(ry) = y.positions.binary_search(&position) else {
-                            continue;
-                        };
-                        let rel_l2 = crate::diff::row_stat(&vx.row(rx), &vy.row(ry)).rel_l2_or_inf();
-                        let over = rel_l2 > threshold(tap) && !rel_l2.is_nan();
-                        if over && worst.as_ref().is_none_or(|w| rel_l2 > w.rel_l2) {
-                            worst = Some(RerunDisagreement {
-                                tap: tap.clone(),
-                                position,
-                                tokens,
-                                rel_l2,
-                                probes: [first.clone(), second.clone()],
-                            });
-                        }
-                    }
-                }
-            }
-        }
-        Ok(worst)
     }
 
     /// Rows of tap `id` at positions `at` as f32, from the newest probe that holds them.

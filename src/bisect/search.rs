@@ -12,9 +12,10 @@ use super::readings::{
     unobserved_notes,
 };
 use super::replay::{replay_layers, replay_positions, row_error, Preload, ReplayRun, Replayer};
+use super::reruns::rerun_notes;
 use super::{check_work_dir, coarse_layers, BisectOptions, BisectReport, Crash, Engines, Outcome};
 use crate::diff::{self, DiffReport, FirstDivergence, Judge, Judgement};
-use crate::dump::{PromptRecord, TapDType};
+use crate::dump::PromptRecord;
 use crate::error::{Error, Result};
 use crate::model::Config;
 use crate::taps::{LayerTap, Selection, Tap, LAYER_TAPS};
@@ -298,47 +299,14 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
     }
 
     /// A note for each engine that gave different rows for the same tokens in two probes
-    /// (residual stream, final norm, the finding's tap), by more than the tap's tolerance
-    /// and 1e-3: the search compares probes, so such an engine can make a divergence come
-    /// and go between them.
+    /// ([`rerun_notes`]), over the residual stream, the final norm and the finding's tap.
     fn note_reruns(&mut self) -> Result<()> {
         let mut taps: Vec<String> = std::iter::once("embed".to_string())
             .chain((0..self.n_layer).map(resid_post))
             .chain(std::iter::once("final_norm".to_string()))
             .collect();
         taps.extend(self.report.first.as_ref().map(|f| f.tap.clone()));
-        let tolerances = self.session.tolerances();
-        let threshold = |tap: &str| tolerances.for_tap(tap, TapDType::F32).rel_l2.max(1e-3);
-        for side in ["a", "b"] {
-            let Some(d) = self.session.rerun_disagreement(side, &taps, &threshold)? else {
-                continue;
-            };
-            let name = |dir: &std::path::Path| {
-                dir.file_name()
-                    .map_or(String::new(), |n| n.to_string_lossy().into_owned())
-            };
-            // A row that moves between runs of the same tokens also moves when the prompt
-            // is cut: that alone does not show a look-ahead.
-            let engine = format!("engine {} ", side.to_uppercase());
-            for note in &mut self.report.notes {
-                if note.starts_with(&format!("{engine}is not causal:")) {
-                    note.push_str(" (unless that is the nondeterminism the next note shows)");
-                }
-            }
-            self.report.notes.push(format!(
-                "engine {} gave different values for the same {} tokens: its {} at position {} differs by rel L2 {:.2e} \
-                 between probes {} and {}; it is not deterministic (or computes a row differently depending on the rows \
-                 asked for), and a search that compares probes may find a divergence that comes and goes",
-                side.to_uppercase(),
-                d.tokens,
-                d.tap,
-                d.position,
-                d.rel_l2,
-                name(&d.probes[0]),
-                name(&d.probes[1]),
-            ));
-        }
-        Ok(())
+        rerun_notes(&self.session, &taps, &mut self.report.notes)
     }
 
     /// One probe; an engine's crash in it stops the search.

@@ -38,6 +38,22 @@ __device__ __forceinline__ unsigned short rb_float_to_half(float f) {
 }
 #endif
 
+// Programmatic dependent launch (sm_90 and later; nothing elsewhere). The `cuda` driver
+// launches every kernel so that it may start before the launch ahead of it has finished.
+// RB_WAIT_PRIOR() returns once every earlier launch has finished and its writes are
+// visible, and from then on lets the launch after this one start. Every kernel calls it
+// before it touches memory; the decode matvecs first put loads of their weights in
+// flight, so a kernel that writes weights (a dequantized matrix) calls
+// RB_WAIT_PRIOR_NEXT_AT_END() instead: the launch after it starts only once it has ended.
+// kernels.rs checks both rules.
+#if !defined(__HIPCC__) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define RB_WAIT_PRIOR() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+#define RB_WAIT_PRIOR_NEXT_AT_END() asm volatile("griddepcontrol.wait;" ::: "memory")
+#else
+#define RB_WAIT_PRIOR() ((void)0)
+#define RB_WAIT_PRIOR_NEXT_AT_END() ((void)0)
+#endif
+
 // bfloat16: the top half of an f32, rounded to nearest even (NaN kept quiet).
 __device__ __forceinline__ float rb_bf16_to_float(unsigned short b) { return __uint_as_float(((unsigned int)b) << 16); }
 __device__ __forceinline__ unsigned short rb_float_to_bf16(float f) {

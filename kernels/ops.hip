@@ -9,6 +9,7 @@
 // ---------------------------------------------------------------- elementwise and rows
 
 extern "C" __global__ void rb_embed(const store_t* table, const unsigned int* ids, store_t* out, int width, int rows) {
+    RB_WAIT_PRIOR();
     int r = blockIdx.x;
     if (r >= rows) return;
     const store_t* src = table + (long)ids[r] * width;
@@ -16,11 +17,13 @@ extern "C" __global__ void rb_embed(const store_t* table, const unsigned int* id
 }
 
 extern "C" __global__ void rb_add(const store_t* a, const store_t* b, store_t* out, long n) {
+    RB_WAIT_PRIOR();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = ST(LD(a[i]) + LD(b[i]));
 }
 
 extern "C" __global__ void rb_silu_mul(const store_t* gate, const store_t* up, store_t* out, long n) {
+    RB_WAIT_PRIOR();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) {
         float g = LD(gate[i]);
@@ -30,6 +33,7 @@ extern "C" __global__ void rb_silu_mul(const store_t* gate, const store_t* up, s
 
 // GELU (tanh approximation) of the gate times up: 0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³))).
 extern "C" __global__ void rb_gelu_tanh_mul(const store_t* gate, const store_t* up, store_t* out, long n) {
+    RB_WAIT_PRIOR();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) {
         float g = LD(gate[i]);
@@ -39,6 +43,7 @@ extern "C" __global__ void rb_gelu_tanh_mul(const store_t* gate, const store_t* 
 
 // x[r, c] += bias[c] over n values of rows of `width`.
 extern "C" __global__ void rb_add_bias(store_t* x, const store_t* bias, long n, long width) {
+    RB_WAIT_PRIOR();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] = ST(LD(x[i]) + LD(bias[i % width]));
 }
@@ -46,6 +51,7 @@ extern "C" __global__ void rb_add_bias(store_t* x, const store_t* bias, long n, 
 // With `dyn_row`, dst moves by that many rows of `width`, read on the device (the decode
 // step record), so a recorded step writes where the step it replays says.
 extern "C" __global__ void rb_copy(const store_t* src, store_t* dst, long n, const int* dyn_row, long width) {
+    RB_WAIT_PRIOR();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (dyn_row) dst += (long)(*dyn_row) * width;
     if (i < n) dst[i] = src[i];
@@ -53,6 +59,7 @@ extern "C" __global__ void rb_copy(const store_t* src, store_t* dst, long n, con
 
 // Fault injection: kind 0 scale, 1 offset, 2 NaN, 3 zero, on rows from_row.. of x.
 extern "C" __global__ void rb_perturb(store_t* x, long start, long n, int kind, float value) {
+    RB_WAIT_PRIOR();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float v = LD(x[start + i]);
@@ -77,12 +84,18 @@ __device__ __forceinline__ void rb_warp_dots(const store_t* x, const store_t* wr
     for (int r = 0; r < RB_GEMV_ROWS; r++) acc[r] = 0.0f;
     const int V = 16 / sizeof(store_t);
     const int step = RB_WARP * V;
+    // The first weights are in flight before x, which the launch ahead writes, is read.
+    bool waited = false;
     if (k % V == 0) {
         for (int c0 = lane * V; c0 < k; c0 += step * RB_GEMV_CHUNK) {
             uint4 wv[RB_GEMV_CHUNK];
             #pragma unroll
             for (int u = 0; u < RB_GEMV_CHUNK; u++)
                 if (c0 + u * step < k) wv[u] = *(const uint4*)(wr + c0 + u * step);
+            if (!waited) {
+                RB_WAIT_PRIOR();
+                waited = true;
+            }
             #pragma unroll
             for (int u = 0; u < RB_GEMV_CHUNK; u++) {
                 const int c = c0 + u * step;
@@ -101,6 +114,8 @@ __device__ __forceinline__ void rb_warp_dots(const store_t* x, const store_t* wr
             }
         }
     } else {
+        RB_WAIT_PRIOR();
+        waited = true;
         for (int c = lane; c < k; c += RB_WARP) {
             float wv = LD(wr[c]);
             #pragma unroll
@@ -108,6 +123,7 @@ __device__ __forceinline__ void rb_warp_dots(const store_t* x, const store_t* wr
                 if (r < rows) acc[r] += wv * LD(x[(long)r * k + c]);
         }
     }
+    if (!waited) RB_WAIT_PRIOR();  // k = 0: the output is still written after the launch ahead
     #pragma unroll
     for (int r = 0; r < RB_GEMV_ROWS; r++)
         for (int o = RB_WARP / 2; o > 0; o /= 2) acc[r] += RB_SHFL_XOR(acc[r], o);
@@ -154,6 +170,7 @@ extern "C" __global__ void rb_gemv3(const store_t* x, const store_t* w0, const s
 // `hip` backend's matmul (the `cuda` backend uses cuBLAS on the matrix units instead).
 #define RB_MM_TILE 16
 extern "C" __global__ void rb_matmul(const store_t* x, const store_t* w, store_t* out, int rows, int k, int n) {
+    RB_WAIT_PRIOR();
     __shared__ float xs[RB_MM_TILE][RB_MM_TILE + 1];
     __shared__ float ws[RB_MM_TILE][RB_MM_TILE + 1];
     const int tx = threadIdx.x, ty = threadIdx.y;
@@ -184,6 +201,7 @@ __device__ float rb_block_sum(float v, float* scratch) {
 }
 
 extern "C" __global__ void rb_rms_norm(const store_t* x, const store_t* w, store_t* out, int width, float eps) {
+    RB_WAIT_PRIOR();
     __shared__ float scratch[32];
     const store_t* row = x + (long)blockIdx.x * width;
     float ss = 0.0f;
@@ -198,6 +216,7 @@ extern "C" __global__ void rb_rms_norm(const store_t* x, const store_t* w, store
 // sum = a + b (stored), then out = rms_norm(sum) · w: rb_add and rb_rms_norm in one launch,
 // with the same roundings and summation order.
 extern "C" __global__ void rb_add_rms_norm(const store_t* a, const store_t* b, const store_t* w, store_t* sum, store_t* out, int width, float eps) {
+    RB_WAIT_PRIOR();
     __shared__ float scratch[32];
     const long base = (long)blockIdx.x * width;
     float ss = 0.0f;
@@ -247,6 +266,7 @@ __device__ __forceinline__ void rb_rope_rotate(store_t* head, float pos, int i, 
 // RoPE in place on every pair of `rows` rows of `heads` heads; row r sits at positions[r].
 extern "C" __global__ void rb_rope(store_t* x, const float* positions, int rows, int heads, int head_dim, float base, const float* inv_freq, int neox,
                                    float mscale) {
+    RB_WAIT_PRIOR();
     int half = head_dim / 2;
     long pairs = (long)rows * heads * half;
     long t = (long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -259,6 +279,7 @@ extern "C" __global__ void rb_rope(store_t* x, const float* positions, int rows,
 // record holds): four launches of rb_rope and rb_copy in one.
 extern "C" __global__ void rb_rope_append(store_t* q, store_t* k, const store_t* v, store_t* kc, store_t* vc, const float* positions, int rows, int n_head, int n_kv,
                                           int head_dim, float base, const int* dyn_row, int row0, const float* inv_freq, int neox, float mscale) {
+    RB_WAIT_PRIOR();
     const int half = head_dim / 2;
     const long kvw = (long)n_kv * head_dim;
     const long q_pairs = (long)rows * n_head * half, k_pairs = (long)rows * n_kv * half, v_values = rows * kvw;
@@ -283,6 +304,7 @@ extern "C" __global__ void rb_rope_append(store_t* q, store_t* k, const store_t*
 
 // Index of the largest value of one row (the first on ties).
 extern "C" __global__ void rb_argmax(const store_t* x, int width, unsigned int* out) {
+    RB_WAIT_PRIOR();
     __shared__ float best_v[1024];
     __shared__ int best_i[1024];
     float bv = RB_NEG_INF;
@@ -501,6 +523,7 @@ __device__ void rb_attention_merge(const float* part, store_t* out, int n_head, 
 // GEMM in f32; this turns each row into causal probabilities P (stored as store_t) for the
 // second GEMM, O = P·V. Row r of batch b may see keys 0..=first_key + r.
 extern "C" __global__ void rb_softmax_causal(const float* scores, store_t* probs, int n_keys, int rows, int first_key, int window) {
+    RB_WAIT_PRIOR();
     __shared__ float scratch[32];
     __shared__ float red_max[32];
     const int r = blockIdx.x, b = blockIdx.y;
@@ -525,13 +548,16 @@ extern "C" __global__ void rb_softmax_causal(const float* scores, store_t* probs
 #define RB_ATTENTION(HD)                                                                                                  \
     extern "C" __global__ void rb_attention_tiled_##HD(const store_t* q, const store_t* kc, const store_t* vc, store_t* out, \
                                                        int rows, int n_head, int n_kv, int first_pos, const int* dyn_first, int window) { \
+        RB_WAIT_PRIOR();                                                                                                                  \
         rb_attention_tiled<HD>(q, kc, vc, out, rows, n_head, n_kv, first_pos, dyn_first, window);                         \
     }                                                                                                                     \
     extern "C" __global__ void rb_attention_part_##HD(const store_t* q, const store_t* kc, const store_t* vc, float* part,   \
                                                       int rows, int n_head, int n_kv, int first_pos, const int* dyn_first, int window) { \
+        RB_WAIT_PRIOR();                                                                                                                 \
         rb_attention_part<HD>(q, kc, vc, part, rows, n_head, n_kv, first_pos, dyn_first, window);                         \
     }                                                                                                                     \
     extern "C" __global__ void rb_attention_merge_##HD(const float* part, store_t* out, int n_head, int splits) {          \
+        RB_WAIT_PRIOR();                                                                                                   \
         rb_attention_merge<HD>(part, out, n_head, splits);                                                                \
     }
 RB_ATTENTION(64)
@@ -545,21 +571,25 @@ RB_ATTENTION(256)
 __device__ __forceinline__ float rb_f16(const unsigned char* p) { return rb_half_to_float((unsigned short)(p[0] | (p[1] << 8))); }
 
 extern "C" __global__ void rb_dequant_f32(const float* src, store_t* out, long n) {
+    RB_WAIT_PRIOR_NEXT_AT_END();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = ST(src[i]);
 }
 
 extern "C" __global__ void rb_dequant_f16(const unsigned short* src, store_t* out, long n) {
+    RB_WAIT_PRIOR_NEXT_AT_END();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = ST(rb_half_to_float(src[i]));
 }
 
 extern "C" __global__ void rb_dequant_bf16(const unsigned short* src, store_t* out, long n) {
+    RB_WAIT_PRIOR_NEXT_AT_END();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = ST(rb_bf16_to_float(src[i]));
 }
 
 extern "C" __global__ void rb_dequant_q8_0(const unsigned char* src, store_t* out, long blocks) {
+    RB_WAIT_PRIOR_NEXT_AT_END();
     long b = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (b >= blocks) return;
     const unsigned char* p = src + b * 34;
@@ -568,6 +598,7 @@ extern "C" __global__ void rb_dequant_q8_0(const unsigned char* src, store_t* ou
 }
 
 extern "C" __global__ void rb_dequant_q4_0(const unsigned char* src, store_t* out, long blocks) {
+    RB_WAIT_PRIOR_NEXT_AT_END();
     long b = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (b >= blocks) return;
     const unsigned char* p = src + b * 18;
@@ -579,6 +610,7 @@ extern "C" __global__ void rb_dequant_q4_0(const unsigned char* src, store_t* ou
 }
 
 extern "C" __global__ void rb_dequant_q4_1(const unsigned char* src, store_t* out, long blocks) {
+    RB_WAIT_PRIOR_NEXT_AT_END();
     long b = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (b >= blocks) return;
     const unsigned char* p = src + b * 20;
@@ -601,6 +633,7 @@ __device__ void rb_q4k_scale_min(int j, const unsigned char* s, int* sc, int* mn
 }
 
 extern "C" __global__ void rb_dequant_q4_k(const unsigned char* src, store_t* out, long blocks) {
+    RB_WAIT_PRIOR_NEXT_AT_END();
     long b = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (b >= blocks) return;
     const unsigned char* p = src + b * 144;
@@ -621,6 +654,7 @@ extern "C" __global__ void rb_dequant_q4_k(const unsigned char* src, store_t* ou
 
 // Q6_K: 256 values; low 4 bits in ql, high 2 bits in qh, 16 int8 scales, then d.
 extern "C" __global__ void rb_dequant_q6_k(const unsigned char* src, store_t* out, long blocks) {
+    RB_WAIT_PRIOR_NEXT_AT_END();
     long b = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (b >= blocks) return;
     const unsigned char* p = src + b * 210;
@@ -650,6 +684,7 @@ extern "C" __global__ void rb_dequant_q6_k(const unsigned char* src, store_t* ou
 
 // Q5_K: Q4_K's layout with a fifth bit per value in 32 qh bytes (bit j for sub-block j).
 extern "C" __global__ void rb_dequant_q5_k(const unsigned char* src, store_t* out, long blocks) {
+    RB_WAIT_PRIOR_NEXT_AT_END();
     long b = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (b >= blocks) return;
     const unsigned char* p = src + b * 176;
@@ -974,12 +1009,18 @@ __device__ __forceinline__ void rb_qgemv3(const unsigned char* w0, const unsigne
     float acc[RB_QCOLS];
     #pragma unroll
     for (int c = 0; c < RB_QCOLS; c++) acc[c] = 0.0f;
+    // The first blocks are in flight before x, which the launch ahead writes, is read.
+    bool waited = false;
     for (int p = warp * RB_WARP + lane; p < pieces; p += RB_WARP * RB_QWARPS) {
         const int block = p / Q::PIECES, t = p % Q::PIECES;
         typename Q::Raw raw[RB_QCOLS];
         #pragma unroll
         for (int c = 0; c < RB_QCOLS; c++)
             if (c < cols) raw[c] = Q::load(w + c * row_bytes + (long)block * Q::BYTES, t);
+        if (!waited) {
+            RB_WAIT_PRIOR();
+            waited = true;
+        }
         float xv[Q::XN], sx[Q::XG + 1];
         Q::xs(t, x + (long)block * Q::VALUES, xv);
         const int size = Q::XN / (Q::XG > 0 ? Q::XG : 1);
@@ -993,6 +1034,7 @@ __device__ __forceinline__ void rb_qgemv3(const unsigned char* w0, const unsigne
         for (int c = 0; c < RB_QCOLS; c++)
             if (c < cols) acc[c] += Q::dot(raw[c], t, xv, sx);
     }
+    if (!waited) RB_WAIT_PRIOR();  // a lane without a piece: its block still writes
     #pragma unroll
     for (int c = 0; c < RB_QCOLS; c++) {
         for (int o = RB_WARP / 2; o > 0; o /= 2) acc[c] += RB_SHFL_XOR(acc[c], o);
@@ -1016,6 +1058,7 @@ __device__ __forceinline__ void rb_qgemv3(const unsigned char* w0, const unsigne
         rb_qgemv3<rb_##T>(w0, w1, w2, x, o0, o1, o2, k, n0, n1, n2);                                                 \
     }                                                                                                                \
     extern "C" __global__ void rb_qdequant_##T(const unsigned char* w, store_t* out, long subs) {                   \
+        RB_WAIT_PRIOR_NEXT_AT_END();                                                                                \
         const long s = (long)blockIdx.x * blockDim.x + threadIdx.x;                                                  \
         if (s >= subs) return;                                                                                       \
         float v[32];                                                                                                 \

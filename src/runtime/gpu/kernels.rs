@@ -305,3 +305,53 @@ pub fn fault_code(fault: Fault) -> (i32, f32) {
         Fault::Zero => (3, 0.0),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::KERNEL_SOURCE;
+
+    /// The rules programmatic dependent launch rests on (compat.h): every kernel waits for
+    /// the launch ahead before it touches memory. Most do it first thing; the decode
+    /// matvecs do it in their shared bodies, after their first weight loads, so a kernel
+    /// that writes a dequantized matrix lets the launch after it start only at its end.
+    #[test]
+    fn every_kernel_waits_for_the_launch_ahead_before_touching_memory() {
+        let matvecs = ["rb_gemv", "rb_gemv3", "rb_qgemv3_##T"];
+        let mut kernels = 0;
+        for (at, _) in KERNEL_SOURCE.match_indices("__global__ void ") {
+            let rest = &KERNEL_SOURCE[at + "__global__ void ".len()..];
+            let rest = match rest.strip_prefix("RB_LAUNCH_BOUNDS(") {
+                Some(bounds) => &bounds[bounds.find(") ").unwrap() + 2..],
+                None => rest,
+            };
+            let name = &rest[..rest.find('(').unwrap()];
+            let body = &rest[rest.find('{').unwrap() + 1..];
+            let first = body[..body.find(';').unwrap()]
+                .trim_start_matches([' ', '\n', '\\'])
+                .trim_end();
+            kernels += 1;
+            if matvecs.contains(&name) {
+                continue;
+            }
+            // A dequantized matrix is the weights of the matvec after, which loads them first.
+            let wait = if name.contains("dequant") {
+                "RB_WAIT_PRIOR_NEXT_AT_END()"
+            } else {
+                "RB_WAIT_PRIOR()"
+            };
+            assert_eq!(first, wait, "{name} touches memory before {wait}");
+        }
+        assert!(kernels >= 30, "found {kernels} kernel definitions");
+        for helper in ["void rb_warp_dots(", "void rb_qgemv3("] {
+            let body = &KERNEL_SOURCE[KERNEL_SOURCE.find(helper).unwrap()..];
+            let body = &body[..body.find("\n}").unwrap()];
+            let loads = body
+                .find("*(const uint4*)(wr")
+                .or_else(|| body.find("Q::load("))
+                .unwrap();
+            let wait = body.find("RB_WAIT_PRIOR();").unwrap();
+            assert!(loads < wait, "{helper} waits before loading its first weights");
+            assert!(!body[..wait].contains("x["), "{helper} reads x before waiting");
+        }
+    }
+}

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use cudarc::cublas::sys::cudaDataType;
 use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
-    PinnedHostSlice, PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, PinnedHostSlice,
+    ValidAsZeroBits,
 };
 
 use super::kernels::{Arg, KernelCall, StorageElem, KERNELS};
@@ -62,6 +62,8 @@ pub struct Cuda<T: CudaElem> {
     download_staging: RefCell<Option<PinnedHostSlice<T>>>,
     blas: Blas,
     functions: HashMap<&'static str, CudaFunction>,
+    /// Whether kernels start before the launch ahead has finished (sm_90 and later).
+    early_start: bool,
     device: String,
     _module: Arc<CudaModule>,
 }
@@ -119,6 +121,7 @@ where
             stream,
             download_staging: RefCell::new(None),
             functions,
+            early_start: major >= 9,
             device,
             _module: module,
         })
@@ -220,29 +223,53 @@ where
     }
 
     fn launch(&self, call: KernelCall, grid: Grid) -> Result<()> {
+        use cudarc::driver::sys;
         let f = self
             .functions
             .get(call.name)
             .ok_or_else(|| Error::engine(format!("cuda: kernel {} is not loaded", call.name)))?;
-        let mut b = self.stream.launch_builder(f);
-        for arg in call.args() {
-            match arg {
-                Arg::Ptr(v) => b.arg(v),
-                Arg::I32(v) => b.arg(v),
-                Arg::I64(v) => b.arg(v),
-                Arg::F32(v) => b.arg(v),
-            };
-        }
-        let cfg = LaunchConfig {
-            grid_dim: grid.blocks,
-            block_dim: grid.threads,
-            shared_mem_bytes: 0,
+        let mut params: Vec<*mut std::ffi::c_void> = call
+            .args()
+            .iter()
+            .map(|arg| match arg {
+                Arg::Ptr(v) => v as *const u64 as *mut std::ffi::c_void,
+                Arg::I32(v) => v as *const i32 as *mut std::ffi::c_void,
+                Arg::I64(v) => v as *const i64 as *mut std::ffi::c_void,
+                Arg::F32(v) => v as *const f32 as *mut std::ffi::c_void,
+            })
+            .collect();
+        // Programmatic stream serialization: the kernel may start once the launch ahead has
+        // passed its RB_WAIT_PRIOR (compat.h), and waits for it there itself, so launch
+        // latency and a matvec's first weight loads overlap the kernel before. cudarc's
+        // launch builder takes no launch attributes, hence the driver call.
+        // SAFETY: all-zero bytes are a valid value of this plain C union.
+        let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+        value.programmaticStreamSerializationAllowed = 1;
+        let mut early = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value,
         };
-        // SAFETY: the call's arguments follow the kernel's signature (kernels.rs), and the
-        // op that built it checked every range the kernel touches.
-        unsafe { b.launch(cfg) }
-            .map(drop)
-            .map_err(|e| Error::engine(format!("cuda: launching {}: {e}", call.name)))
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.blocks.0,
+            gridDimY: grid.blocks.1,
+            gridDimZ: grid.blocks.2,
+            blockDimX: grid.threads.0,
+            blockDimY: grid.threads.1,
+            blockDimZ: grid.threads.2,
+            sharedMemBytes: 0,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut early,
+            numAttrs: self.early_start as u32,
+        };
+        let failed = |e: cudarc::driver::DriverError| Error::engine(format!("cuda: launching {}: {e}", call.name));
+        self.stream.context().bind_to_thread().map_err(failed)?;
+        // SAFETY: `params` points at the call's arguments, which follow the kernel's
+        // signature (kernels.rs) and outlive the launch; the op that built the call checked
+        // every range the kernel touches; function and stream belong to this context.
+        unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .map_err(failed)
     }
 
     fn sync(&self) -> Result<()> {

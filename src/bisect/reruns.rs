@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use super::probe::Session;
-use crate::dump::{Dump, TapDType};
+use crate::dump::{Dump, TapDType, TapView};
 use crate::error::Result;
 
 /// One engine's rows of a tap at a position, different in two probes of the same tokens.
@@ -89,7 +89,7 @@ impl Session<'_> {
                         let Ok(ry) = y.positions.binary_search(&position) else {
                             continue;
                         };
-                        let rel_l2 = crate::diff::row_stat(&vx.row(rx), &vy.row(ry)).rel_l2_or_inf();
+                        let rel_l2 = rerun_rel_l2(&vx.row(rx), &vy.row(ry));
                         let over = rel_l2 > threshold(tap) && !rel_l2.is_nan();
                         if over && worst.as_ref().is_none_or(|w| rel_l2 > w.rel_l2) {
                             worst = Some(RerunDisagreement {
@@ -105,5 +105,39 @@ impl Session<'_> {
             }
         }
         Ok(worst)
+    }
+}
+
+/// Rel L2 between one engine's rows of a tap in two probes of the same tokens. Where
+/// either holds a NaN or an infinity: over the finite values when both hold their NaNs
+/// and infinities at the same places (an engine that writes the same NaN every run agrees
+/// with itself), else infinite.
+fn rerun_rel_l2(x: &TapView, y: &TapView) -> f64 {
+    let stat = crate::diff::row_stat(x, y);
+    if !stat.has_nonfinite() {
+        return stat.rel_l2;
+    }
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    x.append_f32(&mut a);
+    y.append_f32(&mut b);
+    let same = |p: f32, q: f32| {
+        if p.is_nan() {
+            q.is_nan()
+        } else {
+            p.is_finite() == q.is_finite() && (p.is_finite() || p == q)
+        }
+    };
+    if !a.iter().zip(&b).all(|(&p, &q)| same(p, q)) {
+        return f64::INFINITY;
+    }
+    let (mut diff2, mut norm2) = (0.0f64, 0.0f64);
+    for (&p, &q) in a.iter().zip(&b).filter(|(p, _)| p.is_finite()) {
+        diff2 += (p as f64 - q as f64).powi(2);
+        norm2 += (q as f64).powi(2);
+    }
+    match (diff2 > 0.0, norm2 > 0.0) {
+        (false, _) => 0.0,
+        (true, true) => (diff2 / norm2).sqrt(),
+        (true, false) => f64::INFINITY,
     }
 }

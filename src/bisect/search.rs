@@ -513,13 +513,33 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
             ));
             return self.done(r);
         }
+        // The head's row at a position reads only final_norm's row there, which agrees
+        // everywhere: a head bug may start at any position (one that acts on part of the
+        // vocabulary starts at 0), so the first rows are probed with the last, and the
+        // rows between them when the first divergent row lies past them.
         let n = self.n;
-        let from = n.saturating_sub(HEAD_ROWS);
-        let head = self.probe(
+        let (start, from) = (HEAD_ROWS.min(n), n.saturating_sub(HEAD_ROWS).max(HEAD_ROWS.min(n)));
+        let rows: Vec<usize> = (0..start).chain(from..n).collect();
+        let mut head = self.probe(
             "head",
             n,
-            selection(Vec::new(), &["final_norm", "logits"], &Rows::At((from..n).collect()), n),
+            selection(Vec::new(), &["final_norm", "logits"], &Rows::At(rows), n),
         )?;
+        if first_of(&head).is_some_and(|f| f.position >= from) && from > start {
+            let between = self.probe(
+                "head-between",
+                from,
+                selection(
+                    Vec::new(),
+                    &["final_norm", "logits"],
+                    &Rows::At((start..from).collect()),
+                    from,
+                ),
+            )?;
+            if first_of(&between).is_some() {
+                head = between;
+            }
+        }
         if let Some(f) = first_of(&head) {
             self.session.note(format!(
                 "the output head diverges: {} at position {}",
@@ -529,7 +549,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
             self.report.first = Some(f);
         } else {
             self.session.note(format!(
-                "final_norm and logits agree on the last {} positions",
+                "final_norm and logits agree on the first {start} and the last {} positions",
                 n - from
             ));
         }

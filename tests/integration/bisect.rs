@@ -67,6 +67,12 @@ fn check_fault(prompts: &str, id: &str, fault: &str, tap: &str, position: u64) -
     assert_eq!(r["first"]["position"], position, "{fault}");
     let runs = r["runs_a"].as_u64().unwrap();
     assert!(runs as f64 <= MAX_RUNS, "{fault}: {runs} runs");
+    // The runtime is deterministic, a NaN it writes included.
+    assert!(
+        !r["notes"].to_string().contains("not deterministic"),
+        "{fault}: {}",
+        r["notes"]
+    );
     if let Some(layer) = tap
         .strip_prefix("blk.")
         .and_then(|t| t.split('.').next())
@@ -94,6 +100,16 @@ fn check_fault(prompts: &str, id: &str, fault: &str, tap: &str, position: u64) -
         }
     }
     r
+}
+
+/// Logits too large for the coarse probe are probed at the first and the last rows, and
+/// between them when the first divergent row is past the first ones: a head bug may start
+/// at any position, since each row reads only its own final_norm row.
+#[test]
+fn a_fault_in_the_output_head_is_named_at_its_first_position_on_a_long_prompt() {
+    let p = long_prompts();
+    check_fault(&p, "long_826", "logits:offset=0.5@300", "logits", 300);
+    check_fault(&p, "long_826", "logits:offset=0.5@5", "logits", 5);
 }
 
 #[test]

@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use super::probe::{selection, ProbeResult, Rows, Session};
 use super::readings::{
-    bad_layers_line, first_bad_of, first_bad_position, first_of, has_nonfinite, noise_levels, tap_diverged,
-    unobserved_notes,
+    bad_layers_line, first_bad_of, first_bad_position, first_of, has_nonfinite, noise_levels, nonfinite_notes,
+    tap_diverged, unobserved_notes,
 };
 use super::replay::{replay_layers, replay_positions, row_error, Preload, ReplayRun, Replayer};
 use super::reruns::rerun_notes;
@@ -373,6 +373,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         // the first divergent layer first diverges. Not when values are non-finite: 0·NaN in
         // masked attention tiles can carry a NaN to earlier positions.
         let whole_prompt = has_nonfinite(&r);
+        self.report.notes.extend(nonfinite_notes(&r));
         let Some(hi) = bad_coarse.filter(|_| !tap_diverged(&r, "embed")) else {
             // The divergence starts at embed or only in the output head: already narrowed.
             let f = first_of(&r);

@@ -67,11 +67,13 @@ fn check_fault(prompts: &str, id: &str, fault: &str, tap: &str, position: u64) -
     assert_eq!(r["first"]["position"], position, "{fault}");
     let runs = r["runs_a"].as_u64().unwrap();
     assert!(runs as f64 <= MAX_RUNS, "{fault}: {runs} runs");
-    // The runtime is deterministic, a NaN it writes included.
-    assert!(
-        !r["notes"].to_string().contains("not deterministic"),
-        "{fault}: {}",
-        r["notes"]
+    // The runtime is deterministic, a NaN it writes included; a NaN is pointed out.
+    let notes = r["notes"].to_string();
+    assert!(!notes.contains("not deterministic"), "{fault}: {notes}");
+    assert_eq!(
+        notes.contains("engine A wrote NaN or infinite values"),
+        fault.contains(":nan@"),
+        "{fault}: {notes}"
     );
     if let Some(layer) = tap
         .strip_prefix("blk.")

@@ -45,7 +45,12 @@ fi
 build="$out/build-$([ "$cuda" = 1 ] && echo cuda || echo cpu)"
 flags=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF
   -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
-  -DGGML_NATIVE=ON -DGGML_OPENMP=OFF)
+  -DGGML_NATIVE=ON -DGGML_OPENMP=OFF
+  # Native, but never AMX: a Xeon's CPUID can list AMX that its VM does not enable, and a
+  # native build then dies of SIGILL in the first matmul (measured: every llama.cpp test
+  # crashed on such a 2-core CI machine). GCC keeps explicit -mno- flags over -march.
+  "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
 if [ "$cuda" = 1 ]; then
   # One GPU: without NCCL, which ggml-cuda would otherwise link where it finds it and the
   # static adapter then cannot resolve (measured on the H200 machine, which has NCCL).

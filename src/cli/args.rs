@@ -414,6 +414,11 @@ pub struct BisectArgs {
     /// Command template of an external oracle B (placeholders as for --command; docs/engines.md).
     #[arg(long)]
     pub oracle_command: Option<String>,
+    /// Longest one run of an external engine (A or B) may take, e.g. 90s or 10m: past it the
+    /// engine and every process it started are killed and the engine counts as crashed
+    /// (exit 3, its partial dump kept). Default: no limit.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub engine_timeout: Option<std::time::Duration>,
     /// Runtime oracle B's backend.
     #[arg(long, value_enum, default_value = "cpu")]
     pub oracle_backend: BackendKind,

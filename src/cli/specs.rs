@@ -126,6 +126,11 @@ impl BisectArgs {
                 "--engine runtime or reference",
             ),
             (
+                self.engine_timeout.is_some() && !matches!(self.engine, External) && !matches!(self.oracle, External),
+                "--engine-timeout",
+                "--engine external or --oracle external",
+            ),
+            (
                 !b_runtime && self.oracle_backend != BackendKind::Cpu,
                 "--oracle-backend",
                 "--oracle runtime",
@@ -164,9 +169,13 @@ impl BisectArgs {
             ));
         }
         let a = EngineSpec {
-            kind: self
-                .engine
-                .kind(self.command.as_deref(), self.backend, &self.dtype, precision)?,
+            kind: self.engine.kind(
+                self.command.as_deref(),
+                self.backend,
+                &self.dtype,
+                precision,
+                self.engine_timeout,
+            )?,
             injections: self.inject.clone(),
             run: RunOptions {
                 weights: WeightMode::parse(&self.weights)?,
@@ -180,6 +189,7 @@ impl BisectArgs {
                 self.oracle_backend,
                 &self.oracle_dtype,
                 precision,
+                self.engine_timeout,
             )?,
             injections: Vec::new(),
             run: RunOptions {
@@ -194,7 +204,14 @@ impl BisectArgs {
 
 impl BisectEngine {
     /// The library's engine kind; flags of other kinds are ignored.
-    fn kind(self, command: Option<&str>, backend: BackendKind, dtype: &str, precision: RefSpec) -> Result<EngineKind> {
+    fn kind(
+        self,
+        command: Option<&str>,
+        backend: BackendKind,
+        dtype: &str,
+        precision: RefSpec,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<EngineKind> {
         Ok(match self {
             BisectEngine::Runtime => EngineKind::Runtime {
                 backend,
@@ -209,6 +226,7 @@ impl BisectEngine {
                         )
                     })?
                     .to_string(),
+                timeout,
             },
         })
     }

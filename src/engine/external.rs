@@ -2,8 +2,11 @@
 //! command template whose placeholders name the model, the prompt's tokens, the
 //! selection and the output (docs/engines.md). Inputs reach it as side files.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, ExitStatus};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
 
 use super::{layers_arg, shell_quote, Engine};
 use crate::dump::{Dump, EngineInfo, PromptRecord, Status};
@@ -18,6 +21,8 @@ pub struct ExternalEngine {
     /// The manifest's `model` object, for engines to copy (fingerprint and config).
     model_info: serde_json::Value,
     n_layer: usize,
+    /// Longest one run may take before it is killed and counts as crashed.
+    timeout: Option<Duration>,
 }
 
 /// Placeholders an external command template may use.
@@ -34,7 +39,7 @@ pub const PLACEHOLDERS: &[&str] = &[
 ];
 
 impl ExternalEngine {
-    pub fn new(template: &str, model: &Model) -> Result<Self> {
+    pub fn new(template: &str, model: &Model, timeout: Option<Duration>) -> Result<Self> {
         if !template.contains("{out}") {
             return Err(Error::input(format!(
                 "the engine command {template:?} has no {{out}} placeholder for the dump directory"
@@ -65,6 +70,7 @@ impl ExternalEngine {
             model_path: model.gguf.path.clone(),
             model_info,
             n_layer: model.config.n_layer,
+            timeout,
         })
     }
 
@@ -160,22 +166,35 @@ impl Engine for ExternalEngine {
         let log = side_file(out, ".log");
         let log_file = std::fs::File::create(&log).map_err(|e| Error::io(&log, e))?;
         let err_file = log_file.try_clone().map_err(|e| Error::io(&log, e))?;
-        let status = Command::new("sh")
-            .arg("-c")
-            .arg(&cmd)
-            .stdout(log_file)
-            .stderr(err_file)
-            .status()
+        let mut command = Command::new("sh");
+        command.arg("-c").arg(&cmd).stdout(log_file).stderr(err_file);
+        if self.timeout.is_some() {
+            // Its own process group, so that a hung engine can be killed with every
+            // process it started (a shell's children outlive the shell).
+            command.process_group(0);
+        }
+        let child = command
+            .spawn()
             .map_err(|e| Error::input(format!("cannot start the engine command: {e}")))?;
+        let tail = || log_tail(&log);
+        let status = match self.timeout {
+            None => wait(child)?,
+            Some(limit) => match wait_at_most(child, limit)? {
+                Some(status) => status,
+                None => {
+                    return Err(Error::engine(format!(
+                        "{} did not finish within {} (--engine-timeout): killed it and every process it started; \
+                         last output: {} (log: {})",
+                        self.label(),
+                        humantime::format_duration(limit),
+                        tail(),
+                        log.display()
+                    )))
+                }
+            },
+        };
         if !status.success() {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let mut last: Vec<&str> = text.lines().rev().filter(|l| !l.trim().is_empty()).take(3).collect();
-            last.reverse();
-            let tail = if last.is_empty() {
-                "no output".to_string()
-            } else {
-                last.join(" | ")
-            };
+            let tail = tail();
             // Exit 2 is the usage error of resbisect's contract (and of argparse, getopt
             // tools): the engine refused its options or input, it did not crash. 126 and
             // 127 are the shell's: the command is not executable or not found.
@@ -214,4 +233,81 @@ impl Engine for ExternalEngine {
     fn reproduce(&self, prompt_id: &str, _suite: &Path, selection: &Selection, written: &Path, out: &Path) -> String {
         self.expand(prompt_id, selection, written, out)
     }
+}
+
+/// The last three non-empty lines of an engine's log, joined, or "no output".
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut last: Vec<&str> = text.lines().rev().filter(|l| !l.trim().is_empty()).take(3).collect();
+    last.reverse();
+    if last.is_empty() {
+        "no output".to_string()
+    } else {
+        last.join(" | ")
+    }
+}
+
+fn wait(mut child: Child) -> Result<ExitStatus> {
+    child
+        .wait()
+        .map_err(|e| Error::engine(format!("waiting for the engine command: {e}")))
+}
+
+/// Process groups of engines running in their own (at most one per engine of a pair, and
+/// a spare), which an interrupt of resbisect must still reach.
+static ENGINE_GROUPS: [AtomicI32; 3] = [AtomicI32::new(0), AtomicI32::new(0), AtomicI32::new(0)];
+
+/// SIGINT, SIGTERM or SIGHUP while engines run in their own process groups: pass it on to
+/// them, as the terminal would have, then end as the default action does.
+extern "C" fn forward_signal(signal: libc::c_int) {
+    for group in &ENGINE_GROUPS {
+        let pgid = group.load(Ordering::SeqCst);
+        if pgid > 0 {
+            // SAFETY: kill is async-signal-safe.
+            unsafe { libc::kill(-pgid, signal) };
+        }
+    }
+    // SAFETY: signal and raise are async-signal-safe; the default action ends the process.
+    unsafe {
+        libc::signal(signal, libc::SIG_DFL);
+        libc::raise(signal);
+    }
+}
+
+/// Wait for `child`, the leader of its own process group, for at most `limit`: its exit
+/// status, or `None` once the whole group has been killed for outlasting it.
+fn wait_at_most(mut child: Child, limit: Duration) -> Result<Option<ExitStatus>> {
+    static FORWARDING: std::sync::Once = std::sync::Once::new();
+    FORWARDING.call_once(|| {
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            // SAFETY: installs a handler that only calls async-signal-safe functions.
+            unsafe { libc::signal(signal, forward_signal as *const () as libc::sighandler_t) };
+        }
+    });
+    let pgid = child.id() as i32;
+    let slot = ENGINE_GROUPS
+        .iter()
+        .find(|g| g.compare_exchange(0, pgid, Ordering::SeqCst, Ordering::SeqCst).is_ok());
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_millis(1);
+    let outcome = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Ok(Some(status)),
+            Ok(None) if Instant::now() >= deadline => {
+                // SAFETY: signals the engine's own process group, nothing of resbisect's.
+                unsafe { libc::kill(-pgid, libc::SIGKILL) };
+                let _ = child.wait();
+                break Ok(None);
+            }
+            Ok(None) => {
+                std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            Err(e) => break Err(Error::engine(format!("waiting for the engine command: {e}"))),
+        }
+    };
+    if let Some(slot) = slot {
+        slot.store(0, Ordering::SeqCst);
+    }
+    outcome
 }

@@ -136,8 +136,12 @@ pub enum EngineKind {
     Reference(RefSpec),
     /// The instrumented runtime (the device under test).
     Runtime { backend: BackendKind, dtype: StorageDType },
-    /// An external program: a command template with placeholders (docs/engines.md).
-    External { command: String },
+    /// An external program: a command template with placeholders (docs/engines.md), killed
+    /// and counted as crashed when one run outlasts `timeout`.
+    External {
+        command: String,
+        timeout: Option<std::time::Duration>,
+    },
 }
 
 /// One engine as `dump` and `bisect` name it.
@@ -172,7 +176,7 @@ impl EngineSpec {
                     run: &self.run,
                 },
             )?,
-            EngineKind::External { command } => Box::new(ExternalEngine::new(command, model)?),
+            EngineKind::External { command, timeout } => Box::new(ExternalEngine::new(command, model, *timeout)?),
         })
     }
 

@@ -5,14 +5,15 @@
  * positions >= --bug-pos is offset by --bug-value, as an error that propagates downstream
  * would be. --bug-lookahead 1 makes the bug need the next token, as a causal mask off by
  * one does: the last position of the prompt it is given stays clean. --crash-before STEM
- * aborts before writing that file group, leaving a partial dump as a crashing engine does.
+ * aborts before writing that file group, leaving a partial dump as a crashing engine does;
+ * --hang-before STEM stops there for good instead, as a deadlocked engine does.
  * --bug-runs FILE makes the engine nondeterministic: it counts its runs in FILE, and the
  * bug acts on odd-numbered runs only (--bug-runs-mode odd) or on the first only (first).
  *
  * replay_engine --src DIR --model-info F --tokens F --prompt-id ID --layers L --taps T
  *               --positions SPEC --out DIR [--bug-layer L --bug-pos P --bug-value V
  *               --bug-tap T --bug-lookahead 1 --bug-runs FILE --bug-runs-mode odd|first]
- *               [--crash-before STEM]
+ *               [--crash-before STEM | --hang-before STEM]
  */
 #define RESBISECT_DUMP_IMPLEMENTATION
 #include "../../include/resbisect_dump.h"
@@ -20,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static const char *LAYER_TAPS[] = {"attn_norm", "q", "k", "v", "attn", "attn_out", "resid_mid",
                                    "ffn_norm", "ffn_gate", "ffn_up", "ffn_act", "ffn_out", "resid_post"};
@@ -83,6 +85,7 @@ int main(int argc, char **argv) {
     long bug_pos = atol(arg(argc, argv, "--bug-pos", "0"));
     float bug_value = (float)atof(arg(argc, argv, "--bug-value", "0"));
     const char *crash_before = arg(argc, argv, "--crash-before", "");
+    const char *hang_before = arg(argc, argv, "--hang-before", "");
     const char *bug_tap = arg(argc, argv, "--bug-tap", "attn_norm");
     int lookahead = atoi(arg(argc, argv, "--bug-lookahead", "0"));
     const char *runs = arg(argc, argv, "--bug-runs", "");
@@ -179,6 +182,10 @@ int main(int argc, char **argv) {
             if (!strcmp(stem, crash_before)) {
                 fprintf(stderr, "replay_engine: simulated crash before %s\n", stem);
                 abort();
+            }
+            if (!strcmp(stem, hang_before)) {
+                fprintf(stderr, "replay_engine: simulated hang before %s\n", stem);
+                for (;;) pause();
             }
             for (size_t i = 0; i < k; i++) {
                 ids[i] = id_store[i];

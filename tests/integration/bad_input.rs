@@ -381,6 +381,10 @@ fn bisect_options_for_engines_not_chosen_are_refused() {
             "--oracle-dtype applies only with --oracle runtime",
         ),
         (&["--engine", "external"], "--command for A"),
+        (
+            &["--engine-timeout", "5s"],
+            "--engine-timeout applies only with --engine external or --oracle external",
+        ),
     ] {
         assert_refused(&bisect(extra), needle);
     }

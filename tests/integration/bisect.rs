@@ -599,6 +599,42 @@ fn a_c_engine_on_the_single_header_writer_plugs_in() {
         "{}",
         r["crash"]
     );
+
+    // A deadlocked engine: killed at --engine-timeout with every process it started, and
+    // reported as a crash with what it wrote (without the limit this test would hang).
+    // `; true` keeps the shell alive above the engine: killing the shell alone would not do.
+    let hang = format!("{base} --hang-before blk.4; true");
+    let (code, r) = bisect_json(
+        &[
+            "--prompts",
+            &bisect_prompt(),
+            "--id",
+            "p6_len_32",
+            "--engine",
+            "external",
+            "--command",
+            &hang,
+            "--engine-timeout",
+            "5s",
+        ],
+        &dir.path().join("w4"),
+    );
+    assert_eq!(code, 3, "{r}");
+    assert_eq!(r["crash"]["error"]["tap"], "blk.2.resid_post", "{}", r["crash"]);
+    let message = r["crash"]["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("did not finish within 5s (--engine-timeout)") && message.contains("simulated hang"),
+        "{message}"
+    );
+    let engine = dir.path().join("replay_engine").display().to_string();
+    let survivors: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|p| std::fs::read(p.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.starts_with(&engine) && c.contains("--hang-before"))
+        .collect();
+    assert!(survivors.is_empty(), "{survivors:?}");
 }
 
 #[test]

@@ -84,7 +84,8 @@ typedef struct rbd_dump {
     char error[512];
 } rbd_dump;
 
-/* Create `dir` (must be absent or empty) and write the manifest with status "running".
+/* Create `dir` (must be absent or empty: a directory holding anything is refused, and left
+ * as it is, as are later calls on `d`) and write the manifest with status "running".
  * model_info_path: the JSON file resbisect passes as {model_info} (the manifest's "model").
  * layers_json / taps_json: JSON arrays as text; positions_spec: e.g. "all" or "0..16". */
 int rbd_begin(rbd_dump *d, const char *dir, const char *engine, const char *backend, const char *dtype,
@@ -118,6 +119,7 @@ const char *rbd_error(const rbd_dump *d);
 
 #ifdef RESBISECT_DUMP_IMPLEMENTATION
 
+#include <dirent.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -208,6 +210,20 @@ static int rbd__mkdirs(const char *path) {
         }
     }
     return (mkdir(tmp, 0777) && errno != EEXIST) ? -1 : 0;
+}
+
+/* 0 when `dir` holds no entry; -1 with errno ENOTEMPTY when it does (a dump written there
+ * would mix with, or replace, what it holds), or with opendir's errno. */
+static int rbd__check_empty(const char *dir) {
+    DIR *dp = opendir(dir);
+    if (!dp) return -1;
+    int found = 0;
+    for (struct dirent *e; !found && (e = readdir(dp));)
+        found = strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0;
+    closedir(dp);
+    if (!found) return 0;
+    errno = ENOTEMPTY;
+    return -1;
 }
 
 /* Write `len` bytes to `path` through a temporary name and a rename. */
@@ -302,6 +318,10 @@ int rbd_begin_engine(rbd_dump *d, const char *dir, const rbd_engine *engine, con
         free(model.p);
         return rbd__fail(d, "cannot create", dir);
     }
+    if (rbd__check_empty(dir)) {
+        free(model.p);
+        return rbd__fail(d, "refusing to write a dump into", dir);
+    }
     rbd__buf b = {NULL, 0, 0};
     int rc = rbd__put(&b, "{\"format\":\"resbisect.dump\",\"version\":1,\"engine\":{\"name\":");
     rc = rc || rbd__put_json_string(&b, engine->name) || rbd__put(&b, ",\"version\":");
@@ -355,6 +375,7 @@ int rbd_write_file_typed(rbd_dump *d, const char *prompt_id, const char *stem, c
                          const size_t *widths) {
     static const char *const names[3] = {"F32", "F16", "BF16"};
     char path[4200];
+    if (!d->manifest_head) return -1; /* no dump begun: rbd_error() still says why */
     if (rbd__path(d, path, sizeof path, "%s/data/%s%s", d->dir, prompt_id, "")) return -1;
     if (rbd__mkdirs(path)) return rbd__fail(d, "cannot create", path);
     if (rbd__path(d, path, sizeof path, "%s/data/%s/%s.safetensors", d->dir, prompt_id, stem)) return -1;
@@ -406,6 +427,8 @@ int rbd_write_file_typed(rbd_dump *d, const char *prompt_id, const char *stem, c
 }
 
 int rbd_finish(rbd_dump *d, const char *error, const char *last_tap) {
+    /* After a failed rbd_begin the directory is not this dump's: leave it as it is. */
+    if (!d->manifest_head) return -1;
     int rc = rbd__write_manifest(d, error ? "failed" : "complete", error, last_tap);
     free(d->manifest_head);
     d->manifest_head = NULL;

@@ -211,8 +211,10 @@ int main(int argc, char **argv) {
     if (rbd_begin_engine(&d, o.out.c_str(), &engine, o.model_info.c_str(), o.prompt_id.c_str(), tokens.data(),
                          tokens.size(), json_list(layer_items, false).c_str(), json_list(tap_items, true).c_str(),
                          positions_spec(w.positions).c_str())) {
+        // --out or --model-info refused (an --out holding files is left as it is): exit 2,
+        // the usage error of resbisect's engine contract.
         std::fprintf(stderr, "resbisect-llamacpp: %s\n", rbd_error(&d));
-        return 1;
+        return 2;
     }
     std::string error = decode(ctx, tokens, outputs);
     if (error.empty()) error = capture.error();

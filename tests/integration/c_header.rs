@@ -86,6 +86,20 @@ fn the_headers_example_compiles_and_writes_a_readable_dump() {
             .status()
             .unwrap();
         assert!(status.success(), "the example program failed");
+        // A second run into the same directory is refused and leaves the dump there as it was.
+        let before = std::fs::read(out.join("manifest.json")).unwrap();
+        let again = Command::new(&exe)
+            .arg(&out)
+            .arg(&model_info)
+            .arg(&n_embd)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&again.stderr);
+        assert!(
+            !again.status.success() && said.contains("refusing to write a dump into"),
+            "{said}"
+        );
+        assert_eq!(std::fs::read(out.join("manifest.json")).unwrap(), before);
         let inspect = resbisect(&["inspect", path_str(&out)]);
         assert_eq!(inspect.code, 0, "{}", inspect.stderr);
         assert!(inspect.stdout.contains("blk.0.resid_post"), "{}", inspect.stdout);

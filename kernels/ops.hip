@@ -544,6 +544,144 @@ extern "C" __global__ void rb_softmax_causal(const float* scores, store_t* probs
     for (int j = threadIdx.x; j < n_keys; j += blockDim.x) probs[off + j] = ST(j < limit && j >= lo ? expf(scores[off + j] - m) * inv : 0.0f);
 }
 
+// Prefill on the tensor cores (`cuda`, f16 and bf16 storage, sm_80 and later): a block
+// holds RB_FLASH_Q queries of one head, 16 per warp, and walks the keys the block can see
+// in tiles of RB_FLASH_K through shared memory, with an online softmax in registers:
+// S = Q·Kᵀ and O += P·V are m16n8k16 products (f32 accumulators), P rounded to the storage
+// type as the GEMM path's probabilities are. Scores are never written to memory, so long
+// prompts cost compute, not a score buffer's traffic. Fragment layouts: PTX ISA, "Matrix
+// Fragments for mma.m16n8k16".
+#define RB_FLASH_Q 64
+#define RB_FLASH_K 64
+#if !defined(__HIPCC__) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(RB_STORE_F32)
+#define RB_FLASH 1
+#if defined(RB_STORE_F16)
+#define RB_MMA_TYPE "f16"
+#else
+#define RB_MMA_TYPE "bf16"
+#endif
+// d += a·b for one 16×16 A fragment and one 16×8 B fragment (b0, b1).
+__device__ __forceinline__ void rb_mma(float* d, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." RB_MMA_TYPE "." RB_MMA_TYPE ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// Two values rounded to the storage type, packed as one fragment register (first low).
+__device__ __forceinline__ unsigned rb_pack2(float lo, float hi) { return (unsigned)ST(lo) | ((unsigned)ST(hi) << 16); }
+
+template <int HD>
+__device__ void rb_flash_attention(const store_t* q, const store_t* kc, const store_t* vc, store_t* out, int rows, int n_head, int n_kv, int first_pos,
+                                   int window) {
+    constexpr int KP = HD + 8;          // K tile row, padded: fragment loads hit 32 banks
+    constexpr int VP = RB_FLASH_K + 8;  // V tile stored transposed ([dim][key]), padded alike
+    __shared__ __align__(16) store_t ks[RB_FLASH_K * KP];
+    __shared__ __align__(16) store_t vt[HD * VP];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t4 = lane & 3;
+    const int head = blockIdx.y, kvh = head / (n_head / n_kv);
+    const int qw = n_head * HD, kvw = n_kv * HD;
+    const int r0 = blockIdx.x * RB_FLASH_Q + warp * 16;
+    // A fragments of this warp's 16 query rows: register i holds row g + 8·(i & 1),
+    // dims t4·2 + 8·(i >> 1) and one more, of each 16-dim step.
+    unsigned qa[HD / 16][4];
+    #pragma unroll
+    for (int st = 0; st < HD / 16; st++)
+        #pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int row = r0 + g + (i & 1) * 8, dim = st * 16 + t4 * 2 + (i >> 1) * 8;
+            qa[st][i] = row < rows ? *(const unsigned*)(q + (long)row * qw + head * HD + dim) : 0u;
+        }
+    float o[HD / 8][4];
+    #pragma unroll
+    for (int nb = 0; nb < HD / 8; nb++) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.0f;
+    // Per thread: rows g (h = 0) and g + 8 (h = 1); running max and partial sum.
+    float m[2] = {RB_NEG_INF, RB_NEG_INF}, l[2] = {0.0f, 0.0f};
+    const float scale = rsqrtf((float)HD);
+    const int block_first = first_pos + blockIdx.x * RB_FLASH_Q;
+    const int key_last = first_pos + min(rows, (int)(blockIdx.x + 1) * RB_FLASH_Q) - 1;
+    for (int k0 = rb_first_key(block_first, window) / RB_FLASH_K * RB_FLASH_K; k0 <= key_last; k0 += RB_FLASH_K) {
+        __syncthreads();  // the tile before is consumed
+        for (int c = threadIdx.x; c < RB_FLASH_K * HD / 8; c += blockDim.x) {
+            const int key = c / (HD / 8), d = c % (HD / 8) * 8;
+            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+            if (k0 + key <= key_last) {
+                kv = *(const uint4*)(kc + (long)(k0 + key) * kvw + kvh * HD + d);
+                vv = *(const uint4*)(vc + (long)(k0 + key) * kvw + kvh * HD + d);
+            }
+            *(uint4*)(ks + key * KP + d) = kv;
+            const store_t* vh = (const store_t*)&vv;
+            #pragma unroll
+            for (int i = 0; i < 8; i++) vt[(d + i) * VP + key] = vh[i];
+        }
+        __syncthreads();
+        // Scores: C fragment nb holds keys k0 + 8·nb + t4·2 (+1) of rows g (regs 0, 1) and
+        // g + 8 (regs 2, 3).
+        float s[RB_FLASH_K / 8][4];
+        #pragma unroll
+        for (int nb = 0; nb < RB_FLASH_K / 8; nb++) {
+            s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+            #pragma unroll
+            for (int st = 0; st < HD / 16; st++) {
+                const store_t* kr = ks + (nb * 8 + g) * KP + st * 16 + t4 * 2;
+                rb_mma(s[nb], qa[st], *(const unsigned*)kr, *(const unsigned*)(kr + 8));
+            }
+        }
+        float tile_max[2] = {RB_NEG_INF, RB_NEG_INF};
+        #pragma unroll
+        for (int nb = 0; nb < RB_FLASH_K / 8; nb++)
+            #pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int qpos = first_pos + r0 + g + (i >> 1) * 8, key = k0 + nb * 8 + t4 * 2 + (i & 1);
+                const bool seen = key <= qpos && key >= rb_first_key(qpos, window);
+                s[nb][i] = seen ? s[nb][i] * scale : RB_NEG_INF;
+                tile_max[i >> 1] = fmaxf(tile_max[i >> 1], s[nb][i]);
+            }
+        #pragma unroll
+        for (int h = 0; h < 2; h++) {
+            // The four lanes of a quad hold one row.
+            tile_max[h] = fmaxf(tile_max[h], RB_SHFL_XOR(tile_max[h], 1));
+            tile_max[h] = fmaxf(tile_max[h], RB_SHFL_XOR(tile_max[h], 2));
+            const float m_new = fmaxf(m[h], tile_max[h]);
+            const float corr = m_new == RB_NEG_INF ? 1.0f : expf(m[h] - m_new);
+            m[h] = m_new;
+            l[h] *= corr;
+            #pragma unroll
+            for (int nb = 0; nb < HD / 8; nb++) o[nb][2 * h] *= corr, o[nb][2 * h + 1] *= corr;
+        }
+        #pragma unroll
+        for (int nb = 0; nb < RB_FLASH_K / 8; nb++)
+            #pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const float p = s[nb][i] == RB_NEG_INF ? 0.0f : expf(s[nb][i] - m[i >> 1]);
+                s[nb][i] = p;
+                l[i >> 1] += p;
+            }
+        // O += P·V: the scores' C fragments of keys 16·kk.. are P's A fragment.
+        #pragma unroll
+        for (int kk = 0; kk < RB_FLASH_K / 16; kk++) {
+            const unsigned pa[4] = {rb_pack2(s[2 * kk][0], s[2 * kk][1]), rb_pack2(s[2 * kk][2], s[2 * kk][3]),
+                                    rb_pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]), rb_pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            #pragma unroll
+            for (int nb = 0; nb < HD / 8; nb++) {
+                const store_t* vr = vt + (nb * 8 + g) * VP + kk * 16 + t4 * 2;
+                rb_mma(o[nb], pa, *(const unsigned*)vr, *(const unsigned*)(vr + 8));
+            }
+        }
+    }
+    #pragma unroll
+    for (int h = 0; h < 2; h++) {
+        l[h] += RB_SHFL_XOR(l[h], 1);
+        l[h] += RB_SHFL_XOR(l[h], 2);
+    }
+    #pragma unroll
+    for (int nb = 0; nb < HD / 8; nb++)
+        #pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int row = r0 + g + (i >> 1) * 8;
+            if (row < rows) out[(long)row * qw + head * HD + nb * 8 + t4 * 2 + (i & 1)] = ST(o[nb][i] / l[i >> 1]);
+        }
+}
+#endif
+
 // `dyn_first`, when set, replaces first_pos with the value on the device (decode step record).
 #define RB_ATTENTION(HD)                                                                                                  \
     extern "C" __global__ void rb_attention_tiled_##HD(const store_t* q, const store_t* kc, const store_t* vc, store_t* out, \
@@ -563,6 +701,22 @@ extern "C" __global__ void rb_softmax_causal(const float* scores, store_t* probs
 RB_ATTENTION(64)
 RB_ATTENTION(128)
 RB_ATTENTION(256)
+
+// Defined in every build so that every driver loads the same list; launched only by the
+// `cuda` driver with f16 or bf16 storage on sm_80 and later.
+#define RB_FLASH_ATTENTION(HD)                                                                                              \
+    extern "C" __global__ void RB_LAUNCH_BOUNDS(128, 2) rb_flash_attention_##HD(const store_t* q, const store_t* kc, const store_t* vc, \
+                                                         store_t* out, int rows, int n_head, int n_kv, int first_pos, int window) { \
+        RB_WAIT_PRIOR();                                                                                                    \
+        RB_FLASH_BODY(HD)                                                                                                   \
+    }
+#ifdef RB_FLASH
+#define RB_FLASH_BODY(HD) rb_flash_attention<HD>(q, kc, vc, out, rows, n_head, n_kv, first_pos, window);
+#else
+#define RB_FLASH_BODY(HD) (void)q, (void)kc, (void)vc, (void)out, (void)rows, (void)n_head, (void)n_kv, (void)first_pos, (void)window;
+#endif
+RB_FLASH_ATTENTION(64)
+RB_FLASH_ATTENTION(128)
 
 // ---------------------------------------------------------------- weights
 // GGUF blocks dequantized on the device (the backend's own decoders; the reference uses

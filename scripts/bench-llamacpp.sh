@@ -10,6 +10,7 @@
 #     that with llama-quantize to Q4_K_M.
 #  3. Runs `llama-bench -fa 1` (pp512, pp2048, tg128) and `resbisect run --backend cuda
 #     --dtype f16` (--weights native) on both files, and prints the ratios.
+#     HF transformers (torch f16, sdpa attention) prefills the F16 file's weights beside them.
 #  4. cuda vs reference at 2048 positions on the Q4_K_M file (resid_post of every layer
 #     and logits, `resbisect diff`).
 # Needs python3 with torch, transformers, sentencepiece, numpy and gguf (or the source's
@@ -103,6 +104,11 @@ for q in f16 q4_k_m; do
   done
 done
 
+# HF transformers (torch f16, sdpa) on the F16 file, same GPU, same run: issue 19's other
+# prefill peer.
+"$py" "$root/scripts/bench_hf_runtime.py" "$work/tl-f16.gguf" "$work/t2048" 8 2>"$work/hf.log" | tee -a "$log" ||
+  say "HF FAILED: $(tail -n 1 "$work/hf.log")"
+
 # 4. cuda (native quantized path) against the reference at 2048 positions, Q4_K_M.
 rm -rf "$work/rt" "$work/ref"
 "$bin" dump --engine runtime --backend cuda --dtype f16 --model "$work/tl-q4_k_m.gguf" --tokens "$(cat "$work/t2048")" \
@@ -116,9 +122,11 @@ say "AGREEMENT q4_k_m 2048 positions: diff exit $code"
 grep -E "FIRST|no divergence|result|note" "$work/diff.txt" | head -5 | tee -a "$log"
 
 "$py" - "$log" <<'PY' | tee "${log%.txt}.md"
-import re, sys
-llama, rb = {}, {}
+import json, re, sys
+llama, rb, hf = {}, {}, {}
 for line in open(sys.argv[1]):
+    if line.startswith("HF {"):
+        hf = json.loads(line[3:])
     f = line.split()
     if f[:1] == ["LLAMA"]:
         q, npp, ng, ts = f[1], int(f[2]), int(f[3]), float(f[4])
@@ -136,5 +144,10 @@ for q in ["q4_k_m", "f16"]:
     for t in ["pp512", "pp2048", "tg128"]:
         a, b = llama.get((q, t), float("nan")), rb.get((q, t), float("nan"))
         print(f"| {q} | {t} | {a:.0f} | {b:.0f} | {b / a:.2f}x | {target.get((q, t), '')} |")
+if hf:
+    a, b = hf["prefill_2048_tok_s"], rb.get(("f16", "pp2048"), float("nan"))
+    print(f"\n| file | test | HF transformers f16 sdpa tok/s | resbisect tok/s | ratio | target |\n|---|---|---|---|---|---|")
+    print(f"| f16 | pp2048 | {a:.0f} | {b:.0f} | {b / a:.2f}x | 1.0 |")
+    print(f"\nHF: {hf['weights']}, torch {hf['torch']}")
 PY
 rm -rf "$work/rt" "$work/ref"

@@ -218,6 +218,14 @@ kernels! {
         window: i32,
     );
     fn rb_attention_merge_256(part: Ptr, out: Ptr, n_head: i32, splits: i32);
+    /// Prefill attention on the tensor cores (`cuda`, f16/bf16 storage, sm_80+): blocks of
+    /// 64 queries per head, 128 threads.
+    fn rb_flash_attention_64(
+        q: Ptr, k_cache: Ptr, v_cache: Ptr, out: Ptr, rows: i32, n_head: i32, n_kv: i32, first_pos: i32, window: i32,
+    );
+    fn rb_flash_attention_128(
+        q: Ptr, k_cache: Ptr, v_cache: Ptr, out: Ptr, rows: i32, n_head: i32, n_kv: i32, first_pos: i32, window: i32,
+    );
     fn rb_dequant_f32(src: Ptr, out: Ptr, blocks: i64);
     fn rb_dequant_f16(src: Ptr, out: Ptr, blocks: i64);
     fn rb_dequant_bf16(src: Ptr, out: Ptr, blocks: i64);

@@ -28,8 +28,9 @@ const ROPE_APPENDS: [(usize, usize, usize, usize, usize, bool); 3] = [
 /// Windowed attention (heads, KV heads, head dim, first position, rows, window): split
 /// decode, tiled and GEMM paths, a window of 1, a window wider than the prefix, head
 /// dim 256 (Gemma 3) on each path.
-const WINDOWED: [(usize, usize, usize, usize, usize, usize); 10] = [
+const WINDOWED: [(usize, usize, usize, usize, usize, usize); 11] = [
     (9, 3, 64, 40, 1, 16),
+    (9, 3, 64, 7, 1000, 100),
     (9, 3, 64, 0, 17, 1),
     (32, 4, 64, 0, 130, 64),
     (32, 8, 128, 50, 200, 64),

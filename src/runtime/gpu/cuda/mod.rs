@@ -1,6 +1,7 @@
 //! The CUDA driver of the GPU backend: the kernels compiled at run time by NVRTC
 //! ([`nvrtc`]), launched on one stream of our own (which CUDA graphs can record), cuBLAS
-//! for wide matmuls and prefill attention ([`blas`]), and tap rows copied off the device
+//! for wide matmuls and f32 prefill attention ([`blas`]; f16/bf16 prefill attention runs
+//! on the tensor cores, `rb_flash_attention_*`), and tap rows copied off the device
 //! while the stream goes on ([`lanes`]). CUDA, NVRTC and cuBLAS are loaded dynamically
 //! (cudarc), so the binary builds without CUDA and reports one clear line where no driver
 //! is found.
@@ -21,12 +22,12 @@ use cudarc::driver::{
     ValidAsZeroBits,
 };
 
-use super::kernels::{Arg, KernelCall, StorageElem, KERNELS};
+use super::kernels::{self, Arg, KernelCall, Ptr, StorageElem, KERNELS};
 use super::plan::Grid;
 use super::{Driver, GpuBackend};
 use crate::dump::RowBytes;
 use crate::error::{Error, Result};
-use crate::runtime::backend::AttnShape;
+use crate::runtime::backend::{AttnShape, StorageDType};
 use blas::Blas;
 use lanes::LanePool;
 use quiet::quietly;
@@ -49,6 +50,9 @@ impl CudaElem for half::bf16 {
     const CUDA_TYPE: cudaDataType = cudaDataType::CUDA_R_16BF;
 }
 
+/// Queries per block of `rb_flash_attention_*` (RB_FLASH_Q in ops.hip).
+const FLASH_QUERIES: usize = 64;
+
 fn device_error(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
     move |e| Error::engine(format!("cuda: {what}: {e}"))
 }
@@ -64,6 +68,9 @@ pub struct Cuda<T: CudaElem> {
     functions: HashMap<&'static str, CudaFunction>,
     /// Whether kernels start before the launch ahead has finished (sm_90 and later).
     early_start: bool,
+    /// Whether prefill attention runs on the tensor cores (`rb_flash_attention_*`: f16 or
+    /// bf16 storage, sm_80 and later).
+    tensor_cores: bool,
     device: String,
     _module: Arc<CudaModule>,
 }
@@ -122,6 +129,7 @@ where
             download_staging: RefCell::new(None),
             functions,
             early_start: major >= 9,
+            tensor_cores: major >= 8 && T::DTYPE != StorageDType::F32,
             device,
             _module: module,
         })
@@ -303,7 +311,35 @@ where
         s: AttnShape,
         out: &mut CudaSlice<T>,
     ) -> Option<Result<()>> {
-        (s.rows >= blas::GEMM_ATTENTION_ROWS).then(|| self.attention_gemm(q, cache, s, out))
+        if s.rows < blas::GEMM_ATTENTION_ROWS {
+            return None;
+        }
+        let flash = match s.head_dim {
+            64 => kernels::rb_flash_attention_64,
+            128 => kernels::rb_flash_attention_128,
+            _ => return Some(self.attention_gemm(q, cache, s, out)),
+        };
+        if !self.tensor_cores {
+            return Some(self.attention_gemm(q, cache, s, out));
+        }
+        let ptr = |b: &CudaSlice<T>| Ptr(b.device_ptr(&self.stream).0);
+        let window = s.window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
+        let call = flash(
+            ptr(q),
+            ptr(cache.0),
+            ptr(cache.1),
+            ptr(out),
+            s.rows as i32,
+            s.n_head as i32,
+            s.n_head_kv as i32,
+            s.first_pos as i32,
+            window,
+        );
+        let grid = Grid {
+            blocks: (s.rows.div_ceil(FLASH_QUERIES) as u32, s.n_head as u32, 1),
+            threads: (128, 1, 1),
+        };
+        Some(self.launch(call, grid))
     }
 
     fn begin_record(&self) -> Result<bool> {

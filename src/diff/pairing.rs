@@ -10,8 +10,8 @@ use crate::model::Config;
 /// The fields two model configs disagree on, as `model.FIELD: A x vs B y`.
 pub fn config_differences(a: &Config, b: &Config) -> Vec<String> {
     let (va, vb) = (
-        serde_json::to_value(a).unwrap_or_default(),
-        serde_json::to_value(b).unwrap_or_default(),
+        serde_json::to_value(canonical(a)).unwrap_or_default(),
+        serde_json::to_value(canonical(b)).unwrap_or_default(),
     );
     let show = |v: &serde_json::Value| match v {
         // 1e-5 and 100000 rather than 0.000009999999747378752 and 100000.0.
@@ -19,16 +19,29 @@ pub fn config_differences(a: &Config, b: &Config) -> Vec<String> {
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
     };
+    let shown = |v: Option<&serde_json::Value>| v.map_or_else(|| "(absent)".to_string(), show);
     let mut out = Vec::new();
     if let (Some(oa), Some(ob)) = (va.as_object(), vb.as_object()) {
-        for (key, x) in oa {
-            let y = &ob[key.as_str()];
+        // Optional fields may be in one config only: each side's keys, A's order first.
+        let keys = oa.keys().chain(ob.keys().filter(|k| !oa.contains_key(*k)));
+        for key in keys {
+            let (x, y) = (oa.get(key), ob.get(key));
             if x != y {
-                out.push(format!("model.{key}: A {} vs B {}", show(x), show(y)));
+                out.push(format!("model.{key}: A {} vs B {}", shown(x), shown(y)));
             }
         }
     }
     out
+}
+
+/// `c` as resbisect writes it: a `key_length` equal to n_embd / n_head is the default,
+/// which manifests leave out (an engine that writes it describes the same model).
+fn canonical(c: &Config) -> Config {
+    let mut c = c.clone();
+    if c.variant.key_length == Some(c.n_embd / c.n_head.max(1)) {
+        c.variant.key_length = None;
+    }
+    c
 }
 
 /// Refuse dumps of different models (by fingerprint unless `allow_model_mismatch`, and
@@ -153,4 +166,27 @@ pub(super) fn prompt_pairs(
         ids(ma),
         ids(mb)
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smollm2() -> Config {
+        serde_json::from_value(serde_json::json!({
+            "arch": "llama", "n_layer": 30, "n_embd": 576, "n_head": 9, "n_head_kv": 3, "n_ff": 1536,
+            "n_vocab": 49152, "n_ctx": 8192, "rope_base": 100000.0, "rms_eps": 1e-5
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_field_in_one_config_only_is_a_difference_or_its_default() {
+        let (a, mut b) = (smollm2(), smollm2());
+        b.variant.key_length = Some(64);
+        assert!(config_differences(&a, &b).is_empty(), "64 is SmolLM2's head dim");
+        b.variant.key_length = Some(128);
+        assert_eq!(config_differences(&a, &b), ["model.key_length: A (absent) vs B 128"]);
+        assert_eq!(config_differences(&b, &a), ["model.key_length: A 128 vs B (absent)"]);
+    }
 }

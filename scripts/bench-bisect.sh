@@ -34,7 +34,7 @@ else
   oracle_dump=(--engine reference)
 fi
 synth="$work/tinyllama-q4_k.gguf"
-"$bin" synth --preset tinyllama-1.1b --quant q4_k --seed 7 -o "$synth" 2>/dev/null
+[ -f "$synth" ] || "$bin" synth --preset tinyllama-1.1b --quant q4_k --seed 7 -o "$synth" 2>/dev/null
 tokens="$(python3 -c "import random; r = random.Random(1652); print(','.join(str(r.randrange(3, 32000)) for _ in range(1652)))")"
 suite="$work/prompt.jsonl"
 echo "{\"id\": \"random_1652\", \"tokens\": [$tokens]}" > "$suite"

@@ -169,10 +169,42 @@ pub fn diff(a: DiffArgs) -> Result<ExitCode> {
     Ok(verdict(&r))
 }
 
+/// Refuse an output path (named by `flag`) that is one of the command's inputs or lies
+/// inside an input directory (a dump): writing there would destroy what is read.
+pub(super) fn refuse_writing_over_inputs(out: &Path, flag: &str, inputs: &[&Path]) -> Result<()> {
+    // The output may not exist yet: its directory, resolved, and its name.
+    let resolved = match (out.parent(), out.file_name()) {
+        (Some(dir), Some(name)) => {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            dir.canonicalize().map_or_else(|_| out.to_path_buf(), |d| d.join(name))
+        }
+        _ => out.to_path_buf(),
+    };
+    let resolved = resolved.canonicalize().unwrap_or(resolved);
+    for input in inputs {
+        let Ok(input_path) = input.canonicalize() else { continue };
+        if resolved == input_path || (input_path.is_dir() && resolved.starts_with(&input_path)) {
+            let place = if resolved == input_path { "" } else { "inside " };
+            return Err(Error::input(format!(
+                "{flag} {}: that is {place}the input {}; write it elsewhere",
+                out.display(),
+                input.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub fn calibrate(a: CalibrateArgs) -> Result<ExitCode> {
     if !a.dumps.len().is_multiple_of(2) {
         return Err(Error::input("calibrate takes pairs of dumps: A B [A B ...]"));
     }
+    let inputs: Vec<&Path> = a.dumps.iter().map(|d| d.as_path()).collect();
+    refuse_writing_over_inputs(&a.output, "--output", &inputs)?;
     let finite_non_negative = |v: f64| v.is_finite() && v >= 0.0;
     if !(a.margin.is_finite() && a.margin >= 1.0 && finite_non_negative(a.floor) && finite_non_negative(a.abs_floor)) {
         return Err(Error::input("--margin must be >= 1, --floor and --abs-floor >= 0"));
@@ -253,6 +285,9 @@ pub fn report(kind: ReportKind) -> Result<ExitCode> {
             history,
             run,
         } => {
+            if let Some(h) = &history {
+                refuse_writing_over_inputs(h, "--history", &[&a, &b])?;
+            }
             let r = compare(&a, &b, &args, &pair)?;
             report::write_all(&r, &output)?;
             if let Some(h) = history {
@@ -313,6 +348,12 @@ pub fn cut(a: CutArgs) -> Result<ExitCode> {
 }
 
 pub fn synth(a: SynthArgs) -> Result<ExitCode> {
+    if a.output.exists() {
+        return Err(Error::input(format!(
+            "{}: exists; synth writes a new file",
+            a.output.display()
+        )));
+    }
     let mut preset = synth::preset(&a.preset)?;
     if let Some(kind) = &a.tokenizer {
         preset.tokenizer = synth::TokenizerKind::parse(kind)?;

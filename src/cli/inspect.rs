@@ -20,6 +20,9 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
 
 /// `resbisect model-info`: the {model_info} JSON an external engine receives, one line.
 pub fn model_info(a: ModelInfoArgs) -> Result<()> {
+    if let Some(out) = &a.out {
+        super::commands::refuse_writing_over_inputs(out, "--out", &[&a.model])?;
+    }
     let model = Model::open(&a.model)?;
     let text = resbisect::engine::model_info_json(&model)? + "\n";
     match &a.out {

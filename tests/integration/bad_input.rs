@@ -441,3 +441,56 @@ fn an_external_engine_refusing_its_input_is_a_usage_error_with_its_log_kept() {
         out.stderr
     );
 }
+
+/// An output path that is one of the command's inputs, or lies inside an input dump, is
+/// refused before anything is written; so is a `synth` over an existing file.
+#[test]
+fn outputs_never_overwrite_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), "f32", 2);
+    let dump = dir.path().join("d");
+    let o = resbisect(&[
+        "dump",
+        "--model",
+        path_str(&model),
+        "--tokens",
+        "1,2,3",
+        "-o",
+        path_str(&dump),
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let manifest = dump.join("manifest.json");
+    let before = std::fs::read(&manifest).unwrap();
+    let model_bytes = std::fs::read(&model).unwrap();
+    let d = path_str(&dump);
+    assert_refused(
+        &resbisect(&["calibrate", d, d, "-o", path_str(&manifest)]),
+        "that is inside the input",
+    );
+    let history = dump.join("history.jsonl");
+    let report = dir.path().join("report");
+    assert_refused(
+        &resbisect(&[
+            "report",
+            "diff",
+            d,
+            d,
+            "-o",
+            path_str(&report),
+            "--history",
+            path_str(&history),
+        ]),
+        "--history",
+    );
+    assert_refused(
+        &resbisect(&["model-info", path_str(&model), "-o", path_str(&model)]),
+        "that is the input",
+    );
+    assert_refused(
+        &resbisect(&["synth", "--preset", "tiny", "-o", path_str(&manifest)]),
+        "exists; synth writes a new file",
+    );
+    assert_eq!(std::fs::read(&manifest).unwrap(), before);
+    assert_eq!(std::fs::read(&model).unwrap(), model_bytes);
+    assert!(!history.exists());
+}

@@ -226,6 +226,19 @@ static int rbd__check_empty(const char *dir) {
     return -1;
 }
 
+/* 0 when `id` is a prompt id of the format ([A-Za-z0-9_.-]{1,64}, never "." or ".."): it
+ * names a directory under data/, so nothing else may leave the dump. */
+static int rbd__check_prompt_id(rbd_dump *d, const char *id) {
+    size_t n = strlen(id), ok = n >= 1 && n <= 64 && strcmp(id, ".") != 0 && strcmp(id, "..") != 0;
+    for (size_t i = 0; ok && i < n; i++) {
+        char c = id[i];
+        ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' || c == '.' || c == '-';
+    }
+    if (ok) return 0;
+    errno = EINVAL;
+    return rbd__fail(d, "bad prompt id (1-64 characters of A-Z a-z 0-9 _ . -):", id);
+}
+
 /* Write `len` bytes to `path` through a temporary name and a rename. */
 static int rbd__write_atomic(rbd_dump *d, const char *path, const void *const *parts, const size_t *lens, size_t n_parts) {
     char tmp[4200];
@@ -294,6 +307,7 @@ int rbd_begin_engine(rbd_dump *d, const char *dir, const rbd_engine *engine, con
                      const char *prompt_id, const uint32_t *tokens, size_t n_tokens, const char *layers_json,
                      const char *taps_json, const char *positions_spec) {
     memset(d, 0, sizeof *d);
+    if (rbd__check_prompt_id(d, prompt_id)) return -1;
     if (strlen(dir) >= sizeof d->dir) {
         errno = ENAMETOOLONG;
         return rbd__fail(d, "dump directory name too long", dir);
@@ -376,6 +390,7 @@ int rbd_write_file_typed(rbd_dump *d, const char *prompt_id, const char *stem, c
     static const char *const names[3] = {"F32", "F16", "BF16"};
     char path[4200];
     if (!d->manifest_head) return -1; /* no dump begun: rbd_error() still says why */
+    if (rbd__check_prompt_id(d, prompt_id)) return -1;
     if (rbd__path(d, path, sizeof path, "%s/data/%s%s", d->dir, prompt_id, "")) return -1;
     if (rbd__mkdirs(path)) return rbd__fail(d, "cannot create", path);
     if (rbd__path(d, path, sizeof path, "%s/data/%s/%s.safetensors", d->dir, prompt_id, stem)) return -1;

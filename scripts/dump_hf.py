@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import pathlib
+import re
 import sys
 
 import numpy as np
@@ -80,8 +81,15 @@ def main():
     layers = [] if args.layers == "none" else [int(x) for x in args.layers.split(",")]
     taps = args.taps.split(",")
     positions = positions_of(args.positions, n)
+    # The prompt id names a directory under data/ (docs/dump-format.md); --out must be new.
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", args.prompt_id) or args.prompt_id in (".", ".."):
+        print(f"dump_hf.py: bad --prompt-id {args.prompt_id!r}: 1-64 characters of A-Z a-z 0-9 _ . -", file=sys.stderr)
+        sys.exit(2)
     out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=False)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"dump_hf.py: --out {out}: exists and is not an empty directory", file=sys.stderr)
+        sys.exit(2)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "data" / args.prompt_id).mkdir(parents=True)
 
     dtype = getattr(torch, args.dtype)

@@ -121,6 +121,33 @@ fn the_headers_example_compiles_and_writes_a_readable_dump() {
         );
     }
     assert!(compiled >= 1);
+
+    // A prompt id names a directory under data/: one that would leave the dump is refused
+    // before anything is written.
+    let src = dir.path().join("bad_id.c");
+    std::fs::write(
+        &src,
+        r#"#define RESBISECT_DUMP_IMPLEMENTATION
+#include "resbisect_dump.h"
+#include <stdio.h>
+int main(int argc, char **argv) {
+    if (argc != 3) return 2;
+    uint32_t tokens[1] = {1};
+    rbd_dump d;
+    int rc = rbd_begin(&d, argv[1], "e", "c", "f32", "cpu", argv[2], "../escaped", tokens, 1, "[0]", "[]", "all");
+    fputs(rbd_error(&d), stderr);
+    return rc ? 2 : 0;
+}
+"#,
+    )
+    .unwrap();
+    let exe = dir.path().join("bad_id");
+    compile("gcc", &src, &exe).expect("gcc compiles the bad-id check");
+    let out = dir.path().join("bad-id-dump");
+    let run = Command::new(&exe).arg(&out).arg(&model_info).output().unwrap();
+    let said = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.code() == Some(2) && said.contains("bad prompt id"), "{said}");
+    assert!(!out.exists() && !dir.path().join("escaped").exists());
 }
 
 /// tests/engines/typed_writer.c compiled as C99 and as C++ (`-Wall -Wextra -Werror`):

@@ -91,12 +91,48 @@ impl Dump {
                 )));
             }
         }
-        Ok(Self {
+        let dump = Self {
             root: root.to_path_buf(),
             manifest,
             prompt_index,
             renamed: Vec::new(),
-        })
+        };
+        dump.check_data_files()?;
+        Ok(dump)
+    }
+
+    /// Refuse what the format does not allow under data/: a directory that is a link (it
+    /// could lead out of the dump), and a tap file whose name is no file of this model (a
+    /// `blk.35` in a 30-layer dump: an engine that thinks the model has more layers).
+    fn check_data_files(&self) -> Result<()> {
+        let not_a_link = |p: &Path| match fs::symlink_metadata(p) {
+            Ok(m) if m.file_type().is_symlink() => Err(Error::input(format!(
+                "{}: a link (links out of the dump are refused)",
+                p.display()
+            ))),
+            _ => Ok(()),
+        };
+        let data = self.root.join(DATA);
+        not_a_link(&data)?;
+        let n_layer = self.manifest.model.config.n_layer;
+        for p in &self.manifest.prompts {
+            let dir = data.join(&p.id);
+            not_a_link(&dir)?;
+            let Ok(entries) = fs::read_dir(&dir) else { continue };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(stem) = name.strip_suffix(".safetensors").filter(|_| !name.starts_with('.')) else {
+                    continue;
+                };
+                if FileStem::parse_in(stem, n_layer).is_none() {
+                    return Err(Error::input(format!(
+                        "{}: not a file of this dump (embed, output or blk.L for a layer L below {n_layer})",
+                        dir.join(&name).display()
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// This dump with its prompt `from` read as `to` (its files stay where they are).

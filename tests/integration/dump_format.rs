@@ -410,4 +410,32 @@ fn malformed_tensor_files_are_refused() {
     assert!(err.contains("not a regular file"), "{err}");
     assert!(d.read_file("p1", "../p1/blk.0").is_err());
     assert!(d.read_file("p1", "blk.07").is_err());
+
+    // A prompt's directory that is a link out of the dump, or a tap file that no layer of
+    // the model names, makes the dump unreadable rather than silently read in part.
+    std::fs::remove_file(&file).unwrap();
+    std::fs::write(&file, &good).unwrap();
+    let open_err = || Dump::open(&root).err().map(|e| e.to_string()).unwrap_or_default();
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::rename(root.join("data/p1"), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, root.join("data/p1")).unwrap();
+    assert!(
+        open_err().contains("links out of the dump are refused"),
+        "{}",
+        open_err()
+    );
+    std::fs::remove_file(root.join("data/p1")).unwrap();
+    std::fs::rename(&elsewhere, root.join("data/p1")).unwrap();
+    let n_layer = manifest(&[("p1", 10)]).model.config.n_layer;
+    for stray in [format!("blk.{n_layer}"), "blk.00".to_string(), "notes".to_string()] {
+        let path = root.join(format!("data/p1/{stray}.safetensors"));
+        std::fs::write(&path, &good).unwrap();
+        assert!(
+            open_err().contains("not a file of this dump"),
+            "{stray}: {}",
+            open_err()
+        );
+        std::fs::remove_file(&path).unwrap();
+    }
+    assert!(Dump::open(&root).is_ok());
 }

@@ -99,6 +99,9 @@ pub(super) fn run(r: BisectRun) -> Result<ExitCode> {
     if let Some(w) = &r.work {
         bisect::check_work_dir(w)?;
     }
+    if let Some(dir) = &r.report {
+        super::commands::prepare_report_dir(dir, "--report")?;
+    }
     // After the input checks, so that bad input reads as one line.
     if reference_computes(&r) {
         super::commands::note_reference_gemm();

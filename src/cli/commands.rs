@@ -153,7 +153,16 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Create the report directory `dir` (named by `flag`) before any work, so that a path
+/// that cannot be one fails at once, with the option's name, not after the comparison.
+pub(super) fn prepare_report_dir(dir: &Path, flag: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::input(format!("{flag} {}: {e}", dir.display())))
+}
+
 pub fn diff(a: DiffArgs) -> Result<ExitCode> {
+    if let Some(dir) = &a.report {
+        prepare_report_dir(dir, "--report")?;
+    }
     let r = compare(&a.a, &a.b, &a.compare, &a.pair)?;
     if a.json {
         println!(
@@ -288,6 +297,7 @@ pub fn report(kind: ReportKind) -> Result<ExitCode> {
             if let Some(h) = &history {
                 refuse_writing_over_inputs(h, "--history", &[&a, &b])?;
             }
+            prepare_report_dir(&output, "--output")?;
             let r = compare(&a, &b, &args, &pair)?;
             report::write_all(&r, &output)?;
             if let Some(h) = history {

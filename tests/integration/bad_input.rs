@@ -493,4 +493,15 @@ fn outputs_never_overwrite_inputs() {
     assert_eq!(std::fs::read(&manifest).unwrap(), before);
     assert_eq!(std::fs::read(&model).unwrap(), model_bytes);
     assert!(!history.exists());
+    // A report directory that cannot be one is named before any work.
+    let file = dir.path().join("file.txt");
+    std::fs::write(&file, "mine").unwrap();
+    let f = path_str(&file);
+    assert_refused(&resbisect(&["diff", d, d, "--report", f]), "--report");
+    let m = path_str(&model);
+    assert_refused(
+        &resbisect(&["bisect", "--model", m, "--tokens", "1,2,3", "--report", f]),
+        "--report",
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
 }

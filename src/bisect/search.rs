@@ -336,9 +336,11 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         if logits_here {
             taps.push("logits");
         }
-        let (prefix, result) = self.session.streamed_probe("coarse", coarse.clone(), &taps, n)?;
-        self.n = prefix;
-        let r = match result {
+        let streamed = self.session.streamed_probe("coarse", coarse.clone(), &taps, n)?;
+        self.n = streamed.prefix;
+        let length_dependent = streamed.boundary_note.is_some();
+        self.report.notes.extend(streamed.boundary_note);
+        let r = match streamed.result {
             ProbeResult::Compared(r) => r,
             ProbeResult::Crashed(c, partial) => return Err(Stop::Crashed(Box::new((c, partial)))),
         };
@@ -372,7 +374,8 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         // Causality lets the probes after the layer search stop after the position where
         // the first divergent layer first diverges. Not when values are non-finite: 0·NaN in
         // masked attention tiles can carry a NaN to earlier positions.
-        let whole_prompt = has_nonfinite(&r);
+        let nonfinite = has_nonfinite(&r);
+        let whole_prompt = nonfinite || length_dependent;
         self.report.notes.extend(nonfinite_notes(&r));
         let Some(hi) = bad_coarse.filter(|_| !tap_diverged(&r, "embed")) else {
             // The divergence starts at embed or only in the output head: already narrowed.
@@ -386,9 +389,12 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
             return self.done(r);
         };
         let lo = coarse.iter().copied().take_while(|&l| l < hi).last();
-        let cut = match whole_prompt {
-            true => format!("; non-finite values: {}", self.uncut_note()),
-            false => String::new(),
+        let cut = if nonfinite {
+            format!("; non-finite values: {}", self.uncut_note())
+        } else if length_dependent {
+            format!("; rows depend on where the prompt ends: {}", self.uncut_note())
+        } else {
+            String::new()
         };
         let drift = if self.report.judged == Judgement::NoiseFloor {
             format!("; {drift}")

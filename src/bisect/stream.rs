@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::probe::{selection, ProbeRecord, ProbeResult, Rows, Session};
+use super::readings::first_bad_position;
 use crate::diff::{DiffReport, Judge, Judgement};
 use crate::dump::{Dump, DumpWriter, Manifest, MappedFile, Status, TapTensor};
 use crate::error::{Error, Result};
@@ -46,16 +47,30 @@ impl Session<'_> {
     /// could not show it, so the stream goes on until the prefix is judged by the noise
     /// floor (more rows cannot undo that for an error that persists), or until both
     /// judgements name the same first divergence in the prefix, or the prompt ends.
+    ///
+    /// Where the chunks are prefixes run anew (an engine that does not resume), a first
+    /// divergence on the first row of a later chunk or on the last row of a prefix shorter
+    /// than the prompt may come from where the prompt ends rather than from the tokens: a
+    /// row of a causal engine does not depend on it, but an engine that scales RoPE by
+    /// the prompt's length or treats its last row apart does. The whole prompt then runs
+    /// in one probe, which stands for the stream; the note says when its first divergence
+    /// moved.
     pub(super) fn streamed_probe(
         &mut self,
         purpose: &str,
         layers: Vec<usize>,
         taps: &[&str],
         n: usize,
-    ) -> Result<(usize, ProbeResult)> {
-        let ends = chunk_ends(n, self.a.resumes() && self.b.resumes());
+    ) -> Result<Streamed> {
+        let resumed = self.a.resumes() && self.b.resumes();
+        let ends = chunk_ends(n, resumed);
+        let whole = |s: &mut Self, layers: Vec<usize>| s.probe(purpose, n, selection(layers, taps, &Rows::All, n));
         if ends.len() == 1 {
-            return Ok((n, self.probe(purpose, n, selection(layers, taps, &Rows::All, n))?));
+            return Ok(Streamed {
+                prefix: n,
+                result: whole(self, layers)?,
+                boundary_note: None,
+            });
         }
         let dir = self.probe_dir(purpose);
         // A forced judgement judges chunks too; an automatic one stops on tolerance.
@@ -66,6 +81,7 @@ impl Session<'_> {
         let (mut parts, mut record) = (Vec::new(), None::<ProbeRecord>);
         let mut from = 0;
         for (k, &end) in ends.iter().enumerate() {
+            let chunk_from = from;
             let sel = selection(layers.clone(), taps, &Rows::At((from..end).collect()), end);
             let dirs = self.prepare(&dir.join(format!("chunk-{:02}", k + 1)), end)?;
             let (result, chunk) = self.run_probe(purpose, end, &sel, &dirs, chunk_judge)?;
@@ -81,7 +97,11 @@ impl Session<'_> {
                     sum.finding = format!("chunk {} of {} crashed", k + 1, ends.len());
                     self.probes.push(sum);
                     self.dirs.push(dirs.dir);
-                    return Ok((end, crashed));
+                    return Ok(Streamed {
+                        prefix: end,
+                        result: crashed,
+                        boundary_note: None,
+                    });
                 }
             };
             parts.push(dirs.dir);
@@ -99,7 +119,43 @@ impl Session<'_> {
                     sum.dump_b = joined.join("b").display().to_string();
                     self.probes.push(sum);
                     self.dirs.push(joined);
-                    return Ok((end, ProbeResult::Compared(r)));
+                    let first = first_bad_position(&r);
+                    let at_edge = first.filter(|&p| (p == chunk_from && k > 0) || (p + 1 == end && end < n));
+                    let (Some(p), false) = (at_edge, resumed) else {
+                        return Ok(Streamed {
+                            prefix: end,
+                            result: ProbeResult::Compared(r),
+                            boundary_note: None,
+                        });
+                    };
+                    // The joined rows come from runs of other lengths: the whole prompt's run
+                    // stands for them (in later lookups, and in the check of reruns).
+                    self.dirs.pop();
+                    let result = whole(self, layers)?;
+                    let moved = match &result {
+                        ProbeResult::Compared(w) => first_bad_position(w)
+                            .filter(|&q| q != p)
+                            .map(|q| format!("position {q}")),
+                        ProbeResult::Crashed(..) => None,
+                    };
+                    let moved = moved.or_else(|| match &result {
+                        ProbeResult::Compared(w) if first_bad_position(w).is_none() => Some("none".to_string()),
+                        _ => None,
+                    });
+                    let boundary_note = moved.map(|q| {
+                        format!(
+                            "the streamed probe's first divergence, position {p}, is the {} row of a run of {end} \
+                             tokens, but on the whole prompt of {n} tokens it is {q}: an engine's rows depend on where \
+                             its prompt ends (not causal; e.g. RoPE scaled by the prompt's length, or a last row \
+                             computed apart), so the search runs the whole prompt",
+                            if p == chunk_from { "first" } else { "last" }
+                        )
+                    });
+                    return Ok(Streamed {
+                        prefix: n,
+                        result,
+                        boundary_note,
+                    });
                 }
             }
             record = Some(sum);
@@ -133,6 +189,16 @@ impl Session<'_> {
         let r = self.compare_measured(purpose, &dir.join("a"), &dir.join("b"), self.judge, None)?;
         Ok((dir.to_path_buf(), r))
     }
+}
+
+/// What a streamed probe ran and found.
+pub(super) struct Streamed {
+    /// The prefix of the prompt its comparison covers.
+    pub prefix: usize,
+    pub result: ProbeResult,
+    /// Set when the whole prompt ran after a first divergence on a chunk's edge and put
+    /// it elsewhere: later probes must not cut the prompt.
+    pub boundary_note: Option<String>,
 }
 
 impl ProbeRecord {

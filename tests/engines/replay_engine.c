@@ -4,7 +4,9 @@
  * from layer --bug-layer on (from its tap --bug-tap on, default attn_norm), every tap at
  * positions >= --bug-pos is offset by --bug-value, as an error that propagates downstream
  * would be. --bug-lookahead 1 makes the bug need the next token, as a causal mask off by
- * one does: the last position of the prompt it is given stays clean. --crash-before STEM
+ * one does: the last position of the prompt it is given stays clean; --bug-last-row 1 makes
+ * it act on that last position only, as an engine that computes a prompt's last row apart
+ * (a decode kernel, pruned output rows) does. --crash-before STEM
  * aborts before writing that file group, leaving a partial dump as a crashing engine does;
  * --hang-before STEM stops there for good instead, as a deadlocked engine does.
  * --bug-runs FILE makes the engine nondeterministic: it counts its runs in FILE, and the
@@ -12,7 +14,8 @@
  *
  * replay_engine --src DIR --model-info F --tokens F --prompt-id ID --layers L --taps T
  *               --positions SPEC --out DIR [--bug-layer L --bug-pos P --bug-value V
- *               --bug-tap T --bug-lookahead 1 --bug-runs FILE --bug-runs-mode odd|first]
+ *               --bug-tap T --bug-lookahead 1 | --bug-last-row 1 --bug-runs FILE
+ *               --bug-runs-mode odd|first]
  *               [--crash-before STEM | --hang-before STEM]
  */
 #define RESBISECT_DUMP_IMPLEMENTATION
@@ -72,7 +75,10 @@ static float *load_rows(const char *src, const char *id, size_t from, size_t n, 
     for (size_t r = from; r < n; r++)
         for (size_t c = 0; c < *width; c++)
             rows[(r - from) * *width + c] =
-                all[r * *width + c] + ((buggy && (long)r >= bug_pos && (!lookahead || r + 1 < n)) ? bug_value : 0.0f);
+                all[r * *width + c] +
+                ((buggy && (long)r >= bug_pos && (lookahead != 1 || r + 1 < n) && (lookahead != 2 || r + 1 == n))
+                     ? bug_value
+                     : 0.0f);
     free(all);
     return rows;
 }
@@ -87,7 +93,8 @@ int main(int argc, char **argv) {
     const char *crash_before = arg(argc, argv, "--crash-before", "");
     const char *hang_before = arg(argc, argv, "--hang-before", "");
     const char *bug_tap = arg(argc, argv, "--bug-tap", "attn_norm");
-    int lookahead = atoi(arg(argc, argv, "--bug-lookahead", "0"));
+    /* 1: the bug spares the prompt's last row; 2: it acts there only. */
+    int lookahead = atoi(arg(argc, argv, "--bug-lookahead", "0")) ? 1 : atoi(arg(argc, argv, "--bug-last-row", "0")) ? 2 : 0;
     const char *runs = arg(argc, argv, "--bug-runs", "");
     if (*runs) {
         long run = 0;

@@ -690,6 +690,26 @@ fn an_external_engine_streams_the_coarse_probe_as_prefix_prompts() {
         "{coarse}"
     );
     assert!(r["runs_a"].as_u64().unwrap() as f64 <= MAX_RUNS);
+
+    // An engine that computes the last row of any prompt apart, wrongly from layer 9 on:
+    // the first prefix (128 tokens) shows it at 127, which on the user's prompt is clean.
+    // A first divergence on a run's last row sends the search to the whole prompt, where
+    // it is the last position, 599.
+    let last_row = format!(
+        "{} --bug-layer 9 --bug-pos 0 --bug-value 0.5 --bug-last-row 1",
+        cmd.split(" --bug-layer").next().unwrap()
+    );
+    let mut args = args;
+    args[7] = &last_row;
+    let (code, r) = bisect_json(&args, &dir.path().join("work-last-row"));
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(
+        (r["first"]["tap"].as_str(), r["first"]["position"].as_u64()),
+        (Some("blk.9.attn_norm"), Some(599)),
+        "{r}"
+    );
+    let notes = r["notes"].to_string();
+    assert!(notes.contains("position 127, is the last row of a run of 128 tokens, but on the whole prompt of 600 tokens it is position 599"), "{notes}");
 }
 
 #[test]

@@ -7,10 +7,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::dump::TapDType;
 use crate::error::{Error, Result};
+use crate::taps::{LayerTap, Tap};
 
 /// A row diverges when `rel_l2 > rel_l2` and `max_abs > abs` (so rows of near-zero
 /// vectors do not trip on rounding), or when it holds NaN/Inf.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Tolerance {
     pub rel_l2: f64,
     #[serde(default)]
@@ -18,6 +20,7 @@ pub struct Tolerance {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TapTolerance {
     /// Glob over canonical tap ids, `*` matching any run of characters: `blk.*.k`.
     pub pattern: String,
@@ -57,6 +60,7 @@ impl Calibration {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Tolerances {
     pub version: u32,
     /// Defaults by the least precise dtype involved: F64, F32, BF16, F16.
@@ -122,6 +126,27 @@ fn default_floors() -> std::collections::BTreeMap<String, f64> {
 }
 
 /// `*` matches any run of characters; everything else literally.
+/// Whether a tolerance pattern can match a tap of some model: its layer numbers read as
+/// any layer, it matches one of the canonical tap ids.
+fn matches_some_tap(pattern: &str) -> bool {
+    let any_layer: String = pattern
+        .split('.')
+        .map(|part| {
+            if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+                "*"
+            } else {
+                part
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(".");
+    let ids = [Tap::Embed, Tap::FinalNorm, Tap::Logits]
+        .into_iter()
+        .chain(LayerTap::ALL.into_iter().map(|t| Tap::Layer(0, t)))
+        .map(|t| t.id());
+    ids.into_iter().any(|id| glob_match(&any_layer, &id))
+}
+
 pub fn glob_match(pattern: &str, text: &str) -> bool {
     let parts: Vec<&str> = pattern.split('*').collect();
     if parts.len() == 1 {
@@ -189,6 +214,26 @@ impl Tolerances {
             return Err(Error::input(format!(
                 "{}: tolerances must be finite and non-negative",
                 path.display()
+            )));
+        }
+        let dtypes = ["F64", "F32", "F16", "BF16"];
+        if let Some(key) = t
+            .defaults
+            .keys()
+            .chain(t.floors.keys())
+            .find(|k| !dtypes.contains(&k.as_str()))
+        {
+            return Err(Error::input(format!(
+                "{}: {key:?} is not a dtype of the defaults or floors (known: {})",
+                path.display(),
+                dtypes.join(", ")
+            )));
+        }
+        if let Some(o) = t.taps.iter().find(|o| !matches_some_tap(&o.pattern)) {
+            return Err(Error::input(format!(
+                "{}: tap pattern {:?} matches no tap (canonical ids: embed, blk.L.<tap>, final_norm, logits)",
+                path.display(),
+                o.pattern
             )));
         }
         Ok(t)

@@ -509,6 +509,20 @@ fn hostile_tolerance_files_are_refused_by_name() {
             r#"{"version": 1, "defaults": {"F32": {"rel_l2": 1e999}}}"#,
             "bad tolerance file",
         ),
+        // Keys that would be ignored are refused: a lower-case dtype, an unknown field, a
+        // pattern that matches no tap of any model.
+        (
+            r#"{"version": 1, "defaults": {"f32": {"rel_l2": 1e9}}}"#,
+            "\"f32\" is not a dtype",
+        ),
+        (
+            r#"{"version": 1, "defaults": {}, "floor": {}}"#,
+            "unknown field `floor`",
+        ),
+        (
+            r#"{"version": 1, "defaults": {}, "taps": [{"pattern": "blk.99.zzz", "rel_l2": 1}]}"#,
+            "matches no tap",
+        ),
     ] {
         std::fs::write(&tol, content).unwrap();
         refused_cheaply(&["diff", d, d, "--tolerances", path_str(&tol)], needle);
@@ -517,7 +531,7 @@ fn hostile_tolerance_files_are_refused_by_name() {
     let pattern = "*".repeat(100_000);
     std::fs::write(
         &tol,
-        format!(r#"{{"version": 1, "defaults": {{}}, "taps": [{{"pattern": "{pattern}a", "rel_l2": 0.5}}]}}"#),
+        format!(r#"{{"version": 1, "defaults": {{}}, "taps": [{{"pattern": "{pattern}k", "rel_l2": 0.5}}]}}"#),
     )
     .unwrap();
     let m = measured(&["diff", d, d, "--tolerances", path_str(&tol)]);

@@ -183,13 +183,16 @@ pub fn coarsest(dtypes: &[TapDType]) -> TapDType {
         .unwrap_or(&TapDType::F32)
 }
 
-/// An engine's declared compute dtype as a tap dtype (`f16` computes coarser than it dumps).
+/// An engine's declared compute dtype as a tap dtype (`f16` computes coarser than it
+/// dumps), in the spellings engines use (`f16`, `fp16`, `float16`, `half`, torch's
+/// `torch.float16`); `None` for any other text.
 pub fn engine_dtype(name: &str) -> Option<TapDType> {
-    match name.to_ascii_lowercase().as_str() {
-        "f64" => Some(TapDType::F64),
-        "f32" => Some(TapDType::F32),
-        "f16" => Some(TapDType::F16),
-        "bf16" => Some(TapDType::BF16),
+    let lower = name.to_ascii_lowercase();
+    match lower.strip_prefix("torch.").unwrap_or(&lower) {
+        "f64" | "fp64" | "float64" | "double" => Some(TapDType::F64),
+        "f32" | "fp32" | "float32" | "float" => Some(TapDType::F32),
+        "f16" | "fp16" | "float16" | "half" => Some(TapDType::F16),
+        "bf16" | "bfloat16" => Some(TapDType::BF16),
         _ => None,
     }
 }
@@ -280,6 +283,23 @@ impl Tolerances {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn engine_dtypes_read_in_the_spellings_engines_write() {
+        for (name, dtype) in [
+            ("f16", Some(TapDType::F16)),
+            ("float16", Some(TapDType::F16)),
+            ("torch.float16", Some(TapDType::F16)),
+            ("FP16", Some(TapDType::F16)),
+            ("half", Some(TapDType::F16)),
+            ("bfloat16", Some(TapDType::BF16)),
+            ("float", Some(TapDType::F32)),
+            ("double", Some(TapDType::F64)),
+            ("q4_k_m", None),
+        ] {
+            assert_eq!(engine_dtype(name), dtype, "{name}");
+        }
+    }
 
     #[test]
     fn globs() {

@@ -431,6 +431,15 @@ pub fn diff_paired(a: &Dump, b: &Dump, opts: &DiffOptions, pairs: &[(String, Str
         .iter()
         .filter_map(|d| engine_dtype(d))
         .collect();
+    for (side, m) in [("A", ma), ("B", mb)] {
+        if !m.engine.dtype.is_empty() && engine_dtype(&m.engine.dtype).is_none() {
+            notes.push(format!(
+                "engine {side}'s dtype {:?} is none of f64, f32, f16, bf16: its tolerances follow the dtypes its taps \
+                 were dumped in, which may be finer than it computes",
+                m.engine.dtype
+            ));
+        }
+    }
     // Under a profile the generic f32 noise floor does not apply (its twin's tolerances
     // do): that floor then neither judges nor hints at a systematic error below tolerance.
     let profiled = [&ma.engine, &mb.engine]

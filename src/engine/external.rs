@@ -166,32 +166,27 @@ impl Engine for ExternalEngine {
         let log = side_file(out, ".log");
         let log_file = std::fs::File::create(&log).map_err(|e| Error::io(&log, e))?;
         let err_file = log_file.try_clone().map_err(|e| Error::io(&log, e))?;
-        let mut command = Command::new("sh");
-        command.arg("-c").arg(&cmd).stdout(log_file).stderr(err_file);
-        if self.timeout.is_some() {
-            // Its own process group, so that a hung engine can be killed with every
-            // process it started (a shell's children outlive the shell).
-            command.process_group(0);
-        }
-        let child = command
+        // Its own process group, so that a hung engine can be killed with every process it
+        // started (a shell's children outlive the shell); resbisect passes interrupts on.
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(&cmd)
+            .stdout(log_file)
+            .stderr(err_file)
+            .process_group(0)
             .spawn()
             .map_err(|e| Error::input(format!("cannot start the engine command: {e}")))?;
         let tail = || log_tail(&log);
-        let status = match self.timeout {
-            None => wait(child)?,
-            Some(limit) => match wait_at_most(child, limit)? {
-                Some(status) => status,
-                None => {
-                    return Err(Error::engine(format!(
-                        "{} did not finish within {} (--engine-timeout): killed it and every process it started; \
-                         last output: {} (log: {})",
-                        self.label(),
-                        humantime::format_duration(limit),
-                        tail(),
-                        log.display()
-                    )))
-                }
-            },
+        let Some(status) = wait_at_most(child, self.timeout)? else {
+            let limit = self.timeout.map(humantime::format_duration);
+            return Err(Error::engine(format!(
+                "{} did not finish within {} (--engine-timeout): killed it and every process it started; \
+                 last output: {} (log: {})",
+                self.label(),
+                limit.map_or_else(String::new, |l| l.to_string()),
+                tail(),
+                log.display()
+            )));
         };
         if !status.success() {
             let tail = tail();
@@ -235,22 +230,42 @@ impl Engine for ExternalEngine {
     }
 }
 
-/// The last three non-empty lines of an engine's log, joined, or "no output".
+/// Bytes of an engine's log that its tail is taken from, and characters kept per line.
+const TAIL_BYTES: u64 = 64 * 1024;
+const TAIL_LINE_CHARS: usize = 300;
+
+/// The last three non-empty lines of an engine's log, joined, or "no output": read from
+/// its end only, control characters (terminal escapes) dropped and long lines shortened,
+/// so that a report's line stays one readable line whatever the engine printed.
 fn log_tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let mut last: Vec<&str> = text.lines().rev().filter(|l| !l.trim().is_empty()).take(3).collect();
+    use std::io::{Read, Seek, SeekFrom};
+    let mut bytes = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(log) {
+        let len = f.metadata().map_or(0, |m| m.len());
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)));
+        let _ = f.read_to_end(&mut bytes);
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let clean = |line: &str| -> String {
+        let kept: String = line.chars().filter(|c| !c.is_control()).collect();
+        match kept.char_indices().nth(TAIL_LINE_CHARS) {
+            Some((cut, _)) => format!("{}…", &kept[..cut]),
+            None => kept,
+        }
+    };
+    let mut last: Vec<String> = text
+        .lines()
+        .rev()
+        .map(clean)
+        .filter(|l| !l.trim().is_empty())
+        .take(3)
+        .collect();
     last.reverse();
     if last.is_empty() {
         "no output".to_string()
     } else {
         last.join(" | ")
     }
-}
-
-fn wait(mut child: Child) -> Result<ExitStatus> {
-    child
-        .wait()
-        .map_err(|e| Error::engine(format!("waiting for the engine command: {e}")))
 }
 
 /// Process groups of engines running in their own (at most one per engine of a pair, and
@@ -274,9 +289,10 @@ extern "C" fn forward_signal(signal: libc::c_int) {
     }
 }
 
-/// Wait for `child`, the leader of its own process group, for at most `limit`: its exit
-/// status, or `None` once the whole group has been killed for outlasting it.
-fn wait_at_most(mut child: Child, limit: Duration) -> Result<Option<ExitStatus>> {
+/// Wait for `child`, the leader of its own process group, for at most `limit` (no limit:
+/// `None`): its exit status, or `None` once the whole group has been killed for
+/// outlasting it.
+fn wait_at_most(mut child: Child, limit: Option<Duration>) -> Result<Option<ExitStatus>> {
     static FORWARDING: std::sync::Once = std::sync::Once::new();
     FORWARDING.call_once(|| {
         for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
@@ -288,19 +304,20 @@ fn wait_at_most(mut child: Child, limit: Duration) -> Result<Option<ExitStatus>>
     let slot = ENGINE_GROUPS
         .iter()
         .find(|g| g.compare_exchange(0, pgid, Ordering::SeqCst, Ordering::SeqCst).is_ok());
-    let deadline = Instant::now() + limit;
+    let deadline = limit.map(|l| Instant::now() + l);
     let mut pause = Duration::from_millis(1);
     let outcome = loop {
         match child.try_wait() {
             Ok(Some(status)) => break Ok(Some(status)),
-            Ok(None) if Instant::now() >= deadline => {
+            Ok(None) if deadline.is_some_and(|d| Instant::now() >= d) => {
                 // SAFETY: signals the engine's own process group, nothing of resbisect's.
                 unsafe { libc::kill(-pgid, libc::SIGKILL) };
                 let _ = child.wait();
                 break Ok(None);
             }
             Ok(None) => {
-                std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
+                let left = deadline.map_or(pause, |d| d.saturating_duration_since(Instant::now()));
+                std::thread::sleep(pause.min(left));
                 pause = (pause * 2).min(Duration::from_millis(50));
             }
             Err(e) => break Err(Error::engine(format!("waiting for the engine command: {e}"))),
@@ -310,4 +327,21 @@ fn wait_at_most(mut child: Child, limit: Duration) -> Result<Option<ExitStatus>>
         slot.store(0, Ordering::SeqCst);
     }
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_tail_is_one_readable_line_whatever_the_engine_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("a.log");
+        let huge = "z".repeat(3_000_000);
+        std::fs::write(&log, format!("start\n{huge}\n\x1b]0;pwned\x07\x1b[2J done\r\n\n")).unwrap();
+        let tail = log_tail(&log);
+        assert!(!tail.chars().any(char::is_control), "{tail:?}");
+        assert!(tail.len() < 1000 && tail.ends_with("]0;pwned[2J done"), "{tail:?}");
+        assert_eq!(log_tail(&dir.path().join("absent.log")), "no output");
+    }
 }

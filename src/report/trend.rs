@@ -66,7 +66,11 @@ pub fn append_history(path: &Path, entry: &HistoryEntry) -> Result<()> {
         .open(path)
         .map_err(|e| Error::io(path, e))?;
     let line = serde_json::to_string(entry).map_err(|e| Error::input(format!("history: {e}")))?;
-    writeln!(f, "{line}").map_err(|e| Error::io(path, e))
+    // A history whose last line lacks its newline (edited by hand) must not glue the new
+    // record onto it.
+    let unterminated = std::fs::read(path).is_ok_and(|b| b.last().is_some_and(|&c| c != b'\n'));
+    let lead = if unterminated { "\n" } else { "" };
+    writeln!(f, "{lead}{line}").map_err(|e| Error::io(path, e))
 }
 
 pub fn read_history(path: &Path) -> Result<Vec<HistoryEntry>> {

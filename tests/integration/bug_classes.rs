@@ -337,6 +337,23 @@ fn a_crashed_or_unfinished_engine_never_passes_diff() {
     assert!(std::fs::read_to_string(report.join("report.md"))
         .unwrap()
         .contains("engine failure"));
+    // A history edited by hand may lose its last newline: the next record starts its own line.
+    let text = std::fs::read_to_string(&history).unwrap();
+    std::fs::write(&history, text.trim_end()).unwrap();
+    let again = [
+        "report",
+        "diff",
+        path_str(&a),
+        path_str(&b),
+        "-o",
+        path_str(&report),
+        "--history",
+        path_str(&history),
+        "--run",
+        "night-2",
+    ];
+    assert_eq!(resbisect(&again).code, 3);
+    assert_eq!(std::fs::read_to_string(&history).unwrap().lines().count(), 2);
     let out = resbisect(&[
         "report",
         "trend",

@@ -721,7 +721,9 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
                 self.report.notes.push(format!(
                     "engine {} is not causal: its {tap} at position {} changed by rel L2 {:.2e} when the prompt was \
                      cut from {} to {prefix} tokens (a row may depend only on the tokens up to it); the divergence \
-                     found may be where it looks ahead",
+                     found may be where it looks ahead, or the engine computes a shorter prompt another way (a \
+                     kernel chosen by batch size: llama.cpp's flash attention rounds to f16 in micro-batches \
+                     under 64 rows)",
                     side.to_uppercase(),
                     worst.1,
                     worst.0,

@@ -253,6 +253,18 @@ pub fn calibrate(a: CalibrateArgs) -> Result<ExitCode> {
         }
     }
     let (t, notes) = diff::calibrate(&reports, &how);
+    // An error as large as the values is a divergence: tolerances from it would pass anything.
+    if let Some((tap, m)) = t
+        .taps
+        .iter()
+        .find_map(|o| o.measured.filter(|&m| m >= 1.0).map(|m| (&o.pattern, m)))
+    {
+        return Err(Error::input(format!(
+            "calibrate: {tap} differs by rel L2 {m:.2e} at the {} quantile of its rows, a divergence rather than \
+             noise; calibrate takes pairs of a known-good engine and its reference",
+            a.quantile
+        )));
+    }
     for n in &notes {
         eprintln!("note: {n}");
     }

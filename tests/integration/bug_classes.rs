@@ -321,18 +321,21 @@ fn a_crashed_or_unfinished_engine_never_passes_diff() {
     );
     // The nightly path: the report and the trend say so too.
     let (report, history) = (dir.path().join("report"), dir.path().join("history.jsonl"));
-    let out = resbisect(&[
-        "report",
-        "diff",
-        path_str(&a),
-        path_str(&b),
-        "-o",
-        path_str(&report),
-        "--history",
-        path_str(&history),
-        "--run",
-        "night-1",
-    ]);
+    let nightly = |run: &str| {
+        resbisect(&[
+            "report",
+            "diff",
+            path_str(&a),
+            path_str(&b),
+            "-o",
+            path_str(&report),
+            "--history",
+            path_str(&history),
+            "--run",
+            run,
+        ])
+    };
+    let out = nightly("night-1");
     assert_eq!(out.code, 3, "{}", out.stderr);
     assert!(std::fs::read_to_string(report.join("report.md"))
         .unwrap()
@@ -340,19 +343,7 @@ fn a_crashed_or_unfinished_engine_never_passes_diff() {
     // A history edited by hand may lose its last newline: the next record starts its own line.
     let text = std::fs::read_to_string(&history).unwrap();
     std::fs::write(&history, text.trim_end()).unwrap();
-    let again = [
-        "report",
-        "diff",
-        path_str(&a),
-        path_str(&b),
-        "-o",
-        path_str(&report),
-        "--history",
-        path_str(&history),
-        "--run",
-        "night-2",
-    ];
-    assert_eq!(resbisect(&again).code, 3);
+    assert_eq!(nightly("night-2").code, 3);
     assert_eq!(std::fs::read_to_string(&history).unwrap().lines().count(), 2);
     let out = resbisect(&[
         "report",

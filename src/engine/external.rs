@@ -4,7 +4,7 @@
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -168,9 +168,11 @@ impl Engine for ExternalEngine {
         let err_file = log_file.try_clone().map_err(|e| Error::io(&log, e))?;
         // Its own process group, so that a hung engine can be killed with every process it
         // started (a shell's children outlive the shell); resbisect passes interrupts on.
+        // No terminal input: a background group reading it would stop, not fail.
         let child = Command::new("sh")
             .arg("-c")
             .arg(&cmd)
+            .stdin(Stdio::null())
             .stdout(log_file)
             .stderr(err_file)
             .process_group(0)

@@ -133,15 +133,13 @@ impl Session<'_> {
                     self.dirs.pop();
                     let result = whole(self, layers)?;
                     let moved = match &result {
-                        ProbeResult::Compared(w) => first_bad_position(w)
-                            .filter(|&q| q != p)
-                            .map(|q| format!("position {q}")),
+                        ProbeResult::Compared(w) => match first_bad_position(w) {
+                            Some(q) if q == p => None,
+                            Some(q) => Some(format!("position {q}")),
+                            None => Some("none".to_string()),
+                        },
                         ProbeResult::Crashed(..) => None,
                     };
-                    let moved = moved.or_else(|| match &result {
-                        ProbeResult::Compared(w) if first_bad_position(w).is_none() => Some("none".to_string()),
-                        _ => None,
-                    });
                     let boundary_note = moved.map(|q| {
                         format!(
                             "the streamed probe's first divergence, position {p}, is the {} row of a run of {end} \

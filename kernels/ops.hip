@@ -1204,20 +1204,28 @@ __device__ __forceinline__ void rb_qgemv3(const unsigned char* w0, const unsigne
 }
 
 // Prefill dequantizes a matrix with rb_qdequant_<type> into a transient workspace of the
-// storage type and runs the dense GEMM on it (one thread per sub-block).
+// storage type and runs the dense GEMM on it. A thread decodes one sub-block of 32 values;
+// the block's values pass through shared memory so that consecutive threads store
+// consecutive values (a thread storing its own 32 would make every store 32 transactions).
+#define RB_DEQUANT_THREADS 256
 #define RB_QUANT_OPS(T)                                                                                              \
     extern "C" __global__ void RB_LAUNCH_BOUNDS(RB_QWARPS * RB_WARP, RB_QBLOCKS) rb_qgemv3_##T(const unsigned char* w0, const unsigned char* w1, const unsigned char* w2, \
                                              const store_t* x, store_t* o0, store_t* o1, store_t* o2, int k, int n0,     \
                                              int n1, int n2) {                                                        \
         rb_qgemv3<rb_##T>(w0, w1, w2, x, o0, o1, o2, k, n0, n1, n2);                                                 \
     }                                                                                                                \
-    extern "C" __global__ void rb_qdequant_##T(const unsigned char* w, store_t* out, long subs) {                   \
+    extern "C" __global__ void RB_LAUNCH_BOUNDS(RB_DEQUANT_THREADS, 1) rb_qdequant_##T(const unsigned char* w, store_t* out, long subs) { \
         RB_WAIT_PRIOR_NEXT_AT_END();                                                                                \
-        const long s = (long)blockIdx.x * blockDim.x + threadIdx.x;                                                  \
-        if (s >= subs) return;                                                                                       \
-        float v[32];                                                                                                 \
-        rb_sub_##T(w, s, v);                                                                                         \
-        _Pragma("unroll") for (int i = 0; i < 32; i++) out[s * 32 + i] = ST(v[i]);                                   \
+        __shared__ float tile[RB_DEQUANT_THREADS][33];                                                               \
+        const long first = (long)blockIdx.x * RB_DEQUANT_THREADS;                                                    \
+        if (first + threadIdx.x < subs) {                                                                            \
+            float v[32];                                                                                             \
+            rb_sub_##T(w, first + threadIdx.x, v);                                                                   \
+            _Pragma("unroll") for (int i = 0; i < 32; i++) tile[threadIdx.x][i] = v[i];                              \
+        }                                                                                                            \
+        __syncthreads();                                                                                             \
+        const long values = min((long)RB_DEQUANT_THREADS, subs - first) * 32;                                        \
+        for (long i = threadIdx.x; i < values; i += RB_DEQUANT_THREADS) out[first * 32 + i] = ST(tile[i / 32][i % 32]); \
     }
 
 RB_QUANT_OPS(q4_0)

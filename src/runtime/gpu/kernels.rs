@@ -12,6 +12,9 @@ use crate::runtime::backend::StorageDType;
 /// The kernel source, compiled by NVRTC at run time (cuda) or hipcc at build time (hip).
 pub const KERNEL_SOURCE: &str = include_str!("../../../kernels/ops.hip");
 pub const KERNEL_COMPAT: &str = include_str!("../../../kernels/compat.h");
+/// Threads per block of the `rb_qdequant_*` kernels (`RB_DEQUANT_THREADS`: their shared
+/// tile has a row per thread).
+pub const DEQUANT_THREADS: u32 = 256;
 
 /// A value the GPU backends store: arithmetic runs in f32, storage in this type.
 pub trait StorageElem: Copy + Default + Send + Sync + Unpin + std::fmt::Debug + 'static {
@@ -316,7 +319,17 @@ pub fn fault_code(fault: Fault) -> (i32, f32) {
 
 #[cfg(test)]
 mod tests {
-    use super::KERNEL_SOURCE;
+    use super::{DEQUANT_THREADS, KERNEL_SOURCE};
+
+    #[test]
+    fn the_dequantizers_are_launched_with_the_threads_their_tile_has_rows_for() {
+        let define = format!("#define RB_DEQUANT_THREADS {DEQUANT_THREADS}\n");
+        assert!(
+            KERNEL_SOURCE.contains(&define),
+            "kernels/ops.hip lacks `{}`",
+            define.trim()
+        );
+    }
 
     /// The rules programmatic dependent launch rests on (compat.h): every kernel waits for
     /// the launch ahead before it touches memory. Most do it first thing; the decode

@@ -68,8 +68,10 @@ impl<D: Driver> GpuBackend<D> {
         }
         let dense = workspace.as_ref().expect("allocated above");
         let subs = n * k / 32;
-        self.driver
-            .launch(dequant(wp, self.ptr(dense), subs as i64), Grid::linear(subs, 256))?;
+        self.driver.launch(
+            dequant(wp, self.ptr(dense), subs as i64),
+            Grid::linear(subs, kernels::DEQUANT_THREADS),
+        )?;
         self.matmul(x, dense, rows, k, n, out)
     }
 

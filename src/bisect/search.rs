@@ -362,8 +362,12 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
             return self.done(r);
         }
         let Some(first_pos) = first_bad_position(&r) else {
+            let head = match logits_here {
+                true => "final_norm or logits",
+                false => "or final_norm (logits over --logits-budget-mib: the head is probed apart)",
+            };
             self.session.note(format!(
-                "no divergence at embed, resid_post of layers {coarse:?}, final_norm or logits"
+                "no divergence at embed, resid_post of layers {coarse:?}, {head}"
             ));
             if let Some(suspect) = self.inside_first_layers(self.n_layer)? {
                 return Ok(Narrowed::FirstLayers(Box::new(suspect)));

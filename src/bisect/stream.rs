@@ -128,6 +128,13 @@ impl Session<'_> {
                             boundary_note: None,
                         });
                     };
+                    let edge = if p == chunk_from { "first" } else { "last" };
+                    if let Some(stream) = self.probes.last_mut() {
+                        stream.finding = format!(
+                            "first divergence at position {p}, the {edge} row of a run of {end} tokens: the whole \
+                             prompt runs next, in case the engine's rows depend on where its prompt ends"
+                        );
+                    }
                     // The joined rows come from runs of other lengths: the whole prompt's run
                     // stands for them (in later lookups, and in the check of reruns).
                     self.dirs.pop();
@@ -142,11 +149,10 @@ impl Session<'_> {
                     };
                     let boundary_note = moved.map(|q| {
                         format!(
-                            "the streamed probe's first divergence, position {p}, is the {} row of a run of {end} \
+                            "the streamed probe's first divergence, position {p}, is the {edge} row of a run of {end} \
                              tokens, but on the whole prompt of {n} tokens it is {q}: an engine's rows depend on where \
                              its prompt ends (not causal; e.g. RoPE scaled by the prompt's length, or a last row \
-                             computed apart), so the search runs the whole prompt",
-                            if p == chunk_from { "first" } else { "last" }
+                             computed apart), so the search runs the whole prompt"
                         )
                     });
                     return Ok(Streamed {

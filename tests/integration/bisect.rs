@@ -110,7 +110,13 @@ fn check_fault(prompts: &str, id: &str, fault: &str, tap: &str, position: u64) -
 #[test]
 fn a_fault_in_the_output_head_is_named_at_its_first_position_on_a_long_prompt() {
     let p = long_prompts();
-    check_fault(&p, "long_826", "logits:offset=0.5@300", "logits", 300);
+    let r = check_fault(&p, "long_826", "logits:offset=0.5@300", "logits", 300);
+    // The coarse step names the taps it compared: not the logits, which came apart.
+    let coarse = r["probes"][0]["finding"].as_str().unwrap();
+    assert!(
+        coarse.ends_with("or final_norm (logits over --logits-budget-mib: the head is probed apart)"),
+        "{coarse}"
+    );
     check_fault(&p, "long_826", "logits:offset=0.5@5", "logits", 5);
 }
 
@@ -710,6 +716,16 @@ fn an_external_engine_streams_the_coarse_probe_as_prefix_prompts() {
     );
     let notes = r["notes"].to_string();
     assert!(notes.contains("position 127, is the last row of a run of 128 tokens, but on the whole prompt of 600 tokens it is position 599"), "{notes}");
+    // Every step of the search says what it found, the stream the whole prompt replaced too.
+    let probes = r["probes"].as_array().unwrap();
+    assert!(
+        probes[0]["finding"]
+            .as_str()
+            .unwrap()
+            .starts_with("first divergence at position 127, the last row of a run of 128 tokens"),
+        "{r}"
+    );
+    assert!(probes.iter().all(|p| !p["finding"].as_str().unwrap().is_empty()), "{r}");
 }
 
 #[test]

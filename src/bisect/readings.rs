@@ -100,6 +100,15 @@ pub(super) fn first_bad_of(r: &DiffReport, id: &str) -> Option<(usize, f64)> {
         .and_then(|t| t.first_bad.map(|i| (t.positions[i], t.tolerance.rel_l2)))
 }
 
+/// The rel L2 tolerance tap `id` was judged against in `r` (0 when `r` lacks it).
+pub(super) fn tolerance_in(r: &DiffReport, id: &str) -> f64 {
+    r.prompts
+        .iter()
+        .flat_map(|p| &p.taps)
+        .find(|t| t.tap == id)
+        .map_or(0.0, |t| t.tolerance.rel_l2)
+}
+
 /// The first divergence of `r`'s (only) prompt.
 pub(super) fn first_of(r: &DiffReport) -> Option<FirstDivergence> {
     r.prompts.first().and_then(|p| p.first.clone())

@@ -181,6 +181,33 @@ fn a_systematic_error_under_every_tolerance_is_a_finding() {
     assert_eq!(introducing(&r), vec![5], "{}", r["replay"]);
 }
 
+/// The residual stream carries a layer's error diluted by everything summed into it, so
+/// the layer search (on `resid_post`) can pass the layer where an error starts. Each case's
+/// answer is what `diff --judge floor` says of full dumps of every tap (measured).
+#[test]
+fn an_error_the_residual_stream_dilutes_is_found_in_the_layer_it_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    // RoPE frequencies 1.0001× in every layer: blk.0.resid_post's 75th-percentile row
+    // reads 2.5e-5, under the f32 floor's threshold (4e-5); blk.1's is over it. The layer
+    // search named layer 1; its branches below show layer 0's.
+    let (code, r) = reference_with_fault("rope:scale=1.0001@0", "p6_len_128", "auto", &dir.path().join("every"));
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(first(&r), ("blk.0.q", 3));
+    assert_eq!(introducing(&r).first(), Some(&0), "{}", r["replay"]);
+    // RoPE 1.0005× in layer 5 alone: the stream's error fades with depth (blk.29's row
+    // over the threshold on 29 of 128 rows, under a quarter), and final_norm was the
+    // first tap the floor judged.
+    let (code, r) = reference_with_fault(
+        "blk.5.rope:scale=1.0005@0",
+        "p6_len_128",
+        "auto",
+        &dir.path().join("one"),
+    );
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(first(&r), ("blk.5.q", 1));
+    assert_eq!(introducing(&r), vec![5], "{}", r["replay"]);
+}
+
 #[test]
 fn a_systematic_error_of_the_final_norm_alone_is_a_finding() {
     // The final norm 1.0004× too large from position 3 (its eps or weight wrong): 4e-4 on

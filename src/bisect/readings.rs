@@ -62,22 +62,23 @@ pub(super) fn has_nonfinite(r: &DiffReport) -> bool {
 /// A note for each engine that wrote a NaN or an infinity in `r`, naming the first tap
 /// (in `r`'s order, the layer order) that holds one, and at how many positions: the first
 /// divergence may be a small error well before the values blow up.
-pub(super) fn nonfinite_notes(r: &DiffReport) -> Vec<String> {
+pub(super) fn nonfinite_notes(r: &DiffReport, probe: &str) -> Vec<String> {
     let taps: Vec<_> = r.prompts.iter().flat_map(|p| &p.taps).collect();
     let first = |count: fn(&crate::diff::RowStat) -> u32| {
         taps.iter().find_map(|t| {
             let at: Vec<usize> = (0..t.rows.len()).filter(|&i| count(&t.rows[i]) > 0).collect();
-            Some((t.tap.clone(), at.len(), t.positions[*at.first()?]))
+            let row = *at.first()?;
+            Some((t.tap.clone(), at.len(), t.positions[row], count(&t.rows[row])))
         })
     };
     [("A", first(|row| row.nonfinite_a)), ("B", first(|row| row.nonfinite_b))]
         .into_iter()
         .filter_map(|(side, at)| {
-            let (tap, rows, position) = at?;
+            let (tap, rows, position, values) = at?;
             Some(format!(
-                "engine {side} wrote NaN or infinite values: the first coarse tap that holds them is {tap}, at {rows} \
-                 position(s) from {position} (masked attention can carry a NaN to earlier positions, 0·NaN); later \
-                 taps carry them"
+                "engine {side} wrote NaN or infinite values: the first {probe} tap that holds them is {tap}, at {rows} \
+                 position(s) from {position} ({values} of the values there; masked attention can carry a NaN to \
+                 earlier positions, 0·NaN); later taps carry them"
             ))
         })
         .collect()

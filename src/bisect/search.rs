@@ -405,7 +405,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         // masked attention tiles can carry a NaN to earlier positions.
         let nonfinite = has_nonfinite(&r);
         let whole_prompt = nonfinite || length_dependent;
-        self.report.notes.extend(nonfinite_notes(&r));
+        self.report.notes.extend(nonfinite_notes(&r, "coarse"));
         let Some(hi) = bad_coarse.filter(|_| !tap_diverged(&r, "embed")) else {
             // The divergence starts at embed or only in the output head: already narrowed.
             let f = first_of(&r);
@@ -582,6 +582,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
                 "the output head diverges: {} at position {}",
                 f.tap, f.position
             ));
+            self.report.notes.extend(nonfinite_notes(&head, "head"));
             self.report.outcome = Outcome::Diverged;
             self.report.first = Some(f);
         } else {
@@ -663,14 +664,16 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
 
     /// The coarse probe within tolerance or off in the head only, yet a residual-stream
     /// tap over its noise floor on a quarter of its rows or more, by an error that fades
-    /// before the last layer (so the floor does not judge the stream): the branches of
-    /// every layer down to the deepest such tap, over the coarse probe's tokens, judged as
-    /// `diff` judges a dump. An error that starts inside one layer is diluted by the
-    /// residual add: RoPE frequencies rounded to f16 in layer 5 alone put `blk.5.attn`
-    /// over the 1e-3 tolerance on 17 rows of 826, while no residual-stream tap reached it
-    /// and `blk.16.resid_post` was back under its floor's threshold; with RoPE 1.0005×
-    /// too fast in layer 5, `final_norm` was the first tap the floor judged. Some: the
-    /// layer of the first divergent tap.
+    /// before the last layer (so the floor does not judge the stream): every tap of every
+    /// layer down to the deepest such tap, over the coarse probe's tokens, judged as `diff`
+    /// judges a dump (a tap inside a layer may cross tolerance while its branch output does
+    /// not). An error that starts inside one layer is diluted by the residual add: RoPE
+    /// frequencies rounded to f16 in layer 5 alone put `blk.5.attn` over the 1e-3
+    /// tolerance on 17 rows of 826, while no residual-stream tap reached it and
+    /// `blk.16.resid_post` was back under its floor's threshold; with RoPE 1.0005× too
+    /// fast in layer 5, `final_norm` was the first tap the floor judged. A rare path, and
+    /// a costly one: as much as dumping those layers whole. Some: the layer of the first
+    /// divergent tap.
     fn inside_fading_error(&mut self, r: &DiffReport, coarse: &[usize]) -> Flow<Option<SuspectLayer>> {
         if self.session.twin.is_some() {
             return Ok(None);
@@ -687,9 +690,9 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         if self.opts.judge == Judge::Auto {
             self.session.judge = Judge::Auto;
         }
-        let (n, taps) = (self.n, self.branch_taps());
+        let (n, taps) = (self.n, self.layer_taps.clone());
         let b = self.probe(
-            &format!("branches-0-{deepest}"),
+            &format!("inside-0-{deepest}"),
             n,
             selection((0..=deepest).collect(), &taps, &Rows::All, n),
         )?;
@@ -700,9 +703,8 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         };
         let Some(first) = first_of(&b) else {
             self.session.note(format!(
-                "blk.{deepest}.resid_post sits over its noise floor on a quarter of its rows or more, but the \
-                 branches of layers 0 to {deepest} ({}) agree",
-                taps.join(", ")
+                "blk.{deepest}.resid_post sits over its noise floor on a quarter of its rows or more, but every \
+                 tap of layers 0 to {deepest} agrees"
             ));
             return Ok(None);
         };

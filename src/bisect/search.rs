@@ -82,8 +82,8 @@ enum Narrowed {
     /// A tap inside the first layer of an attention kind (layer 0, Gemma 3's first global
     /// layer) diverges while the residual stream stays within tolerance.
     FirstLayers(Box<Suspect>),
-    /// A layer's branch diverges while the residual stream stays within tolerance: its
-    /// taps are probed next.
+    /// A tap inside some layer diverges while the coarse residual stream stays within
+    /// tolerance (an error that fades with depth): that layer's taps are probed next.
     Layer(SuspectLayer),
 }
 
@@ -251,8 +251,8 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         }
     }
 
-    /// The taps of `layer`, found by a probe of branches over the coarse probe's tokens:
-    /// on the prompt cut after its first divergent position, else on those tokens.
+    /// The taps of `layer`, found by a probe inside the layers over the coarse probe's
+    /// tokens: on the prompt cut after its first divergent position, else on those tokens.
     fn suspect_at(&mut self, layer: &SuspectLayer) -> Flow<Suspect> {
         self.preload_replay(layer.layer);
         let cut = (layer.position + 1).max(MIN_JUDGED_ROWS).min(self.n);

@@ -1,21 +1,34 @@
-//! Prefix checkpoints, the one policy both built-in engines follow: a run keeps the
-//! residual stream of every position after embedding and after each layer, and a later
-//! run over a prefix of the same tokens reads rows from it instead of recomputing them.
-//! By causality, rows of a prefix do not depend on the tokens after it. (Bisect's probes:
-//! a coarse run over the prompt, streamed in chunks that each extend the kept run, then
-//! many runs over prefixes of it.)
+//! Prefix checkpoints, the one policy both built-in engines follow: a run keeps every
+//! position's rows of the residual stream (after embedding and after each layer) and,
+//! where memory allows, of each layer's branch outputs (what attention and the FFN add
+//! to the stream); a later run over a prefix of the same tokens reads rows from them
+//! instead of recomputing. By causality, rows of a prefix do not depend on the tokens
+//! after it. (Bisect's probes: a coarse run over the prompt, streamed in chunks that each
+//! extend the kept run, then many runs over prefixes of it — among them one that asks
+//! for the branch outputs of every layer below the one the search found.)
 
+use crate::model::Config;
+pub use crate::runtime::KeptRows;
 use crate::sys::available_memory;
+use crate::taps::{LayerTap, Tap};
 
-/// The residual stream of one run, as `S` buffers (host tensors or device buffers).
+/// The taps through which a layer's output enters the residual stream: attention's and
+/// the FFN's, after their post norms in models that have them.
+pub const BRANCH_OUTPUTS: [LayerTap; 4] = [
+    LayerTap::AttnOut,
+    LayerTap::AttnPostNorm,
+    LayerTap::FfnOut,
+    LayerTap::FfnPostNorm,
+];
+
+/// The kept rows of one run.
 pub struct PrefixCheckpoints<S> {
     kept: Option<Kept<S>>,
 }
 
 struct Kept<S> {
     tokens: Vec<u32>,
-    /// `stream[0]` after embedding, `stream[l + 1]` after layer `l`, all tokens' rows.
-    stream: Vec<S>,
+    rows: KeptRows<S>,
 }
 
 impl<S> Default for PrefixCheckpoints<S> {
@@ -25,16 +38,16 @@ impl<S> Default for PrefixCheckpoints<S> {
 }
 
 impl<S> PrefixCheckpoints<S> {
-    /// The kept stream, when `tokens` is a non-empty prefix of the tokens it was kept for.
-    pub fn covering(&self, tokens: &[u32]) -> Option<&[S]> {
+    /// The kept rows, when `tokens` is a non-empty prefix of the tokens they were kept for.
+    pub fn covering(&self, tokens: &[u32]) -> Option<&KeptRows<S>> {
         self.kept
             .as_ref()
             .filter(|k| !tokens.is_empty() && k.tokens.starts_with(tokens))
-            .map(|k| k.stream.as_slice())
+            .map(|k| &k.rows)
     }
 
-    /// How many positions the kept stream holds when `tokens` extends the tokens it was
-    /// kept for by at least one (a run over `tokens` may resume from it).
+    /// How many positions the kept rows hold when `tokens` extends the tokens they were
+    /// kept for by at least one (a run over `tokens` may resume from them).
     pub fn extended_by(&self, tokens: &[u32]) -> Option<usize> {
         self.kept
             .as_ref()
@@ -42,28 +55,50 @@ impl<S> PrefixCheckpoints<S> {
             .map(|k| k.tokens.len())
     }
 
-    /// Take the kept stream out (to extend it and keep it again).
-    pub fn take(&mut self) -> Option<Vec<S>> {
-        self.kept.take().map(|k| k.stream)
+    /// Take the kept rows out (to extend them and keep them again).
+    pub fn take(&mut self) -> Option<KeptRows<S>> {
+        self.kept.take().map(|k| k.rows)
     }
 
-    /// Whether a stream of `bytes` may be kept: at most a quarter of the memory available
-    /// and 4 GiB (2 GiB when the available memory is unknown), so that checkpoints never
-    /// crowd out the runs they serve.
-    pub fn fits(bytes: u64) -> bool {
-        bytes <= available_memory().map_or(2 << 30, |m| (m / 4).min(4 << 30))
-    }
-
-    /// Keep `stream`, the residual stream of a run over `tokens`, replacing any earlier one.
-    pub fn keep(&mut self, tokens: &[u32], stream: Vec<S>) {
+    /// Keep `rows`, those of a run over `tokens`, replacing any kept before.
+    pub fn keep(&mut self, tokens: &[u32], rows: KeptRows<S>) {
         self.kept = Some(Kept {
             tokens: tokens.to_vec(),
-            stream,
+            rows,
         });
     }
 
-    /// Drop the kept stream (its run failed part way).
+    /// Drop the kept rows (their run failed part way).
     pub fn forget(&mut self) {
         self.kept = None;
     }
+}
+
+/// The taps a run over `tokens` positions keeps, or None when not even the residual
+/// stream fits: with the branch outputs when they fit too. Every kept tap is `n_embd`
+/// wide, of `value_bytes` a value; `beside` is what the run keeps with them (its KV cache).
+pub fn plan(c: &Config, tokens: usize, value_bytes: usize, beside: u64) -> Option<Vec<Tap>> {
+    let mut taps = vec![Tap::Embed];
+    taps.extend((0..c.n_layer).map(|l| Tap::Layer(l, LayerTap::ResidPost)));
+    let stream = taps.len();
+    for l in 0..c.n_layer {
+        taps.extend(
+            BRANCH_OUTPUTS
+                .iter()
+                .filter(|t| t.in_model(c))
+                .map(|&t| Tap::Layer(l, t)),
+        );
+    }
+    let bytes = |n: usize| (n * tokens * c.n_embd * value_bytes) as u64 + beside;
+    if !fits(bytes(taps.len())) {
+        taps.truncate(stream);
+    }
+    fits(bytes(taps.len())).then_some(taps)
+}
+
+/// Whether kept rows of `bytes` may be kept: at most a quarter of the memory available
+/// and 4 GiB (2 GiB when the available memory is unknown), so that checkpoints never
+/// crowd out the runs they serve.
+fn fits(bytes: u64) -> bool {
+    bytes <= available_memory().map_or(2 << 30, |m| (m / 4).min(4 << 30))
 }

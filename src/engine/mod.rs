@@ -23,6 +23,7 @@ use crate::runtime::backend::{Backend, StorageDType};
 use crate::runtime::{BackendKind, RunOptions};
 use crate::taps::Selection;
 
+pub use checkpoints::BRANCH_OUTPUTS;
 pub use external::{identified, model_info_json, write_token_file, ExternalEngine, PLACEHOLDERS};
 pub use oracle::{Oracle, RefPrecision, RefSpec};
 pub use pair::{start_pair, EnginePair};

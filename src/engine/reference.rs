@@ -7,12 +7,12 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor};
 use resbisect_reference::{KvCache, TapSink};
 
-use super::checkpoints::PrefixCheckpoints;
+use super::checkpoints::{self, KeptRows, PrefixCheckpoints};
 use super::session::{DumpSession, PromptRunner};
 use super::{reproduce, DumpRequest, DumpSummary, Engine, NoProgress, Oracle, Progress, RefSpec};
 use crate::dump::{BackgroundWriter, EngineInfo, FileJob, PromptRecord, TapDType, TapTensor};
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::model::{Config, Model};
 use crate::taps::{Faults, FileStem, LayerTap, Selection, Tap};
 
 /// The built-in reference (candle, f32 or f64), optionally with injected faults. Its
@@ -92,7 +92,7 @@ impl Engine for ReferenceEngine<'_> {
             oracle: &oracle,
             faults: &self.faults,
             selection: request.selection,
-            n_layer: self.model.config.n_layer,
+            config: &self.model.config,
             checkpoints: request.checkpoints.then_some((&mut self.checkpoints, &mut self.kv)),
         };
         let summary = session.run(engine, &mut runner, progress)?;
@@ -129,14 +129,14 @@ struct OracleRunner<'a> {
     oracle: &'a Oracle,
     faults: &'a Faults,
     selection: &'a Selection,
-    n_layer: usize,
+    config: &'a Config,
     /// Prefix checkpoints and the KV cache of the kept run (bisect's probes only).
     checkpoints: Option<(&'a mut PrefixCheckpoints<Tensor>, &'a mut Option<KvCache>)>,
 }
 
 impl PromptRunner for OracleRunner<'_> {
     fn steps(&self, _prompt: &PromptRecord) -> usize {
-        self.n_layer
+        self.config.n_layer
     }
 
     /// With checkpoints, a prompt that is a prefix of the kept run's tokens resumes from
@@ -155,34 +155,43 @@ impl PromptRunner for OracleRunner<'_> {
             prompt_id: &prompt.id,
             positions: positions.clone(),
             selection: self.selection,
-            n_layer: self.n_layer,
+            n_layer: self.config.n_layer,
             writer,
             send_error: None,
         };
         let (oracle, faults) = (self.oracle, self.faults);
-        let fits = PrefixCheckpoints::<Tensor>::fits(self.checkpoint_bytes(tokens.len()));
+        // The kept run's KV cache is at most as large as its residual stream.
+        let stream_bytes = ((self.config.n_layer + 1) * tokens.len() * self.config.n_embd) as u64;
+        let value_bytes = oracle.precision().bytes();
+        let plan = checkpoints::plan(
+            self.config,
+            tokens.len(),
+            value_bytes,
+            stream_bytes * value_bytes as u64,
+        );
         let wants_output = sink.wants(Tap::FinalNorm) || sink.wants(Tap::Logits);
-        let result = match self.checkpoints.as_mut() {
-            Some((cp, _)) if cp.covering(tokens).is_some() => {
-                let stream = cp.covering(tokens).expect("checked above");
-                resume(oracle, faults, stream, tokens.len(), positions, &mut sink)
+        let result = match (self.checkpoints.as_mut(), plan) {
+            (Some((cp, _)), _) if cp.covering(tokens).is_some() => {
+                let kept = cp.covering(tokens).expect("checked above");
+                resume(oracle, faults, kept, tokens.len(), positions, &mut sink)
             }
-            Some((cp, kv))
+            (Some((cp, kv)), Some(taps))
                 if kv.is_some()
-                    && fits
                     && cp
                         .extended_by(tokens)
                         .is_some_and(|k| positions.first().is_none_or(|&p| p >= k)) =>
             {
-                extend(oracle, faults, tokens, positions, cp, kv, &mut sink, on_step)
+                extend(oracle, faults, tokens, positions, &taps, cp, kv, &mut sink, on_step)
             }
-            Some((cp, kv)) if fits => {
+            (Some((cp, kv)), Some(taps)) => {
                 // A run of every layer keeps its KV cache too, for a prompt extending it.
-                let mut cache = wants_output.then(|| KvCache::new(self.n_layer));
-                let mut stream = Vec::with_capacity(self.n_layer + 1);
-                let mut keep = |i: usize, x: &Tensor| {
-                    stream.push(x.clone());
-                    if i > 0 {
+                let mut cache = wants_output.then(|| KvCache::new(self.config.n_layer));
+                let mut rows: Vec<Option<Tensor>> = vec![None; taps.len()];
+                let mut keep = |tap: Tap, x: &Tensor| {
+                    if let Some(i) = taps.iter().position(|&t| t == tap) {
+                        rows[i] = Some(x.clone());
+                    }
+                    if let Tap::Layer(_, LayerTap::ResidPost) = tap {
                         on_step();
                     }
                 };
@@ -196,7 +205,10 @@ impl PromptRunner for OracleRunner<'_> {
                 };
                 match r {
                     Ok(()) => {
-                        cp.keep(tokens, stream);
+                        // A run that stopped after the last layer it was asked about
+                        // keeps the layers it ran.
+                        let (taps, rows) = taps.into_iter().zip(rows).filter_map(|(t, x)| Some((t, x?))).unzip();
+                        cp.keep(tokens, KeptRows { taps, rows });
                         **kv = cache;
                     }
                     Err(_) => {
@@ -219,98 +231,107 @@ impl PromptRunner for OracleRunner<'_> {
 }
 
 /// Continue the kept run over the tokens of `tokens` past it, from its KV cache; the kept
-/// stream grows by the new rows. After a failure nothing stays kept.
+/// rows grow by the new ones (the residual stream alone when `taps`, what now fits, lacks
+/// the branch outputs). After a failure nothing stays kept.
 #[allow(clippy::too_many_arguments)]
 fn extend(
     oracle: &Oracle,
     faults: &Faults,
     tokens: &[u32],
     positions: &[usize],
+    taps: &[Tap],
     cp: &mut PrefixCheckpoints<Tensor>,
     kv: &mut Option<KvCache>,
     sink: &mut DumpSink,
     on_step: &mut dyn FnMut(),
 ) -> anyhow::Result<()> {
-    let (Some(mut stream), Some(mut cache)) = (cp.take(), kv.take()) else {
+    let (Some(mut kept), Some(mut cache)) = (cp.take(), kv.take()) else {
         anyhow::bail!("no kept run to extend");
     };
-    let mut grown: Vec<anyhow::Result<Tensor>> = Vec::with_capacity(stream.len());
+    if !kept.holds(taps) {
+        kept.stream_only();
+    }
+    let mut grown: Vec<Option<anyhow::Result<Tensor>>> = (0..kept.rows.len()).map(|_| None).collect();
     oracle
         .inner
-        .forward_resuming(tokens, &mut cache, positions, faults, sink, &mut |i, x| {
-            grown.push(Tensor::cat(&[&stream[i], x], 0).map_err(Into::into));
-            if i > 0 {
+        .forward_resuming(tokens, &mut cache, positions, faults, sink, &mut |tap, x| {
+            if let Some(i) = kept.taps.iter().position(|&t| t == tap) {
+                grown[i] = Some(Tensor::cat(&[&kept.rows[i], x], 0).map_err(Into::into));
+            }
+            if let Tap::Layer(_, LayerTap::ResidPost) = tap {
                 on_step();
             }
         })?;
-    for (kept, new) in stream.iter_mut().zip(grown) {
-        *kept = new?;
+    for (row, new) in kept.rows.iter_mut().zip(grown) {
+        *row = new.ok_or_else(|| anyhow::anyhow!("a kept tap was not computed"))??;
     }
-    cp.keep(tokens, stream);
+    cp.keep(tokens, kept);
     *kv = Some(cache);
     Ok(())
 }
 
-impl OracleRunner<'_> {
-    /// The kept stream and, at most as large again, its KV cache.
-    fn checkpoint_bytes(&self, tokens: usize) -> u64 {
-        let width = self.oracle.inner.n_embd() as u64;
-        2 * (self.n_layer as u64 + 1) * tokens as u64 * width * self.oracle.precision().bytes() as u64
-    }
-}
-
-/// Serve a run over the first `n` kept tokens from their checkpoints: rows of `stream`
-/// where they suffice, the layers whose inner taps are wanted recomputed from them.
+/// Serve a run over the first `n` kept tokens from their kept rows: the taps they hold
+/// read from them, the layers with a wanted tap they lack recomputed from the stream.
 fn resume(
     oracle: &Oracle,
     faults: &Faults,
-    stream: &[Tensor],
+    kept: &KeptRows<Tensor>,
     n: usize,
     positions: &[usize],
     sink: &mut DumpSink,
 ) -> anyhow::Result<()> {
-    let rows = |i: usize| stream[i].narrow(0, 0, n);
+    let stream = kept.stream();
+    let rows = |x: &Tensor| resbisect_reference::gather(&x.narrow(0, 0, n)?, positions);
     if sink.wants(Tap::Embed) {
-        sink.emit(
-            FileStem::Embed,
-            vec![(Tap::Embed, resbisect_reference::gather(&rows(0)?, positions)?)],
-        )?;
+        sink.emit(FileStem::Embed, vec![(Tap::Embed, rows(&stream[0])?)])?;
     }
     let layers = stream.len() - 1;
     let n_layer = oracle.inner.n_layer();
     let wants_output = sink.wants(Tap::FinalNorm) || sink.wants(Tap::Logits);
-    let wants_any = |sink: &DumpSink, l: usize, taps: &[LayerTap]| taps.iter().any(|&t| sink.wants(Tap::Layer(l, t)));
+    let wanted = |sink: &DumpSink, l: usize| -> Vec<Tap> {
+        (LayerTap::ALL.iter())
+            .map(|&t| Tap::Layer(l, t))
+            .filter(|&t| sink.wants(t))
+            .collect()
+    };
     for l in 0..n_layer {
-        let inner = wants_any(sink, l, &LayerTap::ALL[..LayerTap::ALL.len() - 1]);
-        let post = sink.wants(Tap::Layer(l, LayerTap::ResidPost));
         if l >= layers {
             // Past the checkpointed layers: continue the forward from the last one.
-            let wanted_after = (l..n_layer).rev().find(|&m| wants_any(sink, m, &LayerTap::ALL));
+            let wanted_after = (l..n_layer).rev().find(|&m| !wanted(sink, m).is_empty());
             let last = if wants_output { Some(n_layer - 1) } else { wanted_after };
             let Some(last) = last else { return Ok(()) };
-            let x = oracle
-                .inner
-                .run_layers(rows(layers)?, layers, last, positions, faults, sink, &mut |_, _| {})?;
+            let x = oracle.inner.run_layers(
+                stream[layers].narrow(0, 0, n)?,
+                layers,
+                last,
+                positions,
+                faults,
+                sink,
+                &mut |_, _| {},
+            )?;
             return if wants_output {
                 oracle.inner.head(&x, positions, faults, sink)
             } else {
                 Ok(())
             };
         }
-        if inner {
+        let taps = wanted(sink, l);
+        if kept.holds(&taps) {
+            if !taps.is_empty() {
+                let read = taps.iter().map(|&t| Ok((t, rows(kept.of(t).expect("held"))?)));
+                sink.emit(FileStem::Layer(l), read.collect::<anyhow::Result<_>>()?)?;
+            }
+        } else {
+            let input = stream[l].narrow(0, 0, n)?;
             oracle
                 .inner
-                .run_layers(rows(l)?, l, l, positions, faults, sink, &mut |_, _| {})?;
-        } else if post {
-            let tap = Tap::Layer(l, LayerTap::ResidPost);
-            sink.emit(
-                FileStem::Layer(l),
-                vec![(tap, resbisect_reference::gather(&rows(l + 1)?, positions)?)],
-            )?;
+                .run_layers(input, l, l, positions, faults, sink, &mut |_, _| {})?;
         }
     }
     if wants_output {
-        oracle.inner.head(&rows(n_layer)?, positions, faults, sink)?;
+        oracle
+            .inner
+            .head(&stream[n_layer].narrow(0, 0, n)?, positions, faults, sink)?;
     }
     Ok(())
 }

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use super::checkpoints::PrefixCheckpoints;
+use super::checkpoints::{self, KeptRows, PrefixCheckpoints};
 use super::session::{DumpSession, PromptRunner};
 use super::{reproduce, DumpRequest, DumpSummary, Engine, NoProgress, OnBackend, Progress};
 use crate::dump::{BackgroundWriter, EngineInfo, PromptRecord};
@@ -23,8 +23,8 @@ pub struct RuntimeEngine<'m, B: Backend> {
     /// The backend until the weights load onto it.
     backend: Option<B>,
     loaded: Option<Runtime<B>>,
-    /// The residual stream of the last probe with an output tap: later probes of a prefix
-    /// that want only `embed` and `resid_post` rows are read from it.
+    /// The kept rows of the last probe with an output tap: later probes of a prefix that
+    /// want only kept taps are read from them.
     checkpoints: PrefixCheckpoints<B::Buf>,
     /// The KV cache of the kept run: a prompt extending its tokens continues it
     /// (bisect's streamed coarse probe).
@@ -233,30 +233,42 @@ impl<B: Backend> PromptRunner for RuntimeRunner<'_, B> {
         on_step: &mut dyn FnMut(),
     ) -> Result<Vec<u32>> {
         let (rt, selection, run, faults) = (self.rt, self.selection, self.run, self.faults);
-        // Only a run with an output tap computes every layer, so only its stream is whole.
+        // Only a run with an output tap computes every layer, so only its rows are whole.
         let keeps = run.max_tokens == 0 && (selection.wants(&Tap::FinalNorm) || selection.wants(&Tap::Logits));
-        let fits = PrefixCheckpoints::<B::Buf>::fits(self.checkpoint_bytes(prompt.tokens.len()));
-        match self.checkpoints.as_mut() {
-            Some((cp, _)) if run.max_tokens == 0 && cp.covering(&prompt.tokens).is_some() => {
-                let stream = cp.covering(&prompt.tokens).expect("checked above");
-                rt.serve(stream, prompt, selection, faults, run, writer)?;
+        let plan = checkpoints::plan(
+            &self.model.config,
+            prompt.tokens.len(),
+            self.rt.backend().dtype().bytes(),
+            0,
+        );
+        match (self.checkpoints.as_mut(), plan) {
+            (Some((cp, _)), _) if run.max_tokens == 0 && cp.covering(&prompt.tokens).is_some() => {
+                let kept = cp.covering(&prompt.tokens).expect("checked above");
+                rt.serve(kept, prompt, selection, faults, run, writer)?;
                 Ok(prompt.tokens.clone())
             }
-            Some((cp, kv)) if keeps && fits => {
+            (Some((cp, kv)), Some(taps)) if keeps => {
                 let continued = kv.take().filter(|k| {
                     cp.extended_by(&prompt.tokens) == Some(k.tokens())
                         && positions.first().is_none_or(|&p| p >= k.tokens())
                 });
-                let mut stream = match continued {
+                let mut kept = match continued {
                     Some(_) => cp.take().unwrap_or_default(),
                     None => {
                         cp.forget();
-                        Vec::new()
+                        KeptRows {
+                            taps: taps.clone(),
+                            rows: Vec::new(),
+                        }
                     }
                 };
+                if !kept.holds(&taps) {
+                    // Grown past what fits with the branch outputs: the stream goes on alone.
+                    kept.stream_only();
+                }
                 let cache =
-                    rt.prefill_continuing(prompt, selection, faults, run, writer, continued, &mut stream, on_step)?;
-                cp.keep(&prompt.tokens, stream);
+                    rt.prefill_continuing(prompt, selection, faults, run, writer, continued, &mut kept, on_step)?;
+                cp.keep(&prompt.tokens, kept);
                 **kv = Some(cache);
                 Ok(prompt.tokens.clone())
             }
@@ -264,13 +276,6 @@ impl<B: Backend> PromptRunner for RuntimeRunner<'_, B> {
                 .run_prompt(prompt, selection, faults, run, Some(writer), None, on_step)?
                 .0),
         }
-    }
-}
-
-impl<B: Backend> RuntimeRunner<'_, B> {
-    fn checkpoint_bytes(&self, tokens: usize) -> u64 {
-        let c = &self.model.config;
-        ((c.n_layer + 1) * tokens * c.n_embd * self.rt.backend().dtype().bytes()) as u64
     }
 }
 

@@ -9,6 +9,7 @@ use super::backend::{AttnShape, Backend, Row, Src};
 use super::capture::{TapCollector, TapRoute};
 use super::layer::Workspace;
 use super::weights;
+use super::KeptRows;
 use super::{RunOptions, Runtime};
 use crate::error::{Error, Result};
 use crate::inject::RuntimeFaults;
@@ -200,7 +201,7 @@ impl<B: Backend> Runtime<B> {
             pass.op("scale (embeddings)", b.scale(&mut ws.x, pass.rows * e, factor))?;
         }
         pass.tap(Tap::Embed, &mut ws.x)?;
-        self.checkpoint(0, ws, pass)?;
+        self.keep(Tap::Embed, &ws.x, &mut ws.keep, pass)?;
         let depth = pass.depth();
         let mut normed = false;
         for (l, kv) in kv.iter_mut().enumerate().take(depth) {
@@ -209,17 +210,19 @@ impl<B: Backend> Runtime<B> {
             let norm_next = l + 1 < depth && !pass.touched(Tap::Layer(l, LayerTap::ResidPost));
             self.block(l, ws, kv, pass, Seam { normed, norm_next })?;
             normed = norm_next;
-            self.checkpoint(l + 1, ws, pass)?;
+            self.keep(Tap::Layer(l, LayerTap::ResidPost), &ws.x, &mut ws.keep, pass)?;
         }
         Ok(())
     }
 
-    /// Keep the residual stream as `ws.keep[i]` when the run keeps checkpoints.
-    fn checkpoint(&self, i: usize, ws: &mut Workspace<B>, pass: &Pass<B>) -> Result<()> {
-        let Some(cp) = ws.keep.get_mut(i) else { return Ok(()) };
+    /// Copy the pass's rows of `buf` into the run's kept rows of `tap`, when it keeps them.
+    fn keep(&self, tap: Tap, buf: &B::Buf, kept: &mut KeptRows<B::Buf>, pass: &Pass<B>) -> Result<()> {
+        let Some(i) = kept.taps.iter().position(|&t| t == tap) else {
+            return Ok(());
+        };
         let copy = self
             .backend
-            .copy_rows(&ws.x, cp, Row::At(pass.start), pass.rows, self.cfg.n_embd);
+            .copy_rows(buf, &mut kept.rows[i], Row::At(pass.start), pass.rows, self.cfg.n_embd);
         pass.op("checkpoint", copy)
     }
 
@@ -272,12 +275,14 @@ impl<B: Backend> Runtime<B> {
         pass.tap(at(LayerTap::Attn), &mut ws.attn)?;
         pass.op("matmul attn_output", w.wo.matmul(b, &ws.attn, rows, qw, e, &mut ws.ao))?;
         pass.tap(at(LayerTap::AttnOut), &mut ws.ao)?;
+        self.keep(at(LayerTap::AttnOut), &ws.ao, &mut ws.keep, pass)?;
         if let Some([post_attn, _]) = &w.post_norms {
             pass.op(
                 "rms_norm (post attention)",
                 b.rms_norm(&ws.ao, post_attn, rows, e, eps, &mut ws.post),
             )?;
             pass.tap(at(LayerTap::AttnPostNorm), &mut ws.post)?;
+            self.keep(at(LayerTap::AttnPostNorm), &ws.post, &mut ws.keep, pass)?;
         }
         let attn_delta = if w.post_norms.is_some() { &ws.post } else { &ws.ao };
         if pass.touched(at(LayerTap::ResidMid)) {
@@ -368,6 +373,7 @@ impl<B: Backend> Runtime<B> {
         pass.tap(at(LayerTap::FfnAct), &mut ws.act)?;
         pass.op("matmul ffn_down", w.wd.matmul(b, &ws.act, rows, ff, e, &mut ws.f))?;
         pass.tap(at(LayerTap::FfnOut), &mut ws.f)?;
+        self.keep(at(LayerTap::FfnOut), &ws.f, &mut ws.keep, pass)?;
         if let Some([_, post_ffn]) = &w.post_norms {
             let eps = c.rms_eps as f32;
             pass.op(
@@ -375,6 +381,7 @@ impl<B: Backend> Runtime<B> {
                 b.rms_norm(&ws.f, post_ffn, rows, e, eps, &mut ws.post),
             )?;
             pass.tap(at(LayerTap::FfnPostNorm), &mut ws.post)?;
+            self.keep(at(LayerTap::FfnPostNorm), &ws.post, &mut ws.keep, pass)?;
         }
         let ffn_delta = if w.post_norms.is_some() { &ws.post } else { &ws.f };
         if norm_next {

@@ -4,6 +4,7 @@
 
 use super::backend::{Backend, RopeFreqs};
 use super::weights::Matrix;
+use super::KeptRows;
 use crate::error::{Error, Result};
 use crate::model::Config;
 
@@ -123,9 +124,9 @@ pub(super) struct Workspace<B: Backend> {
     pub(super) normed: B::Buf,
     pub(super) logits: B::Buf,
     pub(super) head_rows: usize,
-    /// When a run keeps checkpoints: the residual stream of every position after
-    /// embedding (`keep[0]`) and after each layer (`keep[l + 1]`); empty otherwise.
-    pub(super) keep: Vec<B::Buf>,
+    /// When a run keeps checkpoints: every position's rows of the kept taps (the
+    /// residual stream, and maybe the branch outputs); none otherwise.
+    pub(super) keep: KeptRows<B::Buf>,
 }
 
 impl<B: Backend> Workspace<B> {
@@ -151,7 +152,7 @@ impl<B: Backend> Workspace<B> {
             normed: b.alloc(0)?,
             logits: b.alloc(0)?,
             head_rows: 0,
-            keep: Vec::new(),
+            keep: KeptRows::default(),
         })
     }
 }

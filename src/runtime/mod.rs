@@ -56,7 +56,7 @@ use capture::{TapCollector, TapRoute};
 use forward::Pass;
 use layer::{LayerWeights, Workspace};
 pub use preflight::preflight;
-pub use resume::KvCache;
+pub use resume::{KeptRows, KvCache};
 pub use select::BackendKind;
 use weights::{Matrix, WeightMode};
 
@@ -182,7 +182,8 @@ impl<B: Backend> Runtime<B> {
     /// Run one prompt (prefill, then greedy decode), sending taps to `writer` (none:
     /// nothing is captured). Returns every token processed and the seconds spent in
     /// prefill and in decode.
-    /// With `keep`, the prefill leaves its residual stream there (prefix checkpoints).
+    /// With `keep`, the prefill leaves every position's rows of its taps there (prefix
+    /// checkpoints).
     /// `on_step` follows each prefill chunk and decode step.
     #[allow(clippy::too_many_arguments)] // the engine wing's entry point; its callers hold these apart
     pub fn run_prompt(
@@ -192,7 +193,7 @@ impl<B: Backend> Runtime<B> {
         faults: &RuntimeFaults,
         opts: &RunOptions,
         writer: Option<&BackgroundWriter>,
-        keep: Option<&mut Vec<B::Buf>>,
+        keep: Option<&mut KeptRows<B::Buf>>,
         on_step: &mut dyn FnMut(),
     ) -> Result<(Vec<u32>, f64, f64)> {
         // Timed from here, the KV cache included, as a dump times its runs.
@@ -251,13 +252,13 @@ impl<B: Backend> Runtime<B> {
 impl<B: Backend> PromptRun<'_, '_, B> {
     /// The prompt from position `start` on (the KV cache holds the positions before)
     /// in chunks of `opts.prefill_chunk` tokens, returning its greedy next token when
-    /// decode follows. With `keep`, the residual stream of every position after every
-    /// layer stays there (in its buffers when given, else in new ones).
+    /// decode follows. With `keep`, every position's rows of its taps stay there (in its
+    /// buffers when it has them, else in new ones).
     fn prefill(
         &mut self,
         prompt: &PromptRecord,
         start: usize,
-        keep: Option<&mut Vec<B::Buf>>,
+        keep: Option<&mut KeptRows<B::Buf>>,
         on_step: &mut dyn FnMut(),
     ) -> Result<Option<u32>> {
         let (rt, opts, len) = (self.rt, self.opts, prompt.tokens.len());
@@ -267,13 +268,12 @@ impl<B: Backend> PromptRun<'_, '_, B> {
         let mut ws = Workspace::new(&rt.backend, &rt.cfg, chunk.min(new.len()))?;
         let mut keep = keep;
         if let Some(given) = keep.as_deref_mut() {
-            ws.keep = if given.is_empty() {
-                (0..=rt.cfg.n_layer)
+            if given.rows.is_empty() {
+                given.rows = (given.taps.iter())
                     .map(|_| rt.backend.alloc(len * rt.cfg.n_embd))
-                    .collect::<Result<_>>()?
-            } else {
-                std::mem::take(given)
-            };
+                    .collect::<Result<_>>()?;
+            }
+            ws.keep = std::mem::take(given);
         }
         let mut next = None;
         for (i, ids) in new.chunks(chunk).enumerate() {

@@ -17,6 +17,55 @@ use crate::taps::{LayerTap, Selection, Tap};
 
 use super::RunOptions;
 
+/// Every position's rows of a run's kept taps, one `S` buffer (host tensor or device
+/// buffer) per tap. `taps` opens with the residual stream — `embed`, then `resid_post`
+/// of layers 0, 1, … — so `rows[i]` is the stream after `i` layers; branch outputs,
+/// when kept, follow.
+pub struct KeptRows<S> {
+    pub taps: Vec<Tap>,
+    pub rows: Vec<S>,
+}
+
+impl<S> Default for KeptRows<S> {
+    fn default() -> Self {
+        Self {
+            taps: Vec::new(),
+            rows: Vec::new(),
+        }
+    }
+}
+
+impl<S> KeptRows<S> {
+    /// The kept rows of `tap`.
+    pub fn of(&self, tap: Tap) -> Option<&S> {
+        self.taps.iter().position(|&t| t == tap).map(|i| &self.rows[i])
+    }
+
+    /// The kept residual stream: `[i]` after `i` layers (every layer, unless the run
+    /// stopped after the last one it was asked about).
+    pub fn stream(&self) -> &[S] {
+        &self.rows[..self.stream_len()]
+    }
+
+    fn stream_len(&self) -> usize {
+        (self.taps.iter())
+            .take_while(|t| matches!(t, Tap::Embed | Tap::Layer(_, LayerTap::ResidPost)))
+            .count()
+    }
+
+    /// Whether every tap of `wanted` is kept.
+    pub fn holds(&self, wanted: &[Tap]) -> bool {
+        wanted.iter().all(|t| self.taps.contains(t))
+    }
+
+    /// Keep only the residual stream.
+    pub fn stream_only(&mut self) {
+        let n = self.stream_len();
+        self.taps.truncate(n);
+        self.rows.truncate(n);
+    }
+}
+
 /// Keys and values of each layer.
 type KvBuffers<B> = Vec<(<B as Backend>::Buf, <B as Backend>::Buf)>;
 
@@ -38,11 +87,11 @@ impl<B: Backend> KvCache<B> {
 
 impl<B: Backend> Runtime<B> {
     /// Prefill `prompt` past the positions `cache` holds (from position 0 without one),
-    /// sending `selection`'s rows to `writer`, with the residual stream after embedding
-    /// and after each layer kept in `stream` (whose first rows are the earlier runs';
-    /// empty without a cache). Returns the cache for the next continuation. A selected
+    /// sending `selection`'s rows to `writer`, with every position's rows of the taps
+    /// `kept` names kept there (its first rows are the earlier runs'; none without a
+    /// cache). Returns the cache for the next continuation. A selected
     /// position before the cached ones is an input error; nothing is decoded.
-    #[allow(clippy::too_many_arguments)] // run_prompt's inputs, plus the cache and stream it continues
+    #[allow(clippy::too_many_arguments)] // run_prompt's inputs, plus the cache and rows it continues
     pub(crate) fn prefill_continuing(
         &self,
         prompt: &PromptRecord,
@@ -51,7 +100,7 @@ impl<B: Backend> Runtime<B> {
         opts: &RunOptions,
         writer: &BackgroundWriter,
         cache: Option<KvCache<B>>,
-        stream: &mut Vec<B::Buf>,
+        kept: &mut KeptRows<B::Buf>,
         on_step: &mut dyn FnMut(),
     ) -> Result<KvCache<B>> {
         let len = prompt.tokens.len();
@@ -63,7 +112,7 @@ impl<B: Backend> Runtime<B> {
                 prompt.id
             )));
         }
-        let (kv, capacity) = self.room_for(len, cache, stream)?;
+        let (kv, capacity) = self.room_for(len, cache, &mut kept.rows)?;
         let mut run = PromptRun {
             rt: self,
             faults,
@@ -74,7 +123,7 @@ impl<B: Backend> Runtime<B> {
             collector,
             kv,
         };
-        run.prefill(prompt, start, Some(stream), on_step)?;
+        run.prefill(prompt, start, Some(kept), on_step)?;
         run.collector.check_complete()?;
         self.backend.sync()?;
         Ok(KvCache {
@@ -84,18 +133,13 @@ impl<B: Backend> Runtime<B> {
         })
     }
 
-    /// KV buffers with room for `len` positions, and `stream` grown to match: the
+    /// KV buffers with room for `len` positions, and the kept `rows` grown to match: the
     /// cache's own when they fit, else twice as large with the cached rows copied.
-    fn room_for(
-        &self,
-        len: usize,
-        cache: Option<KvCache<B>>,
-        stream: &mut Vec<B::Buf>,
-    ) -> Result<(KvBuffers<B>, usize)> {
+    fn room_for(&self, len: usize, cache: Option<KvCache<B>>, rows: &mut Vec<B::Buf>) -> Result<(KvBuffers<B>, usize)> {
         let (b, c) = (&self.backend, &self.cfg);
         let (kvw, e) = (c.kv_width(), c.n_embd);
         let Some(cache) = cache else {
-            stream.clear();
+            rows.clear();
             let kv = (0..c.n_layer)
                 .map(|_| Ok((b.alloc(len * kvw)?, b.alloc(len * kvw)?)))
                 .collect::<Result<Vec<_>>>()?;
@@ -115,22 +159,22 @@ impl<B: Backend> Runtime<B> {
             .iter()
             .map(|(k, v)| Ok((grown(k, kvw)?, grown(v, kvw)?)))
             .collect::<Result<Vec<_>>>()?;
-        *stream = stream.iter().map(|s| grown(s, e)).collect::<Result<_>>()?;
+        *rows = rows.iter().map(|s| grown(s, e)).collect::<Result<_>>()?;
         Ok((kv, capacity))
     }
 }
 
 impl<B: Backend> Runtime<B> {
-    /// Write the dump of `prompt` with `selection` from `stream`, the residual stream
-    /// (after embedding, after each layer) of a run over tokens that `prompt`'s are a
-    /// prefix of. `embed` and `resid_post` rows are read from it; a layer with an inner
-    /// tap selected is recomputed from its input rows there (its KV cache rebuilt from
-    /// them, in `opts.prefill_chunk` chunks, with `faults`), and the output head runs on
-    /// the last layer's rows. By causality these are the rows a full run over `prompt`
-    /// computes; nothing is decoded.
+    /// Write the dump of `prompt` with `selection` from `kept`, the rows of a run over
+    /// tokens that `prompt`'s are a prefix of. Kept taps (`embed`, `resid_post`, any
+    /// branch outputs) are read from it; a layer with a selected tap it lacks is
+    /// recomputed from its input rows there (its KV cache rebuilt from them, in
+    /// `opts.prefill_chunk` chunks, with `faults`), and the output head runs on the last
+    /// layer's rows. By causality these are the rows a full run over `prompt` computes;
+    /// nothing is decoded.
     pub(crate) fn serve(
         &self,
-        stream: &[B::Buf],
+        kept: &KeptRows<B::Buf>,
         prompt: &PromptRecord,
         selection: &Selection,
         faults: &RuntimeFaults,
@@ -138,36 +182,51 @@ impl<B: Backend> Runtime<B> {
         writer: &BackgroundWriter,
     ) -> Result<()> {
         let (n, e, b) = (prompt.tokens.len(), self.cfg.n_embd, &self.backend);
+        let stream = kept.stream();
+        if stream.len() != self.cfg.n_layer + 1 {
+            // The runtime keeps only runs of every layer (those with an output tap).
+            return Err(Error::engine(format!(
+                "kept rows hold the residual stream of {} of {} layers",
+                stream.len().saturating_sub(1),
+                self.cfg.n_layer
+            )));
+        }
         let mut collector = self.collector(prompt, selection, n, Some(writer), opts.sync_check)?;
-        let inner = |collector: &super::capture::TapCollector, l: usize| {
-            LayerTap::ALL
-                .into_iter()
-                .any(|t| t != LayerTap::ResidPost && collector.wants(&Tap::Layer(l, t)))
+        let recomputed = |collector: &super::capture::TapCollector, l: usize| {
+            LayerTap::ALL.into_iter().any(|t| {
+                let tap = Tap::Layer(l, t);
+                collector.wants(&tap) && kept.of(tap).is_none()
+            })
         };
-        let computes = collector.wants_output() || (0..self.cfg.n_layer).any(|l| inner(&collector, l));
+        let computes = collector.wants_output() || (0..self.cfg.n_layer).any(|l| recomputed(&collector, l));
         let chunk = opts.prefill_chunk.unwrap_or(n).clamp(1, n);
         let mut ws = if computes {
             Some(Workspace::new(b, &self.cfg, chunk)?)
         } else {
             None
         };
-        for (i, buf) in stream.iter().enumerate() {
-            let (tap, inner) = match i {
-                0 => (Tap::Embed, false),
-                i => (Tap::Layer(i - 1, LayerTap::ResidPost), inner(&collector, i - 1)),
-            };
-            if let (true, Some(ws)) = (inner, ws.as_mut()) {
-                // The layer's input is the stream before it; its block taps resid_post too.
+        let runs: Vec<(usize, usize)> = crate::taps::consecutive_runs(&collector.positions)
+            .map(|run| (collector.positions[run.start] * e, run.len() * e))
+            .collect();
+        if collector.wants(&Tap::Embed) {
+            collector.capture(b, &Tap::Embed, 0, &stream[0], &runs)?;
+        }
+        // Layer `l`'s input is the stream before it.
+        for (l, input) in stream[..self.cfg.n_layer].iter().enumerate() {
+            if let (true, Some(ws)) = (recomputed(&collector, l), ws.as_mut()) {
+                // Its block taps what it wants.
                 let kvw = self.cfg.kv_width();
                 let mut kv = (b.alloc(n * kvw)?, b.alloc(n * kvw)?);
-                self.chunks_from(&stream[i - 1], n, ws, faults, opts, &mut collector, |rt, ws, pass| {
-                    rt.block(i - 1, ws, &mut kv, pass, Seam::default())
+                self.chunks_from(input, n, ws, faults, opts, &mut collector, |rt, ws, pass| {
+                    rt.block(l, ws, &mut kv, pass, Seam::default())
                 })?;
-            } else if collector.wants(&tap) {
-                let runs: Vec<(usize, usize)> = crate::taps::consecutive_runs(&collector.positions)
-                    .map(|run| (collector.positions[run.start] * e, run.len() * e))
-                    .collect();
-                collector.capture(b, &tap, 0, buf, &runs)?;
+                continue;
+            }
+            for t in LayerTap::ALL {
+                let tap = Tap::Layer(l, t);
+                if let (true, Some(rows)) = (collector.wants(&tap), kept.of(tap)) {
+                    collector.capture(b, &tap, 0, rows, &runs)?;
+                }
             }
         }
         if let (true, Some(ws)) = (collector.wants_output(), ws.as_mut()) {

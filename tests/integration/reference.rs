@@ -234,7 +234,8 @@ fn text_prompts_use_the_models_tokenizer() {
 
 /// Bisect's reference keeps the residual stream of its first run; later runs over a prefix
 /// of the same tokens resume from it (one layer recomputed for its inner taps, none for
-/// resid_post, the head from the last layer's rows) and must match a fresh run of the
+/// resid_post and the branch outputs it keeps beside the stream, the head from the last
+/// layer's rows) and must match a fresh run of the
 /// prefix. 1e-5 rel L2 as in `causal_across_attention_chunks`: a different number of
 /// rows changes GEMM blocking, not the math (measured here: ≤ 3e-7).
 #[test]
@@ -270,47 +271,61 @@ fn runs_over_a_prefix_resume_from_checkpoints() {
         tokens: tokens[..120].to_vec(),
         ..full
     };
-    let probe = sel(
-        &[1],
-        &["embed", "attn_norm", "q", "attn", "ffn_act", "resid_post", "logits"],
-    );
-    let resumed = dir.path().join("resumed");
-    driver.dump(&prefix, &probe, &resumed).unwrap();
-    let fresh = dir.path().join("fresh");
     let joined: Vec<String> = prefix.tokens.iter().map(u32::to_string).collect();
-    dump(&[
-        "dump",
-        "--model",
-        path_str(&path),
-        "--tokens",
-        &joined.join(","),
-        "--layers",
-        "1",
-        "--taps",
-        "embed,attn_norm,q,attn,ffn_act,resid_post,logits",
-        "-o",
-        path_str(&fresh),
-    ]);
-    let (a, b) = (Dump::open(&resumed).unwrap(), Dump::open(&fresh).unwrap());
     let mut compared = 0;
-    for stem in ["embed", "blk.1", "output"] {
-        let (fa, fb) = (
-            a.read_file("prompt", stem).unwrap().unwrap(),
-            b.read_file("prompt", stem).unwrap().unwrap(),
+    // One layer recomputed for its inner taps; then the branch outputs, read as kept.
+    for (name, layers, taps, stems) in [
+        (
+            "inner",
+            "1",
+            "embed,attn_norm,q,attn,ffn_act,resid_post,logits",
+            &["embed", "blk.1", "output"][..],
+        ),
+        (
+            "branches",
+            "0,1",
+            "attn_out,ffn_out,resid_post",
+            &["blk.0", "blk.1"][..],
+        ),
+    ] {
+        let layer_list: Vec<usize> = layers.split(',').map(|l| l.parse().unwrap()).collect();
+        let resumed = dir.path().join(format!("resumed-{name}"));
+        driver
+            .dump(
+                &prefix,
+                &sel(&layer_list, &taps.split(',').collect::<Vec<_>>()),
+                &resumed,
+            )
+            .unwrap();
+        let fresh = dir.path().join(format!("fresh-{name}"));
+        let args = ["--layers", layers, "--taps", taps, "-o", path_str(&fresh)];
+        dump(
+            &[
+                &["dump", "--model", path_str(&path), "--tokens", &joined.join(",")][..],
+                &args,
+            ]
+            .concat(),
         );
-        assert_eq!(fa.positions, (0..120).collect::<Vec<_>>());
-        assert_eq!(
-            fa.taps.keys().collect::<Vec<_>>(),
-            fb.taps.keys().collect::<Vec<_>>(),
-            "{stem}"
-        );
-        for (id, ta) in &fa.taps {
-            let r = rel_l2(&ta.values, &fb.taps[id].values);
-            assert!(r <= 1e-5, "{id}: rel L2 {r:.3e}");
-            compared += 1;
+        let (a, b) = (Dump::open(&resumed).unwrap(), Dump::open(&fresh).unwrap());
+        for stem in stems {
+            let (fa, fb) = (
+                a.read_file("prompt", stem).unwrap().unwrap(),
+                b.read_file("prompt", stem).unwrap().unwrap(),
+            );
+            assert_eq!(fa.positions, (0..120).collect::<Vec<_>>());
+            assert_eq!(
+                fa.taps.keys().collect::<Vec<_>>(),
+                fb.taps.keys().collect::<Vec<_>>(),
+                "{name} {stem}"
+            );
+            for (id, ta) in &fa.taps {
+                let r = rel_l2(&ta.values, &fb.taps[id].values);
+                assert!(r <= 1e-5, "{name} {id}: rel L2 {r:.3e}");
+                compared += 1;
+            }
         }
     }
-    assert_eq!(compared, 7);
+    assert_eq!(compared, 13);
 }
 
 /// `resbisect cut`: the first layers of the real model as a model of its own compute

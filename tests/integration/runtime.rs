@@ -310,10 +310,10 @@ fn preflight_refuses_before_any_op() {
 // would otherwise inherit this process's resident memory in their measured peak.
 per_backend!(checkpoint_served_prefixes_equal_computed_ones);
 
-/// Bisect's probes read resid_post rows of a prefix from the residual stream the coarse
-/// run kept, and recompute a layer with inner taps (or the output head) from its input
-/// rows there: they must be the rows a run of that prefix computes, to the last bit —
-/// the injected fault included.
+/// Bisect's probes read resid_post and branch-output rows of a prefix from what the
+/// coarse run kept, and recompute a layer with other inner taps (or the output head) from
+/// its input rows there: they must be the rows a run of that prefix computes, to the last
+/// bit — the injected fault included.
 fn checkpoint_served_prefixes_equal_computed_ones(backend: &str) {
     use resbisect::runtime::backend::StorageDType;
     match backend {
@@ -353,6 +353,10 @@ fn served_prefixes_equal_computed<B: Backend>(backend: impl Fn() -> B) {
     for (name, probe) in [
         ("stream", sel("6,7,29", "embed,resid_post", "0..40,150,160..201")),
         ("layers", sel("6,7", "all", "0..40,150,160..201")),
+        (
+            "branches",
+            sel("0..7", "attn_out,ffn_out,resid_post", "0..40,150,160..201"),
+        ),
         ("head", sel("7", "resid_post,ffn_up,final_norm,logits", "150,200")),
     ] {
         let (served, computed) = (

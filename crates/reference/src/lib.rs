@@ -155,27 +155,28 @@ impl Reference {
         sink: &mut dyn TapSink,
         on_layer: &mut dyn FnMut(usize),
     ) -> Result<()> {
-        self.forward_keeping(tokens, positions, faults, sink, &mut |i, _| {
-            if i > 0 {
-                on_layer(i - 1)
+        self.forward_keeping(tokens, positions, faults, sink, &mut |tap, _| {
+            if let Tap::Layer(l, LayerTap::ResidPost) = tap {
+                on_layer(l)
             }
         })
     }
 
-    /// As [`forward`](Self::forward), showing `keep(i, x)` the residual stream of every
-    /// position after embedding (i = 0) and after each layer (i = layer + 1), so that a
-    /// caller can later resume from any of them with [`run_layers`](Self::run_layers).
+    /// As [`forward`](Self::forward), showing `keep(tap, x)` every position's rows of each
+    /// tap it computes (`embed`, then each layer's taps in order, `resid_post` last), so
+    /// that a caller can keep what it needs: resuming from the residual stream with
+    /// [`run_layers`](Self::run_layers), say.
     pub fn forward_keeping(
         &self,
         tokens: &[u32],
         positions: &[usize],
         faults: &Faults,
         sink: &mut dyn TapSink,
-        keep: &mut dyn FnMut(usize, &Tensor),
+        keep: &mut dyn FnMut(Tap, &Tensor),
     ) -> Result<()> {
         let cfg = &self.cfg;
         let mut x = self.embed(tokens, positions, faults, sink)?;
-        keep(0, &x);
+        keep(Tap::Embed, &x);
         // Layers past the last one anything is captured from cannot change the dump.
         let wants_output = sink.wants(Tap::FinalNorm) || sink.wants(Tap::Logits);
         let last_layer = if wants_output {
@@ -186,7 +187,7 @@ impl Reference {
                 .find(|&l| LayerTap::ALL.iter().any(|&t| sink.wants(Tap::Layer(l, t))))
         };
         if let Some(last) = last_layer {
-            x = self.run_layers(x, 0, last, positions, faults, sink, &mut |l, x| keep(l + 1, x))?;
+            x = self.run_layers(x, 0, last, positions, faults, sink, keep)?;
         }
         if wants_output {
             self.head(&x, positions, faults, sink)?;
@@ -233,8 +234,9 @@ impl Reference {
     }
 
     /// Layers `first..=last` over the residual stream `x` of positions `0..rows`
-    /// (injected faults applied, wanted taps captured at `positions`); `after(l, x)` sees
-    /// each layer's output. Returns the stream after layer `last`.
+    /// (injected faults applied, wanted taps captured at `positions`); `keep(tap, t)` sees
+    /// every row of each layer tap as computed, `resid_post` (the layer's output) last.
+    /// Returns the stream after layer `last`.
     // Eight independent inputs of one public step (range, rows, faults, sink, observer).
     #[allow(clippy::too_many_arguments)]
     pub fn run_layers(
@@ -245,9 +247,9 @@ impl Reference {
         positions: &[usize],
         faults: &Faults,
         sink: &mut dyn TapSink,
-        after: &mut dyn FnMut(usize, &Tensor),
+        keep: &mut dyn FnMut(Tap, &Tensor),
     ) -> Result<Tensor> {
-        self.run_layers_over(x, &mut Span::whole(), first, last, positions, faults, sink, after)
+        self.run_layers_over(x, &mut Span::whole(), first, last, positions, faults, sink, keep)
     }
 
     /// As [`run_layers`](Self::run_layers) over the rows of `span` (positions
@@ -262,7 +264,7 @@ impl Reference {
         positions: &[usize],
         faults: &Faults,
         sink: &mut dyn TapSink,
-        after: &mut dyn FnMut(usize, &Tensor),
+        keep: &mut dyn FnMut(Tap, &Tensor),
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let (start, n) = (span.start, x.dim(0)?);
@@ -277,12 +279,13 @@ impl Reference {
         for l in first..=last {
             let wanted = LayerTap::ALL.map(|t| sink.wants(Tap::Layer(l, t)));
             let mut captured: Vec<(Tap, Tensor)> = Vec::new();
-            // Perturb (when injected), capture (when wanted), and hand the tensor on.
+            // Perturb (when injected), capture (when wanted), show, and hand the tensor on.
             let mut tap = |which: LayerTap, t: Tensor| -> Result<Tensor> {
                 let t = apply_faults(faults, Tap::Layer(l, which), t, start)?;
                 if wanted[which.index()] {
                     captured.push((Tap::Layer(l, which), gather(&t, &local)?));
                 }
+                keep(Tap::Layer(l, which), &t);
                 Ok(t)
             };
             let faulty_rope = match faults.rope_for(l) {
@@ -301,7 +304,6 @@ impl Reference {
             if !captured.is_empty() {
                 sink.emit(FileStem::Layer(l), captured)?;
             }
-            after(l, &x);
         }
         Ok(x)
     }

@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Result};
 use candle_core::Tensor;
-use resbisect_taps::Faults;
+use resbisect_taps::{Faults, Tap};
 
 use crate::{Reference, TapSink};
 
@@ -102,8 +102,8 @@ impl Reference {
     /// Run the tokens after those `cache` holds (`tokens[cache.tokens()..]`, the earlier
     /// ones being the tokens of the runs that filled it) through every layer and the
     /// output head, capturing the taps the sink wants at `positions` (absolute, sorted,
-    /// all past the cached ones); `keep(i, x)` sees the new rows of the residual stream
-    /// after embedding (i = 0) and after each layer. Numerically the rows of one whole
+    /// all past the cached ones); `keep(tap, x)` sees the new rows of each tap computed,
+    /// as in [`forward_keeping`](Self::forward_keeping). Numerically the rows of one whole
     /// run: each row attends to the same keys, and per-row ops see the same rows. After
     /// an error the cache is partly extended and must be dropped.
     pub fn forward_resuming(
@@ -113,7 +113,7 @@ impl Reference {
         positions: &[usize],
         faults: &Faults,
         sink: &mut dyn TapSink,
-        keep: &mut dyn FnMut(usize, &Tensor),
+        keep: &mut dyn FnMut(Tap, &Tensor),
     ) -> Result<()> {
         let start = cache.tokens;
         if tokens.len() <= start {
@@ -127,15 +127,13 @@ impl Reference {
             );
         }
         let x = self.embed_at(start, &tokens[start..], positions, faults, sink)?;
-        keep(0, &x);
+        keep(Tap::Embed, &x);
         let mut span = Span {
             start,
             cache: Some(cache),
         };
         let last = self.n_layer() - 1;
-        let x = self.run_layers_over(x, &mut span, 0, last, positions, faults, sink, &mut |l, x| {
-            keep(l + 1, x)
-        })?;
+        let x = self.run_layers_over(x, &mut span, 0, last, positions, faults, sink, keep)?;
         self.head_at(&x, start, positions, faults, sink)?;
         cache.tokens = tokens.len();
         Ok(())

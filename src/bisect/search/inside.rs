@@ -4,6 +4,7 @@
 //! layers an error faded through.
 
 use super::*;
+use crate::engine::BRANCH_OUTPUTS;
 
 impl<'s, 'r: 's> Search<'s, 'r, '_> {
     /// Under a twin (a profiled oracle), every tap of layer 0 at every position the
@@ -60,14 +61,16 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         }))
     }
 
-    /// The taps where a layer's error enters the residual stream (`attn_out`, `ffn_out`,
-    /// their post norms where the model has them) and the stream itself.
+    /// The taps where a layer's error enters the residual stream (its branch outputs,
+    /// which the engines keep beside their checkpoints) and the stream itself.
     fn branch_taps(&self) -> Vec<&'static str> {
-        const BRANCHES: [&str; 5] = ["attn_out", "attn_post_norm", "ffn_out", "ffn_post_norm", "resid_post"];
+        let branches: Vec<&str> = (BRANCH_OUTPUTS.iter().chain([&LayerTap::ResidPost]))
+            .map(|t| t.name())
+            .collect();
         self.layer_taps
             .iter()
             .copied()
-            .filter(|t| BRANCHES.contains(t))
+            .filter(|t| branches.contains(t))
             .collect()
     }
 

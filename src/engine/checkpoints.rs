@@ -76,8 +76,9 @@ impl<S> PrefixCheckpoints<S> {
 
 /// The taps a run over `tokens` positions keeps, or None when not even the residual
 /// stream fits: with the branch outputs when they fit too. Every kept tap is `n_embd`
-/// wide, of `value_bytes` a value; `beside` is what the run keeps with them (its KV cache).
-pub fn plan(c: &Config, tokens: usize, value_bytes: usize, beside: u64) -> Option<Vec<Tap>> {
+/// wide, of `value_bytes` a value; `beside` is what the run keeps with them (its KV cache);
+/// `device_free` is the memory free on the device that holds them, if not the host's.
+pub fn plan(c: &Config, tokens: usize, value_bytes: usize, beside: u64, device_free: Option<u64>) -> Option<Vec<Tap>> {
     let mut taps = vec![Tap::Embed];
     taps.extend((0..c.n_layer).map(|l| Tap::Layer(l, LayerTap::ResidPost)));
     let stream = taps.len();
@@ -90,15 +91,12 @@ pub fn plan(c: &Config, tokens: usize, value_bytes: usize, beside: u64) -> Optio
         );
     }
     let bytes = |n: usize| (n * tokens * c.n_embd * value_bytes) as u64 + beside;
+    // At most a quarter of the memory available and 4 GiB (2 GiB when the available
+    // memory is unknown), so that checkpoints never crowd out the runs they serve.
+    let free = device_free.or_else(available_memory);
+    let fits = |bytes: u64| bytes <= free.map_or(2 << 30, |m| (m / 4).min(4 << 30));
     if !fits(bytes(taps.len())) {
         taps.truncate(stream);
     }
     fits(bytes(taps.len())).then_some(taps)
-}
-
-/// Whether kept rows of `bytes` may be kept: at most a quarter of the memory available
-/// and 4 GiB (2 GiB when the available memory is unknown), so that checkpoints never
-/// crowd out the runs they serve.
-fn fits(bytes: u64) -> bool {
-    bytes <= available_memory().map_or(2 << 30, |m| (m / 4).min(4 << 30))
 }

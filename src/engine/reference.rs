@@ -168,6 +168,7 @@ impl PromptRunner for OracleRunner<'_> {
             tokens.len(),
             value_bytes,
             stream_bytes * value_bytes as u64,
+            None,
         );
         let wants_output = sink.wants(Tap::FinalNorm) || sink.wants(Tap::Logits);
         let result = match (self.checkpoints.as_mut(), plan) {

@@ -235,11 +235,13 @@ impl<B: Backend> PromptRunner for RuntimeRunner<'_, B> {
         let (rt, selection, run, faults) = (self.rt, self.selection, self.run, self.faults);
         // Only a run with an output tap computes every layer, so only its rows are whole.
         let keeps = run.max_tokens == 0 && (selection.wants(&Tap::FinalNorm) || selection.wants(&Tap::Logits));
+        let b = self.rt.backend();
         let plan = checkpoints::plan(
             &self.model.config,
             prompt.tokens.len(),
-            self.rt.backend().dtype().bytes(),
+            b.dtype().bytes(),
             0,
+            b.free_memory(),
         );
         match (self.checkpoints.as_mut(), plan) {
             (Some((cp, _)), _) if run.max_tokens == 0 && cp.covering(&prompt.tokens).is_some() => {

@@ -141,6 +141,9 @@ pub trait Backend: Send {
     fn name(&self) -> &'static str;
     fn device(&self) -> String;
     fn dtype(&self) -> StorageDType;
+    /// Bytes free on the device that holds the buffers; None where they live in host
+    /// memory (or the device does not say).
+    fn free_memory(&self) -> Option<u64>;
 
     /// A zeroed buffer of `len` elements.
     fn alloc(&self, len: usize) -> Result<Self::Buf>;

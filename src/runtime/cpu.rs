@@ -125,6 +125,10 @@ impl Backend for CpuBackend {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
+    fn free_memory(&self) -> Option<u64> {
+        None
+    }
+
     fn dtype(&self) -> StorageDType {
         self.dtype
     }

@@ -37,6 +37,8 @@ pub trait Driver: Send + Sized {
     const WARP: u32;
 
     fn device(&self) -> String;
+    /// Bytes free on the device, when it says.
+    fn free_memory(&self) -> Option<u64>;
     /// Elements `buf` holds.
     fn len(&self, buf: &Self::Buf) -> usize;
     /// The device address of `buf`'s first element.

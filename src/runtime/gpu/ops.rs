@@ -29,6 +29,10 @@ impl<D: Driver> Backend for GpuBackend<D> {
         self.driver.device()
     }
 
+    fn free_memory(&self) -> Option<u64> {
+        self.driver.free_memory()
+    }
+
     fn dtype(&self) -> StorageDType {
         D::Elem::DTYPE
     }

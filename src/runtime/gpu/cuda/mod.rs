@@ -166,6 +166,12 @@ where
         self.device.clone()
     }
 
+    fn free_memory(&self) -> Option<u64> {
+        self.stream.context().bind_to_thread().ok()?;
+        let (free, _total) = cudarc::driver::result::mem_get_info().ok()?;
+        Some(free as u64)
+    }
+
     fn len(&self, buf: &CudaSlice<T>) -> usize {
         buf.len()
     }

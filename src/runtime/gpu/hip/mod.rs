@@ -152,6 +152,13 @@ impl<T: StorageElem> Driver for Hip<T> {
         self.device.clone()
     }
 
+    fn free_memory(&self) -> Option<u64> {
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: both pointers are to live locals the call writes.
+        let e = unsafe { hip::hipMemGetInfo(&mut free, &mut total) };
+        check(e, "querying free memory").ok().map(|()| free as u64)
+    }
+
     fn len(&self, buf: &HipBuf) -> usize {
         buf.len
     }

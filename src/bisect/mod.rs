@@ -5,6 +5,7 @@
 //! layer and its neighbours on the reference from A's own inputs to separate the error a
 //! layer introduces from the error it inherits. A crash of either engine is a result.
 
+mod labels;
 mod probe;
 mod readings;
 mod replay;

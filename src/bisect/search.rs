@@ -6,6 +6,7 @@
 use std::thread::{Scope, ScopedJoinHandle};
 use std::time::Instant;
 
+use super::labels::label_shift_note;
 use super::probe::{selection, ProbeResult, Rows, Session};
 use super::readings::{
     bad_layers_line, first_bad_of, first_bad_position, first_of, has_nonfinite, noise_levels, nonfinite_notes,
@@ -290,6 +291,13 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         };
         if self.report.outcome != Outcome::Crashed {
             self.note_reruns()?;
+        }
+        let first_layer = (self.report.first.as_ref())
+            .and_then(|f| Tap::parse(&f.tap))
+            .and_then(|t| t.layer());
+        if let (Outcome::Diverged, Some(layer)) = (self.report.outcome, first_layer) {
+            let note = label_shift_note(&self.session, layer, self.n_layer, self.n)?;
+            self.report.notes.extend(note);
         }
         let mut report = self.report;
         report.runs_a = self.session.probes.len();

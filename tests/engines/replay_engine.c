@@ -11,11 +11,14 @@
  * --hang-before STEM stops there for good instead, as a deadlocked engine does.
  * --bug-runs FILE makes the engine nondeterministic: it counts its runs in FILE, and the
  * bug acts on odd-numbered runs only (--bug-runs-mode odd) or on the first only (first).
+ * --label-shift S --label-from L labels its taps off by S layers from layer L on: it
+ * writes layer L - S's tensors under blk.L (where the source has that layer), as an
+ * engine that names its graph's nodes one layer off does.
  *
  * replay_engine --src DIR --model-info F --tokens F --prompt-id ID --layers L --taps T
  *               --positions SPEC --out DIR [--bug-layer L --bug-pos P --bug-value V
  *               --bug-tap T --bug-lookahead 1 | --bug-last-row 1 --bug-runs FILE
- *               --bug-runs-mode odd|first]
+ *               --bug-runs-mode odd|first] [--label-shift S --label-from L]
  *               [--crash-before STEM | --hang-before STEM]
  */
 #define RESBISECT_DUMP_IMPLEMENTATION
@@ -93,6 +96,8 @@ int main(int argc, char **argv) {
     const char *crash_before = arg(argc, argv, "--crash-before", "");
     const char *hang_before = arg(argc, argv, "--hang-before", "");
     const char *bug_tap = arg(argc, argv, "--bug-tap", "attn_norm");
+    long label_shift = atol(arg(argc, argv, "--label-shift", "0"));
+    long label_from = atol(arg(argc, argv, "--label-from", "0"));
     /* 1: the bug spares the prompt's last row; 2: it acts there only. */
     int lookahead = atoi(arg(argc, argv, "--bug-lookahead", "0")) ? 1 : atoi(arg(argc, argv, "--bug-last-row", "0")) ? 2 : 0;
     const char *runs = arg(argc, argv, "--bug-runs", "");
@@ -197,7 +202,16 @@ int main(int argc, char **argv) {
             for (size_t i = 0; i < k; i++) {
                 ids[i] = id_store[i];
                 int buggy = last || group > bug_layer || (group == bug_layer && tap_index[i] >= bug_tap_index);
-                data[i] = load_rows(src, ids[i], from, n, &widths[i], buggy, bug_pos, bug_value, lookahead);
+                /* The source of a mislabeled tap: the same tap of layer group - label_shift. */
+                char source[96];
+                snprintf(source, sizeof source, "%s", ids[i]);
+                if (!last && group >= label_from && label_shift) {
+                    char path[4096];
+                    snprintf(source, sizeof source, "blk.%ld.%s", group - label_shift, LAYER_TAPS[tap_index[i]]);
+                    snprintf(path, sizeof path, "%s/%s.f32", src, source);
+                    if (group - label_shift < 0 || access(path, R_OK)) snprintf(source, sizeof source, "%s", ids[i]);
+                }
+                data[i] = load_rows(src, source, from, n, &widths[i], buggy, bug_pos, bug_value, lookahead);
                 if (!data[i]) {
                     snprintf(tap_id, sizeof tap_id, "%s", ids[i]);
                     fprintf(stderr, "replay_engine: no source for %s\n", tap_id);

@@ -476,6 +476,53 @@ fn a_c_engine_that_looks_ahead_or_leaves_taps_out_is_named_with_a_note() {
     assert!(!r["notes"].to_string().contains("wrote no"), "{}", r["notes"]);
 }
 
+/// An engine that names its taps one layer off (its `blk.L` holds layer L − 1's tensors,
+/// or L + 1's) diverges at its first mislabeled layer by a whole layer's contribution. The
+/// answer stays that layer, and a note says that A's rows there are B's of the layer
+/// before (or after); a real bug in that layer gets no such note.
+#[test]
+fn an_engine_that_labels_its_taps_one_layer_off_gets_a_note() {
+    let dir = tempfile::tempdir().unwrap();
+    raw_reference(dir.path(), "p6_len_128");
+    let exe = c_engine(dir.path());
+    let base = format!(
+        "{exe} --src {} --model-info {{model_info}} --tokens {{tokens}} --prompt-id {{prompt_id}} --layers {{layers}} --taps {{taps}} --positions {{positions}} --out {{out}}",
+        dir.path().join("raw").display()
+    );
+    let run = |bug: &str, work: &str| {
+        let command = format!("{base} {bug}");
+        let args = [
+            "--prompts",
+            &bisect_prompt(),
+            "--id",
+            "p6_len_128",
+            "--engine",
+            "external",
+            "--command",
+            &command,
+        ];
+        bisect_json(&args, &dir.path().join(work))
+    };
+    for (bug, neighbour, which) in [
+        ("--label-shift 1 --label-from 3", "blk.2.resid_post", "before"),
+        ("--label-shift -1 --label-from 3", "blk.4.resid_post", "after"),
+    ] {
+        let (code, r) = run(bug, &format!("shift{}", which));
+        assert_eq!(code, 1, "{r}");
+        assert_eq!(r["first"]["tap"], "blk.3.attn_norm", "{bug}: {r}");
+        let notes = r["notes"].to_string();
+        assert!(
+            notes.contains(&format!("engine A's blk.3.resid_post equals engine B's {neighbour}"))
+                && notes.contains(&format!("its blk.3 holding the layer {which} it")),
+            "{bug}: {notes}"
+        );
+    }
+    let (code, r) = run("--bug-layer 3 --bug-pos 0 --bug-value 0.5", "bug");
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(r["first"]["tap"], "blk.3.attn_norm");
+    assert!(!r["notes"].to_string().contains("one layer off"), "{}", r["notes"]);
+}
+
 /// An engine whose bug acts on some runs only (a race, an uninitialised buffer) makes
 /// probes disagree. The search must say so rather than answer as if it were deterministic:
 /// a note names the rows that differ between two probes of the same tokens, and a replayed

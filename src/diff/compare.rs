@@ -133,6 +133,7 @@ fn compare_tap(
         dtype_a: va.dtype.name(),
         dtype_b: vb.dtype.name(),
         tolerance,
+        tap_tolerance: tolerance,
         floor,
         noise_floor: opts.tolerances.noise_floor(tap_id, coarsest(dtypes)),
         rows_over_floor: rows.iter().filter(|r| r.diverges(&floor)).count(),

@@ -157,23 +157,32 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
             selection(below, &taps, &Rows::All, prefix),
         )?;
         let last = found.layer - 1;
-        let Some(first) = first_of(&r) else {
+        let taps_diff = r.prompts.first().map_or(&[][..], |p| &p.taps[..]);
+        // In graph order, as the diff's first divergence; a stray row over the floor is noise.
+        let Some(first) = taps_diff.iter().find(|t| t.beyond_stray_rows()) else {
+            let stray = first_of(&r).map_or(String::new(), |f| {
+                format!(
+                    " ({} at position {} is over its noise floor on stray rows only, under its tolerance)",
+                    f.tap, f.position
+                )
+            });
             self.session.note(format!(
-                "the branches of layers 0 to {last} ({}) agree: layer {} is the first bad layer",
+                "the branches of layers 0 to {last} ({}) agree{stray}: layer {} is the first bad layer",
                 taps.join(", "),
                 found.layer
             ));
             return Ok(None);
         };
+        let position = first.positions[first.first_bad.expect("divergent rows have a first")];
         let layer = Tap::parse(&first.tap).and_then(|t| t.layer()).unwrap_or(0);
         self.session.note(format!(
-            "{} diverges at position {}, though resid_post stays within its tolerance below layer {}: \
+            "{} diverges at position {position}, though resid_post stays within its tolerance below layer {}: \
              the first bad layer is {layer}",
-            first.tap, first.position, found.layer
+            first.tap, found.layer
         ));
         Ok(Some(SuspectLayer {
             layer,
-            position: first.position,
+            position,
             resid_tolerance: tolerance_in(&r, &resid_post(layer)),
         }))
     }

@@ -120,8 +120,9 @@ pub(super) fn first_of(r: &DiffReport) -> Option<FirstDivergence> {
 /// in a tap it left out, so `first` is only the first one observed. A left-out tap is
 /// not named when a tap that reads it (through the layer's computation) was observed
 /// before `first` and agrees up to `first`'s position: the query is read by `attn`, so an
-/// `attn` that agrees rules it out.
-pub(super) fn unobserved_notes(taps: &DiffReport, first: &FirstDivergence) -> Vec<String> {
+/// `attn` that agrees rules it out. A tap of `asked` (the probe's selection) that neither
+/// engine wrote (two external engines that both skip q and k) is named the same way.
+pub(super) fn unobserved_notes(taps: &DiffReport, first: &FirstDivergence, asked: &[String]) -> Vec<String> {
     let Some(first_tap) = Tap::parse(&first.tap) else {
         return Vec::new();
     };
@@ -134,15 +135,23 @@ pub(super) fn unobserved_notes(taps: &DiffReport, first: &FirstDivergence) -> Ve
             .filter_map(|t| Tap::parse(&t.tap))
             .collect();
         let ruled_out = |m: Tap| agreeing.iter().any(|&u| u < first_tap && u > m && u >= reader_of(m));
-        for (side, missing) in [("A", &p.missing_in_a), ("B", &p.missing_in_b)] {
+        let written =
+            |t: &String| p.taps.iter().any(|d| &d.tap == t) || p.missing_in_a.contains(t) || p.missing_in_b.contains(t);
+        let in_neither: Vec<String> = asked.iter().filter(|t| !written(t)).cloned().collect();
+        for (side, missing) in [("A", &p.missing_in_a), ("B", &p.missing_in_b), ("neither", &in_neither)] {
             let before: Vec<&str> = missing
                 .iter()
                 .filter(|m| Tap::parse(m).is_some_and(|t| t < first_tap && !ruled_out(t)))
                 .map(String::as_str)
                 .collect();
             if !before.is_empty() {
+                let who = if side == "neither" {
+                    "neither engine wrote".to_string()
+                } else {
+                    format!("engine {side} wrote no")
+                };
                 notes.push(format!(
-                    "engine {side} wrote no {}, which come before {} in the layer: the divergence may begin in one of them",
+                    "{who} {}, which come before {} in the layer: the divergence may begin in one of them",
                     before.join(", "),
                     first.tap
                 ));

@@ -680,7 +680,10 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
             first.position,
             probed.len()
         ));
-        self.report.notes.extend(unobserved_notes(&suspect.taps_diff, &first));
+        let asked: Vec<String> = self.layer_taps.iter().map(|t| format!("blk.{hi}.{t}")).collect();
+        self.report
+            .notes
+            .extend(unobserved_notes(&suspect.taps_diff, &first, &asked));
         suspect.first = Some(first);
         Ok(Some(suspect))
     }
@@ -715,7 +718,7 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
                      cut from {} to {prefix} tokens (a row may depend only on the tokens up to it); the divergence \
                      found may be where it looks ahead, or the engine computes a shorter prompt another way (a \
                      kernel chosen by batch size: llama.cpp's flash attention rounds to f16 in micro-batches \
-                     under 64 rows)",
+                     under 64 rows), or it is not deterministic (an unseeded dropout, a race between threads)",
                     side.to_uppercase(),
                     worst.1,
                     worst.0,

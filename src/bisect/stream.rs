@@ -128,11 +128,16 @@ impl Session<'_> {
                             boundary_note: None,
                         });
                     };
-                    let edge = if p == chunk_from { "first" } else { "last" };
+                    // The first row of a chunk follows rows that an earlier, shorter run ended on.
+                    let edge = if p == chunk_from {
+                        format!("the row after the end of a run of {chunk_from} tokens")
+                    } else {
+                        format!("the last row of a run of {end} tokens")
+                    };
                     if let Some(stream) = self.probes.last_mut() {
                         stream.finding = format!(
-                            "first divergence at position {p}, the {edge} row of a run of {end} tokens: the whole \
-                             prompt runs next, in case the engine's rows depend on where its prompt ends"
+                            "first divergence at position {p}, {edge}: the whole prompt runs next, in case the \
+                             engine's rows depend on where its prompt ends"
                         );
                     }
                     // The joined rows come from runs of other lengths: the whole prompt's run
@@ -149,10 +154,10 @@ impl Session<'_> {
                     };
                     let boundary_note = moved.map(|q| {
                         format!(
-                            "the streamed probe's first divergence, position {p}, is the {edge} row of a run of {end} \
-                             tokens, but on the whole prompt of {n} tokens it is {q}: an engine's rows depend on where \
-                             its prompt ends (not causal; e.g. RoPE scaled by the prompt's length, or a last row \
-                             computed apart), so the search runs the whole prompt"
+                            "the streamed probe's first divergence, position {p}, is {edge}, but on the whole \
+                             prompt of {n} tokens it is {q}: an engine's rows depend on where \
+                             its prompt ends (not causal; e.g. RoPE scaled by the prompt's length, a last row \
+                             computed apart, or a kernel or precision chosen by the number of rows), so the search runs the whole prompt"
                         )
                     });
                     return Ok(Streamed {

@@ -17,7 +17,7 @@ pub fn selftest(a: SelftestArgs) -> Result<ExitCode> {
         return perf(&a);
     }
     let (seed, long) = (a.seed, a.long);
-    let dtype = StorageDType::parse(&a.dtype)?;
+    let dtype = super::specs::named("--dtype", StorageDType::parse(&a.dtype))?;
     let (checks, device) = on_backend(a.backend, dtype, Checks { seed, long })?;
     if a.json {
         println!(
@@ -87,7 +87,7 @@ impl OnBackend for Perf<'_> {
 /// `selftest --perf`: time each op at a preset's decode and prefill shapes.
 fn perf(a: &SelftestArgs) -> Result<ExitCode> {
     let (preset, ctx, json) = (a.preset.as_str(), a.ctx, a.json);
-    let dtype = StorageDType::parse(&a.dtype)?;
+    let dtype = super::specs::named("--dtype", StorageDType::parse(&a.dtype))?;
     let config = resbisect::synth::preset(preset)?.config;
     if ctx == 0 || ctx >= config.n_ctx.max(8192) {
         return Err(Error::input(format!("--ctx must be 1..{}", config.n_ctx.max(8192))));

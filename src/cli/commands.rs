@@ -23,6 +23,7 @@ use super::args::{
     CalibrateArgs, CompareArgs, CutArgs, DiffArgs, DumpArgs, JudgeArg, ReportKind, RunArgs, SynthArgs, TokenizeArgs,
 };
 use super::progress::Bars;
+use super::specs::named;
 
 pub fn dump(a: DumpArgs) -> Result<ExitCode> {
     let spec = a.engine()?;
@@ -121,7 +122,7 @@ pub(super) fn note_reference_gemm() {
 }
 
 pub fn run(a: RunArgs) -> Result<ExitCode> {
-    let dtype = StorageDType::parse(&a.dtype)?;
+    let dtype = named("--dtype", StorageDType::parse(&a.dtype))?;
     let model = Model::open(&a.model)?;
     let tokenizer = Tokenizer::from_gguf(&model.gguf)?;
     let input = match (a.prompt, a.tokens) {
@@ -136,7 +137,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         sync_check: false,
         stop_token: if a.ignore_eos { None } else { tokenizer.eos_id },
         warmup: a.warmup,
-        weights: WeightMode::parse(&a.weights)?,
+        weights: named("--weights", WeightMode::parse(&a.weights))?,
     };
     let g = engine::generate(a.backend, dtype, &model, record, &opts, &mut Bars::default())?;
     println!("{}", tokenizer.decode(&g.tokens)?);

@@ -37,7 +37,7 @@ impl DumpArgs {
                     ));
                 }
                 let spec = RefSpec {
-                    precision: RefPrecision::parse(&self.dtype)?,
+                    precision: named("--dtype", RefPrecision::parse(&self.dtype))?,
                     profile: parse_profile(&self.profile)?,
                     twin: self.twin,
                 };
@@ -57,7 +57,7 @@ impl DumpArgs {
             }
             DumpEngine::Runtime => EngineKind::Runtime {
                 backend: self.backend,
-                dtype: StorageDType::parse(&self.dtype)?,
+                dtype: named("--dtype", StorageDType::parse(&self.dtype))?,
             },
         };
         Ok(EngineSpec {
@@ -69,7 +69,7 @@ impl DumpArgs {
                 sync_check: self.sync_check,
                 stop_token: None,
                 warmup: self.warmup,
-                weights: WeightMode::parse(&self.weights)?,
+                weights: named("--weights", WeightMode::parse(&self.weights))?,
             },
         })
     }
@@ -79,7 +79,7 @@ impl BisectArgs {
     /// The reference's precision and profile (oracle and local replay).
     pub fn reference_spec(&self) -> Result<RefSpec> {
         Ok(RefSpec {
-            precision: RefPrecision::parse(&self.reference_dtype)?,
+            precision: named("--reference-dtype", RefPrecision::parse(&self.reference_dtype))?,
             profile: parse_profile(&self.profile)?,
             twin: false,
         })
@@ -163,22 +163,29 @@ impl BisectArgs {
     pub fn engines(&self) -> Result<(EngineSpec, EngineSpec)> {
         self.check_options_apply()?;
         let precision = self.reference_spec()?;
-        if matches!(self.engine, BisectEngine::Reference) && RefPrecision::parse(&self.dtype)? != precision.precision {
-            return Err(Error::input(
-                "with --engine reference, A computes in --reference-dtype; drop --dtype",
-            ));
+        // --dtype keeps its default unless given; a reference A given another dtype than
+        // --reference-dtype is a conflict, not a choice between the two.
+        let dtype_given = self.dtype != "f32";
+        if matches!(self.engine, BisectEngine::Reference)
+            && dtype_given
+            && named("--dtype", RefPrecision::parse(&self.dtype))? != precision.precision
+        {
+            return Err(Error::input(format!(
+                "with --engine reference, A computes in --reference-dtype ({}); drop --dtype {}",
+                self.reference_dtype, self.dtype
+            )));
         }
         let a = EngineSpec {
             kind: self.engine.kind(
                 self.command.as_deref(),
                 self.backend,
-                &self.dtype,
+                ("--dtype", &self.dtype),
                 precision,
                 self.engine_timeout,
             )?,
             injections: self.inject.clone(),
             run: RunOptions {
-                weights: WeightMode::parse(&self.weights)?,
+                weights: named("--weights", WeightMode::parse(&self.weights))?,
                 prefill_chunk: self.prefill_chunk,
                 ..RunOptions::default()
             },
@@ -187,13 +194,13 @@ impl BisectArgs {
             kind: self.oracle.kind(
                 self.oracle_command.as_deref(),
                 self.oracle_backend,
-                &self.oracle_dtype,
+                ("--oracle-dtype", &self.oracle_dtype),
                 precision,
                 self.engine_timeout,
             )?,
             injections: Vec::new(),
             run: RunOptions {
-                weights: WeightMode::parse(&self.oracle_weights)?,
+                weights: named("--oracle-weights", WeightMode::parse(&self.oracle_weights))?,
                 prefill_chunk: self.oracle_prefill_chunk,
                 ..RunOptions::default()
             },
@@ -208,14 +215,14 @@ impl BisectEngine {
         self,
         command: Option<&str>,
         backend: BackendKind,
-        dtype: &str,
+        (dtype_flag, dtype): (&str, &str),
         precision: RefSpec,
         timeout: Option<std::time::Duration>,
     ) -> Result<EngineKind> {
         Ok(match self {
             BisectEngine::Runtime => EngineKind::Runtime {
                 backend,
-                dtype: StorageDType::parse(dtype)?,
+                dtype: named(dtype_flag, StorageDType::parse(dtype))?,
             },
             BisectEngine::Reference => EngineKind::Reference(precision),
             BisectEngine::External => EngineKind::External {
@@ -235,4 +242,13 @@ impl BisectEngine {
 /// `--profile NAME`, or one line naming the option and the known profiles.
 fn parse_profile(name: &str) -> Result<Profile> {
     Profile::parse(name).map_err(|e| Error::input(format!("--profile: {e}")))
+}
+
+/// A parsed option value, its error prefixed with the flag it came from: `--dtype` and
+/// `--oracle-dtype` share one parser, and the user must know which one to fix.
+pub(super) fn named<T>(flag: &str, parsed: Result<T>) -> Result<T> {
+    parsed.map_err(|e| match e {
+        Error::Input(msg) => Error::input(format!("{flag}: {msg}")),
+        other => other,
+    })
 }

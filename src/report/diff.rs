@@ -38,6 +38,14 @@ pub fn terminal_summary(r: &DiffReport) -> String {
 fn prompt_summary(s: &mut String, p: &PromptDiff) {
     let compared: usize = p.taps.iter().map(|t| t.rows.len()).sum();
     match &p.first {
+        // "no divergence over 0 taps" would read as a pass; nothing was compared.
+        None if compared == 0 => {
+            let _ = writeln!(
+                s,
+                "\nprompt {} ({} tokens): nothing compared: no row of a selected tap is in both dumps",
+                p.id, p.n_tokens
+            );
+        }
         None => {
             let w = worst_tap(p)
                 .map(|t| format!("; max rel_l2 {} at {}", sci(t.max_rel_l2()), t.tap))

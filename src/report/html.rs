@@ -11,10 +11,11 @@ use crate::error::Result;
 /// from the dumps is escaped.
 pub fn html(r: &DiffReport) -> Result<String> {
     let mut s = String::new();
-    let title = if r.diverged {
-        "divergence found"
-    } else {
-        "no divergence"
+    // A crashed engine's report must not read as a pass, whatever it wrote before the crash.
+    let title = match r.engine_failure() {
+        Some(_) => "engine failure",
+        None if r.diverged => "divergence found",
+        None => "no divergence",
     };
     let _ = write!(s, "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>resbisect: {title}</title><style>{STYLE}</style></head><body>");
     let _ = write!(s, "<h1>resbisect: {title}</h1><table>");

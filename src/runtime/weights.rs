@@ -26,9 +26,7 @@ impl WeightMode {
         match s {
             "native" => Ok(Self::Native),
             "dequant" => Ok(Self::Dequant),
-            other => Err(Error::input(format!(
-                "--weights takes native or dequant, not {other:?}"
-            ))),
+            other => Err(Error::input(format!("weights are native or dequant, not {other:?}"))),
         }
     }
 

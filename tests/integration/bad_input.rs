@@ -385,9 +385,27 @@ fn bisect_options_for_engines_not_chosen_are_refused() {
             &["--engine-timeout", "5s"],
             "--engine-timeout applies only with --engine external or --oracle external",
         ),
+        (
+            &["--engine", "reference", "--dtype", "f32x", "--reference-dtype", "f64"],
+            "--dtype: the reference computes in f32 or f64, not \"f32x\"",
+        ),
+        (
+            &["--engine", "reference", "--dtype", "f64"],
+            "A computes in --reference-dtype (f32); drop --dtype f64",
+        ),
     ] {
         assert_refused(&bisect(extra), needle);
     }
+    // The reference against itself in f64, --dtype left at its default: no conflict.
+    let ok = bisect(&[
+        "--engine",
+        "reference",
+        "--reference-dtype",
+        "f64",
+        "--work",
+        path_str(&dir.path().join("w")),
+    ]);
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
 }
 
 /// An external engine that exits 2 refused its options or input (the usage error of

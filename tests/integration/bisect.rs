@@ -427,11 +427,11 @@ fn a_c_engine_that_looks_ahead_or_leaves_taps_out_is_named_with_a_note() {
         "{exe} --src {} --model-info {{model_info}} --tokens {{tokens}} --prompt-id {{prompt_id}} --layers {{layers}} --taps {{taps}} --positions {{positions}} --out {{out}}",
         dir.path().join("raw").display()
     );
-    let run = |bug: &str, work: &str| {
-        let command = format!("{base} {bug}");
-        let args = [
+    let run_against = |bug: &str, work: &str, oracle: &[&str]| {
+        let (command, prompts) = (format!("{base} {bug}"), bisect_prompt());
+        let mut args = vec![
             "--prompts",
-            &bisect_prompt(),
+            &prompts,
             "--id",
             "p6_len_128",
             "--engine",
@@ -439,8 +439,10 @@ fn a_c_engine_that_looks_ahead_or_leaves_taps_out_is_named_with_a_note() {
             "--command",
             &command,
         ];
+        args.extend_from_slice(oracle);
         bisect_json(&args, &dir.path().join(work))
     };
+    let run = |bug: &str, work: &str| run_against(bug, work, &[]);
     let at = |r: &serde_json::Value| {
         (
             r["first"]["tap"].as_str().map(str::to_string),
@@ -467,6 +469,19 @@ fn a_c_engine_that_looks_ahead_or_leaves_taps_out_is_named_with_a_note() {
         "{notes}"
     );
     assert!(!notes.contains("not causal"), "{notes}");
+    // Against a healthy copy of the same engine as the oracle, neither side has them.
+    let (code, r) = run_against(
+        "--bug-layer 3 --bug-tap attn --bug-pos 5 --bug-value 0.5",
+        "unobserved-both",
+        &["--oracle", "external", "--oracle-command", &base],
+    );
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(at(&r), (Some("blk.3.attn".into()), Some(5)));
+    let notes = r["notes"].to_string();
+    assert!(
+        notes.contains("neither engine wrote blk.3.q_pre_rope, blk.3.k_pre_rope, which come before blk.3.attn"),
+        "{notes}"
+    );
 
     // From ffn_act on: attn, which reads the query and key, was observed and agrees, so
     // the left-out q_pre_rope and k_pre_rope cannot be where it begins.
@@ -489,11 +504,11 @@ fn an_engine_that_labels_its_taps_one_layer_off_gets_a_note() {
         "{exe} --src {} --model-info {{model_info}} --tokens {{tokens}} --prompt-id {{prompt_id}} --layers {{layers}} --taps {{taps}} --positions {{positions}} --out {{out}}",
         dir.path().join("raw").display()
     );
-    let run = |bug: &str, work: &str| {
-        let command = format!("{base} {bug}");
-        let args = [
+    let run_against = |bug: &str, work: &str, oracle: &[&str]| {
+        let (command, prompts) = (format!("{base} {bug}"), bisect_prompt());
+        let mut args = vec![
             "--prompts",
-            &bisect_prompt(),
+            &prompts,
             "--id",
             "p6_len_128",
             "--engine",
@@ -501,8 +516,10 @@ fn an_engine_that_labels_its_taps_one_layer_off_gets_a_note() {
             "--command",
             &command,
         ];
+        args.extend_from_slice(oracle);
         bisect_json(&args, &dir.path().join(work))
     };
+    let run = |bug: &str, work: &str| run_against(bug, work, &[]);
     for (bug, neighbour, which) in [
         ("--label-shift 1 --label-from 3", "blk.2.resid_post", "before"),
         ("--label-shift -1 --label-from 3", "blk.4.resid_post", "after"),

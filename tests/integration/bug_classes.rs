@@ -367,6 +367,8 @@ fn a_crashed_or_unfinished_engine_never_passes_diff() {
     assert!(std::fs::read_to_string(report.join("report.md"))
         .unwrap()
         .contains("engine failure"));
+    let html = std::fs::read_to_string(report.join("report.html")).unwrap();
+    assert!(html.contains("<title>resbisect: engine failure</title>"), "{html}");
     // A history edited by hand may lose its last newline: the next record starts its own line.
     let text = std::fs::read_to_string(&history).unwrap();
     std::fs::write(&history, text.trim_end()).unwrap();
@@ -404,6 +406,15 @@ fn a_crashed_or_unfinished_engine_never_passes_diff() {
             .contains("dump A is unfinished (status running); reading it:"),
         "{}",
         out.stderr
+    );
+    // Killed before its first write: nothing compared is never "no divergence".
+    std::fs::remove_dir_all(a.join("data")).unwrap();
+    let out = resbisect(&["diff", path_str(&a), path_str(&b)]);
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("nothing compared") && !out.stdout.contains("no divergence"),
+        "{}",
+        out.stdout
     );
 }
 

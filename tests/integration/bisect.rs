@@ -392,6 +392,8 @@ fn raw_reference_of(dir: &Path, suite: &str, id: &str, selections: &[(&str, &str
     }
 }
 
+/// The C test engine, built in `dir`, as an external command template reading the raw
+/// reference rows in `dir/raw`; callers append its bug flags.
 fn c_engine(dir: &Path) -> String {
     let exe = dir.join("replay_engine");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
@@ -410,7 +412,35 @@ fn c_engine(dir: &Path) -> String {
         .status()
         .unwrap_or_else(|e| panic!("{cc} is needed to build the C test engine: {e}"));
     assert!(status.success(), "the C engine does not compile");
-    exe.display().to_string()
+    format!(
+        "{} --src {} --model-info {{model_info}} --tokens {{tokens}} --prompt-id {{prompt_id}} --layers {{layers}} \
+         --taps {{taps}} --positions {{positions}} --out {{out}}",
+        exe.display(),
+        dir.join("raw").display()
+    )
+}
+
+/// Bisect of prompt `id` of `suite` with the external `command` as engine A, then `extra`.
+pub fn bisect_external(suite: &str, id: &str, command: &str, extra: &[&str], work: &Path) -> (i32, Value) {
+    let mut args = vec![
+        "--prompts",
+        suite,
+        "--id",
+        id,
+        "--engine",
+        "external",
+        "--command",
+        command,
+    ];
+    args.extend_from_slice(extra);
+    bisect_json(&args, work)
+}
+
+/// Bisect of `p6_len_128` with the C engine `base` and its `bug` flags as engine A, in
+/// `dir/work`, then `extra`.
+fn bisect_c_engine_128(dir: &Path, base: &str, bug: &str, work: &str, extra: &[&str]) -> (i32, Value) {
+    let command = format!("{base} {bug}");
+    bisect_external(&bisect_prompt(), "p6_len_128", &command, extra, &dir.join(work))
 }
 
 /// A bug that needs the next token (a causal mask off by one) leaves each prompt's last
@@ -422,27 +452,8 @@ fn c_engine(dir: &Path) -> String {
 fn a_c_engine_that_looks_ahead_or_leaves_taps_out_is_named_with_a_note() {
     let dir = tempfile::tempdir().unwrap();
     raw_reference(dir.path(), "p6_len_128");
-    let exe = c_engine(dir.path());
-    let base = format!(
-        "{exe} --src {} --model-info {{model_info}} --tokens {{tokens}} --prompt-id {{prompt_id}} --layers {{layers}} --taps {{taps}} --positions {{positions}} --out {{out}}",
-        dir.path().join("raw").display()
-    );
-    let run_against = |bug: &str, work: &str, oracle: &[&str]| {
-        let (command, prompts) = (format!("{base} {bug}"), bisect_prompt());
-        let mut args = vec![
-            "--prompts",
-            &prompts,
-            "--id",
-            "p6_len_128",
-            "--engine",
-            "external",
-            "--command",
-            &command,
-        ];
-        args.extend_from_slice(oracle);
-        bisect_json(&args, &dir.path().join(work))
-    };
-    let run = |bug: &str, work: &str| run_against(bug, work, &[]);
+    let base = c_engine(dir.path());
+    let run = |bug: &str, work: &str| bisect_c_engine_128(dir.path(), &base, bug, work, &[]);
     let at = |r: &serde_json::Value| {
         (
             r["first"]["tap"].as_str().map(str::to_string),
@@ -470,7 +481,9 @@ fn a_c_engine_that_looks_ahead_or_leaves_taps_out_is_named_with_a_note() {
     );
     assert!(!notes.contains("not causal"), "{notes}");
     // Against a healthy copy of the same engine as the oracle, neither side has them.
-    let (code, r) = run_against(
+    let (code, r) = bisect_c_engine_128(
+        dir.path(),
+        &base,
         "--bug-layer 3 --bug-tap attn --bug-pos 5 --bug-value 0.5",
         "unobserved-both",
         &["--oracle", "external", "--oracle-command", &base],
@@ -499,27 +512,8 @@ fn a_c_engine_that_looks_ahead_or_leaves_taps_out_is_named_with_a_note() {
 fn an_engine_that_labels_its_taps_one_layer_off_gets_a_note() {
     let dir = tempfile::tempdir().unwrap();
     raw_reference(dir.path(), "p6_len_128");
-    let exe = c_engine(dir.path());
-    let base = format!(
-        "{exe} --src {} --model-info {{model_info}} --tokens {{tokens}} --prompt-id {{prompt_id}} --layers {{layers}} --taps {{taps}} --positions {{positions}} --out {{out}}",
-        dir.path().join("raw").display()
-    );
-    let run_against = |bug: &str, work: &str, oracle: &[&str]| {
-        let (command, prompts) = (format!("{base} {bug}"), bisect_prompt());
-        let mut args = vec![
-            "--prompts",
-            &prompts,
-            "--id",
-            "p6_len_128",
-            "--engine",
-            "external",
-            "--command",
-            &command,
-        ];
-        args.extend_from_slice(oracle);
-        bisect_json(&args, &dir.path().join(work))
-    };
-    let run = |bug: &str, work: &str| run_against(bug, work, &[]);
+    let base = c_engine(dir.path());
+    let run = |bug: &str, work: &str| bisect_c_engine_128(dir.path(), &base, bug, work, &[]);
     for (bug, neighbour, which) in [
         ("--label-shift 1 --label-from 3", "blk.2.resid_post", "before"),
         ("--label-shift -1 --label-from 3", "blk.4.resid_post", "after"),
@@ -550,27 +544,15 @@ fn an_engine_that_labels_its_taps_one_layer_off_gets_a_note() {
 fn an_engine_that_is_not_deterministic_is_named_with_a_note() {
     let dir = tempfile::tempdir().unwrap();
     raw_reference(dir.path(), "p6_len_128");
-    let exe = c_engine(dir.path());
+    let (base, suite) = (c_engine(dir.path()), bisect_prompt());
     for mode in ["odd", "first"] {
         let runs = dir.path().join(format!("runs-{mode}"));
         let command = format!(
-            "{exe} --src {} --model-info {{model_info}} --tokens {{tokens}} --prompt-id {{prompt_id}} --layers {{layers}} \
-             --taps {{taps}} --positions {{positions}} --out {{out}} --bug-layer 3 --bug-pos 0 --bug-value 0.5 \
-             --bug-runs {} --bug-runs-mode {mode}",
-            dir.path().join("raw").display(),
+            "{base} --bug-layer 3 --bug-pos 0 --bug-value 0.5 --bug-runs {} --bug-runs-mode {mode}",
             runs.display()
         );
-        let args = [
-            "--prompts",
-            &bisect_prompt(),
-            "--id",
-            "p6_len_128",
-            "--engine",
-            "external",
-            "--command",
-            &command,
-        ];
-        let (code, r) = bisect_json(&args, &dir.path().join(format!("work-{mode}")));
+        let work = dir.path().join(format!("work-{mode}"));
+        let (code, r) = bisect_external(&suite, "p6_len_128", &command, &[], &work);
         assert_eq!(code, 1, "{mode}: {r}");
         assert!(
             r["notes"]
@@ -611,59 +593,18 @@ fn an_engine_that_is_not_deterministic_is_named_with_a_note() {
 fn a_c_engine_on_the_single_header_writer_plugs_in() {
     let dir = tempfile::tempdir().unwrap();
     raw_reference(dir.path(), "p6_len_32");
-    let exe = c_engine(dir.path());
-    let base = format!(
-        "{exe} --src {} --model-info {{model_info}} --tokens {{tokens}} --prompt-id {{prompt_id}} --layers {{layers}} --taps {{taps}} --positions {{positions}} --out {{out}}",
-        dir.path().join("raw").display()
-    );
-    let bug = format!("{base} --bug-layer 9 --bug-pos 12 --bug-value 0.5");
-    let (code, r) = bisect_json(
-        &[
-            "--prompts",
-            &bisect_prompt(),
-            "--id",
-            "p6_len_32",
-            "--engine",
-            "external",
-            "--command",
-            &bug,
-        ],
-        &dir.path().join("w1"),
-    );
+    let (base, suite) = (c_engine(dir.path()), bisect_prompt());
+    let run = |command: &str, work: &str| bisect_external(&suite, "p6_len_32", command, &[], &dir.path().join(work));
+    let (code, r) = run(&format!("{base} --bug-layer 9 --bug-pos 12 --bug-value 0.5"), "w1");
     assert_eq!(code, 1, "{r}");
     assert_eq!(r["first"]["tap"], "blk.9.attn_norm");
     assert_eq!(r["first"]["position"], 12);
     assert_eq!(replay_row(&r, 9)["introduces"], true);
 
-    let (code, r) = bisect_json(
-        &[
-            "--prompts",
-            &bisect_prompt(),
-            "--id",
-            "p6_len_32",
-            "--engine",
-            "external",
-            "--command",
-            &base,
-        ],
-        &dir.path().join("w2"),
-    );
+    let (code, r) = run(&base, "w2");
     assert_eq!(code, 0, "the C engine replays the reference exactly: {r}");
 
-    let crash = format!("{base} --crash-before blk.4");
-    let (code, r) = bisect_json(
-        &[
-            "--prompts",
-            &bisect_prompt(),
-            "--id",
-            "p6_len_32",
-            "--engine",
-            "external",
-            "--command",
-            &crash,
-        ],
-        &dir.path().join("w3"),
-    );
+    let (code, r) = run(&format!("{base} --crash-before blk.4"), "w3");
     assert_eq!(code, 3, "{r}");
     assert_eq!(r["crash"]["error"]["tap"], "blk.2.resid_post", "{}", r["crash"]);
     assert!(
@@ -679,19 +620,11 @@ fn a_c_engine_on_the_single_header_writer_plugs_in() {
     // reported as a crash with what it wrote (without the limit this test would hang).
     // `; true` keeps the shell alive above the engine: killing the shell alone would not do.
     let hang = format!("{base} --hang-before blk.4; true");
-    let (code, r) = bisect_json(
-        &[
-            "--prompts",
-            &bisect_prompt(),
-            "--id",
-            "p6_len_32",
-            "--engine",
-            "external",
-            "--command",
-            &hang,
-            "--engine-timeout",
-            "5s",
-        ],
+    let (code, r) = bisect_external(
+        &suite,
+        "p6_len_32",
+        &hang,
+        &["--engine-timeout", "5s"],
         &dir.path().join("w4"),
     );
     assert_eq!(code, 3, "{r}");
@@ -738,22 +671,9 @@ fn an_external_engine_streams_the_coarse_probe_as_prefix_prompts() {
         "p600",
         &[("all", "embed,attn_out,ffn_out,resid_post,final_norm"), ("9", "all")],
     );
-    let exe = c_engine(dir.path());
-    let cmd = format!(
-        "{exe} --src {} --model-info {{model_info}} --tokens {{tokens}} --prompt-id {{prompt_id}} --layers {{layers}} --taps {{taps}} --positions {{positions}} --out {{out}} --bug-layer 9 --bug-pos 300 --bug-value 0.5",
-        dir.path().join("raw").display()
-    );
-    let args = [
-        "--prompts",
-        &suite,
-        "--id",
-        "p600",
-        "--engine",
-        "external",
-        "--command",
-        &cmd,
-    ];
-    let (code, r) = bisect_json(&args, &dir.path().join("work"));
+    let base = c_engine(dir.path());
+    let cmd = format!("{base} --bug-layer 9 --bug-pos 300 --bug-value 0.5");
+    let (code, r) = bisect_external(&suite, "p600", &cmd, &[], &dir.path().join("work"));
     assert_eq!(code, 1, "{r}");
     assert_eq!(r["first"]["tap"], "blk.9.attn_norm");
     assert_eq!(r["first"]["position"], 300);
@@ -771,13 +691,8 @@ fn an_external_engine_streams_the_coarse_probe_as_prefix_prompts() {
     // the first prefix (128 tokens) shows it at 127, which on the user's prompt is clean.
     // A first divergence on a run's last row sends the search to the whole prompt, where
     // it is the last position, 599.
-    let last_row = format!(
-        "{} --bug-layer 9 --bug-pos 0 --bug-value 0.5 --bug-last-row 1",
-        cmd.split(" --bug-layer").next().unwrap()
-    );
-    let mut args = args;
-    args[7] = &last_row;
-    let (code, r) = bisect_json(&args, &dir.path().join("work-last-row"));
+    let last_row = format!("{base} --bug-layer 9 --bug-pos 0 --bug-value 0.5 --bug-last-row 1");
+    let (code, r) = bisect_external(&suite, "p600", &last_row, &[], &dir.path().join("work-last-row"));
     assert_eq!(code, 1, "{r}");
     assert_eq!(
         (r["first"]["tap"].as_str(), r["first"]["position"].as_u64()),
@@ -808,19 +723,7 @@ fn hf_transformers_plugs_in_through_dump_hf_py() {
         python.display(),
         script.display()
     );
-    let (code, r) = bisect_json(
-        &[
-            "--prompts",
-            &bisect_prompt(),
-            "--id",
-            "p6_len_32",
-            "--engine",
-            "external",
-            "--command",
-            &cmd,
-        ],
-        &dir.path().join("work"),
-    );
+    let (code, r) = bisect_external(&bisect_prompt(), "p6_len_32", &cmd, &[], &dir.path().join("work"));
     assert_eq!(code, 1, "{r}");
     assert_eq!(r["first"]["tap"], "blk.7.resid_post");
     assert_eq!(r["first"]["position"], 20);

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-use crate::bisect::bisect_json;
+use crate::bisect::bisect_external;
 use crate::util::*;
 
 /// The adapter, or None (with one line on stderr) where it is not built outside CI.
@@ -46,18 +46,7 @@ fn prompts() -> String {
 /// `extra` arguments (the oracle, the profile), in a new temporary work directory.
 fn bisect_llamacpp(suite: &str, id: &str, command: &str, extra: &[&str]) -> (i32, Value) {
     let dir = tempfile::tempdir().unwrap();
-    let mut args = vec![
-        "--prompts",
-        suite,
-        "--id",
-        id,
-        "--engine",
-        "external",
-        "--command",
-        command,
-    ];
-    args.extend_from_slice(extra);
-    bisect_json(&args, &dir.path().join("work"))
+    bisect_external(suite, id, command, extra, &dir.path().join("work"))
 }
 
 fn first(r: &Value) -> (String, u64) {

@@ -62,10 +62,14 @@ fn join<T>(job: ScopedJoinHandle<'_, T>) -> T {
 
 impl<'s, 'r: 's> Search<'s, 'r, '_> {
     /// An on-demand reference starts loading the layers replay will need for suspect
-    /// layer `hi` on the CPU while the engines make the last probes.
+    /// layer `hi` on the CPU while the engines make the last probes. A load of the same
+    /// layers already under way is kept.
     pub(super) fn preload_replay(&mut self, hi: usize) {
         if let Replayer::OnDemand { model, reference } = self.replayer {
             let layers = replay_layers(hi, self.n_layer);
+            if self.preload.as_ref().is_some_and(|(loading, _)| *loading == layers) {
+                return;
+            }
             let bytes =
                 model.n_params() / self.n_layer as u64 * layers.len() as u64 * reference.precision.bytes() as u64;
             let scope = self.scope;

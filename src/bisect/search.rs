@@ -240,6 +240,8 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
                 true => n,
                 false => cut_after(position),
             };
+            // Most often the branches probe keeps the layer: its replay loads meanwhile.
+            self.preload_replay(found.layer);
             let layer = match self.branches_below(&found, cut(found.position))? {
                 Some(earlier) => earlier,
                 None => found,

@@ -39,7 +39,10 @@ fn main() -> ExitCode {
     }
     resbisect::trace::init();
     resbisect::trace::set_notice_sink(|line| eprintln!("note: {line}"));
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let outcome = dispatch(cli.command);
     resbisect::trace::mark(|| "done; exiting".into());
     match outcome {
@@ -52,4 +55,29 @@ fn main() -> ExitCode {
             })
         }
     }
+}
+
+/// Help and version print as clap writes them; a usage error is one line, as every
+/// other bad input (clap's usage and tip lines would bury it), exit 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    let text = e.to_string();
+    let mut lines = text.lines().skip_while(|l| l.trim().is_empty());
+    let mut line = lines.next().unwrap_or("error: bad arguments").to_string();
+    // "the following required arguments were not provided:" lists them indented below.
+    if line.ends_with(':') {
+        let listed: Vec<&str> = lines
+            .take_while(|l| l.starts_with(char::is_whitespace) && !l.trim().is_empty())
+            .map(str::trim)
+            .collect();
+        line = format!("{line} {}", listed.join(", "));
+    }
+    eprintln!("{line}");
+    ExitCode::from(2)
 }

@@ -79,7 +79,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Prompt tokens per prefill step (default: the whole prompt at once).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one())]
     pub prefill_chunk: Option<usize>,
     /// Generate all --max-tokens tokens even past end-of-sequence (benchmarks).
     #[arg(long)]
@@ -390,7 +390,7 @@ pub struct BisectArgs {
     /// Runtime A: prompt tokens per prefill step (default: the whole prompt at once); a
     /// runtime oracle B takes --oracle-prefill-chunk, so a chunked A can be bisected
     /// against a whole-prompt B.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one())]
     pub prefill_chunk: Option<usize>,
     /// Fault injected into engine A, never into B: a runtime or reference A, forms as for
     /// `dump --inject`. Repeatable.
@@ -429,7 +429,7 @@ pub struct BisectArgs {
     #[arg(long, default_value = "native")]
     pub oracle_weights: String,
     /// Runtime oracle B: prompt tokens per prefill step (default: the whole prompt at once).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one())]
     pub oracle_prefill_chunk: Option<usize>,
     /// The reference's precision (oracle and local replay): f32 or f64.
     #[arg(long, default_value = "f32")]
@@ -503,7 +503,7 @@ pub struct DumpArgs {
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: BackendKind,
     /// Runtime: prompt tokens per prefill step (default: the whole prompt at once).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one())]
     pub prefill_chunk: Option<usize>,
     /// Runtime: greedy tokens to generate (and process) after the prompt.
     #[arg(long, default_value_t = 0)]
@@ -541,4 +541,10 @@ pub struct DumpArgs {
     /// of each byte swapped. A POS that no processed row reaches is refused.
     #[arg(long)]
     pub inject: Vec<String>,
+}
+
+/// A count that must be at least 1 (a chunk of 0 rows computes nothing): refused by the
+/// parser, which names the flag.
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
 }

@@ -63,6 +63,28 @@ fn reference_computes(r: &BisectRun) -> bool {
     !r.no_replay || is_reference(&r.engines.0) || is_reference(&r.engines.1)
 }
 
+/// A backend that cannot start names itself by `--backend`; when only the oracle runs on
+/// it, the flag to fix is `--oracle-backend`.
+fn name_oracle_backend(e: Error, a: &EngineSpec, b: &EngineSpec) -> Error {
+    let backend = |s: &EngineSpec| match s.kind {
+        EngineKind::Runtime { backend, .. } => Some(backend),
+        _ => None,
+    };
+    match (e, backend(a), backend(b)) {
+        (Error::Input(msg), a_backend, Some(b_backend)) if a_backend != Some(b_backend) => {
+            use clap::ValueEnum;
+            let name = b_backend
+                .to_possible_value()
+                .map_or(String::new(), |v| v.get_name().to_string());
+            match msg.strip_prefix(&format!("--backend {name}:")) {
+                Some(rest) => Error::input(format!("--oracle-backend {name}:{rest}")),
+                None => Error::Input(msg),
+            }
+        }
+        (e, ..) => e,
+    }
+}
+
 pub(super) fn run(r: BisectRun) -> Result<ExitCode> {
     let model = Model::open(&r.model)?;
     let records = r.input.resolve(&model, None)?;
@@ -106,7 +128,8 @@ pub(super) fn run(r: BisectRun) -> Result<ExitCode> {
     if reference_computes(&r) {
         super::commands::note_reference_gemm();
     }
-    let mut engines = start_pair(&model, spec_a, spec_b, &mut Bars::default())?;
+    let mut engines =
+        start_pair(&model, spec_a, spec_b, &mut Bars::default()).map_err(|e| name_oracle_backend(e, spec_a, spec_b))?;
     let replayer = match &engines.oracle {
         _ if r.no_replay => Replayer::Skip,
         Some(oracle) => Replayer::Loaded(oracle),

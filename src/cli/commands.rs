@@ -27,9 +27,13 @@ use super::specs::named;
 
 pub fn dump(a: DumpArgs) -> Result<ExitCode> {
     let spec = a.engine()?;
+    let mut inputs = vec![a.model.as_path()];
+    inputs.extend(a.input.prompts.as_deref());
+    refuse_inputs_inside_output(&a.output, "--output", &inputs)?;
     let input = a.input.input()?;
     let model = Model::open(&a.model)?;
     resbisect::trace::mark(|| "model opened".into());
+    check_run_counts(a.max_tokens, a.warmup, model.config.n_ctx)?;
     let selection = selection(&a, model.config.n_layer)?;
     // `all` means the model's taps; a tap named outright must exist in this model.
     if !a.taps.split(',').any(|t| t.trim() == "all") {
@@ -121,9 +125,30 @@ pub(super) fn note_reference_gemm() {
     }
 }
 
+/// Most untimed runs `--warmup` may ask for: a benchmark warms up once or a few times, and
+/// a mistyped count would run without end.
+const MAX_WARMUP: usize = 100;
+
+/// `--max-tokens` within the model's context (`n_ctx` positions; a larger count would
+/// overflow the sums of positions that follow) and `--warmup` within [`MAX_WARMUP`].
+fn check_run_counts(max_tokens: usize, warmup: usize, n_ctx: usize) -> Result<()> {
+    if max_tokens > n_ctx {
+        return Err(Error::input(format!(
+            "--max-tokens {max_tokens}: more than the model's context of {n_ctx} positions"
+        )));
+    }
+    if warmup > MAX_WARMUP {
+        return Err(Error::input(format!(
+            "--warmup {warmup}: at most {MAX_WARMUP} untimed runs"
+        )));
+    }
+    Ok(())
+}
+
 pub fn run(a: RunArgs) -> Result<ExitCode> {
     let dtype = named("--dtype", StorageDType::parse(&a.dtype))?;
     let model = Model::open(&a.model)?;
+    check_run_counts(a.max_tokens, a.warmup, model.config.n_ctx)?;
     let tokenizer = Tokenizer::from_gguf(&model.gguf)?;
     let input = match (a.prompt, a.tokens) {
         (Some(text), _) => Input::Text { id: "run".into(), text },
@@ -197,10 +222,39 @@ pub(super) fn refuse_writing_over_inputs(out: &Path, flag: &str, inputs: &[&Path
     let resolved = resolved.canonicalize().unwrap_or(resolved);
     for input in inputs {
         let Ok(input_path) = input.canonicalize() else { continue };
-        if resolved == input_path || (input_path.is_dir() && resolved.starts_with(&input_path)) {
-            let place = if resolved == input_path { "" } else { "inside " };
+        // A hard link is another path to the same file.
+        let same = resolved == input_path || same_file(&resolved, &input_path);
+        if same || (input_path.is_dir() && resolved.starts_with(&input_path)) {
+            let place = if same { "" } else { "inside " };
             return Err(Error::input(format!(
                 "{flag} {}: that is {place}the input {}; write it elsewhere",
+                out.display(),
+                input.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `a` and `b` are one file (the same device and inode), both existing.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Refuse an output directory (named by `flag`) that holds one of the command's inputs:
+/// `--overwrite` replaces a dump's files, and would delete that input with them.
+fn refuse_inputs_inside_output(out: &Path, flag: &str, inputs: &[&Path]) -> Result<()> {
+    let Ok(out_dir) = out.canonicalize() else {
+        return Ok(());
+    };
+    for input in inputs {
+        if input.canonicalize().is_ok_and(|i| i.starts_with(&out_dir)) {
+            return Err(Error::input(format!(
+                "{flag} {}: the input {} lies inside it, and replacing the dump would delete it; write the dump elsewhere",
                 out.display(),
                 input.display()
             )));
@@ -309,6 +363,12 @@ pub fn report(kind: ReportKind) -> Result<ExitCode> {
         } => {
             if let Some(h) = &history {
                 refuse_writing_over_inputs(h, "--history", &[&a, &b])?;
+                // Appending to a file that is not a history (a model, a report) would damage it.
+                if h.exists() {
+                    report::read_history(h).map_err(|e| {
+                        Error::input(format!("--history {}: not a resbisect history ({e})", h.display()))
+                    })?;
+                }
             }
             prepare_report_dir(&output, "--output")?;
             let r = compare(&a, &b, &args, &pair)?;

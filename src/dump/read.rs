@@ -47,7 +47,15 @@ pub struct Dump {
 impl Dump {
     pub fn open(root: &Path) -> Result<Self> {
         let path = root.join(MANIFEST);
-        let meta = fs::metadata(&path).map_err(|e| Error::input(format!("{}: not a dump ({e})", root.display())))?;
+        let meta =
+            fs::symlink_metadata(&path).map_err(|e| Error::input(format!("{}: not a dump ({e})", root.display())))?;
+        // A FIFO would block the read forever; a link may lead out of the dump, as under data/.
+        if !meta.is_file() {
+            return Err(Error::input(format!(
+                "{}: not a regular file (links out of the dump are refused)",
+                path.display()
+            )));
+        }
         if meta.len() > MAX_MANIFEST_BYTES {
             return Err(Error::input(format!(
                 "{}: manifest is {} bytes, over the {} limit",

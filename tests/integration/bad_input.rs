@@ -522,4 +522,93 @@ fn outputs_never_overwrite_inputs() {
         "--report",
     );
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
+    // A hard link is the same file under another name.
+    let alias = dir.path().join("alias.gguf");
+    std::fs::hard_link(&model, &alias).unwrap();
+    assert_refused(
+        &resbisect(&["model-info", m, "-o", path_str(&alias)]),
+        "that is the input",
+    );
+    // A history is appended to only when it is one: not a model, not a text file.
+    for not_history in [&alias, &file] {
+        assert_refused(
+            &resbisect(&[
+                "report",
+                "diff",
+                d,
+                d,
+                "-o",
+                path_str(&report),
+                "--history",
+                path_str(not_history),
+            ]),
+            "not a resbisect history",
+        );
+    }
+    assert_eq!(std::fs::read(&model).unwrap(), model_bytes);
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
+    // --overwrite replaces a dump's files: inputs kept inside it would go with them.
+    let suite = dump.join("data/suite.jsonl");
+    std::fs::write(&suite, "{\"id\": \"p\", \"tokens\": [1, 2, 3]}\n").unwrap();
+    let inner_model = dump.join("data/model.gguf");
+    std::fs::copy(&model, &inner_model).unwrap();
+    for (model, input) in [
+        (m, ["--prompts", path_str(&suite)]),
+        (path_str(&inner_model), ["--tokens", "1,2"]),
+    ] {
+        assert_refused(
+            &resbisect(&["dump", "--model", model, input[0], input[1], "-o", d, "--overwrite"]),
+            "lies inside it, and replacing the dump would delete it",
+        );
+    }
+    assert!(suite.exists() && inner_model.exists());
+}
+
+/// Counts that would overflow or never end, a parser error, a manifest that is a FIFO,
+/// and an option of the oracle: each one line naming the flag or file, exit 2, at once.
+#[test]
+fn counts_parser_errors_and_special_files_are_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), "f32", 2);
+    let m = path_str(&model);
+    let out_dir = dir.path().join("out");
+    let out = path_str(&out_dir);
+    let huge = u64::MAX.to_string();
+    let runtime_dump = |extra: &[&str]| {
+        let mut args = vec![
+            "dump", "--engine", "runtime", "--model", m, "--tokens", "1,2,3", "-o", out,
+        ];
+        args.extend_from_slice(extra);
+        resbisect(&args)
+    };
+    assert_refused(&runtime_dump(&["--max-tokens", &huge]), "--max-tokens");
+    assert_refused(&runtime_dump(&["--warmup", &huge]), "--warmup");
+    assert_refused(&runtime_dump(&["--prefill-chunk", "0"]), "--prefill-chunk");
+    assert_refused(
+        &resbisect(&["run", "--model", m, "--tokens", "1,2", "--max-tokens", &huge]),
+        "--max-tokens",
+    );
+    // Parser errors: clap's usage and tip lines are left out.
+    assert_refused(&resbisect(&["dump", "--tokens", "1"]), "--model");
+    assert_refused(&runtime_dump(&["--warmup", "many"]), "--warmup");
+    let work = dir.path().join("work");
+    let bisect = |extra: &[&str]| {
+        let mut args = vec![
+            "bisect", "--model", m, "--tokens", "1,2,3,4", "--oracle", "runtime", "--work",
+        ];
+        args.push(path_str(&work));
+        args.extend_from_slice(extra);
+        resbisect(&args)
+    };
+    assert_refused(&bisect(&["--oracle-prefill-chunk", "0"]), "--oracle-prefill-chunk");
+    assert!(!work.exists(), "a refused bisect leaves no work folder");
+    // A FIFO would block the read for ever.
+    let dump = dir.path().join("d");
+    let o = resbisect(&["dump", "--model", m, "--tokens", "1,2,3", "-o", path_str(&dump)]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let manifest = dump.join("manifest.json");
+    std::fs::remove_file(&manifest).unwrap();
+    let made = std::process::Command::new("mkfifo").arg(&manifest).status().unwrap();
+    assert!(made.success());
+    assert_refused(&resbisect(&["inspect", path_str(&dump)]), "not a regular file");
 }

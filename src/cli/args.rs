@@ -301,7 +301,7 @@ pub enum ReportKind {
         #[arg(long)]
         history: Option<PathBuf>,
         /// Name of the run in the history.
-        #[arg(long, default_value = "run")]
+        #[arg(long, default_value = "run", requires = "history")]
         run: String,
     },
     /// Turn a nightly history into trend.md and trend.html.

@@ -55,6 +55,10 @@ pub fn dump(a: DumpArgs) -> Result<ExitCode> {
         records.iter().map(|r| r.tokens.len()).max().unwrap_or(0) + a.max_tokens,
     )?;
     resbisect::trace::mark(|| format!("{} prompt(s) ready", records.len()));
+    for r in &records {
+        resbisect::dump::validate_prompt_id(&r.id)?;
+    }
+    resbisect::dump::DumpWriter::check_output(&a.output, a.overwrite)?;
     // After the input checks, so that bad input reads as one line.
     if matches!(spec.kind, engine::EngineKind::Reference(_)) {
         note_reference_gemm();
@@ -269,9 +273,13 @@ pub fn calibrate(a: CalibrateArgs) -> Result<ExitCode> {
     }
     let inputs: Vec<&Path> = a.dumps.iter().map(|d| d.as_path()).collect();
     refuse_writing_over_inputs(&a.output, "--output", &inputs)?;
-    let finite_non_negative = |v: f64| v.is_finite() && v >= 0.0;
-    if !(a.margin.is_finite() && a.margin >= 1.0 && finite_non_negative(a.floor) && finite_non_negative(a.abs_floor)) {
-        return Err(Error::input("--margin must be >= 1, --floor and --abs-floor >= 0"));
+    if !(a.margin.is_finite() && a.margin >= 1.0) {
+        return Err(Error::input(format!("--margin {}: must be a number >= 1", a.margin)));
+    }
+    for (flag, v) in [("--floor", a.floor), ("--abs-floor", a.abs_floor)] {
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(Error::input(format!("{flag} {v}: must be a finite number >= 0")));
+        }
     }
     if !(a.quantile > 0.0 && a.quantile <= 1.0) {
         return Err(Error::input("--quantile must be in (0, 1]"));

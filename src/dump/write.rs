@@ -32,26 +32,11 @@ impl DumpWriter {
         for p in &manifest.prompts {
             validate_prompt_id(&p.id)?;
         }
-        if root.exists() {
-            let is_dump = root.join(MANIFEST).is_file();
-            let empty = fs::read_dir(root).map_err(|e| Error::io(root, e))?.next().is_none();
-            if !(empty || is_dump && overwrite) {
-                let hint = if is_dump {
-                    " (it is a dump: pass --overwrite to replace it)"
-                } else {
-                    ""
-                };
-                return Err(Error::input(format!(
-                    "{}: output directory exists and is not empty{hint}",
-                    root.display()
-                )));
-            }
-            if is_dump {
-                fs::remove_file(root.join(MANIFEST)).map_err(|e| Error::io(root, e))?;
-                let data = root.join(DATA);
-                if data.exists() {
-                    fs::remove_dir_all(&data).map_err(|e| Error::io(&data, e))?;
-                }
+        if Self::check_output(root, overwrite)? {
+            fs::remove_file(root.join(MANIFEST)).map_err(|e| Error::io(root, e))?;
+            let data = root.join(DATA);
+            if data.exists() {
+                fs::remove_dir_all(&data).map_err(|e| Error::io(&data, e))?;
             }
         }
         for p in &manifest.prompts {
@@ -64,6 +49,29 @@ impl DumpWriter {
         };
         w.write_manifest()?;
         Ok(w)
+    }
+
+    /// Refuse an output `root` that [`DumpWriter::create`] would refuse, before any work:
+    /// an existing dump without `overwrite`, any other non-empty directory. Returns
+    /// whether `root` holds a dump that `create` will replace.
+    pub fn check_output(root: &Path, overwrite: bool) -> Result<bool> {
+        if !root.exists() {
+            return Ok(false);
+        }
+        let is_dump = root.join(MANIFEST).is_file();
+        let empty = fs::read_dir(root).map_err(|e| Error::io(root, e))?.next().is_none();
+        if !(empty || is_dump && overwrite) {
+            let hint = if is_dump {
+                " (it is a dump: pass --overwrite to replace it)"
+            } else {
+                ""
+            };
+            return Err(Error::input(format!(
+                "{}: output directory exists and is not empty{hint}",
+                root.display()
+            )));
+        }
+        Ok(is_dump)
     }
 
     pub fn manifest(&self) -> &Manifest {

@@ -562,6 +562,19 @@ fn outputs_never_overwrite_inputs() {
         );
     }
     assert!(suite.exists() && inner_model.exists());
+    // An option that only works with another, or a value out of range, names itself.
+    assert_refused(
+        &resbisect(&["report", "diff", d, d, "-o", path_str(&report), "--run", "x"]),
+        "--history",
+    );
+    let tolerances = dir.path().join("t.json");
+    let tolerances = path_str(&tolerances);
+    for (flag, value) in [("--floor", "-1"), ("--abs-floor", "NaN"), ("--margin", "0.5")] {
+        assert_refused(
+            &resbisect(&["calibrate", d, d, "-o", tolerances, &format!("{flag}={value}")]),
+            &format!("{flag} {value}: must be"),
+        );
+    }
 }
 
 /// Counts that would overflow or never end, a parser error, a manifest that is a FIFO,
@@ -611,4 +624,14 @@ fn counts_parser_errors_and_special_files_are_one_line() {
     let made = std::process::Command::new("mkfifo").arg(&manifest).status().unwrap();
     assert!(made.success());
     assert_refused(&resbisect(&["inspect", path_str(&dump)]), "not a regular file");
+    // The reference's note on its GEMM comes only once the input is known good.
+    let no_blas = [("RESBISECT_BLAS", "off")];
+    let reference_dump = |id: &str, out: &str| {
+        resbisect_with(
+            &no_blas,
+            &["dump", "--model", m, "--tokens", "1,2", "--id", id, "-o", out],
+        )
+    };
+    assert_refused(&reference_dump("../escape", out), "bad prompt id");
+    assert_refused(&reference_dump("p", path_str(&dump)), "output directory exists");
 }

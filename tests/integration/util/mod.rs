@@ -14,8 +14,14 @@ pub struct Output {
 }
 
 pub fn resbisect(args: &[&str]) -> Output {
+    resbisect_with(&[], args)
+}
+
+/// [`resbisect`] with environment variables `env` set.
+pub fn resbisect_with(env: &[(&str, &str)], args: &[&str]) -> Output {
     let out = Command::new(env!("CARGO_BIN_EXE_resbisect"))
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("the binary runs");
     Output {

@@ -497,8 +497,9 @@ impl<'e> Session<'e> {
     }
 }
 
-/// Layers are judged by their residual stream, at the positions asked for: a probe whose
-/// engine left some out cannot rule a layer in or out, and must not read as agreement.
+/// Layers are judged by their residual stream, the head by final_norm and logits, at the
+/// positions asked for: a probe whose engine left some out cannot rule a layer (or the
+/// head) in or out, and must not read as agreement.
 fn check_stream_written(r: &DiffReport, purpose: &str, asked: Option<&[usize]>) -> Result<()> {
     for (name, missing) in r
         .prompts
@@ -508,7 +509,7 @@ fn check_stream_written(r: &DiffReport, purpose: &str, asked: Option<&[usize]>) 
         let stream: Vec<&str> = missing
             .iter()
             .map(String::as_str)
-            .filter(|t| *t == "embed" || t.ends_with(".resid_post"))
+            .filter(|t| matches!(*t, "embed" | "final_norm" | "logits") || t.ends_with(".resid_post"))
             .collect();
         if !stream.is_empty() {
             return Err(Error::engine(format!(

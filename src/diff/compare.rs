@@ -11,7 +11,7 @@ use super::metrics::{logit_stat, row_stat, RowStat};
 use super::{DiffOptions, Judge, Judgement, PromptDiff, TapDiff, TokenMismatch};
 use crate::dump::{Dump, TapDType, TapView};
 use crate::error::{Error, Result};
-use crate::taps::{FileStem, Tap};
+use crate::taps::{FileStem, LayerTap, Tap};
 use crate::tolerance::coarsest;
 
 /// The dump files either side holds for a prompt, in graph order: the loop runs over
@@ -222,6 +222,13 @@ pub(super) fn diff_prompt(
     }
     let first = first_divergence(a, b, id, &taps, &pa.tokens, n_layer)?;
     let drift_onset = drift_onset.map(|i| taps[i].tap.clone());
+    let undelivered: Vec<String> = [
+        ("A", a, &missing_in_a, &positions_missing_in_a, pa.tokens.len()),
+        ("B", b, &missing_in_b, &positions_missing_in_b, pb.tokens.len()),
+    ]
+    .into_iter()
+    .filter_map(|(name, d, taps, positions, n)| undelivered(name, d, taps, positions, n))
+    .collect();
     Ok((
         PromptDiff {
             id: id.to_string(),
@@ -236,9 +243,49 @@ pub(super) fn diff_prompt(
             missing_in_b,
             positions_missing_in_a: positions_missing_in_a.into_iter().collect(),
             positions_missing_in_b: positions_missing_in_b.into_iter().collect(),
+            undelivered,
         },
         bytes,
     ))
+}
+
+/// What dump `d` (side `name`) lacks, of the rows the other dump holds, that its own
+/// manifest selects: the residual stream's taps (embed, resid_post, final_norm, logits)
+/// and positions of a prompt of `n` tokens. A complete dump that holds less than it says
+/// it recorded is an engine that wrote less than asked, never agreement. Other taps
+/// (q and k, which an external engine may not capture) are only reported as missing.
+fn undelivered(name: &str, d: &Dump, missing: &[String], positions: &BTreeSet<usize>, n: usize) -> Option<String> {
+    let selection = &d.manifest.selection;
+    let in_stream = |tap: &Tap| {
+        matches!(
+            tap,
+            Tap::Embed | Tap::FinalNorm | Tap::Logits | Tap::Layer(_, LayerTap::ResidPost)
+        )
+    };
+    let stream: Vec<String> = missing
+        .iter()
+        .filter(|t| Tap::parse(t).is_some_and(|tap| in_stream(&tap) && selection.wants(&tap)))
+        .cloned()
+        .collect();
+    let selected = selection.positions.resolve(n).unwrap_or_default();
+    let rows: Vec<usize> = positions
+        .iter()
+        .copied()
+        .filter(|p| selected.binary_search(p).is_ok())
+        .collect();
+    let mut lacks = Vec::new();
+    if !stream.is_empty() {
+        lacks.push(format!("taps {}", crate::report::abbreviate(&stream)));
+    }
+    if !rows.is_empty() {
+        lacks.push(format!("positions {}", crate::taps::positions_spec(&rows)));
+    }
+    (!lacks.is_empty()).then(|| {
+        format!(
+            "dump {name} holds no rows of {} that its manifest selects and the other dump holds",
+            lacks.join(" or ")
+        )
+    })
 }
 
 /// The first position where the token lists differ (within the shorter one), and whether

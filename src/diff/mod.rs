@@ -213,6 +213,10 @@ pub struct PromptDiff {
     pub positions_missing_in_a: Vec<usize>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub positions_missing_in_b: Vec<usize>,
+    /// Per dump, the residual-stream taps and positions its manifest selects that it
+    /// does not hold (and the other does): an engine that wrote less than asked.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub undelivered: Vec<String>,
 }
 
 impl PromptDiff {
@@ -273,7 +277,15 @@ impl DiffReport {
                 Status::Running => Some(format!("dump {name} is unfinished: its manifest still says running (the engine was killed or is still running){last}")),
             }
         };
-        let v: Vec<String> = [why("A", &self.a), why("B", &self.b)].into_iter().flatten().collect();
+        let short = self
+            .prompts
+            .iter()
+            .flat_map(|p| p.undelivered.iter().map(move |u| format!("{u} (prompt {})", p.id)));
+        let v: Vec<String> = [why("A", &self.a), why("B", &self.b)]
+            .into_iter()
+            .flatten()
+            .chain(short)
+            .collect();
         (!v.is_empty()).then(|| v.join("; "))
     }
 }
@@ -472,22 +484,29 @@ pub fn diff_paired(a: &Dump, b: &Dump, opts: &DiffOptions, pairs: &[(String, Str
         bytes += n;
         prompts.push(pd);
     }
-    // Two finished dumps that share no tap compared nothing: that is no verdict.
+    // Two finished dumps that share no tap compared nothing: that is no verdict. A dump
+    // that lacks what its manifest selects is an engine failure, reported below.
     let complete = ma.status == Status::Complete && mb.status == Status::Complete;
-    if complete && prompts.iter().all(|p| p.taps.is_empty() && p.token_mismatch.is_none()) {
+    let nothing = prompts
+        .iter()
+        .all(|p| p.taps.is_empty() && p.token_mismatch.is_none() && p.undelivered.is_empty());
+    if complete && nothing {
         let empty: Vec<&str> = [("A", a), ("B", b)]
             .into_iter()
             .filter(|(_, d)| d.wrote_no_tap())
             .map(|(name, _)| name)
             .collect();
-        return Err(crate::error::Error::input(match empty.as_slice() {
-            [] => "A and B share no tap at the same layer: nothing was compared (dump both with the same --layers and --taps)".to_string(),
-            [side] => format!(
+        return Err(match empty.as_slice() {
+            [] => crate::error::Error::input(
+                "A and B share no tap at the same layer: nothing was compared (dump both with the same --layers and --taps)",
+            ),
+            // An engine that captured none of the taps it was asked for failed.
+            [side] => crate::error::Error::engine(format!(
                 "{side} ({}) finished without writing any tap: nothing was compared (its engine captured none of the taps it was asked for)",
                 if *side == "A" { &ma.engine } else { &mb.engine }.describe()
-            ),
-            _ => "neither A nor B wrote any tap: nothing was compared".to_string(),
-        }));
+            )),
+            _ => crate::error::Error::engine("neither A nor B wrote any tap: nothing was compared"),
+        });
     }
     for p in &prompts {
         if !(profiled && p.judged == Judgement::Tolerance) {

@@ -35,7 +35,7 @@ fn worst_tap(p: &PromptDiff) -> Option<&TapDiff> {
 }
 
 /// A list of tap ids, shortened past six.
-fn abbreviate(v: &[String]) -> String {
+pub(crate) fn abbreviate(v: &[String]) -> String {
     if v.len() <= 6 {
         v.join(", ")
     } else {

@@ -616,6 +616,27 @@ fn a_c_engine_on_the_single_header_writer_plugs_in() {
         r["crash"]
     );
 
+    // An engine that writes its dump whole, then dies on its second run: the report is
+    // the crash, and no comparison from before it stands as report.* (it would read as
+    // a pass).
+    let calls = dir.path().join("calls");
+    let late = format!(
+        "{base} --bug-layer 9 --bug-pos 12 --bug-value 0.5; n=$(($(cat {0} 2>/dev/null || echo 0) + 1)); echo $n > {0}; [ $n -lt 2 ] || kill -SEGV $$",
+        calls.display()
+    );
+    let report = dir.path().join("late-report");
+    let (code, r) = bisect_external(
+        &suite,
+        "p6_len_32",
+        &late,
+        &["--report", path_str(&report)],
+        &dir.path().join("w5"),
+    );
+    assert_eq!(code, 3, "{r}");
+    assert_eq!(r["outcome"], "crashed", "{r}");
+    assert!(report.join("bisect.html").is_file());
+    assert!(!report.join("report.html").exists() && !report.join("report.md").exists());
+
     // A deadlocked engine: killed at --engine-timeout with every process it started, and
     // reported as a crash with what it wrote (without the limit this test would hang).
     // `; true` keeps the shell alive above the engine: killing the shell alone would not do.

@@ -421,32 +421,54 @@ fn a_crashed_or_unfinished_engine_never_passes_diff() {
 #[test]
 fn an_engine_that_leaves_out_layers_cannot_pass_the_layer_search() {
     // An external engine that writes only layers below 10: the coarse probe's layers 16
-    // and 29 are missing on its side, so no verdict on them may read as agreement.
+    // and 29 are missing on its side, so no verdict on them may read as agreement. One
+    // that leaves out the head (final_norm, logits), with a bug there, cannot pass either.
     let dir = tempfile::tempdir().unwrap();
     let exe = env!("CARGO_BIN_EXE_resbisect");
-    let command = format!(
-        "L=$(echo {{layers}} | tr , '\\n' | awk '$1 < 10' | paste -sd, -); {exe} dump --engine runtime --inject blk.14.ffn_out:scale=1.05@3 --model {{model}} --tokens \"$(cat {{tokens}})\" --id {{prompt_id}} --layers ${{L:-none}} --taps {{taps}} --positions {{positions}} -o {{out}}"
-    );
     let model = smollm2();
-    let out = resbisect(&[
-        "bisect",
-        "--model",
-        path_str(&model),
-        "--prompts",
-        &bisect_prompts(),
-        "--id",
-        "p6_len_32",
-        "--engine",
-        "external",
-        "--command",
-        &command,
-        "--work",
-        path_str(&dir.path().join("w")),
-    ]);
+    let run = |command: &str, work: &str| {
+        resbisect(&[
+            "bisect",
+            "--model",
+            path_str(&model),
+            "--prompts",
+            &bisect_prompts(),
+            "--id",
+            "p6_len_32",
+            "--engine",
+            "external",
+            "--command",
+            command,
+            "--work",
+            path_str(&dir.path().join(work)),
+        ])
+    };
+    let dump = format!(
+        "{exe} dump --engine runtime --model {{model}} --tokens \"$(cat {{tokens}})\" --id {{prompt_id}} --positions {{positions}} -o {{out}}"
+    );
+    let out = run(
+        &format!(
+            "L=$(echo {{layers}} | tr , '\\n' | awk '$1 < 10' | paste -sd, -); {dump} --inject blk.14.ffn_out:scale=1.05@3 --layers ${{L:-none}} --taps {{taps}}"
+        ),
+        "w",
+    );
     assert_eq!(out.code, 3, "{}\n{}", out.stdout, out.stderr);
     assert!(
         out.stderr
             .contains("engine A wrote no blk.16.resid_post, blk.29.resid_post for the coarse probe"),
+        "{}",
+        out.stderr
+    );
+    let out = run(
+        &format!(
+            "T=$(echo {{taps}} | tr , '\\n' | grep -v -e final_norm -e logits | paste -sd, -); {dump} --inject final_norm:scale=1.05@5 --layers {{layers}} --taps ${{T:-embed}}"
+        ),
+        "head",
+    );
+    assert_eq!(out.code, 3, "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr
+            .contains("engine A wrote no final_norm, logits for the coarse probe"),
         "{}",
         out.stderr
     );

@@ -182,16 +182,53 @@ fn what_one_side_left_out_is_named() {
         "{}",
         out.stdout
     );
-    // A finished dump whose tap files are gone: the side that wrote nothing is named.
+    // A finished dump whose tap files are gone: an engine failure, never a pass.
     let empty = dump("empty", "0..8");
     std::fs::remove_dir_all(empty.join("data")).unwrap();
     let out = resbisect(&["diff", path_str(&empty), path_str(&b)]);
-    assert_refused(&out, "A (");
+    assert_eq!(out.code, 3, "{}\n{}", out.stdout, out.stderr);
     assert!(
-        out.stderr.contains("finished without writing any tap"),
+        out.stdout.contains("ENGINE FAILURE: dump A holds no rows of taps"),
         "{}",
-        out.stderr
+        out.stdout
     );
+    // A finished dump that holds fewer layers or positions than its manifest selects
+    // (files removed, rows cut) fails the same way, whatever agrees in what it kept.
+    for damage in ["layer", "rows"] {
+        let short = dump(&format!("short-{damage}"), "0..8");
+        let file = short.join("data/prompt/blk.1.safetensors");
+        if damage == "layer" {
+            std::fs::remove_file(&file).unwrap();
+        } else {
+            let full = s.path(&format!("full-{damage}"));
+            std::fs::rename(&short, &full).unwrap();
+            let cut = resbisect(&[
+                "dump",
+                "--model",
+                path_str(&model),
+                "--tokens",
+                "5,6,7,8,9,10,11,12",
+                "--taps",
+                "resid_post",
+                "--positions",
+                "0..4",
+                "-o",
+                path_str(&short),
+            ]);
+            assert_eq!(cut.code, 0, "{}", cut.stderr);
+            // The manifest of the full run, the rows of the cut one.
+            std::fs::copy(full.join("manifest.json"), short.join("manifest.json")).unwrap();
+        }
+        let out = resbisect(&["diff", path_str(&short), path_str(&a), "--json"]);
+        assert_eq!(out.code, 3, "{damage}: {}", out.stderr);
+        let r: Value = serde_json::from_str(&out.stdout).unwrap();
+        assert!(
+            r["prompts"][0]["undelivered"][0]
+                .as_str()
+                .is_some_and(|u| u.starts_with("dump A holds no rows of")),
+            "{damage}: {r}"
+        );
+    }
 }
 
 #[test]

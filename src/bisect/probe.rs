@@ -464,8 +464,18 @@ impl<'e> Session<'e> {
         let file = match cached {
             Some(file) => file,
             None => {
+                // The dump was read whole when its probe was compared: a file that no
+                // longer reads was changed since by the engine (a process it left behind).
                 let file = match Dump::open(&key.0) {
-                    Ok(dump) => dump.map_file(&self.prompt.id, &key.1)?.map(Rc::new),
+                    Ok(dump) => dump
+                        .map_file(&self.prompt.id, &key.1)
+                        .map_err(|e| {
+                            Error::engine(format!(
+                                "engine {}'s dump changed after it was read (a process the engine left running?): {e}",
+                                side.to_uppercase()
+                            ))
+                        })?
+                        .map(Rc::new),
                     Err(_) => None,
                 };
                 self.mapped.borrow_mut().insert(key, file.clone());

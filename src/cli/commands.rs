@@ -300,9 +300,16 @@ pub fn calibrate(a: CalibrateArgs) -> Result<ExitCode> {
         .chunks(2)
         .map(|p| compare(&p[0], &p[1], &args, &[]))
         .collect::<Result<Vec<_>>>()?;
-    // Known-good pairs only: a failed or unfinished dump is no noise floor.
+    // Known-good pairs only: a failed, unfinished or short dump is no noise floor.
     if let Some(failure) = reports.iter().find_map(DiffReport::engine_failure) {
         return Err(Error::engine(failure));
+    }
+    if let Some(short) = reports
+        .iter()
+        .flat_map(|r| &r.prompts)
+        .find_map(|p| p.undelivered.first())
+    {
+        return Err(Error::engine(short.clone()));
     }
     // A pair whose oracle does not imitate A's numerics calibrates that mismatch too.
     for (i, r) in reports.iter().enumerate() {

@@ -277,9 +277,13 @@ impl DiffReport {
                 Status::Running => Some(format!("dump {name} is unfinished: its manifest still says running (the engine was killed or is still running){last}")),
             }
         };
+        // A dump short of what it selects fails only where the rest agrees: a divergence
+        // in what it holds is already no pass (rows written one position late leave the
+        // first position out, and the shift is the finding).
         let short = self
             .prompts
             .iter()
+            .filter(|p| !p.diverged())
             .flat_map(|p| p.undelivered.iter().map(move |u| format!("{u} (prompt {})", p.id)));
         let v: Vec<String> = [why("A", &self.a), why("B", &self.b)]
             .into_iter()
@@ -511,6 +515,9 @@ pub fn diff_paired(a: &Dump, b: &Dump, opts: &DiffOptions, pairs: &[(String, Str
     for p in &prompts {
         if !(profiled && p.judged == Judgement::Tolerance) {
             notes.extend(judgement_note(p));
+        }
+        if p.diverged() {
+            notes.extend(p.undelivered.iter().map(|u| format!("prompt {}: {u}", p.id)));
         }
         if let Some(m) = &p.token_mismatch {
             notes.push(format!(

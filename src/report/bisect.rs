@@ -440,8 +440,13 @@ fn search_table_html(s: &mut String, r: &BisectReport) {
 /// Write bisect.{json,md,html} and the last probe's report.{json,md,html} into `dir`.
 pub fn write_bisect(r: &BisectReport, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    // After a crash the last comparison predates it: as report.* it would read as a pass.
-    if let (Some(d), None) = (&r.final_diff, &r.crash) {
+    // After a crash, a comparison that does not show it (an engine that wrote its dump
+    // whole, then died) would read as a pass as report.*: only one that shows it is kept.
+    if let Some(d) = r
+        .final_diff
+        .as_ref()
+        .filter(|d| r.crash.is_none() || d.engine_failure().is_some())
+    {
         write_all(d, dir)?;
     }
     let json = serde_json::to_vec_pretty(r).map_err(|e| Error::input(format!("report: {e}")))?;

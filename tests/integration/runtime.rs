@@ -239,7 +239,7 @@ fn preflight_refuses_before_any_op() {
         "-o",
         path_str(&out_dir),
     ]);
-    assert_refused(&out, "--prefill-chunk must be at least 1");
+    assert_refused(&out, "invalid value '0' for '--prefill-chunk");
     let out = resbisect(&[
         "dump",
         "--model",

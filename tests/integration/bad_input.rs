@@ -487,8 +487,8 @@ fn outputs_never_overwrite_inputs() {
     );
     let history = dump.join("history.jsonl");
     let report = dir.path().join("report");
-    assert_refused(
-        &resbisect(&[
+    let with_history = |h: &std::path::Path| {
+        resbisect(&[
             "report",
             "diff",
             d,
@@ -496,10 +496,10 @@ fn outputs_never_overwrite_inputs() {
             "-o",
             path_str(&report),
             "--history",
-            path_str(&history),
-        ]),
-        "--history",
-    );
+            path_str(h),
+        ])
+    };
+    assert_refused(&with_history(&history), "--history");
     assert_refused(
         &resbisect(&["model-info", path_str(&model), "-o", path_str(&model)]),
         "that is the input",
@@ -531,19 +531,7 @@ fn outputs_never_overwrite_inputs() {
     );
     // A history is appended to only when it is one: not a model, not a text file.
     for not_history in [&alias, &file] {
-        assert_refused(
-            &resbisect(&[
-                "report",
-                "diff",
-                d,
-                d,
-                "-o",
-                path_str(&report),
-                "--history",
-                path_str(not_history),
-            ]),
-            "not a resbisect history",
-        );
+        assert_refused(&with_history(not_history), "not a resbisect history");
     }
     assert_eq!(std::fs::read(&model).unwrap(), model_bytes);
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");

@@ -446,32 +446,29 @@ fn an_engine_that_leaves_out_layers_cannot_pass_the_layer_search() {
     let dump = format!(
         "{exe} dump --engine runtime --model {{model}} --tokens \"$(cat {{tokens}})\" --id {{prompt_id}} --positions {{positions}} -o {{out}}"
     );
-    let out = run(
-        &format!(
-            "L=$(echo {{layers}} | tr , '\\n' | awk '$1 < 10' | paste -sd, -); {dump} --inject blk.14.ffn_out:scale=1.05@3 --layers ${{L:-none}} --taps {{taps}}"
+    for (filter, rest, work, left_out) in [
+        (
+            "L=$(echo {layers} | tr , '\\n' | awk '$1 < 10' | paste -sd, -)",
+            "--inject blk.14.ffn_out:scale=1.05@3 --layers ${L:-none} --taps {taps}",
+            "w",
+            "blk.16.resid_post, blk.29.resid_post",
         ),
-        "w",
-    );
-    assert_eq!(out.code, 3, "{}\n{}", out.stdout, out.stderr);
-    assert!(
-        out.stderr
-            .contains("engine A wrote no blk.16.resid_post, blk.29.resid_post for the coarse probe"),
-        "{}",
-        out.stderr
-    );
-    let out = run(
-        &format!(
-            "T=$(echo {{taps}} | tr , '\\n' | grep -v -e final_norm -e logits | paste -sd, -); {dump} --inject final_norm:scale=1.05@5 --layers {{layers}} --taps ${{T:-embed}}"
+        (
+            "T=$(echo {taps} | tr , '\\n' | grep -v -e final_norm -e logits | paste -sd, -)",
+            "--inject final_norm:scale=1.05@5 --layers {layers} --taps ${T:-embed}",
+            "head",
+            "final_norm, logits",
         ),
-        "head",
-    );
-    assert_eq!(out.code, 3, "{}\n{}", out.stdout, out.stderr);
-    assert!(
-        out.stderr
-            .contains("engine A wrote no final_norm, logits for the coarse probe"),
-        "{}",
-        out.stderr
-    );
+    ] {
+        let out = run(&format!("{filter}; {dump} {rest}"), work);
+        assert_eq!(out.code, 3, "{}\n{}", out.stdout, out.stderr);
+        assert!(
+            out.stderr
+                .contains(&format!("engine A wrote no {left_out} for the coarse probe")),
+            "{}",
+            out.stderr
+        );
+    }
 }
 
 /// Dump A as a copy of dump B (prompt `id`, files `stems`) with each file's positions and

@@ -519,7 +519,7 @@ fn check_stream_written(r: &DiffReport, purpose: &str, asked: Option<&[usize]>) 
         let stream: Vec<&str> = missing
             .iter()
             .map(String::as_str)
-            .filter(|t| matches!(*t, "embed" | "final_norm" | "logits") || t.ends_with(".resid_post"))
+            .filter(|t| Tap::parse(t).is_some_and(|tap| tap.is_stream()))
             .collect();
         if !stream.is_empty() {
             return Err(Error::engine(format!(

@@ -11,7 +11,7 @@ use super::metrics::{logit_stat, row_stat, RowStat};
 use super::{DiffOptions, Judge, Judgement, PromptDiff, TapDiff, TokenMismatch};
 use crate::dump::{Dump, TapDType, TapView};
 use crate::error::{Error, Result};
-use crate::taps::{FileStem, LayerTap, Tap};
+use crate::taps::{FileStem, Tap};
 use crate::tolerance::coarsest;
 
 /// The dump files either side holds for a prompt, in graph order: the loop runs over
@@ -256,15 +256,9 @@ pub(super) fn diff_prompt(
 /// (q and k, which an external engine may not capture) are only reported as missing.
 fn undelivered(name: &str, d: &Dump, missing: &[String], positions: &BTreeSet<usize>, n: usize) -> Option<String> {
     let selection = &d.manifest.selection;
-    let in_stream = |tap: &Tap| {
-        matches!(
-            tap,
-            Tap::Embed | Tap::FinalNorm | Tap::Logits | Tap::Layer(_, LayerTap::ResidPost)
-        )
-    };
     let stream: Vec<String> = missing
         .iter()
-        .filter(|t| Tap::parse(t).is_some_and(|tap| in_stream(&tap) && selection.wants(&tap)))
+        .filter(|t| Tap::parse(t).is_some_and(|tap| tap.is_stream() && selection.wants(&tap)))
         .cloned()
         .collect();
     let selected = selection.positions.resolve(n).unwrap_or_default();

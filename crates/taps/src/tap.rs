@@ -160,6 +160,16 @@ impl Tap {
         }
     }
 
+    /// Whether layers and the head are judged by this tap: the residual stream (`embed`,
+    /// each layer's `resid_post`), `final_norm` and `logits`. An engine must write these
+    /// where asked; the taps inside a layer (q, k) an external engine may not capture.
+    pub fn is_stream(&self) -> bool {
+        matches!(
+            self,
+            Tap::Embed | Tap::FinalNorm | Tap::Logits | Tap::Layer(_, LayerTap::ResidPost)
+        )
+    }
+
     /// Whether a model has this tap ([`LayerTap::in_model`]).
     pub fn in_model(&self, c: &Config) -> bool {
         match *self {

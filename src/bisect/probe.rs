@@ -132,6 +132,9 @@ pub(super) struct Session<'e> {
     pub(super) twin_noise: RefCell<BTreeMap<String, f64>>,
     /// Tap ids whose tolerance the twin sets without the generic floor (`twin.rs`).
     pub(super) flip_free_taps: Vec<String>,
+    /// Whether both engines have written a probe's dumps: after that, an engine that
+    /// refuses a probe failed on input it must take.
+    engines_accepted: bool,
 }
 
 impl<'e> Session<'e> {
@@ -160,6 +163,7 @@ impl<'e> Session<'e> {
             twin,
             twin_noise: Default::default(),
             flip_free_taps,
+            engines_accepted: false,
         }
     }
 
@@ -213,21 +217,27 @@ impl<'e> Session<'e> {
                 .enumerate()
         {
             seconds[i] = secs;
-            match result {
-                Ok(()) => {}
-                Err(Error::Engine(msg)) => {
-                    crash = crash.or_else(|| {
-                        Some(Crash {
-                            engine: name.into(),
-                            label: engine.label(),
-                            error: crash_report(out, &msg),
-                            probe: purpose.into(),
-                        })
-                    });
+            let failure = match result {
+                Ok(()) => continue,
+                // A cut prompt or a smaller selection is input the engine must take once it
+                // took the search's first probe: its refusal is a finding about the engine,
+                // and the search so far is kept (a usage error would lose it).
+                Err(Error::Input(msg)) if self.engines_accepted => {
+                    format!("refused a probe after accepting the earlier ones: {msg}")
                 }
+                Err(Error::Engine(msg)) => msg,
                 Err(e) => return Err(e),
-            }
+            };
+            crash = crash.or_else(|| {
+                Some(Crash {
+                    engine: name.into(),
+                    label: engine.label(),
+                    error: crash_report(out, &failure),
+                    probe: purpose.into(),
+                })
+            });
         }
+        self.engines_accepted |= crash.is_none();
         let mut record = ProbeRecord {
             purpose: purpose.into(),
             tokens,

@@ -300,9 +300,9 @@ pub enum ReportKind {
         /// Append this run's verdicts to a nightly history (JSONL).
         #[arg(long)]
         history: Option<PathBuf>,
-        /// Name of the run in the history.
-        #[arg(long, default_value = "run", requires = "history")]
-        run: String,
+        /// Name of the run in the history, unique in it (default: the date and time).
+        #[arg(long, requires = "history")]
+        run: Option<String>,
     },
     /// Turn a nightly history into trend.md and trend.html.
     Trend {

@@ -380,16 +380,23 @@ pub fn report(kind: ReportKind) -> Result<ExitCode> {
                 refuse_writing_over_inputs(h, "--history", &[&a, &b])?;
                 // Appending to a file that is not a history (a model, a report) would damage it.
                 if h.exists() {
-                    report::read_history(h).map_err(|e| {
+                    let past = report::read_history(h).map_err(|e| {
                         Error::input(format!("--history {}: not a resbisect history ({e})", h.display()))
                     })?;
+                    // The trend has a row per run: a second row of the same name reads as one.
+                    if let Some(name) = run.as_ref().filter(|name| past.iter().any(|e| &e.run == *name)) {
+                        return Err(Error::input(format!(
+                            "--run {name}: {} already holds a run of that name",
+                            h.display()
+                        )));
+                    }
                 }
             }
             prepare_report_dir(&output, "--output")?;
             let r = compare(&a, &b, &args, &pair)?;
             report::write_all(&r, &output)?;
             if let Some(h) = history {
-                report::append_history(&h, &report::history_entry(&r, &run))?;
+                report::append_history(&h, &report::history_entry(&r, run.as_deref()))?;
             }
             print!("{}", report::terminal_summary(&r));
             eprintln!("wrote {}/report.{{json,md,html}}", output.display());

@@ -35,7 +35,11 @@ fn scenario(model: &str, prompts: &Path) -> Result<Scenario> {
     if model != "gemma" {
         let fault = "blk.11.rope:shift=3@827";
         return Ok(Scenario {
-            model: PathBuf::from(if model == "smollm2" { SMOLLM2 } else { model }),
+            model: if model == "smollm2" {
+                fixture(SMOLLM2)
+            } else {
+                PathBuf::from(model)
+            },
             input: Input::Suite {
                 path: prompts.to_path_buf(),
                 only: Some("long_1652".into()),
@@ -51,7 +55,7 @@ fn scenario(model: &str, prompts: &Path) -> Result<Scenario> {
     // lets the query at position 512 see position 0, so nothing differs before 512.
     let fault = "blk.7.window:shift=1@0";
     Ok(Scenario {
-        model: PathBuf::from(GEMMA),
+        model: fixture(GEMMA),
         input: suite_text(prompts, "long_826")?,
         fault,
         story: [
@@ -59,6 +63,18 @@ fn scenario(model: &str, prompts: &Path) -> Result<Scenario> {
             "bisect should name blk.7.attn at position 512 (the window's edge) and attribute it to layer 7".into(),
         ],
     })
+}
+
+/// A fixture under the working directory, else under the source tree this binary was
+/// built from: the demo then runs from any directory of the machine that built it.
+fn fixture(path: impl AsRef<Path>) -> PathBuf {
+    let path = path.as_ref();
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    if path.is_relative() && !path.exists() && built.exists() {
+        built
+    } else {
+        path.to_path_buf()
+    }
 }
 
 /// The text of prompt `id` of a suite, to be tokenized by the model's own tokenizer (the
@@ -93,14 +109,16 @@ fn fresh_output(output: &Path) -> Result<()> {
 /// Run the scenario `--model` names: the faulty runtime bisected against the reference.
 pub fn demo(a: DemoArgs) -> Result<ExitCode> {
     let DemoArgs { model, prompts, output } = a;
+    let prompts = fixture(prompts);
     let s = scenario(&model, &prompts)?;
     if !s.model.exists() {
         let cwd = std::env::current_dir().map_or_else(|_| "?".into(), |d| d.display().to_string());
         return Err(Error::input(match model.as_str() {
             "smollm2" | "gemma" => format!(
-                "{} is missing under the working directory {cwd}: run the demo from the repository root, after \
-                 ./scripts/fetch-models.sh",
-                s.model.display()
+                "{} is missing (looked under {cwd} and under {}): run ./scripts/fetch-models.sh in the \
+                 repository, or name a model file and a prompt suite with --model PATH --prompts PATH",
+                s.model.display(),
+                env!("CARGO_MANIFEST_DIR")
             ),
             _ => format!("--model {model}: no such file (smollm2, gemma, or the path of a SmolLM2-shaped GGUF)"),
         }));

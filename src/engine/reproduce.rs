@@ -97,7 +97,8 @@ impl DumpCommand<'_> {
         )
     }
 
-    /// The arguments every engine shares: model, suite, selection, output, faults.
+    /// The arguments every engine shares: model, suite, selection, output (replaced when
+    /// the commands run again), faults.
     fn args(&self) -> String {
         let injections: String = self
             .injections
@@ -105,7 +106,7 @@ impl DumpCommand<'_> {
             .map(|i| format!(" --inject {}", shell_quote(i)))
             .collect();
         format!(
-            "--model {} --prompts {} --layers {} --taps {} --positions {} -o {}{injections}",
+            "--model {} --prompts {} --layers {} --taps {} --positions {} -o {} --overwrite{injections}",
             shell_quote(&self.model.gguf.path.display().to_string()),
             shell_quote(&self.suite.display().to_string()),
             layers_arg(&self.selection.layers),

@@ -19,10 +19,11 @@ pub fn bisect_summary(r: &BisectReport) -> String {
         r.engine_a, r.engine_b, r.prompt, r.n_tokens
     );
     let _ = writeln!(s, "\nsearch path:");
+    let name_width = r.probes.iter().map(|p| p.purpose.chars().count()).max().unwrap_or(0);
     for (i, p) in r.probes.iter().enumerate() {
         let _ = writeln!(
             s,
-            "  {:>2}. {:<14} {:>5} tok  {:>6.2}s + {:>6.2}s  {:>9}  {}",
+            "  {:>2}. {:<name_width$} {:>5} tok  {:>6.2}s + {:>6.2}s  {:>9}  {}",
             i + 1,
             p.purpose,
             p.tokens,

@@ -31,10 +31,12 @@ pub struct HistoryPrompt {
     pub max_rel_l2: f64,
 }
 
-pub fn history_entry(r: &DiffReport, run: &str) -> HistoryEntry {
+/// `r`'s verdicts as the history's line for run `run` (default: its date and time, UTC).
+pub fn history_entry(r: &DiffReport, run: Option<&str>) -> HistoryEntry {
+    let date = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     HistoryEntry {
-        run: run.to_string(),
-        date: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        run: run.map_or_else(|| date.clone(), str::to_string),
+        date,
         prompts: r
             .prompts
             .iter()

@@ -401,11 +401,7 @@ impl Backend for CpuBackend {
     fn copy_rows(&self, src: &Vec<f32>, dst: &mut Vec<f32>, dst_row: Row, rows: usize, width: usize) -> Result<()> {
         let dst_row = dst_row.resolve(&self.step.get());
         check(src.len(), rows * width, "copy_rows source")?;
-        check(
-            dst.len(),
-            (dst_row + rows) * width,
-            "copy_rows destination (KV cache too small)",
-        )?;
+        check(dst.len(), (dst_row + rows) * width, "copy_rows destination")?;
         dst[dst_row * width..(dst_row + rows) * width].copy_from_slice(&src[..rows * width]);
         Ok(())
     }

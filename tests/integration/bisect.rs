@@ -257,14 +257,15 @@ fn demo_reproduces_the_long_context_rope_fault() {
 
 /// `demo --model gemma`: a sliding window one position too wide in layer 7 of the real
 /// Gemma 3 270M changes nothing before the window's edge; bisect names the attention
-/// output there, at position 512, and replay pins it on layer 7.
+/// output there, at position 512, and replay pins it on layer 7. Run from outside the
+/// repository: the demo finds its fixtures in the source tree it was built from.
 #[test]
 fn demo_gemma_finds_the_sliding_window_fault_at_the_window_edge() {
     gemma3();
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_resbisect"))
-        .current_dir(root())
-        .args(["demo", "--model", "gemma", "-o", path_str(&dir.path().join("demo"))])
+        .current_dir(dir.path())
+        .args(["demo", "--model", "gemma", "-o", "demo"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -441,6 +442,38 @@ pub fn bisect_external(suite: &str, id: &str, command: &str, extra: &[&str], wor
 fn bisect_c_engine_128(dir: &Path, base: &str, bug: &str, work: &str, extra: &[&str]) -> (i32, Value) {
     let command = format!("{base} {bug}");
     bisect_external(&bisect_prompt(), "p6_len_128", &command, extra, &dir.join(work))
+}
+
+/// An engine that takes the whole prompt and refuses the cut one (exit 2) failed on input
+/// it must take: bisect exits 3 with the search so far and the refusal, not 2 with nothing.
+#[test]
+fn an_engine_refusing_a_cut_prompt_fails_with_the_search_so_far() {
+    let dir = tempfile::tempdir().unwrap();
+    raw_reference(dir.path(), "p6_len_128");
+    let base = c_engine(dir.path());
+    let refuse_short = "[ \"$(tr , ' ' < {tokens} | wc -w)\" -ge 128 ] || { echo fewer than 128 tokens >&2; exit 2; }";
+    let command = format!("{refuse_short}; {base} --bug-layer 3 --bug-pos 5 --bug-value 0.5");
+    let (code, r) = bisect_external(&bisect_prompt(), "p6_len_128", &command, &[], &dir.path().join("w"));
+    assert_eq!(code, 3, "{r}");
+    assert_eq!(
+        (&r["outcome"], &r["crash"]["engine"]),
+        (&"crashed".into(), &"A".into()),
+        "{r}"
+    );
+    let message = r["crash"]["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("refused a probe after accepting the earlier ones")
+            && message.contains("fewer than 128 tokens"),
+        "{message}"
+    );
+    // The coarse probe over the whole prompt, and what it found, are in the report.
+    let probes = r["probes"].as_array().unwrap();
+    assert!(probes.len() >= 2 && probes[0]["tokens"] == 128, "{r}");
+    assert!(
+        probes[0]["finding"].as_str().unwrap().contains("good through layer 2"),
+        "{}",
+        probes[0]
+    );
 }
 
 /// A bug that needs the next token (a causal mask off by one) leaves each prompt's last

@@ -176,7 +176,7 @@ fn dump_traces_its_phases() {
 }
 
 /// Without --work, bisect removes its probe dumps but keeps what the reproduce commands
-/// read; those commands run as printed, with no `resbisect` on PATH.
+/// read; those commands run as printed, again and again, with no `resbisect` on PATH.
 #[test]
 fn bisect_cleans_up_and_its_reproduce_commands_run_as_printed() {
     let dir = tempfile::tempdir().unwrap();
@@ -225,7 +225,9 @@ fn bisect_cleans_up_and_its_reproduce_commands_run_as_printed() {
         .map(|c| c.as_str().unwrap())
         .collect();
     assert_eq!(reproduce.len(), 3, "{reproduce:?}");
-    for (cmd, want) in reproduce.iter().zip([0, 0, 1]) {
+    // Twice: a second run replaces the first one's dumps rather than refusing to write
+    // and leaving the diff to compare the old ones.
+    for (cmd, want) in reproduce.iter().chain(&reproduce).zip([0, 0, 1, 0, 0, 1]) {
         assert!(!cmd.starts_with("resbisect "), "{cmd}");
         let status = Command::new("sh")
             .args(["-c", cmd])

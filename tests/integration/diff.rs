@@ -479,6 +479,23 @@ fn reports_are_self_contained_and_escape_prompt_text() {
         ]);
         assert!(out.code <= 1, "{}", out.stderr);
     }
+    // A run name the history holds is refused, and the history is left as it was; without
+    // --run, a run is named by its date.
+    let before = std::fs::read_to_string(&history).unwrap();
+    let diff_into_history = |run: &[&str]| {
+        let mut args = vec!["report", "diff", path_str(&a), path_str(&b), "-o", path_str(&dir)];
+        args.extend_from_slice(&["--history", path_str(&history)]);
+        args.extend_from_slice(run);
+        resbisect(&args)
+    };
+    let out = diff_into_history(&["--run", "night-3"]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("--run night-3:") && out.stderr.contains("already holds a run of that name"));
+    assert_eq!(std::fs::read_to_string(&history).unwrap(), before);
+    assert_eq!(diff_into_history(&[]).code, 1);
+    let last = std::fs::read_to_string(&history).unwrap();
+    let entry: Value = serde_json::from_str(last.lines().last().unwrap()).unwrap();
+    assert_eq!(entry["run"], entry["date"], "{entry}");
     let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
     assert!(!html.contains("<script"), "prompt text must stay text");
     assert!(!html.contains("<img"), "prompt text must stay text");

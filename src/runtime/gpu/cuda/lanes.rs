@@ -88,10 +88,14 @@ impl<T: LaneElem> LanePool<T> {
 
     /// Lanes of `len` elements for `count` captures: as many as fit in a budget of
     /// page-locked memory (at least two, so that a copy overlaps a write), no more than
-    /// the captures. Lanes that fit are kept from earlier dumps, as bisect's probes are.
+    /// the captures. Lanes that fit are kept from earlier dumps, as bisect's probes are;
+    /// none is smaller than an even share of the budget, so that probes of a few more rows
+    /// reuse them (page-locked memory costs about 1 ms per MiB to make: bisect's probes on
+    /// an H200 spent 80 ms replacing lanes a few rows too small).
     pub(crate) fn reserve(self: &Arc<Self>, compute: &Arc<CudaStream>, len: usize, count: usize) -> Result<()> {
         let t0 = std::time::Instant::now();
         let budget = crate::sys::available_memory().map_or(PINNED_BUDGET, |m| (m / 8).min(PINNED_BUDGET));
+        let len = len.max(budget as usize / MAX_LANES / std::mem::size_of::<T>());
         let lane_bytes = (len.div_ceil(LANE_GRAIN) * LANE_GRAIN * std::mem::size_of::<T>()) as u64;
         let want = ((budget / lane_bytes.max(1)).clamp(2, MAX_LANES as u64) as usize).min(count);
         let mut made = 0;

@@ -122,6 +122,7 @@ where
         // A stream of our own: the legacy default stream cannot be recorded into a graph.
         let stream = ctx.new_stream().map_err(device_error("creating a stream"))?;
         let device = format!("{} ({arch})", ctx.name().unwrap_or_else(|_| "NVIDIA GPU".into()));
+        crate::trace::mark(|| "cuda: functions and stream ready".into());
         Ok(Self {
             blas: Blas::start(stream.clone()),
             lanes: LanePool::new(ctx)?,

@@ -86,7 +86,11 @@ fn usage_error(e: clap::Error) -> ExitCode {
     ) {
         e.exit();
     }
-    let text = e.to_string();
+    let mut text = e.to_string();
+    // A value with a line break or a terminal escape is shown escaped, on the one line.
+    if let Some(clap::error::ContextValue::String(value)) = e.get(clap::error::ContextKind::InvalidValue) {
+        text = text.replacen(value.as_str(), &value.escape_debug().to_string(), 1);
+    }
     let mut lines = text.lines().skip_while(|l| l.trim().is_empty());
     let mut line = lines.next().unwrap_or("error: bad arguments").to_string();
     // "the following required arguments were not provided:" lists them indented below.

@@ -16,6 +16,7 @@ use crate::dump::{Dump, MappedFile, PromptRecord, Status, TapView};
 use crate::engine::{crash_report, Engine};
 use crate::error::{Error, Result};
 use crate::taps::{LayerTap, PositionSpec, Selection, Tap};
+use crate::tolerance::Tolerances;
 
 /// One probe: both engines dumped the same selection over the same prefix.
 #[derive(Debug, Clone, Serialize)]
@@ -209,34 +210,52 @@ impl<'e> Session<'e> {
             (result_b, twin) => (result_b, twin.map_or(0.0, |t| t.1)),
         };
         let result_b = (result_b, seconds_b);
-        let mut crash = None;
+        // A crash of either engine wins over the other's refusal of its input: a crashed
+        // engine must never read as a usage error. The other's failure joins its message.
         let mut seconds = [0.0; 2];
+        let mut failures: Vec<(&str, &dyn Engine, &PathBuf, Error)> = Vec::new();
         for (i, ((result, secs), engine, out, name)) in
             [(result_a, &*self.a, &dirs.a, "A"), (result_b, &*self.b, &dirs.b, "B")]
                 .into_iter()
                 .enumerate()
         {
             seconds[i] = secs;
-            let failure = match result {
-                Ok(()) => continue,
+            match result {
+                Ok(()) => {}
                 // A cut prompt or a smaller selection is input the engine must take once it
                 // took the search's first probe: its refusal is a finding about the engine,
                 // and the search so far is kept (a usage error would lose it).
-                Err(Error::Input(msg)) if self.engines_accepted => {
-                    format!("refused a probe after accepting the earlier ones: {msg}")
+                Err(Error::Input(msg)) if self.engines_accepted => failures.push((
+                    name,
+                    engine,
+                    out,
+                    Error::Engine(format!("refused a probe after accepting the earlier ones: {msg}")),
+                )),
+                Err(e) => failures.push((name, engine, out, e)),
+            }
+        }
+        let crashed = failures.iter().position(|f| matches!(f.3, Error::Engine(_)));
+        let crash = match crashed {
+            None => match failures.into_iter().next() {
+                Some((.., refusal)) => return Err(refusal),
+                None => None,
+            },
+            Some(i) => {
+                let (name, engine, out, Error::Engine(msg)) = failures.swap_remove(i) else {
+                    unreachable!("position() found an engine error")
+                };
+                let mut error = crash_report(out, &msg);
+                if let Some((other, .., e)) = failures.first() {
+                    error.message = format!("{}; engine {other} also failed: {e}", error.message);
                 }
-                Err(Error::Engine(msg)) => msg,
-                Err(e) => return Err(e),
-            };
-            crash = crash.or_else(|| {
                 Some(Crash {
                     engine: name.into(),
                     label: engine.label(),
-                    error: crash_report(out, &failure),
+                    error,
                     probe: purpose.into(),
                 })
-            });
-        }
+            }
+        };
         self.engines_accepted |= crash.is_none();
         let mut record = ProbeRecord {
             purpose: purpose.into(),
@@ -260,7 +279,7 @@ impl<'e> Session<'e> {
             Some(c) => {
                 record.finding = format!("engine {} failed: {}", c.engine, c.error.message);
                 let partial = match (Dump::open(&dirs.a), Dump::open(&dirs.b)) {
-                    (Ok(da), Ok(db)) => diff::diff(&da, &db, &self.diff_options(judge, None)).ok(),
+                    (Ok(da), Ok(db)) => diff::diff(&da, &db, &self.diff_options(judge)).ok(),
                     _ => None,
                 };
                 ProbeResult::Crashed(c, partial)
@@ -323,15 +342,9 @@ impl<'e> Session<'e> {
         })
     }
 
-    /// Comparison options; the tolerances include what the twin measured (and, given
-    /// the probe's directory, are written there for its reproduce commands).
-    fn diff_options(&self, judge: Judge, probe_dir: Option<&Path>) -> DiffOptions {
+    /// Comparison options; the tolerances include what the twin measured.
+    fn diff_options(&self, judge: Judge) -> DiffOptions {
         let tolerances = self.tolerances();
-        if let (Some(dir), true) = (probe_dir, self.twin.is_some()) {
-            if let Ok(text) = serde_json::to_string_pretty(&tolerances) {
-                let _ = std::fs::write(dir.join("tolerances.json"), text);
-            }
-        }
         DiffOptions {
             tolerances,
             allow_model_mismatch: self.opts.allow_model_mismatch,
@@ -391,7 +404,7 @@ impl<'e> Session<'e> {
                 )));
             }
         }
-        let r = diff::diff(&da, &db, &self.diff_options(judge, b.parent()))?;
+        let r = diff::diff(&da, &db, &self.diff_options(judge))?;
         check_stream_written(&r, purpose, asked)?;
         Ok(r)
     }
@@ -405,13 +418,22 @@ impl<'e> Session<'e> {
             dirs.dir.join("reproduce").join("b"),
         );
         let quote = |p: &Path| crate::engine::shell_quote(&p.display().to_string());
-        // Under a twin, the tolerances it set are the probe's own file.
-        let tol = match &self.twin {
-            Some(_) => Some(dirs.dir.join("tolerances.json").display().to_string()),
-            None => self.opts.tolerances.source.clone(),
-        }
-        .map(|p| format!(" --tolerances {}", crate::engine::shell_quote(&p)))
-        .unwrap_or_default();
+        // The tolerances the probe was judged by (a file given, what a twin measured), as
+        // the probe's own file; the defaults need none.
+        let tolerances = self.tolerances();
+        let file = dirs.dir.join("tolerances.json");
+        let written = tolerances != Tolerances::default()
+            && serde_json::to_string_pretty(&tolerances).is_ok_and(|text| std::fs::write(&file, text + "\n").is_ok());
+        let tol = if written {
+            format!(" --tolerances {}", quote(&file))
+        } else {
+            String::new()
+        };
+        let mismatch = if self.opts.allow_model_mismatch {
+            " --allow-model-mismatch"
+        } else {
+            ""
+        };
         let mut commands = vec![
             self.a.reproduce(prompt_id, &dirs.suite, sel, &dirs.a, &repro_a),
             self.b.reproduce(prompt_id, &dirs.suite, sel, &dirs.b, &repro_b),
@@ -427,7 +449,7 @@ impl<'e> Session<'e> {
             Judge::NoiseFloor => " --judge floor",
         };
         commands.push(format!(
-            "{} diff {} {}{tol}{judge}",
+            "{} diff {} {}{tol}{mismatch}{judge}",
             crate::engine::resbisect_command(),
             quote(&repro_a),
             quote(&repro_b)

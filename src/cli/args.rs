@@ -301,7 +301,7 @@ pub enum ReportKind {
         #[arg(long)]
         history: Option<PathBuf>,
         /// Name of the run in the history, unique in it (default: the date and time).
-        #[arg(long, requires = "history")]
+        #[arg(long, requires = "history", value_parser = run_name)]
         run: Option<String>,
     },
     /// Turn a nightly history into trend.md and trend.html.
@@ -417,7 +417,7 @@ pub struct BisectArgs {
     /// Longest one run of an external engine (A or B) may take, e.g. 90s or 10m: past it the
     /// engine and every process it started are killed and the engine counts as crashed
     /// (exit 3, its partial dump kept). Default: no limit.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = engine_timeout)]
     pub engine_timeout: Option<std::time::Duration>,
     /// Runtime oracle B's backend.
     #[arg(long, value_enum, default_value = "cpu")]
@@ -547,4 +547,29 @@ pub struct DumpArgs {
 /// parser, which names the flag.
 fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
     clap::builder::RangedU64ValueParser::new().range(1..)
+}
+
+/// `--engine-timeout`: a duration with its unit, above zero (a zero limit would kill every
+/// run and read as a crash).
+fn engine_timeout(s: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be above zero (e.g. 90s or 10m)".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("{e} (e.g. 90s or 10m)")),
+    }
+}
+
+/// `--run`: a name a trend table shows as one cell: not blank, no control characters, no
+/// spaces around it (names that differ only there would look alike), at most 100 characters.
+fn run_name(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Err("a run needs a name that is not blank".into());
+    }
+    if s.chars().any(char::is_control) || s.trim() != s {
+        return Err("a run name has no control characters and no spaces at either end".into());
+    }
+    if s.chars().count() > 100 {
+        return Err("a run name has at most 100 characters".into());
+    }
+    Ok(s.to_string())
 }

@@ -85,7 +85,22 @@ fn name_oracle_backend(e: Error, a: &EngineSpec, b: &EngineSpec) -> Error {
     }
 }
 
-pub(super) fn run(r: BisectRun) -> Result<ExitCode> {
+pub(super) fn run(mut r: BisectRun) -> Result<ExitCode> {
+    // The reproduce commands name these paths: absolute, they run from any directory.
+    // (A missing one keeps the name it was given, for the error that names it.)
+    let absolute = |p: &mut PathBuf| {
+        if let Ok(a) = std::path::absolute(&*p) {
+            *p = a;
+        }
+    };
+    for path in [Some(&mut r.model), r.tolerances.as_mut()].into_iter().flatten() {
+        if path.exists() {
+            absolute(path);
+        }
+    }
+    if let Some(work) = r.work.as_mut() {
+        absolute(work);
+    }
     let model = Model::open(&r.model)?;
     let records = r.input.resolve(&model, None)?;
     let [prompt] = <[_; 1]>::try_from(records).map_err(|r| {

@@ -378,6 +378,28 @@ pub fn report(kind: ReportKind) -> Result<ExitCode> {
         } => {
             if let Some(h) = &history {
                 refuse_writing_over_inputs(h, "--history", &[&a, &b])?;
+                let in_output = match (std::path::absolute(h), std::path::absolute(&output)) {
+                    (Ok(history), Ok(dir)) => history.starts_with(dir),
+                    _ => false,
+                };
+                if in_output {
+                    return Err(Error::input(format!(
+                        "--history {}: lies in --output {}, which the report rewrites; keep the history elsewhere",
+                        h.display(),
+                        output.display()
+                    )));
+                }
+                let parent = h
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                if !parent.is_dir() {
+                    return Err(Error::input(format!(
+                        "--history {}: no directory {} to keep it in",
+                        h.display(),
+                        parent.display()
+                    )));
+                }
                 // Appending to a file that is not a history (a model, a report) would damage it.
                 if h.exists() {
                     let past = report::read_history(h).map_err(|e| {
@@ -396,7 +418,7 @@ pub fn report(kind: ReportKind) -> Result<ExitCode> {
             let r = compare(&a, &b, &args, &pair)?;
             report::write_all(&r, &output)?;
             if let Some(h) = history {
-                report::append_history(&h, &report::history_entry(&r, run.as_deref()))?;
+                report::append_history(&h, report::history_entry(&r, run.as_deref()), run.is_some())?;
             }
             print!("{}", report::terminal_summary(&r));
             eprintln!("wrote {}/report.{{json,md,html}}", output.display());

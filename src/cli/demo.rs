@@ -91,7 +91,11 @@ fn suite_text(path: &Path, id: &str) -> Result<Input> {
     Ok(Input::Text { id: id.into(), text })
 }
 
-/// Replace an earlier demo's directory (only one carrying the marker) with an empty one.
+/// What a demo writes in its directory, besides the marker.
+const DEMO_OUTPUTS: [&str; 2] = ["probes", "report"];
+
+/// An empty directory for the demo: a new one, or an earlier demo's (one carrying the
+/// marker) with its outputs removed. Anything else in it is refused, never deleted.
 fn fresh_output(output: &Path) -> Result<()> {
     if output.exists() {
         if !output.join(DEMO_MARKER).exists() {
@@ -100,7 +104,23 @@ fn fresh_output(output: &Path) -> Result<()> {
                 output.display()
             )));
         }
-        std::fs::remove_dir_all(output).map_err(|e| Error::io(output, e))?;
+        let entries = std::fs::read_dir(output).map_err(|e| Error::io(output, e))?;
+        for entry in entries {
+            let name = entry.map_err(|e| Error::io(output, e))?.file_name();
+            let ours = name == DEMO_MARKER || DEMO_OUTPUTS.iter().any(|o| name == *o);
+            if !ours {
+                return Err(Error::input(format!(
+                    "{} holds {:?}, which an earlier demo did not write: move it, or pick another --output",
+                    output.display(),
+                    name
+                )));
+            }
+        }
+        for dir in DEMO_OUTPUTS.map(|o| output.join(o)) {
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            }
+        }
     }
     std::fs::create_dir_all(output).map_err(|e| Error::io(output, e))?;
     std::fs::write(output.join(DEMO_MARKER), "").map_err(|e| Error::io(output, e))

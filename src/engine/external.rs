@@ -23,6 +23,9 @@ pub struct ExternalEngine {
     n_layer: usize,
     /// Longest one run may take before it is killed and counts as crashed.
     timeout: Option<Duration>,
+    /// Where the command runs (resbisect's own directory): its reproduce line goes there
+    /// first, so that a relative program or path means what it meant.
+    cwd: Option<PathBuf>,
 }
 
 /// Placeholders an external command template may use.
@@ -71,6 +74,7 @@ impl ExternalEngine {
             model_info,
             n_layer: model.config.n_layer,
             timeout,
+            cwd: std::env::current_dir().ok(),
         })
     }
 
@@ -227,8 +231,19 @@ impl Engine for ExternalEngine {
         Ok(())
     }
 
+    /// The run again, in the directory it ran in, into `out` emptied first (engines
+    /// refuse a directory that holds a dump), so the line runs as often as wanted.
     fn reproduce(&self, prompt_id: &str, _suite: &Path, selection: &Selection, written: &Path, out: &Path) -> String {
-        self.expand(prompt_id, selection, written, out)
+        let path = |p: &Path| shell_quote(&p.display().to_string());
+        let cd = self
+            .cwd
+            .as_deref()
+            .map_or_else(String::new, |d| format!("cd {} && ", path(d)));
+        format!(
+            "{cd}rm -rf {} && ( {} )",
+            path(out),
+            self.expand(prompt_id, selection, written, out)
+        )
     }
 }
 

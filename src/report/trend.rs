@@ -60,23 +60,59 @@ pub fn history_entry(r: &DiffReport, run: Option<&str>) -> HistoryEntry {
     }
 }
 
-pub fn append_history(path: &Path, entry: &HistoryEntry) -> Result<()> {
-    use std::io::Write;
+/// Append `entry` to the history at `path` (created if absent) under an exclusive lock,
+/// so that runs at once neither interleave nor take one name. A name the history already
+/// holds is refused when the user `chose` it, else made unique ("<date>-2"); a history
+/// whose last line lacks its newline (edited by hand) gets one first.
+///
+/// Errors: `path` cannot be opened, locked or written; its lines are not history entries;
+/// a chosen name is taken (all bad input, exit 2).
+pub fn append_history(path: &Path, mut entry: HistoryEntry, chose: bool) -> Result<()> {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
     let mut f = std::fs::OpenOptions::new()
         .create(true)
+        .read(true)
         .append(true)
         .open(path)
         .map_err(|e| Error::io(path, e))?;
-    let line = serde_json::to_string(entry).map_err(|e| Error::input(format!("history: {e}")))?;
-    // A history whose last line lacks its newline (edited by hand) must not glue the new
-    // record onto it.
-    let unterminated = std::fs::read(path).is_ok_and(|b| b.last().is_some_and(|&c| c != b'\n'));
-    let lead = if unterminated { "\n" } else { "" };
+    // SAFETY: flock on a descriptor this function owns; the lock ends when it closes.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(Error::io(path, std::io::Error::last_os_error()));
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text).map_err(|e| Error::io(path, e))?;
+    let taken: Vec<String> = parse_history(path, &text)?.into_iter().map(|e| e.run).collect();
+    if taken.contains(&entry.run) {
+        if chose {
+            return Err(Error::input(format!(
+                "--run {}: {} already holds a run of that name",
+                entry.run,
+                path.display()
+            )));
+        }
+        let base = entry.run.clone();
+        entry.run = (2..)
+            .map(|n| format!("{base}-{n}"))
+            .find(|name| !taken.contains(name))
+            .expect("an unused suffix");
+    }
+    let line = serde_json::to_string(&entry).map_err(|e| Error::input(format!("history: {e}")))?;
+    let lead = if text.is_empty() || text.ends_with('\n') {
+        ""
+    } else {
+        "\n"
+    };
     writeln!(f, "{lead}{line}").map_err(|e| Error::io(path, e))
 }
 
 pub fn read_history(path: &Path) -> Result<Vec<HistoryEntry>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    parse_history(path, &text)
+}
+
+/// The entries of history `text`, read from `path` (named in errors).
+fn parse_history(path: &Path, text: &str) -> Result<Vec<HistoryEntry>> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())

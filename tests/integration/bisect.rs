@@ -253,6 +253,20 @@ fn demo_reproduces_the_long_context_rope_fault() {
     let html = std::fs::read_to_string(dir.path().join("demo/report/bisect.html")).unwrap();
     assert!(html.contains("blk.11.q"));
     assert!(dir.path().join("demo/report/report.html").is_file());
+    // A rerun replaces only what a demo wrote: a file of the user's there is refused, kept.
+    std::fs::write(dir.path().join("demo/notes.txt"), "mine").unwrap();
+    let again = resbisect(&["demo", "-o", path_str(&dir.path().join("demo"))]);
+    assert_eq!(again.code, 2);
+    let stderr = &again.stderr;
+    assert!(
+        stderr.contains("\"notes.txt\"") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("demo/notes.txt")).unwrap(),
+        "mine"
+    );
+    assert!(dir.path().join("demo/report/bisect.html").is_file());
 }
 
 /// `demo --model gemma`: a sliding window one position too wide in layer 7 of the real
@@ -442,6 +456,69 @@ pub fn bisect_external(suite: &str, id: &str, command: &str, extra: &[&str], wor
 fn bisect_c_engine_128(dir: &Path, base: &str, bug: &str, work: &str, extra: &[&str]) -> (i32, Value) {
     let command = format!("{base} {bug}");
     bisect_external(&bisect_prompt(), "p6_len_128", &command, extra, &dir.join(work))
+}
+
+/// The reproduce commands of a bisect given relative paths (an engine program, a work
+/// directory, a tolerance file) run as printed from another directory, twice, and judge as
+/// bisect judged: here a tolerance file loose enough to pass an injected bug.
+#[test]
+fn reproduce_commands_run_anywhere_again_and_judge_as_bisect_did() {
+    let dir = tempfile::tempdir().unwrap();
+    raw_reference(dir.path(), "p6_len_128");
+    let base = c_engine(dir.path());
+    let exe = dir.path().join("replay_engine");
+    let script = dir.path().join("engine.sh");
+    std::fs::write(&script, format!("#!/bin/sh\nexec '{}' \"$@\"\n", exe.display())).unwrap();
+    Command::new("chmod").arg("+x").arg(&script).status().unwrap();
+    let command = base.replacen(path_str(&exe), "./engine.sh", 1) + " --bug-layer 3 --bug-pos 5 --bug-value 0.5";
+    let loose = r#"{"version": 1, "defaults": {"F64": {"rel_l2": 1, "abs": 1}, "F32": {"rel_l2": 1, "abs": 1},
+        "F16": {"rel_l2": 1, "abs": 1}, "BF16": {"rel_l2": 1, "abs": 1}}}"#;
+    std::fs::write(dir.path().join("loose.json"), loose).unwrap();
+    let prompts = bisect_prompt();
+    let model = smollm2();
+    let args = [
+        "bisect",
+        "--model",
+        path_str(&model),
+        "--prompts",
+        &prompts,
+        "--id",
+        "p6_len_128",
+        "--engine",
+        "external",
+        "--command",
+        &command,
+        "--work",
+        "w",
+        "--tolerances",
+        "loose.json",
+        "--judge",
+        "tolerance",
+        "--json",
+    ];
+    let out = Command::new(env!("CARGO_BIN_EXE_resbisect"))
+        .current_dir(dir.path())
+        .args(args)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reproduce: Vec<&str> = r["reproduce"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert!(reproduce.last().unwrap().contains("--tolerances"), "{reproduce:?}");
+    for cmd in reproduce.iter().chain(&reproduce) {
+        let run = Command::new("sh").args(["-c", cmd]).current_dir("/").output().unwrap();
+        assert_eq!(
+            run.status.code(),
+            Some(0),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
 }
 
 /// An engine that takes the whole prompt and refuses the cut one (exit 2) failed on input

@@ -496,6 +496,57 @@ fn reports_are_self_contained_and_escape_prompt_text() {
     let last = std::fs::read_to_string(&history).unwrap();
     let entry: Value = serde_json::from_str(last.lines().last().unwrap()).unwrap();
     assert_eq!(entry["run"], entry["date"], "{entry}");
+    // Two runs in one second are still two names; a blank, padded or control-character name
+    // is refused, as is a history the report directory would rewrite or that has no directory.
+    assert_eq!(diff_into_history(&[]).code, 1);
+    let runs: Vec<String> = std::fs::read_to_string(&history)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["run"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert!(
+        runs.iter().all(|r| runs.iter().filter(|o| *o == r).count() == 1),
+        "{runs:?}"
+    );
+    let before = std::fs::read_to_string(&history).unwrap();
+    for bad in ["", " ", " night-9", "a\nb", "\u{1b}[31mred"] {
+        let out = diff_into_history(&["--run", bad]);
+        assert_eq!(
+            (out.code, out.stderr.lines().count()),
+            (2, 1),
+            "{bad:?}: {}",
+            out.stderr
+        );
+        assert!(out.stderr.contains("--run"), "{}", out.stderr);
+    }
+    let inside = dir.join("history.jsonl");
+    let missing = s.path("no-such-dir/history.jsonl");
+    for (h, says) in [(&inside, "lies in --output"), (&missing, "no directory")] {
+        let args = [
+            "report",
+            "diff",
+            path_str(&a),
+            path_str(&b),
+            "-o",
+            path_str(&dir),
+            "--history",
+            path_str(h),
+        ];
+        let out = resbisect(&args);
+        assert_eq!(out.code, 2, "{}", out.stderr);
+        assert!(
+            out.stderr.contains("--history") && out.stderr.contains(says),
+            "{}",
+            out.stderr
+        );
+        assert!(!h.exists());
+    }
+    assert_eq!(std::fs::read_to_string(&history).unwrap(), before);
     let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
     assert!(!html.contains("<script"), "prompt text must stay text");
     assert!(!html.contains("<img"), "prompt text must stay text");

@@ -503,12 +503,7 @@ fn reproduce_commands_run_anywhere_again_and_judge_as_bisect_did() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let reproduce: Vec<&str> = r["reproduce"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c.as_str().unwrap())
-        .collect();
+    let reproduce = reproduce_commands(&r);
     assert!(reproduce.last().unwrap().contains("--tolerances"), "{reproduce:?}");
     for cmd in reproduce.iter().chain(&reproduce) {
         let run = Command::new("sh").args(["-c", cmd]).current_dir("/").output().unwrap();

@@ -218,12 +218,7 @@ fn bisect_cleans_up_and_its_reproduce_commands_run_as_printed() {
     );
     assert!(!files_named(&work, "prompt.jsonl").is_empty());
 
-    let reproduce: Vec<&str> = r["reproduce"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c.as_str().unwrap())
-        .collect();
+    let reproduce = reproduce_commands(&r);
     assert_eq!(reproduce.len(), 3, "{reproduce:?}");
     // Twice: a second run replaces the first one's dumps rather than refusing to write
     // and leaving the diff to compare the old ones.

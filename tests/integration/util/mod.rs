@@ -171,3 +171,13 @@ pub fn fixture_prompt(fx: &safetensors::SafeTensors) -> (String, Vec<i64>, Strin
     let spec: Vec<String> = positions.iter().map(|p| p.to_string()).collect();
     (tokens.join(","), positions, spec.join(","))
 }
+
+/// The reproduce commands of a bisect's JSON report `r`.
+pub fn reproduce_commands(r: &serde_json::Value) -> Vec<&str> {
+    r["reproduce"]
+        .as_array()
+        .expect("a reproduce list")
+        .iter()
+        .map(|c| c.as_str().expect("a command"))
+        .collect()
+}

@@ -104,7 +104,7 @@ impl Session<'_> {
             let diverged = match result {
                 ProbeResult::Compared(r) => r.diverged,
                 crashed @ ProbeResult::Crashed(..) => {
-                    sum.finding = format!("chunk {} of {} crashed", k + 1, ends.len());
+                    sum.finding = format!("chunk {} of {} failed", k + 1, ends.len());
                     self.probes.push(sum);
                     self.dirs.push(dirs.dir);
                     return Ok(Streamed {

@@ -199,7 +199,7 @@ fn bytes(n: u64) -> String {
 
 fn bisect_title(r: &BisectReport) -> String {
     match (&r.crash, &r.first) {
-        (Some(c), _) => format!("engine {} crashed", c.engine),
+        (Some(c), _) => format!("engine {} failed", c.engine),
         (None, Some(f)) => format!("first divergence at {}, position {}", f.tap, f.position),
         // A probe diverged, a later one on the same tokens did not (the notes say why).
         (None, None) if r.outcome == Outcome::Diverged => {
@@ -239,7 +239,7 @@ pub fn bisect_markdown(r: &BisectReport) -> String {
     if let Some(c) = &r.crash {
         let _ = writeln!(
             s,
-            "- crash of {} in the {} probe: {} (last tap written: {})",
+            "- failure of engine {} in the {} probe: {} (last tap written: {})",
             c.engine,
             md_text(&c.probe),
             md_text(&c.error.message),

@@ -47,7 +47,7 @@ fn coarse_heatmap(r: &BisectReport) -> Result<Option<String>> {
     rows.sort_by_key(|(k, _, _)| *k);
     let rows: HeatRows = rows.into_iter().map(|(_, l, t)| (l, t)).collect();
     let partial = if r.coarse_diff.is_none() {
-        " (partial: an engine crashed in it)"
+        " (partial: an engine failed in it)"
     } else {
         ""
     };

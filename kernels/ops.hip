@@ -418,18 +418,49 @@ __device__ void rb_attention_tiled(const store_t* q, const store_t* kc, const st
 }
 
 // Decode (few rows): keys split over `splits` blocks per (row, head), so a long cache
-// spreads over the whole GPU. Within a block each warp takes every `warps`-th group of keys;
-// its lanes own HD / RB_WARP dimensions, so a key row is one coalesced load, the score one
-// warp reduction, and the value accumulation needs no reduction at all. The warps' online
-// softmax states merge in the block; the blocks' states (max, sum, unnormalized values)
-// go to `part` for rb_attention_merge.
+// spreads over the whole GPU. Within a block each warp takes every `warps`-th group of
+// RbKeysPerWarp consecutive keys; its lanes own HD / RB_WARP dimensions, so a key row is
+// one coalesced load, the score one warp reduction, and the value accumulation needs no
+// reduction at all. A group's K and V rows are loaded together, before its scores are
+// reduced, so the two loads overlap. The warps' online softmax states merge in the
+// block; the blocks' states (max, sum, unnormalized values) go to `part` for
+// rb_attention_merge.
 #define RB_SPLIT_MAX_WARPS 16
-#define RB_ATTN_KPW 4
+// Most key splits per (row, head) (ATTN_MAX_SPLITS in plan.rs): the merge unrolls over them.
+#define RB_ATTN_MAX_SPLITS 16
+
+// Keys per warp and step: 16 / (dims per lane), at least 2, so a lane holds 32 K and V
+// values in flight whatever the head dim.
+template <int HD>
+struct RbKeysPerWarp {
+    static constexpr int DPL = HD / RB_WARP;
+    static constexpr int N = 16 / DPL > 2 ? 16 / DPL : 2;
+};
+
+// K and V rows of keys k0 .. k0 + KPW below `end`, this lane's dims from d0.
+template <int KPW, int DPL>
+__device__ __forceinline__ void rb_load_keys(store_t (&kr)[KPW][DPL], store_t (&vr)[KPW][DPL], const store_t* kc, const store_t* vc, int k0, int begin, int end, long kvw,
+                                             int col) {
+    #pragma unroll
+    for (int u = 0; u < KPW; u++) {
+        if (k0 + u >= begin && k0 + u < end) {
+            #pragma unroll
+            for (int i = 0; i < DPL; i++) {
+                kr[u][i] = kc[(long)(k0 + u) * kvw + col + i];
+                vr[u][i] = vc[(long)(k0 + u) * kvw + col + i];
+            }
+        }
+    }
+}
+
 template <int HD>
 __device__ void rb_attention_part(const store_t* q, const store_t* kc, const store_t* vc, float* part, int rows, int n_head, int n_kv, int first_pos, const int* dyn_first,
                                   int window) {
+    // The step record and the cache rows before the first query's position were written
+    // before the launch ahead (which appends rows from first_pos on): like a matvec's
+    // weights, the first group's loads of them are in flight before the wait.
     if (dyn_first) first_pos = *dyn_first;
-    constexpr int DPL = HD / RB_WARP;  // dimensions per lane
+    constexpr int DPL = RbKeysPerWarp<HD>::DPL, KPW = RbKeysPerWarp<HD>::N;
     __shared__ float wm[RB_SPLIT_MAX_WARPS], wl[RB_SPLIT_MAX_WARPS];
     __shared__ float wacc[RB_SPLIT_MAX_WARPS][HD];
     const int lane = threadIdx.x % RB_WARP, warp = threadIdx.x / RB_WARP, warps = blockDim.x / RB_WARP;
@@ -440,27 +471,29 @@ __device__ void rb_attention_part(const store_t* q, const store_t* kc, const sto
     const int lo = rb_first_key(qpos, window);
     const int per_split = (qpos - lo + splits) / splits;  // ceil((qpos + 1 - lo) / splits)
     const int key_begin = lo + split * per_split, key_end = min(qpos + 1, key_begin + per_split);
+    const int d0 = lane * DPL, col = kvh * HD + d0;
+    store_t kr[KPW][DPL], vr[KPW][DPL];
+    int k0 = key_begin + warp * KPW;
+    rb_load_keys<KPW, DPL>(kr, vr, kc, vc, k0, k0, min(key_end, first_pos), kvw, col);
+    RB_WAIT_PRIOR();
+    rb_load_keys<KPW, DPL>(kr, vr, kc, vc, k0, max(k0, first_pos), key_end, kvw, col);
     const float scale = rsqrtf((float)HD);
-    const int d0 = lane * DPL;
     float qv[DPL], acc[DPL];
     #pragma unroll
     for (int i = 0; i < DPL; i++) qv[i] = LD(q[(long)r * qw + head * HD + d0 + i]) * scale, acc[i] = 0.0f;
     float m = RB_NEG_INF, l = 0.0f;
-    // RB_ATTN_KPW consecutive keys per step, so their loads and reductions overlap.
-    for (int k0 = key_begin + warp * RB_ATTN_KPW; k0 < key_end; k0 += warps * RB_ATTN_KPW) {
-        float s[RB_ATTN_KPW];
+    for (; k0 < key_end; k0 += warps * KPW) {
+        if (k0 != key_begin + warp * KPW) rb_load_keys<KPW, DPL>(kr, vr, kc, vc, k0, k0, key_end, kvw, col);
+        float s[KPW];
         #pragma unroll
-        for (int u = 0; u < RB_ATTN_KPW; u++) {
+        for (int u = 0; u < KPW; u++) {
             s[u] = 0.0f;
-            if (k0 + u < key_end) {
-                const store_t* kr = kc + (long)(k0 + u) * kvw + kvh * HD + d0;
-                #pragma unroll
-                for (int i = 0; i < DPL; i++) s[u] += qv[i] * LD(kr[i]);
-            }
+            #pragma unroll
+            for (int i = 0; i < DPL; i++) s[u] += qv[i] * LD(kr[u][i]);
         }
         float step_max = RB_NEG_INF;
         #pragma unroll
-        for (int u = 0; u < RB_ATTN_KPW; u++) {
+        for (int u = 0; u < KPW; u++) {
             for (int o = RB_WARP / 2; o > 0; o /= 2) s[u] += RB_SHFL_XOR(s[u], o);
             if (k0 + u < key_end) step_max = fmaxf(step_max, s[u]);
         }
@@ -470,13 +503,13 @@ __device__ void rb_attention_part(const store_t* q, const store_t* kc, const sto
         #pragma unroll
         for (int i = 0; i < DPL; i++) acc[i] *= corr;
         #pragma unroll
-        for (int u = 0; u < RB_ATTN_KPW; u++) {
+        for (int u = 0; u < KPW; u++) {
+            // Keys past the end contribute exactly nothing (their registers hold no key).
             if (k0 + u < key_end) {
-                const store_t* vr = vc + (long)(k0 + u) * kvw + kvh * HD + d0;
                 float p = expf(s[u] - new_m);
                 l += p;
                 #pragma unroll
-                for (int i = 0; i < DPL; i++) acc[i] += p * LD(vr[i]);
+                for (int i = 0; i < DPL; i++) acc[i] += p * LD(vr[u][i]);
             }
         }
         m = new_m;
@@ -501,19 +534,28 @@ __device__ void rb_attention_part(const store_t* q, const store_t* kc, const sto
 }
 
 // Merge the `splits` partial states of each (row, head): one block each, a thread per dim.
+// Unrolled over the most splits, so every state's loads are in flight at once.
 template <int HD>
 __device__ void rb_attention_merge(const float* part, store_t* out, int n_head, int splits) {
     const int head = blockIdx.y, r = blockIdx.x;
     const float* src = part + ((long)r * n_head + head) * splits * (HD + 2);
+    float mx[RB_ATTN_MAX_SPLITS];
     float bm = RB_NEG_INF;
-    for (int s = 0; s < splits; s++) bm = fmaxf(bm, src[s * (HD + 2)]);
+    #pragma unroll
+    for (int s = 0; s < RB_ATTN_MAX_SPLITS; s++) {
+        mx[s] = s < splits ? src[s * (HD + 2)] : RB_NEG_INF;
+        bm = fmaxf(bm, mx[s]);
+    }
     for (int d = threadIdx.x; d < HD; d += blockDim.x) {
         float sl = 0.0f, sv = 0.0f;
-        for (int s = 0; s < splits; s++) {
-            const float* p = src + s * (HD + 2);
-            float f = p[0] == RB_NEG_INF ? 0.0f : expf(p[0] - bm);
-            sl += p[1] * f;
-            sv += p[2 + d] * f;
+        #pragma unroll
+        for (int s = 0; s < RB_ATTN_MAX_SPLITS; s++) {
+            if (s < splits) {
+                const float* p = src + s * (HD + 2);
+                float f = mx[s] == RB_NEG_INF ? 0.0f : expf(mx[s] - bm);
+                sl += p[1] * f;
+                sv += p[2 + d] * f;
+            }
         }
         out[(long)r * n_head * HD + head * HD + d] = ST(sv / sl);
     }
@@ -691,7 +733,6 @@ __device__ void rb_flash_attention(const store_t* q, const store_t* kc, const st
     }                                                                                                                     \
     extern "C" __global__ void rb_attention_part_##HD(const store_t* q, const store_t* kc, const store_t* vc, float* part,   \
                                                       int rows, int n_head, int n_kv, int first_pos, const int* dyn_first, int window) { \
-        RB_WAIT_PRIOR();                                                                                                                 \
         rb_attention_part<HD>(q, kc, vc, part, rows, n_head, n_kv, first_pos, dyn_first, window);                         \
     }                                                                                                                     \
     extern "C" __global__ void rb_attention_merge_##HD(const float* part, store_t* out, int n_head, int splits) {          \
@@ -1142,9 +1183,9 @@ struct rb_q6_k {
 
 // Up to three quantized projections of one row x in one launch (q, k and v; gate and up
 // with n2 = 0; one matrix with n1 = n2 = 0): blocks 0.. take RB_QCOLS columns of w0 each,
-// then of w1, then of w2; the RB_QWARPS warps of a block split the pieces of a row. One
-// row only: registers for more rows of x would cost occupancy (a few rows take the
-// prefill path instead).
+// then of w1, then of w2; the warps of a block (at most RB_QWARPS, no more than a row has
+// pieces for, so that no lane idles) split the pieces of a row. One row only: registers
+// for more rows of x would cost occupancy (a few rows take the prefill path instead).
 template <class Q>
 __device__ __forceinline__ void rb_qgemv3(const unsigned char* w0, const unsigned char* w1, const unsigned char* w2, const store_t* x, store_t* o0,
                                           store_t* o1, store_t* o2, int k, int n0, int n1, int n2) {
@@ -1156,7 +1197,7 @@ __device__ __forceinline__ void rb_qgemv3(const unsigned char* w0, const unsigne
     const int n = part == 0 ? n0 : part == 1 ? n1 : n2;
     j *= RB_QCOLS;
     if (j >= n) return;  // whole blocks leave together
-    const int cols = min(RB_QCOLS, n - j), warp = threadIdx.x / RB_WARP, lane = threadIdx.x % RB_WARP;
+    const int cols = min(RB_QCOLS, n - j), warp = threadIdx.x / RB_WARP, lane = threadIdx.x % RB_WARP, warps = blockDim.x / RB_WARP;
     const int pieces = k / Q::VALUES * Q::PIECES;
     const long row_bytes = (long)(k / Q::VALUES) * Q::BYTES;
     w += j * row_bytes;
@@ -1165,7 +1206,7 @@ __device__ __forceinline__ void rb_qgemv3(const unsigned char* w0, const unsigne
     for (int c = 0; c < RB_QCOLS; c++) acc[c] = 0.0f;
     // The first blocks are in flight before x, which the launch ahead writes, is read.
     bool waited = false;
-    for (int p = warp * RB_WARP + lane; p < pieces; p += RB_WARP * RB_QWARPS) {
+    for (int p = threadIdx.x; p < pieces; p += blockDim.x) {
         const int block = p / Q::PIECES, t = p % Q::PIECES;
         typename Q::Raw raw[RB_QCOLS];
         #pragma unroll
@@ -1197,8 +1238,7 @@ __device__ __forceinline__ void rb_qgemv3(const unsigned char* w0, const unsigne
     __syncthreads();
     if (threadIdx.x < cols) {
         float sum = 0.0f;
-        #pragma unroll
-        for (int v = 0; v < RB_QWARPS; v++) sum += partial[v][threadIdx.x];
+        for (int v = 0; v < warps; v++) sum += partial[v][threadIdx.x];
         out[j + threadIdx.x] = ST(sum);
     }
 }

@@ -307,6 +307,17 @@ pub fn quant_kernels(ty: QuantType) -> (QuantGemvKernel, QuantDequantKernel) {
     }
 }
 
+/// Values per block of a quantized type and pieces per block, a piece being what one lane
+/// of `rb_qgemv3_<type>` reads at a time (VALUES and PIECES of its `rb_<type>` in ops.hip).
+pub fn quant_gemv_pieces(ty: QuantType) -> (usize, usize) {
+    match ty {
+        QuantType::Q4_0 | QuantType::Q4_1 => (32, 4),
+        QuantType::Q8_0 => (32, 8),
+        QuantType::Q4K | QuantType::Q5K => (256, 8),
+        QuantType::Q6K => (256, 16),
+    }
+}
+
 /// The fault kind and value rb_perturb takes.
 pub fn fault_code(fault: Fault) -> (i32, f32) {
     match fault {
@@ -320,24 +331,57 @@ pub fn fault_code(fault: Fault) -> (i32, f32) {
 #[cfg(test)]
 mod tests {
     use super::{DEQUANT_THREADS, KERNEL_SOURCE};
+    use crate::runtime::gpu::plan::ATTN_MAX_SPLITS;
 
     #[test]
-    fn the_dequantizers_are_launched_with_the_threads_their_tile_has_rows_for() {
-        let define = format!("#define RB_DEQUANT_THREADS {DEQUANT_THREADS}\n");
-        assert!(
-            KERNEL_SOURCE.contains(&define),
-            "kernels/ops.hip lacks `{}`",
-            define.trim()
-        );
+    fn quantized_matvec_pieces_match_the_kernel_source() {
+        use crate::quant::QuantType::*;
+        for (ty, name, base) in [
+            (Q4_0, "rb_q4_0", ""),
+            (Q4_1, "rb_q4_1", ""),
+            (Q8_0, "rb_q8_0", ""),
+            (Q4K, "rb_q4_k", "rb_k_nibbles"),
+            (Q5K, "rb_q5_k", "rb_k_nibbles"),
+            (Q6K, "rb_q6_k", ""),
+        ] {
+            let (values, pieces) = super::quant_gemv_pieces(ty);
+            let declared = |name: &str| {
+                let at = KERNEL_SOURCE.find(&format!("struct {name} ")).unwrap();
+                let body = &KERNEL_SOURCE[at..];
+                body[..body.find("\n};").unwrap()].to_string()
+            };
+            let text = if base.is_empty() {
+                declared(name)
+            } else {
+                declared(base)
+            };
+            assert!(text.contains(&format!("VALUES = {values},")), "{name}: VALUES");
+            assert!(text.contains(&format!("PIECES = {pieces},")), "{name}: PIECES");
+        }
+    }
+
+    #[test]
+    fn kernel_constants_match_the_launch_plans() {
+        for define in [
+            format!("#define RB_DEQUANT_THREADS {DEQUANT_THREADS}\n"),
+            format!("#define RB_ATTN_MAX_SPLITS {ATTN_MAX_SPLITS}\n"),
+        ] {
+            assert!(
+                KERNEL_SOURCE.contains(&define),
+                "kernels/ops.hip lacks `{}`",
+                define.trim()
+            );
+        }
     }
 
     /// The rules programmatic dependent launch rests on (compat.h): every kernel waits for
     /// the launch ahead before it touches memory. Most do it first thing; the decode
     /// matvecs do it in their shared bodies, after their first weight loads, so a kernel
-    /// that writes a dequantized matrix lets the launch after it start only at its end.
+    /// that writes a dequantized matrix lets the launch after it start only at its end;
+    /// decode attention after its first loads of cache rows the launch ahead does not write.
     #[test]
     fn every_kernel_waits_for_the_launch_ahead_before_touching_memory() {
-        let matvecs = ["rb_gemv", "rb_gemv3", "rb_qgemv3_##T"];
+        let early_loaders = ["rb_gemv", "rb_gemv3", "rb_qgemv3_##T", "rb_attention_part_##HD"];
         let mut kernels = 0;
         for (at, _) in KERNEL_SOURCE.match_indices("__global__ void ") {
             let rest = &KERNEL_SOURCE[at + "__global__ void ".len()..];
@@ -351,7 +395,7 @@ mod tests {
                 .trim_start_matches([' ', '\n', '\\'])
                 .trim_end();
             kernels += 1;
-            if matvecs.contains(&name) {
+            if early_loaders.contains(&name) {
                 continue;
             }
             // A dequantized matrix is the weights of the matvec after, which loads them first.
@@ -374,5 +418,18 @@ mod tests {
             assert!(loads < wait, "{helper} waits before loading its first weights");
             assert!(!body[..wait].contains("x["), "{helper} reads x before waiting");
         }
+        // Attention loads only cache rows below the first query's position before waiting,
+        // and q (which the launch ahead rotates) after.
+        let body = &KERNEL_SOURCE[KERNEL_SOURCE.find("void rb_attention_part(").unwrap()..];
+        let body = &body[..body.find("\n}").unwrap()];
+        let wait = body.find("RB_WAIT_PRIOR();").unwrap();
+        let early = &body[..wait];
+        assert!(early.contains("rb_load_keys<KPW, DPL>(kr, vr, kc, vc, k0, k0, min(key_end, first_pos)"));
+        assert_eq!(
+            early.matches("rb_load_keys").count(),
+            1,
+            "attention loads more before waiting"
+        );
+        assert!(!early.contains("q["), "attention reads q before waiting");
     }
 }

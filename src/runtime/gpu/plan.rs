@@ -38,13 +38,16 @@ impl Grid {
         }
     }
 
-    /// One block of [`QUANT_WARPS`] warps per [`QUANT_COLUMNS`] output columns of each of
-    /// up to three matrices (the rb_qgemv3 kernels).
-    pub fn quant_gemv(columns: [usize; 3], warp: u32) -> Self {
+    /// One block per [`QUANT_COLUMNS`] output columns of each of up to three matrices (the
+    /// rb_qgemv3 kernels), of [`QUANT_WARPS`] warps or as few as give every lane one of
+    /// the row's `pieces` (a Q4_K row of 2048 values has 64: two warps, not four with two
+    /// idle, so twice as many blocks fit an SM).
+    pub fn quant_gemv(columns: [usize; 3], pieces: usize, warp: u32) -> Self {
         let blocks: usize = columns.iter().map(|n| n.div_ceil(QUANT_COLUMNS)).sum();
+        let warps = pieces.div_ceil(warp as usize).clamp(1, QUANT_WARPS);
         Self {
             blocks: (blocks as u32, 1, 1),
-            threads: (QUANT_WARPS as u32 * warp, 1, 1),
+            threads: (warps as u32 * warp, 1, 1),
         }
     }
 
@@ -72,8 +75,9 @@ pub const QUANT_WARPS: usize = 4;
 /// Below this many (row, head) pairs attention splits keys over blocks; also the most
 /// partial states the scratch holds.
 const ATTN_SPLIT_PAIRS: usize = 4096;
-/// Most key splits per (row, head): 16 × 32 heads fills an H100 at one row.
-const ATTN_MAX_SPLITS: usize = 16;
+/// Most key splits per (row, head): 16 × 32 heads fills an H100 at one row
+/// (RB_ATTN_MAX_SPLITS in ops.hip, which the merge kernel unrolls over).
+pub const ATTN_MAX_SPLITS: usize = 16;
 /// The head dims the attention kernels are instantiated for (RB_ATTENTION in ops.hip).
 pub const ATTN_HEAD_DIMS: [usize; 3] = [64, 128, 256];
 /// Floats of the partial-state scratch a backend allocates once: max, weight sum and the

@@ -60,7 +60,9 @@ impl<D: Driver> GpuBackend<D> {
         if rows == 1 {
             let (xp, op) = (self.ptr(x), self.ptr(out));
             let call = gemv(wp, wp, wp, xp, op, op, op, k as i32, n as i32, 0, 0);
-            return self.driver.launch(call, Grid::quant_gemv([n, 0, 0], D::WARP));
+            return self
+                .driver
+                .launch(call, Grid::quant_gemv([n, 0, 0], row_pieces(w.ty, k), D::WARP));
         }
         let mut workspace = self.dequant_workspace.borrow_mut();
         if workspace.as_ref().is_none_or(|b| self.len(b) < n * k) {
@@ -99,7 +101,8 @@ impl<D: Driver> GpuBackend<D> {
         let [o0, o1, o2] = out.map(|o| self.ptr(o));
         let [n0, n1, n2] = n.map(|n| n as i32);
         let call = gemv(w0, w1, w2, self.ptr(x), o0, o1, o2, k as i32, n0, n1, n2);
-        self.driver.launch(call, Grid::quant_gemv(n, D::WARP))
+        self.driver
+            .launch(call, Grid::quant_gemv(n, row_pieces(w[0].ty, k), D::WARP))
     }
 
     /// `w` is `[n, k]` and `x`, `out` hold `rows` rows of it.
@@ -115,4 +118,10 @@ impl<D: Driver> GpuBackend<D> {
         self.check(self.len(x), rows * k, "matmul_quant input")?;
         self.check(self.len(out), rows * n, "matmul_quant output")
     }
+}
+
+/// Pieces of a row of `k` values of a quantized type, as the block matvec cuts it.
+fn row_pieces(ty: QuantType, k: usize) -> usize {
+    let (values, pieces) = kernels::quant_gemv_pieces(ty);
+    k / values * pieces
 }

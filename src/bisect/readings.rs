@@ -122,9 +122,23 @@ pub(super) fn first_of(r: &DiffReport) -> Option<FirstDivergence> {
 /// before `first` and agrees up to `first`'s position: the query is read by `attn`, so an
 /// `attn` that agrees rules it out. A tap of `asked` (the probe's selection) that neither
 /// engine wrote (two external engines that both skip q and k) is named the same way.
+/// Nor are the query and key before a finite `attn` at position 0: a causal query there
+/// sees key 0 alone, whose softmax weight is 1 whatever the score, so its output is value
+/// row 0 (only a non-finite score, which shows as a non-finite output, involves them).
 pub(super) fn unobserved_notes(taps: &DiffReport, first: &FirstDivergence, asked: &[String]) -> Vec<String> {
     let Some(first_tap) = Tap::parse(&first.tap) else {
         return Vec::new();
+    };
+    let query_and_key_moot = matches!(first_tap, Tap::Layer(_, LayerTap::Attn))
+        && first.position == 0
+        && first.metrics.nonfinite_a == 0
+        && first.metrics.nonfinite_b == 0;
+    let moot = |t: Tap| {
+        query_and_key_moot
+            && matches!(
+                t,
+                Tap::Layer(_, LayerTap::QPreRope | LayerTap::KPreRope | LayerTap::Q | LayerTap::K)
+            )
     };
     let mut notes = Vec::new();
     for p in &taps.prompts {
@@ -141,7 +155,7 @@ pub(super) fn unobserved_notes(taps: &DiffReport, first: &FirstDivergence, asked
         for (side, missing) in [("A", &p.missing_in_a), ("B", &p.missing_in_b), ("neither", &in_neither)] {
             let before: Vec<&str> = missing
                 .iter()
-                .filter(|m| Tap::parse(m).is_some_and(|t| t < first_tap && !ruled_out(t)))
+                .filter(|m| Tap::parse(m).is_some_and(|t| t < first_tap && !ruled_out(t) && !moot(t)))
                 .map(String::as_str)
                 .collect();
             if !before.is_empty() {
@@ -171,4 +185,59 @@ fn reader_of(t: Tap) -> Tap {
         Tap::Layer(l, LayerTap::FfnGate | LayerTap::FfnUp) => Tap::Layer(l, LayerTap::FfnAct),
         other => other,
     }
+}
+
+/// Growth of the coarse residual stream's error between neighbouring coarse taps past the
+/// first divergent layer from which a note suspects a second, larger divergence. The
+/// eighth trial's 24 single bugs grew at most 7.4× between neighbouring coarse taps; two
+/// bugs (a rounding in layer 3, a zeroed head in layer 15) grew 392× across layer 15.
+const SECOND_FAULT_GROWTH: f64 = 30.0;
+
+/// A note when the coarse residual stream's error (75th-percentile row) grows by
+/// [`SECOND_FAULT_GROWTH`] or more between two neighbouring coarse taps after
+/// `first_layer`, from a level already over its noise-floor threshold: a second, larger
+/// divergence may begin between them, which the search (it stops at the first) did not
+/// look at.
+pub(super) fn second_fault_note(noise: &[NoiseLevel], first_layer: usize) -> Option<String> {
+    let layer_of = |n: &NoiseLevel| Tap::parse(&n.tap).and_then(|t| t.layer());
+    let after: Vec<(usize, &NoiseLevel)> = noise
+        .iter()
+        .filter_map(|n| layer_of(n).filter(|&l| l >= first_layer).map(|l| (l, n)))
+        .collect();
+    let (lo, hi, growth) = after
+        .windows(2)
+        .filter(|w| w[0].1.p75_rel_l2 > w[0].1.threshold && w[0].1.p75_rel_l2.is_finite())
+        .map(|w| (w[0], w[1], w[1].1.p75_rel_l2 / w[0].1.p75_rel_l2))
+        .filter(|&(_, _, g)| g >= SECOND_FAULT_GROWTH)
+        .max_by(|a, b| a.2.total_cmp(&b.2))?;
+    Some(format!(
+        "the residual stream's error grows {growth:.0}× between {} ({:.2e}) and {} ({:.2e}, 75th-percentile rows), \
+         far more than one divergence grows on its way down the layers: a second, larger divergence may begin in \
+         layers {}–{}; once the first is fixed, bisect again",
+        lo.1.tap,
+        lo.1.p75_rel_l2,
+        hi.1.tap,
+        hi.1.p75_rel_l2,
+        lo.0 + 1,
+        hi.0
+    ))
+}
+
+/// A note when the first divergence is under its tap's own tolerance (rows were judged
+/// against the noise floor because the error stays over it to the last layer): an error
+/// of that size is as often reduced-precision arithmetic that engine A uses on purpose as
+/// a logic bug, and the note says how to judge by tolerance instead.
+pub(super) fn under_tolerance_note(r: &DiffReport, first: &FirstDivergence) -> Option<String> {
+    let tap = r.prompts.iter().flat_map(|p| &p.taps).find(|t| t.tap == first.tap)?;
+    let tolerance = tap.tap_tolerance.rel_l2;
+    (first.metrics.rel_l2 < tolerance).then(|| {
+        format!(
+            "{}@{} is off by rel_l2 {:.2e}, under its tolerance {:.2e}: it was found against the noise floor, \
+             over which the error stays to the last layer. An error this small comes as often from reduced-precision \
+             arithmetic (TF32, bf16 or f16 rounding, another exp, GELU or softmax approximation) as from a logic bug; \
+             if engine A computes so on purpose, --judge tolerance (or tolerances from resbisect calibrate) judges it \
+             by tolerance",
+            first.tap, first.position, first.metrics.rel_l2, tolerance
+        )
+    })
 }

@@ -10,7 +10,7 @@ use super::labels::label_shift_note;
 use super::probe::{selection, ProbeResult, Rows, Session};
 use super::readings::{
     bad_layers_line, first_bad_of, first_bad_position, first_of, has_nonfinite, noise_levels, nonfinite_notes,
-    tap_diverged, tolerance_in, unobserved_notes,
+    second_fault_note, tap_diverged, tolerance_in, under_tolerance_note, unobserved_notes,
 };
 use super::replay::{replay_layers, replay_positions, row_error, Preload, ReplayRun, Replayer};
 use super::reruns::rerun_notes;
@@ -300,6 +300,17 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         if let (Outcome::Diverged, Some(layer)) = (self.report.outcome, first_layer) {
             let note = label_shift_note(&self.session, layer, self.n_layer, self.n)?;
             self.report.notes.extend(note);
+            self.report.notes.extend(second_fault_note(&self.report.noise, layer));
+        }
+        // Under a twin the tolerances are the measured rounding noise already.
+        if let (Outcome::Diverged, Judgement::NoiseFloor, None, Some(first), Some(diff)) = (
+            self.report.outcome,
+            self.report.judged,
+            &self.report.twin,
+            &self.report.first,
+            &self.report.final_diff,
+        ) {
+            self.report.notes.extend(under_tolerance_note(diff, first));
         }
         let mut report = self.report;
         report.runs_a = self.session.probes.len();

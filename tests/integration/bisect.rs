@@ -552,7 +552,8 @@ fn an_engine_refusing_a_cut_prompt_fails_with_the_search_so_far() {
 /// row clean, so the cut prompt's last row differs from the same position over the whole
 /// prompt: bisect names the bug and says engine A is not causal. A bug from a layer's
 /// `attn` on, in an engine that writes no `q_pre_rope` and `k_pre_rope`, is named at `attn`
-/// with a note that those two, which come before it, were never observed.
+/// with a note that those two, which come before it, were never observed (unless it
+/// begins at position 0, where they cannot matter).
 #[test]
 fn a_c_engine_that_looks_ahead_or_leaves_taps_out_is_named_with_a_note() {
     let dir = tempfile::tempdir().unwrap();
@@ -600,6 +601,13 @@ fn a_c_engine_that_looks_ahead_or_leaves_taps_out_is_named_with_a_note() {
         notes.contains("neither engine wrote blk.3.q_pre_rope, blk.3.k_pre_rope, which come before blk.3.attn"),
         "{notes}"
     );
+
+    // At position 0 a causal query sees key 0 alone: attn there is value row 0 whatever
+    // the query and key, so the left-out q_pre_rope and k_pre_rope cannot be the cause.
+    let (code, r) = run("--bug-layer 3 --bug-tap attn --bug-pos 0 --bug-value 0.5", "position-0");
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(at(&r), (Some("blk.3.attn".into()), Some(0)));
+    assert!(!r["notes"].to_string().contains("wrote no"), "{}", r["notes"]);
 
     // From ffn_act on: attn, which reads the query and key, was observed and agrees, so
     // the left-out q_pre_rope and k_pre_rope cannot be where it begins.

@@ -179,6 +179,35 @@ fn a_systematic_error_under_every_tolerance_is_a_finding() {
     assert_eq!(first(&r), ("blk.5.attn_norm", 0));
     assert_eq!(r["judged"], "noise_floor");
     assert_eq!(introducing(&r), vec![5], "{}", r["replay"]);
+    // The report says the error is under tolerance, and how to judge by tolerance.
+    let notes = r["notes"].to_string();
+    assert!(notes.contains("blk.5.attn_norm@0 is off by rel_l2"), "{notes}");
+    assert!(notes.contains("under its tolerance 1.00e-3"), "{notes}");
+    assert!(!notes.contains("second, larger divergence"), "{notes}");
+
+    // A second, larger bug below it (layer 15's FFN output ×1.5) leaves the answer where
+    // the first begins, and a note points at the layers where the second enters: the
+    // coarse stream's error grows from ~1e-4 at layer 8 to ~1e-1 at layer 16.
+    let args = [
+        "--prompts",
+        &bisect_prompts(),
+        "--id",
+        "p6_len_128",
+        "--engine",
+        "reference",
+        "--inject",
+        "blk.5.attn_norm:scale=1.0004@0",
+        "--inject",
+        "blk.15.ffn_out:scale=1.5@0",
+    ];
+    let (code, r) = bisect(&args, &dir.path().join("two"));
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(first(&r), ("blk.5.attn_norm", 0));
+    let notes = r["notes"].to_string();
+    assert!(
+        notes.contains("a second, larger divergence may begin in layers 9–16"),
+        "{notes}"
+    );
 }
 
 /// The residual stream carries a layer's error diluted by everything summed into it, so

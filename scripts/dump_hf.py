@@ -58,6 +58,46 @@ def write_manifest(out, manifest):
     write_atomic(out / "manifest.json", lambda p: p.write_text(json.dumps(manifest) + "\n"))
 
 
+# The dump format's short tap names in order (docs/taps.md); this engine writes all but
+# the query and key taps (HF computes RoPE inside its attention), which it skips as the
+# external protocol allows.
+LAYER_TAPS = ["attn_norm", "q_pre_rope", "k_pre_rope", "q", "k", "v", "attn", "attn_out", "attn_post_norm",
+              "resid_mid", "ffn_norm", "ffn_gate", "ffn_up", "ffn_act", "ffn_out", "ffn_post_norm", "resid_post"]
+ALL_TAPS = ["embed"] + LAYER_TAPS + ["final_norm", "logits"]
+
+
+def refuse(message):
+    print(f"dump_hf.py: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def selected_layers(spec, n_layer):
+    """--layers: `none`, `all`, or a comma list of layer indices below n_layer."""
+    if spec == "none":
+        return []
+    if spec == "all":
+        return list(range(n_layer))
+    try:
+        layers = [int(x) for x in spec.split(",")]
+    except ValueError:
+        refuse(f"--layers {spec!r}: `none`, `all` or comma-separated layer indices")
+    bad = [l for l in layers if not 0 <= l < n_layer]
+    if bad:
+        refuse(f"--layers: layer {bad[0]} is not in 0..{n_layer - 1}")
+    return layers
+
+
+def selected_taps(spec):
+    """--taps: `all`, or a comma list of the dump format's short tap names."""
+    if spec == "all":
+        return list(ALL_TAPS)
+    taps = spec.split(",")
+    unknown = [t for t in taps if t not in ALL_TAPS]
+    if unknown:
+        refuse(f"--taps: unknown tap {unknown[0]!r} (taps: all, {', '.join(ALL_TAPS)})")
+    return taps
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True, help="a .gguf file or an HF checkpoint directory")
@@ -78,17 +118,16 @@ def main():
 
     tokens = [int(t) for t in pathlib.Path(args.tokens).read_text().replace("\n", "").split(",") if t]
     n = len(tokens)
-    layers = [] if args.layers == "none" else [int(x) for x in args.layers.split(",")]
-    taps = args.taps.split(",")
+    n_layer = json.loads(pathlib.Path(args.model_info).read_text()).get("n_layer", 0)
+    layers = selected_layers(args.layers, n_layer)
+    taps = selected_taps(args.taps)
     positions = positions_of(args.positions, n)
     # The prompt id names a directory under data/ (docs/dump-format.md); --out must be new.
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", args.prompt_id) or args.prompt_id in (".", ".."):
-        print(f"dump_hf.py: bad --prompt-id {args.prompt_id!r}: 1-64 characters of A-Z a-z 0-9 _ . -", file=sys.stderr)
-        sys.exit(2)
+        refuse(f"bad --prompt-id {args.prompt_id!r}: 1-64 characters of A-Z a-z 0-9 _ . -")
     out = pathlib.Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        print(f"dump_hf.py: --out {out}: exists and is not an empty directory", file=sys.stderr)
-        sys.exit(2)
+        refuse(f"--out {out}: exists and is not an empty directory")
     out.mkdir(parents=True, exist_ok=True)
     (out / "data" / args.prompt_id).mkdir(parents=True)
 

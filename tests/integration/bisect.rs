@@ -867,6 +867,59 @@ fn hf_transformers_plugs_in_through_dump_hf_py() {
         false,
         "HF's own layer 8 agrees with the reference replayed on its input"
     );
+
+    // Run by hand: `all` layers and taps are every tap it can write (a complete dump that
+    // agrees with the reference's); a tap or layer it does not know is refused, exit 2.
+    let model = smollm2();
+    let info = dir.path().join("model.json");
+    let out = resbisect(&["model-info", path_str(&model)]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    std::fs::write(&info, &out.stdout).unwrap();
+    let tokens = dir.path().join("tokens.txt");
+    std::fs::write(&tokens, "1,2,3,4,5,6,7,8\n").unwrap();
+    let by_hand = |layers: &str, taps: &str, out: &str| {
+        let out = dir.path().join(out);
+        let o = std::process::Command::new(&python)
+            .arg(&script)
+            .args(["--model", path_str(&model), "--model-info", path_str(&info)])
+            .args(["--tokens", path_str(&tokens), "--prompt-id", "t", "--layers", layers])
+            .args(["--taps", taps, "--out", path_str(&out)])
+            .output()
+            .unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned(), out)
+    };
+    let (code, err, _) = by_hand("all", "resid_post,nope", "bad-tap");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--taps: unknown tap 'nope'"), "{err}");
+    let (code, err, _) = by_hand("30", "all", "bad-layer");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--layers: layer 30 is not in 0..29"), "{err}");
+    let (code, err, hf) = by_hand("all", "all", "all");
+    assert_eq!(code, Some(0), "{err}");
+    let reference = dir.path().join("reference");
+    let tokens = "1,2,3,4,5,6,7,8";
+    let out = resbisect(
+        &[
+            "dump",
+            "--engine",
+            "reference",
+            "--model",
+            path_str(&model),
+            "--tokens",
+            tokens,
+        ]
+        .into_iter()
+        .chain(["--layers", "all", "--taps", "all", "-o", path_str(&reference)])
+        .collect::<Vec<_>>(),
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let out = resbisect(&["diff", path_str(&hf), path_str(&reference), "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stdout);
+    let diff: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let compared = diff["prompts"][0]["taps"].as_array().unwrap().len();
+    // 30 layers × 11 taps (no q_pre_rope, k_pre_rope, q, k; no post norms on llama), embed,
+    // final_norm and logits.
+    assert_eq!(compared, 30 * 11 + 3, "{}", out.stdout);
 }
 
 #[test]

@@ -307,14 +307,13 @@ pub fn quant_kernels(ty: QuantType) -> (QuantGemvKernel, QuantDequantKernel) {
     }
 }
 
-/// Values per block of a quantized type and pieces per block, a piece being what one lane
-/// of `rb_qgemv3_<type>` reads at a time (VALUES and PIECES of its `rb_<type>` in ops.hip).
-pub fn quant_gemv_pieces(ty: QuantType) -> (usize, usize) {
+/// Pieces per block of a quantized type, a piece being what one lane of
+/// `rb_qgemv3_<type>` reads at a time (PIECES of its `rb_<type>` in ops.hip).
+pub fn quant_gemv_pieces(ty: QuantType) -> usize {
     match ty {
-        QuantType::Q4_0 | QuantType::Q4_1 => (32, 4),
-        QuantType::Q8_0 => (32, 8),
-        QuantType::Q4K | QuantType::Q5K => (256, 8),
-        QuantType::Q6K => (256, 16),
+        QuantType::Q4_0 | QuantType::Q4_1 => 4,
+        QuantType::Q8_0 | QuantType::Q4K | QuantType::Q5K => 8,
+        QuantType::Q6K => 16,
     }
 }
 
@@ -344,7 +343,7 @@ mod tests {
             (Q5K, "rb_q5_k", "rb_k_nibbles"),
             (Q6K, "rb_q6_k", ""),
         ] {
-            let (values, pieces) = super::quant_gemv_pieces(ty);
+            let (values, pieces) = (ty.block_values(), super::quant_gemv_pieces(ty));
             let declared = |name: &str| {
                 let at = KERNEL_SOURCE.find(&format!("struct {name} ")).unwrap();
                 let body = &KERNEL_SOURCE[at..];

@@ -122,6 +122,5 @@ impl<D: Driver> GpuBackend<D> {
 
 /// Pieces of a row of `k` values of a quantized type, as the block matvec cuts it.
 fn row_pieces(ty: QuantType, k: usize) -> usize {
-    let (values, pieces) = kernels::quant_gemv_pieces(ty);
-    k / values * pieces
+    k / ty.block_values() * kernels::quant_gemv_pieces(ty)
 }

@@ -76,26 +76,90 @@ extern "C" __global__ void rb_perturb(store_t* x, long start, long n, int kind, 
 // then multiplies, so enough bytes are in flight to stream at full bandwidth.
 #define RB_GEMV_CHUNK 8
 
-// Dot products of weight row `wr` with rows 0..rows of x, summed over the warp: every lane
-// gets acc[r].
-__device__ __forceinline__ void rb_warp_dots(const store_t* x, const store_t* wr, int rows, int k, float* acc) {
+// Sum over the block; every thread gets the total. `scratch` holds one float per warp.
+__device__ float rb_block_sum(float v, float* scratch) {
+    for (int m = RB_WARP / 2; m > 0; m /= 2) v += RB_SHFL_XOR(v, m);
+    int warp = threadIdx.x / RB_WARP, lane = threadIdx.x % RB_WARP, warps = blockDim.x / RB_WARP;
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float total = 0.0f;
+    for (int w = 0; w < warps; w++) total += scratch[w];
+    __syncthreads();
+    return total;
+}
+
+// The residual sum and RMSNorm a decode matvec computes on its way in (`a` null: none):
+// sum = a + b, x = rms_norm(sum) · w, eps inside the root.
+struct RbAddNorm {
+    const store_t *a, *b, *w;
+    store_t* sum;
+    float eps;
+};
+
+// The matvec input row, once the launch ahead has finished: `x` itself, or with a norm,
+// the normed row in the block's dynamic shared memory (k values, k a multiple of 16 bytes'
+// worth, given by the launch), block 0 also storing sum and x. Each value rounds as in
+// rb_add_rms_norm; Σ sum² adds up in this block's order, not the norm kernel's. Every
+// thread of the block calls it.
+extern __shared__ uint4 rb_dynamic_shared[];
+__device__ const store_t* rb_matvec_input(const store_t* x, const RbAddNorm& norm, int k) {
+    RB_WAIT_PRIOR();
+    if (!norm.a) return x;
+    __shared__ float scratch[32];
+    store_t* xs = (store_t*)rb_dynamic_shared;
+    const int V = 16 / (int)sizeof(store_t);
+    const bool first = blockIdx.x == 0;
+    float ss = 0.0f;
+    #pragma unroll 4
+    for (int c = threadIdx.x * V; c < k; c += blockDim.x * V) {
+        store_t av[V], bv[V], s[V];
+        *(uint4*)av = *(const uint4*)(norm.a + c);
+        *(uint4*)bv = *(const uint4*)(norm.b + c);
+        #pragma unroll
+        for (int i = 0; i < V; i++) {
+            s[i] = ST(LD(av[i]) + LD(bv[i]));
+            const float v = LD(s[i]);
+            ss += v * v;
+        }
+        *(uint4*)(xs + c) = *(uint4*)s;
+        if (first) *(uint4*)(norm.sum + c) = *(uint4*)s;
+    }
+    const float scale = 1.0f / sqrtf(rb_block_sum(ss, scratch) / k + norm.eps);
+    #pragma unroll 4
+    for (int c = threadIdx.x * V; c < k; c += blockDim.x * V) {
+        store_t wv[V], s[V];
+        *(uint4*)wv = *(const uint4*)(norm.w + c);
+        *(uint4*)s = *(const uint4*)(xs + c);
+        #pragma unroll
+        for (int i = 0; i < V; i++) s[i] = ST(LD(s[i]) * scale * LD(wv[i]));
+        *(uint4*)(xs + c) = *(uint4*)s;
+        if (first) *(uint4*)((store_t*)x + c) = *(uint4*)s;
+    }
+    __syncthreads();
+    return xs;
+}
+
+// Dot products of weight row `wr` with rows 0..rows of the input, summed over the warp:
+// every lane gets acc[r]. The first weights are in flight before the input (which the
+// launch ahead writes) is read; a warp without a column (`active` false) only takes part
+// in the input's computation.
+__device__ __forceinline__ void rb_warp_dots(const store_t* x, const RbAddNorm& norm, const store_t* wr, bool active, int rows, int k,
+                                             float* acc) {
     const int lane = threadIdx.x % RB_WARP;
     #pragma unroll
     for (int r = 0; r < RB_GEMV_ROWS; r++) acc[r] = 0.0f;
     const int V = 16 / sizeof(store_t);
     const int step = RB_WARP * V;
-    // The first weights are in flight before x, which the launch ahead writes, is read.
-    bool waited = false;
-    if (k % V == 0) {
-        for (int c0 = lane * V; c0 < k; c0 += step * RB_GEMV_CHUNK) {
-            uint4 wv[RB_GEMV_CHUNK];
-            #pragma unroll
-            for (int u = 0; u < RB_GEMV_CHUNK; u++)
-                if (c0 + u * step < k) wv[u] = *(const uint4*)(wr + c0 + u * step);
-            if (!waited) {
-                RB_WAIT_PRIOR();
-                waited = true;
-            }
+    const bool wide = k % V == 0;
+    int c0 = lane * V;
+    uint4 wv[RB_GEMV_CHUNK];
+    #pragma unroll
+    for (int u = 0; u < RB_GEMV_CHUNK; u++)
+        if (wide && active && c0 + u * step < k) wv[u] = *(const uint4*)(wr + c0 + u * step);
+    x = rb_matvec_input(x, norm, k);
+    if (!active) return;
+    if (wide) {
+        while (c0 < k) {
             #pragma unroll
             for (int u = 0; u < RB_GEMV_CHUNK; u++) {
                 const int c = c0 + u * step;
@@ -112,10 +176,12 @@ __device__ __forceinline__ void rb_warp_dots(const store_t* x, const store_t* wr
                     }
                 }
             }
+            c0 += step * RB_GEMV_CHUNK;
+            #pragma unroll
+            for (int u = 0; u < RB_GEMV_CHUNK; u++)
+                if (c0 + u * step < k) wv[u] = *(const uint4*)(wr + c0 + u * step);
         }
     } else {
-        RB_WAIT_PRIOR();
-        waited = true;
         for (int c = lane; c < k; c += RB_WARP) {
             float wv = LD(wr[c]);
             #pragma unroll
@@ -123,7 +189,6 @@ __device__ __forceinline__ void rb_warp_dots(const store_t* x, const store_t* wr
                 if (r < rows) acc[r] += wv * LD(x[(long)r * k + c]);
         }
     }
-    if (!waited) RB_WAIT_PRIOR();  // k = 0: the output is still written after the launch ahead
     #pragma unroll
     for (int r = 0; r < RB_GEMV_ROWS; r++)
         for (int o = RB_WARP / 2; o > 0; o /= 2) acc[r] += RB_SHFL_XOR(acc[r], o);
@@ -134,15 +199,12 @@ __device__ __forceinline__ int rb_warp_column() { return blockIdx.x * (blockDim.
 
 extern "C" __global__ void rb_gemv(const store_t* x, const store_t* w, store_t* out, int rows, int k, int n) {
     const int j = rb_warp_column();
-    if (j >= n) return;  // whole warps leave together
     float acc[RB_GEMV_ROWS];
-    rb_warp_dots(x, w + (long)j * k, rows, k, acc);
-    if (threadIdx.x % RB_WARP == 0)
+    rb_warp_dots(x, RbAddNorm{}, w + (long)min(j, n - 1) * k, j < n, rows, k, acc);
+    if (j < n && threadIdx.x % RB_WARP == 0)
         for (int r = 0; r < rows; r++) out[(long)r * n + j] = ST(acc[r]);
 }
 
-// Three projections of the same input in one launch (q, k and v): columns 0..n0 of w0,
-// then n1 of w1, then n2 of w2.
 // Which of three column ranges (n0, n1, then the rest) column *j falls in; *j becomes its
 // column within that part.
 __device__ __forceinline__ int rb_part(int* j, int n0, int n1) {
@@ -153,16 +215,21 @@ __device__ __forceinline__ int rb_part(int* j, int n0, int n1) {
     return 2;
 }
 
+// Three projections of the same input in one launch (q, k and v): columns 0..n0 of w0,
+// then n1 of w1, then n2 of w2. With a norm (na not null, one row, k values of dynamic
+// shared memory), the input is rms_norm(na + nb) · nw, stored into x and the sum into nsum
+// (rb_matvec_input).
 extern "C" __global__ void rb_gemv3(const store_t* x, const store_t* w0, const store_t* w1, const store_t* w2, store_t* o0, store_t* o1, store_t* o2,
-                                    int rows, int k, int n0, int n1, int n2) {
+                                    int rows, int k, int n0, int n1, int n2, const store_t* na, const store_t* nb, const store_t* nw, store_t* nsum,
+                                    float eps) {
     int j = rb_warp_column(), part = rb_part(&j, n0, n1);
     const store_t* w = part == 0 ? w0 : part == 1 ? w1 : w2;
     store_t* out = part == 0 ? o0 : part == 1 ? o1 : o2;
     const int n = part == 0 ? n0 : part == 1 ? n1 : n2;
-    if (j >= n) return;
+    const bool active = j < n;
     float acc[RB_GEMV_ROWS];
-    rb_warp_dots(x, w + (long)j * k, rows, k, acc);
-    if (threadIdx.x % RB_WARP == 0)
+    rb_warp_dots(x, RbAddNorm{na, nb, nw, nsum, eps}, w + (long)(active ? j : 0) * k, active, rows, k, acc);
+    if (active && threadIdx.x % RB_WARP == 0)
         for (int r = 0; r < rows; r++) out[(long)r * n + j] = ST(acc[r]);
 }
 
@@ -186,18 +253,6 @@ extern "C" __global__ void rb_matmul(const store_t* x, const store_t* w, store_t
         __syncthreads();
     }
     if (row < rows && col < n) out[(long)row * n + col] = ST(acc);
-}
-
-// Sum over the block; every thread gets the total. `scratch` holds one float per warp.
-__device__ float rb_block_sum(float v, float* scratch) {
-    for (int m = RB_WARP / 2; m > 0; m /= 2) v += RB_SHFL_XOR(v, m);
-    int warp = threadIdx.x / RB_WARP, lane = threadIdx.x % RB_WARP, warps = blockDim.x / RB_WARP;
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    float total = 0.0f;
-    for (int w = 0; w < warps; w++) total += scratch[w];
-    __syncthreads();
-    return total;
 }
 
 extern "C" __global__ void rb_rms_norm(const store_t* x, const store_t* w, store_t* out, int width, float eps) {
@@ -1186,6 +1241,8 @@ struct rb_q6_k {
 // then of w1, then of w2; the warps of a block (at most RB_QWARPS, no more than a row has
 // pieces for, so that no lane idles) split the pieces of a row. One row only: registers
 // for more rows of x would cost occupancy (a few rows take the prefill path instead).
+// No norm on the way in: a block covers only RB_QCOLS columns, so every block computing
+// the row's norm costs more than the norm's own launch (Q4_K decode 5% slower on an H200).
 template <class Q>
 __device__ __forceinline__ void rb_qgemv3(const unsigned char* w0, const unsigned char* w1, const unsigned char* w2, const store_t* x, store_t* o0,
                                           store_t* o1, store_t* o2, int k, int n0, int n1, int n2) {
@@ -1204,20 +1261,20 @@ __device__ __forceinline__ void rb_qgemv3(const unsigned char* w0, const unsigne
     float acc[RB_QCOLS];
     #pragma unroll
     for (int c = 0; c < RB_QCOLS; c++) acc[c] = 0.0f;
-    // The first blocks are in flight before x, which the launch ahead writes, is read.
-    bool waited = false;
-    for (int p = threadIdx.x; p < pieces; p += blockDim.x) {
-        const int block = p / Q::PIECES, t = p % Q::PIECES;
-        typename Q::Raw raw[RB_QCOLS];
+    typename Q::Raw raw[RB_QCOLS];
+    auto load = [&](int p) {
         #pragma unroll
         for (int c = 0; c < RB_QCOLS; c++)
-            if (c < cols) raw[c] = Q::load(w + c * row_bytes + (long)block * Q::BYTES, t);
-        if (!waited) {
-            RB_WAIT_PRIOR();
-            waited = true;
-        }
+            if (c < cols) raw[c] = Q::load(w + c * row_bytes + (long)(p / Q::PIECES) * Q::BYTES, p % Q::PIECES);
+    };
+    // The first blocks are in flight before the input, which the launch ahead writes, is read.
+    int p = threadIdx.x;
+    if (p < pieces) load(p);
+    x = rb_matvec_input(x, RbAddNorm{}, k);
+    while (p < pieces) {
+        const int t = p % Q::PIECES;
         float xv[Q::XN], sx[Q::XG + 1];
-        Q::xs(t, x + (long)block * Q::VALUES, xv);
+        Q::xs(t, x + (long)(p / Q::PIECES) * Q::VALUES, xv);
         const int size = Q::XN / (Q::XG > 0 ? Q::XG : 1);
         #pragma unroll
         for (int gi = 0; gi < Q::XG; gi++) {
@@ -1228,8 +1285,9 @@ __device__ __forceinline__ void rb_qgemv3(const unsigned char* w0, const unsigne
         #pragma unroll
         for (int c = 0; c < RB_QCOLS; c++)
             if (c < cols) acc[c] += Q::dot(raw[c], t, xv, sx);
+        p += blockDim.x;
+        if (p < pieces) load(p);
     }
-    if (!waited) RB_WAIT_PRIOR();  // a lane without a piece: its block still writes
     #pragma unroll
     for (int c = 0; c < RB_QCOLS; c++) {
         for (int o = RB_WARP / 2; o > 0; o /= 2) acc[c] += RB_SHFL_XOR(acc[c], o);

@@ -243,7 +243,7 @@ pub trait Backend: Send {
     // Fused ops: the same values as the ops they combine, in fewer launches where a
     // backend implements them (decode is launch-bound); by default, the ops in turn.
 
-    /// Three projections of one input (q, k and v).
+    /// Up to three projections of one input (q, k and v; gate and up with `n[2] = 0`).
     // Every operand and shape is its own parameter, as in the unfused ops it combines.
     #[allow(clippy::too_many_arguments)]
     fn matmul3(
@@ -324,6 +324,24 @@ pub trait Backend: Send {
         add_rms_norm_by_parts(self, a, b, w, rows, width, eps, sum, out)
     }
 
+    /// [`add_rms_norm`](Self::add_rms_norm) of rows of width `k`, then up to three
+    /// projections of its output `normed` (`out[i][rows, n[i]] = normed · w[i]ᵀ`; a part
+    /// with `n[i] = 0` is skipped): the GPU computes a decode row's norm inside the launch
+    /// of dense projections.
+    // Every operand and shape is its own parameter, as in the unfused ops it combines.
+    #[allow(clippy::too_many_arguments)]
+    fn add_rms_norm_project(
+        &self,
+        norm: AddNorm<Self::Buf>,
+        w: Projections<Self>,
+        rows: usize,
+        k: usize,
+        n: [usize; 3],
+        out: [&mut Self::Buf; 3],
+    ) -> Result<()> {
+        add_rms_norm_project_by_parts(self, norm, w, rows, k, n, out)
+    }
+
     /// Make `step` the step record that `Src::Step`, `Row::Step*` and `from_step` read.
     fn set_step(&self, step: Step) -> Result<()>;
     /// Record the ops issued until [`end_record`](Self::end_record) instead of running
@@ -357,7 +375,53 @@ pub fn download_rows_now<B: Backend + ?Sized>(
     Ok(RowBytes::Ready(spare))
 }
 
-/// [`Backend::matmul3`] as three matmuls.
+/// The residual sum and RMSNorm rows of projections come from
+/// ([`Backend::add_rms_norm_project`]): `sum = a + b`, `normed = rms_norm(sum) · w` with
+/// `eps` inside the root, both written as [`Backend::add_rms_norm`] writes them.
+pub struct AddNorm<'a, Buf> {
+    pub a: &'a Buf,
+    pub b: &'a Buf,
+    pub w: &'a Buf,
+    pub eps: f32,
+    pub sum: &'a mut Buf,
+    pub normed: &'a mut Buf,
+}
+
+/// The weights of up to three projections of one input, all dense or all in GGUF blocks.
+pub enum Projections<'a, B: Backend + ?Sized> {
+    Dense([&'a B::Buf; 3]),
+    Quant([&'a B::Quant; 3]),
+}
+
+/// [`Backend::add_rms_norm_project`] as the norm, then [`Backend::matmul3`] or
+/// [`Backend::matmul3_quant`].
+// The parameters of the trait method it implements.
+#[allow(clippy::too_many_arguments)]
+pub fn add_rms_norm_project_by_parts<B: Backend + ?Sized>(
+    b: &B,
+    norm: AddNorm<B::Buf>,
+    w: Projections<B>,
+    rows: usize,
+    k: usize,
+    n: [usize; 3],
+    out: [&mut B::Buf; 3],
+) -> Result<()> {
+    let AddNorm {
+        a,
+        b: delta,
+        w: norm_w,
+        eps,
+        sum,
+        normed,
+    } = norm;
+    b.add_rms_norm(a, delta, norm_w, rows, k, eps, sum, normed)?;
+    match w {
+        Projections::Dense(w) => b.matmul3(normed, w, rows, k, n, out),
+        Projections::Quant(w) => b.matmul3_quant(normed, w, rows, k, n, out),
+    }
+}
+
+/// [`Backend::matmul3`] as up to three matmuls.
 // The parameters of the trait method it implements.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul3_by_parts<B: Backend + ?Sized>(
@@ -370,7 +434,9 @@ pub fn matmul3_by_parts<B: Backend + ?Sized>(
     out: [&mut B::Buf; 3],
 ) -> Result<()> {
     for ((w, n), out) in w.into_iter().zip(n).zip(out) {
-        b.matmul(x, w, rows, k, n, out)?;
+        if n > 0 {
+            b.matmul(x, w, rows, k, n, out)?;
+        }
     }
     Ok(())
 }

@@ -5,10 +5,10 @@
 //! RoPE tables, sliding windows) is decided once per layer from the weights it loaded;
 //! plain llama runs exactly the ops it always has.
 
-use super::backend::{AttnShape, Backend, Row, Src};
+use super::backend::{AddNorm, AttnShape, Backend, Row, Src};
 use super::capture::{TapCollector, TapRoute};
 use super::layer::Workspace;
-use super::weights;
+use super::weights::{self, Input};
 use super::KeptRows;
 use super::{RunOptions, Runtime};
 use crate::error::{Error, Result};
@@ -155,13 +155,27 @@ impl<B: Backend> Pass<'_, '_, B> {
     }
 }
 
-/// Where block `l` meets its neighbours: whether `ws.h` already holds its attn_norm (block
-/// `l − 1` computed it with its FFN residual add), and whether to compute block `l + 1`'s
-/// that way. One launch fewer per layer, the same roundings (`add_rms_norm`).
+/// How one block's FFN residual add and the next block's attn_norm run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) enum Join {
+    /// The add at the end of the one, the norm at the start of the next (an injected fault
+    /// acts between them, or no next block runs).
+    #[default]
+    Apart,
+    /// One `add_rms_norm` launch at the end of the first block (several rows).
+    Fused,
+    /// Inside the next block's q, k, v projections ([`Backend::add_rms_norm_project`]; one
+    /// row, where the GPU's decode matvec computes the norm on its way in), after which
+    /// that block taps and keeps the first one's `resid_post`.
+    InProjections,
+}
+
+/// Where block `l` meets its neighbours: how its attn_norm comes (`entry`) and how block
+/// `l + 1`'s goes (`exit`).
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Seam {
-    pub normed: bool,
-    pub norm_next: bool,
+    pub entry: Join,
+    pub exit: Join,
 }
 
 impl<B: Backend> Runtime<B> {
@@ -203,14 +217,23 @@ impl<B: Backend> Runtime<B> {
         pass.tap(Tap::Embed, &mut ws.x)?;
         self.keep(Tap::Embed, &ws.x, &mut ws.keep, pass)?;
         let depth = pass.depth();
-        let mut normed = false;
+        let mut entry = Join::Apart;
         for (l, kv) in kv.iter_mut().enumerate().take(depth) {
             // The next block's attn_norm goes with this block's last add unless a fault
-            // injected into the residual stream between them must act first.
-            let norm_next = l + 1 < depth && !pass.touched(Tap::Layer(l, LayerTap::ResidPost));
-            self.block(l, ws, kv, pass, Seam { normed, norm_next })?;
-            normed = norm_next;
-            self.keep(Tap::Layer(l, LayerTap::ResidPost), &ws.x, &mut ws.keep, pass)?;
+            // injected into the residual stream between them must act first; for one row,
+            // into the next block's projections unless a fault acts on the normed row.
+            let exit = if l + 1 >= depth || pass.touched(Tap::Layer(l, LayerTap::ResidPost)) {
+                Join::Apart
+            } else if pass.rows == 1 && !pass.touched(Tap::Layer(l + 1, LayerTap::AttnNorm)) {
+                Join::InProjections
+            } else {
+                Join::Fused
+            };
+            self.block(l, ws, kv, pass, Seam { entry, exit })?;
+            entry = exit;
+            if exit != Join::InProjections {
+                self.keep(Tap::Layer(l, LayerTap::ResidPost), &ws.x, &mut ws.keep, pass)?;
+            }
         }
         Ok(())
     }
@@ -245,14 +268,27 @@ impl<B: Backend> Runtime<B> {
         let (kc, vc) = kv;
         let shape = pass.attn_shape(l);
 
-        if !seam.normed {
-            pass.op(
-                "rms_norm (attn)",
-                b.rms_norm(&ws.x, &w.attn_norm, rows, e, eps, &mut ws.h),
-            )?;
+        match seam.entry {
+            Join::Apart => {
+                pass.op(
+                    "rms_norm (attn)",
+                    b.rms_norm(&ws.x, &w.attn_norm, rows, e, eps, &mut ws.h),
+                )?;
+                pass.tap(at(LayerTap::AttnNorm), &mut ws.h)?;
+                self.project_qkv(l, ws, pass, false)?;
+            }
+            Join::Fused => {
+                pass.tap(at(LayerTap::AttnNorm), &mut ws.h)?;
+                self.project_qkv(l, ws, pass, false)?;
+            }
+            Join::InProjections => {
+                self.project_qkv(l, ws, pass, true)?;
+                let resid = Tap::Layer(l - 1, LayerTap::ResidPost);
+                pass.tap(resid, &mut ws.x)?;
+                self.keep(resid, &ws.x, &mut ws.keep, pass)?;
+                pass.tap(at(LayerTap::AttnNorm), &mut ws.h)?;
+            }
         }
-        pass.tap(at(LayerTap::AttnNorm), &mut ws.h)?;
-        self.project_qkv(l, ws, pass)?;
         let host_positions = pass.rope_positions(l);
         let positions = host_positions.as_deref().map_or(Src::Step, Src::Host);
         let freqs = w.freqs();
@@ -284,6 +320,16 @@ impl<B: Backend> Runtime<B> {
             pass.tap(at(LayerTap::AttnPostNorm), &mut ws.post)?;
             self.keep(at(LayerTap::AttnPostNorm), &ws.post, &mut ws.keep, pass)?;
         }
+        // For one row, the FFN's gate and up projections compute the attention residual
+        // add and ffn_norm on their way in, unless a fault acts between them.
+        let gate_up_fused = c.variant.ffn_activation != Activation::GeluTanh
+            && !pass.touched(at(LayerTap::FfnGate))
+            && !pass.touched(at(LayerTap::FfnUp));
+        let ffn_norm_in =
+            rows == 1 && gate_up_fused && !pass.touched(at(LayerTap::ResidMid)) && !pass.touched(at(LayerTap::FfnNorm));
+        if ffn_norm_in {
+            return self.ffn(l, ws, pass, seam.exit, true);
+        }
         let attn_delta = if w.post_norms.is_some() { &ws.post } else { &ws.ao };
         if pass.touched(at(LayerTap::ResidMid)) {
             pass.op(
@@ -301,13 +347,15 @@ impl<B: Backend> Runtime<B> {
             pass.tap(at(LayerTap::ResidMid), &mut ws.mid)?;
         }
         pass.tap(at(LayerTap::FfnNorm), &mut ws.h)?;
-        self.ffn(l, ws, pass, seam.norm_next)
+        self.ffn(l, ws, pass, seam.exit, false)
     }
 
     /// Q, K and V of the normed rows `ws.h` into `ws.q`, `ws.k`, `ws.v`, with the
     /// variant's biases and per-head norms (in that order, as qwen2 and qwen3/gemma3
-    /// apply them); taps `q_pre_rope` and `k_pre_rope`.
-    fn project_qkv(&self, l: usize, ws: &mut Workspace<B>, pass: &mut Pass<B>) -> Result<()> {
+    /// apply them); taps `q_pre_rope` and `k_pre_rope`. With `norm_in`, the rows are
+    /// computed on the way in: block `l − 1`'s FFN residual add into `ws.x` and this
+    /// block's attn_norm into `ws.h` ([`Join::InProjections`]).
+    fn project_qkv(&self, l: usize, ws: &mut Workspace<B>, pass: &mut Pass<B>, norm_in: bool) -> Result<()> {
         let (c, b, w) = (&self.cfg, &self.backend, &self.layers[l]);
         let (e, qw, kvw, rows, hd) = (c.n_embd, c.q_width(), c.kv_width(), pass.rows, c.head_dim());
         let at = |t: LayerTap| Tap::Layer(l, t);
@@ -319,10 +367,26 @@ impl<B: Backend> Runtime<B> {
                 (&mut ws.q, &mut ws.k)
             };
             let out = [&mut *q, &mut *k, &mut ws.v];
-            pass.op(
-                "matmul q, k, v",
-                weights::matmul3(b, &ws.h, [&w.wq, &w.wk, &w.wv], rows, e, [qw, kvw, kvw], out),
-            )?;
+            let (input, name) = if norm_in {
+                let before = &self.layers[l - 1];
+                let delta = if before.post_norms.is_some() { &ws.post } else { &ws.f };
+                let norm = AddNorm {
+                    a: &ws.mid,
+                    b: delta,
+                    w: &w.attn_norm,
+                    eps: c.rms_eps as f32,
+                    sum: &mut ws.x,
+                    normed: &mut ws.h,
+                };
+                (
+                    Input::AddNorm(norm),
+                    "add (ffn residual), rms_norm (attn) and matmul q, k, v",
+                )
+            } else {
+                (Input::Rows(&ws.h), "matmul q, k, v")
+            };
+            let qkv = weights::matmul3(b, input, [&w.wq, &w.wk, &w.wv], rows, e, [qw, kvw, kvw], out);
+            pass.op(name, qkv)?;
             if let Some([bq, bk, bv]) = &w.qkv_bias {
                 pass.op("add bias q", b.add_bias(q, bq, rows, qw))?;
                 pass.op("add bias k", b.add_bias(k, bk, rows, kvw))?;
@@ -346,14 +410,36 @@ impl<B: Backend> Runtime<B> {
     }
 
     /// The gated FFN on `ws.h` (SiLU or GELU-tanh gate), post-normed where the model has
-    /// post norms, added to `ws.mid` into the residual stream `ws.x`; with `norm_next`,
-    /// block `l + 1`'s attn_norm of the sum into `ws.h` in the same launch.
-    fn ffn(&self, l: usize, ws: &mut Workspace<B>, pass: &mut Pass<B>, norm_next: bool) -> Result<()> {
+    /// post norms, added to `ws.mid` into the residual stream `ws.x` as `exit` says (with
+    /// block `l + 1`'s attn_norm, or left to that block). With `norm_in`, gate and up
+    /// compute their input on the way in: the attention residual add into `ws.mid` and
+    /// ffn_norm into `ws.h` (tapped after them).
+    fn ffn(&self, l: usize, ws: &mut Workspace<B>, pass: &mut Pass<B>, exit: Join, norm_in: bool) -> Result<()> {
         let (c, b, w) = (&self.cfg, &self.backend, &self.layers[l]);
         let (e, ff, rows) = (c.n_embd, c.n_ff, pass.rows);
         let at = |t: LayerTap| Tap::Layer(l, t);
         let gelu = c.variant.ffn_activation == Activation::GeluTanh;
-        if gelu || pass.touched(at(LayerTap::FfnGate)) || pass.touched(at(LayerTap::FfnUp)) {
+        if norm_in {
+            let attn_delta = if w.post_norms.is_some() { &ws.post } else { &ws.ao };
+            let norm = AddNorm {
+                a: &ws.x,
+                b: attn_delta,
+                w: &w.ffn_norm,
+                eps: c.rms_eps as f32,
+                sum: &mut ws.mid,
+                normed: &mut ws.h,
+            };
+            let gua = [&mut ws.g, &mut ws.u, &mut ws.act];
+            let fused = weights::gate_up_silu(b, Input::AddNorm(norm), &w.wg, &w.wu, rows, e, ff, gua);
+            pass.op(
+                "add (attention residual), rms_norm (ffn), matmul ffn_gate, ffn_up and silu_mul",
+                fused,
+            )?;
+            pass.tap(at(LayerTap::ResidMid), &mut ws.mid)?;
+            pass.tap(at(LayerTap::FfnNorm), &mut ws.h)?;
+            pass.tap(at(LayerTap::FfnGate), &mut ws.g)?;
+            pass.tap(at(LayerTap::FfnUp), &mut ws.u)?;
+        } else if gelu || pass.touched(at(LayerTap::FfnGate)) || pass.touched(at(LayerTap::FfnUp)) {
             pass.op("matmul ffn_gate", w.wg.matmul(b, &ws.h, rows, e, ff, &mut ws.g))?;
             pass.op("matmul ffn_up", w.wu.matmul(b, &ws.h, rows, e, ff, &mut ws.u))?;
             pass.tap(at(LayerTap::FfnGate), &mut ws.g)?;
@@ -365,7 +451,7 @@ impl<B: Backend> Runtime<B> {
             }
         } else {
             let gua = [&mut ws.g, &mut ws.u, &mut ws.act];
-            let fused = weights::gate_up_silu(b, &ws.h, &w.wg, &w.wu, rows, e, ff, gua);
+            let fused = weights::gate_up_silu(b, Input::Rows(&ws.h), &w.wg, &w.wu, rows, e, ff, gua);
             pass.op("matmul ffn_gate, ffn_up and silu_mul", fused)?;
             pass.tap(at(LayerTap::FfnGate), &mut ws.g)?;
             pass.tap(at(LayerTap::FfnUp), &mut ws.u)?;
@@ -384,12 +470,15 @@ impl<B: Backend> Runtime<B> {
             self.keep(at(LayerTap::FfnPostNorm), &ws.post, &mut ws.keep, pass)?;
         }
         let ffn_delta = if w.post_norms.is_some() { &ws.post } else { &ws.f };
-        if norm_next {
-            let (next, eps) = (&self.layers[l + 1].attn_norm, c.rms_eps as f32);
-            let fused = b.add_rms_norm(&ws.mid, ffn_delta, next, rows, e, eps, &mut ws.x, &mut ws.h);
-            pass.op("add (ffn residual) and rms_norm (next attn)", fused)?;
-        } else {
-            pass.op("add (ffn residual)", b.add(&ws.mid, ffn_delta, rows * e, &mut ws.x))?;
+        match exit {
+            Join::Apart => pass.op("add (ffn residual)", b.add(&ws.mid, ffn_delta, rows * e, &mut ws.x))?,
+            Join::Fused => {
+                let (next, eps) = (&self.layers[l + 1].attn_norm, c.rms_eps as f32);
+                let fused = b.add_rms_norm(&ws.mid, ffn_delta, next, rows, e, eps, &mut ws.x, &mut ws.h);
+                pass.op("add (ffn residual) and rms_norm (next attn)", fused)?;
+            }
+            // Block l + 1 adds, and taps resid_post once it has.
+            Join::InProjections => return Ok(()),
         }
         pass.tap(at(LayerTap::ResidPost), &mut ws.x)
     }

@@ -6,7 +6,7 @@
 
 use candle_core::quantized::GgmlDType;
 
-use super::backend::Backend;
+use super::backend::{AddNorm, Backend, Projections};
 use crate::error::{Error, Result};
 use crate::inject::RuntimeFaults;
 use crate::quant::{swap_nibbles, QuantType};
@@ -84,36 +84,68 @@ impl<B: Backend> Matrix<B> {
     }
 }
 
+/// What projections read: rows ready in a buffer, or the RMSNorm of a residual sum that
+/// [`Backend::add_rms_norm_project`] computes on the way in.
+pub(super) enum Input<'a, B: Backend> {
+    Rows(&'a B::Buf),
+    AddNorm(AddNorm<'a, B::Buf>),
+}
+
+impl<'a, B: Backend> Input<'a, B> {
+    /// The rows, once computed: a norm runs now by itself (the projections that follow
+    /// cannot take it in).
+    fn rows(self, b: &B, rows: usize, k: usize) -> Result<&'a B::Buf> {
+        match self {
+            Self::Rows(x) => Ok(x),
+            Self::AddNorm(n) => {
+                b.add_rms_norm(n.a, n.b, n.w, rows, k, n.eps, n.sum, n.normed)?;
+                Ok(n.normed)
+            }
+        }
+    }
+}
+
 /// [`Backend::matmul3`] when the three are dense, [`Backend::matmul3_quant`] when the
-/// three are quantized, else three matmuls.
+/// three are quantized (each through [`Backend::add_rms_norm_project`] when the input is
+/// a norm), else three matmuls.
 pub(super) fn matmul3<B: Backend>(
     b: &B,
-    x: &B::Buf,
+    x: Input<B>,
     w: [&Matrix<B>; 3],
     rows: usize,
     k: usize,
     n: [usize; 3],
     out: [&mut B::Buf; 3],
 ) -> Result<()> {
-    if let [Matrix::Dense(w0), Matrix::Dense(w1), Matrix::Dense(w2)] = w {
-        return b.matmul3(x, [w0, w1, w2], rows, k, n, out);
+    let projections = match w {
+        [Matrix::Dense(w0), Matrix::Dense(w1), Matrix::Dense(w2)] => Some(Projections::Dense([w0, w1, w2])),
+        [Matrix::Quant(w0), Matrix::Quant(w1), Matrix::Quant(w2)] => Some(Projections::Quant([w0, w1, w2])),
+        _ => None,
+    };
+    match (x, projections) {
+        (Input::AddNorm(norm), Some(p)) => b.add_rms_norm_project(norm, p, rows, k, n, out),
+        (Input::Rows(x), Some(Projections::Dense(w))) => b.matmul3(x, w, rows, k, n, out),
+        (Input::Rows(x), Some(Projections::Quant(w))) => b.matmul3_quant(x, w, rows, k, n, out),
+        (x, None) => {
+            let x = x.rows(b, rows, k)?;
+            for ((w, n), out) in w.into_iter().zip(n).zip(out) {
+                if n > 0 {
+                    w.matmul(b, x, rows, k, n, out)?;
+                }
+            }
+            Ok(())
+        }
     }
-    if let [Matrix::Quant(w0), Matrix::Quant(w1), Matrix::Quant(w2)] = w {
-        return b.matmul3_quant(x, [w0, w1, w2], rows, k, n, out);
-    }
-    for ((w, n), out) in w.into_iter().zip(n).zip(out) {
-        w.matmul(b, x, rows, k, n, out)?;
-    }
-    Ok(())
 }
 
-/// [`Backend::gate_up_silu`] when both are dense; else the two projections (in one
-/// [`Backend::matmul3_quant`] when both are quantized) and the SiLU product.
+/// `g = x·wgᵀ`, `u = x·wuᵀ`, `act = silu(g)·u`: [`Backend::gate_up_silu`] when both are
+/// dense and the input is ready; else the two projections through [`matmul3`] and the
+/// SiLU product.
 // The operands of the backend op it dispatches to.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn gate_up_silu<B: Backend>(
     b: &B,
-    x: &B::Buf,
+    x: Input<B>,
     wg: &Matrix<B>,
     wu: &Matrix<B>,
     rows: usize,
@@ -121,14 +153,9 @@ pub(super) fn gate_up_silu<B: Backend>(
     n: usize,
     [g, u, act]: [&mut B::Buf; 3],
 ) -> Result<()> {
-    if let (Matrix::Dense(wg), Matrix::Dense(wu)) = (wg, wu) {
+    if let (Input::Rows(x), Matrix::Dense(wg), Matrix::Dense(wu)) = (&x, wg, wu) {
         return b.gate_up_silu(x, wg, wu, rows, k, n, g, u, act);
     }
-    if let (Matrix::Quant(wg), Matrix::Quant(wu)) = (wg, wu) {
-        b.matmul3_quant(x, [wg, wu, wu], rows, k, [n, n, 0], [&mut *g, &mut *u, &mut *act])?;
-    } else {
-        wg.matmul(b, x, rows, k, n, g)?;
-        wu.matmul(b, x, rows, k, n, u)?;
-    }
+    matmul3(b, x, [wg, wu, wu], rows, k, [n, n, 0], [&mut *g, &mut *u, &mut *act])?;
     b.silu_mul(g, u, rows * n, act)
 }

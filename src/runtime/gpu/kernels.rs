@@ -118,8 +118,8 @@ impl From<f32> for Arg {
     }
 }
 
-/// The most arguments a kernel takes (rb_rope_append).
-const MAX_ARGS: usize = 16;
+/// The most arguments a kernel takes (rb_gemv3).
+const MAX_ARGS: usize = 17;
 
 /// A kernel and its arguments, ready for a driver to launch.
 #[derive(Debug, Clone, Copy)]
@@ -172,9 +172,12 @@ kernels! {
     fn rb_copy(src: Ptr, dst: Ptr, n: i64, dyn_row: Ptr, width: i64);
     fn rb_perturb(x: Ptr, start: i64, n: i64, kind: i32, value: f32);
     fn rb_gemv(x: Ptr, w: Ptr, out: Ptr, rows: i32, k: i32, n: i32);
+    /// With `norm_a` set (one row, k values of dynamic shared memory): the input is
+    /// rms_norm(norm_a + norm_b) · norm_w, also stored into x, the sum into norm_sum.
     fn rb_gemv3(
         x: Ptr, w0: Ptr, w1: Ptr, w2: Ptr, o0: Ptr, o1: Ptr, o2: Ptr,
         rows: i32, k: i32, n0: i32, n1: i32, n2: i32,
+        norm_a: Ptr, norm_b: Ptr, norm_w: Ptr, norm_sum: Ptr, eps: f32,
     );
     fn rb_matmul(x: Ptr, w: Ptr, out: Ptr, rows: i32, k: i32, n: i32);
     fn rb_rms_norm(x: Ptr, w: Ptr, out: Ptr, width: i32, eps: f32);
@@ -406,6 +409,13 @@ mod tests {
             assert_eq!(first, wait, "{name} touches memory before {wait}");
         }
         assert!(kernels >= 30, "found {kernels} kernel definitions");
+        // The matvecs wait in rb_matvec_input, which computes a fused norm's row only after.
+        let input = &KERNEL_SOURCE[KERNEL_SOURCE.find("rb_matvec_input(const store_t* x").unwrap()..];
+        let first = input[input.find('{').unwrap() + 1..].trim_start();
+        assert!(
+            first.starts_with("RB_WAIT_PRIOR();"),
+            "rb_matvec_input touches memory first"
+        );
         for helper in ["void rb_warp_dots(", "void rb_qgemv3("] {
             let body = &KERNEL_SOURCE[KERNEL_SOURCE.find(helper).unwrap()..];
             let body = &body[..body.find("\n}").unwrap()];
@@ -413,9 +423,10 @@ mod tests {
                 .find("*(const uint4*)(wr")
                 .or_else(|| body.find("Q::load("))
                 .unwrap();
-            let wait = body.find("RB_WAIT_PRIOR();").unwrap();
+            let wait = body.find("rb_matvec_input(").unwrap();
             assert!(loads < wait, "{helper} waits before loading its first weights");
             assert!(!body[..wait].contains("x["), "{helper} reads x before waiting");
+            assert!(!body[..wait].contains("xs("), "{helper} reads x before waiting");
         }
         // Attention loads only cache rows below the first query's position before waiting,
         // and q (which the launch ahead rotates) after.

@@ -10,7 +10,9 @@ use super::plan::{attention_plan, AttnPlan, Grid, GEMV_ROWS, NORM_THREADS};
 use super::{Driver, GpuBackend, StepField};
 use crate::dump::RowBytes;
 use crate::error::{Error, Result};
-use crate::runtime::backend::{self, AttnShape, Backend, RopeFreqs, Row, Src, Step, StorageDType};
+use crate::runtime::backend::{
+    self, AddNorm, AttnShape, Backend, Projections, RopeFreqs, Row, Src, Step, StorageDType,
+};
 
 /// An address no allocation holds: a copy aimed here faults on the device.
 const UNMAPPED: Ptr = Ptr(0x10);
@@ -354,21 +356,7 @@ impl<D: Driver> Backend for GpuBackend<D> {
         }
         let [w0, w1, w2] = w.map(|w| self.ptr(w));
         let [o0, o1, o2] = out.map(|o| self.ptr(o));
-        let (r, ki) = (rows as i32, k as i32);
-        let call = kernels::rb_gemv3(
-            self.ptr(x),
-            w0,
-            w1,
-            w2,
-            o0,
-            o1,
-            o2,
-            r,
-            ki,
-            n[0] as i32,
-            n[1] as i32,
-            n[2] as i32,
-        );
+        let call = self.gemv3_call(self.ptr(x), [w0, w1, w2], [o0, o1, o2], rows, k, n, NormArgs::NONE);
         self.driver.launch(call, Grid::gemv(n.iter().sum(), D::WARP))
     }
 
@@ -473,6 +461,48 @@ impl<D: Driver> Backend for GpuBackend<D> {
         self.driver.launch(call, Grid::per_row(rows, NORM_THREADS))
     }
 
+    fn add_rms_norm_project(
+        &self,
+        norm: AddNorm<Self::Buf>,
+        w: Projections<Self>,
+        rows: usize,
+        k: usize,
+        n: [usize; 3],
+        out: [&mut Self::Buf; 3],
+    ) -> Result<()> {
+        // Dense only: a quantized matvec's block covers four columns, and every block
+        // computing the row's norm cost more than the norm's launch (Q4_K decode 5% slower).
+        let elem = std::mem::size_of::<D::Elem>();
+        let fits = rows == 1 && (k * elem).is_multiple_of(16) && k * elem <= FUSED_NORM_BYTES;
+        let Projections::Dense(w) = w else {
+            return backend::add_rms_norm_project_by_parts(self, norm, w, rows, k, n, out);
+        };
+        if !fits {
+            return backend::add_rms_norm_project_by_parts(self, norm, Projections::Dense(w), rows, k, n, out);
+        }
+        let smallest = [norm.a, norm.b, &*norm.sum, &*norm.normed]
+            .map(|buf| self.len(buf))
+            .into_iter()
+            .min();
+        self.check(smallest.unwrap_or(0), k, "add_rms_norm_project")?;
+        self.check(self.len(norm.w), k, "add_rms_norm_project weight")?;
+        for i in 0..3 {
+            self.check(self.len(w[i]), n[i] * k, "matmul3 weight")?;
+            self.check(self.len(out[i]), n[i], "matmul3 output")?;
+        }
+        let args = NormArgs {
+            a: self.ptr(norm.a),
+            b: self.ptr(norm.b),
+            w: self.ptr(norm.w),
+            sum: self.ptr(norm.sum),
+            eps: norm.eps,
+        };
+        let (wp, op) = (w.map(|w| self.ptr(w)), out.map(|o| self.ptr(o)));
+        let call = self.gemv3_call(self.ptr(norm.normed), wp, op, 1, k, n, args);
+        let grid = Grid::gemv(n.iter().sum(), D::WARP).with_shared(k * elem);
+        self.driver.launch(call, grid)
+    }
+
     fn set_step(&self, step: Step) -> Result<()> {
         let words = [step.token, step.pos as u32, step.rope_pos.to_bits(), step.slot as u32];
         self.driver.write_bytes(&self.step_dev, bytemuck::cast_slice(&words))?;
@@ -498,7 +528,67 @@ fn window_arg(window: Option<usize>) -> i32 {
     window.map_or(0, |w| w.min(i32::MAX as usize) as i32)
 }
 
+/// The most bytes of a row whose norm a decode matvec computes in shared memory (a
+/// block's static limit; 8192 f32 values or 24576 f16).
+const FUSED_NORM_BYTES: usize = 48 * 1024;
+
+/// The norm arguments of rb_gemv3: the residual sum's
+/// terms, the norm weight, where the sum goes and eps; [`NormArgs::NONE`] for none.
+#[derive(Debug, Clone, Copy)]
+struct NormArgs {
+    pub a: Ptr,
+    pub b: Ptr,
+    pub w: Ptr,
+    pub sum: Ptr,
+    pub eps: f32,
+}
+
+impl NormArgs {
+    pub const NONE: NormArgs = NormArgs {
+        a: Ptr::NONE,
+        b: Ptr::NONE,
+        w: Ptr::NONE,
+        sum: Ptr::NONE,
+        eps: 0.0,
+    };
+}
+
 impl<D: Driver> GpuBackend<D> {
+    /// The rb_gemv3 call of up to three projections of `x`.
+    // The kernel's operands, grouped.
+    #[allow(clippy::too_many_arguments)]
+    fn gemv3_call(
+        &self,
+        x: Ptr,
+        w: [Ptr; 3],
+        out: [Ptr; 3],
+        rows: usize,
+        k: usize,
+        n: [usize; 3],
+        norm: NormArgs,
+    ) -> kernels::KernelCall {
+        let [n0, n1, n2] = n.map(|n| n as i32);
+        kernels::rb_gemv3(
+            x,
+            w[0],
+            w[1],
+            w[2],
+            out[0],
+            out[1],
+            out[2],
+            rows as i32,
+            k as i32,
+            n0,
+            n1,
+            n2,
+            norm.a,
+            norm.b,
+            norm.w,
+            norm.sum,
+            norm.eps,
+        )
+    }
+
     /// The RoPE kernel arguments (base, table, neox, mscale) of `freqs`.
     fn rope_args(&self, freqs: RopeFreqs<D::Bytes>) -> (f32, Ptr, i32, f32) {
         match freqs {

@@ -6,11 +6,13 @@ use super::kernels::{self, AttentionKernel, MergeKernel};
 use crate::error::{Error, Result};
 use crate::runtime::backend::AttnShape;
 
-/// Blocks and threads per block of one launch.
+/// Blocks and threads per block of one launch, and the bytes of dynamic shared memory
+/// each block gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Grid {
     pub blocks: (u32, u32, u32),
     pub threads: (u32, u32, u32),
+    pub shared_bytes: u32,
 }
 
 impl Grid {
@@ -19,6 +21,7 @@ impl Grid {
         Self {
             blocks: ((n as u32).div_ceil(threads).max(1), 1, 1),
             threads: (threads, 1, 1),
+            shared_bytes: 0,
         }
     }
 
@@ -27,6 +30,7 @@ impl Grid {
         Self {
             blocks: (rows as u32, 1, 1),
             threads: (threads, 1, 1),
+            shared_bytes: 0,
         }
     }
 
@@ -35,6 +39,7 @@ impl Grid {
         Self {
             blocks: ((columns as u32).div_ceil(256 / warp), 1, 1),
             threads: (256, 1, 1),
+            shared_bytes: 0,
         }
     }
 
@@ -48,6 +53,15 @@ impl Grid {
         Self {
             blocks: (blocks as u32, 1, 1),
             threads: (warps as u32 * warp, 1, 1),
+            shared_bytes: 0,
+        }
+    }
+
+    /// The same launch with `bytes` of dynamic shared memory per block.
+    pub fn with_shared(self, bytes: usize) -> Self {
+        Self {
+            shared_bytes: bytes as u32,
+            ..self
         }
     }
 
@@ -56,6 +70,7 @@ impl Grid {
         Self {
             blocks: ((n as u32).div_ceil(16), (rows as u32).div_ceil(16), 1),
             threads: (16, 16, 1),
+            shared_bytes: 0,
         }
     }
 }
@@ -127,11 +142,13 @@ pub fn attention_plan(s: &AttnShape, backend: &str) -> Result<AttnPlan> {
             part_grid: Grid {
                 blocks: (rows, heads, splits as u32),
                 threads: (128, 1, 1),
+                shared_bytes: 0,
             },
             merge,
             merge_grid: Grid {
                 blocks: (rows, heads, 1),
                 threads: (s.head_dim as u32, 1, 1),
+                shared_bytes: 0,
             },
             splits: splits as i32,
         }
@@ -146,6 +163,7 @@ pub fn attention_plan(s: &AttnShape, backend: &str) -> Result<AttnPlan> {
             grid: Grid {
                 blocks: (rows.div_ceil(64), heads, 1),
                 threads: (64, 1, 1),
+                shared_bytes: 0,
             },
         }
     })

@@ -4,7 +4,7 @@
 
 use super::Checker;
 use crate::error::Result;
-use crate::runtime::backend::{AttnShape, Backend, RopeFreqs, Row, Src, Step};
+use crate::runtime::backend::{AddNorm, AttnShape, Backend, Projections, RopeFreqs, Row, Src, Step};
 use crate::runtime::rope::RopeTable;
 
 /// The (token, position) of each checked decode step; its index is its tap slot.
@@ -207,7 +207,8 @@ impl<B: Backend> Checker<'_, B> {
         let mut qkv = self.fused_qkv(&case)?;
         self.fused_rope_append(&case, &mut qkv, head_dim, first_pos)?;
         self.fused_gate_up(&case)?;
-        self.fused_add_rms_norm(&case, &qkv)
+        self.fused_add_rms_norm(&case, &qkv)?;
+        self.fused_norm_project(&case, &qkv)
     }
 
     fn fused_qkv(&mut self, c: &FusedCase<B>) -> Result<Qkv<B>> {
@@ -331,5 +332,55 @@ impl<B: Backend> Checker<'_, B> {
             s,
             false,
         )
+    }
+
+    /// The residual add and RMSNorm computed inside the q, k, v projections' launch (on
+    /// the GPU for one row; in turn otherwise): sum, normed row and two projections.
+    fn fused_norm_project(&mut self, c: &FusedCase<B>, qkv: &Qkv<B>) -> Result<()> {
+        let (rows, e, kvw, g) = (c.rows, c.e, c.kvw, self.gpu);
+        let (cw, gw) = (&c.cw, &c.gw);
+        let widths = [e, kvw, kvw];
+        let mut cbufs = [rows * e, rows * e, rows * e, rows * kvw, rows * kvw].map(|n| vec![0.0f32; n]);
+        let [csum, cnorm, cq, ck, cv] = &mut cbufs;
+        let norm = AddNorm {
+            a: &cw[0],
+            b: &qkv.cq,
+            w: &cw[6],
+            eps: 1e-5,
+            sum: csum,
+            normed: cnorm,
+        };
+        let projections = Projections::Dense([&cw[1], &cw[2], &cw[3]]);
+        self.cpu
+            .add_rms_norm_project(norm, projections, rows, e, widths, [cq, ck, cv])?;
+        let mut gbufs = Vec::new();
+        for n in [rows * e, rows * e, rows * e, rows * kvw, rows * kvw] {
+            gbufs.push(self.guarded(n)?);
+        }
+        let [gsum, gnorm, gq, gk, gv] = &mut gbufs[..] else {
+            unreachable!("five buffers")
+        };
+        let (_, s) = self.timed(|| {
+            let norm = AddNorm {
+                a: &gw[0],
+                b: &qkv.gq,
+                w: &gw[6],
+                eps: 1e-5,
+                sum: gsum,
+                normed: gnorm,
+            };
+            let projections = Projections::Dense([&gw[1], &gw[2], &gw[3]]);
+            g.add_rms_norm_project(norm, projections, rows, e, widths, [gq, gk, gv])
+        })?;
+        let op = "add_rms_norm_project";
+        for (name, got, expected) in [
+            ("sum", &gbufs[0], &cbufs[0]),
+            ("normed", &gbufs[1], &cbufs[1]),
+            ("q", &gbufs[2], &cbufs[2]),
+            ("v", &gbufs[4], &cbufs[4]),
+        ] {
+            self.record(op, format!("{} ({name})", c.shape), got, expected, s, false)?;
+        }
+        Ok(())
     }
 }

@@ -243,6 +243,8 @@ pub fn run<B: Backend>(gpu: &B, seed: u64, long: bool) -> Result<Vec<OpCheck>> {
         c.matmul3_quant(ty, 1, 768, [333, 65, 65])?;
         c.matmul3_quant(ty, 1, 2048, [257, 257, 0])?;
         c.matmul3_quant(ty, 3, 768, [65, 33, 0])?;
+        c.add_rms_norm_project_quant(ty, 768, [333, 65, 65])?;
+        c.add_rms_norm_project_quant(ty, 2048, [257, 257, 0])?;
     }
     Ok(c.results)
 }

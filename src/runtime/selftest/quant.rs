@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use super::Checker;
 use crate::error::{Error, Result};
 use crate::quant::{QuantMatrix, QuantType};
-use crate::runtime::backend::Backend;
+use crate::runtime::backend::{AddNorm, Backend, Projections};
 
 impl<B: Backend> Checker<'_, B> {
     /// A random `[n, k]` matrix quantized to `ty` (by candle, for test data), on the device
@@ -81,6 +81,61 @@ impl<B: Backend> Checker<'_, B> {
                 s,
                 false,
             )?;
+        }
+        Ok(())
+    }
+
+    /// The residual add and RMSNorm of one row, then up to three projections on matrices
+    /// of `ty` (decode's q, k, v or gate and up) as one op: sum, normed row and each part
+    /// against the `cpu` backend's ops in turn.
+    pub(super) fn add_rms_norm_project_quant(&mut self, ty: QuantType, k: usize, n: [usize; 3]) -> Result<()> {
+        let inputs = [self.random(k, 1.0), self.random(k, 1.0), self.random(k, 1.0)];
+        let mut pairs = Vec::new();
+        for ni in n {
+            pairs.push(self.quant_pair(ty, k, ni.max(1))?);
+        }
+        let c_in: Vec<Vec<f32>> = inputs.iter().map(|v| self.cpu.upload(v)).collect::<Result<_>>()?;
+        let mut c_out = [k, k, n[0], n[1], n[2]].map(|n| vec![0.0f32; n]);
+        let [csum, cnorm, c0, c1, c2] = &mut c_out;
+        let norm = AddNorm {
+            a: &c_in[0],
+            b: &c_in[1],
+            w: &c_in[2],
+            eps: 1e-6,
+            sum: csum,
+            normed: cnorm,
+        };
+        let cw = Projections::Quant([&pairs[0].1, &pairs[1].1, &pairs[2].1]);
+        self.cpu.add_rms_norm_project(norm, cw, 1, k, n, [c0, c1, c2])?;
+        let g_in: Vec<B::Buf> = inputs.iter().map(|v| self.gpu.upload(v)).collect::<Result<_>>()?;
+        let mut g_out = Vec::new();
+        for len in [k, k, n[0], n[1], n[2]] {
+            g_out.push(self.guarded(len)?);
+        }
+        let [gsum, gnorm, g0, g1, g2] = &mut g_out[..] else {
+            unreachable!("five buffers")
+        };
+        let gpu = self.gpu;
+        let (_, s) = self.timed(|| {
+            let norm = AddNorm {
+                a: &g_in[0],
+                b: &g_in[1],
+                w: &g_in[2],
+                eps: 1e-6,
+                sum: gsum,
+                normed: gnorm,
+            };
+            let gw = Projections::Quant([&pairs[0].0, &pairs[1].0, &pairs[2].0]);
+            gpu.add_rms_norm_project(norm, gw, 1, k, n, [g0, g1, g2])
+        })?;
+        let op = format!("add_rms_norm_project {}", ty.name());
+        let parts = (0..3).filter(|&i| n[i] > 0).map(|i| (format!("part {i}"), 2 + i));
+        for (name, at) in [("sum".to_string(), 0), ("normed".to_string(), 1)]
+            .into_iter()
+            .chain(parts)
+        {
+            let shape = format!("[1x{k}]·{n:?} ({name})");
+            self.record(&op, shape, &g_out[at], &c_out[at], s, false)?;
         }
         Ok(())
     }

@@ -223,6 +223,7 @@ where
         let grid = Grid {
             blocks: (n as u32, group as u32, 1),
             threads: (256, 1, 1),
+            shared_bytes: 0,
         };
         self.launch(call, grid)?;
         // SAFETY: as above; the output rows c0..c0 + n of heads h0..h0 + group.

@@ -272,7 +272,7 @@ where
             blockDimX: grid.threads.0,
             blockDimY: grid.threads.1,
             blockDimZ: grid.threads.2,
-            sharedMemBytes: 0,
+            sharedMemBytes: grid.shared_bytes,
             hStream: self.stream.cu_stream(),
             attrs: &mut early,
             numAttrs: self.early_start as u32,
@@ -345,6 +345,7 @@ where
         let grid = Grid {
             blocks: (s.rows.div_ceil(FLASH_QUERIES) as u32, s.n_head as u32, 1),
             threads: (128, 1, 1),
+            shared_bytes: 0,
         };
         Some(self.launch(call, grid))
     }

@@ -251,7 +251,7 @@ impl<T: StorageElem> Driver for Hip<T> {
                 tx,
                 ty,
                 tz,
-                0,
+                grid.shared_bytes,
                 std::ptr::null_mut(),
                 args.as_mut_ptr(),
                 std::ptr::null_mut(),

@@ -233,6 +233,36 @@ extern "C" __global__ void rb_gemv3(const store_t* x, const store_t* w0, const s
         for (int r = 0; r < rows; r++) out[(long)r * n + j] = ST(acc[r]);
 }
 
+// Gate and up projections of one input and their product act = silu(g)·u in one launch:
+// the first half of a block's warps computes gate columns, the second half the same up
+// columns, and the gate warps form the product from both rounded values, as rb_silu_mul
+// does. The norm, as in rb_gemv3. Blocks of RB_GEMV_THREADS.
+#define RB_GEMV_THREADS 256
+extern "C" __global__ void rb_gemv_gate_up_silu(const store_t* x, const store_t* wg, const store_t* wu, store_t* g, store_t* u, store_t* act,
+                                                int rows, int k, int n, const store_t* na, const store_t* nb, const store_t* nw, store_t* nsum,
+                                                float eps) {
+    constexpr int HALF = RB_GEMV_THREADS / RB_WARP / 2;
+    __shared__ float up_values[RB_GEMV_ROWS][HALF];
+    const int warp = threadIdx.x / RB_WARP, lane = threadIdx.x % RB_WARP;
+    const bool up = warp >= HALF;
+    const int j = blockIdx.x * HALF + warp % HALF;
+    const bool active = j < n;
+    float acc[RB_GEMV_ROWS];
+    rb_warp_dots(x, RbAddNorm{na, nb, nw, nsum, eps}, (up ? wu : wg) + (long)(active ? j : 0) * k, active, rows, k, acc);
+    if (active && lane == 0)
+        for (int r = 0; r < rows; r++) {
+            const store_t v = ST(acc[r]);
+            (up ? u : g)[(long)r * n + j] = v;
+            if (up) up_values[r][warp - HALF] = LD(v);
+        }
+    __syncthreads();
+    if (active && !up && lane == 0)
+        for (int r = 0; r < rows; r++) {
+            const float gv = LD(ST(acc[r]));
+            act[(long)r * n + j] = ST(gv / (1.0f + expf(-gv)) * up_values[r][warp]);
+        }
+}
+
 // out[rows, n] = x[rows, k] · w[n, k]ᵀ with f32 accumulation, in 16×16 shared tiles. The
 // `hip` backend's matmul (the `cuda` backend uses cuBLAS on the matrix units instead).
 #define RB_MM_TILE 16

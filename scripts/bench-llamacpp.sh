@@ -16,6 +16,9 @@
 # Needs python3 with torch, transformers, sentencepiece, numpy and gguf (or the source's
 # gguf-py); cmake, nvcc. Writes $OUT_DIR/llamacpp-cuda.{txt,md} (default bench/results/).
 #
+# The sdist's vendor/llama.cpp without models/, docs/, benches/, media/ and tests/ is 11 MB
+# as a tar.gz, small enough to carry to the GPU machine.
+#
 #   RESBISECT=gpu-bin/resbisect LLAMA_TGZ=gpu-bin/llama.cpp.tar.gz OUT_DIR=$OUT scripts/bench-llamacpp.sh
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -85,6 +88,9 @@ if [ -n "$build_pid" ]; then wait "$build_pid" || { tail -30 "$work/cmake.log"; 
 fi
 if [ -n "$build_pid" ] && kill -0 "$build_pid" 2>/dev/null; then wait "$build_pid" || { tail -30 "$work/cmake.log"; exit 1; }; fi
 "$bin" inspect "$work/tl-q4_k_m.gguf" | grep -E "^types" | sed 's/^/q4_k_m /' | tee -a "$log"
+# A device call's time limit may not hold the build and the benchmarks: PREPARE_ONLY=1 stops
+# here, and a second call with the same WORK (same machine) runs the rest.
+if [ "${PREPARE_ONLY:-0}" = 1 ]; then say "prepared: llama.cpp and both files in $work"; exit 0; fi
 
 # 3. Same files, same run.
 "$py" -c "import random; r = random.Random(2048); print(','.join(str(r.randrange(3, 32000)) for _ in range(2048)))" > "$work/t2048"
@@ -109,7 +115,9 @@ done
 "$py" "$root/scripts/bench_hf_runtime.py" "$work/tl-f16.gguf" "$work/t2048" 8 2>"$work/hf.log" | tee -a "$log" ||
   say "HF FAILED: $(tail -n 1 "$work/hf.log")"
 
-# 4. cuda (native quantized path) against the reference at 2048 positions, Q4_K_M.
+# 4. cuda (native quantized path) against the reference at 2048 positions, Q4_K_M
+#    (AGREEMENT=0 skips it: a minute of the reference on the CPU).
+if [ "${AGREEMENT:-1}" != 0 ]; then
 rm -rf "$work/rt" "$work/ref"
 "$bin" dump --engine runtime --backend cuda --dtype f16 --model "$work/tl-q4_k_m.gguf" --tokens "$(cat "$work/t2048")" \
   --layers all --taps resid_post,logits --positions all -o "$work/rt" 2>>"$work/dump.log"
@@ -120,6 +128,7 @@ set +e
 set -e
 say "AGREEMENT q4_k_m 2048 positions: diff exit $code"
 grep -E "FIRST|no divergence|result|note" "$work/diff.txt" | head -5 | tee -a "$log"
+fi
 
 "$py" - "$log" <<'PY' | tee "${log%.txt}.md"
 import json, re, sys

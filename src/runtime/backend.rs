@@ -273,12 +273,14 @@ pub trait Backend: Send {
     ) -> Result<()> {
         matmul3_quant_by_parts(self, x, w, rows, k, n, out)
     }
-    /// `g = x·wgᵀ`, `u = x·wuᵀ`, `act = silu(g)·u`.
+    /// `g = x·wgᵀ`, `u = x·wuᵀ`, `act = silu(g)·u` (SiLU: Elfwing et al. 2018) for
+    /// `[rows, k]` input rows and `[n, k]` weights; the input may be a residual add and
+    /// RMSNorm ([`Input::AddNorm`]) that the GPU computes inside the launch for one row.
     // Every operand and shape is its own parameter, as in the unfused ops it combines.
     #[allow(clippy::too_many_arguments)]
     fn gate_up_silu(
         &self,
-        x: &Self::Buf,
+        x: Input<Self>,
         wg: &Self::Buf,
         wu: &Self::Buf,
         rows: usize,
@@ -387,6 +389,27 @@ pub struct AddNorm<'a, Buf> {
     pub normed: &'a mut Buf,
 }
 
+/// What projections read: rows ready in a buffer, or the RMSNorm of a residual sum that
+/// [`Backend::add_rms_norm_project`] and [`Backend::gate_up_silu`] compute on the way in.
+pub enum Input<'a, B: Backend + ?Sized> {
+    Rows(&'a B::Buf),
+    AddNorm(AddNorm<'a, B::Buf>),
+}
+
+impl<'a, B: Backend + ?Sized> Input<'a, B> {
+    /// The `[rows, k]` rows, once computed: a norm runs now by itself (for ops that cannot
+    /// take it in).
+    pub fn rows(self, b: &B, rows: usize, k: usize) -> Result<&'a B::Buf> {
+        match self {
+            Self::Rows(x) => Ok(x),
+            Self::AddNorm(n) => {
+                b.add_rms_norm(n.a, n.b, n.w, rows, k, n.eps, n.sum, n.normed)?;
+                Ok(n.normed)
+            }
+        }
+    }
+}
+
 /// The weights of up to three projections of one input, all dense or all in GGUF blocks.
 pub enum Projections<'a, B: Backend + ?Sized> {
     Dense([&'a B::Buf; 3]),
@@ -461,12 +484,12 @@ pub fn matmul3_quant_by_parts<B: Backend + ?Sized>(
     Ok(())
 }
 
-/// [`Backend::gate_up_silu`] as two matmuls and a SiLU product.
+/// [`Backend::gate_up_silu`] as the norm (if any), two matmuls and a SiLU product.
 // The parameters of the trait method it implements.
 #[allow(clippy::too_many_arguments)]
 pub fn gate_up_silu_by_parts<B: Backend + ?Sized>(
     b: &B,
-    x: &B::Buf,
+    x: Input<B>,
     wg: &B::Buf,
     wu: &B::Buf,
     rows: usize,
@@ -476,6 +499,7 @@ pub fn gate_up_silu_by_parts<B: Backend + ?Sized>(
     u: &mut B::Buf,
     act: &mut B::Buf,
 ) -> Result<()> {
+    let x = x.rows(b, rows, k)?;
     b.matmul(x, wg, rows, k, n, g)?;
     b.matmul(x, wu, rows, k, n, u)?;
     b.silu_mul(g, u, rows * n, act)

@@ -5,10 +5,10 @@
 //! RoPE tables, sliding windows) is decided once per layer from the weights it loaded;
 //! plain llama runs exactly the ops it always has.
 
-use super::backend::{AddNorm, AttnShape, Backend, Row, Src};
+use super::backend::{AddNorm, AttnShape, Backend, Input, Row, Src};
 use super::capture::{TapCollector, TapRoute};
 use super::layer::Workspace;
-use super::weights::{self, Input};
+use super::weights;
 use super::KeptRows;
 use super::{RunOptions, Runtime};
 use crate::error::{Error, Result};

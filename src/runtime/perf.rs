@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use super::backend::{AttnShape, Backend, RopeFreqs, Src, Step};
+use super::backend::{AttnShape, Backend, Input, RopeFreqs, Src, Step};
 use crate::error::Result;
 use crate::model::Config;
 
@@ -267,7 +267,17 @@ impl<B: Backend> Timer<'_, B> {
         })?;
         let gate_up_shape = format!("[{rows}x{e}]·[{ff}x{e}]ᵀ x2");
         self.time("gate_up_silu", gate_up_shape, 2 * mm(ff, e) + act_bytes(ff), 1, |i| {
-            b.gate_up_silu(h, &w.wg[i % w.wg.len()], &w.wu[i % w.wu.len()], rows, e, ff, g, u, act)
+            b.gate_up_silu(
+                Input::Rows(h),
+                &w.wg[i % w.wg.len()],
+                &w.wu[i % w.wu.len()],
+                rows,
+                e,
+                ff,
+                g,
+                u,
+                act,
+            )
         })?;
         let down_shape = format!("[{rows}x{ff}]·[{e}x{ff}]ᵀ");
         self.time("matmul (ffn_down)", down_shape, mm(e, ff), 1, |i| {

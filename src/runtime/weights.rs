@@ -6,7 +6,7 @@
 
 use candle_core::quantized::GgmlDType;
 
-use super::backend::{AddNorm, Backend, Projections};
+use super::backend::{Backend, Input, Projections};
 use crate::error::{Error, Result};
 use crate::inject::RuntimeFaults;
 use crate::quant::{swap_nibbles, QuantType};
@@ -84,27 +84,6 @@ impl<B: Backend> Matrix<B> {
     }
 }
 
-/// What projections read: rows ready in a buffer, or the RMSNorm of a residual sum that
-/// [`Backend::add_rms_norm_project`] computes on the way in.
-pub(super) enum Input<'a, B: Backend> {
-    Rows(&'a B::Buf),
-    AddNorm(AddNorm<'a, B::Buf>),
-}
-
-impl<'a, B: Backend> Input<'a, B> {
-    /// The rows, once computed: a norm runs now by itself (the projections that follow
-    /// cannot take it in).
-    fn rows(self, b: &B, rows: usize, k: usize) -> Result<&'a B::Buf> {
-        match self {
-            Self::Rows(x) => Ok(x),
-            Self::AddNorm(n) => {
-                b.add_rms_norm(n.a, n.b, n.w, rows, k, n.eps, n.sum, n.normed)?;
-                Ok(n.normed)
-            }
-        }
-    }
-}
-
 /// [`Backend::matmul3`] when the three are dense, [`Backend::matmul3_quant`] when the
 /// three are quantized (each through [`Backend::add_rms_norm_project`] when the input is
 /// a norm), else three matmuls.
@@ -139,8 +118,7 @@ pub(super) fn matmul3<B: Backend>(
 }
 
 /// `g = x·wgᵀ`, `u = x·wuᵀ`, `act = silu(g)·u`: [`Backend::gate_up_silu`] when both are
-/// dense and the input is ready; else the two projections through [`matmul3`] and the
-/// SiLU product.
+/// dense; else the two projections through [`matmul3`] and the SiLU product.
 // The operands of the backend op it dispatches to.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn gate_up_silu<B: Backend>(
@@ -153,7 +131,7 @@ pub(super) fn gate_up_silu<B: Backend>(
     n: usize,
     [g, u, act]: [&mut B::Buf; 3],
 ) -> Result<()> {
-    if let (Input::Rows(x), Matrix::Dense(wg), Matrix::Dense(wu)) = (&x, wg, wu) {
+    if let (Matrix::Dense(wg), Matrix::Dense(wu)) = (wg, wu) {
         return b.gate_up_silu(x, wg, wu, rows, k, n, g, u, act);
     }
     matmul3(b, x, [wg, wu, wu], rows, k, [n, n, 0], [&mut *g, &mut *u, &mut *act])?;

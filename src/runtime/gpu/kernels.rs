@@ -179,6 +179,12 @@ kernels! {
         rows: i32, k: i32, n0: i32, n1: i32, n2: i32,
         norm_a: Ptr, norm_b: Ptr, norm_w: Ptr, norm_sum: Ptr, eps: f32,
     );
+    /// Gate and up columns in matching warps of a block, and act = silu(gate)·up; the
+    /// norm as in rb_gemv3.
+    fn rb_gemv_gate_up_silu(
+        x: Ptr, wg: Ptr, wu: Ptr, g: Ptr, u: Ptr, act: Ptr, rows: i32, k: i32, n: i32,
+        norm_a: Ptr, norm_b: Ptr, norm_w: Ptr, norm_sum: Ptr, eps: f32,
+    );
     fn rb_matmul(x: Ptr, w: Ptr, out: Ptr, rows: i32, k: i32, n: i32);
     fn rb_rms_norm(x: Ptr, w: Ptr, out: Ptr, width: i32, eps: f32);
     fn rb_add_rms_norm(a: Ptr, b: Ptr, w: Ptr, sum: Ptr, out: Ptr, width: i32, eps: f32);
@@ -333,7 +339,7 @@ pub fn fault_code(fault: Fault) -> (i32, f32) {
 #[cfg(test)]
 mod tests {
     use super::{DEQUANT_THREADS, KERNEL_SOURCE};
-    use crate::runtime::gpu::plan::ATTN_MAX_SPLITS;
+    use crate::runtime::gpu::plan::{ATTN_MAX_SPLITS, GEMV_ROWS, GEMV_THREADS};
 
     #[test]
     fn quantized_matvec_pieces_match_the_kernel_source() {
@@ -367,6 +373,8 @@ mod tests {
         for define in [
             format!("#define RB_DEQUANT_THREADS {DEQUANT_THREADS}\n"),
             format!("#define RB_ATTN_MAX_SPLITS {ATTN_MAX_SPLITS}\n"),
+            format!("#define RB_GEMV_THREADS {GEMV_THREADS}\n"),
+            format!("#define RB_GEMV_ROWS {GEMV_ROWS}\n"),
         ] {
             assert!(
                 KERNEL_SOURCE.contains(&define),
@@ -383,7 +391,13 @@ mod tests {
     /// decode attention after its first loads of cache rows the launch ahead does not write.
     #[test]
     fn every_kernel_waits_for_the_launch_ahead_before_touching_memory() {
-        let early_loaders = ["rb_gemv", "rb_gemv3", "rb_qgemv3_##T", "rb_attention_part_##HD"];
+        let early_loaders = [
+            "rb_gemv",
+            "rb_gemv3",
+            "rb_gemv_gate_up_silu",
+            "rb_qgemv3_##T",
+            "rb_attention_part_##HD",
+        ];
         let mut kernels = 0;
         for (at, _) in KERNEL_SOURCE.match_indices("__global__ void ") {
             let rest = &KERNEL_SOURCE[at + "__global__ void ".len()..];

@@ -8,6 +8,7 @@ pub mod cuda;
 #[cfg(feature = "hip")]
 pub mod hip;
 pub mod kernels;
+mod matvec;
 mod ops;
 pub mod plan;
 mod quant;

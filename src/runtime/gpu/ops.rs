@@ -11,7 +11,7 @@ use super::{Driver, GpuBackend, StepField};
 use crate::dump::RowBytes;
 use crate::error::{Error, Result};
 use crate::runtime::backend::{
-    self, AddNorm, AttnShape, Backend, Projections, RopeFreqs, Row, Src, Step, StorageDType,
+    self, AddNorm, AttnShape, Backend, Input, Projections, RopeFreqs, Row, Src, Step, StorageDType,
 };
 
 /// An address no allocation holds: a copy aimed here faults on the device.
@@ -346,18 +346,7 @@ impl<D: Driver> Backend for GpuBackend<D> {
         n: [usize; 3],
         out: [&mut Self::Buf; 3],
     ) -> Result<()> {
-        if rows > GEMV_ROWS {
-            return backend::matmul3_by_parts(self, x, w, rows, k, n, out);
-        }
-        self.check(self.len(x), rows * k, "matmul3 input")?;
-        for i in 0..3 {
-            self.check(self.len(w[i]), n[i] * k, "matmul3 weight")?;
-            self.check(self.len(out[i]), rows * n[i], "matmul3 output")?;
-        }
-        let [w0, w1, w2] = w.map(|w| self.ptr(w));
-        let [o0, o1, o2] = out.map(|o| self.ptr(o));
-        let call = self.gemv3_call(self.ptr(x), [w0, w1, w2], [o0, o1, o2], rows, k, n, NormArgs::NONE);
-        self.driver.launch(call, Grid::gemv(n.iter().sum(), D::WARP))
+        self.dense_projections(Input::Rows(x), w, rows, k, n, out)
     }
 
     fn matmul3_quant(
@@ -374,7 +363,7 @@ impl<D: Driver> Backend for GpuBackend<D> {
 
     fn gate_up_silu(
         &self,
-        x: &Self::Buf,
+        x: Input<Self>,
         wg: &Self::Buf,
         wu: &Self::Buf,
         rows: usize,
@@ -384,13 +373,7 @@ impl<D: Driver> Backend for GpuBackend<D> {
         u: &mut Self::Buf,
         act: &mut Self::Buf,
     ) -> Result<()> {
-        if rows > GEMV_ROWS {
-            return backend::gate_up_silu_by_parts(self, x, wg, wu, rows, k, n, g, u, act);
-        }
-        // Gate and up as one launch of 2n columns (as fast as one projection of 2n), then
-        // the product: a warp computing both dots of a column streams at half the rate.
-        self.matmul3(x, [wg, wu, wu], rows, k, [n, n, 0], [&mut *g, &mut *u, &mut *act])?;
-        self.silu_mul(g, u, rows * n, act)
+        self.dense_gate_up_silu(x, wg, wu, rows, k, n, [g, u, act])
     }
 
     fn rope_append(
@@ -470,37 +453,12 @@ impl<D: Driver> Backend for GpuBackend<D> {
         n: [usize; 3],
         out: [&mut Self::Buf; 3],
     ) -> Result<()> {
-        // Dense only: a quantized matvec's block covers four columns, and every block
-        // computing the row's norm cost more than the norm's launch (Q4_K decode 5% slower).
-        let elem = std::mem::size_of::<D::Elem>();
-        let fits = rows == 1 && (k * elem).is_multiple_of(16) && k * elem <= FUSED_NORM_BYTES;
-        let Projections::Dense(w) = w else {
-            return backend::add_rms_norm_project_by_parts(self, norm, w, rows, k, n, out);
-        };
-        if !fits {
-            return backend::add_rms_norm_project_by_parts(self, norm, Projections::Dense(w), rows, k, n, out);
+        match w {
+            Projections::Dense(w) => self.dense_projections(Input::AddNorm(norm), w, rows, k, n, out),
+            // A quantized matvec's block covers four columns, and every block computing
+            // the row's norm cost more than the norm's launch (Q4_K decode 5% slower).
+            Projections::Quant(_) => backend::add_rms_norm_project_by_parts(self, norm, w, rows, k, n, out),
         }
-        let smallest = [norm.a, norm.b, &*norm.sum, &*norm.normed]
-            .map(|buf| self.len(buf))
-            .into_iter()
-            .min();
-        self.check(smallest.unwrap_or(0), k, "add_rms_norm_project")?;
-        self.check(self.len(norm.w), k, "add_rms_norm_project weight")?;
-        for i in 0..3 {
-            self.check(self.len(w[i]), n[i] * k, "matmul3 weight")?;
-            self.check(self.len(out[i]), n[i], "matmul3 output")?;
-        }
-        let args = NormArgs {
-            a: self.ptr(norm.a),
-            b: self.ptr(norm.b),
-            w: self.ptr(norm.w),
-            sum: self.ptr(norm.sum),
-            eps: norm.eps,
-        };
-        let (wp, op) = (w.map(|w| self.ptr(w)), out.map(|o| self.ptr(o)));
-        let call = self.gemv3_call(self.ptr(norm.normed), wp, op, 1, k, n, args);
-        let grid = Grid::gemv(n.iter().sum(), D::WARP).with_shared(k * elem);
-        self.driver.launch(call, grid)
     }
 
     fn set_step(&self, step: Step) -> Result<()> {
@@ -528,67 +486,7 @@ fn window_arg(window: Option<usize>) -> i32 {
     window.map_or(0, |w| w.min(i32::MAX as usize) as i32)
 }
 
-/// The most bytes of a row whose norm a decode matvec computes in shared memory (a
-/// block's static limit; 8192 f32 values or 24576 f16).
-const FUSED_NORM_BYTES: usize = 48 * 1024;
-
-/// The norm arguments of rb_gemv3: the residual sum's
-/// terms, the norm weight, where the sum goes and eps; [`NormArgs::NONE`] for none.
-#[derive(Debug, Clone, Copy)]
-struct NormArgs {
-    pub a: Ptr,
-    pub b: Ptr,
-    pub w: Ptr,
-    pub sum: Ptr,
-    pub eps: f32,
-}
-
-impl NormArgs {
-    pub const NONE: NormArgs = NormArgs {
-        a: Ptr::NONE,
-        b: Ptr::NONE,
-        w: Ptr::NONE,
-        sum: Ptr::NONE,
-        eps: 0.0,
-    };
-}
-
 impl<D: Driver> GpuBackend<D> {
-    /// The rb_gemv3 call of up to three projections of `x`.
-    // The kernel's operands, grouped.
-    #[allow(clippy::too_many_arguments)]
-    fn gemv3_call(
-        &self,
-        x: Ptr,
-        w: [Ptr; 3],
-        out: [Ptr; 3],
-        rows: usize,
-        k: usize,
-        n: [usize; 3],
-        norm: NormArgs,
-    ) -> kernels::KernelCall {
-        let [n0, n1, n2] = n.map(|n| n as i32);
-        kernels::rb_gemv3(
-            x,
-            w[0],
-            w[1],
-            w[2],
-            out[0],
-            out[1],
-            out[2],
-            rows as i32,
-            k as i32,
-            n0,
-            n1,
-            n2,
-            norm.a,
-            norm.b,
-            norm.w,
-            norm.sum,
-            norm.eps,
-        )
-    }
-
     /// The RoPE kernel arguments (base, table, neox, mscale) of `freqs`.
     fn rope_args(&self, freqs: RopeFreqs<D::Bytes>) -> (f32, Ptr, i32, f32) {
         match freqs {

@@ -34,11 +34,11 @@ impl Grid {
         }
     }
 
-    /// Blocks of 256 threads, one output column per warp (the rb_gemv kernels).
+    /// Blocks of [`GEMV_THREADS`], one output column per warp (the rb_gemv kernels).
     pub fn gemv(columns: usize, warp: u32) -> Self {
         Self {
-            blocks: ((columns as u32).div_ceil(256 / warp), 1, 1),
-            threads: (256, 1, 1),
+            blocks: ((columns as u32).div_ceil(GEMV_THREADS / warp), 1, 1),
+            threads: (GEMV_THREADS, 1, 1),
             shared_bytes: 0,
         }
     }
@@ -77,6 +77,8 @@ impl Grid {
 
 /// Up to this many rows a matmul runs as rb_gemv (RB_GEMV_ROWS in ops.hip).
 pub const GEMV_ROWS: usize = 4;
+/// Threads of a block of the rb_gemv kernels (RB_GEMV_THREADS in ops.hip).
+pub const GEMV_THREADS: u32 = 256;
 /// Output columns per block of the quantized matvecs (RB_QCOLS in ops.hip): the x values a
 /// weight piece multiplies are read once for all of them.
 pub const QUANT_COLUMNS: usize = 4;

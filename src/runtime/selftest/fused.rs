@@ -4,7 +4,7 @@
 
 use super::Checker;
 use crate::error::Result;
-use crate::runtime::backend::{AddNorm, AttnShape, Backend, Projections, RopeFreqs, Row, Src, Step};
+use crate::runtime::backend::{AddNorm, AttnShape, Backend, Input, Projections, RopeFreqs, Row, Src, Step};
 use crate::runtime::rope::RopeTable;
 
 /// The (token, position) of each checked decode step; its index is its tap slot.
@@ -206,7 +206,7 @@ impl<B: Backend> Checker<'_, B> {
         };
         let mut qkv = self.fused_qkv(&case)?;
         self.fused_rope_append(&case, &mut qkv, head_dim, first_pos)?;
-        self.fused_gate_up(&case)?;
+        self.fused_gate_up(&case, &qkv)?;
         self.fused_add_rms_norm(&case, &qkv)?;
         self.fused_norm_project(&case, &qkv)
     }
@@ -294,25 +294,51 @@ impl<B: Backend> Checker<'_, B> {
         self.record("rope_append", format!("{at} (v cache)"), &gvc, &cvc, s, false)
     }
 
-    fn fused_gate_up(&mut self, c: &FusedCase<B>) -> Result<()> {
+    /// Gate, up and their SiLU product in one launch: from ready rows, and from a residual
+    /// add and RMSNorm computed on the way in (inside the launch on the GPU for one row).
+    fn fused_gate_up(&mut self, c: &FusedCase<B>, qkv: &Qkv<B>) -> Result<()> {
         let (rows, e, ff, g) = (c.rows, c.e, c.ff, self.gpu);
         let (cw, gw) = (&c.cw, &c.gw);
-        let (mut cg, mut cu, mut cact) = (
-            self.cpu.alloc(rows * ff)?,
-            self.cpu.alloc(rows * ff)?,
-            self.cpu.alloc(rows * ff)?,
-        );
-        self.cpu
-            .gate_up_silu(&cw[0], &cw[4], &cw[5], rows, e, ff, &mut cg, &mut cu, &mut cact)?;
-        let (mut gg, mut gu, mut gact) = (
-            self.guarded(rows * ff)?,
-            self.guarded(rows * ff)?,
-            self.guarded(rows * ff)?,
-        );
-        let (_, s) = self.timed(|| g.gate_up_silu(&gw[0], &gw[4], &gw[5], rows, e, ff, &mut gg, &mut gu, &mut gact))?;
-        let shape = format!("{rows} rows, {e} → {ff}");
-        self.record("gate_up_silu", format!("{shape} (gate)"), &gg, &cg, s, false)?;
-        self.record("gate_up_silu", format!("{shape} (act)"), &gact, &cact, s, false)
+        let sizes = [rows * e, rows * e, rows * ff, rows * ff, rows * ff];
+        for norm_in in [false, true] {
+            let mut cbufs = sizes.map(|n| vec![0.0f32; n]);
+            let [csum, cnorm, cg, cu, cact] = &mut cbufs;
+            let x = match norm_in {
+                true => Input::AddNorm(add_norm([&cw[0], &qkv.cq, &cw[6]], csum, cnorm)),
+                false => Input::Rows(&cw[0]),
+            };
+            self.cpu.gate_up_silu(x, &cw[4], &cw[5], rows, e, ff, cg, cu, cact)?;
+            let mut gbufs = Vec::new();
+            for n in sizes {
+                gbufs.push(self.guarded(n)?);
+            }
+            let [gsum, gnorm, gg, gu, gact] = &mut gbufs[..] else {
+                unreachable!("five buffers")
+            };
+            let (_, s) = self.timed(|| {
+                let x = match norm_in {
+                    true => Input::AddNorm(add_norm([&gw[0], &qkv.gq, &gw[6]], gsum, gnorm)),
+                    false => Input::Rows(&gw[0]),
+                };
+                g.gate_up_silu(x, &gw[4], &gw[5], rows, e, ff, gg, gu, gact)
+            })?;
+            let shape = format!(
+                "{rows} rows, {e} → {ff}{}",
+                if norm_in { ", add_rms_norm input" } else { "" }
+            );
+            let checked = [("sum", 0), ("normed", 1), ("gate", 2), ("act", 4)];
+            for (name, i) in checked.into_iter().filter(|&(_, i)| norm_in || i >= 2) {
+                self.record(
+                    "gate_up_silu",
+                    format!("{shape} ({name})"),
+                    &gbufs[i],
+                    &cbufs[i],
+                    s,
+                    false,
+                )?;
+            }
+        }
+        Ok(())
     }
 
     fn fused_add_rms_norm(&mut self, c: &FusedCase<B>, qkv: &Qkv<B>) -> Result<()> {
@@ -342,14 +368,7 @@ impl<B: Backend> Checker<'_, B> {
         let widths = [e, kvw, kvw];
         let mut cbufs = [rows * e, rows * e, rows * e, rows * kvw, rows * kvw].map(|n| vec![0.0f32; n]);
         let [csum, cnorm, cq, ck, cv] = &mut cbufs;
-        let norm = AddNorm {
-            a: &cw[0],
-            b: &qkv.cq,
-            w: &cw[6],
-            eps: 1e-5,
-            sum: csum,
-            normed: cnorm,
-        };
+        let norm = add_norm([&cw[0], &qkv.cq, &cw[6]], csum, cnorm);
         let projections = Projections::Dense([&cw[1], &cw[2], &cw[3]]);
         self.cpu
             .add_rms_norm_project(norm, projections, rows, e, widths, [cq, ck, cv])?;
@@ -361,14 +380,7 @@ impl<B: Backend> Checker<'_, B> {
             unreachable!("five buffers")
         };
         let (_, s) = self.timed(|| {
-            let norm = AddNorm {
-                a: &gw[0],
-                b: &qkv.gq,
-                w: &gw[6],
-                eps: 1e-5,
-                sum: gsum,
-                normed: gnorm,
-            };
+            let norm = add_norm([&gw[0], &qkv.gq, &gw[6]], gsum, gnorm);
             let projections = Projections::Dense([&gw[1], &gw[2], &gw[3]]);
             g.add_rms_norm_project(norm, projections, rows, e, widths, [gq, gk, gv])
         })?;
@@ -382,5 +394,18 @@ impl<B: Backend> Checker<'_, B> {
             self.record(op, format!("{} ({name})", c.shape), got, expected, s, false)?;
         }
         Ok(())
+    }
+}
+
+/// The residual add `a + b` and RMSNorm with weight `w` (eps 1e-5) that a fused check's
+/// projections take in, into `sum` and `normed`.
+fn add_norm<'a, Buf>([a, b, w]: [&'a Buf; 3], sum: &'a mut Buf, normed: &'a mut Buf) -> AddNorm<'a, Buf> {
+    AddNorm {
+        a,
+        b,
+        w,
+        eps: 1e-5,
+        sum,
+        normed,
     }
 }

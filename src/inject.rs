@@ -240,6 +240,26 @@ pub fn check_windows(faults: &RuntimeFaults, cfg: &Config) -> Result<()> {
     Ok(())
 }
 
+/// Refuse a block-layout fault into a GGUF type that no weight of the model has: it would
+/// never fire, and a bisect would pass without testing anything.
+pub fn check_blocks(faults: &RuntimeFaults, model: &crate::model::Model) -> Result<()> {
+    for f in &faults.blocks {
+        let present = model
+            .gguf
+            .tensors
+            .iter()
+            .any(|t| crate::quant::QuantType::of(t.dtype).is_some_and(|q| q.name() == f.quant_type));
+        if !present {
+            return Err(Error::input(format!(
+                "--inject {}:swap_nibbles@0: the model has no {} weights; the fault would never fire",
+                f.quant_type,
+                f.quant_type.to_uppercase()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Faults as the runtime applies them: its kernels form RoPE angles from positions, so
 /// position corruptions work and bf16 angles do not; RMSNorm epsilon is not injectable.
 pub fn parse_runtime(specs: &[String], n_layer: usize) -> Result<RuntimeFaults> {

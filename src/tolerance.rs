@@ -15,7 +15,6 @@ use crate::taps::{LayerTap, Tap};
 #[serde(deny_unknown_fields)]
 pub struct Tolerance {
     pub rel_l2: f64,
-    #[serde(default)]
     pub abs: f64,
 }
 
@@ -25,7 +24,6 @@ pub struct TapTolerance {
     /// Glob over canonical tap ids, `*` matching any run of characters: `blk.*.k`.
     pub pattern: String,
     pub rel_l2: f64,
-    #[serde(default)]
     pub abs: f64,
     /// What calibration measured (the rel L2 quantile over positions), before margin and
     /// floor; absent for hand-written entries and per-kind fallbacks.
@@ -64,6 +62,7 @@ impl Calibration {
 pub struct Tolerances {
     pub version: u32,
     /// Defaults by the least precise dtype involved: F64, F32, BF16, F16.
+    #[serde(deserialize_with = "unique_keys")]
     pub defaults: std::collections::BTreeMap<String, Tolerance>,
     /// Overrides, first match wins.
     #[serde(default)]
@@ -71,13 +70,39 @@ pub struct Tolerances {
     /// Expected noise floors (rel L2 of a sound engine's rows against the f32 reference)
     /// by the least precise dtype involved; judging against the floor uses
     /// [`FLOOR_MARGIN`] × floor. Files without them get the built-in floors.
-    #[serde(default = "default_floors")]
+    #[serde(default = "default_floors", deserialize_with = "unique_keys")]
     pub floors: std::collections::BTreeMap<String, f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
     /// How calibration made `taps`, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calibration: Option<Calibration>,
+}
+
+/// A JSON object as a map, refusing a key given twice (where serde would keep the last).
+fn unique_keys<'de, D, V>(de: D) -> std::result::Result<std::collections::BTreeMap<String, V>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    struct Unique<V>(std::marker::PhantomData<V>);
+    impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Unique<V> {
+        type Value = std::collections::BTreeMap<String, V>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> std::result::Result<Self::Value, M::Error> {
+            let mut out = std::collections::BTreeMap::new();
+            while let Some((key, value)) = map.next_entry::<String, V>()? {
+                if out.contains_key(&key) {
+                    return Err(serde::de::Error::custom(format!("duplicate key {key:?}")));
+                }
+                out.insert(key, value);
+            }
+            Ok(out)
+        }
+    }
+    de.deserialize_map(Unique(std::marker::PhantomData))
 }
 
 impl Default for Tolerances {

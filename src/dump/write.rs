@@ -19,10 +19,12 @@ fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<
 }
 
 /// Writes one dump directory. The manifest is written at creation with status
-/// `running`, and rewritten (atomically) when the status changes.
+/// `running`, and rewritten (atomically) when the status changes. The writer holds an
+/// exclusive lock on the directory for its lifetime, so two runs never write one dump.
 pub struct DumpWriter {
     root: PathBuf,
     pub(super) manifest: Manifest,
+    _lock: fs::File,
 }
 
 impl DumpWriter {
@@ -32,6 +34,14 @@ impl DumpWriter {
         for p in &manifest.prompts {
             validate_prompt_id(&p.id)?;
         }
+        fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+        let lock = fs::File::open(root).map_err(|e| Error::io(root, e))?;
+        lock.try_lock().map_err(|e| match e {
+            fs::TryLockError::WouldBlock => {
+                Error::input(format!("{}: another run is writing a dump there", root.display()))
+            }
+            fs::TryLockError::Error(e) => Error::io(root, e),
+        })?;
         if Self::check_output(root, overwrite)? {
             fs::remove_file(root.join(MANIFEST)).map_err(|e| Error::io(root, e))?;
             let data = root.join(DATA);
@@ -46,6 +56,7 @@ impl DumpWriter {
         let w = Self {
             root: root.to_path_buf(),
             manifest,
+            _lock: lock,
         };
         w.write_manifest()?;
         Ok(w)

@@ -40,6 +40,7 @@ impl<'m, B: Backend> RuntimeEngine<'m, B> {
     pub fn new(backend: B, model: &'m Model, injections: Vec<String>, run: RunOptions) -> Result<Self> {
         let faults = crate::inject::parse_runtime(&injections, model.config.n_layer)?;
         crate::inject::check_windows(&faults, &model.config)?;
+        crate::inject::check_blocks(&faults, model)?;
         Ok(Self {
             model,
             backend_name: backend.name(),

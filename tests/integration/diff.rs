@@ -265,7 +265,11 @@ fn mismatched_inputs_are_refused() {
     );
     assert_refused(&resbisect(&["diff", path_str(&a), "/nonexistent"]), "not a dump");
     let bad_tol = s.path("tol.json");
-    std::fs::write(&bad_tol, r#"{"version": 1, "defaults": {"F32": {"rel_l2": -1}}}"#).unwrap();
+    std::fs::write(
+        &bad_tol,
+        r#"{"version": 1, "defaults": {"F32": {"rel_l2": -1, "abs": 0}}}"#,
+    )
+    .unwrap();
     assert_refused(
         &resbisect(&["diff", path_str(&a), path_str(&a), "--tolerances", path_str(&bad_tol)]),
         "finite and non-negative",

@@ -93,6 +93,11 @@ fn round_trip_and_failed_run_keeps_partial_dump() {
 
     // An existing dump is only replaced on request, and never an unrelated directory.
     assert!(DumpWriter::create(&root, manifest(&[("p1", 10)]), false).is_err());
+    let replacing = DumpWriter::create(&root, manifest(&[("p1", 10)]), true).unwrap();
+    // Two runs never write one dump: a second writer is refused while the first lives.
+    let err = DumpWriter::create(&root, manifest(&[("p1", 10)]), true).err().unwrap();
+    assert!(err.to_string().contains("another run is writing a dump there"), "{err}");
+    drop(replacing);
     assert!(DumpWriter::create(&root, manifest(&[("p1", 10)]), true).is_ok());
     let other = dir.path().join("photos");
     std::fs::create_dir(&other).unwrap();

@@ -501,7 +501,7 @@ fn hostile_tolerance_files_are_refused_by_name() {
             "bad tolerance file",
         ),
         (
-            r#"{"version": 1, "defaults": {}, "taps": [{"pattern": "*", "rel_l2": -1}]}"#,
+            r#"{"version": 1, "defaults": {}, "taps": [{"pattern": "*", "rel_l2": -1, "abs": 0}]}"#,
             "finite and non-negative",
         ),
         (r#"{"version": 7, "defaults": {}}"#, "version 7"),
@@ -512,15 +512,24 @@ fn hostile_tolerance_files_are_refused_by_name() {
         // Keys that would be ignored are refused: a lower-case dtype, an unknown field, a
         // pattern that matches no tap of any model.
         (
-            r#"{"version": 1, "defaults": {"f32": {"rel_l2": 1e9}}}"#,
+            r#"{"version": 1, "defaults": {"f32": {"rel_l2": 1e9, "abs": 0}}}"#,
             "\"f32\" is not a dtype",
         ),
         (
             r#"{"version": 1, "defaults": {}, "floor": {}}"#,
             "unknown field `floor`",
         ),
+        // A missing `abs` would silently be 0, a key given twice silently the last.
         (
-            r#"{"version": 1, "defaults": {}, "taps": [{"pattern": "blk.99.zzz", "rel_l2": 1}]}"#,
+            r#"{"version": 1, "defaults": {"F32": {"rel_l2": 1e-3}}}"#,
+            "missing field `abs`",
+        ),
+        (
+            r#"{"version": 1, "defaults": {"F32": {"rel_l2": 0, "abs": 0}, "F32": {"rel_l2": 1, "abs": 1}}}"#,
+            "duplicate key \"F32\"",
+        ),
+        (
+            r#"{"version": 1, "defaults": {}, "taps": [{"pattern": "blk.99.zzz", "rel_l2": 1, "abs": 0}]}"#,
             "matches no tap",
         ),
     ] {
@@ -531,7 +540,9 @@ fn hostile_tolerance_files_are_refused_by_name() {
     let pattern = "*".repeat(100_000);
     std::fs::write(
         &tol,
-        format!(r#"{{"version": 1, "defaults": {{}}, "taps": [{{"pattern": "{pattern}k", "rel_l2": 0.5}}]}}"#),
+        format!(
+            r#"{{"version": 1, "defaults": {{}}, "taps": [{{"pattern": "{pattern}k", "rel_l2": 0.5, "abs": 0}}]}}"#
+        ),
     )
     .unwrap();
     let m = measured(&["diff", d, d, "--tolerances", path_str(&tol)]);

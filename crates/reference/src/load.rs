@@ -1,15 +1,20 @@
 //! Loading the reference: every GGUF weight dequantized exactly (layers in parallel), the
 //! projections stacked as a profile needs them, a replay-only subset, and the twin.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
+use candle_core::quantized::k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0, BlockQ8_1,
+    GgmlType,
+};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use resbisect_taps::Config;
 
 use crate::block::Extras;
-use crate::project::{load_part, stack, Projection};
-use crate::{IoWeights, Layer, Profile, Reference, WeightSource};
+use crate::project::{load_stacked, Projection};
+use crate::{IoWeights, Layer, Profile, RawWeight, Reference, WeightSource};
 
 /// Dequantize a GGUF weight exactly into a candle tensor of shape `[dims reversed]`.
 pub(crate) fn load(src: &dyn WeightSource, name: &str, dtype: DType) -> Result<Tensor> {
@@ -20,6 +25,67 @@ pub(crate) fn load(src: &dyn WeightSource, name: &str, dtype: DType) -> Result<T
         .dequantize(&Device::Cpu)
         .with_context(|| format!("dequantizing {name}"))?;
     Ok(t.to_dtype(dtype)?)
+}
+
+/// Dequantize `w` exactly into `out` (its values in GGUF order, f32) with candle's block
+/// decoders, reading the blocks where they lie: no copy of them and no tensor of its own,
+/// so a load touches each weight's memory once. Blocks not aligned for their type (a
+/// GGUF with `general.alignment` below it, weights in a byte buffer) go through
+/// [`load`] instead.
+pub(crate) fn dequantize_into(src: &dyn WeightSource, name: &str, w: &RawWeight, out: &mut [f32]) -> Result<()> {
+    let decoded = match w.dtype {
+        GgmlDType::F32 => decode::<f32>(w.data, out),
+        GgmlDType::F16 => decode::<half::f16>(w.data, out),
+        GgmlDType::BF16 => decode::<half::bf16>(w.data, out),
+        GgmlDType::Q4_0 => decode::<BlockQ4_0>(w.data, out),
+        GgmlDType::Q4_1 => decode::<BlockQ4_1>(w.data, out),
+        GgmlDType::Q5_0 => decode::<BlockQ5_0>(w.data, out),
+        GgmlDType::Q5_1 => decode::<BlockQ5_1>(w.data, out),
+        GgmlDType::Q8_0 => decode::<BlockQ8_0>(w.data, out),
+        GgmlDType::Q8_1 => decode::<BlockQ8_1>(w.data, out),
+        GgmlDType::Q2K => decode::<BlockQ2K>(w.data, out),
+        GgmlDType::Q3K => decode::<BlockQ3K>(w.data, out),
+        GgmlDType::Q4K => decode::<BlockQ4K>(w.data, out),
+        GgmlDType::Q5K => decode::<BlockQ5K>(w.data, out),
+        GgmlDType::Q6K => decode::<BlockQ6K>(w.data, out),
+        // candle's loader refuses Q8_K weights (an activation type); so does the fallback.
+        GgmlDType::Q8K => Ok(false),
+    }
+    .with_context(|| format!("dequantizing {name}"))?;
+    if !decoded {
+        let t = load(src, name, DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        ensure!(
+            t.len() == out.len(),
+            "{name}: {} values, expected {}",
+            t.len(),
+            out.len()
+        );
+        out.copy_from_slice(&t);
+    }
+    Ok(())
+}
+
+/// `data` as blocks of `B` decoded into `out`; false when `data` is not aligned for `B`
+/// (or the type is one to leave to candle's loader).
+fn decode<B: GgmlType>(data: &[u8], out: &mut [f32]) -> Result<bool> {
+    let size = std::mem::size_of::<B>();
+    let blocks = out.len() / B::BLCK_SIZE;
+    ensure!(
+        out.len().is_multiple_of(B::BLCK_SIZE) && data.len() == blocks * size,
+        "{} bytes of {:?} blocks do not hold {} values",
+        data.len(),
+        B::DTYPE,
+        out.len()
+    );
+    if !data.as_ptr().cast::<B>().is_aligned() {
+        return Ok(false);
+    }
+    // SAFETY: candle's block types (and f32, f16, bf16) are `repr(C)` plain data, valid
+    // for any bytes, and candle's own GGUF loader views file bytes as them the same way;
+    // `data` holds exactly `blocks` of them and is aligned for `B` (checked above).
+    let blocks = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<B>(), blocks) };
+    B::to_float(blocks, out);
+    Ok(true)
 }
 
 impl Reference {
@@ -36,7 +102,7 @@ impl Reference {
         let io = IoWeights {
             token_embd: load(src, "token_embd.weight", dtype)?,
             output_norm: load(src, "output_norm.weight", dtype)?,
-            output: stack(vec![load_part(src, "output.weight", dtype, profile)?])?,
+            output: load_stacked(src, &["output.weight".to_string()], dtype, profile)?,
         };
         Self::load_layers(cfg, src, (dtype, profile), &all, Some(io), on_layer)
     }
@@ -73,27 +139,24 @@ impl Reference {
             let done: Vec<(usize, Layer)> = batch
                 .par_iter()
                 .map(|&l| -> Result<(usize, Layer)> {
-                    // The tensors of a layer dequantize in parallel too: replay loads only a few layers.
-                    const NAMES: [&str; 9] = [
-                        "attn_norm",
-                        "attn_q",
-                        "attn_k",
-                        "attn_v",
-                        "attn_output",
-                        "ffn_norm",
-                        "ffn_gate",
-                        "ffn_up",
-                        "ffn_down",
+                    // The projections of a layer dequantize in parallel too: replay loads only a few layers.
+                    let names = |names: &[&str]| -> Vec<String> {
+                        names.iter().map(|n| format!("blk.{l}.{n}.weight")).collect()
+                    };
+                    let groups = [
+                        names(&["attn_q", "attn_k", "attn_v"]),
+                        names(&["attn_output"]),
+                        names(&["ffn_gate", "ffn_up"]),
+                        names(&["ffn_down"]),
                     ];
-                    let mut w: Vec<_> = NAMES
+                    let mut projections: Vec<Projection> = groups
                         .par_iter()
-                        .map(|n| load_part(src, &format!("blk.{l}.{n}.weight"), dtype, profile))
+                        .map(|group| load_stacked(src, group, dtype, profile))
                         .collect::<Result<_>>()?;
-                    let mut take = |n: usize| w.drain(..n).collect::<Vec<_>>();
-                    let attn_norm = take(1).remove(0).0;
-                    let (wqkv, wo) = (stack(take(3))?, stack(take(1))?);
-                    let ffn_norm = take(1).remove(0).0;
-                    let (w_gate_up, w_down) = (stack(take(2))?, stack(take(1))?);
+                    let mut take = || projections.remove(0);
+                    let (wqkv, wo, w_gate_up, w_down) = (take(), take(), take(), take());
+                    let attn_norm = load(src, &format!("blk.{l}.attn_norm.weight"), dtype)?;
+                    let ffn_norm = load(src, &format!("blk.{l}.ffn_norm.weight"), dtype)?;
                     let extras = Extras::load(&cfg, src, l, dtype)?;
                     let layer = Layer {
                         attn_norm,
@@ -151,5 +214,71 @@ impl Reference {
         }
         self.f64_dots = true;
         Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    use super::{dequantize_into, load, DType, RawWeight, Result, WeightSource};
+
+    /// One weight's GGUF bytes, `offset` bytes into an 8-byte aligned buffer.
+    struct OneWeight {
+        dtype: GgmlDType,
+        dims: Vec<usize>,
+        buf: Vec<u64>,
+        offset: usize,
+        len: usize,
+    }
+
+    impl WeightSource for OneWeight {
+        fn weight(&self, _name: &str) -> anyhow::Result<RawWeight<'_>> {
+            let bytes: &[u8] = bytemuck_bytes(&self.buf);
+            Ok(RawWeight {
+                dtype: self.dtype,
+                dims: self.dims.clone(),
+                data: &bytes[self.offset..self.offset + self.len],
+            })
+        }
+    }
+
+    fn bytemuck_bytes(words: &[u64]) -> &[u8] {
+        // SAFETY: u64 has no padding; any u8 view of it is valid.
+        unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), words.len() * 8) }
+    }
+
+    /// Every GGUF type candle quantizes: the direct decode (aligned blocks) and its
+    /// fallback (blocks one byte off) give exactly candle's dequantized tensor, bit for bit.
+    #[test]
+    fn dequantize_into_matches_candles_dequantize() -> Result<()> {
+        let (rows, cols) = (3, 512);
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 97.0)
+            .collect();
+        let t = Tensor::from_vec(values, (rows, cols), &Device::Cpu)?;
+        use GgmlDType::*;
+        for dtype in [F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2K, Q3K, Q4K, Q5K, Q6K] {
+            let data = QTensor::quantize(&t, dtype)?.data()?.into_owned();
+            for offset in [0, 1] {
+                let mut buf = vec![0u64; (data.len() + offset).div_ceil(8)];
+                let bytes = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), buf.len() * 8) };
+                bytes[offset..offset + data.len()].copy_from_slice(&data);
+                let src = OneWeight {
+                    dtype,
+                    dims: vec![cols, rows],
+                    buf,
+                    offset,
+                    len: data.len(),
+                };
+                let expected = load(&src, "w", DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut got = vec![f32::NAN; rows * cols];
+                dequantize_into(&src, "w", &src.weight("w")?, &mut got)?;
+                let same = got.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{dtype:?} at offset {offset}");
+            }
+        }
+        Ok(())
     }
 }

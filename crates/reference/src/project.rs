@@ -9,9 +9,11 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
 use anyhow::{bail, Context};
+use rayon::prelude::*;
 
+use crate::load::{dequantize_into, load};
 use crate::profile::{round_activations, round_cache, uses_block_sum, weight_block_offsets, ActRounding, Profile};
-use crate::{blas, load, WeightSource};
+use crate::{blas, RawWeight, WeightSource};
 
 /// One stacked part of a projection: its weight type, output columns and, when the
 /// profile's dot product uses the activation block sum, the weight's per-block offsets
@@ -93,15 +95,15 @@ impl Projection {
 
 /// A matmul weight loaded as the part of a projection: dequantized (`[out, in]`), with
 /// its type and the per-block offsets `profile` needs.
-pub(crate) fn load_part(src: &dyn WeightSource, name: &str, dtype: DType, profile: Profile) -> Result<(Tensor, Part)> {
+fn load_part(src: &dyn WeightSource, name: &str, dtype: DType, profile: Profile) -> Result<(Tensor, Part)> {
     let t = load(src, name, dtype)?;
-    let w = src.weight(name)?;
-    // Norm vectors load as parts too (and are taken apart again): one row per value.
-    let (out, cols) = match *t.dims() {
-        [out, cols] => (out, cols),
-        [out] => (out, 1),
-        _ => bail!("{name}: expected a matrix or a vector, not shape {:?}", t.dims()),
-    };
+    let (out, cols) = t.dims2().with_context(|| format!("{name}: expected a matrix"))?;
+    Ok((t, part(&src.weight(name)?, name, out, cols, dtype, profile)?))
+}
+
+/// The part record of weight `w` (`[out, cols]`): its type and the per-block offsets
+/// `profile` needs, in `dtype`.
+fn part(w: &RawWeight, name: &str, out: usize, cols: usize, dtype: DType, profile: Profile) -> Result<Part> {
     let offsets = if uses_block_sum(profile.activation_rounding(w.dtype), w.dtype) {
         weight_block_offsets(w.dtype, w.data, out, cols)
             .with_context(|| format!("reading the block offsets of {name}"))?
@@ -115,21 +117,67 @@ pub(crate) fn load_part(src: &dyn WeightSource, name: &str, dtype: DType, profil
     } else {
         None
     };
-    Ok((
-        t,
-        Part {
-            dtype: w.dtype,
-            cols: out,
-            offsets,
-        },
-    ))
+    Ok(Part {
+        dtype: w.dtype,
+        cols: out,
+        offsets,
+    })
 }
 
-/// Parts stacked along the output dim into one projection `[in, Σ out]`.
-pub(crate) fn stack(parts: Vec<(Tensor, Part)>) -> Result<Projection> {
-    let (ws, parts): (Vec<Tensor>, Vec<Part>) = parts.into_iter().unzip();
+/// The matmul weights `names` (GGUF dims `[in, out]` each) stacked along the output dim
+/// into one projection `[in, Σ out]`. In f32 each is dequantized straight into its rows
+/// of the stacked matrix ([`dequantize_into`]), in parallel; in f64, dequantized apart
+/// and concatenated.
+pub(crate) fn load_stacked(
+    src: &(dyn WeightSource + Sync),
+    names: &[String],
+    dtype: DType,
+    profile: Profile,
+) -> Result<Projection> {
+    if dtype != DType::F32 {
+        let parts = names.iter().map(|n| load_part(src, n, dtype, profile));
+        let (ws, parts): (Vec<Tensor>, Vec<Part>) = parts.collect::<Result<Vec<_>>>()?.into_iter().unzip();
+        return Ok(Projection {
+            w: Tensor::cat(&ws, 0)?.t()?,
+            parts,
+        });
+    }
+    let weights = names
+        .iter()
+        .map(|name| Ok((name, src.weight(name)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut width = None;
+    let mut outs = Vec::with_capacity(weights.len());
+    for (name, w) in &weights {
+        let [cols, out] = w.dims[..] else {
+            bail!("{name}: expected a matrix, not dims {:?}", w.dims)
+        };
+        if *width.get_or_insert(cols) != cols {
+            bail!("{name}: {cols} inputs, where the parts stacked with it have {width:?}");
+        }
+        outs.push(out);
+    }
+    let cols = width.unwrap_or(0);
+    let mut values = vec![0.0f32; outs.iter().sum::<usize>() * cols];
+    let mut rest = &mut values[..];
+    let mut slices = Vec::with_capacity(outs.len());
+    for &out in &outs {
+        let (rows, tail) = rest.split_at_mut(out * cols);
+        slices.push(rows);
+        rest = tail;
+    }
+    weights
+        .par_iter()
+        .zip(slices)
+        .try_for_each(|((name, w), rows)| dequantize_into(src, name, w, rows))?;
+    let parts = weights
+        .iter()
+        .zip(&outs)
+        .map(|((name, w), &out)| part(w, name, out, cols, dtype, profile))
+        .collect::<Result<_>>()?;
+    let total = values.len() / cols.max(1);
     Ok(Projection {
-        w: Tensor::cat(&ws, 0)?.t()?,
+        w: Tensor::from_vec(values, (total, cols), &Device::Cpu)?.t()?,
         parts,
     })
 }

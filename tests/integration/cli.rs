@@ -95,8 +95,10 @@ fn bad_model_paths_and_unreachable_faults_are_refused() {
         ]),
         msg,
     );
-    assert_refused(
-        &resbisect(&[
+    // Also a block-layout fault into a type the model has no weights of (an f32 model).
+    let no_blocks = "--inject q4_k:swap_nibbles@0: the model has no Q4_K weights; the fault would never fire";
+    for (fault, msg) in [(fault, msg), ("q4_k:swap_nibbles@0", no_blocks)] {
+        let args = [
             "bisect",
             "--model",
             path_str(&model),
@@ -104,22 +106,9 @@ fn bad_model_paths_and_unreachable_faults_are_refused() {
             "1,2,3,4,5",
             "--inject",
             fault,
-        ]),
-        msg,
-    );
-    // A block-layout fault into a type the model has no weights of (an f32 model).
-    assert_refused(
-        &resbisect(&[
-            "bisect",
-            "--model",
-            path_str(&model),
-            "--tokens",
-            "1,2,3,4,5",
-            "--inject",
-            "q4_k:swap_nibbles@0",
-        ]),
-        "--inject q4_k:swap_nibbles@0: the model has no Q4_K weights; the fault would never fire",
-    );
+        ];
+        assert_refused(&resbisect(&args), msg);
+    }
     assert!(!out.exists());
     // Generated tokens count: 5 prompt tokens and 46 generated reach position 50.
     let o = resbisect(&[

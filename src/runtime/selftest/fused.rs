@@ -2,9 +2,9 @@
 //! turn, and a decode step driven by the step record, recorded and replayed where the
 //! backend records.
 
-use super::Checker;
+use super::{add_norm, Checker};
 use crate::error::Result;
-use crate::runtime::backend::{AddNorm, AttnShape, Backend, Input, Projections, RopeFreqs, Row, Src, Step};
+use crate::runtime::backend::{AttnShape, Backend, Input, Projections, RopeFreqs, Row, Src, Step};
 use crate::runtime::rope::RopeTable;
 
 /// The (token, position) of each checked decode step; its index is its tap slot.
@@ -304,7 +304,7 @@ impl<B: Backend> Checker<'_, B> {
             let mut cbufs = sizes.map(|n| vec![0.0f32; n]);
             let [csum, cnorm, cg, cu, cact] = &mut cbufs;
             let x = match norm_in {
-                true => Input::AddNorm(add_norm([&cw[0], &qkv.cq, &cw[6]], csum, cnorm)),
+                true => Input::AddNorm(add_norm([&cw[0], &qkv.cq, &cw[6]], 1e-5, csum, cnorm)),
                 false => Input::Rows(&cw[0]),
             };
             self.cpu.gate_up_silu(x, &cw[4], &cw[5], rows, e, ff, cg, cu, cact)?;
@@ -317,7 +317,7 @@ impl<B: Backend> Checker<'_, B> {
             };
             let (_, s) = self.timed(|| {
                 let x = match norm_in {
-                    true => Input::AddNorm(add_norm([&gw[0], &qkv.gq, &gw[6]], gsum, gnorm)),
+                    true => Input::AddNorm(add_norm([&gw[0], &qkv.gq, &gw[6]], 1e-5, gsum, gnorm)),
                     false => Input::Rows(&gw[0]),
                 };
                 g.gate_up_silu(x, &gw[4], &gw[5], rows, e, ff, gg, gu, gact)
@@ -368,7 +368,7 @@ impl<B: Backend> Checker<'_, B> {
         let widths = [e, kvw, kvw];
         let mut cbufs = [rows * e, rows * e, rows * e, rows * kvw, rows * kvw].map(|n| vec![0.0f32; n]);
         let [csum, cnorm, cq, ck, cv] = &mut cbufs;
-        let norm = add_norm([&cw[0], &qkv.cq, &cw[6]], csum, cnorm);
+        let norm = add_norm([&cw[0], &qkv.cq, &cw[6]], 1e-5, csum, cnorm);
         let projections = Projections::Dense([&cw[1], &cw[2], &cw[3]]);
         self.cpu
             .add_rms_norm_project(norm, projections, rows, e, widths, [cq, ck, cv])?;
@@ -380,7 +380,7 @@ impl<B: Backend> Checker<'_, B> {
             unreachable!("five buffers")
         };
         let (_, s) = self.timed(|| {
-            let norm = add_norm([&gw[0], &qkv.gq, &gw[6]], gsum, gnorm);
+            let norm = add_norm([&gw[0], &qkv.gq, &gw[6]], 1e-5, gsum, gnorm);
             let projections = Projections::Dense([&gw[1], &gw[2], &gw[3]]);
             g.add_rms_norm_project(norm, projections, rows, e, widths, [gq, gk, gv])
         })?;
@@ -394,18 +394,5 @@ impl<B: Backend> Checker<'_, B> {
             self.record(op, format!("{} ({name})", c.shape), got, expected, s, false)?;
         }
         Ok(())
-    }
-}
-
-/// The residual add `a + b` and RMSNorm with weight `w` (eps 1e-5) that a fused check's
-/// projections take in, into `sum` and `normed`.
-fn add_norm<'a, Buf>([a, b, w]: [&'a Buf; 3], sum: &'a mut Buf, normed: &'a mut Buf) -> AddNorm<'a, Buf> {
-    AddNorm {
-        a,
-        b,
-        w,
-        eps: 1e-5,
-        sum,
-        normed,
     }
 }

@@ -12,7 +12,7 @@ use candle_core::quantized::GgmlDType;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::backend::{Backend, StorageDType};
+use super::backend::{AddNorm, Backend, StorageDType};
 use super::cpu::CpuBackend;
 use crate::error::Result;
 
@@ -247,4 +247,17 @@ pub fn run<B: Backend>(gpu: &B, seed: u64, long: bool) -> Result<Vec<OpCheck>> {
         c.add_rms_norm_project_quant(ty, 2048, [257, 257, 0])?;
     }
     Ok(c.results)
+}
+
+/// The residual add `a + b` and RMSNorm with weight `w` that a fused check's projections
+/// take in, into `sum` and `normed`: the same operands for the cpu and the GPU side.
+fn add_norm<'a, Buf>([a, b, w]: [&'a Buf; 3], eps: f32, sum: &'a mut Buf, normed: &'a mut Buf) -> AddNorm<'a, Buf> {
+    AddNorm {
+        a,
+        b,
+        w,
+        eps,
+        sum,
+        normed,
+    }
 }

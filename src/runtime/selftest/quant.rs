@@ -6,10 +6,10 @@
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 
-use super::Checker;
+use super::{add_norm, Checker};
 use crate::error::{Error, Result};
 use crate::quant::{QuantMatrix, QuantType};
-use crate::runtime::backend::{AddNorm, Backend, Projections};
+use crate::runtime::backend::{Backend, Projections};
 
 impl<B: Backend> Checker<'_, B> {
     /// A random `[n, k]` matrix quantized to `ty` (by candle, for test data), on the device
@@ -97,14 +97,7 @@ impl<B: Backend> Checker<'_, B> {
         let c_in: Vec<Vec<f32>> = inputs.iter().map(|v| self.cpu.upload(v)).collect::<Result<_>>()?;
         let mut c_out = [k, k, n[0], n[1], n[2]].map(|n| vec![0.0f32; n]);
         let [csum, cnorm, c0, c1, c2] = &mut c_out;
-        let norm = AddNorm {
-            a: &c_in[0],
-            b: &c_in[1],
-            w: &c_in[2],
-            eps: 1e-6,
-            sum: csum,
-            normed: cnorm,
-        };
+        let norm = add_norm([&c_in[0], &c_in[1], &c_in[2]], 1e-6, csum, cnorm);
         let cw = Projections::Quant([&pairs[0].1, &pairs[1].1, &pairs[2].1]);
         self.cpu.add_rms_norm_project(norm, cw, 1, k, n, [c0, c1, c2])?;
         let g_in: Vec<B::Buf> = inputs.iter().map(|v| self.gpu.upload(v)).collect::<Result<_>>()?;
@@ -117,14 +110,7 @@ impl<B: Backend> Checker<'_, B> {
         };
         let gpu = self.gpu;
         let (_, s) = self.timed(|| {
-            let norm = AddNorm {
-                a: &g_in[0],
-                b: &g_in[1],
-                w: &g_in[2],
-                eps: 1e-6,
-                sum: gsum,
-                normed: gnorm,
-            };
+            let norm = add_norm([&g_in[0], &g_in[1], &g_in[2]], 1e-6, gsum, gnorm);
             let gw = Projections::Quant([&pairs[0].0, &pairs[1].0, &pairs[2].0]);
             gpu.add_rms_norm_project(norm, gw, 1, k, n, [g0, g1, g2])
         })?;

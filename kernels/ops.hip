@@ -1037,9 +1037,13 @@ __device__ __forceinline__ void rb_sub_q5_k(const unsigned char* w, long s, floa
     for (int i = 0; i < 32; i++) v[i] = d1 * (((qs[i] >> shift) & 15) + ((qh[i] >> j) & 1) * 16) - m1;
 }
 
+// Bytes between native Q6_K blocks on the device: the 210-byte GGUF block and 14 of
+// padding (see rb_q6_k).
+#define RB_Q6_K_BYTES 224
+
 // Q6_K sub-block j: half j/4 of the block, quarter j%4 of it (value l + 32·quarter).
 __device__ __forceinline__ void rb_sub_q6_k(const unsigned char* w, long s, float* v) {
-    const unsigned char* p = w + (s >> 3) * 210;
+    const unsigned char* p = w + (s >> 3) * RB_Q6_K_BYTES;
     const int j = (int)(s & 7), half = j >> 2, quarter = j & 3;
     const unsigned char* ql = p + 64 * half + (quarter & 1) * 32;
     const unsigned char* qh = p + 128 + 32 * half;
@@ -1080,7 +1084,7 @@ __device__ __forceinline__ float rb_byte_f(unsigned int w, int i, float offset) 
 
 __device__ __forceinline__ unsigned int rb_byte(unsigned int w, int i) { return (w >> (8 * i)) & 255u; }
 
-// A 32-bit word at a 2-byte aligned address (blocks of 18, 34 and 210 bytes).
+// A 32-bit word at a 2-byte aligned address (blocks of 18 and 34 bytes).
 __device__ __forceinline__ unsigned int rb_u32_2(const unsigned char* p) {
     const unsigned short* h = (const unsigned short*)p;
     return h[0] | ((unsigned int)h[1] << 16);
@@ -1231,38 +1235,38 @@ struct rb_q5_k : rb_k_nibbles {
     }
 };
 
-// Q6_K (210 bytes: ql[128], qh[64], 16 signed scales, d). Half h holds values 128h..: for
-// l < 32, value l + 32·quarter takes the low (quarters 0, 1) or high (2, 3) nibble of
-// ql[64h + l + 32·(quarter & 1)] and bits 2·quarter of qh[32h + l], scaled by
-// sc[8h + l/16 + 2·quarter]; v = d·sc·(q − 32). A piece is l = 4·(t & 7).. + 3 of half t/8.
+// Q6_K: the 210-byte GGUF block (ql[128], qh[64], 16 signed scales, d) padded on upload
+// to RB_Q6_K_BYTES, so that every part of every block is 16-byte aligned (at 210 bytes
+// apart, every other block sits 2 bytes off a word and each load was 2 bytes). Half h of
+// the block holds values 128h..: byte m < 64 of ql[64h..] has value 128h + m in its low
+// nibble and 128h + 64 + m in its high one; their top two bits are bits 2·(m / 32) and
+// 4 + 2·(m / 32) of qh[32h + m % 32]; value 128h + i is scaled by sc[8h + i / 16];
+// v = d·sc·(q − 32). Piece t = 4h + u is the 16 ql bytes m = 16u.. of half h: values
+// 128h + 16u.. (low nibbles, scale 8h + u) and 128h + 64 + 16u.. (high, scale 8h + 4 + u).
 struct rb_q6_k {
-    static const int VALUES = 256, BYTES = 210, PIECES = 16, XN = 16, XG = 0;
-    struct Raw { unsigned int ql0, ql1, qh, sc0, sc1; unsigned short d; };
+    static const int VALUES = 256, BYTES = RB_Q6_K_BYTES, PIECES = 8, XN = 32, XG = 0;
+    struct Raw { uint4 ql, qh; uint2 sc; unsigned short d; };
     static __device__ __forceinline__ Raw load(const unsigned char* b, int t) {
-        const int h = t >> 3, l = 4 * (t & 7);
-        return Raw{rb_u32_2(b + 64 * h + l), rb_u32_2(b + 64 * h + 32 + l), rb_u32_2(b + 128 + 32 * h + l),
-                   rb_u32_2(b + 192 + 8 * h), rb_u32_2(b + 196 + 8 * h), *(const unsigned short*)(b + 208)};
+        const int h = t >> 2;
+        return Raw{((const uint4*)b)[t], ((const uint4*)b)[8 + 2 * h + (t & 1)], ((const uint2*)b)[24 + h], *(const unsigned short*)(b + 208)};
     }
     static __device__ __forceinline__ void xs(int t, const store_t* xb, float* x) {
-        const store_t* p = xb + 128 * (t >> 3) + 4 * (t & 7);
-        #pragma unroll
-        for (int quarter = 0; quarter < 4; quarter++) rb_load_x<4>(p + 32 * quarter, x + 4 * quarter);
+        const store_t* p = xb + 128 * (t >> 2) + 16 * (t & 3);
+        rb_load_x<16>(p, x);
+        rb_load_x<16>(p + 64, x + 16);
     }
     static __device__ __forceinline__ float dot(const Raw& w, int t, const float* x, const float* sx) {
-        const int is = (t & 7) >> 2;  // l / 16
-        const unsigned int q[4] = {
-            (w.ql0 & 0x0F0F0F0Fu) | ((w.qh & 0x03030303u) << 4),
-            (w.ql1 & 0x0F0F0F0Fu) | (((w.qh >> 2) & 0x03030303u) << 4),
-            ((w.ql0 >> 4) & 0x0F0F0F0Fu) | (((w.qh >> 4) & 0x03030303u) << 4),
-            ((w.ql1 >> 4) & 0x0F0F0F0Fu) | (((w.qh >> 6) & 0x03030303u) << 4),
-        };
-        float v = 0.0f;
+        const int u = t & 3, low_shift = 2 * (u >> 1);
+        const unsigned int ql[4] = {w.ql.x, w.ql.y, w.ql.z, w.ql.w}, qh[4] = {w.qh.x, w.qh.y, w.qh.z, w.qh.w};
+        unsigned int lo[4], hi[4];
         #pragma unroll
-        for (int quarter = 0; quarter < 4; quarter++) {
-            const float sc = (float)(signed char)rb_byte(quarter < 2 ? w.sc0 : w.sc1, is + 2 * (quarter & 1));
-            v = fmaf(sc, rb_dot_bytes<1>(q + quarter, x + 4 * quarter, 32.0f), v);
+        for (int c = 0; c < 4; c++) {
+            lo[c] = (ql[c] & 0x0F0F0F0Fu) | (((qh[c] >> low_shift) & 0x03030303u) << 4);
+            hi[c] = ((ql[c] >> 4) & 0x0F0F0F0Fu) | (((qh[c] >> (low_shift + 4)) & 0x03030303u) << 4);
         }
-        return rb_half_to_float(w.d) * v;
+        const float a = rb_dot_bytes<4>(lo, x, 32.0f), b = rb_dot_bytes<4>(hi, x + 16, 32.0f);
+        const float sc_lo = (float)(signed char)rb_byte(w.sc.x, u), sc_hi = (float)(signed char)rb_byte(w.sc.y, u);
+        return rb_half_to_float(w.d) * (sc_lo * a + sc_hi * b);
     }
 };
 

@@ -321,8 +321,7 @@ pub fn quant_kernels(ty: QuantType) -> (QuantGemvKernel, QuantDequantKernel) {
 pub fn quant_gemv_pieces(ty: QuantType) -> usize {
     match ty {
         QuantType::Q4_0 | QuantType::Q4_1 => 4,
-        QuantType::Q8_0 | QuantType::Q4K | QuantType::Q5K => 8,
-        QuantType::Q6K => 16,
+        QuantType::Q8_0 | QuantType::Q4K | QuantType::Q5K | QuantType::Q6K => 8,
     }
 }
 
@@ -340,6 +339,7 @@ pub fn fault_code(fault: Fault) -> (i32, f32) {
 mod tests {
     use super::{DEQUANT_THREADS, KERNEL_SOURCE};
     use crate::runtime::gpu::plan::{ATTN_MAX_SPLITS, GEMV_ROWS, GEMV_THREADS};
+    use crate::runtime::gpu::quant::Q6_K_DEVICE_BYTES;
 
     #[test]
     fn quantized_matvec_pieces_match_the_kernel_source() {
@@ -375,6 +375,7 @@ mod tests {
             format!("#define RB_ATTN_MAX_SPLITS {ATTN_MAX_SPLITS}\n"),
             format!("#define RB_GEMV_THREADS {GEMV_THREADS}\n"),
             format!("#define RB_GEMV_ROWS {GEMV_ROWS}\n"),
+            format!("#define RB_Q6_K_BYTES {Q6_K_DEVICE_BYTES}\n"),
         ] {
             assert!(
                 KERNEL_SOURCE.contains(&define),

@@ -1,5 +1,5 @@
 //! Quantized matrices on the GPU (`--weights native`): the GGUF blocks uploaded as they
-//! are; a decode step's row reads them in `rb_qgemv3_<type>` (fused dequantization; q, k
+//! are (Q6_K's padded to 16-byte alignment); a decode step's row reads them in `rb_qgemv3_<type>` (fused dequantization; q, k
 //! and v or gate and up in one launch when they share a type). More rows (prefill) trade
 //! memory for speed: the matrix is dequantized into one transient workspace of the
 //! storage dtype (the size of the largest matrix, the output head's: 131 MB for a
@@ -15,7 +15,12 @@ use crate::error::{Error, Result};
 use crate::quant::{check_layout, QuantType};
 use crate::runtime::backend::{self, Backend};
 
-/// A `[n, k]` matrix of GGUF blocks on the device.
+/// Bytes between Q6_K blocks on the device (RB_Q6_K_BYTES in ops.hip): each 210-byte
+/// block is followed by 14 zero bytes so that the matvec reads it in 16-byte words.
+pub const Q6_K_DEVICE_BYTES: usize = 224;
+
+/// A `[n, k]` matrix of GGUF blocks on the device (Q6_K's padded to
+/// [`Q6_K_DEVICE_BYTES`]).
 pub struct GpuQuant<D: Driver> {
     blocks: D::Bytes,
     ty: QuantType,
@@ -36,12 +41,19 @@ impl<D: Driver> GpuBackend<D> {
             return Ok(None);
         };
         let (k, n) = check_layout(name, ty, dims, data.len())?;
-        Ok(Some(GpuQuant {
-            blocks: self.driver.upload_bytes(data)?,
-            ty,
-            n,
-            k,
-        }))
+        let blocks = if ty == QuantType::Q6K {
+            let mut padded = vec![0u8; data.len() / ty.block_bytes() * Q6_K_DEVICE_BYTES];
+            for (to, from) in padded
+                .chunks_exact_mut(Q6_K_DEVICE_BYTES)
+                .zip(data.chunks_exact(ty.block_bytes()))
+            {
+                to[..from.len()].copy_from_slice(from);
+            }
+            self.driver.upload_bytes(&padded)?
+        } else {
+            self.driver.upload_bytes(data)?
+        };
+        Ok(Some(GpuQuant { blocks, ty, n, k }))
     }
 
     /// See [`Backend::matmul_quant`].

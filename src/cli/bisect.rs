@@ -143,8 +143,8 @@ pub(super) fn run(mut r: BisectRun) -> Result<ExitCode> {
     if reference_computes(&r) {
         super::commands::note_reference_gemm();
     }
-    let mut engines =
-        start_pair(&model, spec_a, spec_b, &mut Bars::default()).map_err(|e| name_oracle_backend(e, spec_a, spec_b))?;
+    let mut engines = start_pair(&model, spec_a, spec_b, prompt.tokens.len(), &mut Bars::default())
+        .map_err(|e| name_oracle_backend(e, spec_a, spec_b))?;
     let replayer = match &engines.oracle {
         _ if r.no_replay => Replayer::Skip,
         Some(oracle) => Replayer::Loaded(oracle),

@@ -112,6 +112,12 @@ pub trait Engine: Send {
             drain_seconds: 0.0,
         })
     }
+    /// Do now what the first dump of prompts of up to `longest` tokens would do first
+    /// (the runtime: its checks, then loading its weights), so that it happens while the
+    /// other engine of a pair starts. Errors as that dump would.
+    fn prepare(&mut self, _longest: usize) -> Result<()> {
+        Ok(())
+    }
     /// Whether a `dump` of a prompt that extends the previous dump's prompt, asking only
     /// for positions past it, computes only those positions (resuming from a KV cache).
     /// Else it reruns the whole prompt.

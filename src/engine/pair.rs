@@ -15,12 +15,14 @@ pub struct EnginePair<'m> {
     pub oracle: Option<Arc<Oracle>>,
 }
 
-/// Start `a` and `b`. The whole reference loads only when one of them is the reference,
-/// once for both; the other engines start on their own threads meanwhile.
+/// Start `a` and `b` for prompts of up to `longest` tokens. The whole reference loads only
+/// when one of them is the reference, once for both; the other engines start on their
+/// own threads meanwhile and [prepare](Engine::prepare) (the runtime loads its weights).
 pub fn start_pair<'m>(
     model: &'m Model,
     a: &EngineSpec,
     b: &EngineSpec,
+    longest: usize,
     progress: &mut dyn Progress,
 ) -> Result<EnginePair<'m>> {
     let precision = [a, b].into_iter().find_map(|spec| match spec.kind {
@@ -29,7 +31,17 @@ pub fn start_pair<'m>(
     });
     let (oracle, started) = std::thread::scope(|scope| {
         let started = [a, b].map(|spec| {
-            (!matches!(spec.kind, EngineKind::Reference(_))).then(|| scope.spawn(move || spec.open(model)))
+            (!matches!(spec.kind, EngineKind::Reference(_))).then(|| {
+                scope.spawn(move || {
+                    let mut engine = spec.open(model)?;
+                    if engine.prepare(longest).is_err() {
+                        // Opened afresh, its first probe meets the same failure where
+                        // bisect reports a failing engine (a crash with its evidence).
+                        engine = spec.open(model)?;
+                    }
+                    Ok(engine)
+                })
+            })
         });
         let oracle = precision.map(|precision| {
             progress.stage("loading the reference", model.config.n_layer);

@@ -93,6 +93,11 @@ impl<B: Backend> Engine for RuntimeEngine<'_, B> {
         )
     }
 
+    fn prepare(&mut self, longest: usize) -> Result<()> {
+        preflight(self.model, longest, &self.run, bytes_per_value(self.dtype))?;
+        self.load(&mut NoProgress).map(drop)
+    }
+
     fn dump(&mut self, prompt: &PromptRecord, selection: &Selection, out: &Path) -> Result<()> {
         let request = DumpRequest::probe(std::slice::from_ref(prompt), selection, out);
         self.dump_prompts(&request, &mut NoProgress).map(drop)

@@ -307,8 +307,8 @@ extern "C" fn forward_signal(signal: libc::c_int) {
 }
 
 /// Wait for `child`, the leader of its own process group, for at most `limit` (no limit:
-/// `None`): its exit status, or `None` once the whole group has been killed for
-/// outlasting it.
+/// `None`): its exit status, or `None` once it and every process it started have been
+/// killed for outlasting it.
 fn wait_at_most(mut child: Child, limit: Option<Duration>) -> Result<Option<ExitStatus>> {
     static FORWARDING: std::sync::Once = std::sync::Once::new();
     FORWARDING.call_once(|| {
@@ -327,8 +327,7 @@ fn wait_at_most(mut child: Child, limit: Option<Duration>) -> Result<Option<Exit
         match child.try_wait() {
             Ok(Some(status)) => break Ok(Some(status)),
             Ok(None) if deadline.is_some_and(|d| Instant::now() >= d) => {
-                // SAFETY: signals the engine's own process group, nothing of resbisect's.
-                unsafe { libc::kill(-pgid, libc::SIGKILL) };
+                kill_tree(pgid);
                 let _ = child.wait();
                 break Ok(None);
             }
@@ -344,6 +343,49 @@ fn wait_at_most(mut child: Child, limit: Option<Duration>) -> Result<Option<Exit
         slot.store(0, Ordering::SeqCst);
     }
     outcome
+}
+
+/// Kill the engine's process group and every process below its leader that left the
+/// group (`setsid`, a daemon's own group): stopped first, so that none forks past the
+/// count, then killed.
+fn kill_tree(pgid: i32) {
+    for signal in [libc::SIGSTOP, libc::SIGKILL] {
+        // SAFETY: signals the engine's own process group and the processes it started
+        // (found just now below its leader), nothing of resbisect's.
+        unsafe {
+            libc::kill(-pgid, signal);
+            for pid in descendants(pgid) {
+                libc::kill(pid, signal);
+            }
+        }
+    }
+}
+
+/// The processes below `pid` (its children, theirs, and so on) as /proc lists them now;
+/// none where there is no /proc.
+fn descendants(pid: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let parents: Vec<(i32, i32)> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let child: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // Field 2, the command name, may hold spaces and parentheses: the state and
+            // the parent's pid follow its last ')'.
+            let parent = stat[stat.rfind(')')? + 1..].split_whitespace().nth(1)?.parse().ok()?;
+            Some((child, parent))
+        })
+        .collect();
+    let mut found = vec![pid];
+    let mut next = 0;
+    while next < found.len() {
+        let parent = found[next];
+        found.extend(parents.iter().filter(|&&(_, p)| p == parent).map(|&(c, _)| c));
+        next += 1;
+    }
+    found.split_off(1)
 }
 
 #[cfg(test)]

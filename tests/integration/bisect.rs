@@ -752,8 +752,9 @@ fn a_c_engine_on_the_single_header_writer_plugs_in() {
 
     // A deadlocked engine: killed at --engine-timeout with every process it started, and
     // reported as a crash with what it wrote (without the limit this test would hang).
-    // `; true` keeps the shell alive above the engine: killing the shell alone would not do.
-    let hang = format!("{base} --hang-before blk.4; true");
+    // `; true` keeps the shell alive above the engine: killing the shell alone would not do;
+    // nor would killing its process group, which a helper started with `setsid` has left.
+    let hang = format!("setsid sleep 3601.25 & {base} --hang-before blk.4; true");
     let (code, r) = bisect_external(
         &suite,
         "p6_len_32",
@@ -774,7 +775,7 @@ fn a_c_engine_on_the_single_header_writer_plugs_in() {
         .flatten()
         .filter_map(|p| std::fs::read(p.path().join("cmdline")).ok())
         .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.starts_with(&engine) && c.contains("--hang-before"))
+        .filter(|c| (c.starts_with(&engine) && c.contains("--hang-before")) || c.starts_with("sleep 3601.25"))
         .collect();
     assert!(survivors.is_empty(), "{survivors:?}");
 }

@@ -47,7 +47,7 @@ pub fn parse_token_list(spec: &str, flag: &str) -> Result<Vec<u32>> {
 
 /// Read a JSONL prompt suite; blank lines are skipped, ids must be unique.
 pub fn read_suite(path: &Path) -> Result<Vec<(String, Option<String>, PromptSource)>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::sys::read_text(path)?;
     let mut out: Vec<(String, Option<String>, PromptSource)> = Vec::new();
     // Ids seen so far: a set, so a long suite costs linear time, not quadratic.
     let mut seen = std::collections::HashSet::new();
@@ -175,5 +175,38 @@ impl Input {
             Input::Suite { .. } => format!("prompt {id}'s"),
             _ => "the prompt's".into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_suite_saved_with_a_byte_order_mark_reads_as_without() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("suite.jsonl");
+        std::fs::write(
+            &path,
+            "\u{feff}{\"id\": \"a\", \"tokens\": [1, 2]}\n{\"id\": \"b\", \"text\": \"hi\"}\n",
+        )
+        .unwrap();
+        let Ok(suite) = read_suite(&path) else {
+            panic!("a leading mark refused")
+        };
+        assert_eq!(suite.len(), 2);
+        assert_eq!(suite[0].0, "a");
+        assert!(matches!(&suite[0].2, PromptSource::Tokens(t) if t == &[1, 2]));
+        // Only a leading mark is the file's: one inside a line is that line's content.
+        std::fs::write(
+            &path,
+            "{\"id\": \"a\", \"tokens\": [1]}\n\u{feff}{\"id\": \"b\", \"tokens\": [1]}\n",
+        )
+        .unwrap();
+        let Err(err) = read_suite(&path) else {
+            panic!("a mark inside a line accepted")
+        };
+        let err = err.to_string();
+        assert!(err.contains("suite.jsonl:2"), "{err}");
     }
 }

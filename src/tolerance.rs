@@ -224,7 +224,7 @@ pub fn engine_dtype(name: &str) -> Option<TapDType> {
 
 impl Tolerances {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::sys::read_text(path)?;
         let t: Tolerances = serde_json::from_str(&text)
             .map_err(|e| Error::input(format!("{}: bad tolerance file: {e}", path.display())))?;
         if t.version != 1 {

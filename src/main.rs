@@ -6,8 +6,6 @@ mod cli;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 use cli::args::{Cli, Command};
 use cli::{backend, bisect, commands, demo, inspect};
 use resbisect::{Error, Result};
@@ -39,7 +37,7 @@ fn main() -> ExitCode {
     }
     resbisect::trace::init();
     resbisect::trace::set_notice_sink(|line| eprintln!("note: {line}"));
-    let cli = match Cli::try_parse() {
+    let cli = match parse_args() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
@@ -56,6 +54,16 @@ fn main() -> ExitCode {
         }
     };
     exit_now(code)
+}
+
+/// The arguments, where a value that reads as a negative number (`--layers -1`) is a value,
+/// so that its option's own check names what is wrong with it, not an unknown argument.
+fn parse_args() -> std::result::Result<Cli, clap::Error> {
+    use clap::{CommandFactory, FromArgMatches};
+    fn negative_values(c: clap::Command) -> clap::Command {
+        c.allow_negative_numbers(true).mut_subcommands(negative_values)
+    }
+    Cli::from_arg_matches(&negative_values(Cli::command()).try_get_matches()?)
 }
 
 /// End the process with `code` once stdout and stderr are flushed, without the exit

@@ -273,6 +273,15 @@ fn selection_and_prompt_errors_name_the_flag_at_fault() {
         &dump(&["--tokens", "1,2,3", "--layers", "1..1"]),
         "--layers: empty layer range",
     );
+    // A negative value is the option's value, named by its own check, not an unknown flag.
+    assert_refused(
+        &dump(&["--tokens", "1,2,3", "--layers", "-1"]),
+        "--layers: bad layer \"-1\": expected a non-negative integer",
+    );
+    assert_refused(
+        &dump(&["--tokens", "1,2,3", "--max-tokens", "-3"]),
+        "'--max-tokens <MAX_TOKENS>'",
+    );
     assert_refused(
         &dump(&["--tokens", "1,2,3", "--positions", "2..4"]),
         "--positions 2..4: outside the prompt's 3 tokens (positions 0..3; a range's end is exclusive)",

@@ -46,7 +46,8 @@ pub fn bisect(a: BisectArgs) -> Result<ExitCode> {
         tolerances: a.compare.tolerances,
         allow_model_mismatch: a.compare.allow_model_mismatch,
         judge: a.compare.judge.judge(),
-        logits_budget: a.logits_budget_mib << 20,
+        // Past 16 EiB the budget holds any head: no limit, rather than a wrapped one.
+        logits_budget: a.logits_budget_mib.saturating_mul(1 << 20),
         work: a.work,
         keep: a.keep,
         sequential: a.sequential,

@@ -321,7 +321,8 @@ fn wait_at_most(mut child: Child, limit: Option<Duration>) -> Result<Option<Exit
     let slot = ENGINE_GROUPS
         .iter()
         .find(|g| g.compare_exchange(0, pgid, Ordering::SeqCst, Ordering::SeqCst).is_ok());
-    let deadline = limit.map(|l| Instant::now() + l);
+    // A limit past what the clock can count (`--engine-timeout 300000000000y`) is none.
+    let deadline = limit.and_then(|l| Instant::now().checked_add(l));
     let mut pause = Duration::from_millis(1);
     let outcome = loop {
         match child.try_wait() {
@@ -346,18 +347,29 @@ fn wait_at_most(mut child: Child, limit: Option<Duration>) -> Result<Option<Exit
 }
 
 /// Kill the engine's process group and every process below its leader that left the
-/// group (`setsid`, a daemon's own group): stopped first, so that none forks past the
-/// count, then killed.
+/// group (`setsid`, a daemon's own group). All are stopped first, until no new one
+/// appears, and only then killed: a killed parent's children move to another parent at
+/// once, out of reach of a search below the leader.
 fn kill_tree(pgid: i32) {
-    for signal in [libc::SIGSTOP, libc::SIGKILL] {
-        // SAFETY: signals the engine's own process group and the processes it started
-        // (found just now below its leader), nothing of resbisect's.
-        unsafe {
-            libc::kill(-pgid, signal);
-            for pid in descendants(pgid) {
-                libc::kill(pid, signal);
-            }
+    // SAFETY (each kill): signals the engine's own process group and the processes found
+    // below its leader, nothing of resbisect's.
+    unsafe { libc::kill(-pgid, libc::SIGSTOP) };
+    let mut tree: Vec<i32> = Vec::new();
+    // A process forks no more once stopped; a few rounds reach those forked meanwhile.
+    for _ in 0..8 {
+        let found = descendants(pgid);
+        let new: Vec<i32> = found.iter().copied().filter(|p| !tree.contains(p)).collect();
+        if new.is_empty() {
+            break;
         }
+        for &pid in &new {
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
+        tree.extend(new);
+    }
+    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    for &pid in &tree {
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
 }
 

@@ -612,6 +612,18 @@ fn counts_parser_errors_and_special_files_are_one_line() {
     };
     assert_refused(&bisect(&["--oracle-prefill-chunk", "0"]), "--oracle-prefill-chunk");
     assert!(!work.exists(), "a refused bisect leaves no work folder");
+    // A limit past what the clock can count is no limit: the engine's failure is the
+    // answer (exit 3), not an overflow.
+    let failing = [
+        "--engine",
+        "external",
+        "--command",
+        ": {out}; exit 1",
+        "--engine-timeout",
+        "300000000000y",
+    ];
+    let o = bisect(&failing);
+    assert_eq!(o.code, 3, "{}", o.stderr);
     // A FIFO would block the read for ever.
     let dump = dir.path().join("d");
     let o = resbisect(&["dump", "--model", m, "--tokens", "1,2,3", "-o", path_str(&dump)]);

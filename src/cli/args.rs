@@ -153,18 +153,18 @@ pub struct CalibrateArgs {
     pub dumps: Vec<PathBuf>,
     /// Each tap's (per layer) tolerance is this quantile of its rows' rel L2 over
     /// positions, times --margin.
-    #[arg(long, default_value_t = 0.99)]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 0.99)]
     pub quantile: f64,
     /// Multiply each tap's measured quantile by this. 8 because a p99 sits below the
     /// largest healthy rows and rows grow with position: SmolLM2's f32 runtime at position
     /// 1652 of long_1652 measured 4.05× the p99 calibrated on long_826.
-    #[arg(long, default_value_t = 8.0)]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 8.0)]
     pub margin: f64,
     /// Never tolerate less than this rel L2.
-    #[arg(long, default_value_t = 1e-7)]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 1e-7)]
     pub floor: f64,
     /// Every calibrated tap's abs: rows whose largest difference stays under it never diverge.
-    #[arg(long, default_value_t = 1e-6)]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 1e-6)]
     pub abs_floor: f64,
     /// Calibrate on pairs whose dumps come from different model files.
     #[arg(long)]
@@ -417,7 +417,7 @@ pub struct BisectArgs {
     /// Longest one run of an external engine (A or B) may take, e.g. 90s or 10m: past it the
     /// engine and every process it started are killed and the engine counts as crashed
     /// (exit 3, its partial dump kept). Default: no limit.
-    #[arg(long, value_parser = engine_timeout)]
+    #[arg(long, allow_hyphen_values = true, value_parser = engine_timeout)]
     pub engine_timeout: Option<std::time::Duration>,
     /// Runtime oracle B's backend.
     #[arg(long, value_enum, default_value = "cpu")]

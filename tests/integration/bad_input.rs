@@ -572,6 +572,11 @@ fn outputs_never_overwrite_inputs() {
             &format!("{flag} {value}: must be"),
         );
     }
+    // A value that starts with a hyphen is the option's value, named by its own check.
+    assert_refused(
+        &resbisect(&["calibrate", d, d, "-o", tolerances, "--floor", "-1e-3"]),
+        "--floor -0.001: must be",
+    );
 }
 
 /// Counts that would overflow or never end, a parser error, a manifest that is a FIFO,
@@ -624,6 +629,15 @@ fn counts_parser_errors_and_special_files_are_one_line() {
     ];
     let o = bisect(&failing);
     assert_eq!(o.code, 3, "{}", o.stderr);
+    let negative = [
+        "--engine",
+        "external",
+        "--command",
+        ": {out}",
+        "--engine-timeout",
+        "-1s",
+    ];
+    assert_refused(&bisect(&negative), "for '--engine-timeout <ENGINE_TIMEOUT>'");
     // A FIFO would block the read for ever.
     let dump = dir.path().join("d");
     let o = resbisect(&["dump", "--model", m, "--tokens", "1,2,3", "-o", path_str(&dump)]);

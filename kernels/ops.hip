@@ -387,9 +387,8 @@ extern "C" __global__ void rb_rope_append(store_t* q, store_t* k, const store_t*
     }
 }
 
-// Index of the largest value of one row (the first on ties).
-extern "C" __global__ void rb_argmax(const store_t* x, int width, unsigned int* out) {
-    RB_WAIT_PRIOR();
+// Index of the largest value of one row (the first on ties), returned to every thread.
+__device__ unsigned int rb_argmax_row(const store_t* x, int width) {
     __shared__ float best_v[1024];
     __shared__ int best_i[1024];
     float bv = RB_NEG_INF;
@@ -409,7 +408,22 @@ extern "C" __global__ void rb_argmax(const store_t* x, int width, unsigned int* 
         }
         __syncthreads();
     }
-    if (threadIdx.x == 0) out[0] = best_i[0] == 0x7fffffff ? 0u : (unsigned int)best_i[0];
+    return best_i[0] == 0x7fffffff ? 0u : (unsigned int)best_i[0];
+}
+
+extern "C" __global__ void rb_argmax(const store_t* x, int width, unsigned int* out) {
+    RB_WAIT_PRIOR();
+    const unsigned int best = rb_argmax_row(x, width);
+    if (threadIdx.x == 0) out[0] = best;
+}
+
+// Greedy decode without a round trip to the host: the argmax becomes the token of the
+// step record, which takes the next step's position, RoPE position and tap slot from
+// the host in the same launch.
+extern "C" __global__ void rb_argmax_step(const store_t* x, int width, unsigned int* record, int pos, float rope_pos, int slot) {
+    RB_WAIT_PRIOR();
+    const unsigned int best = rb_argmax_row(x, width);
+    if (threadIdx.x == 0) record[0] = best, record[1] = (unsigned int)pos, record[2] = __float_as_uint(rope_pos), record[3] = (unsigned int)slot;
 }
 
 // ---------------------------------------------------------------- attention

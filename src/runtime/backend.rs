@@ -237,6 +237,16 @@ pub trait Backend: Send {
     fn perturb(&self, x: &mut Self::Buf, rows: usize, width: usize, from_row: usize, fault: Fault) -> Result<()>;
     /// Index of the largest value of row `row` of a `[.., width]` buffer.
     fn argmax(&self, x: &Self::Buf, row: usize, width: usize) -> Result<u32>;
+    /// Greedy decode without a round trip per token: the index of the largest value of row
+    /// `row` of a `[.., width]` buffer becomes the step record's token, and the record
+    /// takes `next`'s position, RoPE position and slot (its token is not used) in the same
+    /// op; so the next step can be issued before the host knows its token. The token is
+    /// queued for [`take_token`](Self::take_token); [`set_step`](Self::set_step) drops
+    /// tokens not taken.
+    fn argmax_to_step(&self, x: &Self::Buf, row: usize, width: usize, next: Step) -> Result<()>;
+    /// The oldest token [`argmax_to_step`](Self::argmax_to_step) queued, once computed.
+    /// Errors: none queued.
+    fn take_token(&self) -> Result<u32>;
     /// Wait for queued work and surface any device error.
     fn sync(&self) -> Result<()>;
 
@@ -344,7 +354,8 @@ pub trait Backend: Send {
         add_rms_norm_project_by_parts(self, norm, w, rows, k, n, out)
     }
 
-    /// Make `step` the step record that `Src::Step`, `Row::Step*` and `from_step` read.
+    /// Make `step` the step record that `Src::Step`, `Row::Step*` and `from_step` read,
+    /// dropping tokens [`argmax_to_step`](Self::argmax_to_step) queued and not taken.
     fn set_step(&self, step: Step) -> Result<()>;
     /// Record the ops issued until [`end_record`](Self::end_record) instead of running
     /// them; `false` where the backend cannot record (the ops then run as issued), which

@@ -41,6 +41,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub struct CpuBackend {
     dtype: StorageDType,
     step: std::cell::Cell<Step>,
+    /// Tokens `argmax_to_step` computed and `take_token` has not yet returned.
+    queued_tokens: std::cell::RefCell<std::collections::VecDeque<u32>>,
 }
 
 /// Weight values a prefill tile of a quantized matmul decodes at once (2 MiB of f32):
@@ -54,6 +56,7 @@ impl CpuBackend {
         Self {
             dtype,
             step: Default::default(),
+            queued_tokens: Default::default(),
         }
     }
 
@@ -559,12 +562,25 @@ impl Backend for CpuBackend {
             .0 as u32)
     }
 
+    fn argmax_to_step(&self, x: &Vec<f32>, row: usize, width: usize, next: Step) -> Result<()> {
+        let token = self.argmax(x, row, width)?;
+        self.step.set(Step { token, ..next });
+        self.queued_tokens.borrow_mut().push_back(token);
+        Ok(())
+    }
+
+    fn take_token(&self) -> Result<u32> {
+        let token = self.queued_tokens.borrow_mut().pop_front();
+        token.ok_or_else(|| Error::engine("cpu: no token queued"))
+    }
+
     fn sync(&self) -> Result<()> {
         Ok(())
     }
 
     fn set_step(&self, step: Step) -> Result<()> {
         self.step.set(step);
+        self.queued_tokens.borrow_mut().clear();
         Ok(())
     }
 }

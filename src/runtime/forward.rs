@@ -5,7 +5,7 @@
 //! RoPE tables, sliding windows) is decided once per layer from the weights it loaded;
 //! plain llama runs exactly the ops it always has.
 
-use super::backend::{AddNorm, AttnShape, Backend, Input, Row, Src};
+use super::backend::{AddNorm, AttnShape, Backend, Input, Row, Src, Step};
 use super::capture::{TapCollector, TapRoute};
 use super::layer::Workspace;
 use super::weights;
@@ -25,6 +25,18 @@ pub(super) struct Pass<'p, 'c, B: Backend> {
     pub(super) collector: &'p mut TapCollector<'c>,
     pub(super) route: TapRoute<'p, B>,
     pub(super) opts: &'p RunOptions,
+}
+
+/// What the output head does with its last row's logits.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Next {
+    /// Nothing: no token follows.
+    None,
+    /// The greedy next token, returned to the host.
+    ToHost,
+    /// The greedy next token into the step record, which becomes this step's (token
+    /// aside): see [`Backend::argmax_to_step`].
+    ToStep(Step),
 }
 
 impl<B: Backend> Pass<'_, '_, B> {
@@ -483,9 +495,11 @@ impl<B: Backend> Runtime<B> {
         pass.tap(at(LayerTap::ResidPost), &mut ws.x)
     }
 
-    /// The output head on the rows of `ws.x` someone needs — tapped ones and, with
-    /// `want_next`, the last — returning the greedy next token when asked.
-    pub(super) fn head(&self, ws: &mut Workspace<B>, pass: &mut Pass<B>, want_next: bool) -> Result<Option<u32>> {
+    /// The output head on the rows of `ws.x` someone needs — tapped ones and, unless
+    /// `next` is [`Next::None`], the last — returning the greedy next token when
+    /// [`Next::ToHost`].
+    pub(super) fn head(&self, ws: &mut Workspace<B>, pass: &mut Pass<B>, next: Next) -> Result<Option<u32>> {
+        let want_next = !matches!(next, Next::None);
         let (c, b) = (&self.cfg, &self.backend);
         let (e, start, rows) = (c.n_embd, pass.start, pass.rows);
         let want_out = pass.collector.wants_output();
@@ -540,9 +554,13 @@ impl<B: Backend> Runtime<B> {
                 }
             }
         }
-        if want_next {
-            return Ok(Some(b.argmax(&ws.logits, n - 1, c.n_vocab)?));
+        match next {
+            Next::None => Ok(None),
+            Next::ToHost => Ok(Some(b.argmax(&ws.logits, n - 1, c.n_vocab)?)),
+            Next::ToStep(step) => {
+                pass.op("argmax", b.argmax_to_step(&ws.logits, n - 1, c.n_vocab, step))?;
+                Ok(None)
+            }
         }
-        Ok(None)
     }
 }

@@ -53,7 +53,7 @@ use crate::model::{Config, Model};
 use crate::taps::{PositionSpec, Selection};
 use backend::Backend;
 use capture::{TapCollector, TapRoute};
-use forward::Pass;
+use forward::{Next, Pass};
 use layer::{LayerWeights, Workspace};
 pub use preflight::preflight;
 pub use resume::{KeptRows, KvCache};
@@ -287,7 +287,12 @@ impl<B: Backend> PromptRun<'_, '_, B> {
                 opts,
             };
             rt.layers(ids, &mut ws, &mut self.kv, &mut pass)?;
-            next = rt.head(&mut ws, &mut pass, i + 1 == n_chunks && opts.max_tokens > 0)?;
+            let wanted = if i + 1 == n_chunks && opts.max_tokens > 0 {
+                Next::ToHost
+            } else {
+                Next::None
+            };
+            next = rt.head(&mut ws, &mut pass, wanted)?;
             on_step();
         }
         if let Some(keep) = keep {

@@ -7,7 +7,7 @@
 
 use super::backend::{Backend, Row};
 use super::capture::TapRoute;
-use super::forward::{Pass, Seam};
+use super::forward::{Next, Pass, Seam};
 use super::layer::Workspace;
 use super::{PromptRun, Runtime};
 use crate::dump::{BackgroundWriter, PromptRecord};
@@ -232,7 +232,7 @@ impl<B: Backend> Runtime<B> {
         if let (true, Some(ws)) = (collector.wants_output(), ws.as_mut()) {
             let last = stream.last().expect("the stream holds the embedding");
             self.chunks_from(last, n, ws, faults, opts, &mut collector, |rt, ws, pass| {
-                rt.head(ws, pass, false).map(|_| ())
+                rt.head(ws, pass, Next::None).map(|_| ())
             })?;
         }
         collector.check_complete()?;

@@ -201,6 +201,8 @@ kernels! {
         inv_freq: Ptr, neox: i32, mscale: f32,
     );
     fn rb_argmax(x: Ptr, width: i32, out: Ptr);
+    /// The argmax into the step record's token, with the next step's other fields.
+    fn rb_argmax_step(x: Ptr, width: i32, record: Ptr, pos: i32, rope_pos: f32, slot: i32);
     /// `window` 0: the whole prefix; else the sliding window (as the attention kernels).
     fn rb_softmax_causal(scores: Ptr, probs: Ptr, n_keys: i32, rows: i32, first_key: i32, window: i32);
     fn rb_attention_tiled_64(

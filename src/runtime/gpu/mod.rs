@@ -14,6 +14,7 @@ pub mod plan;
 mod quant;
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 
 use crate::dump::RowBytes;
 use crate::error::{Error, Result};
@@ -32,6 +33,8 @@ pub trait Driver: Send + Sized {
     type Bytes: Send;
     /// A recorded sequence of ops (see [`Driver::begin_record`]).
     type Graph;
+    /// A 4-byte read on its way to the host (see [`Driver::queue_read_word`]).
+    type QueuedWord: Send;
     /// The backend's name, which starts its error messages.
     const NAME: &'static str;
     /// Threads of a warp (a wavefront on AMD), as compat.h's RB_WARP.
@@ -53,6 +56,11 @@ pub trait Driver: Send + Sized {
     fn write_bytes(&self, dst: &Self::Bytes, bytes: &[u8]) -> Result<()>;
     /// The start of `src`, once the work before has run.
     fn read_bytes(&self, src: &Self::Bytes, out: &mut [u8]) -> Result<()>;
+    /// Queue a copy of the first 4 bytes of `src` to the host, in order with the launches
+    /// before it; the host need not wait for it until [`Driver::finish_read_word`].
+    fn queue_read_word(&self, src: &Self::Bytes) -> Result<Self::QueuedWord>;
+    /// The bytes of a queued read, once its copy has run.
+    fn finish_read_word(&self, word: Self::QueuedWord) -> Result<[u8; 4]>;
     /// Elements `offset..offset + len` (checked by the caller, `len` > 0) as stored,
     /// appended to `out`, once the work before has run.
     fn download(&self, buf: &Self::Buf, offset: usize, len: usize, out: &mut Vec<u8>) -> Result<()>;
@@ -118,6 +126,9 @@ pub struct GpuBackend<D: Driver> {
     rope_positions: RefCell<Option<(Vec<f32>, D::Bytes)>>,
     /// Prefill's transient dense copy of one quantized matrix, grown to the largest.
     dequant_workspace: RefCell<Option<D::Buf>>,
+    /// Tokens [`Backend::argmax_to_step`](crate::runtime::backend::Backend::argmax_to_step)
+    /// queued for the host, oldest first.
+    queued_tokens: RefCell<VecDeque<D::QueuedWord>>,
 }
 
 /// Fields of the step record, in device order.
@@ -141,6 +152,7 @@ impl<D: Driver> GpuBackend<D> {
             attn_part,
             rope_positions: RefCell::new(None),
             dequant_workspace: RefCell::new(None),
+            queued_tokens: RefCell::new(VecDeque::new()),
         })
     }
 

@@ -333,6 +333,33 @@ impl<D: Driver> Backend for GpuBackend<D> {
         Ok(u32::from_le_bytes(index))
     }
 
+    fn argmax_to_step(&self, x: &Self::Buf, row: usize, width: usize, next: Step) -> Result<()> {
+        self.check(self.len(x), (row + 1) * width, "argmax")?;
+        let call = kernels::rb_argmax_step(
+            self.ptr_at(x, row * width),
+            width as i32,
+            self.step_field(StepField::Token),
+            next.pos as i32,
+            next.rope_pos,
+            next.slot as i32,
+        );
+        self.driver.launch(call, Grid::per_row(1, 1024))?;
+        let queued = self.driver.queue_read_word(&self.step_dev)?;
+        self.queued_tokens.borrow_mut().push_back(queued);
+        // The host copy keeps the last token it knew: only positions are checked against it.
+        self.step.set(Step {
+            token: self.step.get().token,
+            ..next
+        });
+        Ok(())
+    }
+
+    fn take_token(&self) -> Result<u32> {
+        let queued = self.queued_tokens.borrow_mut().pop_front();
+        let queued = queued.ok_or_else(|| Error::engine(format!("{}: no token queued", D::NAME)))?;
+        Ok(u32::from_le_bytes(self.driver.finish_read_word(queued)?))
+    }
+
     fn sync(&self) -> Result<()> {
         self.driver.sync()
     }
@@ -465,6 +492,7 @@ impl<D: Driver> Backend for GpuBackend<D> {
         let words = [step.token, step.pos as u32, step.rope_pos.to_bits(), step.slot as u32];
         self.driver.write_bytes(&self.step_dev, bytemuck::cast_slice(&words))?;
         self.step.set(step);
+        self.queued_tokens.borrow_mut().clear();
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use resbisect_taps::Fault;
 
 use super::{Checker, OpCheck};
 use crate::error::{Error, Result};
-use crate::runtime::backend::{AttnShape, Backend, RopeFreqs, Row, Src};
+use crate::runtime::backend::{AttnShape, Backend, RopeFreqs, Row, Src, Step};
 
 impl<B: Backend> Checker<'_, B> {
     pub(super) fn matmul(&mut self, rows: usize, k: usize, n: usize) -> Result<()> {
@@ -202,10 +202,56 @@ impl<B: Backend> Checker<'_, B> {
         let want = self.cpu.argmax(&c, 2, width)?;
         let t0 = std::time::Instant::now();
         let got = self.gpu.argmax(&g, 2, width)?;
+        self.same_token("argmax", format!("row 2 of [3x{width}]"), got, want, t0);
+
+        // The same argmax into the step record, with the next step's position and slot:
+        // the queued token, then the record as a decode step reads it (the token's row of
+        // an embedding table, copied to the record's position and slot).
+        let next = Step {
+            token: 0,
+            pos: 4,
+            rope_pos: 4.0,
+            slot: 1,
+        };
+        let (rows, dim) = (6, 8);
+        let table = self.random(width * dim, 1.0);
+        let (gt, ct) = (self.gpu.upload(&table)?, self.cpu.upload(&table)?);
+        let (mut gemb, mut cemb) = (self.gpu.alloc(dim)?, self.cpu.alloc(dim)?);
+        let mut gdst = self.guarded(rows * dim)?;
+        let mut cdst = self.cpu.alloc(rows * dim)?;
+        let first = Step {
+            token: 1,
+            ..Step::default()
+        };
+        self.cpu.set_step(first)?;
+        self.cpu.argmax_to_step(&c, 2, width, next)?;
+        let want = self.cpu.take_token()?;
+        self.cpu.embed(&ct, dim, Src::Step, &mut cemb)?;
+        for at in [Row::StepPos, Row::StepSlot] {
+            self.cpu.copy_rows(&cemb, &mut cdst, at, 1, dim)?;
+        }
+        let gpu = self.gpu;
+        let t0 = std::time::Instant::now();
+        let (got, s) = self.timed(|| {
+            gpu.set_step(first)?;
+            gpu.argmax_to_step(&g, 2, width, next)?;
+            gpu.embed(&gt, dim, Src::Step, &mut gemb)?;
+            for at in [Row::StepPos, Row::StepSlot] {
+                gpu.copy_rows(&gemb, &mut gdst, at, 1, dim)?;
+            }
+            gpu.take_token()
+        })?;
+        let shape = format!("row 2 of [3x{width}]");
+        self.same_token("argmax_to_step (queued token)", shape.clone(), got, want, t0);
+        self.record("argmax_to_step (record)", shape, &gdst, &cdst, s, false)
+    }
+
+    /// A check that the GPU picked the CPU's token (exact).
+    fn same_token(&mut self, op: &str, shape: String, got: u32, want: u32, t0: std::time::Instant) {
         let passed = got == want;
         self.results.push(OpCheck {
-            op: "argmax".into(),
-            shape: format!("row 2 of [3x{width}]"),
+            op: op.into(),
+            shape,
             nmse: if passed { 0.0 } else { 1.0 },
             threshold: 0.0,
             max_abs: (got as f64 - want as f64).abs(),
@@ -214,7 +260,6 @@ impl<B: Backend> Checker<'_, B> {
             seconds: t0.elapsed().as_secs_f64(),
             passed,
         });
-        Ok(())
     }
 
     /// Tap captures (`download_rows`) against plain downloads, bit for bit: runs of rows,

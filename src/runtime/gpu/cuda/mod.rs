@@ -18,8 +18,8 @@ use std::sync::Arc;
 use cudarc::cublas::sys::cudaDataType;
 use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, PinnedHostSlice,
-    ValidAsZeroBits,
+    CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    PinnedHostSlice, ValidAsZeroBits,
 };
 
 use super::kernels::{self, Arg, KernelCall, Ptr, StorageElem, KERNELS};
@@ -57,6 +57,12 @@ fn device_error(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '
     move |e| Error::engine(format!("cuda: {what}: {e}"))
 }
 
+/// A 4-byte copy into page-locked memory, and the event recorded after it.
+pub struct QueuedWord {
+    host: PinnedHostSlice<u8>,
+    copied: CudaEvent,
+}
+
 /// One GPU: its stream, kernels, cuBLAS and tap lanes.
 pub struct Cuda<T: CudaElem> {
     stream: Arc<CudaStream>,
@@ -64,6 +70,8 @@ pub struct Cuda<T: CudaElem> {
     lanes: Arc<LanePool<T>>,
     /// Page-locked host memory that downloads pass through, grown as needed.
     download_staging: RefCell<Option<PinnedHostSlice<T>>>,
+    /// Page-locked words that queued token reads use, kept for reuse.
+    spare_words: RefCell<Vec<QueuedWord>>,
     blas: Blas,
     functions: HashMap<&'static str, CudaFunction>,
     /// Whether kernels start before the launch ahead has finished (sm_90 and later).
@@ -128,6 +136,7 @@ where
             lanes: LanePool::new(ctx)?,
             stream,
             download_staging: RefCell::new(None),
+            spare_words: RefCell::new(Vec::new()),
             functions,
             early_start: major >= 9,
             tensor_cores: major >= 8 && T::DTYPE != StorageDType::F32,
@@ -160,6 +169,7 @@ where
     type Buf = CudaSlice<T>;
     type Bytes = CudaSlice<u8>;
     type Graph = CudaGraph;
+    type QueuedWord = QueuedWord;
     const NAME: &'static str = "cuda";
     const WARP: u32 = 32;
 
@@ -207,6 +217,49 @@ where
         // the time it returns.
         unsafe { cudarc::driver::result::memcpy_htod_async(self.bytes_addr(dst), bytes, self.stream.cu_stream()) }
             .map_err(device_error("writing the step record"))
+    }
+
+    fn queue_read_word(&self, src: &CudaSlice<u8>) -> Result<QueuedWord> {
+        if src.len() < 4 {
+            return Err(Error::engine("cuda: reading past device memory"));
+        }
+        let spare = self.spare_words.borrow_mut().pop();
+        let mut word = match spare {
+            Some(word) => word,
+            None => QueuedWord {
+                // SAFETY: the host reads the word only after a copy has filled it.
+                host: unsafe { self.stream.context().alloc_pinned_with_flags::<u8>(4, 0) }
+                    .map_err(device_error("allocating page-locked memory"))?,
+                copied: self
+                    .stream
+                    .context()
+                    .new_event(None)
+                    .map_err(device_error("creating an event"))?,
+            },
+        };
+        let host = word.host.as_mut_ptr().map_err(device_error("queuing a read"))?;
+        // SAFETY: `host` is the word's 4 bytes of page-locked memory, untouched until
+        // `finish_read_word` has waited for the event recorded after the copy.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(
+                std::slice::from_raw_parts_mut(host, 4),
+                self.bytes_addr(src),
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(device_error("queuing a read"))?;
+        word.copied
+            .record(&self.stream)
+            .map_err(device_error("queuing a read"))?;
+        Ok(word)
+    }
+
+    fn finish_read_word(&self, word: QueuedWord) -> Result<[u8; 4]> {
+        word.copied.synchronize().map_err(device_error("reading a token"))?;
+        let bytes = word.host.as_slice().map_err(device_error("reading a token"))?;
+        let value = [bytes[0], bytes[1], bytes[2], bytes[3]];
+        self.spare_words.borrow_mut().push(word);
+        Ok(value)
     }
 
     fn read_bytes(&self, src: &CudaSlice<u8>, out: &mut [u8]) -> Result<()> {

@@ -145,6 +145,7 @@ impl<T: StorageElem> Driver for Hip<T> {
     type Buf = HipBuf;
     type Bytes = HipBuf;
     type Graph = ();
+    type QueuedWord = [u8; 4];
     const NAME: &'static str = "hip";
     const WARP: u32 = 64;
 
@@ -197,6 +198,17 @@ impl<T: StorageElem> Driver for Hip<T> {
         }
         let kind = hip::hipMemcpyKind::hipMemcpyHostToDevice;
         self.copy(dst.ptr, bytes.as_ptr() as *const c_void, bytes.len(), kind, "uploading")
+    }
+
+    /// Read now: HIP's stream-ordered copies to pageable memory wait anyway.
+    fn queue_read_word(&self, src: &HipBuf) -> Result<[u8; 4]> {
+        let mut word = [0u8; 4];
+        self.read_bytes(src, &mut word)?;
+        Ok(word)
+    }
+
+    fn finish_read_word(&self, word: [u8; 4]) -> Result<[u8; 4]> {
+        Ok(word)
     }
 
     fn read_bytes(&self, src: &HipBuf, out: &mut [u8]) -> Result<()> {

@@ -63,7 +63,42 @@ fn parse_args() -> std::result::Result<Cli, clap::Error> {
     fn negative_values(c: clap::Command) -> clap::Command {
         c.allow_negative_numbers(true).mut_subcommands(negative_values)
     }
-    Cli::from_arg_matches(&negative_values(Cli::command()).try_get_matches()?)
+    let mut command = negative_values(Cli::command());
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(e) = missing_hyphen_value(&mut command, &args) {
+        return Err(e);
+    }
+    Cli::from_arg_matches(&command.try_get_matches_from(args)?)
+}
+
+/// An option that takes values starting with a hyphen (`--positions -8..`) would take the
+/// next option as its value when its own was left out (`--positions --taps all`), and
+/// the error would then name a stray argument; this names the option.
+fn missing_hyphen_value(command: &mut clap::Command, args: &[std::ffi::OsString]) -> Option<clap::Error> {
+    let name = args.get(1)?.to_str()?;
+    let sub = command.find_subcommand(name)?;
+    let takes_hyphens: Vec<String> = sub
+        .get_arguments()
+        .filter(|a| a.is_allow_hyphen_values_set())
+        .filter_map(|a| a.get_long().map(|l| format!("--{l}")))
+        .collect();
+    let mut rest = args[2..].iter().map(|a| a.to_str());
+    while let Some(arg) = rest.next() {
+        if arg == Some("--") {
+            return None;
+        }
+        let Some(option) = arg.filter(|a| takes_hyphens.iter().any(|t| t == a)) else {
+            continue;
+        };
+        match rest.next() {
+            Some(Some(next)) if next.starts_with("--") => {
+                let message = format!("a value is required for '{option}' (found the option '{next}' instead)");
+                return Some(command.error(clap::error::ErrorKind::InvalidValue, message));
+            }
+            _ => continue,
+        }
+    }
+    None
 }
 
 /// End the process with `code` once stdout and stderr are flushed, without the exit

@@ -606,6 +606,12 @@ fn counts_parser_errors_and_special_files_are_one_line() {
     // Parser errors: clap's usage and tip lines are left out.
     assert_refused(&resbisect(&["dump", "--tokens", "1"]), "--model");
     assert_refused(&runtime_dump(&["--warmup", "many"]), "--warmup");
+    // An option that takes hyphen-led values, its value left out, is named: not the
+    // next option's value, leaving a stray argument behind.
+    assert_refused(
+        &runtime_dump(&["--positions", "--taps", "all"]),
+        "a value is required for '--positions' (found the option '--taps' instead)",
+    );
     let work = dir.path().join("work");
     let bisect = |extra: &[&str]| {
         let mut args = vec![

@@ -209,4 +209,25 @@ mod tests {
         let err = err.to_string();
         assert!(err.contains("suite.jsonl:2"), "{err}");
     }
+
+    #[test]
+    fn text_that_is_not_utf8_is_named_by_encoding_or_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("suite.jsonl");
+        let line = "{\"id\": \"a\", \"tokens\": [1]}\n";
+        let utf16: Vec<u8> = [0xff, 0xfe]
+            .into_iter()
+            .chain(line.encode_utf16().flat_map(u16::to_le_bytes))
+            .collect();
+        std::fs::write(&path, utf16).unwrap();
+        let err = read_suite(&path).err().expect("UTF-16 accepted").to_string();
+        assert!(
+            err.contains("UTF-16 text (byte order mark FF FE); save it as UTF-8"),
+            "{err}"
+        );
+        let latin1 = [line.as_bytes(), b"{\"id\": \"caf\xe9\", \"tokens\": [1]}\n"].concat();
+        std::fs::write(&path, latin1).unwrap();
+        let err = read_suite(&path).err().expect("Latin-1 accepted").to_string();
+        assert!(err.contains("suite.jsonl: line 2: not valid UTF-8"), "{err}");
+    }
 }

@@ -22,9 +22,19 @@ impl Error {
         Error::Engine(msg.into())
     }
 
-    /// For I/O on paths the user named: always reported with the path.
+    /// For I/O on paths the user named: always reported with the path, and the common
+    /// kinds in words rather than as an OS error number.
     pub fn io(path: &std::path::Path, err: std::io::Error) -> Self {
-        Error::Input(format!("{}: {err}", path.display()))
+        use std::io::ErrorKind;
+        let what = match err.kind() {
+            ErrorKind::NotFound => "no such file or directory".to_string(),
+            ErrorKind::IsADirectory => "a directory, not a file".to_string(),
+            ErrorKind::NotADirectory => "a part of the path is a file, not a directory".to_string(),
+            ErrorKind::AlreadyExists => "already exists".to_string(),
+            ErrorKind::PermissionDenied => "permission denied".to_string(),
+            _ => err.to_string(),
+        };
+        Error::Input(format!("{}: {what}", path.display()))
     }
 }
 

@@ -144,6 +144,10 @@ fn usage_error(e: clap::Error) -> ExitCode {
             .collect();
         line = format!("{line} {}", listed.join(", "));
     }
+    // The values an enum option takes, which clap lists on a line of their own.
+    if let Some(clap::error::ContextValue::Strings(valid)) = e.get(clap::error::ContextKind::ValidValue) {
+        line = format!("{line} (possible values: {})", valid.join(", "));
+    }
     eprintln!("{line}");
     ExitCode::from(2)
 }

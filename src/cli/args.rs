@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use clap::builder::{EnumValueParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use super::paths;
+
 use resbisect::diff::Judge;
 use resbisect::runtime::BackendKind;
 
@@ -62,7 +64,7 @@ pub enum Command {
 #[derive(Args)]
 pub struct RunArgs {
     /// The model: a GGUF file.
-    #[arg(long)]
+    #[arg(long, value_parser = paths::model_to_read())]
     pub model: PathBuf,
     /// Prompt text, tokenized with the model's tokenizer.
     #[arg(long, conflicts_with = "tokens")]
@@ -71,7 +73,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub tokens: Option<String>,
     /// Greedy tokens to generate after the prompt (fewer at end-of-sequence, unless --ignore-eos).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = whole_number::<usize>(0))]
     pub max_tokens: usize,
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: BackendKind,
@@ -85,7 +87,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub ignore_eos: bool,
     /// Untimed runs first (benchmarks: excludes lazy kernel loading and the like).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = whole_number::<usize>(0))]
     pub warmup: usize,
     /// Quantized weights: native (kept in GGUF blocks, read by fused kernels) or dequant
     /// (dequantized to the storage dtype at load); bisect one against the other to tell a
@@ -106,16 +108,17 @@ pub struct InspectArgs {
 #[derive(Args)]
 pub struct ModelInfoArgs {
     /// The model (GGUF).
+    #[arg(value_parser = paths::model_to_read())]
     pub model: PathBuf,
     /// Write the JSON here instead of to stdout.
-    #[arg(short, long, visible_alias = "output")]
+    #[arg(short, long, visible_alias = "output", value_parser = paths::file_to_write())]
     pub out: Option<PathBuf>,
 }
 
 #[derive(Args)]
 pub struct TokenizeArgs {
     /// The model (GGUF) whose tokenizer to use.
-    #[arg(long)]
+    #[arg(long, value_parser = paths::model_to_read())]
     pub model: PathBuf,
     /// Print one JSON array instead of comma-separated ids.
     #[arg(long)]
@@ -129,8 +132,10 @@ pub struct TokenizeArgs {
 #[derive(Args)]
 pub struct DiffArgs {
     /// Dump of the engine under test.
+    #[arg(value_parser = paths::dump_to_read())]
     pub a: PathBuf,
     /// Dump of the reference (the oracle).
+    #[arg(value_parser = paths::dump_to_read())]
     pub b: PathBuf,
     #[command(flatten)]
     pub compare: CompareArgs,
@@ -142,14 +147,14 @@ pub struct DiffArgs {
     #[arg(long)]
     pub json: bool,
     /// Also write report.json, report.md and report.html into this directory.
-    #[arg(long)]
+    #[arg(long, value_parser = paths::dir_to_write())]
     pub report: Option<PathBuf>,
 }
 
 #[derive(Args)]
 pub struct CalibrateArgs {
     /// Known-good dump pairs: A (engine) then B (reference), repeated.
-    #[arg(required = true, num_args = 2.., value_name = "DUMP")]
+    #[arg(required = true, num_args = 2.., value_name = "DUMP", value_parser = paths::dump_to_read())]
     pub dumps: Vec<PathBuf>,
     /// Each tap's (per layer) tolerance is this quantile of its rows' rel L2 over
     /// positions, times --margin.
@@ -170,7 +175,7 @@ pub struct CalibrateArgs {
     #[arg(long)]
     pub allow_model_mismatch: bool,
     /// The tolerance file to write (JSON; read it back with --tolerances).
-    #[arg(short, long)]
+    #[arg(short, long, value_parser = paths::file_to_write())]
     pub output: PathBuf,
 }
 
@@ -182,10 +187,10 @@ pub struct DemoArgs {
     pub model: String,
     /// The prompt suite the demo's prompt comes from: `long_1652` (SmolLM2), the text of
     /// `long_826` (gemma).
-    #[arg(long, default_value = "fixtures/prompts/long.jsonl")]
+    #[arg(long, default_value = "fixtures/prompts/long.jsonl", value_parser = paths::file_to_read())]
     pub prompts: PathBuf,
     /// Where the probes and the report go (replaced when it holds an earlier demo).
-    #[arg(short, long, default_value = "resbisect-demo")]
+    #[arg(short, long, default_value = "resbisect-demo", value_parser = paths::dir_to_write())]
     pub output: PathBuf,
 }
 
@@ -197,7 +202,7 @@ pub struct SelftestArgs {
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Seed of the random inputs every check runs on.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = whole_number::<u64>(0))]
     pub seed: u64,
     /// Also attention over 8192 positions.
     #[arg(long)]
@@ -212,20 +217,20 @@ pub struct SelftestArgs {
     #[arg(long, default_value = "tinyllama-1.1b")]
     pub preset: String,
     /// Cached positions at decode and rows at prefill for --perf.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = whole_number::<usize>(0))]
     pub ctx: usize,
 }
 
 #[derive(Args)]
 pub struct CutArgs {
     /// The model to cut: a GGUF file.
-    #[arg(long)]
+    #[arg(long, value_parser = paths::model_to_read())]
     pub model: PathBuf,
     /// Layers to keep (the first N).
-    #[arg(long)]
+    #[arg(long, value_parser = whole_number::<usize>(0))]
     pub layers: usize,
     /// The GGUF file to write.
-    #[arg(short, long)]
+    #[arg(short, long, value_parser = paths::file_to_write())]
     pub output: PathBuf,
 }
 
@@ -240,20 +245,20 @@ pub struct SynthArgs {
     #[arg(long, default_value = "q8_0")]
     pub quant: String,
     /// Seed of the random weights (the same seed writes the same file).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = whole_number::<u64>(0))]
     pub seed: u64,
     /// Tokenizer section: gpt2 (byte-level BPE) or llama (SentencePiece); default per preset.
     #[arg(long)]
     pub tokenizer: Option<String>,
     /// The GGUF file to write.
-    #[arg(short, long)]
+    #[arg(short, long, value_parser = paths::file_to_write())]
     pub output: PathBuf,
 }
 
 #[derive(Args)]
 pub struct CompareArgs {
     /// Tolerance file (from `resbisect calibrate`).
-    #[arg(long)]
+    #[arg(long, value_parser = paths::file_to_read())]
     pub tolerances: Option<PathBuf>,
     /// Compare dumps from different model files.
     #[arg(long)]
@@ -287,18 +292,20 @@ pub enum ReportKind {
     /// Diff A against B and write report.json, report.md, report.html.
     Diff {
         /// Dump of the engine under test.
+        #[arg(value_parser = paths::dump_to_read())]
         a: PathBuf,
         /// Dump of the reference (the oracle).
+        #[arg(value_parser = paths::dump_to_read())]
         b: PathBuf,
         #[command(flatten)]
         compare: CompareArgs,
         /// Compare prompt A_ID of A with prompt B_ID of B. Repeatable.
         #[arg(long, value_name = "A_ID=B_ID")]
         pair: Vec<String>,
-        #[arg(short, long)]
+        #[arg(short, long, value_parser = paths::dir_to_write())]
         output: PathBuf,
         /// Append this run's verdicts to a nightly history (JSONL).
-        #[arg(long)]
+        #[arg(long, value_parser = paths::file_to_write())]
         history: Option<PathBuf>,
         /// Name of the run in the history, unique in it (default: the date and time).
         #[arg(long, requires = "history", value_parser = run_name)]
@@ -306,8 +313,9 @@ pub enum ReportKind {
     },
     /// Turn a nightly history into trend.md and trend.html.
     Trend {
+        #[arg(value_parser = paths::file_to_read())]
         history: PathBuf,
-        #[arg(short, long)]
+        #[arg(short, long, value_parser = paths::dir_to_write())]
         output: PathBuf,
     },
 }
@@ -362,7 +370,7 @@ pub struct PromptArgs {
     #[arg(long, group = "input")]
     pub tokens: Option<String>,
     /// A JSONL prompt suite.
-    #[arg(long, group = "input")]
+    #[arg(long, group = "input", value_parser = paths::file_to_read())]
     pub prompts: Option<PathBuf>,
     /// Prompt id: names --prompt/--tokens, or picks one prompt of --prompts.
     #[arg(long)]
@@ -372,7 +380,7 @@ pub struct PromptArgs {
 #[derive(Args)]
 pub struct BisectArgs {
     /// The model both engines run: a GGUF file.
-    #[arg(long)]
+    #[arg(long, value_parser = paths::model_to_read())]
     pub model: PathBuf,
     #[command(flatten)]
     pub input: PromptArgs,
@@ -441,11 +449,11 @@ pub struct BisectArgs {
     #[command(flatten)]
     pub compare: CompareArgs,
     /// Probe logits at every position only while one engine's logits stay under this.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = whole_number::<u64>(0))]
     pub logits_budget_mib: u64,
     /// Directory for the probe dumps, kept (must be absent or empty; default: a new
     /// temporary one whose probe dumps are removed at the end unless --keep).
-    #[arg(long)]
+    #[arg(long, value_parser = paths::dir_to_write())]
     pub work: Option<PathBuf>,
     /// Keep the probe dumps of the temporary work directory (the default removes them and
     /// keeps only the small inputs the printed reproduce commands read).
@@ -457,13 +465,13 @@ pub struct BisectArgs {
     pub sequential: bool,
     /// Positions before the suspect layer's first divergent one at which all its taps are
     /// probed (more catches taps that leave B's long before the residual stream does).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = whole_number::<usize>(0))]
     pub tap_window: usize,
     /// Skip local replay: end at the first divergent tap and position.
     #[arg(long)]
     pub no_replay: bool,
     /// Write bisect.{json,md,html} and report.{json,md,html} here.
-    #[arg(long)]
+    #[arg(long, value_parser = paths::dir_to_write())]
     pub report: Option<PathBuf>,
     /// Print the bisect report as JSON instead of the summary.
     #[arg(long)]
@@ -475,7 +483,7 @@ pub struct DumpArgs {
     #[arg(long, value_enum, default_value = "reference")]
     pub engine: DumpEngine,
     /// The model: a GGUF file.
-    #[arg(long)]
+    #[arg(long, value_parser = paths::model_to_read())]
     pub model: PathBuf,
     #[command(flatten)]
     pub input: PromptArgs,
@@ -505,21 +513,22 @@ pub struct DumpArgs {
     /// Runtime: prompt tokens per prefill step (default: the whole prompt at once).
     #[arg(long, value_parser = at_least_one())]
     pub prefill_chunk: Option<usize>,
-    /// Runtime: greedy tokens to generate (and process) after the prompt.
-    #[arg(long, default_value_t = 0)]
+    /// Runtime: greedy tokens to generate (and process) after the prompt, all of them even
+    /// past end-of-sequence, so that two engines' dumps cover the same positions.
+    #[arg(long, default_value_t = 0, value_parser = whole_number::<usize>(0))]
     pub max_tokens: usize,
     /// Runtime: synchronize after every op so a device error names the op.
     #[arg(long)]
     pub sync_check: bool,
     /// Runtime: untimed runs of each prompt first, without taps (benchmarks).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = whole_number::<usize>(0))]
     pub warmup: usize,
     /// Runtime: quantized weights native (kept in GGUF blocks, read by fused kernels) or dequant
     /// (dequantized to the storage dtype at load); bisect one against the other to tell a
     /// quantized-kernel bug from the rest.
     #[arg(long, default_value = "native")]
     pub weights: String,
-    #[arg(short, long)]
+    #[arg(short, long, value_parser = paths::dir_to_write())]
     pub output: PathBuf,
     /// Replace an existing dump at the output path.
     #[arg(long)]
@@ -545,8 +554,28 @@ pub struct DumpArgs {
 
 /// A count that must be at least 1 (a chunk of 0 rows computes nothing): refused by the
 /// parser, which names the flag.
-fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
-    clap::builder::RangedU64ValueParser::new().range(1..)
+fn at_least_one() -> impl TypedValueParser<Value = usize> {
+    whole_number(1)
+}
+
+/// A count or a seed: a whole number of at least `min`, refused in words (`-1`: "must be
+/// 0 or more", not the integer parser's "invalid digit").
+fn whole_number<T>(min: u64) -> impl TypedValueParser<Value = T>
+where
+    T: TryFrom<u64> + Clone + Send + Sync + 'static,
+{
+    clap::builder::StringValueParser::new().try_map(move |s: String| {
+        let least = || format!("must be {min} or more");
+        let n: u64 = match s.parse() {
+            Ok(n) => n,
+            Err(_) if s.starts_with('-') && s[1..].bytes().all(|b| b.is_ascii_digit()) => return Err(least()),
+            Err(_) => return Err("not a whole number".to_string()),
+        };
+        if n < min {
+            return Err(least());
+        }
+        T::try_from(n).map_err(|_| "too large for this machine".to_string())
+    })
 }
 
 /// `--engine-timeout`: a duration with its unit, above zero (a zero limit would kill every

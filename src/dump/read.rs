@@ -47,8 +47,14 @@ pub struct Dump {
 impl Dump {
     pub fn open(root: &Path) -> Result<Self> {
         let path = root.join(MANIFEST);
-        let meta =
-            fs::symlink_metadata(&path).map_err(|e| Error::input(format!("{}: not a dump ({e})", root.display())))?;
+        let meta = fs::symlink_metadata(&path).map_err(|_| {
+            let why = match fs::metadata(root) {
+                Ok(m) if m.is_dir() => format!("no {MANIFEST} in it"),
+                Ok(_) => "a file, not a dump directory".to_string(),
+                Err(_) => "no such directory".to_string(),
+            };
+            Error::input(format!("{}: not a dump ({why})", root.display()))
+        })?;
         // A FIFO would block the read forever; a link may lead out of the dump, as under data/.
         if !meta.is_file() {
             return Err(Error::input(format!(

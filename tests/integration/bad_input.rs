@@ -598,7 +598,23 @@ fn counts_parser_errors_and_special_files_are_one_line() {
     };
     assert_refused(&runtime_dump(&["--max-tokens", &huge]), "--max-tokens");
     assert_refused(&runtime_dump(&["--warmup", &huge]), "--warmup");
-    assert_refused(&runtime_dump(&["--prefill-chunk", "0"]), "--prefill-chunk");
+    assert_refused(
+        &runtime_dump(&["--prefill-chunk", "0"]),
+        "--prefill-chunk <PREFILL_CHUNK>': must be 1 or more",
+    );
+    assert_refused(
+        &runtime_dump(&["--max-tokens", "-1"]),
+        "--max-tokens <MAX_TOKENS>': must be 0 or more",
+    );
+    assert_refused(
+        &runtime_dump(&["--warmup", "1.5"]),
+        "--warmup <WARMUP>': not a whole number",
+    );
+    // An enum option's values are on the one line.
+    assert_refused(
+        &runtime_dump(&["--backend", "gpu"]),
+        "'--backend <BACKEND>' (possible values: cpu, cuda, hip)",
+    );
     assert_refused(
         &resbisect(&["run", "--model", m, "--tokens", "1,2", "--max-tokens", &huge]),
         "--max-tokens",
@@ -663,4 +679,54 @@ fn counts_parser_errors_and_special_files_are_one_line() {
     };
     assert_refused(&reference_dump("../escape", out), "bad prompt id");
     assert_refused(&reference_dump("p", path_str(&dump)), "output directory exists");
+}
+
+/// A path of the wrong kind (a directory where a file is read or written, a file where a
+/// directory is, a file inside a file) is refused in one line naming its option, before
+/// any work; a directory that is not a dump says what it lacks.
+#[test]
+fn path_options_of_the_wrong_kind_name_the_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), "f32", 2);
+    let m = path_str(&model);
+    let a_dir = dir.path().join("adir");
+    std::fs::create_dir(&a_dir).unwrap();
+    let d = path_str(&a_dir);
+    let file = dir.path().join("afile");
+    std::fs::write(&file, "").unwrap();
+    let f = path_str(&file);
+    let inside = file.join("x");
+    let inside = path_str(&inside);
+    let dump = dir.path().join("dump");
+    let o = resbisect(&["dump", "--model", m, "--tokens", "1,2,3", "-o", path_str(&dump)]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let dp = path_str(&dump);
+    let tokens = ["--tokens", "1,2,3"];
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["dump", "--model", d, "-o", inside], "--model"),
+        (vec!["dump", "--model", m, "--prompts", d, "-o", inside], "--prompts"),
+        (vec!["dump", "--model", m, "--tokens", "1", "-o", f], "--output"),
+        (
+            vec!["dump", "--model", m, "--tokens", "1", "-o", inside],
+            "afile is a file, not a directory",
+        ),
+        (vec!["diff", dp, dp, "--tolerances", d], "--tolerances"),
+        (vec!["diff", dp, dp, "--report", f], "--report"),
+        (vec!["diff", dp, f], "<B>"),
+        (vec!["calibrate", dp, dp, "-o", d], "--output"),
+        (vec!["model-info", m, "-o", d], "--out"),
+        (vec!["report", "trend", d, "-o", inside], "<HISTORY>"),
+        (
+            vec!["bisect", "--model", m, tokens[0], tokens[1], "--work", f],
+            "--work",
+        ),
+        (vec!["cut", "--model", m, "--layers", "1", "-o", d], "--output"),
+    ];
+    for (args, needle) in cases {
+        let out = resbisect(&args);
+        assert_refused(&out, needle);
+    }
+    assert!(!dir.path().join("afile").is_dir());
+    // A directory without a manifest is not a dump, and says why.
+    assert_refused(&resbisect(&["diff", d, dp]), "not a dump (no manifest.json in it)");
 }

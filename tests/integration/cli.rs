@@ -59,7 +59,7 @@ fn bad_model_paths_and_unreachable_faults_are_refused() {
     let model = tiny_model(dir.path(), "f32", 5);
     assert_refused(
         &resbisect(&["dump", "--model", path_str(dir.path()), "--tokens", "1,2", "-o", "x"]),
-        "is a directory; expected a GGUF model file",
+        "'--model <MODEL>': a directory; expected a GGUF model file",
     );
     assert_refused(&resbisect(&["inspect", path_str(dir.path())]), "not a dump");
     let out = dir.path().join("d");

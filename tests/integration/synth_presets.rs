@@ -135,3 +135,21 @@ fn gemma3_preset_has_a_window_and_a_key_length_unlike_its_width() {
         [true, true, true, true, true, false]
     );
 }
+
+/// README's command table names every preset `synth` accepts, in the table's order.
+#[test]
+fn readme_lists_every_synth_preset() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let line = readme
+        .lines()
+        .find(|l| l.contains("resbisect synth --preset "))
+        .expect("README's command table has a synth line");
+    let listed: Vec<&str> = line
+        .split("--preset ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .expect("presets after --preset")
+        .split("\\|")
+        .collect();
+    assert_eq!(listed, resbisect::synth::PRESET_NAMES);
+}

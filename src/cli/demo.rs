@@ -33,6 +33,10 @@ const GEMMA: &str = "fixtures/models/gemma-3-270m-q4_k_m.gguf";
 /// `--model smollm2` (or a path: a SmolLM2-shaped model for the same fault) or `gemma`.
 fn scenario(model: &str, prompts: &Path) -> Result<Scenario> {
     if model != "gemma" {
+        // Read now, so that a bad suite is refused before the demo's banner.
+        if !read_suite(prompts)?.iter().any(|(id, _, _)| id == "long_1652") {
+            return Err(Error::input(format!("{}: no prompt \"long_1652\"", prompts.display())));
+        }
         let fault = "blk.11.rope:shift=3@827";
         return Ok(Scenario {
             model: if model == "smollm2" {

@@ -729,4 +729,12 @@ fn path_options_of_the_wrong_kind_name_the_option() {
     assert!(!dir.path().join("afile").is_dir());
     // A directory without a manifest is not a dump, and says why.
     assert_refused(&resbisect(&["diff", d, dp]), "not a dump (no manifest.json in it)");
+    // The demo refuses a bad suite before its banner, so the error is the one line.
+    let suite = dir.path().join("suite.jsonl");
+    std::fs::write(&suite, "{\"id\": \"x\"}\n").unwrap();
+    let demo_out = dir.path().join("demo");
+    assert_refused(
+        &resbisect(&["demo", "--prompts", path_str(&suite), "-o", path_str(&demo_out)]),
+        "a prompt needs text or tokens",
+    );
 }

@@ -387,28 +387,36 @@ extern "C" __global__ void rb_rope_append(store_t* q, store_t* k, const store_t*
     }
 }
 
-// Index of the largest value of one row (the first on ties), returned to every thread.
+// Index of the largest value of one row (the first on ties; 0 when no value beats -inf,
+// NaN never does), returned to every thread. Each thread keeps the first maximum of its
+// strided values, then warps and the block's warps reduce by shuffles: on the decode
+// step's critical path, so no tree of barriers over shared memory.
+__device__ __forceinline__ void rb_argmax_pick(float& bv, int& bi, float v, int i) {
+    if (v > bv || (v == bv && i < bi)) bv = v, bi = i;
+}
 __device__ unsigned int rb_argmax_row(const store_t* x, int width) {
-    __shared__ float best_v[1024];
-    __shared__ int best_i[1024];
+    __shared__ float warp_v[32];
+    __shared__ int warp_i[32];
+    __shared__ int best;
     float bv = RB_NEG_INF;
     int bi = 0x7fffffff;
+    #pragma unroll 8
     for (int c = threadIdx.x; c < width; c += blockDim.x) {
-        float v = LD(x[c]);
+        const float v = LD(x[c]);
         if (v > bv) bv = v, bi = c;
     }
-    best_v[threadIdx.x] = bv;
-    best_i[threadIdx.x] = bi;
+    for (int o = RB_WARP / 2; o > 0; o /= 2) rb_argmax_pick(bv, bi, RB_SHFL_XOR(bv, o), RB_SHFL_XOR(bi, o));
+    const int warp = threadIdx.x / RB_WARP, lane = threadIdx.x % RB_WARP, warps = blockDim.x / RB_WARP;
+    if (lane == 0) warp_v[warp] = bv, warp_i[warp] = bi;
     __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s /= 2) {
-        if (threadIdx.x < s) {
-            float v = best_v[threadIdx.x + s];
-            int i = best_i[threadIdx.x + s];
-            if (v > best_v[threadIdx.x] || (v == best_v[threadIdx.x] && i < best_i[threadIdx.x])) best_v[threadIdx.x] = v, best_i[threadIdx.x] = i;
-        }
-        __syncthreads();
+    if (warp == 0) {
+        bv = lane < warps ? warp_v[lane] : RB_NEG_INF;
+        bi = lane < warps ? warp_i[lane] : 0x7fffffff;
+        for (int o = RB_WARP / 2; o > 0; o /= 2) rb_argmax_pick(bv, bi, RB_SHFL_XOR(bv, o), RB_SHFL_XOR(bi, o));
+        if (lane == 0) best = bi;
     }
-    return best_i[0] == 0x7fffffff ? 0u : (unsigned int)best_i[0];
+    __syncthreads();
+    return best == 0x7fffffff ? 0u : (unsigned int)best;
 }
 
 extern "C" __global__ void rb_argmax(const store_t* x, int width, unsigned int* out) {

@@ -197,12 +197,18 @@ impl<B: Backend> Checker<'_, B> {
     }
 
     pub(super) fn argmax(&mut self, width: usize) -> Result<()> {
-        let x = self.random(3 * width, 10.0);
+        let mut x = self.random(3 * width, 10.0);
+        // Row 1 holds its maximum three times: the first of them is the argmax.
+        for i in [width - 1, width / 2, width / 3 + 1] {
+            x[width + i] = 20.0;
+        }
         let (g, c) = (self.gpu.upload(&x)?, self.cpu.upload(&x)?);
-        let want = self.cpu.argmax(&c, 2, width)?;
-        let t0 = std::time::Instant::now();
-        let got = self.gpu.argmax(&g, 2, width)?;
-        self.same_token("argmax", format!("row 2 of [3x{width}]"), got, want, t0);
+        for row in [1, 2] {
+            let want = self.cpu.argmax(&c, row, width)?;
+            let t0 = std::time::Instant::now();
+            let got = self.gpu.argmax(&g, row, width)?;
+            self.same_token("argmax", format!("row {row} of [3x{width}]"), got, want, t0);
+        }
 
         // The same argmax into the step record, with the next step's position and slot:
         // the queued token, then the record as a decode step reads it (the token's row of

@@ -224,20 +224,41 @@ pub(super) fn second_fault_note(noise: &[NoiseLevel], first_layer: usize) -> Opt
 }
 
 /// A note when the first divergence is under its tap's own tolerance (rows were judged
-/// against the noise floor because the error stays over it to the last layer): an error
-/// of that size is as often reduced-precision arithmetic that engine A uses on purpose as
-/// a logic bug, and the note says how to judge by tolerance instead.
+/// against the noise floor because the error stays over it to the last layer). When later
+/// rows of the tap exceed the tolerance, the error grows along the prompt, as a logic
+/// bug's does (a wrong RoPE base grows with the distance between positions), and the
+/// note says so with the largest row: the first row alone would understate it. When none
+/// does, an error of that size is as often reduced-precision arithmetic that engine A
+/// uses on purpose as a logic bug, and the note says how to judge by tolerance instead.
 pub(super) fn under_tolerance_note(r: &DiffReport, first: &FirstDivergence) -> Option<String> {
     let tap = r.prompts.iter().flat_map(|p| &p.taps).find(|t| t.tap == first.tap)?;
     let tolerance = tap.tap_tolerance.rel_l2;
-    (first.metrics.rel_l2 < tolerance).then(|| {
-        format!(
-            "{}@{} is off by rel_l2 {:.2e}, under its tolerance {:.2e}: it was found against the noise floor, \
-             over which the error stays to the last layer. An error this small comes as often from reduced-precision \
-             arithmetic (TF32, bf16 or f16 rounding, another exp, GELU or softmax approximation) as from a logic bug; \
-             if engine A computes so on purpose, --judge tolerance (or tolerances from resbisect calibrate) judges it \
-             by tolerance",
-            first.tap, first.position, first.metrics.rel_l2, tolerance
-        )
+    if first.metrics.rel_l2 >= tolerance {
+        return None;
+    }
+    let head = format!(
+        "{}@{} is off by rel_l2 {:.2e}, under its tolerance {:.2e}",
+        first.tap, first.position, first.metrics.rel_l2, tolerance
+    );
+    let over = tap.rows.iter().filter(|row| row.rel_l2_or_inf() >= tolerance).count();
+    let worst = tap
+        .rows
+        .iter()
+        .zip(&tap.positions)
+        .max_by(|a, b| a.0.rel_l2_or_inf().total_cmp(&b.0.rel_l2_or_inf()));
+    Some(match worst {
+        Some((row, position)) if over > 0 => format!(
+            "{head}, but {over} of the tap's {} rows compared exceed it (largest rel_l2 {:.2e}, at position \
+             {position}): the error grows along the prompt, as a logic bug's does (a wrong RoPE base or scale \
+             grows with the distance between positions), not as reduced precision's",
+            tap.rows.len(),
+            row.rel_l2_or_inf(),
+        ),
+        _ => format!(
+            "{head}: it was found against the noise floor, over which the error stays to the last layer. An \
+             error this small comes as often from reduced-precision arithmetic (TF32, bf16 or f16 rounding, \
+             another exp, GELU or softmax approximation) as from a logic bug; if engine A computes so on purpose, \
+             --judge tolerance (or tolerances from resbisect calibrate) judges it by tolerance"
+        ),
     })
 }

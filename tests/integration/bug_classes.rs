@@ -162,6 +162,21 @@ fn reference_with_fault(fault: &str, id: &str, judge: &str, work: &Path) -> (i32
 }
 
 #[test]
+fn an_error_under_tolerance_at_its_first_row_that_grows_past_it_is_not_called_precision() {
+    // Every RoPE frequency 0.1% too high: q is off by 1.8e-4 at position 1 (under the
+    // f32 tolerance 1e-3) and by up to 6.6e-3 at position 30 (measured). The note must
+    // not offer reduced precision as the likely cause, and names the largest row.
+    let dir = tempfile::tempdir().unwrap();
+    let (code, r) = reference_with_fault("rope:scale=1.001@0", "p6_len_128", "auto", &dir.path().join("w"));
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(first(&r), ("blk.0.q", 1));
+    let notes = r["notes"].to_string();
+    assert!(notes.contains("blk.0.q@1 is off by rel_l2"), "{notes}");
+    assert!(notes.contains("rows compared exceed it (largest rel_l2"), "{notes}");
+    assert!(!notes.contains("reduced-precision arithmetic"), "{notes}");
+}
+
+#[test]
 fn a_systematic_error_under_every_tolerance_is_a_finding() {
     // Layer 5's attention RMSNorm scaled by 1.0004: 4e-4 where it starts and at most
     // 7.3e-4 anywhere (the logits; measured), under every f32 tolerance (1e-3), yet the

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use super::bisect_plots::{bisect_plots, replay_svg};
-use super::{html_escape, md_code, md_text, sci, write_all, STYLE};
+use super::{html_escape, md_code, md_text, sci, shift_text, write_all, STYLE};
 use crate::bisect::{BisectReport, Outcome};
 use crate::diff::Judgement;
 use crate::error::{Error, Result};
@@ -94,11 +94,7 @@ fn first_summary(s: &mut String, r: &BisectReport) {
                 sci(f.tolerance.rel_l2)
             );
             if let Some(k) = f.shift {
-                let _ = writeln!(
-                    s,
-                    "  A's rows equal B's shifted by {k:+} positions (A at p holds B's p{:+})",
-                    -k
-                );
+                let _ = writeln!(s, "  {}", shift_text(k));
             }
         }
         None if r.crash.is_none() && r.token_mismatch.is_none() => {
@@ -256,6 +252,9 @@ pub fn bisect_markdown(r: &BisectReport) -> String {
             sci(f.metrics.rel_l2),
             sci(f.metrics.max_abs)
         );
+        if let Some(k) = f.shift {
+            let _ = writeln!(s, "- {}", md_text(&shift_text(k)));
+        }
     }
     let _ = writeln!(s, "- {}", md_text(&noise_line(r)));
     if !r.replay.is_empty() {
@@ -362,9 +361,13 @@ fn verdict_html(s: &mut String, r: &BisectReport) {
         Some(f) => {
             let _ = write!(
                 s,
-                "<div class=\"callout bad\"><b>First divergence: {} at position {}</b> (token {})<br>rel L2 {} · max |A−B| {} · cosine {:.6} · {} rel L2 {}</div>",
+                "<div class=\"callout bad\"><b>First divergence: {} at position {}</b> (token {})<br>rel L2 {} · max |A−B| {} · cosine {:.6} · {} rel L2 {}",
                 html_escape(&f.tap), f.position, f.token, sci(f.metrics.rel_l2), sci(f.metrics.max_abs), f.metrics.cosine, judged_name(r.judged), sci(f.tolerance.rel_l2)
             );
+            if let Some(k) = f.shift {
+                let _ = write!(s, "<br>{}", html_escape(&shift_text(k)));
+            }
+            s.push_str("</div>");
         }
         None if r.crash.is_none() => s.push_str("<div class=\"callout good\"><b>No divergence</b></div>"),
         None => {}

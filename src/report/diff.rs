@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use super::{abbreviate, html, md_code, md_text, sci, worst_tap};
+use super::{abbreviate, html, md_code, md_text, sci, shift_text, worst_tap};
 use crate::diff::{DiffReport, FirstDivergence, Judgement, PromptDiff};
 use crate::error::{Error, Result};
 
@@ -113,11 +113,7 @@ fn first_divergence_summary(s: &mut String, p: &PromptDiff, f: &FirstDivergence)
         );
     }
     if let Some(k) = f.shift {
-        let _ = writeln!(
-            s,
-            "  A's rows equal B's shifted by {k:+} positions (A at p holds B's p{:+})",
-            -k
-        );
+        let _ = writeln!(s, "  {}", shift_text(k));
     }
     // What the row was judged against: the tolerance, or the noise-floor threshold.
     let threshold = match p.judged {
@@ -194,6 +190,7 @@ pub fn markdown(r: &DiffReport) -> String {
         let _ = writeln!(s, "- note: {}", md_text(n));
     }
     let _ = writeln!(s, "\n| prompt | tokens | first divergence | position | rel_l2 | max_abs | worst tap |\n|---|---|---|---|---|---|---|");
+    let mut shifts = Vec::new();
     for p in &r.prompts {
         let worst = worst_tap(p)
             .map(|t| format!("{} {}", t.tap, sci(t.max_rel_l2())))
@@ -211,11 +208,17 @@ pub fn markdown(r: &DiffReport) -> String {
                     sci(f.metrics.max_abs),
                     worst
                 );
+                if let Some(k) = f.shift {
+                    shifts.push(format!("- prompt {}: {}", md_text(&p.id), md_text(&shift_text(k))));
+                }
             }
             None => {
                 let _ = writeln!(s, "| {} | {} | none | | | | {} |", md_text(&p.id), p.n_tokens, worst);
             }
         }
+    }
+    if !shifts.is_empty() {
+        let _ = writeln!(s, "\n{}", shifts.join("\n"));
     }
     s
 }

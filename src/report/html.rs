@@ -97,6 +97,9 @@ fn first_divergence_html(s: &mut String, f: &FirstDivergence, judged: crate::dif
         },
         sci(f.tolerance.rel_l2)
     );
+    if let Some(k) = f.shift {
+        let _ = write!(s, "<br>{}", html_escape(&super::shift_text(k)));
+    }
     if !f.heads.is_empty() {
         let heads: Vec<String> = f
             .heads

@@ -44,6 +44,14 @@ pub(crate) fn abbreviate(v: &[String]) -> String {
 }
 
 /// Text for inside a Markdown code span.
+/// What a first divergence's `shift` means: A's rows are B's at other positions.
+fn shift_text(k: i64) -> String {
+    format!(
+        "A's rows equal B's shifted by {k:+} positions (A at p holds B's p{:+})",
+        -k
+    )
+}
+
 fn md_code(s: &str) -> String {
     s.replace('`', "'")
 }

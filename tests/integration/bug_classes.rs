@@ -689,10 +689,16 @@ fn rows_written_one_position_late_are_named_as_a_shift() {
     assert_eq!(out.code, 1, "{}", out.stderr);
     let r: Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(r["prompts"][0]["first"]["shift"], 1, "{}", r["prompts"][0]["first"]);
-    let out = resbisect(&["diff", path_str(&a), path_str(&b)]);
-    assert!(
-        out.stdout.contains("A's rows equal B's shifted by +1 positions"),
-        "{}",
-        out.stdout
-    );
+    let report = dir.path().join("report");
+    let out = resbisect(&["diff", path_str(&a), path_str(&b), "--report", path_str(&report)]);
+    let shift = "A's rows equal B's shifted by +1 positions";
+    assert!(out.stdout.contains(shift), "{}", out.stdout);
+    // The reports say it too, not only the terminal.
+    for file in ["report.md", "report.html"] {
+        let text = std::fs::read_to_string(report.join(file)).unwrap();
+        assert!(
+            text.contains(shift) || text.contains("A&#39;s rows equal B&#39;s shifted by +1"),
+            "{file}"
+        );
+    }
 }

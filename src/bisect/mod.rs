@@ -161,8 +161,14 @@ pub struct BisectReport {
     /// What replayed: `reference f32, profile llamacpp-cpu` (empty without replay).
     pub replay_oracle: String,
     pub probes: Vec<ProbeRecord>,
+    /// Probes, each one dump of each engine's (`⌈log2 L⌉ + 4` at most by design).
     pub runs_a: usize,
     pub runs_b: usize,
+    /// Times each engine ran: a probe streamed in chunks runs an engine that does not
+    /// resume from its KV cache once per chunk (a prefix run anew, its model loaded
+    /// again), one that resumes continues one run.
+    pub engine_runs_a: usize,
+    pub engine_runs_b: usize,
     pub bytes_dumped: u64,
     pub seconds: f64,
     /// Of `seconds`, local replay (loading the replayed layers and running them).
@@ -216,6 +222,8 @@ impl BisectReport {
             probes: Vec::new(),
             runs_a: 0,
             runs_b: 0,
+            engine_runs_a: 0,
+            engine_runs_b: 0,
             bytes_dumped: 0,
             seconds: 0.0,
             seconds_replay: 0.0,

@@ -7,7 +7,7 @@ use std::thread::{Scope, ScopedJoinHandle};
 use std::time::Instant;
 
 use super::labels::label_shift_note;
-use super::probe::{selection, ProbeResult, Rows, Session};
+use super::probe::{selection, ProbeRecord, ProbeResult, Rows, Session};
 use super::readings::{
     bad_layers_line, first_bad_of, first_bad_position, first_of, has_nonfinite, noise_levels, nonfinite_notes,
     second_fault_note, tap_diverged, tolerance_in, under_tolerance_note, unobserved_notes,
@@ -315,6 +315,12 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         let mut report = self.report;
         report.runs_a = self.session.probes.len();
         report.runs_b = self.session.probes.len();
+        let runs = |resumes: bool| -> usize {
+            let per_probe = |p: &ProbeRecord| if resumes { 1 } else { p.chunks };
+            self.session.probes.iter().map(per_probe).sum()
+        };
+        report.engine_runs_a = runs(self.session.a.resumes());
+        report.engine_runs_b = runs(self.session.b.resumes());
         report.bytes_dumped = self.session.probes.iter().map(|p| p.bytes_a + p.bytes_b).sum();
         report.probes = self.session.probes;
         report.reproduce = reproduce;

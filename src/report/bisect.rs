@@ -56,15 +56,7 @@ pub fn bisect_summary(r: &BisectReport) -> String {
         let _ = writeln!(s, "{}", noise_line(r));
     }
     replay_summary(&mut s, r);
-    let _ = writeln!(
-        s,
-        "\n{} run{} of A, {} of B, {} dumped, {:.1} s",
-        r.runs_a,
-        if r.runs_a == 1 { "" } else { "s" },
-        r.runs_b,
-        bytes(r.bytes_dumped),
-        r.seconds
-    );
+    let _ = writeln!(s, "\n{}", cost_line(r));
     if !r.reproduce.is_empty() {
         let _ = writeln!(s, "reproduce:");
         for c in &r.reproduce {
@@ -182,6 +174,25 @@ fn noise_line(r: &BisectReport) -> String {
         judged_name(r.judged),
         levels.join(", ")
     )
+}
+
+/// What the search cost: probes, engine runs where chunks made them more, bytes, time.
+fn cost_line(r: &BisectReport) -> String {
+    let plural = |n: usize| if n == 1 { "" } else { "s" };
+    let runs = if (r.engine_runs_a, r.engine_runs_b) == (r.runs_a, r.runs_b) {
+        format!("{} run{} of A, {} of B", r.runs_a, plural(r.runs_a), r.runs_b)
+    } else {
+        format!(
+            "{} probe{}: A ran {} time{}, B {} (each chunk of a streamed probe runs an engine that does not \
+             resume from its KV cache anew)",
+            r.runs_a,
+            plural(r.runs_a),
+            r.engine_runs_a,
+            plural(r.engine_runs_a),
+            r.engine_runs_b
+        )
+    };
+    format!("{runs}, {} dumped, {:.1} s", bytes(r.bytes_dumped), r.seconds)
 }
 
 fn bytes(n: u64) -> String {
@@ -430,15 +441,7 @@ fn search_table_html(s: &mut String, r: &BisectReport) {
             i + 1, html_escape(&p.purpose), p.tokens, html_escape(&crate::engine::layers_arg(&p.layers)), html_escape(&p.taps.join(", ")), html_escape(&p.positions), p.seconds_a, p.seconds_b, bytes(p.bytes_a + p.bytes_b), html_escape(&p.finding)
         );
     }
-    let _ = write!(
-        s,
-        "</table><p>{} run{} of A, {} of B, {} dumped, {:.1} s.</p>",
-        r.runs_a,
-        if r.runs_a == 1 { "" } else { "s" },
-        r.runs_b,
-        bytes(r.bytes_dumped),
-        r.seconds
-    );
+    let _ = write!(s, "</table><p>{}.</p>", html_escape(&cost_line(r)));
 }
 
 /// Write bisect.{json,md,html} and the last probe's report.{json,md,html} into `dir`.

@@ -821,6 +821,10 @@ fn an_external_engine_streams_the_coarse_probe_as_prefix_prompts() {
         "{coarse}"
     );
     assert!(r["runs_a"].as_u64().unwrap() as f64 <= MAX_RUNS);
+    // Each of those chunks ran the engine anew; the reference B resumed and ran once a probe.
+    let probes = r["runs_a"].as_u64().unwrap();
+    assert_eq!(r["engine_runs_a"].as_u64(), Some(probes + 2), "{r}");
+    assert_eq!(r["engine_runs_b"].as_u64(), Some(probes), "{r}");
 
     // An engine that computes the last row of any prompt apart, wrongly from layer 9 on:
     // the first prefix (128 tokens) shows it at 127, which on the user's prompt is clean.

@@ -92,7 +92,12 @@ impl Session<'_> {
         let mut from = 0;
         for (k, &end) in ends.iter().enumerate() {
             let chunk_from = from;
-            let sel = selection(layers.clone(), taps, &Rows::At((from..end).collect()), end);
+            // An engine that runs each prefix anew runs the whole prompt in its last chunk:
+            // that chunk dumps every row, and stands for the stream (no edge to check, no
+            // rerun of the same prompt).
+            let whole_last = !resumed && end == n;
+            let rows_from = if whole_last { 0 } else { from };
+            let sel = selection(layers.clone(), taps, &Rows::At((rows_from..end).collect()), end);
             let dirs = self.prepare(&dir.join(format!("chunk-{:02}", k + 1)), end)?;
             let (result, chunk) = self.run_probe(purpose, end, &sel, &dirs, chunk_judge)?;
             self.reproduce = self.reproduce_commands(&sel, &dirs);
@@ -117,7 +122,8 @@ impl Session<'_> {
             parts.push(dirs.dir);
             if diverged || end == n {
                 let t0 = Instant::now();
-                let (joined, r) = self.join(purpose, &parts, &dir.join(format!("joined-{:02}", k + 1)))?;
+                let joined_parts = if whole_last { &parts[k..] } else { &parts[..] };
+                let (joined, r) = self.join(purpose, joined_parts, &dir.join(format!("joined-{:02}", k + 1)))?;
                 sum.seconds_diff += t0.elapsed().as_secs_f64();
                 let settled = end == n
                     || self.judge != Judge::Auto
@@ -130,6 +136,23 @@ impl Session<'_> {
                     self.probes.push(sum);
                     self.dirs.push(joined);
                     let first = first_bad_position(&r);
+                    if whole_last {
+                        // Rows the shorter prefixes showed clean diverge in the whole prompt.
+                        let boundary_note = first.filter(|&q| q < chunk_from).map(|q| {
+                            format!(
+                                "on the whole prompt of {n} tokens the first divergence is position {q}, which runs of \
+                                 up to {chunk_from} tokens computed within tolerance: an engine's rows depend on \
+                                 where its prompt ends (not causal; e.g. RoPE scaled by the prompt's length, a last \
+                                 row computed apart, or a kernel or precision chosen by the number of rows), so the \
+                                 search runs the whole prompt"
+                            )
+                        });
+                        return Ok(Streamed {
+                            prefix: end,
+                            result: ProbeResult::Compared(r),
+                            boundary_note,
+                        });
+                    }
                     let at_edge = first.filter(|&p| (p == chunk_from && k > 0) || (p + 1 == end && end < n));
                     let (Some(p), false) = (at_edge, resumed) else {
                         return Ok(Streamed {

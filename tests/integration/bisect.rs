@@ -826,6 +826,28 @@ fn an_external_engine_streams_the_coarse_probe_as_prefix_prompts() {
     assert_eq!(r["engine_runs_a"].as_u64(), Some(probes + 2), "{r}");
     assert_eq!(r["engine_runs_b"].as_u64(), Some(probes), "{r}");
 
+    // A fault from position 512, the first row of the last prefix (the whole prompt of
+    // 600): that chunk dumped every row and stands for the stream, with no second run of
+    // the same prompt.
+    let at_512 = format!("{base} --bug-layer 9 --bug-pos 512 --bug-value 0.5");
+    let (code, r) = bisect_external(&suite, "p600", &at_512, &[], &dir.path().join("work-512"));
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(
+        (&r["first"]["tap"], &r["first"]["position"]),
+        (&"blk.9.attn_norm".into(), &512.into())
+    );
+    let coarse: Vec<&Value> = r["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["purpose"] == "coarse")
+        .collect();
+    assert_eq!(coarse.len(), 1, "{r}");
+    assert_eq!(
+        (coarse[0]["tokens"].as_u64(), coarse[0]["chunks"].as_u64()),
+        (Some(600), Some(4))
+    );
+
     // An engine that computes the last row of any prompt apart, wrongly from layer 9 on:
     // the first prefix (128 tokens) shows it at 127, which on the user's prompt is clean.
     // A first divergence on a run's last row sends the search to the whole prompt, where

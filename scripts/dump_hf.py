@@ -71,6 +71,42 @@ def refuse(message):
     sys.exit(2)
 
 
+def apply_gguf_rope_scaling(hf, model_path):
+    """transformers' GGUF loader reads the RoPE base but none of its frequency scaling, so
+    a Llama 3.x GGUF would run unscaled: apply what the GGUF says, as llama.cpp reads it
+    (each frequency divided by its `rope_freqs.weight` factor; linear scaling divides them
+    all by the factor), and refuse scaling this script does not implement (YaRN)."""
+    import gguf
+    reader = gguf.GGUFReader(model_path)
+    fields = reader.fields
+
+    def field(key):
+        f = fields.get(key)
+        if f is None:
+            return None
+        value = f.parts[f.data[0]]
+        return bytes(value).decode() if value.dtype == np.uint8 else float(value[0])
+
+    arch = field("general.architecture")
+    kind = field(f"{arch}.rope.scaling.type")
+    factors = next((t.data for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if kind in (None, "none") and factors is None:
+        return
+    if kind not in (None, "none", "linear"):
+        refuse(f"{model_path}: {arch}.rope.scaling.type {kind!r} is not implemented here (none, linear, rope_freqs)")
+    rotary = getattr(hf.model, "rotary_emb", None)
+    if rotary is None or not hasattr(rotary, "inv_freq"):
+        refuse(f"{model_path}: RoPE scaling on a model without one rotary embedding ({arch})")
+    inv_freq = rotary.inv_freq.float()
+    if factors is not None:
+        inv_freq = inv_freq / torch.from_numpy(np.asarray(factors, dtype=np.float32))
+    if kind == "linear":
+        inv_freq = inv_freq / field(f"{arch}.rope.scaling.factor")
+    rotary.inv_freq = inv_freq
+    if hasattr(rotary, "original_inv_freq"):
+        rotary.original_inv_freq = inv_freq
+
+
 def selected_layers(spec, n_layer):
     """--layers: `none`, `all`, or a comma list of layer indices below n_layer."""
     if spec == "none":
@@ -149,6 +185,7 @@ def main():
     model_path = pathlib.Path(args.model)
     if model_path.suffix == ".gguf":
         hf = AutoModelForCausalLM.from_pretrained(str(model_path.parent), gguf_file=model_path.name, dtype=dtype)
+        apply_gguf_rope_scaling(hf, model_path)
     else:
         hf = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype)
     hf.eval()

@@ -949,6 +949,61 @@ fn hf_transformers_plugs_in_through_dump_hf_py() {
     assert_eq!(compared, 30 * 11 + 3, "{}", out.stdout);
 }
 
+/// transformers' GGUF loader reads no RoPE scaling: `dump_hf.py` applies a GGUF's
+/// `rope_freqs.weight` (Llama 3.x) and linear scaling itself, so a healthy HF agrees with
+/// the reference on them (unscaled, llama3-tiny was off by 1.4e-3 at `blk.0.attn@1` over
+/// 96 tokens), and refuses YaRN, which it does not implement, rather than run it unscaled.
+#[test]
+fn dump_hf_py_applies_the_ggufs_rope_scaling() {
+    let python = venv_python();
+    let dir = tempfile::tempdir().unwrap();
+    let script = root().join("scripts/dump_hf.py");
+    let tokens: Vec<String> = (0..96).map(|i| (3 + i * 37 % 900).to_string()).collect();
+    let tokens = tokens.join(",");
+    let token_file = dir.path().join("tokens.txt");
+    std::fs::write(&token_file, &tokens).unwrap();
+    for preset in ["llama3-tiny", "linear-tiny", "yarn-tiny"] {
+        let model = dir.path().join(format!("{preset}.gguf"));
+        let out = resbisect(&["synth", "--preset", preset, "--quant", "f32", "-o", path_str(&model)]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let info = dir.path().join(format!("{preset}.json"));
+        let out = resbisect(&["model-info", path_str(&model), "-o", path_str(&info)]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let hf = dir.path().join(format!("{preset}-hf"));
+        let o = std::process::Command::new(&python)
+            .arg(&script)
+            .args(["--model", path_str(&model), "--model-info", path_str(&info)])
+            .args(["--tokens", path_str(&token_file), "--prompt-id", "t", "--layers", "all"])
+            .args(["--taps", "resid_post,logits", "--out", path_str(&hf)])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        if preset == "yarn-tiny" {
+            assert_eq!(o.status.code(), Some(2), "{err}");
+            assert!(
+                err.contains("llama.rope.scaling.type 'yarn' is not implemented here"),
+                "{err}"
+            );
+            continue;
+        }
+        assert_eq!(o.status.code(), Some(0), "{err}");
+        let reference = dir.path().join(format!("{preset}-ref"));
+        let args = ["dump", "--model", path_str(&model), "--tokens", &tokens, "--id", "t"];
+        let more = [
+            "--layers",
+            "all",
+            "--taps",
+            "resid_post,logits",
+            "-o",
+            path_str(&reference),
+        ];
+        let out = resbisect(&args.into_iter().chain(more).collect::<Vec<_>>());
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let out = resbisect(&["diff", path_str(&hf), path_str(&reference)]);
+        assert_eq!(out.code, 0, "{preset}: {}", out.stdout);
+    }
+}
+
 #[test]
 fn bisect_refuses_bad_engine_commands() {
     let dir = tempfile::tempdir().unwrap();

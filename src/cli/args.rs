@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::builder::{EnumValueParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use super::paths;
+use super::values::{self, at_least_one, engine_timeout, run_name, whole_number};
 
 use resbisect::diff::Judge;
 use resbisect::runtime::BackendKind;
@@ -64,7 +64,7 @@ pub enum Command {
 #[derive(Args)]
 pub struct RunArgs {
     /// The model: a GGUF file.
-    #[arg(long, value_parser = paths::model_to_read())]
+    #[arg(long, value_parser = values::model_to_read())]
     pub model: PathBuf,
     /// Prompt text, tokenized with the model's tokenizer.
     #[arg(long, conflicts_with = "tokens")]
@@ -108,17 +108,17 @@ pub struct InspectArgs {
 #[derive(Args)]
 pub struct ModelInfoArgs {
     /// The model (GGUF).
-    #[arg(value_parser = paths::model_to_read())]
+    #[arg(value_parser = values::model_to_read())]
     pub model: PathBuf,
     /// Write the JSON here instead of to stdout.
-    #[arg(short, long, visible_alias = "output", value_parser = paths::file_to_write())]
+    #[arg(short, long, visible_alias = "output", value_parser = values::file_to_write())]
     pub out: Option<PathBuf>,
 }
 
 #[derive(Args)]
 pub struct TokenizeArgs {
     /// The model (GGUF) whose tokenizer to use.
-    #[arg(long, value_parser = paths::model_to_read())]
+    #[arg(long, value_parser = values::model_to_read())]
     pub model: PathBuf,
     /// Print one JSON array instead of comma-separated ids.
     #[arg(long)]
@@ -132,10 +132,10 @@ pub struct TokenizeArgs {
 #[derive(Args)]
 pub struct DiffArgs {
     /// Dump of the engine under test.
-    #[arg(value_parser = paths::dump_to_read())]
+    #[arg(value_parser = values::dump_to_read())]
     pub a: PathBuf,
     /// Dump of the reference (the oracle).
-    #[arg(value_parser = paths::dump_to_read())]
+    #[arg(value_parser = values::dump_to_read())]
     pub b: PathBuf,
     #[command(flatten)]
     pub compare: CompareArgs,
@@ -147,14 +147,14 @@ pub struct DiffArgs {
     #[arg(long)]
     pub json: bool,
     /// Also write report.json, report.md and report.html into this directory.
-    #[arg(long, value_parser = paths::dir_to_write())]
+    #[arg(long, value_parser = values::dir_to_write())]
     pub report: Option<PathBuf>,
 }
 
 #[derive(Args)]
 pub struct CalibrateArgs {
     /// Known-good dump pairs: A (engine) then B (reference), repeated.
-    #[arg(required = true, num_args = 2.., value_name = "DUMP", value_parser = paths::dump_to_read())]
+    #[arg(required = true, num_args = 2.., value_name = "DUMP", value_parser = values::dump_to_read())]
     pub dumps: Vec<PathBuf>,
     /// Each tap's (per layer) tolerance is this quantile of its rows' rel L2 over
     /// positions, times --margin.
@@ -175,7 +175,7 @@ pub struct CalibrateArgs {
     #[arg(long)]
     pub allow_model_mismatch: bool,
     /// The tolerance file to write (JSON; read it back with --tolerances).
-    #[arg(short, long, value_parser = paths::file_to_write())]
+    #[arg(short, long, value_parser = values::file_to_write())]
     pub output: PathBuf,
 }
 
@@ -187,10 +187,10 @@ pub struct DemoArgs {
     pub model: String,
     /// The prompt suite the demo's prompt comes from: `long_1652` (SmolLM2), the text of
     /// `long_826` (gemma).
-    #[arg(long, default_value = "fixtures/prompts/long.jsonl", value_parser = paths::file_to_read())]
+    #[arg(long, default_value = "fixtures/prompts/long.jsonl", value_parser = values::file_to_read())]
     pub prompts: PathBuf,
     /// Where the probes and the report go (replaced when it holds an earlier demo).
-    #[arg(short, long, default_value = "resbisect-demo", value_parser = paths::dir_to_write())]
+    #[arg(short, long, default_value = "resbisect-demo", value_parser = values::dir_to_write())]
     pub output: PathBuf,
 }
 
@@ -224,13 +224,13 @@ pub struct SelftestArgs {
 #[derive(Args)]
 pub struct CutArgs {
     /// The model to cut: a GGUF file.
-    #[arg(long, value_parser = paths::model_to_read())]
+    #[arg(long, value_parser = values::model_to_read())]
     pub model: PathBuf,
     /// Layers to keep (the first N).
     #[arg(long, value_parser = whole_number::<usize>(0))]
     pub layers: usize,
     /// The GGUF file to write.
-    #[arg(short, long, value_parser = paths::file_to_write())]
+    #[arg(short, long, value_parser = values::file_to_write())]
     pub output: PathBuf,
 }
 
@@ -251,14 +251,14 @@ pub struct SynthArgs {
     #[arg(long)]
     pub tokenizer: Option<String>,
     /// The GGUF file to write.
-    #[arg(short, long, value_parser = paths::file_to_write())]
+    #[arg(short, long, value_parser = values::file_to_write())]
     pub output: PathBuf,
 }
 
 #[derive(Args)]
 pub struct CompareArgs {
     /// Tolerance file (from `resbisect calibrate`).
-    #[arg(long, value_parser = paths::file_to_read())]
+    #[arg(long, value_parser = values::file_to_read())]
     pub tolerances: Option<PathBuf>,
     /// Compare dumps from different model files.
     #[arg(long)]
@@ -292,20 +292,20 @@ pub enum ReportKind {
     /// Diff A against B and write report.json, report.md, report.html.
     Diff {
         /// Dump of the engine under test.
-        #[arg(value_parser = paths::dump_to_read())]
+        #[arg(value_parser = values::dump_to_read())]
         a: PathBuf,
         /// Dump of the reference (the oracle).
-        #[arg(value_parser = paths::dump_to_read())]
+        #[arg(value_parser = values::dump_to_read())]
         b: PathBuf,
         #[command(flatten)]
         compare: CompareArgs,
         /// Compare prompt A_ID of A with prompt B_ID of B. Repeatable.
         #[arg(long, value_name = "A_ID=B_ID")]
         pair: Vec<String>,
-        #[arg(short, long, value_parser = paths::dir_to_write())]
+        #[arg(short, long, value_parser = values::dir_to_write())]
         output: PathBuf,
         /// Append this run's verdicts to a nightly history (JSONL).
-        #[arg(long, value_parser = paths::file_to_write())]
+        #[arg(long, value_parser = values::file_to_write())]
         history: Option<PathBuf>,
         /// Name of the run in the history, unique in it (default: the date and time).
         #[arg(long, requires = "history", value_parser = run_name)]
@@ -313,9 +313,9 @@ pub enum ReportKind {
     },
     /// Turn a nightly history into trend.md and trend.html.
     Trend {
-        #[arg(value_parser = paths::file_to_read())]
+        #[arg(value_parser = values::file_to_read())]
         history: PathBuf,
-        #[arg(short, long, value_parser = paths::dir_to_write())]
+        #[arg(short, long, value_parser = values::dir_to_write())]
         output: PathBuf,
     },
 }
@@ -370,7 +370,7 @@ pub struct PromptArgs {
     #[arg(long, group = "input")]
     pub tokens: Option<String>,
     /// A JSONL prompt suite.
-    #[arg(long, group = "input", value_parser = paths::file_to_read())]
+    #[arg(long, group = "input", value_parser = values::file_to_read())]
     pub prompts: Option<PathBuf>,
     /// Prompt id: names --prompt/--tokens, or picks one prompt of --prompts.
     #[arg(long)]
@@ -380,7 +380,7 @@ pub struct PromptArgs {
 #[derive(Args)]
 pub struct BisectArgs {
     /// The model both engines run: a GGUF file.
-    #[arg(long, value_parser = paths::model_to_read())]
+    #[arg(long, value_parser = values::model_to_read())]
     pub model: PathBuf,
     #[command(flatten)]
     pub input: PromptArgs,
@@ -453,7 +453,7 @@ pub struct BisectArgs {
     pub logits_budget_mib: u64,
     /// Directory for the probe dumps, kept (must be absent or empty; default: a new
     /// temporary one whose probe dumps are removed at the end unless --keep).
-    #[arg(long, value_parser = paths::dir_to_write())]
+    #[arg(long, value_parser = values::dir_to_write())]
     pub work: Option<PathBuf>,
     /// Keep the probe dumps of the temporary work directory (the default removes them and
     /// keeps only the small inputs the printed reproduce commands read).
@@ -471,7 +471,7 @@ pub struct BisectArgs {
     #[arg(long)]
     pub no_replay: bool,
     /// Write bisect.{json,md,html} and report.{json,md,html} here.
-    #[arg(long, value_parser = paths::dir_to_write())]
+    #[arg(long, value_parser = values::dir_to_write())]
     pub report: Option<PathBuf>,
     /// Print the bisect report as JSON instead of the summary.
     #[arg(long)]
@@ -483,7 +483,7 @@ pub struct DumpArgs {
     #[arg(long, value_enum, default_value = "reference")]
     pub engine: DumpEngine,
     /// The model: a GGUF file.
-    #[arg(long, value_parser = paths::model_to_read())]
+    #[arg(long, value_parser = values::model_to_read())]
     pub model: PathBuf,
     #[command(flatten)]
     pub input: PromptArgs,
@@ -528,7 +528,7 @@ pub struct DumpArgs {
     /// quantized-kernel bug from the rest.
     #[arg(long, default_value = "native")]
     pub weights: String,
-    #[arg(short, long, value_parser = paths::dir_to_write())]
+    #[arg(short, long, value_parser = values::dir_to_write())]
     pub output: PathBuf,
     /// Replace an existing dump at the output path.
     #[arg(long)]
@@ -550,55 +550,4 @@ pub struct DumpArgs {
     /// of each byte swapped. A POS that no processed row reaches is refused.
     #[arg(long)]
     pub inject: Vec<String>,
-}
-
-/// A count that must be at least 1 (a chunk of 0 rows computes nothing): refused by the
-/// parser, which names the flag.
-fn at_least_one() -> impl TypedValueParser<Value = usize> {
-    whole_number(1)
-}
-
-/// A count or a seed: a whole number of at least `min`, refused in words (`-1`: "must be
-/// 0 or more", not the integer parser's "invalid digit").
-fn whole_number<T>(min: u64) -> impl TypedValueParser<Value = T>
-where
-    T: TryFrom<u64> + Clone + Send + Sync + 'static,
-{
-    clap::builder::StringValueParser::new().try_map(move |s: String| {
-        let least = || format!("must be {min} or more");
-        let n: u64 = match s.parse() {
-            Ok(n) => n,
-            Err(_) if s.starts_with('-') && s[1..].bytes().all(|b| b.is_ascii_digit()) => return Err(least()),
-            Err(_) => return Err("not a whole number".to_string()),
-        };
-        if n < min {
-            return Err(least());
-        }
-        T::try_from(n).map_err(|_| "too large for this machine".to_string())
-    })
-}
-
-/// `--engine-timeout`: a duration with its unit, above zero (a zero limit would kill every
-/// run and read as a crash).
-fn engine_timeout(s: &str) -> Result<std::time::Duration, String> {
-    match humantime::parse_duration(s) {
-        Ok(d) if d.is_zero() => Err("must be above zero (e.g. 90s or 10m)".into()),
-        Ok(d) => Ok(d),
-        Err(e) => Err(format!("{e} (e.g. 90s or 10m)")),
-    }
-}
-
-/// `--run`: a name a trend table shows as one cell: not blank, no control characters, no
-/// spaces around it (names that differ only there would look alike), at most 100 characters.
-fn run_name(s: &str) -> Result<String, String> {
-    if s.trim().is_empty() {
-        return Err("a run needs a name that is not blank".into());
-    }
-    if s.chars().any(char::is_control) || s.trim() != s {
-        return Err("a run name has no control characters and no spaces at either end".into());
-    }
-    if s.chars().count() > 100 {
-        return Err("a run name has at most 100 characters".into());
-    }
-    Ok(s.to_string())
 }

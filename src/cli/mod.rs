@@ -7,6 +7,6 @@ pub mod bisect;
 pub mod commands;
 pub mod demo;
 pub mod inspect;
-pub mod paths;
 pub mod progress;
 pub mod specs;
+pub mod values;

@@ -146,7 +146,9 @@ fn usage_error(e: clap::Error) -> ExitCode {
     }
     // The values an enum option takes, which clap lists on a line of their own.
     if let Some(clap::error::ContextValue::Strings(valid)) = e.get(clap::error::ContextKind::ValidValue) {
-        line = format!("{line} (possible values: {})", valid.join(", "));
+        if !valid.is_empty() {
+            line = format!("{line} (possible values: {})", valid.join(", "));
+        }
     }
     eprintln!("{line}");
     ExitCode::from(2)

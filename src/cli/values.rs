@@ -82,9 +82,18 @@ where
 {
     clap::builder::StringValueParser::new().try_map(move |s: String| {
         let least = || format!("must be {min} or more");
+        let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
         let n: u64 = match s.parse() {
             Ok(n) => n,
-            Err(_) if s.starts_with('-') && s[1..].bytes().all(|b| b.is_ascii_digit()) => return Err(least()),
+            // `-0` is 0, as in the integer parsers of most languages.
+            Err(_)
+                if s.strip_prefix('-')
+                    .is_some_and(|t| digits(t) && t.bytes().all(|b| b == b'0')) =>
+            {
+                0
+            }
+            Err(_) if s.strip_prefix('-').is_some_and(digits) => return Err(least()),
+            Err(_) if digits(&s) => return Err(format!("too large (at most {})", u64::MAX)),
             Err(_) => return Err("not a whole number".to_string()),
         };
         if n < min {

@@ -610,6 +610,18 @@ fn counts_parser_errors_and_special_files_are_one_line() {
         &runtime_dump(&["--warmup", "1.5"]),
         "--warmup <WARMUP>': not a whole number",
     );
+    assert_refused(
+        &runtime_dump(&["--warmup", "99999999999999999999"]),
+        "--warmup <WARMUP>': too large (at most 18446744073709551615)",
+    );
+    assert_refused(
+        &runtime_dump(&["--prefill-chunk", "-0"]),
+        "--prefill-chunk <PREFILL_CHUNK>': must be 1 or more",
+    );
+    // An empty value lists no possible values (a path option has none).
+    let empty = resbisect(&["dump", "--model", "", "--tokens", "1", "-o", out]);
+    assert_refused(&empty, "a value is required for '--model <MODEL>'");
+    assert!(!empty.stderr.contains("possible values"), "{}", empty.stderr);
     // An enum option's values are on the one line.
     assert_refused(
         &runtime_dump(&["--backend", "gpu"]),

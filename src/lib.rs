@@ -10,6 +10,7 @@ pub mod error;
 pub mod gguf;
 pub mod inject;
 pub mod model;
+pub mod output;
 pub mod prompts;
 pub mod quant;
 pub mod report;

@@ -110,7 +110,8 @@ pub struct ModelInfoArgs {
     /// The model (GGUF).
     #[arg(value_parser = values::model_to_read())]
     pub model: PathBuf,
-    /// Write the JSON here instead of to stdout.
+    /// Write the JSON here instead of to stdout. An existing file is replaced only when
+    /// it is a model-info file.
     #[arg(short, long, visible_alias = "output", value_parser = values::file_to_write())]
     pub out: Option<PathBuf>,
 }
@@ -146,7 +147,8 @@ pub struct DiffArgs {
     /// Print the full report as JSON instead of the summary.
     #[arg(long)]
     pub json: bool,
-    /// Also write report.json, report.md and report.html into this directory.
+    /// Also write report.json, report.md and report.html into this directory (created;
+    /// may hold only report files, which it replaces).
     #[arg(long, value_parser = values::dir_to_write())]
     pub report: Option<PathBuf>,
 }
@@ -174,7 +176,8 @@ pub struct CalibrateArgs {
     /// Calibrate on pairs whose dumps come from different model files.
     #[arg(long)]
     pub allow_model_mismatch: bool,
-    /// The tolerance file to write (JSON; read it back with --tolerances).
+    /// The tolerance file to write (JSON; read it back with --tolerances). An existing
+    /// file is replaced only when it is a tolerance file.
     #[arg(short, long, value_parser = values::file_to_write())]
     pub output: PathBuf,
 }
@@ -302,6 +305,8 @@ pub enum ReportKind {
         /// Compare prompt A_ID of A with prompt B_ID of B. Repeatable.
         #[arg(long, value_name = "A_ID=B_ID")]
         pair: Vec<String>,
+        /// Directory for report.json, report.md and report.html (created; may hold only
+        /// report files, which it replaces).
         #[arg(short, long, value_parser = values::dir_to_write())]
         output: PathBuf,
         /// Append this run's verdicts to a nightly history (JSONL).
@@ -313,8 +318,10 @@ pub enum ReportKind {
     },
     /// Turn a nightly history into trend.md and trend.html.
     Trend {
+        /// The nightly history (JSONL) that `report diff --history` appends to.
         #[arg(value_parser = values::file_to_read())]
         history: PathBuf,
+        /// Directory for trend.md and trend.html (created; may hold only report files).
         #[arg(short, long, value_parser = values::dir_to_write())]
         output: PathBuf,
     },
@@ -470,7 +477,8 @@ pub struct BisectArgs {
     /// Skip local replay: end at the first divergent tap and position.
     #[arg(long)]
     pub no_replay: bool,
-    /// Write bisect.{json,md,html} and report.{json,md,html} here.
+    /// Write bisect.{json,md,html} and report.{json,md,html} here (created; may hold
+    /// only report files, which it replaces).
     #[arg(long, value_parser = values::dir_to_write())]
     pub report: Option<PathBuf>,
     /// Print the bisect report as JSON instead of the summary.

@@ -184,9 +184,10 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
 }
 
 /// Create the report directory `dir` (named by `flag`) before any work, so that a path
-/// that cannot be one fails at once, with the option's name, not after the comparison.
+/// that cannot be one, or a directory holding files of the user's, fails at once with
+/// the option's name, not after the comparison.
 pub(super) fn prepare_report_dir(dir: &Path, flag: &str) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::input(format!("{flag} {}: {e}", dir.display())))
+    resbisect::output::prepare_output_dir(dir, flag, &report::REPORT_FILES)
 }
 
 pub fn diff(a: DiffArgs) -> Result<ExitCode> {
@@ -273,6 +274,9 @@ pub fn calibrate(a: CalibrateArgs) -> Result<ExitCode> {
     }
     let inputs: Vec<&Path> = a.dumps.iter().map(|d| d.as_path()).collect();
     refuse_writing_over_inputs(&a.output, "--output", &inputs)?;
+    resbisect::output::check_replaceable_file(&a.output, "--output", "a tolerance file", |p| {
+        resbisect::tolerance::Tolerances::load(p).is_ok()
+    })?;
     if !(a.margin.is_finite() && a.margin >= 1.0) {
         return Err(Error::input(format!("--margin {}: must be a number >= 1", a.margin)));
     }
@@ -353,11 +357,8 @@ pub fn calibrate(a: CalibrateArgs) -> Result<ExitCode> {
         );
     }
     let output = &a.output;
-    std::fs::write(
-        output,
-        serde_json::to_string_pretty(&t).map_err(|e| Error::input(e.to_string()))? + "\n",
-    )
-    .map_err(|e| Error::io(output, e))?;
+    let text = serde_json::to_string_pretty(&t).map_err(|e| Error::input(e.to_string()))? + "\n";
+    resbisect::output::write_file(output, text.as_bytes())?;
     for o in &t.taps {
         println!("{:<22} rel_l2 <= {:.2e}", o.pattern, o.rel_l2);
     }
@@ -425,12 +426,11 @@ pub fn report(kind: ReportKind) -> Result<ExitCode> {
             Ok(verdict(&r))
         }
         ReportKind::Trend { history, output } => {
+            prepare_report_dir(&output, "--output")?;
             let entries = report::read_history(&history)?;
             let (md, html) = report::trend(&entries)?;
-            std::fs::create_dir_all(&output).map_err(|e| Error::io(&output, e))?;
             for (name, text) in [("trend.md", &md), ("trend.html", &html)] {
-                let p = output.join(name);
-                std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
+                resbisect::output::write_file(&output.join(name), text.as_bytes())?;
             }
             print!("{md}");
             Ok(ExitCode::SUCCESS)

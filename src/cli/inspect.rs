@@ -22,11 +22,14 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
 pub fn model_info(a: ModelInfoArgs) -> Result<()> {
     if let Some(out) = &a.out {
         super::commands::refuse_writing_over_inputs(out, "--out", &[&a.model])?;
+        resbisect::output::check_replaceable_file(out, "--out", "a model-info file", |p| {
+            std::fs::read(p).is_ok_and(|b| serde_json::from_slice::<resbisect::dump::ModelInfo>(&b).is_ok())
+        })?;
     }
     let model = Model::open(&a.model)?;
     let text = resbisect::engine::model_info_json(&model)? + "\n";
     match &a.out {
-        Some(path) => std::fs::write(path, text).map_err(|e| resbisect::Error::io(path, e)),
+        Some(path) => resbisect::output::write_file(path, text.as_bytes()),
         None => {
             print!("{text}");
             Ok(())

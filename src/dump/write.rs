@@ -10,12 +10,39 @@ use safetensors::{tensor::TensorView, Dtype};
 
 use super::{validate_prompt_id, Manifest, RunError, Status, TapDType, TapTensor, DATA, MANIFEST};
 use crate::error::{Error, Result};
+use crate::output::write_atomic;
 
-fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    write(&tmp)?;
-    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+/// Refuse to replace the dump at `root` when its `data/` holds anything dump format v1
+/// does not put there (`<prompt>/<stem>.safetensors`, and the temporary files of a killed
+/// writer): replacing the dump removes `data/`, and with it what a user kept there.
+fn refuse_foreign_data(root: &Path) -> Result<()> {
+    let data = root.join(DATA);
+    let Ok(prompts) = fs::read_dir(&data) else {
+        return Ok(());
+    };
+    let foreign = |path: &Path| {
+        Err(Error::input(format!(
+            "{}: not part of a dump, and replacing the dump would delete it; move it, or write the dump elsewhere",
+            path.display()
+        )))
+    };
+    for prompt in prompts {
+        let prompt = prompt.map_err(|e| Error::io(&data, e))?;
+        if !prompt.file_type().is_ok_and(|t| t.is_dir()) {
+            return foreign(&prompt.path());
+        }
+        for file in fs::read_dir(prompt.path()).map_err(|e| Error::io(&prompt.path(), e))? {
+            let file = file.map_err(|e| Error::io(&prompt.path(), e))?;
+            let name = file.file_name();
+            let ours = name
+                .to_str()
+                .is_some_and(|n| n.ends_with(".safetensors") || crate::output::is_temporary(n));
+            if !ours || !file.file_type().is_ok_and(|t| t.is_file()) {
+                return foreign(&file.path());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Writes one dump directory. The manifest is written at creation with status
@@ -28,8 +55,9 @@ pub struct DumpWriter {
 }
 
 impl DumpWriter {
-    /// Create the dump. An existing dump at `root` is replaced only with `overwrite`;
-    /// any other non-empty directory is refused, so nothing unrelated is deleted.
+    /// Create the dump. An existing dump at `root` is replaced only with `overwrite`, and
+    /// only when its `data/` holds nothing a dump does not write; any other non-empty
+    /// directory is refused, so nothing unrelated is deleted.
     pub fn create(root: &Path, manifest: Manifest, overwrite: bool) -> Result<Self> {
         for p in &manifest.prompts {
             validate_prompt_id(&p.id)?;
@@ -63,7 +91,8 @@ impl DumpWriter {
     }
 
     /// Refuse an output `root` that [`DumpWriter::create`] would refuse, before any work:
-    /// an existing dump without `overwrite`, any other non-empty directory. Returns
+    /// an existing dump without `overwrite` or with files of the user's in its `data/`,
+    /// any other non-empty directory. Returns
     /// whether `root` holds a dump that `create` will replace.
     pub fn check_output(root: &Path, overwrite: bool) -> Result<bool> {
         if !root.exists() {
@@ -81,6 +110,9 @@ impl DumpWriter {
                 "{}: output directory exists and is not empty{hint}",
                 root.display()
             )));
+        }
+        if is_dump {
+            refuse_foreign_data(root)?;
         }
         Ok(is_dump)
     }

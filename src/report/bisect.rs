@@ -455,6 +455,14 @@ pub fn write_bisect(r: &BisectReport, dir: &Path) -> Result<()> {
         .filter(|d| r.crash.is_none() || d.engine_failure().is_some())
     {
         write_all(d, dir)?;
+    } else {
+        // An earlier run's report.* beside this bisect would be read as its comparison.
+        for name in ["report.json", "report.md", "report.html"] {
+            match std::fs::remove_file(dir.join(name)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::io(&dir.join(name), e)),
+                _ => {}
+            }
+        }
     }
     let json = serde_json::to_vec_pretty(r).map_err(|e| Error::input(format!("report: {e}")))?;
     for (name, bytes) in [
@@ -462,8 +470,7 @@ pub fn write_bisect(r: &BisectReport, dir: &Path) -> Result<()> {
         ("bisect.md", bisect_markdown(r).into_bytes()),
         ("bisect.html", bisect_html(r)?.into_bytes()),
     ] {
-        let path = dir.join(name);
-        std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
+        crate::output::write_file(&dir.join(name), &bytes)?;
     }
     Ok(())
 }

@@ -232,8 +232,7 @@ pub fn write_all(r: &DiffReport, dir: &Path) -> Result<()> {
         ("report.md", markdown(r).into_bytes()),
         ("report.html", html(r)?.into_bytes()),
     ] {
-        let path = dir.join(name);
-        std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
+        crate::output::write_file(&dir.join(name), &bytes)?;
     }
     Ok(())
 }

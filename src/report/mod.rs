@@ -18,6 +18,20 @@ pub use self::trend::{
 };
 use crate::diff::{PromptDiff, TapDiff};
 
+/// The files of a report directory: a diff's, a bisect's, a trend's. A directory named
+/// for reports may hold these alone ([`crate::output::prepare_output_dir`]); a new report
+/// replaces them.
+pub const REPORT_FILES: [&str; 8] = [
+    "report.json",
+    "report.md",
+    "report.html",
+    "bisect.json",
+    "bisect.md",
+    "bisect.html",
+    "trend.md",
+    "trend.html",
+];
+
 /// A value in the reports' scientific notation (`inf`, `nan` spelled out).
 fn sci(v: f64) -> String {
     if v.is_infinite() {

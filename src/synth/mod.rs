@@ -300,15 +300,12 @@ fn tokenizer_metadata(vocab: &Vocab) -> Vec<(String, V)> {
 pub(crate) fn write_gguf(out: &Path, meta: &[(String, gguf_file::Value)], tensors: &[(String, QTensor)]) -> Result<()> {
     let meta_refs: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    let tmp = out.with_file_name(format!(
-        ".{}.tmp-{}",
-        out.file_name().and_then(|n| n.to_str()).unwrap_or("model"),
-        std::process::id()
-    ));
-    let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let mut w = BufWriter::new(file);
-    gguf_file::write(&mut w, &meta_refs, &tensor_refs)
-        .map_err(|e| Error::input(format!("{}: writing GGUF: {e}", out.display())))?;
-    w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
+    crate::output::write_atomic(out, |tmp| {
+        let file = File::create(tmp).map_err(|e| Error::io(tmp, e))?;
+        let mut w = BufWriter::new(file);
+        gguf_file::write(&mut w, &meta_refs, &tensor_refs)
+            .map_err(|e| Error::input(format!("{}: writing GGUF: {e}", out.display())))?;
+        w.into_inner().map_err(|e| Error::io(tmp, e.into_error()))?;
+        Ok(())
+    })
 }

@@ -750,3 +750,96 @@ fn path_options_of_the_wrong_kind_name_the_option() {
         "a prompt needs text or tokens",
     );
 }
+
+/// An output replaces only what resbisect wrote there before: a tolerance or model-info
+/// file, the report files of a report directory, a dump's own files. Anything else of
+/// the user's at the path (a model, notes, a symlinked file) is refused or left untouched.
+#[test]
+fn outputs_replace_only_what_resbisect_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = |name: &str| dir.path().join(name);
+    let model = tiny_model(dir.path(), "f32", 2);
+    let dump = at("d");
+    let (m, d) = (path_str(&model), path_str(&dump));
+    let o = resbisect(&["dump", "--model", m, "--tokens", "1,2,3", "-o", d]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let mine = at("notes.txt");
+    std::fs::write(&mine, "mine").unwrap();
+    let other_model = at("other.gguf");
+    std::fs::copy(&model, &other_model).unwrap();
+    let model_bytes = std::fs::read(&model).unwrap();
+    // Single files: refused over a file of another kind, replaced over their own kind.
+    let link = at("link.json");
+    std::os::unix::fs::symlink(&mine, &link).unwrap();
+    for target in [&other_model, &mine, &link] {
+        let t = path_str(target);
+        assert_refused(
+            &resbisect(&["calibrate", d, d, "-o", t]),
+            &format!("--output {t}: exists and is not a tolerance file"),
+        );
+        assert_refused(
+            &resbisect(&["model-info", m, "-o", t]),
+            &format!("--out {t}: exists and is not a model-info file"),
+        );
+    }
+    for args in [
+        vec!["calibrate", d, d, "-o", path_str(&at("t.json"))],
+        vec!["model-info", m, "-o", path_str(&at("info.json"))],
+    ] {
+        for _ in 0..2 {
+            let o = resbisect(&args);
+            assert_eq!(o.code, 0, "{:?}: {}", args, o.stderr);
+        }
+    }
+    // A symlink to an earlier output is replaced by the file; what it pointed to stays.
+    let info_link = at("info-link.json");
+    std::os::unix::fs::symlink(at("info.json"), &info_link).unwrap();
+    let info_before = std::fs::read(at("info.json")).unwrap();
+    let o = resbisect(&["model-info", m, "-o", path_str(&info_link)]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(!info_link.symlink_metadata().unwrap().is_symlink());
+    assert_eq!(std::fs::read(at("info.json")).unwrap(), info_before);
+    // Report directories: refused when they hold a file of the user's; their own files
+    // replaced, a symlinked report file replaced without writing through it.
+    let user_dir = at("home");
+    std::fs::create_dir(&user_dir).unwrap();
+    std::fs::copy(&mine, user_dir.join("notes.txt")).unwrap();
+    let u = path_str(&user_dir);
+    let history = at("history.jsonl");
+    let h = path_str(&history);
+    for args in [
+        vec!["diff", d, d, "--report", u],
+        vec!["report", "diff", d, d, "-o", u],
+        vec!["bisect", "--model", m, "--tokens", "1,2,3", "--report", u],
+    ] {
+        assert_refused(&resbisect(&args), &format!("{u}: holds \"notes.txt\", which resbisect does not write"));
+    }
+    let reports = at("reports");
+    let r = path_str(&reports);
+    let o = resbisect(&["report", "diff", d, d, "-o", r, "--history", h]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_refused(&resbisect(&["report", "trend", h, "-o", u]), "which resbisect does not write");
+    std::fs::remove_file(reports.join("report.md")).unwrap();
+    std::os::unix::fs::symlink(&mine, reports.join("report.md")).unwrap();
+    for args in [vec!["diff", d, d, "--report", r], vec!["report", "trend", h, "-o", r]] {
+        let o = resbisect(&args);
+        assert_eq!(o.code, 0, "{:?}: {}", args, o.stderr);
+    }
+    assert!(std::fs::read_to_string(reports.join("report.md")).unwrap().contains('#'));
+    assert!(reports.join("trend.html").is_file());
+    assert_eq!(std::fs::read_dir(&user_dir).unwrap().count(), 1);
+    // A dump is replaced only when its data/ holds nothing a dump does not write.
+    let kept = at("d/data/notes.txt");
+    std::fs::copy(&mine, &kept).unwrap();
+    let replace = ["dump", "--model", m, "--tokens", "1,2", "-o", d, "--overwrite"];
+    assert_refused(&resbisect(&replace), "not part of a dump, and replacing the dump would delete it");
+    std::fs::remove_file(&kept).unwrap();
+    let prompt_dir = std::fs::read_dir(at("d/data")).unwrap().next().unwrap().unwrap().path();
+    std::fs::copy(&mine, prompt_dir.join("notes.txt")).unwrap();
+    assert_refused(&resbisect(&replace), "notes.txt: not part of a dump");
+    std::fs::remove_file(prompt_dir.join("notes.txt")).unwrap();
+    let o = resbisect(&replace);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(std::fs::read_to_string(&mine).unwrap(), "mine");
+    assert_eq!(std::fs::read(&other_model).unwrap(), model_bytes);
+}

@@ -22,6 +22,23 @@ impl Error {
         Error::Engine(msg.into())
     }
 
+    /// Bad input in the file `path` that the option `flag` named, with the option in
+    /// front (`--prompts suite.jsonl:3: …`), so the user knows which argument to fix.
+    /// Engine failures are left as they are.
+    pub fn for_option(self, flag: &str, path: &std::path::Path) -> Self {
+        match self {
+            Error::Input(msg) => {
+                let shown = path.display().to_string();
+                if msg.starts_with(&shown) {
+                    Error::Input(format!("{flag} {msg}"))
+                } else {
+                    Error::Input(format!("{flag} {shown}: {msg}"))
+                }
+            }
+            engine => engine,
+        }
+    }
+
     /// For I/O on paths the user named: always reported with the path, and the common
     /// kinds in words rather than as an OS error number.
     pub fn io(path: &std::path::Path, err: std::io::Error) -> Self {

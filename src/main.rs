@@ -46,7 +46,7 @@ fn main() -> ExitCode {
     let code = match outcome {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", one_line(&e.to_string()));
             ExitCode::from(match e {
                 Error::Input(_) => 2,
                 Error::Engine(_) => 3,
@@ -54,6 +54,20 @@ fn main() -> ExitCode {
         }
     };
     exit_now(code)
+}
+
+/// An error on its one line: a control character in it (a line break or a terminal
+/// escape in a path the user typed) is shown escaped, as Rust writes it in a string.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// The arguments, where a value that reads as a negative number (`--layers -1`) is a value,

@@ -42,7 +42,10 @@ pub fn check_replaceable_file(path: &Path, flag: &str, kind: &str, is_kind: impl
         return Ok(());
     };
     if meta.is_dir() {
-        return Err(Error::input(format!("{flag} {}: a directory, not a file", path.display())));
+        return Err(Error::input(format!(
+            "{flag} {}: a directory, not a file",
+            path.display()
+        )));
     }
     if !is_kind(path) {
         return Err(Error::input(format!(

@@ -16,8 +16,9 @@ struct SuiteLine {
     id: String,
     #[serde(default)]
     text: Option<String>,
+    /// Read wide so that a negative or too-large id is named, not a serde type error.
     #[serde(default)]
-    tokens: Option<Vec<u32>>,
+    tokens: Option<Vec<i64>>,
     /// Free-form notes for people reading the suite; ignored.
     #[serde(default, rename = "note")]
     _note: Option<String>,
@@ -63,7 +64,17 @@ pub fn read_suite(path: &Path) -> Result<Vec<(String, Option<String>, PromptSour
         }
         let source = match (&entry.tokens, &entry.text) {
             (Some(t), _) if t.is_empty() => return Err(Error::input(format!("{}: tokens is empty", at()))),
-            (Some(t), _) => PromptSource::Tokens(t.clone()),
+            (Some(t), _) => {
+                let ids = t.iter().enumerate().map(|(k, &id)| {
+                    u32::try_from(id).map_err(|_| {
+                        Error::input(format!(
+                            "{}: tokens[{k}] is {id}; a token id is 0 or more, below 2^32",
+                            at()
+                        ))
+                    })
+                });
+                PromptSource::Tokens(ids.collect::<Result<_>>()?)
+            }
             (None, Some(s)) => PromptSource::Text(s.clone()),
             (None, None) => return Err(Error::input(format!("{}: a prompt needs text or tokens", at()))),
         };
@@ -131,7 +142,7 @@ impl Input {
                 PromptSource::Tokens(parse_token_list(list, "--tokens")?),
             )],
             Input::Suite { path, only } => {
-                let mut all = read_suite(path)?;
+                let mut all = read_suite(path).map_err(|e| e.for_option("--prompts", path))?;
                 if let Some(want) = only {
                     all.retain(|(i, _, _)| i == want);
                     if all.is_empty() {

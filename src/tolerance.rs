@@ -234,15 +234,29 @@ impl Tolerances {
                 t.version
             )));
         }
-        let bad = |v: f64| !(v.is_finite() && v >= 0.0);
-        if t.defaults.values().any(|d| bad(d.rel_l2) || bad(d.abs))
-            || t.taps.iter().any(|d| bad(d.rel_l2) || bad(d.abs))
-            || t.floors.values().any(|&f| bad(f))
-        {
-            return Err(Error::input(format!(
-                "{}: tolerances must be finite and non-negative",
-                path.display()
-            )));
+        let values = t
+            .defaults
+            .iter()
+            .flat_map(|(k, d)| {
+                [
+                    (format!("defaults.{k}.rel_l2"), d.rel_l2),
+                    (format!("defaults.{k}.abs"), d.abs),
+                ]
+            })
+            .chain(t.taps.iter().flat_map(|o| {
+                [
+                    (format!("taps[{:?}].rel_l2", o.pattern), o.rel_l2),
+                    (format!("taps[{:?}].abs", o.pattern), o.abs),
+                ]
+            }))
+            .chain(t.floors.iter().map(|(k, &f)| (format!("floors.{k}"), f)));
+        for (field, v) in values {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(Error::input(format!(
+                    "{}: {field} is {v}; a tolerance is a finite number >= 0",
+                    path.display()
+                )));
+            }
         }
         let dtypes = ["F64", "F32", "F16", "BF16"];
         if let Some(key) = t

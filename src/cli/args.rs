@@ -127,6 +127,7 @@ pub struct TokenizeArgs {
     /// Decode: the argument is comma-separated ids, the output their text.
     #[arg(long)]
     pub decode: bool,
+    /// The text to tokenize (with --decode: the ids, `1,2,3`).
     pub text: String,
 }
 
@@ -240,18 +241,18 @@ pub struct CutArgs {
 #[derive(Args)]
 pub struct SynthArgs {
     // Help built from the preset table itself, so it lists exactly the names `synth` accepts.
-    #[arg(long, help = format!("The model's architecture and shapes: {}", resbisect::synth::PRESET_NAMES.join(", ")))]
+    #[arg(long, value_parser = values::synth_preset, help = format!("The model's architecture and shapes: {}", resbisect::synth::PRESET_NAMES.join(", ")))]
     pub preset: String,
     // The list `resbisect::synth::parse_quant` accepts (and its error repeats): keep in step.
     /// GGUF type of the weight matrices: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k,
     /// q3_k, q4_k, q5_k or q6_k (any case).
-    #[arg(long, default_value = "q8_0")]
+    #[arg(long, default_value = "q8_0", value_parser = values::synth_quant)]
     pub quant: String,
     /// Seed of the random weights (the same seed writes the same file).
     #[arg(long, default_value_t = 0, value_parser = whole_number::<u64>(0))]
     pub seed: u64,
     /// Tokenizer section: gpt2 (byte-level BPE) or llama (SentencePiece); default per preset.
-    #[arg(long)]
+    #[arg(long, value_parser = values::synth_tokenizer)]
     pub tokenizer: Option<String>,
     /// The GGUF file to write.
     #[arg(short, long, value_parser = values::file_to_write())]

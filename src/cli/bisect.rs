@@ -102,7 +102,7 @@ pub(super) fn run(mut r: BisectRun) -> Result<ExitCode> {
     if let Some(work) = r.work.as_mut() {
         absolute(work);
     }
-    let model = Model::open(&r.model)?;
+    let model = Model::open(&r.model).map_err(|e| e.for_option("--model", &r.model))?;
     let records = r.input.resolve(&model, None)?;
     let [prompt] = <[_; 1]>::try_from(records).map_err(|r| {
         Error::input(format!(
@@ -242,7 +242,7 @@ fn twin_of(b: &EngineSpec) -> Option<(EngineSpec, &'static [&'static str])> {
 /// The search's options; the work directory is checked (absent or empty).
 fn options(r: &BisectRun) -> Result<BisectOptions> {
     let tolerances = match &r.tolerances {
-        Some(p) => Tolerances::load(p)?,
+        Some(p) => Tolerances::load(p).map_err(|e| e.for_option("--tolerances", p))?,
         None => Tolerances::default(),
     };
     let work = match &r.work {

@@ -31,7 +31,7 @@ pub fn dump(a: DumpArgs) -> Result<ExitCode> {
     inputs.extend(a.input.prompts.as_deref());
     refuse_inputs_inside_output(&a.output, "--output", &inputs)?;
     let input = a.input.input()?;
-    let model = Model::open(&a.model)?;
+    let model = Model::open(&a.model).map_err(|e| e.for_option("--model", &a.model))?;
     resbisect::trace::mark(|| "model opened".into());
     check_run_counts(a.max_tokens, a.warmup, model.config.n_ctx)?;
     let selection = selection(&a, model.config.n_layer)?;
@@ -151,7 +151,7 @@ fn check_run_counts(max_tokens: usize, warmup: usize, n_ctx: usize) -> Result<()
 
 pub fn run(a: RunArgs) -> Result<ExitCode> {
     let dtype = named("--dtype", StorageDType::parse(&a.dtype))?;
-    let model = Model::open(&a.model)?;
+    let model = Model::open(&a.model).map_err(|e| e.for_option("--model", &a.model))?;
     check_run_counts(a.max_tokens, a.warmup, model.config.n_ctx)?;
     let tokenizer = Tokenizer::from_gguf(&model.gguf)?;
     let input = match (a.prompt, a.tokens) {
@@ -439,7 +439,7 @@ pub fn report(kind: ReportKind) -> Result<ExitCode> {
 }
 
 pub fn tokenize(a: TokenizeArgs) -> Result<ExitCode> {
-    let gguf = gguf::GgufFile::open(&a.model)?;
+    let gguf = gguf::GgufFile::open(&a.model).map_err(|e| e.for_option("--model", &a.model))?;
     let tokenizer = Tokenizer::from_gguf(&gguf)?;
     if a.decode {
         let ids = prompts::parse_token_list(&a.text, "the token list to decode")?;
@@ -498,7 +498,7 @@ pub fn synth(a: SynthArgs) -> Result<ExitCode> {
 
 pub fn compare(a: &Path, b: &Path, args: &CompareArgs, pairs: &[String]) -> Result<DiffReport> {
     let tolerances = match &args.tolerances {
-        Some(p) => Tolerances::load(p)?,
+        Some(p) => Tolerances::load(p).map_err(|e| e.for_option("--tolerances", p))?,
         None => Tolerances::default(),
     };
     let pairs = pairs

@@ -34,7 +34,11 @@ const GEMMA: &str = "fixtures/models/gemma-3-270m-q4_k_m.gguf";
 fn scenario(model: &str, prompts: &Path) -> Result<Scenario> {
     if model != "gemma" {
         // Read now, so that a bad suite is refused before the demo's banner.
-        if !read_suite(prompts)?.iter().any(|(id, _, _)| id == "long_1652") {
+        if !read_suite(prompts)
+            .map_err(|e| e.for_option("--prompts", prompts))?
+            .iter()
+            .any(|(id, _, _)| id == "long_1652")
+        {
             return Err(Error::input(format!("{}: no prompt \"long_1652\"", prompts.display())));
         }
         let fault = "blk.11.rope:shift=3@827";
@@ -147,6 +151,8 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
             _ => format!("--model {model}: no such file (smollm2, gemma, or the path of a SmolLM2-shaped GGUF)"),
         }));
     }
+    // Opened now, so that a file that is no model is refused before the banner.
+    resbisect::model::Model::open(&s.model).map_err(|e| e.for_option("--model", &s.model))?;
     fresh_output(&output)?;
     eprintln!("demo: the runtime (cpu backend, f32) carries {};", s.story[0]);
     eprintln!("      {}.\n", s.story[1]);

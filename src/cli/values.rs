@@ -127,3 +127,24 @@ pub fn run_name(s: &str) -> Result<String, String> {
     }
     Ok(s.to_string())
 }
+
+/// A `synth --preset` name the preset table holds.
+pub fn synth_preset(s: &str) -> Result<String, String> {
+    resbisect::synth::preset(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// A `synth --quant` GGUF type `synth` writes.
+pub fn synth_quant(s: &str) -> Result<String, String> {
+    resbisect::synth::parse_quant(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// A `synth --tokenizer` kind.
+pub fn synth_tokenizer(s: &str) -> Result<String, String> {
+    resbisect::synth::TokenizerKind::parse(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}

@@ -97,7 +97,7 @@ fn dtype_from_u32(code: u32) -> Option<GgmlDType> {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::input(format!("{}: cannot open: {e}", path.display())))?;
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
         if file.metadata().is_ok_and(|m| m.is_dir()) {
             return Err(Error::input(format!(
                 "{} is a directory; expected a GGUF model file (.gguf)",

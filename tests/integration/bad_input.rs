@@ -246,7 +246,10 @@ fn bad_selections_and_prompts() {
         &dump(&["--prompts", "/nonexistent/suite.jsonl"]),
         "/nonexistent/suite.jsonl",
     );
-    assert_refused(&resbisect(&["inspect", "/nonexistent/model.gguf"]), "cannot open");
+    assert_refused(
+        &resbisect(&["inspect", "/nonexistent/model.gguf"]),
+        "/nonexistent/model.gguf: no such file or directory",
+    );
     assert_refused(&resbisect(&["synth", "--preset", "huge", "-o", o]), "unknown preset");
     assert_refused(
         &resbisect(&["synth", "--preset", "tiny", "--quant", "q9_9", "-o", o]),
@@ -812,27 +815,38 @@ fn outputs_replace_only_what_resbisect_wrote() {
         vec!["report", "diff", d, d, "-o", u],
         vec!["bisect", "--model", m, "--tokens", "1,2,3", "--report", u],
     ] {
-        assert_refused(&resbisect(&args), &format!("{u}: holds \"notes.txt\", which resbisect does not write"));
+        assert_refused(
+            &resbisect(&args),
+            &format!("{u}: holds \"notes.txt\", which resbisect does not write"),
+        );
     }
     let reports = at("reports");
     let r = path_str(&reports);
     let o = resbisect(&["report", "diff", d, d, "-o", r, "--history", h]);
     assert_eq!(o.code, 0, "{}", o.stderr);
-    assert_refused(&resbisect(&["report", "trend", h, "-o", u]), "which resbisect does not write");
+    assert_refused(
+        &resbisect(&["report", "trend", h, "-o", u]),
+        "which resbisect does not write",
+    );
     std::fs::remove_file(reports.join("report.md")).unwrap();
     std::os::unix::fs::symlink(&mine, reports.join("report.md")).unwrap();
     for args in [vec!["diff", d, d, "--report", r], vec!["report", "trend", h, "-o", r]] {
         let o = resbisect(&args);
         assert_eq!(o.code, 0, "{:?}: {}", args, o.stderr);
     }
-    assert!(std::fs::read_to_string(reports.join("report.md")).unwrap().contains('#'));
+    assert!(std::fs::read_to_string(reports.join("report.md"))
+        .unwrap()
+        .contains('#'));
     assert!(reports.join("trend.html").is_file());
     assert_eq!(std::fs::read_dir(&user_dir).unwrap().count(), 1);
     // A dump is replaced only when its data/ holds nothing a dump does not write.
     let kept = at("d/data/notes.txt");
     std::fs::copy(&mine, &kept).unwrap();
     let replace = ["dump", "--model", m, "--tokens", "1,2", "-o", d, "--overwrite"];
-    assert_refused(&resbisect(&replace), "not part of a dump, and replacing the dump would delete it");
+    assert_refused(
+        &resbisect(&replace),
+        "not part of a dump, and replacing the dump would delete it",
+    );
     std::fs::remove_file(&kept).unwrap();
     let prompt_dir = std::fs::read_dir(at("d/data")).unwrap().next().unwrap().unwrap().path();
     std::fs::copy(&mine, prompt_dir.join("notes.txt")).unwrap();
@@ -842,4 +856,75 @@ fn outputs_replace_only_what_resbisect_wrote() {
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_eq!(std::fs::read_to_string(&mine).unwrap(), "mine");
     assert_eq!(std::fs::read(&other_model).unwrap(), model_bytes);
+}
+
+/// A file read for an option that is bad names the option before the file; a field of
+/// it that is bad is named by its place; a path holding a line break or a terminal escape
+/// is shown escaped, so the error stays on one line.
+#[test]
+fn errors_in_files_name_the_option_and_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = |name: &str| dir.path().join(name);
+    let model = tiny_model(dir.path(), "f32", 2);
+    let m = path_str(&model);
+    let junk = at("junk.txt");
+    std::fs::write(&junk, "junk").unwrap();
+    let j = path_str(&junk);
+    let out = at("out");
+    let o = path_str(&out);
+    for args in [
+        vec!["dump", "--model", j, "--tokens", "1", "-o", o],
+        vec!["bisect", "--model", j, "--tokens", "1,2"],
+        vec!["tokenize", "--model", j, "hi"],
+        vec!["run", "--model", j, "--tokens", "1"],
+    ] {
+        assert_refused(&resbisect(&args), "--model ");
+        assert_refused(&resbisect(&args), "junk.txt: not a GGUF file");
+    }
+    let demo = resbisect(&["demo", "--model", j, "--output", o]);
+    assert_refused(&demo, "junk.txt: not a GGUF file");
+    assert_refused(&demo, "--model ");
+    assert!(
+        !demo.stderr.contains("demo:"),
+        "the banner came before the refusal: {}",
+        demo.stderr
+    );
+    let suite = at("suite.jsonl");
+    let s = path_str(&suite);
+    for (line, needle) in [
+        ("{bad", "--prompts "),
+        (
+            r#"{"id": "p", "tokens": [1, -2]}"#,
+            "suite.jsonl:1: tokens[1] is -2; a token id is 0 or more",
+        ),
+        (r#"{"id": "p", "tokens": [1, 4294967296]}"#, "tokens[1] is 4294967296"),
+    ] {
+        std::fs::write(&suite, format!("{line}\n")).unwrap();
+        assert_refused(&resbisect(&["dump", "--model", m, "--prompts", s, "-o", o]), needle);
+    }
+    let dump = at("d");
+    let d = path_str(&dump);
+    assert_eq!(resbisect(&["dump", "--model", m, "--tokens", "1,2", "-o", d]).code, 0);
+    let tolerances = at("t.json");
+    std::fs::write(&tolerances, "{bad").unwrap();
+    let t = path_str(&tolerances);
+    assert_refused(&resbisect(&["diff", d, d, "--tolerances", t]), "--tolerances ");
+    assert_refused(
+        &resbisect(&["bisect", "--model", m, "--tokens", "1,2", "--tolerances", t]),
+        "--tolerances ",
+    );
+    for (flag, value) in [("--preset", "nope"), ("--quant", "q9"), ("--tokenizer", "bpe")] {
+        let args = ["synth", "--preset", "tiny", "-o", o];
+        let mut args: Vec<&str> = args.to_vec();
+        args.retain(|a| *a != "--preset" && *a != "tiny");
+        args.extend([flag, value]);
+        if flag != "--preset" {
+            args.extend(["--preset", "tiny"]);
+        }
+        assert_refused(&resbisect(&args), &format!("invalid value '{value}' for '{flag} "));
+    }
+    // A line break and an escape in a path: one line, shown as Rust escapes them.
+    let o = resbisect(&["diff", "a\nb\x1b[31m", d]);
+    assert_refused(&o, r"a\nb\u{1b}[31m");
+    assert!(!out.exists());
 }

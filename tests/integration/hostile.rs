@@ -502,7 +502,11 @@ fn hostile_tolerance_files_are_refused_by_name() {
         ),
         (
             r#"{"version": 1, "defaults": {}, "taps": [{"pattern": "*", "rel_l2": -1, "abs": 0}]}"#,
-            "finite and non-negative",
+            r#"t.json: taps["*"].rel_l2 is -1; a tolerance is a finite number >= 0"#,
+        ),
+        (
+            r#"{"version": 1, "defaults": {"F16": {"rel_l2": 0, "abs": -0.5}}}"#,
+            "defaults.F16.abs is -0.5",
         ),
         (r#"{"version": 7, "defaults": {}}"#, "version 7"),
         (

@@ -315,6 +315,18 @@ pub fn calibrate(a: CalibrateArgs) -> Result<ExitCode> {
     {
         return Err(Error::engine(short.clone()));
     }
+    // A pair that ran different tokens is not a known-good pair, whatever its rows say.
+    for (i, r) in reports.iter().enumerate() {
+        if let Some((id, m)) = r.prompts.iter().find_map(|p| Some((&p.id, p.token_mismatch.as_ref()?))) {
+            return Err(Error::input(format!(
+                "calibrate: pair {} ({} against {}), prompt {id}: {}; calibrate takes pairs that ran the same tokens",
+                i + 1,
+                r.a.path,
+                r.b.path,
+                m.describe()
+            )));
+        }
+    }
     // A pair whose oracle does not imitate A's numerics calibrates that mismatch too.
     for (i, r) in reports.iter().enumerate() {
         if let Some(note) = diff::profile_note(&r.a.engine, &r.b.engine) {
@@ -327,6 +339,9 @@ pub fn calibrate(a: CalibrateArgs) -> Result<ExitCode> {
         }
     }
     let (t, notes) = diff::calibrate(&reports, &how);
+    if t.taps.is_empty() {
+        return Err(Error::input("calibrate: the pairs share no tap: nothing was compared"));
+    }
     // An error as large as the values is a divergence: tolerances from it would pass anything.
     if let Some((tap, m)) = t
         .taps
@@ -516,7 +531,7 @@ pub fn compare(a: &Path, b: &Path, args: &CompareArgs, pairs: &[String]) -> Resu
         allow_model_mismatch: args.allow_model_mismatch,
         judge: args.judge.judge(),
     };
-    diff::diff_paired(&da, &db, &opts, &pairs).map_err(|e| match e {
+    let r = diff::diff_paired(&da, &db, &opts, &pairs).map_err(|e| match e {
         // A dump its engine never finished may hold a damaged file: the failure is the
         // engine's, whatever else its files say.
         Error::Input(msg) => match [(&da, "A"), (&db, "B")]
@@ -539,7 +554,23 @@ pub fn compare(a: &Path, b: &Path, args: &CompareArgs, pairs: &[String]) -> Resu
             None => Error::Input(msg),
         },
         other => other,
-    })
+    })?;
+    // Different prompts are no finding about either engine, just a wrong pair of dumps.
+    let unrelated = r.prompts.iter().find_map(|p| {
+        let m = p
+            .token_mismatch
+            .as_ref()
+            .filter(|m| m.unrelated() && r.engine_failure().is_none())?;
+        Some((&p.id, m))
+    });
+    if let Some((id, m)) = unrelated {
+        return Err(Error::input(format!(
+            "prompt {id}: A and B are dumps of different prompts ({}; they record no common text): nothing is \
+             comparable; compare dumps of one prompt, or pair prompts with --pair A_ID=B_ID",
+            m.describe()
+        )));
+    }
+    Ok(r)
 }
 
 /// Exit 3 when a dump's engine failed or never finished, whatever its rows say (a

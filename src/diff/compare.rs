@@ -160,7 +160,10 @@ pub(super) fn diff_prompt(
     let (pa, pb) = (a.prompt(id)?, b.prompt(id)?);
     let n_layer = a.manifest.model.config.n_layer;
     // Causality: rows before the first differing token saw the same input.
-    let token_mismatch = token_mismatch(&pa.tokens, &pb.tokens);
+    let token_mismatch = token_mismatch(&pa.tokens, &pb.tokens).map(|m| TokenMismatch {
+        same_text: pa.text.is_some() && pa.text == pb.text,
+        ..m
+    });
     let limit = token_mismatch.as_ref().map_or(usize::MAX, |m| m.position);
     // File pairs in parallel (their mapping and page-table work is serial per file), in
     // order; at most one pair per worker thread is mapped at a time.
@@ -308,6 +311,7 @@ fn token_mismatch(a: &[u32], b: &[u32]) -> Option<TokenMismatch> {
         a: a.get(position).copied(),
         b: b.get(position).copied(),
         shift,
+        same_text: false,
     })
 }
 

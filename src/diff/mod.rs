@@ -133,9 +133,18 @@ pub struct TokenMismatch {
     /// A's tokens from `position` on equal B's shifted by this many positions (+1: A
     /// holds one extra token at `position`; −1: A lacks B's token there).
     pub shift: Option<i64>,
+    /// Both dumps record the same prompt text: the engines tokenized one text apart.
+    pub same_text: bool,
 }
 
 impl TokenMismatch {
+    /// The dumps are of different prompts rather than of one prompt run differently: the
+    /// tokens differ from the first on, are no shift of each other, and no common text
+    /// explains them. Nothing of such a pair is comparable; `diff` refuses it.
+    pub fn unrelated(&self) -> bool {
+        self.position == 0 && self.shift.is_none() && !self.same_text
+    }
+
     pub fn describe(&self) -> String {
         let tok = |t: Option<u32>| t.map_or("nothing".to_string(), |t| format!("token {t}"));
         let shift = match self.shift {

@@ -272,8 +272,53 @@ fn mismatched_inputs_are_refused() {
     .unwrap();
     assert_refused(
         &resbisect(&["diff", path_str(&a), path_str(&a), "--tolerances", path_str(&bad_tol)]),
-        "finite and non-negative",
+        "defaults.F32.rel_l2 is -1",
     );
+    // Tokens apart from the first, no shift of each other, no common text: dumps of two
+    // prompts, not a finding. A doubled first token is a finding (exit 1), and so is one
+    // text that the engines tokenized apart.
+    let unrelated = dump("u", &m1, "1,2,3,4");
+    for (x, y) in [(&a, &unrelated), (&unrelated, &a)] {
+        let out = resbisect(&["diff", path_str(x), path_str(y)]);
+        assert_refused(&out, "A and B are dumps of different prompts");
+        assert_refused(&out, "from position 0");
+    }
+    let report_dir = s.path("report");
+    assert_refused(
+        &resbisect(&[
+            "report",
+            "diff",
+            path_str(&a),
+            path_str(&unrelated),
+            "-o",
+            path_str(&report_dir),
+        ]),
+        "different prompts",
+    );
+    let doubled = dump("doubled", &m1, "5,5,6,7,8");
+    assert_eq!(resbisect(&["diff", path_str(&doubled), path_str(&a)]).code, 1);
+    let text = |name: &str, tokens: &[u32]| {
+        let dir = dump(name, &m1, "5,6,7,8");
+        let path = dir.join("manifest.json");
+        let mut manifest: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        manifest["prompts"][0]["text"] = "one text".into();
+        manifest["prompts"][0]["tokens"] = tokens.into();
+        std::fs::write(&path, manifest.to_string()).unwrap();
+        dir
+    };
+    let (t1, t2) = (text("t1", &[5, 6, 7, 8]), text("t2", &[9, 10, 11, 12]));
+    let out = resbisect(&["diff", path_str(&t1), path_str(&t2)]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stdout.contains("TOKENS DIFFER"), "{}", out.stdout);
+    // calibrate takes pairs that ran the same tokens, and writes nothing otherwise.
+    let tolerances = s.path("t.json");
+    for (x, y) in [(&a, &b), (&t1, &t2), (&doubled, &a)] {
+        assert_refused(
+            &resbisect(&["calibrate", path_str(x), path_str(y), "-o", path_str(&tolerances)]),
+            "the engines ran different tokens from position",
+        );
+    }
+    assert!(!tolerances.exists());
 }
 
 #[test]

@@ -205,11 +205,11 @@ pub struct SelftestArgs {
     /// Storage dtype: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// Seed of the random inputs every check runs on.
-    #[arg(long, default_value_t = 0, value_parser = whole_number::<u64>(0))]
+    /// Seed of the random inputs every check runs on (not with --perf).
+    #[arg(long, default_value_t = 0, value_parser = whole_number::<u64>(0), conflicts_with = "perf")]
     pub seed: u64,
-    /// Also attention over 8192 positions.
-    #[arg(long)]
+    /// Also attention over 8192 positions (not with --perf).
+    #[arg(long, conflicts_with = "perf")]
     pub long: bool,
     /// Print the checks as JSON.
     #[arg(long)]
@@ -218,10 +218,10 @@ pub struct SelftestArgs {
     #[arg(long)]
     pub perf: bool,
     /// Model shape for --perf: any `synth --preset` (tiny, smollm2-135m, tinyllama-1.1b, ...).
-    #[arg(long, default_value = "tinyllama-1.1b")]
+    #[arg(long, default_value = "tinyllama-1.1b", requires = "perf", value_parser = values::synth_preset)]
     pub preset: String,
     /// Cached positions at decode and rows at prefill for --perf.
-    #[arg(long, default_value_t = 512, value_parser = whole_number::<usize>(0))]
+    #[arg(long, default_value_t = 512, value_parser = whole_number::<usize>(0), requires = "perf")]
     pub ctx: usize,
 }
 

@@ -105,6 +105,12 @@ fn selection(a: &DumpArgs, n_layer: usize) -> Result<Selection> {
 fn check_positions(selection: &Selection, records: &[PromptRecord], input: &Input, generated: usize) -> Result<()> {
     for p in records {
         let len = p.tokens.len() + generated;
+        if let Some((item, reads)) = selection.positions.empty_within(len) {
+            return Err(Error::input(format!(
+                "--positions {item}: selects no position of {} {len} tokens (it reads {reads} there; a range's end is exclusive)",
+                input.whose(&p.id),
+            )));
+        }
         if let Some(item) = selection.positions.misfit(len) {
             let plus = match generated {
                 0 => String::new(),

@@ -118,6 +118,14 @@ pub(super) fn prompt_pairs(
 ) -> Result<Vec<(String, String)>> {
     let ids = |m: &Manifest| m.prompts.iter().map(|p| p.id.clone()).collect::<Vec<_>>().join(", ");
     if !pairs.is_empty() {
+        // The report keys a comparison by A's prompt: one A prompt, one comparison.
+        for (k, (ia, ib)) in pairs.iter().enumerate() {
+            if let Some((_, earlier)) = pairs[..k].iter().find(|(a, _)| a == ia) {
+                return Err(Error::input(format!(
+                    "--pair {ia}={ib}: prompt {ia:?} of A is already paired (--pair {ia}={earlier})"
+                )));
+            }
+        }
         for (ia, ib) in pairs {
             for (m, side, id) in [(ma, "A", ia), (mb, "B", ib)] {
                 if !m.prompts.iter().any(|p| &p.id == id) {

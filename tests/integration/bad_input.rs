@@ -928,3 +928,51 @@ fn errors_in_files_name_the_option_and_the_field() {
     assert_refused(&o, r"a\nb\u{1b}[31m");
     assert!(!out.exists());
 }
+
+/// Options that would do nothing or do one thing twice are refused by name: a prompt of
+/// A paired twice, `selftest --ctx/--preset` without `--perf` (and `--long`/`--seed`
+/// with it), a position range that selects nothing of the prompt.
+#[test]
+fn options_that_would_do_nothing_or_twice_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), "f32", 2);
+    let m = path_str(&model);
+    let dump = dir.path().join("d");
+    let d = path_str(&dump);
+    assert_eq!(resbisect(&["dump", "--model", m, "--tokens", "1,2,3", "-o", d]).code, 0);
+    let pairs = ["diff", d, d, "--pair", "prompt=prompt", "--pair", "prompt=prompt"];
+    assert_refused(
+        &resbisect(&pairs),
+        "--pair prompt=prompt: prompt \"prompt\" of A is already paired",
+    );
+    for args in [
+        vec!["selftest", "--ctx", "16"],
+        vec!["selftest", "--preset", "tiny"],
+        vec!["selftest", "--perf", "--long"],
+        vec!["selftest", "--perf", "--seed", "3"],
+    ] {
+        assert_refused(&resbisect(&args), "--perf");
+    }
+    let tokens = "1,2,3,4,5,6";
+    let out = dir.path().join("e");
+    let e = path_str(&out);
+    assert_refused(
+        &resbisect(&[
+            "dump",
+            "--model",
+            m,
+            "--tokens",
+            tokens,
+            "--positions",
+            "5..-1",
+            "-o",
+            e,
+        ]),
+        "--positions 5..-1: selects no position of the prompt's 6 tokens (it reads 5..5 there",
+    );
+    assert_refused(
+        &resbisect(&["dump", "--model", m, "--tokens", tokens, "--positions", "9", "-o", e]),
+        "--positions 9: outside the prompt's 6 tokens",
+    );
+    assert!(!out.exists());
+}

@@ -198,6 +198,16 @@ impl PositionSpec {
         self.items.iter().find(|i| bounds(i, len).is_none()).map(describe)
     }
 
+    /// The first item, as written, that lies within a sequence of `len` tokens but
+    /// selects none of them (`5..-1` of 6 tokens), with the range it reads (`5..5`).
+    pub fn empty_within(&self, len: usize) -> Option<(String, String)> {
+        self.items.iter().find_map(|item| {
+            let (lo, hi) = raw_bounds(item, len);
+            (lo >= 0 && lo <= len as i128 && hi <= len as i128 && lo >= hi)
+                .then(|| (describe(item), format!("{lo}..{hi}")))
+        })
+    }
+
     /// The spec as written.
     pub fn as_str(&self) -> &str {
         &self.text
@@ -249,6 +259,13 @@ impl<'de> Deserialize<'de> for PositionSpec {
 /// The positions `lo..hi` an item selects in a sequence of `len` tokens; None when it
 /// reaches outside the sequence or selects nothing.
 fn bounds(item: &PosItem, len: usize) -> Option<(usize, usize)> {
+    let (lo, hi) = raw_bounds(item, len);
+    (lo >= 0 && hi <= len as i128 && lo < hi).then_some((lo as usize, hi as usize))
+}
+
+/// An item's start and end (exclusive) for `len` tokens, negatives counted from the end,
+/// not yet checked against the sequence.
+fn raw_bounds(item: &PosItem, len: usize) -> (i128, i128) {
     // i128: bounds near i64::MAX (`--positions 9223372036854775807`) cannot overflow.
     let n = len as i128;
     let abs = |p: i64| if p < 0 { n + p as i128 } else { p as i128 };
@@ -258,7 +275,7 @@ fn bounds(item: &PosItem, len: usize) -> Option<(usize, usize)> {
         PosItem::One(p) => (abs(p), abs(p) + 1),
         PosItem::Range(a, b) => (a.map(abs).unwrap_or(0), b.map(abs).unwrap_or(n)),
     };
-    (lo >= 0 && hi <= n && lo < hi).then_some((lo as usize, hi as usize))
+    (lo, hi)
 }
 
 fn describe(item: &PosItem) -> String {
@@ -326,6 +343,10 @@ mod tests {
         assert_eq!(spec.misfit(15), Some("5000".into()));
         assert_eq!(spec.misfit(14), Some("12..15".into()));
         assert_eq!(spec.misfit(5001), None);
+        let tail = PositionSpec::parse("5..-1").unwrap();
+        assert_eq!(tail.empty_within(6), Some(("5..-1".into(), "5..5".into())));
+        assert_eq!(tail.empty_within(7), None);
+        assert_eq!(tail.empty_within(4), None, "outside, not empty: misfit names it");
         assert!(PositionSpec::parse("a..b").is_err());
         assert!(PositionSpec::parse("").is_err());
         assert!(PositionSpec::parse("1,,2").is_err());

@@ -2,11 +2,8 @@
 //! command template whose placeholders name the model, the prompt's tokens, the
 //! selection and the output (docs/engines.md). Inputs reach it as side files.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{layers_arg, shell_quote, Engine};
 use crate::dump::{Dump, EngineInfo, PromptRecord, Status};
@@ -168,22 +165,8 @@ impl Engine for ExternalEngine {
         }
         let cmd = self.expand(&prompt.id, selection, out, out);
         let log = side_file(out, ".log");
-        let log_file = std::fs::File::create(&log).map_err(|e| Error::io(&log, e))?;
-        let err_file = log_file.try_clone().map_err(|e| Error::io(&log, e))?;
-        // Its own process group, so that a hung engine can be killed with every process it
-        // started (a shell's children outlive the shell); resbisect passes interrupts on.
-        // No terminal input: a background group reading it would stop, not fail.
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(&cmd)
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(err_file)
-            .process_group(0)
-            .spawn()
-            .map_err(|e| Error::input(format!("cannot start the engine command: {e}")))?;
         let tail = || log_tail(&log);
-        let Some(status) = wait_at_most(child, self.timeout)? else {
+        let Some(status) = super::process::run(&cmd, &log, self.timeout)? else {
             let limit = self.timeout.map(humantime::format_duration);
             return Err(Error::engine(format!(
                 "{} did not finish within {} (--engine-timeout): killed it and every process it started; \
@@ -283,121 +266,6 @@ fn log_tail(log: &Path) -> String {
     } else {
         last.join(" | ")
     }
-}
-
-/// Process groups of engines running in their own (at most one per engine of a pair, and
-/// a spare), which an interrupt of resbisect must still reach.
-static ENGINE_GROUPS: [AtomicI32; 3] = [AtomicI32::new(0), AtomicI32::new(0), AtomicI32::new(0)];
-
-/// SIGINT, SIGTERM or SIGHUP while engines run in their own process groups: pass it on to
-/// them, as the terminal would have, then end as the default action does.
-extern "C" fn forward_signal(signal: libc::c_int) {
-    for group in &ENGINE_GROUPS {
-        let pgid = group.load(Ordering::SeqCst);
-        if pgid > 0 {
-            // SAFETY: kill is async-signal-safe.
-            unsafe { libc::kill(-pgid, signal) };
-        }
-    }
-    // SAFETY: signal and raise are async-signal-safe; the default action ends the process.
-    unsafe {
-        libc::signal(signal, libc::SIG_DFL);
-        libc::raise(signal);
-    }
-}
-
-/// Wait for `child`, the leader of its own process group, for at most `limit` (no limit:
-/// `None`): its exit status, or `None` once it and every process it started have been
-/// killed for outlasting it.
-fn wait_at_most(mut child: Child, limit: Option<Duration>) -> Result<Option<ExitStatus>> {
-    static FORWARDING: std::sync::Once = std::sync::Once::new();
-    FORWARDING.call_once(|| {
-        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            // SAFETY: installs a handler that only calls async-signal-safe functions.
-            unsafe { libc::signal(signal, forward_signal as *const () as libc::sighandler_t) };
-        }
-    });
-    let pgid = child.id() as i32;
-    let slot = ENGINE_GROUPS
-        .iter()
-        .find(|g| g.compare_exchange(0, pgid, Ordering::SeqCst, Ordering::SeqCst).is_ok());
-    // A limit past what the clock can count (`--engine-timeout 300000000000y`) is none.
-    let deadline = limit.and_then(|l| Instant::now().checked_add(l));
-    let mut pause = Duration::from_millis(1);
-    let outcome = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Ok(Some(status)),
-            Ok(None) if deadline.is_some_and(|d| Instant::now() >= d) => {
-                kill_tree(pgid);
-                let _ = child.wait();
-                break Ok(None);
-            }
-            Ok(None) => {
-                let left = deadline.map_or(pause, |d| d.saturating_duration_since(Instant::now()));
-                std::thread::sleep(pause.min(left));
-                pause = (pause * 2).min(Duration::from_millis(50));
-            }
-            Err(e) => break Err(Error::engine(format!("waiting for the engine command: {e}"))),
-        }
-    };
-    if let Some(slot) = slot {
-        slot.store(0, Ordering::SeqCst);
-    }
-    outcome
-}
-
-/// Kill the engine's process group and every process below its leader that left the
-/// group (`setsid`, a daemon's own group). All are stopped first, until no new one
-/// appears, and only then killed: a killed parent's children move to another parent at
-/// once, out of reach of a search below the leader.
-fn kill_tree(pgid: i32) {
-    // SAFETY (each kill): signals the engine's own process group and the processes found
-    // below its leader, nothing of resbisect's.
-    unsafe { libc::kill(-pgid, libc::SIGSTOP) };
-    let mut tree: Vec<i32> = Vec::new();
-    // A process forks no more once stopped; a few rounds reach those forked meanwhile.
-    for _ in 0..8 {
-        let found = descendants(pgid);
-        let new: Vec<i32> = found.iter().copied().filter(|p| !tree.contains(p)).collect();
-        if new.is_empty() {
-            break;
-        }
-        for &pid in &new {
-            unsafe { libc::kill(pid, libc::SIGSTOP) };
-        }
-        tree.extend(new);
-    }
-    unsafe { libc::kill(-pgid, libc::SIGKILL) };
-    for &pid in &tree {
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
-}
-
-/// The processes below `pid` (its children, theirs, and so on) as /proc lists them now;
-/// none where there is no /proc.
-fn descendants(pid: i32) -> Vec<i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let parents: Vec<(i32, i32)> = entries
-        .flatten()
-        .filter_map(|entry| {
-            let child: i32 = entry.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
-            // Field 2, the command name, may hold spaces and parentheses: the state and
-            // the parent's pid follow its last ')'.
-            let parent = stat[stat.rfind(')')? + 1..].split_whitespace().nth(1)?.parse().ok()?;
-            Some((child, parent))
-        })
-        .collect();
-    let mut found = vec![pid];
-    let mut next = 0;
-    while next < found.len() {
-        let parent = found[next];
-        found.extend(parents.iter().filter(|&&(_, p)| p == parent).map(|&(c, _)| c));
-        next += 1;
-    }
-    found.split_off(1)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ mod checkpoints;
 mod external;
 mod oracle;
 mod pair;
+mod process;
 mod reference;
 mod reproduce;
 mod runtime;

@@ -754,7 +754,9 @@ fn a_c_engine_on_the_single_header_writer_plugs_in() {
     // reported as a crash with what it wrote (without the limit this test would hang).
     // `; true` keeps the shell alive above the engine: killing the shell alone would not do;
     // nor would killing its process group, which a helper started with `setsid` has left.
-    let hang = format!("setsid sleep 3601.25 & {base} --hang-before blk.4; true");
+    // `setsid -f` forks and its parent exits at once: the sleep's parent is then no
+    // process of the engine's, and only the run's marker in its environment finds it.
+    let hang = format!("setsid sleep 3601.25 & setsid -f sleep 3602.5; {base} --hang-before blk.4; true");
     let (code, r) = bisect_external(
         &suite,
         "p6_len_32",
@@ -775,7 +777,11 @@ fn a_c_engine_on_the_single_header_writer_plugs_in() {
         .flatten()
         .filter_map(|p| std::fs::read(p.path().join("cmdline")).ok())
         .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| (c.starts_with(&engine) && c.contains("--hang-before")) || c.starts_with("sleep 3601.25"))
+        .filter(|c| {
+            (c.starts_with(&engine) && c.contains("--hang-before"))
+                || c.starts_with("sleep 3601.25")
+                || c.starts_with("sleep 3602.5")
+        })
         .collect();
     assert!(survivors.is_empty(), "{survivors:?}");
 }

@@ -161,3 +161,27 @@ fn growth(later: &[TapDiff], tap: &Tap, position: usize, n_layer: usize) -> Vec<
         })
         .collect()
 }
+
+/// f16's largest finite value (IEEE 754 binary16: (2 − 2⁻¹⁰) · 2¹⁵).
+const F16_MAX: f64 = 65504.0;
+
+/// A note when the first divergence is one side turning infinite where the other holds
+/// a finite value past [`F16_MAX`]: the mark of an f16 overflow (an activation stored or
+/// accumulated in f16), not of wrong arithmetic.
+pub(super) fn f16_overflow_note(f: &FirstDivergence) -> Option<String> {
+    let overflowed = |inf: f64, finite: f64| inf.is_infinite() && finite.is_finite() && finite.abs() > F16_MAX;
+    f.top_channels.iter().find_map(|c| {
+        let (side, other, value) = if overflowed(c.a, c.b) {
+            ("A", "B", c.b)
+        } else if overflowed(c.b, c.a) {
+            ("B", "A", c.a)
+        } else {
+            return None;
+        };
+        Some(format!(
+            "{side} is infinite at {}@{} channel {} where {other} reads {value:.4e}, past f16's largest value \
+             (65504): an f16 overflow in {side} (a value stored or accumulated in f16)",
+            f.tap, f.position, c.index
+        ))
+    })
+}

@@ -528,6 +528,9 @@ pub fn diff_paired(a: &Dump, b: &Dump, opts: &DiffOptions, pairs: &[(String, Str
         if p.diverged() {
             notes.extend(p.undelivered.iter().map(|u| format!("prompt {}: {u}", p.id)));
         }
+        if let Some(overflow) = p.first.as_ref().and_then(first::f16_overflow_note) {
+            notes.push(format!("prompt {}: {overflow}", p.id));
+        }
         if let Some(m) = &p.token_mismatch {
             notes.push(format!(
                 "prompt {}: {}; rows from there on are not compared",

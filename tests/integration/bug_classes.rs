@@ -702,3 +702,49 @@ fn rows_written_one_position_late_are_named_as_a_shift() {
         );
     }
 }
+
+/// An f16 engine overflowing where the f32 reference holds values past f16's largest
+/// (65504) is named as an f16 overflow, and the other way round a finite A is not.
+#[test]
+fn an_f16_overflow_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), "f32", 5);
+    let m = path_str(&model);
+    // Both engines scale ffn_out by 1e6 from position 2: the reference's residual stream
+    // passes 65504 there (4.5e5 on this model), the f16 runtime's turns infinite.
+    let fault = "blk.0.ffn_out:scale=1e6@2";
+    let dump = |name: &str, engine: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "dump",
+            "--model",
+            m,
+            "--tokens",
+            "1,2,3,4,5",
+            "--inject",
+            fault,
+            "-o",
+            path_str(&out),
+        ];
+        args.extend_from_slice(engine);
+        let o = resbisect(&args);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        out
+    };
+    let f16 = dump("f16", &["--engine", "runtime", "--dtype", "f16"]);
+    let f32 = dump("f32", &["--engine", "reference"]);
+    let o = resbisect(&["diff", path_str(&f16), path_str(&f32)]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(
+        o.stdout.contains("A is infinite at blk.0.resid_post@2")
+            && o.stdout
+                .contains("past f16's largest value (65504): an f16 overflow in A"),
+        "{}",
+        o.stdout
+    );
+    let o = resbisect(&["diff", path_str(&f32), path_str(&f16)]);
+    assert!(o.stdout.contains("an f16 overflow in B"), "{}", o.stdout);
+    let runtime_f32 = dump("runtime-f32", &["--engine", "runtime"]);
+    let o = resbisect(&["diff", path_str(&runtime_f32), path_str(&f32)]);
+    assert!(!o.stdout.contains("f16 overflow"), "{}", o.stdout);
+}

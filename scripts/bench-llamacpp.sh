@@ -8,8 +8,10 @@
 #     vocab 32000; a 512-piece SentencePiece tokenizer trained here, padded to 32000 by the
 #     converter), converts it with llama.cpp's convert_hf_to_gguf.py to F16, and quantizes
 #     that with llama-quantize to Q4_K_M.
-#  3. Runs `llama-bench -fa 1` (pp512, pp2048, tg128) and `resbisect run --backend cuda
-#     --dtype f16` (--weights native) on both files, and prints the ratios.
+#  3. Runs `llama-bench -fa 1` (pp512, pp2048, tg128, and tg128 at depth 512) and
+#     `resbisect run --backend cuda --dtype f16` (--weights native) on the same work (the
+#     decode from an empty cache: a 1-token prompt; at depth 512: the 512-token prompt)
+#     on both files, and prints the ratios.
 #     HF transformers (torch f16, sdpa attention) prefills the F16 file's weights beside them.
 #  4. cuda vs reference at 2048 positions on the Q4_K_M file (resid_post of every layer
 #     and logits, `resbisect diff`).
@@ -95,12 +97,19 @@ if [ "${PREPARE_ONLY:-0}" = 1 ]; then say "prepared: llama.cpp and both files in
 # 3. Same files, same run.
 "$py" -c "import random; r = random.Random(2048); print(','.join(str(r.randrange(3, 32000)) for _ in range(2048)))" > "$work/t2048"
 cut -d, -f1-512 "$work/t2048" > "$work/t512"
+# llama-bench's tg128 decodes 128 tokens into an empty KV cache (positions 0..127); at
+# depth 512 (-d 512) after 512 cached positions. Ours: 128 tokens after a 1-token prompt,
+# and after the 512-token prompt.
 for q in f16 q4_k_m; do
   m="$work/tl-$q.gguf"
-  "$LLAMA_BIN/llama-bench" -m "$m" -ngl 99 -fa 1 -p 512,2048 -n 128 -r 3 -o csv 2>>"$work/llama-bench.log" |
-    awk -F, -v q="$q" '{ gsub(/"/, "") } NR == 1 { for (i = 1; i <= NF; i++) c[$i] = i; next }
-      { print "LLAMA", q, $c["n_prompt"], $c["n_gen"], $c["avg_ts"] }' | tee -a "$log"
-  for n in 512 2048; do
+  for args in "-p 512,2048 -n 128" "-p 0 -n 128 -d 512"; do
+    # shellcheck disable=SC2086 # the options split into words on purpose
+    "$LLAMA_BIN/llama-bench" -m "$m" -ngl 99 -fa 1 $args -r 3 -o csv 2>>"$work/llama-bench.log" |
+      awk -F, -v q="$q" '{ gsub(/"/, "") } NR == 1 { for (i = 1; i <= NF; i++) c[$i] = i; next }
+        { print "LLAMA", q, $c["n_prompt"], $c["n_gen"], $c["n_depth"], $c["avg_ts"] }' | tee -a "$log"
+  done
+  cut -d, -f1 "$work/t2048" > "$work/t1"
+  for n in 1 512 2048; do
     mt=128; [ "$n" -eq 2048 ] && mt=0
     for i in 1 2 3; do
       r="$("$bin" run --backend cuda --dtype f16 --model "$m" --tokens "$(cat "$work/t$n")" --max-tokens "$mt" --ignore-eos --warmup 1 2>&1 >/dev/null | tail -1)"
@@ -137,26 +146,30 @@ for line in open(sys.argv[1]):
         hf = json.loads(line[3:])
     f = line.split()
     if f[:1] == ["LLAMA"]:
-        q, npp, ng, ts = f[1], int(f[2]), int(f[3]), float(f[4])
-        llama[(q, f"pp{npp}" if ng == 0 else f"tg{ng}")] = ts
+        q, npp, ng, depth, ts = f[1], int(f[2]), int(f[3]), int(f[4]), float(f[5])
+        test = f"pp{npp}" if ng == 0 else f"tg{ng}"
+        llama[(q, test + (f"@d{depth}" if depth else ""))] = ts
     m = re.match(r"RESBISECT (\S+) (\d+) prefill (\d+) tokens in ([\d.]+) s .*decode (\d+) tokens in ([\d.]+) s", line)
     if m:
         q, n = m[1], int(m[2])
-        rb.setdefault((q, f"pp{n}"), []).append(int(m[3]) / float(m[4]))
+        if n > 1:
+            rb.setdefault((q, f"pp{n}"), []).append(int(m[3]) / float(m[4]))
         if int(m[5]) > 0:
-            rb.setdefault((q, "tg128"), []).append(int(m[5]) / float(m[6]))
+            # After a 1-token prompt the cache is as empty as llama-bench's tg128's.
+            test = "tg128" if n == 1 else f"tg128@d{n}"
+            rb.setdefault((q, test), []).append(int(m[5]) / float(m[6]))
 # Our three runs count by their median; llama-bench reports the mean of its three.
 rb = {k: statistics.median(v) for k, v in rb.items()}
 print("| file | test | llama.cpp tok/s | resbisect tok/s | ratio | target |\n|---|---|---|---|---|---|")
 target = {("q4_k_m", "tg128"): 1.3, ("f16", "tg128"): 1.1, ("q4_k_m", "pp2048"): 1.5, ("f16", "pp2048"): 1.5}
 for q in ["q4_k_m", "f16"]:
-    for t in ["pp512", "pp2048", "tg128"]:
+    for t in ["pp512", "pp2048", "tg128", "tg128@d512"]:
         a, b = llama.get((q, t), float("nan")), rb.get((q, t), float("nan"))
-        print(f"| {q} | {t} | {a:.0f} | {b:.0f} | {b / a:.2f}x | {target.get((q, t), '')} |")
+        print(f"| {q} | {t} | {a:.0f} | {b:.0f} | {b / a:.3f}x | {target.get((q, t), '')} |")
 if hf:
     a, b = hf["prefill_2048_tok_s"], rb.get(("f16", "pp2048"), float("nan"))
     print(f"\n| file | test | HF transformers f16 sdpa tok/s | resbisect tok/s | ratio | target |\n|---|---|---|---|---|---|")
-    print(f"| f16 | pp2048 | {a:.0f} | {b:.0f} | {b / a:.2f}x | 1.0 |")
+    print(f"| f16 | pp2048 | {a:.0f} | {b:.0f} | {b / a:.3f}x | 1.0 |")
     print(f"\nHF: {hf['weights']}, torch {hf['torch']}")
 PY
 rm -rf "$work/rt" "$work/ref"

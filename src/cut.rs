@@ -28,7 +28,7 @@ pub fn cut(input: &Path, layers: usize, output: &Path) -> Result<()> {
     }
     if output.exists() {
         return Err(Error::input(format!(
-            "{}: exists; cut writes a new file",
+            "--output {}: exists; cut writes a new file",
             output.display()
         )));
     }

@@ -11,7 +11,10 @@ use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a prompt: an object with \"id\" and \"text\" or \"tokens\""
+)]
 struct SuiteLine {
     id: String,
     #[serde(default)]

@@ -12,14 +12,20 @@ use crate::taps::{LayerTap, Tap};
 /// A row diverges when `rel_l2 > rel_l2` and `max_abs > abs` (so rows of near-zero
 /// vectors do not trip on rounding), or when it holds NaN/Inf.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a tolerance: an object with \"rel_l2\" and \"abs\""
+)]
 pub struct Tolerance {
     pub rel_l2: f64,
     pub abs: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a tap tolerance: an object with \"pattern\", \"rel_l2\" and \"abs\""
+)]
 pub struct TapTolerance {
     /// Glob over canonical tap ids, `*` matching any run of characters: `blk.*.k`.
     pub pattern: String,
@@ -58,7 +64,10 @@ impl Calibration {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a tolerance file: an object with \"version\", \"defaults\" and optionally \"taps\", \"floors\""
+)]
 pub struct Tolerances {
     pub version: u32,
     /// Defaults by the least precise dtype involved: F64, F32, BF16, F16.

@@ -136,6 +136,17 @@ pub(super) fn run(mut r: BisectRun) -> Result<ExitCode> {
     }
     if let Some(w) = &r.work {
         bisect::check_work_dir(w)?;
+        // The probes fill the work directory and the report directory holds reports alone.
+        let (work, report) = (std::path::absolute(w), r.report.as_ref().map(std::path::absolute));
+        if let (Ok(work), Some(Ok(report))) = (work, report) {
+            if report.starts_with(&work) || work.starts_with(&report) {
+                return Err(Error::input(format!(
+                    "--report {}: overlaps --work {}, which the probes fill; keep them apart",
+                    report.display(),
+                    work.display()
+                )));
+            }
+        }
     }
     if let Some(dir) = &r.report {
         super::commands::prepare_report_dir(dir, "--report")?;

@@ -201,6 +201,7 @@ pub fn diff(a: DiffArgs) -> Result<ExitCode> {
         prepare_report_dir(dir, "--report")?;
     }
     let r = compare(&a.a, &a.b, &a.compare, &a.pair)?;
+    refuse_unrelated(&r, !a.pair.is_empty())?;
     if a.json {
         println!(
             "{}",
@@ -438,6 +439,7 @@ pub fn report(kind: ReportKind) -> Result<ExitCode> {
             }
             prepare_report_dir(&output, "--output")?;
             let r = compare(&a, &b, &args, &pair)?;
+            refuse_unrelated(&r, !pair.is_empty())?;
             report::write_all(&r, &output)?;
             if let Some(h) = history {
                 report::append_history(&h, report::history_entry(&r, run.as_deref()), run.is_some())?;
@@ -498,7 +500,7 @@ pub fn cut(a: CutArgs) -> Result<ExitCode> {
 pub fn synth(a: SynthArgs) -> Result<ExitCode> {
     if a.output.exists() {
         return Err(Error::input(format!(
-            "{}: exists; synth writes a new file",
+            "--output {}: exists; synth writes a new file",
             a.output.display()
         )));
     }
@@ -537,7 +539,7 @@ pub fn compare(a: &Path, b: &Path, args: &CompareArgs, pairs: &[String]) -> Resu
         allow_model_mismatch: args.allow_model_mismatch,
         judge: args.judge.judge(),
     };
-    let r = diff::diff_paired(&da, &db, &opts, &pairs).map_err(|e| match e {
+    diff::diff_paired(&da, &db, &opts, &pairs).map_err(|e| match e {
         // A dump its engine never finished may hold a damaged file: the failure is the
         // engine's, whatever else its files say.
         Error::Input(msg) => match [(&da, "A"), (&db, "B")]
@@ -560,8 +562,13 @@ pub fn compare(a: &Path, b: &Path, args: &CompareArgs, pairs: &[String]) -> Resu
             None => Error::Input(msg),
         },
         other => other,
-    })?;
-    // Different prompts are no finding about either engine, just a wrong pair of dumps.
+    })
+}
+
+/// Refuse a comparison of dumps of different prompts (`TokenMismatch::unrelated`): no
+/// finding about either engine, just a wrong pair of dumps. `paired` tells whether
+/// `--pair` chose the prompts.
+fn refuse_unrelated(r: &DiffReport, paired: bool) -> Result<()> {
     let unrelated = r.prompts.iter().find_map(|p| {
         let m = p
             .token_mismatch
@@ -569,14 +576,17 @@ pub fn compare(a: &Path, b: &Path, args: &CompareArgs, pairs: &[String]) -> Resu
             .filter(|m| m.unrelated() && r.engine_failure().is_none())?;
         Some((&p.id, m))
     });
-    if let Some((id, m)) = unrelated {
-        return Err(Error::input(format!(
-            "prompt {id}: A and B are dumps of different prompts ({}; they record no common text): nothing is \
-             comparable; compare dumps of one prompt, or pair prompts with --pair A_ID=B_ID",
-            m.describe()
-        )));
-    }
-    Ok(r)
+    let Some((id, m)) = unrelated else { return Ok(()) };
+    let hint = if paired {
+        "check the prompts --pair names"
+    } else {
+        "compare dumps of one prompt, or pair prompts with --pair A_ID=B_ID"
+    };
+    Err(Error::input(format!(
+        "prompt {id}: A and B are dumps of different prompts ({}; they record no common text): nothing is \
+         comparable; {hint}",
+        m.describe()
+    )))
 }
 
 /// Exit 3 when a dump's engine failed or never finished, whatever its rows say (a

@@ -306,11 +306,15 @@ fn token_mismatch(a: &[u32], b: &[u32]) -> Option<TokenMismatch> {
             None
         }
     });
+    // Or the same tokens again after a few replaced ones (a wrong BOS id).
+    let replaced = (1..=4usize)
+        .find(|&n| a.len() > position + n && b.len() > position + n && same(&a[position + n..], &b[position + n..]));
     Some(TokenMismatch {
         position,
         a: a.get(position).copied(),
         b: b.get(position).copied(),
         shift,
+        replaced: if shift.is_none() { replaced } else { None },
         same_text: false,
     })
 }

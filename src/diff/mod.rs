@@ -133,16 +133,19 @@ pub struct TokenMismatch {
     /// A's tokens from `position` on equal B's shifted by this many positions (+1: A
     /// holds one extra token at `position`; −1: A lacks B's token there).
     pub shift: Option<i64>,
+    /// A's tokens equal B's again after this many tokens from `position` on, which
+    /// differ (a wrong BOS id): replaced tokens rather than a shift.
+    pub replaced: Option<usize>,
     /// Both dumps record the same prompt text: the engines tokenized one text apart.
     pub same_text: bool,
 }
 
 impl TokenMismatch {
     /// The dumps are of different prompts rather than of one prompt run differently: the
-    /// tokens differ from the first on, are no shift of each other, and no common text
-    /// explains them. Nothing of such a pair is comparable; `diff` refuses it.
+    /// tokens differ from the first on, are no shift of each other, do not agree again
+    /// after a few replaced tokens, and no common text explains them. Nothing of such a pair is comparable; `diff` refuses it.
     pub fn unrelated(&self) -> bool {
-        self.position == 0 && self.shift.is_none() && !self.same_text
+        self.position == 0 && self.shift.is_none() && self.replaced.is_none() && !self.same_text
     }
 
     pub fn describe(&self) -> String {
@@ -150,7 +153,10 @@ impl TokenMismatch {
         let shift = match self.shift {
             Some(k) if k > 0 => format!("; A has {k} extra token(s) there and is B's input shifted by +{k}"),
             Some(k) => format!("; A lacks {} of B's tokens there and is B's input shifted by {k}", -k),
-            None => String::new(),
+            None => match self.replaced {
+                Some(n) => format!("; A and B agree again after {n} replaced token(s), as with a wrong BOS id"),
+                None => String::new(),
+            },
         };
         format!(
             "the engines ran different tokens from position {}: A has {}, B has {}{shift}",

@@ -12,21 +12,32 @@ use super::{validate_prompt_id, Manifest, RunError, Status, TapDType, TapTensor,
 use crate::error::{Error, Result};
 use crate::output::write_atomic;
 
+/// Whether `path` is a resbisect dump's manifest (a file of at most the size a manifest
+/// may have, parsed as format v1), not any file of that name: a web app's or a model
+/// checkpoint's `manifest.json` makes no dump of its directory.
+fn is_dump_manifest(path: &Path) -> bool {
+    let small_file = fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() <= super::MAX_MANIFEST_BYTES);
+    small_file && fs::read(path).is_ok_and(|text| super::parse_manifest(&text).is_ok_and(|m| m.format == super::FORMAT))
+}
+
 /// Refuse to replace the dump at `root` when its `data/` holds anything dump format v1
 /// does not put there (`<prompt>/<stem>.safetensors`, and the temporary files of a killed
 /// writer): replacing the dump removes `data/`, and with it what a user kept there.
 fn refuse_foreign_data(root: &Path) -> Result<()> {
     let data = root.join(DATA);
-    let Ok(prompts) = fs::read_dir(&data) else {
-        return Ok(());
-    };
     let foreign = |path: &Path| {
         Err(Error::input(format!(
             "{}: not part of a dump, and replacing the dump would delete it; move it, or write the dump elsewhere",
             path.display()
         )))
     };
-    for prompt in prompts {
+    match fs::symlink_metadata(&data) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(&data, e)),
+        Ok(m) if !m.is_dir() => return foreign(&data),
+        Ok(_) => {}
+    }
+    for prompt in fs::read_dir(&data).map_err(|e| Error::io(&data, e))? {
         let prompt = prompt.map_err(|e| Error::io(&data, e))?;
         if !prompt.file_type().is_ok_and(|t| t.is_dir()) {
             return foreign(&prompt.path());
@@ -98,11 +109,13 @@ impl DumpWriter {
         if !root.exists() {
             return Ok(false);
         }
-        let is_dump = root.join(MANIFEST).is_file();
+        let is_dump = is_dump_manifest(&root.join(MANIFEST));
         let empty = fs::read_dir(root).map_err(|e| Error::io(root, e))?.next().is_none();
         if !(empty || is_dump && overwrite) {
             let hint = if is_dump {
                 " (it is a dump: pass --overwrite to replace it)"
+            } else if root.join(MANIFEST).exists() {
+                " (its manifest.json is no resbisect dump's, so --overwrite does not replace it)"
             } else {
                 ""
             };
@@ -158,7 +171,8 @@ impl DumpWriter {
         let path = self.root.join(DATA).join(prompt_id).join(format!("{stem}.safetensors"));
         write_atomic(&path, |tmp| {
             safetensors::serialize_to_file(views, None, tmp)
-                .map_err(|e| Error::input(format!("{}: {e}", tmp.display())))
+                .map_err(|e| Error::input(format!("{}: {e}", tmp.display())))?;
+            crate::output::set_default_mode(tmp)
         })
     }
 

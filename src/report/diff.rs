@@ -40,11 +40,11 @@ fn prompt_summary(s: &mut String, p: &PromptDiff) {
     match &p.first {
         // "no divergence over 0 taps" would read as a pass; nothing was compared.
         None if compared == 0 => {
-            let _ = writeln!(
-                s,
-                "\nprompt {} ({} tokens): nothing compared: no row of a selected tap is in both dumps",
-                p.id, p.n_tokens
-            );
+            let why = match &p.token_mismatch {
+                Some(m) if m.position == 0 => "the tokens differ from the first",
+                _ => "no row of a selected tap is in both dumps",
+            };
+            let _ = writeln!(s, "\nprompt {} ({} tokens): nothing compared: {why}", p.id, p.n_tokens);
         }
         None => {
             let w = worst_tap(p)

@@ -528,6 +528,15 @@ fn outputs_never_overwrite_inputs() {
     std::fs::write(&file, "mine").unwrap();
     let f = path_str(&file);
     assert_refused(&resbisect(&["diff", d, d, "--report", f]), "--report");
+    // The probes fill the work directory; a report directory in it (or it) is refused.
+    let work = dir.path().join("w");
+    for report in [work.join("rep"), work.clone()] {
+        let args = ["bisect", "--model", path_str(&model), "--tokens", "1,2,3"];
+        let mut args = args.to_vec();
+        args.extend(["--work", path_str(&work), "--report", path_str(&report)]);
+        assert_refused(&resbisect(&args), "overlaps --work");
+        assert!(!work.exists());
+    }
     let m = path_str(&model);
     assert_refused(
         &resbisect(&["bisect", "--model", m, "--tokens", "1,2,3", "--report", f]),
@@ -856,6 +865,68 @@ fn outputs_replace_only_what_resbisect_wrote() {
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_eq!(std::fs::read_to_string(&mine).unwrap(), "mine");
     assert_eq!(std::fs::read(&other_model).unwrap(), model_bytes);
+    // A manifest.json that is no dump's makes no dump of its directory; a data/ that is
+    // a file is refused before anything is removed.
+    let webapp = at("webapp");
+    std::fs::create_dir_all(webapp.join("data/ckpt")).unwrap();
+    std::fs::write(webapp.join("manifest.json"), r#"{"name": "app"}"#).unwrap();
+    std::fs::write(webapp.join("data/ckpt/model.safetensors"), "weights").unwrap();
+    let w = path_str(&webapp);
+    assert_refused(
+        &resbisect(&["dump", "--model", m, "--tokens", "1,2", "-o", w, "--overwrite"]),
+        "its manifest.json is no resbisect dump's",
+    );
+    assert!(webapp.join("data/ckpt/model.safetensors").is_file() && webapp.join("manifest.json").is_file());
+    std::fs::remove_dir_all(dump.join("data")).unwrap();
+    std::fs::write(dump.join("data"), "mine").unwrap();
+    assert_refused(&resbisect(&replace), "data: not part of a dump");
+    assert!(dump.join("manifest.json").is_file());
+    // What cannot be a file of resbisect's is refused without being read (a FIFO would
+    // block), and an output directory that cannot be written before any work.
+    let fifo = at("fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    assert_refused(
+        &resbisect(&["model-info", m, "-o", path_str(&fifo)]),
+        "is not a model-info file",
+    );
+    let f = path_str(&fifo);
+    assert_refused(&resbisect(&["calibrate", d, d, "-o", f]), "is not a tolerance file");
+    assert_refused(
+        &resbisect(&["calibrate", d, d, "-o", path_str(&at("nowhere/t.json"))]),
+        "--output",
+    );
+}
+
+/// A dump's files get the mode a new file gets (0666 less the umask), whichever engine
+/// wrote them: a library writer's private temporary file (0600) is not left behind.
+#[test]
+fn dump_files_are_readable_as_any_new_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), "f32", 2);
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let umask = status.lines().find(|l| l.starts_with("Umask:")).unwrap();
+    let umask = u32::from_str_radix(umask["Umask:".len()..].trim(), 8).unwrap();
+    for engine in ["reference", "runtime"] {
+        let out = dir.path().join(engine);
+        let o = resbisect(&[
+            "dump",
+            "--engine",
+            engine,
+            "--model",
+            path_str(&model),
+            "--tokens",
+            "1,2",
+            "-o",
+            path_str(&out),
+        ]);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        for file in std::fs::read_dir(out.join("data/prompt")).unwrap() {
+            let mode = file.unwrap().metadata().unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o666 & !umask, "{engine}: mode {mode:o}");
+        }
+    }
 }
 
 /// A file read for an option that is bad names the option before the file; a field of

@@ -297,6 +297,15 @@ fn mismatched_inputs_are_refused() {
     );
     let doubled = dump("doubled", &m1, "5,5,6,7,8");
     assert_eq!(resbisect(&["diff", path_str(&doubled), path_str(&a)]).code, 1);
+    // A wrong first token (a BOS id) with the rest the same: a finding too.
+    let wrong_bos = dump("wrong-bos", &m1, "9,6,7,8");
+    let out = resbisect(&["diff", path_str(&wrong_bos), path_str(&a)]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("agree again after 1 replaced token(s)"),
+        "{}",
+        out.stdout
+    );
     let text = |name: &str, tokens: &[u32]| {
         let dir = dump(name, &m1, "5,6,7,8");
         let path = dir.join("manifest.json");

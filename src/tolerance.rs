@@ -287,6 +287,19 @@ impl Tolerances {
                 o.pattern
             )));
         }
+        // The first match wins: a second entry of a pattern would be ignored unseen.
+        if let Some((k, o)) = t
+            .taps
+            .iter()
+            .enumerate()
+            .find(|(k, o)| t.taps[..*k].iter().any(|e| e.pattern == o.pattern))
+        {
+            return Err(Error::input(format!(
+                "{}: taps[{k}]: pattern {:?} appears twice (the first would win)",
+                path.display(),
+                o.pattern
+            )));
+        }
         Ok(t)
     }
 

@@ -306,6 +306,13 @@ pub fn calibrate(a: CalibrateArgs) -> Result<ExitCode> {
         allow_model_mismatch: a.allow_model_mismatch,
         judge: JudgeArg::Tolerance,
     };
+    // A dump against itself differs nowhere: every tolerance would be the floor.
+    if let Some(pair) = a.dumps.chunks(2).find(|p| same_file(&p[0], &p[1])) {
+        return Err(Error::input(format!(
+            "calibrate: {} is paired with itself; calibrate takes an engine's dump and its reference's",
+            pair[0].display()
+        )));
+    }
     let reports = a
         .dumps
         .chunks(2)
@@ -347,7 +354,16 @@ pub fn calibrate(a: CalibrateArgs) -> Result<ExitCode> {
     }
     let (t, notes) = diff::calibrate(&reports, &how);
     if t.taps.is_empty() {
-        return Err(Error::input("calibrate: the pairs share no tap: nothing was compared"));
+        let compared = reports
+            .iter()
+            .flat_map(|r| &r.prompts)
+            .flat_map(|p| &p.taps)
+            .any(|t| !t.rows.is_empty());
+        return Err(Error::input(if compared {
+            "calibrate: every compared row holds NaN or Inf (or differs past any tolerance): no noise floor to calibrate on"
+        } else {
+            "calibrate: the pairs share no tap: nothing was compared"
+        }));
     }
     // An error as large as the values is a divergence: tolerances from it would pass anything.
     if let Some((tap, m)) = t

@@ -794,8 +794,19 @@ fn outputs_replace_only_what_resbisect_wrote() {
             &format!("--out {t}: exists and is not a model-info file"),
         );
     }
+    // A dump against itself differs nowhere: no pair to calibrate on.
+    assert_refused(
+        &resbisect(&["calibrate", d, d, "-o", path_str(&at("t.json"))]),
+        "is paired with itself",
+    );
+    let runtime = at("r");
+    let r = path_str(&runtime);
+    let o = resbisect(&[
+        "dump", "--engine", "runtime", "--model", m, "--tokens", "1,2,3", "-o", r,
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
     for args in [
-        vec!["calibrate", d, d, "-o", path_str(&at("t.json"))],
+        vec!["calibrate", r, d, "-o", path_str(&at("t.json"))],
         vec!["model-info", m, "-o", path_str(&at("info.json"))],
     ] {
         for _ in 0..2 {

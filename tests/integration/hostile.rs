@@ -519,6 +519,11 @@ fn hostile_tolerance_files_are_refused_by_name() {
             r#"{"version": 1, "defaults": {"f32": {"rel_l2": 1e9, "abs": 0}}}"#,
             "\"f32\" is not a dtype",
         ),
+        // The first match wins: a second entry of a pattern would be ignored unseen.
+        (
+            r#"{"version": 1, "defaults": {}, "taps": [{"pattern": "logits", "rel_l2": 1, "abs": 0}, {"pattern": "logits", "rel_l2": 2, "abs": 0}]}"#,
+            r#"taps[1]: pattern "logits" appears twice"#,
+        ),
         (
             r#"{"version": 1, "defaults": {}, "floor": {}}"#,
             "unknown field `floor`",

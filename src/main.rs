@@ -7,7 +7,7 @@ mod cli;
 use std::process::ExitCode;
 
 use cli::args::{Cli, Command};
-use cli::{backend, bisect, commands, demo, inspect};
+use cli::{backend, bisect, calibrate, commands, demo, inspect};
 use resbisect::{Error, Result};
 
 fn dispatch(command: Command) -> Result<ExitCode> {
@@ -18,7 +18,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::ModelInfo(a) => inspect::model_info(a).map(|()| ExitCode::SUCCESS),
         Command::Tokenize(a) => commands::tokenize(a),
         Command::Diff(a) => commands::diff(a),
-        Command::Calibrate(a) => commands::calibrate(a),
+        Command::Calibrate(a) => calibrate::calibrate(a),
         Command::Report { kind } => commands::report(kind),
         Command::Bisect(a) => bisect::bisect(a),
         Command::Demo(a) => demo::demo(a),

@@ -4,6 +4,7 @@
 pub mod args;
 pub mod backend;
 pub mod bisect;
+pub mod calibrate;
 pub mod commands;
 pub mod demo;
 pub mod inspect;

@@ -7,7 +7,7 @@ mod cli;
 use std::process::ExitCode;
 
 use cli::args::{Cli, Command};
-use cli::{backend, bisect, calibrate, commands, demo, inspect};
+use cli::{backend, bisect, calibrate, commands, demo, inspect, one_line};
 use resbisect::{Error, Result};
 
 fn dispatch(command: Command) -> Result<ExitCode> {
@@ -54,20 +54,6 @@ fn main() -> ExitCode {
         }
     };
     exit_now(code)
-}
-
-/// An error on its one line: a control character in it (a line break or a terminal
-/// escape in a path the user typed) is shown escaped, as Rust writes it in a string.
-fn one_line(text: &str) -> String {
-    text.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_debug().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
 }
 
 /// The arguments, where a value that reads as a negative number (`--layers -1`) is a value,

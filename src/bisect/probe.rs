@@ -10,9 +10,10 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::readings::first_bad_position;
 use super::{BisectOptions, Crash, Engines};
 use crate::diff::{self, DiffOptions, DiffReport, Judge};
-use crate::dump::{Dump, MappedFile, PromptRecord, Status, TapView};
+use crate::dump::{Dump, MappedFile, PromptRecord, RunError, Status, TapView};
 use crate::engine::{crash_report, Engine};
 use crate::error::{Error, Result};
 use crate::taps::{LayerTap, PositionSpec, Selection, Tap};
@@ -275,18 +276,37 @@ impl<'e> Session<'e> {
             dump_b: dirs.b.display().to_string(),
         };
         let t0 = Instant::now();
+        // What both engines wrote, compared as far as it reads.
+        let partial = || match (Dump::open(&dirs.a), Dump::open(&dirs.b)) {
+            (Ok(da), Ok(db)) => diff::diff(&da, &db, &self.diff_options(judge)).ok(),
+            _ => None,
+        };
         let result = match crash {
             Some(c) => {
                 record.finding = format!("engine {} failed: {}", c.engine, c.error.message);
-                let partial = match (Dump::open(&dirs.a), Dump::open(&dirs.b)) {
-                    (Ok(da), Ok(db)) => diff::diff(&da, &db, &self.diff_options(judge)).ok(),
-                    _ => None,
-                };
-                ProbeResult::Crashed(c, partial)
+                ProbeResult::Crashed(c, partial())
             }
             None => {
                 let asked = sel.positions.resolve(tokens).ok();
-                ProbeResult::Compared(self.compare_dumps(purpose, &dirs.a, &dirs.b, judge, asked.as_deref())?)
+                self.measure_twin(&dirs.b)?;
+                match self.compare_checked(purpose, &dirs.a, &dirs.b, judge, asked.as_deref())? {
+                    Ok(r) => ProbeResult::Compared(r),
+                    Err(breach) => {
+                        let engine = if breach.engine == "A" { &self.a } else { &self.b };
+                        let c = Crash {
+                            engine: breach.engine.into(),
+                            label: engine.label(),
+                            error: RunError {
+                                message: breach.message,
+                                tap: None,
+                                position: None,
+                            },
+                            probe: purpose.into(),
+                        };
+                        record.finding = format!("engine {} failed: {}", c.engine, c.error.message);
+                        ProbeResult::Crashed(c, partial())
+                    }
+                }
             }
         };
         record.seconds_diff = t0.elapsed().as_secs_f64();
@@ -349,26 +369,12 @@ impl<'e> Session<'e> {
             tolerances,
             allow_model_mismatch: self.opts.allow_model_mismatch,
             judge,
+            same_input: true,
         }
     }
 
-    /// The dumps at `a` and `b` compared as `judge` says, after the twin's dump beside `b`
-    /// is measured; each must hold the residual stream it was asked for, at the positions
-    /// `asked` (None: every position either holds).
-    pub(super) fn compare_dumps(
-        &self,
-        purpose: &str,
-        a: &Path,
-        b: &Path,
-        judge: Judge,
-        asked: Option<&[usize]>,
-    ) -> Result<DiffReport> {
-        self.measure_twin(b)?;
-        self.compare_measured(purpose, a, b, judge, asked)
-    }
-
-    /// As [`compare_dumps`](Self::compare_dumps) with the twin's rows already measured
-    /// (a streamed probe's joined dumps: every chunk was).
+    /// As [`compare_checked`](Self::compare_checked), an engine's breach of the dump
+    /// contract an engine error.
     pub(super) fn compare_measured(
         &self,
         purpose: &str,
@@ -377,6 +383,23 @@ impl<'e> Session<'e> {
         judge: Judge,
         asked: Option<&[usize]>,
     ) -> Result<DiffReport> {
+        self.compare_checked(purpose, a, b, judge, asked)?
+            .map_err(|breach| Error::engine(breach.to_string()))
+    }
+
+    /// The dumps at `a` and `b` compared as `judge` says, with the twin's rows already
+    /// measured (a streamed probe's joined dumps: every chunk was); each must hold the
+    /// residual stream it was asked for, at the positions `asked` (None: every position
+    /// either holds). Or the engine that ran to its end but broke that contract: an
+    /// unreadable dump, no tap it was asked for, rows left out that the search needs.
+    fn compare_checked(
+        &self,
+        purpose: &str,
+        a: &Path,
+        b: &Path,
+        judge: Judge,
+        asked: Option<&[usize]>,
+    ) -> Result<std::result::Result<DiffReport, Breach>> {
         // A dump an engine wrote that does not read (a tap of the wrong width, a bad
         // manifest) is that engine's failure to keep the contract, not bad input.
         let read = |dir: &Path| -> Result<Dump> {
@@ -386,27 +409,31 @@ impl<'e> Session<'e> {
             }
             Ok(d)
         };
-        let open = |name: &str, dir: &Path| {
-            read(dir).map_err(|e| {
-                Error::engine(format!(
-                    "engine {name} wrote an unreadable dump for the {purpose} probe: {e}"
-                ))
+        let open = |engine: &'static str, dir: &Path| {
+            read(dir).map_err(|e| Breach {
+                engine,
+                message: format!("wrote an unreadable dump for the {purpose} probe: {e}"),
             })
         };
-        let (da, db) = (open("A", a)?, open("B", b)?);
+        let (da, db) = match (open("A", a), open("B", b)) {
+            (Ok(da), Ok(db)) => (da, db),
+            (Err(breach), _) | (_, Err(breach)) => return Ok(Err(breach)),
+        };
         // An engine that ran to the end and captured nothing it was asked for is broken,
         // not a pair sharing no tap.
-        for (name, d) in [("A", &da), ("B", &db)] {
+        for (engine, d) in [("A", &da), ("B", &db)] {
             if d.manifest.status == Status::Complete && d.wrote_no_tap() {
-                return Err(Error::engine(format!(
-                    "engine {name} ({}) finished the {purpose} probe without writing any tap it was asked for",
-                    d.manifest.engine.describe()
-                )));
+                return Ok(Err(Breach {
+                    engine,
+                    message: format!(
+                        "({}) finished the {purpose} probe without writing any tap it was asked for",
+                        d.manifest.engine.describe()
+                    ),
+                }));
             }
         }
         let r = diff::diff(&da, &db, &self.diff_options(judge))?;
-        check_stream_written(&r, purpose, asked)?;
-        Ok(r)
+        Ok(check_stream_written(&r, purpose, asked).map(|()| r))
     }
 
     /// The commands that write the probe's dumps again and compare them. Fresh output
@@ -542,7 +569,7 @@ impl<'e> Session<'e> {
 /// Layers are judged by their residual stream, the head by final_norm and logits, at the
 /// positions asked for: a probe whose engine left some out cannot rule a layer (or the
 /// head) in or out, and must not read as agreement.
-fn check_stream_written(r: &DiffReport, purpose: &str, asked: Option<&[usize]>) -> Result<()> {
+fn check_stream_written(r: &DiffReport, purpose: &str, asked: Option<&[usize]>) -> std::result::Result<(), Breach> {
     for (name, missing) in r
         .prompts
         .iter()
@@ -554,30 +581,55 @@ fn check_stream_written(r: &DiffReport, purpose: &str, asked: Option<&[usize]>) 
             .filter(|t| Tap::parse(t).is_some_and(|tap| tap.is_stream()))
             .collect();
         if !stream.is_empty() {
-            return Err(Error::engine(format!(
-                "engine {name} wrote no {} for the {purpose} probe, which asked for it: layers it leaves out cannot be judged",
-                stream.join(", ")
-            )));
+            return Err(Breach {
+                engine: name,
+                message: format!(
+                    "wrote no {} for the {purpose} probe, which asked for it: layers it leaves out cannot be judged",
+                    stream.join(", ")
+                ),
+            });
         }
     }
     // Both engines are asked for the same positions: one that leaves some out would hide
-    // a divergence there. (An engine may write more than asked.)
-    for (name, missing) in r
-        .prompts
-        .iter()
-        .flat_map(|p| [("A", &p.positions_missing_in_a), ("B", &p.positions_missing_in_b)])
-    {
+    // a divergence there. (An engine may write more than asked.) Not past where the tokens
+    // differ or the first divergent position: the search cuts the prompt there, so the
+    // finding stands (an engine that dropped a token writes one row fewer).
+    let first_bad = first_bad_position(r).map_or(usize::MAX, |p| p + 1);
+    for (name, missing, mismatch) in r.prompts.iter().flat_map(|p| {
+        let mismatch = p.token_mismatch.as_ref().map_or(usize::MAX, |m| m.position);
+        [
+            ("A", &p.positions_missing_in_a, mismatch),
+            ("B", &p.positions_missing_in_b, mismatch),
+        ]
+    }) {
         let missing: Vec<usize> = missing
             .iter()
             .copied()
+            .filter(|&p| p < mismatch.min(first_bad))
             .filter(|p| asked.is_none_or(|asked| asked.binary_search(p).is_ok()))
             .collect();
         if !missing.is_empty() {
-            return Err(Error::engine(format!(
-                "engine {name} wrote no rows at positions {} for the {purpose} probe, which asked for them",
-                crate::taps::positions_spec(&missing)
-            )));
+            return Err(Breach {
+                engine: name,
+                message: format!(
+                    "wrote no rows at positions {} for the {purpose} probe, which asked for them",
+                    crate::taps::positions_spec(&missing)
+                ),
+            });
         }
     }
     Ok(())
+}
+
+/// An engine (`A` or `B`) that ran to its end but broke the dump contract: a failure of
+/// that engine, reported as a crash is (exit 3, the search so far and the dumps kept).
+pub(super) struct Breach {
+    engine: &'static str,
+    message: String,
+}
+
+impl std::fmt::Display for Breach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "engine {} {}", self.engine, self.message)
+    }
 }

@@ -14,6 +14,7 @@ use resbisect::{report, Error, Result};
 
 use super::args::BisectArgs;
 use super::progress::Bars;
+use super::shown;
 
 /// One bisect run, however the command line asked for it.
 pub(super) struct BisectRun {
@@ -198,7 +199,7 @@ pub(super) fn run(mut r: BisectRun) -> Result<ExitCode> {
     if temporary && !crashed {
         clean_up(&opts.work, found.is_ok());
     } else {
-        eprintln!("probe dumps kept in {}", opts.work.display());
+        eprintln!("probe dumps kept in {}", shown(&opts.work));
     }
     let mut found = found?;
     if foreign_tokens {
@@ -225,7 +226,7 @@ pub(super) fn run(mut r: BisectRun) -> Result<ExitCode> {
         report::write_bisect(&found, dir)?;
         eprintln!(
             "wrote {}/bisect.{{json,md,html}} and report.{{json,md,html}}",
-            dir.display()
+            shown(dir)
         );
     }
     Ok(match found.outcome {

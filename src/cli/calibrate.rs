@@ -10,6 +10,7 @@ use resbisect::{Error, Result};
 
 use super::args::{CalibrateArgs, CompareArgs, JudgeArg};
 use super::commands::{compare, refuse_writing_over_inputs, same_file};
+use super::shown;
 
 pub fn calibrate(a: CalibrateArgs) -> Result<ExitCode> {
     if !a.dumps.len().is_multiple_of(2) {
@@ -136,6 +137,6 @@ pub fn calibrate(a: CalibrateArgs) -> Result<ExitCode> {
     for o in &t.taps {
         println!("{:<22} rel_l2 <= {:.2e}", o.pattern, o.rel_l2);
     }
-    eprintln!("wrote {}", output.display());
+    eprintln!("wrote {}", shown(output));
     Ok(ExitCode::SUCCESS)
 }

@@ -21,6 +21,7 @@ use resbisect::{gguf, report, synth, Error, Result};
 
 use super::args::{CompareArgs, CutArgs, DiffArgs, DumpArgs, ReportKind, RunArgs, SynthArgs, TokenizeArgs};
 use super::progress::Bars;
+use super::shown;
 use super::specs::named;
 
 pub fn dump(a: DumpArgs) -> Result<ExitCode> {
@@ -77,7 +78,7 @@ pub fn dump(a: DumpArgs) -> Result<ExitCode> {
     });
     eprintln!(
         "wrote {} ({} prompt(s), {} tokens; load {:.2} s, compute {:.4} s of which {:.4} s waiting for files, {:.1} tokens/s)",
-        a.output.display(),
+        shown(&a.output),
         summary.prompts,
         summary.tokens,
         summary.load_seconds,
@@ -330,7 +331,7 @@ pub fn report(kind: ReportKind) -> Result<ExitCode> {
                 report::append_history(&h, report::history_entry(&r, run.as_deref()), run.is_some())?;
             }
             print!("{}", report::terminal_summary(&r));
-            eprintln!("wrote {}/report.{{json,md,html}}", output.display());
+            eprintln!("wrote {}/report.{{json,md,html}}", shown(&output));
             Ok(verdict(&r))
         }
         ReportKind::Trend { history, output } => {
@@ -374,9 +375,9 @@ pub fn cut(a: CutArgs) -> Result<ExitCode> {
     let bytes = std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0);
     eprintln!(
         "wrote {} (the first {} layers of {}, {:.1} MiB)",
-        a.output.display(),
+        shown(&a.output),
         a.layers,
-        a.model.display(),
+        shown(&a.model),
         bytes as f64 / (1 << 20) as f64
     );
     Ok(ExitCode::SUCCESS)
@@ -396,7 +397,7 @@ pub fn synth(a: SynthArgs) -> Result<ExitCode> {
     synth::write_model(&preset, synth::parse_quant(&a.quant)?, a.seed, &a.output)?;
     eprintln!(
         "wrote {} ({} preset, {}, seed {})",
-        a.output.display(),
+        shown(&a.output),
         preset.name,
         a.quant,
         a.seed
@@ -423,6 +424,7 @@ pub fn compare(a: &Path, b: &Path, args: &CompareArgs, pairs: &[String]) -> Resu
         tolerances,
         allow_model_mismatch: args.allow_model_mismatch,
         judge: args.judge.judge(),
+        same_input: false,
     };
     diff::diff_paired(&da, &db, &opts, &pairs).map_err(|e| match e {
         // A dump its engine never finished may hold a damaged file: the failure is the

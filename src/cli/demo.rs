@@ -14,6 +14,7 @@ use resbisect::{Error, Result};
 
 use super::args::DemoArgs;
 use super::bisect::{run, BisectRun};
+use super::shown;
 
 /// Marks a directory `resbisect demo` may replace.
 const DEMO_MARKER: &str = ".resbisect-demo";
@@ -185,6 +186,6 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
         report: Some(output.join("report")),
         json: false,
     })?;
-    eprintln!("open {}/report/bisect.html", output.display());
+    eprintln!("open {}/report/bisect.html", shown(&output));
     Ok(code)
 }

@@ -5,9 +5,11 @@
 //! does not exist yet is left to the command (it may create it, or its own error names
 //! the file).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::builder::{PathBufValueParser, TypedValueParser};
+
+use super::shown;
 
 /// A file the command reads (a prompt suite, a tolerance file, a history).
 pub fn file_to_read() -> impl TypedValueParser<Value = PathBuf> {
@@ -62,10 +64,6 @@ fn under_a_directory(p: PathBuf) -> Result<PathBuf, String> {
         Some(a) if !a.is_dir() => Err(format!("{} is a file, not a directory", shown(a))),
         _ => Ok(p),
     }
-}
-
-fn shown(p: &Path) -> String {
-    p.display().to_string().escape_debug().to_string()
 }
 
 /// A count that must be at least 1 (a chunk of 0 rows computes nothing): refused by the

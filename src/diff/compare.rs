@@ -160,7 +160,7 @@ pub(super) fn diff_prompt(
     let (pa, pb) = (a.prompt(id)?, b.prompt(id)?);
     let n_layer = a.manifest.model.config.n_layer;
     // Causality: rows before the first differing token saw the same input.
-    let token_mismatch = token_mismatch(&pa.tokens, &pb.tokens).map(|m| TokenMismatch {
+    let token_mismatch = token_mismatch(&pa.tokens, &pb.tokens, opts.same_input).map(|m| TokenMismatch {
         same_text: pa.text.is_some() && pa.text == pb.text,
         ..m
     });
@@ -285,38 +285,57 @@ fn undelivered(name: &str, d: &Dump, missing: &[String], positions: &BTreeSet<us
     })
 }
 
-/// The first position where the token lists differ (within the shorter one), and whether
-/// A's tokens from there are B's shifted by a few positions. Different lengths over a
-/// common prefix are not a mismatch (an engine may have generated more).
-fn token_mismatch(a: &[u32], b: &[u32]) -> Option<TokenMismatch> {
-    let position = a.iter().zip(b).position(|(x, y)| x != y)?;
-    // Compared over at most this many tokens: enough to tell a shift from chance.
-    const SPAN: usize = 64;
-    let same = |x: &[u32], y: &[u32]| {
-        let n = x.len().min(y.len()).min(SPAN);
-        n > 0 && x[..n] == y[..n]
-    };
-    let shift = (1..=4i64).find_map(|k| {
-        let k_us = k as usize;
-        if a.len() > position + k_us && same(&a[position + k_us..], &b[position..]) {
-            Some(k)
-        } else if b.len() > position + k_us && same(&a[position..], &b[position + k_us..]) {
-            Some(-k)
-        } else {
-            None
-        }
-    });
-    // Or the same tokens again after a few replaced ones (a wrong BOS id).
-    let replaced = (1..=4usize)
-        .find(|&n| a.len() > position + n && b.len() > position + n && same(&a[position + n..], &b[position + n..]));
-    Some(TokenMismatch {
+/// The first position where the token lists differ, and whether A's tokens from there
+/// are B's shifted (a few tokens added or lost, or a span dropped) or agree again after a
+/// few replaced ones. A's tokens a strict prefix of B's is a mismatch at A's end: the
+/// engine under test stopped where the expected run went on (a prompt truncated to a
+/// context or batch size). B's a strict prefix of A's is one only under `same_input`:
+/// otherwise A may have generated past the prompt that B replayed.
+fn token_mismatch(a: &[u32], b: &[u32], same_input: bool) -> Option<TokenMismatch> {
+    let mismatch = |position: usize, shift, replaced| TokenMismatch {
         position,
         a: a.get(position).copied(),
         b: b.get(position).copied(),
         shift,
-        replaced: if shift.is_none() { replaced } else { None },
+        replaced,
         same_text: false,
-    })
+        a_tokens: a.len(),
+        b_tokens: b.len(),
+    };
+    let Some(position) = a.iter().zip(b).position(|(x, y)| x != y) else {
+        let differ = a.len() < b.len() || (same_input && a.len() > b.len());
+        return differ.then(|| mismatch(a.len().min(b.len()), None, None));
+    };
+    // Compared over at most this many tokens: enough to tell a shift from chance. A shift
+    // of more than a few tokens must hold over at least LONG_SHIFT_SPAN of them.
+    const SPAN: usize = 64;
+    const LONG_SHIFT_SPAN: usize = 8;
+    let same = |x: &[u32], y: &[u32], least: usize| {
+        let n = x.len().min(y.len()).min(SPAN);
+        n >= least && x[..n] == y[..n]
+    };
+    let shift_by = |k: usize, least: usize| {
+        if a.len() > position + k && same(&a[position + k..], &b[position..], least) {
+            Some(k as i64)
+        } else if b.len() > position + k && same(&a[position..], &b[position + k..], least) {
+            Some(-(k as i64))
+        } else {
+            None
+        }
+    };
+    // The nearest explanation first: a few tokens added or lost, a few replaced (a wrong
+    // BOS id), then a long span added or dropped.
+    if let Some(k) = (1..=4).find_map(|k| shift_by(k, 1)) {
+        return Some(mismatch(position, Some(k), None));
+    }
+    let replaced = (1..=4usize)
+        .find(|&n| a.len() > position + n && b.len() > position + n && same(&a[position + n..], &b[position + n..], 1));
+    if replaced.is_some() {
+        return Some(mismatch(position, None, replaced));
+    }
+    let longest = a.len().max(b.len()) - position;
+    let long_shift = (5..longest).find_map(|k| shift_by(k, LONG_SHIFT_SPAN));
+    Some(mismatch(position, long_shift, None))
 }
 
 /// Index of the first tap (logits excluded) that is systematically over its noise floor

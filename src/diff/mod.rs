@@ -138,6 +138,9 @@ pub struct TokenMismatch {
     pub replaced: Option<usize>,
     /// Both dumps record the same prompt text: the engines tokenized one text apart.
     pub same_text: bool,
+    /// How many tokens each side ran.
+    pub a_tokens: usize,
+    pub b_tokens: usize,
 }
 
 impl TokenMismatch {
@@ -149,17 +152,52 @@ impl TokenMismatch {
     }
 
     pub fn describe(&self) -> String {
+        let (na, nb) = (self.a_tokens, self.b_tokens);
+        // Equal up to where one side ends: one ran a truncated or extended input.
+        if self.shift.is_none() && (self.a.is_none() || self.b.is_none()) {
+            let why = if self.a.is_none() {
+                "A's input ends early (a prompt truncated to a context or batch size?)".to_string()
+            } else {
+                format!(
+                    "A ran {} more from position {} on (token {} appended: an EOS or BOS added to the prompt?)",
+                    na - nb,
+                    self.position,
+                    self.a.unwrap_or_default()
+                )
+            };
+            return format!(
+                "A ran {na} tokens where B ran {nb}, the same up to position {}: {why}",
+                self.position
+            );
+        }
         let tok = |t: Option<u32>| t.map_or("nothing".to_string(), |t| format!("token {t}"));
         let shift = match self.shift {
             Some(k) if k > 0 => format!("; A has {k} extra token(s) there and is B's input shifted by +{k}"),
-            Some(k) => format!("; A lacks {} of B's tokens there and is B's input shifted by {k}", -k),
+            Some(k) => {
+                // More than a few tokens gone: a span dropped, as an engine that keeps the head
+                // and the tail of a prompt over its context does.
+                let span = if k < -4 {
+                    ", a span of B's prompt dropped (context overflow?)"
+                } else {
+                    ""
+                };
+                format!(
+                    "; A lacks {} of B's tokens there and is B's input shifted by {k}{span}",
+                    -k
+                )
+            }
             None => match self.replaced {
                 Some(n) => format!("; A and B agree again after {n} replaced token(s), as with a wrong BOS id"),
                 None => String::new(),
             },
         };
+        let counts = if na == nb {
+            String::new()
+        } else {
+            format!(" (A ran {na} tokens, B {nb})")
+        };
         format!(
-            "the engines ran different tokens from position {}: A has {}, B has {}{shift}",
+            "the engines ran different tokens from position {}{counts}: A has {}, B has {}{shift}",
             self.position,
             tok(self.a),
             tok(self.b)
@@ -269,6 +307,10 @@ pub struct DiffOptions {
     pub tolerances: Tolerances,
     pub allow_model_mismatch: bool,
     pub judge: Judge,
+    /// Both engines were given the same tokens (bisect's probes): A running more tokens
+    /// than B is a mismatch too. Otherwise it is not: A may have generated past the
+    /// tokens B replayed.
+    pub same_input: bool,
 }
 
 impl DiffReport {

@@ -505,12 +505,14 @@ fn an_engine_that_leaves_out_layers_cannot_pass_the_layer_search() {
         ),
     ] {
         let out = run(&format!("{filter}; {dump} {rest}"), work);
+        // A failure of engine A, reported as a crash is: the search so far and the dumps kept.
         assert_eq!(out.code, 3, "{}\n{}", out.stdout, out.stderr);
+        assert!(out.stdout.contains("ENGINE A FAILED"), "{}", out.stdout);
         assert!(
-            out.stderr
-                .contains(&format!("engine A wrote no {left_out} for the coarse probe")),
+            out.stdout
+                .contains(&format!("wrote no {left_out} for the coarse probe")),
             "{}",
-            out.stderr
+            out.stdout
         );
     }
 }
@@ -649,29 +651,91 @@ fn non_finite_rows_show_as_such_and_each_layer_keeps_its_own_first_position() {
 
 #[test]
 fn an_engine_that_ran_different_tokens_is_a_finding() {
-    // A doubled first token (a doubled BOS): the engine processed another input.
-    let dir = tempfile::tempdir().unwrap();
+    // Engines that ran another input than the 32 tokens they were given, each a kind of
+    // reported bug: a doubled BOS; a prompt truncated to a context or batch size; an EOS
+    // appended to the prompt; the head of a prompt dropped on context overflow; a token
+    // dropped at a micro-batch edge by an engine whose manifest still lists the tokens it
+    // was given (its rows from there on are the next token's, and it writes one row fewer).
     let exe = env!("CARGO_BIN_EXE_resbisect");
-    let command = format!("{exe} dump --model {{model}} --id {{prompt_id}} --tokens \"$(cut -d, -f1 {{tokens}}),$(cat {{tokens}})\" --layers {{layers}} --taps {{taps}} -o {{out}}");
-    let (code, r) = bisect(
-        &[
-            "--prompts",
-            &bisect_prompts(),
-            "--id",
-            "p6_len_32",
-            "--engine",
-            "external",
-            "--command",
-            &command,
-        ],
-        &dir.path().join("w"),
-    );
-    assert_eq!(code, 1, "{r}");
-    assert_eq!(r["outcome"], "diverged");
-    assert_eq!(r["token_mismatch"]["position"], 1, "{r}");
-    assert_eq!(r["token_mismatch"]["shift"], 1, "{r}");
-    // Position 0 ran the same token in the same context: nothing diverges before the mismatch.
-    assert_eq!(r["first"], Value::Null);
+    let dump = |tokens: &str| {
+        format!("{exe} dump --model {{model}} --id {{prompt_id}} --tokens \"{tokens}\" --layers {{layers}} --taps {{taps}} -o {{out}}")
+    };
+    let claim_given_tokens = "python3 -c \"import json, sys; p = sys.argv[1] + '/manifest.json'; m = json.load(open(p)); \
+         m['prompts'][0]['tokens'] = [int(t) for t in open(sys.argv[2]).read().split(',')]; json.dump(m, open(p, 'w'))\" \
+         {out} {tokens}";
+    let cases = [
+        (
+            "doubled-bos",
+            dump("$(cut -d, -f1 {tokens}),$(cat {tokens})"),
+            "position 1",
+            Some(1),
+        ),
+        (
+            "truncated",
+            dump("$(cut -d, -f1-20 {tokens})"),
+            "A ran 20 tokens where B ran 32",
+            None,
+        ),
+        (
+            "eos-appended",
+            dump("$(cat {tokens}),2"),
+            "A ran 33 tokens where B ran 32",
+            None,
+        ),
+        (
+            "head-dropped",
+            dump("$(cut -d, -f9- {tokens})"),
+            "shifted by -8, a span of B's prompt dropped",
+            Some(-8),
+        ),
+        (
+            "dropped-hidden",
+            format!(
+                "{} && {claim_given_tokens}",
+                dump("$(cut -d, -f1-16 {tokens}),$(cut -d, -f18- {tokens})")
+            ),
+            "",
+            None,
+        ),
+    ];
+    for (name, command, says, shift) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let (code, r) = bisect(
+            &[
+                "--prompts",
+                &bisect_prompts(),
+                "--id",
+                "p6_len_32",
+                "--engine",
+                "external",
+                "--command",
+                &command,
+            ],
+            &dir.path().join("w"),
+        );
+        assert_eq!(code, 1, "{name}: {r}");
+        assert_eq!(r["outcome"], "diverged", "{name}");
+        if name == "dropped-hidden" {
+            // The same tokens by the manifest: the rows say it, shifted from position 16 on.
+            assert_eq!(r["first"]["tap"], "embed", "{name}: {r}");
+            assert_eq!(r["first"]["position"], 16, "{name}: {r}");
+            assert_eq!(r["first"]["shift"], -1, "{name}: {r}");
+            continue;
+        }
+        // The coarse probe's finding says what the engine ran.
+        let findings = r["probes"].to_string();
+        assert!(findings.contains(says), "{name}: {findings}");
+        assert_eq!(
+            r["token_mismatch"]["shift"],
+            shift.map_or(Value::Null, Value::from),
+            "{name}: {r}"
+        );
+        if name == "doubled-bos" {
+            // Position 0 ran the same token in the same context: nothing diverges before it.
+            assert_eq!(r["token_mismatch"]["position"], 1, "{r}");
+            assert_eq!(r["first"], Value::Null);
+        }
+    }
 }
 
 #[test]

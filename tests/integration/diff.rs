@@ -306,6 +306,25 @@ fn mismatched_inputs_are_refused() {
         "{}",
         out.stdout
     );
+    // A's tokens a prefix of B's: a prompt truncated to a context or batch size, a
+    // finding. B's a prefix of A's is not: A may have generated past what B replayed.
+    let truncated = dump("truncated", &m1, "5,6,7");
+    let out = resbisect(&["diff", path_str(&truncated), path_str(&a)]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stdout.contains("A ran 3 tokens where B ran 4"), "{}", out.stdout);
+    assert_eq!(resbisect(&["diff", path_str(&a), path_str(&truncated)]).code, 0);
+    // The head of a prompt dropped (an engine keeping the tail on context overflow): a
+    // shift of more than a few tokens is named, not taken for another prompt.
+    let whole: Vec<String> = (10..30).map(|t| t.to_string()).collect();
+    let long = dump("long", &m1, &whole.join(","));
+    let tail = dump("tail", &m1, &whole[6..].join(","));
+    let out = resbisect(&["diff", path_str(&tail), path_str(&long)]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("shifted by -6, a span of B's prompt dropped"),
+        "{}",
+        out.stdout
+    );
     let text = |name: &str, tokens: &[u32]| {
         let dir = dump(name, &m1, "5,6,7,8");
         let path = dir.join("manifest.json");

@@ -30,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
         tolerances: Tolerances::default(),
         allow_model_mismatch: false,
         judge: Judge::Auto,
+        given_tokens: None,
     };
     if let Ok(report) = diff(&dump, &dump, &opts) {
         // What calibrate writes, its loader reads back (NaN rows once made `null`).

@@ -278,7 +278,7 @@ impl<'e> Session<'e> {
         let t0 = Instant::now();
         // What both engines wrote, compared as far as it reads.
         let partial = || match (Dump::open(&dirs.a), Dump::open(&dirs.b)) {
-            (Ok(da), Ok(db)) => diff::diff(&da, &db, &self.diff_options(judge)).ok(),
+            (Ok(da), Ok(db)) => diff::diff(&da, &db, &self.diff_options(judge, tokens)).ok(),
             _ => None,
         };
         let result = match crash {
@@ -289,7 +289,7 @@ impl<'e> Session<'e> {
             None => {
                 let asked = sel.positions.resolve(tokens).ok();
                 self.measure_twin(&dirs.b)?;
-                match self.compare_checked(purpose, &dirs.a, &dirs.b, judge, asked.as_deref())? {
+                match self.compare_checked(purpose, &dirs.a, &dirs.b, judge, asked.as_deref(), tokens)? {
                     Ok(r) => ProbeResult::Compared(r),
                     Err(breach) => {
                         let engine = if breach.engine == "A" { &self.a } else { &self.b };
@@ -362,19 +362,20 @@ impl<'e> Session<'e> {
         })
     }
 
-    /// Comparison options; the tolerances include what the twin measured.
-    fn diff_options(&self, judge: Judge) -> DiffOptions {
+    /// Comparison options for a probe of the prompt's first `given` tokens; the
+    /// tolerances include what the twin measured.
+    fn diff_options(&self, judge: Judge, given: usize) -> DiffOptions {
         let tolerances = self.tolerances();
         DiffOptions {
             tolerances,
             allow_model_mismatch: self.opts.allow_model_mismatch,
             judge,
-            same_input: true,
+            given_tokens: Some(self.prompt.tokens[..given.min(self.prompt.tokens.len())].to_vec()),
         }
     }
 
-    /// As [`compare_checked`](Self::compare_checked), an engine's breach of the dump
-    /// contract an engine error.
+    /// As [`compare_checked`](Self::compare_checked) (a probe of the prompt's first
+    /// `given` tokens), an engine's breach of the dump contract an engine error.
     pub(super) fn compare_measured(
         &self,
         purpose: &str,
@@ -382,15 +383,17 @@ impl<'e> Session<'e> {
         b: &Path,
         judge: Judge,
         asked: Option<&[usize]>,
+        given: usize,
     ) -> Result<DiffReport> {
-        self.compare_checked(purpose, a, b, judge, asked)?
+        self.compare_checked(purpose, a, b, judge, asked, given)?
             .map_err(|breach| Error::engine(breach.to_string()))
     }
 
     /// The dumps at `a` and `b` compared as `judge` says, with the twin's rows already
     /// measured (a streamed probe's joined dumps: every chunk was); each must hold the
     /// residual stream it was asked for, at the positions `asked` (None: every position
-    /// either holds). Or the engine that ran to its end but broke that contract: an
+    /// either holds); both were given the prompt's first `given` tokens. Or the engine
+    /// that ran to its end but broke that contract: an
     /// unreadable dump, no tap it was asked for, rows left out that the search needs.
     fn compare_checked(
         &self,
@@ -399,6 +402,7 @@ impl<'e> Session<'e> {
         b: &Path,
         judge: Judge,
         asked: Option<&[usize]>,
+        given: usize,
     ) -> Result<std::result::Result<DiffReport, Breach>> {
         // A dump an engine wrote that does not read (a tap of the wrong width, a bad
         // manifest) is that engine's failure to keep the contract, not bad input.
@@ -432,7 +436,7 @@ impl<'e> Session<'e> {
                 }));
             }
         }
-        let r = diff::diff(&da, &db, &self.diff_options(judge))?;
+        let r = diff::diff(&da, &db, &self.diff_options(judge, given))?;
         Ok(check_stream_written(&r, purpose, asked).map(|()| r))
     }
 

@@ -123,12 +123,15 @@ impl Session<'_> {
             if diverged || end == n {
                 let t0 = Instant::now();
                 let joined_parts = if whole_last { &parts[k..] } else { &parts[..] };
-                let (joined, r) = self.join(purpose, joined_parts, &dir.join(format!("joined-{:02}", k + 1)))?;
+                let (joined, r) = self.join(purpose, joined_parts, &dir.join(format!("joined-{:02}", k + 1)), end)?;
                 sum.seconds_diff += t0.elapsed().as_secs_f64();
+                // An engine that ran other tokens than it was given is the finding: more rows
+                // cannot undo it.
                 let settled = end == n
+                    || r.prompts.iter().any(|p| p.token_mismatch.is_some())
                     || self.judge != Judge::Auto
                     || r.prompts.iter().any(|p| p.judged == Judgement::NoiseFloor)
-                    || self.floor_agrees(purpose, &joined, &r)?;
+                    || self.floor_agrees(purpose, &joined, &r, end)?;
                 if settled {
                     sum.positions = PositionSpec::all().to_string();
                     sum.dump_a = joined.join("a").display().to_string();
@@ -209,8 +212,15 @@ impl Session<'_> {
     /// first divergence at the same tap and position when judged against the noise floor
     /// from the first tap on: then the whole prompt's judgement, whichever it is, cannot
     /// move the answer within the prefix, and the stream need not go on to learn it.
-    fn floor_agrees(&self, purpose: &str, joined: &Path, r: &DiffReport) -> Result<bool> {
-        let floor = self.compare_measured(purpose, &joined.join("a"), &joined.join("b"), Judge::NoiseFloor, None)?;
+    fn floor_agrees(&self, purpose: &str, joined: &Path, r: &DiffReport, end: usize) -> Result<bool> {
+        let floor = self.compare_measured(
+            purpose,
+            &joined.join("a"),
+            &joined.join("b"),
+            Judge::NoiseFloor,
+            None,
+            end,
+        )?;
         let at = |r: &DiffReport| {
             r.prompts
                 .iter()
@@ -221,14 +231,14 @@ impl Session<'_> {
     }
 
     /// The chunk dumps `parts` joined into one dump per engine under `dir`, compared as
-    /// the session judges.
-    fn join(&self, purpose: &str, parts: &[PathBuf], dir: &Path) -> Result<(PathBuf, DiffReport)> {
+    /// the session judges (both engines given the prompt's first `end` tokens).
+    fn join(&self, purpose: &str, parts: &[PathBuf], dir: &Path, end: usize) -> Result<(PathBuf, DiffReport)> {
         for side in ["a", "b"] {
             let chunks: Vec<PathBuf> = parts.iter().map(|p| p.join(side)).collect();
             join_chunks(&chunks, &self.prompt.id, &dir.join(side))?;
         }
         // The twin measured each chunk as it came: its joined rows would add nothing.
-        let r = self.compare_measured(purpose, &dir.join("a"), &dir.join("b"), self.judge, None)?;
+        let r = self.compare_measured(purpose, &dir.join("a"), &dir.join("b"), self.judge, None, end)?;
         Ok((dir.to_path_buf(), r))
     }
 }
@@ -275,32 +285,52 @@ fn join_chunks(chunks: &[PathBuf], prompt_id: &str, out: &Path) -> Result<()> {
             .map(|d| d.map_file(prompt_id, &stem))
             .collect::<Result<_>>()?;
         let Some(files) = files else { continue };
-        let positions: Vec<usize> = files.iter().flat_map(|f| f.positions.iter().copied()).collect();
+        // An engine may write more rows than a chunk asked for (every row of its prefix):
+        // each position is taken from the first chunk that holds it.
+        let mut last = None;
+        let keep: Vec<Vec<usize>> = files
+            .iter()
+            .map(|f| {
+                let rows: Vec<usize> = (0..f.positions.len())
+                    .filter(|&i| last.is_none_or(|l| f.positions[i] > l))
+                    .collect();
+                last = rows.last().map(|&i| f.positions[i]).or(last);
+                rows
+            })
+            .collect();
+        let positions: Vec<usize> = files
+            .iter()
+            .zip(&keep)
+            .flat_map(|(f, rows)| rows.iter().map(|&i| f.positions[i]))
+            .collect();
         let taps = files[0]
             .taps
             .keys()
             .filter(|id| files.iter().all(|f| f.taps.contains_key(*id)))
-            .map(|id| joined_tap(&files, id))
+            .map(|id| joined_tap(&files, &keep, id))
             .collect::<Result<Vec<_>>>()?;
         writer.write_file(prompt_id, &stem, &positions, &taps)?;
     }
     writer.finish(Status::Complete, None)
 }
 
-/// Tap `id`'s rows from every file, in order.
-fn joined_tap(files: &[MappedFile], id: &str) -> Result<TapTensor> {
+/// Tap `id`'s rows `keep[f]` of every file `f`, in order.
+fn joined_tap(files: &[MappedFile], keep: &[Vec<usize>], id: &str) -> Result<TapTensor> {
     let first = files[0].tap(id).expect("every file holds the tap");
     let mut bytes = Vec::new();
     let mut rows = 0;
-    for f in files {
+    for (f, keep) in files.iter().zip(keep) {
         let view = f.tap(id).expect("every file holds the tap");
         if (view.dtype, view.width) != (first.dtype, first.width) {
             return Err(Error::engine(format!(
                 "{id}: chunks of one stream disagree on dtype or width"
             )));
         }
-        bytes.extend_from_slice(view.bytes);
-        rows += view.rows;
+        let row_bytes = view.bytes.len() / view.rows.max(1);
+        for &i in keep {
+            bytes.extend_from_slice(&view.bytes[i * row_bytes..(i + 1) * row_bytes]);
+        }
+        rows += keep.len();
     }
     Ok(TapTensor {
         id: id.to_string(),

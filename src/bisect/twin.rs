@@ -76,7 +76,7 @@ impl Session<'_> {
             tolerances: self.opts.tolerances.clone(),
             allow_model_mismatch: false,
             judge: Judge::Tolerance,
-            same_input: true,
+            given_tokens: None,
         };
         let r = diff::diff(&Dump::open(&twin)?, &Dump::open(b)?, &opts)?;
         let mut noise = self.twin_noise.borrow_mut();

@@ -224,10 +224,13 @@ pub(super) fn run(mut r: BisectRun) -> Result<ExitCode> {
     }
     if let Some(dir) = &r.report {
         report::write_bisect(&found, dir)?;
-        eprintln!(
-            "wrote {}/bisect.{{json,md,html}} and report.{{json,md,html}}",
-            shown(dir)
-        );
+        // The full comparison exists only where a probe compared the suspect layer.
+        let comparison = if dir.join("report.json").is_file() {
+            " and report.{json,md,html}"
+        } else {
+            ""
+        };
+        eprintln!("wrote {}/bisect.{{json,md,html}}{comparison}", shown(dir));
     }
     Ok(match found.outcome {
         Outcome::Clean => ExitCode::SUCCESS,

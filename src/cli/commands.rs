@@ -424,7 +424,7 @@ pub fn compare(a: &Path, b: &Path, args: &CompareArgs, pairs: &[String]) -> Resu
         tolerances,
         allow_model_mismatch: args.allow_model_mismatch,
         judge: args.judge.judge(),
-        same_input: false,
+        given_tokens: None,
     };
     diff::diff_paired(&da, &db, &opts, &pairs).map_err(|e| match e {
         // A dump its engine never finished may hold a damaged file: the failure is the

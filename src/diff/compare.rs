@@ -160,10 +160,13 @@ pub(super) fn diff_prompt(
     let (pa, pb) = (a.prompt(id)?, b.prompt(id)?);
     let n_layer = a.manifest.model.config.n_layer;
     // Causality: rows before the first differing token saw the same input.
-    let token_mismatch = token_mismatch(&pa.tokens, &pb.tokens, opts.same_input).map(|m| TokenMismatch {
-        same_text: pa.text.is_some() && pa.text == pb.text,
-        ..m
-    });
+    let token_mismatch = match &opts.given_tokens {
+        None => token_mismatch(&pa.tokens, &pb.tokens, false).map(|m| TokenMismatch {
+            same_text: pa.text.is_some() && pa.text == pb.text,
+            ..m
+        }),
+        Some(given) => against_given(&pa.tokens, &pb.tokens, given),
+    };
     let limit = token_mismatch.as_ref().map_or(usize::MAX, |m| m.position);
     // File pairs in parallel (their mapping and page-table work is serial per file), in
     // order; at most one pair per worker thread is mapped at a time.
@@ -285,13 +288,33 @@ fn undelivered(name: &str, d: &Dump, missing: &[String], positions: &BTreeSet<us
     })
 }
 
+/// Each side's tokens against the tokens both were given: the engine (or both, when they
+/// ran the same other tokens) that ran other ones, at the first position where any did.
+fn against_given(a: &[u32], b: &[u32], given: &[u32]) -> Option<TokenMismatch> {
+    let named = |side: &[u32], engine: &str| {
+        token_mismatch(side, given, true).map(|m| TokenMismatch {
+            engine: Some(engine.to_string()),
+            ..m
+        })
+    };
+    match (named(a, "A"), named(b, "B")) {
+        (None, None) => None,
+        (Some(m), None) | (None, Some(m)) => Some(m),
+        (Some(ma), Some(_)) if a == b => Some(TokenMismatch {
+            engine: Some("A and B".to_string()),
+            ..ma
+        }),
+        (Some(ma), Some(mb)) => Some(if mb.position < ma.position { mb } else { ma }),
+    }
+}
+
 /// The first position where the token lists differ, and whether A's tokens from there
 /// are B's shifted (a few tokens added or lost, or a span dropped) or agree again after a
 /// few replaced ones. A's tokens a strict prefix of B's is a mismatch at A's end: the
 /// engine under test stopped where the expected run went on (a prompt truncated to a
-/// context or batch size). B's a strict prefix of A's is one only under `same_input`:
-/// otherwise A may have generated past the prompt that B replayed.
-fn token_mismatch(a: &[u32], b: &[u32], same_input: bool) -> Option<TokenMismatch> {
+/// context or batch size). B's a strict prefix of A's is one only when `strict` (B is
+/// the tokens given): otherwise A may have generated past the prompt that B replayed.
+fn token_mismatch(a: &[u32], b: &[u32], strict: bool) -> Option<TokenMismatch> {
     let mismatch = |position: usize, shift, replaced| TokenMismatch {
         position,
         a: a.get(position).copied(),
@@ -301,9 +324,10 @@ fn token_mismatch(a: &[u32], b: &[u32], same_input: bool) -> Option<TokenMismatc
         same_text: false,
         a_tokens: a.len(),
         b_tokens: b.len(),
+        engine: None,
     };
     let Some(position) = a.iter().zip(b).position(|(x, y)| x != y) else {
-        let differ = a.len() < b.len() || (same_input && a.len() > b.len());
+        let differ = a.len() < b.len() || (strict && a.len() > b.len());
         return differ.then(|| mismatch(a.len().min(b.len()), None, None));
     };
     // Compared over at most this many tokens: enough to tell a shift from chance. A shift
@@ -324,12 +348,16 @@ fn token_mismatch(a: &[u32], b: &[u32], same_input: bool) -> Option<TokenMismatc
         }
     };
     // The nearest explanation first: a few tokens added or lost, a few replaced (a wrong
-    // BOS id), then a long span added or dropped.
+    // BOS id), then a long span added or dropped. Lists of one length were more likely
+    // replaced than shifted (in a repetitive prompt both can fit).
+    let replaced = (1..=4usize)
+        .find(|&n| a.len() > position + n && b.len() > position + n && same(&a[position + n..], &b[position + n..], 1));
+    if replaced.is_some() && a.len() == b.len() {
+        return Some(mismatch(position, None, replaced));
+    }
     if let Some(k) = (1..=4).find_map(|k| shift_by(k, 1)) {
         return Some(mismatch(position, Some(k), None));
     }
-    let replaced = (1..=4usize)
-        .find(|&n| a.len() > position + n && b.len() > position + n && same(&a[position + n..], &b[position + n..], 1));
     if replaced.is_some() {
         return Some(mismatch(position, None, replaced));
     }

@@ -141,6 +141,11 @@ pub struct TokenMismatch {
     /// How many tokens each side ran.
     pub a_tokens: usize,
     pub b_tokens: usize,
+    /// Set where the tokens both engines were given are known (bisect): the engine that
+    /// ran other tokens than those ("A", "B" or "A and B"). Its tokens then stand as A's
+    /// above, the tokens given as B's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
 }
 
 impl TokenMismatch {
@@ -152,56 +157,73 @@ impl TokenMismatch {
     }
 
     pub fn describe(&self) -> String {
-        let (na, nb) = (self.a_tokens, self.b_tokens);
+        let (na, nb, p) = (self.a_tokens, self.b_tokens, self.position);
+        // Who ran what: A against B, or an engine against the tokens it was given.
+        let (ours, ran_where) = match &self.engine {
+            None => ("A".to_string(), format!("A ran {na} tokens where B ran {nb}")),
+            Some(e) => {
+                let (who, they) = if e.contains(" and ") {
+                    (format!("engines {e}"), "they were")
+                } else {
+                    (format!("engine {e}"), "it was")
+                };
+                let ran = format!("{who} ran {na} tokens where {they} given {nb}");
+                (who, ran)
+            }
+        };
+        let (theirs_tokens, theirs_input) = if self.engine.is_some() {
+            ("the prompt's tokens", "the prompt")
+        } else {
+            ("B's tokens", "B's input")
+        };
         // Equal up to where one side ends: one ran a truncated or extended input.
         if self.shift.is_none() && (self.a.is_none() || self.b.is_none()) {
             let why = if self.a.is_none() {
-                "A's input ends early (a prompt truncated to a context or batch size?)".to_string()
+                format!("{ours}'s input ends early (a prompt truncated to a context or batch size, or fewer tokens generated?)")
             } else {
                 format!(
-                    "A ran {} more from position {} on (token {} appended: an EOS or BOS added to the prompt?)",
+                    "{ours} ran {} more from position {p} on (token {} appended: an EOS or BOS added to the prompt?)",
                     na - nb,
-                    self.position,
                     self.a.unwrap_or_default()
                 )
             };
-            return format!(
-                "A ran {na} tokens where B ran {nb}, the same up to position {}: {why}",
-                self.position
-            );
+            return format!("{ran_where}, the same up to position {p}: {why}");
         }
         let tok = |t: Option<u32>| t.map_or("nothing".to_string(), |t| format!("token {t}"));
         let shift = match self.shift {
-            Some(k) if k > 0 => format!("; A has {k} extra token(s) there and is B's input shifted by +{k}"),
+            Some(k) if k > 0 => format!("; {ours} has {k} extra token(s) there and is {theirs_input} shifted by +{k}"),
             Some(k) => {
                 // More than a few tokens gone: a span dropped, as an engine that keeps the head
                 // and the tail of a prompt over its context does.
                 let span = if k < -4 {
-                    ", a span of B's prompt dropped (context overflow?)"
+                    ", a span of the prompt dropped (context overflow?)"
                 } else {
                     ""
                 };
                 format!(
-                    "; A lacks {} of B's tokens there and is B's input shifted by {k}{span}",
+                    "; {ours} lacks {} of {theirs_tokens} there and is {theirs_input} shifted by {k}{span}",
                     -k
                 )
             }
             None => match self.replaced {
-                Some(n) => format!("; A and B agree again after {n} replaced token(s), as with a wrong BOS id"),
+                Some(n) if p == 0 => format!("; they agree again after {n} replaced token(s), as with a wrong BOS id"),
+                Some(n) => format!("; they agree again after {n} replaced token(s)"),
                 None => String::new(),
             },
         };
         let counts = if na == nb {
             String::new()
         } else {
-            format!(" (A ran {na} tokens, B {nb})")
+            format!(" ({ran_where})")
         };
-        format!(
-            "the engines ran different tokens from position {}{counts}: A has {}, B has {}{shift}",
-            self.position,
-            tok(self.a),
-            tok(self.b)
-        )
+        let (has_a, has_b) = (tok(self.a), tok(self.b));
+        match &self.engine {
+            None => format!("the engines ran different tokens from position {p}{counts}: A has {has_a}, B has {has_b}{shift}"),
+            Some(_) => format!(
+                "{ours} ran other tokens than {} given from position {p}{counts}: {has_a} where the prompt has {has_b}{shift}",
+                if ours.starts_with("engines") { "they were" } else { "it was" }
+            ),
+        }
     }
 }
 
@@ -307,10 +329,11 @@ pub struct DiffOptions {
     pub tolerances: Tolerances,
     pub allow_model_mismatch: bool,
     pub judge: Judge,
-    /// Both engines were given the same tokens (bisect's probes): A running more tokens
-    /// than B is a mismatch too. Otherwise it is not: A may have generated past the
-    /// tokens B replayed.
-    pub same_input: bool,
+    /// The tokens both engines were given (bisect's probes, one prompt): each side's are
+    /// checked against them, so a side that ran more, fewer or other tokens is named, and
+    /// both running the same wrong tokens is caught. Without them A may run past B's end
+    /// (A may have generated past the tokens B replayed).
+    pub given_tokens: Option<Vec<u32>>,
 }
 
 impl DiffReport {

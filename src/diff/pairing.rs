@@ -162,8 +162,13 @@ pub(super) fn prompt_pairs(
         let n = pa.tokens.len().min(pb.tokens.len());
         if n > 0 && pa.tokens[..n] == pb.tokens[..n] {
             notes.retain(|n| !n.starts_with("prompt ") || !n.contains(" is only in "));
+            let agree = if pa.tokens.len() == pb.tokens.len() {
+                "whose tokens agree"
+            } else {
+                "whose tokens agree as far as both go"
+            };
             notes.push(format!(
-                "prompt ids differ (A {}, B {}); compared as the one prompt of each dump, whose tokens agree",
+                "prompt ids differ (A {}, B {}); compared as the one prompt of each dump, {agree}",
                 pa.id, pb.id
             ));
             return Ok(vec![(pa.id.clone(), pb.id.clone())]);

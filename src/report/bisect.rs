@@ -208,6 +208,7 @@ fn bisect_title(r: &BisectReport) -> String {
     match (&r.crash, &r.first) {
         (Some(c), _) => format!("engine {} failed", c.engine),
         (None, Some(f)) => format!("first divergence at {}, position {}", f.tap, f.position),
+        (None, None) if r.token_mismatch.is_some() => "the engines ran different tokens".into(),
         // A probe diverged, a later one on the same tokens did not (the notes say why).
         (None, None) if r.outcome == Outcome::Diverged => {
             "divergence not reproduced: a probe diverged, a later one did not (see the notes)".into()

@@ -656,6 +656,8 @@ fn an_engine_that_ran_different_tokens_is_a_finding() {
     // appended to the prompt; the head of a prompt dropped on context overflow; a token
     // dropped at a micro-batch edge by an engine whose manifest still lists the tokens it
     // was given (its rows from there on are the next token's, and it writes one row fewer).
+    // The engine that ran other tokens is named against the tokens given: the oracle too,
+    // or both engines alike.
     let exe = env!("CARGO_BIN_EXE_resbisect");
     let dump = |tokens: &str| {
         format!("{exe} dump --model {{model}} --id {{prompt_id}} --tokens \"{tokens}\" --layers {{layers}} --taps {{taps}} -o {{out}}")
@@ -663,56 +665,74 @@ fn an_engine_that_ran_different_tokens_is_a_finding() {
     let claim_given_tokens = "python3 -c \"import json, sys; p = sys.argv[1] + '/manifest.json'; m = json.load(open(p)); \
          m['prompts'][0]['tokens'] = [int(t) for t in open(sys.argv[2]).read().split(',')]; json.dump(m, open(p, 'w'))\" \
          {out} {tokens}";
+    let (clean, truncated) = (dump("$(cat {tokens})"), dump("$(cut -d, -f1-20 {tokens})"));
+    let a_is = |command: String| vec!["--engine".to_string(), "external".into(), "--command".into(), command];
+    let b_is = |command: &str| {
+        vec![
+            "--oracle".to_string(),
+            "external".into(),
+            "--oracle-command".into(),
+            command.into(),
+        ]
+    };
     let cases = [
         (
             "doubled-bos",
-            dump("$(cut -d, -f1 {tokens}),$(cat {tokens})"),
+            a_is(dump("$(cut -d, -f1 {tokens}),$(cat {tokens})")),
             "position 1",
             Some(1),
         ),
         (
             "truncated",
-            dump("$(cut -d, -f1-20 {tokens})"),
-            "A ran 20 tokens where B ran 32",
+            a_is(truncated.clone()),
+            "engine A ran 20 tokens where it was given 32",
             None,
         ),
         (
             "eos-appended",
-            dump("$(cat {tokens}),2"),
-            "A ran 33 tokens where B ran 32",
+            a_is(dump("$(cat {tokens}),2")),
+            "engine A ran 33 tokens where it was given 32",
             None,
         ),
         (
             "head-dropped",
-            dump("$(cut -d, -f9- {tokens})"),
-            "shifted by -8, a span of B's prompt dropped",
+            a_is(dump("$(cut -d, -f9- {tokens})")),
+            "shifted by -8, a span of the prompt dropped",
             Some(-8),
         ),
         (
+            "oracle-truncated",
+            [a_is(clean.clone()), b_is(&truncated)].concat(),
+            "engine B ran 20 tokens where it was given 32",
+            None,
+        ),
+        (
+            "both-truncated",
+            [a_is(truncated.clone()), b_is(&truncated)].concat(),
+            "engines A and B ran 20 tokens where they were given 32",
+            None,
+        ),
+        (
             "dropped-hidden",
-            format!(
+            a_is(format!(
                 "{} && {claim_given_tokens}",
                 dump("$(cut -d, -f1-16 {tokens}),$(cut -d, -f18- {tokens})")
-            ),
+            )),
             "",
             None,
         ),
     ];
-    for (name, command, says, shift) in cases {
+    for (name, engines, says, shift) in cases {
         let dir = tempfile::tempdir().unwrap();
-        let (code, r) = bisect(
-            &[
-                "--prompts",
-                &bisect_prompts(),
-                "--id",
-                "p6_len_32",
-                "--engine",
-                "external",
-                "--command",
-                &command,
-            ],
-            &dir.path().join("w"),
-        );
+        let mut args = vec![
+            "--prompts".to_string(),
+            bisect_prompts(),
+            "--id".into(),
+            "p6_len_32".into(),
+        ];
+        args.extend(engines);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, r) = bisect(&args, &dir.path().join("w"));
         assert_eq!(code, 1, "{name}: {r}");
         assert_eq!(r["outcome"], "diverged", "{name}");
         if name == "dropped-hidden" {
@@ -736,6 +756,47 @@ fn an_engine_that_ran_different_tokens_is_a_finding() {
             assert_eq!(r["first"], Value::Null);
         }
     }
+}
+
+#[test]
+fn streamed_chunks_keep_a_token_mismatch_and_join_engines_that_write_every_row() {
+    // Engines that run each prefix of a 300-token prompt anew (128, 256, then 300 tokens)
+    // and write every row of it, more than a chunk asks for.
+    let exe = env!("CARGO_BIN_EXE_resbisect");
+    let tokens: Vec<String> = (0..300).map(|i| (100 + (7 * i) % 4000).to_string()).collect();
+    let tokens = tokens.join(",");
+    let dump = |tokens: &str, extra: &str| {
+        format!("{exe} dump --engine runtime --model {{model}} --id {{prompt_id}} --tokens \"{tokens}\" --layers {{layers}} --taps {{taps}} {extra} -o {{out}}")
+    };
+    let run = |command: String| {
+        let dir = tempfile::tempdir().unwrap();
+        bisect(
+            &["--tokens", &tokens, "--engine", "external", "--command", &command],
+            &dir.path().join("w"),
+        )
+    };
+    // A token dropped only in prompts shorter than 200 tokens (a bug of one batch size):
+    // the first chunk shows it, and that ends the stream with the finding, though the
+    // whole prompt would run as given.
+    let short_drops = format!(
+        "if [ \"$(tr , '\\n' < {{tokens}} | wc -l)\" -lt 200 ]; then T=\"$(cut -d, -f1-10 {{tokens}}),$(cut -d, -f12- {{tokens}})\"; \
+         else T=\"$(cat {{tokens}})\"; fi; {}",
+        dump("$T", "")
+    );
+    let (code, r) = run(short_drops);
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(r["token_mismatch"]["position"], 10, "{r}");
+    assert_eq!(r["token_mismatch"]["engine"], "A", "{r}");
+    assert_eq!(r["token_mismatch"]["shift"], -1, "{r}");
+    // A fault at 200: the second chunk diverges, and its rows 0..128 (the first chunk's
+    // already) are not joined twice.
+    let faulty = format!(
+        "F=; [ \"$(tr , '\\n' < {{tokens}} | wc -l)\" -ge 200 ] && F='--inject blk.3.ffn_out:scale=1.05@200'; {}",
+        dump("$(cat {tokens})", "$F")
+    );
+    let (code, r) = run(faulty);
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(first(&r), ("blk.3.ffn_out", 200), "{r}");
 }
 
 #[test]

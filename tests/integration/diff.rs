@@ -321,7 +321,7 @@ fn mismatched_inputs_are_refused() {
     let out = resbisect(&["diff", path_str(&tail), path_str(&long)]);
     assert_eq!(out.code, 1, "{}", out.stderr);
     assert!(
-        out.stdout.contains("shifted by -6, a span of B's prompt dropped"),
+        out.stdout.contains("shifted by -6, a span of the prompt dropped"),
         "{}",
         out.stdout
     );

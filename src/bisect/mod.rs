@@ -65,6 +65,20 @@ pub struct Crash {
     pub label: String,
     pub error: RunError,
     pub probe: String,
+    /// The engine ran to its end but its dump breaks the dump contract (no last tap).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub finished: bool,
+}
+
+impl Crash {
+    /// Where the engine stopped: its last tap written, or that it finished.
+    pub fn stopped_at(&self) -> String {
+        match (&self.error.tap, self.finished) {
+            (_, true) => "the engine finished; its dump breaks the dump contract".into(),
+            (Some(tap), false) => format!("last tap written: {tap}"),
+            (None, false) => "last tap written: none".into(),
+        }
+    }
 }
 
 /// Local replay of one layer on the reference from A's own input.

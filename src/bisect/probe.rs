@@ -254,6 +254,7 @@ impl<'e> Session<'e> {
                     label: engine.label(),
                     error,
                     probe: purpose.into(),
+                    finished: false,
                 })
             }
         };
@@ -302,6 +303,7 @@ impl<'e> Session<'e> {
                                 position: None,
                             },
                             probe: purpose.into(),
+                            finished: true,
                         };
                         record.finding = format!("engine {} failed: {}", c.engine, c.error.message);
                         ProbeResult::Crashed(c, partial())
@@ -602,24 +604,25 @@ fn check_stream_written(r: &DiffReport, purpose: &str, asked: Option<&[usize]>) 
     for (name, missing, mismatch) in r.prompts.iter().flat_map(|p| {
         let mismatch = p.token_mismatch.as_ref().map_or(usize::MAX, |m| m.position);
         [
-            ("A", &p.positions_missing_in_a, mismatch),
-            ("B", &p.positions_missing_in_b, mismatch),
+            ("A", &p.rows_missing_in_a, mismatch),
+            ("B", &p.rows_missing_in_b, mismatch),
         ]
     }) {
-        let missing: Vec<usize> = missing
-            .iter()
-            .copied()
-            .filter(|&p| p < mismatch.min(first_bad))
-            .filter(|p| asked.is_none_or(|asked| asked.binary_search(p).is_ok()))
-            .collect();
-        if !missing.is_empty() {
-            return Err(Breach {
-                engine: name,
-                message: format!(
-                    "wrote no rows at positions {} for the {purpose} probe, which asked for them",
-                    crate::taps::positions_spec(&missing)
-                ),
-            });
+        for rows in missing {
+            let positions: Vec<usize> = (rows.positions.iter().copied())
+                .filter(|&p| p < mismatch.min(first_bad))
+                .filter(|p| asked.is_none_or(|asked| asked.binary_search(p).is_ok()))
+                .collect();
+            if !positions.is_empty() {
+                return Err(Breach {
+                    engine: name,
+                    message: format!(
+                        "wrote no rows of {} at positions {} for the {purpose} probe, which asked for them",
+                        crate::report::abbreviate(&rows.taps),
+                        crate::taps::positions_spec(&positions)
+                    ),
+                });
+            }
         }
     }
     Ok(())

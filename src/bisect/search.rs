@@ -10,7 +10,7 @@ use super::labels::label_shift_note;
 use super::probe::{selection, ProbeRecord, ProbeResult, Rows, Session};
 use super::readings::{
     bad_layers_line, first_bad_of, first_bad_position, first_of, has_nonfinite, noise_levels, nonfinite_notes,
-    second_fault_note, tap_diverged, tolerance_in, under_tolerance_note, unobserved_notes,
+    second_fault_note, tap_diverged, tolerance_in, unobserved_notes,
 };
 use super::replay::{replay_layers, replay_positions, row_error, Preload, ReplayRun, Replayer};
 use super::reruns::rerun_notes;
@@ -311,7 +311,8 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
             &self.report.first,
             &self.report.final_diff,
         ) {
-            self.report.notes.extend(under_tolerance_note(diff, first));
+            let note = (diff.prompts.iter()).find_map(|p| crate::diff::under_tolerance_note(p, first));
+            self.report.notes.extend(note);
         }
         let mut report = self.report;
         report.runs_a = self.session.probes.len();

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use super::first::first_divergence;
 use super::metrics::{logit_stat, row_stat, RowStat};
-use super::{DiffOptions, Judge, Judgement, PromptDiff, TapDiff, TokenMismatch};
+use super::{DiffOptions, Judge, Judgement, MissingRows, PromptDiff, TapDiff, TokenMismatch};
 use crate::dump::{Dump, TapDType, TapView};
 use crate::error::{Error, Result};
 use crate::taps::{FileStem, Tap};
@@ -34,8 +34,8 @@ struct FileDiff {
     taps: Vec<TapDiff>,
     missing_in_a: Vec<String>,
     missing_in_b: Vec<String>,
-    positions_missing_in_a: Vec<usize>,
-    positions_missing_in_b: Vec<usize>,
+    rows_missing_in_a: Option<MissingRows>,
+    rows_missing_in_b: Option<MissingRows>,
     max_pos: Option<usize>,
     bytes: u64,
 }
@@ -67,8 +67,19 @@ fn diff_file(
         .extend(fa.taps.keys().filter(|k| !fb.taps.contains_key(*k)).cloned());
     out.missing_in_a
         .extend(fb.taps.keys().filter(|k| !fa.taps.contains_key(*k)).cloned());
-    out.positions_missing_in_a = positions_lacking(&fb.positions, &fa.positions, limit);
-    out.positions_missing_in_b = positions_lacking(&fa.positions, &fb.positions, limit);
+    // Rows one file holds and the other's lacks, of the taps both files hold.
+    let lacking = |have: &crate::dump::MappedFile, lack: &crate::dump::MappedFile| {
+        let positions = positions_lacking(&have.positions, &lack.positions, limit);
+        let taps: Vec<String> = have
+            .taps
+            .keys()
+            .filter(|k| lack.taps.contains_key(*k))
+            .cloned()
+            .collect();
+        (!positions.is_empty() && !taps.is_empty()).then_some(MissingRows { taps, positions })
+    };
+    out.rows_missing_in_a = lacking(&fb, &fa);
+    out.rows_missing_in_b = lacking(&fa, &fb);
     let (mut ia, mut ib): (Vec<usize>, Vec<usize>) = common_rows(&fa.positions, &fb.positions);
     let below = ia.iter().take_while(|&&i| fa.positions[i] < limit).count();
     ia.truncate(below);
@@ -160,12 +171,21 @@ pub(super) fn diff_prompt(
     let (pa, pb) = (a.prompt(id)?, b.prompt(id)?);
     let n_layer = a.manifest.model.config.n_layer;
     // Causality: rows before the first differing token saw the same input.
+    // An unfinished dump's token list may end early: the engine stopped before it
+    // generated (its manifest lists the prompt), which its status already reports.
+    let unfinished = |d: &Dump| d.manifest.status != crate::dump::Status::Complete;
     let token_mismatch = match &opts.given_tokens {
-        None => token_mismatch(&pa.tokens, &pb.tokens, false).map(|m| TokenMismatch {
-            same_text: pa.text.is_some() && pa.text == pb.text,
-            ..m
-        }),
-        Some(given) => against_given(&pa.tokens, &pb.tokens, given),
+        None => token_mismatch(&pa.tokens, &pb.tokens, false)
+            .filter(|m| !(m.a.is_none() && unfinished(a)))
+            .map(|m| -> Result<TokenMismatch> {
+                Ok(TokenMismatch {
+                    same_text: pa.text.is_some() && pa.text == pb.text,
+                    a_not_top: a_not_top(a, b, id, &m)?,
+                    ..m
+                })
+            })
+            .transpose()?,
+        Some(given) => against_given([&pa.tokens, &pb.tokens], [unfinished(a), unfinished(b)], given),
     };
     let limit = token_mismatch.as_ref().map_or(usize::MAX, |m| m.position);
     // File pairs in parallel (their mapping and page-table work is serial per file), in
@@ -175,14 +195,14 @@ pub(super) fn diff_prompt(
         .map(|stem| diff_file(a, b, id, stem, limit, engine_dtypes, opts))
         .collect::<Result<Vec<_>>>()?;
     let (mut taps, mut missing_in_a, mut missing_in_b) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut positions_missing_in_a, mut positions_missing_in_b) = (BTreeSet::new(), BTreeSet::new());
+    let (mut rows_missing_in_a, mut rows_missing_in_b) = (Vec::new(), Vec::new());
     let (mut max_pos, mut bytes) = (None, 0u64);
     for f in files {
         taps.extend(f.taps);
         missing_in_a.extend(f.missing_in_a);
         missing_in_b.extend(f.missing_in_b);
-        positions_missing_in_a.extend(f.positions_missing_in_a);
-        positions_missing_in_b.extend(f.positions_missing_in_b);
+        MissingRows::merge(&mut rows_missing_in_a, f.rows_missing_in_a);
+        MissingRows::merge(&mut rows_missing_in_b, f.rows_missing_in_b);
         max_pos = max_pos.max(f.max_pos);
         bytes += f.bytes;
     }
@@ -229,12 +249,16 @@ pub(super) fn diff_prompt(
     let first = first_divergence(a, b, id, &taps, &pa.tokens, n_layer)?;
     let drift_onset = drift_onset.map(|i| taps[i].tap.clone());
     let undelivered: Vec<String> = [
-        ("A", a, &missing_in_a, &positions_missing_in_a, pa.tokens.len()),
-        ("B", b, &missing_in_b, &positions_missing_in_b, pb.tokens.len()),
+        ("A", a, &missing_in_a, &rows_missing_in_a, pa.tokens.len()),
+        ("B", b, &missing_in_b, &rows_missing_in_b, pb.tokens.len()),
     ]
     .into_iter()
-    .filter_map(|(name, d, taps, positions, n)| undelivered(name, d, taps, positions, n))
+    .filter_map(|(name, d, taps, rows, n)| undelivered(name, d, taps, rows, n))
     .collect();
+    let union = |rows: &[MissingRows]| -> Vec<usize> {
+        let all: BTreeSet<usize> = rows.iter().flat_map(|r| r.positions.iter().copied()).collect();
+        all.into_iter().collect()
+    };
     Ok((
         PromptDiff {
             id: id.to_string(),
@@ -247,20 +271,51 @@ pub(super) fn diff_prompt(
             token_mismatch,
             missing_in_a,
             missing_in_b,
-            positions_missing_in_a: positions_missing_in_a.into_iter().collect(),
-            positions_missing_in_b: positions_missing_in_b.into_iter().collect(),
+            positions_missing_in_a: union(&rows_missing_in_a),
+            positions_missing_in_b: union(&rows_missing_in_b),
+            rows_missing_in_a,
+            rows_missing_in_b,
             undelivered,
         },
         bytes,
     ))
 }
 
+/// Whether both dumps' logits rows at the position before mismatch `m` put B's token
+/// first while A ran another token there (one replaced, not a shift): A's pick was not
+/// its top token. False where either dump lacks that row or it holds a NaN.
+fn a_not_top(a: &Dump, b: &Dump, id: &str, m: &TokenMismatch) -> Result<bool> {
+    let (Some(before), Some(_), Some(tb), None) = (m.position.checked_sub(1), m.a, m.b, m.shift) else {
+        return Ok(false);
+    };
+    let top = |d: &Dump| -> Result<Option<usize>> {
+        let Some(file) = d.map_file(id, "output")? else {
+            return Ok(None);
+        };
+        let (Some(view), Ok(row)) = (file.tap("logits"), file.positions.binary_search(&before)) else {
+            return Ok(None);
+        };
+        let mut logits = Vec::new();
+        view.row(row).append_f32(&mut logits);
+        if logits.iter().any(|v| v.is_nan()) {
+            return Ok(None);
+        }
+        Ok((0..logits.len()).max_by(|&i, &j| logits[i].total_cmp(&logits[j]).then(j.cmp(&i))))
+    };
+    Ok(top(b)? == Some(tb as usize) && top(a)? == Some(tb as usize))
+}
+
 /// What dump `d` (side `name`) lacks, of the rows the other dump holds, that its own
 /// manifest selects: the residual stream's taps (embed, resid_post, final_norm, logits)
-/// and positions of a prompt of `n` tokens. A complete dump that holds less than it says
-/// it recorded is an engine that wrote less than asked, never agreement. Other taps
-/// (q and k, which an external engine may not capture) are only reported as missing.
-fn undelivered(name: &str, d: &Dump, missing: &[String], positions: &BTreeSet<usize>, n: usize) -> Option<String> {
+/// it lacks altogether, and the taps it holds at fewer positions of a prompt of `n`
+/// tokens. A complete dump that holds less than it says it recorded is an engine that
+/// wrote less than asked, never agreement. Other taps missing altogether (q and k, which
+/// an external engine may not capture) are only reported as missing.
+fn undelivered(name: &str, d: &Dump, missing: &[String], rows: &[MissingRows], n: usize) -> Option<String> {
+    // An unfinished dump lacks rows by its status, which is reported as such.
+    if d.manifest.status != crate::dump::Status::Complete {
+        return None;
+    }
     let selection = &d.manifest.selection;
     let stream: Vec<String> = missing
         .iter()
@@ -268,36 +323,48 @@ fn undelivered(name: &str, d: &Dump, missing: &[String], positions: &BTreeSet<us
         .cloned()
         .collect();
     let selected = selection.positions.resolve(n).unwrap_or_default();
-    let rows: Vec<usize> = positions
-        .iter()
-        .copied()
-        .filter(|p| selected.binary_search(p).is_ok())
-        .collect();
     let mut lacks = Vec::new();
     if !stream.is_empty() {
-        lacks.push(format!("taps {}", crate::report::abbreviate(&stream)));
+        lacks.push(format!("taps {} at every position", crate::report::abbreviate(&stream)));
     }
-    if !rows.is_empty() {
-        lacks.push(format!("positions {}", crate::taps::positions_spec(&rows)));
+    for r in rows {
+        let positions: Vec<usize> = r
+            .positions
+            .iter()
+            .copied()
+            .filter(|p| selected.binary_search(p).is_ok())
+            .collect();
+        if !positions.is_empty() {
+            lacks.push(
+                MissingRows {
+                    taps: r.taps.clone(),
+                    positions,
+                }
+                .describe(),
+            );
+        }
     }
     (!lacks.is_empty()).then(|| {
         format!(
-            "dump {name} holds no rows of {} that its manifest selects and the other dump holds",
-            lacks.join(" or ")
+            "dump {name} lacks rows that its manifest selects and the other dump holds: {}",
+            lacks.join("; ")
         )
     })
 }
 
 /// Each side's tokens against the tokens both were given: the engine (or both, when they
 /// ran the same other tokens) that ran other ones, at the first position where any did.
-fn against_given(a: &[u32], b: &[u32], given: &[u32]) -> Option<TokenMismatch> {
-    let named = |side: &[u32], engine: &str| {
-        token_mismatch(side, given, true).map(|m| TokenMismatch {
-            engine: Some(engine.to_string()),
-            ..m
-        })
+/// An `unfinished` side's tokens may end early.
+fn against_given([a, b]: [&[u32]; 2], unfinished: [bool; 2], given: &[u32]) -> Option<TokenMismatch> {
+    let named = |side: &[u32], unfinished: bool, engine: &str| {
+        token_mismatch(side, given, true)
+            .filter(|m| !(m.a.is_none() && unfinished))
+            .map(|m| TokenMismatch {
+                engine: Some(engine.to_string()),
+                ..m
+            })
     };
-    match (named(a, "A"), named(b, "B")) {
+    match (named(a, unfinished[0], "A"), named(b, unfinished[1], "B")) {
         (None, None) => None,
         (Some(m), None) | (None, Some(m)) => Some(m),
         (Some(ma), Some(_)) if a == b => Some(TokenMismatch {
@@ -325,6 +392,7 @@ fn token_mismatch(a: &[u32], b: &[u32], strict: bool) -> Option<TokenMismatch> {
         a_tokens: a.len(),
         b_tokens: b.len(),
         engine: None,
+        a_not_top: false,
     };
     let Some(position) = a.iter().zip(b).position(|(x, y)| x != y) else {
         let differ = a.len() < b.len() || (strict && a.len() > b.len());

@@ -17,6 +17,7 @@ pub use self::pairing::config_differences;
 use self::pairing::{check_same_model, partial_dump_notes, prompt_pairs};
 use crate::dump::{Dump, EngineInfo, RunError, Status, TapDType};
 use crate::error::Result;
+use crate::taps::Tap;
 use crate::tolerance::{engine_dtype, Tolerance, Tolerances};
 
 #[derive(Debug, Clone, Serialize)]
@@ -146,6 +147,11 @@ pub struct TokenMismatch {
     /// above, the tokens given as B's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub engine: Option<String>,
+    /// Both dumps' logits at `position − 1` put B's token first, yet A ran another: A did
+    /// not pick its top token there (set by `diff` where both hold those
+    /// logits).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub a_not_top: bool,
 }
 
 impl TokenMismatch {
@@ -217,8 +223,17 @@ impl TokenMismatch {
             format!(" ({ran_where})")
         };
         let (has_a, has_b) = (tok(self.a), tok(self.b));
+        let not_top = if self.a_not_top {
+            format!(
+                "; A's own logits at position {} put {has_b} first, as B's do, yet A ran {has_a}: if A generated \
+                 it, A did not pick greedily (a repetition penalty, a temperature, or a token taken from another row)",
+                p - 1
+            )
+        } else {
+            String::new()
+        };
         match &self.engine {
-            None => format!("the engines ran different tokens from position {p}{counts}: A has {has_a}, B has {has_b}{shift}"),
+            None => format!("the engines ran different tokens from position {p}{counts}: A has {has_a}, B has {has_b}{shift}{not_top}"),
             Some(_) => format!(
                 "{ours} ran other tokens than {} given from position {p}{counts}: {has_a} where the prompt has {has_b}{shift}",
                 if ours.starts_with("engines") { "they were" } else { "it was" }
@@ -288,10 +303,46 @@ pub struct PromptDiff {
     pub positions_missing_in_a: Vec<usize>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub positions_missing_in_b: Vec<usize>,
+    /// The same rows by tap: which taps lack which positions.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rows_missing_in_a: Vec<MissingRows>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rows_missing_in_b: Vec<MissingRows>,
     /// Per dump, the residual-stream taps and positions its manifest selects that it
     /// does not hold (and the other does): an engine that wrote less than asked.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub undelivered: Vec<String>,
+}
+
+/// Taps one dump holds at positions the other's same taps lack (an engine that computed
+/// some rows only, such as the logits of the last position): not compared there.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct MissingRows {
+    pub taps: Vec<String>,
+    pub positions: Vec<usize>,
+}
+
+impl MissingRows {
+    /// `final_norm, logits at positions 0..53`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} at positions {}",
+            crate::report::abbreviate(&self.taps),
+            crate::taps::positions_spec(&self.positions)
+        )
+    }
+
+    /// Adds one file's missing rows to `all`, joining taps that lack the same positions.
+    fn merge(all: &mut Vec<MissingRows>, rows: Option<MissingRows>) {
+        let Some(rows) = rows else { return };
+        match all.iter_mut().find(|r| r.positions == rows.positions) {
+            Some(r) => {
+                r.taps.extend(rows.taps);
+                r.taps.sort_by_key(|t| Tap::parse(t));
+            }
+            None => all.push(rows),
+        }
+    }
 }
 
 impl PromptDiff {
@@ -401,6 +452,69 @@ pub fn judgement_note(p: &PromptDiff) -> Option<String> {
         (Judgement::NoiseFloor, _) => format!("prompt {}: judged against the noise floor from {}: {over}, and every later residual-stream tap too", p.id, onset.tap),
         (Judgement::Tolerance, None) => format!("prompt {}: within tolerance, but {over}, and every later residual-stream tap too: a systematic error below tolerance? (--judge floor judges against the floor)", p.id),
         (Judgement::Tolerance, Some(_)) => return None,
+    })
+}
+
+/// A note when the first divergence is under its tap's own tolerance (rows were judged
+/// against the noise floor because the error stays over it to the last layer). When later
+/// rows of the tap exceed the tolerance, the error grows along the prompt, as a logic
+/// bug's does (a wrong RoPE base grows with the distance between positions), and the
+/// note says so with the largest row: the first row alone would understate it. When none
+/// does, an error of that size is as often reduced-precision arithmetic that engine A
+/// uses on purpose as a logic bug, and the note says how to judge by tolerance instead.
+pub fn under_tolerance_note(p: &PromptDiff, first: &FirstDivergence) -> Option<String> {
+    let tap = p.taps.iter().find(|t| t.tap == first.tap)?;
+    let tolerance = tap.tap_tolerance.rel_l2;
+    if first.metrics.rel_l2 >= tolerance {
+        return None;
+    }
+    let head = format!(
+        "{}@{} is off by rel_l2 {:.2e}, under its tolerance {:.2e}",
+        first.tap, first.position, first.metrics.rel_l2, tolerance
+    );
+    let over = tap.rows.iter().filter(|row| row.rel_l2_or_inf() >= tolerance).count();
+    let worst = tap
+        .rows
+        .iter()
+        .zip(&tap.positions)
+        .max_by(|a, b| a.0.rel_l2_or_inf().total_cmp(&b.0.rel_l2_or_inf()));
+    Some(match worst {
+        Some((row, position)) if over > 0 => format!(
+            "{head}, but {over} of the tap's {} rows compared exceed it (largest rel_l2 {:.2e}, at position \
+             {position}): the error grows along the prompt, as a logic bug's does (a wrong RoPE base or scale \
+             grows with the distance between positions), not as reduced precision's",
+            tap.rows.len(),
+            row.rel_l2_or_inf(),
+        ),
+        _ => format!(
+            "{head}: it was found against the noise floor, over which the error stays to the last layer. An \
+             error this small comes as often from reduced-precision arithmetic (TF32, bf16 or f16 rounding, \
+             another exp, GELU or softmax approximation) as from a logic bug; if engine A computes so on purpose, \
+             --judge tolerance (or tolerances from resbisect calibrate) judges it by tolerance"
+        ),
+    })
+}
+
+/// A note when a tap after the first divergent one diverges at an earlier position than
+/// it: at positions up to that one every tap before it agrees, so its error has an origin
+/// of its own (a second faulty op, or one fault in what both read, such as a weight
+/// decoder), which the first divergence alone would hide. Taps are in topological order
+/// (`p.taps`), rows judged as the first divergence was; that row must also be over its
+/// tap's tolerance, so a stray row over a noise floor is not called an origin.
+pub fn second_origin_note(p: &PromptDiff, first: &FirstDivergence) -> Option<String> {
+    let (tap, row) = p
+        .taps
+        .iter()
+        .filter_map(|t| t.first_bad.map(|row| (t, row)))
+        .min_by_key(|(t, row)| t.positions[*row])?;
+    let position = tap.positions[row];
+    (position < first.position && tap.rows[row].diverges(&tap.tap_tolerance)).then(|| {
+        format!(
+            "{}@{position} diverges too (rel_l2 {:.2e}) before {} does (from position {}): every tap before it agrees \
+             at positions up to {position}, so its error has an origin of its own, a second fault or one both share \
+             (a weight's decoding, a kernel used by several ops)",
+            tap.tap, tap.rel_l2[row], first.tap, first.position
+        )
     })
 }
 
@@ -598,6 +712,12 @@ pub fn diff_paired(a: &Dump, b: &Dump, opts: &DiffOptions, pairs: &[(String, Str
         }
         if p.diverged() {
             notes.extend(p.undelivered.iter().map(|u| format!("prompt {}: {u}", p.id)));
+        }
+        if let Some(f) = &p.first {
+            notes.extend(second_origin_note(p, f).map(|n| format!("prompt {}: {n}", p.id)));
+        }
+        if let (Judgement::NoiseFloor, Some(f)) = (p.judged, &p.first) {
+            notes.extend(under_tolerance_note(p, f).map(|n| format!("prompt {}: {n}", p.id)));
         }
         if let Some(overflow) = p.first.as_ref().and_then(first::f16_overflow_note) {
             notes.push(format!("prompt {}: {overflow}", p.id));

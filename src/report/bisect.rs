@@ -40,7 +40,7 @@ pub fn bisect_summary(r: &BisectReport) -> String {
             "ENGINE {} FAILED ({}) during the {} probe: {}",
             c.engine, c.label, c.probe, c.error.message
         );
-        let _ = writeln!(s, "  last tap written: {}", c.error.tap.as_deref().unwrap_or("none"));
+        let _ = writeln!(s, "  {}", c.stopped_at());
     }
     if let Some(m) = &r.token_mismatch {
         let _ = writeln!(s, "TOKENS DIFFER: {}", m.describe());
@@ -247,11 +247,11 @@ pub fn bisect_markdown(r: &BisectReport) -> String {
     if let Some(c) = &r.crash {
         let _ = writeln!(
             s,
-            "- failure of engine {} in the {} probe: {} (last tap written: {})",
+            "- failure of engine {} in the {} probe: {} ({})",
             c.engine,
             md_text(&c.probe),
             md_text(&c.error.message),
-            md_text(c.error.tap.as_deref().unwrap_or("none"))
+            md_text(&c.stopped_at())
         );
     }
     md_findings(&mut s, r);
@@ -358,8 +358,12 @@ fn verdict_html(s: &mut String, r: &BisectReport) {
     if let Some(c) = &r.crash {
         let _ = write!(
             s,
-            "<div class=\"callout bad\"><b>Engine {} ({}) failed</b> during the {} probe: {}<br>last tap written: {}</div>",
-            html_escape(&c.engine), html_escape(&c.label), html_escape(&c.probe), html_escape(&c.error.message), html_escape(c.error.tap.as_deref().unwrap_or("none"))
+            "<div class=\"callout bad\"><b>Engine {} ({}) failed</b> during the {} probe: {}<br>{}</div>",
+            html_escape(&c.engine),
+            html_escape(&c.label),
+            html_escape(&c.probe),
+            html_escape(&c.error.message),
+            html_escape(&c.stopped_at())
         );
     }
     if let Some(m) = &r.token_mismatch {

@@ -21,8 +21,10 @@ pub fn terminal_summary(r: &DiffReport) -> String {
     let result = match r.engine_failure() {
         Some(f) => format!(
             "result: ENGINE FAILURE: {f}{}",
-            if r.diverged {
+            if r.prompts.iter().any(|p| p.first.is_some()) {
                 " (and a divergence in what was compared)"
+            } else if r.diverged {
+                " (and the engines ran different tokens)"
             } else {
                 ""
             }
@@ -84,14 +86,9 @@ fn prompt_summary(s: &mut String, p: &PromptDiff) {
             abbreviate(&p.missing_in_b)
         );
     }
-    for (side, missing) in [("A", &p.positions_missing_in_a), ("B", &p.positions_missing_in_b)] {
-        if !missing.is_empty() {
-            let _ = writeln!(
-                s,
-                "  positions missing in {side} ({}, not compared): {}",
-                missing.len(),
-                crate::taps::positions_spec(missing)
-            );
+    for (side, missing) in [("A", &p.rows_missing_in_a), ("B", &p.rows_missing_in_b)] {
+        for rows in missing {
+            let _ = writeln!(s, "  rows missing in {side} (not compared): {}", rows.describe());
         }
     }
 }

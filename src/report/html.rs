@@ -72,13 +72,14 @@ pub fn html(r: &DiffReport) -> Result<String> {
                 html_escape(&abbreviate(&p.missing_in_b))
             );
         }
-        if !p.positions_missing_in_a.is_empty() || !p.positions_missing_in_b.is_empty() {
-            let _ = write!(
-                s,
-                "<p>positions not compared, missing in A: {} · missing in B: {}</p>",
-                crate::taps::positions_spec(&p.positions_missing_in_a),
-                crate::taps::positions_spec(&p.positions_missing_in_b)
-            );
+        for (side, missing) in [("A", &p.rows_missing_in_a), ("B", &p.rows_missing_in_b)] {
+            for rows in missing {
+                let _ = write!(
+                    s,
+                    "<p>rows missing in {side} (not compared): {}</p>",
+                    html_escape(&rows.describe())
+                );
+            }
         }
     }
     s.push_str("</body></html>\n");

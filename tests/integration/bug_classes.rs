@@ -508,6 +508,13 @@ fn an_engine_that_leaves_out_layers_cannot_pass_the_layer_search() {
         // A failure of engine A, reported as a crash is: the search so far and the dumps kept.
         assert_eq!(out.code, 3, "{}\n{}", out.stdout, out.stderr);
         assert!(out.stdout.contains("ENGINE A FAILED"), "{}", out.stdout);
+        // It ran to its end: no "last tap written: none", as for an engine that wrote nothing.
+        assert!(
+            out.stdout
+                .contains("the engine finished; its dump breaks the dump contract"),
+            "{}",
+            out.stdout
+        );
         assert!(
             out.stdout
                 .contains(&format!("wrote no {left_out} for the coarse probe")),

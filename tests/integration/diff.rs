@@ -150,7 +150,7 @@ fn injected_faults_on_smollm2_are_named_exactly() {
 fn what_one_side_left_out_is_named() {
     let s = Suite::new();
     let model = tiny_model(s.dir.path(), "q8_0", 23);
-    let dump = |name: &str, positions: &str| {
+    let dump_taps = |name: &str, taps: &str, positions: &str| {
         let out = s.path(name);
         dump_ok(&[
             "dump",
@@ -159,7 +159,7 @@ fn what_one_side_left_out_is_named() {
             "--tokens",
             "5,6,7,8,9,10,11,12",
             "--taps",
-            "resid_post",
+            taps,
             "--positions",
             positions,
             "-o",
@@ -167,6 +167,7 @@ fn what_one_side_left_out_is_named() {
         ]);
         out
     };
+    let dump = |name: &str, positions: &str| dump_taps(name, "resid_post", positions);
     let a = dump("a", "0..8");
     let b = dump("b", "0..3,5");
     let (code, r) = diff_json(&a, &b, &[]);
@@ -175,10 +176,30 @@ fn what_one_side_left_out_is_named() {
         r["prompts"][0]["positions_missing_in_b"],
         serde_json::json!([3, 4, 6, 7])
     );
+    assert_eq!(
+        r["prompts"][0]["rows_missing_in_b"][0]["positions"],
+        serde_json::json!([3, 4, 6, 7])
+    );
     let out = resbisect(&["diff", path_str(&a), path_str(&b)]);
     assert!(
         out.stdout
-            .contains("positions missing in B (4, not compared): 3..5,6..8"),
+            .contains("rows missing in B (not compared): blk.0.resid_post")
+            && out.stdout.contains("resid_post at positions 3..5,6..8"),
+        "{}",
+        out.stdout
+    );
+    // Logits of the last position only (an engine that computes the head for the
+    // token it samples): the taps short of rows are named, not every position.
+    let full = dump_taps("head-full", "resid_post,logits", "0..8");
+    let last = dump_taps("head-last", "resid_post,logits", "7");
+    let pruned = dump_taps("head-pruned", "resid_post,logits", "0..8");
+    let output = "data/prompt/output.safetensors";
+    std::fs::copy(last.join(output), pruned.join(output)).unwrap();
+    let out = resbisect(&["diff", path_str(&pruned), path_str(&full)]);
+    assert_eq!(out.code, 3, "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout
+            .contains("dump A lacks rows that its manifest selects and the other dump holds: logits at positions 0..7"),
         "{}",
         out.stdout
     );
@@ -188,7 +209,8 @@ fn what_one_side_left_out_is_named() {
     let out = resbisect(&["diff", path_str(&empty), path_str(&b)]);
     assert_eq!(out.code, 3, "{}\n{}", out.stdout, out.stderr);
     assert!(
-        out.stdout.contains("ENGINE FAILURE: dump A holds no rows of taps"),
+        out.stdout
+            .contains("ENGINE FAILURE: dump A lacks rows that its manifest selects and the other dump holds: taps"),
         "{}",
         out.stdout
     );
@@ -212,7 +234,7 @@ fn what_one_side_left_out_is_named() {
         assert!(
             r["prompts"][0]["undelivered"][0]
                 .as_str()
-                .is_some_and(|u| u.starts_with("dump A holds no rows of")),
+                .is_some_and(|u| u.starts_with("dump A lacks rows")),
             "{damage}: {r}"
         );
     }
@@ -327,11 +349,10 @@ fn mismatched_inputs_are_refused() {
     );
     let text = |name: &str, tokens: &[u32]| {
         let dir = dump(name, &m1, "5,6,7,8");
-        let path = dir.join("manifest.json");
-        let mut manifest: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        manifest["prompts"][0]["text"] = "one text".into();
-        manifest["prompts"][0]["tokens"] = tokens.into();
-        std::fs::write(&path, manifest.to_string()).unwrap();
+        edit_manifest(&dir, |manifest| {
+            manifest["prompts"][0]["text"] = "one text".into();
+            manifest["prompts"][0]["tokens"] = tokens.into();
+        });
         dir
     };
     let (t1, t2) = (text("t1", &[5, 6, 7, 8]), text("t2", &[9, 10, 11, 12]));
@@ -382,11 +403,10 @@ fn partial_dump_of_a_crashed_engine_is_compared() {
     // What a crash in layer 1 leaves: layer 0 on disk, later files never written.
     std::fs::remove_file(partial.join("data/prompt/blk.1.safetensors")).unwrap();
     std::fs::remove_file(partial.join("data/prompt/output.safetensors")).unwrap();
-    let manifest = partial.join("manifest.json");
-    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
-    v["status"] = "failed".into();
-    v["error"] = serde_json::json!({"message": "illegal memory access", "tap": "blk.0.resid_post"});
-    std::fs::write(&manifest, v.to_string()).unwrap();
+    edit_manifest(&partial, |v| {
+        v["status"] = "failed".into();
+        v["error"] = serde_json::json!({"message": "illegal memory access", "tap": "blk.0.resid_post"});
+    });
     // What was compared is reported; a failed engine still ends the diff with exit 3.
     let out = resbisect(&["diff", path_str(&partial), path_str(&full)]);
     assert_eq!(out.code, 3, "{}", out.stderr);
@@ -701,4 +721,107 @@ fn reports_are_self_contained_and_escape_prompt_text() {
 fn t_layers(dump: &Path) -> usize {
     let m: Value = serde_json::from_str(&std::fs::read_to_string(dump.join("manifest.json")).unwrap()).unwrap();
     m["model"]["n_layer"].as_u64().unwrap() as usize
+}
+
+/// What a diff reads beyond the first divergence: a later tap that diverges at an
+/// earlier position (a second origin, which the first divergence alone would hide), and
+/// an engine whose generated token is not its own logits' top one.
+#[test]
+fn a_second_origin_and_a_pick_that_is_not_the_top_token_are_named() {
+    let s = Suite::new();
+    let m = tiny_model(s.dir.path(), "q8_0", 29);
+    let dump = |name: &str, extra: &[&str]| {
+        let out = s.path(name);
+        let mut args = vec![
+            "dump",
+            "--model",
+            path_str(&m),
+            "--tokens",
+            "3,4,5,6,7,8",
+            "--taps",
+            "all",
+        ];
+        args.extend_from_slice(extra);
+        args.extend(["-o", path_str(&out)]);
+        dump_ok(&args);
+        out
+    };
+    // attn from position 1 (the first divergence in graph order) and ffn_gate from
+    // position 0, where attn still agrees.
+    let clean = dump("clean", &["--engine", "reference"]);
+    let two = dump(
+        "two",
+        &[
+            "--engine",
+            "reference",
+            "--inject",
+            "blk.0.attn:scale=1.05@1",
+            "--inject",
+            "blk.0.ffn_gate:scale=1.05@0",
+        ],
+    );
+    let out = resbisect(&["diff", path_str(&two), path_str(&clean)]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("FIRST DIVERGENCE at blk.0.attn, position 1"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("blk.0.ffn_gate@0 diverges too (rel_l2 5.00e-2) before blk.0.attn does (from position 1)"),
+        "{}",
+        out.stdout
+    );
+
+    // Greedy decoding, then A's last generated token replaced: its own logits one
+    // position before still put B's token first.
+    let b = dump("gen", &["--engine", "runtime", "--max-tokens", "2"]);
+    let a = dump("gen-a", &["--engine", "runtime", "--max-tokens", "2"]);
+    let (mut last, mut token) = (0, 0);
+    edit_manifest(&a, |v| {
+        last = v["prompts"][0]["tokens"].as_array().unwrap().len() - 1;
+        token = v["prompts"][0]["tokens"][last].as_u64().unwrap();
+        v["prompts"][0]["tokens"][last] = (if token > 3 { token - 1 } else { token + 1 }).into();
+    });
+    let out = resbisect(&["diff", path_str(&a), path_str(&b)]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stdout.contains(&format!(
+            "A's own logits at position {} put token {token} first, as B's do",
+            last - 1
+        )),
+        "{}",
+        out.stdout
+    );
+    // Replaced in the prompt instead, where B's logits put another token first: no such note.
+    edit_manifest(&a, |v| {
+        v["prompts"][0]["tokens"][last] = token.into();
+        v["prompts"][0]["tokens"][2] = 9.into();
+    });
+    let out = resbisect(&["diff", path_str(&a), path_str(&b)]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stdout.contains("from position 2"), "{}", out.stdout);
+    assert!(!out.stdout.contains("did not pick greedily"), "{}", out.stdout);
+
+    // An engine killed before it generated: its manifest lists the prompt only. That
+    // its tokens end early is its failure, not a second finding.
+    let killed = dump("killed", &[]);
+    edit_manifest(&killed, |v| v["status"] = "running".into());
+    let out = resbisect(&["diff", path_str(&killed), path_str(&b)]);
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    assert!(!out.stdout.contains("TOKENS DIFFER"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("result: ENGINE FAILURE: dump A is unfinished") && !out.stdout.contains("(and "),
+        "{}",
+        out.stdout
+    );
+}
+
+/// Rewrites the manifest of dump `dir` through `edit`.
+fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut Value)) {
+    let path = dir.join("manifest.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&path, v.to_string()).unwrap();
 }

@@ -77,6 +77,8 @@ impl<'s, 'r: 's> Search<'s, 'r, '_> {
         self.report
             .notes
             .extend(unobserved_notes(&suspect.taps_diff, &first, &asked));
+        let second = (suspect.taps_diff.prompts.iter()).find_map(|p| crate::diff::second_origin_note(p, &first));
+        self.report.notes.extend(second);
         suspect.first = Some(first);
         Ok(Some(suspect))
     }

@@ -87,7 +87,7 @@ pub const QUANT_COLUMNS: usize = 4;
 /// an H200, TinyLlama width); the same count for every row count keeps one summation order.
 pub const NORM_THREADS: u32 = 1024;
 /// Warps per block of the quantized matvecs (RB_QWARPS in ops.hip), splitting each row.
-pub const QUANT_WARPS: usize = 4;
+pub const QUANT_WARPS: usize = 6;
 
 /// Below this many (row, head) pairs attention splits keys over blocks; also the most
 /// partial states the scratch holds.

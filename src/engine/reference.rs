@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use resbisect_reference::{KvCache, TapSink};
+use resbisect_reference::{GrowingRows, KvCache, TapSink};
 
 use super::checkpoints::{self, KeptRows, PrefixCheckpoints};
 use super::session::{DumpSession, PromptRunner};
@@ -23,7 +23,7 @@ pub struct ReferenceEngine<'m> {
     oracle: Option<Arc<Oracle>>,
     injections: Vec<String>,
     faults: Faults,
-    checkpoints: PrefixCheckpoints<Tensor>,
+    checkpoints: PrefixCheckpoints<GrowingRows>,
     /// The keys and values of the kept run, when it ran every layer: a prompt that
     /// extends its tokens resumes from here (bisect's streamed coarse probe).
     kv: Option<KvCache>,
@@ -131,7 +131,7 @@ struct OracleRunner<'a> {
     selection: &'a Selection,
     config: &'a Config,
     /// Prefix checkpoints and the KV cache of the kept run (bisect's probes only).
-    checkpoints: Option<(&'a mut PrefixCheckpoints<Tensor>, &'a mut Option<KvCache>)>,
+    checkpoints: Option<(&'a mut PrefixCheckpoints<GrowingRows>, &'a mut Option<KvCache>)>,
 }
 
 impl PromptRunner for OracleRunner<'_> {
@@ -208,8 +208,15 @@ impl PromptRunner for OracleRunner<'_> {
                     Ok(()) => {
                         // A run that stopped after the last layer it was asked about
                         // keeps the layers it ran.
-                        let (taps, rows) = taps.into_iter().zip(rows).filter_map(|(t, x)| Some((t, x?))).unzip();
-                        cp.keep(tokens, KeptRows { taps, rows });
+                        let kept = taps
+                            .into_iter()
+                            .zip(rows)
+                            .filter_map(|(t, x)| Some((t, GrowingRows::new(x?))));
+                        let (taps, rows): (Vec<Tap>, Vec<anyhow::Result<GrowingRows>>) = kept.unzip();
+                        match rows.into_iter().collect() {
+                            Ok(rows) => cp.keep(tokens, KeptRows { taps, rows }),
+                            Err(_) => cp.forget(),
+                        }
                         **kv = cache;
                     }
                     Err(_) => {
@@ -241,7 +248,7 @@ fn extend(
     tokens: &[u32],
     positions: &[usize],
     taps: &[Tap],
-    cp: &mut PrefixCheckpoints<Tensor>,
+    cp: &mut PrefixCheckpoints<GrowingRows>,
     kv: &mut Option<KvCache>,
     sink: &mut DumpSink,
     on_step: &mut dyn FnMut(),
@@ -252,19 +259,19 @@ fn extend(
     if !kept.holds(taps) {
         kept.stream_only();
     }
-    let mut grown: Vec<Option<anyhow::Result<Tensor>>> = (0..kept.rows.len()).map(|_| None).collect();
+    let mut pushed: Vec<Option<anyhow::Result<()>>> = (0..kept.rows.len()).map(|_| None).collect();
     oracle
         .inner
         .forward_resuming(tokens, &mut cache, positions, faults, sink, &mut |tap, x| {
             if let Some(i) = kept.taps.iter().position(|&t| t == tap) {
-                grown[i] = Some(Tensor::cat(&[&kept.rows[i], x], 0).map_err(Into::into));
+                pushed[i] = Some(kept.rows[i].push(x));
             }
             if let Tap::Layer(_, LayerTap::ResidPost) = tap {
                 on_step();
             }
         })?;
-    for (row, new) in kept.rows.iter_mut().zip(grown) {
-        *row = new.ok_or_else(|| anyhow::anyhow!("a kept tap was not computed"))??;
+    for done in pushed {
+        done.ok_or_else(|| anyhow::anyhow!("a kept tap was not computed"))??;
     }
     cp.keep(tokens, kept);
     *kv = Some(cache);
@@ -276,13 +283,13 @@ fn extend(
 fn resume(
     oracle: &Oracle,
     faults: &Faults,
-    kept: &KeptRows<Tensor>,
+    kept: &KeptRows<GrowingRows>,
     n: usize,
     positions: &[usize],
     sink: &mut DumpSink,
 ) -> anyhow::Result<()> {
     let stream = kept.stream();
-    let rows = |x: &Tensor| resbisect_reference::gather(&x.narrow(0, 0, n)?, positions);
+    let rows = |x: &GrowingRows| resbisect_reference::gather(&x.prefix(n)?, positions);
     if sink.wants(Tap::Embed) {
         sink.emit(FileStem::Embed, vec![(Tap::Embed, rows(&stream[0])?)])?;
     }
@@ -302,7 +309,7 @@ fn resume(
             let last = if wants_output { Some(n_layer - 1) } else { wanted_after };
             let Some(last) = last else { return Ok(()) };
             let x = oracle.inner.run_layers(
-                stream[layers].narrow(0, 0, n)?,
+                stream[layers].prefix(n)?,
                 layers,
                 last,
                 positions,
@@ -323,7 +330,7 @@ fn resume(
                 sink.emit(FileStem::Layer(l), read.collect::<anyhow::Result<_>>()?)?;
             }
         } else {
-            let input = stream[l].narrow(0, 0, n)?;
+            let input = stream[l].prefix(n)?;
             oracle
                 .inner
                 .run_layers(input, l, l, positions, faults, sink, &mut |_, _| {})?;
@@ -332,7 +339,7 @@ fn resume(
     if wants_output {
         oracle
             .inner
-            .head(&stream[n_layer].narrow(0, 0, n)?, positions, faults, sink)?;
+            .head(&stream[n_layer].prefix(n)?, positions, faults, sink)?;
     }
     Ok(())
 }

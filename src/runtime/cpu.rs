@@ -22,6 +22,9 @@ struct SharedOut(*mut f32);
 // SAFETY: its users write disjoint ranges of the buffer, never the same element.
 unsafe impl Sync for SharedOut {}
 
+/// Values a task of a parallel copy moves (1 MiB of f32).
+const COPY_CHUNK: usize = 1 << 18;
+
 /// Up to this many rows a matmul is done as dot products instead of a packed GEMM.
 const SMALL_ROWS: usize = 4;
 
@@ -405,7 +408,11 @@ impl Backend for CpuBackend {
         let dst_row = dst_row.resolve(&self.step.get());
         check(src.len(), rows * width, "copy_rows source")?;
         check(dst.len(), (dst_row + rows) * width, "copy_rows destination")?;
-        dst[dst_row * width..(dst_row + rows) * width].copy_from_slice(&src[..rows * width]);
+        // On every thread: a checkpoint's copy lands in fresh pages, which the kernel
+        // zeroes on first touch, and one thread alone left the others idle meanwhile.
+        (dst[dst_row * width..(dst_row + rows) * width].par_chunks_mut(COPY_CHUNK))
+            .zip(src[..rows * width].par_chunks(COPY_CHUNK))
+            .for_each(|(d, s)| d.copy_from_slice(s));
         Ok(())
     }
 

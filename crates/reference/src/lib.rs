@@ -39,8 +39,8 @@ use ops::{apply_faults, rms_norm, row_eps, Eps, Norm};
 pub use profile::{ActRounding, CacheType, Profile};
 use project::{attention_inputs, Projection};
 use rope::{faulty_rope_tables, frequencies, rope, rope_tables, LayerTables};
-pub use stream::KvCache;
 use stream::Span;
+pub use stream::{GrowingRows, KvCache};
 
 /// A weight as stored in GGUF: ggml type, dims in ggml order (`dims[0]` contiguous) and
 /// its raw bytes.

@@ -106,16 +106,18 @@ impl QuantType {
         match self {
             Self::Q4_0 => {
                 let d = f16_at(b, 0);
-                for (i, &q) in b[2..18].iter().enumerate() {
-                    out[i] = ((q & 15) as i32 - 8) as f32 * d;
-                    out[i + 16] = ((q >> 4) as i32 - 8) as f32 * d;
+                let (lo, hi) = out[..32].split_at_mut(16);
+                for ((lo, hi), &q) in lo.iter_mut().zip(hi).zip(&b[2..18]) {
+                    *lo = ((q & 15) as i32 - 8) as f32 * d;
+                    *hi = ((q >> 4) as i32 - 8) as f32 * d;
                 }
             }
             Self::Q4_1 => {
                 let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-                for (i, &q) in b[4..20].iter().enumerate() {
-                    out[i] = (q & 15) as f32 * d + m;
-                    out[i + 16] = (q >> 4) as f32 * d + m;
+                let (lo, hi) = out[..32].split_at_mut(16);
+                for ((lo, hi), &q) in lo.iter_mut().zip(hi).zip(&b[4..20]) {
+                    *lo = (q & 15) as f32 * d + m;
+                    *hi = (q >> 4) as f32 * d + m;
                 }
             }
             Self::Q8_0 => {
@@ -153,13 +155,15 @@ fn scale_min_k4(j: usize, s: &[u8]) -> (f32, f32) {
 /// the second's high nibbles. `value = d·scale·q − dmin·min`.
 fn decode_q4k(b: &[u8], out: &mut [f32]) {
     let (d, dmin, scales, qs) = (f16_at(b, 0), f16_at(b, 2), &b[4..16], &b[16..144]);
-    for pair in 0..4 {
+    // Zipped slices rather than indices: no bounds checks, so the loops vectorize.
+    for (pair, (o, qs)) in out.chunks_exact_mut(64).zip(qs.chunks_exact(32)).enumerate() {
         let (sc1, m1) = scale_min_k4(2 * pair, scales);
         let (sc2, m2) = scale_min_k4(2 * pair + 1, scales);
         let (d1, min1, d2, min2) = (d * sc1, dmin * m1, d * sc2, dmin * m2);
-        for (l, &q) in qs[32 * pair..32 * pair + 32].iter().enumerate() {
-            out[64 * pair + l] = d1 * (q & 15) as f32 - min1;
-            out[64 * pair + 32 + l] = d2 * (q >> 4) as f32 - min2;
+        let (lo, hi) = o.split_at_mut(32);
+        for ((lo, hi), &q) in lo.iter_mut().zip(hi).zip(qs) {
+            *lo = d1 * (q & 15) as f32 - min1;
+            *hi = d2 * (q >> 4) as f32 - min2;
         }
     }
 }
@@ -168,17 +172,15 @@ fn decode_q4k(b: &[u8], out: &mut [f32]) {
 /// of the 32 `qh` bytes.
 fn decode_q5k(b: &[u8], out: &mut [f32]) {
     let (d, dmin, scales, qh, qs) = (f16_at(b, 0), f16_at(b, 2), &b[4..16], &b[16..48], &b[48..176]);
-    for pair in 0..4 {
+    for (pair, (o, qs)) in out.chunks_exact_mut(64).zip(qs.chunks_exact(32)).enumerate() {
         let (sc1, m1) = scale_min_k4(2 * pair, scales);
         let (sc2, m2) = scale_min_k4(2 * pair + 1, scales);
         let (d1, min1, d2, min2) = (d * sc1, dmin * m1, d * sc2, dmin * m2);
-        let (bit1, bit2) = (1u8 << (2 * pair), 2u8 << (2 * pair));
-        for l in 0..32 {
-            let q = qs[32 * pair + l];
-            let hi1 = if qh[l] & bit1 != 0 { 16 } else { 0 };
-            let hi2 = if qh[l] & bit2 != 0 { 16 } else { 0 };
-            out[64 * pair + l] = d1 * ((q & 15) + hi1) as f32 - min1;
-            out[64 * pair + 32 + l] = d2 * ((q >> 4) + hi2) as f32 - min2;
+        let (shift1, shift2) = (2 * pair, 2 * pair + 1);
+        let (lo, hi) = o.split_at_mut(32);
+        for (((lo, hi), &q), &h) in lo.iter_mut().zip(hi).zip(qs).zip(qh) {
+            *lo = d1 * ((q & 15) | (((h >> shift1) & 1) << 4)) as f32 - min1;
+            *hi = d2 * ((q >> 4) | (((h >> shift2) & 1) << 4)) as f32 - min2;
         }
     }
 }
@@ -188,20 +190,22 @@ fn decode_q5k(b: &[u8], out: &mut [f32]) {
 fn decode_q6k(b: &[u8], out: &mut [f32]) {
     let d = f16_at(b, 208);
     for half in 0..2 {
-        let ql = &b[64 * half..64 * half + 64];
-        let qh = &b[128 + 32 * half..128 + 32 * half + 32];
+        let (ql, qh) = (&b[64 * half..64 * half + 64], &b[128 + 32 * half..128 + 32 * half + 32]);
         let sc = &b[192 + 8 * half..192 + 8 * half + 8];
+        let (ql_lo, ql_hi) = ql.split_at(32);
         let y = &mut out[128 * half..128 * half + 128];
-        for l in 0..32 {
-            let is = l / 16;
-            let q = [
-                (ql[l] & 15) | ((qh[l] & 3) << 4),
-                (ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4),
-                (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
-                (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
-            ];
-            for (quarter, &q) in q.iter().enumerate() {
-                y[l + 32 * quarter] = d * (sc[is + 2 * quarter] as i8) as f32 * (q as i32 - 32) as f32;
+        // Sixteen values at a time share a scale: l / 16 is constant in each piece.
+        for is in 0..2 {
+            let at = 16 * is..16 * is + 16;
+            let ds: [f32; 4] = std::array::from_fn(|quarter| d * (sc[is + 2 * quarter] as i8) as f32);
+            let (ql_lo, ql_hi, qh) = (&ql_lo[at.clone()], &ql_hi[at.clone()], &qh[at.clone()]);
+            let parts = [(ql_lo, 0u32, 0u32), (ql_hi, 0, 2), (ql_lo, 4, 4), (ql_hi, 4, 6)];
+            for (quarter, (nibbles, nibble_shift, bits_shift)) in parts.into_iter().enumerate() {
+                let o = &mut y[32 * quarter + 16 * is..32 * quarter + 16 * is + 16];
+                for ((o, &l), &h) in o.iter_mut().zip(nibbles).zip(qh) {
+                    let q = ((l >> nibble_shift) & 15) | (((h >> bits_shift) & 3) << 4);
+                    *o = ds[quarter] * (q as i32 - 32) as f32;
+                }
             }
         }
     }

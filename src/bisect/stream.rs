@@ -316,11 +316,12 @@ fn join_chunks(chunks: &[PathBuf], prompt_id: &str, out: &Path) -> Result<()> {
 
 /// Tap `id`'s rows `keep[f]` of every file `f`, in order.
 fn joined_tap(files: &[MappedFile], keep: &[Vec<usize>], id: &str) -> Result<TapTensor> {
-    let first = files[0].tap(id).expect("every file holds the tap");
+    let missing = || Error::engine(format!("{id}: a chunk of the stream has no such tap"));
+    let first = files[0].tap(id).ok_or_else(missing)?;
     let mut bytes = Vec::new();
     let mut rows = 0;
     for (f, keep) in files.iter().zip(keep) {
-        let view = f.tap(id).expect("every file holds the tap");
+        let view = f.tap(id).ok_or_else(missing)?;
         if (view.dtype, view.width) != (first.dtype, first.width) {
             return Err(Error::engine(format!(
                 "{id}: chunks of one stream disagree on dtype or width"

@@ -57,12 +57,15 @@ pub(super) fn first_divergence(
     tokens: &[u32],
     n_layer: usize,
 ) -> Result<Option<FirstDivergence>> {
-    let Some((k, td)) = taps.iter().enumerate().find(|(_, t)| t.first_bad.is_some()) else {
+    let Some((k, td, row)) = taps
+        .iter()
+        .enumerate()
+        .find_map(|(k, t)| t.first_bad.map(|row| (k, t, row)))
+    else {
         return Ok(None);
     };
-    let row = td.first_bad.expect("found above");
     let position = td.positions[row];
-    let tap = Tap::parse(&td.tap).expect("taps in dumps are canonical");
+    let tap = Tap::parse(&td.tap).ok_or_else(|| Error::input(format!("{}: not a canonical tap id", td.tap)))?;
     let stem = tap.file_stem();
     let load = |d: &Dump| -> Result<MappedFile> {
         d.map_file(id, &stem.to_string())?

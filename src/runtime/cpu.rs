@@ -22,8 +22,9 @@ struct SharedOut(*mut f32);
 // SAFETY: its users write disjoint ranges of the buffer, never the same element.
 unsafe impl Sync for SharedOut {}
 
-/// Values a task of a parallel copy moves (1 MiB of f32).
-const COPY_CHUNK: usize = 1 << 18;
+/// Fewest values a task of a parallel copy moves (64 KiB of f32): below that, handing
+/// the piece to another thread costs more than copying it.
+const COPY_PIECE: usize = 1 << 14;
 
 /// Up to this many rows a matmul is done as dot products instead of a packed GEMM.
 const SMALL_ROWS: usize = 4;
@@ -408,10 +409,14 @@ impl Backend for CpuBackend {
         let dst_row = dst_row.resolve(&self.step.get());
         check(src.len(), rows * width, "copy_rows source")?;
         check(dst.len(), (dst_row + rows) * width, "copy_rows destination")?;
-        // On every thread: a checkpoint's copy lands in fresh pages, which the kernel
-        // zeroes on first touch, and one thread alone left the others idle meanwhile.
-        (dst[dst_row * width..(dst_row + rows) * width].par_chunks_mut(COPY_CHUNK))
-            .zip(src[..rows * width].par_chunks(COPY_CHUNK))
+        // In pieces for every thread, four each: a checkpoint's copy lands in fresh pages,
+        // which the kernel zeroes on first touch, and one thread alone (a 128-row chunk's
+        // rows were one piece of a fixed size) left the others idle meanwhile.
+        let piece = (rows * width)
+            .div_ceil(4 * rayon::current_num_threads())
+            .max(COPY_PIECE);
+        (dst[dst_row * width..(dst_row + rows) * width].par_chunks_mut(piece))
+            .zip(src[..rows * width].par_chunks(piece))
             .for_each(|(d, s)| d.copy_from_slice(s));
         Ok(())
     }

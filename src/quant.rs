@@ -190,22 +190,20 @@ fn decode_q5k(b: &[u8], out: &mut [f32]) {
 fn decode_q6k(b: &[u8], out: &mut [f32]) {
     let d = f16_at(b, 208);
     for half in 0..2 {
-        let (ql, qh) = (&b[64 * half..64 * half + 64], &b[128 + 32 * half..128 + 32 * half + 32]);
+        let ql = &b[64 * half..64 * half + 64];
+        let qh = &b[128 + 32 * half..128 + 32 * half + 32];
         let sc = &b[192 + 8 * half..192 + 8 * half + 8];
-        let (ql_lo, ql_hi) = ql.split_at(32);
         let y = &mut out[128 * half..128 * half + 128];
-        // Sixteen values at a time share a scale: l / 16 is constant in each piece.
-        for is in 0..2 {
-            let at = 16 * is..16 * is + 16;
-            let ds: [f32; 4] = std::array::from_fn(|quarter| d * (sc[is + 2 * quarter] as i8) as f32);
-            let (ql_lo, ql_hi, qh) = (&ql_lo[at.clone()], &ql_hi[at.clone()], &qh[at.clone()]);
-            let parts = [(ql_lo, 0u32, 0u32), (ql_hi, 0, 2), (ql_lo, 4, 4), (ql_hi, 4, 6)];
-            for (quarter, (nibbles, nibble_shift, bits_shift)) in parts.into_iter().enumerate() {
-                let o = &mut y[32 * quarter + 16 * is..32 * quarter + 16 * is + 16];
-                for ((o, &l), &h) in o.iter_mut().zip(nibbles).zip(qh) {
-                    let q = ((l >> nibble_shift) & 15) | (((h >> bits_shift) & 3) << 4);
-                    *o = ds[quarter] * (q as i32 - 32) as f32;
-                }
+        for l in 0..32 {
+            let is = l / 16;
+            let q = [
+                (ql[l] & 15) | ((qh[l] & 3) << 4),
+                (ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4),
+                (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
+                (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
+            ];
+            for (quarter, &q) in q.iter().enumerate() {
+                y[l + 32 * quarter] = d * (sc[is + 2 * quarter] as i8) as f32 * (q as i32 - 32) as f32;
             }
         }
     }
